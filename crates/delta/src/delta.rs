@@ -1,0 +1,540 @@
+//! Deltas: computing them per segment, parsing them, and applying them with bounds.
+//!
+//! The format is librsync's delta format as written by fast_rsync:
+//!
+//! ```text
+//! magic: u32 BE = 0x72730236
+//! commands, each starting with one byte:
+//!   0x00            END (must be the last byte)
+//!   0x01..=0x40     LITERAL of 1..=64 bytes (length = command byte), then the bytes
+//!   0x41..=0x44     LITERAL, length in the next 1/2/4/8 bytes (BE), then the bytes
+//!   0x45..=0x54     COPY, m = cmd - 0x45: offset in 1 << (m / 4) bytes, then
+//!                   length in 1 << (m % 4) bytes (both BE); offsets are absolute
+//!                   basis offsets, the length is never zero
+//! ```
+
+use crate::{DeltaError, Signature};
+
+const DELTA_MAGIC: u32 = 0x7273_0236;
+const OP_END: u8 = 0x00;
+const OP_LITERAL_1: u8 = 0x01;
+const OP_LITERAL_64: u8 = 0x40;
+const OP_LITERAL_N1: u8 = 0x41;
+const OP_LITERAL_N2: u8 = 0x42;
+const OP_LITERAL_N4: u8 = 0x43;
+const OP_LITERAL_N8: u8 = 0x44;
+const OP_COPY_N1_N1: u8 = 0x45;
+const OP_COPY_N8_N8: u8 = 0x54;
+
+/// Delta of one segment of the new file against the signature.
+///
+/// The caller splits a large new file into segments (e.g. 8 MiB) and calls
+/// this per segment; each segment's delta is independent and reproduces
+/// exactly that segment's bytes (COPY ops reference absolute basis offsets).
+/// Blocks straddling a segment boundary are sent as literals.
+///
+/// Like all rsync-style deltas the result is only probabilistically correct
+/// (a 32-bit rolling checksum plus an 8-byte MD4 prefix identify a block);
+/// verify the reconstructed file with a whole-file hash.
+pub fn diff_segment(sig: &Signature, new_segment: &[u8]) -> Result<Vec<u8>, DeltaError> {
+    let mut out = Vec::with_capacity(new_segment.len() / 16 + 64);
+    fast_rsync::diff(sig.index(), new_segment, &mut out).map_err(|e| match e {
+        fast_rsync::DiffError::InvalidSignature => {
+            DeltaError::InvalidSignature("rejected by the diff engine")
+        }
+        other => DeltaError::Diff(other.to_string()),
+    })?;
+    Ok(out)
+}
+
+/// A "whole file" delta for segment data when there is no basis: a single
+/// LITERAL op (none for empty data), using the shortest length encoding.
+pub fn literal_delta(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 14);
+    out.extend_from_slice(&DELTA_MAGIC.to_be_bytes());
+    let len = data.len() as u64;
+    if len == 0 {
+        // nothing but END
+    } else if len <= 64 {
+        out.push(OP_LITERAL_1 + (len - 1) as u8);
+    } else if let Ok(n) = u8::try_from(len) {
+        out.push(OP_LITERAL_N1);
+        out.push(n);
+    } else if let Ok(n) = u16::try_from(len) {
+        out.push(OP_LITERAL_N2);
+        out.extend_from_slice(&n.to_be_bytes());
+    } else if let Ok(n) = u32::try_from(len) {
+        out.push(OP_LITERAL_N4);
+        out.extend_from_slice(&n.to_be_bytes());
+    } else {
+        out.push(OP_LITERAL_N8);
+        out.extend_from_slice(&len.to_be_bytes());
+    }
+    out.extend_from_slice(data);
+    out.push(OP_END);
+    out
+}
+
+/// One operation of a delta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op<'a> {
+    /// Copy `len` bytes from absolute basis offset `offset`.
+    Copy {
+        /// Basis offset to copy from.
+        offset: u64,
+        /// Number of bytes (never zero).
+        len: u64,
+    },
+    /// Append these bytes (may be empty if the delta encodes a zero-length literal).
+    Literal(&'a [u8]),
+}
+
+impl Op<'_> {
+    /// Number of output bytes this operation produces.
+    pub fn out_len(&self) -> u64 {
+        match *self {
+            Op::Copy { len, .. } => len,
+            Op::Literal(data) => data.len() as u64,
+        }
+    }
+}
+
+/// Iterator over the operations of a delta; see [`ops`].
+#[derive(Debug, Clone)]
+pub struct Ops<'a> {
+    rest: &'a [u8],
+    started: bool,
+    done: bool,
+}
+
+/// Parse the operations of `delta` lazily, checking structure only (magic,
+/// known commands, lengths present, non-zero copies, END last with nothing
+/// after it). Yields `Err(DeltaError::Malformed)` at the first problem and
+/// then stops. Copy ranges and output length are not checked here; use
+/// [`apply_ops`] for that.
+pub fn ops(delta: &[u8]) -> Ops<'_> {
+    Ops {
+        rest: delta,
+        started: false,
+        done: false,
+    }
+}
+
+impl<'a> Ops<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DeltaError> {
+        if self.rest.len() < n {
+            return Err(DeltaError::Malformed);
+        }
+        let (head, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        Ok(head)
+    }
+
+    /// A big-endian unsigned integer of `n <= 8` bytes.
+    fn take_uint(&mut self, n: usize) -> Result<u64, DeltaError> {
+        Ok(self
+            .take(n)?
+            .iter()
+            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+    }
+
+    fn step(&mut self) -> Result<Option<Op<'a>>, DeltaError> {
+        if !self.started {
+            if self.take_uint(4)? != u64::from(DELTA_MAGIC) {
+                return Err(DeltaError::Malformed);
+            }
+            self.started = true;
+        }
+        let cmd = self.take(1)?.first().copied().ok_or(DeltaError::Malformed)?;
+        match cmd {
+            OP_END => {
+                if self.rest.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(DeltaError::Malformed)
+                }
+            }
+            OP_LITERAL_1..=OP_LITERAL_64 => Ok(Some(Op::Literal(self.take(usize::from(cmd))?))),
+            OP_LITERAL_N1..=OP_LITERAL_N8 => {
+                let len = self.take_uint(1 << (cmd - OP_LITERAL_N1))?;
+                let len = usize::try_from(len).map_err(|_| DeltaError::Malformed)?;
+                Ok(Some(Op::Literal(self.take(len)?)))
+            }
+            OP_COPY_N1_N1..=OP_COPY_N8_N8 => {
+                let mode = cmd - OP_COPY_N1_N1;
+                let offset = self.take_uint(1 << (mode / 4))?;
+                let len = self.take_uint(1 << (mode % 4))?;
+                if len == 0 {
+                    return Err(DeltaError::Malformed);
+                }
+                Ok(Some(Op::Copy { offset, len }))
+            }
+            _ => Err(DeltaError::Malformed),
+        }
+    }
+}
+
+impl<'a> Iterator for Ops<'a> {
+    type Item = Result<Op<'a>, DeltaError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        match self.step() {
+            Ok(Some(op)) => Some(Ok(op)),
+            Ok(None) => {
+                self.done = true;
+                None
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+impl std::iter::FusedIterator for Ops<'_> {}
+
+/// Receives patch operations; implemented by the server (pwrite / FICLONERANGE)
+/// and by the in-memory applier.
+pub trait PatchSink {
+    /// The sink's error type; delta errors convert into it.
+    type Error: From<DeltaError>;
+    /// Copy `len` bytes from basis offset `offset` to the current output position.
+    fn copy(&mut self, offset: u64, len: u64) -> Result<(), Self::Error>;
+    /// Append literal bytes at the current output position.
+    fn literal(&mut self, data: &[u8]) -> Result<(), Self::Error>;
+}
+
+/// Parse `delta` (librsync format, as produced by [`diff_segment`]) and push
+/// its ops into `sink`, in order. Returns the number of output bytes produced.
+///
+/// Bounded and all-or-nothing with respect to the delta: the whole delta is
+/// validated before the first op reaches `sink`, so on a [`DeltaError`] the
+/// sink has seen nothing. It fails with
+/// * [`DeltaError::Malformed`] for truncated or garbage input,
+/// * [`DeltaError::BasisRange`] if a COPY reaches beyond `basis_len`,
+/// * [`DeltaError::TooLong`] if the total output would exceed `max_out` bytes,
+///
+/// whichever the first offending op triggers (checked in that order). It
+/// never panics. Zero-length literals are not passed to the sink. Errors
+/// returned by the sink abort the application and are passed through.
+pub fn apply_ops<S: PatchSink>(
+    delta: &[u8],
+    basis_len: u64,
+    max_out: u64,
+    sink: &mut S,
+) -> Result<u64, S::Error> {
+    let total = validate(delta, basis_len, max_out)?;
+    emit(delta, sink)?;
+    Ok(total)
+}
+
+/// Check a whole delta; returns its output length.
+fn validate(delta: &[u8], basis_len: u64, max_out: u64) -> Result<u64, DeltaError> {
+    let mut total = 0u64;
+    for op in ops(delta) {
+        let op = op?;
+        if let Op::Copy { offset, len } = op {
+            match offset.checked_add(len) {
+                Some(end) if end <= basis_len => {}
+                _ => return Err(DeltaError::BasisRange),
+            }
+        }
+        total = total
+            .checked_add(op.out_len())
+            .filter(|&t| t <= max_out)
+            .ok_or(DeltaError::TooLong)?;
+    }
+    Ok(total)
+}
+
+/// Push the ops of an already validated delta into `sink`.
+fn emit<S: PatchSink>(delta: &[u8], sink: &mut S) -> Result<(), S::Error> {
+    for op in ops(delta) {
+        match op? {
+            Op::Copy { offset, len } => sink.copy(offset, len)?,
+            Op::Literal([]) => {}
+            Op::Literal(data) => sink.literal(data)?,
+        }
+    }
+    Ok(())
+}
+
+/// In-memory sink for [`apply_to_vec`].
+struct VecSink<'b> {
+    basis: &'b [u8],
+    out: Vec<u8>,
+}
+
+impl PatchSink for VecSink<'_> {
+    type Error = DeltaError;
+
+    fn copy(&mut self, offset: u64, len: u64) -> Result<(), DeltaError> {
+        let start = usize::try_from(offset).map_err(|_| DeltaError::BasisRange)?;
+        let len = usize::try_from(len).map_err(|_| DeltaError::BasisRange)?;
+        let end = start.checked_add(len).ok_or(DeltaError::BasisRange)?;
+        let src = self.basis.get(start..end).ok_or(DeltaError::BasisRange)?;
+        self.out.extend_from_slice(src);
+        Ok(())
+    }
+
+    fn literal(&mut self, data: &[u8]) -> Result<(), DeltaError> {
+        self.out.extend_from_slice(data);
+        Ok(())
+    }
+}
+
+/// Convenience in-memory apply (tests, small files): basis in memory, output
+/// `Vec`, limited to `max_out` bytes. Same checks as [`apply_ops`].
+pub fn apply_to_vec(basis: &[u8], delta: &[u8], max_out: u64) -> Result<Vec<u8>, DeltaError> {
+    let total = validate(delta, basis.len() as u64, max_out)?;
+    let capacity = usize::try_from(total).map_err(|_| DeltaError::TooLong)?;
+    let mut sink = VecSink {
+        basis,
+        out: Vec::with_capacity(capacity),
+    };
+    emit(delta, &mut sink)?;
+    Ok(sink.out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records ops; optionally fails on the n-th call.
+    #[derive(Default)]
+    struct Recorder {
+        ops: Vec<(u64, u64, Vec<u8>)>,
+        fail_at: Option<usize>,
+    }
+
+    #[derive(Debug)]
+    enum RecErr {
+        Delta(DeltaError),
+        Sink,
+    }
+
+    impl From<DeltaError> for RecErr {
+        fn from(e: DeltaError) -> Self {
+            RecErr::Delta(e)
+        }
+    }
+
+    impl Recorder {
+        fn check_fail(&self) -> Result<(), RecErr> {
+            if self.fail_at == Some(self.ops.len()) {
+                Err(RecErr::Sink)
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl PatchSink for Recorder {
+        type Error = RecErr;
+        fn copy(&mut self, offset: u64, len: u64) -> Result<(), RecErr> {
+            self.check_fail()?;
+            self.ops.push((offset, len, Vec::new()));
+            Ok(())
+        }
+        fn literal(&mut self, data: &[u8]) -> Result<(), RecErr> {
+            self.check_fail()?;
+            self.ops.push((0, 0, data.to_vec()));
+            Ok(())
+        }
+    }
+
+    fn delta(body: &[u8]) -> Vec<u8> {
+        let mut d = DELTA_MAGIC.to_be_bytes().to_vec();
+        d.extend_from_slice(body);
+        d
+    }
+
+    fn apply_rec(d: &[u8], basis_len: u64, max_out: u64) -> (Result<u64, RecErr>, Recorder) {
+        let mut rec = Recorder::default();
+        let r = apply_ops(d, basis_len, max_out, &mut rec);
+        (r, rec)
+    }
+
+    #[test]
+    fn literal_delta_encodings() {
+        for (len, head) in [
+            (0usize, vec![]),
+            (1, vec![0x01]),
+            (64, vec![0x40]),
+            (65, vec![0x41, 65]),
+            (255, vec![0x41, 255]),
+            (256, vec![0x42, 1, 0]),
+            (65_535, vec![0x42, 0xff, 0xff]),
+            (65_536, vec![0x43, 0, 1, 0, 0]),
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let d = literal_delta(&data);
+            assert_eq!(&d[..4], &DELTA_MAGIC.to_be_bytes());
+            assert_eq!(&d[4..4 + head.len()], &head[..], "len {len}");
+            assert_eq!(d.len(), 4 + head.len() + len + 1);
+            assert_eq!(d.last(), Some(&OP_END));
+            assert_eq!(apply_to_vec(&[], &d, len as u64).expect("apply"), data);
+            let mut fr = Vec::new();
+            fast_rsync::apply(&[], &d, &mut fr).expect("fast_rsync accepts literal_delta");
+            assert_eq!(fr, data);
+        }
+    }
+
+    #[test]
+    fn copy_encodings() {
+        let basis: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        // 1-byte offset + 1-byte len, 2+2, 4+1, 8+8.
+        let d = delta(&[
+            0x45, 3, 4, //
+            0x4a, 0x01, 0x00, 0x01, 0x00, //
+            0x4d, 0, 1, 0, 0, 2, //
+            0x54, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 1, //
+            0x00,
+        ]);
+        let out = apply_to_vec(&basis, &d, 1000).expect("apply");
+        let mut want = basis[3..7].to_vec();
+        want.extend_from_slice(&basis[256..512]);
+        want.extend_from_slice(&basis[65_536..65_538]);
+        want.push(basis[9]);
+        assert_eq!(out, want);
+        let (r, rec) = apply_rec(&d, basis.len() as u64, 1000);
+        assert_eq!(r.expect("apply_ops"), want.len() as u64);
+        assert_eq!(
+            rec.ops,
+            vec![
+                (3, 4, vec![]),
+                (256, 256, vec![]),
+                (65_536, 2, vec![]),
+                (9, 1, vec![])
+            ]
+        );
+    }
+
+    #[test]
+    fn too_long_is_refused_before_any_op() {
+        let data = vec![9u8; 1000];
+        let mut d = literal_delta(&data);
+        // literal 1000 + copy 100 = 1100 bytes of output
+        d.pop();
+        d.extend_from_slice(&[0x45, 0, 100, OP_END]);
+        let (r, rec) = apply_rec(&d, 100, 1099);
+        assert!(matches!(r, Err(RecErr::Delta(DeltaError::TooLong))));
+        assert!(rec.ops.is_empty());
+        let (r, rec) = apply_rec(&d, 100, 1100);
+        assert_eq!(r.expect("exact limit"), 1100);
+        assert_eq!(rec.ops.len(), 2);
+        assert!(matches!(
+            apply_to_vec(&[0; 100], &d, 0),
+            Err(DeltaError::TooLong)
+        ));
+        assert!(matches!(
+            apply_to_vec(&[0; 100], &d, 999),
+            Err(DeltaError::TooLong)
+        ));
+        // A huge copy length that still fits u64 when added.
+        let d = delta(&[0x45, 0, 1, 0x45, 0, 1, OP_END]);
+        assert!(matches!(
+            apply_to_vec(&[1], &d, 1),
+            Err(DeltaError::TooLong)
+        ));
+        assert_eq!(apply_to_vec(&[1], &d, 2).expect("fits"), vec![1, 1]);
+    }
+
+    #[test]
+    fn copy_beyond_basis_is_refused() {
+        // offset 10, len 1 against a 10-byte basis
+        let d = delta(&[0x01, 42, 0x45, 10, 1, OP_END]);
+        let (r, rec) = apply_rec(&d, 10, u64::MAX);
+        assert!(matches!(r, Err(RecErr::Delta(DeltaError::BasisRange))));
+        assert!(rec.ops.is_empty());
+        assert!(matches!(
+            apply_to_vec(&[0; 10], &d, 1 << 20),
+            Err(DeltaError::BasisRange)
+        ));
+        assert_eq!(apply_to_vec(&[0; 11], &d, 2).expect("in range"), vec![42, 0]);
+        // offset + len overflowing u64
+        let mut body = vec![0x54];
+        body.extend_from_slice(&u64::MAX.to_be_bytes());
+        body.extend_from_slice(&2u64.to_be_bytes());
+        body.push(OP_END);
+        let d = delta(&body);
+        let (r, _) = apply_rec(&d, u64::MAX, u64::MAX);
+        assert!(matches!(r, Err(RecErr::Delta(DeltaError::BasisRange))));
+        // any copy against an empty basis
+        assert!(matches!(
+            apply_to_vec(&[], &delta(&[0x45, 0, 1, OP_END]), 10),
+            Err(DeltaError::BasisRange)
+        ));
+    }
+
+    #[test]
+    fn malformed_is_refused_before_any_op() {
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", vec![]),
+            ("short magic", DELTA_MAGIC.to_be_bytes()[..3].to_vec()),
+            ("wrong magic", vec![0x72, 0x73, 0x01, 0x36, OP_END]),
+            ("no END", delta(&[0x01, 7])),
+            ("only magic", delta(&[])),
+            ("trailing", delta(&[0x01, 7, OP_END, 0])),
+            ("truncated literal", delta(&[0x03, 1, 2])),
+            ("truncated literal len", delta(&[0x01, 7, 0x42, 1])),
+            ("truncated N8 literal", delta(&[0x44, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, OP_END])),
+            ("truncated copy", delta(&[0x01, 7, 0x46, 1, 0])),
+            ("zero copy", delta(&[0x01, 7, 0x45, 0, 0, OP_END])),
+            ("unknown 0x55", delta(&[0x01, 7, 0x55, OP_END])),
+            ("unknown 0xff", delta(&[0xff, OP_END])),
+        ];
+        for (what, d) in cases {
+            let (r, rec) = apply_rec(&d, 1 << 20, 1 << 20);
+            assert!(
+                matches!(r, Err(RecErr::Delta(DeltaError::Malformed))),
+                "{what}: {r:?}"
+            );
+            assert!(rec.ops.is_empty(), "{what}");
+            assert!(
+                matches!(apply_to_vec(&[0; 64], &d, 1 << 20), Err(DeltaError::Malformed)),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_and_zero_literals() {
+        let d = delta(&[OP_END]);
+        assert_eq!(apply_to_vec(&[], &d, 0).expect("empty"), Vec::<u8>::new());
+        // zero-length N1 literal: accepted (like fast_rsync), not passed to the sink
+        let d = delta(&[0x41, 0, 0x01, 5, OP_END]);
+        let (r, rec) = apply_rec(&d, 0, 1);
+        assert_eq!(r.expect("zero literal"), 1);
+        assert_eq!(rec.ops, vec![(0, 0, vec![5])]);
+    }
+
+    #[test]
+    fn sink_errors_pass_through() {
+        let d = delta(&[0x01, 1, 0x01, 2, 0x01, 3, OP_END]);
+        let mut rec = Recorder {
+            fail_at: Some(1),
+            ..Recorder::default()
+        };
+        let r = apply_ops(&d, 0, 10, &mut rec);
+        assert!(matches!(r, Err(RecErr::Sink)));
+        assert_eq!(rec.ops.len(), 1);
+    }
+
+    #[test]
+    fn ops_iterator() {
+        let d = delta(&[0x02, 1, 2, 0x45, 3, 4, OP_END]);
+        let all: Vec<_> = ops(&d).collect::<Result<_, _>>().expect("valid");
+        assert_eq!(
+            all,
+            vec![Op::Literal(&[1, 2]), Op::Copy { offset: 3, len: 4 }]
+        );
+        let mut it = ops(&[1, 2, 3]);
+        assert!(matches!(it.next(), Some(Err(DeltaError::Malformed))));
+        assert!(it.next().is_none());
+    }
+}

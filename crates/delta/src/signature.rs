@@ -1,0 +1,392 @@
+//! Signatures: computing (whole or streamed), serializing and parsing.
+//!
+//! The serialized form is fast_rsync's (librsync's) MD4 signature format:
+//!
+//! ```text
+//! magic: u32 BE = 0x72730136
+//! block_size: u32 BE
+//! strong_hash_len: u32 BE
+//! per block, in order: rolling checksum u32 BE, strong_hash_len bytes of MD4
+//! ```
+//!
+//! The last block may be shorter than `block_size`. Every block entry depends
+//! only on that block's bytes, so signatures of block-aligned pieces
+//! concatenate (minus their headers) into the signature of the whole; this is
+//! what [`SignatureBuilder`] relies on.
+
+use std::fmt;
+
+use fast_rsync::{IndexedSignature, SignatureOptions};
+
+use crate::{block_size_for, DeltaError, MAX_BLOCK, MAX_SIG_BLOCKS, MIN_BLOCK, STRONG_HASH_LEN};
+
+/// fast_rsync's MD4 signature magic (the only kind fast_rsync can diff against).
+const MD4_MAGIC: u32 = 0x7273_0136;
+/// Magic, block size, strong hash length.
+const HEADER_LEN: usize = 12;
+/// Length of the rolling checksum in each block entry.
+const ROLLING_LEN: usize = 4;
+/// Length of an MD4 digest, the largest possible strong hash.
+const MD4_LEN: u32 = 16;
+
+fn options(block_size: u32) -> SignatureOptions {
+    SignatureOptions {
+        block_size,
+        crypto_hash_size: STRONG_HASH_LEN,
+    }
+}
+
+fn header(block_size: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0; HEADER_LEN];
+    h[0..4].copy_from_slice(&MD4_MAGIC.to_be_bytes());
+    h[4..8].copy_from_slice(&block_size.to_be_bytes());
+    h[8..12].copy_from_slice(&STRONG_HASH_LEN.to_be_bytes());
+    h
+}
+
+/// A signature of a basis file, in serialized form (what goes on the wire).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SignatureBytes(pub Vec<u8>);
+
+impl SignatureBytes {
+    /// The serialized signature.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Consume into the serialized signature.
+    pub fn into_inner(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+impl AsRef<[u8]> for SignatureBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SignatureBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignatureBytes")
+            .field("len", &self.0.len())
+            .finish()
+    }
+}
+
+/// Compute the signature of `basis` (whole content in memory or memory-mapped
+/// by the caller) with [`block_size_for`]`(basis.len())`.
+pub fn signature(basis: &[u8]) -> SignatureBytes {
+    let block_size = block_size_for(basis.len() as u64);
+    SignatureBytes(fast_rsync::Signature::calculate(basis, options(block_size)).into_serialized())
+}
+
+/// Incremental signature computation, for streaming a file without mapping it.
+///
+/// Feed the basis in order with [`update`](Self::update), in chunks of any
+/// size; [`finish`](Self::finish) returns exactly what [`signature`] returns
+/// for the concatenation of the chunks. The block size is chosen from the
+/// `total_len` given to [`new`](Self::new); if more data than that is fed, the
+/// signature may end up with more than [`MAX_SIG_BLOCKS`] blocks and be
+/// rejected by [`Signature::parse`]. At most one block is buffered between
+/// calls.
+pub struct SignatureBuilder {
+    block_size: u32,
+    /// Bytes of the current incomplete block (always shorter than `block_size`).
+    pending: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl SignatureBuilder {
+    /// Start a signature of a basis expected to be `total_len` bytes long.
+    pub fn new(total_len: u64) -> Self {
+        let block_size = block_size_for(total_len);
+        let blocks = total_len
+            .div_ceil(u64::from(block_size))
+            .min(MAX_SIG_BLOCKS);
+        let entry = ROLLING_LEN as u64 + u64::from(STRONG_HASH_LEN);
+        let capacity = usize::try_from(blocks * entry).unwrap_or(0) + HEADER_LEN;
+        let mut out = Vec::with_capacity(capacity);
+        out.extend_from_slice(&header(block_size));
+        SignatureBuilder {
+            block_size,
+            pending: Vec::new(),
+            out,
+        }
+    }
+
+    /// The block size this signature uses.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// Feed the next bytes of the basis.
+    pub fn update(&mut self, mut chunk: &[u8]) {
+        let bs = self.block_size as usize;
+        if !self.pending.is_empty() {
+            let take = (bs - self.pending.len()).min(chunk.len());
+            let (head, rest) = chunk.split_at(take);
+            self.pending.extend_from_slice(head);
+            chunk = rest;
+            if self.pending.len() < bs {
+                return;
+            }
+            let block = std::mem::take(&mut self.pending);
+            self.hash_blocks(&block);
+            self.pending = block;
+            self.pending.clear();
+        }
+        let whole = chunk.len() - chunk.len() % bs;
+        let (blocks, tail) = chunk.split_at(whole);
+        if !blocks.is_empty() {
+            self.hash_blocks(blocks);
+        }
+        if !tail.is_empty() {
+            self.pending.reserve_exact(bs);
+            self.pending.extend_from_slice(tail);
+        }
+    }
+
+    /// Finish and return the serialized signature.
+    pub fn finish(mut self) -> SignatureBytes {
+        if !self.pending.is_empty() {
+            let last = std::mem::take(&mut self.pending);
+            self.hash_blocks(&last);
+        }
+        SignatureBytes(self.out)
+    }
+
+    /// Append the entries of `data`'s blocks; all but the last are full blocks.
+    fn hash_blocks(&mut self, data: &[u8]) {
+        let sig = fast_rsync::Signature::calculate(data, options(self.block_size));
+        let entries = sig.serialized().get(HEADER_LEN..).unwrap_or_default();
+        self.out.extend_from_slice(entries);
+    }
+}
+
+impl fmt::Debug for SignatureBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignatureBuilder")
+            .field("block_size", &self.block_size)
+            .field("pending", &self.pending.len())
+            .field("out_len", &self.out.len())
+            .finish()
+    }
+}
+
+/// A parsed, validated signature ready for diffing.
+///
+/// Parsing builds the block index once; it is reused by every
+/// [`diff_segment`](crate::diff_segment) call.
+pub struct Signature {
+    // Field order matters: `index` borrows from `raw`'s heap buffer and must be
+    // dropped first (fields drop in declaration order).
+    /// Block index; really borrows from `raw` (see [`Signature::parse`]).
+    index: IndexedSignature<'static>,
+    /// Owner of the serialized bytes `index` points into. Never mutated.
+    #[allow(dead_code)]
+    raw: fast_rsync::Signature,
+    block_size: u32,
+    strong_hash_len: u32,
+    blocks: u64,
+}
+
+impl Signature {
+    /// Parse and validate a serialized signature: magic (MD4 signatures only),
+    /// block size in `[MIN_BLOCK, MAX_BLOCK]`, strong hash length at most 16,
+    /// at most [`MAX_SIG_BLOCKS`] blocks, and a length that is exactly the
+    /// header plus whole block entries. Never panics.
+    pub fn parse(bytes: &[u8]) -> Result<Signature, DeltaError> {
+        let bad = DeltaError::InvalidSignature;
+        let field = |at: usize| -> Result<u32, DeltaError> {
+            bytes
+                .get(at..at + 4)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_be_bytes)
+                .ok_or(bad("truncated header"))
+        };
+        if field(0)? != MD4_MAGIC {
+            return Err(bad("wrong magic"));
+        }
+        let block_size = field(4)?;
+        if !(MIN_BLOCK..=MAX_BLOCK).contains(&block_size) {
+            return Err(bad("block size out of range"));
+        }
+        let strong_hash_len = field(8)?;
+        if strong_hash_len > MD4_LEN {
+            return Err(bad("strong hash too long"));
+        }
+        let entry = ROLLING_LEN + strong_hash_len as usize;
+        let body = bytes.len().saturating_sub(HEADER_LEN);
+        if body % entry != 0 {
+            return Err(bad("length is not a whole number of blocks"));
+        }
+        let blocks = (body / entry) as u64;
+        if blocks > MAX_SIG_BLOCKS {
+            return Err(bad("too many blocks"));
+        }
+        let raw = fast_rsync::Signature::deserialize(bytes.to_vec())
+            .map_err(|_| bad("rejected by fast_rsync"))?;
+        let index = raw.index();
+        // SAFETY: `index` borrows only the serialized bytes, which live in the
+        // heap buffer of the `Vec` owned by `raw`. That buffer does not move
+        // when `raw` is moved into the struct below, `raw` is never mutated or
+        // exposed, and `index` is declared before `raw` so it is dropped
+        // first. The `'static` lifetime is never exposed: `index()` hands out
+        // the index re-borrowed for the lifetime of `&self` only. The two types
+        // differ only in a lifetime, so their layouts are identical.
+        let index = unsafe {
+            std::mem::transmute::<IndexedSignature<'_>, IndexedSignature<'static>>(index)
+        };
+        Ok(Signature {
+            index,
+            raw,
+            block_size,
+            strong_hash_len,
+            blocks,
+        })
+    }
+
+    /// Block size of the signature.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// Number of strong-hash bytes stored per block.
+    pub fn strong_hash_len(&self) -> u32 {
+        self.strong_hash_len
+    }
+
+    /// Number of blocks in the signature.
+    pub fn block_count(&self) -> u64 {
+        self.blocks
+    }
+
+    /// The block index, borrowed for no longer than `self`.
+    pub(crate) fn index(&self) -> &IndexedSignature<'_> {
+        &self.index
+    }
+}
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Signature")
+            .field("block_size", &self.block_size)
+            .field("strong_hash_len", &self.strong_hash_len)
+            .field("blocks", &self.blocks)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn raw_sig(magic: u32, block: u32, hash: u32, body: usize) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&magic.to_be_bytes());
+        v.extend_from_slice(&block.to_be_bytes());
+        v.extend_from_slice(&hash.to_be_bytes());
+        v.resize(HEADER_LEN + body, 0xa5);
+        v
+    }
+
+    #[test]
+    fn format_and_parse() {
+        for len in [0usize, 1, 511, 512, 513, 4096, 100_000] {
+            let base = data(len, 1);
+            let sig = signature(&base);
+            let bs = block_size_for(len as u64);
+            assert_eq!(&sig.0[..HEADER_LEN], &header(bs));
+            let blocks = len.div_ceil(bs as usize);
+            assert_eq!(sig.0.len(), HEADER_LEN + blocks * 12);
+            let parsed = Signature::parse(sig.as_bytes()).expect("own signature parses");
+            assert_eq!(parsed.block_size(), bs);
+            assert_eq!(parsed.strong_hash_len(), STRONG_HASH_LEN);
+            assert_eq!(parsed.block_count(), blocks as u64);
+        }
+    }
+
+    #[test]
+    fn parse_rejects() {
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", Vec::new()),
+            ("short header", raw_sig(MD4_MAGIC, 512, 8, 0)[..11].to_vec()),
+            ("blake2 magic", raw_sig(0x7273_0137, 512, 8, 12)),
+            ("delta magic", raw_sig(0x7273_0236, 512, 8, 12)),
+            ("block 0", raw_sig(MD4_MAGIC, 0, 8, 12)),
+            ("block 511", raw_sig(MD4_MAGIC, MIN_BLOCK - 1, 8, 12)),
+            ("block too big", raw_sig(MD4_MAGIC, MAX_BLOCK + 1, 8, 12)),
+            ("block u32::MAX", raw_sig(MD4_MAGIC, u32::MAX, 8, 12)),
+            ("hash 17", raw_sig(MD4_MAGIC, 512, 17, 21)),
+            ("hash u32::MAX", raw_sig(MD4_MAGIC, 512, u32::MAX, 0)),
+            ("partial entry", raw_sig(MD4_MAGIC, 512, 8, 13)),
+            ("partial entry 2", raw_sig(MD4_MAGIC, 512, 8, 11)),
+            (
+                "too many blocks",
+                raw_sig(MD4_MAGIC, 512, 8, 12 * (MAX_SIG_BLOCKS as usize + 1)),
+            ),
+        ];
+        for (what, bytes) in cases {
+            assert!(
+                matches!(
+                    Signature::parse(&bytes),
+                    Err(DeltaError::InvalidSignature(_))
+                ),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn parse_accepts_limits() {
+        for (block, hash, body) in [
+            (MIN_BLOCK, 0, 0),
+            (MIN_BLOCK, 0, 4 * 10),
+            (MAX_BLOCK, 16, 20 * 3),
+            (4096, 8, 12 * MAX_SIG_BLOCKS as usize),
+        ] {
+            let sig = Signature::parse(&raw_sig(MD4_MAGIC, block, hash, body))
+                .expect("valid signature");
+            assert_eq!(sig.block_size(), block);
+            assert_eq!(sig.strong_hash_len(), hash);
+        }
+    }
+
+    #[test]
+    fn builder_matches_whole() {
+        let base = data(300_000, 7);
+        let want = signature(&base);
+        for step in [1usize, 7, 511, 512, 513, 1000, 4096, 65_536, 300_000] {
+            let mut b = SignatureBuilder::new(base.len() as u64);
+            for chunk in base.chunks(step) {
+                b.update(chunk);
+                b.update(&[]);
+                assert!(b.pending.len() < b.block_size() as usize);
+            }
+            assert_eq!(b.finish(), want, "step {step}");
+        }
+        let empty = SignatureBuilder::new(0).finish();
+        assert_eq!(empty, signature(&[]));
+    }
+
+    #[test]
+    fn signature_is_send_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Signature>();
+        check::<SignatureBytes>();
+        check::<SignatureBuilder>();
+    }
+}

@@ -1,0 +1,25 @@
+//! The byteback wire protocol: messages, framing, limits and session state.
+//!
+//! This crate does no I/O of its own beyond optional blocking helpers over
+//! `Read`/`Write`: the codec is handed bytes, and the session types check that
+//! messages arrive in an order the protocol allows, so a client and a server
+//! session can be played against each other in a unit test.
+#![deny(missing_docs)]
+
+pub mod codec;
+pub mod error;
+pub mod limits;
+pub mod messages;
+pub mod path;
+pub mod session;
+
+pub use codec::{decode_client, decode_server, encode, read_frame, write_msg, FrameDecoder};
+pub use error::ProtocolError;
+pub use messages::*;
+pub use path::{compare_paths, validate_host_name, validate_path, validate_snapshot_name};
+pub use session::{ClientSession, ServerSession};
+
+/// Protocol version spoken by this build; both peers must agree exactly.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// First bytes of every session, so a stray shell banner is recognised at once.
+pub const MAGIC: [u8; 8] = *b"BYTEBAK\x01";

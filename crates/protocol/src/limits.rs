@@ -1,0 +1,37 @@
+//! Hard caps on everything a peer can make us allocate.
+//!
+//! Every length and count read from the wire is checked against these before
+//! memory is reserved for it.
+
+/// Largest frame payload accepted, in bytes.
+pub const MAX_FRAME: usize = 20 << 20;
+/// Largest raw (decompressed) data chunk carried in one message.
+pub const MAX_CHUNK: usize = 10 << 20;
+/// Size of new-file segments the client diffs independently.
+pub const SEGMENT: usize = 8 << 20;
+/// Longest path, in bytes.
+pub const MAX_PATH: usize = 4096;
+/// Longest single path component, in bytes.
+pub const MAX_NAME: usize = 255;
+/// Most entries in one batch.
+pub const MAX_BATCH: usize = 1024;
+/// Most files that may be announced as needing data but not yet finished.
+pub const MAX_PENDING: usize = 8192;
+/// Most files the client streams at the same time.
+pub const MAX_IN_FLIGHT: usize = 32;
+/// Most extended attributes per entry.
+pub const MAX_XATTRS: usize = 256;
+/// Longest xattr name.
+pub const MAX_XATTR_NAME: usize = 255;
+/// Largest xattr value (Linux's own limit is 64 KiB).
+pub const MAX_XATTR_VALUE: usize = 64 << 10;
+/// Largest total of xattr names and values of one entry.
+pub const MAX_XATTR_TOTAL: usize = 1 << 20;
+/// Largest serialized signature.
+pub const MAX_SIGNATURE: usize = 16 << 20;
+/// Longest free-text message (errors, warnings).
+pub const MAX_TEXT: usize = 4096;
+/// Most snapshot names in one listing.
+pub const MAX_SNAPSHOTS: usize = 100_000;
+/// Largest file size accepted (16 TiB).
+pub const MAX_FILE_SIZE: u64 = 16 << 40;

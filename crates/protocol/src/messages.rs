@@ -1,0 +1,425 @@
+//! The messages exchanged by client and server, and their validation.
+//!
+//! Paths are raw bytes relative to the backed-up root (`etc/passwd` for
+//! `/etc/passwd`): Linux names can hold any byte but `/` and NUL.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ProtocolError;
+use crate::limits::*;
+use crate::path::validate_path;
+
+/// What kind of filesystem object an entry is, with the data that depends on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// Regular file of `size` bytes.
+    File {
+        /// Length in bytes.
+        size: u64,
+    },
+    /// Directory.
+    Dir,
+    /// Symbolic link; never followed by either side.
+    Symlink {
+        /// Raw link target.
+        target: Vec<u8>,
+    },
+    /// A further name of a regular file sent earlier in the same backup.
+    HardLink {
+        /// Path of the first name of the file.
+        target: Vec<u8>,
+    },
+    /// Named pipe.
+    Fifo,
+    /// Unix socket.
+    Socket,
+    /// Character device.
+    CharDev {
+        /// Device number as `st_rdev`.
+        rdev: u64,
+    },
+    /// Block device.
+    BlockDev {
+        /// Device number as `st_rdev`.
+        rdev: u64,
+    },
+}
+
+impl Kind {
+    /// One-letter type as in `ls -l`.
+    pub fn type_char(&self) -> char {
+        match self {
+            Kind::File { .. } | Kind::HardLink { .. } => '-',
+            Kind::Dir => 'd',
+            Kind::Symlink { .. } => 'l',
+            Kind::Fifo => 'p',
+            Kind::Socket => 's',
+            Kind::CharDev { .. } => 'c',
+            Kind::BlockDev { .. } => 'b',
+        }
+    }
+}
+
+/// One filesystem object as the client saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Path relative to `/`, raw bytes.
+    pub path: Vec<u8>,
+    /// Type and type-specific data.
+    pub kind: Kind,
+    /// Permission bits including setuid, setgid and sticky (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Numeric owner.
+    pub uid: u32,
+    /// Numeric group.
+    pub gid: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime_sec: i64,
+    /// Modification time, nanoseconds part.
+    pub mtime_nsec: u32,
+    /// Extended attributes (including `system.posix_acl_*`), sorted by name.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Entry {
+    /// Checks every field against the protocol limits.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        validate_path(&self.path)?;
+        if self.mode > 0o7777 {
+            return Err(ProtocolError::Limit(format!("mode {:o} has non-permission bits", self.mode)));
+        }
+        if self.mtime_nsec >= 1_000_000_000 {
+            return Err(ProtocolError::Limit("mtime nanoseconds out of range".into()));
+        }
+        match &self.kind {
+            Kind::File { size } if *size > MAX_FILE_SIZE => {
+                return Err(ProtocolError::Limit(format!("file size {size} too large")))
+            }
+            Kind::Symlink { target } if target.is_empty() || target.len() > MAX_PATH || target.contains(&0) => {
+                return Err(ProtocolError::Limit("symlink target empty, too long or has NUL".into()))
+            }
+            Kind::HardLink { target } => validate_path(target)?,
+            _ => {}
+        }
+        if self.xattrs.len() > MAX_XATTRS {
+            return Err(ProtocolError::Limit(format!("{} xattrs on one entry", self.xattrs.len())));
+        }
+        let mut total = 0usize;
+        for (name, value) in &self.xattrs {
+            if name.is_empty() || name.len() > MAX_XATTR_NAME || name.contains(&0) {
+                return Err(ProtocolError::Limit("bad xattr name".into()));
+            }
+            if value.len() > MAX_XATTR_VALUE {
+                return Err(ProtocolError::Limit("xattr value too large".into()));
+            }
+            total += name.len() + value.len();
+        }
+        if total > MAX_XATTR_TOTAL {
+            return Err(ProtocolError::Limit("xattrs too large in total".into()));
+        }
+        Ok(())
+    }
+
+    /// Size in bytes for regular files, else 0.
+    pub fn size(&self) -> u64 {
+        match self.kind {
+            Kind::File { size } => size,
+            _ => 0,
+        }
+    }
+}
+
+/// An entry as recorded in a manifest: the entry plus, for files, the BLAKE3 of its content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    /// The entry as the client described it.
+    pub entry: Entry,
+    /// BLAKE3 of the content for regular files, zeros otherwise.
+    pub hash: [u8; 32],
+}
+
+/// Bytes compressed with zstd, with their declared raw length.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compressed {
+    /// Length after decompression; at most [`MAX_CHUNK`].
+    pub raw_len: u32,
+    /// zstd frame.
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Compressed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Compressed({} -> {} bytes)", self.data.len(), self.raw_len)
+    }
+}
+
+impl Compressed {
+    /// Compresses `raw` (at most [`MAX_CHUNK`] bytes).
+    pub fn compress(raw: &[u8], level: i32) -> Result<Self, ProtocolError> {
+        if raw.len() > MAX_CHUNK {
+            return Err(ProtocolError::Encode(format!("chunk of {} bytes too large", raw.len())));
+        }
+        let data = zstd::bulk::compress(raw, level).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+        Ok(Compressed { raw_len: raw.len() as u32, data })
+    }
+
+    /// Decompresses, refusing anything larger than declared or than [`MAX_CHUNK`].
+    pub fn decompress(&self) -> Result<Vec<u8>, ProtocolError> {
+        let raw_len = self.raw_len as usize;
+        if raw_len > MAX_CHUNK {
+            return Err(ProtocolError::Limit(format!("declared chunk of {raw_len} bytes")));
+        }
+        let out = zstd::bulk::decompress(&self.data, raw_len).map_err(|e| ProtocolError::Compression(e.to_string()))?;
+        if out.len() != raw_len {
+            return Err(ProtocolError::Compression(format!(
+                "chunk decompressed to {} bytes, {} declared",
+                out.len(),
+                raw_len
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// What the server wants for one entry of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Need {
+    /// Index of the entry within its batch.
+    pub index: u32,
+    /// Transfer id the client uses for this file's data.
+    pub id: u32,
+    /// Whether the server has a basis to diff against (ask with [`ClientMsg::SigRequest`]).
+    pub basis: bool,
+}
+
+/// Counters the server reports at the end of a backup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupStats {
+    /// Entries received.
+    pub entries: u64,
+    /// Files whose data was transferred.
+    pub files_transferred: u64,
+    /// Bytes of file content written by patches (literal) on the server.
+    pub literal_bytes: u64,
+    /// Bytes reused from the previous version.
+    pub matched_bytes: u64,
+    /// Entries deleted from `current`.
+    pub deleted: u64,
+    /// Files that failed their hash check and were resent whole.
+    pub retried: u64,
+}
+
+/// Messages from client to server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// First message: magic and version.
+    Hello {
+        /// Must equal [`crate::MAGIC`].
+        magic: [u8; 8],
+        /// Must equal [`crate::PROTOCOL_VERSION`].
+        version: u32,
+    },
+    /// Start a backup into `current`.
+    BackupStart {
+        /// Compare content by BLAKE3 instead of size and mtime.
+        checksum: bool,
+    },
+    /// A batch of entries, in strictly increasing walk order.
+    Entries(Vec<Entry>),
+    /// Ask for the signature of the basis of transfer `id`.
+    SigRequest {
+        /// Transfer id.
+        id: u32,
+    },
+    /// One delta segment of transfer `id` (librsync delta format), compressed.
+    FileData {
+        /// Transfer id.
+        id: u32,
+        /// The delta segment.
+        delta: Compressed,
+    },
+    /// All data of transfer `id` sent.
+    FileEnd {
+        /// Transfer id.
+        id: u32,
+        /// Size of the file as read.
+        size: u64,
+        /// BLAKE3 of the content as read.
+        hash: [u8; 32],
+        /// mtime as read, in case the file changed while being read.
+        mtime_sec: i64,
+        /// mtime nanoseconds.
+        mtime_nsec: u32,
+    },
+    /// Transfer `id` will not complete (file vanished or could not be read).
+    FileAbort {
+        /// Transfer id.
+        id: u32,
+    },
+    /// All entries sent; commit, snapshot and report.
+    BackupEnd,
+    /// List the host's snapshots.
+    ListSnapshots,
+    /// Stream the manifest of one snapshot (or `current`).
+    ReadManifest {
+        /// Snapshot name.
+        snapshot: String,
+    },
+    /// Stream the content of one file of a snapshot.
+    ReadFile {
+        /// Snapshot name.
+        snapshot: String,
+        /// Path as in the manifest.
+        path: Vec<u8>,
+    },
+    /// End the session.
+    Bye,
+}
+
+impl ClientMsg {
+    /// Name of the message kind, for errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ClientMsg::Hello { .. } => "Hello",
+            ClientMsg::BackupStart { .. } => "BackupStart",
+            ClientMsg::Entries(_) => "Entries",
+            ClientMsg::SigRequest { .. } => "SigRequest",
+            ClientMsg::FileData { .. } => "FileData",
+            ClientMsg::FileEnd { .. } => "FileEnd",
+            ClientMsg::FileAbort { .. } => "FileAbort",
+            ClientMsg::BackupEnd => "BackupEnd",
+            ClientMsg::ListSnapshots => "ListSnapshots",
+            ClientMsg::ReadManifest { .. } => "ReadManifest",
+            ClientMsg::ReadFile { .. } => "ReadFile",
+            ClientMsg::Bye => "Bye",
+        }
+    }
+
+    /// Checks the message's contents against the limits (paths, counts, sizes).
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        match self {
+            ClientMsg::Entries(entries) => {
+                if entries.is_empty() || entries.len() > MAX_BATCH {
+                    return Err(ProtocolError::Limit(format!("batch of {} entries", entries.len())));
+                }
+                entries.iter().try_for_each(Entry::validate)
+            }
+            ClientMsg::FileData { delta, .. } => {
+                if delta.raw_len as usize > MAX_CHUNK {
+                    return Err(ProtocolError::Limit("data chunk too large".into()));
+                }
+                Ok(())
+            }
+            ClientMsg::FileEnd { size, mtime_nsec, .. } => {
+                if *size > MAX_FILE_SIZE || *mtime_nsec >= 1_000_000_000 {
+                    return Err(ProtocolError::Limit("file end out of range".into()));
+                }
+                Ok(())
+            }
+            ClientMsg::ReadManifest { snapshot } => crate::path::validate_snapshot_name(snapshot),
+            ClientMsg::ReadFile { snapshot, path } => {
+                crate::path::validate_snapshot_name(snapshot)?;
+                validate_path(path)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Messages from server to client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    /// Reply to Hello.
+    HelloOk {
+        /// Server's version.
+        version: u32,
+        /// Host name the server files this session under (from its own command line).
+        host: String,
+    },
+    /// Backup accepted; entries may follow.
+    BackupReady,
+    /// Reply to one Entries batch: which entries need data.
+    Needs(Vec<Need>),
+    /// Reply to SigRequest.
+    Signature {
+        /// Transfer id.
+        id: u32,
+        /// Serialized signature.
+        sig: Vec<u8>,
+    },
+    /// Transfer committed to `current`.
+    FileOk {
+        /// Transfer id.
+        id: u32,
+    },
+    /// Transfer failed its hash check; resend it whole (no basis) under the same id.
+    FileRetry {
+        /// Transfer id.
+        id: u32,
+    },
+    /// Backup committed.
+    BackupDone {
+        /// Name of the snapshot taken, if one was.
+        snapshot: Option<String>,
+        /// Human-readable note (e.g. why no snapshot was taken).
+        message: String,
+        /// Counters.
+        stats: BackupStats,
+    },
+    /// The host's snapshots, oldest first.
+    Snapshots(Vec<String>),
+    /// Part of a manifest.
+    ManifestPart(Vec<ManifestEntry>),
+    /// End of a manifest.
+    ManifestEnd,
+    /// Part of a file's content.
+    FilePart(Compressed),
+    /// End of a file's content.
+    FileDone,
+    /// Fatal error; the server closes the session.
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl ServerMsg {
+    /// Name of the message kind, for errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ServerMsg::HelloOk { .. } => "HelloOk",
+            ServerMsg::BackupReady => "BackupReady",
+            ServerMsg::Needs(_) => "Needs",
+            ServerMsg::Signature { .. } => "Signature",
+            ServerMsg::FileOk { .. } => "FileOk",
+            ServerMsg::FileRetry { .. } => "FileRetry",
+            ServerMsg::BackupDone { .. } => "BackupDone",
+            ServerMsg::Snapshots(_) => "Snapshots",
+            ServerMsg::ManifestPart(_) => "ManifestPart",
+            ServerMsg::ManifestEnd => "ManifestEnd",
+            ServerMsg::FilePart(_) => "FilePart",
+            ServerMsg::FileDone => "FileDone",
+            ServerMsg::Error { .. } => "Error",
+        }
+    }
+
+    /// Checks the message's contents against the limits.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        match self {
+            ServerMsg::Needs(needs) if needs.len() > MAX_BATCH => Err(ProtocolError::Limit("too many needs".into())),
+            ServerMsg::Signature { sig, .. } if sig.len() > MAX_SIGNATURE => {
+                Err(ProtocolError::Limit("signature too large".into()))
+            }
+            ServerMsg::Snapshots(s) if s.len() > MAX_SNAPSHOTS => Err(ProtocolError::Limit("too many snapshots".into())),
+            ServerMsg::ManifestPart(entries) => {
+                if entries.len() > MAX_BATCH {
+                    return Err(ProtocolError::Limit("manifest part too large".into()));
+                }
+                entries.iter().try_for_each(|e| e.entry.validate())
+            }
+            ServerMsg::FilePart(c) if c.raw_len as usize > MAX_CHUNK => Err(ProtocolError::Limit("chunk too large".into())),
+            ServerMsg::Error { message } if message.len() > MAX_TEXT => Err(ProtocolError::Limit("error text too long".into())),
+            _ => Ok(()),
+        }
+    }
+}

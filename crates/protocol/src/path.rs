@@ -1,0 +1,133 @@
+//! Validation and ordering of the names that cross the wire.
+//!
+//! A path from the peer is relative, made of non-empty components other than
+//! `.` and `..`, without NUL, within the length caps. Walk order compares
+//! paths component by component, which is the order a sorted depth-first walk
+//! produces, so parents always precede their children.
+
+use std::cmp::Ordering;
+
+use crate::error::ProtocolError;
+use crate::limits::{MAX_NAME, MAX_PATH};
+
+fn bad(path: &[u8], reason: &'static str) -> ProtocolError {
+    ProtocolError::BadPath { path: String::from_utf8_lossy(&path[..path.len().min(200)]).into_owned(), reason }
+}
+
+/// Checks that `path` is a safe relative path.
+pub fn validate_path(path: &[u8]) -> Result<(), ProtocolError> {
+    if path.is_empty() {
+        return Err(bad(path, "empty"));
+    }
+    if path.len() > MAX_PATH {
+        return Err(bad(path, "too long"));
+    }
+    if path[0] == b'/' {
+        return Err(bad(path, "absolute"));
+    }
+    if path.contains(&0) {
+        return Err(bad(path, "contains NUL"));
+    }
+    for comp in path.split(|&b| b == b'/') {
+        match comp {
+            b"" => return Err(bad(path, "empty component")),
+            b"." | b".." => return Err(bad(path, "dot component")),
+            c if c.len() > MAX_NAME => return Err(bad(path, "component too long")),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Orders two paths as a depth-first walk with sorted siblings visits them.
+pub fn compare_paths(a: &[u8], b: &[u8]) -> Ordering {
+    let mut ai = a.split(|&c| c == b'/');
+    let mut bi = b.split(|&c| c == b'/');
+    loop {
+        match (ai.next(), bi.next()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) => match x.cmp(y) {
+                Ordering::Equal => continue,
+                o => return o,
+            },
+        }
+    }
+}
+
+/// Checks a host name: one component of `[A-Za-z0-9._-]`, not `.` or `..`, at most 253 bytes.
+pub fn validate_host_name(name: &str) -> Result<(), ProtocolError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name != "."
+        && name != ".."
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtocolError::BadPath { path: name.chars().take(200).collect(), reason: "not a valid host name" })
+    }
+}
+
+/// Checks a snapshot name: `current` or one component of `[A-Za-z0-9:+._-]`, not starting with `.`.
+pub fn validate_snapshot_name(name: &str) -> Result<(), ProtocolError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b":+._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtocolError::BadPath { path: name.chars().take(200).collect(), reason: "not a valid snapshot name" })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_unsafe_paths() {
+        for p in [&b""[..], b"/etc", b"a/../b", b"..", b".", b"a//b", b"a/", b"a\0b", b"./a"] {
+            assert!(validate_path(p).is_err(), "{p:?}");
+        }
+        assert!(validate_path(&vec![b'a'; 256]).is_err());
+        assert!(validate_path(&[b"a/".repeat(2048), b"b".to_vec()].concat()).is_err());
+    }
+
+    #[test]
+    fn accepts_odd_names() {
+        for p in [&b"a"[..], b"a b/c\nd", b"\xff\xfe/x", b"...", b".hidden/..x"] {
+            validate_path(p).unwrap();
+        }
+        validate_path(&vec![b'a'; 255]).unwrap();
+    }
+
+    #[test]
+    fn walk_order_puts_children_after_parent() {
+        assert_eq!(compare_paths(b"a", b"a/b"), Ordering::Less);
+        assert_eq!(compare_paths(b"a/b", b"a.b"), Ordering::Less);
+        assert_eq!(compare_paths(b"a/z", b"b"), Ordering::Less);
+        assert_eq!(compare_paths(b"a", b"a"), Ordering::Equal);
+    }
+
+    #[test]
+    fn host_names() {
+        for h in ["web1", "web1.example.com", "a_b-c"] {
+            validate_host_name(h).unwrap();
+        }
+        for h in ["", ".", "..", "../x", "a/b", "a\",command=\"sh", "a b"] {
+            assert!(validate_host_name(h).is_err(), "{h}");
+        }
+    }
+
+    #[test]
+    fn snapshot_names() {
+        validate_snapshot_name("2026-11-27T03:00+0000").unwrap();
+        validate_snapshot_name("current").unwrap();
+        for s in ["", "..", ".x", "a/b", "x y"] {
+            assert!(validate_snapshot_name(s).is_err(), "{s}");
+        }
+    }
+}

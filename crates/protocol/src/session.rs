@@ -1,0 +1,451 @@
+//! Sans-IO session state: which message may come next.
+//!
+//! Both peers feed every message they send (`on_send`) and receive
+//! (`on_recv`) through their session object. A message the protocol does not
+//! allow at that point is an error, whatever its contents, so a hostile or
+//! confused peer is stopped before its message is acted on.
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+
+use crate::error::ProtocolError;
+use crate::limits::{MAX_IN_FLIGHT, MAX_PENDING};
+use crate::messages::{ClientMsg, Kind, ServerMsg};
+use crate::path::compare_paths;
+use crate::{MAGIC, PROTOCOL_VERSION};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitHello,
+    AwaitHelloOk,
+    Idle,
+    AwaitBackupReady,
+    Backup,
+    Ending,
+    Reading,
+    Closed,
+}
+
+impl Phase {
+    fn describe(self) -> &'static str {
+        match self {
+            Phase::AwaitHello => "waiting for hello",
+            Phase::AwaitHelloOk => "waiting for the server's hello",
+            Phase::Idle => "idle",
+            Phase::AwaitBackupReady => "starting a backup",
+            Phase::Backup => "receiving a backup",
+            Phase::Ending => "committing a backup",
+            Phase::Reading => "serving a read",
+            Phase::Closed => "closed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transfer {
+    /// Announced; data may come.
+    Open { basis: bool, sig_requested: bool },
+    /// FileEnd or FileAbort seen; waiting for FileOk or FileRetry.
+    Ended,
+}
+
+/// State shared by both sides of a backup: batches awaiting `Needs`, transfers in progress.
+#[derive(Debug, Default)]
+struct BackupState {
+    last_path: Option<Vec<u8>>,
+    batches_unanswered: Vec<u32>,
+    transfers: HashMap<u32, Transfer>,
+    next_id: u32,
+}
+
+impl BackupState {
+    fn check_entries(&mut self, entries: &[crate::Entry]) -> Result<(), ProtocolError> {
+        for e in entries {
+            if let Some(last) = &self.last_path {
+                if compare_paths(last, &e.path) != Ordering::Less {
+                    return Err(ProtocolError::Limit(format!(
+                        "entries out of order: {:?} after {:?}",
+                        String::from_utf8_lossy(&e.path),
+                        String::from_utf8_lossy(last)
+                    )));
+                }
+            }
+            if let Kind::HardLink { target } = &e.kind {
+                if compare_paths(target, &e.path) != Ordering::Less {
+                    return Err(ProtocolError::Limit("hard link to a later entry".into()));
+                }
+            }
+            self.last_path = Some(e.path.clone());
+        }
+        let pending = self.transfers.len() + self.batches_unanswered.iter().map(|&n| n as usize).sum::<usize>();
+        if pending + entries.len() > MAX_PENDING {
+            return Err(ProtocolError::Limit(format!("more than {MAX_PENDING} files pending")));
+        }
+        self.batches_unanswered.push(entries.len() as u32);
+        Ok(())
+    }
+
+    fn answer_batch(&mut self, needs: &[crate::Need]) -> Result<(), ProtocolError> {
+        if self.batches_unanswered.is_empty() {
+            return Err(ProtocolError::Unexpected { got: "Needs", state: "no batch is waiting" });
+        }
+        let size = self.batches_unanswered.remove(0);
+        let mut prev: Option<u32> = None;
+        for n in needs {
+            if n.index >= size || prev.is_some_and(|p| p >= n.index) {
+                return Err(ProtocolError::Limit("need index out of range or order".into()));
+            }
+            prev = Some(n.index);
+            if self.transfers.contains_key(&n.id) {
+                return Err(ProtocolError::Limit(format!("transfer id {} reused", n.id)));
+            }
+            self.transfers.insert(n.id, Transfer::Open { basis: n.basis, sig_requested: false });
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, id: u32, what: &'static str) -> Result<&mut Transfer, ProtocolError> {
+        match self.transfers.get_mut(&id) {
+            Some(t @ Transfer::Open { .. }) => Ok(t),
+            _ => Err(ProtocolError::Unexpected { got: what, state: "no such open transfer" }),
+        }
+    }
+
+    fn sig_request(&mut self, id: u32) -> Result<(), ProtocolError> {
+        let in_flight = self
+            .transfers
+            .values()
+            .filter(|t| matches!(t, Transfer::Open { sig_requested: true, .. }))
+            .count();
+        let t = self.open(id, "SigRequest")?;
+        match t {
+            Transfer::Open { basis: true, sig_requested } if !*sig_requested => *sig_requested = true,
+            _ => return Err(ProtocolError::Unexpected { got: "SigRequest", state: "transfer has no basis" }),
+        }
+        if in_flight >= MAX_PENDING {
+            return Err(ProtocolError::Limit("too many signatures requested".into()));
+        }
+        Ok(())
+    }
+
+    fn end(&mut self, id: u32, what: &'static str) -> Result<(), ProtocolError> {
+        let t = self.open(id, what)?;
+        *t = Transfer::Ended;
+        Ok(())
+    }
+
+    fn resolve(&mut self, id: u32, retry: bool) -> Result<(), ProtocolError> {
+        match self.transfers.get(&id) {
+            Some(Transfer::Ended) => {
+                if retry {
+                    self.transfers.insert(id, Transfer::Open { basis: false, sig_requested: false });
+                } else {
+                    self.transfers.remove(&id);
+                }
+                Ok(())
+            }
+            _ => Err(ProtocolError::Unexpected { got: "FileOk/FileRetry", state: "transfer not ended" }),
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.batches_unanswered.is_empty() && self.transfers.is_empty()
+    }
+}
+
+fn unexpected(got: &'static str, phase: Phase) -> ProtocolError {
+    ProtocolError::Unexpected { got, state: phase.describe() }
+}
+
+/// The server's view of a session.
+#[derive(Debug)]
+pub struct ServerSession {
+    phase: Phase,
+    backup: BackupState,
+}
+
+impl Default for ServerSession {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ServerSession {
+    /// A session waiting for the client's hello.
+    pub fn new() -> Self {
+        ServerSession { phase: Phase::AwaitHello, backup: BackupState::default() }
+    }
+
+    /// Checks a received message; an error means the session must end.
+    pub fn on_recv(&mut self, msg: &ClientMsg) -> Result<(), ProtocolError> {
+        let p = self.phase;
+        match (p, msg) {
+            (Phase::AwaitHello, ClientMsg::Hello { magic, version }) => {
+                if *magic != MAGIC {
+                    return Err(ProtocolError::BadMagic);
+                }
+                if *version != PROTOCOL_VERSION {
+                    return Err(ProtocolError::Version { peer: *version, ours: PROTOCOL_VERSION });
+                }
+                self.phase = Phase::AwaitHelloOk;
+            }
+            (Phase::Idle, ClientMsg::BackupStart { .. }) => {
+                self.backup = BackupState::default();
+                self.phase = Phase::AwaitBackupReady;
+            }
+            (Phase::Backup, ClientMsg::Entries(e)) => self.backup.check_entries(e)?,
+            (Phase::Backup, ClientMsg::SigRequest { id }) => self.backup.sig_request(*id)?,
+            (Phase::Backup, ClientMsg::FileData { id, .. }) => {
+                self.backup.open(*id, "FileData")?;
+            }
+            (Phase::Backup, ClientMsg::FileEnd { id, .. }) => self.backup.end(*id, "FileEnd")?,
+            (Phase::Backup, ClientMsg::FileAbort { id }) => self.backup.end(*id, "FileAbort")?,
+            (Phase::Backup, ClientMsg::BackupEnd) => {
+                if !self.backup.idle() {
+                    return Err(ProtocolError::Unexpected { got: "BackupEnd", state: "transfers still open" });
+                }
+                self.phase = Phase::Ending;
+            }
+            (Phase::Idle, ClientMsg::ListSnapshots | ClientMsg::ReadManifest { .. } | ClientMsg::ReadFile { .. }) => {
+                self.phase = Phase::Reading;
+            }
+            (Phase::Idle, ClientMsg::Bye) => self.phase = Phase::Closed,
+            _ => return Err(unexpected(msg.name(), p)),
+        }
+        Ok(())
+    }
+
+    /// Records a message about to be sent; an error is a bug on our side.
+    pub fn on_send(&mut self, msg: &ServerMsg) -> Result<(), ProtocolError> {
+        let p = self.phase;
+        match (p, msg) {
+            (_, ServerMsg::Error { .. }) => self.phase = Phase::Closed,
+            (Phase::AwaitHelloOk, ServerMsg::HelloOk { .. }) => self.phase = Phase::Idle,
+            (Phase::AwaitBackupReady, ServerMsg::BackupReady) => self.phase = Phase::Backup,
+            (Phase::Backup, ServerMsg::Needs(n)) => self.backup.answer_batch(n)?,
+            (Phase::Backup, ServerMsg::Signature { id, .. }) => {
+                self.backup.open(*id, "Signature")?;
+            }
+            (Phase::Backup, ServerMsg::FileOk { id }) => self.backup.resolve(*id, false)?,
+            (Phase::Backup, ServerMsg::FileRetry { id }) => self.backup.resolve(*id, true)?,
+            (Phase::Ending, ServerMsg::BackupDone { .. }) => self.phase = Phase::Idle,
+            (Phase::Reading, ServerMsg::Snapshots(_) | ServerMsg::ManifestEnd | ServerMsg::FileDone) => {
+                self.phase = Phase::Idle
+            }
+            (Phase::Reading, ServerMsg::ManifestPart(_) | ServerMsg::FilePart(_)) => {}
+            _ => return Err(unexpected(msg.name(), p)),
+        }
+        Ok(())
+    }
+
+    /// Allocates the id for the next transfer announced in a `Needs`.
+    pub fn next_transfer_id(&mut self) -> u32 {
+        let id = self.backup.next_id;
+        self.backup.next_id = self.backup.next_id.wrapping_add(1);
+        id
+    }
+
+    /// Whether the session has ended (Bye or Error).
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+}
+
+/// The client's view of a session.
+#[derive(Debug)]
+pub struct ClientSession {
+    phase: Phase,
+    backup: BackupState,
+    sigs_wanted: Vec<u32>,
+}
+
+impl Default for ClientSession {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ClientSession {
+    /// A session about to send its hello.
+    pub fn new() -> Self {
+        ClientSession { phase: Phase::AwaitHello, backup: BackupState::default(), sigs_wanted: vec![] }
+    }
+
+    /// Records a message about to be sent; an error is a bug on our side.
+    pub fn on_send(&mut self, msg: &ClientMsg) -> Result<(), ProtocolError> {
+        let p = self.phase;
+        match (p, msg) {
+            (Phase::AwaitHello, ClientMsg::Hello { .. }) => self.phase = Phase::AwaitHelloOk,
+            (Phase::Idle, ClientMsg::BackupStart { .. }) => {
+                self.backup = BackupState::default();
+                self.phase = Phase::AwaitBackupReady;
+            }
+            (Phase::Backup, ClientMsg::Entries(e)) => self.backup.check_entries(e)?,
+            (Phase::Backup, ClientMsg::SigRequest { id }) => {
+                self.backup.sig_request(*id)?;
+                self.sigs_wanted.push(*id);
+            }
+            (Phase::Backup, ClientMsg::FileData { id, .. }) => {
+                self.backup.open(*id, "FileData")?;
+            }
+            (Phase::Backup, ClientMsg::FileEnd { id, .. }) => self.backup.end(*id, "FileEnd")?,
+            (Phase::Backup, ClientMsg::FileAbort { id }) => self.backup.end(*id, "FileAbort")?,
+            (Phase::Backup, ClientMsg::BackupEnd) => {
+                if !self.backup.idle() {
+                    return Err(ProtocolError::Unexpected { got: "BackupEnd", state: "transfers still open" });
+                }
+                self.phase = Phase::Ending;
+            }
+            (Phase::Idle, ClientMsg::ListSnapshots | ClientMsg::ReadManifest { .. } | ClientMsg::ReadFile { .. }) => {
+                self.phase = Phase::Reading
+            }
+            (Phase::Idle, ClientMsg::Bye) => self.phase = Phase::Closed,
+            _ => return Err(unexpected(msg.name(), p)),
+        }
+        Ok(())
+    }
+
+    /// Checks a received message; an error means the session must end.
+    pub fn on_recv(&mut self, msg: &ServerMsg) -> Result<(), ProtocolError> {
+        let p = self.phase;
+        match (p, msg) {
+            (_, ServerMsg::Error { .. }) => self.phase = Phase::Closed,
+            (Phase::AwaitHelloOk, ServerMsg::HelloOk { version, .. }) => {
+                if *version != PROTOCOL_VERSION {
+                    return Err(ProtocolError::Version { peer: *version, ours: PROTOCOL_VERSION });
+                }
+                self.phase = Phase::Idle;
+            }
+            (Phase::AwaitBackupReady, ServerMsg::BackupReady) => self.phase = Phase::Backup,
+            (Phase::Backup, ServerMsg::Needs(n)) => self.backup.answer_batch(n)?,
+            (Phase::Backup, ServerMsg::Signature { id, .. }) => {
+                let pos = self
+                    .sigs_wanted
+                    .iter()
+                    .position(|x| x == id)
+                    .ok_or(ProtocolError::Unexpected { got: "Signature", state: "not requested" })?;
+                self.sigs_wanted.swap_remove(pos);
+            }
+            (Phase::Backup, ServerMsg::FileOk { id }) => self.backup.resolve(*id, false)?,
+            (Phase::Backup, ServerMsg::FileRetry { id }) => self.backup.resolve(*id, true)?,
+            (Phase::Ending, ServerMsg::BackupDone { .. }) => self.phase = Phase::Idle,
+            (Phase::Reading, ServerMsg::Snapshots(_) | ServerMsg::ManifestEnd | ServerMsg::FileDone) => {
+                self.phase = Phase::Idle
+            }
+            (Phase::Reading, ServerMsg::ManifestPart(_) | ServerMsg::FilePart(_)) => {}
+            _ => return Err(unexpected(msg.name(), p)),
+        }
+        Ok(())
+    }
+
+    /// How many more files the client may announce before waiting for acknowledgements.
+    pub fn pending_room(&self) -> usize {
+        let pending = self.backup.transfers.len()
+            + self.backup.batches_unanswered.iter().map(|&n| n as usize).sum::<usize>();
+        MAX_PENDING.saturating_sub(pending)
+    }
+
+    /// Files currently open with a requested signature (the client streams at most [`MAX_IN_FLIGHT`]).
+    pub fn in_flight_cap(&self) -> usize {
+        MAX_IN_FLIGHT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::*;
+
+    fn entry(path: &str, size: u64) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind: Kind::File { size },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_sec: 0,
+            mtime_nsec: 0,
+            xattrs: vec![],
+        }
+    }
+
+    /// Plays a whole backup between a client and a server session with a toy store
+    /// that needs every file, the second one with a basis.
+    #[test]
+    fn client_and_server_sessions_agree_on_a_backup() {
+        let mut c = ClientSession::new();
+        let mut s = ServerSession::new();
+        let exchange_c = |c: &mut ClientSession, s: &mut ServerSession, m: ClientMsg| {
+            c.on_send(&m).unwrap();
+            let bytes = crate::codec::encode(&m).unwrap();
+            let m2 = crate::codec::decode_client(&bytes[4..]).unwrap();
+            s.on_recv(&m2).unwrap();
+        };
+        let exchange_s = |c: &mut ClientSession, s: &mut ServerSession, m: ServerMsg| {
+            s.on_send(&m).unwrap();
+            let bytes = crate::codec::encode(&m).unwrap();
+            c.on_recv(&crate::codec::decode_server(&bytes[4..]).unwrap()).unwrap();
+        };
+        exchange_c(&mut c, &mut s, ClientMsg::Hello { magic: MAGIC, version: PROTOCOL_VERSION });
+        exchange_s(&mut c, &mut s, ServerMsg::HelloOk { version: PROTOCOL_VERSION, host: "h".into() });
+        exchange_c(&mut c, &mut s, ClientMsg::BackupStart { checksum: false });
+        exchange_s(&mut c, &mut s, ServerMsg::BackupReady);
+        exchange_c(&mut c, &mut s, ClientMsg::Entries(vec![entry("a", 1), entry("b", 2)]));
+        let id0 = s.next_transfer_id();
+        let id1 = s.next_transfer_id();
+        exchange_s(
+            &mut c,
+            &mut s,
+            ServerMsg::Needs(vec![Need { index: 0, id: id0, basis: false }, Need { index: 1, id: id1, basis: true }]),
+        );
+        exchange_c(&mut c, &mut s, ClientMsg::SigRequest { id: id1 });
+        exchange_s(&mut c, &mut s, ServerMsg::Signature { id: id1, sig: vec![1] });
+        for id in [id0, id1] {
+            let delta = Compressed::compress(b"x", 1).unwrap();
+            exchange_c(&mut c, &mut s, ClientMsg::FileData { id, delta });
+            exchange_c(
+                &mut c,
+                &mut s,
+                ClientMsg::FileEnd { id, size: 1, hash: [0; 32], mtime_sec: 0, mtime_nsec: 0 },
+            );
+        }
+        exchange_s(&mut c, &mut s, ServerMsg::FileRetry { id: id1 });
+        exchange_s(&mut c, &mut s, ServerMsg::FileOk { id: id0 });
+        // BackupEnd is refused while a transfer is still open.
+        assert!(s.on_recv(&ClientMsg::BackupEnd).is_err());
+        let mut s = ServerSession { phase: Phase::Backup, backup: std::mem::take(&mut s.backup) };
+        exchange_c(&mut c, &mut s, ClientMsg::FileEnd { id: id1, size: 1, hash: [0; 32], mtime_sec: 0, mtime_nsec: 0 });
+        exchange_s(&mut c, &mut s, ServerMsg::FileOk { id: id1 });
+        exchange_c(&mut c, &mut s, ClientMsg::BackupEnd);
+        exchange_s(
+            &mut c,
+            &mut s,
+            ServerMsg::BackupDone { snapshot: None, message: String::new(), stats: BackupStats::default() },
+        );
+        exchange_c(&mut c, &mut s, ClientMsg::Bye);
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn out_of_order_messages_are_refused() {
+        let mut s = ServerSession::new();
+        assert!(s.on_recv(&ClientMsg::BackupStart { checksum: false }).is_err());
+        let mut s = ServerSession::new();
+        assert!(matches!(
+            s.on_recv(&ClientMsg::Hello { magic: *b"SSH-2.0-", version: 1 }),
+            Err(ProtocolError::BadMagic)
+        ));
+        let mut s = ServerSession::new();
+        s.on_recv(&ClientMsg::Hello { magic: MAGIC, version: PROTOCOL_VERSION }).unwrap();
+        s.on_send(&ServerMsg::HelloOk { version: 1, host: "h".into() }).unwrap();
+        s.on_recv(&ClientMsg::BackupStart { checksum: false }).unwrap();
+        s.on_send(&ServerMsg::BackupReady).unwrap();
+        // Data for a transfer that was never announced.
+        let delta = Compressed::compress(b"x", 1).unwrap();
+        assert!(s.on_recv(&ClientMsg::FileData { id: 7, delta }).is_err());
+        // Entries must be strictly increasing in walk order.
+        s.on_recv(&ClientMsg::Entries(vec![entry("b", 1)])).unwrap();
+        assert!(s.on_recv(&ClientMsg::Entries(vec![entry("a", 1)])).is_err());
+        assert!(s.on_recv(&ClientMsg::Entries(vec![entry("b", 1)])).is_err());
+    }
+}

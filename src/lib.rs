@@ -1,0 +1,2 @@
+//! byteback's integration tests and benchmarks live in this package; the
+//! product itself is in `crates/`.
