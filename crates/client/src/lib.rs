@@ -1,1 +1,13 @@
-//! placeholder
+//! byteback's client side: walking the sources, streaming deltas to a
+//! server, listing and restoring.
+//!
+//! The binaries `byteback-backup` and `byteback-restore` are thin wrappers
+//! around [`cli`]; everything else is a library so tests can drive it.
+#![deny(missing_docs)]
+
+pub mod backup;
+pub mod cli;
+pub mod conn;
+pub mod meta;
+pub mod restore;
+pub mod walk;

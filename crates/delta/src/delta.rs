@@ -145,7 +145,11 @@ impl<'a> Ops<'a> {
             }
             self.started = true;
         }
-        let cmd = self.take(1)?.first().copied().ok_or(DeltaError::Malformed)?;
+        let cmd = self
+            .take(1)?
+            .first()
+            .copied()
+            .ok_or(DeltaError::Malformed)?;
         match cmd {
             OP_END => {
                 if self.rest.is_empty() {
@@ -455,7 +459,10 @@ mod tests {
             apply_to_vec(&[0; 10], &d, 1 << 20),
             Err(DeltaError::BasisRange)
         ));
-        assert_eq!(apply_to_vec(&[0; 11], &d, 2).expect("in range"), vec![42, 0]);
+        assert_eq!(
+            apply_to_vec(&[0; 11], &d, 2).expect("in range"),
+            vec![42, 0]
+        );
         // offset + len overflowing u64
         let mut body = vec![0x54];
         body.extend_from_slice(&u64::MAX.to_be_bytes());
@@ -482,7 +489,10 @@ mod tests {
             ("trailing", delta(&[0x01, 7, OP_END, 0])),
             ("truncated literal", delta(&[0x03, 1, 2])),
             ("truncated literal len", delta(&[0x01, 7, 0x42, 1])),
-            ("truncated N8 literal", delta(&[0x44, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, OP_END])),
+            (
+                "truncated N8 literal",
+                delta(&[0x44, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, OP_END]),
+            ),
             ("truncated copy", delta(&[0x01, 7, 0x46, 1, 0])),
             ("zero copy", delta(&[0x01, 7, 0x45, 0, 0, OP_END])),
             ("unknown 0x55", delta(&[0x01, 7, 0x55, OP_END])),
@@ -496,7 +506,10 @@ mod tests {
             );
             assert!(rec.ops.is_empty(), "{what}");
             assert!(
-                matches!(apply_to_vec(&[0; 64], &d, 1 << 20), Err(DeltaError::Malformed)),
+                matches!(
+                    apply_to_vec(&[0; 64], &d, 1 << 20),
+                    Err(DeltaError::Malformed)
+                ),
                 "{what}"
             );
         }

@@ -173,7 +173,14 @@ mod tests {
     #[test]
     fn block_size_bounds() {
         let mut lens = vec![0, 1, 2, 511, 512, 513, MIB, 16 * MIB - 1, 16 * MIB];
-        lens.extend([GIB, 4 * GIB, 100 * GIB, 4 * TIB, MAX_BASIS_LEN - 1, MAX_BASIS_LEN]);
+        lens.extend([
+            GIB,
+            4 * GIB,
+            100 * GIB,
+            4 * TIB,
+            MAX_BASIS_LEN - 1,
+            MAX_BASIS_LEN,
+        ]);
         // A sweep over many magnitudes, including odd values.
         let mut len = 1u64;
         while len <= MAX_BASIS_LEN {
@@ -182,15 +189,25 @@ mod tests {
         }
         for len in lens {
             let b = u64::from(block_size_for(len));
-            assert!(b >= u64::from(MIN_BLOCK) && b <= u64::from(MAX_BLOCK), "len {len}");
-            assert!(blocks(len) <= MAX_SIG_BLOCKS, "len {len}: {} blocks", blocks(len));
+            assert!(
+                b >= u64::from(MIN_BLOCK) && b <= u64::from(MAX_BLOCK),
+                "len {len}"
+            );
+            assert!(
+                blocks(len) <= MAX_SIG_BLOCKS,
+                "len {len}: {} blocks",
+                blocks(len)
+            );
             if len < 16 * MIB {
                 assert!(b <= 4096 && b % 64 == 0, "len {len}: block {b}");
             } else {
                 assert_eq!(b % 4096, 0, "len {len}: block {b}");
                 // About sqrt(len), unless the block count bound forces more.
                 if len <= 64 * GIB {
-                    assert!(b >= ceil_sqrt(len) && b < ceil_sqrt(len) + 4096, "len {len}");
+                    assert!(
+                        b >= ceil_sqrt(len) && b < ceil_sqrt(len) + 4096,
+                        "len {len}"
+                    );
                 }
                 if len <= 256 * GIB {
                     assert!(b <= 256 * KIB, "len {len}");

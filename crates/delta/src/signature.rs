@@ -358,8 +358,8 @@ mod tests {
             (MAX_BLOCK, 16, 20 * 3),
             (4096, 8, 12 * MAX_SIG_BLOCKS as usize),
         ] {
-            let sig = Signature::parse(&raw_sig(MD4_MAGIC, block, hash, body))
-                .expect("valid signature");
+            let sig =
+                Signature::parse(&raw_sig(MD4_MAGIC, block, hash, body)).expect("valid signature");
             assert_eq!(sig.block_size(), block);
             assert_eq!(sig.strong_hash_len(), hash);
         }

@@ -5,8 +5,8 @@
 //! up to ~256 KiB stay cheap to generate and shrink.
 
 use byteback_delta::{
-    apply_ops, apply_to_vec, block_size_for, diff_segment, literal_delta, ops, signature, DeltaError,
-    Op, PatchSink, Signature, SignatureBuilder, MAX_SIG_BLOCKS,
+    apply_ops, apply_to_vec, block_size_for, diff_segment, literal_delta, ops, signature,
+    DeltaError, Op, PatchSink, Signature, SignatureBuilder, MAX_SIG_BLOCKS,
 };
 use proptest::prelude::*;
 
@@ -91,15 +91,27 @@ fn edit() -> impl Strategy<Value = Edit> {
     let small = 0usize..5000;
     let big = 0usize..=MAX_LEN;
     prop_oneof![
-        (pos.clone(), small.clone(), any::<u64>())
-            .prop_map(|(at, len, seed)| Edit::Insert { at, len, seed }),
+        (pos.clone(), small.clone(), any::<u64>()).prop_map(|(at, len, seed)| Edit::Insert {
+            at,
+            len,
+            seed
+        }),
         (pos.clone(), small.clone()).prop_map(|(at, len)| Edit::Delete { at, len }),
-        (pos.clone(), small.clone(), any::<u64>())
-            .prop_map(|(at, len, seed)| Edit::Overwrite { at, len, seed }),
-        (pos.clone(), big.clone(), pos.clone())
-            .prop_map(|(from, len, to)| Edit::Move { from, len, to }),
-        (pos.clone(), big, pos.clone())
-            .prop_map(|(from, len, to)| Edit::Duplicate { from, len, to }),
+        (pos.clone(), small.clone(), any::<u64>()).prop_map(|(at, len, seed)| Edit::Overwrite {
+            at,
+            len,
+            seed
+        }),
+        (pos.clone(), big.clone(), pos.clone()).prop_map(|(from, len, to)| Edit::Move {
+            from,
+            len,
+            to
+        }),
+        (pos.clone(), big, pos.clone()).prop_map(|(from, len, to)| Edit::Duplicate {
+            from,
+            len,
+            to
+        }),
         (small, any::<u64>()).prop_map(|(len, seed)| Edit::Append { len, seed }),
         pos.clone().prop_map(|keep| Edit::Truncate { keep }),
         pos.prop_map(|at| Edit::FlipByte { at }),
@@ -447,6 +459,13 @@ fn small_change_gives_small_delta() {
     new.splice(200_000..200_000, b"inserted".iter().copied());
     let delta = diff_segment(&parse(&base), &new).expect("diff");
     // Two damaged blocks plus a few ops.
-    assert!(delta.len() < 3 * 512 + 100, "delta is {} bytes", delta.len());
-    assert_eq!(apply_to_vec(&base, &delta, new.len() as u64).expect("apply"), new);
+    assert!(
+        delta.len() < 3 * 512 + 100,
+        "delta is {} bytes",
+        delta.len()
+    );
+    assert_eq!(
+        apply_to_vec(&base, &delta, new.len() as u64).expect("apply"),
+        new
+    );
 }

@@ -20,20 +20,26 @@ fn config() -> impl bincode::config::Config {
 /// Encodes one message as a complete frame (length prefix included).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
     let mut out = vec![0u8; 4];
-    bincode::serde::encode_into_std_write(msg, &mut out, config()).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    bincode::serde::encode_into_std_write(msg, &mut out, config())
+        .map_err(|e| ProtocolError::Encode(e.to_string()))?;
     let len = out.len() - 4;
     if len > MAX_FRAME {
-        return Err(ProtocolError::Encode(format!("message of {len} bytes exceeds frame limit")));
+        return Err(ProtocolError::Encode(format!(
+            "message of {len} bytes exceeds frame limit"
+        )));
     }
     out[..4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(out)
 }
 
 fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtocolError> {
-    let (msg, used): (T, usize) =
-        bincode::serde::decode_from_slice(payload, config()).map_err(|e| ProtocolError::Decode(e.to_string()))?;
+    let (msg, used): (T, usize) = bincode::serde::decode_from_slice(payload, config())
+        .map_err(|e| ProtocolError::Decode(e.to_string()))?;
     if used != payload.len() {
-        return Err(ProtocolError::Decode(format!("{} trailing bytes in frame", payload.len() - used)));
+        return Err(ProtocolError::Decode(format!(
+            "{} trailing bytes in frame",
+            payload.len() - used
+        )));
     }
     Ok(msg)
 }
@@ -55,7 +61,10 @@ pub fn decode_server(payload: &[u8]) -> Result<ServerMsg, ProtocolError> {
 fn check_len(prefix: [u8; 4]) -> Result<usize, ProtocolError> {
     let len = u32::from_le_bytes(prefix) as usize;
     if len > MAX_FRAME {
-        return Err(ProtocolError::FrameTooLarge { len: len as u64, max: MAX_FRAME as u64 });
+        return Err(ProtocolError::FrameTooLarge {
+            len: len as u64,
+            max: MAX_FRAME as u64,
+        });
     }
     Ok(len)
 }
@@ -137,10 +146,15 @@ mod tests {
     #[test]
     fn round_trip_through_decoder() {
         let msgs = vec![
-            ClientMsg::Hello { magic: crate::MAGIC, version: 1 },
+            ClientMsg::Hello {
+                magic: crate::MAGIC,
+                version: 1,
+            },
             ClientMsg::Entries(vec![Entry {
                 path: b"a\xff/b\nc".to_vec(),
-                kind: Kind::Symlink { target: b"/abs".to_vec() },
+                kind: Kind::Symlink {
+                    target: b"/abs".to_vec(),
+                },
                 mode: 0o4755,
                 uid: 1,
                 gid: 2,
@@ -168,9 +182,15 @@ mod tests {
     fn oversized_frame_refused_before_allocation() {
         let mut dec = FrameDecoder::new();
         dec.push(&u32::MAX.to_le_bytes());
-        assert!(matches!(dec.next_frame(), Err(ProtocolError::FrameTooLarge { .. })));
+        assert!(matches!(
+            dec.next_frame(),
+            Err(ProtocolError::FrameTooLarge { .. })
+        ));
         let mut r = &u32::MAX.to_le_bytes()[..];
-        assert!(matches!(read_frame(&mut r), Err(ProtocolError::FrameTooLarge { .. })));
+        assert!(matches!(
+            read_frame(&mut r),
+            Err(ProtocolError::FrameTooLarge { .. })
+        ));
     }
 
     #[test]
@@ -202,7 +222,10 @@ mod tests {
         c.raw_len = u32::MAX;
         assert!(c.decompress().is_err());
         let big = zstd::bulk::compress(&vec![0u8; 64 << 20], 3).unwrap();
-        let bomb = Compressed { raw_len: crate::limits::MAX_CHUNK as u32, data: big };
+        let bomb = Compressed {
+            raw_len: crate::limits::MAX_CHUNK as u32,
+            data: big,
+        };
         assert!(bomb.decompress().is_err());
     }
 }

@@ -86,23 +86,35 @@ impl Entry {
     pub fn validate(&self) -> Result<(), ProtocolError> {
         validate_path(&self.path)?;
         if self.mode > 0o7777 {
-            return Err(ProtocolError::Limit(format!("mode {:o} has non-permission bits", self.mode)));
+            return Err(ProtocolError::Limit(format!(
+                "mode {:o} has non-permission bits",
+                self.mode
+            )));
         }
         if self.mtime_nsec >= 1_000_000_000 {
-            return Err(ProtocolError::Limit("mtime nanoseconds out of range".into()));
+            return Err(ProtocolError::Limit(
+                "mtime nanoseconds out of range".into(),
+            ));
         }
         match &self.kind {
             Kind::File { size } if *size > MAX_FILE_SIZE => {
                 return Err(ProtocolError::Limit(format!("file size {size} too large")))
             }
-            Kind::Symlink { target } if target.is_empty() || target.len() > MAX_PATH || target.contains(&0) => {
-                return Err(ProtocolError::Limit("symlink target empty, too long or has NUL".into()))
+            Kind::Symlink { target }
+                if target.is_empty() || target.len() > MAX_PATH || target.contains(&0) =>
+            {
+                return Err(ProtocolError::Limit(
+                    "symlink target empty, too long or has NUL".into(),
+                ))
             }
             Kind::HardLink { target } => validate_path(target)?,
             _ => {}
         }
         if self.xattrs.len() > MAX_XATTRS {
-            return Err(ProtocolError::Limit(format!("{} xattrs on one entry", self.xattrs.len())));
+            return Err(ProtocolError::Limit(format!(
+                "{} xattrs on one entry",
+                self.xattrs.len()
+            )));
         }
         let mut total = 0usize;
         for (name, value) in &self.xattrs {
@@ -149,7 +161,12 @@ pub struct Compressed {
 
 impl std::fmt::Debug for Compressed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Compressed({} -> {} bytes)", self.data.len(), self.raw_len)
+        write!(
+            f,
+            "Compressed({} -> {} bytes)",
+            self.data.len(),
+            self.raw_len
+        )
     }
 }
 
@@ -157,19 +174,29 @@ impl Compressed {
     /// Compresses `raw` (at most [`MAX_CHUNK`] bytes).
     pub fn compress(raw: &[u8], level: i32) -> Result<Self, ProtocolError> {
         if raw.len() > MAX_CHUNK {
-            return Err(ProtocolError::Encode(format!("chunk of {} bytes too large", raw.len())));
+            return Err(ProtocolError::Encode(format!(
+                "chunk of {} bytes too large",
+                raw.len()
+            )));
         }
-        let data = zstd::bulk::compress(raw, level).map_err(|e| ProtocolError::Encode(e.to_string()))?;
-        Ok(Compressed { raw_len: raw.len() as u32, data })
+        let data =
+            zstd::bulk::compress(raw, level).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+        Ok(Compressed {
+            raw_len: raw.len() as u32,
+            data,
+        })
     }
 
     /// Decompresses, refusing anything larger than declared or than [`MAX_CHUNK`].
     pub fn decompress(&self) -> Result<Vec<u8>, ProtocolError> {
         let raw_len = self.raw_len as usize;
         if raw_len > MAX_CHUNK {
-            return Err(ProtocolError::Limit(format!("declared chunk of {raw_len} bytes")));
+            return Err(ProtocolError::Limit(format!(
+                "declared chunk of {raw_len} bytes"
+            )));
         }
-        let out = zstd::bulk::decompress(&self.data, raw_len).map_err(|e| ProtocolError::Compression(e.to_string()))?;
+        let out = zstd::bulk::decompress(&self.data, raw_len)
+            .map_err(|e| ProtocolError::Compression(e.to_string()))?;
         if out.len() != raw_len {
             return Err(ProtocolError::Compression(format!(
                 "chunk decompressed to {} bytes, {} declared",
@@ -300,7 +327,10 @@ impl ClientMsg {
         match self {
             ClientMsg::Entries(entries) => {
                 if entries.is_empty() || entries.len() > MAX_BATCH {
-                    return Err(ProtocolError::Limit(format!("batch of {} entries", entries.len())));
+                    return Err(ProtocolError::Limit(format!(
+                        "batch of {} entries",
+                        entries.len()
+                    )));
                 }
                 entries.iter().try_for_each(Entry::validate)
             }
@@ -310,7 +340,9 @@ impl ClientMsg {
                 }
                 Ok(())
             }
-            ClientMsg::FileEnd { size, mtime_nsec, .. } => {
+            ClientMsg::FileEnd {
+                size, mtime_nsec, ..
+            } => {
                 if *size > MAX_FILE_SIZE || *mtime_nsec >= 1_000_000_000 {
                     return Err(ProtocolError::Limit("file end out of range".into()));
                 }
@@ -406,19 +438,27 @@ impl ServerMsg {
     /// Checks the message's contents against the limits.
     pub fn validate(&self) -> Result<(), ProtocolError> {
         match self {
-            ServerMsg::Needs(needs) if needs.len() > MAX_BATCH => Err(ProtocolError::Limit("too many needs".into())),
+            ServerMsg::Needs(needs) if needs.len() > MAX_BATCH => {
+                Err(ProtocolError::Limit("too many needs".into()))
+            }
             ServerMsg::Signature { sig, .. } if sig.len() > MAX_SIGNATURE => {
                 Err(ProtocolError::Limit("signature too large".into()))
             }
-            ServerMsg::Snapshots(s) if s.len() > MAX_SNAPSHOTS => Err(ProtocolError::Limit("too many snapshots".into())),
+            ServerMsg::Snapshots(s) if s.len() > MAX_SNAPSHOTS => {
+                Err(ProtocolError::Limit("too many snapshots".into()))
+            }
             ServerMsg::ManifestPart(entries) => {
                 if entries.len() > MAX_BATCH {
                     return Err(ProtocolError::Limit("manifest part too large".into()));
                 }
                 entries.iter().try_for_each(|e| e.entry.validate())
             }
-            ServerMsg::FilePart(c) if c.raw_len as usize > MAX_CHUNK => Err(ProtocolError::Limit("chunk too large".into())),
-            ServerMsg::Error { message } if message.len() > MAX_TEXT => Err(ProtocolError::Limit("error text too long".into())),
+            ServerMsg::FilePart(c) if c.raw_len as usize > MAX_CHUNK => {
+                Err(ProtocolError::Limit("chunk too large".into()))
+            }
+            ServerMsg::Error { message } if message.len() > MAX_TEXT => {
+                Err(ProtocolError::Limit("error text too long".into()))
+            }
             _ => Ok(()),
         }
     }

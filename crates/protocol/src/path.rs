@@ -11,7 +11,10 @@ use crate::error::ProtocolError;
 use crate::limits::{MAX_NAME, MAX_PATH};
 
 fn bad(path: &[u8], reason: &'static str) -> ProtocolError {
-    ProtocolError::BadPath { path: String::from_utf8_lossy(&path[..path.len().min(200)]).into_owned(), reason }
+    ProtocolError::BadPath {
+        path: String::from_utf8_lossy(&path[..path.len().min(200)]).into_owned(),
+        reason,
+    }
 }
 
 /// Checks that `path` is a safe relative path.
@@ -62,11 +65,16 @@ pub fn validate_host_name(name: &str) -> Result<(), ProtocolError> {
         && name.len() <= 253
         && name != "."
         && name != ".."
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
     if ok {
         Ok(())
     } else {
-        Err(ProtocolError::BadPath { path: name.chars().take(200).collect(), reason: "not a valid host name" })
+        Err(ProtocolError::BadPath {
+            path: name.chars().take(200).collect(),
+            reason: "not a valid host name",
+        })
     }
 }
 
@@ -75,11 +83,16 @@ pub fn validate_snapshot_name(name: &str) -> Result<(), ProtocolError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b":+._-".contains(&b));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":+._-".contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(ProtocolError::BadPath { path: name.chars().take(200).collect(), reason: "not a valid snapshot name" })
+        Err(ProtocolError::BadPath {
+            path: name.chars().take(200).collect(),
+            reason: "not a valid snapshot name",
+        })
     }
 }
 
@@ -89,7 +102,17 @@ mod tests {
 
     #[test]
     fn rejects_unsafe_paths() {
-        for p in [&b""[..], b"/etc", b"a/../b", b"..", b".", b"a//b", b"a/", b"a\0b", b"./a"] {
+        for p in [
+            &b""[..],
+            b"/etc",
+            b"a/../b",
+            b"..",
+            b".",
+            b"a//b",
+            b"a/",
+            b"a\0b",
+            b"./a",
+        ] {
             assert!(validate_path(p).is_err(), "{p:?}");
         }
         assert!(validate_path(&vec![b'a'; 256]).is_err());
@@ -98,7 +121,13 @@ mod tests {
 
     #[test]
     fn accepts_odd_names() {
-        for p in [&b"a"[..], b"a b/c\nd", b"\xff\xfe/x", b"...", b".hidden/..x"] {
+        for p in [
+            &b"a"[..],
+            b"a b/c\nd",
+            b"\xff\xfe/x",
+            b"...",
+            b".hidden/..x",
+        ] {
             validate_path(p).unwrap();
         }
         validate_path(&vec![b'a'; 255]).unwrap();

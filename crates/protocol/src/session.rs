@@ -77,9 +77,16 @@ impl BackupState {
             }
             self.last_path = Some(e.path.clone());
         }
-        let pending = self.transfers.len() + self.batches_unanswered.iter().map(|&n| n as usize).sum::<usize>();
+        let pending = self.transfers.len()
+            + self
+                .batches_unanswered
+                .iter()
+                .map(|&n| n as usize)
+                .sum::<usize>();
         if pending + entries.len() > MAX_PENDING {
-            return Err(ProtocolError::Limit(format!("more than {MAX_PENDING} files pending")));
+            return Err(ProtocolError::Limit(format!(
+                "more than {MAX_PENDING} files pending"
+            )));
         }
         self.batches_unanswered.push(entries.len() as u32);
         Ok(())
@@ -87,19 +94,30 @@ impl BackupState {
 
     fn answer_batch(&mut self, needs: &[crate::Need]) -> Result<(), ProtocolError> {
         if self.batches_unanswered.is_empty() {
-            return Err(ProtocolError::Unexpected { got: "Needs", state: "no batch is waiting" });
+            return Err(ProtocolError::Unexpected {
+                got: "Needs",
+                state: "no batch is waiting",
+            });
         }
         let size = self.batches_unanswered.remove(0);
         let mut prev: Option<u32> = None;
         for n in needs {
             if n.index >= size || prev.is_some_and(|p| p >= n.index) {
-                return Err(ProtocolError::Limit("need index out of range or order".into()));
+                return Err(ProtocolError::Limit(
+                    "need index out of range or order".into(),
+                ));
             }
             prev = Some(n.index);
             if self.transfers.contains_key(&n.id) {
                 return Err(ProtocolError::Limit(format!("transfer id {} reused", n.id)));
             }
-            self.transfers.insert(n.id, Transfer::Open { basis: n.basis, sig_requested: false });
+            self.transfers.insert(
+                n.id,
+                Transfer::Open {
+                    basis: n.basis,
+                    sig_requested: false,
+                },
+            );
         }
         Ok(())
     }
@@ -107,7 +125,10 @@ impl BackupState {
     fn open(&mut self, id: u32, what: &'static str) -> Result<&mut Transfer, ProtocolError> {
         match self.transfers.get_mut(&id) {
             Some(t @ Transfer::Open { .. }) => Ok(t),
-            _ => Err(ProtocolError::Unexpected { got: what, state: "no such open transfer" }),
+            _ => Err(ProtocolError::Unexpected {
+                got: what,
+                state: "no such open transfer",
+            }),
         }
     }
 
@@ -115,12 +136,28 @@ impl BackupState {
         let in_flight = self
             .transfers
             .values()
-            .filter(|t| matches!(t, Transfer::Open { sig_requested: true, .. }))
+            .filter(|t| {
+                matches!(
+                    t,
+                    Transfer::Open {
+                        sig_requested: true,
+                        ..
+                    }
+                )
+            })
             .count();
         let t = self.open(id, "SigRequest")?;
         match t {
-            Transfer::Open { basis: true, sig_requested } if !*sig_requested => *sig_requested = true,
-            _ => return Err(ProtocolError::Unexpected { got: "SigRequest", state: "transfer has no basis" }),
+            Transfer::Open {
+                basis: true,
+                sig_requested,
+            } if !*sig_requested => *sig_requested = true,
+            _ => {
+                return Err(ProtocolError::Unexpected {
+                    got: "SigRequest",
+                    state: "transfer has no basis",
+                })
+            }
         }
         if in_flight >= MAX_PENDING {
             return Err(ProtocolError::Limit("too many signatures requested".into()));
@@ -138,13 +175,22 @@ impl BackupState {
         match self.transfers.get(&id) {
             Some(Transfer::Ended) => {
                 if retry {
-                    self.transfers.insert(id, Transfer::Open { basis: false, sig_requested: false });
+                    self.transfers.insert(
+                        id,
+                        Transfer::Open {
+                            basis: false,
+                            sig_requested: false,
+                        },
+                    );
                 } else {
                     self.transfers.remove(&id);
                 }
                 Ok(())
             }
-            _ => Err(ProtocolError::Unexpected { got: "FileOk/FileRetry", state: "transfer not ended" }),
+            _ => Err(ProtocolError::Unexpected {
+                got: "FileOk/FileRetry",
+                state: "transfer not ended",
+            }),
         }
     }
 
@@ -154,7 +200,10 @@ impl BackupState {
 }
 
 fn unexpected(got: &'static str, phase: Phase) -> ProtocolError {
-    ProtocolError::Unexpected { got, state: phase.describe() }
+    ProtocolError::Unexpected {
+        got,
+        state: phase.describe(),
+    }
 }
 
 /// The server's view of a session.
@@ -173,7 +222,10 @@ impl Default for ServerSession {
 impl ServerSession {
     /// A session waiting for the client's hello.
     pub fn new() -> Self {
-        ServerSession { phase: Phase::AwaitHello, backup: BackupState::default() }
+        ServerSession {
+            phase: Phase::AwaitHello,
+            backup: BackupState::default(),
+        }
     }
 
     /// Checks a received message; an error means the session must end.
@@ -185,7 +237,10 @@ impl ServerSession {
                     return Err(ProtocolError::BadMagic);
                 }
                 if *version != PROTOCOL_VERSION {
-                    return Err(ProtocolError::Version { peer: *version, ours: PROTOCOL_VERSION });
+                    return Err(ProtocolError::Version {
+                        peer: *version,
+                        ours: PROTOCOL_VERSION,
+                    });
                 }
                 self.phase = Phase::AwaitHelloOk;
             }
@@ -202,11 +257,19 @@ impl ServerSession {
             (Phase::Backup, ClientMsg::FileAbort { id }) => self.backup.end(*id, "FileAbort")?,
             (Phase::Backup, ClientMsg::BackupEnd) => {
                 if !self.backup.idle() {
-                    return Err(ProtocolError::Unexpected { got: "BackupEnd", state: "transfers still open" });
+                    return Err(ProtocolError::Unexpected {
+                        got: "BackupEnd",
+                        state: "transfers still open",
+                    });
                 }
                 self.phase = Phase::Ending;
             }
-            (Phase::Idle, ClientMsg::ListSnapshots | ClientMsg::ReadManifest { .. } | ClientMsg::ReadFile { .. }) => {
+            (
+                Phase::Idle,
+                ClientMsg::ListSnapshots
+                | ClientMsg::ReadManifest { .. }
+                | ClientMsg::ReadFile { .. },
+            ) => {
                 self.phase = Phase::Reading;
             }
             (Phase::Idle, ClientMsg::Bye) => self.phase = Phase::Closed,
@@ -229,9 +292,10 @@ impl ServerSession {
             (Phase::Backup, ServerMsg::FileOk { id }) => self.backup.resolve(*id, false)?,
             (Phase::Backup, ServerMsg::FileRetry { id }) => self.backup.resolve(*id, true)?,
             (Phase::Ending, ServerMsg::BackupDone { .. }) => self.phase = Phase::Idle,
-            (Phase::Reading, ServerMsg::Snapshots(_) | ServerMsg::ManifestEnd | ServerMsg::FileDone) => {
-                self.phase = Phase::Idle
-            }
+            (
+                Phase::Reading,
+                ServerMsg::Snapshots(_) | ServerMsg::ManifestEnd | ServerMsg::FileDone,
+            ) => self.phase = Phase::Idle,
             (Phase::Reading, ServerMsg::ManifestPart(_) | ServerMsg::FilePart(_)) => {}
             _ => return Err(unexpected(msg.name(), p)),
         }
@@ -268,7 +332,11 @@ impl Default for ClientSession {
 impl ClientSession {
     /// A session about to send its hello.
     pub fn new() -> Self {
-        ClientSession { phase: Phase::AwaitHello, backup: BackupState::default(), sigs_wanted: vec![] }
+        ClientSession {
+            phase: Phase::AwaitHello,
+            backup: BackupState::default(),
+            sigs_wanted: vec![],
+        }
     }
 
     /// Records a message about to be sent; an error is a bug on our side.
@@ -292,13 +360,19 @@ impl ClientSession {
             (Phase::Backup, ClientMsg::FileAbort { id }) => self.backup.end(*id, "FileAbort")?,
             (Phase::Backup, ClientMsg::BackupEnd) => {
                 if !self.backup.idle() {
-                    return Err(ProtocolError::Unexpected { got: "BackupEnd", state: "transfers still open" });
+                    return Err(ProtocolError::Unexpected {
+                        got: "BackupEnd",
+                        state: "transfers still open",
+                    });
                 }
                 self.phase = Phase::Ending;
             }
-            (Phase::Idle, ClientMsg::ListSnapshots | ClientMsg::ReadManifest { .. } | ClientMsg::ReadFile { .. }) => {
-                self.phase = Phase::Reading
-            }
+            (
+                Phase::Idle,
+                ClientMsg::ListSnapshots
+                | ClientMsg::ReadManifest { .. }
+                | ClientMsg::ReadFile { .. },
+            ) => self.phase = Phase::Reading,
             (Phase::Idle, ClientMsg::Bye) => self.phase = Phase::Closed,
             _ => return Err(unexpected(msg.name(), p)),
         }
@@ -312,26 +386,31 @@ impl ClientSession {
             (_, ServerMsg::Error { .. }) => self.phase = Phase::Closed,
             (Phase::AwaitHelloOk, ServerMsg::HelloOk { version, .. }) => {
                 if *version != PROTOCOL_VERSION {
-                    return Err(ProtocolError::Version { peer: *version, ours: PROTOCOL_VERSION });
+                    return Err(ProtocolError::Version {
+                        peer: *version,
+                        ours: PROTOCOL_VERSION,
+                    });
                 }
                 self.phase = Phase::Idle;
             }
             (Phase::AwaitBackupReady, ServerMsg::BackupReady) => self.phase = Phase::Backup,
             (Phase::Backup, ServerMsg::Needs(n)) => self.backup.answer_batch(n)?,
             (Phase::Backup, ServerMsg::Signature { id, .. }) => {
-                let pos = self
-                    .sigs_wanted
-                    .iter()
-                    .position(|x| x == id)
-                    .ok_or(ProtocolError::Unexpected { got: "Signature", state: "not requested" })?;
+                let pos = self.sigs_wanted.iter().position(|x| x == id).ok_or(
+                    ProtocolError::Unexpected {
+                        got: "Signature",
+                        state: "not requested",
+                    },
+                )?;
                 self.sigs_wanted.swap_remove(pos);
             }
             (Phase::Backup, ServerMsg::FileOk { id }) => self.backup.resolve(*id, false)?,
             (Phase::Backup, ServerMsg::FileRetry { id }) => self.backup.resolve(*id, true)?,
             (Phase::Ending, ServerMsg::BackupDone { .. }) => self.phase = Phase::Idle,
-            (Phase::Reading, ServerMsg::Snapshots(_) | ServerMsg::ManifestEnd | ServerMsg::FileDone) => {
-                self.phase = Phase::Idle
-            }
+            (
+                Phase::Reading,
+                ServerMsg::Snapshots(_) | ServerMsg::ManifestEnd | ServerMsg::FileDone,
+            ) => self.phase = Phase::Idle,
             (Phase::Reading, ServerMsg::ManifestPart(_) | ServerMsg::FilePart(_)) => {}
             _ => return Err(unexpected(msg.name(), p)),
         }
@@ -341,7 +420,12 @@ impl ClientSession {
     /// How many more files the client may announce before waiting for acknowledgements.
     pub fn pending_room(&self) -> usize {
         let pending = self.backup.transfers.len()
-            + self.backup.batches_unanswered.iter().map(|&n| n as usize).sum::<usize>();
+            + self
+                .backup
+                .batches_unanswered
+                .iter()
+                .map(|&n| n as usize)
+                .sum::<usize>();
         MAX_PENDING.saturating_sub(pending)
     }
 
@@ -384,43 +468,103 @@ mod tests {
         let exchange_s = |c: &mut ClientSession, s: &mut ServerSession, m: ServerMsg| {
             s.on_send(&m).unwrap();
             let bytes = crate::codec::encode(&m).unwrap();
-            c.on_recv(&crate::codec::decode_server(&bytes[4..]).unwrap()).unwrap();
+            c.on_recv(&crate::codec::decode_server(&bytes[4..]).unwrap())
+                .unwrap();
         };
-        exchange_c(&mut c, &mut s, ClientMsg::Hello { magic: MAGIC, version: PROTOCOL_VERSION });
-        exchange_s(&mut c, &mut s, ServerMsg::HelloOk { version: PROTOCOL_VERSION, host: "h".into() });
+        exchange_c(
+            &mut c,
+            &mut s,
+            ClientMsg::Hello {
+                magic: MAGIC,
+                version: PROTOCOL_VERSION,
+            },
+        );
+        exchange_s(
+            &mut c,
+            &mut s,
+            ServerMsg::HelloOk {
+                version: PROTOCOL_VERSION,
+                host: "h".into(),
+            },
+        );
         exchange_c(&mut c, &mut s, ClientMsg::BackupStart { checksum: false });
         exchange_s(&mut c, &mut s, ServerMsg::BackupReady);
-        exchange_c(&mut c, &mut s, ClientMsg::Entries(vec![entry("a", 1), entry("b", 2)]));
+        exchange_c(
+            &mut c,
+            &mut s,
+            ClientMsg::Entries(vec![entry("a", 1), entry("b", 2)]),
+        );
         let id0 = s.next_transfer_id();
         let id1 = s.next_transfer_id();
         exchange_s(
             &mut c,
             &mut s,
-            ServerMsg::Needs(vec![Need { index: 0, id: id0, basis: false }, Need { index: 1, id: id1, basis: true }]),
+            ServerMsg::Needs(vec![
+                Need {
+                    index: 0,
+                    id: id0,
+                    basis: false,
+                },
+                Need {
+                    index: 1,
+                    id: id1,
+                    basis: true,
+                },
+            ]),
         );
         exchange_c(&mut c, &mut s, ClientMsg::SigRequest { id: id1 });
-        exchange_s(&mut c, &mut s, ServerMsg::Signature { id: id1, sig: vec![1] });
+        exchange_s(
+            &mut c,
+            &mut s,
+            ServerMsg::Signature {
+                id: id1,
+                sig: vec![1],
+            },
+        );
         for id in [id0, id1] {
             let delta = Compressed::compress(b"x", 1).unwrap();
             exchange_c(&mut c, &mut s, ClientMsg::FileData { id, delta });
             exchange_c(
                 &mut c,
                 &mut s,
-                ClientMsg::FileEnd { id, size: 1, hash: [0; 32], mtime_sec: 0, mtime_nsec: 0 },
+                ClientMsg::FileEnd {
+                    id,
+                    size: 1,
+                    hash: [0; 32],
+                    mtime_sec: 0,
+                    mtime_nsec: 0,
+                },
             );
         }
         exchange_s(&mut c, &mut s, ServerMsg::FileRetry { id: id1 });
         exchange_s(&mut c, &mut s, ServerMsg::FileOk { id: id0 });
         // BackupEnd is refused while a transfer is still open.
         assert!(s.on_recv(&ClientMsg::BackupEnd).is_err());
-        let mut s = ServerSession { phase: Phase::Backup, backup: std::mem::take(&mut s.backup) };
-        exchange_c(&mut c, &mut s, ClientMsg::FileEnd { id: id1, size: 1, hash: [0; 32], mtime_sec: 0, mtime_nsec: 0 });
+        let mut s = ServerSession {
+            phase: Phase::Backup,
+            backup: std::mem::take(&mut s.backup),
+        };
+        exchange_c(
+            &mut c,
+            &mut s,
+            ClientMsg::FileEnd {
+                id: id1,
+                size: 1,
+                hash: [0; 32],
+                mtime_sec: 0,
+                mtime_nsec: 0,
+            },
+        );
         exchange_s(&mut c, &mut s, ServerMsg::FileOk { id: id1 });
         exchange_c(&mut c, &mut s, ClientMsg::BackupEnd);
         exchange_s(
             &mut c,
             &mut s,
-            ServerMsg::BackupDone { snapshot: None, message: String::new(), stats: BackupStats::default() },
+            ServerMsg::BackupDone {
+                snapshot: None,
+                message: String::new(),
+                stats: BackupStats::default(),
+            },
         );
         exchange_c(&mut c, &mut s, ClientMsg::Bye);
         assert!(s.is_closed());
@@ -429,16 +573,30 @@ mod tests {
     #[test]
     fn out_of_order_messages_are_refused() {
         let mut s = ServerSession::new();
-        assert!(s.on_recv(&ClientMsg::BackupStart { checksum: false }).is_err());
+        assert!(s
+            .on_recv(&ClientMsg::BackupStart { checksum: false })
+            .is_err());
         let mut s = ServerSession::new();
         assert!(matches!(
-            s.on_recv(&ClientMsg::Hello { magic: *b"SSH-2.0-", version: 1 }),
+            s.on_recv(&ClientMsg::Hello {
+                magic: *b"SSH-2.0-",
+                version: 1
+            }),
             Err(ProtocolError::BadMagic)
         ));
         let mut s = ServerSession::new();
-        s.on_recv(&ClientMsg::Hello { magic: MAGIC, version: PROTOCOL_VERSION }).unwrap();
-        s.on_send(&ServerMsg::HelloOk { version: 1, host: "h".into() }).unwrap();
-        s.on_recv(&ClientMsg::BackupStart { checksum: false }).unwrap();
+        s.on_recv(&ClientMsg::Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+        })
+        .unwrap();
+        s.on_send(&ServerMsg::HelloOk {
+            version: 1,
+            host: "h".into(),
+        })
+        .unwrap();
+        s.on_recv(&ClientMsg::BackupStart { checksum: false })
+            .unwrap();
         s.on_send(&ServerMsg::BackupReady).unwrap();
         // Data for a transfer that was never announced.
         let delta = Compressed::compress(b"x", 1).unwrap();

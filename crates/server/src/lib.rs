@@ -1,1 +1,17 @@
-//! placeholder
+//! byteback's server side: the store, receiving backups, snapshots, and
+//! serving listings and restores.
+//!
+//! `byteback-server serve` runs [`serve::serve`] on stdin/stdout; the client
+//! spawns the same binary over pipes for a local store, so both transports run
+//! one code path.
+#![deny(missing_docs)]
+
+pub mod backup;
+pub mod btrfs;
+pub mod cli;
+pub mod config;
+pub mod fsops;
+pub mod manifest;
+pub mod serve;
+pub mod store;
+pub mod time;

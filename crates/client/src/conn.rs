@@ -1,0 +1,280 @@
+//! A protocol connection to a `byteback-server`, over whatever carries bytes.
+//!
+//! For a local store the server is spawned as a child over pipes; SSH gives
+//! the same pair of streams. Every message goes through the client session
+//! state, so a confused or hostile server is caught at the first odd message.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context, Result};
+use byteback_protocol::{
+    decode_server, read_frame, write_msg, ClientMsg, ClientSession, ServerMsg, MAGIC,
+    PROTOCOL_VERSION,
+};
+
+/// Where backups go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// A store directory on this machine.
+    Local(PathBuf),
+    /// `user@host:` over SSH.
+    Ssh {
+        /// Login name.
+        user: Option<String>,
+        /// Server host.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+impl Destination {
+    /// Parses `user@host:`, `host:`, `ssh://user@host:port/` or a local path.
+    pub fn parse(s: &str) -> Result<Self> {
+        if let Some(rest) = s.strip_prefix("ssh://") {
+            let rest = rest.trim_end_matches('/');
+            let (user, hostport) = match rest.rsplit_once('@') {
+                Some((u, h)) => (Some(u.to_string()), h),
+                None => (None, rest),
+            };
+            let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+                let (h, p) = h
+                    .split_once(']')
+                    .ok_or_else(|| anyhow!("bad IPv6 address in {s:?}"))?;
+                (
+                    h.to_string(),
+                    p.strip_prefix(':')
+                        .map(str::parse)
+                        .transpose()?
+                        .unwrap_or(22),
+                )
+            } else {
+                match hostport.rsplit_once(':') {
+                    Some((h, p)) => (
+                        h.to_string(),
+                        p.parse().with_context(|| format!("bad port in {s:?}"))?,
+                    ),
+                    None => (hostport.to_string(), 22),
+                }
+            };
+            return Ok(Destination::Ssh { user, host, port });
+        }
+        // 1.x style: user@host:[path]; a path with a slash before any colon is local.
+        match s.find(':') {
+            Some(i) if !s[..i].contains('/') && i > 0 => {
+                let hostpart = &s[..i];
+                let (user, host) = match hostpart.rsplit_once('@') {
+                    Some((u, h)) => (Some(u.to_string()), h.to_string()),
+                    None => (None, hostpart.to_string()),
+                };
+                Ok(Destination::Ssh {
+                    user,
+                    host,
+                    port: 22,
+                })
+            }
+            _ => Ok(Destination::Local(PathBuf::from(s))),
+        }
+    }
+}
+
+/// Finds the `byteback-server` binary: `$BYTEBACK_SERVER`, beside this executable, or on `PATH`.
+pub fn server_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("BYTEBACK_SERVER") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            let p = dir.join("byteback-server");
+            if p.exists() {
+                return p;
+            }
+        }
+    }
+    PathBuf::from("byteback-server")
+}
+
+/// Reading half of a connection.
+pub struct ConnReader {
+    r: BufReader<Box<dyn Read + Send>>,
+    session: Arc<Mutex<ClientSession>>,
+}
+
+/// Writing half of a connection.
+pub struct ConnWriter {
+    w: BufWriter<Box<dyn Write + Send>>,
+    session: Arc<Mutex<ClientSession>>,
+}
+
+impl ConnReader {
+    /// Receives one message; a server `Error` becomes an error here.
+    pub fn recv(&mut self) -> Result<ServerMsg> {
+        let frame =
+            read_frame(&mut self.r)?.ok_or_else(|| anyhow!("the server closed the connection"))?;
+        let msg = decode_server(&frame)?;
+        self.session
+            .lock()
+            .map_err(|_| anyhow!("session lock poisoned"))?
+            .on_recv(&msg)?;
+        if let ServerMsg::Error { message } = &msg {
+            bail!("server: {message}");
+        }
+        Ok(msg)
+    }
+}
+
+impl ConnWriter {
+    /// Queues one message (buffered).
+    pub fn send(&mut self, msg: &ClientMsg) -> Result<()> {
+        self.session
+            .lock()
+            .map_err(|_| anyhow!("session lock poisoned"))?
+            .on_send(msg)?;
+        write_msg(&mut self.w, msg).context("cannot write to the server")?;
+        Ok(())
+    }
+
+    /// Pushes buffered messages out.
+    pub fn flush(&mut self) -> Result<()> {
+        self.w.flush().context("cannot write to the server")
+    }
+
+    /// Shared session state (for flow control).
+    pub fn session(&self) -> Arc<Mutex<ClientSession>> {
+        self.session.clone()
+    }
+}
+
+/// A connection to a server, after the handshake.
+pub struct Connection {
+    /// Reading half.
+    pub reader: ConnReader,
+    /// Writing half.
+    pub writer: ConnWriter,
+    /// The host name the server files us under.
+    pub host: String,
+    child: Option<Child>,
+}
+
+impl Connection {
+    /// Spawns `byteback-server serve` for a local store over pipes.
+    pub fn open_local(store: &Path, host: &str) -> Result<Self> {
+        std::fs::create_dir_all(store)
+            .with_context(|| format!("cannot create store {}", store.display()))?;
+        let bin = server_binary();
+        let mut child = Command::new(&bin)
+            .arg("serve")
+            .arg("--host")
+            .arg(host)
+            .arg("--store")
+            .arg(store)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin pipe"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("no stdout pipe"))?;
+        Self::handshake(Box::new(stdout), Box::new(stdin), Some(child))
+    }
+
+    /// Runs the handshake over any pair of streams.
+    pub fn handshake(
+        r: Box<dyn Read + Send>,
+        w: Box<dyn Write + Send>,
+        child: Option<Child>,
+    ) -> Result<Self> {
+        let session = Arc::new(Mutex::new(ClientSession::new()));
+        let mut reader = ConnReader {
+            r: BufReader::with_capacity(1 << 20, r),
+            session: session.clone(),
+        };
+        let mut writer = ConnWriter {
+            w: BufWriter::with_capacity(1 << 20, w),
+            session,
+        };
+        writer.send(&ClientMsg::Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+        })?;
+        writer.flush()?;
+        match reader.recv()? {
+            ServerMsg::HelloOk { host, .. } => Ok(Connection {
+                reader,
+                writer,
+                host,
+                child,
+            }),
+            m => bail!("unexpected {} in handshake", m.name()),
+        }
+    }
+
+    /// Sends and flushes.
+    pub fn send(&mut self, msg: &ClientMsg) -> Result<()> {
+        self.writer.send(msg)?;
+        self.writer.flush()
+    }
+
+    /// Receives one message.
+    pub fn recv(&mut self) -> Result<ServerMsg> {
+        self.reader.recv()
+    }
+
+    /// Says goodbye and waits for a spawned server.
+    pub fn close(mut self) -> Result<()> {
+        let _ = self.send(&ClientMsg::Bye);
+        drop(self.writer);
+        drop(self.reader);
+        if let Some(mut c) = self.child.take() {
+            let st = c.wait()?;
+            if !st.success() {
+                bail!("byteback-server exited with {st}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the child process (so the caller can wait for it after splitting).
+    pub fn take_child(&mut self) -> Option<Child> {
+        self.child.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations() {
+        assert_eq!(
+            Destination::parse("byteback@backup.example.com:").unwrap(),
+            Destination::Ssh {
+                user: Some("byteback".into()),
+                host: "backup.example.com".into(),
+                port: 22
+            }
+        );
+        assert_eq!(
+            Destination::parse("ssh://bb@[::1]:2222/").unwrap(),
+            Destination::Ssh {
+                user: Some("bb".into()),
+                host: "::1".into(),
+                port: 2222
+            }
+        );
+        assert_eq!(
+            Destination::parse("/srv/store").unwrap(),
+            Destination::Local("/srv/store".into())
+        );
+        assert_eq!(
+            Destination::parse("./a:b").unwrap(),
+            Destination::Local("./a:b".into())
+        );
+    }
+}

@@ -1,0 +1,654 @@
+//! Receiving a backup into `current`.
+//!
+//! Entries arrive in walk order and are merged against the last committed
+//! manifest as a stream. A regular file whose copy in `current` has the same
+//! size and mtime costs nothing; any other file is rebuilt in
+//! `.byteback/tmp`, from cloned or copied ranges of the old copy plus literal
+//! data, checked against the client's BLAKE3, and renamed into place. The new
+//! manifest is written as entries resolve; commit deletes what the manifest no
+//! longer names, syncs the filesystem once, and renames the manifest into place.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+
+use anyhow::{anyhow, bail, Context, Result};
+use byteback_delta::{apply_ops, DeltaError, FileHasher, PatchSink, SignatureBuilder};
+use byteback_protocol::{BackupStats, Compressed, Entry, Kind, ManifestEntry, Need};
+use rustix::fs::FileType;
+
+use crate::fsops::{self, split};
+use crate::manifest::{ManifestReader, ManifestWriter, PeekableManifest};
+use crate::store::{disk_path, HostStore, META_DIR};
+
+const FS_BLOCK: u64 = 4096;
+const IO_CHUNK: usize = 1 << 20;
+
+enum Slot {
+    Ready(ManifestEntry),
+    Waiting,
+    Dropped,
+}
+
+struct Transfer {
+    seq: u64,
+    entry: Entry,
+    old: Option<ManifestEntry>,
+    basis: Option<File>,
+    basis_len: u64,
+    out: File,
+    tmp_name: Vec<u8>,
+    written: u64,
+    hasher: FileHasher,
+    retried: bool,
+}
+
+/// Outcome of a finished transfer, for the reply.
+pub enum TransferResult {
+    /// Committed to `current` (or dropped after an abort).
+    Ok,
+    /// Hash mismatch: resend whole.
+    Retry,
+}
+
+/// State of one backup being received.
+pub struct BackupReceiver {
+    current: OwnedFd,
+    meta: OwnedFd,
+    tmp: OwnedFd,
+    old: PeekableManifest,
+    new: Option<ManifestWriter>,
+    slots: VecDeque<Slot>,
+    slot_base: u64,
+    transfers: HashMap<u32, Transfer>,
+    next_id: u32,
+    dirs: Vec<(Vec<u8>, OwnedFd)>,
+    btrfs: bool,
+    clone_ok: bool,
+    /// Counters reported to the client.
+    pub stats: BackupStats,
+    /// Non-fatal problems to report.
+    pub warnings: Vec<String>,
+}
+
+fn same_mtime(st: &rustix::fs::Stat, e: &Entry) -> bool {
+    st.st_mtime as i64 == e.mtime_sec && st.st_mtime_nsec as u32 == e.mtime_nsec
+}
+
+fn hash_file(f: &File) -> io::Result<[u8; 32]> {
+    let mut h = FileHasher::new();
+    let mut buf = vec![0u8; IO_CHUNK];
+    let mut off = 0u64;
+    loop {
+        let n = f.read_at(&mut buf, off)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok(h.finish())
+}
+
+impl BackupReceiver {
+    /// Prepares `current` of `host` for a new backup.
+    pub fn new(host: &HostStore) -> Result<Self> {
+        let current = host.current()?;
+        fsops::ensure_dir(&current, META_DIR, 0o700)?;
+        let meta = fsops::open_dir(&current, META_DIR)?;
+        // Leftovers of an interrupted run.
+        fsops::remove_any(&meta, b"tmp")?;
+        fsops::remove_any(&meta, b"manifest.new")?;
+        rustix::fs::mkdirat(&meta, "tmp", rustix::fs::Mode::from_raw_mode(0o700))?;
+        let tmp = fsops::open_dir(&meta, b"tmp")?;
+        let old = match fsops::open_file(&meta, b"manifest") {
+            Ok(f) => ManifestReader::new(f).context("cannot read the last manifest")?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => ManifestReader::empty(),
+            Err(e) => return Err(e).context("cannot open the last manifest"),
+        };
+        let new = ManifestWriter::new(fsops::create_new(&meta, b"manifest.new")?)?;
+        let dir_fd = fsops::open_dir(&current, b"")?;
+        Ok(BackupReceiver {
+            btrfs: host.btrfs,
+            clone_ok: host.btrfs,
+            current,
+            meta,
+            tmp,
+            old: PeekableManifest::new(old)?,
+            new: Some(new),
+            slots: VecDeque::new(),
+            slot_base: 0,
+            transfers: HashMap::new(),
+            next_id: 0,
+            dirs: vec![(vec![], dir_fd)],
+            stats: BackupStats::default(),
+            warnings: vec![],
+        })
+    }
+
+    /// Handles one batch; returns what the server needs for it.
+    pub fn entries(&mut self, entries: Vec<Entry>) -> Result<Vec<Need>> {
+        let mut needs = vec![];
+        for (i, e) in entries.into_iter().enumerate() {
+            if let Some((id, basis)) = self.entry(e)? {
+                needs.push(Need {
+                    index: i as u32,
+                    id,
+                    basis,
+                });
+            }
+        }
+        self.flush_slots()?;
+        Ok(needs)
+    }
+
+    fn push_slot(&mut self, s: Slot) -> u64 {
+        self.slots.push_back(s);
+        self.slot_base + self.slots.len() as u64 - 1
+    }
+
+    fn set_slot(&mut self, seq: u64, s: Slot) {
+        if let Some(slot) = self.slots.get_mut((seq - self.slot_base) as usize) {
+            *slot = s;
+        }
+    }
+
+    fn flush_slots(&mut self) -> Result<()> {
+        let new = self
+            .new
+            .as_mut()
+            .ok_or_else(|| anyhow!("manifest already finished"))?;
+        while let Some(front) = self.slots.front() {
+            match front {
+                Slot::Waiting => break,
+                Slot::Ready(e) => new.push(e)?,
+                Slot::Dropped => {}
+            }
+            self.slots.pop_front();
+            self.slot_base += 1;
+        }
+        Ok(())
+    }
+
+    /// The directory fd that holds `path`, checking that its parent was sent in this backup.
+    fn parent_fd(&mut self, path: &[u8]) -> Result<OwnedFd> {
+        let (parent, _) = split(path);
+        while self.dirs.len() > 1 {
+            let top = &self.dirs[self.dirs.len() - 1].0;
+            if path.len() > top.len() && path.starts_with(top) && path[top.len()] == b'/' {
+                break;
+            }
+            self.dirs.pop();
+        }
+        let (top, fd) = self
+            .dirs
+            .last()
+            .ok_or_else(|| anyhow!("directory stack empty"))?;
+        if top.as_slice() != parent {
+            bail!(
+                "entry {:?} arrived without its parent directory",
+                String::from_utf8_lossy(path)
+            );
+        }
+        Ok(fd.try_clone()?)
+    }
+
+    fn entry(&mut self, e: Entry) -> Result<Option<(u32, bool)>> {
+        self.stats.entries += 1;
+        let old = self.old.seek(&e.path)?;
+        let disk = disk_path(&e.path);
+        let (_, name) = split(&disk);
+        let name = name.to_vec();
+        let parent = self.parent_fd(&e.path)?;
+        let parent_raw = parent.as_fd();
+        let parent_raw = &parent_raw;
+        let st = fsops::lstat_at(parent_raw, &name)?;
+        match &e.kind {
+            Kind::Dir => {
+                fsops::ensure_dir(parent_raw, &name, 0o700).with_context(|| {
+                    format!(
+                        "cannot create directory {:?}",
+                        String::from_utf8_lossy(&e.path)
+                    )
+                })?;
+                let fd = fsops::open_dir(parent_raw, &name)?;
+                self.dirs.push((e.path.clone(), fd));
+                self.push_slot(Slot::Ready(ManifestEntry {
+                    entry: e,
+                    hash: [0; 32],
+                }));
+                Ok(None)
+            }
+            Kind::Symlink { target } => {
+                let same = match &st {
+                    Some(s) if fsops::file_type(s) == FileType::Symlink => {
+                        fsops::read_link(parent_raw, &name)? == *target
+                    }
+                    _ => false,
+                };
+                if !same {
+                    fsops::remove_any(parent_raw, &name)?;
+                    fsops::symlink(parent_raw, &name, target)?;
+                }
+                self.push_slot(Slot::Ready(ManifestEntry {
+                    entry: e,
+                    hash: [0; 32],
+                }));
+                Ok(None)
+            }
+            Kind::File { size } => {
+                let size = *size;
+                if let Some(s) = &st {
+                    if fsops::file_type(s) == FileType::RegularFile
+                        && s.st_size as u64 == size
+                        && same_mtime(s, &e)
+                    {
+                        let hash = match &old {
+                            Some(o)
+                                if o.entry.kind == e.kind
+                                    && o.entry.mtime_sec == e.mtime_sec
+                                    && o.entry.mtime_nsec == e.mtime_nsec =>
+                            {
+                                o.hash
+                            }
+                            // Written by an interrupted run, so not in the manifest yet.
+                            _ => hash_file(&fsops::open_file(parent_raw, &name)?)?,
+                        };
+                        self.push_slot(Slot::Ready(ManifestEntry { entry: e, hash }));
+                        return Ok(None);
+                    }
+                }
+                let basis = match &st {
+                    Some(s) if fsops::file_type(s) == FileType::RegularFile && s.st_size > 0 => {
+                        fsops::open_file(parent_raw, &name).ok()
+                    }
+                    _ => None,
+                };
+                let basis_len = basis
+                    .as_ref()
+                    .and_then(|f| f.metadata().ok())
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                let id = self.next_id;
+                self.next_id += 1;
+                let tmp_name = id.to_string().into_bytes();
+                fsops::remove_any(&self.tmp, &tmp_name)?;
+                let out = fsops::create_new(&self.tmp, &tmp_name)?;
+                let has_basis = basis.is_some();
+                let seq = self.push_slot(Slot::Waiting);
+                self.transfers.insert(
+                    id,
+                    Transfer {
+                        seq,
+                        entry: e,
+                        old,
+                        basis,
+                        basis_len,
+                        out,
+                        tmp_name,
+                        written: 0,
+                        hasher: FileHasher::new(),
+                        retried: false,
+                    },
+                );
+                Ok(Some((id, has_basis)))
+            }
+            // Hard links, FIFOs, sockets and devices live only in the manifest;
+            // the commit walk removes whatever older object sits at their path.
+            _ => {
+                self.push_slot(Slot::Ready(ManifestEntry {
+                    entry: e,
+                    hash: [0; 32],
+                }));
+                Ok(None)
+            }
+        }
+    }
+
+    fn transfer(&mut self, id: u32) -> Result<&mut Transfer> {
+        self.transfers
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("unknown transfer {id}"))
+    }
+
+    /// Signature of the basis of transfer `id`.
+    pub fn signature(&mut self, id: u32) -> Result<Vec<u8>> {
+        let t = self.transfer(id)?;
+        let basis = t
+            .basis
+            .as_ref()
+            .ok_or_else(|| anyhow!("transfer {id} has no basis"))?;
+        let mut b = SignatureBuilder::new(t.basis_len);
+        let mut buf = vec![0u8; IO_CHUNK];
+        let mut off = 0u64;
+        while off < t.basis_len {
+            let want = IO_CHUNK.min((t.basis_len - off) as usize);
+            let n = basis.read_at(&mut buf[..want], off)?;
+            if n == 0 {
+                break;
+            }
+            b.update(&buf[..n]);
+            off += n as u64;
+        }
+        Ok(b.finish().0)
+    }
+
+    /// Applies one delta segment to transfer `id`.
+    pub fn data(&mut self, id: u32, delta: &Compressed) -> Result<()> {
+        let raw = delta.decompress()?;
+        let clone_ok = self.clone_ok;
+        let t = self
+            .transfers
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("unknown transfer {id}"))?;
+        let limit = t.entry.size().saturating_sub(t.written);
+        let mut sink = FileSink {
+            basis: t.basis.as_ref(),
+            out: &t.out,
+            pos: t.written,
+            hasher: &mut t.hasher,
+            clone_ok,
+            matched: 0,
+            literal: 0,
+            buf: vec![],
+        };
+        let basis_len = if t.basis.is_some() { t.basis_len } else { 0 };
+        apply_ops(&raw, basis_len, limit, &mut sink).map_err(|e| {
+            anyhow!(
+                "bad delta for {:?}: {e}",
+                String::from_utf8_lossy(&t.entry.path)
+            )
+        })?;
+        let (pos, matched, literal, clone_after) =
+            (sink.pos, sink.matched, sink.literal, sink.clone_ok);
+        t.written = pos;
+        self.stats.matched_bytes += matched;
+        self.stats.literal_bytes += literal;
+        self.clone_ok = clone_after;
+        Ok(())
+    }
+
+    /// Finishes transfer `id`: verify, rename into place, record.
+    pub fn end(
+        &mut self,
+        id: u32,
+        size: u64,
+        hash: [u8; 32],
+        mtime: (i64, u32),
+    ) -> Result<TransferResult> {
+        let t = self
+            .transfers
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("unknown transfer {id}"))?;
+        let ok = t.written == size && t.hasher.finish() == hash;
+        if !ok {
+            if !t.retried {
+                // Never commit a file that fails its hash: start over without a basis.
+                t.retried = true;
+                t.basis = None;
+                t.written = 0;
+                t.hasher = FileHasher::new();
+                t.out.set_len(0)?;
+                self.stats.retried += 1;
+                return Ok(TransferResult::Retry);
+            }
+            let path = String::from_utf8_lossy(&t.entry.path).into_owned();
+            self.warnings.push(format!(
+                "{path}: content failed its BLAKE3 check twice; kept the previous version"
+            ));
+            return self.abort(id);
+        }
+        let mut t = self
+            .transfers
+            .remove(&id)
+            .ok_or_else(|| anyhow!("unknown transfer {id}"))?;
+        t.out.set_len(size)?;
+        fsops::set_mtime(&t.out, mtime.0, mtime.1)?;
+        drop(t.out);
+        t.entry.kind = Kind::File { size };
+        t.entry.mtime_sec = mtime.0;
+        t.entry.mtime_nsec = mtime.1;
+        let disk = disk_path(&t.entry.path);
+        let (pdir, name) = split(&disk);
+        let parent = fsops::open_dir(&self.current, pdir).with_context(|| {
+            format!(
+                "parent of {:?} vanished",
+                String::from_utf8_lossy(&t.entry.path)
+            )
+        })?;
+        fsops::replace(&self.tmp, &t.tmp_name, &parent, name)?;
+        self.stats.files_transferred += 1;
+        self.set_slot(
+            t.seq,
+            Slot::Ready(ManifestEntry {
+                entry: t.entry,
+                hash,
+            }),
+        );
+        self.flush_slots()?;
+        Ok(TransferResult::Ok)
+    }
+
+    /// Gives up on transfer `id`; the previous version, if any, stays.
+    pub fn abort(&mut self, id: u32) -> Result<TransferResult> {
+        let t = self
+            .transfers
+            .remove(&id)
+            .ok_or_else(|| anyhow!("unknown transfer {id}"))?;
+        drop(t.out);
+        fsops::remove_any(&self.tmp, &t.tmp_name)?;
+        // The old copy in `current` was not touched, so its manifest entry still holds.
+        let slot = match t.old {
+            Some(o) if matches!(o.entry.kind, Kind::File { .. }) => Slot::Ready(o),
+            _ => Slot::Dropped,
+        };
+        self.set_slot(t.seq, slot);
+        self.flush_slots()?;
+        Ok(TransferResult::Ok)
+    }
+
+    /// Commits: removes what the new manifest does not name, syncs, and
+    /// atomically replaces the manifest.
+    pub fn commit(mut self) -> Result<BackupStats> {
+        if !self.transfers.is_empty() {
+            bail!("backup ended with {} transfers open", self.transfers.len());
+        }
+        self.flush_slots()?;
+        if !self.slots.is_empty() {
+            bail!("backup ended with unresolved entries");
+        }
+        let new = self
+            .new
+            .take()
+            .ok_or_else(|| anyhow!("manifest already finished"))?;
+        new.finish()?;
+        drop(self.old);
+        let mut manifest = PeekableManifest::new(ManifestReader::new(fsops::open_file(
+            &self.meta,
+            b"manifest.new",
+        )?)?)?;
+        let mut deleted = 0;
+        remove_stale(&self.current, &[], true, &mut manifest, &mut deleted)?;
+        self.stats.deleted = deleted;
+        fsops::remove_any(&self.meta, b"tmp")?;
+        // One sync of the whole filesystem instead of an fsync per file.
+        rustix::fs::syncfs(&self.current)?;
+        rustix::fs::renameat(&self.meta, "manifest.new", &self.meta, "manifest")?;
+        fsops::fsync(&self.meta)?;
+        let _ = self.btrfs;
+        Ok(self.stats)
+    }
+}
+
+/// Deletes objects under `dir` that the manifest does not name with the same type.
+fn remove_stale(
+    dir: &OwnedFd,
+    prefix: &[u8],
+    top: bool,
+    manifest: &mut PeekableManifest,
+    deleted: &mut u64,
+) -> Result<()> {
+    let mut children = vec![];
+    for (disk_name, t) in fsops::list_dir_typed(dir)? {
+        let client_name = if top && disk_name.starts_with(META_DIR) {
+            if disk_name == META_DIR {
+                continue;
+            }
+            match disk_name.strip_prefix(b".byteback-".as_slice()) {
+                Some(n) if n.starts_with(META_DIR) => n.to_vec(),
+                _ => {
+                    fsops::remove_any(dir, &disk_name)?;
+                    continue;
+                }
+            }
+        } else {
+            disk_name.clone()
+        };
+        children.push((client_name, disk_name, t));
+    }
+    children.sort_by(|a, b| a.0.cmp(&b.0));
+    for (client_name, disk_name, t) in children {
+        let path = if prefix.is_empty() {
+            client_name
+        } else {
+            [prefix, b"/", &client_name].concat()
+        };
+        let keep = match manifest.seek(&path)? {
+            Some(m) => matches!(
+                (&m.entry.kind, t),
+                (Kind::File { .. }, FileType::RegularFile)
+                    | (Kind::Dir, FileType::Directory)
+                    | (Kind::Symlink { .. }, FileType::Symlink)
+            ),
+            None => false,
+        };
+        if !keep {
+            fsops::remove_any(dir, &disk_name)?;
+            *deleted += 1;
+        } else if t == FileType::Directory {
+            let sub = fsops::open_dir(dir, &disk_name)?;
+            remove_stale(&sub, &path, false, manifest, deleted)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes patch output into the temp file: cloned ranges where the
+/// filesystem can share extents, holes for all-zero blocks, plain writes otherwise.
+struct FileSink<'a> {
+    basis: Option<&'a File>,
+    out: &'a File,
+    pos: u64,
+    hasher: &'a mut FileHasher,
+    clone_ok: bool,
+    matched: u64,
+    literal: u64,
+    buf: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct SinkError(anyhow::Error);
+
+impl From<DeltaError> for SinkError {
+    fn from(e: DeltaError) -> Self {
+        SinkError(anyhow!("{e}"))
+    }
+}
+
+impl std::fmt::Display for SinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl From<io::Error> for SinkError {
+    fn from(e: io::Error) -> Self {
+        SinkError(e.into())
+    }
+}
+
+impl PatchSink for FileSink<'_> {
+    type Error = SinkError;
+
+    fn copy(&mut self, offset: u64, len: u64) -> Result<(), SinkError> {
+        let basis = self
+            .basis
+            .ok_or_else(|| SinkError(anyhow!("copy without a basis")))?;
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(IO_CHUNK as u64) as usize;
+            self.buf.resize(n, 0);
+            basis.read_exact_at(&mut self.buf[..n], offset + done)?;
+            self.hasher.update(&self.buf[..n]);
+            let (src, dst) = (offset + done, self.pos);
+            let aligned = src % FS_BLOCK == 0 && dst % FS_BLOCK == 0;
+            let clone_len = if aligned {
+                n as u64 / FS_BLOCK * FS_BLOCK
+            } else {
+                0
+            };
+            let mut written = 0usize;
+            if self.clone_ok && clone_len > 0 {
+                match crate::btrfs::clone_range(basis, src, clone_len, self.out, dst) {
+                    Ok(()) => written = clone_len as usize,
+                    Err(_) => self.clone_ok = false,
+                }
+            }
+            let buf = std::mem::take(&mut self.buf);
+            write_sparse(self.out, dst + written as u64, &buf[written..n])?;
+            self.buf = buf;
+            self.pos += n as u64;
+            done += n as u64;
+        }
+        self.matched += len;
+        Ok(())
+    }
+
+    fn literal(&mut self, data: &[u8]) -> Result<(), SinkError> {
+        self.hasher.update(data);
+        write_sparse(self.out, self.pos, data)?;
+        self.pos += data.len() as u64;
+        self.literal += data.len() as u64;
+        Ok(())
+    }
+}
+
+/// Writes `data` at `pos`, leaving holes for whole file-system blocks of zeros
+/// (the file is new, so holes read back as zeros).
+fn write_sparse(f: &File, pos: u64, data: &[u8]) -> io::Result<()> {
+    let mut i = 0usize;
+    let mut run_start: Option<usize> = None;
+    while i < data.len() {
+        let off = pos + i as u64;
+        let to_boundary = (FS_BLOCK - off % FS_BLOCK) as usize;
+        let n = to_boundary.min(data.len() - i);
+        let piece = &data[i..i + n];
+        let zero_block = n as u64 == FS_BLOCK && piece.iter().all(|&b| b == 0);
+        if zero_block {
+            if let Some(s) = run_start.take() {
+                f.write_all_at(&data[s..i], pos + s as u64)?;
+            }
+        } else if run_start.is_none() {
+            run_start = Some(i);
+        }
+        i += n;
+    }
+    if let Some(s) = run_start {
+        f.write_all_at(&data[s..], pos + s as u64)?;
+    }
+    Ok(())
+}
+
+/// Reads up to `buf.len()` bytes from a reader (used for restore streaming).
+pub fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}

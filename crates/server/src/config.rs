@@ -1,0 +1,98 @@
+//! Store-wide settings from `<store>/byteback.toml`, written by the admin.
+//!
+//! Only `key = integer` lines (and comments) are accepted; a missing file
+//! means defaults. The client can never write this file: it lives outside
+//! every host's tree.
+
+use std::path::Path;
+
+/// Settings that apply to every host of a store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Minimum seconds between two snapshots of one host (1.x: 6 hours).
+    pub min_snapshot_interval: i64,
+    /// Prune when free space falls below this percentage.
+    pub minpercent: u32,
+    /// Prune until free space is above this percentage.
+    pub maxpercent: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            min_snapshot_interval: 6 * 3600,
+            minpercent: 5,
+            maxpercent: 10,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Loads `<store>/byteback.toml`, or defaults when it does not exist.
+    pub fn load(store: &Path) -> anyhow::Result<Self> {
+        let path = store.join("byteback.toml");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+        };
+        Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// Parses the file's text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut c = Self::default();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let (k, v) = line
+                .split_once('=')
+                .ok_or(format!("line {}: expected key = value", n + 1))?;
+            let v: i64 = v
+                .trim()
+                .parse()
+                .map_err(|_| format!("line {}: expected an integer", n + 1))?;
+            match k.trim() {
+                "min_snapshot_interval" if v >= 0 => c.min_snapshot_interval = v,
+                "minpercent" if (0..=100).contains(&v) => c.minpercent = v as u32,
+                "maxpercent" if (0..=100).contains(&v) => c.maxpercent = v as u32,
+                k => {
+                    return Err(format!(
+                        "line {}: unknown key or bad value for {k:?}",
+                        n + 1
+                    ))
+                }
+            }
+        }
+        if c.maxpercent < c.minpercent {
+            return Err("maxpercent is below minpercent".into());
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects() {
+        let c = StoreConfig::parse(
+            "# x\nmin_snapshot_interval = 0\nminpercent=7 # c\nmaxpercent = 20\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            StoreConfig {
+                min_snapshot_interval: 0,
+                minpercent: 7,
+                maxpercent: 20
+            }
+        );
+        assert!(StoreConfig::parse("bogus = 1").is_err());
+        assert!(StoreConfig::parse("minpercent = 50\nmaxpercent = 10").is_err());
+        assert!(StoreConfig::parse("minpercent").is_err());
+    }
+}

@@ -1,0 +1,235 @@
+//! Directory-fd based file operations that never follow a symlink.
+//!
+//! Every path the server touches on behalf of a client is resolved beneath a
+//! held directory fd with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, so
+//! neither `..` nor a symlink planted in the tree can lead outside it.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+
+/// Resolution flags for every client-derived path.
+pub fn beneath() -> ResolveFlags {
+    ResolveFlags::BENEATH
+        | ResolveFlags::NO_SYMLINKS
+        | ResolveFlags::NO_MAGICLINKS
+        | ResolveFlags::NO_XDEV
+}
+
+fn os(p: &[u8]) -> &OsStr {
+    OsStr::from_bytes(p)
+}
+
+/// Opens a directory beneath `dir` (an empty path means `dir` itself).
+pub fn open_dir(dir: impl AsFd, path: &[u8]) -> io::Result<OwnedFd> {
+    let p: &[u8] = if path.is_empty() { b"." } else { path };
+    Ok(rustix::fs::openat2(
+        dir,
+        os(p),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        beneath(),
+    )?)
+}
+
+/// Opens a regular file beneath `dir` for reading; refuses anything else.
+pub fn open_file(dir: impl AsFd, path: &[u8]) -> io::Result<File> {
+    let fd = rustix::fs::openat2(
+        dir,
+        os(path),
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::NONBLOCK,
+        Mode::empty(),
+        beneath(),
+    )?;
+    let st = rustix::fs::fstat(&fd)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(File::from(fd))
+}
+
+/// Splits a relative path into (parent, name).
+pub fn split(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&b""[..], path),
+    }
+}
+
+/// lstat of `name` directly inside `dir`; `None` when absent.
+pub fn lstat_at(dir: impl AsFd, name: &[u8]) -> io::Result<Option<rustix::fs::Stat>> {
+    match rustix::fs::statat(dir, os(name), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(st)),
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// File type of a stat.
+pub fn file_type(st: &rustix::fs::Stat) -> FileType {
+    FileType::from_raw_mode(st.st_mode)
+}
+
+/// Removes `name` inside `dir`, recursively if it is a directory, never following symlinks.
+pub fn remove_any(dir: impl AsFd, name: &[u8]) -> io::Result<()> {
+    let dir = dir.as_fd();
+    match lstat_at(dir, name)? {
+        None => Ok(()),
+        Some(st) if file_type(&st) == FileType::Directory => {
+            let sub = open_dir(dir, name)?;
+            // A read-only directory (fallback snapshots) must become writable to empty it.
+            let _ = rustix::fs::fchmod(&sub, Mode::from_raw_mode(0o700));
+            for child in list_dir(&sub)? {
+                remove_any(&sub, &child)?;
+            }
+            drop(sub);
+            rustix::fs::unlinkat(dir, os(name), AtFlags::REMOVEDIR)?;
+            Ok(())
+        }
+        Some(_) => Ok(rustix::fs::unlinkat(dir, os(name), AtFlags::empty())?),
+    }
+}
+
+/// Names in a directory, without `.` and `..`, sorted bytewise.
+pub fn list_dir(dir: impl AsFd) -> io::Result<Vec<Vec<u8>>> {
+    let mut names = vec![];
+    let mut d = rustix::fs::Dir::read_from(dir)?;
+    while let Some(ent) = d.read() {
+        let ent = ent?;
+        let n = ent.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(n.to_vec());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Like [`list_dir`], with each child's type from `d_type` (falls back to lstat).
+pub fn list_dir_typed(dir: impl AsFd) -> io::Result<Vec<(Vec<u8>, FileType)>> {
+    let dir = dir.as_fd();
+    let mut out = vec![];
+    let mut d = rustix::fs::Dir::read_from(dir)?;
+    while let Some(ent) = d.read() {
+        let ent = ent?;
+        let n = ent.file_name().to_bytes();
+        if n == b"." || n == b".." {
+            continue;
+        }
+        let mut t = ent.file_type();
+        if t == FileType::Unknown {
+            if let Some(st) = lstat_at(dir, n)? {
+                t = file_type(&st);
+            }
+        }
+        out.push((n.to_vec(), t));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Creates a directory `name` in `dir` unless one exists; replaces a non-directory.
+pub fn ensure_dir(dir: impl AsFd, name: &[u8], mode: u32) -> io::Result<()> {
+    let dir = dir.as_fd();
+    match lstat_at(dir, name)? {
+        Some(st) if file_type(&st) == FileType::Directory => Ok(()),
+        Some(_) => {
+            remove_any(dir, name)?;
+            Ok(rustix::fs::mkdirat(
+                dir,
+                os(name),
+                Mode::from_raw_mode(mode),
+            )?)
+        }
+        None => Ok(rustix::fs::mkdirat(
+            dir,
+            os(name),
+            Mode::from_raw_mode(mode),
+        )?),
+    }
+}
+
+/// Renames `from` (in `from_dir`) over `to` (in `to_dir`), first removing a directory in the way.
+pub fn replace(from_dir: impl AsFd, from: &[u8], to_dir: impl AsFd, to: &[u8]) -> io::Result<()> {
+    let to_dir = to_dir.as_fd();
+    if let Some(st) = lstat_at(to_dir, to)? {
+        if file_type(&st) == FileType::Directory {
+            remove_any(to_dir, to)?;
+        }
+    }
+    Ok(rustix::fs::renameat(from_dir, os(from), to_dir, os(to))?)
+}
+
+/// Reads a symlink's target (raw bytes) inside `dir`.
+pub fn read_link(dir: impl AsFd, name: &[u8]) -> io::Result<Vec<u8>> {
+    Ok(rustix::fs::readlinkat(dir, os(name), Vec::new())?.into_bytes())
+}
+
+/// Creates a symlink `name` -> `target` inside `dir`.
+pub fn symlink(dir: impl AsFd, name: &[u8], target: &[u8]) -> io::Result<()> {
+    Ok(rustix::fs::symlinkat(os(target), dir, os(name))?)
+}
+
+/// Opens (creating if needed) a file directly inside `dir` for locking.
+pub fn open_lock(dir: impl AsFd, name: &[u8]) -> io::Result<File> {
+    let fd = rustix::fs::openat(
+        dir,
+        os(name),
+        OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::from_raw_mode(0o600),
+    )?;
+    Ok(File::from(fd))
+}
+
+/// Creates a new file exclusively inside `dir` for writing.
+pub fn create_new(dir: impl AsFd, name: &[u8]) -> io::Result<File> {
+    let fd = rustix::fs::openat(
+        dir,
+        os(name),
+        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::from_raw_mode(0o600),
+    )?;
+    Ok(File::from(fd))
+}
+
+/// Sets mtime (and atime to the same) of an open file.
+pub fn set_mtime(f: impl AsFd, sec: i64, nsec: u32) -> io::Result<()> {
+    let t = rustix::fs::Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec as _,
+    };
+    Ok(rustix::fs::futimens(
+        f,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+    )?)
+}
+
+/// fsync a directory or file.
+pub fn fsync(f: impl AsFd) -> io::Result<()> {
+    Ok(rustix::fs::fsync(f)?)
+}
+
+/// Creates a directory unless it exists as a directory; fails if something else is there.
+pub fn ensure_dir_only(dir: impl AsFd, name: &[u8], mode: u32) -> io::Result<()> {
+    match rustix::fs::mkdirat(dir.as_fd(), os(name), Mode::from_raw_mode(mode)) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::EXIST) => match lstat_at(dir, name)? {
+            Some(st) if file_type(&st) == FileType::Directory => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "exists and is not a directory",
+            )),
+        },
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,233 @@
+//! One protocol session over any pair of byte streams.
+//!
+//! The same code serves a local client over pipes and a remote one under
+//! sshd: it reads frames from `input`, checks each against the session state,
+//! acts, and writes replies to `output`, which carries nothing but the protocol.
+
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+use byteback_protocol::limits::{MAX_BATCH, MAX_CHUNK};
+use byteback_protocol::{
+    decode_client, read_frame, write_msg, ClientMsg, Compressed, ServerMsg, ServerSession,
+    PROTOCOL_VERSION,
+};
+
+use crate::backup::{BackupReceiver, TransferResult};
+use crate::config::StoreConfig;
+use crate::manifest::ManifestReader;
+use crate::store::{disk_path, Store, META_DIR};
+use crate::{fsops, time};
+
+/// Which requests a session may make (from the forced command's verb).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Backups and reads.
+    Full,
+    /// Listing and restoring only.
+    ReadOnly,
+}
+
+/// Everything a session needs, all from the server's own command line.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Store root.
+    pub store: PathBuf,
+    /// Host this session files under.
+    pub host: String,
+    /// Allowed requests.
+    pub access: Access,
+    /// Clock override for snapshots (tests and simulations).
+    pub now: Option<i64>,
+}
+
+struct Conn<R: Read, W: Write> {
+    input: BufReader<R>,
+    output: BufWriter<W>,
+    session: ServerSession,
+}
+
+impl<R: Read, W: Write> Conn<R, W> {
+    fn recv(&mut self) -> Result<Option<ClientMsg>> {
+        if self.input.buffer().is_empty() {
+            self.output.flush()?;
+        }
+        let Some(frame) = read_frame(&mut self.input)? else {
+            return Ok(None);
+        };
+        let msg = decode_client(&frame)?;
+        self.session.on_recv(&msg)?;
+        Ok(Some(msg))
+    }
+
+    fn send(&mut self, msg: &ServerMsg) -> Result<()> {
+        self.session.on_send(msg)?;
+        write_msg(&mut self.output, msg)?;
+        Ok(())
+    }
+}
+
+/// Serves one session. Errors are sent to the peer before being returned.
+pub fn serve<R: Read, W: Write>(cfg: &ServeConfig, input: R, output: W) -> Result<()> {
+    let mut conn = Conn {
+        input: BufReader::with_capacity(1 << 20, input),
+        output: BufWriter::with_capacity(1 << 20, output),
+        session: ServerSession::new(),
+    };
+    let result = run(cfg, &mut conn);
+    if let Err(e) = &result {
+        let message: String = format!("{e:#}")
+            .chars()
+            .take(byteback_protocol::limits::MAX_TEXT - 8)
+            .collect();
+        let _ = write_msg(&mut conn.output, &ServerMsg::Error { message });
+        let _ = conn.output.flush();
+    }
+    conn.output.flush().ok();
+    result
+}
+
+fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()> {
+    match conn.recv()? {
+        Some(ClientMsg::Hello { .. }) => {}
+        Some(m) => bail!("expected Hello, got {}", m.name()),
+        None => return Ok(()),
+    }
+    conn.send(&ServerMsg::HelloOk {
+        version: PROTOCOL_VERSION,
+        host: cfg.host.clone(),
+    })?;
+    let store = Store::open(&cfg.store)?;
+    loop {
+        let Some(msg) = conn.recv()? else {
+            // Closing between requests is fine; inside one, recv already failed.
+            return Ok(());
+        };
+        match msg {
+            ClientMsg::BackupStart { checksum } => {
+                if cfg.access != Access::Full {
+                    bail!("this key may only list and restore");
+                }
+                if checksum {
+                    bail!("checksum mode is not supported by this server");
+                }
+                backup(cfg, &store, conn)?;
+            }
+            ClientMsg::ListSnapshots => {
+                let names = match store.host(&cfg.host, false) {
+                    Ok(h) => h.snapshots()?.into_iter().map(|(n, _)| n).collect(),
+                    Err(_) => vec![],
+                };
+                conn.send(&ServerMsg::Snapshots(names))?;
+            }
+            ClientMsg::ReadManifest { snapshot } => {
+                let host = store.host(&cfg.host, false)?;
+                let snap = host.open_snapshot(&snapshot)?;
+                let meta = fsops::open_dir(&snap, META_DIR)?;
+                let mut reader = ManifestReader::new(fsops::open_file(&meta, b"manifest")?)?;
+                let mut part = vec![];
+                while let Some(e) = reader.next_entry()? {
+                    part.push(e);
+                    if part.len() == MAX_BATCH {
+                        conn.send(&ServerMsg::ManifestPart(std::mem::take(&mut part)))?;
+                    }
+                }
+                if !part.is_empty() {
+                    conn.send(&ServerMsg::ManifestPart(part))?;
+                }
+                conn.send(&ServerMsg::ManifestEnd)?;
+            }
+            ClientMsg::ReadFile { snapshot, path } => {
+                let host = store.host(&cfg.host, false)?;
+                let snap = host.open_snapshot(&snapshot)?;
+                let f = fsops::open_file(&snap, &disk_path(&path)).with_context(|| {
+                    format!(
+                        "cannot open {:?} in {snapshot}",
+                        String::from_utf8_lossy(&path)
+                    )
+                })?;
+                let mut r = BufReader::with_capacity(1 << 20, f);
+                let mut buf = vec![0u8; (1 << 20).min(MAX_CHUNK)];
+                loop {
+                    let n = crate::backup::read_full(&mut r, &mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    conn.send(&ServerMsg::FilePart(Compressed::compress(&buf[..n], 1)?))?;
+                    if r.fill_buf()?.is_empty() {
+                        break;
+                    }
+                }
+                conn.send(&ServerMsg::FileDone)?;
+            }
+            ClientMsg::Bye => return Ok(()),
+            m => bail!("unexpected {}", m.name()),
+        }
+    }
+}
+
+fn backup<R: Read, W: Write>(
+    cfg: &ServeConfig,
+    store: &Store,
+    conn: &mut Conn<R, W>,
+) -> Result<()> {
+    let config = StoreConfig::load(&cfg.store)?;
+    let host = store.host(&cfg.host, true)?;
+    let _lock = host.lock()?;
+    let mut rx = BackupReceiver::new(&host)?;
+    conn.send(&ServerMsg::BackupReady)?;
+    loop {
+        let msg = conn
+            .recv()?
+            .ok_or_else(|| anyhow!("client went away in the middle of a backup"))?;
+        match msg {
+            ClientMsg::Entries(entries) => {
+                let needs = rx.entries(entries)?;
+                conn.send(&ServerMsg::Needs(needs))?;
+            }
+            ClientMsg::SigRequest { id } => {
+                let sig = rx.signature(id)?;
+                conn.send(&ServerMsg::Signature { id, sig })?;
+            }
+            ClientMsg::FileData { id, delta } => rx.data(id, &delta)?,
+            ClientMsg::FileEnd {
+                id,
+                size,
+                hash,
+                mtime_sec,
+                mtime_nsec,
+            } => match rx.end(id, size, hash, (mtime_sec, mtime_nsec))? {
+                TransferResult::Ok => conn.send(&ServerMsg::FileOk { id })?,
+                TransferResult::Retry => conn.send(&ServerMsg::FileRetry { id })?,
+            },
+            ClientMsg::FileAbort { id } => {
+                rx.abort(id)?;
+                conn.send(&ServerMsg::FileOk { id })?;
+            }
+            ClientMsg::BackupEnd => {
+                let warnings = std::mem::take(&mut rx.warnings);
+                let stats = rx.commit()?;
+                let now = cfg.now.unwrap_or_else(time::now);
+                let (snapshot, mut message) =
+                    match host.snapshot(now, config.min_snapshot_interval)? {
+                        Ok(name) => (Some(name), String::new()),
+                        Err(why) => (None, why),
+                    };
+                for w in warnings {
+                    eprintln!("byteback-server: warning: {w}");
+                    if message.len() < 2048 {
+                        message.push_str(&format!("\nwarning: {w}"));
+                    }
+                }
+                conn.send(&ServerMsg::BackupDone {
+                    snapshot,
+                    message,
+                    stats,
+                })?;
+                return Ok(());
+            }
+            m => bail!("unexpected {} during a backup", m.name()),
+        }
+    }
+}

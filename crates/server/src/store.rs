@@ -1,0 +1,283 @@
+//! The store: `<store>/<host>/current` plus read-only snapshots beside it.
+//!
+//! On btrfs, `current` is a subvolume and snapshots are read-only btrfs
+//! snapshots. Elsewhere a fallback keeps the same layout: a snapshot is a
+//! hard-link copy of `current` with every write bit removed (the server only
+//! ever replaces files in `current` by rename, so the shared inodes never change).
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use byteback_protocol::validate_host_name;
+use rustix::fs::{FileType, Mode, OFlags};
+
+use crate::{btrfs, fsops, time};
+
+/// Name of the reserved directory inside `current` (manifest, temp files).
+pub const META_DIR: &[u8] = b".byteback";
+/// Prefix that escapes client top-level names which start with `.byteback`.
+const ESCAPE: &[u8] = b".byteback-";
+
+/// Maps a client path to its path inside `current`: top-level names starting
+/// with `.byteback` get a prefix, so no client path can reach [`META_DIR`].
+pub fn disk_path(path: &[u8]) -> Vec<u8> {
+    if path.starts_with(META_DIR) {
+        [ESCAPE, path].concat()
+    } else {
+        path.to_vec()
+    }
+}
+
+/// A store root.
+pub struct Store {
+    /// Path of the store root (for messages).
+    pub root: PathBuf,
+    fd: OwnedFd,
+}
+
+impl Store {
+    /// Opens an existing store directory.
+    pub fn open(root: &Path) -> Result<Self> {
+        let fd = rustix::fs::open(
+            root,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| format!("cannot open store {}", root.display()))?;
+        Ok(Store {
+            root: root.to_path_buf(),
+            fd,
+        })
+    }
+
+    /// Names of hosts in the store.
+    pub fn hosts(&self) -> Result<Vec<String>> {
+        let mut out = vec![];
+        for (name, t) in fsops::list_dir_typed(&self.fd)? {
+            if t != FileType::Directory {
+                continue;
+            }
+            if let Ok(s) = String::from_utf8(name) {
+                if validate_host_name(&s).is_ok() && !s.starts_with('.') {
+                    out.push(s);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens a host's directory, creating it (and `current`) when `create`.
+    pub fn host(&self, name: &str, create: bool) -> Result<HostStore> {
+        validate_host_name(name).map_err(|e| anyhow!("{e}"))?;
+        if create {
+            fsops::ensure_dir_only(&self.fd, name.as_bytes(), 0o700)
+                .with_context(|| format!("cannot create {}/{name}", self.root.display()))?;
+        }
+        let fd = fsops::open_dir(&self.fd, name.as_bytes())
+            .with_context(|| format!("no host {name:?} in store {}", self.root.display()))?;
+        let btrfs = btrfs::is_btrfs(&fd);
+        let h = HostStore {
+            name: name.to_string(),
+            path: self.root.join(name),
+            fd,
+            btrfs,
+        };
+        if create && fsops::lstat_at(&h.fd, b"current")?.is_none() {
+            if btrfs {
+                btrfs::create_subvolume(&h.fd, OsStr::new("current")).with_context(|| {
+                    format!("cannot create subvolume {}/current", h.path.display())
+                })?;
+            } else {
+                rustix::fs::mkdirat(&h.fd, "current", Mode::from_raw_mode(0o700))?;
+            }
+        }
+        Ok(h)
+    }
+}
+
+/// One host's part of the store.
+pub struct HostStore {
+    /// Host name.
+    pub name: String,
+    /// Path of `<store>/<host>`.
+    pub path: PathBuf,
+    fd: OwnedFd,
+    /// Whether the store is on btrfs.
+    pub btrfs: bool,
+}
+
+impl HostStore {
+    /// The host directory fd.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// Takes the host's exclusive lock, or says who holds it. The lock is an
+    /// flock, so a killed process never leaves it behind.
+    pub fn lock(&self) -> Result<File> {
+        let f = fsops::open_lock(&self.fd, b".lock")?;
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(f),
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                bail!(
+                    "another backup of host {} is running; refusing to start a second one",
+                    self.name
+                )
+            }
+            Err(e) => Err(e).context("cannot lock host"),
+        }
+    }
+
+    /// Opens `current` (must exist).
+    pub fn current(&self) -> Result<OwnedFd> {
+        fsops::open_dir(&self.fd, b"current")
+            .with_context(|| format!("cannot open {}/current", self.path.display()))
+    }
+
+    /// Opens a snapshot (or `current`) by name.
+    pub fn open_snapshot(&self, name: &str) -> Result<OwnedFd> {
+        byteback_protocol::validate_snapshot_name(name).map_err(|e| anyhow!("{e}"))?;
+        if name != "current" && time::parse_name(name).is_none() {
+            bail!("{name:?} is not a snapshot name");
+        }
+        fsops::open_dir(&self.fd, name.as_bytes())
+            .with_context(|| format!("no snapshot {name:?} of host {}", self.name))
+    }
+
+    /// Snapshot names with their times, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<(String, i64)>> {
+        let mut out = vec![];
+        for (name, t) in fsops::list_dir_typed(&self.fd)? {
+            if t != FileType::Directory {
+                continue;
+            }
+            let Ok(s) = String::from_utf8(name) else {
+                continue;
+            };
+            if let Some(ts) = time::parse_name(&s) {
+                out.push((s, ts));
+            }
+        }
+        out.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        Ok(out)
+    }
+
+    /// Takes a read-only snapshot of `current` named after `now`, unless the
+    /// newest is younger than `min_interval`. Returns the name, or why not.
+    pub fn snapshot(
+        &self,
+        now: i64,
+        min_interval: i64,
+    ) -> Result<std::result::Result<String, String>> {
+        if let Some((last, ts)) = self.snapshots()?.last() {
+            if now - ts < min_interval {
+                return Ok(Err(format!(
+                    "no snapshot taken: the newest, {last}, is younger than the minimum interval of {min_interval} s"
+                )));
+            }
+        }
+        let base = time::format_name(now, time::local_offset(now));
+        let mut name = base.clone();
+        let mut n = 1;
+        while fsops::lstat_at(&self.fd, name.as_bytes())?.is_some() {
+            name = format!("{base}.{n}");
+            n += 1;
+        }
+        let current = self.current()?;
+        if self.btrfs && btrfs::is_subvolume(&current) {
+            btrfs::snapshot_readonly(&current, &self.fd, OsStr::new(&name))
+                .with_context(|| format!("cannot snapshot {}/current", self.path.display()))?;
+        } else {
+            let tmp = format!(".snapshot-{name}");
+            fsops::remove_any(&self.fd, tmp.as_bytes())?;
+            rustix::fs::mkdirat(&self.fd, tmp.as_str(), Mode::from_raw_mode(0o700))?;
+            let dst = fsops::open_dir(&self.fd, tmp.as_bytes())?;
+            link_copy(&current, &dst).context("cannot copy current into a fallback snapshot")?;
+            make_read_only(&dst)?;
+            rustix::fs::fchmod(&dst, Mode::from_raw_mode(0o555))?;
+            rustix::fs::renameat(&self.fd, tmp.as_str(), &self.fd, name.as_str())?;
+        }
+        fsops::fsync(&self.fd)?;
+        Ok(Ok(name))
+    }
+
+    /// Deletes a snapshot.
+    pub fn delete_snapshot(&self, name: &str) -> Result<()> {
+        if time::parse_name(name).is_none() {
+            bail!("{name:?} is not a snapshot name");
+        }
+        let fd = fsops::open_dir(&self.fd, name.as_bytes())?;
+        if btrfs::is_subvolume(&fd) {
+            drop(fd);
+            btrfs::delete_subvolume(&self.fd, OsStr::new(name)).with_context(|| {
+                format!("cannot delete subvolume {}/{name}", self.path.display())
+            })?;
+        } else {
+            drop(fd);
+            fsops::remove_any(&self.fd, name.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+/// Recreates the tree of `src` in `dst`: directories made, files hard-linked, symlinks copied.
+fn link_copy(src: &OwnedFd, dst: &OwnedFd) -> io::Result<()> {
+    for (name, t) in fsops::list_dir_typed(src)? {
+        let n = OsStr::from_bytes(&name);
+        match t {
+            FileType::Directory => {
+                rustix::fs::mkdirat(dst, n, Mode::from_raw_mode(0o700))?;
+                let s = fsops::open_dir(src, &name)?;
+                let d = fsops::open_dir(dst, &name)?;
+                link_copy(&s, &d)?;
+            }
+            FileType::Symlink => {
+                let target = fsops::read_link(src, &name)?;
+                fsops::symlink(dst, &name, &target)?;
+            }
+            FileType::RegularFile => {
+                rustix::fs::linkat(src, n, dst, n, rustix::fs::AtFlags::empty())?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Removes every write bit under `dir` (files and directories).
+fn make_read_only(dir: &OwnedFd) -> io::Result<()> {
+    for (name, t) in fsops::list_dir_typed(dir)? {
+        match t {
+            FileType::Directory => {
+                let d = fsops::open_dir(dir, &name)?;
+                make_read_only(&d)?;
+                rustix::fs::fchmod(&d, Mode::from_raw_mode(0o555))?;
+            }
+            FileType::RegularFile => {
+                let f = rustix::fs::openat(
+                    dir,
+                    OsStr::from_bytes(&name),
+                    OFlags::PATH | OFlags::NOFOLLOW,
+                    Mode::empty(),
+                )?;
+                let st = rustix::fs::fstat(&f)?;
+                let mode = st.st_mode & 0o555;
+                // fchmod does not work on O_PATH fds; use the /proc link of this fd.
+                let _ = f.as_fd();
+                rustix::fs::chmodat(
+                    dir,
+                    OsStr::from_bytes(&name),
+                    Mode::from_raw_mode(mode),
+                    rustix::fs::AtFlags::empty(),
+                )?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! Snapshot names: `YYYY-MM-DDTHH:MM+ZZZZ` in the server's local time, as byteback 1.x.
+//!
+//! A second snapshot within the same minute gets a `.N` suffix so names never
+//! collide; parsing accepts both forms.
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m as i64 + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// (year, month, day) of a day count since 1970-01-01.
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Offset of local time from UTC at `t`, in seconds (from the C library's zone rules).
+pub fn local_offset(t: i64) -> i64 {
+    let tt: libc::time_t = t as libc::time_t;
+    // SAFETY: tm is plain data; localtime_r only writes into it.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to locals.
+    let r = unsafe { libc::localtime_r(&tt, &mut tm) };
+    if r.is_null() {
+        0
+    } else {
+        tm.tm_gmtoff
+    }
+}
+
+/// Formats `t` (Unix seconds) with the given UTC offset as `YYYY-MM-DDTHH:MM+ZZZZ`.
+pub fn format_name(t: i64, offset: i64) -> String {
+    let local = t + offset;
+    let days = local.div_euclid(86_400);
+    let secs = local.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let sign = if offset < 0 { '-' } else { '+' };
+    let off = offset.abs() / 60;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}{sign}{:02}{:02}",
+        secs / 3600,
+        secs % 3600 / 60,
+        off / 60,
+        off % 60
+    )
+}
+
+/// Parses a snapshot name into Unix seconds; `None` if it is not one.
+pub fn parse_name(name: &str) -> Option<i64> {
+    let base = match name.find('.') {
+        Some(i) if name[i + 1..].bytes().all(|b| b.is_ascii_digit()) && i + 1 < name.len() => {
+            &name[..i]
+        }
+        Some(_) => return None,
+        None => name,
+    };
+    let b = base.as_bytes();
+    if b.len() != 21 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let s = base.get(r)?;
+        if s.bytes().all(|c| c.is_ascii_digit()) {
+            s.parse().ok()
+        } else {
+            None
+        }
+    };
+    let (y, mo, d, h, mi) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+    );
+    let sign = match b[16] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => return None,
+    };
+    let (oh, om) = (num(17..19)?, num(19..21)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || om > 59 {
+        return None;
+    }
+    let local = days_from_civil(y, mo as u32, d as u32) * 86_400 + h * 3600 + mi * 60;
+    Some(local - sign * (oh * 3600 + om * 60))
+}
+
+/// Current Unix time in seconds.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for (t, off) in [
+            (0i64, 0i64),
+            (1_795_000_000, 3600),
+            (1_795_000_000, -5 * 3600 - 1800),
+            (951_782_400, 0),
+        ] {
+            let n = format_name(t, off);
+            assert_eq!(parse_name(&n), Some(t - t.rem_euclid(60)), "{n}");
+        }
+        assert_eq!(format_name(1_795_000_000, 0), "2026-11-18T08:26+0000");
+        assert_eq!(
+            parse_name("2026-11-27T03:00+0000.2"),
+            parse_name("2026-11-27T03:00+0000")
+        );
+    }
+
+    #[test]
+    fn non_names_are_rejected() {
+        for n in [
+            "current",
+            "",
+            "2026-11-27T03:00",
+            "2026-13-27T03:00+0000",
+            "2026-11-27T03:00+0000.",
+            "x026-11-27T03:00+0000",
+        ] {
+            assert_eq!(parse_name(n), None, "{n}");
+        }
+    }
+}
