@@ -599,3 +599,50 @@ fn btrfs_loops_in_parallel() {
         );
     }
 }
+
+#[test]
+fn btrfs_loop_drop_survives_a_busy_mount() {
+    if !require_root("btrfs loop device busy unmount") {
+        return;
+    }
+    let f = BtrfsLoop::new(200);
+    let image = f.image().to_path_buf();
+    let mount = f.mount.clone();
+    let open = fs::File::create(mount.join("held-open")).expect("create");
+    drop(f); // umount fails (busy) five times, then umount -l, then losetup -d (autoclear)
+    assert!(
+        !fs::read_to_string("/proc/self/mounts").expect("mounts").contains(&*mount.to_string_lossy()),
+        "still mounted"
+    );
+    drop(open);
+    // The kernel detaches the device once the lazily unmounted fs is released.
+    let name = image.to_string_lossy().into_owned();
+    for _ in 0..50 {
+        let out = run(Command::new("losetup").arg("-a"));
+        if !String::from_utf8_lossy(&out.stdout).contains(&name) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("{name} still attached to a loop device 5 s after the last file was closed");
+}
+
+#[test]
+fn immutable_file_counts_as_read_only() {
+    if !require_root("chattr +i") {
+        return;
+    }
+    let t = scratch();
+    let p = t.path().join("file");
+    fs::write(&p, b"x").expect("write");
+    assert!(!is_read_only(&p));
+    let chattr = run_status(Command::new("chattr").arg("+i").arg(&p));
+    if !chattr.status.success() {
+        // e.g. target/ on a filesystem without inode flags (tmpfs, overlayfs)
+        eprintln!("chattr +i unsupported here: {}", String::from_utf8_lossy(&chattr.stderr));
+        return;
+    }
+    let ro = is_read_only(&p);
+    run(Command::new("chattr").arg("-i").arg(&p));
+    assert!(ro, "immutable file not reported read-only");
+}

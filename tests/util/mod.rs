@@ -1127,8 +1127,8 @@ impl BtrfsLoop {
     /// Creates a sparse image of `size_mib` MiB in a temp dir, `mkfs.btrfs
     /// -q`, attaches it with `losetup --find --show` (retried, since
     /// concurrent `--find`s race for the same free device) and mounts it on
-    /// another temp dir. btrfs needs about 110 MiB at least; 256+ is
-    /// comfortable. Panics with the failing command's output on any failure:
+    /// another temp dir. `size_mib` must be at least 114 (mkfs.btrfs refuses
+    /// smaller images with its default profiles); 256+ is comfortable. Panics with the failing command's output on any failure:
     /// tests using it must not silently skip.
     pub fn new(size_mib: u64) -> BtrfsLoop {
         assert!(

@@ -1,0 +1,27 @@
+#!/bin/bash
+# Runs every test of byteback, installing what the tests need first.
+# As root (CI) it installs the system packages; real sshd, btrfs on a loop
+# device and rsync are then used by the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pair in btrfs:btrfs-progs mkfs.btrfs:btrfs-progs rsync:rsync sshd:openssh-server /usr/sbin/sshd:openssh-server \
+            setfacl:acl getfattr:attr losetup:mount; do
+    cmd=${pair%%:*}; pkg=${pair#*:}
+    if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "$cmd" ]; then need+=("$pkg"); fi
+done
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        echo "installing: ${need[*]}" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    else
+        echo "missing packages (run as root to install): ${need[*]}" >&2
+    fi
+fi
+# The loop driver for btrfs images.
+[ "$(id -u)" = 0 ] && modprobe loop 2>/dev/null || true
+
+cargo build --workspace --bins
+cargo test --workspace --no-fail-fast
