@@ -480,6 +480,16 @@ fn bin_names_the_build_command_when_missing() {
         bin("byteback-no-such-binary");
     });
     assert!(msg.contains("cargo build --bins"), "{msg}");
+    // When the workspace binaries are built, they are found in target/<profile>/.
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let server = profile_dir.join("byteback-server");
+    if server.is_file() {
+        assert_eq!(bin("byteback-server"), server);
+    }
 }
 
 #[test]
@@ -611,7 +621,9 @@ fn btrfs_loop_drop_survives_a_busy_mount() {
     let open = fs::File::create(mount.join("held-open")).expect("create");
     drop(f); // umount fails (busy) five times, then umount -l, then losetup -d (autoclear)
     assert!(
-        !fs::read_to_string("/proc/self/mounts").expect("mounts").contains(&*mount.to_string_lossy()),
+        !fs::read_to_string("/proc/self/mounts")
+            .expect("mounts")
+            .contains(&*mount.to_string_lossy()),
         "still mounted"
     );
     drop(open);
@@ -639,7 +651,10 @@ fn immutable_file_counts_as_read_only() {
     let chattr = run_status(Command::new("chattr").arg("+i").arg(&p));
     if !chattr.status.success() {
         // e.g. target/ on a filesystem without inode flags (tmpfs, overlayfs)
-        eprintln!("chattr +i unsupported here: {}", String::from_utf8_lossy(&chattr.stderr));
+        eprintln!(
+            "chattr +i unsupported here: {}",
+            String::from_utf8_lossy(&chattr.stderr)
+        );
         return;
     }
     let ro = is_read_only(&p);

@@ -382,7 +382,8 @@ pub const MTIME_2100: (i64, i64) = (4_102_444_800, 999_999_999);
 /// * `xattrs/`: `binary` (`user.binary` = bytes 0..=255), `big` (`user.big` =
 ///   4000 bytes), `several` (`user.a`, `user.empty` = "", `user.with.dots`),
 ///   `dir/` (`user.on_dir`), `[root]` `trusted` (`trusted.byteback`).
-/// * `acl/`: `file_acl` (access ACL for u:1234, g:5678), `default_dir/`
+/// * `acl/`: `file_acl` (access ACL for u:1234, g:5678, mask rw-, so its
+///   mode reads 0660: with an ACL the group bits show the mask), `default_dir/`
 ///   (access + default ACL) holding `inherited` (created after, so it inherits).
 /// * `times/`: `epoch_1970` ([`MTIME_1970`]) and `year_2100` ([`MTIME_2100`]).
 ///
@@ -1128,8 +1129,9 @@ impl BtrfsLoop {
     /// -q`, attaches it with `losetup --find --show` (retried, since
     /// concurrent `--find`s race for the same free device) and mounts it on
     /// another temp dir. `size_mib` must be at least 114 (mkfs.btrfs refuses
-    /// smaller images with its default profiles); 256+ is comfortable. Panics with the failing command's output on any failure:
-    /// tests using it must not silently skip.
+    /// smaller images with its default profiles); 256+ is comfortable.
+    /// Panics with the failing command's output on any failure: tests using
+    /// it must not silently skip.
     pub fn new(size_mib: u64) -> BtrfsLoop {
         assert!(
             is_root(),
