@@ -62,6 +62,9 @@ pub struct BackupOptions {
     pub verbose: bool,
 }
 
+/// Batches sent and not yet answered, with the absolute path of each entry.
+type Batches = Mutex<VecDeque<Vec<(PathBuf, Entry)>>>;
+
 struct Job {
     id: u32,
     abs: PathBuf,
@@ -136,7 +139,7 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
         wire: AtomicU64::new(0),
         verbose: opts.verbose,
     });
-    let batches: Arc<Mutex<VecDeque<Vec<(PathBuf, Entry)>>>> =
+    let batches: Arc<Batches> =
         Arc::new(Mutex::new(VecDeque::new()));
     let pool = Arc::new(
         rayon::ThreadPoolBuilder::new()
@@ -242,7 +245,7 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
 
 struct Announcer {
     shared: Arc<Shared>,
-    batches: Arc<Mutex<VecDeque<Vec<(PathBuf, Entry)>>>>,
+    batches: Arc<Batches>,
     batch: Vec<(PathBuf, Entry)>,
     entries: u64,
     walk_vanished: u64,
@@ -331,7 +334,7 @@ fn writer_loop(mut w: ConnWriter, rx: Receiver<ClientMsg>) -> Result<()> {
 fn reader_loop(
     mut r: ConnReader,
     shared: &Arc<Shared>,
-    batches: &Mutex<VecDeque<Vec<(PathBuf, Entry)>>>,
+    batches: &Batches,
     pool: &rayon::ThreadPool,
 ) -> Result<()> {
     // Transfers in progress, kept for a possible whole-file resend.

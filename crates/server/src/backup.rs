@@ -74,7 +74,7 @@ pub struct BackupReceiver {
 }
 
 fn same_mtime(st: &rustix::fs::Stat, e: &Entry) -> bool {
-    st.st_mtime as i64 == e.mtime_sec && st.st_mtime_nsec as u32 == e.mtime_nsec
+    st.st_mtime == e.mtime_sec && st.st_mtime_nsec as u32 == e.mtime_nsec
 }
 
 fn hash_file(f: &File) -> io::Result<[u8; 32]> {
