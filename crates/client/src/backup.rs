@@ -139,8 +139,7 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
         wire: AtomicU64::new(0),
         verbose: opts.verbose,
     });
-    let batches: Arc<Batches> =
-        Arc::new(Mutex::new(VecDeque::new()));
+    let batches: Arc<Batches> = Arc::new(Mutex::new(VecDeque::new()));
     let pool = Arc::new(
         rayon::ThreadPoolBuilder::new()
             .num_threads(

@@ -313,7 +313,12 @@ mod tests {
         std::fs::write(root.join("skip.log"), b"y").unwrap();
         let mut sink = VecSink(vec![]);
         let x = Excludes::new(&["*.log"]).unwrap();
-        walk(&normalise_sources(std::slice::from_ref(&root)).unwrap(), &x, &mut sink).unwrap();
+        walk(
+            &normalise_sources(std::slice::from_ref(&root)).unwrap(),
+            &x,
+            &mut sink,
+        )
+        .unwrap();
         for w in sink.0.windows(2) {
             assert_eq!(
                 compare_paths(&w[0].path, &w[1].path),

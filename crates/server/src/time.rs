@@ -123,7 +123,7 @@ mod tests {
             let n = format_name(t, off);
             assert_eq!(parse_name(&n), Some(t - t.rem_euclid(60)), "{n}");
         }
-        assert_eq!(format_name(1_795_000_000, 0), "2026-11-18T08:26+0000");
+        assert_eq!(format_name(1_795_000_000, 0), "2026-11-18T11:06+0000");
         assert_eq!(
             parse_name("2026-11-27T03:00+0000.2"),
             parse_name("2026-11-27T03:00+0000")
