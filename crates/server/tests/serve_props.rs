@@ -1,4 +1,5 @@
 //! The real session loop, in process, fed valid, truncated and mutated
+#![allow(clippy::unwrap_used, clippy::useless_vec)] // a panic is how a test fails
 //! backup sessions: it returns an error or commits correct content, never
 //! panics, and never writes outside the host's directory.
 
