@@ -383,6 +383,22 @@ mod tests {
     }
 
     #[test]
+    fn index_survives_moves() {
+        let base = data(3000, 5);
+        let sig = Signature::parse(&signature(&base).0).expect("parses");
+        // Move the signature around: the index points into heap memory that
+        // must stay put.
+        let mut moved = vec![sig];
+        let sig = Box::new(moved.pop().expect("just pushed"));
+        let new = [&base[1000..], &base[..1000]].concat();
+        let delta = crate::diff_segment(&sig, &new).expect("diff");
+        assert!(delta.len() < 1500, "delta {}", delta.len());
+        let out = crate::apply_to_vec(&base, &delta, new.len() as u64).expect("apply");
+        assert_eq!(out, new);
+        drop(sig);
+    }
+
+    #[test]
     fn signature_is_send_sync() {
         fn check<T: Send + Sync>() {}
         check::<Signature>();

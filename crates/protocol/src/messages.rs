@@ -22,11 +22,13 @@ pub enum Kind {
     /// Symbolic link; never followed by either side.
     Symlink {
         /// Raw link target.
+        #[serde(with = "serde_bytes")]
         target: Vec<u8>,
     },
     /// A further name of a regular file sent earlier in the same backup.
     HardLink {
         /// Path of the first name of the file.
+        #[serde(with = "serde_bytes")]
         target: Vec<u8>,
     },
     /// Named pipe.
@@ -64,6 +66,7 @@ impl Kind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     /// Path relative to `/`, raw bytes.
+    #[serde(with = "serde_bytes")]
     pub path: Vec<u8>,
     /// Type and type-specific data.
     pub kind: Kind,
@@ -78,6 +81,7 @@ pub struct Entry {
     /// Modification time, nanoseconds part.
     pub mtime_nsec: u32,
     /// Extended attributes (including `system.posix_acl_*`), sorted by name.
+    #[serde(with = "xattr_bytes")]
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -156,6 +160,7 @@ pub struct Compressed {
     /// Length after decompression; at most [`MAX_CHUNK`].
     pub raw_len: u32,
     /// zstd frame.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -297,6 +302,7 @@ pub enum ClientMsg {
         /// Snapshot name.
         snapshot: String,
         /// Path as in the manifest.
+        #[serde(with = "serde_bytes")]
         path: Vec<u8>,
     },
     /// End the session.
@@ -377,6 +383,7 @@ pub enum ServerMsg {
         /// Transfer id.
         id: u32,
         /// Serialized signature.
+        #[serde(with = "serde_bytes")]
         sig: Vec<u8>,
     },
     /// Transfer committed to `current`.
@@ -461,5 +468,30 @@ impl ServerMsg {
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// Encodes xattr names and values as byte strings rather than sequences of
+/// single bytes (which bincode would write one element at a time).
+mod xattr_bytes {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_bytes::ByteBuf;
+
+    pub fn serialize<S: Serializer>(v: &[(Vec<u8>, Vec<u8>)], s: S) -> Result<S::Ok, S::Error> {
+        let pairs: Vec<(&serde_bytes::Bytes, &serde_bytes::Bytes)> = v
+            .iter()
+            .map(|(n, x)| (serde_bytes::Bytes::new(n), serde_bytes::Bytes::new(x)))
+            .collect();
+        pairs.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, D::Error> {
+        let pairs: Vec<(ByteBuf, ByteBuf)> = Vec::deserialize(d)?;
+        Ok(pairs
+            .into_iter()
+            .map(|(n, x)| (n.into_vec(), x.into_vec()))
+            .collect())
     }
 }
