@@ -7,8 +7,16 @@ cd "$(dirname "$0")/.."
 SIZE=${1:-1024}
 BIN=target/release
 [ -x $BIN/byteback-backup ] || cargo build --release --workspace --bins
-W=$(mktemp -d "${TMPDIR:-/var/tmp}/byteback-bench.XXXXXX")
-trap 'rm -rf "$W"' EXIT
+# BENCH_DIR: where the source, the store and rsync's copy go (e.g. a btrfs mount).
+W=$(mktemp -d "${BENCH_DIR:-${TMPDIR:-/var/tmp}}/byteback-bench.XXXXXX")
+cleanup() {
+    # Read-only btrfs snapshots must be deleted as subvolumes; fallback ones need write bits back.
+    for s in "$W"/store/*/*; do
+        btrfs subvolume delete "$s" >/dev/null 2>&1 || chmod -R u+w "$s" 2>/dev/null || true
+    done
+    rm -rf "$W"
+}
+trap cleanup EXIT
 SRC=$W/src
 mkdir -p "$SRC"
 # Half the bytes in 8 large incompressible files, half in 16 KiB-ish small files.
@@ -31,6 +39,7 @@ drop() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true; }
 echo "tree: $bytes bytes, $(find "$SRC" -type f | wc -l) files, on $(df -T "$W" | tail -1 | awk '{print $2}')"
 drop; bb1=$(t $BIN/byteback-backup -d "$W/store" -s "$SRC" --hostname bench --retry-number 0)
 drop; rs1=$(t rsync -a "$SRC/" "$W/rsync/")
+rm -rf "$W/rsync2"; drop; rs1s=$(t sh -c "rsync -a '$SRC/' '$W/rsync2/' && sync")
 echo 'min_snapshot_interval = 0' > "$W/store/byteback.toml"
 drop; bb2=$(t $BIN/byteback-backup -d "$W/store" -s "$SRC" --hostname bench --retry-number 0)
 drop; rs2=$(t rsync -a "$SRC/" "$W/rsync/")
@@ -38,5 +47,6 @@ mb() { echo "scale=1; $bytes / 1000000 / $1" | bc; }
 printf '%-22s %10s %10s %8s\n' case byteback rsync ratio
 printf '%-22s %8s s %8s s %7.2fx\n' "first backup" "$bb1" "$rs1" "$(echo "$rs1 / $bb1" | bc -l)"
 printf '%-22s %8s MB/s %6s MB/s\n' "  throughput" "$(mb $bb1)" "$(mb $rs1)"
+printf '%-22s %8s s %8s s %7.2fx  (rsync followed by sync: byteback commits durably)\n' "first, durable" "$bb1" "$rs1s" "$(echo "$rs1s / $bb1" | bc -l)"
 printf '%-22s %8s s %8s s %7.2fx\n' "no-change re-run" "$bb2" "$rs2" "$(echo "$rs2 / $bb2" | bc -l)"
 printf '%-22s %8s MB/s %6s MB/s\n' "  throughput" "$(mb $bb2)" "$(mb $rs2)"

@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{anyhow, bail, Result};
 use byteback_delta::{diff_segment, literal_delta, FileHasher, Signature};
-use byteback_protocol::limits::{MAX_BATCH, MAX_PENDING};
+use byteback_protocol::limits::{MAX_BATCH, MAX_BUFFERED_BYTES, MAX_PENDING};
 use byteback_protocol::{BackupStats, ClientMsg, Compressed, Entry, ServerMsg};
 
 use crate::conn::{ConnReader, ConnWriter, Connection};
@@ -63,7 +63,7 @@ pub struct BackupOptions {
 }
 
 /// Batches sent and not yet answered, with the absolute path of each entry.
-type Batches = Mutex<VecDeque<Vec<(PathBuf, Entry)>>>;
+type Batches = Mutex<VecDeque<(u64, Vec<(PathBuf, Entry)>)>>;
 
 struct Job {
     id: u32,
@@ -72,12 +72,37 @@ struct Job {
     basis: bool,
 }
 
+/// Flow control: the entries from the oldest unresolved one to the newest.
+/// The server has to hold all of them (it writes its manifest in order), so
+/// their count and size stay under the protocol's caps.
 #[derive(Default)]
 struct Flow {
-    /// Files announced and not yet resolved (entries in unanswered batches + open transfers).
-    pending: usize,
+    /// (resolved, buffer cost) per entry, from the oldest unresolved on.
+    window: VecDeque<(bool, usize)>,
+    /// Sequence number of `window[0]`.
+    window_base: u64,
+    /// Sum of costs in `window`.
+    window_bytes: usize,
+    /// Transfer id -> sequence number of its entry.
+    transfer_seq: HashMap<u32, u64>,
     failed: Option<String>,
     done: Option<(Option<String>, String, BackupStats)>,
+}
+
+impl Flow {
+    fn resolve(&mut self, seq: u64) {
+        if let Some(slot) = seq
+            .checked_sub(self.window_base)
+            .and_then(|i| self.window.get_mut(i as usize))
+        {
+            slot.0 = true;
+        }
+        while let Some(&(true, cost)) = self.window.front() {
+            self.window.pop_front();
+            self.window_base += 1;
+            self.window_bytes -= cost;
+        }
+    }
 }
 
 struct Shared {
@@ -172,6 +197,7 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
         shared: shared.clone(),
         batches,
         batch: vec![],
+        batch_cost: 0,
         entries: 0,
         walk_vanished: 0,
     };
@@ -179,7 +205,7 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
     let result = walked.and_then(|_| {
         // Wait until every file is resolved, then commit.
         let mut f = shared.flow.lock().map_err(|_| anyhow!("lock poisoned"))?;
-        while f.pending > 0 && f.failed.is_none() {
+        while !f.window.is_empty() && f.failed.is_none() {
             f = shared.cv.wait(f).map_err(|_| anyhow!("lock poisoned"))?;
         }
         if let Some(e) = &f.failed {
@@ -246,6 +272,7 @@ struct Announcer {
     shared: Arc<Shared>,
     batches: Arc<Batches>,
     batch: Vec<(PathBuf, Entry)>,
+    batch_cost: usize,
     entries: u64,
     walk_vanished: u64,
 }
@@ -256,13 +283,17 @@ impl Announcer {
             return Ok(());
         }
         let n = self.batch.len();
-        {
+        let cost = self.batch_cost;
+        let start = {
             let mut f = self
                 .shared
                 .flow
                 .lock()
                 .map_err(|_| anyhow!("lock poisoned"))?;
-            while f.pending + n > MAX_PENDING && f.failed.is_none() {
+            while (f.window.len() + n >= MAX_PENDING || f.window_bytes + cost > MAX_BUFFERED_BYTES)
+                && !f.window.is_empty()
+                && f.failed.is_none()
+            {
                 f = self
                     .shared
                     .cv
@@ -272,14 +303,21 @@ impl Announcer {
             if let Some(e) = &f.failed {
                 bail!("{e}");
             }
-            f.pending += n;
-        }
+            let start = f.window_base + f.window.len() as u64;
+            for (_, e) in &self.batch {
+                f.window.push_back((false, e.buffer_cost()));
+            }
+            f.window_bytes += cost;
+            start
+        };
         let batch = std::mem::take(&mut self.batch);
+        self.batch_cost = 0;
         let entries: Vec<Entry> = batch.iter().map(|(_, e)| e.clone()).collect();
+        // Queued before sending, so the reader always finds the batch a Needs answers.
         self.batches
             .lock()
             .map_err(|_| anyhow!("lock poisoned"))?
-            .push_back(batch);
+            .push_back((start, batch));
         self.shared.send(ClientMsg::Entries(entries))
     }
 }
@@ -287,6 +325,11 @@ impl Announcer {
 impl EntrySink for Announcer {
     fn entry(&mut self, abs: PathBuf, entry: Entry) -> Result<()> {
         self.entries += 1;
+        let cost = entry.buffer_cost();
+        if !self.batch.is_empty() && self.batch_cost + cost > MAX_BUFFERED_BYTES / 4 {
+            self.flush()?;
+        }
+        self.batch_cost += cost;
         self.batch.push((abs, entry));
         if self.batch.len() >= MAX_BATCH {
             self.flush()?;
@@ -342,13 +385,30 @@ fn reader_loop(
         let msg = r.recv()?;
         match msg {
             ServerMsg::Needs(needs) => {
-                let batch = batches
+                let (start, batch) = batches
                     .lock()
                     .map_err(|_| anyhow!("lock poisoned"))?
                     .pop_front()
                     .ok_or_else(|| anyhow!("server answered a batch that was never sent"))?;
                 let n = batch.len();
-                let k = needs.len();
+                let mut needed = vec![false; n];
+                for need in &needs {
+                    if let Some(x) = needed.get_mut(need.index as usize) {
+                        *x = true;
+                    }
+                }
+                {
+                    let mut f = shared.flow.lock().map_err(|_| anyhow!("lock poisoned"))?;
+                    for need in &needs {
+                        f.transfer_seq.insert(need.id, start + need.index as u64);
+                    }
+                    for (i, needed) in needed.iter().enumerate() {
+                        if !needed {
+                            f.resolve(start + i as u64);
+                        }
+                    }
+                    shared.cv.notify_all();
+                }
                 let mut batch: Vec<Option<(PathBuf, Entry)>> =
                     batch.into_iter().map(Some).collect();
                 for need in needs {
@@ -368,9 +428,6 @@ fn reader_loop(
                         },
                     );
                 }
-                let mut f = shared.flow.lock().map_err(|_| anyhow!("lock poisoned"))?;
-                f.pending -= n - k;
-                shared.cv.notify_all();
             }
             ServerMsg::Signature { id, sig } => {
                 let waiter = shared
@@ -385,7 +442,9 @@ fn reader_loop(
             ServerMsg::FileOk { id } => {
                 jobs.remove(&id);
                 let mut f = shared.flow.lock().map_err(|_| anyhow!("lock poisoned"))?;
-                f.pending -= 1;
+                if let Some(seq) = f.transfer_seq.remove(&id) {
+                    f.resolve(seq);
+                }
                 shared.cv.notify_all();
             }
             ServerMsg::FileRetry { id } => {

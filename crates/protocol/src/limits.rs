@@ -17,6 +17,10 @@ pub const MAX_NAME: usize = 255;
 pub const MAX_BATCH: usize = 1024;
 /// Most files that may be announced as needing data but not yet finished.
 pub const MAX_PENDING: usize = 8192;
+/// Most bytes of entries (see [`crate::Entry::buffer_cost`]) the server may have
+/// to hold behind a file whose transfer is not finished yet; the client's flow
+/// control keeps below it and the server refuses a client that does not.
+pub const MAX_BUFFERED_BYTES: usize = 8 << 20;
 /// Most files the client streams at the same time.
 pub const MAX_IN_FLIGHT: usize = 32;
 /// Most extended attributes per entry.

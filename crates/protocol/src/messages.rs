@@ -136,6 +136,21 @@ impl Entry {
         Ok(())
     }
 
+    /// Approximate memory an entry takes while buffered, for flow control.
+    pub fn buffer_cost(&self) -> usize {
+        let target = match &self.kind {
+            Kind::Symlink { target } | Kind::HardLink { target } => target.len(),
+            _ => 0,
+        };
+        128 + self.path.len()
+            + target
+            + self
+                .xattrs
+                .iter()
+                .map(|(n, v)| 48 + n.len() + v.len())
+                .sum::<usize>()
+    }
+
     /// Size in bytes for regular files, else 0.
     pub fn size(&self) -> u64 {
         match self.kind {

@@ -16,6 +16,7 @@ use std::os::unix::fs::FileExt;
 
 use anyhow::{anyhow, bail, Context, Result};
 use byteback_delta::{apply_ops, DeltaError, FileHasher, PatchSink, SignatureBuilder};
+use byteback_protocol::limits::{MAX_BUFFERED_BYTES, MAX_PENDING};
 use byteback_protocol::{BackupStats, Compressed, Entry, Kind, ManifestEntry, Need};
 use rustix::fs::FileType;
 
@@ -29,7 +30,8 @@ const IO_CHUNK: usize = 1 << 20;
 enum Slot {
     Ready(ManifestEntry),
     Waiting,
-    Dropped,
+    /// Given up; carries the cost it was admitted with.
+    Dropped(usize),
 }
 
 struct Transfer {
@@ -62,6 +64,8 @@ pub struct BackupReceiver {
     new: Option<ManifestWriter>,
     slots: VecDeque<Slot>,
     slot_base: u64,
+    /// Sum of `buffer_cost` of the entries in `slots` (waiting ones included).
+    slot_bytes: usize,
     transfers: HashMap<u32, Transfer>,
     next_id: u32,
     dirs: Vec<(Vec<u8>, OwnedFd)>,
@@ -120,6 +124,7 @@ impl BackupReceiver {
             new: Some(new),
             slots: VecDeque::new(),
             slot_base: 0,
+            slot_bytes: 0,
             transfers: HashMap::new(),
             next_id: 0,
             dirs: vec![(vec![], dir_fd)],
@@ -144,9 +149,17 @@ impl BackupReceiver {
         Ok(needs)
     }
 
-    fn push_slot(&mut self, s: Slot) -> u64 {
+    fn push_slot(&mut self, s: Slot, cost: usize) -> Result<u64> {
+        // Entries behind an unfinished transfer wait here; the client's flow
+        // control keeps this bounded and a client that ignores it is refused.
+        self.slot_bytes += cost;
+        if self.slots.len() >= MAX_PENDING || self.slot_bytes > MAX_BUFFERED_BYTES {
+            bail!(
+                "client sent more than {MAX_PENDING} entries or {MAX_BUFFERED_BYTES} bytes behind unfinished transfers"
+            );
+        }
         self.slots.push_back(s);
-        self.slot_base + self.slots.len() as u64 - 1
+        Ok(self.slot_base + self.slots.len() as u64 - 1)
     }
 
     fn set_slot(&mut self, seq: u64, s: Slot) {
@@ -163,8 +176,11 @@ impl BackupReceiver {
         while let Some(front) = self.slots.front() {
             match front {
                 Slot::Waiting => break,
-                Slot::Ready(e) => new.push(e)?,
-                Slot::Dropped => {}
+                Slot::Ready(e) => {
+                    new.push(e)?;
+                    self.slot_bytes = self.slot_bytes.saturating_sub(e.entry.buffer_cost());
+                }
+                Slot::Dropped(cost) => self.slot_bytes = self.slot_bytes.saturating_sub(*cost),
             }
             self.slots.pop_front();
             self.slot_base += 1;
@@ -215,10 +231,14 @@ impl BackupReceiver {
                 })?;
                 let fd = fsops::open_dir(parent_raw, &name)?;
                 self.dirs.push((e.path.clone(), fd));
-                self.push_slot(Slot::Ready(ManifestEntry {
-                    entry: e,
-                    hash: [0; 32],
-                }));
+                let cost = e.buffer_cost();
+                self.push_slot(
+                    Slot::Ready(ManifestEntry {
+                        entry: e,
+                        hash: [0; 32],
+                    }),
+                    cost,
+                )?;
                 Ok(None)
             }
             Kind::Symlink { target } => {
@@ -232,10 +252,14 @@ impl BackupReceiver {
                     fsops::remove_any(parent_raw, &name)?;
                     fsops::symlink(parent_raw, &name, target)?;
                 }
-                self.push_slot(Slot::Ready(ManifestEntry {
-                    entry: e,
-                    hash: [0; 32],
-                }));
+                let cost = e.buffer_cost();
+                self.push_slot(
+                    Slot::Ready(ManifestEntry {
+                        entry: e,
+                        hash: [0; 32],
+                    }),
+                    cost,
+                )?;
                 Ok(None)
             }
             Kind::File { size } => {
@@ -256,7 +280,10 @@ impl BackupReceiver {
                             // Written by an interrupted run, so not in the manifest yet.
                             _ => hash_file(&fsops::open_file(parent_raw, &name)?)?,
                         };
-                        self.push_slot(Slot::Ready(ManifestEntry { entry: e, hash }));
+                        {
+                            let cost = e.buffer_cost();
+                            self.push_slot(Slot::Ready(ManifestEntry { entry: e, hash }), cost)?;
+                        }
                         return Ok(None);
                     }
                 }
@@ -277,7 +304,7 @@ impl BackupReceiver {
                 fsops::remove_any(&self.tmp, &tmp_name)?;
                 let out = fsops::create_new(&self.tmp, &tmp_name)?;
                 let has_basis = basis.is_some();
-                let seq = self.push_slot(Slot::Waiting);
+                let seq = self.push_slot(Slot::Waiting, e.buffer_cost())?;
                 self.transfers.insert(
                     id,
                     Transfer {
@@ -298,10 +325,14 @@ impl BackupReceiver {
             // Hard links, FIFOs, sockets and devices live only in the manifest;
             // the commit walk removes whatever older object sits at their path.
             _ => {
-                self.push_slot(Slot::Ready(ManifestEntry {
-                    entry: e,
-                    hash: [0; 32],
-                }));
+                let cost = e.buffer_cost();
+                self.push_slot(
+                    Slot::Ready(ManifestEntry {
+                        entry: e,
+                        hash: [0; 32],
+                    }),
+                    cost,
+                )?;
                 Ok(None)
             }
         }
@@ -440,9 +471,14 @@ impl BackupReceiver {
         drop(t.out);
         fsops::remove_any(&self.tmp, &t.tmp_name)?;
         // The old copy in `current` was not touched, so its manifest entry still holds.
+        let cost = t.entry.buffer_cost();
         let slot = match t.old {
-            Some(o) if matches!(o.entry.kind, Kind::File { .. }) => Slot::Ready(o),
-            _ => Slot::Dropped,
+            Some(o) if matches!(o.entry.kind, Kind::File { .. }) => {
+                // Account for the old entry instead of the new one.
+                self.slot_bytes = (self.slot_bytes + o.entry.buffer_cost()).saturating_sub(cost);
+                Slot::Ready(o)
+            }
+            _ => Slot::Dropped(cost),
         };
         self.set_slot(t.seq, slot);
         self.flush_slots()?;

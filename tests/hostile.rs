@@ -1,0 +1,1515 @@
+//! Hostile clients: crafted protocol bytes fed straight into the real
+//! `byteback-server serve --host victim --store STORE`.
+//!
+//! Every test starts from a store holding one legitimate snapshot of `victim`
+//! (made by the real `byteback-backup`), a neighbouring host `neighbour` with
+//! a [`Sentinel`] in its directory, a file `SENTINEL` in the store root and a
+//! [`Sentinel`] in `<scratch>/outside`, the directory the attacks aim at.
+//! After each hostile session the server must have refused (non-zero exit and
+//! a clear message on stderr and in a final `Error` frame), or, where the
+//! input is legal, succeeded without doing anything unsafe; in both cases
+//! nothing outside `<store>/victim` changed and no existing snapshot changed.
+#![allow(clippy::unwrap_used)] // a panic is how a test fails
+
+mod util;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use byteback_delta::{hash_bytes, literal_delta};
+use byteback_protocol::limits::{MAX_CHUNK, MAX_FRAME};
+use byteback_protocol::{
+    decode_server, encode, read_frame, ClientMsg, Compressed, Entry, Kind, ServerMsg, MAGIC,
+    PROTOCOL_VERSION,
+};
+
+use util::*;
+
+/// The host every hostile session is filed under.
+const HOST: &str = "victim";
+/// A server still running after this long has hung: it is killed and the test fails.
+const TIMEOUT: Duration = Duration::from_secs(20);
+/// `RLIMIT_DATA` for sessions that try to make the server allocate: the
+/// server's buffers, one 20 MiB frame and one 10 MiB chunk fit; inflating a
+/// 64 MiB bomb does not (the allocation fails and the server aborts, which
+/// the test reports as a death by signal).
+const DATA_LIMIT: u64 = 48 << 20;
+
+// ---------------------------------------------------------------------------
+// Running the server
+// ---------------------------------------------------------------------------
+
+/// What one server run produced.
+struct Outcome {
+    what: String,
+    /// Exit code; `None` when killed by a signal.
+    code: Option<i32>,
+    signal: Option<i32>,
+    stderr: String,
+    /// Decoded frames of stdout.
+    msgs: Vec<ServerMsg>,
+    /// Why stdout did not decode cleanly to the end, if it did not.
+    stdout_problem: Option<String>,
+    elapsed: Duration,
+}
+
+impl Outcome {
+    fn describe(&self) -> String {
+        let names: Vec<&str> = self.msgs.iter().map(ServerMsg::name).collect();
+        format!(
+            "[{}] exit {:?} signal {:?} after {:?}\nframes: {names:?}\nlast error frame: {:?}\nstdout problem: {:?}\nstderr:\n{}",
+            self.what,
+            self.code,
+            self.signal,
+            self.elapsed,
+            self.error_frame(),
+            self.stdout_problem,
+            self.stderr
+        )
+    }
+
+    /// The message of the last frame if it is an `Error`.
+    fn error_frame(&self) -> Option<&str> {
+        match self.msgs.last() {
+            Some(ServerMsg::Error { message }) => Some(message),
+            _ => None,
+        }
+    }
+
+    fn backup_done(&self) -> Option<&ServerMsg> {
+        self.msgs
+            .iter()
+            .find(|m| matches!(m, ServerMsg::BackupDone { .. }))
+    }
+
+    /// Never a panic, never a signal, and stdout carries nothing but whole frames.
+    fn assert_sane(&self) {
+        assert!(
+            !self.stderr.contains("panicked"),
+            "server panicked:\n{}",
+            self.describe()
+        );
+        assert!(
+            self.signal.is_none() && self.code.is_some(),
+            "server died from a signal:\n{}",
+            self.describe()
+        );
+        assert!(
+            self.stdout_problem.is_none(),
+            "server stdout is not a clean frame stream:\n{}",
+            self.describe()
+        );
+    }
+
+    /// Non-zero exit, a final `Error` frame, the same reason on stderr, no
+    /// commit, no file content sent, and one of `needles` (case-insensitive)
+    /// in the message.
+    fn assert_refused(&self, needles: &[&str]) {
+        self.assert_sane();
+        assert!(
+            self.code.is_some_and(|c| c != 0),
+            "server should have failed:\n{}",
+            self.describe()
+        );
+        let Some(frame) = self.error_frame() else {
+            panic!("no final Error frame:\n{}", self.describe());
+        };
+        assert!(
+            !frame.trim().is_empty() && self.stderr.contains("byteback-server: "),
+            "the reason is not reported on both channels:\n{}",
+            self.describe()
+        );
+        let text = format!("{frame}\n{}", self.stderr).to_lowercase();
+        assert!(
+            needles.iter().any(|n| text.contains(&n.to_lowercase())),
+            "message does not say {needles:?}:\n{}",
+            self.describe()
+        );
+        assert!(
+            self.backup_done().is_none(),
+            "a refused session committed a backup:\n{}",
+            self.describe()
+        );
+        assert!(
+            !self
+                .msgs
+                .iter()
+                .any(|m| matches!(m, ServerMsg::FilePart(_) | ServerMsg::FileDone)),
+            "a refused session sent file content:\n{}",
+            self.describe()
+        );
+    }
+
+    /// A successful backup: exit 0, HelloOk naming `victim`, `files` files
+    /// acknowledged, no retry, and a snapshot taken. Returns its name.
+    fn assert_backup_ok(&self, files: usize) -> String {
+        self.assert_sane();
+        assert_eq!(self.code, Some(0), "backup failed:\n{}", self.describe());
+        match self.msgs.first() {
+            Some(ServerMsg::HelloOk { host, .. }) => assert_eq!(host, HOST),
+            _ => panic!("no HelloOk first:\n{}", self.describe()),
+        }
+        let oks = self
+            .msgs
+            .iter()
+            .filter(|m| matches!(m, ServerMsg::FileOk { .. }))
+            .count();
+        assert_eq!(oks, files, "FileOk count:\n{}", self.describe());
+        assert!(
+            !self
+                .msgs
+                .iter()
+                .any(|m| matches!(m, ServerMsg::FileRetry { .. } | ServerMsg::Error { .. })),
+            "{}",
+            self.describe()
+        );
+        match self.msgs.last() {
+            Some(ServerMsg::BackupDone {
+                snapshot: Some(s), ..
+            }) => s.clone(),
+            _ => panic!("no BackupDone with a snapshot:\n{}", self.describe()),
+        }
+    }
+}
+
+/// Runs `byteback-server ARGS` with `input` as its whole stdin (then closed),
+/// collecting stdout and stderr, optionally under `RLIMIT_DATA` =
+/// `data_limit`; kills it and fails after [`TIMEOUT`].
+fn run_server(what: &str, args: &[OsString], input: &[u8], data_limit: Option<u64>) -> Outcome {
+    let start = Instant::now();
+    let mut cmd = Command::new(bin("byteback-server"));
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(limit) = data_limit {
+        let lim = libc::rlimit {
+            rlim_cur: limit as libc::rlim_t,
+            rlim_max: limit as libc::rlim_t,
+        };
+        // SAFETY: the closure only calls setrlimit (async-signal-safe) with a
+        // valid rlimit, and reads errno.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_DATA, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start byteback-server: {e}"));
+    let pid = child.id() as libc::pid_t;
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    // The server may stop reading at any point; a broken pipe is expected then.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let mut out = child.stdout.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut v = vec![];
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let mut err = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut v = vec![];
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    // Wait on a helper thread, so the wait can time out. The child is reaped
+    // only there, so until then its pid cannot be reused and the kill below
+    // hits nothing else.
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let (status, hung) = match rx.recv_timeout(TIMEOUT) {
+        Ok(s) => (s, false),
+        Err(_) => {
+            // SAFETY: plain syscall on our own, not yet reaped, child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            (rx.recv().unwrap(), true)
+        }
+    };
+    let status = status.unwrap_or_else(|e| panic!("[{what}] cannot wait for the server: {e}"));
+    let elapsed = start.elapsed();
+    let _ = writer.join();
+    let stdout = out_reader.join().unwrap();
+    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned();
+    let (msgs, stdout_problem) = decode_frames(&stdout);
+    let o = Outcome {
+        what: what.to_string(),
+        code: status.code(),
+        signal: status.signal(),
+        stderr,
+        msgs,
+        stdout_problem,
+        elapsed,
+    };
+    assert!(
+        !hung,
+        "server hung: killed after {TIMEOUT:?}\n{}",
+        o.describe()
+    );
+    o
+}
+
+fn decode_frames(mut bytes: &[u8]) -> (Vec<ServerMsg>, Option<String>) {
+    let mut msgs = vec![];
+    loop {
+        match read_frame(&mut bytes) {
+            Ok(None) => return (msgs, None),
+            Ok(Some(f)) => match decode_server(&f) {
+                Ok(m) => msgs.push(m),
+                Err(e) => return (msgs, Some(format!("undecodable frame: {e}"))),
+            },
+            Err(e) => return (msgs, Some(format!("bad frame: {e}"))),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Building sessions
+// ---------------------------------------------------------------------------
+
+/// Client bytes, remembering where each frame ends.
+#[derive(Clone, Default)]
+struct Script {
+    bytes: Vec<u8>,
+    frame_ends: Vec<usize>,
+}
+
+impl Script {
+    fn msg(mut self, m: &ClientMsg) -> Self {
+        self.bytes.extend(encode(m).unwrap());
+        self.frame_ends.push(self.bytes.len());
+        self
+    }
+
+    fn raw(mut self, b: &[u8]) -> Self {
+        self.bytes.extend_from_slice(b);
+        self
+    }
+
+    /// Hello only.
+    fn hello() -> Self {
+        Script::default().msg(&ClientMsg::Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+        })
+    }
+
+    /// Hello and BackupStart.
+    fn backup() -> Self {
+        Self::hello().msg(&ClientMsg::BackupStart { checksum: false })
+    }
+}
+
+/// A fresh mtime for every session, so a crafted file never matches what
+/// `current` already holds (which would spare it a transfer and shift the ids).
+/// All values have the same bincode length, so sessions differing only in
+/// mtime have the same frame layout.
+fn fresh_mtime() -> i64 {
+    static N: AtomicI64 = AtomicI64::new(0);
+    1_600_000_000 + N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn entry(path: &[u8], kind: Kind, mode: u32, mtime: i64) -> Entry {
+    Entry {
+        path: path.to_vec(),
+        kind,
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime_sec: mtime,
+        mtime_nsec: 0,
+        xattrs: vec![],
+    }
+}
+
+fn dir_e(path: &[u8], mtime: i64) -> Entry {
+    entry(path, Kind::Dir, 0o755, mtime)
+}
+
+fn file_e(path: &[u8], size: usize, mtime: i64) -> Entry {
+    entry(path, Kind::File { size: size as u64 }, 0o644, mtime)
+}
+
+fn symlink_e(path: &[u8], target: &[u8], mtime: i64) -> Entry {
+    entry(
+        path,
+        Kind::Symlink {
+            target: target.to_vec(),
+        },
+        0o777,
+        mtime,
+    )
+}
+
+fn file_data(id: u32, content: &[u8]) -> ClientMsg {
+    ClientMsg::FileData {
+        id,
+        delta: Compressed::compress(&literal_delta(content), 1).unwrap(),
+    }
+}
+
+fn file_end(id: u32, content: &[u8], mtime: i64) -> ClientMsg {
+    ClientMsg::FileEnd {
+        id,
+        size: content.len() as u64,
+        hash: hash_bytes(content),
+        mtime_sec: mtime,
+        mtime_nsec: 0,
+    }
+}
+
+/// A whole backup as an honest client would send it: one batch with every
+/// entry, then the content of each regular file (transfer ids 0, 1, ... in
+/// entry order, which is how the server assigns them when every file is
+/// new or changed), then BackupEnd.
+fn backup_script(items: &[(Entry, Option<&[u8]>)]) -> Script {
+    let entries: Vec<Entry> = items.iter().map(|(e, _)| e.clone()).collect();
+    let mut s = Script::backup().msg(&ClientMsg::Entries(entries));
+    let mut id = 0;
+    for (e, content) in items {
+        if let Kind::File { .. } = e.kind {
+            let c = content.expect("a File item needs content");
+            s = s.msg(&file_data(id, c)).msg(&file_end(id, c, e.mtime_sec));
+            id += 1;
+        }
+    }
+    s.msg(&ClientMsg::BackupEnd)
+}
+
+fn frame_of_payload(payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(payload);
+    f
+}
+
+/// One block of a hand-made zstd frame.
+enum ZBlock<'a> {
+    Raw(&'a [u8]),
+    /// `n` copies of one byte.
+    Rle(u8, u32),
+}
+
+/// A zstd frame (RFC 8878) of raw and RLE blocks, without a content size or
+/// checksum and with a 128 KiB window: lets a tiny frame expand to any size
+/// without needing a compressor.
+fn zstd_frame(blocks: &[ZBlock]) -> Vec<u8> {
+    let mut out = 0xFD2F_B528u32.to_le_bytes().to_vec();
+    out.push(0x00); // Frame_Header_Descriptor: no FCS, not single-segment, no checksum, no dict
+    out.push(7 << 3); // Window_Descriptor: 2^(10 + 7) = 128 KiB
+    for (i, b) in blocks.iter().enumerate() {
+        let last = u32::from(i + 1 == blocks.len());
+        let (ty, size, body) = match b {
+            ZBlock::Raw(d) => (0u32, d.len() as u32, d.to_vec()),
+            ZBlock::Rle(byte, n) => (1u32, *n, vec![*byte]),
+        };
+        assert!(size <= 128 << 10, "zstd block too large");
+        out.extend_from_slice(&((size << 3) | (ty << 1) | last).to_le_bytes()[..3]);
+        out.extend(body);
+    }
+    out
+}
+
+/// librsync delta header of one literal of `len` bytes, 8-byte length form.
+fn literal_header(len: u64) -> Vec<u8> {
+    let mut h = 0x7273_0236u32.to_be_bytes().to_vec();
+    h.push(0x44);
+    h.extend_from_slice(&len.to_be_bytes());
+    h
+}
+
+// ---------------------------------------------------------------------------
+// The store under attack
+// ---------------------------------------------------------------------------
+
+fn write_config(store: &Path) {
+    fs::create_dir_all(store).unwrap();
+    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+}
+
+fn client_backup(store: &Path, src: &Path, host: &str) -> Output {
+    run(Command::new(bin("byteback-backup"))
+        .arg("--destination")
+        .arg(store)
+        .arg("--source")
+        .arg(src)
+        .args(["--hostname", host, "--retry-number", "0"]))
+}
+
+fn names_in(dir: &Path) -> BTreeSet<Vec<u8>> {
+    fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+        .collect()
+}
+
+/// Every path below `root` with its lstat, parents first; never follows symlinks.
+fn walk_all(root: &Path) -> Vec<(PathBuf, fs::Metadata)> {
+    let mut out = vec![];
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for name in names_in(&d) {
+            let p = d.join(OsStr::from_bytes(&name));
+            let m = fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push((p, m));
+        }
+    }
+    out
+}
+
+/// A scratch directory with a store under attack; see the module docs.
+struct Env {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    store: PathBuf,
+    outside: PathBuf,
+    /// Where restores go.
+    work: PathBuf,
+    outside_sentinel: Sentinel,
+    neighbour_sentinel: Sentinel,
+    /// Snapshot name -> tree digest.
+    snaps: BTreeMap<String, String>,
+    /// Names in `<store>/victim`.
+    host_listing: BTreeSet<Vec<u8>>,
+    /// Digest of the store with everything under `victim` left out.
+    store_rest: String,
+    /// `current/.byteback/manifest` as last committed.
+    manifest: Vec<u8>,
+    /// Names at the top of the scratch directory.
+    root_listing: BTreeSet<Vec<u8>>,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = scratch();
+        let root = dir.path().to_path_buf();
+        let store = root.join("store");
+        write_config(&store);
+        let outside = root.join("outside");
+        fs::create_dir(&outside).unwrap();
+        let outside_sentinel = Sentinel::plant(&outside);
+        let work = root.join("work");
+        fs::create_dir(&work).unwrap();
+
+        let src = root.join("src");
+        fs::create_dir_all(src.join("sub")).unwrap();
+        fs::write(src.join("hello.txt"), b"hello\n").unwrap();
+        fs::write(src.join("sub/data.bin"), Rng::new(1).bytes(5000)).unwrap();
+        std::os::unix::fs::symlink("../hello.txt", src.join("sub/link")).unwrap();
+        client_backup(&store, &src, "neighbour");
+        client_backup(&store, &src, HOST);
+        // Next to the host directory: another host's backups, and a file in the store root.
+        let neighbour_sentinel = Sentinel::plant(&store.join("neighbour"));
+        fs::write(store.join("SENTINEL"), Rng::from_time().bytes(1234)).unwrap();
+
+        let mut env = Env {
+            _dir: dir,
+            root: root.clone(),
+            store,
+            outside,
+            work,
+            outside_sentinel,
+            neighbour_sentinel,
+            snaps: BTreeMap::new(),
+            host_listing: BTreeSet::new(),
+            store_rest: String::new(),
+            manifest: vec![],
+            root_listing: names_in(&root),
+        };
+        env.store_rest = env.store_rest_digest();
+        let new = env.accept();
+        assert_eq!(new.len(), 1, "the legitimate backup made no snapshot");
+        env
+    }
+
+    fn host_dir(&self) -> PathBuf {
+        self.store.join(HOST)
+    }
+
+    fn current(&self) -> PathBuf {
+        self.host_dir().join("current")
+    }
+
+    fn snapshot_names(&self) -> Vec<String> {
+        names_in(&self.host_dir())
+            .into_iter()
+            .map(|n| String::from_utf8(n).unwrap())
+            .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+            .collect()
+    }
+
+    fn store_rest_digest(&self) -> String {
+        tree_digest(&self.store)
+            .lines()
+            .filter(|l| !l.starts_with("victim ") && !l.starts_with("victim/"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
+    fn read_manifest(&self) -> Vec<u8> {
+        fs::read(self.current().join(".byteback/manifest")).unwrap()
+    }
+
+    fn serve(&self, what: &str, input: &[u8]) -> Outcome {
+        self.serve_as(what, HOST, &[], input)
+    }
+
+    /// [`Env::serve`] under `RLIMIT_DATA` = [`DATA_LIMIT`].
+    fn serve_limited(&self, what: &str, input: &[u8]) -> Outcome {
+        run_server(what, &self.serve_args(HOST, &[]), input, Some(DATA_LIMIT))
+    }
+
+    fn serve_as(&self, what: &str, host: &str, extra: &[&str], input: &[u8]) -> Outcome {
+        run_server(what, &self.serve_args(host, extra), input, None)
+    }
+
+    fn serve_args(&self, host: &str, extra: &[&str]) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["serve".into(), format!("--host={host}").into()];
+        args.push("--store".into());
+        args.push(self.store.clone().into());
+        args.extend(extra.iter().map(OsString::from));
+        args
+    }
+
+    /// The previously recorded snapshots are intact; nothing outside
+    /// `<store>/victim` changed.
+    fn check_world(&self) {
+        self.outside_sentinel.assert_untouched();
+        self.neighbour_sentinel.assert_untouched();
+        let rest = self.store_rest_digest();
+        assert!(
+            rest == self.store_rest,
+            "the store outside {HOST}/ changed:\n{}",
+            digest_diff(&self.store_rest, &rest)
+        );
+        assert_eq!(
+            names_in(&self.root),
+            self.root_listing,
+            "names appeared or vanished next to the store"
+        );
+        for (name, digest) in &self.snaps {
+            let path = self.host_dir().join(name);
+            assert!(path.is_dir(), "snapshot {name} is gone");
+            let now = tree_digest(&path);
+            assert!(
+                &now == digest,
+                "snapshot {name} changed:\n{}",
+                digest_diff(digest, &now)
+            );
+        }
+    }
+
+    /// After a refused session: [`Env::check_world`], no new snapshot (the
+    /// host directory holds the same names) and the manifest was not replaced.
+    fn check_unchanged(&self) {
+        self.check_world();
+        let listing = names_in(&self.host_dir());
+        assert!(
+            listing == self.host_listing,
+            "{}/ changed: {:?} -> {:?}",
+            HOST,
+            self.host_listing
+                .iter()
+                .map(|n| String::from_utf8_lossy(n).into_owned())
+                .collect::<Vec<_>>(),
+            listing
+                .iter()
+                .map(|n| String::from_utf8_lossy(n).into_owned())
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            self.read_manifest() == self.manifest,
+            "a refused session replaced the manifest"
+        );
+    }
+
+    /// After a successful session: [`Env::check_world`], then records the new
+    /// snapshots (returned), the host listing and the manifest.
+    fn accept(&mut self) -> Vec<String> {
+        self.check_world();
+        let mut new = vec![];
+        for name in self.snapshot_names() {
+            if !self.snaps.contains_key(&name) {
+                let d = tree_digest(&self.host_dir().join(&name));
+                self.snaps.insert(name.clone(), d);
+                new.push(name);
+            }
+        }
+        self.host_listing = names_in(&self.host_dir());
+        self.manifest = self.read_manifest();
+        new
+    }
+
+    /// Refused session: the outcome and the store both say so.
+    fn refused(&self, o: &Outcome, needles: &[&str]) {
+        o.assert_refused(needles);
+        self.check_unchanged();
+        assert_nothing_named(&self.root, "pwn");
+    }
+
+    fn restore_cmd(&self) -> Command {
+        let mut c = Command::new(bin("byteback-restore"));
+        c.current_dir(&self.work)
+            .arg("--destination")
+            .arg(&self.store)
+            .args(["--hostname", HOST]);
+        c
+    }
+}
+
+/// Panics if anything named `name` exists anywhere below `root`.
+fn assert_nothing_named(root: &Path, name: &str) {
+    for (p, _) in walk_all(root) {
+        assert!(
+            p.file_name() != Some(OsStr::new(name)),
+            "{} exists",
+            p.display()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1-3: paths that leave the tree
+// ---------------------------------------------------------------------------
+
+#[test]
+fn dot_dot_components_are_refused() {
+    let env = Env::new();
+    let m = fresh_mtime();
+    let pwn = b"pwned".as_slice();
+    // From current/a, four `..` reach the scratch root, which holds outside/.
+    for (what, path) in [
+        (
+            "a/../../../../outside/pwn",
+            b"a/../../../../outside/pwn".as_slice(),
+        ),
+        ("../../../outside/pwn", b"../../../outside/pwn".as_slice()),
+        ("a/..", b"a/..".as_slice()),
+    ] {
+        // The parent goes in a batch of its own, so it is acted on before the attack arrives.
+        let s = Script::backup()
+            .msg(&ClientMsg::Entries(vec![dir_e(b"a", m)]))
+            .msg(&ClientMsg::Entries(vec![file_e(path, pwn.len(), m)]))
+            .msg(&file_data(0, pwn))
+            .msg(&file_end(0, pwn, m))
+            .msg(&ClientMsg::BackupEnd);
+        let o = env.serve(what, &s.bytes);
+        env.refused(&o, &["dot component"]);
+    }
+    for kind in [
+        Kind::Dir,
+        Kind::File { size: 5 },
+        Kind::Symlink {
+            target: b"x".to_vec(),
+        },
+    ] {
+        let s = backup_script(&[(entry(b"..", kind.clone(), 0o755, m), Some(pwn))]);
+        let o = env.serve(&format!("`..` alone as {kind:?}"), &s.bytes);
+        env.refused(&o, &["dot component"]);
+    }
+    // A hard link whose first name is outside.
+    let s = backup_script(&[(
+        entry(
+            b"h",
+            Kind::HardLink {
+                target: b"../../../outside/SENTINEL".to_vec(),
+            },
+            0o644,
+            m,
+        ),
+        None,
+    )]);
+    let o = env.serve("hard link to ../", &s.bytes);
+    env.refused(&o, &["dot component"]);
+    // Reading through `..`.
+    let s = Script::hello().msg(&ClientMsg::ReadFile {
+        snapshot: "current".into(),
+        path: b"../../../outside/SENTINEL".to_vec(),
+    });
+    let o = env.serve("ReadFile ../", &s.bytes);
+    env.refused(&o, &["dot component"]);
+    for snap in ["..", "../neighbour/current", "."] {
+        let s = Script::hello().msg(&ClientMsg::ReadManifest {
+            snapshot: snap.into(),
+        });
+        let o = env.serve(&format!("ReadManifest {snap}"), &s.bytes);
+        env.refused(&o, &["not a valid snapshot name"]);
+    }
+}
+
+#[test]
+fn absolute_paths_are_refused() {
+    let env = Env::new();
+    let m = fresh_mtime();
+    let pwn = b"pwned".as_slice();
+    let target = env.outside.join("pwn");
+    let abs = target.as_os_str().as_bytes();
+    let s = backup_script(&[(file_e(abs, pwn.len(), m), Some(pwn))]);
+    let o = env.serve("absolute file path", &s.bytes);
+    env.refused(&o, &["absolute"]);
+    let s = backup_script(&[(dir_e(env.outside.as_os_str().as_bytes(), m), None)]);
+    let o = env.serve("absolute dir path", &s.bytes);
+    env.refused(&o, &["absolute"]);
+    let s = backup_script(&[(dir_e(b"/", m), None)]);
+    let o = env.serve("the root itself", &s.bytes);
+    env.refused(&o, &["absolute"]);
+    let s = backup_script(&[(
+        entry(
+            b"h",
+            Kind::HardLink {
+                target: b"/etc/passwd".to_vec(),
+            },
+            0o644,
+            m,
+        ),
+        None,
+    )]);
+    let o = env.serve("hard link to an absolute path", &s.bytes);
+    env.refused(&o, &["absolute"]);
+    let s = Script::hello().msg(&ClientMsg::ReadFile {
+        snapshot: "current".into(),
+        path: b"/etc/passwd".to_vec(),
+    });
+    let o = env.serve("ReadFile /etc/passwd", &s.bytes);
+    env.refused(&o, &["absolute"]);
+    assert!(!target.exists());
+}
+
+#[test]
+fn nul_in_path_is_refused() {
+    let env = Env::new();
+    let m = fresh_mtime();
+    let pwn = b"pwned".as_slice();
+    for path in [
+        b"a\0b".as_slice(),
+        b"pwn\0".as_slice(),
+        b"\0".as_slice(),
+        b"d\0/../../../outside/pwn".as_slice(),
+    ] {
+        let s = backup_script(&[(file_e(path, pwn.len(), m), Some(pwn))]);
+        let o = env.serve(&format!("NUL in {path:?}"), &s.bytes);
+        env.refused(&o, &["NUL"]);
+    }
+    let s = backup_script(&[(symlink_e(b"l", b"/etc\0/passwd", m), None)]);
+    let o = env.serve("NUL in a symlink target", &s.bytes);
+    env.refused(&o, &["NUL"]);
+    let mut e = file_e(b"x", pwn.len(), m);
+    e.xattrs = vec![(b"user.a\0b".to_vec(), b"v".to_vec())];
+    let s = backup_script(&[(e, Some(pwn))]);
+    let o = env.serve("NUL in an xattr name", &s.bytes);
+    env.refused(&o, &["bad xattr name"]);
+    let s = Script::hello().msg(&ClientMsg::ReadFile {
+        snapshot: "current".into(),
+        path: b"work\0".to_vec(),
+    });
+    let o = env.serve("ReadFile with NUL", &s.bytes);
+    env.refused(&o, &["NUL"]);
+}
+
+// ---------------------------------------------------------------------------
+// 4: symlinks planted in the tree
+// ---------------------------------------------------------------------------
+
+#[test]
+fn symlink_cannot_redirect_writes() {
+    let mut env = Env::new();
+    let outside = env.outside.as_os_str().as_bytes().to_vec();
+    let sentinel = env.outside.join("SENTINEL");
+    let sentinel_b = sentinel.as_os_str().as_bytes().to_vec();
+    let pwn = b"pwned through a symlink".as_slice();
+
+    // In one session: a symlink, then a file beneath it.
+    let m = fresh_mtime();
+    let s = backup_script(&[
+        (symlink_e(b"evil", &outside, m), None),
+        (file_e(b"evil/pwn", pwn.len(), m), Some(pwn)),
+    ]);
+    let o = env.serve("symlink then file beneath it", &s.bytes);
+    env.refused(&o, &["without its parent directory"]);
+
+    // The same one level down.
+    let s = backup_script(&[
+        (dir_e(b"d", m), None),
+        (symlink_e(b"d/link", &outside, m), None),
+        (file_e(b"d/link/pwn", pwn.len(), m), Some(pwn)),
+    ]);
+    let o = env.serve("dir, symlink in it, file beneath the symlink", &s.bytes);
+    env.refused(&o, &["without its parent directory"]);
+
+    // A directory beneath the symlink, then a file in that directory.
+    let s = backup_script(&[
+        (symlink_e(b"evil", &outside, m), None),
+        (dir_e(b"evil/sub", m), None),
+        (file_e(b"evil/sub/pwn", pwn.len(), m), Some(pwn)),
+    ]);
+    let o = env.serve("symlink then dir beneath it", &s.bytes);
+    env.refused(&o, &["without its parent directory"]);
+
+    // Across sessions: the symlinks are legal content and get committed...
+    let m = fresh_mtime();
+    let s = backup_script(&[
+        (symlink_e(b"evil", &outside, m), None),
+        (symlink_e(b"leak", &sentinel_b, m), None),
+        (symlink_e(b"over", &sentinel_b, m), None),
+    ]);
+    let o = env.serve("commit symlinks to outside", &s.bytes);
+    let snap1 = o.assert_backup_ok(0);
+    assert_eq!(env.accept(), vec![snap1.clone()]);
+    assert_eq!(
+        fs::read_link(env.current().join("evil")).unwrap(),
+        env.outside
+    );
+
+    // ...and cannot be read through.
+    for (what, path) in [
+        ("ReadFile of a symlink to outside", b"leak".as_slice()),
+        ("ReadFile beneath a symlink to outside", b"evil/SENTINEL"),
+    ] {
+        for snap in ["current", snap1.as_str()] {
+            let s = Script::hello().msg(&ClientMsg::ReadFile {
+                snapshot: snap.into(),
+                path: path.to_vec(),
+            });
+            let o = env.serve(&format!("{what} in {snap}"), &s.bytes);
+            env.refused(&o, &["cannot open"]);
+        }
+    }
+
+    // Next session: a real directory where the symlink was, a file in it,
+    // and a regular file where another symlink was.
+    let m = fresh_mtime();
+    let s = backup_script(&[
+        (dir_e(b"evil", m), None),
+        (file_e(b"evil/pwn", pwn.len(), m), Some(pwn)),
+        (file_e(b"over", pwn.len(), m), Some(pwn)),
+    ]);
+    let o = env.serve("dir and file replacing the symlinks", &s.bytes);
+    let snap2 = o.assert_backup_ok(2);
+    assert_eq!(env.accept(), vec![snap2.clone()]);
+    for base in [env.current(), env.host_dir().join(&snap2)] {
+        let evil = fs::symlink_metadata(base.join("evil")).unwrap();
+        assert!(evil.is_dir(), "evil is not a real directory in {base:?}");
+        assert_eq!(fs::read(base.join("evil/pwn")).unwrap(), pwn);
+        let over = fs::symlink_metadata(base.join("over")).unwrap();
+        assert!(over.is_file(), "over is not a regular file in {base:?}");
+        assert_eq!(fs::read(base.join("over")).unwrap(), pwn);
+    }
+    // The first snapshot still holds the symlinks (check_world compared its digest).
+    assert!(
+        fs::symlink_metadata(env.host_dir().join(&snap1).join("evil"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    env.check_world();
+}
+
+// ---------------------------------------------------------------------------
+// 5-6: resource exhaustion
+// ---------------------------------------------------------------------------
+
+#[test]
+fn oversized_frames_fail_fast() {
+    let env = Env::new();
+    let junk = vec![0x5au8; 64 << 10];
+    let over = (MAX_FRAME as u32 + 1).to_le_bytes();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "0xFFFFFFFF as the first frame",
+            Script::default().raw(&[0xff; 4]).raw(&junk).bytes,
+            "exceeds the limit",
+        ),
+        (
+            "MAX_FRAME + 1 as the first frame",
+            Script::default().raw(&over).raw(&junk).bytes,
+            "exceeds the limit",
+        ),
+        (
+            "0xFFFFFFFF inside a backup",
+            Script::backup().raw(&[0xff; 4]).raw(&junk).bytes,
+            "exceeds the limit",
+        ),
+        (
+            "MAX_FRAME + 1 inside a backup",
+            Script::backup().raw(&over).raw(&junk).bytes,
+            "exceeds the limit",
+        ),
+        (
+            "MAX_FRAME exactly, but only 64 KiB sent",
+            Script::backup()
+                .raw(&(MAX_FRAME as u32).to_le_bytes())
+                .raw(&junk)
+                .bytes,
+            "middle of a frame",
+        ),
+        (
+            "an Entries batch claiming 2^60 entries",
+            Script::backup()
+                .raw(&frame_of_payload(
+                    &[&[2u8, 253][..], &(1u64 << 60).to_le_bytes()].concat(),
+                ))
+                .bytes,
+            "undecodable",
+        ),
+        (
+            "a path claiming 2^40 bytes",
+            Script::backup()
+                .raw(&frame_of_payload(
+                    &[&[2u8, 1, 253][..], &(1u64 << 40).to_le_bytes()].concat(),
+                ))
+                .bytes,
+            "undecodable",
+        ),
+    ];
+    for (what, input, needle) in cases {
+        let o = env.serve_limited(what, &input);
+        env.refused(&o, &[needle]);
+        assert!(
+            o.elapsed < Duration::from_secs(5),
+            "not refused quickly:\n{}",
+            o.describe()
+        );
+    }
+}
+
+/// Panics if any file under `root` is larger than `max` bytes.
+fn assert_no_file_larger(root: &Path, max: u64) {
+    for (p, m) in walk_all(root) {
+        assert!(
+            m.len() <= max || m.is_dir(),
+            "{} has {} bytes",
+            p.display(),
+            m.len()
+        );
+    }
+}
+
+/// While one announced file stays unfinished, the entries after it wait in
+/// memory to be written to the manifest in order. A client that never
+/// finishes that file and keeps sending entries (each may carry up to 1 MiB
+/// of xattrs) must not be able to grow that queue without bound.
+#[test]
+fn open_transfer_cannot_make_the_server_buffer_entries_without_bound() {
+    let env = Env::new();
+    let m = fresh_mtime();
+    // File `a` needs data that never comes; then 12 batches of 8 directories
+    // with 960 KiB of xattrs each: about 90 MiB of entries behind it.
+    let mut s = Script::backup().msg(&ClientMsg::Entries(vec![file_e(b"a", 10, m)]));
+    let mut n = 0;
+    for _ in 0..12 {
+        let mut batch = vec![];
+        for _ in 0..8 {
+            let mut e = dir_e(format!("d{n:04}").as_bytes(), m);
+            e.xattrs = (0..15u8)
+                .map(|i| (format!("user.x{i:02}").into_bytes(), vec![i; 64 << 10]))
+                .collect();
+            batch.push(e);
+            n += 1;
+        }
+        s = s.msg(&ClientMsg::Entries(batch));
+    }
+    let o = env.serve_limited("entries queued behind an open transfer", &s.bytes);
+    assert!(
+        !(o.signal == Some(libc::SIGABRT) && o.stderr.contains("memory allocation")),
+        "the server kept every entry queued behind the unfinished transfer in memory \
+         and ran out of its {} MiB data limit (BackupReceiver::slots is unbounded):\n{}",
+        DATA_LIMIT >> 20,
+        o.describe()
+    );
+    o.assert_sane();
+    // Whether it refuses early or holds out until the client leaves, nothing commits.
+    assert!(o.code != Some(0), "{}", o.describe());
+    assert!(o.backup_done().is_none(), "{}", o.describe());
+    env.check_unchanged();
+}
+
+#[test]
+fn zstd_bombs_are_refused() {
+    let mut env = Env::new();
+
+    // Positive control: the hand-made zstd frame is real zstd and a real delta.
+    let m = fresh_mtime();
+    let mut header = 0x7273_0236u32.to_be_bytes().to_vec();
+    header.extend_from_slice(&[0x41, 200]);
+    let data = zstd_frame(&[
+        ZBlock::Raw(&header),
+        ZBlock::Rle(b'x', 200),
+        ZBlock::Raw(&[0x00]),
+    ]);
+    let content = vec![b'x'; 200];
+    let s = Script::backup()
+        .msg(&ClientMsg::Entries(vec![file_e(b"rle", 200, m)]))
+        .msg(&ClientMsg::FileData {
+            id: 0,
+            delta: Compressed {
+                raw_len: (header.len() + 201) as u32,
+                data,
+            },
+        })
+        .msg(&file_end(0, &content, m))
+        .msg(&ClientMsg::BackupEnd);
+    let o = env.serve("hand-made zstd frame", &s.bytes);
+    let snap = o.assert_backup_ok(1);
+    assert_eq!(env.accept(), vec![snap.clone()]);
+    assert_eq!(fs::read(env.current().join("rle")).unwrap(), content);
+
+    // The bomb: a literal of 64 MiB of zeros in 2 KiB of zstd.
+    const BOMB: u64 = 64 << 20;
+    let header = literal_header(BOMB);
+    let mut blocks = vec![ZBlock::Raw(&header)];
+    blocks.extend((0..BOMB / (128 << 10)).map(|_| ZBlock::Rle(0, 128 << 10)));
+    blocks.push(ZBlock::Raw(&[0x00]));
+    let bomb = zstd_frame(&blocks);
+    assert!(bomb.len() < 4096);
+    for (what, raw_len, needles) in [
+        (
+            "declares 1 KiB, inflates to 64 MiB",
+            1024u32,
+            &["compressed data"][..],
+        ),
+        (
+            "declares MAX_CHUNK, inflates to 64 MiB",
+            MAX_CHUNK as u32,
+            &["compressed data"][..],
+        ),
+        (
+            "declares u32::MAX",
+            u32::MAX,
+            &["too large", "limit exceeded"][..],
+        ),
+    ] {
+        let m = fresh_mtime();
+        let s = Script::backup()
+            .msg(&ClientMsg::Entries(vec![file_e(b"bomb", BOMB as usize, m)]))
+            .msg(&ClientMsg::FileData {
+                id: 0,
+                delta: Compressed {
+                    raw_len,
+                    data: bomb.clone(),
+                },
+            })
+            .msg(&ClientMsg::FileEnd {
+                id: 0,
+                size: BOMB,
+                hash: [0; 32],
+                mtime_sec: m,
+                mtime_nsec: 0,
+            })
+            .msg(&ClientMsg::BackupEnd);
+        let o = env.serve_limited(what, &s.bytes);
+        env.refused(&o, needles);
+        assert!(
+            o.elapsed < Duration::from_secs(5),
+            "not refused quickly:\n{}",
+            o.describe()
+        );
+        assert!(!env.current().join("bomb").exists());
+        assert_no_file_larger(&env.store, 1 << 20);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 7-8: truncated, random and mutated input
+// ---------------------------------------------------------------------------
+
+fn small_session(content: &[u8], mtime: i64) -> Script {
+    backup_script(&[
+        (dir_e(b"d", mtime), None),
+        (file_e(b"d/f", content.len(), mtime), Some(content)),
+    ])
+}
+
+#[test]
+fn truncated_sessions_never_commit() {
+    let mut env = Env::new();
+    let content = Rng::new(0x7ac7).bytes(200);
+    let full = small_session(&content, fresh_mtime());
+    let o = env.serve("the whole session", &full.bytes);
+    let snap = o.assert_backup_ok(1);
+    assert_eq!(env.accept(), vec![snap.clone()]);
+    assert_eq!(fs::read(env.current().join("d/f")).unwrap(), content);
+    assert_eq!(
+        fs::read(env.host_dir().join(&snap).join("d/f")).unwrap(),
+        content
+    );
+
+    let len = full.bytes.len();
+    let step = len.div_ceil(600).max(1);
+    let hello_end = full.frame_ends[0];
+    for cut in (0..len).step_by(step) {
+        // A new mtime each time, so the file is always transferred again.
+        let s = small_session(&content, fresh_mtime());
+        assert_eq!(s.frame_ends, full.frame_ends, "layout must not change");
+        let o = env.serve(&format!("first {cut} of {len} bytes"), &s.bytes[..cut]);
+        if cut == 0 || cut == hello_end {
+            // Closing between requests is a clean goodbye.
+            o.assert_sane();
+            assert_eq!(o.code, Some(0), "{}", o.describe());
+            assert!(o.error_frame().is_none() && o.backup_done().is_none());
+            env.check_unchanged();
+        } else if full.frame_ends.contains(&cut) {
+            env.refused(&o, &["went away"]);
+        } else {
+            env.refused(&o, &["middle of a frame"]);
+        }
+    }
+}
+
+/// Checks a mutated session that the server accepted: every regular file
+/// it committed (outside the server's `.byteback`) holds exactly `content`.
+fn check_committed_content(env: &Env, snap: &str, content: &[u8], what: &str) {
+    let base = env.host_dir().join(snap);
+    for (p, m) in walk_all(&base) {
+        if p.starts_with(base.join(".byteback")) {
+            continue;
+        }
+        if m.is_file() {
+            assert_eq!(
+                fs::read(&p).unwrap(),
+                content,
+                "[{what}] {} holds content that was never sent",
+                p.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn random_garbage_never_panics() {
+    let env = Env::new();
+    let mut rng = Rng::new(0x06a7_ba6e);
+    for i in 0..64 {
+        let len = 1 + rng.below(2048) as usize;
+        let input = rng.bytes(len);
+        let o = env.serve(&format!("random buffer {i} ({len} bytes)"), &input);
+        o.assert_sane();
+        assert!(o.code != Some(0), "garbage accepted:\n{}", o.describe());
+        assert!(o.backup_done().is_none());
+        env.check_unchanged();
+    }
+    // Well-framed garbage after a valid start, so it reaches the decoder and
+    // the backup code: random payloads behind message tags 2..=6 (Entries to
+    // FileAbort; never BackupEnd, so nothing may commit).
+    for i in 0..64 {
+        let mut s = Script::backup();
+        for _ in 0..1 + rng.below(4) {
+            let mut payload = vec![2 + rng.below(5) as u8];
+            let n = rng.below(600) as usize;
+            payload.extend(rng.bytes(n));
+            s = s.raw(&frame_of_payload(&payload));
+        }
+        let o = env.serve(&format!("random frames {i}"), &s.bytes);
+        o.assert_sane();
+        assert!(o.code != Some(0), "garbage accepted:\n{}", o.describe());
+        assert!(o.backup_done().is_none());
+        env.check_unchanged();
+    }
+}
+
+#[test]
+fn bit_flipped_sessions_never_commit_bad_content() {
+    let mut env = Env::new();
+    let content = Rng::new(0xf11b).bytes(200);
+    let mut rng = Rng::new(0xb17f);
+    let mut accepted = 0;
+    for i in 0..64 {
+        let mut input = small_session(&content, fresh_mtime()).bytes;
+        let flips = 1 + rng.below(3);
+        let mut at = vec![];
+        for _ in 0..flips {
+            let bit = rng.below(input.len() as u64 * 8) as usize;
+            input[bit / 8] ^= 1 << (bit % 8);
+            at.push(bit);
+        }
+        let what = format!("mutation {i}: bits {at:?} flipped");
+        let o = env.serve(&what, &input);
+        o.assert_sane();
+        match o.backup_done() {
+            Some(ServerMsg::BackupDone { snapshot, .. }) => {
+                // The flip hit something harmless (a mode, a name...): the
+                // content must still be exactly what was sent.
+                assert_eq!(o.code, Some(0), "{}", o.describe());
+                let new = env.accept();
+                assert_eq!(
+                    new.iter().collect::<Vec<_>>(),
+                    snapshot.iter().collect::<Vec<_>>(),
+                    "{}",
+                    o.describe()
+                );
+                for s in &new {
+                    check_committed_content(&env, s, &content, &what);
+                }
+                accepted += 1;
+            }
+            _ => {
+                // Refused (or, if the flip turned a request into a harmless
+                // one, finished without committing anything).
+                if o.code != Some(0) {
+                    assert!(o.error_frame().is_some(), "{}", o.describe());
+                }
+                env.check_unchanged();
+            }
+        }
+    }
+    eprintln!("{accepted} of 64 mutated sessions were still valid");
+}
+
+// ---------------------------------------------------------------------------
+// 9-11: names the server reserves, metadata it must not apply, host names
+// ---------------------------------------------------------------------------
+
+#[test]
+fn client_cannot_overwrite_the_manifest() {
+    let mut env = Env::new();
+    let fake = b"not a manifest at all".as_slice();
+    let tmp = b"client tmp".as_slice();
+    let m = fresh_mtime();
+    let s = backup_script(&[
+        (dir_e(b".byteback", m), None),
+        (file_e(b".byteback/manifest", fake.len(), m), Some(fake)),
+        (file_e(b".byteback/manifest.new", fake.len(), m), Some(fake)),
+        (file_e(b".byteback/tmp", tmp.len(), m), Some(tmp)),
+        (file_e(b".byteback-x", tmp.len(), m), Some(tmp)),
+    ]);
+    let o = env.serve(".byteback/manifest", &s.bytes);
+    let snap1 = o.assert_backup_ok(4);
+    assert_eq!(env.accept(), vec![snap1.clone()]);
+    assert!(env.current().join(".byteback/manifest").is_file());
+    assert_ne!(env.read_manifest(), fake);
+
+    // The listing reads the server's manifest and shows the client's files.
+    let out = run(env
+        .restore_cmd()
+        .args(["--list", "--snapshot", &snap1, "/"]));
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    for p in [
+        "/.byteback/manifest",
+        "/.byteback/manifest.new",
+        "/.byteback/tmp",
+        "/.byteback-x",
+    ] {
+        assert!(
+            listing.lines().any(|l| l.ends_with(&format!(" {p}"))),
+            "{p} not listed:\n{listing}"
+        );
+    }
+    // And each restores under its own name with the client's content.
+    run(env
+        .restore_cmd()
+        .args(["--restore", "--snapshot", &snap1, "/"]));
+    let r = env.work.join(&snap1);
+    assert_eq!(fs::read(r.join(".byteback/manifest")).unwrap(), fake);
+    assert_eq!(fs::read(r.join(".byteback/manifest.new")).unwrap(), fake);
+    assert_eq!(fs::read(r.join(".byteback/tmp")).unwrap(), tmp);
+    assert_eq!(fs::read(r.join(".byteback-x")).unwrap(), tmp);
+
+    // Next: `.byteback` as a plain file, and the escaped name of the last
+    // session's directory as a client name of its own.
+    let other = b"second session".as_slice();
+    let m = fresh_mtime();
+    let s = backup_script(&[
+        (file_e(b".byteback", fake.len(), m), Some(fake)),
+        (dir_e(b".byteback-.byteback", m), None),
+        (
+            file_e(b".byteback-.byteback/manifest", other.len(), m),
+            Some(other),
+        ),
+    ]);
+    let o = env.serve(".byteback as a file", &s.bytes);
+    let snap2 = o.assert_backup_ok(2);
+    assert_eq!(env.accept(), vec![snap2.clone()]);
+    assert!(env.current().join(".byteback/manifest").is_file());
+    let out = run(env.restore_cmd().args(["--list", "/"]));
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        listing.contains(" /.byteback-.byteback/manifest"),
+        "{listing}"
+    );
+    run(env
+        .restore_cmd()
+        .args(["--restore", "--snapshot", &snap2, "/"]));
+    let r = env.work.join(&snap2);
+    assert_eq!(fs::read(r.join(".byteback")).unwrap(), fake);
+    assert_eq!(
+        fs::read(r.join(".byteback-.byteback/manifest")).unwrap(),
+        other
+    );
+    // The first snapshot is still fully readable.
+    let out = run(env
+        .restore_cmd()
+        .args(["--list", "--snapshot", &snap1, "/"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(" /.byteback/manifest"));
+}
+
+#[test]
+fn setuid_bits_and_device_nodes_are_not_materialised() {
+    let mut env = Env::new();
+    let m = fresh_mtime();
+    let body = b"#!/bin/sh\nexec /bin/sh\n".as_slice();
+    let owned = |mut e: Entry| {
+        e.uid = 1234;
+        e.gid = 5678;
+        e
+    };
+    let s = backup_script(&[
+        (owned(entry(b"fifo", Kind::Fifo, 0o4777, m)), None),
+        (
+            owned(entry(
+                b"loop",
+                Kind::BlockDev {
+                    rdev: libc::makedev(7, 0),
+                },
+                0o666,
+                m,
+            )),
+            None,
+        ),
+        (
+            owned(entry(
+                b"null",
+                Kind::CharDev {
+                    rdev: libc::makedev(1, 3),
+                },
+                0o666,
+                m,
+            )),
+            None,
+        ),
+        (owned(entry(b"sgid", Kind::Dir, 0o2777, m)), None),
+        (
+            owned(entry(
+                b"sgid/f",
+                Kind::File {
+                    size: body.len() as u64,
+                },
+                0o6777,
+                m,
+            )),
+            Some(body),
+        ),
+        (owned(entry(b"sock", Kind::Socket, 0o777, m)), None),
+        (
+            owned(entry(
+                b"suid",
+                Kind::File {
+                    size: body.len() as u64,
+                },
+                0o4755,
+                m,
+            )),
+            Some(body),
+        ),
+    ]);
+    let o = env.serve("setuid files and devices", &s.bytes);
+    let snap = o.assert_backup_ok(2);
+    assert_eq!(env.accept(), vec![snap.clone()]);
+
+    assert_eq!(fs::read(env.current().join("suid")).unwrap(), body);
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    for (p, md) in walk_all(&env.store) {
+        let ft = md.file_type();
+        assert!(
+            !(ft.is_char_device() || ft.is_block_device() || ft.is_fifo() || ft.is_socket()),
+            "special file {} in the store",
+            p.display()
+        );
+        assert_eq!(
+            md.mode() & 0o7000,
+            0,
+            "{} has mode {:o}",
+            p.display(),
+            md.mode()
+        );
+        if p.starts_with(env.host_dir()) && !ft.is_symlink() {
+            assert_eq!(
+                md.uid(),
+                euid,
+                "{} is owned by uid {}",
+                p.display(),
+                md.uid()
+            );
+        }
+    }
+    // The metadata is kept in the manifest for restores.
+    let out = run(env.restore_cmd().args(["--list", "--snapshot", &snap, "/"]));
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    for (mode, path) in [
+        ("-rwsr-xr-x", "/suid"),
+        ("-rwsrwsrwx", "/sgid/f"),
+        ("crw-rw-rw-", "/null"),
+        ("brw-rw-rw-", "/loop"),
+    ] {
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.contains(mode) && l.ends_with(&format!(" {path}"))),
+            "{path} not listed as {mode}:\n{listing}"
+        );
+    }
+}
+
+#[test]
+fn host_name_comes_only_from_the_server_command_line() {
+    let mut env = Env::new();
+    let store_names = names_in(&env.store);
+    let content = b"filed under victim".as_slice();
+    let m = fresh_mtime();
+    let s = backup_script(&[(file_e(b"f", content.len(), m), Some(content))]);
+    let o = env.serve("a plain backup", &s.bytes);
+    o.assert_backup_ok(1);
+    env.accept();
+    assert_eq!(fs::read(env.current().join("f")).unwrap(), content);
+    assert_eq!(
+        names_in(&env.store),
+        store_names,
+        "a host directory appeared"
+    );
+
+    for host in ["../x", "a/b", "..", ".", "", "x y", "../../outside"] {
+        let s = backup_script(&[(file_e(b"pwn", content.len(), fresh_mtime()), Some(content))]);
+        let o = env.serve_as(&format!("--host={host:?}"), host, &[], &s.bytes);
+        o.assert_sane();
+        assert_eq!(o.code, Some(2), "{}", o.describe());
+        assert!(o.msgs.is_empty(), "{}", o.describe());
+        assert!(
+            o.stderr.contains("not a valid host name"),
+            "{}",
+            o.describe()
+        );
+        env.check_unchanged();
+        assert_eq!(names_in(&env.store), store_names);
+        assert!(!env.root.join("x").exists() && !env.store.join("a").exists());
+        assert_nothing_named(&env.root, "pwn");
+    }
+}
+
+#[test]
+fn read_only_key_cannot_back_up() {
+    let env = Env::new();
+    let content = b"x".as_slice();
+    let s = backup_script(&[(file_e(b"pwn", 1, fresh_mtime()), Some(content))]);
+    let o = env.serve_as("--read-only backup", HOST, &["--read-only"], &s.bytes);
+    env.refused(&o, &["may only list and restore"]);
+}
