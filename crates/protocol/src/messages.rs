@@ -62,6 +62,9 @@ impl Kind {
     }
 }
 
+/// Extended attributes as (name, value) pairs of raw bytes.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// One filesystem object as the client saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -502,7 +505,7 @@ mod xattr_bytes {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(
         d: D,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, D::Error> {
+    ) -> Result<super::Xattrs, D::Error> {
         let pairs: Vec<(ByteBuf, ByteBuf)> = Vec::deserialize(d)?;
         Ok(pairs
             .into_iter()
