@@ -503,9 +503,7 @@ mod xattr_bytes {
         pairs.serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<super::Xattrs, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<super::Xattrs, D::Error> {
         let pairs: Vec<(ByteBuf, ByteBuf)> = Vec::deserialize(d)?;
         Ok(pairs
             .into_iter()
