@@ -150,7 +150,7 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
         ServerMsg::BackupReady => {}
         m => bail!("unexpected {} at backup start", m.name()),
     }
-    let child = conn.take_child();
+    let transport = conn.take_transport();
     let Connection { reader, writer, .. } = conn;
     let (tx, rx) = sync_channel::<ClientMsg>(4);
     let shared = Arc::new(Shared {
@@ -233,10 +233,7 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
             drop(shared);
             drop(pool);
             let _ = writer_thread.join();
-            if let Some(mut c) = child {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+            transport.abort();
             let _ = reader_thread.join();
             return Err(e);
         }
@@ -259,12 +256,7 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
     drop(pool);
     let _ = writer_thread.join();
     let _ = reader_thread.join();
-    if let Some(mut c) = child {
-        let st = c.wait()?;
-        if !st.success() {
-            bail!("byteback-server exited with {st}");
-        }
-    }
+    transport.finish()?;
     Ok(report)
 }
 

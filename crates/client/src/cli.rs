@@ -11,6 +11,7 @@ use clap::Parser;
 
 use crate::backup::{run_backup, BackupOptions};
 use crate::conn::{Connection, Destination};
+use crate::ssh::{SshOptions, SshTarget, UnknownHost};
 use crate::restore::{self, Patterns};
 use crate::walk::DEFAULT_EXCLUDES;
 
@@ -19,7 +20,24 @@ pub const EXIT_PARTIAL: u8 = 24;
 /// Exit code for bad usage.
 pub const EXIT_USAGE: u8 = 2;
 
-const CONFIG_DIR: &str = "/etc/byteback";
+/// The client's settings directory: `$BYTEBACK_CONFIG_DIR` or `/etc/byteback`.
+pub fn config_dir() -> PathBuf {
+    std::env::var_os("BYTEBACK_CONFIG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/byteback"))
+}
+
+/// The login name used when a destination names none (as byteback 1.x).
+pub const DEFAULT_SSH_USER: &str = "byteback";
+
+/// known_hosts files checked for the server's key: ours, then the user's.
+pub fn known_hosts_files() -> Vec<PathBuf> {
+    let mut v = vec![config_dir().join("known_hosts")];
+    if let Some(home) = std::env::var_os("HOME") {
+        v.push(PathBuf::from(home).join(".ssh/known_hosts"));
+    }
+    v
+}
 
 /// Back up this machine to a byteback server or a local store.
 #[derive(Debug, Parser)]
@@ -43,9 +61,9 @@ pub struct BackupArgs {
     /// Seconds to wait between retries.
     #[arg(short = 'e', long, default_value_t = 600)]
     retry_delay: u64,
-    /// Seconds without progress before the connection counts as dead.
-    #[arg(short, long)]
-    io_timeout: Option<u64>,
+    /// Seconds without any data moving before the connection counts as dead (SSH).
+    #[arg(short, long, default_value_t = 10800)]
+    io_timeout: u64,
     /// SSH private key.
     #[arg(short = 'k', long, default_value = "/etc/byteback/key")]
     ssh_key: PathBuf,
@@ -55,7 +73,7 @@ pub struct BackupArgs {
 }
 
 fn read_config_line(name: &str) -> Option<String> {
-    let s = std::fs::read_to_string(Path::new(CONFIG_DIR).join(name)).ok()?;
+    let s = std::fs::read_to_string(config_dir().join(name)).ok()?;
     s.lines()
         .map(str::trim)
         .find(|l| !l.is_empty() && !l.starts_with('#'))
@@ -63,7 +81,7 @@ fn read_config_line(name: &str) -> Option<String> {
 }
 
 fn read_config_lines(name: &str) -> Vec<String> {
-    std::fs::read_to_string(Path::new(CONFIG_DIR).join(name))
+    std::fs::read_to_string(config_dir().join(name))
         .map(|s| {
             s.lines()
                 .map(str::trim)
@@ -92,11 +110,80 @@ pub fn default_hostname() -> Result<String> {
     Ok(name)
 }
 
-fn connect(dest: &Destination, host: &str) -> Result<Connection> {
-    match dest {
-        Destination::Local(store) => Connection::open_local(store, host),
-        Destination::Ssh { host: server, .. } => {
-            bail!("SSH destinations ({server}) are not supported by this build yet; use a local store path")
+/// Where to connect and as whom, resolved once from flags and /etc/byteback.
+struct Target {
+    /// The destination as written (names the client lock).
+    text: String,
+    dest: Destination,
+    /// Host name for a local store; over SSH the server's forced command decides.
+    host: String,
+    ssh_key: PathBuf,
+    io_timeout: Duration,
+}
+
+impl Target {
+    fn resolve(
+        destination: Option<&str>,
+        hostname: Option<&str>,
+        ssh_key: &Path,
+        io_timeout: u64,
+    ) -> Result<Self> {
+        let text = destination
+            .map(str::to_string)
+            .or_else(|| read_config_line("destination"))
+            .ok_or_else(|| {
+                anyhow!(
+                    "no --destination and no {}/destination",
+                    config_dir().display()
+                )
+            })?;
+        let dest = Destination::parse(&text)?;
+        let host = match (hostname, &dest) {
+            (Some(h), _) => {
+                byteback_protocol::validate_host_name(h)
+                    .map_err(|e| anyhow!("--hostname: {e}"))?;
+                h.to_string()
+            }
+            (None, Destination::Local(_)) => default_hostname()?,
+            (None, Destination::Ssh { .. }) => String::new(),
+        };
+        if io_timeout == 0 {
+            bail!("--io-timeout must be at least 1 second");
+        }
+        Ok(Target {
+            text,
+            dest,
+            host,
+            ssh_key: ssh_key.to_path_buf(),
+            io_timeout: Duration::from_secs(io_timeout),
+        })
+    }
+
+    /// Opens a connection; `verb` tells an SSH server what this session is for.
+    fn connect(&self, verb: &str) -> Result<Connection> {
+        match &self.dest {
+            Destination::Local(store) => Connection::open_local(store, &self.host),
+            Destination::Ssh { user, host, port } => {
+                let target = SshTarget {
+                    user: user.clone().unwrap_or_else(|| DEFAULT_SSH_USER.into()),
+                    host: host.clone(),
+                    port: *port,
+                };
+                let opts = SshOptions {
+                    known_hosts: known_hosts_files(),
+                    unknown_host: UnknownHost::Refuse,
+                    io_timeout: self.io_timeout,
+                    ..SshOptions::default()
+                };
+                let conn = Connection::open_ssh(&target, &self.ssh_key, &opts, verb)?;
+                if !self.host.is_empty() && conn.host != self.host {
+                    eprintln!(
+                        "byteback: note: the server files this machine as {:?} (its key decides), not {:?}",
+                        conn.host, self.host
+                    );
+                }
+                Ok(conn)
+            }
         }
     }
 }
@@ -141,19 +228,12 @@ pub fn backup_main() -> ExitCode {
 }
 
 fn backup(args: BackupArgs) -> Result<u8> {
-    let dest_s = args
-        .destination
-        .clone()
-        .or_else(|| read_config_line("destination"))
-        .ok_or_else(|| anyhow!("no --destination and no {CONFIG_DIR}/destination"))?;
-    let dest = Destination::parse(&dest_s)?;
-    let host = match &args.hostname {
-        Some(h) => {
-            byteback_protocol::validate_host_name(h).map_err(|e| anyhow!("--hostname: {e}"))?;
-            h.clone()
-        }
-        None => default_hostname()?,
-    };
+    let target = Target::resolve(
+        args.destination.as_deref(),
+        args.hostname.as_deref(),
+        &args.ssh_key,
+        args.io_timeout,
+    )?;
     let sources = if args.source.is_empty() {
         vec![PathBuf::from("/")]
     } else {
@@ -164,10 +244,13 @@ fn backup(args: BackupArgs) -> Result<u8> {
     excludes.extend(read_config_lines("excludes"));
     excludes.extend(args.exclude.iter().cloned());
     crate::walk::Excludes::new(&excludes)?;
-    if Path::new(CONFIG_DIR).join("rsync_flags").exists() {
-        eprintln!("byteback-backup: warning: ignoring {CONFIG_DIR}/rsync_flags (byteback 2 does not run rsync)");
+    if config_dir().join("rsync_flags").exists() {
+        eprintln!(
+            "byteback-backup: warning: ignoring {}/rsync_flags (byteback 2 does not run rsync)",
+            config_dir().display()
+        );
     }
-    let _lock = lock(&dest_s)?;
+    let _lock = lock(&target.text)?;
     let opts = BackupOptions {
         sources,
         excludes,
@@ -175,7 +258,9 @@ fn backup(args: BackupArgs) -> Result<u8> {
     };
     let mut attempt = 0;
     loop {
-        let result = connect(&dest, &host).and_then(|conn| run_backup(conn, &opts));
+        let result = target
+            .connect("backup")
+            .and_then(|conn| run_backup(conn, &opts));
         match result {
             Ok(r) => {
                 let s = &r.stats;
@@ -258,22 +343,18 @@ pub fn restore_main() -> ExitCode {
 }
 
 fn restore_cmd(args: RestoreArgs) -> Result<u8> {
-    let dest_s = args
-        .destination
-        .clone()
-        .or_else(|| read_config_line("destination"))
-        .ok_or_else(|| anyhow!("no --destination and no {CONFIG_DIR}/destination"))?;
-    let dest = Destination::parse(&dest_s)?;
-    let host = match &args.hostname {
-        Some(h) => h.clone(),
-        None => default_hostname()?,
-    };
+    let target = Target::resolve(
+        args.destination.as_deref(),
+        args.hostname.as_deref(),
+        &args.ssh_key,
+        args.io_timeout,
+    )?;
     if let Some(s) = &args.snapshot {
         byteback_protocol::validate_snapshot_name(s).map_err(|e| anyhow!("--snapshot: {e}"))?;
     }
     let cwd = std::env::current_dir()?;
     let pats = Patterns::new(&args.patterns, &cwd)?;
-    let mut conn = connect(&dest, &host)?;
+    let mut conn = target.connect(if args.restore { "restore" } else { "list" })?;
     if args.restore {
         let r = restore::restore(
             &mut conn,

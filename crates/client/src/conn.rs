@@ -5,6 +5,8 @@
 //! state, so a confused or hostile server is caught at the first odd message.
 
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -14,6 +16,8 @@ use byteback_protocol::{
     decode_server, read_frame, write_msg, ClientMsg, ClientSession, ServerMsg, MAGIC,
     PROTOCOL_VERSION,
 };
+
+use crate::ssh::{self, Auth, Request, SshOptions, SshSession, SshTarget};
 
 /// Where backups go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +152,74 @@ impl ConnWriter {
     }
 }
 
+/// What carries a connection's bytes, kept so it can be waited for or torn down.
+pub enum Transport {
+    /// Nothing to wait for (tests over in-memory streams).
+    None,
+    /// A `byteback-server` child over pipes.
+    Child(Child),
+    /// An SSH session; the socket is a second handle on the one the streams use.
+    Ssh(UnixStream, SshSession),
+}
+
+impl Transport {
+    /// Tears the transport down after a failure, so blocked readers wake up.
+    pub fn abort(self) {
+        match self {
+            Transport::None => {}
+            Transport::Child(mut c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Transport::Ssh(sock, _session) => {
+                // Not joined: a server that is slow to notice would hold us
+                // up, and the thread ends by itself when the channel closes.
+                let _ = sock.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    /// Waits for the server side to finish after a clean goodbye.
+    pub fn finish(self) -> Result<()> {
+        match self {
+            Transport::None => Ok(()),
+            Transport::Child(mut c) => {
+                let st = c.wait()?;
+                if !st.success() {
+                    bail!("byteback-server exited with {st}");
+                }
+                Ok(())
+            }
+            Transport::Ssh(sock, session) => {
+                let _ = sock.shutdown(Shutdown::Write);
+                match session.wait()? {
+                    Some(0) | None => Ok(()),
+                    Some(n) => bail!("byteback-server exited with status {n}"),
+                }
+            }
+        }
+    }
+}
+
+/// Writes to a socket and shuts its write side down when dropped, so the
+/// peer sees end-of-file even while a cloned handle is still open for reading.
+struct SocketWriter(UnixStream);
+
+impl Write for SocketWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Drop for SocketWriter {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(Shutdown::Write);
+    }
+}
+
 /// A connection to a server, after the handshake.
 pub struct Connection {
     /// Reading half.
@@ -156,7 +228,7 @@ pub struct Connection {
     pub writer: ConnWriter,
     /// The host name the server files us under.
     pub host: String,
-    child: Option<Child>,
+    transport: Transport,
 }
 
 impl Connection {
@@ -181,14 +253,34 @@ impl Connection {
             .stdout
             .take()
             .ok_or_else(|| anyhow!("no stdout pipe"))?;
-        Self::handshake(Box::new(stdout), Box::new(stdin), Some(child))
+        Self::handshake(Box::new(stdout), Box::new(stdin), Transport::Child(child))
+    }
+
+    /// Logs in over SSH and runs the server's `verb` (the key's forced command
+    /// decides the real command line; the verb only narrows what it allows).
+    pub fn open_ssh(target: &SshTarget, key: &Path, opts: &SshOptions, verb: &str) -> Result<Self> {
+        let stream = ssh::open(
+            target,
+            &Auth::Key(key.to_path_buf()),
+            opts,
+            Request::Exec(verb.to_string()),
+        )?;
+        let (socket, session) = stream.into_parts();
+        let read = socket.try_clone()?;
+        let write = socket.try_clone()?;
+        Self::handshake(
+            Box::new(read),
+            Box::new(SocketWriter(write)),
+            Transport::Ssh(socket, session),
+        )
+        .with_context(|| format!("byteback-server at {target}"))
     }
 
     /// Runs the handshake over any pair of streams.
     pub fn handshake(
         r: Box<dyn Read + Send>,
         w: Box<dyn Write + Send>,
-        child: Option<Child>,
+        transport: Transport,
     ) -> Result<Self> {
         let session = Arc::new(Mutex::new(ClientSession::new()));
         let mut reader = ConnReader {
@@ -209,7 +301,7 @@ impl Connection {
                 reader,
                 writer,
                 host,
-                child,
+                transport,
             }),
             m => bail!("unexpected {} in handshake", m.name()),
         }
@@ -231,18 +323,12 @@ impl Connection {
         let _ = self.send(&ClientMsg::Bye);
         drop(self.writer);
         drop(self.reader);
-        if let Some(mut c) = self.child.take() {
-            let st = c.wait()?;
-            if !st.success() {
-                bail!("byteback-server exited with {st}");
-            }
-        }
-        Ok(())
+        self.transport.finish()
     }
 
-    /// Takes the child process (so the caller can wait for it after splitting).
-    pub fn take_child(&mut self) -> Option<Child> {
-        self.child.take()
+    /// Takes the transport (so the caller can wait for it after splitting).
+    pub fn take_transport(&mut self) -> Transport {
+        std::mem::replace(&mut self.transport, Transport::None)
     }
 }
 

@@ -10,4 +10,6 @@ pub mod cli;
 pub mod conn;
 pub mod meta;
 pub mod restore;
+pub mod setup;
+pub mod ssh;
 pub mod walk;

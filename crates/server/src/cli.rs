@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::enrol;
 use crate::serve::{serve, Access, ServeConfig};
 
 /// byteback's server: launched by sshd for a client's key, or by the client over pipes.
@@ -29,6 +30,24 @@ enum Command {
         #[arg(long)]
         read_only: bool,
     },
+    /// Let a client's key back up as one host (run by byteback-setup-client).
+    Enrol {
+        /// The client's host name.
+        #[arg(long)]
+        host: String,
+        /// The client's public key, "TYPE BASE64".
+        #[arg(long)]
+        key: String,
+        /// Address the key may log in from (default: the client of this SSH login).
+        #[arg(long)]
+        from: Option<String>,
+        /// Store root (default: the home directory of the server user).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// authorized_keys file (default: ~/.ssh/authorized_keys).
+        #[arg(long)]
+        authorized_keys: Option<PathBuf>,
+    },
 }
 
 fn default_store() -> Option<PathBuf> {
@@ -50,6 +69,16 @@ pub fn main() -> ExitCode {
                 eprintln!("byteback-server: {e}");
                 return ExitCode::from(2);
             }
+            // Under sshd's forced command the client's requested command is
+            // only a verb that can narrow access; it is never executed.
+            let original = std::env::var("SSH_ORIGINAL_COMMAND").ok();
+            let verb_access = match enrol::access_for_original_command(original.as_deref()) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("byteback-server: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let Some(store) = store.or_else(default_store) else {
                 eprintln!("byteback-server: no --store given and no home directory");
                 return ExitCode::from(2);
@@ -61,7 +90,7 @@ pub fn main() -> ExitCode {
                 access: if read_only {
                     Access::ReadOnly
                 } else {
-                    Access::Full
+                    verb_access
                 },
                 now: None,
             };
@@ -75,7 +104,67 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Enrol {
+            host,
+            key,
+            from,
+            store,
+            authorized_keys,
+        } => match run_enrol(host, &key, from, store, authorized_keys) {
+            Ok(msg) => {
+                println!("{msg}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("byteback-server: enrol: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+fn run_enrol(
+    host: String,
+    key: &str,
+    from: Option<String>,
+    store: Option<PathBuf>,
+    authorized_keys: Option<PathBuf>,
+) -> anyhow::Result<String> {
+    use anyhow::{anyhow, Context};
+    let key = enrol::parse_public_key(key)?;
+    let from = match from {
+        Some(f) => f.parse().map_err(|_| anyhow!("--from {f:?} is not an IP address"))?,
+        None => enrol::client_address(
+            &std::env::var("SSH_CONNECTION")
+                .map_err(|_| anyhow!("not run over SSH; give --from ADDRESS"))?,
+        )?,
+    };
+    let store_explicit = store.is_some();
+    let store = store
+        .or_else(default_store)
+        .ok_or_else(|| anyhow!("no --store given and no home directory"))?;
+    let authorized_keys = authorized_keys
+        .or_else(enrol::default_authorized_keys)
+        .ok_or_else(|| anyhow!("no --authorized-keys given and no home directory"))?;
+    let server_exe = std::env::current_exe().context("cannot find this program's path")?;
+    let cfg = enrol::EnrolConfig {
+        store,
+        store_explicit,
+        host,
+        key,
+        from,
+        authorized_keys,
+        server_exe,
+    };
+    Ok(match enrol::enrol(&cfg)? {
+        enrol::Enrolled::Added => format!(
+            "enrolled {} (key may log in from {}; store {})",
+            cfg.host,
+            cfg.from,
+            cfg.store.display()
+        ),
+        enrol::Enrolled::Unchanged => format!("{} was already enrolled with this key", cfg.host),
+    })
 }
 
 /// Deep trees hold one directory fd per level; lift the soft limit to the hard one.

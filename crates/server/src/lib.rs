@@ -10,6 +10,7 @@ pub mod backup;
 pub mod btrfs;
 pub mod cli;
 pub mod config;
+pub mod enrol;
 pub mod fsops;
 pub mod manifest;
 pub mod serve;

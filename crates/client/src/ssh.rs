@@ -1,0 +1,449 @@
+//! SSH transport (russh): one channel running one command on the server, its
+//! stdin/stdout carried over a local socket pair so that the protocol code sees
+//! exactly the byte streams it sees over the pipes of a local server.
+//!
+//! A background thread runs a single-threaded tokio runtime that connects,
+//! checks the server's host key against known_hosts files, authenticates, runs
+//! the command and copies bytes both ways until the channel closes. The
+//! server's stderr is copied to ours.
+
+use std::borrow::Cow;
+use std::cell::Cell;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use russh::client::{self, Handle};
+use russh::keys::known_hosts::{check_known_hosts_path, learn_known_hosts_path};
+use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
+use russh::{ChannelMsg, Disconnect};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Where to log in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshTarget {
+    /// Login name.
+    pub user: String,
+    /// Server host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl std::fmt::Display for SshTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.port == 22 {
+            write!(f, "{}@{}", self.user, self.host)
+        } else if self.host.contains(':') {
+            write!(f, "{}@[{}]:{}", self.user, self.host, self.port)
+        } else {
+            write!(f, "{}@{}:{}", self.user, self.host, self.port)
+        }
+    }
+}
+
+/// How to authenticate.
+#[derive(Clone)]
+pub enum Auth {
+    /// A private key file (OpenSSH format, unencrypted).
+    Key(PathBuf),
+    /// A password.
+    Password(String),
+}
+
+/// What to do with a host key no known_hosts file mentions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownHost {
+    /// Refuse to connect (backups and restores).
+    Refuse,
+    /// Record it in the first known_hosts file and go on (setup-client).
+    Learn,
+}
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct SshOptions {
+    /// known_hosts files to check, in order; a new key is learnt into the first.
+    pub known_hosts: Vec<PathBuf>,
+    /// Policy for a host key found in none of them.
+    pub unknown_host: UnknownHost,
+    /// Time allowed for TCP connect, key exchange and authentication.
+    pub connect_timeout: Duration,
+    /// The session fails when no byte moves either way for this long.
+    pub io_timeout: Duration,
+}
+
+impl Default for SshOptions {
+    fn default() -> Self {
+        SshOptions {
+            known_hosts: vec![],
+            unknown_host: UnknownHost::Refuse,
+            connect_timeout: Duration::from_secs(30),
+            io_timeout: Duration::from_secs(10800),
+        }
+    }
+}
+
+/// How the command is started on the server.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// `exec` with this command line (a forced command sees it as SSH_ORIGINAL_COMMAND).
+    Exec(String),
+    /// A named subsystem.
+    Subsystem(String),
+}
+
+/// A running remote command: `socket` carries its stdin (writes) and stdout (reads).
+pub struct SshStream {
+    /// Our end of the socket pair.
+    pub socket: UnixStream,
+    thread: JoinHandle<Result<Option<u32>>>,
+}
+
+impl SshStream {
+    /// Closes our side and waits for the SSH session to end; returns the command's exit status.
+    pub fn finish(self) -> Result<Option<u32>> {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        drop(self.socket);
+        self.thread
+            .join()
+            .map_err(|_| anyhow!("the SSH thread panicked"))?
+    }
+
+    /// Splits into the socket and a handle that waits for the session.
+    pub fn into_parts(self) -> (UnixStream, SshSession) {
+        (
+            self.socket,
+            SshSession {
+                thread: self.thread,
+            },
+        )
+    }
+}
+
+/// The thread driving an SSH session.
+pub struct SshSession {
+    thread: JoinHandle<Result<Option<u32>>>,
+}
+
+impl SshSession {
+    /// Waits for the session to end; returns the remote exit status.
+    pub fn wait(self) -> Result<Option<u32>> {
+        self.thread
+            .join()
+            .map_err(|_| anyhow!("the SSH thread panicked"))?
+    }
+}
+
+/// Loads a private key for authentication.
+pub fn load_key(path: &Path) -> Result<PrivateKey> {
+    russh::keys::load_secret_key(path, None)
+        .with_context(|| format!("cannot load the SSH key {}", path.display()))
+}
+
+/// Connects, authenticates and starts `request`; returns once the command runs.
+pub fn open(
+    target: &SshTarget,
+    auth: &Auth,
+    opts: &SshOptions,
+    request: Request,
+) -> Result<SshStream> {
+    let key = match auth {
+        Auth::Key(p) => Some(Arc::new(load_key(p)?)),
+        Auth::Password(_) => None,
+    };
+    let (ours, theirs) = UnixStream::pair().context("cannot create a socket pair")?;
+    theirs.set_nonblocking(true)?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<()>>(1);
+    let target = target.clone();
+    let auth = auth.clone();
+    let opts = opts.clone();
+    let thread = std::thread::Builder::new()
+        .name("byteback-ssh".into())
+        .spawn(move || -> Result<Option<u32>> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the SSH runtime")?;
+            rt.block_on(async move {
+                let started = start(&target, key, &auth, &opts, request).await;
+                let (handle, channel) = match started {
+                    Ok(x) => {
+                        let _ = ready_tx.send(Ok(()));
+                        x
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        let _ = ready_tx.send(Err(e));
+                        bail!("{msg}");
+                    }
+                };
+                let sock = tokio::net::UnixStream::from_std(theirs)?;
+                let status = pump(channel, sock, opts.io_timeout).await;
+                let _ = handle
+                    .disconnect(Disconnect::ByApplication, "", "en")
+                    .await;
+                status
+            })
+        })
+        .context("cannot start the SSH thread")?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(SshStream {
+            socket: ours,
+            thread,
+        }),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(e)
+        }
+        Err(_) => match thread.join() {
+            Ok(Err(e)) => Err(e),
+            _ => bail!("the SSH thread ended before connecting"),
+        },
+    }
+}
+
+/// Connects and logs in, returning the session handle (for setup's key-exchange-only uses too).
+async fn connect(
+    target: &SshTarget,
+    key: Option<Arc<PrivateKey>>,
+    auth: &Auth,
+    opts: &SshOptions,
+) -> Result<Handle<HostKeyCheck>> {
+    let mut config = client::Config {
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(60)),
+        keepalive_max: 5,
+        nodelay: true,
+        window_size: 16 << 20,
+        ..Default::default()
+    };
+    config.preferred.cipher = Cow::Borrowed(&[
+        russh::cipher::AES_128_GCM,
+        russh::cipher::AES_256_GCM,
+        russh::cipher::CHACHA20_POLY1305,
+        russh::cipher::AES_256_CTR,
+        russh::cipher::AES_128_CTR,
+    ]);
+    let handler = HostKeyCheck {
+        host: target.host.clone(),
+        port: target.port,
+        known_hosts: opts.known_hosts.clone(),
+        unknown: opts.unknown_host,
+    };
+    let addr = (target.host.as_str(), target.port);
+    let login = async {
+        let mut handle = client::connect(Arc::new(config), addr, handler).await?;
+        let result = match (auth, key) {
+            (Auth::Key(_), Some(k)) => {
+                let hash = handle.best_supported_rsa_hash().await?.flatten();
+                handle
+                    .authenticate_publickey(&target.user, PrivateKeyWithHashAlg::new(k, hash))
+                    .await?
+            }
+            (Auth::Password(p), _) => handle.authenticate_password(&target.user, p).await?,
+            (Auth::Key(p), None) => bail!("key {} not loaded", p.display()),
+        };
+        if !result.success() {
+            bail!(
+                "the server refused to let {} log in ({})",
+                target,
+                match auth {
+                    Auth::Key(p) => format!("key {}", p.display()),
+                    Auth::Password(_) => "password".to_string(),
+                }
+            );
+        }
+        Ok::<_, anyhow::Error>(handle)
+    };
+    match tokio::time::timeout(opts.connect_timeout, login).await {
+        Ok(r) => r.with_context(|| format!("SSH to {target}")),
+        Err(_) => bail!(
+            "SSH to {target}: no connection within {} s",
+            opts.connect_timeout.as_secs()
+        ),
+    }
+}
+
+async fn start(
+    target: &SshTarget,
+    key: Option<Arc<PrivateKey>>,
+    auth: &Auth,
+    opts: &SshOptions,
+    request: Request,
+) -> Result<(Handle<HostKeyCheck>, russh::Channel<client::Msg>)> {
+    let handle = connect(target, key, auth, opts).await?;
+    let channel = handle
+        .channel_open_session()
+        .await
+        .with_context(|| format!("SSH to {target}: cannot open a session"))?;
+    match &request {
+        Request::Exec(cmd) => channel.exec(true, cmd.as_bytes()).await?,
+        Request::Subsystem(name) => channel.request_subsystem(true, name).await?,
+    }
+    Ok((handle, channel))
+}
+
+/// Copies bytes between the channel and the local socket until both sides are done.
+async fn pump(
+    channel: russh::Channel<client::Msg>,
+    sock: tokio::net::UnixStream,
+    io_timeout: Duration,
+) -> Result<Option<u32>> {
+    let (mut chan_rd, chan_wr) = channel.split();
+    let (mut sock_rd, mut sock_wr) = sock.into_split();
+    let last = Cell::new(Instant::now());
+    let exit = Cell::new(None::<u32>);
+
+    let from_server = async {
+        let mut stderr_line = Vec::new();
+        while let Some(msg) = chan_rd.wait().await {
+            match msg {
+                ChannelMsg::Data { data } => {
+                    last.set(Instant::now());
+                    if sock_wr.write_all(&data).await.is_err() {
+                        // Our side stopped reading: the client is finishing or failing.
+                        break;
+                    }
+                }
+                ChannelMsg::ExtendedData { data, .. } => {
+                    last.set(Instant::now());
+                    stderr_line.extend_from_slice(&data);
+                    let mut err = std::io::stderr().lock();
+                    while let Some(i) = stderr_line.iter().position(|&b| b == b'\n') {
+                        let _ = err.write_all(b"server: ");
+                        let _ = err.write_all(&stderr_line[..=i]);
+                        stderr_line.drain(..=i);
+                    }
+                }
+                ChannelMsg::ExitStatus { exit_status } => exit.set(Some(exit_status)),
+                ChannelMsg::ExitSignal { signal_name, .. } => {
+                    eprintln!("server: killed by signal {signal_name:?}");
+                    exit.set(Some(128));
+                }
+                ChannelMsg::Eof => {
+                    let _ = sock_wr.shutdown().await;
+                }
+                ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        if !stderr_line.is_empty() {
+            let mut err = std::io::stderr().lock();
+            let _ = err.write_all(b"server: ");
+            let _ = err.write_all(&stderr_line);
+            let _ = err.write_all(b"\n");
+        }
+        let _ = sock_wr.shutdown().await;
+        Ok::<(), anyhow::Error>(())
+    };
+    let to_server = async {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match sock_rd.read(&mut buf).await {
+                Ok(n) => n,
+                Err(_) => 0,
+            };
+            if n == 0 {
+                let _ = chan_wr.eof().await;
+                break;
+            }
+            last.set(Instant::now());
+            chan_wr
+                .data(&buf[..n])
+                .await
+                .context("cannot send to the server")?;
+            last.set(Instant::now());
+        }
+        Ok::<(), anyhow::Error>(())
+    };
+    let watchdog = async {
+        loop {
+            let idle = last.get().elapsed();
+            if idle >= io_timeout {
+                return;
+            }
+            tokio::time::sleep(io_timeout - idle).await;
+        }
+    };
+    let both = async {
+        // The server's side decides when the session is over; a write error
+        // towards it surfaces through the protocol as a closed connection.
+        let (a, b) = tokio::join!(from_server, to_server);
+        a.and(b)
+    };
+    tokio::select! {
+        r = both => r.map(|()| exit.get()),
+        () = watchdog => bail!("no data moved for {} s (--io-timeout); giving up on the connection", io_timeout.as_secs()),
+    }
+}
+
+/// Checks the server's host key against known_hosts files.
+struct HostKeyCheck {
+    host: String,
+    port: u16,
+    known_hosts: Vec<PathBuf>,
+    unknown: UnknownHost,
+}
+
+/// `SHA256:...` fingerprint and algorithm of a key, as OpenSSH prints them.
+pub fn describe_key(key: &PublicKey) -> String {
+    format!("{} {}", key.algorithm(), key.fingerprint(HashAlg::Sha256))
+}
+
+impl client::Handler for HostKeyCheck {
+    type Error = anyhow::Error;
+
+    async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool> {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            bail!("the server presented a host certificate; byteback checks plain host keys only");
+        };
+        let shown = if self.port == 22 {
+            self.host.clone()
+        } else {
+            format!("[{}]:{}", self.host, self.port)
+        };
+        for path in &self.known_hosts {
+            if !path.exists() {
+                continue;
+            }
+            match check_known_hosts_path(&self.host, self.port, key, path) {
+                Ok(true) => return Ok(true),
+                Ok(false) => {}
+                Err(russh::keys::Error::KeyChanged { line }) => bail!(
+                    "HOST KEY CHANGED: {shown} now presents {}, which differs from the key recorded at {}:{line}. \
+                     Someone may be intercepting the connection, or the server was reinstalled. \
+                     Refusing to connect; if the change is expected, delete that line and run byteback-setup-client again.",
+                    describe_key(key),
+                    path.display()
+                ),
+                Err(e) => bail!("cannot read {}: {e}", path.display()),
+            }
+        }
+        match (self.unknown, self.known_hosts.first()) {
+            (UnknownHost::Learn, Some(path)) => {
+                learn_known_hosts_path(&self.host, self.port, key, path)
+                    .with_context(|| format!("cannot record the host key in {}", path.display()))?;
+                eprintln!(
+                    "byteback: the server {shown} presents host key {}; recorded in {}",
+                    describe_key(key),
+                    path.display()
+                );
+                Ok(true)
+            }
+            _ => bail!(
+                "the host key of {shown} ({}) is not in {}; refusing to connect. Run byteback-setup-client to record it.",
+                describe_key(key),
+                self.known_hosts
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+        }
+    }
+}

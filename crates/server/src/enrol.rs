@@ -1,0 +1,399 @@
+//! Server side of client set-up, and the forced command's verb.
+//!
+//! `byteback-server enrol --host NAME --key 'TYPE BASE64'` runs once per client,
+//! from an admin login to the server account. It validates the name and the
+//! key, creates the host's directory (a btrfs subvolume where the store is
+//! btrfs) and appends one line to the account's authorized_keys:
+//!
+//! ```text
+//! restrict,from="CLIENT_IP",command="/path/byteback-server serve --host NAME" TYPE BASE64 byteback:NAME
+//! ```
+//!
+//! Running it again with the same name and key changes nothing.
+
+use std::io::{Read, Write};
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::serve::Access;
+use crate::store::Store;
+
+/// Key types accepted for clients.
+const KEY_TYPES: &[&str] = &[
+    "ssh-ed25519",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "ssh-rsa",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+];
+
+/// The longest public key line accepted (a 16384-bit RSA key is ~2.8 KB).
+const MAX_KEY_LEN: usize = 4096;
+
+/// What sshd may ask a forced `byteback-server serve` for, via SSH_ORIGINAL_COMMAND.
+///
+/// One word from a fixed set, never executed: `backup` (read-write),
+/// `list`, `restore`, `ping` (read-only). A subsystem request configured as
+/// `Subsystem byteback /path/to/byteback-server` arrives as that path and is
+/// read-write. No value (a plain `ssh` login) is treated as `backup`, which only
+/// speaks the protocol. Anything else is refused.
+pub fn access_for_original_command(cmd: Option<&str>) -> Result<Access> {
+    let Some(cmd) = cmd else {
+        return Ok(Access::Full);
+    };
+    let word = cmd.trim();
+    match word {
+        "" | "backup" => Ok(Access::Full),
+        "list" | "restore" | "ping" => Ok(Access::ReadOnly),
+        w if !w.contains(char::is_whitespace)
+            && (w == "byteback-server" || w.ends_with("/byteback-server")) =>
+        {
+            Ok(Access::Full)
+        }
+        _ => {
+            let shown: String = word.chars().take(80).collect();
+            bail!(
+                "refused: this key may only run byteback (backup, list, restore, ping), not {shown:?}"
+            )
+        }
+    }
+}
+
+/// A validated `TYPE BASE64` public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKeyLine {
+    /// Key type, e.g. `ssh-ed25519`.
+    pub kind: String,
+    /// Base64 key blob.
+    pub blob: String,
+}
+
+/// Checks a public key given as `TYPE BASE64 [COMMENT]`; the comment is dropped.
+pub fn parse_public_key(s: &str) -> Result<PublicKeyLine> {
+    if s.len() > MAX_KEY_LEN {
+        bail!("the key is longer than {MAX_KEY_LEN} bytes");
+    }
+    if s.bytes().any(|b| b.is_ascii_control()) {
+        bail!("the key contains a control character (newline, NUL, ...)");
+    }
+    let mut parts = s.split(' ').filter(|p| !p.is_empty());
+    let kind = parts.next().ok_or_else(|| anyhow!("empty key"))?;
+    let blob = parts
+        .next()
+        .ok_or_else(|| anyhow!("the key has no base64 part"))?;
+    if !KEY_TYPES.contains(&kind) {
+        bail!("unsupported key type {kind:?}");
+    }
+    let raw = base64_decode(blob).ok_or_else(|| anyhow!("the key's base64 part is malformed"))?;
+    // The blob starts with the key type as an SSH string.
+    if raw.len() < 4 {
+        bail!("the key blob is too short");
+    }
+    let n = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize;
+    if raw.get(4..4 + n) != Some(kind.as_bytes()) {
+        bail!("the key blob does not match its type {kind:?}");
+    }
+    Ok(PublicKeyLine {
+        kind: kind.to_string(),
+        blob: blob.to_string(),
+    })
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let s = s.as_bytes();
+    if s.is_empty() || s.len() % 4 != 0 {
+        return None;
+    }
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let chunks = s.len() / 4;
+    for (i, q) in s.chunks(4).enumerate() {
+        let last = i + 1 == chunks;
+        let pad = q.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut acc = 0u32;
+        for &c in &q[..4 - pad] {
+            acc = (acc << 6) | val(c)?;
+        }
+        acc <<= 6 * pad as u32;
+        let bytes = acc.to_be_bytes();
+        out.extend_from_slice(&bytes[1..4 - pad]);
+    }
+    Some(out)
+}
+
+/// Everything enrolment needs.
+#[derive(Debug, Clone)]
+pub struct EnrolConfig {
+    /// Store root.
+    pub store: PathBuf,
+    /// Whether `--store` was given (then the forced command names it too).
+    pub store_explicit: bool,
+    /// The new host's name.
+    pub host: String,
+    /// The client's key.
+    pub key: PublicKeyLine,
+    /// Address the key may log in from.
+    pub from: IpAddr,
+    /// The authorized_keys file to extend.
+    pub authorized_keys: PathBuf,
+    /// This program, as sshd should start it.
+    pub server_exe: PathBuf,
+}
+
+/// What enrolment did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enrolled {
+    /// A line was added.
+    Added,
+    /// The same key was already enrolled for the same host.
+    Unchanged,
+}
+
+/// The client address from sshd's `SSH_CONNECTION` ("client-ip client-port server-ip server-port").
+pub fn client_address(ssh_connection: &str) -> Result<IpAddr> {
+    let first = ssh_connection
+        .split_whitespace()
+        .next()
+        .ok_or_else(|| anyhow!("SSH_CONNECTION is empty"))?;
+    first
+        .parse()
+        .map_err(|_| anyhow!("SSH_CONNECTION names no client address: {first:?}"))
+}
+
+/// The authorized_keys line for a host.
+pub fn key_line(cfg: &EnrolConfig) -> Result<String> {
+    let exe = cfg
+        .server_exe
+        .to_str()
+        .filter(|s| {
+            s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._+-".contains(&b))
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "the server program's path {} has characters unsafe in a forced command",
+                cfg.server_exe.display()
+            )
+        })?;
+    let mut command = format!("{exe} serve --host {}", cfg.host);
+    if cfg.store_explicit {
+        let store = cfg
+            .store
+            .to_str()
+            .filter(|s| {
+                s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/._+-".contains(&b))
+            })
+            .ok_or_else(|| anyhow!("the store path has characters unsafe in a forced command"))?;
+        command.push_str(&format!(" --store {store}"));
+    }
+    Ok(format!(
+        "restrict,from=\"{}\",command=\"{command}\" {} {} byteback:{}\n",
+        cfg.from, cfg.key.kind, cfg.key.blob, cfg.host
+    ))
+}
+
+/// Enrols one client; idempotent.
+pub fn enrol(cfg: &EnrolConfig) -> Result<Enrolled> {
+    byteback_protocol::validate_host_name(&cfg.host).map_err(|e| anyhow!("host name: {e}"))?;
+    let line = key_line(cfg)?;
+    let store = Store::open(&cfg.store)?;
+
+    let ssh_dir = cfg
+        .authorized_keys
+        .parent()
+        .ok_or_else(|| anyhow!("authorized_keys has no directory"))?;
+    if !ssh_dir.exists() {
+        std::fs::create_dir_all(ssh_dir)
+            .with_context(|| format!("cannot create {}", ssh_dir.display()))?;
+        std::fs::set_permissions(ssh_dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    // One enrolment at a time edits the file.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(ssh_dir.join(".byteback-enrol.lock"))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
+
+    let mut existing = String::new();
+    match std::fs::File::open(&cfg.authorized_keys) {
+        Ok(mut f) => {
+            f.read_to_string(&mut existing)
+                .with_context(|| format!("cannot read {}", cfg.authorized_keys.display()))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).context(format!("cannot read {}", cfg.authorized_keys.display())),
+    }
+    for l in existing.lines() {
+        if l.split_whitespace().any(|w| w == cfg.key.blob) {
+            if l.trim_end() == line.trim_end() {
+                store.host(&cfg.host, true)?;
+                return Ok(Enrolled::Unchanged);
+            }
+            bail!(
+                "this key is already in {} with other options; remove that line first: {l}",
+                cfg.authorized_keys.display()
+            );
+        }
+    }
+    // The host's tree first: a key must never point at a missing host.
+    store.host(&cfg.host, true)?;
+
+    let mut content = existing;
+    if !content.is_empty() && !content.ends_with('\n') {
+        content.push('\n');
+    }
+    content.push_str(&line);
+    let tmp = ssh_dir.join(".authorized_keys.byteback-tmp");
+    let _ = std::fs::remove_file(&tmp);
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(content.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &cfg.authorized_keys)
+        .with_context(|| format!("cannot replace {}", cfg.authorized_keys.display()))?;
+    if let Ok(d) = std::fs::File::open(ssh_dir) {
+        let _ = d.sync_all();
+    }
+    Ok(Enrolled::Added)
+}
+
+/// The default authorized_keys file of the running account.
+pub fn default_authorized_keys() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .map(|h| h.join(".ssh").join("authorized_keys"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ED: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+
+    #[test]
+    fn verbs() {
+        assert_eq!(access_for_original_command(None).unwrap(), Access::Full);
+        assert_eq!(
+            access_for_original_command(Some("backup")).unwrap(),
+            Access::Full
+        );
+        for v in ["list", "restore", "ping", " ping "] {
+            assert_eq!(
+                access_for_original_command(Some(v)).unwrap(),
+                Access::ReadOnly
+            );
+        }
+        assert_eq!(
+            access_for_original_command(Some("/usr/local/bin/byteback-server")).unwrap(),
+            Access::Full
+        );
+        for bad in [
+            "sh",
+            "backup; sh",
+            "serve --host other",
+            "byteback-server serve --host other",
+            "/usr/lib/openssh/sftp-server",
+            "internal-sftp",
+            "rsync --server -a . /",
+            "backup\nsh",
+        ] {
+            assert!(access_for_original_command(Some(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn keys() {
+        let k = parse_public_key(&format!("{ED} root@x")).unwrap();
+        assert_eq!(k.kind, "ssh-ed25519");
+        assert!(parse_public_key(ED).is_ok());
+        for bad in [
+            "",
+            "ssh-ed25519",
+            "ssh-dss AAAAB3NzaC1kc3MAAACBAP",
+            &format!("{ED}\nssh-ed25519 AAAA"),
+            &format!("{ED}\"command=\"sh"),
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJ!",
+            "ssh-rsa AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl",
+        ] {
+            assert!(parse_public_key(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn base64() {
+        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(base64_decode("aGVsbA==").unwrap(), b"hell");
+        assert_eq!(base64_decode("aGVs").unwrap(), b"hel");
+        assert!(base64_decode("aGV").is_none());
+        assert!(base64_decode("a=Vs").is_none());
+    }
+
+    #[test]
+    fn enrol_twice_changes_nothing_and_lines_are_safe() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EnrolConfig {
+            store: dir.path().join("store"),
+            store_explicit: false,
+            host: "web1.example.com".into(),
+            key: parse_public_key(ED).unwrap(),
+            from: "192.0.2.7".parse().unwrap(),
+            authorized_keys: dir.path().join(".ssh/authorized_keys"),
+            server_exe: "/usr/local/bin/byteback-server".into(),
+        };
+        std::fs::create_dir_all(&cfg.store).unwrap();
+        assert_eq!(enrol(&cfg).unwrap(), Enrolled::Added);
+        let first = std::fs::read(&cfg.authorized_keys).unwrap();
+        assert_eq!(enrol(&cfg).unwrap(), Enrolled::Unchanged);
+        assert_eq!(std::fs::read(&cfg.authorized_keys).unwrap(), first);
+        let text = String::from_utf8(first).unwrap();
+        assert_eq!(text.lines().count(), 1);
+        assert!(text.starts_with(
+            "restrict,from=\"192.0.2.7\",command=\"/usr/local/bin/byteback-server serve --host web1.example.com\" ssh-ed25519 "
+        ));
+        assert!(cfg.store.join("web1.example.com/current").is_dir());
+        // The same key for another host is refused.
+        let mut other = cfg.clone();
+        other.host = "db1".into();
+        assert!(enrol(&other).is_err());
+        // Bad names never reach the file.
+        for bad in ["../x", "a\",command=\"sh", "", "a b", "x/y"] {
+            let mut c = cfg.clone();
+            c.host = bad.into();
+            assert!(enrol(&c).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(&cfg.authorized_keys)
+                .unwrap()
+                .lines()
+                .count(),
+            1
+        );
+    }
+}
