@@ -64,9 +64,9 @@ pub struct BackupArgs {
     /// Seconds without any data moving before the connection counts as dead (SSH).
     #[arg(short, long, default_value_t = 10800)]
     io_timeout: u64,
-    /// SSH private key.
-    #[arg(short = 'k', long, default_value = "/etc/byteback/key")]
-    ssh_key: PathBuf,
+    /// SSH private key. Default: /etc/byteback/key.
+    #[arg(short = 'k', long)]
+    ssh_key: Option<PathBuf>,
     /// Print every file sent.
     #[arg(short, long)]
     verbose: bool,
@@ -125,7 +125,7 @@ impl Target {
     fn resolve(
         destination: Option<&str>,
         hostname: Option<&str>,
-        ssh_key: &Path,
+        ssh_key: Option<&Path>,
         io_timeout: u64,
     ) -> Result<Self> {
         let text = destination
@@ -154,7 +154,9 @@ impl Target {
             text,
             dest,
             host,
-            ssh_key: ssh_key.to_path_buf(),
+            ssh_key: ssh_key
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| config_dir().join("key")),
             io_timeout: Duration::from_secs(io_timeout),
         })
     }
@@ -231,7 +233,7 @@ fn backup(args: BackupArgs) -> Result<u8> {
     let target = Target::resolve(
         args.destination.as_deref(),
         args.hostname.as_deref(),
-        &args.ssh_key,
+        args.ssh_key.as_deref(),
         args.io_timeout,
     )?;
     let sources = if args.source.is_empty() {
@@ -317,9 +319,9 @@ pub struct RestoreArgs {
     /// Seconds without progress before the connection counts as dead.
     #[arg(short, long, default_value_t = 300)]
     io_timeout: u64,
-    /// SSH private key.
-    #[arg(short = 'k', long, default_value = "/etc/byteback/key")]
-    ssh_key: PathBuf,
+    /// SSH private key. Default: /etc/byteback/key.
+    #[arg(short = 'k', long)]
+    ssh_key: Option<PathBuf>,
     /// List every distinct version, not only the latest.
     #[arg(long)]
     all: bool,
@@ -346,7 +348,7 @@ fn restore_cmd(args: RestoreArgs) -> Result<u8> {
     let target = Target::resolve(
         args.destination.as_deref(),
         args.hostname.as_deref(),
-        &args.ssh_key,
+        args.ssh_key.as_deref(),
         args.io_timeout,
     )?;
     if let Some(s) = &args.snapshot {

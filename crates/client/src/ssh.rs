@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use russh::client::{self, Handle};
-use russh::keys::known_hosts::{check_known_hosts_path, learn_known_hosts_path};
+use russh::keys::known_hosts::check_known_hosts_path;
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{ChannelMsg, Disconnect};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -426,7 +426,7 @@ impl client::Handler for HostKeyCheck {
         }
         match (self.unknown, self.known_hosts.first()) {
             (UnknownHost::Learn, Some(path)) => {
-                learn_known_hosts_path(&self.host, self.port, key, path)
+                learn(&shown, key, path)
                     .with_context(|| format!("cannot record the host key in {}", path.display()))?;
                 eprintln!(
                     "byteback: the server {shown} presents host key {}; recorded in {}",
@@ -446,4 +446,34 @@ impl client::Handler for HostKeyCheck {
             ),
         }
     }
+}
+
+/// Appends `host key` to a known_hosts file (created 0644, directory as needed).
+fn learn(shown: &str, key: &PublicKey, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let len = f.metadata()?.len();
+    let mut line = String::new();
+    if len > 0 {
+        let mut last = [0u8; 1];
+        use std::os::unix::fs::FileExt;
+        f.read_exact_at(&mut last, len - 1)?;
+        if last[0] != b'\n' {
+            line.push('\n');
+        }
+    }
+    let encoded = key.to_openssh()?;
+    let mut words = encoded.split_whitespace();
+    let (Some(kind), Some(blob)) = (words.next(), words.next()) else {
+        bail!("cannot encode the host key");
+    };
+    line.push_str(&format!("{shown} {kind} {blob}\n"));
+    f.write_all(line.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
 }

@@ -1,0 +1,436 @@
+//! Backups over SSH: a real sshd on 127.0.0.1 with its own config and host
+//! key, an unprivileged server account created per test, byteback-setup-client
+//! run against it, then backups and restores through the key's forced command.
+
+mod util;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use util::sshd::Sshd;
+use util::*;
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A server (sshd + account whose home is the store) and a client config dir.
+struct World {
+    sshd: Sshd,
+    /// The store (the account's home), on btrfs.
+    store: PathBuf,
+    _fs: BtrfsLoop,
+    work: tempfile::TempDir,
+}
+
+impl World {
+    fn new(fs_mib: u64) -> World {
+        let work = scratch();
+        let fs = BtrfsLoop::new(fs_mib);
+        let store = fs.mount.join("store");
+        fs::create_dir_all(&store).unwrap();
+        fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+        let sshd = Sshd::start(&work.path().join("sshd"), &store);
+        World {
+            sshd,
+            store,
+            _fs: fs,
+            work,
+        }
+    }
+
+    /// A client's config dir (stands in for /etc/byteback).
+    fn client_dir(&self, name: &str) -> PathBuf {
+        let d = self.work.path().join(format!("client-{name}"));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn setup(&self, client: &Path, hostname: &str) -> Output {
+        run_status(
+            Command::new(bin("byteback-setup-client"))
+                .env("BYTEBACK_CONFIG_DIR", client)
+                .env("HOME", client)
+                .arg("--destination")
+                .arg(self.sshd.destination())
+                .args(["--hostname", hostname])
+                .arg("--admin-key")
+                .arg(&self.sshd.admin_key)
+                .arg("--server-command")
+                .arg(bin("byteback-server"))
+                .stdin(Stdio::null()),
+        )
+    }
+
+    fn client(&self, client: &Path, prog: &str) -> Command {
+        let mut c = Command::new(bin(prog));
+        c.env("BYTEBACK_CONFIG_DIR", client)
+            .env("HOME", client)
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn backup(&self, client: &Path, src: &Path) -> Output {
+        run_status(self.client(client, "byteback-backup").arg("--source").arg(src).args([
+            "--retry-number",
+            "0",
+        ]))
+    }
+
+    fn snapshots(&self, host: &str) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.store.join(host))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Restores `/` over SSH into a fresh dir; returns `<dir>/<snapshot>`.
+    fn restore_all(&self, client: &Path, host: &str, into: &Path) -> PathBuf {
+        fs::create_dir_all(into).unwrap();
+        run(self
+            .client(client, "byteback-restore")
+            .current_dir(into)
+            .args(["--restore", "/"]));
+        into.join(self.snapshots(host).pop().unwrap())
+    }
+}
+
+fn under(root: &Path, src: &Path) -> PathBuf {
+    root.join(src.strip_prefix("/").unwrap())
+}
+
+#[test]
+fn setup_client_then_backup_and_restore_over_ssh() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let w = World::new(400);
+    let client = w.client_dir("a");
+    let out = w.setup(&client, "client-a");
+    assert!(out.status.success(), "setup failed: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("SHA256:"),
+        "setup shows the host key fingerprint: {}",
+        stderr(&out)
+    );
+    // What setup leaves behind.
+    assert!(client.join("key").is_file() && client.join("key.pub").is_file());
+    assert_eq!(
+        fs::read_to_string(client.join("destination")).unwrap(),
+        format!("{}\n", w.sshd.destination())
+    );
+    let known = fs::read_to_string(client.join("known_hosts")).unwrap();
+    assert!(known.starts_with(&format!("[127.0.0.1]:{} ssh-ed25519 ", w.sshd.port)));
+    let keys = fs::read_to_string(w.sshd.authorized_keys()).unwrap();
+    let lines: Vec<&str> = keys.lines().collect();
+    assert_eq!(lines.len(), 2, "admin key + one client line: {keys}");
+    assert!(
+        lines[1].starts_with(&format!(
+            "restrict,from=\"127.0.0.1\",command=\"{} serve --host client-a\" ssh-ed25519 ",
+            bin("byteback-server").display()
+        )),
+        "{}",
+        lines[1]
+    );
+    assert!(is_btrfs(&w.store.join("client-a/current")));
+
+    // Running it twice changes nothing.
+    let out = w.setup(&client, "client-a");
+    assert!(out.status.success(), "second setup: {}", stderr(&out));
+    assert_eq!(fs::read_to_string(w.sshd.authorized_keys()).unwrap(), keys);
+    assert_eq!(fs::read_to_string(client.join("known_hosts")).unwrap(), known);
+
+    // Back up a rich tree and restore it over SSH; rsync sees no difference.
+    let src = w.work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let mut rng = Rng::new(11);
+    make_rich_tree(&src, &mut rng);
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    assert_eq!(w.snapshots("client-a").len(), 1);
+    assert!(is_read_only(
+        &w.store.join("client-a").join(&w.snapshots("client-a")[0])
+    ));
+    let root = w.restore_all(&client, "client-a", &w.work.path().join("restore"));
+    assert_same_tree(&src, &under(&root, &src));
+
+    // Change things and go again: a second snapshot, again identical.
+    fs::write(src.join("new-after-first"), rng.bytes(200_000)).unwrap();
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "second backup: {}", stderr(&out));
+    assert_eq!(w.snapshots("client-a").len(), 2);
+    let root = w.restore_all(&client, "client-a", &w.work.path().join("restore2"));
+    assert_same_tree(&src, &under(&root, &src));
+}
+
+#[test]
+fn setup_refuses_bad_names_and_keys() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let w = World::new(200);
+    let before = fs::read_to_string(w.sshd.authorized_keys()).unwrap();
+    for bad in ["../x", "a\",command=\"sh", "a b", ""] {
+        let client = w.client_dir("bad");
+        let out = w.setup(&client, bad);
+        assert!(!out.status.success(), "{bad:?} was accepted");
+        assert_eq!(
+            fs::read_to_string(w.sshd.authorized_keys()).unwrap(),
+            before,
+            "{bad:?} changed authorized_keys"
+        );
+    }
+    // The server-side enrolment refuses a key with a newline or options in it,
+    // even from an admin login.
+    let server = bin("byteback-server");
+    let server = server.to_str().unwrap();
+    let real = fs::read_to_string(w.sshd.admin_key.with_extension("pub")).unwrap();
+    let blob = real.split_whitespace().nth(1).unwrap();
+    for key in [
+        format!("ssh-ed25519 {blob}\nssh-ed25519 {blob}"),
+        format!("ssh-ed25519 {blob}\" command=\"sh"),
+        "ssh-ed25519 AAAA".to_string(),
+        format!("ssh-dss {blob}"),
+    ] {
+        let quoted = key.replace('\'', "'\\''");
+        let out = w.sshd.openssh(
+            &w.sshd.admin_key,
+            &[],
+            &[&format!("{server} enrol --host evil --key '{quoted}'")],
+        );
+        assert!(!out.status.success(), "key {key:?} was accepted");
+        assert_eq!(fs::read_to_string(w.sshd.authorized_keys()).unwrap(), before);
+    }
+    assert!(!w.store.join("evil").exists());
+    assert!(!w.store.join("x").exists());
+}
+
+#[test]
+fn client_key_is_confined_to_its_own_host() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let w = World::new(300);
+    let a = w.client_dir("a");
+    let b = w.client_dir("b");
+    for (dir, name) in [(&a, "host-a"), (&b, "host-b")] {
+        let out = w.setup(dir, name);
+        assert!(out.status.success(), "setup {name}: {}", stderr(&out));
+    }
+    let src_a = w.work.path().join("src-a");
+    let src_b = w.work.path().join("src-b");
+    fs::create_dir_all(&src_a).unwrap();
+    fs::create_dir_all(&src_b).unwrap();
+    fs::write(src_a.join("only-on-a"), b"a").unwrap();
+    fs::write(src_b.join("secret-of-b"), b"b").unwrap();
+    assert!(w.backup(&a, &src_a).status.success());
+    assert!(w.backup(&b, &src_b).status.success());
+
+    let outside = w.work.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    let sentinel = Sentinel::plant(&outside);
+    let key_a = a.join("key");
+    let touch = outside.join("pwned");
+    let touch_s = touch.to_str().unwrap();
+
+    // A shell command, with the client's key, is refused and never runs.
+    for cmd in [
+        format!("touch {touch_s}"),
+        format!("sh -c 'touch {touch_s}'"),
+        format!("backup; touch {touch_s}"),
+        "serve --host host-b".to_string(),
+        format!("{} serve --host host-b", bin("byteback-server").display()),
+        "list --host host-b".to_string(),
+    ] {
+        let out = w.sshd.openssh(&key_a, &[], &[&cmd]);
+        assert!(!out.status.success(), "{cmd:?} succeeded");
+        assert!(
+            stderr(&out).contains("refused"),
+            "{cmd:?}: {}",
+            stderr(&out)
+        );
+    }
+    assert!(!touch.exists());
+    // An sftp subsystem request is refused: the forced command runs instead
+    // and exits 2 (sshd drops a subsystem's stderr, so there is no message).
+    let out = w.sshd.openssh(&key_a, &["-s"], &["sftp"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // Port forwarding is refused (restrict).
+    let out = w.sshd.openssh(
+        &key_a,
+        &["-W", &format!("127.0.0.1:{}", w.sshd.port)],
+        &[],
+    );
+    assert!(!out.status.success(), "stdio forwarding worked");
+    let out = run_status(
+        Command::new("timeout")
+            .args(["10", "ssh", "-p", &w.sshd.port.to_string(), "-i"])
+            .arg(&key_a)
+            .args([
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-N",
+                "-R",
+                "0:127.0.0.1:22",
+            ])
+            .arg(format!("{}@127.0.0.1", w.sshd.user))
+            .stdin(Stdio::null()),
+    );
+    assert!(!out.status.success(), "remote forwarding was set up");
+
+    // Restore patterns with `..` are refused before anything is written.
+    let into = w.work.path().join("restore-dotdot");
+    fs::create_dir_all(&into).unwrap();
+    for pat in ["../../outside", "/../../etc", "x/../../y"] {
+        let out = run_status(
+            w.client(&a, "byteback-restore")
+                .current_dir(&into)
+                .args(["--restore", pat]),
+        );
+        assert!(!out.status.success(), "{pat:?} accepted");
+        assert!(stderr(&out).contains(".."), "{}", stderr(&out));
+    }
+    assert_eq!(fs::read_dir(&into).unwrap().count(), 0);
+
+    // Host A's key sees host A's files only, whatever --hostname says.
+    let list = run(w
+        .client(&a, "byteback-restore")
+        .args(["--list", "--hostname", "host-b", "/"]));
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("only-on-a"), "{text}");
+    assert!(!text.contains("secret-of-b"), "{text}");
+    let into = w.work.path().join("restore-a");
+    fs::create_dir_all(&into).unwrap();
+    run(w
+        .client(&a, "byteback-restore")
+        .current_dir(&into)
+        .args(["--restore", "--hostname", "host-b", "/"]));
+    let mut found = vec![];
+    for e in walkdir_all(&into) {
+        found.push(e);
+    }
+    assert!(found.iter().any(|p| p.ends_with("only-on-a")));
+    assert!(!found.iter().any(|p| p.ends_with("secret-of-b")));
+    sentinel.assert_untouched();
+}
+
+fn walkdir_all(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn changed_host_key_is_refused() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let mut w = World::new(200);
+    let client = w.client_dir("a");
+    assert!(w.setup(&client, "client-a").status.success());
+    let src = w.work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"data").unwrap();
+    assert!(w.backup(&client, &src).status.success());
+    let known = fs::read_to_string(client.join("known_hosts")).unwrap();
+
+    w.sshd.restart_with_new_host_key();
+    fs::write(src.join("g"), b"more").unwrap();
+    let out = w.backup(&client, &src);
+    assert!(!out.status.success(), "connected despite a new host key");
+    assert!(
+        stderr(&out).contains("HOST KEY CHANGED"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(w.snapshots("client-a").len(), 1, "nothing new was stored");
+    // Setup does not paper over it either.
+    let out = w.setup(&client, "client-a");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("HOST KEY CHANGED"));
+    assert_eq!(fs::read_to_string(client.join("known_hosts")).unwrap(), known);
+
+    // An unknown host (no known_hosts at all) is refused too.
+    fs::remove_file(client.join("known_hosts")).unwrap();
+    let out = w.backup(&client, &src);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not in"), "{}", stderr(&out));
+}
+
+#[test]
+fn killed_server_mid_backup_is_retried_and_the_result_is_complete() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let w = World::new(1200);
+    let client = w.client_dir("a");
+    assert!(w.setup(&client, "client-a").status.success());
+    let src = w.work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let mut rng = Rng::new(99);
+    for i in 0..12 {
+        fs::write(src.join(format!("big-{i:02}")), rng.bytes(24 << 20)).unwrap();
+    }
+    fs::create_dir_all(src.join("rich")).unwrap();
+    make_rich_tree(&src.join("rich"), &mut rng);
+
+    let child = w
+        .client(&client, "byteback-backup")
+        .arg("--source")
+        .arg(&src)
+        .args(["--retry-number", "3", "--retry-delay", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the server is receiving file data, then kill it.
+    let tmp = w.store.join("client-a/current/.byteback/tmp");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut killed = false;
+    while Instant::now() < deadline {
+        let busy = fs::read_dir(&tmp)
+            .map(|d| d.count() > 0)
+            .unwrap_or(false);
+        if busy {
+            let pids = w.sshd.pids("byteback-server serve");
+            assert!(!pids.is_empty(), "no server process");
+            for p in pids {
+                run_status(Command::new("kill").args(["-9", &p.to_string()]));
+            }
+            killed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(killed, "the server never started receiving");
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "backup did not recover: {err}");
+    assert!(err.contains("attempt 1 failed"), "{err}");
+    // Exactly one snapshot: the broken run committed nothing.
+    let snaps = w.snapshots("client-a");
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    let root = w.restore_all(&client, "client-a", &w.work.path().join("restore"));
+    assert_same_tree(&src, &under(&root, &src));
+}
