@@ -230,10 +230,12 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
             r
         }
         Err(e) => {
+            // Tear the transport down first: the writer may be blocked
+            // sending to a server that is gone.
+            transport.abort();
             drop(shared);
             drop(pool);
             let _ = writer_thread.join();
-            transport.abort();
             let _ = reader_thread.join();
             return Err(e);
         }

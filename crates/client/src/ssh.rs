@@ -370,15 +370,23 @@ async fn pump(
             tokio::time::sleep(io_timeout - idle).await;
         }
     };
-    let both = async {
-        // The server's side decides when the session is over; a write error
-        // towards it surfaces through the protocol as a closed connection.
-        let (a, b) = tokio::join!(from_server, to_server);
-        a.and(b)
-    };
-    tokio::select! {
-        r = both => r.map(|()| exit.get()),
-        () = watchdog => bail!("no data moved for {} s (--io-timeout); giving up on the connection", io_timeout.as_secs()),
+    // The server's side decides when the session is over: once the channel
+    // closes, data still queued towards it has nowhere to go, so sending
+    // stops too (a closed channel never opens its window again).
+    tokio::pin!(from_server, to_server, watchdog);
+    let mut sent_all = false;
+    loop {
+        tokio::select! {
+            r = &mut from_server => return r.map(|()| exit.get()),
+            r = &mut to_server, if !sent_all => {
+                r?;
+                sent_all = true;
+            }
+            () = &mut watchdog => bail!(
+                "no data moved for {} s (--io-timeout); giving up on the connection",
+                io_timeout.as_secs()
+            ),
+        }
     }
 }
 
