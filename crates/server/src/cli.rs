@@ -28,7 +28,15 @@ enum Command {
         /// Allow only listing and restoring.
         #[arg(long)]
         read_only: bool,
+        /// Server clock override (RFC 3339), for tests and simulations only:
+        /// sshd's forced command never passes it, so a client cannot set it.
+        #[arg(long, value_parser = crate::admin::parse_now)]
+        now: Option<(i64, i64)>,
     },
+    /// Delete the least important snapshots while the store is short of space (as byteback-prune).
+    Prune(crate::admin::PruneArgs),
+    /// Per host: newest snapshot, its age, snapshot count and size; Nagios exit codes.
+    Status(crate::admin::StatusArgs),
 }
 
 fn default_store() -> Option<PathBuf> {
@@ -45,6 +53,7 @@ pub fn main() -> ExitCode {
             host,
             store,
             read_only,
+            now,
         } => {
             if let Err(e) = byteback_protocol::validate_host_name(&host) {
                 eprintln!("byteback-server: {e}");
@@ -63,7 +72,7 @@ pub fn main() -> ExitCode {
                 } else {
                     Access::Full
                 },
-                now: None,
+                now: now.map(|(t, _)| t),
             };
             let stdin = std::io::stdin().lock();
             let stdout = std::io::stdout().lock();
@@ -75,6 +84,8 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Prune(args) => crate::admin::run_prune(args),
+        Command::Status(args) => crate::admin::run_status(args),
     }
 }
 

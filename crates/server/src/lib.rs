@@ -6,12 +6,17 @@
 //! one code path.
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod backup;
 pub mod btrfs;
 pub mod cli;
 pub mod config;
 pub mod fsops;
 pub mod manifest;
+pub mod prune;
+pub mod pruner;
 pub mod serve;
+pub mod space;
+pub mod status;
 pub mod store;
 pub mod time;

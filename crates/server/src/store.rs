@@ -55,6 +55,11 @@ impl Store {
         })
     }
 
+    /// The store root directory fd.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
     /// Names of hosts in the store.
     pub fn hosts(&self) -> Result<Vec<String>> {
         let mut out = vec![];
