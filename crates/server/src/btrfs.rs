@@ -47,6 +47,7 @@ const IOC_SNAP_DESTROY: u64 = iow(15, std::mem::size_of::<VolArgs>());
 const IOC_SNAP_CREATE_V2: u64 = iow(23, std::mem::size_of::<VolArgsV2>());
 const IOC_CLONE_RANGE: u64 = iow(13, std::mem::size_of::<CloneRange>());
 const IOC_SYNC: u64 = (BTRFS_IOCTL_MAGIC << 8) | 8;
+const IOC_SUBVOL_SETFLAGS: u64 = iow(26, std::mem::size_of::<u64>());
 const IOC_SPACE_INFO: u64 = iowr(20, std::mem::size_of::<SpaceArgs>());
 const IOC_DEV_INFO: u64 = iowr(30, std::mem::size_of::<DevInfoArgs>());
 const IOC_FS_INFO: u64 = ior(31, std::mem::size_of::<FsInfoArgs>());
@@ -160,6 +161,13 @@ pub fn delete_subvolume(dir: impl AsFd, name: &OsStr) -> io::Result<()> {
         name: name_buf(name)?,
     };
     ioctl(dir, IOC_SNAP_DESTROY, &mut args)
+}
+
+/// Makes the subvolume `fd` writable again (its owner may; deleting a
+/// read-only snapshot without privileges needs this first).
+pub fn clear_read_only(fd: impl AsFd) -> io::Result<()> {
+    let mut flags: u64 = 0;
+    ioctl(fd, IOC_SUBVOL_SETFLAGS, &mut flags)
 }
 
 /// Forces a btrfs transaction commit.
@@ -310,6 +318,7 @@ mod tests {
     #[test]
     fn ioctl_numbers_match_the_kernel_headers() {
         assert_eq!(super::IOC_SPACE_INFO, 0xc010_9414);
+        assert_eq!(super::IOC_SUBVOL_SETFLAGS, 0x4008_941a);
         assert_eq!(super::IOC_DEV_INFO, 0xd000_941e);
         assert_eq!(super::IOC_FS_INFO, 0x8400_941f);
         assert_eq!(super::IOC_SUBVOL_SYNC_WAIT, 0x4010_9441);
