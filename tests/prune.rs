@@ -243,7 +243,7 @@ fn four_hundred_days_on_a_fixed_disc() {
         wrapper: server_wrapper(d.path()),
         store: store.clone(),
     };
-    let mut machines = vec![
+    let mut machines = [
         Machine::new(d.path(), "alpha", 60, vec![1 << 20, 700 << 10], 0),
         Machine::new(d.path(), "beta", 20, vec![900 << 10], 300 << 10),
         Machine::new(d.path(), "gamma", 30, vec![1 << 20, 300 << 10], 0),

@@ -212,10 +212,10 @@ pub fn spikes(host: &str, history: &[Usage], capacity: u64) -> Vec<Spike> {
 
 /// The snapshot to delete next: the last in `order` that is not its host's
 /// newest and that `allowed` accepts.
-pub fn next_to_delete<'a>(
-    order: &'a [Snapshot],
+pub fn next_to_delete(
+    order: &[Snapshot],
     allowed: impl Fn(&Snapshot) -> bool,
-) -> Option<&'a Snapshot> {
+) -> Option<&Snapshot> {
     let mut newest: BTreeMap<&str, &Snapshot> = BTreeMap::new();
     for s in order {
         let e = newest.entry(s.host.as_str()).or_insert(s);
