@@ -29,6 +29,10 @@ enum Command {
         /// Allow only listing and restoring.
         #[arg(long)]
         read_only: bool,
+        /// Server clock override (RFC 3339), for tests and simulations only:
+        /// sshd's forced command never passes it, so a client cannot set it.
+        #[arg(long, value_parser = crate::admin::parse_now)]
+        now: Option<(i64, i64)>,
     },
     /// Let a client's key back up as one host (run by byteback-setup-client).
     Enrol {
@@ -48,6 +52,10 @@ enum Command {
         #[arg(long)]
         authorized_keys: Option<PathBuf>,
     },
+    /// Delete the least important snapshots while the store is short of space (as byteback-prune).
+    Prune(crate::admin::PruneArgs),
+    /// Per host: newest snapshot, its age, snapshot count and size; Nagios exit codes.
+    Status(crate::admin::StatusArgs),
 }
 
 fn default_store() -> Option<PathBuf> {
@@ -64,6 +72,7 @@ pub fn main() -> ExitCode {
             host,
             store,
             read_only,
+            now,
         } => {
             if let Err(e) = byteback_protocol::validate_host_name(&host) {
                 eprintln!("byteback-server: {e}");
@@ -92,7 +101,7 @@ pub fn main() -> ExitCode {
                 } else {
                     verb_access
                 },
-                now: None,
+                now: now.map(|(t, _)| t),
             };
             let stdin = std::io::stdin().lock();
             let stdout = std::io::stdout().lock();
@@ -120,6 +129,8 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Prune(args) => crate::admin::run_prune(args),
+        Command::Status(args) => crate::admin::run_status(args),
     }
 }
 

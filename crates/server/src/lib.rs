@@ -6,6 +6,7 @@
 //! one code path.
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod backup;
 pub mod btrfs;
 pub mod cli;
@@ -13,6 +14,10 @@ pub mod config;
 pub mod enrol;
 pub mod fsops;
 pub mod manifest;
+pub mod prune;
+pub mod pruner;
 pub mod serve;
+pub mod space;
+pub mod status;
 pub mod store;
 pub mod time;

@@ -220,11 +220,22 @@ fn backup<R: Read, W: Write>(
                         message.push_str(&format!("\nwarning: {w}"));
                     }
                 }
+                let new_bytes = stats.literal_bytes;
                 conn.send(&ServerMsg::BackupDone {
-                    snapshot,
+                    snapshot: snapshot.clone(),
                     message,
                     stats,
                 })?;
+                conn.output.flush()?;
+                // The client has its result; usage and pruning only log on failure.
+                if let Err(e) =
+                    crate::pruner::record_backup(&host, now, new_bytes, snapshot.as_deref())
+                {
+                    eprintln!("byteback-server: cannot record usage: {e:#}");
+                }
+                if snapshot.is_some() {
+                    crate::pruner::after_snapshot(store, &config, now);
+                }
                 return Ok(());
             }
             m => bail!("unexpected {} during a backup", m.name()),

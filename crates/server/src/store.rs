@@ -55,6 +55,11 @@ impl Store {
         })
     }
 
+    /// The store root directory fd.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
     /// Names of hosts in the store.
     pub fn hosts(&self) -> Result<Vec<String>> {
         let mut out = vec![];
@@ -213,10 +218,19 @@ impl HostStore {
         }
         let fd = fsops::open_dir(&self.fd, name.as_bytes())?;
         if btrfs::is_subvolume(&fd) {
+            // Without CAP_SYS_ADMIN a read-only snapshot cannot be deleted
+            // (EROFS/EPERM); its owner may make it writable first.
             drop(fd);
-            btrfs::delete_subvolume(&self.fd, OsStr::new(name)).with_context(|| {
-                format!("cannot delete subvolume {}/{name}", self.path.display())
-            })?;
+            let r = btrfs::delete_subvolume(&self.fd, OsStr::new(name));
+            let r = match r {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EROFS | libc::EPERM)) => {
+                    fsops::open_dir(&self.fd, name.as_bytes())
+                        .and_then(|fd| btrfs::clear_read_only(&fd))
+                        .and_then(|()| btrfs::delete_subvolume(&self.fd, OsStr::new(name)))
+                }
+                r => r,
+            };
+            r.with_context(|| format!("cannot delete subvolume {}/{name}", self.path.display()))?;
         } else {
             drop(fd);
             fsops::remove_any(&self.fd, name.as_bytes())?;

@@ -100,6 +100,61 @@ pub fn parse_name(name: &str) -> Option<i64> {
     Some(local - sign * (oh * 3600 + om * 60))
 }
 
+/// Parses an RFC 3339 time (`2026-11-27T03:00:00Z`, `2026-11-27T03:00:00.5+01:00`;
+/// a space may replace the `T`) into Unix seconds and the UTC offset it names.
+pub fn parse_rfc3339(s: &str) -> Option<(i64, i64)> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    if !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let p = s.get(r)?;
+        if p.bytes().all(|c| c.is_ascii_digit()) {
+            p.parse().ok()
+        } else {
+            None
+        }
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let mut rest = &s[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let n = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if n == 0 {
+            return None;
+        }
+        rest = &frac[n..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let ob = rest.as_bytes();
+            if ob.len() != 6 || ob[3] != b':' {
+                return None;
+            }
+            let sign = match ob[0] {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let oh: i64 = rest.get(1..3)?.parse().ok()?;
+            let om: i64 = rest.get(4..6)?.parse().ok()?;
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            sign * (oh * 3600 + om * 60)
+        }
+    };
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let local = days_from_civil(y, mo as u32, d as u32) * 86_400 + h * 3600 + mi * 60 + sec;
+    Some((local - offset, offset))
+}
+
 /// Current Unix time in seconds.
 pub fn now() -> i64 {
     std::time::SystemTime::now()
@@ -128,6 +183,30 @@ mod tests {
             parse_name("2026-11-27T03:00+0000.2"),
             parse_name("2026-11-27T03:00+0000")
         );
+    }
+
+    #[test]
+    fn rfc3339_times() {
+        assert_eq!(
+            parse_rfc3339("2026-11-18T11:06:40Z"),
+            Some((1_795_000_000, 0))
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-18T12:06:40.25+01:00"),
+            Some((1_795_000_000, 3600))
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-18 06:06:40-05:00"),
+            Some((1_795_000_000, -18_000))
+        );
+        for bad in [
+            "2026-11-18T11:06Z",
+            "2026-11-18T11:06:40",
+            "2026-11-18T11:06:40+0100",
+            "x",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -1,0 +1,205 @@
+//! The admin commands, `prune` and `status`: arguments shared by
+//! `byteback-prune` (1.x's name and options) and `byteback-server prune|status`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Result};
+use clap::{Args, ValueEnum};
+
+use crate::config::StoreConfig;
+use crate::prune::{prune_order, Order};
+use crate::pruner::{self, PruneOptions};
+use crate::store::Store;
+use crate::{space, status, time};
+
+/// Deletion order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OrderArg {
+    /// byteback 1.x importance: days, weeks, then every 4th Sunday.
+    Importance,
+    /// Oldest first.
+    Age,
+}
+
+/// Options of `byteback-prune` (as byteback 1.x) and `byteback-server prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Start pruning when the store has less than this % free (default: byteback.toml, else 5).
+    #[arg(short = 'm', long)]
+    pub minpercent: Option<u32>,
+    /// Stop pruning once more than this % is free (default: byteback.toml, else 10).
+    #[arg(short = 'a', long)]
+    pub maxpercent: Option<u32>,
+    /// List snapshots as <host>/<snapshot>, most important first; the last goes first.
+    #[arg(short = 'l', long)]
+    pub list: bool,
+    /// Prune if the store is short of space.
+    #[arg(short = 'p', long)]
+    pub prune: bool,
+    /// Prune regardless: at least the next snapshot, even within 7 days, and accept growth spikes.
+    #[arg(short = 'r', long)]
+    pub prune_force: bool,
+    /// Order snapshots by importance or age.
+    #[arg(short = 'o', long, value_enum, default_value = "importance")]
+    pub order: OrderArg,
+    /// Report every step on stderr.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    /// With --prune: only say what would be deleted next.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Store root (default: the home directory of the server user).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// Act as of this time (RFC 3339, e.g. 2026-11-27T12:00:00Z), for dry runs and tests.
+    #[arg(long, value_parser = parse_now)]
+    pub now: Option<(i64, i64)>,
+}
+
+/// Options of `byteback-server status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Store root (default: the home directory of the server user).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// WARNING (exit 1) when a host's newest snapshot is older (e.g. 26h, 2d).
+    #[arg(long, value_parser = parse_age)]
+    pub warn: Option<i64>,
+    /// CRITICAL (exit 2) when a host's newest snapshot is older.
+    #[arg(long, value_parser = parse_age)]
+    pub crit: Option<i64>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Ages as of this time (RFC 3339).
+    #[arg(long, value_parser = parse_now)]
+    pub now: Option<(i64, i64)>,
+}
+
+/// Parses `--now`: Unix seconds and the UTC offset written in it.
+pub fn parse_now(s: &str) -> Result<(i64, i64), String> {
+    time::parse_rfc3339(s).ok_or_else(|| format!("{s:?} is not an RFC 3339 time"))
+}
+
+fn parse_age(s: &str) -> Result<i64, String> {
+    status::parse_age(s).ok_or_else(|| format!("{s:?} is not an age (e.g. 3600, 90m, 26h, 2d)"))
+}
+
+/// The store root: the flag, else `$HOME` (the byteback user's home, as 1.x).
+pub fn store_root(flag: Option<PathBuf>) -> Result<PathBuf> {
+    flag.or_else(|| {
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    })
+    .ok_or_else(|| anyhow!("no --store given and no home directory"))
+}
+
+fn clock(now: Option<(i64, i64)>) -> (i64, i64) {
+    now.unwrap_or_else(|| {
+        let t = time::now();
+        (t, time::local_offset(t))
+    })
+}
+
+fn prune_inner(args: PruneArgs) -> Result<ExitCode> {
+    let do_prune = args.prune || args.prune_force;
+    if do_prune == args.list {
+        bail!("give exactly one of --list or --prune/--prune-force");
+    }
+    let root = store_root(args.store)?;
+    let cfg = StoreConfig::load(&root)?;
+    let minpercent = args.minpercent.unwrap_or(cfg.minpercent);
+    let maxpercent = args.maxpercent.unwrap_or(cfg.maxpercent);
+    if minpercent > maxpercent || maxpercent > 100 {
+        bail!("--minpercent must not exceed --maxpercent (at most 100)");
+    }
+    let store = Store::open(&root)?;
+    let (now, offset) = clock(args.now);
+    let order = match args.order {
+        OrderArg::Importance => Order::Importance,
+        OrderArg::Age => Order::Age,
+    };
+    if args.list {
+        let snaps = pruner::all_snapshots(&store)?;
+        if args.verbose {
+            eprintln!("byteback-prune: {}", space::measure(store.fd())?);
+        }
+        let mut out = std::io::stdout().lock();
+        for s in prune_order(&snaps, now, offset, order) {
+            writeln!(out, "{s}")?;
+        }
+        out.flush()?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let opts = PruneOptions {
+        minpercent,
+        maxpercent,
+        force: args.prune_force,
+        order,
+        now,
+        offset,
+        verbose: args.verbose,
+        dry_run: args.dry_run,
+    };
+    let mut err = std::io::stderr().lock();
+    let o = pruner::prune(&store, &opts, &mut err)?;
+    if let Some(why) = &o.refused {
+        writeln!(err, "byteback-prune: {why} ({})", o.after)?;
+        if why.starts_with("not pruning:") {
+            return Ok(ExitCode::from(3));
+        }
+    } else if args.verbose || !o.deleted.is_empty() {
+        writeln!(
+            err,
+            "byteback-prune: {} snapshot(s) deleted, {}",
+            o.deleted.len(),
+            o.after
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `byteback-prune`: 0 done (or nothing to do), 1 error, 2 usage,
+/// 3 refused by the growth guard (the admin decides).
+pub fn run_prune(args: PruneArgs) -> ExitCode {
+    match prune_inner(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("byteback-prune: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status_inner(args: StatusArgs) -> Result<ExitCode> {
+    let root = store_root(args.store)?;
+    let store = Store::open(&root)?;
+    let (now, _) = clock(args.now);
+    let st = status::collect(&store, now)?;
+    let mut out = std::io::stdout().lock();
+    let (code, line) = status::check(&st, args.warn, args.crit);
+    if args.json {
+        out.write_all(status::json(&st).as_bytes())?;
+    } else {
+        if args.warn.is_some() || args.crit.is_some() {
+            writeln!(out, "{line}")?;
+        }
+        out.write_all(status::table(&st).as_bytes())?;
+    }
+    out.flush()?;
+    Ok(ExitCode::from(code))
+}
+
+/// `byteback-server status`: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (error).
+pub fn run_status(args: StatusArgs) -> ExitCode {
+    match status_inner(args) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("BYTEBACK UNKNOWN - {e:#}");
+            ExitCode::from(3)
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! Keeping the disc from filling: deletes the least important snapshots while
+//! the store is short of space, and the per-host usage log the growth guard reads.
+//!
+//! Shared by `byteback-prune`, `byteback-server prune` and the prune the server
+//! runs after each snapshot. The decisions are [`crate::prune`]'s pure functions;
+//! this module measures, deletes, waits for btrfs to free the space, and reports.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rustix::fs::{Mode, OFlags};
+
+use crate::prune::{next_to_delete, prune_order, spikes, Order, Snapshot, Spike, Usage};
+use crate::space::{self, Space};
+use crate::store::{HostStore, Store};
+use crate::{btrfs, fsops, time};
+
+/// Per-host log of what each backup wrote, beside `current` (out of the client's reach).
+pub const USAGE_LOG: &str = ".byteback-usage";
+/// Store-wide list of growth spikes the admin accepted with `--prune-force`.
+pub const ACCEPTED: &str = ".byteback-accepted-growth";
+/// Written while the growth guard holds pruning back; read by `status`.
+pub const REFUSED: &str = ".byteback-prune-refused";
+const LOCK: &str = ".byteback-prune.lock";
+/// Pruning waits until some snapshot is older than this.
+pub const MIN_AGE: i64 = 7 * 86_400;
+
+/// How a prune run behaves.
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    /// Start pruning below this free percentage.
+    pub minpercent: u32,
+    /// Stop once free space is above this percentage.
+    pub maxpercent: u32,
+    /// Delete even when space is fine (at least one snapshot), override the
+    /// 7-day rule and accept growth spikes. A host's newest snapshot stays.
+    pub force: bool,
+    /// Deletion order.
+    pub order: Order,
+    /// The clock (Unix seconds).
+    pub now: i64,
+    /// Local time offset for "midday" (seconds east of UTC).
+    pub offset: i64,
+    /// Report every step.
+    pub verbose: bool,
+    /// Only report what would be deleted.
+    pub dry_run: bool,
+}
+
+/// What a prune run did.
+#[derive(Debug, Clone)]
+pub struct PruneOutcome {
+    /// Snapshots deleted (or that would be, in a dry run), in order.
+    pub deleted: Vec<Snapshot>,
+    /// Free space before.
+    pub before: Space,
+    /// Free space after.
+    pub after: Space,
+    /// Why pruning stopped short of `maxpercent`, if it did.
+    pub refused: Option<String>,
+}
+
+/// Every snapshot of every host in the store.
+pub fn all_snapshots(store: &Store) -> Result<Vec<Snapshot>> {
+    let mut out = vec![];
+    for host in store.hosts()? {
+        let h = store.host(&host, false)?;
+        for (name, time) in h.snapshots()? {
+            out.push(Snapshot {
+                host: host.clone(),
+                name,
+                time,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Appends one committed backup to the host's usage log: its time, the bytes
+/// of file data it wrote, and the snapshot it made (if any).
+pub fn record_backup(
+    host: &HostStore,
+    now: i64,
+    new_bytes: u64,
+    snapshot: Option<&str>,
+) -> Result<()> {
+    let fd = rustix::fs::openat(
+        host.fd(),
+        USAGE_LOG,
+        OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::from_raw_mode(0o600),
+    )
+    .with_context(|| format!("cannot open {}/{USAGE_LOG}", host.path.display()))?;
+    let line = format!("{now} {new_bytes} {}\n", snapshot.unwrap_or("-"));
+    std::fs::File::from(fd).write_all(line.as_bytes())?;
+    Ok(())
+}
+
+/// The host's usage per snapshot, oldest first: bytes written by the backups
+/// since the previous snapshot. Hosts without a log (1.x stores) have none.
+pub fn read_usage(host: &HostStore) -> Vec<Usage> {
+    let Some(text) = read_small(host.fd(), USAGE_LOG) else {
+        return vec![];
+    };
+    let mut out = vec![];
+    let mut pending: u64 = 0;
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(t), Some(b), Some(s)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let (Ok(t), Ok(b)) = (t.parse::<i64>(), b.parse::<u64>()) else {
+            continue;
+        };
+        pending = pending.saturating_add(b);
+        if s != "-" {
+            out.push(Usage {
+                snapshot: s.to_string(),
+                time: t,
+                new_bytes: pending,
+            });
+            pending = 0;
+        }
+    }
+    out
+}
+
+fn read_small(dir: impl AsFd, name: &str) -> Option<String> {
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )
+    .ok()?;
+    let mut s = String::new();
+    std::fs::File::from(fd)
+        .take(64 << 20)
+        .read_to_string(&mut s)
+        .ok()?;
+    Some(s)
+}
+
+fn write_small(dir: impl AsFd, name: &str, text: &str, append: bool) -> Result<()> {
+    let mode = if append {
+        OFlags::APPEND
+    } else {
+        OFlags::TRUNC
+    };
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW | mode,
+        Mode::from_raw_mode(0o644),
+    )?;
+    std::fs::File::from(fd).write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// Growth spikes whose snapshot still exists and that the admin has not accepted.
+pub fn open_spikes(store: &Store, snapshots: &[Snapshot], capacity: u64) -> Result<Vec<Spike>> {
+    let accepted: HashSet<String> = read_small(store.fd(), ACCEPTED)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let existing: HashSet<(&str, &str)> = snapshots
+        .iter()
+        .map(|s| (s.host.as_str(), s.name.as_str()))
+        .collect();
+    let mut out = vec![];
+    for host in store.hosts()? {
+        let h = store.host(&host, false)?;
+        for s in spikes(&host, &read_usage(&h), capacity) {
+            if existing.contains(&(s.host.as_str(), s.snapshot.as_str()))
+                && !accepted.contains(&format!("{}/{}", s.host, s.snapshot))
+            {
+                out.push(s);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The prune refusal left by the last run, if any.
+pub fn refusal(store: &Store) -> Option<String> {
+    read_small(store.fd(), REFUSED).filter(|s| !s.trim().is_empty())
+}
+
+/// Waits until btrfs has released the space of deleted subvolumes (like
+/// `btrfs subvolume sync`), then commits so the space figures are current.
+pub fn wait_for_cleaner(fd: impl AsFd) -> Result<()> {
+    let fd = fd.as_fd();
+    if !btrfs::is_btrfs(fd) {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    btrfs::sync(fd)?;
+    match btrfs::deleted_subvolumes_pending(fd) {
+        Ok(_) => {
+            let mut pause = Duration::from_millis(2);
+            while btrfs::deleted_subvolumes_pending(fd)? > 0 {
+                if Instant::now() > deadline {
+                    anyhow::bail!("btrfs is still cleaning deleted snapshots after 5 minutes");
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+        }
+        Err(_) => {
+            // Kernels before 6.13 cannot count the cleaner's queue without
+            // privileges: wait until the used bytes stop changing.
+            let used =
+                |fd| -> Result<u64> { Ok(btrfs::space_info(fd)?.iter().map(|i| i.used).sum()) };
+            let mut last = used(fd)?;
+            let mut stable = 0;
+            while stable < 3 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+                btrfs::sync(fd)?;
+                let now = used(fd)?;
+                stable = if now == last { stable + 1 } else { 0 };
+                last = now;
+            }
+        }
+    }
+    btrfs::sync(fd)?;
+    Ok(())
+}
+
+/// Runs one prune of `store`; progress goes to `log` (stderr in the binaries).
+pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<PruneOutcome> {
+    let lock = fsops::open_lock(store.fd(), LOCK.as_bytes())?;
+    if let Err(e) = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        let before = space::measure(store.fd())?;
+        return Ok(PruneOutcome {
+            deleted: vec![],
+            before,
+            after: before,
+            refused: Some(format!("another prune of this store is running ({e})")),
+        });
+    }
+    let before = space::measure(store.fd())?;
+    let mut out = PruneOutcome {
+        deleted: vec![],
+        before,
+        after: before,
+        refused: None,
+    };
+    if opts.verbose {
+        writeln!(log, "byteback-prune: {before}")?;
+    }
+    if !opts.force && before.percent_free() >= f64::from(opts.minpercent) {
+        if opts.verbose {
+            writeln!(
+                log,
+                "byteback-prune: at least {}% free, nothing to do",
+                opts.minpercent
+            )?;
+        }
+        if !opts.dry_run {
+            let _ = rustix::fs::unlinkat(store.fd(), REFUSED, rustix::fs::AtFlags::empty());
+        }
+        return Ok(out);
+    }
+    let mut snapshots = all_snapshots(store)?;
+    if !opts.force && !snapshots.iter().any(|s| s.time < opts.now - MIN_AGE) {
+        out.refused = Some("no snapshot is older than 7 days; not pruning".into());
+        return Ok(out);
+    }
+    let spikes = open_spikes(store, &snapshots, before.size)?;
+    if !spikes.is_empty() {
+        if opts.force {
+            if !opts.dry_run {
+                let lines: String = spikes
+                    .iter()
+                    .map(|s| format!("{}/{}\n", s.host, s.snapshot))
+                    .collect();
+                write_small(store.fd(), ACCEPTED, &lines, true)?;
+            }
+            for s in &spikes {
+                writeln!(log, "byteback-prune: accepting growth: {s}")?;
+            }
+        } else {
+            let why =
+                format!(
+                "not pruning: {}; deleting other hosts' history for it needs the admin's decision \
+                 (byteback-prune --prune-force accepts it; or delete that snapshot)",
+                spikes.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+            );
+            if !opts.dry_run {
+                write_small(store.fd(), REFUSED, &format!("{why}\n"), false)?;
+            }
+            out.refused = Some(why);
+            return Ok(out);
+        }
+    }
+    if !opts.dry_run {
+        let _ = rustix::fs::unlinkat(store.fd(), REFUSED, rustix::fs::AtFlags::empty());
+    }
+    loop {
+        let order = prune_order(&snapshots, opts.now, opts.offset, opts.order);
+        let Some(victim) = next_to_delete(&order, |_| true).cloned() else {
+            out.refused =
+                Some("nothing left to delete: every host is down to its newest snapshot".into());
+            break;
+        };
+        if opts.dry_run {
+            writeln!(log, "byteback-prune: would delete {victim}")?;
+        } else {
+            let host = store.host(&victim.host, false)?;
+            host.delete_snapshot(&victim.name)?;
+            wait_for_cleaner(store.fd())?;
+        }
+        snapshots.retain(|s| *s != victim);
+        out.deleted.push(victim.clone());
+        if opts.dry_run {
+            // What a deletion frees cannot be known without deleting: a dry run shows one step.
+            break;
+        }
+        out.after = space::measure(store.fd())?;
+        writeln!(log, "byteback-prune: deleted {victim}, now {}", out.after)?;
+        let enough = out.after.percent_free() > f64::from(opts.maxpercent);
+        if enough || (opts.force && before.percent_free() >= f64::from(opts.minpercent)) {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// The prune the server runs after a snapshot: store settings, the server's
+/// clock; problems go to stderr and never fail the backup.
+pub fn after_snapshot(store: &Store, cfg: &crate::config::StoreConfig, now: i64) {
+    let opts = PruneOptions {
+        minpercent: cfg.minpercent,
+        maxpercent: cfg.maxpercent,
+        force: false,
+        order: Order::Importance,
+        now,
+        offset: time::local_offset(now),
+        verbose: false,
+        dry_run: false,
+    };
+    let mut err = std::io::stderr().lock();
+    match prune(store, &opts, &mut err) {
+        Ok(o) => {
+            if let Some(why) = o.refused.filter(|_| {
+                o.after.percent_free() < f64::from(cfg.minpercent) || !o.deleted.is_empty()
+            }) {
+                let _ = writeln!(err, "byteback-server: prune: {why} ({})", o.after);
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(err, "byteback-server: prune failed: {e:#}");
+        }
+    }
+}

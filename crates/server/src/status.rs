@@ -1,0 +1,295 @@
+//! `byteback-server status`: per host the newest snapshot, its age, how many
+//! snapshots and how much data, for people (a table), Nagios (exit codes) and
+//! machines (`--json`).
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+
+use crate::fsops;
+use crate::manifest::ManifestReader;
+use crate::pruner;
+use crate::space::{self, Space};
+use crate::store::{Store, META_DIR};
+
+/// One host's line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostStatus {
+    /// Host name.
+    pub host: String,
+    /// Newest snapshot name.
+    pub newest: Option<String>,
+    /// Seconds since the newest snapshot.
+    pub age: Option<i64>,
+    /// Number of snapshots.
+    pub snapshots: usize,
+    /// Bytes of file data in the newest snapshot (its manifest), if readable.
+    pub size: Option<u64>,
+    /// Bytes the backups of the retained snapshots wrote after the oldest of
+    /// them (from the usage log): the history the host keeps on the disc.
+    pub history: Option<u64>,
+}
+
+/// The whole store.
+#[derive(Debug, Clone)]
+pub struct StoreStatus {
+    /// Hosts by name.
+    pub hosts: Vec<HostStatus>,
+    /// Free space.
+    pub space: Space,
+    /// Why the last prune refused, if it did.
+    pub prune_refused: Option<String>,
+}
+
+fn manifest_size(store: &Store, host: &str, snapshot: &str) -> Option<u64> {
+    let h = store.host(host, false).ok()?;
+    let snap = h.open_snapshot(snapshot).ok()?;
+    let meta = fsops::open_dir(&snap, META_DIR).ok()?;
+    let mut r = ManifestReader::new(fsops::open_file(&meta, b"manifest").ok()?).ok()?;
+    let mut total = 0u64;
+    while let Some(e) = r.next_entry().ok()? {
+        if let byteback_protocol::Kind::File { size } = e.entry.kind {
+            total = total.saturating_add(size);
+        }
+    }
+    Some(total)
+}
+
+/// Collects the status of every host at time `now`.
+pub fn collect(store: &Store, now: i64) -> Result<StoreStatus> {
+    let mut hosts = vec![];
+    let mut names = store.hosts()?;
+    names.sort();
+    for name in names {
+        let h = store.host(&name, false)?;
+        let snaps = h.snapshots()?;
+        let newest = snaps.last().cloned();
+        let usage = pruner::read_usage(&h);
+        let kept: std::collections::HashSet<&str> = snaps.iter().map(|s| s.0.as_str()).collect();
+        let retained: Vec<u64> = usage
+            .iter()
+            .filter(|u| kept.contains(u.snapshot.as_str()))
+            .map(|u| u.new_bytes)
+            .collect();
+        hosts.push(HostStatus {
+            size: newest
+                .as_ref()
+                .and_then(|(n, _)| manifest_size(store, &name, n)),
+            history: (!retained.is_empty()).then(|| retained[1..].iter().sum()),
+            age: newest.as_ref().map(|(_, t)| now - t),
+            newest: newest.map(|(n, _)| n),
+            snapshots: snaps.len(),
+            host: name,
+        });
+    }
+    Ok(StoreStatus {
+        hosts,
+        space: space::measure(store.fd())?,
+        prune_refused: pruner::refusal(store),
+    })
+}
+
+/// Parses an age: seconds, or a number with `s`, `m`, `h`, `d` or `w`.
+pub fn parse_age(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: i64 = num.parse().ok()?;
+    let mul = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return None,
+    };
+    n.checked_mul(mul)
+}
+
+/// Formats an age compactly: `45s`, `3h12m`, `2d4h`.
+pub fn format_age(s: i64) -> String {
+    if s < 0 {
+        return format!("-{}", format_age(-s));
+    }
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+fn mib(b: Option<u64>) -> String {
+    b.map(|b| format!("{} MiB", b.div_ceil(1 << 20)))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Nagios state: 0 OK, 1 WARNING, 2 CRITICAL, with the reason.
+pub fn check(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> (u8, String) {
+    let mut code = 0;
+    let mut problems = vec![];
+    for h in &st.hosts {
+        let age = h.age.unwrap_or(i64::MAX);
+        let c = if crit.is_some_and(|c| age > c) {
+            2
+        } else if warn.is_some_and(|w| age > w) {
+            1
+        } else {
+            0
+        };
+        if c > 0 {
+            problems.push(match h.age {
+                Some(a) => format!("{} last backup {} ago", h.host, format_age(a)),
+                None => format!("{} has no snapshot", h.host),
+            });
+        }
+        code = code.max(c);
+    }
+    if let Some(why) = &st.prune_refused {
+        code = code.max(1);
+        problems.push(format!("prune refused: {}", why.trim()));
+    }
+    let word = ["OK", "WARNING", "CRITICAL"][code as usize];
+    let detail = if problems.is_empty() {
+        format!("{} hosts backed up, {}", st.hosts.len(), st.space)
+    } else {
+        problems.join("; ")
+    };
+    (code, format!("BYTEBACK {word} - {detail}"))
+}
+
+/// The human table.
+pub fn table(st: &StoreStatus) -> String {
+    let mut out = String::new();
+    let w = st
+        .hosts
+        .iter()
+        .map(|h| h.host.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let _ = writeln!(
+        out,
+        "{:w$}  {:25}  {:>9}  {:>9}  {:>10}  {:>10}",
+        "host", "newest", "age", "snapshots", "size", "history"
+    );
+    for h in &st.hosts {
+        let _ = writeln!(
+            out,
+            "{:w$}  {:25}  {:>9}  {:>9}  {:>10}  {:>10}",
+            h.host,
+            h.newest.as_deref().unwrap_or("-"),
+            h.age.map(format_age).unwrap_or_else(|| "-".into()),
+            h.snapshots,
+            mib(h.size),
+            mib(h.history),
+        );
+    }
+    let _ = writeln!(out, "store: {}", st.space);
+    if let Some(why) = &st.prune_refused {
+        let _ = writeln!(out, "prune refused: {}", why.trim());
+    }
+    out
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+fn json_opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref()
+        .map(T::to_string)
+        .unwrap_or_else(|| "null".into())
+}
+
+/// The machine form: one JSON object.
+pub fn json(st: &StoreStatus) -> String {
+    let hosts: Vec<String> = st
+        .hosts
+        .iter()
+        .map(|h| {
+            format!(
+                "{{\"host\":{},\"newest\":{},\"age_seconds\":{},\"snapshots\":{},\"size_bytes\":{},\"history_bytes\":{}}}",
+                json_str(&h.host),
+                h.newest.as_deref().map(json_str).unwrap_or_else(|| "null".into()),
+                json_opt(&h.age),
+                h.snapshots,
+                json_opt(&h.size),
+                json_opt(&h.history),
+            )
+        })
+        .collect();
+    format!(
+        "{{\"hosts\":[{}],\"free_percent\":{:.2},\"free_bytes\":{},\"size_bytes\":{},\"prune_refused\":{}}}\n",
+        hosts.join(","),
+        st.space.percent_free(),
+        st.space.free,
+        st.space.size,
+        st.prune_refused.as_deref().map(|s| json_str(s.trim())).unwrap_or_else(|| "null".into())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn ages_parse_and_format() {
+        assert_eq!(parse_age("90"), Some(90));
+        assert_eq!(parse_age("26h"), Some(26 * 3600));
+        assert_eq!(parse_age("2d"), Some(172_800));
+        assert_eq!(parse_age("1w"), Some(604_800));
+        assert_eq!(parse_age("5x"), None);
+        assert_eq!(parse_age("h"), None);
+        assert_eq!(format_age(45), "45s");
+        assert_eq!(format_age(3 * 3600 + 12 * 60), "3h12m");
+        assert_eq!(format_age(2 * 86_400 + 4 * 3600), "2d04h");
+    }
+
+    #[test]
+    fn nagios_codes() {
+        let h = |age: Option<i64>| HostStatus {
+            host: "h".into(),
+            newest: None,
+            age,
+            snapshots: 1,
+            size: None,
+            history: None,
+        };
+        let st = |hosts| StoreStatus {
+            hosts,
+            space: Space {
+                size: 100,
+                free: 50,
+                data_percent: 50.0,
+                metadata_percent: None,
+                source: "statvfs",
+            },
+            prune_refused: None,
+        };
+        let (w, c) = (Some(100), Some(200));
+        assert_eq!(check(&st(vec![h(Some(50))]), w, c).0, 0);
+        assert_eq!(check(&st(vec![h(Some(50)), h(Some(150))]), w, c).0, 1);
+        assert_eq!(check(&st(vec![h(Some(250)), h(Some(150))]), w, c).0, 2);
+        assert_eq!(check(&st(vec![h(None)]), w, c).0, 2);
+        let mut s = st(vec![h(Some(1))]);
+        s.prune_refused = Some("x".into());
+        assert_eq!(check(&s, w, c).0, 1);
+        assert!(json(&s).contains("\"prune_refused\":\"x\""));
+    }
+}
