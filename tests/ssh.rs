@@ -73,10 +73,12 @@ impl World {
     }
 
     fn backup(&self, client: &Path, src: &Path) -> Output {
-        run_status(self.client(client, "byteback-backup").arg("--source").arg(src).args([
-            "--retry-number",
-            "0",
-        ]))
+        run_status(
+            self.client(client, "byteback-backup")
+                .arg("--source")
+                .arg(src)
+                .args(["--retry-number", "0"]),
+        )
     }
 
     fn snapshots(&self, host: &str) -> Vec<String> {
@@ -143,7 +145,10 @@ fn setup_client_then_backup_and_restore_over_ssh() {
     let out = w.setup(&client, "client-a");
     assert!(out.status.success(), "second setup: {}", stderr(&out));
     assert_eq!(fs::read_to_string(w.sshd.authorized_keys()).unwrap(), keys);
-    assert_eq!(fs::read_to_string(client.join("known_hosts")).unwrap(), known);
+    assert_eq!(
+        fs::read_to_string(client.join("known_hosts")).unwrap(),
+        known
+    );
 
     // Back up a rich tree and restore it over SSH; rsync sees no difference.
     let src = w.work.path().join("src");
@@ -204,7 +209,10 @@ fn setup_refuses_bad_names_and_keys() {
             &[&format!("{server} enrol --host evil --key '{quoted}'")],
         );
         assert!(!out.status.success(), "key {key:?} was accepted");
-        assert_eq!(fs::read_to_string(w.sshd.authorized_keys()).unwrap(), before);
+        assert_eq!(
+            fs::read_to_string(w.sshd.authorized_keys()).unwrap(),
+            before
+        );
     }
     assert!(!w.store.join("evil").exists());
     assert!(!w.store.join("x").exists());
@@ -261,11 +269,9 @@ fn client_key_is_confined_to_its_own_host() {
     let out = w.sshd.openssh(&key_a, &["-s"], &["sftp"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     // Port forwarding is refused (restrict).
-    let out = w.sshd.openssh(
-        &key_a,
-        &["-W", &format!("127.0.0.1:{}", w.sshd.port)],
-        &[],
-    );
+    let out = w
+        .sshd
+        .openssh(&key_a, &["-W", &format!("127.0.0.1:{}", w.sshd.port)], &[]);
     assert!(!out.status.success(), "stdio forwarding worked");
     let out = run_status(
         Command::new("timeout")
@@ -312,10 +318,12 @@ fn client_key_is_confined_to_its_own_host() {
     assert!(!text.contains("secret-of-b"), "{text}");
     let into = w.work.path().join("restore-a");
     fs::create_dir_all(&into).unwrap();
-    run(w
-        .client(&a, "byteback-restore")
-        .current_dir(&into)
-        .args(["--restore", "--hostname", "host-b", "/"]));
+    run(w.client(&a, "byteback-restore").current_dir(&into).args([
+        "--restore",
+        "--hostname",
+        "host-b",
+        "/",
+    ]));
     let mut found = vec![];
     for e in walkdir_all(&into) {
         found.push(e);
@@ -369,7 +377,10 @@ fn changed_host_key_is_refused() {
     let out = w.setup(&client, "client-a");
     assert!(!out.status.success());
     assert!(stderr(&out).contains("HOST KEY CHANGED"));
-    assert_eq!(fs::read_to_string(client.join("known_hosts")).unwrap(), known);
+    assert_eq!(
+        fs::read_to_string(client.join("known_hosts")).unwrap(),
+        known
+    );
 
     // An unknown host (no known_hosts at all) is refused too.
     fs::remove_file(client.join("known_hosts")).unwrap();
@@ -409,9 +420,7 @@ fn killed_server_mid_backup_is_retried_and_the_result_is_complete() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut killed = false;
     while Instant::now() < deadline {
-        let busy = fs::read_dir(&tmp)
-            .map(|d| d.count() > 0)
-            .unwrap_or(false);
+        let busy = fs::read_dir(&tmp).map(|d| d.count() > 0).unwrap_or(false);
         if busy {
             let pids = w.sshd.pids("byteback-server serve");
             assert!(!pids.is_empty(), "no server process");
@@ -433,4 +442,42 @@ fn killed_server_mid_backup_is_retried_and_the_result_is_complete() {
     assert_eq!(snaps.len(), 1, "{snaps:?}");
     let root = w.restore_all(&client, "client-a", &w.work.path().join("restore"));
     assert_same_tree(&src, &under(&root, &src));
+}
+
+#[test]
+fn setup_with_a_password() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let w = World::new(200);
+    let client = w.client_dir("pw");
+    let setup = |password: &str| {
+        run_status(
+            Command::new(bin("byteback-setup-client"))
+                .env("BYTEBACK_CONFIG_DIR", &client)
+                .env("HOME", &client)
+                .env("BYTEBACK_PASSWORD", password)
+                .arg("--destination")
+                .arg(w.sshd.destination())
+                .args(["--hostname", "pw-host"])
+                .arg("--server-command")
+                .arg(bin("byteback-server"))
+                .stdin(Stdio::null()),
+        )
+    };
+    let before = fs::read_to_string(w.sshd.authorized_keys()).unwrap();
+    let out = setup("wrong password");
+    assert!(!out.status.success(), "a wrong password was accepted");
+    assert!(stderr(&out).contains("refused"), "{}", stderr(&out));
+    assert_eq!(fs::read_to_string(w.sshd.authorized_keys()).unwrap(), before);
+    assert!(!w.store.join("pw-host").exists());
+
+    let out = setup(util::sshd::PASSWORD);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let src = w.work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"over ssh").unwrap();
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(w.snapshots("pw-host").len(), 1);
 }

@@ -91,7 +91,11 @@ impl Sshd {
         fs::create_dir_all(&ssh_dir).unwrap();
         let admin_key = dir.join("admin_key");
         keygen(&admin_key);
-        fs::copy(admin_key.with_extension("pub"), ssh_dir.join("authorized_keys")).unwrap();
+        fs::copy(
+            admin_key.with_extension("pub"),
+            ssh_dir.join("authorized_keys"),
+        )
+        .unwrap();
         run(Command::new("chown")
             .arg("-R")
             .arg(format!("{user}:"))

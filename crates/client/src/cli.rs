@@ -11,8 +11,8 @@ use clap::Parser;
 
 use crate::backup::{run_backup, BackupOptions};
 use crate::conn::{Connection, Destination};
-use crate::ssh::{SshOptions, SshTarget, UnknownHost};
 use crate::restore::{self, Patterns};
+use crate::ssh::{SshOptions, SshTarget, UnknownHost};
 use crate::walk::DEFAULT_EXCLUDES;
 
 /// Exit code when some files vanished or could not be read (as rsync's 24).
@@ -140,8 +140,7 @@ impl Target {
         let dest = Destination::parse(&text)?;
         let host = match (hostname, &dest) {
             (Some(h), _) => {
-                byteback_protocol::validate_host_name(h)
-                    .map_err(|e| anyhow!("--hostname: {e}"))?;
+                byteback_protocol::validate_host_name(h).map_err(|e| anyhow!("--hostname: {e}"))?;
                 h.to_string()
             }
             (None, Destination::Local(_)) => default_hostname()?,

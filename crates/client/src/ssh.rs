@@ -184,9 +184,7 @@ pub fn open(
                 };
                 let sock = tokio::net::UnixStream::from_std(theirs)?;
                 let status = pump(channel, sock, opts.io_timeout).await;
-                let _ = handle
-                    .disconnect(Disconnect::ByApplication, "", "en")
-                    .await;
+                let _ = handle.disconnect(Disconnect::ByApplication, "", "en").await;
                 status
             })
         })
@@ -344,10 +342,8 @@ async fn pump(
     let to_server = async {
         let mut buf = vec![0u8; 64 << 10];
         loop {
-            let n = match sock_rd.read(&mut buf).await {
-                Ok(n) => n,
-                Err(_) => 0,
-            };
+            // A read error on our own socket means the client went away: end of input.
+            let n: usize = sock_rd.read(&mut buf).await.unwrap_or_default();
             if n == 0 {
                 let _ = chan_wr.eof().await;
                 break;

@@ -144,7 +144,9 @@ fn run_enrol(
     use anyhow::{anyhow, Context};
     let key = enrol::parse_public_key(key)?;
     let from = match from {
-        Some(f) => f.parse().map_err(|_| anyhow!("--from {f:?} is not an IP address"))?,
+        Some(f) => f
+            .parse()
+            .map_err(|_| anyhow!("--from {f:?} is not an IP address"))?,
         None => enrol::client_address(
             &std::env::var("SSH_CONNECTION")
                 .map_err(|_| anyhow!("not run over SSH; give --from ADDRESS"))?,
