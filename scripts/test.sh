@@ -30,6 +30,26 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
+# Smoke run of the throughput harness (benches/e2e): every workload once at
+# --quick sizes against the debug binaries just built, about two minutes.
+# It fails loudly if byteback or rsync fails; the figures themselves never
+# fail it (they are measured, not asserted).
+smoke=pass
+if [ "$(id -u)" = 0 ]; then
+    if ! cargo bench --profile dev --bench e2e -- --quick --runs 1 >"$log.e2e" 2>&1; then
+        cat "$log.e2e"
+        echo "throughput harness smoke run FAILED" >&2
+        status=1
+        smoke=fail
+    else
+        tail -n 25 "$log.e2e"
+    fi
+    rm -f "$log.e2e"
+else
+    echo "throughput harness smoke run skipped: needs root" >&2
+    smoke=skip
+fi
 # One closing line for the whole run (cargo prints one per test binary).
-awk '/^test result:/ { p += $4; f += $6 } END { printf "total: %d passed, %d failed\n", p, f }' "$log"
+awk -v smoke="$smoke" '/^test result:/ { p += $4; f += $6 }
+    END { if (smoke == "pass") p += 1; if (smoke == "fail") f += 1; printf "total: %d passed, %d failed\n", p, f }' "$log"
 exit $status
