@@ -17,14 +17,18 @@
 mod btrfs;
 mod measure;
 mod report;
+#[allow(dead_code)]
+#[path = "../../tests/util/sshd.rs"]
+mod sshd;
 mod tools;
 mod workload;
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::time::Instant;
 
 use report::{Goal, Row};
-use tools::{Bench, Sample, Tool, Transport};
+use tools::{Bench, Sample, SshSetup, Tool, Transport};
 use workload::Sizes;
 
 struct Args {
@@ -38,12 +42,14 @@ struct Args {
     million: bool,
     image_gib: Option<u64>,
     verbose: bool,
+    ssh: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench e2e -- [--quick] [--runs N] [--only W1,W2,..] [--json FILE]\n\
-         \x20      [--workdir DIR] [--bin-dir DIR] [--real-tree DIR] [--million] [--image-gib N] [--verbose]"
+         \x20      [--workdir DIR] [--bin-dir DIR] [--real-tree DIR] [--million] [--image-gib N] [--verbose]\n\
+         \x20      [--transport local|ssh]"
     );
     std::process::exit(2)
 }
@@ -60,6 +66,7 @@ fn parse_args() -> Args {
         million: false,
         image_gib: None,
         verbose: false,
+        ssh: false,
     };
     let mut it = std::env::args_os().skip(1);
     while let Some(arg) = it.next() {
@@ -91,6 +98,11 @@ fn parse_args() -> Args {
             "--million" => a.million = true,
             "--image-gib" => a.image_gib = Some(value().parse().unwrap_or_else(|_| usage())),
             "--verbose" | "-v" => a.verbose = true,
+            "--transport" => match value().as_str() {
+                "local" => a.ssh = false,
+                "ssh" => a.ssh = true,
+                _ => usage(),
+            },
             // cargo bench passes --bench to harness-less targets.
             "--bench" => {}
             "--help" | "-h" => usage(),
@@ -132,6 +144,10 @@ fn find_bins(explicit: Option<PathBuf>) -> PathBuf {
 }
 
 fn main() {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "--wrap") {
+        tools::wrap_main(&argv[2..]);
+    }
     if let Some(real) = std::env::var_os(measure::RELAY_SERVER_ENV) {
         measure::relay_main(real.into());
     }
@@ -177,7 +193,16 @@ fn main() {
     let fs = btrfs::LoopFs::new(&args.workdir, image_gib);
     let src_root = fs.mount.join("src");
     fs.subvolume_create(&src_root);
-    let mut bench = Bench::new(fs, Transport::Local, bin_dir.clone(), args.verbose);
+    // Kept alive (sshd running, account present) until the end of main.
+    let mut _sshd = None;
+    let transport = if args.ssh {
+        let (sshd, setup) = ssh_setup(&fs.mount, &bin_dir);
+        _sshd = Some(sshd);
+        Transport::Ssh(setup)
+    } else {
+        Transport::Local
+    };
+    let mut bench = Bench::new(fs, transport, bin_dir.clone(), args.verbose);
     let mut rows: Vec<Row> = vec![];
     let runs = args.runs;
 
@@ -256,11 +281,11 @@ fn main() {
         started.elapsed().as_secs_f64()
     );
     let json_path = args.json.clone().unwrap_or_else(|| {
-        args.workdir.join(if args.quick {
-            "e2e-quick.json"
-        } else {
-            "e2e.json"
-        })
+        args.workdir.join(format!(
+            "e2e-{}{}.json",
+            bench.transport.name(),
+            if args.quick { "-quick" } else { "" }
+        ))
     });
     let json = report::json(
         &rows,
@@ -351,4 +376,81 @@ fn repeat(
         }
     }
     row
+}
+
+/// For the shared sshd fixture (`tests/util/sshd.rs`): runs, panics on failure.
+fn run(cmd: &mut Command) -> Output {
+    let out = run_status(cmd);
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// For the shared sshd fixture: runs, whatever the exit status.
+fn run_status(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// Starts a loopback sshd with an account for the SSH rows: byteback's key
+/// runs the wrapped byteback-server for the bench store, rsync's key runs
+/// the wrapped `rsync --server` it asks for. Both log in as the same
+/// unprivileged account, as byteback 1.x clients did.
+fn ssh_setup(mount: &Path, bin_dir: &Path) -> (sshd::Sshd, SshSetup) {
+    let dir = mount.join("ssh");
+    let sshd = sshd::Sshd::start(&dir, &mount.join("ssh-home"));
+    let bb_key = dir.join("bb_key");
+    let rs_key = dir.join("rs_key");
+    sshd::keygen(&bb_key);
+    sshd::keygen(&rs_key);
+    let stats_dir = mount.join("ssh-stats");
+    std::fs::create_dir_all(&stats_dir).expect("mkdir stats");
+    run(Command::new("chown")
+        .arg(format!("{}:", sshd.user))
+        .arg(&stats_dir));
+    let harness = std::env::current_exe().expect("current_exe");
+    let server = bin_dir.join("byteback-server");
+    let store = mount.join("bb");
+    let public = |k: &Path| {
+        std::fs::read_to_string(k.with_extension("pub"))
+            .expect("public key")
+            .trim()
+            .to_string()
+    };
+    let keys = format!(
+        "restrict,command=\"{h} --wrap {s}/server-bb {server} serve --host {host} --store {store}\" {bb}\n\
+         restrict,command=\"{h} --wrap {s}/server-rs sh -c \\\"$SSH_ORIGINAL_COMMAND\\\"\" {rs}\n",
+        h = harness.display(),
+        s = stats_dir.display(),
+        server = server.display(),
+        host = tools::HOST,
+        store = store.display(),
+        bb = public(&bb_key),
+        rs = public(&rs_key),
+    );
+    std::fs::write(sshd.authorized_keys(), keys).expect("write authorized_keys");
+    let config_dir = dir.join("client-config");
+    std::fs::create_dir_all(&config_dir).expect("mkdir config");
+    let host_pub = public(&dir.join("host_key"));
+    let mut words = host_pub.split_whitespace();
+    let (kind, blob) = (words.next().expect("type"), words.next().expect("blob"));
+    std::fs::write(
+        config_dir.join("known_hosts"),
+        format!("[127.0.0.1]:{} {kind} {blob}\n", sshd.port),
+    )
+    .expect("write known_hosts");
+    let setup = SshSetup {
+        user: sshd.user.clone(),
+        port: sshd.port,
+        bb_key,
+        rs_key,
+        config_dir,
+        stats_dir,
+    };
+    (sshd, setup)
 }

@@ -23,12 +23,35 @@ use crate::measure::{self, read_relay_stats, relay_env, run_measured, Usage};
 pub enum Transport {
     /// Same machine: byteback spawns its server over pipes, rsync forks its receiver.
     Local,
+    /// A loopback sshd; both tools log in as the same unprivileged account,
+    /// whose forced commands wrap each server side to record its rusage.
+    Ssh(SshSetup),
 }
+
+/// Everything the SSH transport needs (see `main::ssh_setup`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SshSetup {
+    pub user: String,
+    pub port: u16,
+    /// byteback's client key (forced command: the wrapped byteback-server).
+    pub bb_key: PathBuf,
+    /// rsync's key (forced command: the wrapped `$SSH_ORIGINAL_COMMAND`).
+    pub rs_key: PathBuf,
+    /// BYTEBACK_CONFIG_DIR for the client: holds known_hosts.
+    pub config_dir: PathBuf,
+    /// Where the wrapped server sides write `cpu_ns maxrss_kib`.
+    pub stats_dir: PathBuf,
+}
+
+/// The cipher both tools use over SSH: AES-GCM, byteback's first choice
+/// and OpenSSH's fastest with AES-NI (its default is chacha20-poly1305).
+pub const SSH_CIPHER: &str = "aes128-gcm@openssh.com";
 
 impl Transport {
     pub fn name(&self) -> &'static str {
         match self {
             Transport::Local => "local",
+            Transport::Ssh(_) => "ssh",
         }
     }
 
@@ -36,6 +59,7 @@ impl Transport {
     pub fn byteback_destination(&self, store: &Path) -> OsString {
         match self {
             Transport::Local => store.as_os_str().to_owned(),
+            Transport::Ssh(s) => format!("ssh://{}@127.0.0.1:{}/", s.user, s.port).into(),
         }
     }
 
@@ -51,8 +75,77 @@ impl Transport {
                 t.push("/");
                 (vec!["--no-whole-file".into()], t)
             }
+            Transport::Ssh(s) => {
+                let mut t = OsString::from(format!("{}@127.0.0.1:", s.user));
+                t.push(dest.as_os_str());
+                t.push("/");
+                let e = format!(
+                    "ssh -p {} -i {} -c {SSH_CIPHER} -o BatchMode=yes -o IdentitiesOnly=yes \
+                     -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+                    s.port,
+                    s.rs_key.display()
+                );
+                (vec!["-e".into(), e.into()], t)
+            }
         }
     }
+
+    /// Gives the SSH account a freshly made store directory.
+    fn own(&self, dir: &Path) {
+        if let Transport::Ssh(s) = self {
+            measure::run(
+                Command::new("chown")
+                    .arg("-R")
+                    .arg(format!("{}:", s.user))
+                    .arg(dir),
+            );
+        }
+    }
+
+    /// Reads (and removes) what a wrapped server side recorded.
+    fn server_usage(&self, name: &str) -> Option<Usage> {
+        let Transport::Ssh(s) = self else {
+            return None;
+        };
+        let path = s.stats_dir.join(name);
+        let text = fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("no server stats at {}: {e}", path.display()));
+        let _ = fs::remove_file(&path);
+        let mut it = text
+            .split_whitespace()
+            .map(|w| w.parse::<u64>().expect("stats number"));
+        let (cpu_ns, rss) = (it.next().expect("cpu"), it.next().expect("rss"));
+        Some(Usage {
+            user: Duration::from_nanos(cpu_ns),
+            sys: Duration::ZERO,
+            maxrss_kib: rss,
+        })
+    }
+}
+
+/// `e2e --wrap STATS CMD ARGS...`: the forced command of the SSH account.
+/// Runs CMD with our stdio, then writes its CPU time and peak RSS to STATS.
+pub fn wrap_main(args: &[OsString]) -> ! {
+    let (Some(stats), Some(prog)) = (args.first(), args.get(1)) else {
+        eprintln!("usage: e2e --wrap STATS CMD [ARGS...]");
+        std::process::exit(2);
+    };
+    let child = Command::new(prog)
+        .args(&args[2..])
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {prog:?}: {e}"));
+    let (status, usage) = measure::wait4(child.id() as i32).expect("wait4");
+    let _ = fs::write(
+        stats,
+        format!("{} {}\n", usage.cpu().as_nanos(), usage.maxrss_kib),
+    );
+    std::mem::forget(child);
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    };
+    std::process::exit(code)
 }
 
 /// Which program ran.
@@ -153,11 +246,13 @@ impl Bench {
                     "min_snapshot_interval = 0\n",
                 )
                 .expect("write byteback.toml");
+                self.transport.own(&self.bb_store);
             }
             Tool::Rsync => {
                 self.fs.remove_tree(&self.rs_dir);
                 fs::create_dir_all(&self.rs_dir).expect("mkdir rs");
                 self.fs.subvolume_create(&self.rs_dir.join("current"));
+                self.transport.own(&self.rs_dir);
             }
         }
     }
@@ -193,6 +288,41 @@ impl Bench {
             .arg("--source")
             .arg(src)
             .args(["--hostname", HOST, "--retry-number", "0"]);
+        if let Transport::Ssh(s) = &self.transport {
+            cmd.arg("--ssh-key")
+                .arg(&s.bb_key)
+                .env("BYTEBACK_CONFIG_DIR", &s.config_dir);
+            let done = run_measured(&mut cmd);
+            if !done.success() {
+                panic!("byteback-backup failed:\n{}", done.describe(&cmd));
+            }
+            let server = self
+                .transport
+                .server_usage("server-bb")
+                .expect("server stats");
+            let err = String::from_utf8_lossy(&done.stderr);
+            let wire = err
+                .lines()
+                .find(|l| l.ends_with("received over SSH (all attempts)"))
+                .and_then(|l| {
+                    let n: Vec<u64> = l
+                        .split_whitespace()
+                        .filter_map(|w| w.parse().ok())
+                        .collect();
+                    (n.len() == 2).then(|| n[0] + n[1])
+                })
+                .unwrap_or_else(|| panic!("no SSH byte counts in byteback's report:\n{err}"));
+            return Sample {
+                wall: done.wall,
+                cpu: done.usage.cpu() + server.cpu(),
+                client_rss_kib: done.usage.maxrss_kib,
+                server_rss_kib: Some(server.maxrss_kib),
+                client_cpu: done.usage.cpu(),
+                server_cpu: Some(server.cpu()),
+                wire_bytes: wire,
+                space_added: 0,
+            };
+        }
         for (k, v) in relay_env(&self.harness, &self.bin_dir.join("byteback-server"), &stats) {
             cmd.env(k, v);
         }
@@ -260,13 +390,15 @@ impl Bench {
         let text = String::from_utf8_lossy(&done.stdout);
         let wire =
             stat_number(&text, "Total bytes sent:") + stat_number(&text, "Total bytes received:");
+        let server = self.transport.server_usage("server-rs");
+        let server_cpu = server.map(|u| u.cpu()).unwrap_or_default();
         Sample {
             wall: done.wall + snapped.wall,
-            cpu: done.usage.cpu() + snapped.usage.cpu(),
+            cpu: done.usage.cpu() + snapped.usage.cpu() + server_cpu,
             client_rss_kib: done.usage.maxrss_kib,
-            server_rss_kib: None,
+            server_rss_kib: server.map(|u| u.maxrss_kib),
             client_cpu: done.usage.cpu(),
-            server_cpu: None,
+            server_cpu: server.map(|u| u.cpu()),
             wire_bytes: wire,
             space_added: 0,
         }

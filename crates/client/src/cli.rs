@@ -269,6 +269,14 @@ fn backup(args: BackupArgs) -> Result<u8> {
                     "byteback-backup: {} entries, {} files sent ({} bytes new, {} reused, {} on the wire), {} deleted",
                     r.entries, s.files_transferred, s.literal_bytes, s.matched_bytes, r.wire_bytes, s.deleted
                 );
+                if matches!(target.dest, Destination::Ssh { .. }) {
+                    use std::sync::atomic::Ordering;
+                    eprintln!(
+                        "byteback-backup: {} bytes sent and {} received over SSH (all attempts)",
+                        crate::ssh::BYTES_SENT.load(Ordering::Relaxed),
+                        crate::ssh::BYTES_RECEIVED.load(Ordering::Relaxed)
+                    );
+                }
                 match &r.snapshot {
                     Some(n) => eprintln!("byteback-backup: snapshot {n} taken"),
                     None => eprintln!("byteback-backup: {}", r.message.trim()),

@@ -12,6 +12,7 @@ use std::cell::Cell;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -22,6 +23,12 @@ use russh::keys::known_hosts::check_known_hosts_path;
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{ChannelMsg, Disconnect};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Bytes carried to and from servers over SSH by this process (protocol
+/// bytes, before encryption), for the backup summary.
+pub static BYTES_SENT: AtomicU64 = AtomicU64::new(0);
+/// See [`BYTES_SENT`].
+pub static BYTES_RECEIVED: AtomicU64 = AtomicU64::new(0);
 
 /// Where to log in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,6 +310,7 @@ async fn pump(
             match msg {
                 ChannelMsg::Data { data } => {
                     last.set(Instant::now());
+                    BYTES_RECEIVED.fetch_add(data.len() as u64, Ordering::Relaxed);
                     if sock_wr.write_all(&data).await.is_err() {
                         // Our side stopped reading: the client is finishing or failing.
                         break;
@@ -349,6 +357,7 @@ async fn pump(
                 break;
             }
             last.set(Instant::now());
+            BYTES_SENT.fetch_add(n as u64, Ordering::Relaxed);
             chan_wr
                 .data(&buf[..n])
                 .await
