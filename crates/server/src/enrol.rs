@@ -177,15 +177,19 @@ pub fn client_address(ssh_connection: &str) -> Result<IpAddr> {
         .map_err(|_| anyhow!("SSH_CONNECTION names no client address: {first:?}"))
 }
 
+/// Whether `s` can go into a forced command unquoted: letters, digits and `/._+-`.
+fn is_plain_word(s: &&str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._+-".contains(&b))
+}
+
 /// The authorized_keys line for a host.
 pub fn key_line(cfg: &EnrolConfig) -> Result<String> {
     let exe = cfg
         .server_exe
         .to_str()
-        .filter(|s| {
-            s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"/._+-".contains(&b))
-        })
+        .filter(is_plain_word)
         .ok_or_else(|| {
             anyhow!(
                 "the server program's path {} has characters unsafe in a forced command",
@@ -194,14 +198,10 @@ pub fn key_line(cfg: &EnrolConfig) -> Result<String> {
         })?;
     let mut command = format!("{exe} serve --host {}", cfg.host);
     if cfg.store_explicit {
-        let store = cfg
-            .store
-            .to_str()
-            .filter(|s| {
-                s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"/._+-".contains(&b))
-            })
-            .ok_or_else(|| anyhow!("the store path has characters unsafe in a forced command"))?;
+        let store =
+            cfg.store.to_str().filter(is_plain_word).ok_or_else(|| {
+                anyhow!("the store path has characters unsafe in a forced command")
+            })?;
         command.push_str(&format!(" --store {store}"));
     }
     Ok(format!(
