@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 need=()
 for pair in btrfs:btrfs-progs mkfs.btrfs:btrfs-progs rsync:rsync sshd:openssh-server /usr/sbin/sshd:openssh-server \
-            setfacl:acl getfattr:attr losetup:mount; do
+            setfacl:acl getfattr:attr losetup:mount pgrep:procps pkill:procps kill:procps \
+            ssh:openssh-client ssh-keygen:openssh-client useradd:passwd chpasswd:passwd; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "$cmd" ]; then need+=("$pkg"); fi
 done
