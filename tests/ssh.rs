@@ -469,7 +469,10 @@ fn setup_with_a_password() {
     let out = setup("wrong password");
     assert!(!out.status.success(), "a wrong password was accepted");
     assert!(stderr(&out).contains("refused"), "{}", stderr(&out));
-    assert_eq!(fs::read_to_string(w.sshd.authorized_keys()).unwrap(), before);
+    assert_eq!(
+        fs::read_to_string(w.sshd.authorized_keys()).unwrap(),
+        before
+    );
     assert!(!w.store.join("pw-host").exists());
 
     let out = setup(util::sshd::PASSWORD);
