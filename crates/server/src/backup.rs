@@ -7,7 +7,15 @@
 //! data, checked against the client's BLAKE3, and renamed into place. The new
 //! manifest is written as entries resolve; commit deletes what the manifest no
 //! longer names, syncs the filesystem once, and renames the manifest into place.
+//!
+//! A commit leaves a `clean` marker in `.byteback`: `current` then holds
+//! exactly what its manifest names. The first change of a later backup
+//! removes the marker (durably) before touching anything. While it is there,
+//! an entry that matches the manifest needs no look at the disc, and a backup
+//! in which nothing differs from the manifest commits nothing: no new
+//! manifest, no deletion walk, no sync.
 
+use std::cmp::Ordering;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read};
@@ -18,7 +26,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use byteback_delta::{apply_ops, DeltaError, FileHasher, PatchSink, SignatureBuilder};
 use byteback_protocol::codec::ChunkDecompressor;
 use byteback_protocol::limits::{MAX_BUFFERED_BYTES, MAX_PENDING};
-use byteback_protocol::{BackupStats, Compressed, Entry, Kind, ManifestEntry, Need};
+use byteback_protocol::{compare_paths, BackupStats, Compressed, Entry, Kind, ManifestEntry, Need};
 use rustix::fs::FileType;
 
 use crate::fsops::{self, split};
@@ -29,6 +37,8 @@ const FS_BLOCK: u64 = 4096;
 const IO_CHUNK: usize = 1 << 20;
 /// Start writeback of a file being received every this many bytes.
 const WRITEBACK_EVERY: u64 = 8 << 20;
+/// Marker in `.byteback`: `current` matches its manifest exactly.
+const CLEAN: &[u8] = b"clean";
 
 enum Slot {
     Ready(ManifestEntry),
@@ -66,16 +76,27 @@ pub struct BackupReceiver {
     meta: OwnedFd,
     tmp: OwnedFd,
     old: PeekableManifest,
+    /// The new manifest; not started until something differs from the old one.
     new: Option<ManifestWriter>,
+    /// `current` matched its manifest when this backup started (the marker was there).
+    clean: bool,
+    /// The marker is still on disc.
+    marker: bool,
+    /// Something in this backup differs from the old manifest, or `current`
+    /// was not clean: the commit writes a new manifest.
+    changed: bool,
+    /// Entries resolved before anything changed, not written to `new`: they
+    /// are the old manifest's first ones.
+    unwritten: u64,
     slots: VecDeque<Slot>,
     slot_base: u64,
     /// Sum of `buffer_cost` of the entries in `slots` (waiting ones included).
     slot_bytes: usize,
     transfers: HashMap<u32, Transfer>,
     next_id: u32,
-    /// The directory chain of the last entry: path, fd, and whether this
-    /// backup created it (so nothing in it needs a stat).
-    dirs: Vec<(Vec<u8>, OwnedFd, bool)>,
+    /// The directory chain of the last entry: path, fd (opened when first
+    /// needed), and whether this backup created it (so nothing in it needs a stat).
+    dirs: Vec<(Vec<u8>, Option<OwnedFd>, bool)>,
     /// Parent directory of the last finished file.
     last_parent: Option<(Vec<u8>, OwnedFd)>,
     unzstd: ChunkDecompressor,
@@ -120,34 +141,94 @@ impl BackupReceiver {
         fsops::remove_any(&meta, b"manifest.new")?;
         rustix::fs::mkdirat(&meta, "tmp", rustix::fs::Mode::from_raw_mode(0o700))?;
         let tmp = fsops::open_dir(&meta, b"tmp")?;
-        let old = match fsops::open_file(&meta, b"manifest") {
-            Ok(f) => ManifestReader::new(f).context("cannot read the last manifest")?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => ManifestReader::empty(),
+        let (old, has_manifest) = match fsops::open_file(&meta, b"manifest") {
+            Ok(f) => (
+                ManifestReader::new(f).context("cannot read the last manifest")?,
+                true,
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (ManifestReader::empty(), false),
             Err(e) => return Err(e).context("cannot open the last manifest"),
         };
-        let new = ManifestWriter::new(fsops::create_new(&meta, b"manifest.new")?)?;
+        let marker = fsops::lstat_at(&meta, CLEAN)?.is_some();
+        let clean = marker && has_manifest;
         let dir_fd = fsops::open_dir(&current, b"")?;
-        Ok(BackupReceiver {
+        let mut rx = BackupReceiver {
             btrfs: host.btrfs,
             clone_ok: host.btrfs,
             current,
             meta,
             tmp,
             old: PeekableManifest::new(old)?,
-            new: Some(new),
+            new: None,
+            clean,
+            marker,
+            changed: false,
+            unwritten: 0,
             slots: VecDeque::new(),
             slot_base: 0,
             slot_bytes: 0,
             transfers: HashMap::new(),
             next_id: 0,
-            dirs: vec![(vec![], dir_fd, false)],
+            dirs: vec![(vec![], Some(dir_fd), false)],
             last_parent: None,
             unzstd: ChunkDecompressor::new()?,
             raw: vec![],
 
             stats: BackupStats::default(),
             warnings: vec![],
-        })
+        };
+        if !clean {
+            // Leftovers of an interrupted run may be anywhere: the commit
+            // has to write the manifest and walk `current` whatever comes.
+            rx.mark_changed()?;
+        }
+        Ok(rx)
+    }
+
+    /// Called before the first change to `current` or to the manifest: takes
+    /// the clean marker away (durably, so a crash from here on leaves a
+    /// store that the next run does not trust) and starts the new manifest
+    /// with the entries resolved so far, which equal the old manifest's first ones.
+    fn mark_changed(&mut self) -> Result<()> {
+        if self.changed {
+            return Ok(());
+        }
+        if self.marker {
+            fsops::remove_any(&self.meta, CLEAN)?;
+            fsops::fsync(&self.meta)?;
+            self.marker = false;
+        }
+        let mut new = ManifestWriter::new(fsops::create_new(&self.meta, b"manifest.new")?)?;
+        if self.unwritten > 0 {
+            let mut old = ManifestReader::new(fsops::open_file(&self.meta, b"manifest")?)?;
+            for _ in 0..self.unwritten {
+                let e = old
+                    .next_entry()?
+                    .ok_or_else(|| anyhow!("the last manifest ended early"))?;
+                new.push(&e)?;
+            }
+        }
+        self.new = Some(new);
+        self.changed = true;
+        Ok(())
+    }
+
+    /// The fd of directory `dirs[i]`, opened beneath `current` if not yet.
+    fn dir_fd(&mut self, i: usize) -> Result<OwnedFd> {
+        let (path, fd, _) = self
+            .dirs
+            .get_mut(i)
+            .ok_or_else(|| anyhow!("directory stack empty"))?;
+        if fd.is_none() {
+            let opened = fsops::open_dir(&self.current, &disk_path(path)).with_context(|| {
+                format!("cannot open directory {:?}", String::from_utf8_lossy(path))
+            })?;
+            *fd = Some(opened);
+        }
+        match fd {
+            Some(fd) => Ok(fd.try_clone()?),
+            None => bail!("directory not open"),
+        }
     }
 
     /// Handles one batch; returns what the server needs for it.
@@ -186,15 +267,15 @@ impl BackupReceiver {
     }
 
     fn flush_slots(&mut self) -> Result<()> {
-        let new = self
-            .new
-            .as_mut()
-            .ok_or_else(|| anyhow!("manifest already finished"))?;
         while let Some(front) = self.slots.front() {
             match front {
                 Slot::Waiting => break,
                 Slot::Ready(e) => {
-                    new.push(e)?;
+                    match self.new.as_mut() {
+                        Some(new) => new.push(e)?,
+                        // Equal to the old manifest's next entry (see `entry`).
+                        None => self.unwritten += 1,
+                    }
                     self.slot_bytes = self.slot_bytes.saturating_sub(e.entry.buffer_cost());
                 }
                 Slot::Dropped(cost) => self.slot_bytes = self.slot_bytes.saturating_sub(*cost),
@@ -205,9 +286,10 @@ impl BackupReceiver {
         Ok(())
     }
 
-    /// The directory fd that holds `path`, checking that its parent was sent
-    /// in this backup, and whether this backup created that directory.
-    fn parent_fd(&mut self, path: &[u8]) -> Result<(OwnedFd, bool)> {
+    /// The index in `dirs` of the directory that holds `path`, checking that
+    /// its parent was sent in this backup, and whether this backup created
+    /// that directory.
+    fn parent_dir(&mut self, path: &[u8]) -> Result<(usize, bool)> {
         let (parent, _) = split(path);
         while self.dirs.len() > 1 {
             let top = &self.dirs[self.dirs.len() - 1].0;
@@ -216,7 +298,7 @@ impl BackupReceiver {
             }
             self.dirs.pop();
         }
-        let (top, fd, fresh) = self
+        let (top, _, fresh) = self
             .dirs
             .last()
             .ok_or_else(|| anyhow!("directory stack empty"))?;
@@ -226,16 +308,72 @@ impl BackupReceiver {
                 String::from_utf8_lossy(path)
             );
         }
-        Ok((fd.try_clone()?, *fresh))
+        Ok((self.dirs.len() - 1, *fresh))
+    }
+
+    /// For a store that matched its manifest at the start: whether `e` needs
+    /// nothing done on disc because the old manifest records the same object
+    /// (same type; for files the same size and mtime, for symlinks the same
+    /// target). Nothing this backup did can have changed its path yet: every
+    /// path is handled once, in order, and deletions wait for the commit.
+    fn trusted(&self, e: &Entry, old: Option<&ManifestEntry>) -> bool {
+        let Some(o) = old else { return false };
+        self.clean
+            && o.entry.kind == e.kind
+            && match e.kind {
+                Kind::Dir | Kind::Symlink { .. } => true,
+                Kind::File { .. } => {
+                    o.entry.mtime_sec == e.mtime_sec && o.entry.mtime_nsec == e.mtime_nsec
+                }
+                _ => false,
+            }
+    }
+
+    /// Records the resolved entry `me`; the manifest must be rewritten if
+    /// it differs from the old one at that path.
+    fn push_ready(&mut self, me: ManifestEntry, old: Option<&ManifestEntry>) -> Result<()> {
+        if old != Some(&me) {
+            self.mark_changed()?;
+        }
+        let cost = me.entry.buffer_cost();
+        self.push_slot(Slot::Ready(me), cost)?;
+        Ok(())
     }
 
     fn entry(&mut self, e: Entry) -> Result<Option<(u32, bool)>> {
         self.stats.entries += 1;
+        // An old entry before this one is not sent any more: it is deleted.
+        if let Some(p) = self.old.peek() {
+            if compare_paths(&p.entry.path, &e.path) == Ordering::Less {
+                self.mark_changed()?;
+            }
+        }
         let old = self.old.seek(&e.path)?;
+        let (parent_i, fresh_parent) = self.parent_dir(&e.path)?;
+        if self.trusted(&e, old.as_ref()) {
+            if e.kind == Kind::Dir {
+                self.dirs.push((e.path.clone(), None, false));
+            }
+            let hash = old.as_ref().map(|o| o.hash).unwrap_or([0; 32]);
+            self.push_ready(ManifestEntry { entry: e, hash }, old.as_ref())?;
+            return Ok(None);
+        }
+        if !matches!(e.kind, Kind::Dir | Kind::Symlink { .. } | Kind::File { .. }) {
+            // Hard links, FIFOs, sockets and devices live only in the manifest;
+            // the commit walk removes whatever older object sits at their path.
+            self.push_ready(
+                ManifestEntry {
+                    entry: e,
+                    hash: [0; 32],
+                },
+                old.as_ref(),
+            )?;
+            return Ok(None);
+        }
         let disk = disk_path(&e.path);
         let (_, name) = split(&disk);
         let name = name.to_vec();
-        let (parent, fresh_parent) = self.parent_fd(&e.path)?;
+        let parent = self.dir_fd(parent_i)?;
         let parent_raw = parent.as_fd();
         let parent_raw = &parent_raw;
         // In a directory this backup created there is nothing to look at
@@ -247,31 +385,34 @@ impl BackupReceiver {
         };
         match &e.kind {
             Kind::Dir => {
-                let created = if st.is_none() {
-                    rustix::fs::mkdirat(
-                        parent_raw,
-                        os(&name),
-                        rustix::fs::Mode::from_raw_mode(0o700),
-                    )
-                    .map_err(io::Error::from)
-                } else {
-                    fsops::ensure_dir(parent_raw, &name, 0o700)
-                };
-                created.with_context(|| {
-                    format!(
-                        "cannot create directory {:?}",
-                        String::from_utf8_lossy(&e.path)
-                    )
-                })?;
+                let is_dir = matches!(&st, Some(s) if fsops::file_type(s) == FileType::Directory);
+                if !is_dir {
+                    self.mark_changed()?;
+                    let created = if st.is_none() {
+                        rustix::fs::mkdirat(
+                            parent_raw,
+                            os(&name),
+                            rustix::fs::Mode::from_raw_mode(0o700),
+                        )
+                        .map_err(io::Error::from)
+                    } else {
+                        fsops::ensure_dir(parent_raw, &name, 0o700)
+                    };
+                    created.with_context(|| {
+                        format!(
+                            "cannot create directory {:?}",
+                            String::from_utf8_lossy(&e.path)
+                        )
+                    })?;
+                }
                 let fd = fsops::open_dir(parent_raw, &name)?;
-                self.dirs.push((e.path.clone(), fd, st.is_none()));
-                let cost = e.buffer_cost();
-                self.push_slot(
-                    Slot::Ready(ManifestEntry {
+                self.dirs.push((e.path.clone(), Some(fd), st.is_none()));
+                self.push_ready(
+                    ManifestEntry {
                         entry: e,
                         hash: [0; 32],
-                    }),
-                    cost,
+                    },
+                    old.as_ref(),
                 )?;
                 Ok(None)
             }
@@ -283,16 +424,16 @@ impl BackupReceiver {
                     _ => false,
                 };
                 if !same {
+                    self.mark_changed()?;
                     fsops::remove_any(parent_raw, &name)?;
                     fsops::symlink(parent_raw, &name, target)?;
                 }
-                let cost = e.buffer_cost();
-                self.push_slot(
-                    Slot::Ready(ManifestEntry {
+                self.push_ready(
+                    ManifestEntry {
                         entry: e,
                         hash: [0; 32],
-                    }),
-                    cost,
+                    },
+                    old.as_ref(),
                 )?;
                 Ok(None)
             }
@@ -314,13 +455,11 @@ impl BackupReceiver {
                             // Written by an interrupted run, so not in the manifest yet.
                             _ => hash_file(&fsops::open_file(parent_raw, &name)?)?,
                         };
-                        {
-                            let cost = e.buffer_cost();
-                            self.push_slot(Slot::Ready(ManifestEntry { entry: e, hash }), cost)?;
-                        }
+                        self.push_ready(ManifestEntry { entry: e, hash }, old.as_ref())?;
                         return Ok(None);
                     }
                 }
+                self.mark_changed()?;
                 let basis = match &st {
                     Some(s) if fsops::file_type(s) == FileType::RegularFile && s.st_size > 0 => {
                         fsops::open_file(parent_raw, &name).ok()
@@ -357,19 +496,7 @@ impl BackupReceiver {
                 );
                 Ok(Some((id, has_basis)))
             }
-            // Hard links, FIFOs, sockets and devices live only in the manifest;
-            // the commit walk removes whatever older object sits at their path.
-            _ => {
-                let cost = e.buffer_cost();
-                self.push_slot(
-                    Slot::Ready(ManifestEntry {
-                        entry: e,
-                        hash: [0; 32],
-                    }),
-                    cost,
-                )?;
-                Ok(None)
-            }
+            _ => bail!("unreachable entry kind"),
         }
     }
 
@@ -555,6 +682,16 @@ impl BackupReceiver {
         if !self.slots.is_empty() {
             bail!("backup ended with unresolved entries");
         }
+        if self.old.peek().is_some() {
+            // Old entries after the last one sent: deleted.
+            self.mark_changed()?;
+        }
+        if !self.changed {
+            // `current` was clean and nothing differs: it still matches the
+            // manifest, and nothing new needs to reach the disc.
+            fsops::remove_any(&self.meta, b"tmp")?;
+            return Ok(self.stats);
+        }
         let new = self
             .new
             .take()
@@ -573,6 +710,8 @@ impl BackupReceiver {
         rustix::fs::syncfs(&self.current)?;
         rustix::fs::renameat(&self.meta, "manifest.new", &self.meta, "manifest")?;
         fsops::fsync(&self.meta)?;
+        // Not synced: if it is lost, the next run just does not trust `current`.
+        drop(fsops::create_new(&self.meta, CLEAN)?);
         let _ = self.btrfs;
         Ok(self.stats)
     }
