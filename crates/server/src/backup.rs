@@ -4,7 +4,13 @@
 //! manifest as a stream. A regular file whose copy in `current` has the same
 //! size and mtime costs nothing; any other file is rebuilt in
 //! `.byteback/tmp`, from cloned or copied ranges of the old copy plus literal
-//! data, checked against the client's BLAKE3, and renamed into place. The new
+//! data, checked against the client's BLAKE3, and renamed into place. A file
+//! whose path is free in `current` is written there directly (created with
+//! `O_EXCL` in its parent, itself opened beneath `current`), saving the
+//! rename; it gets the client's mtime only once its hash checks out and is
+//! deleted if it never does, so until then it can never pass for a stored
+//! copy (the next run compares size and mtime), and a manifest only ever
+//! names verified files. The new
 //! manifest is written as entries resolve; commit deletes what the manifest no
 //! longer names, syncs the filesystem once, and renames the manifest into place.
 //!
@@ -54,7 +60,10 @@ struct Transfer {
     basis: Option<File>,
     basis_len: u64,
     out: File,
+    /// Name in `.byteback/tmp`; empty when written in place.
     tmp_name: Vec<u8>,
+    /// Written at its own path in `current` (nothing was there).
+    in_place: bool,
     written: u64,
     /// Bytes of `out` whose writeback has been started.
     flushed: u64,
@@ -473,9 +482,19 @@ impl BackupReceiver {
                     .unwrap_or(0);
                 let id = self.next_id;
                 self.next_id += 1;
-                let tmp_name = id.to_string().into_bytes();
-                fsops::remove_any(&self.tmp, &tmp_name)?;
-                let out = fsops::create_new(&self.tmp, &tmp_name)?;
+                // Nothing at the path (looked at, or in a directory this
+                // backup created): write it there, exclusively.
+                let in_place = st.is_none();
+                let (out, tmp_name) = if in_place {
+                    let out = fsops::create_new(parent_raw, &name).with_context(|| {
+                        format!("cannot create {:?}", String::from_utf8_lossy(&e.path))
+                    })?;
+                    (out, vec![])
+                } else {
+                    let tmp_name = id.to_string().into_bytes();
+                    fsops::remove_any(&self.tmp, &tmp_name)?;
+                    (fsops::create_new(&self.tmp, &tmp_name)?, tmp_name)
+                };
                 let has_basis = basis.is_some();
                 let seq = self.push_slot(Slot::Waiting, e.buffer_cost())?;
                 self.transfers.insert(
@@ -488,6 +507,7 @@ impl BackupReceiver {
                         basis_len,
                         out,
                         tmp_name,
+                        in_place,
                         written: 0,
                         flushed: 0,
                         hasher: FileHasher::new(),
@@ -623,20 +643,22 @@ impl BackupReceiver {
         t.entry.kind = Kind::File { size };
         t.entry.mtime_sec = mtime.0;
         t.entry.mtime_nsec = mtime.1;
-        let disk = disk_path(&t.entry.path);
-        let (pdir, name) = split(&disk);
-        let parent = match self.last_parent.take() {
-            Some((p, fd)) if p == pdir => fd,
-            _ => fsops::open_dir(&self.current, pdir).with_context(|| {
-                format!(
-                    "parent of {:?} vanished",
-                    String::from_utf8_lossy(&t.entry.path)
-                )
-            })?,
-        };
-        fsops::replace(&self.tmp, &t.tmp_name, &parent, name)?;
+        if !t.in_place {
+            let disk = disk_path(&t.entry.path);
+            let (pdir, name) = split(&disk);
+            let parent = match self.last_parent.take() {
+                Some((p, fd)) if p == pdir => fd,
+                _ => fsops::open_dir(&self.current, pdir).with_context(|| {
+                    format!(
+                        "parent of {:?} vanished",
+                        String::from_utf8_lossy(&t.entry.path)
+                    )
+                })?,
+            };
+            fsops::replace(&self.tmp, &t.tmp_name, &parent, name)?;
+            self.last_parent = Some((pdir.to_vec(), parent));
+        }
         drop(t.out);
-        self.last_parent = Some((pdir.to_vec(), parent));
         self.stats.files_transferred += 1;
         self.set_slot(
             t.seq,
@@ -656,7 +678,12 @@ impl BackupReceiver {
             .remove(&id)
             .ok_or_else(|| anyhow!("unknown transfer {id}"))?;
         drop(t.out);
-        fsops::remove_any(&self.tmp, &t.tmp_name)?;
+        if t.in_place {
+            // Nothing was at its path before: take the unverified file away.
+            remove_in_place(&self.current, &t.entry.path)?;
+        } else {
+            fsops::remove_any(&self.tmp, &t.tmp_name)?;
+        }
         // The old copy in `current` was not touched, so its manifest entry still holds.
         let cost = t.entry.buffer_cost();
         let slot = match t.old {
@@ -690,14 +717,14 @@ impl BackupReceiver {
             // `current` was clean and nothing differs: it still matches the
             // manifest, and nothing new needs to reach the disc.
             fsops::remove_any(&self.meta, b"tmp")?;
-            return Ok(self.stats);
+            return Ok(std::mem::take(&mut self.stats));
         }
         let new = self
             .new
             .take()
             .ok_or_else(|| anyhow!("manifest already finished"))?;
         new.finish()?;
-        drop(self.old);
+        self.old = PeekableManifest::new(ManifestReader::empty())?;
         let mut manifest = PeekableManifest::new(ManifestReader::new(fsops::open_file(
             &self.meta,
             b"manifest.new",
@@ -713,8 +740,33 @@ impl BackupReceiver {
         // Not synced: if it is lost, the next run just does not trust `current`.
         drop(fsops::create_new(&self.meta, CLEAN)?);
         let _ = self.btrfs;
-        Ok(self.stats)
+        Ok(std::mem::take(&mut self.stats))
     }
+}
+
+impl Drop for BackupReceiver {
+    /// A backup that ends without its commit (refused, or the client went
+    /// away) leaves no unverified file at a client path. A killed server
+    /// cannot do this; the next run finds such files by their size and
+    /// mtime (never the client's: that is set only after verification) and
+    /// its commit removes any the client no longer sends.
+    fn drop(&mut self) {
+        for (_, t) in self.transfers.drain() {
+            if t.in_place {
+                drop(t.out);
+                let _ = remove_in_place(&self.current, &t.entry.path);
+            }
+        }
+    }
+}
+
+/// Removes the file a transfer was writing at its own client path.
+fn remove_in_place(current: &OwnedFd, path: &[u8]) -> Result<()> {
+    let disk = disk_path(path);
+    let (pdir, name) = split(&disk);
+    let parent = fsops::open_dir(current, pdir)?;
+    fsops::remove_any(&parent, name)?;
+    Ok(())
 }
 
 /// Deletes objects under `dir` that the manifest does not name with the same type.
