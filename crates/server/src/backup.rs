@@ -97,6 +97,12 @@ pub struct BackupReceiver {
     /// Entries resolved before anything changed, not written to `new`: they
     /// are the old manifest's first ones.
     unwritten: u64,
+    /// Something in `current` was created, replaced or removed: the commit
+    /// syncs the filesystem (otherwise only the new manifest).
+    touched: bool,
+    /// `current` may hold objects the new manifest does not name (it was
+    /// not clean, or an entry was deleted or changed type): the commit walks it.
+    needs_sweep: bool,
     slots: VecDeque<Slot>,
     slot_base: u64,
     /// Sum of `buffer_cost` of the entries in `slots` (waiting ones included).
@@ -173,6 +179,8 @@ impl BackupReceiver {
             marker,
             changed: false,
             unwritten: 0,
+            touched: !clean,
+            needs_sweep: !clean,
             slots: VecDeque::new(),
             slot_base: 0,
             slot_bytes: 0,
@@ -220,6 +228,12 @@ impl BackupReceiver {
         self.new = Some(new);
         self.changed = true;
         Ok(())
+    }
+
+    /// Called before creating, replacing or removing anything in `current`.
+    fn touch(&mut self) -> Result<()> {
+        self.touched = true;
+        self.mark_changed()
     }
 
     /// The fd of directory `dirs[i]`, opened beneath `current` if not yet.
@@ -354,10 +368,18 @@ impl BackupReceiver {
         // An old entry before this one is not sent any more: it is deleted.
         if let Some(p) = self.old.peek() {
             if compare_paths(&p.entry.path, &e.path) == Ordering::Less {
+                self.needs_sweep = true;
                 self.mark_changed()?;
             }
         }
         let old = self.old.seek(&e.path)?;
+        if let Some(o) = &old {
+            if disc_type(&o.entry.kind).is_some() && disc_type(&o.entry.kind) != disc_type(&e.kind)
+            {
+                // The old object may stay on disc until the commit's walk.
+                self.needs_sweep = true;
+            }
+        }
         let (parent_i, fresh_parent) = self.parent_dir(&e.path)?;
         if self.trusted(&e, old.as_ref()) {
             if e.kind == Kind::Dir {
@@ -396,7 +418,7 @@ impl BackupReceiver {
             Kind::Dir => {
                 let is_dir = matches!(&st, Some(s) if fsops::file_type(s) == FileType::Directory);
                 if !is_dir {
-                    self.mark_changed()?;
+                    self.touch()?;
                     let created = if st.is_none() {
                         rustix::fs::mkdirat(
                             parent_raw,
@@ -433,7 +455,7 @@ impl BackupReceiver {
                     _ => false,
                 };
                 if !same {
-                    self.mark_changed()?;
+                    self.touch()?;
                     fsops::remove_any(parent_raw, &name)?;
                     fsops::symlink(parent_raw, &name, target)?;
                 }
@@ -468,7 +490,7 @@ impl BackupReceiver {
                         return Ok(None);
                     }
                 }
-                self.mark_changed()?;
+                self.touch()?;
                 let basis = match &st {
                     Some(s) if fsops::file_type(s) == FileType::RegularFile && s.st_size > 0 => {
                         fsops::open_file(parent_raw, &name).ok()
@@ -711,6 +733,7 @@ impl BackupReceiver {
         }
         if self.old.peek().is_some() {
             // Old entries after the last one sent: deleted.
+            self.needs_sweep = true;
             self.mark_changed()?;
         }
         if !self.changed {
@@ -723,18 +746,27 @@ impl BackupReceiver {
             .new
             .take()
             .ok_or_else(|| anyhow!("manifest already finished"))?;
-        new.finish()?;
+        let new_file = new.finish()?;
         self.old = PeekableManifest::new(ManifestReader::empty())?;
-        let mut manifest = PeekableManifest::new(ManifestReader::new(fsops::open_file(
-            &self.meta,
-            b"manifest.new",
-        )?)?)?;
-        let mut deleted = 0;
-        remove_stale(&self.current, &[], true, &mut manifest, &mut deleted)?;
-        self.stats.deleted = deleted;
+        if self.needs_sweep {
+            let mut manifest = PeekableManifest::new(ManifestReader::new(fsops::open_file(
+                &self.meta,
+                b"manifest.new",
+            )?)?)?;
+            let mut deleted = 0;
+            remove_stale(&self.current, &[], true, &mut manifest, &mut deleted)?;
+            self.stats.deleted = deleted;
+            self.touched |= deleted > 0;
+        }
         fsops::remove_any(&self.meta, b"tmp")?;
-        // One sync of the whole filesystem instead of an fsync per file.
-        rustix::fs::syncfs(&self.current)?;
+        if self.touched {
+            // One sync of the whole filesystem instead of an fsync per file.
+            rustix::fs::syncfs(&self.current)?;
+        } else {
+            // Only metadata changed: the manifest is all there is to write.
+            fsops::fsync(&new_file)?;
+        }
+        drop(new_file);
         rustix::fs::renameat(&self.meta, "manifest.new", &self.meta, "manifest")?;
         fsops::fsync(&self.meta)?;
         // Not synced: if it is lost, the next run just does not trust `current`.
@@ -757,6 +789,16 @@ impl Drop for BackupReceiver {
                 let _ = remove_in_place(&self.current, &t.entry.path);
             }
         }
+    }
+}
+
+/// What kind of object an entry puts on disc, if any.
+fn disc_type(k: &Kind) -> Option<FileType> {
+    match k {
+        Kind::File { .. } => Some(FileType::RegularFile),
+        Kind::Dir => Some(FileType::Directory),
+        Kind::Symlink { .. } => Some(FileType::Symlink),
+        _ => None,
     }
 }
 
