@@ -379,3 +379,98 @@ fn second_concurrent_backup_of_a_host_is_refused_and_a_killed_lock_does_not_bloc
     first.wait().unwrap();
     backup(&store, &src, "busy");
 }
+
+/// A run with nothing to change keeps the manifest as it is (no rewrite, no
+/// sync) yet its snapshot restores the tree; metadata-only changes and
+/// deletions still rewrite it; and leftovers in `current` from a run that
+/// stopped half-way are still removed.
+fn unchanged_runs(store: &Path, work: &Path) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    write_config(store);
+    let src = work.join("src");
+    fs::create_dir_all(src.join("a/b")).unwrap();
+    for (p, c) in [
+        ("a/1", "one"),
+        ("a/b/2", "two"),
+        ("a/b/3", "three"),
+        ("z", "zed"),
+    ] {
+        fs::write(src.join(p), c).unwrap();
+    }
+    let current = store.join("u/current");
+    let cur_src = current.join(src.strip_prefix("/").unwrap());
+    let manifest = current.join(".byteback/manifest");
+    let ino = |p: &Path| fs::symlink_metadata(p).unwrap().ino();
+    // Restores go elsewhere: the source's parent directories are backed up too.
+    let restores = scratch();
+    let mut n = 0;
+    let mut check = |what: &str| {
+        n += 1;
+        let snaps = snapshots(store, "u");
+        assert!(snaps.len() >= n, "[{what}] {snaps:?}");
+        let root = restore_all(
+            store,
+            "u",
+            snaps.last().map(|s| s.as_str()),
+            &restores.path().join(format!("r{n}")),
+        );
+        assert_same_tree(&src, &restored_path(&root, &src));
+    };
+    backup(store, &src, "u");
+    check("first");
+    let mut m1 = ino(&manifest);
+
+    // The source's parent directories are shared with other tests, which
+    // may change their mtimes; one of a few runs sees nothing changed.
+    let kept = (0..5).any(|_| {
+        let out = backup(store, &src, "u");
+        assert!(stderr(&out).contains(" 0 files sent"), "{}", stderr(&out));
+        let now = ino(&manifest);
+        std::mem::replace(&mut m1, now) == now
+    });
+    assert!(kept, "every unchanged run rewrote the manifest");
+    check("unchanged");
+
+    fs::set_permissions(src.join("a/1"), fs::Permissions::from_mode(0o600)).unwrap();
+    backup(store, &src, "u");
+    let m2 = ino(&manifest);
+    assert_ne!(m2, m1, "a mode change did not reach the manifest");
+    check("chmod");
+
+    fs::remove_file(src.join("a/b/2")).unwrap();
+    fs::remove_file(src.join("z")).unwrap();
+    backup(store, &src, "u");
+    assert_ne!(ino(&manifest), m2, "deletions did not reach the manifest");
+    assert!(!cur_src.join("a/b/2").exists() && !cur_src.join("z").exists());
+    check("deletions");
+
+    // A run that stopped half-way leaves a file the manifest does not name
+    // (and took the clean marker away before touching anything).
+    fs::write(cur_src.join("a/stray"), "left over").unwrap();
+    fs::remove_file(current.join(".byteback/clean")).unwrap();
+    backup(store, &src, "u");
+    assert!(!cur_src.join("a/stray").exists(), "leftover kept");
+    let snap = snapshots(store, "u").pop().unwrap();
+    let snap_src = store
+        .join("u")
+        .join(snap)
+        .join(src.strip_prefix("/").unwrap());
+    assert!(snap_src.join("a/1").exists() && !snap_src.join("a/stray").exists());
+    check("after an interrupted run");
+}
+
+#[test]
+fn unchanged_runs_plain_store() {
+    let d = scratch();
+    unchanged_runs(&d.path().join("store"), d.path());
+}
+
+#[test]
+fn unchanged_runs_btrfs_store() {
+    if !require_root("btrfs loop filesystem") {
+        return;
+    }
+    let fs_ = BtrfsLoop::new(400);
+    let d = scratch();
+    unchanged_runs(&fs_.mount.join("store"), d.path());
+}

@@ -1513,3 +1513,84 @@ fn read_only_key_cannot_back_up() {
     let o = env.serve_as("--read-only backup", HOST, &["--read-only"], &s.bytes);
     env.refused(&o, &["may only list and restore"]);
 }
+
+/// New files are written at their own path in `current` (no temporary name):
+/// one cut off mid-transfer, or failing its hash twice, never reaches a
+/// snapshot, never carries the client's mtime (so it cannot pass for a
+/// stored copy), and is gone or replaced after the next backup.
+#[test]
+fn new_files_written_in_place_are_never_committed_unverified() {
+    let mut env = Env::new();
+    let t = fresh_mtime();
+    let content = Rng::new(0x1a7e).bytes(5000);
+    let o = env.serve("d only", &backup_script(&[(dir_e(b"d", t), None)]).bytes);
+    o.assert_backup_ok(0);
+    env.accept();
+
+    let cut = || {
+        Script::backup()
+            .msg(&ClientMsg::Entries(vec![
+                dir_e(b"d", t),
+                file_e(b"d/g", content.len(), t),
+            ]))
+            .msg(&file_data(0, &content[..2500]))
+    };
+    let o = env.serve("new file cut off mid-transfer", &cut().bytes);
+    env.refused(&o, &["went away"]);
+    let partial = env.current().join("d/g");
+    if let Ok(m) = fs::symlink_metadata(&partial) {
+        assert_ne!(
+            m.mtime(),
+            t,
+            "an unverified file carries the client's mtime"
+        );
+    }
+
+    // The client no longer has it: the leftover goes, the snapshot is exact.
+    let o = env.serve("without g", &backup_script(&[(dir_e(b"d", t), None)]).bytes);
+    let snap = o.assert_backup_ok(0);
+    env.accept();
+    assert!(!partial.exists(), "leftover of an interrupted run kept");
+    assert!(!env.host_dir().join(&snap).join("d/g").exists());
+
+    // Cut off again, then sent whole: the leftover is replaced by verified content.
+    let o = env.serve("cut off again", &cut().bytes);
+    env.refused(&o, &["went away"]);
+    let with_g = backup_script(&[
+        (dir_e(b"d", t), None),
+        (file_e(b"d/g", content.len(), t), Some(&content)),
+    ]);
+    let o = env.serve("with g", &with_g.bytes);
+    let snap = o.assert_backup_ok(1);
+    env.accept();
+    assert_eq!(
+        fs::read(env.host_dir().join(&snap).join("d/g")).unwrap(),
+        content
+    );
+
+    // A new file whose content fails its hash twice is not kept at all.
+    let bad = Rng::new(0xbad).bytes(content.len());
+    let s = Script::backup()
+        .msg(&ClientMsg::Entries(vec![
+            dir_e(b"d", t),
+            file_e(b"d/g", content.len(), t),
+            file_e(b"d/h", content.len(), t),
+        ]))
+        .msg(&file_data(0, &bad))
+        .msg(&file_end(0, &content, t))
+        .msg(&file_data(0, &bad))
+        .msg(&file_end(0, &content, t))
+        .msg(&ClientMsg::BackupEnd);
+    let o = env.serve("new file failing its hash twice", &s.bytes);
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    let snap = match o.msgs.last() {
+        Some(ServerMsg::BackupDone {
+            snapshot: Some(s), ..
+        }) => s.clone(),
+        _ => panic!("no BackupDone with a snapshot:\n{}", o.describe()),
+    };
+    env.accept();
+    assert!(!env.current().join("d/h").exists(), "unverified file kept");
+    assert!(!env.host_dir().join(&snap).join("d/h").exists());
+    assert_eq!(fs::read(env.current().join("d/g")).unwrap(), content);
+}

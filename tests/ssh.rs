@@ -415,12 +415,18 @@ fn killed_server_mid_backup_is_retried_and_the_result_is_complete() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until the server is receiving file data, then kill it.
+    // Wait until the server is receiving file data, then kill it. A changed
+    // file is rebuilt in .byteback/tmp, a new one at its own path.
     let tmp = w.store.join("client-a/current/.byteback/tmp");
+    let first_new = w
+        .store
+        .join("client-a/current")
+        .join(src.strip_prefix("/").unwrap())
+        .join("big-00");
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut killed = false;
     while Instant::now() < deadline {
-        let busy = fs::read_dir(&tmp).map(|d| d.count() > 0).unwrap_or(false);
+        let busy = fs::read_dir(&tmp).map(|d| d.count() > 0).unwrap_or(false) || first_new.exists();
         if busy {
             let pids = w.sshd.pids("byteback-server serve");
             assert!(!pids.is_empty(), "no server process");

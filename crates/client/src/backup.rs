@@ -5,9 +5,11 @@
 //! entries in batches; a reader thread takes the server's replies and hands
 //! files to a rayon pool, which reads each file in segments, diffs every
 //! segment against the server's signature and queues compressed deltas; a
-//! writer thread puts the queue on the wire. The queue is bounded and the
-//! number of announced-but-unfinished files is capped, so memory stays
-//! bounded whatever the number or size of the files.
+//! writer thread puts the queue on the wire. Every segment buffer (file data
+//! read, its delta, the compressed chunk until the writer has sent it) comes
+//! from one [`BufPool`] with a byte budget, and the number of
+//! announced-but-unfinished files is capped, so memory stays bounded whatever
+//! the number or size of the files.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -19,8 +21,10 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::{anyhow, bail, Result};
-use byteback_delta::{diff_segment, literal_delta, FileHasher, Signature};
-use byteback_protocol::codec::ChunkCompressor;
+use byteback_delta::{
+    diff_segment_into, literal_header, FileHasher, Signature, DELTA_END, LITERAL_HEADER_MAX,
+};
+use byteback_protocol::codec::{compress_bound, ChunkCompressor};
 use byteback_protocol::limits::{MAX_BATCH, MAX_BUFFERED_BYTES, MAX_PENDING};
 use byteback_protocol::{BackupStats, ClientMsg, Compressed, Entry, ServerMsg};
 
@@ -30,6 +34,12 @@ use crate::walk::{self, EntrySink, Excludes, WalkWarning};
 /// Raw bytes of a segment when there is no basis.
 const PLAIN_SEGMENT: usize = 2 << 20;
 const ZSTD_LEVEL: i32 = 1;
+/// Most bytes of segment buffers (file data, deltas, compressed chunks in
+/// the delta workers or queued for the writer) held at once.
+const BUFFER_BUDGET: usize = 32 << 20;
+/// Messages the writer's queue holds; the bytes of their data are bounded by
+/// [`BUFFER_BUDGET`], so this only needs to be deep enough for small files.
+const QUEUE_DEPTH: usize = 64;
 
 /// What a backup did.
 #[derive(Debug, Default)]
@@ -106,10 +116,145 @@ impl Flow {
     }
 }
 
+/// A message for the writer, with the pool capacity its data buffer was
+/// counted at (0 if it has none from the pool).
+struct Outgoing {
+    msg: ClientMsg,
+    pooled: usize,
+}
+
+/// A buffer lent by a [`BufPool`], with the capacity it is counted at.
+struct PoolBuf {
+    buf: Vec<u8>,
+    counted: usize,
+}
+
+/// The segment buffers of a backup. The capacity of every buffer the pool
+/// owns, free or lent out (in a worker or queued for the writer), stays
+/// within the budget, except that one request is always granted when
+/// nothing is lent, so a segment larger than the budget still goes through.
+/// Buffers are reused rather than freed, so a large transfer does not pay a
+/// fresh mmap and its page faults per segment.
+struct BufPool {
+    st: Mutex<PoolState>,
+    cv: Condvar,
+    cap: usize,
+}
+
+#[derive(Default)]
+struct PoolState {
+    /// Free buffers, any capacity.
+    free: Vec<Vec<u8>>,
+    /// Capacity of all the pool's buffers, free and lent.
+    total: usize,
+    /// Buffers lent out.
+    lent: usize,
+    /// The backup failed: nobody waits any more.
+    closed: bool,
+}
+
+impl BufPool {
+    fn new(cap: usize) -> Self {
+        BufPool {
+            st: Mutex::new(PoolState::default()),
+            cv: Condvar::new(),
+            cap,
+        }
+    }
+
+    /// `k` buffers of capacity at least `len` each, all at once (a worker
+    /// never holds some while waiting for more), waiting while they would
+    /// take the pool over its budget.
+    fn take(&self, k: usize, len: usize) -> Result<Vec<PoolBuf>> {
+        let mut st = self.st.lock().map_err(|_| anyhow!("lock poisoned"))?;
+        loop {
+            if st.closed {
+                bail!("the backup failed");
+            }
+            // Reuse the largest free buffers; the others may be dropped to make room.
+            st.free.sort_unstable_by_key(Vec::capacity);
+            let reuse = st.free.len().min(k);
+            let keep_from = st.free.len() - reuse;
+            let grow: usize = st.free[keep_from..]
+                .iter()
+                .map(|b| len.saturating_sub(b.capacity()))
+                .sum::<usize>()
+                + (k - reuse) * len;
+            let spare: usize = st.free[..keep_from].iter().map(Vec::capacity).sum();
+            if st.total + grow <= self.cap + spare || st.lent == 0 {
+                let mut dropped = 0;
+                while st.total + grow > self.cap + dropped {
+                    let Some(b) = st.free.first() else { break };
+                    if st.free.len() <= reuse {
+                        break;
+                    }
+                    dropped += b.capacity();
+                    st.free.remove(0);
+                }
+                st.total -= dropped;
+                let at = st.free.len() - reuse;
+                let mut out: Vec<PoolBuf> = st
+                    .free
+                    .split_off(at)
+                    .into_iter()
+                    .map(|buf| PoolBuf { buf, counted: 0 })
+                    .collect();
+                for b in &mut out {
+                    let before = b.buf.capacity();
+                    if before < len {
+                        // Contents are scratch: no need to copy them over.
+                        b.buf = Vec::with_capacity(len);
+                    }
+                    b.counted = b.buf.capacity();
+                    st.total = st.total + b.counted - before;
+                }
+                while out.len() < k {
+                    let buf = Vec::with_capacity(len);
+                    st.total += buf.capacity();
+                    out.push(PoolBuf {
+                        counted: buf.capacity(),
+                        buf,
+                    });
+                }
+                st.lent += k;
+                return Ok(out);
+            }
+            st = self.cv.wait(st).map_err(|_| anyhow!("lock poisoned"))?;
+        }
+    }
+
+    /// Takes back a buffer lent at capacity `counted` (it may have grown since).
+    fn give(&self, buf: Vec<u8>, counted: usize) {
+        if let Ok(mut st) = self.st.lock() {
+            st.lent = st.lent.saturating_sub(1);
+            st.total = (st.total + buf.capacity()).saturating_sub(counted);
+            if st.total > self.cap {
+                st.total -= buf.capacity();
+            } else {
+                st.free.push(buf);
+            }
+        }
+        self.cv.notify_all();
+    }
+
+    fn give_back(&self, b: PoolBuf) {
+        self.give(b.buf, b.counted);
+    }
+
+    fn close(&self) {
+        if let Ok(mut st) = self.st.lock() {
+            st.closed = true;
+            st.free.clear();
+        }
+        self.cv.notify_all();
+    }
+}
+
 struct Shared {
     flow: Mutex<Flow>,
     cv: Condvar,
-    tx: SyncSender<ClientMsg>,
+    tx: SyncSender<Outgoing>,
+    pool: BufPool,
     sig_waiters: Mutex<HashMap<u32, SyncSender<Vec<u8>>>>,
     warnings: Mutex<Vec<String>>,
     vanished: AtomicU64,
@@ -124,6 +269,7 @@ impl Shared {
             f.failed.get_or_insert(msg);
         }
         self.cv.notify_all();
+        self.pool.close();
     }
 
     fn warn(&self, msg: String) {
@@ -136,8 +282,14 @@ impl Shared {
     }
 
     fn send(&self, msg: ClientMsg) -> Result<()> {
+        self.send_pooled(msg, 0)
+    }
+
+    /// Queues a message whose data buffer came from the pool at capacity
+    /// `pooled`; the writer gives it back once the message is on the wire.
+    fn send_pooled(&self, msg: ClientMsg, pooled: usize) -> Result<()> {
         self.tx
-            .send(msg)
+            .send(Outgoing { msg, pooled })
             .map_err(|_| anyhow!("connection to the server is closed"))
     }
 }
@@ -153,11 +305,12 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
     }
     let transport = conn.take_transport();
     let Connection { reader, writer, .. } = conn;
-    let (tx, rx) = sync_channel::<ClientMsg>(4);
+    let (tx, rx) = sync_channel::<Outgoing>(QUEUE_DEPTH);
     let shared = Arc::new(Shared {
         flow: Mutex::new(Flow::default()),
         cv: Condvar::new(),
         tx,
+        pool: BufPool::new(BUFFER_BUDGET),
         sig_waiters: Mutex::new(HashMap::new()),
         warnings: Mutex::new(vec![]),
         vanished: AtomicU64::new(0),
@@ -181,7 +334,7 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
 
     let writer_shared = shared.clone();
     let writer_thread = std::thread::spawn(move || {
-        if let Err(e) = writer_loop(writer, rx) {
+        if let Err(e) = writer_loop(writer, rx, &writer_shared.pool) {
             writer_shared.fail(format!("{e:#}"));
         }
     });
@@ -346,9 +499,9 @@ impl EntrySink for Announcer {
     }
 }
 
-fn writer_loop(mut w: ConnWriter, rx: Receiver<ClientMsg>) -> Result<()> {
+fn writer_loop(mut w: ConnWriter, rx: Receiver<Outgoing>, pool: &BufPool) -> Result<()> {
     loop {
-        let msg = match rx.try_recv() {
+        let Outgoing { msg, pooled } = match rx.try_recv() {
             Ok(m) => m,
             Err(TryRecvError::Empty) => {
                 w.flush()?;
@@ -361,6 +514,11 @@ fn writer_loop(mut w: ConnWriter, rx: Receiver<ClientMsg>) -> Result<()> {
         };
         let bye = matches!(msg, ClientMsg::Bye);
         w.send(&msg)?;
+        if let ClientMsg::FileData { delta, .. } = msg {
+            if pooled > 0 {
+                pool.give(delta.data, pooled);
+            }
+        }
         if bye {
             break;
         }
@@ -494,19 +652,6 @@ fn segment_len(block: usize) -> usize {
     (target / block).max(1) * block
 }
 
-fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
 fn send_file(shared: &Shared, job: Job) -> Result<()> {
     let Job {
         id,
@@ -555,33 +700,70 @@ fn send_file(shared: &Shared, job: Job) -> Result<()> {
     let size = entry.size();
     // Sized to the file: a segment-sized buffer for every small file cost
     // more (allocating and zeroing 2 MiB) than everything else done for it.
-    let mut buf = vec![0u8; seg.min(usize::try_from(size).unwrap_or(seg)).max(1)];
+    let seg_cap = seg.min(usize::try_from(size).unwrap_or(seg)).max(1);
+    // Room for the data behind a literal header, or for a delta of it (at
+    // most 14 bytes longer than the data), and for its compressed form.
+    let buf_len = compress_bound(seg_cap + LITERAL_HEADER_MAX + 64);
     let mut hasher = FileHasher::new();
     let mut total = 0u64;
     while total < size {
         let want = seg.min((size - total) as usize);
-        let n = match read_full(&mut file, &mut buf[..want]) {
-            Ok(n) => n,
-            Err(e) => {
-                shared.partial.fetch_add(1, Ordering::Relaxed);
-                shared.warn(format!("{}: read error: {e}", abs.display()));
-                return shared.send(ClientMsg::FileAbort { id });
-            }
+        // Read buffer, compressed chunk and (with a basis) the delta.
+        let mut bufs = shared
+            .pool
+            .take(if sig.is_some() { 3 } else { 2 }, buf_len)?;
+        let delta_buf = if sig.is_some() { bufs.pop() } else { None };
+        let (Some(out), Some(mut data)) = (bufs.pop(), bufs.pop()) else {
+            bail!("buffer pool returned too few buffers");
         };
+        let head = if sig.is_some() { 0 } else { LITERAL_HEADER_MAX };
+        data.buf.clear();
+        data.buf.resize(head, 0);
+        // Reads into the spare capacity: nothing to zero first.
+        let read = (&mut file).take(want as u64).read_to_end(&mut data.buf);
+        let n = data.buf.len() - head;
+        if let Err(e) = read {
+            shared.pool.give_back(data);
+            shared.pool.give_back(out);
+            if let Some(d) = delta_buf {
+                shared.pool.give_back(d);
+            }
+            shared.partial.fetch_add(1, Ordering::Relaxed);
+            shared.warn(format!("{}: read error: {e}", abs.display()));
+            return shared.send(ClientMsg::FileAbort { id });
+        }
         if n == 0 {
+            shared.pool.give_back(data);
+            shared.pool.give_back(out);
+            if let Some(d) = delta_buf {
+                shared.pool.give_back(d);
+            }
             break;
         }
-        let data = &buf[..n];
-        hasher.update(data);
-        let delta = match &sig {
-            Some(s) => diff_segment(s, data)?,
-            None => literal_delta(data),
+        hasher.update(&data.buf[head..]);
+        let counted = out.counted;
+        let c = match (&sig, delta_buf) {
+            (Some(s), Some(mut d)) => {
+                let r = diff_segment_into(s, &data.buf, &mut d.buf)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|_| compress(&d.buf, out.buf));
+                shared.pool.give_back(d);
+                r
+            }
+            _ => {
+                // The literal delta, built in place around the data.
+                let (h, hl) = literal_header(n as u64);
+                data.buf[head - hl..head].copy_from_slice(&h[..hl]);
+                data.buf.push(DELTA_END);
+                compress(&data.buf[head - hl..], out.buf)
+            }
         };
-        let c = compress(&delta)?;
+        shared.pool.give_back(data);
+        let c = c?;
         shared
             .wire
             .fetch_add(c.data.len() as u64, Ordering::Relaxed);
-        shared.send(ClientMsg::FileData { id, delta: c })?;
+        shared.send_pooled(ClientMsg::FileData { id, delta: c }, counted)?;
         total += n as u64;
     }
     // A file that changed while it was read is sent as read, but recorded
@@ -611,14 +793,14 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-fn compress(delta: &[u8]) -> Result<Compressed> {
+fn compress(delta: &[u8], out: Vec<u8>) -> Result<Compressed> {
     COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
         let c = match &mut *c {
             Some(c) => c,
             None => c.insert(ChunkCompressor::new(ZSTD_LEVEL)?),
         };
-        Ok(c.compress(delta)?)
+        Ok(c.compress_into(delta, out)?)
     })
 }
 
@@ -635,4 +817,44 @@ fn open_nofollow(p: &std::path::Path) -> std::io::Result<File> {
         ));
     }
     Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_keeps_its_budget_and_reuses_buffers() {
+        let pool = Arc::new(BufPool::new(10 << 20));
+        let a = pool.take(2, 4 << 20).unwrap();
+        assert!(a.iter().all(|b| b.buf.capacity() >= 4 << 20));
+        // Another 8 MiB would exceed 10 MiB: it waits until some come back.
+        let p2 = pool.clone();
+        let waiter = std::thread::spawn(move || p2.take(2, 4 << 20).map(|v| v.len()));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!waiter.is_finished());
+        for b in a {
+            pool.give_back(b);
+        }
+        assert_eq!(waiter.join().unwrap().unwrap(), 2);
+        let st = pool.st.lock().unwrap();
+        assert!(st.total <= 10 << 20, "{}", st.total);
+        assert_eq!(st.lent, 2);
+    }
+
+    #[test]
+    fn pool_grants_an_oversized_request_when_idle_and_wakes_on_close() {
+        let pool = Arc::new(BufPool::new(1 << 20));
+        let big = pool.take(3, 4 << 20).unwrap();
+        let p2 = pool.clone();
+        let waiter = std::thread::spawn(move || p2.take(1, 16).is_err());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        pool.close();
+        assert!(waiter.join().unwrap());
+        for b in big {
+            pool.give_back(b);
+        }
+        // Buffers above the budget are freed, not kept.
+        assert!(pool.st.lock().unwrap().total <= 1 << 20);
+    }
 }

@@ -47,29 +47,66 @@ pub fn diff_segment(sig: &Signature, new_segment: &[u8]) -> Result<Vec<u8>, Delt
     Ok(out)
 }
 
+/// Like [`diff_segment`], but writes into `out` (cleared first), so the
+/// caller can reuse one buffer for every segment.
+pub fn diff_segment_into(
+    sig: &Signature,
+    new_segment: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), DeltaError> {
+    out.clear();
+    fast_rsync::diff(sig.index(), new_segment, &mut *out).map_err(|e| match e {
+        fast_rsync::DiffError::InvalidSignature => {
+            DeltaError::InvalidSignature("rejected by the diff engine")
+        }
+        other => DeltaError::Diff(other.to_string()),
+    })
+}
+
+/// Longest header [`literal_header`] returns: magic plus the longest LITERAL command.
+pub const LITERAL_HEADER_MAX: usize = 4 + 1 + 8;
+/// The byte that ends every delta (what follows the data of a [`literal_header`]).
+pub const DELTA_END: u8 = OP_END;
+
+/// The bytes that come before `len` bytes of data in a [`literal_delta`]
+/// (magic and one LITERAL command, none for empty data), in the first
+/// returned-length bytes of the array. `literal_header(n) ++ data ++
+/// [DELTA_END]` is exactly `literal_delta(data)`, so a caller can read file
+/// data straight into a buffer behind room for the header, without a copy.
+pub fn literal_header(len: u64) -> ([u8; LITERAL_HEADER_MAX], usize) {
+    let mut h = [0u8; LITERAL_HEADER_MAX];
+    h[..4].copy_from_slice(&DELTA_MAGIC.to_be_bytes());
+    let n = if len == 0 {
+        4 // nothing but END follows
+    } else if len <= 64 {
+        h[4] = OP_LITERAL_1 + (len - 1) as u8;
+        5
+    } else if let Ok(n) = u8::try_from(len) {
+        h[4] = OP_LITERAL_N1;
+        h[5] = n;
+        6
+    } else if let Ok(n) = u16::try_from(len) {
+        h[4] = OP_LITERAL_N2;
+        h[5..7].copy_from_slice(&n.to_be_bytes());
+        7
+    } else if let Ok(n) = u32::try_from(len) {
+        h[4] = OP_LITERAL_N4;
+        h[5..9].copy_from_slice(&n.to_be_bytes());
+        9
+    } else {
+        h[4] = OP_LITERAL_N8;
+        h[5..13].copy_from_slice(&len.to_be_bytes());
+        13
+    };
+    (h, n)
+}
+
 /// A "whole file" delta for segment data when there is no basis: a single
 /// LITERAL op (none for empty data), using the shortest length encoding.
 pub fn literal_delta(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + 14);
-    out.extend_from_slice(&DELTA_MAGIC.to_be_bytes());
-    let len = data.len() as u64;
-    if len == 0 {
-        // nothing but END
-    } else if len <= 64 {
-        out.push(OP_LITERAL_1 + (len - 1) as u8);
-    } else if let Ok(n) = u8::try_from(len) {
-        out.push(OP_LITERAL_N1);
-        out.push(n);
-    } else if let Ok(n) = u16::try_from(len) {
-        out.push(OP_LITERAL_N2);
-        out.extend_from_slice(&n.to_be_bytes());
-    } else if let Ok(n) = u32::try_from(len) {
-        out.push(OP_LITERAL_N4);
-        out.extend_from_slice(&n.to_be_bytes());
-    } else {
-        out.push(OP_LITERAL_N8);
-        out.extend_from_slice(&len.to_be_bytes());
-    }
+    let (h, n) = literal_header(data.len() as u64);
+    let mut out = Vec::with_capacity(data.len() + n + 1);
+    out.extend_from_slice(&h[..n]);
     out.extend_from_slice(data);
     out.push(OP_END);
     out
@@ -386,6 +423,36 @@ mod tests {
             fast_rsync::apply(&[], &d, &mut fr).expect("fast_rsync accepts literal_delta");
             assert_eq!(fr, data);
         }
+    }
+
+    #[test]
+    fn literal_header_matches_literal_delta() {
+        for len in [0u64, 1, 64, 65, 255, 256, 65_535, 65_536, 4 << 20] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 13) as u8).collect();
+            let (h, n) = literal_header(len);
+            let mut d = h[..n].to_vec();
+            d.extend_from_slice(&data);
+            d.push(DELTA_END);
+            assert_eq!(d, literal_delta(&data), "len {len}");
+        }
+        let (h, n) = literal_header(1 << 32);
+        assert_eq!(n, LITERAL_HEADER_MAX);
+        assert_eq!(h[4], OP_LITERAL_N8);
+    }
+
+    #[test]
+    fn diff_segment_into_reuses_the_buffer() {
+        let basis: Vec<u8> = (0..300_000u32).map(|i| (i * 31 % 253) as u8).collect();
+        let sig = Signature::parse(crate::signature(&basis).as_bytes()).expect("sig");
+        let mut new = basis.clone();
+        new[1000..1100].fill(7);
+        let mut out = vec![1, 2, 3];
+        diff_segment_into(&sig, &new, &mut out).expect("diff");
+        assert_eq!(out, diff_segment(&sig, &new).expect("diff"));
+        assert_eq!(
+            apply_to_vec(&basis, &out, new.len() as u64).expect("apply"),
+            new
+        );
     }
 
     #[test]

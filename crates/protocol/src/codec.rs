@@ -160,6 +160,17 @@ impl ChunkCompressor {
 
     /// Compresses (or stores) `raw`, at most [`MAX_CHUNK`](crate::limits::MAX_CHUNK) bytes.
     pub fn compress(&mut self, raw: &[u8]) -> Result<Compressed, ProtocolError> {
+        self.compress_into(raw, Vec::new())
+    }
+
+    /// Like [`compress`](Self::compress), but into `out` (cleared first,
+    /// grown only if its capacity is below [`compress_bound`]`(raw.len())`),
+    /// so the caller can recycle the buffers of sent chunks.
+    pub fn compress_into(
+        &mut self,
+        raw: &[u8],
+        mut out: Vec<u8>,
+    ) -> Result<Compressed, ProtocolError> {
         if raw.len() > crate::limits::MAX_CHUNK {
             return Err(ProtocolError::Encode(format!(
                 "chunk of {} bytes too large",
@@ -167,16 +178,16 @@ impl ChunkCompressor {
             )));
         }
         let err = |e: std::io::Error| ProtocolError::Encode(e.to_string());
-        let data = if raw.len() >= SAMPLE_FROM && !self.worth_compressing(&raw[..SAMPLE_LEN])? {
-            stored_frame(raw)
+        out.clear();
+        out.reserve(compress_bound(raw.len()));
+        if raw.len() >= SAMPLE_FROM && !self.worth_compressing(&raw[..SAMPLE_LEN])? {
+            stored_frame_into(raw, &mut out);
         } else {
-            let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
             self.cctx.compress_to_buffer(raw, &mut out).map_err(err)?;
-            out
-        };
+        }
         Ok(Compressed {
             raw_len: raw.len() as u32,
-            data,
+            data: out,
         })
     }
 
@@ -189,11 +200,16 @@ impl ChunkCompressor {
     }
 }
 
-/// `raw` as a zstd frame of raw (stored) blocks: magic, a single-segment
-/// header with a 4-byte content size, then blocks of at most 128 KiB.
-fn stored_frame(raw: &[u8]) -> Vec<u8> {
-    let blocks = raw.len().div_ceil(ZSTD_BLOCK_MAX).max(1);
-    let mut out = Vec::with_capacity(raw.len() + 9 + 3 * blocks);
+/// Capacity [`ChunkCompressor::compress_into`] needs for `raw_len` bytes: enough
+/// for zstd's worst case and for a stored frame.
+pub fn compress_bound(raw_len: usize) -> usize {
+    let blocks = raw_len.div_ceil(ZSTD_BLOCK_MAX).max(1);
+    zstd::zstd_safe::compress_bound(raw_len).max(raw_len + 9 + 3 * blocks)
+}
+
+/// Appends `raw` to `out` as a zstd frame of raw (stored) blocks: magic, a
+/// single-segment header with a 4-byte content size, then blocks of at most 128 KiB.
+fn stored_frame_into(raw: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&0xFD2F_B528u32.to_le_bytes());
     // Frame_Content_Size_flag = 2 (4 bytes), Single_Segment_flag, no checksum, no dictionary.
     out.push(0b1010_0000);
@@ -209,7 +225,6 @@ fn stored_frame(raw: &[u8]) -> Vec<u8> {
         out.extend_from_slice(&header.to_le_bytes()[..3]);
         out.extend_from_slice(c);
     }
-    out
 }
 
 /// Decompresses data chunks with one reusable zstd context into one
@@ -258,9 +273,30 @@ impl ChunkDecompressor {
 }
 
 /// Encodes and writes one message (does not flush).
+///
+/// The message is encoded straight into `w` after its measured length, not
+/// into a frame buffer first: a data message is megabytes, and the extra
+/// buffer and copy cost both memory and time on every segment.
 pub fn write_msg<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), ProtocolError> {
-    let frame = encode(msg)?;
-    w.write_all(&frame)?;
+    let enc_err = |e: bincode::error::EncodeError| ProtocolError::Encode(e.to_string());
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(msg, &mut size, config()).map_err(enc_err)?;
+    let len = size.bytes_written;
+    if len > MAX_FRAME {
+        return Err(ProtocolError::Encode(format!(
+            "message of {len} bytes exceeds frame limit"
+        )));
+    }
+    w.write_all(&(len as u32).to_le_bytes())?;
+    let written = bincode::serde::encode_into_std_write(msg, w, config()).map_err(|e| match e {
+        bincode::error::EncodeError::Io { inner, .. } => ProtocolError::Io(inner),
+        e => enc_err(e),
+    })?;
+    if written != len {
+        return Err(ProtocolError::Encode(format!(
+            "message encoded to {written} bytes, {len} measured"
+        )));
+    }
     Ok(())
 }
 
@@ -371,6 +407,50 @@ mod tests {
         let z = c.compress(&random).unwrap();
         assert!(z.data.len() <= random.len() + 9 + 3 * 9, "{}", z.data.len());
         assert!(c.compress(&text).unwrap().data.len() < text.len() / 10);
+    }
+
+    #[test]
+    fn write_msg_writes_what_encode_frames() {
+        let msgs = vec![
+            ClientMsg::BackupEnd,
+            ClientMsg::FileData {
+                id: 7,
+                delta: Compressed::compress(&[5u8; 300_000], 1).unwrap(),
+            },
+            ClientMsg::SigRequest { id: 3 },
+        ];
+        for m in msgs {
+            let mut out = vec![];
+            write_msg(&mut out, &m).unwrap();
+            assert_eq!(out, encode(&m).unwrap());
+            let mut r = &out[..];
+            let frame = read_frame(&mut r).unwrap().unwrap();
+            assert_eq!(decode_client(&frame).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn compress_into_reuses_a_dirty_buffer() {
+        let mut c = ChunkCompressor::new(1).unwrap();
+        let mut rng = 7u64;
+        let random: Vec<u8> = (0..700_000)
+            .map(|_| {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (rng >> 56) as u8
+            })
+            .collect();
+        let text = b"reuse me ".repeat(70_000);
+        let mut buf = vec![0xAAu8; 17];
+        buf.reserve(compress_bound(random.len()));
+        for raw in [&random[..], &text[..], &random[..10], &[][..], &random[..]] {
+            let cap = buf.capacity();
+            let z = c.compress_into(raw, std::mem::take(&mut buf)).unwrap();
+            assert_eq!(z.decompress().unwrap(), raw);
+            assert_eq!(z.data.capacity(), cap, "no reallocation");
+            buf = z.data;
+        }
     }
 
     #[test]

@@ -4,10 +4,24 @@
 //! manifest as a stream. A regular file whose copy in `current` has the same
 //! size and mtime costs nothing; any other file is rebuilt in
 //! `.byteback/tmp`, from cloned or copied ranges of the old copy plus literal
-//! data, checked against the client's BLAKE3, and renamed into place. The new
+//! data, checked against the client's BLAKE3, and renamed into place. A file
+//! whose path is free in `current` is written there directly (created with
+//! `O_EXCL` in its parent, itself opened beneath `current`), saving the
+//! rename; it gets the client's mtime only once its hash checks out and is
+//! deleted if it never does, so until then it can never pass for a stored
+//! copy (the next run compares size and mtime), and a manifest only ever
+//! names verified files. The new
 //! manifest is written as entries resolve; commit deletes what the manifest no
 //! longer names, syncs the filesystem once, and renames the manifest into place.
+//!
+//! A commit leaves a `clean` marker in `.byteback`: `current` then holds
+//! exactly what its manifest names. The first change of a later backup
+//! removes the marker (durably) before touching anything. While it is there,
+//! an entry that matches the manifest needs no look at the disc, and a backup
+//! in which nothing differs from the manifest commits nothing: no new
+//! manifest, no deletion walk, no sync.
 
+use std::cmp::Ordering;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read};
@@ -18,7 +32,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use byteback_delta::{apply_ops, DeltaError, FileHasher, PatchSink, SignatureBuilder};
 use byteback_protocol::codec::ChunkDecompressor;
 use byteback_protocol::limits::{MAX_BUFFERED_BYTES, MAX_PENDING};
-use byteback_protocol::{BackupStats, Compressed, Entry, Kind, ManifestEntry, Need};
+use byteback_protocol::{compare_paths, BackupStats, Compressed, Entry, Kind, ManifestEntry, Need};
 use rustix::fs::FileType;
 
 use crate::fsops::{self, split};
@@ -29,6 +43,8 @@ const FS_BLOCK: u64 = 4096;
 const IO_CHUNK: usize = 1 << 20;
 /// Start writeback of a file being received every this many bytes.
 const WRITEBACK_EVERY: u64 = 8 << 20;
+/// Marker in `.byteback`: `current` matches its manifest exactly.
+const CLEAN: &[u8] = b"clean";
 
 enum Slot {
     Ready(ManifestEntry),
@@ -44,7 +60,10 @@ struct Transfer {
     basis: Option<File>,
     basis_len: u64,
     out: File,
+    /// Name in `.byteback/tmp`; empty when written in place.
     tmp_name: Vec<u8>,
+    /// Written at its own path in `current` (nothing was there).
+    in_place: bool,
     written: u64,
     /// Bytes of `out` whose writeback has been started.
     flushed: u64,
@@ -66,16 +85,33 @@ pub struct BackupReceiver {
     meta: OwnedFd,
     tmp: OwnedFd,
     old: PeekableManifest,
+    /// The new manifest; not started until something differs from the old one.
     new: Option<ManifestWriter>,
+    /// `current` matched its manifest when this backup started (the marker was there).
+    clean: bool,
+    /// The marker is still on disc.
+    marker: bool,
+    /// Something in this backup differs from the old manifest, or `current`
+    /// was not clean: the commit writes a new manifest.
+    changed: bool,
+    /// Entries resolved before anything changed, not written to `new`: they
+    /// are the old manifest's first ones.
+    unwritten: u64,
+    /// Something in `current` was created, replaced or removed: the commit
+    /// syncs the filesystem (otherwise only the new manifest).
+    touched: bool,
+    /// `current` may hold objects the new manifest does not name (it was
+    /// not clean, or an entry was deleted or changed type): the commit walks it.
+    needs_sweep: bool,
     slots: VecDeque<Slot>,
     slot_base: u64,
     /// Sum of `buffer_cost` of the entries in `slots` (waiting ones included).
     slot_bytes: usize,
     transfers: HashMap<u32, Transfer>,
     next_id: u32,
-    /// The directory chain of the last entry: path, fd, and whether this
-    /// backup created it (so nothing in it needs a stat).
-    dirs: Vec<(Vec<u8>, OwnedFd, bool)>,
+    /// The directory chain of the last entry: path, fd (opened when first
+    /// needed), and whether this backup created it (so nothing in it needs a stat).
+    dirs: Vec<(Vec<u8>, Option<OwnedFd>, bool)>,
     /// Parent directory of the last finished file.
     last_parent: Option<(Vec<u8>, OwnedFd)>,
     unzstd: ChunkDecompressor,
@@ -120,34 +156,102 @@ impl BackupReceiver {
         fsops::remove_any(&meta, b"manifest.new")?;
         rustix::fs::mkdirat(&meta, "tmp", rustix::fs::Mode::from_raw_mode(0o700))?;
         let tmp = fsops::open_dir(&meta, b"tmp")?;
-        let old = match fsops::open_file(&meta, b"manifest") {
-            Ok(f) => ManifestReader::new(f).context("cannot read the last manifest")?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => ManifestReader::empty(),
+        let (old, has_manifest) = match fsops::open_file(&meta, b"manifest") {
+            Ok(f) => (
+                ManifestReader::new(f).context("cannot read the last manifest")?,
+                true,
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (ManifestReader::empty(), false),
             Err(e) => return Err(e).context("cannot open the last manifest"),
         };
-        let new = ManifestWriter::new(fsops::create_new(&meta, b"manifest.new")?)?;
+        let marker = fsops::lstat_at(&meta, CLEAN)?.is_some();
+        let clean = marker && has_manifest;
         let dir_fd = fsops::open_dir(&current, b"")?;
-        Ok(BackupReceiver {
+        let mut rx = BackupReceiver {
             btrfs: host.btrfs,
             clone_ok: host.btrfs,
             current,
             meta,
             tmp,
             old: PeekableManifest::new(old)?,
-            new: Some(new),
+            new: None,
+            clean,
+            marker,
+            changed: false,
+            unwritten: 0,
+            touched: !clean,
+            needs_sweep: !clean,
             slots: VecDeque::new(),
             slot_base: 0,
             slot_bytes: 0,
             transfers: HashMap::new(),
             next_id: 0,
-            dirs: vec![(vec![], dir_fd, false)],
+            dirs: vec![(vec![], Some(dir_fd), false)],
             last_parent: None,
             unzstd: ChunkDecompressor::new()?,
             raw: vec![],
 
             stats: BackupStats::default(),
             warnings: vec![],
-        })
+        };
+        if !clean {
+            // Leftovers of an interrupted run may be anywhere: the commit
+            // has to write the manifest and walk `current` whatever comes.
+            rx.mark_changed()?;
+        }
+        Ok(rx)
+    }
+
+    /// Called before the first change to `current` or to the manifest: takes
+    /// the clean marker away (durably, so a crash from here on leaves a
+    /// store that the next run does not trust) and starts the new manifest
+    /// with the entries resolved so far, which equal the old manifest's first ones.
+    fn mark_changed(&mut self) -> Result<()> {
+        if self.changed {
+            return Ok(());
+        }
+        if self.marker {
+            fsops::remove_any(&self.meta, CLEAN)?;
+            fsops::fsync(&self.meta)?;
+            self.marker = false;
+        }
+        let mut new = ManifestWriter::new(fsops::create_new(&self.meta, b"manifest.new")?)?;
+        if self.unwritten > 0 {
+            let mut old = ManifestReader::new(fsops::open_file(&self.meta, b"manifest")?)?;
+            for _ in 0..self.unwritten {
+                let e = old
+                    .next_entry()?
+                    .ok_or_else(|| anyhow!("the last manifest ended early"))?;
+                new.push(&e)?;
+            }
+        }
+        self.new = Some(new);
+        self.changed = true;
+        Ok(())
+    }
+
+    /// Called before creating, replacing or removing anything in `current`.
+    fn touch(&mut self) -> Result<()> {
+        self.touched = true;
+        self.mark_changed()
+    }
+
+    /// The fd of directory `dirs[i]`, opened beneath `current` if not yet.
+    fn dir_fd(&mut self, i: usize) -> Result<OwnedFd> {
+        let (path, fd, _) = self
+            .dirs
+            .get_mut(i)
+            .ok_or_else(|| anyhow!("directory stack empty"))?;
+        if fd.is_none() {
+            let opened = fsops::open_dir(&self.current, &disk_path(path)).with_context(|| {
+                format!("cannot open directory {:?}", String::from_utf8_lossy(path))
+            })?;
+            *fd = Some(opened);
+        }
+        match fd {
+            Some(fd) => Ok(fd.try_clone()?),
+            None => bail!("directory not open"),
+        }
     }
 
     /// Handles one batch; returns what the server needs for it.
@@ -186,15 +290,15 @@ impl BackupReceiver {
     }
 
     fn flush_slots(&mut self) -> Result<()> {
-        let new = self
-            .new
-            .as_mut()
-            .ok_or_else(|| anyhow!("manifest already finished"))?;
         while let Some(front) = self.slots.front() {
             match front {
                 Slot::Waiting => break,
                 Slot::Ready(e) => {
-                    new.push(e)?;
+                    match self.new.as_mut() {
+                        Some(new) => new.push(e)?,
+                        // Equal to the old manifest's next entry (see `entry`).
+                        None => self.unwritten += 1,
+                    }
                     self.slot_bytes = self.slot_bytes.saturating_sub(e.entry.buffer_cost());
                 }
                 Slot::Dropped(cost) => self.slot_bytes = self.slot_bytes.saturating_sub(*cost),
@@ -205,9 +309,10 @@ impl BackupReceiver {
         Ok(())
     }
 
-    /// The directory fd that holds `path`, checking that its parent was sent
-    /// in this backup, and whether this backup created that directory.
-    fn parent_fd(&mut self, path: &[u8]) -> Result<(OwnedFd, bool)> {
+    /// The index in `dirs` of the directory that holds `path`, checking that
+    /// its parent was sent in this backup, and whether this backup created
+    /// that directory.
+    fn parent_dir(&mut self, path: &[u8]) -> Result<(usize, bool)> {
         let (parent, _) = split(path);
         while self.dirs.len() > 1 {
             let top = &self.dirs[self.dirs.len() - 1].0;
@@ -216,7 +321,7 @@ impl BackupReceiver {
             }
             self.dirs.pop();
         }
-        let (top, fd, fresh) = self
+        let (top, _, fresh) = self
             .dirs
             .last()
             .ok_or_else(|| anyhow!("directory stack empty"))?;
@@ -226,16 +331,80 @@ impl BackupReceiver {
                 String::from_utf8_lossy(path)
             );
         }
-        Ok((fd.try_clone()?, *fresh))
+        Ok((self.dirs.len() - 1, *fresh))
+    }
+
+    /// For a store that matched its manifest at the start: whether `e` needs
+    /// nothing done on disc because the old manifest records the same object
+    /// (same type; for files the same size and mtime, for symlinks the same
+    /// target). Nothing this backup did can have changed its path yet: every
+    /// path is handled once, in order, and deletions wait for the commit.
+    fn trusted(&self, e: &Entry, old: Option<&ManifestEntry>) -> bool {
+        let Some(o) = old else { return false };
+        self.clean
+            && o.entry.kind == e.kind
+            && match e.kind {
+                Kind::Dir | Kind::Symlink { .. } => true,
+                Kind::File { .. } => {
+                    o.entry.mtime_sec == e.mtime_sec && o.entry.mtime_nsec == e.mtime_nsec
+                }
+                _ => false,
+            }
+    }
+
+    /// Records the resolved entry `me`; the manifest must be rewritten if
+    /// it differs from the old one at that path.
+    fn push_ready(&mut self, me: ManifestEntry, old: Option<&ManifestEntry>) -> Result<()> {
+        if old != Some(&me) {
+            self.mark_changed()?;
+        }
+        let cost = me.entry.buffer_cost();
+        self.push_slot(Slot::Ready(me), cost)?;
+        Ok(())
     }
 
     fn entry(&mut self, e: Entry) -> Result<Option<(u32, bool)>> {
         self.stats.entries += 1;
+        // An old entry before this one is not sent any more: it is deleted.
+        if let Some(p) = self.old.peek() {
+            if compare_paths(&p.entry.path, &e.path) == Ordering::Less {
+                self.needs_sweep = true;
+                self.mark_changed()?;
+            }
+        }
         let old = self.old.seek(&e.path)?;
+        if let Some(o) = &old {
+            if disc_type(&o.entry.kind).is_some() && disc_type(&o.entry.kind) != disc_type(&e.kind)
+            {
+                // The old object may stay on disc until the commit's walk.
+                self.needs_sweep = true;
+            }
+        }
+        let (parent_i, fresh_parent) = self.parent_dir(&e.path)?;
+        if self.trusted(&e, old.as_ref()) {
+            if e.kind == Kind::Dir {
+                self.dirs.push((e.path.clone(), None, false));
+            }
+            let hash = old.as_ref().map(|o| o.hash).unwrap_or([0; 32]);
+            self.push_ready(ManifestEntry { entry: e, hash }, old.as_ref())?;
+            return Ok(None);
+        }
+        if !matches!(e.kind, Kind::Dir | Kind::Symlink { .. } | Kind::File { .. }) {
+            // Hard links, FIFOs, sockets and devices live only in the manifest;
+            // the commit walk removes whatever older object sits at their path.
+            self.push_ready(
+                ManifestEntry {
+                    entry: e,
+                    hash: [0; 32],
+                },
+                old.as_ref(),
+            )?;
+            return Ok(None);
+        }
         let disk = disk_path(&e.path);
         let (_, name) = split(&disk);
         let name = name.to_vec();
-        let (parent, fresh_parent) = self.parent_fd(&e.path)?;
+        let parent = self.dir_fd(parent_i)?;
         let parent_raw = parent.as_fd();
         let parent_raw = &parent_raw;
         // In a directory this backup created there is nothing to look at
@@ -247,31 +416,34 @@ impl BackupReceiver {
         };
         match &e.kind {
             Kind::Dir => {
-                let created = if st.is_none() {
-                    rustix::fs::mkdirat(
-                        parent_raw,
-                        os(&name),
-                        rustix::fs::Mode::from_raw_mode(0o700),
-                    )
-                    .map_err(io::Error::from)
-                } else {
-                    fsops::ensure_dir(parent_raw, &name, 0o700)
-                };
-                created.with_context(|| {
-                    format!(
-                        "cannot create directory {:?}",
-                        String::from_utf8_lossy(&e.path)
-                    )
-                })?;
+                let is_dir = matches!(&st, Some(s) if fsops::file_type(s) == FileType::Directory);
+                if !is_dir {
+                    self.touch()?;
+                    let created = if st.is_none() {
+                        rustix::fs::mkdirat(
+                            parent_raw,
+                            os(&name),
+                            rustix::fs::Mode::from_raw_mode(0o700),
+                        )
+                        .map_err(io::Error::from)
+                    } else {
+                        fsops::ensure_dir(parent_raw, &name, 0o700)
+                    };
+                    created.with_context(|| {
+                        format!(
+                            "cannot create directory {:?}",
+                            String::from_utf8_lossy(&e.path)
+                        )
+                    })?;
+                }
                 let fd = fsops::open_dir(parent_raw, &name)?;
-                self.dirs.push((e.path.clone(), fd, st.is_none()));
-                let cost = e.buffer_cost();
-                self.push_slot(
-                    Slot::Ready(ManifestEntry {
+                self.dirs.push((e.path.clone(), Some(fd), st.is_none()));
+                self.push_ready(
+                    ManifestEntry {
                         entry: e,
                         hash: [0; 32],
-                    }),
-                    cost,
+                    },
+                    old.as_ref(),
                 )?;
                 Ok(None)
             }
@@ -283,16 +455,16 @@ impl BackupReceiver {
                     _ => false,
                 };
                 if !same {
+                    self.touch()?;
                     fsops::remove_any(parent_raw, &name)?;
                     fsops::symlink(parent_raw, &name, target)?;
                 }
-                let cost = e.buffer_cost();
-                self.push_slot(
-                    Slot::Ready(ManifestEntry {
+                self.push_ready(
+                    ManifestEntry {
                         entry: e,
                         hash: [0; 32],
-                    }),
-                    cost,
+                    },
+                    old.as_ref(),
                 )?;
                 Ok(None)
             }
@@ -314,13 +486,11 @@ impl BackupReceiver {
                             // Written by an interrupted run, so not in the manifest yet.
                             _ => hash_file(&fsops::open_file(parent_raw, &name)?)?,
                         };
-                        {
-                            let cost = e.buffer_cost();
-                            self.push_slot(Slot::Ready(ManifestEntry { entry: e, hash }), cost)?;
-                        }
+                        self.push_ready(ManifestEntry { entry: e, hash }, old.as_ref())?;
                         return Ok(None);
                     }
                 }
+                self.touch()?;
                 let basis = match &st {
                     Some(s) if fsops::file_type(s) == FileType::RegularFile && s.st_size > 0 => {
                         fsops::open_file(parent_raw, &name).ok()
@@ -334,9 +504,19 @@ impl BackupReceiver {
                     .unwrap_or(0);
                 let id = self.next_id;
                 self.next_id += 1;
-                let tmp_name = id.to_string().into_bytes();
-                fsops::remove_any(&self.tmp, &tmp_name)?;
-                let out = fsops::create_new(&self.tmp, &tmp_name)?;
+                // Nothing at the path (looked at, or in a directory this
+                // backup created): write it there, exclusively.
+                let in_place = st.is_none();
+                let (out, tmp_name) = if in_place {
+                    let out = fsops::create_new(parent_raw, &name).with_context(|| {
+                        format!("cannot create {:?}", String::from_utf8_lossy(&e.path))
+                    })?;
+                    (out, vec![])
+                } else {
+                    let tmp_name = id.to_string().into_bytes();
+                    fsops::remove_any(&self.tmp, &tmp_name)?;
+                    (fsops::create_new(&self.tmp, &tmp_name)?, tmp_name)
+                };
                 let has_basis = basis.is_some();
                 let seq = self.push_slot(Slot::Waiting, e.buffer_cost())?;
                 self.transfers.insert(
@@ -349,6 +529,7 @@ impl BackupReceiver {
                         basis_len,
                         out,
                         tmp_name,
+                        in_place,
                         written: 0,
                         flushed: 0,
                         hasher: FileHasher::new(),
@@ -357,19 +538,7 @@ impl BackupReceiver {
                 );
                 Ok(Some((id, has_basis)))
             }
-            // Hard links, FIFOs, sockets and devices live only in the manifest;
-            // the commit walk removes whatever older object sits at their path.
-            _ => {
-                let cost = e.buffer_cost();
-                self.push_slot(
-                    Slot::Ready(ManifestEntry {
-                        entry: e,
-                        hash: [0; 32],
-                    }),
-                    cost,
-                )?;
-                Ok(None)
-            }
+            _ => bail!("unreachable entry kind"),
         }
     }
 
@@ -496,20 +665,22 @@ impl BackupReceiver {
         t.entry.kind = Kind::File { size };
         t.entry.mtime_sec = mtime.0;
         t.entry.mtime_nsec = mtime.1;
-        let disk = disk_path(&t.entry.path);
-        let (pdir, name) = split(&disk);
-        let parent = match self.last_parent.take() {
-            Some((p, fd)) if p == pdir => fd,
-            _ => fsops::open_dir(&self.current, pdir).with_context(|| {
-                format!(
-                    "parent of {:?} vanished",
-                    String::from_utf8_lossy(&t.entry.path)
-                )
-            })?,
-        };
-        fsops::replace(&self.tmp, &t.tmp_name, &parent, name)?;
+        if !t.in_place {
+            let disk = disk_path(&t.entry.path);
+            let (pdir, name) = split(&disk);
+            let parent = match self.last_parent.take() {
+                Some((p, fd)) if p == pdir => fd,
+                _ => fsops::open_dir(&self.current, pdir).with_context(|| {
+                    format!(
+                        "parent of {:?} vanished",
+                        String::from_utf8_lossy(&t.entry.path)
+                    )
+                })?,
+            };
+            fsops::replace(&self.tmp, &t.tmp_name, &parent, name)?;
+            self.last_parent = Some((pdir.to_vec(), parent));
+        }
         drop(t.out);
-        self.last_parent = Some((pdir.to_vec(), parent));
         self.stats.files_transferred += 1;
         self.set_slot(
             t.seq,
@@ -529,7 +700,12 @@ impl BackupReceiver {
             .remove(&id)
             .ok_or_else(|| anyhow!("unknown transfer {id}"))?;
         drop(t.out);
-        fsops::remove_any(&self.tmp, &t.tmp_name)?;
+        if t.in_place {
+            // Nothing was at its path before: take the unverified file away.
+            remove_in_place(&self.current, &t.entry.path)?;
+        } else {
+            fsops::remove_any(&self.tmp, &t.tmp_name)?;
+        }
         // The old copy in `current` was not touched, so its manifest entry still holds.
         let cost = t.entry.buffer_cost();
         let slot = match t.old {
@@ -555,27 +731,84 @@ impl BackupReceiver {
         if !self.slots.is_empty() {
             bail!("backup ended with unresolved entries");
         }
+        if self.old.peek().is_some() {
+            // Old entries after the last one sent: deleted.
+            self.needs_sweep = true;
+            self.mark_changed()?;
+        }
+        if !self.changed {
+            // `current` was clean and nothing differs: it still matches the
+            // manifest, and nothing new needs to reach the disc.
+            fsops::remove_any(&self.meta, b"tmp")?;
+            return Ok(std::mem::take(&mut self.stats));
+        }
         let new = self
             .new
             .take()
             .ok_or_else(|| anyhow!("manifest already finished"))?;
-        new.finish()?;
-        drop(self.old);
-        let mut manifest = PeekableManifest::new(ManifestReader::new(fsops::open_file(
-            &self.meta,
-            b"manifest.new",
-        )?)?)?;
-        let mut deleted = 0;
-        remove_stale(&self.current, &[], true, &mut manifest, &mut deleted)?;
-        self.stats.deleted = deleted;
+        let new_file = new.finish()?;
+        self.old = PeekableManifest::new(ManifestReader::empty())?;
+        if self.needs_sweep {
+            let mut manifest = PeekableManifest::new(ManifestReader::new(fsops::open_file(
+                &self.meta,
+                b"manifest.new",
+            )?)?)?;
+            let mut deleted = 0;
+            remove_stale(&self.current, &[], true, &mut manifest, &mut deleted)?;
+            self.stats.deleted = deleted;
+            self.touched |= deleted > 0;
+        }
         fsops::remove_any(&self.meta, b"tmp")?;
-        // One sync of the whole filesystem instead of an fsync per file.
-        rustix::fs::syncfs(&self.current)?;
+        if self.touched {
+            // One sync of the whole filesystem instead of an fsync per file.
+            rustix::fs::syncfs(&self.current)?;
+        } else {
+            // Only metadata changed: the manifest is all there is to write.
+            fsops::fsync(&new_file)?;
+        }
+        drop(new_file);
         rustix::fs::renameat(&self.meta, "manifest.new", &self.meta, "manifest")?;
         fsops::fsync(&self.meta)?;
+        // Not synced: if it is lost, the next run just does not trust `current`.
+        drop(fsops::create_new(&self.meta, CLEAN)?);
         let _ = self.btrfs;
-        Ok(self.stats)
+        Ok(std::mem::take(&mut self.stats))
     }
+}
+
+impl Drop for BackupReceiver {
+    /// A backup that ends without its commit (refused, or the client went
+    /// away) leaves no unverified file at a client path. A killed server
+    /// cannot do this; the next run finds such files by their size and
+    /// mtime (never the client's: that is set only after verification) and
+    /// its commit removes any the client no longer sends.
+    fn drop(&mut self) {
+        for (_, t) in self.transfers.drain() {
+            if t.in_place {
+                drop(t.out);
+                let _ = remove_in_place(&self.current, &t.entry.path);
+            }
+        }
+    }
+}
+
+/// What kind of object an entry puts on disc, if any.
+fn disc_type(k: &Kind) -> Option<FileType> {
+    match k {
+        Kind::File { .. } => Some(FileType::RegularFile),
+        Kind::Dir => Some(FileType::Directory),
+        Kind::Symlink { .. } => Some(FileType::Symlink),
+        _ => None,
+    }
+}
+
+/// Removes the file a transfer was writing at its own client path.
+fn remove_in_place(current: &OwnedFd, path: &[u8]) -> Result<()> {
+    let disk = disk_path(path);
+    let (pdir, name) = split(&disk);
+    let parent = fsops::open_dir(current, pdir)?;
+    fsops::remove_any(&parent, name)?;
+    Ok(())
 }
 
 /// Deletes objects under `dir` that the manifest does not name with the same type.
