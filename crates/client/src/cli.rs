@@ -335,6 +335,12 @@ pub struct RestoreArgs {
     /// List every copy in every snapshot; name each restored file.
     #[arg(short, long)]
     verbose: bool,
+    /// Do not recreate device nodes (for restoring data one does not trust).
+    #[arg(long)]
+    no_devices: bool,
+    /// Restore without setuid and setgid bits (for restoring data one does not trust).
+    #[arg(long)]
+    no_setuid: bool,
     /// Glob patterns (relative ones are taken from the current directory).
     patterns: Vec<String>,
 }
@@ -365,21 +371,30 @@ fn restore_cmd(args: RestoreArgs) -> Result<u8> {
     let pats = Patterns::new(&args.patterns, &cwd)?;
     let mut conn = target.connect(if args.restore { "restore" } else { "list" })?;
     if args.restore {
-        let r = restore::restore(
-            &mut conn,
-            &pats,
-            args.snapshot.as_deref(),
-            &cwd,
-            args.verbose,
-        )?;
+        let opts = restore::RestoreOptions {
+            verbose: args.verbose,
+            no_devices: args.no_devices,
+            no_setuid: args.no_setuid,
+        };
+        let r = restore::restore(&mut conn, &pats, args.snapshot.as_deref(), &cwd, opts)?;
         conn.close()?;
         for w in &r.warnings {
             eprintln!("byteback-restore: warning: {w}");
+        }
+        for d in &r.damaged {
+            eprintln!("byteback-restore: DAMAGED: {d}");
         }
         eprintln!(
             "byteback-restore: restored {} entries into ./{}/",
             r.restored, r.snapshot
         );
+        if !r.damaged.is_empty() {
+            eprintln!(
+                "byteback-restore: {} files failed verification and were not restored",
+                r.damaged.len()
+            );
+            return Ok(1);
+        }
         Ok(if r.warnings.is_empty() {
             0
         } else {

@@ -5,6 +5,7 @@
 //! around [`cli`]; everything else is a library so tests can drive it.
 #![deny(missing_docs)]
 
+pub mod apply;
 pub mod backup;
 pub mod cli;
 pub mod conn;

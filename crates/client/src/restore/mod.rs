@@ -4,19 +4,27 @@
 //! (`*`, `**`, `?`, `[set]`, `{a,b}`, `\` escapes) against backed-up paths; a
 //! pattern matching a directory takes everything beneath it. Restores land in
 //! `./<snapshot>/<absolute path>` and never write through a symlink.
+//!
+//! The server is not trusted: [`check`] validates everything it sends, and
+//! [`tree`] writes only beneath held directory fds. A restore holds at most
+//! [`CHUNK_ENTRIES`] selected entries (or [`CHUNK_BYTES`] of them) at a time:
+//! a larger selection is restored in several passes over the manifest, each
+//! taking the next entries after the last one restored.
+
+pub mod check;
+pub mod tree;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
-use std::fs::File;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use byteback_delta::FileHasher;
 use byteback_protocol::{ClientMsg, Kind, ManifestEntry, ServerMsg};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
+use crate::apply::ApplyRules;
 use crate::conn::Connection;
 use crate::meta;
 
@@ -60,6 +68,16 @@ impl Patterns {
     fn matches(&self, path: &[u8]) -> bool {
         self.set.is_match(Path::new(OsStr::from_bytes(path)))
     }
+
+    /// Whether `path` is selected: it or one of its ancestors (directories, in
+    /// a checked manifest) matches.
+    fn selects(&self, path: &[u8]) -> bool {
+        self.matches(path)
+            || path
+                .iter()
+                .enumerate()
+                .any(|(i, &b)| b == b'/' && self.matches(&path[..i]))
+    }
 }
 
 /// Selects manifest entries matching the patterns, with everything under a matching directory.
@@ -90,11 +108,15 @@ impl Selector<'_> {
 fn snapshots(conn: &mut Connection) -> Result<Vec<String>> {
     conn.send(&ClientMsg::ListSnapshots)?;
     match conn.recv()? {
-        ServerMsg::Snapshots(s) => Ok(s),
-        m => bail!("unexpected {}", m.name()),
+        ServerMsg::Snapshots(s) => {
+            check::check_snapshots(&s)?;
+            Ok(s)
+        }
+        m => bail!("unexpected {} from the server", m.name()),
     }
 }
 
+/// Reads one snapshot's manifest, every entry checked (see [`check`]) before `each` sees it.
 fn read_manifest(
     conn: &mut Connection,
     snapshot: &str,
@@ -103,11 +125,17 @@ fn read_manifest(
     conn.send(&ClientMsg::ReadManifest {
         snapshot: snapshot.to_string(),
     })?;
+    let mut checker = check::ManifestCheck::default();
     loop {
         match conn.recv()? {
-            ServerMsg::ManifestPart(p) => p.into_iter().try_for_each(&mut each)?,
+            ServerMsg::ManifestPart(p) => {
+                for e in p {
+                    checker.check(&e)?;
+                    each(e)?;
+                }
+            }
             ServerMsg::ManifestEnd => return Ok(()),
-            m => bail!("unexpected {}", m.name()),
+            m => bail!("unexpected {} from the server", m.name()),
         }
     }
 }
@@ -212,6 +240,7 @@ pub fn list(
     let snaps = pick_snapshots(conn, snapshot)?;
     // path -> versions seen, as (key, snapshot, entry); newest snapshot first.
     let mut rows: HashMap<Vec<u8>, Vec<(String, ManifestEntry)>> = HashMap::new();
+    let mut held = 0usize;
     for s in snaps.iter().rev() {
         let mut sel = Selector {
             pats,
@@ -224,6 +253,13 @@ pub fn list(
                     || (all && !v.iter().any(|(_, x)| version_key(x) == version_key(&e)))
                     || v.is_empty()
                 {
+                    held += e.entry.buffer_cost() + s.len() + 64;
+                    if held > LIST_BYTES {
+                        bail!(
+                            "the listing would hold more than {} MiB; give narrower patterns",
+                            LIST_BYTES >> 20
+                        );
+                    }
                     v.push((s.clone(), e));
                 } else if all {
                     // Same version seen in a newer snapshot: report the oldest snapshot holding it.
@@ -277,6 +313,13 @@ pub fn list(
     Ok(n)
 }
 
+/// Most selected entries a restore holds at once; more are restored in further passes.
+pub const CHUNK_ENTRIES: usize = 100_000;
+/// Most bytes of selected entries (by [`byteback_protocol::Entry::buffer_cost`]) held at once.
+pub const CHUNK_BYTES: usize = 32 << 20;
+/// Most bytes of rows a listing holds before it asks for narrower patterns.
+pub const LIST_BYTES: usize = 1 << 30;
+
 /// Outcome of a restore.
 #[derive(Debug, Default)]
 pub struct RestoreReport {
@@ -284,8 +327,126 @@ pub struct RestoreReport {
     pub snapshot: String,
     /// Entries restored.
     pub restored: u64,
-    /// Problems that did not stop the restore.
+    /// Problems that did not stop the restore (metadata not applied, devices skipped).
     pub warnings: Vec<String>,
+    /// Files not restored because their content failed verification (removed).
+    pub damaged: Vec<String>,
+}
+
+/// What restore does beyond the selection.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreOptions {
+    /// Name each restored entry on stderr.
+    pub verbose: bool,
+    /// Do not recreate device nodes.
+    pub no_devices: bool,
+    /// Drop setuid and setgid bits.
+    pub no_setuid: bool,
+}
+
+/// One pass's share of the selection.
+struct Chunk {
+    wanted: Vec<tree::Wanted>,
+    /// Whether the selection ended within this pass.
+    complete: bool,
+}
+
+/// Reads the manifest once and takes the selected entries after `after`, up
+/// to the chunk limits.
+fn collect_chunk(
+    conn: &mut Connection,
+    snap: &str,
+    pats: &Patterns,
+    after: Option<&[u8]>,
+) -> Result<Chunk> {
+    let mut sel = Selector {
+        pats,
+        matched_dir: None,
+    };
+    let mut chunk = Chunk {
+        wanted: vec![],
+        complete: true,
+    };
+    let mut bytes = 0usize;
+    read_manifest(conn, snap, |e| {
+        let selected = sel.select(&e);
+        let later = after.is_none_or(|a| {
+            byteback_protocol::compare_paths(a, &e.entry.path) == std::cmp::Ordering::Less
+        });
+        if !selected || !later {
+            return Ok(());
+        }
+        if !chunk.complete {
+            return Ok(());
+        }
+        if chunk.wanted.len() >= CHUNK_ENTRIES || bytes >= CHUNK_BYTES {
+            chunk.complete = false;
+            return Ok(());
+        }
+        bytes += e.entry.buffer_cost();
+        chunk.wanted.push(tree::Wanted { e, from: None });
+        Ok(())
+    })?;
+    Ok(chunk)
+}
+
+/// Hard links whose first name the patterns did not select get that file's
+/// content (looked up in one more pass over the manifest) under their own
+/// name; later links to the same first name link to this copy.
+fn resolve_unselected_targets(
+    conn: &mut Connection,
+    snap: &str,
+    pats: &Patterns,
+    chunk: &mut Chunk,
+) -> Result<()> {
+    let mut wanted_targets: HashSet<Vec<u8>> = HashSet::new();
+    for w in &chunk.wanted {
+        if let Kind::HardLink { target } = &w.e.entry.kind {
+            if !pats.selects(target) {
+                wanted_targets.insert(target.clone());
+            }
+        }
+    }
+    if wanted_targets.is_empty() {
+        return Ok(());
+    }
+    let mut found: HashMap<Vec<u8>, ManifestEntry> = HashMap::new();
+    read_manifest(conn, snap, |e| {
+        if wanted_targets.contains(&e.entry.path) {
+            found.insert(e.entry.path.clone(), e);
+        }
+        Ok(())
+    })?;
+    let mut copied: HashSet<Vec<u8>> = HashSet::new();
+    for w in &mut chunk.wanted {
+        let Kind::HardLink { target } = &w.e.entry.kind else {
+            continue;
+        };
+        let Some(t) = found.get(target) else {
+            if wanted_targets.contains(target) {
+                bail!(
+                    "the server's manifest links {} to {}, which it does not hold",
+                    display_path(&w.e.entry.path),
+                    display_path(target)
+                );
+            }
+            continue;
+        };
+        let Kind::File { size } = t.entry.kind else {
+            bail!(
+                "the server's manifest links {} to {}, which is not a regular file; refusing",
+                display_path(&w.e.entry.path),
+                display_path(target)
+            );
+        };
+        if copied.insert(target.clone()) {
+            let target = target.clone();
+            w.e.entry.kind = Kind::File { size };
+            w.e.hash = t.hash;
+            w.from = Some(target);
+        }
+    }
+    Ok(())
 }
 
 /// Restores matching entries of one snapshot (the newest by default) into `<into>/<snapshot>/`.
@@ -294,170 +455,43 @@ pub fn restore(
     pats: &Patterns,
     snapshot: Option<&str>,
     into: &Path,
-    verbose: bool,
+    opts: RestoreOptions,
 ) -> Result<RestoreReport> {
     let snaps = pick_snapshots(conn, snapshot)?;
     let snap = snaps
         .last()
         .ok_or_else(|| anyhow!("host {} has no snapshots yet", conn.host))?
         .clone();
-    let mut selected = vec![];
-    let mut sel = Selector {
-        pats,
-        matched_dir: None,
+    let tree_opts = tree::TreeOptions {
+        rules: ApplyRules {
+            as_root: meta::is_root(),
+            no_setuid: opts.no_setuid,
+        },
+        no_devices: opts.no_devices,
+        verbose: opts.verbose,
     };
-    read_manifest(conn, &snap, |e| {
-        if sel.select(&e) {
-            selected.push(e);
-        }
-        Ok(())
-    })?;
-    if selected.is_empty() {
-        bail!("nothing in snapshot {snap} matches");
-    }
-    let root = into.join(&snap);
-    std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    let as_root = meta::is_root();
-    let mut report = RestoreReport {
-        snapshot: snap.clone(),
-        ..Default::default()
-    };
-    let mut restored: HashSet<Vec<u8>> = HashSet::new();
-    let mut dirs = vec![];
-    for e in &selected {
-        let abs = root.join(OsStr::from_bytes(&e.entry.path));
-        ensure_parents(&root, &e.entry.path)?;
-        if verbose {
-            eprintln!("{}", display_path(&e.entry.path));
-        }
-        match &e.entry.kind {
-            Kind::Dir => {
-                match std::fs::symlink_metadata(&abs) {
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => {
-                        std::fs::remove_file(&abs)?;
-                        std::fs::create_dir(&abs)?;
-                    }
-                    Err(_) => std::fs::create_dir(&abs)?,
-                }
-                dirs.push(e);
-                restored.insert(e.entry.path.clone());
-                report.restored += 1;
-                continue;
-            }
-            Kind::File { .. } => {
-                remove_existing(&abs)?;
-                fetch_file(conn, &snap, &e.entry.path, &e.hash, &abs)?;
-            }
-            Kind::HardLink { target } => {
-                remove_existing(&abs)?;
-                if restored.contains(target) {
-                    std::fs::hard_link(root.join(OsStr::from_bytes(target)), &abs)?;
-                } else {
-                    // The first name was not selected: fetch its content here.
-                    let hash = find_hash(&selected, target);
-                    fetch_file(conn, &snap, target, &hash, &abs)?;
-                }
-            }
-            _ => {
-                remove_existing(&abs)?;
-                if !meta::create_special(&abs, &e.entry, as_root)? {
-                    report.warnings.push(format!(
-                        "{}: device not recreated (not root)",
-                        display_path(&e.entry.path)
-                    ));
-                    continue;
-                }
-            }
-        }
-        for w in meta::apply_metadata(&abs, &e.entry, as_root)? {
-            report
-                .warnings
-                .push(format!("{}: {w}", display_path(&e.entry.path)));
-        }
-        restored.insert(e.entry.path.clone());
-        report.restored += 1;
-    }
-    // Directory metadata last, deepest first, so their mtimes survive the filling.
-    for e in dirs.iter().rev() {
-        let abs = root.join(OsStr::from_bytes(&e.entry.path));
-        for w in meta::apply_metadata(&abs, &e.entry, as_root)? {
-            report
-                .warnings
-                .push(format!("{}: {w}", display_path(&e.entry.path)));
-        }
-    }
-    Ok(report)
-}
-
-fn find_hash(selected: &[ManifestEntry], path: &[u8]) -> [u8; 32] {
-    selected
-        .iter()
-        .find(|e| e.entry.path == path)
-        .map(|e| e.hash)
-        .unwrap_or([0; 32])
-}
-
-fn remove_existing(abs: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(abs) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(abs)?,
-        Ok(_) => std::fs::remove_file(abs)?,
-        Err(_) => {}
-    }
-    Ok(())
-}
-
-/// Creates missing parents of `rel` under `root`, refusing to pass through a symlink.
-fn ensure_parents(root: &Path, rel: &[u8]) -> Result<()> {
-    let mut cur = root.to_path_buf();
-    let comps: Vec<&[u8]> = rel.split(|&b| b == b'/').collect();
-    for c in &comps[..comps.len().saturating_sub(1)] {
-        cur.push(OsStr::from_bytes(c));
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => bail!(
-                "refusing to restore through non-directory {}",
-                cur.display()
-            ),
-            Err(_) => std::fs::create_dir(&cur)
-                .with_context(|| format!("cannot create {}", cur.display()))?,
-        }
-    }
-    Ok(())
-}
-
-/// Streams one file's content from the server into `abs`, keeping holes, and checks its BLAKE3.
-fn fetch_file(
-    conn: &mut Connection,
-    snap: &str,
-    path: &[u8],
-    hash: &[u8; 32],
-    abs: &PathBuf,
-) -> Result<()> {
-    conn.send(&ClientMsg::ReadFile {
-        snapshot: snap.to_string(),
-        path: path.to_vec(),
-    })?;
-    let f = File::create(abs).with_context(|| format!("cannot create {}", abs.display()))?;
-    let mut w = meta::SparseWriter::new(f);
-    let mut h = FileHasher::new();
+    let mut tree: Option<tree::RestoreTree> = None;
+    let mut after: Option<Vec<u8>> = None;
     loop {
-        match conn.recv()? {
-            ServerMsg::FilePart(c) => {
-                let data = c.decompress()?;
-                h.update(&data);
-                w.write_all(&data)?;
-            }
-            ServerMsg::FileDone => break,
-            m => bail!("unexpected {}", m.name()),
+        let mut chunk = collect_chunk(conn, &snap, pats, after.as_deref())?;
+        if chunk.wanted.is_empty() && after.is_none() {
+            bail!("nothing in snapshot {snap} matches");
+        }
+        resolve_unselected_targets(conn, &snap, pats, &mut chunk)?;
+        after = chunk.wanted.last().map(|w| w.e.entry.path.clone());
+        let t = match &mut tree {
+            Some(t) => t,
+            None => tree.insert(tree::RestoreTree::open(into, &snap, tree_opts)?),
+        };
+        for w in chunk.wanted {
+            t.restore(conn, w)?;
+        }
+        if chunk.complete {
+            break;
         }
     }
-    w.finish()?;
-    if &h.finish() != hash {
-        bail!(
-            "{}: restored content does not match its BLAKE3 in the manifest",
-            display_path(path)
-        );
+    match tree {
+        Some(t) => t.finish(),
+        None => bail!("nothing in snapshot {snap} matches"),
     }
-    Ok(())
 }

@@ -1,0 +1,300 @@
+//! Applying an entry's metadata to an object restore has just made, through its fd.
+//!
+//! Nothing here takes a path a local user could change: regular files and
+//! directories are changed through the fd restore holds for them (`fchown`,
+//! `fsetxattr`, `fchmod`, `futimens`); symlinks, fifos, sockets and devices
+//! through an `O_PATH | O_NOFOLLOW` fd (`AT_EMPTY_PATH`, or the fd's
+//! `/proc/self/fd` name, which the kernel resolves to the object itself). The
+//! order is owner, extended attributes (POSIX ACLs included), mode, mtime:
+//! `chown` clears setuid and setting an ACL rewrites the group bits, so the
+//! mode comes after both, and an object is never setuid while it still has
+//! the wrong owner.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use byteback_protocol::{Entry, Kind};
+use rustix::fs::{AtFlags, Mode, Timespec, Timestamps, XattrFlags};
+use rustix::io::Errno;
+
+/// Name of the xattr holding a POSIX access ACL.
+const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+/// Name of the xattr holding a POSIX default ACL (directories only).
+const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
+
+/// How restore treats what a snapshot asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyRules {
+    /// Running as root: owners are set, `security.*`/`trusted.*` xattrs too.
+    pub as_root: bool,
+    /// Setuid and setgid bits are dropped (`--no-setuid`).
+    pub no_setuid: bool,
+}
+
+/// The object an fd stands for, as far as applying metadata is concerned.
+#[derive(Debug, Clone, Copy)]
+pub enum Held<'a> {
+    /// A regular file or directory opened for real: every `f*` call works on it.
+    Open(BorrowedFd<'a>),
+    /// A fifo, socket or device opened `O_PATH | O_NOFOLLOW`.
+    Path(BorrowedFd<'a>),
+    /// A symlink opened `O_PATH | O_NOFOLLOW`, with its parent directory's fd
+    /// and its name there (extended attributes of a symlink can only be set by name).
+    Symlink {
+        /// The symlink itself.
+        fd: BorrowedFd<'a>,
+        /// The directory holding it (restore keeps it private while it runs).
+        parent: BorrowedFd<'a>,
+        /// Its name in `parent`.
+        name: &'a [u8],
+    },
+}
+
+impl Held<'_> {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match *self {
+            Held::Open(fd) | Held::Path(fd) | Held::Symlink { fd, .. } => fd,
+        }
+    }
+}
+
+/// `/proc/self/fd/N`: a name the kernel resolves to exactly the object behind `fd`.
+fn proc_name(fd: BorrowedFd<'_>) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+/// Errors after which applying metadata makes no sense: the object or the
+/// filesystem is gone, broken or full. Anything else is a warning.
+fn is_fatal(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::NOENT | Errno::NOTDIR | Errno::IO | Errno::NOSPC | Errno::DQUOT | Errno::ROFS
+    )
+}
+
+fn err(e: Errno, shown: &str, what: &str) -> io::Error {
+    let e = io::Error::from(e);
+    io::Error::new(e.kind(), format!("{shown}: {what}: {e}"))
+}
+
+/// The mode restore gives `entry`, after the rules.
+pub fn restored_mode(entry: &Entry, rules: &ApplyRules) -> u32 {
+    let mut mode = entry.mode & 0o7777;
+    if rules.no_setuid {
+        mode &= !0o6000;
+    }
+    mode
+}
+
+/// Applies owner, xattrs, mode and mtime of `entry` to `obj`; `shown` names it in messages.
+///
+/// Returns warnings for metadata that could not be applied (an owner or an
+/// xattr refused, setgid dropped by the kernel); errors are kept for a
+/// missing object, I/O errors or a full filesystem, and chmod/utimes failures.
+pub fn apply(
+    obj: Held<'_>,
+    entry: &Entry,
+    rules: &ApplyRules,
+    shown: &str,
+) -> io::Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    let is_link = matches!(obj, Held::Symlink { .. });
+    if rules.as_root {
+        set_owner(obj, entry, shown, &mut warnings)?;
+    }
+    if !is_link {
+        remove_stale_acls(obj, entry, shown, &mut warnings)?;
+    }
+    for (name, value) in &entry.xattrs {
+        let privileged = name.starts_with(b"security.") || name.starts_with(b"trusted.");
+        if !rules.as_root && privileged {
+            continue;
+        }
+        if is_link && (name.starts_with(b"user.") || name.starts_with(b"system.posix_acl_")) {
+            continue; // the kernel never allows these on a symlink
+        }
+        match set_xattr(obj, name, value) {
+            Ok(()) => {}
+            Err(e) if is_fatal(e) => {
+                return Err(err(
+                    e,
+                    shown,
+                    &format!("setting xattr {}", name.escape_ascii()),
+                ))
+            }
+            Err(e) => warnings.push(format!(
+                "{shown}: cannot set xattr {}: {}",
+                name.escape_ascii(),
+                io::Error::from(e)
+            )),
+        }
+    }
+    if !is_link {
+        let mode = restored_mode(entry, rules);
+        set_mode(obj, mode).map_err(|e| err(e, shown, "chmod"))?;
+        if !rules.as_root && mode & 0o2000 != 0 {
+            // The kernel silently drops setgid for a group the caller is not in.
+            let now = rustix::fs::fstat(obj.fd()).map_err(|e| err(e, shown, "fstat"))?;
+            let now = now.st_mode & 0o7777;
+            if now != mode {
+                warnings.push(format!(
+                    "{shown}: mode {mode:04o} applied as {now:04o} (not a member of group {})",
+                    entry.gid
+                ));
+            }
+        }
+    }
+    set_mtime(obj, entry).map_err(|e| err(e, shown, "setting mtime"))?;
+    Ok(warnings)
+}
+
+fn set_owner(
+    obj: Held<'_>,
+    entry: &Entry,
+    shown: &str,
+    warnings: &mut Vec<String>,
+) -> io::Result<()> {
+    // u32::MAX means "leave unchanged" to the kernel; it cannot be set.
+    let uid = (entry.uid != u32::MAX).then(|| rustix::fs::Uid::from_raw(entry.uid));
+    let gid = (entry.gid != u32::MAX).then(|| rustix::fs::Gid::from_raw(entry.gid));
+    if uid.is_none() || gid.is_none() {
+        warnings.push(format!(
+            "{shown}: owner {}:{} cannot be set",
+            entry.uid, entry.gid
+        ));
+    }
+    let r = match obj {
+        Held::Open(fd) => rustix::fs::fchown(fd, uid, gid),
+        Held::Path(fd) | Held::Symlink { fd, .. } => rustix::fs::chownat(
+            fd,
+            "",
+            uid,
+            gid,
+            AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+        ),
+    };
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if is_fatal(e) => Err(err(e, shown, "chown")),
+        Err(e) => {
+            warnings.push(format!(
+                "{shown}: cannot set owner {}:{}: {}",
+                entry.uid,
+                entry.gid,
+                io::Error::from(e)
+            ));
+            Ok(())
+        }
+    }
+}
+
+/// A fresh object inherits an access ACL (and a directory a default ACL) from
+/// a parent's default ACL, which the source may not have had: remove those
+/// the entry does not carry.
+fn remove_stale_acls(
+    obj: Held<'_>,
+    entry: &Entry,
+    shown: &str,
+    warnings: &mut Vec<String>,
+) -> io::Result<()> {
+    let is_dir = matches!(entry.kind, Kind::Dir);
+    let stale: &[&[u8]] = if is_dir {
+        &[ACL_ACCESS, ACL_DEFAULT]
+    } else {
+        &[ACL_ACCESS]
+    };
+    for name in stale {
+        if entry.xattrs.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        let r = match obj {
+            Held::Open(fd) => rustix::fs::fremovexattr(fd, *name),
+            Held::Path(fd) => rustix::fs::removexattr(proc_name(fd).as_str(), *name),
+            Held::Symlink { .. } => Ok(()),
+        };
+        match r {
+            Ok(()) | Err(Errno::NODATA) | Err(Errno::NOTSUP) => {}
+            Err(e) if is_fatal(e) => return Err(err(e, shown, "removing ACL")),
+            Err(e) => warnings.push(format!(
+                "{shown}: cannot remove inherited {}: {}",
+                name.escape_ascii(),
+                io::Error::from(e)
+            )),
+        }
+    }
+    Ok(())
+}
+
+fn set_xattr(obj: Held<'_>, name: &[u8], value: &[u8]) -> Result<(), Errno> {
+    match obj {
+        Held::Open(fd) => rustix::fs::fsetxattr(fd, name, value, XattrFlags::empty()),
+        // `setxattr` follows the /proc name to the object itself, never opening it.
+        Held::Path(fd) => {
+            rustix::fs::setxattr(proc_name(fd).as_str(), name, value, XattrFlags::empty())
+        }
+        Held::Symlink {
+            fd,
+            parent,
+            name: link,
+        } => {
+            // By name in the held (private) parent, not following the link;
+            // then check the name still stands for the symlink we hold.
+            let mut path = format!("{}/", proc_name(parent)).into_bytes();
+            path.extend_from_slice(link);
+            let path = OsStr::from_bytes(&path);
+            let ours = rustix::fs::fstat(fd)?;
+            let there = rustix::fs::statat(parent, link, AtFlags::SYMLINK_NOFOLLOW)?;
+            if (ours.st_dev, ours.st_ino) != (there.st_dev, there.st_ino) {
+                return Err(Errno::STALE);
+            }
+            rustix::fs::lsetxattr(path, name, value, XattrFlags::empty())
+        }
+    }
+}
+
+fn set_mode(obj: Held<'_>, mode: u32) -> Result<(), Errno> {
+    let mode = Mode::from_raw_mode(mode);
+    match obj {
+        Held::Open(fd) => rustix::fs::fchmod(fd, mode),
+        // fchmod refuses O_PATH fds; chmod of the /proc name reaches the object.
+        Held::Path(fd) => rustix::fs::chmod(proc_name(fd).as_str(), mode),
+        Held::Symlink { .. } => Ok(()),
+    }
+}
+
+fn set_mtime(obj: Held<'_>, entry: &Entry) -> Result<(), Errno> {
+    let times = Timestamps {
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: entry.mtime_sec,
+            tv_nsec: entry.mtime_nsec.into(),
+        },
+    };
+    match obj {
+        Held::Open(fd) => rustix::fs::futimens(fd, &times),
+        Held::Path(fd) | Held::Symlink { fd, .. } => rustix::fs::utimensat(
+            fd,
+            "",
+            &times,
+            AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+        ),
+    }
+}
+
+/// Opens `name` in `dir` as `O_PATH | O_NOFOLLOW` (no side effects, even for
+/// devices and fifos), for [`Held::Path`] and [`Held::Symlink`].
+pub fn open_path(dir: impl AsFd, name: &[u8]) -> io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::OFlags;
+    let fd = rustix::fs::openat(
+        dir,
+        OsStr::from_bytes(name),
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    Ok(fd)
+}

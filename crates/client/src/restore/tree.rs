@@ -1,0 +1,606 @@
+//! The restore target, `./<snapshot>/` and everything below it, worked on through directory fds.
+//!
+//! The root is opened without following a symlink (an existing symlink there
+//! is refused). Every directory below is made with `mkdirat` and opened
+//! beneath its parent's fd (`openat2` with `RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS`); the directories on the way to the current entry stay
+//! open in a stack, in walk order, so no path is ever looked up twice. Files
+//! are created `O_EXCL | O_NOFOLLOW` after whatever stood there was removed
+//! with `unlinkat` on the parent's fd; hard links are made with `linkat`
+//! from an fd of a file this run wrote; metadata goes onto fds (see
+//! [`crate::apply`]). While the restore runs, every directory it works in is
+//! private to the restoring user (0700, owned by it): nobody else can plant or
+//! swap names there. A directory gets its own owner and mode when the walk
+//! leaves it, the mode last, so nothing is ever setuid or open to others
+//! before its owner and content are final.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use byteback_delta::FileHasher;
+use byteback_protocol::{ClientMsg, Entry, Kind, ManifestEntry, ServerMsg};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, CWD};
+use rustix::io::Errno;
+
+use super::check::{is_ancestor, parent_of};
+use super::{display_path, RestoreReport};
+use crate::apply::{self, ApplyRules, Held};
+use crate::conn::Connection;
+use crate::meta::SparseWriter;
+
+/// How a restore treats what the snapshot asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct TreeOptions {
+    /// Owners, modes and xattrs.
+    pub rules: ApplyRules,
+    /// Device nodes are not recreated (`--no-devices`).
+    pub no_devices: bool,
+    /// Name each restored entry on stderr.
+    pub verbose: bool,
+}
+
+/// What a directory gets when the walk leaves it.
+enum Leave {
+    /// The metadata of its manifest entry.
+    Entry(Box<Entry>),
+    /// It existed before the restore: its owner and mode go back.
+    Restore { uid: u32, gid: u32, mode: u32 },
+    /// Made by this restore on the way to a selected path: mode 0755.
+    Default,
+}
+
+/// A directory on the way down to the current entry.
+struct OpenDir {
+    /// Wire path (empty for the root).
+    path: Vec<u8>,
+    fd: OwnedFd,
+    leave: Leave,
+}
+
+/// One selected manifest entry, and where its content comes from.
+pub struct Wanted {
+    /// The entry to restore.
+    pub e: ManifestEntry,
+    /// For a hard link whose first name was not selected: that name, whose
+    /// content is fetched for this path (the entry is then a regular file).
+    pub from: Option<Vec<u8>>,
+}
+
+/// The restore target.
+pub struct RestoreTree {
+    snapshot: String,
+    /// `stack[0]` is `./<snapshot>`; then the directories down to the current entry.
+    stack: Vec<OpenDir>,
+    /// (device, inode) of each regular file this run wrote: the only
+    /// objects a hard link may point at.
+    created: HashSet<(u64, u64)>,
+    /// Unselected first names of hard links -> the path restored in their place.
+    copies: HashMap<Vec<u8>, Vec<u8>>,
+    /// Files removed because their content failed verification.
+    damaged: HashSet<Vec<u8>>,
+    opts: TreeOptions,
+    euid: u32,
+    egid: u32,
+    /// What happened so far.
+    pub report: RestoreReport,
+}
+
+fn os(b: &[u8]) -> &OsStr {
+    OsStr::from_bytes(b)
+}
+
+/// Opens directory `name` beneath `parent`, following no symlink at all.
+fn open_dir_beneath(parent: BorrowedFd<'_>, name: &[u8]) -> rustix::io::Result<OwnedFd> {
+    rustix::fs::openat2(
+        parent,
+        os(name),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )
+}
+
+/// The last component of a wire path.
+fn last_component(path: &[u8]) -> &[u8] {
+    match parent_of(path) {
+        Some(p) => &path[p.len() + 1..],
+        None => path,
+    }
+}
+
+/// The fd of the directory on top of the stack (borrowing only the stack,
+/// so the report can be updated while it is held).
+fn top_fd(stack: &[OpenDir]) -> Result<BorrowedFd<'_>> {
+    stack
+        .last()
+        .map(|d| d.fd.as_fd())
+        .ok_or_else(|| anyhow!("restore root already closed"))
+}
+
+fn file_type(st: &rustix::fs::Stat) -> FileType {
+    FileType::from_raw_mode(st.st_mode)
+}
+
+impl RestoreTree {
+    /// Opens (creating it if needed) `<into>/<snapshot>`; a symlink or a
+    /// non-directory standing there is refused.
+    pub fn open(into: &Path, snapshot: &str, opts: TreeOptions) -> Result<Self> {
+        byteback_protocol::validate_snapshot_name(snapshot)
+            .map_err(|e| anyhow!("snapshot name {}: {e}", snapshot.escape_default()))?;
+        let base = rustix::fs::open(
+            into,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| format!("cannot open {}", into.display()))?;
+        let fresh = match rustix::fs::mkdirat(&base, snapshot, Mode::from_raw_mode(0o700)) {
+            Ok(()) => true,
+            Err(Errno::EXIST) => false,
+            Err(e) => bail!("cannot create {}/{snapshot}: {e}", into.display()),
+        };
+        let fd = match open_dir_beneath(base.as_fd(), snapshot.as_bytes()) {
+            Ok(fd) => fd,
+            Err(Errno::LOOP) | Err(Errno::NOTDIR) | Err(Errno::XDEV) => bail!(
+                "{}/{snapshot} exists and is a symlink or not a directory; refusing to restore through it",
+                into.display()
+            ),
+            Err(e) => bail!("cannot open {}/{snapshot}: {e}", into.display()),
+        };
+        let mut tree = RestoreTree {
+            snapshot: snapshot.to_string(),
+            stack: vec![],
+            created: HashSet::new(),
+            copies: HashMap::new(),
+            damaged: HashSet::new(),
+            opts,
+            euid: rustix::process::geteuid().as_raw(),
+            egid: rustix::process::getegid().as_raw(),
+            report: RestoreReport {
+                snapshot: snapshot.to_string(),
+                ..Default::default()
+            },
+        };
+        let leave = if fresh {
+            Leave::Default
+        } else {
+            tree.lock_down(&fd, b"")?
+        };
+        tree.stack.push(OpenDir {
+            path: vec![],
+            fd,
+            leave,
+        });
+        Ok(tree)
+    }
+
+    /// Makes an existing directory private to us while the restore works in
+    /// it, and says how to put it back.
+    fn lock_down(&self, fd: &OwnedFd, path: &[u8]) -> Result<Leave> {
+        let st = rustix::fs::fstat(fd).with_context(|| format!("fstat {}", self.shown(path)))?;
+        let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode & 0o7777);
+        if uid != self.euid && self.opts.rules.as_root {
+            rustix::fs::fchown(
+                fd,
+                Some(rustix::fs::Uid::from_raw(self.euid)),
+                Some(rustix::fs::Gid::from_raw(self.egid)),
+            )
+            .with_context(|| format!("chown {}", self.shown(path)))?;
+        }
+        if mode & 0o7077 != 0 {
+            rustix::fs::fchmod(fd, Mode::from_raw_mode(0o700))
+                .with_context(|| format!("chmod {}", self.shown(path)))?;
+        }
+        Ok(Leave::Restore { uid, gid, mode })
+    }
+
+    /// `./<snapshot>/path`, escaped, for messages.
+    fn shown(&self, path: &[u8]) -> String {
+        format!("./{}{}", self.snapshot, display_path(path))
+    }
+
+    fn top(&self) -> Result<&OpenDir> {
+        self.stack
+            .last()
+            .ok_or_else(|| anyhow!("restore root already closed"))
+    }
+
+    /// Makes the stack the chain of directories down to `path`'s parent,
+    /// leaving (and finishing) those not on the way.
+    fn enter(&mut self, path: &[u8]) -> Result<()> {
+        let parent = parent_of(path).unwrap_or(b"");
+        while self.stack.len() > 1 {
+            let top = &self.top()?.path;
+            if top.as_slice() == parent || is_ancestor(top, parent) {
+                break;
+            }
+            self.leave_top()?;
+        }
+        loop {
+            let top = self.top()?;
+            if top.path.as_slice() == parent {
+                return Ok(());
+            }
+            let start = if top.path.is_empty() {
+                0
+            } else {
+                top.path.len() + 1
+            };
+            let end = parent[start..]
+                .iter()
+                .position(|&b| b == b'/')
+                .map_or(parent.len(), |i| start + i);
+            let dir = parent[..end].to_vec();
+            let (fd, leave) = self.open_dir(&dir)?;
+            self.stack.push(OpenDir {
+                path: dir,
+                fd,
+                leave,
+            });
+        }
+    }
+
+    /// Opens (making it if needed) directory `path`, a child of the top of
+    /// the stack; something else standing there is removed first.
+    fn open_dir(&self, path: &[u8]) -> Result<(OwnedFd, Leave)> {
+        let parent = self.top()?.fd.as_fd();
+        let name = last_component(path);
+        for _ in 0..3 {
+            match rustix::fs::mkdirat(parent, os(name), Mode::from_raw_mode(0o700)) {
+                Ok(()) => {
+                    let fd = open_dir_beneath(parent, name)
+                        .with_context(|| format!("cannot open {}", self.shown(path)))?;
+                    return Ok((fd, Leave::Default));
+                }
+                Err(Errno::EXIST) => {}
+                Err(e) => bail!("cannot create {}: {e}", self.shown(path)),
+            }
+            match open_dir_beneath(parent, name) {
+                Ok(fd) => {
+                    let leave = self.lock_down(&fd, path)?;
+                    return Ok((fd, leave));
+                }
+                Err(Errno::LOOP) | Err(Errno::NOTDIR) | Err(Errno::XDEV) => {
+                    rustix::fs::unlinkat(parent, os(name), AtFlags::empty())
+                        .with_context(|| format!("cannot remove {}", self.shown(path)))?;
+                }
+                Err(Errno::NOENT) => {}
+                Err(e) => bail!("cannot open {}: {e}", self.shown(path)),
+            }
+        }
+        bail!("{} keeps changing under the restore", self.shown(path))
+    }
+
+    /// Finishes the directory on top of the stack: its metadata, mode last.
+    fn leave_top(&mut self) -> Result<()> {
+        let Some(d) = self.stack.pop() else {
+            return Ok(());
+        };
+        let shown = self.shown(&d.path);
+        match d.leave {
+            Leave::Entry(e) => {
+                let w = apply::apply(Held::Open(d.fd.as_fd()), &e, &self.opts.rules, &shown)?;
+                self.report.warnings.extend(w);
+            }
+            Leave::Restore { uid, gid, mode } => {
+                if self.opts.rules.as_root {
+                    rustix::fs::fchown(
+                        &d.fd,
+                        Some(rustix::fs::Uid::from_raw(uid)),
+                        Some(rustix::fs::Gid::from_raw(gid)),
+                    )
+                    .with_context(|| format!("chown {shown}"))?;
+                }
+                rustix::fs::fchmod(&d.fd, Mode::from_raw_mode(mode))
+                    .with_context(|| format!("chmod {shown}"))?;
+            }
+            Leave::Default => rustix::fs::fchmod(&d.fd, Mode::from_raw_mode(0o755))
+                .with_context(|| format!("chmod {shown}"))?,
+        }
+        Ok(())
+    }
+
+    /// Finishes every directory still open, the root last.
+    pub fn finish(mut self) -> Result<RestoreReport> {
+        while !self.stack.is_empty() {
+            self.leave_top()?;
+        }
+        Ok(self.report)
+    }
+
+    /// Removes whatever stands at `name` in the top directory.
+    fn clear(&self, name: &[u8], path: &[u8]) -> Result<()> {
+        let parent = self.top()?.fd.as_fd();
+        match rustix::fs::statat(parent, os(name), AtFlags::SYMLINK_NOFOLLOW) {
+            Err(Errno::NOENT) => Ok(()),
+            Err(e) => bail!("cannot stat {}: {e}", self.shown(path)),
+            Ok(st) if file_type(&st) == FileType::Directory => {
+                // std's remove_dir_all opens each level O_NOFOLLOW beneath the
+                // last; the /proc name reaches exactly the held parent.
+                let mut p = format!("/proc/self/fd/{}/", parent.as_raw_fd()).into_bytes();
+                p.extend_from_slice(name);
+                std::fs::remove_dir_all(os(&p))
+                    .with_context(|| format!("cannot remove {}", self.shown(path)))
+            }
+            Ok(_) => rustix::fs::unlinkat(parent, os(name), AtFlags::empty())
+                .with_context(|| format!("cannot remove {}", self.shown(path))),
+        }
+    }
+
+    /// Restores one selected entry (its parents are made as needed).
+    pub fn restore(&mut self, conn: &mut Connection, w: Wanted) -> Result<()> {
+        let Wanted { e, from } = w;
+        let path = e.entry.path.clone();
+        self.enter(&path)?;
+        if self.opts.verbose {
+            eprintln!("{}", display_path(&path));
+        }
+        match &e.entry.kind {
+            Kind::Dir => {
+                let (fd, _) = self.open_dir(&path)?;
+                self.stack.push(OpenDir {
+                    path,
+                    fd,
+                    leave: Leave::Entry(Box::new(e.entry)),
+                });
+                self.report.restored += 1;
+            }
+            Kind::File { size } => {
+                let size = *size;
+                let src = from.clone().unwrap_or_else(|| path.clone());
+                if self.restore_file(conn, &e, &src, size)? {
+                    if let Some(f) = from {
+                        self.copies.insert(f, path);
+                    }
+                }
+            }
+            Kind::HardLink { target } => self.restore_link(&path, target)?,
+            _ => self.restore_special(&e.entry)?,
+        }
+        Ok(())
+    }
+
+    /// Writes a regular file from the server's data for `src`; false when its
+    /// content failed verification (then it is removed and reported).
+    fn restore_file(
+        &mut self,
+        conn: &mut Connection,
+        e: &ManifestEntry,
+        src: &[u8],
+        size: u64,
+    ) -> Result<bool> {
+        let path = &e.entry.path;
+        let name = last_component(path);
+        self.clear(name, path)?;
+        let parent = top_fd(&self.stack)?;
+        let fd = rustix::fs::openat(
+            parent,
+            os(name),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .with_context(|| format!("cannot create {}", self.shown(path)))?;
+        let st = rustix::fs::fstat(&fd)?;
+        let shown = self.shown(path);
+        let fetched = fetch(
+            conn,
+            &self.snapshot,
+            src,
+            size,
+            &e.hash,
+            File::from(fd),
+            &shown,
+        );
+        let remove = || rustix::fs::unlinkat(parent, os(name), AtFlags::empty());
+        let file = match fetched {
+            Err(err) => {
+                let _ = remove();
+                return Err(err);
+            }
+            Ok((_, Some(problem))) => {
+                remove().with_context(|| format!("cannot remove damaged {shown}"))?;
+                self.report
+                    .damaged
+                    .push(format!("{shown}: {problem}; not restored"));
+                self.damaged.insert(path.clone());
+                return Ok(false);
+            }
+            Ok((file, None)) => file,
+        };
+        let w = apply::apply(Held::Open(file.as_fd()), &e.entry, &self.opts.rules, &shown)?;
+        self.report.warnings.extend(w);
+        self.created.insert((st.st_dev, st.st_ino));
+        self.report.restored += 1;
+        Ok(true)
+    }
+
+    /// Links `path` to `target`, which must be a regular file this run wrote.
+    fn restore_link(&mut self, path: &[u8], target: &[u8]) -> Result<()> {
+        let src = self
+            .copies
+            .get(target)
+            .cloned()
+            .unwrap_or_else(|| target.to_vec());
+        let shown = self.shown(path);
+        if self.damaged.contains(&src) {
+            self.report.damaged.push(format!(
+                "{shown}: not restored: its first name {} failed verification",
+                display_path(target)
+            ));
+            return Ok(());
+        }
+        let root = self.stack[0].fd.as_fd();
+        let refuse = |why: String| {
+            anyhow!(
+                "the server's manifest links {} to {}, {why}; refusing",
+                display_path(path),
+                display_path(target)
+            )
+        };
+        let tfd = rustix::fs::openat2(
+            root,
+            os(&src),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|e| refuse(format!("which is not a file restored in this run ({e})")))?;
+        let st = rustix::fs::fstat(&tfd)?;
+        if file_type(&st) != FileType::RegularFile
+            || !self.created.contains(&(st.st_dev, st.st_ino))
+        {
+            return Err(refuse(
+                "which is not a regular file restored in this run".into(),
+            ));
+        }
+        let name = last_component(path);
+        self.clear(name, path)?;
+        let parent = top_fd(&self.stack)?;
+        let proc = format!("/proc/self/fd/{}", tfd.as_raw_fd());
+        match rustix::fs::linkat(
+            CWD,
+            proc.as_str(),
+            parent,
+            os(name),
+            AtFlags::SYMLINK_FOLLOW,
+        ) {
+            Ok(()) => {}
+            // No /proc: root may link an fd directly.
+            Err(Errno::NOENT) => {
+                rustix::fs::linkat(&tfd, "", parent, os(name), AtFlags::EMPTY_PATH)
+                    .with_context(|| format!("cannot link {shown}"))?
+            }
+            Err(e) => bail!("cannot link {shown}: {e}"),
+        }
+        self.report.restored += 1;
+        Ok(())
+    }
+
+    /// Makes a symlink, fifo, socket or device node, then applies its metadata.
+    fn restore_special(&mut self, e: &Entry) -> Result<()> {
+        let path = &e.path;
+        let shown = self.shown(path);
+        let is_dev = matches!(e.kind, Kind::CharDev { .. } | Kind::BlockDev { .. });
+        if is_dev && (!self.opts.rules.as_root || self.opts.no_devices) {
+            let why = if self.opts.no_devices {
+                "--no-devices"
+            } else {
+                "not root"
+            };
+            self.report
+                .warnings
+                .push(format!("{shown}: device not recreated ({why})"));
+            return Ok(());
+        }
+        let name = last_component(path);
+        self.clear(name, path)?;
+        let parent = top_fd(&self.stack)?;
+        let private = Mode::RUSR | Mode::WUSR;
+        let (ft, made) = match &e.kind {
+            Kind::Symlink { target } => (
+                FileType::Symlink,
+                rustix::fs::symlinkat(os(target), parent, os(name)),
+            ),
+            Kind::Fifo => (
+                FileType::Fifo,
+                rustix::fs::mknodat(parent, os(name), FileType::Fifo, private, 0),
+            ),
+            Kind::Socket => (
+                FileType::Socket,
+                rustix::fs::mknodat(parent, os(name), FileType::Socket, private, 0),
+            ),
+            Kind::CharDev { rdev } => (
+                FileType::CharacterDevice,
+                rustix::fs::mknodat(parent, os(name), FileType::CharacterDevice, private, *rdev),
+            ),
+            Kind::BlockDev { rdev } => (
+                FileType::BlockDevice,
+                rustix::fs::mknodat(parent, os(name), FileType::BlockDevice, private, *rdev),
+            ),
+            Kind::File { .. } | Kind::Dir | Kind::HardLink { .. } => {
+                bail!("{shown}: not a special file")
+            }
+        };
+        made.with_context(|| format!("cannot create {shown}"))?;
+        let fd = apply::open_path(parent, name).with_context(|| format!("cannot open {shown}"))?;
+        let st = rustix::fs::fstat(&fd)?;
+        if file_type(&st) != ft || st.st_nlink != 1 {
+            bail!("{shown} changed under the restore");
+        }
+        let held = if ft == FileType::Symlink {
+            Held::Symlink {
+                fd: fd.as_fd(),
+                parent,
+                name,
+            }
+        } else {
+            Held::Path(fd.as_fd())
+        };
+        let w = apply::apply(held, e, &self.opts.rules, &shown)?;
+        self.report.warnings.extend(w);
+        self.report.restored += 1;
+        Ok(())
+    }
+}
+
+/// Streams `src`'s content from the server into `file`, keeping holes.
+///
+/// More data than the manifest's `size` ends the restore (the server broke
+/// the protocol); a short file or a BLAKE3 mismatch is returned as the problem.
+fn fetch(
+    conn: &mut Connection,
+    snapshot: &str,
+    src: &[u8],
+    size: u64,
+    hash: &[u8; 32],
+    file: File,
+    shown: &str,
+) -> Result<(File, Option<String>)> {
+    if size == 0 && *hash == byteback_delta::hash_bytes(b"") {
+        return Ok((file, None)); // nothing to fetch
+    }
+    conn.send(&ClientMsg::ReadFile {
+        snapshot: snapshot.to_string(),
+        path: src.to_vec(),
+    })?;
+    let mut w = SparseWriter::new(file);
+    let mut h = FileHasher::new();
+    let mut got = 0u64;
+    loop {
+        match conn.recv()? {
+            ServerMsg::FilePart(c) => {
+                let n = u64::from(c.raw_len);
+                if got.saturating_add(n) > size {
+                    bail!(
+                        "the server sent more than the {size} bytes the manifest gives for {shown}; refusing"
+                    );
+                }
+                let data = c.decompress()?;
+                h.update(&data);
+                w.write_all(&data)
+                    .with_context(|| format!("cannot write {shown}"))?;
+                got += n;
+            }
+            ServerMsg::FileDone => break,
+            m => bail!(
+                "unexpected {} from the server while receiving {shown}",
+                m.name()
+            ),
+        }
+    }
+    let file = w
+        .finish()
+        .with_context(|| format!("cannot write {shown}"))?;
+    let problem = if got != size {
+        Some(format!("the server sent {got} of its {size} bytes"))
+    } else if &h.finish() != hash {
+        Some("its content does not match its BLAKE3 in the manifest".to_string())
+    } else {
+        None
+    };
+    Ok((file, problem))
+}

@@ -1,0 +1,675 @@
+//! Hostile servers: the real `byteback-restore`, run as root, against the
+//! scripted `byteback-fake-server` (tests/support/fake_server.rs), which
+//! answers with crafted snapshot names, manifests and file data.
+//!
+//! Every test plants a [`Sentinel`] in `<scratch>/outside`, the directory the
+//! attacks aim at, and restores from `<scratch>/work`. After each attack the
+//! restore must have failed with a clear message (or, where the input is
+//! legal, done only what it asked for) and the sentinel directory must be
+//! untouched: contents, modes, owners, xattrs (ctime) and link counts.
+#![allow(clippy::unwrap_used)] // a panic is how a test fails
+
+mod util;
+
+#[path = "support/scenario.rs"]
+mod scenario;
+
+use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use byteback_delta::hash_bytes;
+use byteback_protocol::{Entry, Kind, ManifestEntry};
+use scenario::{Scenario, SCENARIO_ENV};
+
+use util::*;
+
+/// The snapshot the scenarios list.
+const SNAP: &str = "2026-11-27T03:00+0000";
+/// A restore still running after this long has hung: it is killed and the test fails.
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One attack's surroundings: scratch, the sentinel outside, the restore's cwd.
+struct Stage {
+    dir: tempfile::TempDir,
+    sentinel: Sentinel,
+}
+
+/// What a restore run left.
+struct Ran {
+    code: Option<i32>,
+    stderr: String,
+}
+
+impl Ran {
+    fn assert_failed(&self, needles: &[&str]) {
+        assert!(
+            self.code.is_some_and(|c| c != 0),
+            "restore should have failed: exit {:?}\n{}",
+            self.code,
+            self.stderr
+        );
+        assert!(
+            !self.stderr.contains("panicked"),
+            "restore panicked:\n{}",
+            self.stderr
+        );
+        let low = self.stderr.to_lowercase();
+        assert!(
+            needles.iter().any(|n| low.contains(&n.to_lowercase())),
+            "expected one of {needles:?} in:\n{}",
+            self.stderr
+        );
+    }
+
+    fn assert_code(&self, code: i32) {
+        assert_eq!(self.code, Some(code), "stderr:\n{}", self.stderr);
+    }
+}
+
+impl Stage {
+    fn new() -> Stage {
+        let dir = scratch();
+        fs::create_dir(dir.path().join("outside")).unwrap();
+        fs::create_dir(dir.path().join("work")).unwrap();
+        let sentinel = Sentinel::plant(&dir.path().join("outside"));
+        Stage { dir, sentinel }
+    }
+
+    fn outside(&self) -> PathBuf {
+        self.dir.path().join("outside")
+    }
+
+    fn work(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    /// `work/<SNAP>/<rel>`.
+    fn restored(&self, rel: &str) -> PathBuf {
+        self.work().join(SNAP).join(rel)
+    }
+
+    /// Runs `byteback-restore --restore ARGS` against the scripted server.
+    fn restore(&self, sc: &Scenario, args: &[&str]) -> Ran {
+        self.restore_limited(sc, args, None)
+    }
+
+    fn restore_limited(&self, sc: &Scenario, args: &[&str], data_limit: Option<u64>) -> Ran {
+        let script = self.dir.path().join("scenario.bin");
+        let bytes = bincode::serde::encode_to_vec(sc, bincode::config::standard()).unwrap();
+        fs::write(&script, bytes).unwrap();
+        let mut cmd = Command::new(bin("byteback-restore"));
+        cmd.arg("--destination")
+            .arg(self.dir.path().join("store"))
+            .args(["--hostname", "victim", "--restore"])
+            .args(args)
+            .current_dir(self.work())
+            .env("BYTEBACK_SERVER", bin("byteback-fake-server"))
+            .env(SCENARIO_ENV, &script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(limit) = data_limit {
+            let lim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: the closure only calls setrlimit (async-signal-safe)
+            // with a valid rlimit, and reads errno.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_DATA, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut err, &mut s).unwrap();
+            s
+        });
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("byteback-restore hung for {TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Ran {
+            code: status.code(),
+            stderr: reader.join().unwrap(),
+        }
+    }
+}
+
+fn entry(path: &str, kind: Kind) -> ManifestEntry {
+    ManifestEntry {
+        entry: Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_sec: 1_700_000_000,
+            mtime_nsec: 0,
+            xattrs: vec![],
+        },
+        hash: [0; 32],
+    }
+}
+
+fn dir(path: &str) -> ManifestEntry {
+    let mut e = entry(path, Kind::Dir);
+    e.entry.mode = 0o755;
+    e
+}
+
+/// A regular file whose manifest size and hash match `data`.
+fn file(path: &str, data: &[u8]) -> ManifestEntry {
+    let mut e = entry(
+        path,
+        Kind::File {
+            size: data.len() as u64,
+        },
+    );
+    e.hash = hash_bytes(data);
+    e
+}
+
+fn symlink(path: &str, target: &Path) -> ManifestEntry {
+    entry(
+        path,
+        Kind::Symlink {
+            target: target.as_os_str().as_encoded_bytes().to_vec(),
+        },
+    )
+}
+
+fn hardlink(path: &str, target: &str) -> ManifestEntry {
+    entry(
+        path,
+        Kind::HardLink {
+            target: target.as_bytes().to_vec(),
+        },
+    )
+}
+
+/// A scenario whose one snapshot's manifest is `entries` (one part) and whose files are `files`.
+fn scenario(entries: Vec<ManifestEntry>, files: &[(&str, &[u8])]) -> Scenario {
+    Scenario {
+        host: "victim".into(),
+        snapshots: vec![SNAP.into()],
+        parts: vec![entries],
+        files: files
+            .iter()
+            .map(|(p, d)| (p.as_bytes().to_vec(), d.to_vec()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// `/` restores everything (the restore's patterns are absolute).
+const ALL: &str = "/";
+
+#[test]
+fn hostile_snapshot_names_are_refused() {
+    if !require_root("hostile_snapshot_names_are_refused") {
+        return;
+    }
+    let st = Stage::new();
+    let outside = st.outside();
+    for name in [
+        outside.to_str().unwrap().to_string(),
+        "../outside".to_string(),
+        "..".to_string(),
+        "a/../../outside".to_string(),
+        "x\u{1b}[2J".to_string(),
+    ] {
+        let mut sc = scenario(vec![file("SENTINEL", b"evil")], &[("SENTINEL", b"evil")]);
+        sc.snapshots = vec![name.clone()];
+        let r = st.restore(&sc, &[ALL]);
+        r.assert_failed(&["invalid snapshot name"]);
+        assert!(
+            !r.stderr.contains('\u{1b}'),
+            "escape reached the terminal: {name:?}"
+        );
+        st.sentinel.assert_untouched();
+    }
+    assert_eq!(
+        fs::read_dir(st.work()).unwrap().count(),
+        0,
+        "restore created something"
+    );
+}
+
+#[test]
+fn hostile_entry_paths_are_refused() {
+    if !require_root("hostile_entry_paths_are_refused") {
+        return;
+    }
+    let st = Stage::new();
+    let abs = format!("{}/SENTINEL", st.outside().display());
+    for path in ["../../outside/SENTINEL", abs.as_str(), "a//b", "./x"] {
+        let sc = scenario(vec![file(path, b"evil")], &[(path, b"evil")]);
+        let r = st.restore(&sc, &[ALL]);
+        r.assert_failed(&["path", "invalid"]);
+        st.sentinel.assert_untouched();
+    }
+}
+
+#[test]
+fn out_of_order_and_repeated_entries_are_refused() {
+    if !require_root("out_of_order_and_repeated_entries_are_refused") {
+        return;
+    }
+    let st = Stage::new();
+    let outside = st.outside();
+    let mut evil_link = hardlink("z", "x/secret");
+    evil_link.entry.mode = 0o4777;
+    evil_link.entry.uid = 4321;
+    evil_link.entry.xattrs = vec![(b"user.evil".to_vec(), b"1".to_vec())];
+    let cases: Vec<(&str, Vec<ManifestEntry>, &[&str])> = vec![
+        // The attack from the issue: a child first, so its parent would be
+        // made a directory, then the parent as a symlink outside, then a
+        // setuid hard link through it.
+        (
+            "child before parent",
+            vec![
+                file("x/secret", b"s"),
+                symlink("x", &outside),
+                evil_link.clone(),
+            ],
+            &["without its parent"],
+        ),
+        (
+            "directory then symlink at the same path",
+            vec![
+                dir("x"),
+                file("x/secret", b"s"),
+                symlink("x", &outside),
+                evil_link.clone(),
+            ],
+            &["out of order"],
+        ),
+        (
+            "repeated file",
+            vec![file("a", b"1"), file("a", b"1")],
+            &["out of order"],
+        ),
+        (
+            "backwards",
+            vec![file("b", b"1"), file("a", b"1")],
+            &["out of order"],
+        ),
+        (
+            "child of a symlink",
+            vec![symlink("x", &outside), file("x/SENTINEL", b"evil")],
+            &["without its parent"],
+        ),
+    ];
+    for (what, entries, needles) in cases {
+        let sc = scenario(
+            entries,
+            &[
+                ("x/secret", b"s"),
+                ("a", b"1"),
+                ("b", b"1"),
+                ("x/SENTINEL", b"evil"),
+            ],
+        );
+        let r = st.restore(&sc, &[ALL]);
+        println!("{what}: {}", r.stderr.trim());
+        r.assert_failed(needles);
+        st.sentinel.assert_untouched();
+    }
+}
+
+#[test]
+fn hard_links_only_to_files_restored_in_this_run() {
+    if !require_root("hard_links_only_to_files_restored_in_this_run") {
+        return;
+    }
+    let st = Stage::new();
+    let outside = st.outside();
+    let mut dev = entry(
+        "a",
+        Kind::CharDev {
+            rdev: libc::makedev(1, 3),
+        },
+    );
+    dev.entry.mode = 0o600;
+    let cases: Vec<(&str, Vec<ManifestEntry>, &str)> = vec![
+        (
+            "to a symlink",
+            vec![symlink("a", &outside.join("SENTINEL")), hardlink("b", "a")],
+            ALL,
+        ),
+        ("to a directory", vec![dir("a"), hardlink("b", "a")], ALL),
+        ("to a device", vec![dev, hardlink("b", "a")], ALL),
+        (
+            "to a path not in the manifest",
+            vec![hardlink("b", "a")],
+            ALL,
+        ),
+        (
+            "through a symlink",
+            vec![symlink("x", &outside), hardlink("y", "x/SENTINEL")],
+            ALL,
+        ),
+        (
+            "to an unselected path not in the manifest",
+            vec![hardlink("b", "a")],
+            "/b",
+        ),
+        (
+            "to an unselected symlink",
+            vec![symlink("a", &outside.join("SENTINEL")), hardlink("b", "a")],
+            "/b",
+        ),
+    ];
+    for (what, entries, pattern) in cases {
+        let sc = scenario(entries, &[]);
+        let r = st.restore(&sc, &[pattern]);
+        println!("{what}: {}", r.stderr.trim());
+        r.assert_failed(&["links", "refusing"]);
+        st.sentinel.assert_untouched();
+        let b = st.restored("b");
+        assert!(
+            fs::symlink_metadata(&b).is_err(),
+            "{what}: {} was made",
+            b.display()
+        );
+    }
+}
+
+#[test]
+fn file_data_never_beyond_the_manifest_and_bad_files_removed() {
+    if !require_root("file_data_never_beyond_the_manifest_and_bad_files_removed") {
+        return;
+    }
+    let st = Stage::new();
+    // 64 MiB for a 1-byte entry: refused at the first chunk, nothing left.
+    let big = vec![7u8; 64 << 20];
+    let sc = scenario(vec![file("f", b"x")], &[("f", &big)]);
+    let r = st.restore(&sc, &[ALL]);
+    r.assert_failed(&["more than the 1 bytes"]);
+    assert!(
+        fs::symlink_metadata(st.restored("f")).is_err(),
+        "f left behind"
+    );
+
+    // A file whose content fails its BLAKE3 is removed and reported, the
+    // rest is restored, and the exit code says so.
+    let sc = scenario(
+        vec![
+            dir("d"),
+            file("d/bad", b"hello"),
+            file("d/good", b"fine"),
+            file("d/short", b"12345678"),
+            file("e", b"after"),
+        ],
+        &[
+            ("d/bad", b"HELLO"),
+            ("d/good", b"fine"),
+            ("d/short", b"1234"),
+            ("e", b"after"),
+        ],
+    );
+    let r = st.restore(&sc, &[ALL]);
+    r.assert_code(1);
+    assert!(
+        r.stderr.contains("DAMAGED: ./2026-11-27T03:00+0000/d/bad"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("d/short"), "{}", r.stderr);
+    assert!(
+        fs::symlink_metadata(st.restored("d/bad")).is_err(),
+        "bad file kept"
+    );
+    assert!(
+        fs::symlink_metadata(st.restored("d/short")).is_err(),
+        "short file kept"
+    );
+    assert_eq!(fs::read(st.restored("d/good")).unwrap(), b"fine");
+    assert_eq!(fs::read(st.restored("e")).unwrap(), b"after");
+    st.sentinel.assert_untouched();
+}
+
+#[test]
+fn a_flood_of_manifest_parts_stays_in_bounded_memory() {
+    if !require_root("a_flood_of_manifest_parts_stays_in_bounded_memory") {
+        return;
+    }
+    let st = Stage::new();
+    // 25,000 selected (empty) files, each with a 3,000-byte xattr: 75 MB of
+    // entries. A client holding them all at once does not fit in 72 MiB; this
+    // one restores them in passes of at most CHUNK_BYTES (32 MiB) held.
+    let mut sc = scenario(vec![dir("flood")], &[]);
+    sc.flood_parts = 25;
+    sc.flood_xattr_len = 3000;
+    let r = st.restore_limited(&sc, &[ALL], Some(72 << 20));
+    r.assert_code(0);
+    let flood = st.restored("flood");
+    assert_eq!(fs::read_dir(&flood).unwrap().count(), 25_000);
+    let last = flood.join("000000024999");
+    assert_eq!(
+        xattrs(&last),
+        vec![(b"user.flood".to_vec(), vec![b'x'; 3000])]
+    );
+    // 300,000 entries that the pattern does not select are checked and
+    // dropped as they stream by, in even less memory.
+    let mut sc = scenario(vec![dir("flood")], &[]);
+    sc.flood_parts = 300;
+    let r = st.restore_limited(&sc, &["/nothing-here"], Some(32 << 20));
+    r.assert_failed(&["nothing in snapshot"]);
+    st.sentinel.assert_untouched();
+}
+
+#[test]
+fn planted_symlinks_in_the_restore_directory() {
+    if !require_root("planted_symlinks_in_the_restore_directory") {
+        return;
+    }
+    let st = Stage::new();
+    let entries = vec![dir("etc"), file("etc/SENTINEL", b"evil"), file("top", b"t")];
+    let files: &[(&str, &[u8])] = &[("etc/SENTINEL", b"evil"), ("top", b"t")];
+
+    // ./<snapshot> itself a symlink: refused, nothing written through it.
+    std::os::unix::fs::symlink(st.outside(), st.work().join(SNAP)).unwrap();
+    let r = st.restore(&scenario(entries.clone(), files), &[ALL]);
+    r.assert_failed(&["refusing to restore through it"]);
+    st.sentinel.assert_untouched();
+    fs::remove_file(st.work().join(SNAP)).unwrap();
+
+    // An intermediate directory planted as a symlink: replaced by a real
+    // directory, the restore goes on, nothing outside changes.
+    fs::create_dir(st.work().join(SNAP)).unwrap();
+    std::os::unix::fs::symlink(st.outside(), st.restored("etc")).unwrap();
+    std::os::unix::fs::symlink(st.outside().join("SENTINEL"), st.restored("top")).unwrap();
+    let r = st.restore(&scenario(entries, files), &[ALL]);
+    r.assert_code(0);
+    assert!(fs::symlink_metadata(st.restored("etc")).unwrap().is_dir());
+    assert_eq!(fs::read(st.restored("etc/SENTINEL")).unwrap(), b"evil");
+    assert!(fs::symlink_metadata(st.restored("top")).unwrap().is_file());
+    st.sentinel.assert_untouched();
+}
+
+#[test]
+fn swapping_restored_directories_for_symlinks_while_restoring() {
+    if !require_root("swapping_restored_directories_for_symlinks_while_restoring") {
+        return;
+    }
+    let st = Stage::new();
+    let mut entries = vec![dir("d")];
+    let mut files: Vec<(String, Vec<u8>)> = vec![];
+    for i in 0..60 {
+        let p = format!("d/f{i:02}");
+        let data = format!("content {i}").into_bytes();
+        let mut e = file(&p, &data);
+        e.entry.mode = 0o4755;
+        e.entry.uid = 4321;
+        e.entry.xattrs = vec![(b"user.x".to_vec(), b"y".to_vec())];
+        entries.push(e);
+        files.push((p, data));
+    }
+    let mut sc = scenario(entries, &[]);
+    sc.files = files
+        .iter()
+        .map(|(p, d)| (p.as_bytes().to_vec(), d.clone()))
+        .collect();
+    sc.file_delay_ms = 15;
+    let stop = Arc::new(AtomicBool::new(false));
+    let racer = {
+        let stop = stop.clone();
+        let d = st.restored("d");
+        let moved = st.restored("d.moved");
+        let root = st.work().join(SNAP);
+        let outside = st.outside();
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if fs::rename(&d, &moved).is_ok() {
+                    let _ = std::os::unix::fs::symlink(&outside, &d);
+                    std::thread::sleep(Duration::from_millis(3));
+                    let _ = fs::remove_file(&d);
+                    let _ = fs::rename(&moved, &d);
+                    swaps += 1;
+                }
+                // The root too, now and then.
+                if swaps % 7 == 3 {
+                    let side = root.with_extension("moved");
+                    if fs::rename(&root, &side).is_ok() {
+                        let _ = std::os::unix::fs::symlink(&outside, &root);
+                        std::thread::sleep(Duration::from_millis(2));
+                        let _ = fs::remove_file(&root);
+                        let _ = fs::rename(&side, &root);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            swaps
+        })
+    };
+    // Several restores under the race: each may fail (it refuses to go
+    // through a symlink) or succeed; none may reach outside.
+    for round in 0..4 {
+        let r = st.restore(&sc, &[ALL]);
+        println!("round {round}: exit {:?}: {}", r.code, r.stderr.trim());
+        assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+        st.sentinel.assert_untouched();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let swaps = racer.join().unwrap();
+    println!("{swaps} swaps");
+    assert!(swaps > 10, "the race did not run ({swaps} swaps)");
+    st.sentinel.assert_untouched();
+    // Whatever the race did, every file restored is where the restore put it.
+    for (p, d) in &files {
+        if let Ok(got) = fs::read(st.restored(p)) {
+            assert_eq!(&got, d);
+        }
+    }
+}
+
+#[test]
+fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
+    if !require_root("a_legal_manifest_restores_exactly_with_the_safety_switches") {
+        return;
+    }
+    let st = Stage::new();
+    let mut suid = file("bin/su", b"#!/bin/sh\n");
+    suid.entry.mode = 0o4755;
+    let mut owned = file("home/u/f", b"data");
+    owned.entry.uid = 1234;
+    owned.entry.gid = 5678;
+    owned.entry.mode = 0o640;
+    owned.entry.xattrs = vec![(b"user.k".to_vec(), b"v".to_vec())];
+    let mut null = entry(
+        "dev/null",
+        Kind::CharDev {
+            rdev: libc::makedev(1, 3),
+        },
+    );
+    null.entry.mode = 0o666;
+    let mut home = dir("home");
+    home.entry.mode = 0o1777;
+    let entries = vec![
+        dir("bin"),
+        suid,
+        dir("dev"),
+        null,
+        entry("dev/pipe", Kind::Fifo),
+        home,
+        dir("home/u"),
+        owned,
+        hardlink("home/u/g", "home/u/f"),
+        symlink("home/u/l", Path::new("f")),
+        file("lonely", b"first name"),
+        hardlink("z-link", "lonely"),
+    ];
+    let files: &[(&str, &[u8])] = &[
+        ("bin/su", b"#!/bin/sh\n"),
+        ("home/u/f", b"data"),
+        ("lonely", b"first name"),
+    ];
+    let r = st.restore(&scenario(entries.clone(), files), &[ALL]);
+    r.assert_code(0);
+    let md = |p: &str| fs::symlink_metadata(st.restored(p)).unwrap();
+    assert_eq!(md("bin/su").mode() & 0o7777, 0o4755);
+    assert!(md("dev/null").file_type().is_char_device());
+    assert_eq!(md("dev/null").rdev(), libc::makedev(1, 3));
+    assert!(md("dev/pipe").file_type().is_fifo());
+    assert_eq!(md("home").mode() & 0o7777, 0o1777);
+    assert_eq!((md("home/u/f").uid(), md("home/u/f").gid()), (1234, 5678));
+    assert_eq!(md("home/u/f").mode() & 0o7777, 0o640);
+    assert_eq!(md("home/u/f").ino(), md("home/u/g").ino());
+    assert_eq!(md("home/u/f").mtime(), 1_700_000_000);
+    assert_eq!(
+        fs::read_link(st.restored("home/u/l")).unwrap(),
+        Path::new("f")
+    );
+    assert_eq!(
+        xattrs(&st.restored("home/u/f")),
+        vec![(b"user.k".to_vec(), b"v".to_vec())]
+    );
+    assert_eq!(md("lonely").ino(), md("z-link").ino());
+    assert_eq!(md(".").mode() & 0o777, 0o755);
+
+    // Only the second name selected: its first name's content is fetched
+    // for it and verified.
+    fs::remove_dir_all(st.work().join(SNAP)).unwrap();
+    let r = st.restore(&scenario(entries.clone(), files), &["/z-link"]);
+    r.assert_code(0);
+    assert_eq!(fs::read(st.restored("z-link")).unwrap(), b"first name");
+    assert!(fs::symlink_metadata(st.restored("lonely")).is_err());
+
+    // --no-setuid --no-devices: for data one does not trust.
+    fs::remove_dir_all(st.work().join(SNAP)).unwrap();
+    let r = st.restore(
+        &scenario(entries, files),
+        &["--no-setuid", "--no-devices", ALL],
+    );
+    r.assert_code(24);
+    assert!(r.stderr.contains("--no-devices"), "{}", r.stderr);
+    assert_eq!(md("bin/su").mode() & 0o7777, 0o755);
+    assert!(fs::symlink_metadata(st.restored("dev/null")).is_err());
+    assert!(md("dev/pipe").file_type().is_fifo());
+    let perms = fs::metadata(st.work().join(SNAP)).unwrap().permissions();
+    assert_eq!(perms.mode() & 0o777, 0o755);
+    st.sentinel.assert_untouched();
+}

@@ -1,0 +1,119 @@
+//! `byteback-fake-server`: a scripted, hostile stand-in for `byteback-server
+//! serve`, for the tests of the client's restore and listing.
+//!
+//! It speaks the real protocol over stdin/stdout, but answers from the
+//! scenario file named by `$BYTEBACK_FAKE_SCENARIO` (see
+//! `tests/support/scenario.rs`) instead of a store: crafted snapshot names,
+//! manifests and file data that a compromised server could send. It is a
+//! test tool, built with the workspace so that tests find it next to the
+//! real binaries; it never touches the filesystem beyond reading its script.
+#![allow(clippy::unwrap_used)] // a test tool: a panic is how it fails
+
+#[path = "scenario.rs"]
+mod scenario;
+
+use std::io::{BufReader, BufWriter, Write};
+use std::time::Duration;
+
+use byteback_protocol::{
+    decode_client, read_frame, write_msg, ClientMsg, Compressed, Entry, Kind, ManifestEntry,
+    ServerMsg, PROTOCOL_VERSION,
+};
+use scenario::{Scenario, SCENARIO_ENV};
+
+fn flood_part(n: u64, xattr_len: usize) -> Vec<ManifestEntry> {
+    let xattrs = if xattr_len > 0 {
+        vec![(b"user.flood".to_vec(), vec![b'x'; xattr_len])]
+    } else {
+        vec![]
+    };
+    (0..1000)
+        .map(|i| ManifestEntry {
+            entry: Entry {
+                path: format!("flood/{:012}", n * 1000 + i).into_bytes(),
+                kind: Kind::File { size: 0 },
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                mtime_sec: 0,
+                mtime_nsec: 0,
+                xattrs: xattrs.clone(),
+            },
+            hash: *blake3_empty(),
+        })
+        .collect()
+}
+
+/// BLAKE3 of no bytes.
+fn blake3_empty() -> &'static [u8; 32] {
+    static H: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    H.get_or_init(|| byteback_delta::hash_bytes(b""))
+}
+
+/// Sends one message; a client that hung up (as it should after a refusal) ends the server quietly.
+fn send(w: &mut impl Write, msg: &ServerMsg) {
+    if let Err(e) = write_msg(w, msg) {
+        eprintln!("fake server: client gone: {e}");
+        std::process::exit(0);
+    }
+}
+
+fn main() {
+    let path = std::env::var_os(SCENARIO_ENV).expect("BYTEBACK_FAKE_SCENARIO not set");
+    let bytes = std::fs::read(&path).unwrap();
+    let (sc, _): (Scenario, usize) =
+        bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+    let mut r = BufReader::new(std::io::stdin().lock());
+    let mut w = BufWriter::new(std::io::stdout().lock());
+    while let Some(frame) = read_frame(&mut r).unwrap() {
+        let msg = decode_client(&frame).unwrap();
+        match msg {
+            ClientMsg::Hello { .. } => send(
+                &mut w,
+                &ServerMsg::HelloOk {
+                    version: PROTOCOL_VERSION,
+                    host: sc.host.clone(),
+                },
+            ),
+            ClientMsg::ListSnapshots => send(&mut w, &ServerMsg::Snapshots(sc.snapshots.clone())),
+            ClientMsg::ReadManifest { .. } => {
+                for p in &sc.parts {
+                    send(&mut w, &ServerMsg::ManifestPart(p.clone()))
+                }
+                for n in 0..sc.flood_parts {
+                    send(
+                        &mut w,
+                        &ServerMsg::ManifestPart(flood_part(n, sc.flood_xattr_len)),
+                    );
+                }
+                send(&mut w, &ServerMsg::ManifestEnd);
+            }
+            ClientMsg::ReadFile { path, .. } => {
+                std::thread::sleep(Duration::from_millis(sc.file_delay_ms));
+                match sc.files.iter().find(|(p, _)| *p == path) {
+                    Some((_, data)) => {
+                        for c in data.chunks(1 << 20) {
+                            let part = Compressed::compress(c, 1).unwrap();
+                            send(&mut w, &ServerMsg::FilePart(part));
+                        }
+                        send(&mut w, &ServerMsg::FileDone);
+                    }
+                    None => send(
+                        &mut w,
+                        &ServerMsg::Error {
+                            message: "no such file".into(),
+                        },
+                    ),
+                }
+            }
+            ClientMsg::Bye => {
+                w.flush().unwrap();
+                return;
+            }
+            other => panic!("fake server: unexpected {}", other.name()),
+        }
+        if w.flush().is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! What the scripted fake server (`byteback-fake-server`) answers, shared by
+//! the server binary and the tests that write its script.
+
+use byteback_protocol::ManifestEntry;
+use serde::{Deserialize, Serialize};
+
+/// Environment variable naming the scenario file.
+pub const SCENARIO_ENV: &str = "BYTEBACK_FAKE_SCENARIO";
+
+/// A scripted server's answers; see `tests/support/fake_server.rs`.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Scenario {
+    /// Host name announced in `HelloOk`.
+    pub host: String,
+    /// Answer to `ListSnapshots`.
+    pub snapshots: Vec<String>,
+    /// Manifest parts sent for every `ReadManifest`, whatever the snapshot.
+    pub parts: Vec<Vec<ManifestEntry>>,
+    /// After `parts`: this many more parts of 1,000 generated regular files
+    /// each, `flood/000000000000` upwards (valid and in order), before
+    /// `ManifestEnd`. The files need `flood` as a directory entry in `parts`.
+    pub flood_parts: u64,
+    /// Length of a `user.flood` xattr on each flood entry (0: none).
+    pub flood_xattr_len: usize,
+    /// Content served for `ReadFile`, by path; other paths get an `Error`.
+    pub files: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Milliseconds to wait before answering each `ReadFile` (for races).
+    pub file_delay_ms: u64,
+}
