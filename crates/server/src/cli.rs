@@ -56,6 +56,8 @@ enum Command {
     Prune(crate::admin::PruneArgs),
     /// Per host: newest snapshot, its age, snapshot count and size; Nagios exit codes.
     Status(crate::admin::StatusArgs),
+    /// Re-hash stored files against their manifests and report damage.
+    Verify(crate::verify::VerifyArgs),
 }
 
 fn default_store() -> Option<PathBuf> {
@@ -131,6 +133,7 @@ pub fn main() -> ExitCode {
         },
         Command::Prune(args) => crate::admin::run_prune(args),
         Command::Status(args) => crate::admin::run_status(args),
+        Command::Verify(args) => crate::verify::run_verify(args),
     }
 }
 

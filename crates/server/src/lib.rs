@@ -21,3 +21,4 @@ pub mod space;
 pub mod status;
 pub mod store;
 pub mod time;
+pub mod verify;

@@ -1,0 +1,234 @@
+//! `byteback-server verify` on a real btrfs store: damage in `current` and in
+//! a read-only snapshot is found, the next backup repairs `current`, a
+//! restore from the damaged snapshot reports the file and restores the rest,
+//! and budgeted runs cover the whole host over several runs.
+
+mod util;
+
+use std::fs;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use util::*;
+
+const HOST: &str = "h";
+
+fn backup(store: &Path, src: &Path) -> Output {
+    run(Command::new(bin("byteback-backup"))
+        .arg("--destination")
+        .arg(store)
+        .arg("--source")
+        .arg(src)
+        .args(["--hostname", HOST, "--retry-number", "0"]))
+}
+
+fn verify(store: &Path, args: &[&str]) -> Output {
+    run_status(
+        Command::new(bin("byteback-server"))
+            .arg("verify")
+            .arg("--store")
+            .arg(store)
+            .args(args),
+    )
+}
+
+fn snapshots(store: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(store.join(HOST))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Flips one byte of `path` in place, keeping its size and mtime.
+fn flip_byte(path: &Path, at: u64) {
+    let m = fs::symlink_metadata(path).unwrap();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, at).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    set_mtime(path, m.mtime(), m.mtime_nsec());
+}
+
+fn set_read_only(subvol: &Path, ro: bool) {
+    run(Command::new("btrfs")
+        .args(["property", "set", "-ts"])
+        .arg(subvol)
+        .args(["ro", if ro { "true" } else { "false" }]));
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `<store>/<host>/<snapshot>/<src without leading />/<rel>`.
+fn stored(store: &Path, snap: &str, src: &Path, rel: &str) -> PathBuf {
+    store
+        .join(HOST)
+        .join(snap)
+        .join(src.strip_prefix("/").unwrap())
+        .join(rel)
+}
+
+#[test]
+fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
+    if !require_root("verify on a btrfs store") {
+        return;
+    }
+    let fs_ = BtrfsLoop::new(300);
+    let store = fs_.mount.join("store");
+    fs::create_dir_all(&store).unwrap();
+    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    let work = scratch();
+    let src = work.path().join("src");
+    fs::create_dir_all(src.join("dir")).unwrap();
+    let mut rng = Rng::new(7);
+    fs::write(src.join("a"), rng.bytes(100_000)).unwrap();
+    fs::write(src.join("b"), b"small").unwrap();
+    fs::write(src.join("dir/c"), rng.bytes(1 << 20)).unwrap();
+    for i in 0..20 {
+        fs::write(src.join(format!("dir/f{i}")), rng.bytes(10_000)).unwrap();
+    }
+    backup(&store, &src);
+    let s1 = snapshots(&store).pop().unwrap();
+
+    // Nothing damaged yet.
+    let o = verify(&store, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    // A byte flipped in current (mtime kept) and one in the read-only snapshot.
+    flip_byte(&stored(&store, "current", &src, "a"), 5000);
+    let snap_path = store.join(HOST).join(&s1);
+    set_read_only(&snap_path, false);
+    flip_byte(&stored(&store, &s1, &src, "dir/c"), 123_456);
+    set_read_only(&snap_path, true);
+    assert!(is_read_only(&snap_path));
+
+    let o = verify(&store, &[]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let rel = src.strip_prefix("/").unwrap().display().to_string();
+    assert!(
+        out.contains(&format!("DAMAGED {HOST} current /{rel}/a:")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("DAMAGED {HOST} {s1} /{rel}/dir/c:")),
+        "{out}"
+    );
+    assert!(
+        out.contains("1 in current marked for the next backup"),
+        "{out}"
+    );
+    assert_eq!(out.matches("DAMAGED").count(), 2, "{out}");
+    let o = verify(&store, &["--json", "--snapshot", &s1]);
+    let json = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(json.contains("\"damaged\":[{\"snapshot\":"), "{json}");
+    assert!(json.contains("dir/c"), "{json}");
+
+    // The next backup (source unchanged) rebuilds current's damaged file.
+    backup(&store, &src);
+    let o = verify(&store, &["--snapshot", "current"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        fs::read(stored(&store, "current", &src, "a")).unwrap(),
+        fs::read(src.join("a")).unwrap()
+    );
+    let s2 = snapshots(&store).pop().unwrap();
+    assert_ne!(s1, s2);
+    let o = verify(&store, &["--snapshot", &s2]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+
+    // A restore from the damaged snapshot reports the file, removes it and
+    // restores everything else.
+    let into = work.path().join("restore");
+    fs::create_dir_all(&into).unwrap();
+    let o = run_status(
+        Command::new(bin("byteback-restore"))
+            .current_dir(&into)
+            .arg("--destination")
+            .arg(&store)
+            .args(["--hostname", HOST, "--restore", "--snapshot", &s1, "/"]),
+    );
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("DAMAGED") && out.contains("dir/c"), "{out}");
+    let restored = into.join(&s1).join(&rel);
+    assert!(
+        fs::symlink_metadata(restored.join("dir/c")).is_err(),
+        "{out}"
+    );
+    assert_eq!(
+        fs::read(restored.join("a")).unwrap(),
+        fs::read(src.join("a")).unwrap()
+    );
+    for i in 0..20 {
+        let p = format!("dir/f{i}");
+        assert_eq!(
+            fs::read(restored.join(&p)).unwrap(),
+            fs::read(src.join(&p)).unwrap()
+        );
+    }
+}
+
+#[test]
+fn budgeted_verify_covers_the_host_over_several_runs() {
+    if !require_root("verify on a btrfs store") {
+        return;
+    }
+    let fs_ = BtrfsLoop::new(300);
+    let store = fs_.mount.join("store");
+    fs::create_dir_all(&store).unwrap();
+    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    let work = scratch();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let mut rng = Rng::new(9);
+    for i in 0..10 {
+        fs::write(src.join(format!("f{i}")), rng.bytes(100_000)).unwrap();
+    }
+    backup(&store, &src);
+    fs::write(src.join("f0"), rng.bytes(100_000)).unwrap();
+    backup(&store, &src);
+    // Two snapshots and current, 10 files each: 3 MB in all; 700 kB a run.
+    let state = store.join(HOST).join(".byteback-verify");
+    let mut runs = 0;
+    let mut files = 0;
+    loop {
+        runs += 1;
+        assert!(runs <= 8, "no full pass after {runs} runs");
+        let o = verify(&store, &["--budget", "700K"]);
+        let out = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{out}");
+        let n: u64 = out
+            .split(": ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no file count in {out}"));
+        files += n;
+        let st = fs::read_to_string(&state).unwrap();
+        if st.contains("last-full") {
+            assert!(!st.contains("cursor"), "{st}");
+            break;
+        }
+        assert!(st.contains("cursor"), "{st}");
+    }
+    assert!(runs >= 4, "a 700 kB budget covered 3 MB in {runs} runs");
+    assert_eq!(files, 30, "every file of every snapshot checked once");
+}
