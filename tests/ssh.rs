@@ -638,6 +638,55 @@ fn revoked_host_key_is_refused() {
     assert_eq!(w.snapshots("client-a").len(), 2);
 }
 
+/// What a server prints reaches the client's terminal only escaped: its
+/// stderr (relayed line by line as `server: ...`) and its stdout during set-up.
+#[test]
+fn server_output_is_escaped() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let w = World::new(200);
+    let client = w.client_dir("a");
+    // A "server program" that writes terminal escapes, run by set-up through
+    // the admin login (the account must be able to run it).
+    let evil = w.sshd.dir.join("evil-server");
+    fs::write(
+        &evil,
+        "#!/bin/sh\n\
+         printf 'evil\\033]0;pwned\\007 \\033[2J\\tend\\n' >&2\n\
+         printf 'out\\033[31m\\n'\n\
+         printf 'no newline\\033[1m' >&2\n\
+         exit 3\n",
+    )
+    .unwrap();
+    fs::set_permissions(&evil, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = run_status(
+        Command::new(bin("byteback-setup-client"))
+            .env("BYTEBACK_CONFIG_DIR", &client)
+            .env("HOME", &client)
+            .arg("--destination")
+            .arg(w.sshd.destination())
+            .args(["--hostname", "client-a"])
+            .arg("--admin-key")
+            .arg(&w.sshd.admin_key)
+            .arg("--server-command")
+            .arg(&evil)
+            .stdin(Stdio::null()),
+    );
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("exit status 3"), "{err}");
+    assert!(
+        err.contains("server: evil\\x1b]0;pwned\\x07 \\x1b[2J\\x09end\n"),
+        "{err}"
+    );
+    assert!(err.contains("server: out\\x1b[31m\n"), "{err}");
+    assert!(err.contains("server: no newline\\x1b[1m\n"), "{err}");
+    for b in [0x1bu8, 0x07, b'\t', b'\r'] {
+        assert!(!out.stderr.contains(&b), "raw byte {b:#x} in {err:?}");
+    }
+}
+
 #[test]
 fn killed_server_mid_backup_is_retried_and_the_result_is_complete() {
     if !require_root("an sshd and a server account") {

@@ -294,6 +294,16 @@ async fn start(
     Ok((handle, channel))
 }
 
+/// The longest stderr line from the server relayed in one piece.
+const MAX_STDERR_LINE: usize = 64 << 10;
+
+/// One line of the server's stderr as we print it: `server: ` and the text
+/// with every control character escaped (ESC as `\x1b`, so the server cannot
+/// drive our terminal), then our own newline.
+fn server_line(line: &[u8]) -> String {
+    format!("server: {}\n", byteback_protocol::escape_bytes(line))
+}
+
 /// Copies bytes between the channel and the local socket until both sides are done.
 async fn pump(
     channel: russh::Channel<client::Msg>,
@@ -322,9 +332,15 @@ async fn pump(
                     stderr_line.extend_from_slice(&data);
                     let mut err = std::io::stderr().lock();
                     while let Some(i) = stderr_line.iter().position(|&b| b == b'\n') {
-                        let _ = err.write_all(b"server: ");
-                        let _ = err.write_all(&stderr_line[..=i]);
+                        let _ = err.write_all(server_line(&stderr_line[..i]).as_bytes());
                         stderr_line.drain(..=i);
+                    }
+                    // A server that never ends its line must not make us hold
+                    // an unbounded buffer: pass long runs on in pieces.
+                    while stderr_line.len() >= MAX_STDERR_LINE {
+                        let piece = server_line(&stderr_line[..MAX_STDERR_LINE]);
+                        let _ = err.write_all(piece.as_bytes());
+                        stderr_line.drain(..MAX_STDERR_LINE);
                     }
                 }
                 ChannelMsg::ExitStatus { exit_status } => exit.set(Some(exit_status)),
@@ -340,10 +356,9 @@ async fn pump(
             }
         }
         if !stderr_line.is_empty() {
-            let mut err = std::io::stderr().lock();
-            let _ = err.write_all(b"server: ");
-            let _ = err.write_all(&stderr_line);
-            let _ = err.write_all(b"\n");
+            let _ = std::io::stderr()
+                .lock()
+                .write_all(server_line(&stderr_line).as_bytes());
         }
         let _ = sock_wr.shutdown().await;
         Ok::<(), anyhow::Error>(())
@@ -533,6 +548,17 @@ mod tests {
             known_hosts: files.to_vec(),
             unknown,
         }
+    }
+
+    #[test]
+    fn server_stderr_is_escaped() {
+        assert_eq!(server_line(b"plain text"), "server: plain text\n");
+        assert_eq!(
+            server_line(b"\x1b]0;owned\x07\x1b[2J\rfake\tline"),
+            "server: \\x1b]0;owned\\x07\\x1b[2J\\x0dfake\\x09line\n"
+        );
+        assert_eq!(server_line(b"\xff\xfe"), "server: \\xff\\xfe\n");
+        assert_eq!(server_line("\u{9b}1m".as_bytes()), "server: \\x9b1m\n");
     }
 
     #[test]
