@@ -1487,7 +1487,20 @@ fn host_name_comes_only_from_the_server_command_line() {
         "a host directory appeared"
     );
 
-    for host in ["../x", "a/b", "..", ".", "", "x y", "../../outside"] {
+    for host in [
+        "../x",
+        "a/b",
+        "..",
+        ".",
+        "",
+        "x y",
+        "../../outside",
+        // Names of the store's own files, or that read as options.
+        "byteback.toml",
+        ".byteback-usage",
+        ".ssh",
+        "-rf",
+    ] {
         let s = backup_script(&[(file_e(b"pwn", content.len(), fresh_mtime()), Some(content))]);
         let o = env.serve_as(&format!("--host={host:?}"), host, &[], &s.bytes);
         o.assert_sane();

@@ -64,6 +64,32 @@ impl World {
         )
     }
 
+    /// byteback-setup-client logging in with the account's password.
+    fn setup_with_password(&self, client: &Path, hostname: &str, password: &str) -> Output {
+        run_status(
+            Command::new(bin("byteback-setup-client"))
+                .env("BYTEBACK_CONFIG_DIR", client)
+                .env("HOME", client)
+                .env("BYTEBACK_PASSWORD", password)
+                .arg("--destination")
+                .arg(self.sshd.destination())
+                .args(["--hostname", hostname])
+                .arg("--server-command")
+                .arg(bin("byteback-server"))
+                .stdin(Stdio::null()),
+        )
+    }
+
+    /// byteback-restore with `args`, run in `into`.
+    fn restore(&self, client: &Path, into: &Path, args: &[&str]) -> Output {
+        fs::create_dir_all(into).unwrap();
+        run_status(
+            self.client(client, "byteback-restore")
+                .current_dir(into)
+                .args(args),
+        )
+    }
+
     fn client(&self, client: &Path, prog: &str) -> Command {
         let mut c = Command::new(bin(prog));
         c.env("BYTEBACK_CONFIG_DIR", client)
@@ -387,6 +413,278 @@ fn changed_host_key_is_refused() {
     let out = w.backup(&client, &src);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("not in"), "{}", stderr(&out));
+}
+
+/// What sshd logged since `mark` (a length of the log), after a moment for
+/// its session processes to finish writing.
+fn log_since(sshd: &Sshd, mark: usize) -> String {
+    std::thread::sleep(Duration::from_millis(300));
+    sshd.log()[mark..].to_string()
+}
+
+/// A known server that now offers a key of another algorithm than the one
+/// recorded (ssh-ed25519 recorded, ecdsa-sha2-nistp256 shown) has a changed
+/// key, not an unknown one: backups, restores and set-up refuse it; set-up
+/// neither sends the password nor learns the key. Hashed entries too.
+#[test]
+fn host_key_of_another_algorithm_is_a_changed_key() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let mut w = World::new(200);
+    let client = w.client_dir("a");
+    let out = w.setup(&client, "client-a");
+    assert!(out.status.success(), "setup: {}", stderr(&out));
+    let src = w.work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"data").unwrap();
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    assert_eq!(w.snapshots("client-a").len(), 1);
+    let kh = client.join("known_hosts");
+    let known = fs::read_to_string(&kh).unwrap();
+    assert_eq!(known.lines().count(), 1, "{known}");
+    assert!(
+        known.starts_with(&format!("[127.0.0.1]:{} ssh-ed25519 ", w.sshd.port)),
+        "{known}"
+    );
+
+    // The sshd log shows password logins: a wrong password appears there
+    // (so the check below, that none was sent, can see one).
+    let mark = w.sshd.log().len();
+    let out = w.setup_with_password(&client, "client-a", "wrong password");
+    assert!(!out.status.success(), "a wrong password was accepted");
+    let log = log_since(&w.sshd, mark);
+    assert!(log.contains("Failed password"), "sshd log: {log}");
+
+    // A second host key (ECDSA) beside the first: while sshd offers both, the
+    // client picks Ed25519, the recorded one, and all is well.
+    let ec_pub = w.sshd.restart_with_second_host_key("ecdsa", None);
+    fs::write(src.join("g"), b"more").unwrap();
+    let out = w.backup(&client, &src);
+    assert!(
+        out.status.success(),
+        "backup with both keys: {}",
+        stderr(&out)
+    );
+    assert_eq!(w.snapshots("client-a").len(), 2);
+
+    // Now sshd offers only the ECDSA key: a changed key, not an unknown one.
+    w.sshd
+        .restart_with_second_host_key("ecdsa", Some("ecdsa-sha2-nistp256"));
+    fs::write(src.join("h"), b"even more").unwrap();
+    let out = w.backup(&client, &src);
+    let err = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "connected to a changed host key: {err}"
+    );
+    assert!(err.contains("HOST KEY CHANGED"), "{err}");
+    assert!(err.contains("ecdsa-sha2-nistp256"), "{err}");
+    assert!(
+        err.contains(&format!("{}:1 (ssh-ed25519)", kh.display())),
+        "names the recorded line: {err}"
+    );
+    assert_eq!(w.snapshots("client-a").len(), 2, "nothing new was stored");
+
+    // Restores refuse it too, before writing anything.
+    let into = w.work.path().join("restore");
+    for args in [&["--list", "/"][..], &["--restore", "/"]] {
+        let out = w.restore(&client, &into, args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "restore {args:?} connected: {err}");
+        assert!(err.contains("HOST KEY CHANGED"), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?} printed a listing");
+    }
+    assert_eq!(fs::read_dir(&into).unwrap().count(), 0);
+
+    // Set-up, with the right password or the admin key: refused before any
+    // login, nothing learnt, nothing enrolled.
+    let keys = fs::read_to_string(w.sshd.authorized_keys()).unwrap();
+    let mark = w.sshd.log().len();
+    let out = w.setup_with_password(&client, "client-a", util::sshd::PASSWORD);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "setup accepted the new key: {err}");
+    assert!(err.contains("HOST KEY CHANGED"), "{err}");
+    assert!(!err.contains("recorded in"), "{err}");
+    let out = w.setup(&client, "client-a");
+    let err = stderr(&out);
+    assert!(!out.status.success(), "setup accepted the new key: {err}");
+    assert!(err.contains("HOST KEY CHANGED"), "{err}");
+    let log = log_since(&w.sshd, mark);
+    assert!(!log.contains("password"), "a password was sent: {log}");
+    assert!(!log.contains("Accepted"), "a login happened: {log}");
+    assert_eq!(
+        fs::read_to_string(&kh).unwrap(),
+        known,
+        "known_hosts changed"
+    );
+    assert_eq!(fs::read_to_string(w.sshd.authorized_keys()).unwrap(), keys);
+
+    // Hashed entries (as `ssh-keygen -H` writes them) are matched too.
+    run(Command::new("ssh-keygen").arg("-H").arg("-f").arg(&kh));
+    let hashed = fs::read_to_string(&kh).unwrap();
+    assert!(
+        hashed.starts_with("|1|") && !hashed.contains("127.0.0.1"),
+        "{hashed}"
+    );
+    let out = w.backup(&client, &src);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "hashed entry ignored: {err}");
+    assert!(err.contains("HOST KEY CHANGED"), "{err}");
+    assert!(err.contains(&format!("{}:1", kh.display())), "{err}");
+    let out = w.setup(&client, "client-a");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("HOST KEY CHANGED"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fs::read_to_string(&kh).unwrap(), hashed);
+    assert_eq!(w.snapshots("client-a").len(), 2);
+
+    // Once the ECDSA key is recorded as well, the same server is accepted:
+    // the refusals above came from the check, not from the server.
+    let ec = fs::read_to_string(&ec_pub).unwrap();
+    let ec: Vec<&str> = ec.split_whitespace().take(2).collect();
+    fs::write(
+        &kh,
+        format!("{hashed}[127.0.0.1]:{} {} {}\n", w.sshd.port, ec[0], ec[1]),
+    )
+    .unwrap();
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "recorded ECDSA key: {}", stderr(&out));
+    assert_eq!(w.snapshots("client-a").len(), 3);
+}
+
+/// A host key listed as `@revoked` is refused, even though another line
+/// (in another file) accepts it; a revocation for another host does not apply.
+#[test]
+fn revoked_host_key_is_refused() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let w = World::new(200);
+    let client = w.client_dir("a");
+    let out = w.setup(&client, "client-a");
+    assert!(out.status.success(), "setup: {}", stderr(&out));
+    let src = w.work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"data").unwrap();
+    let kh = client.join("known_hosts");
+    let known = fs::read_to_string(&kh).unwrap();
+    // HOME is the client dir: this is the user's ~/.ssh/known_hosts.
+    let users = client.join(".ssh/known_hosts");
+    fs::create_dir_all(users.parent().unwrap()).unwrap();
+    let hk = w.sshd.host_key_pub();
+    assert!(hk.starts_with("ssh-ed25519 "), "{hk}");
+
+    // Revocations for other hosts do not apply.
+    fs::write(
+        &users,
+        format!(
+            "@revoked [127.0.0.1]:{} {hk}\n@revoked *.example.com {hk}\n@revoked *,![127.0.0.1]:{} {hk}\n",
+            w.sshd.port + 1,
+            w.sshd.port
+        ),
+    )
+    .unwrap();
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    assert_eq!(w.snapshots("client-a").len(), 1);
+
+    // Revoked for every host, in the user's file, while ours accepts it.
+    fs::write(
+        &users,
+        format!("# never trust this key again\n@revoked * {hk} compromised\n"),
+    )
+    .unwrap();
+    fs::write(src.join("g"), b"more").unwrap();
+    let out = w.backup(&client, &src);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "connected with a revoked key: {err}");
+    assert!(err.contains("REVOKED"), "{err}");
+    assert!(err.contains(&format!("{}:2", users.display())), "{err}");
+    assert_eq!(w.snapshots("client-a").len(), 1, "nothing new was stored");
+    let into = w.work.path().join("restore");
+    let out = w.restore(&client, &into, &["--list", "/"]);
+    assert!(!out.status.success(), "restore connected: {}", stderr(&out));
+    assert!(stderr(&out).contains("REVOKED"), "{}", stderr(&out));
+    let keys = fs::read_to_string(w.sshd.authorized_keys()).unwrap();
+    let out = w.setup(&client, "client-a");
+    assert!(!out.status.success(), "setup connected: {}", stderr(&out));
+    assert!(stderr(&out).contains("REVOKED"), "{}", stderr(&out));
+    assert_eq!(fs::read_to_string(&kh).unwrap(), known);
+    assert_eq!(fs::read_to_string(w.sshd.authorized_keys()).unwrap(), keys);
+
+    // Revoked for this host only, in our own file after the accepting line.
+    fs::remove_file(&users).unwrap();
+    fs::write(
+        &kh,
+        format!("{known}@revoked [127.0.0.1]:{} {hk}\n", w.sshd.port),
+    )
+    .unwrap();
+    let out = w.backup(&client, &src);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "connected with a revoked key: {err}");
+    assert!(err.contains("REVOKED"), "{err}");
+    assert!(err.contains(&format!("{}:2", kh.display())), "{err}");
+    assert_eq!(w.snapshots("client-a").len(), 1);
+
+    // Without the revocation it works again.
+    fs::write(&kh, &known).unwrap();
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    assert_eq!(w.snapshots("client-a").len(), 2);
+}
+
+/// What a server prints reaches the client's terminal only escaped: its
+/// stderr (relayed line by line as `server: ...`) and its stdout during set-up.
+#[test]
+fn server_output_is_escaped() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let w = World::new(200);
+    let client = w.client_dir("a");
+    // A "server program" that writes terminal escapes, run by set-up through
+    // the admin login (the account must be able to run it).
+    let evil = w.sshd.dir.join("evil-server");
+    fs::write(
+        &evil,
+        "#!/bin/sh\n\
+         printf 'evil\\033]0;pwned\\007 \\033[2J\\tend\\n' >&2\n\
+         printf 'out\\033[31m\\n'\n\
+         printf 'no newline\\033[1m' >&2\n\
+         exit 3\n",
+    )
+    .unwrap();
+    fs::set_permissions(&evil, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = run_status(
+        Command::new(bin("byteback-setup-client"))
+            .env("BYTEBACK_CONFIG_DIR", &client)
+            .env("HOME", &client)
+            .arg("--destination")
+            .arg(w.sshd.destination())
+            .args(["--hostname", "client-a"])
+            .arg("--admin-key")
+            .arg(&w.sshd.admin_key)
+            .arg("--server-command")
+            .arg(&evil)
+            .stdin(Stdio::null()),
+    );
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("exit status 3"), "{err}");
+    assert!(
+        err.contains("server: evil\\x1b]0;pwned\\x07 \\x1b[2J\\x09end\n"),
+        "{err}"
+    );
+    assert!(err.contains("server: out\\x1b[31m\n"), "{err}");
+    assert!(err.contains("server: no newline\\x1b[1m\n"), "{err}");
+    for b in [0x1bu8, 0x07, b'\t', b'\r'] {
+        assert!(!out.stderr.contains(&b), "raw byte {b:#x} in {err:?}");
+    }
 }
 
 #[test]

@@ -30,15 +30,24 @@ pub struct Sshd {
     pub home: PathBuf,
     /// An unrestricted key for the account (what an admin logs in with).
     pub admin_key: PathBuf,
+    /// Host keys beyond `dir/host_key` (see [`Sshd::restart_with_second_host_key`]).
+    extra_host_keys: Vec<PathBuf>,
+    /// `HostKeyAlgorithms` for sshd_config, if restricted.
+    host_key_algorithms: Option<String>,
     child: Option<Child>,
 }
 
 /// Creates an ed25519 key pair with ssh-keygen.
 pub fn keygen(path: &Path) {
+    keygen_type(path, "ed25519");
+}
+
+/// Creates a key pair of type `kind` (`ssh-keygen -t`) with ssh-keygen.
+pub fn keygen_type(path: &Path, kind: &str) {
     let _ = fs::remove_file(path);
     let _ = fs::remove_file(path.with_extension("pub"));
     run(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "byteback-test", "-f"])
+        .args(["-q", "-t", kind, "-N", "", "-C", "byteback-test", "-f"])
         .arg(path));
 }
 
@@ -110,6 +119,8 @@ impl Sshd {
             user,
             home: home.to_path_buf(),
             admin_key,
+            extra_host_keys: vec![],
+            host_key_algorithms: None,
             child: None,
         };
         sshd.launch();
@@ -117,10 +128,18 @@ impl Sshd {
     }
 
     fn config(&self) -> String {
+        let mut extra = String::new();
+        for k in &self.extra_host_keys {
+            extra.push_str(&format!("HostKey {}\n", k.display()));
+        }
+        if let Some(algs) = &self.host_key_algorithms {
+            extra.push_str(&format!("HostKeyAlgorithms {algs}\n"));
+        }
         format!(
             "Port {port}\n\
              ListenAddress 127.0.0.1\n\
              HostKey {dir}/host_key\n\
+             {extra}\
              PidFile {dir}/sshd.pid\n\
              UsePAM no\n\
              PasswordAuthentication yes\n\
@@ -191,6 +210,43 @@ impl Sshd {
     pub fn restart_with_new_host_key(&mut self) {
         self.stop();
         keygen(&self.dir.join("host_key"));
+        self.relaunch();
+    }
+
+    /// Gives sshd a second host key, of type `kind` (`ssh-keygen -t`), beside
+    /// the first (ed25519) one, and restarts on the same port. With
+    /// `only_algorithm`, sshd offers only that host key algorithm
+    /// (`HostKeyAlgorithms`), so a client sees the new key; without, it offers
+    /// both and the client picks. Returns the new key's `.pub` file.
+    pub fn restart_with_second_host_key(
+        &mut self,
+        kind: &str,
+        only_algorithm: Option<&str>,
+    ) -> PathBuf {
+        self.stop();
+        let key = self.dir.join(format!("host_key_{kind}"));
+        if !key.exists() {
+            keygen_type(&key, kind);
+        }
+        if !self.extra_host_keys.contains(&key) {
+            self.extra_host_keys.push(key.clone());
+        }
+        self.host_key_algorithms = only_algorithm.map(str::to_string);
+        self.relaunch();
+        key.with_extension("pub")
+    }
+
+    /// The public half of the first host key, `TYPE BASE64` (no comment).
+    pub fn host_key_pub(&self) -> String {
+        let text = fs::read_to_string(self.dir.join("host_key.pub")).unwrap();
+        text.split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Starts sshd again (after [`Sshd::stop`]) on the same port.
+    fn relaunch(&mut self) {
         let port = self.port;
         let cfg = self.dir.join("sshd_config");
         fs::write(&cfg, self.config()).unwrap();
@@ -198,7 +254,7 @@ impl Sshd {
             .append(true)
             .open(self.dir.join("sshd.log"))
             .unwrap();
-        let child = Command::new("/usr/sbin/sshd")
+        let mut child = Command::new("/usr/sbin/sshd")
             .args(["-D", "-e", "-f"])
             .arg(&cfg)
             .stdin(Stdio::null())
@@ -208,6 +264,9 @@ impl Sshd {
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("sshd exited at restart with {st}; log:\n{}", self.log());
+            }
             assert!(Instant::now() < deadline, "sshd did not restart");
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -277,9 +277,16 @@ fn backup(args: BackupArgs) -> Result<u8> {
                         crate::ssh::BYTES_RECEIVED.load(Ordering::Relaxed)
                     );
                 }
+                // Both come from the server: printed escaped.
                 match &r.snapshot {
-                    Some(n) => eprintln!("byteback-backup: snapshot {n} taken"),
-                    None => eprintln!("byteback-backup: {}", r.message.trim()),
+                    Some(n) => eprintln!(
+                        "byteback-backup: snapshot {} taken",
+                        byteback_protocol::escape_text(n)
+                    ),
+                    None => eprintln!(
+                        "byteback-backup: {}",
+                        byteback_protocol::escape_text(r.message.trim())
+                    ),
                 }
                 if r.vanished > 0 || r.partial > 0 {
                     eprintln!(
@@ -386,7 +393,8 @@ fn restore_cmd(args: RestoreArgs) -> Result<u8> {
         }
         eprintln!(
             "byteback-restore: restored {} entries into ./{}/",
-            r.restored, r.snapshot
+            r.restored,
+            byteback_protocol::escape_text(&r.snapshot)
         );
         if !r.damaged.is_empty() {
             eprintln!(

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
 use byteback_protocol::{
-    decode_server, read_frame, write_msg, ClientMsg, ClientSession, ServerMsg, MAGIC,
-    PROTOCOL_VERSION,
+    decode_server, escape_text, read_frame, validate_host_name, write_msg, ClientMsg,
+    ClientSession, ServerMsg, MAGIC, PROTOCOL_VERSION,
 };
 
 use crate::ssh::{self, Auth, Request, SshOptions, SshSession, SshTarget};
@@ -124,7 +124,8 @@ impl ConnReader {
             .map_err(|_| anyhow!("session lock poisoned"))?
             .on_recv(&msg)?;
         if let ServerMsg::Error { message } = &msg {
-            bail!("server: {message}");
+            // The server chose these bytes: never let them reach a terminal raw.
+            bail!("server: {}", escape_text(message));
         }
         Ok(msg)
     }
@@ -297,12 +298,22 @@ impl Connection {
         })?;
         writer.flush()?;
         match reader.recv()? {
-            ServerMsg::HelloOk { host, .. } => Ok(Connection {
-                reader,
-                writer,
-                host,
-                transport,
-            }),
+            ServerMsg::HelloOk { host, .. } => {
+                // The name is printed and used in paths: a server must not
+                // be able to send anything but a valid host name.
+                if validate_host_name(&host).is_err() {
+                    bail!(
+                        "the server sent an invalid host name {:?}; refusing the connection",
+                        escape_text(&host.chars().take(300).collect::<String>())
+                    );
+                }
+                Ok(Connection {
+                    reader,
+                    writer,
+                    host,
+                    transport,
+                })
+            }
             m => bail!("unexpected {} in handshake", m.name()),
         }
     }
@@ -335,6 +346,63 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs the client's handshake against canned server messages.
+    fn handshake_with(replies: &[ServerMsg]) -> Result<Connection> {
+        let mut bytes = vec![];
+        for m in replies {
+            bytes.extend(byteback_protocol::encode(m).unwrap());
+        }
+        Connection::handshake(
+            Box::new(std::io::Cursor::new(bytes)),
+            Box::new(std::io::sink()),
+            Transport::None,
+        )
+    }
+
+    fn hello(host: &str) -> ServerMsg {
+        ServerMsg::HelloOk {
+            version: PROTOCOL_VERSION,
+            host: host.into(),
+        }
+    }
+
+    #[test]
+    fn the_server_names_a_valid_host() {
+        let conn = handshake_with(&[hello("web1.example.com")]).unwrap();
+        assert_eq!(conn.host, "web1.example.com");
+        for bad in [
+            "../evil",
+            "",
+            ".ssh",
+            "byteback.toml",
+            "-rf",
+            "a/b",
+            "x\x1b[2Jy",
+        ] {
+            let Err(e) = handshake_with(&[hello(bad)]) else {
+                panic!("{bad:?} was accepted");
+            };
+            let msg = format!("{e:#}");
+            assert!(msg.contains("invalid host name"), "{bad:?}: {msg}");
+            assert!(!msg.chars().any(char::is_control), "{msg:?}");
+        }
+    }
+
+    #[test]
+    fn server_errors_are_escaped() {
+        let Err(e) = handshake_with(&[ServerMsg::Error {
+            message: "\x1b]0;owned\x07\x1b[2Jbad\nthing \u{9b}".into(),
+        }]) else {
+            panic!("an error was accepted");
+        };
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("server: \\x1b]0;owned\\x07\\x1b[2Jbad\\x0athing \\x9b"),
+            "{msg}"
+        );
+        assert!(!msg.chars().any(char::is_control), "{msg:?}");
+    }
 
     #[test]
     fn destinations() {

@@ -111,9 +111,8 @@ fn setup(args: &SetupArgs) -> Result<()> {
     sock.read_to_end(&mut out)?;
     drop(sock);
     let status = stream.finish()?;
-    let text = String::from_utf8_lossy(&out);
-    for line in text.lines() {
-        eprintln!("server: {line}");
+    for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        eprintln!("server: {}", byteback_protocol::escape_bytes(line));
     }
     match status {
         Some(0) => {}

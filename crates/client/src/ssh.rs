@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use russh::client::{self, Handle};
-use russh::keys::known_hosts::check_known_hosts_path;
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{ChannelMsg, Disconnect};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::known_hosts::{self, Verdict};
 
 /// Bytes carried to and from servers over SSH by this process (protocol
 /// bytes, before encryption), for the backup summary.
@@ -293,6 +294,16 @@ async fn start(
     Ok((handle, channel))
 }
 
+/// The longest stderr line from the server relayed in one piece.
+const MAX_STDERR_LINE: usize = 64 << 10;
+
+/// One line of the server's stderr as we print it: `server: ` and the text
+/// with every control character escaped (ESC as `\x1b`, so the server cannot
+/// drive our terminal), then our own newline.
+fn server_line(line: &[u8]) -> String {
+    format!("server: {}\n", byteback_protocol::escape_bytes(line))
+}
+
 /// Copies bytes between the channel and the local socket until both sides are done.
 async fn pump(
     channel: russh::Channel<client::Msg>,
@@ -321,9 +332,15 @@ async fn pump(
                     stderr_line.extend_from_slice(&data);
                     let mut err = std::io::stderr().lock();
                     while let Some(i) = stderr_line.iter().position(|&b| b == b'\n') {
-                        let _ = err.write_all(b"server: ");
-                        let _ = err.write_all(&stderr_line[..=i]);
+                        let _ = err.write_all(server_line(&stderr_line[..i]).as_bytes());
                         stderr_line.drain(..=i);
+                    }
+                    // A server that never ends its line must not make us hold
+                    // an unbounded buffer: pass long runs on in pieces.
+                    while stderr_line.len() >= MAX_STDERR_LINE {
+                        let piece = server_line(&stderr_line[..MAX_STDERR_LINE]);
+                        let _ = err.write_all(piece.as_bytes());
+                        stderr_line.drain(..MAX_STDERR_LINE);
                     }
                 }
                 ChannelMsg::ExitStatus { exit_status } => exit.set(Some(exit_status)),
@@ -339,10 +356,9 @@ async fn pump(
             }
         }
         if !stderr_line.is_empty() {
-            let mut err = std::io::stderr().lock();
-            let _ = err.write_all(b"server: ");
-            let _ = err.write_all(&stderr_line);
-            let _ = err.write_all(b"\n");
+            let _ = std::io::stderr()
+                .lock()
+                .write_all(server_line(&stderr_line).as_bytes());
         }
         let _ = sock_wr.shutdown().await;
         Ok::<(), anyhow::Error>(())
@@ -415,48 +431,68 @@ impl client::Handler for HostKeyCheck {
         let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
             bail!("the server presented a host certificate; byteback checks plain host keys only");
         };
-        let shown = if self.port == 22 {
-            self.host.clone()
-        } else {
-            format!("[{}]:{}", self.host, self.port)
-        };
-        for path in &self.known_hosts {
-            if !path.exists() {
-                continue;
-            }
-            match check_known_hosts_path(&self.host, self.port, key, path) {
-                Ok(true) => return Ok(true),
-                Ok(false) => {}
-                Err(russh::keys::Error::KeyChanged { line }) => bail!(
-                    "HOST KEY CHANGED: {shown} now presents {}, which differs from the key recorded at {}:{line}. \
-                     Someone may be intercepting the connection, or the server was reinstalled. \
-                     Refusing to connect; if the change is expected, delete that line and run byteback-setup-client again.",
-                    describe_key(key),
-                    path.display()
-                ),
-                Err(e) => bail!("cannot read {}: {e}", path.display()),
-            }
-        }
-        match (self.unknown, self.known_hosts.first()) {
-            (UnknownHost::Learn, Some(path)) => {
-                learn(&shown, key, path)
-                    .with_context(|| format!("cannot record the host key in {}", path.display()))?;
-                eprintln!(
-                    "byteback: the server {shown} presents host key {}; recorded in {}",
-                    describe_key(key),
-                    path.display()
-                );
-                Ok(true)
-            }
-            _ => bail!(
-                "the host key of {shown} ({}) is not in {}; refusing to connect. Run byteback-setup-client to record it.",
+        self.check_plain_key(key)
+    }
+}
+
+impl HostKeyCheck {
+    /// Accepts a key that a known_hosts entry for the host holds; refuses a
+    /// revoked key, and a host whose entries (of any key type) all differ.
+    /// A host no file mentions is learnt (setup-client) or refused.
+    fn check_plain_key(&self, key: &PublicKey) -> Result<bool> {
+        let name = known_hosts::lookup_name(&self.host, self.port);
+        let blob = key
+            .to_bytes()
+            .context("cannot encode the server's host key")?;
+        let files = known_hosts::load(&self.known_hosts)?;
+        match known_hosts::check(&files, &name, &blob) {
+            Verdict::Known { .. } => Ok(true),
+            Verdict::Revoked { path, line } => bail!(
+                "REVOKED HOST KEY: {name} presents {}, which is marked @revoked at {}:{line}. \
+                 Refusing to connect.",
                 describe_key(key),
-                self.known_hosts
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(" or ")
+                path.display()
             ),
+            Verdict::Changed { recorded } => {
+                let at = recorded
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let kinds = if recorded.iter().all(|r| r.key_type != key.algorithm().as_str()) {
+                    " (a key of another type)"
+                } else {
+                    ""
+                };
+                bail!(
+                    "HOST KEY CHANGED: {name} now presents {}{kinds}, which differs from the key recorded at {at}. \
+                     Someone may be intercepting the connection, or the server was reinstalled. \
+                     Refusing to connect; if the change is expected, delete the recorded line(s) and run byteback-setup-client again.",
+                    describe_key(key),
+                )
+            }
+            Verdict::Unknown => match (self.unknown, self.known_hosts.first()) {
+                (UnknownHost::Learn, Some(path)) => {
+                    learn(&name, key, path).with_context(|| {
+                        format!("cannot record the host key in {}", path.display())
+                    })?;
+                    eprintln!(
+                        "byteback: the server {name} presents host key {}; recorded in {}",
+                        describe_key(key),
+                        path.display()
+                    );
+                    Ok(true)
+                }
+                _ => bail!(
+                    "the host key of {name} ({}) is not in {}; refusing to connect. Run byteback-setup-client to record it.",
+                    describe_key(key),
+                    self.known_hosts
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+            },
         }
     }
 }
@@ -489,4 +525,100 @@ fn learn(shown: &str, key: &PublicKey, path: &Path) -> Result<()> {
     f.write_all(line.as_bytes())?;
     f.sync_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ED: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJmyA95lD7jhTsn8SCAkQ6CaHO8a12p0XCCLPZ1FnBps";
+    const ED2: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINEKmFNMDH76Bs7wO6tYEtK8pdeYwgGQkXJLc1A/AQ/B";
+    const EC: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBMKXc82NvOjuFGBhrJtCGHJwT+X/NuQYYJj7ARCRduMUV+n8XKIaZjArLRvTGtEhh5Z35a4JQURD7tlylgXpa7o=";
+
+    fn key(s: &str) -> PublicKey {
+        PublicKey::from_openssh(s).unwrap()
+    }
+
+    fn checker(files: &[PathBuf], unknown: UnknownHost) -> HostKeyCheck {
+        HostKeyCheck {
+            host: "127.0.0.1".into(),
+            port: 2222,
+            known_hosts: files.to_vec(),
+            unknown,
+        }
+    }
+
+    #[test]
+    fn server_stderr_is_escaped() {
+        assert_eq!(server_line(b"plain text"), "server: plain text\n");
+        assert_eq!(
+            server_line(b"\x1b]0;owned\x07\x1b[2J\rfake\tline"),
+            "server: \\x1b]0;owned\\x07\\x1b[2J\\x0dfake\\x09line\n"
+        );
+        assert_eq!(server_line(b"\xff\xfe"), "server: \\xff\\xfe\n");
+        assert_eq!(server_line("\u{9b}1m".as_bytes()), "server: \\x9b1m\n");
+    }
+
+    #[test]
+    fn host_key_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("etc/known_hosts");
+        let users = dir.path().join("home/.ssh/known_hosts");
+        let files = [ours.clone(), users.clone()];
+
+        // Unknown: refused for backups, learnt (into the first file) by set-up.
+        let e = checker(&files, UnknownHost::Refuse)
+            .check_plain_key(&key(ED))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("is not in"), "{e:#}");
+        assert!(!ours.exists());
+        assert!(checker(&files, UnknownHost::Learn)
+            .check_plain_key(&key(ED))
+            .unwrap());
+        let learnt = std::fs::read_to_string(&ours).unwrap();
+        assert_eq!(learnt, format!("[127.0.0.1]:2222 {ED}\n"));
+        assert!(checker(&files, UnknownHost::Refuse)
+            .check_plain_key(&key(ED))
+            .unwrap());
+
+        // Another key, of the same type or of another: changed, for both
+        // policies, naming the recorded line; nothing is learnt.
+        for other in [EC, ED2] {
+            for policy in [UnknownHost::Refuse, UnknownHost::Learn] {
+                let e = checker(&files, policy)
+                    .check_plain_key(&key(other))
+                    .unwrap_err();
+                let msg = format!("{e:#}");
+                assert!(msg.contains("HOST KEY CHANGED"), "{msg}");
+                assert!(
+                    msg.contains(&format!("{}:1 (ssh-ed25519)", ours.display())),
+                    "{msg}"
+                );
+                assert_eq!(std::fs::read_to_string(&ours).unwrap(), learnt);
+            }
+        }
+
+        // Revoked in the user's file: refused although our file accepts it.
+        std::fs::create_dir_all(users.parent().unwrap()).unwrap();
+        std::fs::write(&users, format!("# revoked\n@revoked * {ED}\n")).unwrap();
+        for policy in [UnknownHost::Refuse, UnknownHost::Learn] {
+            let e = checker(&files, policy)
+                .check_plain_key(&key(ED))
+                .unwrap_err();
+            let msg = format!("{e:#}");
+            assert!(msg.contains("REVOKED"), "{msg}");
+            assert!(msg.contains(&format!("{}:2", users.display())), "{msg}");
+        }
+        assert_eq!(std::fs::read_to_string(&ours).unwrap(), learnt);
+
+        // A revoked key for a host with no entry is never learnt.
+        std::fs::remove_file(&ours).unwrap();
+        let e = checker(&files, UnknownHost::Learn)
+            .check_plain_key(&key(ED))
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("REVOKED"), "{e:#}");
+        assert!(!ours.exists());
+    }
 }

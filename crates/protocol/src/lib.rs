@@ -12,12 +12,14 @@ pub mod limits;
 pub mod messages;
 pub mod path;
 pub mod session;
+pub mod text;
 
 pub use codec::{decode_client, decode_server, encode, read_frame, write_msg, FrameDecoder};
 pub use error::ProtocolError;
 pub use messages::*;
 pub use path::{compare_paths, validate_host_name, validate_path, validate_snapshot_name};
 pub use session::{ClientSession, ServerSession};
+pub use text::{escape_bytes, escape_text};
 
 /// Protocol version spoken by this build; both peers must agree exactly.
 pub const PROTOCOL_VERSION: u32 = 1;

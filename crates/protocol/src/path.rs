@@ -59,23 +59,42 @@ pub fn compare_paths(a: &[u8], b: &[u8]) -> Ordering {
     }
 }
 
-/// Checks a host name: one component of `[A-Za-z0-9._-]`, not `.` or `..`, at most 253 bytes.
+/// Names in a store's root directory that no host may take: the admin's
+/// settings file. (Everything else byteback keeps there starts with `.`.)
+pub const RESERVED_HOST_NAMES: &[&str] = &["byteback.toml"];
+
+/// Checks a host name: one component of `[A-Za-z0-9._-]`, at most 253 bytes,
+/// starting with an ASCII letter or digit (so never `.`, `..`, a dot file
+/// such as `.ssh` or `.byteback-usage`, nor something that reads as an
+/// option), and not a name the store itself uses ([`RESERVED_HOST_NAMES`]).
 pub fn validate_host_name(name: &str) -> Result<(), ProtocolError> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(ProtocolError::BadPath {
-            path: name.chars().take(200).collect(),
-            reason: "not a valid host name",
-        })
+    let bad = |reason| ProtocolError::BadPath {
+        path: name.chars().take(200).collect(),
+        reason,
+    };
+    if name.is_empty() || name.len() > 253 {
+        return Err(bad("not a valid host name (1 to 253 bytes)"));
     }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
+        return Err(bad(
+            "not a valid host name (letters, digits, '.', '_' and '-' only)",
+        ));
+    }
+    if !name.as_bytes()[0].is_ascii_alphanumeric() {
+        return Err(bad(
+            "not a valid host name (must start with a letter or digit)",
+        ));
+    }
+    if RESERVED_HOST_NAMES
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(name))
+    {
+        return Err(bad("not a valid host name (reserved: the store uses it)"));
+    }
+    Ok(())
 }
 
 /// Checks a snapshot name: `current` or one component of `[A-Za-z0-9:+._-]`, not starting with `.`.
@@ -143,12 +162,68 @@ mod tests {
 
     #[test]
     fn host_names() {
-        for h in ["web1", "web1.example.com", "a_b-c"] {
-            validate_host_name(h).unwrap();
+        for h in [
+            "web1",
+            "web1.example.com",
+            "a_b-c",
+            "1host",
+            "9",
+            "a",
+            "Web1.Example.COM",
+            "byteback.toml.d",
+            "mybyteback.toml",
+            "a.",
+            "a-",
+            "a..b",
+        ] {
+            validate_host_name(h).unwrap_or_else(|e| panic!("{h:?}: {e}"));
         }
-        for h in ["", ".", "..", "../x", "a/b", "a\",command=\"sh", "a b"] {
-            assert!(validate_host_name(h).is_err(), "{h}");
+        validate_host_name(&"a".repeat(253)).unwrap();
+        for h in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "a\",command=\"sh",
+            "a b",
+            "a\0b",
+            "a\nb",
+            "h\u{e9}",
+        ] {
+            assert!(validate_host_name(h).is_err(), "{h:?}");
         }
+        assert!(validate_host_name(&"a".repeat(254)).is_err());
+    }
+
+    #[test]
+    fn host_names_never_collide_with_store_files() {
+        // Names the store or the server account keep in the store root.
+        for h in [
+            "byteback.toml",
+            "BYTEBACK.TOML",
+            "Byteback.Toml",
+            ".byteback",
+            ".byteback-usage",
+            ".byteback-prune-refused",
+            ".byteback-accepted-growth",
+            ".byteback-prune.lock",
+            ".ssh",
+            ".profile",
+            ".hidden",
+            "...",
+        ] {
+            let e = validate_host_name(h).expect_err(h).to_string();
+            assert!(e.contains("host name"), "{h:?}: {e}");
+        }
+        // Names that read as options, or begin with punctuation.
+        for h in ["-rf", "--host", "-", "_x", "_", "-x.example.com"] {
+            assert!(validate_host_name(h).is_err(), "{h:?}");
+        }
+        let e = validate_host_name("-x").unwrap_err().to_string();
+        assert!(e.contains("start with a letter or digit"), "{e}");
+        let e = validate_host_name("byteback.toml").unwrap_err().to_string();
+        assert!(e.contains("reserved"), "{e}");
     }
 
     #[test]

@@ -384,7 +384,16 @@ mod tests {
         other.host = "db1".into();
         assert!(enrol(&other).is_err());
         // Bad names never reach the file.
-        for bad in ["../x", "a\",command=\"sh", "", "a b", "x/y"] {
+        for bad in [
+            "../x",
+            "a\",command=\"sh",
+            "",
+            "a b",
+            "x/y",
+            "byteback.toml",
+            ".ssh",
+            "-x",
+        ] {
             let mut c = cfg.clone();
             c.host = bad.into();
             assert!(enrol(&c).is_err(), "{bad:?}");
