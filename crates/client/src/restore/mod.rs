@@ -179,20 +179,7 @@ pub fn mode_string(e: &ManifestEntry) -> String {
 
 /// A path for display: `/` + path, with control characters and invalid UTF-8 escaped.
 pub fn display_path(p: &[u8]) -> String {
-    let mut out = String::from("/");
-    for chunk in p.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
-                c => out.push(c),
-            }
-        }
-        for b in chunk.invalid() {
-            out.push_str(&format!("\\x{b:02x}"));
-        }
-    }
-    out
+    format!("/{}", byteback_protocol::escape_bytes(p))
 }
 
 fn format_time(sec: i64) -> String {
