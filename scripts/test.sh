@@ -1,14 +1,17 @@
 #!/bin/bash
 # Runs every test of byteback, installing what the tests need first.
 # As root (CI) it installs the system packages; real sshd, btrfs on a loop
-# device and rsync are then used by the tests.
+# device and rsync are then used by the tests; man, groff, zsh, fish and
+# systemd-analyze check the generated man pages, completions and systemd
+# units (tests/ops.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 for pair in btrfs:btrfs-progs mkfs.btrfs:btrfs-progs rsync:rsync sshd:openssh-server /usr/sbin/sshd:openssh-server \
             setfacl:acl getfattr:attr losetup:mount pgrep:procps pkill:procps kill:procps \
-            ssh:openssh-client ssh-keygen:openssh-client useradd:passwd chpasswd:passwd; do
+            ssh:openssh-client ssh-keygen:openssh-client useradd:passwd chpasswd:passwd \
+            man:man-db groff:groff-base systemd-analyze:systemd zsh:zsh fish:fish; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "$cmd" ]; then need+=("$pkg"); fi
 done

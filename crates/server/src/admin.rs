@@ -23,6 +23,18 @@ pub enum OrderArg {
     Age,
 }
 
+// `byteback-prune`'s whole command line, public so its man page and shell
+// completions are generated from the definition the binary parses (the doc
+// comment below is its --help text).
+/// Prune old snapshots so the store keeps enough free space.
+#[derive(Debug, clap::Parser)]
+#[command(name = "byteback-prune", version)]
+pub struct PruneCli {
+    #[allow(missing_docs)]
+    #[command(flatten)]
+    pub args: PruneArgs,
+}
+
 /// Options of `byteback-prune` (as byteback 1.x) and `byteback-server prune`.
 #[derive(Debug, Args)]
 pub struct PruneArgs {
