@@ -388,6 +388,14 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
             // Tear the transport down first: the writer may be blocked
             // sending to a server that is gone.
             transport.abort();
+            // The writer holds a sender itself (through `Shared`), so its
+            // queue never disconnects: wake it if it waits for a message.
+            // With a full queue it is busy writing and fails on the aborted
+            // transport instead.
+            let _ = shared.tx.try_send(Outgoing {
+                msg: ClientMsg::Bye,
+                pooled: 0,
+            });
             drop(shared);
             drop(pool);
             let _ = writer_thread.join();
@@ -838,6 +846,54 @@ mod tests {
         fn warning(&mut self, w: WalkWarning) {
             panic!("{w:?}");
         }
+    }
+
+    /// The server goes away after the first batch of entries, while the
+    /// writer thread waits for something to send: the backup fails instead
+    /// of waiting for that thread forever.
+    #[test]
+    fn a_server_that_goes_away_fails_the_backup_without_hanging() {
+        use byteback_protocol::{read_frame, write_msg, PROTOCOL_VERSION};
+        use std::os::unix::net::UnixStream;
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("f"), b"content").unwrap();
+        let (client, server) = UnixStream::pair().unwrap();
+        let fake = std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(server.try_clone().unwrap());
+            let mut w = server;
+            read_frame(&mut r).unwrap().unwrap(); // Hello
+            let hello = ServerMsg::HelloOk {
+                version: PROTOCOL_VERSION,
+                host: "h".into(),
+            };
+            write_msg(&mut w, &hello).unwrap();
+            read_frame(&mut r).unwrap().unwrap(); // BackupStart
+            write_msg(&mut w, &ServerMsg::BackupReady).unwrap();
+            read_frame(&mut r).unwrap().unwrap(); // Entries
+                                                  // Gone without a word.
+        });
+        let conn = Connection::handshake(
+            Box::new(client.try_clone().unwrap()),
+            Box::new(client),
+            crate::conn::Transport::None,
+        )
+        .unwrap();
+        let opts = BackupOptions {
+            sources: vec![src],
+            excludes: vec![],
+            verbose: false,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(run_backup(conn, &opts).map(|_| ()));
+        });
+        let res = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("run_backup hung after the server went away");
+        assert!(res.is_err());
+        fake.join().unwrap();
     }
 
     /// A file replaced (another inode) between the walk and the read is
