@@ -474,3 +474,173 @@ fn unchanged_runs_btrfs_store() {
     let d = scratch();
     unchanged_runs(&fs_.mount.join("store"), d.path());
 }
+
+/// Runs `cmd` (stdin null, output to files in `logs`) and kills it after
+/// `limit`: a backup racing a hostile user must never hang.
+fn run_with_timeout(cmd: &mut Command, logs: &Path, limit: std::time::Duration) -> (i32, String) {
+    use std::process::Stdio;
+    fs::create_dir_all(logs).unwrap();
+    let out = logs.join("stdout");
+    let err = logs.join("stderr");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out).unwrap())
+        .stderr(fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} still running after {limit:?}\n{}",
+                fs::read_to_string(&err).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let code = status
+        .code()
+        .unwrap_or_else(|| panic!("{cmd:?} killed by a signal: {status:?}"));
+    (code, fs::read_to_string(&err).unwrap_or_default())
+}
+
+/// Regular files below `root` (symlinks never followed) whose content holds `mark`.
+fn files_holding(root: &Path, mark: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            if md.is_dir() {
+                todo.push(p);
+            } else if md.is_file() && fs::read(&p).unwrap().windows(mark.len()).any(|w| w == mark) {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// A local user who owns a directory of the source swaps it, again and
+/// again while backups run, for a symlink to a directory outside the source
+/// holding files of the same names (think /etc and shadow). The walk must
+/// never go through the symlink and no file may be read through it: the
+/// outside content must appear nowhere in the store nor in a restore.
+#[test]
+fn a_directory_swapped_for_a_symlink_during_the_backup_leaks_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    const MARK: &[u8] = b"OUTSIDE-SENTINEL-3f9a71c0";
+    const FILES: usize = 300;
+    const ROUNDS: usize = 6;
+    let d = scratch();
+    let store = d.path().join("store");
+    write_config(&store);
+    let src = d.path().join("src");
+    let dir = src.join("user/d");
+    let away = src.join("user/d.away");
+    let outside = d.path().join("outside");
+    for sub in ["", "sub"] {
+        fs::create_dir_all(dir.join(sub)).unwrap();
+        fs::create_dir_all(outside.join(sub)).unwrap();
+    }
+    let mut names: Vec<String> = (0..FILES).map(|i| format!("f{i:04}")).collect();
+    names.push("secret".into());
+    names.push("sub/secret".into());
+    for n in &names {
+        fs::write(dir.join(n), format!("inside {n}\n").repeat(20)).unwrap();
+        let mut evil = MARK.to_vec();
+        evil.extend_from_slice(format!(" {n}\n").repeat(20).as_bytes());
+        fs::write(outside.join(n), evil).unwrap();
+    }
+    fs::write(src.join("user/plain"), b"never swapped").unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let swaps = Arc::new(AtomicU64::new(0));
+    let racer = {
+        let (stop, swaps) = (stop.clone(), swaps.clone());
+        let (dir, away, outside) = (dir.clone(), away.clone(), outside.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                fs::rename(&dir, &away).unwrap();
+                std::os::unix::fs::symlink(&outside, &dir).unwrap();
+                std::thread::sleep(std::time::Duration::from_micros(500));
+                fs::remove_file(&dir).unwrap();
+                fs::rename(&away, &dir).unwrap();
+                swaps.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
+        })
+    };
+    let mut codes = Vec::new();
+    for round in 0..ROUNDS {
+        // A new host every round: every file is sent again.
+        let host = format!("race{round}");
+        let (code, err) = run_with_timeout(
+            Command::new(bin("byteback-backup"))
+                .arg("--destination")
+                .arg(&store)
+                .arg("--source")
+                .arg(&src)
+                .args(["--hostname", &host, "--retry-number", "0"]),
+            &d.path().join(format!("logs{round}")),
+            std::time::Duration::from_secs(180),
+        );
+        assert!(code == 0 || code == 24, "round {round}: exit {code}\n{err}");
+        let count = |what: &str| err.lines().filter(|l| l.contains(what)).count();
+        eprintln!(
+            "round {round}: exit {code}, {} changed, {} vanished",
+            count("changed during the backup"),
+            count("vanished")
+        );
+        codes.push(code);
+    }
+    stop.store(true, Ordering::Relaxed);
+    racer.join().unwrap();
+    eprintln!(
+        "{} swaps during {ROUNDS} backups; exit codes {codes:?}",
+        swaps.load(Ordering::Relaxed)
+    );
+    assert!(swaps.load(Ordering::Relaxed) > 0);
+
+    let leaked = files_holding(&store, MARK);
+    assert!(
+        leaked.is_empty(),
+        "outside content in the store: {leaked:?}"
+    );
+    // What a restore hands back (the listing and the restored tree).
+    for round in [0, ROUNDS - 1] {
+        let host = format!("race{round}");
+        let root = restore_all(&store, &host, None, &d.path().join(format!("r{round}")));
+        let leaked = files_holding(&root, MARK);
+        assert!(leaked.is_empty(), "outside content restored: {leaked:?}");
+        let restored = restored_path(&root, &src);
+        assert_eq!(
+            fs::read(restored.join("user/plain")).unwrap(),
+            b"never swapped"
+        );
+        // Whatever of user/d made it is the inside content, under its own name.
+        let rd = restored.join("user/d");
+        if fs::symlink_metadata(&rd).is_ok_and(|m| m.is_dir()) {
+            for n in &names {
+                if let Ok(c) = fs::read(rd.join(n)) {
+                    assert_eq!(c, format!("inside {n}\n").repeat(20).into_bytes(), "{n}");
+                }
+            }
+        }
+    }
+    let out = run(Command::new(bin("byteback-restore"))
+        .current_dir(d.path())
+        .arg("--destination")
+        .arg(&store)
+        .args(["--hostname", "race0", "--list", "*"]));
+    assert!(!out.stdout.windows(MARK.len()).any(|w| w == MARK));
+    // The source is back as it was.
+    assert!(fs::symlink_metadata(&dir).unwrap().is_dir());
+}

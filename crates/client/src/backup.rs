@@ -12,7 +12,6 @@
 //! the number or size of the files.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -29,7 +28,7 @@ use byteback_protocol::limits::{MAX_BATCH, MAX_BUFFERED_BYTES, MAX_PENDING};
 use byteback_protocol::{BackupStats, ClientMsg, Compressed, Entry, ServerMsg};
 
 use crate::conn::{ConnReader, ConnWriter, Connection};
-use crate::walk::{self, EntrySink, Excludes, WalkWarning};
+use crate::walk::{self, EntrySink, Excludes, Found, OpenError, WalkWarning};
 
 /// Raw bytes of a segment when there is no basis.
 const PLAIN_SEGMENT: usize = 2 << 20;
@@ -73,12 +72,12 @@ pub struct BackupOptions {
     pub verbose: bool,
 }
 
-/// Batches sent and not yet answered, with the absolute path of each entry.
-type Batches = Mutex<VecDeque<(u64, Vec<(PathBuf, Entry)>)>>;
+/// Batches sent and not yet answered, with what the walk saw of each entry.
+type Batches = Mutex<VecDeque<(u64, Vec<(Found, Entry)>)>>;
 
 struct Job {
     id: u32,
-    abs: PathBuf,
+    found: Found,
     entry: Entry,
     basis: bool,
 }
@@ -298,6 +297,8 @@ impl Shared {
 pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupReport> {
     let sources = walk::normalise_sources(&opts.sources)?;
     let excludes = Excludes::new(&opts.excludes)?;
+    // The walk holds a directory fd per level of depth.
+    walk::raise_fd_limit();
     conn.send(&ClientMsg::BackupStart { checksum: false })?;
     match conn.recv()? {
         ServerMsg::BackupReady => {}
@@ -387,6 +388,14 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
             // Tear the transport down first: the writer may be blocked
             // sending to a server that is gone.
             transport.abort();
+            // The writer holds a sender itself (through `Shared`), so its
+            // queue never disconnects: wake it if it waits for a message.
+            // With a full queue it is busy writing and fails on the aborted
+            // transport instead.
+            let _ = shared.tx.try_send(Outgoing {
+                msg: ClientMsg::Bye,
+                pooled: 0,
+            });
             drop(shared);
             drop(pool);
             let _ = writer_thread.join();
@@ -419,7 +428,7 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
 struct Announcer {
     shared: Arc<Shared>,
     batches: Arc<Batches>,
-    batch: Vec<(PathBuf, Entry)>,
+    batch: Vec<(Found, Entry)>,
     batch_cost: usize,
     entries: u64,
     walk_vanished: u64,
@@ -471,14 +480,14 @@ impl Announcer {
 }
 
 impl EntrySink for Announcer {
-    fn entry(&mut self, abs: PathBuf, entry: Entry) -> Result<()> {
+    fn entry(&mut self, found: Found, entry: Entry) -> Result<()> {
         self.entries += 1;
         let cost = entry.buffer_cost();
         if !self.batch.is_empty() && self.batch_cost + cost > MAX_BUFFERED_BYTES / 4 {
             self.flush()?;
         }
         self.batch_cost += cost;
-        self.batch.push((abs, entry));
+        self.batch.push((found, entry));
         if self.batch.len() >= MAX_BATCH {
             self.flush()?;
         }
@@ -533,7 +542,7 @@ fn reader_loop(
     pool: &rayon::ThreadPool,
 ) -> Result<()> {
     // Transfers in progress, kept for a possible whole-file resend.
-    let mut jobs: HashMap<u32, (PathBuf, Entry)> = HashMap::new();
+    let mut jobs: HashMap<u32, (Found, Entry)> = HashMap::new();
     loop {
         let msg = r.recv()?;
         match msg {
@@ -562,20 +571,19 @@ fn reader_loop(
                     }
                     shared.cv.notify_all();
                 }
-                let mut batch: Vec<Option<(PathBuf, Entry)>> =
-                    batch.into_iter().map(Some).collect();
+                let mut batch: Vec<Option<(Found, Entry)>> = batch.into_iter().map(Some).collect();
                 for need in needs {
-                    let (abs, entry) = batch
+                    let (found, entry) = batch
                         .get_mut(need.index as usize)
                         .and_then(Option::take)
                         .ok_or_else(|| anyhow!("bad need index"))?;
-                    jobs.insert(need.id, (abs.clone(), entry.clone()));
+                    jobs.insert(need.id, (found.clone(), entry.clone()));
                     spawn_job(
                         pool,
                         shared,
                         Job {
                             id: need.id,
-                            abs,
+                            found,
                             entry,
                             basis: need.basis,
                         },
@@ -601,20 +609,20 @@ fn reader_loop(
                 shared.cv.notify_all();
             }
             ServerMsg::FileRetry { id } => {
-                let (abs, entry) = jobs
+                let (found, entry) = jobs
                     .get(&id)
                     .cloned()
                     .ok_or_else(|| anyhow!("retry for unknown file {id}"))?;
                 shared.warn(format!(
                     "{}: failed verification on the server; resending whole",
-                    abs.display()
+                    found.abs.display()
                 ));
                 spawn_job(
                     pool,
                     shared,
                     Job {
                         id,
-                        abs,
+                        found,
                         entry,
                         basis: false,
                     },
@@ -655,20 +663,23 @@ fn segment_len(block: usize) -> usize {
 fn send_file(shared: &Shared, job: Job) -> Result<()> {
     let Job {
         id,
-        abs,
+        found,
         entry,
         basis,
     } = job;
-    let mut file = match open_nofollow(&abs) {
+    let abs = &found.abs;
+    // Beneath the source's fd, never through a symlink, and only the very
+    // file the walk saw (see Found::open_file).
+    let mut file = match found.open_file() {
         Ok(f) => f,
+        Err(OpenError::Vanished(_)) => {
+            shared.vanished.fetch_add(1, Ordering::Relaxed);
+            shared.warn(format!("{}: vanished during the backup", abs.display()));
+            return shared.send(ClientMsg::FileAbort { id });
+        }
         Err(e) => {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                shared.vanished.fetch_add(1, Ordering::Relaxed);
-                shared.warn(format!("{}: vanished during the backup", abs.display()));
-            } else {
-                shared.partial.fetch_add(1, Ordering::Relaxed);
-                shared.warn(format!("{}: {e}", abs.display()));
-            }
+            shared.partial.fetch_add(1, Ordering::Relaxed);
+            shared.warn(format!("{}: {e}", abs.display()));
             return shared.send(ClientMsg::FileAbort { id });
         }
     };
@@ -804,24 +815,146 @@ fn compress(delta: &[u8], out: Vec<u8>) -> Result<Compressed> {
     })
 }
 
-fn open_nofollow(p: &std::path::Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK)
-        .open(p)?;
-    if !f.metadata()?.is_file() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "no longer a regular file",
-        ));
-    }
-    Ok(f)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn test_shared() -> (Shared, Receiver<Outgoing>) {
+        let (tx, rx) = sync_channel::<Outgoing>(1024);
+        let shared = Shared {
+            flow: Mutex::new(Flow::default()),
+            cv: Condvar::new(),
+            tx,
+            pool: BufPool::new(BUFFER_BUDGET),
+            sig_waiters: Mutex::new(HashMap::new()),
+            warnings: Mutex::new(vec![]),
+            vanished: AtomicU64::new(0),
+            partial: AtomicU64::new(0),
+            wire: AtomicU64::new(0),
+            verbose: false,
+        };
+        (shared, rx)
+    }
+
+    #[derive(Default)]
+    struct Collect(Vec<(Found, Entry)>);
+    impl EntrySink for Collect {
+        fn entry(&mut self, found: Found, entry: Entry) -> Result<()> {
+            self.0.push((found, entry));
+            Ok(())
+        }
+        fn warning(&mut self, w: WalkWarning) {
+            panic!("{w:?}");
+        }
+    }
+
+    /// The server goes away after the first batch of entries, while the
+    /// writer thread waits for something to send: the backup fails instead
+    /// of waiting for that thread forever.
+    #[test]
+    fn a_server_that_goes_away_fails_the_backup_without_hanging() {
+        use byteback_protocol::{read_frame, write_msg, PROTOCOL_VERSION};
+        use std::os::unix::net::UnixStream;
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("f"), b"content").unwrap();
+        let (client, server) = UnixStream::pair().unwrap();
+        let fake = std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(server.try_clone().unwrap());
+            let mut w = server;
+            read_frame(&mut r).unwrap().unwrap(); // Hello
+            let hello = ServerMsg::HelloOk {
+                version: PROTOCOL_VERSION,
+                host: "h".into(),
+            };
+            write_msg(&mut w, &hello).unwrap();
+            read_frame(&mut r).unwrap().unwrap(); // BackupStart
+            write_msg(&mut w, &ServerMsg::BackupReady).unwrap();
+            read_frame(&mut r).unwrap().unwrap(); // Entries
+                                                  // Gone without a word.
+        });
+        let conn = Connection::handshake(
+            Box::new(client.try_clone().unwrap()),
+            Box::new(client),
+            crate::conn::Transport::None,
+        )
+        .unwrap();
+        let opts = BackupOptions {
+            sources: vec![src],
+            excludes: vec![],
+            verbose: false,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(run_backup(conn, &opts).map(|_| ()));
+        });
+        let res = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("run_backup hung after the server went away");
+        assert!(res.is_err());
+        fake.join().unwrap();
+    }
+
+    /// A file replaced (another inode) between the walk and the read is
+    /// reported as changed and none of the new content is sent.
+    #[test]
+    fn send_file_refuses_a_file_replaced_after_the_walk() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::write(src.join("d/f"), b"walked content").unwrap();
+        std::fs::write(src.join("d/g"), b"unchanged").unwrap();
+        let mut sink = Collect::default();
+        walk::walk(
+            &walk::normalise_sources(std::slice::from_ref(&src)).unwrap(),
+            &Excludes::new::<&str>(&[]).unwrap(),
+            &mut sink,
+        )
+        .unwrap();
+        let job = |name: &str, id| {
+            let (found, entry) = sink
+                .0
+                .iter()
+                .find(|(f, _)| f.abs == src.join("d").join(name))
+                .unwrap()
+                .clone();
+            Job {
+                id,
+                found,
+                entry,
+                basis: false,
+            }
+        };
+        let (f_job, g_job) = (job("f", 7), job("g", 8));
+        std::fs::write(src.join("d/new"), b"NEW CONTENT, not what was walked").unwrap();
+        std::fs::rename(src.join("d/new"), src.join("d/f")).unwrap();
+
+        let (shared, rx) = test_shared();
+        send_file(&shared, f_job).unwrap();
+        let msgs: Vec<ClientMsg> = rx.try_iter().map(|o| o.msg).collect();
+        assert!(
+            matches!(msgs.as_slice(), [ClientMsg::FileAbort { id: 7 }]),
+            "{msgs:?}"
+        );
+        assert_eq!(shared.partial.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.vanished.load(Ordering::Relaxed), 0);
+        let w = shared.warnings.lock().unwrap().clone();
+        assert!(
+            w.len() == 1 && w[0].contains("changed during the backup"),
+            "{w:?}"
+        );
+
+        // The file left alone goes through whole.
+        send_file(&shared, g_job).unwrap();
+        let msgs: Vec<ClientMsg> = rx.try_iter().map(|o| o.msg).collect();
+        assert!(
+            matches!(msgs.last(), Some(ClientMsg::FileEnd { id: 8, size: 9, .. })),
+            "{msgs:?}"
+        );
+        assert!(matches!(msgs[0], ClientMsg::FileData { id: 8, .. }));
+        assert_eq!(shared.partial.load(Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn pool_keeps_its_budget_and_reuses_buffers() {

@@ -1,18 +1,23 @@
 //! Reading a filesystem object's metadata into a protocol Entry, and recreating objects with their metadata on restore.
 //!
 //! Everything here works on the object itself and never follows a symlink in
-//! the last path component. POSIX ACLs travel as the `system.posix_acl_access`
+//! the last path component. Reading (for backup) is relative to a held
+//! directory fd, so no path a user could change is resolved; restoring works
+//! by path inside the restore target. POSIX ACLs travel as the `system.posix_acl_access`
 //! and `system.posix_acl_default` extended attributes, exactly as the kernel
 //! stores them.
 
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use byteback_protocol::{Entry, Kind};
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps, XattrFlags, CWD};
+use rustix::fs::{
+    AtFlags, FileType, Mode, OFlags, Statx, StatxFlags, Timespec, Timestamps, XattrFlags, CWD,
+};
 use rustix::io::Errno;
 
 /// Name of the xattr holding a POSIX access ACL.
@@ -29,56 +34,135 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// Builds the Entry for `abs` (never follows a symlink) with relative wire path `rel`, from its lstat `md`.
+/// Where to read an object from, without resolving any path a user could
+/// change: a name in a directory held open, or an fd of the object itself.
+#[derive(Debug, Clone, Copy)]
+pub enum At<'a> {
+    /// The entry `name` (a single component, never followed even if it is a
+    /// symlink) of the directory open as `dir`.
+    Child {
+        /// The directory, open (any mode, `O_PATH` included).
+        dir: BorrowedFd<'a>,
+        /// One component, without `/`.
+        name: &'a CStr,
+    },
+    /// The object `fd` refers to (any mode, `O_PATH` included). Meant for
+    /// objects opened by a trusted path, such as a source root; the object
+    /// should not be a symlink (its xattrs would be read through it).
+    Fd(BorrowedFd<'a>),
+}
+
+impl At<'_> {
+    /// A path that reaches the object from the held fd, through procfs:
+    /// `/proc/self/fd/<dir>/<name>`, whose last component must not be
+    /// followed, or `/proc/self/fd/<fd>`, whose last component (the fd's magic
+    /// link) must be. The bool says whether to follow.
+    fn proc_path(&self) -> (CString, bool) {
+        let (fd, name, follow) = match *self {
+            At::Child { dir, name } => (dir.as_raw_fd(), Some(name), false),
+            At::Fd(fd) => (fd.as_raw_fd(), None, true),
+        };
+        let mut p = format!("/proc/self/fd/{fd}").into_bytes();
+        if let Some(name) = name {
+            p.push(b'/');
+            p.extend_from_slice(name.to_bytes());
+        }
+        // Neither part can hold a NUL: a number, and the bytes of a CStr.
+        let p = CString::new(p).unwrap_or_default();
+        (p, follow)
+    }
+}
+
+/// `statx` of the object at `at`, never following a symlink named by
+/// [`At::Child`] and never triggering an automount there.
+pub fn stat_at(at: At<'_>) -> io::Result<Statx> {
+    let r = match at {
+        At::Child { dir, name } => rustix::fs::statx(
+            dir,
+            name,
+            AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT,
+            StatxFlags::BASIC_STATS,
+        ),
+        At::Fd(fd) => rustix::fs::statx(fd, c"", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS),
+    };
+    r.map_err(io::Error::from)
+}
+
+/// `(st_dev, st_ino)` of a statx result, `st_dev` encoded as `stat` gives it.
+pub fn dev_ino(st: &Statx) -> (u64, u64) {
+    (
+        rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+        st.stx_ino,
+    )
+}
+
+/// Whether `/proc/self/fd` is a mounted procfs, which [`read_entry`] needs
+/// to read extended attributes by file descriptor.
+pub fn proc_fd_available() -> bool {
+    rustix::fs::statfs("/proc/self/fd").is_ok_and(|s| s.f_type == rustix::fs::PROC_SUPER_MAGIC)
+}
+
+/// Builds the Entry for the object at `at`, with relative wire path `rel`,
+/// from its `statx` result `st` (see [`stat_at`]).
+///
+/// Nothing is resolved by a path a user could change: a symlink's target is
+/// read with `readlinkat` on the held fd, and extended attributes through
+/// `/proc/self/fd/<fd>[/<name>]` (procfs must be mounted), which starts at the
+/// held fd and, for [`At::Child`], does not follow `name`. If the object was
+/// replaced since `st` was taken, the type comes from `st` and the rest may
+/// come from the new object at the same place; callers that care compare
+/// `(dev, ino)` later.
 ///
 /// Regular files become [`Kind::File`], symlinks carry their raw target,
 /// devices their `st_rdev`. `mode` is `st_mode & 0o7777`. Every extended
 /// attribute is read (including the POSIX ACL ones), sorted by name; a
 /// filesystem without xattr support yields none, and an attribute that
 /// vanishes between listing and reading is skipped. Hard links are not
-/// detected here.
-pub fn read_entry(abs: &Path, rel: Vec<u8>, md: &std::fs::Metadata) -> io::Result<Entry> {
-    let ft = md.file_type();
-    let kind = if ft.is_file() {
-        Kind::File { size: md.len() }
-    } else if ft.is_dir() {
-        Kind::Dir
-    } else if ft.is_symlink() {
-        let target = std::fs::read_link(abs)?;
-        Kind::Symlink {
-            target: target.as_os_str().as_bytes().to_vec(),
+/// detected here. Error messages do not name the object (the caller knows
+/// its path); an object that vanished gives `NotFound`.
+pub fn read_entry(at: At<'_>, rel: Vec<u8>, st: &Statx) -> io::Result<Entry> {
+    let mode = u32::from(st.stx_mode);
+    let kind = match FileType::from_raw_mode(mode) {
+        FileType::RegularFile => Kind::File { size: st.stx_size },
+        FileType::Directory => Kind::Dir,
+        FileType::Symlink => {
+            let target = match at {
+                At::Child { dir, name } => rustix::fs::readlinkat(dir, name, Vec::new()),
+                At::Fd(fd) => rustix::fs::readlinkat(fd, c"", Vec::new()),
+            }
+            .map_err(|e| with_what(e, "reading the symlink"))?;
+            Kind::Symlink {
+                target: target.into_bytes(),
+            }
         }
-    } else if ft.is_fifo() {
-        Kind::Fifo
-    } else if ft.is_socket() {
-        Kind::Socket
-    } else if ft.is_char_device() {
-        Kind::CharDev { rdev: md.rdev() }
-    } else if ft.is_block_device() {
-        Kind::BlockDev { rdev: md.rdev() }
-    } else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "{}: unknown file type (mode {:o})",
-                abs.display(),
-                md.mode()
-            ),
-        ));
+        FileType::Fifo => Kind::Fifo,
+        FileType::Socket => Kind::Socket,
+        FileType::CharacterDevice => Kind::CharDev {
+            rdev: rustix::fs::makedev(st.stx_rdev_major, st.stx_rdev_minor),
+        },
+        FileType::BlockDevice => Kind::BlockDev {
+            rdev: rustix::fs::makedev(st.stx_rdev_major, st.stx_rdev_minor),
+        },
+        FileType::Unknown => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unknown file type (mode {mode:o})"),
+            ))
+        }
     };
-    let mtime_nsec = u32::try_from(md.mtime_nsec())
-        .ok()
+    let mtime_nsec = Some(st.stx_mtime.tv_nsec)
         .filter(|n| *n < 1_000_000_000)
         .unwrap_or(0);
+    let (proc_path, follow) = at.proc_path();
     Ok(Entry {
         path: rel,
         kind,
-        mode: md.mode() & 0o7777,
-        uid: md.uid(),
-        gid: md.gid(),
-        mtime_sec: md.mtime(),
+        mode: mode & 0o7777,
+        uid: st.stx_uid,
+        gid: st.stx_gid,
+        mtime_sec: st.stx_mtime.tv_sec,
         mtime_nsec,
-        xattrs: read_xattrs(abs)?,
+        xattrs: read_xattrs(proc_path.as_c_str(), follow)?,
     })
 }
 
@@ -108,33 +192,59 @@ fn read_sized(
     Err(Errno::RANGE)
 }
 
-/// All xattrs of `abs` (not following symlinks), sorted by name.
-fn read_xattrs(abs: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let list = match read_sized(
-        |buf| rustix::fs::llistxattr(abs, buf),
-        || rustix::fs::llistxattr_query(abs),
-    ) {
+/// All xattrs of the object at `path`, sorted by name; the last component of
+/// `path` is followed only if `follow`.
+fn read_xattrs<P: rustix::path::Arg + Copy>(
+    path: P,
+    follow: bool,
+) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let listed = if follow {
+        read_sized(
+            |buf| rustix::fs::listxattr(path, buf),
+            || rustix::fs::listxattr_query(path),
+        )
+    } else {
+        read_sized(
+            |buf| rustix::fs::llistxattr(path, buf),
+            || rustix::fs::llistxattr_query(path),
+        )
+    };
+    let list = match listed {
         Ok(list) => list,
         Err(Errno::NOTSUP) => return Ok(Vec::new()),
-        Err(e) => return Err(with_path(e, abs, "listing xattrs")),
+        Err(e) => return Err(with_what(e, "listing xattrs")),
     };
     let mut out = Vec::new();
     for name in list.split(|b| *b == 0).filter(|n| !n.is_empty()) {
-        match read_sized(
-            |buf| rustix::fs::lgetxattr(abs, name, buf),
-            || rustix::fs::lgetxattr_query(abs, name),
-        ) {
+        let value = if follow {
+            read_sized(
+                |buf| rustix::fs::getxattr(path, name, buf),
+                || rustix::fs::getxattr_query(path, name),
+            )
+        } else {
+            read_sized(
+                |buf| rustix::fs::lgetxattr(path, name, buf),
+                || rustix::fs::lgetxattr_query(path, name),
+            )
+        };
+        match value {
             Ok(value) => out.push((name.to_vec(), value)),
             // Vanished since the listing, or listed but not readable as such.
             Err(Errno::NODATA) | Err(Errno::NOTSUP) => {}
             Err(e) => {
                 let what = format!("reading xattr {}", name.escape_ascii());
-                return Err(with_path(e, abs, &what));
+                return Err(with_what(e, &what));
             }
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
+}
+
+/// An io::Error for `e` that names the operation.
+fn with_what(e: Errno, what: &str) -> io::Error {
+    let e = io::Error::from(e);
+    io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
 /// An io::Error for `e` that names the path and the operation.
@@ -489,6 +599,9 @@ mod tests {
     use super::*;
     use std::ffi::OsStr;
     use std::io::Read;
+    use std::os::fd::AsFd;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
     use std::process::Command;
@@ -566,6 +679,24 @@ mod tests {
                 walk(root, &child, out);
             }
         }
+    }
+
+    /// read_entry of `abs` through its parent directory's fd.
+    fn entry_at_path(abs: &Path, rel: Vec<u8>) -> Entry {
+        let parent = abs.parent().unwrap();
+        let dir = rustix::fs::open(
+            parent,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        let name = CString::new(abs.file_name().unwrap().as_bytes()).unwrap();
+        let at = At::Child {
+            dir: dir.as_fd(),
+            name: &name,
+        };
+        let st = stat_at(at).unwrap();
+        read_entry(at, rel, &st).unwrap()
     }
 
     fn copy_sparse(from: &Path, to: &Path) {
@@ -679,7 +810,7 @@ mod tests {
         walk(&src, b"", &mut items);
         let entries: Vec<Entry> = items
             .iter()
-            .map(|(rel, abs, md)| read_entry(abs, rel.clone(), md).unwrap())
+            .map(|(rel, abs, _)| entry_at_path(abs, rel.clone()))
             .collect();
 
         // Spot checks of read_entry.
@@ -746,7 +877,7 @@ mod tests {
         assert!(md.blocks() * 512 < md.len() / 4, "blocks {}", md.blocks());
         // The symlink got its trusted xattr back.
         assert_eq!(
-            read_xattrs(&dst.join("dangling")).unwrap(),
+            read_xattrs(&dst.join("dangling"), false).unwrap(),
             [(b"trusted.link".to_vec(), b"v".to_vec())]
         );
 
@@ -784,7 +915,7 @@ mod tests {
         walk(&dst, b"", &mut again);
         let restored: Vec<Entry> = again
             .iter()
-            .map(|(rel, abs, md)| read_entry(abs, rel.clone(), md).unwrap())
+            .map(|(rel, abs, _)| entry_at_path(abs, rel.clone()))
             .collect();
         assert_eq!(restored.len(), entries.len());
         for (r, e) in restored.iter().zip(&entries) {
@@ -816,7 +947,7 @@ mod tests {
         assert!(create_special(&link, &e, true).unwrap());
         assert!(apply_metadata(&link, &e, true).unwrap().is_empty());
         assert_eq!(
-            read_xattrs(&link).unwrap(),
+            read_xattrs(&link, false).unwrap(),
             [(b"trusted.a".to_vec(), b"1".to_vec())]
         );
         let md = std::fs::symlink_metadata(&link).unwrap();
@@ -837,7 +968,7 @@ mod tests {
         assert_eq!(md.uid(), 0);
         assert_eq!(md.mode() & 0o7777, 0o4640);
         assert_eq!(
-            read_xattrs(&f).unwrap(),
+            read_xattrs(&f, false).unwrap(),
             [(b"user.b".to_vec(), b"2".to_vec())]
         );
 
@@ -896,8 +1027,7 @@ mod tests {
         std::fs::write(&p, b"12345").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
         set_mtime(&p, 1_700_000_000, 42);
-        let md = std::fs::symlink_metadata(&p).unwrap();
-        let e = read_entry(&p, b"f".to_vec(), &md).unwrap();
+        let e = entry_at_path(&p, b"f".to_vec());
         assert_eq!(e.kind, Kind::File { size: 5 });
         assert_eq!(e.mode, 0o640);
         assert_eq!((e.mtime_sec, e.mtime_nsec), (1_700_000_000, 42));
@@ -905,8 +1035,15 @@ mod tests {
         // A big xattr value goes through the size query path.
         let big = vec![7u8; 3000];
         rustix::fs::lsetxattr(&p, "user.big", &big, XattrFlags::empty()).unwrap();
-        let e = read_entry(&p, b"f".to_vec(), &md).unwrap();
+        let e = entry_at_path(&p, b"f".to_vec());
         assert_eq!(e.xattrs, [(b"user.big".to_vec(), big)]);
+        // The same through an fd of the object itself.
+        let fd = rustix::fs::open(&p, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).unwrap();
+        let st = stat_at(At::Fd(fd.as_fd())).unwrap();
+        assert_eq!(
+            read_entry(At::Fd(fd.as_fd()), b"f".to_vec(), &st).unwrap(),
+            e
+        );
     }
 
     /// 1 MiB with zero blocks in the middle and at the end, in chunks of `step`.

@@ -4,18 +4,31 @@
 //! `Vec`). Siblings are visited in byte order, so the stream is strictly
 //! increasing in the protocol's walk order, which the server relies on to
 //! merge it against its manifest without loading either into memory.
+//!
+//! A backup runs as root over trees other users can change while it runs, so
+//! below a source nothing is ever resolved by path: directories are opened
+//! from their parent's fd, entries are read relative to it, and each entry
+//! comes with the identity of the object the walk saw ([`Found`]), which
+//! [`Found::open_file`] checks before reading a file's content.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::ffi::{CStr, CString, OsStr};
+use std::fs::File;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use byteback_protocol::{compare_paths, Entry, Kind};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use rustix::fs::{FileType, Mode, OFlags, RawDir, ResolveFlags, Statx};
+use rustix::io::Errno;
 
-use crate::meta;
+use crate::meta::{self, At};
 
 /// Paths byteback 1.x leaves out by default (when they lie beneath a source).
 pub const DEFAULT_EXCLUDES: &[&str] = &[
@@ -109,10 +122,177 @@ pub struct WalkWarning {
     pub vanished: bool,
 }
 
+/// A source, held open for the whole backup: everything below it is reached
+/// from this fd, never through its path again.
+#[derive(Debug)]
+pub struct SourceRoot {
+    /// The source's absolute, normalised path.
+    pub path: PathBuf,
+    /// `O_PATH` fd of the object the path led to when the walk began
+    /// (symlinks in the admin's path were followed).
+    fd: OwnedFd,
+}
+
+/// What the walk saw of one object, and how to reach it again.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// Absolute path it was found at (for messages; never opened again).
+    pub abs: PathBuf,
+    /// `st_dev` the walk's `statx` saw.
+    pub dev: u64,
+    /// `st_ino` the walk's `statx` saw.
+    pub ino: u64,
+    /// The source it lies in (itself included), and where in `abs` the path
+    /// below that source starts; `None` for the ancestors of a source.
+    source: Option<(Arc<SourceRoot>, usize)>,
+}
+
+/// Why [`Found::open_file`] gave no file.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Nothing is at the path any more.
+    Vanished(io::Error),
+    /// Something else is there now: another object, a symlink or a
+    /// non-directory on the way, or not a regular file. Never followed.
+    Changed(String),
+    /// The object could not be opened.
+    Failed(io::Error),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Vanished(e) | OpenError::Failed(e) => e.fmt(f),
+            OpenError::Changed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// The message for an object that is not what the walk saw any more: the
+/// backup reports it as a file that changed during the backup.
+fn changed(why: &str, outcome: &str) -> String {
+    format!("changed during the backup ({why}); {outcome}")
+}
+
+/// Set once `openat2` turned out to be missing (Linux before 5.6, or a
+/// seccomp filter): [`open_beneath`] then goes one component at a time.
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+impl Found {
+    /// The path below the source root (empty for the source itself), or
+    /// `None` for an ancestor of a source.
+    pub fn below_source(&self) -> Option<&[u8]> {
+        let (_, start) = self.source.as_ref()?;
+        self.abs.as_os_str().as_bytes().get(*start..)
+    }
+
+    /// Opens the regular file the walk saw, for reading.
+    ///
+    /// The file is opened beneath the held fd of its source root, never
+    /// following a symlink nor leaving the source (`openat2` with
+    /// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, and `O_NOFOLLOW`), then must be
+    /// a regular file with the `(dev, ino)` the walk saw; anything else is
+    /// [`OpenError::Changed`]. A source that is itself a file is reopened from
+    /// the held fd.
+    pub fn open_file(&self) -> Result<File, OpenError> {
+        let (Some((root, _)), Some(below)) = (&self.source, self.below_source()) else {
+            return Err(OpenError::Changed("not beneath a source".into()));
+        };
+        let flags = OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let opened = if below.is_empty() {
+            // The source itself: the magic link leads to the object held.
+            let proc = format!("/proc/self/fd/{}", root.fd.as_raw_fd());
+            rustix::fs::open(proc.as_str(), flags, Mode::empty())
+        } else {
+            open_beneath(root.fd.as_fd(), below, flags | OFlags::NOFOLLOW)
+        };
+        let fd = opened.map_err(|e| match e {
+            Errno::NOENT => OpenError::Vanished(e.into()),
+            Errno::LOOP | Errno::XDEV | Errno::NOTDIR | Errno::AGAIN => {
+                let why = format!(
+                    "a symlink or a non-directory on the way: {}",
+                    io::Error::from(e)
+                );
+                OpenError::Changed(changed(&why, "not read"))
+            }
+            e => OpenError::Failed(e.into()),
+        })?;
+        let st = meta::stat_at(At::Fd(fd.as_fd())).map_err(OpenError::Failed)?;
+        if FileType::from_raw_mode(st.stx_mode.into()) != FileType::RegularFile {
+            return Err(OpenError::Changed(changed(
+                "no longer a regular file",
+                "not read",
+            )));
+        }
+        if meta::dev_ino(&st) != (self.dev, self.ino) {
+            return Err(OpenError::Changed(changed(
+                "replaced by another file",
+                "not read",
+            )));
+        }
+        Ok(File::from(fd))
+    }
+}
+
+/// Opens `below` (a relative path) beneath `root` without following any
+/// symlink or leaving `root`: `openat2` with `RESOLVE_BENEATH |
+/// RESOLVE_NO_SYMLINKS`, or, without `openat2`, one component at a time with
+/// `O_NOFOLLOW`. Add `O_NOFOLLOW` to `flags` as well.
+fn open_beneath(root: BorrowedFd<'_>, below: &[u8], flags: OFlags) -> Result<OwnedFd, Errno> {
+    if !NO_OPENAT2.load(Ordering::Relaxed) {
+        let how = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS;
+        // EAGAIN: a rename raced with the lookup; try again a few times.
+        for _ in 0..4 {
+            match rustix::fs::openat2(root, below, flags, Mode::empty(), how) {
+                Err(Errno::AGAIN) => continue,
+                Err(Errno::NOSYS) => {
+                    NO_OPENAT2.store(true, Ordering::Relaxed);
+                    break;
+                }
+                r => return r,
+            }
+        }
+        if !NO_OPENAT2.load(Ordering::Relaxed) {
+            return Err(Errno::AGAIN);
+        }
+    }
+    open_components(root, below, flags)
+}
+
+/// [`open_beneath`] without `openat2`: every directory on the way opened
+/// `O_PATH | O_DIRECTORY | O_NOFOLLOW` (a symlink gives `ENOTDIR`), `.` and
+/// `..` refused with `EXDEV`.
+fn open_components(root: BorrowedFd<'_>, below: &[u8], flags: OFlags) -> Result<OwnedFd, Errno> {
+    let mut comps = below.split(|b| *b == b'/').filter(|c| !c.is_empty());
+    let Some(mut comp) = comps.next() else {
+        return Err(Errno::NOENT);
+    };
+    let mut dir: Option<OwnedFd> = None;
+    for next in comps {
+        if comp == b"." || comp == b".." {
+            return Err(Errno::XDEV);
+        }
+        let at = dir.as_ref().map_or(root, |d| d.as_fd());
+        let opened = rustix::fs::openat(
+            at,
+            comp,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        dir = Some(opened);
+        comp = next;
+    }
+    if comp == b"." || comp == b".." {
+        return Err(Errno::XDEV);
+    }
+    let at = dir.as_ref().map_or(root, |d| d.as_fd());
+    rustix::fs::openat(at, comp, flags | OFlags::NOFOLLOW, Mode::empty())
+}
+
 /// Receives walk output.
 pub trait EntrySink {
-    /// One entry, with the absolute path it was read from.
-    fn entry(&mut self, abs: PathBuf, entry: Entry) -> Result<()>;
+    /// One entry, with what the walk saw of its object.
+    fn entry(&mut self, found: Found, entry: Entry) -> Result<()>;
     /// One non-fatal problem.
     fn warning(&mut self, w: WalkWarning);
 }
@@ -176,103 +356,371 @@ pub fn normalise_sources(sources: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(kept)
 }
 
-/// Walks every source, pushing entries in walk order into `sink`.
-pub fn walk(sources: &[PathBuf], excludes: &Excludes, sink: &mut dyn EntrySink) -> Result<()> {
-    // (dev, ino) of multiply-linked files already sent -> their first path.
-    let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
-    let mut sent_dirs: Vec<Vec<u8>> = vec![];
-    for src in sources {
-        // Ancestors of the source first, so the server has every parent.
+/// Size of the buffer `getdents64` fills.
+const DIRENT_BUF: usize = 32 << 10;
+
+/// Whether the walk goes below a directory on device `dev` in a source on
+/// device `root_dev`: one filesystem per source (a mount point is sent, its
+/// content is not).
+fn descends_into(root_dev: u64, dev: u64) -> bool {
+    dev == root_dev
+}
+
+/// One directory being walked: its fd and its entries' names, sorted.
+struct Level {
+    /// The directory, open for reading; its entries are reached from it.
+    dir: OwnedFd,
+    /// The names, NUL-terminated, back to back.
+    names: Vec<u8>,
+    /// (start in `names`, length without the NUL, type from `getdents`), in
+    /// byte order of the names.
+    order: Vec<(usize, usize, FileType)>,
+    /// Next index in `order`.
+    next: usize,
+    /// Length of the directory's absolute path.
+    path_len: usize,
+}
+
+/// Reads the names of `dir` (without `.` and `..`) into a level, sorted. A
+/// read error is returned with the names read until then.
+fn read_level(
+    dir: OwnedFd,
+    path_len: usize,
+    buf: &mut [MaybeUninit<u8>],
+) -> (Level, Option<Errno>) {
+    let mut names = Vec::new();
+    let mut order = Vec::new();
+    let mut failed = None;
+    let mut it = RawDir::new(dir.as_fd(), buf);
+    while let Some(ent) = it.next() {
+        let ent = match ent {
+            Ok(e) => e,
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        };
+        let name = ent.file_name().to_bytes_with_nul();
+        if name == b".\0" || name == b"..\0" {
+            continue;
+        }
+        order.push((names.len(), name.len() - 1, ent.file_type()));
+        names.extend_from_slice(name);
+    }
+    order.sort_unstable_by(|a, b| names[a.0..a.0 + a.1].cmp(&names[b.0..b.0 + b.1]));
+    let level = Level {
+        dir,
+        names,
+        order,
+        next: 0,
+        path_len,
+    };
+    (level, failed)
+}
+
+/// Raises the soft limit on open files to the hard limit: the walk holds one
+/// directory fd per level of depth.
+pub fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        let _ = setrlimit(Resource::Nofile, lim);
+    }
+}
+
+struct Walker<'a> {
+    excludes: &'a Excludes,
+    sink: &'a mut dyn EntrySink,
+    /// (dev, ino) of multiply-linked files already sent -> their first path.
+    links: HashMap<(u64, u64), Vec<u8>>,
+    /// For `getdents64`.
+    buf: Vec<MaybeUninit<u8>>,
+}
+
+fn path_of(bytes: &[u8]) -> PathBuf {
+    PathBuf::from(OsStr::from_bytes(bytes))
+}
+
+impl Walker<'_> {
+    fn warn(&mut self, path: &[u8], message: String, vanished: bool) {
+        self.sink.warning(WalkWarning {
+            path: path_of(path),
+            message,
+            vanished,
+        });
+    }
+
+    fn warn_io(&mut self, path: &[u8], e: &io::Error) {
+        let vanished = e.kind() == io::ErrorKind::NotFound;
+        self.warn(path, e.to_string(), vanished);
+    }
+
+    /// Reads the entry of the object at `at` (seen as `st`) found at `abs`
+    /// and hands it to the sink. Returns whether it was sent; a problem with
+    /// the object is a warning.
+    fn emit(
+        &mut self,
+        at: At<'_>,
+        st: &Statx,
+        abs: &[u8],
+        source: Option<(Arc<SourceRoot>, usize)>,
+    ) -> Result<bool> {
+        let rel = abs.trim_start_matches_slash().to_vec();
+        let mut e = match meta::read_entry(at, rel, st) {
+            Ok(e) => e,
+            Err(err) => {
+                self.warn_io(abs, &err);
+                return Ok(false);
+            }
+        };
+        let (dev, ino) = meta::dev_ino(st);
+        if matches!(e.kind, Kind::File { .. }) && st.stx_nlink > 1 {
+            if let Some(first) = self.links.get(&(dev, ino)) {
+                e.kind = Kind::HardLink {
+                    target: first.clone(),
+                };
+            } else {
+                self.links.insert((dev, ino), e.path.clone());
+            }
+        }
+        let found = Found {
+            abs: path_of(abs),
+            dev,
+            ino,
+            source,
+        };
+        self.sink.entry(found, e)?;
+        Ok(true)
+    }
+
+    /// Sends the ancestors of `src` not sent yet, each read from its parent
+    /// (opened by the admin's path, which may contain symlinks).
+    fn ancestors(&mut self, src: &Path, sent_dirs: &mut Vec<Vec<u8>>) -> Result<()> {
         let mut anc = PathBuf::from("/");
         let comps: Vec<_> = src.components().skip(1).collect();
         for c in comps.iter().take(comps.len().saturating_sub(1)) {
+            let parent = rustix::fs::open(
+                &anc,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .with_context(|| format!("opening {}", anc.display()))?;
             anc.push(c);
             let rel = rel_of(&anc);
             if sent_dirs.contains(&rel) {
                 continue;
             }
-            let md = std::fs::symlink_metadata(&anc)?;
-            let e = meta::read_entry(&anc, rel.clone(), &md)?;
-            sink.entry(anc.clone(), e)?;
+            let name = CString::new(c.as_os_str().as_bytes())?;
+            let at = At::Child {
+                dir: parent.as_fd(),
+                name: &name,
+            };
+            let st = meta::stat_at(at).with_context(|| format!("{}", anc.display()))?;
+            let e = meta::read_entry(at, rel.clone(), &st)
+                .with_context(|| format!("{}", anc.display()))?;
+            let (dev, ino) = meta::dev_ino(&st);
+            let found = Found {
+                abs: anc.clone(),
+                dev,
+                ino,
+                source: None,
+            };
+            self.sink.entry(found, e)?;
             sent_dirs.push(rel);
         }
-        let wd = walkdir::WalkDir::new(src)
-            .follow_links(false)
-            .same_file_system(true)
-            .sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()));
-        let mut it = wd.into_iter();
-        while let Some(item) = it.next() {
-            let de = match item {
-                Ok(d) => d,
-                Err(e) => {
-                    let vanished = e
-                        .io_error()
-                        .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound);
-                    sink.warning(WalkWarning {
-                        path: e.path().map(Path::to_path_buf).unwrap_or_default(),
-                        message: e.to_string(),
-                        vanished,
-                    });
-                    continue;
-                }
-            };
-            let abs = de.path();
-            let rel = rel_of(abs);
-            if rel.is_empty() {
-                continue; // the root itself
+        Ok(())
+    }
+
+    /// Walks one source: the source itself (opened by its path), then
+    /// everything below it, reached from directory fds only.
+    fn source(&mut self, src: &Path) -> Result<()> {
+        let src_bytes = src.as_os_str().as_bytes();
+        let fd = match rustix::fs::open(src, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.warn_io(src_bytes, &e.into());
+                return Ok(());
             }
-            let is_dir = de.file_type().is_dir();
-            if de.depth() > 0 && excludes.is_excluded(&rel, is_dir) {
-                if is_dir {
-                    it.skip_current_dir();
-                }
-                continue;
+        };
+        let st = match meta::stat_at(At::Fd(fd.as_fd())) {
+            Ok(st) => st,
+            Err(e) => {
+                self.warn_io(src_bytes, &e);
+                return Ok(());
             }
-            let md = match std::fs::symlink_metadata(abs) {
-                Ok(m) => m,
-                Err(e) => {
-                    sink.warning(WalkWarning {
-                        path: abs.to_path_buf(),
-                        vanished: e.kind() == std::io::ErrorKind::NotFound,
-                        message: e.to_string(),
-                    });
-                    continue;
-                }
-            };
-            let mut e = match meta::read_entry(abs, rel.clone(), &md) {
-                Ok(e) => e,
-                Err(err) => {
-                    sink.warning(WalkWarning {
-                        path: abs.to_path_buf(),
-                        vanished: err.kind() == std::io::ErrorKind::NotFound,
-                        message: err.to_string(),
-                    });
-                    continue;
-                }
-            };
-            if e.path.len() > byteback_protocol::limits::MAX_PATH {
-                sink.warning(WalkWarning {
-                    path: abs.to_path_buf(),
-                    message: "path too long; skipped".into(),
-                    vanished: false,
-                });
-                if is_dir {
-                    it.skip_current_dir();
-                }
-                continue;
-            }
-            if md.file_type().is_file() && md.nlink() > 1 {
-                let key = (md.dev(), md.ino());
-                if let Some(first) = links.get(&key) {
-                    e.kind = Kind::HardLink {
-                        target: first.clone(),
-                    };
-                } else {
-                    links.insert(key, rel.clone());
-                }
-            }
-            sink.entry(abs.to_path_buf(), e)?;
+        };
+        let root = Arc::new(SourceRoot {
+            path: src.to_path_buf(),
+            fd,
+        });
+        let root_dev = meta::dev_ino(&st).0;
+        if src_bytes.len() > byteback_protocol::limits::MAX_PATH + 1 {
+            self.warn(src_bytes, "path too long; skipped".into(), false);
+            return Ok(());
         }
+        // The filesystem root has no entry of its own (its path is empty).
+        let fs_root = src_bytes.trim_start_matches_slash().is_empty();
+        if !fs_root
+            && !self.emit(
+                At::Fd(root.fd.as_fd()),
+                &st,
+                src_bytes,
+                Some((root.clone(), src_bytes.len())),
+            )?
+        {
+            return Ok(());
+        }
+        if FileType::from_raw_mode(st.stx_mode.into()) != FileType::Directory {
+            return Ok(());
+        }
+        let dir = match rustix::fs::openat(
+            root.fd.as_fd(),
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                self.warn_io(src_bytes, &e.into());
+                return Ok(());
+            }
+        };
+        let mut path = src_bytes.to_vec();
+        // Paths below the source start after its path and a slash.
+        let below_start = if path.ends_with(b"/") {
+            path.len()
+        } else {
+            path.len() + 1
+        };
+        let mut stack = Vec::new();
+        let (level, failed) = read_level(dir, path.len(), &mut self.buf);
+        if let Some(e) = failed {
+            self.warn_io(&path, &e.into());
+        }
+        stack.push(level);
+        while let Some(top) = stack.last_mut() {
+            let Some(&(start, len, dtype)) = top.order.get(top.next) else {
+                stack.pop();
+                continue;
+            };
+            top.next += 1;
+            path.truncate(top.path_len);
+            if !path.ends_with(b"/") {
+                path.push(b'/');
+            }
+            path.extend_from_slice(&top.names[start..start + len]);
+            let Ok(name) = CStr::from_bytes_with_nul(&top.names[start..=start + len]) else {
+                continue;
+            };
+            let at = At::Child {
+                dir: top.dir.as_fd(),
+                name,
+            };
+            let rel = path.trim_start_matches_slash();
+            // The type from getdents spares a statx of excluded entries.
+            let hinted_dir = match dtype {
+                FileType::Unknown => None,
+                t => Some(t == FileType::Directory),
+            };
+            if hinted_dir.is_some_and(|d| self.excludes.is_excluded(rel, d)) {
+                continue;
+            }
+            if rel.len() > byteback_protocol::limits::MAX_PATH {
+                self.warn(&path, "path too long; skipped".into(), false);
+                continue;
+            }
+            let st = match meta::stat_at(at) {
+                Ok(st) => st,
+                Err(e) => {
+                    self.warn_io(&path, &e);
+                    continue;
+                }
+            };
+            let is_dir = FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory;
+            if hinted_dir != Some(is_dir) && self.excludes.is_excluded(rel, is_dir) {
+                continue;
+            }
+            if !self.emit(at, &st, &path, Some((root.clone(), below_start)))? || !is_dir {
+                continue;
+            }
+            let (dev, ino) = meta::dev_ino(&st);
+            if !descends_into(root_dev, dev) {
+                continue;
+            }
+            let dir = match rustix::fs::openat(
+                top.dir.as_fd(),
+                name,
+                OFlags::RDONLY
+                    | OFlags::DIRECTORY
+                    | OFlags::NOFOLLOW
+                    | OFlags::NOCTTY
+                    | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(d) => d,
+                Err(Errno::NOENT) => {
+                    self.warn_io(&path, &Errno::NOENT.into());
+                    continue;
+                }
+                Err(e @ (Errno::LOOP | Errno::NOTDIR)) => {
+                    let why = format!("no longer a directory: {}", io::Error::from(e));
+                    self.warn(&path, changed(&why, "not descended"), false);
+                    continue;
+                }
+                Err(e) => {
+                    self.warn_io(&path, &e.into());
+                    continue;
+                }
+            };
+            match meta::stat_at(At::Fd(dir.as_fd())) {
+                Ok(now) if meta::dev_ino(&now) == (dev, ino) => {}
+                Ok(_) => {
+                    let msg = changed("replaced by another directory", "not descended");
+                    self.warn(&path, msg, false);
+                    continue;
+                }
+                Err(e) => {
+                    self.warn_io(&path, &e);
+                    continue;
+                }
+            }
+            let (level, failed) = read_level(dir, path.len(), &mut self.buf);
+            if let Some(e) = failed {
+                self.warn_io(&path, &e.into());
+            }
+            stack.push(level);
+        }
+        Ok(())
+    }
+}
+
+/// Walks every source, pushing entries in walk order into `sink`.
+///
+/// Each source is opened by its path (symlinks in it are the admin's choice
+/// and are followed) and held open; below it nothing is resolved by path:
+/// every directory is opened from its parent's fd with `O_NOFOLLOW`, checked
+/// to be the directory `statx` saw, and its entries are read, stat-ed and
+/// have their xattrs read relative to that fd. A symlink is sent as a symlink
+/// and never followed; a directory on another device than its source's is
+/// sent but not entered. Siblings go in byte order, one directory's names
+/// held per level of depth. Needs `/proc` (for xattrs, see
+/// [`meta::read_entry`]).
+pub fn walk(sources: &[PathBuf], excludes: &Excludes, sink: &mut dyn EntrySink) -> Result<()> {
+    if !meta::proc_fd_available() {
+        bail!("/proc is not mounted: it is needed to read extended attributes safely");
+    }
+    let mut w = Walker {
+        excludes,
+        sink,
+        links: HashMap::new(),
+        buf: vec![MaybeUninit::uninit(); DIRENT_BUF],
+    };
+    let mut sent_dirs: Vec<Vec<u8>> = vec![];
+    for src in sources {
+        // Ancestors of the source first, so the server has every parent.
+        w.ancestors(src, &mut sent_dirs)?;
+        w.source(src)?;
     }
     Ok(())
 }
@@ -293,13 +741,56 @@ mod tests {
         assert!(x.is_excluded(b"var/cache/apt/archives", true));
     }
 
-    struct VecSink(Vec<Entry>);
+    #[derive(Default)]
+    struct VecSink {
+        entries: Vec<Entry>,
+        found: Vec<Found>,
+        warnings: Vec<WalkWarning>,
+    }
     impl EntrySink for VecSink {
-        fn entry(&mut self, _abs: PathBuf, entry: Entry) -> Result<()> {
-            self.0.push(entry);
+        fn entry(&mut self, found: Found, entry: Entry) -> Result<()> {
+            self.found.push(found);
+            self.entries.push(entry);
             Ok(())
         }
-        fn warning(&mut self, _w: WalkWarning) {}
+        fn warning(&mut self, w: WalkWarning) {
+            self.warnings.push(w);
+        }
+    }
+
+    fn walk_one(root: &Path, excludes: &[&str]) -> VecSink {
+        let mut sink = VecSink::default();
+        let x = Excludes::new(excludes).unwrap();
+        walk(
+            &normalise_sources(&[root.to_path_buf()]).unwrap(),
+            &x,
+            &mut sink,
+        )
+        .unwrap();
+        sink
+    }
+
+    fn names(sink: &VecSink) -> Vec<String> {
+        sink.entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.path).into_owned())
+            .collect()
+    }
+
+    fn base(root: &Path) -> String {
+        String::from_utf8_lossy(&rel_of(root)).into_owned()
+    }
+
+    fn assert_in_walk_order(sink: &VecSink) {
+        for w in sink.entries.windows(2) {
+            assert_eq!(
+                compare_paths(&w[0].path, &w[1].path),
+                std::cmp::Ordering::Less,
+                "{} then {}",
+                w[0].path.escape_ascii(),
+                w[1].path.escape_ascii()
+            );
+        }
     }
 
     #[test]
@@ -311,37 +802,243 @@ mod tests {
         std::fs::write(root.join("a.b"), b"y").unwrap();
         std::fs::hard_link(root.join("a/f"), root.join("z")).unwrap();
         std::fs::write(root.join("skip.log"), b"y").unwrap();
-        let mut sink = VecSink(vec![]);
-        let x = Excludes::new(&["*.log"]).unwrap();
-        walk(
-            &normalise_sources(std::slice::from_ref(&root)).unwrap(),
-            &x,
-            &mut sink,
-        )
-        .unwrap();
-        for w in sink.0.windows(2) {
-            assert_eq!(
-                compare_paths(&w[0].path, &w[1].path),
-                std::cmp::Ordering::Less
+        std::fs::create_dir_all(root.join("cache/inner")).unwrap();
+        std::fs::write(root.join("a/cache"), b"a file named cache").unwrap();
+        std::fs::create_dir_all(root.join("b/c/d")).unwrap();
+        std::fs::write(root.join("b/c/d/e"), b"deep").unwrap();
+        std::fs::write(root.join("b/c0"), b"after c/ in walk order").unwrap();
+        let sink = walk_one(&root, &["*.log", "cache/"]);
+        assert_in_walk_order(&sink);
+        let names = names(&sink);
+        let base = base(&root);
+        for want in ["a/f", "a.b", "a/cache", "b/c/d/e", "b/c0"] {
+            assert!(
+                names.contains(&format!("{base}/{want}")),
+                "{want}: {names:?}"
             );
         }
-        let names: Vec<String> = sink
-            .0
-            .iter()
-            .map(|e| String::from_utf8_lossy(&e.path).into_owned())
-            .collect();
-        let base = rel_of(&root);
-        let base = String::from_utf8_lossy(&base);
-        assert!(names.contains(&format!("{base}/a/f")));
         assert!(!names.iter().any(|n| n.ends_with("skip.log")));
+        assert!(!names
+            .iter()
+            .any(|n| n.contains("/cache/") || n.ends_with("src/cache")));
         // Every ancestor of the source is present.
         assert_eq!(names[0], base.split('/').next().unwrap());
-        let z = sink.0.iter().find(|e| e.path.ends_with(b"/z")).unwrap();
+        assert!(names.contains(&base));
+        let z = sink
+            .entries
+            .iter()
+            .find(|e| e.path.ends_with(b"/z"))
+            .unwrap();
         assert_eq!(
             z.kind,
             Kind::HardLink {
                 target: format!("{base}/a/f").into_bytes()
             }
         );
+        // Each entry carries the object the walk saw.
+        for (f, e) in sink.found.iter().zip(&sink.entries) {
+            assert_eq!(f.abs.as_os_str().as_bytes()[1..], e.path[..]);
+            let md = std::fs::symlink_metadata(&f.abs).unwrap();
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!((f.dev, f.ino), (md.dev(), md.ino()), "{}", f.abs.display());
+        }
+        let af = sink.found.iter().find(|f| f.abs.ends_with("a/f")).unwrap();
+        assert_eq!(af.below_source(), Some(&b"a/f"[..]));
+        assert!(sink.warnings.is_empty(), "{:?}", sink.warnings);
+    }
+
+    #[test]
+    fn walk_never_follows_a_symlinked_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(outside.join("sub")).unwrap();
+        std::fs::write(outside.join("secret"), b"outside").unwrap();
+        std::fs::write(outside.join("sub/deeper"), b"outside").unwrap();
+        let root = d.path().join("src");
+        std::fs::create_dir_all(root.join("user/d")).unwrap();
+        std::fs::write(root.join("user/d/secret"), b"inside").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("user/link")).unwrap();
+        std::os::unix::fs::symlink("../../outside", root.join("user/d/rel")).unwrap();
+        let sink = walk_one(&root, &[]);
+        assert_in_walk_order(&sink);
+        let base = base(&root);
+        let names = names(&sink);
+        let link = sink
+            .entries
+            .iter()
+            .find(|e| e.path == format!("{base}/user/link").as_bytes())
+            .unwrap();
+        assert_eq!(
+            link.kind,
+            Kind::Symlink {
+                target: outside.as_os_str().as_bytes().to_vec()
+            }
+        );
+        let rel = sink
+            .entries
+            .iter()
+            .find(|e| e.path.ends_with(b"user/d/rel"))
+            .unwrap();
+        assert_eq!(
+            rel.kind,
+            Kind::Symlink {
+                target: b"../../outside".to_vec()
+            }
+        );
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.contains("/link/") || n.contains("/rel/")),
+            "walked through a symlink: {names:?}"
+        );
+        assert!(!names.iter().any(|n| n.contains("outside")), "{names:?}");
+        assert!(names.contains(&format!("{base}/user/d/secret")));
+        assert!(sink.warnings.is_empty(), "{:?}", sink.warnings);
+
+        // A source given through a symlink is the admin's choice: followed.
+        let via = d.path().join("via");
+        std::os::unix::fs::symlink(&root, &via).unwrap();
+        let sink = walk_one(&via, &[]);
+        let names = self::names(&sink);
+        let vbase = self::base(&via);
+        assert!(
+            names.contains(&format!("{vbase}/user/d/secret")),
+            "{names:?}"
+        );
+        let top = sink
+            .entries
+            .iter()
+            .find(|e| e.path == vbase.as_bytes())
+            .unwrap();
+        assert_eq!(top.kind, Kind::Dir);
+        assert!(!names.iter().any(|n| n.contains("/link/")), "{names:?}");
+    }
+
+    #[test]
+    fn walk_source_that_is_a_file() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("lonely");
+        std::fs::write(&f, b"content").unwrap();
+        let sink = walk_one(&f, &[]);
+        let found = sink.found.last().unwrap();
+        assert_eq!(found.abs, f);
+        assert_eq!(found.below_source(), Some(&b""[..]));
+        let mut buf = String::new();
+        use std::io::Read;
+        found.open_file().unwrap().read_to_string(&mut buf).unwrap();
+        assert_eq!(buf, "content");
+        // Replaced: refused.
+        std::fs::write(d.path().join("new"), b"other").unwrap();
+        std::fs::rename(d.path().join("new"), &f).unwrap();
+        // The held fd still names the old file, which is what is read.
+        let mut buf = String::new();
+        found.open_file().unwrap().read_to_string(&mut buf).unwrap();
+        assert_eq!(buf, "content");
+    }
+
+    #[test]
+    fn open_file_refuses_anything_but_the_file_the_walk_saw() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"SENTINEL").unwrap();
+        let root = d.path().join("src");
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        for n in ["secret", "replaced", "gone", "kept"] {
+            std::fs::write(root.join("d").join(n), n).unwrap();
+        }
+        let sink = walk_one(&root, &[]);
+        let found = |n: &str| {
+            sink.found
+                .iter()
+                .find(|f| f.abs == root.join("d").join(n))
+                .unwrap()
+                .clone()
+        };
+        let read = |f: &Found| {
+            let mut s = String::new();
+            use std::io::Read;
+            f.open_file().map(|mut h| {
+                h.read_to_string(&mut s).unwrap();
+                s
+            })
+        };
+        assert_eq!(read(&found("kept")).unwrap(), "kept");
+        // Another inode at the same path.
+        std::fs::write(root.join("d/new"), b"new content").unwrap();
+        std::fs::rename(root.join("d/new"), root.join("d/replaced")).unwrap();
+        assert!(matches!(
+            read(&found("replaced")),
+            Err(OpenError::Changed(_))
+        ));
+        std::fs::remove_file(root.join("d/gone")).unwrap();
+        assert!(matches!(read(&found("gone")), Err(OpenError::Vanished(_))));
+        // The directory swapped for a symlink to one with the same names.
+        std::fs::rename(root.join("d"), root.join("d.away")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("d")).unwrap();
+        let secret = found("secret");
+        match read(&secret) {
+            Err(OpenError::Changed(m)) => assert!(m.contains("changed"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // Without openat2, one component at a time: the same refusal.
+        let root_fd = match &secret.source {
+            Some((r, _)) => r.fd.as_fd(),
+            None => panic!("no source"),
+        };
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        assert_eq!(
+            open_components(root_fd, b"d/secret", flags).unwrap_err(),
+            Errno::NOTDIR
+        );
+        assert_eq!(
+            open_components(root_fd, b"../outside/secret", flags).unwrap_err(),
+            Errno::XDEV
+        );
+        assert_eq!(
+            open_components(root_fd, b"d.away/kept", flags).map(|_| ()),
+            Ok(())
+        );
+        // A symlink as the last component.
+        std::os::unix::fs::symlink(outside.join("secret"), root.join("d.away/kept2")).unwrap();
+        assert_eq!(
+            open_components(root_fd, b"d.away/kept2", flags).unwrap_err(),
+            Errno::LOOP
+        );
+        // Back in place: the very same file again.
+        std::fs::remove_file(root.join("d")).unwrap();
+        std::fs::rename(root.join("d.away"), root.join("d")).unwrap();
+        assert_eq!(read(&secret).unwrap(), "secret");
+    }
+
+    #[test]
+    fn walk_does_not_descend_into_another_filesystem() {
+        if !meta::is_root() {
+            if std::env::var_os("CI").is_some() {
+                panic!("walk_does_not_descend_into_another_filesystem needs root and CI is set");
+            }
+            eprintln!("SKIPPED walk_does_not_descend_into_another_filesystem: not root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("src");
+        let mnt = root.join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        std::fs::write(root.join("z"), b"z").unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "bbtest"])
+            .arg(&mnt)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs failed");
+        std::fs::write(mnt.join("inside"), b"other fs").unwrap();
+        let sink = walk_one(&root, &[]);
+        let _ = std::process::Command::new("umount").arg(&mnt).status();
+        let names = names(&sink);
+        let base = base(&root);
+        assert!(names.contains(&format!("{base}/mnt")), "{names:?}");
+        assert!(names.contains(&format!("{base}/z")), "{names:?}");
+        assert!(!names.iter().any(|n| n.contains("inside")), "{names:?}");
     }
 }
