@@ -13,5 +13,6 @@ pub mod known_hosts;
 pub mod meta;
 pub mod restore;
 pub mod setup;
+pub mod sparse;
 pub mod ssh;
 pub mod walk;

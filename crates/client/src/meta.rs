@@ -1,29 +1,19 @@
-//! Reading a filesystem object's metadata into a protocol Entry, and recreating objects with their metadata on restore.
+//! Reading a filesystem object's metadata into a protocol Entry (for backup).
 //!
-//! Everything here works on the object itself and never follows a symlink in
-//! the last path component. Reading (for backup) is relative to a held
-//! directory fd, so no path a user could change is resolved; restoring works
-//! by path inside the restore target. POSIX ACLs travel as the `system.posix_acl_access`
-//! and `system.posix_acl_default` extended attributes, exactly as the kernel
-//! stores them.
+//! Everything here works on the object itself and never follows a symlink:
+//! reading is relative to a held directory fd, so no path a user could change
+//! is resolved. POSIX ACLs travel as the `system.posix_acl_access` and
+//! `system.posix_acl_default` extended attributes, exactly as the kernel
+//! stores them; restore applies them again (see [`crate::apply`]).
 
 use std::ffi::{CStr, CString};
-use std::fs::File;
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 
 use byteback_protocol::{Entry, Kind};
-use rustix::fs::{
-    AtFlags, FileType, Mode, OFlags, Statx, StatxFlags, Timespec, Timestamps, XattrFlags, CWD,
-};
+use rustix::fs::{AtFlags, FileType, Statx, StatxFlags};
 use rustix::io::Errno;
 
-/// Name of the xattr holding a POSIX access ACL.
-const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
-/// Name of the xattr holding a POSIX default ACL (directories only).
-const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
 /// First buffer size tried for xattr lists and values; most fit.
 const XATTR_FIRST_BUF: usize = 256;
 /// How often a list or value that keeps growing is re-read before giving up.
@@ -247,364 +237,23 @@ fn with_what(e: Errno, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
-/// An io::Error for `e` that names the path and the operation.
-fn with_path(e: Errno, abs: &Path, what: &str) -> io::Error {
-    let e = io::Error::from(e);
-    io::Error::new(e.kind(), format!("{}: {what}: {e}", abs.display()))
-}
-
-/// Creates a non-regular, non-directory object at `abs` for restore.
-///
-/// Symlinks get the raw target (never followed); fifos and sockets are made
-/// with `mknod`; character and block devices only when `as_root`, otherwise
-/// nothing is created and `Ok(false)` is returned. Returns `Ok(true)` when the
-/// object was created. Objects are created with mode 0600 (devices must not be
-/// briefly accessible to others); [`apply_metadata`] sets the real mode.
-/// [`Kind::File`], [`Kind::Dir`] and [`Kind::HardLink`] are refused with
-/// `InvalidInput`. An existing object at `abs` gives `AlreadyExists`.
-pub fn create_special(abs: &Path, entry: &Entry, as_root: bool) -> io::Result<bool> {
-    let private = Mode::RUSR | Mode::WUSR;
-    let node = |ft: FileType, dev: u64| {
-        rustix::fs::mknodat(CWD, abs, ft, private, dev).map_err(|e| with_path(e, abs, "mknod"))
-    };
-    match &entry.kind {
-        Kind::Symlink { target } => {
-            if target.is_empty() || target.contains(&0) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{}: symlink target empty or holds NUL", abs.display()),
-                ));
-            }
-            rustix::fs::symlinkat(target.as_slice(), CWD, abs)
-                .map_err(|e| with_path(e, abs, "symlink"))?;
-        }
-        Kind::Fifo => node(FileType::Fifo, 0)?,
-        Kind::Socket => node(FileType::Socket, 0)?,
-        Kind::CharDev { rdev } | Kind::BlockDev { rdev } => {
-            if !as_root {
-                return Ok(false);
-            }
-            let ft = if matches!(entry.kind, Kind::CharDev { .. }) {
-                FileType::CharacterDevice
-            } else {
-                FileType::BlockDevice
-            };
-            node(ft, *rdev)?;
-        }
-        Kind::File { .. } | Kind::Dir | Kind::HardLink { .. } => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{}: create_special called for a '{}' entry",
-                    abs.display(),
-                    entry.kind.type_char()
-                ),
-            ))
-        }
-    }
-    Ok(true)
-}
-
-/// Errors after which applying metadata makes no sense: the object or the
-/// filesystem is gone, broken or full. Anything else is a warning.
-fn is_fatal(e: Errno) -> bool {
-    matches!(
-        e,
-        Errno::NOENT | Errno::NOTDIR | Errno::IO | Errno::NOSPC | Errno::DQUOT | Errno::ROFS
-    )
-}
-
-/// Applies metadata of `entry` to the object at `abs` (which already has its content), without following symlinks.
-///
-/// In order:
-/// 1. owner and group with `lchown` when `as_root` (skipped silently otherwise);
-/// 2. xattrs, set with `lsetxattr`. None are removed, except a POSIX ACL the
-///    entry does not have: a freshly created object inherits an access ACL
-///    (and a directory a default ACL) from a parent's default ACL, which the
-///    source may not have had. When not root, `security.*` and `trusted.*`
-///    are skipped silently; on symlinks `user.*` and the ACL names, which the
-///    kernel never allows there, are skipped silently;
-/// 3. the mode, after chown (which clears setuid/setgid) and after the ACL
-///    xattr (setting an ACL rewrites the group bits; the source ACL's mask
-///    always equals the source mode's group bits, so chmod last gives exactly
-///    the source's ACL and mode); not for symlinks;
-/// 4. the mtime (atime left alone), last.
-///
-/// Returns human-readable warnings for metadata that could not be applied
-/// (ownership or an xattr refused, setgid dropped). Errors are reserved for a
-/// missing object, I/O errors or a full filesystem, and chmod/utimes failures.
-pub fn apply_metadata(abs: &Path, entry: &Entry, as_root: bool) -> io::Result<Vec<String>> {
-    let mut warnings = Vec::new();
-    let shown = entry.path.escape_ascii();
-    let is_link = matches!(entry.kind, Kind::Symlink { .. });
-    let is_dir = matches!(entry.kind, Kind::Dir);
-
-    // 1. Ownership.
-    if as_root {
-        // u32::MAX means "leave unchanged" to the kernel; it cannot be set.
-        let uid = (entry.uid != u32::MAX).then(|| rustix::fs::Uid::from_raw(entry.uid));
-        let gid = (entry.gid != u32::MAX).then(|| rustix::fs::Gid::from_raw(entry.gid));
-        if uid.is_none() || gid.is_none() {
-            warnings.push(format!(
-                "{shown}: owner {}:{} cannot be set",
-                entry.uid, entry.gid
-            ));
-        }
-        match rustix::fs::chownat(CWD, abs, uid, gid, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(()) => {}
-            Err(e) if is_fatal(e) => return Err(with_path(e, abs, "lchown")),
-            Err(e) => warnings.push(format!(
-                "{shown}: cannot set owner {}:{}: {}",
-                entry.uid,
-                entry.gid,
-                io::Error::from(e)
-            )),
-        }
-    }
-
-    // 2. Extended attributes, POSIX ACLs included.
-    if !is_link {
-        let stale: &[&[u8]] = if is_dir {
-            &[ACL_ACCESS, ACL_DEFAULT]
-        } else {
-            &[ACL_ACCESS]
-        };
-        for name in stale {
-            if entry.xattrs.iter().any(|(n, _)| n == name) {
-                continue;
-            }
-            match rustix::fs::lremovexattr(abs, *name) {
-                Ok(()) | Err(Errno::NODATA) | Err(Errno::NOTSUP) => {}
-                Err(e) if is_fatal(e) => return Err(with_path(e, abs, "removing ACL")),
-                Err(e) => warnings.push(format!(
-                    "{shown}: cannot remove inherited {}: {}",
-                    name.escape_ascii(),
-                    io::Error::from(e)
-                )),
-            }
-        }
-    }
-    for (name, value) in &entry.xattrs {
-        let privileged = name.starts_with(b"security.") || name.starts_with(b"trusted.");
-        if !as_root && privileged {
-            continue;
-        }
-        if is_link && (name.starts_with(b"user.") || name.starts_with(b"system.posix_acl_")) {
-            continue;
-        }
-        match rustix::fs::lsetxattr(abs, name.as_slice(), value, XattrFlags::empty()) {
-            Ok(()) => {}
-            Err(e) if is_fatal(e) => {
-                let what = format!("setting xattr {}", name.escape_ascii());
-                return Err(with_path(e, abs, &what));
-            }
-            Err(e) => warnings.push(format!(
-                "{shown}: cannot set xattr {}: {}",
-                name.escape_ascii(),
-                io::Error::from(e)
-            )),
-        }
-    }
-
-    // 3. Mode (symlinks have none of their own).
-    if !is_link {
-        let mode = entry.mode & 0o7777;
-        chmod_nofollow(abs, mode)?;
-        if !as_root && mode & 0o2000 != 0 {
-            // The kernel silently drops setgid for a group the caller is not in.
-            let now = std::fs::symlink_metadata(abs)?.mode() & 0o7777;
-            if now != mode {
-                warnings.push(format!(
-                    "{shown}: mode {mode:04o} applied as {now:04o} (not a member of group {})",
-                    entry.gid
-                ));
-            }
-        }
-    }
-
-    // 4. Modification time, last (nothing above changes mtime, but keep the
-    // order obvious).
-    let times = Timestamps {
-        last_access: Timespec {
-            tv_sec: 0,
-            tv_nsec: rustix::fs::UTIME_OMIT,
-        },
-        last_modification: Timespec {
-            tv_sec: entry.mtime_sec,
-            tv_nsec: entry.mtime_nsec.into(),
-        },
-    };
-    rustix::fs::utimensat(CWD, abs, &times, AtFlags::SYMLINK_NOFOLLOW)
-        .map_err(|e| with_path(e, abs, "setting mtime"))?;
-    Ok(warnings)
-}
-
-/// `chmod` that refuses to follow a symlink at `abs`: Linux's `fchmodat`
-/// has no working `AT_SYMLINK_NOFOLLOW` before 6.6, so the object is opened
-/// with `O_PATH | O_NOFOLLOW` (no side effects, even for devices and fifos)
-/// and changed through its `/proc/self/fd` name, as glibc does.
-fn chmod_nofollow(abs: &Path, mode: u32) -> io::Result<()> {
-    let mode = Mode::from_raw_mode(mode);
-    let fd = rustix::fs::open(
-        abs,
-        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| with_path(e, abs, "opening for chmod"))?;
-    let st = rustix::fs::fstat(&fd).map_err(|e| with_path(e, abs, "fstat"))?;
-    if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{}: is a symlink, not changing its mode", abs.display()),
-        ));
-    }
-    let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-    match rustix::fs::chmod(proc_path.as_str(), mode) {
-        Ok(()) => Ok(()),
-        // No /proc: fall back to the path, which we just saw is not a symlink.
-        Err(Errno::NOENT) => rustix::fs::chmod(abs, mode).map_err(|e| with_path(e, abs, "chmod")),
-        Err(e) => Err(with_path(e, abs, "chmod")),
-    }
-}
-
-/// Size of the blocks [`SparseWriter`] checks for zeros.
-const SPARSE_BLOCK: usize = 4096;
-
-/// Writes file content keeping holes.
-///
-/// A 4096-byte block (aligned to its file offset) that is all zeros is
-/// skipped with a seek instead of written; [`SparseWriter::finish`] sets the
-/// final length so trailing holes exist. Content is written from offset 0: the
-/// file is truncated to 0 first, so skipped blocks read as zeros even if the
-/// file held data before.
-pub struct SparseWriter {
-    file: File,
-    /// Bytes of the current, incomplete block (always fewer than a block).
-    partial: Vec<u8>,
-    /// File offset where `partial` starts: the number of bytes handled so far
-    /// excluding `partial`; always block-aligned.
-    offset: u64,
-    /// The kernel's file position, as far as we moved it.
-    file_pos: u64,
-    /// Whether the file has been truncated to 0 yet.
-    started: bool,
-}
-
-impl SparseWriter {
-    /// Wraps `file`, which will hold exactly the bytes written.
-    pub fn new(file: File) -> Self {
-        SparseWriter {
-            file,
-            partial: Vec::with_capacity(SPARSE_BLOCK),
-            offset: 0,
-            file_pos: 0,
-            started: false,
-        }
-    }
-
-    /// Appends `data` (any length, any alignment).
-    pub fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
-        self.start()?;
-        if !self.partial.is_empty() {
-            let take = (SPARSE_BLOCK - self.partial.len()).min(data.len());
-            self.partial.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if self.partial.len() < SPARSE_BLOCK {
-                return Ok(());
-            }
-            let block = std::mem::take(&mut self.partial);
-            let res = self.write_blocks(&block);
-            self.partial = block;
-            self.partial.clear();
-            res?;
-        }
-        let whole = data.len() - data.len() % SPARSE_BLOCK;
-        self.write_blocks(&data[..whole])?;
-        self.partial.extend_from_slice(&data[whole..]);
-        Ok(())
-    }
-
-    /// Writes the last partial block, sets the final length and returns the file,
-    /// positioned at its end.
-    pub fn finish(mut self) -> io::Result<File> {
-        self.start()?;
-        let tail = std::mem::take(&mut self.partial);
-        if !is_zero(&tail) {
-            self.write_at(self.offset, &tail)?;
-        }
-        let len = self.offset + tail.len() as u64;
-        self.file.set_len(len)?;
-        if self.file_pos != len {
-            self.file.seek(SeekFrom::Start(len))?;
-        }
-        Ok(self.file)
-    }
-
-    /// Truncates the file once, before anything is written.
-    fn start(&mut self) -> io::Result<()> {
-        if !self.started {
-            self.file.set_len(0)?;
-            self.file.seek(SeekFrom::Start(0))?;
-            self.started = true;
-        }
-        Ok(())
-    }
-
-    /// Writes whole blocks starting at `self.offset`, skipping the zero ones
-    /// and writing each run of non-zero blocks in one call.
-    fn write_blocks(&mut self, blocks: &[u8]) -> io::Result<()> {
-        debug_assert_eq!(blocks.len() % SPARSE_BLOCK, 0);
-        let mut i = 0;
-        while i < blocks.len() {
-            while i < blocks.len() && is_zero(&blocks[i..i + SPARSE_BLOCK]) {
-                i += SPARSE_BLOCK;
-            }
-            let run = i;
-            while i < blocks.len() && !is_zero(&blocks[i..i + SPARSE_BLOCK]) {
-                i += SPARSE_BLOCK;
-            }
-            if run < i {
-                self.write_at(self.offset + run as u64, &blocks[run..i])?;
-            }
-        }
-        self.offset += blocks.len() as u64;
-        Ok(())
-    }
-
-    /// Writes `data` at file offset `at`, seeking only when needed.
-    fn write_at(&mut self, at: u64, data: &[u8]) -> io::Result<()> {
-        if self.file_pos != at {
-            self.file.seek(SeekFrom::Start(at))?;
-        }
-        self.file.write_all(data)?;
-        self.file_pos = at + data.len() as u64;
-        Ok(())
-    }
-}
-
-/// Whether `data` is all zero bytes (written to vectorise well).
-fn is_zero(data: &[u8]) -> bool {
-    let mut words = data.chunks_exact(16);
-    let acc = words.by_ref().fold(0u128, |acc, w| {
-        let mut b = [0u8; 16];
-        b.copy_from_slice(w);
-        acc | u128::from_ne_bytes(b)
-    });
-    acc == 0 && words.remainder().iter().all(|b| *b == 0)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::ffi::OsStr;
+    use std::fs::File;
     use std::io::Read;
     use std::os::fd::AsFd;
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::FileTypeExt;
-    use std::os::unix::fs::PermissionsExt;
-    use std::path::PathBuf;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::path::{Path, PathBuf};
     use std::process::Command;
+
+    use rustix::fs::{Mode, OFlags, Timespec, Timestamps, XattrFlags, CWD};
+
+    const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+    const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
 
     /// Skips (returns true) when not root, or panics under CI.
     fn skip_unless_root(test: &str) -> bool {
@@ -699,9 +348,69 @@ mod tests {
         read_entry(at, rel, &st).unwrap()
     }
 
+    /// Makes a symlink, fifo, socket or device at `to` (test set-up, by path).
+    fn make_special(to: &Path, e: &Entry) {
+        let private = Mode::RUSR | Mode::WUSR;
+        match &e.kind {
+            Kind::Symlink { target } => {
+                rustix::fs::symlinkat(OsStr::from_bytes(target), CWD, to).unwrap()
+            }
+            Kind::Fifo => rustix::fs::mknodat(CWD, to, FileType::Fifo, private, 0).unwrap(),
+            Kind::Socket => rustix::fs::mknodat(CWD, to, FileType::Socket, private, 0).unwrap(),
+            Kind::CharDev { rdev } => {
+                rustix::fs::mknodat(CWD, to, FileType::CharacterDevice, private, *rdev).unwrap()
+            }
+            Kind::BlockDev { rdev } => {
+                rustix::fs::mknodat(CWD, to, FileType::BlockDevice, private, *rdev).unwrap()
+            }
+            k => panic!("not special: {k:?}"),
+        }
+    }
+
+    /// Applies `e` to the object at `to` the way restore does, through fds.
+    fn apply_at(to: &Path, e: &Entry, as_root: bool) -> Vec<String> {
+        use crate::apply::{apply, open_path, ApplyRules, Held};
+        let rules = ApplyRules {
+            as_root,
+            no_setuid: false,
+        };
+        let parent = rustix::fs::open(
+            to.parent().unwrap(),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        let name = to.file_name().unwrap().as_bytes();
+        let shown = to.display().to_string();
+        match &e.kind {
+            Kind::Dir | Kind::File { .. } => {
+                let fd = rustix::fs::open(
+                    to,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .unwrap();
+                apply(Held::Open(fd.as_fd()), e, &rules, &shown).unwrap()
+            }
+            Kind::Symlink { .. } => {
+                let fd = open_path(&parent, name).unwrap();
+                let held = Held::Symlink {
+                    fd: fd.as_fd(),
+                    parent: parent.as_fd(),
+                    name,
+                };
+                apply(held, e, &rules, &shown).unwrap()
+            }
+            _ => {
+                let fd = open_path(&parent, name).unwrap();
+                apply(Held::Path(fd.as_fd()), e, &rules, &shown).unwrap()
+            }
+        }
+    }
+
     fn copy_sparse(from: &Path, to: &Path) {
         let mut src = File::open(from).unwrap();
-        let mut w = SparseWriter::new(File::create(to).unwrap());
+        let mut w = crate::sparse::SparseWriter::new(File::create(to).unwrap());
         let mut buf = vec![0u8; 10_007]; // odd size: unaligned chunks
         loop {
             let n = src.read(&mut buf).unwrap();
@@ -861,14 +570,14 @@ mod tests {
                     }
                 }
                 Kind::File { .. } => copy_sparse(abs, &to),
-                _ => assert!(create_special(&to, e, true).unwrap()),
+                _ => make_special(&to, e),
             }
-            let warnings = apply_metadata(&to, e, true).unwrap();
+            let warnings = apply_at(&to, e, true);
             assert!(warnings.is_empty(), "{warnings:?}");
         }
         for e in entries.iter().rev().filter(|e| e.kind == Kind::Dir) {
             let to = dst.join(OsStr::from_bytes(&e.path));
-            assert!(apply_metadata(&to, e, true).unwrap().is_empty());
+            assert!(apply_at(&to, e, true).is_empty());
         }
 
         // Holes kept in the copy.
@@ -944,8 +653,8 @@ mod tests {
             (b"trusted.a".to_vec(), b"1".to_vec()),
             (b"user.b".to_vec(), b"2".to_vec()),
         ];
-        assert!(create_special(&link, &e, true).unwrap());
-        assert!(apply_metadata(&link, &e, true).unwrap().is_empty());
+        make_special(&link, &e);
+        assert!(apply_at(&link, &e, true).is_empty());
         assert_eq!(
             read_xattrs(&link, false).unwrap(),
             [(b"trusted.a".to_vec(), b"1".to_vec())]
@@ -963,7 +672,7 @@ mod tests {
             (b"trusted.a".to_vec(), b"1".to_vec()),
             (b"user.b".to_vec(), b"2".to_vec()),
         ];
-        assert!(apply_metadata(&f, &e, false).unwrap().is_empty());
+        assert!(apply_at(&f, &e, false).is_empty());
         let md = std::fs::symlink_metadata(&f).unwrap();
         assert_eq!(md.uid(), 0);
         assert_eq!(md.mode() & 0o7777, 0o4640);
@@ -974,50 +683,9 @@ mod tests {
 
         // A failing xattr is a warning, not an error.
         e.xattrs = vec![(b"bogusns.a".to_vec(), b"1".to_vec())];
-        let w = apply_metadata(&f, &e, true).unwrap();
+        let w = apply_at(&f, &e, true);
         assert_eq!(w.len(), 1, "{w:?}");
         assert_eq!(std::fs::symlink_metadata(&f).unwrap().uid(), 4321);
-    }
-
-    #[test]
-    fn meta_create_special_refusals() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("x");
-        for kind in [
-            Kind::File { size: 0 },
-            Kind::Dir,
-            Kind::HardLink {
-                target: b"a".to_vec(),
-            },
-        ] {
-            let err = create_special(&p, &entry(kind), true).unwrap_err();
-            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
-        }
-        let dev = entry(Kind::CharDev {
-            rdev: rustix::fs::makedev(1, 3),
-        });
-        assert!(!create_special(&p, &dev, false).unwrap());
-        assert!(std::fs::symlink_metadata(&p).is_err());
-        let bad = entry(Kind::Symlink {
-            target: b"a\0b".to_vec(),
-        });
-        assert_eq!(
-            create_special(&p, &bad, false).unwrap_err().kind(),
-            io::ErrorKind::InvalidInput
-        );
-        // Fifo works unprivileged; an existing object is an error.
-        let fifo = entry(Kind::Fifo);
-        assert!(create_special(&p, &fifo, false).unwrap());
-        assert!(std::fs::symlink_metadata(&p).unwrap().file_type().is_fifo());
-        assert_eq!(
-            create_special(&p, &fifo, false).unwrap_err().kind(),
-            io::ErrorKind::AlreadyExists
-        );
-        // apply_metadata never follows: a symlink standing where a file is expected is refused.
-        let l = t.path().join("l");
-        std::os::unix::fs::symlink(&p, &l).unwrap();
-        assert!(apply_metadata(&l, &entry(Kind::File { size: 0 }), false).is_err());
-        assert_eq!(std::fs::symlink_metadata(&p).unwrap().mode() & 0o777, 0o600);
     }
 
     #[test]
@@ -1044,81 +712,5 @@ mod tests {
             read_entry(At::Fd(fd.as_fd()), b"f".to_vec(), &st).unwrap(),
             e
         );
-    }
-
-    /// 1 MiB with zero blocks in the middle and at the end, in chunks of `step`.
-    fn sparse_case(step: usize) {
-        let mut data = vec![0u8; 1 << 20];
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = (i % 251) as u8 | 1;
-        }
-        data[100_000..600_000].fill(0); // middle hole (unaligned edges)
-        data[(1 << 20) - 200_000..].fill(0); // trailing hole
-        data[10] = 0; // lone zeros inside data blocks
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("s");
-        std::fs::write(&p, vec![9u8; 2 << 20]).unwrap(); // old content must not show through
-        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
-        let mut w = SparseWriter::new(f);
-        for chunk in data.chunks(step) {
-            w.write_all(chunk).unwrap();
-        }
-        w.write_all(&[]).unwrap();
-        let mut f = w.finish().unwrap();
-        assert_eq!(f.stream_position().unwrap(), data.len() as u64);
-        f.sync_all().unwrap();
-        drop(f);
-        assert_eq!(std::fs::read(&p).unwrap(), data);
-        let md = std::fs::metadata(&p).unwrap();
-        assert_eq!(md.len(), data.len() as u64);
-        assert!(
-            md.blocks() * 512 < md.len(),
-            "step {step}: {} blocks for {} bytes",
-            md.blocks(),
-            md.len()
-        );
-        assert!(md.blocks() * 512 <= (1 << 20) - 600_000 + 8192);
-    }
-
-    #[test]
-    fn meta_sparse_writer_keeps_holes() {
-        for step in [1 << 20, 4096, 65_536, 1000, 4097, 7, 3 * 4096 + 1] {
-            sparse_case(step);
-        }
-    }
-
-    #[test]
-    fn meta_sparse_writer_small_and_empty() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("e");
-        let f = SparseWriter::new(File::create(&p).unwrap())
-            .finish()
-            .unwrap();
-        assert_eq!(f.metadata().unwrap().len(), 0);
-        let mut w = SparseWriter::new(File::create(&p).unwrap());
-        w.write_all(&[0, 0, 0]).unwrap();
-        w.write_all(&[0; 5000]).unwrap();
-        w.finish().unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), vec![0u8; 5003]);
-        let mut w = SparseWriter::new(File::create(&p).unwrap());
-        w.write_all(b"ab").unwrap();
-        w.write_all(&[0; 8190]).unwrap();
-        w.write_all(b"c").unwrap();
-        w.finish().unwrap();
-        let mut want = b"ab".to_vec();
-        want.extend_from_slice(&[0; 8190]);
-        want.push(b'c');
-        assert_eq!(std::fs::read(&p).unwrap(), want);
-    }
-
-    #[test]
-    fn meta_is_zero() {
-        assert!(is_zero(&[]));
-        assert!(is_zero(&[0; 4096]));
-        for i in 0..40 {
-            let mut v = vec![0u8; 40];
-            v[i] = 1;
-            assert!(!is_zero(&v));
-        }
     }
 }
