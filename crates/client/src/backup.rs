@@ -70,6 +70,8 @@ pub struct BackupOptions {
     pub excludes: Vec<String>,
     /// Print every file sent.
     pub verbose: bool,
+    /// Stay on each source's filesystem (`--one-file-system`).
+    pub one_file_system: bool,
 }
 
 /// Batches sent and not yet answered, with what the walk saw of each entry.
@@ -356,7 +358,11 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
         entries: 0,
         walk_vanished: 0,
     };
-    let walked = walk::walk(&sources, &excludes, &mut announcer).and_then(|_| announcer.flush());
+    let walk_opts = walk::WalkOptions {
+        one_file_system: opts.one_file_system,
+    };
+    let walked =
+        walk::walk(&sources, &excludes, walk_opts, &mut announcer).and_then(|_| announcer.flush());
     let result = walked.and_then(|_| {
         // Wait until every file is resolved, then commit.
         let mut f = shared.flow.lock().map_err(|_| anyhow!("lock poisoned"))?;
@@ -504,6 +510,12 @@ impl EntrySink for Announcer {
             self.shared.partial.fetch_add(1, Ordering::Relaxed);
             self.shared
                 .warn(format!("{}: {}", w.path.display(), w.message));
+        }
+    }
+
+    fn note(&mut self, what: String) {
+        if self.shared.verbose {
+            eprintln!("byteback-backup: {what}");
         }
     }
 }
@@ -884,6 +896,7 @@ mod tests {
             sources: vec![src],
             excludes: vec![],
             verbose: false,
+            one_file_system: false,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -909,6 +922,7 @@ mod tests {
         walk::walk(
             &walk::normalise_sources(std::slice::from_ref(&src)).unwrap(),
             &Excludes::new::<&str>(&[]).unwrap(),
+            walk::WalkOptions::default(),
             &mut sink,
         )
         .unwrap();

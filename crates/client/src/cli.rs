@@ -67,9 +67,14 @@ pub struct BackupArgs {
     /// SSH private key. Default: /etc/byteback/key.
     #[arg(short = 'k', long)]
     ssh_key: Option<PathBuf>,
-    /// Print every file sent.
+    /// Print every file sent, and each mounted filesystem left out.
     #[arg(short, long)]
     verbose: bool,
+    /// Stay on each source's own filesystem. By default every mounted local
+    /// filesystem below the sources is backed up too (as byteback 1.x did);
+    /// btrfs subvolumes are always included.
+    #[arg(long)]
+    one_file_system: bool,
 }
 
 fn read_config_line(name: &str) -> Option<String> {
@@ -256,6 +261,7 @@ fn backup(args: BackupArgs) -> Result<u8> {
         sources,
         excludes,
         verbose: args.verbose,
+        one_file_system: args.one_file_system,
     };
     let mut attempt = 0;
     loop {

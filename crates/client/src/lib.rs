@@ -11,6 +11,7 @@ pub mod cli;
 pub mod conn;
 pub mod known_hosts;
 pub mod meta;
+pub mod mounts;
 pub mod restore;
 pub mod setup;
 pub mod sparse;

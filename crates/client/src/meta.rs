@@ -71,9 +71,14 @@ pub fn stat_at(at: At<'_>) -> io::Result<Statx> {
             dir,
             name,
             AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT,
-            StatxFlags::BASIC_STATS,
+            StatxFlags::BASIC_STATS | StatxFlags::MNT_ID,
         ),
-        At::Fd(fd) => rustix::fs::statx(fd, c"", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS),
+        At::Fd(fd) => rustix::fs::statx(
+            fd,
+            c"",
+            AtFlags::EMPTY_PATH,
+            StatxFlags::BASIC_STATS | StatxFlags::MNT_ID,
+        ),
     };
     r.map_err(io::Error::from)
 }

@@ -29,6 +29,7 @@ use rustix::fs::{FileType, Mode, OFlags, RawDir, ResolveFlags, Statx};
 use rustix::io::Errno;
 
 use crate::meta::{self, At};
+use crate::mounts::{Crossing, Mounts};
 
 /// Paths byteback 1.x leaves out by default (when they lie beneath a source).
 pub const DEFAULT_EXCLUDES: &[&str] = &[
@@ -295,6 +296,8 @@ pub trait EntrySink {
     fn entry(&mut self, found: Found, entry: Entry) -> Result<()>;
     /// One non-fatal problem.
     fn warning(&mut self, w: WalkWarning);
+    /// Something the walk left out on purpose (a filesystem not entered), for `--verbose`.
+    fn note(&mut self, _what: String) {}
 }
 
 fn rel_of(abs: &Path) -> Vec<u8> {
@@ -359,11 +362,18 @@ pub fn normalise_sources(sources: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// Size of the buffer `getdents64` fills.
 const DIRENT_BUF: usize = 32 << 10;
 
-/// Whether the walk goes below a directory on device `dev` in a source on
-/// device `root_dev`: one filesystem per source (a mount point is sent, its
-/// content is not).
-fn descends_into(root_dev: u64, dev: u64) -> bool {
-    dev == root_dev
+/// How the walk treats mounted filesystems.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WalkOptions {
+    /// Stay on each source's own filesystem (`--one-file-system`); by
+    /// default every local filesystem below the sources is walked, as 1.x
+    /// did (see [`crate::mounts`]).
+    pub one_file_system: bool,
+}
+
+/// The mount id `statx` reported, if the kernel gave one (Linux 5.8+).
+fn mnt_id(st: &Statx) -> Option<u64> {
+    (st.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() != 0).then_some(st.stx_mnt_id)
 }
 
 /// One directory being walked: its fd and its entries' names, sorted.
@@ -379,6 +389,9 @@ struct Level {
     next: usize,
     /// Length of the directory's absolute path.
     path_len: usize,
+    /// Mount id and device of the directory: a child on another is a mount
+    /// point (or, same mount and another device, a btrfs subvolume).
+    mnt: (Option<u64>, u64),
 }
 
 /// Reads the names of `dir` (without `.` and `..`) into a level, sorted. A
@@ -386,6 +399,7 @@ struct Level {
 fn read_level(
     dir: OwnedFd,
     path_len: usize,
+    mnt: (Option<u64>, u64),
     buf: &mut [MaybeUninit<u8>],
 ) -> (Level, Option<Errno>) {
     let mut names = Vec::new();
@@ -414,6 +428,7 @@ fn read_level(
         order,
         next: 0,
         path_len,
+        mnt,
     };
     (level, failed)
 }
@@ -436,6 +451,8 @@ struct Walker<'a> {
     links: HashMap<(u64, u64), Vec<u8>>,
     /// For `getdents64`.
     buf: Vec<MaybeUninit<u8>>,
+    /// Which mounted filesystems to enter.
+    mounts: Mounts,
 }
 
 fn path_of(bytes: &[u8]) -> PathBuf {
@@ -554,7 +571,8 @@ impl Walker<'_> {
             path: src.to_path_buf(),
             fd,
         });
-        let root_dev = meta::dev_ino(&st).0;
+        self.mounts.source_root(meta::dev_ino(&st));
+        let root_mnt = (mnt_id(&st), meta::dev_ino(&st).0);
         if src_bytes.len() > byteback_protocol::limits::MAX_PATH + 1 {
             self.warn(src_bytes, "path too long; skipped".into(), false);
             return Ok(());
@@ -594,7 +612,7 @@ impl Walker<'_> {
             path.len() + 1
         };
         let mut stack = Vec::new();
-        let (level, failed) = read_level(dir, path.len(), &mut self.buf);
+        let (level, failed) = read_level(dir, path.len(), root_mnt, &mut self.buf);
         if let Some(e) = failed {
             self.warn_io(&path, &e.into());
         }
@@ -645,8 +663,21 @@ impl Walker<'_> {
                 continue;
             }
             let (dev, ino) = meta::dev_ino(&st);
-            if !descends_into(root_dev, dev) {
-                continue;
+            let here = (mnt_id(&st), dev);
+            let crosses = match (here.0, top.mnt.0) {
+                (Some(child), Some(parent)) => child != parent,
+                // No mount ids (Linux before 5.8): a new device is a new filesystem.
+                _ => dev != top.mnt.1,
+            };
+            if crosses {
+                let shown = String::from_utf8_lossy(&path).into_owned();
+                if let Crossing::Skip(why) =
+                    self.mounts
+                        .crossing(here.0.unwrap_or(0), (dev, ino), &shown)
+                {
+                    self.sink.note(why);
+                    continue;
+                }
             }
             let dir = match rustix::fs::openat(
                 top.dir.as_fd(),
@@ -685,7 +716,7 @@ impl Walker<'_> {
                     continue;
                 }
             }
-            let (level, failed) = read_level(dir, path.len(), &mut self.buf);
+            let (level, failed) = read_level(dir, path.len(), here, &mut self.buf);
             if let Some(e) = failed {
                 self.warn_io(&path, &e.into());
             }
@@ -702,11 +733,17 @@ impl Walker<'_> {
 /// every directory is opened from its parent's fd with `O_NOFOLLOW`, checked
 /// to be the directory `statx` saw, and its entries are read, stat-ed and
 /// have their xattrs read relative to that fd. A symlink is sent as a symlink
-/// and never followed; a directory on another device than its source's is
-/// sent but not entered. Siblings go in byte order, one directory's names
+/// and never followed. A mount point is entered when [`Mounts::crossing`]
+/// says so (local filesystems, each once; none with `--one-file-system`),
+/// otherwise sent as an empty directory. Siblings go in byte order, one directory's names
 /// held per level of depth. Needs `/proc` (for xattrs, see
 /// [`meta::read_entry`]).
-pub fn walk(sources: &[PathBuf], excludes: &Excludes, sink: &mut dyn EntrySink) -> Result<()> {
+pub fn walk(
+    sources: &[PathBuf],
+    excludes: &Excludes,
+    opts: WalkOptions,
+    sink: &mut dyn EntrySink,
+) -> Result<()> {
     if !meta::proc_fd_available() {
         bail!("/proc is not mounted: it is needed to read extended attributes safely");
     }
@@ -715,6 +752,7 @@ pub fn walk(sources: &[PathBuf], excludes: &Excludes, sink: &mut dyn EntrySink) 
         sink,
         links: HashMap::new(),
         buf: vec![MaybeUninit::uninit(); DIRENT_BUF],
+        mounts: Mounts::new(opts.one_file_system),
     };
     let mut sent_dirs: Vec<Vec<u8>> = vec![];
     for src in sources {
@@ -764,6 +802,7 @@ mod tests {
         walk(
             &normalise_sources(&[root.to_path_buf()]).unwrap(),
             &x,
+            WalkOptions::default(),
             &mut sink,
         )
         .unwrap();

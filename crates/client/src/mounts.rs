@@ -1,0 +1,239 @@
+//! Which mounted filesystems a backup walks into, as byteback 1.x decided.
+//!
+//! 1.x backed up every mounted filesystem of a local type under its sources
+//! and left out the rest (`/proc`, `/sys`, `/dev`, `/run`, tmpfs, NFS, SMB,
+//! FUSE, overlay, squashfs...). The walk asks [`Mounts::crossing`] at each
+//! directory whose mount id (`statx` `STATX_MNT_ID`) differs from its
+//! parent's. The mount table comes from `/proc/self/mountinfo` (read again
+//! when a mount appears during the walk). Each filesystem is walked once: a
+//! bind mount of a subtree, or a second mount of a filesystem already walked
+//! (same device and root inode), is sent as an empty mount point, never
+//! entered, so nothing is backed up twice and nothing loops. btrfs subvolumes
+//! that are not mount points are ordinary directories to the walk (their
+//! device differs, their mount does not), so they are always included.
+
+use std::collections::{HashMap, HashSet};
+
+/// Filesystem types byteback 1.x counted as local (and `ext`, `ext2`,
+/// `ext3`, `ext4` as they appear in mountinfo).
+pub const LOCAL_TYPES: &[&str] = &[
+    "btrfs", "ext2", "ext3", "ext4", "reiserfs", "xfs", "nilfs2", "jfs", "reiser4", "zfs", "rootfs",
+];
+
+/// The btrfs inode number of a subvolume's root directory.
+const BTRFS_SUBVOL_ROOT_INO: u64 = 256;
+
+/// One line of `/proc/self/mountinfo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    /// Root of the mount within its filesystem (`/` unless a bind mount or a btrfs `subvol=`).
+    pub root: Vec<u8>,
+    /// Mount point.
+    pub point: Vec<u8>,
+    /// Filesystem type.
+    pub fstype: String,
+}
+
+/// Decodes mountinfo's octal escapes (`\040` for a space...).
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        if let (b'\\', Some(d)) = (b[i], octal) {
+            let v = d.iter().fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
+            if let Ok(v) = u8::try_from(v) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Parses mountinfo text into mount id -> info; malformed lines are skipped.
+pub fn parse_mountinfo(text: &str) -> HashMap<u64, MountInfo> {
+    let mut out = HashMap::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let (Some(id), Some(root), Some(point), Some(fstype)) = (
+            fields.first().and_then(|f| f.parse::<u64>().ok()),
+            fields.get(3),
+            fields.get(4),
+            fields.get(sep + 1),
+        ) else {
+            continue;
+        };
+        out.insert(
+            id,
+            MountInfo {
+                root: unescape(root),
+                point: unescape(point),
+                fstype: fstype.to_string(),
+            },
+        );
+    }
+    out
+}
+
+/// What the walk does at a mount point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Crossing {
+    /// Walk into it.
+    Enter,
+    /// Send the mount point only; the reason is shown with `--verbose`.
+    Skip(String),
+}
+
+/// The mount table and the filesystems already walked.
+#[derive(Debug, Default)]
+pub struct Mounts {
+    table: HashMap<u64, MountInfo>,
+    /// (device, inode) of the root of every filesystem the walk has entered.
+    entered: HashSet<(u64, u64)>,
+    /// Stay on the sources' own filesystems (`--one-file-system`).
+    one_file_system: bool,
+}
+
+impl Mounts {
+    /// Reads the mount table.
+    pub fn new(one_file_system: bool) -> Self {
+        let mut m = Mounts {
+            one_file_system,
+            ..Default::default()
+        };
+        m.reload();
+        m
+    }
+
+    /// A table given as text (tests).
+    pub fn from_text(text: &str, one_file_system: bool) -> Self {
+        Mounts {
+            table: parse_mountinfo(text),
+            one_file_system,
+            ..Default::default()
+        }
+    }
+
+    fn reload(&mut self) {
+        if let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") {
+            self.table = parse_mountinfo(&text);
+        }
+    }
+
+    /// Records the root of a source: walked, so a later mount of the same
+    /// directory is not walked again.
+    pub fn source_root(&mut self, dev_ino: (u64, u64)) {
+        self.entered.insert(dev_ino);
+    }
+
+    /// Decides for directory `shown`, whose mount id `mnt_id` differs from
+    /// its parent's, and whose root is `dev_ino`.
+    pub fn crossing(&mut self, mnt_id: u64, dev_ino: (u64, u64), shown: &str) -> Crossing {
+        if self.one_file_system {
+            return Crossing::Skip(format!(
+                "{shown}: another filesystem, not entered (--one-file-system)"
+            ));
+        }
+        if !self.table.contains_key(&mnt_id) {
+            self.reload();
+        }
+        let Some(info) = self.table.get(&mnt_id) else {
+            return Crossing::Skip(format!(
+                "{shown}: mount {mnt_id} is not in /proc/self/mountinfo; not entered"
+            ));
+        };
+        if !LOCAL_TYPES.contains(&info.fstype.as_str()) {
+            return Crossing::Skip(format!(
+                "{shown}: {} is not a local filesystem type; not backed up",
+                info.fstype
+            ));
+        }
+        let subvol_root = info.fstype == "btrfs" && dev_ino.1 == BTRFS_SUBVOL_ROOT_INO;
+        if info.root != b"/" && !subvol_root {
+            return Crossing::Skip(format!(
+                "{shown}: a bind mount of {} of another mount; backed up where that filesystem is mounted",
+                String::from_utf8_lossy(&info.root)
+            ));
+        }
+        if !self.entered.insert(dev_ino) {
+            return Crossing::Skip(format!(
+                "{shown}: this filesystem is mounted more than once; backed up once"
+            ));
+        }
+        Crossing::Enter
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+23 22 0:21 / /proc rw,nosuid shared:12 - proc proc rw
+24 22 8:2 / /home rw shared:2 - xfs /dev/sda2 rw
+25 22 0:30 / /tmp rw shared:3 - tmpfs tmpfs rw
+26 22 8:1 /srv/data /mnt/data rw shared:1 - ext4 /dev/sda1 rw
+27 22 0:40 /@var /var rw shared:4 - btrfs /dev/sdb rw,subvol=/@var
+28 22 0:41 / /mnt/my\\040disk rw - ext4 /dev/sdc rw
+29 22 0:42 / /net rw - nfs4 server:/ rw
+30 22 8:2 / /mnt/home-again rw shared:2 - xfs /dev/sda2 rw
+";
+
+    #[test]
+    fn parses_mountinfo() {
+        let t = parse_mountinfo(TABLE);
+        assert_eq!(t.len(), 9);
+        assert_eq!(t[&26].root, b"/srv/data");
+        assert_eq!(t[&28].point, b"/mnt/my disk");
+        assert_eq!(t[&27].fstype, "btrfs");
+    }
+
+    #[test]
+    fn crosses_into_local_filesystems_once() {
+        let mut m = Mounts::from_text(TABLE, false);
+        m.source_root((0x801, 2));
+        assert_eq!(m.crossing(24, (0x802, 128), "/home"), Crossing::Enter);
+        let skip = |c: Crossing, needle: &str| match c {
+            Crossing::Skip(why) => assert!(why.contains(needle), "{why}"),
+            Crossing::Enter => panic!("entered; expected {needle}"),
+        };
+        skip(m.crossing(23, (3, 1), "/proc"), "not a local");
+        skip(m.crossing(25, (4, 1), "/tmp"), "not a local");
+        skip(m.crossing(29, (5, 1), "/net"), "not a local");
+        skip(m.crossing(26, (0x801, 77), "/mnt/data"), "bind mount");
+        skip(
+            m.crossing(30, (0x802, 128), "/mnt/home-again"),
+            "more than once",
+        );
+        // A btrfs subvol= mount has a root other than / but is no bind mount.
+        assert_eq!(m.crossing(27, (44, 256), "/var"), Crossing::Enter);
+        assert_eq!(m.crossing(28, (45, 2), "/mnt/my disk"), Crossing::Enter);
+        // Unknown mounts are not entered (after a reload finds nothing).
+        let mut m2 = Mounts::from_text(TABLE, false);
+        m2.table.clear();
+        skip(
+            m2.crossing(999_999, (9, 9), "/x"),
+            "not in /proc/self/mountinfo",
+        );
+    }
+
+    #[test]
+    fn one_file_system_enters_nothing() {
+        let mut m = Mounts::from_text(TABLE, true);
+        assert!(matches!(
+            m.crossing(24, (0x802, 128), "/home"),
+            Crossing::Skip(_)
+        ));
+    }
+}

@@ -1,0 +1,169 @@
+//! Whole-host backups as byteback 1.x made them: every mounted local
+//! filesystem below the sources, each once; non-local ones (tmpfs) left out;
+//! bind mounts and second mounts never walked twice; btrfs subvolumes always
+//! included; `--one-file-system` for those who want less.
+
+mod util;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use util::*;
+
+/// Mounts made by a test, unmounted (innermost first) however the test ends.
+#[derive(Default)]
+struct Mounts(Vec<PathBuf>);
+
+impl Mounts {
+    fn mount(&mut self, args: &[&str], target: &Path) {
+        fs::create_dir_all(target).unwrap();
+        run(Command::new("mount").args(args).arg(target));
+        self.0.push(target.to_path_buf());
+    }
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for m in self.0.iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+    }
+}
+
+fn backup(store: &Path, src: &Path, host: &str, extra: &[&str]) -> Output {
+    run(Command::new(bin("byteback-backup"))
+        .arg("--destination")
+        .arg(store)
+        .arg("--source")
+        .arg(src)
+        .args(["--hostname", host, "--retry-number", "0", "--verbose"])
+        .args(extra))
+}
+
+/// Restores everything of `host`'s newest snapshot into `into`; returns the restored `src`.
+fn restore(store: &Path, host: &str, into: &Path, src: &Path) -> PathBuf {
+    fs::create_dir_all(into).unwrap();
+    run(Command::new(bin("byteback-restore"))
+        .current_dir(into)
+        .arg("--destination")
+        .arg(store)
+        .args(["--hostname", host, "--restore", "/"]));
+    let snap = fs::read_dir(into).unwrap().next().unwrap().unwrap().path();
+    snap.join(src.strip_prefix("/").unwrap())
+}
+
+fn is_empty_dir(p: &Path) -> bool {
+    fs::symlink_metadata(p).unwrap().is_dir() && fs::read_dir(p).unwrap().next().is_none()
+}
+
+fn write(p: &Path, data: &[u8]) {
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, data).unwrap();
+}
+
+#[test]
+fn every_local_filesystem_once_and_no_tmpfs() {
+    if !require_root("mounting filesystems") {
+        return;
+    }
+    let d = scratch();
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    write(&src.join("top"), b"on the source's own filesystem");
+    let mut mounts = Mounts::default();
+
+    // An ext4 filesystem inside the source.
+    let img = d.path().join("ext.img");
+    run(Command::new("truncate").args(["-s", "64M"]).arg(&img));
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+    mounts.mount(&["-o", "loop", img.to_str().unwrap()], &src.join("ext"));
+    let mut rng = Rng::new(5);
+    write(&src.join("ext/a/b"), &rng.bytes(50_000));
+    write(&src.join("ext/a/c"), b"c");
+    write(&src.join("ext/d"), &rng.bytes(3000));
+
+    // A btrfs filesystem mounted inside the source, with a subvolume.
+    let bt = BtrfsLoop::new(200);
+    mounts.mount(&["--bind", bt.mount.to_str().unwrap()], &src.join("bt"));
+    run(Command::new("btrfs")
+        .args(["subvolume", "create"])
+        .arg(src.join("bt/sub")));
+    write(&src.join("bt/plain"), b"btrfs top level");
+    write(&src.join("bt/sub/inner/f"), &rng.bytes(20_000));
+
+    // A tmpfs: not local, left out.
+    mounts.mount(&["-t", "tmpfs", "tmpfs"], &src.join("tmp"));
+    write(&src.join("tmp/scratch"), b"not backed up");
+
+    // A bind mount of a subtree, and the ext4 filesystem mounted again.
+    mounts.mount(
+        &["--bind", src.join("ext/a").to_str().unwrap()],
+        &src.join("bind"),
+    );
+    mounts.mount(
+        &["--bind", src.join("ext").to_str().unwrap()],
+        &src.join("zz-again"),
+    );
+
+    let store = d.path().join("store");
+    fs::create_dir_all(&store).unwrap();
+    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    let out = backup(&store, &src, "all", &[]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains("tmpfs is not a local filesystem type"),
+        "{err}"
+    );
+    assert!(err.contains("bind mount"), "{err}");
+    assert!(err.contains("mounted more than once"), "{err}");
+
+    let r = restore(&store, "all", &d.path().join("r"), &src);
+    assert_eq!(
+        fs::read(r.join("top")).unwrap(),
+        fs::read(src.join("top")).unwrap()
+    );
+    // ext4 exactly (lost+found included), the btrfs top level and its subvolume.
+    assert_same_tree(&src.join("ext"), &r.join("ext"));
+    assert_same_tree(&src.join("bt"), &r.join("bt"));
+    assert_eq!(
+        fs::read(r.join("bt/sub/inner/f")).unwrap(),
+        fs::read(src.join("bt/sub/inner/f")).unwrap()
+    );
+    // tmpfs, the bind mount and the second mount: mount points only.
+    for p in ["tmp", "bind", "zz-again"] {
+        assert!(is_empty_dir(&r.join(p)), "{p} was entered");
+    }
+
+    // --one-file-system: only the source's own filesystem.
+    let out = backup(&store, &src, "one", &["--one-file-system"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(err.contains("--one-file-system"), "{err}");
+    let r = restore(&store, "one", &d.path().join("r1"), &src);
+    assert!(r.join("top").is_file());
+    for p in ["ext", "bt", "tmp", "bind", "zz-again"] {
+        assert!(is_empty_dir(&r.join(p)), "{p} was entered");
+    }
+}
+
+#[test]
+fn btrfs_subvolumes_are_included_even_on_one_file_system() {
+    if !require_root("btrfs loop filesystem") {
+        return;
+    }
+    let bt = BtrfsLoop::new(200);
+    let src = bt.mount.join("src");
+    fs::create_dir_all(&src).unwrap();
+    write(&src.join("a"), b"a");
+    run(Command::new("btrfs")
+        .args(["subvolume", "create"])
+        .arg(src.join("vol")));
+    write(&src.join("vol/deep/x"), b"in a subvolume");
+    let d = scratch();
+    let store = d.path().join("store");
+    for (host, extra) in [("plain", &[][..]), ("onefs", &["--one-file-system"][..])] {
+        backup(&store, &src, host, extra);
+        let r = restore(&store, host, &d.path().join(host), &src);
+        assert_same_tree(&src, &r);
+    }
+}
