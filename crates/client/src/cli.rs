@@ -194,10 +194,34 @@ impl Target {
     }
 }
 
-/// Takes the client lock for a destination; an flock, so a killed run never leaves it held.
-fn lock(dest: &str) -> Result<std::fs::File> {
+impl Target {
+    /// What the client lock is keyed on: the destination as it resolves
+    /// (a local store by its canonical path, an SSH server by user, host and
+    /// port), plus the host name backed up. Two spellings of one store share
+    /// a lock; two hosts backing up to one store from one machine do not.
+    fn lock_key(&self) -> String {
+        match &self.dest {
+            Destination::Local(store) => {
+                let canon = std::fs::canonicalize(store).unwrap_or_else(|_| {
+                    std::path::absolute(store).unwrap_or_else(|_| store.clone())
+                });
+                format!("local:{}\0{}", canon.display(), self.host)
+            }
+            Destination::Ssh { user, host, port } => format!(
+                "ssh:{}@{}:{port}\0{}",
+                user.as_deref().unwrap_or(DEFAULT_SSH_USER),
+                host.to_ascii_lowercase(),
+                self.host
+            ),
+        }
+    }
+}
+
+/// Takes the client lock for a destination and host (see [`Target::lock_key`]);
+/// an flock, so a killed run never leaves it held.
+fn lock(key: &str, dest: &str) -> Result<std::fs::File> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in dest.bytes() {
+    for b in key.bytes() {
         h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
     }
     let dir = if crate::meta::is_root() {
@@ -256,7 +280,7 @@ fn backup(args: BackupArgs) -> Result<u8> {
             config_dir().display()
         );
     }
-    let _lock = lock(&target.text)?;
+    let _lock = lock(&target.lock_key(), &target.text)?;
     let opts = BackupOptions {
         sources,
         excludes,
@@ -431,5 +455,39 @@ fn restore_cmd(args: RestoreArgs) -> Result<u8> {
             return Ok(1);
         }
         Ok(0)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn target(dest: &str, host: &str) -> Target {
+        Target::resolve(Some(dest), Some(host), None, 10).unwrap()
+    }
+
+    #[test]
+    fn the_client_lock_follows_the_store_and_host_not_the_spelling() {
+        let t = tempfile::tempdir().unwrap();
+        let store = t.path().join("store");
+        std::fs::create_dir(&store).unwrap();
+        let plain = store.display().to_string();
+        let odd = format!("{}/./../store/", store.display());
+        assert_eq!(target(&plain, "a").lock_key(), target(&odd, "a").lock_key());
+        assert_ne!(
+            target(&plain, "a").lock_key(),
+            target(&plain, "b").lock_key()
+        );
+        assert_eq!(
+            target("bb@Backup.Example:", "x").lock_key(),
+            target("ssh://bb@backup.example:22/", "x").lock_key()
+        );
+        let held = lock(&target(&plain, "a").lock_key(), &plain).unwrap();
+        let err = lock(&target(&odd, "a").lock_key(), &odd).unwrap_err();
+        assert!(err.to_string().contains("is running"), "{err}");
+        let other = lock(&target(&plain, "b").lock_key(), &plain).unwrap();
+        drop((held, other));
+        lock(&target(&odd, "a").lock_key(), &odd).unwrap();
     }
 }

@@ -225,6 +225,12 @@ pub fn list(
     out: &mut dyn Write,
 ) -> Result<usize> {
     let snaps = pick_snapshots(conn, snapshot)?;
+    if snaps.is_empty() {
+        bail!(
+            "host {} has no snapshots here (is the host name right? see --hostname)",
+            conn.host
+        );
+    }
     // path -> versions seen, as (key, snapshot, entry); newest snapshot first.
     let mut rows: HashMap<Vec<u8>, Vec<(String, ManifestEntry)>> = HashMap::new();
     let mut held = 0usize;
