@@ -588,3 +588,46 @@ fn systemd_units_pass_systemd_analyze_verify() {
         "{all}"
     );
 }
+
+/// Usage and configuration errors exit 2 (as the README and man pages say),
+/// whether clap or byteback finds them; they are not retried.
+#[test]
+fn usage_errors_exit_2() {
+    let d = scratch();
+    let store = d.path().join("store");
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        ("byteback-backup", vec!["--no-such-flag"]),
+        ("byteback-backup", vec!["--retry-number", "many"]),
+        (
+            "byteback-backup",
+            vec!["--io-timeout", "0", "-d", "/nonexistent-store"],
+        ),
+        (
+            "byteback-backup",
+            vec!["--hostname", "../x", "-d", "/nonexistent-store"],
+        ),
+        (
+            "byteback-restore",
+            vec!["--snapshot", "..", "-d", "/nonexistent-store", "/"],
+        ),
+        (
+            "byteback-restore",
+            vec!["--hostname", "h", "-d", "/nonexistent-store"],
+        ),
+        (
+            "byteback-restore",
+            vec!["--hostname", "h", "-d", "/nonexistent-store", "../../x"],
+        ),
+    ];
+    for (prog, args) in cases {
+        let o = run_status(
+            Command::new(bin(prog))
+                .args(&args)
+                .env("BYTEBACK_CONFIG_DIR", d.path())
+                .current_dir(d.path()),
+        );
+        assert_eq!(o.status.code(), Some(2), "{prog} {args:?}: {}", text(&o));
+    }
+    assert!(!store.exists());
+    assert!(!Path::new("/nonexistent-store").exists());
+}

@@ -110,7 +110,9 @@ pub fn default_hostname() -> Result<String> {
             .into_owned(),
     };
     byteback_protocol::validate_host_name(&name).map_err(|_| {
-        anyhow!("this machine's name {name:?} cannot be a host name; give --hostname")
+        anyhow!(Usage(format!(
+            "this machine's name {name:?} cannot be a host name; give --hostname"
+        )))
     })?;
     Ok(name)
 }
@@ -137,22 +139,23 @@ impl Target {
             .map(str::to_string)
             .or_else(|| read_config_line("destination"))
             .ok_or_else(|| {
-                anyhow!(
+                anyhow!(Usage(format!(
                     "no --destination and no {}/destination",
                     config_dir().display()
-                )
+                )))
             })?;
         let dest = Destination::parse(&text)?;
         let host = match (hostname, &dest) {
             (Some(h), _) => {
-                byteback_protocol::validate_host_name(h).map_err(|e| anyhow!("--hostname: {e}"))?;
+                byteback_protocol::validate_host_name(h)
+                    .map_err(|e| anyhow!(Usage(format!("--hostname: {e}"))))?;
                 h.to_string()
             }
             (None, Destination::Local(_)) => default_hostname()?,
             (None, Destination::Ssh { .. }) => String::new(),
         };
         if io_timeout == 0 {
-            bail!("--io-timeout must be at least 1 second");
+            bail!(Usage("--io-timeout must be at least 1 second".into()));
         }
         Ok(Target {
             text,
@@ -245,6 +248,27 @@ fn lock(key: &str, dest: &str) -> Result<std::fs::File> {
     }
 }
 
+/// A usage or configuration error: exit code 2, never retried.
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// The exit code for an error: 2 for a [`Usage`] error anywhere in its chain, else 1.
+pub fn exit_code_of(e: &anyhow::Error) -> ExitCode {
+    if e.chain().any(|c| c.is::<Usage>()) {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
 /// `byteback-backup`.
 pub fn backup_main() -> ExitCode {
     let args = BackupArgs::parse();
@@ -252,7 +276,7 @@ pub fn backup_main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("byteback-backup: {e:#}");
-            ExitCode::FAILURE
+            exit_code_of(&e)
         }
     }
 }
@@ -389,7 +413,7 @@ pub fn restore_main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("byteback-restore: {e:#}");
-            ExitCode::FAILURE
+            exit_code_of(&e)
         }
     }
 }
@@ -402,7 +426,8 @@ fn restore_cmd(args: RestoreArgs) -> Result<u8> {
         args.io_timeout,
     )?;
     if let Some(s) = &args.snapshot {
-        byteback_protocol::validate_snapshot_name(s).map_err(|e| anyhow!("--snapshot: {e}"))?;
+        byteback_protocol::validate_snapshot_name(s)
+            .map_err(|e| anyhow!(Usage(format!("--snapshot: {e}"))))?;
     }
     let cwd = std::env::current_dir()?;
     let pats = Patterns::new(&args.patterns, &cwd)?;

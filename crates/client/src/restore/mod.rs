@@ -20,7 +20,7 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use byteback_protocol::{ClientMsg, Kind, ManifestEntry, ServerMsg};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
@@ -37,7 +37,9 @@ impl Patterns {
     /// Makes each pattern absolute (against `cwd`) and compiles it.
     pub fn new(patterns: &[String], cwd: &Path) -> Result<Self> {
         if patterns.is_empty() {
-            bail!("give at least one pattern (e.g. / for everything)");
+            bail!(crate::cli::Usage(
+                "give at least one pattern (e.g. / for everything)".into()
+            ));
         }
         let mut b = GlobSetBuilder::new();
         for p in patterns {
@@ -51,7 +53,7 @@ impl Patterns {
             };
             let rel = abs.trim_start_matches('/').trim_end_matches('/');
             if rel.split('/').any(|c| c == "..") {
-                bail!("pattern {p:?} contains '..'");
+                bail!(crate::cli::Usage(format!("pattern {p:?} contains '..'")));
             }
             let rel = if rel.is_empty() { "**" } else { rel };
             b.add(
@@ -59,7 +61,7 @@ impl Patterns {
                     .literal_separator(true)
                     .backslash_escape(true)
                     .build()
-                    .with_context(|| format!("bad pattern {p:?}"))?,
+                    .map_err(|e| anyhow!(crate::cli::Usage(format!("bad pattern {p:?}: {e}"))))?,
             );
         }
         Ok(Patterns { set: b.build()? })
