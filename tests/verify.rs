@@ -136,6 +136,20 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
         "{out}"
     );
     assert_eq!(out.matches("DAMAGED").count(), 2, "{out}");
+    // status names the damage and turns WARNING.
+    let o = run_status(
+        Command::new(bin("byteback-server"))
+            .args(["status", "--warn", "1d", "--store"])
+            .arg(&store),
+    );
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("BYTEBACK WARNING") && out.contains("2 damaged files"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("DAMAGED {s1} /{rel}/dir/c")), "{out}");
+    assert!(out.contains(" ago"), "last full verify not shown: {out}");
     let o = verify(&store, &["--json", "--snapshot", &s1]);
     let json = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(json.contains("\"damaged\":[{\"snapshot\":"), "{json}");
@@ -149,6 +163,17 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
         fs::read(stored(&store, "current", &src, "a")).unwrap(),
         fs::read(src.join("a")).unwrap()
     );
+    let o = run_status(
+        Command::new(bin("byteback-server"))
+            .args(["status", "--store"])
+            .arg(&store),
+    );
+    let out = text(&o);
+    assert!(
+        !out.contains("DAMAGED current"),
+        "repaired current still listed: {out}"
+    );
+    assert!(out.contains(&format!("DAMAGED {s1} ")), "{out}");
     let s2 = snapshots(&store).pop().unwrap();
     assert_ne!(s1, s2);
     let o = verify(&store, &["--snapshot", &s2]);

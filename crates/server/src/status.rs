@@ -28,6 +28,10 @@ pub struct HostStatus {
     /// Bytes the backups of the retained snapshots wrote after the oldest of
     /// them (from the usage log): the history the host keeps on the disc.
     pub history: Option<u64>,
+    /// Seconds since `byteback-server verify` last finished a whole pass over the host.
+    pub verified_age: Option<i64>,
+    /// Damaged files the verification found (in snapshots still present), as `snapshot /path`.
+    pub damaged: Vec<String>,
 }
 
 /// The whole store.
@@ -71,7 +75,16 @@ pub fn collect(store: &Store, now: i64) -> Result<StoreStatus> {
             .filter(|u| kept.contains(u.snapshot.as_str()))
             .map(|u| u.new_bytes)
             .collect();
+        let verify = crate::verify::State::load(&h);
+        let damaged = verify
+            .damage
+            .iter()
+            .filter(|d| d.snapshot == "current" || kept.contains(d.snapshot.as_str()))
+            .map(|d| format!("{} /{}", d.snapshot, d.path.escape_ascii()))
+            .collect();
         hosts.push(HostStatus {
+            verified_age: verify.last_full.map(|t| now - t),
+            damaged,
             size: newest
                 .as_ref()
                 .and_then(|(n, _)| manifest_size(store, &name, n)),
@@ -146,6 +159,15 @@ pub fn check(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> (u8, Str
             });
         }
         code = code.max(c);
+        if !h.damaged.is_empty() {
+            code = code.max(1);
+            problems.push(format!(
+                "{} has {} damaged files (byteback-server verify --host {})",
+                h.host,
+                h.damaged.len(),
+                h.host
+            ));
+        }
     }
     if let Some(why) = &st.prune_refused {
         code = code.max(1);
@@ -172,20 +194,26 @@ pub fn table(st: &StoreStatus) -> String {
         .max(4);
     let _ = writeln!(
         out,
-        "{:w$}  {:25}  {:>9}  {:>9}  {:>10}  {:>10}",
-        "host", "newest", "age", "snapshots", "size", "history"
+        "{:w$}  {:25}  {:>9}  {:>9}  {:>10}  {:>10}  {:>9}",
+        "host", "newest", "age", "snapshots", "size", "history", "verified"
     );
     for h in &st.hosts {
         let _ = writeln!(
             out,
-            "{:w$}  {:25}  {:>9}  {:>9}  {:>10}  {:>10}",
+            "{:w$}  {:25}  {:>9}  {:>9}  {:>10}  {:>10}  {:>9}",
             h.host,
             h.newest.as_deref().unwrap_or("-"),
             h.age.map(format_age).unwrap_or_else(|| "-".into()),
             h.snapshots,
             mib(h.size),
             mib(h.history),
+            h.verified_age
+                .map(|a| format!("{} ago", format_age(a)))
+                .unwrap_or_else(|| "never".into()),
         );
+        for d in &h.damaged {
+            let _ = writeln!(out, "  DAMAGED {d}");
+        }
     }
     let _ = writeln!(out, "store: {}", st.space);
     if let Some(why) = &st.prune_refused {
@@ -223,13 +251,15 @@ pub fn json(st: &StoreStatus) -> String {
         .iter()
         .map(|h| {
             format!(
-                "{{\"host\":{},\"newest\":{},\"age_seconds\":{},\"snapshots\":{},\"size_bytes\":{},\"history_bytes\":{}}}",
+                "{{\"host\":{},\"newest\":{},\"age_seconds\":{},\"snapshots\":{},\"size_bytes\":{},\"history_bytes\":{},\"verified_age_seconds\":{},\"damaged\":[{}]}}",
                 json_str(&h.host),
                 h.newest.as_deref().map(json_str).unwrap_or_else(|| "null".into()),
                 json_opt(&h.age),
                 h.snapshots,
                 json_opt(&h.size),
                 json_opt(&h.history),
+                json_opt(&h.verified_age),
+                h.damaged.iter().map(|d| json_str(d)).collect::<Vec<_>>().join(","),
             )
         })
         .collect();
@@ -270,6 +300,8 @@ mod tests {
             snapshots: 1,
             size: None,
             history: None,
+            verified_age: None,
+            damaged: vec![],
         };
         let st = |hosts| StoreStatus {
             hosts,

@@ -385,7 +385,7 @@ pub fn verify_host(
         },
         _ => (0, None),
     };
-    if first == 0 && after.is_none() {
+    if first == 0 && after.is_none() && only.is_none() {
         state.damage.clear(); // a new pass begins
     }
     let mut finished = true;
@@ -416,14 +416,18 @@ pub fn verify_host(
         }
     }
     report.finished = finished;
-    if only.is_none() {
+    if let Some(snap) = only {
+        // A check of one snapshot replaces what is known of its damage.
+        state.damage.retain(|d| d.snapshot != snap);
+        state.damage.extend(report.damaged.iter().cloned());
+    } else {
         state.damage.extend(report.damaged.iter().cloned());
         if finished {
             state.cursor = None;
             state.last_full = Some(now);
         }
-        state.save(host)?;
     }
+    state.save(host)?;
     Ok(report)
 }
 
