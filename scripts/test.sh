@@ -16,7 +16,7 @@ for pair in btrfs:btrfs-progs mkfs.btrfs:btrfs-progs rsync:rsync sshd:openssh-se
             man:man-db groff:groff-base systemd-analyze:systemd zsh:zsh fish:fish \
             /usr/sbin/mariadbd:mariadb-server mariadb-install-db:mariadb-server \
             mariadb:mariadb-client mariadb-dump:mariadb-client mariadb-admin:mariadb-client \
-            pg_ctlcluster:postgresql pg_dumpall:postgresql setpriv:util-linux runuser:util-linux \
+            pg_ctlcluster:postgresql pg_dumpall:postgresql setpriv:util-linux /usr/sbin/runuser:util-linux \
             gzip:gzip; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "$cmd" ]; then need+=("$pkg"); fi
