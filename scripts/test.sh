@@ -3,7 +3,9 @@
 # As root (CI) it installs the system packages; real sshd, btrfs on a loop
 # device and rsync are then used by the tests; man, groff, zsh, fish and
 # systemd-analyze check the generated man pages, completions and systemd
-# units (tests/ops.rs).
+# units (tests/ops.rs); MariaDB and PostgreSQL servers, each test starting
+# its own on a private socket, check the shipped database dump hooks
+# (tests/databases.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,7 +13,11 @@ need=()
 for pair in btrfs:btrfs-progs mkfs.btrfs:btrfs-progs rsync:rsync sshd:openssh-server /usr/sbin/sshd:openssh-server \
             setfacl:acl getfattr:attr losetup:mount pgrep:procps pkill:procps kill:procps \
             ssh:openssh-client ssh-keygen:openssh-client useradd:passwd chpasswd:passwd \
-            man:man-db groff:groff-base systemd-analyze:systemd zsh:zsh fish:fish; do
+            man:man-db groff:groff-base systemd-analyze:systemd zsh:zsh fish:fish \
+            /usr/sbin/mariadbd:mariadb-server mariadb-install-db:mariadb-server \
+            mariadb:mariadb-client mariadb-dump:mariadb-client mariadb-admin:mariadb-client \
+            pg_ctlcluster:postgresql pg_dumpall:postgresql setpriv:util-linux /usr/sbin/runuser:util-linux \
+            gzip:gzip; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "$cmd" ]; then need+=("$pkg"); fi
 done

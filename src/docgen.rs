@@ -403,11 +403,56 @@ fn written_sections(page: &str) -> Written {
                  directories, symlinks, hard links, FIFOs, sockets, device nodes, modes, \
                  numeric owners, mtimes with nanoseconds, xattrs and POSIX ACLs are kept.\n\n\
                  Default excludes (as byteback 1.x): /swap.file, /tmp/, /var/backups/localhost/, \
-                 /var/cache/apt/archives/, /var/lib/php5/, /var/tmp/, /var/lib/mysql/. A failed \
+                 /var/cache/apt/archives/, /var/lib/php5/, /var/tmp/, /var/lib/mysql/, and \
+                 /var/lib/postgresql/ (databases are backed up as dumps, see HOOKS). A failed \
                  run is retried --retry-number times; a broken run commits nothing. Only one \
                  backup to the same destination runs at a time.",
             ),
             sections: vec![
+                (
+                    "HOOKS",
+                    vec![
+                        P(
+                            "As byteback 1.x with run-parts: before the backup the executables \
+                           in /etc/byteback/pre-backup.d/ run, after it those in \
+                           /etc/byteback/post-backup.d/. Regular executable files whose names \
+                           are made of A-Z, a-z, 0-9, _ and - run, in byte order of their \
+                           names; others (x.sh, README.md, *.dpkg-old, files without an \
+                           execute bit) are skipped, named with --verbose. Each runs with \
+                           standard input from /dev/null, its output copied to standard error \
+                           with its name in front, in its own process group, for at most \
+                           --hook-timeout seconds (then SIGTERM, and SIGKILL 5 seconds later, \
+                           to the group; it counts as failed). They run once per invocation, \
+                           not per retry, and not when the settings are wrong or another \
+                           backup to the same destination is running.",
+                        ),
+                        P(
+                            "A pre-backup hook that fails (exits non-zero, is killed, times \
+                           out) fails the backup before anything is sent: exit status 1, with \
+                           the hook's name and the last lines of its output. The other \
+                           pre-backup hooks still run, as with run-parts.",
+                        ),
+                        P(
+                            "The post-backup hooks run after every backup that got as far as \
+                           the pre-backup hooks, whether it succeeded or not (a post-backup \
+                           hook may have to undo what a pre-backup hook set up), with \
+                           BYTEBACK_STATUS (the exit status: 0, 24 or 1), \
+                           BYTEBACK_STATUS_TEXT (ok, partial or failed) and \
+                           BYTEBACK_SNAPSHOT (the snapshot taken, empty if none) in their \
+                           environment. A failing post-backup hook makes the exit status 1; \
+                           the backup stays committed. byteback 1.x ran post-backup hooks \
+                           only after a successful backup: test BYTEBACK_STATUS for that.",
+                        ),
+                        P(
+                            "Shipped hooks: 50-mysql (mariadb-dump --single-transaction of all \
+                           databases) and 50-postgresql (pg_dumpall as the postgres user) \
+                           write /var/backups/byteback/mysql.sql.gz and postgresql.sql.gz, \
+                           replaced atomically, and do nothing when that server is not \
+                           installed or not running. Their settings are environment \
+                           variables, described at the top of each script.",
+                        ),
+                    ],
+                ),
                 (
                     "ENVIRONMENT",
                     vec![
@@ -425,6 +470,14 @@ fn written_sections(page: &str) -> Written {
                             "/etc/byteback/excludes",
                             "More exclude patterns, one per line (# comments), added to the \
                              defaults and before --exclude.",
+                        ),
+                        Tag(
+                            "/etc/byteback/pre-backup.d/, /etc/byteback/post-backup.d/",
+                            "Hooks run before and after the backup (see HOOKS).",
+                        ),
+                        Tag(
+                            "/var/backups/byteback/",
+                            "Where the shipped database hooks write their dumps.",
                         ),
                         Tag(
                             "/etc/byteback/rsync_flags",
@@ -449,8 +502,9 @@ fn written_sections(page: &str) -> Written {
                         ),
                         Tag(
                             "1",
-                            "Failure: nothing was committed (after the retries), or a setting \
-                             or source is wrong.",
+                            "Failure: nothing was committed (after the retries), a setting \
+                             or source is wrong, or a pre-backup hook failed (nothing was \
+                             sent); or a post-backup hook failed (the backup is committed).",
                         ),
                         Tag("2", "Usage: the command line could not be parsed."),
                     ],

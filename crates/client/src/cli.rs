@@ -75,6 +75,10 @@ pub struct BackupArgs {
     /// btrfs subvolumes are always included.
     #[arg(long)]
     one_file_system: bool,
+    /// Seconds each hook in /etc/byteback/pre-backup.d and post-backup.d may
+    /// run; then it is killed and counts as failed.
+    #[arg(long, default_value_t = crate::hooks::DEFAULT_TIMEOUT_SECS)]
+    hook_timeout: u64,
 }
 
 fn read_config_line(name: &str) -> Option<String> {
@@ -304,6 +308,9 @@ fn backup(args: BackupArgs) -> Result<u8> {
             config_dir().display()
         );
     }
+    if args.hook_timeout == 0 {
+        bail!(Usage("--hook-timeout must be at least 1 second".into()));
+    }
     let _lock = lock(&target.lock_key(), &target.text)?;
     let opts = BackupOptions {
         sources,
@@ -311,11 +318,90 @@ fn backup(args: BackupArgs) -> Result<u8> {
         verbose: args.verbose,
         one_file_system: args.one_file_system,
     };
+    let hooks = crate::hooks::Runner::new(
+        Duration::from_secs(args.hook_timeout),
+        args.verbose,
+        "byteback-backup: ",
+    );
+    let dir = config_dir();
+    // Hooks run once per run, around all attempts. A failing pre-backup
+    // hook fails the backup before anything is sent; the post-backup hooks
+    // run whatever happened (they may undo what a pre-backup hook set up).
+    let outcome = run_pre_hooks(&hooks, &dir).and_then(|()| transfer(&target, &opts, &args));
+    let (code, snapshot) = match outcome {
+        Ok(done) => done,
+        Err(e) => {
+            eprintln!("byteback-backup: {e:#}");
+            (1, None)
+        }
+    };
+    let status = code.to_string();
+    let env = [
+        (crate::hooks::ENV_STATUS, status.as_str()),
+        (
+            crate::hooks::ENV_STATUS_TEXT,
+            crate::hooks::status_text(code),
+        ),
+        (
+            crate::hooks::ENV_SNAPSHOT,
+            snapshot.as_deref().unwrap_or(""),
+        ),
+    ];
+    let post = match hooks.run_dir(&dir, crate::hooks::POST_BACKUP_DIR, &env, &[]) {
+        Ok(failures) => failures.iter().map(|f| f.to_string()).collect(),
+        Err(e) => vec![format!("{e:#}")],
+    };
+    if post.is_empty() {
+        return Ok(code);
+    }
+    for f in &post {
+        eprintln!("byteback-backup: post-backup hook failed: {f}");
+    }
+    if code != 1 {
+        eprintln!(
+            "byteback-backup: the backup itself {} (exit {code} without the hook)",
+            if code == 0 {
+                "succeeded"
+            } else {
+                "was partial"
+            }
+        );
+    }
+    Ok(1)
+}
+
+/// Runs the pre-backup hooks; an error names every one that failed.
+fn run_pre_hooks(hooks: &crate::hooks::Runner, dir: &Path) -> Result<()> {
+    use crate::hooks::{ENV_SNAPSHOT, ENV_STATUS, ENV_STATUS_TEXT, PRE_BACKUP_DIR};
+    let failures = hooks.run_dir(
+        dir,
+        PRE_BACKUP_DIR,
+        &[],
+        &[ENV_STATUS, ENV_STATUS_TEXT, ENV_SNAPSHOT],
+    )?;
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = failures.iter().map(|f| f.to_string()).collect();
+    bail!(
+        "pre-backup hook failed, nothing was backed up: {}",
+        list.join("\n")
+    )
+}
+
+/// The backup with its retries: the exit code (0 or 24) and the snapshot
+/// taken, if any (a name the server sent that is not a valid snapshot name
+/// counts as none).
+fn transfer(
+    target: &Target,
+    opts: &BackupOptions,
+    args: &BackupArgs,
+) -> Result<(u8, Option<String>)> {
     let mut attempt = 0;
     loop {
         let result = target
             .connect("backup")
-            .and_then(|conn| run_backup(conn, &opts));
+            .and_then(|conn| run_backup(conn, opts));
         match result {
             Ok(r) => {
                 let s = &r.stats;
@@ -342,14 +428,17 @@ fn backup(args: BackupArgs) -> Result<u8> {
                         byteback_protocol::escape_text(r.message.trim())
                     ),
                 }
+                let snapshot = r
+                    .snapshot
+                    .filter(|n| byteback_protocol::validate_snapshot_name(n).is_ok());
                 if r.vanished > 0 || r.partial > 0 {
                     eprintln!(
                         "byteback-backup: partial backup: {} vanished, {} unreadable or changing",
                         r.vanished, r.partial
                     );
-                    return Ok(EXIT_PARTIAL);
+                    return Ok((EXIT_PARTIAL, snapshot));
                 }
-                return Ok(0);
+                return Ok((0, snapshot));
             }
             Err(e) if attempt < args.retry_number => {
                 attempt += 1;

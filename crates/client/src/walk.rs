@@ -31,7 +31,11 @@ use rustix::io::Errno;
 use crate::meta::{self, At};
 use crate::mounts::{Crossing, Mounts};
 
-/// Paths byteback 1.x leaves out by default (when they lie beneath a source).
+/// Paths left out by default (when they lie beneath a source): byteback
+/// 1.x's list, plus PostgreSQL's data directory. The live files of a
+/// database server copied while it writes them are not a database one can
+/// start; its dump is (the pre-backup hooks in `packaging/hooks/` write one
+/// to `/var/backups/byteback/`).
 pub const DEFAULT_EXCLUDES: &[&str] = &[
     "/swap.file",
     "/tmp/",
@@ -40,6 +44,7 @@ pub const DEFAULT_EXCLUDES: &[&str] = &[
     "/var/lib/php5/",
     "/var/tmp/",
     "/var/lib/mysql/",
+    "/var/lib/postgresql/",
 ];
 
 /// Exclude rules in rsync's spirit: a pattern starting with `/` is anchored at

@@ -1,0 +1,732 @@
+//! Hooks run before and after a backup, as byteback 1.x ran them with
+//! `run-parts`: the executables in `<config dir>/pre-backup.d/` and
+//! `<config dir>/post-backup.d/`.
+//!
+//! Which files run (run-parts' rules): regular files (a symlink counts by
+//! what it points to) with an execute bit, whose names match
+//! `^[A-Za-z0-9_-]+$`, in byte order of their names. Anything else (a
+//! `README`, `50-mysql.dpkg-old`, `x.sh`, a directory, a file without an
+//! execute bit) is skipped, and named in a note with `--verbose`. A missing
+//! directory means no hooks; one that cannot be read is an error.
+//!
+//! How each runs: with stdin from `/dev/null`, its stdout and stderr merged
+//! into one pipe whose lines are copied to byteback's stderr, each prefixed
+//! by the hook's name (`pre-backup.d/50-mysql: ...`), in its own process
+//! group, and for at most the timeout. A hook still running then gets
+//! SIGTERM, and SIGKILL a few seconds later, both sent to its whole process
+//! group (so `mysqldump | gzip` goes too), and counts as failed. A hook
+//! fails when it exits non-zero, is killed by a signal, times out, or cannot
+//! be started (no `#!` line, for instance); its failure names it and quotes
+//! the last lines of its output. As with run-parts, a failing hook does not
+//! stop the hooks after it in the same directory.
+//!
+//! What a failure means is the caller's decision (see `cli.rs`): a failing
+//! pre-backup hook fails the backup before anything is sent; a failing
+//! post-backup hook makes the exit code 1 but never undoes the backup.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+/// Directory (below the config dir) of the hooks run before a backup.
+pub const PRE_BACKUP_DIR: &str = "pre-backup.d";
+/// Directory (below the config dir) of the hooks run after a backup.
+pub const POST_BACKUP_DIR: &str = "post-backup.d";
+/// Default for `--hook-timeout`: one hour per hook.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 3600;
+
+/// Post-backup hooks: the backup's exit code as a number (0, 24 or 1).
+pub const ENV_STATUS: &str = "BYTEBACK_STATUS";
+/// Post-backup hooks: `ok`, `partial` or `failed`.
+pub const ENV_STATUS_TEXT: &str = "BYTEBACK_STATUS_TEXT";
+/// Post-backup hooks: the snapshot taken, empty when none was.
+pub const ENV_SNAPSHOT: &str = "BYTEBACK_SNAPSHOT";
+
+/// Lines of a failing hook's output quoted in its failure.
+const TAIL_LINES: usize = 10;
+/// Characters of each quoted line.
+const TAIL_LINE_CHARS: usize = 300;
+/// Output without a newline is passed on in pieces of this many bytes.
+const MAX_LINE: usize = 8192;
+/// Between SIGTERM and SIGKILL for a hook that timed out.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How long to wait, once a hook has exited, for its output pipe to close
+/// (a background process it started may hold it open for ever).
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// Where the hooks' output goes (byteback's stderr; a buffer in tests).
+pub type Sink = Arc<Mutex<dyn Write + Send>>;
+
+/// A sink writing to this process's stderr.
+pub fn stderr_sink() -> Sink {
+    Arc::new(Mutex::new(io::stderr()))
+}
+
+/// A hook that failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// `pre-backup.d/NAME`.
+    pub hook: String,
+    /// What happened: `exited with status 3`, `was killed by signal 9`, ...
+    pub reason: String,
+    /// Its last lines of output (at most [`TAIL_LINES`]).
+    pub tail: Vec<String>,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.hook, self.reason)?;
+        if self.tail.is_empty() {
+            write!(f, " (no output)")
+        } else {
+            write!(f, "; its last output:")?;
+            for l in &self.tail {
+                write!(f, "\n    {l}")?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs the hooks of a directory.
+pub struct Runner {
+    /// How long each hook may run before it is killed.
+    pub timeout: Duration,
+    /// Name skipped files, and each hook as it starts and ends.
+    pub verbose: bool,
+    /// Put before every line written (`byteback-backup: `).
+    pub prefix: String,
+    /// Where hook output and notes go.
+    pub sink: Sink,
+}
+
+/// Which files of a hook directory run (in order) and which are skipped
+/// (with the reason).
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// Hooks to run, in byte order of their names.
+    pub run: Vec<(String, PathBuf)>,
+    /// Files left out and why.
+    pub skipped: Vec<(OsString, &'static str)>,
+}
+
+/// Whether `name` is a name run-parts runs: `^[A-Za-z0-9_-]+$`.
+pub fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Lists `dir` by run-parts' rules. A missing directory lists nothing.
+pub fn list(dir: &Path) -> Result<Listing> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::default()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+    };
+    let mut listing = Listing::default();
+    for e in rd {
+        let e = e.with_context(|| format!("cannot read {}", dir.display()))?;
+        let name = e.file_name();
+        if !valid_name(name.as_bytes()) {
+            listing
+                .skipped
+                .push((name, "its name is not made of A-Z a-z 0-9 _ -"));
+            continue;
+        }
+        let path = dir.join(&name);
+        // Follows a symlink, as run-parts does.
+        match std::fs::metadata(&path) {
+            Err(_) => listing
+                .skipped
+                .push((name, "it cannot be read (a dangling symlink?)")),
+            Ok(m) if !m.is_file() => listing.skipped.push((name, "it is not a regular file")),
+            Ok(m) if m.permissions().mode() & 0o111 == 0 => {
+                listing.skipped.push((name, "it is not executable"))
+            }
+            Ok(_) => {
+                let name = name.to_string_lossy().into_owned(); // ASCII by valid_name
+                listing.run.push((name, path));
+            }
+        }
+    }
+    listing
+        .run
+        .sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    listing
+        .skipped
+        .sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    Ok(listing)
+}
+
+impl Runner {
+    /// A runner writing to stderr.
+    pub fn new(timeout: Duration, verbose: bool, prefix: &str) -> Runner {
+        Runner {
+            timeout,
+            verbose,
+            prefix: prefix.to_string(),
+            sink: stderr_sink(),
+        }
+    }
+
+    fn note(&self, text: &str) {
+        if let Ok(mut w) = self.sink.lock() {
+            let _ = writeln!(w, "{}{text}", self.prefix);
+        }
+    }
+
+    /// Runs every hook of `<config_dir>/<sub>` in order, each with `env`
+    /// added to and `unset` removed from byteback's environment. Returns the
+    /// failures (empty when all succeeded, or there are none); an error only
+    /// when the directory cannot be read, and then nothing ran.
+    pub fn run_dir(
+        &self,
+        config_dir: &Path,
+        sub: &str,
+        env: &[(&str, &str)],
+        unset: &[&str],
+    ) -> Result<Vec<Failure>> {
+        let listing = list(&config_dir.join(sub))?;
+        if self.verbose {
+            for (name, why) in &listing.skipped {
+                self.note(&format!(
+                    "{sub}: skipping {:?}: {why}",
+                    name.to_string_lossy()
+                ));
+            }
+        }
+        let mut failures = Vec::new();
+        for (name, path) in &listing.run {
+            let label = format!("{sub}/{name}");
+            if self.verbose {
+                self.note(&format!("running {label}"));
+            }
+            let started = Instant::now();
+            match self.run_one(&label, path, env, unset) {
+                Ok(()) => {
+                    if self.verbose {
+                        self.note(&format!(
+                            "{label} done in {:.1} s",
+                            started.elapsed().as_secs_f64()
+                        ));
+                    }
+                }
+                Err(f) => {
+                    self.note(&format!("hook {} {}", f.hook, f.reason));
+                    failures.push(f);
+                }
+            }
+        }
+        Ok(failures)
+    }
+
+    /// Runs one hook to its end (or the timeout).
+    pub fn run_one(
+        &self,
+        label: &str,
+        path: &Path,
+        env: &[(&str, &str)],
+        unset: &[&str],
+    ) -> std::result::Result<(), Failure> {
+        let fail = |reason: String, tail: Vec<String>| Failure {
+            hook: label.to_string(),
+            reason,
+            tail,
+        };
+        let (rd, wr) = pipe().map_err(|e| fail(format!("could not be started: {e}"), vec![]))?;
+        let wr2 = wr
+            .try_clone()
+            .map_err(|e| fail(format!("could not be started: {e}"), vec![]))?;
+        let mut cmd = Command::new(path);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(wr))
+            .stderr(Stdio::from(wr2))
+            .process_group(0);
+        for k in unset {
+            cmd.env_remove(k);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let spawned = cmd.spawn();
+        // The Command holds our copies of the pipe's write end: without
+        // dropping it the reader would never see end of file.
+        drop(cmd);
+        let mut child = spawned.map_err(|e| fail(format!("could not be started: {e}"), vec![]))?;
+
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let reader = {
+            let tail = tail.clone();
+            let sink = self.sink.clone();
+            let prefix = format!("{}{label}: ", self.prefix);
+            std::thread::spawn(move || pump(File::from(rd), &prefix, &sink, &tail))
+        };
+
+        let status = self.wait(&mut child);
+
+        // Its output is complete once the pipe closes; a process it left
+        // running may keep it open, so wait only a little for that.
+        let deadline = Instant::now() + DRAIN;
+        while !reader.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if reader.is_finished() {
+            let _ = reader.join();
+        }
+        let tail: Vec<String> = tail
+            .lock()
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default();
+        match status {
+            Waited::Exited(s) if s.success() => Ok(()),
+            Waited::Exited(s) => Err(fail(describe(s), tail)),
+            Waited::TimedOut => Err(fail(
+                format!(
+                    "timed out after {} s and was killed",
+                    self.timeout.as_secs_f64()
+                ),
+                tail,
+            )),
+            Waited::Error(e) => Err(fail(format!("could not be waited for: {e}"), tail)),
+        }
+    }
+
+    /// Waits for `child` until the timeout; then kills its process group.
+    fn wait(&self, child: &mut Child) -> Waited {
+        let start = Instant::now();
+        let mut nap = Duration::from_millis(1);
+        loop {
+            match child.try_wait() {
+                Ok(Some(s)) => return Waited::Exited(s),
+                Ok(None) => {}
+                Err(e) => return Waited::Error(e),
+            }
+            let elapsed = start.elapsed();
+            if elapsed >= self.timeout {
+                break;
+            }
+            std::thread::sleep(nap.min(self.timeout - elapsed));
+            nap = (nap * 2).min(Duration::from_millis(50));
+        }
+        // The child is not reaped yet, so its pid still names its group.
+        let group = rustix::process::Pid::from_raw(child.id() as i32);
+        if let Some(group) = group {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::TERM);
+            let deadline = Instant::now() + KILL_GRACE;
+            while Instant::now() < deadline {
+                match child.try_wait() {
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                    _ => break,
+                }
+            }
+            // The rest of the group too, even once the hook itself is gone
+            // (a process group outlives its leader while members remain).
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Waited::TimedOut
+    }
+}
+
+enum Waited {
+    Exited(ExitStatus),
+    TimedOut,
+    Error(io::Error),
+}
+
+fn describe(s: ExitStatus) -> String {
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, Some(sig)) => format!("was killed by signal {sig}"),
+        _ => format!("ended: {s}"),
+    }
+}
+
+/// A pipe, both ends close-on-exec (the child gets its end through dup2).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both are open descriptors owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Copies the hook's output line by line to the sink, each line prefixed;
+/// keeps the last lines in `tail`.
+fn pump(mut from: File, prefix: &str, sink: &Sink, tail: &Mutex<VecDeque<String>>) {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 8192];
+    let emit = |line: &[u8]| {
+        if let Ok(mut w) = sink.lock() {
+            let mut out = Vec::with_capacity(prefix.len() + line.len() + 1);
+            out.extend_from_slice(prefix.as_bytes());
+            out.extend_from_slice(line);
+            out.push(b'\n');
+            let _ = w.write_all(&out);
+            let _ = w.flush();
+        }
+        if let Ok(mut t) = tail.lock() {
+            let text: String = String::from_utf8_lossy(line)
+                .chars()
+                .take(TAIL_LINE_CHARS)
+                .collect();
+            if t.len() == TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(text);
+        }
+    };
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        let mut start = 0;
+        while let Some(i) = pending[start..].iter().position(|&b| b == b'\n') {
+            emit(&pending[start..start + i]);
+            start += i + 1;
+        }
+        pending.drain(..start);
+        while pending.len() >= MAX_LINE {
+            emit(&pending[..MAX_LINE]);
+            pending.drain(..MAX_LINE);
+        }
+    }
+    if !pending.is_empty() {
+        emit(&pending);
+    }
+}
+
+/// The text for [`ENV_STATUS_TEXT`] of a backup exit code.
+pub fn status_text(code: u8) -> &'static str {
+    match code {
+        0 => "ok",
+        24 => "partial",
+        _ => "failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn runner(timeout: Duration) -> (Runner, Arc<Mutex<Vec<u8>>>) {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let r = Runner {
+            timeout,
+            verbose: true,
+            prefix: "bb: ".into(),
+            sink: Arc::new(Mutex::new(Buf(out.clone()))),
+        };
+        (r, out)
+    }
+
+    fn text(out: &Arc<Mutex<Vec<u8>>>) -> String {
+        String::from_utf8_lossy(&out.lock().unwrap()).into_owned()
+    }
+
+    fn script(dir: &Path, name: &str, body: &str, mode: u32) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    #[test]
+    fn names_as_run_parts() {
+        for ok in ["50-mysql", "a", "A_b-9", "00"] {
+            assert!(valid_name(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            "x.sh",
+            "50-mysql.dpkg-old",
+            ".hidden",
+            "a b",
+            "a~",
+            "é",
+            "README.md",
+        ] {
+            assert!(!valid_name(bad.as_bytes()), "{bad}");
+        }
+    }
+
+    #[test]
+    fn runs_valid_executables_in_byte_order_and_skips_the_rest() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join(PRE_BACKUP_DIR);
+        std::fs::create_dir(&d).unwrap();
+        let log = t.path().join("log");
+        let rec = |n: &str| format!("echo {n} >> '{}'", log.display());
+        script(&d, "20-b", &rec("20-b"), 0o755);
+        script(&d, "10-a", &rec("10-a"), 0o700);
+        script(&d, "1_c", &rec("1_c"), 0o755);
+        script(&d, "B", &rec("B"), 0o755);
+        script(&d, "x.sh", &rec("x.sh"), 0o755);
+        script(&d, "30-old.dpkg-old", &rec("dpkg"), 0o755);
+        script(&d, "40-noexec", &rec("noexec"), 0o644);
+        std::fs::create_dir(d.join("50-dir")).unwrap();
+        std::os::unix::fs::symlink(d.join("10-a"), d.join("60-link")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent", d.join("70-dangling")).unwrap();
+        let (r, out) = runner(Duration::from_secs(30));
+        let failures = r.run_dir(t.path(), PRE_BACKUP_DIR, &[], &[]).unwrap();
+        assert!(failures.is_empty(), "{failures:?}");
+        // Byte order: digits < upper case < '_' < lower case.
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "10-a\n1_c\n20-b\n10-a\nB\n"
+        );
+        let o = text(&out);
+        for skipped in [
+            "x.sh",
+            "30-old.dpkg-old",
+            "40-noexec",
+            "50-dir",
+            "70-dangling",
+        ] {
+            assert!(o.contains(&format!("skipping \"{skipped}\"")), "{o}");
+        }
+        assert!(o.contains("bb: running pre-backup.d/10-a"), "{o}");
+    }
+
+    #[test]
+    fn missing_directory_runs_nothing() {
+        let t = tempfile::tempdir().unwrap();
+        let (r, out) = runner(Duration::from_secs(30));
+        assert!(r
+            .run_dir(t.path(), POST_BACKUP_DIR, &[], &[])
+            .unwrap()
+            .is_empty());
+        assert_eq!(text(&out), "");
+    }
+
+    #[test]
+    fn output_is_prefixed_and_failures_quote_the_tail() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join(PRE_BACKUP_DIR);
+        std::fs::create_dir(&d).unwrap();
+        script(
+            &d,
+            "10-fail",
+            "for i in $(seq 1 15); do echo \"line $i\"; done; echo oops >&2; printf 'no newline'; exit 3",
+            0o755,
+        );
+        script(&d, "20-ok", "echo fine", 0o755);
+        script(&d, "30-fail", "exit 1", 0o755);
+        let (r, out) = runner(Duration::from_secs(30));
+        let failures = r.run_dir(t.path(), PRE_BACKUP_DIR, &[], &[]).unwrap();
+        assert_eq!(failures.len(), 2, "{failures:?}");
+        let f = &failures[0];
+        assert_eq!(f.hook, "pre-backup.d/10-fail");
+        assert_eq!(f.reason, "exited with status 3");
+        assert_eq!(f.tail.len(), TAIL_LINES);
+        assert_eq!(f.tail.last().unwrap(), "no newline");
+        assert_eq!(f.tail[TAIL_LINES - 2], "oops");
+        assert_eq!(f.tail[0], "line 8");
+        let shown = f.to_string();
+        assert!(
+            shown.starts_with(
+                "pre-backup.d/10-fail exited with status 3; its last output:\n    line 8\n"
+            ),
+            "{shown}"
+        );
+        assert_eq!(
+            failures[1].to_string(),
+            "pre-backup.d/30-fail exited with status 1 (no output)"
+        );
+        let o = text(&out);
+        assert!(o.contains("bb: pre-backup.d/10-fail: line 1\n"), "{o}");
+        assert!(o.contains("bb: pre-backup.d/10-fail: oops\n"), "{o}");
+        assert!(o.contains("bb: pre-backup.d/10-fail: no newline\n"), "{o}");
+        assert!(o.contains("bb: pre-backup.d/20-ok: fine\n"), "{o}");
+        assert!(
+            o.contains("bb: hook pre-backup.d/30-fail exited with status 1"),
+            "{o}"
+        );
+    }
+
+    #[test]
+    fn environment_and_null_stdin() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join(POST_BACKUP_DIR);
+        std::fs::create_dir(&d).unwrap();
+        let f = t.path().join("env");
+        script(
+            &d,
+            "env",
+            &format!(
+                "echo \"$BYTEBACK_STATUS/$BYTEBACK_SNAPSHOT/${{GONE-unset}}/$(readlink /proc/self/fd/0)\" > '{}'",
+                f.display()
+            ),
+            0o755,
+        );
+        // Some variable the test process has, to be removed for the hook.
+        let (gone, _) = std::env::vars()
+            .find(|(k, _)| k.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'))
+            .unwrap();
+        let body = std::fs::read_to_string(d.join("env"))
+            .unwrap()
+            .replace("GONE", &gone);
+        std::fs::write(d.join("env"), body).unwrap();
+        let (r, _) = runner(Duration::from_secs(30));
+        let failures = r
+            .run_dir(
+                t.path(),
+                POST_BACKUP_DIR,
+                &[(ENV_STATUS, "24"), (ENV_SNAPSHOT, "2026-01-01T00:00+0000")],
+                &[gone.as_str()],
+            )
+            .unwrap();
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(
+            std::fs::read_to_string(&f).unwrap(),
+            "24/2026-01-01T00:00+0000/unset//dev/null\n"
+        );
+    }
+
+    #[test]
+    fn a_hanging_hook_is_killed_with_its_children() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join(PRE_BACKUP_DIR);
+        std::fs::create_dir(&d).unwrap();
+        let pidfile = t.path().join("pid");
+        // A child that holds the output pipe and ignores nothing: killed with
+        // the group, so the runner neither waits for it nor leaves it behind.
+        script(
+            &d,
+            "10-hang",
+            &format!(
+                "echo started; sleep 300 & echo $! > '{}'; wait",
+                pidfile.display()
+            ),
+            0o755,
+        );
+        let (r, out) = runner(Duration::from_millis(500));
+        let start = Instant::now();
+        let failures = r.run_dir(t.path(), PRE_BACKUP_DIR, &[], &[]).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].reason, "timed out after 0.5 s and was killed");
+        assert_eq!(failures[0].tail, vec!["started".to_string()]);
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let gone = (0..100).any(|_| {
+            let alive = Path::new(&format!("/proc/{pid}")).exists()
+                && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .unwrap_or_default()
+                    .contains(") Z ");
+            if alive {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            !alive
+        });
+        assert!(gone, "the hook's child {pid} survived");
+        assert!(text(&out).contains("bb: pre-backup.d/10-hang: started"));
+    }
+
+    #[test]
+    fn a_hook_that_ignores_sigterm_gets_sigkill() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join(PRE_BACKUP_DIR);
+        std::fs::create_dir(&d).unwrap();
+        script(
+            &d,
+            "10-stubborn",
+            "trap '' TERM; while :; do sleep 0.1; done",
+            0o755,
+        );
+        let (r, _) = runner(Duration::from_millis(200));
+        let start = Instant::now();
+        let failures = r.run_dir(t.path(), PRE_BACKUP_DIR, &[], &[]).unwrap();
+        assert_eq!(failures.len(), 1);
+        assert!(failures[0].reason.starts_with("timed out"));
+        let took = start.elapsed();
+        assert!(
+            took >= KILL_GRACE && took < KILL_GRACE + Duration::from_secs(5),
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn killed_and_unstartable_hooks_fail() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join(PRE_BACKUP_DIR);
+        std::fs::create_dir(&d).unwrap();
+        script(&d, "10-killed", "kill -9 $$", 0o755);
+        let p = d.join("20-noshebang");
+        std::fs::write(&p, b"\x7fELF garbage").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (r, _) = runner(Duration::from_secs(30));
+        let failures = r.run_dir(t.path(), PRE_BACKUP_DIR, &[], &[]).unwrap();
+        assert_eq!(failures.len(), 2, "{failures:?}");
+        assert_eq!(failures[0].reason, "was killed by signal 9");
+        assert!(
+            failures[1].reason.starts_with("could not be started"),
+            "{failures:?}"
+        );
+    }
+
+    #[test]
+    fn a_background_process_holding_the_pipe_does_not_block() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join(POST_BACKUP_DIR);
+        std::fs::create_dir(&d).unwrap();
+        script(&d, "10-daemon", "sleep 4 & echo left it running", 0o755);
+        let (r, out) = runner(Duration::from_secs(30));
+        let start = Instant::now();
+        let failures = r.run_dir(t.path(), POST_BACKUP_DIR, &[], &[]).unwrap();
+        assert!(failures.is_empty());
+        assert!(
+            start.elapsed() < Duration::from_millis(3500),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(text(&out).contains("left it running"));
+    }
+
+    #[test]
+    fn status_texts() {
+        assert_eq!(status_text(0), "ok");
+        assert_eq!(status_text(24), "partial");
+        assert_eq!(status_text(1), "failed");
+    }
+}

@@ -1,0 +1,298 @@
+//! Pre- and post-backup hooks (`<config dir>/pre-backup.d/`,
+//! `post-backup.d/`) with the real `byteback-backup` into a local store.
+
+mod util;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use util::*;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    work: PathBuf,
+    conf: PathBuf,
+    store: PathBuf,
+    src: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = scratch();
+    let work = dir.path().to_path_buf();
+    let conf = work.join("conf");
+    let store = work.join("store");
+    let src = work.join("src");
+    for d in [&conf, &store, &src] {
+        fs::create_dir_all(d).unwrap();
+    }
+    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    fs::write(src.join("file"), b"some data").unwrap();
+    Setup {
+        _dir: dir,
+        work,
+        conf,
+        store,
+        src,
+    }
+}
+
+impl Setup {
+    /// A shell script `<conf>/<sub>/<name>` with `body`, mode `mode`.
+    fn hook(&self, sub: &str, name: &str, body: &str, mode: u32) {
+        let d = self.conf.join(sub);
+        fs::create_dir_all(&d).unwrap();
+        let p = d.join(name);
+        fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// A hook line appending `what` to `<work>/log`.
+    fn log_line(&self, what: &str) -> String {
+        format!("echo \"{what}\" >> '{}'", self.work.join("log").display())
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.work.join("log")).unwrap_or_default()
+    }
+
+    fn backup_to(&self, dest: &Path, extra: &[&str]) -> Output {
+        run_status(
+            Command::new(bin("byteback-backup"))
+                .env("BYTEBACK_CONFIG_DIR", &self.conf)
+                .arg("--destination")
+                .arg(dest)
+                .arg("--source")
+                .arg(&self.src)
+                .args(["--hostname", "h"])
+                .args(if extra.contains(&"--retry-number") {
+                    &[][..]
+                } else {
+                    &["--retry-number", "0"][..]
+                })
+                .args(extra),
+        )
+    }
+
+    fn backup(&self, extra: &[&str]) -> Output {
+        self.backup_to(&self.store, extra)
+    }
+
+    fn snapshots(&self) -> Vec<String> {
+        let Ok(rd) = fs::read_dir(self.store.join("h")) else {
+            return vec![];
+        };
+        let mut v: Vec<String> = rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// `<snapshot>/<src>/<rel>` in the store.
+    fn in_snapshot(&self, snap: &str, rel: &str) -> PathBuf {
+        self.store
+            .join("h")
+            .join(snap)
+            .join(self.src.strip_prefix("/").unwrap())
+            .join(rel)
+    }
+}
+
+/// A post hook that records what it sees in `<work>/post-env`.
+fn record_post_env(s: &Setup) {
+    s.hook(
+        "post-backup.d",
+        "10-record",
+        &format!(
+            "printf '%s|%s|%s\\n' \"$BYTEBACK_STATUS\" \"$BYTEBACK_STATUS_TEXT\" \"${{BYTEBACK_SNAPSHOT-unset}}\" >> '{}'",
+            s.work.join("post-env").display()
+        ),
+        0o755,
+    );
+}
+
+fn post_env(s: &Setup) -> String {
+    fs::read_to_string(s.work.join("post-env")).unwrap_or_default()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn a_failing_pre_hook_fails_the_backup_before_anything_is_sent() {
+    let s = setup();
+    s.hook("pre-backup.d", "10-ok", &s.log_line("10-ok"), 0o755);
+    s.hook(
+        "pre-backup.d",
+        "20-dump",
+        "echo starting the dump; echo 'mysqldump: Got error: 2002: cannot connect' >&2; exit 3",
+        0o755,
+    );
+    // As run-parts, the hooks after a failing one still run.
+    s.hook("pre-backup.d", "30-after", &s.log_line("30-after"), 0o755);
+    record_post_env(&s);
+    let o = s.backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "pre-backup hook failed, nothing was backed up: pre-backup.d/20-dump exited with \
+             status 3; its last output:\n    starting the dump\n    mysqldump: Got error: 2002"
+        ),
+        "{err}"
+    );
+    // Its output went through, prefixed.
+    assert!(
+        err.contains("byteback-backup: pre-backup.d/20-dump: starting the dump\n"),
+        "{err}"
+    );
+    assert_eq!(s.log(), "10-ok\n30-after\n");
+    // Nothing was sent: the server never ran for this host.
+    assert!(!s.store.join("h").exists(), "{err}");
+    // The post hooks ran, told of the failure (they may undo what a pre
+    // hook set up).
+    assert_eq!(post_env(&s), "1|failed|\n");
+}
+
+#[test]
+fn post_hooks_see_the_status_and_the_snapshot() {
+    let s = setup();
+    // A pre hook writes into the source: what it wrote is in the backup.
+    s.hook(
+        "pre-backup.d",
+        "50-dump",
+        &format!("echo fresh dump > '{}'", s.src.join("dump.sql").display()),
+        0o755,
+    );
+    record_post_env(&s);
+    s.hook("post-backup.d", "20-say", "echo hello from post", 0o755);
+    let o = s.backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let snaps = s.snapshots();
+    assert_eq!(snaps.len(), 1, "{err}");
+    assert_eq!(post_env(&s), format!("0|ok|{}\n", snaps[0]));
+    assert_eq!(
+        fs::read_to_string(s.in_snapshot(&snaps[0], "dump.sql")).unwrap(),
+        "fresh dump\n"
+    );
+    assert!(
+        err.contains("byteback-backup: post-backup.d/20-say: hello from post\n"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_failing_post_hook_gives_exit_1_but_keeps_the_snapshot() {
+    let s = setup();
+    s.hook(
+        "post-backup.d",
+        "10-notify",
+        "echo cannot reach the monitoring; exit 5",
+        0o755,
+    );
+    s.hook("post-backup.d", "20-next", &s.log_line("20-next"), 0o755);
+    let o = s.backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(
+            "post-backup hook failed: post-backup.d/10-notify exited with status 5; its last \
+             output:\n    cannot reach the monitoring"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("the backup itself succeeded (exit 0 without the hook)"),
+        "{err}"
+    );
+    assert_eq!(s.log(), "20-next\n");
+    let snaps = s.snapshots();
+    assert_eq!(snaps.len(), 1, "{err}");
+    assert!(s.in_snapshot(&snaps[0], "file").is_file());
+}
+
+#[test]
+fn only_valid_executables_run_in_byte_order() {
+    let s = setup();
+    for name in ["20-b", "10-a", "1_c", "B"] {
+        s.hook("pre-backup.d", name, &s.log_line(name), 0o755);
+    }
+    for name in [
+        "x.sh",
+        "README.md",
+        "50-mysql.dpkg-old",
+        "50-mysql~",
+        ".hidden",
+    ] {
+        s.hook("pre-backup.d", name, &s.log_line(name), 0o755);
+    }
+    s.hook("pre-backup.d", "40-noexec", &s.log_line("40-noexec"), 0o644);
+    fs::create_dir(s.conf.join("pre-backup.d/60-dir")).unwrap();
+    let o = s.backup(&["--verbose"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(s.log(), "10-a\n1_c\n20-b\nB\n");
+    for (name, why) in [
+        ("x.sh", "its name is not made of A-Z a-z 0-9 _ -"),
+        ("README.md", "its name"),
+        ("50-mysql.dpkg-old", "its name"),
+        ("50-mysql~", "its name"),
+        (".hidden", "its name"),
+        ("40-noexec", "it is not executable"),
+        ("60-dir", "it is not a regular file"),
+    ] {
+        assert!(
+            err.contains(&format!(
+                "byteback-backup: pre-backup.d: skipping \"{name}\": {why}"
+            )),
+            "{name}: {err}"
+        );
+    }
+    // Without --verbose, skipping is silent (as run-parts).
+    let o = s.backup(&[]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(!stderr(&o).contains("skipping"), "{}", stderr(&o));
+}
+
+#[test]
+fn hooks_run_once_however_many_attempts() {
+    let s = setup();
+    s.hook("pre-backup.d", "10-pre", &s.log_line("pre"), 0o755);
+    s.hook("post-backup.d", "10-post", &s.log_line("post"), 0o755);
+    record_post_env(&s);
+    // A "store" that is a regular file: every attempt fails.
+    let bad = s.work.join("not-a-store");
+    fs::write(&bad, b"").unwrap();
+    let o = s.backup_to(&bad, &["--retry-number", "2", "--retry-delay", "0"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("attempt 2 failed"), "{err}");
+    assert_eq!(s.log(), "pre\npost\n");
+    assert_eq!(post_env(&s), "1|failed|\n");
+}
+
+#[test]
+fn a_hanging_pre_hook_is_killed_at_the_timeout() {
+    let s = setup();
+    s.hook("pre-backup.d", "10-hang", "echo waiting; sleep 120", 0o755);
+    let start = Instant::now();
+    let o = s.backup(&["--hook-timeout", "1"]);
+    let took = start.elapsed();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert!(
+        err.contains("pre-backup.d/10-hang timed out after 1 s and was killed"),
+        "{err}"
+    );
+    assert!(s.snapshots().is_empty());
+    let o = s.backup(&["--hook-timeout", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--hook-timeout must be at least 1 second"));
+}
