@@ -293,6 +293,6 @@ fn a_hanging_pre_hook_is_killed_at_the_timeout() {
     );
     assert!(s.snapshots().is_empty());
     let o = s.backup(&["--hook-timeout", "0"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2), "a usage error");
     assert!(stderr(&o).contains("--hook-timeout must be at least 1 second"));
 }
