@@ -541,10 +541,16 @@ fn written_sections(page: &str) -> Written {
                  beneath it. --list (the default) shows snapshot, mode, size, uid, gid, mtime \
                  and path: the latest version of each path, every distinct version with --all, \
                  every copy with --verbose.\n\n\
-                 --restore restores from the newest snapshot (or --snapshot) into \
-                 ./<snapshot>/<absolute path> with full metadata; devices and ownership need \
-                 root. Every restored file is checked against its BLAKE3: one that fails is \
-                 removed and listed as DAMAGED, the rest is restored.",
+                 --restore restores what the listing shows, as byteback 1.x did: each path's \
+                 latest version from the newest snapshot holding it, into \
+                 ./<that snapshot>/<absolute path> (a file deleted before the last backup comes \
+                 back from an older snapshot, into that snapshot's directory); with --all every \
+                 distinct version, each into the directory of the oldest snapshot holding it; \
+                 with --snapshot that snapshot only. --target DIR puts the snapshot directories \
+                 in DIR (which must exist) instead of the current directory. Files come with \
+                 full metadata; devices and ownership need root. Every restored file is checked \
+                 against its BLAKE3: one that fails is removed and listed as DAMAGED, the rest \
+                 is restored.",
             ),
             sections: vec![
                 ("ENVIRONMENT", vec![CLIENT_ENV]),
@@ -564,7 +570,11 @@ fn written_sections(page: &str) -> Written {
                              stopped on an error (see TRUST MODEL), or nothing matches a \
                              --list.",
                         ),
-                        Tag("2", "Usage: the command line could not be parsed."),
+                        Tag(
+                            "2",
+                            "Usage: the command line could not be parsed, or the --target \
+                             directory does not exist (nothing is created).",
+                        ),
                     ],
                 ),
                 (
@@ -577,6 +587,9 @@ fn written_sections(page: &str) -> Written {
                         P("Restore /etc/ssh from the newest snapshot into \
                            /tmp/<snapshot>/etc/ssh:"),
                         Ex(&["cd /tmp && byteback-restore --restore /etc/ssh"]),
+                        P("Restore every version of a home directory kept in any snapshot \
+                           into /mnt/r/<snapshot>/home/alice:"),
+                        Ex(&["byteback-restore --restore --all --target /mnt/r /home/alice"]),
                         P("Restore data one does not trust from a given snapshot:"),
                         Ex(&[
                             "byteback-restore --restore --snapshot 2026-11-27T03:00+0000 \\",
@@ -595,7 +608,7 @@ fn written_sections(page: &str) -> Written {
                            A violation ends the restore with exit status 1."),
                         P("File data is never written beyond the manifest's size and every file \
                            is checked against its BLAKE3. Everything is written beneath held \
-                           directory fds: ./<snapshot> is opened without following a symlink, \
+                           directory fds: each <snapshot> directory is opened without following a symlink, \
                            each directory below is opened with openat2(RESOLVE_BENEATH | \
                            RESOLVE_NO_SYMLINKS), files are created O_EXCL | O_NOFOLLOW, and \
                            owner, xattrs, ACLs, mode and mtime are applied to the open object, \

@@ -318,6 +318,147 @@ fn restore_list_shows_versions() {
     assert_eq!(all.lines().count(), 4, "{all}");
 }
 
+/// As byteback 1.x: `--restore` takes each path from the newest snapshot
+/// holding it (a file deleted before the last backup comes back from an
+/// older one, into that snapshot's directory); `--all` every version, each
+/// into the oldest snapshot holding it; `--target` somewhere else.
+#[test]
+fn restore_takes_each_path_from_the_newest_snapshot_holding_it() {
+    let d = scratch();
+    let store = d.path().join("store");
+    write_config(&store);
+    let src = d.path().join("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("kept"), b"same in both").unwrap();
+    fs::write(src.join("changed"), b"first version").unwrap();
+    fs::write(src.join("sub/deleted"), b"only in the first").unwrap();
+    backup(&store, &src, "v");
+    fs::write(src.join("changed"), b"second version!").unwrap();
+    set_mtime(&src.join("changed"), 2_000_000_000, 7);
+    fs::remove_file(src.join("sub/deleted")).unwrap();
+    fs::write(src.join("new"), b"only in the second").unwrap();
+    backup(&store, &src, "v");
+    let snaps = snapshots(&store, "v");
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    let (s1, s2) = (snaps[0].as_str(), snaps[1].as_str());
+    // Restores go elsewhere: the source's parent directories are backed up too.
+    let rs = scratch();
+    let restore = |cwd: &Path, extra: &[&str], pattern: &OsStr| {
+        fs::create_dir_all(cwd).unwrap();
+        run_status(
+            Command::new(bin("byteback-restore"))
+                .current_dir(cwd)
+                .arg("--destination")
+                .arg(&store)
+                .args(["--hostname", "v", "--restore"])
+                .args(extra)
+                .arg(pattern),
+        )
+    };
+    let under =
+        |root: &Path, snap: &str, rel: &str| restored_path(&root.join(snap), &src).join(rel);
+    let read = |p: PathBuf| fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let absent = |p: PathBuf| assert!(fs::symlink_metadata(&p).is_err(), "{} exists", p.display());
+    let dirs = |root: &Path| {
+        let mut v: Vec<String> = fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+
+    // The latest version of each path.
+    let r = rs.path().join("latest");
+    let out = restore(&r, &[], src.as_os_str());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("into ./{s1}/ and ./{s2}/")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(dirs(&r), [s1, s2]);
+    assert_eq!(read(under(&r, s2, "kept")), b"same in both");
+    assert_eq!(read(under(&r, s2, "changed")), b"second version!");
+    assert_eq!(read(under(&r, s2, "new")), b"only in the second");
+    absent(under(&r, s2, "sub/deleted"));
+    assert_eq!(read(under(&r, s1, "sub/deleted")), b"only in the first");
+    absent(under(&r, s1, "kept"));
+    absent(under(&r, s1, "changed"));
+
+    // Every version: the unchanged file once, in the oldest snapshot holding it.
+    let r = rs.path().join("all");
+    let out = restore(&r, &["--all"], src.as_os_str());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(read(under(&r, s1, "kept")), b"same in both");
+    assert_eq!(read(under(&r, s1, "changed")), b"first version");
+    assert_eq!(read(under(&r, s1, "sub/deleted")), b"only in the first");
+    assert_eq!(read(under(&r, s2, "changed")), b"second version!");
+    assert_eq!(read(under(&r, s2, "new")), b"only in the second");
+    absent(under(&r, s2, "kept"));
+    absent(under(&r, s2, "sub/deleted"));
+
+    // --target: everything below it; relative patterns still from the
+    // current directory; nothing in the current directory.
+    let target = rs.path().join("target");
+    fs::create_dir(&target).unwrap();
+    let t = target.to_str().unwrap();
+    let out = restore(&src, &["--target", t], OsStr::new("sub"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    // (`sub` itself, now empty, is the newest snapshot's.)
+    assert_eq!(dirs(&target), [s1, s2]);
+    assert_eq!(
+        read(under(&target, s1, "sub/deleted")),
+        b"only in the first"
+    );
+    assert!(dirs(&under(&target, s2, "sub")).is_empty());
+    absent(under(&target, s2, "kept"));
+    assert!(
+        stderr(&out).contains(&format!("into {t}/{s1}/ and {t}/{s2}/")),
+        "{}",
+        stderr(&out)
+    );
+    let cwd = rs.path().join("cwd");
+    let out = restore(&cwd, &["--target", t], src.as_os_str());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(dirs(&target), [s1, s2]);
+    assert_eq!(read(under(&target, s2, "changed")), b"second version!");
+    assert!(dirs(&cwd).is_empty());
+    // --snapshot with --target: that snapshot only.
+    let one = rs.path().join("one");
+    fs::create_dir(&one).unwrap();
+    let out = restore(
+        &cwd,
+        &["--snapshot", s1, "--target", one.to_str().unwrap()],
+        src.as_os_str(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(dirs(&one), [s1]);
+    assert_eq!(read(under(&one, s1, "kept")), b"same in both");
+    assert_eq!(read(under(&one, s1, "changed")), b"first version");
+
+    // A --target that does not exist: usage error, nothing created.
+    let missing = rs.path().join("typo/deeper");
+    let out = restore(
+        &cwd,
+        &["--target", missing.to_str().unwrap()],
+        src.as_os_str(),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--target"), "{}", stderr(&out));
+    absent(rs.path().join("typo"));
+    assert!(dirs(&cwd).is_empty());
+    // --target goes with --restore only.
+    let out = run_status(
+        Command::new(bin("byteback-restore"))
+            .current_dir(&cwd)
+            .arg("--destination")
+            .arg(&store)
+            .args(["--hostname", "v", "--list", "--target", t, "/"]),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
 #[test]
 fn second_concurrent_backup_of_a_host_is_refused_and_a_killed_lock_does_not_block() {
     use byteback_protocol::{encode, ClientMsg, MAGIC, PROTOCOL_VERSION};

@@ -31,6 +31,8 @@ use util::*;
 
 /// The snapshot the scenarios list.
 const SNAP: &str = "2026-11-27T03:00+0000";
+/// A snapshot before it, for scenarios of several snapshots.
+const OLD: &str = "2026-11-26T03:00+0000";
 /// A restore still running after this long has hung: it is killed and the test fails.
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -91,7 +93,18 @@ impl Stage {
 
     /// `work/<SNAP>/<rel>`.
     fn restored(&self, rel: &str) -> PathBuf {
-        self.work().join(SNAP).join(rel)
+        self.restored_in(SNAP, rel)
+    }
+
+    /// `work/<snap>/<rel>`.
+    fn restored_in(&self, snap: &str, rel: &str) -> PathBuf {
+        self.work().join(snap).join(rel)
+    }
+
+    /// Empties `work`.
+    fn clear_work(&self) {
+        fs::remove_dir_all(self.work()).unwrap();
+        fs::create_dir(self.work()).unwrap();
     }
 
     /// Runs `byteback-restore --restore ARGS` against the scripted server.
@@ -220,6 +233,24 @@ fn scenario(entries: Vec<ManifestEntry>, files: &[(&str, &[u8])]) -> Scenario {
             .collect(),
         ..Default::default()
     }
+}
+
+/// One snapshot of a scripted server: name, manifest (one part), file contents.
+type Snap<'a> = (&'a str, Vec<ManifestEntry>, &'a [(&'a str, &'a [u8])]);
+
+/// A scenario of several snapshots, oldest first, each with its own
+/// manifest and its own file contents.
+fn snapshots_scenario(snaps: Vec<Snap<'_>>) -> Scenario {
+    let mut sc = scenario(vec![], &[]);
+    sc.snapshots = snaps.iter().map(|(s, ..)| s.to_string()).collect();
+    for (s, entries, files) in snaps {
+        sc.manifests.push((s.to_string(), vec![entries]));
+        for (p, d) in files {
+            sc.snapshot_files
+                .push((s.to_string(), p.as_bytes().to_vec(), d.to_vec()));
+        }
+    }
+    sc
 }
 
 /// `/` restores everything (the restore's patterns are absolute).
@@ -671,5 +702,290 @@ fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     assert!(md("dev/pipe").file_type().is_fifo());
     let perms = fs::metadata(st.work().join(SNAP)).unwrap().permissions();
     assert_eq!(perms.mode() & 0o777, 0o755);
+    st.sentinel.assert_untouched();
+}
+
+#[test]
+fn each_path_comes_from_the_newest_snapshot_holding_it() {
+    if !require_root("each_path_comes_from_the_newest_snapshot_holding_it") {
+        return;
+    }
+    let st = Stage::new();
+    let mut new_a = file("d/a", b"new a!");
+    new_a.entry.mtime_sec += 100;
+    let sc = snapshots_scenario(vec![
+        (
+            OLD,
+            vec![
+                dir("d"),
+                file("d/a", b"old a"),
+                file("d/gone", b"gone later"),
+                hardlink("d/link", "d/a"),
+                file("d/same", b"same"),
+            ],
+            &[
+                ("d/a", b"old a"),
+                ("d/gone", b"gone later"),
+                ("d/same", b"same"),
+            ],
+        ),
+        (
+            SNAP,
+            vec![dir("d"), new_a, file("d/same", b"same")],
+            &[("d/a", b"new a!"), ("d/same", b"same")],
+        ),
+    ]);
+    let md = |snap: &str, p: &str| fs::symlink_metadata(st.restored_in(snap, p));
+    let read = |snap: &str, p: &str| fs::read(st.restored_in(snap, p)).unwrap();
+
+    // The latest version of each path, from the newest snapshot holding it;
+    // a link whose first name the older snapshot does not supply gets that
+    // snapshot's content of it.
+    let r = st.restore(&sc, &[ALL]);
+    r.assert_code(0);
+    assert!(
+        r.stderr
+            .contains(&format!("restored 5 entries into ./{OLD}/ and ./{SNAP}/")),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(read(SNAP, "d/a"), b"new a!");
+    assert_eq!(read(SNAP, "d/same"), b"same");
+    assert!(md(SNAP, "d/gone").is_err() && md(SNAP, "d/link").is_err());
+    assert_eq!(read(OLD, "d/gone"), b"gone later");
+    assert_eq!(read(OLD, "d/link"), b"old a");
+    assert!(md(OLD, "d/a").is_err() && md(OLD, "d/same").is_err());
+    assert_eq!(md(OLD, "d/link").unwrap().nlink(), 1);
+
+    // --all: every version, each from the oldest snapshot holding it.
+    st.clear_work();
+    let r = st.restore(&sc, &["--all", ALL]);
+    r.assert_code(0);
+    assert_eq!(read(OLD, "d/a"), b"old a");
+    assert_eq!(read(OLD, "d/same"), b"same");
+    assert_eq!(read(OLD, "d/gone"), b"gone later");
+    assert_eq!(
+        md(OLD, "d/link").unwrap().ino(),
+        md(OLD, "d/a").unwrap().ino()
+    );
+    assert_eq!(read(SNAP, "d/a"), b"new a!");
+    assert!(md(SNAP, "d/same").is_err() && md(SNAP, "d/gone").is_err());
+
+    // --snapshot: that one only, whole.
+    st.clear_work();
+    let r = st.restore(&sc, &["--snapshot", OLD, ALL]);
+    r.assert_code(0);
+    assert_eq!(read(OLD, "d/same"), b"same");
+    assert_eq!(
+        fs::read_dir(st.work()).unwrap().count(),
+        1,
+        "more than {OLD} written"
+    );
+
+    // A pattern only an older snapshot matches restores from it alone.
+    st.clear_work();
+    let r = st.restore(&sc, &["/d/gone"]);
+    r.assert_code(0);
+    assert_eq!(read(OLD, "d/gone"), b"gone later");
+    assert!(md(SNAP, "").is_err(), "{SNAP} made for nothing");
+    let r = st.restore(&sc, &["/nowhere"]);
+    r.assert_failed(&["nothing in any of the 2 snapshots matches"]);
+
+    // --target: everything below it, nothing in the current directory.
+    st.clear_work();
+    let target = st.dir.path().join("target");
+    fs::create_dir(&target).unwrap();
+    let r = st.restore(&sc, &["--target", target.to_str().unwrap(), ALL]);
+    r.assert_code(0);
+    assert_eq!(fs::read(target.join(SNAP).join("d/a")).unwrap(), b"new a!");
+    assert_eq!(
+        fs::read(target.join(OLD).join("d/gone")).unwrap(),
+        b"gone later"
+    );
+    assert_eq!(fs::read_dir(st.work()).unwrap().count(), 0);
+    assert!(
+        r.stderr
+            .contains(&format!("into {}/{OLD}/ and", target.display())),
+        "{}",
+        r.stderr
+    );
+
+    // --target missing: a usage error, nothing made.
+    let missing = st.dir.path().join("no-such-dir");
+    let r = st.restore(&sc, &["--target", missing.to_str().unwrap(), ALL]);
+    r.assert_code(2);
+    assert!(r.stderr.contains("--target"), "{}", r.stderr);
+    assert!(fs::symlink_metadata(&missing).is_err());
+    assert_eq!(fs::read_dir(st.work()).unwrap().count(), 0);
+    st.sentinel.assert_untouched();
+}
+
+#[test]
+fn a_path_in_two_snapshots_cannot_lead_outside() {
+    if !require_root("a_path_in_two_snapshots_cannot_lead_outside") {
+        return;
+    }
+    let st = Stage::new();
+    let outside = st.outside();
+    let target = st.dir.path().join("target");
+    fs::create_dir(&target).unwrap();
+
+    // `x` a symlink outside in the newest snapshot, a directory holding
+    // SENTINEL in the older one: each lands in its own snapshot directory,
+    // the older one's `x` a real directory.
+    let sc = snapshots_scenario(vec![
+        (
+            OLD,
+            vec![
+                dir("x"),
+                file("x/SENTINEL", b"evil"),
+                file("x/pwn", b"evil"),
+            ],
+            &[("x/SENTINEL", b"evil"), ("x/pwn", b"evil")],
+        ),
+        (SNAP, vec![symlink("x", &outside)], &[]),
+    ]);
+    for args in [
+        &[ALL][..],
+        &["--all", ALL],
+        &["--target", target.to_str().unwrap(), ALL],
+        &["--all", "--target", target.to_str().unwrap(), ALL],
+    ] {
+        st.clear_work();
+        let _ = fs::remove_dir_all(target.join(OLD));
+        let _ = fs::remove_dir_all(target.join(SNAP));
+        let r = st.restore(&sc, args);
+        println!("{args:?}: {}", r.stderr.trim());
+        r.assert_code(0);
+        let base = if args.contains(&"--target") {
+            target.clone()
+        } else {
+            st.work()
+        };
+        assert!(fs::symlink_metadata(base.join(SNAP).join("x"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(fs::symlink_metadata(base.join(OLD).join("x"))
+            .unwrap()
+            .is_dir());
+        assert_eq!(
+            fs::read(base.join(OLD).join("x/SENTINEL")).unwrap(),
+            b"evil"
+        );
+        st.sentinel.assert_untouched();
+    }
+
+    // A link whose first name the older snapshot says is a symlink outside,
+    // while the newest holds a file there: the older snapshot's copy of the
+    // first name is refused, not followed.
+    let evil_first = vec![symlink("a", &outside.join("SENTINEL")), hardlink("b", "a")];
+    let sc = snapshots_scenario(vec![
+        (OLD, evil_first.clone(), &[]),
+        (SNAP, vec![file("a", b"fine")], &[("a", b"fine")]),
+    ]);
+    st.clear_work();
+    let r = st.restore(&sc, &[ALL]);
+    r.assert_failed(&["not a regular file; refusing"]);
+    assert!(fs::symlink_metadata(st.restored_in(OLD, "b")).is_err());
+    st.sentinel.assert_untouched();
+    // The same the other way round (--all takes the oldest first).
+    let sc = snapshots_scenario(vec![
+        (OLD, vec![file("a", b"fine")], &[("a", b"fine")]),
+        (SNAP, evil_first, &[]),
+    ]);
+    for args in [&[ALL][..], &["--all", ALL]] {
+        st.clear_work();
+        let r = st.restore(&sc, args);
+        println!("{args:?}: {}", r.stderr.trim());
+        r.assert_failed(&["links", "refusing"]);
+        assert!(fs::symlink_metadata(st.restored_in(SNAP, "b")).is_err());
+        st.sentinel.assert_untouched();
+    }
+
+    // The older snapshot's directory planted as a symlink outside: refused
+    // when the restore gets to it, nothing written through it.
+    let sc = snapshots_scenario(vec![
+        (
+            OLD,
+            vec![file("SENTINEL", b"evil")],
+            &[("SENTINEL", b"evil")],
+        ),
+        (SNAP, vec![file("new", b"n")], &[("new", b"n")]),
+    ]);
+    st.clear_work();
+    std::os::unix::fs::symlink(&outside, st.work().join(OLD)).unwrap();
+    let r = st.restore(&sc, &[ALL]);
+    r.assert_failed(&["refusing to restore through it"]);
+    st.sentinel.assert_untouched();
+}
+
+#[test]
+fn many_snapshots_stay_in_bounded_memory() {
+    if !require_root("many_snapshots_stay_in_bounded_memory") {
+        return;
+    }
+    let st = Stage::new();
+    // 200 snapshots of 5,000 files each (1,000,000 entries with 64-byte
+    // xattrs, every one a version of its own), plus 5 files in each that
+    // only it holds. A client that held every path of every snapshot would
+    // not fit in 48 MiB; this one remembers 16 bytes per selected path.
+    let names: Vec<String> = (0..200)
+        .map(|i| format!("2026-{:02}-{:02}T03:00+0000", 1 + i / 28, 1 + i % 28))
+        .collect();
+    let mut sc = scenario(vec![dir("flood")], &[]);
+    sc.snapshots = names.clone();
+    sc.flood_parts = 5;
+    sc.flood_xattr_len = 64;
+    sc.flood_mtime_by_snapshot = true;
+    sc.flood_own = 5;
+    let limit = Some(48 << 20);
+    let started = Instant::now();
+    let r = st.restore_limited(&sc, &[ALL], limit);
+    println!("latest: {:?}", started.elapsed());
+    r.assert_code(0);
+    assert_eq!(fs::read_dir(st.work()).unwrap().count(), 200);
+    let newest = st.work().join(&names[199]).join("flood");
+    assert_eq!(fs::read_dir(&newest).unwrap().count(), 5005);
+    assert_eq!(
+        fs::metadata(newest.join("000000004999")).unwrap().mtime(),
+        199
+    );
+    for (i, n) in names.iter().enumerate().take(199) {
+        let flood = st.work().join(n).join("flood");
+        let mut got: Vec<String> = fs::read_dir(&flood)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        got.sort();
+        let want: Vec<String> = (0..5).map(|j| format!("own-{i:04}-{j:06}")).collect();
+        assert_eq!(got, want, "{n}");
+    }
+
+    // --all: every version of two paths, each in its own snapshot's directory.
+    let target = st.dir.path().join("all");
+    fs::create_dir(&target).unwrap();
+    let started = Instant::now();
+    let r = st.restore_limited(
+        &sc,
+        &[
+            "--all",
+            "--target",
+            target.to_str().unwrap(),
+            "/flood/00000000000[01]",
+        ],
+        limit,
+    );
+    println!("all: {:?}", started.elapsed());
+    r.assert_code(0);
+    assert_eq!(fs::read_dir(&target).unwrap().count(), 200);
+    for (i, n) in names.iter().enumerate() {
+        let f = target.join(n).join("flood/000000000001");
+        assert_eq!(fs::metadata(&f).unwrap().mtime(), i as i64, "{n}");
+        assert_eq!(
+            fs::read_dir(target.join(n).join("flood")).unwrap().count(),
+            2
+        );
+    }
     st.sentinel.assert_untouched();
 }

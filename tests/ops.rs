@@ -618,6 +618,32 @@ fn usage_errors_exit_2() {
             "byteback-restore",
             vec!["--hostname", "h", "-d", "/nonexistent-store", "../../x"],
         ),
+        (
+            "byteback-restore",
+            vec![
+                "--restore",
+                "--target",
+                "/nonexistent-target/x",
+                "--hostname",
+                "h",
+                "-d",
+                "/nonexistent-store",
+                "/",
+            ],
+        ),
+        (
+            "byteback-restore",
+            vec![
+                "--list",
+                "--target",
+                "/tmp",
+                "--hostname",
+                "h",
+                "-d",
+                "/nonexistent-store",
+                "/",
+            ],
+        ),
     ];
     for (prog, args) in cases {
         let o = run_status(
@@ -630,4 +656,5 @@ fn usage_errors_exit_2() {
     }
     assert!(!store.exists());
     assert!(!Path::new("/nonexistent-store").exists());
+    assert!(!Path::new("/nonexistent-target").exists());
 }

@@ -21,26 +21,31 @@ use byteback_protocol::{
 };
 use scenario::{Scenario, SCENARIO_ENV};
 
-fn flood_part(n: u64, xattr_len: usize) -> Vec<ManifestEntry> {
+/// An empty regular file with `xattr_len` bytes of `user.flood`.
+fn flood_entry(path: String, mtime: i64, xattr_len: usize) -> ManifestEntry {
     let xattrs = if xattr_len > 0 {
         vec![(b"user.flood".to_vec(), vec![b'x'; xattr_len])]
     } else {
         vec![]
     };
+    ManifestEntry {
+        entry: Entry {
+            path: path.into_bytes(),
+            kind: Kind::File { size: 0 },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_sec: mtime,
+            mtime_nsec: 0,
+            xattrs,
+        },
+        hash: *blake3_empty(),
+    }
+}
+
+fn flood_part(n: u64, mtime: i64, xattr_len: usize) -> Vec<ManifestEntry> {
     (0..1000)
-        .map(|i| ManifestEntry {
-            entry: Entry {
-                path: format!("flood/{:012}", n * 1000 + i).into_bytes(),
-                kind: Kind::File { size: 0 },
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-                mtime_sec: 0,
-                mtime_nsec: 0,
-                xattrs: xattrs.clone(),
-            },
-            hash: *blake3_empty(),
-        })
+        .map(|i| flood_entry(format!("flood/{:012}", n * 1000 + i), mtime, xattr_len))
         .collect()
 }
 
@@ -76,22 +81,52 @@ fn main() {
                 },
             ),
             ClientMsg::ListSnapshots => send(&mut w, &ServerMsg::Snapshots(sc.snapshots.clone())),
-            ClientMsg::ReadManifest { .. } => {
-                for p in &sc.parts {
+            ClientMsg::ReadManifest { snapshot } => {
+                let parts = sc
+                    .manifests
+                    .iter()
+                    .find(|(s, _)| *s == snapshot)
+                    .map_or(&sc.parts, |(_, p)| p);
+                for p in parts {
                     send(&mut w, &ServerMsg::ManifestPart(p.clone()))
                 }
+                let pos = sc
+                    .snapshots
+                    .iter()
+                    .position(|s| *s == snapshot)
+                    .unwrap_or(0);
+                let mtime = if sc.flood_mtime_by_snapshot {
+                    pos as i64
+                } else {
+                    0
+                };
                 for n in 0..sc.flood_parts {
                     send(
                         &mut w,
-                        &ServerMsg::ManifestPart(flood_part(n, sc.flood_xattr_len)),
+                        &ServerMsg::ManifestPart(flood_part(n, mtime, sc.flood_xattr_len)),
                     );
+                }
+                if sc.flood_own > 0 {
+                    let own = (0..sc.flood_own)
+                        .map(|i| {
+                            let path = format!("flood/own-{pos:04}-{i:06}");
+                            flood_entry(path, mtime, sc.flood_xattr_len)
+                        })
+                        .collect();
+                    send(&mut w, &ServerMsg::ManifestPart(own));
                 }
                 send(&mut w, &ServerMsg::ManifestEnd);
             }
-            ClientMsg::ReadFile { path, .. } => {
+            ClientMsg::ReadFile { snapshot, path } => {
                 std::thread::sleep(Duration::from_millis(sc.file_delay_ms));
-                match sc.files.iter().find(|(p, _)| *p == path) {
-                    Some((_, data)) => {
+                let data = sc
+                    .snapshot_files
+                    .iter()
+                    .find(|(s, p, _)| *s == snapshot && *p == path)
+                    .map(|(_, _, d)| d)
+                    .or_else(|| sc.files.iter().find(|(p, _)| *p == path).map(|(_, d)| d));
+                match data {
+                    Some(data) => {
                         for c in data.chunks(1 << 20) {
                             let part = Compressed::compress(c, 1).unwrap();
                             send(&mut w, &ServerMsg::FilePart(part));

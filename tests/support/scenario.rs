@@ -14,16 +14,27 @@ pub struct Scenario {
     pub host: String,
     /// Answer to `ListSnapshots`.
     pub snapshots: Vec<String>,
-    /// Manifest parts sent for every `ReadManifest`, whatever the snapshot.
+    /// Manifest parts sent for every `ReadManifest` of a snapshot not in `manifests`.
     pub parts: Vec<Vec<ManifestEntry>>,
+    /// Manifest parts by snapshot name, sent instead of `parts` for that snapshot.
+    pub manifests: Vec<(String, Vec<Vec<ManifestEntry>>)>,
     /// After `parts`: this many more parts of 1,000 generated regular files
     /// each, `flood/000000000000` upwards (valid and in order), before
     /// `ManifestEnd`. The files need `flood` as a directory entry in `parts`.
     pub flood_parts: u64,
     /// Length of a `user.flood` xattr on each flood entry (0: none).
     pub flood_xattr_len: usize,
+    /// Flood entries carry the requested snapshot's position in `snapshots`
+    /// as their mtime (seconds), so every snapshot holds its own version of each.
+    pub flood_mtime_by_snapshot: bool,
+    /// After the flood: this many empty files `flood/own-PPPP-NNNNNN` (PPPP
+    /// the requested snapshot's position in `snapshots`) that only that
+    /// snapshot holds. Need `flood` as a directory entry in the manifest.
+    pub flood_own: u64,
     /// Content served for `ReadFile`, by path; other paths get an `Error`.
     pub files: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Content served for `ReadFile` by (snapshot, path), looked up before `files`.
+    pub snapshot_files: Vec<(String, Vec<u8>, Vec<u8>)>,
     /// Milliseconds to wait before answering each `ReadFile` (for races).
     pub file_delay_ms: u64,
 }

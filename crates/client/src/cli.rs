@@ -461,12 +461,17 @@ pub struct RestoreArgs {
     /// List matching files (the default).
     #[arg(long, conflicts_with = "restore")]
     list: bool,
-    /// Restore matching files into ./<snapshot>/<path>.
+    /// Restore matching files: each path's latest version, from the newest
+    /// snapshot holding it, into ./<snapshot>/<path> (see --all, --target).
     #[arg(long)]
     restore: bool,
-    /// Use only this snapshot (default: all for --list, the newest for --restore).
+    /// Use only this snapshot (default: all of them).
     #[arg(long)]
     snapshot: Option<String>,
+    /// Restore into DIR/<snapshot>/<path> instead of ./<snapshot>/<path>;
+    /// DIR must exist. Relative patterns are still taken from the current directory.
+    #[arg(long, value_name = "DIR")]
+    target: Option<PathBuf>,
     /// Where the backups are (as for byteback-backup).
     #[arg(short, long)]
     destination: Option<String>,
@@ -479,10 +484,11 @@ pub struct RestoreArgs {
     /// SSH private key. Default: /etc/byteback/key.
     #[arg(short = 'k', long)]
     ssh_key: Option<PathBuf>,
-    /// List every distinct version, not only the latest.
+    /// List or restore every distinct version, not only the latest (a
+    /// restore puts each into the directory of the oldest snapshot holding it).
     #[arg(long)]
     all: bool,
-    /// List every copy in every snapshot; name each restored file.
+    /// List every copy in every snapshot; name each restored entry (as ./<snapshot>/<path>).
     #[arg(short, long)]
     verbose: bool,
     /// Do not recreate device nodes (for restoring data one does not trust).
@@ -493,6 +499,15 @@ pub struct RestoreArgs {
     no_setuid: bool,
     /// Glob patterns (relative ones are taken from the current directory).
     patterns: Vec<String>,
+}
+
+/// `a`, `a and b`, `a, b and c`.
+fn join_and(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
 }
 
 /// `byteback-restore`.
@@ -520,14 +535,34 @@ fn restore_cmd(args: RestoreArgs) -> Result<u8> {
     }
     let cwd = std::env::current_dir()?;
     let pats = Patterns::new(&args.patterns, &cwd)?;
+    let (into, shown_into) = match &args.target {
+        Some(_) if !args.restore => bail!(Usage("--target goes with --restore".into())),
+        Some(t) => {
+            // Checked before connecting; never created (a typo must not make directories).
+            match std::fs::metadata(t) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => bail!(Usage(format!("--target {}: not a directory", t.display()))),
+                Err(e) => bail!(Usage(format!("--target {}: {e}", t.display()))),
+            }
+            // `/` is shown as the empty prefix of `/<snapshot>/...`.
+            let shown = t.display().to_string().trim_end_matches('/').to_string();
+            (t.clone(), shown)
+        }
+        None => (cwd.clone(), ".".to_string()),
+    };
     let mut conn = target.connect(if args.restore { "restore" } else { "list" })?;
     if args.restore {
         let opts = restore::RestoreOptions {
+            all: args.all,
             verbose: args.verbose,
             no_devices: args.no_devices,
             no_setuid: args.no_setuid,
         };
-        let r = restore::restore(&mut conn, &pats, args.snapshot.as_deref(), &cwd, opts)?;
+        let into = restore::RestoreInto {
+            dir: &into,
+            shown: &shown_into,
+        };
+        let r = restore::restore(&mut conn, &pats, args.snapshot.as_deref(), into, opts)?;
         conn.close()?;
         for w in &r.warnings {
             eprintln!("byteback-restore: warning: {w}");
@@ -535,10 +570,15 @@ fn restore_cmd(args: RestoreArgs) -> Result<u8> {
         for d in &r.damaged {
             eprintln!("byteback-restore: DAMAGED: {d}");
         }
+        let dirs: Vec<String> = r
+            .snapshots
+            .iter()
+            .map(|s| format!("{shown_into}/{}/", byteback_protocol::escape_text(s)))
+            .collect();
         eprintln!(
-            "byteback-restore: restored {} entries into ./{}/",
+            "byteback-restore: restored {} entries into {}",
             r.restored,
-            byteback_protocol::escape_text(&r.snapshot)
+            join_and(&dirs)
         );
         if !r.damaged.is_empty() {
             eprintln!(

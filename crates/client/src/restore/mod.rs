@@ -2,14 +2,19 @@
 //!
 //! Patterns are made absolute against the current directory, then globbed
 //! (`*`, `**`, `?`, `[set]`, `{a,b}`, `\` escapes) against backed-up paths; a
-//! pattern matching a directory takes everything beneath it. Restores land in
-//! `./<snapshot>/<absolute path>` and never write through a symlink.
+//! pattern matching a directory takes everything beneath it. A restore takes
+//! each path from the newest snapshot holding it (every distinct version with
+//! `--all`, or one snapshot with `--snapshot`) into
+//! `<target>/<snapshot>/<absolute path>` (`./` by default), and never writes
+//! through a symlink.
 //!
 //! The server is not trusted: [`check`] validates everything it sends, and
 //! [`tree`] writes only beneath held directory fds. A restore holds at most
 //! [`CHUNK_ENTRIES`] selected entries (or [`CHUNK_BYTES`] of them) at a time:
 //! a larger selection is restored in several passes over the manifest, each
-//! taking the next entries after the last one restored.
+//! taking the next entries after the last one restored. Across snapshots it
+//! remembers 16 bytes per selected path (at most [`CLAIM_KEYS`]), never the
+//! paths of every snapshot.
 
 pub mod check;
 pub mod tree;
@@ -314,12 +319,16 @@ pub const CHUNK_ENTRIES: usize = 100_000;
 pub const CHUNK_BYTES: usize = 32 << 20;
 /// Most bytes of rows a listing holds before it asks for narrower patterns.
 pub const LIST_BYTES: usize = 1 << 30;
+/// Most paths (or versions, with `--all`) a restore across several snapshots
+/// remembers as already assigned to a snapshot, 16 bytes each (about twice
+/// that in its hash set), before it asks for narrower patterns.
+pub const CLAIM_KEYS: usize = 16 << 20;
 
 /// Outcome of a restore.
 #[derive(Debug, Default)]
 pub struct RestoreReport {
-    /// Snapshot restored from.
-    pub snapshot: String,
+    /// Snapshots restored from (each into its own directory), oldest first.
+    pub snapshots: Vec<String>,
     /// Entries restored.
     pub restored: u64,
     /// Problems that did not stop the restore (metadata not applied, devices skipped).
@@ -328,15 +337,110 @@ pub struct RestoreReport {
     pub damaged: Vec<String>,
 }
 
+impl RestoreReport {
+    fn merge(&mut self, other: RestoreReport) {
+        self.snapshots.extend(other.snapshots);
+        self.restored += other.restored;
+        self.warnings.extend(other.warnings);
+        self.damaged.extend(other.damaged);
+    }
+}
+
 /// What restore does beyond the selection.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RestoreOptions {
+    /// Every distinct version of each path, each from the oldest snapshot
+    /// holding it; by default only the latest, from the newest snapshot holding it.
+    pub all: bool,
     /// Name each restored entry on stderr.
     pub verbose: bool,
     /// Do not recreate device nodes.
     pub no_devices: bool,
     /// Drop setuid and setgid bits.
     pub no_setuid: bool,
+}
+
+/// Where a restore writes: `<dir>/<snapshot>/...`.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreInto<'a> {
+    /// The directory that receives the snapshot directories (it must exist).
+    pub dir: &'a Path,
+    /// How messages name it (`.` for the current directory).
+    pub shown: &'a str,
+}
+
+/// What a restore across several snapshots remembers of the paths (or,
+/// with `--all`, the versions) already assigned to a snapshot processed
+/// before: 128 bits of BLAKE3 each, never the paths themselves, so a
+/// whole-host restore over many snapshots holds 16 bytes per selected path.
+///
+/// The set uses std's randomly keyed hasher: the keys come from names the
+/// (untrusted) server chose, and must not be steerable into one bucket.
+struct Claims {
+    keys: HashSet<u128>,
+    /// Distinct versions rather than paths.
+    all: bool,
+    /// Most keys held, counting those not yet merged ([`CLAIM_KEYS`]).
+    cap: usize,
+}
+
+impl Claims {
+    fn new(all: bool) -> Self {
+        Claims {
+            keys: HashSet::new(),
+            all,
+            cap: CLAIM_KEYS,
+        }
+    }
+
+    /// The key of an entry: its path, or with `all` its path and version.
+    fn key(&self, e: &ManifestEntry) -> u128 {
+        let mut h = byteback_delta::FileHasher::new();
+        let p = &e.entry.path;
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+        if self.all {
+            let (size, sec, nsec, hash, mode, uid, gid, kind) = version_key(e);
+            h.update(&size.to_le_bytes());
+            h.update(&sec.to_le_bytes());
+            h.update(&nsec.to_le_bytes());
+            h.update(&hash);
+            h.update(&mode.to_le_bytes());
+            h.update(&uid.to_le_bytes());
+            h.update(&gid.to_le_bytes());
+            h.update(kind.as_bytes());
+        }
+        let d = h.finish();
+        let mut k = [0u8; 16];
+        k.copy_from_slice(&d[..16]);
+        u128::from_le_bytes(k)
+    }
+
+    fn contains(&self, e: &ManifestEntry) -> bool {
+        self.keys.contains(&self.key(e))
+    }
+
+    /// Refuses to remember more than the cap, `pending` keys not merged yet included.
+    fn room(&self, pending: usize) -> Result<()> {
+        if self.keys.len() + pending >= self.cap {
+            bail!(
+                "the restore would remember more than {} selected {} across snapshots; \
+                 give narrower patterns (or --snapshot)",
+                self.cap,
+                if self.all { "versions" } else { "paths" }
+            );
+        }
+        Ok(())
+    }
+}
+
+/// How one snapshot's restore stands among the snapshots of the run.
+#[derive(Debug, Clone, Copy)]
+struct Turn {
+    /// Processed first: takes everything the patterns select.
+    first: bool,
+    /// Processed last: what it takes need not be remembered.
+    last: bool,
 }
 
 /// One pass's share of the selection.
@@ -346,25 +450,21 @@ struct Chunk {
     complete: bool,
 }
 
-/// Reads the manifest once and takes the selected entries after `after`, up
-/// to the chunk limits.
+/// Reads the manifest once and takes the entries `take` selects after
+/// `after`, up to the chunk limits. `take` sees every entry, in order.
 fn collect_chunk(
     conn: &mut Connection,
     snap: &str,
-    pats: &Patterns,
     after: Option<&[u8]>,
+    mut take: impl FnMut(&ManifestEntry) -> Result<bool>,
 ) -> Result<Chunk> {
-    let mut sel = Selector {
-        pats,
-        matched_dir: None,
-    };
     let mut chunk = Chunk {
         wanted: vec![],
         complete: true,
     };
     let mut bytes = 0usize;
     read_manifest(conn, snap, |e| {
-        let selected = sel.select(&e);
+        let selected = take(&e)?;
         let later = after.is_none_or(|a| {
             byteback_protocol::compare_paths(a, &e.entry.path) == std::cmp::Ordering::Less
         });
@@ -385,19 +485,23 @@ fn collect_chunk(
     Ok(chunk)
 }
 
-/// Hard links whose first name the patterns did not select get that file's
-/// content (looked up in one more pass over the manifest) under their own
-/// name; later links to the same first name link to this copy.
+/// Hard links whose first name this snapshot's restore does not take (the
+/// patterns did not select it, or a snapshot processed before claimed it)
+/// get that file's content (looked up in one more pass over the manifest)
+/// under their own name; later links to the same first name link to this copy.
 fn resolve_unselected_targets(
     conn: &mut Connection,
     snap: &str,
     pats: &Patterns,
+    claimed: Option<&Claims>,
     chunk: &mut Chunk,
 ) -> Result<()> {
+    // Targets the patterns do not select are not taken; those they select
+    // may have been claimed by another snapshot: looked up too.
     let mut wanted_targets: HashSet<Vec<u8>> = HashSet::new();
     for w in &chunk.wanted {
         if let Kind::HardLink { target } = &w.e.entry.kind {
-            if !pats.selects(target) {
+            if claimed.is_some() || !pats.selects(target) {
                 wanted_targets.insert(target.clone());
             }
         }
@@ -417,16 +521,20 @@ fn resolve_unselected_targets(
         let Kind::HardLink { target } = &w.e.entry.kind else {
             continue;
         };
-        let Some(t) = found.get(target) else {
-            if wanted_targets.contains(target) {
-                bail!(
-                    "the server's manifest links {} to {}, which it does not hold",
-                    display_path(&w.e.entry.path),
-                    display_path(target)
-                );
-            }
+        if !wanted_targets.contains(target) {
             continue;
+        }
+        let Some(t) = found.get(target) else {
+            bail!(
+                "the server's manifest links {} to {}, which it does not hold",
+                display_path(&w.e.entry.path),
+                display_path(target)
+            );
         };
+        let taken = pats.selects(target) && claimed.is_none_or(|c| !c.contains(t));
+        if taken {
+            continue; // restored (or refused) by the tree as a link
+        }
         let Kind::File { size } = t.entry.kind else {
             bail!(
                 "the server's manifest links {} to {}, which is not a regular file; refusing",
@@ -444,39 +552,64 @@ fn resolve_unselected_targets(
     Ok(())
 }
 
-/// Restores matching entries of one snapshot (the newest by default) into `<into>/<snapshot>/`.
-pub fn restore(
+/// Restores what one snapshot supplies into `<into>/<snap>/`: on its first
+/// turn everything the patterns select, on later turns only what no snapshot
+/// processed before claimed. Claims what it takes for the snapshots after it.
+/// `None` when it supplies nothing (its directory is then not made).
+fn restore_snapshot(
     conn: &mut Connection,
     pats: &Patterns,
-    snapshot: Option<&str>,
-    into: &Path,
-    opts: RestoreOptions,
-) -> Result<RestoreReport> {
-    let snaps = pick_snapshots(conn, snapshot)?;
-    let snap = snaps
-        .last()
-        .ok_or_else(|| anyhow!("host {} has no snapshots yet", conn.host))?
-        .clone();
-    let tree_opts = tree::TreeOptions {
-        rules: ApplyRules {
-            as_root: meta::is_root(),
-            no_setuid: opts.no_setuid,
-        },
-        no_devices: opts.no_devices,
-        verbose: opts.verbose,
-    };
+    snap: &str,
+    into: RestoreInto<'_>,
+    tree_opts: tree::TreeOptions,
+    claims: &mut Claims,
+    turn: Turn,
+) -> Result<Option<RestoreReport>> {
     let mut tree: Option<tree::RestoreTree> = None;
     let mut after: Option<Vec<u8>> = None;
+    // What this snapshot takes on a later turn, merged into the claims only
+    // once it is done (its passes must see the claims as they were).
+    let mut mine: Vec<u128> = vec![];
+    let mut first_pass = true;
     loop {
-        let mut chunk = collect_chunk(conn, &snap, pats, after.as_deref())?;
+        let mut sel = Selector {
+            pats,
+            matched_dir: None,
+        };
+        let record = first_pass && !turn.last;
+        let mut chunk = collect_chunk(conn, snap, after.as_deref(), |e| {
+            if !sel.select(e) {
+                return Ok(false);
+            }
+            if turn.first && !record {
+                return Ok(true);
+            }
+            let k = claims.key(e);
+            if !turn.first && claims.keys.contains(&k) {
+                return Ok(false);
+            }
+            if record {
+                claims.room(mine.len())?;
+                if turn.first {
+                    claims.keys.insert(k);
+                } else {
+                    mine.push(k);
+                }
+            }
+            Ok(true)
+        })?;
+        first_pass = false;
         if chunk.wanted.is_empty() && after.is_none() {
-            bail!("nothing in snapshot {snap} matches");
+            return Ok(None);
         }
-        resolve_unselected_targets(conn, &snap, pats, &mut chunk)?;
+        let claimed = (!turn.first).then_some(&*claims);
+        resolve_unselected_targets(conn, snap, pats, claimed, &mut chunk)?;
         after = chunk.wanted.last().map(|w| w.e.entry.path.clone());
         let t = match &mut tree {
             Some(t) => t,
-            None => tree.insert(tree::RestoreTree::open(into, &snap, tree_opts)?),
+            None => tree.insert(tree::RestoreTree::open(
+                into.dir, into.shown, snap, tree_opts,
+            )?),
         };
         for w in chunk.wanted {
             t.restore(conn, w)?;
@@ -485,8 +618,108 @@ pub fn restore(
             break;
         }
     }
-    match tree {
-        Some(t) => t.finish(),
-        None => bail!("nothing in snapshot {snap} matches"),
+    claims.keys.extend(mine);
+    tree.map(tree::RestoreTree::finish).transpose()
+}
+
+/// Restores matching entries into `<into>/<snapshot>/<path>`.
+///
+/// With `snapshot`, from that snapshot only. Otherwise each selected path
+/// comes from the newest snapshot holding it (with `opts.all`, each distinct
+/// version from the oldest snapshot holding it), each snapshot into its own
+/// directory. Snapshots are read newest first (oldest first with `all`); the
+/// first one read is restored by the patterns alone, and what it restores is
+/// remembered as 128-bit hashes (`Claims`), so each later snapshot
+/// restores only what no snapshot read before supplied, and memory stays at
+/// 16 bytes per selected path plus one chunk of entries.
+pub fn restore(
+    conn: &mut Connection,
+    pats: &Patterns,
+    snapshot: Option<&str>,
+    into: RestoreInto<'_>,
+    opts: RestoreOptions,
+) -> Result<RestoreReport> {
+    let snaps = pick_snapshots(conn, snapshot)?;
+    if snaps.is_empty() {
+        bail!("host {} has no snapshots yet", conn.host);
+    }
+    let tree_opts = tree::TreeOptions {
+        rules: ApplyRules {
+            as_root: meta::is_root(),
+            no_setuid: opts.no_setuid,
+        },
+        no_devices: opts.no_devices,
+        verbose: opts.verbose,
+    };
+    let order: Vec<&String> = if opts.all {
+        snaps.iter().collect()
+    } else {
+        snaps.iter().rev().collect()
+    };
+    let mut claims = Claims::new(opts.all);
+    let mut report = RestoreReport::default();
+    for (i, snap) in order.iter().enumerate() {
+        let turn = Turn {
+            first: i == 0,
+            last: i + 1 == order.len(),
+        };
+        if let Some(r) = restore_snapshot(conn, pats, snap, into, tree_opts, &mut claims, turn)? {
+            report.merge(r);
+        }
+    }
+    match snaps.as_slice() {
+        _ if !report.snapshots.is_empty() => {}
+        [one] => bail!("nothing in snapshot {one} matches"),
+        all => bail!("nothing in any of the {} snapshots matches", all.len()),
+    }
+    report
+        .snapshots
+        .sort_by_key(|s| snaps.iter().position(|x| x == s));
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use byteback_protocol::Entry;
+
+    fn me(path: &str, mtime: i64) -> ManifestEntry {
+        ManifestEntry {
+            entry: Entry {
+                path: path.as_bytes().to_vec(),
+                kind: Kind::File { size: 1 },
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+                mtime_sec: mtime,
+                mtime_nsec: 0,
+                xattrs: vec![],
+            },
+            hash: [0; 32],
+        }
+    }
+
+    #[test]
+    fn claim_keys_are_paths_or_versions() {
+        let paths = Claims::new(false);
+        let versions = Claims::new(true);
+        assert_eq!(paths.key(&me("a", 1)), paths.key(&me("a", 2)));
+        assert_ne!(paths.key(&me("a", 1)), paths.key(&me("b", 1)));
+        assert_ne!(versions.key(&me("a", 1)), versions.key(&me("a", 2)));
+        assert_eq!(versions.key(&me("a", 1)), versions.key(&me("a", 1)));
+        let mut x = me("a", 1);
+        x.entry.uid = 5;
+        assert_ne!(versions.key(&me("a", 1)), versions.key(&x));
+    }
+
+    #[test]
+    fn claims_are_capped() {
+        let mut c = Claims::new(false);
+        c.cap = 3;
+        c.room(2).unwrap();
+        c.keys.insert(1);
+        c.keys.insert(2);
+        let e = c.room(1).unwrap_err().to_string();
+        assert!(e.contains("narrower patterns"), "{e}");
     }
 }

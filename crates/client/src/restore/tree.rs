@@ -1,4 +1,4 @@
-//! The restore target, `./<snapshot>/` and everything below it, worked on through directory fds.
+//! The restore target, `<into>/<snapshot>/` and everything below it, worked on through directory fds.
 //!
 //! The root is opened without following a symlink (an existing symlink there
 //! is refused). Every directory below is made with `mkdirat` and opened
@@ -74,7 +74,9 @@ pub struct Wanted {
 /// The restore target.
 pub struct RestoreTree {
     snapshot: String,
-    /// `stack[0]` is `./<snapshot>`; then the directories down to the current entry.
+    /// How messages name the directory holding `<snapshot>` (`.` for the current one).
+    shown_into: String,
+    /// `stack[0]` is `<into>/<snapshot>`; then the directories down to the current entry.
     stack: Vec<OpenDir>,
     /// (device, inode) of each regular file this run wrote: the only
     /// objects a hard link may point at.
@@ -128,8 +130,9 @@ fn file_type(st: &rustix::fs::Stat) -> FileType {
 
 impl RestoreTree {
     /// Opens (creating it if needed) `<into>/<snapshot>`; a symlink or a
-    /// non-directory standing there is refused.
-    pub fn open(into: &Path, snapshot: &str, opts: TreeOptions) -> Result<Self> {
+    /// non-directory standing there is refused. `into` itself must exist;
+    /// messages name it `shown_into`.
+    pub fn open(into: &Path, shown_into: &str, snapshot: &str, opts: TreeOptions) -> Result<Self> {
         byteback_protocol::validate_snapshot_name(snapshot)
             .map_err(|e| anyhow!("snapshot name {}: {e}", snapshot.escape_default()))?;
         let base = rustix::fs::open(
@@ -153,6 +156,7 @@ impl RestoreTree {
         };
         let mut tree = RestoreTree {
             snapshot: snapshot.to_string(),
+            shown_into: shown_into.to_string(),
             stack: vec![],
             created: HashSet::new(),
             copies: HashMap::new(),
@@ -161,7 +165,7 @@ impl RestoreTree {
             euid: rustix::process::geteuid().as_raw(),
             egid: rustix::process::getegid().as_raw(),
             report: RestoreReport {
-                snapshot: snapshot.to_string(),
+                snapshots: vec![snapshot.to_string()],
                 ..Default::default()
             },
         };
@@ -198,9 +202,14 @@ impl RestoreTree {
         Ok(Leave::Restore { uid, gid, mode })
     }
 
-    /// `./<snapshot>/path`, escaped, for messages.
+    /// `<into>/<snapshot>/path` (`./<snapshot>/path` by default), escaped, for messages.
     fn shown(&self, path: &[u8]) -> String {
-        format!("./{}{}", self.snapshot, display_path(path))
+        format!(
+            "{}/{}{}",
+            self.shown_into,
+            self.snapshot,
+            display_path(path)
+        )
     }
 
     fn top(&self) -> Result<&OpenDir> {
@@ -337,7 +346,7 @@ impl RestoreTree {
         let path = e.entry.path.clone();
         self.enter(&path)?;
         if self.opts.verbose {
-            eprintln!("{}", display_path(&path));
+            eprintln!("{}", self.shown(&path));
         }
         match &e.entry.kind {
             Kind::Dir => {
