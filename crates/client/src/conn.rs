@@ -1,8 +1,11 @@
 //! A protocol connection to a `byteback-server`, over whatever carries bytes.
 //!
-//! For a local store the server is spawned as a child over pipes; SSH gives
-//! the same pair of streams. Every message goes through the client session
-//! state, so a confused or hostile server is caught at the first odd message.
+//! For a local store the server is spawned as a child whose stdin and stdout
+//! are one end of a socket pair; SSH gives the same kind of stream. Every
+//! message goes through the client session state, so a confused or hostile
+//! server is caught at the first odd message. A [`Breaker`] shuts our end
+//! down from any thread, so that a failed backup never leaves a read or a
+//! write blocked.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::Shutdown;
@@ -356,7 +359,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Spawns `byteback-server serve` for a local store over pipes.
+    /// Spawns `byteback-server serve` for a local store over a socket pair.
     pub fn open_local(store: &Path, host: &str) -> Result<Self> {
         std::fs::create_dir_all(store)
             .with_context(|| format!("cannot create store {}", store.display()))?;

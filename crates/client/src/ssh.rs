@@ -1,6 +1,6 @@
 //! SSH transport (russh): one channel running one command on the server, its
 //! stdin/stdout carried over a local socket pair so that the protocol code sees
-//! exactly the byte streams it sees over the pipes of a local server.
+//! exactly the byte stream it sees with a local server.
 //!
 //! A background thread runs a single-threaded tokio runtime that connects,
 //! checks the server's host key against known_hosts files, authenticates, runs

@@ -1,6 +1,6 @@
 //! One protocol session over any pair of byte streams.
 //!
-//! The same code serves a local client over pipes and a remote one under
+//! The same code serves a local client (over a socket pair) and a remote one under
 //! sshd: it reads frames from `input`, checks each against the session state,
 //! acts, and writes replies to `output`, which carries nothing but the protocol.
 
