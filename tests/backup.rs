@@ -857,3 +857,90 @@ fn server_killed_while_the_client_has_nothing_to_send_is_retried_then_reported()
     // And without the wrapper the store takes a backup at once.
     backup(&store, &src, "w");
 }
+
+/// A stored copy that cannot be read (a damaged block on btrfs: its
+/// checksum fails, reads give EIO) when the server needs it as the basis of
+/// a changed file: the server reports it, naming the file, and the client
+/// ends at once, with its retries.
+#[test]
+fn unreadable_stored_copy_is_reported_by_name_and_the_client_ends() {
+    if !require_root("btrfs loop filesystem") {
+        return;
+    }
+    let fs_ = BtrfsLoop::new(300);
+    let store = fs_.mount.join("store");
+    write_config(&store);
+    let d = scratch();
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let mut data = Rng::new(42).bytes(1 << 20);
+    fs::write(src.join("victim"), &data).unwrap();
+    backup(&store, &src, "e");
+    let stored = store
+        .join("e/current")
+        .join(src.strip_prefix("/").unwrap())
+        .join("victim");
+    run(&mut Command::new("sync"));
+    // Where its first block lies on the device.
+    let out = String::from_utf8_lossy(
+        &run(Command::new("filefrag").args(["-v", "-b4096"]).arg(&stored)).stdout,
+    )
+    .into_owned();
+    let logical: u64 = out
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&"0:")).then(|| f[3].trim_end_matches([':', '.']).parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no extent in:\n{out}"));
+    let out = String::from_utf8_lossy(
+        &run(Command::new("btrfs-map-logical")
+            .arg("-l")
+            .arg((logical * 4096).to_string())
+            .arg(&fs_.device))
+        .stdout,
+    )
+    .into_owned();
+    let physical: u64 = out
+        .split_whitespace()
+        .skip_while(|w| *w != "physical")
+        .nth(1)
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no physical offset in:\n{out}"));
+    // Damage it behind the filesystem's back; remount so nothing is cached.
+    run(Command::new("umount").arg(&fs_.mount));
+    {
+        use std::os::unix::fs::FileExt;
+        let dev = fs::OpenOptions::new()
+            .write(true)
+            .open(&fs_.device)
+            .unwrap();
+        dev.write_all_at(&[0x5a; 4096], physical).unwrap();
+        dev.sync_all().unwrap();
+    }
+    run(Command::new("mount")
+        .args(["-t", "btrfs", "-o", "user_subvol_rm_allowed"])
+        .arg(&fs_.device)
+        .arg(&fs_.mount));
+    assert!(fs::read(&stored).is_err(), "the damaged copy still reads");
+    // A change: the server needs the stored copy as the basis.
+    data[(1 << 20) - 1] ^= 1;
+    fs::write(src.join("victim"), &data).unwrap();
+    let marker = store.to_str().unwrap().to_string();
+    let (o, took) = run_bounded(
+        &mut backup_cmd(&store, &src, "e", 1),
+        std::time::Duration::from_secs(60),
+        &marker,
+    );
+    let e = stderr(&o);
+    eprintln!("2 attempts failed in {took:?}:\n{e}");
+    assert!(!o.status.success(), "{e}");
+    assert!(e.contains("attempt 1 failed"), "{e}");
+    let last = e.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("stored copy") && last.contains("victim"),
+        "the error does not name the file: {last}"
+    );
+    assert!(took < std::time::Duration::from_secs(20), "{took:?}");
+    assert_none_left(&marker);
+}
