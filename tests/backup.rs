@@ -785,3 +785,473 @@ fn a_directory_swapped_for_a_symlink_during_the_backup_leaks_nothing() {
     // The source is back as it was.
     assert!(fs::symlink_metadata(&dir).unwrap().is_dir());
 }
+
+// ---------------------------------------------------------------------------
+// A failed backup never hangs: whatever stops it (the server reports an
+// error, dies, is killed), the client ends within seconds with an error
+// naming the cause, retries as told, and leaves no process behind. Every run
+// here has a hard deadline: a client still running then is killed and the
+// test fails.
+// ---------------------------------------------------------------------------
+
+/// Every process (but this one) whose command line contains `marker`.
+fn processes_naming(marker: &str) -> Vec<(u32, String)> {
+    let me = std::process::id();
+    let mut out = vec![];
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if pid != me && cmd.contains(marker) {
+            out.push((pid, cmd));
+        }
+    }
+    out
+}
+
+fn kill9(pid: u32) {
+    // SAFETY: a plain syscall; the pid was just read from /proc.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+}
+
+/// Fails (after killing them) if processes naming `marker` are still there
+/// a moment after the client ended.
+fn assert_none_left(marker: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let left = processes_naming(marker);
+        if left.is_empty() {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            for (pid, _) in &left {
+                kill9(*pid);
+            }
+            panic!("processes left running after the client ended: {left:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Runs `cmd` with a hard deadline and returns its output and how long it
+/// ran. Still running at the deadline: the client is killed, and so is
+/// every process naming `marker` (its server), and the test fails.
+fn run_bounded(
+    cmd: &mut Command,
+    limit: std::time::Duration,
+    marker: &str,
+) -> (Output, std::time::Duration) {
+    let dir = scratch();
+    let (out_p, err_p) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let start = std::time::Instant::now();
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(fs::File::create(&out_p).unwrap())
+        .stderr(fs::File::create(&err_p).unwrap())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() >= limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            for (pid, _) in processes_naming(marker) {
+                kill9(pid);
+            }
+            panic!(
+                "HANG: {cmd:?} still running after {} s; stderr so far:\n{}",
+                limit.as_secs(),
+                fs::read_to_string(&err_p).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let took = start.elapsed();
+    let out = Output {
+        status,
+        stdout: fs::read(&out_p).unwrap(),
+        stderr: fs::read(&err_p).unwrap(),
+    };
+    (out, took)
+}
+
+fn backup_cmd(store: &Path, src: &Path, host: &str, retries: u32) -> Command {
+    let mut c = Command::new(bin("byteback-backup"));
+    c.arg("--destination")
+        .arg(store)
+        .arg("--source")
+        .arg(src)
+        .args(["--hostname", host, "--retry-number"])
+        .arg(retries.to_string())
+        .args(["--retry-delay", "1"]);
+    c
+}
+
+/// The issue's reproduction, made certain: the server finds its manifest
+/// truncated while the client, all its entries sent in one batch, waits with
+/// nothing to send. The client used to wait forever (its writer held a
+/// sender of its own channel); now every attempt fails at once, naming the
+/// damaged file, the retries happen, and the next run is not refused.
+#[test]
+fn truncated_manifest_fails_every_attempt_fast_and_names_the_file() {
+    let d = scratch();
+    let store = d.path().join("store");
+    write_config(&store);
+    let src = d.path().join("src");
+    // Enough entries for a manifest of several compressed blocks, all in a
+    // part of the tree the next run no longer sends.
+    for i in 0..40 {
+        let dir = src.join(format!("a/{i:02}"));
+        fs::create_dir_all(&dir).unwrap();
+        for j in 0..250 {
+            fs::write(dir.join(format!("file-{j:03}")), format!("{i} {j}")).unwrap();
+        }
+    }
+    fs::create_dir_all(src.join("b")).unwrap();
+    fs::write(src.join("b/kept"), "kept").unwrap();
+    backup(&store, &src, "t");
+    fs::remove_dir_all(src.join("a")).unwrap();
+    let manifest = store.join("t/current/.byteback/manifest");
+    let len = fs::metadata(&manifest).unwrap().len();
+    assert!(len > 200_000, "manifest of {len} bytes: too small to cut");
+    // The snapshot shares the file (hard link); cut a copy instead.
+    let cut = fs::read(&manifest).unwrap()[..(len / 2) as usize].to_vec();
+    fs::remove_file(&manifest).unwrap();
+    fs::write(&manifest, cut).unwrap();
+
+    let marker = store.to_str().unwrap().to_string();
+    let limit = std::time::Duration::from_secs(60);
+    let (o, took) = run_bounded(&mut backup_cmd(&store, &src, "t", 2), limit, &marker);
+    let e = stderr(&o);
+    eprintln!("3 attempts (2 retries 1 s apart) failed in {took:?}:\n{e}");
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains("attempt 1 failed") && e.contains("attempt 2 failed"),
+        "{e}"
+    );
+    assert!(!e.contains("attempt 3 failed"), "{e}");
+    let last = e.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(manifest.to_str().unwrap()) && last.contains("damaged"),
+        "the error does not name the damaged manifest: {last}"
+    );
+    // Two 1 s delays, and each attempt fails within a second or so.
+    assert!(took < std::time::Duration::from_secs(20), "{took:?}");
+    assert_none_left(&marker);
+
+    // Nothing (no lock) blocks the next run: it fails the same way, at once.
+    let (o, took) = run_bounded(&mut backup_cmd(&store, &src, "t", 0), limit, &marker);
+    let e = stderr(&o);
+    assert!(!o.status.success() && e.contains("damaged"), "{e}");
+    assert!(!e.contains("is running"), "{e}");
+    eprintln!("the next run failed in {took:?}");
+    assert_none_left(&marker);
+}
+
+/// A tree that takes a debug build about a second to back up.
+fn busy_tree(src: &Path) {
+    let mut rng = Rng::new(99);
+    for i in 0..20 {
+        let dir = src.join(format!("small/{i:02}"));
+        fs::create_dir_all(&dir).unwrap();
+        for j in 0..100 {
+            fs::write(dir.join(format!("f{j:03}")), rng.bytes(200 + j * 37)).unwrap();
+        }
+    }
+    fs::create_dir_all(src.join("big")).unwrap();
+    let block = rng.bytes(1 << 20);
+    for i in 0..3u8 {
+        let mut data = block.repeat(16);
+        data[0] = i;
+        fs::write(src.join(format!("big/{i}.bin")), data).unwrap();
+    }
+}
+
+/// `byteback-server serve` of `host` in `store`.
+fn server_pids(store: &Path, host: &str) -> Vec<u32> {
+    processes_naming(store.to_str().unwrap())
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains(" serve ") && cmd.contains(&format!("--host {host} ")))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The server killed (SIGKILL) at random moments of a backup, and at its
+/// commit (while the client waits for it), several times: the client ends
+/// within a few seconds every time, with an error that says what happened,
+/// and no process is left.
+#[test]
+fn server_killed_at_random_moments_never_leaves_the_client_hanging() {
+    let d = scratch();
+    let store = d.path().join("store");
+    write_config(&store);
+    let src = d.path().join("src");
+    busy_tree(&src);
+    let marker = store.to_str().unwrap().to_string();
+    let limit = std::time::Duration::from_secs(120);
+    // How long a whole backup takes here (the second time, with the source
+    // in the page cache), to spread the kills over it.
+    let mut full = std::time::Duration::ZERO;
+    for host in ["full1", "full2"] {
+        let (o, took) = run_bounded(&mut backup_cmd(&store, &src, host, 0), limit, &marker);
+        assert!(o.status.success(), "{}", stderr(&o));
+        full = took;
+    }
+    let mut rng = Rng::from_time();
+    let mut failed = 0;
+    for round in 0..6 {
+        let host = format!("k{round}");
+        let started = std::time::Instant::now();
+        let mut child = backup_cmd(&store, &src, &host, 0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut err, &mut s).unwrap();
+            s
+        });
+        let delay = if round % 2 == 0 {
+            let delay =
+                std::time::Duration::from_millis(rng.below(full.as_millis() as u64 * 9 / 10 + 1));
+            std::thread::sleep(delay);
+            delay
+        } else {
+            // At the commit: the server removes its temporary directory just
+            // before it syncs, renames the manifest and snapshots; the client
+            // waits for it with nothing to send.
+            let tmp = store.join(&host).join("current/.byteback/tmp");
+            let mut seen = false;
+            while started.elapsed() < std::time::Duration::from_secs(30) {
+                let there = tmp.exists();
+                if seen && !there {
+                    break;
+                }
+                seen |= there;
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            started.elapsed()
+        };
+        let pids = server_pids(&store, &host);
+        for &pid in &pids {
+            kill9(pid);
+        }
+        let killed_at = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if killed_at.elapsed() > std::time::Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "HANG: the client still runs 30 s after its server was killed \
+                     ({delay:?} into the backup)"
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        let after = killed_at.elapsed();
+        let e = reader.join().unwrap();
+        eprintln!(
+            "round {round}: server {pids:?} killed {delay:?} into a {full:?} backup; \
+             client exited {status} after {after:?} (ran {:?}): {}",
+            started.elapsed(),
+            e.lines().last().unwrap_or_default()
+        );
+        assert!(
+            after < std::time::Duration::from_secs(10),
+            "the client took {after:?} to end"
+        );
+        if !status.success() {
+            failed += 1;
+            assert!(
+                e.contains("server") || e.contains("connection"),
+                "the error does not say what happened: {e}"
+            );
+        }
+        assert_none_left(&marker);
+    }
+    // The kills land inside the backups, not after them, most of the time.
+    assert!(failed >= 3, "only {failed} of 6 backups were interrupted");
+    // And a backup after all that works.
+    backup(&store, &src, "k0");
+}
+
+/// A `byteback-server` wrapper that passes the server's handshake and
+/// `BackupReady` to the client, then holds everything else back for a
+/// second and kills the server: the client, its entries sent, waits with
+/// nothing to send when the connection ends. Each attempt ends the same way.
+fn server_killed_while_the_client_waits_wrapper(dir: &Path, host: &str) -> PathBuf {
+    use byteback_protocol::{encode, ServerMsg, PROTOCOL_VERSION};
+    use std::os::unix::fs::PermissionsExt;
+    let k = encode(&ServerMsg::HelloOk {
+        version: PROTOCOL_VERSION,
+        host: host.to_string(),
+    })
+    .unwrap()
+    .len()
+        + encode(&ServerMsg::BackupReady).unwrap().len();
+    let p = dir.join("server-killed-while-the-client-waits");
+    fs::write(
+        &p,
+        format!(
+            r#"#!/bin/sh
+fifo=$(mktemp -u "{dir}/fifo.XXXXXX")
+mkfifo "$fifo"
+# (A background job's stdin is /dev/null, even with <&0: go through fd 4.)
+exec 4<&0
+'{server}' "$@" <&4 4<&- >"$fifo" &
+pid=$!
+exec 4<&-
+exec 3<"$fifo"
+rm -f "$fifo"
+dd bs=1 count={k} status=none <&3
+sleep 1
+kill -9 $pid
+"#,
+            dir = dir.display(),
+            server = bin("byteback-server").display(),
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+#[test]
+fn server_killed_while_the_client_has_nothing_to_send_is_retried_then_reported() {
+    let d = scratch();
+    let store = d.path().join("store");
+    write_config(&store);
+    let src = d.path().join("src");
+    fs::create_dir_all(src.join("dir")).unwrap();
+    for i in 0..50 {
+        fs::write(src.join(format!("dir/{i}")), format!("{i}")).unwrap();
+    }
+    let wrapper = server_killed_while_the_client_waits_wrapper(d.path(), "w");
+    let marker = d.path().to_str().unwrap().to_string();
+    let limit = std::time::Duration::from_secs(60);
+    let (o, took) = run_bounded(
+        backup_cmd(&store, &src, "w", 2).env("BYTEBACK_SERVER", &wrapper),
+        limit,
+        &marker,
+    );
+    let e = stderr(&o);
+    eprintln!("3 attempts, each killed after 1 s, 1 s apart: failed in {took:?}:\n{e}");
+    assert!(!o.status.success(), "{e}");
+    assert!(
+        e.contains("attempt 1 failed") && e.contains("attempt 2 failed"),
+        "{e}"
+    );
+    assert!(
+        e.lines()
+            .last()
+            .unwrap_or_default()
+            .contains("closed the connection"),
+        "{e}"
+    );
+    // 3 × (1 s held + a moment) + 2 × 1 s: well under 15 s unless something waited.
+    assert!(took < std::time::Duration::from_secs(15), "{took:?}");
+    assert_none_left(&marker);
+    // And without the wrapper the store takes a backup at once.
+    backup(&store, &src, "w");
+}
+
+/// A stored copy that cannot be read (a damaged block on btrfs: its
+/// checksum fails, reads give EIO) when the server needs it as the basis of
+/// a changed file: the server reports it, naming the file, and the client
+/// ends at once, with its retries.
+#[test]
+fn unreadable_stored_copy_is_reported_by_name_and_the_client_ends() {
+    if !require_root("btrfs loop filesystem") {
+        return;
+    }
+    let fs_ = BtrfsLoop::new(300);
+    let store = fs_.mount.join("store");
+    write_config(&store);
+    let d = scratch();
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let mut data = Rng::new(42).bytes(1 << 20);
+    fs::write(src.join("victim"), &data).unwrap();
+    backup(&store, &src, "e");
+    let stored = store
+        .join("e/current")
+        .join(src.strip_prefix("/").unwrap())
+        .join("victim");
+    run(&mut Command::new("sync"));
+    // Where its first block lies on the device.
+    let out = String::from_utf8_lossy(
+        &run(Command::new("filefrag").args(["-v", "-b4096"]).arg(&stored)).stdout,
+    )
+    .into_owned();
+    let logical: u64 = out
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&"0:")).then(|| f[3].trim_end_matches([':', '.']).parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no extent in:\n{out}"));
+    let out = String::from_utf8_lossy(
+        &run(Command::new("btrfs-map-logical")
+            .arg("-l")
+            .arg((logical * 4096).to_string())
+            .arg(&fs_.device))
+        .stdout,
+    )
+    .into_owned();
+    let physical: u64 = out
+        .split_whitespace()
+        .skip_while(|w| *w != "physical")
+        .nth(1)
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no physical offset in:\n{out}"));
+    // Damage it behind the filesystem's back; remount so nothing is cached.
+    run(Command::new("umount").arg(&fs_.mount));
+    {
+        use std::os::unix::fs::FileExt;
+        let dev = fs::OpenOptions::new()
+            .write(true)
+            .open(&fs_.device)
+            .unwrap();
+        dev.write_all_at(&[0x5a; 4096], physical).unwrap();
+        dev.sync_all().unwrap();
+    }
+    run(Command::new("mount")
+        .args(["-t", "btrfs", "-o", "user_subvol_rm_allowed"])
+        .arg(&fs_.device)
+        .arg(&fs_.mount));
+    assert!(fs::read(&stored).is_err(), "the damaged copy still reads");
+    // A change: the server needs the stored copy as the basis.
+    data[(1 << 20) - 1] ^= 1;
+    fs::write(src.join("victim"), &data).unwrap();
+    let marker = store.to_str().unwrap().to_string();
+    let (o, took) = run_bounded(
+        &mut backup_cmd(&store, &src, "e", 1),
+        std::time::Duration::from_secs(60),
+        &marker,
+    );
+    let e = stderr(&o);
+    eprintln!("2 attempts failed in {took:?}:\n{e}");
+    assert!(!o.status.success(), "{e}");
+    assert!(e.contains("attempt 1 failed"), "{e}");
+    let last = e.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("stored copy") && last.contains("victim"),
+        "the error does not name the file: {last}"
+    );
+    assert!(took < std::time::Duration::from_secs(20), "{took:?}");
+    assert_none_left(&marker);
+}

@@ -788,3 +788,176 @@ fn setup_with_a_password() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(w.snapshots("pw-host").len(), 1);
 }
+
+/// Runs `cmd` (a client) with a hard deadline; kills it and fails the test
+/// if it is still running then.
+fn run_bounded(cmd: &mut Command, limit: Duration) -> (Output, Duration) {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        std::io::Read::read_to_end(&mut err, &mut s).unwrap();
+        s
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() >= limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("HANG: {cmd:?} still running after {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = start.elapsed();
+    let stderr = reader.join().unwrap();
+    (
+        Output {
+            status,
+            stdout: vec![],
+            stderr,
+        },
+        took,
+    )
+}
+
+/// Over SSH too, a failed backup ends at once: a damaged manifest (the
+/// server reports it while the client waits with nothing to send), with
+/// retries; then the server killed at its commit, while the client waits
+/// for it. No server process is left either time.
+#[test]
+fn over_ssh_a_failing_or_killed_server_never_leaves_the_client_hanging() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let w = World::new(400);
+    let client = w.client_dir("h");
+    assert!(w.setup(&client, "client-h").status.success());
+    let src = w.work.path().join("src");
+    for i in 0..40 {
+        let dir = src.join(format!("a/{i:02}"));
+        fs::create_dir_all(&dir).unwrap();
+        for j in 0..250 {
+            fs::write(dir.join(format!("file-{j:03}")), format!("{i} {j}")).unwrap();
+        }
+    }
+    fs::create_dir_all(src.join("b")).unwrap();
+    fs::write(src.join("b/kept"), "kept").unwrap();
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let manifest = w.store.join("client-h/current/.byteback/manifest");
+    let original = fs::read(&manifest).unwrap();
+    fs::remove_dir_all(src.join("a")).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&manifest)
+        .unwrap()
+        .set_len(original.len() as u64 / 2)
+        .unwrap();
+    let limit = Duration::from_secs(60);
+    let (o, took) = run_bounded(
+        w.client(&client, "byteback-backup")
+            .arg("--source")
+            .arg(&src)
+            .args(["--retry-number", "1", "--retry-delay", "1"]),
+        limit,
+    );
+    let e = stderr(&o);
+    eprintln!("2 attempts over SSH failed in {took:?}:\n{e}");
+    assert!(!o.status.success(), "{e}");
+    assert!(e.contains("attempt 1 failed"), "{e}");
+    let last = e.lines().last().unwrap_or_default();
+    assert!(last.contains("manifest") && last.contains("damaged"), "{e}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    let left = |w: &World| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !w.sshd.pids("byteback-server serve").is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        w.sshd.pids("byteback-server serve")
+    };
+    assert_eq!(left(&w), Vec::<u32>::new(), "server processes left");
+
+    // The manifest back, many new small files (their data waits for the
+    // commit's sync), and the server killed at the commit. The commit can be
+    // quick: a kill that comes after it is tried again with more files.
+    fs::write(&manifest, &original).unwrap();
+    let mut rng = Rng::new(5);
+    let mut landed = false;
+    for round in 0..3 {
+        for i in 0..1500 {
+            fs::write(
+                src.join(format!("b/new-{round}-{i:04}")),
+                rng.bytes(24 << 10),
+            )
+            .unwrap();
+        }
+        let tmp = w.store.join("client-h/current/.byteback/tmp");
+        // Left by the failed runs; the next one makes its own.
+        let _ = fs::remove_dir_all(&tmp);
+        let start = Instant::now();
+        let mut child = w
+            .client(&client, "byteback-backup")
+            .arg("--source")
+            .arg(&src)
+            .args(["--retry-number", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut seen = false;
+        let mut pids = vec![];
+        while start.elapsed() < limit {
+            if pids.is_empty() {
+                pids = w.sshd.pids("byteback-server serve");
+            }
+            let there = tmp.exists();
+            if seen && !there {
+                break;
+            }
+            seen |= there;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        for &p in &pids {
+            // SAFETY: a plain syscall on pids just read from /proc.
+            unsafe {
+                libc::kill(p as i32, libc::SIGKILL);
+            }
+        }
+        let killed = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if killed.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "HANG: the client still runs 30 s after its server was killed at the commit"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        eprintln!(
+            "server {pids:?} killed at the commit ({:?} in); the client exited {status} {:?} later",
+            killed - start,
+            killed.elapsed()
+        );
+        assert!(killed.elapsed() < Duration::from_secs(10));
+        assert_eq!(left(&w), Vec::<u32>::new(), "server processes left");
+        if !status.success() {
+            landed = true;
+            break;
+        }
+    }
+    assert!(landed, "every kill came after the commit");
+    // And the next backup goes through.
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -4,7 +4,7 @@
 //!
 //! The byteback client spawns its server as a child, so the client's rusage
 //! would include the server's. The harness therefore points `BYTEBACK_SERVER`
-//! at itself: in relay mode it starts the real server, splices both pipes
+//! at itself: in relay mode it starts the real server, splices both ways
 //! (counting bytes, no copy through user space) and exits with the server's
 //! status *without reaping it*. The server's zombie is then re-parented to the
 //! harness (a child subreaper), which reaps it with `wait4` and so gets the
@@ -270,11 +270,26 @@ pub fn relay_main(real_server: PathBuf) -> ! {
 }
 
 /// Moves bytes from `from` to `to` until EOF; returns how many. Uses splice
-/// (both ends are pipes here), falling back to read/write where splice is refused.
+/// (the client's end is a socket, the server's are pipes), falling back to
+/// read/write where splice is refused.
+///
+/// From a socket, splice holds the pipe's lock while it waits for data, so
+/// the server could not read what is already in the pipe and both sides
+/// would wait for ever: it only splices once the socket has data and the
+/// pipe has room, without blocking.
 fn pump(from: i32, to: i32) -> u64 {
+    let from_socket = is_socket(from);
     let mut total = 0u64;
     loop {
-        // SAFETY: plain fds, null offsets (pipes).
+        if from_socket && !(wait_for(from, libc::POLLIN) && wait_for(to, libc::POLLOUT)) {
+            return total;
+        }
+        let flags = if from_socket {
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK
+        } else {
+            libc::SPLICE_F_MOVE
+        };
+        // SAFETY: plain fds, null offsets (pipes and sockets).
         let n = unsafe {
             libc::splice(
                 from,
@@ -282,7 +297,7 @@ fn pump(from: i32, to: i32) -> u64 {
                 to,
                 std::ptr::null_mut(),
                 1 << 20,
-                libc::SPLICE_F_MOVE,
+                flags,
             )
         };
         if n > 0 {
@@ -295,8 +310,37 @@ fn pump(from: i32, to: i32) -> u64 {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) if from_socket => continue,
             Some(libc::EINVAL) => return total + copy_fallback(from, to),
             _ => return total, // the peer went away: the server or client reports it
+        }
+    }
+}
+
+fn is_socket(fd: i32) -> bool {
+    // SAFETY: fstat into a zeroed stat buffer on a plain fd.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFSOCK
+    }
+}
+
+/// Waits until `fd` is ready for `events` (or hung up: the next splice says
+/// how); false on a poll error.
+fn wait_for(fd: i32, events: libc::c_short) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, -1) };
+        if r >= 0 {
+            return true;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
         }
     }
 }

@@ -15,9 +15,11 @@ use std::collections::{HashMap, VecDeque};
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use byteback_delta::{
@@ -27,7 +29,7 @@ use byteback_protocol::codec::{compress_bound, ChunkCompressor};
 use byteback_protocol::limits::{MAX_BATCH, MAX_BUFFERED_BYTES, MAX_PENDING};
 use byteback_protocol::{BackupStats, ClientMsg, Compressed, Entry, ServerMsg};
 
-use crate::conn::{ConnReader, ConnWriter, Connection};
+use crate::conn::{self, Breaker, ConnReader, ConnWriter, Connection, ServerError};
 use crate::walk::{self, EntrySink, Excludes, Found, OpenError, WalkWarning};
 
 /// Raw bytes of a segment when there is no basis.
@@ -74,7 +76,7 @@ pub struct BackupOptions {
     pub one_file_system: bool,
 }
 
-/// Batches sent and not yet answered, with what the walk saw of each entry.
+/// Batches sent and not yet answered, with the absolute path of each entry.
 type Batches = Mutex<VecDeque<(u64, Vec<(Found, Entry)>)>>;
 
 struct Job {
@@ -97,8 +99,19 @@ struct Flow {
     window_bytes: usize,
     /// Transfer id -> sequence number of its entry.
     transfer_seq: HashMap<u32, u64>,
-    failed: Option<String>,
+    /// Why the backup stopped, once it has (see [`Shared::fail`]).
+    failed: Option<Failure>,
     done: Option<(Option<String>, String, BackupStats)>,
+    /// Threads and delta jobs of the backup that have not ended yet.
+    running: usize,
+}
+
+/// The cause a failed backup reports.
+struct Failure {
+    message: String,
+    /// An `Error` frame: the server's own account, worth more than the
+    /// broken pipe or closed connection it causes here.
+    from_server: bool,
 }
 
 impl Flow {
@@ -167,7 +180,7 @@ impl BufPool {
     /// never holds some while waiting for more), waiting while they would
     /// take the pool over its budget.
     fn take(&self, k: usize, len: usize) -> Result<Vec<PoolBuf>> {
-        let mut st = self.st.lock().map_err(|_| anyhow!("lock poisoned"))?;
+        let mut st = lock(&self.st);
         loop {
             if st.closed {
                 bail!("the backup failed");
@@ -220,17 +233,18 @@ impl BufPool {
                 st.lent += k;
                 return Ok(out);
             }
-            st = self.cv.wait(st).map_err(|_| anyhow!("lock poisoned"))?;
+            st = wait(&self.cv, st);
         }
     }
 
     /// Takes back a buffer lent at capacity `counted` (it may have grown since).
     fn give(&self, buf: Vec<u8>, counted: usize) {
-        if let Ok(mut st) = self.st.lock() {
+        {
+            let mut st = lock(&self.st);
             st.lent = st.lent.saturating_sub(1);
             st.total = (st.total + buf.capacity()).saturating_sub(counted);
-            if st.total > self.cap {
-                st.total -= buf.capacity();
+            if st.total > self.cap || st.closed {
+                st.total -= buf.capacity().min(st.total);
             } else {
                 st.free.push(buf);
             }
@@ -243,7 +257,8 @@ impl BufPool {
     }
 
     fn close(&self) {
-        if let Ok(mut st) = self.st.lock() {
+        {
+            let mut st = lock(&self.st);
             st.closed = true;
             st.free.clear();
         }
@@ -251,12 +266,120 @@ impl BufPool {
     }
 }
 
+/// The writer's queue: bounded, and closed for good when the backup fails,
+/// which wakes whoever waits on it (the writer for work, the others for room).
+struct Queue {
+    st: Mutex<QueueState>,
+    not_empty: Condvar,
+    not_full: Condvar,
+    cap: usize,
+}
+
+#[derive(Default)]
+struct QueueState {
+    items: VecDeque<Outgoing>,
+    closed: bool,
+    /// Senders waiting for room.
+    pushers: usize,
+    /// The writer waits for a message.
+    popper: bool,
+}
+
+impl Queue {
+    fn new(cap: usize) -> Self {
+        Queue {
+            st: Mutex::new(QueueState::default()),
+            not_empty: Condvar::new(),
+            not_full: Condvar::new(),
+            cap,
+        }
+    }
+
+    /// Queues a message, waiting for room; fails once the queue is closed.
+    fn push(&self, o: Outgoing) -> Result<()> {
+        let mut st = lock(&self.st);
+        loop {
+            if st.closed {
+                bail!("the backup stopped");
+            }
+            if st.items.len() < self.cap {
+                break;
+            }
+            st.pushers += 1;
+            st = wait(&self.not_full, st);
+            st.pushers -= 1;
+        }
+        st.items.push_back(o);
+        let wake = st.popper;
+        drop(st);
+        if wake {
+            self.not_empty.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The next message; `None` when there is none and `block` is false.
+    /// Fails once the queue is closed.
+    fn pop(&self, block: bool) -> Result<Option<Outgoing>> {
+        let mut st = lock(&self.st);
+        loop {
+            if st.closed {
+                bail!("the backup stopped");
+            }
+            if let Some(o) = st.items.pop_front() {
+                let wake = st.pushers > 0;
+                drop(st);
+                if wake {
+                    self.not_full.notify_one();
+                }
+                return Ok(Some(o));
+            }
+            if !block {
+                return Ok(None);
+            }
+            st.popper = true;
+            st = wait(&self.not_empty, st);
+            st.popper = false;
+        }
+    }
+
+    fn close(&self) {
+        let dropped = {
+            let mut st = lock(&self.st);
+            st.closed = true;
+            std::mem::take(&mut st.items)
+        };
+        drop(dropped);
+        self.not_empty.notify_all();
+        self.not_full.notify_all();
+    }
+}
+
+/// Locks a mutex; a thread that panicked while holding it has already failed
+/// the backup (see [`Running`]), and what it guards is still fine to read.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    cv.wait(g).unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How long a failed backup waits for its threads and jobs to end (they
+/// normally do within milliseconds) before it gives up on them.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
 struct Shared {
     flow: Mutex<Flow>,
     cv: Condvar,
-    tx: SyncSender<Outgoing>,
+    /// Set with `flow.failed`, for checks without the lock.
+    stopped: AtomicBool,
+    queue: Queue,
     pool: BufPool,
-    sig_waiters: Mutex<HashMap<u32, SyncSender<Vec<u8>>>>,
+    /// Delta jobs waiting for a signature; `None` once the backup failed.
+    sig_waiters: Mutex<Option<HashMap<u32, SyncSender<Vec<u8>>>>>,
+    /// Tears the connection down.
+    breaker: Breaker,
     warnings: Mutex<Vec<String>>,
     vanished: AtomicU64,
     partial: AtomicU64,
@@ -265,20 +388,80 @@ struct Shared {
 }
 
 impl Shared {
-    fn fail(&self, msg: String) {
-        if let Ok(mut f) = self.flow.lock() {
-            f.failed.get_or_insert(msg);
+    /// Stops the backup: the one way it fails, from whichever thread or job
+    /// finds the problem (the main thread included). Records the cause (the
+    /// first one, unless the server's own error comes after what it caused
+    /// here), then wakes everyone who could be waiting: the main thread and
+    /// the announcer on the flow, senders and the writer on the queue, delta
+    /// jobs on the buffer pool or for a signature; and tears the connection
+    /// down, so that the reader's and writer's blocked reads and writes
+    /// return. Every one of them then ends by itself.
+    fn fail(&self, cause: &anyhow::Error) {
+        let from_server = cause.downcast_ref::<ServerError>().is_some();
+        {
+            let mut f = lock(&self.flow);
+            let replace = match &f.failed {
+                None => true,
+                Some(old) => from_server && !old.from_server,
+            };
+            if replace {
+                f.failed = Some(Failure {
+                    message: format!("{cause:#}"),
+                    from_server,
+                });
+            }
         }
+        self.stopped.store(true, Ordering::SeqCst);
         self.cv.notify_all();
+        self.queue.close();
         self.pool.close();
+        drop(lock(&self.sig_waiters).take());
+        self.breaker.trip();
+    }
+
+    fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
+    }
+
+    /// The cause recorded by [`Shared::fail`], and whether the server gave it.
+    fn failure(&self) -> Option<(String, bool)> {
+        lock(&self.flow)
+            .failed
+            .as_ref()
+            .map(|f| (f.message.clone(), f.from_server))
+    }
+
+    /// Counts one more thread or job as running; it holds the returned
+    /// guard until it ends.
+    fn enter(self: &Arc<Self>) -> Running {
+        lock(&self.flow).running += 1;
+        Running(self.clone())
+    }
+
+    /// Waits until every thread and job has ended, at most `limit`; false
+    /// if some have not.
+    fn wait_ended(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut f = lock(&self.flow);
+        while f.running > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            f = self
+                .cv
+                .wait_timeout(f, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
     }
 
     fn warn(&self, msg: String) {
         eprintln!("byteback-backup: warning: {msg}");
-        if let Ok(mut w) = self.warnings.lock() {
-            if w.len() < 10_000 {
-                w.push(msg);
-            }
+        let mut w = lock(&self.warnings);
+        if w.len() < 10_000 {
+            w.push(msg);
         }
     }
 
@@ -289,41 +472,67 @@ impl Shared {
     /// Queues a message whose data buffer came from the pool at capacity
     /// `pooled`; the writer gives it back once the message is on the wire.
     fn send_pooled(&self, msg: ClientMsg, pooled: usize) -> Result<()> {
-        self.tx
-            .send(Outgoing { msg, pooled })
-            .map_err(|_| anyhow!("connection to the server is closed"))
+        self.queue.push(Outgoing { msg, pooled })
     }
 }
 
-/// Runs one backup over an open connection.
-pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupReport> {
-    let sources = walk::normalise_sources(&opts.sources)?;
-    let excludes = Excludes::new(&opts.excludes)?;
-    // The walk holds a directory fd per level of depth.
-    walk::raise_fd_limit();
-    conn.send(&ClientMsg::BackupStart { checksum: false })?;
-    match conn.recv()? {
-        ServerMsg::BackupReady => {}
-        m => bail!("unexpected {} at backup start", m.name()),
+/// A running thread or job of a backup (see [`Shared::enter`]). Dropped
+/// when it ends; if it ends by panicking, the backup fails, so that nobody
+/// waits for what it would have done.
+struct Running(Arc<Shared>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .fail(&anyhow!("internal error: a backup thread panicked"));
+        }
+        lock(&self.0.flow).running -= 1;
+        self.0.cv.notify_all();
     }
-    let transport = conn.take_transport();
-    let Connection { reader, writer, .. } = conn;
-    let (tx, rx) = sync_channel::<Outgoing>(QUEUE_DEPTH);
-    let shared = Arc::new(Shared {
-        flow: Mutex::new(Flow::default()),
-        cv: Condvar::new(),
-        tx,
-        pool: BufPool::new(BUFFER_BUDGET),
-        sig_waiters: Mutex::new(HashMap::new()),
-        warnings: Mutex::new(vec![]),
-        vanished: AtomicU64::new(0),
-        partial: AtomicU64::new(0),
-        wire: AtomicU64::new(0),
-        verbose: opts.verbose,
-    });
-    let batches: Arc<Batches> = Arc::new(Mutex::new(VecDeque::new()));
-    let pool = Arc::new(
-        rayon::ThreadPoolBuilder::new()
+}
+
+/// Starts a thread of the backup; it runs `f` and fails the backup with its error.
+fn start_thread(
+    shared: &Arc<Shared>,
+    name: &str,
+    f: impl FnOnce(&Arc<Shared>) -> Result<()> + Send + 'static,
+) -> Result<JoinHandle<()>> {
+    let running = shared.enter();
+    let spawned = std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let shared = running.0.clone();
+            if let Err(e) = f(&shared) {
+                shared.fail(&e);
+            }
+            drop(running);
+        });
+    spawned.map_err(|e| {
+        let e = anyhow!("cannot start a thread: {e}");
+        shared.fail(&e);
+        e
+    })
+}
+
+/// Runs one backup over an open connection.
+///
+/// Whatever goes wrong (the server reports an error, dies or is killed, a
+/// file cannot be sent, the walk fails), the backup stops through
+/// [`Shared::fail`], every thread and job ends, the server is stopped, and
+/// the error names the first cause; nothing is left waiting.
+pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupReport> {
+    let started = (|| {
+        let sources = walk::normalise_sources(&opts.sources)?;
+        let excludes = Excludes::new(&opts.excludes)?;
+        // The walk holds a directory fd per level of depth.
+        walk::raise_fd_limit();
+        conn.send(&ClientMsg::BackupStart { checksum: false })?;
+        match conn.recv()? {
+            ServerMsg::BackupReady => {}
+            m => bail!("unexpected {} at backup start", m.name()),
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(
                 std::thread::available_parallelism()
                     .map(|n| n.get())
@@ -332,101 +541,141 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
                     * 2,
             )
             .thread_name(|i| format!("byteback-delta-{i}"))
-            .build()?,
-    );
-
-    let writer_shared = shared.clone();
-    let writer_thread = std::thread::spawn(move || {
-        if let Err(e) = writer_loop(writer, rx, &writer_shared.pool) {
-            writer_shared.fail(format!("{e:#}"));
+            .build()?;
+        Ok((sources, excludes, pool))
+    })();
+    let transport = conn.take_transport();
+    let (sources, excludes, pool) = match started {
+        Ok(x) => x,
+        Err(e) => {
+            let how = transport.abort();
+            return Err(conn::with_exit(e, how));
         }
+    };
+    let Connection { reader, writer, .. } = conn;
+    let shared = Arc::new(Shared {
+        flow: Mutex::new(Flow::default()),
+        cv: Condvar::new(),
+        stopped: AtomicBool::new(false),
+        queue: Queue::new(QUEUE_DEPTH),
+        pool: BufPool::new(BUFFER_BUDGET),
+        sig_waiters: Mutex::new(Some(HashMap::new())),
+        breaker: transport.breaker(),
+        warnings: Mutex::new(vec![]),
+        vanished: AtomicU64::new(0),
+        partial: AtomicU64::new(0),
+        wire: AtomicU64::new(0),
+        verbose: opts.verbose,
     });
-    let reader_shared = shared.clone();
+    let batches: Arc<Batches> = Arc::new(Mutex::new(VecDeque::new()));
+    let pool = Arc::new(pool);
+
+    let mut threads = vec![];
     let reader_batches = batches.clone();
     let reader_pool = pool.clone();
-    let reader_thread = std::thread::spawn(move || {
-        if let Err(e) = reader_loop(reader, &reader_shared, &reader_batches, &reader_pool) {
-            reader_shared.fail(format!("{e:#}"));
-        }
-    });
-
-    let mut announcer = Announcer {
-        shared: shared.clone(),
-        batches,
-        batch: vec![],
-        batch_cost: 0,
-        entries: 0,
-        walk_vanished: 0,
-    };
-    let walk_opts = walk::WalkOptions {
-        one_file_system: opts.one_file_system,
-    };
-    let walked =
-        walk::walk(&sources, &excludes, walk_opts, &mut announcer).and_then(|_| announcer.flush());
-    let result = walked.and_then(|_| {
+    let result = start_thread(&shared, "byteback-writer", move |shared| {
+        writer_loop(writer, shared)
+    })
+    .and_then(|t| {
+        threads.push(t);
+        start_thread(&shared, "byteback-reader", move |shared| {
+            reader_loop(reader, shared, &reader_batches, &reader_pool)
+        })
+    })
+    .and_then(|t| {
+        threads.push(t);
+        let mut announcer = Announcer {
+            shared: shared.clone(),
+            batches,
+            batch: vec![],
+            batch_cost: 0,
+            entries: 0,
+            walk_vanished: 0,
+        };
+        let walk_opts = walk::WalkOptions {
+            one_file_system: opts.one_file_system,
+        };
+        walk::walk(&sources, &excludes, walk_opts, &mut announcer)?;
+        announcer.flush()?;
         // Wait until every file is resolved, then commit.
-        let mut f = shared.flow.lock().map_err(|_| anyhow!("lock poisoned"))?;
-        while !f.window.is_empty() && f.failed.is_none() {
-            f = shared.cv.wait(f).map_err(|_| anyhow!("lock poisoned"))?;
+        {
+            let mut f = lock(&shared.flow);
+            while !f.window.is_empty() && f.failed.is_none() {
+                f = wait(&shared.cv, f);
+            }
+            if let Some(e) = &f.failed {
+                bail!("{}", e.message);
+            }
         }
-        if let Some(e) = &f.failed {
-            bail!("{e}");
-        }
-        drop(f);
         shared.send(ClientMsg::BackupEnd)?;
-        let mut f = shared.flow.lock().map_err(|_| anyhow!("lock poisoned"))?;
+        let mut f = lock(&shared.flow);
         while f.done.is_none() && f.failed.is_none() {
-            f = shared.cv.wait(f).map_err(|_| anyhow!("lock poisoned"))?;
+            f = wait(&shared.cv, f);
         }
         if let Some(e) = &f.failed {
-            bail!("{e}");
+            bail!("{}", e.message);
         }
-        f.done.take().ok_or_else(|| anyhow!("no result"))
+        let done = f.done.take().ok_or_else(|| anyhow!("no result"))?;
+        Ok((done, announcer.entries))
     });
-    let entries = announcer.entries;
-    drop(announcer);
-    let (snapshot, message, stats) = match result {
+    let ((snapshot, message, stats), entries) = match result {
         Ok(r) => {
+            // Committed: a goodbye that does not go through changes nothing.
             let _ = shared.send(ClientMsg::Bye);
             r
         }
         Err(e) => {
-            // Tear the transport down first: the writer may be blocked
-            // sending to a server that is gone.
-            transport.abort();
-            // The writer holds a sender itself (through `Shared`), so its
-            // queue never disconnects: wake it if it waits for a message.
-            // With a full queue it is busy writing and fails on the aborted
-            // transport instead.
-            let _ = shared.tx.try_send(Outgoing {
-                msg: ClientMsg::Bye,
-                pooled: 0,
-            });
-            drop(shared);
-            drop(pool);
-            let _ = writer_thread.join();
-            let _ = reader_thread.join();
-            return Err(e);
+            // Whatever failed here, or elsewhere first: stop everything.
+            shared.fail(&e);
+            let ended = shared.wait_ended(STOP_WAIT);
+            let (cause, from_server) = shared
+                .failure()
+                .unwrap_or_else(|| (format!("{e:#}"), false));
+            let how = transport.abort();
+            if ended {
+                for t in threads {
+                    let _ = t.join();
+                }
+            } else {
+                eprintln!(
+                    "byteback-backup: warning: some threads of the failed backup had not ended after {} s",
+                    STOP_WAIT.as_secs()
+                );
+            }
+            // How the server ended only matters when it did not say why.
+            let how = how.filter(|_| !from_server);
+            return Err(conn::with_exit(anyhow!("{cause}"), how));
         }
     };
+    // The writer ends after Bye, the reader after BackupDone, jobs before
+    // the window emptied.
+    if shared.wait_ended(STOP_WAIT) {
+        for t in threads {
+            let _ = t.join();
+        }
+    } else {
+        eprintln!(
+            "byteback-backup: warning: the connection's threads had not ended after {} s",
+            STOP_WAIT.as_secs()
+        );
+        shared.breaker.trip();
+    }
+    if let Some((cause, _)) = shared.failure() {
+        // Already committed: only saying goodbye went wrong.
+        eprintln!("byteback-backup: warning: after the backup: {cause}");
+    }
     let report = BackupReport {
         stats,
         snapshot,
         message,
         entries,
-        warnings: shared
-            .warnings
-            .lock()
-            .map(|w| w.clone())
-            .unwrap_or_default(),
+        warnings: lock(&shared.warnings).clone(),
         vanished: shared.vanished.load(Ordering::Relaxed),
         partial: shared.partial.load(Ordering::Relaxed),
         wire_bytes: shared.wire.load(Ordering::Relaxed),
     };
     drop(shared);
     drop(pool);
-    let _ = writer_thread.join();
-    let _ = reader_thread.join();
     transport.finish()?;
     Ok(report)
 }
@@ -448,23 +697,15 @@ impl Announcer {
         let n = self.batch.len();
         let cost = self.batch_cost;
         let start = {
-            let mut f = self
-                .shared
-                .flow
-                .lock()
-                .map_err(|_| anyhow!("lock poisoned"))?;
+            let mut f = lock(&self.shared.flow);
             while (f.window.len() + n >= MAX_PENDING || f.window_bytes + cost > MAX_BUFFERED_BYTES)
                 && !f.window.is_empty()
                 && f.failed.is_none()
             {
-                f = self
-                    .shared
-                    .cv
-                    .wait(f)
-                    .map_err(|_| anyhow!("lock poisoned"))?;
+                f = wait(&self.shared.cv, f);
             }
             if let Some(e) = &f.failed {
-                bail!("{e}");
+                bail!("{}", e.message);
             }
             let start = f.window_base + f.window.len() as u64;
             for (_, e) in &self.batch {
@@ -477,16 +718,17 @@ impl Announcer {
         self.batch_cost = 0;
         let entries: Vec<Entry> = batch.iter().map(|(_, e)| e.clone()).collect();
         // Queued before sending, so the reader always finds the batch a Needs answers.
-        self.batches
-            .lock()
-            .map_err(|_| anyhow!("lock poisoned"))?
-            .push_back((start, batch));
+        lock(&self.batches).push_back((start, batch));
         self.shared.send(ClientMsg::Entries(entries))
     }
 }
 
 impl EntrySink for Announcer {
     fn entry(&mut self, found: Found, entry: Entry) -> Result<()> {
+        if self.shared.stopped() {
+            // Whatever stopped the backup is its cause; this only ends the walk.
+            bail!("the backup stopped");
+        }
         self.entries += 1;
         let cost = entry.buffer_cost();
         if !self.batch.is_empty() && self.batch_cost + cost > MAX_BUFFERED_BYTES / 4 {
@@ -498,6 +740,12 @@ impl EntrySink for Announcer {
             self.flush()?;
         }
         Ok(())
+    }
+
+    fn note(&mut self, what: String) {
+        if self.shared.verbose {
+            eprintln!("byteback-backup: {what}");
+        }
     }
 
     fn warning(&mut self, w: WalkWarning) {
@@ -512,32 +760,26 @@ impl EntrySink for Announcer {
                 .warn(format!("{}: {}", w.path.display(), w.message));
         }
     }
-
-    fn note(&mut self, what: String) {
-        if self.shared.verbose {
-            eprintln!("byteback-backup: {what}");
-        }
-    }
 }
 
-fn writer_loop(mut w: ConnWriter, rx: Receiver<Outgoing>, pool: &BufPool) -> Result<()> {
+fn writer_loop(mut w: ConnWriter, shared: &Shared) -> Result<()> {
     loop {
-        let Outgoing { msg, pooled } = match rx.try_recv() {
-            Ok(m) => m,
-            Err(TryRecvError::Empty) => {
+        let Outgoing { msg, pooled } = match shared.queue.pop(false)? {
+            Some(m) => m,
+            None => {
+                // Nothing more for now: out with what is buffered, then wait.
                 w.flush()?;
-                match rx.recv() {
-                    Ok(m) => m,
-                    Err(_) => break,
+                match shared.queue.pop(true)? {
+                    Some(m) => m,
+                    None => continue,
                 }
             }
-            Err(TryRecvError::Disconnected) => break,
         };
         let bye = matches!(msg, ClientMsg::Bye);
         w.send(&msg)?;
         if let ClientMsg::FileData { delta, .. } = msg {
             if pooled > 0 {
-                pool.give(delta.data, pooled);
+                shared.pool.give(delta.data, pooled);
             }
         }
         if bye {
@@ -559,9 +801,7 @@ fn reader_loop(
         let msg = r.recv()?;
         match msg {
             ServerMsg::Needs(needs) => {
-                let (start, batch) = batches
-                    .lock()
-                    .map_err(|_| anyhow!("lock poisoned"))?
+                let (start, batch) = lock(batches)
                     .pop_front()
                     .ok_or_else(|| anyhow!("server answered a batch that was never sent"))?;
                 let n = batch.len();
@@ -572,7 +812,7 @@ fn reader_loop(
                     }
                 }
                 {
-                    let mut f = shared.flow.lock().map_err(|_| anyhow!("lock poisoned"))?;
+                    let mut f = lock(&shared.flow);
                     for need in &needs {
                         f.transfer_seq.insert(need.id, start + need.index as u64);
                     }
@@ -603,18 +843,16 @@ fn reader_loop(
                 }
             }
             ServerMsg::Signature { id, sig } => {
-                let waiter = shared
-                    .sig_waiters
-                    .lock()
-                    .map_err(|_| anyhow!("lock poisoned"))?
-                    .remove(&id);
+                let waiter = lock(&shared.sig_waiters)
+                    .as_mut()
+                    .and_then(|w| w.remove(&id));
                 if let Some(w) = waiter {
                     let _ = w.send(sig);
                 }
             }
             ServerMsg::FileOk { id } => {
                 jobs.remove(&id);
-                let mut f = shared.flow.lock().map_err(|_| anyhow!("lock poisoned"))?;
+                let mut f = lock(&shared.flow);
                 if let Some(seq) = f.transfer_seq.remove(&id) {
                     f.resolve(seq);
                 }
@@ -645,7 +883,7 @@ fn reader_loop(
                 message,
                 stats,
             } => {
-                let mut f = shared.flow.lock().map_err(|_| anyhow!("lock poisoned"))?;
+                let mut f = lock(&shared.flow);
                 f.done = Some((snapshot, message, stats));
                 shared.cv.notify_all();
                 return Ok(());
@@ -656,13 +894,18 @@ fn reader_loop(
 }
 
 fn spawn_job(pool: &rayon::ThreadPool, shared: &Arc<Shared>, job: Job) {
-    let shared = shared.clone();
+    let running = shared.enter();
     pool.spawn(move || {
+        let shared = &running.0;
         let id = job.id;
-        if let Err(e) = send_file(&shared, job) {
-            // The connection is gone or the protocol broke: the backup fails.
-            shared.fail(format!("sending transfer {id}: {e:#}"));
+        // Jobs queued before the backup failed have nothing left to do.
+        if !shared.stopped() {
+            if let Err(e) = send_file(shared, job) {
+                // The connection is gone or the protocol broke: the backup fails.
+                shared.fail(&e.context(format!("sending transfer {id}")));
+            }
         }
+        drop(running);
     });
 }
 
@@ -695,17 +938,18 @@ fn send_file(shared: &Shared, job: Job) -> Result<()> {
             return shared.send(ClientMsg::FileAbort { id });
         }
     };
+
     let sig = if basis {
         let (stx, srx) = sync_channel(1);
-        shared
-            .sig_waiters
-            .lock()
-            .map_err(|_| anyhow!("lock poisoned"))?
-            .insert(id, stx);
+        match lock(&shared.sig_waiters).as_mut() {
+            Some(w) => w.insert(id, stx),
+            None => bail!("the backup stopped"),
+        };
         shared.send(ClientMsg::SigRequest { id })?;
+        // The sender is dropped when the backup fails.
         let bytes = srx
             .recv()
-            .map_err(|_| anyhow!("connection closed while waiting for a signature"))?;
+            .map_err(|_| anyhow!("the backup stopped while waiting for a signature"))?;
         match Signature::parse(&bytes) {
             Ok(s) => Some(s),
             Err(e) => bail!("server sent a bad signature for {}: {e}", abs.display()),
@@ -830,22 +1074,157 @@ fn compress(delta: &[u8], out: Vec<u8>) -> Result<Compressed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::Transport;
+    use byteback_protocol::{decode_client, read_frame, write_msg, Need};
+    use std::os::unix::net::UnixStream;
 
-    fn test_shared() -> (Shared, Receiver<Outgoing>) {
-        let (tx, rx) = sync_channel::<Outgoing>(1024);
-        let shared = Shared {
+    fn recv(s: &mut UnixStream) -> Option<ClientMsg> {
+        read_frame(s).unwrap().map(|f| decode_client(&f).unwrap())
+    }
+
+    fn send(s: &mut UnixStream, m: &ServerMsg) {
+        write_msg(s, m).unwrap();
+    }
+
+    /// A backup of a one-file tree against a scripted server: it answers the
+    /// handshake and BackupStart, then `script` gets the socket. Returns the
+    /// backup's result and how long it took, failing if it takes 5 s (a
+    /// hang: a failed backup stops in milliseconds).
+    fn backup_against(
+        script: impl FnOnce(&mut UnixStream) + Send + 'static,
+    ) -> (Result<BackupReport>, std::time::Duration) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), vec![7u8; 100_000]).unwrap();
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            assert!(matches!(recv(&mut theirs), Some(ClientMsg::Hello { .. })));
+            send(
+                &mut theirs,
+                &ServerMsg::HelloOk {
+                    version: byteback_protocol::PROTOCOL_VERSION,
+                    host: "h".into(),
+                },
+            );
+            assert!(matches!(
+                recv(&mut theirs),
+                Some(ClientMsg::BackupStart { .. })
+            ));
+            send(&mut theirs, &ServerMsg::BackupReady);
+            script(&mut theirs);
+            // The connection stays open: the client must not need it closed.
+            let _ = stop_rx.recv();
+        });
+        let conn = Connection::handshake(
+            Box::new(ours.try_clone().unwrap()),
+            Box::new(ours),
+            Transport::None,
+        )
+        .unwrap();
+        let opts = BackupOptions {
+            sources: vec![dir.path().to_path_buf()],
+            excludes: vec![],
+            verbose: false,
+            one_file_system: false,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let start = Instant::now();
+        std::thread::spawn(move || {
+            let _ = tx.send(run_backup(conn, &opts));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the backup hangs");
+        let took = start.elapsed();
+        drop(stop_tx);
+        server.join().unwrap();
+        (r, took)
+    }
+
+    /// Reads the client's one batch of entries; the index of the file in it.
+    fn entries(s: &mut UnixStream) -> u32 {
+        match recv(s) {
+            Some(ClientMsg::Entries(e)) => {
+                e.iter().position(|e| e.path.ends_with(b"/f")).unwrap() as u32
+            }
+            m => panic!("expected entries, got {m:?}"),
+        }
+    }
+
+    #[test]
+    fn a_server_error_while_the_client_waits_ends_the_backup() {
+        let (r, took) = backup_against(|s| {
+            entries(s);
+            send(
+                s,
+                &ServerMsg::Error {
+                    message: "no space left on device".into(),
+                },
+            );
+        });
+        let e = format!("{:#}", r.unwrap_err());
+        assert_eq!(e, "server: no space left on device");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+
+    #[test]
+    fn a_server_gone_while_the_client_waits_ends_the_backup() {
+        let (r, _) = backup_against(|s| {
+            entries(s);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        });
+        let e = format!("{:#}", r.unwrap_err());
+        assert!(e.contains("closed the connection"), "{e}");
+    }
+
+    #[test]
+    fn a_job_waiting_for_a_signature_ends_with_the_backup() {
+        let (r, took) = backup_against(|s| {
+            let index = entries(s);
+            send(
+                s,
+                &ServerMsg::Needs(vec![Need {
+                    index,
+                    id: 0,
+                    basis: true,
+                }]),
+            );
+            assert!(matches!(recv(s), Some(ClientMsg::SigRequest { id: 0 })));
+            send(
+                s,
+                &ServerMsg::Error {
+                    message: "cannot read the stored copy".into(),
+                },
+            );
+        });
+        assert!(format!("{:#}", r.unwrap_err()).contains("stored copy"));
+        // Well under STOP_WAIT: the job did not keep the backup waiting.
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+
+    fn test_shared() -> Shared {
+        Shared {
             flow: Mutex::new(Flow::default()),
             cv: Condvar::new(),
-            tx,
+            stopped: AtomicBool::new(false),
+            queue: Queue::new(1024),
             pool: BufPool::new(BUFFER_BUDGET),
-            sig_waiters: Mutex::new(HashMap::new()),
+            sig_waiters: Mutex::new(Some(HashMap::new())),
+            breaker: crate::conn::Breaker::default(),
             warnings: Mutex::new(vec![]),
             vanished: AtomicU64::new(0),
             partial: AtomicU64::new(0),
             wire: AtomicU64::new(0),
             verbose: false,
-        };
-        (shared, rx)
+        }
+    }
+
+    fn sent(shared: &Shared) -> Vec<ClientMsg> {
+        let mut out = vec![];
+        while let Ok(Some(o)) = shared.queue.pop(false) {
+            out.push(o.msg);
+        }
+        out
     }
 
     #[derive(Default)]
@@ -858,55 +1237,6 @@ mod tests {
         fn warning(&mut self, w: WalkWarning) {
             panic!("{w:?}");
         }
-    }
-
-    /// The server goes away after the first batch of entries, while the
-    /// writer thread waits for something to send: the backup fails instead
-    /// of waiting for that thread forever.
-    #[test]
-    fn a_server_that_goes_away_fails_the_backup_without_hanging() {
-        use byteback_protocol::{read_frame, write_msg, PROTOCOL_VERSION};
-        use std::os::unix::net::UnixStream;
-        let d = tempfile::tempdir().unwrap();
-        let src = d.path().join("src");
-        std::fs::create_dir_all(&src).unwrap();
-        std::fs::write(src.join("f"), b"content").unwrap();
-        let (client, server) = UnixStream::pair().unwrap();
-        let fake = std::thread::spawn(move || {
-            let mut r = std::io::BufReader::new(server.try_clone().unwrap());
-            let mut w = server;
-            read_frame(&mut r).unwrap().unwrap(); // Hello
-            let hello = ServerMsg::HelloOk {
-                version: PROTOCOL_VERSION,
-                host: "h".into(),
-            };
-            write_msg(&mut w, &hello).unwrap();
-            read_frame(&mut r).unwrap().unwrap(); // BackupStart
-            write_msg(&mut w, &ServerMsg::BackupReady).unwrap();
-            read_frame(&mut r).unwrap().unwrap(); // Entries
-                                                  // Gone without a word.
-        });
-        let conn = Connection::handshake(
-            Box::new(client.try_clone().unwrap()),
-            Box::new(client),
-            crate::conn::Transport::None,
-        )
-        .unwrap();
-        let opts = BackupOptions {
-            sources: vec![src],
-            excludes: vec![],
-            verbose: false,
-            one_file_system: false,
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(run_backup(conn, &opts).map(|_| ()));
-        });
-        let res = rx
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("run_backup hung after the server went away");
-        assert!(res.is_err());
-        fake.join().unwrap();
     }
 
     /// A file replaced (another inode) between the walk and the read is
@@ -944,9 +1274,9 @@ mod tests {
         std::fs::write(src.join("d/new"), b"NEW CONTENT, not what was walked").unwrap();
         std::fs::rename(src.join("d/new"), src.join("d/f")).unwrap();
 
-        let (shared, rx) = test_shared();
+        let shared = test_shared();
         send_file(&shared, f_job).unwrap();
-        let msgs: Vec<ClientMsg> = rx.try_iter().map(|o| o.msg).collect();
+        let msgs = sent(&shared);
         assert!(
             matches!(msgs.as_slice(), [ClientMsg::FileAbort { id: 7 }]),
             "{msgs:?}"
@@ -961,13 +1291,37 @@ mod tests {
 
         // The file left alone goes through whole.
         send_file(&shared, g_job).unwrap();
-        let msgs: Vec<ClientMsg> = rx.try_iter().map(|o| o.msg).collect();
+        let msgs = sent(&shared);
         assert!(
             matches!(msgs.last(), Some(ClientMsg::FileEnd { id: 8, size: 9, .. })),
             "{msgs:?}"
         );
         assert!(matches!(msgs[0], ClientMsg::FileData { id: 8, .. }));
         assert_eq!(shared.partial.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_closed_queue_wakes_its_waiters() {
+        let q = Arc::new(Queue::new(1));
+        let out = |n| Outgoing {
+            msg: ClientMsg::FileAbort { id: n },
+            pooled: 0,
+        };
+        q.push(out(1)).unwrap();
+        let q2 = q.clone();
+        let pusher = std::thread::spawn(move || q2.push(out(2)).is_err());
+        let popper = {
+            let q = Arc::new(Queue::new(1));
+            let q3 = q.clone();
+            (q, std::thread::spawn(move || q3.pop(true).is_err()))
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!pusher.is_finished() && !popper.1.is_finished());
+        q.close();
+        popper.0.close();
+        assert!(pusher.join().unwrap());
+        assert!(popper.1.join().unwrap());
+        assert!(q.pop(false).is_err());
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! A protocol connection to a `byteback-server`, over whatever carries bytes.
 //!
-//! For a local store the server is spawned as a child over pipes; SSH gives
-//! the same pair of streams. Every message goes through the client session
-//! state, so a confused or hostile server is caught at the first odd message.
+//! For a local store the server is spawned as a child whose stdin and stdout
+//! are one end of a socket pair; SSH gives the same kind of stream. Every
+//! message goes through the client session state, so a confused or hostile
+//! server is caught at the first odd message. A [`Breaker`] shuts our end
+//! down from any thread, so that a failed backup never leaves a read or a
+//! write blocked.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::Shutdown;
@@ -10,6 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use byteback_protocol::{
@@ -17,7 +21,7 @@ use byteback_protocol::{
     ClientSession, ServerMsg, MAGIC, PROTOCOL_VERSION,
 };
 
-use crate::ssh::{self, Auth, Request, SshOptions, SshSession, SshTarget};
+use crate::ssh::{self, Auth, Request, SshAbort, SshOptions, SshSession, SshTarget};
 
 /// Where backups go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,16 +120,17 @@ pub struct ConnWriter {
 impl ConnReader {
     /// Receives one message; a server `Error` becomes an error here.
     pub fn recv(&mut self) -> Result<ServerMsg> {
-        let frame =
-            read_frame(&mut self.r)?.ok_or_else(|| anyhow!("the server closed the connection"))?;
+        let frame = read_frame(&mut self.r)
+            .context("cannot read from the server")?
+            .ok_or_else(|| anyhow!("the server closed the connection"))?;
         let msg = decode_server(&frame)?;
         self.session
             .lock()
             .map_err(|_| anyhow!("session lock poisoned"))?
             .on_recv(&msg)?;
-        if let ServerMsg::Error { message } = &msg {
+        if let ServerMsg::Error { message } = msg {
             // The server chose these bytes: never let them reach a terminal raw.
-            bail!("server: {}", escape_text(message));
+            return Err(ServerError(escape_text(&message)).into());
         }
         Ok(msg)
     }
@@ -153,29 +158,120 @@ impl ConnWriter {
     }
 }
 
+/// An `Error` frame: the server's own account of why it stopped (shown as
+/// `server: <message>`). Kept as a type so that it can be told apart from what
+/// it causes here, such as a broken pipe.
+#[derive(Debug)]
+pub struct ServerError(pub String);
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "server: {}", self.0)
+    }
+}
+
+impl std::error::Error for ServerError {}
+
+/// How long tearing a transport down waits for the server (or the SSH
+/// session) to end before going on without it.
+const ABORT_WAIT: Duration = Duration::from_secs(5);
+/// How long a server whose connection was torn down has to end by itself
+/// before it is killed.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// Tears a transport down from any thread: every read and write blocked on
+/// it returns at once (reads see the end, writes fail). Cheap to clone;
+/// tripping it again does nothing more.
+#[derive(Clone, Default)]
+pub struct Breaker {
+    socket: Option<Arc<UnixStream>>,
+    ssh: Option<SshAbort>,
+}
+
+impl Breaker {
+    /// Shuts our end of the connection down both ways (and stops an SSH session).
+    pub fn trip(&self) {
+        if let Some(s) = &self.socket {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        if let Some(a) = &self.ssh {
+            a.abort();
+        }
+    }
+}
+
 /// What carries a connection's bytes, kept so it can be waited for or torn down.
 pub enum Transport {
     /// Nothing to wait for (tests over in-memory streams).
     None,
-    /// A `byteback-server` child over pipes.
-    Child(Child),
+    /// A `byteback-server` child whose stdin and stdout are one end of a
+    /// socket pair; the socket is a handle on our end.
+    Child(Child, Arc<UnixStream>),
     /// An SSH session; the socket is a second handle on the one the streams use.
-    Ssh(UnixStream, SshSession),
+    Ssh(Arc<UnixStream>, SshSession),
 }
 
 impl Transport {
-    /// Tears the transport down after a failure, so blocked readers wake up.
-    pub fn abort(self) {
+    /// A handle that tears this transport down from any thread.
+    pub fn breaker(&self) -> Breaker {
         match self {
-            Transport::None => {}
-            Transport::Child(mut c) => {
+            Transport::None => Breaker::default(),
+            Transport::Child(_, sock) => Breaker {
+                socket: Some(sock.clone()),
+                ssh: None,
+            },
+            Transport::Ssh(sock, session) => Breaker {
+                socket: Some(sock.clone()),
+                ssh: Some(session.aborter()),
+            },
+        }
+    }
+
+    /// Tears the transport down after a failure: blocked reads and writes
+    /// return; a spawned server is given a moment to end by itself, then
+    /// killed, and reaped; an SSH session is stopped. Waits at most a few
+    /// seconds in all. Returns how the server ended if that is news (a local
+    /// server was killed by a signal).
+    pub fn abort(self) -> Option<String> {
+        self.breaker().trip();
+        match self {
+            Transport::None => None,
+            Transport::Child(mut c, _) => {
+                // The server sees the connection end and stops by itself (it
+                // cleans up and logs why); one that does not is killed.
+                if wait_child(&mut c, GRACE) {
+                    // Killed by a signal, and not by us: worth saying. (An
+                    // exit status says less: it stopped after an error it
+                    // reported, or because we went away.)
+                    use std::os::unix::process::ExitStatusExt;
+                    return match c.try_wait() {
+                        Ok(Some(st)) if st.signal().is_some() => {
+                            Some(format!("byteback-server {}", describe_exit(st)))
+                        }
+                        _ => None,
+                    };
+                }
                 let _ = c.kill();
-                let _ = c.wait();
+                // A server stuck in the kernel (a long sync) may take a moment to go.
+                if !wait_child(&mut c, ABORT_WAIT) {
+                    eprintln!(
+                        "byteback-backup: warning: byteback-server (pid {}) has not ended {} s after being killed",
+                        c.id(),
+                        ABORT_WAIT.as_secs()
+                    );
+                }
+                None
             }
-            Transport::Ssh(sock, _session) => {
-                // Not joined: a server that is slow to notice would hold us
-                // up, and the thread ends by itself when the channel closes.
-                let _ = sock.shutdown(Shutdown::Both);
+            Transport::Ssh(_, session) => {
+                // The session ends within a fraction of a second of its abort
+                // (it reports a killed server itself).
+                if session.wait_for(ABORT_WAIT).is_none() {
+                    eprintln!(
+                        "byteback-backup: warning: the SSH session has not ended {} s after being stopped",
+                        ABORT_WAIT.as_secs()
+                    );
+                }
+                None
             }
         }
     }
@@ -184,10 +280,10 @@ impl Transport {
     pub fn finish(self) -> Result<()> {
         match self {
             Transport::None => Ok(()),
-            Transport::Child(mut c) => {
+            Transport::Child(mut c, _) => {
                 let st = c.wait()?;
                 if !st.success() {
-                    bail!("byteback-server exited with {st}");
+                    bail!("byteback-server {}", describe_exit(st));
                 }
                 Ok(())
             }
@@ -199,6 +295,37 @@ impl Transport {
                 }
             }
         }
+    }
+}
+
+/// Waits at most `limit` for a child to end; true if it has (or cannot be waited for).
+fn wait_child(c: &mut Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        match c.try_wait() {
+            Ok(Some(_)) | Err(_) => return true,
+            Ok(None) if Instant::now() >= deadline => return false,
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// Adds how the server ended, when it had, to an error it caused.
+pub fn with_exit(e: anyhow::Error, how: Option<String>) -> anyhow::Error {
+    match how {
+        Some(how) => anyhow!("{e:#} ({how})"),
+        None => e,
+    }
+}
+
+/// "exited with status 1", "was killed by signal 9 (SIGKILL)".
+fn describe_exit(st: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(n), _) => format!("exited with status {n}"),
+        (None, Some(9)) => "was killed by signal 9 (SIGKILL)".to_string(),
+        (None, Some(s)) => format!("was killed by signal {s}"),
+        _ => format!("ended with {st}"),
     }
 }
 
@@ -233,28 +360,34 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Spawns `byteback-server serve` for a local store over pipes.
+    /// Spawns `byteback-server serve` for a local store over a socket pair.
     pub fn open_local(store: &Path, host: &str) -> Result<Self> {
         std::fs::create_dir_all(store)
             .with_context(|| format!("cannot create store {}", store.display()))?;
         let bin = server_binary();
-        let mut child = Command::new(&bin)
+        // A socket pair rather than two pipes: shutting our end down wakes
+        // every blocked read and write at once, whoever else holds the other
+        // end (a wrapper script's children too), as over SSH.
+        let (ours, theirs) = UnixStream::pair().context("cannot create a socket pair")?;
+        let theirs_out = theirs.try_clone()?;
+        let child = Command::new(&bin)
             .arg("serve")
             .arg("--host")
             .arg(host)
             .arg("--store")
             .arg(store)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs_out)))
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
-        let stdin = child.stdin.take().ok_or_else(|| anyhow!("no stdin pipe"))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("no stdout pipe"))?;
-        Self::handshake(Box::new(stdout), Box::new(stdin), Transport::Child(child))
+        let read = ours.try_clone()?;
+        let write = ours.try_clone()?;
+        Self::handshake(
+            Box::new(read),
+            Box::new(SocketWriter(write)),
+            Transport::Child(child, Arc::new(ours)),
+        )
     }
 
     /// Logs in over SSH and runs the server's `verb` (the key's forced command
@@ -272,7 +405,7 @@ impl Connection {
         Self::handshake(
             Box::new(read),
             Box::new(SocketWriter(write)),
-            Transport::Ssh(socket, session),
+            Transport::Ssh(Arc::new(socket), session),
         )
         .with_context(|| format!("byteback-server at {target}"))
     }
@@ -292,29 +425,38 @@ impl Connection {
             w: BufWriter::with_capacity(1 << 20, w),
             session,
         };
-        writer.send(&ClientMsg::Hello {
-            magic: MAGIC,
-            version: PROTOCOL_VERSION,
-        })?;
-        writer.flush()?;
-        match reader.recv()? {
-            ServerMsg::HelloOk { host, .. } => {
-                // The name is printed and used in paths: a server must not
-                // be able to send anything but a valid host name.
-                if validate_host_name(&host).is_err() {
-                    bail!(
-                        "the server sent an invalid host name {:?}; refusing the connection",
-                        escape_text(&host.chars().take(300).collect::<String>())
-                    );
+        let hello = writer
+            .send(&ClientMsg::Hello {
+                magic: MAGIC,
+                version: PROTOCOL_VERSION,
+            })
+            .and_then(|()| writer.flush())
+            .and_then(|()| match reader.recv()? {
+                ServerMsg::HelloOk { host, .. } => {
+                    // The name is printed and used in paths: a server must
+                    // not be able to send anything but a valid host name.
+                    if validate_host_name(&host).is_err() {
+                        bail!(
+                            "the server sent an invalid host name {:?}; refusing the connection",
+                            escape_text(&host.chars().take(300).collect::<String>())
+                        );
+                    }
+                    Ok(host)
                 }
-                Ok(Connection {
-                    reader,
-                    writer,
-                    host,
-                    transport,
-                })
+                m => bail!("unexpected {} in handshake", m.name()),
+            });
+        match hello {
+            Ok(host) => Ok(Connection {
+                reader,
+                writer,
+                host,
+                transport,
+            }),
+            Err(e) => {
+                drop((reader, writer));
+                let how = transport.abort();
+                Err(with_exit(e, how))
             }
-            m => bail!("unexpected {} in handshake", m.name()),
         }
     }
 

@@ -1,6 +1,6 @@
 //! SSH transport (russh): one channel running one command on the server, its
 //! stdin/stdout carried over a local socket pair so that the protocol code sees
-//! exactly the byte streams it sees over the pipes of a local server.
+//! exactly the byte stream it sees with a local server.
 //!
 //! A background thread runs a single-threaded tokio runtime that connects,
 //! checks the server's host key against known_hosts files, authenticates, runs
@@ -12,7 +12,7 @@ use std::cell::Cell;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -110,6 +110,23 @@ pub struct SshStream {
     /// Our end of the socket pair.
     pub socket: UnixStream,
     thread: JoinHandle<Result<Option<u32>>>,
+    abort: SshAbort,
+}
+
+/// Stops an SSH session from any thread: its thread disconnects and ends
+/// within a fraction of a second, whatever the server is doing.
+#[derive(Clone, Default)]
+pub struct SshAbort(Arc<AtomicBool>);
+
+impl SshAbort {
+    /// Asks the session to stop.
+    pub fn abort(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn aborted(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 impl SshStream {
@@ -128,6 +145,7 @@ impl SshStream {
             self.socket,
             SshSession {
                 thread: self.thread,
+                abort: self.abort,
             },
         )
     }
@@ -136,6 +154,7 @@ impl SshStream {
 /// The thread driving an SSH session.
 pub struct SshSession {
     thread: JoinHandle<Result<Option<u32>>>,
+    abort: SshAbort,
 }
 
 impl SshSession {
@@ -144,6 +163,24 @@ impl SshSession {
         self.thread
             .join()
             .map_err(|_| anyhow!("the SSH thread panicked"))?
+    }
+
+    /// A handle that stops the session from any thread.
+    pub fn aborter(&self) -> SshAbort {
+        self.abort.clone()
+    }
+
+    /// Waits at most `limit` for the session to end (`None` if it has not:
+    /// its thread is left to finish on its own).
+    pub fn wait_for(self, limit: Duration) -> Option<Result<Option<u32>>> {
+        let deadline = Instant::now() + limit;
+        while !self.thread.is_finished() {
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(self.wait())
     }
 }
 
@@ -167,6 +204,8 @@ pub fn open(
     let (ours, theirs) = UnixStream::pair().context("cannot create a socket pair")?;
     theirs.set_nonblocking(true)?;
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<()>>(1);
+    let abort = SshAbort::default();
+    let stop = abort.clone();
     let target = target.clone();
     let auth = auth.clone();
     let opts = opts.clone();
@@ -191,8 +230,13 @@ pub fn open(
                     }
                 };
                 let sock = tokio::net::UnixStream::from_std(theirs)?;
-                let status = pump(channel, sock, opts.io_timeout).await;
-                let _ = handle.disconnect(Disconnect::ByApplication, "", "en").await;
+                let status = pump(channel, sock, opts.io_timeout, &stop).await;
+                // Bounded: a dead peer must not hold the thread.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    handle.disconnect(Disconnect::ByApplication, "", "en"),
+                )
+                .await;
                 status
             })
         })
@@ -201,6 +245,7 @@ pub fn open(
         Ok(Ok(())) => Ok(SshStream {
             socket: ours,
             thread,
+            abort,
         }),
         Ok(Err(e)) => {
             let _ = thread.join();
@@ -304,11 +349,13 @@ fn server_line(line: &[u8]) -> String {
     format!("server: {}\n", byteback_protocol::escape_bytes(line))
 }
 
-/// Copies bytes between the channel and the local socket until both sides are done.
+/// Copies bytes between the channel and the local socket until both sides
+/// are done, the session is aborted, or nothing moves for `io_timeout`.
 async fn pump(
     channel: russh::Channel<client::Msg>,
     sock: tokio::net::UnixStream,
     io_timeout: Duration,
+    abort: &SshAbort,
 ) -> Result<Option<u32>> {
     let (mut chan_rd, chan_wr) = channel.split();
     let (mut sock_rd, mut sock_wr) = sock.into_split();
@@ -361,34 +408,48 @@ async fn pump(
                 .write_all(server_line(&stderr_line).as_bytes());
         }
         let _ = sock_wr.shutdown().await;
-        Ok::<(), anyhow::Error>(())
     };
     let to_server = async {
         let mut buf = vec![0u8; 64 << 10];
+        let mut failed = None;
         loop {
             // A read error on our own socket means the client went away: end of input.
             let n: usize = sock_rd.read(&mut buf).await.unwrap_or_default();
             if n == 0 {
-                let _ = chan_wr.eof().await;
+                if failed.is_none() {
+                    let _ = chan_wr.eof().await;
+                }
                 break;
             }
             last.set(Instant::now());
+            if failed.is_some() {
+                // The channel is gone: drop what the client still writes
+                // rather than leave it blocked; what the server said last
+                // (its error, often) still reaches the client.
+                continue;
+            }
             BYTES_SENT.fetch_add(n as u64, Ordering::Relaxed);
-            chan_wr
-                .data(&buf[..n])
-                .await
-                .context("cannot send to the server")?;
+            if let Err(e) = chan_wr.data(&buf[..n]).await {
+                failed = Some(anyhow::Error::from(e).context("cannot send to the server"));
+            }
             last.set(Instant::now());
         }
-        Ok::<(), anyhow::Error>(())
+        failed
     };
     let watchdog = async {
         loop {
+            if abort.aborted() {
+                return anyhow!("the SSH session was stopped after a failure");
+            }
             let idle = last.get().elapsed();
             if idle >= io_timeout {
-                return;
+                return anyhow!(
+                    "no data moved for {} s (--io-timeout); giving up on the connection",
+                    io_timeout.as_secs()
+                );
             }
-            tokio::time::sleep(io_timeout - idle).await;
+            // Short naps, so that an abort is seen at once.
+            tokio::time::sleep((io_timeout - idle).min(Duration::from_millis(100))).await;
         }
     };
     // The server's side decides when the session is over: once the channel
@@ -396,17 +457,20 @@ async fn pump(
     // stops too (a closed channel never opens its window again).
     tokio::pin!(from_server, to_server, watchdog);
     let mut sent_all = false;
+    let mut send_failed = None;
     loop {
         tokio::select! {
-            r = &mut from_server => return r.map(|()| exit.get()),
-            r = &mut to_server, if !sent_all => {
-                r?;
-                sent_all = true;
+            () = &mut from_server => {
+                return match (exit.get(), send_failed) {
+                    (None, Some(e)) => Err(e),
+                    (status, _) => Ok(status),
+                };
             }
-            () = &mut watchdog => bail!(
-                "no data moved for {} s (--io-timeout); giving up on the connection",
-                io_timeout.as_secs()
-            ),
+            failed = &mut to_server, if !sent_all => {
+                sent_all = true;
+                send_failed = failed;
+            }
+            e = &mut watchdog => return Err(e),
         }
     }
 }

@@ -27,6 +27,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use byteback_delta::{apply_ops, DeltaError, FileHasher, PatchSink, SignatureBuilder};
@@ -37,7 +38,7 @@ use rustix::fs::FileType;
 
 use crate::fsops::{self, split};
 use crate::manifest::{ManifestReader, ManifestWriter, PeekableManifest};
-use crate::store::{disk_path, HostStore, META_DIR};
+use crate::store::{disk_path, HostStore, META_DIR, META_DIR_NAME};
 
 const FS_BLOCK: u64 = 4096;
 const IO_CHUNK: usize = 1 << 20;
@@ -83,6 +84,8 @@ pub enum TransferResult {
 pub struct BackupReceiver {
     current: OwnedFd,
     meta: OwnedFd,
+    /// Path of `meta`, for messages.
+    meta_path: PathBuf,
     tmp: OwnedFd,
     old: PeekableManifest,
     /// The new manifest; not started until something differs from the old one.
@@ -156,13 +159,16 @@ impl BackupReceiver {
         fsops::remove_any(&meta, b"manifest.new")?;
         rustix::fs::mkdirat(&meta, "tmp", rustix::fs::Mode::from_raw_mode(0o700))?;
         let tmp = fsops::open_dir(&meta, b"tmp")?;
+        let meta_path = host.path.join("current").join(META_DIR_NAME);
+        let manifest_path = meta_path.join("manifest");
         let (old, has_manifest) = match fsops::open_file(&meta, b"manifest") {
-            Ok(f) => (
-                ManifestReader::new(f).context("cannot read the last manifest")?,
-                true,
-            ),
+            Ok(f) => (ManifestReader::new(f, &manifest_path)?, true),
             Err(e) if e.kind() == io::ErrorKind::NotFound => (ManifestReader::empty(), false),
-            Err(e) => return Err(e).context("cannot open the last manifest"),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot open the manifest {}", manifest_path.display())
+                })
+            }
         };
         let marker = fsops::lstat_at(&meta, CLEAN)?.is_some();
         let clean = marker && has_manifest;
@@ -172,6 +178,7 @@ impl BackupReceiver {
             clone_ok: host.btrfs,
             current,
             meta,
+            meta_path,
             tmp,
             old: PeekableManifest::new(old)?,
             new: None,
@@ -217,11 +224,15 @@ impl BackupReceiver {
         }
         let mut new = ManifestWriter::new(fsops::create_new(&self.meta, b"manifest.new")?)?;
         if self.unwritten > 0 {
-            let mut old = ManifestReader::new(fsops::open_file(&self.meta, b"manifest")?)?;
+            let path = self.meta_path.join("manifest");
+            let mut old = ManifestReader::new(fsops::open_file(&self.meta, b"manifest")?, &path)?;
             for _ in 0..self.unwritten {
-                let e = old
-                    .next_entry()?
-                    .ok_or_else(|| anyhow!("the last manifest ended early"))?;
+                let e = old.next_entry()?.ok_or_else(|| {
+                    anyhow!(
+                        "the manifest {} ended early (is it damaged?)",
+                        path.display()
+                    )
+                })?;
                 new.push(&e)?;
             }
         }
@@ -484,7 +495,14 @@ impl BackupReceiver {
                                 o.hash
                             }
                             // Written by an interrupted run, so not in the manifest yet.
-                            _ => hash_file(&fsops::open_file(parent_raw, &name)?)?,
+                            _ => fsops::open_file(parent_raw, &name)
+                                .and_then(|f| hash_file(&f))
+                                .with_context(|| {
+                                    format!(
+                                        "cannot read the stored copy of {:?}",
+                                        String::from_utf8_lossy(&e.path)
+                                    )
+                                })?,
                         };
                         self.push_ready(ManifestEntry { entry: e, hash }, old.as_ref())?;
                         return Ok(None);
@@ -560,7 +578,12 @@ impl BackupReceiver {
         let mut off = 0u64;
         while off < t.basis_len {
             let want = IO_CHUNK.min((t.basis_len - off) as usize);
-            let n = basis.read_at(&mut buf[..want], off)?;
+            let n = basis.read_at(&mut buf[..want], off).with_context(|| {
+                format!(
+                    "cannot read the stored copy of {:?}",
+                    String::from_utf8_lossy(&t.entry.path)
+                )
+            })?;
             if n == 0 {
                 break;
             }
@@ -599,10 +622,11 @@ impl BackupReceiver {
         };
         let basis_len = if t.basis.is_some() { t.basis_len } else { 0 };
         apply_ops(raw, basis_len, limit, &mut sink).map_err(|e| {
-            anyhow!(
-                "bad delta for {:?}: {e}",
-                String::from_utf8_lossy(&t.entry.path)
-            )
+            let path = String::from_utf8_lossy(&t.entry.path);
+            match e {
+                SinkError::Io(e) => anyhow!("cannot store {path:?}: {e}"),
+                e => anyhow!("bad delta for {path:?}: {e}"),
+            }
         })?;
         let (pos, matched, literal, clone_after) =
             (sink.pos, sink.matched, sink.literal, sink.clone_ok);
@@ -749,10 +773,10 @@ impl BackupReceiver {
         let new_file = new.finish()?;
         self.old = PeekableManifest::new(ManifestReader::empty())?;
         if self.needs_sweep {
-            let mut manifest = PeekableManifest::new(ManifestReader::new(fsops::open_file(
-                &self.meta,
-                b"manifest.new",
-            )?)?)?;
+            let mut manifest = PeekableManifest::new(ManifestReader::new(
+                fsops::open_file(&self.meta, b"manifest.new")?,
+                &self.meta_path.join("manifest.new"),
+            )?)?;
             let mut deleted = 0;
             remove_stale(&self.current, &[], true, &mut manifest, &mut deleted)?;
             self.stats.deleted = deleted;
@@ -910,24 +934,33 @@ struct FileSink<'a> {
     buf: Vec<u8>,
 }
 
+/// Why a delta could not be applied.
 #[derive(Debug)]
-struct SinkError(anyhow::Error);
+enum SinkError {
+    /// The delta itself is wrong (the client's fault).
+    Bad(String),
+    /// Reading the stored copy or writing the new one failed (the store's).
+    Io(io::Error),
+}
 
 impl From<DeltaError> for SinkError {
     fn from(e: DeltaError) -> Self {
-        SinkError(anyhow!("{e}"))
+        SinkError::Bad(e.to_string())
     }
 }
 
 impl std::fmt::Display for SinkError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#}", self.0)
+        match self {
+            SinkError::Bad(e) => write!(f, "{e}"),
+            SinkError::Io(e) => write!(f, "{e}"),
+        }
     }
 }
 
 impl From<io::Error> for SinkError {
     fn from(e: io::Error) -> Self {
-        SinkError(e.into())
+        SinkError::Io(e)
     }
 }
 
@@ -937,7 +970,7 @@ impl PatchSink for FileSink<'_> {
     fn copy(&mut self, offset: u64, len: u64) -> Result<(), SinkError> {
         let basis = self
             .basis
-            .ok_or_else(|| SinkError(anyhow!("copy without a basis")))?;
+            .ok_or_else(|| SinkError::Bad("copy without a basis".into()))?;
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(IO_CHUNK as u64) as usize;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use crate::enrol;
 use crate::serve::{serve, Access, ServeConfig};
 
-/// byteback's server: launched by sshd for a client's key, or by the client over pipes.
+/// byteback's server: launched by sshd for a client's key, or by the client for a local store.
 #[derive(Debug, Parser)]
 #[command(name = "byteback-server", version)]
 pub struct Cli {

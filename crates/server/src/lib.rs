@@ -2,7 +2,7 @@
 //! serving listings and restores.
 //!
 //! `byteback-server serve` runs [`serve::serve`] on stdin/stdout; the client
-//! spawns the same binary over pipes for a local store, so both transports run
+//! spawns the same binary for a local store, so both transports run
 //! one code path.
 #![deny(missing_docs)]
 

@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::Path;
 
 use byteback_protocol::limits::MAX_FRAME;
 use byteback_protocol::{compare_paths, ManifestEntry};
@@ -21,6 +22,14 @@ fn corrupt(msg: impl Into<String>) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
         format!("manifest: {}", msg.into()),
+    )
+}
+
+/// A damaged manifest, named.
+fn damaged(name: &str, msg: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("the manifest {name} is damaged: {msg}"),
     )
 }
 
@@ -74,24 +83,34 @@ impl ManifestWriter {
     }
 }
 
-/// Streams entries from a manifest file, validating each.
+/// Streams entries from a manifest file, validating each. A manifest that
+/// ends anywhere but after a whole entry at the end of its compressed
+/// stream (truncated), or holds anything odd, is an error that names the
+/// file; so is an I/O error reading it.
 pub struct ManifestReader {
     dec: Option<zstd::stream::read::Decoder<'static, BufReader<BufReader<File>>>>,
     last: Option<Vec<u8>>,
+    /// The file, for messages.
+    name: String,
 }
 
 impl ManifestReader {
-    /// Opens a manifest; checks its magic.
-    pub fn new(file: File) -> io::Result<Self> {
+    /// Opens a manifest; checks its magic. `path` names it in errors.
+    pub fn new(file: File, path: &Path) -> io::Result<Self> {
+        let name = path.display().to_string();
         let mut r = BufReader::with_capacity(256 << 10, file);
         let mut magic = [0u8; 8];
-        r.read_exact(&mut magic).map_err(|_| corrupt("too short"))?;
+        r.read_exact(&mut magic).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => damaged(&name, "too short"),
+            _ => named(&name, e),
+        })?;
         if &magic != MAGIC {
-            return Err(corrupt("bad magic"));
+            return Err(damaged(&name, "bad magic"));
         }
         Ok(ManifestReader {
-            dec: Some(zstd::stream::read::Decoder::new(r)?),
+            dec: Some(zstd::stream::read::Decoder::new(r).map_err(|e| named(&name, e))?),
             last: None,
+            name,
         })
     }
 
@@ -100,42 +119,83 @@ impl ManifestReader {
         ManifestReader {
             dec: None,
             last: None,
+            name: String::new(),
         }
     }
 
     /// Next entry, `Ok(None)` at the end.
     pub fn next_entry(&mut self) -> io::Result<Option<ManifestEntry>> {
+        let r = self.read_entry();
+        if r.is_err() {
+            // Nothing after an error can be trusted.
+            self.dec = None;
+        }
+        r
+    }
+
+    fn read_entry(&mut self) -> io::Result<Option<ManifestEntry>> {
+        let name = &self.name;
         let Some(dec) = self.dec.as_mut() else {
             return Ok(None);
         };
+        // The stream may end only between two entries, and only where its
+        // compressed frame ends: zstd reports a frame cut short as an
+        // unexpected end, which is a truncated manifest, not its end.
         let mut len = [0u8; 4];
-        match dec.read_exact(&mut len) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                self.dec = None;
-                return Ok(None);
+        let mut got = 0;
+        while got < len.len() {
+            match dec.read(&mut len[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(read_error(name, e)),
             }
-            Err(e) => return Err(e),
+        }
+        if got == 0 {
+            self.dec = None;
+            return Ok(None);
+        }
+        if got < len.len() {
+            return Err(damaged(name, "truncated (it ends inside an entry)"));
         }
         let len = u32::from_le_bytes(len) as usize;
         if len > MAX_FRAME {
-            return Err(corrupt("entry too large"));
+            return Err(damaged(name, "entry too large"));
         }
         let mut buf = vec![0u8; len];
-        dec.read_exact(&mut buf).map_err(|_| corrupt("truncated"))?;
-        let (e, used): (ManifestEntry, usize) = bincode::serde::decode_from_slice(&buf, config())
-            .map_err(|e| corrupt(e.to_string()))?;
+        dec.read_exact(&mut buf).map_err(|e| read_error(name, e))?;
+        let (e, used): (ManifestEntry, usize) =
+            bincode::serde::decode_from_slice(&buf, config()).map_err(|e| damaged(name, e))?;
         if used != len {
-            return Err(corrupt("trailing bytes"));
+            return Err(damaged(name, "trailing bytes"));
         }
-        e.entry.validate().map_err(|e| corrupt(e.to_string()))?;
+        e.entry.validate().map_err(|e| damaged(name, e))?;
         if let Some(last) = &self.last {
             if compare_paths(last, &e.entry.path) != std::cmp::Ordering::Less {
-                return Err(corrupt("entries out of order"));
+                return Err(damaged(name, "entries out of order"));
             }
         }
         self.last = Some(e.entry.path.clone());
         Ok(Some(e))
+    }
+}
+
+/// An I/O error reading the manifest `name`, named.
+fn named(name: &str, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("cannot read the manifest {name}: {e}"))
+}
+
+/// An error from the decompressed stream: the end of the data where more was
+/// due, or bad compressed data, is damage; anything else an I/O error.
+fn read_error(name: &str, e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => {
+            damaged(name, "truncated (its compressed stream ends early)")
+        }
+        io::ErrorKind::Other | io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput => {
+            damaged(name, e)
+        }
+        _ => named(name, e),
     }
 }
 
@@ -210,7 +270,8 @@ mod tests {
         assert!(w.push(&me("b")).is_err());
         w.finish().unwrap();
         let mut r =
-            PeekableManifest::new(ManifestReader::new(File::open(&p).unwrap()).unwrap()).unwrap();
+            PeekableManifest::new(ManifestReader::new(File::open(&p).unwrap(), &p).unwrap())
+                .unwrap();
         assert_eq!(r.seek(b"a/c").unwrap().unwrap().entry.path, b"a/c");
         assert!(r.seek(b"a.a").unwrap().is_none());
         assert_eq!(r.seek(b"z").unwrap().unwrap().entry.path, b"z");
@@ -218,11 +279,57 @@ mod tests {
     }
 
     #[test]
+    fn a_truncated_manifest_is_an_error_naming_it_never_a_shorter_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("manifest");
+        let mut w = ManifestWriter::new(File::create(&p).unwrap()).unwrap();
+        let n = 20_000;
+        for i in 0..n {
+            let mut e = me(&format!("d/{i:06}"));
+            e.hash = [i as u8; 32];
+            w.push(&e).unwrap();
+        }
+        w.finish().unwrap();
+        let full = std::fs::read(&p).unwrap();
+        let read_all = |bytes: &[u8]| -> io::Result<usize> {
+            let q = dir.path().join("cut");
+            std::fs::write(&q, bytes).unwrap();
+            let mut r = ManifestReader::new(File::open(&q).unwrap(), &q)?;
+            let mut count = 0;
+            while r.next_entry()?.is_some() {
+                count += 1;
+            }
+            Ok(count)
+        };
+        assert_eq!(read_all(&full).unwrap(), n);
+        let len = full.len();
+        for cut in [
+            0,
+            5,
+            8,
+            9,
+            12,
+            len / 4,
+            len / 2,
+            len * 3 / 4,
+            len - 4,
+            len - 1,
+        ] {
+            let e = read_all(&full[..cut]).expect_err(&format!("cut at {cut} of {len}"));
+            let msg = e.to_string();
+            assert!(
+                msg.contains("cut") && msg.contains("damaged"),
+                "cut at {cut}: {msg}"
+            );
+        }
+    }
+
+    #[test]
     fn garbage_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m");
         std::fs::write(&p, b"BBMF0001garbage-garbage").unwrap();
-        let mut r = ManifestReader::new(File::open(&p).unwrap()).unwrap();
+        let mut r = ManifestReader::new(File::open(&p).unwrap(), &p).unwrap();
         assert!(r.next_entry().is_err());
     }
 }

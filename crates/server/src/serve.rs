@@ -1,6 +1,6 @@
 //! One protocol session over any pair of byte streams.
 //!
-//! The same code serves a local client over pipes and a remote one under
+//! The same code serves a local client (over a socket pair) and a remote one under
 //! sshd: it reads frames from `input`, checks each against the session state,
 //! acts, and writes replies to `output`, which carries nothing but the protocol.
 
@@ -17,7 +17,7 @@ use byteback_protocol::{
 use crate::backup::{BackupReceiver, TransferResult};
 use crate::config::StoreConfig;
 use crate::manifest::ManifestReader;
-use crate::store::{disk_path, Store, META_DIR};
+use crate::store::{disk_path, Store, META_DIR, META_DIR_NAME};
 use crate::{fsops, time};
 
 /// Which requests a session may make (from the forced command's verb).
@@ -75,7 +75,10 @@ pub fn serve<R: Read, W: Write>(cfg: &ServeConfig, input: R, output: W) -> Resul
         output: BufWriter::with_capacity(1 << 20, output),
         session: ServerSession::new(),
     };
-    let result = run(cfg, &mut conn);
+    // A panic (a bug) still ends the session with an Error frame, so the
+    // client hears why rather than only seeing the connection close.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cfg, &mut conn)))
+        .unwrap_or_else(|_| Err(anyhow!("internal error in byteback-server (see its log)")));
     if let Err(e) = &result {
         let message: String = format!("{e:#}")
             .chars()
@@ -125,7 +128,16 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
                 let host = store.host(&cfg.host, false)?;
                 let snap = host.open_snapshot(&snapshot)?;
                 let meta = fsops::open_dir(&snap, META_DIR)?;
-                let mut reader = ManifestReader::new(fsops::open_file(&meta, b"manifest")?)?;
+                let path = host
+                    .path
+                    .join(&snapshot)
+                    .join(META_DIR_NAME)
+                    .join("manifest");
+                let mut reader = ManifestReader::new(
+                    fsops::open_file(&meta, b"manifest")
+                        .with_context(|| format!("cannot open {}", path.display()))?,
+                    &path,
+                )?;
                 let mut part = vec![];
                 while let Some(e) = reader.next_entry()? {
                     part.push(e);

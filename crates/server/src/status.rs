@@ -10,7 +10,7 @@ use crate::fsops;
 use crate::manifest::ManifestReader;
 use crate::pruner;
 use crate::space::{self, Space};
-use crate::store::{Store, META_DIR};
+use crate::store::{Store, META_DIR, META_DIR_NAME};
 
 /// One host's line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +49,8 @@ fn manifest_size(store: &Store, host: &str, snapshot: &str) -> Option<u64> {
     let h = store.host(host, false).ok()?;
     let snap = h.open_snapshot(snapshot).ok()?;
     let meta = fsops::open_dir(&snap, META_DIR).ok()?;
-    let mut r = ManifestReader::new(fsops::open_file(&meta, b"manifest").ok()?).ok()?;
+    let path = h.path.join(snapshot).join(META_DIR_NAME).join("manifest");
+    let mut r = ManifestReader::new(fsops::open_file(&meta, b"manifest").ok()?, &path).ok()?;
     let mut total = 0u64;
     while let Some(e) = r.next_entry().ok()? {
         if let byteback_protocol::Kind::File { size } = e.entry.kind {

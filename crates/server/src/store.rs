@@ -19,7 +19,9 @@ use rustix::fs::{FileType, Mode, OFlags};
 use crate::{btrfs, fsops, time};
 
 /// Name of the reserved directory inside `current` (manifest, temp files).
-pub const META_DIR: &[u8] = b".byteback";
+pub const META_DIR: &[u8] = META_DIR_NAME.as_bytes();
+/// [`META_DIR`] as text, for paths in messages.
+pub const META_DIR_NAME: &str = ".byteback";
 /// Prefix that escapes client top-level names which start with `.byteback`.
 const ESCAPE: &[u8] = b".byteback-";
 

@@ -27,7 +27,7 @@ use byteback_protocol::{compare_paths, Kind, ManifestEntry};
 
 use crate::fsops;
 use crate::manifest::ManifestReader;
-use crate::store::{disk_path, HostStore, Store, META_DIR};
+use crate::store::{disk_path, HostStore, Store, META_DIR, META_DIR_NAME};
 
 /// The state file in each host directory.
 pub const STATE: &[u8] = b".byteback-verify";
@@ -285,7 +285,9 @@ fn verify_snapshot(
     let snap = host.open_snapshot(name)?;
     let meta = fsops::open_dir(&snap, META_DIR).with_context(|| format!("{name}: no manifest"))?;
     let mf = fsops::open_file(&meta, MANIFEST).with_context(|| format!("{name}: no manifest"))?;
-    let mut reader = ManifestReader::new(mf).with_context(|| format!("{name}: manifest"))?;
+    let shown = host.path.join(name).join(META_DIR_NAME).join("manifest");
+    let mut reader =
+        ManifestReader::new(mf, &shown).with_context(|| format!("{name}: manifest"))?;
     report.snapshots.push(name.to_string());
     let mut damaged_current = vec![];
     let mut finished = true;
