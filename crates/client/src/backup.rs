@@ -864,7 +864,7 @@ fn reader_loop(
                     .cloned()
                     .ok_or_else(|| anyhow!("retry for unknown file {id}"))?;
                 shared.warn(format!(
-                    "{}: failed verification on the server; resending whole",
+                    "{}: the server asked for it again (failed verification, or it made room after a full disc); resending whole",
                     found.abs.display()
                 ));
                 spawn_job(

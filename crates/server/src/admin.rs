@@ -155,6 +155,7 @@ fn prune_inner(args: PruneArgs) -> Result<ExitCode> {
         offset,
         verbose: args.verbose,
         dry_run: args.dry_run,
+        target_free: None,
     };
     let mut err = std::io::stderr().lock();
     let o = pruner::prune(&store, &opts, &mut err)?;

@@ -70,6 +70,11 @@ struct Transfer {
     flushed: u64,
     hasher: FileHasher,
     retried: bool,
+    /// Writing hit "no space left on device": the rest of its data is
+    /// dropped, and its end asks for room and a resend.
+    nospace: bool,
+    /// How often that happened to this file.
+    nospace_rounds: u8,
 }
 
 /// Outcome of a finished transfer, for the reply.
@@ -78,6 +83,18 @@ pub enum TransferResult {
     Ok,
     /// Hash mismatch: resend whole.
     Retry,
+    /// The store ran out of space for it: make room, then resend whole.
+    NoSpace {
+        /// The file's path, for messages.
+        path: String,
+        /// Its size.
+        need: u64,
+    },
+}
+
+/// Whether an I/O error means the filesystem (or a quota) is full.
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 /// State of one backup being received.
@@ -552,6 +569,8 @@ impl BackupReceiver {
                         flushed: 0,
                         hasher: FileHasher::new(),
                         retried: false,
+                        nospace: false,
+                        nospace_rounds: 0,
                     },
                 );
                 Ok(Some((id, has_basis)))
@@ -609,6 +628,9 @@ impl BackupReceiver {
             .transfers
             .get_mut(&id)
             .ok_or_else(|| anyhow!("unknown transfer {id}"))?;
+        if t.nospace {
+            return Ok(()); // dropped: the end of this file asks for a resend
+        }
         let limit = t.entry.size().saturating_sub(t.written);
         let mut sink = FileSink {
             basis: t.basis.as_ref(),
@@ -621,15 +643,27 @@ impl BackupReceiver {
             buf: vec![],
         };
         let basis_len = if t.basis.is_some() { t.basis_len } else { 0 };
-        apply_ops(raw, basis_len, limit, &mut sink).map_err(|e| {
+        let applied = apply_ops(raw, basis_len, limit, &mut sink);
+        let (pos, matched, literal, clone_after) =
+            (sink.pos, sink.matched, sink.literal, sink.clone_ok);
+        if let Err(SinkError::Io(e)) = &applied {
+            if is_no_space(e) {
+                t.nospace = true;
+                // Give its blocks back at once; it is sent again whole.
+                let _ = t.out.set_len(0);
+                return Ok(());
+            }
+        }
+        applied.map_err(|e| {
             let path = String::from_utf8_lossy(&t.entry.path);
             match e {
+                SinkError::Io(e) if is_no_space(&e) => {
+                    anyhow!("no space left on device storing {path:?}: {e}")
+                }
                 SinkError::Io(e) => anyhow!("cannot store {path:?}: {e}"),
                 e => anyhow!("bad delta for {path:?}: {e}"),
             }
         })?;
-        let (pos, matched, literal, clone_after) =
-            (sink.pos, sink.matched, sink.literal, sink.clone_ok);
         t.written = pos;
         if t.written - t.flushed >= WRITEBACK_EVERY {
             start_writeback(&t.out, t.flushed, t.written - t.flushed);
@@ -653,6 +687,22 @@ impl BackupReceiver {
             .transfers
             .get_mut(&id)
             .ok_or_else(|| anyhow!("unknown transfer {id}"))?;
+        if t.nospace {
+            let path = String::from_utf8_lossy(&t.entry.path).into_owned();
+            t.nospace_rounds += 1;
+            if t.nospace_rounds > 3 {
+                bail!(
+                    "no space left on device storing {path:?}, even after making room three times"
+                );
+            }
+            t.nospace = false;
+            t.basis = None;
+            t.written = 0;
+            t.flushed = 0;
+            t.hasher = FileHasher::new();
+            t.out.set_len(0)?;
+            return Ok(TransferResult::NoSpace { path, need: size });
+        }
         let ok = t.written == size && t.hasher.finish() == hash;
         if !ok {
             if !t.retried {

@@ -48,6 +48,9 @@ pub struct PruneOptions {
     pub verbose: bool,
     /// Only report what would be deleted.
     pub dry_run: bool,
+    /// Make this many bytes free (a backup ran out of space): prune from
+    /// whatever free space there is, whatever the snapshots' age, until then.
+    pub target_free: Option<u64>,
 }
 
 /// What a prune run did.
@@ -252,7 +255,11 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
     if opts.verbose {
         writeln!(log, "byteback-prune: {before}")?;
     }
-    if !opts.force && before.percent_free() >= f64::from(opts.minpercent) {
+    let roomy = match opts.target_free {
+        Some(t) => before.free >= t,
+        None => before.percent_free() >= f64::from(opts.minpercent),
+    };
+    if !opts.force && roomy {
         if opts.verbose {
             writeln!(
                 log,
@@ -266,7 +273,10 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         return Ok(out);
     }
     let mut snapshots = all_snapshots(store)?;
-    if !opts.force && !snapshots.iter().any(|s| s.time < opts.now - MIN_AGE) {
+    if !opts.force
+        && opts.target_free.is_none()
+        && !snapshots.iter().any(|s| s.time < opts.now - MIN_AGE)
+    {
         out.refused = Some("no snapshot is older than 7 days; not pruning".into());
         return Ok(out);
     }
@@ -322,7 +332,10 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         }
         out.after = space::measure(store.fd())?;
         writeln!(log, "byteback-prune: deleted {victim}, now {}", out.after)?;
-        let enough = out.after.percent_free() > f64::from(opts.maxpercent);
+        let enough = match opts.target_free {
+            Some(t) => out.after.free >= t,
+            None => out.after.percent_free() > f64::from(opts.maxpercent),
+        };
         if enough || (opts.force && before.percent_free() >= f64::from(opts.minpercent)) {
             break;
         }
@@ -342,6 +355,7 @@ pub fn after_snapshot(store: &Store, cfg: &crate::config::StoreConfig, now: i64)
         offset: time::local_offset(now),
         verbose: false,
         dry_run: false,
+        target_free: None,
     };
     let mut err = std::io::stderr().lock();
     match prune(store, &opts, &mut err) {
@@ -356,4 +370,67 @@ pub fn after_snapshot(store: &Store, cfg: &crate::config::StoreConfig, now: i64)
             let _ = writeln!(err, "byteback-server: prune failed: {e:#}");
         }
     }
+}
+
+/// A backup ran out of space writing `path` (`need` bytes): deletes
+/// snapshots by importance, under the usual rules (never a host's newest,
+/// the growth guard holds; the 7-day rule gives way), until `need` plus a
+/// margin is free. Fails, saying how much is missing and what
+/// `byteback-prune --prune-force` would delete, when nothing may go.
+pub fn make_room(
+    store: &Store,
+    cfg: &crate::config::StoreConfig,
+    now: i64,
+    need: u64,
+    path: &str,
+) -> Result<()> {
+    const MARGIN: u64 = 64 << 20;
+    let target = need.saturating_add(MARGIN);
+    let opts = PruneOptions {
+        minpercent: cfg.minpercent,
+        maxpercent: cfg.maxpercent,
+        force: false,
+        order: Order::Importance,
+        now,
+        offset: time::local_offset(now),
+        verbose: false,
+        dry_run: false,
+        target_free: Some(target),
+    };
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(
+        err,
+        "byteback-server: no space left on device writing {path:?} ({need} bytes); pruning to make room"
+    );
+    let out = prune(store, &opts, &mut err)?;
+    if !out.deleted.is_empty() || out.after.free >= target {
+        let _ = writeln!(
+            err,
+            "byteback-server: made room: deleted {} snapshots, {}",
+            out.deleted.len(),
+            out.after
+        );
+        return Ok(());
+    }
+    let snapshots = all_snapshots(store)?;
+    let order = prune_order(&snapshots, now, opts.offset, Order::Importance);
+    let mut would = vec![];
+    let mut left = order.clone();
+    while let Some(v) = next_to_delete(&left, |_| true).cloned() {
+        would.push(v.to_string());
+        left.retain(|s| *s != v);
+    }
+    let would = if would.is_empty() {
+        "nothing (every host is down to its newest snapshot)".to_string()
+    } else {
+        would.join(", ")
+    };
+    anyhow::bail!(
+        "no space left on device: {path:?} needs {need} bytes and the store has {} free ({}); \
+         {}. byteback-prune --prune-force would delete, in order: {would}",
+        out.after.free,
+        out.after,
+        out.refused
+            .unwrap_or_else(|| "pruning freed nothing".into())
+    )
 }

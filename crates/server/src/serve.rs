@@ -212,6 +212,11 @@ fn backup<R: Read, W: Write>(
             } => match rx.end(id, size, hash, (mtime_sec, mtime_nsec))? {
                 TransferResult::Ok => conn.send(&ServerMsg::FileOk { id })?,
                 TransferResult::Retry => conn.send(&ServerMsg::FileRetry { id })?,
+                TransferResult::NoSpace { path, need } => {
+                    let now = cfg.now.unwrap_or_else(time::now);
+                    crate::pruner::make_room(store, &config, now, need, &path)?;
+                    conn.send(&ServerMsg::FileRetry { id })?;
+                }
             },
             ClientMsg::FileAbort { id } => {
                 rx.abort(id)?;

@@ -1,0 +1,162 @@
+//! A full disc resolves itself: a backup that runs out of space makes the
+//! server prune by importance (never a host's newest snapshot) and carries
+//! on; when nothing may be deleted it fails saying so, and a later, smaller
+//! backup succeeds. Real btrfs on a loop device, days simulated with `--now`.
+
+mod util;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use byteback_server::time::format_name;
+use util::*;
+
+const DAY: i64 = 86_400;
+const T0: i64 = 1_780_000_000;
+
+fn rfc3339(t: i64) -> String {
+    let n = format_name(t, 0);
+    format!("{}:{:02}Z", &n[..16], t.rem_euclid(60))
+}
+
+struct Rig {
+    wrapper: PathBuf,
+    store: PathBuf,
+}
+
+impl Rig {
+    fn new(dir: &Path, store: PathBuf) -> Rig {
+        let wrapper = dir.join("server-at-now");
+        fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec '{}' \"$@\" --now \"$BYTEBACK_TEST_NOW\"\n",
+                bin("byteback-server").display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::create_dir_all(&store).unwrap();
+        fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+        Rig { wrapper, store }
+    }
+
+    fn backup(&self, src: &Path, host: &str, now: i64) -> Output {
+        run_status(
+            Command::new(bin("byteback-backup"))
+                .env("BYTEBACK_SERVER", &self.wrapper)
+                .env("BYTEBACK_TEST_NOW", rfc3339(now))
+                .env("TZ", "UTC")
+                .arg("--destination")
+                .arg(&self.store)
+                .arg("--source")
+                .arg(src)
+                .args(["--hostname", host, "--retry-number", "0"]),
+        )
+    }
+
+    fn snapshots(&self, host: &str) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.store.join(host))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Replaces the source's content with one incompressible file of `mib` MiB.
+fn fill(src: &Path, name: &str, mib: usize, seed: u64) {
+    for e in fs::read_dir(src).unwrap() {
+        fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    fs::write(src.join(name), Rng::new(seed).bytes(mib << 20)).unwrap();
+}
+
+#[test]
+fn a_backup_that_does_not_fit_prunes_old_snapshots_and_succeeds() {
+    if !require_root("btrfs loop filesystem") {
+        return;
+    }
+    let fs_ = BtrfsLoop::new(400);
+    let d = scratch();
+    let rig = Rig::new(d.path(), fs_.mount.join("store"));
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    // Three daily snapshots, each holding its own 70 MiB file.
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        fill(&src, name, 70, i as u64);
+        let o = rig.backup(&src, "h", T0 + i as i64 * DAY);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    }
+    let before = rig.snapshots("h");
+    assert_eq!(before.len(), 3);
+    // A 150 MiB file does not fit beside them until older snapshots go.
+    fill(&src, "big", 150, 9);
+    let o = rig.backup(&src, "h", T0 + 3 * DAY);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("no space left on device"), "{out}");
+    assert!(out.contains("made room"), "{out}");
+    let after = rig.snapshots("h");
+    assert!(
+        after.contains(&before[2]),
+        "the newest snapshot was deleted: {after:?}"
+    );
+    assert!(after.len() < 4, "nothing was pruned: {after:?}");
+    let newest = after.last().unwrap();
+    let stored = rig
+        .store
+        .join("h")
+        .join(newest)
+        .join(src.strip_prefix("/").unwrap())
+        .join("big");
+    assert_eq!(
+        fs::read(&stored).unwrap(),
+        fs::read(src.join("big")).unwrap()
+    );
+}
+
+#[test]
+fn with_nothing_to_delete_it_fails_clearly_and_a_smaller_backup_then_succeeds() {
+    if !require_root("btrfs loop filesystem") {
+        return;
+    }
+    let fs_ = BtrfsLoop::new(300);
+    let d = scratch();
+    let rig = Rig::new(d.path(), fs_.mount.join("store"));
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fill(&src, "a", 100, 1);
+    let o = rig.backup(&src, "h", T0);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // Only the newest snapshot exists: nothing may be deleted for this.
+    fill(&src, "huge", 260, 2);
+    let o = rig.backup(&src, "h", T0 + DAY);
+    let out = text(&o);
+    assert_ne!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("no space left on device"), "{out}");
+    assert!(
+        out.contains("byteback-prune --prune-force would delete"),
+        "{out}"
+    );
+    assert_eq!(rig.snapshots("h").len(), 1);
+    // A smaller source fits again.
+    fill(&src, "small", 20, 3);
+    let o = rig.backup(&src, "h", T0 + 2 * DAY);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(rig.snapshots("h").len(), 2);
+}
