@@ -79,6 +79,7 @@ impl Stage {
         let dir = scratch();
         fs::create_dir(dir.path().join("outside")).unwrap();
         fs::create_dir(dir.path().join("work")).unwrap();
+        fs::create_dir(dir.path().join("store")).unwrap();
         let sentinel = Sentinel::plant(&dir.path().join("outside"));
         Stage { dir, sentinel }
     }

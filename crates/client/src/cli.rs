@@ -175,7 +175,9 @@ impl Target {
     /// Opens a connection; `verb` tells an SSH server what this session is for.
     fn connect(&self, verb: &str) -> Result<Connection> {
         match &self.dest {
-            Destination::Local(store) => Connection::open_local(store, &self.host),
+            Destination::Local(store) => {
+                Connection::open_local(store, &self.host, verb == "backup")
+            }
             Destination::Ssh { user, host, port } => {
                 let target = SshTarget {
                     user: user.clone().unwrap_or_else(|| DEFAULT_SSH_USER.into()),

@@ -361,9 +361,19 @@ pub struct Connection {
 
 impl Connection {
     /// Spawns `byteback-server serve` for a local store over a socket pair.
-    pub fn open_local(store: &Path, host: &str) -> Result<Self> {
-        std::fs::create_dir_all(store)
-            .with_context(|| format!("cannot create store {}", store.display()))?;
+    ///
+    /// Only a backup (`create`) makes a missing store; listing and restoring
+    /// from a store that does not exist is an error, so a typo creates nothing.
+    pub fn open_local(store: &Path, host: &str, create: bool) -> Result<Self> {
+        if create {
+            std::fs::create_dir_all(store)
+                .with_context(|| format!("cannot create store {}", store.display()))?;
+        } else if !store.is_dir() {
+            bail!(crate::cli::Usage(format!(
+                "no store at {} (is --destination right?)",
+                store.display()
+            )));
+        }
         let bin = server_binary();
         // A socket pair rather than two pipes: shutting our end down wakes
         // every blocked read and write at once, whoever else holds the other
