@@ -179,7 +179,14 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
     let o = verify(&store, &["--snapshot", &s2]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 
-    // A restore from the damaged snapshot reports the file, removes it and
+    // A stored file the server cannot open at all (here: a directory in its
+    // place) ends short; the restore reports it too and goes on.
+    set_read_only(&snap_path, false);
+    let b = stored(&store, &s1, &src, "b");
+    fs::remove_file(&b).unwrap();
+    fs::create_dir(&b).unwrap();
+    set_read_only(&snap_path, true);
+    // A restore from the damaged snapshot reports the files, removes them and
     // restores everything else.
     let into = work.path().join("restore");
     fs::create_dir_all(&into).unwrap();

@@ -585,7 +585,9 @@ impl BackupReceiver {
             .ok_or_else(|| anyhow!("unknown transfer {id}"))
     }
 
-    /// Signature of the basis of transfer `id`.
+    /// Signature of the basis of transfer `id`. A stored copy that cannot be
+    /// read is dropped as a basis (with a warning): the client then sends
+    /// the whole file, so an unreadable stored file is resent, never fatal.
     pub fn signature(&mut self, id: u32) -> Result<Vec<u8>> {
         let t = self.transfer(id)?;
         let basis = t
@@ -597,12 +599,18 @@ impl BackupReceiver {
         let mut off = 0u64;
         while off < t.basis_len {
             let want = IO_CHUNK.min((t.basis_len - off) as usize);
-            let n = basis.read_at(&mut buf[..want], off).with_context(|| {
-                format!(
-                    "cannot read the stored copy of {:?}",
-                    String::from_utf8_lossy(&t.entry.path)
-                )
-            })?;
+            let n = match basis.read_at(&mut buf[..want], off) {
+                Ok(n) => n,
+                Err(e) => {
+                    let path = String::from_utf8_lossy(&t.entry.path).into_owned();
+                    t.basis = None;
+                    t.basis_len = 0;
+                    self.warnings.push(format!(
+                        "{path}: cannot read the stored copy ({e}); sent again whole"
+                    ));
+                    return Ok(SignatureBuilder::new(0).finish().0);
+                }
+            };
             if n == 0 {
                 break;
             }

@@ -153,28 +153,46 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
             ClientMsg::ReadFile { snapshot, path } => {
                 let host = store.host(&cfg.host, false)?;
                 let snap = host.open_snapshot(&snapshot)?;
-                let f = fsops::open_file(&snap, &disk_path(&path)).with_context(|| {
-                    format!(
-                        "cannot open {:?} in {snapshot}",
-                        String::from_utf8_lossy(&path)
-                    )
-                })?;
-                let mut r = BufReader::with_capacity(1 << 20, f);
-                let mut buf = vec![0u8; (1 << 20).min(MAX_CHUNK)];
-                loop {
-                    let n = crate::backup::read_full(&mut r, &mut buf)?;
-                    if n == 0 {
-                        break;
+                // A stored file that cannot be opened or read ends early:
+                // the client finds it short, reports it damaged and goes on
+                // with the rest of the restore.
+                let shown = String::from_utf8_lossy(&path).into_owned();
+                match fsops::open_file(&snap, &disk_path(&path)) {
+                    Ok(f) => {
+                        if let Err(e) = send_file(conn, f) {
+                            match e.downcast_ref::<std::io::Error>() {
+                                Some(io) => eprintln!(
+                                    "byteback-server: cannot read {shown:?} in {snapshot}: {io}; sent what could be read"
+                                ),
+                                None => return Err(e),
+                            }
+                        }
                     }
-                    conn.send(&ServerMsg::FilePart(Compressed::compress(&buf[..n], 1)?))?;
-                    if r.fill_buf()?.is_empty() {
-                        break;
+                    Err(e) => {
+                        eprintln!("byteback-server: cannot open {shown:?} in {snapshot}: {e}")
                     }
                 }
                 conn.send(&ServerMsg::FileDone)?;
             }
             ClientMsg::Bye => return Ok(()),
             m => bail!("unexpected {}", m.name()),
+        }
+    }
+}
+
+/// Streams a stored file's content as `FilePart`s; a read error comes back
+/// as an `io::Error` (what was read by then has been sent).
+fn send_file<R: Read, W: Write>(conn: &mut Conn<R, W>, f: std::fs::File) -> Result<()> {
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut buf = vec![0u8; (1 << 20).min(MAX_CHUNK)];
+    loop {
+        let n = crate::backup::read_full(&mut r, &mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        conn.send(&ServerMsg::FilePart(Compressed::compress(&buf[..n], 1)?))?;
+        if r.fill_buf()?.is_empty() {
+            return Ok(());
         }
     }
 }
