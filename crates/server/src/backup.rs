@@ -46,6 +46,61 @@ const IO_CHUNK: usize = 1 << 20;
 const WRITEBACK_EVERY: u64 = 8 << 20;
 /// Marker in `.byteback`: `current` matches its manifest exactly.
 const CLEAN: &[u8] = b"clean";
+/// The manifest of `current`, in `.byteback`.
+const MANIFEST: &[u8] = b"manifest";
+/// A damaged manifest set aside; the next backup recovers one.
+const DAMAGED: &[u8] = b"manifest.damaged";
+
+/// Sets a damaged manifest of `current` aside (and drops the clean marker),
+/// so the next backup starts from a recovered one instead of failing again.
+pub fn set_aside_manifest(meta: impl AsFd) -> Result<()> {
+    fsops::remove_any(&meta, CLEAN)?;
+    rustix::fs::renameat(&meta, "manifest", &meta, "manifest.damaged")?;
+    fsops::fsync(&meta)?;
+    Ok(())
+}
+
+/// Puts a manifest back into `current` after its own was found damaged:
+/// the newest snapshot's (checked to read whole), else none. Files changed
+/// since that snapshot differ from it and are sent again; without any
+/// manifest every file is. Returns the warning to give.
+fn recover_manifest(host: &HostStore, meta: impl AsFd, manifest_path: &std::path::Path) -> String {
+    let shown = manifest_path.display();
+    let from_snapshot = || -> Result<String> {
+        let (name, _) = host
+            .snapshots()?
+            .pop()
+            .ok_or_else(|| anyhow!("there is no snapshot"))?;
+        let snap = host.open_snapshot(&name)?;
+        let smeta = fsops::open_dir(&snap, META_DIR)?;
+        let spath = host
+            .path
+            .join(&name)
+            .join(crate::store::META_DIR_NAME)
+            .join("manifest");
+        let mut check = ManifestReader::new(fsops::open_file(&smeta, MANIFEST)?, &spath)?;
+        while check.next_entry()?.is_some() {}
+        let mut src = fsops::open_file(&smeta, MANIFEST)?;
+        fsops::remove_any(&meta, b"manifest.new")?;
+        let mut dst = fsops::create_new(&meta, b"manifest.new")?;
+        io::copy(&mut src, &mut dst)?;
+        dst.sync_all()?;
+        fsops::replace(&meta, b"manifest.new", &meta, MANIFEST)?;
+        Ok(name)
+    };
+    let msg = match from_snapshot() {
+        Ok(name) => format!(
+            "the manifest {shown} was damaged; recovered from snapshot {name}'s (files changed since are sent again)"
+        ),
+        Err(e) => format!(
+            "the manifest {shown} was damaged and no snapshot's could replace it ({e:#}); every file is sent again"
+        ),
+    };
+    let _ = fsops::remove_any(&meta, DAMAGED);
+    let _ = fsops::fsync(&meta);
+    eprintln!("byteback-server: warning: {msg}");
+    msg
+}
 
 enum Slot {
     Ready(ManifestEntry),
@@ -178,14 +233,37 @@ impl BackupReceiver {
         let tmp = fsops::open_dir(&meta, b"tmp")?;
         let meta_path = host.path.join("current").join(META_DIR_NAME);
         let manifest_path = meta_path.join("manifest");
-        let (old, has_manifest) = match fsops::open_file(&meta, b"manifest") {
-            Ok(f) => (ManifestReader::new(f, &manifest_path)?, true),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (ManifestReader::empty(), false),
+        let mut warnings = vec![];
+        if fsops::lstat_at(&meta, DAMAGED)?.is_some() && fsops::lstat_at(&meta, MANIFEST)?.is_none()
+        {
+            warnings.push(recover_manifest(host, &meta, &manifest_path));
+        }
+        let opened = match fsops::open_file(&meta, MANIFEST) {
+            Ok(f) => Some(ManifestReader::new(f, &manifest_path).and_then(PeekableManifest::new)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => {
                 return Err(e).with_context(|| {
                     format!("cannot open the manifest {}", manifest_path.display())
                 })
             }
+        };
+        let (old, has_manifest) = match opened {
+            Some(Ok(m)) => (m, true),
+            Some(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
+                // Damaged at its start: set aside and recovered at once.
+                set_aside_manifest(&meta)?;
+                warnings.push(format!("{e}"));
+                warnings.push(recover_manifest(host, &meta, &manifest_path));
+                match fsops::open_file(&meta, MANIFEST) {
+                    Ok(f) => (
+                        PeekableManifest::new(ManifestReader::new(f, &manifest_path)?)?,
+                        true,
+                    ),
+                    Err(_) => (PeekableManifest::new(ManifestReader::empty())?, false),
+                }
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => (PeekableManifest::new(ManifestReader::empty())?, false),
         };
         let marker = fsops::lstat_at(&meta, CLEAN)?.is_some();
         let clean = marker && has_manifest;
@@ -197,7 +275,7 @@ impl BackupReceiver {
             meta,
             meta_path,
             tmp,
-            old: PeekableManifest::new(old)?,
+            old,
             new: None,
             clean,
             marker,
@@ -216,7 +294,7 @@ impl BackupReceiver {
             raw: vec![],
 
             stats: BackupStats::default(),
-            warnings: vec![],
+            warnings,
         };
         if !clean {
             // Leftovers of an interrupted run may be anywhere: the commit
@@ -224,6 +302,16 @@ impl BackupReceiver {
             rx.mark_changed()?;
         }
         Ok(rx)
+    }
+
+    /// Whether reading the old manifest found it damaged.
+    pub fn manifest_damaged(&self) -> bool {
+        self.old.is_damaged()
+    }
+
+    /// Sets the damaged manifest aside so the next backup recovers one.
+    pub fn set_aside_manifest(&self) -> Result<()> {
+        set_aside_manifest(&self.meta)
     }
 
     /// Called before the first change to `current` or to the manifest: takes
@@ -805,7 +893,7 @@ impl BackupReceiver {
 
     /// Commits: removes what the new manifest does not name, syncs, and
     /// atomically replaces the manifest.
-    pub fn commit(mut self) -> Result<BackupStats> {
+    pub fn commit(&mut self) -> Result<BackupStats> {
         if !self.transfers.is_empty() {
             bail!("backup ended with {} transfers open", self.transfers.len());
         }

@@ -203,13 +203,24 @@ fn read_error(name: &str, e: io::Error) -> io::Error {
 pub struct PeekableManifest {
     inner: ManifestReader,
     peeked: Option<ManifestEntry>,
+    /// A read found the manifest damaged (the caller may set it aside).
+    damaged: bool,
 }
 
 impl PeekableManifest {
     /// Wraps a reader.
     pub fn new(mut inner: ManifestReader) -> io::Result<Self> {
         let peeked = inner.next_entry()?;
-        Ok(PeekableManifest { inner, peeked })
+        Ok(PeekableManifest {
+            inner,
+            peeked,
+            damaged: false,
+        })
+    }
+
+    /// Whether a read found the manifest damaged.
+    pub fn is_damaged(&self) -> bool {
+        self.damaged
     }
 
     /// The next entry without consuming it.
@@ -219,7 +230,11 @@ impl PeekableManifest {
 
     /// Consumes the next entry.
     pub fn advance(&mut self) -> io::Result<Option<ManifestEntry>> {
-        let next = self.inner.next_entry()?;
+        let next = self.inner.next_entry().inspect_err(|e| {
+            if e.kind() == io::ErrorKind::InvalidData {
+                self.damaged = true;
+            }
+        })?;
         Ok(std::mem::replace(&mut self.peeked, next))
     }
 

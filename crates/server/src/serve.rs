@@ -207,6 +207,30 @@ fn backup<R: Read, W: Write>(
     let _lock = host.lock()?;
     let mut rx = BackupReceiver::new(&host)?;
     conn.send(&ServerMsg::BackupReady)?;
+    let received = receive(cfg, store, conn, &host, &config, &mut rx);
+    if let Err(e) = received {
+        if rx.manifest_damaged() {
+            return Err(match rx.set_aside_manifest() {
+                Ok(()) => e.context(
+                    "the manifest of current was set aside; the next backup recovers one from the newest snapshot",
+                ),
+                Err(e2) => e.context(format!("and the damaged manifest could not be set aside: {e2:#}")),
+            });
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The message loop of one backup, until the snapshot is taken.
+fn receive<R: Read, W: Write>(
+    cfg: &ServeConfig,
+    store: &Store,
+    conn: &mut Conn<R, W>,
+    host: &crate::store::HostStore,
+    config: &StoreConfig,
+    rx: &mut BackupReceiver,
+) -> Result<()> {
     loop {
         let msg = conn
             .recv()?
@@ -232,7 +256,7 @@ fn backup<R: Read, W: Write>(
                 TransferResult::Retry => conn.send(&ServerMsg::FileRetry { id })?,
                 TransferResult::NoSpace { path, need } => {
                     let now = cfg.now.unwrap_or_else(time::now);
-                    crate::pruner::make_room(store, &config, now, need, &path)?;
+                    crate::pruner::make_room(store, config, now, need, &path)?;
                     conn.send(&ServerMsg::FileRetry { id })?;
                 }
             },
@@ -264,12 +288,12 @@ fn backup<R: Read, W: Write>(
                 conn.output.flush()?;
                 // The client has its result; usage and pruning only log on failure.
                 if let Err(e) =
-                    crate::pruner::record_backup(&host, now, new_bytes, snapshot.as_deref())
+                    crate::pruner::record_backup(host, now, new_bytes, snapshot.as_deref())
                 {
                     eprintln!("byteback-server: cannot record usage: {e:#}");
                 }
                 if snapshot.is_some() {
-                    crate::pruner::after_snapshot(store, &config, now);
+                    crate::pruner::after_snapshot(store, config, now);
                 }
                 return Ok(());
             }
