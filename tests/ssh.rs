@@ -486,6 +486,24 @@ fn host_key_of_another_algorithm_is_a_changed_key() {
         "names the recorded line: {err}"
     );
     assert_eq!(w.snapshots("client-a").len(), 2, "nothing new was stored");
+    // A changed host key is not retried: retrying cannot fix it.
+    let started = Instant::now();
+    let out = run_status(
+        w.client(&client, "byteback-backup")
+            .arg("--source")
+            .arg(&src)
+            .args(["--retry-number", "3", "--retry-delay", "30"]),
+    );
+    let err = stderr(&out);
+    assert!(
+        !out.status.success() && err.contains("HOST KEY CHANGED"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("retrying"),
+        "a changed host key was retried: {err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(25), "{err}");
 
     // Restores refuse it too, before writing anything.
     let into = w.work.path().join("restore");

@@ -266,6 +266,24 @@ impl std::fmt::Display for Usage {
 
 impl std::error::Error for Usage {}
 
+/// An error that retrying cannot fix (a changed or unknown host key, a
+/// refused login): the backup fails at once instead of retrying.
+#[derive(Debug)]
+pub struct Permanent(pub String);
+
+impl std::fmt::Display for Permanent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Permanent {}
+
+/// Whether retrying may help: not for usage, configuration, host-key or login errors.
+pub fn is_transient(e: &anyhow::Error) -> bool {
+    !e.chain().any(|c| c.is::<Usage>() || c.is::<Permanent>())
+}
+
 /// The exit code for an error: 2 for a [`Usage`] error anywhere in its chain, else 1.
 pub fn exit_code_of(e: &anyhow::Error) -> ExitCode {
     if e.chain().any(|c| c.is::<Usage>()) {
@@ -433,16 +451,23 @@ fn transfer(
                 let snapshot = r
                     .snapshot
                     .filter(|n| byteback_protocol::validate_snapshot_name(n).is_ok());
-                if r.vanished > 0 || r.partial > 0 {
+                // As 1.x: files vanishing are normal on a live system (counted,
+                // exit 0); files that could not be read or kept changing: 24.
+                if r.vanished > 0 {
                     eprintln!(
-                        "byteback-backup: partial backup: {} vanished, {} unreadable or changing",
-                        r.vanished, r.partial
+                        "byteback-backup: {} files vanished during the backup (normal on a live system)",
+                        r.vanished
                     );
-                    return Ok((EXIT_PARTIAL, snapshot));
                 }
-                return Ok((0, snapshot));
+                if r.partial > 0 {
+                    eprintln!(
+                        "byteback-backup: partial backup: {} files unreadable or changing",
+                        r.partial
+                    );
+                }
+                return Ok((exit_for(r.vanished, r.partial), snapshot));
             }
-            Err(e) if attempt < args.retry_number => {
+            Err(e) if attempt < args.retry_number && is_transient(&e) => {
                 attempt += 1;
                 eprintln!(
                     "byteback-backup: attempt {attempt} failed: {e:#}; retrying in {} s ({} left)",
@@ -453,6 +478,16 @@ fn transfer(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// A finished backup's exit code, as 1.x: vanished files are normal on a
+/// live system (0); files unreadable or changing while read make it partial (24).
+fn exit_for(_vanished: u64, partial: u64) -> u8 {
+    if partial > 0 {
+        EXIT_PARTIAL
+    } else {
+        0
     }
 }
 
@@ -621,6 +656,22 @@ mod tests {
 
     fn target(dest: &str, host: &str) -> Target {
         Target::resolve(Some(dest), Some(host), None, 10).unwrap()
+    }
+
+    #[test]
+    fn vanished_files_do_not_make_a_backup_partial() {
+        assert_eq!(exit_for(0, 0), 0);
+        assert_eq!(exit_for(12, 0), 0);
+        assert_eq!(exit_for(0, 1), EXIT_PARTIAL);
+        assert_eq!(exit_for(3, 2), EXIT_PARTIAL);
+    }
+
+    #[test]
+    fn only_transient_errors_are_retried() {
+        assert!(is_transient(&anyhow!("the server closed the connection")));
+        assert!(!is_transient(&anyhow!(Usage("--x".into()))));
+        let e = anyhow!(Permanent("HOST KEY CHANGED".into())).context("SSH to x");
+        assert!(!is_transient(&e));
     }
 
     #[test]

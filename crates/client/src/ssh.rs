@@ -23,6 +23,7 @@ use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicK
 use russh::{ChannelMsg, Disconnect};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::cli::Permanent;
 use crate::known_hosts::{self, Verdict};
 
 /// Bytes carried to and from servers over SSH by this process (protocol
@@ -300,14 +301,14 @@ async fn connect(
             (Auth::Key(p), None) => bail!("key {} not loaded", p.display()),
         };
         if !result.success() {
-            bail!(
+            bail!(Permanent(format!(
                 "the server refused to let {} log in ({})",
                 target,
                 match auth {
                     Auth::Key(p) => format!("key {}", p.display()),
                     Auth::Password(_) => "password".to_string(),
                 }
-            );
+            )));
         }
         Ok::<_, anyhow::Error>(handle)
     };
@@ -511,12 +512,12 @@ impl HostKeyCheck {
         let files = known_hosts::load(&self.known_hosts)?;
         match known_hosts::check(&files, &name, &blob) {
             Verdict::Known { .. } => Ok(true),
-            Verdict::Revoked { path, line } => bail!(
+            Verdict::Revoked { path, line } => bail!(Permanent(format!(
                 "REVOKED HOST KEY: {name} presents {}, which is marked @revoked at {}:{line}. \
                  Refusing to connect.",
                 describe_key(key),
                 path.display()
-            ),
+            ))),
             Verdict::Changed { recorded } => {
                 let at = recorded
                     .iter()
@@ -528,12 +529,12 @@ impl HostKeyCheck {
                 } else {
                     ""
                 };
-                bail!(
+                bail!(Permanent(format!(
                     "HOST KEY CHANGED: {name} now presents {}{kinds}, which differs from the key recorded at {at}. \
                      Someone may be intercepting the connection, or the server was reinstalled. \
                      Refusing to connect; if the change is expected, delete the recorded line(s) and run byteback-setup-client again.",
                     describe_key(key),
-                )
+                )))
             }
             Verdict::Unknown => match (self.unknown, self.known_hosts.first()) {
                 (UnknownHost::Learn, Some(path)) => {
@@ -547,7 +548,7 @@ impl HostKeyCheck {
                     );
                     Ok(true)
                 }
-                _ => bail!(
+                _ => bail!(Permanent(format!(
                     "the host key of {name} ({}) is not in {}; refusing to connect. Run byteback-setup-client to record it.",
                     describe_key(key),
                     self.known_hosts
@@ -555,7 +556,7 @@ impl HostKeyCheck {
                         .map(|p| p.display().to_string())
                         .collect::<Vec<_>>()
                         .join(" or ")
-                ),
+                ))),
             },
         }
     }
