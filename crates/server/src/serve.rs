@@ -168,6 +168,12 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
                             }
                         }
                     }
+                    // A path through a symlink or out of the tree is never
+                    // a legitimate read: refused, as before.
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::EXDEV)) => {
+                        return Err(e)
+                            .with_context(|| format!("cannot open {shown:?} in {snapshot}"))
+                    }
                     Err(e) => {
                         eprintln!("byteback-server: cannot open {shown:?} in {snapshot}: {e}")
                     }
