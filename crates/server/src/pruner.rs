@@ -53,6 +53,24 @@ pub struct PruneOptions {
     pub target_free: Option<u64>,
 }
 
+impl PruneOptions {
+    /// The prune the server runs by itself: store settings, importance
+    /// order, its clock; `target_free` when a backup needs room.
+    pub fn server(cfg: &crate::config::StoreConfig, now: i64, target_free: Option<u64>) -> Self {
+        PruneOptions {
+            minpercent: cfg.minpercent,
+            maxpercent: cfg.maxpercent,
+            force: false,
+            order: Order::Importance,
+            now,
+            offset: time::local_offset(now),
+            verbose: false,
+            dry_run: false,
+            target_free,
+        }
+    }
+}
+
 /// What a prune run did.
 #[derive(Debug, Clone)]
 pub struct PruneOutcome {
@@ -346,17 +364,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
 /// The prune the server runs after a snapshot: store settings, the server's
 /// clock; problems go to stderr and never fail the backup.
 pub fn after_snapshot(store: &Store, cfg: &crate::config::StoreConfig, now: i64) {
-    let opts = PruneOptions {
-        minpercent: cfg.minpercent,
-        maxpercent: cfg.maxpercent,
-        force: false,
-        order: Order::Importance,
-        now,
-        offset: time::local_offset(now),
-        verbose: false,
-        dry_run: false,
-        target_free: None,
-    };
+    let opts = PruneOptions::server(cfg, now, None);
     let mut err = std::io::stderr().lock();
     match prune(store, &opts, &mut err) {
         Ok(o) => {
@@ -386,17 +394,7 @@ pub fn make_room(
 ) -> Result<()> {
     const MARGIN: u64 = 64 << 20;
     let target = need.saturating_add(MARGIN);
-    let opts = PruneOptions {
-        minpercent: cfg.minpercent,
-        maxpercent: cfg.maxpercent,
-        force: false,
-        order: Order::Importance,
-        now,
-        offset: time::local_offset(now),
-        verbose: false,
-        dry_run: false,
-        target_free: Some(target),
-    };
+    let opts = PruneOptions::server(cfg, now, Some(target));
     let mut err = std::io::stderr().lock();
     let _ = writeln!(
         err,
