@@ -296,3 +296,94 @@ fn a_hanging_pre_hook_is_killed_at_the_timeout() {
     assert_eq!(o.status.code(), Some(2), "a usage error");
     assert!(stderr(&o).contains("--hook-timeout must be at least 1 second"));
 }
+
+/// byteback 1.x command lines and files: `-s a b`, `-x` replacing the
+/// default excludes, `/etc/byteback/io_timeout` (a bad one is a usage
+/// error naming it), `rsync_filter` named in a warning, restore's short
+/// flags `-l -r -s -a`.
+#[test]
+fn one_x_command_lines_and_files() {
+    let s = setup();
+    let a = s.work.join("a");
+    let b = s.work.join("b");
+    fs::create_dir_all(&a).unwrap();
+    fs::create_dir_all(&b).unwrap();
+    fs::write(a.join("fa"), b"A").unwrap();
+    fs::write(b.join("fb"), b"B").unwrap();
+    fs::write(s.conf.join("rsync_filter"), "- *.tmp\n").unwrap();
+    let backup = |extra: &[&str]| {
+        run_status(
+            Command::new(bin("byteback-backup"))
+                .env("BYTEBACK_CONFIG_DIR", &s.conf)
+                .arg("--destination")
+                .arg(&s.store)
+                .args(["--hostname", "h", "--retry-number", "0", "-s"])
+                .arg(&a)
+                .arg(&b)
+                .args(extra),
+        )
+    };
+    let o = backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("rsync_filter") && err.contains("NOT applied"),
+        "{err}"
+    );
+    let current = s.store.join("h/current");
+    assert!(current
+        .join(a.strip_prefix("/").unwrap())
+        .join("fa")
+        .is_file());
+    assert!(current
+        .join(b.strip_prefix("/").unwrap())
+        .join("fb")
+        .is_file());
+
+    fs::write(s.conf.join("io_timeout"), "soon\n").unwrap();
+    let o = backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("io_timeout") && err.contains("soon"), "{err}");
+    fs::write(s.conf.join("io_timeout"), "300\n").unwrap();
+    let o = backup(&["-x", "fb", "nothing-else"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!current
+        .join(b.strip_prefix("/").unwrap())
+        .join("fb")
+        .exists());
+
+    let into = s.work.join("r");
+    fs::create_dir_all(&into).unwrap();
+    let restore = |args: &[&str]| {
+        run_status(
+            Command::new(bin("byteback-restore"))
+                .current_dir(&into)
+                .arg("-d")
+                .arg(&s.store)
+                .args(["--hostname", "h"])
+                .args(args),
+        )
+    };
+    let pat = format!("{}/**", a.display());
+    let o = restore(&["-l", "-a", &pat]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("/fa"));
+    let snap = fs::read_dir(s.store.join("h"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+        .min()
+        .unwrap();
+    let o = restore(&["-r", "-s", &snap, &pat]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        fs::read(
+            into.join(&snap)
+                .join(a.strip_prefix("/").unwrap())
+                .join("fa")
+        )
+        .unwrap(),
+        b"A"
+    );
+}

@@ -46,11 +46,13 @@ pub struct BackupArgs {
     /// Where to back up: user@host: (SSH) or a local store directory. Default: /etc/byteback/destination.
     #[arg(short, long)]
     destination: Option<String>,
-    /// What to back up (several allowed). Default: /.
-    #[arg(short, long)]
+    /// What to back up (several allowed, also as `-s /etc /home`). Default: /.
+    #[arg(short, long, num_args = 1..)]
     source: Vec<PathBuf>,
-    /// Leave out paths matching this pattern (several allowed; /-anchored or by name; trailing / for directories).
-    #[arg(short = 'x', long)]
+    /// Leave out paths matching this pattern (several allowed, also as `-x a b`;
+    /// /-anchored or by name; trailing / for directories). As in 1.x, excludes
+    /// given here replace the default list.
+    #[arg(short = 'x', long, num_args = 1..)]
     exclude: Vec<String>,
     /// Name this machine is filed under (local stores; over SSH the server's key decides). Default: hostname -f.
     #[arg(long)]
@@ -61,9 +63,10 @@ pub struct BackupArgs {
     /// Seconds to wait between retries.
     #[arg(short = 'e', long, default_value_t = 600)]
     retry_delay: u64,
-    /// Seconds without any data moving before the connection counts as dead (SSH).
-    #[arg(short, long, default_value_t = 10800)]
-    io_timeout: u64,
+    /// Seconds without any data moving before the connection counts as dead
+    /// (SSH). Default: /etc/byteback/io_timeout, else 10800.
+    #[arg(short, long)]
+    io_timeout: Option<u64>,
     /// SSH private key. Default: /etc/byteback/key.
     #[arg(short = 'k', long)]
     ssh_key: Option<PathBuf>,
@@ -310,7 +313,7 @@ fn backup(args: BackupArgs) -> Result<u8> {
         args.destination.as_deref(),
         args.hostname.as_deref(),
         args.ssh_key.as_deref(),
-        args.io_timeout,
+        backup_io_timeout(args.io_timeout)?,
     )?;
     let sources = if args.source.is_empty() {
         vec![PathBuf::from("/")]
@@ -318,9 +321,21 @@ fn backup(args: BackupArgs) -> Result<u8> {
         args.source.clone()
     };
     crate::walk::normalise_sources(&sources)?;
-    let mut excludes: Vec<String> = DEFAULT_EXCLUDES.iter().map(|s| s.to_string()).collect();
+    // As 1.x: excludes given on the command line replace the default list.
+    let mut excludes: Vec<String> = if args.exclude.is_empty() {
+        DEFAULT_EXCLUDES.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.exclude.clone()
+    };
     excludes.extend(read_config_lines("excludes"));
-    excludes.extend(args.exclude.iter().cloned());
+    if config_dir().join("rsync_filter").exists() {
+        eprintln!(
+            "byteback-backup: warning: ignoring {}/rsync_filter: rsync filter rules are not supported yet, \
+             so its rules are NOT applied; put plain excludes in {}/excludes",
+            config_dir().display(),
+            config_dir().display()
+        );
+    }
     crate::walk::Excludes::new(&excludes)?;
     if config_dir().join("rsync_flags").exists() {
         eprintln!(
@@ -491,19 +506,35 @@ fn exit_for(_vanished: u64, partial: u64) -> u8 {
     }
 }
 
+/// `--io-timeout`, else `/etc/byteback/io_timeout` (as 1.x), else 10800 s.
+fn backup_io_timeout(flag: Option<u64>) -> Result<u64> {
+    if let Some(t) = flag {
+        return Ok(t);
+    }
+    match read_config_line("io_timeout") {
+        None => Ok(10_800),
+        Some(line) => line.parse().map_err(|_| {
+            anyhow!(Usage(format!(
+                "{}/io_timeout: {line:?} is not a number of seconds",
+                config_dir().display()
+            )))
+        }),
+    }
+}
+
 /// List or restore backed-up files.
 #[derive(Debug, Parser)]
 #[command(name = "byteback-restore", version)]
 pub struct RestoreArgs {
     /// List matching files (the default).
-    #[arg(long, conflicts_with = "restore")]
+    #[arg(short, long, conflicts_with = "restore")]
     list: bool,
     /// Restore matching files: each path's latest version, from the newest
     /// snapshot holding it, into ./<snapshot>/<path> (see --all, --target).
-    #[arg(long)]
+    #[arg(short, long)]
     restore: bool,
     /// Use only this snapshot (default: all of them).
-    #[arg(long)]
+    #[arg(short, long)]
     snapshot: Option<String>,
     /// Restore into DIR/<snapshot>/<path> instead of ./<snapshot>/<path>;
     /// DIR must exist. Relative patterns are still taken from the current directory.
@@ -523,7 +554,7 @@ pub struct RestoreArgs {
     ssh_key: Option<PathBuf>,
     /// List or restore every distinct version, not only the latest (a
     /// restore puts each into the directory of the oldest snapshot holding it).
-    #[arg(long)]
+    #[arg(short, long)]
     all: bool,
     /// List every copy in every snapshot; name each restored entry (as ./<snapshot>/<path>).
     #[arg(short, long)]
