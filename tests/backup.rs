@@ -1253,3 +1253,26 @@ fn unreadable_stored_copy_is_resent_not_fatal() {
     assert!(took < std::time::Duration::from_secs(20), "{took:?}");
     assert_none_left(&marker);
 }
+
+/// A fallback snapshot (plain store) that failed half-way never stays
+/// behind: the next snapshot removes such leftovers, read-only ones too.
+#[test]
+fn a_failed_fallback_snapshot_is_cleaned_up() {
+    let d = scratch();
+    let store = d.path().join("store");
+    write_config(&store);
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"data").unwrap();
+    backup(&store, &src, "fb");
+    let left = store.join("fb/.snapshot-2020-01-01T00:00+0000");
+    fs::create_dir_all(left.join("sub")).unwrap();
+    fs::write(left.join("sub/copy"), b"a stale copy").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(left.join("sub"), fs::Permissions::from_mode(0o555)).unwrap();
+    fs::set_permissions(&left, fs::Permissions::from_mode(0o555)).unwrap();
+    fs::write(src.join("f"), b"more data").unwrap();
+    backup(&store, &src, "fb");
+    assert!(!left.exists(), "the leftover is still there");
+    assert_eq!(snapshots(&store, "fb").len(), 2);
+}

@@ -286,13 +286,21 @@ fn receive<R: Read, W: Write>(
                     }
                 }
                 let new_bytes = stats.literal_bytes;
-                conn.send(&ServerMsg::BackupDone {
-                    snapshot: snapshot.clone(),
-                    message,
-                    stats,
-                })?;
-                conn.output.flush()?;
-                // The client has its result; usage and pruning only log on failure.
+                // The snapshot is taken: a client gone by now must not cost
+                // the usage line and the prune, so a failed send only logs.
+                let told = conn
+                    .send(&ServerMsg::BackupDone {
+                        snapshot: snapshot.clone(),
+                        message,
+                        stats,
+                    })
+                    .and_then(|()| conn.output.flush().map_err(Into::into));
+                if let Err(e) = told {
+                    eprintln!(
+                        "byteback-server: the client went away before hearing the result: {e:#}"
+                    );
+                }
+                // Usage and pruning only log on failure.
                 if let Err(e) =
                     crate::pruner::record_backup(host, now, new_bytes, snapshot.as_deref())
                 {

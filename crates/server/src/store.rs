@@ -195,19 +195,34 @@ impl HostStore {
             name = format!("{base}.{n}");
             n += 1;
         }
+        // Leftovers of fallback snapshots that failed (the caller holds the
+        // host's lock, so none is in the making).
+        for leftover in fsops::list_dir(&self.fd)? {
+            if leftover.starts_with(b".snapshot-") {
+                fsops::remove_any(&self.fd, &leftover)?;
+            }
+        }
         let current = self.current()?;
         if self.btrfs && btrfs::is_subvolume(&current) {
             btrfs::snapshot_readonly(&current, &self.fd, OsStr::new(&name))
                 .with_context(|| format!("cannot snapshot {}/current", self.path.display()))?;
         } else {
             let tmp = format!(".snapshot-{name}");
-            fsops::remove_any(&self.fd, tmp.as_bytes())?;
-            rustix::fs::mkdirat(&self.fd, tmp.as_str(), Mode::from_raw_mode(0o700))?;
-            let dst = fsops::open_dir(&self.fd, tmp.as_bytes())?;
-            link_copy(&current, &dst).context("cannot copy current into a fallback snapshot")?;
-            make_read_only(&dst)?;
-            rustix::fs::fchmod(&dst, Mode::from_raw_mode(0o555))?;
-            rustix::fs::renameat(&self.fd, tmp.as_str(), &self.fd, name.as_str())?;
+            let made = (|| -> Result<()> {
+                rustix::fs::mkdirat(&self.fd, tmp.as_str(), Mode::from_raw_mode(0o700))?;
+                let dst = fsops::open_dir(&self.fd, tmp.as_bytes())?;
+                link_copy(&current, &dst)
+                    .context("cannot copy current into a fallback snapshot")?;
+                make_read_only(&dst)?;
+                rustix::fs::fchmod(&dst, Mode::from_raw_mode(0o555))?;
+                rustix::fs::renameat(&self.fd, tmp.as_str(), &self.fd, name.as_str())?;
+                Ok(())
+            })();
+            if let Err(e) = made {
+                // Never left behind: it would hold a copy of current for good.
+                let _ = fsops::remove_any(&self.fd, tmp.as_bytes());
+                return Err(e);
+            }
         }
         fsops::fsync(&self.fd)?;
         Ok(Ok(name))
