@@ -387,3 +387,40 @@ fn one_x_command_lines_and_files() {
         b"A"
     );
 }
+
+/// Quiet when all is well: `-q` prints nothing on success, the default one
+/// summary line; warnings still print with `-q`.
+#[test]
+fn quiet_runs_print_nothing_and_the_default_one_line() {
+    let s = setup();
+    let run = |extra: &[&str]| {
+        run_status(
+            Command::new(bin("byteback-backup"))
+                .env("BYTEBACK_CONFIG_DIR", &s.conf)
+                .arg("--destination")
+                .arg(&s.store)
+                .arg("--source")
+                .arg(&s.src)
+                .args(["--hostname", "h", "--retry-number", "0"])
+                .args(extra),
+        )
+    };
+    let o = run(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("taken;") && err.contains("files sent"),
+        "{err}"
+    );
+    let o = run(&["-q"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "", "a quiet successful run printed something");
+    fs::write(s.conf.join("rsync_flags"), "--whatever\n").unwrap();
+    let o = run(&["-q"]);
+    let err = stderr(&o);
+    assert!(
+        err.contains("warning") && err.contains("rsync_flags"),
+        "{err}"
+    );
+}

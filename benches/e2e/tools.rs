@@ -305,7 +305,9 @@ impl Bench {
                 .lines()
                 .find(|l| l.ends_with("received over SSH (all attempts)"))
                 .and_then(|l| {
-                    let n: Vec<u64> = l
+                    // The summary line ends "; A bytes sent and B received over SSH ...".
+                    let tail = l.rsplit("; ").next()?;
+                    let n: Vec<u64> = tail
                         .split_whitespace()
                         .filter_map(|w| w.parse().ok())
                         .collect();

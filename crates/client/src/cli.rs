@@ -71,8 +71,12 @@ pub struct BackupArgs {
     #[arg(short = 'k', long)]
     ssh_key: Option<PathBuf>,
     /// Print every file sent, and each mounted filesystem left out.
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "quiet")]
     verbose: bool,
+    /// Print nothing when all is well (warnings and errors still print);
+    /// otherwise a backup ends with one summary line.
+    #[arg(short, long)]
+    quiet: bool,
     /// Stay on each source's own filesystem. By default every mounted local
     /// filesystem below the sources is backed up too (as byteback 1.x did);
     /// btrfs subvolumes are always included.
@@ -439,41 +443,39 @@ fn transfer(
             .and_then(|conn| run_backup(conn, opts));
         match result {
             Ok(r) => {
+                // One summary line (nothing with --quiet); what the server
+                // said is printed escaped.
                 let s = &r.stats;
-                eprintln!(
-                    "byteback-backup: {} entries, {} files sent ({} bytes new, {} reused, {} on the wire), {} deleted",
+                let head = match &r.snapshot {
+                    Some(n) => format!("snapshot {} taken", byteback_protocol::escape_text(n)),
+                    None => byteback_protocol::escape_text(r.message.trim()),
+                };
+                let mut line = format!(
+                    "byteback-backup: {head}; {} entries, {} files sent ({} bytes new, {} reused, {} on the wire), {} deleted",
                     r.entries, s.files_transferred, s.literal_bytes, s.matched_bytes, r.wire_bytes, s.deleted
                 );
+                if r.vanished > 0 {
+                    line.push_str(&format!(
+                        ", {} vanished during the backup (normal on a live system)",
+                        r.vanished
+                    ));
+                }
                 if matches!(target.dest, Destination::Ssh { .. }) {
                     use std::sync::atomic::Ordering;
-                    eprintln!(
-                        "byteback-backup: {} bytes sent and {} received over SSH (all attempts)",
+                    line.push_str(&format!(
+                        "; {} bytes sent and {} received over SSH (all attempts)",
                         crate::ssh::BYTES_SENT.load(Ordering::Relaxed),
                         crate::ssh::BYTES_RECEIVED.load(Ordering::Relaxed)
-                    );
+                    ));
                 }
-                // Both come from the server: printed escaped.
-                match &r.snapshot {
-                    Some(n) => eprintln!(
-                        "byteback-backup: snapshot {} taken",
-                        byteback_protocol::escape_text(n)
-                    ),
-                    None => eprintln!(
-                        "byteback-backup: {}",
-                        byteback_protocol::escape_text(r.message.trim())
-                    ),
+                if !args.quiet || r.snapshot.is_none() {
+                    eprintln!("{line}");
                 }
                 let snapshot = r
                     .snapshot
                     .filter(|n| byteback_protocol::validate_snapshot_name(n).is_ok());
-                // As 1.x: files vanishing are normal on a live system (counted,
-                // exit 0); files that could not be read or kept changing: 24.
-                if r.vanished > 0 {
-                    eprintln!(
-                        "byteback-backup: {} files vanished during the backup (normal on a live system)",
-                        r.vanished
-                    );
-                }
+                // As 1.x: files vanishing are normal on a live system (counted
+                // above, exit 0); files that could not be read or kept changing: 24.
                 if r.partial > 0 {
                     eprintln!(
                         "byteback-backup: partial backup: {} files unreadable or changing",
