@@ -794,25 +794,6 @@ fn a_directory_swapped_for_a_symlink_during_the_backup_leaks_nothing() {
 // test fails.
 // ---------------------------------------------------------------------------
 
-/// Every process (but this one) whose command line contains `marker`.
-fn processes_naming(marker: &str) -> Vec<(u32, String)> {
-    let me = std::process::id();
-    let mut out = vec![];
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if pid != me && cmd.contains(marker) {
-            out.push((pid, cmd));
-        }
-    }
-    out
-}
-
 fn kill9(pid: u32) {
     // SAFETY: a plain syscall; the pid was just read from /proc.
     unsafe {

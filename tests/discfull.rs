@@ -6,20 +6,13 @@
 mod util;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use byteback_server::time::format_name;
 use util::*;
 
 const DAY: i64 = 86_400;
 const T0: i64 = 1_780_000_000;
-
-fn rfc3339(t: i64) -> String {
-    let n = format_name(t, 0);
-    format!("{}:{:02}Z", &n[..16], t.rem_euclid(60))
-}
 
 struct Rig {
     wrapper: PathBuf,
@@ -28,16 +21,7 @@ struct Rig {
 
 impl Rig {
     fn new(dir: &Path, store: PathBuf) -> Rig {
-        let wrapper = dir.join("server-at-now");
-        fs::write(
-            &wrapper,
-            format!(
-                "#!/bin/sh\nexec '{}' \"$@\" --now \"$BYTEBACK_TEST_NOW\"\n",
-                bin("byteback-server").display()
-            ),
-        )
-        .unwrap();
-        fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+        let wrapper = server_wrapper(dir);
         fs::create_dir_all(&store).unwrap();
         fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
         Rig { wrapper, store }

@@ -6,38 +6,15 @@ mod util;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
 
 use byteback_server::prune::{importance_targets, next_to_delete, prune_order, Order, Snapshot};
-use byteback_server::time::{days_from_civil, format_name, parse_name};
+use byteback_server::time::{days_from_civil, parse_name};
 use util::*;
 
 const DAY: i64 = 86_400;
-
-/// RFC 3339 form of Unix seconds (UTC).
-fn rfc3339(t: i64) -> String {
-    let n = format_name(t, 0);
-    format!("{}:{:02}Z", &n[..16], t.rem_euclid(60))
-}
-
-/// A `byteback-server` wrapper that adds `--now $BYTEBACK_TEST_NOW`: the client
-/// starts it through `BYTEBACK_SERVER`, so whole backups run "as of" a date.
-fn server_wrapper(dir: &Path) -> PathBuf {
-    let p = dir.join("server-at-now");
-    fs::write(
-        &p,
-        format!(
-            "#!/bin/sh\nexec '{}' \"$@\" --now \"$BYTEBACK_TEST_NOW\"\n",
-            bin("byteback-server").display()
-        ),
-    )
-    .unwrap();
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
-    p
-}
 
 struct Clocked {
     wrapper: PathBuf,

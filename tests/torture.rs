@@ -18,25 +18,6 @@ use std::time::{Duration, Instant};
 
 use util::*;
 
-/// Every process whose command line mentions `marker` (not this one).
-fn processes_naming(marker: &str) -> Vec<(u32, String)> {
-    let me = std::process::id();
-    let mut out = vec![];
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if pid != me && cmd.contains(marker) {
-            out.push((pid, cmd));
-        }
-    }
-    out
-}
-
 fn snapshots(store: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(store.join("t"))
         .map(|d| {

@@ -1381,3 +1381,49 @@ pub fn is_read_only(path: &Path) -> bool {
     }
     true
 }
+
+// ---------------------------------------------------------------------------
+// Processes and simulated time
+// ---------------------------------------------------------------------------
+
+/// Every process whose command line mentions `marker` (not this one).
+pub fn processes_naming(marker: &str) -> Vec<(u32, String)> {
+    let me = std::process::id();
+    let mut out = vec![];
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if pid != me && cmd.contains(marker) {
+            out.push((pid, cmd));
+        }
+    }
+    out
+}
+
+/// RFC 3339 form of Unix seconds (UTC).
+pub fn rfc3339(t: i64) -> String {
+    let n = byteback_server::time::format_name(t, 0);
+    format!("{}:{:02}Z", &n[..16], t.rem_euclid(60))
+}
+
+/// A `byteback-server` wrapper in `dir` that adds `--now $BYTEBACK_TEST_NOW`:
+/// the client starts it through `BYTEBACK_SERVER`, so whole backups run "as
+/// of" a date.
+pub fn server_wrapper(dir: &Path) -> PathBuf {
+    let p = dir.join("server-at-now");
+    fs::write(
+        &p,
+        format!(
+            "#!/bin/sh\nexec '{}' \"$@\" --now \"$BYTEBACK_TEST_NOW\"\n",
+            bin("byteback-server").display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
