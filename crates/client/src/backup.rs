@@ -70,6 +70,8 @@ pub struct BackupOptions {
     pub sources: Vec<PathBuf>,
     /// Exclude patterns.
     pub excludes: Vec<String>,
+    /// rsync filter rules (`/etc/byteback/rsync_filter`), checked after the excludes.
+    pub filter: Option<Arc<crate::filter::Filter>>,
     /// Print every file sent.
     pub verbose: bool,
     /// Stay on each source's filesystem (`--one-file-system`).
@@ -594,6 +596,7 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
         };
         let walk_opts = walk::WalkOptions {
             one_file_system: opts.one_file_system,
+            filter: opts.filter.clone(),
         };
         walk::walk(&sources, &excludes, walk_opts, &mut announcer)?;
         announcer.flush()?;
@@ -1124,6 +1127,7 @@ mod tests {
         let opts = BackupOptions {
             sources: vec![dir.path().to_path_buf()],
             excludes: vec![],
+            filter: None,
             verbose: false,
             one_file_system: false,
         };

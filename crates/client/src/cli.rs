@@ -332,15 +332,8 @@ fn backup(args: BackupArgs) -> Result<u8> {
         args.exclude.clone()
     };
     excludes.extend(read_config_lines("excludes"));
-    if config_dir().join("rsync_filter").exists() {
-        eprintln!(
-            "byteback-backup: warning: ignoring {}/rsync_filter: rsync filter rules are not supported yet, \
-             so its rules are NOT applied; put plain excludes in {}/excludes",
-            config_dir().display(),
-            config_dir().display()
-        );
-    }
     crate::walk::Excludes::new(&excludes)?;
+    let filter = load_filter()?;
     if config_dir().join("rsync_flags").exists() {
         eprintln!(
             "byteback-backup: warning: ignoring {}/rsync_flags (byteback 2 does not run rsync)",
@@ -354,6 +347,7 @@ fn backup(args: BackupArgs) -> Result<u8> {
     let opts = BackupOptions {
         sources,
         excludes,
+        filter,
         verbose: args.verbose,
         one_file_system: args.one_file_system,
     };
@@ -407,6 +401,27 @@ fn backup(args: BackupArgs) -> Result<u8> {
         );
     }
     Ok(1)
+}
+
+/// `/etc/byteback/rsync_filter`, when present: its rules (checked after the
+/// excludes, as 1.x passed `--filter='merge ...'` after its `--exclude`s).
+/// A rule that is not supported is a usage error naming its file and line;
+/// rules that do not change what is sent are named in warnings.
+fn load_filter() -> Result<Option<std::sync::Arc<crate::filter::Filter>>> {
+    let path = config_dir().join("rsync_filter");
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        _ => {}
+    }
+    let filter = crate::filter::Filter::load(&path).map_err(|e| {
+        anyhow!(Usage(format!(
+            "unsupported or unreadable filter rule, nothing was backed up: {e}"
+        )))
+    })?;
+    for n in &filter.notes {
+        eprintln!("byteback-backup: warning: {n}");
+    }
+    Ok(Some(std::sync::Arc::new(filter)))
 }
 
 /// Runs the pre-backup hooks; an error names every one that failed.
@@ -535,7 +550,9 @@ pub struct RestoreArgs {
     /// snapshot holding it, into ./<snapshot>/<path> (see --all, --target).
     #[arg(short, long)]
     restore: bool,
-    /// Use only this snapshot (default: all of them).
+    /// Use only this snapshot, or the snapshots a glob matches (as
+    /// '2026-11-*'; each path's latest version among them, or every
+    /// version with --all). Default: all of them.
     #[arg(short, long)]
     snapshot: Option<String>,
     /// Restore into DIR/<snapshot>/<path> instead of ./<snapshot>/<path>;
@@ -600,8 +617,13 @@ fn restore_cmd(args: RestoreArgs) -> Result<u8> {
         args.io_timeout,
     )?;
     if let Some(s) = &args.snapshot {
-        byteback_protocol::validate_snapshot_name(s)
-            .map_err(|e| anyhow!(Usage(format!("--snapshot: {e}"))))?;
+        if restore::is_snapshot_glob(s) {
+            restore::snapshot_glob(s)
+                .map_err(|e| anyhow!(Usage(format!("--snapshot {s:?}: {e}"))))?;
+        } else {
+            byteback_protocol::validate_snapshot_name(s)
+                .map_err(|e| anyhow!(Usage(format!("--snapshot: {e}"))))?;
+        }
     }
     let cwd = std::env::current_dir()?;
     let pats = Patterns::new(&args.patterns, &cwd)?;

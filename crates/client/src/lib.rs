@@ -9,6 +9,7 @@ pub mod apply;
 pub mod backup;
 pub mod cli;
 pub mod conn;
+pub mod filter;
 pub mod hooks;
 pub mod known_hosts;
 pub mod meta;

@@ -28,6 +28,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rustix::fs::{FileType, Mode, OFlags, RawDir, ResolveFlags, Statx};
 use rustix::io::Errno;
 
+use crate::filter::{Action, DirRules, Filter};
 use crate::meta::{self, At};
 use crate::mounts::{Crossing, Mounts};
 
@@ -367,13 +368,16 @@ pub fn normalise_sources(sources: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// Size of the buffer `getdents64` fills.
 const DIRENT_BUF: usize = 32 << 10;
 
-/// How the walk treats mounted filesystems.
-#[derive(Debug, Clone, Copy, Default)]
+/// How the walk treats mounted filesystems, and which filter rules it applies.
+#[derive(Debug, Clone, Default)]
 pub struct WalkOptions {
     /// Stay on each source's own filesystem (`--one-file-system`); by
     /// default every local filesystem below the sources is walked, as 1.x
     /// did (see [`crate::mounts`]).
     pub one_file_system: bool,
+    /// rsync filter rules (`/etc/byteback/rsync_filter`), checked after the
+    /// excludes, as 1.x passed them to rsync after its `--exclude`s.
+    pub filter: Option<Arc<Filter>>,
 }
 
 /// The mount id `statx` reported, if the kernel gave one (Linux 5.8+).
@@ -451,6 +455,10 @@ pub fn raise_fd_limit() {
 
 struct Walker<'a> {
     excludes: &'a Excludes,
+    /// rsync filter rules, if any, and the per-directory rules of the
+    /// directories on the walk's stack.
+    filter: Option<Arc<Filter>>,
+    dir_rules: DirRules,
     sink: &'a mut dyn EntrySink,
     /// (dev, ino) of multiply-linked files already sent -> their first path.
     links: HashMap<(u64, u64), Vec<u8>>,
@@ -464,7 +472,84 @@ fn path_of(bytes: &[u8]) -> PathBuf {
     PathBuf::from(OsStr::from_bytes(bytes))
 }
 
+/// Reads a per-directory filter file `name` in `dir`: `None` if there is
+/// none. Never follows a symlink; it must be a regular file of at most
+/// [`crate::filter::MAX_FILTER_FILE`] bytes.
+fn read_small_at(dir: BorrowedFd<'_>, name: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    use std::io::Read;
+    let flags =
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(Errno::LOOP) => {
+            return Err("is a symlink (per-directory filter files are never followed)".into())
+        }
+        Err(e) => return Err(io::Error::from(e).to_string()),
+    };
+    let st = meta::stat_at(At::Fd(fd.as_fd())).map_err(|e| e.to_string())?;
+    if FileType::from_raw_mode(st.stx_mode.into()) != FileType::RegularFile {
+        return Err("is not a regular file".into());
+    }
+    let cap = crate::filter::MAX_FILTER_FILE;
+    let mut buf = vec![];
+    File::from(fd)
+        .take(cap as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| e.to_string())?;
+    if buf.len() > cap {
+        return Err(format!("is larger than {cap} bytes"));
+    }
+    Ok(Some(buf))
+}
+
 impl Walker<'_> {
+    /// Whether an entry is left out: by the excludes, then by the first
+    /// matching filter rule. `depth` is the walk depth of its directory.
+    fn left_out(&self, rel: &[u8], is_dir: bool, depth: usize) -> bool {
+        self.excludes.is_excluded(rel, is_dir)
+            || self.filter.as_ref().is_some_and(|f| {
+                f.check(&self.dir_rules, rel, is_dir, depth) == Some(Action::Exclude)
+            })
+    }
+
+    /// Reads the per-directory filter files (`dir-merge`) of the directory
+    /// `path`, open as `dir`, at walk depth `depth`. A file that cannot be
+    /// read or holds an unsupported rule stops the backup (nothing is
+    /// committed): its rules must not be silently ignored.
+    fn enter_dir(&mut self, dir: BorrowedFd<'_>, path: &[u8], depth: usize) -> Result<()> {
+        let Some(filter) = self.filter.clone() else {
+            return Ok(());
+        };
+        for (k, name) in filter.dir_merges() {
+            let mut file = path.to_vec();
+            if !file.ends_with(b"/") {
+                file.push(b'/');
+            }
+            file.extend_from_slice(name);
+            let file = path_of(&file);
+            let text = match read_small_at(dir, name) {
+                Ok(Some(t)) => t,
+                Ok(None) => continue,
+                Err(m) => bail!(crate::cli::Usage(format!(
+                    "per-directory filter file {}: {m}",
+                    file.display()
+                ))),
+            };
+            self.dir_rules
+                .enter(
+                    &filter,
+                    k,
+                    depth,
+                    path.trim_start_matches_slash(),
+                    &text,
+                    &file,
+                )
+                .map_err(|e| crate::cli::Usage(format!("filter rules: {e}")))?;
+        }
+        Ok(())
+    }
+
     fn warn(&mut self, path: &[u8], message: String, vanished: bool) {
         self.sink.warning(WalkWarning {
             path: path_of(path),
@@ -617,14 +702,20 @@ impl Walker<'_> {
             path.len() + 1
         };
         let mut stack = Vec::new();
+        self.enter_dir(dir.as_fd(), &path, 1)?;
         let (level, failed) = read_level(dir, path.len(), root_mnt, &mut self.buf);
         if let Some(e) = failed {
             self.warn_io(&path, &e.into());
         }
         stack.push(level);
-        while let Some(top) = stack.last_mut() {
+        loop {
+            let depth = stack.len();
+            let Some(top) = stack.last_mut() else {
+                break;
+            };
             let Some(&(start, len, dtype)) = top.order.get(top.next) else {
                 stack.pop();
+                self.dir_rules.leave(depth);
                 continue;
             };
             top.next += 1;
@@ -646,7 +737,7 @@ impl Walker<'_> {
                 FileType::Unknown => None,
                 t => Some(t == FileType::Directory),
             };
-            if hinted_dir.is_some_and(|d| self.excludes.is_excluded(rel, d)) {
+            if hinted_dir.is_some_and(|d| self.left_out(rel, d, depth)) {
                 continue;
             }
             if rel.len() > byteback_protocol::limits::MAX_PATH {
@@ -661,7 +752,7 @@ impl Walker<'_> {
                 }
             };
             let is_dir = FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory;
-            if hinted_dir != Some(is_dir) && self.excludes.is_excluded(rel, is_dir) {
+            if hinted_dir != Some(is_dir) && self.left_out(rel, is_dir, depth) {
                 continue;
             }
             if !self.emit(at, &st, &path, Some((root.clone(), below_start)))? || !is_dir {
@@ -721,6 +812,7 @@ impl Walker<'_> {
                     continue;
                 }
             }
+            self.enter_dir(dir.as_fd(), &path, depth + 1)?;
             let (level, failed) = read_level(dir, path.len(), here, &mut self.buf);
             if let Some(e) = failed {
                 self.warn_io(&path, &e.into());
@@ -754,6 +846,8 @@ pub fn walk(
     }
     let mut w = Walker {
         excludes,
+        filter: opts.filter.clone(),
+        dir_rules: DirRules::default(),
         sink,
         links: HashMap::new(),
         buf: vec![MaybeUninit::uninit(); DIRENT_BUF],

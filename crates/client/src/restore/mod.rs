@@ -147,9 +147,57 @@ fn read_manifest(
     }
 }
 
+/// Whether `--snapshot` is a glob (`*`, `?`, `[...]`) rather than a name.
+pub fn is_snapshot_glob(s: &str) -> bool {
+    s.bytes().any(|b| matches!(b, b'*' | b'?' | b'['))
+}
+
+/// Checks a `--snapshot` glob before anything is sent: only the bytes of
+/// snapshot names (`[A-Za-z0-9:+._-]`) and `* ? [ ] ! ^`, a well-formed
+/// class, at most 255 bytes. The glob never goes to the server: the client
+/// matches it against the (checked) list the server sends, then asks for
+/// each matching snapshot by name, which the server validates as always.
+pub fn snapshot_glob(s: &str) -> Result<crate::filter::Glob> {
+    if s.is_empty() || s.len() > 255 {
+        bail!("a snapshot glob is 1 to 255 bytes");
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || ":+._-*?[]!^".contains(*c)))
+    {
+        bail!("{c:?} cannot appear in a snapshot name or glob");
+    }
+    crate::filter::Glob::new(s.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The snapshots `--snapshot` selects, oldest first: all of them, the one
+/// named, or every one a glob matches.
 fn pick_snapshots(conn: &mut Connection, snapshot: Option<&str>) -> Result<Vec<String>> {
     let all = snapshots(conn)?;
     match snapshot {
+        Some(s) if is_snapshot_glob(s) => {
+            let glob = snapshot_glob(s)?;
+            let picked: Vec<String> = all
+                .iter()
+                .filter(|x| glob.matches(x.as_bytes()))
+                .cloned()
+                .collect();
+            if picked.is_empty() {
+                let range = match (all.first(), all.last()) {
+                    (Some(a), Some(z)) => format!(
+                        " (oldest {}, newest {})",
+                        byteback_protocol::escape_text(a),
+                        byteback_protocol::escape_text(z)
+                    ),
+                    _ => String::new(),
+                };
+                bail!(
+                    "no snapshot matches --snapshot {s:?}; there are {} snapshots{range}",
+                    all.len()
+                );
+            }
+            Ok(picked)
+        }
         Some(s) => {
             if !all.iter().any(|x| x == s) && s != "current" {
                 bail!("no snapshot {s:?}; there are {}", all.len());
@@ -682,6 +730,22 @@ pub fn restore(
 mod tests {
     use super::*;
     use byteback_protocol::Entry;
+
+    #[test]
+    fn snapshot_globs_are_checked_before_sending_and_match_names() {
+        assert!(is_snapshot_glob("2026-11-*"));
+        assert!(!is_snapshot_glob("2026-11-27T03:00+0000"));
+        let g = snapshot_glob("2026-11-*").unwrap();
+        assert!(g.matches(b"2026-11-27T03:00+0000"));
+        assert!(!g.matches(b"2026-12-01T03:00+0000"));
+        let g = snapshot_glob("2026-1[01]-0?T*").unwrap();
+        assert!(g.matches(b"2026-10-05T03:00+0000"));
+        assert!(!g.matches(b"2026-12-05T03:00+0000"));
+        for bad in ["*/..", "../*", "[abc", "a*\\n", "*\u{1b}", "", "x y*"] {
+            assert!(snapshot_glob(bad).is_err(), "{bad:?}");
+        }
+        assert!(snapshot_glob(&"*".repeat(256)).is_err());
+    }
 
     fn me(path: &str, mtime: i64) -> ManifestEntry {
         ManifestEntry {

@@ -1,0 +1,1061 @@
+//! rsync filter rules (`/etc/byteback/rsync_filter`, as byteback 1.x passed
+//! it to `rsync --relative --filter='merge FILE'`): parsing, and a pure
+//! matcher the walk asks about each entry.
+//!
+//! Supported, with rsync's semantics: `+`/`-`/`include`/`exclude` (modifiers
+//! `/`, `!`, `s`; `r` makes a rule a no-op), `H`/`hide` (= `-s`), `S`/`show`
+//! (= `+s`), `P`/`protect`/`R`/`risk` (receiver-side: no-ops with a note),
+//! `!`/`clear`, `merge`/`.` (modifiers `-`, `+`) and `dir-merge`/`:` of a
+//! plain file name (modifiers `-`, `+`, `n`, `e`), comments and blank lines.
+//! Anything else is an error naming the file and line.
+//!
+//! Paths are matched as rsync `--relative` from `/` sees them: relative to
+//! the filesystem root (no leading `/`). A leading `/` anchors a rule at the
+//! root, or, in a per-directory file, at that file's directory. Per-directory
+//! rules live in [`DirRules`], one frame per directory of the walk's stack,
+//! so memory follows the depth of the walk, never the size of the tree.
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Largest filter file read (the global file, a merged file, or a
+/// per-directory file).
+pub const MAX_FILTER_FILE: usize = 1 << 20;
+/// Longest rule line.
+pub const MAX_LINE: usize = 4096;
+/// Deepest nesting of `merge` rules.
+const MAX_MERGE_DEPTH: usize = 8;
+/// Most `dir-merge` rules in the global list.
+const MAX_DIR_MERGES: usize = 16;
+
+/// A rule that cannot be used: the file, its line (1-based) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilterError {
+    /// File holding the rule.
+    pub file: PathBuf,
+    /// Line number, 1-based (0: the file as a whole).
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for FilterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(f, "{}:{}: {}", self.file.display(), self.line, self.message)
+        }
+    }
+}
+
+impl std::error::Error for FilterError {}
+
+/// One token of a wildcard pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tok {
+    Byte(u8),
+    /// `?`: one byte, not `/`.
+    One,
+    /// `[...]`: one byte of the set (256 bits), not `/`.
+    Class(Box<[bool; 256]>),
+    /// `*`: any bytes but `/`.
+    Star,
+    /// `**`: any bytes.
+    Stars,
+}
+
+/// A compiled rsync pattern (wildmatch): `*`, `**`, `?`, `[...]`, `\`
+/// escapes; a pattern without `*?[` is compared literally, as rsync does
+/// (its backslashes are ordinary bytes then).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob {
+    toks: Vec<Tok>,
+}
+
+fn posix_class(name: &[u8], b: u8) -> Option<bool> {
+    Some(match name {
+        b"alnum" => b.is_ascii_alphanumeric(),
+        b"alpha" => b.is_ascii_alphabetic(),
+        b"blank" => b == b' ' || b == b'\t',
+        b"cntrl" => b.is_ascii_control(),
+        b"digit" => b.is_ascii_digit(),
+        b"graph" => b.is_ascii_graphic(),
+        b"lower" => b.is_ascii_lowercase(),
+        b"print" => b.is_ascii_graphic() || b == b' ',
+        b"punct" => b.is_ascii_punctuation(),
+        b"space" => b.is_ascii_whitespace() || b == 0x0b,
+        b"upper" => b.is_ascii_uppercase(),
+        b"xdigit" => b.is_ascii_hexdigit(),
+        _ => return None,
+    })
+}
+
+impl Glob {
+    /// Compiles `pat`; an unterminated `[` or an unknown `[:class:]` is an error.
+    pub fn new(pat: &[u8]) -> Result<Glob, String> {
+        if !pat.iter().any(|b| matches!(b, b'*' | b'?' | b'[')) {
+            return Ok(Glob {
+                toks: pat.iter().map(|&b| Tok::Byte(b)).collect(),
+            });
+        }
+        let mut toks = vec![];
+        let mut i = 0;
+        while i < pat.len() {
+            match pat[i] {
+                b'\\' if i + 1 < pat.len() => {
+                    toks.push(Tok::Byte(pat[i + 1]));
+                    i += 2;
+                }
+                b'*' => {
+                    let mut n = 0;
+                    while pat.get(i + n) == Some(&b'*') {
+                        n += 1;
+                    }
+                    toks.push(if n > 1 { Tok::Stars } else { Tok::Star });
+                    i += n;
+                }
+                b'?' => {
+                    toks.push(Tok::One);
+                    i += 1;
+                }
+                b'[' => {
+                    let (set, next) = Self::class(pat, i + 1)?;
+                    toks.push(Tok::Class(set));
+                    i = next;
+                }
+                b => {
+                    toks.push(Tok::Byte(b));
+                    i += 1;
+                }
+            }
+        }
+        Ok(Glob { toks })
+    }
+
+    /// Parses a class starting after its `[`: the set and the index after `]`.
+    fn class(pat: &[u8], mut i: usize) -> Result<(Box<[bool; 256]>, usize), String> {
+        let mut set = Box::new([false; 256]);
+        let negate = matches!(pat.get(i), Some(b'!' | b'^'));
+        if negate {
+            i += 1;
+        }
+        let mut first = true;
+        loop {
+            let Some(&c) = pat.get(i) else {
+                return Err("unterminated character class '['".into());
+            };
+            if c == b']' && !first {
+                i += 1;
+                break;
+            }
+            first = false;
+            if c == b'[' && pat.get(i + 1) == Some(&b':') {
+                let rest = &pat[i + 2..];
+                let Some(end) = rest.windows(2).position(|w| w == b":]") else {
+                    return Err("unterminated '[:' class".into());
+                };
+                let name = &rest[..end];
+                if posix_class(name, 0).is_none() {
+                    return Err(format!(
+                        "unknown character class [:{}:]",
+                        String::from_utf8_lossy(name)
+                    ));
+                }
+                for b in 0..=255u8 {
+                    if posix_class(name, b) == Some(true) {
+                        set[b as usize] = true;
+                    }
+                }
+                i += 2 + end + 2;
+                continue;
+            }
+            let (lo, after) = if c == b'\\' {
+                match pat.get(i + 1) {
+                    Some(&e) => (e, i + 2),
+                    None => return Err("unterminated character class '['".into()),
+                }
+            } else {
+                (c, i + 1)
+            };
+            i = after;
+            if pat.get(i) == Some(&b'-') && pat.get(i + 1).is_some_and(|&h| h != b']') {
+                let mut hi = pat[i + 1];
+                i += 2;
+                if hi == b'\\' {
+                    hi = *pat.get(i).ok_or("unterminated character class '['")?;
+                    i += 1;
+                }
+                for b in lo..=hi {
+                    set[b as usize] = true;
+                }
+            } else {
+                set[lo as usize] = true;
+            }
+        }
+        if negate {
+            for s in set.iter_mut() {
+                *s = !*s;
+            }
+        }
+        Ok((set, i))
+    }
+
+    /// Whether the whole of `text` matches.
+    pub fn matches(&self, text: &[u8]) -> bool {
+        if self.toks.iter().all(|t| matches!(t, Tok::Byte(_))) {
+            return self.toks.len() == text.len()
+                && self.toks.iter().zip(text).all(|(t, b)| *t == Tok::Byte(*b));
+        }
+        // Positions of `text` reachable after each token (NFA, one row at a time).
+        let n = text.len();
+        let mut cur = vec![false; n + 1];
+        let mut next = vec![false; n + 1];
+        cur[0] = true;
+        for tok in &self.toks {
+            next.iter_mut().for_each(|x| *x = false);
+            match tok {
+                Tok::Star | Tok::Stars => {
+                    let mut on = false;
+                    for j in 0..=n {
+                        on |= cur[j];
+                        next[j] = on;
+                        if *tok == Tok::Star && j < n && text[j] == b'/' {
+                            on = false;
+                        }
+                    }
+                }
+                _ => {
+                    for j in 0..n {
+                        if !cur[j] {
+                            continue;
+                        }
+                        let b = text[j];
+                        next[j + 1] = match tok {
+                            Tok::Byte(c) => *c == b,
+                            Tok::One => b != b'/',
+                            Tok::Class(set) => b != b'/' && set[b as usize],
+                            Tok::Star | Tok::Stars => false,
+                        };
+                    }
+                }
+            }
+            std::mem::swap(&mut cur, &mut next);
+            if !cur.iter().any(|x| *x) {
+                return false;
+            }
+        }
+        cur[n]
+    }
+}
+
+/// What a matching rule does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Leave the entry (and, for a directory, everything below) out.
+    Exclude,
+    /// Keep the entry; later rules are not consulted.
+    Include,
+}
+
+/// One include or exclude rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    action: Action,
+    glob: Glob,
+    /// `dir/***`: the pattern without `/***` also matches (the directory itself).
+    glob_dir: Option<Glob>,
+    /// Matched against the path from the anchor, not the final name.
+    whole_path: bool,
+    /// Anchored: the path must begin at `prefix`.
+    anchored: bool,
+    /// Where an anchored rule's path starts (a per-directory file's
+    /// directory, with a trailing `/`; empty at the root).
+    prefix: Vec<u8>,
+    negate: bool,
+    dir_only: bool,
+}
+
+impl Rule {
+    fn new(action: Action, pat: &[u8], mods: &Mods, prefix: &[u8]) -> Result<Rule, String> {
+        if pat.is_empty() {
+            return Err("empty pattern".into());
+        }
+        let (pat, dir_only) = match pat.strip_suffix(b"/") {
+            Some(p) if !p.is_empty() => (p, true),
+            _ => (pat, false),
+        };
+        let (pat, anchored_slash) = match pat.strip_prefix(b"/") {
+            Some(p) => (p, true),
+            None => (pat, false),
+        };
+        if pat.is_empty() {
+            return Err("a pattern of only '/' matches nothing".into());
+        }
+        let whole_path =
+            anchored_slash || mods.abs || pat.contains(&b'/') || pat.windows(2).any(|w| w == b"**");
+        let glob_dir = match pat.strip_suffix(b"/***") {
+            Some(p) if !p.is_empty() => Some(Glob::new(p)?),
+            _ => None,
+        };
+        Ok(Rule {
+            action,
+            glob: Glob::new(pat)?,
+            glob_dir,
+            whole_path,
+            anchored: anchored_slash || mods.abs,
+            prefix: if mods.abs { vec![] } else { prefix.to_vec() },
+            negate: mods.negate,
+            dir_only,
+        })
+    }
+
+    fn glob_matches(&self, text: &[u8]) -> bool {
+        self.glob.matches(text) || self.glob_dir.as_ref().is_some_and(|g| g.matches(text))
+    }
+
+    /// Whether the rule applies to `rel` (path from the root, no leading
+    /// `/`) whose final name starts at `name_at`.
+    pub fn matches(&self, rel: &[u8], name_at: usize, is_dir: bool) -> bool {
+        let hit = (!self.dir_only || is_dir) && self.pattern_matches(rel, name_at);
+        hit != self.negate
+    }
+
+    fn pattern_matches(&self, rel: &[u8], name_at: usize) -> bool {
+        if !self.whole_path {
+            return self.glob_matches(&rel[name_at.min(rel.len())..]);
+        }
+        if self.anchored {
+            return rel
+                .strip_prefix(self.prefix.as_slice())
+                .is_some_and(|tail| self.glob_matches(tail));
+        }
+        // Unanchored with a `/` or `**`: any tail starting at a component.
+        if self.glob_matches(rel) {
+            return true;
+        }
+        rel.iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'/')
+            .any(|(i, _)| self.glob_matches(&rel[i + 1..]))
+    }
+}
+
+/// A `dir-merge` rule: the name of the per-directory file and how to read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DirMerge {
+    name: Vec<u8>,
+    /// `-` or `+`: every line is a pattern of that action.
+    only: Option<Action>,
+    /// `n`: the rules apply in the file's directory only.
+    no_inherit: bool,
+    /// `e`: the per-directory file itself is excluded.
+    exclude_self: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Item {
+    Rule(Rule),
+    DirMerge(usize),
+}
+
+/// The parsed rules, in order; first match wins.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    items: Vec<Item>,
+    merges: Vec<DirMerge>,
+    /// Notes about rules that have no effect on a backup (shown as warnings).
+    pub notes: Vec<String>,
+}
+
+/// Modifiers of one rule.
+#[derive(Debug, Default)]
+struct Mods {
+    abs: bool,
+    negate: bool,
+    receiver_only: bool,
+    only: Option<Action>,
+    no_inherit: bool,
+    exclude_self: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Include,
+    Exclude,
+    Hide,
+    Show,
+    Protect,
+    Risk,
+    Clear,
+    Merge,
+    DirMerge,
+}
+
+const LONG: &[(&str, Kind)] = &[
+    ("include", Kind::Include),
+    ("exclude", Kind::Exclude),
+    ("hide", Kind::Hide),
+    ("show", Kind::Show),
+    ("protect", Kind::Protect),
+    ("risk", Kind::Risk),
+    ("clear", Kind::Clear),
+    ("merge", Kind::Merge),
+    ("dir-merge", Kind::DirMerge),
+];
+
+fn short(c: u8) -> Option<Kind> {
+    Some(match c {
+        b'+' => Kind::Include,
+        b'-' => Kind::Exclude,
+        b'H' => Kind::Hide,
+        b'S' => Kind::Show,
+        b'P' => Kind::Protect,
+        b'R' => Kind::Risk,
+        b'!' => Kind::Clear,
+        b'.' => Kind::Merge,
+        b':' => Kind::DirMerge,
+        _ => return None,
+    })
+}
+
+/// Splits a rule line into its kind, modifier bytes and argument.
+fn split_rule(line: &[u8]) -> Result<(Kind, &[u8], &[u8]), String> {
+    let (kind, rest) = LONG
+        .iter()
+        .find_map(|(name, k)| {
+            let rest = line.strip_prefix(name.as_bytes())?;
+            matches!(rest.first(), None | Some(b' ' | b'_' | b',')).then_some((*k, rest))
+        })
+        .or_else(|| short(line[0]).map(|k| (k, &line[1..])))
+        .ok_or_else(|| {
+            format!(
+                "unknown rule {:?} (supported: + - include exclude merge . dir-merge : \
+                 hide H show S protect P risk R clear !)",
+                String::from_utf8_lossy(line.split(|b| *b == b' ').next().unwrap_or(line))
+            )
+        })?;
+    // `exclude,MODS` / `-,MODS`: the comma is optional after a short name.
+    let rest = rest.strip_prefix(b",").unwrap_or(rest);
+    // Modifiers run up to the separator: one space or one underscore.
+    let end = rest
+        .iter()
+        .position(|b| *b == b' ' || *b == b'_')
+        .unwrap_or(rest.len());
+    let (mods, arg) = (&rest[..end], rest.get(end + 1..).unwrap_or(b""));
+    Ok((kind, mods, arg))
+}
+
+fn parse_mods(kind: Kind, mods: &[u8]) -> Result<Mods, String> {
+    let mut m = Mods::default();
+    for &c in mods {
+        let ok = match (kind, c) {
+            (Kind::Include | Kind::Exclude | Kind::Hide | Kind::Show, b'/') => {
+                m.abs = true;
+                true
+            }
+            (Kind::Include | Kind::Exclude | Kind::Hide | Kind::Show, b'!') => {
+                m.negate = true;
+                true
+            }
+            (Kind::Include | Kind::Exclude, b's') => true,
+            (Kind::Include | Kind::Exclude, b'r') => {
+                m.receiver_only = true;
+                true
+            }
+            (Kind::Merge | Kind::DirMerge, b'-') => {
+                m.only = Some(Action::Exclude);
+                true
+            }
+            (Kind::Merge | Kind::DirMerge, b'+') => {
+                m.only = Some(Action::Include);
+                true
+            }
+            (Kind::DirMerge, b'n') => {
+                m.no_inherit = true;
+                true
+            }
+            (Kind::DirMerge, b'e') => {
+                m.exclude_self = true;
+                true
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(format!(
+                "modifier {:?} is not supported on this rule",
+                c as char
+            ));
+        }
+    }
+    Ok(m)
+}
+
+/// Where rules being parsed go, and what they may contain.
+struct Sink<'a> {
+    rules: &'a mut Vec<Item>,
+    notes: &'a mut Vec<String>,
+    /// `Some` while parsing the global list (merge and dir-merge allowed).
+    merges: Option<&'a mut Vec<DirMerge>>,
+    /// Anchor of the rules (a per-directory file's directory).
+    prefix: &'a [u8],
+    /// Set when a per-directory file clears the inherited rules.
+    cleared: bool,
+}
+
+fn err(file: &Path, line: usize, message: impl Into<String>) -> FilterError {
+    FilterError {
+        file: file.to_path_buf(),
+        line,
+        message: message.into(),
+    }
+}
+
+/// Reads a global filter file (or one it merges) by path.
+fn read_file(path: &Path) -> Result<Vec<u8>, FilterError> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| err(path, 0, e.to_string()))?;
+    let mut buf = vec![];
+    f.take(MAX_FILTER_FILE as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| err(path, 0, e.to_string()))?;
+    if buf.len() > MAX_FILTER_FILE {
+        return Err(err(path, 0, format!("larger than {MAX_FILTER_FILE} bytes")));
+    }
+    Ok(buf)
+}
+
+/// Parses the lines of `text` (from `file`) into `sink`.
+fn parse_lines(
+    text: &[u8],
+    file: &Path,
+    only: Option<Action>,
+    depth: usize,
+    sink: &mut Sink<'_>,
+) -> Result<(), FilterError> {
+    for (i, line) in text.split(|b| *b == b'\n' || *b == b'\r').enumerate() {
+        let n = i + 1;
+        if line.is_empty() || line[0] == b'#' || line[0] == b';' {
+            continue;
+        }
+        if line.len() > MAX_LINE {
+            return Err(err(file, n, format!("line longer than {MAX_LINE} bytes")));
+        }
+        if sink.rules.len() > 100_000 {
+            return Err(err(file, n, "more than 100000 rules"));
+        }
+        parse_line(line, file, n, only, depth, sink)?;
+    }
+    Ok(())
+}
+
+fn parse_line(
+    line: &[u8],
+    file: &Path,
+    n: usize,
+    only: Option<Action>,
+    depth: usize,
+    sink: &mut Sink<'_>,
+) -> Result<(), FilterError> {
+    let shown = || String::from_utf8_lossy(line).into_owned();
+    if let Some(action) = only {
+        // A `merge,-`/`dir-merge,-` file: each line is a pattern (`!` clears).
+        if line == b"!" {
+            sink.rules.clear();
+            sink.cleared = true;
+            return Ok(());
+        }
+        let rule = Rule::new(action, line, &Mods::default(), sink.prefix)
+            .map_err(|m| err(file, n, format!("{}: {m}", shown())))?;
+        sink.rules.push(Item::Rule(rule));
+        return Ok(());
+    }
+    let (kind, mods, arg) = split_rule(line).map_err(|m| err(file, n, m))?;
+    let mods = parse_mods(kind, mods).map_err(|m| err(file, n, format!("{}: {m}", shown())))?;
+    let what = |m: &str| err(file, n, format!("{}: {m}", shown()));
+    match kind {
+        Kind::Clear => {
+            if !arg.is_empty() {
+                return Err(what("'!' (clear) takes no pattern"));
+            }
+            sink.rules.clear();
+            sink.cleared = true;
+        }
+        Kind::Protect | Kind::Risk => {
+            sink.notes.push(format!(
+                "{}:{n}: {:?} has no effect: protect/risk rules only shield files on the \
+                 receiving side from rsync's --delete; byteback's server keeps every \
+                 snapshot whole, and what is sent is decided by the other rules",
+                file.display(),
+                shown()
+            ));
+        }
+        Kind::Include | Kind::Exclude | Kind::Hide | Kind::Show => {
+            let action = match kind {
+                Kind::Include | Kind::Show => Action::Include,
+                _ => Action::Exclude,
+            };
+            if mods.receiver_only {
+                sink.notes.push(format!(
+                    "{}:{n}: {:?} has no effect: a receiver-side ('r') rule does not \
+                     decide what is sent",
+                    file.display(),
+                    shown()
+                ));
+                return Ok(());
+            }
+            let rule = Rule::new(action, arg, &mods, sink.prefix).map_err(|m| what(&m))?;
+            sink.rules.push(Item::Rule(rule));
+        }
+        Kind::Merge => {
+            if sink.merges.is_none() {
+                return Err(what("merge is not supported inside a per-directory file"));
+            }
+            if depth >= MAX_MERGE_DEPTH {
+                return Err(what(&format!(
+                    "merge nested more than {MAX_MERGE_DEPTH} deep (a loop?)"
+                )));
+            }
+            if arg.is_empty() {
+                return Err(what("merge needs a file name"));
+            }
+            let p = Path::new(std::ffi::OsStr::from_bytes(arg));
+            // Relative names are taken from the merging file's directory.
+            let path = match file.parent() {
+                Some(dir) if p.is_relative() => dir.join(p),
+                _ => p.to_path_buf(),
+            };
+            let text = read_file(&path).map_err(|e| what(&e.to_string()))?;
+            parse_lines(&text, &path, mods.only, depth + 1, sink)?;
+        }
+        Kind::DirMerge => {
+            let Some(merges) = sink.merges.as_deref_mut() else {
+                return Err(what(
+                    "dir-merge is not supported inside a per-directory file",
+                ));
+            };
+            if arg.is_empty() || arg.contains(&b'/') || arg == b"." || arg == b".." {
+                return Err(what(
+                    "dir-merge takes a plain file name (such as .rsync-filter), \
+                     looked for in every directory",
+                ));
+            }
+            if merges.len() >= MAX_DIR_MERGES {
+                return Err(what(&format!("more than {MAX_DIR_MERGES} dir-merge rules")));
+            }
+            merges.push(DirMerge {
+                name: arg.to_vec(),
+                only: mods.only,
+                no_inherit: mods.no_inherit,
+                exclude_self: mods.exclude_self,
+            });
+            let k = merges.len() - 1;
+            sink.rules.push(Item::DirMerge(k));
+        }
+    }
+    Ok(())
+}
+
+impl Filter {
+    /// Reads and parses a filter file (`merge` rules in it are read too).
+    pub fn load(path: &Path) -> Result<Filter, FilterError> {
+        let text = read_file(path)?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses filter rules; `file` names them in errors and is where
+    /// relative `merge` names are taken from.
+    pub fn parse(text: &[u8], file: &Path) -> Result<Filter, FilterError> {
+        let mut f = Filter::default();
+        let mut sink = Sink {
+            rules: &mut f.items,
+            notes: &mut f.notes,
+            merges: Some(&mut f.merges),
+            prefix: b"",
+            cleared: false,
+        };
+        parse_lines(text, file, None, 0, &mut sink)?;
+        Ok(f)
+    }
+
+    /// Whether there are no rules at all.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The `dir-merge` rules still in the list (a `!` may have dropped
+    /// some): their numbers and the names of the per-directory files to read
+    /// in each directory.
+    pub fn dir_merges(&self) -> Vec<(usize, &[u8])> {
+        self.items
+            .iter()
+            .filter_map(|i| match i {
+                Item::DirMerge(k) => Some((*k, self.merges[*k].name.as_slice())),
+                Item::Rule(_) => None,
+            })
+            .collect()
+    }
+
+    /// The first matching rule's action for `rel` (path from the root, no
+    /// leading `/`), found in the directory at walk depth `depth` (whose
+    /// per-directory rules are in `dirs`); `None` if no rule matches.
+    pub fn check(&self, dirs: &DirRules, rel: &[u8], is_dir: bool, depth: usize) -> Option<Action> {
+        let name_at = rel.iter().rposition(|b| *b == b'/').map_or(0, |i| i + 1);
+        for item in &self.items {
+            match item {
+                Item::Rule(r) => {
+                    if r.matches(rel, name_at, is_dir) {
+                        return Some(r.action);
+                    }
+                }
+                Item::DirMerge(k) => {
+                    let m = &self.merges[*k];
+                    if m.exclude_self && &rel[name_at..] == m.name.as_slice() {
+                        return Some(Action::Exclude);
+                    }
+                    // Newest directory first; a file that cleared stops the inheritance.
+                    for frame in dirs.frames.iter().rev().filter(|f| f.merge == *k) {
+                        if frame.depth == depth || !m.no_inherit {
+                            for r in &frame.rules {
+                                if r.matches(rel, name_at, is_dir) {
+                                    return Some(r.action);
+                                }
+                            }
+                        }
+                        if frame.cleared {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Rules read from one per-directory file.
+#[derive(Debug)]
+struct Frame {
+    merge: usize,
+    depth: usize,
+    rules: Vec<Rule>,
+    cleared: bool,
+}
+
+/// The per-directory rules of the directories being walked, one frame per
+/// file read, dropped when the walk leaves the directory.
+#[derive(Debug, Default)]
+pub struct DirRules {
+    frames: Vec<Frame>,
+}
+
+impl DirRules {
+    /// Adds the rules of the per-directory file for `dir-merge` number
+    /// `merge` (its contents `text`, found at `file`) of the directory `dir`
+    /// (path from the root, no leading `/`) at walk depth `depth`.
+    pub fn enter(
+        &mut self,
+        filter: &Filter,
+        merge: usize,
+        depth: usize,
+        dir: &[u8],
+        text: &[u8],
+        file: &Path,
+    ) -> Result<(), FilterError> {
+        let m = filter
+            .merges
+            .get(merge)
+            .ok_or_else(|| err(file, 0, "no such dir-merge rule"))?;
+        let mut prefix = dir.to_vec();
+        if !prefix.is_empty() {
+            prefix.push(b'/');
+        }
+        let mut items = vec![];
+        let mut notes = vec![];
+        let mut sink = Sink {
+            rules: &mut items,
+            notes: &mut notes,
+            merges: None,
+            prefix: &prefix,
+            cleared: false,
+        };
+        parse_lines(text, file, m.only, MAX_MERGE_DEPTH, &mut sink)?;
+        let cleared = sink.cleared;
+        let rules = items
+            .into_iter()
+            .filter_map(|i| match i {
+                Item::Rule(r) => Some(r),
+                Item::DirMerge(_) => None,
+            })
+            .collect();
+        self.frames.push(Frame {
+            merge,
+            depth,
+            rules,
+            cleared,
+        });
+        Ok(())
+    }
+
+    /// Drops the rules of directories at `depth` and deeper.
+    pub fn leave(&mut self, depth: usize) {
+        while self.frames.last().is_some_and(|f| f.depth >= depth) {
+            self.frames.pop();
+        }
+    }
+
+    /// Number of per-directory files whose rules are held.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Whether no per-directory rules are held.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn g(p: &str) -> Glob {
+        Glob::new(p.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn wildcards_follow_rsync() {
+        assert!(g("*.tmp").matches(b"a.tmp"));
+        assert!(!g("*.tmp").matches(b"d/a.tmp"));
+        assert!(g("**.tmp").matches(b"d/a.tmp"));
+        assert!(g("a?c").matches(b"abc"));
+        assert!(!g("a?c").matches(b"a/c"));
+        assert!(g("[a-c]x").matches(b"bx"));
+        assert!(!g("[!a-c]x").matches(b"bx"));
+        assert!(g("[^a-c]x").matches(b"dx"));
+        assert!(!g("[^a-c]x").matches(b"/x"));
+        assert!(g("[]]").matches(b"]"));
+        assert!(g("[[:digit:]]*").matches(b"7up"));
+        assert!(g("a\\*b").matches(b"a*b"));
+        assert!(!g("a\\*b").matches(b"axb"));
+        assert!(g("x/**").matches(b"x/y/z"));
+        assert!(
+            !g("x/**/z").matches(b"x/z"),
+            "rsync: ** does not match zero dirs here"
+        );
+        // No wildcard: literal, backslash included.
+        assert!(g("a\\b").matches(b"a\\b"));
+        assert!(g("").matches(b""));
+        assert!(Glob::new(b"[abc").is_err());
+        assert!(Glob::new(b"[[:nope:]]").is_err());
+        // Non-UTF-8 bytes.
+        assert!(g("caf\u{e9}*").matches("caf\u{e9}s".as_bytes()));
+        assert!(Glob::new(b"\xff*").unwrap().matches(b"\xff\xfe"));
+    }
+
+    fn parse(s: &str) -> Filter {
+        Filter::parse(s.as_bytes(), Path::new("/etc/byteback/rsync_filter")).unwrap()
+    }
+
+    fn parse_err(s: &str) -> FilterError {
+        Filter::parse(s.as_bytes(), Path::new("/etc/byteback/rsync_filter")).unwrap_err()
+    }
+
+    fn check(f: &Filter, rel: &str, dir: bool) -> Option<Action> {
+        f.check(&DirRules::default(), rel.as_bytes(), dir, 1)
+    }
+
+    use Action::{Exclude as X, Include as I};
+
+    #[test]
+    fn first_matching_rule_wins_and_patterns_match_names_or_tails() {
+        let f = parse(
+            "# comment\n; another\n\n+ /home/keep.tmp\n- *.tmp\ninclude /var/log/\n\
+             exclude /var/*\n- cache/\n- a/b\n+ **/x**\n- /**/deep\n",
+        );
+        assert_eq!(check(&f, "home/keep.tmp", false), Some(I));
+        assert_eq!(check(&f, "home/other.tmp", false), Some(X));
+        assert_eq!(check(&f, "x.tmp", false), Some(X));
+        assert_eq!(check(&f, "var/log", true), Some(I));
+        assert_eq!(
+            check(&f, "var/log", false),
+            Some(X),
+            "trailing / = dirs only"
+        );
+        assert_eq!(check(&f, "var/lib", true), Some(X));
+        assert_eq!(check(&f, "srv/var/lib", true), None, "anchored at the root");
+        assert_eq!(check(&f, "u/cache", true), Some(X));
+        assert_eq!(check(&f, "u/cache", false), None);
+        assert_eq!(check(&f, "z/a/b", false), Some(X), "tail match");
+        assert_eq!(check(&f, "xa/b", false), None, "at a component boundary");
+        assert_eq!(check(&f, "q/r/xyz/w", false), Some(I));
+        assert_eq!(check(&f, "q/r/deep", false), Some(X));
+        assert_eq!(check(&f, "deep", false), None, "/**/deep needs a dir");
+        assert_eq!(check(&f, "srv/plain", false), None);
+    }
+
+    #[test]
+    fn modifiers_triple_star_and_clear() {
+        let f = parse("-! */\n");
+        assert_eq!(
+            check(&f, "a/file", false),
+            Some(X),
+            "negated dir-only excludes files"
+        );
+        assert_eq!(check(&f, "a/dir", true), None);
+        let f = parse("- /srv/***\n+/ /etc/x\n- etc/x\n");
+        assert_eq!(check(&f, "srv", true), Some(X));
+        assert_eq!(check(&f, "srv/a/b", false), Some(X));
+        assert_eq!(check(&f, "srvx", false), None);
+        assert_eq!(check(&f, "etc/x", false), Some(I));
+        assert_eq!(check(&f, "a/etc/x", false), Some(X));
+        let f = parse("- a\n!\n- b\nclear\n+ c\n");
+        assert_eq!(check(&f, "a", false), None);
+        assert_eq!(check(&f, "b", false), None);
+        assert_eq!(check(&f, "c", false), Some(I));
+        let f = parse("H secret\nS shown\n-_under\nexclude,! keep*\n+s y\n");
+        assert_eq!(
+            check(&f, "d/secret", false),
+            Some(X),
+            "hide = sender-side exclude"
+        );
+        assert_eq!(check(&f, "d/shown", false), Some(I));
+        assert_eq!(check(&f, "under", false), Some(X));
+        assert_eq!(check(&f, "other", false), Some(X), "exclude,! keep*");
+        assert_eq!(check(&f, "keepme", false), None);
+    }
+
+    #[test]
+    fn protect_and_risk_are_noted_not_applied() {
+        let f = parse("P /var/x\nprotect y\nR z\n-r w\n- v\n");
+        assert_eq!(f.notes.len(), 4, "{:?}", f.notes);
+        assert!(f.notes[0].contains("rsync_filter:1") && f.notes[0].contains("--delete"));
+        assert_eq!(check(&f, "var/x", false), None);
+        assert_eq!(check(&f, "w", false), None);
+        assert_eq!(check(&f, "v", false), Some(X));
+    }
+
+    #[test]
+    fn unsupported_rules_name_file_and_line() {
+        for (text, line, what) in [
+            ("- a\nfoo bar\n", 2, "unknown rule"),
+            ("- a\n\n-C x\n", 3, "modifier 'C'"),
+            ("-p x\n", 1, "modifier 'p'"),
+            ("+ [abc\n", 1, "unterminated"),
+            (" - indented\n", 1, "unknown rule"),
+            ("dir-merge sub/.f\n", 1, "plain file name"),
+            (":w .f\n", 1, "modifier 'w'"),
+            ("- \n", 1, "empty pattern"),
+            ("! x\n", 1, "takes no pattern"),
+            (
+                "merge /nonexistent/byteback-filter-test\n",
+                1,
+                "nonexistent",
+            ),
+            ("L x\n", 1, "unknown rule"),
+        ] {
+            let e = parse_err(text);
+            assert_eq!(e.line, line, "{text:?}: {e}");
+            assert!(e.to_string().contains(what), "{text:?}: {e}");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("/etc/byteback/rsync_filter:{line}: ")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn merge_reads_files_relative_to_the_merging_one_and_stops_loops() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("more"), "- *.bak\n+ keep\n").unwrap();
+        std::fs::write(d.path().join("plain"), "*.o\nbuild/\n").unwrap();
+        std::fs::write(d.path().join("loop"), "merge loop\n").unwrap();
+        std::fs::write(d.path().join("bad"), "- ok\n?? x\n").unwrap();
+        let main = d.path().join("main");
+        std::fs::write(&main, "merge more\n.- plain\n- keep\n").unwrap();
+        let f = Filter::load(&main).unwrap();
+        assert_eq!(check(&f, "a.bak", false), Some(X));
+        assert_eq!(
+            check(&f, "keep", false),
+            Some(I),
+            "merged rules come in place"
+        );
+        assert_eq!(check(&f, "x.o", false), Some(X));
+        assert_eq!(check(&f, "build", true), Some(X));
+        std::fs::write(&main, "merge loop\n").unwrap();
+        assert!(Filter::load(&main)
+            .unwrap_err()
+            .to_string()
+            .contains("deep"));
+        std::fs::write(&main, "merge bad\n").unwrap();
+        let e = Filter::load(&main).unwrap_err();
+        assert_eq!(e.file, d.path().join("bad"));
+        assert_eq!(e.line, 2);
+        std::fs::write(&main, vec![b'#'; MAX_FILTER_FILE + 1]).unwrap();
+        assert!(Filter::load(&main)
+            .unwrap_err()
+            .to_string()
+            .contains("larger"));
+    }
+
+    #[test]
+    fn dir_merge_rules_are_inherited_newest_first_and_anchored_at_their_directory() {
+        let f = parse("- /top/early\n: .rsync-filter\ndir-merge,-n .excl\n- *.late\n");
+        assert_eq!(f.dir_merges().len(), 2);
+        let mut d = DirRules::default();
+        let file = Path::new("/top/.rsync-filter");
+        d.enter(&f, 0, 1, b"top", b"- *.o\n+ keep.late\n- /anch\n", file)
+            .unwrap();
+        d.enter(&f, 1, 1, b"top", b"only-here\n", Path::new("/top/.excl"))
+            .unwrap();
+        assert_eq!(f.check(&d, b"top/a.o", false, 1), Some(X));
+        assert_eq!(f.check(&d, b"top/keep.late", false, 1), Some(I));
+        assert_eq!(f.check(&d, b"top/x.late", false, 1), Some(X));
+        assert_eq!(
+            f.check(&d, b"top/early", false, 1),
+            Some(X),
+            "global rule first"
+        );
+        assert_eq!(f.check(&d, b"top/anch", false, 1), Some(X));
+        assert_eq!(
+            f.check(&d, b"top/sub/anch", false, 2),
+            None,
+            "anchored at top/"
+        );
+        assert_eq!(f.check(&d, b"top/only-here", false, 1), Some(X));
+        assert_eq!(
+            f.check(&d, b"top/sub/only-here", false, 2),
+            None,
+            "n: not inherited"
+        );
+        // A subdirectory's file comes before the inherited rules.
+        let sub = Path::new("/top/sub/.rsync-filter");
+        d.enter(&f, 0, 2, b"top/sub", b"+ *.o\n", sub).unwrap();
+        assert_eq!(f.check(&d, b"top/sub/a.o", false, 2), Some(I));
+        assert_eq!(f.check(&d, b"top/sub/b/c.o", false, 3), Some(I));
+        d.leave(2);
+        assert_eq!(d.len(), 2);
+        assert_eq!(f.check(&d, b"top/other/a.o", false, 2), Some(X));
+        // `!` in a per-directory file: the inherited rules stop there.
+        d.enter(&f, 0, 2, b"top/clr", b"!\n- z\n", sub).unwrap();
+        assert_eq!(f.check(&d, b"top/clr/a.o", false, 2), None);
+        assert_eq!(f.check(&d, b"top/clr/z", false, 2), Some(X));
+        d.leave(1);
+        assert!(d.is_empty());
+        // Errors name the per-directory file and line; merge is refused there.
+        let e = d
+            .enter(&f, 0, 1, b"x", b"- a\nmerge /etc/passwd\n", file)
+            .unwrap_err();
+        assert_eq!((e.file.as_path(), e.line), (file, 2));
+        let e = d.enter(&f, 0, 1, b"x", b"+ a\n:x y\n", file).unwrap_err();
+        assert_eq!(e.line, 2);
+        // `e`: the per-directory file itself is left out.
+        let f = parse(":e .rsync-filter\n");
+        assert_eq!(
+            f.check(&DirRules::default(), b"a/.rsync-filter", false, 1),
+            Some(X)
+        );
+    }
+}
