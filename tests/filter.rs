@@ -1,0 +1,434 @@
+//! `/etc/byteback/rsync_filter` against real rsync as the oracle, and
+//! `--snapshot` globs: real `byteback-backup` / `byteback-restore` processes
+//! with `BYTEBACK_CONFIG_DIR` pointing at a private settings directory.
+
+mod util;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use util::*;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    work: PathBuf,
+    conf: PathBuf,
+    store: PathBuf,
+    src: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = scratch();
+    let work = dir.path().to_path_buf();
+    let conf = work.join("conf");
+    let store = work.join("store");
+    let src = work.join("src");
+    for d in [&conf, &store, &src] {
+        fs::create_dir_all(d).unwrap();
+    }
+    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    Setup {
+        _dir: dir,
+        work,
+        conf,
+        store,
+        src,
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn p(root: &Path, rel: &[u8]) -> PathBuf {
+    root.join(OsStr::from_bytes(rel))
+}
+
+fn put(root: &Path, rel: &[u8], data: &[u8]) {
+    let f = p(root, rel);
+    fs::create_dir_all(f.parent().unwrap()).unwrap();
+    fs::write(f, data).unwrap();
+}
+
+fn snapshots(store: &Path, host: &str) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(store.join(host))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+impl Setup {
+    fn backup(&self, extra: &[&OsStr]) -> Output {
+        run_status(
+            Command::new(bin("byteback-backup"))
+                .env("BYTEBACK_CONFIG_DIR", &self.conf)
+                .arg("--destination")
+                .arg(&self.store)
+                .args(["--hostname", "h", "--retry-number", "0", "--source"])
+                .arg(&self.src)
+                .args(extra),
+        )
+    }
+
+    fn restore(&self, args: &[&OsStr]) -> Output {
+        run_status(
+            Command::new(bin("byteback-restore"))
+                .env("BYTEBACK_CONFIG_DIR", &self.conf)
+                .current_dir(&self.work)
+                .arg("--destination")
+                .arg(&self.store)
+                .args(["--hostname", "h"])
+                .args(args),
+        )
+    }
+
+    /// A pre-backup hook that leaves a marker: whether the backup started.
+    fn marker_hook(&self) -> PathBuf {
+        let marker = self.work.join("hook-ran");
+        let d = self.conf.join("pre-backup.d");
+        fs::create_dir_all(&d).unwrap();
+        let hook = d.join("10-marker");
+        fs::write(&hook, format!("#!/bin/sh\ntouch '{}'\n", marker.display())).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+        marker
+    }
+}
+
+/// The tree of the oracle test: every name the rules below decide about.
+fn build_tree(src: &Path) {
+    for (rel, data) in [
+        (&b"a b/file one.txt"[..], &b"kept"[..]),
+        (b"a b/x.tmp", b"- *.tmp"),
+        (b"tmpkeep/y.tmp", b"+ /.../tmpkeep/***"),
+        (b"tmpkeep/sub/z.tmp", b"+ /.../tmpkeep/***"),
+        (b"star*dir/f*", b"- star\\*dir/f\\*"),
+        (b"star*dir/g", b"kept"),
+        (b"caf\xe9.tmp", b"- *.tmp, non-UTF-8"),
+        (b"k\xe9ep", b"kept, non-UTF-8"),
+        (b"\xff\xfe/inner", b"- \\xff\\xfe/"),
+        (b"deep/er/drop.log", b"- deep/**/drop.log"),
+        (b"deep/er/est/keep.log", b"kept"),
+        (b"deep/drop.log", b"kept: ** needs a directory here"),
+        (b"cache/f", b"- cache/"),
+        (b"x/cache", b"kept: a file, not a directory"),
+        (b"12.dat", b"- [0-9][0-9].dat"),
+        (b"1a.dat", b"kept"),
+        (b"a.q", b"- ?.q"),
+        (b"ab.q", b"kept"),
+        (b"anch1", b"- /.../src/anch*"),
+        (b"x/anch2", b"kept: anchored rule"),
+        (b"secret-shown", b"S secret-shown"),
+        (b"secret-hidden", b"H secret*"),
+        (b"old.bak", b"merged: - *.bak"),
+        (b"by-x", b"excluded by -x before the filter's + by-x"),
+        (b"trail ", b"kept: trailing space"),
+        (b"proj/.rsync-filter", b"+ important.o\n- *.o\n- /build/\n"),
+        (b"proj/a.o", b"- *.o"),
+        (b"proj/important.o", b"+ important.o"),
+        (b"proj/build/out", b"- /build/ anchored at proj"),
+        (b"proj/sub/build/out", b"kept"),
+        (b"proj/sub/.rsync-filter", b"+ *.o\n"),
+        (b"proj/sub/b.o", b"+ *.o of sub comes first"),
+        (b"proj/.excl", b"only-here\n"),
+        (b"proj/only-here", b"- from .excl"),
+        (b"proj/sub/only-here", b"kept: n = not inherited"),
+        (b"proj/clr/.rsync-filter", b"- z\n!\n- y\n"),
+        (b"proj/clr/c.o", b"kept: inherited rules cleared"),
+        (b"proj/clr/z", b"kept: cleared"),
+        (b"proj/clr/y", b"- y"),
+    ] {
+        put(src, rel, data);
+    }
+    set_mtime(&src.join("a b/file one.txt"), 1_700_000_000, 123_456_789);
+}
+
+fn filter_file(s: &Setup) -> Vec<u8> {
+    let abs = s.src.as_os_str().as_bytes();
+    let more = s.work.join("more-rules");
+    fs::write(&more, "# merged\n- *.bak\n").unwrap();
+    let mut f: Vec<u8> = vec![];
+    f.extend_from_slice(b"# byteback 1.x style filter file\n; both comment styles\n\nexclude no-such-name\n+ nor-this\n");
+    f.extend_from_slice(b"+ by-x\nP /protected\ninclude ");
+    f.extend_from_slice(abs);
+    f.extend_from_slice(b"/tmpkeep/***\nexclude *.tmp\n- star\\*dir/f\\*\n- \xff\xfe/\n");
+    f.extend_from_slice(b"- deep/**/drop.log\n- cache/\n- [0-9][0-9].dat\n- ?.q\n- ");
+    f.extend_from_slice(abs);
+    f.extend_from_slice(b"/anch*\nS secret-shown\nH secret*\nmerge ");
+    f.extend_from_slice(more.as_os_str().as_bytes());
+    f.extend_from_slice(b"\n: .rsync-filter\ndir-merge,ne- .excl\n");
+    f
+}
+
+/// rsync itself (as 1.x ran it: `--relative`, its `--exclude`s, then
+/// `--filter='merge rsync_filter'`) and byteback with the same files give the
+/// same tree, byte for byte and with the same metadata.
+#[test]
+fn rsync_filter_selects_exactly_what_rsync_selects() {
+    if !require_root("rsync_filter_selects_exactly_what_rsync_selects") {
+        return;
+    }
+    let s = setup();
+    build_tree(&s.src);
+    let filter = filter_file(&s);
+    let filter_path = s.conf.join("rsync_filter");
+    fs::write(&filter_path, &filter).unwrap();
+    let by_x = s.src.join("by-x");
+
+    let oracle = s.work.join("rsync");
+    fs::create_dir_all(&oracle).unwrap();
+    let mut merge = std::ffi::OsString::from("merge ");
+    merge.push(&filter_path);
+    run(Command::new("rsync")
+        // Nanosecond mtimes: otherwise rsync leaves a directory made in
+        // the same second as its source with the time it was made.
+        .args(["-aHAX", "--numeric-ids", "--modify-window=-1", "--relative"])
+        .arg("--exclude")
+        .arg(&by_x)
+        .arg("--filter")
+        .arg(&merge)
+        .arg(&s.src)
+        .arg(format!("{}/", oracle.display())));
+    let want = oracle.join(s.src.strip_prefix("/").unwrap());
+    // The oracle did what the rules say (so the comparison cannot pass by
+    // both sides keeping everything).
+    for rel in [
+        &b"a b/x.tmp"[..],
+        b"star*dir/f*",
+        b"caf\xe9.tmp",
+        b"\xff\xfe",
+        b"deep/er/drop.log",
+        b"cache",
+        b"12.dat",
+        b"a.q",
+        b"anch1",
+        b"secret-hidden",
+        b"old.bak",
+        b"by-x",
+        b"proj/a.o",
+        b"proj/build",
+        b"proj/.excl",
+        b"proj/only-here",
+        b"proj/clr/y",
+    ] {
+        assert!(!p(&want, rel).exists(), "rsync kept {}", rel.escape_ascii());
+    }
+    for rel in [
+        &b"a b/file one.txt"[..],
+        b"tmpkeep/sub/z.tmp",
+        b"star*dir/g",
+        b"k\xe9ep",
+        b"deep/drop.log",
+        b"deep/er/est/keep.log",
+        b"x/cache",
+        b"secret-shown",
+        b"trail ",
+        b"proj/.rsync-filter",
+        b"proj/important.o",
+        b"proj/sub/build/out",
+        b"proj/sub/b.o",
+        b"proj/sub/only-here",
+        b"proj/clr/c.o",
+        b"proj/clr/z",
+    ] {
+        assert!(
+            p(&want, rel).exists(),
+            "rsync left out {}",
+            rel.escape_ascii()
+        );
+    }
+
+    let o = s.backup(&[OsStr::new("-x"), by_x.as_os_str()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("rsync_filter:7") && err.contains("has no effect"),
+        "the P rule is named in a note: {err}"
+    );
+    let snap = snapshots(&s.store, "h").pop().expect("a snapshot");
+    let into = s.work.join("restored");
+    fs::create_dir_all(&into).unwrap();
+    let o = s.restore(&[
+        OsStr::new("--restore"),
+        OsStr::new("--target"),
+        into.as_os_str(),
+        s.src.as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let got = into.join(&snap).join(s.src.strip_prefix("/").unwrap());
+    assert_same_tree(&want, &got);
+    assert_same_tree(&got, &want);
+}
+
+/// An unsupported rule in `rsync_filter` stops the backup before anything
+/// runs (exit 2, the file and line named, no hook run, nothing stored); one in
+/// a per-directory file found during the walk fails the backup (exit 1, named)
+/// and commits nothing.
+#[test]
+fn unsupported_filter_rules_stop_the_backup_naming_file_and_line() {
+    if !require_root("unsupported_filter_rules_stop_the_backup_naming_file_and_line") {
+        return;
+    }
+    let s = setup();
+    put(&s.src, b"f", b"data");
+    let marker = s.marker_hook();
+    fs::write(s.conf.join("rsync_filter"), "- *.tmp\n-C cvs-style\n").unwrap();
+    let o = s.backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("rsync_filter:2:"), "{err}");
+    assert!(err.contains("modifier 'C'"), "{err}");
+    assert!(!marker.exists(), "a pre-backup hook ran");
+    assert!(!s.store.join("h").exists(), "something was stored");
+
+    for bad in ["+ [unterminated\n", "foo\n", "dir-merge a/b\n"] {
+        fs::write(s.conf.join("rsync_filter"), bad).unwrap();
+        let o = s.backup(&[]);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("rsync_filter:1:"), "{}", stderr(&o));
+    }
+    assert!(!s.store.join("h").exists());
+
+    // Found during the walk: the backup fails, naming the file and line.
+    fs::write(s.conf.join("rsync_filter"), ": .rsync-filter\n").unwrap();
+    put(&s.src, b"d/.rsync-filter", b"- ok\nwhat is this\n");
+    put(&s.src, b"d/g", b"data");
+    let o = s.backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let named = format!("{}:2:", s.src.join("d/.rsync-filter").display());
+    assert!(err.contains(&named), "{named} in {err}");
+    assert!(snapshots(&s.store, "h").is_empty(), "a snapshot was taken");
+    // A symlink is never followed.
+    fs::remove_file(s.src.join("d/.rsync-filter")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", s.src.join("d/.rsync-filter")).unwrap();
+    let o = s.backup(&[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("symlink"), "{}", stderr(&o));
+    assert!(snapshots(&s.store, "h").is_empty());
+    fs::remove_file(s.src.join("d/.rsync-filter")).unwrap();
+    let o = s.backup(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(snapshots(&s.store, "h").len(), 1);
+}
+
+/// `--snapshot` with a glob, as 1.x scripts pass it: the matching snapshots
+/// only, latest version per path among them (every version with `--all`); a
+/// glob matching nothing is an error counting the snapshots; a glob that
+/// cannot be a snapshot name is refused before connecting.
+#[test]
+fn snapshot_globs_select_the_matching_snapshots() {
+    if !require_root("snapshot_globs_select_the_matching_snapshots") {
+        return;
+    }
+    let s = setup();
+    let wrapper = server_wrapper(&s.work);
+    let days = [
+        ("2026-10-15T12:00:00Z", "october"),
+        ("2026-11-05T12:00:00Z", "november-1"),
+        ("2026-11-20T12:00:00Z", "november-2"),
+    ];
+    for (i, (now, v)) in days.iter().enumerate() {
+        put(&s.src, b"v", v.as_bytes());
+        set_mtime(&s.src.join("v"), 1_780_000_000 + i as i64, 0);
+        if i == 0 {
+            put(&s.src, b"only-october", b"gone after october");
+        } else {
+            let _ = fs::remove_file(s.src.join("only-october"));
+        }
+        let o = run_status(
+            Command::new(bin("byteback-backup"))
+                .env("BYTEBACK_CONFIG_DIR", &s.conf)
+                .env("BYTEBACK_SERVER", &wrapper)
+                .env("BYTEBACK_TEST_NOW", now)
+                .arg("--destination")
+                .arg(&s.store)
+                .args(["--hostname", "h", "--retry-number", "0", "--source"])
+                .arg(&s.src),
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    }
+    let snaps = snapshots(&s.store, "h");
+    assert_eq!(snaps.len(), 3, "{snaps:?}");
+    assert!(snaps[0].starts_with("2026-10-15") && snaps[2].starts_with("2026-11-20"));
+    let v = s.src.join("v");
+    let list = |glob: &str, all: bool| {
+        let mut args = vec![
+            OsStr::new("--list"),
+            OsStr::new("--snapshot"),
+            OsStr::new(glob),
+        ];
+        if all {
+            args.push(OsStr::new("--all"));
+        }
+        args.push(s.src.as_os_str());
+        s.restore(&args)
+    };
+    let o = list("2026-11-*", false);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v_lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.ends_with(&*v.to_string_lossy()))
+        .collect();
+    assert_eq!(v_lines.len(), 1, "{out}");
+    assert!(v_lines[0].starts_with(&snaps[2]), "{out}");
+    assert!(
+        !out.contains("only-october") && !out.contains(&snaps[0]),
+        "{out}"
+    );
+    let o = list("2026-11-*", true);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let v_lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.ends_with(&*v.to_string_lossy()))
+        .collect();
+    assert_eq!(v_lines.len(), 2, "{out}");
+    let o = list("2026-1[!1]-*", false);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("only-october") && !out.contains(&snaps[1]),
+        "{out}"
+    );
+
+    // Restore: each path from the newest matching snapshot.
+    let into = s.work.join("restored");
+    fs::create_dir_all(&into).unwrap();
+    let o = s.restore(&[
+        OsStr::new("--restore"),
+        OsStr::new("--snapshot"),
+        OsStr::new("2026-11-?5T*"),
+        OsStr::new("--target"),
+        into.as_os_str(),
+        s.src.as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let got = into.join(&snaps[1]).join(v.strip_prefix("/").unwrap());
+    assert_eq!(fs::read(&got).unwrap(), b"november-1");
+    let names: Vec<_> = fs::read_dir(&into)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from(&snaps[1])]);
+
+    let o = list("2025-*", false);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no snapshot matches") && err.contains("there are 3 snapshots"),
+        "{err}"
+    );
+    for bad in ["*/../*", "[2026", "2026 *"] {
+        let o = list(bad, false);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--snapshot"), "{}", stderr(&o));
+    }
+}
