@@ -480,6 +480,19 @@ fn written_sections(page: &str) -> Written {
                             "Where the shipped database hooks write their dumps.",
                         ),
                         Tag(
+                            "/etc/byteback/rsync_filter",
+                            "rsync filter rules, applied as byteback 1.x's rsync \
+                             --relative --filter='merge FILE' did, after the excludes: + - \
+                             include exclude (modifiers / ! s), hide H, show S, clear !, merge \
+                             ., dir-merge : of a file name (modifiers - + n e), with *, **, ?, \
+                             [...], a leading / anchoring at / (or at the directory of a \
+                             per-directory file), a trailing / for directories only; first \
+                             match wins. protect P and risk R (receiver-side) are named in a \
+                             warning and have no effect. Any other rule or modifier is an \
+                             error naming the file and line: the backup does not start (exit \
+                             status 2), or, in a per-directory file, fails (1).",
+                        ),
+                        Tag(
                             "/etc/byteback/rsync_flags",
                             "byteback 1.x's file; ignored with a warning (there is no rsync \
                              underneath).",

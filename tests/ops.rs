@@ -253,6 +253,7 @@ fn man_pages_render_cleanly_and_document_every_option() {
         "/etc/byteback/known_hosts",
         "/etc/byteback/excludes",
         "/etc/byteback/rsync_flags",
+        "/etc/byteback/rsync_filter",
     ] {
         assert!(backup_files.contains(f), "byteback-backup(8) FILES: {f}");
     }
