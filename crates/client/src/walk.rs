@@ -669,6 +669,23 @@ impl Walker<'_> {
         }
         // The filesystem root has no entry of its own (its path is empty).
         let fs_root = src_bytes.trim_start_matches_slash().is_empty();
+        // As rsync --relative: filter rules apply to a source itself (not
+        // to its parents); an excluded source is left out whole.
+        let is_dir = FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory;
+        if !fs_root
+            && self.filter.as_ref().is_some_and(|f| {
+                f.check(
+                    &self.dir_rules,
+                    src_bytes.trim_start_matches_slash(),
+                    is_dir,
+                    0,
+                ) == Some(Action::Exclude)
+            })
+        {
+            self.sink
+                .note(format!("{} left out by a filter rule", src.display()));
+            return Ok(());
+        }
         if !fs_root
             && !self.emit(
                 At::Fd(root.fd.as_fd()),
@@ -1050,6 +1067,65 @@ mod tests {
             .unwrap();
         assert_eq!(top.kind, Kind::Dir);
         assert!(!names.iter().any(|n| n.contains("/link/")), "{names:?}");
+    }
+
+    #[test]
+    fn filter_rules_apply_below_and_to_a_source_but_not_its_parents() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("src");
+        std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+        std::fs::write(root.join("sub/a.o"), b"o").unwrap();
+        std::fs::write(root.join("sub/deeper/b.o"), b"o").unwrap();
+        std::fs::write(root.join("sub/deeper/keep.o"), b"o").unwrap();
+        std::fs::write(root.join("sub/.rsync-filter"), b"+ keep.o\n").unwrap();
+        std::fs::write(root.join("top.o"), b"o").unwrap();
+        std::fs::write(root.join("excluded.txt"), b"x").unwrap();
+        let base = base(&root);
+        let text = format!("- /{base}/excluded.txt\n: .rsync-filter\n- *.o\n");
+        let filter = Filter::parse(text.as_bytes(), Path::new("rsync_filter")).unwrap();
+        let filter = Some(Arc::new(filter));
+        let run = |filter: &Option<Arc<Filter>>| {
+            let mut sink = VecSink::default();
+            let opts = WalkOptions {
+                filter: filter.clone(),
+                ..WalkOptions::default()
+            };
+            let sources = normalise_sources(&[root.clone()]).unwrap();
+            walk(
+                &sources,
+                &Excludes::new::<&str>(&[]).unwrap(),
+                opts,
+                &mut sink,
+            )
+            .unwrap();
+            assert_in_walk_order(&sink);
+            names(&sink)
+        };
+        let names = run(&filter);
+        let has = |n: &str| names.contains(&format!("{base}/{n}"));
+        assert!(
+            has("sub/deeper/keep.o") && has("sub/.rsync-filter"),
+            "{names:?}"
+        );
+        assert!(
+            !has("sub/a.o") && !has("sub/deeper/b.o") && !has("top.o"),
+            "{names:?}"
+        );
+        assert!(!has("excluded.txt"), "{names:?}");
+        // A rule naming the source itself leaves it out; its parents stay.
+        let parent = root
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_string_lossy();
+        let text = format!("- src/\n- {parent}/\n");
+        let filter = Some(Arc::new(
+            Filter::parse(text.as_bytes(), Path::new("f")).unwrap(),
+        ));
+        let names = run(&filter);
+        assert!(!names.iter().any(|n| n.starts_with(&base)), "{names:?}");
+        assert!(names.iter().any(|n| n.ends_with(&*parent)), "{names:?}");
     }
 
     #[test]
