@@ -1090,7 +1090,7 @@ mod tests {
                 filter: filter.clone(),
                 ..WalkOptions::default()
             };
-            let sources = normalise_sources(&[root.clone()]).unwrap();
+            let sources = normalise_sources(std::slice::from_ref(&root)).unwrap();
             walk(
                 &sources,
                 &Excludes::new::<&str>(&[]).unwrap(),
