@@ -18,9 +18,14 @@
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-/// Largest filter file read (the global file, a merged file, or a
-/// per-directory file).
+/// Largest global filter file read (`rsync_filter` or a file it merges).
 pub const MAX_FILTER_FILE: usize = 1 << 20;
+/// Largest per-directory filter file read.
+pub const MAX_DIR_FILE: usize = 256 << 10;
+/// Most bytes of per-directory files whose rules are held at once (along
+/// the walk's current path): anyone who can write a directory can write
+/// such a file, so deep trees of them must not exhaust memory.
+pub const MAX_DIR_RULES_HELD: usize = 4 << 20;
 /// Longest rule line.
 pub const MAX_LINE: usize = 4096;
 /// Deepest nesting of `merge` rules.
@@ -58,7 +63,7 @@ enum Tok {
     /// `?`: one byte, not `/`.
     One,
     /// `[...]`: one byte of the set (256 bits), not `/`.
-    Class(Box<[bool; 256]>),
+    Class(Box<[u64; 4]>),
     /// `*`: any bytes but `/`.
     Star,
     /// `**`: any bytes.
@@ -134,8 +139,8 @@ impl Glob {
     }
 
     /// Parses a class starting after its `[`: the set and the index after `]`.
-    fn class(pat: &[u8], mut i: usize) -> Result<(Box<[bool; 256]>, usize), String> {
-        let mut set = Box::new([false; 256]);
+    fn class(pat: &[u8], mut i: usize) -> Result<(Box<[u64; 4]>, usize), String> {
+        let mut set = [false; 256];
         let negate = matches!(pat.get(i), Some(b'!' | b'^'));
         if negate {
             i += 1;
@@ -193,12 +198,13 @@ impl Glob {
                 set[lo as usize] = true;
             }
         }
-        if negate {
-            for s in set.iter_mut() {
-                *s = !*s;
+        let mut bits = [0u64; 4];
+        for (b, on) in set.iter().enumerate() {
+            if *on != negate {
+                bits[b / 64] |= 1 << (b % 64);
             }
         }
-        Ok((set, i))
+        Ok((Box::new(bits), i))
     }
 
     /// Whether the whole of `text` matches.
@@ -234,7 +240,9 @@ impl Glob {
                         next[j + 1] = match tok {
                             Tok::Byte(c) => *c == b,
                             Tok::One => b != b'/',
-                            Tok::Class(set) => b != b'/' && set[b as usize],
+                            Tok::Class(set) => {
+                                b != b'/' && set[b as usize / 64] & (1 << (b % 64)) != 0
+                            }
                             Tok::Star | Tok::Stars => false,
                         };
                     }
@@ -740,6 +748,8 @@ struct Frame {
     depth: usize,
     rules: Vec<Rule>,
     cleared: bool,
+    /// Bytes of the file read (counted against [`MAX_DIR_RULES_HELD`]).
+    size: usize,
 }
 
 /// The per-directory rules of the directories being walked, one frame per
@@ -747,6 +757,7 @@ struct Frame {
 #[derive(Debug, Default)]
 pub struct DirRules {
     frames: Vec<Frame>,
+    held: usize,
 }
 
 impl DirRules {
@@ -766,6 +777,19 @@ impl DirRules {
             .merges
             .get(merge)
             .ok_or_else(|| err(file, 0, "no such dir-merge rule"))?;
+        if text.len() > MAX_DIR_FILE {
+            return Err(err(file, 0, format!("larger than {MAX_DIR_FILE} bytes")));
+        }
+        if self.held + text.len() > MAX_DIR_RULES_HELD {
+            return Err(err(
+                file,
+                0,
+                format!(
+                    "the per-directory filter files along this path hold more than \
+                     {MAX_DIR_RULES_HELD} bytes"
+                ),
+            ));
+        }
         let mut prefix = dir.to_vec();
         if !prefix.is_empty() {
             prefix.push(b'/');
@@ -788,11 +812,13 @@ impl DirRules {
                 Item::DirMerge(_) => None,
             })
             .collect();
+        self.held += text.len();
         self.frames.push(Frame {
             merge,
             depth,
             rules,
             cleared,
+            size: text.len(),
         });
         Ok(())
     }
@@ -800,7 +826,9 @@ impl DirRules {
     /// Drops the rules of directories at `depth` and deeper.
     pub fn leave(&mut self, depth: usize) {
         while self.frames.last().is_some_and(|f| f.depth >= depth) {
-            self.frames.pop();
+            if let Some(f) = self.frames.pop() {
+                self.held -= f.size;
+            }
         }
     }
 
@@ -1051,6 +1079,23 @@ mod tests {
         assert_eq!((e.file.as_path(), e.line), (file, 2));
         let e = d.enter(&f, 0, 1, b"x", b"+ a\n:x y\n", file).unwrap_err();
         assert_eq!(e.line, 2);
+        // Size caps: one file, and all held along the path.
+        let big = vec![b'#'; MAX_DIR_FILE + 1];
+        let e = d.enter(&f, 0, 1, b"x", &big, file).unwrap_err();
+        assert!(e.to_string().contains("larger"), "{e}");
+        let chunk = vec![b'#'; MAX_DIR_FILE];
+        let mut depth = 1;
+        let e = loop {
+            match d.enter(&f, 0, depth, b"x", &chunk, file) {
+                Ok(()) => depth += 1,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(depth - 1, MAX_DIR_RULES_HELD / MAX_DIR_FILE);
+        assert!(e.to_string().contains("along this path"), "{e}");
+        d.leave(1);
+        d.enter(&f, 0, 1, b"x", &chunk, file).unwrap();
+        d.leave(1);
         // `e`: the per-directory file itself is left out.
         let f = parse(":e .rsync-filter\n");
         assert_eq!(

@@ -474,7 +474,7 @@ fn path_of(bytes: &[u8]) -> PathBuf {
 
 /// Reads a per-directory filter file `name` in `dir`: `None` if there is
 /// none. Never follows a symlink; it must be a regular file of at most
-/// [`crate::filter::MAX_FILTER_FILE`] bytes.
+/// [`crate::filter::MAX_DIR_FILE`] bytes.
 fn read_small_at(dir: BorrowedFd<'_>, name: &[u8]) -> Result<Option<Vec<u8>>, String> {
     use std::io::Read;
     let flags =
@@ -491,7 +491,7 @@ fn read_small_at(dir: BorrowedFd<'_>, name: &[u8]) -> Result<Option<Vec<u8>>, St
     if FileType::from_raw_mode(st.stx_mode.into()) != FileType::RegularFile {
         return Err("is not a regular file".into());
     }
-    let cap = crate::filter::MAX_FILTER_FILE;
+    let cap = crate::filter::MAX_DIR_FILE;
     let mut buf = vec![];
     File::from(fd)
         .take(cap as u64 + 1)
