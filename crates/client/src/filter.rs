@@ -46,10 +46,13 @@ pub struct FilterError {
 
 impl std::fmt::Display for FilterError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Escaped: names and lines of per-directory files come from
+        // whoever can write a directory, and go to root's terminal or mail.
+        let file = self.file.as_os_str().as_bytes().escape_ascii();
         if self.line == 0 {
-            write!(f, "{}: {}", self.file.display(), self.message)
+            write!(f, "{file}: {}", self.message)
         } else {
-            write!(f, "{}:{}: {}", self.file.display(), self.line, self.message)
+            write!(f, "{file}:{}: {}", self.line, self.message)
         }
     }
 }
@@ -164,7 +167,7 @@ impl Glob {
                 if posix_class(name, 0).is_none() {
                     return Err(format!(
                         "unknown character class [:{}:]",
-                        String::from_utf8_lossy(name)
+                        name.escape_ascii()
                     ));
                 }
                 for b in 0..=255u8 {
@@ -438,9 +441,12 @@ fn split_rule(line: &[u8]) -> Result<(Kind, &[u8], &[u8]), String> {
         .or_else(|| short(line[0]).map(|k| (k, &line[1..])))
         .ok_or_else(|| {
             format!(
-                "unknown rule {:?} (supported: + - include exclude merge . dir-merge : \
+                "unknown rule \"{}\" (supported: + - include exclude merge . dir-merge : \
                  hide H show S protect P risk R clear !)",
-                String::from_utf8_lossy(line.split(|b| *b == b' ').next().unwrap_or(line))
+                line.split(|b| *b == b' ')
+                    .next()
+                    .unwrap_or(line)
+                    .escape_ascii()
             )
         })?;
     // `exclude,MODS` / `-,MODS`: the comma is optional after a short name.
@@ -565,7 +571,7 @@ fn parse_line(
     depth: usize,
     sink: &mut Sink<'_>,
 ) -> Result<(), FilterError> {
-    let shown = || String::from_utf8_lossy(line).into_owned();
+    let shown = || line.escape_ascii().to_string();
     if let Some(action) = only {
         // A `merge,-`/`dir-merge,-` file: each line is a pattern (`!` clears).
         if line == b"!" {
@@ -591,10 +597,10 @@ fn parse_line(
         }
         Kind::Protect | Kind::Risk => {
             sink.notes.push(format!(
-                "{}:{n}: {:?} has no effect: protect/risk rules only shield files on the \
+                "{}:{n}: \"{}\" has no effect: protect/risk rules only shield files on the \
                  receiving side from rsync's --delete; byteback's server keeps every \
                  snapshot whole, and what is sent is decided by the other rules",
-                file.display(),
+                file.as_os_str().as_bytes().escape_ascii(),
                 shown()
             ));
         }
@@ -605,9 +611,9 @@ fn parse_line(
             };
             if mods.receiver_only {
                 sink.notes.push(format!(
-                    "{}:{n}: {:?} has no effect: a receiver-side ('r') rule does not \
+                    "{}:{n}: \"{}\" has no effect: a receiver-side ('r') rule does not \
                      decide what is sent",
-                    file.display(),
+                    file.as_os_str().as_bytes().escape_ascii(),
                     shown()
                 ));
                 return Ok(());
@@ -1079,6 +1085,12 @@ mod tests {
         assert_eq!((e.file.as_path(), e.line), (file, 2));
         let e = d.enter(&f, 0, 1, b"x", b"+ a\n:x y\n", file).unwrap_err();
         assert_eq!(e.line, 2);
+        // Control bytes from a per-directory file are printed escaped.
+        let e = d
+            .enter(&f, 0, 1, b"x", b"\x1b[31m evil\n", file)
+            .unwrap_err();
+        assert!(!e.to_string().contains('\x1b'), "{e}");
+        assert!(e.to_string().contains("\\x1b"), "{e}");
         // Size caps: one file, and all held along the path.
         let big = vec![b'#'; MAX_DIR_FILE + 1];
         let e = d.enter(&f, 0, 1, b"x", &big, file).unwrap_err();

@@ -533,7 +533,7 @@ impl Walker<'_> {
                 Ok(None) => continue,
                 Err(m) => bail!(crate::cli::Usage(format!(
                     "per-directory filter file {}: {m}",
-                    file.display()
+                    file.as_os_str().as_bytes().escape_ascii()
                 ))),
             };
             self.dir_rules
