@@ -212,9 +212,28 @@ impl Glob {
 
     /// Whether the whole of `text` matches.
     pub fn matches(&self, text: &[u8]) -> bool {
-        if self.toks.iter().all(|t| matches!(t, Tok::Byte(_))) {
-            return self.toks.len() == text.len()
-                && self.toks.iter().zip(text).all(|(t, b)| *t == Tok::Byte(*b));
+        let bytes_match = |toks: &[Tok], text: &[u8]| {
+            toks.len() == text.len() && toks.iter().zip(text).all(|(t, b)| *t == Tok::Byte(*b))
+        };
+        // The common shapes without the general matcher (and its allocations):
+        // `name`, `*.ext`, `prefix*`.
+        match self.toks.split_first() {
+            Some((Tok::Star, rest)) if rest.iter().all(|t| matches!(t, Tok::Byte(_))) => {
+                return !text.contains(&b'/')
+                    && text.len() >= rest.len()
+                    && bytes_match(rest, &text[text.len() - rest.len()..]);
+            }
+            _ if self.toks.iter().all(|t| matches!(t, Tok::Byte(_))) => {
+                return bytes_match(&self.toks, text);
+            }
+            _ => {}
+        }
+        if let Some((Tok::Star, lead)) = self.toks.split_last() {
+            if lead.iter().all(|t| matches!(t, Tok::Byte(_))) {
+                return text.len() >= lead.len()
+                    && bytes_match(lead, &text[..lead.len()])
+                    && !text[lead.len()..].contains(&b'/');
+            }
         }
         // Positions of `text` reachable after each token (NFA, one row at a time).
         let n = text.len();
@@ -886,6 +905,20 @@ mod tests {
         // Non-UTF-8 bytes.
         assert!(g("caf\u{e9}*").matches("caf\u{e9}s".as_bytes()));
         assert!(Glob::new(b"\xff*").unwrap().matches(b"\xff\xfe"));
+        // The shortcuts agree with the general matcher.
+        for (pat, yes, no) in [
+            ("*.o", &["a.o", ".o"][..], &["a.oo", "d/a.o", "o"][..]),
+            ("lib*", &["lib", "libc.so"], &["xlib", "lib/x"]),
+            ("*", &["", "abc"], &["a/b"]),
+        ] {
+            let glob = g(pat);
+            for t in yes {
+                assert!(glob.matches(t.as_bytes()), "{pat} {t}");
+            }
+            for t in no {
+                assert!(!glob.matches(t.as_bytes()), "{pat} {t}");
+            }
+        }
     }
 
     fn parse(s: &str) -> Filter {
