@@ -484,7 +484,8 @@ fn written_sections(page: &str) -> Written {
                             "rsync filter rules, applied as byteback 1.x's rsync \
                              --relative --filter='merge FILE' did, after the excludes: + - \
                              include exclude (modifiers / ! s), hide H, show S, clear !, merge \
-                             ., dir-merge : of a file name (modifiers - + n e), with *, **, ?, \
+                             ., dir-merge : of a file name or /NAME (modifiers - + n e), with \
+                             *, **, ?, \
                              [...], a leading / anchoring at / (or at the directory of a \
                              per-directory file), a trailing / for directories only; first \
                              match wins. protect P and risk R (receiver-side) are named in a \

@@ -145,6 +145,10 @@ fn build_tree(src: &Path) {
         (b"proj/clr/c.o", b"kept: inherited rules cleared"),
         (b"proj/clr/z", b"kept: cleared"),
         (b"proj/clr/y", b"- y"),
+        (b"from-parent", b"- from-parent in ../.fr"),
+        (b"sub2/from-parent", b"- from-parent in ../.fr, inherited"),
+        (b"anch-fr", b"- /src/anch-fr in ../.fr"),
+        (b"sub2/anch-fr", b"kept: anchored at ../"),
     ] {
         put(src, rel, data);
     }
@@ -164,7 +168,9 @@ fn filter_file(s: &Setup) -> Vec<u8> {
     f.extend_from_slice(abs);
     f.extend_from_slice(b"/anch*\nS secret-shown\nH secret*\nmerge ");
     f.extend_from_slice(more.as_os_str().as_bytes());
-    f.extend_from_slice(b"\n: .rsync-filter\ndir-merge,ne- .excl\n");
+    f.extend_from_slice(b"\n: .rsync-filter\ndir-merge,ne- .excl\ndir-merge /.fr\n");
+    // rsync's -F form: read in / and every directory above the source too.
+    fs::write(s.work.join(".fr"), "- from-parent\n- /src/anch-fr\n").unwrap();
     f
 }
 
@@ -218,6 +224,9 @@ fn rsync_filter_selects_exactly_what_rsync_selects() {
         b"proj/.excl",
         b"proj/only-here",
         b"proj/clr/y",
+        b"from-parent",
+        b"sub2/from-parent",
+        b"anch-fr",
     ] {
         assert!(!p(&want, rel).exists(), "rsync kept {}", rel.escape_ascii());
     }
@@ -238,6 +247,7 @@ fn rsync_filter_selects_exactly_what_rsync_selects() {
         b"proj/sub/only-here",
         b"proj/clr/c.o",
         b"proj/clr/z",
+        b"sub2/anch-fr",
     ] {
         assert!(
             p(&want, rel).exists(),

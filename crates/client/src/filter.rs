@@ -6,7 +6,8 @@
 //! `/`, `!`, `s`; `r` makes a rule a no-op), `H`/`hide` (= `-s`), `S`/`show`
 //! (= `+s`), `P`/`protect`/`R`/`risk` (receiver-side: no-ops with a note),
 //! `!`/`clear`, `merge`/`.` (modifiers `-`, `+`) and `dir-merge`/`:` of a
-//! plain file name (modifiers `-`, `+`, `n`, `e`), comments and blank lines.
+//! plain file name or `/NAME` (modifiers `-`, `+`, `n`, `e`), comments and
+//! blank lines.
 //! Anything else is an error naming the file and line.
 //!
 //! Paths are matched as rsync `--relative` from `/` sees them: relative to
@@ -381,6 +382,9 @@ struct DirMerge {
     no_inherit: bool,
     /// `e`: the per-directory file itself is excluded.
     exclude_self: bool,
+    /// `dir-merge /NAME` (rsync's `-F`): also read in `/` and every
+    /// directory above each source.
+    from_root: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -667,20 +671,25 @@ fn parse_line(
                     "dir-merge is not supported inside a per-directory file",
                 ));
             };
-            if arg.is_empty() || arg.contains(&b'/') || arg == b"." || arg == b".." {
+            let (name, from_root) = match arg.strip_prefix(b"/") {
+                Some(n) => (n, true),
+                None => (arg, false),
+            };
+            if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
                 return Err(what(
                     "dir-merge takes a plain file name (such as .rsync-filter), \
-                     looked for in every directory",
+                     looked for in every directory, or /NAME, looked for from / down",
                 ));
             }
             if merges.len() >= MAX_DIR_MERGES {
                 return Err(what(&format!("more than {MAX_DIR_MERGES} dir-merge rules")));
             }
             merges.push(DirMerge {
-                name: arg.to_vec(),
+                name: name.to_vec(),
                 only: mods.only,
                 no_inherit: mods.no_inherit,
                 exclude_self: mods.exclude_self,
+                from_root,
             });
             let k = merges.len() - 1;
             sink.rules.push(Item::DirMerge(k));
@@ -726,6 +735,16 @@ impl Filter {
                 Item::DirMerge(k) => Some((*k, self.merges[*k].name.as_slice())),
                 Item::Rule(_) => None,
             })
+            .collect()
+    }
+
+    /// The `dir-merge /NAME` rules among [`Filter::dir_merges`]: their files
+    /// are also read in `/` and each directory above a source, as rsync
+    /// scans the parents of the transfer for them.
+    pub fn root_dir_merges(&self) -> Vec<(usize, &[u8])> {
+        self.dir_merges()
+            .into_iter()
+            .filter(|(k, _)| self.merges[*k].from_root)
             .collect()
     }
 
@@ -1012,6 +1031,8 @@ mod tests {
             ("+ [abc\n", 1, "unterminated"),
             (" - indented\n", 1, "unknown rule"),
             ("dir-merge sub/.f\n", 1, "plain file name"),
+            ("dir-merge /sub/.f\n", 1, "plain file name"),
+            (": /\n", 1, "plain file name"),
             (":w .f\n", 1, "modifier 'w'"),
             ("- \n", 1, "empty pattern"),
             ("! x\n", 1, "takes no pattern"),
@@ -1071,6 +1092,9 @@ mod tests {
     fn dir_merge_rules_are_inherited_newest_first_and_anchored_at_their_directory() {
         let f = parse("- /top/early\n: .rsync-filter\ndir-merge,-n .excl\n- *.late\n");
         assert_eq!(f.dir_merges().len(), 2);
+        assert!(f.root_dir_merges().is_empty());
+        let g = parse(": /.rsync-filter\n: .other\n");
+        assert_eq!(g.root_dir_merges(), vec![(0, &b".rsync-filter"[..])]);
         let mut d = DirRules::default();
         let file = Path::new("/top/.rsync-filter");
         d.enter(&f, 0, 1, b"top", b"- *.o\n+ keep.late\n- /anch\n", file)

@@ -550,6 +550,53 @@ impl Walker<'_> {
         Ok(())
     }
 
+    /// For `dir-merge /NAME` rules: reads NAME in `/` and each directory
+    /// above `src` (opened by the admin's path, as the ancestors are), at
+    /// depth 0, so their rules hold for the whole source. Dropped with
+    /// `leave(0)` after it.
+    fn enter_ancestors(&mut self, src: &Path) -> Result<()> {
+        let Some(filter) = self.filter.clone() else {
+            return Ok(());
+        };
+        let scans = filter.root_dir_merges();
+        if scans.is_empty() {
+            return Ok(());
+        }
+        let mut dir = PathBuf::from("/");
+        let comps: Vec<_> = src.components().skip(1).collect();
+        for i in 0..comps.len() {
+            if i > 0 {
+                dir.push(comps[i - 1]);
+            }
+            let fd = rustix::fs::open(
+                &dir,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .with_context(|| format!("opening {}", dir.display()))?;
+            let rel = dir
+                .as_os_str()
+                .as_bytes()
+                .trim_start_matches_slash()
+                .to_vec();
+            for (k, name) in &scans {
+                let file = dir.join(OsStr::from_bytes(name));
+                let shown = file.as_os_str().as_bytes().escape_ascii();
+                let text = match read_small_at(fd.as_fd(), name) {
+                    Ok(Some(t)) => t,
+                    Ok(None) => continue,
+                    Err(m) => bail!(crate::cli::Usage(format!(
+                        "per-directory filter file {shown}: {m}"
+                    ))),
+                };
+                self.dir_rules
+                    .enter(&filter, *k, 0, &rel, &text, &file)
+                    .map_err(|e| crate::cli::Usage(format!("filter rules: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
     fn warn(&mut self, path: &[u8], message: String, vanished: bool) {
         self.sink.warning(WalkWarning {
             path: path_of(path),
@@ -874,7 +921,9 @@ pub fn walk(
     for src in sources {
         // Ancestors of the source first, so the server has every parent.
         w.ancestors(src, &mut sent_dirs)?;
+        w.enter_ancestors(src)?;
         w.source(src)?;
+        w.dir_rules.leave(0);
     }
     Ok(())
 }
