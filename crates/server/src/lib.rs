@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod enrol;
 pub mod fsops;
+pub mod legacy;
 pub mod manifest;
 pub mod prune;
 pub mod pruner;

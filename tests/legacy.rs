@@ -1,0 +1,217 @@
+//! byteback 1.x stores: snapshots written by rsync `--fake-super` (no
+//! manifest) are listed and restored with their metadata through the normal
+//! byteback-restore path, beside byteback's own snapshots of the same host.
+
+mod util;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use util::*;
+
+/// 1.x's snapshot name format (`%Y-%m-%dT%H:%M%z`).
+const OLD_SNAP: &str = "2026-11-20T03:00+0000";
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn restore_cmd(store: &Path, host: &str) -> Command {
+    let mut c = Command::new(bin("byteback-restore"));
+    c.arg("--destination").arg(store).args(["--hostname", host]);
+    c
+}
+
+/// A remote shell for rsync that runs the "remote" command locally, so the
+/// receiving rsync is started exactly as 1.x started it over SSH (with
+/// `--rsync-path 'rsync --fake-super'`: only the receiver fakes super).
+fn fake_rsh(dir: &Path) -> PathBuf {
+    let p = dir.join("fake-rsh");
+    fs::write(&p, "#!/bin/sh\nshift\nexec sh -c \"$*\"\n").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// Copies `src` into `<store>/<host>/current` (a btrfs subvolume) with the
+/// rsync options byteback 1.x used, plus `--hard-links --xattrs` (what a
+/// 1.x `rsync_flags` file could add), then snapshots it read-only as 1.x did.
+fn backup_as_1x(scratch: &Path, store: &Path, host: &str, src: &Path, snap: &str) {
+    let hostdir = store.join(host);
+    fs::create_dir_all(&hostdir).unwrap();
+    let current = hostdir.join("current");
+    if !current.exists() {
+        run(Command::new("btrfs")
+            .args(["subvolume", "create"])
+            .arg(&current));
+    }
+    run(Command::new("rsync")
+        .args([
+            "--archive",
+            "--numeric-ids",
+            "--delete-excluded",
+            "--delete-during",
+            "--inplace",
+            "--relative",
+            "--hard-links",
+            "--xattrs",
+            "--rsync-path",
+            "rsync --fake-super",
+            "--rsh",
+        ])
+        .arg(fake_rsh(scratch))
+        .arg(src)
+        .arg(format!("localhost:{}", current.display())));
+    run(Command::new("btrfs")
+        .args(["subvolume", "snapshot", "-r"])
+        .arg(&current)
+        .arg(hostdir.join(snap)));
+}
+
+fn restored(root: &Path, src: &Path) -> PathBuf {
+    root.join(src.strip_prefix("/").unwrap())
+}
+
+fn stderr(o: &Output) -> String {
+    text(&o.stderr)
+}
+
+#[test]
+fn a_1x_snapshot_lists_and_restores_exactly_beside_byteback_snapshots() {
+    if !require_root("1.x store compatibility (btrfs, owners, devices)") {
+        return;
+    }
+    let fsys = BtrfsLoop::new(400);
+    let store = fsys.mount.join("store-legacy");
+    fs::create_dir_all(&store).unwrap();
+    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    let d = scratch();
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    make_rich_tree(&src, &mut Rng::new(0x1e9a));
+    // 1.x did not keep ACLs (rsync --fake-super without -A): none in the source.
+    run(Command::new("setfacl").arg("-R").arg("-b").arg(&src));
+    let host = "legacy1x";
+    backup_as_1x(d.path(), &store, host, &src, OLD_SNAP);
+    // The store really is rsync's fake-super layout.
+    let stored = restored(&store.join(host).join(OLD_SNAP), &src);
+    let stat = run(Command::new("getfattr")
+        .args(["-h", "--only-values", "-n", "user.rsync.%stat"])
+        .arg(stored.join("owners/setuid_foreign")));
+    assert_eq!(text(&stat.stdout), "104755 0,0 1234:5678");
+    assert!(fs::symlink_metadata(stored.join("links/absolute"))
+        .unwrap()
+        .is_file());
+    assert!(!store.join(host).join(OLD_SNAP).join(".byteback").exists());
+
+    // A plain listing names the kind.
+    let out = run(restore_cmd(&store, host).arg("--list"));
+    let plain = text(&out.stdout);
+    assert!(
+        plain
+            .lines()
+            .any(|l| l.starts_with(OLD_SNAP) && l.trim_end().ends_with(" 1.x")),
+        "{plain}"
+    );
+
+    // A file listing shows 1.x's metadata from the xattrs.
+    let out = run(restore_cmd(&store, host)
+        .arg("--list")
+        .arg(format!("{}/**", src.display())));
+    let list = text(&out.stdout);
+    let line = |suffix: &str| -> String {
+        list.lines()
+            .find(|l| l.ends_with(suffix))
+            .unwrap_or_else(|| panic!("no line ending {suffix:?} in\n{list}"))
+            .to_string()
+    };
+    let l = line("/owners/setuid_foreign");
+    assert!(
+        l.starts_with(OLD_SNAP) && l.contains("-rwsr-xr-x") && l.contains(" 1234   5678 "),
+        "{l}"
+    );
+    assert!(line("/special/fifo").contains(" prw"), "{list}");
+    assert!(line("/special/char_null").contains(" crw"), "{list}");
+    assert!(line("/special/block_loop200").contains(" brw"), "{list}");
+    assert!(
+        line("/links/absolute -> /etc/passwd").contains(" lrwxrwxrwx"),
+        "{list}"
+    );
+    assert!(stderr(&out).contains("byteback 1.x"), "{}", stderr(&out));
+
+    // Restored exactly: contents, types, modes, owners, devices, symlinks,
+    // hard links, xattrs (trusted.* too), mtimes to the nanosecond.
+    let into = d.path().join("r1");
+    fs::create_dir_all(&into).unwrap();
+    let sentinel_dir = d.path().join("outside");
+    fs::create_dir_all(&sentinel_dir).unwrap();
+    let sentinel = Sentinel::plant(&sentinel_dir);
+    let out = run(restore_cmd(&store, host)
+        .current_dir(&into)
+        .arg("--restore")
+        .arg(&src));
+    assert!(
+        stderr(&out).contains("byteback 1.x snapshots, which keep no checksums"),
+        "{}",
+        stderr(&out)
+    );
+    assert_same_tree(&src, &restored(&into.join(OLD_SNAP), &src));
+    sentinel.assert_untouched();
+
+    // byteback takes over the same host: its first backup goes into the
+    // 1.x `current`, and the store then holds both kinds.
+    fs::write(src.join("files/new_after_1x"), b"byteback").unwrap();
+    run(Command::new(bin("byteback-backup"))
+        .arg("--destination")
+        .arg(&store)
+        .arg("--source")
+        .arg(&src)
+        .args(["--hostname", host, "--retry-number", "0"]));
+    let out = run(restore_cmd(&store, host).arg("--list"));
+    let plain = text(&out.stdout);
+    let kinds: Vec<&str> = plain
+        .lines()
+        .skip(2)
+        .map(|l| l.split_whitespace().last().unwrap())
+        .collect();
+    assert_eq!(kinds, ["1.x", "byteback"], "{plain}");
+    let new_snap = plain
+        .lines()
+        .nth(3)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    // Every version of a file the two snapshots hold differently.
+    let out = run(restore_cmd(&store, host)
+        .args(["--list", "--all"])
+        .arg(src.join("files/new_after_1x")));
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        3,
+        "{}",
+        text(&out.stdout)
+    );
+    // The newest (byteback) snapshot restores exactly, verified.
+    let into2 = d.path().join("r2");
+    fs::create_dir_all(&into2).unwrap();
+    let out = run(restore_cmd(&store, host)
+        .current_dir(&into2)
+        .args(["--restore", "--snapshot", &new_snap])
+        .arg(&src));
+    assert!(!stderr(&out).contains("no checksums"), "{}", stderr(&out));
+    assert_same_tree(&src, &restored(&into2.join(&new_snap), &src));
+    // And the 1.x one still does, asked for by name.
+    let into3 = d.path().join("r3");
+    fs::create_dir_all(&into3).unwrap();
+    run(restore_cmd(&store, host)
+        .current_dir(&into3)
+        .args(["--restore", "--snapshot", OLD_SNAP])
+        .arg(&src));
+    assert_same_tree(
+        &restored(&into.join(OLD_SNAP), &src),
+        &restored(&into3.join(OLD_SNAP), &src),
+    );
+}
