@@ -52,6 +52,20 @@ enum Command {
         #[arg(long)]
         authorized_keys: Option<PathBuf>,
     },
+    /// Rewrite byteback 1.x's authorized_keys lines (command="byteback-receive",
+    /// environment="BYTEBACK_HOST=NAME") into byteback forced commands, keeping
+    /// from= restrictions; a copy of the original is kept as FILE.byteback-1x.
+    MigrateKeys {
+        /// authorized_keys file (default: ~/.ssh/authorized_keys).
+        #[arg(long)]
+        authorized_keys: Option<PathBuf>,
+        /// Store root (default: the home directory of the server user, as 1.x's /byteback).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Show what would change; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Delete the least important snapshots while the store is short of space (as byteback-prune).
     Prune(crate::admin::PruneArgs),
     /// Per host: newest snapshot, its age, snapshot count and size; Nagios exit codes.
@@ -131,6 +145,17 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::MigrateKeys {
+            authorized_keys,
+            store,
+            dry_run,
+        } => match run_migrate(authorized_keys, store, dry_run) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("byteback-server: migrate-keys: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Prune(args) => crate::admin::run_prune(args),
         Command::Status(args) => crate::admin::run_status(args),
         Command::Verify(args) => crate::verify::run_verify(args),
@@ -181,6 +206,52 @@ fn run_enrol(
         ),
         enrol::Enrolled::Unchanged => format!("{} was already enrolled with this key", cfg.host),
     })
+}
+
+/// `migrate-keys`: 0 when every 1.x line was migrated (or there was none), 1
+/// when some were left unchanged (each named in a warning).
+fn run_migrate(
+    authorized_keys: Option<PathBuf>,
+    store: Option<PathBuf>,
+    dry_run: bool,
+) -> anyhow::Result<u8> {
+    use anyhow::{anyhow, Context};
+    let authorized_keys = authorized_keys
+        .or_else(enrol::default_authorized_keys)
+        .ok_or_else(|| anyhow!("no --authorized-keys given and no home directory"))?;
+    let store_arg = store.clone();
+    let store = store
+        .or_else(default_store)
+        .ok_or_else(|| anyhow!("no --store given and no home directory"))?;
+    let cfg = crate::migrate::MigrateConfig {
+        server_exe: std::env::current_exe().context("cannot find this program's path")?,
+        store_arg,
+    };
+    let r = crate::migrate::migrate_keys(&authorized_keys, &store, &cfg, dry_run)?;
+    let shown = authorized_keys.display();
+    for (n, old, new) in &r.migrated {
+        if dry_run {
+            println!("{shown}:{n}: would become:\n  - {old}\n  + {new}");
+        } else {
+            println!("{shown}:{n}: migrated: {new}");
+        }
+    }
+    for (n, why) in &r.refused {
+        eprintln!(
+            "byteback-server: warning: {shown}:{n}: a byteback 1.x line left unchanged: {why}"
+        );
+    }
+    match (&r.backup, r.migrated.len()) {
+        (_, 0) => eprintln!("byteback-server: migrate-keys: no 1.x line to migrate in {shown}"),
+        (Some(b), n) => eprintln!(
+            "byteback-server: migrate-keys: {n} lines migrated; the original is kept as {}",
+            b.display()
+        ),
+        (None, n) => {
+            eprintln!("byteback-server: migrate-keys: {n} lines would be migrated (dry run)")
+        }
+    }
+    Ok(if r.refused.is_empty() { 0 } else { 1 })
 }
 
 /// Deep trees hold one directory fd per level; lift the soft limit to the hard one.

@@ -32,6 +32,11 @@ const KEY_TYPES: &[&str] = &[
     "sk-ecdsa-sha2-nistp256@openssh.com",
 ];
 
+/// Whether `s` is a key type byteback accepts for clients.
+pub fn is_key_type(s: &str) -> bool {
+    KEY_TYPES.contains(&s)
+}
+
 /// The longest public key line accepted (a 16384-bit RSA key is ~2.8 KB).
 const MAX_KEY_LEN: usize = 4096;
 

@@ -15,6 +15,7 @@ pub mod enrol;
 pub mod fsops;
 pub mod legacy;
 pub mod manifest;
+pub mod migrate;
 pub mod prune;
 pub mod pruner;
 pub mod serve;
