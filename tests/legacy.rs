@@ -9,6 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use util::sshd::{keygen, Sshd};
 use util::*;
 
 /// 1.x's snapshot name format (`%Y-%m-%dT%H:%M%z`).
@@ -37,7 +38,14 @@ fn fake_rsh(dir: &Path) -> PathBuf {
 /// Copies `src` into `<store>/<host>/current` (a btrfs subvolume) with the
 /// rsync options byteback 1.x used, plus `--hard-links --xattrs` (what a
 /// 1.x `rsync_flags` file could add), then snapshots it read-only as 1.x did.
-fn backup_as_1x(scratch: &Path, store: &Path, host: &str, src: &Path, snap: &str) {
+fn backup_as_1x(
+    scratch: &Path,
+    store: &Path,
+    host: &str,
+    src: &Path,
+    snap: &str,
+    owner: Option<&str>,
+) {
     let hostdir = store.join(host);
     fs::create_dir_all(&hostdir).unwrap();
     let current = hostdir.join("current");
@@ -63,6 +71,13 @@ fn backup_as_1x(scratch: &Path, store: &Path, host: &str, src: &Path, snap: &str
         .arg(fake_rsh(scratch))
         .arg(src)
         .arg(format!("localhost:{}", current.display())));
+    if let Some(user) = owner {
+        // 1.x's store belongs to its backup account.
+        run(Command::new("chown")
+            .arg("-R")
+            .arg(format!("{user}:"))
+            .arg(&hostdir));
+    }
     run(Command::new("btrfs")
         .args(["subvolume", "snapshot", "-r"])
         .arg(&current)
@@ -93,7 +108,7 @@ fn a_1x_snapshot_lists_and_restores_exactly_beside_byteback_snapshots() {
     // 1.x did not keep ACLs (rsync --fake-super without -A): none in the source.
     run(Command::new("setfacl").arg("-R").arg("-b").arg(&src));
     let host = "legacy1x";
-    backup_as_1x(d.path(), &store, host, &src, OLD_SNAP);
+    backup_as_1x(d.path(), &store, host, &src, OLD_SNAP, None);
     // The store really is rsync's fake-super layout.
     let stored = restored(&store.join(host).join(OLD_SNAP), &src);
     let stat = run(Command::new("getfattr")
@@ -214,4 +229,125 @@ fn a_1x_snapshot_lists_and_restores_exactly_beside_byteback_snapshots() {
         &restored(&into.join(OLD_SNAP), &src),
         &restored(&into3.join(OLD_SNAP), &src),
     );
+}
+
+#[test]
+fn a_migrated_1x_key_backs_up_over_ssh_into_its_1x_host() {
+    if !require_root("an sshd, a server account and btrfs") {
+        return;
+    }
+    let work = scratch();
+    let fsys = BtrfsLoop::new(400);
+    let store = fsys.mount.join("store-migrate");
+    fs::create_dir_all(&store).unwrap();
+    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    let sshd = Sshd::start(&work.path().join("sshd"), &store);
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    make_rich_tree(&src, &mut Rng::new(0x1e9b));
+    run(Command::new("setfacl").arg("-R").arg("-b").arg(&src));
+    let host = "web1x";
+    backup_as_1x(work.path(), &store, host, &src, OLD_SNAP, Some(&sshd.user));
+
+    // The client as 1.x left it: /etc/byteback/{key,destination}, root's known_hosts.
+    let client = work.path().join("client");
+    fs::create_dir_all(client.join(".ssh")).unwrap();
+    keygen(&client.join("key"));
+    fs::write(client.join("destination"), sshd.destination()).unwrap();
+    fs::write(
+        client.join(".ssh/known_hosts"),
+        format!("[127.0.0.1]:{} {}\n", sshd.port, sshd.host_key_pub()),
+    )
+    .unwrap();
+    let public = fs::read_to_string(client.join("key.pub")).unwrap();
+    // The line 1.x's byteback-setup-client-receive appended.
+    let ak = sshd.authorized_keys();
+    let mut keys = fs::read_to_string(&ak).unwrap();
+    keys.push_str(&format!(
+        "command=\"byteback-receive\",from=\"127.0.0.1\",environment=\"BYTEBACK_HOST={host}\" {}",
+        public.trim_end()
+    ));
+    keys.push('\n');
+    fs::write(&ak, &keys).unwrap();
+    let client_cmd = |prog: &str| {
+        let mut c = Command::new(bin(prog));
+        c.env("BYTEBACK_CONFIG_DIR", &client)
+            .env("HOME", &client)
+            .stdin(std::process::Stdio::null());
+        c
+    };
+    // Before the migration the key runs byteback-receive, which is not there.
+    let out = run_status(
+        client_cmd("byteback-backup")
+            .arg("--source")
+            .arg(&src)
+            .args(["--retry-number", "0"]),
+    );
+    assert!(!out.status.success());
+
+    let migrate = |extra: &[&str]| {
+        run(Command::new("runuser")
+            .args(["-u", &sshd.user, "--"])
+            .arg(bin("byteback-server"))
+            .arg("migrate-keys")
+            .arg("--authorized-keys")
+            .arg(&ak)
+            .arg("--store")
+            .arg(&store)
+            .args(extra))
+    };
+    let dry = migrate(&["--dry-run"]);
+    assert!(
+        text(&dry.stdout).contains("would become"),
+        "{}",
+        text(&dry.stdout)
+    );
+    assert_eq!(fs::read_to_string(&ak).unwrap(), keys);
+    migrate(&[]);
+    let migrated = fs::read_to_string(&ak).unwrap();
+    let line = migrated.lines().last().unwrap();
+    assert!(
+        line.starts_with("restrict,from=\"127.0.0.1\",command=\"")
+            && line.contains(&format!(" serve --host {host} --store "))
+            && line.ends_with(&format!("byteback:{host}")),
+        "{migrated}"
+    );
+    assert_eq!(
+        fs::read_to_string(ak.with_file_name("authorized_keys.byteback-1x")).unwrap(),
+        keys
+    );
+    // Idempotent.
+    let again = migrate(&[]);
+    assert!(stderr(&again).contains("no 1.x line"), "{}", stderr(&again));
+    assert_eq!(fs::read_to_string(&ak).unwrap(), migrated);
+
+    // The same key now backs up, into the 1.x host, beside its 1.x snapshot.
+    fs::write(src.join("files/after_migration"), b"new").unwrap();
+    run(client_cmd("byteback-backup")
+        .arg("--source")
+        .arg(&src)
+        .args(["--retry-number", "0"]));
+    let out = run(client_cmd("byteback-restore").arg("--list"));
+    let plain = text(&out.stdout);
+    let kinds: Vec<&str> = plain
+        .lines()
+        .skip(2)
+        .map(|l| l.split_whitespace().last().unwrap())
+        .collect();
+    assert_eq!(kinds, ["1.x", "byteback"], "{plain}");
+    let new_snap = plain
+        .lines()
+        .nth(3)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let into = work.path().join("r");
+    fs::create_dir_all(&into).unwrap();
+    run(client_cmd("byteback-restore")
+        .current_dir(&into)
+        .args(["--restore", "--snapshot", &new_snap])
+        .arg(&src));
+    assert_same_tree(&src, &restored(&into.join(&new_snap), &src));
 }
