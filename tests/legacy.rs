@@ -218,6 +218,15 @@ fn a_1x_snapshot_lists_and_restores_exactly_beside_byteback_snapshots() {
         .arg(&src));
     assert!(!stderr(&out).contains("no checksums"), "{}", stderr(&out));
     assert_same_tree(&src, &restored(&into2.join(&new_snap), &src));
+    // verify checks the byteback snapshot and says the 1.x one has nothing to check.
+    let out = run(Command::new(bin("byteback-server"))
+        .args(["verify", "--host", host, "--store"])
+        .arg(&store));
+    assert!(
+        stderr(&out).contains(&format!("{OLD_SNAP} is a byteback 1.x snapshot")),
+        "{}",
+        stderr(&out)
+    );
     // And the 1.x one still does, asked for by name.
     let into3 = d.path().join("r3");
     fs::create_dir_all(&into3).unwrap();
