@@ -51,6 +51,10 @@ enum Command {
         /// authorized_keys file (default: ~/.ssh/authorized_keys).
         #[arg(long)]
         authorized_keys: Option<PathBuf>,
+        /// A key this host used before, "TYPE BASE64": its lines for this host
+        /// (byteback's or 1.x's forced command) are removed (byteback-setup-client --rotate-key).
+        #[arg(long)]
+        retire_key: Option<String>,
     },
     /// Rewrite byteback 1.x's authorized_keys lines (command="byteback-receive",
     /// environment="BYTEBACK_HOST=NAME") into byteback forced commands, keeping
@@ -135,7 +139,8 @@ pub fn main() -> ExitCode {
             from,
             store,
             authorized_keys,
-        } => match run_enrol(host, &key, from, store, authorized_keys) {
+            retire_key,
+        } => match run_enrol(host, &key, from, store, authorized_keys, retire_key) {
             Ok(msg) => {
                 println!("{msg}");
                 ExitCode::SUCCESS
@@ -168,9 +173,13 @@ fn run_enrol(
     from: Option<String>,
     store: Option<PathBuf>,
     authorized_keys: Option<PathBuf>,
+    retire_key: Option<String>,
 ) -> anyhow::Result<String> {
     use anyhow::{anyhow, Context};
     let key = enrol::parse_public_key(key)?;
+    let retire = retire_key
+        .map(|k| enrol::parse_public_key(&k).context("--retire-key"))
+        .transpose()?;
     let from = match from {
         Some(f) => f
             .parse()
@@ -196,8 +205,16 @@ fn run_enrol(
         from,
         authorized_keys,
         server_exe,
+        retire,
     };
-    Ok(match enrol::enrol(&cfg)? {
+    let (enrolled, retired) = enrol::enrol_and_retire(&cfg)?;
+    if cfg.retire.is_some() {
+        eprintln!(
+            "byteback-server: enrol: {retired} line(s) of the retired key removed for {}",
+            cfg.host
+        );
+    }
+    Ok(match enrolled {
         enrol::Enrolled::Added => format!(
             "enrolled {} (key may log in from {}; store {})",
             cfg.host,

@@ -41,7 +41,7 @@ type Opt = (String, Option<String>);
 
 /// Splits an authorized_keys line into its options and the rest (`TYPE BASE64 [COMMENT]`).
 /// `None` when the options do not parse.
-fn split_options(line: &str) -> Option<(Vec<Opt>, &str)> {
+pub fn split_options(line: &str) -> Option<(Vec<Opt>, &str)> {
     let first = line.split([' ', '\t']).next().unwrap_or("");
     if crate::enrol::is_key_type(first) {
         return Some((vec![], line));
@@ -96,7 +96,7 @@ fn split_options(line: &str) -> Option<(Vec<Opt>, &str)> {
 }
 
 /// Whether a forced command is 1.x's receiver.
-fn is_receive(cmd: &str) -> bool {
+pub fn is_receive(cmd: &str) -> bool {
     let cmd = cmd.trim();
     !cmd.contains(char::is_whitespace)
         && (cmd == "byteback-receive" || cmd.ends_with("/byteback-receive"))
