@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use util::sshd::{keygen, Sshd};
+use util::sshd::Sshd;
 use util::*;
 
 /// 1.x's snapshot name format (`%Y-%m-%dT%H:%M%z`).
@@ -241,7 +241,7 @@ fn a_1x_snapshot_lists_and_restores_exactly_beside_byteback_snapshots() {
 }
 
 #[test]
-fn a_migrated_1x_key_backs_up_over_ssh_into_its_1x_host() {
+fn a_migrated_1x_rsa_key_backs_up_over_ssh_into_its_1x_host_until_rotated() {
     if !require_root("an sshd, a server account and btrfs") {
         return;
     }
@@ -261,7 +261,26 @@ fn a_migrated_1x_key_backs_up_over_ssh_into_its_1x_host() {
     // The client as 1.x left it: /etc/byteback/{key,destination}, root's known_hosts.
     let client = work.path().join("client");
     fs::create_dir_all(client.join(".ssh")).unwrap();
-    keygen(&client.join("key"));
+    // 1.x's key: RSA, in the old PEM format.
+    run(Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "rsa",
+            "-b",
+            "3072",
+            "-m",
+            "PEM",
+            "-N",
+            "",
+            "-C",
+            "root@web1x",
+            "-f",
+        ])
+        .arg(client.join("key")));
+    assert!(fs::read_to_string(client.join("key"))
+        .unwrap()
+        .starts_with("-----BEGIN RSA PRIVATE KEY-----"));
     fs::write(client.join("destination"), sshd.destination()).unwrap();
     fs::write(
         client.join(".ssh/known_hosts"),
@@ -359,4 +378,65 @@ fn a_migrated_1x_key_backs_up_over_ssh_into_its_1x_host() {
         .args(["--restore", "--snapshot", &new_snap])
         .arg(&src));
     assert_same_tree(&src, &restored(&into.join(&new_snap), &src));
+
+    // --rotate-key: a new ed25519 key is enrolled (admin login), switched to,
+    // and the RSA key's line is gone; the next backup works with the new key.
+    let old_key = work.path().join("old-rsa-key");
+    fs::copy(client.join("key"), &old_key).unwrap();
+    let old_blob = public.split_whitespace().nth(1).unwrap().to_string();
+    let out = run(client_cmd("byteback-setup-client")
+        .args(["--rotate-key", "--hostname", host])
+        .arg("--admin-key")
+        .arg(&sshd.admin_key)
+        .arg("--server-command")
+        .arg(bin("byteback-server")));
+    assert!(
+        stderr(&out).contains("switched to the new key"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(fs::read_to_string(client.join("key"))
+        .unwrap()
+        .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
+    assert!(fs::read_to_string(client.join("key.pub"))
+        .unwrap()
+        .starts_with("ssh-ed25519 "));
+    assert!(!client.join("key.new").exists() && !client.join("key.retired").exists());
+    let keys_now = fs::read_to_string(&ak).unwrap();
+    assert!(!keys_now.contains(&old_blob), "{keys_now}");
+    assert!(keys_now
+        .lines()
+        .last()
+        .unwrap()
+        .ends_with(&format!("byteback:{host}")));
+    // The RSA key no longer logs in.
+    let out = sshd.openssh(&old_key, &[], &["ping"]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    fs::write(src.join("files/after_rotation"), b"ed25519").unwrap();
+    run(client_cmd("byteback-backup")
+        .arg("--source")
+        .arg(&src)
+        .args(["--retry-number", "0"]));
+    let out = run(client_cmd("byteback-restore").arg("--list"));
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        5,
+        "{}",
+        text(&out.stdout)
+    );
+    let newest = text(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let into = work.path().join("r-rotated");
+    fs::create_dir_all(&into).unwrap();
+    run(client_cmd("byteback-restore")
+        .current_dir(&into)
+        .args(["--restore", "--snapshot", &newest])
+        .arg(&src));
+    assert_same_tree(&src, &restored(&into.join(&newest), &src));
 }
