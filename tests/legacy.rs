@@ -440,3 +440,120 @@ fn a_migrated_1x_rsa_key_backs_up_over_ssh_into_its_1x_host_until_rotated() {
         .arg(&src));
     assert_same_tree(&src, &restored(&into.join(&newest), &src));
 }
+
+/// Sets a `user.rsync.%stat` value as rsync --fake-super would (or worse).
+fn set_stat(path: &Path, value: &str) {
+    run(Command::new("setfattr")
+        .args(["-h", "-n", "user.rsync.%stat", "-v", value])
+        .arg(path));
+}
+
+#[test]
+fn a_hostile_1x_tree_is_read_without_following_anything_and_parsed_strictly() {
+    if !require_root("a 1.x store on btrfs") {
+        return;
+    }
+    let fsys = BtrfsLoop::new(300);
+    let store = fsys.mount.join("store-hostile1x");
+    fs::create_dir_all(&store).unwrap();
+    let d = scratch();
+    let outside = d.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    let sentinel = Sentinel::plant(&outside);
+    let make_host = |host: &str, fill: &dyn Fn(&Path)| {
+        let hostdir = store.join(host);
+        fs::create_dir_all(&hostdir).unwrap();
+        let current = hostdir.join("current");
+        run(Command::new("btrfs")
+            .args(["subvolume", "create"])
+            .arg(&current));
+        fill(&current);
+        run(Command::new("btrfs")
+            .args(["subvolume", "snapshot", "-r"])
+            .arg(&current)
+            .arg(hostdir.join(OLD_SNAP)));
+    };
+    // A symlink stored as a real symlink, pointing out of the store at the
+    // sentinel's directory, and a symlink stored as rsync stores one.
+    make_host("symlinks", &|c| {
+        fs::create_dir_all(c.join("d")).unwrap();
+        std::os::unix::fs::symlink(&outside, c.join("d/escape")).unwrap();
+        fs::write(c.join("d/link"), outside.join("SENTINEL").to_str().unwrap()).unwrap();
+        set_stat(&c.join("d/link"), "120777 0,0 0:0");
+        fs::write(c.join("d/file"), b"content").unwrap();
+    });
+    let out = run(restore_cmd(&store, "symlinks").args(["--list", "/d/**"]));
+    let list = text(&out.stdout);
+    assert!(
+        list.contains(&format!("/d/escape -> {}", outside.display())),
+        "{list}"
+    );
+    assert!(
+        list.contains(&format!("/d/link -> {}/SENTINEL", outside.display())),
+        "{list}"
+    );
+    assert!(
+        !list.contains("SENTINEL\n") || !list.contains("/d/escape/"),
+        "{list}"
+    );
+    assert_eq!(list.lines().count(), 2 + 3, "{list}");
+    let into = d.path().join("r");
+    fs::create_dir_all(&into).unwrap();
+    run(restore_cmd(&store, "symlinks")
+        .current_dir(&into)
+        .args(["--restore", "/d"]));
+    let r = into.join(OLD_SNAP).join("d");
+    assert_eq!(fs::read_link(r.join("escape")).unwrap(), outside);
+    assert_eq!(
+        fs::read_link(r.join("link")).unwrap(),
+        outside.join("SENTINEL")
+    );
+    assert_eq!(fs::read(r.join("file")).unwrap(), b"content");
+    sentinel.assert_untouched();
+
+    // Each bad %stat ends the listing with an error naming the path.
+    for (host, value, why) in [
+        (
+            "bad-syntax",
+            "100644 0,0 1:2 ; rm -rf /",
+            "corrupt user.rsync.%stat",
+        ),
+        (
+            "bad-number",
+            "100644 0,0 99999999999:0",
+            "corrupt user.rsync.%stat",
+        ),
+        ("bad-type", "170644 0,0 0:0", "corrupt user.rsync.%stat"),
+        ("file-as-dir", "40755 0,0 0:0", "says it is a directory"),
+    ] {
+        make_host(host, &|c| {
+            fs::write(c.join("victim"), b"x").unwrap();
+            set_stat(&c.join("victim"), value);
+        });
+        let out = run_status(restore_cmd(&store, host).args(["--list", "/"]));
+        assert_eq!(out.status.code(), Some(1), "{host}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(why) && err.contains("/victim"),
+            "{host}: {err}"
+        );
+    }
+    // A directory said to be a file, and a symlink target too long.
+    make_host("dir-as-file", &|c| {
+        fs::create_dir_all(c.join("victim")).unwrap();
+        set_stat(&c.join("victim"), "100644 0,0 0:0");
+    });
+    make_host("long-target", &|c| {
+        fs::write(c.join("victim"), vec![b'a'; 5000]).unwrap();
+        set_stat(&c.join("victim"), "120777 0,0 0:0");
+    });
+    for (host, why) in [
+        ("dir-as-file", "says it is not one"),
+        ("long-target", "longer than 4096"),
+    ] {
+        let out = run_status(restore_cmd(&store, host).args(["--list", "/"]));
+        assert_eq!(out.status.code(), Some(1), "{host}: {}", stderr(&out));
+        assert!(stderr(&out).contains(why), "{host}: {}", stderr(&out));
+    }
+    sentinel.assert_untouched();
+}
