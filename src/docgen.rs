@@ -725,6 +725,10 @@ fn written_sections(page: &str) -> Written {
                         ),
                         Tag("enrol", "0 enrolled or already enrolled; 1 error; 2 usage."),
                         Tag(
+                            "migrate-keys",
+                            "0 every 1.x line migrated; 1 some left unchanged, or an error; 2 usage.",
+                        ),
+                        Tag(
                             "prune",
                             "0 done or nothing to do; 1 error; 2 usage; 3 refused by the growth \
                              guard.",
@@ -849,6 +853,55 @@ fn written_sections(page: &str) -> Written {
                 ),
             ],
             see_also: vec!["byteback-setup-client(8)", "byteback-server(8)"],
+        },
+        "byteback-server-migrate-keys" => Written {
+            description: Some(
+                "Rewrites byteback 1.x's authorized_keys lines (command=\"byteback-receive\", \
+                 environment=\"BYTEBACK_HOST=NAME\") into byteback's forced command for the same \
+                 host and key (restrict, forced command byteback-server serve --host NAME), so \
+                 1.x clients need not re-enrol. from= and expiry-time= are kept. A 1.x line with \
+                 any other option, a host name byteback refuses or without a directory in the \
+                 store, or a malformed key is left unchanged with a warning naming its line; \
+                 other lines are kept byte for byte. The file is replaced atomically after the \
+                 original is copied to FILE.byteback-1x; a second run finds nothing to do.",
+            ),
+            sections: vec![
+                (
+                    "ENVIRONMENT",
+                    vec![Tag("HOME", "The store root and ~/.ssh when not given.")],
+                ),
+                (
+                    "FILES",
+                    vec![
+                        SERVER_FILES[0],
+                        SERVER_FILES[7],
+                        Tag(
+                            "~/.ssh/authorized_keys.byteback-1x",
+                            "The file as it was before the first migration.",
+                        ),
+                    ],
+                ),
+                (
+                    "EXIT STATUS",
+                    vec![
+                        Tag("0", "Every 1.x line migrated (or there was none)."),
+                        Tag(
+                            "1",
+                            "Some 1.x lines were left unchanged (each named in a warning), \
+                             or an error.",
+                        ),
+                        Tag("2", "Usage: the command line could not be parsed."),
+                    ],
+                ),
+                (
+                    "EXAMPLES",
+                    vec![Ex(&[
+                        "byteback-server migrate-keys --dry-run",
+                        "byteback-server migrate-keys",
+                    ])],
+                ),
+            ],
+            see_also: vec!["byteback-server-enrol(8)", "byteback-server(8)"],
         },
         "byteback-server-prune" | "byteback-prune" => Written {
             description: Some(

@@ -81,6 +81,17 @@ fn main() {
                 },
             ),
             ClientMsg::ListSnapshots => send(&mut w, &ServerMsg::Snapshots(sc.snapshots.clone())),
+            ClientMsg::ListSnapshotKinds => send(
+                &mut w,
+                &ServerMsg::SnapshotKinds {
+                    snapshots: sc
+                        .snapshots
+                        .iter()
+                        .map(|n| (n.clone(), byteback_protocol::SnapshotKind::Byteback))
+                        .collect(),
+                    current: Some(byteback_protocol::SnapshotKind::Byteback),
+                },
+            ),
             ClientMsg::ReadManifest { snapshot } => {
                 let parts = sc
                     .manifests

@@ -585,6 +585,8 @@ pub struct RestoreArgs {
     #[arg(long)]
     no_setuid: bool,
     /// Glob patterns (relative ones are taken from the current directory).
+    /// Without any, --list lists the snapshots and what wrote each
+    /// (`byteback`, or `1.x` for byteback 1.x's rsync snapshots).
     patterns: Vec<String>,
 }
 
@@ -625,6 +627,19 @@ fn restore_cmd(args: RestoreArgs) -> Result<u8> {
                 .map_err(|e| anyhow!(Usage(format!("--snapshot: {e}"))))?;
         }
     }
+    if args.patterns.is_empty() && !args.restore && args.target.is_none() {
+        if args.snapshot.is_some() || args.all {
+            bail!(Usage(
+                "give a pattern (e.g. / for everything) with --snapshot or --all".into()
+            ));
+        }
+        // A plain listing: the host's snapshots and what wrote each.
+        let mut conn = target.connect("list")?;
+        let stdout = std::io::stdout();
+        let n = restore::list_snapshots(&mut conn, &mut stdout.lock())?;
+        conn.close()?;
+        return Ok(if n == 0 { 1 } else { 0 });
+    }
     let cwd = std::env::current_dir()?;
     let pats = Patterns::new(&args.patterns, &cwd)?;
     let (into, shown_into) = match &args.target {
@@ -661,6 +676,13 @@ fn restore_cmd(args: RestoreArgs) -> Result<u8> {
         }
         for d in &r.damaged {
             eprintln!("byteback-restore: DAMAGED: {d}");
+        }
+        if r.unverified > 0 {
+            eprintln!(
+                "byteback-restore: {} files came from byteback 1.x snapshots, which keep no checksums: \
+                 their sizes were checked, their content could not be verified",
+                r.unverified
+            );
         }
         let dirs: Vec<String> = r
             .snapshots

@@ -31,9 +31,10 @@ use crate::ssh::{self, Auth, Request, SshOptions, SshTarget, UnknownHost};
 #[derive(Debug, Parser)]
 #[command(name = "byteback-setup-client", version)]
 pub struct SetupArgs {
-    /// The server account: user@host: or ssh://user@host:port/.
-    #[arg(short, long)]
-    destination: String,
+    /// The server account: user@host: or ssh://user@host:port/ (with
+    /// --rotate-key: default /etc/byteback/destination).
+    #[arg(short, long, required_unless_present = "rotate_key")]
+    destination: Option<String>,
     /// Name to file this machine under. Default: hostname -f.
     #[arg(long)]
     hostname: Option<String>,
@@ -46,6 +47,11 @@ pub struct SetupArgs {
     /// The server program as the server account runs it.
     #[arg(long, default_value = "byteback-server")]
     server_command: String,
+    /// Replace the existing client key (byteback 1.x's RSA key, say) with a new
+    /// ed25519 key: enrol it (logging in as for set-up), check it, switch
+    /// /etc/byteback/key over, then remove the old key's line on the server.
+    #[arg(long)]
+    rotate_key: bool,
 }
 
 /// `byteback-setup-client`.
@@ -62,7 +68,19 @@ pub fn setup_main() -> ExitCode {
 
 fn setup(args: &SetupArgs) -> Result<()> {
     let dir = config_dir();
-    let Destination::Ssh { user, host, port } = Destination::parse(&args.destination)? else {
+    let destination = match &args.destination {
+        Some(d) => d.clone(),
+        None => std::fs::read_to_string(dir.join("destination"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .map(str::trim)
+                    .find(|l| !l.is_empty())
+                    .map(str::to_string)
+            })
+            .ok_or_else(|| anyhow!("no --destination and no {}/destination", dir.display()))?,
+    };
+    let Destination::Ssh { user, host, port } = Destination::parse(&destination)? else {
         bail!("--destination must be a server (user@host: or ssh://user@host:port/); a local store needs no set-up");
     };
     let target = SshTarget {
@@ -80,47 +98,27 @@ fn setup(args: &SetupArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let key_path = args.ssh_key.clone().unwrap_or_else(|| dir.join("key"));
+    if args.rotate_key {
+        return rotate(args, &target, &name, &key_path);
+    }
     let key = ensure_key(&key_path)?;
-    let public = key
-        .public_key()
-        .to_openssh()
-        .context("cannot encode the public key")?;
-    let public = public
-        .split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ");
+    let public = public_line(&key)?;
 
     let auth = match &args.admin_key {
         Some(p) => Auth::Key(p.clone()),
         None => Auth::Password(password(&target)?),
     };
-    let opts = SshOptions {
-        known_hosts: known_hosts_files(),
-        unknown_host: UnknownHost::Learn,
-        ..SshOptions::default()
-    };
-    let command = format!(
-        "{} enrol --host {} --key '{}'",
-        args.server_command, name, public
-    );
-    let stream = ssh::open(&target, &auth, &opts, Request::Exec(command))?;
-    let mut sock = stream.socket.try_clone()?;
-    sock.shutdown(std::net::Shutdown::Write)?;
-    let mut out = Vec::new();
-    sock.read_to_end(&mut out)?;
-    drop(sock);
-    let status = stream.finish()?;
-    for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        eprintln!("server: {}", byteback_protocol::escape_bytes(line));
-    }
-    match status {
-        Some(0) => {}
-        Some(n) => bail!("enrolment on the server failed (exit status {n})"),
-        None => bail!("enrolment on the server ended without an exit status"),
-    }
+    enrol_remote(
+        &target,
+        &auth,
+        UnknownHost::Learn,
+        &args.server_command,
+        &name,
+        &public,
+        None,
+    )?;
 
-    write_if_changed(&dir.join("destination"), &format!("{}\n", args.destination))?;
+    write_if_changed(&dir.join("destination"), &format!("{destination}\n"))?;
 
     // Prove the new key works through its forced command.
     let check = SshOptions {
@@ -133,10 +131,153 @@ fn setup(args: &SetupArgs) -> Result<()> {
     let filed_as = conn.host.clone();
     conn.close()?;
     eprintln!(
-        "byteback-setup-client: done: this machine backs up to {} as host {filed_as}; run byteback-backup (daily from a timer)",
-        args.destination
+        "byteback-setup-client: done: this machine backs up to {destination} as host {filed_as}; run byteback-backup (daily from a timer)"
     );
     Ok(())
+}
+
+/// `TYPE BASE64` of a key.
+fn public_line(key: &PrivateKey) -> Result<String> {
+    let public = key
+        .public_key()
+        .to_openssh()
+        .context("cannot encode the public key")?;
+    Ok(public
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" "))
+}
+
+/// `<path>.pub`, as OpenSSH names a public key.
+fn pub_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".pub");
+    PathBuf::from(p)
+}
+
+/// `--rotate-key`: a new ed25519 key is made beside the old one
+/// (`<key>.new`), enrolled through an admin login as set-up does, and
+/// checked; then it replaces the old key (kept as `<key>.retired` until the
+/// server has dropped its line), and a second enrolment call removes the
+/// old key's line for this host. If that last step fails, the new key is in
+/// use already and the warning says what to remove by hand.
+fn rotate(args: &SetupArgs, target: &SshTarget, name: &str, key_path: &Path) -> Result<()> {
+    if !key_path.exists() {
+        bail!(
+            "no key {} to rotate; run byteback-setup-client without --rotate-key",
+            key_path.display()
+        );
+    }
+    let old = ssh::load_key(key_path)?;
+    let old_public = public_line(&old)?;
+    let new_path = PathBuf::from(format!("{}.new", key_path.display()));
+    let new = ensure_key(&new_path)?;
+    let new_public = public_line(&new)?;
+    if new_public == old_public {
+        bail!("{} is the key in use already", new_path.display());
+    }
+    let auth = match &args.admin_key {
+        Some(p) => Auth::Key(p.clone()),
+        None => Auth::Password(password(target)?),
+    };
+    enrol_remote(
+        target,
+        &auth,
+        UnknownHost::Refuse,
+        &args.server_command,
+        name,
+        &new_public,
+        None,
+    )?;
+    let check = SshOptions {
+        known_hosts: known_hosts_files(),
+        unknown_host: UnknownHost::Refuse,
+        ..SshOptions::default()
+    };
+    let conn = Connection::open_ssh(target, &new_path, &check, "ping")
+        .context("the new key does not work; the old one stays in use")?;
+    conn.close()?;
+    // Switch over: the old key aside, the new one in its place.
+    let retired = PathBuf::from(format!("{}.retired", key_path.display()));
+    let rename = |from: &Path, to: &Path| -> Result<()> {
+        std::fs::rename(from, to)
+            .with_context(|| format!("cannot rename {} to {}", from.display(), to.display()))
+    };
+    rename(key_path, &retired)?;
+    if pub_path(key_path).exists() {
+        rename(&pub_path(key_path), &pub_path(&retired))?;
+    }
+    rename(&new_path, key_path)?;
+    rename(&pub_path(&new_path), &pub_path(key_path))?;
+    eprintln!(
+        "byteback-setup-client: switched to the new key {} ({}); the old one ({}) is {}",
+        key_path.display(),
+        new.fingerprint(HashAlg::Sha256),
+        old.fingerprint(HashAlg::Sha256),
+        retired.display()
+    );
+    match enrol_remote(
+        target,
+        &auth,
+        UnknownHost::Refuse,
+        &args.server_command,
+        name,
+        &new_public,
+        Some(&old_public),
+    ) {
+        Ok(()) => {
+            std::fs::remove_file(&retired)
+                .with_context(|| format!("cannot remove {}", retired.display()))?;
+            let _ = std::fs::remove_file(pub_path(&retired));
+            eprintln!("byteback-setup-client: done: the old key's line is gone from the server and its file removed");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!(
+                "byteback-setup-client: warning: the new key is in use, but the old key's line could not be removed from the server ({e:#}); remove the line with key {} from the server account's authorized_keys, then delete {}",
+                old.fingerprint(HashAlg::Sha256),
+                retired.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Runs `byteback-server enrol` on the server through an admin login.
+fn enrol_remote(
+    target: &SshTarget,
+    auth: &Auth,
+    unknown_host: UnknownHost,
+    server_command: &str,
+    name: &str,
+    public: &str,
+    retire: Option<&str>,
+) -> Result<()> {
+    let opts = SshOptions {
+        known_hosts: known_hosts_files(),
+        unknown_host,
+        ..SshOptions::default()
+    };
+    let mut command = format!("{server_command} enrol --host {name} --key '{public}'");
+    if let Some(old) = retire {
+        command.push_str(&format!(" --retire-key '{old}'"));
+    }
+    let stream = ssh::open(target, auth, &opts, Request::Exec(command))?;
+    let mut sock = stream.socket.try_clone()?;
+    sock.shutdown(std::net::Shutdown::Write)?;
+    let mut out = Vec::new();
+    sock.read_to_end(&mut out)?;
+    drop(sock);
+    let status = stream.finish()?;
+    for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        eprintln!("server: {}", byteback_protocol::escape_bytes(line));
+    }
+    match status {
+        Some(0) => Ok(()),
+        Some(n) => bail!("enrolment on the server failed (exit status {n})"),
+        None => bail!("enrolment on the server ended without an exit status"),
+    }
 }
 
 fn is_shell_word(s: &str) -> bool {
@@ -184,7 +325,7 @@ fn ensure_key(path: &Path) -> Result<PrivateKey> {
     }
     std::fs::rename(&tmp, path)?;
     let public = key.public_key().to_openssh()?;
-    std::fs::write(path.with_extension("pub"), format!("{public}\n"))?;
+    std::fs::write(pub_path(path), format!("{public}\n"))?;
     eprintln!(
         "byteback-setup-client: created key {} ({})",
         path.display(),

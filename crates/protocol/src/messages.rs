@@ -62,6 +62,27 @@ impl Kind {
     }
 }
 
+/// What wrote a snapshot, as the server found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotKind {
+    /// Written by byteback: it carries a manifest with the BLAKE3 of every file.
+    Byteback,
+    /// Written by byteback 1.x (rsync `--fake-super`): no manifest; the
+    /// server derives the entries from the tree, and sends no stored hash
+    /// (files from it are restored unverified).
+    Legacy1x,
+}
+
+impl SnapshotKind {
+    /// How listings name the kind.
+    pub fn label(self) -> &'static str {
+        match self {
+            SnapshotKind::Byteback => "byteback",
+            SnapshotKind::Legacy1x => "1.x",
+        }
+    }
+}
+
 /// Extended attributes as (name, value) pairs of raw bytes.
 pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -325,6 +346,8 @@ pub enum ClientMsg {
     },
     /// End the session.
     Bye,
+    /// List the host's snapshots with their kinds (and the kind of `current`).
+    ListSnapshotKinds,
 }
 
 impl ClientMsg {
@@ -343,6 +366,7 @@ impl ClientMsg {
             ClientMsg::ReadManifest { .. } => "ReadManifest",
             ClientMsg::ReadFile { .. } => "ReadFile",
             ClientMsg::Bye => "Bye",
+            ClientMsg::ListSnapshotKinds => "ListSnapshotKinds",
         }
     }
 
@@ -438,6 +462,14 @@ pub enum ServerMsg {
         /// What went wrong.
         message: String,
     },
+    /// Reply to `ListSnapshotKinds`: the host's snapshots, oldest first, each
+    /// with its kind, and the kind of `current` (`None` when there is none).
+    SnapshotKinds {
+        /// (name, kind), oldest first.
+        snapshots: Vec<(String, SnapshotKind)>,
+        /// Kind of `current`.
+        current: Option<SnapshotKind>,
+    },
 }
 
 impl ServerMsg {
@@ -457,6 +489,7 @@ impl ServerMsg {
             ServerMsg::FilePart(_) => "FilePart",
             ServerMsg::FileDone => "FileDone",
             ServerMsg::Error { .. } => "Error",
+            ServerMsg::SnapshotKinds { .. } => "SnapshotKinds",
         }
     }
 
@@ -470,6 +503,9 @@ impl ServerMsg {
                 Err(ProtocolError::Limit("signature too large".into()))
             }
             ServerMsg::Snapshots(s) if s.len() > MAX_SNAPSHOTS => {
+                Err(ProtocolError::Limit("too many snapshots".into()))
+            }
+            ServerMsg::SnapshotKinds { snapshots, .. } if snapshots.len() > MAX_SNAPSHOTS => {
                 Err(ProtocolError::Limit("too many snapshots".into()))
             }
             ServerMsg::ManifestPart(entries) => {

@@ -267,6 +267,7 @@ impl ServerSession {
             (
                 Phase::Idle,
                 ClientMsg::ListSnapshots
+                | ClientMsg::ListSnapshotKinds
                 | ClientMsg::ReadManifest { .. }
                 | ClientMsg::ReadFile { .. },
             ) => {
@@ -294,7 +295,10 @@ impl ServerSession {
             (Phase::Ending, ServerMsg::BackupDone { .. }) => self.phase = Phase::Idle,
             (
                 Phase::Reading,
-                ServerMsg::Snapshots(_) | ServerMsg::ManifestEnd | ServerMsg::FileDone,
+                ServerMsg::Snapshots(_)
+                | ServerMsg::SnapshotKinds { .. }
+                | ServerMsg::ManifestEnd
+                | ServerMsg::FileDone,
             ) => self.phase = Phase::Idle,
             (Phase::Reading, ServerMsg::ManifestPart(_) | ServerMsg::FilePart(_)) => {}
             _ => return Err(unexpected(msg.name(), p)),
@@ -370,6 +374,7 @@ impl ClientSession {
             (
                 Phase::Idle,
                 ClientMsg::ListSnapshots
+                | ClientMsg::ListSnapshotKinds
                 | ClientMsg::ReadManifest { .. }
                 | ClientMsg::ReadFile { .. },
             ) => self.phase = Phase::Reading,
@@ -409,7 +414,10 @@ impl ClientSession {
             (Phase::Ending, ServerMsg::BackupDone { .. }) => self.phase = Phase::Idle,
             (
                 Phase::Reading,
-                ServerMsg::Snapshots(_) | ServerMsg::ManifestEnd | ServerMsg::FileDone,
+                ServerMsg::Snapshots(_)
+                | ServerMsg::SnapshotKinds { .. }
+                | ServerMsg::ManifestEnd
+                | ServerMsg::FileDone,
             ) => self.phase = Phase::Idle,
             (Phase::Reading, ServerMsg::ManifestPart(_) | ServerMsg::FilePart(_)) => {}
             _ => return Err(unexpected(msg.name(), p)),

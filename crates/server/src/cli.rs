@@ -51,6 +51,24 @@ enum Command {
         /// authorized_keys file (default: ~/.ssh/authorized_keys).
         #[arg(long)]
         authorized_keys: Option<PathBuf>,
+        /// A key this host used before, "TYPE BASE64": its lines for this host
+        /// (byteback's or 1.x's forced command) are removed (byteback-setup-client --rotate-key).
+        #[arg(long)]
+        retire_key: Option<String>,
+    },
+    /// Rewrite byteback 1.x's authorized_keys lines (command="byteback-receive",
+    /// environment="BYTEBACK_HOST=NAME") into byteback forced commands, keeping
+    /// from= restrictions; a copy of the original is kept as FILE.byteback-1x.
+    MigrateKeys {
+        /// authorized_keys file (default: ~/.ssh/authorized_keys).
+        #[arg(long)]
+        authorized_keys: Option<PathBuf>,
+        /// Store root (default: the home directory of the server user, as 1.x's /byteback).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Show what would change; write nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Delete the least important snapshots while the store is short of space (as byteback-prune).
     Prune(crate::admin::PruneArgs),
@@ -121,13 +139,25 @@ pub fn main() -> ExitCode {
             from,
             store,
             authorized_keys,
-        } => match run_enrol(host, &key, from, store, authorized_keys) {
+            retire_key,
+        } => match run_enrol(host, &key, from, store, authorized_keys, retire_key) {
             Ok(msg) => {
                 println!("{msg}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
                 eprintln!("byteback-server: enrol: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::MigrateKeys {
+            authorized_keys,
+            store,
+            dry_run,
+        } => match run_migrate(authorized_keys, store, dry_run) {
+            Ok(code) => ExitCode::from(code),
+            Err(e) => {
+                eprintln!("byteback-server: migrate-keys: {e:#}");
                 ExitCode::FAILURE
             }
         },
@@ -143,9 +173,13 @@ fn run_enrol(
     from: Option<String>,
     store: Option<PathBuf>,
     authorized_keys: Option<PathBuf>,
+    retire_key: Option<String>,
 ) -> anyhow::Result<String> {
     use anyhow::{anyhow, Context};
     let key = enrol::parse_public_key(key)?;
+    let retire = retire_key
+        .map(|k| enrol::parse_public_key(&k).context("--retire-key"))
+        .transpose()?;
     let from = match from {
         Some(f) => f
             .parse()
@@ -171,8 +205,16 @@ fn run_enrol(
         from,
         authorized_keys,
         server_exe,
+        retire,
     };
-    Ok(match enrol::enrol(&cfg)? {
+    let (enrolled, retired) = enrol::enrol_and_retire(&cfg)?;
+    if cfg.retire.is_some() {
+        eprintln!(
+            "byteback-server: enrol: {retired} line(s) of the retired key removed for {}",
+            cfg.host
+        );
+    }
+    Ok(match enrolled {
         enrol::Enrolled::Added => format!(
             "enrolled {} (key may log in from {}; store {})",
             cfg.host,
@@ -181,6 +223,52 @@ fn run_enrol(
         ),
         enrol::Enrolled::Unchanged => format!("{} was already enrolled with this key", cfg.host),
     })
+}
+
+/// `migrate-keys`: 0 when every 1.x line was migrated (or there was none), 1
+/// when some were left unchanged (each named in a warning).
+fn run_migrate(
+    authorized_keys: Option<PathBuf>,
+    store: Option<PathBuf>,
+    dry_run: bool,
+) -> anyhow::Result<u8> {
+    use anyhow::{anyhow, Context};
+    let authorized_keys = authorized_keys
+        .or_else(enrol::default_authorized_keys)
+        .ok_or_else(|| anyhow!("no --authorized-keys given and no home directory"))?;
+    let store_arg = store.clone();
+    let store = store
+        .or_else(default_store)
+        .ok_or_else(|| anyhow!("no --store given and no home directory"))?;
+    let cfg = crate::migrate::MigrateConfig {
+        server_exe: std::env::current_exe().context("cannot find this program's path")?,
+        store_arg,
+    };
+    let r = crate::migrate::migrate_keys(&authorized_keys, &store, &cfg, dry_run)?;
+    let shown = authorized_keys.display();
+    for (n, old, new) in &r.migrated {
+        if dry_run {
+            println!("{shown}:{n}: would become:\n  - {old}\n  + {new}");
+        } else {
+            println!("{shown}:{n}: migrated: {new}");
+        }
+    }
+    for (n, why) in &r.refused {
+        eprintln!(
+            "byteback-server: warning: {shown}:{n}: a byteback 1.x line left unchanged: {why}"
+        );
+    }
+    match (&r.backup, r.migrated.len()) {
+        (_, 0) => eprintln!("byteback-server: migrate-keys: no 1.x line to migrate in {shown}"),
+        (Some(b), n) => eprintln!(
+            "byteback-server: migrate-keys: {n} lines migrated; the original is kept as {}",
+            b.display()
+        ),
+        (None, n) => {
+            eprintln!("byteback-server: migrate-keys: {n} lines would be migrated (dry run)")
+        }
+    }
+    Ok(if r.refused.is_empty() { 0 } else { 1 })
 }
 
 /// Deep trees hold one directory fd per level; lift the soft limit to the hard one.

@@ -32,6 +32,11 @@ const KEY_TYPES: &[&str] = &[
     "sk-ecdsa-sha2-nistp256@openssh.com",
 ];
 
+/// Whether `s` is a key type byteback accepts for clients.
+pub fn is_key_type(s: &str) -> bool {
+    KEY_TYPES.contains(&s)
+}
+
 /// The longest public key line accepted (a 16384-bit RSA key is ~2.8 KB).
 const MAX_KEY_LEN: usize = 4096;
 
@@ -155,6 +160,32 @@ pub struct EnrolConfig {
     pub authorized_keys: PathBuf,
     /// This program, as sshd should start it.
     pub server_exe: PathBuf,
+    /// A key this host used before (`--retire-key`): its lines that let it
+    /// back up as this host (byteback's forced command, or 1.x's
+    /// `byteback-receive` with `BYTEBACK_HOST=NAME`) are removed.
+    pub retire: Option<PublicKeyLine>,
+}
+
+/// Whether an authorized_keys line lets `blob` back up as `host` and nothing
+/// else: byteback's forced command for `host`, or 1.x's receiver for it.
+fn is_host_line(line: &str, blob: &str, host: &str) -> bool {
+    let Some((opts, key)) = crate::migrate::split_options(line.trim()) else {
+        return false;
+    };
+    if key.split_whitespace().nth(1) != Some(blob) {
+        return false;
+    }
+    let Some((_, Some(cmd))) = opts.iter().find(|(n, _)| n == "command") else {
+        return false;
+    };
+    let words: Vec<&str> = cmd.split_whitespace().collect();
+    let byteback = matches!(words.as_slice(), [exe, "serve", "--host", h, ..]
+        if *h == host && (*exe == "byteback-server" || exe.ends_with("/byteback-server")));
+    let receive = crate::migrate::is_receive(cmd)
+        && opts.iter().any(|(n, v)| {
+            n == "environment" && v.as_deref() == Some(&format!("BYTEBACK_HOST={host}"))
+        });
+    byteback || receive
 }
 
 /// What enrolment did.
@@ -212,6 +243,16 @@ pub fn key_line(cfg: &EnrolConfig) -> Result<String> {
 
 /// Enrols one client; idempotent.
 pub fn enrol(cfg: &EnrolConfig) -> Result<Enrolled> {
+    enrol_and_retire(cfg).map(|(e, _)| e)
+}
+
+/// Enrols one client and removes the lines of the key it retires (see
+/// [`EnrolConfig::retire`]); returns how many lines were removed. One atomic
+/// rewrite of the file; idempotent.
+pub fn enrol_and_retire(cfg: &EnrolConfig) -> Result<(Enrolled, usize)> {
+    if cfg.retire.as_ref().is_some_and(|r| r.blob == cfg.key.blob) {
+        bail!("--retire-key is the key being enrolled");
+    }
     byteback_protocol::validate_host_name(&cfg.host).map_err(|e| anyhow!("host name: {e}"))?;
     let line = key_line(cfg)?;
     let store = Store::open(&cfg.store)?;
@@ -243,11 +284,12 @@ pub fn enrol(cfg: &EnrolConfig) -> Result<Enrolled> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).context(format!("cannot read {}", cfg.authorized_keys.display())),
     }
+    let mut enrolled = Enrolled::Added;
     for l in existing.lines() {
         if l.split_whitespace().any(|w| w == cfg.key.blob) {
             if l.trim_end() == line.trim_end() {
-                store.host(&cfg.host, true)?;
-                return Ok(Enrolled::Unchanged);
+                enrolled = Enrolled::Unchanged;
+                break;
             }
             bail!(
                 "this key is already in {} with other options; remove that line first: {l}",
@@ -258,11 +300,23 @@ pub fn enrol(cfg: &EnrolConfig) -> Result<Enrolled> {
     // The host's tree first: a key must never point at a missing host.
     store.host(&cfg.host, true)?;
 
-    let mut content = existing;
-    if !content.is_empty() && !content.ends_with('\n') {
-        content.push('\n');
+    let mut content = String::with_capacity(existing.len() + line.len());
+    let mut retired = 0;
+    for l in existing.split_inclusive('\n') {
+        match &cfg.retire {
+            Some(old) if is_host_line(l, &old.blob, &cfg.host) => retired += 1,
+            _ => content.push_str(l),
+        }
     }
-    content.push_str(&line);
+    if enrolled == Enrolled::Added {
+        if !content.is_empty() && !content.ends_with('\n') {
+            content.push('\n');
+        }
+        content.push_str(&line);
+    }
+    if content == existing {
+        return Ok((enrolled, 0));
+    }
     let tmp = ssh_dir.join(".authorized_keys.byteback-tmp");
     let _ = std::fs::remove_file(&tmp);
     {
@@ -280,7 +334,7 @@ pub fn enrol(cfg: &EnrolConfig) -> Result<Enrolled> {
     if let Ok(d) = std::fs::File::open(ssh_dir) {
         let _ = d.sync_all();
     }
-    Ok(Enrolled::Added)
+    Ok((enrolled, retired))
 }
 
 /// The default authorized_keys file of the running account.
@@ -367,6 +421,7 @@ mod tests {
             from: "192.0.2.7".parse().unwrap(),
             authorized_keys: dir.path().join(".ssh/authorized_keys"),
             server_exe: "/usr/local/bin/byteback-server".into(),
+            retire: None,
         };
         std::fs::create_dir_all(&cfg.store).unwrap();
         assert_eq!(enrol(&cfg).unwrap(), Enrolled::Added);
@@ -405,5 +460,48 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    #[test]
+    fn a_retired_key_loses_only_its_lines_for_this_host() {
+        const ED2: &str =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIXg4VM4UPiEfw9Djn2zEX8BuIdk7aLdj3ut+AdW0w5J";
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        std::fs::create_dir_all(&store).unwrap();
+        let ak = dir.path().join(".ssh/authorized_keys");
+        std::fs::create_dir_all(ak.parent().unwrap()).unwrap();
+        let old_blob = ED.split(' ').nth(1).unwrap();
+        let before = format!(
+            "{ED} admin\ncommand=\"byteback-receive\",from=\"192.0.2.7\",environment=\"BYTEBACK_HOST=web1\" {ED} root@web1\ncommand=\"byteback-receive\",environment=\"BYTEBACK_HOST=other\" {ED}\n"
+        );
+        std::fs::write(&ak, &before).unwrap();
+        let cfg = EnrolConfig {
+            store,
+            store_explicit: false,
+            host: "web1".into(),
+            key: parse_public_key(ED2).unwrap(),
+            from: "192.0.2.7".parse().unwrap(),
+            authorized_keys: ak.clone(),
+            server_exe: "/usr/local/bin/byteback-server".into(),
+            retire: Some(parse_public_key(ED).unwrap()),
+        };
+        // The old key is on other lines too: enrolling the new one is fine.
+        assert_eq!(enrol_and_retire(&cfg).unwrap(), (Enrolled::Added, 1));
+        let after = std::fs::read_to_string(&ak).unwrap();
+        let lines: Vec<&str> = after.lines().collect();
+        assert_eq!(lines.len(), 3, "{after}");
+        assert!(lines[0].ends_with(" admin"), "the unrestricted line stays");
+        assert!(
+            lines[1].contains("BYTEBACK_HOST=other"),
+            "another host's line stays"
+        );
+        assert!(lines[2].contains("serve --host web1") && lines[2].contains(ED2));
+        assert!(!lines[2].contains(old_blob));
+        assert_eq!(enrol_and_retire(&cfg).unwrap(), (Enrolled::Unchanged, 0));
+        assert_eq!(std::fs::read_to_string(&ak).unwrap(), after);
+        let mut same = cfg.clone();
+        same.retire = Some(parse_public_key(ED2).unwrap());
+        assert!(enrol_and_retire(&same).is_err());
     }
 }

@@ -10,12 +10,13 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use byteback_protocol::limits::{MAX_BATCH, MAX_CHUNK};
 use byteback_protocol::{
-    decode_client, read_frame, write_msg, ClientMsg, Compressed, ServerMsg, ServerSession,
-    PROTOCOL_VERSION,
+    decode_client, escape_bytes, read_frame, write_msg, ClientMsg, Compressed, ServerMsg,
+    ServerSession, SnapshotKind, PROTOCOL_VERSION,
 };
 
 use crate::backup::{BackupReceiver, TransferResult};
 use crate::config::StoreConfig;
+use crate::legacy::{self, LegacyWalk};
 use crate::manifest::ManifestReader;
 use crate::store::{disk_path, Store, META_DIR, META_DIR_NAME};
 use crate::{fsops, time};
@@ -124,9 +125,31 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
                 };
                 conn.send(&ServerMsg::Snapshots(names))?;
             }
+            ClientMsg::ListSnapshotKinds => {
+                let (snapshots, current) = match store.host(&cfg.host, false) {
+                    Ok(h) => {
+                        let mut out = vec![];
+                        for (name, _) in h.snapshots()? {
+                            let kind = snapshot_kind(&h.open_snapshot(&name)?)?;
+                            out.push((name, kind));
+                        }
+                        let current = match h.open_snapshot("current") {
+                            Ok(fd) => Some(snapshot_kind(&fd)?),
+                            Err(_) => None,
+                        };
+                        (out, current)
+                    }
+                    Err(_) => (vec![], None),
+                };
+                conn.send(&ServerMsg::SnapshotKinds { snapshots, current })?;
+            }
             ClientMsg::ReadManifest { snapshot } => {
                 let host = store.host(&cfg.host, false)?;
                 let snap = host.open_snapshot(&snapshot)?;
+                if legacy::is_legacy(&snap)? {
+                    send_legacy_manifest(conn, snap, &snapshot)?;
+                    continue;
+                }
                 let meta = fsops::open_dir(&snap, META_DIR)?;
                 let path = host
                     .path
@@ -157,7 +180,14 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
                 // the client finds it short, reports it damaged and goes on
                 // with the rest of the restore.
                 let shown = String::from_utf8_lossy(&path).into_owned();
-                match fsops::open_file(&snap, &disk_path(&path)) {
+                // 1.x stored client paths as they are; byteback escapes
+                // top-level names starting with `.byteback`.
+                let on_disk = if legacy::is_legacy(&snap)? {
+                    path.clone()
+                } else {
+                    disk_path(&path)
+                };
+                match fsops::open_file(&snap, &on_disk) {
                     Ok(f) => {
                         if let Err(e) = send_file(conn, f) {
                             match e.downcast_ref::<std::io::Error>() {
@@ -184,6 +214,54 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
             m => bail!("unexpected {}", m.name()),
         }
     }
+}
+
+/// The kind of the snapshot (or `current`) open at `snap`.
+fn snapshot_kind(snap: &std::os::fd::OwnedFd) -> Result<SnapshotKind> {
+    Ok(if legacy::is_legacy(snap)? {
+        SnapshotKind::Legacy1x
+    } else {
+        SnapshotKind::Byteback
+    })
+}
+
+/// Streams the entries of a 1.x snapshot, derived from its tree (see
+/// [`legacy`]), as a manifest; rsync ACL xattrs it cannot apply are named
+/// in a warning.
+fn send_legacy_manifest<R: Read, W: Write>(
+    conn: &mut Conn<R, W>,
+    snap: std::os::fd::OwnedFd,
+    snapshot: &str,
+) -> Result<()> {
+    let mut walk = LegacyWalk::new(snap).with_context(|| format!("1.x snapshot {snapshot}"))?;
+    let mut part = vec![];
+    while let Some(e) = walk
+        .next_entry()
+        .with_context(|| format!("1.x snapshot {snapshot}"))?
+    {
+        part.push(e);
+        if part.len() == MAX_BATCH {
+            conn.send(&ServerMsg::ManifestPart(std::mem::take(&mut part)))?;
+        }
+    }
+    if !part.is_empty() {
+        conn.send(&ServerMsg::ManifestPart(part))?;
+    }
+    conn.send(&ServerMsg::ManifestEnd)?;
+    if walk.unsupported_count > 0 {
+        let named: Vec<String> = walk
+            .unsupported
+            .iter()
+            .map(|(p, n)| format!("/{} ({})", escape_bytes(p), escape_bytes(n)))
+            .collect();
+        eprintln!(
+            "byteback-server: warning: 1.x snapshot {snapshot}: {} entries carry rsync ACL xattrs that are NOT restored (rsync's own ACL format is not supported): {}{}",
+            walk.unsupported_count,
+            named.join(", "),
+            if walk.unsupported_count as usize > named.len() { ", ..." } else { "" }
+        );
+    }
+    Ok(())
 }
 
 /// Streams a stored file's content as `FilePart`s; a read error comes back

@@ -26,7 +26,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Result};
-use byteback_protocol::{ClientMsg, Kind, ManifestEntry, ServerMsg};
+use byteback_protocol::{ClientMsg, Kind, ManifestEntry, ServerMsg, SnapshotKind};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use crate::apply::ApplyRules;
@@ -112,15 +112,50 @@ impl Selector<'_> {
     }
 }
 
-fn snapshots(conn: &mut Connection) -> Result<Vec<String>> {
-    conn.send(&ClientMsg::ListSnapshots)?;
+/// The host's snapshots with their kinds, oldest first, and the kind of `current`.
+pub fn snapshots(conn: &mut Connection) -> Result<(Vec<Snap>, Option<SnapshotKind>)> {
+    conn.send(&ClientMsg::ListSnapshotKinds)?;
     match conn.recv()? {
-        ServerMsg::Snapshots(s) => {
-            check::check_snapshots(&s)?;
-            Ok(s)
+        ServerMsg::SnapshotKinds { snapshots, current } => {
+            let names: Vec<String> = snapshots.iter().map(|(n, _)| n.clone()).collect();
+            check::check_snapshots(&names)?;
+            Ok((
+                snapshots
+                    .into_iter()
+                    .map(|(name, kind)| Snap { name, kind })
+                    .collect(),
+                current,
+            ))
         }
         m => bail!("unexpected {} from the server", m.name()),
     }
+}
+
+/// A snapshot and what wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snap {
+    /// Its name.
+    pub name: String,
+    /// byteback's own, or 1.x's (no stored hashes).
+    pub kind: SnapshotKind,
+}
+
+/// Prints the host's snapshots, oldest first, each with its kind.
+pub fn list_snapshots(conn: &mut Connection, out: &mut dyn Write) -> Result<usize> {
+    let (snaps, _) = snapshots(conn)?;
+    if snaps.is_empty() {
+        bail!(
+            "host {} has no snapshots here (is the host name right? see --hostname)",
+            conn.host
+        );
+    }
+    let heading = format!("{:<25} kind", "snapshot");
+    writeln!(out, "{heading}")?;
+    writeln!(out, "{}", "-".repeat(heading.len() + 4))?;
+    for s in &snaps {
+        writeln!(out, "{:<25} {}", s.name, s.kind.label())?;
+    }
+    Ok(snaps.len())
 }
 
 /// Reads one snapshot's manifest, every entry checked (see [`check`]) before `each` sees it.
@@ -171,40 +206,61 @@ pub fn snapshot_glob(s: &str) -> Result<crate::filter::Glob> {
 }
 
 /// The snapshots `--snapshot` selects, oldest first: all of them, the one
-/// named, or every one a glob matches.
-fn pick_snapshots(conn: &mut Connection, snapshot: Option<&str>) -> Result<Vec<String>> {
-    let all = snapshots(conn)?;
+/// named (or `current`), or every one a glob matches.
+fn pick_snapshots(conn: &mut Connection, snapshot: Option<&str>) -> Result<Vec<Snap>> {
+    let (all, current) = snapshots(conn)?;
     match snapshot {
+        Some("current") => match current {
+            Some(kind) => Ok(vec![Snap {
+                name: "current".into(),
+                kind,
+            }]),
+            None => bail!("host {} has no current backup", conn.host),
+        },
         Some(s) if is_snapshot_glob(s) => {
             let glob = snapshot_glob(s)?;
-            let picked: Vec<String> = all
-                .iter()
-                .filter(|x| glob.matches(x.as_bytes()))
-                .cloned()
+            let count = all.len();
+            let range = match (all.first(), all.last()) {
+                (Some(a), Some(z)) => format!(
+                    " (oldest {}, newest {})",
+                    byteback_protocol::escape_text(&a.name),
+                    byteback_protocol::escape_text(&z.name)
+                ),
+                _ => String::new(),
+            };
+            let picked: Vec<Snap> = all
+                .into_iter()
+                .filter(|x| glob.matches(x.name.as_bytes()))
                 .collect();
             if picked.is_empty() {
-                let range = match (all.first(), all.last()) {
-                    (Some(a), Some(z)) => format!(
-                        " (oldest {}, newest {})",
-                        byteback_protocol::escape_text(a),
-                        byteback_protocol::escape_text(z)
-                    ),
-                    _ => String::new(),
-                };
-                bail!(
-                    "no snapshot matches --snapshot {s:?}; there are {} snapshots{range}",
-                    all.len()
-                );
+                bail!("no snapshot matches --snapshot {s:?}; there are {count} snapshots{range}");
             }
             Ok(picked)
         }
-        Some(s) => {
-            if !all.iter().any(|x| x == s) && s != "current" {
-                bail!("no snapshot {s:?}; there are {}", all.len());
-            }
-            Ok(vec![s.to_string()])
-        }
+        Some(s) => match all.into_iter().find(|x| x.name == s) {
+            Some(x) => Ok(vec![x]),
+            None => bail!("no snapshot {s:?}"),
+        },
         None => Ok(all),
+    }
+}
+
+/// A note naming the 1.x snapshots among `snaps` (their files carry no stored hash).
+fn legacy_note(snaps: &[Snap]) -> Option<String> {
+    let legacy: Vec<&str> = snaps
+        .iter()
+        .filter(|s| s.kind == SnapshotKind::Legacy1x)
+        .map(|s| s.name.as_str())
+        .collect();
+    match legacy.as_slice() {
+        [] => None,
+        [one] => Some(format!(
+            "snapshot {one} was written by byteback 1.x (rsync --fake-super): it has no stored checksums"
+        )),
+        [first, .., last] => Some(format!(
+            "{} snapshots ({first} .. {last}) were written by byteback 1.x (rsync --fake-super): they have no stored checksums",
+            legacy.len()
+        )),
     }
 }
 
@@ -286,6 +342,10 @@ pub fn list(
             conn.host
         );
     }
+    if let Some(note) = legacy_note(&snaps) {
+        eprintln!("byteback-restore: note: {note}");
+    }
+    let snaps: Vec<String> = snaps.into_iter().map(|s| s.name).collect();
     // path -> versions seen, as (key, snapshot, entry); newest snapshot first.
     let mut rows: HashMap<Vec<u8>, Vec<(String, ManifestEntry)>> = HashMap::new();
     let mut held = 0usize;
@@ -383,6 +443,8 @@ pub struct RestoreReport {
     pub warnings: Vec<String>,
     /// Files not restored because their content failed verification (removed).
     pub damaged: Vec<String>,
+    /// Files restored from 1.x snapshots, which keep no checksum to verify them against.
+    pub unverified: u64,
 }
 
 impl RestoreReport {
@@ -391,6 +453,7 @@ impl RestoreReport {
         self.restored += other.restored;
         self.warnings.extend(other.warnings);
         self.damaged.extend(other.damaged);
+        self.unverified += other.unverified;
     }
 }
 
@@ -698,8 +761,9 @@ pub fn restore(
         },
         no_devices: opts.no_devices,
         verbose: opts.verbose,
+        unverified: false,
     };
-    let order: Vec<&String> = if opts.all {
+    let order: Vec<&Snap> = if opts.all {
         snaps.iter().collect()
     } else {
         snaps.iter().rev().collect()
@@ -711,18 +775,24 @@ pub fn restore(
             first: i == 0,
             last: i + 1 == order.len(),
         };
-        if let Some(r) = restore_snapshot(conn, pats, snap, into, tree_opts, &mut claims, turn)? {
+        let tree_opts = tree::TreeOptions {
+            unverified: snap.kind == SnapshotKind::Legacy1x,
+            ..tree_opts
+        };
+        if let Some(r) =
+            restore_snapshot(conn, pats, &snap.name, into, tree_opts, &mut claims, turn)?
+        {
             report.merge(r);
         }
     }
     match snaps.as_slice() {
         _ if !report.snapshots.is_empty() => {}
-        [one] => bail!("nothing in snapshot {one} matches"),
+        [one] => bail!("nothing in snapshot {} matches", one.name),
         all => bail!("nothing in any of the {} snapshots matches", all.len()),
     }
     report
         .snapshots
-        .sort_by_key(|s| snaps.iter().position(|x| x == s));
+        .sort_by_key(|s| snaps.iter().position(|x| &x.name == s));
     Ok(report)
 }
 

@@ -42,6 +42,9 @@ pub struct TreeOptions {
     pub no_devices: bool,
     /// Name each restored entry on stderr.
     pub verbose: bool,
+    /// The snapshot keeps no checksums (byteback 1.x): files are checked for
+    /// their size only, and counted as unverified.
+    pub unverified: bool,
 }
 
 /// What a directory gets when the walk leaves it.
@@ -400,7 +403,7 @@ impl RestoreTree {
             &self.snapshot,
             src,
             size,
-            &e.hash,
+            (!self.opts.unverified).then_some(&e.hash),
             File::from(fd),
             &shown,
         );
@@ -424,6 +427,9 @@ impl RestoreTree {
         self.report.warnings.extend(w);
         self.created.insert((st.st_dev, st.st_ino));
         self.report.restored += 1;
+        if self.opts.unverified {
+            self.report.unverified += 1;
+        }
         Ok(true)
     }
 
@@ -559,17 +565,18 @@ impl RestoreTree {
 /// Streams `src`'s content from the server into `file`, keeping holes.
 ///
 /// More data than the manifest's `size` ends the restore (the server broke
-/// the protocol); a short file or a BLAKE3 mismatch is returned as the problem.
+/// the protocol); a short file or a BLAKE3 mismatch is returned as the
+/// problem. Without a `hash` (a 1.x snapshot) only the size is checked.
 fn fetch(
     conn: &mut Connection,
     snapshot: &str,
     src: &[u8],
     size: u64,
-    hash: &[u8; 32],
+    hash: Option<&[u8; 32]>,
     file: File,
     shown: &str,
 ) -> Result<(File, Option<String>)> {
-    if size == 0 && *hash == byteback_delta::hash_bytes(b"") {
+    if size == 0 && hash.is_none_or(|h| *h == byteback_delta::hash_bytes(b"")) {
         return Ok((file, None)); // nothing to fetch
     }
     conn.send(&ClientMsg::ReadFile {
@@ -606,7 +613,7 @@ fn fetch(
         .with_context(|| format!("cannot write {shown}"))?;
     let problem = if got != size {
         Some(format!("the server sent {got} of its {size} bytes"))
-    } else if &h.finish() != hash {
+    } else if hash.is_some_and(|hash| &h.finish() != hash) {
         Some("its content does not match its BLAKE3 in the manifest".to_string())
     } else {
         None

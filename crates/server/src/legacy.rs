@@ -1,0 +1,483 @@
+//! Snapshots written by byteback 1.x: rsync `--fake-super` trees without a manifest.
+//!
+//! 1.x ran `rsync --archive --numeric-ids --relative ... --rsync-path 'rsync
+//! --fake-super'` into `<host>/current`, so the store's own inodes are owned
+//! by the backup user and what the client had is kept in xattrs:
+//!
+//! - `user.rsync.%stat` = `"<mode> <major>,<minor> <uid>:<gid>"` (mode in
+//!   octal with its file type bits, the rest decimal), absent when the stored
+//!   inode's own mode, owner and device number were already right;
+//! - devices, FIFOs, sockets and symlinks are stored as regular files (a
+//!   symlink's target is the file's content); directories stay directories;
+//! - with `--xattrs`, a `user.*` xattr is stored as itself and any other
+//!   (`security.*`, `trusted.*`, ...) as `user.rsync.<name>`;
+//! - with `--hard-links`, hard links are hard links in the store too.
+//!
+//! [`LegacyWalk`] turns such a tree into the manifest entries byteback sends
+//! for a snapshot of its own, in walk order (parents first, siblings sorted
+//! bytewise), so the client's strict checks apply unchanged. The tree was
+//! written by the client's rsync, so it is read as hostile: every directory
+//! is opened beneath its parent's fd with `openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS)`, files are opened `O_NOFOLLOW`, a symlink stored as
+//! a symlink is read with `readlinkat` and never followed, and the xattrs
+//! are parsed strictly with every length capped. A `user.rsync.%stat` that
+//! does not parse, or that contradicts the stored inode (a directory said to
+//! be a file, or the reverse), ends the listing with an error naming the path.
+//! 1.x kept no checksums: entries carry a zero hash, and the client restores
+//! their files unverified (and says so).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+
+use anyhow::{anyhow, bail, Context, Result};
+use byteback_protocol::limits::{
+    MAX_PATH, MAX_XATTRS, MAX_XATTR_NAME, MAX_XATTR_TOTAL, MAX_XATTR_VALUE,
+};
+use byteback_protocol::{escape_bytes, Entry, Kind, ManifestEntry};
+use rustix::fs::{FileType, Mode, OFlags};
+
+use crate::fsops;
+use crate::store::META_DIR;
+
+/// The xattr rsync `--fake-super` keeps the real mode, device and owner in.
+pub const STAT_XATTR: &[u8] = b"user.rsync.%stat";
+/// Prefix of the names rsync `--fake-super` gives xattrs outside `user.*`.
+const RSYNC_PREFIX: &[u8] = b"user.rsync.";
+/// Longest `user.rsync.%stat` value accepted (rsync writes at most ~45 bytes).
+const MAX_STAT_LEN: usize = 64;
+/// Most entries of one directory held (sorted) while it is walked.
+pub const MAX_DIR_ENTRIES: usize = 4 << 20;
+/// Most bytes of names of one directory held while it is walked.
+const MAX_DIR_NAME_BYTES: usize = 256 << 20;
+/// Most multiply-linked files remembered (for hard links) in one snapshot.
+pub const MAX_LINKED: usize = 4 << 20;
+
+/// Whether the snapshot (or `current`) open at `snap` was written by 1.x:
+/// it has no `.byteback` directory at its top.
+pub fn is_legacy(snap: impl AsFd) -> io::Result<bool> {
+    Ok(fsops::lstat_at(snap, META_DIR)?.is_none())
+}
+
+/// What `user.rsync.%stat` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FakeStat {
+    /// Full mode, file type bits included.
+    pub mode: u32,
+    /// Device major number.
+    pub major: u32,
+    /// Device minor number.
+    pub minor: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+}
+
+/// Parses a `user.rsync.%stat` value strictly: `<octal mode> <major>,<minor>
+/// <uid>:<gid>`, single spaces, digits only, every number within 32 bits,
+/// the mode a known file type plus permission bits.
+pub fn parse_fake_stat(v: &[u8]) -> std::result::Result<FakeStat, String> {
+    if v.len() > MAX_STAT_LEN {
+        return Err(format!("{} bytes long", v.len()));
+    }
+    let s = std::str::from_utf8(v).map_err(|_| "not ASCII".to_string())?;
+    let num = |t: &str, radix: u32, what: &str| -> std::result::Result<u32, String> {
+        if t.is_empty() || t.len() > 11 || !t.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("bad {what} {t:?}"));
+        }
+        u32::from_str_radix(t, radix).map_err(|_| format!("bad {what} {t:?}"))
+    };
+    let mut parts = s.split(' ');
+    let (Some(mode), Some(dev), Some(owner), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("not three space-separated fields".into());
+    };
+    let (Some((major, minor)), Some((uid, gid))) = (dev.split_once(','), owner.split_once(':'))
+    else {
+        return Err("not <mode> <major>,<minor> <uid>:<gid>".into());
+    };
+    let mode = num(mode, 8, "mode")?;
+    if mode & !0o177777 != 0 {
+        return Err(format!("mode {mode:o} has unknown bits"));
+    }
+    let t = mode & 0o170000;
+    if ![
+        0o100000, 0o040000, 0o120000, 0o010000, 0o140000, 0o020000, 0o060000,
+    ]
+    .contains(&t)
+    {
+        return Err(format!("mode {mode:o} is of no known file type"));
+    }
+    Ok(FakeStat {
+        mode,
+        major: num(major, 10, "major")?,
+        minor: num(minor, 10, "minor")?,
+        uid: num(uid, 10, "uid")?,
+        gid: num(gid, 10, "gid")?,
+    })
+}
+
+/// Reads an fd's xattrs, every length capped; `(name, value)` sorted by
+/// name, `user.rsync.%stat` returned apart and the `user.rsync.<name>` of a
+/// non-`user` xattr mapped back to `<name>`. rsync's own ACL xattrs
+/// (`user.rsync.%aacl`, `%dacl`) are not decoded: they come back in
+/// `unsupported` for the caller to name.
+struct Xattrs {
+    list: Vec<(Vec<u8>, Vec<u8>)>,
+    stat: Option<Vec<u8>>,
+    unsupported: Vec<Vec<u8>>,
+}
+
+fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
+    let fd = fd.as_fd();
+    let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+    let mut names = vec![0u8; 64 << 10];
+    let n = match rustix::fs::flistxattr(fd, &mut names[..]) {
+        Ok(n) => n,
+        Err(rustix::io::Errno::NOTSUP) => 0,
+        Err(rustix::io::Errno::RANGE) => return Err(bad("xattr names exceed 64 KiB".into())),
+        Err(e) => return Err(e.into()),
+    };
+    names.truncate(n);
+    let mut out = Xattrs {
+        list: vec![],
+        stat: None,
+        unsupported: vec![],
+    };
+    let mut total = 0usize;
+    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        if name.len() > MAX_XATTR_NAME {
+            return Err(bad("xattr name too long".into()));
+        }
+        let mut value = vec![0u8; MAX_XATTR_VALUE];
+        let len = match rustix::fs::fgetxattr(fd, OsStr::from_bytes(name), &mut value[..]) {
+            Ok(l) => l,
+            Err(rustix::io::Errno::NODATA) => continue, // removed meanwhile
+            Err(rustix::io::Errno::RANGE) => {
+                return Err(bad(format!(
+                    "xattr {} larger than {MAX_XATTR_VALUE} bytes",
+                    escape_bytes(name)
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        value.truncate(len);
+        if name == STAT_XATTR {
+            out.stat = Some(value);
+            continue;
+        }
+        let shown = match name.strip_prefix(RSYNC_PREFIX) {
+            Some(rest) if rest.first() == Some(&b'%') => {
+                out.unsupported.push(name.to_vec());
+                continue;
+            }
+            // A non-user xattr rsync renamed: its own name back.
+            Some(rest)
+                if [&b"security."[..], b"trusted.", b"system."]
+                    .iter()
+                    .any(|p| rest.starts_with(p) && rest.len() > p.len()) =>
+            {
+                rest.to_vec()
+            }
+            _ => name.to_vec(),
+        };
+        total += shown.len() + value.len();
+        out.list.push((shown, value));
+        if out.list.len() > MAX_XATTRS || total > MAX_XATTR_TOTAL {
+            return Err(bad("too many or too large xattrs".into()));
+        }
+    }
+    out.list.sort();
+    if out.list.windows(2).any(|w| w[0].0 == w[1].0) {
+        return Err(bad("an xattr is stored under two names".into()));
+    }
+    Ok(out)
+}
+
+/// One directory being walked: its fd, path and the names still to visit
+/// (sorted, last first).
+struct Level {
+    fd: OwnedFd,
+    path: Vec<u8>,
+    rest: Vec<Vec<u8>>,
+}
+
+/// Streams the entries of a 1.x tree in walk order.
+pub struct LegacyWalk {
+    stack: Vec<Level>,
+    /// (device, inode) of multiply-linked regular files -> first path.
+    linked: HashMap<(u64, u64), Vec<u8>>,
+    /// rsync xattrs that were not applied (ACLs), as (path, name), first few.
+    pub unsupported: Vec<(Vec<u8>, Vec<u8>)>,
+    /// How many entries had such xattrs.
+    pub unsupported_count: u64,
+}
+
+fn names_of(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
+    let mut names = vec![];
+    let mut bytes = 0usize;
+    let mut d = rustix::fs::Dir::read_from(dir)?;
+    while let Some(ent) = d.read() {
+        let ent = ent?;
+        let n = ent.file_name().to_bytes();
+        if n == b"." || n == b".." {
+            continue;
+        }
+        bytes += n.len();
+        if names.len() >= MAX_DIR_ENTRIES || bytes > MAX_DIR_NAME_BYTES {
+            return Err(io::Error::other(format!(
+                "more than {MAX_DIR_ENTRIES} entries (or {} MiB of names) in one directory",
+                MAX_DIR_NAME_BYTES >> 20
+            )));
+        }
+        names.push(n.to_vec());
+    }
+    names.sort_unstable_by(|a, b| b.cmp(a)); // last first, for pop()
+    Ok(names)
+}
+
+fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    if parent.is_empty() {
+        name.to_vec()
+    } else {
+        [parent, b"/", name].concat()
+    }
+}
+
+impl LegacyWalk {
+    /// Starts a walk of the tree at `root` (a snapshot's directory fd).
+    pub fn new(root: OwnedFd) -> Result<Self> {
+        let rest = names_of(&root).context("cannot read the snapshot's top directory")?;
+        Ok(LegacyWalk {
+            stack: vec![Level {
+                fd: root,
+                path: vec![],
+                rest,
+            }],
+            linked: HashMap::new(),
+            unsupported: vec![],
+            unsupported_count: 0,
+        })
+    }
+
+    /// The next entry in walk order, `None` at the end.
+    pub fn next_entry(&mut self) -> Result<Option<ManifestEntry>> {
+        loop {
+            let Some(top) = self.stack.last_mut() else {
+                return Ok(None);
+            };
+            let Some(name) = top.rest.pop() else {
+                self.stack.pop();
+                continue;
+            };
+            let path = join(&top.path, &name);
+            let shown = format!("/{}", escape_bytes(&path));
+            let e = self
+                .entry(&name, path)
+                .with_context(|| format!("1.x snapshot entry {shown}"))?;
+            if let Some(e) = e {
+                e.entry
+                    .validate()
+                    .map_err(|err| anyhow!("1.x snapshot entry {shown}: {err}"))?;
+                return Ok(Some(e));
+            }
+        }
+    }
+
+    fn entry(&mut self, name: &[u8], path: Vec<u8>) -> Result<Option<ManifestEntry>> {
+        if path.len() > MAX_PATH {
+            bail!("path longer than {MAX_PATH} bytes");
+        }
+        let Some(top) = self.stack.last() else {
+            return Ok(None);
+        };
+        let Some(st) = fsops::lstat_at(&top.fd, name)? else {
+            return Ok(None); // gone (only `current` changes)
+        };
+        let mtime_sec = st.st_mtime;
+        let mtime_nsec = u32::try_from(st.st_mtime_nsec)
+            .ok()
+            .filter(|&n| n < 1_000_000_000)
+            .unwrap_or(0);
+        let real = fsops::file_type(&st);
+        let mut entry = Entry {
+            path,
+            kind: Kind::Dir,
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mtime_sec,
+            mtime_nsec,
+            xattrs: vec![],
+        };
+        let fd: OwnedFd = match real {
+            FileType::Directory => fsops::open_dir(&top.fd, name)?,
+            FileType::RegularFile => rustix::fs::openat2(
+                &top.fd,
+                OsStr::from_bytes(name),
+                OFlags::RDONLY
+                    | OFlags::CLOEXEC
+                    | OFlags::NOFOLLOW
+                    | OFlags::NOCTTY
+                    | OFlags::NONBLOCK,
+                Mode::empty(),
+                fsops::beneath(),
+            )?,
+            FileType::Symlink => {
+                // Stored as a symlink (not as 1.x's rsync stores one): kept as is, never followed.
+                let target = fsops::read_link(&top.fd, name)?;
+                entry.kind = Kind::Symlink { target };
+                return Ok(Some(ManifestEntry {
+                    entry,
+                    hash: [0; 32],
+                }));
+            }
+            other => {
+                // A special file stored as itself: its own metadata.
+                entry.kind = match other {
+                    FileType::Fifo => Kind::Fifo,
+                    FileType::Socket => Kind::Socket,
+                    FileType::CharacterDevice => Kind::CharDev { rdev: st.st_rdev },
+                    FileType::BlockDevice => Kind::BlockDev { rdev: st.st_rdev },
+                    _ => bail!("of unknown type"),
+                };
+                return Ok(Some(ManifestEntry {
+                    entry,
+                    hash: [0; 32],
+                }));
+            }
+        };
+        // The object opened must still be the one stat-ed.
+        let fst = rustix::fs::fstat(&fd)?;
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) {
+            bail!("changed while read");
+        }
+        let x = read_xattrs(&fd)?;
+        if !x.unsupported.is_empty() {
+            self.unsupported_count += 1;
+            if self.unsupported.len() < 10 {
+                for n in &x.unsupported {
+                    self.unsupported.push((entry.path.clone(), n.clone()));
+                }
+            }
+        }
+        entry.xattrs = x.list;
+        let fake = match &x.stat {
+            Some(v) => Some(parse_fake_stat(v).map_err(|why| {
+                anyhow!(
+                    "corrupt user.rsync.%stat {:?}: {why}",
+                    escape_bytes(&v[..v.len().min(MAX_STAT_LEN)])
+                )
+            })?),
+            None => None,
+        };
+        let ftype = fake.map_or(st.st_mode & 0o170000, |f| f.mode & 0o170000);
+        if let Some(f) = fake {
+            entry.mode = f.mode & 0o7777;
+            entry.uid = f.uid;
+            entry.gid = f.gid;
+        }
+        let rdev = fake.map_or(0, |f| libc::makedev(f.major, f.minor));
+        if real == FileType::Directory {
+            if ftype != 0o040000 {
+                bail!("a directory in the store whose user.rsync.%stat says it is not one");
+            }
+            let rest = names_of(&fd)?;
+            let path = entry.path.clone();
+            self.stack.push(Level { fd, path, rest });
+            return Ok(Some(ManifestEntry {
+                entry,
+                hash: [0; 32],
+            }));
+        }
+        entry.kind = match ftype {
+            0o040000 => bail!("a file in the store whose user.rsync.%stat says it is a directory"),
+            0o120000 => {
+                let mut target = Vec::with_capacity(256);
+                std::fs::File::from(fd.try_clone()?)
+                    .take(MAX_PATH as u64 + 1)
+                    .read_to_end(&mut target)?;
+                if target.is_empty() || target.len() > MAX_PATH || target.contains(&0) {
+                    bail!("a stored symlink whose target is empty, longer than {MAX_PATH} bytes or holds NUL");
+                }
+                Kind::Symlink { target }
+            }
+            0o010000 => Kind::Fifo,
+            0o140000 => Kind::Socket,
+            0o020000 => Kind::CharDev { rdev },
+            0o060000 => Kind::BlockDev { rdev },
+            _ => {
+                let size = st.st_size as u64;
+                if st.st_nlink > 1 {
+                    let key = (st.st_dev, st.st_ino);
+                    if let Some(first) = self.linked.get(&key) {
+                        Kind::HardLink {
+                            target: first.clone(),
+                        }
+                    } else {
+                        if self.linked.len() >= MAX_LINKED {
+                            bail!("more than {MAX_LINKED} hard-linked files in one snapshot");
+                        }
+                        self.linked.insert(key, entry.path.clone());
+                        Kind::File { size }
+                    }
+                } else {
+                    Kind::File { size }
+                }
+            }
+        };
+        Ok(Some(ManifestEntry {
+            entry,
+            hash: [0; 32],
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_stat_parses_strictly() {
+        assert_eq!(
+            parse_fake_stat(b"104755 0,0 1234:4321").unwrap(),
+            FakeStat {
+                mode: 0o104755,
+                major: 0,
+                minor: 0,
+                uid: 1234,
+                gid: 4321
+            }
+        );
+        assert_eq!(parse_fake_stat(b"20644 1,3 0:0").unwrap().minor, 3);
+        assert_eq!(
+            parse_fake_stat(b"60644 4294967295,7 0:0").unwrap().major,
+            u32::MAX
+        );
+        for bad in [
+            &b""[..],
+            b"104755",
+            b"104755 0,0",
+            b"104755 0,0 1:2 x",
+            b"104755  0,0 1:2",
+            b"104755 0,0 1:2\n",
+            b"1047558 0,0 1:2",
+            b"777 0,0 1:2",
+            b"100644 0;0 1:2",
+            b"100644 0,0 1-2",
+            b"100644 -1,0 1:2",
+            b"100644 0,0 +1:2",
+            b"100644 0,0 4294967296:2",
+            b"109644 0,0 1:2",
+            b"100644 0,0 1:2\0",
+            b"\xff00644 0,0 1:2",
+            &[b'1'; 100][..],
+        ] {
+            assert!(parse_fake_stat(bad).is_err(), "{:?}", escape_bytes(bad));
+        }
+    }
+}

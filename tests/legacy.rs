@@ -1,0 +1,559 @@
+//! byteback 1.x stores: snapshots written by rsync `--fake-super` (no
+//! manifest) are listed and restored with their metadata through the normal
+//! byteback-restore path, beside byteback's own snapshots of the same host.
+
+mod util;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use util::sshd::Sshd;
+use util::*;
+
+/// 1.x's snapshot name format (`%Y-%m-%dT%H:%M%z`).
+const OLD_SNAP: &str = "2026-11-20T03:00+0000";
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn restore_cmd(store: &Path, host: &str) -> Command {
+    let mut c = Command::new(bin("byteback-restore"));
+    c.arg("--destination").arg(store).args(["--hostname", host]);
+    c
+}
+
+/// A remote shell for rsync that runs the "remote" command locally, so the
+/// receiving rsync is started exactly as 1.x started it over SSH (with
+/// `--rsync-path 'rsync --fake-super'`: only the receiver fakes super).
+fn fake_rsh(dir: &Path) -> PathBuf {
+    let p = dir.join("fake-rsh");
+    fs::write(&p, "#!/bin/sh\nshift\nexec sh -c \"$*\"\n").unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// Copies `src` into `<store>/<host>/current` (a btrfs subvolume) with the
+/// rsync options byteback 1.x used, plus `--hard-links --xattrs` (what a
+/// 1.x `rsync_flags` file could add), then snapshots it read-only as 1.x did.
+fn backup_as_1x(
+    scratch: &Path,
+    store: &Path,
+    host: &str,
+    src: &Path,
+    snap: &str,
+    owner: Option<&str>,
+) {
+    let hostdir = store.join(host);
+    fs::create_dir_all(&hostdir).unwrap();
+    let current = hostdir.join("current");
+    if !current.exists() {
+        run(Command::new("btrfs")
+            .args(["subvolume", "create"])
+            .arg(&current));
+    }
+    run(Command::new("rsync")
+        .args([
+            "--archive",
+            "--numeric-ids",
+            "--delete-excluded",
+            "--delete-during",
+            "--inplace",
+            "--relative",
+            "--hard-links",
+            "--xattrs",
+            "--rsync-path",
+            "rsync --fake-super",
+            "--rsh",
+        ])
+        .arg(fake_rsh(scratch))
+        .arg(src)
+        .arg(format!("localhost:{}", current.display())));
+    if let Some(user) = owner {
+        // 1.x's store belongs to its backup account.
+        run(Command::new("chown")
+            .arg("-R")
+            .arg(format!("{user}:"))
+            .arg(&hostdir));
+    }
+    run(Command::new("btrfs")
+        .args(["subvolume", "snapshot", "-r"])
+        .arg(&current)
+        .arg(hostdir.join(snap)));
+}
+
+fn restored(root: &Path, src: &Path) -> PathBuf {
+    root.join(src.strip_prefix("/").unwrap())
+}
+
+fn stderr(o: &Output) -> String {
+    text(&o.stderr)
+}
+
+#[test]
+fn a_1x_snapshot_lists_and_restores_exactly_beside_byteback_snapshots() {
+    if !require_root("1.x store compatibility (btrfs, owners, devices)") {
+        return;
+    }
+    let fsys = BtrfsLoop::new(400);
+    let store = fsys.mount.join("store-legacy");
+    fs::create_dir_all(&store).unwrap();
+    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    let d = scratch();
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    make_rich_tree(&src, &mut Rng::new(0x1e9a));
+    // 1.x did not keep ACLs (rsync --fake-super without -A): none in the source.
+    run(Command::new("setfacl").arg("-R").arg("-b").arg(&src));
+    let host = "legacy1x";
+    backup_as_1x(d.path(), &store, host, &src, OLD_SNAP, None);
+    // The store really is rsync's fake-super layout.
+    let stored = restored(&store.join(host).join(OLD_SNAP), &src);
+    let stat = run(Command::new("getfattr")
+        .args(["-h", "--only-values", "-n", "user.rsync.%stat"])
+        .arg(stored.join("owners/setuid_foreign")));
+    assert_eq!(text(&stat.stdout), "104755 0,0 1234:5678");
+    assert!(fs::symlink_metadata(stored.join("links/absolute"))
+        .unwrap()
+        .is_file());
+    assert!(!store.join(host).join(OLD_SNAP).join(".byteback").exists());
+
+    // A plain listing names the kind.
+    let out = run(restore_cmd(&store, host).arg("--list"));
+    let plain = text(&out.stdout);
+    assert!(
+        plain
+            .lines()
+            .any(|l| l.starts_with(OLD_SNAP) && l.trim_end().ends_with(" 1.x")),
+        "{plain}"
+    );
+
+    // A file listing shows 1.x's metadata from the xattrs.
+    let out = run(restore_cmd(&store, host)
+        .arg("--list")
+        .arg(format!("{}/**", src.display())));
+    let list = text(&out.stdout);
+    let line = |suffix: &str| -> String {
+        list.lines()
+            .find(|l| l.ends_with(suffix))
+            .unwrap_or_else(|| panic!("no line ending {suffix:?} in\n{list}"))
+            .to_string()
+    };
+    let l = line("/owners/setuid_foreign");
+    assert!(
+        l.starts_with(OLD_SNAP) && l.contains("-rwsr-xr-x") && l.contains(" 1234   5678 "),
+        "{l}"
+    );
+    assert!(line("/special/fifo").contains(" prw"), "{list}");
+    assert!(line("/special/char_null").contains(" crw"), "{list}");
+    assert!(line("/special/block_loop200").contains(" brw"), "{list}");
+    assert!(
+        line("/links/absolute -> /etc/passwd").contains(" lrwxrwxrwx"),
+        "{list}"
+    );
+    assert!(stderr(&out).contains("byteback 1.x"), "{}", stderr(&out));
+
+    // Restored exactly: contents, types, modes, owners, devices, symlinks,
+    // hard links, xattrs (trusted.* too), mtimes to the nanosecond.
+    let into = d.path().join("r1");
+    fs::create_dir_all(&into).unwrap();
+    let sentinel_dir = d.path().join("outside");
+    fs::create_dir_all(&sentinel_dir).unwrap();
+    let sentinel = Sentinel::plant(&sentinel_dir);
+    let out = run(restore_cmd(&store, host)
+        .current_dir(&into)
+        .arg("--restore")
+        .arg(&src));
+    assert!(
+        stderr(&out).contains("byteback 1.x snapshots, which keep no checksums"),
+        "{}",
+        stderr(&out)
+    );
+    assert_same_tree(&src, &restored(&into.join(OLD_SNAP), &src));
+    sentinel.assert_untouched();
+
+    // byteback takes over the same host: its first backup goes into the
+    // 1.x `current`, and the store then holds both kinds.
+    fs::write(src.join("files/new_after_1x"), b"byteback").unwrap();
+    run(Command::new(bin("byteback-backup"))
+        .arg("--destination")
+        .arg(&store)
+        .arg("--source")
+        .arg(&src)
+        .args(["--hostname", host, "--retry-number", "0"]));
+    let out = run(restore_cmd(&store, host).arg("--list"));
+    let plain = text(&out.stdout);
+    let kinds: Vec<&str> = plain
+        .lines()
+        .skip(2)
+        .map(|l| l.split_whitespace().last().unwrap())
+        .collect();
+    assert_eq!(kinds, ["1.x", "byteback"], "{plain}");
+    let new_snap = plain
+        .lines()
+        .nth(3)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    // Every version of a file the two snapshots hold differently.
+    let out = run(restore_cmd(&store, host)
+        .args(["--list", "--all"])
+        .arg(src.join("files/new_after_1x")));
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        3,
+        "{}",
+        text(&out.stdout)
+    );
+    // The newest (byteback) snapshot restores exactly, verified.
+    let into2 = d.path().join("r2");
+    fs::create_dir_all(&into2).unwrap();
+    let out = run(restore_cmd(&store, host)
+        .current_dir(&into2)
+        .args(["--restore", "--snapshot", &new_snap])
+        .arg(&src));
+    assert!(!stderr(&out).contains("no checksums"), "{}", stderr(&out));
+    assert_same_tree(&src, &restored(&into2.join(&new_snap), &src));
+    // verify checks the byteback snapshot and says the 1.x one has nothing to check.
+    let out = run(Command::new(bin("byteback-server"))
+        .args(["verify", "--host", host, "--store"])
+        .arg(&store));
+    assert!(
+        stderr(&out).contains(&format!("{OLD_SNAP} is a byteback 1.x snapshot")),
+        "{}",
+        stderr(&out)
+    );
+    // And the 1.x one still does, asked for by name.
+    let into3 = d.path().join("r3");
+    fs::create_dir_all(&into3).unwrap();
+    run(restore_cmd(&store, host)
+        .current_dir(&into3)
+        .args(["--restore", "--snapshot", OLD_SNAP])
+        .arg(&src));
+    assert_same_tree(
+        &restored(&into.join(OLD_SNAP), &src),
+        &restored(&into3.join(OLD_SNAP), &src),
+    );
+}
+
+#[test]
+fn a_migrated_1x_rsa_key_backs_up_over_ssh_into_its_1x_host_until_rotated() {
+    if !require_root("an sshd, a server account and btrfs") {
+        return;
+    }
+    let work = scratch();
+    let fsys = BtrfsLoop::new(400);
+    let store = fsys.mount.join("store-migrate");
+    fs::create_dir_all(&store).unwrap();
+    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    let sshd = Sshd::start(&work.path().join("sshd"), &store);
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    make_rich_tree(&src, &mut Rng::new(0x1e9b));
+    run(Command::new("setfacl").arg("-R").arg("-b").arg(&src));
+    let host = "web1x";
+    backup_as_1x(work.path(), &store, host, &src, OLD_SNAP, Some(&sshd.user));
+
+    // The client as 1.x left it: /etc/byteback/{key,destination}, root's known_hosts.
+    let client = work.path().join("client");
+    fs::create_dir_all(client.join(".ssh")).unwrap();
+    // 1.x's key: RSA, in the old PEM format.
+    run(Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "rsa",
+            "-b",
+            "3072",
+            "-m",
+            "PEM",
+            "-N",
+            "",
+            "-C",
+            "root@web1x",
+            "-f",
+        ])
+        .arg(client.join("key")));
+    assert!(fs::read_to_string(client.join("key"))
+        .unwrap()
+        .starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+    fs::write(client.join("destination"), sshd.destination()).unwrap();
+    fs::write(
+        client.join(".ssh/known_hosts"),
+        format!("[127.0.0.1]:{} {}\n", sshd.port, sshd.host_key_pub()),
+    )
+    .unwrap();
+    let public = fs::read_to_string(client.join("key.pub")).unwrap();
+    // The line 1.x's byteback-setup-client-receive appended.
+    let ak = sshd.authorized_keys();
+    let mut keys = fs::read_to_string(&ak).unwrap();
+    keys.push_str(&format!(
+        "command=\"byteback-receive\",from=\"127.0.0.1\",environment=\"BYTEBACK_HOST={host}\" {}",
+        public.trim_end()
+    ));
+    keys.push('\n');
+    fs::write(&ak, &keys).unwrap();
+    let client_cmd = |prog: &str| {
+        let mut c = Command::new(bin(prog));
+        c.env("BYTEBACK_CONFIG_DIR", &client)
+            .env("HOME", &client)
+            .stdin(std::process::Stdio::null());
+        c
+    };
+    // Before the migration the key runs byteback-receive, which is not there.
+    let out = run_status(
+        client_cmd("byteback-backup")
+            .arg("--source")
+            .arg(&src)
+            .args(["--retry-number", "0"]),
+    );
+    assert!(!out.status.success());
+
+    let migrate = |extra: &[&str]| {
+        run(Command::new("runuser")
+            .args(["-u", &sshd.user, "--"])
+            .arg(bin("byteback-server"))
+            .arg("migrate-keys")
+            .arg("--authorized-keys")
+            .arg(&ak)
+            .arg("--store")
+            .arg(&store)
+            .args(extra))
+    };
+    let dry = migrate(&["--dry-run"]);
+    assert!(
+        text(&dry.stdout).contains("would become"),
+        "{}",
+        text(&dry.stdout)
+    );
+    assert_eq!(fs::read_to_string(&ak).unwrap(), keys);
+    migrate(&[]);
+    let migrated = fs::read_to_string(&ak).unwrap();
+    let line = migrated.lines().last().unwrap();
+    assert!(
+        line.starts_with("restrict,from=\"127.0.0.1\",command=\"")
+            && line.contains(&format!(" serve --host {host} --store "))
+            && line.ends_with(&format!("byteback:{host}")),
+        "{migrated}"
+    );
+    assert_eq!(
+        fs::read_to_string(ak.with_file_name("authorized_keys.byteback-1x")).unwrap(),
+        keys
+    );
+    // Idempotent.
+    let again = migrate(&[]);
+    assert!(stderr(&again).contains("no 1.x line"), "{}", stderr(&again));
+    assert_eq!(fs::read_to_string(&ak).unwrap(), migrated);
+
+    // The same key now backs up, into the 1.x host, beside its 1.x snapshot.
+    fs::write(src.join("files/after_migration"), b"new").unwrap();
+    run(client_cmd("byteback-backup")
+        .arg("--source")
+        .arg(&src)
+        .args(["--retry-number", "0"]));
+    let out = run(client_cmd("byteback-restore").arg("--list"));
+    let plain = text(&out.stdout);
+    let kinds: Vec<&str> = plain
+        .lines()
+        .skip(2)
+        .map(|l| l.split_whitespace().last().unwrap())
+        .collect();
+    assert_eq!(kinds, ["1.x", "byteback"], "{plain}");
+    let new_snap = plain
+        .lines()
+        .nth(3)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let into = work.path().join("r");
+    fs::create_dir_all(&into).unwrap();
+    run(client_cmd("byteback-restore")
+        .current_dir(&into)
+        .args(["--restore", "--snapshot", &new_snap])
+        .arg(&src));
+    assert_same_tree(&src, &restored(&into.join(&new_snap), &src));
+
+    // --rotate-key: a new ed25519 key is enrolled (admin login), switched to,
+    // and the RSA key's line is gone; the next backup works with the new key.
+    let old_key = work.path().join("old-rsa-key");
+    fs::copy(client.join("key"), &old_key).unwrap();
+    let old_blob = public.split_whitespace().nth(1).unwrap().to_string();
+    let out = run(client_cmd("byteback-setup-client")
+        .args(["--rotate-key", "--hostname", host])
+        .arg("--admin-key")
+        .arg(&sshd.admin_key)
+        .arg("--server-command")
+        .arg(bin("byteback-server")));
+    assert!(
+        stderr(&out).contains("switched to the new key"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(fs::read_to_string(client.join("key"))
+        .unwrap()
+        .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
+    assert!(fs::read_to_string(client.join("key.pub"))
+        .unwrap()
+        .starts_with("ssh-ed25519 "));
+    assert!(!client.join("key.new").exists() && !client.join("key.retired").exists());
+    let keys_now = fs::read_to_string(&ak).unwrap();
+    assert!(!keys_now.contains(&old_blob), "{keys_now}");
+    assert!(keys_now
+        .lines()
+        .last()
+        .unwrap()
+        .ends_with(&format!("byteback:{host}")));
+    // The RSA key no longer logs in.
+    let out = sshd.openssh(&old_key, &[], &["ping"]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    fs::write(src.join("files/after_rotation"), b"ed25519").unwrap();
+    run(client_cmd("byteback-backup")
+        .arg("--source")
+        .arg(&src)
+        .args(["--retry-number", "0"]));
+    let out = run(client_cmd("byteback-restore").arg("--list"));
+    assert_eq!(
+        text(&out.stdout).lines().count(),
+        5,
+        "{}",
+        text(&out.stdout)
+    );
+    let newest = text(&out.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let into = work.path().join("r-rotated");
+    fs::create_dir_all(&into).unwrap();
+    run(client_cmd("byteback-restore")
+        .current_dir(&into)
+        .args(["--restore", "--snapshot", &newest])
+        .arg(&src));
+    assert_same_tree(&src, &restored(&into.join(&newest), &src));
+}
+
+/// Sets a `user.rsync.%stat` value as rsync --fake-super would (or worse).
+fn set_stat(path: &Path, value: &str) {
+    run(Command::new("setfattr")
+        .args(["-h", "-n", "user.rsync.%stat", "-v", value])
+        .arg(path));
+}
+
+#[test]
+fn a_hostile_1x_tree_is_read_without_following_anything_and_parsed_strictly() {
+    if !require_root("a 1.x store on btrfs") {
+        return;
+    }
+    let fsys = BtrfsLoop::new(300);
+    let store = fsys.mount.join("store-hostile1x");
+    fs::create_dir_all(&store).unwrap();
+    let d = scratch();
+    let outside = d.path().join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    let sentinel = Sentinel::plant(&outside);
+    let make_host = |host: &str, fill: &dyn Fn(&Path)| {
+        let hostdir = store.join(host);
+        fs::create_dir_all(&hostdir).unwrap();
+        let current = hostdir.join("current");
+        run(Command::new("btrfs")
+            .args(["subvolume", "create"])
+            .arg(&current));
+        fill(&current);
+        run(Command::new("btrfs")
+            .args(["subvolume", "snapshot", "-r"])
+            .arg(&current)
+            .arg(hostdir.join(OLD_SNAP)));
+    };
+    // A symlink stored as a real symlink, pointing out of the store at the
+    // sentinel's directory, and a symlink stored as rsync stores one.
+    make_host("symlinks", &|c| {
+        fs::create_dir_all(c.join("d")).unwrap();
+        std::os::unix::fs::symlink(&outside, c.join("d/escape")).unwrap();
+        fs::write(c.join("d/link"), outside.join("SENTINEL").to_str().unwrap()).unwrap();
+        set_stat(&c.join("d/link"), "120777 0,0 0:0");
+        fs::write(c.join("d/file"), b"content").unwrap();
+    });
+    let out = run(restore_cmd(&store, "symlinks").args(["--list", "/d/**"]));
+    let list = text(&out.stdout);
+    assert!(
+        list.contains(&format!("/d/escape -> {}", outside.display())),
+        "{list}"
+    );
+    assert!(
+        list.contains(&format!("/d/link -> {}/SENTINEL", outside.display())),
+        "{list}"
+    );
+    assert!(
+        !list.contains("/d/escape/"),
+        "nothing beneath the symlink: {list}"
+    );
+    assert_eq!(list.lines().count(), 2 + 3, "{list}");
+    let into = d.path().join("r");
+    fs::create_dir_all(&into).unwrap();
+    run(restore_cmd(&store, "symlinks")
+        .current_dir(&into)
+        .args(["--restore", "/d"]));
+    let r = into.join(OLD_SNAP).join("d");
+    assert_eq!(fs::read_link(r.join("escape")).unwrap(), outside);
+    assert_eq!(
+        fs::read_link(r.join("link")).unwrap(),
+        outside.join("SENTINEL")
+    );
+    assert_eq!(fs::read(r.join("file")).unwrap(), b"content");
+    sentinel.assert_untouched();
+
+    // Each bad %stat ends the listing with an error naming the path.
+    for (host, value, why) in [
+        (
+            "bad-syntax",
+            "100644 0,0 1:2 ; rm -rf /",
+            "corrupt user.rsync.%stat",
+        ),
+        (
+            "bad-number",
+            "100644 0,0 99999999999:0",
+            "corrupt user.rsync.%stat",
+        ),
+        ("bad-type", "170644 0,0 0:0", "corrupt user.rsync.%stat"),
+        ("file-as-dir", "40755 0,0 0:0", "says it is a directory"),
+    ] {
+        make_host(host, &|c| {
+            fs::write(c.join("victim"), b"x").unwrap();
+            set_stat(&c.join("victim"), value);
+        });
+        let out = run_status(restore_cmd(&store, host).args(["--list", "/"]));
+        assert_eq!(out.status.code(), Some(1), "{host}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains(why) && err.contains("/victim"),
+            "{host}: {err}"
+        );
+    }
+    // A directory said to be a file, and a symlink target too long.
+    make_host("dir-as-file", &|c| {
+        fs::create_dir_all(c.join("victim")).unwrap();
+        set_stat(&c.join("victim"), "100644 0,0 0:0");
+    });
+    make_host("long-target", &|c| {
+        fs::write(c.join("victim"), vec![b'a'; 5000]).unwrap();
+        set_stat(&c.join("victim"), "120777 0,0 0:0");
+    });
+    for (host, why) in [
+        ("dir-as-file", "says it is not one"),
+        ("long-target", "longer than 4096"),
+    ] {
+        let out = run_status(restore_cmd(&store, host).args(["--list", "/"]));
+        assert_eq!(out.status.code(), Some(1), "{host}: {}", stderr(&out));
+        assert!(stderr(&out).contains(why), "{host}: {}", stderr(&out));
+    }
+    sentinel.assert_untouched();
+}
