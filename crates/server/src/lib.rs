@@ -16,6 +16,7 @@ pub mod fsops;
 pub mod manifest;
 pub mod prune;
 pub mod pruner;
+pub mod report;
 pub mod serve;
 pub mod space;
 pub mod status;
