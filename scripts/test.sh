@@ -5,7 +5,9 @@
 # systemd-analyze check the generated man pages, completions and systemd
 # units (tests/ops.rs); MariaDB and PostgreSQL servers, each test starting
 # its own on a private socket, check the shipped database dump hooks
-# (tests/databases.rs).
+# (tests/databases.rs); cargo-deb and dpkg build and install the Debian
+# package (tests/deb.rs); headless Chromium renders the HTML report
+# (tests/report.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +19,8 @@ for pair in btrfs:btrfs-progs mkfs.btrfs:btrfs-progs rsync:rsync sshd:openssh-se
             /usr/sbin/mariadbd:mariadb-server mariadb-install-db:mariadb-server \
             mariadb:mariadb-client mariadb-dump:mariadb-client mariadb-admin:mariadb-client \
             pg_ctlcluster:postgresql pg_dumpall:postgresql setpriv:util-linux /usr/sbin/runuser:util-linux \
-            gzip:gzip mkfs.ext4:e2fsprogs filefrag:e2fsprogs; do
+            gzip:gzip mkfs.ext4:e2fsprogs filefrag:e2fsprogs chromium:chromium \
+            dpkg-deb:dpkg strip:binutils objcopy:binutils; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "$cmd" ]; then need+=("$pkg"); fi
 done
@@ -29,6 +32,12 @@ if [ ${#need[@]} -gt 0 ]; then
     else
         echo "missing packages (run as root to install): ${need[*]}" >&2
     fi
+fi
+# cargo-deb for the Debian package test (tests/deb.rs, scripts/deb.sh); pinned
+# to a version that builds on this toolchain (its MSRV is 1.85).
+if ! cargo deb --version >/dev/null 2>&1; then
+    echo "installing: cargo-deb 3.8.0" >&2
+    cargo install cargo-deb --version 3.8.0 --locked --quiet
 fi
 # The loop driver for btrfs images.
 [ "$(id -u)" = 0 ] && modprobe loop 2>/dev/null || true

@@ -316,7 +316,8 @@ const SERVER_FILES: [Block; 8] = [
     ),
     Tag(
         "<store>/<host>/.byteback-usage",
-        "One line per backup (time, bytes written, snapshot), read by the growth guard.",
+        "One line per backup (time, bytes written, snapshot, the store's free and total \
+         bytes), read by the growth guard and drawn by report.",
     ),
     Tag(
         "<store>/.byteback-prune-refused, <store>/.byteback-accepted-growth",
@@ -710,8 +711,8 @@ fn written_sections(page: &str) -> Written {
                 "Runs on the backup server: sshd starts byteback-server serve for each client's \
                  key (its forced command), and a client backing up to a local store starts it \
                  over pipes. The other subcommands are for the admin: enrol (run by \
-                 byteback-setup-client), prune, status and verify. Each subcommand has its own \
-                 page.",
+                 byteback-setup-client), prune, status, verify and report. Each subcommand has \
+                 its own page.",
             ),
             sections: vec![
                 ("FILES", SERVER_FILES.to_vec()),
@@ -743,6 +744,7 @@ fn written_sections(page: &str) -> Written {
                             "0 nothing damaged; 1 damage found; 2 usage; 3 could not check \
                              everything.",
                         ),
+                        Tag("report", "0 page written; 1 error; 2 usage."),
                     ],
                 ),
                 (
@@ -767,6 +769,7 @@ fn written_sections(page: &str) -> Written {
                 "byteback-server-prune(8)",
                 "byteback-server-status(8)",
                 "byteback-server-verify(8)",
+                "byteback-server-report(8)",
                 "byteback-prune(8)",
                 "byteback.toml(5)",
                 "byteback-backup(8)",
@@ -992,6 +995,35 @@ fn written_sections(page: &str) -> Written {
                 ),
             ],
             see_also: vec!["byteback-server(8)", "byteback-restore(8)"],
+        },
+        "byteback-server-report" => Written {
+            description: Some(
+                "Writes one static HTML page, DIR/index.html, about the store: per host the \
+                 last backup's age coloured by --warn and --crit (as status), which days, weeks \
+                 and 4-week periods of the pruning's importance order hold a snapshot, and the \
+                 data each backup wrote; for the store its free space over time, from the \
+                 usage logs. Hosts in trouble come first. Inline CSS and SVG, no script; every \
+                 name from the store is HTML-escaped. The page replaces the previous one \
+                 atomically, so a web server can serve DIR while a timer rewrites it.",
+            ),
+            sections: vec![
+                ("FILES", vec![SERVER_FILES[0], SERVER_FILES[4]]),
+                (
+                    "EXIT STATUS",
+                    vec![
+                        Tag("0", "The page was written (its path is printed)."),
+                        Tag("1", "Error: the store or DIR could not be read or written."),
+                        Tag("2", "Usage: the command line could not be parsed."),
+                    ],
+                ),
+                (
+                    "EXAMPLES",
+                    vec![Ex(&[
+                        "byteback-server report --html /var/www/html/byteback --warn 26h --crit 3d",
+                    ])],
+                ),
+            ],
+            see_also: vec!["byteback-server(8)", "byteback-server-status(8)"],
         },
         _ => Written {
             description: None,

@@ -215,6 +215,7 @@ fn man_pages_render_cleanly_and_document_every_option() {
         ("byteback-server-verify", &["0", "1", "2", "3"]),
         ("byteback-server-serve", &["0", "1", "2"]),
         ("byteback-server-enrol", &["0", "1", "2"]),
+        ("byteback-server-report", &["0", "1", "2"]),
         ("byteback-setup-client", &["0", "1", "2"]),
     ] {
         let page = render(name);
@@ -224,7 +225,7 @@ fn man_pages_render_cleanly_and_document_every_option() {
     }
     let server = render("byteback-server");
     let status = section(&server, "EXIT STATUS").join("\n");
-    for sub in ["serve", "enrol", "prune", "status", "verify"] {
+    for sub in ["serve", "enrol", "prune", "status", "verify", "report"] {
         assert!(
             status.contains(&format!("       {sub}")),
             "{sub} in:\n{status}"
@@ -388,7 +389,7 @@ fn completions_parse_and_complete_every_option() {
             file.display()
         )));
         let offered = String::from_utf8(o.stdout).unwrap();
-        for sub in ["serve", "enrol", "prune", "status", "verify"] {
+        for sub in ["serve", "enrol", "prune", "status", "verify", "report"] {
             assert!(
                 offered.lines().any(|l| l == sub),
                 "bash offers {sub}: {offered}"

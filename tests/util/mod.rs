@@ -322,7 +322,7 @@ fn sorted_entries(dir: &Path) -> Vec<OsString> {
 
 /// Every path below `root` (not `root` itself), depth first, parents before
 /// children, siblings sorted by name bytes. Never follows symlinks.
-fn walk(root: &Path) -> Vec<PathBuf> {
+pub fn walk(root: &Path) -> Vec<PathBuf> {
     fn rec(dir: &Path, out: &mut Vec<PathBuf>) {
         for name in sorted_entries(dir) {
             let p = dir.join(&name);

@@ -86,6 +86,62 @@ pub struct BackupArgs {
     /// run; then it is killed and counts as failed.
     #[arg(long, default_value_t = crate::hooks::DEFAULT_TIMEOUT_SECS)]
     hook_timeout: u64,
+    /// At the end, print one JSON object with the figures on stdout (see
+    /// README, "JSON reports"); messages still go to stderr.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `byteback-backup --json`: what the run did, one object on stdout at the end.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct BackupJson {
+    /// The process's exit code.
+    pub exit_code: u8,
+    /// `ok`, `partial` or `failed` (as `BYTEBACK_STATUS_TEXT`).
+    pub status: &'static str,
+    /// Host name the backup is filed under.
+    pub host: Option<String>,
+    /// Snapshot taken, if any.
+    pub snapshot: Option<String>,
+    /// The server's note (e.g. why no snapshot was taken).
+    pub server_message: Option<String>,
+    /// Entries (files, directories, links...) sent.
+    pub entries: u64,
+    /// Files whose data was sent.
+    pub files_sent: u64,
+    /// Bytes of file content the server wrote from new data.
+    pub bytes_new: u64,
+    /// Bytes of file content reused from the previous version.
+    pub bytes_reused: u64,
+    /// Bytes of deltas put on the wire (compressed).
+    pub bytes_wire: u64,
+    /// Entries deleted from the server's copy.
+    pub deleted: u64,
+    /// Files resent whole after failing their hash check.
+    pub retried: u64,
+    /// Files that vanished during the backup.
+    pub vanished: u64,
+    /// Files unreadable or changing while read.
+    pub partial: u64,
+    /// Attempts made (1 + retries).
+    pub attempts: u32,
+    /// SSH bytes sent and received, all attempts (SSH destinations only).
+    pub ssh_bytes_sent: Option<u64>,
+    /// See `ssh_bytes_sent`.
+    pub ssh_bytes_received: Option<u64>,
+    /// Wall time of the whole run, hooks and retries included.
+    pub duration_seconds: f64,
+    /// Every warning printed.
+    pub warnings: Vec<String>,
+    /// The errors that ended attempts or the run.
+    pub errors: Vec<String>,
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    match serde_json::to_string(value) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("cannot write the JSON report: {e}"),
+    }
 }
 
 fn read_config_line(name: &str) -> Option<String> {
@@ -303,16 +359,31 @@ pub fn exit_code_of(e: &anyhow::Error) -> ExitCode {
 /// `byteback-backup`.
 pub fn backup_main() -> ExitCode {
     let args = BackupArgs::parse();
-    match backup(args) {
-        Ok(code) => ExitCode::from(code),
+    let start = std::time::Instant::now();
+    let json = args.json;
+    let mut report = BackupJson::default();
+    let code = match backup(args, &mut report) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("byteback-backup: {e:#}");
-            exit_code_of(&e)
+            report.errors.push(format!("{e:#}"));
+            if e.chain().any(|c| c.is::<Usage>()) {
+                EXIT_USAGE
+            } else {
+                1
+            }
         }
+    };
+    if json {
+        report.exit_code = code;
+        report.status = crate::hooks::status_text(code);
+        report.duration_seconds = start.elapsed().as_secs_f64();
+        print_json(&report);
     }
+    ExitCode::from(code)
 }
 
-fn backup(args: BackupArgs) -> Result<u8> {
+fn backup(args: BackupArgs, report: &mut BackupJson) -> Result<u8> {
     let target = Target::resolve(
         args.destination.as_deref(),
         args.hostname.as_deref(),
@@ -335,10 +406,12 @@ fn backup(args: BackupArgs) -> Result<u8> {
     crate::walk::Excludes::new(&excludes)?;
     let filter = load_filter()?;
     if config_dir().join("rsync_flags").exists() {
-        eprintln!(
-            "byteback-backup: warning: ignoring {}/rsync_flags (byteback 2 does not run rsync)",
+        let w = format!(
+            "ignoring {}/rsync_flags (byteback 2 does not run rsync)",
             config_dir().display()
         );
+        eprintln!("byteback-backup: warning: {w}");
+        report.warnings.push(w);
     }
     if args.hook_timeout == 0 {
         bail!(Usage("--hook-timeout must be at least 1 second".into()));
@@ -360,11 +433,13 @@ fn backup(args: BackupArgs) -> Result<u8> {
     // Hooks run once per run, around all attempts. A failing pre-backup
     // hook fails the backup before anything is sent; the post-backup hooks
     // run whatever happened (they may undo what a pre-backup hook set up).
-    let outcome = run_pre_hooks(&hooks, &dir).and_then(|()| transfer(&target, &opts, &args));
+    let outcome =
+        run_pre_hooks(&hooks, &dir).and_then(|()| transfer(&target, &opts, &args, report));
     let (code, snapshot) = match outcome {
         Ok(done) => done,
         Err(e) => {
             eprintln!("byteback-backup: {e:#}");
+            report.errors.push(format!("{e:#}"));
             (1, None)
         }
     };
@@ -389,6 +464,7 @@ fn backup(args: BackupArgs) -> Result<u8> {
     }
     for f in &post {
         eprintln!("byteback-backup: post-backup hook failed: {f}");
+        report.errors.push(format!("post-backup hook failed: {f}"));
     }
     if code != 1 {
         eprintln!(
@@ -450,12 +526,16 @@ fn transfer(
     target: &Target,
     opts: &BackupOptions,
     args: &BackupArgs,
+    report: &mut BackupJson,
 ) -> Result<(u8, Option<String>)> {
     let mut attempt = 0;
     loop {
-        let result = target
-            .connect("backup")
-            .and_then(|conn| run_backup(conn, opts));
+        report.attempts = attempt + 1;
+        let result = target.connect("backup").and_then(|conn| {
+            // The name the server files us under (checked in its hello).
+            report.host = Some(conn.host.clone());
+            run_backup(conn, opts)
+        });
         match result {
             Ok(r) => {
                 // One summary line (nothing with --quiet); what the server
@@ -477,18 +557,34 @@ fn transfer(
                 }
                 if matches!(target.dest, Destination::Ssh { .. }) {
                     use std::sync::atomic::Ordering;
+                    let sent = crate::ssh::BYTES_SENT.load(Ordering::Relaxed);
+                    let received = crate::ssh::BYTES_RECEIVED.load(Ordering::Relaxed);
                     line.push_str(&format!(
-                        "; {} bytes sent and {} received over SSH (all attempts)",
-                        crate::ssh::BYTES_SENT.load(Ordering::Relaxed),
-                        crate::ssh::BYTES_RECEIVED.load(Ordering::Relaxed)
+                        "; {sent} bytes sent and {received} received over SSH (all attempts)"
                     ));
+                    report.ssh_bytes_sent = Some(sent);
+                    report.ssh_bytes_received = Some(received);
                 }
+                // The same figures as the line, for --json.
+                report.entries = r.entries;
+                report.files_sent = s.files_transferred;
+                report.bytes_new = s.literal_bytes;
+                report.bytes_reused = s.matched_bytes;
+                report.bytes_wire = r.wire_bytes;
+                report.deleted = s.deleted;
+                report.retried = s.retried;
+                report.vanished = r.vanished;
+                report.partial = r.partial;
+                report.warnings.extend(r.warnings.iter().cloned());
+                report.server_message =
+                    Some(r.message.trim().to_string()).filter(|m| !m.is_empty());
                 if !args.quiet || r.snapshot.is_none() {
                     eprintln!("{line}");
                 }
                 let snapshot = r
                     .snapshot
                     .filter(|n| byteback_protocol::validate_snapshot_name(n).is_ok());
+                report.snapshot.clone_from(&snapshot);
                 // As 1.x: files vanishing are normal on a live system (counted
                 // above, exit 0); files that could not be read or kept changing: 24.
                 if r.partial > 0 {
@@ -500,6 +596,9 @@ fn transfer(
                 return Ok((exit_for(r.vanished, r.partial), snapshot));
             }
             Err(e) if attempt < args.retry_number && is_transient(&e) => {
+                report
+                    .errors
+                    .push(format!("attempt {}: {e:#}", attempt + 1));
                 attempt += 1;
                 eprintln!(
                     "byteback-backup: attempt {attempt} failed: {e:#}; retrying in {} s ({} left)",
@@ -584,10 +683,37 @@ pub struct RestoreArgs {
     /// Restore without setuid and setgid bits (for restoring data one does not trust).
     #[arg(long)]
     no_setuid: bool,
+    /// With --restore: at the end, print one JSON object with the figures on
+    /// stdout (see README, "JSON reports"); messages still go to stderr.
+    #[arg(long)]
+    json: bool,
     /// Glob patterns (relative ones are taken from the current directory).
     /// Without any, --list lists the snapshots and what wrote each
     /// (`byteback`, or `1.x` for byteback 1.x's rsync snapshots).
     patterns: Vec<String>,
+}
+
+/// `byteback-restore --restore --json`: what the restore did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct RestoreJson {
+    /// The process's exit code.
+    pub exit_code: u8,
+    /// `ok`, `partial` (warnings) or `failed`.
+    pub status: &'static str,
+    /// Snapshots restored from, oldest first.
+    pub snapshots: Vec<String>,
+    /// The directories they were restored into.
+    pub directories: Vec<String>,
+    /// Entries restored.
+    pub entries: u64,
+    /// Files that failed verification and were removed.
+    pub damaged: Vec<String>,
+    /// Wall time.
+    pub duration_seconds: f64,
+    /// Problems that did not stop the restore.
+    pub warnings: Vec<String>,
+    /// The error that stopped it, if one did.
+    pub errors: Vec<String>,
 }
 
 /// `a`, `a and b`, `a, b and c`.
@@ -602,16 +728,36 @@ fn join_and(items: &[String]) -> String {
 /// `byteback-restore`.
 pub fn restore_main() -> ExitCode {
     let args = RestoreArgs::parse();
-    match restore_cmd(args) {
-        Ok(code) => ExitCode::from(code),
+    let start = std::time::Instant::now();
+    let json = args.json && args.restore;
+    let mut report = RestoreJson::default();
+    let code = match restore_cmd(args, &mut report) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("byteback-restore: {e:#}");
-            exit_code_of(&e)
+            report.errors.push(format!("{e:#}"));
+            if e.chain().any(|c| c.is::<Usage>()) {
+                EXIT_USAGE
+            } else {
+                1
+            }
         }
+    };
+    if json {
+        report.exit_code = code;
+        report.status = crate::hooks::status_text(code);
+        report.duration_seconds = start.elapsed().as_secs_f64();
+        print_json(&report);
     }
+    ExitCode::from(code)
 }
 
-fn restore_cmd(args: RestoreArgs) -> Result<u8> {
+fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
+    if args.json && !args.restore {
+        bail!(Usage(
+            "--json goes with --restore (a listing is already data on stdout)".into()
+        ));
+    }
     let target = Target::resolve(
         args.destination.as_deref(),
         args.hostname.as_deref(),
@@ -665,11 +811,11 @@ fn restore_cmd(args: RestoreArgs) -> Result<u8> {
             no_devices: args.no_devices,
             no_setuid: args.no_setuid,
         };
-        let into = restore::RestoreInto {
+        let dest = restore::RestoreInto {
             dir: &into,
             shown: &shown_into,
         };
-        let r = restore::restore(&mut conn, &pats, args.snapshot.as_deref(), into, opts)?;
+        let r = restore::restore(&mut conn, &pats, args.snapshot.as_deref(), dest, opts)?;
         conn.close()?;
         for w in &r.warnings {
             eprintln!("byteback-restore: warning: {w}");
@@ -694,6 +840,15 @@ fn restore_cmd(args: RestoreArgs) -> Result<u8> {
             r.restored,
             join_and(&dirs)
         );
+        report.entries = r.restored;
+        report.snapshots.clone_from(&r.snapshots);
+        report.directories = r
+            .snapshots
+            .iter()
+            .map(|s| into.join(s).display().to_string())
+            .collect();
+        report.warnings.clone_from(&r.warnings);
+        report.damaged.clone_from(&r.damaged);
         if !r.damaged.is_empty() {
             eprintln!(
                 "byteback-restore: {} files failed verification and were not restored",

@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Result};
 use clap::{Args, ValueEnum};
 
 use crate::config::StoreConfig;
-use crate::prune::{prune_order, Order};
+use crate::prune::{prune_order, Order, Snapshot};
 use crate::pruner::{self, PruneOptions};
 use crate::store::Store;
 use crate::{space, status, time};
@@ -68,6 +68,10 @@ pub struct PruneArgs {
     /// Act as of this time (RFC 3339, e.g. 2026-11-27T12:00:00Z), for dry runs and tests.
     #[arg(long, value_parser = parse_now)]
     pub now: Option<(i64, i64)>,
+    /// Print one JSON object on stdout at the end (what was deleted and kept;
+    /// with --list, the order) instead of the list; messages still go to stderr.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Options of `byteback-server status`.
@@ -95,7 +99,8 @@ pub fn parse_now(s: &str) -> Result<(i64, i64), String> {
     time::parse_rfc3339(s).ok_or_else(|| format!("{s:?} is not an RFC 3339 time"))
 }
 
-fn parse_age(s: &str) -> Result<i64, String> {
+/// Parses an age flag (`--warn`, `--crit`): seconds, or with s, m, h, d, w.
+pub fn parse_age(s: &str) -> Result<i64, String> {
     status::parse_age(s).ok_or_else(|| format!("{s:?} is not an age (e.g. 3600, 90m, 26h, 2d)"))
 }
 
@@ -116,7 +121,72 @@ fn clock(now: Option<(i64, i64)>) -> (i64, i64) {
     })
 }
 
-fn prune_inner(args: PruneArgs) -> Result<ExitCode> {
+/// A snapshot in a JSON report.
+#[derive(Debug, serde::Serialize)]
+pub struct SnapshotJson {
+    /// Host name.
+    pub host: String,
+    /// Snapshot name.
+    pub snapshot: String,
+}
+
+impl From<&Snapshot> for SnapshotJson {
+    fn from(s: &Snapshot) -> Self {
+        SnapshotJson {
+            host: s.host.clone(),
+            snapshot: s.name.clone(),
+        }
+    }
+}
+
+/// Free space in a JSON report.
+#[derive(Debug, serde::Serialize)]
+pub struct SpaceJson {
+    /// Bytes that can still be written.
+    pub free_bytes: u64,
+    /// Data capacity.
+    pub size_bytes: u64,
+    /// Free percentage (the scarcer of data and metadata).
+    pub free_percent: f64,
+}
+
+impl From<&space::Space> for SpaceJson {
+    fn from(s: &space::Space) -> Self {
+        SpaceJson {
+            free_bytes: s.free,
+            size_bytes: s.size,
+            free_percent: (s.percent_free() * 100.0).round() / 100.0,
+        }
+    }
+}
+
+/// `byteback-prune --json`.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct PruneJson {
+    /// The process's exit code.
+    pub exit_code: u8,
+    /// `list`, `prune` or `prune-force`.
+    pub mode: &'static str,
+    /// Nothing was deleted, only named (`--dry-run`).
+    pub dry_run: bool,
+    /// Deleted (or, in a dry run, next to go), in order.
+    pub deleted: Vec<SnapshotJson>,
+    /// The snapshots left, most important first (with --list: all of them;
+    /// the last goes first).
+    pub kept: Vec<SnapshotJson>,
+    /// Why pruning stopped short or did not start, if it did.
+    pub refused: Option<String>,
+    /// Free space before.
+    pub before: Option<SpaceJson>,
+    /// Free space after.
+    pub after: Option<SpaceJson>,
+    /// Wall time.
+    pub duration_seconds: f64,
+    /// The error that stopped the run, if one did.
+    pub error: Option<String>,
+}
+
+fn prune_inner(args: PruneArgs, report: &mut PruneJson) -> Result<u8> {
     let do_prune = args.prune || args.prune_force;
     if do_prune == args.list {
         bail!("give exactly one of --list or --prune/--prune-force");
@@ -135,17 +205,32 @@ fn prune_inner(args: PruneArgs) -> Result<ExitCode> {
         OrderArg::Age => Order::Age,
     };
     if args.list {
+        report.mode = "list";
         let snaps = pruner::all_snapshots(&store)?;
+        let space = space::measure(store.fd())?;
         if args.verbose {
-            eprintln!("byteback-prune: {}", space::measure(store.fd())?);
+            eprintln!("byteback-prune: {space}");
+        }
+        let ordered = prune_order(&snaps, now, offset, order);
+        if args.json {
+            report.kept = ordered.iter().map(SnapshotJson::from).collect();
+            report.before = Some((&space).into());
+            report.after = Some((&space).into());
+            return Ok(0);
         }
         let mut out = std::io::stdout().lock();
-        for s in prune_order(&snaps, now, offset, order) {
+        for s in ordered {
             writeln!(out, "{s}")?;
         }
         out.flush()?;
-        return Ok(ExitCode::SUCCESS);
+        return Ok(0);
     }
+    report.mode = if args.prune_force {
+        "prune-force"
+    } else {
+        "prune"
+    };
+    report.dry_run = args.dry_run;
     let opts = PruneOptions {
         minpercent,
         maxpercent,
@@ -159,10 +244,22 @@ fn prune_inner(args: PruneArgs) -> Result<ExitCode> {
     };
     let mut err = std::io::stderr().lock();
     let o = pruner::prune(&store, &opts, &mut err)?;
+    report.deleted = o.deleted.iter().map(SnapshotJson::from).collect();
+    report.before = Some((&o.before).into());
+    report.after = Some((&o.after).into());
+    report.refused.clone_from(&o.refused);
+    let mut left = pruner::all_snapshots(&store)?;
+    if args.dry_run {
+        left.retain(|s| !o.deleted.contains(s));
+    }
+    report.kept = prune_order(&left, now, offset, order)
+        .iter()
+        .map(SnapshotJson::from)
+        .collect();
     if let Some(why) = &o.refused {
         writeln!(err, "byteback-prune: {why} ({})", o.after)?;
         if why.starts_with("not pruning:") {
-            return Ok(ExitCode::from(3));
+            return Ok(3);
         }
     } else if args.verbose || !o.deleted.is_empty() {
         writeln!(
@@ -172,19 +269,32 @@ fn prune_inner(args: PruneArgs) -> Result<ExitCode> {
             o.after
         )?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
 /// `byteback-prune`: 0 done (or nothing to do), 1 error, 2 usage,
 /// 3 refused by the growth guard (the admin decides).
 pub fn run_prune(args: PruneArgs) -> ExitCode {
-    match prune_inner(args) {
+    let start = std::time::Instant::now();
+    let json = args.json;
+    let mut report = PruneJson::default();
+    let code = match prune_inner(args, &mut report) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("byteback-prune: {e:#}");
-            ExitCode::FAILURE
+            report.error = Some(format!("{e:#}"));
+            1
+        }
+    };
+    if json {
+        report.exit_code = code;
+        report.duration_seconds = start.elapsed().as_secs_f64();
+        match serde_json::to_string(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("byteback-prune: cannot write the JSON report: {e}"),
         }
     }
+    ExitCode::from(code)
 }
 
 fn status_inner(args: StatusArgs) -> Result<ExitCode> {
@@ -195,7 +305,7 @@ fn status_inner(args: StatusArgs) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let (code, line) = status::check(&st, args.warn, args.crit);
     if args.json {
-        out.write_all(status::json(&st).as_bytes())?;
+        out.write_all(status::json(&st, args.warn, args.crit).as_bytes())?;
     } else {
         if args.warn.is_some() || args.crit.is_some() {
             writeln!(out, "{line}")?;
@@ -208,10 +318,21 @@ fn status_inner(args: StatusArgs) -> Result<ExitCode> {
 
 /// `byteback-server status`: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (error).
 pub fn run_status(args: StatusArgs) -> ExitCode {
+    let json = args.json;
     match status_inner(args) {
         Ok(c) => c,
         Err(e) => {
-            println!("BYTEBACK UNKNOWN - {e:#}");
+            if json {
+                let v = serde_json::json!({
+                    "state": "UNKNOWN",
+                    "summary": format!("BYTEBACK UNKNOWN - {e:#}"),
+                    "exit_code": 3,
+                    "error": format!("{e:#}"),
+                });
+                println!("{v}");
+            } else {
+                println!("BYTEBACK UNKNOWN - {e:#}");
+            }
             ExitCode::from(3)
         }
     }

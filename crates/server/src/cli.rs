@@ -76,6 +76,8 @@ enum Command {
     Status(crate::admin::StatusArgs),
     /// Re-hash stored files against their manifests and report damage.
     Verify(crate::verify::VerifyArgs),
+    /// Write a static HTML page about the store: retention, ages, data written, free space.
+    Report(crate::report::ReportArgs),
 }
 
 fn default_store() -> Option<PathBuf> {
@@ -164,6 +166,7 @@ pub fn main() -> ExitCode {
         Command::Prune(args) => crate::admin::run_prune(args),
         Command::Status(args) => crate::admin::run_status(args),
         Command::Verify(args) => crate::verify::run_verify(args),
+        Command::Report(args) => crate::report::run_report(args),
     }
 }
 

@@ -18,6 +18,7 @@ pub mod manifest;
 pub mod migrate;
 pub mod prune;
 pub mod pruner;
+pub mod report;
 pub mod serve;
 pub mod space;
 pub mod status;

@@ -101,12 +101,15 @@ pub fn all_snapshots(store: &Store) -> Result<Vec<Snapshot>> {
 }
 
 /// Appends one committed backup to the host's usage log: its time, the bytes
-/// of file data it wrote, and the snapshot it made (if any).
+/// of file data it wrote, the snapshot it made (if any), and the store's free
+/// and total bytes then (for the report's free-space chart; lines written
+/// before have three fields).
 pub fn record_backup(
     host: &HostStore,
     now: i64,
     new_bytes: u64,
     snapshot: Option<&str>,
+    space: Option<&Space>,
 ) -> Result<()> {
     let fd = rustix::fs::openat(
         host.fd(),
@@ -115,7 +118,11 @@ pub fn record_backup(
         Mode::from_raw_mode(0o600),
     )
     .with_context(|| format!("cannot open {}/{USAGE_LOG}", host.path.display()))?;
-    let line = format!("{now} {new_bytes} {}\n", snapshot.unwrap_or("-"));
+    let mut line = format!("{now} {new_bytes} {}", snapshot.unwrap_or("-"));
+    if let Some(sp) = space {
+        line.push_str(&format!(" {} {}", sp.free, sp.size));
+    }
+    line.push('\n');
     std::fs::File::from(fd).write_all(line.as_bytes())?;
     Ok(())
 }
@@ -147,6 +154,45 @@ pub fn read_usage(host: &HostStore) -> Vec<Usage> {
         }
     }
     out
+}
+
+/// One line of a usage log, as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageLine {
+    /// Unix seconds of the backup's commit.
+    pub time: i64,
+    /// Bytes of file data it wrote.
+    pub new_bytes: u64,
+    /// The snapshot it made, if any (as written: not validated).
+    pub snapshot: Option<String>,
+    /// The store's free and total bytes then (lines of older versions have none).
+    pub space: Option<(u64, u64)>,
+}
+
+/// Every well-formed line of the host's usage log, in the order written
+/// (at most the log's first 64 MiB); malformed lines are skipped.
+pub fn read_usage_lines(host: &HostStore) -> Vec<UsageLine> {
+    let Some(text) = read_small(host.fd(), USAGE_LOG) else {
+        return vec![];
+    };
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(t), Some(b), Some(s)) = (f.first(), f.get(1), f.get(2)) else {
+                return None;
+            };
+            let space = match (f.get(3), f.get(4)) {
+                (Some(free), Some(size)) => free.parse().ok().zip(size.parse().ok()),
+                _ => None,
+            };
+            Some(UsageLine {
+                time: t.parse().ok()?,
+                new_bytes: b.parse().ok()?,
+                snapshot: (*s != "-").then(|| s.to_string()),
+                space,
+            })
+        })
+        .collect()
 }
 
 fn read_small(dir: impl AsFd, name: &str) -> Option<String> {

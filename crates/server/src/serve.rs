@@ -379,9 +379,14 @@ fn receive<R: Read, W: Write>(
                     );
                 }
                 // Usage and pruning only log on failure.
-                if let Err(e) =
-                    crate::pruner::record_backup(host, now, new_bytes, snapshot.as_deref())
-                {
+                let space = crate::space::measure(store.fd()).ok();
+                if let Err(e) = crate::pruner::record_backup(
+                    host,
+                    now,
+                    new_bytes,
+                    snapshot.as_deref(),
+                    space.as_ref(),
+                ) {
                     eprintln!("byteback-server: cannot record usage: {e:#}");
                 }
                 if snapshot.is_some() {

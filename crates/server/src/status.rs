@@ -140,19 +140,38 @@ fn mib(b: Option<u64>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// The state of one host's last backup by its age alone: 0 OK, 1 WARNING,
+/// 2 CRITICAL (a host without snapshots is as old as can be).
+pub fn age_state(age: Option<i64>, warn: Option<i64>, crit: Option<i64>) -> u8 {
+    let age = age.unwrap_or(i64::MAX);
+    if crit.is_some_and(|c| age > c) {
+        2
+    } else if warn.is_some_and(|w| age > w) {
+        1
+    } else {
+        0
+    }
+}
+
+/// One host's state: its age's, at least WARNING with damaged files.
+pub fn host_state(h: &HostStatus, warn: Option<i64>, crit: Option<i64>) -> u8 {
+    let c = age_state(h.age, warn, crit);
+    if h.damaged.is_empty() {
+        c
+    } else {
+        c.max(1)
+    }
+}
+
+/// The words for states 0, 1, 2 (and 3, the store could not be read).
+pub const STATE_WORDS: [&str; 4] = ["OK", "WARNING", "CRITICAL", "UNKNOWN"];
+
 /// Nagios state: 0 OK, 1 WARNING, 2 CRITICAL, with the reason.
 pub fn check(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> (u8, String) {
     let mut code = 0;
     let mut problems = vec![];
     for h in &st.hosts {
-        let age = h.age.unwrap_or(i64::MAX);
-        let c = if crit.is_some_and(|c| age > c) {
-            2
-        } else if warn.is_some_and(|w| age > w) {
-            1
-        } else {
-            0
-        };
+        let c = age_state(h.age, warn, crit);
         if c > 0 {
             problems.push(match h.age {
                 Some(a) => format!("{} last backup {} ago", h.host, format_age(a)),
@@ -174,7 +193,7 @@ pub fn check(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> (u8, Str
         code = code.max(1);
         problems.push(format!("prune refused: {}", why.trim()));
     }
-    let word = ["OK", "WARNING", "CRITICAL"][code as usize];
+    let word = STATE_WORDS[code as usize];
     let detail = if problems.is_empty() {
         format!("{} hosts backed up, {}", st.hosts.len(), st.space)
     } else {
@@ -223,55 +242,38 @@ pub fn table(st: &StoreStatus) -> String {
     out
 }
 
-fn json_str(s: &str) -> String {
-    let mut o = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(o, "\\u{:04x}", c as u32);
-            }
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
-}
-
-fn json_opt<T: ToString>(v: &Option<T>) -> String {
-    v.as_ref()
-        .map(T::to_string)
-        .unwrap_or_else(|| "null".into())
-}
-
-/// The machine form: one JSON object.
-pub fn json(st: &StoreStatus) -> String {
-    let hosts: Vec<String> = st
+/// The machine form (`--json`): one JSON object, with each host's state and
+/// the store's (by `warn`/`crit`, as the exit code) and the Nagios line.
+pub fn json(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> String {
+    let (code, line) = check(st, warn, crit);
+    let hosts: Vec<serde_json::Value> = st
         .hosts
         .iter()
         .map(|h| {
-            format!(
-                "{{\"host\":{},\"newest\":{},\"age_seconds\":{},\"snapshots\":{},\"size_bytes\":{},\"history_bytes\":{},\"verified_age_seconds\":{},\"damaged\":[{}]}}",
-                json_str(&h.host),
-                h.newest.as_deref().map(json_str).unwrap_or_else(|| "null".into()),
-                json_opt(&h.age),
-                h.snapshots,
-                json_opt(&h.size),
-                json_opt(&h.history),
-                json_opt(&h.verified_age),
-                h.damaged.iter().map(|d| json_str(d)).collect::<Vec<_>>().join(","),
-            )
+            serde_json::json!({
+                "host": h.host,
+                "state": STATE_WORDS[host_state(h, warn, crit) as usize],
+                "newest": h.newest,
+                "age_seconds": h.age,
+                "snapshots": h.snapshots,
+                "size_bytes": h.size,
+                "history_bytes": h.history,
+                "verified_age_seconds": h.verified_age,
+                "damaged": h.damaged,
+            })
         })
         .collect();
-    format!(
-        "{{\"hosts\":[{}],\"free_percent\":{:.2},\"free_bytes\":{},\"size_bytes\":{},\"prune_refused\":{}}}\n",
-        hosts.join(","),
-        st.space.percent_free(),
-        st.space.free,
-        st.space.size,
-        st.prune_refused.as_deref().map(|s| json_str(s.trim())).unwrap_or_else(|| "null".into())
-    )
+    let v = serde_json::json!({
+        "hosts": hosts,
+        "free_percent": (st.space.percent_free() * 100.0).round() / 100.0,
+        "free_bytes": st.space.free,
+        "size_bytes": st.space.size,
+        "prune_refused": st.prune_refused.as_deref().map(str::trim),
+        "state": STATE_WORDS[code as usize],
+        "summary": line,
+        "exit_code": code,
+    });
+    format!("{v}\n")
 }
 
 #[cfg(test)]
@@ -323,6 +325,10 @@ mod tests {
         let mut s = st(vec![h(Some(1))]);
         s.prune_refused = Some("x".into());
         assert_eq!(check(&s, w, c).0, 1);
-        assert!(json(&s).contains("\"prune_refused\":\"x\""));
+        let v: serde_json::Value = serde_json::from_str(&json(&s, w, c)).unwrap();
+        assert_eq!(v["prune_refused"], "x");
+        assert_eq!(v["exit_code"], 1);
+        assert_eq!(v["state"], "WARNING");
+        assert_eq!(v["hosts"][0]["state"], "OK");
     }
 }
