@@ -261,6 +261,11 @@ fn receive<R: Read, W: Write>(
                 TransferResult::Ok => conn.send(&ServerMsg::FileOk { id })?,
                 TransferResult::Retry => conn.send(&ServerMsg::FileRetry { id })?,
                 TransferResult::NoSpace { path, need } => {
+                    // Rebuilds kept from interrupted runs go first.
+                    let freed = rx.drop_idle_partials()?;
+                    if freed > 0 {
+                        eprintln!("byteback-server: no space left on device writing {path:?}: removed {freed} bytes of interrupted transfers' partial copies");
+                    }
                     let now = cfg.now.unwrap_or_else(time::now);
                     crate::pruner::make_room(store, config, now, need, &path)?;
                     conn.send(&ServerMsg::FileRetry { id })?;
