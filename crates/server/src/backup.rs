@@ -1292,7 +1292,7 @@ impl PatchSink for FileSink<'_> {
             file.read_exact_at(&mut self.buf[..n], src)?;
             self.hasher.update(&self.buf[..n]);
             let dst = self.pos;
-            let aligned = src % FS_BLOCK == 0 && dst % FS_BLOCK == 0;
+            let aligned = src.is_multiple_of(FS_BLOCK) && dst.is_multiple_of(FS_BLOCK);
             let clone_len = if aligned {
                 n as u64 / FS_BLOCK * FS_BLOCK
             } else {
