@@ -1,7 +1,8 @@
 //! Resuming an interrupted big file: a new file, or a changed one (rewritten
 //! at random), is interrupted once the server has stored about half of it —
 //! the client killed, the server killed, or the SSH connection cut by killing
-//! the per-connection sshd processes (never a byteback one) — and the next
+//! the per-connection sshd processes (never a byteback one), or the server
+//! stopped so that the client gives up after `--io-timeout` — and the next
 //! run sends only about the rest: its data on the wire (the client's summary
 //! line: "on the wire" locally, "bytes sent over SSH" remotely) is below 65 %
 //! of the file. The restored file equals the source (rsync --checksum).
@@ -70,6 +71,9 @@ enum Cut {
     Server,
     /// The SSH connection dropped: the per-connection sshd processes killed.
     Connection,
+    /// The server stopped (SIGSTOP): silent, the client gives up after
+    /// `--io-timeout`.
+    Stop,
 }
 
 /// The store, the source and, over SSH, the sshd and the client's config dir.
@@ -249,6 +253,16 @@ impl World {
                 !servers.is_empty()
             }
             Cut::Connection => self.cut_connection(),
+            Cut::Stop => {
+                let servers = self.servers();
+                for &p in &servers {
+                    // SAFETY: kill(2) with a pid read from /proc and SIGSTOP.
+                    unsafe {
+                        libc::kill(p as libc::pid_t, libc::SIGSTOP);
+                    }
+                }
+                !servers.is_empty()
+            }
         }
     }
 
@@ -311,10 +325,14 @@ fn interrupt_then_resume(w: &World, how: Cut, changed: bool, size: u64) {
         .join(w.src.strip_prefix("/").unwrap())
         .join("big");
     let partial = w.current().join(".byteback/partial");
-    let mut child = w
-        .backup_cmd()
+    let log = w.work.path().join("cut.log");
+    let mut cmd = w.backup_cmd();
+    if how == Cut::Stop {
+        cmd.args(["--io-timeout", "3"]);
+    }
+    let mut child = cmd
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -340,6 +358,13 @@ fn interrupt_then_resume(w: &World, how: Cut, changed: bool, size: u64) {
         !child.wait().unwrap().success(),
         "the cut backup cannot have succeeded"
     );
+    if how == Cut::Stop {
+        let said = fs::read_to_string(&log).unwrap();
+        assert!(
+            said.contains("byteback-server went silent") && said.contains("--io-timeout"),
+            "the client does not name the cause: {said}"
+        );
+    }
     // What was received is kept, and is not in any snapshot.
     let kept = if changed {
         largest_in(&partial)
@@ -424,6 +449,16 @@ fn changed_file_resumes_after_the_server_is_killed() {
         return;
     }
     scenario(false, Cut::Server, true);
+}
+
+/// A silent local server (stopped) does not hang the client: it ends after
+/// `--io-timeout` naming the cause, and the next run resumes.
+#[test]
+fn a_stopped_local_server_times_out_and_the_next_run_resumes() {
+    if !require_root("btrfs loop filesystem") {
+        return;
+    }
+    scenario(false, Cut::Stop, false);
 }
 
 #[test]

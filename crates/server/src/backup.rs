@@ -67,6 +67,9 @@ const DAMAGED: &[u8] = b"manifest.damaged";
 const PARTIAL: &[u8] = b"partial";
 /// Suffix of a partial rebuild from an earlier run, while it serves as a basis.
 const PREV: &[u8] = b".prev";
+/// Marker in `.byteback`: a backup ran out of space since the last commit,
+/// so the next one starts by removing what failed runs left.
+const NO_SPACE: &[u8] = b"nospace";
 
 /// Name in `.byteback/partial` of the rebuild of client path `path`.
 fn partial_name(path: &[u8]) -> Vec<u8> {
@@ -221,6 +224,8 @@ pub struct BackupReceiver {
     new: Option<ManifestWriter>,
     /// `current` matched its manifest when this backup started (the marker was there).
     clean: bool,
+    /// The old manifest was read (not missing, not replaced by an empty one).
+    has_manifest: bool,
     /// The marker is still on disc.
     marker: bool,
     /// Something in this backup differs from the old manifest, or `current`
@@ -336,6 +341,7 @@ impl BackupReceiver {
             old,
             new: None,
             clean,
+            has_manifest,
             marker,
             changed: false,
             unwritten: 0,
@@ -360,6 +366,51 @@ impl BackupReceiver {
             rx.mark_changed()?;
         }
         Ok(rx)
+    }
+
+    /// Keeps room before anything is written: when the last backup ran out
+    /// of space (or the store is below `minpercent` free) and `current` holds
+    /// what failed runs left, removes it now rather than at the commit —
+    /// every object the last manifest does not name (new files of failed
+    /// runs, kept partial ones included) and every kept partial rebuild.
+    /// Returns a note for the log, if anything was removed.
+    pub fn clean_leftovers_if_short(&mut self, minpercent: u32) -> Result<Option<String>> {
+        let marked = fsops::lstat_at(&self.meta, NO_SPACE)?.is_some();
+        let short = marked
+            || crate::space::measure(&self.current)
+                .map(|s| s.percent_free() < f64::from(minpercent))
+                .unwrap_or(false);
+        if !short || self.clean {
+            return Ok(None);
+        }
+        let mut deleted = 0;
+        if self.has_manifest {
+            let path = self.meta_path.join("manifest");
+            let mut manifest = PeekableManifest::new(ManifestReader::new(
+                fsops::open_file(&self.meta, MANIFEST)?,
+                &path,
+            )?)?;
+            remove_stale(&self.current, &[], true, &mut manifest, &mut deleted)?;
+        }
+        for n in fsops::list_dir(&self.partial)? {
+            fsops::remove_any(&self.partial, &n)?;
+            deleted += 1;
+        }
+        fsops::remove_any(&self.meta, NO_SPACE)?;
+        Ok((deleted > 0).then(|| {
+            format!(
+                "short of space: removed {deleted} objects that interrupted or failed backups left in current"
+            )
+        }))
+    }
+
+    /// Records that this backup ran out of space: until a commit, the next
+    /// backup starts by removing what failed runs left.
+    pub fn note_no_space(&self) -> Result<()> {
+        if fsops::lstat_at(&self.meta, NO_SPACE)?.is_none() {
+            drop(fsops::create_new(&self.meta, NO_SPACE)?);
+        }
+        Ok(())
     }
 
     /// Whether reading the old manifest found it damaged.
@@ -1097,6 +1148,7 @@ impl BackupReceiver {
         drop(new_file);
         rustix::fs::renameat(&self.meta, "manifest.new", &self.meta, "manifest")?;
         fsops::fsync(&self.meta)?;
+        fsops::remove_any(&self.meta, NO_SPACE)?;
         // Not synced: if it is lost, the next run just does not trust `current`.
         drop(fsops::create_new(&self.meta, CLEAN)?);
         let _ = self.btrfs;
