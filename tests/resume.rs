@@ -361,7 +361,7 @@ fn interrupt_then_resume(w: &World, how: Cut, changed: bool, size: u64) {
     if how == Cut::Stop {
         let said = fs::read_to_string(&log).unwrap();
         assert!(
-            said.contains("byteback-server went silent") && said.contains("--io-timeout"),
+            said.contains("no data moved for 3 s (--io-timeout)"),
             "the client does not name the cause: {said}"
         );
     }
