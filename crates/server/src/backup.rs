@@ -732,7 +732,13 @@ impl BackupReceiver {
                     _ => None,
                 };
                 let partial = partial_name(&e.path);
-                let prev = self.take_partial(&partial)?;
+                // A kept rebuild needs a file that was there when it was
+                // made, and the commit or a start on a short disc that
+                // removed that file removed the rebuilds too.
+                let prev = match &st {
+                    Some(_) => self.take_partial(&partial)?,
+                    None => None,
+                };
                 let has_prev = prev.is_some();
                 let mut parts = vec![];
                 let mut start = 0;
@@ -752,7 +758,7 @@ impl BackupReceiver {
                         format!("cannot create {:?}", String::from_utf8_lossy(&e.path))
                     })?
                 } else {
-                    fsops::remove_any(&self.partial, &partial)?;
+                    // `take_partial` left nothing at that name.
                     fsops::create_new(&self.partial, &partial)?
                 };
                 let has_basis = basis.is_some();
@@ -790,23 +796,31 @@ impl BackupReceiver {
     /// stays block-aligned (for cloning).
     fn take_partial(&mut self, name: &[u8]) -> Result<Option<(File, u64)>> {
         let prev = prev_name(name);
-        let size = |n: &[u8]| -> Result<u64> {
+        let size = |n: &[u8]| -> Result<Option<u64>> {
             Ok(match fsops::lstat_at(&self.partial, n)? {
-                Some(s) if fsops::file_type(&s) == FileType::RegularFile => s.st_size as u64,
+                Some(s) if fsops::file_type(&s) == FileType::RegularFile => Some(s.st_size as u64),
                 Some(_) => {
                     fsops::remove_any(&self.partial, n)?;
-                    0
+                    None
                 }
-                None => 0,
+                None => None,
             })
         };
         let (cur_len, prev_len) = (size(name)?, size(&prev)?);
-        if cur_len > prev_len {
-            fsops::replace(&self.partial, name, &self.partial, &prev)?;
-        } else {
-            fsops::remove_any(&self.partial, name)?;
-        }
-        let len = cur_len.max(prev_len) / FS_BLOCK * FS_BLOCK;
+        let len = match (cur_len, prev_len) {
+            (None, None) => return Ok(None),
+            (Some(c), p) if c > p.unwrap_or(0) => {
+                fsops::replace(&self.partial, name, &self.partial, &prev)?;
+                c
+            }
+            (c, p) => {
+                if c.is_some() {
+                    fsops::remove_any(&self.partial, name)?;
+                }
+                p.unwrap_or(0)
+            }
+        } / FS_BLOCK
+            * FS_BLOCK;
         if len == 0 {
             fsops::remove_any(&self.partial, &prev)?;
             return Ok(None);
