@@ -563,7 +563,7 @@ fn cutting_the_ssh_connection_at_random_moments_never_changes_a_snapshot() {
             continue;
         }
         std::thread::sleep(Duration::from_millis(
-            rng.below(full.as_millis() as u64 * 2 + 1),
+            rng.below(full.as_millis() as u64 * 5 / 4 + 1),
         ));
         if child.try_wait().unwrap().is_some() {
             completed += 1;
