@@ -1427,3 +1427,46 @@ pub fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     }
     Ok(n)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_of(bytes: &[u8]) -> File {
+        let f = tempfile::tempfile().expect("tempfile");
+        f.write_all_at(bytes, 0).expect("write");
+        f
+    }
+
+    #[test]
+    fn a_virtual_basis_serves_each_offset_from_its_part() {
+        let b = Basis {
+            parts: vec![
+                (file_of(&[1; 8192]), 0, 8192),
+                (file_of(&[2; 100]), 8192, 100),
+            ],
+        };
+        assert_eq!(b.len(), 8292);
+        let (_, at, left) = b.locate(0).expect("first part");
+        assert_eq!((at, left), (0, 8192));
+        let (_, at, left) = b.locate(8191).expect("first part");
+        assert_eq!((at, left), (8191, 1));
+        let (f, at, left) = b.locate(8192).expect("second part");
+        assert_eq!((at, left), (0, 100));
+        let mut one = [0u8; 1];
+        f.read_exact_at(&mut one, at).expect("read");
+        assert_eq!(one, [2]);
+        assert!(b.locate(8292).is_none());
+        assert!(Basis { parts: vec![] }.locate(0).is_none());
+    }
+
+    #[test]
+    fn partial_names_are_fixed_hex_and_differ_by_path() {
+        let a = partial_name(b"etc/passwd");
+        assert_eq!(a.len(), 32);
+        assert!(a.iter().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(a, partial_name(b"etc/passwd"));
+        assert_ne!(a, partial_name(b"etc/passwd-"));
+        assert_eq!(prev_name(&a), [&a[..], b".prev"].concat());
+    }
+}
