@@ -1010,7 +1010,7 @@ fn server_killed_at_random_moments_never_leaves_the_client_hanging() {
             // At the commit: the server removes its temporary directory just
             // before it syncs, renames the manifest and snapshots; the client
             // waits for it with nothing to send.
-            let tmp = store.join(&host).join("current/.byteback/tmp");
+            let tmp = store.join(&host).join("current/.byteback/partial");
             let mut seen = false;
             while started.elapsed() < std::time::Duration::from_secs(30) {
                 let there = tmp.exists();

@@ -1607,3 +1607,113 @@ fn new_files_written_in_place_are_never_committed_unverified() {
     assert!(!env.host_dir().join(&snap).join("d/h").exists());
     assert_eq!(fs::read(env.current().join("d/g")).unwrap(), content);
 }
+
+/// The only file in `current/.byteback/partial` (a kept rebuild), if any.
+fn kept_partial(env: &Env) -> Option<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(env.current().join(".byteback/partial"))
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    assert!(v.len() <= 1, "more than one partial: {v:?}");
+    v.pop()
+}
+
+/// A changed file cut off mid-transfer keeps its rebuild in
+/// `.byteback/partial` (never in a snapshot); the next session's basis is
+/// that rebuild's prefix followed by the stored copy, so a delta copying
+/// the prefix from offset 0 rebuilds the file. A kept rebuild is never
+/// trusted: one damaged in between makes the copy fail its BLAKE3, the file
+/// is resent whole, and only verified content is committed.
+#[test]
+fn a_kept_partial_rebuild_is_only_a_basis_and_never_trusted() {
+    use byteback_delta::{diff_segment, signature, Signature};
+    let mut env = Env::new();
+    let t = fresh_mtime();
+    let mut rng = Rng::new(0x9a27);
+    let old = rng.bytes(20_000);
+    let o = env.serve(
+        "d/f stored",
+        &backup_script(&[
+            (dir_e(b"d", t), None),
+            (file_e(b"d/f", old.len(), t), Some(&old)),
+        ])
+        .bytes,
+    );
+    o.assert_backup_ok(1);
+    env.accept();
+
+    for (round, damage) in [(1i64, false), (2, true)] {
+        let new = rng.bytes(20_000);
+        let m = t + round;
+        let entries = || ClientMsg::Entries(vec![dir_e(b"d", t), file_e(b"d/f", new.len(), m)]);
+        // Cut off after 12 KiB: the rebuild is kept.
+        let cut = Script::backup()
+            .msg(&entries())
+            .msg(&file_data(0, &new[..12_288]));
+        let o = env.serve("changed file cut off", &cut.bytes);
+        env.refused(&o, &["went away"]);
+        let partial = kept_partial(&env).expect("the partial rebuild was not kept");
+        assert_eq!(fs::read(&partial).unwrap(), &new[..12_288]);
+        for s in env.snapshot_names() {
+            assert!(
+                !env.host_dir().join(&s).join(".byteback/partial").exists(),
+                "a partial in snapshot {s}"
+            );
+        }
+        if damage {
+            let mut bad = new[..12_288].to_vec();
+            bad[5000] ^= 0xff;
+            fs::write(&partial, bad).unwrap();
+        }
+        // The delta an honest client makes against prefix + stored copy.
+        let stored = fs::read(env.current().join("d/f")).unwrap();
+        let basis = [&new[..12_288], &stored[..]].concat();
+        let sig = Signature::parse(&signature(&basis).0).unwrap();
+        let delta = diff_segment(&sig, &new).unwrap();
+        assert!(delta.len() < 10_000, "the delta copies nothing");
+        let mut s = Script::backup()
+            .msg(&entries())
+            .msg(&ClientMsg::SigRequest { id: 0 })
+            .msg(&ClientMsg::FileData {
+                id: 0,
+                delta: Compressed::compress(&delta, 1).unwrap(),
+            })
+            .msg(&file_end(0, &new, m));
+        if damage {
+            // FileRetry: sent again whole.
+            s = s.msg(&file_data(0, &new)).msg(&file_end(0, &new, m));
+        }
+        let o = env.serve("resumed", &s.msg(&ClientMsg::BackupEnd).bytes);
+        let snap = if damage {
+            o.assert_sane();
+            assert_eq!(o.code, Some(0), "{}", o.describe());
+            match o.msgs.last() {
+                Some(ServerMsg::BackupDone {
+                    snapshot: Some(s), ..
+                }) => s.clone(),
+                _ => panic!("no BackupDone with a snapshot:\n{}", o.describe()),
+            }
+        } else {
+            o.assert_backup_ok(1)
+        };
+        let retried = o
+            .msgs
+            .iter()
+            .any(|m| matches!(m, ServerMsg::FileRetry { .. }));
+        assert_eq!(retried, damage, "{}", o.describe());
+        let sig_len = o.msgs.iter().find_map(|m| match m {
+            ServerMsg::Signature { sig, .. } => Some(sig.len()),
+            _ => None,
+        });
+        assert_eq!(sig_len, Some(signature(&basis).0.len()), "{}", o.describe());
+        env.accept();
+        assert_eq!(fs::read(env.current().join("d/f")).unwrap(), new);
+        assert_eq!(
+            fs::read(env.host_dir().join(&snap).join("d/f")).unwrap(),
+            new
+        );
+        assert!(
+            kept_partial(&env).is_none(),
+            "a partial outlived the commit"
+        );
+    }
+}

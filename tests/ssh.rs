@@ -732,8 +732,8 @@ fn killed_server_mid_backup_is_retried_and_the_result_is_complete() {
         .spawn()
         .unwrap();
     // Wait until the server is receiving file data, then kill it. A changed
-    // file is rebuilt in .byteback/tmp, a new one at its own path.
-    let tmp = w.store.join("client-a/current/.byteback/tmp");
+    // file is rebuilt in .byteback/partial, a new one at its own path.
+    let tmp = w.store.join("client-a/current/.byteback/partial");
     let first_new = w
         .store
         .join("client-a/current")
@@ -917,7 +917,7 @@ fn over_ssh_a_failing_or_killed_server_never_leaves_the_client_hanging() {
             )
             .unwrap();
         }
-        let tmp = w.store.join("client-h/current/.byteback/tmp");
+        let tmp = w.store.join("client-h/current/.byteback/partial");
         // Left by the failed runs; the next one makes its own.
         let _ = fs::remove_dir_all(&tmp);
         let start = Instant::now();

@@ -239,7 +239,7 @@ impl Target {
     fn connect(&self, verb: &str) -> Result<Connection> {
         match &self.dest {
             Destination::Local(store) => {
-                Connection::open_local(store, &self.host, verb == "backup")
+                Connection::open_local(store, &self.host, verb == "backup", self.io_timeout)
             }
             Destination::Ssh { user, host, port } => {
                 let target = SshTarget {

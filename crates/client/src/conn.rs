@@ -12,6 +12,7 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -348,6 +349,114 @@ impl Drop for SocketWriter {
     }
 }
 
+/// One end of a local server's socket pair with `--io-timeout`: when no
+/// data has moved either way for that long, a blocked read or write fails
+/// with an error naming the cause, so a silent (stopped, stuck) server never
+/// leaves the client waiting for good. Both halves share the clock of the
+/// last progress (a server taking a long file without a word is fine).
+struct Timed {
+    s: UnixStream,
+    timeout: Duration,
+    /// (base, milliseconds after it of the last progress either way).
+    last: Arc<(Instant, AtomicU64)>,
+}
+
+impl Timed {
+    fn pair(s: &UnixStream, timeout: Duration) -> std::io::Result<(Timed, Timed)> {
+        // Blocked calls wake this often to look at the shared clock.
+        let tick = (timeout / 4).max(Duration::from_millis(250));
+        let last = Arc::new((Instant::now(), AtomicU64::new(0)));
+        let half = || -> std::io::Result<Timed> {
+            let s = s.try_clone()?;
+            s.set_read_timeout(Some(tick))?;
+            s.set_write_timeout(Some(tick))?;
+            Ok(Timed {
+                s,
+                timeout,
+                last: last.clone(),
+            })
+        };
+        Ok((half()?, half()?))
+    }
+
+    fn progress(&self) {
+        let ms = self.last.0.elapsed().as_millis() as u64;
+        self.last.1.store(ms, Ordering::Relaxed);
+    }
+
+    /// Retries a call that timed out while data moved recently; fails once
+    /// nothing has moved for the whole timeout.
+    fn io(
+        &mut self,
+        what: &str,
+        mut call: impl FnMut(&mut UnixStream) -> std::io::Result<usize>,
+    ) -> std::io::Result<usize> {
+        loop {
+            match call(&mut self.s) {
+                Ok(n) => {
+                    self.progress();
+                    return Ok(n);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    let idle =
+                        self.last.0.elapsed().saturating_sub(Duration::from_millis(
+                            self.last.1.load(Ordering::Relaxed),
+                        ));
+                    if idle >= self.timeout {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "byteback-server {what}: no data moved for {} s (--io-timeout); giving up",
+                                self.timeout.as_secs()
+                            ),
+                        ));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.io("went silent", |s| s.read(buf))
+    }
+}
+
+impl Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.io("stopped taking data", |s| s.write(buf))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The writing half: shuts the socket's write side down when dropped, so
+/// the server sees the end even while the reading half is still open.
+struct TimedWriter(Timed);
+
+impl Write for TimedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for TimedWriter {
+    fn drop(&mut self) {
+        let _ = self.0.s.shutdown(Shutdown::Write);
+    }
+}
+
 /// A connection to a server, after the handshake.
 pub struct Connection {
     /// Reading half.
@@ -364,7 +473,13 @@ impl Connection {
     ///
     /// Only a backup (`create`) makes a missing store; listing and restoring
     /// from a store that does not exist is an error, so a typo creates nothing.
-    pub fn open_local(store: &Path, host: &str, create: bool) -> Result<Self> {
+    /// Reads and writes that make no progress for `io_timeout` fail.
+    pub fn open_local(
+        store: &Path,
+        host: &str,
+        create: bool,
+        io_timeout: Duration,
+    ) -> Result<Self> {
         if create {
             std::fs::create_dir_all(store)
                 .with_context(|| format!("cannot create store {}", store.display()))?;
@@ -391,11 +506,10 @@ impl Connection {
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
-        let read = ours.try_clone()?;
-        let write = ours.try_clone()?;
+        let (read, write) = Timed::pair(&ours, io_timeout)?;
         Self::handshake(
             Box::new(read),
-            Box::new(SocketWriter(write)),
+            Box::new(TimedWriter(write)),
             Transport::Child(child, Arc::new(ours)),
         )
     }

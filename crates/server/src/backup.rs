@@ -3,7 +3,7 @@
 //! Entries arrive in walk order and are merged against the last committed
 //! manifest as a stream. A regular file whose copy in `current` has the same
 //! size and mtime costs nothing; any other file is rebuilt in
-//! `.byteback/tmp`, from cloned or copied ranges of the old copy plus literal
+//! `.byteback/partial`, from cloned or copied ranges of the old copy plus literal
 //! data, checked against the client's BLAKE3, and renamed into place. A file
 //! whose path is free in `current` is written there directly (created with
 //! `O_EXCL` in its parent, itself opened beneath `current`), saving the
@@ -13,6 +13,19 @@
 //! names verified files. The new
 //! manifest is written as entries resolve; commit deletes what the manifest no
 //! longer names, syncs the filesystem once, and renames the manifest into place.
+//!
+//! Resuming: an interrupted transfer (client gone, connection cut, server
+//! killed) leaves what it wrote: a new file at its own path (never with the
+//! client's mtime, so it never passes for a stored copy), a rebuild in
+//! `.byteback/partial/<hash of the path>`. The next run offers the client a
+//! signature over a *virtual basis*: that partial rebuild's prefix followed
+//! by the stored copy, so everything already received matches and only the
+//! rest travels. The result is checked against the client's BLAKE3 as any
+//! other; a rebuild left over is renamed `<name>.prev` while the next one is
+//! written, and the longer of the two is kept when that one is interrupted
+//! too. Partials are never trusted (only matched block by block), never in
+//! a snapshot (the commit removes `.byteback/partial` before it syncs), and
+//! the first to go when the disc is full.
 //!
 //! A commit leaves a `clean` marker in `.byteback`: `current` then holds
 //! exactly what its manifest names. The first change of a later backup
@@ -50,6 +63,50 @@ const CLEAN: &[u8] = b"clean";
 const MANIFEST: &[u8] = b"manifest";
 /// A damaged manifest set aside; the next backup recovers one.
 const DAMAGED: &[u8] = b"manifest.damaged";
+/// Directory in `.byteback` of rebuilds of changed files, kept when interrupted.
+const PARTIAL: &[u8] = b"partial";
+/// Suffix of a partial rebuild from an earlier run, while it serves as a basis.
+const PREV: &[u8] = b".prev";
+/// Marker in `.byteback`: a backup ran out of space since the last commit,
+/// so the next one starts by removing what failed runs left.
+const NO_SPACE: &[u8] = b"nospace";
+
+/// Name in `.byteback/partial` of the rebuild of client path `path`.
+fn partial_name(path: &[u8]) -> Vec<u8> {
+    let h = byteback_delta::hash_bytes(path);
+    let mut s = Vec::with_capacity(32);
+    for b in &h[..16] {
+        s.extend_from_slice(format!("{b:02x}").as_bytes());
+    }
+    s
+}
+
+fn prev_name(name: &[u8]) -> Vec<u8> {
+    [name, PREV].concat()
+}
+
+/// What a delta's copies read from: the prefix of an interrupted rebuild of
+/// the same file, if one was kept, followed by the stored copy, if any. A
+/// copy is served from whichever part holds its offset.
+struct Basis {
+    /// (file, start in the virtual basis, length).
+    parts: Vec<(File, u64, u64)>,
+}
+
+impl Basis {
+    fn len(&self) -> u64 {
+        self.parts.last().map(|(_, s, l)| s + l).unwrap_or(0)
+    }
+
+    /// The part holding virtual offset `off`: its file, the offset in it and
+    /// how many bytes of the part are left from there.
+    fn locate(&self, off: u64) -> Option<(&File, u64, u64)> {
+        self.parts
+            .iter()
+            .find(|(_, s, l)| off >= *s && off < s + l)
+            .map(|(f, s, l)| (f, off - s, s + l - off))
+    }
+}
 
 /// Sets a damaged manifest of `current` aside (and drops the clean marker),
 /// so the next backup starts from a recovered one instead of failing again.
@@ -113,11 +170,13 @@ struct Transfer {
     seq: u64,
     entry: Entry,
     old: Option<ManifestEntry>,
-    basis: Option<File>,
+    basis: Option<Basis>,
     basis_len: u64,
     out: File,
-    /// Name in `.byteback/tmp`; empty when written in place.
-    tmp_name: Vec<u8>,
+    /// Name of its rebuild in `.byteback/partial` (unused when written in place).
+    partial: Vec<u8>,
+    /// An earlier run's rebuild, `<partial>.prev`, is there (part of the basis).
+    has_prev: bool,
     /// Written at its own path in `current` (nothing was there).
     in_place: bool,
     written: u64,
@@ -158,12 +217,15 @@ pub struct BackupReceiver {
     meta: OwnedFd,
     /// Path of `meta`, for messages.
     meta_path: PathBuf,
-    tmp: OwnedFd,
+    /// `.byteback/partial`.
+    partial: OwnedFd,
     old: PeekableManifest,
     /// The new manifest; not started until something differs from the old one.
     new: Option<ManifestWriter>,
     /// `current` matched its manifest when this backup started (the marker was there).
     clean: bool,
+    /// The old manifest was read (not missing, not replaced by an empty one).
+    has_manifest: bool,
     /// The marker is still on disc.
     marker: bool,
     /// Something in this backup differs from the old manifest, or `current`
@@ -226,11 +288,12 @@ impl BackupReceiver {
         let current = host.current()?;
         fsops::ensure_dir(&current, META_DIR, 0o700)?;
         let meta = fsops::open_dir(&current, META_DIR)?;
-        // Leftovers of an interrupted run.
+        // Leftovers of an interrupted run (`tmp`: of versions before partial
+        // rebuilds were kept); `partial` is kept for resuming.
         fsops::remove_any(&meta, b"tmp")?;
         fsops::remove_any(&meta, b"manifest.new")?;
-        rustix::fs::mkdirat(&meta, "tmp", rustix::fs::Mode::from_raw_mode(0o700))?;
-        let tmp = fsops::open_dir(&meta, b"tmp")?;
+        fsops::ensure_dir(&meta, PARTIAL, 0o700)?;
+        let partial = fsops::open_dir(&meta, PARTIAL)?;
         let meta_path = host.path.join("current").join(META_DIR_NAME);
         let manifest_path = meta_path.join("manifest");
         let mut warnings = vec![];
@@ -274,10 +337,11 @@ impl BackupReceiver {
             current,
             meta,
             meta_path,
-            tmp,
+            partial,
             old,
             new: None,
             clean,
+            has_manifest,
             marker,
             changed: false,
             unwritten: 0,
@@ -302,6 +366,51 @@ impl BackupReceiver {
             rx.mark_changed()?;
         }
         Ok(rx)
+    }
+
+    /// Keeps room before anything is written: when the last backup ran out
+    /// of space (or the store is below `minpercent` free) and `current` holds
+    /// what failed runs left, removes it now rather than at the commit —
+    /// every object the last manifest does not name (new files of failed
+    /// runs, kept partial ones included) and every kept partial rebuild.
+    /// Returns a note for the log, if anything was removed.
+    pub fn clean_leftovers_if_short(&mut self, minpercent: u32) -> Result<Option<String>> {
+        let marked = fsops::lstat_at(&self.meta, NO_SPACE)?.is_some();
+        let short = marked
+            || crate::space::measure(&self.current)
+                .map(|s| s.percent_free() < f64::from(minpercent))
+                .unwrap_or(false);
+        if !short || self.clean {
+            return Ok(None);
+        }
+        let mut deleted = 0;
+        if self.has_manifest {
+            let path = self.meta_path.join("manifest");
+            let mut manifest = PeekableManifest::new(ManifestReader::new(
+                fsops::open_file(&self.meta, MANIFEST)?,
+                &path,
+            )?)?;
+            remove_stale(&self.current, &[], true, &mut manifest, &mut deleted)?;
+        }
+        for n in fsops::list_dir(&self.partial)? {
+            fsops::remove_any(&self.partial, &n)?;
+            deleted += 1;
+        }
+        fsops::remove_any(&self.meta, NO_SPACE)?;
+        Ok((deleted > 0).then(|| {
+            format!(
+                "short of space: removed {deleted} objects that interrupted or failed backups left in current"
+            )
+        }))
+    }
+
+    /// Records that this backup ran out of space: until a commit, the next
+    /// backup starts by removing what failed runs left.
+    pub fn note_no_space(&self) -> Result<()> {
+        if fsops::lstat_at(&self.meta, NO_SPACE)?.is_none() {
+            drop(fsops::create_new(&self.meta, NO_SPACE)?);
+        }
+        Ok(())
     }
 
     /// Whether reading the old manifest found it damaged.
@@ -614,31 +723,43 @@ impl BackupReceiver {
                     }
                 }
                 self.touch()?;
-                let basis = match &st {
+                let stored = match &st {
                     Some(s) if fsops::file_type(s) == FileType::RegularFile && s.st_size > 0 => {
-                        fsops::open_file(parent_raw, &name).ok()
+                        fsops::open_file(parent_raw, &name)
+                            .ok()
+                            .map(|f| (f, s.st_size as u64))
                     }
                     _ => None,
                 };
-                let basis_len = basis
-                    .as_ref()
-                    .and_then(|f| f.metadata().ok())
-                    .map(|m| m.len())
-                    .unwrap_or(0);
+                let partial = partial_name(&e.path);
+                // A kept rebuild needs a file that was there when it was
+                // made, and the commit or a start on a short disc that
+                // removed that file removed the rebuilds too.
+                let prev = match &st {
+                    Some(_) => self.take_partial(&partial)?,
+                    None => None,
+                };
+                let has_prev = prev.is_some();
+                let mut parts = vec![];
+                let mut start = 0;
+                for (f, len) in prev.into_iter().chain(stored) {
+                    parts.push((f, start, len));
+                    start += len;
+                }
+                let basis = (!parts.is_empty()).then_some(Basis { parts });
+                let basis_len = basis.as_ref().map(Basis::len).unwrap_or(0);
                 let id = self.next_id;
                 self.next_id += 1;
                 // Nothing at the path (looked at, or in a directory this
                 // backup created): write it there, exclusively.
                 let in_place = st.is_none();
-                let (out, tmp_name) = if in_place {
-                    let out = fsops::create_new(parent_raw, &name).with_context(|| {
+                let out = if in_place {
+                    fsops::create_new(parent_raw, &name).with_context(|| {
                         format!("cannot create {:?}", String::from_utf8_lossy(&e.path))
-                    })?;
-                    (out, vec![])
+                    })?
                 } else {
-                    let tmp_name = id.to_string().into_bytes();
-                    fsops::remove_any(&self.tmp, &tmp_name)?;
-                    (fsops::create_new(&self.tmp, &tmp_name)?, tmp_name)
+                    // `take_partial` left nothing at that name.
+                    fsops::create_new(&self.partial, &partial)?
                 };
                 let has_basis = basis.is_some();
                 let seq = self.push_slot(Slot::Waiting, e.buffer_cost())?;
@@ -651,7 +772,8 @@ impl BackupReceiver {
                         basis,
                         basis_len,
                         out,
-                        tmp_name,
+                        partial,
+                        has_prev,
                         in_place,
                         written: 0,
                         flushed: 0,
@@ -665,6 +787,88 @@ impl BackupReceiver {
             }
             _ => bail!("unreachable entry kind"),
         }
+    }
+
+    /// An earlier run's rebuild of the file whose partial name is `name`,
+    /// kept as `<name>.prev` for use as the front of the basis. Of two (a
+    /// rebuild from a rebuild, interrupted again) the longer is kept. Only
+    /// whole file-system blocks of it are used, so the stored copy behind it
+    /// stays block-aligned (for cloning).
+    fn take_partial(&mut self, name: &[u8]) -> Result<Option<(File, u64)>> {
+        let prev = prev_name(name);
+        let size = |n: &[u8]| -> Result<Option<u64>> {
+            Ok(match fsops::lstat_at(&self.partial, n)? {
+                Some(s) if fsops::file_type(&s) == FileType::RegularFile => Some(s.st_size as u64),
+                Some(_) => {
+                    fsops::remove_any(&self.partial, n)?;
+                    None
+                }
+                None => None,
+            })
+        };
+        let (cur_len, prev_len) = (size(name)?, size(&prev)?);
+        let len = match (cur_len, prev_len) {
+            (None, None) => return Ok(None),
+            (Some(c), p) if c > p.unwrap_or(0) => {
+                fsops::replace(&self.partial, name, &self.partial, &prev)?;
+                c
+            }
+            (c, p) => {
+                if c.is_some() {
+                    fsops::remove_any(&self.partial, name)?;
+                }
+                p.unwrap_or(0)
+            }
+        } / FS_BLOCK
+            * FS_BLOCK;
+        if len == 0 {
+            fsops::remove_any(&self.partial, &prev)?;
+            return Ok(None);
+        }
+        match fsops::open_file(&self.partial, &prev) {
+            Ok(f) => Ok(Some((f, len))),
+            Err(_) => {
+                fsops::remove_any(&self.partial, &prev)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Drops transfer `id`'s earlier rebuild (its basis goes with it).
+    fn drop_prev(&mut self, id: u32) -> Result<()> {
+        let t = self.transfer(id)?;
+        t.basis = None;
+        t.basis_len = 0;
+        if std::mem::take(&mut t.has_prev) {
+            let prev = prev_name(&t.partial);
+            fsops::remove_any(&self.partial, &prev)?;
+        }
+        Ok(())
+    }
+
+    /// Removes what interrupted runs left in `.byteback/partial` that no
+    /// transfer of this run uses (they are the first to go when the disc is
+    /// full). Returns the bytes freed.
+    pub fn drop_idle_partials(&mut self) -> Result<u64> {
+        let mut busy = std::collections::HashSet::new();
+        for t in self.transfers.values() {
+            if !t.in_place {
+                busy.insert(t.partial.clone());
+            }
+            if t.has_prev {
+                busy.insert(prev_name(&t.partial));
+            }
+        }
+        let mut freed = 0;
+        for n in fsops::list_dir(&self.partial)? {
+            if !busy.contains(&n) {
+                if let Some(s) = fsops::lstat_at(&self.partial, &n)? {
+                    freed += s.st_blocks as u64 * 512;
+                }
+                fsops::remove_any(&self.partial, &n)?;
+            }
+        }
+        Ok(freed)
     }
 
     fn transfer(&mut self, id: u32) -> Result<&mut Transfer> {
@@ -682,30 +886,37 @@ impl BackupReceiver {
             .basis
             .as_ref()
             .ok_or_else(|| anyhow!("transfer {id} has no basis"))?;
-        let mut b = SignatureBuilder::new(t.basis_len);
-        let mut buf = vec![0u8; IO_CHUNK];
-        let mut off = 0u64;
-        while off < t.basis_len {
-            let want = IO_CHUNK.min((t.basis_len - off) as usize);
-            let n = match basis.read_at(&mut buf[..want], off) {
-                Ok(n) => n,
-                Err(e) => {
-                    let path = String::from_utf8_lossy(&t.entry.path).into_owned();
-                    t.basis = None;
-                    t.basis_len = 0;
-                    self.warnings.push(format!(
-                        "{path}: cannot read the stored copy ({e}); sent again whole"
-                    ));
-                    return Ok(SignatureBuilder::new(0).finish().0);
+        let built = (|| -> io::Result<Vec<u8>> {
+            let mut b = SignatureBuilder::new(t.basis_len);
+            let mut buf = vec![0u8; IO_CHUNK];
+            for (f, _, len) in &basis.parts {
+                let mut off = 0u64;
+                while off < *len {
+                    let want = IO_CHUNK.min((len - off) as usize);
+                    let n = f.read_at(&mut buf[..want], off)?;
+                    if n == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "it became shorter",
+                        ));
+                    }
+                    b.update(&buf[..n]);
+                    off += n as u64;
                 }
-            };
-            if n == 0 {
-                break;
             }
-            b.update(&buf[..n]);
-            off += n as u64;
+            Ok(b.finish().0)
+        })();
+        match built {
+            Ok(sig) => Ok(sig),
+            Err(e) => {
+                let path = String::from_utf8_lossy(&t.entry.path).into_owned();
+                self.warnings.push(format!(
+                    "{path}: cannot read the stored copy ({e}); sent again whole"
+                ));
+                self.drop_prev(id)?;
+                Ok(SignatureBuilder::new(0).finish().0)
+            }
         }
-        Ok(b.finish().0)
     }
 
     /// Applies one delta segment to transfer `id`.
@@ -792,11 +1003,12 @@ impl BackupReceiver {
                 );
             }
             t.nospace = false;
-            t.basis = None;
             t.written = 0;
             t.flushed = 0;
             t.hasher = FileHasher::new();
             t.out.set_len(0)?;
+            // Its earlier rebuild goes too: the space is needed.
+            self.drop_prev(id)?;
             return Ok(TransferResult::NoSpace { path, need: size });
         }
         let ok = t.written == size && t.hasher.finish() == hash;
@@ -804,11 +1016,11 @@ impl BackupReceiver {
             if !t.retried {
                 // Never commit a file that fails its hash: start over without a basis.
                 t.retried = true;
-                t.basis = None;
                 t.written = 0;
                 t.flushed = 0;
                 t.hasher = FileHasher::new();
                 t.out.set_len(0)?;
+                self.drop_prev(id)?;
                 self.stats.retried += 1;
                 return Ok(TransferResult::Retry);
             }
@@ -847,10 +1059,14 @@ impl BackupReceiver {
                     )
                 })?,
             };
-            fsops::replace(&self.tmp, &t.tmp_name, &parent, name)?;
+            fsops::replace(&self.partial, &t.partial, &parent, name)?;
             self.last_parent = Some((pdir.to_vec(), parent));
         }
         drop(t.out);
+        drop(t.basis);
+        if t.has_prev {
+            fsops::remove_any(&self.partial, &prev_name(&t.partial))?;
+        }
         self.stats.files_transferred += 1;
         self.set_slot(
             t.seq,
@@ -870,11 +1086,15 @@ impl BackupReceiver {
             .remove(&id)
             .ok_or_else(|| anyhow!("unknown transfer {id}"))?;
         drop(t.out);
+        drop(t.basis);
         if t.in_place {
             // Nothing was at its path before: take the unverified file away.
             remove_in_place(&self.current, &t.entry.path)?;
         } else {
-            fsops::remove_any(&self.tmp, &t.tmp_name)?;
+            fsops::remove_any(&self.partial, &t.partial)?;
+        }
+        if t.has_prev {
+            fsops::remove_any(&self.partial, &prev_name(&t.partial))?;
         }
         // The old copy in `current` was not touched, so its manifest entry still holds.
         let cost = t.entry.buffer_cost();
@@ -909,7 +1129,7 @@ impl BackupReceiver {
         if !self.changed {
             // `current` was clean and nothing differs: it still matches the
             // manifest, and nothing new needs to reach the disc.
-            fsops::remove_any(&self.meta, b"tmp")?;
+            fsops::remove_any(&self.meta, PARTIAL)?;
             return Ok(std::mem::take(&mut self.stats));
         }
         let new = self
@@ -928,7 +1148,10 @@ impl BackupReceiver {
             self.stats.deleted = deleted;
             self.touched |= deleted > 0;
         }
-        fsops::remove_any(&self.meta, b"tmp")?;
+        // Every transfer has ended: what is left of interrupted runs is
+        // stale (its file is gone, unchanged or was sent whole), and no
+        // partial may reach a snapshot.
+        fsops::remove_any(&self.meta, PARTIAL)?;
         if self.touched {
             // One sync of the whole filesystem instead of an fsync per file.
             rustix::fs::syncfs(&self.current)?;
@@ -939,6 +1162,7 @@ impl BackupReceiver {
         drop(new_file);
         rustix::fs::renameat(&self.meta, "manifest.new", &self.meta, "manifest")?;
         fsops::fsync(&self.meta)?;
+        fsops::remove_any(&self.meta, NO_SPACE)?;
         // Not synced: if it is lost, the next run just does not trust `current`.
         drop(fsops::create_new(&self.meta, CLEAN)?);
         let _ = self.btrfs;
@@ -947,16 +1171,23 @@ impl BackupReceiver {
 }
 
 impl Drop for BackupReceiver {
-    /// A backup that ends without its commit (refused, or the client went
-    /// away) leaves no unverified file at a client path. A killed server
-    /// cannot do this; the next run finds such files by their size and
-    /// mtime (never the client's: that is set only after verification) and
-    /// its commit removes any the client no longer sends.
+    /// A backup that ends without its commit (the client went away, the
+    /// connection was cut, or it was refused) keeps what its open transfers
+    /// wrote, for the next run to resume from: a new file at its own path
+    /// (never with the client's mtime, so the next run sees it differ and
+    /// offers its signature) and a rebuild in `.byteback/partial`. Only
+    /// empty ones go. A killed server leaves the same, and the next run's
+    /// commit removes whatever the client no longer sends.
     fn drop(&mut self) {
         for (_, t) in self.transfers.drain() {
+            drop(t.out);
+            if t.written > 0 && !t.nospace {
+                continue;
+            }
             if t.in_place {
-                drop(t.out);
                 let _ = remove_in_place(&self.current, &t.entry.path);
+            } else {
+                let _ = fsops::remove_any(&self.partial, &t.partial);
             }
         }
     }
@@ -1070,7 +1301,7 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
 /// Writes patch output into the temp file: cloned ranges where the
 /// filesystem can share extents, holes for all-zero blocks, plain writes otherwise.
 struct FileSink<'a> {
-    basis: Option<&'a File>,
+    basis: Option<&'a Basis>,
     out: &'a File,
     pos: u64,
     hasher: &'a mut FileHasher,
@@ -1119,12 +1350,15 @@ impl PatchSink for FileSink<'_> {
             .ok_or_else(|| SinkError::Bad("copy without a basis".into()))?;
         let mut done = 0u64;
         while done < len {
-            let n = (len - done).min(IO_CHUNK as u64) as usize;
+            let (file, src, left) = basis
+                .locate(offset + done)
+                .ok_or_else(|| SinkError::Bad("copy beyond the basis".into()))?;
+            let n = (len - done).min(left).min(IO_CHUNK as u64) as usize;
             self.buf.resize(n, 0);
-            basis.read_exact_at(&mut self.buf[..n], offset + done)?;
+            file.read_exact_at(&mut self.buf[..n], src)?;
             self.hasher.update(&self.buf[..n]);
-            let (src, dst) = (offset + done, self.pos);
-            let aligned = src % FS_BLOCK == 0 && dst % FS_BLOCK == 0;
+            let dst = self.pos;
+            let aligned = src.is_multiple_of(FS_BLOCK) && dst.is_multiple_of(FS_BLOCK);
             let clone_len = if aligned {
                 n as u64 / FS_BLOCK * FS_BLOCK
             } else {
@@ -1132,7 +1366,7 @@ impl PatchSink for FileSink<'_> {
             };
             let mut written = 0usize;
             if self.clone_ok && clone_len > 0 {
-                match crate::btrfs::clone_range(basis, src, clone_len, self.out, dst) {
+                match crate::btrfs::clone_range(file, src, clone_len, self.out, dst) {
                     Ok(()) => written = clone_len as usize,
                     Err(_) => self.clone_ok = false,
                 }
@@ -1192,4 +1426,47 @@ pub fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_of(bytes: &[u8]) -> File {
+        let f = tempfile::tempfile().expect("tempfile");
+        f.write_all_at(bytes, 0).expect("write");
+        f
+    }
+
+    #[test]
+    fn a_virtual_basis_serves_each_offset_from_its_part() {
+        let b = Basis {
+            parts: vec![
+                (file_of(&[1; 8192]), 0, 8192),
+                (file_of(&[2; 100]), 8192, 100),
+            ],
+        };
+        assert_eq!(b.len(), 8292);
+        let (_, at, left) = b.locate(0).expect("first part");
+        assert_eq!((at, left), (0, 8192));
+        let (_, at, left) = b.locate(8191).expect("first part");
+        assert_eq!((at, left), (8191, 1));
+        let (f, at, left) = b.locate(8192).expect("second part");
+        assert_eq!((at, left), (0, 100));
+        let mut one = [0u8; 1];
+        f.read_exact_at(&mut one, at).expect("read");
+        assert_eq!(one, [2]);
+        assert!(b.locate(8292).is_none());
+        assert!(Basis { parts: vec![] }.locate(0).is_none());
+    }
+
+    #[test]
+    fn partial_names_are_fixed_hex_and_differ_by_path() {
+        let a = partial_name(b"etc/passwd");
+        assert_eq!(a.len(), 32);
+        assert!(a.iter().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(a, partial_name(b"etc/passwd"));
+        assert_ne!(a, partial_name(b"etc/passwd-"));
+        assert_eq!(prev_name(&a), [&a[..], b".prev"].concat());
+    }
 }

@@ -290,6 +290,9 @@ fn backup<R: Read, W: Write>(
     let host = store.host(&cfg.host, true)?;
     let _lock = host.lock()?;
     let mut rx = BackupReceiver::new(&host)?;
+    if let Some(note) = rx.clean_leftovers_if_short(config.minpercent)? {
+        eprintln!("byteback-server: {note}");
+    }
     conn.send(&ServerMsg::BackupReady)?;
     let received = receive(cfg, store, conn, &host, &config, &mut rx);
     if let Err(e) = received {
@@ -339,6 +342,12 @@ fn receive<R: Read, W: Write>(
                 TransferResult::Ok => conn.send(&ServerMsg::FileOk { id })?,
                 TransferResult::Retry => conn.send(&ServerMsg::FileRetry { id })?,
                 TransferResult::NoSpace { path, need } => {
+                    rx.note_no_space()?;
+                    // Rebuilds kept from interrupted runs go first.
+                    let freed = rx.drop_idle_partials()?;
+                    if freed > 0 {
+                        eprintln!("byteback-server: no space left on device writing {path:?}: removed {freed} bytes of interrupted transfers' partial copies");
+                    }
                     let now = cfg.now.unwrap_or_else(time::now);
                     crate::pruner::make_room(store, config, now, need, &path)?;
                     conn.send(&ServerMsg::FileRetry { id })?;
