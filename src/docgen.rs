@@ -301,7 +301,7 @@ const SERVER_FILES: [Block; 8] = [
     ),
     Tag(
         "<store>/byteback.toml",
-        "Store-wide settings (min_snapshot_interval, minpercent, maxpercent); see \
+        "Store-wide settings (min_snapshot_interval, minpercent, maxpercent, io_timeout); see \
          byteback.toml(5).",
     ),
     Tag(
@@ -1108,6 +1108,12 @@ fn byteback_toml_page() -> String {
         "Once pruning, delete snapshots until more than this percentage is free (minpercent \
          to 100). Default {}. byteback-prune --maxpercent overrides it.",
         d.maxpercent
+    ))]);
+    r.control("TP", []);
+    r.text([bold("io_timeout"), roman(" = "), italic("seconds")]);
+    r.text([roman(format!(
+        "A session that waits this long for its client to send or take a single byte gives          up, keeps what it received for the next run, and releases the host's lock, so a          connection that went silent (a lost route, a stopped peer) never blocks the next          backup. 1 to 2592000. Default {} (3 hours, as the client's --io-timeout).",
+        d.io_timeout
     ))]);
     r.control("SH", ["EXAMPLES"]);
     r.control("RS", ["4"]);

@@ -74,6 +74,18 @@ enum Cut {
     /// The server stopped (SIGSTOP): silent, the client gives up after
     /// `--io-timeout`.
     Stop,
+    /// The network went silent: the per-connection sshd processes stopped
+    /// (SIGSTOP), so nothing closes either end. The client gives up after
+    /// `--io-timeout`, the server after the store's `io_timeout`, each on
+    /// its own.
+    Silent,
+}
+
+impl Drop for World {
+    /// A failed assertion must not leave stopped sshd processes behind.
+    fn drop(&mut self) {
+        self.kill_silenced();
+    }
 }
 
 /// The store, the source and, over SSH, the sshd and the client's config dir.
@@ -82,6 +94,8 @@ struct World {
     src: PathBuf,
     host: String,
     ssh: Option<(Sshd, PathBuf)>,
+    /// sshd processes stopped by `Cut::Silent`, killed when done with.
+    silenced: std::cell::RefCell<Vec<u32>>,
     work: tempfile::TempDir,
     _fs: BtrfsLoop,
 }
@@ -121,8 +135,20 @@ impl World {
             src,
             host,
             ssh,
+            silenced: Default::default(),
             work,
             _fs: fs_,
+        }
+    }
+
+    /// Kills the sshd processes `Cut::Silent` stopped (a stopped process
+    /// takes SIGKILL).
+    fn kill_silenced(&self) {
+        for p in self.silenced.borrow_mut().drain(..) {
+            // SAFETY: kill(2) with a pid this test stopped, and SIGKILL.
+            unsafe {
+                libc::kill(p as libc::pid_t, libc::SIGKILL);
+            }
         }
     }
 
@@ -211,6 +237,12 @@ impl World {
     /// listener and the byteback server (the per-connection monitor and its
     /// unprivileged child), never a byteback process.
     fn cut_connection(&self) -> bool {
+        !self.signal_connection(libc::SIGKILL).is_empty()
+    }
+
+    /// Sends `sig` to the sshd processes between the listener and the
+    /// byteback server; returns them.
+    fn signal_connection(&self, sig: libc::c_int) -> Vec<u32> {
         let (sshd, _) = self.ssh.as_ref().expect("not over SSH");
         let listener = fs::read_to_string(sshd.dir.join("sshd.pid"))
             .ok()
@@ -231,12 +263,12 @@ impl World {
         victims.sort_unstable();
         victims.dedup();
         for &p in &victims {
-            // SAFETY: kill(2) with a pid read from /proc and SIGKILL.
+            // SAFETY: kill(2) with a pid read from /proc and a signal.
             unsafe {
-                libc::kill(p as libc::pid_t, libc::SIGKILL);
+                libc::kill(p as libc::pid_t, sig);
             }
         }
-        !victims.is_empty()
+        victims
     }
 
     fn cut(&self, how: Cut, child: &mut Child) -> bool {
@@ -253,6 +285,11 @@ impl World {
                 !servers.is_empty()
             }
             Cut::Connection => self.cut_connection(),
+            Cut::Silent => {
+                let stopped = self.signal_connection(libc::SIGSTOP);
+                self.silenced.borrow_mut().extend(&stopped);
+                !stopped.is_empty()
+            }
             Cut::Stop => {
                 let servers = self.servers();
                 for &p in &servers {
@@ -327,7 +364,7 @@ fn interrupt_then_resume(w: &World, how: Cut, changed: bool, size: u64) {
     let partial = w.current().join(".byteback/partial");
     let log = w.work.path().join("cut.log");
     let mut cmd = w.backup_cmd();
-    if how == Cut::Stop {
+    if matches!(how, Cut::Stop | Cut::Silent) {
         cmd.args(["--io-timeout", "3"]);
     }
     let mut child = cmd
@@ -353,12 +390,16 @@ fn interrupt_then_resume(w: &World, how: Cut, changed: bool, size: u64) {
         std::thread::sleep(Duration::from_millis(5));
     };
     assert!(w.cut(how, &mut child), "nothing to kill for {how:?}");
+    // With the network silent, the server must end by its own timeout while
+    // sshd is still stopped: nothing else can end it.
     w.wait_all_gone(&mut child, &format!("{how:?}"));
+    // The network "comes back" only now, as a dead connection.
+    w.kill_silenced();
     assert!(
         !child.wait().unwrap().success(),
         "the cut backup cannot have succeeded"
     );
-    if how == Cut::Stop {
+    if matches!(how, Cut::Stop | Cut::Silent) {
         let said = fs::read_to_string(&log).unwrap();
         assert!(
             said.contains("no data moved for 3 s (--io-timeout)"),
@@ -408,6 +449,15 @@ fn interrupt_then_resume(w: &World, how: Cut, changed: bool, size: u64) {
 fn scenario(over_ssh: bool, how: Cut, changed: bool) {
     let size_mib = mib();
     let w = World::new(over_ssh, 3 * size_mib + 600);
+    if how == Cut::Silent {
+        // The server's own deadline (default 3 h), well within
+        // wait_all_gone's 20 s once the client has given up after 3 s.
+        fs::write(
+            w.store.join("byteback.toml"),
+            "min_snapshot_interval = 0\nio_timeout = 8\n",
+        )
+        .unwrap();
+    }
     let mut rng = Rng::new(0x5eed ^ size_mib ^ (how as u64) << 8 ^ u64::from(changed));
     fs::write(w.src.join("small"), rng.bytes(10_000)).unwrap();
     if changed {
@@ -467,6 +517,18 @@ fn new_file_resumes_after_the_ssh_connection_drops() {
         return;
     }
     scenario(true, Cut::Connection, false);
+}
+
+/// The network goes silent mid-file (sshd stopped, nothing closed): the
+/// client gives up after `--io-timeout`, the server after the store's
+/// `io_timeout` (so it releases the host's lock with no one acting), and
+/// the next run resumes.
+#[test]
+fn a_silent_network_ends_both_sides_and_the_next_run_resumes() {
+    if !require_root("an sshd, a server account and btrfs") {
+        return;
+    }
+    scenario(true, Cut::Silent, false);
 }
 
 #[test]

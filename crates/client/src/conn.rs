@@ -266,13 +266,21 @@ impl Transport {
             Transport::Ssh(_, session) => {
                 // The session ends within a fraction of a second of its abort
                 // (it reports a killed server itself).
-                if session.wait_for(ABORT_WAIT).is_none() {
-                    eprintln!(
-                        "byteback-backup: warning: the SSH session has not ended {} s after being stopped",
-                        ABORT_WAIT.as_secs()
-                    );
+                match session.wait_for(ABORT_WAIT) {
+                    None => {
+                        eprintln!(
+                            "byteback-backup: warning: the SSH session has not ended {} s after being stopped",
+                            ABORT_WAIT.as_secs()
+                        );
+                        None
+                    }
+                    // The session ended on its own first (`--io-timeout`, a
+                    // lost connection): that is why the stream ended.
+                    Some(Err(e)) if e.downcast_ref::<crate::ssh::SessionAborted>().is_none() => {
+                        Some(format!("{e:#}"))
+                    }
+                    Some(_) => None,
                 }
-                None
             }
         }
     }

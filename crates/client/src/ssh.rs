@@ -130,6 +130,19 @@ impl SshAbort {
     }
 }
 
+/// How a session ends when [`SshAbort::abort`] stopped it: the failure
+/// that asked for the stop is the news, not this.
+#[derive(Debug)]
+pub struct SessionAborted;
+
+impl std::fmt::Display for SessionAborted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the SSH session was stopped after a failure")
+    }
+}
+
+impl std::error::Error for SessionAborted {}
+
 impl SshStream {
     /// Closes our side and waits for the SSH session to end; returns the command's exit status.
     pub fn finish(self) -> Result<Option<u32>> {
@@ -440,7 +453,7 @@ async fn pump(
     let watchdog = async {
         loop {
             if abort.aborted() {
-                return anyhow!("the SSH session was stopped after a failure");
+                return anyhow::Error::new(SessionAborted);
             }
             let idle = last.get().elapsed();
             if idle >= io_timeout {

@@ -125,8 +125,24 @@ pub fn main() -> ExitCode {
                 },
                 now: now.map(|(t, _)| t),
             };
-            let stdin = std::io::stdin().lock();
-            let stdout = std::io::stdout().lock();
+            // A store whose settings cannot be read still gets its session
+            // (which reports that error to the client) with the default wait.
+            let io_timeout = crate::config::StoreConfig::load(&cfg.store)
+                .unwrap_or_default()
+                .io_timeout;
+            let wait = std::time::Duration::from_secs(io_timeout.unsigned_abs());
+            let streams = crate::timed::dup_stdio(std::io::stdin())
+                .and_then(|i| Ok((i, crate::timed::dup_stdio(std::io::stdout())?)));
+            let (stdin, stdout) = match streams {
+                Ok((i, o)) => (
+                    crate::timed::Timed::new(i, wait),
+                    crate::timed::Timed::new(o, wait),
+                ),
+                Err(e) => {
+                    eprintln!("byteback-server: cannot use standard input and output: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             match serve(&cfg, stdin, stdout) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -15,6 +15,9 @@ pub struct StoreConfig {
     pub minpercent: u32,
     /// Prune until free space is above this percentage.
     pub maxpercent: u32,
+    /// Seconds a session may wait for its client to send or take a byte
+    /// before it gives up (and releases the host's lock).
+    pub io_timeout: i64,
 }
 
 impl Default for StoreConfig {
@@ -23,6 +26,7 @@ impl Default for StoreConfig {
             min_snapshot_interval: 6 * 3600,
             minpercent: 5,
             maxpercent: 10,
+            io_timeout: 10800,
         }
     }
 }
@@ -58,6 +62,7 @@ impl StoreConfig {
                 "min_snapshot_interval" if v >= 0 => c.min_snapshot_interval = v,
                 "minpercent" if (0..=100).contains(&v) => c.minpercent = v as u32,
                 "maxpercent" if (0..=100).contains(&v) => c.maxpercent = v as u32,
+                "io_timeout" if v > 0 && v <= 30 * 86400 => c.io_timeout = v,
                 k => {
                     return Err(format!(
                         "line {}: unknown key or bad value for {k:?}",
@@ -80,7 +85,7 @@ mod tests {
     #[test]
     fn parses_and_rejects() {
         let c = StoreConfig::parse(
-            "# x\nmin_snapshot_interval = 0\nminpercent=7 # c\nmaxpercent = 20\n",
+            "# x\nmin_snapshot_interval = 0\nminpercent=7 # c\nmaxpercent = 20\nio_timeout = 60\n",
         )
         .unwrap();
         assert_eq!(
@@ -88,11 +93,13 @@ mod tests {
             StoreConfig {
                 min_snapshot_interval: 0,
                 minpercent: 7,
-                maxpercent: 20
+                maxpercent: 20,
+                io_timeout: 60,
             }
         );
         assert!(StoreConfig::parse("bogus = 1").is_err());
         assert!(StoreConfig::parse("minpercent = 50\nmaxpercent = 10").is_err());
         assert!(StoreConfig::parse("minpercent").is_err());
+        assert!(StoreConfig::parse("io_timeout = 0").is_err());
     }
 }
