@@ -9,8 +9,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 
+use byteback_protocol::term;
+use tracing::level_filters::LevelFilter;
+
 use crate::backup::{run_backup, BackupOptions};
 use crate::conn::{Connection, Destination};
+use crate::progress::{Bar, Kind};
 use crate::restore::{self, Patterns};
 use crate::ssh::{SshOptions, SshTarget, UnknownHost};
 use crate::walk::DEFAULT_EXCLUDES;
@@ -70,13 +74,20 @@ pub struct BackupArgs {
     /// SSH private key. Default: /etc/byteback/key.
     #[arg(short = 'k', long)]
     ssh_key: Option<PathBuf>,
-    /// Print every file sent, and each mounted filesystem left out.
-    #[arg(short, long, conflicts_with = "quiet")]
-    verbose: bool,
+    /// Print every file sent, and each mounted filesystem left out (debug
+    /// level); twice (-vv) for trace. Default level: $BYTEBACK_LOG, else info.
+    #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
     /// Print nothing when all is well (warnings and errors still print);
     /// otherwise a backup ends with one summary line.
     #[arg(short, long)]
     quiet: bool,
+    /// Show progress on stderr even when it is not a terminal (or with --quiet).
+    #[arg(long, conflicts_with = "no_progress")]
+    progress: bool,
+    /// Never show progress (by default it is shown when stderr is a terminal).
+    #[arg(long)]
+    no_progress: bool,
     /// Stay on each source's own filesystem. By default every mounted local
     /// filesystem below the sources is backed up too (as byteback 1.x did);
     /// btrfs subvolumes are always included.
@@ -181,6 +192,7 @@ impl Target {
 
     /// Opens a connection; `verb` tells an SSH server what this session is for.
     fn connect(&self, verb: &str) -> Result<Connection> {
+        tracing::debug!("connecting to {} ({verb})", self.text);
         match &self.dest {
             Destination::Local(store) => {
                 Connection::open_local(store, &self.host, verb == "backup")
@@ -199,9 +211,10 @@ impl Target {
                 };
                 let conn = Connection::open_ssh(&target, &self.ssh_key, &opts, verb)?;
                 if !self.host.is_empty() && conn.host != self.host {
-                    eprintln!(
-                        "byteback: note: the server files this machine as {:?} (its key decides), not {:?}",
-                        conn.host, self.host
+                    tracing::info!(
+                        "note: the server files this machine as {:?} (its key decides), not {:?}",
+                        conn.host,
+                        self.host
                     );
                 }
                 Ok(conn)
@@ -300,19 +313,39 @@ pub fn exit_code_of(e: &anyhow::Error) -> ExitCode {
     }
 }
 
+/// Installs the log subscriber for `prog` at the level of `-v`/`-q` and
+/// `BYTEBACK_LOG`; a `BYTEBACK_LOG` that is not a level is a usage error.
+fn start_logging(prog: &'static str, verbose: u8, quiet: bool) -> Result<LevelFilter, ExitCode> {
+    match term::log_level(verbose, quiet) {
+        Ok(level) => {
+            term::init_logging(prog, level, term::stderr_is_journal());
+            Ok(level)
+        }
+        Err(e) => {
+            eprintln!("{prog}: {e}");
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+    }
+}
+
 /// `byteback-backup`.
 pub fn backup_main() -> ExitCode {
     let args = BackupArgs::parse();
-    match backup(args) {
+    let level = match start_logging("byteback-backup", args.verbose, args.quiet) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    match backup(args, level) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("byteback-backup: {e:#}");
+            tracing::error!("{e:#}");
             exit_code_of(&e)
         }
     }
 }
 
-fn backup(args: BackupArgs) -> Result<u8> {
+fn backup(args: BackupArgs, level: LevelFilter) -> Result<u8> {
+    let verbose = level >= LevelFilter::DEBUG;
     let target = Target::resolve(
         args.destination.as_deref(),
         args.hostname.as_deref(),
@@ -335,8 +368,8 @@ fn backup(args: BackupArgs) -> Result<u8> {
     crate::walk::Excludes::new(&excludes)?;
     let filter = load_filter()?;
     if config_dir().join("rsync_flags").exists() {
-        eprintln!(
-            "byteback-backup: warning: ignoring {}/rsync_flags (byteback 2 does not run rsync)",
+        tracing::warn!(
+            "ignoring {}/rsync_flags (byteback 2 does not run rsync)",
             config_dir().display()
         );
     }
@@ -348,12 +381,12 @@ fn backup(args: BackupArgs) -> Result<u8> {
         sources,
         excludes,
         filter,
-        verbose: args.verbose,
+        verbose,
         one_file_system: args.one_file_system,
     };
     let hooks = crate::hooks::Runner::new(
         Duration::from_secs(args.hook_timeout),
-        args.verbose,
+        verbose,
         "byteback-backup: ",
     );
     let dir = config_dir();
@@ -364,7 +397,7 @@ fn backup(args: BackupArgs) -> Result<u8> {
     let (code, snapshot) = match outcome {
         Ok(done) => done,
         Err(e) => {
-            eprintln!("byteback-backup: {e:#}");
+            tracing::error!("{e:#}");
             (1, None)
         }
     };
@@ -388,11 +421,11 @@ fn backup(args: BackupArgs) -> Result<u8> {
         return Ok(code);
     }
     for f in &post {
-        eprintln!("byteback-backup: post-backup hook failed: {f}");
+        tracing::error!("post-backup hook failed: {f}");
     }
     if code != 1 {
-        eprintln!(
-            "byteback-backup: the backup itself {} (exit {code} without the hook)",
+        tracing::error!(
+            "the backup itself {} (exit {code} without the hook)",
             if code == 0 {
                 "succeeded"
             } else {
@@ -419,7 +452,7 @@ fn load_filter() -> Result<Option<std::sync::Arc<crate::filter::Filter>>> {
         )))
     })?;
     for n in &filter.notes {
-        eprintln!("byteback-backup: warning: {n}");
+        tracing::warn!("{n}");
     }
     Ok(Some(std::sync::Arc::new(filter)))
 }
@@ -452,10 +485,15 @@ fn transfer(
     args: &BackupArgs,
 ) -> Result<(u8, Option<String>)> {
     let mut attempt = 0;
+    // -q means nothing on a terminal either, unless --progress asks.
+    let progress = term::progress_wanted(args.progress, args.no_progress || args.quiet);
     loop {
-        let result = target
-            .connect("backup")
-            .and_then(|conn| run_backup(conn, opts));
+        let result = {
+            let _bar = progress.then(|| Bar::start(Kind::Backup));
+            target
+                .connect("backup")
+                .and_then(|conn| run_backup(conn, opts))
+        };
         match result {
             Ok(r) => {
                 // One summary line (nothing with --quiet); what the server
@@ -466,7 +504,7 @@ fn transfer(
                     None => byteback_protocol::escape_text(r.message.trim()),
                 };
                 let mut line = format!(
-                    "byteback-backup: {head}; {} entries, {} files sent ({} bytes new, {} reused, {} on the wire), {} deleted",
+                    "{head}; {} entries, {} files sent ({} bytes new, {} reused, {} on the wire), {} deleted",
                     r.entries, s.files_transferred, s.literal_bytes, s.matched_bytes, r.wire_bytes, s.deleted
                 );
                 if r.vanished > 0 {
@@ -483,8 +521,11 @@ fn transfer(
                         crate::ssh::BYTES_RECEIVED.load(Ordering::Relaxed)
                     ));
                 }
-                if !args.quiet || r.snapshot.is_none() {
-                    eprintln!("{line}");
+                if tracing::enabled!(tracing::Level::INFO) {
+                    tracing::info!("{line}");
+                } else if r.snapshot.is_none() {
+                    // Said even with -q: no snapshot was taken.
+                    tracing::error!("{line}");
                 }
                 let snapshot = r
                     .snapshot
@@ -492,17 +533,14 @@ fn transfer(
                 // As 1.x: files vanishing are normal on a live system (counted
                 // above, exit 0); files that could not be read or kept changing: 24.
                 if r.partial > 0 {
-                    eprintln!(
-                        "byteback-backup: partial backup: {} files unreadable or changing",
-                        r.partial
-                    );
+                    tracing::error!("partial backup: {} files unreadable or changing", r.partial);
                 }
                 return Ok((exit_for(r.vanished, r.partial), snapshot));
             }
             Err(e) if attempt < args.retry_number && is_transient(&e) => {
                 attempt += 1;
-                eprintln!(
-                    "byteback-backup: attempt {attempt} failed: {e:#}; retrying in {} s ({} left)",
+                tracing::error!(
+                    "attempt {attempt} failed: {e:#}; retrying in {} s ({} left)",
                     args.retry_delay,
                     args.retry_number - attempt + 1
                 );
@@ -584,6 +622,12 @@ pub struct RestoreArgs {
     /// Restore without setuid and setgid bits (for restoring data one does not trust).
     #[arg(long)]
     no_setuid: bool,
+    /// Show progress on stderr even when it is not a terminal.
+    #[arg(long, conflicts_with = "no_progress")]
+    progress: bool,
+    /// Never show progress (by default a restore shows it when stderr is a terminal).
+    #[arg(long)]
+    no_progress: bool,
     /// Glob patterns (relative ones are taken from the current directory).
     patterns: Vec<String>,
 }
@@ -600,10 +644,13 @@ fn join_and(items: &[String]) -> String {
 /// `byteback-restore`.
 pub fn restore_main() -> ExitCode {
     let args = RestoreArgs::parse();
+    if let Err(code) = start_logging("byteback-restore", 0, false) {
+        return code;
+    }
     match restore_cmd(args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("byteback-restore: {e:#}");
+            tracing::error!("{e:#}");
             exit_code_of(&e)
         }
     }
@@ -654,27 +701,27 @@ fn restore_cmd(args: RestoreArgs) -> Result<u8> {
             dir: &into,
             shown: &shown_into,
         };
-        let r = restore::restore(&mut conn, &pats, args.snapshot.as_deref(), into, opts)?;
+        let r = {
+            let _bar = term::progress_wanted(args.progress, args.no_progress)
+                .then(|| Bar::start(Kind::Restore));
+            restore::restore(&mut conn, &pats, args.snapshot.as_deref(), into, opts)?
+        };
         conn.close()?;
         for w in &r.warnings {
-            eprintln!("byteback-restore: warning: {w}");
+            tracing::warn!("{w}");
         }
         for d in &r.damaged {
-            eprintln!("byteback-restore: DAMAGED: {d}");
+            tracing::error!("DAMAGED: {d}");
         }
         let dirs: Vec<String> = r
             .snapshots
             .iter()
             .map(|s| format!("{shown_into}/{}/", byteback_protocol::escape_text(s)))
             .collect();
-        eprintln!(
-            "byteback-restore: restored {} entries into {}",
-            r.restored,
-            join_and(&dirs)
-        );
+        tracing::info!("restored {} entries into {}", r.restored, join_and(&dirs));
         if !r.damaged.is_empty() {
-            eprintln!(
-                "byteback-restore: {} files failed verification and were not restored",
+            tracing::error!(
+                "{} files failed verification and were not restored",
                 r.damaged.len()
             );
             return Ok(1);
@@ -697,7 +744,7 @@ fn restore_cmd(args: RestoreArgs) -> Result<u8> {
         )?;
         conn.close()?;
         if n == 0 {
-            eprintln!("byteback-restore: nothing matches");
+            tracing::error!("nothing matches");
             return Ok(1);
         }
         Ok(0)

@@ -254,8 +254,8 @@ impl Transport {
                 let _ = c.kill();
                 // A server stuck in the kernel (a long sync) may take a moment to go.
                 if !wait_child(&mut c, ABORT_WAIT) {
-                    eprintln!(
-                        "byteback-backup: warning: byteback-server (pid {}) has not ended {} s after being killed",
+                    tracing::warn!(
+                        "byteback-server (pid {}) has not ended {} s after being killed",
                         c.id(),
                         ABORT_WAIT.as_secs()
                     );
@@ -266,8 +266,8 @@ impl Transport {
                 // The session ends within a fraction of a second of its abort
                 // (it reports a killed server itself).
                 if session.wait_for(ABORT_WAIT).is_none() {
-                    eprintln!(
-                        "byteback-backup: warning: the SSH session has not ended {} s after being stopped",
+                    tracing::warn!(
+                        "the SSH session has not ended {} s after being stopped",
                         ABORT_WAIT.as_secs()
                     );
                 }

@@ -59,6 +59,13 @@ pub struct PruneArgs {
     /// Report every step on stderr.
     #[arg(short = 'v', long)]
     pub verbose: bool,
+    /// Show a spinner with the snapshots examined and deleted even when
+    /// stderr is not a terminal.
+    #[arg(long, conflicts_with = "no_progress")]
+    pub progress: bool,
+    /// Never show the spinner (by default it is shown when stderr is a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
     /// With --prune: only say what would be deleted next.
     #[arg(short = 'n', long)]
     pub dry_run: bool,
@@ -157,8 +164,15 @@ fn prune_inner(args: PruneArgs) -> Result<ExitCode> {
         dry_run: args.dry_run,
         target_free: None,
     };
-    let mut err = std::io::stderr().lock();
-    let o = pruner::prune(&store, &opts, &mut err)?;
+    let spinner = byteback_protocol::term::progress_wanted(args.progress, args.no_progress)
+        .then(prune_spinner);
+    // Lines whole, above the spinner.
+    let mut err = std::io::LineWriter::new(byteback_protocol::term::StderrAboveBar);
+    let o = pruner::prune(&store, &opts, &mut err);
+    if spinner.is_some() {
+        byteback_protocol::term::hide_bar();
+    }
+    let o = o?;
     if let Some(why) = &o.refused {
         writeln!(err, "byteback-prune: {why} ({})", o.after)?;
         if why.starts_with("not pruning:") {
@@ -173,6 +187,26 @@ fn prune_inner(args: PruneArgs) -> Result<ExitCode> {
         )?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A spinner showing [`pruner::EXAMINED`] and [`pruner::DELETED`], redrawn
+/// by indicatif's ticker.
+fn prune_spinner() -> indicatif::ProgressBar {
+    use std::sync::atomic::Ordering;
+    let style = indicatif::ProgressStyle::with_template("{spinner} {figures}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner())
+        .with_key(
+            "figures",
+            |_: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(
+                    w,
+                    "pruning: {} snapshots examined, {} deleted",
+                    pruner::EXAMINED.load(Ordering::Relaxed),
+                    pruner::DELETED.load(Ordering::Relaxed)
+                );
+            },
+        );
+    byteback_protocol::term::new_bar(style)
 }
 
 /// `byteback-prune`: 0 done (or nothing to do), 1 error, 2 usage,

@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -251,6 +252,11 @@ pub fn wait_for_cleaner(fd: impl AsFd) -> Result<()> {
     Ok(())
 }
 
+/// Snapshots the running prune looked at (for `byteback-prune`'s spinner).
+pub static EXAMINED: AtomicU64 = AtomicU64::new(0);
+/// Snapshots the running prune has deleted.
+pub static DELETED: AtomicU64 = AtomicU64::new(0);
+
 /// Runs one prune of `store`; progress goes to `log` (stderr in the binaries).
 pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<PruneOutcome> {
     let lock = fsops::open_lock(store.fd(), LOCK.as_bytes())?;
@@ -291,6 +297,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         return Ok(out);
     }
     let mut snapshots = all_snapshots(store)?;
+    EXAMINED.store(snapshots.len() as u64, Ordering::Relaxed);
     if !opts.force
         && opts.target_free.is_none()
         && !snapshots.iter().any(|s| s.time < opts.now - MIN_AGE)
@@ -340,6 +347,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         } else {
             let host = store.host(&victim.host, false)?;
             host.delete_snapshot(&victim.name)?;
+            DELETED.fetch_add(1, Ordering::Relaxed);
             wait_for_cleaner(store.fd())?;
         }
         snapshots.retain(|s| *s != victim);

@@ -161,8 +161,8 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
                     Ok(f) => {
                         if let Err(e) = send_file(conn, f) {
                             match e.downcast_ref::<std::io::Error>() {
-                                Some(io) => eprintln!(
-                                    "byteback-server: cannot read {shown:?} in {snapshot}: {io}; sent what could be read"
+                                Some(io) => tracing::error!(
+                                    "cannot read {shown:?} in {snapshot}: {io}; sent what could be read"
                                 ),
                                 None => return Err(e),
                             }
@@ -175,7 +175,7 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
                             .with_context(|| format!("cannot open {shown:?} in {snapshot}"))
                     }
                     Err(e) => {
-                        eprintln!("byteback-server: cannot open {shown:?} in {snapshot}: {e}")
+                        tracing::error!("cannot open {shown:?} in {snapshot}: {e}")
                     }
                 }
                 conn.send(&ServerMsg::FileDone)?;
@@ -280,7 +280,7 @@ fn receive<R: Read, W: Write>(
                         Err(why) => (None, why),
                     };
                 for w in warnings {
-                    eprintln!("byteback-server: warning: {w}");
+                    tracing::warn!("{w}");
                     if message.len() < 2048 {
                         message.push_str(&format!("\nwarning: {w}"));
                     }
@@ -296,15 +296,13 @@ fn receive<R: Read, W: Write>(
                     })
                     .and_then(|()| conn.output.flush().map_err(Into::into));
                 if let Err(e) = told {
-                    eprintln!(
-                        "byteback-server: the client went away before hearing the result: {e:#}"
-                    );
+                    tracing::error!("the client went away before hearing the result: {e:#}");
                 }
                 // Usage and pruning only log on failure.
                 if let Err(e) =
                     crate::pruner::record_backup(host, now, new_bytes, snapshot.as_deref())
                 {
-                    eprintln!("byteback-server: cannot record usage: {e:#}");
+                    tracing::error!("cannot record usage: {e:#}");
                 }
                 if snapshot.is_some() {
                     crate::pruner::after_snapshot(store, config, now);
