@@ -330,4 +330,23 @@ fn prune_shows_a_spinner_only_when_asked_or_on_a_terminal() {
     assert!(stderr(&o).contains("pruning: "), "{}", stderr(&o));
     // Nothing was deleted: the one snapshot is still there.
     newest_snapshot(&setup.store, setup.host);
+
+    // The pruner's own lines carry priorities under the journal too.
+    let log_dir = scratch();
+    let log = log_dir.path().join("journal");
+    let f = fs::File::create(&log).unwrap();
+    let md = f.metadata().unwrap();
+    let o = run_status(
+        Command::new(bin("byteback-prune"))
+            .args(["--prune", "--minpercent", "0", "--maxpercent", "0", "-v"])
+            .arg("--store")
+            .arg(&setup.store)
+            .env("JOURNAL_STREAM", format!("{}:{}", md.dev(), md.ino()))
+            .env_remove("BYTEBACK_LOG")
+            .stderr(f),
+    );
+    assert_eq!(o.status.code(), Some(0));
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(text.contains("<6>byteback-prune: "), "{text}");
+    assert!(text.lines().all(|l| l.starts_with("<6>")), "{text}");
 }

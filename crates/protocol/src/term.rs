@@ -11,6 +11,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -91,6 +92,7 @@ pub fn stderr_is_journal() -> bool {
 /// `PROG: text`, each line with a `<N>` priority prefix when `journal`
 /// (see [`stderr_is_journal`]). Installing twice keeps the first.
 pub fn init_logging(prog: &'static str, level: LevelFilter, journal: bool) {
+    JOURNAL.store(journal, Ordering::Relaxed);
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(level)
         .event_format(Line { prog, journal })
@@ -98,6 +100,44 @@ pub fn init_logging(prog: &'static str, level: LevelFilter, journal: bool) {
         .finish();
     // Only the first subscriber of a process counts (tests may call this again).
     let _ = tracing::subscriber::set_global_default(subscriber);
+}
+
+/// Whether [`init_logging`] was told stderr is the journal.
+static JOURNAL: AtomicBool = AtomicBool::new(false);
+
+/// Writes `text` (whole lines, the program's name already in them) at
+/// `level`: nothing if the level is off, each line with its priority under
+/// the journal, above the progress bar. For lines a program formats itself
+/// (the pruner's log).
+pub fn print_lines(level: Level, text: &[u8]) {
+    if LevelFilter::current() < level {
+        return;
+    }
+    if !JOURNAL.load(Ordering::Relaxed) {
+        return write_stderr(text);
+    }
+    let mut out = Vec::with_capacity(text.len() + 8);
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        out.extend_from_slice(format!("<{}>", priority(&level)).as_bytes());
+        out.extend_from_slice(line);
+    }
+    write_stderr(&out);
+}
+
+/// A writer of lines at a level (see [`print_lines`]); wrap it in a
+/// `LineWriter` so that each write is whole lines.
+#[derive(Debug, Clone, Copy)]
+pub struct LinesAt(pub Level);
+
+impl Write for LinesAt {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        print_lines(self.0, buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// One event as the programs print it.

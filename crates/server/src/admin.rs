@@ -144,7 +144,8 @@ fn prune_inner(args: PruneArgs) -> Result<ExitCode> {
     if args.list {
         let snaps = pruner::all_snapshots(&store)?;
         if args.verbose {
-            eprintln!("byteback-prune: {}", space::measure(store.fd())?);
+            let line = format!("byteback-prune: {}\n", space::measure(store.fd())?);
+            byteback_protocol::term::print_lines(tracing::Level::INFO, line.as_bytes());
         }
         let mut out = std::io::stdout().lock();
         for s in prune_order(&snaps, now, offset, order) {
@@ -167,14 +168,15 @@ fn prune_inner(args: PruneArgs) -> Result<ExitCode> {
     let spinner = byteback_protocol::term::progress_wanted(args.progress, args.no_progress)
         .then(prune_spinner);
     // Lines whole, above the spinner.
-    let mut err = std::io::LineWriter::new(byteback_protocol::term::StderrAboveBar);
+    let mut err = std::io::LineWriter::new(byteback_protocol::term::LinesAt(tracing::Level::INFO));
     let o = pruner::prune(&store, &opts, &mut err);
     if spinner.is_some() {
         byteback_protocol::term::hide_bar();
     }
     let o = o?;
     if let Some(why) = &o.refused {
-        writeln!(err, "byteback-prune: {why} ({})", o.after)?;
+        let line = format!("byteback-prune: {why} ({})\n", o.after);
+        byteback_protocol::term::print_lines(tracing::Level::WARN, line.as_bytes());
         if why.starts_with("not pruning:") {
             return Ok(ExitCode::from(3));
         }
@@ -215,7 +217,8 @@ pub fn run_prune(args: PruneArgs) -> ExitCode {
     match prune_inner(args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("byteback-prune: {e:#}");
+            let line = format!("byteback-prune: {e:#}\n");
+            byteback_protocol::term::print_lines(tracing::Level::ERROR, line.as_bytes());
             ExitCode::FAILURE
         }
     }
