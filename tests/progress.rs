@@ -121,6 +121,27 @@ fn assert_no_progress(text: &str, what: &str) {
     assert!(!bare_cr, "{what}: a carriage return in {text:?}");
 }
 
+/// Whether `s` holds anything but cursor movements (`ESC [ digits letter`) and `\r`.
+fn has_printable(s: &str) -> bool {
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' => {}
+            '\x1b' => {
+                if chars.next() != Some('[') {
+                    return true;
+                }
+                while chars.peek().is_some_and(|c| c.is_ascii_digit()) {
+                    chars.next();
+                }
+                chars.next();
+            }
+            _ => return true,
+        }
+    }
+    false
+}
+
 /// The newest snapshot directory of `host` in `store`.
 fn newest_snapshot(store: &Path, host: &str) -> String {
     let mut v: Vec<String> = fs::read_dir(store.join(host))
@@ -148,9 +169,30 @@ fn backup_and_restore_on_a_terminal_show_progress_and_restore_exactly() {
     let neighbour = fs_.mount.join("neighbour");
     fs::create_dir(&neighbour).unwrap();
     let sentinel = Sentinel::plant(&neighbour);
+    // The server's prune after the snapshot then says it will not prune (no
+    // snapshot is 7 days old): a line from the local server, which must come
+    // out whole, above the bar.
+    fs::write(
+        setup.store.join("byteback.toml"),
+        "min_snapshot_interval = 0\nminpercent = 100\nmaxpercent = 100\n",
+    )
+    .unwrap();
 
     let (text, code) = on_pty(&setup.backup_args(), &setup.src, &setup.conf);
     assert_eq!(code, 0, "{text}");
+    let at = text
+        .find("byteback-server: prune: no snapshot is older than 7 days; not pruning (")
+        .unwrap_or_else(|| panic!("no line from the server: {text:?}"));
+    // Printed on a line of its own: after a line end, or after the bar
+    // was cleared (nothing printable since the last clear-line).
+    let before = &text[..at];
+    let since_clear = before.rsplit("\x1b[2K").next().unwrap_or("");
+    assert!(
+        before.is_empty()
+            || before.ends_with('\n')
+            || (before.contains("\x1b[2K") && !has_printable(since_clear)),
+        "the server's line was written into the bar: {text:?}"
+    );
     // The first frame: the walk has not finished, the totals still grow.
     assert!(text.contains("walking… "), "no walking frame: {text:?}");
     assert!(text.contains("+ files"), "no growing file count: {text:?}");

@@ -197,6 +197,11 @@ pub fn show_bar(bar: &ProgressBar) {
     *BAR.lock().unwrap_or_else(PoisonError::into_inner) = Some(bar.clone());
 }
 
+/// Whether a progress bar is shown.
+pub fn bar_shown() -> bool {
+    BAR.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+}
+
 /// Clears the bar from the screen; lines go straight to stderr again.
 pub fn hide_bar() {
     if let Some(b) = BAR.lock().unwrap_or_else(PoisonError::into_inner).take() {
