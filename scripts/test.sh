@@ -17,7 +17,7 @@ for pair in btrfs:btrfs-progs mkfs.btrfs:btrfs-progs rsync:rsync sshd:openssh-se
             /usr/sbin/mariadbd:mariadb-server mariadb-install-db:mariadb-server \
             mariadb:mariadb-client mariadb-dump:mariadb-client mariadb-admin:mariadb-client \
             pg_ctlcluster:postgresql pg_dumpall:postgresql setpriv:util-linux /usr/sbin/runuser:util-linux \
-            gzip:gzip mkfs.ext4:e2fsprogs filefrag:e2fsprogs; do
+            gzip:gzip mkfs.ext4:e2fsprogs filefrag:e2fsprogs script:bsdutils; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "$cmd" ]; then need+=("$pkg"); fi
 done

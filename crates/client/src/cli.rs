@@ -315,7 +315,11 @@ pub fn exit_code_of(e: &anyhow::Error) -> ExitCode {
 
 /// Installs the log subscriber for `prog` at the level of `-v`/`-q` and
 /// `BYTEBACK_LOG`; a `BYTEBACK_LOG` that is not a level is a usage error.
-fn start_logging(prog: &'static str, verbose: u8, quiet: bool) -> Result<LevelFilter, ExitCode> {
+pub(crate) fn start_logging(
+    prog: &'static str,
+    verbose: u8,
+    quiet: bool,
+) -> Result<LevelFilter, ExitCode> {
     match term::log_level(verbose, quiet) {
         Ok(level) => {
             term::init_logging(prog, level, term::stderr_is_journal());
