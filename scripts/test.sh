@@ -20,7 +20,7 @@ for pair in btrfs:btrfs-progs mkfs.btrfs:btrfs-progs rsync:rsync sshd:openssh-se
             mariadb:mariadb-client mariadb-dump:mariadb-client mariadb-admin:mariadb-client \
             pg_ctlcluster:postgresql pg_dumpall:postgresql setpriv:util-linux /usr/sbin/runuser:util-linux \
             gzip:gzip mkfs.ext4:e2fsprogs filefrag:e2fsprogs chromium:chromium \
-            dpkg-deb:dpkg strip:binutils objcopy:binutils; do
+            dpkg-deb:dpkg strip:binutils objcopy:binutils script:bsdutils; do
     cmd=${pair%%:*}; pkg=${pair#*:}
     if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "$cmd" ]; then need+=("$pkg"); fi
 done

@@ -30,6 +30,7 @@ use byteback_protocol::limits::{MAX_BATCH, MAX_BUFFERED_BYTES, MAX_PENDING};
 use byteback_protocol::{BackupStats, ClientMsg, Compressed, Entry, ServerMsg};
 
 use crate::conn::{self, Breaker, ConnReader, ConnWriter, Connection, ServerError};
+use crate::progress::BACKUP as PROGRESS;
 use crate::walk::{self, EntrySink, Excludes, Found, OpenError, WalkWarning};
 
 /// Raw bytes of a segment when there is no basis.
@@ -460,7 +461,7 @@ impl Shared {
     }
 
     fn warn(&self, msg: String) {
-        eprintln!("byteback-backup: warning: {msg}");
+        tracing::warn!("{msg}");
         let mut w = lock(&self.warnings);
         if w.len() < 10_000 {
             w.push(msg);
@@ -524,6 +525,7 @@ fn start_thread(
 /// [`Shared::fail`], every thread and job ends, the server is stopped, and
 /// the error names the first cause; nothing is left waiting.
 pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupReport> {
+    PROGRESS.reset();
     let started = (|| {
         let sources = walk::normalise_sources(&opts.sources)?;
         let excludes = Excludes::new(&opts.excludes)?;
@@ -599,6 +601,7 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
             filter: opts.filter.clone(),
         };
         walk::walk(&sources, &excludes, walk_opts, &mut announcer)?;
+        PROGRESS.walk_finished();
         announcer.flush()?;
         // Wait until every file is resolved, then commit.
         {
@@ -640,8 +643,8 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
                     let _ = t.join();
                 }
             } else {
-                eprintln!(
-                    "byteback-backup: warning: some threads of the failed backup had not ended after {} s",
+                tracing::warn!(
+                    "some threads of the failed backup had not ended after {} s",
                     STOP_WAIT.as_secs()
                 );
             }
@@ -657,15 +660,15 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
             let _ = t.join();
         }
     } else {
-        eprintln!(
-            "byteback-backup: warning: the connection's threads had not ended after {} s",
+        tracing::warn!(
+            "the connection's threads had not ended after {} s",
             STOP_WAIT.as_secs()
         );
         shared.breaker.trip();
     }
     if let Some((cause, _)) = shared.failure() {
         // Already committed: only saying goodbye went wrong.
-        eprintln!("byteback-backup: warning: after the backup: {cause}");
+        tracing::warn!("after the backup: {cause}");
     }
     let report = BackupReport {
         stats,
@@ -733,6 +736,7 @@ impl EntrySink for Announcer {
             bail!("the backup stopped");
         }
         self.entries += 1;
+        PROGRESS.found(entry.size());
         let cost = entry.buffer_cost();
         if !self.batch.is_empty() && self.batch_cost + cost > MAX_BUFFERED_BYTES / 4 {
             self.flush()?;
@@ -746,9 +750,7 @@ impl EntrySink for Announcer {
     }
 
     fn note(&mut self, what: String) {
-        if self.shared.verbose {
-            eprintln!("byteback-backup: {what}");
-        }
+        tracing::debug!("{what}");
     }
 
     fn warning(&mut self, w: WalkWarning) {
@@ -808,6 +810,11 @@ fn reader_loop(
                     .pop_front()
                     .ok_or_else(|| anyhow!("server answered a batch that was never sent"))?;
                 let n = batch.len();
+                tracing::trace!(
+                    "entries {start}..{}: the server needs {} of them",
+                    start + n as u64,
+                    needs.len()
+                );
                 let mut needed = vec![false; n];
                 for need in &needs {
                     if let Some(x) = needed.get_mut(need.index as usize) {
@@ -825,6 +832,9 @@ fn reader_loop(
                         }
                     }
                     shared.cv.notify_all();
+                }
+                for ((_, e), _) in batch.iter().zip(&needed).filter(|(_, n)| !**n) {
+                    PROGRESS.skipped(e.size());
                 }
                 let mut batch: Vec<Option<(Found, Entry)>> = batch.into_iter().map(Some).collect();
                 for need in needs {
@@ -855,6 +865,7 @@ fn reader_loop(
             }
             ServerMsg::FileOk { id } => {
                 jobs.remove(&id);
+                PROGRESS.finished();
                 let mut f = lock(&shared.flow);
                 if let Some(seq) = f.transfer_seq.remove(&id) {
                     f.resolve(seq);
@@ -961,8 +972,9 @@ fn send_file(shared: &Shared, job: Job) -> Result<()> {
         None
     };
     if shared.verbose {
-        eprintln!("{}", abs.display());
+        tracing::debug!(target: byteback_protocol::term::FILE_TARGET, "{}", abs.display());
     }
+    PROGRESS.current(abs);
     let seg = sig
         .as_ref()
         .map(|s| segment_len(s.block_size() as usize))
@@ -1033,6 +1045,9 @@ fn send_file(shared: &Shared, job: Job) -> Result<()> {
         shared
             .wire
             .fetch_add(c.data.len() as u64, Ordering::Relaxed);
+        PROGRESS.read(n as u64);
+        PROGRESS.sent(c.data.len() as u64);
+        PROGRESS.current(abs);
         shared.send_pooled(ClientMsg::FileData { id, delta: c }, counted)?;
         total += n as u64;
     }

@@ -9,8 +9,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 
+use byteback_protocol::term;
+use tracing::level_filters::LevelFilter;
+
 use crate::backup::{run_backup, BackupOptions};
 use crate::conn::{Connection, Destination};
+use crate::progress::{Bar, Kind};
 use crate::restore::{self, Patterns};
 use crate::ssh::{SshOptions, SshTarget, UnknownHost};
 use crate::walk::DEFAULT_EXCLUDES;
@@ -70,13 +74,20 @@ pub struct BackupArgs {
     /// SSH private key. Default: /etc/byteback/key.
     #[arg(short = 'k', long)]
     ssh_key: Option<PathBuf>,
-    /// Print every file sent, and each mounted filesystem left out.
-    #[arg(short, long, conflicts_with = "quiet")]
-    verbose: bool,
+    /// Print every file sent, and each mounted filesystem left out (debug
+    /// level); twice (-vv) for trace. Default level: $BYTEBACK_LOG, else info.
+    #[arg(short, long, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
     /// Print nothing when all is well (warnings and errors still print);
     /// otherwise a backup ends with one summary line.
     #[arg(short, long)]
     quiet: bool,
+    /// Show progress on stderr even when it is not a terminal (or with --quiet).
+    #[arg(long, conflicts_with = "no_progress")]
+    progress: bool,
+    /// Never show progress (by default it is shown when stderr is a terminal).
+    #[arg(long)]
+    no_progress: bool,
     /// Stay on each source's own filesystem. By default every mounted local
     /// filesystem below the sources is backed up too (as byteback 1.x did);
     /// btrfs subvolumes are always included.
@@ -237,6 +248,7 @@ impl Target {
 
     /// Opens a connection; `verb` tells an SSH server what this session is for.
     fn connect(&self, verb: &str) -> Result<Connection> {
+        tracing::debug!("connecting to {} ({verb})", self.text);
         match &self.dest {
             Destination::Local(store) => {
                 Connection::open_local(store, &self.host, verb == "backup", self.io_timeout)
@@ -255,9 +267,10 @@ impl Target {
                 };
                 let conn = Connection::open_ssh(&target, &self.ssh_key, &opts, verb)?;
                 if !self.host.is_empty() && conn.host != self.host {
-                    eprintln!(
-                        "byteback: note: the server files this machine as {:?} (its key decides), not {:?}",
-                        conn.host, self.host
+                    tracing::info!(
+                        "note: the server files this machine as {:?} (its key decides), not {:?}",
+                        conn.host,
+                        self.host
                     );
                 }
                 Ok(conn)
@@ -356,16 +369,39 @@ pub fn exit_code_of(e: &anyhow::Error) -> ExitCode {
     }
 }
 
+/// Installs the log subscriber for `prog` at the level of `-v`/`-q` and
+/// `BYTEBACK_LOG`; a `BYTEBACK_LOG` that is not a level is a usage error.
+pub(crate) fn start_logging(
+    prog: &'static str,
+    verbose: u8,
+    quiet: bool,
+) -> Result<LevelFilter, ExitCode> {
+    match term::log_level(verbose, quiet) {
+        Ok(level) => {
+            term::init_logging(prog, level, term::stderr_is_journal());
+            Ok(level)
+        }
+        Err(e) => {
+            eprintln!("{prog}: {e}");
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+    }
+}
+
 /// `byteback-backup`.
 pub fn backup_main() -> ExitCode {
     let args = BackupArgs::parse();
+    let level = match start_logging("byteback-backup", args.verbose, args.quiet) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
     let start = std::time::Instant::now();
     let json = args.json;
     let mut report = BackupJson::default();
-    let code = match backup(args, &mut report) {
+    let code = match backup(args, level, &mut report) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("byteback-backup: {e:#}");
+            tracing::error!("{e:#}");
             report.errors.push(format!("{e:#}"));
             if e.chain().any(|c| c.is::<Usage>()) {
                 EXIT_USAGE
@@ -383,7 +419,8 @@ pub fn backup_main() -> ExitCode {
     ExitCode::from(code)
 }
 
-fn backup(args: BackupArgs, report: &mut BackupJson) -> Result<u8> {
+fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Result<u8> {
+    let verbose = level >= LevelFilter::DEBUG;
     let target = Target::resolve(
         args.destination.as_deref(),
         args.hostname.as_deref(),
@@ -410,7 +447,7 @@ fn backup(args: BackupArgs, report: &mut BackupJson) -> Result<u8> {
             "ignoring {}/rsync_flags (byteback 2 does not run rsync)",
             config_dir().display()
         );
-        eprintln!("byteback-backup: warning: {w}");
+        tracing::warn!("{w}");
         report.warnings.push(w);
     }
     if args.hook_timeout == 0 {
@@ -421,12 +458,12 @@ fn backup(args: BackupArgs, report: &mut BackupJson) -> Result<u8> {
         sources,
         excludes,
         filter,
-        verbose: args.verbose,
+        verbose,
         one_file_system: args.one_file_system,
     };
     let hooks = crate::hooks::Runner::new(
         Duration::from_secs(args.hook_timeout),
-        args.verbose,
+        verbose,
         "byteback-backup: ",
     );
     let dir = config_dir();
@@ -438,7 +475,7 @@ fn backup(args: BackupArgs, report: &mut BackupJson) -> Result<u8> {
     let (code, snapshot) = match outcome {
         Ok(done) => done,
         Err(e) => {
-            eprintln!("byteback-backup: {e:#}");
+            tracing::error!("{e:#}");
             report.errors.push(format!("{e:#}"));
             (1, None)
         }
@@ -463,12 +500,12 @@ fn backup(args: BackupArgs, report: &mut BackupJson) -> Result<u8> {
         return Ok(code);
     }
     for f in &post {
-        eprintln!("byteback-backup: post-backup hook failed: {f}");
+        tracing::error!("post-backup hook failed: {f}");
         report.errors.push(format!("post-backup hook failed: {f}"));
     }
     if code != 1 {
-        eprintln!(
-            "byteback-backup: the backup itself {} (exit {code} without the hook)",
+        tracing::error!(
+            "the backup itself {} (exit {code} without the hook)",
             if code == 0 {
                 "succeeded"
             } else {
@@ -495,7 +532,7 @@ fn load_filter() -> Result<Option<std::sync::Arc<crate::filter::Filter>>> {
         )))
     })?;
     for n in &filter.notes {
-        eprintln!("byteback-backup: warning: {n}");
+        tracing::warn!("{n}");
     }
     Ok(Some(std::sync::Arc::new(filter)))
 }
@@ -529,13 +566,18 @@ fn transfer(
     report: &mut BackupJson,
 ) -> Result<(u8, Option<String>)> {
     let mut attempt = 0;
+    // -q means nothing on a terminal either, unless --progress asks.
+    let progress = term::progress_wanted(args.progress, args.no_progress || args.quiet);
     loop {
         report.attempts = attempt + 1;
-        let result = target.connect("backup").and_then(|conn| {
-            // The name the server files us under (checked in its hello).
-            report.host = Some(conn.host.clone());
-            run_backup(conn, opts)
-        });
+        let result = {
+            let _bar = progress.then(|| Bar::start(Kind::Backup));
+            target.connect("backup").and_then(|conn| {
+                // The name the server files us under (checked in its hello).
+                report.host = Some(conn.host.clone());
+                run_backup(conn, opts)
+            })
+        };
         match result {
             Ok(r) => {
                 // One summary line (nothing with --quiet); what the server
@@ -546,7 +588,7 @@ fn transfer(
                     None => byteback_protocol::escape_text(r.message.trim()),
                 };
                 let mut line = format!(
-                    "byteback-backup: {head}; {} entries, {} files sent ({} bytes new, {} reused, {} on the wire), {} deleted",
+                    "{head}; {} entries, {} files sent ({} bytes new, {} reused, {} on the wire), {} deleted",
                     r.entries, s.files_transferred, s.literal_bytes, s.matched_bytes, r.wire_bytes, s.deleted
                 );
                 if r.vanished > 0 {
@@ -578,8 +620,11 @@ fn transfer(
                 report.warnings.extend(r.warnings.iter().cloned());
                 report.server_message =
                     Some(r.message.trim().to_string()).filter(|m| !m.is_empty());
-                if !args.quiet || r.snapshot.is_none() {
-                    eprintln!("{line}");
+                if tracing::enabled!(tracing::Level::INFO) {
+                    tracing::info!("{line}");
+                } else if r.snapshot.is_none() {
+                    // Said even with -q: no snapshot was taken.
+                    tracing::error!("{line}");
                 }
                 let snapshot = r
                     .snapshot
@@ -588,10 +633,7 @@ fn transfer(
                 // As 1.x: files vanishing are normal on a live system (counted
                 // above, exit 0); files that could not be read or kept changing: 24.
                 if r.partial > 0 {
-                    eprintln!(
-                        "byteback-backup: partial backup: {} files unreadable or changing",
-                        r.partial
-                    );
+                    tracing::error!("partial backup: {} files unreadable or changing", r.partial);
                 }
                 return Ok((exit_for(r.vanished, r.partial), snapshot));
             }
@@ -600,8 +642,8 @@ fn transfer(
                     .errors
                     .push(format!("attempt {}: {e:#}", attempt + 1));
                 attempt += 1;
-                eprintln!(
-                    "byteback-backup: attempt {attempt} failed: {e:#}; retrying in {} s ({} left)",
+                tracing::error!(
+                    "attempt {attempt} failed: {e:#}; retrying in {} s ({} left)",
                     args.retry_delay,
                     args.retry_number - attempt + 1
                 );
@@ -687,6 +729,12 @@ pub struct RestoreArgs {
     /// stdout (see README, "JSON reports"); messages still go to stderr.
     #[arg(long)]
     json: bool,
+    /// Show progress on stderr even when it is not a terminal.
+    #[arg(long, conflicts_with = "no_progress")]
+    progress: bool,
+    /// Never show progress (by default a restore shows it when stderr is a terminal).
+    #[arg(long)]
+    no_progress: bool,
     /// Glob patterns (relative ones are taken from the current directory).
     /// Without any, --list lists the snapshots and what wrote each
     /// (`byteback`, or `1.x` for byteback 1.x's rsync snapshots).
@@ -728,13 +776,16 @@ fn join_and(items: &[String]) -> String {
 /// `byteback-restore`.
 pub fn restore_main() -> ExitCode {
     let args = RestoreArgs::parse();
+    if let Err(code) = start_logging("byteback-restore", 0, false) {
+        return code;
+    }
     let start = std::time::Instant::now();
     let json = args.json && args.restore;
     let mut report = RestoreJson::default();
     let code = match restore_cmd(args, &mut report) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("byteback-restore: {e:#}");
+            tracing::error!("{e:#}");
             report.errors.push(format!("{e:#}"));
             if e.chain().any(|c| c.is::<Usage>()) {
                 EXIT_USAGE
@@ -815,17 +866,21 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
             dir: &into,
             shown: &shown_into,
         };
-        let r = restore::restore(&mut conn, &pats, args.snapshot.as_deref(), dest, opts)?;
+        let r = {
+            let _bar = term::progress_wanted(args.progress, args.no_progress)
+                .then(|| Bar::start(Kind::Restore));
+            restore::restore(&mut conn, &pats, args.snapshot.as_deref(), dest, opts)?
+        };
         conn.close()?;
         for w in &r.warnings {
-            eprintln!("byteback-restore: warning: {w}");
+            tracing::warn!("{w}");
         }
         for d in &r.damaged {
-            eprintln!("byteback-restore: DAMAGED: {d}");
+            tracing::error!("DAMAGED: {d}");
         }
         if r.unverified > 0 {
-            eprintln!(
-                "byteback-restore: {} files came from byteback 1.x snapshots, which keep no checksums: \
+            tracing::warn!(
+                "{} files came from byteback 1.x snapshots, which keep no checksums: \
                  their sizes were checked, their content could not be verified",
                 r.unverified
             );
@@ -835,11 +890,7 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
             .iter()
             .map(|s| format!("{shown_into}/{}/", byteback_protocol::escape_text(s)))
             .collect();
-        eprintln!(
-            "byteback-restore: restored {} entries into {}",
-            r.restored,
-            join_and(&dirs)
-        );
+        tracing::info!("restored {} entries into {}", r.restored, join_and(&dirs));
         report.entries = r.restored;
         report.snapshots.clone_from(&r.snapshots);
         report.directories = r
@@ -850,8 +901,8 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
         report.warnings.clone_from(&r.warnings);
         report.damaged.clone_from(&r.damaged);
         if !r.damaged.is_empty() {
-            eprintln!(
-                "byteback-restore: {} files failed verification and were not restored",
+            tracing::error!(
+                "{} files failed verification and were not restored",
                 r.damaged.len()
             );
             return Ok(1);
@@ -874,7 +925,7 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
         )?;
         conn.close()?;
         if n == 0 {
-            eprintln!("byteback-restore: nothing matches");
+            tracing::error!("nothing matches");
             return Ok(1);
         }
         Ok(0)

@@ -241,6 +241,7 @@ impl Transport {
                 // The server sees the connection end and stops by itself (it
                 // cleans up and logs why); one that does not is killed.
                 if wait_child(&mut c, GRACE) {
+                    drain_relayed();
                     // Killed by a signal, and not by us: worth saying. (An
                     // exit status says less: it stopped after an error it
                     // reported, or because we went away.)
@@ -255,11 +256,13 @@ impl Transport {
                 let _ = c.kill();
                 // A server stuck in the kernel (a long sync) may take a moment to go.
                 if !wait_child(&mut c, ABORT_WAIT) {
-                    eprintln!(
-                        "byteback-backup: warning: byteback-server (pid {}) has not ended {} s after being killed",
+                    tracing::warn!(
+                        "byteback-server (pid {}) has not ended {} s after being killed",
                         c.id(),
                         ABORT_WAIT.as_secs()
                     );
+                } else {
+                    drain_relayed();
                 }
                 None
             }
@@ -268,8 +271,8 @@ impl Transport {
                 // (it reports a killed server itself).
                 match session.wait_for(ABORT_WAIT) {
                     None => {
-                        eprintln!(
-                            "byteback-backup: warning: the SSH session has not ended {} s after being stopped",
+                        tracing::warn!(
+                            "the SSH session has not ended {} s after being stopped",
                             ABORT_WAIT.as_secs()
                         );
                         None
@@ -291,6 +294,7 @@ impl Transport {
             Transport::None => Ok(()),
             Transport::Child(mut c, _) => {
                 let st = c.wait()?;
+                drain_relayed();
                 if !st.success() {
                     bail!("byteback-server {}", describe_exit(st));
                 }
@@ -503,7 +507,10 @@ impl Connection {
         // end (a wrapper script's children too), as over SSH.
         let (ours, theirs) = UnixStream::pair().context("cannot create a socket pair")?;
         let theirs_out = theirs.try_clone()?;
-        let child = Command::new(&bin)
+        // With a progress bar on the terminal, the server's lines are
+        // relayed above it; otherwise it writes to our stderr itself.
+        let relay = byteback_protocol::term::bar_shown();
+        let mut child = Command::new(&bin)
             .arg("serve")
             .arg("--host")
             .arg(host)
@@ -511,9 +518,16 @@ impl Connection {
             .arg(store)
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs_out)))
-            .stderr(Stdio::inherit())
+            .stderr(if relay {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
+        if let Some(err) = child.stderr.take() {
+            relay_lines(err);
+        }
         let (read, write) = Timed::pair(&ours, io_timeout)?;
         Self::handshake(
             Box::new(read),
@@ -614,6 +628,63 @@ impl Connection {
     /// Takes the transport (so the caller can wait for it after splitting).
     pub fn take_transport(&mut self) -> Transport {
         std::mem::replace(&mut self.transport, Transport::None)
+    }
+}
+
+/// Ends when the thread relaying the local server's stderr has (see [`relay_lines`]).
+static RELAYED: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>> =
+    std::sync::Mutex::new(None);
+
+/// After the local server ended: waits (a little) until its last lines are
+/// relayed, so they come out before ours.
+fn drain_relayed() {
+    let ended = RELAYED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(ended) = ended {
+        // Disconnected when the thread ends; a grandchild holding the
+        // server's stderr must not hold us up for long.
+        let _ = ended.recv_timeout(Duration::from_secs(2));
+    }
+}
+
+/// The longest line of the local server's stderr relayed in one piece.
+const MAX_RELAYED_LINE: u64 = 64 << 10;
+
+/// Copies the local server's stderr to ours line by line, above the
+/// progress bar, until the server and everyone holding its stderr is gone.
+fn relay_lines(err: std::process::ChildStderr) {
+    let (done, ended) = std::sync::mpsc::channel::<()>();
+    *RELAYED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(ended);
+    let spawned = std::thread::Builder::new()
+        .name("byteback-server-stderr".into())
+        .spawn(move || {
+            // Dropped at the end: tells drain_relayed the last line is out.
+            let _done = done;
+            use std::io::{BufRead, Read};
+            let mut r = std::io::BufReader::new(err);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match r
+                    .by_ref()
+                    .take(MAX_RELAYED_LINE)
+                    .read_until(b'\n', &mut line)
+                {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                if !line.ends_with(b"\n") {
+                    line.push(b'\n');
+                }
+                byteback_protocol::term::write_stderr(&line);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot relay the server's messages: {e}");
     }
 }
 

@@ -57,6 +57,10 @@ pub struct SetupArgs {
 /// `byteback-setup-client`.
 pub fn setup_main() -> ExitCode {
     let args = SetupArgs::parse();
+    // The library's log lines (a server that would not stop, ...) print too.
+    if let Err(code) = crate::cli::start_logging("byteback-setup-client", 0, false) {
+        return code;
+    }
     match setup(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -391,22 +391,25 @@ async fn pump(
                 ChannelMsg::ExtendedData { data, .. } => {
                     last.set(Instant::now());
                     stderr_line.extend_from_slice(&data);
-                    let mut err = std::io::stderr().lock();
+                    // Above the progress bar, if one is shown.
+                    let err = byteback_protocol::term::write_stderr;
                     while let Some(i) = stderr_line.iter().position(|&b| b == b'\n') {
-                        let _ = err.write_all(server_line(&stderr_line[..i]).as_bytes());
+                        err(server_line(&stderr_line[..i]).as_bytes());
                         stderr_line.drain(..=i);
                     }
                     // A server that never ends its line must not make us hold
                     // an unbounded buffer: pass long runs on in pieces.
                     while stderr_line.len() >= MAX_STDERR_LINE {
                         let piece = server_line(&stderr_line[..MAX_STDERR_LINE]);
-                        let _ = err.write_all(piece.as_bytes());
+                        err(piece.as_bytes());
                         stderr_line.drain(..MAX_STDERR_LINE);
                     }
                 }
                 ChannelMsg::ExitStatus { exit_status } => exit.set(Some(exit_status)),
                 ChannelMsg::ExitSignal { signal_name, .. } => {
-                    eprintln!("server: killed by signal {signal_name:?}");
+                    byteback_protocol::term::write_stderr(
+                        format!("server: killed by signal {signal_name:?}\n").as_bytes(),
+                    );
                     exit.set(Some(128));
                 }
                 ChannelMsg::Eof => {
@@ -417,9 +420,7 @@ async fn pump(
             }
         }
         if !stderr_line.is_empty() {
-            let _ = std::io::stderr()
-                .lock()
-                .write_all(server_line(&stderr_line).as_bytes());
+            byteback_protocol::term::write_stderr(server_line(&stderr_line).as_bytes());
         }
         let _ = sock_wr.shutdown().await;
     };

@@ -12,6 +12,7 @@ pub mod limits;
 pub mod messages;
 pub mod path;
 pub mod session;
+pub mod term;
 pub mod text;
 
 pub use codec::{decode_client, decode_server, encode, read_frame, write_msg, FrameDecoder};

@@ -59,6 +59,13 @@ pub struct PruneArgs {
     /// Report every step on stderr.
     #[arg(short = 'v', long)]
     pub verbose: bool,
+    /// Show a spinner with the snapshots examined and deleted even when
+    /// stderr is not a terminal.
+    #[arg(long, conflicts_with = "no_progress")]
+    pub progress: bool,
+    /// Never show the spinner (by default it is shown when stderr is a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
     /// With --prune: only say what would be deleted next.
     #[arg(short = 'n', long)]
     pub dry_run: bool,
@@ -209,7 +216,8 @@ fn prune_inner(args: PruneArgs, report: &mut PruneJson) -> Result<u8> {
         let snaps = pruner::all_snapshots(&store)?;
         let space = space::measure(store.fd())?;
         if args.verbose {
-            eprintln!("byteback-prune: {space}");
+            let line = format!("byteback-prune: {space}\n");
+            byteback_protocol::term::print_lines(tracing::Level::INFO, line.as_bytes());
         }
         let ordered = prune_order(&snaps, now, offset, order);
         if args.json {
@@ -242,8 +250,15 @@ fn prune_inner(args: PruneArgs, report: &mut PruneJson) -> Result<u8> {
         dry_run: args.dry_run,
         target_free: None,
     };
-    let mut err = std::io::stderr().lock();
-    let o = pruner::prune(&store, &opts, &mut err)?;
+    let spinner = byteback_protocol::term::progress_wanted(args.progress, args.no_progress)
+        .then(prune_spinner);
+    // Lines whole, above the spinner.
+    let mut err = std::io::LineWriter::new(byteback_protocol::term::LinesAt(tracing::Level::INFO));
+    let o = pruner::prune(&store, &opts, &mut err);
+    if spinner.is_some() {
+        byteback_protocol::term::hide_bar();
+    }
+    let o = o?;
     report.deleted = o.deleted.iter().map(SnapshotJson::from).collect();
     report.before = Some((&o.before).into());
     report.after = Some((&o.after).into());
@@ -257,7 +272,8 @@ fn prune_inner(args: PruneArgs, report: &mut PruneJson) -> Result<u8> {
         .map(SnapshotJson::from)
         .collect();
     if let Some(why) = &o.refused {
-        writeln!(err, "byteback-prune: {why} ({})", o.after)?;
+        let line = format!("byteback-prune: {why} ({})\n", o.after);
+        byteback_protocol::term::print_lines(tracing::Level::WARN, line.as_bytes());
         if why.starts_with("not pruning:") {
             return Ok(3);
         }
@@ -272,6 +288,26 @@ fn prune_inner(args: PruneArgs, report: &mut PruneJson) -> Result<u8> {
     Ok(0)
 }
 
+/// A spinner showing [`pruner::EXAMINED`] and [`pruner::DELETED`], redrawn
+/// by indicatif's ticker.
+fn prune_spinner() -> indicatif::ProgressBar {
+    use std::sync::atomic::Ordering;
+    let style = indicatif::ProgressStyle::with_template("{spinner} {figures}")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner())
+        .with_key(
+            "figures",
+            |_: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(
+                    w,
+                    "pruning: {} snapshots examined, {} deleted",
+                    pruner::EXAMINED.load(Ordering::Relaxed),
+                    pruner::DELETED.load(Ordering::Relaxed)
+                );
+            },
+        );
+    byteback_protocol::term::new_bar(style)
+}
+
 /// `byteback-prune`: 0 done (or nothing to do), 1 error, 2 usage,
 /// 3 refused by the growth guard (the admin decides).
 pub fn run_prune(args: PruneArgs) -> ExitCode {
@@ -281,7 +317,8 @@ pub fn run_prune(args: PruneArgs) -> ExitCode {
     let code = match prune_inner(args, &mut report) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("byteback-prune: {e:#}");
+            let line = format!("byteback-prune: {e:#}\n");
+            byteback_protocol::term::print_lines(tracing::Level::ERROR, line.as_bytes());
             report.error = Some(format!("{e:#}"));
             1
         }
@@ -291,7 +328,7 @@ pub fn run_prune(args: PruneArgs) -> ExitCode {
         report.duration_seconds = start.elapsed().as_secs_f64();
         match serde_json::to_string(&report) {
             Ok(s) => println!("{s}"),
-            Err(e) => eprintln!("byteback-prune: cannot write the JSON report: {e}"),
+            Err(e) => tracing::error!("cannot write the JSON report: {e}"),
         }
     }
     ExitCode::from(code)

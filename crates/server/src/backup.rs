@@ -155,7 +155,7 @@ fn recover_manifest(host: &HostStore, meta: impl AsFd, manifest_path: &std::path
     };
     let _ = fsops::remove_any(&meta, DAMAGED);
     let _ = fsops::fsync(&meta);
-    eprintln!("byteback-server: warning: {msg}");
+    tracing::warn!("{msg}");
     msg
 }
 

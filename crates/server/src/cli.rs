@@ -80,6 +80,22 @@ enum Command {
     Report(crate::report::ReportArgs),
 }
 
+/// Installs the log subscriber for `prog` at `BYTEBACK_LOG`'s level (info
+/// by default); a `BYTEBACK_LOG` that is not a level is a usage error.
+pub fn start_logging(prog: &'static str) -> Result<(), ExitCode> {
+    use byteback_protocol::term;
+    match term::log_level(0, false) {
+        Ok(level) => {
+            term::init_logging(prog, level, term::stderr_is_journal());
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("{prog}: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
 fn default_store() -> Option<PathBuf> {
     std::env::var_os("HOME")
         .map(PathBuf::from)
@@ -89,6 +105,9 @@ fn default_store() -> Option<PathBuf> {
 /// Parses arguments and runs; the process's `main`.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(code) = start_logging("byteback-server") {
+        return code;
+    }
     match cli.command {
         Command::Serve {
             host,
@@ -97,7 +116,7 @@ pub fn main() -> ExitCode {
             now,
         } => {
             if let Err(e) = byteback_protocol::validate_host_name(&host) {
-                eprintln!("byteback-server: {e}");
+                tracing::error!("{e}");
                 return ExitCode::from(2);
             }
             // Under sshd's forced command the client's requested command is
@@ -106,12 +125,12 @@ pub fn main() -> ExitCode {
             let verb_access = match enrol::access_for_original_command(original.as_deref()) {
                 Ok(a) => a,
                 Err(e) => {
-                    eprintln!("byteback-server: {e}");
+                    tracing::error!("{e}");
                     return ExitCode::from(2);
                 }
             };
             let Some(store) = store.or_else(default_store) else {
-                eprintln!("byteback-server: no --store given and no home directory");
+                tracing::error!("no --store given and no home directory");
                 return ExitCode::from(2);
             };
             raise_fd_limit();
@@ -146,7 +165,7 @@ pub fn main() -> ExitCode {
             match serve(&cfg, stdin, stdout) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("byteback-server: {e:#}");
+                    tracing::error!("{e:#}");
                     ExitCode::FAILURE
                 }
             }
@@ -164,7 +183,7 @@ pub fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("byteback-server: enrol: {e:#}");
+                tracing::error!("enrol: {e:#}");
                 ExitCode::FAILURE
             }
         },

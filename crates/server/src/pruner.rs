@@ -8,7 +8,11 @@
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use byteback_protocol::term::{print_lines, LinesAt};
 use std::time::{Duration, Instant};
+use tracing::Level;
 
 use anyhow::{Context, Result};
 use rustix::fs::{Mode, OFlags};
@@ -297,6 +301,11 @@ pub fn wait_for_cleaner(fd: impl AsFd) -> Result<()> {
     Ok(())
 }
 
+/// Snapshots the running prune looked at (for `byteback-prune`'s spinner).
+pub static EXAMINED: AtomicU64 = AtomicU64::new(0);
+/// Snapshots the running prune has deleted.
+pub static DELETED: AtomicU64 = AtomicU64::new(0);
+
 /// Runs one prune of `store`; progress goes to `log` (stderr in the binaries).
 pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<PruneOutcome> {
     let lock = fsops::open_lock(store.fd(), LOCK.as_bytes())?;
@@ -337,6 +346,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         return Ok(out);
     }
     let mut snapshots = all_snapshots(store)?;
+    EXAMINED.store(snapshots.len() as u64, Ordering::Relaxed);
     if !opts.force
         && opts.target_free.is_none()
         && !snapshots.iter().any(|s| s.time < opts.now - MIN_AGE)
@@ -386,6 +396,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         } else {
             let host = store.host(&victim.host, false)?;
             host.delete_snapshot(&victim.name)?;
+            DELETED.fetch_add(1, Ordering::Relaxed);
             wait_for_cleaner(store.fd())?;
         }
         snapshots.retain(|s| *s != victim);
@@ -411,17 +422,23 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
 /// clock; problems go to stderr and never fail the backup.
 pub fn after_snapshot(store: &Store, cfg: &crate::config::StoreConfig, now: i64) {
     let opts = PruneOptions::server(cfg, now, None);
-    let mut err = std::io::stderr().lock();
+    let mut err = std::io::LineWriter::new(LinesAt(Level::INFO));
     match prune(store, &opts, &mut err) {
         Ok(o) => {
             if let Some(why) = o.refused.filter(|_| {
                 o.after.percent_free() < f64::from(cfg.minpercent) || !o.deleted.is_empty()
             }) {
-                let _ = writeln!(err, "byteback-server: prune: {why} ({})", o.after);
+                print_lines(
+                    Level::WARN,
+                    format!("byteback-server: prune: {why} ({})\n", o.after).as_bytes(),
+                );
             }
         }
         Err(e) => {
-            let _ = writeln!(err, "byteback-server: prune failed: {e:#}");
+            print_lines(
+                Level::ERROR,
+                format!("byteback-server: prune failed: {e:#}\n").as_bytes(),
+            );
         }
     }
 }
@@ -441,10 +458,13 @@ pub fn make_room(
     const MARGIN: u64 = 64 << 20;
     let target = need.saturating_add(MARGIN);
     let opts = PruneOptions::server(cfg, now, Some(target));
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(
-        err,
-        "byteback-server: no space left on device writing {path:?} ({need} bytes); pruning to make room"
+    let mut err = std::io::LineWriter::new(LinesAt(Level::INFO));
+    print_lines(
+        Level::WARN,
+        format!(
+            "byteback-server: no space left on device writing {path:?} ({need} bytes); pruning to make room\n"
+        )
+        .as_bytes(),
     );
     let out = prune(store, &opts, &mut err)?;
     if !out.deleted.is_empty() || out.after.free >= target {

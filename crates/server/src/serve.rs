@@ -191,8 +191,8 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
                     Ok(f) => {
                         if let Err(e) = send_file(conn, f) {
                             match e.downcast_ref::<std::io::Error>() {
-                                Some(io) => eprintln!(
-                                    "byteback-server: cannot read {shown:?} in {snapshot}: {io}; sent what could be read"
+                                Some(io) => tracing::error!(
+                                    "cannot read {shown:?} in {snapshot}: {io}; sent what could be read"
                                 ),
                                 None => return Err(e),
                             }
@@ -205,7 +205,7 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
                             .with_context(|| format!("cannot open {shown:?} in {snapshot}"))
                     }
                     Err(e) => {
-                        eprintln!("byteback-server: cannot open {shown:?} in {snapshot}: {e}")
+                        tracing::error!("cannot open {shown:?} in {snapshot}: {e}")
                     }
                 }
                 conn.send(&ServerMsg::FileDone)?;
@@ -367,7 +367,7 @@ fn receive<R: Read, W: Write>(
                         Err(why) => (None, why),
                     };
                 for w in warnings {
-                    eprintln!("byteback-server: warning: {w}");
+                    tracing::warn!("{w}");
                     if message.len() < 2048 {
                         message.push_str(&format!("\nwarning: {w}"));
                     }
@@ -383,9 +383,7 @@ fn receive<R: Read, W: Write>(
                     })
                     .and_then(|()| conn.output.flush().map_err(Into::into));
                 if let Err(e) = told {
-                    eprintln!(
-                        "byteback-server: the client went away before hearing the result: {e:#}"
-                    );
+                    tracing::error!("the client went away before hearing the result: {e:#}");
                 }
                 // Usage and pruning only log on failure.
                 let space = crate::space::measure(store.fd()).ok();
@@ -396,7 +394,7 @@ fn receive<R: Read, W: Write>(
                     snapshot.as_deref(),
                     space.as_ref(),
                 ) {
-                    eprintln!("byteback-server: cannot record usage: {e:#}");
+                    tracing::error!("cannot record usage: {e:#}");
                 }
                 if snapshot.is_some() {
                     crate::pruner::after_snapshot(store, config, now);

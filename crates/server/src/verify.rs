@@ -571,7 +571,8 @@ pub fn run_verify(args: VerifyArgs) -> ExitCode {
     match run(args) {
         Ok(c) => ExitCode::from(c),
         Err(e) => {
-            eprintln!("byteback-server verify: {e:#}");
+            let line = format!("byteback-server verify: {e:#}\n");
+            byteback_protocol::term::print_lines(tracing::Level::ERROR, line.as_bytes());
             ExitCode::from(3)
         }
     }

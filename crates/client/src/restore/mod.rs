@@ -722,8 +722,18 @@ fn restore_snapshot(
                 into.dir, into.shown, snap, tree_opts,
             )?),
         };
+        let progress = &crate::progress::RESTORE;
+        for w in &chunk.wanted {
+            progress.found(w.e.entry.size());
+        }
+        if turn.last && chunk.complete {
+            progress.walk_finished();
+        }
         for w in chunk.wanted {
+            let size = w.e.entry.size();
             t.restore(conn, w)?;
+            progress.finished();
+            progress.read(size);
         }
         if chunk.complete {
             break;

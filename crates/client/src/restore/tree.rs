@@ -349,8 +349,9 @@ impl RestoreTree {
         let path = e.entry.path.clone();
         self.enter(&path)?;
         if self.opts.verbose {
-            eprintln!("{}", self.shown(&path));
+            tracing::info!(target: byteback_protocol::term::FILE_TARGET, "{}", self.shown(&path));
         }
+        crate::progress::RESTORE.current(std::path::Path::new(os(&path)));
         match &e.entry.kind {
             Kind::Dir => {
                 let (fd, _) = self.open_dir(&path)?;

@@ -3,5 +3,8 @@ use byteback_server::admin::PruneCli;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    if let Err(code) = byteback_server::cli::start_logging("byteback-prune") {
+        return code;
+    }
     byteback_server::admin::run_prune(PruneCli::parse().args)
 }
