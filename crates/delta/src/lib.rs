@@ -45,8 +45,8 @@ mod hash;
 mod signature;
 
 pub use delta::{
-    apply_ops, apply_to_vec, diff_segment, diff_segment_into, literal_delta, literal_header, ops,
-    Op, Ops, PatchSink, DELTA_END, LITERAL_HEADER_MAX,
+    apply_ops, apply_to_vec, diff_segment, diff_segment_into, diff_window_into, literal_delta,
+    literal_header, ops, Op, Ops, PatchSink, DELTA_END, LITERAL_HEADER_MAX,
 };
 pub use hash::{hash_bytes, FileHasher};
 pub use signature::{signature, Signature, SignatureBuilder, SignatureBytes};

@@ -24,4 +24,5 @@ pub mod space;
 pub mod status;
 pub mod store;
 pub mod time;
+pub mod twins;
 pub mod verify;
