@@ -1384,6 +1384,7 @@ mod tests {
                 found,
                 entry,
                 basis: false,
+                twin: false,
             }
         };
         let (f_job, g_job) = (job("f", 7), job("g", 8));
