@@ -13,6 +13,9 @@
 //!    segment of the new file, computes a delta with [`diff_segment`]. Each
 //!    segment's delta is independent: its COPY operations reference absolute
 //!    basis offsets and it reproduces exactly that segment's bytes.
+//!    [`diff_window_into`] does the same with look-ahead into the next
+//!    segment and a segment end that follows the last match, so matches are
+//!    found across segment boundaries.
 //! 3. The basis side replays each delta with [`apply_ops`] into a
 //!    [`PatchSink`] (or [`apply_to_vec`] in memory). Application is bounded: a
 //!    delta can never make the output longer than the caller's limit or read
