@@ -1717,3 +1717,115 @@ fn a_kept_partial_rebuild_is_only_a_basis_and_never_trusted() {
         );
     }
 }
+
+/// A client that offers a content hash for a new file (moved or copied
+/// files, `FileClone`) only ever gets content of its own host's tree that
+/// checks out against the hash: another host's content is never found, and
+/// a stored copy that no longer matches its hash fails verification, so the
+/// server asks for the data and commits what was sent.
+#[test]
+fn clone_offers_never_give_another_hosts_data_or_an_unverified_copy() {
+    const BIG: usize = 2 << 20;
+    let mut env = Env::new();
+    // The neighbour holds a big secret.
+    let nsrc = env.work.join("neighbour-src");
+    fs::create_dir_all(&nsrc).unwrap();
+    let secret = Rng::new(0x5ec7).bytes(BIG);
+    fs::write(nsrc.join("secret.bin"), &secret).unwrap();
+    let o = client_backup(&env.store, &nsrc, "neighbour");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // From here on, nothing of the neighbour's may change.
+    env.neighbour_sentinel = Sentinel::plant(&env.store.join("neighbour"));
+    env.store_rest = env.store_rest_digest();
+    // The victim stores a big file of the same size: new files of that size
+    // are invited to offer their hash.
+    let own = Rng::new(0x0e0e).bytes(BIG);
+    let mtime = fresh_mtime();
+    let o = env.serve(
+        "a big file of the victim's own",
+        &backup_script(&[
+            (dir_e(b"d", mtime), None),
+            (file_e(b"d/own.bin", BIG, mtime), Some(&own)),
+        ])
+        .bytes,
+    );
+    o.assert_backup_ok(1);
+    env.accept();
+
+    // Offers a hash, then (asked for the data) sends `sent` as new file `name`.
+    let offer = |name: &[u8], hash: [u8; 32], sent: &[u8]| {
+        let m2 = fresh_mtime();
+        Script::backup()
+            .msg(&ClientMsg::Entries(vec![
+                dir_e(b"d", mtime),
+                file_e(b"d/own.bin", BIG, mtime),
+                file_e(name, BIG, m2),
+            ]))
+            .msg(&ClientMsg::FileClone {
+                id: 0,
+                size: BIG as u64,
+                hash,
+                mtime_sec: m2,
+                mtime_nsec: 0,
+            })
+            .msg(&file_data(0, sent))
+            .msg(&file_end(0, sent, m2))
+            .msg(&ClientMsg::BackupEnd)
+    };
+    let asked_for_data = |o: &Outcome| {
+        let invited = o.msgs.iter().any(|m| match m {
+            ServerMsg::Needs(n) => n.len() == 1 && n[0].twin && !n[0].basis,
+            _ => false,
+        });
+        assert!(invited, "not invited to offer:\n{}", o.describe());
+        assert!(
+            o.msgs
+                .iter()
+                .any(|m| matches!(m, ServerMsg::SendData { id: 0 })),
+            "the offer was taken:\n{}",
+            o.describe()
+        );
+    };
+
+    // The neighbour's hash: not this host's content, so the data is asked for.
+    let mine = Rng::new(0xda7a).bytes(BIG);
+    let o = env.serve(
+        "offering another host's hash",
+        &offer(b"d/stolen.bin", hash_bytes(&secret), &mine).bytes,
+    );
+    asked_for_data(&o);
+    let snap = o.assert_backup_ok(1);
+    env.accept();
+    assert_eq!(fs::read(env.current().join("d/stolen.bin")).unwrap(), mine);
+    assert_eq!(
+        fs::read(env.host_dir().join(&snap).join("d/stolen.bin")).unwrap(),
+        mine
+    );
+
+    // The stored copy no longer matches its manifest's hash (changed behind
+    // the server's back): its clone fails verification, and the data is
+    // asked for instead of committing it.
+    let stored = env.current().join("d/own.bin");
+    let mut tampered = own.clone();
+    tampered[BIG / 2] ^= 0xff;
+    // Replaced, not written in place: snapshots may share its inode.
+    let tmp = env.current().join("d/own.tmp");
+    fs::write(&tmp, &tampered).unwrap();
+    fs::rename(&tmp, &stored).unwrap();
+    let o = env.serve(
+        "offering the hash of a stored copy that changed",
+        &offer(b"d/twin.bin", hash_bytes(&own), &own).bytes,
+    );
+    asked_for_data(&o);
+    o.assert_backup_ok(1);
+    assert_eq!(fs::read(env.current().join("d/twin.bin")).unwrap(), own);
+
+    // No host's tree holds the secret but the neighbour's.
+    for (p, m) in walk_all(&env.host_dir()) {
+        if m.is_file() && m.len() == BIG as u64 {
+            assert_ne!(fs::read(&p).unwrap(), secret, "{}", p.display());
+        }
+    }
+    env.outside_sentinel.assert_untouched();
+    env.neighbour_sentinel.assert_untouched();
+}

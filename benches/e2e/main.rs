@@ -229,7 +229,7 @@ fn main() {
         }
     }
     // W2, W4, W5: large incompressible files, first backup, rewrites, appends.
-    if wanted("W2") || wanted("W4") || wanted("W5") {
+    if wanted("W2") || wanted("W4") || wanted("W5") || wanted("W9") {
         let src = src_root.join("large");
         let bytes = workload::large_files(&src, sizes.large_files, sizes.large_size, 2);
         let desc = format!(
@@ -252,6 +252,38 @@ fn main() {
                 workload::append(&src, files, add, 500 + i as u64);
             }));
         }
+    }
+    // W9 last in the group: it shifts every later byte of each file.
+    if wanted("W9") {
+        let src = src_root.join("large");
+        let bytes = sizes.large_files as u64 * sizes.large_size;
+        let files = sizes.large_files;
+        rows.push(repeat(
+            &mut bench,
+            "W9",
+            "7 bytes inserted near the start of each W2 file",
+            &src,
+            runs,
+            bytes,
+            |i| {
+                workload::insert(&src, files, 900 + i as u64);
+            },
+        ));
+    }
+    // W8: a big file renamed and a copy of it made, after a first backup
+    // of it (not timed).
+    if wanted("W8") {
+        let src = src_root.join("moves");
+        let bytes = workload::moved_file(&src, sizes.moved, 8);
+        for tool in order(0) {
+            bench.reset(tool);
+            let s = bench.run(tool, &src);
+            log_sample("W8 (first backup, not counted)", 0, tool, &s);
+        }
+        let desc = format!("a {} file renamed, and a copy of it made", mib(bytes));
+        rows.push(repeat(&mut bench, "W8", &desc, &src, runs, bytes, |i| {
+            workload::move_and_copy(&src, i);
+        }));
     }
     // W6: a real tree of this machine.
     if wanted("W6") {

@@ -152,6 +152,7 @@ pub fn goals(rows: &[Row]) -> Vec<Goal> {
     for (id, what, pick) in [
         ("W4", "bytes on the wire", 0usize),
         ("W5", "bytes on the wire", 0),
+        ("W9", "bytes on the wire", 0),
         ("W4", "snapshot space", 1),
     ] {
         let target = format!("{id}: byteback's {what} <= rsync's");
@@ -177,6 +178,30 @@ pub fn goals(rows: &[Row]) -> Vec<Goal> {
             },
         });
     }
+    let target = "W8: byteback's bytes on the wire <= 1% of the file's size".to_string();
+    g.push(match find("W8") {
+        Some(r) => {
+            let b = r.bb().wire;
+            Goal {
+                name: "W8 moved and copied file".into(),
+                target,
+                measured: format!(
+                    "{} for {} ({:.3}%), rsync {}",
+                    human(b),
+                    human(r.bytes as f64),
+                    100.0 * b / r.bytes.max(1) as f64,
+                    human(r.rs().wire)
+                ),
+                met: Some(b * 100.0 <= r.bytes as f64),
+            }
+        }
+        None => Goal {
+            name: "W8 moved and copied file".into(),
+            target,
+            measured: "not run".into(),
+            met: None,
+        },
+    });
     let small: Vec<&Row> = rows
         .iter()
         .filter(|r| ["W1", "W2", "W3", "W4", "W5"].contains(&r.id.as_str()))

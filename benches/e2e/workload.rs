@@ -24,6 +24,8 @@ pub struct Sizes {
     pub real_tree: PathBuf,
     /// W7 (optional): number of tiny files.
     pub million: usize,
+    /// W8: size of the file renamed and copied.
+    pub moved: u64,
 }
 
 impl Sizes {
@@ -36,6 +38,7 @@ impl Sizes {
             append: 16 << 20,
             real_tree: PathBuf::from("/usr/share"),
             million: 1_000_000,
+            moved: 1 << 30,
         }
     }
 
@@ -48,6 +51,7 @@ impl Sizes {
             append: 1 << 20,
             real_tree: PathBuf::from("/usr/share/doc"),
             million: 100_000,
+            moved: 64 << 20,
         }
     }
 }
@@ -194,6 +198,85 @@ pub fn append(root: &Path, files: usize, bytes: u64, seed: u64) -> u64 {
         }
     }
     files as u64 * bytes
+}
+
+/// W9: 7 bytes inserted at offset 1000 of each large file (the file is
+/// rewritten through a temporary file, so everything after moves by 7).
+pub fn insert(root: &Path, files: usize, seed: u64) -> u64 {
+    let mut rng = Rng::new(seed);
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..files {
+        let p = root.join(large_name(i));
+        let tmp = root.join(format!(".{}.tmp", large_name(i)));
+        let data = File::open(&p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+        let mut out =
+            File::create(&tmp).unwrap_or_else(|e| panic!("create {}: {e}", tmp.display()));
+        let mut off = 0u64;
+        loop {
+            let n = data.read_at(&mut buf, off).expect("read");
+            if n == 0 {
+                break;
+            }
+            if off == 0 && n >= 1000 {
+                let mut seven = [0u8; 7];
+                rng.fill(&mut seven);
+                out.write_all(&buf[..1000]).expect("write");
+                out.write_all(&seven).expect("write");
+                out.write_all(&buf[1000..n]).expect("write");
+            } else {
+                out.write_all(&buf[..n]).expect("write");
+            }
+            off += n as u64;
+        }
+        drop(out);
+        fs::rename(&tmp, &p).unwrap_or_else(|e| panic!("rename {}: {e}", p.display()));
+    }
+    files as u64 * 7
+}
+
+/// W8: one incompressible file of `size` bytes, `moved0.bin`.
+pub fn moved_file(root: &Path, size: u64, seed: u64) -> u64 {
+    fs::create_dir_all(root).unwrap_or_else(|e| panic!("mkdir {}: {e}", root.display()));
+    let mut rng = Rng::new(seed);
+    let p = root.join("moved0.bin");
+    let mut f = File::create(&p).unwrap_or_else(|e| panic!("create {}: {e}", p.display()));
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        f.write_all(&buf[..n])
+            .unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        left -= n as u64;
+    }
+    drop(f);
+    set_mtime(&p, 0);
+    size
+}
+
+/// W8, run `i`: `moved{i}.bin` renamed to `moved{i+1}.bin`, the copy of the
+/// last run removed and a new one made (`copy{i}.bin`), so the tree stays at
+/// two copies of the file.
+pub fn move_and_copy(root: &Path, i: usize) {
+    let from = root.join(format!("moved{i}.bin"));
+    let to = root.join(format!("moved{}.bin", i + 1));
+    fs::rename(&from, &to).unwrap_or_else(|e| panic!("rename {}: {e}", from.display()));
+    if i > 0 {
+        let old = root.join(format!("copy{}.bin", i - 1));
+        fs::remove_file(&old).unwrap_or_else(|e| panic!("rm {}: {e}", old.display()));
+    }
+    let copy = root.join(format!("copy{i}.bin"));
+    // A real copy of the bytes (no reflink on the source filesystem).
+    let mut src = File::open(&to).unwrap_or_else(|e| panic!("open {}: {e}", to.display()));
+    let mut dst = File::create(&copy).unwrap_or_else(|e| panic!("create {}: {e}", copy.display()));
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut src, &mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        dst.write_all(&buf[..n]).expect("write");
+    }
 }
 
 /// W7: `n` tiny files (0–64 bytes) in directories of 1000: a million-entry

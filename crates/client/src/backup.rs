@@ -12,7 +12,7 @@
 //! the number or size of the files.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use byteback_delta::{
-    diff_segment_into, literal_header, FileHasher, Signature, DELTA_END, LITERAL_HEADER_MAX,
+    diff_window_into, literal_header, FileHasher, Signature, DELTA_END, LITERAL_HEADER_MAX,
 };
 use byteback_protocol::codec::{compress_bound, ChunkCompressor};
-use byteback_protocol::limits::{MAX_BATCH, MAX_BUFFERED_BYTES, MAX_PENDING};
+use byteback_protocol::limits::{MAX_BATCH, MAX_BUFFERED_BYTES, MAX_CHUNK, MAX_PENDING};
 use byteback_protocol::{BackupStats, ClientMsg, Compressed, Entry, ServerMsg};
 
 use crate::conn::{self, Breaker, ConnReader, ConnWriter, Connection, ServerError};
@@ -36,6 +36,8 @@ use crate::walk::{self, EntrySink, Excludes, Found, OpenError, WalkWarning};
 /// Raw bytes of a segment when there is no basis.
 const PLAIN_SEGMENT: usize = 2 << 20;
 const ZSTD_LEVEL: i32 = 1;
+/// Bytes read at a time when hashing a file before offering it for cloning.
+const HASH_CHUNK: usize = 1 << 20;
 /// Most bytes of segment buffers (file data, deltas, compressed chunks in
 /// the delta workers or queued for the writer) held at once.
 const BUFFER_BUDGET: usize = 32 << 20;
@@ -87,6 +89,8 @@ struct Job {
     found: Found,
     entry: Entry,
     basis: bool,
+    /// The server may hold this content: offer its BLAKE3 first.
+    twin: bool,
 }
 
 /// Flow control: the entries from the oldest unresolved one to the newest.
@@ -851,6 +855,7 @@ fn reader_loop(
                             found,
                             entry,
                             basis: need.basis,
+                            twin: need.twin,
                         },
                     );
                 }
@@ -889,6 +894,25 @@ fn reader_loop(
                         found,
                         entry,
                         basis: false,
+                        twin: false,
+                    },
+                );
+            }
+            ServerMsg::SendData { id } => {
+                // The server does not hold the content offered: send it.
+                let (found, entry) = jobs
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| anyhow!("send-data for unknown file {id}"))?;
+                spawn_job(
+                    pool,
+                    shared,
+                    Job {
+                        id,
+                        found,
+                        entry,
+                        basis: false,
+                        twin: false,
                     },
                 );
             }
@@ -935,6 +959,7 @@ fn send_file(shared: &Shared, job: Job) -> Result<()> {
         found,
         entry,
         basis,
+        twin,
     } = job;
     let abs = &found.abs;
     // Beneath the source's fd, never through a symlink, and only the very
@@ -953,6 +978,13 @@ fn send_file(shared: &Shared, job: Job) -> Result<()> {
         }
     };
 
+    if twin && !basis {
+        if offer_twin(shared, id, &mut file, &entry)? {
+            return Ok(());
+        }
+        // Changed or unreadable while hashed: sent as any other file.
+        file.seek(SeekFrom::Start(0))?;
+    }
     let sig = if basis {
         let (stx, srx) = sync_channel(1);
         match lock(&shared.sig_waiters).as_mut() {
@@ -979,17 +1011,30 @@ fn send_file(shared: &Shared, job: Job) -> Result<()> {
         .as_ref()
         .map(|s| segment_len(s.block_size() as usize))
         .unwrap_or(PLAIN_SEGMENT);
+    // With a basis, each piece is diffed with up to a block of the next
+    // piece's bytes behind it, and the next piece starts where this one's
+    // delta ended (see diff_window_into): a block straddling the boundary
+    // is still found, so an insertion does not cost a block per segment.
+    // The bytes read beyond that end are carried into the next piece.
+    let look = sig
+        .as_ref()
+        .map(|s| (s.block_size() as usize - 1).min(MAX_CHUNK.saturating_sub(seg + 4096)))
+        .unwrap_or(0);
     let size = entry.size();
     // Sized to the file: a segment-sized buffer for every small file cost
     // more (allocating and zeroing 2 MiB) than everything else done for it.
-    let seg_cap = seg.min(usize::try_from(size).unwrap_or(seg)).max(1);
+    let seg_cap = (seg + look)
+        .min(usize::try_from(size).unwrap_or(seg))
+        .max(1);
     // Room for the data behind a literal header, or for a delta of it (at
     // most 14 bytes longer than the data), and for its compressed form.
     let buf_len = compress_bound(seg_cap + LITERAL_HEADER_MAX + 64);
     let mut hasher = FileHasher::new();
     let mut total = 0u64;
+    let mut read_total = 0u64;
+    let mut carry: Vec<u8> = Vec::new();
     while total < size {
-        let want = seg.min((size - total) as usize);
+        let want = (seg + look - carry.len()).min((size - read_total) as usize);
         // Read buffer, compressed chunk and (with a basis) the delta.
         let mut bufs = shared
             .pool
@@ -1001,8 +1046,13 @@ fn send_file(shared: &Shared, job: Job) -> Result<()> {
         let head = if sig.is_some() { 0 } else { LITERAL_HEADER_MAX };
         data.buf.clear();
         data.buf.resize(head, 0);
+        data.buf.extend_from_slice(&carry);
+        carry.clear();
+        let before = data.buf.len();
         // Reads into the spare capacity: nothing to zero first.
         let read = (&mut file).take(want as u64).read_to_end(&mut data.buf);
+        let got = data.buf.len() - before;
+        read_total += got as u64;
         let n = data.buf.len() - head;
         if let Err(e) = read {
             shared.pool.give_back(data);
@@ -1022,22 +1072,32 @@ fn send_file(shared: &Shared, job: Job) -> Result<()> {
             }
             break;
         }
-        hasher.update(&data.buf[head..]);
+        // The file's last piece (or it ended early): everything goes.
+        let last = got < want || read_total >= size;
         let counted = out.counted;
-        let c = match (&sig, delta_buf) {
+        let (c, used) = match (&sig, delta_buf) {
             (Some(s), Some(mut d)) => {
-                let r = diff_segment_into(s, &data.buf, &mut d.buf)
+                let target = if last { n } else { seg.min(n) };
+                let r = diff_window_into(s, &data.buf, target, &mut d.buf)
                     .map_err(anyhow::Error::from)
-                    .and_then(|_| compress(&d.buf, out.buf));
+                    .and_then(|used| Ok((compress(&d.buf, out.buf)?, used)));
                 shared.pool.give_back(d);
-                r
+                match r {
+                    Ok((c, used)) => {
+                        hasher.update(&data.buf[..used]);
+                        carry.extend_from_slice(&data.buf[used..]);
+                        (Ok(c), used)
+                    }
+                    Err(e) => (Err(e), 0),
+                }
             }
             _ => {
+                hasher.update(&data.buf[head..]);
                 // The literal delta, built in place around the data.
                 let (h, hl) = literal_header(n as u64);
                 data.buf[head - hl..head].copy_from_slice(&h[..hl]);
                 data.buf.push(DELTA_END);
-                compress(&data.buf[head - hl..], out.buf)
+                (compress(&data.buf[head - hl..], out.buf), n)
             }
         };
         shared.pool.give_back(data);
@@ -1049,7 +1109,7 @@ fn send_file(shared: &Shared, job: Job) -> Result<()> {
         PROGRESS.sent(c.data.len() as u64);
         PROGRESS.current(abs);
         shared.send_pooled(ClientMsg::FileData { id, delta: c }, counted)?;
-        total += n as u64;
+        total += used as u64;
     }
     // A file that changed while it was read is sent as read, but recorded
     // with its old mtime, so the next run looks at it again.
@@ -1070,6 +1130,57 @@ fn send_file(shared: &Shared, job: Job) -> Result<()> {
         mtime_sec: entry.mtime_sec,
         mtime_nsec: entry.mtime_nsec,
     })
+}
+
+/// For a new file the server may already hold (a moved or copied file):
+/// reads it whole for its BLAKE3 and offers that instead of the data. The
+/// server clones the content if it holds it (FileOk) or asks for the data
+/// (SendData). Returns false, having sent nothing, when the file could not
+/// be read or changed while it was: it is then sent as usual. Reading a file
+/// twice when the server does not hold it is bounded to files of a size the
+/// server holds (the server sets `twin` only then).
+fn offer_twin(shared: &Shared, id: u32, file: &mut std::fs::File, entry: &Entry) -> Result<bool> {
+    let size = entry.size();
+    let mut bufs = shared.pool.take(1, HASH_CHUNK)?;
+    let Some(mut buf) = bufs.pop() else {
+        bail!("buffer pool returned too few buffers");
+    };
+    buf.buf.resize(HASH_CHUNK, 0);
+    let mut hasher = FileHasher::new();
+    let mut read = 0u64;
+    let outcome = loop {
+        match file.read(&mut buf.buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                hasher.update(&buf.buf[..n]);
+                read += n as u64;
+                if read > size {
+                    break Ok(());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    shared.pool.give_back(buf);
+    if outcome.is_err() || read != size {
+        return Ok(false);
+    }
+    match file.metadata() {
+        Ok(md)
+            if md.len() == size
+                && md.mtime() == entry.mtime_sec
+                && md.mtime_nsec() as u32 == entry.mtime_nsec => {}
+        _ => return Ok(false),
+    }
+    shared.send(ClientMsg::FileClone {
+        id,
+        size,
+        hash: hasher.finish(),
+        mtime_sec: entry.mtime_sec,
+        mtime_nsec: entry.mtime_nsec,
+    })?;
+    Ok(true)
 }
 
 thread_local! {
@@ -1206,6 +1317,7 @@ mod tests {
                     index,
                     id: 0,
                     basis: true,
+                    twin: false,
                 }]),
             );
             assert!(matches!(recv(s), Some(ClientMsg::SigRequest { id: 0 })));
@@ -1287,6 +1399,7 @@ mod tests {
                 found,
                 entry,
                 basis: false,
+                twin: false,
             }
         };
         let (f_job, g_job) = (job("f", 7), job("g", 8));

@@ -120,6 +120,9 @@ pub struct BackupJson {
     pub entries: u64,
     /// Files whose data was sent.
     pub files_sent: u64,
+    /// New files the server cloned from a stored file with the same content
+    /// (moved or copied files): their data was not sent.
+    pub files_cloned: u64,
     /// Bytes of file content the server wrote from new data.
     pub bytes_new: u64,
     /// Bytes of file content reused from the previous version.
@@ -591,6 +594,12 @@ fn transfer(
                     "{head}; {} entries, {} files sent ({} bytes new, {} reused, {} on the wire), {} deleted",
                     r.entries, s.files_transferred, s.literal_bytes, s.matched_bytes, r.wire_bytes, s.deleted
                 );
+                if s.cloned > 0 {
+                    line.push_str(&format!(
+                        ", {} moved or copied files cloned on the server (not sent)",
+                        s.cloned
+                    ));
+                }
                 if r.vanished > 0 {
                     line.push_str(&format!(
                         ", {} vanished during the backup (normal on a live system)",
@@ -610,6 +619,7 @@ fn transfer(
                 // The same figures as the line, for --json.
                 report.entries = r.entries;
                 report.files_sent = s.files_transferred;
+                report.files_cloned = s.cloned;
                 report.bytes_new = s.literal_bytes;
                 report.bytes_reused = s.matched_bytes;
                 report.bytes_wire = r.wire_bytes;

@@ -63,6 +63,94 @@ pub fn diff_segment_into(
     })
 }
 
+/// Delta of the next piece of the new file, found across segment boundaries.
+///
+/// `window` is the new file from the end of the previous piece on: the
+/// bytes of this segment plus look-ahead (up to `block_size - 1` bytes of
+/// the next one), so that a block starting in this segment but ending in the
+/// next is still found. The delta covers `window[..n]`, where `n` (returned)
+/// is the smallest op boundary at or past `want`: a copy that straddles
+/// `want` is kept whole (so `n` may exceed `want` by less than a block), a
+/// literal that straddles it is cut at `want`. The caller starts the next
+/// piece at `window[n..]`, so a match that began in this segment lines the
+/// next one up with the basis's blocks again: an insertion costs about the
+/// inserted bytes, not a block per segment. With `want >= window.len()`
+/// (the file's last piece) the delta covers the whole window.
+///
+/// `out` is cleared first; the delta in it is a valid delta of
+/// `window[..n]` (librsync format, as [`diff_segment`]).
+pub fn diff_window_into(
+    sig: &Signature,
+    window: &[u8],
+    want: usize,
+    out: &mut Vec<u8>,
+) -> Result<usize, DeltaError> {
+    diff_segment_into(sig, window, out)?;
+    if want >= window.len() {
+        return Ok(window.len());
+    }
+    let (cut, produced, shorten) = find_cut(out, want)?;
+    if let Some((at, keep)) = shorten {
+        // The literal straddling `want` keeps its header's width (a shorter
+        // length in as many bytes is as valid), so nothing moves.
+        let cmd = out.get(at).copied().ok_or(DeltaError::Malformed)?;
+        if (OP_LITERAL_1..=OP_LITERAL_64).contains(&cmd) {
+            out[at] = u8::try_from(keep).map_err(|_| DeltaError::Malformed)?;
+        } else {
+            let width = 1usize << (cmd - OP_LITERAL_N1);
+            let be = (keep as u64).to_be_bytes();
+            let dst = out
+                .get_mut(at + 1..at + 1 + width)
+                .ok_or(DeltaError::Malformed)?;
+            dst.copy_from_slice(&be[8 - width..]);
+        }
+    }
+    out.truncate(cut);
+    out.push(OP_END);
+    Ok(produced)
+}
+
+/// Where to cut `delta` so that it produces at least `want` bytes: (length
+/// of the delta kept before END, bytes it produces, and for a literal cut
+/// short: the position of its command byte and its new length).
+#[allow(clippy::type_complexity)]
+fn find_cut(
+    delta: &[u8],
+    want: usize,
+) -> Result<(usize, usize, Option<(usize, usize)>), DeltaError> {
+    let total = delta.len();
+    let mut it = ops(delta);
+    let mut produced = 0usize;
+    if want == 0 {
+        // Nothing wanted: an empty delta (magic only).
+        return Ok((4.min(total), 0, None));
+    }
+    loop {
+        let before = if it.started { total - it.rest.len() } else { 4 };
+        let op = match it.next() {
+            Some(op) => op?,
+            None => return Ok((total.saturating_sub(1), produced, None)),
+        };
+        let after = total - it.rest.len();
+        match op {
+            Op::Copy { len, .. } => {
+                produced += usize::try_from(len).map_err(|_| DeltaError::TooLong)?;
+            }
+            Op::Literal(data) => {
+                if produced + data.len() > want {
+                    let keep = want - produced;
+                    let data_start = after - data.len();
+                    return Ok((data_start + keep, want, Some((before, keep))));
+                }
+                produced += data.len();
+            }
+        }
+        if produced >= want {
+            return Ok((after, produced, None));
+        }
+    }
+}
+
 /// Longest header [`literal_header`] returns: magic plus the longest LITERAL command.
 pub const LITERAL_HEADER_MAX: usize = 4 + 1 + 8;
 /// The byte that ends every delta (what follows the data of a [`literal_header`]).
@@ -452,6 +540,94 @@ mod tests {
         assert_eq!(
             apply_to_vec(&basis, &out, new.len() as u64).expect("apply"),
             new
+        );
+    }
+
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 56) as u8
+            })
+            .collect()
+    }
+
+    /// What the client does: pieces of about `seg` bytes, each diffed with
+    /// `look` bytes of look-ahead, the next starting where the last ended.
+    /// Returns the rebuilt file and the delta bytes.
+    fn windowed(basis: &[u8], new: &[u8], seg: usize, look: usize) -> (Vec<u8>, usize) {
+        let sig = Signature::parse(crate::signature(basis).as_bytes()).expect("sig");
+        let (mut pos, mut rebuilt, mut wire, mut d) = (0, vec![], 0, vec![]);
+        while pos < new.len() {
+            let end = (pos + seg + look).min(new.len());
+            let want = if end == new.len() { end - pos } else { seg };
+            let n = diff_window_into(&sig, &new[pos..end], want, &mut d).expect("diff");
+            assert!(n >= want.min(end - pos) && n <= end - pos, "piece {n}");
+            let out = apply_to_vec(basis, &d, n as u64).expect("apply");
+            assert_eq!(out, &new[pos..pos + n], "piece at {pos}");
+            rebuilt.extend_from_slice(&out);
+            wire += d.len();
+            pos += n;
+        }
+        (rebuilt, wire)
+    }
+
+    #[test]
+    fn an_insertion_costs_the_inserted_bytes_across_segments() {
+        let basis = noise(4 << 20, 1);
+        let bs = crate::block_size_for(basis.len() as u64) as usize;
+        let seg = 64 * bs;
+        let mut new = basis[..1000].to_vec();
+        new.extend_from_slice(b"7 bytes");
+        new.extend_from_slice(&basis[1000..]);
+        let (rebuilt, wire) = windowed(&basis, &new, seg, bs - 1);
+        assert_eq!(rebuilt, new);
+        // The block holding the insertion travels as literal, and every
+        // piece costs a copy op and its framing: no block per segment.
+        let pieces = new.len().div_ceil(seg);
+        assert!(
+            wire <= bs + 7 + pieces * 32,
+            "wire {wire} for {pieces} pieces of {seg}, block {bs}"
+        );
+        // Fixed segments without look-ahead lose about a block per segment.
+        let (_, fixed) = windowed(&basis, &new, seg, 0);
+        assert!(fixed > (pieces - 1) * (bs - 7), "fixed {fixed}");
+        assert!(wire * 4 < fixed, "windowed {wire} vs fixed {fixed}");
+    }
+
+    #[test]
+    fn windows_cut_literals_and_rebuild_any_content() {
+        let basis = noise(300_000, 2);
+        let bs = crate::block_size_for(basis.len() as u64) as usize;
+        // Fresh data (long literals cut at the wanted length), blocks moved
+        // around, short pieces, and an unchanged file.
+        let mut mixed = noise(70_000, 3);
+        mixed.extend_from_slice(&basis[5_000..200_000]);
+        mixed.extend_from_slice(&noise(333, 4));
+        mixed.extend_from_slice(&basis[..90_000]);
+        for new in [
+            noise(500_000, 5),
+            mixed,
+            basis.clone(),
+            basis[..1234].to_vec(),
+        ] {
+            for (seg, look) in [(bs, bs - 1), (7 * bs, bs - 1), (10 * bs, 0), (100, 40)] {
+                let (rebuilt, _) = windowed(&basis, &new, seg, look);
+                assert_eq!(rebuilt, new, "seg {seg} look {look}");
+            }
+        }
+        let sig = Signature::parse(crate::signature(&basis).as_bytes()).expect("sig");
+        let mut d = vec![];
+        assert_eq!(
+            diff_window_into(&sig, &basis[..5000], 0, &mut d).expect("empty"),
+            0
+        );
+        assert_eq!(
+            apply_to_vec(&basis, &d, 0).expect("apply"),
+            Vec::<u8>::new()
         );
     }
 

@@ -23,6 +23,8 @@ pub use session::{ClientSession, ServerSession};
 pub use text::{escape_bytes, escape_text};
 
 /// Protocol version spoken by this build; both peers must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: new files cloned from stored ones with the same content ([`Need::twin`],
+/// [`ClientMsg::FileClone`], [`ServerMsg::SendData`], [`BackupStats::cloned`]).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// First bytes of every session, so a stray shell banner is recognised at once.
 pub const MAGIC: [u8; 8] = *b"BYTEBAK\x01";

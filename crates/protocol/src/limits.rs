@@ -39,3 +39,10 @@ pub const MAX_TEXT: usize = 4096;
 pub const MAX_SNAPSHOTS: usize = 100_000;
 /// Largest file size accepted (16 TiB).
 pub const MAX_FILE_SIZE: u64 = 16 << 40;
+/// Smallest new file the server offers to clone from a stored file with the
+/// same content (see [`crate::Need::twin`]): below it, hashing the file
+/// first costs more than sending it.
+pub const TWIN_MIN: u64 = 1 << 20;
+/// Most bytes of paths the server's index of stored content (for cloning
+/// moved and copied files) holds; files beyond it are not offered.
+pub const MAX_TWIN_INDEX_BYTES: usize = 16 << 20;

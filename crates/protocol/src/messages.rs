@@ -261,6 +261,12 @@ pub struct Need {
     pub id: u32,
     /// Whether the server has a basis to diff against (ask with [`ClientMsg::SigRequest`]).
     pub basis: bool,
+    /// The server holds a stored file of this size (at least
+    /// [`crate::limits::TWIN_MIN`] bytes) in the host's tree: the client may
+    /// offer the file's BLAKE3 with [`ClientMsg::FileClone`] before sending
+    /// any data, and the server clones that content if it holds it. Only
+    /// ever set without a basis.
+    pub twin: bool,
 }
 
 /// Counters the server reports at the end of a backup.
@@ -278,6 +284,9 @@ pub struct BackupStats {
     pub deleted: u64,
     /// Files that failed their hash check and were resent whole.
     pub retried: u64,
+    /// New files taken from a stored file with the same content (moved or
+    /// copied files): cloned on the server, nothing sent.
+    pub cloned: u64,
 }
 
 /// Messages from client to server.
@@ -322,6 +331,22 @@ pub enum ClientMsg {
         /// mtime nanoseconds.
         mtime_nsec: u32,
     },
+    /// Transfer `id` (announced with [`Need::twin`], nothing sent yet) has
+    /// this content: if the server holds a stored file with that BLAKE3 and
+    /// size, it clones it, checks the clone's BLAKE3 and answers
+    /// [`ServerMsg::FileOk`]; otherwise [`ServerMsg::SendData`].
+    FileClone {
+        /// Transfer id.
+        id: u32,
+        /// Size of the file as read.
+        size: u64,
+        /// BLAKE3 of the content as read.
+        hash: [u8; 32],
+        /// mtime as read.
+        mtime_sec: i64,
+        /// mtime nanoseconds.
+        mtime_nsec: u32,
+    },
     /// Transfer `id` will not complete (file vanished or could not be read).
     FileAbort {
         /// Transfer id.
@@ -360,6 +385,7 @@ impl ClientMsg {
             ClientMsg::SigRequest { .. } => "SigRequest",
             ClientMsg::FileData { .. } => "FileData",
             ClientMsg::FileEnd { .. } => "FileEnd",
+            ClientMsg::FileClone { .. } => "FileClone",
             ClientMsg::FileAbort { .. } => "FileAbort",
             ClientMsg::BackupEnd => "BackupEnd",
             ClientMsg::ListSnapshots => "ListSnapshots",
@@ -389,6 +415,9 @@ impl ClientMsg {
                 Ok(())
             }
             ClientMsg::FileEnd {
+                size, mtime_nsec, ..
+            }
+            | ClientMsg::FileClone {
                 size, mtime_nsec, ..
             } => {
                 if *size > MAX_FILE_SIZE || *mtime_nsec >= 1_000_000_000 {
@@ -438,6 +467,12 @@ pub enum ServerMsg {
         /// Transfer id.
         id: u32,
     },
+    /// Reply to [`ClientMsg::FileClone`]: the server does not hold that
+    /// content (or its copy did not check out); send the data (no basis).
+    SendData {
+        /// Transfer id.
+        id: u32,
+    },
     /// Backup committed.
     BackupDone {
         /// Name of the snapshot taken, if one was.
@@ -482,6 +517,7 @@ impl ServerMsg {
             ServerMsg::Signature { .. } => "Signature",
             ServerMsg::FileOk { .. } => "FileOk",
             ServerMsg::FileRetry { .. } => "FileRetry",
+            ServerMsg::SendData { .. } => "SendData",
             ServerMsg::BackupDone { .. } => "BackupDone",
             ServerMsg::Snapshots(_) => "Snapshots",
             ServerMsg::ManifestPart(_) => "ManifestPart",

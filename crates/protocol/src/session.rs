@@ -43,8 +43,15 @@ impl Phase {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Transfer {
-    /// Announced; data may come.
-    Open { basis: bool, sig_requested: bool },
+    /// Announced; data may come. `twin`: nothing sent yet and the server
+    /// would take a [`ClientMsg::FileClone`].
+    Open {
+        basis: bool,
+        sig_requested: bool,
+        twin: bool,
+    },
+    /// FileClone seen; waiting for FileOk or SendData.
+    Offered,
     /// FileEnd or FileAbort seen; waiting for FileOk or FileRetry.
     Ended,
 }
@@ -116,6 +123,7 @@ impl BackupState {
                 Transfer::Open {
                     basis: n.basis,
                     sig_requested: false,
+                    twin: n.twin && !n.basis,
                 },
             );
         }
@@ -151,6 +159,7 @@ impl BackupState {
             Transfer::Open {
                 basis: true,
                 sig_requested,
+                ..
             } if !*sig_requested => *sig_requested = true,
             _ => {
                 return Err(ProtocolError::Unexpected {
@@ -165,6 +174,49 @@ impl BackupState {
         Ok(())
     }
 
+    /// FileData: after data, the transfer can no longer be offered for cloning.
+    fn data(&mut self, id: u32) -> Result<(), ProtocolError> {
+        if let Transfer::Open { twin, .. } = self.open(id, "FileData")? {
+            *twin = false;
+        }
+        Ok(())
+    }
+
+    fn offer(&mut self, id: u32) -> Result<(), ProtocolError> {
+        let t = self.open(id, "FileClone")?;
+        match t {
+            Transfer::Open { twin: true, .. } => {
+                *t = Transfer::Offered;
+                Ok(())
+            }
+            _ => Err(ProtocolError::Unexpected {
+                got: "FileClone",
+                state: "transfer not offered for cloning, or data already sent",
+            }),
+        }
+    }
+
+    /// SendData: the offer was not taken; data follows, with no basis.
+    fn offer_declined(&mut self, id: u32) -> Result<(), ProtocolError> {
+        match self.transfers.get(&id) {
+            Some(Transfer::Offered) => {
+                self.transfers.insert(
+                    id,
+                    Transfer::Open {
+                        basis: false,
+                        sig_requested: false,
+                        twin: false,
+                    },
+                );
+                Ok(())
+            }
+            _ => Err(ProtocolError::Unexpected {
+                got: "SendData",
+                state: "no clone offered",
+            }),
+        }
+    }
+
     fn end(&mut self, id: u32, what: &'static str) -> Result<(), ProtocolError> {
         let t = self.open(id, what)?;
         *t = Transfer::Ended;
@@ -173,6 +225,10 @@ impl BackupState {
 
     fn resolve(&mut self, id: u32, retry: bool) -> Result<(), ProtocolError> {
         match self.transfers.get(&id) {
+            Some(Transfer::Offered) if !retry => {
+                self.transfers.remove(&id);
+                Ok(())
+            }
             Some(Transfer::Ended) => {
                 if retry {
                     self.transfers.insert(
@@ -180,6 +236,7 @@ impl BackupState {
                         Transfer::Open {
                             basis: false,
                             sig_requested: false,
+                            twin: false,
                         },
                     );
                 } else {
@@ -250,9 +307,8 @@ impl ServerSession {
             }
             (Phase::Backup, ClientMsg::Entries(e)) => self.backup.check_entries(e)?,
             (Phase::Backup, ClientMsg::SigRequest { id }) => self.backup.sig_request(*id)?,
-            (Phase::Backup, ClientMsg::FileData { id, .. }) => {
-                self.backup.open(*id, "FileData")?;
-            }
+            (Phase::Backup, ClientMsg::FileData { id, .. }) => self.backup.data(*id)?,
+            (Phase::Backup, ClientMsg::FileClone { id, .. }) => self.backup.offer(*id)?,
             (Phase::Backup, ClientMsg::FileEnd { id, .. }) => self.backup.end(*id, "FileEnd")?,
             (Phase::Backup, ClientMsg::FileAbort { id }) => self.backup.end(*id, "FileAbort")?,
             (Phase::Backup, ClientMsg::BackupEnd) => {
@@ -292,6 +348,7 @@ impl ServerSession {
             }
             (Phase::Backup, ServerMsg::FileOk { id }) => self.backup.resolve(*id, false)?,
             (Phase::Backup, ServerMsg::FileRetry { id }) => self.backup.resolve(*id, true)?,
+            (Phase::Backup, ServerMsg::SendData { id }) => self.backup.offer_declined(*id)?,
             (Phase::Ending, ServerMsg::BackupDone { .. }) => self.phase = Phase::Idle,
             (
                 Phase::Reading,
@@ -357,9 +414,8 @@ impl ClientSession {
                 self.backup.sig_request(*id)?;
                 self.sigs_wanted.push(*id);
             }
-            (Phase::Backup, ClientMsg::FileData { id, .. }) => {
-                self.backup.open(*id, "FileData")?;
-            }
+            (Phase::Backup, ClientMsg::FileData { id, .. }) => self.backup.data(*id)?,
+            (Phase::Backup, ClientMsg::FileClone { id, .. }) => self.backup.offer(*id)?,
             (Phase::Backup, ClientMsg::FileEnd { id, .. }) => self.backup.end(*id, "FileEnd")?,
             (Phase::Backup, ClientMsg::FileAbort { id }) => self.backup.end(*id, "FileAbort")?,
             (Phase::Backup, ClientMsg::BackupEnd) => {
@@ -411,6 +467,7 @@ impl ClientSession {
             }
             (Phase::Backup, ServerMsg::FileOk { id }) => self.backup.resolve(*id, false)?,
             (Phase::Backup, ServerMsg::FileRetry { id }) => self.backup.resolve(*id, true)?,
+            (Phase::Backup, ServerMsg::SendData { id }) => self.backup.offer_declined(*id)?,
             (Phase::Ending, ServerMsg::BackupDone { .. }) => self.phase = Phase::Idle,
             (
                 Phase::Reading,
@@ -512,11 +569,13 @@ mod tests {
                     index: 0,
                     id: id0,
                     basis: false,
+                    twin: false,
                 },
                 Need {
                     index: 1,
                     id: id1,
                     basis: true,
+                    twin: false,
                 },
             ]),
         );
@@ -613,5 +672,115 @@ mod tests {
         s.on_recv(&ClientMsg::Entries(vec![entry("b", 1)])).unwrap();
         assert!(s.on_recv(&ClientMsg::Entries(vec![entry("a", 1)])).is_err());
         assert!(s.on_recv(&ClientMsg::Entries(vec![entry("b", 1)])).is_err());
+    }
+
+    fn clone_offer(id: u32) -> ClientMsg {
+        ClientMsg::FileClone {
+            id,
+            size: 5 << 20,
+            hash: [7; 32],
+            mtime_sec: 0,
+            mtime_nsec: 0,
+        }
+    }
+
+    /// A server session in a backup that announced `needs` for a batch of three.
+    fn backup_with(needs: Vec<Need>) -> ServerSession {
+        let mut s = ServerSession {
+            phase: Phase::Backup,
+            backup: BackupState::default(),
+        };
+        s.on_recv(&ClientMsg::Entries(vec![
+            entry("a", 5 << 20),
+            entry("b", 5 << 20),
+            entry("c", 5 << 20),
+        ]))
+        .unwrap();
+        s.on_send(&ServerMsg::Needs(needs)).unwrap();
+        s
+    }
+
+    #[test]
+    fn a_clone_offer_is_taken_or_declined_once_and_only_when_invited() {
+        let need = |index, basis, twin| Need {
+            index,
+            id: index,
+            basis,
+            twin,
+        };
+        let mut s = backup_with(vec![
+            need(0, false, true),
+            need(1, false, true),
+            need(2, false, false),
+        ]);
+        // Not invited: refused.
+        assert!(s.on_recv(&clone_offer(2)).is_err());
+        let mut s = backup_with(vec![
+            need(0, false, true),
+            need(1, false, true),
+            need(2, false, false),
+        ]);
+        // Taken: FileOk ends the transfer.
+        s.on_recv(&clone_offer(0)).unwrap();
+        assert!(s.on_recv(&clone_offer(0)).is_err());
+        let mut s = backup_with(vec![
+            need(0, false, true),
+            need(1, false, true),
+            need(2, true, true),
+        ]);
+        s.on_recv(&clone_offer(0)).unwrap();
+        // No data while the offer is open, and FileRetry is no answer to it.
+        let delta = Compressed::compress(b"x", 1).unwrap();
+        assert!(s
+            .on_recv(&ClientMsg::FileData {
+                id: 0,
+                delta: delta.clone()
+            })
+            .is_err());
+        let mut s = backup_with(vec![
+            need(0, false, true),
+            need(1, false, true),
+            need(2, true, true),
+        ]);
+        s.on_recv(&clone_offer(0)).unwrap();
+        assert!(s.on_send(&ServerMsg::FileRetry { id: 0 }).is_err());
+        let mut s = backup_with(vec![
+            need(0, false, true),
+            need(1, false, true),
+            need(2, true, true),
+        ]);
+        s.on_recv(&clone_offer(0)).unwrap();
+        s.on_send(&ServerMsg::FileOk { id: 0 }).unwrap();
+        // Declined: data follows, and no second offer.
+        s.on_recv(&clone_offer(1)).unwrap();
+        assert!(s.on_send(&ServerMsg::SendData { id: 0 }).is_err());
+        s.on_send(&ServerMsg::SendData { id: 1 }).unwrap();
+        assert!(s.on_recv(&clone_offer(1)).is_err());
+        let mut s = backup_with(vec![
+            need(0, false, true),
+            need(1, false, true),
+            need(2, true, true),
+        ]);
+        s.on_recv(&clone_offer(1)).unwrap();
+        s.on_send(&ServerMsg::SendData { id: 1 }).unwrap();
+        s.on_recv(&ClientMsg::FileData {
+            id: 1,
+            delta: delta.clone(),
+        })
+        .unwrap();
+        // A transfer with a basis is never offered; data closes the invitation.
+        let mut s = backup_with(vec![
+            need(0, false, true),
+            need(1, false, true),
+            need(2, true, true),
+        ]);
+        assert!(s.on_recv(&clone_offer(2)).is_err());
+        let mut s = backup_with(vec![
+            need(0, false, true),
+            need(1, false, true),
+            need(2, true, true),
+        ]);
+        s.on_recv(&ClientMsg::FileData { id: 0, delta }).unwrap();
+        assert!(s.on_recv(&clone_offer(0)).is_err());
     }
 }

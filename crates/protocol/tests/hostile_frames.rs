@@ -59,6 +59,7 @@ fn feed(bytes: &[u8]) {
                             index: 0,
                             id,
                             basis: false,
+                            twin: false,
                         };
                         let _ = session.on_send(&ServerMsg::Needs(if e.len() > 1 {
                             vec![need]

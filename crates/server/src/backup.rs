@@ -45,13 +45,14 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use byteback_delta::{apply_ops, DeltaError, FileHasher, PatchSink, SignatureBuilder};
 use byteback_protocol::codec::ChunkDecompressor;
-use byteback_protocol::limits::{MAX_BUFFERED_BYTES, MAX_PENDING};
+use byteback_protocol::limits::{MAX_BUFFERED_BYTES, MAX_PENDING, TWIN_MIN};
 use byteback_protocol::{compare_paths, BackupStats, Compressed, Entry, Kind, ManifestEntry, Need};
 use rustix::fs::FileType;
 
 use crate::fsops::{self, split};
 use crate::manifest::{ManifestReader, ManifestWriter, PeekableManifest};
 use crate::store::{disk_path, HostStore, META_DIR, META_DIR_NAME};
+use crate::twins::{self, TwinIndex};
 
 const FS_BLOCK: u64 = 4096;
 const IO_CHUNK: usize = 1 << 20;
@@ -183,6 +184,9 @@ struct Transfer {
     /// Bytes of `out` whose writeback has been started.
     flushed: u64,
     hasher: FileHasher,
+    /// Content hash of what `out` holds, when it was filled from a stored
+    /// twin and hashed from `out` (instead of through `hasher`).
+    verified: Option<[u8; 32]>,
     retried: bool,
     /// Writing hit "no space left on device": the rest of its data is
     /// dropped, and its end asks for room and a resend.
@@ -256,6 +260,8 @@ pub struct BackupReceiver {
 
     btrfs: bool,
     clone_ok: bool,
+    /// Stored content by hash, built from the old manifest when first needed.
+    twins: Option<TwinIndex>,
     /// Counters reported to the client.
     pub stats: BackupStats,
     /// Non-fatal problems to report.
@@ -334,6 +340,7 @@ impl BackupReceiver {
         let mut rx = BackupReceiver {
             btrfs: host.btrfs,
             clone_ok: host.btrfs,
+            twins: None,
             current,
             meta,
             meta_path,
@@ -483,11 +490,12 @@ impl BackupReceiver {
     pub fn entries(&mut self, entries: Vec<Entry>) -> Result<Vec<Need>> {
         let mut needs = vec![];
         for (i, e) in entries.into_iter().enumerate() {
-            if let Some((id, basis)) = self.entry(e)? {
+            if let Some((id, basis, twin)) = self.entry(e)? {
                 needs.push(Need {
                     index: i as u32,
                     id,
                     basis,
+                    twin,
                 });
             }
         }
@@ -588,7 +596,10 @@ impl BackupReceiver {
         Ok(())
     }
 
-    fn entry(&mut self, e: Entry) -> Result<Option<(u32, bool)>> {
+    /// Handles one entry; for a file that needs data: its transfer id,
+    /// whether it has a basis, and whether a stored file of its size could
+    /// be its twin (see [`crate::twins`]).
+    fn entry(&mut self, e: Entry) -> Result<Option<(u32, bool, bool)>> {
         self.stats.entries += 1;
         // An old entry before this one is not sent any more: it is deleted.
         if let Some(p) = self.old.peek() {
@@ -762,6 +773,7 @@ impl BackupReceiver {
                     fsops::create_new(&self.partial, &partial)?
                 };
                 let has_basis = basis.is_some();
+                let twin = !has_basis && size >= TWIN_MIN && self.twins().has_size(size);
                 let seq = self.push_slot(Slot::Waiting, e.buffer_cost())?;
                 self.transfers.insert(
                     id,
@@ -778,12 +790,13 @@ impl BackupReceiver {
                         written: 0,
                         flushed: 0,
                         hasher: FileHasher::new(),
+                        verified: None,
                         retried: false,
                         nospace: false,
                         nospace_rounds: 0,
                     },
                 );
-                Ok(Some((id, has_basis)))
+                Ok(Some((id, has_basis, twin)))
             }
             _ => bail!("unreachable entry kind"),
         }
@@ -1011,7 +1024,7 @@ impl BackupReceiver {
             self.drop_prev(id)?;
             return Ok(TransferResult::NoSpace { path, need: size });
         }
-        let ok = t.written == size && t.hasher.finish() == hash;
+        let ok = t.written == size && t.verified.unwrap_or_else(|| t.hasher.finish()) == hash;
         if !ok {
             if !t.retried {
                 // Never commit a file that fails its hash: start over without a basis.
@@ -1077,6 +1090,97 @@ impl BackupReceiver {
         );
         self.flush_slots()?;
         Ok(TransferResult::Ok)
+    }
+
+    /// The index of stored content, read from the old manifest the first
+    /// time it is needed. A manifest that cannot be read gives an empty
+    /// index (and a warning): files are then sent, never wrongly cloned.
+    fn twins(&mut self) -> &TwinIndex {
+        if self.twins.is_none() {
+            let path = self.meta_path.join("manifest");
+            let loaded = if self.has_manifest {
+                fsops::open_file(&self.meta, MANIFEST)
+                    .and_then(|f| TwinIndex::load(f, &path))
+                    .map_err(|e| {
+                        self.warnings.push(format!(
+                            "cannot index stored files for moved and copied ones ({e}); they are sent"
+                        ))
+                    })
+                    .unwrap_or_default()
+            } else {
+                TwinIndex::default()
+            };
+            if loaded.left_out > 0 {
+                tracing::warn!(
+                    "the index of stored files for moved and copied ones is full ({} files); {} larger files are not offered for cloning",
+                    loaded.len(),
+                    loaded.left_out
+                );
+            }
+            self.twins = Some(loaded);
+        }
+        self.twins.get_or_insert_with(TwinIndex::default)
+    }
+
+    /// The client says new file `id` has content `hash` (and nothing was
+    /// sent): when a stored file of this host's `current` has that content
+    /// by the old manifest, it is cloned (or copied) into the transfer's
+    /// file, hashed again from there and committed as if received. Returns
+    /// false when the content is not held or the copy does not check out:
+    /// the client then sends the data, and nothing of this attempt is kept.
+    pub fn offer(&mut self, id: u32, size: u64, hash: [u8; 32], mtime: (i64, u32)) -> Result<bool> {
+        let src_path = match self.twins().find(&hash, size) {
+            Some(p) => p.to_vec(),
+            None => return Ok(false),
+        };
+        let clone_ok = self.clone_ok;
+        let t = self
+            .transfers
+            .get_mut(&id)
+            .ok_or_else(|| anyhow!("unknown transfer {id}"))?;
+        if t.basis.is_some() || t.written != 0 || t.entry.size() != size || src_path == t.entry.path
+        {
+            return Ok(false);
+        }
+        let Some(src) = twins::open_stored(&self.current, &src_path, size) else {
+            return Ok(false);
+        };
+        let copied = twins::copy_into(&src, &t.out, size, clone_ok);
+        let (got, shared) = match copied {
+            Ok(x) => x,
+            Err(e) => {
+                t.out.set_len(0)?;
+                if is_no_space(&e) {
+                    // Sending it needs the same room: that path makes it.
+                    return Ok(false);
+                }
+                let path = String::from_utf8_lossy(&t.entry.path).into_owned();
+                self.warnings.push(format!(
+                    "{path}: cannot copy its stored twin ({e}); sent instead"
+                ));
+                return Ok(false);
+            }
+        };
+        if got != hash {
+            t.out.set_len(0)?;
+            return Ok(false);
+        }
+        if !shared {
+            self.clone_ok = false;
+        }
+        // Hashed from the file itself just now: `end` checks that.
+        t.verified = Some(got);
+        t.written = size;
+        t.flushed = size;
+        match self.end(id, size, hash, mtime)? {
+            TransferResult::Ok => {
+                self.stats.files_transferred = self.stats.files_transferred.saturating_sub(1);
+                self.stats.cloned += 1;
+                self.stats.matched_bytes += size;
+                Ok(true)
+            }
+            _ => bail!("a verified clone failed its commit"),
+        }
     }
 
     /// Gives up on transfer `id`; the previous version, if any, stays.

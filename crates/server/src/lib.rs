@@ -25,4 +25,5 @@ pub mod status;
 pub mod store;
 pub mod time;
 pub mod timed;
+pub mod twins;
 pub mod verify;

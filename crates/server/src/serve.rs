@@ -353,6 +353,19 @@ fn receive<R: Read, W: Write>(
                     conn.send(&ServerMsg::FileRetry { id })?;
                 }
             },
+            ClientMsg::FileClone {
+                id,
+                size,
+                hash,
+                mtime_sec,
+                mtime_nsec,
+            } => {
+                if rx.offer(id, size, hash, (mtime_sec, mtime_nsec))? {
+                    conn.send(&ServerMsg::FileOk { id })?;
+                } else {
+                    conn.send(&ServerMsg::SendData { id })?;
+                }
+            }
             ClientMsg::FileAbort { id } => {
                 rx.abort(id)?;
                 conn.send(&ServerMsg::FileOk { id })?;
