@@ -1257,3 +1257,54 @@ fn a_failed_fallback_snapshot_is_cleaned_up() {
     assert!(!left.exists(), "the leftover is still there");
     assert_eq!(snapshots(&store, "fb").len(), 2);
 }
+
+/// An I/O error while storing names the file it happened on (here a
+/// directory of `current` made immutable, so nothing can change in it); the
+/// next backup, with the directory writable again, completes.
+#[test]
+fn a_storage_error_names_the_path() {
+    if !require_root("chattr +i on a btrfs loop filesystem") {
+        return;
+    }
+    let d = scratch();
+    let fs_ = BtrfsLoop::new(300);
+    let store = fs_.mount.join("store");
+    write_config(&store);
+    let src = d.path().join("src");
+    fs::create_dir_all(src.join("dir")).unwrap();
+    fs::write(src.join("dir/old"), "old").unwrap();
+    backup(&store, &src, "t");
+    fs::write(src.join("dir/new-file"), "new").unwrap();
+    let stored_dir = store
+        .join("t/current")
+        .join(src.strip_prefix("/").unwrap())
+        .join("dir");
+    let chattr = |flag: &str| {
+        let st = Command::new("chattr")
+            .arg(flag)
+            .arg(&stored_dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "chattr {flag}");
+    };
+    chattr("+i");
+    let o = run_status(&mut backup_cmd(&store, &src, "t", 0));
+    chattr("-i");
+    let e = stderr(&o);
+    assert!(
+        !o.status.success(),
+        "a backup into an immutable directory: {e}"
+    );
+    // Paths on the wire are relative to `/`.
+    let named = src.join("dir/new-file");
+    let named = named.strip_prefix("/").unwrap();
+    assert!(
+        e.contains(&format!("storing {}", named.display()))
+            && e.contains("Operation not permitted"),
+        "the error does not name the path and the cause: {e}"
+    );
+    let o = run_status(&mut backup_cmd(&store, &src, "t", 0));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let root = restore_all(&store, "t", None, &d.path().join("r"));
+    assert_same_tree(&src, &restored_path(&root, &src));
+}

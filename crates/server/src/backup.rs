@@ -490,7 +490,12 @@ impl BackupReceiver {
     pub fn entries(&mut self, entries: Vec<Entry>) -> Result<Vec<Need>> {
         let mut needs = vec![];
         for (i, e) in entries.into_iter().enumerate() {
-            if let Some((id, basis, twin)) = self.entry(e)? {
+            // Every error names the entry it happened on.
+            let path = e.path.clone();
+            let handled = self
+                .entry(e)
+                .with_context(|| format!("storing {}", byteback_protocol::escape_bytes(&path)))?;
+            if let Some((id, basis, twin)) = handled {
                 needs.push(Need {
                     index: i as u32,
                     id,
@@ -501,6 +506,15 @@ impl BackupReceiver {
         }
         self.flush_slots()?;
         Ok(needs)
+    }
+
+    /// What transfer `id` writes, for error messages: its client path,
+    /// escaped, or the bare id once the transfer is gone.
+    pub fn transfer_name(&self, id: u32) -> String {
+        match self.transfers.get(&id) {
+            Some(t) => byteback_protocol::escape_bytes(&t.entry.path),
+            None => format!("transfer {id}"),
+        }
     }
 
     fn push_slot(&mut self, s: Slot, cost: usize) -> Result<u64> {

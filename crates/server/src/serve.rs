@@ -328,31 +328,44 @@ fn receive<R: Read, W: Write>(
                 conn.send(&ServerMsg::Needs(needs))?;
             }
             ClientMsg::SigRequest { id } => {
-                let sig = rx.signature(id)?;
+                let name = rx.transfer_name(id);
+                let sig = rx
+                    .signature(id)
+                    .with_context(|| format!("reading the stored copy of {name}"))?;
                 conn.send(&ServerMsg::Signature { id, sig })?;
             }
-            ClientMsg::FileData { id, delta } => rx.data(id, &delta)?,
+            ClientMsg::FileData { id, delta } => {
+                let name = rx.transfer_name(id);
+                rx.data(id, &delta)
+                    .with_context(|| format!("writing {name}"))?;
+            }
             ClientMsg::FileEnd {
                 id,
                 size,
                 hash,
                 mtime_sec,
                 mtime_nsec,
-            } => match rx.end(id, size, hash, (mtime_sec, mtime_nsec))? {
-                TransferResult::Ok => conn.send(&ServerMsg::FileOk { id })?,
-                TransferResult::Retry => conn.send(&ServerMsg::FileRetry { id })?,
-                TransferResult::NoSpace { path, need } => {
-                    rx.note_no_space()?;
-                    // Rebuilds kept from interrupted runs go first.
-                    let freed = rx.drop_idle_partials()?;
-                    if freed > 0 {
-                        eprintln!("byteback-server: no space left on device writing {path:?}: removed {freed} bytes of interrupted transfers' partial copies");
+            } => {
+                let name = rx.transfer_name(id);
+                let ended = rx
+                    .end(id, size, hash, (mtime_sec, mtime_nsec))
+                    .with_context(|| format!("finishing {name}"))?;
+                match ended {
+                    TransferResult::Ok => conn.send(&ServerMsg::FileOk { id })?,
+                    TransferResult::Retry => conn.send(&ServerMsg::FileRetry { id })?,
+                    TransferResult::NoSpace { path, need } => {
+                        rx.note_no_space()?;
+                        // Rebuilds kept from interrupted runs go first.
+                        let freed = rx.drop_idle_partials()?;
+                        if freed > 0 {
+                            eprintln!("byteback-server: no space left on device writing {path:?}: removed {freed} bytes of interrupted transfers' partial copies");
+                        }
+                        let now = cfg.now.unwrap_or_else(time::now);
+                        crate::pruner::make_room(store, config, now, need, &path)?;
+                        conn.send(&ServerMsg::FileRetry { id })?;
                     }
-                    let now = cfg.now.unwrap_or_else(time::now);
-                    crate::pruner::make_room(store, config, now, need, &path)?;
-                    conn.send(&ServerMsg::FileRetry { id })?;
                 }
-            },
+            }
             ClientMsg::FileClone {
                 id,
                 size,
@@ -360,14 +373,20 @@ fn receive<R: Read, W: Write>(
                 mtime_sec,
                 mtime_nsec,
             } => {
-                if rx.offer(id, size, hash, (mtime_sec, mtime_nsec))? {
+                let name = rx.transfer_name(id);
+                let cloned = rx
+                    .offer(id, size, hash, (mtime_sec, mtime_nsec))
+                    .with_context(|| format!("cloning a stored copy for {name}"))?;
+                if cloned {
                     conn.send(&ServerMsg::FileOk { id })?;
                 } else {
                     conn.send(&ServerMsg::SendData { id })?;
                 }
             }
             ClientMsg::FileAbort { id } => {
-                rx.abort(id)?;
+                let name = rx.transfer_name(id);
+                rx.abort(id)
+                    .with_context(|| format!("giving up on {name}"))?;
                 conn.send(&ServerMsg::FileOk { id })?;
             }
             ClientMsg::BackupEnd => {
