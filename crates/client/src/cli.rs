@@ -403,15 +403,7 @@ pub fn backup_main() -> ExitCode {
     let mut report = BackupJson::default();
     let code = match backup(args, level, &mut report) {
         Ok(code) => code,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            report.errors.push(format!("{e:#}"));
-            if e.chain().any(|c| c.is::<Usage>()) {
-                EXIT_USAGE
-            } else {
-                1
-            }
-        }
+        Err(e) => failed(&e, &mut report.errors),
     };
     if json {
         report.exit_code = code;
@@ -420,6 +412,18 @@ pub fn backup_main() -> ExitCode {
         print_json(&report);
     }
     ExitCode::from(code)
+}
+
+/// Logs the error a run ended with, records it for `--json` and gives its
+/// exit code (2 for a usage error).
+fn failed(e: &anyhow::Error, errors: &mut Vec<String>) -> u8 {
+    tracing::error!("{e:#}");
+    errors.push(format!("{e:#}"));
+    if e.chain().any(|c| c.is::<Usage>()) {
+        EXIT_USAGE
+    } else {
+        1
+    }
 }
 
 fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Result<u8> {
@@ -794,15 +798,7 @@ pub fn restore_main() -> ExitCode {
     let mut report = RestoreJson::default();
     let code = match restore_cmd(args, &mut report) {
         Ok(code) => code,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            report.errors.push(format!("{e:#}"));
-            if e.chain().any(|c| c.is::<Usage>()) {
-                EXIT_USAGE
-            } else {
-                1
-            }
-        }
+        Err(e) => failed(&e, &mut report.errors),
     };
     if json {
         report.exit_code = code;
