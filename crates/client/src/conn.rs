@@ -152,11 +152,6 @@ impl ConnWriter {
     pub fn flush(&mut self) -> Result<()> {
         self.w.flush().context("cannot write to the server")
     }
-
-    /// Shared session state (for flow control).
-    pub fn session(&self) -> Arc<Mutex<ClientSession>> {
-        self.session.clone()
-    }
 }
 
 /// An `Error` frame: the server's own account of why it stopped (shown as

@@ -21,8 +21,6 @@ pub const MAX_PENDING: usize = 8192;
 /// to hold behind a file whose transfer is not finished yet; the client's flow
 /// control keeps below it and the server refuses a client that does not.
 pub const MAX_BUFFERED_BYTES: usize = 8 << 20;
-/// Most files the client streams at the same time.
-pub const MAX_IN_FLIGHT: usize = 32;
 /// Most extended attributes per entry.
 pub const MAX_XATTRS: usize = 256;
 /// Longest xattr name.

@@ -4,12 +4,19 @@
 //! (`on_recv`) through their session object. A message the protocol does not
 //! allow at that point is an error, whatever its contents, so a hostile or
 //! confused peer is stopped before its message is acted on.
+//!
+//! Both views share one state machine ([`Session`]): the client's `on_send`
+//! and the server's `on_recv` check a [`ClientMsg`] with the same code, and
+//! the other two a [`ServerMsg`]. The session is where message order, transfer
+//! ids and the pending-entry cap ([`MAX_PENDING`]) are enforced; flow control
+//! (how far ahead the client announces, how much the server buffers) stays
+//! with each side, sized by the same constants in [`crate::limits`].
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use crate::error::ProtocolError;
-use crate::limits::{MAX_IN_FLIGHT, MAX_PENDING};
+use crate::limits::MAX_PENDING;
 use crate::messages::{ClientMsg, Kind, ServerMsg};
 use crate::path::compare_paths;
 use crate::{MAGIC, PROTOCOL_VERSION};
@@ -41,28 +48,50 @@ impl Phase {
     }
 }
 
+/// Where a transfer's block signature stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sig {
+    /// The transfer has no basis: no signature can be asked for.
+    NoBasis,
+    /// A basis exists; the client has not asked for its signature.
+    Available,
+    /// Asked for; the server owes a [`ServerMsg::Signature`].
+    Requested,
+    /// Sent.
+    Sent,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Transfer {
     /// Announced; data may come. `twin`: nothing sent yet and the server
     /// would take a [`ClientMsg::FileClone`].
-    Open {
-        basis: bool,
-        sig_requested: bool,
-        twin: bool,
-    },
+    Open { sig: Sig, twin: bool },
     /// FileClone seen; waiting for FileOk or SendData.
     Offered,
     /// FileEnd or FileAbort seen; waiting for FileOk or FileRetry.
     Ended,
 }
 
-/// State shared by both sides of a backup: batches awaiting `Needs`, transfers in progress.
+impl Transfer {
+    /// A transfer whose data comes whole (a retry, or a declined clone offer).
+    const WHOLE: Transfer = Transfer::Open {
+        sig: Sig::NoBasis,
+        twin: false,
+    };
+}
+
+/// The state of a backup: batches awaiting `Needs`, transfers in progress.
+///
+/// Bounded: entries may only be announced while fewer than [`MAX_PENDING`] are
+/// unanswered or in transfer, so `transfers` and `batches_unanswered` never
+/// hold more than that many, whatever the peer sends.
 #[derive(Debug, Default)]
 struct BackupState {
     last_path: Option<Vec<u8>>,
-    batches_unanswered: Vec<u32>,
+    batches_unanswered: VecDeque<u32>,
+    /// Sum of `batches_unanswered`.
+    unanswered: usize,
     transfers: HashMap<u32, Transfer>,
-    next_id: u32,
 }
 
 impl BackupState {
@@ -84,29 +113,24 @@ impl BackupState {
             }
             self.last_path = Some(e.path.clone());
         }
-        let pending = self.transfers.len()
-            + self
-                .batches_unanswered
-                .iter()
-                .map(|&n| n as usize)
-                .sum::<usize>();
-        if pending + entries.len() > MAX_PENDING {
+        if self.transfers.len() + self.unanswered + entries.len() > MAX_PENDING {
             return Err(ProtocolError::Limit(format!(
                 "more than {MAX_PENDING} files pending"
             )));
         }
-        self.batches_unanswered.push(entries.len() as u32);
+        self.batches_unanswered.push_back(entries.len() as u32);
+        self.unanswered += entries.len();
         Ok(())
     }
 
     fn answer_batch(&mut self, needs: &[crate::Need]) -> Result<(), ProtocolError> {
-        if self.batches_unanswered.is_empty() {
+        let Some(size) = self.batches_unanswered.pop_front() else {
             return Err(ProtocolError::Unexpected {
                 got: "Needs",
                 state: "no batch is waiting",
             });
-        }
-        let size = self.batches_unanswered.remove(0);
+        };
+        self.unanswered -= size as usize;
         let mut prev: Option<u32> = None;
         for n in needs {
             if n.index >= size || prev.is_some_and(|p| p >= n.index) {
@@ -118,14 +142,13 @@ impl BackupState {
             if self.transfers.contains_key(&n.id) {
                 return Err(ProtocolError::Limit(format!("transfer id {} reused", n.id)));
             }
-            self.transfers.insert(
-                n.id,
-                Transfer::Open {
-                    basis: n.basis,
-                    sig_requested: false,
-                    twin: n.twin && !n.basis,
-                },
-            );
+            let sig = if n.basis {
+                Sig::Available
+            } else {
+                Sig::NoBasis
+            };
+            let twin = n.twin && !n.basis;
+            self.transfers.insert(n.id, Transfer::Open { sig, twin });
         }
         Ok(())
     }
@@ -140,38 +163,22 @@ impl BackupState {
         }
     }
 
-    fn sig_request(&mut self, id: u32) -> Result<(), ProtocolError> {
-        let in_flight = self
-            .transfers
-            .values()
-            .filter(|t| {
-                matches!(
-                    t,
-                    Transfer::Open {
-                        sig_requested: true,
-                        ..
-                    }
-                )
-            })
-            .count();
-        let t = self.open(id, "SigRequest")?;
-        match t {
-            Transfer::Open {
-                basis: true,
-                sig_requested,
-                ..
-            } if !*sig_requested => *sig_requested = true,
-            _ => {
-                return Err(ProtocolError::Unexpected {
-                    got: "SigRequest",
-                    state: "transfer has no basis",
-                })
+    /// Moves an open transfer's signature from `from` to `to`.
+    fn sig_step(
+        &mut self,
+        id: u32,
+        what: &'static str,
+        from: Sig,
+        to: Sig,
+        state: &'static str,
+    ) -> Result<(), ProtocolError> {
+        match self.open(id, what)? {
+            Transfer::Open { sig, .. } if *sig == from => {
+                *sig = to;
+                Ok(())
             }
+            _ => Err(ProtocolError::Unexpected { got: what, state }),
         }
-        if in_flight >= MAX_PENDING {
-            return Err(ProtocolError::Limit("too many signatures requested".into()));
-        }
-        Ok(())
     }
 
     /// FileData: after data, the transfer can no longer be offered for cloning.
@@ -198,16 +205,9 @@ impl BackupState {
 
     /// SendData: the offer was not taken; data follows, with no basis.
     fn offer_declined(&mut self, id: u32) -> Result<(), ProtocolError> {
-        match self.transfers.get(&id) {
-            Some(Transfer::Offered) => {
-                self.transfers.insert(
-                    id,
-                    Transfer::Open {
-                        basis: false,
-                        sig_requested: false,
-                        twin: false,
-                    },
-                );
+        match self.transfers.get_mut(&id) {
+            Some(t @ Transfer::Offered) => {
+                *t = Transfer::WHOLE;
                 Ok(())
             }
             _ => Err(ProtocolError::Unexpected {
@@ -224,24 +224,13 @@ impl BackupState {
     }
 
     fn resolve(&mut self, id: u32, retry: bool) -> Result<(), ProtocolError> {
-        match self.transfers.get(&id) {
-            Some(Transfer::Offered) if !retry => {
+        match (self.transfers.get_mut(&id), retry) {
+            (Some(Transfer::Offered), false) | (Some(Transfer::Ended), false) => {
                 self.transfers.remove(&id);
                 Ok(())
             }
-            Some(Transfer::Ended) => {
-                if retry {
-                    self.transfers.insert(
-                        id,
-                        Transfer::Open {
-                            basis: false,
-                            sig_requested: false,
-                            twin: false,
-                        },
-                    );
-                } else {
-                    self.transfers.remove(&id);
-                }
+            (Some(t @ Transfer::Ended), true) => {
+                *t = Transfer::WHOLE;
                 Ok(())
             }
             _ => Err(ProtocolError::Unexpected {
@@ -263,42 +252,32 @@ fn unexpected(got: &'static str, phase: Phase) -> ProtocolError {
     }
 }
 
-/// The server's view of a session.
+/// One session's state, the same on both sides: each side feeds it every
+/// message it sends and receives, the client's through [`Session::client_msg`]
+/// and the server's through [`Session::server_msg`].
 #[derive(Debug)]
-pub struct ServerSession {
+struct Session {
     phase: Phase,
     backup: BackupState,
 }
 
-impl Default for ServerSession {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl ServerSession {
-    /// A session waiting for the client's hello.
-    pub fn new() -> Self {
-        ServerSession {
+impl Session {
+    fn new() -> Self {
+        Session {
             phase: Phase::AwaitHello,
             backup: BackupState::default(),
         }
     }
 
-    /// Checks a received message; an error means the session must end.
-    pub fn on_recv(&mut self, msg: &ClientMsg) -> Result<(), ProtocolError> {
+    /// A message from the client to the server.
+    fn client_msg(&mut self, msg: &ClientMsg) -> Result<(), ProtocolError> {
         let p = self.phase;
         match (p, msg) {
             (Phase::AwaitHello, ClientMsg::Hello { magic, version }) => {
                 if *magic != MAGIC {
                     return Err(ProtocolError::BadMagic);
                 }
-                if *version != PROTOCOL_VERSION {
-                    return Err(ProtocolError::Version {
-                        peer: *version,
-                        ours: PROTOCOL_VERSION,
-                    });
-                }
+                check_version(*version)?;
                 self.phase = Phase::AwaitHelloOk;
             }
             (Phase::Idle, ClientMsg::BackupStart { .. }) => {
@@ -306,114 +285,13 @@ impl ServerSession {
                 self.phase = Phase::AwaitBackupReady;
             }
             (Phase::Backup, ClientMsg::Entries(e)) => self.backup.check_entries(e)?,
-            (Phase::Backup, ClientMsg::SigRequest { id }) => self.backup.sig_request(*id)?,
-            (Phase::Backup, ClientMsg::FileData { id, .. }) => self.backup.data(*id)?,
-            (Phase::Backup, ClientMsg::FileClone { id, .. }) => self.backup.offer(*id)?,
-            (Phase::Backup, ClientMsg::FileEnd { id, .. }) => self.backup.end(*id, "FileEnd")?,
-            (Phase::Backup, ClientMsg::FileAbort { id }) => self.backup.end(*id, "FileAbort")?,
-            (Phase::Backup, ClientMsg::BackupEnd) => {
-                if !self.backup.idle() {
-                    return Err(ProtocolError::Unexpected {
-                        got: "BackupEnd",
-                        state: "transfers still open",
-                    });
-                }
-                self.phase = Phase::Ending;
-            }
-            (
-                Phase::Idle,
-                ClientMsg::ListSnapshots
-                | ClientMsg::ListSnapshotKinds
-                | ClientMsg::ReadManifest { .. }
-                | ClientMsg::ReadFile { .. },
-            ) => {
-                self.phase = Phase::Reading;
-            }
-            (Phase::Idle, ClientMsg::Bye) => self.phase = Phase::Closed,
-            _ => return Err(unexpected(msg.name(), p)),
-        }
-        Ok(())
-    }
-
-    /// Records a message about to be sent; an error is a bug on our side.
-    pub fn on_send(&mut self, msg: &ServerMsg) -> Result<(), ProtocolError> {
-        let p = self.phase;
-        match (p, msg) {
-            (_, ServerMsg::Error { .. }) => self.phase = Phase::Closed,
-            (Phase::AwaitHelloOk, ServerMsg::HelloOk { .. }) => self.phase = Phase::Idle,
-            (Phase::AwaitBackupReady, ServerMsg::BackupReady) => self.phase = Phase::Backup,
-            (Phase::Backup, ServerMsg::Needs(n)) => self.backup.answer_batch(n)?,
-            (Phase::Backup, ServerMsg::Signature { id, .. }) => {
-                self.backup.open(*id, "Signature")?;
-            }
-            (Phase::Backup, ServerMsg::FileOk { id }) => self.backup.resolve(*id, false)?,
-            (Phase::Backup, ServerMsg::FileRetry { id }) => self.backup.resolve(*id, true)?,
-            (Phase::Backup, ServerMsg::SendData { id }) => self.backup.offer_declined(*id)?,
-            (Phase::Ending, ServerMsg::BackupDone { .. }) => self.phase = Phase::Idle,
-            (
-                Phase::Reading,
-                ServerMsg::Snapshots(_)
-                | ServerMsg::SnapshotKinds { .. }
-                | ServerMsg::ManifestEnd
-                | ServerMsg::FileDone,
-            ) => self.phase = Phase::Idle,
-            (Phase::Reading, ServerMsg::ManifestPart(_) | ServerMsg::FilePart(_)) => {}
-            _ => return Err(unexpected(msg.name(), p)),
-        }
-        Ok(())
-    }
-
-    /// Allocates the id for the next transfer announced in a `Needs`.
-    pub fn next_transfer_id(&mut self) -> u32 {
-        let id = self.backup.next_id;
-        self.backup.next_id = self.backup.next_id.wrapping_add(1);
-        id
-    }
-
-    /// Whether the session has ended (Bye or Error).
-    pub fn is_closed(&self) -> bool {
-        self.phase == Phase::Closed
-    }
-}
-
-/// The client's view of a session.
-#[derive(Debug)]
-pub struct ClientSession {
-    phase: Phase,
-    backup: BackupState,
-    sigs_wanted: Vec<u32>,
-}
-
-impl Default for ClientSession {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl ClientSession {
-    /// A session about to send its hello.
-    pub fn new() -> Self {
-        ClientSession {
-            phase: Phase::AwaitHello,
-            backup: BackupState::default(),
-            sigs_wanted: vec![],
-        }
-    }
-
-    /// Records a message about to be sent; an error is a bug on our side.
-    pub fn on_send(&mut self, msg: &ClientMsg) -> Result<(), ProtocolError> {
-        let p = self.phase;
-        match (p, msg) {
-            (Phase::AwaitHello, ClientMsg::Hello { .. }) => self.phase = Phase::AwaitHelloOk,
-            (Phase::Idle, ClientMsg::BackupStart { .. }) => {
-                self.backup = BackupState::default();
-                self.phase = Phase::AwaitBackupReady;
-            }
-            (Phase::Backup, ClientMsg::Entries(e)) => self.backup.check_entries(e)?,
-            (Phase::Backup, ClientMsg::SigRequest { id }) => {
-                self.backup.sig_request(*id)?;
-                self.sigs_wanted.push(*id);
-            }
+            (Phase::Backup, ClientMsg::SigRequest { id }) => self.backup.sig_step(
+                *id,
+                "SigRequest",
+                Sig::Available,
+                Sig::Requested,
+                "transfer has no basis, or its signature was already asked for",
+            )?,
             (Phase::Backup, ClientMsg::FileData { id, .. }) => self.backup.data(*id)?,
             (Phase::Backup, ClientMsg::FileClone { id, .. }) => self.backup.offer(*id)?,
             (Phase::Backup, ClientMsg::FileEnd { id, .. }) => self.backup.end(*id, "FileEnd")?,
@@ -440,31 +318,24 @@ impl ClientSession {
         Ok(())
     }
 
-    /// Checks a received message; an error means the session must end.
-    pub fn on_recv(&mut self, msg: &ServerMsg) -> Result<(), ProtocolError> {
+    /// A message from the server to the client.
+    fn server_msg(&mut self, msg: &ServerMsg) -> Result<(), ProtocolError> {
         let p = self.phase;
         match (p, msg) {
             (_, ServerMsg::Error { .. }) => self.phase = Phase::Closed,
             (Phase::AwaitHelloOk, ServerMsg::HelloOk { version, .. }) => {
-                if *version != PROTOCOL_VERSION {
-                    return Err(ProtocolError::Version {
-                        peer: *version,
-                        ours: PROTOCOL_VERSION,
-                    });
-                }
+                check_version(*version)?;
                 self.phase = Phase::Idle;
             }
             (Phase::AwaitBackupReady, ServerMsg::BackupReady) => self.phase = Phase::Backup,
             (Phase::Backup, ServerMsg::Needs(n)) => self.backup.answer_batch(n)?,
-            (Phase::Backup, ServerMsg::Signature { id, .. }) => {
-                let pos = self.sigs_wanted.iter().position(|x| x == id).ok_or(
-                    ProtocolError::Unexpected {
-                        got: "Signature",
-                        state: "not requested",
-                    },
-                )?;
-                self.sigs_wanted.swap_remove(pos);
-            }
+            (Phase::Backup, ServerMsg::Signature { id, .. }) => self.backup.sig_step(
+                *id,
+                "Signature",
+                Sig::Requested,
+                Sig::Sent,
+                "signature not requested",
+            )?,
             (Phase::Backup, ServerMsg::FileOk { id }) => self.backup.resolve(*id, false)?,
             (Phase::Backup, ServerMsg::FileRetry { id }) => self.backup.resolve(*id, true)?,
             (Phase::Backup, ServerMsg::SendData { id }) => self.backup.offer_declined(*id)?,
@@ -481,22 +352,74 @@ impl ClientSession {
         }
         Ok(())
     }
+}
 
-    /// How many more files the client may announce before waiting for acknowledgements.
-    pub fn pending_room(&self) -> usize {
-        let pending = self.backup.transfers.len()
-            + self
-                .backup
-                .batches_unanswered
-                .iter()
-                .map(|&n| n as usize)
-                .sum::<usize>();
-        MAX_PENDING.saturating_sub(pending)
+fn check_version(version: u32) -> Result<(), ProtocolError> {
+    if version != PROTOCOL_VERSION {
+        return Err(ProtocolError::Version {
+            peer: version,
+            ours: PROTOCOL_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// The server's view of a session.
+#[derive(Debug)]
+pub struct ServerSession(Session);
+
+impl Default for ServerSession {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ServerSession {
+    /// A session waiting for the client's hello.
+    pub fn new() -> Self {
+        ServerSession(Session::new())
     }
 
-    /// Files currently open with a requested signature (the client streams at most [`MAX_IN_FLIGHT`]).
-    pub fn in_flight_cap(&self) -> usize {
-        MAX_IN_FLIGHT
+    /// Checks a received message; an error means the session must end.
+    pub fn on_recv(&mut self, msg: &ClientMsg) -> Result<(), ProtocolError> {
+        self.0.client_msg(msg)
+    }
+
+    /// Records a message about to be sent; an error is a bug on our side.
+    pub fn on_send(&mut self, msg: &ServerMsg) -> Result<(), ProtocolError> {
+        self.0.server_msg(msg)
+    }
+
+    /// Whether the session has ended (Bye or Error).
+    pub fn is_closed(&self) -> bool {
+        self.0.phase == Phase::Closed
+    }
+}
+
+/// The client's view of a session.
+#[derive(Debug)]
+pub struct ClientSession(Session);
+
+impl Default for ClientSession {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ClientSession {
+    /// A session about to send its hello.
+    pub fn new() -> Self {
+        ClientSession(Session::new())
+    }
+
+    /// Records a message about to be sent; an error is a bug on our side.
+    pub fn on_send(&mut self, msg: &ClientMsg) -> Result<(), ProtocolError> {
+        self.0.client_msg(msg)
+    }
+
+    /// Checks a received message; an error means the session must end.
+    pub fn on_recv(&mut self, msg: &ServerMsg) -> Result<(), ProtocolError> {
+        self.0.server_msg(msg)
     }
 }
 
@@ -559,8 +482,7 @@ mod tests {
             &mut s,
             ClientMsg::Entries(vec![entry("a", 1), entry("b", 2)]),
         );
-        let id0 = s.next_transfer_id();
-        let id1 = s.next_transfer_id();
+        let (id0, id1) = (0, 1);
         exchange_s(
             &mut c,
             &mut s,
@@ -607,10 +529,10 @@ mod tests {
         exchange_s(&mut c, &mut s, ServerMsg::FileOk { id: id0 });
         // BackupEnd is refused while a transfer is still open.
         assert!(s.on_recv(&ClientMsg::BackupEnd).is_err());
-        let mut s = ServerSession {
+        let mut s = ServerSession(Session {
             phase: Phase::Backup,
-            backup: std::mem::take(&mut s.backup),
-        };
+            backup: std::mem::take(&mut s.0.backup),
+        });
         exchange_c(
             &mut c,
             &mut s,
@@ -658,7 +580,7 @@ mod tests {
         })
         .unwrap();
         s.on_send(&ServerMsg::HelloOk {
-            version: 1,
+            version: PROTOCOL_VERSION,
             host: "h".into(),
         })
         .unwrap();
@@ -686,10 +608,10 @@ mod tests {
 
     /// A server session in a backup that announced `needs` for a batch of three.
     fn backup_with(needs: Vec<Need>) -> ServerSession {
-        let mut s = ServerSession {
+        let mut s = ServerSession(Session {
             phase: Phase::Backup,
             backup: BackupState::default(),
-        };
+        });
         s.on_recv(&ClientMsg::Entries(vec![
             entry("a", 5 << 20),
             entry("b", 5 << 20),
@@ -782,5 +704,29 @@ mod tests {
         ]);
         s.on_recv(&ClientMsg::FileData { id: 0, delta }).unwrap();
         assert!(s.on_recv(&clone_offer(0)).is_err());
+    }
+
+    #[test]
+    fn a_signature_is_asked_for_once_and_sent_once() {
+        let need = |index, basis| Need {
+            index,
+            id: index,
+            basis,
+            twin: false,
+        };
+        let sig = |id| ServerMsg::Signature { id, sig: vec![1] };
+        let mut s = backup_with(vec![need(0, true), need(1, false), need(2, true)]);
+        // Not asked for: the server may not send it.
+        assert!(s.on_send(&sig(0)).is_err());
+        // No basis: nothing to ask for.
+        assert!(s.on_recv(&ClientMsg::SigRequest { id: 1 }).is_err());
+        s.on_recv(&ClientMsg::SigRequest { id: 0 }).unwrap();
+        assert!(s.on_recv(&ClientMsg::SigRequest { id: 0 }).is_err());
+        s.on_send(&sig(0)).unwrap();
+        assert!(s.on_send(&sig(0)).is_err());
+        // A retried transfer comes whole: no signature for it.
+        s.on_recv(&ClientMsg::FileAbort { id: 2 }).unwrap();
+        s.on_send(&ServerMsg::FileRetry { id: 2 }).unwrap();
+        assert!(s.on_recv(&ClientMsg::SigRequest { id: 2 }).is_err());
     }
 }

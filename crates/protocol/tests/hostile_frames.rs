@@ -45,6 +45,7 @@ fn valid_session() -> Vec<u8> {
 fn feed(bytes: &[u8]) {
     let mut dec = FrameDecoder::new();
     let mut session = ServerSession::new();
+    let mut next_id = 0u32;
     dec.push(bytes);
     loop {
         match dec.next_frame() {
@@ -54,7 +55,8 @@ fn feed(bytes: &[u8]) {
                         return;
                     }
                     if let ClientMsg::Entries(e) = &msg {
-                        let id = session.next_transfer_id();
+                        next_id += 1;
+                        let id = next_id;
                         let need = Need {
                             index: 0,
                             id,
