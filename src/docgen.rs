@@ -393,643 +393,701 @@ const SERVER_TRUST: &str =
      protocol order end the session. One backup per host runs at a time. The server never \
      writes setuid files or device nodes: those exist only as manifest metadata.";
 
+/// The hand-written sections of each man page: one function per page.
 fn written_sections(page: &str) -> Written {
     match page {
-        "byteback-backup" => Written {
-            description: Some(
-                "Walks each source without crossing into other filesystems and streams changed \
-                 files as rsync-style deltas to byteback-server, over SSH or over pipes for a \
-                 local store. The server commits the backup into <store>/<host>/current and \
-                 takes a read-only, timestamped snapshot. Regular files (holes stay holes), \
-                 directories, symlinks, hard links, FIFOs, sockets, device nodes, modes, \
-                 numeric owners, mtimes with nanoseconds, xattrs and POSIX ACLs are kept.\n\n\
-                 Default excludes (as byteback 1.x): /swap.file, /tmp/, /var/backups/localhost/, \
-                 /var/cache/apt/archives/, /var/lib/php5/, /var/tmp/, /var/lib/mysql/, and \
-                 /var/lib/postgresql/ (databases are backed up as dumps, see HOOKS). A failed \
-                 run is retried --retry-number times; a broken run commits nothing. Only one \
-                 backup to the same destination runs at a time.",
-            ),
-            sections: vec![
-                (
-                    "HOOKS",
-                    vec![
-                        P(
-                            "As byteback 1.x with run-parts: before the backup the executables \
-                           in /etc/byteback/pre-backup.d/ run, after it those in \
-                           /etc/byteback/post-backup.d/. Regular executable files whose names \
-                           are made of A-Z, a-z, 0-9, _ and - run, in byte order of their \
-                           names; others (x.sh, README.md, *.dpkg-old, files without an \
-                           execute bit) are skipped, named with --verbose. Each runs with \
-                           standard input from /dev/null, its output copied to standard error \
-                           with its name in front, in its own process group, for at most \
-                           --hook-timeout seconds (then SIGTERM, and SIGKILL 5 seconds later, \
-                           to the group; it counts as failed). They run once per invocation, \
-                           not per retry, and not when the settings are wrong or another \
-                           backup to the same destination is running.",
-                        ),
-                        P(
-                            "A pre-backup hook that fails (exits non-zero, is killed, times \
-                           out) fails the backup before anything is sent: exit status 1, with \
-                           the hook's name and the last lines of its output. The other \
-                           pre-backup hooks still run, as with run-parts.",
-                        ),
-                        P(
-                            "The post-backup hooks run after every backup that got as far as \
-                           the pre-backup hooks, whether it succeeded or not (a post-backup \
-                           hook may have to undo what a pre-backup hook set up), with \
-                           BYTEBACK_STATUS (the exit status: 0, 24 or 1), \
-                           BYTEBACK_STATUS_TEXT (ok, partial or failed) and \
-                           BYTEBACK_SNAPSHOT (the snapshot taken, empty if none) in their \
-                           environment. A failing post-backup hook makes the exit status 1; \
-                           the backup stays committed. byteback 1.x ran post-backup hooks \
-                           only after a successful backup: test BYTEBACK_STATUS for that.",
-                        ),
-                        P(
-                            "Shipped hooks: 50-mysql (mariadb-dump --single-transaction of all \
-                           databases) and 50-postgresql (pg_dumpall as the postgres user) \
-                           write /var/backups/byteback/mysql.sql.gz and postgresql.sql.gz, \
-                           replaced atomically, and do nothing when that server is not \
-                           installed or not running. Their settings are environment \
-                           variables, described at the top of each script.",
-                        ),
-                    ],
-                ),
-                (
-                    "ENVIRONMENT",
-                    vec![
-                        CLIENT_ENV,
-                        Tag("HOME", "~/.ssh/known_hosts is read from here."),
-                    ],
-                ),
-                (
-                    "FILES",
-                    vec![
-                        CLIENT_FILES[0],
-                        CLIENT_FILES[1],
-                        CLIENT_FILES[2],
-                        Tag(
-                            "/etc/byteback/excludes",
-                            "More exclude patterns, one per line (# comments), added to the \
-                             defaults and before --exclude.",
-                        ),
-                        Tag(
-                            "/etc/byteback/pre-backup.d/, /etc/byteback/post-backup.d/",
-                            "Hooks run before and after the backup (see HOOKS).",
-                        ),
-                        Tag(
-                            "/var/backups/byteback/",
-                            "Where the shipped database hooks write their dumps.",
-                        ),
-                        Tag(
-                            "/etc/byteback/rsync_filter",
-                            "rsync filter rules, applied as byteback 1.x's rsync \
-                             --relative --filter='merge FILE' did, after the excludes: + - \
-                             include exclude (modifiers / ! s), hide H, show S, clear !, merge \
-                             ., dir-merge : of a file name or /NAME (modifiers - + n e), with \
-                             *, **, ?, \
-                             [...], a leading / anchoring at / (or at the directory of a \
-                             per-directory file), a trailing / for directories only; first \
-                             match wins. protect P and risk R (receiver-side) are named in a \
-                             warning and have no effect. Any other rule or modifier is an \
-                             error naming the file and line: the backup does not start (exit \
-                             status 2), or, in a per-directory file, fails (1).",
-                        ),
-                        Tag(
-                            "/etc/byteback/rsync_flags",
-                            "byteback 1.x's file; ignored with a warning (there is no rsync \
-                             underneath).",
-                        ),
-                        Tag(
-                            "/var/lock/byteback/backup-*.lock",
-                            "One lock per destination (an flock, so a killed run never leaves \
-                             it held); for other users than root under $TMPDIR/byteback-UID/.",
-                        ),
-                    ],
-                ),
-                (
-                    "EXIT STATUS",
-                    vec![
-                        Tag("0", "Success: the backup is committed."),
-                        Tag(
-                            "24",
-                            "Partial: files vanished, changed while read or were unreadable; \
-                             they are reported and counted, the rest is committed.",
-                        ),
-                        Tag(
-                            "1",
-                            "Failure: nothing was committed (after the retries), a setting \
-                             or source is wrong, or a pre-backup hook failed (nothing was \
-                             sent); or a post-backup hook failed (the backup is committed).",
-                        ),
-                        Tag("2", "Usage: the command line could not be parsed."),
-                    ],
-                ),
-                (
-                    "EXAMPLES",
-                    vec![
-                        P(
-                            "Back up to the server in /etc/byteback/destination (as the daily \
-                           byteback-backup.timer does):",
-                        ),
-                        Ex(&["byteback-backup"]),
-                        P("Back up two directories into a local store:"),
-                        Ex(&[
-                            "byteback-backup --destination /srv/backups --source /etc \\",
-                            "    --source /home --hostname web1",
-                        ]),
-                        P("Leave out a scratch directory and every file named core:"),
-                        Ex(&["byteback-backup -x /srv/scratch/ -x core"]),
-                    ],
-                ),
-            ],
-            see_also: vec![
-                "byteback-restore(8)",
-                "byteback-setup-client(8)",
-                "byteback-server(8)",
-                "systemd.timer(5)",
-            ],
-        },
-        "byteback-restore" => Written {
-            description: Some(
-                "Patterns are made absolute against the current directory, then globbed (*, **, \
-                 ?, [set], {a,b}, \\ escapes); a pattern matching a directory takes everything \
-                 beneath it. --list (the default) shows snapshot, mode, size, uid, gid, mtime \
-                 and path: the latest version of each path, every distinct version with --all, \
-                 every copy with --verbose.\n\n\
-                 --restore restores what the listing shows, as byteback 1.x did: each path's \
-                 latest version from the newest snapshot holding it, into \
-                 ./<that snapshot>/<absolute path> (a file deleted before the last backup comes \
-                 back from an older snapshot, into that snapshot's directory); with --all every \
-                 distinct version, each into the directory of the oldest snapshot holding it; \
-                 with --snapshot that snapshot only. --target DIR puts the snapshot directories \
-                 in DIR (which must exist) instead of the current directory. Files come with \
-                 full metadata; devices and ownership need root. Every restored file is checked \
-                 against its BLAKE3: one that fails is removed and listed as DAMAGED, the rest \
-                 is restored.",
-            ),
-            sections: vec![
-                ("ENVIRONMENT", vec![CLIENT_ENV]),
-                ("FILES", CLIENT_FILES.to_vec()),
-                (
-                    "EXIT STATUS",
-                    vec![
-                        Tag("0", "Done."),
-                        Tag(
-                            "24",
-                            "Done with warnings: metadata that could not be applied, devices \
-                             skipped.",
-                        ),
-                        Tag(
-                            "1",
-                            "A file failed verification (it was not restored), the restore \
-                             stopped on an error (see TRUST MODEL), or nothing matches a \
-                             --list.",
-                        ),
-                        Tag(
-                            "2",
-                            "Usage: the command line could not be parsed, or the --target \
-                             directory does not exist (nothing is created).",
-                        ),
-                    ],
-                ),
-                (
-                    "EXAMPLES",
-                    vec![
-                        P("List the configuration files backed up under /etc:"),
-                        Ex(&["byteback-restore --list '/etc/**.conf'"]),
-                        P("Every distinct version of one file:"),
-                        Ex(&["byteback-restore --list --all /etc/fstab"]),
-                        P("Restore /etc/ssh from the newest snapshot into \
-                           /tmp/<snapshot>/etc/ssh:"),
-                        Ex(&["cd /tmp && byteback-restore --restore /etc/ssh"]),
-                        P("Restore every version of a home directory kept in any snapshot \
-                           into /mnt/r/<snapshot>/home/alice:"),
-                        Ex(&["byteback-restore --restore --all --target /mnt/r /home/alice"]),
-                        P("Restore data one does not trust from a given snapshot:"),
-                        Ex(&[
-                            "byteback-restore --restore --snapshot 2026-11-27T03:00+0000 \\",
-                            "    --no-setuid --no-devices /home/alice",
-                        ]),
-                    ],
-                ),
-                (
-                    "TRUST MODEL",
-                    vec![
-                        P("byteback-restore runs as root to restore whole machines, so it trusts \
-                           nothing of the server it can check. Snapshot and host names are \
-                           validated; every manifest entry is validated like a client's and must \
-                           come in strict walk order, each parent directory first, no path \
-                           twice; a hard link must point to a regular file this restore wrote. \
-                           A violation ends the restore with exit status 1."),
-                        P("File data is never written beyond the manifest's size and every file \
-                           is checked against its BLAKE3. Everything is written beneath held \
-                           directory fds: each <snapshot> directory is opened without following a symlink, \
-                           each directory below is opened with openat2(RESOLVE_BENEATH | \
-                           RESOLVE_NO_SYMLINKS), files are created O_EXCL | O_NOFOLLOW, and \
-                           owner, xattrs, ACLs, mode and mtime are applied to the open object, \
-                           the mode last, so nothing is setuid before it is final."),
-                        P("Root restores are exact by default (setuid and setgid bits and \
-                           device nodes come back, as with tar -p). For data one does not \
-                           trust, --no-setuid drops those bits and --no-devices makes no device \
-                           nodes."),
-                    ],
-                ),
-            ],
-            see_also: vec!["byteback-backup(8)", "byteback-server(8)"],
-        },
-        "byteback-setup-client" => Written {
-            description: Some(
-                "Creates this client's key if missing; logs in to the server account once with \
-                 its password (asked on the terminal, or $BYTEBACK_PASSWORD) or --admin-key, \
-                 showing the server's host key fingerprint and recording it; runs \
-                 byteback-server enrol there, which creates the host's store and appends one \
-                 restricted authorized_keys line whose forced command is byteback-server serve \
-                 --host NAME; then writes the destination and checks that the new key logs in. \
-                 Running it again changes nothing.",
-            ),
-            sections: vec![
-                (
-                    "ENVIRONMENT",
-                    vec![
-                        Tag(
-                            "BYTEBACK_PASSWORD",
-                            "The server account's password, instead of asking on the terminal.",
-                        ),
-                        CLIENT_ENV,
-                    ],
-                ),
-                (
-                    "FILES",
-                    vec![
-                        Tag(
-                            "/etc/byteback/key",
-                            "The client's key (ed25519), created if missing (--ssh-key picks \
-                             another).",
-                        ),
-                        Tag(
-                            "/etc/byteback/known_hosts",
-                            "The server's host key is recorded here on first use; a changed key \
-                             is refused.",
-                        ),
-                        Tag(
-                            "/etc/byteback/destination",
-                            "Written with --destination once enrolment succeeded.",
-                        ),
-                    ],
-                ),
-                (
-                    "EXIT STATUS",
-                    vec![
-                        Tag("0", "This machine is a client of the server."),
-                        Tag(
-                            "1",
-                            "Failure: login refused, enrolment refused by the server, bad host \
-                             name, or the new key does not work.",
-                        ),
-                        Tag("2", "Usage: the command line could not be parsed."),
-                    ],
-                ),
-                (
-                    "EXAMPLES",
-                    vec![
-                        Ex(&["byteback-setup-client --destination byteback@backup.example.com:"]),
-                        P("With another port, name and an admin key instead of a password:"),
-                        Ex(&[
-                            "byteback-setup-client \\",
-                            "    --destination ssh://byteback@backup.example.com:2222/ \\",
-                            "    --hostname web1 --admin-key /root/byteback-admin-key",
-                        ]),
-                        P("Then enable the daily backups:"),
-                        Ex(&["systemctl enable --now byteback-backup.timer"]),
-                    ],
-                ),
-            ],
-            see_also: vec!["byteback-backup(8)", "byteback-server-enrol(8)", "sshd(8)"],
-        },
-        "byteback-server" => Written {
-            description: Some(
-                "Runs on the backup server: sshd starts byteback-server serve for each client's \
-                 key (its forced command), and a client backing up to a local store starts it \
-                 over pipes. The other subcommands are for the admin: enrol (run by \
-                 byteback-setup-client), prune, status, verify and report. Each subcommand has \
-                 its own page.",
-            ),
-            sections: vec![
-                ("FILES", SERVER_FILES.to_vec()),
-                (
-                    "EXIT STATUS",
-                    vec![
-                        Tag(
-                            "serve",
-                            "0 the session ended normally; 1 error; 2 usage, or a request \
-                             refused before the session (bad host name, unknown verb).",
-                        ),
-                        Tag("enrol", "0 enrolled or already enrolled; 1 error; 2 usage."),
-                        Tag(
-                            "migrate-keys",
-                            "0 every 1.x line migrated; 1 some left unchanged, or an error; 2 usage.",
-                        ),
-                        Tag(
-                            "prune",
-                            "0 done or nothing to do; 1 error; 2 usage; 3 refused by the growth \
-                             guard.",
-                        ),
-                        Tag(
-                            "status",
-                            "0 OK; 1 WARNING; 2 CRITICAL; 3 UNKNOWN (the store could not be \
-                             read).",
-                        ),
-                        Tag(
-                            "verify",
-                            "0 nothing damaged; 1 damage found; 2 usage; 3 could not check \
-                             everything.",
-                        ),
-                        Tag("report", "0 page written; 1 error; 2 usage."),
-                    ],
-                ),
-                (
-                    "EXAMPLES",
-                    vec![
-                        P("The authorized_keys line enrol writes for a client:"),
-                        Ex(&[
-                            "restrict,from=\"CLIENT_IP\",command=\"/usr/local/bin/byteback-server \
-                              serve --host NAME\" ssh-ed25519 AAAA... byteback:NAME",
-                        ]),
-                        P("Monitoring (Nagios exit codes), as the byteback user:"),
-                        Ex(&["byteback-server status --warn 26h --crit 3d"]),
-                        P("Re-check at most 20 GiB of stored files, continuing next time:"),
-                        Ex(&["byteback-server verify --budget 20G"]),
-                    ],
-                ),
-                ("TRUST MODEL", vec![P(SERVER_TRUST)]),
-            ],
-            see_also: vec![
-                "byteback-server-serve(8)",
-                "byteback-server-enrol(8)",
-                "byteback-server-prune(8)",
-                "byteback-server-status(8)",
-                "byteback-server-verify(8)",
-                "byteback-server-report(8)",
-                "byteback-prune(8)",
-                "byteback.toml(5)",
-                "byteback-backup(8)",
-            ],
-        },
-        "byteback-server-serve" => Written {
-            description: Some(
-                "Speaks the byteback protocol on standard input and output for one host: \
-                 receives backups into <store>/<host>/current, commits, snapshots and prunes, \
-                 and serves listings and restores. Under sshd's forced command, \
-                 SSH_ORIGINAL_COMMAND may only narrow access: backup (read-write), list, \
-                 restore, ping (read-only); anything else is refused.",
-            ),
-            sections: vec![
-                (
-                    "ENVIRONMENT",
-                    vec![
-                        Tag(
-                            "SSH_ORIGINAL_COMMAND",
-                            "The client's requested command, read as one verb, never executed.",
-                        ),
-                        Tag("HOME", "The store root when --store is not given."),
-                    ],
-                ),
-                ("FILES", SERVER_FILES[..5].to_vec()),
-                (
-                    "EXIT STATUS",
-                    vec![
-                        Tag("0", "The session ended normally."),
-                        Tag("1", "Error during the session."),
-                        Tag(
-                            "2",
-                            "Usage, or a request refused before the session (bad host name, \
-                             unknown verb, no store).",
-                        ),
-                    ],
-                ),
-                (
-                    "EXAMPLES",
-                    vec![Ex(&[
-                        "command=\"/usr/local/bin/byteback-server serve --host web1\"",
-                    ])],
-                ),
-                ("TRUST MODEL", vec![P(SERVER_TRUST)]),
-            ],
-            see_also: vec!["byteback-server(8)", "sshd(8)"],
-        },
-        "byteback-server-enrol" => Written {
-            description: Some(
-                "Validates the host name and the key, creates <store>/<host>/current and \
-                 appends one line to authorized_keys: restrict, from the client's address, \
-                 forced command byteback-server serve --host NAME. Run over SSH by \
-                 byteback-setup-client; running it again with the same key changes nothing.",
-            ),
-            sections: vec![
-                (
-                    "ENVIRONMENT",
-                    vec![
-                        Tag(
-                            "SSH_CONNECTION",
-                            "The client's address when --from is not given.",
-                        ),
-                        Tag("HOME", "The store root and ~/.ssh when not given."),
-                    ],
-                ),
-                ("FILES", vec![SERVER_FILES[2], SERVER_FILES[7]]),
-                (
-                    "EXIT STATUS",
-                    vec![
-                        Tag("0", "Enrolled, or already enrolled with this key."),
-                        Tag(
-                            "1",
-                            "Refused or failed (bad name or key, store not writable).",
-                        ),
-                        Tag("2", "Usage: the command line could not be parsed."),
-                    ],
-                ),
-                (
-                    "EXAMPLES",
-                    vec![Ex(&[
-                        "byteback-server enrol --host web1 --key 'ssh-ed25519 AAAA...' \
-                               --from 192.0.2.10",
-                    ])],
-                ),
-            ],
-            see_also: vec!["byteback-setup-client(8)", "byteback-server(8)"],
-        },
-        "byteback-server-migrate-keys" => Written {
-            description: Some(
-                "Rewrites byteback 1.x's authorized_keys lines (command=\"byteback-receive\", \
-                 environment=\"BYTEBACK_HOST=NAME\") into byteback's forced command for the same \
-                 host and key (restrict, forced command byteback-server serve --host NAME), so \
-                 1.x clients need not re-enrol. from= and expiry-time= are kept. A 1.x line with \
-                 any other option, a host name byteback refuses or without a directory in the \
-                 store, or a malformed key is left unchanged with a warning naming its line; \
-                 other lines are kept byte for byte. The file is replaced atomically after the \
-                 original is copied to FILE.byteback-1x; a second run finds nothing to do.",
-            ),
-            sections: vec![
-                (
-                    "ENVIRONMENT",
-                    vec![Tag("HOME", "The store root and ~/.ssh when not given.")],
-                ),
-                (
-                    "FILES",
-                    vec![
-                        SERVER_FILES[0],
-                        SERVER_FILES[7],
-                        Tag(
-                            "~/.ssh/authorized_keys.byteback-1x",
-                            "The file as it was before the first migration.",
-                        ),
-                    ],
-                ),
-                (
-                    "EXIT STATUS",
-                    vec![
-                        Tag("0", "Every 1.x line migrated (or there was none)."),
-                        Tag(
-                            "1",
-                            "Some 1.x lines were left unchanged (each named in a warning), \
-                             or an error.",
-                        ),
-                        Tag("2", "Usage: the command line could not be parsed."),
-                    ],
-                ),
-                (
-                    "EXAMPLES",
-                    vec![Ex(&[
-                        "byteback-server migrate-keys --dry-run",
-                        "byteback-server migrate-keys",
-                    ])],
-                ),
-            ],
-            see_also: vec!["byteback-server-enrol(8)", "byteback-server(8)"],
-        },
-        "byteback-server-prune" | "byteback-prune" => Written {
-            description: Some(
-                "Prunes only when free space is below minpercent, then deletes snapshots from \
-                 the end of the importance (or age) order until it is above maxpercent. Never a \
-                 host's newest snapshot; not while no snapshot is older than 7 days (unless \
-                 --prune-force). Free space is measured as btrfs counts it (data and metadata, \
-                 the scarcer of the two). Flags override byteback.toml, which overrides the \
-                 defaults. The growth guard refuses to prune while a snapshot whose backups \
-                 wrote more than 4 times the host's median (and more than 2% of the disc) is \
-                 not accepted by the admin. byteback-prune and byteback-server prune are the \
-                 same command.",
-            ),
-            sections: vec![
-                (
-                    "ENVIRONMENT",
-                    vec![Tag("HOME", "The store root when --store is not given.")],
-                ),
-                (
-                    "FILES",
-                    vec![
-                        SERVER_FILES[0],
-                        SERVER_FILES[1],
-                        SERVER_FILES[4],
-                        SERVER_FILES[5],
-                    ],
-                ),
-                ("EXIT STATUS", PRUNE_EXIT.to_vec()),
-                (
-                    "EXAMPLES",
-                    vec![
-                        P("Snapshots in deletion order, the last one goes first:"),
-                        Ex(&["byteback-prune --list"]),
-                        P("What would be deleted next:"),
-                        Ex(&["byteback-prune --prune --dry-run --verbose"]),
-                        P("Accept a growth spike and delete at least the next snapshot:"),
-                        Ex(&["byteback-prune --prune-force"]),
-                        P("Daily, as byteback-prune.timer does:"),
-                        Ex(&["systemctl enable --now byteback-prune.timer"]),
-                    ],
-                ),
-            ],
-            see_also: vec![
-                "byteback.toml(5)",
-                "byteback-server(8)",
-                "byteback-server-status(8)",
-            ],
-        },
-        "byteback-server-status" => Written {
-            description: Some(
-                "Prints per host the newest snapshot, its age, the number of snapshots, the \
-                 size of the newest and the history held, then the store's free space. With \
-                 --warn or --crit the first line is BYTEBACK OK, WARNING or CRITICAL and the \
-                 exit status follows Nagios' conventions.",
-            ),
-            sections: vec![
-                ("FILES", vec![SERVER_FILES[0], SERVER_FILES[5]]),
-                ("EXIT STATUS", STATUS_EXIT.to_vec()),
-                (
-                    "EXAMPLES",
-                    vec![
-                        Ex(&["byteback-server status --warn 26h --crit 3d"]),
-                        Ex(&["byteback-server status --json"]),
-                    ],
-                ),
-            ],
-            see_also: vec!["byteback-server(8)", "byteback-prune(8)"],
-        },
-        "byteback-server-verify" => Written {
-            description: Some(
-                "Re-hashes every regular file each manifest names and compares its size and \
-                 BLAKE3 with the manifest's; reports damage per snapshot. A damaged file in \
-                 current is marked so the next backup sends it again; snapshots are read-only \
-                 and keep their damage, so the report names them. A run with --budget or \
-                 --max-time continues where the previous one stopped.",
-            ),
-            sections: vec![
-                ("FILES", vec![SERVER_FILES[0], SERVER_FILES[6]]),
-                ("EXIT STATUS", VERIFY_EXIT.to_vec()),
-                (
-                    "EXAMPLES",
-                    vec![
-                        P("Check everything:"),
-                        Ex(&["byteback-server verify"]),
-                        P("In the background, a slice a day (as byteback-prune.service does):"),
-                        Ex(&["byteback-server verify --budget 20G --max-time 3600"]),
-                    ],
-                ),
-            ],
-            see_also: vec!["byteback-server(8)", "byteback-restore(8)"],
-        },
-        "byteback-server-report" => Written {
-            description: Some(
-                "Writes one static HTML page, DIR/index.html, about the store: per host the \
-                 last backup's age coloured by --warn and --crit (as status), which days, weeks \
-                 and 4-week periods of the pruning's importance order hold a snapshot, and the \
-                 data each backup wrote; for the store its free space over time, from the \
-                 usage logs. Hosts in trouble come first. Inline CSS and SVG, no script; every \
-                 name from the store is HTML-escaped. The page replaces the previous one \
-                 atomically, so a web server can serve DIR while a timer rewrites it.",
-            ),
-            sections: vec![
-                ("FILES", vec![SERVER_FILES[0], SERVER_FILES[4]]),
-                (
-                    "EXIT STATUS",
-                    vec![
-                        Tag("0", "The page was written (its path is printed)."),
-                        Tag("1", "Error: the store or DIR could not be read or written."),
-                        Tag("2", "Usage: the command line could not be parsed."),
-                    ],
-                ),
-                (
-                    "EXAMPLES",
-                    vec![Ex(&[
-                        "byteback-server report --html /var/www/html/byteback --warn 26h --crit 3d",
-                    ])],
-                ),
-            ],
-            see_also: vec!["byteback-server(8)", "byteback-server-status(8)"],
-        },
+        "byteback-backup" => backup_page(),
+        "byteback-restore" => restore_page(),
+        "byteback-setup-client" => setup_client_page(),
+        "byteback-server" => server_page(),
+        "byteback-server-serve" => server_serve_page(),
+        "byteback-server-enrol" => server_enrol_page(),
+        "byteback-server-migrate-keys" => server_migrate_keys_page(),
+        "byteback-server-prune" | "byteback-prune" => server_prune_page(),
+        "byteback-server-status" => server_status_page(),
+        "byteback-server-verify" => server_verify_page(),
+        "byteback-server-report" => server_report_page(),
         _ => Written {
             description: None,
             sections: vec![],
             see_also: vec!["byteback-server(8)"],
         },
+    }
+}
+
+/// byteback-backup: what its man page says beyond the options.
+/// (Long: it is the page's text, one section after another.)
+fn backup_page() -> Written {
+    Written {
+        description: Some(
+            "Walks each source without crossing into other filesystems and streams changed \
+             files as rsync-style deltas to byteback-server, over SSH or over pipes for a \
+             local store. The server commits the backup into <store>/<host>/current and \
+             takes a read-only, timestamped snapshot. Regular files (holes stay holes), \
+             directories, symlinks, hard links, FIFOs, sockets, device nodes, modes, \
+             numeric owners, mtimes with nanoseconds, xattrs and POSIX ACLs are kept.\n\n\
+             Default excludes (as byteback 1.x): /swap.file, /tmp/, /var/backups/localhost/, \
+             /var/cache/apt/archives/, /var/lib/php5/, /var/tmp/, /var/lib/mysql/, and \
+             /var/lib/postgresql/ (databases are backed up as dumps, see HOOKS). A failed \
+             run is retried --retry-number times; a broken run commits nothing. Only one \
+             backup to the same destination runs at a time.",
+        ),
+        sections: vec![
+            (
+                "HOOKS",
+                vec![
+                    P(
+                        "As byteback 1.x with run-parts: before the backup the executables \
+                       in /etc/byteback/pre-backup.d/ run, after it those in \
+                       /etc/byteback/post-backup.d/. Regular executable files whose names \
+                       are made of A-Z, a-z, 0-9, _ and - run, in byte order of their \
+                       names; others (x.sh, README.md, *.dpkg-old, files without an \
+                       execute bit) are skipped, named with --verbose. Each runs with \
+                       standard input from /dev/null, its output copied to standard error \
+                       with its name in front, in its own process group, for at most \
+                       --hook-timeout seconds (then SIGTERM, and SIGKILL 5 seconds later, \
+                       to the group; it counts as failed). They run once per invocation, \
+                       not per retry, and not when the settings are wrong or another \
+                       backup to the same destination is running.",
+                    ),
+                    P(
+                        "A pre-backup hook that fails (exits non-zero, is killed, times \
+                       out) fails the backup before anything is sent: exit status 1, with \
+                       the hook's name and the last lines of its output. The other \
+                       pre-backup hooks still run, as with run-parts.",
+                    ),
+                    P(
+                        "The post-backup hooks run after every backup that got as far as \
+                       the pre-backup hooks, whether it succeeded or not (a post-backup \
+                       hook may have to undo what a pre-backup hook set up), with \
+                       BYTEBACK_STATUS (the exit status: 0, 24 or 1), \
+                       BYTEBACK_STATUS_TEXT (ok, partial or failed) and \
+                       BYTEBACK_SNAPSHOT (the snapshot taken, empty if none) in their \
+                       environment. A failing post-backup hook makes the exit status 1; \
+                       the backup stays committed. byteback 1.x ran post-backup hooks \
+                       only after a successful backup: test BYTEBACK_STATUS for that.",
+                    ),
+                    P(
+                        "Shipped hooks: 50-mysql (mariadb-dump --single-transaction of all \
+                       databases) and 50-postgresql (pg_dumpall as the postgres user) \
+                       write /var/backups/byteback/mysql.sql.gz and postgresql.sql.gz, \
+                       replaced atomically, and do nothing when that server is not \
+                       installed or not running. Their settings are environment \
+                       variables, described at the top of each script.",
+                    ),
+                ],
+            ),
+            (
+                "ENVIRONMENT",
+                vec![
+                    CLIENT_ENV,
+                    Tag("HOME", "~/.ssh/known_hosts is read from here."),
+                ],
+            ),
+            (
+                "FILES",
+                vec![
+                    CLIENT_FILES[0],
+                    CLIENT_FILES[1],
+                    CLIENT_FILES[2],
+                    Tag(
+                        "/etc/byteback/excludes",
+                        "More exclude patterns, one per line (# comments), added to the \
+                         defaults and before --exclude.",
+                    ),
+                    Tag(
+                        "/etc/byteback/pre-backup.d/, /etc/byteback/post-backup.d/",
+                        "Hooks run before and after the backup (see HOOKS).",
+                    ),
+                    Tag(
+                        "/var/backups/byteback/",
+                        "Where the shipped database hooks write their dumps.",
+                    ),
+                    Tag(
+                        "/etc/byteback/rsync_filter",
+                        "rsync filter rules, applied as byteback 1.x's rsync \
+                         --relative --filter='merge FILE' did, after the excludes: + - \
+                         include exclude (modifiers / ! s), hide H, show S, clear !, merge \
+                         ., dir-merge : of a file name or /NAME (modifiers - + n e), with \
+                         *, **, ?, \
+                         [...], a leading / anchoring at / (or at the directory of a \
+                         per-directory file), a trailing / for directories only; first \
+                         match wins. protect P and risk R (receiver-side) are named in a \
+                         warning and have no effect. Any other rule or modifier is an \
+                         error naming the file and line: the backup does not start (exit \
+                         status 2), or, in a per-directory file, fails (1).",
+                    ),
+                    Tag(
+                        "/etc/byteback/rsync_flags",
+                        "byteback 1.x's file; ignored with a warning (there is no rsync \
+                         underneath).",
+                    ),
+                    Tag(
+                        "/var/lock/byteback/backup-*.lock",
+                        "One lock per destination (an flock, so a killed run never leaves \
+                         it held); for other users than root under $TMPDIR/byteback-UID/.",
+                    ),
+                ],
+            ),
+            (
+                "EXIT STATUS",
+                vec![
+                    Tag("0", "Success: the backup is committed."),
+                    Tag(
+                        "24",
+                        "Partial: files vanished, changed while read or were unreadable; \
+                         they are reported and counted, the rest is committed.",
+                    ),
+                    Tag(
+                        "1",
+                        "Failure: nothing was committed (after the retries), a setting \
+                         or source is wrong, or a pre-backup hook failed (nothing was \
+                         sent); or a post-backup hook failed (the backup is committed).",
+                    ),
+                    Tag("2", "Usage: the command line could not be parsed."),
+                ],
+            ),
+            (
+                "EXAMPLES",
+                vec![
+                    P(
+                        "Back up to the server in /etc/byteback/destination (as the daily \
+                       byteback-backup.timer does):",
+                    ),
+                    Ex(&["byteback-backup"]),
+                    P("Back up two directories into a local store:"),
+                    Ex(&[
+                        "byteback-backup --destination /srv/backups --source /etc \\",
+                        "    --source /home --hostname web1",
+                    ]),
+                    P("Leave out a scratch directory and every file named core:"),
+                    Ex(&["byteback-backup -x /srv/scratch/ -x core"]),
+                ],
+            ),
+        ],
+        see_also: vec![
+            "byteback-restore(8)",
+            "byteback-setup-client(8)",
+            "byteback-server(8)",
+            "systemd.timer(5)",
+        ],
+    }
+}
+
+/// byteback-restore: what its man page says beyond the options.
+/// (Long: it is the page's text, one section after another.)
+fn restore_page() -> Written {
+    Written {
+        description: Some(
+            "Patterns are made absolute against the current directory, then globbed (*, **, \
+             ?, [set], {a,b}, \\ escapes); a pattern matching a directory takes everything \
+             beneath it. --list (the default) shows snapshot, mode, size, uid, gid, mtime \
+             and path: the latest version of each path, every distinct version with --all, \
+             every copy with --verbose.\n\n\
+             --restore restores what the listing shows, as byteback 1.x did: each path's \
+             latest version from the newest snapshot holding it, into \
+             ./<that snapshot>/<absolute path> (a file deleted before the last backup comes \
+             back from an older snapshot, into that snapshot's directory); with --all every \
+             distinct version, each into the directory of the oldest snapshot holding it; \
+             with --snapshot that snapshot only. --target DIR puts the snapshot directories \
+             in DIR (which must exist) instead of the current directory. Files come with \
+             full metadata; devices and ownership need root. Every restored file is checked \
+             against its BLAKE3: one that fails is removed and listed as DAMAGED, the rest \
+             is restored.",
+        ),
+        sections: vec![
+            ("ENVIRONMENT", vec![CLIENT_ENV]),
+            ("FILES", CLIENT_FILES.to_vec()),
+            (
+                "EXIT STATUS",
+                vec![
+                    Tag("0", "Done."),
+                    Tag(
+                        "24",
+                        "Done with warnings: metadata that could not be applied, devices \
+                         skipped.",
+                    ),
+                    Tag(
+                        "1",
+                        "A file failed verification (it was not restored), the restore \
+                         stopped on an error (see TRUST MODEL), or nothing matches a \
+                         --list.",
+                    ),
+                    Tag(
+                        "2",
+                        "Usage: the command line could not be parsed, or the --target \
+                         directory does not exist (nothing is created).",
+                    ),
+                ],
+            ),
+            (
+                "EXAMPLES",
+                vec![
+                    P("List the configuration files backed up under /etc:"),
+                    Ex(&["byteback-restore --list '/etc/**.conf'"]),
+                    P("Every distinct version of one file:"),
+                    Ex(&["byteback-restore --list --all /etc/fstab"]),
+                    P("Restore /etc/ssh from the newest snapshot into \
+                       /tmp/<snapshot>/etc/ssh:"),
+                    Ex(&["cd /tmp && byteback-restore --restore /etc/ssh"]),
+                    P("Restore every version of a home directory kept in any snapshot \
+                       into /mnt/r/<snapshot>/home/alice:"),
+                    Ex(&["byteback-restore --restore --all --target /mnt/r /home/alice"]),
+                    P("Restore data one does not trust from a given snapshot:"),
+                    Ex(&[
+                        "byteback-restore --restore --snapshot 2026-11-27T03:00+0000 \\",
+                        "    --no-setuid --no-devices /home/alice",
+                    ]),
+                ],
+            ),
+            (
+                "TRUST MODEL",
+                vec![
+                    P("byteback-restore runs as root to restore whole machines, so it trusts \
+                       nothing of the server it can check. Snapshot and host names are \
+                       validated; every manifest entry is validated like a client's and must \
+                       come in strict walk order, each parent directory first, no path \
+                       twice; a hard link must point to a regular file this restore wrote. \
+                       A violation ends the restore with exit status 1."),
+                    P("File data is never written beyond the manifest's size and every file \
+                       is checked against its BLAKE3. Everything is written beneath held \
+                       directory fds: each <snapshot> directory is opened without following a symlink, \
+                       each directory below is opened with openat2(RESOLVE_BENEATH | \
+                       RESOLVE_NO_SYMLINKS), files are created O_EXCL | O_NOFOLLOW, and \
+                       owner, xattrs, ACLs, mode and mtime are applied to the open object, \
+                       the mode last, so nothing is setuid before it is final."),
+                    P("Root restores are exact by default (setuid and setgid bits and \
+                       device nodes come back, as with tar -p). For data one does not \
+                       trust, --no-setuid drops those bits and --no-devices makes no device \
+                       nodes."),
+                ],
+            ),
+        ],
+        see_also: vec!["byteback-backup(8)", "byteback-server(8)"],
+    }
+}
+
+/// byteback-setup-client: what its man page says beyond the options.
+fn setup_client_page() -> Written {
+    Written {
+        description: Some(
+            "Creates this client's key if missing; logs in to the server account once with \
+             its password (asked on the terminal, or $BYTEBACK_PASSWORD) or --admin-key, \
+             showing the server's host key fingerprint and recording it; runs \
+             byteback-server enrol there, which creates the host's store and appends one \
+             restricted authorized_keys line whose forced command is byteback-server serve \
+             --host NAME; then writes the destination and checks that the new key logs in. \
+             Running it again changes nothing.",
+        ),
+        sections: vec![
+            (
+                "ENVIRONMENT",
+                vec![
+                    Tag(
+                        "BYTEBACK_PASSWORD",
+                        "The server account's password, instead of asking on the terminal.",
+                    ),
+                    CLIENT_ENV,
+                ],
+            ),
+            (
+                "FILES",
+                vec![
+                    Tag(
+                        "/etc/byteback/key",
+                        "The client's key (ed25519), created if missing (--ssh-key picks \
+                         another).",
+                    ),
+                    Tag(
+                        "/etc/byteback/known_hosts",
+                        "The server's host key is recorded here on first use; a changed key \
+                         is refused.",
+                    ),
+                    Tag(
+                        "/etc/byteback/destination",
+                        "Written with --destination once enrolment succeeded.",
+                    ),
+                ],
+            ),
+            (
+                "EXIT STATUS",
+                vec![
+                    Tag("0", "This machine is a client of the server."),
+                    Tag(
+                        "1",
+                        "Failure: login refused, enrolment refused by the server, bad host \
+                         name, or the new key does not work.",
+                    ),
+                    Tag("2", "Usage: the command line could not be parsed."),
+                ],
+            ),
+            (
+                "EXAMPLES",
+                vec![
+                    Ex(&["byteback-setup-client --destination byteback@backup.example.com:"]),
+                    P("With another port, name and an admin key instead of a password:"),
+                    Ex(&[
+                        "byteback-setup-client \\",
+                        "    --destination ssh://byteback@backup.example.com:2222/ \\",
+                        "    --hostname web1 --admin-key /root/byteback-admin-key",
+                    ]),
+                    P("Then enable the daily backups:"),
+                    Ex(&["systemctl enable --now byteback-backup.timer"]),
+                ],
+            ),
+        ],
+        see_also: vec!["byteback-backup(8)", "byteback-server-enrol(8)", "sshd(8)"],
+    }
+}
+
+/// byteback-server: what its man page says beyond the options.
+fn server_page() -> Written {
+    Written {
+        description: Some(
+            "Runs on the backup server: sshd starts byteback-server serve for each client's \
+             key (its forced command), and a client backing up to a local store starts it \
+             over pipes. The other subcommands are for the admin: enrol (run by \
+             byteback-setup-client), prune, status, verify and report. Each subcommand has \
+             its own page.",
+        ),
+        sections: vec![
+            ("FILES", SERVER_FILES.to_vec()),
+            (
+                "EXIT STATUS",
+                vec![
+                    Tag(
+                        "serve",
+                        "0 the session ended normally; 1 error; 2 usage, or a request \
+                         refused before the session (bad host name, unknown verb).",
+                    ),
+                    Tag("enrol", "0 enrolled or already enrolled; 1 error; 2 usage."),
+                    Tag(
+                        "migrate-keys",
+                        "0 every 1.x line migrated; 1 some left unchanged, or an error; 2 usage.",
+                    ),
+                    Tag(
+                        "prune",
+                        "0 done or nothing to do; 1 error; 2 usage; 3 refused by the growth \
+                         guard.",
+                    ),
+                    Tag(
+                        "status",
+                        "0 OK; 1 WARNING; 2 CRITICAL; 3 UNKNOWN (the store could not be \
+                         read).",
+                    ),
+                    Tag(
+                        "verify",
+                        "0 nothing damaged; 1 damage found; 2 usage; 3 could not check \
+                         everything.",
+                    ),
+                    Tag("report", "0 page written; 1 error; 2 usage."),
+                ],
+            ),
+            (
+                "EXAMPLES",
+                vec![
+                    P("The authorized_keys line enrol writes for a client:"),
+                    Ex(&[
+                        "restrict,from=\"CLIENT_IP\",command=\"/usr/local/bin/byteback-server \
+                          serve --host NAME\" ssh-ed25519 AAAA... byteback:NAME",
+                    ]),
+                    P("Monitoring (Nagios exit codes), as the byteback user:"),
+                    Ex(&["byteback-server status --warn 26h --crit 3d"]),
+                    P("Re-check at most 20 GiB of stored files, continuing next time:"),
+                    Ex(&["byteback-server verify --budget 20G"]),
+                ],
+            ),
+            ("TRUST MODEL", vec![P(SERVER_TRUST)]),
+        ],
+        see_also: vec![
+            "byteback-server-serve(8)",
+            "byteback-server-enrol(8)",
+            "byteback-server-prune(8)",
+            "byteback-server-status(8)",
+            "byteback-server-verify(8)",
+            "byteback-server-report(8)",
+            "byteback-prune(8)",
+            "byteback.toml(5)",
+            "byteback-backup(8)",
+        ],
+    }
+}
+
+/// byteback-server-serve: what its man page says beyond the options.
+fn server_serve_page() -> Written {
+    Written {
+        description: Some(
+            "Speaks the byteback protocol on standard input and output for one host: \
+             receives backups into <store>/<host>/current, commits, snapshots and prunes, \
+             and serves listings and restores. Under sshd's forced command, \
+             SSH_ORIGINAL_COMMAND may only narrow access: backup (read-write), list, \
+             restore, ping (read-only); anything else is refused.",
+        ),
+        sections: vec![
+            (
+                "ENVIRONMENT",
+                vec![
+                    Tag(
+                        "SSH_ORIGINAL_COMMAND",
+                        "The client's requested command, read as one verb, never executed.",
+                    ),
+                    Tag("HOME", "The store root when --store is not given."),
+                ],
+            ),
+            ("FILES", SERVER_FILES[..5].to_vec()),
+            (
+                "EXIT STATUS",
+                vec![
+                    Tag("0", "The session ended normally."),
+                    Tag("1", "Error during the session."),
+                    Tag(
+                        "2",
+                        "Usage, or a request refused before the session (bad host name, \
+                         unknown verb, no store).",
+                    ),
+                ],
+            ),
+            (
+                "EXAMPLES",
+                vec![Ex(&[
+                    "command=\"/usr/local/bin/byteback-server serve --host web1\"",
+                ])],
+            ),
+            ("TRUST MODEL", vec![P(SERVER_TRUST)]),
+        ],
+        see_also: vec!["byteback-server(8)", "sshd(8)"],
+    }
+}
+
+/// byteback-server-enrol: what its man page says beyond the options.
+fn server_enrol_page() -> Written {
+    Written {
+        description: Some(
+            "Validates the host name and the key, creates <store>/<host>/current and \
+             appends one line to authorized_keys: restrict, from the client's address, \
+             forced command byteback-server serve --host NAME. Run over SSH by \
+             byteback-setup-client; running it again with the same key changes nothing.",
+        ),
+        sections: vec![
+            (
+                "ENVIRONMENT",
+                vec![
+                    Tag(
+                        "SSH_CONNECTION",
+                        "The client's address when --from is not given.",
+                    ),
+                    Tag("HOME", "The store root and ~/.ssh when not given."),
+                ],
+            ),
+            ("FILES", vec![SERVER_FILES[2], SERVER_FILES[7]]),
+            (
+                "EXIT STATUS",
+                vec![
+                    Tag("0", "Enrolled, or already enrolled with this key."),
+                    Tag(
+                        "1",
+                        "Refused or failed (bad name or key, store not writable).",
+                    ),
+                    Tag("2", "Usage: the command line could not be parsed."),
+                ],
+            ),
+            (
+                "EXAMPLES",
+                vec![Ex(&[
+                    "byteback-server enrol --host web1 --key 'ssh-ed25519 AAAA...' \
+                           --from 192.0.2.10",
+                ])],
+            ),
+        ],
+        see_also: vec!["byteback-setup-client(8)", "byteback-server(8)"],
+    }
+}
+
+/// byteback-server-migrate-keys: what its man page says beyond the options.
+fn server_migrate_keys_page() -> Written {
+    Written {
+        description: Some(
+            "Rewrites byteback 1.x's authorized_keys lines (command=\"byteback-receive\", \
+             environment=\"BYTEBACK_HOST=NAME\") into byteback's forced command for the same \
+             host and key (restrict, forced command byteback-server serve --host NAME), so \
+             1.x clients need not re-enrol. from= and expiry-time= are kept. A 1.x line with \
+             any other option, a host name byteback refuses or without a directory in the \
+             store, or a malformed key is left unchanged with a warning naming its line; \
+             other lines are kept byte for byte. The file is replaced atomically after the \
+             original is copied to FILE.byteback-1x; a second run finds nothing to do.",
+        ),
+        sections: vec![
+            (
+                "ENVIRONMENT",
+                vec![Tag("HOME", "The store root and ~/.ssh when not given.")],
+            ),
+            (
+                "FILES",
+                vec![
+                    SERVER_FILES[0],
+                    SERVER_FILES[7],
+                    Tag(
+                        "~/.ssh/authorized_keys.byteback-1x",
+                        "The file as it was before the first migration.",
+                    ),
+                ],
+            ),
+            (
+                "EXIT STATUS",
+                vec![
+                    Tag("0", "Every 1.x line migrated (or there was none)."),
+                    Tag(
+                        "1",
+                        "Some 1.x lines were left unchanged (each named in a warning), \
+                         or an error.",
+                    ),
+                    Tag("2", "Usage: the command line could not be parsed."),
+                ],
+            ),
+            (
+                "EXAMPLES",
+                vec![Ex(&[
+                    "byteback-server migrate-keys --dry-run",
+                    "byteback-server migrate-keys",
+                ])],
+            ),
+        ],
+        see_also: vec!["byteback-server-enrol(8)", "byteback-server(8)"],
+    }
+}
+
+/// byteback-server-prune: what its man page says beyond the options.
+fn server_prune_page() -> Written {
+    Written {
+        description: Some(
+            "Prunes only when free space is below minpercent, then deletes snapshots from \
+             the end of the importance (or age) order until it is above maxpercent. Never a \
+             host's newest snapshot; not while no snapshot is older than 7 days (unless \
+             --prune-force). Free space is measured as btrfs counts it (data and metadata, \
+             the scarcer of the two). Flags override byteback.toml, which overrides the \
+             defaults. The growth guard refuses to prune while a snapshot whose backups \
+             wrote more than 4 times the host's median (and more than 2% of the disc) is \
+             not accepted by the admin. byteback-prune and byteback-server prune are the \
+             same command.",
+        ),
+        sections: vec![
+            (
+                "ENVIRONMENT",
+                vec![Tag("HOME", "The store root when --store is not given.")],
+            ),
+            (
+                "FILES",
+                vec![
+                    SERVER_FILES[0],
+                    SERVER_FILES[1],
+                    SERVER_FILES[4],
+                    SERVER_FILES[5],
+                ],
+            ),
+            ("EXIT STATUS", PRUNE_EXIT.to_vec()),
+            (
+                "EXAMPLES",
+                vec![
+                    P("Snapshots in deletion order, the last one goes first:"),
+                    Ex(&["byteback-prune --list"]),
+                    P("What would be deleted next:"),
+                    Ex(&["byteback-prune --prune --dry-run --verbose"]),
+                    P("Accept a growth spike and delete at least the next snapshot:"),
+                    Ex(&["byteback-prune --prune-force"]),
+                    P("Daily, as byteback-prune.timer does:"),
+                    Ex(&["systemctl enable --now byteback-prune.timer"]),
+                ],
+            ),
+        ],
+        see_also: vec![
+            "byteback.toml(5)",
+            "byteback-server(8)",
+            "byteback-server-status(8)",
+        ],
+    }
+}
+
+/// byteback-server-status: what its man page says beyond the options.
+fn server_status_page() -> Written {
+    Written {
+        description: Some(
+            "Prints per host the newest snapshot, its age, the number of snapshots, the \
+             size of the newest and the history held, then the store's free space. With \
+             --warn or --crit the first line is BYTEBACK OK, WARNING or CRITICAL and the \
+             exit status follows Nagios' conventions.",
+        ),
+        sections: vec![
+            ("FILES", vec![SERVER_FILES[0], SERVER_FILES[5]]),
+            ("EXIT STATUS", STATUS_EXIT.to_vec()),
+            (
+                "EXAMPLES",
+                vec![
+                    Ex(&["byteback-server status --warn 26h --crit 3d"]),
+                    Ex(&["byteback-server status --json"]),
+                ],
+            ),
+        ],
+        see_also: vec!["byteback-server(8)", "byteback-prune(8)"],
+    }
+}
+
+/// byteback-server-verify: what its man page says beyond the options.
+fn server_verify_page() -> Written {
+    Written {
+        description: Some(
+            "Re-hashes every regular file each manifest names and compares its size and \
+             BLAKE3 with the manifest's; reports damage per snapshot. A damaged file in \
+             current is marked so the next backup sends it again; snapshots are read-only \
+             and keep their damage, so the report names them. A run with --budget or \
+             --max-time continues where the previous one stopped.",
+        ),
+        sections: vec![
+            ("FILES", vec![SERVER_FILES[0], SERVER_FILES[6]]),
+            ("EXIT STATUS", VERIFY_EXIT.to_vec()),
+            (
+                "EXAMPLES",
+                vec![
+                    P("Check everything:"),
+                    Ex(&["byteback-server verify"]),
+                    P("In the background, a slice a day (as byteback-prune.service does):"),
+                    Ex(&["byteback-server verify --budget 20G --max-time 3600"]),
+                ],
+            ),
+        ],
+        see_also: vec!["byteback-server(8)", "byteback-restore(8)"],
+    }
+}
+
+/// byteback-server-report: what its man page says beyond the options.
+fn server_report_page() -> Written {
+    Written {
+        description: Some(
+            "Writes one static HTML page, DIR/index.html, about the store: per host the \
+             last backup's age coloured by --warn and --crit (as status), which days, weeks \
+             and 4-week periods of the pruning's importance order hold a snapshot, and the \
+             data each backup wrote; for the store its free space over time, from the \
+             usage logs. Hosts in trouble come first. Inline CSS and SVG, no script; every \
+             name from the store is HTML-escaped. The page replaces the previous one \
+             atomically, so a web server can serve DIR while a timer rewrites it.",
+        ),
+        sections: vec![
+            ("FILES", vec![SERVER_FILES[0], SERVER_FILES[4]]),
+            (
+                "EXIT STATUS",
+                vec![
+                    Tag("0", "The page was written (its path is printed)."),
+                    Tag("1", "Error: the store or DIR could not be read or written."),
+                    Tag("2", "Usage: the command line could not be parsed."),
+                ],
+            ),
+            (
+                "EXAMPLES",
+                vec![Ex(&[
+                    "byteback-server report --html /var/www/html/byteback --warn 26h --crit 3d",
+                ])],
+            ),
+        ],
+        see_also: vec!["byteback-server(8)", "byteback-server-status(8)"],
     }
 }
 
@@ -1045,6 +1103,7 @@ const TOML_EXAMPLE: &[&str] = &[
     "maxpercent = 20",
 ];
 
+// Long: it is the page's text, one section after another.
 fn byteback_toml_page() -> String {
     let d = StoreConfig::default();
     let example = TOML_EXAMPLE.join("\n");
