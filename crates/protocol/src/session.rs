@@ -443,6 +443,7 @@ mod tests {
 
     /// Plays a whole backup between a client and a server session with a toy store
     /// that needs every file, the second one with a basis.
+    /// (Long: one whole backup, message by message.)
     #[test]
     fn client_and_server_sessions_agree_on_a_backup() {
         let mut c = ClientSession::new();
@@ -622,6 +623,7 @@ mod tests {
         s
     }
 
+    /// (Long: one fresh session per case, each a few messages.)
     #[test]
     fn a_clone_offer_is_taken_or_declined_once_and_only_when_invited() {
         let need = |index, basis, twin| Need {
