@@ -270,7 +270,7 @@ fn send_file<R: Read, W: Write>(conn: &mut Conn<R, W>, f: std::fs::File) -> Resu
     let mut r = BufReader::with_capacity(1 << 20, f);
     let mut buf = vec![0u8; (1 << 20).min(MAX_CHUNK)];
     loop {
-        let n = crate::backup::read_full(&mut r, &mut buf)?;
+        let n = read_full(&mut r, &mut buf)?;
         if n == 0 {
             return Ok(());
         }
@@ -279,6 +279,18 @@ fn send_file<R: Read, W: Write>(conn: &mut Conn<R, W>, f: std::fs::File) -> Resu
             return Ok(());
         }
     }
+}
+
+/// Reads up to `buf.len()` bytes, fewer only at the end of `r`.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
 }
 
 fn backup<R: Read, W: Write>(
@@ -351,7 +363,7 @@ fn receive<R: Read, W: Write>(
                     .end(id, size, hash, (mtime_sec, mtime_nsec))
                     .with_context(|| format!("finishing {name}"))?;
                 match ended {
-                    TransferResult::Ok => conn.send(&ServerMsg::FileOk { id })?,
+                    TransferResult::Done => conn.send(&ServerMsg::FileOk { id })?,
                     TransferResult::Retry => conn.send(&ServerMsg::FileRetry { id })?,
                     TransferResult::NoSpace { path, need } => {
                         rx.note_no_space()?;

@@ -1,0 +1,114 @@
+//! Removing what `current` holds and the manifest does not name: the
+//! commit's sweep, the early clean-up on a short disc, and an unverified
+//! file written at its own path.
+
+use std::os::fd::OwnedFd;
+
+use anyhow::Result;
+use byteback_protocol::Kind;
+use rustix::fs::FileType;
+
+use super::{BackupReceiver, MANIFEST, NO_SPACE};
+use crate::fsops::{self, split};
+use crate::manifest::{ManifestReader, PeekableManifest};
+use crate::store::{disk_path, META_DIR};
+
+impl BackupReceiver {
+    /// Keeps room before anything is written: when the last backup ran out
+    /// of space (or the store is below `minpercent` free) and `current` holds
+    /// what failed runs left, removes it now rather than at the commit —
+    /// every object the last manifest does not name (new files of failed
+    /// runs, kept partial ones included) and every kept partial rebuild.
+    /// Returns a note for the log, if anything was removed.
+    pub fn clean_leftovers_if_short(&mut self, minpercent: u32) -> Result<Option<String>> {
+        let marked = fsops::lstat_at(&self.meta, NO_SPACE)?.is_some();
+        let short = marked
+            || crate::space::measure(&self.current)
+                .map(|s| s.percent_free() < f64::from(minpercent))
+                .unwrap_or(false);
+        if !short || self.start.clean {
+            return Ok(None);
+        }
+        let mut deleted = 0;
+        if self.start.has_manifest {
+            let path = self.meta_path.join("manifest");
+            let mut manifest = PeekableManifest::new(ManifestReader::new(
+                fsops::open_file(&self.meta, MANIFEST)?,
+                &path,
+            )?)?;
+            remove_stale(&self.current, &[], true, &mut manifest, &mut deleted)?;
+        }
+        for n in fsops::list_dir(&self.partial)? {
+            fsops::remove_any(&self.partial, &n)?;
+            deleted += 1;
+        }
+        fsops::remove_any(&self.meta, NO_SPACE)?;
+        Ok((deleted > 0).then(|| {
+            format!(
+                "short of space: removed {deleted} objects that interrupted or failed backups left in current"
+            )
+        }))
+    }
+}
+
+/// Removes the file a transfer was writing at its own client path.
+pub(super) fn remove_in_place(current: &OwnedFd, path: &[u8]) -> Result<()> {
+    let disk = disk_path(path);
+    let (pdir, name) = split(&disk);
+    let parent = fsops::open_dir(current, pdir)?;
+    fsops::remove_any(&parent, name)?;
+    Ok(())
+}
+
+/// Deletes objects under `dir` that the manifest does not name with the same type.
+pub(super) fn remove_stale(
+    dir: &OwnedFd,
+    prefix: &[u8],
+    top: bool,
+    manifest: &mut PeekableManifest,
+    deleted: &mut u64,
+) -> Result<()> {
+    let mut children = vec![];
+    for (disk_name, t) in fsops::list_dir_typed(dir)? {
+        let client_name = if top && disk_name.starts_with(META_DIR) {
+            if disk_name == META_DIR {
+                continue;
+            }
+            match disk_name.strip_prefix(b".byteback-".as_slice()) {
+                Some(n) if n.starts_with(META_DIR) => n.to_vec(),
+                _ => {
+                    fsops::remove_any(dir, &disk_name)?;
+                    continue;
+                }
+            }
+        } else {
+            disk_name.clone()
+        };
+        children.push((client_name, disk_name, t));
+    }
+    children.sort_by(|a, b| a.0.cmp(&b.0));
+    for (client_name, disk_name, t) in children {
+        let path = if prefix.is_empty() {
+            client_name
+        } else {
+            [prefix, b"/", &client_name].concat()
+        };
+        let keep = match manifest.seek(&path)? {
+            Some(m) => matches!(
+                (&m.entry.kind, t),
+                (Kind::File { .. }, FileType::RegularFile)
+                    | (Kind::Dir, FileType::Directory)
+                    | (Kind::Symlink { .. }, FileType::Symlink)
+            ),
+            None => false,
+        };
+        if !keep {
+            fsops::remove_any(dir, &disk_name)?;
+            *deleted += 1;
+        } else if t == FileType::Directory {
+            let sub = fsops::open_dir(dir, &disk_name)?;
+            remove_stale(&sub, &path, false, manifest, deleted)?;
+        }
+    }
+    Ok(())
+}
