@@ -5,7 +5,6 @@
 use std::cmp::Ordering;
 use std::os::fd::OwnedFd;
 
-use anyhow::{Context, Result};
 use byteback_protocol::limits::TWIN_MIN;
 use byteback_protocol::{compare_paths, Entry, Kind, ManifestEntry};
 use rustix::fs::FileType;
@@ -15,6 +14,7 @@ use super::partial::partial_name;
 use super::sink::{hash_file, Basis, BasisPart, FileWriter};
 use super::slots::Slot;
 use super::{BackupReceiver, OpenDir, Transfer};
+use crate::error::{shown, Error, IoContext, Result};
 use crate::fsops::{self, split};
 use crate::store::disk_path;
 
@@ -39,7 +39,7 @@ impl BackupReceiver {
                 self.mark_changed()?;
             }
         }
-        let old = self.old.seek(&e.path)?;
+        let old = self.old.seek(&e.path).map_err(Error::Manifest)?;
         if decide::disc_type_changed(old.as_ref(), &e) {
             // The old object may stay on disc until the commit's sweep.
             self.work.needs_sweep = true;
@@ -71,7 +71,7 @@ impl BackupReceiver {
         let on_disc = if fresh_parent {
             None
         } else {
-            look(&parent, &name, &e)?
+            look(&parent, &name, &e).op("look at", || shown(&e.path))?
         };
         match decide::with_disc(old.as_ref(), &e, on_disc.as_ref()) {
             Action::KeepDir => self.enter_dir(e, &parent, &name, false, old),
@@ -82,9 +82,10 @@ impl BackupReceiver {
             Action::KeepSymlink => self.keep(unhashed(e), old),
             Action::MakeSymlink => {
                 self.touch()?;
-                fsops::remove_any(&parent, &name)?;
+                fsops::remove_any(&parent, &name).op("replace", || shown(&e.path))?;
                 if let Kind::Symlink { target } = &e.kind {
-                    fsops::symlink(&parent, &name, target)?;
+                    fsops::symlink(&parent, &name, target)
+                        .op("create symlink", || shown(&e.path))?;
                 }
                 self.keep(unhashed(e), old)
             }
@@ -123,12 +124,7 @@ impl BackupReceiver {
             rustix::fs::mkdirat(parent, os(name), rustix::fs::Mode::from_raw_mode(0o700))
                 .map_err(std::io::Error::from)
         };
-        created.with_context(|| {
-            format!(
-                "cannot create directory {:?}",
-                String::from_utf8_lossy(path)
-            )
-        })
+        created.op("create directory", || shown(path))
     }
 
     fn keep(&mut self, me: ManifestEntry, old: Option<ManifestEntry>) -> Result<Option<Started>> {
@@ -146,7 +142,7 @@ impl BackupReceiver {
         created: bool,
         old: Option<ManifestEntry>,
     ) -> Result<Option<Started>> {
-        let fd = fsops::open_dir(parent, name)?;
+        let fd = fsops::open_dir(parent, name).op("open directory", || shown(&e.path))?;
         self.dirs.push(OpenDir {
             path: e.path.clone(),
             fd: Some(fd),
@@ -192,11 +188,11 @@ impl BackupReceiver {
         let out = if in_place {
             // Nothing at the path (looked at, or in a directory this backup
             // created): written there, exclusively.
-            fsops::create_new(parent, name)
-                .with_context(|| format!("cannot create {:?}", String::from_utf8_lossy(&e.path)))?
+            fsops::create_new(parent, name).op("create", || shown(&e.path))?
         } else {
             // `take_partial` left nothing at that name.
-            fsops::create_new(&self.partial, &partial)?
+            fsops::create_new(&self.partial, &partial)
+                .op("create", || self.partial_path(&partial))?
         };
         let has_basis = basis.is_some();
         let size = e.size();
@@ -233,7 +229,7 @@ fn unhashed(entry: Entry) -> ManifestEntry {
 }
 
 /// What is at `name` in `parent`, for the decision about `e`.
-fn look(parent: &OwnedFd, name: &[u8], e: &Entry) -> Result<Option<OnDisc>> {
+fn look(parent: &OwnedFd, name: &[u8], e: &Entry) -> std::io::Result<Option<OnDisc>> {
     let Some(st) = fsops::lstat_at(parent, name)? else {
         return Ok(None);
     };
@@ -254,12 +250,7 @@ fn look(parent: &OwnedFd, name: &[u8], e: &Entry) -> Result<Option<OnDisc>> {
 fn hash_stored(parent: &OwnedFd, name: &[u8], path: &[u8]) -> Result<[u8; 32]> {
     fsops::open_file(parent, name)
         .and_then(|f| hash_file(&f))
-        .with_context(|| {
-            format!(
-                "cannot read the stored copy of {:?}",
-                String::from_utf8_lossy(path)
-            )
-        })
+        .op("read the stored copy of", || shown(path))
 }
 
 fn os(p: &[u8]) -> &std::ffi::OsStr {

@@ -49,16 +49,14 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{shown, Context, Error, IoContext, Result};
 use byteback_protocol::{BackupStats, Entry, ManifestEntry, Need};
-
-pub use commit::set_aside_manifest;
 
 use crate::fsops::{self, split};
 use crate::manifest::{ManifestReader, ManifestWriter, PeekableManifest};
 use crate::store::{disk_path, HostStore, META_DIR, META_DIR_NAME};
 use crate::twins::TwinIndex;
-use commit::recover_manifest;
+use commit::{recover_manifest, set_aside_manifest};
 use sink::{Decoder, FileWriter};
 use slots::{Slot, Slots};
 use sweep::remove_in_place;
@@ -200,28 +198,32 @@ fn open_old_manifest(
     let opened = match fsops::open_file(meta, MANIFEST) {
         Ok(f) => Some(ManifestReader::new(f, manifest_path).and_then(PeekableManifest::new)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("cannot open the manifest {}", manifest_path.display()))
-        }
+        Err(e) => return Err(Error::io("open the manifest", manifest_path.display(), e)),
     };
     Ok(match opened {
         Some(Ok(m)) => (m, true),
         Some(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
-            set_aside_manifest(meta)?;
+            set_aside_manifest(meta, manifest_path.parent().unwrap_or(manifest_path))?;
             warnings.push(format!("{e}"));
             warnings.push(recover_manifest(host, meta, manifest_path));
             match fsops::open_file(meta, MANIFEST) {
                 Ok(f) => (
-                    PeekableManifest::new(ManifestReader::new(f, manifest_path)?)?,
+                    ManifestReader::new(f, manifest_path)
+                        .and_then(PeekableManifest::new)
+                        .map_err(Error::Manifest)?,
                     true,
                 ),
-                Err(_) => (PeekableManifest::new(ManifestReader::empty())?, false),
+                Err(_) => (empty_manifest()?, false),
             }
         }
-        Some(Err(e)) => return Err(e.into()),
-        None => (PeekableManifest::new(ManifestReader::empty())?, false),
+        Some(Err(e)) => return Err(Error::Manifest(e)),
+        None => (empty_manifest()?, false),
     })
+}
+
+/// A manifest with no entries (of a first backup, or after a damaged one).
+fn empty_manifest() -> Result<PeekableManifest> {
+    PeekableManifest::new(ManifestReader::empty()).map_err(Error::Manifest)
 }
 
 impl BackupReceiver {
@@ -229,25 +231,32 @@ impl BackupReceiver {
     pub fn new(host: &HostStore) -> Result<Self> {
         keep_freed_buffers();
         let current = host.current()?;
-        fsops::ensure_dir(&current, META_DIR, 0o700)?;
-        let meta = fsops::open_dir(&current, META_DIR)?;
+        let meta_path = host.path.join("current").join(META_DIR_NAME);
+        let at = |name: &[u8]| in_dir(&meta_path, name);
+        fsops::ensure_dir(&current, META_DIR, 0o700).op("create", || meta_path.display())?;
+        let meta = fsops::open_dir(&current, META_DIR).op("open", || meta_path.display())?;
         // Leftovers of an interrupted run (`tmp`: of versions before partial
         // rebuilds were kept); `partial` is kept for resuming.
-        fsops::remove_any(&meta, b"tmp")?;
-        fsops::remove_any(&meta, b"manifest.new")?;
-        fsops::ensure_dir(&meta, PARTIAL, 0o700)?;
-        let partial = fsops::open_dir(&meta, PARTIAL)?;
-        let meta_path = host.path.join("current").join(META_DIR_NAME);
+        for name in [&b"tmp"[..], b"manifest.new"] {
+            fsops::remove_any(&meta, name).op("remove", || at(name))?;
+        }
+        fsops::ensure_dir(&meta, PARTIAL, 0o700).op("create", || at(PARTIAL))?;
+        let partial = fsops::open_dir(&meta, PARTIAL).op("open", || at(PARTIAL))?;
         let manifest_path = meta_path.join("manifest");
         let mut warnings = vec![];
-        if fsops::lstat_at(&meta, DAMAGED)?.is_some() && fsops::lstat_at(&meta, MANIFEST)?.is_none()
-        {
+        let exists = |name: &[u8]| -> Result<bool> {
+            Ok(fsops::lstat_at(&meta, name)
+                .op("look at", || at(name))?
+                .is_some())
+        };
+        if exists(DAMAGED)? && !exists(MANIFEST)? {
             warnings.push(recover_manifest(host, &meta, &manifest_path));
         }
         let (old, has_manifest) = open_old_manifest(host, &meta, &manifest_path, &mut warnings)?;
-        let marker = fsops::lstat_at(&meta, CLEAN)?.is_some();
+        let marker = exists(CLEAN)?;
         let clean = marker && has_manifest;
-        let dir_fd = fsops::open_dir(&current, b"")?;
+        let dir_fd = fsops::open_dir(&current, b"")
+            .op("open", || host.path.join("current").display().to_string())?;
         let mut rx = BackupReceiver {
             clone_ok: host.btrfs,
             twins: None,
@@ -292,8 +301,12 @@ impl BackupReceiver {
     /// Records that this backup ran out of space: until a commit, the next
     /// backup starts by removing what failed runs left.
     pub fn note_no_space(&self) -> Result<()> {
-        if fsops::lstat_at(&self.meta, NO_SPACE)?.is_none() {
-            drop(fsops::create_new(&self.meta, NO_SPACE)?);
+        let at = || in_dir(&self.meta_path, NO_SPACE);
+        if fsops::lstat_at(&self.meta, NO_SPACE)
+            .op("look at", at)?
+            .is_none()
+        {
+            drop(fsops::create_new(&self.meta, NO_SPACE).op("create", at)?);
         }
         Ok(())
     }
@@ -305,7 +318,7 @@ impl BackupReceiver {
 
     /// Sets the damaged manifest aside so the next backup recovers one.
     pub fn set_aside_manifest(&self) -> Result<()> {
-        set_aside_manifest(&self.meta)
+        set_aside_manifest(&self.meta, &self.meta_path)
     }
 
     /// The fd of directory `dirs[i]`, opened beneath `current` if not yet.
@@ -313,20 +326,17 @@ impl BackupReceiver {
         let dir = self
             .dirs
             .get_mut(i)
-            .ok_or_else(|| anyhow!("directory stack empty"))?;
+            .ok_or(Error::Internal("directory stack empty"))?;
         if dir.fd.is_none() {
-            let opened =
-                fsops::open_dir(&self.current, &disk_path(&dir.path)).with_context(|| {
-                    format!(
-                        "cannot open directory {:?}",
-                        String::from_utf8_lossy(&dir.path)
-                    )
-                })?;
+            let opened = fsops::open_dir(&self.current, &disk_path(&dir.path))
+                .op("open directory", || shown(&dir.path))?;
             dir.fd = Some(opened);
         }
         match &dir.fd {
-            Some(fd) => Ok(fd.try_clone()?),
-            None => bail!("directory not open"),
+            Some(fd) => fd
+                .try_clone()
+                .op("duplicate the fd of", || shown(&dir.path)),
+            None => Err(Error::Internal("directory not open")),
         }
     }
 
@@ -338,7 +348,7 @@ impl BackupReceiver {
             let path = e.path.clone();
             let started = self
                 .entry(e)
-                .with_context(|| format!("storing {}", byteback_protocol::escape_bytes(&path)))?;
+                .context_with(|| format!("storing {}", shown(&path)))?;
             if let Some(started) = started {
                 needs.push(Need {
                     index: i as u32,
@@ -356,7 +366,7 @@ impl BackupReceiver {
     /// escaped, or the bare id once the transfer is gone.
     pub fn transfer_name(&self, id: u32) -> String {
         match self.transfers.get(&id) {
-            Some(t) => byteback_protocol::escape_bytes(&t.entry.path),
+            Some(t) => shown(&t.entry.path),
             None => format!("transfer {id}"),
         }
     }
@@ -366,7 +376,9 @@ impl BackupReceiver {
     fn flush_slots(&mut self) -> Result<()> {
         while let Some(e) = self.slots.pop_ready() {
             match self.new.as_mut() {
-                Some(new) => new.push(&e)?,
+                Some(new) => new
+                    .push(&e)
+                    .op("write", || in_dir(&self.meta_path, b"manifest.new"))?,
                 // Equal to the old manifest's next entry (see `push_ready`).
                 None => self.work.unwritten += 1,
             }
@@ -389,12 +401,12 @@ impl BackupReceiver {
         let top = self
             .dirs
             .last()
-            .ok_or_else(|| anyhow!("directory stack empty"))?;
+            .ok_or(Error::Internal("directory stack empty"))?;
         if top.path.as_slice() != parent {
-            bail!(
+            return Err(Error::Refused(format!(
                 "entry {:?} arrived without its parent directory",
                 String::from_utf8_lossy(path)
-            );
+            )));
         }
         Ok((self.dirs.len() - 1, top.created))
     }
@@ -433,6 +445,14 @@ impl Drop for BackupReceiver {
             }
         }
     }
+}
+
+/// `name` in directory `dir` (a path on disc), for messages.
+fn in_dir(dir: &std::path::Path, name: &[u8]) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    dir.join(std::ffi::OsStr::from_bytes(name))
+        .display()
+        .to_string()
 }
 
 /// Keeps freed multi-MiB buffers (frames, chunks) in the heap instead of

@@ -5,11 +5,11 @@
 
 use std::fs::File;
 
-use anyhow::Result;
 use rustix::fs::FileType;
 
 use super::sink::FS_BLOCK;
-use super::BackupReceiver;
+use super::{in_dir, BackupReceiver, PARTIAL};
+use crate::error::{shown, IoContext, Result};
 use crate::fsops;
 
 /// Suffix of a partial rebuild from an earlier run, while it serves as a basis.
@@ -30,6 +30,11 @@ pub(super) fn prev_name(name: &[u8]) -> Vec<u8> {
 }
 
 impl BackupReceiver {
+    /// `name` in `.byteback/partial`, for messages.
+    pub(super) fn partial_path(&self, name: &[u8]) -> String {
+        format!("{}/{}", in_dir(&self.meta_path, PARTIAL), shown(name))
+    }
+
     /// An earlier run's rebuild of the file whose partial name is `name`,
     /// kept as `<name>.prev` for use as the front of the basis. Of two (a
     /// rebuild from a rebuild, interrupted again) the longer is kept. Only
@@ -38,38 +43,46 @@ impl BackupReceiver {
     pub(super) fn take_partial(&mut self, name: &[u8]) -> Result<Option<(File, u64)>> {
         let prev = prev_name(name);
         let size = |n: &[u8]| -> Result<Option<u64>> {
-            Ok(match fsops::lstat_at(&self.partial, n)? {
-                Some(s) if fsops::file_type(&s) == FileType::RegularFile => Some(s.st_size as u64),
-                Some(_) => {
-                    fsops::remove_any(&self.partial, n)?;
-                    None
-                }
-                None => None,
-            })
+            Ok(
+                match fsops::lstat_at(&self.partial, n).op("look at", || self.partial_path(n))? {
+                    Some(s) if fsops::file_type(&s) == FileType::RegularFile => {
+                        Some(s.st_size as u64)
+                    }
+                    Some(_) => {
+                        fsops::remove_any(&self.partial, n)
+                            .op("remove", || self.partial_path(n))?;
+                        None
+                    }
+                    None => None,
+                },
+            )
         };
         let (cur_len, prev_len) = (size(name)?, size(&prev)?);
         let len = match (cur_len, prev_len) {
             (None, None) => return Ok(None),
             (Some(c), p) if c > p.unwrap_or(0) => {
-                fsops::replace(&self.partial, name, &self.partial, &prev)?;
+                fsops::replace(&self.partial, name, &self.partial, &prev)
+                    .op("rename", || self.partial_path(name))?;
                 c
             }
             (c, p) => {
                 if c.is_some() {
-                    fsops::remove_any(&self.partial, name)?;
+                    fsops::remove_any(&self.partial, name)
+                        .op("remove", || self.partial_path(name))?;
                 }
                 p.unwrap_or(0)
             }
         } / FS_BLOCK
             * FS_BLOCK;
         if len == 0 {
-            fsops::remove_any(&self.partial, &prev)?;
+            fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
             return Ok(None);
         }
         match fsops::open_file(&self.partial, &prev) {
             Ok(f) => Ok(Some((f, len))),
             Err(_) => {
-                fsops::remove_any(&self.partial, &prev)?;
+                fsops::remove_any(&self.partial, &prev)
+                    .op("remove", || self.partial_path(&prev))?;
                 Ok(None)
             }
         }
@@ -81,7 +94,7 @@ impl BackupReceiver {
         t.writer.basis = None;
         if std::mem::take(&mut t.has_prev) {
             let prev = prev_name(&t.partial);
-            fsops::remove_any(&self.partial, &prev)?;
+            fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
         }
         Ok(())
     }
@@ -100,12 +113,14 @@ impl BackupReceiver {
             }
         }
         let mut freed = 0;
-        for n in fsops::list_dir(&self.partial)? {
+        for n in fsops::list_dir(&self.partial).op("list", || in_dir(&self.meta_path, PARTIAL))? {
             if !busy.contains(&n) {
-                if let Some(s) = fsops::lstat_at(&self.partial, &n)? {
+                if let Some(s) =
+                    fsops::lstat_at(&self.partial, &n).op("look at", || self.partial_path(&n))?
+                {
                     freed += s.st_blocks as u64 * 512;
                 }
-                fsops::remove_any(&self.partial, &n)?;
+                fsops::remove_any(&self.partial, &n).op("remove", || self.partial_path(&n))?;
             }
         }
         Ok(freed)

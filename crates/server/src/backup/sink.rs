@@ -8,11 +8,11 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use anyhow::{anyhow, Result};
 use byteback_delta::{apply_ops, DeltaError, FileHasher, PatchSink};
 use byteback_protocol::codec::ChunkDecompressor;
 use byteback_protocol::Compressed;
 
+use crate::error::{shown, Error, Result};
 use crate::fsops;
 
 pub(super) const FS_BLOCK: u64 = 4096;
@@ -146,10 +146,9 @@ impl FileWriter {
                 return Ok(Applied::default());
             }
             Err(e) => {
-                let path = String::from_utf8_lossy(path);
                 return Err(match e {
-                    SinkError::Io(e) => anyhow!("cannot store {path:?}: {e}"),
-                    e => anyhow!("bad delta for {path:?}: {e}"),
+                    SinkError::Io(e) => Error::io("store", shown(path), e),
+                    e => Error::Refused(format!("bad delta for {}: {e}", shown(path))),
                 });
             }
             Ok(_) => {}

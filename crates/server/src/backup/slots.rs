@@ -5,9 +5,10 @@
 
 use std::collections::VecDeque;
 
-use anyhow::{bail, Result};
 use byteback_protocol::limits::{MAX_BUFFERED_BYTES, MAX_PENDING};
 use byteback_protocol::ManifestEntry;
+
+use crate::error::{Error, Result};
 
 /// An entry's place in the new manifest.
 #[derive(Debug, PartialEq)]
@@ -37,9 +38,9 @@ impl Slots {
         // control keeps this bounded and a client that ignores it is refused.
         self.bytes += cost;
         if self.queue.len() >= MAX_PENDING || self.bytes > MAX_BUFFERED_BYTES {
-            bail!(
+            return Err(Error::Refused(format!(
                 "client sent more than {MAX_PENDING} entries or {MAX_BUFFERED_BYTES} bytes behind unfinished transfers"
-            );
+            )));
         }
         self.queue.push_back(s);
         Ok(self.base + self.queue.len() as u64 - 1)

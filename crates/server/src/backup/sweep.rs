@@ -4,11 +4,11 @@
 
 use std::os::fd::OwnedFd;
 
-use anyhow::Result;
 use byteback_protocol::Kind;
 use rustix::fs::FileType;
 
-use super::{BackupReceiver, MANIFEST, NO_SPACE};
+use super::{in_dir, BackupReceiver, MANIFEST, NO_SPACE, PARTIAL};
+use crate::error::{shown, Error, IoContext, Result};
 use crate::fsops::{self, split};
 use crate::manifest::{ManifestReader, PeekableManifest};
 use crate::store::{disk_path, META_DIR};
@@ -21,7 +21,10 @@ impl BackupReceiver {
     /// runs, kept partial ones included) and every kept partial rebuild.
     /// Returns a note for the log, if anything was removed.
     pub fn clean_leftovers_if_short(&mut self, minpercent: u32) -> Result<Option<String>> {
-        let marked = fsops::lstat_at(&self.meta, NO_SPACE)?.is_some();
+        let marker = || in_dir(&self.meta_path, NO_SPACE);
+        let marked = fsops::lstat_at(&self.meta, NO_SPACE)
+            .op("look at", marker)?
+            .is_some();
         let short = marked
             || crate::space::measure(&self.current)
                 .map(|s| s.percent_free() < f64::from(minpercent))
@@ -32,17 +35,19 @@ impl BackupReceiver {
         let mut deleted = 0;
         if self.start.has_manifest {
             let path = self.meta_path.join("manifest");
-            let mut manifest = PeekableManifest::new(ManifestReader::new(
-                fsops::open_file(&self.meta, MANIFEST)?,
-                &path,
-            )?)?;
+            let file = fsops::open_file(&self.meta, MANIFEST).op("open", || path.display())?;
+            let mut manifest = ManifestReader::new(file, &path)
+                .and_then(PeekableManifest::new)
+                .map_err(Error::Manifest)?;
             remove_stale(&self.current, &[], true, &mut manifest, &mut deleted)?;
         }
-        for n in fsops::list_dir(&self.partial)? {
-            fsops::remove_any(&self.partial, &n)?;
+        let partial = in_dir(&self.meta_path, PARTIAL);
+        for n in fsops::list_dir(&self.partial).op("list", || &partial)? {
+            fsops::remove_any(&self.partial, &n)
+                .op("remove", || format!("{partial}/{}", shown(&n)))?;
             deleted += 1;
         }
-        fsops::remove_any(&self.meta, NO_SPACE)?;
+        fsops::remove_any(&self.meta, NO_SPACE).op("remove", marker)?;
         Ok((deleted > 0).then(|| {
             format!(
                 "short of space: removed {deleted} objects that interrupted or failed backups left in current"
@@ -55,8 +60,8 @@ impl BackupReceiver {
 pub(super) fn remove_in_place(current: &OwnedFd, path: &[u8]) -> Result<()> {
     let disk = disk_path(path);
     let (pdir, name) = split(&disk);
-    let parent = fsops::open_dir(current, pdir)?;
-    fsops::remove_any(&parent, name)?;
+    let parent = fsops::open_dir(current, pdir).op("open the directory of", || shown(path))?;
+    fsops::remove_any(&parent, name).op("remove", || shown(path))?;
     Ok(())
 }
 
@@ -68,8 +73,17 @@ pub(super) fn remove_stale(
     manifest: &mut PeekableManifest,
     deleted: &mut u64,
 ) -> Result<()> {
+    // Client paths, for messages (`current` itself is the empty one).
+    let here = || if top { "current".into() } else { shown(prefix) };
+    let under = |name: &[u8]| {
+        if top {
+            shown(name)
+        } else {
+            format!("{}/{}", shown(prefix), shown(name))
+        }
+    };
     let mut children = vec![];
-    for (disk_name, t) in fsops::list_dir_typed(dir)? {
+    for (disk_name, t) in fsops::list_dir_typed(dir).op("list", here)? {
         let client_name = if top && disk_name.starts_with(META_DIR) {
             if disk_name == META_DIR {
                 continue;
@@ -77,7 +91,7 @@ pub(super) fn remove_stale(
             match disk_name.strip_prefix(b".byteback-".as_slice()) {
                 Some(n) if n.starts_with(META_DIR) => n.to_vec(),
                 _ => {
-                    fsops::remove_any(dir, &disk_name)?;
+                    fsops::remove_any(dir, &disk_name).op("remove", || under(&disk_name))?;
                     continue;
                 }
             }
@@ -93,7 +107,7 @@ pub(super) fn remove_stale(
         } else {
             [prefix, b"/", &client_name].concat()
         };
-        let keep = match manifest.seek(&path)? {
+        let keep = match manifest.seek(&path).map_err(Error::Manifest)? {
             Some(m) => matches!(
                 (&m.entry.kind, t),
                 (Kind::File { .. }, FileType::RegularFile)
@@ -103,10 +117,10 @@ pub(super) fn remove_stale(
             None => false,
         };
         if !keep {
-            fsops::remove_any(dir, &disk_name)?;
+            fsops::remove_any(dir, &disk_name).op("remove", || shown(&path))?;
             *deleted += 1;
         } else if t == FileType::Directory {
-            let sub = fsops::open_dir(dir, &disk_name)?;
+            let sub = fsops::open_dir(dir, &disk_name).op("open directory", || shown(&path))?;
             remove_stale(&sub, &path, false, manifest, deleted)?;
         }
     }

@@ -4,7 +4,6 @@
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use anyhow::{anyhow, bail, Context, Result};
 use byteback_delta::SignatureBuilder;
 use byteback_protocol::{Compressed, Kind, ManifestEntry};
 
@@ -13,14 +12,13 @@ use super::sink::{Basis, IO_CHUNK};
 use super::slots::Slot;
 use super::sweep::remove_in_place;
 use super::{BackupReceiver, LastParent, Transfer, TransferResult};
+use crate::error::{shown, Error, IoContext, Result};
 use crate::fsops::{self, split};
 use crate::store::disk_path;
 
 impl BackupReceiver {
     pub(super) fn transfer(&mut self, id: u32) -> Result<&mut Transfer> {
-        self.transfers
-            .get_mut(&id)
-            .ok_or_else(|| anyhow!("unknown transfer {id}"))
+        self.transfers.get_mut(&id).ok_or_else(|| unknown(id))
     }
 
     /// Signature of the basis of transfer `id`. A stored copy that cannot be
@@ -32,7 +30,7 @@ impl BackupReceiver {
             .writer
             .basis
             .as_ref()
-            .ok_or_else(|| anyhow!("transfer {id} has no basis"))?;
+            .ok_or_else(|| Error::Refused(format!("transfer {id} has no basis")))?;
         match sign(basis) {
             Ok(sig) => Ok(sig),
             Err(e) => {
@@ -49,10 +47,7 @@ impl BackupReceiver {
     /// Applies one delta segment to transfer `id`.
     pub fn data(&mut self, id: u32, delta: &Compressed) -> Result<()> {
         let raw = self.decoder.decode(delta)?;
-        let t = self
-            .transfers
-            .get_mut(&id)
-            .ok_or_else(|| anyhow!("unknown transfer {id}"))?;
+        let t = self.transfers.get_mut(&id).ok_or_else(|| unknown(id))?;
         let applied = t
             .writer
             .write(raw, t.entry.size(), &t.entry.path, &mut self.clone_ok)?;
@@ -74,11 +69,11 @@ impl BackupReceiver {
             let path = String::from_utf8_lossy(&t.entry.path).into_owned();
             t.nospace_rounds += 1;
             if t.nospace_rounds > 3 {
-                bail!(
+                return Err(Error::Store(format!(
                     "no space left on device storing {path:?}, even after making room three times"
-                );
+                )));
             }
-            t.writer.restart()?;
+            t.writer.restart().op("empty", || shown(&t.entry.path))?;
             // Its earlier rebuild goes too: the space is needed.
             self.drop_prev(id)?;
             return Ok(TransferResult::NoSpace { path, need: size });
@@ -87,7 +82,7 @@ impl BackupReceiver {
             if !t.retried {
                 // Never commit a file that fails its hash: start over without a basis.
                 t.retried = true;
-                t.writer.restart()?;
+                t.writer.restart().op("empty", || shown(&t.entry.path))?;
                 self.drop_prev(id)?;
                 self.stats.retried += 1;
                 return Ok(TransferResult::Retry);
@@ -98,11 +93,9 @@ impl BackupReceiver {
             ));
             return self.abort(id);
         }
-        let mut t = self
-            .transfers
-            .remove(&id)
-            .ok_or_else(|| anyhow!("unknown transfer {id}"))?;
-        drop(t.writer.finish(size, mtime)?);
+        let mut t = self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
+        let shown_path = || shown(&t.entry.path);
+        drop(t.writer.finish(size, mtime).op("finish", shown_path)?);
         t.entry.kind = Kind::File { size };
         t.entry.mtime_sec = mtime.0;
         t.entry.mtime_nsec = mtime.1;
@@ -110,7 +103,8 @@ impl BackupReceiver {
             self.rename_into_place(&t.entry.path, &t.partial)?;
         }
         if t.has_prev {
-            fsops::remove_any(&self.partial, &prev_name(&t.partial))?;
+            let prev = prev_name(&t.partial);
+            fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
         }
         self.stats.files_transferred += 1;
         let cost = t.entry.buffer_cost();
@@ -129,11 +123,12 @@ impl BackupReceiver {
         let (pdir, name) = split(&disk);
         let parent = match self.last_parent.take() {
             Some(last) if last.path == pdir => last.fd,
-            _ => fsops::open_dir(&self.current, pdir).with_context(|| {
-                format!("parent of {:?} vanished", String::from_utf8_lossy(path))
-            })?,
+            _ => {
+                fsops::open_dir(&self.current, pdir).op("open the directory of", || shown(path))?
+            }
         };
-        fsops::replace(&self.partial, partial, &parent, name)?;
+        fsops::replace(&self.partial, partial, &parent, name)
+            .op("rename into place", || shown(path))?;
         self.last_parent = Some(LastParent {
             path: pdir.to_vec(),
             fd: parent,
@@ -143,19 +138,18 @@ impl BackupReceiver {
 
     /// Gives up on transfer `id`; the previous version, if any, stays.
     pub fn abort(&mut self, id: u32) -> Result<TransferResult> {
-        let t = self
-            .transfers
-            .remove(&id)
-            .ok_or_else(|| anyhow!("unknown transfer {id}"))?;
+        let t = self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
         drop(t.writer);
         if t.in_place {
             // Nothing was at its path before: take the unverified file away.
             remove_in_place(&self.current, &t.entry.path)?;
         } else {
-            fsops::remove_any(&self.partial, &t.partial)?;
+            fsops::remove_any(&self.partial, &t.partial)
+                .op("remove", || self.partial_path(&t.partial))?;
         }
         if t.has_prev {
-            fsops::remove_any(&self.partial, &prev_name(&t.partial))?;
+            let prev = prev_name(&t.partial);
+            fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
         }
         // The old copy in `current` was not touched, so its manifest entry still holds.
         let cost = t.entry.buffer_cost();
@@ -167,6 +161,11 @@ impl BackupReceiver {
         self.flush_slots()?;
         Ok(TransferResult::Done)
     }
+}
+
+/// A transfer id the client never got or already finished.
+fn unknown(id: u32) -> Error {
+    Error::Refused(format!("unknown transfer {id}"))
 }
 
 /// The block signature of a whole basis.

@@ -3,7 +3,7 @@
 //! old manifest, see [`crate::twins`]), checked, and committed as if it had
 //! been received.
 
-use anyhow::{anyhow, bail, Result};
+use crate::error::{shown, Error, IoContext, Result};
 
 use super::sink::is_no_space;
 use super::{BackupReceiver, TransferResult};
@@ -56,7 +56,7 @@ impl BackupReceiver {
         let t = self
             .transfers
             .get_mut(&id)
-            .ok_or_else(|| anyhow!("unknown transfer {id}"))?;
+            .ok_or_else(|| Error::Refused(format!("unknown transfer {id}")))?;
         let w = &mut t.writer;
         if w.basis.is_some() || w.written != 0 || t.entry.size() != size || src_path == t.entry.path
         {
@@ -68,7 +68,7 @@ impl BackupReceiver {
         let (got, shared) = match twins::copy_into(&src, &w.out, size, clone_ok) {
             Ok(x) => x,
             Err(e) => {
-                w.out.set_len(0)?;
+                w.out.set_len(0).op("empty", || shown(&t.entry.path))?;
                 if is_no_space(&e) {
                     // Sending it needs the same room: that path makes it.
                     return Ok(false);
@@ -81,7 +81,7 @@ impl BackupReceiver {
             }
         };
         if got != hash {
-            w.out.set_len(0)?;
+            w.out.set_len(0).op("empty", || shown(&t.entry.path))?;
             return Ok(false);
         }
         // Hashed from the file itself just now: `end` checks that.
@@ -96,7 +96,7 @@ impl BackupReceiver {
                 self.stats.matched_bytes += size;
                 Ok(true)
             }
-            _ => bail!("a verified clone failed its commit"),
+            _ => Err(Error::Internal("a verified clone failed its commit")),
         }
     }
 }
