@@ -193,6 +193,10 @@ pub struct PruneJson {
     pub error: Option<String>,
 }
 
+/// One `byteback-prune` run. Long (~90 lines) because it is the command's
+/// whole sequence — option checks, list or prune, the refusal and the
+/// exit code — each step filling the JSON report; split, the order would
+/// no longer read top to bottom.
 fn prune_inner(args: PruneArgs, report: &mut PruneJson) -> Result<u8> {
     let do_prune = args.prune || args.prune_force;
     if do_prune == args.list {

@@ -103,6 +103,8 @@ fn default_store() -> Option<PathBuf> {
 }
 
 /// Parses arguments and runs; the process's `main`.
+/// Long (~100 lines) because it is one match over the subcommands, each
+/// arm a few lines of its own.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(code) = start_logging("byteback-server") {

@@ -249,6 +249,8 @@ pub fn enrol(cfg: &EnrolConfig) -> Result<Enrolled> {
 /// Enrols one client and removes the lines of the key it retires (see
 /// [`EnrolConfig::retire`]); returns how many lines were removed. One atomic
 /// rewrite of the file; idempotent.
+/// Long (~90 lines) because everything from the read to the atomic
+/// replace happens under the enrolment lock, in one scope.
 pub fn enrol_and_retire(cfg: &EnrolConfig) -> Result<(Enrolled, usize)> {
     if cfg.retire.as_ref().is_some_and(|r| r.blob == cfg.key.blob) {
         bail!("--retire-key is the key being enrolled");

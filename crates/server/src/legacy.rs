@@ -290,6 +290,9 @@ impl LegacyWalk {
 
     /// The entry of `name` in the innermost directory (its path in the
     /// snapshot `path`, `shown` for messages); `None` when it is gone.
+    /// Long (~150 lines) because it is one decision over the object's real
+    /// type and what its `user.rsync.%stat` says it was, each case checked
+    /// against the other with the object held open (no check-then-use).
     fn entry(&mut self, name: &[u8], path: Vec<u8>, shown: &str) -> Result<Option<ManifestEntry>> {
         if path.len() > MAX_PATH {
             return Err(bad(format!("path longer than {MAX_PATH} bytes")));

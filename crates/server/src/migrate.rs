@@ -129,6 +129,8 @@ fn plain(s: &str) -> bool {
 }
 
 /// Decides what to do with one line. `host_exists` says whether the store has a host.
+/// Long (~90 lines) because it is one strict pass over the options of
+/// the line, each refused by name; a pure function with its own tests.
 pub fn migrate_line(
     line: &str,
     cfg: &MigrateConfig,
@@ -229,6 +231,8 @@ pub struct MigrateReport {
 }
 
 /// Migrates `authorized_keys` (in place unless `dry_run`).
+/// Long (~90 lines) because the lock, the checks of the file, the
+/// rewrite and the atomic replace belong to one scope (the lock's).
 pub fn migrate_keys(
     authorized_keys: &Path,
     store: &Path,

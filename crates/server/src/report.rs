@@ -224,6 +224,9 @@ pub fn buckets(now: i64, offset: i64, oldest: i64) -> Vec<Bucket> {
     out
 }
 
+/// The retention chart of one host: its snapshots per retention period.
+/// Long (~90 lines) because it is one SVG written top to bottom; its
+/// pieces only make sense in that order.
 fn retention_svg(h: &HostReport, buckets: &[Bucket], offset: i64) -> String {
     const W: f64 = 960.0;
     const H: f64 = 30.0;
@@ -488,7 +491,8 @@ path.free{fill:none;stroke:#4a78b5;stroke-width:2}circle.free-dot{fill:#4a78b5}
 .none{color:#8a949e;font-style:italic;margin:4px 0}
 ";
 
-/// The page.
+/// The page. Long (~100 lines) because it is one HTML document written
+/// top to bottom; the charts are their own functions.
 pub fn render(r: &Report) -> String {
     let (code, line) = {
         let st = status::StoreStatus {

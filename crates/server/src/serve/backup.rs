@@ -152,9 +152,7 @@ fn make_room(target: &Target, rx: &mut BackupReceiver, path: &str, need: u64) ->
     if freed > 0 {
         eprintln!("byteback-server: no space left on device writing {path:?}: removed {freed} bytes of interrupted transfers' partial copies");
     }
-    // The pruner still speaks anyhow: its whole message is kept.
     crate::pruner::make_room(target.store, target.config, target.now(), need, path)
-        .map_err(|e| Error::Store(format!("{e:#}")))
 }
 
 /// `BackupEnd`: commits, takes the snapshot, replies, then records usage
@@ -205,7 +203,7 @@ fn finish<R: Read, W: Write>(
         snapshot.as_deref(),
         space.as_ref(),
     ) {
-        tracing::error!("cannot record usage: {e:#}");
+        tracing::error!("cannot record usage: {e}");
     }
     if snapshot.is_some() {
         crate::pruner::after_snapshot(target.store, target.config, now);
