@@ -25,7 +25,8 @@ pub enum Error {
     Io {
         /// What was being done.
         op: &'static str,
-        /// The path it was done to (a store path, or a client path in `current`).
+        /// The path it was done to: a store path, a client path in
+        /// `current`, or what it names ("standard output").
         path: String,
         /// Why it failed.
         cause: io::Error,
@@ -45,6 +46,10 @@ pub enum Error {
     /// bad configuration, no such snapshot).
     #[error("{0}")]
     Store(String),
+    /// A command line that cannot be carried out (options that contradict
+    /// each other, no such host or snapshot).
+    #[error("{0}")]
+    Usage(String),
     /// A broken invariant of the server itself (a bug).
     #[error("internal error: {0}")]
     Internal(&'static str),
