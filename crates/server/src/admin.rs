@@ -5,10 +5,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{anyhow, bail, Result};
 use clap::{Args, ValueEnum};
 
 use crate::config::StoreConfig;
+use crate::error::{Error, IoContext, Result};
 use crate::prune::{prune_order, Order, Snapshot};
 use crate::pruner::{self, PruneOptions};
 use crate::store::Store;
@@ -118,7 +118,7 @@ pub fn store_root(flag: Option<PathBuf>) -> Result<PathBuf> {
             .map(PathBuf::from)
             .filter(|p| p.is_absolute())
     })
-    .ok_or_else(|| anyhow!("no --store given and no home directory"))
+    .ok_or_else(|| Error::Usage("no --store given and no home directory".into()))
 }
 
 fn clock(now: Option<(i64, i64)>) -> (i64, i64) {
@@ -193,17 +193,25 @@ pub struct PruneJson {
     pub error: Option<String>,
 }
 
+/// One `byteback-prune` run. Long (~90 lines) because it is the command's
+/// whole sequence — option checks, list or prune, the refusal and the
+/// exit code — each step filling the JSON report; split, the order would
+/// no longer read top to bottom.
 fn prune_inner(args: PruneArgs, report: &mut PruneJson) -> Result<u8> {
     let do_prune = args.prune || args.prune_force;
     if do_prune == args.list {
-        bail!("give exactly one of --list or --prune/--prune-force");
+        return Err(Error::Usage(
+            "give exactly one of --list or --prune/--prune-force".into(),
+        ));
     }
     let root = store_root(args.store)?;
     let cfg = StoreConfig::load(&root)?;
     let minpercent = args.minpercent.unwrap_or(cfg.minpercent);
     let maxpercent = args.maxpercent.unwrap_or(cfg.maxpercent);
     if minpercent > maxpercent || maxpercent > 100 {
-        bail!("--minpercent must not exceed --maxpercent (at most 100)");
+        return Err(Error::Usage(
+            "--minpercent must not exceed --maxpercent (at most 100)".into(),
+        ));
     }
     let store = Store::open(&root)?;
     let (now, offset) = clock(args.now);
@@ -214,7 +222,7 @@ fn prune_inner(args: PruneArgs, report: &mut PruneJson) -> Result<u8> {
     if args.list {
         report.mode = "list";
         let snaps = pruner::all_snapshots(&store)?;
-        let space = space::measure(store.fd())?;
+        let space = space::measure(store.fd()).op("measure", || root.display().to_string())?;
         if args.verbose {
             let line = format!("byteback-prune: {space}\n");
             byteback_protocol::term::print_lines(tracing::Level::INFO, line.as_bytes());
@@ -228,9 +236,9 @@ fn prune_inner(args: PruneArgs, report: &mut PruneJson) -> Result<u8> {
         }
         let mut out = std::io::stdout().lock();
         for s in ordered {
-            writeln!(out, "{s}")?;
+            writeln!(out, "{s}").op("write", || STDOUT)?;
         }
-        out.flush()?;
+        out.flush().op("write", || STDOUT)?;
         return Ok(0);
     }
     report.mode = if args.prune_force {
@@ -283,7 +291,8 @@ fn prune_inner(args: PruneArgs, report: &mut PruneJson) -> Result<u8> {
             "byteback-prune: {} snapshot(s) deleted, {}",
             o.deleted.len(),
             o.after
-        )?;
+        )
+        .op("write", || "standard error")?;
     }
     Ok(0)
 }
@@ -317,9 +326,9 @@ pub fn run_prune(args: PruneArgs) -> ExitCode {
     let code = match prune_inner(args, &mut report) {
         Ok(c) => c,
         Err(e) => {
-            let line = format!("byteback-prune: {e:#}\n");
+            let line = format!("byteback-prune: {e}\n");
             byteback_protocol::term::print_lines(tracing::Level::ERROR, line.as_bytes());
-            report.error = Some(format!("{e:#}"));
+            report.error = Some(format!("{e}"));
             1
         }
     };
@@ -342,16 +351,21 @@ fn status_inner(args: StatusArgs) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let (code, line) = status::check(&st, args.warn, args.crit);
     if args.json {
-        out.write_all(status::json(&st, args.warn, args.crit).as_bytes())?;
+        out.write_all(status::json(&st, args.warn, args.crit).as_bytes())
+            .op("write", || STDOUT)?;
     } else {
         if args.warn.is_some() || args.crit.is_some() {
-            writeln!(out, "{line}")?;
+            writeln!(out, "{line}").op("write", || STDOUT)?;
         }
-        out.write_all(status::table(&st).as_bytes())?;
+        out.write_all(status::table(&st).as_bytes())
+            .op("write", || STDOUT)?;
     }
-    out.flush()?;
+    out.flush().op("write", || STDOUT)?;
     Ok(ExitCode::from(code))
 }
+
+/// Where listings go, for messages.
+const STDOUT: &str = "standard output";
 
 /// `byteback-server status`: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (error).
 pub fn run_status(args: StatusArgs) -> ExitCode {
@@ -362,13 +376,13 @@ pub fn run_status(args: StatusArgs) -> ExitCode {
             if json {
                 let v = serde_json::json!({
                     "state": "UNKNOWN",
-                    "summary": format!("BYTEBACK UNKNOWN - {e:#}"),
+                    "summary": format!("BYTEBACK UNKNOWN - {e}"),
                     "exit_code": 3,
-                    "error": format!("{e:#}"),
+                    "error": format!("{e}"),
                 });
                 println!("{v}");
             } else {
-                println!("BYTEBACK UNKNOWN - {e:#}");
+                println!("BYTEBACK UNKNOWN - {e}");
             }
             ExitCode::from(3)
         }

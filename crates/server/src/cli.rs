@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::enrol;
+use crate::error::{Error, IoContext, Result};
 use crate::serve::{serve, Access, ServeConfig};
 
 /// byteback's server: launched by sshd for a client's key, or by the client for a local store.
@@ -103,6 +104,8 @@ fn default_store() -> Option<PathBuf> {
 }
 
 /// Parses arguments and runs; the process's `main`.
+/// Long (~100 lines) because it is one match over the subcommands, each
+/// arm a few lines of its own.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(code) = start_logging("byteback-server") {
@@ -165,7 +168,7 @@ pub fn main() -> ExitCode {
             match serve(&cfg, stdin, stdout) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e:#}");
+                    tracing::error!("{e}");
                     ExitCode::FAILURE
                 }
             }
@@ -183,7 +186,7 @@ pub fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                tracing::error!("enrol: {e:#}");
+                tracing::error!("enrol: {e}");
                 ExitCode::FAILURE
             }
         },
@@ -194,7 +197,7 @@ pub fn main() -> ExitCode {
         } => match run_migrate(authorized_keys, store, dry_run) {
             Ok(code) => ExitCode::from(code),
             Err(e) => {
-                eprintln!("byteback-server: migrate-keys: {e:#}");
+                eprintln!("byteback-server: migrate-keys: {e}");
                 ExitCode::FAILURE
             }
         },
@@ -205,6 +208,19 @@ pub fn main() -> ExitCode {
     }
 }
 
+fn no_store() -> Error {
+    Error::Usage("no --store given and no home directory".into())
+}
+
+fn no_keys() -> Error {
+    Error::Usage("no --authorized-keys given and no home directory".into())
+}
+
+/// This program's path (for the forced command of a key).
+fn this_program() -> Result<PathBuf> {
+    std::env::current_exe().op("find the path of", || "this program")
+}
+
 fn run_enrol(
     host: String,
     key: &str,
@@ -212,29 +228,26 @@ fn run_enrol(
     store: Option<PathBuf>,
     authorized_keys: Option<PathBuf>,
     retire_key: Option<String>,
-) -> anyhow::Result<String> {
-    use anyhow::{anyhow, Context};
+) -> Result<String> {
     let key = enrol::parse_public_key(key)?;
     let retire = retire_key
-        .map(|k| enrol::parse_public_key(&k).context("--retire-key"))
+        .map(|k| enrol::parse_public_key(&k).map_err(|e| e.context("--retire-key")))
         .transpose()?;
     let from = match from {
         Some(f) => f
             .parse()
-            .map_err(|_| anyhow!("--from {f:?} is not an IP address"))?,
+            .map_err(|_| Error::Usage(format!("--from {f:?} is not an IP address")))?,
         None => enrol::client_address(
             &std::env::var("SSH_CONNECTION")
-                .map_err(|_| anyhow!("not run over SSH; give --from ADDRESS"))?,
+                .map_err(|_| Error::Usage("not run over SSH; give --from ADDRESS".into()))?,
         )?,
     };
     let store_explicit = store.is_some();
-    let store = store
-        .or_else(default_store)
-        .ok_or_else(|| anyhow!("no --store given and no home directory"))?;
+    let store = store.or_else(default_store).ok_or_else(no_store)?;
     let authorized_keys = authorized_keys
         .or_else(enrol::default_authorized_keys)
-        .ok_or_else(|| anyhow!("no --authorized-keys given and no home directory"))?;
-    let server_exe = std::env::current_exe().context("cannot find this program's path")?;
+        .ok_or_else(no_keys)?;
+    let server_exe = this_program()?;
     let cfg = enrol::EnrolConfig {
         store,
         store_explicit,
@@ -269,17 +282,14 @@ fn run_migrate(
     authorized_keys: Option<PathBuf>,
     store: Option<PathBuf>,
     dry_run: bool,
-) -> anyhow::Result<u8> {
-    use anyhow::{anyhow, Context};
+) -> Result<u8> {
     let authorized_keys = authorized_keys
         .or_else(enrol::default_authorized_keys)
-        .ok_or_else(|| anyhow!("no --authorized-keys given and no home directory"))?;
+        .ok_or_else(no_keys)?;
     let store_arg = store.clone();
-    let store = store
-        .or_else(default_store)
-        .ok_or_else(|| anyhow!("no --store given and no home directory"))?;
+    let store = store.or_else(default_store).ok_or_else(no_store)?;
     let cfg = crate::migrate::MigrateConfig {
-        server_exe: std::env::current_exe().context("cannot find this program's path")?,
+        server_exe: this_program()?,
         store_arg,
     };
     let r = crate::migrate::migrate_keys(&authorized_keys, &store, &cfg, dry_run)?;

@@ -33,14 +33,15 @@ impl Default for StoreConfig {
 
 impl StoreConfig {
     /// Loads `<store>/byteback.toml`, or defaults when it does not exist.
-    pub fn load(store: &Path) -> anyhow::Result<Self> {
+    pub fn load(store: &Path) -> crate::error::Result<Self> {
         let path = store.join("byteback.toml");
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(e) => return Err(anyhow::anyhow!("cannot read {}: {e}", path.display())),
+            Err(e) => return Err(crate::error::Error::io("read", path.display(), e)),
         };
-        Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        Self::parse(&text)
+            .map_err(|e| crate::error::Error::Store(format!("{}: {e}", path.display())))
     }
 
     /// Parses the file's text.

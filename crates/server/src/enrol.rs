@@ -16,8 +16,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context, Result};
-
+use crate::error::{Error, IoContext, Result};
 use crate::serve::Access;
 use crate::store::Store;
 
@@ -62,9 +61,9 @@ pub fn access_for_original_command(cmd: Option<&str>) -> Result<Access> {
         }
         _ => {
             let shown: String = word.chars().take(80).collect();
-            bail!(
+            Err(Error::Refused(format!(
                 "refused: this key may only run byteback (backup, list, restore, ping), not {shown:?}"
-            )
+            )))
         }
     }
 }
@@ -81,27 +80,36 @@ pub struct PublicKeyLine {
 /// Checks a public key given as `TYPE BASE64 [COMMENT]`; the comment is dropped.
 pub fn parse_public_key(s: &str) -> Result<PublicKeyLine> {
     if s.len() > MAX_KEY_LEN {
-        bail!("the key is longer than {MAX_KEY_LEN} bytes");
+        return Err(Error::Usage(format!(
+            "the key is longer than {MAX_KEY_LEN} bytes"
+        )));
     }
     if s.bytes().any(|b| b.is_ascii_control()) {
-        bail!("the key contains a control character (newline, NUL, ...)");
+        return Err(Error::Usage(
+            "the key contains a control character (newline, NUL, ...)".into(),
+        ));
     }
     let mut parts = s.split(' ').filter(|p| !p.is_empty());
-    let kind = parts.next().ok_or_else(|| anyhow!("empty key"))?;
+    let kind = parts
+        .next()
+        .ok_or_else(|| Error::Usage("empty key".into()))?;
     let blob = parts
         .next()
-        .ok_or_else(|| anyhow!("the key has no base64 part"))?;
+        .ok_or_else(|| Error::Usage("the key has no base64 part".into()))?;
     if !KEY_TYPES.contains(&kind) {
-        bail!("unsupported key type {kind:?}");
+        return Err(Error::Usage(format!("unsupported key type {kind:?}")));
     }
-    let raw = base64_decode(blob).ok_or_else(|| anyhow!("the key's base64 part is malformed"))?;
+    let raw = base64_decode(blob)
+        .ok_or_else(|| Error::Usage("the key's base64 part is malformed".into()))?;
     // The blob starts with the key type as an SSH string.
     if raw.len() < 4 {
-        bail!("the key blob is too short");
+        return Err(Error::Usage("the key blob is too short".into()));
     }
     let n = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize;
     if raw.get(4..4 + n) != Some(kind.as_bytes()) {
-        bail!("the key blob does not match its type {kind:?}");
+        return Err(Error::Usage(format!(
+            "the key blob does not match its type {kind:?}"
+        )));
     }
     Ok(PublicKeyLine {
         kind: kind.to_string(),
@@ -202,10 +210,10 @@ pub fn client_address(ssh_connection: &str) -> Result<IpAddr> {
     let first = ssh_connection
         .split_whitespace()
         .next()
-        .ok_or_else(|| anyhow!("SSH_CONNECTION is empty"))?;
+        .ok_or_else(|| Error::Usage("SSH_CONNECTION is empty".into()))?;
     first
         .parse()
-        .map_err(|_| anyhow!("SSH_CONNECTION names no client address: {first:?}"))
+        .map_err(|_| Error::Usage(format!("SSH_CONNECTION names no client address: {first:?}")))
 }
 
 /// Whether `s` can go into a forced command unquoted: letters, digits and `/._+-`.
@@ -222,17 +230,16 @@ pub fn key_line(cfg: &EnrolConfig) -> Result<String> {
         .to_str()
         .filter(is_plain_word)
         .ok_or_else(|| {
-            anyhow!(
+            Error::Usage(format!(
                 "the server program's path {} has characters unsafe in a forced command",
                 cfg.server_exe.display()
-            )
+            ))
         })?;
     let mut command = format!("{exe} serve --host {}", cfg.host);
     if cfg.store_explicit {
-        let store =
-            cfg.store.to_str().filter(is_plain_word).ok_or_else(|| {
-                anyhow!("the store path has characters unsafe in a forced command")
-            })?;
+        let store = cfg.store.to_str().filter(is_plain_word).ok_or_else(|| {
+            Error::Usage("the store path has characters unsafe in a forced command".into())
+        })?;
         command.push_str(&format!(" --store {store}"));
     }
     Ok(format!(
@@ -249,22 +256,28 @@ pub fn enrol(cfg: &EnrolConfig) -> Result<Enrolled> {
 /// Enrols one client and removes the lines of the key it retires (see
 /// [`EnrolConfig::retire`]); returns how many lines were removed. One atomic
 /// rewrite of the file; idempotent.
+/// Long (~90 lines) because everything from the read to the atomic
+/// replace happens under the enrolment lock, in one scope.
 pub fn enrol_and_retire(cfg: &EnrolConfig) -> Result<(Enrolled, usize)> {
     if cfg.retire.as_ref().is_some_and(|r| r.blob == cfg.key.blob) {
-        bail!("--retire-key is the key being enrolled");
+        return Err(Error::Usage(
+            "--retire-key is the key being enrolled".into(),
+        ));
     }
-    byteback_protocol::validate_host_name(&cfg.host).map_err(|e| anyhow!("host name: {e}"))?;
+    byteback_protocol::validate_host_name(&cfg.host)
+        .map_err(|e| Error::Usage(format!("host name: {e}")))?;
     let line = key_line(cfg)?;
     let store = Store::open(&cfg.store)?;
 
     let ssh_dir = cfg
         .authorized_keys
         .parent()
-        .ok_or_else(|| anyhow!("authorized_keys has no directory"))?;
+        .ok_or_else(|| Error::Usage("authorized_keys has no directory".into()))?;
     if !ssh_dir.exists() {
-        std::fs::create_dir_all(ssh_dir)
-            .with_context(|| format!("cannot create {}", ssh_dir.display()))?;
-        std::fs::set_permissions(ssh_dir, std::fs::Permissions::from_mode(0o700))?;
+        let at = || ssh_dir.display().to_string();
+        std::fs::create_dir_all(ssh_dir).op("create", at)?;
+        std::fs::set_permissions(ssh_dir, std::fs::Permissions::from_mode(0o700))
+            .op("set the mode of", at)?;
     }
     // One enrolment at a time edits the file.
     let lock = std::fs::OpenOptions::new()
@@ -272,17 +285,19 @@ pub fn enrol_and_retire(cfg: &EnrolConfig) -> Result<(Enrolled, usize)> {
         .truncate(false)
         .write(true)
         .mode(0o600)
-        .open(ssh_dir.join(".byteback-enrol.lock"))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
+        .open(ssh_dir.join(".byteback-enrol.lock"))
+        .op("lock", || ssh_dir.display().to_string())?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .op("lock", || ssh_dir.display().to_string())?;
+    let keys = || cfg.authorized_keys.display().to_string();
 
     let mut existing = String::new();
     match std::fs::File::open(&cfg.authorized_keys) {
         Ok(mut f) => {
-            f.read_to_string(&mut existing)
-                .with_context(|| format!("cannot read {}", cfg.authorized_keys.display()))?;
+            f.read_to_string(&mut existing).op("read", keys)?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).context(format!("cannot read {}", cfg.authorized_keys.display())),
+        Err(e) => return Err(Error::io("read", keys(), e)),
     }
     let mut enrolled = Enrolled::Added;
     for l in existing.lines() {
@@ -291,10 +306,10 @@ pub fn enrol_and_retire(cfg: &EnrolConfig) -> Result<(Enrolled, usize)> {
                 enrolled = Enrolled::Unchanged;
                 break;
             }
-            bail!(
+            return Err(Error::Usage(format!(
                 "this key is already in {} with other options; remove that line first: {l}",
                 cfg.authorized_keys.display()
-            );
+            )));
         }
     }
     // The host's tree first: a key must never point at a missing host.
@@ -325,12 +340,12 @@ pub fn enrol_and_retire(cfg: &EnrolConfig) -> Result<(Enrolled, usize)> {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(content.as_bytes())?;
-        f.sync_all()?;
+            .op("create", || tmp.display().to_string())?;
+        f.write_all(content.as_bytes())
+            .and_then(|()| f.sync_all())
+            .op("write", || tmp.display().to_string())?;
     }
-    std::fs::rename(&tmp, &cfg.authorized_keys)
-        .with_context(|| format!("cannot replace {}", cfg.authorized_keys.display()))?;
+    std::fs::rename(&tmp, &cfg.authorized_keys).op("replace", keys)?;
     if let Ok(d) = std::fs::File::open(ssh_dir) {
         let _ = d.sync_all();
     }

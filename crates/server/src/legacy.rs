@@ -32,13 +32,13 @@ use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
-use anyhow::{anyhow, bail, Context, Result};
 use byteback_protocol::limits::{
     MAX_PATH, MAX_XATTRS, MAX_XATTR_NAME, MAX_XATTR_TOTAL, MAX_XATTR_VALUE,
 };
 use byteback_protocol::{escape_bytes, Entry, Kind, ManifestEntry};
 use rustix::fs::{FileType, Mode, OFlags};
 
+use crate::error::{Context, Error, IoContext, Result};
 use crate::fsops;
 use crate::store::META_DIR;
 
@@ -251,7 +251,7 @@ fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
 impl LegacyWalk {
     /// Starts a walk of the tree at `root` (a snapshot's directory fd).
     pub fn new(root: OwnedFd) -> Result<Self> {
-        let rest = names_of(&root).context("cannot read the snapshot's top directory")?;
+        let rest = names_of(&root).op("list", || "the snapshot's top directory")?;
         Ok(LegacyWalk {
             stack: vec![Level {
                 fd: root,
@@ -277,25 +277,30 @@ impl LegacyWalk {
             let path = join(&top.path, &name);
             let shown = format!("/{}", escape_bytes(&path));
             let e = self
-                .entry(&name, path)
-                .with_context(|| format!("1.x snapshot entry {shown}"))?;
+                .entry(&name, path, &shown)
+                .context_with(|| format!("1.x snapshot entry {shown}"))?;
             if let Some(e) = e {
                 e.entry
                     .validate()
-                    .map_err(|err| anyhow!("1.x snapshot entry {shown}: {err}"))?;
+                    .map_err(|err| Error::Store(format!("1.x snapshot entry {shown}: {err}")))?;
                 return Ok(Some(e));
             }
         }
     }
 
-    fn entry(&mut self, name: &[u8], path: Vec<u8>) -> Result<Option<ManifestEntry>> {
+    /// The entry of `name` in the innermost directory (its path in the
+    /// snapshot `path`, `shown` for messages); `None` when it is gone.
+    /// Long (~150 lines) because it is one decision over the object's real
+    /// type and what its `user.rsync.%stat` says it was, each case checked
+    /// against the other with the object held open (no check-then-use).
+    fn entry(&mut self, name: &[u8], path: Vec<u8>, shown: &str) -> Result<Option<ManifestEntry>> {
         if path.len() > MAX_PATH {
-            bail!("path longer than {MAX_PATH} bytes");
+            return Err(bad(format!("path longer than {MAX_PATH} bytes")));
         }
         let Some(top) = self.stack.last() else {
             return Ok(None);
         };
-        let Some(st) = fsops::lstat_at(&top.fd, name)? else {
+        let Some(st) = fsops::lstat_at(&top.fd, name).op("look at", || shown)? else {
             return Ok(None); // gone (only `current` changes)
         };
         let mtime_sec = st.st_mtime;
@@ -315,7 +320,7 @@ impl LegacyWalk {
             xattrs: vec![],
         };
         let fd: OwnedFd = match real {
-            FileType::Directory => fsops::open_dir(&top.fd, name)?,
+            FileType::Directory => fsops::open_dir(&top.fd, name).op("open", || shown)?,
             FileType::RegularFile => rustix::fs::openat2(
                 &top.fd,
                 OsStr::from_bytes(name),
@@ -326,10 +331,11 @@ impl LegacyWalk {
                     | OFlags::NONBLOCK,
                 Mode::empty(),
                 fsops::beneath(),
-            )?,
+            )
+            .op("open", || shown)?,
             FileType::Symlink => {
                 // Stored as a symlink (not as 1.x's rsync stores one): kept as is, never followed.
-                let target = fsops::read_link(&top.fd, name)?;
+                let target = fsops::read_link(&top.fd, name).op("read the symlink", || shown)?;
                 entry.kind = Kind::Symlink { target };
                 return Ok(Some(ManifestEntry {
                     entry,
@@ -343,7 +349,7 @@ impl LegacyWalk {
                     FileType::Socket => Kind::Socket,
                     FileType::CharacterDevice => Kind::CharDev { rdev: st.st_rdev },
                     FileType::BlockDevice => Kind::BlockDev { rdev: st.st_rdev },
-                    _ => bail!("of unknown type"),
+                    _ => return Err(bad("of unknown type")),
                 };
                 return Ok(Some(ManifestEntry {
                     entry,
@@ -352,11 +358,11 @@ impl LegacyWalk {
             }
         };
         // The object opened must still be the one stat-ed.
-        let fst = rustix::fs::fstat(&fd)?;
+        let fst = rustix::fs::fstat(&fd).op("look at", || shown)?;
         if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) {
-            bail!("changed while read");
+            return Err(bad("changed while read"));
         }
-        let x = read_xattrs(&fd)?;
+        let x = read_xattrs(&fd).op("read the xattrs of", || shown)?;
         if !x.unsupported.is_empty() {
             self.unsupported_count += 1;
             if self.unsupported.len() < 10 {
@@ -368,10 +374,10 @@ impl LegacyWalk {
         entry.xattrs = x.list;
         let fake = match &x.stat {
             Some(v) => Some(parse_fake_stat(v).map_err(|why| {
-                anyhow!(
+                bad(format!(
                     "corrupt user.rsync.%stat {:?}: {why}",
                     escape_bytes(&v[..v.len().min(MAX_STAT_LEN)])
-                )
+                ))
             })?),
             None => None,
         };
@@ -384,9 +390,11 @@ impl LegacyWalk {
         let rdev = fake.map_or(0, |f| libc::makedev(f.major, f.minor));
         if real == FileType::Directory {
             if ftype != 0o040000 {
-                bail!("a directory in the store whose user.rsync.%stat says it is not one");
+                return Err(bad(
+                    "a directory in the store whose user.rsync.%stat says it is not one",
+                ));
             }
-            let rest = names_of(&fd)?;
+            let rest = names_of(&fd).op("list", || shown)?;
             let path = entry.path.clone();
             self.stack.push(Level { fd, path, rest });
             return Ok(Some(ManifestEntry {
@@ -395,14 +403,19 @@ impl LegacyWalk {
             }));
         }
         entry.kind = match ftype {
-            0o040000 => bail!("a file in the store whose user.rsync.%stat says it is a directory"),
+            0o040000 => {
+                return Err(bad(
+                    "a file in the store whose user.rsync.%stat says it is a directory",
+                ))
+            }
             0o120000 => {
                 let mut target = Vec::with_capacity(256);
-                std::fs::File::from(fd.try_clone()?)
-                    .take(MAX_PATH as u64 + 1)
-                    .read_to_end(&mut target)?;
+                fd.try_clone()
+                    .map(std::fs::File::from)
+                    .and_then(|f| f.take(MAX_PATH as u64 + 1).read_to_end(&mut target))
+                    .op("read the symlink target in", || shown)?;
                 if target.is_empty() || target.len() > MAX_PATH || target.contains(&0) {
-                    bail!("a stored symlink whose target is empty, longer than {MAX_PATH} bytes or holds NUL");
+                    return Err(bad(format!("a stored symlink whose target is empty, longer than {MAX_PATH} bytes or holds NUL")));
                 }
                 Kind::Symlink { target }
             }
@@ -420,7 +433,9 @@ impl LegacyWalk {
                         }
                     } else {
                         if self.linked.len() >= MAX_LINKED {
-                            bail!("more than {MAX_LINKED} hard-linked files in one snapshot");
+                            return Err(bad(format!(
+                                "more than {MAX_LINKED} hard-linked files in one snapshot"
+                            )));
                         }
                         self.linked.insert(key, entry.path.clone());
                         Kind::File { size }
@@ -435,6 +450,11 @@ impl LegacyWalk {
             hash: [0; 32],
         }))
     }
+}
+
+/// A stored object that 1.x could not have written.
+fn bad(why: impl Into<String>) -> Error {
+    Error::Store(why.into())
 }
 
 #[cfg(test)]

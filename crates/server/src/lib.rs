@@ -12,6 +12,7 @@ pub mod btrfs;
 pub mod cli;
 pub mod config;
 pub mod enrol;
+pub mod error;
 pub mod fsops;
 pub mod legacy;
 pub mod manifest;

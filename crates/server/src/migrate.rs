@@ -28,9 +28,8 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
-
 use crate::enrol::parse_public_key;
+use crate::error::{Error, IoContext, Result};
 use crate::store::Store;
 
 /// Most bytes of authorized_keys read.
@@ -129,6 +128,8 @@ fn plain(s: &str) -> bool {
 }
 
 /// Decides what to do with one line. `host_exists` says whether the store has a host.
+/// Long (~90 lines) because it is one strict pass over the options of
+/// the line, each refused by name; a pure function with its own tests.
 pub fn migrate_line(
     line: &str,
     cfg: &MigrateConfig,
@@ -229,6 +230,8 @@ pub struct MigrateReport {
 }
 
 /// Migrates `authorized_keys` (in place unless `dry_run`).
+/// Long (~90 lines) because the lock, the checks of the file, the
+/// rewrite and the atomic replace belong to one scope (the lock's).
 pub fn migrate_keys(
     authorized_keys: &Path,
     store: &Path,
@@ -238,7 +241,7 @@ pub fn migrate_keys(
     let store = Store::open(store)?;
     let dir = authorized_keys
         .parent()
-        .ok_or_else(|| anyhow!("{} has no directory", authorized_keys.display()))?;
+        .ok_or_else(|| Error::Usage(format!("{} has no directory", authorized_keys.display())))?;
     // The same lock as enrolment: one editor of the file at a time.
     let lock = std::fs::OpenOptions::new()
         .create(true)
@@ -246,22 +249,22 @@ pub fn migrate_keys(
         .write(true)
         .mode(0o600)
         .open(dir.join(".byteback-enrol.lock"))
-        .with_context(|| format!("cannot lock {}", dir.display()))?;
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
-    let meta = std::fs::symlink_metadata(authorized_keys)
-        .with_context(|| format!("cannot read {}", authorized_keys.display()))?;
+        .op("lock", || dir.display().to_string())?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .op("lock", || dir.display().to_string())?;
+    let shown = || authorized_keys.display().to_string();
+    let meta = std::fs::symlink_metadata(authorized_keys).op("read", shown)?;
     if !meta.file_type().is_file() {
-        bail!("{} is not a regular file", authorized_keys.display());
+        return Err(Error::Usage(format!("{} is not a regular file", shown())));
     }
     if meta.len() > MAX_FILE {
-        bail!(
+        return Err(Error::Usage(format!(
             "{} is larger than {} MiB",
-            authorized_keys.display(),
+            shown(),
             MAX_FILE >> 20
-        );
+        )));
     }
-    let content = std::fs::read_to_string(authorized_keys)
-        .with_context(|| format!("cannot read {} as text", authorized_keys.display()))?;
+    let content = std::fs::read_to_string(authorized_keys).op("read as text", shown)?;
     let exists = |h: &str| store.host(h, false).is_ok();
     let mut report = MigrateReport::default();
     let mut out = String::with_capacity(content.len() + 256);
@@ -285,7 +288,7 @@ pub fn migrate_keys(
     }
     let name = authorized_keys
         .file_name()
-        .ok_or_else(|| anyhow!("{} has no file name", authorized_keys.display()))?
+        .ok_or_else(|| Error::Usage(format!("{} has no file name", shown())))?
         .to_string_lossy()
         .into_owned();
     let backup = dir.join(format!("{name}.byteback-1x"));
@@ -297,9 +300,10 @@ pub fn migrate_keys(
             .create_new(true)
             .mode(0o600)
             .open(path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        f.write_all(data.as_bytes())?;
-        f.sync_all()?;
+            .op("create", || path.display().to_string())?;
+        f.write_all(data.as_bytes())
+            .and_then(|()| f.sync_all())
+            .op("write", || path.display().to_string())?;
         Ok(())
     };
     // The first run's copy is the 1.x original: never overwritten.
@@ -310,9 +314,9 @@ pub fn migrate_keys(
     std::fs::set_permissions(
         &tmp,
         std::fs::Permissions::from_mode(meta.permissions().mode() & 0o644),
-    )?;
-    std::fs::rename(&tmp, authorized_keys)
-        .with_context(|| format!("cannot replace {}", authorized_keys.display()))?;
+    )
+    .op("set the mode of", || tmp.display().to_string())?;
+    std::fs::rename(&tmp, authorized_keys).op("replace", shown)?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }

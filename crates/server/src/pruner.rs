@@ -14,9 +14,9 @@ use byteback_protocol::term::{print_lines, LinesAt};
 use std::time::{Duration, Instant};
 use tracing::Level;
 
-use anyhow::{Context, Result};
 use rustix::fs::{Mode, OFlags};
 
+use crate::error::{Error, IoContext, Result};
 use crate::prune::{next_to_delete, prune_order, spikes, Order, Snapshot, Spike, Usage};
 use crate::space::{self, Space};
 use crate::store::{HostStore, Store};
@@ -121,13 +121,17 @@ pub fn record_backup(
         OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW,
         Mode::from_raw_mode(0o600),
     )
-    .with_context(|| format!("cannot open {}/{USAGE_LOG}", host.path.display()))?;
+    .op("open", || host.path.join(USAGE_LOG).display().to_string())?;
     let mut line = format!("{now} {new_bytes} {}", snapshot.unwrap_or("-"));
     if let Some(sp) = space {
         line.push_str(&format!(" {} {}", sp.free, sp.size));
     }
     line.push('\n');
-    std::fs::File::from(fd).write_all(line.as_bytes())?;
+    std::fs::File::from(fd)
+        .write_all(line.as_bytes())
+        .op("append to", || {
+            host.path.join(USAGE_LOG).display().to_string()
+        })?;
     Ok(())
 }
 
@@ -215,19 +219,24 @@ fn read_small(dir: impl AsFd, name: &str) -> Option<String> {
     Some(s)
 }
 
-fn write_small(dir: impl AsFd, name: &str, text: &str, append: bool) -> Result<()> {
+/// Writes `text` to `name` in the store root (appends when `append`).
+fn write_small(store: &Store, name: &str, text: &str, append: bool) -> Result<()> {
+    let path = || store.root.join(name).display().to_string();
     let mode = if append {
         OFlags::APPEND
     } else {
         OFlags::TRUNC
     };
     let fd = rustix::fs::openat(
-        dir,
+        store.fd(),
         name,
         OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW | mode,
         Mode::from_raw_mode(0o644),
-    )?;
-    std::fs::File::from(fd).write_all(text.as_bytes())?;
+    )
+    .op("open", path)?;
+    std::fs::File::from(fd)
+        .write_all(text.as_bytes())
+        .op("write", path)?;
     Ok(())
 }
 
@@ -269,13 +278,19 @@ pub fn wait_for_cleaner(fd: impl AsFd) -> Result<()> {
         return Ok(());
     }
     let deadline = Instant::now() + Duration::from_secs(300);
-    btrfs::sync(fd)?;
+    let sync = || btrfs::sync(fd).op("sync", || STORE_FS);
+    sync()?;
     match btrfs::deleted_subvolumes_pending(fd) {
         Ok(_) => {
             let mut pause = Duration::from_millis(2);
-            while btrfs::deleted_subvolumes_pending(fd)? > 0 {
+            while btrfs::deleted_subvolumes_pending(fd)
+                .op("count the deleted snapshots of", || STORE_FS)?
+                > 0
+            {
                 if Instant::now() > deadline {
-                    anyhow::bail!("btrfs is still cleaning deleted snapshots after 5 minutes");
+                    return Err(Error::Store(
+                        "btrfs is still cleaning deleted snapshots after 5 minutes".into(),
+                    ));
                 }
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(50));
@@ -284,21 +299,31 @@ pub fn wait_for_cleaner(fd: impl AsFd) -> Result<()> {
         Err(_) => {
             // Kernels before 6.13 cannot count the cleaner's queue without
             // privileges: wait until the used bytes stop changing.
-            let used =
-                |fd| -> Result<u64> { Ok(btrfs::space_info(fd)?.iter().map(|i| i.used).sum()) };
+            let used = |fd| -> Result<u64> {
+                let info = btrfs::space_info(fd).op("measure", || STORE_FS)?;
+                Ok(info.iter().map(|i| i.used).sum())
+            };
             let mut last = used(fd)?;
             let mut stable = 0;
             while stable < 3 && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(100));
-                btrfs::sync(fd)?;
+                sync()?;
                 let now = used(fd)?;
                 stable = if now == last { stable + 1 } else { 0 };
                 last = now;
             }
         }
     }
-    btrfs::sync(fd)?;
+    sync()?;
     Ok(())
+}
+
+/// What [`wait_for_cleaner`] works on, for messages.
+const STORE_FS: &str = "the store's filesystem";
+
+/// Writes one line of the prune's progress to `log`.
+fn say(log: &mut dyn Write, line: std::fmt::Arguments) -> Result<()> {
+    writeln!(log, "{line}").op("write", || "the prune's log")
 }
 
 /// Snapshots the running prune looked at (for `byteback-prune`'s spinner).
@@ -307,10 +332,15 @@ pub static EXAMINED: AtomicU64 = AtomicU64::new(0);
 pub static DELETED: AtomicU64 = AtomicU64::new(0);
 
 /// Runs one prune of `store`; progress goes to `log` (stderr in the binaries).
+/// Long (~95 lines) because the lock, the checks that may refuse and
+/// the deletion loop share the outcome being built; the growth check
+/// is its own function ([`check_growth`]).
 pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<PruneOutcome> {
-    let lock = fsops::open_lock(store.fd(), LOCK.as_bytes())?;
+    let lock = fsops::open_lock(store.fd(), LOCK.as_bytes())
+        .op("open", || store.root.join(LOCK).display().to_string())?;
+    let measure = || space::measure(store.fd()).op("measure", || store.root.display());
     if let Err(e) = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        let before = space::measure(store.fd())?;
+        let before = measure()?;
         return Ok(PruneOutcome {
             deleted: vec![],
             before,
@@ -318,7 +348,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
             refused: Some(format!("another prune of this store is running ({e})")),
         });
     }
-    let before = space::measure(store.fd())?;
+    let before = measure()?;
     let mut out = PruneOutcome {
         deleted: vec![],
         before,
@@ -326,7 +356,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         refused: None,
     };
     if opts.verbose {
-        writeln!(log, "byteback-prune: {before}")?;
+        say(log, format_args!("byteback-prune: {before}"))?;
     }
     let roomy = match opts.target_free {
         Some(t) => before.free >= t,
@@ -334,10 +364,12 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
     };
     if !opts.force && roomy {
         if opts.verbose {
-            writeln!(
+            say(
                 log,
-                "byteback-prune: at least {}% free, nothing to do",
-                opts.minpercent
+                format_args!(
+                    "byteback-prune: at least {}% free, nothing to do",
+                    opts.minpercent
+                ),
             )?;
         }
         if !opts.dry_run {
@@ -354,32 +386,9 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         out.refused = Some("no snapshot is older than 7 days; not pruning".into());
         return Ok(out);
     }
-    let spikes = open_spikes(store, &snapshots, before.size)?;
-    if !spikes.is_empty() {
-        if opts.force {
-            if !opts.dry_run {
-                let lines: String = spikes
-                    .iter()
-                    .map(|s| format!("{}/{}\n", s.host, s.snapshot))
-                    .collect();
-                write_small(store.fd(), ACCEPTED, &lines, true)?;
-            }
-            for s in &spikes {
-                writeln!(log, "byteback-prune: accepting growth: {s}")?;
-            }
-        } else {
-            let why =
-                format!(
-                "not pruning: {}; deleting other hosts' history for it needs the admin's decision \
-                 (byteback-prune --prune-force accepts it; or delete that snapshot)",
-                spikes.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
-            );
-            if !opts.dry_run {
-                write_small(store.fd(), REFUSED, &format!("{why}\n"), false)?;
-            }
-            out.refused = Some(why);
-            return Ok(out);
-        }
+    if let Some(why) = check_growth(store, opts, log, &snapshots, before.size)? {
+        out.refused = Some(why);
+        return Ok(out);
     }
     if !opts.dry_run {
         let _ = rustix::fs::unlinkat(store.fd(), REFUSED, rustix::fs::AtFlags::empty());
@@ -392,7 +401,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
             break;
         };
         if opts.dry_run {
-            writeln!(log, "byteback-prune: would delete {victim}")?;
+            say(log, format_args!("byteback-prune: would delete {victim}"))?;
         } else {
             let host = store.host(&victim.host, false)?;
             host.delete_snapshot(&victim.name)?;
@@ -405,8 +414,11 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
             // What a deletion frees cannot be known without deleting: a dry run shows one step.
             break;
         }
-        out.after = space::measure(store.fd())?;
-        writeln!(log, "byteback-prune: deleted {victim}, now {}", out.after)?;
+        out.after = measure()?;
+        say(
+            log,
+            format_args!("byteback-prune: deleted {victim}, now {}", out.after),
+        )?;
         let enough = match opts.target_free {
             Some(t) => out.after.free >= t,
             None => out.after.percent_free() > f64::from(opts.maxpercent),
@@ -441,6 +453,49 @@ pub fn after_snapshot(store: &Store, cfg: &crate::config::StoreConfig, now: i64)
             );
         }
     }
+}
+
+/// Growth spikes (a host that suddenly wrote far more than usual) stop a
+/// prune, which would delete other hosts' history for them: a forced prune
+/// accepts them (recorded in the store), any other returns why it refuses
+/// (recorded too, for the status).
+fn check_growth(
+    store: &Store,
+    opts: &PruneOptions,
+    log: &mut dyn Write,
+    snapshots: &[Snapshot],
+    capacity: u64,
+) -> Result<Option<String>> {
+    let spikes = open_spikes(store, snapshots, capacity)?;
+    if spikes.is_empty() {
+        return Ok(None);
+    }
+    if opts.force {
+        if !opts.dry_run {
+            let lines: String = spikes
+                .iter()
+                .map(|s| format!("{}/{}\n", s.host, s.snapshot))
+                .collect();
+            write_small(store, ACCEPTED, &lines, true)?;
+        }
+        for s in &spikes {
+            say(log, format_args!("byteback-prune: accepting growth: {s}"))?;
+        }
+        return Ok(None);
+    }
+    let why = format!(
+        "not pruning: {}; deleting other hosts' history for it needs the admin's decision \
+         (byteback-prune --prune-force accepts it; or delete that snapshot)",
+        spikes
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    if !opts.dry_run {
+        write_small(store, REFUSED, &format!("{why}\n"), false)?;
+    }
+    Ok(Some(why))
 }
 
 /// A backup ran out of space writing `path` (`need` bytes): deletes
@@ -489,12 +544,12 @@ pub fn make_room(
     } else {
         would.join(", ")
     };
-    anyhow::bail!(
+    Err(Error::Store(format!(
         "no space left on device: {path:?} needs {need} bytes and the store has {} free ({}); \
          {}. byteback-prune --prune-force would delete, in order: {would}",
         out.after.free,
         out.after,
         out.refused
             .unwrap_or_else(|| "pruning freed nothing".into())
-    )
+    )))
 }

@@ -11,7 +11,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use crate::error::{IoContext, Result};
 use rustix::fs::{Mode, OFlags};
 
 use crate::config::StoreConfig;
@@ -224,6 +224,9 @@ pub fn buckets(now: i64, offset: i64, oldest: i64) -> Vec<Bucket> {
     out
 }
 
+/// The retention chart of one host: its snapshots per retention period.
+/// Long (~90 lines) because it is one SVG written top to bottom; its
+/// pieces only make sense in that order.
 fn retention_svg(h: &HostReport, buckets: &[Bucket], offset: i64) -> String {
     const W: f64 = 960.0;
     const H: f64 = 30.0;
@@ -488,7 +491,8 @@ path.free{fill:none;stroke:#4a78b5;stroke-width:2}circle.free-dot{fill:#4a78b5}
 .none{color:#8a949e;font-style:italic;margin:4px 0}
 ";
 
-/// The page.
+/// The page. Long (~100 lines) because it is one HTML document written
+/// top to bottom; the charts are their own functions.
 pub fn render(r: &Report) -> String {
     let (code, line) = {
         let st = status::StoreStatus {
@@ -597,13 +601,13 @@ pub fn render(r: &Report) -> String {
 
 /// Writes `DIR/index.html` (through a temporary name in DIR, then renamed).
 pub fn write(dir: &std::path::Path, page: &str) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir).op("create", || dir.display().to_string())?;
     let dfd = rustix::fs::open(
         dir,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .with_context(|| format!("cannot open {}", dir.display()))?;
+    .op("open", || dir.display().to_string())?;
     let tmp = ".index.html.tmp";
     let _ = rustix::fs::unlinkat(&dfd, tmp, rustix::fs::AtFlags::empty());
     let fd = rustix::fs::openat(
@@ -612,12 +616,13 @@ pub fn write(dir: &std::path::Path, page: &str) -> Result<PathBuf> {
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o644),
     )
-    .with_context(|| format!("cannot create {}/{tmp}", dir.display()))?;
+    .op("create", || dir.join(tmp).display().to_string())?;
     let mut f = std::fs::File::from(fd);
-    f.write_all(page.as_bytes())?;
-    f.sync_all()?;
+    f.write_all(page.as_bytes())
+        .and_then(|()| f.sync_all())
+        .op("write", || dir.join(tmp).display().to_string())?;
     rustix::fs::renameat(&dfd, tmp, &dfd, "index.html")
-        .with_context(|| format!("cannot write {}/index.html", dir.display()))?;
+        .op("write", || dir.join("index.html").display().to_string())?;
     Ok(dir.join("index.html"))
 }
 
@@ -640,7 +645,7 @@ pub fn run_report(args: ReportArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("byteback-server: report: {e:#}");
+            eprintln!("byteback-server: report: {e}");
             ExitCode::FAILURE
         }
     }

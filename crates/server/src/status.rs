@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use anyhow::Result;
+use crate::error::{IoContext, Result};
 
 use crate::fsops;
 use crate::manifest::ManifestReader;
@@ -98,7 +98,7 @@ pub fn collect(store: &Store, now: i64) -> Result<StoreStatus> {
     }
     Ok(StoreStatus {
         hosts,
-        space: space::measure(store.fd())?,
+        space: space::measure(store.fd()).op("measure", || store.root.display())?,
         prune_refused: pruner::refusal(store),
     })
 }

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{Error, IoContext, Result};
 use byteback_protocol::validate_host_name;
 use rustix::fs::{FileType, Mode, OFlags};
 
@@ -50,7 +50,7 @@ impl Store {
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .with_context(|| format!("cannot open store {}", root.display()))?;
+        .op("open store", || root.display())?;
         Ok(Store {
             root: root.to_path_buf(),
             fd,
@@ -65,7 +65,7 @@ impl Store {
     /// Names of hosts in the store.
     pub fn hosts(&self) -> Result<Vec<String>> {
         let mut out = vec![];
-        for (name, t) in fsops::list_dir_typed(&self.fd)? {
+        for (name, t) in fsops::list_dir_typed(&self.fd).op("list", || self.root.display())? {
             if t != FileType::Directory {
                 continue;
             }
@@ -80,27 +80,35 @@ impl Store {
 
     /// Opens a host's directory, creating it (and `current`) when `create`.
     pub fn host(&self, name: &str, create: bool) -> Result<HostStore> {
-        validate_host_name(name).map_err(|e| anyhow!("{e}"))?;
+        validate_host_name(name).map_err(|e| Error::Refused(e.to_string()))?;
+        let path = self.root.join(name);
         if create {
             fsops::ensure_dir_only(&self.fd, name.as_bytes(), 0o700)
-                .with_context(|| format!("cannot create {}/{name}", self.root.display()))?;
+                .op("create", || path.display())?;
         }
-        let fd = fsops::open_dir(&self.fd, name.as_bytes())
-            .with_context(|| format!("no host {name:?} in store {}", self.root.display()))?;
+        let fd = fsops::open_dir(&self.fd, name.as_bytes()).map_err(|e| {
+            Error::io("open", path.display(), e)
+                .context(format!("no host {name:?} in store {}", self.root.display()))
+        })?;
         let btrfs = btrfs::is_btrfs(&fd);
         let h = HostStore {
             name: name.to_string(),
-            path: self.root.join(name),
+            path,
             fd,
             btrfs,
         };
-        if create && fsops::lstat_at(&h.fd, b"current")?.is_none() {
+        let current = || h.path.join("current").display().to_string();
+        if create
+            && fsops::lstat_at(&h.fd, b"current")
+                .op("look at", current)?
+                .is_none()
+        {
             if btrfs {
-                btrfs::create_subvolume(&h.fd, OsStr::new("current")).with_context(|| {
-                    format!("cannot create subvolume {}/current", h.path.display())
-                })?;
+                btrfs::create_subvolume(&h.fd, OsStr::new("current"))
+                    .op("create subvolume", current)?;
             } else {
-                rustix::fs::mkdirat(&h.fd, "current", Mode::from_raw_mode(0o700))?;
+                rustix::fs::mkdirat(&h.fd, "current", Mode::from_raw_mode(0o700))
+                    .op("create", current)?;
             }
         }
         Ok(h)
@@ -127,39 +135,41 @@ impl HostStore {
     /// Takes the host's exclusive lock, or says who holds it. The lock is an
     /// flock, so a killed process never leaves it behind.
     pub fn lock(&self) -> Result<File> {
-        let f = fsops::open_lock(&self.fd, b".lock")?;
+        let lock = || self.path.join(".lock").display().to_string();
+        let f = fsops::open_lock(&self.fd, b".lock").op("open", lock)?;
         match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(f),
-            Err(rustix::io::Errno::WOULDBLOCK) => {
-                bail!(
-                    "another backup of host {} is running; refusing to start a second one",
-                    self.name
-                )
-            }
-            Err(e) => Err(e).context("cannot lock host"),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::Store(format!(
+                "another backup of host {} is running; refusing to start a second one",
+                self.name
+            ))),
+            Err(e) => Err(Error::io("lock", lock(), e.into())),
         }
     }
 
     /// Opens `current` (must exist).
     pub fn current(&self) -> Result<OwnedFd> {
         fsops::open_dir(&self.fd, b"current")
-            .with_context(|| format!("cannot open {}/current", self.path.display()))
+            .op("open", || self.path.join("current").display().to_string())
     }
 
     /// Opens a snapshot (or `current`) by name.
     pub fn open_snapshot(&self, name: &str) -> Result<OwnedFd> {
-        byteback_protocol::validate_snapshot_name(name).map_err(|e| anyhow!("{e}"))?;
+        byteback_protocol::validate_snapshot_name(name)
+            .map_err(|e| Error::Refused(e.to_string()))?;
         if name != "current" && time::parse_name(name).is_none() {
-            bail!("{name:?} is not a snapshot name");
+            return Err(Error::Refused(format!("{name:?} is not a snapshot name")));
         }
-        fsops::open_dir(&self.fd, name.as_bytes())
-            .with_context(|| format!("no snapshot {name:?} of host {}", self.name))
+        fsops::open_dir(&self.fd, name.as_bytes()).map_err(|e| {
+            Error::io("open", self.path.join(name).display(), e)
+                .context(format!("no snapshot {name:?} of host {}", self.name))
+        })
     }
 
     /// Snapshot names with their times, oldest first.
     pub fn snapshots(&self) -> Result<Vec<(String, i64)>> {
         let mut out = vec![];
-        for (name, t) in fsops::list_dir_typed(&self.fd)? {
+        for (name, t) in fsops::list_dir_typed(&self.fd).op("list", || self.path.display())? {
             if t != FileType::Directory {
                 continue;
             }
@@ -191,31 +201,39 @@ impl HostStore {
         let base = time::format_name(now, time::local_offset(now));
         let mut name = base.clone();
         let mut n = 1;
-        while fsops::lstat_at(&self.fd, name.as_bytes())?.is_some() {
+        let here = |n: &str| self.path.join(n).display().to_string();
+        while fsops::lstat_at(&self.fd, name.as_bytes())
+            .op("look at", || here(&name))?
+            .is_some()
+        {
             name = format!("{base}.{n}");
             n += 1;
         }
         // Leftovers of fallback snapshots that failed (the caller holds the
         // host's lock, so none is in the making).
-        for leftover in fsops::list_dir(&self.fd)? {
+        for leftover in fsops::list_dir(&self.fd).op("list", || self.path.display())? {
             if leftover.starts_with(b".snapshot-") {
-                fsops::remove_any(&self.fd, &leftover)?;
+                fsops::remove_any(&self.fd, &leftover)
+                    .op("remove", || here(&String::from_utf8_lossy(&leftover)))?;
             }
         }
         let current = self.current()?;
         if self.btrfs && btrfs::is_subvolume(&current) {
             btrfs::snapshot_readonly(&current, &self.fd, OsStr::new(&name))
-                .with_context(|| format!("cannot snapshot {}/current", self.path.display()))?;
+                .op("snapshot", || here("current"))?;
         } else {
             let tmp = format!(".snapshot-{name}");
             let made = (|| -> Result<()> {
-                rustix::fs::mkdirat(&self.fd, tmp.as_str(), Mode::from_raw_mode(0o700))?;
-                let dst = fsops::open_dir(&self.fd, tmp.as_bytes())?;
+                rustix::fs::mkdirat(&self.fd, tmp.as_str(), Mode::from_raw_mode(0o700))
+                    .op("create", || here(&tmp))?;
+                let dst = fsops::open_dir(&self.fd, tmp.as_bytes()).op("open", || here(&tmp))?;
                 link_copy(&current, &dst)
-                    .context("cannot copy current into a fallback snapshot")?;
-                make_read_only(&dst)?;
-                rustix::fs::fchmod(&dst, Mode::from_raw_mode(0o555))?;
-                rustix::fs::renameat(&self.fd, tmp.as_str(), &self.fd, name.as_str())?;
+                    .op("copy current into the fallback snapshot", || here(&tmp))?;
+                make_read_only(&dst).op("make read-only", || here(&tmp))?;
+                rustix::fs::fchmod(&dst, Mode::from_raw_mode(0o555))
+                    .op("make read-only", || here(&tmp))?;
+                rustix::fs::renameat(&self.fd, tmp.as_str(), &self.fd, name.as_str())
+                    .op("rename into place", || here(&name))?;
                 Ok(())
             })();
             if let Err(e) = made {
@@ -224,16 +242,17 @@ impl HostStore {
                 return Err(e);
             }
         }
-        fsops::fsync(&self.fd)?;
+        fsops::fsync(&self.fd).op("sync", || self.path.display())?;
         Ok(Ok(name))
     }
 
     /// Deletes a snapshot.
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
         if time::parse_name(name).is_none() {
-            bail!("{name:?} is not a snapshot name");
+            return Err(Error::Refused(format!("{name:?} is not a snapshot name")));
         }
-        let fd = fsops::open_dir(&self.fd, name.as_bytes())?;
+        let path = || self.path.join(name).display().to_string();
+        let fd = fsops::open_dir(&self.fd, name.as_bytes()).op("open", path)?;
         if btrfs::is_subvolume(&fd) {
             // Without CAP_SYS_ADMIN a read-only snapshot cannot be deleted
             // (EROFS/EPERM); its owner may make it writable first.
@@ -247,10 +266,10 @@ impl HostStore {
                 }
                 r => r,
             };
-            r.with_context(|| format!("cannot delete subvolume {}/{name}", self.path.display()))?;
+            r.op("delete subvolume", path)?;
         } else {
             drop(fd);
-            fsops::remove_any(&self.fd, name.as_bytes())?;
+            fsops::remove_any(&self.fd, name.as_bytes()).op("remove", path)?;
         }
         Ok(())
     }

@@ -21,10 +21,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
 use byteback_delta::FileHasher;
 use byteback_protocol::{compare_paths, Kind, ManifestEntry};
 
+use crate::error::{Error, IoContext, Result};
 use crate::fsops;
 use crate::manifest::ManifestReader;
 use crate::store::{disk_path, HostStore, Store, META_DIR, META_DIR_NAME};
@@ -222,10 +222,12 @@ impl State {
     fn save(&self, host: &HostStore) -> Result<()> {
         let tmp = b".byteback-verify.tmp";
         let _ = fsops::remove_any(host.fd(), tmp);
-        let mut f = fsops::create_new(host.fd(), tmp)?;
-        f.write_all(self.render().as_bytes())?;
-        f.sync_all()?;
-        fsops::replace(host.fd(), tmp, host.fd(), STATE)?;
+        let path = || host.path.join(".byteback-verify.tmp").display().to_string();
+        let mut f = fsops::create_new(host.fd(), tmp).op("create", path)?;
+        f.write_all(self.render().as_bytes())
+            .and_then(|()| f.sync_all())
+            .op("write", path)?;
+        fsops::replace(host.fd(), tmp, host.fd(), STATE).op("rename into place", path)?;
         Ok(())
     }
 }
@@ -267,8 +269,8 @@ fn check_file(
 
 /// Sets a damaged file of `current` to mtime 0 so the next backup rebuilds it.
 fn mark_for_resend(current: impl AsFd, path: &[u8]) -> Result<()> {
-    let f = fsops::open_file(&current, &disk_path(path))?;
-    fsops::set_mtime(&f, 0, 0)?;
+    let f = fsops::open_file(&current, &disk_path(path)).op("open", || shown(path))?;
+    fsops::set_mtime(&f, 0, 0).op("set the mtime of", || shown(path))?;
     Ok(())
 }
 
@@ -283,25 +285,29 @@ fn verify_snapshot(
     cursor: &mut Option<Vec<u8>>,
 ) -> Result<bool> {
     let snap = host.open_snapshot(name)?;
-    if crate::legacy::is_legacy(&snap)? {
+    let snap_path = host.path.join(name);
+    if crate::legacy::is_legacy(&snap).op("look at", || snap_path.display().to_string())? {
         eprintln!(
             "byteback-server: verify: {}/{name} is a byteback 1.x snapshot, which keeps no checksums: not verified",
             host.name
         );
         return Ok(true);
     }
-    let meta = fsops::open_dir(&snap, META_DIR).with_context(|| format!("{name}: no manifest"))?;
-    let mf = fsops::open_file(&meta, MANIFEST).with_context(|| format!("{name}: no manifest"))?;
-    let shown = host.path.join(name).join(META_DIR_NAME).join("manifest");
-    let mut reader =
-        ManifestReader::new(mf, &shown).with_context(|| format!("{name}: manifest"))?;
+    let meta_path = snap_path.join(META_DIR_NAME);
+    let no_manifest = |e: Error| e.context(format!("{name}: no manifest"));
+    let meta = fsops::open_dir(&snap, META_DIR)
+        .op("open", || meta_path.display().to_string())
+        .map_err(no_manifest)?;
+    let shown = meta_path.join("manifest");
+    let mf = fsops::open_file(&meta, MANIFEST)
+        .op("open", || shown.display().to_string())
+        .map_err(no_manifest)?;
+    let damaged = |e| Error::Manifest(e).context(format!("{name}: manifest"));
+    let mut reader = ManifestReader::new(mf, &shown).map_err(damaged)?;
     report.snapshots.push(name.to_string());
     let mut damaged_current = vec![];
     let mut finished = true;
-    while let Some(e) = reader
-        .next_entry()
-        .with_context(|| format!("{name}: manifest"))?
-    {
+    while let Some(e) = reader.next_entry().map_err(damaged)? {
         if after.is_some_and(|a| compare_paths(a, &e.entry.path) != std::cmp::Ordering::Less) {
             continue;
         }
@@ -344,20 +350,22 @@ fn mark_current(
         Ok(l) => l,
         Err(e) => {
             report.errors.push(format!(
-                "current: damaged files not marked for the next backup: {e:#}"
+                "current: damaged files not marked for the next backup: {e}"
             ));
             return Ok(0);
         }
     };
-    let meta = fsops::open_dir(&current, META_DIR)?;
-    fsops::remove_any(&meta, CLEAN)?;
-    fsops::fsync(&meta)?;
+    let meta_path = host.path.join("current").join(META_DIR_NAME);
+    let at = || meta_path.display().to_string();
+    let meta = fsops::open_dir(&current, META_DIR).op("open", at)?;
+    fsops::remove_any(&meta, CLEAN).op("remove the clean marker in", at)?;
+    fsops::fsync(&meta).op("sync", at)?;
     let mut n = 0;
     for p in paths {
         match mark_for_resend(&current, p) {
             Ok(()) => n += 1,
             Err(e) => report.errors.push(format!(
-                "current: cannot mark {} for the next backup: {e:#}",
+                "current: cannot mark {} for the next backup: {e}",
                 String::from_utf8_lossy(p)
             )),
         }
@@ -381,7 +389,10 @@ pub fn verify_host(
     if let Some(s) = only {
         names.retain(|n| n == s);
         if names.is_empty() {
-            anyhow::bail!("host {} has no snapshot {s}", host.name);
+            return Err(Error::Usage(format!(
+                "host {} has no snapshot {s}",
+                host.name
+            )));
         }
     }
     let resume = budget.limited() && only.is_none();
@@ -415,7 +426,7 @@ pub fn verify_host(
                 finished = false;
                 break;
             }
-            Err(e) => report.errors.push(format!("{name}: {e:#}")),
+            Err(e) => report.errors.push(format!("{name}: {e}")),
         }
         after = None;
         if budget.spent() && i + 1 < names.len() {
@@ -517,7 +528,8 @@ fn run(args: VerifyArgs) -> Result<u8> {
     }
     let mut out = std::io::stdout().lock();
     if args.json {
-        out.write_all(render_json(&reports).as_bytes())?;
+        out.write_all(render_json(&reports).as_bytes())
+            .op("write", || STDOUT)?;
     } else {
         for r in &reports {
             for d in &r.damaged {
@@ -528,10 +540,11 @@ fn run(args: VerifyArgs) -> Result<u8> {
                     d.snapshot,
                     shown(&d.path),
                     d.problem
-                )?;
+                )
+                .op("write", || STDOUT)?;
             }
             for e in &r.errors {
-                writeln!(out, "ERROR {} {e}", r.host)?;
+                writeln!(out, "ERROR {} {e}", r.host).op("write", || STDOUT)?;
             }
             writeln!(
                 out,
@@ -551,10 +564,11 @@ fn run(args: VerifyArgs) -> Result<u8> {
                 } else {
                     " (budget used up; the next run continues)"
                 }
-            )?;
+            )
+            .op("write", || STDOUT)?;
         }
     }
-    out.flush()?;
+    out.flush().op("write", || STDOUT)?;
     let damaged = reports.iter().any(|r| !r.damaged.is_empty());
     let errors = reports.iter().any(|r| !r.errors.is_empty());
     Ok(if damaged {
@@ -566,12 +580,15 @@ fn run(args: VerifyArgs) -> Result<u8> {
     })
 }
 
+/// Where reports go, for messages.
+const STDOUT: &str = "standard output";
+
 /// `byteback-server verify`: 0 nothing damaged, 1 damage found, 2 usage, 3 could not check everything.
 pub fn run_verify(args: VerifyArgs) -> ExitCode {
     match run(args) {
         Ok(c) => ExitCode::from(c),
         Err(e) => {
-            let line = format!("byteback-server verify: {e:#}\n");
+            let line = format!("byteback-server verify: {e}\n");
             byteback_protocol::term::print_lines(tracing::Level::ERROR, line.as_bytes());
             ExitCode::from(3)
         }

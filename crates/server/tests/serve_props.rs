@@ -82,7 +82,7 @@ fn setup() -> Setup {
     }
 }
 
-fn run(s: &Setup, input: &[u8]) -> anyhow::Result<()> {
+fn run(s: &Setup, input: &[u8]) -> byteback_server::error::Result<()> {
     let cfg = ServeConfig {
         store: s.store.clone(),
         host: "h".into(),

@@ -1,0 +1,258 @@
+//! Carrying out the decision for one entry: looking at the disc when the
+//! decision needs it, then one applier per kind (directory, symlink, file
+//! kept, file to receive). Entries arrive and are applied in walk order.
+
+use std::cmp::Ordering;
+use std::os::fd::OwnedFd;
+
+use byteback_protocol::limits::TWIN_MIN;
+use byteback_protocol::{compare_paths, Entry, Kind, ManifestEntry};
+use rustix::fs::FileType;
+
+use super::decide::{self, Action, OnDisc};
+use super::partial::partial_name;
+use super::sink::{hash_file, Basis, BasisPart, FileWriter};
+use super::slots::Slot;
+use super::{BackupReceiver, OpenDir, Transfer};
+use crate::error::{shown, Error, IoContext, Result};
+use crate::fsops::{self, split};
+use crate::store::disk_path;
+
+/// A file the client is to send.
+pub(super) struct Started {
+    /// Its transfer id.
+    pub id: u32,
+    /// The server has a basis to offer a signature of.
+    pub has_basis: bool,
+    /// A stored file of its size could be its twin (see [`crate::twins`]).
+    pub twin: bool,
+}
+
+impl BackupReceiver {
+    /// Handles one entry in walk order; returns the transfer it starts, if any.
+    pub(super) fn entry(&mut self, e: Entry) -> Result<Option<Started>> {
+        self.stats.entries += 1;
+        // An old entry before this one is not sent any more: it is deleted.
+        if let Some(p) = self.old.peek() {
+            if compare_paths(&p.entry.path, &e.path) == Ordering::Less {
+                self.work.needs_sweep = true;
+                self.mark_changed()?;
+            }
+        }
+        let old = self.old.seek(&e.path).map_err(Error::Manifest)?;
+        if decide::disc_type_changed(old.as_ref(), &e) {
+            // The old object may stay on disc until the commit's sweep.
+            self.work.needs_sweep = true;
+        }
+        let (parent_i, fresh_parent) = self.parent_dir(&e.path)?;
+        match decide::without_disc(old.as_ref(), &e, self.start.clean) {
+            Some(Action::Trusted { hash }) => {
+                if e.kind == Kind::Dir {
+                    self.dirs.push(OpenDir {
+                        path: e.path.clone(),
+                        fd: None,
+                        created: false,
+                    });
+                }
+                self.push_ready(ManifestEntry { entry: e, hash }, old.as_ref())?;
+                return Ok(None);
+            }
+            Some(_) => {
+                self.push_ready(unhashed(e), old.as_ref())?;
+                return Ok(None);
+            }
+            None => {}
+        }
+        let disk = disk_path(&e.path);
+        let name = split(&disk).1.to_vec();
+        let parent = self.dir_fd(parent_i)?;
+        // In a directory this backup created there is nothing to look at
+        // (a first backup saves a stat per entry).
+        let on_disc = if fresh_parent {
+            None
+        } else {
+            look(&parent, &name, &e).op("look at", || shown(&e.path))?
+        };
+        match decide::with_disc(old.as_ref(), &e, on_disc.as_ref()) {
+            Action::KeepDir => self.enter_dir(e, &parent, &name, false, old),
+            Action::MakeDir { replace } => {
+                self.make_dir(&e.path, &parent, &name, replace)?;
+                self.enter_dir(e, &parent, &name, !replace, old)
+            }
+            Action::KeepSymlink => self.keep(unhashed(e), old),
+            Action::MakeSymlink => {
+                self.touch()?;
+                fsops::remove_any(&parent, &name).op("replace", || shown(&e.path))?;
+                if let Kind::Symlink { target } = &e.kind {
+                    fsops::symlink(&parent, &name, target)
+                        .op("create symlink", || shown(&e.path))?;
+                }
+                self.keep(unhashed(e), old)
+            }
+            Action::KeepFile { hash } => {
+                let hash = match hash {
+                    Some(h) => h,
+                    // Written by an interrupted run, so not in the manifest yet.
+                    None => hash_stored(&parent, &name, &e.path)?,
+                };
+                self.keep(ManifestEntry { entry: e, hash }, old)
+            }
+            Action::Receive {
+                in_place,
+                stored_basis,
+            } => {
+                let stored = on_disc.filter(|_| stored_basis).map(|d| d.size);
+                self.start_file(e, old, &parent, &name, in_place, stored)
+                    .map(Some)
+            }
+            Action::Trusted { .. } | Action::ManifestOnly => self.keep(unhashed(e), old),
+        }
+    }
+
+    /// Creates directory `name` in `parent` (`replace`: over whatever is there).
+    fn make_dir(
+        &mut self,
+        path: &[u8],
+        parent: &OwnedFd,
+        name: &[u8],
+        replace: bool,
+    ) -> Result<()> {
+        self.touch()?;
+        let created = if replace {
+            fsops::ensure_dir(parent, name, 0o700)
+        } else {
+            rustix::fs::mkdirat(parent, os(name), rustix::fs::Mode::from_raw_mode(0o700))
+                .map_err(std::io::Error::from)
+        };
+        created.op("create directory", || shown(path))
+    }
+
+    fn keep(&mut self, me: ManifestEntry, old: Option<ManifestEntry>) -> Result<Option<Started>> {
+        self.push_ready(me, old.as_ref())?;
+        Ok(None)
+    }
+
+    /// Records directory `e` (present at `name` in `parent`) and makes it
+    /// the innermost of the directory chain; `created`: by this backup.
+    fn enter_dir(
+        &mut self,
+        e: Entry,
+        parent: &OwnedFd,
+        name: &[u8],
+        created: bool,
+        old: Option<ManifestEntry>,
+    ) -> Result<Option<Started>> {
+        let fd = fsops::open_dir(parent, name).op("open directory", || shown(&e.path))?;
+        self.dirs.push(OpenDir {
+            path: e.path.clone(),
+            fd: Some(fd),
+            created,
+        });
+        self.keep(unhashed(e), old)
+    }
+
+    /// Starts receiving file `e` into `name` in `parent` (`in_place`:
+    /// nothing is there) or into its rebuild in `.byteback/partial`, with
+    /// the stored copy (`stored`: its size) and an earlier run's rebuild as
+    /// the basis.
+    fn start_file(
+        &mut self,
+        e: Entry,
+        old: Option<ManifestEntry>,
+        parent: &OwnedFd,
+        name: &[u8],
+        in_place: bool,
+        stored: Option<u64>,
+    ) -> Result<Started> {
+        self.touch()?;
+        let stored = stored.and_then(|len| fsops::open_file(parent, name).ok().map(|f| (f, len)));
+        let partial = partial_name(&e.path);
+        // A kept rebuild needs a file that was there when it was made, and
+        // the commit or a start on a short disc that removed that file
+        // removed the rebuilds too.
+        let prev = if in_place {
+            None
+        } else {
+            self.take_partial(&partial)?
+        };
+        let has_prev = prev.is_some();
+        let mut parts = vec![];
+        let mut start = 0;
+        for (file, len) in prev.into_iter().chain(stored) {
+            parts.push(BasisPart { file, start, len });
+            start += len;
+        }
+        let basis = (!parts.is_empty()).then_some(Basis { parts });
+        let id = self.next_id;
+        self.next_id += 1;
+        let out = if in_place {
+            // Nothing at the path (looked at, or in a directory this backup
+            // created): written there, exclusively.
+            fsops::create_new(parent, name).op("create", || shown(&e.path))?
+        } else {
+            // `take_partial` left nothing at that name.
+            fsops::create_new(&self.partial, &partial)
+                .op("create", || self.partial_path(&partial))?
+        };
+        let has_basis = basis.is_some();
+        let size = e.size();
+        let twin = !has_basis && size >= TWIN_MIN && self.twins().has_size(size);
+        let seq = self.slots.push(Slot::Waiting, e.buffer_cost())?;
+        self.transfers.insert(
+            id,
+            Transfer {
+                seq,
+                entry: e,
+                old,
+                partial,
+                has_prev,
+                in_place,
+                retried: false,
+                nospace_rounds: 0,
+                writer: FileWriter::new(out, basis),
+            },
+        );
+        Ok(Started {
+            id,
+            has_basis,
+            twin,
+        })
+    }
+}
+
+/// A manifest entry without content hash (anything but a regular file).
+fn unhashed(entry: Entry) -> ManifestEntry {
+    ManifestEntry {
+        entry,
+        hash: [0; 32],
+    }
+}
+
+/// What is at `name` in `parent`, for the decision about `e`.
+fn look(parent: &OwnedFd, name: &[u8], e: &Entry) -> std::io::Result<Option<OnDisc>> {
+    let Some(st) = fsops::lstat_at(parent, name)? else {
+        return Ok(None);
+    };
+    let kind = fsops::file_type(&st);
+    let same_target = match (&e.kind, kind) {
+        (Kind::Symlink { target }, FileType::Symlink) => fsops::read_link(parent, name)? == *target,
+        _ => false,
+    };
+    Ok(Some(OnDisc {
+        kind,
+        size: st.st_size as u64,
+        mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+        same_target,
+    }))
+}
+
+/// BLAKE3 of the stored file `name` in `parent` (client path `path`).
+fn hash_stored(parent: &OwnedFd, name: &[u8], path: &[u8]) -> Result<[u8; 32]> {
+    fsops::open_file(parent, name)
+        .and_then(|f| hash_file(&f))
+        .op("read the stored copy of", || shown(path))
+}
+
+fn os(p: &[u8]) -> &std::ffi::OsStr {
+    std::os::unix::ffi::OsStrExt::from_bytes(p)
+}

@@ -1,0 +1,187 @@
+//! The manifest's side of a backup: taking the clean marker away before
+//! the first change, recovering a damaged manifest, and the commit (sweep,
+//! one sync, the new manifest renamed into place, the marker back).
+
+use std::io;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use byteback_protocol::BackupStats;
+
+use super::sweep::remove_stale;
+use super::{in_dir, BackupReceiver, CLEAN, DAMAGED, MANIFEST, NO_SPACE, PARTIAL};
+use crate::error::{Error, IoContext, Result};
+use crate::fsops;
+use crate::manifest::{ManifestReader, ManifestWriter, PeekableManifest};
+use crate::store::{HostStore, META_DIR};
+
+/// Sets a damaged manifest of `current` aside (and drops the clean marker),
+/// so the next backup starts from a recovered one instead of failing again.
+/// (`meta` is `.byteback` at `meta_path`.)
+pub(super) fn set_aside_manifest(meta: impl AsFd, meta_path: &Path) -> Result<()> {
+    let at = |name: &[u8]| in_dir(meta_path, name);
+    fsops::remove_any(&meta, CLEAN).op("remove", || at(CLEAN))?;
+    rustix::fs::renameat(&meta, "manifest", &meta, "manifest.damaged")
+        .op("set aside", || at(MANIFEST))?;
+    fsops::fsync(&meta).op("sync", || meta_path.display())?;
+    Ok(())
+}
+
+/// Puts a manifest back into `current` after its own was found damaged:
+/// the newest snapshot's (checked to read whole), else none. Files changed
+/// since that snapshot differ from it and are sent again; without any
+/// manifest every file is. Returns the warning to give.
+pub(super) fn recover_manifest(host: &HostStore, meta: impl AsFd, manifest_path: &Path) -> String {
+    let shown = manifest_path.display();
+    let new_path = manifest_path.with_extension("new");
+    let from_snapshot = || -> Result<String> {
+        let (name, _) = host
+            .snapshots()?
+            .pop()
+            .ok_or_else(|| Error::Store("there is no snapshot".into()))?;
+        let snap = host.open_snapshot(&name)?;
+        let smeta_path = host.path.join(&name).join(crate::store::META_DIR_NAME);
+        let smeta = fsops::open_dir(&snap, META_DIR).op("open", || smeta_path.display())?;
+        let spath = smeta_path.join("manifest");
+        let open = || fsops::open_file(&smeta, MANIFEST).op("open", || spath.display());
+        let mut check = ManifestReader::new(open()?, &spath).map_err(Error::Manifest)?;
+        while check.next_entry().map_err(Error::Manifest)?.is_some() {}
+        let mut src = open()?;
+        fsops::remove_any(&meta, b"manifest.new").op("remove", || new_path.display())?;
+        let mut dst =
+            fsops::create_new(&meta, b"manifest.new").op("create", || new_path.display())?;
+        io::copy(&mut src, &mut dst).op("copy the manifest into", || new_path.display())?;
+        dst.sync_all().op("sync", || new_path.display())?;
+        fsops::replace(&meta, b"manifest.new", &meta, MANIFEST)
+            .op("rename into place", || new_path.display())?;
+        Ok(name)
+    };
+    let msg = match from_snapshot() {
+        Ok(name) => format!(
+            "the manifest {shown} was damaged; recovered from snapshot {name}'s (files changed since are sent again)"
+        ),
+        Err(e) => format!(
+            "the manifest {shown} was damaged and no snapshot's could replace it ({e:#}); every file is sent again"
+        ),
+    };
+    let _ = fsops::remove_any(&meta, DAMAGED);
+    let _ = fsops::fsync(&meta);
+    tracing::warn!("{msg}");
+    msg
+}
+
+impl BackupReceiver {
+    /// `name` in `.byteback`, for messages.
+    fn meta_file(&self, name: &[u8]) -> String {
+        in_dir(&self.meta_path, name)
+    }
+
+    /// Called before the first change to `current` or to the manifest: takes
+    /// the clean marker away (durably, so a crash from here on leaves a
+    /// store that the next run does not trust) and starts the new manifest
+    /// with the entries resolved so far, which equal the old manifest's first ones.
+    pub(super) fn mark_changed(&mut self) -> Result<()> {
+        if self.work.changed {
+            return Ok(());
+        }
+        if self.work.marker {
+            fsops::remove_any(&self.meta, CLEAN).op("remove", || self.meta_file(CLEAN))?;
+            fsops::fsync(&self.meta).op("sync", || self.meta_path.display())?;
+            self.work.marker = false;
+        }
+        let new_path = || self.meta_file(b"manifest.new");
+        let mut new = fsops::create_new(&self.meta, b"manifest.new")
+            .and_then(ManifestWriter::new)
+            .op("create", new_path)?;
+        if self.work.unwritten > 0 {
+            let path = self.meta_path.join("manifest");
+            let file = fsops::open_file(&self.meta, MANIFEST).op("open", || path.display())?;
+            let mut old = ManifestReader::new(file, &path).map_err(Error::Manifest)?;
+            for _ in 0..self.work.unwritten {
+                let e = old.next_entry().map_err(Error::Manifest)?.ok_or_else(|| {
+                    Error::Store(format!(
+                        "the manifest {} ended early (is it damaged?)",
+                        path.display()
+                    ))
+                })?;
+                new.push(&e).op("write", new_path)?;
+            }
+        }
+        self.new = Some(new);
+        self.work.changed = true;
+        Ok(())
+    }
+
+    /// Called before creating, replacing or removing anything in `current`.
+    pub(super) fn touch(&mut self) -> Result<()> {
+        self.work.touched = true;
+        self.mark_changed()
+    }
+
+    /// Commits: removes what the new manifest does not name, syncs, and
+    /// atomically replaces the manifest.
+    pub fn commit(&mut self) -> Result<BackupStats> {
+        if !self.transfers.is_empty() {
+            return Err(Error::Refused(format!(
+                "backup ended with {} transfers open",
+                self.transfers.len()
+            )));
+        }
+        self.flush_slots()?;
+        if !self.slots.is_empty() {
+            return Err(Error::Refused(
+                "backup ended with unresolved entries".into(),
+            ));
+        }
+        if self.old.peek().is_some() {
+            // Old entries after the last one sent: deleted.
+            self.work.needs_sweep = true;
+            self.mark_changed()?;
+        }
+        let partial = in_dir(&self.meta_path, PARTIAL);
+        if !self.work.changed {
+            // `current` was clean and nothing differs: it still matches the
+            // manifest, and nothing new needs to reach the disc.
+            fsops::remove_any(&self.meta, PARTIAL).op("remove", || &partial)?;
+            return Ok(std::mem::take(&mut self.stats));
+        }
+        let new_path = self.meta_path.join("manifest.new");
+        let new = self
+            .new
+            .take()
+            .ok_or(Error::Internal("manifest already finished"))?;
+        let new_file = new.finish().op("write", || new_path.display())?;
+        self.old = PeekableManifest::new(ManifestReader::empty()).map_err(Error::Manifest)?;
+        if self.work.needs_sweep {
+            let file =
+                fsops::open_file(&self.meta, b"manifest.new").op("open", || new_path.display())?;
+            let mut manifest = ManifestReader::new(file, &new_path)
+                .and_then(PeekableManifest::new)
+                .map_err(Error::Manifest)?;
+            let mut deleted = 0;
+            remove_stale(&self.current, &[], true, &mut manifest, &mut deleted)?;
+            self.stats.deleted = deleted;
+            self.work.touched |= deleted > 0;
+        }
+        // Every transfer has ended: what is left of interrupted runs is
+        // stale (its file is gone, unchanged or was sent whole), and no
+        // partial may reach a snapshot.
+        fsops::remove_any(&self.meta, PARTIAL).op("remove", || &partial)?;
+        if self.work.touched {
+            // One sync of the whole filesystem instead of an fsync per file.
+            rustix::fs::syncfs(&self.current)
+                .op("sync the filesystem of", || self.meta_path.display())?;
+        } else {
+            // Only metadata changed: the manifest is all there is to write.
+            fsops::fsync(&new_file).op("sync", || new_path.display())?;
+        }
+        drop(new_file);
+        rustix::fs::renameat(&self.meta, "manifest.new", &self.meta, "manifest")
+            .op("rename into place", || new_path.display())?;
+        fsops::fsync(&self.meta).op("sync", || self.meta_path.display())?;
+        fsops::remove_any(&self.meta, NO_SPACE).op("remove", || self.meta_file(NO_SPACE))?;
+        // Not synced: if it is lost, the next run just does not trust `current`.
+        drop(fsops::create_new(&self.meta, CLEAN).op("create", || self.meta_file(CLEAN))?);
+        Ok(std::mem::take(&mut self.stats))
+    }
+}

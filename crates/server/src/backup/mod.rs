@@ -1,0 +1,468 @@
+//! Receiving a backup into `current`.
+//!
+//! Entries arrive in walk order and are merged against the last committed
+//! manifest as a stream. A regular file whose copy in `current` has the same
+//! size and mtime costs nothing; any other file is rebuilt in
+//! `.byteback/partial`, from cloned or copied ranges of the old copy plus literal
+//! data, checked against the client's BLAKE3, and renamed into place. A file
+//! whose path is free in `current` is written there directly (created with
+//! `O_EXCL` in its parent, itself opened beneath `current`), saving the
+//! rename; it gets the client's mtime only once its hash checks out and is
+//! deleted if it never does, so until then it can never pass for a stored
+//! copy (the next run compares size and mtime), and a manifest only ever
+//! names verified files. The new
+//! manifest is written as entries resolve; commit deletes what the manifest no
+//! longer names, syncs the filesystem once, and renames the manifest into place.
+//!
+//! Resuming: an interrupted transfer (client gone, connection cut, server
+//! killed) leaves what it wrote: a new file at its own path (never with the
+//! client's mtime, so it never passes for a stored copy), a rebuild in
+//! `.byteback/partial/<hash of the path>`. The next run offers the client a
+//! signature over a *virtual basis*: that partial rebuild's prefix followed
+//! by the stored copy, so everything already received matches and only the
+//! rest travels. The result is checked against the client's BLAKE3 as any
+//! other; a rebuild left over is renamed `<name>.prev` while the next one is
+//! written, and the longer of the two is kept when that one is interrupted
+//! too. Partials are never trusted (only matched block by block), never in
+//! a snapshot (the commit removes `.byteback/partial` before it syncs), and
+//! the first to go when the disc is full.
+//!
+//! A commit leaves a `clean` marker in `.byteback`: `current` then holds
+//! exactly what its manifest names. The first change of a later backup
+//! removes the marker (durably) before touching anything. While it is there,
+//! an entry that matches the manifest needs no look at the disc, and a backup
+//! in which nothing differs from the manifest commits nothing: no new
+//! manifest, no deletion walk, no sync.
+
+mod apply;
+mod commit;
+mod decide;
+mod partial;
+mod sink;
+mod slots;
+mod sweep;
+mod transfer;
+mod twin;
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+use crate::error::{shown, Context, Error, IoContext, Result};
+use byteback_protocol::{BackupStats, Entry, ManifestEntry, Need};
+
+use crate::fsops::{self, split};
+use crate::manifest::{ManifestReader, ManifestWriter, PeekableManifest};
+use crate::store::{disk_path, HostStore, META_DIR, META_DIR_NAME};
+use crate::twins::TwinIndex;
+use commit::{recover_manifest, set_aside_manifest};
+use sink::{Decoder, FileWriter};
+use slots::{Slot, Slots};
+use sweep::remove_in_place;
+
+/// Marker in `.byteback`: `current` matches its manifest exactly.
+const CLEAN: &[u8] = b"clean";
+/// The manifest of `current`, in `.byteback`.
+const MANIFEST: &[u8] = b"manifest";
+/// A damaged manifest set aside; the next backup recovers one.
+const DAMAGED: &[u8] = b"manifest.damaged";
+/// Directory in `.byteback` of rebuilds of changed files, kept when interrupted.
+const PARTIAL: &[u8] = b"partial";
+/// Marker in `.byteback`: a backup ran out of space since the last commit,
+/// so the next one starts by removing what failed runs left.
+const NO_SPACE: &[u8] = b"nospace";
+
+/// A file being received.
+struct Transfer {
+    /// Its slot in the new manifest.
+    seq: u64,
+    entry: Entry,
+    old: Option<ManifestEntry>,
+    /// Name of its rebuild in `.byteback/partial` (unused when written in place).
+    partial: Vec<u8>,
+    /// An earlier run's rebuild, `<partial>.prev`, is there (part of the basis).
+    has_prev: bool,
+    /// Written at its own path in `current` (nothing was there).
+    in_place: bool,
+    retried: bool,
+    /// How often writing it ran out of space.
+    nospace_rounds: u8,
+    writer: FileWriter,
+}
+
+/// One directory of the chain from `current` to the last entry.
+struct OpenDir {
+    /// Client path.
+    path: Vec<u8>,
+    /// Opened beneath `current` when first needed.
+    fd: Option<OwnedFd>,
+    /// Created by this backup, so nothing in it needs a look.
+    created: bool,
+}
+
+/// Parent directory of the last file renamed into place.
+struct LastParent {
+    /// On-disc path beneath `current`.
+    path: Vec<u8>,
+    fd: OwnedFd,
+}
+
+/// Outcome of a finished transfer, for the reply.
+pub enum TransferResult {
+    /// Committed to `current` (or dropped after an abort): the reply is `FileOk`.
+    Done,
+    /// Hash mismatch: resend whole.
+    Retry,
+    /// The store ran out of space for it: make room, then resend whole.
+    NoSpace {
+        /// The file's path, for messages.
+        path: String,
+        /// Its size.
+        need: u64,
+    },
+}
+
+/// What `current` and its manifest were when a backup started.
+#[derive(Debug, Clone, Copy)]
+struct Start {
+    /// `current` matched its manifest (the clean marker was there).
+    clean: bool,
+    /// The old manifest was read (not missing, not replaced by an empty one).
+    has_manifest: bool,
+}
+
+/// What the commit has to do, as learnt from the entries so far (see
+/// [`commit`]).
+#[derive(Debug)]
+struct CommitWork {
+    /// The clean marker is still on disc.
+    marker: bool,
+    /// Something in this backup differs from the old manifest, or `current`
+    /// was not clean: the commit writes a new manifest.
+    changed: bool,
+    /// Entries resolved before anything changed, not written to the new
+    /// manifest: they are the old manifest's first ones.
+    unwritten: u64,
+    /// Something in `current` was created, replaced or removed: the commit
+    /// syncs the filesystem (otherwise only the new manifest).
+    touched: bool,
+    /// `current` may hold objects the new manifest does not name (it was
+    /// not clean, or an entry was deleted or changed type): the commit
+    /// sweeps it.
+    needs_sweep: bool,
+}
+
+/// State of one backup being received.
+pub struct BackupReceiver {
+    current: OwnedFd,
+    meta: OwnedFd,
+    /// Path of `meta`, for messages.
+    meta_path: PathBuf,
+    /// `.byteback/partial`.
+    partial: OwnedFd,
+    old: PeekableManifest,
+    /// The new manifest; not started until something differs from the old one.
+    new: Option<ManifestWriter>,
+    /// What held when this backup started.
+    start: Start,
+    /// What the commit has to do, as learnt so far.
+    work: CommitWork,
+    /// Entries not yet in the new manifest, in walk order.
+    slots: Slots,
+    transfers: HashMap<u32, Transfer>,
+    next_id: u32,
+    /// The directory chain of the last entry.
+    dirs: Vec<OpenDir>,
+    last_parent: Option<LastParent>,
+    decoder: Decoder,
+    /// The filesystem shares extents (cleared when it refuses a clone).
+    clone_ok: bool,
+    /// Stored content by hash, built from the old manifest when first needed.
+    twins: Option<TwinIndex>,
+    /// Counters reported to the client.
+    pub stats: BackupStats,
+    /// Non-fatal problems to report.
+    pub warnings: Vec<String>,
+}
+
+/// Opens the old manifest of `current` (`meta` is its `.byteback`). One
+/// damaged at its start is set aside and recovered at once. Returns it and
+/// whether there was one.
+fn open_old_manifest(
+    host: &HostStore,
+    meta: &OwnedFd,
+    manifest_path: &std::path::Path,
+    warnings: &mut Vec<String>,
+) -> Result<(PeekableManifest, bool)> {
+    let opened = match fsops::open_file(meta, MANIFEST) {
+        Ok(f) => Some(ManifestReader::new(f, manifest_path).and_then(PeekableManifest::new)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::io("open the manifest", manifest_path.display(), e)),
+    };
+    Ok(match opened {
+        Some(Ok(m)) => (m, true),
+        Some(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
+            set_aside_manifest(meta, manifest_path.parent().unwrap_or(manifest_path))?;
+            warnings.push(format!("{e}"));
+            warnings.push(recover_manifest(host, meta, manifest_path));
+            match fsops::open_file(meta, MANIFEST) {
+                Ok(f) => (
+                    ManifestReader::new(f, manifest_path)
+                        .and_then(PeekableManifest::new)
+                        .map_err(Error::Manifest)?,
+                    true,
+                ),
+                Err(_) => (empty_manifest()?, false),
+            }
+        }
+        Some(Err(e)) => return Err(Error::Manifest(e)),
+        None => (empty_manifest()?, false),
+    })
+}
+
+/// A manifest with no entries (of a first backup, or after a damaged one).
+fn empty_manifest() -> Result<PeekableManifest> {
+    PeekableManifest::new(ManifestReader::empty()).map_err(Error::Manifest)
+}
+
+impl BackupReceiver {
+    /// Prepares `current` of `host` for a new backup.
+    pub fn new(host: &HostStore) -> Result<Self> {
+        keep_freed_buffers();
+        let current = host.current()?;
+        let meta_path = host.path.join("current").join(META_DIR_NAME);
+        let at = |name: &[u8]| in_dir(&meta_path, name);
+        fsops::ensure_dir(&current, META_DIR, 0o700).op("create", || meta_path.display())?;
+        let meta = fsops::open_dir(&current, META_DIR).op("open", || meta_path.display())?;
+        // Leftovers of an interrupted run (`tmp`: of versions before partial
+        // rebuilds were kept); `partial` is kept for resuming.
+        for name in [&b"tmp"[..], b"manifest.new"] {
+            fsops::remove_any(&meta, name).op("remove", || at(name))?;
+        }
+        fsops::ensure_dir(&meta, PARTIAL, 0o700).op("create", || at(PARTIAL))?;
+        let partial = fsops::open_dir(&meta, PARTIAL).op("open", || at(PARTIAL))?;
+        let manifest_path = meta_path.join("manifest");
+        let mut warnings = vec![];
+        let exists = |name: &[u8]| -> Result<bool> {
+            Ok(fsops::lstat_at(&meta, name)
+                .op("look at", || at(name))?
+                .is_some())
+        };
+        if exists(DAMAGED)? && !exists(MANIFEST)? {
+            warnings.push(recover_manifest(host, &meta, &manifest_path));
+        }
+        let (old, has_manifest) = open_old_manifest(host, &meta, &manifest_path, &mut warnings)?;
+        let marker = exists(CLEAN)?;
+        let clean = marker && has_manifest;
+        let dir_fd = fsops::open_dir(&current, b"")
+            .op("open", || host.path.join("current").display().to_string())?;
+        let mut rx = BackupReceiver {
+            clone_ok: host.btrfs,
+            twins: None,
+            current,
+            meta,
+            meta_path,
+            partial,
+            old,
+            new: None,
+            start: Start {
+                clean,
+                has_manifest,
+            },
+            work: CommitWork {
+                marker,
+                changed: false,
+                unwritten: 0,
+                touched: !clean,
+                needs_sweep: !clean,
+            },
+            slots: Slots::default(),
+            transfers: HashMap::new(),
+            next_id: 0,
+            dirs: vec![OpenDir {
+                path: vec![],
+                fd: Some(dir_fd),
+                created: false,
+            }],
+            last_parent: None,
+            decoder: Decoder::new()?,
+            stats: BackupStats::default(),
+            warnings,
+        };
+        if !clean {
+            // Leftovers of an interrupted run may be anywhere: the commit
+            // has to write the manifest and walk `current` whatever comes.
+            rx.mark_changed()?;
+        }
+        Ok(rx)
+    }
+
+    /// Records that this backup ran out of space: until a commit, the next
+    /// backup starts by removing what failed runs left.
+    pub fn note_no_space(&self) -> Result<()> {
+        let at = || in_dir(&self.meta_path, NO_SPACE);
+        if fsops::lstat_at(&self.meta, NO_SPACE)
+            .op("look at", at)?
+            .is_none()
+        {
+            drop(fsops::create_new(&self.meta, NO_SPACE).op("create", at)?);
+        }
+        Ok(())
+    }
+
+    /// Whether reading the old manifest found it damaged.
+    pub fn manifest_damaged(&self) -> bool {
+        self.old.is_damaged()
+    }
+
+    /// Sets the damaged manifest aside so the next backup recovers one.
+    pub fn set_aside_manifest(&self) -> Result<()> {
+        set_aside_manifest(&self.meta, &self.meta_path)
+    }
+
+    /// The fd of directory `dirs[i]`, opened beneath `current` if not yet.
+    fn dir_fd(&mut self, i: usize) -> Result<OwnedFd> {
+        let dir = self
+            .dirs
+            .get_mut(i)
+            .ok_or(Error::Internal("directory stack empty"))?;
+        if dir.fd.is_none() {
+            let opened = fsops::open_dir(&self.current, &disk_path(&dir.path))
+                .op("open directory", || shown(&dir.path))?;
+            dir.fd = Some(opened);
+        }
+        match &dir.fd {
+            Some(fd) => fd
+                .try_clone()
+                .op("duplicate the fd of", || shown(&dir.path)),
+            None => Err(Error::Internal("directory not open")),
+        }
+    }
+
+    /// Handles one batch; returns what the server needs for it.
+    pub fn entries(&mut self, entries: Vec<Entry>) -> Result<Vec<Need>> {
+        let mut needs = vec![];
+        for (i, e) in entries.into_iter().enumerate() {
+            // Every error names the entry it happened on.
+            let path = e.path.clone();
+            let started = self
+                .entry(e)
+                .context_with(|| format!("storing {}", shown(&path)))?;
+            if let Some(started) = started {
+                needs.push(Need {
+                    index: i as u32,
+                    id: started.id,
+                    basis: started.has_basis,
+                    twin: started.twin,
+                });
+            }
+        }
+        self.flush_slots()?;
+        Ok(needs)
+    }
+
+    /// What transfer `id` writes, for error messages: its client path,
+    /// escaped, or the bare id once the transfer is gone.
+    pub fn transfer_name(&self, id: u32) -> String {
+        match self.transfers.get(&id) {
+            Some(t) => shown(&t.entry.path),
+            None => format!("transfer {id}"),
+        }
+    }
+
+    /// Writes the resolved entries at the front of the slots to the new
+    /// manifest (or counts them while it is not started).
+    fn flush_slots(&mut self) -> Result<()> {
+        while let Some(e) = self.slots.pop_ready() {
+            match self.new.as_mut() {
+                Some(new) => new
+                    .push(&e)
+                    .op("write", || in_dir(&self.meta_path, b"manifest.new"))?,
+                // Equal to the old manifest's next entry (see `push_ready`).
+                None => self.work.unwritten += 1,
+            }
+        }
+        Ok(())
+    }
+
+    /// The index in `dirs` of the directory that holds `path`, checking that
+    /// its parent was sent in this backup, and whether this backup created
+    /// that directory.
+    fn parent_dir(&mut self, path: &[u8]) -> Result<(usize, bool)> {
+        let (parent, _) = split(path);
+        while self.dirs.len() > 1 {
+            let top = &self.dirs[self.dirs.len() - 1].path;
+            if path.len() > top.len() && path.starts_with(top) && path[top.len()] == b'/' {
+                break;
+            }
+            self.dirs.pop();
+        }
+        let top = self
+            .dirs
+            .last()
+            .ok_or(Error::Internal("directory stack empty"))?;
+        if top.path.as_slice() != parent {
+            return Err(Error::Refused(format!(
+                "entry {:?} arrived without its parent directory",
+                String::from_utf8_lossy(path)
+            )));
+        }
+        Ok((self.dirs.len() - 1, top.created))
+    }
+
+    /// Records the resolved entry `me`; the manifest must be rewritten if
+    /// it differs from the old one at that path.
+    fn push_ready(&mut self, me: ManifestEntry, old: Option<&ManifestEntry>) -> Result<()> {
+        if old != Some(&me) {
+            self.mark_changed()?;
+        }
+        let cost = me.entry.buffer_cost();
+        self.slots.push(Slot::Ready(me), cost)?;
+        Ok(())
+    }
+}
+
+impl Drop for BackupReceiver {
+    /// A backup that ends without its commit (the client went away, the
+    /// connection was cut, or it was refused) keeps what its open transfers
+    /// wrote, for the next run to resume from: a new file at its own path
+    /// (never with the client's mtime, so the next run sees it differ and
+    /// offers its signature) and a rebuild in `.byteback/partial`. Only
+    /// empty ones go. A killed server leaves the same, and the next run's
+    /// commit removes whatever the client no longer sends.
+    fn drop(&mut self) {
+        for (_, t) in self.transfers.drain() {
+            let keep = t.writer.written > 0 && !t.writer.nospace;
+            drop(t.writer);
+            if keep {
+                continue;
+            }
+            if t.in_place {
+                let _ = remove_in_place(&self.current, &t.entry.path);
+            } else {
+                let _ = fsops::remove_any(&self.partial, &t.partial);
+            }
+        }
+    }
+}
+
+/// `name` in directory `dir` (a path on disc), for messages.
+fn in_dir(dir: &std::path::Path, name: &[u8]) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    dir.join(std::ffi::OsStr::from_bytes(name))
+        .display()
+        .to_string()
+}
+
+/// Keeps freed multi-MiB buffers (frames, chunks) in the heap instead of
+/// returning them to the kernel at once: otherwise each is a fresh mmap, and
+/// page faults took a third of this process's time in a large-file backup.
+fn keep_freed_buffers() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only tunes glibc's allocator; any value is valid.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+    }
+}

@@ -1,0 +1,143 @@
+//! Rebuilds of changed files in `.byteback/partial`, kept when a run is
+//! interrupted so that the next one resumes from them: their names, taking
+//! an earlier run's rebuild as the front of a basis, and dropping them when
+//! the space is needed.
+
+use std::fs::File;
+
+use rustix::fs::FileType;
+
+use super::sink::FS_BLOCK;
+use super::{in_dir, BackupReceiver, PARTIAL};
+use crate::error::{shown, IoContext, Result};
+use crate::fsops;
+
+/// Suffix of a partial rebuild from an earlier run, while it serves as a basis.
+const PREV: &[u8] = b".prev";
+
+/// Name in `.byteback/partial` of the rebuild of client path `path`.
+pub(super) fn partial_name(path: &[u8]) -> Vec<u8> {
+    let h = byteback_delta::hash_bytes(path);
+    let mut s = Vec::with_capacity(32);
+    for b in &h[..16] {
+        s.extend_from_slice(format!("{b:02x}").as_bytes());
+    }
+    s
+}
+
+pub(super) fn prev_name(name: &[u8]) -> Vec<u8> {
+    [name, PREV].concat()
+}
+
+impl BackupReceiver {
+    /// `name` in `.byteback/partial`, for messages.
+    pub(super) fn partial_path(&self, name: &[u8]) -> String {
+        format!("{}/{}", in_dir(&self.meta_path, PARTIAL), shown(name))
+    }
+
+    /// An earlier run's rebuild of the file whose partial name is `name`,
+    /// kept as `<name>.prev` for use as the front of the basis. Of two (a
+    /// rebuild from a rebuild, interrupted again) the longer is kept. Only
+    /// whole file-system blocks of it are used, so the stored copy behind it
+    /// stays block-aligned (for cloning).
+    pub(super) fn take_partial(&mut self, name: &[u8]) -> Result<Option<(File, u64)>> {
+        let prev = prev_name(name);
+        let size = |n: &[u8]| -> Result<Option<u64>> {
+            Ok(
+                match fsops::lstat_at(&self.partial, n).op("look at", || self.partial_path(n))? {
+                    Some(s) if fsops::file_type(&s) == FileType::RegularFile => {
+                        Some(s.st_size as u64)
+                    }
+                    Some(_) => {
+                        fsops::remove_any(&self.partial, n)
+                            .op("remove", || self.partial_path(n))?;
+                        None
+                    }
+                    None => None,
+                },
+            )
+        };
+        let (cur_len, prev_len) = (size(name)?, size(&prev)?);
+        let len = match (cur_len, prev_len) {
+            (None, None) => return Ok(None),
+            (Some(c), p) if c > p.unwrap_or(0) => {
+                fsops::replace(&self.partial, name, &self.partial, &prev)
+                    .op("rename", || self.partial_path(name))?;
+                c
+            }
+            (c, p) => {
+                if c.is_some() {
+                    fsops::remove_any(&self.partial, name)
+                        .op("remove", || self.partial_path(name))?;
+                }
+                p.unwrap_or(0)
+            }
+        } / FS_BLOCK
+            * FS_BLOCK;
+        if len == 0 {
+            fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
+            return Ok(None);
+        }
+        match fsops::open_file(&self.partial, &prev) {
+            Ok(f) => Ok(Some((f, len))),
+            Err(_) => {
+                fsops::remove_any(&self.partial, &prev)
+                    .op("remove", || self.partial_path(&prev))?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Drops transfer `id`'s earlier rebuild (its basis goes with it).
+    pub(super) fn drop_prev(&mut self, id: u32) -> Result<()> {
+        let t = self.transfer(id)?;
+        t.writer.basis = None;
+        if std::mem::take(&mut t.has_prev) {
+            let prev = prev_name(&t.partial);
+            fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
+        }
+        Ok(())
+    }
+
+    /// Removes what interrupted runs left in `.byteback/partial` that no
+    /// transfer of this run uses (they are the first to go when the disc is
+    /// full). Returns the bytes freed.
+    pub fn drop_idle_partials(&mut self) -> Result<u64> {
+        let mut busy = std::collections::HashSet::new();
+        for t in self.transfers.values() {
+            if !t.in_place {
+                busy.insert(t.partial.clone());
+            }
+            if t.has_prev {
+                busy.insert(prev_name(&t.partial));
+            }
+        }
+        let mut freed = 0;
+        for n in fsops::list_dir(&self.partial).op("list", || in_dir(&self.meta_path, PARTIAL))? {
+            if !busy.contains(&n) {
+                if let Some(s) =
+                    fsops::lstat_at(&self.partial, &n).op("look at", || self.partial_path(&n))?
+                {
+                    freed += s.st_blocks as u64 * 512;
+                }
+                fsops::remove_any(&self.partial, &n).op("remove", || self.partial_path(&n))?;
+            }
+        }
+        Ok(freed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_names_are_fixed_hex_and_differ_by_path() {
+        let a = partial_name(b"etc/passwd");
+        assert_eq!(a.len(), 32);
+        assert!(a.iter().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(a, partial_name(b"etc/passwd"));
+        assert_ne!(a, partial_name(b"etc/passwd-"));
+        assert_eq!(prev_name(&a), [&a[..], b".prev"].concat());
+    }
+}

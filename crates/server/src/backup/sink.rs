@@ -1,0 +1,393 @@
+//! Writing one received file: decompressing its delta segments, applying
+//! them against the basis (cloned ranges where the filesystem can share
+//! extents, holes for all-zero blocks, plain writes otherwise), hashing
+//! what is written, checking the client's BLAKE3 and size, and finishing
+//! the file (length, mtime, writeback). The one sparse writer of the server.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use byteback_delta::{apply_ops, DeltaError, FileHasher, PatchSink};
+use byteback_protocol::codec::ChunkDecompressor;
+use byteback_protocol::Compressed;
+
+use crate::error::{shown, Error, Result};
+use crate::fsops;
+
+pub(super) const FS_BLOCK: u64 = 4096;
+pub(super) const IO_CHUNK: usize = 1 << 20;
+/// Start writeback of a file being received every this many bytes.
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// One part of a [`Basis`]: `len` bytes of `file`, at `start` in the basis.
+pub(super) struct BasisPart {
+    pub file: File,
+    pub start: u64,
+    pub len: u64,
+}
+
+/// What a delta's copies read from: the prefix of an interrupted rebuild of
+/// the same file, if one was kept, followed by the stored copy, if any. A
+/// copy is served from whichever part holds its offset.
+pub(super) struct Basis {
+    pub parts: Vec<BasisPart>,
+}
+
+impl Basis {
+    pub fn len(&self) -> u64 {
+        self.parts.last().map(|p| p.start + p.len).unwrap_or(0)
+    }
+
+    /// The part holding virtual offset `off`: its file, the offset in it and
+    /// how many bytes of the part are left from there.
+    pub fn locate(&self, off: u64) -> Option<(&File, u64, u64)> {
+        self.parts
+            .iter()
+            .find(|p| off >= p.start && off < p.start + p.len)
+            .map(|p| (&p.file, off - p.start, p.start + p.len - off))
+    }
+}
+
+/// Decompresses delta segments into a buffer kept between them.
+pub(super) struct Decoder {
+    unzstd: ChunkDecompressor,
+    raw: Vec<u8>,
+}
+
+impl Decoder {
+    pub fn new() -> Result<Self> {
+        Ok(Decoder {
+            unzstd: ChunkDecompressor::new()?,
+            raw: vec![],
+        })
+    }
+
+    pub fn decode(&mut self, delta: &Compressed) -> Result<&[u8]> {
+        self.unzstd.decompress_into(delta, &mut self.raw)?;
+        Ok(&self.raw)
+    }
+}
+
+/// Bytes of a segment served from the basis and sent literally.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Applied {
+    pub matched: u64,
+    pub literal: u64,
+}
+
+/// The file being written for one transfer.
+pub(super) struct FileWriter {
+    pub out: File,
+    pub basis: Option<Basis>,
+    pub written: u64,
+    /// Bytes of `out` whose writeback has been started.
+    flushed: u64,
+    hasher: FileHasher,
+    /// Content hash of what `out` holds, when it was filled from a stored
+    /// twin and hashed from `out` (instead of through `hasher`).
+    verified: Option<[u8; 32]>,
+    /// Writing hit "no space left on device": the rest of its data is
+    /// dropped, and its end asks for room and a resend.
+    pub nospace: bool,
+}
+
+/// Whether an I/O error means the filesystem (or a quota) is full.
+pub(super) fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+impl FileWriter {
+    pub fn new(out: File, basis: Option<Basis>) -> Self {
+        FileWriter {
+            out,
+            basis,
+            written: 0,
+            flushed: 0,
+            hasher: FileHasher::new(),
+            verified: None,
+            nospace: false,
+        }
+    }
+
+    /// Applies one decompressed segment for the file `size` bytes long at
+    /// `path`. Running out of space is not an error: the writer drops the
+    /// rest and [`FileWriter::nospace`] is set. `clone_ok` is cleared when
+    /// the filesystem refuses a clone.
+    pub fn write(
+        &mut self,
+        raw: &[u8],
+        size: u64,
+        path: &[u8],
+        clone_ok: &mut bool,
+    ) -> Result<Applied> {
+        if self.nospace {
+            return Ok(Applied::default()); // dropped: the end asks for a resend
+        }
+        let limit = size.saturating_sub(self.written);
+        let basis_len = self.basis.as_ref().map(Basis::len).unwrap_or(0);
+        let mut sink = FileSink {
+            basis: self.basis.as_ref(),
+            out: &self.out,
+            pos: self.written,
+            hasher: &mut self.hasher,
+            clone_ok: *clone_ok,
+            applied: Applied::default(),
+            buf: vec![],
+        };
+        let result = apply_ops(raw, basis_len, limit, &mut sink);
+        let (pos, applied) = (sink.pos, sink.applied);
+        *clone_ok = sink.clone_ok;
+        match result {
+            Err(SinkError::Io(e)) if is_no_space(&e) => {
+                self.nospace = true;
+                // Give its blocks back at once; it is sent again whole.
+                let _ = self.out.set_len(0);
+                return Ok(Applied::default());
+            }
+            Err(e) => {
+                return Err(match e {
+                    SinkError::Io(e) => Error::io("store", shown(path), e),
+                    e => Error::Refused(format!("bad delta for {}: {e}", shown(path))),
+                });
+            }
+            Ok(_) => {}
+        }
+        self.written = pos;
+        if self.written - self.flushed >= WRITEBACK_EVERY {
+            start_writeback(&self.out, self.flushed, self.written - self.flushed);
+            self.flushed = self.written;
+        }
+        Ok(applied)
+    }
+
+    /// Whether what was written is `size` bytes hashing to `hash`.
+    pub fn verify(&self, size: u64, hash: &[u8; 32]) -> bool {
+        self.written == size && self.verified.unwrap_or_else(|| self.hasher.finish()) == *hash
+    }
+
+    /// Records that `out` was filled whole (`size` bytes) from a stored
+    /// twin, and `hash` was computed from `out` itself: [`Self::verify`]
+    /// checks that instead of what went through the hasher.
+    pub fn filled(&mut self, size: u64, hash: [u8; 32]) {
+        self.verified = Some(hash);
+        self.written = size;
+        self.flushed = size;
+    }
+
+    /// Starts over from an empty file (a resend), with no basis.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.nospace = false;
+        self.written = 0;
+        self.flushed = 0;
+        self.hasher = FileHasher::new();
+        self.verified = None;
+        self.basis = None;
+        self.out.set_len(0)
+    }
+
+    /// Finishes a verified file: its full length (trailing zero blocks were
+    /// left as a hole), the client's mtime, and writeback of what is left.
+    pub fn finish(self, size: u64, mtime: (i64, u32)) -> io::Result<File> {
+        if self.out.metadata()?.len() != size {
+            self.out.set_len(size)?;
+        }
+        fsops::set_mtime(&self.out, mtime.0, mtime.1)?;
+        // Small files wait for the commit's syncfs: started one by one,
+        // their writeback cost this (single) thread more than it saved.
+        if size >= WRITEBACK_EVERY && size > self.flushed {
+            start_writeback(&self.out, self.flushed, size - self.flushed);
+        }
+        Ok(self.out)
+    }
+}
+
+/// BLAKE3 of a whole file.
+pub(super) fn hash_file(f: &File) -> io::Result<[u8; 32]> {
+    let mut h = FileHasher::new();
+    let mut buf = vec![0u8; IO_CHUNK];
+    let mut off = 0u64;
+    loop {
+        let n = f.read_at(&mut buf, off)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok(h.finish())
+}
+
+/// Starts writing a range of a received file to disc without waiting for
+/// it, so the data is mostly on disc by the commit's syncfs instead of all
+/// being written then (the kernel's own writeback starts far later on a
+/// machine with much memory).
+fn start_writeback(f: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open fd; failure only loses the hint.
+    unsafe {
+        libc::sync_file_range(
+            f.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+/// Writes patch output into the file being received.
+struct FileSink<'a> {
+    basis: Option<&'a Basis>,
+    out: &'a File,
+    pos: u64,
+    hasher: &'a mut FileHasher,
+    clone_ok: bool,
+    applied: Applied,
+    buf: Vec<u8>,
+}
+
+/// Why a delta could not be applied.
+#[derive(Debug)]
+enum SinkError {
+    /// The delta itself is wrong (the client's fault).
+    Bad(String),
+    /// Reading the stored copy or writing the new one failed (the store's).
+    Io(io::Error),
+}
+
+impl From<DeltaError> for SinkError {
+    fn from(e: DeltaError) -> Self {
+        SinkError::Bad(e.to_string())
+    }
+}
+
+impl std::fmt::Display for SinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SinkError::Bad(e) => write!(f, "{e}"),
+            SinkError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl From<io::Error> for SinkError {
+    fn from(e: io::Error) -> Self {
+        SinkError::Io(e)
+    }
+}
+
+impl PatchSink for FileSink<'_> {
+    type Error = SinkError;
+
+    fn copy(&mut self, offset: u64, len: u64) -> Result<(), SinkError> {
+        let basis = self
+            .basis
+            .ok_or_else(|| SinkError::Bad("copy without a basis".into()))?;
+        let mut done = 0u64;
+        while done < len {
+            let (file, src, left) = basis
+                .locate(offset + done)
+                .ok_or_else(|| SinkError::Bad("copy beyond the basis".into()))?;
+            let n = (len - done).min(left).min(IO_CHUNK as u64) as usize;
+            self.buf.resize(n, 0);
+            file.read_exact_at(&mut self.buf[..n], src)?;
+            self.hasher.update(&self.buf[..n]);
+            let dst = self.pos;
+            let aligned = src.is_multiple_of(FS_BLOCK) && dst.is_multiple_of(FS_BLOCK);
+            let clone_len = if aligned {
+                n as u64 / FS_BLOCK * FS_BLOCK
+            } else {
+                0
+            };
+            let mut written = 0usize;
+            if self.clone_ok && clone_len > 0 {
+                match crate::btrfs::clone_range(file, src, clone_len, self.out, dst) {
+                    Ok(()) => written = clone_len as usize,
+                    Err(_) => self.clone_ok = false,
+                }
+            }
+            let buf = std::mem::take(&mut self.buf);
+            write_sparse(self.out, dst + written as u64, &buf[written..n])?;
+            self.buf = buf;
+            self.pos += n as u64;
+            done += n as u64;
+        }
+        self.applied.matched += len;
+        Ok(())
+    }
+
+    fn literal(&mut self, data: &[u8]) -> Result<(), SinkError> {
+        self.hasher.update(data);
+        write_sparse(self.out, self.pos, data)?;
+        self.pos += data.len() as u64;
+        self.applied.literal += data.len() as u64;
+        Ok(())
+    }
+}
+
+/// Writes `data` at `pos`, leaving holes for whole file-system blocks of zeros
+/// (the file is new, so holes read back as zeros).
+fn write_sparse(f: &File, pos: u64, data: &[u8]) -> io::Result<()> {
+    let mut i = 0usize;
+    let mut run_start: Option<usize> = None;
+    while i < data.len() {
+        let off = pos + i as u64;
+        let to_boundary = (FS_BLOCK - off % FS_BLOCK) as usize;
+        let n = to_boundary.min(data.len() - i);
+        let piece = &data[i..i + n];
+        let zero_block = n as u64 == FS_BLOCK && piece.iter().all(|&b| b == 0);
+        if zero_block {
+            if let Some(s) = run_start.take() {
+                f.write_all_at(&data[s..i], pos + s as u64)?;
+            }
+        } else if run_start.is_none() {
+            run_start = Some(i);
+        }
+        i += n;
+    }
+    if let Some(s) = run_start {
+        f.write_all_at(&data[s..], pos + s as u64)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_of(bytes: &[u8]) -> File {
+        let f = tempfile::tempfile().expect("tempfile");
+        f.write_all_at(bytes, 0).expect("write");
+        f
+    }
+
+    #[test]
+    fn a_virtual_basis_serves_each_offset_from_its_part() {
+        let b = Basis {
+            parts: vec![
+                BasisPart {
+                    file: file_of(&[1; 8192]),
+                    start: 0,
+                    len: 8192,
+                },
+                BasisPart {
+                    file: file_of(&[2; 100]),
+                    start: 8192,
+                    len: 100,
+                },
+            ],
+        };
+        assert_eq!(b.len(), 8292);
+        let (_, at, left) = b.locate(0).expect("first part");
+        assert_eq!((at, left), (0, 8192));
+        let (_, at, left) = b.locate(8191).expect("first part");
+        assert_eq!((at, left), (8191, 1));
+        let (f, at, left) = b.locate(8192).expect("second part");
+        assert_eq!((at, left), (0, 100));
+        let mut one = [0u8; 1];
+        f.read_exact_at(&mut one, at).expect("read");
+        assert_eq!(one, [2]);
+        assert!(b.locate(8292).is_none());
+        assert!(Basis { parts: vec![] }.locate(0).is_none());
+    }
+}

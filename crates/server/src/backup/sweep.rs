@@ -1,0 +1,128 @@
+//! Removing what `current` holds and the manifest does not name: the
+//! commit's sweep, the early clean-up on a short disc, and an unverified
+//! file written at its own path.
+
+use std::os::fd::OwnedFd;
+
+use byteback_protocol::Kind;
+use rustix::fs::FileType;
+
+use super::{in_dir, BackupReceiver, MANIFEST, NO_SPACE, PARTIAL};
+use crate::error::{shown, Error, IoContext, Result};
+use crate::fsops::{self, split};
+use crate::manifest::{ManifestReader, PeekableManifest};
+use crate::store::{disk_path, META_DIR};
+
+impl BackupReceiver {
+    /// Keeps room before anything is written: when the last backup ran out
+    /// of space (or the store is below `minpercent` free) and `current` holds
+    /// what failed runs left, removes it now rather than at the commit —
+    /// every object the last manifest does not name (new files of failed
+    /// runs, kept partial ones included) and every kept partial rebuild.
+    /// Returns a note for the log, if anything was removed.
+    pub fn clean_leftovers_if_short(&mut self, minpercent: u32) -> Result<Option<String>> {
+        let marker = || in_dir(&self.meta_path, NO_SPACE);
+        let marked = fsops::lstat_at(&self.meta, NO_SPACE)
+            .op("look at", marker)?
+            .is_some();
+        let short = marked
+            || crate::space::measure(&self.current)
+                .map(|s| s.percent_free() < f64::from(minpercent))
+                .unwrap_or(false);
+        if !short || self.start.clean {
+            return Ok(None);
+        }
+        let mut deleted = 0;
+        if self.start.has_manifest {
+            let path = self.meta_path.join("manifest");
+            let file = fsops::open_file(&self.meta, MANIFEST).op("open", || path.display())?;
+            let mut manifest = ManifestReader::new(file, &path)
+                .and_then(PeekableManifest::new)
+                .map_err(Error::Manifest)?;
+            remove_stale(&self.current, &[], true, &mut manifest, &mut deleted)?;
+        }
+        let partial = in_dir(&self.meta_path, PARTIAL);
+        for n in fsops::list_dir(&self.partial).op("list", || &partial)? {
+            fsops::remove_any(&self.partial, &n)
+                .op("remove", || format!("{partial}/{}", shown(&n)))?;
+            deleted += 1;
+        }
+        fsops::remove_any(&self.meta, NO_SPACE).op("remove", marker)?;
+        Ok((deleted > 0).then(|| {
+            format!(
+                "short of space: removed {deleted} objects that interrupted or failed backups left in current"
+            )
+        }))
+    }
+}
+
+/// Removes the file a transfer was writing at its own client path.
+pub(super) fn remove_in_place(current: &OwnedFd, path: &[u8]) -> Result<()> {
+    let disk = disk_path(path);
+    let (pdir, name) = split(&disk);
+    let parent = fsops::open_dir(current, pdir).op("open the directory of", || shown(path))?;
+    fsops::remove_any(&parent, name).op("remove", || shown(path))?;
+    Ok(())
+}
+
+/// Deletes objects under `dir` that the manifest does not name with the same type.
+pub(super) fn remove_stale(
+    dir: &OwnedFd,
+    prefix: &[u8],
+    top: bool,
+    manifest: &mut PeekableManifest,
+    deleted: &mut u64,
+) -> Result<()> {
+    // Client paths, for messages (`current` itself is the empty one).
+    let here = || if top { "current".into() } else { shown(prefix) };
+    let under = |name: &[u8]| {
+        if top {
+            shown(name)
+        } else {
+            format!("{}/{}", shown(prefix), shown(name))
+        }
+    };
+    let mut children = vec![];
+    for (disk_name, t) in fsops::list_dir_typed(dir).op("list", here)? {
+        let client_name = if top && disk_name.starts_with(META_DIR) {
+            if disk_name == META_DIR {
+                continue;
+            }
+            match disk_name.strip_prefix(b".byteback-".as_slice()) {
+                Some(n) if n.starts_with(META_DIR) => n.to_vec(),
+                _ => {
+                    fsops::remove_any(dir, &disk_name).op("remove", || under(&disk_name))?;
+                    continue;
+                }
+            }
+        } else {
+            disk_name.clone()
+        };
+        children.push((client_name, disk_name, t));
+    }
+    children.sort_by(|a, b| a.0.cmp(&b.0));
+    for (client_name, disk_name, t) in children {
+        let path = if prefix.is_empty() {
+            client_name
+        } else {
+            [prefix, b"/", &client_name].concat()
+        };
+        let keep = match manifest.seek(&path).map_err(Error::Manifest)? {
+            Some(m) => matches!(
+                (&m.entry.kind, t),
+                (Kind::File { .. }, FileType::RegularFile)
+                    | (Kind::Dir, FileType::Directory)
+                    | (Kind::Symlink { .. }, FileType::Symlink)
+            ),
+            None => false,
+        };
+        if !keep {
+            fsops::remove_any(dir, &disk_name).op("remove", || shown(&path))?;
+            *deleted += 1;
+        } else if t == FileType::Directory {
+            let sub = fsops::open_dir(dir, &disk_name).op("open directory", || shown(&path))?;
+            remove_stale(&sub, &path, false, manifest, deleted)?;
+        }
+    }
+    Ok(())
+}

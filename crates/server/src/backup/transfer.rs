@@ -1,0 +1,191 @@
+//! The messages of one file transfer: the basis's signature, delta
+//! segments, the end (verify, then into place, or a resend), and an abort.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use byteback_delta::SignatureBuilder;
+use byteback_protocol::{Compressed, Kind, ManifestEntry};
+
+use super::partial::prev_name;
+use super::sink::{Basis, IO_CHUNK};
+use super::slots::Slot;
+use super::sweep::remove_in_place;
+use super::{BackupReceiver, LastParent, Transfer, TransferResult};
+use crate::error::{shown, Error, IoContext, Result};
+use crate::fsops::{self, split};
+use crate::store::disk_path;
+
+impl BackupReceiver {
+    pub(super) fn transfer(&mut self, id: u32) -> Result<&mut Transfer> {
+        self.transfers.get_mut(&id).ok_or_else(|| unknown(id))
+    }
+
+    /// Signature of the basis of transfer `id`. A stored copy that cannot be
+    /// read is dropped as a basis (with a warning): the client then sends
+    /// the whole file, so an unreadable stored file is resent, never fatal.
+    pub fn signature(&mut self, id: u32) -> Result<Vec<u8>> {
+        let t = self.transfer(id)?;
+        let basis = t
+            .writer
+            .basis
+            .as_ref()
+            .ok_or_else(|| Error::Refused(format!("transfer {id} has no basis")))?;
+        match sign(basis) {
+            Ok(sig) => Ok(sig),
+            Err(e) => {
+                let path = String::from_utf8_lossy(&t.entry.path).into_owned();
+                self.warnings.push(format!(
+                    "{path}: cannot read the stored copy ({e}); sent again whole"
+                ));
+                self.drop_prev(id)?;
+                Ok(SignatureBuilder::new(0).finish().0)
+            }
+        }
+    }
+
+    /// Applies one delta segment to transfer `id`.
+    pub fn data(&mut self, id: u32, delta: &Compressed) -> Result<()> {
+        let raw = self.decoder.decode(delta)?;
+        let t = self.transfers.get_mut(&id).ok_or_else(|| unknown(id))?;
+        let applied = t
+            .writer
+            .write(raw, t.entry.size(), &t.entry.path, &mut self.clone_ok)?;
+        self.stats.matched_bytes += applied.matched;
+        self.stats.literal_bytes += applied.literal;
+        Ok(())
+    }
+
+    /// Finishes transfer `id`: verify, rename into place, record.
+    pub fn end(
+        &mut self,
+        id: u32,
+        size: u64,
+        hash: [u8; 32],
+        mtime: (i64, u32),
+    ) -> Result<TransferResult> {
+        let t = self.transfer(id)?;
+        if t.writer.nospace {
+            let path = String::from_utf8_lossy(&t.entry.path).into_owned();
+            t.nospace_rounds += 1;
+            if t.nospace_rounds > 3 {
+                return Err(Error::Store(format!(
+                    "no space left on device storing {path:?}, even after making room three times"
+                )));
+            }
+            t.writer.restart().op("empty", || shown(&t.entry.path))?;
+            // Its earlier rebuild goes too: the space is needed.
+            self.drop_prev(id)?;
+            return Ok(TransferResult::NoSpace { path, need: size });
+        }
+        if !t.writer.verify(size, &hash) {
+            if !t.retried {
+                // Never commit a file that fails its hash: start over without a basis.
+                t.retried = true;
+                t.writer.restart().op("empty", || shown(&t.entry.path))?;
+                self.drop_prev(id)?;
+                self.stats.retried += 1;
+                return Ok(TransferResult::Retry);
+            }
+            let path = String::from_utf8_lossy(&t.entry.path).into_owned();
+            self.warnings.push(format!(
+                "{path}: content failed its BLAKE3 check twice; kept the previous version"
+            ));
+            return self.abort(id);
+        }
+        let mut t = self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
+        let shown_path = || shown(&t.entry.path);
+        drop(t.writer.finish(size, mtime).op("finish", shown_path)?);
+        t.entry.kind = Kind::File { size };
+        t.entry.mtime_sec = mtime.0;
+        t.entry.mtime_nsec = mtime.1;
+        if !t.in_place {
+            self.rename_into_place(&t.entry.path, &t.partial)?;
+        }
+        if t.has_prev {
+            let prev = prev_name(&t.partial);
+            fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
+        }
+        self.stats.files_transferred += 1;
+        let cost = t.entry.buffer_cost();
+        let me = ManifestEntry {
+            entry: t.entry,
+            hash,
+        };
+        self.slots.set(t.seq, Slot::Ready(me), cost);
+        self.flush_slots()?;
+        Ok(TransferResult::Done)
+    }
+
+    /// Renames a verified rebuild from `.byteback/partial` over the stored copy.
+    fn rename_into_place(&mut self, path: &[u8], partial: &[u8]) -> Result<()> {
+        let disk = disk_path(path);
+        let (pdir, name) = split(&disk);
+        let parent = match self.last_parent.take() {
+            Some(last) if last.path == pdir => last.fd,
+            _ => {
+                fsops::open_dir(&self.current, pdir).op("open the directory of", || shown(path))?
+            }
+        };
+        fsops::replace(&self.partial, partial, &parent, name)
+            .op("rename into place", || shown(path))?;
+        self.last_parent = Some(LastParent {
+            path: pdir.to_vec(),
+            fd: parent,
+        });
+        Ok(())
+    }
+
+    /// Gives up on transfer `id`; the previous version, if any, stays.
+    pub fn abort(&mut self, id: u32) -> Result<TransferResult> {
+        let t = self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
+        drop(t.writer);
+        if t.in_place {
+            // Nothing was at its path before: take the unverified file away.
+            remove_in_place(&self.current, &t.entry.path)?;
+        } else {
+            fsops::remove_any(&self.partial, &t.partial)
+                .op("remove", || self.partial_path(&t.partial))?;
+        }
+        if t.has_prev {
+            let prev = prev_name(&t.partial);
+            fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
+        }
+        // The old copy in `current` was not touched, so its manifest entry still holds.
+        let cost = t.entry.buffer_cost();
+        let slot = match t.old {
+            Some(o) if matches!(o.entry.kind, Kind::File { .. }) => Slot::Ready(o),
+            _ => Slot::Dropped(cost),
+        };
+        self.slots.set(t.seq, slot, cost);
+        self.flush_slots()?;
+        Ok(TransferResult::Done)
+    }
+}
+
+/// A transfer id the client never got or already finished.
+fn unknown(id: u32) -> Error {
+    Error::Refused(format!("unknown transfer {id}"))
+}
+
+/// The block signature of a whole basis.
+fn sign(basis: &Basis) -> io::Result<Vec<u8>> {
+    let mut b = SignatureBuilder::new(basis.len());
+    let mut buf = vec![0u8; IO_CHUNK];
+    for part in &basis.parts {
+        let mut off = 0u64;
+        while off < part.len {
+            let want = IO_CHUNK.min((part.len - off) as usize);
+            let n = part.file.read_at(&mut buf[..want], off)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "it became shorter",
+                ));
+            }
+            b.update(&buf[..n]);
+            off += n as u64;
+        }
+    }
+    Ok(b.finish().0)
+}

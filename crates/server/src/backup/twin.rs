@@ -1,0 +1,102 @@
+//! Moved and copied files: a new file whose content the client hashed
+//! first is cloned from a stored file with the same BLAKE3 and size (by the
+//! old manifest, see [`crate::twins`]), checked, and committed as if it had
+//! been received.
+
+use crate::error::{shown, Error, IoContext, Result};
+
+use super::sink::is_no_space;
+use super::{BackupReceiver, TransferResult};
+use crate::fsops;
+use crate::twins::{self, TwinIndex};
+
+impl BackupReceiver {
+    /// The index of stored content, read from the old manifest the first
+    /// time it is needed. A manifest that cannot be read gives an empty
+    /// index (and a warning): files are then sent, never wrongly cloned.
+    pub(super) fn twins(&mut self) -> &TwinIndex {
+        if self.twins.is_none() {
+            let path = self.meta_path.join("manifest");
+            let loaded = if self.start.has_manifest {
+                fsops::open_file(&self.meta, super::MANIFEST)
+                    .and_then(|f| TwinIndex::load(f, &path))
+                    .map_err(|e| {
+                        self.warnings.push(format!(
+                            "cannot index stored files for moved and copied ones ({e}); they are sent"
+                        ))
+                    })
+                    .unwrap_or_default()
+            } else {
+                TwinIndex::default()
+            };
+            if loaded.left_out > 0 {
+                tracing::warn!(
+                    "the index of stored files for moved and copied ones is full ({} files); {} larger files are not offered for cloning",
+                    loaded.len(),
+                    loaded.left_out
+                );
+            }
+            self.twins = Some(loaded);
+        }
+        self.twins.get_or_insert_with(TwinIndex::default)
+    }
+
+    /// The client says new file `id` has content `hash` (and nothing was
+    /// sent): when a stored file of this host's `current` has that content
+    /// by the old manifest, it is cloned (or copied) into the transfer's
+    /// file, hashed again from there and committed as if received. Returns
+    /// false when the content is not held or the copy does not check out:
+    /// the client then sends the data, and nothing of this attempt is kept.
+    pub fn offer(&mut self, id: u32, size: u64, hash: [u8; 32], mtime: (i64, u32)) -> Result<bool> {
+        let src_path = match self.twins().find(&hash, size) {
+            Some(p) => p.to_vec(),
+            None => return Ok(false),
+        };
+        let clone_ok = self.clone_ok;
+        let t = self
+            .transfers
+            .get_mut(&id)
+            .ok_or_else(|| Error::Refused(format!("unknown transfer {id}")))?;
+        let w = &mut t.writer;
+        if w.basis.is_some() || w.written != 0 || t.entry.size() != size || src_path == t.entry.path
+        {
+            return Ok(false);
+        }
+        let Some(src) = twins::open_stored(&self.current, &src_path, size) else {
+            return Ok(false);
+        };
+        let (got, shared) = match twins::copy_into(&src, &w.out, size, clone_ok) {
+            Ok(x) => x,
+            Err(e) => {
+                w.out.set_len(0).op("empty", || shown(&t.entry.path))?;
+                if is_no_space(&e) {
+                    // Sending it needs the same room: that path makes it.
+                    return Ok(false);
+                }
+                let path = String::from_utf8_lossy(&t.entry.path).into_owned();
+                self.warnings.push(format!(
+                    "{path}: cannot copy its stored twin ({e}); sent instead"
+                ));
+                return Ok(false);
+            }
+        };
+        if got != hash {
+            w.out.set_len(0).op("empty", || shown(&t.entry.path))?;
+            return Ok(false);
+        }
+        // Hashed from the file itself just now: `end` checks that.
+        w.filled(size, got);
+        if !shared {
+            self.clone_ok = false;
+        }
+        match self.end(id, size, hash, mtime)? {
+            TransferResult::Done => {
+                self.stats.files_transferred = self.stats.files_transferred.saturating_sub(1);
+                self.stats.cloned += 1;
+                self.stats.matched_bytes += size;
+                Ok(true)
+            }
+            _ => Err(Error::Internal("a verified clone failed its commit")),
+        }
+    }
+}

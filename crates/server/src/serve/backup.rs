@@ -1,0 +1,212 @@
+//! Serving one backup: the host's lock, the receiver (see
+//! [`crate::backup`]), its message loop, and after the commit the
+//! snapshot, the reply, the usage line and the prune. Running out of space
+//! is answered here: idle partial copies go, then snapshots, then the file
+//! is sent again.
+
+use std::io::{Read, Write};
+
+use byteback_protocol::{ClientMsg, ProtocolError, ServerMsg};
+
+use super::{refused, Conn, ServeConfig};
+use crate::backup::{BackupReceiver, TransferResult};
+use crate::config::StoreConfig;
+use crate::error::{Context, Error, Result};
+use crate::store::{HostStore, Store};
+use crate::time;
+
+/// What one backup runs against.
+struct Target<'a> {
+    cfg: &'a ServeConfig,
+    store: &'a Store,
+    host: &'a HostStore,
+    config: &'a StoreConfig,
+}
+
+impl Target<'_> {
+    fn now(&self) -> i64 {
+        self.cfg.now.unwrap_or_else(time::now)
+    }
+}
+
+/// Serves a backup after `BackupStart`, until its `BackupDone`.
+pub(super) fn backup<R: Read, W: Write>(
+    cfg: &ServeConfig,
+    store: &Store,
+    conn: &mut Conn<R, W>,
+) -> Result<()> {
+    let config = StoreConfig::load(&cfg.store)?;
+    let host = store.host(&cfg.host, true)?;
+    let _lock = host.lock()?;
+    let mut rx = BackupReceiver::new(&host)?;
+    if let Some(note) = rx.clean_leftovers_if_short(config.minpercent)? {
+        eprintln!("byteback-server: {note}");
+    }
+    conn.send(&ServerMsg::BackupReady)?;
+    let target = Target {
+        cfg,
+        store,
+        host: &host,
+        config: &config,
+    };
+    let received = receive(&target, conn, &mut rx);
+    if let Err(e) = received {
+        if rx.manifest_damaged() {
+            return Err(match rx.set_aside_manifest() {
+                Ok(()) => e.context(
+                    "the manifest of current was set aside; the next backup recovers one from the newest snapshot",
+                ),
+                Err(e2) => e.context(format!("and the damaged manifest could not be set aside: {e2}")),
+            });
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The message loop of one backup, until the snapshot is taken. Errors
+/// about one transfer name its file and what was being done.
+fn receive<R: Read, W: Write>(
+    target: &Target,
+    conn: &mut Conn<R, W>,
+    rx: &mut BackupReceiver,
+) -> Result<()> {
+    loop {
+        let msg = conn
+            .recv()?
+            .ok_or_else(|| refused("client went away in the middle of a backup"))?;
+        match msg {
+            ClientMsg::Entries(entries) => {
+                let needs = rx.entries(entries)?;
+                conn.send(&ServerMsg::Needs(needs))?;
+            }
+            ClientMsg::SigRequest { id } => {
+                let name = rx.transfer_name(id);
+                let sig = rx
+                    .signature(id)
+                    .context_with(|| format!("reading the stored copy of {name}"))?;
+                conn.send(&ServerMsg::Signature { id, sig })?;
+            }
+            ClientMsg::FileData { id, delta } => {
+                let name = rx.transfer_name(id);
+                rx.data(id, &delta)
+                    .context_with(|| format!("writing {name}"))?;
+            }
+            ClientMsg::FileEnd {
+                id,
+                size,
+                hash,
+                mtime_sec,
+                mtime_nsec,
+            } => {
+                let name = rx.transfer_name(id);
+                let ended = rx
+                    .end(id, size, hash, (mtime_sec, mtime_nsec))
+                    .context_with(|| format!("finishing {name}"))?;
+                let reply = match ended {
+                    TransferResult::Done => ServerMsg::FileOk { id },
+                    TransferResult::Retry => ServerMsg::FileRetry { id },
+                    TransferResult::NoSpace { path, need } => {
+                        make_room(target, rx, &path, need)?;
+                        ServerMsg::FileRetry { id }
+                    }
+                };
+                conn.send(&reply)?;
+            }
+            ClientMsg::FileClone {
+                id,
+                size,
+                hash,
+                mtime_sec,
+                mtime_nsec,
+            } => {
+                let name = rx.transfer_name(id);
+                let cloned = rx
+                    .offer(id, size, hash, (mtime_sec, mtime_nsec))
+                    .context_with(|| format!("cloning a stored copy for {name}"))?;
+                if cloned {
+                    conn.send(&ServerMsg::FileOk { id })?;
+                } else {
+                    conn.send(&ServerMsg::SendData { id })?;
+                }
+            }
+            ClientMsg::FileAbort { id } => {
+                let name = rx.transfer_name(id);
+                rx.abort(id)
+                    .context_with(|| format!("giving up on {name}"))?;
+                conn.send(&ServerMsg::FileOk { id })?;
+            }
+            ClientMsg::BackupEnd => return finish(target, conn, rx),
+            m => return Err(refused(format!("unexpected {} during a backup", m.name()))),
+        }
+    }
+}
+
+/// Writing `path` (`need` bytes) ran out of space: marks the store, drops
+/// idle partial copies, then prunes snapshots to make room (or fails
+/// saying what is missing).
+fn make_room(target: &Target, rx: &mut BackupReceiver, path: &str, need: u64) -> Result<()> {
+    rx.note_no_space()?;
+    // Rebuilds kept from interrupted runs go first.
+    let freed = rx.drop_idle_partials()?;
+    if freed > 0 {
+        eprintln!("byteback-server: no space left on device writing {path:?}: removed {freed} bytes of interrupted transfers' partial copies");
+    }
+    crate::pruner::make_room(target.store, target.config, target.now(), need, path)
+}
+
+/// `BackupEnd`: commits, takes the snapshot, replies, then records usage
+/// and prunes (those only log on failure: the snapshot is taken).
+fn finish<R: Read, W: Write>(
+    target: &Target,
+    conn: &mut Conn<R, W>,
+    rx: &mut BackupReceiver,
+) -> Result<()> {
+    let warnings = std::mem::take(&mut rx.warnings);
+    let stats = rx.commit()?;
+    let now = target.now();
+    let (snapshot, mut message) = match target
+        .host
+        .snapshot(now, target.config.min_snapshot_interval)?
+    {
+        Ok(name) => (Some(name), String::new()),
+        Err(why) => (None, why),
+    };
+    for w in warnings {
+        tracing::warn!("{w}");
+        if message.len() < 2048 {
+            message.push_str(&format!("\nwarning: {w}"));
+        }
+    }
+    let new_bytes = stats.literal_bytes;
+    // The snapshot is taken: a client gone by now must not cost the usage
+    // line and the prune, so a failed send only logs.
+    let told = conn
+        .send(&ServerMsg::BackupDone {
+            snapshot: snapshot.clone(),
+            message,
+            stats,
+        })
+        .and_then(|()| {
+            conn.output
+                .flush()
+                .map_err(|e| Error::Protocol(ProtocolError::Io(e)))
+        });
+    if let Err(e) = told {
+        tracing::error!("the client went away before hearing the result: {e}");
+    }
+    let space = crate::space::measure(target.store.fd()).ok();
+    if let Err(e) = crate::pruner::record_backup(
+        target.host,
+        now,
+        new_bytes,
+        snapshot.as_deref(),
+        space.as_ref(),
+    ) {
+        tracing::error!("cannot record usage: {e}");
+    }
+    if snapshot.is_some() {
+        crate::pruner::after_snapshot(target.store, target.config, now);
+    }
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! Listing and restore serving: snapshot names and kinds, a snapshot's
+//! manifest (derived from the tree for a 1.x one), and stored files'
+//! content. A stored file that cannot be opened or read is sent short (the
+//! client reports it damaged); a path through a symlink or out of the tree
+//! is refused.
+
+use std::io::{BufRead, BufReader, Read, Write};
+
+use byteback_protocol::limits::{MAX_BATCH, MAX_CHUNK};
+use byteback_protocol::{escape_bytes, Compressed, ServerMsg, SnapshotKind};
+
+use super::{Conn, ServeConfig};
+use crate::error::{Context, Error, IoContext, Result};
+use crate::fsops;
+use crate::legacy::{self, LegacyWalk};
+use crate::manifest::ManifestReader;
+use crate::store::{disk_path, HostStore, Store, META_DIR, META_DIR_NAME};
+
+/// Answers `ListSnapshots`: the host's snapshot names (none for a host
+/// without any).
+pub(super) fn list_snapshots<R: Read, W: Write>(
+    cfg: &ServeConfig,
+    store: &Store,
+    conn: &mut Conn<R, W>,
+) -> Result<()> {
+    let names = match store.host(&cfg.host, false) {
+        Ok(h) => h.snapshots()?.into_iter().map(|(n, _)| n).collect(),
+        Err(_) => vec![],
+    };
+    conn.send(&ServerMsg::Snapshots(names))
+}
+
+/// Answers `ListSnapshotKinds`: each snapshot's kind, and `current`'s.
+pub(super) fn list_snapshot_kinds<R: Read, W: Write>(
+    cfg: &ServeConfig,
+    store: &Store,
+    conn: &mut Conn<R, W>,
+) -> Result<()> {
+    let (snapshots, current) = match store.host(&cfg.host, false) {
+        Ok(h) => {
+            let mut out = vec![];
+            for (name, _) in h.snapshots()? {
+                let kind = snapshot_kind(&h.open_snapshot(&name)?, &h, &name)?;
+                out.push((name, kind));
+            }
+            let current = match h.open_snapshot("current") {
+                Ok(fd) => Some(snapshot_kind(&fd, &h, "current")?),
+                Err(_) => None,
+            };
+            (out, current)
+        }
+        Err(_) => (vec![], None),
+    };
+    conn.send(&ServerMsg::SnapshotKinds { snapshots, current })
+}
+
+/// Answers `ReadManifest`: the manifest of `snapshot`, in parts.
+pub(super) fn send_manifest<R: Read, W: Write>(
+    cfg: &ServeConfig,
+    store: &Store,
+    conn: &mut Conn<R, W>,
+    snapshot: &str,
+) -> Result<()> {
+    let host = store.host(&cfg.host, false)?;
+    let snap = host.open_snapshot(snapshot)?;
+    if is_legacy(&snap, &host, snapshot)? {
+        return send_legacy_manifest(conn, snap, snapshot);
+    }
+    let meta_path = host.path.join(snapshot).join(META_DIR_NAME);
+    let meta = fsops::open_dir(&snap, META_DIR).op("open", || meta_path.display())?;
+    let path = meta_path.join("manifest");
+    let file = fsops::open_file(&meta, b"manifest").op("open", || path.display())?;
+    let mut reader = ManifestReader::new(file, &path).map_err(Error::Manifest)?;
+    let mut part = vec![];
+    while let Some(e) = reader.next_entry().map_err(Error::Manifest)? {
+        part.push(e);
+        if part.len() == MAX_BATCH {
+            conn.send(&ServerMsg::ManifestPart(std::mem::take(&mut part)))?;
+        }
+    }
+    if !part.is_empty() {
+        conn.send(&ServerMsg::ManifestPart(part))?;
+    }
+    conn.send(&ServerMsg::ManifestEnd)
+}
+
+/// Answers `ReadFile`: the content of `path` in `snapshot`, then `FileDone`.
+/// A stored file that cannot be opened or read ends early: the client
+/// finds it short, reports it damaged and goes on with the rest of the
+/// restore.
+pub(super) fn send_stored_file<R: Read, W: Write>(
+    cfg: &ServeConfig,
+    store: &Store,
+    conn: &mut Conn<R, W>,
+    snapshot: &str,
+    path: &[u8],
+) -> Result<()> {
+    let host = store.host(&cfg.host, false)?;
+    let snap = host.open_snapshot(snapshot)?;
+    let shown = String::from_utf8_lossy(path).into_owned();
+    // 1.x stored client paths as they are; byteback escapes top-level names
+    // starting with `.byteback`.
+    let on_disk = if is_legacy(&snap, &host, snapshot)? {
+        path.to_vec()
+    } else {
+        disk_path(path)
+    };
+    match fsops::open_file(&snap, &on_disk) {
+        Ok(f) => match send_file(conn, f) {
+            Ok(()) => {}
+            Err(SendError::Read(io)) => tracing::error!(
+                "cannot read {shown:?} in {snapshot}: {io}; sent what could be read"
+            ),
+            Err(SendError::Send(e)) => return Err(e),
+        },
+        // A path through a symlink or out of the tree is never a
+        // legitimate read: refused, as before.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::EXDEV)) => {
+            return Err(Error::io("open", format!("{shown:?} in {snapshot}"), e))
+        }
+        Err(e) => tracing::error!("cannot open {shown:?} in {snapshot}: {e}"),
+    }
+    conn.send(&ServerMsg::FileDone)
+}
+
+/// Whether the snapshot (or `current`) open at `snap` is one of byteback 1.x.
+fn is_legacy(snap: &std::os::fd::OwnedFd, host: &HostStore, name: &str) -> Result<bool> {
+    legacy::is_legacy(snap).op("look at", || host.path.join(name).display().to_string())
+}
+
+/// The kind of the snapshot (or `current`) open at `snap`.
+fn snapshot_kind(
+    snap: &std::os::fd::OwnedFd,
+    host: &HostStore,
+    name: &str,
+) -> Result<SnapshotKind> {
+    Ok(if is_legacy(snap, host, name)? {
+        SnapshotKind::Legacy1x
+    } else {
+        SnapshotKind::Byteback
+    })
+}
+
+/// Streams the entries of a 1.x snapshot, derived from its tree (see
+/// [`legacy`]), as a manifest; rsync ACL xattrs it cannot apply are named
+/// in a warning.
+fn send_legacy_manifest<R: Read, W: Write>(
+    conn: &mut Conn<R, W>,
+    snap: std::os::fd::OwnedFd,
+    snapshot: &str,
+) -> Result<()> {
+    let walked = || format!("1.x snapshot {snapshot}");
+    let mut walk = LegacyWalk::new(snap).context_with(walked)?;
+    let mut part = vec![];
+    while let Some(e) = walk.next_entry().context_with(walked)? {
+        part.push(e);
+        if part.len() == MAX_BATCH {
+            conn.send(&ServerMsg::ManifestPart(std::mem::take(&mut part)))?;
+        }
+    }
+    if !part.is_empty() {
+        conn.send(&ServerMsg::ManifestPart(part))?;
+    }
+    conn.send(&ServerMsg::ManifestEnd)?;
+    if walk.unsupported_count > 0 {
+        let named: Vec<String> = walk
+            .unsupported
+            .iter()
+            .map(|(p, n)| format!("/{} ({})", escape_bytes(p), escape_bytes(n)))
+            .collect();
+        eprintln!(
+            "byteback-server: warning: 1.x snapshot {snapshot}: {} entries carry rsync ACL xattrs that are NOT restored (rsync's own ACL format is not supported): {}{}",
+            walk.unsupported_count,
+            named.join(", "),
+            if walk.unsupported_count as usize > named.len() { ", ..." } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// Why streaming a stored file stopped.
+enum SendError {
+    /// Reading it failed (what was read by then has been sent).
+    Read(std::io::Error),
+    /// Sending failed.
+    Send(Error),
+}
+
+/// Streams a stored file's content as `FilePart`s.
+fn send_file<R: Read, W: Write>(
+    conn: &mut Conn<R, W>,
+    f: std::fs::File,
+) -> std::result::Result<(), SendError> {
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let mut buf = vec![0u8; (1 << 20).min(MAX_CHUNK)];
+    loop {
+        let n = read_full(&mut r, &mut buf).map_err(SendError::Read)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let part = Compressed::compress(&buf[..n], 1).map_err(|e| SendError::Send(e.into()))?;
+        conn.send(&ServerMsg::FilePart(part))
+            .map_err(SendError::Send)?;
+        if r.fill_buf().map_err(SendError::Read)?.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads up to `buf.len()` bytes, fewer only at the end of `r`.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
