@@ -17,6 +17,5 @@ pub mod mounts;
 pub mod progress;
 pub mod restore;
 pub mod setup;
-pub mod sparse;
 pub mod ssh;
 pub mod walk;

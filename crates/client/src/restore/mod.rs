@@ -294,22 +294,10 @@ pub fn display_path(p: &[u8]) -> String {
 }
 
 fn format_time(sec: i64) -> String {
-    let t = sec as libc::time_t;
-    // SAFETY: tm is plain data filled by localtime_r.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers to locals.
-    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
-        return sec.to_string();
+    match byteback_protocol::os::localtime(sec) {
+        Some(t) => t.to_iso_seconds(),
+        None => sec.to_string(),
     }
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-        tm.tm_year + 1900,
-        tm.tm_mon + 1,
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec
-    )
 }
 
 fn version_key(e: &ManifestEntry) -> (u64, i64, u32, [u8; 32], u32, u32, u32, String) {

@@ -31,7 +31,7 @@ use super::check::{is_ancestor, parent_of};
 use super::{display_path, RestoreReport};
 use crate::apply::{self, ApplyRules, Held};
 use crate::conn::Connection;
-use crate::sparse::SparseWriter;
+use byteback_protocol::os::SparseWriter;
 
 /// How a restore treats what the snapshot asks for.
 #[derive(Debug, Clone, Copy)]
