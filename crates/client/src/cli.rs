@@ -253,9 +253,12 @@ impl Target {
     fn connect(&self, verb: &str) -> Result<Connection> {
         tracing::debug!("connecting to {} ({verb})", self.text);
         match &self.dest {
-            Destination::Local(store) => {
-                Connection::open_local(store, &self.host, verb == "backup", self.io_timeout)
-            }
+            Destination::Local(store) => Ok(Connection::open_local(
+                store,
+                &self.host,
+                verb == "backup",
+                self.io_timeout,
+            )?),
             Destination::Ssh { user, host, port } => {
                 let target = SshTarget {
                     user: user.clone().unwrap_or_else(|| DEFAULT_SSH_USER.into()),
@@ -360,12 +363,26 @@ impl std::error::Error for Permanent {}
 
 /// Whether retrying may help: not for usage, configuration, host-key or login errors.
 pub fn is_transient(e: &anyhow::Error) -> bool {
-    !e.chain().any(|c| c.is::<Usage>() || c.is::<Permanent>())
+    !e.chain().any(|c| {
+        c.is::<Usage>()
+            || c.is::<Permanent>()
+            || c.downcast_ref::<crate::Error>()
+                .is_some_and(|e| e.is_usage() || e.is_permanent())
+    })
+}
+
+/// Whether `e` is a usage or configuration error anywhere in its chain.
+fn is_usage(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<Usage>()
+            || c.downcast_ref::<crate::Error>()
+                .is_some_and(crate::Error::is_usage)
+    })
 }
 
 /// The exit code for an error: 2 for a [`Usage`] error anywhere in its chain, else 1.
 pub fn exit_code_of(e: &anyhow::Error) -> ExitCode {
-    if e.chain().any(|c| c.is::<Usage>()) {
+    if is_usage(e) {
         ExitCode::from(2)
     } else {
         ExitCode::FAILURE
@@ -419,7 +436,7 @@ pub fn backup_main() -> ExitCode {
 fn failed(e: &anyhow::Error, errors: &mut Vec<String>) -> u8 {
     tracing::error!("{e:#}");
     errors.push(format!("{e:#}"));
-    if e.chain().any(|c| c.is::<Usage>()) {
+    if is_usage(e) {
         EXIT_USAGE
     } else {
         1
@@ -582,7 +599,7 @@ fn transfer(
             target.connect("backup").and_then(|conn| {
                 // The name the server files us under (checked in its hello).
                 report.host = Some(conn.host.clone());
-                run_backup(conn, opts)
+                Ok(run_backup(conn, opts)?)
             })
         };
         match result {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{bail, err, Context, Error, IoContext, Result};
 use byteback_protocol::{
     decode_server, escape_text, read_frame, validate_host_name, write_msg, ClientMsg,
     ClientSession, ServerMsg, MAGIC, PROTOCOL_VERSION,
@@ -52,19 +52,20 @@ impl Destination {
             let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
                 let (h, p) = h
                     .split_once(']')
-                    .ok_or_else(|| anyhow!("bad IPv6 address in {s:?}"))?;
+                    .ok_or_else(|| err!("bad IPv6 address in {s:?}"))?;
                 (
                     h.to_string(),
                     p.strip_prefix(':')
-                        .map(str::parse)
-                        .transpose()?
+                        .map(str::parse::<u16>)
+                        .transpose()
+                        .map_err(|e| err!("bad port in {s:?}: {e}"))?
                         .unwrap_or(22),
                 )
             } else {
                 match hostport.rsplit_once(':') {
                     Some((h, p)) => (
                         h.to_string(),
-                        p.parse().with_context(|| format!("bad port in {s:?}"))?,
+                        p.parse().map_err(|e| err!("bad port in {s:?}: {e}"))?,
                     ),
                     None => (hostport.to_string(), 22),
                 }
@@ -122,16 +123,16 @@ impl ConnReader {
     /// Receives one message; a server `Error` becomes an error here.
     pub fn recv(&mut self) -> Result<ServerMsg> {
         let frame = read_frame(&mut self.r)
-            .context("cannot read from the server")?
-            .ok_or_else(|| anyhow!("the server closed the connection"))?;
+            .map_err(|cause| Error::Connection {
+                op: "cannot read from the server",
+                cause,
+            })?
+            .ok_or(Error::Closed)?;
         let msg = decode_server(&frame)?;
-        self.session
-            .lock()
-            .map_err(|_| anyhow!("session lock poisoned"))?
-            .on_recv(&msg)?;
+        lock(&self.session).on_recv(&msg)?;
         if let ServerMsg::Error { message } = msg {
             // The server chose these bytes: never let them reach a terminal raw.
-            return Err(ServerError(escape_text(&message)).into());
+            return Err(Error::Server(escape_text(&message)));
         }
         Ok(msg)
     }
@@ -140,17 +141,20 @@ impl ConnReader {
 impl ConnWriter {
     /// Queues one message (buffered).
     pub fn send(&mut self, msg: &ClientMsg) -> Result<()> {
-        self.session
-            .lock()
-            .map_err(|_| anyhow!("session lock poisoned"))?
-            .on_send(msg)?;
-        write_msg(&mut self.w, msg).context("cannot write to the server")?;
+        lock(&self.session).on_send(msg)?;
+        write_msg(&mut self.w, msg).map_err(|cause| Error::Connection {
+            op: "cannot write to the server",
+            cause,
+        })?;
         Ok(())
     }
 
     /// Pushes buffered messages out.
     pub fn flush(&mut self) -> Result<()> {
-        self.w.flush().context("cannot write to the server")
+        self.w.flush().map_err(|e| Error::Connection {
+            op: "cannot write to the server",
+            cause: e.into(),
+        })
     }
 
     /// Shared session state (for flow control).
@@ -159,19 +163,11 @@ impl ConnWriter {
     }
 }
 
-/// An `Error` frame: the server's own account of why it stopped (shown as
-/// `server: <message>`). Kept as a type so that it can be told apart from what
-/// it causes here, such as a broken pipe.
-#[derive(Debug)]
-pub struct ServerError(pub String);
-
-impl std::fmt::Display for ServerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "server: {}", self.0)
-    }
+/// Locks the session; a thread that panicked while holding it left it as
+/// consistent as any message check does (each is one call).
+fn lock(m: &Mutex<ClientSession>) -> std::sync::MutexGuard<'_, ClientSession> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
-
-impl std::error::Error for ServerError {}
 
 /// How long tearing a transport down waits for the server (or the SSH
 /// session) to end before going on without it.
@@ -293,7 +289,9 @@ impl Transport {
         match self {
             Transport::None => Ok(()),
             Transport::Child(mut c, _) => {
-                let st = c.wait()?;
+                let st = c
+                    .wait()
+                    .map_err(|e| err!("cannot wait for byteback-server: {e}"))?;
                 drain_relayed();
                 if !st.success() {
                     bail!("byteback-server {}", describe_exit(st));
@@ -302,7 +300,7 @@ impl Transport {
             }
             Transport::Ssh(sock, session) => {
                 let _ = sock.shutdown(Shutdown::Write);
-                match session.wait()? {
+                match session.wait().map_err(ssh_error)? {
                     Some(0) | None => Ok(()),
                     Some(n) => bail!("byteback-server exited with status {n}"),
                 }
@@ -324,10 +322,20 @@ fn wait_child(c: &mut Child, limit: Duration) -> bool {
 }
 
 /// Adds how the server ended, when it had, to an error it caused.
-pub fn with_exit(e: anyhow::Error, how: Option<String>) -> anyhow::Error {
+pub fn with_exit(e: Error, how: Option<String>) -> Error {
     match how {
-        Some(how) => anyhow!("{e:#} ({how})"),
+        Some(how) => e.context_after(how),
         None => e,
+    }
+}
+
+/// An error of the SSH layer, as this crate's: its whole text, and
+/// [`Error::Permanent`] when retrying cannot fix it.
+pub fn ssh_error(e: anyhow::Error) -> Error {
+    if e.chain().any(|c| c.is::<crate::cli::Permanent>()) {
+        Error::Permanent(format!("{e:#}"))
+    } else {
+        Error::Msg(format!("{e:#}"))
     }
 }
 
@@ -493,10 +501,9 @@ impl Connection {
         io_timeout: Duration,
     ) -> Result<Self> {
         if create {
-            std::fs::create_dir_all(store)
-                .with_context(|| format!("cannot create store {}", store.display()))?;
+            std::fs::create_dir_all(store).on("cannot create store", store)?;
         } else if !store.is_dir() {
-            bail!(crate::cli::Usage(format!(
+            return Err(Error::Usage(format!(
                 "no store at {} (is --destination right?)",
                 store.display()
             )));
@@ -506,7 +513,7 @@ impl Connection {
         // every blocked read and write at once, whoever else holds the other
         // end (a wrapper script's children too), as over SSH.
         let (ours, theirs) = UnixStream::pair().context("cannot create a socket pair")?;
-        let theirs_out = theirs.try_clone()?;
+        let theirs_out = theirs.try_clone().context("cannot create a socket pair")?;
         // With a progress bar on the terminal, the server's lines are
         // relayed above it; otherwise it writes to our stderr itself.
         let relay = byteback_protocol::term::bar_shown();
@@ -524,11 +531,11 @@ impl Connection {
                 Stdio::inherit()
             })
             .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
+            .on("cannot start", &bin)?;
         if let Some(err) = child.stderr.take() {
             relay_lines(err);
         }
-        let (read, write) = Timed::pair(&ours, io_timeout)?;
+        let (read, write) = Timed::pair(&ours, io_timeout).context("cannot set up the socket")?;
         Self::handshake(
             Box::new(read),
             Box::new(TimedWriter(write)),
@@ -544,10 +551,11 @@ impl Connection {
             &Auth::Key(key.to_path_buf()),
             opts,
             Request::Exec(verb.to_string()),
-        )?;
+        )
+        .map_err(ssh_error)?;
         let (socket, session) = stream.into_parts();
-        let read = socket.try_clone()?;
-        let write = socket.try_clone()?;
+        let read = socket.try_clone().context("cannot set up the socket")?;
+        let write = socket.try_clone().context("cannot set up the socket")?;
         Self::handshake(
             Box::new(read),
             Box::new(SocketWriter(write)),

@@ -9,6 +9,7 @@ pub mod apply;
 pub mod backup;
 pub mod cli;
 pub mod conn;
+pub mod error;
 pub mod filter;
 pub mod hooks;
 pub mod known_hosts;
@@ -19,3 +20,5 @@ pub mod restore;
 pub mod setup;
 pub mod ssh;
 pub mod walk;
+
+pub use error::{Error, Result};

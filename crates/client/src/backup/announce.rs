@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use crate::error::{bail, Result};
 use byteback_protocol::limits::{MAX_BATCH, MAX_BUFFERED_BYTES, MAX_PENDING};
 use byteback_protocol::{ClientMsg, Entry};
 

@@ -27,7 +27,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use anyhow::{anyhow, bail, Result};
+use crate::error::{bail, err, Result};
 use byteback_protocol::{BackupStats, ClientMsg, ServerMsg};
 
 use crate::conn::{self, Connection, Transport};
@@ -156,7 +156,8 @@ fn start(conn: &mut Connection, opts: &BackupOptions) -> Result<Started> {
                 * 2,
         )
         .thread_name(|i| format!("byteback-delta-{i}"))
-        .build()?;
+        .build()
+        .map_err(|e| err!("cannot start the delta threads: {e}"))?;
     Ok(Started {
         sources,
         excludes,
@@ -186,7 +187,7 @@ fn walk_and_commit(
     drop(shared.wait_flow(|f| f.window.is_empty())?);
     shared.send(ClientMsg::BackupEnd)?;
     let mut f = shared.wait_flow(|f| f.done.is_some())?;
-    let done = f.done.take().ok_or_else(|| anyhow!("no result"))?;
+    let done = f.done.take().ok_or_else(|| err!("no result"))?;
     Ok((done, announcer.entries))
 }
 
@@ -217,7 +218,7 @@ fn shut_down(
             join(threads, ended, "some threads of the failed backup");
             // How the server ended only matters when it did not say why.
             let how = how.filter(|_| !from_server);
-            return Err(conn::with_exit(anyhow!("{cause}"), how));
+            return Err(conn::with_exit(err!("{cause}"), how));
         }
     };
     // The writer ends after Bye, the reader after BackupDone, jobs before

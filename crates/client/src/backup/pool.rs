@@ -7,7 +7,7 @@
 
 use std::sync::{Condvar, Mutex};
 
-use anyhow::{bail, Result};
+use crate::error::{bail, Result};
 
 use super::shared::{lock, wait};
 

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 
-use anyhow::{bail, Result};
+use crate::error::{bail, Result};
 use byteback_protocol::ClientMsg;
 
 use super::shared::{lock, wait};

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::sync_channel;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Result};
+use crate::error::{bail, err, Error, IoContext, Result};
 use byteback_delta::{
     diff_window_into, literal_header, FileHasher, Signature, DELTA_END, LITERAL_HEADER_MAX,
 };
@@ -77,7 +77,7 @@ pub(super) fn send_file(shared: &Shared, job: Job) -> Result<()> {
             return Ok(());
         }
         // Changed or unreadable while hashed: sent as any other file.
-        file.seek(SeekFrom::Start(0))?;
+        file.seek(SeekFrom::Start(0)).on("cannot seek in", abs)?;
     }
     let sig = if basis {
         Some(signature(shared, id, abs)?)
@@ -136,7 +136,7 @@ fn signature(shared: &Shared, id: u32, abs: &Path) -> Result<Signature> {
     // The sender is dropped when the backup fails.
     let bytes = srx
         .recv()
-        .map_err(|_| anyhow!("the backup stopped while waiting for a signature"))?;
+        .map_err(|_| err!("the backup stopped while waiting for a signature"))?;
     match Signature::parse(&bytes) {
         Ok(s) => Ok(s),
         Err(e) => bail!("server sent a bad signature for {}: {e}", abs.display()),
@@ -297,7 +297,7 @@ fn encode_segment(
         (Some(s), Some(mut d)) => {
             let target = if last { n } else { plan.seg.min(n) };
             let r = diff_window_into(s, &data.buf, target, &mut d.buf)
-                .map_err(anyhow::Error::from)
+                .map_err(Error::from)
                 .and_then(|used| Ok((compress(&d.buf, out.buf)?, used)));
             shared.pool.give_back(d);
             match r {

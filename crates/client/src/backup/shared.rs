@@ -8,12 +8,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Result};
+use crate::error::{bail, err, Error, Result};
 use byteback_protocol::{BackupStats, ClientMsg, Entry};
 
 use super::pool::BufPool;
 use super::queue::{Outgoing, Queue};
-use crate::conn::{Breaker, ServerError};
+use crate::conn::Breaker;
 use crate::walk::Found;
 
 /// Batches sent and not yet answered, with the absolute path of each entry.
@@ -136,8 +136,8 @@ impl Shared {
     /// jobs on the buffer pool or for a signature; and tears the connection
     /// down, so that the reader's and writer's blocked reads and writes
     /// return. Every one of them then ends by itself.
-    pub(super) fn fail(&self, cause: &anyhow::Error) {
-        let from_server = cause.downcast_ref::<ServerError>().is_some();
+    pub(super) fn fail(&self, cause: &Error) {
+        let from_server = cause.is_from_server();
         {
             let mut f = lock(&self.flow);
             let replace = match &f.failed {
@@ -241,7 +241,7 @@ impl Drop for Running {
     fn drop(&mut self) {
         if std::thread::panicking() {
             self.0
-                .fail(&anyhow!("internal error: a backup thread panicked"));
+                .fail(&err!("internal error: a backup thread panicked"));
         }
         lock(&self.0.flow).running -= 1;
         self.0.cv.notify_all();
@@ -265,7 +265,7 @@ pub(super) fn start_thread(
             drop(running);
         });
     spawned.map_err(|e| {
-        let e = anyhow!("cannot start a thread: {e}");
+        let e = err!("cannot start a thread: {e}");
         shared.fail(&e);
         e
     })

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Result};
+use crate::error::{bail, err, Result};
 use byteback_protocol::{ClientMsg, Entry, Need, ServerMsg};
 
 use super::queue::Outgoing;
@@ -124,7 +124,7 @@ impl Reader<'_> {
     fn needs(&mut self, needs: Vec<Need>) -> Result<()> {
         let (start, batch) = lock(self.batches)
             .pop_front()
-            .ok_or_else(|| anyhow!("server answered a batch that was never sent"))?;
+            .ok_or_else(|| err!("server answered a batch that was never sent"))?;
         let n = batch.len();
         tracing::trace!(
             "entries {start}..{}: the server needs {} of them",
@@ -157,7 +157,7 @@ impl Reader<'_> {
             let (found, entry) = batch
                 .get_mut(need.index as usize)
                 .and_then(Option::take)
-                .ok_or_else(|| anyhow!("bad need index"))?;
+                .ok_or_else(|| err!("bad need index"))?;
             self.jobs.insert(need.id, (found.clone(), entry.clone()));
             spawn_job(
                 self.pool,
@@ -180,7 +180,7 @@ impl Reader<'_> {
         self.jobs
             .get(&id)
             .cloned()
-            .ok_or_else(|| anyhow!("{what} for unknown file {id}"))
+            .ok_or_else(|| err!("{what} for unknown file {id}"))
     }
 
     /// Sends transfer `id` again, whole.
