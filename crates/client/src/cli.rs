@@ -443,6 +443,9 @@ fn failed(e: &anyhow::Error, errors: &mut Vec<String>) -> u8 {
     }
 }
 
+/// `byteback-backup` after parsing: target, lock, pre-backup hooks, the
+/// transfer with its retries, post-backup hooks, the report. Over 80 lines
+/// because it is that one sequence, read top-down; each step is a call.
 fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Result<u8> {
     let verbose = level >= LevelFilter::DEBUG;
     let target = Target::resolve(
@@ -583,6 +586,9 @@ fn run_pre_hooks(hooks: &crate::hooks::Runner, dir: &Path) -> Result<()> {
 /// The backup with its retries: the exit code (0 or 24) and the snapshot
 /// taken, if any (a name the server sent that is not a valid snapshot name
 /// counts as none).
+///
+/// Over 80 lines: the retry loop, with what each attempt logs and records
+/// for `--json`, is kept in one place so the retry policy reads as a whole.
 fn transfer(
     target: &Target,
     opts: &BackupOptions,
@@ -826,6 +832,9 @@ pub fn restore_main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// `byteback-restore` after parsing: checks the option combinations, then
+/// lists or restores. Over 80 lines because each mode's checks and its
+/// `--json` fields sit together; the work itself is in [`crate::restore`].
 fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
     if args.json && !args.restore {
         bail!(Usage(

@@ -315,6 +315,9 @@ fn version_key(e: &ManifestEntry) -> (u64, i64, u32, [u8; 32], u32, u32, u32, St
 
 /// Prints the listing: latest version per path, every distinct version with
 /// `all`, every copy in every snapshot with `verbose`.
+///
+/// Over 80 lines: collecting the manifests and the three levels of detail
+/// share one pass over the entries.
 pub fn list(
     conn: &mut Connection,
     pats: &Patterns,
