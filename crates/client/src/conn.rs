@@ -23,6 +23,7 @@ use byteback_protocol::{
 };
 
 use crate::ssh::{self, Auth, Request, SshAbort, SshOptions, SshSession, SshTarget};
+use crate::sync::lock;
 
 /// Where backups go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,12 +162,6 @@ impl ConnWriter {
     pub fn session(&self) -> Arc<Mutex<ClientSession>> {
         self.session.clone()
     }
-}
-
-/// Locks the session; a thread that panicked while holding it left it as
-/// consistent as any message check does (each is one call).
-fn lock(m: &Mutex<ClientSession>) -> std::sync::MutexGuard<'_, ClientSession> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// How long tearing a transport down waits for the server (or the SSH
@@ -646,10 +641,7 @@ static RELAYED: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>> =
 /// After the local server ended: waits (a little) until its last lines are
 /// relayed, so they come out before ours.
 fn drain_relayed() {
-    let ended = RELAYED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take();
+    let ended = lock(&RELAYED).take();
     if let Some(ended) = ended {
         // Disconnected when the thread ends; a grandchild holding the
         // server's stderr must not hold us up for long.
@@ -664,9 +656,7 @@ const MAX_RELAYED_LINE: u64 = 64 << 10;
 /// progress bar, until the server and everyone holding its stderr is gone.
 fn relay_lines(err: std::process::ChildStderr) {
     let (done, ended) = std::sync::mpsc::channel::<()>();
-    *RELAYED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(ended);
+    *lock(&RELAYED) = Some(ended);
     let spawned = std::thread::Builder::new()
         .name("byteback-server-stderr".into())
         .spawn(move || {

@@ -19,6 +19,7 @@ pub mod progress;
 pub mod restore;
 pub mod setup;
 pub mod ssh;
+mod sync;
 pub mod walk;
 
 pub use error::{Error, Result};

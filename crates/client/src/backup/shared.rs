@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::SyncSender;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -71,15 +71,7 @@ impl Flow {
     }
 }
 
-/// Locks a mutex; a thread that panicked while holding it has already failed
-/// the backup (see [`Running`]), and what it guards is still fine to read.
-pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-pub(super) fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
-    cv.wait(g).unwrap_or_else(PoisonError::into_inner)
-}
+pub(super) use crate::sync::{lock, wait};
 
 /// How long a failed backup waits for its threads and jobs to end (they
 /// normally do within milliseconds) before it gives up on them.
@@ -204,11 +196,7 @@ impl Shared {
             if now >= deadline {
                 return false;
             }
-            f = self
-                .cv
-                .wait_timeout(f, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            f = crate::sync::wait_timeout(&self.cv, f, deadline - now);
         }
         true
     }
