@@ -270,7 +270,7 @@ impl Transport {
                     }
                     // The session ended on its own first (`--io-timeout`, a
                     // lost connection): that is why the stream ended.
-                    Some(Err(e)) if e.downcast_ref::<crate::ssh::SessionAborted>().is_none() => {
+                    Some(Err(e)) if !matches!(e.innermost(), Error::Aborted) => {
                         Some(format!("{e:#}"))
                     }
                     Some(_) => None,
@@ -295,7 +295,7 @@ impl Transport {
             }
             Transport::Ssh(sock, session) => {
                 let _ = sock.shutdown(Shutdown::Write);
-                match session.wait().map_err(ssh_error)? {
+                match session.wait()? {
                     Some(0) | None => Ok(()),
                     Some(n) => bail!("byteback-server exited with status {n}"),
                 }
@@ -321,16 +321,6 @@ pub fn with_exit(e: Error, how: Option<String>) -> Error {
     match how {
         Some(how) => e.context_after(how),
         None => e,
-    }
-}
-
-/// An error of the SSH layer, as this crate's: its whole text, and
-/// [`Error::Permanent`] when retrying cannot fix it.
-pub fn ssh_error(e: anyhow::Error) -> Error {
-    if e.chain().any(|c| c.is::<crate::cli::Permanent>()) {
-        Error::Permanent(format!("{e:#}"))
-    } else {
-        Error::Msg(format!("{e:#}"))
     }
 }
 
@@ -546,8 +536,7 @@ impl Connection {
             &Auth::Key(key.to_path_buf()),
             opts,
             Request::Exec(verb.to_string()),
-        )
-        .map_err(ssh_error)?;
+        )?;
         let (socket, session) = stream.into_parts();
         let read = socket.try_clone().context("cannot set up the socket")?;
         let write = socket.try_clone().context("cannot set up the socket")?;

@@ -54,6 +54,10 @@ pub enum Error {
     /// refused login).
     #[error("{0}")]
     Permanent(String),
+    /// How an SSH session ends when it was stopped after a failure: that
+    /// failure is the news, not this.
+    #[error("the SSH session was stopped after a failure")]
+    Aborted,
     /// Any other problem, described.
     #[error("{0}")]
     Msg(String),
@@ -192,6 +196,24 @@ impl From<rustix::io::Errno> for Error {
     /// Prefer [`Context`] naming the file wherever there is one.
     fn from(e: rustix::io::Errno) -> Self {
         Error::Msg(io::Error::from(e).to_string())
+    }
+}
+
+impl From<russh::Error> for Error {
+    fn from(e: russh::Error) -> Self {
+        Error::Msg(chain(&e))
+    }
+}
+
+impl From<russh::keys::Error> for Error {
+    fn from(e: russh::keys::Error) -> Self {
+        Error::Msg(chain(&e))
+    }
+}
+
+impl From<russh::keys::ssh_key::Error> for Error {
+    fn from(e: russh::keys::ssh_key::Error) -> Self {
+        Error::Msg(chain(&e))
     }
 }
 
