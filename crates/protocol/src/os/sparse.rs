@@ -11,7 +11,8 @@ pub const SPARSE_BLOCK: usize = 4096;
 /// Writes `data` at offset `pos` of `f` without moving its position,
 /// leaving a hole for every whole, aligned [`SPARSE_BLOCK`] of zeros in it
 /// and writing each run of other bytes in one call. The caller guarantees
-/// the skipped range already reads as zeros (a new or truncated file).
+/// the skipped range already reads as zeros (a new or truncated file), and
+/// that `f` is not open with `O_APPEND` (which would ignore `pos`).
 pub fn write_sparse_at(f: &File, pos: u64, data: &[u8]) -> io::Result<()> {
     let block = SPARSE_BLOCK as u64;
     let mut i = 0usize;
@@ -42,6 +43,8 @@ pub fn write_sparse_at(f: &File, pos: u64, data: &[u8]) -> io::Result<()> {
 /// when it arrives split over several calls; [`SparseWriter::finish`] sets
 /// the final length so trailing holes exist. The file is truncated to 0
 /// first, so skipped blocks read as zeros even if the file held data before.
+/// Writes are positional (`pwrite`), so the file must not be open with
+/// `O_APPEND`.
 pub struct SparseWriter {
     file: File,
     /// Bytes of the current, incomplete block (always fewer than a block).
