@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use byteback_protocol::term;
@@ -14,6 +14,7 @@ use tracing::level_filters::LevelFilter;
 
 use crate::backup::{run_backup, BackupOptions};
 use crate::conn::{Connection, Destination};
+use crate::error::Error;
 use crate::progress::{Bar, Kind};
 use crate::restore::{self, Patterns};
 use crate::ssh::{SshOptions, SshTarget, UnknownHost};
@@ -191,7 +192,7 @@ pub fn default_hostname() -> Result<String> {
             .into_owned(),
     };
     byteback_protocol::validate_host_name(&name).map_err(|_| {
-        anyhow!(Usage(format!(
+        anyhow::Error::from(Error::Usage(format!(
             "this machine's name {name:?} cannot be a host name; give --hostname"
         )))
     })?;
@@ -220,7 +221,7 @@ impl Target {
             .map(str::to_string)
             .or_else(|| read_config_line("destination"))
             .ok_or_else(|| {
-                anyhow!(Usage(format!(
+                anyhow::Error::from(Error::Usage(format!(
                     "no --destination and no {}/destination",
                     config_dir().display()
                 )))
@@ -229,14 +230,14 @@ impl Target {
         let host = match (hostname, &dest) {
             (Some(h), _) => {
                 byteback_protocol::validate_host_name(h)
-                    .map_err(|e| anyhow!(Usage(format!("--hostname: {e}"))))?;
+                    .map_err(|e| anyhow::Error::from(Error::Usage(format!("--hostname: {e}"))))?;
                 h.to_string()
             }
             (None, Destination::Local(_)) => default_hostname()?,
             (None, Destination::Ssh { .. }) => String::new(),
         };
         if io_timeout == 0 {
-            bail!(Usage("--io-timeout must be at least 1 second".into()));
+            return Err(Error::Usage("--io-timeout must be at least 1 second".into()).into());
         }
         Ok(Target {
             text,
@@ -253,9 +254,12 @@ impl Target {
     fn connect(&self, verb: &str) -> Result<Connection> {
         tracing::debug!("connecting to {} ({verb})", self.text);
         match &self.dest {
-            Destination::Local(store) => {
-                Connection::open_local(store, &self.host, verb == "backup", self.io_timeout)
-            }
+            Destination::Local(store) => Ok(Connection::open_local(
+                store,
+                &self.host,
+                verb == "backup",
+                self.io_timeout,
+            )?),
             Destination::Ssh { user, host, port } => {
                 let target = SshTarget {
                     user: user.clone().unwrap_or_else(|| DEFAULT_SSH_USER.into()),
@@ -333,39 +337,23 @@ fn lock(key: &str, dest: &str) -> Result<std::fs::File> {
     }
 }
 
-/// A usage or configuration error: exit code 2, never retried.
-#[derive(Debug)]
-pub struct Usage(pub String);
-
-impl std::fmt::Display for Usage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Usage {}
-
-/// An error that retrying cannot fix (a changed or unknown host key, a
-/// refused login): the backup fails at once instead of retrying.
-#[derive(Debug)]
-pub struct Permanent(pub String);
-
-impl std::fmt::Display for Permanent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Permanent {}
-
 /// Whether retrying may help: not for usage, configuration, host-key or login errors.
 pub fn is_transient(e: &anyhow::Error) -> bool {
-    !e.chain().any(|c| c.is::<Usage>() || c.is::<Permanent>())
+    !e.chain().any(|c| {
+        c.downcast_ref::<Error>()
+            .is_some_and(|e| e.is_usage() || e.is_permanent())
+    })
 }
 
-/// The exit code for an error: 2 for a [`Usage`] error anywhere in its chain, else 1.
+/// Whether `e` is a usage or configuration error anywhere in its chain.
+fn is_usage(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.downcast_ref::<Error>().is_some_and(Error::is_usage))
+}
+
+/// The exit code for an error: 2 for an [`Error::Usage`] anywhere in its chain, else 1.
 pub fn exit_code_of(e: &anyhow::Error) -> ExitCode {
-    if e.chain().any(|c| c.is::<Usage>()) {
+    if is_usage(e) {
         ExitCode::from(2)
     } else {
         ExitCode::FAILURE
@@ -419,13 +407,16 @@ pub fn backup_main() -> ExitCode {
 fn failed(e: &anyhow::Error, errors: &mut Vec<String>) -> u8 {
     tracing::error!("{e:#}");
     errors.push(format!("{e:#}"));
-    if e.chain().any(|c| c.is::<Usage>()) {
+    if is_usage(e) {
         EXIT_USAGE
     } else {
         1
     }
 }
 
+/// `byteback-backup` after parsing: target, lock, pre-backup hooks, the
+/// transfer with its retries, post-backup hooks, the report. Over 80 lines
+/// because it is that one sequence, read top-down; each step is a call.
 fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Result<u8> {
     let verbose = level >= LevelFilter::DEBUG;
     let target = Target::resolve(
@@ -458,7 +449,7 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         report.warnings.push(w);
     }
     if args.hook_timeout == 0 {
-        bail!(Usage("--hook-timeout must be at least 1 second".into()));
+        return Err(Error::Usage("--hook-timeout must be at least 1 second".into()).into());
     }
     let _lock = lock(&target.lock_key(), &target.text)?;
     let opts = BackupOptions {
@@ -534,7 +525,7 @@ fn load_filter() -> Result<Option<std::sync::Arc<crate::filter::Filter>>> {
         _ => {}
     }
     let filter = crate::filter::Filter::load(&path).map_err(|e| {
-        anyhow!(Usage(format!(
+        anyhow::Error::from(Error::Usage(format!(
             "unsupported or unreadable filter rule, nothing was backed up: {e}"
         )))
     })?;
@@ -566,6 +557,9 @@ fn run_pre_hooks(hooks: &crate::hooks::Runner, dir: &Path) -> Result<()> {
 /// The backup with its retries: the exit code (0 or 24) and the snapshot
 /// taken, if any (a name the server sent that is not a valid snapshot name
 /// counts as none).
+///
+/// Over 80 lines: the retry loop, with what each attempt logs and records
+/// for `--json`, is kept in one place so the retry policy reads as a whole.
 fn transfer(
     target: &Target,
     opts: &BackupOptions,
@@ -582,7 +576,7 @@ fn transfer(
             target.connect("backup").and_then(|conn| {
                 // The name the server files us under (checked in its hello).
                 report.host = Some(conn.host.clone());
-                run_backup(conn, opts)
+                Ok(run_backup(conn, opts)?)
             })
         };
         match result {
@@ -686,7 +680,7 @@ fn backup_io_timeout(flag: Option<u64>) -> Result<u64> {
     match read_config_line("io_timeout") {
         None => Ok(10_800),
         Some(line) => line.parse().map_err(|_| {
-            anyhow!(Usage(format!(
+            anyhow::Error::from(Error::Usage(format!(
                 "{}/io_timeout: {line:?} is not a number of seconds",
                 config_dir().display()
             )))
@@ -809,11 +803,15 @@ pub fn restore_main() -> ExitCode {
     ExitCode::from(code)
 }
 
+/// `byteback-restore` after parsing: checks the option combinations, then
+/// lists or restores. Over 80 lines because each mode's checks and its
+/// `--json` fields sit together; the work itself is in [`crate::restore`].
 fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
     if args.json && !args.restore {
-        bail!(Usage(
-            "--json goes with --restore (a listing is already data on stdout)".into()
-        ));
+        return Err(Error::Usage(
+            "--json goes with --restore (a listing is already data on stdout)".into(),
+        )
+        .into());
     }
     let target = Target::resolve(
         args.destination.as_deref(),
@@ -824,17 +822,18 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
     if let Some(s) = &args.snapshot {
         if restore::is_snapshot_glob(s) {
             restore::snapshot_glob(s)
-                .map_err(|e| anyhow!(Usage(format!("--snapshot {s:?}: {e}"))))?;
+                .map_err(|e| anyhow::Error::from(Error::Usage(format!("--snapshot {s:?}: {e}"))))?;
         } else {
             byteback_protocol::validate_snapshot_name(s)
-                .map_err(|e| anyhow!(Usage(format!("--snapshot: {e}"))))?;
+                .map_err(|e| anyhow::Error::from(Error::Usage(format!("--snapshot: {e}"))))?;
         }
     }
     if args.patterns.is_empty() && !args.restore && args.target.is_none() {
         if args.snapshot.is_some() || args.all {
-            bail!(Usage(
-                "give a pattern (e.g. / for everything) with --snapshot or --all".into()
-            ));
+            return Err(Error::Usage(
+                "give a pattern (e.g. / for everything) with --snapshot or --all".into(),
+            )
+            .into());
         }
         // A plain listing: the host's snapshots and what wrote each.
         let mut conn = target.connect("list")?;
@@ -846,13 +845,19 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
     let cwd = std::env::current_dir()?;
     let pats = Patterns::new(&args.patterns, &cwd)?;
     let (into, shown_into) = match &args.target {
-        Some(_) if !args.restore => bail!(Usage("--target goes with --restore".into())),
+        Some(_) if !args.restore => {
+            return Err(Error::Usage("--target goes with --restore".into()).into())
+        }
         Some(t) => {
             // Checked before connecting; never created (a typo must not make directories).
             match std::fs::metadata(t) {
                 Ok(m) if m.is_dir() => {}
-                Ok(_) => bail!(Usage(format!("--target {}: not a directory", t.display()))),
-                Err(e) => bail!(Usage(format!("--target {}: {e}", t.display()))),
+                Ok(_) => {
+                    return Err(
+                        Error::Usage(format!("--target {}: not a directory", t.display())).into(),
+                    )
+                }
+                Err(e) => return Err(Error::Usage(format!("--target {}: {e}", t.display())).into()),
             }
             // `/` is shown as the empty prefix of `/<snapshot>/...`.
             let shown = t.display().to_string().trim_end_matches('/').to_string();
@@ -957,9 +962,14 @@ mod tests {
 
     #[test]
     fn only_transient_errors_are_retried() {
-        assert!(is_transient(&anyhow!("the server closed the connection")));
-        assert!(!is_transient(&anyhow!(Usage("--x".into()))));
-        let e = anyhow!(Permanent("HOST KEY CHANGED".into())).context("SSH to x");
+        assert!(is_transient(&anyhow::anyhow!(
+            "the server closed the connection"
+        )));
+        assert!(!is_transient(&anyhow::Error::from(Error::Usage(
+            "--x".into()
+        ))));
+        let e =
+            anyhow::Error::from(Error::Permanent("HOST KEY CHANGED".into())).context("SSH to x");
         assert!(!is_transient(&e));
     }
 

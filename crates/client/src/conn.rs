@@ -16,13 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{bail, err, Context, Error, IoContext, Result};
 use byteback_protocol::{
     decode_server, escape_text, read_frame, validate_host_name, write_msg, ClientMsg,
     ClientSession, ServerMsg, MAGIC, PROTOCOL_VERSION,
 };
 
 use crate::ssh::{self, Auth, Request, SshAbort, SshOptions, SshSession, SshTarget};
+use crate::sync::lock;
 
 /// Where backups go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,19 +53,20 @@ impl Destination {
             let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
                 let (h, p) = h
                     .split_once(']')
-                    .ok_or_else(|| anyhow!("bad IPv6 address in {s:?}"))?;
+                    .ok_or_else(|| err!("bad IPv6 address in {s:?}"))?;
                 (
                     h.to_string(),
                     p.strip_prefix(':')
-                        .map(str::parse)
-                        .transpose()?
+                        .map(str::parse::<u16>)
+                        .transpose()
+                        .map_err(|e| err!("bad port in {s:?}: {e}"))?
                         .unwrap_or(22),
                 )
             } else {
                 match hostport.rsplit_once(':') {
                     Some((h, p)) => (
                         h.to_string(),
-                        p.parse().with_context(|| format!("bad port in {s:?}"))?,
+                        p.parse().map_err(|e| err!("bad port in {s:?}: {e}"))?,
                     ),
                     None => (hostport.to_string(), 22),
                 }
@@ -122,16 +124,16 @@ impl ConnReader {
     /// Receives one message; a server `Error` becomes an error here.
     pub fn recv(&mut self) -> Result<ServerMsg> {
         let frame = read_frame(&mut self.r)
-            .context("cannot read from the server")?
-            .ok_or_else(|| anyhow!("the server closed the connection"))?;
+            .map_err(|cause| Error::Connection {
+                op: "cannot read from the server",
+                cause,
+            })?
+            .ok_or(Error::Closed)?;
         let msg = decode_server(&frame)?;
-        self.session
-            .lock()
-            .map_err(|_| anyhow!("session lock poisoned"))?
-            .on_recv(&msg)?;
+        lock(&self.session).on_recv(&msg)?;
         if let ServerMsg::Error { message } = msg {
             // The server chose these bytes: never let them reach a terminal raw.
-            return Err(ServerError(escape_text(&message)).into());
+            return Err(Error::Server(escape_text(&message)));
         }
         Ok(msg)
     }
@@ -140,33 +142,22 @@ impl ConnReader {
 impl ConnWriter {
     /// Queues one message (buffered).
     pub fn send(&mut self, msg: &ClientMsg) -> Result<()> {
-        self.session
-            .lock()
-            .map_err(|_| anyhow!("session lock poisoned"))?
-            .on_send(msg)?;
-        write_msg(&mut self.w, msg).context("cannot write to the server")?;
+        lock(&self.session).on_send(msg)?;
+        write_msg(&mut self.w, msg).map_err(|cause| Error::Connection {
+            op: "cannot write to the server",
+            cause,
+        })?;
         Ok(())
     }
 
     /// Pushes buffered messages out.
     pub fn flush(&mut self) -> Result<()> {
-        self.w.flush().context("cannot write to the server")
+        self.w.flush().map_err(|e| Error::Connection {
+            op: "cannot write to the server",
+            cause: e.into(),
+        })
     }
 }
-
-/// An `Error` frame: the server's own account of why it stopped (shown as
-/// `server: <message>`). Kept as a type so that it can be told apart from what
-/// it causes here, such as a broken pipe.
-#[derive(Debug)]
-pub struct ServerError(pub String);
-
-impl std::fmt::Display for ServerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "server: {}", self.0)
-    }
-}
-
-impl std::error::Error for ServerError {}
 
 /// How long tearing a transport down waits for the server (or the SSH
 /// session) to end before going on without it.
@@ -274,7 +265,7 @@ impl Transport {
                     }
                     // The session ended on its own first (`--io-timeout`, a
                     // lost connection): that is why the stream ended.
-                    Some(Err(e)) if e.downcast_ref::<crate::ssh::SessionAborted>().is_none() => {
+                    Some(Err(e)) if !matches!(e.innermost(), Error::Aborted) => {
                         Some(format!("{e:#}"))
                     }
                     Some(_) => None,
@@ -288,7 +279,9 @@ impl Transport {
         match self {
             Transport::None => Ok(()),
             Transport::Child(mut c, _) => {
-                let st = c.wait()?;
+                let st = c
+                    .wait()
+                    .map_err(|e| err!("cannot wait for byteback-server: {e}"))?;
                 drain_relayed();
                 if !st.success() {
                     bail!("byteback-server {}", describe_exit(st));
@@ -319,9 +312,9 @@ fn wait_child(c: &mut Child, limit: Duration) -> bool {
 }
 
 /// Adds how the server ended, when it had, to an error it caused.
-pub fn with_exit(e: anyhow::Error, how: Option<String>) -> anyhow::Error {
+pub fn with_exit(e: Error, how: Option<String>) -> Error {
     match how {
-        Some(how) => anyhow!("{e:#} ({how})"),
+        Some(how) => e.context_after(how),
         None => e,
     }
 }
@@ -488,10 +481,9 @@ impl Connection {
         io_timeout: Duration,
     ) -> Result<Self> {
         if create {
-            std::fs::create_dir_all(store)
-                .with_context(|| format!("cannot create store {}", store.display()))?;
+            std::fs::create_dir_all(store).on("cannot create store", store)?;
         } else if !store.is_dir() {
-            bail!(crate::cli::Usage(format!(
+            return Err(Error::Usage(format!(
                 "no store at {} (is --destination right?)",
                 store.display()
             )));
@@ -501,7 +493,7 @@ impl Connection {
         // every blocked read and write at once, whoever else holds the other
         // end (a wrapper script's children too), as over SSH.
         let (ours, theirs) = UnixStream::pair().context("cannot create a socket pair")?;
-        let theirs_out = theirs.try_clone()?;
+        let theirs_out = theirs.try_clone().context("cannot create a socket pair")?;
         // With a progress bar on the terminal, the server's lines are
         // relayed above it; otherwise it writes to our stderr itself.
         let relay = byteback_protocol::term::bar_shown();
@@ -519,11 +511,11 @@ impl Connection {
                 Stdio::inherit()
             })
             .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
+            .on("cannot start", &bin)?;
         if let Some(err) = child.stderr.take() {
             relay_lines(err);
         }
-        let (read, write) = Timed::pair(&ours, io_timeout)?;
+        let (read, write) = Timed::pair(&ours, io_timeout).context("cannot set up the socket")?;
         Self::handshake(
             Box::new(read),
             Box::new(TimedWriter(write)),
@@ -541,8 +533,8 @@ impl Connection {
             Request::Exec(verb.to_string()),
         )?;
         let (socket, session) = stream.into_parts();
-        let read = socket.try_clone()?;
-        let write = socket.try_clone()?;
+        let read = socket.try_clone().context("cannot set up the socket")?;
+        let write = socket.try_clone().context("cannot set up the socket")?;
         Self::handshake(
             Box::new(read),
             Box::new(SocketWriter(write)),
@@ -633,10 +625,7 @@ static RELAYED: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>> =
 /// After the local server ended: waits (a little) until its last lines are
 /// relayed, so they come out before ours.
 fn drain_relayed() {
-    let ended = RELAYED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take();
+    let ended = lock(&RELAYED).take();
     if let Some(ended) = ended {
         // Disconnected when the thread ends; a grandchild holding the
         // server's stderr must not hold us up for long.
@@ -651,9 +640,7 @@ const MAX_RELAYED_LINE: u64 = 64 << 10;
 /// progress bar, until the server and everyone holding its stderr is gone.
 fn relay_lines(err: std::process::ChildStderr) {
     let (done, ended) = std::sync::mpsc::channel::<()>();
-    *RELAYED
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(ended);
+    *lock(&RELAYED) = Some(ended);
     let spawned = std::thread::Builder::new()
         .name("byteback-server-stderr".into())
         .spawn(move || {

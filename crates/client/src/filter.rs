@@ -586,6 +586,8 @@ fn parse_lines(
     Ok(())
 }
 
+/// Parses one rule line. Over 80 lines: one arm per rule form rsync
+/// accepts, kept together so the grammar reads in one place.
 fn parse_line(
     line: &[u8],
     file: &Path,

@@ -38,7 +38,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use crate::error::{IoContext, Result};
 
 /// Directory (below the config dir) of the hooks run before a backup.
 pub const PRE_BACKUP_DIR: &str = "pre-backup.d";
@@ -135,11 +135,11 @@ pub fn list(dir: &Path) -> Result<Listing> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::default()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+        Err(e) => return Err(e).on("cannot read", dir),
     };
     let mut listing = Listing::default();
     for e in rd {
-        let e = e.with_context(|| format!("cannot read {}", dir.display()))?;
+        let e = e.on("cannot read", dir)?;
         let name = e.file_name();
         if !valid_name(name.as_bytes()) {
             listing

@@ -9,6 +9,7 @@ pub mod apply;
 pub mod backup;
 pub mod cli;
 pub mod conn;
+pub mod error;
 pub mod filter;
 pub mod hooks;
 pub mod known_hosts;
@@ -17,6 +18,8 @@ pub mod mounts;
 pub mod progress;
 pub mod restore;
 pub mod setup;
-pub mod sparse;
 pub mod ssh;
+mod sync;
 pub mod walk;
+
+pub use error::{Error, Result};

@@ -10,14 +10,11 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+use byteback_protocol::os::xattr::XATTR_KERNEL_MAX;
+use byteback_protocol::os::{xattr_names, xattr_value, XattrOf};
 use byteback_protocol::{Entry, Kind};
 use rustix::fs::{AtFlags, FileType, Statx, StatxFlags};
 use rustix::io::Errno;
-
-/// First buffer size tried for xattr lists and values; most fit.
-const XATTR_FIRST_BUF: usize = 256;
-/// How often a list or value that keeps growing is re-read before giving up.
-const XATTR_RETRIES: usize = 8;
 
 /// Whether this process runs with euid 0.
 pub fn is_root() -> bool {
@@ -161,71 +158,21 @@ pub fn read_entry(at: At<'_>, rel: Vec<u8>, st: &Statx) -> io::Result<Entry> {
     })
 }
 
-/// Reads a variable-sized kernel answer: tries a small buffer, and on
-/// `ERANGE` asks `query` for the size and retries (the size may change between
-/// calls, hence the loop).
-fn read_sized(
-    mut read: impl FnMut(&mut [u8]) -> Result<usize, Errno>,
-    mut query: impl FnMut() -> Result<usize, Errno>,
-) -> Result<Vec<u8>, Errno> {
-    let mut buf = vec![0u8; XATTR_FIRST_BUF];
-    for _ in 0..XATTR_RETRIES {
-        // `buf` is never empty: an empty buffer would turn the call into a size query.
-        match read(&mut buf) {
-            Ok(n) => {
-                buf.truncate(n);
-                return Ok(buf);
-            }
-            Err(Errno::RANGE) => {
-                let need = query()?;
-                let len = need.max(buf.len().saturating_mul(2));
-                buf.resize(len, 0);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Err(Errno::RANGE)
-}
-
 /// All xattrs of the object at `path`, sorted by name; the last component of
 /// `path` is followed only if `follow`.
-fn read_xattrs<P: rustix::path::Arg + Copy>(
-    path: P,
-    follow: bool,
-) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let listed = if follow {
-        read_sized(
-            |buf| rustix::fs::listxattr(path, buf),
-            || rustix::fs::listxattr_query(path),
-        )
+fn read_xattrs(path: &CStr, follow: bool) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let of = if follow {
+        XattrOf::Path(path)
     } else {
-        read_sized(
-            |buf| rustix::fs::llistxattr(path, buf),
-            || rustix::fs::llistxattr_query(path),
-        )
+        XattrOf::Link(path)
     };
-    let list = match listed {
-        Ok(list) => list,
-        Err(Errno::NOTSUP) => return Ok(Vec::new()),
-        Err(e) => return Err(with_what(e, "listing xattrs")),
-    };
+    let names = xattr_names(of, XATTR_KERNEL_MAX).map_err(|e| with_what(e, "listing xattrs"))?;
     let mut out = Vec::new();
-    for name in list.split(|b| *b == 0).filter(|n| !n.is_empty()) {
-        let value = if follow {
-            read_sized(
-                |buf| rustix::fs::getxattr(path, name, buf),
-                || rustix::fs::getxattr_query(path, name),
-            )
-        } else {
-            read_sized(
-                |buf| rustix::fs::lgetxattr(path, name, buf),
-                || rustix::fs::lgetxattr_query(path, name),
-            )
-        };
-        match value {
-            Ok(value) => out.push((name.to_vec(), value)),
+    for name in names {
+        match xattr_value(of, &name, XATTR_KERNEL_MAX) {
+            Ok(Some(value)) => out.push((name, value)),
             // Vanished since the listing, or listed but not readable as such.
-            Err(Errno::NODATA) | Err(Errno::NOTSUP) => {}
+            Ok(None) | Err(Errno::NOTSUP) => {}
             Err(e) => {
                 let what = format!("reading xattr {}", name.escape_ascii());
                 return Err(with_what(e, &what));
@@ -256,6 +203,10 @@ mod tests {
     use std::process::Command;
 
     use rustix::fs::{Mode, OFlags, Timespec, Timestamps, XattrFlags, CWD};
+
+    fn cpath(p: &Path) -> CString {
+        CString::new(p.as_os_str().as_bytes()).unwrap()
+    }
 
     const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
     const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
@@ -415,7 +366,7 @@ mod tests {
 
     fn copy_sparse(from: &Path, to: &Path) {
         let mut src = File::open(from).unwrap();
-        let mut w = crate::sparse::SparseWriter::new(File::create(to).unwrap());
+        let mut w = byteback_protocol::os::SparseWriter::new(File::create(to).unwrap());
         let mut buf = vec![0u8; 10_007]; // odd size: unaligned chunks
         loop {
             let n = src.read(&mut buf).unwrap();
@@ -591,7 +542,7 @@ mod tests {
         assert!(md.blocks() * 512 < md.len() / 4, "blocks {}", md.blocks());
         // The symlink got its trusted xattr back.
         assert_eq!(
-            read_xattrs(&dst.join("dangling"), false).unwrap(),
+            read_xattrs(&cpath(&dst.join("dangling")), false).unwrap(),
             [(b"trusted.link".to_vec(), b"v".to_vec())]
         );
 
@@ -661,7 +612,7 @@ mod tests {
         make_special(&link, &e);
         assert!(apply_at(&link, &e, true).is_empty());
         assert_eq!(
-            read_xattrs(&link, false).unwrap(),
+            read_xattrs(&cpath(&link), false).unwrap(),
             [(b"trusted.a".to_vec(), b"1".to_vec())]
         );
         let md = std::fs::symlink_metadata(&link).unwrap();
@@ -682,7 +633,7 @@ mod tests {
         assert_eq!(md.uid(), 0);
         assert_eq!(md.mode() & 0o7777, 0o4640);
         assert_eq!(
-            read_xattrs(&f, false).unwrap(),
+            read_xattrs(&cpath(&f), false).unwrap(),
             [(b"user.b".to_vec(), b"2".to_vec())]
         );
 

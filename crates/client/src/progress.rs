@@ -10,7 +10,7 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressState, ProgressStyle};
@@ -151,7 +151,7 @@ impl Bar {
             .with_key(
                 "figures",
                 move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
-                    let mut r = rate.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut r = crate::sync::lock(&rate);
                     let _ = w.write_str(&figures(kind, c, &mut r, Instant::now()));
                 },
             )
@@ -170,7 +170,7 @@ impl Drop for Bar {
     fn drop(&mut self) {
         let c = self.kind.counters();
         c.enabled.store(false, Ordering::Relaxed);
-        *c.current.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        *crate::sync::lock(&c.current) = None;
         byteback_protocol::term::hide_bar();
         self.bar.finish_and_clear();
     }

@@ -13,7 +13,6 @@
 //! Running it again changes nothing.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -315,19 +314,8 @@ fn ensure_key(path: &Path) -> Result<PrivateKey> {
     let pem = key
         .to_openssh(LineEnding::LF)
         .context("cannot encode the key")?;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(pem.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
+    byteback_protocol::os::write_atomic(path, pem.as_bytes(), 0o600)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     let public = key.public_key().to_openssh()?;
     std::fs::write(pub_path(path), format!("{public}\n"))?;
     eprintln!(
@@ -375,9 +363,7 @@ fn write_if_changed(path: &Path, content: &str) -> Result<()> {
     if std::fs::read_to_string(path).ok().as_deref() == Some(content) {
         return Ok(());
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    byteback_protocol::os::write_atomic(path, content.as_bytes(), 0o644)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }

@@ -17,13 +17,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{bail, err, Context, Error, IoContext, Result};
 use russh::client::{self, Handle};
 use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh::{ChannelMsg, Disconnect};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::cli::Permanent;
 use crate::known_hosts::{self, Verdict};
 
 /// Bytes carried to and from servers over SSH by this process (protocol
@@ -130,19 +129,6 @@ impl SshAbort {
     }
 }
 
-/// How a session ends when [`SshAbort::abort`] stopped it: the failure
-/// that asked for the stop is the news, not this.
-#[derive(Debug)]
-pub struct SessionAborted;
-
-impl std::fmt::Display for SessionAborted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the SSH session was stopped after a failure")
-    }
-}
-
-impl std::error::Error for SessionAborted {}
-
 impl SshStream {
     /// Closes our side and waits for the SSH session to end; returns the command's exit status.
     pub fn finish(self) -> Result<Option<u32>> {
@@ -150,7 +136,7 @@ impl SshStream {
         drop(self.socket);
         self.thread
             .join()
-            .map_err(|_| anyhow!("the SSH thread panicked"))?
+            .map_err(|_| err!("the SSH thread panicked"))?
     }
 
     /// Splits into the socket and a handle that waits for the session.
@@ -176,7 +162,7 @@ impl SshSession {
     pub fn wait(self) -> Result<Option<u32>> {
         self.thread
             .join()
-            .map_err(|_| anyhow!("the SSH thread panicked"))?
+            .map_err(|_| err!("the SSH thread panicked"))?
     }
 
     /// A handle that stops the session from any thread.
@@ -216,7 +202,9 @@ pub fn open(
         Auth::Password(_) => None,
     };
     let (ours, theirs) = UnixStream::pair().context("cannot create a socket pair")?;
-    theirs.set_nonblocking(true)?;
+    theirs
+        .set_nonblocking(true)
+        .context("cannot create a socket pair")?;
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<()>>(1);
     let abort = SshAbort::default();
     let stop = abort.clone();
@@ -314,7 +302,7 @@ async fn connect(
             (Auth::Key(p), None) => bail!("key {} not loaded", p.display()),
         };
         if !result.success() {
-            bail!(Permanent(format!(
+            return Err(Error::Permanent(format!(
                 "the server refused to let {} log in ({})",
                 target,
                 match auth {
@@ -323,7 +311,7 @@ async fn connect(
                 }
             )));
         }
-        Ok::<_, anyhow::Error>(handle)
+        Ok::<_, Error>(handle)
     };
     match tokio::time::timeout(opts.connect_timeout, login).await {
         Ok(r) => r.with_context(|| format!("SSH to {target}")),
@@ -445,7 +433,7 @@ async fn pump(
             }
             BYTES_SENT.fetch_add(n as u64, Ordering::Relaxed);
             if let Err(e) = chan_wr.data(&buf[..n]).await {
-                failed = Some(anyhow::Error::from(e).context("cannot send to the server"));
+                failed = Some(Error::from(e).context("cannot send to the server"));
             }
             last.set(Instant::now());
         }
@@ -454,11 +442,11 @@ async fn pump(
     let watchdog = async {
         loop {
             if abort.aborted() {
-                return anyhow::Error::new(SessionAborted);
+                return Error::Aborted;
             }
             let idle = last.get().elapsed();
             if idle >= io_timeout {
-                return anyhow!(
+                return err!(
                     "no data moved for {} s (--io-timeout); giving up on the connection",
                     io_timeout.as_secs()
                 );
@@ -504,7 +492,7 @@ pub fn describe_key(key: &PublicKey) -> String {
 }
 
 impl client::Handler for HostKeyCheck {
-    type Error = anyhow::Error;
+    type Error = Error;
 
     async fn check_server_key(&mut self, key: &PublicKeyOrCertificate) -> Result<bool> {
         let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
@@ -526,7 +514,7 @@ impl HostKeyCheck {
         let files = known_hosts::load(&self.known_hosts)?;
         match known_hosts::check(&files, &name, &blob) {
             Verdict::Known { .. } => Ok(true),
-            Verdict::Revoked { path, line } => bail!(Permanent(format!(
+            Verdict::Revoked { path, line } => Err(Error::Permanent(format!(
                 "REVOKED HOST KEY: {name} presents {}, which is marked @revoked at {}:{line}. \
                  Refusing to connect.",
                 describe_key(key),
@@ -543,7 +531,7 @@ impl HostKeyCheck {
                 } else {
                     ""
                 };
-                bail!(Permanent(format!(
+                Err(Error::Permanent(format!(
                     "HOST KEY CHANGED: {name} now presents {}{kinds}, which differs from the key recorded at {at}. \
                      Someone may be intercepting the connection, or the server was reinstalled. \
                      Refusing to connect; if the change is expected, delete the recorded line(s) and run byteback-setup-client again.",
@@ -562,7 +550,7 @@ impl HostKeyCheck {
                     );
                     Ok(true)
                 }
-                _ => bail!(Permanent(format!(
+                _ => Err(Error::Permanent(format!(
                     "the host key of {name} ({}) is not in {}; refusing to connect. Run byteback-setup-client to record it.",
                     describe_key(key),
                     self.known_hosts
@@ -579,18 +567,20 @@ impl HostKeyCheck {
 /// Appends `host key` to a known_hosts file (created 0644, directory as needed).
 fn learn(shown: &str, key: &PublicKey, path: &Path) -> Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).on("cannot create", dir)?;
     }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(path)?;
-    let len = f.metadata()?.len();
+        .open(path)
+        .on("cannot open", path)?;
+    let len = f.metadata().on("cannot stat", path)?.len();
     let mut line = String::new();
     if len > 0 {
         let mut last = [0u8; 1];
         use std::os::unix::fs::FileExt;
-        f.read_exact_at(&mut last, len - 1)?;
+        f.read_exact_at(&mut last, len - 1)
+            .on("cannot read", path)?;
         if last[0] != b'\n' {
             line.push('\n');
         }
@@ -601,8 +591,8 @@ fn learn(shown: &str, key: &PublicKey, path: &Path) -> Result<()> {
         bail!("cannot encode the host key");
     };
     line.push_str(&format!("{shown} {kind} {blob}\n"));
-    f.write_all(line.as_bytes())?;
-    f.sync_all()?;
+    f.write_all(line.as_bytes()).on("cannot write", path)?;
+    f.sync_all().on("cannot write", path)?;
     Ok(())
 }
 

@@ -10,6 +10,7 @@ pub mod codec;
 pub mod error;
 pub mod limits;
 pub mod messages;
+pub mod os;
 pub mod path;
 pub mod session;
 pub mod term;

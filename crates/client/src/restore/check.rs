@@ -12,7 +12,7 @@
 use std::cmp::Ordering;
 use std::collections::HashSet;
 
-use anyhow::{bail, Result};
+use crate::error::{bail, Result};
 use byteback_protocol::limits::MAX_SNAPSHOTS;
 use byteback_protocol::{compare_paths, validate_snapshot_name, Kind, ManifestEntry};
 

@@ -25,7 +25,7 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Result};
+use crate::error::{bail, err, Error, Result};
 use byteback_protocol::{ClientMsg, Kind, ManifestEntry, ServerMsg, SnapshotKind};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
@@ -42,8 +42,8 @@ impl Patterns {
     /// Makes each pattern absolute (against `cwd`) and compiles it.
     pub fn new(patterns: &[String], cwd: &Path) -> Result<Self> {
         if patterns.is_empty() {
-            bail!(crate::cli::Usage(
-                "give at least one pattern (e.g. / for everything)".into()
+            return Err(Error::Usage(
+                "give at least one pattern (e.g. / for everything)".into(),
             ));
         }
         let mut b = GlobSetBuilder::new();
@@ -53,12 +53,12 @@ impl Patterns {
             } else {
                 let c = cwd
                     .to_str()
-                    .ok_or_else(|| anyhow!("current directory is not UTF-8"))?;
+                    .ok_or_else(|| err!("current directory is not UTF-8"))?;
                 format!("{}/{}", c.trim_end_matches('/'), p)
             };
             let rel = abs.trim_start_matches('/').trim_end_matches('/');
             if rel.split('/').any(|c| c == "..") {
-                bail!(crate::cli::Usage(format!("pattern {p:?} contains '..'")));
+                return Err(Error::Usage(format!("pattern {p:?} contains '..'")));
             }
             let rel = if rel.is_empty() { "**" } else { rel };
             b.add(
@@ -66,7 +66,7 @@ impl Patterns {
                     .literal_separator(true)
                     .backslash_escape(true)
                     .build()
-                    .map_err(|e| anyhow!(crate::cli::Usage(format!("bad pattern {p:?}: {e}"))))?,
+                    .map_err(|e| Error::Usage(format!("bad pattern {p:?}: {e}")))?,
             );
         }
         Ok(Patterns { set: b.build()? })
@@ -202,7 +202,7 @@ pub fn snapshot_glob(s: &str) -> Result<crate::filter::Glob> {
     {
         bail!("{c:?} cannot appear in a snapshot name or glob");
     }
-    crate::filter::Glob::new(s.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))
+    crate::filter::Glob::new(s.as_bytes()).map_err(|e| err!("{e}"))
 }
 
 /// The snapshots `--snapshot` selects, oldest first: all of them, the one
@@ -294,22 +294,10 @@ pub fn display_path(p: &[u8]) -> String {
 }
 
 fn format_time(sec: i64) -> String {
-    let t = sec as libc::time_t;
-    // SAFETY: tm is plain data filled by localtime_r.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers to locals.
-    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
-        return sec.to_string();
+    match byteback_protocol::os::localtime(sec) {
+        Some(t) => t.to_iso_seconds(),
+        None => sec.to_string(),
     }
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
-        tm.tm_year + 1900,
-        tm.tm_mon + 1,
-        tm.tm_mday,
-        tm.tm_hour,
-        tm.tm_min,
-        tm.tm_sec
-    )
 }
 
 fn version_key(e: &ManifestEntry) -> (u64, i64, u32, [u8; 32], u32, u32, u32, String) {
@@ -327,6 +315,9 @@ fn version_key(e: &ManifestEntry) -> (u64, i64, u32, [u8; 32], u32, u32, u32, St
 
 /// Prints the listing: latest version per path, every distinct version with
 /// `all`, every copy in every snapshot with `verbose`.
+///
+/// Over 80 lines: collecting the manifests and the three levels of detail
+/// share one pass over the entries.
 pub fn list(
     conn: &mut Connection,
     pats: &Patterns,

@@ -21,7 +21,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{bail, err, IoContext, Result};
 use byteback_delta::FileHasher;
 use byteback_protocol::{ClientMsg, Entry, Kind, ManifestEntry, ServerMsg};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, CWD};
@@ -31,7 +31,7 @@ use super::check::{is_ancestor, parent_of};
 use super::{display_path, RestoreReport};
 use crate::apply::{self, ApplyRules, Held};
 use crate::conn::Connection;
-use crate::sparse::SparseWriter;
+use byteback_protocol::os::SparseWriter;
 
 /// How a restore treats what the snapshot asks for.
 #[derive(Debug, Clone, Copy)]
@@ -124,7 +124,7 @@ fn top_fd(stack: &[OpenDir]) -> Result<BorrowedFd<'_>> {
     stack
         .last()
         .map(|d| d.fd.as_fd())
-        .ok_or_else(|| anyhow!("restore root already closed"))
+        .ok_or_else(|| err!("restore root already closed"))
 }
 
 fn file_type(st: &rustix::fs::Stat) -> FileType {
@@ -137,13 +137,13 @@ impl RestoreTree {
     /// messages name it `shown_into`.
     pub fn open(into: &Path, shown_into: &str, snapshot: &str, opts: TreeOptions) -> Result<Self> {
         byteback_protocol::validate_snapshot_name(snapshot)
-            .map_err(|e| anyhow!("snapshot name {}: {e}", snapshot.escape_default()))?;
+            .map_err(|e| err!("snapshot name {}: {e}", snapshot.escape_default()))?;
         let base = rustix::fs::open(
             into,
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .with_context(|| format!("cannot open {}", into.display()))?;
+        .on("cannot open", into)?;
         let fresh = match rustix::fs::mkdirat(&base, snapshot, Mode::from_raw_mode(0o700)) {
             Ok(()) => true,
             Err(Errno::EXIST) => false,
@@ -188,7 +188,7 @@ impl RestoreTree {
     /// Makes an existing directory private to us while the restore works in
     /// it, and says how to put it back.
     fn lock_down(&self, fd: &OwnedFd, path: &[u8]) -> Result<Leave> {
-        let st = rustix::fs::fstat(fd).with_context(|| format!("fstat {}", self.shown(path)))?;
+        let st = rustix::fs::fstat(fd).on("fstat", self.shown(path))?;
         let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode & 0o7777);
         if uid != self.euid && self.opts.rules.as_root {
             rustix::fs::fchown(
@@ -196,11 +196,10 @@ impl RestoreTree {
                 Some(rustix::fs::Uid::from_raw(self.euid)),
                 Some(rustix::fs::Gid::from_raw(self.egid)),
             )
-            .with_context(|| format!("chown {}", self.shown(path)))?;
+            .on("chown", self.shown(path))?;
         }
         if mode & 0o7077 != 0 {
-            rustix::fs::fchmod(fd, Mode::from_raw_mode(0o700))
-                .with_context(|| format!("chmod {}", self.shown(path)))?;
+            rustix::fs::fchmod(fd, Mode::from_raw_mode(0o700)).on("chmod", self.shown(path))?;
         }
         Ok(Leave::Restore { uid, gid, mode })
     }
@@ -218,7 +217,7 @@ impl RestoreTree {
     fn top(&self) -> Result<&OpenDir> {
         self.stack
             .last()
-            .ok_or_else(|| anyhow!("restore root already closed"))
+            .ok_or_else(|| err!("restore root already closed"))
     }
 
     /// Makes the stack the chain of directories down to `path`'s parent,
@@ -264,8 +263,7 @@ impl RestoreTree {
         for _ in 0..3 {
             match rustix::fs::mkdirat(parent, os(name), Mode::from_raw_mode(0o700)) {
                 Ok(()) => {
-                    let fd = open_dir_beneath(parent, name)
-                        .with_context(|| format!("cannot open {}", self.shown(path)))?;
+                    let fd = open_dir_beneath(parent, name).on("cannot open", self.shown(path))?;
                     return Ok((fd, Leave::Default));
                 }
                 Err(Errno::EXIST) => {}
@@ -278,7 +276,7 @@ impl RestoreTree {
                 }
                 Err(Errno::LOOP) | Err(Errno::NOTDIR) | Err(Errno::XDEV) => {
                     rustix::fs::unlinkat(parent, os(name), AtFlags::empty())
-                        .with_context(|| format!("cannot remove {}", self.shown(path)))?;
+                        .on("cannot remove", self.shown(path))?;
                 }
                 Err(Errno::NOENT) => {}
                 Err(e) => bail!("cannot open {}: {e}", self.shown(path)),
@@ -305,13 +303,13 @@ impl RestoreTree {
                         Some(rustix::fs::Uid::from_raw(uid)),
                         Some(rustix::fs::Gid::from_raw(gid)),
                     )
-                    .with_context(|| format!("chown {shown}"))?;
+                    .on("chown", &shown)?;
                 }
-                rustix::fs::fchmod(&d.fd, Mode::from_raw_mode(mode))
-                    .with_context(|| format!("chmod {shown}"))?;
+                rustix::fs::fchmod(&d.fd, Mode::from_raw_mode(mode)).on("chmod", &shown)?;
             }
-            Leave::Default => rustix::fs::fchmod(&d.fd, Mode::from_raw_mode(0o755))
-                .with_context(|| format!("chmod {shown}"))?,
+            Leave::Default => {
+                rustix::fs::fchmod(&d.fd, Mode::from_raw_mode(0o755)).on("chmod", &shown)?
+            }
         }
         Ok(())
     }
@@ -335,11 +333,10 @@ impl RestoreTree {
                 // last; the /proc name reaches exactly the held parent.
                 let mut p = format!("/proc/self/fd/{}/", parent.as_raw_fd()).into_bytes();
                 p.extend_from_slice(name);
-                std::fs::remove_dir_all(os(&p))
-                    .with_context(|| format!("cannot remove {}", self.shown(path)))
+                std::fs::remove_dir_all(os(&p)).on("cannot remove", self.shown(path))
             }
             Ok(_) => rustix::fs::unlinkat(parent, os(name), AtFlags::empty())
-                .with_context(|| format!("cannot remove {}", self.shown(path))),
+                .on("cannot remove", self.shown(path)),
         }
     }
 
@@ -396,7 +393,7 @@ impl RestoreTree {
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )
-        .with_context(|| format!("cannot create {}", self.shown(path)))?;
+        .on("cannot create", self.shown(path))?;
         let st = rustix::fs::fstat(&fd)?;
         let shown = self.shown(path);
         let fetched = fetch(
@@ -415,7 +412,7 @@ impl RestoreTree {
                 return Err(err);
             }
             Ok((_, Some(problem))) => {
-                remove().with_context(|| format!("cannot remove damaged {shown}"))?;
+                remove().on("cannot remove damaged", &shown)?;
                 self.report
                     .damaged
                     .push(format!("{shown}: {problem}; not restored"));
@@ -451,7 +448,7 @@ impl RestoreTree {
         }
         let root = self.stack[0].fd.as_fd();
         let refuse = |why: String| {
-            anyhow!(
+            err!(
                 "the server's manifest links {} to {}, {why}; refusing",
                 display_path(path),
                 display_path(target)
@@ -488,7 +485,7 @@ impl RestoreTree {
             // No /proc: root may link an fd directly.
             Err(Errno::NOENT) => {
                 rustix::fs::linkat(&tfd, "", parent, os(name), AtFlags::EMPTY_PATH)
-                    .with_context(|| format!("cannot link {shown}"))?
+                    .on("cannot link", &shown)?
             }
             Err(e) => bail!("cannot link {shown}: {e}"),
         }
@@ -541,8 +538,8 @@ impl RestoreTree {
                 bail!("{shown}: not a special file")
             }
         };
-        made.with_context(|| format!("cannot create {shown}"))?;
-        let fd = apply::open_path(parent, name).with_context(|| format!("cannot open {shown}"))?;
+        made.on("cannot create", &shown)?;
+        let fd = apply::open_path(parent, name).on("cannot open", &shown)?;
         let st = rustix::fs::fstat(&fd)?;
         if file_type(&st) != ft || st.st_nlink != 1 {
             bail!("{shown} changed under the restore");
@@ -598,8 +595,7 @@ fn fetch(
                 }
                 let data = c.decompress()?;
                 h.update(&data);
-                w.write_all(&data)
-                    .with_context(|| format!("cannot write {shown}"))?;
+                w.write_all(&data).on("cannot write", shown)?;
                 got += n;
             }
             ServerMsg::FileDone => break,
@@ -609,9 +605,7 @@ fn fetch(
             ),
         }
     }
-    let file = w
-        .finish()
-        .with_context(|| format!("cannot write {shown}"))?;
+    let file = w.finish().on("cannot write", shown)?;
     let problem = if got != size {
         Some(format!("the server sent {got} of its {size} bytes"))
     } else if hash.is_some_and(|hash| &h.finish() != hash) {

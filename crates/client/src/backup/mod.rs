@@ -1,0 +1,399 @@
+//! One backup, top to bottom: walk → announce entries → send what the server
+//! needs, many files at once → commit → shut down.
+//!
+//! Three kinds of threads share the work: this thread walks and announces
+//! entries in batches ([`announce`]); a reader thread takes the server's
+//! replies and hands files to a rayon pool ([`wire`]), which reads each file
+//! in segments, diffs every segment against the server's signature and
+//! queues compressed deltas ([`send`]); a writer thread puts the queue
+//! ([`queue`]) on the wire. Every segment buffer comes from one byte-budgeted
+//! [`pool::BufPool`], and the number of announced-but-unfinished files is
+//! capped, so memory stays bounded whatever the number or size of the files.
+//!
+//! However it ends, a backup ends in [`shut_down`]: a failure anywhere goes
+//! through [`shared::Shared::fail`], which wakes every waiter and tears the
+//! connection down, and `shut_down` then waits for every thread and job.
+
+mod announce;
+mod pool;
+mod queue;
+mod send;
+mod shared;
+mod wire;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::error::{bail, err, Result};
+use byteback_protocol::{BackupStats, ClientMsg, ServerMsg};
+
+use crate::conn::{self, Connection, Transport};
+use crate::progress::BACKUP as PROGRESS;
+use crate::walk::{self, Excludes};
+use announce::Announcer;
+use shared::{lock, start_thread, Batches, Committed, Shared, STOP_WAIT};
+
+/// Most bytes of segment buffers (file data, deltas, compressed chunks in
+/// the delta workers or queued for the writer) held at once.
+const BUFFER_BUDGET: usize = 32 << 20;
+/// Messages the writer's queue holds; the bytes of their data are bounded by
+/// [`BUFFER_BUDGET`], so this only needs to be deep enough for small files.
+const QUEUE_DEPTH: usize = 64;
+
+/// What a backup did.
+#[derive(Debug, Default)]
+pub struct BackupReport {
+    /// Server's counters.
+    pub stats: BackupStats,
+    /// Snapshot taken, if any.
+    pub snapshot: Option<String>,
+    /// Server's note.
+    pub message: String,
+    /// Entries sent.
+    pub entries: u64,
+    /// Non-fatal problems.
+    pub warnings: Vec<String>,
+    /// Objects that vanished during the backup.
+    pub vanished: u64,
+    /// Files that changed while being read, or could not be read.
+    pub partial: u64,
+    /// Bytes of deltas put on the wire (compressed).
+    pub wire_bytes: u64,
+}
+
+/// Options for one backup.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    /// Sources (absolute after normalisation).
+    pub sources: Vec<PathBuf>,
+    /// Exclude patterns.
+    pub excludes: Vec<String>,
+    /// rsync filter rules (`/etc/byteback/rsync_filter`), checked after the excludes.
+    pub filter: Option<Arc<crate::filter::Filter>>,
+    /// Print every file sent.
+    pub verbose: bool,
+    /// Stay on each source's filesystem (`--one-file-system`).
+    pub one_file_system: bool,
+}
+
+/// What the walk works on, set up before any thread starts.
+struct Started {
+    sources: Vec<PathBuf>,
+    excludes: Excludes,
+    pool: rayon::ThreadPool,
+}
+
+/// Runs one backup over an open connection.
+///
+/// Whatever goes wrong (the server reports an error, dies or is killed, a
+/// file cannot be sent, the walk fails), the backup stops through
+/// [`Shared::fail`], every thread and job ends, the server is stopped, and
+/// the error names the first cause; nothing is left waiting.
+pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupReport> {
+    PROGRESS.reset();
+    let started = start(&mut conn, opts);
+    let transport = conn.take_transport();
+    let Started {
+        sources,
+        excludes,
+        pool,
+    } = match started {
+        Ok(x) => x,
+        Err(e) => {
+            let how = transport.abort();
+            return Err(conn::with_exit(e, how));
+        }
+    };
+    let Connection { reader, writer, .. } = conn;
+    let shared = Arc::new(Shared::new(
+        transport.breaker(),
+        QUEUE_DEPTH,
+        BUFFER_BUDGET,
+        opts.verbose,
+    ));
+    let batches: Arc<Batches> = Arc::new(Mutex::new(VecDeque::new()));
+    let pool = Arc::new(pool);
+
+    let mut threads = vec![];
+    let reader_batches = batches.clone();
+    let reader_pool = pool.clone();
+    let outcome = start_thread(&shared, "byteback-writer", move |shared| {
+        wire::writer_loop(writer, shared)
+    })
+    .and_then(|t| {
+        threads.push(t);
+        start_thread(&shared, "byteback-reader", move |shared| {
+            wire::reader_loop(reader, shared, &reader_batches, &reader_pool)
+        })
+    })
+    .and_then(|t| {
+        threads.push(t);
+        walk_and_commit(&shared, batches, &sources, &excludes, opts)
+    });
+    shut_down(shared, pool, threads, transport, outcome)
+}
+
+/// Checks the sources and asks the server to start; nothing runs yet.
+fn start(conn: &mut Connection, opts: &BackupOptions) -> Result<Started> {
+    let sources = walk::normalise_sources(&opts.sources)?;
+    let excludes = Excludes::new(&opts.excludes)?;
+    // The walk holds a directory fd per level of depth.
+    walk::raise_fd_limit();
+    conn.send(&ClientMsg::BackupStart { checksum: false })?;
+    match conn.recv()? {
+        ServerMsg::BackupReady => {}
+        m => bail!("unexpected {} at backup start", m.name()),
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .clamp(2, 8)
+                * 2,
+        )
+        .thread_name(|i| format!("byteback-delta-{i}"))
+        .build()
+        .map_err(|e| err!("cannot start the delta threads: {e}"))?;
+    Ok(Started {
+        sources,
+        excludes,
+        pool,
+    })
+}
+
+/// This thread's part: walks and announces every entry, waits until each
+/// is resolved, then commits. Returns the server's answer and the number of
+/// entries found.
+fn walk_and_commit(
+    shared: &Arc<Shared>,
+    batches: Arc<Batches>,
+    sources: &[PathBuf],
+    excludes: &Excludes,
+    opts: &BackupOptions,
+) -> Result<(Committed, u64)> {
+    let mut announcer = Announcer::new(shared.clone(), batches);
+    let walk_opts = walk::WalkOptions {
+        one_file_system: opts.one_file_system,
+        filter: opts.filter.clone(),
+    };
+    walk::walk(sources, excludes, walk_opts, &mut announcer)?;
+    PROGRESS.walk_finished();
+    announcer.flush()?;
+    // Wait until every file is resolved, then commit.
+    drop(shared.wait_flow(|f| f.window.is_empty())?);
+    shared.send(ClientMsg::BackupEnd)?;
+    let mut f = shared.wait_flow(|f| f.done.is_some())?;
+    let done = f.done.take().ok_or_else(|| err!("no result"))?;
+    Ok((done, announcer.entries))
+}
+
+/// The one way a backup ends, whatever happened: says goodbye after a
+/// commit, or stops everything after a failure; then waits (at most
+/// [`STOP_WAIT`]) for every thread and job, and for the server.
+fn shut_down(
+    shared: Arc<Shared>,
+    pool: Arc<rayon::ThreadPool>,
+    threads: Vec<JoinHandle<()>>,
+    transport: Transport,
+    outcome: Result<(Committed, u64)>,
+) -> Result<BackupReport> {
+    let (committed, entries) = match outcome {
+        Ok(r) => {
+            // Committed: a goodbye that does not go through changes nothing.
+            let _ = shared.send(ClientMsg::Bye);
+            r
+        }
+        Err(e) => {
+            // Whatever failed here, or elsewhere first: stop everything.
+            shared.fail(&e);
+            let ended = shared.wait_ended(STOP_WAIT);
+            let (cause, from_server) = shared
+                .failure()
+                .unwrap_or_else(|| (format!("{e:#}"), false));
+            let how = transport.abort();
+            join(threads, ended, "some threads of the failed backup");
+            // How the server ended only matters when it did not say why.
+            let how = how.filter(|_| !from_server);
+            return Err(conn::with_exit(err!("{cause}"), how));
+        }
+    };
+    // The writer ends after Bye, the reader after BackupDone, jobs before
+    // the window emptied.
+    if !join(
+        threads,
+        shared.wait_ended(STOP_WAIT),
+        "the connection's threads",
+    ) {
+        shared.breaker.trip();
+    }
+    if let Some((cause, _)) = shared.failure() {
+        // Already committed: only saying goodbye went wrong.
+        tracing::warn!("after the backup: {cause}");
+    }
+    let report = BackupReport {
+        stats: committed.stats,
+        snapshot: committed.snapshot,
+        message: committed.message,
+        entries,
+        warnings: lock(&shared.warnings).clone(),
+        vanished: shared.vanished.load(Ordering::Relaxed),
+        partial: shared.partial.load(Ordering::Relaxed),
+        wire_bytes: shared.wire.load(Ordering::Relaxed),
+    };
+    drop(shared);
+    drop(pool);
+    transport.finish()?;
+    Ok(report)
+}
+
+/// Joins the threads if they all `ended`, or warns that `which` had not;
+/// returns `ended`.
+fn join(threads: Vec<JoinHandle<()>>, ended: bool, which: &str) -> bool {
+    if ended {
+        for t in threads {
+            let _ = t.join();
+        }
+    } else {
+        tracing::warn!("{which} had not ended after {} s", STOP_WAIT.as_secs());
+    }
+    ended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::Transport;
+    use byteback_protocol::{decode_client, read_frame, write_msg, Need};
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    fn recv(s: &mut UnixStream) -> Option<ClientMsg> {
+        read_frame(s).unwrap().map(|f| decode_client(&f).unwrap())
+    }
+
+    fn send(s: &mut UnixStream, m: &ServerMsg) {
+        write_msg(s, m).unwrap();
+    }
+
+    /// A backup of a one-file tree against a scripted server: it answers the
+    /// handshake and BackupStart, then `script` gets the socket. Returns the
+    /// backup's result and how long it took, failing if it takes 5 s (a
+    /// hang: a failed backup stops in milliseconds).
+    fn backup_against(
+        script: impl FnOnce(&mut UnixStream) + Send + 'static,
+    ) -> (Result<BackupReport>, std::time::Duration) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), vec![7u8; 100_000]).unwrap();
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            assert!(matches!(recv(&mut theirs), Some(ClientMsg::Hello { .. })));
+            send(
+                &mut theirs,
+                &ServerMsg::HelloOk {
+                    version: byteback_protocol::PROTOCOL_VERSION,
+                    host: "h".into(),
+                },
+            );
+            assert!(matches!(
+                recv(&mut theirs),
+                Some(ClientMsg::BackupStart { .. })
+            ));
+            send(&mut theirs, &ServerMsg::BackupReady);
+            script(&mut theirs);
+            // The connection stays open: the client must not need it closed.
+            let _ = stop_rx.recv();
+        });
+        let conn = Connection::handshake(
+            Box::new(ours.try_clone().unwrap()),
+            Box::new(ours),
+            Transport::None,
+        )
+        .unwrap();
+        let opts = BackupOptions {
+            sources: vec![dir.path().to_path_buf()],
+            excludes: vec![],
+            filter: None,
+            verbose: false,
+            one_file_system: false,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let start = Instant::now();
+        std::thread::spawn(move || {
+            let _ = tx.send(run_backup(conn, &opts));
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the backup hangs");
+        let took = start.elapsed();
+        drop(stop_tx);
+        server.join().unwrap();
+        (r, took)
+    }
+
+    /// Reads the client's one batch of entries; the index of the file in it.
+    fn entries(s: &mut UnixStream) -> u32 {
+        match recv(s) {
+            Some(ClientMsg::Entries(e)) => {
+                e.iter().position(|e| e.path.ends_with(b"/f")).unwrap() as u32
+            }
+            m => panic!("expected entries, got {m:?}"),
+        }
+    }
+
+    #[test]
+    fn a_server_error_while_the_client_waits_ends_the_backup() {
+        let (r, took) = backup_against(|s| {
+            entries(s);
+            send(
+                s,
+                &ServerMsg::Error {
+                    message: "no space left on device".into(),
+                },
+            );
+        });
+        let e = format!("{:#}", r.unwrap_err());
+        assert_eq!(e, "server: no space left on device");
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+
+    #[test]
+    fn a_server_gone_while_the_client_waits_ends_the_backup() {
+        let (r, _) = backup_against(|s| {
+            entries(s);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        });
+        let e = format!("{:#}", r.unwrap_err());
+        assert!(e.contains("closed the connection"), "{e}");
+    }
+
+    #[test]
+    fn a_job_waiting_for_a_signature_ends_with_the_backup() {
+        let (r, took) = backup_against(|s| {
+            let index = entries(s);
+            send(
+                s,
+                &ServerMsg::Needs(vec![Need {
+                    index,
+                    id: 0,
+                    basis: true,
+                    twin: false,
+                }]),
+            );
+            assert!(matches!(recv(s), Some(ClientMsg::SigRequest { id: 0 })));
+            send(
+                s,
+                &ServerMsg::Error {
+                    message: "cannot read the stored copy".into(),
+                },
+            );
+        });
+        assert!(format!("{:#}", r.unwrap_err()).contains("stored copy"));
+        // Well under STOP_WAIT: the job did not keep the backup waiting.
+        assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+}

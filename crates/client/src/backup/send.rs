@@ -1,0 +1,500 @@
+//! One file the server needs, sent by a delta job: opened as the walk saw it,
+//! offered by hash or diffed against the server's signature segment by
+//! segment, then checked for changes made while it was read.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::sync_channel;
+use std::sync::Arc;
+
+use crate::error::{bail, err, Error, IoContext, Result};
+use byteback_delta::{
+    diff_window_into, literal_header, FileHasher, Signature, DELTA_END, LITERAL_HEADER_MAX,
+};
+use byteback_protocol::codec::{compress_bound, ChunkCompressor};
+use byteback_protocol::limits::MAX_CHUNK;
+use byteback_protocol::{ClientMsg, Compressed, Entry};
+
+use super::pool::PoolBuf;
+use super::shared::{lock, Shared};
+use crate::progress::BACKUP as PROGRESS;
+use crate::walk::{Found, OpenError};
+
+/// Raw bytes of a segment when there is no basis.
+const PLAIN_SEGMENT: usize = 2 << 20;
+const ZSTD_LEVEL: i32 = 1;
+/// Bytes read at a time when hashing a file before offering it for cloning.
+const HASH_CHUNK: usize = 1 << 20;
+
+/// A file the server asked for.
+pub(super) struct Job {
+    pub(super) id: u32,
+    pub(super) found: Found,
+    pub(super) entry: Entry,
+    /// The server holds an older version: diff against its signature.
+    pub(super) basis: bool,
+    /// The server may hold this content: offer its BLAKE3 first.
+    pub(super) twin: bool,
+}
+
+/// Runs `job` on the delta pool; an error fails the backup.
+pub(super) fn spawn_job(pool: &rayon::ThreadPool, shared: &Arc<Shared>, job: Job) {
+    let running = shared.enter();
+    pool.spawn(move || {
+        let shared = &running.0;
+        let id = job.id;
+        // Jobs queued before the backup failed have nothing left to do.
+        if !shared.stopped() {
+            if let Err(e) = send_file(shared, job) {
+                // The connection is gone or the protocol broke: the backup fails.
+                shared.fail(&e.context(format!("sending transfer {id}")));
+            }
+        }
+        drop(running);
+    });
+}
+
+/// Sends one file: `FileClone`, or `FileData`s and `FileEnd`, or `FileAbort`
+/// (with a warning) when it vanished or cannot be read. An error here is the
+/// backup's, not the file's.
+pub(super) fn send_file(shared: &Shared, job: Job) -> Result<()> {
+    let Job {
+        id,
+        found,
+        entry,
+        basis,
+        twin,
+    } = job;
+    let abs = &found.abs;
+    let Some(mut file) = open_or_abort(shared, id, &found)? else {
+        return Ok(());
+    };
+    if twin && !basis {
+        if offer_twin(shared, id, &mut file, &entry)? {
+            return Ok(());
+        }
+        // Changed or unreadable while hashed: sent as any other file.
+        file.seek(SeekFrom::Start(0)).on("cannot seek in", abs)?;
+    }
+    let sig = if basis {
+        Some(signature(shared, id, abs)?)
+    } else {
+        None
+    };
+    if shared.verbose {
+        tracing::debug!(target: byteback_protocol::term::FILE_TARGET, "{}", abs.display());
+    }
+    PROGRESS.current(abs);
+    let Some((total, hash)) = send_segments(shared, id, &mut file, &entry, sig.as_ref(), abs)?
+    else {
+        return Ok(());
+    };
+    check_unchanged(shared, &file, &entry, total, abs);
+    shared.send(ClientMsg::FileEnd {
+        id,
+        size: total,
+        hash,
+        mtime_sec: entry.mtime_sec,
+        mtime_nsec: entry.mtime_nsec,
+    })
+}
+
+/// Opens the file beneath the source's fd, never through a symlink, and only
+/// the very file the walk saw (see [`Found::open_file`]). If it cannot be,
+/// counts and warns, sends `FileAbort` and returns `None`.
+fn open_or_abort(shared: &Shared, id: u32, found: &Found) -> Result<Option<File>> {
+    let abs = &found.abs;
+    match found.open_file() {
+        Ok(f) => Ok(Some(f)),
+        Err(OpenError::Vanished(_)) => {
+            shared.vanished.fetch_add(1, Ordering::Relaxed);
+            shared.warn(format!("{}: vanished during the backup", abs.display()));
+            shared.send(ClientMsg::FileAbort { id })?;
+            Ok(None)
+        }
+        Err(e) => {
+            shared.partial.fetch_add(1, Ordering::Relaxed);
+            shared.warn(format!("{}: {e}", abs.display()));
+            shared.send(ClientMsg::FileAbort { id })?;
+            Ok(None)
+        }
+    }
+}
+
+/// Asks the server for the signature of its copy and waits for the reader
+/// to hand it over.
+fn signature(shared: &Shared, id: u32, abs: &Path) -> Result<Signature> {
+    let (stx, srx) = sync_channel(1);
+    match lock(&shared.sig_waiters).as_mut() {
+        Some(w) => w.insert(id, stx),
+        None => bail!("the backup stopped"),
+    };
+    shared.send(ClientMsg::SigRequest { id })?;
+    // The sender is dropped when the backup fails.
+    let bytes = srx
+        .recv()
+        .map_err(|_| err!("the backup stopped while waiting for a signature"))?;
+    match Signature::parse(&bytes) {
+        Ok(s) => Ok(s),
+        Err(e) => bail!("server sent a bad signature for {}: {e}", abs.display()),
+    }
+}
+
+/// Segment length for a signature's block size: a whole number of blocks, about 4 MiB.
+fn segment_len(block: usize) -> usize {
+    let target = 4 << 20;
+    (target / block).max(1) * block
+}
+
+/// How a file is cut into segments.
+struct Plan {
+    /// Bytes a segment's delta covers (all of the last one's).
+    seg: usize,
+    /// With a basis, each piece is diffed with up to a block of the next
+    /// piece's bytes behind it, and the next piece starts where this one's
+    /// delta ended (see diff_window_into): a block straddling the boundary
+    /// is still found, so an insertion does not cost a block per segment.
+    /// The bytes read beyond that end are carried into the next piece.
+    look: usize,
+    /// Capacity of each pooled buffer.
+    buf_len: usize,
+}
+
+impl Plan {
+    fn new(sig: Option<&Signature>, size: u64) -> Self {
+        let seg = sig
+            .map(|s| segment_len(s.block_size() as usize))
+            .unwrap_or(PLAIN_SEGMENT);
+        let look = sig
+            .map(|s| (s.block_size() as usize - 1).min(MAX_CHUNK.saturating_sub(seg + 4096)))
+            .unwrap_or(0);
+        // Sized to the file: a segment-sized buffer for every small file cost
+        // more (allocating and zeroing 2 MiB) than everything else done for it.
+        let seg_cap = (seg + look)
+            .min(usize::try_from(size).unwrap_or(seg))
+            .max(1);
+        // Room for the data behind a literal header, or for a delta of it (at
+        // most 14 bytes longer than the data), and for its compressed form.
+        let buf_len = compress_bound(seg_cap + LITERAL_HEADER_MAX + 64);
+        Plan { seg, look, buf_len }
+    }
+}
+
+/// The pooled buffers of one segment.
+struct SegmentBufs {
+    /// File data (behind room for a literal header when there is no basis).
+    data: PoolBuf,
+    /// The compressed chunk.
+    out: PoolBuf,
+    /// The delta, with a basis.
+    delta: Option<PoolBuf>,
+}
+
+impl SegmentBufs {
+    fn take(shared: &Shared, basis: bool, len: usize) -> Result<Self> {
+        let mut bufs = shared.pool.take(if basis { 3 } else { 2 }, len)?;
+        let delta = if basis { bufs.pop() } else { None };
+        let (Some(out), Some(data)) = (bufs.pop(), bufs.pop()) else {
+            bail!("buffer pool returned too few buffers");
+        };
+        Ok(SegmentBufs { data, out, delta })
+    }
+
+    fn give_back(self, shared: &Shared) {
+        shared.pool.give_back(self.data);
+        shared.pool.give_back(self.out);
+        if let Some(d) = self.delta {
+            shared.pool.give_back(d);
+        }
+    }
+}
+
+/// Reads the file in segments and queues each one's compressed delta (or
+/// literal). Returns the bytes sent and their hash, or `None` after a read
+/// error (counted, warned and `FileAbort` sent).
+fn send_segments(
+    shared: &Shared,
+    id: u32,
+    file: &mut File,
+    entry: &Entry,
+    sig: Option<&Signature>,
+    abs: &Path,
+) -> Result<Option<(u64, [u8; 32])>> {
+    let size = entry.size();
+    let plan = Plan::new(sig, size);
+    let mut hasher = FileHasher::new();
+    let mut total = 0u64;
+    let mut read_total = 0u64;
+    let mut carry: Vec<u8> = Vec::new();
+    while total < size {
+        let want = (plan.seg + plan.look - carry.len()).min((size - read_total) as usize);
+        // Read buffer, compressed chunk and (with a basis) the delta.
+        let mut bufs = SegmentBufs::take(shared, sig.is_some(), plan.buf_len)?;
+        let head = if sig.is_some() { 0 } else { LITERAL_HEADER_MAX };
+        let data = &mut bufs.data.buf;
+        data.clear();
+        data.resize(head, 0);
+        data.extend_from_slice(&carry);
+        carry.clear();
+        let before = data.len();
+        // Reads into the spare capacity: nothing to zero first.
+        let read = (&mut *file).take(want as u64).read_to_end(data);
+        let got = data.len() - before;
+        read_total += got as u64;
+        let n = data.len() - head;
+        if let Err(e) = read {
+            bufs.give_back(shared);
+            shared.partial.fetch_add(1, Ordering::Relaxed);
+            shared.warn(format!("{}: read error: {e}", abs.display()));
+            shared.send(ClientMsg::FileAbort { id })?;
+            return Ok(None);
+        }
+        if n == 0 {
+            bufs.give_back(shared);
+            break;
+        }
+        // The file's last piece (or it ended early): everything goes.
+        let last = got < want || read_total >= size;
+        let counted = bufs.out.counted;
+        let (c, used) = encode_segment(shared, sig, bufs, &plan, last, &mut hasher, &mut carry);
+        let c = c?;
+        shared
+            .wire
+            .fetch_add(c.data.len() as u64, Ordering::Relaxed);
+        PROGRESS.read(n as u64);
+        PROGRESS.sent(c.data.len() as u64);
+        PROGRESS.current(abs);
+        shared.send_pooled(ClientMsg::FileData { id, delta: c }, counted)?;
+        total += used as u64;
+    }
+    Ok(Some((total, hasher.finish())))
+}
+
+/// Turns one segment's data into its compressed delta against `sig`, or a
+/// literal without a basis, hashing the bytes it covers and keeping the rest
+/// in `carry`. Gives back every buffer but the compressed one. Returns the
+/// chunk and the number of file bytes it covers.
+fn encode_segment(
+    shared: &Shared,
+    sig: Option<&Signature>,
+    bufs: SegmentBufs,
+    plan: &Plan,
+    last: bool,
+    hasher: &mut FileHasher,
+    carry: &mut Vec<u8>,
+) -> (Result<Compressed>, usize) {
+    let SegmentBufs {
+        mut data,
+        out,
+        delta,
+    } = bufs;
+    let head = if sig.is_some() { 0 } else { LITERAL_HEADER_MAX };
+    let n = data.buf.len() - head;
+    let encoded = match (sig, delta) {
+        (Some(s), Some(mut d)) => {
+            let target = if last { n } else { plan.seg.min(n) };
+            let r = diff_window_into(s, &data.buf, target, &mut d.buf)
+                .map_err(Error::from)
+                .and_then(|used| Ok((compress(&d.buf, out.buf)?, used)));
+            shared.pool.give_back(d);
+            match r {
+                Ok((c, used)) => {
+                    hasher.update(&data.buf[..used]);
+                    carry.extend_from_slice(&data.buf[used..]);
+                    (Ok(c), used)
+                }
+                Err(e) => (Err(e), 0),
+            }
+        }
+        _ => {
+            hasher.update(&data.buf[head..]);
+            // The literal delta, built in place around the data.
+            let (h, hl) = literal_header(n as u64);
+            data.buf[head - hl..head].copy_from_slice(&h[..hl]);
+            data.buf.push(DELTA_END);
+            (compress(&data.buf[head - hl..], out.buf), n)
+        }
+    };
+    shared.pool.give_back(data);
+    encoded
+}
+
+/// A file that changed while it was read is sent as read, but recorded
+/// with its old mtime, so the next run looks at it again: counted and warned
+/// here.
+fn check_unchanged(shared: &Shared, file: &File, entry: &Entry, total: u64, abs: &Path) {
+    let size = entry.size();
+    if let Ok(md) = file.metadata() {
+        if md.len() != size
+            || md.mtime() != entry.mtime_sec
+            || md.mtime_nsec() as u32 != entry.mtime_nsec
+            || total != size
+        {
+            shared.partial.fetch_add(1, Ordering::Relaxed);
+            shared.warn(format!("{}: changed while being read", abs.display()));
+        }
+    }
+}
+
+/// For a new file the server may already hold (a moved or copied file):
+/// reads it whole for its BLAKE3 and offers that instead of the data. The
+/// server clones the content if it holds it (FileOk) or asks for the data
+/// (SendData). Returns false, having sent nothing, when the file could not
+/// be read or changed while it was: it is then sent as usual. Reading a file
+/// twice when the server does not hold it is bounded to files of a size the
+/// server holds (the server sets `twin` only then).
+fn offer_twin(shared: &Shared, id: u32, file: &mut File, entry: &Entry) -> Result<bool> {
+    let size = entry.size();
+    let mut bufs = shared.pool.take(1, HASH_CHUNK)?;
+    let Some(mut buf) = bufs.pop() else {
+        bail!("buffer pool returned too few buffers");
+    };
+    buf.buf.resize(HASH_CHUNK, 0);
+    let mut hasher = FileHasher::new();
+    let mut read = 0u64;
+    let outcome = loop {
+        match file.read(&mut buf.buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => {
+                hasher.update(&buf.buf[..n]);
+                read += n as u64;
+                if read > size {
+                    break Ok(());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    shared.pool.give_back(buf);
+    if outcome.is_err() || read != size {
+        return Ok(false);
+    }
+    match file.metadata() {
+        Ok(md)
+            if md.len() == size
+                && md.mtime() == entry.mtime_sec
+                && md.mtime_nsec() as u32 == entry.mtime_nsec => {}
+        _ => return Ok(false),
+    }
+    shared.send(ClientMsg::FileClone {
+        id,
+        size,
+        hash: hasher.finish(),
+        mtime_sec: entry.mtime_sec,
+        mtime_nsec: entry.mtime_nsec,
+    })?;
+    Ok(true)
+}
+
+thread_local! {
+    /// One zstd context per delta thread, instead of one per segment.
+    static COMPRESSOR: std::cell::RefCell<Option<ChunkCompressor>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(delta: &[u8], out: Vec<u8>) -> Result<Compressed> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        let c = match &mut *c {
+            Some(c) => c,
+            None => c.insert(ChunkCompressor::new(ZSTD_LEVEL)?),
+        };
+        Ok(c.compress_into(delta, out)?)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::walk::{self, EntrySink, Excludes, WalkWarning};
+
+    fn test_shared() -> Shared {
+        Shared::new(crate::conn::Breaker::default(), 1024, 32 << 20, false)
+    }
+
+    fn sent(shared: &Shared) -> Vec<ClientMsg> {
+        let mut out = vec![];
+        while let Ok(Some(o)) = shared.queue.pop(false) {
+            out.push(o.msg);
+        }
+        out
+    }
+
+    #[derive(Default)]
+    struct Collect(Vec<(Found, Entry)>);
+    impl EntrySink for Collect {
+        fn entry(&mut self, found: Found, entry: Entry) -> Result<()> {
+            self.0.push((found, entry));
+            Ok(())
+        }
+        fn warning(&mut self, w: WalkWarning) {
+            panic!("{w:?}");
+        }
+    }
+
+    /// A file replaced (another inode) between the walk and the read is
+    /// reported as changed and none of the new content is sent.
+    #[test]
+    fn send_file_refuses_a_file_replaced_after_the_walk() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(src.join("d")).unwrap();
+        std::fs::write(src.join("d/f"), b"walked content").unwrap();
+        std::fs::write(src.join("d/g"), b"unchanged").unwrap();
+        let mut sink = Collect::default();
+        walk::walk(
+            &walk::normalise_sources(std::slice::from_ref(&src)).unwrap(),
+            &Excludes::new::<&str>(&[]).unwrap(),
+            walk::WalkOptions::default(),
+            &mut sink,
+        )
+        .unwrap();
+        let job = |name: &str, id| {
+            let (found, entry) = sink
+                .0
+                .iter()
+                .find(|(f, _)| f.abs == src.join("d").join(name))
+                .unwrap()
+                .clone();
+            Job {
+                id,
+                found,
+                entry,
+                basis: false,
+                twin: false,
+            }
+        };
+        let (f_job, g_job) = (job("f", 7), job("g", 8));
+        std::fs::write(src.join("d/new"), b"NEW CONTENT, not what was walked").unwrap();
+        std::fs::rename(src.join("d/new"), src.join("d/f")).unwrap();
+
+        let shared = test_shared();
+        send_file(&shared, f_job).unwrap();
+        let msgs = sent(&shared);
+        assert!(
+            matches!(msgs.as_slice(), [ClientMsg::FileAbort { id: 7 }]),
+            "{msgs:?}"
+        );
+        assert_eq!(shared.partial.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.vanished.load(Ordering::Relaxed), 0);
+        let w = shared.warnings.lock().unwrap().clone();
+        assert!(
+            w.len() == 1 && w[0].contains("changed during the backup"),
+            "{w:?}"
+        );
+
+        // The file left alone goes through whole.
+        send_file(&shared, g_job).unwrap();
+        let msgs = sent(&shared);
+        assert!(
+            matches!(msgs.last(), Some(ClientMsg::FileEnd { id: 8, size: 9, .. })),
+            "{msgs:?}"
+        );
+        assert!(matches!(msgs[0], ClientMsg::FileData { id: 8, .. }));
+        assert_eq!(shared.partial.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,0 +1,200 @@
+//! The backup's two connection threads: the writer puts the queue on the
+//! wire; the reader takes the server's replies, resolves entries in the
+//! flow-control window and hands the files the server needs to delta jobs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::error::{bail, err, Result};
+use byteback_protocol::{ClientMsg, Entry, Need, ServerMsg};
+
+use super::queue::Outgoing;
+use super::send::{spawn_job, Job};
+use super::shared::{lock, Batches, Committed, Shared};
+use crate::conn::{ConnReader, ConnWriter};
+use crate::progress::BACKUP as PROGRESS;
+use crate::walk::Found;
+
+/// Sends what is queued, flushing whenever the queue runs dry; ends after
+/// `Bye`, or with an error once the backup stopped.
+pub(super) fn writer_loop(mut w: ConnWriter, shared: &Shared) -> Result<()> {
+    loop {
+        let Outgoing { msg, pooled } = match shared.queue.pop(false)? {
+            Some(m) => m,
+            None => {
+                // Nothing more for now: out with what is buffered, then wait.
+                w.flush()?;
+                match shared.queue.pop(true)? {
+                    Some(m) => m,
+                    None => continue,
+                }
+            }
+        };
+        let bye = matches!(msg, ClientMsg::Bye);
+        w.send(&msg)?;
+        if let ClientMsg::FileData { delta, .. } = msg {
+            if pooled > 0 {
+                shared.pool.give(delta.data, pooled);
+            }
+        }
+        if bye {
+            break;
+        }
+    }
+    w.flush()
+}
+
+/// Handles the server's replies until `BackupDone` (or an error).
+pub(super) fn reader_loop(
+    mut r: ConnReader,
+    shared: &Arc<Shared>,
+    batches: &Batches,
+    pool: &rayon::ThreadPool,
+) -> Result<()> {
+    let mut reader = Reader {
+        shared,
+        batches,
+        pool,
+        jobs: HashMap::new(),
+    };
+    loop {
+        match r.recv()? {
+            ServerMsg::Needs(needs) => reader.needs(needs)?,
+            ServerMsg::Signature { id, sig } => {
+                let waiter = lock(&shared.sig_waiters)
+                    .as_mut()
+                    .and_then(|w| w.remove(&id));
+                if let Some(w) = waiter {
+                    let _ = w.send(sig);
+                }
+            }
+            ServerMsg::FileOk { id } => {
+                reader.jobs.remove(&id);
+                PROGRESS.finished();
+                let mut f = lock(&shared.flow);
+                if let Some(seq) = f.transfer_seq.remove(&id) {
+                    f.resolve(seq);
+                }
+                shared.cv.notify_all();
+            }
+            ServerMsg::FileRetry { id } => {
+                let (found, entry) = reader.transfer(id, "retry")?;
+                shared.warn(format!(
+                    "{}: the server asked for it again (failed verification, or it made room after a full disc); resending whole",
+                    found.abs.display()
+                ));
+                reader.send_whole(id, found, entry);
+            }
+            // The server does not hold the content offered: send it.
+            ServerMsg::SendData { id } => {
+                let (found, entry) = reader.transfer(id, "send-data")?;
+                reader.send_whole(id, found, entry);
+            }
+            ServerMsg::BackupDone {
+                snapshot,
+                message,
+                stats,
+            } => {
+                let mut f = lock(&shared.flow);
+                f.done = Some(Committed {
+                    snapshot,
+                    message,
+                    stats,
+                });
+                shared.cv.notify_all();
+                return Ok(());
+            }
+            m => bail!("unexpected {} during a backup", m.name()),
+        }
+    }
+}
+
+/// The reader thread's own state.
+struct Reader<'a> {
+    shared: &'a Arc<Shared>,
+    batches: &'a Batches,
+    pool: &'a rayon::ThreadPool,
+    /// Transfers in progress, kept for a possible whole-file resend.
+    jobs: HashMap<u32, (Found, Entry)>,
+}
+
+impl Reader<'_> {
+    /// The server's answer to the oldest unanswered batch: the entries it
+    /// does not need are resolved, a delta job starts for each one it does.
+    fn needs(&mut self, needs: Vec<Need>) -> Result<()> {
+        let (start, batch) = lock(self.batches)
+            .pop_front()
+            .ok_or_else(|| err!("server answered a batch that was never sent"))?;
+        let n = batch.len();
+        tracing::trace!(
+            "entries {start}..{}: the server needs {} of them",
+            start + n as u64,
+            needs.len()
+        );
+        let mut needed = vec![false; n];
+        for need in &needs {
+            if let Some(x) = needed.get_mut(need.index as usize) {
+                *x = true;
+            }
+        }
+        {
+            let mut f = lock(&self.shared.flow);
+            for need in &needs {
+                f.transfer_seq.insert(need.id, start + need.index as u64);
+            }
+            for (i, needed) in needed.iter().enumerate() {
+                if !needed {
+                    f.resolve(start + i as u64);
+                }
+            }
+            self.shared.cv.notify_all();
+        }
+        for ((_, e), _) in batch.iter().zip(&needed).filter(|(_, n)| !**n) {
+            PROGRESS.skipped(e.size());
+        }
+        let mut batch: Vec<Option<(Found, Entry)>> = batch.into_iter().map(Some).collect();
+        for need in needs {
+            let (found, entry) = batch
+                .get_mut(need.index as usize)
+                .and_then(Option::take)
+                .ok_or_else(|| err!("bad need index"))?;
+            self.jobs.insert(need.id, (found.clone(), entry.clone()));
+            spawn_job(
+                self.pool,
+                self.shared,
+                Job {
+                    id: need.id,
+                    found,
+                    entry,
+                    basis: need.basis,
+                    twin: need.twin,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The file of transfer `id`; `what` names the server's request in the
+    /// error for an unknown id.
+    fn transfer(&self, id: u32, what: &str) -> Result<(Found, Entry)> {
+        self.jobs
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| err!("{what} for unknown file {id}"))
+    }
+
+    /// Sends transfer `id` again, whole.
+    fn send_whole(&self, id: u32, found: Found, entry: Entry) {
+        spawn_job(
+            self.pool,
+            self.shared,
+            Job {
+                id,
+                found,
+                entry,
+                basis: false,
+                twin: false,
+            },
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! Local time from the C library's zone rules (`localtime_r`), for names and
+//! listings shown to people.
+
+/// A moment broken down in the local time zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalTime {
+    /// Year, e.g. 2026.
+    pub year: i32,
+    /// Month, 1-12.
+    pub month: u32,
+    /// Day of the month, 1-31.
+    pub day: u32,
+    /// Hour, 0-23.
+    pub hour: u32,
+    /// Minute, 0-59.
+    pub minute: u32,
+    /// Second, 0-60 (a leap second).
+    pub second: u32,
+    /// Offset of local time from UTC, in seconds.
+    pub utc_offset: i64,
+}
+
+impl LocalTime {
+    /// `YYYY-MM-DDTHH:MM:SS`, without the offset.
+    pub fn to_iso_seconds(&self) -> String {
+        format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+            self.year, self.month, self.day, self.hour, self.minute, self.second
+        )
+    }
+}
+
+/// `t` (Unix seconds) in the local time zone; `None` when the C library
+/// cannot represent it.
+pub fn localtime(t: i64) -> Option<LocalTime> {
+    // time_t is 64 bits on every target byteback builds for.
+    let tt = t as libc::time_t;
+    // SAFETY: tm is plain data (integers and a pointer that may be null);
+    // localtime_r only writes into it.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live locals of the right types.
+    if unsafe { libc::localtime_r(&tt, &mut tm) }.is_null() {
+        return None;
+    }
+    let field = |v: libc::c_int| u32::try_from(v).ok();
+    Some(LocalTime {
+        year: tm.tm_year.checked_add(1900)?,
+        month: field(tm.tm_mon)? + 1,
+        day: field(tm.tm_mday)?,
+        hour: field(tm.tm_hour)?,
+        minute: field(tm.tm_min)?,
+        second: field(tm.tm_sec)?,
+        utc_offset: tm.tm_gmtoff,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_time_agrees_with_its_own_offset() {
+        // Whatever zone the tests run in, the broken-down time is the UTC
+        // one shifted by the offset it reports.
+        let t = 1_780_000_000; // 2026-05-28T20:26:40Z
+        let Some(lt) = localtime(t) else {
+            panic!("localtime failed")
+        };
+        let local = t + lt.utc_offset;
+        let secs = local.rem_euclid(86_400);
+        assert_eq!(i64::from(lt.hour), secs / 3600);
+        assert_eq!(i64::from(lt.minute), secs % 3600 / 60);
+        assert_eq!(i64::from(lt.second), secs % 60);
+        assert!((1..=12).contains(&lt.month) && (1..=31).contains(&lt.day));
+        assert!(lt.year == 2026, "{lt:?}");
+        let s = lt.to_iso_seconds();
+        assert_eq!(s.len(), 19, "{s}");
+        assert!(s.starts_with("2026-05-2"), "{s}");
+    }
+
+    #[test]
+    fn zero_is_1970_or_the_last_day_of_1969() {
+        let Some(lt) = localtime(0) else {
+            panic!("localtime failed")
+        };
+        assert!(lt.year == 1970 || lt.year == 1969, "{lt:?}");
+    }
+}
