@@ -11,7 +11,7 @@
 //!
 //! Running it again with the same name and key changes nothing.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::IpAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
@@ -332,23 +332,9 @@ pub fn enrol_and_retire(cfg: &EnrolConfig) -> Result<(Enrolled, usize)> {
     if content == existing {
         return Ok((enrolled, 0));
     }
-    let tmp = ssh_dir.join(".authorized_keys.byteback-tmp");
-    let _ = std::fs::remove_file(&tmp);
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .op("create", || tmp.display().to_string())?;
-        f.write_all(content.as_bytes())
-            .and_then(|()| f.sync_all())
-            .op("write", || tmp.display().to_string())?;
-    }
-    std::fs::rename(&tmp, &cfg.authorized_keys).op("replace", keys)?;
-    if let Ok(d) = std::fs::File::open(ssh_dir) {
-        let _ = d.sync_all();
-    }
+    // Temporary file beside it, fsync, rename, fsync of the directory.
+    byteback_protocol::os::write_atomic(&cfg.authorized_keys, content.as_bytes(), 0o600)
+        .op("replace", keys)?;
     Ok((enrolled, retired))
 }
 

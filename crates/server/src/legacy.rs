@@ -35,6 +35,7 @@ use std::os::unix::ffi::OsStrExt;
 use byteback_protocol::limits::{
     MAX_PATH, MAX_XATTRS, MAX_XATTR_NAME, MAX_XATTR_TOTAL, MAX_XATTR_VALUE,
 };
+use byteback_protocol::os::xattr::{xattr_names, xattr_value, XattrOf, XATTR_KERNEL_MAX};
 use byteback_protocol::{escape_bytes, Entry, Kind, ManifestEntry};
 use rustix::fs::{FileType, Mode, OFlags};
 
@@ -135,28 +136,25 @@ struct Xattrs {
 fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
     let fd = fd.as_fd();
     let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
-    let mut names = vec![0u8; 64 << 10];
-    let n = match rustix::fs::flistxattr(fd, &mut names[..]) {
-        Ok(n) => n,
-        Err(rustix::io::Errno::NOTSUP) => 0,
+    let names = match xattr_names(XattrOf::Fd(fd), XATTR_KERNEL_MAX) {
+        Ok(names) => names,
         Err(rustix::io::Errno::RANGE) => return Err(bad("xattr names exceed 64 KiB".into())),
         Err(e) => return Err(e.into()),
     };
-    names.truncate(n);
     let mut out = Xattrs {
         list: vec![],
         stat: None,
         unsupported: vec![],
     };
     let mut total = 0usize;
-    for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+    for name in &names {
+        let name = name.as_slice();
         if name.len() > MAX_XATTR_NAME {
             return Err(bad("xattr name too long".into()));
         }
-        let mut value = vec![0u8; MAX_XATTR_VALUE];
-        let len = match rustix::fs::fgetxattr(fd, OsStr::from_bytes(name), &mut value[..]) {
-            Ok(l) => l,
-            Err(rustix::io::Errno::NODATA) => continue, // removed meanwhile
+        let value = match xattr_value(XattrOf::Fd(fd), name, MAX_XATTR_VALUE) {
+            Ok(Some(v)) => v,
+            Ok(None) => continue, // removed meanwhile
             Err(rustix::io::Errno::RANGE) => {
                 return Err(bad(format!(
                     "xattr {} larger than {MAX_XATTR_VALUE} bytes",
@@ -165,7 +163,6 @@ fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
             }
             Err(e) => return Err(e.into()),
         };
-        value.truncate(len);
         if name == STAT_XATTR {
             out.stat = Some(value);
             continue;

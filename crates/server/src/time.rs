@@ -28,18 +28,10 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// Offset of local time from UTC at `t`, in seconds (from the C library's zone rules).
+/// Offset of local time from UTC at `t`, in seconds (from the C library's zone
+/// rules, through the one `localtime_r` wrapper both sides share).
 pub fn local_offset(t: i64) -> i64 {
-    let tt: libc::time_t = t as libc::time_t;
-    // SAFETY: tm is plain data; localtime_r only writes into it.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers to locals.
-    let r = unsafe { libc::localtime_r(&tt, &mut tm) };
-    if r.is_null() {
-        0
-    } else {
-        tm.tm_gmtoff
-    }
+    byteback_protocol::os::localtime(t).map_or(0, |l| l.utc_offset)
 }
 
 /// Formats `t` (Unix seconds) with the given UTC offset as `YYYY-MM-DDTHH:MM+ZZZZ`.

@@ -14,8 +14,10 @@ use byteback_protocol::Compressed;
 
 use crate::error::{shown, Error, Result};
 use crate::fsops;
+use byteback_protocol::os::write_sparse_at;
 
-pub(super) const FS_BLOCK: u64 = 4096;
+/// The block size holes and clones are aligned to.
+pub(super) const FS_BLOCK: u64 = byteback_protocol::os::SPARSE_BLOCK as u64;
 pub(super) const IO_CHUNK: usize = 1 << 20;
 /// Start writeback of a file being received every this many bytes.
 const WRITEBACK_EVERY: u64 = 8 << 20;
@@ -307,7 +309,7 @@ impl PatchSink for FileSink<'_> {
                 }
             }
             let buf = std::mem::take(&mut self.buf);
-            write_sparse(self.out, dst + written as u64, &buf[written..n])?;
+            write_sparse_at(self.out, dst + written as u64, &buf[written..n])?;
             self.buf = buf;
             self.pos += n as u64;
             done += n as u64;
@@ -318,37 +320,11 @@ impl PatchSink for FileSink<'_> {
 
     fn literal(&mut self, data: &[u8]) -> Result<(), SinkError> {
         self.hasher.update(data);
-        write_sparse(self.out, self.pos, data)?;
+        write_sparse_at(self.out, self.pos, data)?;
         self.pos += data.len() as u64;
         self.applied.literal += data.len() as u64;
         Ok(())
     }
-}
-
-/// Writes `data` at `pos`, leaving holes for whole file-system blocks of zeros
-/// (the file is new, so holes read back as zeros).
-fn write_sparse(f: &File, pos: u64, data: &[u8]) -> io::Result<()> {
-    let mut i = 0usize;
-    let mut run_start: Option<usize> = None;
-    while i < data.len() {
-        let off = pos + i as u64;
-        let to_boundary = (FS_BLOCK - off % FS_BLOCK) as usize;
-        let n = to_boundary.min(data.len() - i);
-        let piece = &data[i..i + n];
-        let zero_block = n as u64 == FS_BLOCK && piece.iter().all(|&b| b == 0);
-        if zero_block {
-            if let Some(s) = run_start.take() {
-                f.write_all_at(&data[s..i], pos + s as u64)?;
-            }
-        } else if run_start.is_none() {
-            run_start = Some(i);
-        }
-        i += n;
-    }
-    if let Some(s) = run_start {
-        f.write_all_at(&data[s..], pos + s as u64)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
