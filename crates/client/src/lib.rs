@@ -15,6 +15,7 @@ pub mod hooks;
 pub mod known_hosts;
 pub mod meta;
 pub mod mounts;
+pub mod prefetch;
 pub mod progress;
 pub mod restore;
 pub mod setup;

@@ -31,6 +31,7 @@ use rustix::io::Errno;
 use crate::filter::{Action, DirRules, Filter};
 use crate::meta::{self, At};
 use crate::mounts::{Crossing, Mounts};
+use crate::prefetch::Prefetch;
 
 /// Paths left out by default (when they lie beneath a source): byteback
 /// 1.x's list, plus PostgreSQL's data directory. The live files of a
@@ -466,6 +467,8 @@ struct Walker<'a> {
     buf: Vec<MaybeUninit<u8>>,
     /// Which mounted filesystems to enter.
     mounts: Mounts,
+    /// Warms the inode cache ahead of the walk (results unused).
+    prefetch: Prefetch,
 }
 
 fn path_of(bytes: &[u8]) -> PathBuf {
@@ -777,6 +780,9 @@ impl Walker<'_> {
         let mut stack = Vec::new();
         self.enter_dir(dir.as_fd(), &path, 1)?;
         let (level, failed) = read_level(dir, path.len(), root_mnt, &mut self.buf);
+        let ino = st.stx_ino;
+        self.prefetch
+            .level(&level.dir, level.mnt.0, ino, &level.names);
         if let Some(e) = failed {
             self.warn_io(&path, &e.into());
         }
@@ -887,6 +893,8 @@ impl Walker<'_> {
             }
             self.enter_dir(dir.as_fd(), &path, depth + 1)?;
             let (level, failed) = read_level(dir, path.len(), here, &mut self.buf);
+            self.prefetch
+                .level(&level.dir, level.mnt.0, ino, &level.names);
             if let Some(e) = failed {
                 self.warn_io(&path, &e.into());
             }
@@ -925,6 +933,7 @@ pub fn walk(
         links: HashMap::new(),
         buf: vec![MaybeUninit::uninit(); DIRENT_BUF],
         mounts: Mounts::new(opts.one_file_system),
+        prefetch: Prefetch::start(),
     };
     let mut sent_dirs: Vec<Vec<u8>> = vec![];
     for src in sources {
