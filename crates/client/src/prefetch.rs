@@ -244,13 +244,13 @@ mod tests {
         for i in 0..300 {
             names.extend_from_slice(format!("n{i}\0").as_bytes());
         }
-        let chunks: Vec<&[u8]> = chunks(&names).collect();
-        assert_eq!(chunks.len(), 3);
-        assert_eq!(chunks.concat(), names);
-        for c in &chunks {
+        let parts: Vec<&[u8]> = chunks(&names).collect();
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts.concat(), names);
+        for c in &parts {
             assert!(c.ends_with(b"\0"));
         }
-        assert_eq!(chunks[0].iter().filter(|&&b| b == 0).count(), CHUNK);
+        assert_eq!(parts[0].iter().filter(|&&b| b == 0).count(), CHUNK);
         assert_eq!(chunks(b"").count(), 0);
     }
 
