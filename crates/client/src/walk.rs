@@ -695,81 +695,11 @@ impl Walker<'_> {
 
     /// Walks one source: the source itself (opened by its path), then
     /// everything below it, reached from directory fds only.
-    ///
-    /// Over 80 lines: the source root's own checks (filters, one filesystem,
-    /// the fs root) and the iterative descent with its explicit stack of
-    /// held directory fds share their state; splitting it is left for the
-    /// next change to the walk.
     fn source(&mut self, src: &Path) -> Result<()> {
+        let Some((root, dir, st)) = self.open_source(src)? else {
+            return Ok(());
+        };
         let src_bytes = src.as_os_str().as_bytes();
-        let fd = match rustix::fs::open(src, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(e) => {
-                self.warn_io(src_bytes, &e.into());
-                return Ok(());
-            }
-        };
-        let st = match meta::stat_at(At::Fd(fd.as_fd())) {
-            Ok(st) => st,
-            Err(e) => {
-                self.warn_io(src_bytes, &e);
-                return Ok(());
-            }
-        };
-        let root = Arc::new(SourceRoot {
-            path: src.to_path_buf(),
-            fd,
-        });
-        self.mounts.source_root(meta::dev_ino(&st));
-        let root_mnt = (mnt_id(&st), meta::dev_ino(&st).0);
-        if src_bytes.len() > byteback_protocol::limits::MAX_PATH + 1 {
-            self.warn(src_bytes, "path too long; skipped".into(), false);
-            return Ok(());
-        }
-        // The filesystem root has no entry of its own (its path is empty).
-        let fs_root = src_bytes.trim_start_matches_slash().is_empty();
-        // As rsync --relative: filter rules apply to a source itself (not
-        // to its parents); an excluded source is left out whole.
-        let is_dir = FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory;
-        if !fs_root
-            && self.filter.as_ref().is_some_and(|f| {
-                f.check(
-                    &self.dir_rules,
-                    src_bytes.trim_start_matches_slash(),
-                    is_dir,
-                    0,
-                ) == Some(Action::Exclude)
-            })
-        {
-            self.sink
-                .note(format!("{} left out by a filter rule", src.display()));
-            return Ok(());
-        }
-        if !fs_root
-            && !self.emit(
-                At::Fd(root.fd.as_fd()),
-                &st,
-                src_bytes,
-                Some((root.clone(), src_bytes.len())),
-            )?
-        {
-            return Ok(());
-        }
-        if FileType::from_raw_mode(st.stx_mode.into()) != FileType::Directory {
-            return Ok(());
-        }
-        let dir = match rustix::fs::openat(
-            root.fd.as_fd(),
-            c".",
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(d) => d,
-            Err(e) => {
-                self.warn_io(src_bytes, &e.into());
-                return Ok(());
-            }
-        };
         let mut path = src_bytes.to_vec();
         // Paths below the source start after its path and a slash.
         let below_start = if path.ends_with(b"/") {
@@ -778,15 +708,8 @@ impl Walker<'_> {
             path.len() + 1
         };
         let mut stack = Vec::new();
-        self.enter_dir(dir.as_fd(), &path, 1)?;
-        let (level, failed) = read_level(dir, path.len(), root_mnt, &mut self.buf);
-        let ino = st.stx_ino;
-        self.prefetch
-            .level(&level.dir, level.mnt.0, ino, &level.names);
-        if let Some(e) = failed {
-            self.warn_io(&path, &e.into());
-        }
-        stack.push(level);
+        let root_mnt = (mnt_id(&st), meta::dev_ino(&st).0);
+        self.push_level(&mut stack, dir, &path, root_mnt, st.stx_ino)?;
         loop {
             let depth = stack.len();
             let Some(top) = stack.last_mut() else {
@@ -806,102 +729,244 @@ impl Walker<'_> {
             let Ok(name) = CStr::from_bytes_with_nul(&top.names[start..=start + len]) else {
                 continue;
             };
-            let at = At::Child {
-                dir: top.dir.as_fd(),
+            let child = Child {
+                parent: top,
                 name,
+                dtype,
+                depth,
             };
-            let rel = path.trim_start_matches_slash();
-            // The type from getdents spares a statx of excluded entries.
-            let hinted_dir = match dtype {
-                FileType::Unknown => None,
-                t => Some(t == FileType::Directory),
-            };
-            if hinted_dir.is_some_and(|d| self.left_out(rel, d, depth)) {
-                continue;
+            if let Some(sub) = self.visit(&child, &path, &root, below_start)? {
+                self.push_level(&mut stack, sub.dir, &path, sub.mnt, sub.ino)?;
             }
-            if rel.len() > byteback_protocol::limits::MAX_PATH {
-                self.warn(&path, "path too long; skipped".into(), false);
-                continue;
-            }
-            let st = match meta::stat_at(at) {
-                Ok(st) => st,
-                Err(e) => {
-                    self.warn_io(&path, &e);
-                    continue;
-                }
-            };
-            let is_dir = FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory;
-            if hinted_dir != Some(is_dir) && self.left_out(rel, is_dir, depth) {
-                continue;
-            }
-            if !self.emit(at, &st, &path, Some((root.clone(), below_start)))? || !is_dir {
-                continue;
-            }
-            let (dev, ino) = meta::dev_ino(&st);
-            let here = (mnt_id(&st), dev);
-            let crosses = match (here.0, top.mnt.0) {
-                (Some(child), Some(parent)) => child != parent,
-                // No mount ids (Linux before 5.8): a new device is a new filesystem.
-                _ => dev != top.mnt.1,
-            };
-            if crosses {
-                let shown = String::from_utf8_lossy(&path).into_owned();
-                if let Crossing::Skip(why) =
-                    self.mounts
-                        .crossing(here.0.unwrap_or(0), (dev, ino), &shown)
-                {
-                    self.sink.note(why);
-                    continue;
-                }
-            }
-            let dir = match rustix::fs::openat(
-                top.dir.as_fd(),
-                name,
-                OFlags::RDONLY
-                    | OFlags::DIRECTORY
-                    | OFlags::NOFOLLOW
-                    | OFlags::NOCTTY
-                    | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
-                Ok(d) => d,
-                Err(Errno::NOENT) => {
-                    self.warn_io(&path, &Errno::NOENT.into());
-                    continue;
-                }
-                Err(e @ (Errno::LOOP | Errno::NOTDIR)) => {
-                    let why = format!("no longer a directory: {}", io::Error::from(e));
-                    self.warn(&path, changed(&why, "not descended"), false);
-                    continue;
-                }
-                Err(e) => {
-                    self.warn_io(&path, &e.into());
-                    continue;
-                }
-            };
-            match meta::stat_at(At::Fd(dir.as_fd())) {
-                Ok(now) if meta::dev_ino(&now) == (dev, ino) => {}
-                Ok(_) => {
-                    let msg = changed("replaced by another directory", "not descended");
-                    self.warn(&path, msg, false);
-                    continue;
-                }
-                Err(e) => {
-                    self.warn_io(&path, &e);
-                    continue;
-                }
-            }
-            self.enter_dir(dir.as_fd(), &path, depth + 1)?;
-            let (level, failed) = read_level(dir, path.len(), here, &mut self.buf);
-            self.prefetch
-                .level(&level.dir, level.mnt.0, ino, &level.names);
-            if let Some(e) = failed {
-                self.warn_io(&path, &e.into());
-            }
-            stack.push(level);
         }
         Ok(())
     }
+
+    /// Opens a source by its path and sends its own entry (unless it is the
+    /// filesystem root, which has none). `None` when there is nothing below
+    /// it to walk: not a directory, left out, or unreadable (warned).
+    fn open_source(&mut self, src: &Path) -> Result<Option<(Arc<SourceRoot>, OwnedFd, Statx)>> {
+        let src_bytes = src.as_os_str().as_bytes();
+        let fd = match rustix::fs::open(src, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.warn_io(src_bytes, &e.into());
+                return Ok(None);
+            }
+        };
+        let st = match meta::stat_at(At::Fd(fd.as_fd())) {
+            Ok(st) => st,
+            Err(e) => {
+                self.warn_io(src_bytes, &e);
+                return Ok(None);
+            }
+        };
+        let root = Arc::new(SourceRoot {
+            path: src.to_path_buf(),
+            fd,
+        });
+        self.mounts.source_root(meta::dev_ino(&st));
+        if src_bytes.len() > byteback_protocol::limits::MAX_PATH + 1 {
+            self.warn(src_bytes, "path too long; skipped".into(), false);
+            return Ok(None);
+        }
+        // The filesystem root has no entry of its own (its path is empty).
+        let fs_root = src_bytes.trim_start_matches_slash().is_empty();
+        // As rsync --relative: filter rules apply to a source itself (not
+        // to its parents); an excluded source is left out whole.
+        let is_dir = FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory;
+        if !fs_root
+            && self.filter.as_ref().is_some_and(|f| {
+                f.check(
+                    &self.dir_rules,
+                    src_bytes.trim_start_matches_slash(),
+                    is_dir,
+                    0,
+                ) == Some(Action::Exclude)
+            })
+        {
+            self.sink
+                .note(format!("{} left out by a filter rule", src.display()));
+            return Ok(None);
+        }
+        let whole = Some((root.clone(), src_bytes.len()));
+        if !fs_root && !self.emit(At::Fd(root.fd.as_fd()), &st, src_bytes, whole)? {
+            return Ok(None);
+        }
+        if !is_dir {
+            return Ok(None);
+        }
+        let dir = match rustix::fs::openat(
+            root.fd.as_fd(),
+            c".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                self.warn_io(src_bytes, &e.into());
+                return Ok(None);
+            }
+        };
+        Ok(Some((root, dir, st)))
+    }
+
+    /// Enters the directory `path`, open as `dir`, one level below the top of
+    /// `stack`: its per-directory filter files, its sorted names (handed to
+    /// the prefetch threads too), pushed as the new top.
+    fn push_level(
+        &mut self,
+        stack: &mut Vec<Level>,
+        dir: OwnedFd,
+        path: &[u8],
+        mnt: (Option<u64>, u64),
+        ino: u64,
+    ) -> Result<()> {
+        self.enter_dir(dir.as_fd(), path, stack.len() + 1)?;
+        let (level, failed) = read_level(dir, path.len(), mnt, &mut self.buf);
+        self.prefetch
+            .level(&level.dir, level.mnt.0, ino, &level.names);
+        if let Some(e) = failed {
+            self.warn_io(path, &e.into());
+        }
+        stack.push(level);
+        Ok(())
+    }
+
+    /// Sends one entry below a source; for a directory to descend into,
+    /// returns it opened (checked to be the directory `statx` saw), with its
+    /// mount id and device, and its inode number.
+    fn visit(
+        &mut self,
+        child: &Child<'_>,
+        path: &[u8],
+        root: &Arc<SourceRoot>,
+        below_start: usize,
+    ) -> Result<Option<Subdir>> {
+        let (parent, depth) = (child.parent, child.depth);
+        let at = At::Child {
+            dir: parent.dir.as_fd(),
+            name: child.name,
+        };
+        let rel = path.trim_start_matches_slash();
+        // The type from getdents spares a statx of excluded entries.
+        let hinted_dir = match child.dtype {
+            FileType::Unknown => None,
+            t => Some(t == FileType::Directory),
+        };
+        if hinted_dir.is_some_and(|d| self.left_out(rel, d, depth)) {
+            return Ok(None);
+        }
+        if rel.len() > byteback_protocol::limits::MAX_PATH {
+            self.warn(path, "path too long; skipped".into(), false);
+            return Ok(None);
+        }
+        let st = match meta::stat_at(at) {
+            Ok(st) => st,
+            Err(e) => {
+                self.warn_io(path, &e);
+                return Ok(None);
+            }
+        };
+        let is_dir = FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory;
+        if hinted_dir != Some(is_dir) && self.left_out(rel, is_dir, depth) {
+            return Ok(None);
+        }
+        if !self.emit(at, &st, path, Some((root.clone(), below_start)))? || !is_dir {
+            return Ok(None);
+        }
+        let (dev, ino) = meta::dev_ino(&st);
+        let here = (mnt_id(&st), dev);
+        let crosses = match (here.0, parent.mnt.0) {
+            (Some(child), Some(parent)) => child != parent,
+            // No mount ids (Linux before 5.8): a new device is a new filesystem.
+            _ => dev != parent.mnt.1,
+        };
+        if crosses {
+            let shown = String::from_utf8_lossy(path).into_owned();
+            if let Crossing::Skip(why) =
+                self.mounts
+                    .crossing(here.0.unwrap_or(0), (dev, ino), &shown)
+            {
+                self.sink.note(why);
+                return Ok(None);
+            }
+        }
+        Ok(self
+            .open_subdir(parent.dir.as_fd(), child.name, path, (dev, ino))
+            .map(|dir| Subdir {
+                dir,
+                mnt: here,
+                ino,
+            }))
+    }
+
+    /// Opens the subdirectory `name` of `parent` without following a
+    /// symlink, and checks it is the object `statx` saw (`dev_ino`);
+    /// anything else is warned about and not descended.
+    fn open_subdir(
+        &mut self,
+        parent: BorrowedFd<'_>,
+        name: &CStr,
+        path: &[u8],
+        dev_ino: (u64, u64),
+    ) -> Option<OwnedFd> {
+        let dir = match rustix::fs::openat(
+            parent,
+            name,
+            OFlags::RDONLY
+                | OFlags::DIRECTORY
+                | OFlags::NOFOLLOW
+                | OFlags::NOCTTY
+                | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(d) => d,
+            Err(Errno::NOENT) => {
+                self.warn_io(path, &Errno::NOENT.into());
+                return None;
+            }
+            Err(e @ (Errno::LOOP | Errno::NOTDIR)) => {
+                let why = format!("no longer a directory: {}", io::Error::from(e));
+                self.warn(path, changed(&why, "not descended"), false);
+                return None;
+            }
+            Err(e) => {
+                self.warn_io(path, &e.into());
+                return None;
+            }
+        };
+        match meta::stat_at(At::Fd(dir.as_fd())) {
+            Ok(now) if meta::dev_ino(&now) == dev_ino => Some(dir),
+            Ok(_) => {
+                let msg = changed("replaced by another directory", "not descended");
+                self.warn(path, msg, false);
+                None
+            }
+            Err(e) => {
+                self.warn_io(path, &e);
+                None
+            }
+        }
+    }
+}
+
+/// A directory to descend into, opened and checked.
+struct Subdir {
+    dir: OwnedFd,
+    /// Its mount id (if the kernel gives one) and device.
+    mnt: (Option<u64>, u64),
+    ino: u64,
+}
+
+/// One name of a directory on the walk's stack, about to be visited.
+struct Child<'a> {
+    parent: &'a Level,
+    name: &'a CStr,
+    /// The type getdents gave (`Unknown` on some filesystems).
+    dtype: FileType,
+    /// Walk depth of `parent`.
+    depth: usize,
 }
 
 /// Walks every source, pushing entries in walk order into `sink`.
