@@ -260,7 +260,10 @@ mod tests {
     }
 
     /// Pre-order walk, names sorted, `rel` empty for the root.
-    fn walk(root: &Path, rel: &[u8], out: &mut Vec<(Vec<u8>, PathBuf, std::fs::Metadata)>) {
+    /// One walked object: its relative path, absolute path and metadata.
+    type WalkItem = (Vec<u8>, PathBuf, std::fs::Metadata);
+
+    fn walk(root: &Path, rel: &[u8], out: &mut Vec<WalkItem>) {
         let abs = if rel.is_empty() {
             root.to_path_buf()
         } else {
@@ -378,6 +381,8 @@ mod tests {
         w.finish().unwrap();
     }
 
+    /// Every kind of entry and metadata read, applied, compared with rsync
+    /// and read again, as named steps.
     #[test]
     fn meta_roundtrip_matches_rsync() {
         if skip_unless_root("meta_roundtrip_matches_rsync") {
@@ -388,7 +393,23 @@ mod tests {
         let dst = t.path().join("dst");
         std::fs::create_dir(&src).unwrap();
         std::fs::create_dir(&dst).unwrap();
+        let devs = make_meta_tree(&src);
+        let mut items = Vec::new();
+        walk(&src, b"", &mut items);
+        let entries: Vec<Entry> = items
+            .iter()
+            .map(|(rel, abs, _)| entry_at_path(abs, rel.clone()))
+            .collect();
+        spot_check_entries(&entries, devs);
+        restore_in_walk_order(&entries, &items, &dst);
+        assert_rsync_sees_no_difference(&src, &dst);
+        assert_rereads_the_same(&dst, &entries);
+    }
 
+    /// A tree with setuid, ACLs, xattrs, a dangling symlink, specials, a
+    /// name that is not UTF-8, a foreign owner, nanosecond mtimes and holes.
+    /// Returns the character and block device numbers used.
+    fn make_meta_tree(src: &Path) -> (u64, u64) {
         // Setuid file with user xattrs and an access ACL.
         let suid = src.join("suid");
         std::fs::write(&suid, b"#!/bin/sh\necho hi\n".repeat(100)).unwrap();
@@ -471,13 +492,10 @@ mod tests {
         // Setgid dir mtime must be restored after its content.
         set_mtime(&dacl, 1_500_000_000, 999_999_999);
 
-        let mut items = Vec::new();
-        walk(&src, b"", &mut items);
-        let entries: Vec<Entry> = items
-            .iter()
-            .map(|(rel, abs, _)| entry_at_path(abs, rel.clone()))
-            .collect();
+        (dev, bdev)
+    }
 
+    fn spot_check_entries(entries: &[Entry], (dev, bdev): (u64, u64)) {
         // Spot checks of read_entry.
         let find = |p: &[u8]| entries.iter().find(|e| e.path == p).unwrap();
         let e = find(b"suid");
@@ -511,11 +529,13 @@ mod tests {
             (e.uid, e.gid, e.mtime_sec, e.mtime_nsec),
             (1234, 5678, 1_234_567_890, 123_456_789)
         );
+    }
 
-        // Restore in walk order, directories' metadata again at the end (mtime).
-        for (e, (_, abs, _)) in entries.iter().zip(&items) {
+    /// Restores in walk order, directories' metadata again at the end (mtime).
+    fn restore_in_walk_order(entries: &[Entry], items: &[WalkItem], dst: &Path) {
+        for (e, (_, abs, _)) in entries.iter().zip(items) {
             let to = if e.path.is_empty() {
-                dst.clone()
+                dst.to_path_buf()
             } else {
                 dst.join(OsStr::from_bytes(&e.path))
             };
@@ -545,11 +565,13 @@ mod tests {
             read_xattrs(&cpath(&dst.join("dangling")), false).unwrap(),
             [(b"trusted.link".to_vec(), b"v".to_vec())]
         );
+    }
 
+    fn assert_rsync_sees_no_difference(src: &Path, dst: &Path) {
         // The project's oracle.
-        let mut src_arg = src.clone().into_os_string();
+        let mut src_arg = src.as_os_str().to_owned();
         src_arg.push("/");
-        let mut dst_arg = dst.clone().into_os_string();
+        let mut dst_arg = dst.as_os_str().to_owned();
         dst_arg.push("/");
         let out = Command::new("rsync")
             .args([
@@ -574,16 +596,18 @@ mod tests {
             "rsync sees differences:\n{}",
             String::from_utf8_lossy(&out.stdout)
         );
+    }
 
+    fn assert_rereads_the_same(dst: &Path, entries: &[Entry]) {
         // Re-reading the restored tree gives the same entries.
         let mut again = Vec::new();
-        walk(&dst, b"", &mut again);
+        walk(dst, b"", &mut again);
         let restored: Vec<Entry> = again
             .iter()
             .map(|(rel, abs, _)| entry_at_path(abs, rel.clone()))
             .collect();
         assert_eq!(restored.len(), entries.len());
-        for (r, e) in restored.iter().zip(&entries) {
+        for (r, e) in restored.iter().zip(entries) {
             assert_eq!(
                 r,
                 e,
