@@ -1,7 +1,7 @@
 //! Pre- and post-backup hooks (`<config dir>/pre-backup.d/`,
 //! `post-backup.d/`) with the real `byteback-backup` into a local store.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

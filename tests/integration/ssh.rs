@@ -2,7 +2,7 @@
 //! key, an unprivileged server account created per test, byteback-setup-client
 //! run against it, then backups and restores through the key's forced command.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::path::{Path, PathBuf};

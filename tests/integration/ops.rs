@@ -9,7 +9,7 @@
 //! nothing printed. A missing tool fails the test when `CI` is set
 //! (scripts/test.sh installs them) and is reported loudly otherwise.
 
-mod util;
+use crate::util;
 
 use std::collections::BTreeSet;
 use std::fs;

@@ -10,7 +10,7 @@
 //!   segment boundaries costs about the inserted bytes and one block, not a
 //!   block per segment, and restores exactly.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::io::Write;

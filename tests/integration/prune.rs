@@ -2,7 +2,7 @@
 //! importance pruning on a real btrfs loop filesystem driven through `--now`,
 //! multi-host fairness, the growth guard, status, and 1.x-named stores.
 
-mod util;
+use crate::util;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

@@ -1,7 +1,7 @@
 //! End to end: real `byteback-backup`, `byteback-server` and `byteback-restore`
 //! processes, plain and btrfs stores, rsync as the oracle.
 
-mod util;
+use crate::util;
 
 use std::ffi::OsStr;
 use std::fs;

@@ -13,7 +13,7 @@
 //! snapshot's digest is unchanged, the client has exited within a bound and
 //! no server process is left; at the end a backup restores exactly.
 
-mod util;
+use crate::util;
 
 use std::collections::BTreeMap;
 use std::fs;

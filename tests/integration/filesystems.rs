@@ -3,7 +3,7 @@
 //! bind mounts and second mounts never walked twice; btrfs subvolumes always
 //! included; `--one-file-system` for those who want less.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -11,7 +11,7 @@
 //! nothing outside `<store>/victim` changed and no existing snapshot changed.
 #![allow(clippy::unwrap_used)] // a panic is how a test fails
 
-mod util;
+use crate::util;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{OsStr, OsString};

@@ -4,7 +4,7 @@
 //! snapshot that exists on disc, the snapshots a prune deleted are gone and
 //! the ones it kept are there; the restored tree equals the source).
 
-mod util;
+use crate::util;
 
 use std::collections::BTreeSet;
 use std::fs;

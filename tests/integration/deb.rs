@@ -9,7 +9,7 @@
 //! cargo-deb, dpkg, man and systemd-analyze missing: the test fails when `CI`
 //! is set (scripts/test.sh installs them) and says so loudly otherwise.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::path::Path;

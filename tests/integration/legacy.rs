@@ -2,7 +2,7 @@
 //! manifest) are listed and restored with their metadata through the normal
 //! byteback-restore path, beside byteback's own snapshots of the same host.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

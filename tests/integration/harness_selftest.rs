@@ -1,7 +1,7 @@
 //! Self-test of the shared test helpers in `tests/util`: the oracles must
 //! agree on identical trees and must be able to fail.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;

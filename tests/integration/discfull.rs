@@ -3,7 +3,7 @@
 //! on; when nothing may be deleted it fails saying so, and a later, smaller
 //! backup succeeds. Real btrfs on a loop device, days simulated with `--now`.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::path::{Path, PathBuf};

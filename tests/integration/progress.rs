@@ -6,7 +6,7 @@
 //! The terminal is a real pseudo-terminal: `script` (util-linux) runs the
 //! real binaries on one and records what they wrote to it.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;

@@ -9,9 +9,9 @@
 //! untouched: contents, modes, owners, xattrs (ctime) and link counts.
 #![allow(clippy::unwrap_used)] // a panic is how a test fails
 
-mod util;
+use crate::util;
 
-#[path = "support/scenario.rs"]
+#[path = "../support/scenario.rs"]
 mod scenario;
 
 use std::fs;

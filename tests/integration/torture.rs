@@ -8,7 +8,7 @@
 //! The budget is `BYTEBACK_TORTURE_SECS` (default 45 s, for CI); set it
 //! higher for a soak.
 
-mod util;
+use crate::util;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -3,7 +3,7 @@
 //! restore from the damaged snapshot reports the file and restores the rest,
 //! and budgeted runs cover the whole host over several runs.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt};

@@ -19,7 +19,7 @@
 //! the tests are skipped loudly, and fail when `CI` is set. Every server and
 //! writer is killed by a Drop guard, also when a test panics.
 
-mod util;
+use crate::util;
 
 use std::fs::{self, File};
 use std::io::Write;

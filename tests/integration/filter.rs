@@ -2,7 +2,7 @@
 //! `--snapshot` globs: real `byteback-backup` / `byteback-restore` processes
 //! with `BYTEBACK_CONFIG_DIR` pointing at a private settings directory.
 
-mod util;
+use crate::util;
 
 use std::ffi::OsStr;
 use std::fs;

@@ -9,7 +9,7 @@
 //! scripts/test.sh): missing, it fails when `CI` is set and says so loudly
 //! otherwise.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::path::Path;
