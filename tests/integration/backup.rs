@@ -795,10 +795,7 @@ fn a_directory_swapped_for_a_symlink_during_the_backup_leaks_nothing() {
 // ---------------------------------------------------------------------------
 
 fn kill9(pid: u32) {
-    // SAFETY: a plain syscall; the pid was just read from /proc.
-    unsafe {
-        libc::kill(pid as i32, libc::SIGKILL);
-    }
+    send_signal(pid, Signal::KILL);
 }
 
 /// Fails (after killing them) if processes naming `marker` are still there

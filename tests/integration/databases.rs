@@ -129,7 +129,7 @@ fn text(o: &Output) -> String {
 /// A server process, stopped with `stop_signal` (then SIGKILL) on drop.
 struct Server {
     child: Child,
-    stop_signal: i32,
+    stop_signal: Signal,
     log: PathBuf,
 }
 
@@ -161,9 +161,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        // SAFETY: kill has no memory-safety preconditions; the child is not
-        // reaped yet, so its pid is still ours.
-        unsafe { libc::kill(self.child.id() as i32, self.stop_signal) };
+        send_signal(self.child.id(), self.stop_signal);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -243,9 +241,7 @@ impl Drop for Writer {
             self.stop.store(true, Ordering::SeqCst);
             let pid = self.pid.load(Ordering::SeqCst);
             if pid != 0 {
-                // SAFETY: as in Server::drop; at worst the pid is already reaped
-                // by the thread and this is a harmless ESRCH.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                send_signal(pid, Signal::KILL);
             }
             let _ = t.join();
         }
@@ -397,7 +393,7 @@ impl Mariadb {
             .unwrap();
         let mut server = Server {
             child,
-            stop_signal: libc::SIGKILL,
+            stop_signal: Signal::KILL,
             log,
         };
         server.wait_ready("mariadbd", || {
@@ -639,7 +635,7 @@ impl Postgres {
         // SIGQUIT: immediate shutdown, the server's children too.
         let mut server = Server {
             child,
-            stop_signal: libc::SIGQUIT,
+            stop_signal: Signal::QUIT,
             log,
         };
         let sockdir = dir.path().to_path_buf();

@@ -19,7 +19,7 @@ use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -193,25 +193,12 @@ fn run_server(what: &str, args: &[OsString], input: &[u8], data_limit: Option<u6
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(limit) = data_limit {
-        let lim = libc::rlimit {
-            rlim_cur: limit as libc::rlim_t,
-            rlim_max: limit as libc::rlim_t,
-        };
-        // SAFETY: the closure only calls setrlimit (async-signal-safe) with a
-        // valid rlimit, and reads errno.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setrlimit(libc::RLIMIT_DATA, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        limit_data(&mut cmd, limit);
     }
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start byteback-server: {e}"));
-    let pid = child.id() as libc::pid_t;
+    let pid = child.id();
     let mut stdin = child.stdin.take().unwrap();
     let input = input.to_vec();
     // The server may stop reading at any point; a broken pipe is expected then.
@@ -240,8 +227,7 @@ fn run_server(what: &str, args: &[OsString], input: &[u8], data_limit: Option<u6
     let (status, hung) = match rx.recv_timeout(TIMEOUT) {
         Ok(s) => (s, false),
         Err(_) => {
-            // SAFETY: plain syscall on our own, not yet reaped, child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            send_signal(pid, Signal::KILL);
             (rx.recv().unwrap(), true)
         }
     };
@@ -1031,7 +1017,7 @@ fn open_transfer_cannot_make_the_server_buffer_entries_without_bound() {
     }
     let o = env.serve_limited("entries queued behind an open transfer", &s.bytes);
     assert!(
-        !(o.signal == Some(libc::SIGABRT) && o.stderr.contains("memory allocation")),
+        !(o.signal == Some(Signal::ABORT.as_raw()) && o.stderr.contains("memory allocation")),
         "the server kept every entry queued behind the unfinished transfer in memory \
          and ran out of its {} MiB data limit (BackupReceiver::slots is unbounded):\n{}",
         DATA_LIMIT >> 20,
@@ -1378,7 +1364,7 @@ fn setuid_bits_and_device_nodes_are_not_materialised() {
             owned(entry(
                 b"loop",
                 Kind::BlockDev {
-                    rdev: libc::makedev(7, 0),
+                    rdev: rustix::fs::makedev(7, 0),
                 },
                 0o666,
                 m,
@@ -1389,7 +1375,7 @@ fn setuid_bits_and_device_nodes_are_not_materialised() {
             owned(entry(
                 b"null",
                 Kind::CharDev {
-                    rdev: libc::makedev(1, 3),
+                    rdev: rustix::fs::makedev(1, 3),
                 },
                 0o666,
                 m,
@@ -1426,8 +1412,7 @@ fn setuid_bits_and_device_nodes_are_not_materialised() {
     assert_eq!(env.accept(), vec![snap.clone()]);
 
     assert_eq!(fs::read(env.current().join("suid")).unwrap(), body);
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     for (p, md) in walk_all(&env.store) {
         let ft = md.file_type();
         assert!(

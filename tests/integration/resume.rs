@@ -145,10 +145,7 @@ impl World {
     /// takes SIGKILL).
     fn kill_silenced(&self) {
         for p in self.silenced.borrow_mut().drain(..) {
-            // SAFETY: kill(2) with a pid this test stopped, and SIGKILL.
-            unsafe {
-                libc::kill(p as libc::pid_t, libc::SIGKILL);
-            }
+            send_signal(p, Signal::KILL);
         }
     }
 
@@ -237,12 +234,12 @@ impl World {
     /// listener and the byteback server (the per-connection monitor and its
     /// unprivileged child), never a byteback process.
     fn cut_connection(&self) -> bool {
-        !self.signal_connection(libc::SIGKILL).is_empty()
+        !self.signal_connection(Signal::KILL).is_empty()
     }
 
     /// Sends `sig` to the sshd processes between the listener and the
     /// byteback server; returns them.
-    fn signal_connection(&self, sig: libc::c_int) -> Vec<u32> {
+    fn signal_connection(&self, sig: Signal) -> Vec<u32> {
         let (sshd, _) = self.ssh.as_ref().expect("not over SSH");
         let listener = fs::read_to_string(sshd.dir.join("sshd.pid"))
             .ok()
@@ -263,10 +260,7 @@ impl World {
         victims.sort_unstable();
         victims.dedup();
         for &p in &victims {
-            // SAFETY: kill(2) with a pid read from /proc and a signal.
-            unsafe {
-                libc::kill(p as libc::pid_t, sig);
-            }
+            send_signal(p, sig);
         }
         victims
     }
@@ -277,26 +271,20 @@ impl World {
             Cut::Server => {
                 let servers = self.servers();
                 for &p in &servers {
-                    // SAFETY: kill(2) with a pid read from /proc and SIGKILL.
-                    unsafe {
-                        libc::kill(p as libc::pid_t, libc::SIGKILL);
-                    }
+                    send_signal(p, Signal::KILL);
                 }
                 !servers.is_empty()
             }
             Cut::Connection => self.cut_connection(),
             Cut::Silent => {
-                let stopped = self.signal_connection(libc::SIGSTOP);
+                let stopped = self.signal_connection(Signal::STOP);
                 self.silenced.borrow_mut().extend(&stopped);
                 !stopped.is_empty()
             }
             Cut::Stop => {
                 let servers = self.servers();
                 for &p in &servers {
-                    // SAFETY: kill(2) with a pid read from /proc and SIGSTOP.
-                    unsafe {
-                        libc::kill(p as libc::pid_t, libc::SIGSTOP);
-                    }
+                    send_signal(p, Signal::STOP);
                 }
                 !servers.is_empty()
             }

@@ -944,10 +944,7 @@ fn over_ssh_a_failing_or_killed_server_never_leaves_the_client_hanging() {
             std::thread::sleep(Duration::from_micros(200));
         }
         for &p in &pids {
-            // SAFETY: a plain syscall on pids just read from /proc.
-            unsafe {
-                libc::kill(p as i32, libc::SIGKILL);
-            }
+            send_signal(p, Signal::KILL);
         }
         let killed = Instant::now();
         let status = loop {

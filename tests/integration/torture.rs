@@ -157,10 +157,7 @@ fn kill_9_at_random_moments_never_changes_a_snapshot() {
                 .map(|(p, _)| p)
                 .collect();
             for p in &servers {
-                // SAFETY: kill(2) with a pid read from /proc and SIGKILL.
-                unsafe {
-                    libc::kill(*p as libc::pid_t, libc::SIGKILL);
-                }
+                send_signal(*p, Signal::KILL);
             }
             server_kills += 1;
         }

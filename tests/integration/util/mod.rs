@@ -27,8 +27,7 @@ pub mod sshd;
 
 /// True when the test process runs with effective uid 0.
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
 }
 
 /// Gate for tests that need root. Use as `if !require_root("what") { return; }`.
@@ -205,11 +204,6 @@ impl Rng {
 // Small filesystem primitives (all panic with the path on failure)
 // ---------------------------------------------------------------------------
 
-fn cpath(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes())
-        .unwrap_or_else(|_| panic!("path contains a NUL byte: {}", p.display()))
-}
-
 fn bytes_name(b: &[u8]) -> OsString {
     OsString::from_vec(b.to_vec())
 }
@@ -240,67 +234,44 @@ fn lchown(p: &Path, uid: u32, gid: u32) {
 }
 
 fn set_xattr(p: &Path, name: &str, value: &[u8]) {
-    let c = cpath(p);
-    let n = CString::new(name).expect("xattr name with NUL");
-    // SAFETY: c and n are valid NUL-terminated strings; value is a valid
-    // buffer of value.len() bytes.
-    let r = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r != 0 {
-        panic!(
-            "setxattr {name} on {}: {}",
-            p.display(),
-            io::Error::last_os_error()
-        );
-    }
+    rustix::fs::lsetxattr(p, name, value, rustix::fs::XattrFlags::empty())
+        .unwrap_or_else(|e| panic!("setxattr {name} on {}: {e}", p.display()));
 }
 
 /// Sets atime and mtime of `p` (not following symlinks) to `sec.nsec`.
 pub fn set_mtime(p: &Path, sec: i64, nsec: i64) {
-    let c = cpath(p);
-    let t = libc::timespec {
-        tv_sec: sec as libc::time_t,
+    let t = rustix::fs::Timespec {
+        tv_sec: sec,
         tv_nsec: nsec as _,
     };
-    let times = [t, t];
-    // SAFETY: c is a valid C string, times points to two timespecs.
-    let r = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
+    let times = rustix::fs::Timestamps {
+        last_access: t,
+        last_modification: t,
     };
-    if r != 0 {
-        panic!("utimensat {}: {}", p.display(), io::Error::last_os_error());
-    }
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        p,
+        &times,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap_or_else(|e| panic!("utimensat {}: {e}", p.display()));
 }
 
-fn mknod(p: &Path, kind: libc::mode_t, mode: u32, major: u32, minor: u32) {
-    let c = cpath(p);
-    let dev = libc::makedev(major, minor);
-    // SAFETY: c is a valid C string.
-    let r = unsafe { libc::mknod(c.as_ptr(), kind | mode as libc::mode_t, dev) };
-    if r != 0 {
-        panic!("mknod {}: {}", p.display(), io::Error::last_os_error());
-    }
+/// mknod of a device (`kind` [`rustix::fs::FileType::CharacterDevice`] or
+/// `BlockDevice`), a FIFO or a socket, relative to the current directory.
+fn mknod(p: &Path, kind: rustix::fs::FileType, mode: u32, major: u32, minor: u32) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        p,
+        kind,
+        rustix::fs::Mode::from_raw_mode(mode),
+        rustix::fs::makedev(major, minor),
+    )
+    .unwrap_or_else(|e| panic!("mknod {}: {e}", p.display()));
 }
 
 fn mkfifo(p: &Path, mode: u32) {
-    let c = cpath(p);
-    // SAFETY: c is a valid C string.
-    let r = unsafe { libc::mkfifo(c.as_ptr(), mode as libc::mode_t) };
-    if r != 0 {
-        panic!("mkfifo {}: {}", p.display(), io::Error::last_os_error());
-    }
+    mknod(p, rustix::fs::FileType::Fifo, mode, 0, 0);
 }
 
 fn lstat(p: &Path) -> Metadata {
@@ -539,8 +510,20 @@ pub fn make_rich_tree(root: &Path, rng: &mut Rng) {
         );
         set_mode(&sock, 0o755);
         if root_user {
-            mknod(&special.join("char_null"), libc::S_IFCHR, 0o666, 1, 3);
-            mknod(&special.join("block_loop200"), libc::S_IFBLK, 0o660, 7, 200);
+            mknod(
+                &special.join("char_null"),
+                rustix::fs::FileType::CharacterDevice,
+                0o666,
+                1,
+                3,
+            );
+            mknod(
+                &special.join("block_loop200"),
+                rustix::fs::FileType::BlockDevice,
+                0o660,
+                7,
+                200,
+            );
             set_mode(&special.join("char_null"), 0o666);
             set_mode(&special.join("block_loop200"), 0o660);
         }
@@ -771,7 +754,7 @@ fn esc(b: &[u8]) -> String {
 fn file_fnv(p: &Path) -> u64 {
     let mut f = fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NOCTTY).bits() as i32)
         .open(p)
         .unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
     let mut h = FNV_OFFSET;
@@ -791,58 +774,38 @@ fn file_fnv(p: &Path) -> u64 {
 /// Includes `system.posix_acl_*` (the kernel's ACL encoding). A filesystem
 /// without xattr support gives an empty list.
 pub fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let c = cpath(p);
+    use rustix::io::Errno;
     let names = loop {
-        // SAFETY: c is a valid C string; a null buffer of size 0 asks for the size.
-        let size = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
-        if size < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENOTSUP) {
-                return Vec::new();
+        let size = match rustix::fs::llistxattr_query(p) {
+            Ok(size) => size,
+            Err(Errno::NOTSUP) => return Vec::new(),
+            Err(e) => panic!("listxattr {}: {e}", p.display()),
+        };
+        let mut buf = vec![0u8; size];
+        match rustix::fs::llistxattr(p, &mut buf[..]) {
+            Ok(got) => {
+                buf.truncate(got);
+                break buf;
             }
-            panic!("listxattr {}: {e}", p.display());
+            Err(Errno::RANGE) => continue, // grew in between
+            Err(e) => panic!("listxattr {}: {e}", p.display()),
         }
-        let mut buf = vec![0u8; size as usize];
-        // SAFETY: buf has buf.len() writable bytes.
-        let got = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if got < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ERANGE) {
-                continue; // grew in between
-            }
-            panic!("listxattr {}: {e}", p.display());
-        }
-        buf.truncate(got as usize);
-        break buf;
     };
     let mut out = Vec::new();
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let cn = CString::new(name).expect("xattr name with NUL");
         let value = loop {
-            // SAFETY: valid C strings; size query.
-            let size = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), std::ptr::null_mut(), 0) };
-            if size < 0 {
-                panic!(
-                    "getxattr {} {}: {}",
-                    esc(name),
-                    p.display(),
-                    io::Error::last_os_error()
-                );
-            }
-            let mut buf = vec![0u8; size as usize];
-            // SAFETY: buf has buf.len() writable bytes.
-            let got = unsafe {
-                libc::lgetxattr(c.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            };
-            if got < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ERANGE) {
-                    continue;
+            let size = rustix::fs::lgetxattr_query(p, &cn)
+                .unwrap_or_else(|e| panic!("getxattr {} {}: {e}", esc(name), p.display()));
+            let mut buf = vec![0u8; size];
+            match rustix::fs::lgetxattr(p, &cn, &mut buf[..]) {
+                Ok(got) => {
+                    buf.truncate(got);
+                    break buf;
                 }
-                panic!("getxattr {} {}: {e}", esc(name), p.display());
+                Err(Errno::RANGE) => continue,
+                Err(e) => panic!("getxattr {} {}: {e}", esc(name), p.display()),
             }
-            buf.truncate(got as usize);
-            break buf;
         };
         out.push((name.to_vec(), value));
     }
@@ -928,7 +891,11 @@ pub fn tree_digest(root: &Path) -> String {
             out.push_str(&format!(" target={}", esc(t.as_os_str().as_bytes())));
         } else if ft.is_char_device() || ft.is_block_device() {
             let r = m.rdev();
-            out.push_str(&format!(" rdev={}:{}", libc::major(r), libc::minor(r)));
+            out.push_str(&format!(
+                " rdev={}:{}",
+                rustix::fs::major(r),
+                rustix::fs::minor(r)
+            ));
         }
         for (name, value) in xattrs(p) {
             out.push_str(&format!(
@@ -1100,12 +1067,7 @@ const BTRFS_SUPER_MAGIC: u32 = 0x9123_683E;
 /// True when `path` lives on a btrfs filesystem (statfs magic; follows
 /// symlinks). False when statfs fails.
 pub fn is_btrfs(path: &Path) -> bool {
-    let c = cpath(path);
-    // SAFETY: statfs is plain old data; zeroed is a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c is a valid C string, st a valid out-pointer.
-    let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    r == 0 && st.f_type as u32 == BTRFS_SUPER_MAGIC
+    rustix::fs::statfs(path).is_ok_and(|st| st.f_type as u32 == BTRFS_SUPER_MAGIC)
 }
 
 /// Serialises losetup/mount within one test binary; across processes the
@@ -1309,12 +1271,8 @@ fn is_immutable(path: &Path) -> bool {
 }
 
 fn mounted_read_only(path: &Path) -> bool {
-    let c = cpath(path);
-    // SAFETY: statvfs is plain old data; zeroed is a valid value.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c is a valid C string, st a valid out-pointer.
-    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    r == 0 && (st.f_flag & libc::ST_RDONLY) != 0
+    rustix::fs::statvfs(path)
+        .is_ok_and(|st| st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
 }
 
 /// True when `path` (file or directory; symlinks in it are resolved first)
@@ -1386,7 +1344,41 @@ pub fn is_read_only(path: &Path) -> bool {
 // Processes and simulated time
 // ---------------------------------------------------------------------------
 
-/// Every process whose command line mentions `marker` (not this one).
+pub use rustix::process::Signal;
+
+/// Sends `sig` to process `pid`. A process already gone (`ESRCH`) is not an
+/// error: the pids come from `/proc` or from children that may have ended
+/// since; any other failure panics.
+pub fn send_signal(pid: u32, sig: Signal) {
+    let p = rustix::process::Pid::from_raw(pid as i32)
+        .unwrap_or_else(|| panic!("send_signal: no such pid {pid}"));
+    match rustix::process::kill_process(p, sig) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+        Err(e) => panic!("kill -{} {pid}: {e}", sig.as_raw()),
+    }
+}
+
+/// Starts `cmd` with its data segment limited to `bytes` (`RLIMIT_DATA`,
+/// soft and hard), as a memory cap a greedy process dies against.
+pub fn limit_data(cmd: &mut Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    let lim = rustix::process::Rlimit {
+        current: Some(bytes),
+        maximum: Some(bytes),
+    };
+    // SAFETY: the closure runs between fork and exec and only makes the
+    // setrlimit system call (async-signal-safe; no allocation, no locks).
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::setrlimit(rustix::process::Resource::Data, lim.clone())
+                .map_err(io::Error::from)
+        });
+    }
+}
+
+/// Every process whose command line mentions `marker` (not this one). The
+/// tests of all areas run concurrently in one process: pass a marker only
+/// the test's own processes carry (its store's or scratch directory's path).
 pub fn processes_naming(marker: &str) -> Vec<(u32, String)> {
     let me = std::process::id();
     let mut out = vec![];
