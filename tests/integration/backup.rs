@@ -25,16 +25,6 @@ fn backup(store: &Path, src: &Path, host: &str) -> Output {
         .args(["--hostname", host, "--retry-number", "0"]))
 }
 
-fn snapshots(store: &Path, host: &str) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(store.join(host))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-        .collect();
-    v.sort();
-    v
-}
-
 /// Restores everything of `snapshot` (or the newest) into `into`; returns `<into>/<snapshot>`.
 fn restore_all(store: &Path, host: &str, snapshot: Option<&str>, into: &Path) -> PathBuf {
     fs::create_dir_all(into).unwrap();
@@ -55,10 +45,6 @@ fn restore_all(store: &Path, host: &str, snapshot: Option<&str>, into: &Path) ->
 
 fn restored_path(root: &Path, src: &Path) -> PathBuf {
     root.join(src.strip_prefix("/").unwrap())
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Edits of every kind between two backups.

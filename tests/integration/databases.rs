@@ -312,15 +312,7 @@ impl Site {
     }
 
     fn snapshots(&self) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(self.store.join("db"))
-            .map(|rd| {
-                rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        snapshots(&self.store, "db")
     }
 
     /// Restores `<dumps>/<name>` from the newest snapshot with the real

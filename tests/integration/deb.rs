@@ -13,37 +13,12 @@ use crate::util;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use util::*;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const PACKAGE: &str = "byteback";
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// True when `cmd` runs. Missing: panics under CI, else says so loudly.
-fn have(what: &str, cmd: &mut Command) -> bool {
-    if cmd.output().map(|o| o.status.success()).unwrap_or(false) {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is not installed and CI is set (scripts/test.sh installs it)");
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n******** SKIPPED: {what} is not installed ********\n"
-    );
-    false
-}
 
 /// Purges the package on drop, so a failing test leaves nothing in /usr.
 struct Installed;
@@ -52,7 +27,7 @@ impl Drop for Installed {
     fn drop(&mut self) {
         match Command::new("dpkg").args(["--purge", PACKAGE]).output() {
             Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!("dpkg --purge {PACKAGE}: {}", text(&o)),
+            Ok(o) => eprintln!("dpkg --purge {PACKAGE}: {}", output_text(&o)),
             Err(e) => eprintln!("dpkg --purge {PACKAGE}: {e}"),
         }
     }
@@ -107,7 +82,7 @@ fn the_debian_package_installs_works_and_goes_away() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "deb"))
         .collect();
-    assert_eq!(debs.len(), 1, "one .deb: {debs:?}\n{}", text(&o));
+    assert_eq!(debs.len(), 1, "one .deb: {debs:?}\n{}", output_text(&o));
     let deb = &debs[0];
 
     // What it holds.
@@ -194,7 +169,7 @@ fn the_debian_package_installs_works_and_goes_away() {
     assert!(
         files.iter().any(|f| f == "/usr/bin/byteback-backup"),
         "{files:?}\n{}",
-        text(&o)
+        output_text(&o)
     );
     let o = run(Command::new("/usr/bin/byteback-backup").arg("--version"));
     assert_eq!(
@@ -230,7 +205,7 @@ fn the_debian_package_installs_works_and_goes_away() {
     assert!(
         o.status.success() && o.stdout.is_empty() && o.stderr.is_empty(),
         "systemd-analyze verify: {}",
-        text(&o)
+        output_text(&o)
     );
 
     // A local backup and restore with the installed programs only (the

@@ -28,29 +28,11 @@ impl Rig {
     }
 
     fn backup(&self, src: &Path, host: &str, now: i64) -> Output {
-        run_status(
-            Command::new(bin("byteback-backup"))
-                .env("BYTEBACK_SERVER", &self.wrapper)
-                .env("BYTEBACK_TEST_NOW", rfc3339(now))
-                .env("TZ", "UTC")
-                .arg("--destination")
-                .arg(&self.store)
-                .arg("--source")
-                .arg(src)
-                .args(["--hostname", host, "--retry-number", "0"]),
-        )
+        run_status(&mut backup_at(&self.store, &self.wrapper, src, host, now))
     }
 
     fn snapshots(&self, host: &str) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(self.store.join(host))
-            .map(|d| {
-                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        snapshots(&self.store, host)
     }
 }
 

@@ -39,10 +39,6 @@ fn setup() -> Setup {
     }
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 fn p(root: &Path, rel: &[u8]) -> PathBuf {
     root.join(OsStr::from_bytes(rel))
 }
@@ -51,18 +47,6 @@ fn put(root: &Path, rel: &[u8], data: &[u8]) {
     let f = p(root, rel);
     fs::create_dir_all(f.parent().unwrap()).unwrap();
     fs::write(f, data).unwrap();
-}
-
-fn snapshots(store: &Path, host: &str) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(store.join(host))
-        .map(|d| {
-            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 impl Setup {

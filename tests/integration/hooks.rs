@@ -81,15 +81,7 @@ impl Setup {
     }
 
     fn snapshots(&self) -> Vec<String> {
-        let Ok(rd) = fs::read_dir(self.store.join("h")) else {
-            return vec![];
-        };
-        let mut v: Vec<String> = rd
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-            .collect();
-        v.sort();
-        v
+        snapshots(&self.store, "h")
     }
 
     /// `<snapshot>/<src>/<rel>` in the store.
@@ -117,10 +109,6 @@ fn record_post_env(s: &Setup) {
 
 fn post_env(s: &Setup) -> String {
     fs::read_to_string(s.work.join("post-env")).unwrap_or_default()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]

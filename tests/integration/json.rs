@@ -28,12 +28,8 @@ fn json_of(o: &Output) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
 }
 
-fn snapshots(store: &Path, host: &str) -> BTreeSet<String> {
-    fs::read_dir(store.join(host))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-        .collect()
+fn snapshot_set(store: &Path, host: &str) -> BTreeSet<String> {
+    snapshots(store, host).into_iter().collect()
 }
 
 struct Setup {
@@ -45,16 +41,9 @@ struct Setup {
 impl Setup {
     fn backup(&self, src: &Path, host: &str, now: i64) -> Output {
         run_status(
-            Command::new(bin("byteback-backup"))
+            backup_at(&self.store, &self.wrapper, src, host, now)
                 .env("BYTEBACK_CONFIG_DIR", &self.conf)
-                .env("BYTEBACK_SERVER", &self.wrapper)
-                .env("BYTEBACK_TEST_NOW", rfc3339(now))
-                .env("TZ", "UTC")
-                .arg("--destination")
-                .arg(&self.store)
-                .arg("--source")
-                .arg(src)
-                .args(["--hostname", host, "--retry-number", "0", "--json"]),
+                .arg("--json"),
         )
     }
 }
@@ -129,7 +118,7 @@ fn backup_and_restore_json_figures_match_what_happened() {
     assert!(entries > N as u64 + 4 + 2, "{j}");
     let snap1 = j["snapshot"].as_str().unwrap().to_string();
     assert_eq!(
-        snapshots(&store, "jsonhost"),
+        snapshot_set(&store, "jsonhost"),
         BTreeSet::from([snap1.clone()])
     );
     // The summary line on stderr is unchanged.

@@ -7,7 +7,7 @@ use crate::util;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use util::sshd::Sshd;
 use util::*;
@@ -86,10 +86,6 @@ fn backup_as_1x(
 
 fn restored(root: &Path, src: &Path) -> PathBuf {
     root.join(src.strip_prefix("/").unwrap())
-}
-
-fn stderr(o: &Output) -> String {
-    text(&o.stderr)
 }
 
 #[test]

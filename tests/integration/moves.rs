@@ -16,17 +16,13 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use util::*;
 
 const MIB: u64 = 1 << 20;
 /// Size of the big file (12 segments of the client's delta).
 const BIG: u64 = 48 * MIB;
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// The number just before `marker` in the client's summary line, 0 when the
 /// line does not mention it.

@@ -14,7 +14,7 @@ use crate::util;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use byteback::docgen;
 use byteback_server::config::StoreConfig;
@@ -22,36 +22,6 @@ use util::*;
 
 const GEN: &str = env!("CARGO_BIN_EXE_byteback-gen");
 const UNITS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/systemd");
-
-/// True when `tool` is on PATH. Missing: panics under CI, else says so loudly.
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if found {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{tool} is not installed and CI is set (scripts/test.sh installs it)");
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n******** SKIPPED: {tool} is not installed ********\n"
-    );
-    false
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// Runs `byteback-gen WHAT DIR`; returns the paths it wrote.
 fn generate(what: &str, dir: &Path) -> BTreeSet<PathBuf> {
@@ -117,7 +87,7 @@ fn render_man(page: &Path) -> String {
         o.status.success() && o.stderr.is_empty() && !o.stdout.is_empty(),
         "man --warnings -l {}: {}",
         page.display(),
-        text(&o)
+        output_text(&o)
     );
     String::from_utf8(o.stdout).unwrap()
 }
@@ -143,7 +113,7 @@ fn section<'a>(page: &'a str, name: &str) -> Vec<&'a str> {
 
 #[test]
 fn man_pages_render_cleanly_and_document_every_option() {
-    if !have("man") || !have("groff") {
+    if !have_tool("man") || !have_tool("groff") {
         return;
     }
     let tmp = scratch();
@@ -302,7 +272,7 @@ fn man_pages_render_cleanly_and_document_every_option() {
 /// a missing font is caught by both.
 #[test]
 fn man_warning_check_catches_a_broken_page() {
-    if !have("man") || !have("groff") {
+    if !have_tool("man") || !have_tool("groff") {
         return;
     }
     let tmp = scratch();
@@ -322,7 +292,7 @@ fn man_warning_check_catches_a_broken_page() {
     assert!(
         !o.stderr.is_empty(),
         "man --warnings stayed quiet: {}",
-        text(&o)
+        output_text(&o)
     );
     assert!(groff_warnings(&bad).contains("NOSUCHMACRO"));
 }
@@ -346,7 +316,7 @@ fn completions_parse_and_complete_every_option() {
     let clis = clis();
 
     // bash: parses, and completing `CMD [SUB] --` offers every long option.
-    if have("bash") {
+    if have_tool("bash") {
         for n in &names {
             let file = dir.join("bash").join(n);
             run(Command::new("bash").arg("-n").arg(&file));
@@ -398,7 +368,7 @@ fn completions_parse_and_complete_every_option() {
     }
 
     // zsh: parses and names every long option (no interactive completion here).
-    if have("zsh") {
+    if have_tool("zsh") {
         for n in &names {
             let file = dir.join("zsh").join(format!("_{n}"));
             run(Command::new("zsh").arg("-n").arg(&file));
@@ -418,7 +388,7 @@ fn completions_parse_and_complete_every_option() {
     }
 
     // fish: parses, and `complete -C 'CMD [SUB] --'` offers every long option.
-    if have("fish") {
+    if have_tool("fish") {
         for n in &names {
             let file = dir.join("fish").join(format!("{n}.fish"));
             run(Command::new("fish").arg("-n").arg(&file));
@@ -547,10 +517,10 @@ fn systemd_units_pass_systemd_analyze_verify() {
         let mut words = l["ExecStart=/usr/local/bin/".len()..].split_whitespace();
         let prog = words.next().unwrap();
         let o = run_status(Command::new(built_dir.join(prog)).args(words).arg("--help"));
-        assert!(o.status.success(), "{l}: {}", text(&o));
+        assert!(o.status.success(), "{l}: {}", output_text(&o));
     }
 
-    if !have("systemd-analyze") || !have("man") {
+    if !have_tool("systemd-analyze") || !have_tool("man") {
         return;
     }
     let tmp = scratch();
@@ -573,7 +543,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
     assert!(
         o.status.success() && o.stdout.is_empty() && o.stderr.is_empty(),
         "systemd-analyze verify: {}",
-        text(&o)
+        output_text(&o)
     );
 
     // And it can fail: a unit with a bad value and a missing executable.
@@ -584,7 +554,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
     )
     .unwrap();
     let o = verify(&[bad]);
-    let all = text(&o);
+    let all = output_text(&o);
     assert!(
         all.contains("nice priority") && all.contains("/nonexistent"),
         "{all}"
@@ -654,7 +624,12 @@ fn usage_errors_exit_2() {
                 .env("BYTEBACK_CONFIG_DIR", d.path())
                 .current_dir(d.path()),
         );
-        assert_eq!(o.status.code(), Some(2), "{prog} {args:?}: {}", text(&o));
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{prog} {args:?}: {}",
+            output_text(&o)
+        );
     }
     assert!(!store.exists());
     assert!(!Path::new("/nonexistent-store").exists());

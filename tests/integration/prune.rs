@@ -23,17 +23,7 @@ struct Clocked {
 
 impl Clocked {
     fn backup(&self, src: &Path, host: &str, now: i64) -> Output {
-        run_status(
-            Command::new(bin("byteback-backup"))
-                .env("BYTEBACK_SERVER", &self.wrapper)
-                .env("BYTEBACK_TEST_NOW", rfc3339(now))
-                .env("TZ", "UTC")
-                .arg("--destination")
-                .arg(&self.store)
-                .arg("--source")
-                .arg(src)
-                .args(["--hostname", host, "--retry-number", "0"]),
-        )
+        run_status(&mut backup_at(&self.store, &self.wrapper, src, host, now))
     }
 
     fn prune(&self, now: i64, args: &[&str]) -> Output {

@@ -19,35 +19,6 @@ use util::*;
 
 const DAY: i64 = 86_400;
 
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn have_chromium() -> bool {
-    let ok = Command::new("chromium")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if ok {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("chromium is not installed and CI is set (scripts/test.sh installs it)");
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n******** SKIPPED: chromium is not installed ********\n"
-    );
-    false
-}
-
 /// Headless Chromium with its own profile directory (tests run in parallel).
 fn chromium(profile: &Path, args: &[&str], page: &Path) -> Output {
     let o = run_status(
@@ -64,13 +35,15 @@ fn chromium(profile: &Path, args: &[&str], page: &Path) -> Output {
             .args(args)
             .arg(format!("file://{}", page.display())),
     );
-    assert!(o.status.success(), "chromium: {}", text(&o));
+    assert!(o.status.success(), "chromium: {}", output_text(&o));
     o
 }
 
 #[test]
 fn the_html_report_shows_every_host_trouble_first_and_escapes_the_store() {
-    if !require_root("the HTML report test (btrfs store)") || !have_chromium() {
+    if !require_root("the HTML report test (btrfs store)")
+        || !have("chromium", Command::new("chromium").arg("--version"))
+    {
         return;
     }
     let fs_ = BtrfsLoop::new(300);

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use util::sshd::Sshd;
@@ -57,10 +57,6 @@ fn summary_number(err: &str, marker: &str) -> u64 {
         .unwrap()
         .parse()
         .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -185,19 +181,7 @@ impl World {
     }
 
     fn snapshots(&self) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(self.store.join(&self.host))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort_by_key(|n| match n.split_once('.') {
-            Some((base, k)) => (base.to_string(), k.parse::<u64>().unwrap_or(0) + 1),
-            None => (n.clone(), 0),
-        });
-        v
+        snapshots(&self.store, &self.host)
     }
 
     /// Restores the newest snapshot and checks it equals the source.

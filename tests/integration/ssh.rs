@@ -12,10 +12,6 @@ use std::time::{Duration, Instant};
 use util::sshd::Sshd;
 use util::*;
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// A server (sshd + account whose home is the store) and a client config dir.
 struct World {
     sshd: Sshd,
@@ -108,13 +104,7 @@ impl World {
     }
 
     fn snapshots(&self, host: &str) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(self.store.join(host))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-            .collect();
-        v.sort();
-        v
+        snapshots(&self.store, host)
     }
 
     /// Restores `/` over SSH into a fresh dir; returns `<dir>/<snapshot>`.

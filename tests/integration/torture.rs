@@ -18,23 +18,6 @@ use std::time::{Duration, Instant};
 
 use util::*;
 
-fn snapshots(store: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(store.join("t"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-                .collect()
-        })
-        .unwrap_or_default();
-    // Oldest first: names within one minute get suffixes .1, .2, ... .10.
-    v.sort_by_key(|n| match n.split_once('.') {
-        Some((base, k)) => (base.to_string(), k.parse::<u64>().unwrap_or(0) + 1),
-        None => (n.clone(), 0),
-    });
-    v
-}
-
 /// Changes the tree a little: rewrites some small files, one big file in
 /// part, adds and removes a few.
 fn mutate(src: &Path, rng: &mut Rng, round: u64) {
@@ -127,7 +110,7 @@ fn kill_9_at_random_moments_never_changes_a_snapshot() {
     let (mut rounds, mut client_kills, mut server_kills, mut completed) = (0u64, 0, 0, 0);
     while started.elapsed() < budget {
         rounds += 1;
-        for s in snapshots(&store) {
+        for s in snapshots(&store, "t") {
             let dig = tree_digest(&store.join("t").join(&s));
             match digests.get(&s) {
                 Some(old) => assert_eq!(
@@ -194,7 +177,7 @@ fn kill_9_at_random_moments_never_changes_a_snapshot() {
     run(backup_cmd(&store, &src).stderr(Stdio::piped()));
     let into: PathBuf = d.path().join("restore");
     fs::create_dir_all(&into).unwrap();
-    let snap = snapshots(&store).pop().unwrap();
+    let snap = snapshots(&store, "t").pop().unwrap();
     run(Command::new(bin("byteback-restore"))
         .current_dir(&into)
         .arg("--destination")

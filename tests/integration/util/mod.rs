@@ -146,6 +146,50 @@ pub fn run(cmd: &mut Command) -> Output {
 }
 
 // ---------------------------------------------------------------------------
+// Looking at outputs and tools
+// ---------------------------------------------------------------------------
+
+/// A command's stderr as text (lossy UTF-8).
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A command's exit code, stdout and stderr, for assertion messages.
+pub fn output_text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// True when `cmd` runs and succeeds (a probe such as `tool --version`).
+/// When it does not, `what` is missing: panics when `CI` is set (scripts/test.sh
+/// installs it), else says so loudly on stderr and returns false.
+pub fn have(what: &str, cmd: &mut Command) -> bool {
+    if cmd.output().is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{what} is not installed and CI is set (scripts/test.sh installs it)");
+    }
+    let _ = writeln!(
+        io::stderr(),
+        "\n******** SKIPPED: {what} is not installed ********\n"
+    );
+    false
+}
+
+/// [`have`] for a program found on `$PATH` (`command -v TOOL`).
+pub fn have_tool(tool: &str) -> bool {
+    have(
+        tool,
+        Command::new("sh").args(["-c", &format!("command -v {tool}")]),
+    )
+}
+
+// ---------------------------------------------------------------------------
 // Small filesystem primitives (all panic with the path on failure)
 // ---------------------------------------------------------------------------
 
@@ -1340,6 +1384,41 @@ pub fn processes_naming(marker: &str) -> Vec<(u32, String)> {
         }
     }
     out
+}
+
+/// The snapshots of `host` in the local store `store`, oldest first (names
+/// within one minute carry suffixes .1, .2, ... .10, which sort after the
+/// plain name and by number). No host directory: none.
+pub fn snapshots(store: &Path, host: &str) -> Vec<String> {
+    let mut v: Vec<String> = match fs::read_dir(store.join(host)) {
+        Ok(d) => d
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => vec![],
+        Err(e) => panic!("read_dir {}: {e}", store.join(host).display()),
+    };
+    v.sort_by_key(|n| match n.split_once('.') {
+        Some((base, k)) => (base.to_string(), k.parse::<u64>().unwrap_or(0) + 1),
+        None => (n.clone(), 0),
+    });
+    v
+}
+
+/// `byteback-backup` of `src` as `host` into `store` "as of" `now` (Unix
+/// seconds): the server is started through `wrapper` ([`server_wrapper`]),
+/// no retries.
+pub fn backup_at(store: &Path, wrapper: &Path, src: &Path, host: &str, now: i64) -> Command {
+    let mut c = Command::new(bin("byteback-backup"));
+    c.env("BYTEBACK_SERVER", wrapper)
+        .env("BYTEBACK_TEST_NOW", rfc3339(now))
+        .env("TZ", "UTC")
+        .arg("--destination")
+        .arg(store)
+        .arg("--source")
+        .arg(src)
+        .args(["--hostname", host, "--retry-number", "0"]);
+    c
 }
 
 /// RFC 3339 form of Unix seconds (UTC).
