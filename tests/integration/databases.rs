@@ -274,7 +274,7 @@ impl Site {
         fs::create_dir_all(conf.join("pre-backup.d")).unwrap();
         fs::create_dir_all(&src).unwrap();
         fs::create_dir_all(&store).unwrap();
-        fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+        store_without_interval(&store);
         fs::write(src.join("motd"), b"a file beside the dumps\n").unwrap();
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/hooks/pre-backup.d");
         for h in hooks {

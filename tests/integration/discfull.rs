@@ -23,7 +23,7 @@ impl Rig {
     fn new(dir: &Path, store: PathBuf) -> Rig {
         let wrapper = server_wrapper(dir);
         fs::create_dir_all(&store).unwrap();
-        fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+        store_without_interval(&store);
         Rig { wrapper, store }
     }
 

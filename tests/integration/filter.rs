@@ -12,31 +12,19 @@ use std::process::{Command, Output};
 
 use util::*;
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    work: PathBuf,
-    conf: PathBuf,
-    store: PathBuf,
-    src: PathBuf,
+/// A [`LocalSite`] with this area's methods.
+struct Setup(LocalSite);
+
+impl std::ops::Deref for Setup {
+    type Target = LocalSite;
+    fn deref(&self) -> &LocalSite {
+        &self.0
+    }
 }
 
 fn setup() -> Setup {
-    let dir = scratch();
-    let work = dir.path().to_path_buf();
-    let conf = work.join("conf");
-    let store = work.join("store");
-    let src = work.join("src");
-    for d in [&conf, &store, &src] {
-        fs::create_dir_all(d).unwrap();
-    }
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
-    Setup {
-        _dir: dir,
-        work,
-        conf,
-        store,
-        src,
-    }
+    let site = LocalSite::fresh();
+    Setup(site)
 }
 
 fn p(root: &Path, rel: &[u8]) -> PathBuf {

@@ -11,32 +11,20 @@ use std::time::{Duration, Instant};
 
 use util::*;
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    work: PathBuf,
-    conf: PathBuf,
-    store: PathBuf,
-    src: PathBuf,
+/// A [`LocalSite`] with this area's methods.
+struct Setup(LocalSite);
+
+impl std::ops::Deref for Setup {
+    type Target = LocalSite;
+    fn deref(&self) -> &LocalSite {
+        &self.0
+    }
 }
 
 fn setup() -> Setup {
-    let dir = scratch();
-    let work = dir.path().to_path_buf();
-    let conf = work.join("conf");
-    let store = work.join("store");
-    let src = work.join("src");
-    for d in [&conf, &store, &src] {
-        fs::create_dir_all(d).unwrap();
-    }
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
-    fs::write(src.join("file"), b"some data").unwrap();
-    Setup {
-        _dir: dir,
-        work,
-        conf,
-        store,
-        src,
-    }
+    let site = LocalSite::fresh();
+    fs::write(site.src.join("file"), b"some data").unwrap();
+    Setup(site)
 }
 
 impl Setup {

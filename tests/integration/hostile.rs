@@ -21,7 +21,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -426,20 +426,6 @@ fn literal_header(len: u64) -> Vec<u8> {
 // The store under attack
 // ---------------------------------------------------------------------------
 
-fn write_config(store: &Path) {
-    fs::create_dir_all(store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
-}
-
-fn client_backup(store: &Path, src: &Path, host: &str) -> Output {
-    run(Command::new(bin("byteback-backup"))
-        .arg("--destination")
-        .arg(store)
-        .arg("--source")
-        .arg(src)
-        .args(["--hostname", host, "--retry-number", "0"]))
-}
-
 fn names_in(dir: &Path) -> BTreeSet<Vec<u8>> {
     fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display()))
@@ -491,7 +477,7 @@ impl Env {
         let dir = scratch();
         let root = dir.path().to_path_buf();
         let store = root.join("store");
-        write_config(&store);
+        store_without_interval(&store);
         let outside = root.join("outside");
         fs::create_dir(&outside).unwrap();
         let outside_sentinel = Sentinel::plant(&outside);
@@ -503,8 +489,8 @@ impl Env {
         fs::write(src.join("hello.txt"), b"hello\n").unwrap();
         fs::write(src.join("sub/data.bin"), Rng::new(1).bytes(5000)).unwrap();
         std::os::unix::fs::symlink("../hello.txt", src.join("sub/link")).unwrap();
-        client_backup(&store, &src, "neighbour");
-        client_backup(&store, &src, HOST);
+        local_backup(&store, &src, "neighbour");
+        local_backup(&store, &src, HOST);
         // Next to the host directory: another host's backups, and a file in the store root.
         let neighbour_sentinel = Sentinel::plant(&store.join("neighbour"));
         fs::write(store.join("SENTINEL"), Rng::from_time().bytes(1234)).unwrap();
@@ -1717,7 +1703,7 @@ fn clone_offers_never_give_another_hosts_data_or_an_unverified_copy() {
     fs::create_dir_all(&nsrc).unwrap();
     let secret = Rng::new(0x5ec7).bytes(BIG);
     fs::write(nsrc.join("secret.bin"), &secret).unwrap();
-    let o = client_backup(&env.store, &nsrc, "neighbour");
+    let o = local_backup(&env.store, &nsrc, "neighbour");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // From here on, nothing of the neighbour's may change.
     env.neighbour_sentinel = Sentinel::plant(&env.store.join("neighbour"));

@@ -73,7 +73,7 @@ fn backup_and_restore_json_figures_match_what_happened() {
     let d = scratch();
     let store = fs_.mount.join("store");
     fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    store_without_interval(&store);
     let conf = d.path().join("conf");
     fs::create_dir_all(&conf).unwrap();
     // An option file byteback 2 ignores, with a warning: it must be listed.
@@ -227,7 +227,7 @@ fn prune_and_status_json_name_what_was_deleted_and_kept() {
     let d = scratch();
     let store = fs_.mount.join("store");
     fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    store_without_interval(&store);
     let conf = d.path().join("conf");
     fs::create_dir_all(&conf).unwrap();
     let s = Setup {

@@ -34,7 +34,7 @@ impl Setup {
         for d in [&store, &src, &conf] {
             fs::create_dir_all(d).unwrap();
         }
-        fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+        store_without_interval(&store);
         for i in 0..20 {
             fs::write(src.join(format!("small-{i:02}")), format!("file {i}\n")).unwrap();
         }

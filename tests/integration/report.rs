@@ -50,7 +50,7 @@ fn the_html_report_shows_every_host_trouble_first_and_escapes_the_store() {
     let d = scratch();
     let store = fs_.mount.join("store");
     fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    store_without_interval(&store);
     let wrapper = server_wrapper(d.path());
     let src = d.path().join("src");
     fs::create_dir_all(&src).unwrap();

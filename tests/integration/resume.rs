@@ -26,10 +26,12 @@ use util::sshd::Sshd;
 use util::*;
 
 fn mib() -> u64 {
-    std::env::var("BYTEBACK_RESUME_MIB")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(256)
+    match std::env::var("BYTEBACK_RESUME_MIB") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("BYTEBACK_RESUME_MIB={v:?} is not a number")),
+        Err(_) => 256,
+    }
 }
 
 /// Writes `mib` MiB of random bytes to `p`, streaming (never all in memory).
@@ -41,22 +43,6 @@ fn write_random(p: &Path, mib: u64, rng: &mut Rng) {
         f.write_all(&buf).unwrap();
     }
     f.sync_all().unwrap();
-}
-
-/// The number just before `marker` in the client's summary line.
-fn summary_number(err: &str, marker: &str) -> u64 {
-    let line = err
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("byteback-backup:") && l.contains(marker))
-        .unwrap_or_else(|| panic!("no summary line with {marker:?} in:\n{err}"));
-    let at = line.find(marker).unwrap();
-    line[..at]
-        .split(|c: char| !c.is_ascii_digit())
-        .rfind(|s| !s.is_empty())
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -102,7 +88,7 @@ impl World {
         let fs_ = BtrfsLoop::new(fs_mib);
         let store = fs_.mount.join("store");
         fs::create_dir_all(&store).unwrap();
-        fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+        store_without_interval(&store);
         let src = work.path().join("src");
         fs::create_dir_all(&src).unwrap();
         let host = "resume".to_string();
@@ -394,11 +380,15 @@ fn interrupt_then_resume(w: &World, how: Cut, changed: bool, size: u64) {
     }
 
     let err = w.backup();
-    let sent = match &w.ssh {
-        Some(_) => summary_number(&err, " bytes sent and "),
-        None => summary_number(&err, " on the wire"),
+    let number = |marker: &str| {
+        summary_number(&err, marker)
+            .unwrap_or_else(|| panic!("no summary line with {marker:?} in:\n{err}"))
     };
-    let reused = summary_number(&err, " reused");
+    let sent = match &w.ssh {
+        Some(_) => number(" bytes sent and "),
+        None => number(" on the wire"),
+    };
+    let reused = number(" reused");
     println!(
         "{how:?} ({}): {stored} of {size} bytes stored when cut; the next run sent {sent} bytes, reused {reused}",
         if changed { "changed file" } else { "new file" }
@@ -535,12 +525,7 @@ fn cutting_the_ssh_connection_at_random_moments_never_changes_a_snapshot() {
     if !require_root("an sshd, a server account and btrfs") {
         return;
     }
-    let budget = Duration::from_secs(
-        std::env::var("BYTEBACK_SSH_TORTURE_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(30),
-    );
+    let budget = budget_from_env("BYTEBACK_SSH_TORTURE_SECS", 30);
     let w = World::new(true, 1200);
     let mut rng = Rng::from_time();
     println!("seed: {}", rng.0);

@@ -27,7 +27,7 @@ impl World {
         let fs = BtrfsLoop::new(fs_mib);
         let store = fs.mount.join("store");
         fs::create_dir_all(&store).unwrap();
-        fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+        store_without_interval(&store);
         let sshd = Sshd::start(&work.path().join("sshd"), &store);
         World {
             sshd,
@@ -848,15 +848,7 @@ fn over_ssh_a_failing_or_killed_server_never_leaves_the_client_hanging() {
     let client = w.client_dir("h");
     assert!(w.setup(&client, "client-h").status.success());
     let src = w.work.path().join("src");
-    for i in 0..40 {
-        let dir = src.join(format!("a/{i:02}"));
-        fs::create_dir_all(&dir).unwrap();
-        for j in 0..250 {
-            fs::write(dir.join(format!("file-{j:03}")), format!("{i} {j}")).unwrap();
-        }
-    }
-    fs::create_dir_all(src.join("b")).unwrap();
-    fs::write(src.join("b/kept"), "kept").unwrap();
+    make_wide_tree(&src);
     let out = w.backup(&client, &src);
     assert!(out.status.success(), "{}", stderr(&out));
     let manifest = w.store.join("client-h/current/.byteback/manifest");

@@ -82,16 +82,11 @@ fn kill_9_at_random_moments_never_changes_a_snapshot() {
     if !require_root("btrfs loop filesystem") {
         return;
     }
-    let budget = Duration::from_secs(
-        std::env::var("BYTEBACK_TORTURE_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(45),
-    );
+    let budget = budget_from_env("BYTEBACK_TORTURE_SECS", 45);
     let fs_ = BtrfsLoop::new(1200);
     let store = fs_.mount.join("store");
     fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    store_without_interval(&store);
     let d = scratch();
     let src = d.path().join("src");
     let mut rng = Rng::from_time();

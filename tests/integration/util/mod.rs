@@ -1359,7 +1359,7 @@ pub fn limit_data(cmd: &mut Command, bytes: u64) {
     // setrlimit system call (async-signal-safe; no allocation, no locks).
     unsafe {
         cmd.pre_exec(move || {
-            rustix::process::setrlimit(rustix::process::Resource::Data, lim.clone())
+            rustix::process::setrlimit(rustix::process::Resource::Data, lim)
                 .map_err(io::Error::from)
         });
     }
@@ -1419,6 +1419,95 @@ pub fn backup_at(store: &Path, wrapper: &Path, src: &Path, host: &str, now: i64)
         .arg(src)
         .args(["--hostname", host, "--retry-number", "0"]);
     c
+}
+
+/// Creates the local store directory `store` (if missing) with a
+/// `byteback.toml` of `min_snapshot_interval = 0`, so every backup of a test
+/// makes a snapshot however close together they run.
+pub fn store_without_interval(store: &Path) {
+    fs::create_dir_all(store).unwrap_or_else(|e| panic!("mkdir {}: {e}", store.display()));
+    write_file(&store.join("byteback.toml"), b"min_snapshot_interval = 0\n");
+}
+
+/// `byteback-backup` of `src` as `host` into the local store `store`, no
+/// retries; panics (with its output) when it fails.
+pub fn local_backup(store: &Path, src: &Path, host: &str) -> Output {
+    run(Command::new(bin("byteback-backup"))
+        .arg("--destination")
+        .arg(store)
+        .arg("--source")
+        .arg(src)
+        .args(["--hostname", host, "--retry-number", "0"]))
+}
+
+/// The number just before `marker` in the client's last summary line
+/// (`byteback-backup: ... N marker ...`) in `err`; `None` without one.
+pub fn summary_number(err: &str, marker: &str) -> Option<u64> {
+    let line = err
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("byteback-backup:") && l.contains(marker))?;
+    let at = line.find(marker)?;
+    line[..at]
+        .split(|c: char| !c.is_ascii_digit())
+        .rfind(|s| !s.is_empty())?
+        .parse()
+        .ok()
+}
+
+/// A test's time budget: `$VAR` seconds when set (and a number), else
+/// `default_secs`.
+pub fn budget_from_env(var: &str, default_secs: u64) -> Duration {
+    Duration::from_secs(
+        std::env::var(var)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default_secs),
+    )
+}
+
+/// 40 directories `a/NN` of 250 small files each under `src`, and `b/kept`:
+/// enough entries for a manifest of several compressed blocks, all in a part
+/// (`a/`) a test can remove before the next run.
+pub fn make_wide_tree(src: &Path) {
+    for i in 0..40 {
+        let dir = src.join(format!("a/{i:02}"));
+        fs::create_dir_all(&dir).unwrap();
+        for j in 0..250 {
+            fs::write(dir.join(format!("file-{j:03}")), format!("{i} {j}")).unwrap();
+        }
+    }
+    fs::create_dir_all(src.join("b")).unwrap();
+    fs::write(src.join("b/kept"), "kept").unwrap();
+}
+
+/// A scratch directory laid out for local backups: `conf/` (the client's
+/// settings, passed as `BYTEBACK_CONFIG_DIR`), `store/` (made by
+/// [`store_without_interval`]) and an empty `src/`.
+pub struct LocalSite {
+    pub work: PathBuf,
+    pub conf: PathBuf,
+    pub store: PathBuf,
+    pub src: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalSite {
+    pub fn fresh() -> LocalSite {
+        let dir = scratch();
+        let work = dir.path().to_path_buf();
+        let (conf, store, src) = (work.join("conf"), work.join("store"), work.join("src"));
+        fs::create_dir_all(&conf).unwrap();
+        fs::create_dir_all(&src).unwrap();
+        store_without_interval(&store);
+        LocalSite {
+            work,
+            conf,
+            store,
+            src,
+            _dir: dir,
+        }
+    }
 }
 
 /// RFC 3339 form of Unix seconds (UTC).
