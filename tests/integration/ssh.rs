@@ -38,6 +38,23 @@ impl World {
     }
 
     /// A client's config dir (stands in for /etc/byteback).
+    /// A client whose settings are in `client-NAME/`, set up (successfully)
+    /// as host `client-NAME`.
+    fn enrolled(&self, name: &str) -> PathBuf {
+        let client = self.client_dir(name);
+        let out = self.setup(&client, &format!("client-{name}"));
+        assert!(out.status.success(), "setup: {}", stderr(&out));
+        client
+    }
+
+    /// `src/`, holding one file `f` with `data`.
+    fn one_file_src(&self, data: &[u8]) -> PathBuf {
+        let src = self.work.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("f"), data).unwrap();
+        src
+    }
+
     fn client_dir(&self, name: &str) -> PathBuf {
         let d = self.work.path().join(format!("client-{name}"));
         fs::create_dir_all(&d).unwrap();
@@ -371,11 +388,8 @@ fn changed_host_key_is_refused() {
         return;
     }
     let mut w = World::new(200);
-    let client = w.client_dir("a");
-    assert!(w.setup(&client, "client-a").status.success());
-    let src = w.work.path().join("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("f"), b"data").unwrap();
+    let client = w.enrolled("a");
+    let src = w.one_file_src(b"data");
     assert!(w.backup(&client, &src).status.success());
     let known = fs::read_to_string(client.join("known_hosts")).unwrap();
 
@@ -422,12 +436,8 @@ fn host_key_of_another_algorithm_is_a_changed_key() {
         return;
     }
     let mut w = World::new(200);
-    let client = w.client_dir("a");
-    let out = w.setup(&client, "client-a");
-    assert!(out.status.success(), "setup: {}", stderr(&out));
-    let src = w.work.path().join("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("f"), b"data").unwrap();
+    let client = w.enrolled("a");
+    let src = w.one_file_src(b"data");
     let out = w.backup(&client, &src);
     assert!(out.status.success(), "backup: {}", stderr(&out));
     assert_eq!(w.snapshots("client-a").len(), 1);
@@ -573,12 +583,8 @@ fn revoked_host_key_is_refused() {
         return;
     }
     let w = World::new(200);
-    let client = w.client_dir("a");
-    let out = w.setup(&client, "client-a");
-    assert!(out.status.success(), "setup: {}", stderr(&out));
-    let src = w.work.path().join("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("f"), b"data").unwrap();
+    let client = w.enrolled("a");
+    let src = w.one_file_src(b"data");
     let kh = client.join("known_hosts");
     let known = fs::read_to_string(&kh).unwrap();
     // HOME is the client dir: this is the user's ~/.ssh/known_hosts.
@@ -701,8 +707,7 @@ fn killed_server_mid_backup_is_retried_and_the_result_is_complete() {
         return;
     }
     let w = World::new(1200);
-    let client = w.client_dir("a");
-    assert!(w.setup(&client, "client-a").status.success());
+    let client = w.enrolled("a");
     let src = w.work.path().join("src");
     fs::create_dir_all(&src).unwrap();
     let mut rng = Rng::new(99);
@@ -789,9 +794,7 @@ fn setup_with_a_password() {
 
     let out = setup(util::sshd::PASSWORD);
     assert!(out.status.success(), "{}", stderr(&out));
-    let src = w.work.path().join("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("f"), b"over ssh").unwrap();
+    let src = w.one_file_src(b"over ssh");
     let out = w.backup(&client, &src);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(w.snapshots("pw-host").len(), 1);
@@ -845,8 +848,7 @@ fn over_ssh_a_failing_or_killed_server_never_leaves_the_client_hanging() {
         return;
     }
     let w = World::new(400);
-    let client = w.client_dir("h");
-    assert!(w.setup(&client, "client-h").status.success());
+    let client = w.enrolled("h");
     let src = w.work.path().join("src");
     make_wide_tree(&src);
     let out = w.backup(&client, &src);
