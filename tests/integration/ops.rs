@@ -119,14 +119,24 @@ fn man_pages_render_cleanly_and_document_every_option() {
     let tmp = scratch();
     let dir = tmp.path().join("man");
     let written = generate("man", &dir);
-
     let clis = clis();
+    assert_one_page_per_program(&written, &dir, &clis);
+    for cli in &clis {
+        assert_page_documents_every_option(&dir, cli);
+    }
+    assert_written_sections(&dir);
+    assert_toml_page_gives_real_defaults(&dir.join("man5/byteback.toml.5"));
+}
+
+/// byteback-gen wrote one man8 page per program and subcommand (`clis`)
+/// and byteback.toml(5), nothing else.
+fn assert_one_page_per_program(written: &BTreeSet<PathBuf>, dir: &Path, clis: &[Cli]) {
     let mut expected: BTreeSet<PathBuf> = clis
         .iter()
         .map(|c| dir.join("man8").join(format!("{}.8", c.page())))
         .collect();
     expected.insert(dir.join("man5/byteback.toml.5"));
-    assert_eq!(written, expected, "pages written");
+    assert_eq!(written, &expected, "pages written");
     for name in [
         "byteback-backup",
         "byteback-restore",
@@ -140,29 +150,35 @@ fn man_pages_render_cleanly_and_document_every_option() {
             "{name}(8) expected"
         );
     }
+}
 
-    for cli in &clis {
-        let path = dir.join("man8").join(format!("{}.8", cli.page()));
-        let page = render_man(&path);
-        let warnings = groff_warnings(&path);
+/// `cli`'s page renders without a groff warning, has the usual sections,
+/// and its OPTIONS name every long option.
+fn assert_page_documents_every_option(dir: &Path, cli: &Cli) {
+    let path = dir.join("man8").join(format!("{}.8", cli.page()));
+    let page = render_man(&path);
+    let warnings = groff_warnings(&path);
+    assert!(
+        warnings.is_empty(),
+        "{}: groff -ww:\n{warnings}",
+        cli.page()
+    );
+    let options: String = section(&page, "OPTIONS").join("\n");
+    for long in &cli.longs {
         assert!(
-            warnings.is_empty(),
-            "{}: groff -ww:\n{warnings}",
+            options.contains(&format!("--{long}")),
+            "{}(8) does not document --{long}:\n{page}",
             cli.page()
         );
-        let options: String = section(&page, "OPTIONS").join("\n");
-        for long in &cli.longs {
-            assert!(
-                options.contains(&format!("--{long}")),
-                "{}(8) does not document --{long}:\n{page}",
-                cli.page()
-            );
-        }
-        for s in ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "SEE ALSO"] {
-            section(&page, s);
-        }
     }
+    for s in ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "SEE ALSO"] {
+        section(&page, s);
+    }
+}
 
+/// The hand-written sections: EXIT STATUS codes, FILES, EXAMPLES, the
+/// server's SUBCOMMANDS, TRUST MODEL, byteback-backup's settings files.
+fn assert_written_sections(dir: &Path) {
     // The written sections, rendered.
     let render = |name: &str| render_man(&dir.join("man8").join(format!("{name}.8")));
     // The tags of EXIT STATUS: the codes at the section's first indent.
@@ -228,11 +244,13 @@ fn man_pages_render_cleanly_and_document_every_option() {
     ] {
         assert!(backup_files.contains(f), "byteback-backup(8) FILES: {f}");
     }
+}
 
-    // byteback.toml(5): every key with its real default.
-    let toml = dir.join("man5/byteback.toml.5");
-    let page = render_man(&toml);
-    let warnings = groff_warnings(&toml);
+/// byteback.toml(5): no groff warning, every key with its real default,
+/// and an example the server's parser accepts.
+fn assert_toml_page_gives_real_defaults(toml: &Path) {
+    let page = render_man(toml);
+    let warnings = groff_warnings(toml);
     assert!(
         warnings.is_empty(),
         "byteback.toml(5): groff -ww:\n{warnings}"
