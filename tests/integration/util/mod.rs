@@ -360,7 +360,24 @@ pub fn make_rich_tree(root: &Path, rng: &mut Rng) {
         root.display()
     );
 
-    // Regular files.
+    rich_files(root, rng);
+    rich_empty_dirs(root);
+    rich_deep_tree(root, rng);
+    rich_names(root, rng);
+    rich_links(root, root_user);
+    rich_hard_links(root, rng);
+    rich_special_files(root, root_user);
+    rich_modes(root);
+    if root_user {
+        rich_owners(root);
+    }
+    rich_xattrs(root, rng, root_user);
+    rich_acls(root);
+    rich_times(root, rng);
+}
+
+/// Regular files: empty, small around a page, random, compressible and sparse.
+fn rich_files(root: &Path, rng: &mut Rng) {
     let files = root.join("files");
     mkdir(&files, 0o755);
     write_file(&files.join("empty"), &[]);
@@ -402,219 +419,223 @@ pub fn make_rich_tree(root: &Path, rng: &mut Rng) {
             .expect("write sparse file data");
         f.set_len(16 << 20).expect("extend sparse file");
     }
+}
 
-    // Empty directories.
+/// Empty directories.
+fn rich_empty_dirs(root: &Path) {
     mkdir(&root.join("empty_dir"), 0o755);
     mkdir(&root.join("empty_parent"), 0o755);
     mkdir(&root.join("empty_parent/empty_child"), 0o750);
+}
 
-    // A deep tree.
-    {
-        let mut d = root.join("deep");
+/// A 40-level deep tree.
+fn rich_deep_tree(root: &Path, rng: &mut Rng) {
+    let mut d = root.join("deep");
+    mkdir(&d, 0o755);
+    for level in 0..40 {
+        d.push(format!("level_{level:02}"));
         mkdir(&d, 0o755);
-        for level in 0..40 {
-            d.push(format!("level_{level:02}"));
-            mkdir(&d, 0o755);
-            if level == 20 {
-                write_file(&d.join("halfway.txt"), &rng.bytes(100));
-            }
-        }
-        write_file(&d.join("bottom.txt"), b"bottom of the deep tree\n");
-    }
-
-    // Awkward names.
-    {
-        let names = root.join("names");
-        mkdir(&names, 0o755);
-        let mut long = b"long_".to_vec();
-        while long.len() < 255 {
-            long.push(b'a' + (long.len() % 26) as u8);
-        }
-        let list: Vec<Vec<u8>> = vec![
-            b"with space".to_vec(),
-            b"several   spaces\tand tab".to_vec(),
-            b"new\nline".to_vec(),
-            b"bad\xff\xfeutf8".to_vec(),
-            long,
-            b" leading space".to_vec(),
-            b"trailing space ".to_vec(),
-            b"-leading-dash".to_vec(),
-            b"back\\slash".to_vec(),
-            b"glob*?[x]{a,b}".to_vec(),
-            "unicode \u{fc}n\u{ef}c\u{f6}d\u{e9} \u{2713}"
-                .as_bytes()
-                .to_vec(),
-        ];
-        for n in &list {
-            let len = 16 + rng.below(64) as usize;
-            let data = rng.bytes(len);
-            write_file(&names.join(bytes_name(n)), &data);
-        }
-        let d = names.join("dir with space");
-        mkdir(&d, 0o755);
-        write_file(&d.join("file\nin dir"), b"x");
-    }
-
-    // Symbolic links.
-    {
-        let links = root.join("links");
-        mkdir(&links, 0o755);
-        symlink(b"does/not/exist", &links.join("dangling"));
-        symlink(b"/etc/passwd", &links.join("absolute"));
-        symlink(b"../files/size_4096", &links.join("relative_file"));
-        symlink(b"../deep/level_00", &links.join("dir_link"));
-        symlink(b"to_self", &links.join("to_self"));
-        symlink(b"nowhere\xff\nweird", &links.join("weird_target"));
-        if root_user {
-            let p = links.join("foreign_owner");
-            symlink(b"../files/one_byte", &p);
-            lchown(&p, 1234, 5678);
+        if level == 20 {
+            write_file(&d.join("halfway.txt"), &rng.bytes(100));
         }
     }
+    write_file(&d.join("bottom.txt"), b"bottom of the deep tree\n");
+}
 
-    // Hard links: one inode, three names, two directories.
-    {
-        let hard = root.join("hard");
-        mkdir(&hard, 0o755);
-        mkdir(&hard.join("a"), 0o755);
-        mkdir(&hard.join("b"), 0o755);
-        let first = hard.join("a/first");
-        write_file(&first, &rng.bytes(10_000));
-        for other in ["a/second", "b/third"] {
-            let p = hard.join(other);
-            fs::hard_link(&first, &p).unwrap_or_else(|e| panic!("link {}: {e}", p.display()));
-        }
+/// Awkward names: spaces, a tab, a newline, invalid UTF-8, 255 bytes, glob characters, non-ASCII.
+fn rich_names(root: &Path, rng: &mut Rng) {
+    let names = root.join("names");
+    mkdir(&names, 0o755);
+    let mut long = b"long_".to_vec();
+    while long.len() < 255 {
+        long.push(b'a' + (long.len() % 26) as u8);
     }
-
-    // Special files.
-    {
-        let special = root.join("special");
-        mkdir(&special, 0o755);
-        mkfifo(&special.join("fifo"), 0o640);
-        set_mode(&special.join("fifo"), 0o640);
-        let sock = special.join("socket");
-        drop(
-            std::os::unix::net::UnixListener::bind(&sock)
-                .unwrap_or_else(|e| panic!("bind {}: {e}", sock.display())),
-        );
-        set_mode(&sock, 0o755);
-        if root_user {
-            mknod(
-                &special.join("char_null"),
-                rustix::fs::FileType::CharacterDevice,
-                0o666,
-                1,
-                3,
-            );
-            mknod(
-                &special.join("block_loop200"),
-                rustix::fs::FileType::BlockDevice,
-                0o660,
-                7,
-                200,
-            );
-            set_mode(&special.join("char_null"), 0o666);
-            set_mode(&special.join("block_loop200"), 0o660);
-        }
+    let list: Vec<Vec<u8>> = vec![
+        b"with space".to_vec(),
+        b"several   spaces\tand tab".to_vec(),
+        b"new\nline".to_vec(),
+        b"bad\xff\xfeutf8".to_vec(),
+        long,
+        b" leading space".to_vec(),
+        b"trailing space ".to_vec(),
+        b"-leading-dash".to_vec(),
+        b"back\\slash".to_vec(),
+        b"glob*?[x]{a,b}".to_vec(),
+        "unicode \u{fc}n\u{ef}c\u{f6}d\u{e9} \u{2713}"
+            .as_bytes()
+            .to_vec(),
+    ];
+    for n in &list {
+        let len = 16 + rng.below(64) as usize;
+        let data = rng.bytes(len);
+        write_file(&names.join(bytes_name(n)), &data);
     }
+    let d = names.join("dir with space");
+    mkdir(&d, 0o755);
+    write_file(&d.join("file\nin dir"), b"x");
+}
 
-    // Special modes.
-    {
-        let modes = root.join("modes");
-        mkdir(&modes, 0o755);
-        let p = modes.join("setuid");
-        write_file(&p, b"#!/bin/sh\necho setuid\n");
-        set_mode(&p, 0o4755);
-        let d = modes.join("setgid_dir");
-        mkdir(&d, 0o2755);
-        write_file(&d.join("inside"), b"in setgid dir\n");
-        set_mode(&d.join("inside"), 0o644);
-        mkdir(&d.join("subdir"), 0o2755);
-        let d = modes.join("sticky_dir");
-        mkdir(&d, 0o1777);
-        write_file(&d.join("inside"), b"in sticky dir\n");
-        set_mode(&d.join("inside"), 0o666);
-        let p = modes.join("readonly");
-        write_file(&p, b"read only\n");
-        set_mode(&p, 0o400);
-        let d = modes.join("private_dir");
-        mkdir(&d, 0o755);
-        write_file(&d.join("secret"), b"secret\n");
-        set_mode(&d.join("secret"), 0o600);
-        set_mode(&d, 0o700);
-    }
-
-    // Foreign owners (root only). chown clears set-id bits, so chmod after.
+/// Symbolic links: dangling, absolute, relative, to a directory, to itself, a weird target; `[root]` one with a foreign owner.
+fn rich_links(root: &Path, root_user: bool) {
+    let links = root.join("links");
+    mkdir(&links, 0o755);
+    symlink(b"does/not/exist", &links.join("dangling"));
+    symlink(b"/etc/passwd", &links.join("absolute"));
+    symlink(b"../files/size_4096", &links.join("relative_file"));
+    symlink(b"../deep/level_00", &links.join("dir_link"));
+    symlink(b"to_self", &links.join("to_self"));
+    symlink(b"nowhere\xff\nweird", &links.join("weird_target"));
     if root_user {
-        let owners = root.join("owners");
-        mkdir(&owners, 0o755);
-        let p = owners.join("file");
-        write_file(&p, b"owned by 1234:5678\n");
+        let p = links.join("foreign_owner");
+        symlink(b"../files/one_byte", &p);
         lchown(&p, 1234, 5678);
-        set_mode(&p, 0o640);
-        let d = owners.join("dir");
-        mkdir(&d, 0o755);
-        lchown(&d, 1234, 5678);
-        let p = owners.join("setuid_foreign");
-        write_file(&p, b"setuid foreign\n");
-        lchown(&p, 1234, 5678);
-        set_mode(&p, 0o4755);
-        let d = owners.join("private_foreign");
-        mkdir(&d, 0o755);
-        write_file(&d.join("inside"), b"private foreign\n");
-        lchown(&d.join("inside"), 1234, 5678);
-        set_mode(&d.join("inside"), 0o600);
-        lchown(&d, 1234, 5678);
-        set_mode(&d, 0o700);
     }
+}
 
-    // Extended attributes.
-    {
-        let x = root.join("xattrs");
-        mkdir(&x, 0o755);
-        let p = x.join("binary");
-        write_file(&p, b"binary xattr\n");
-        let all: Vec<u8> = (0..=255u8).collect();
-        set_xattr(&p, "user.binary", &all);
-        let p = x.join("big");
-        write_file(&p, b"big xattr\n");
-        set_xattr(&p, "user.big", &rng.bytes(4000));
-        let p = x.join("several");
-        write_file(&p, b"several xattrs\n");
-        set_xattr(&p, "user.a", b"A");
-        set_xattr(&p, "user.empty", b"");
-        set_xattr(&p, "user.with.dots", b"dots");
-        let d = x.join("dir");
-        mkdir(&d, 0o755);
-        set_xattr(&d, "user.on_dir", b"directory xattr");
-        if root_user {
-            let p = x.join("trusted");
-            write_file(&p, b"trusted xattr\n");
-            set_xattr(&p, "trusted.byteback", b"trusted value");
-        }
+/// Hard links: one inode, three names, two directories.
+fn rich_hard_links(root: &Path, rng: &mut Rng) {
+    let hard = root.join("hard");
+    mkdir(&hard, 0o755);
+    mkdir(&hard.join("a"), 0o755);
+    mkdir(&hard.join("b"), 0o755);
+    let first = hard.join("a/first");
+    write_file(&first, &rng.bytes(10_000));
+    for other in ["a/second", "b/third"] {
+        let p = hard.join(other);
+        fs::hard_link(&first, &p).unwrap_or_else(|e| panic!("link {}: {e}", p.display()));
     }
+}
 
-    // POSIX ACLs.
-    {
-        let a = root.join("acl");
-        mkdir(&a, 0o755);
-        let p = a.join("file_acl");
-        write_file(&p, b"file with an ACL\n");
-        set_mode(&p, 0o640);
-        run(Command::new("setfacl")
-            .arg("-m")
-            .arg("u:1234:rw-,g:5678:r--,m::rw-,o::---")
-            .arg(&p));
-        let d = a.join("default_dir");
-        mkdir(&d, 0o755);
-        run(Command::new("setfacl")
-            .arg("-m")
-            .arg("u:1234:rwx,d:u::rwx,d:g::r-x,d:u:1234:rwx,d:g:5678:r-x,d:m::rwx,d:o::---")
-            .arg(&d));
-        write_file(&d.join("inherited"), b"inherits the default ACL\n");
+/// Special files: a FIFO, a socket; `[root]` a character and a block device.
+fn rich_special_files(root: &Path, root_user: bool) {
+    let special = root.join("special");
+    mkdir(&special, 0o755);
+    mkfifo(&special.join("fifo"), 0o640);
+    set_mode(&special.join("fifo"), 0o640);
+    let sock = special.join("socket");
+    drop(
+        std::os::unix::net::UnixListener::bind(&sock)
+            .unwrap_or_else(|e| panic!("bind {}: {e}", sock.display())),
+    );
+    set_mode(&sock, 0o755);
+    if root_user {
+        mknod(
+            &special.join("char_null"),
+            rustix::fs::FileType::CharacterDevice,
+            0o666,
+            1,
+            3,
+        );
+        mknod(
+            &special.join("block_loop200"),
+            rustix::fs::FileType::BlockDevice,
+            0o660,
+            7,
+            200,
+        );
+        set_mode(&special.join("char_null"), 0o666);
+        set_mode(&special.join("block_loop200"), 0o660);
     }
+}
 
-    // Explicit mtimes: everything else first, directories deepest first.
+/// Special modes: setuid, setgid and sticky directories, read-only, private.
+fn rich_modes(root: &Path) {
+    let modes = root.join("modes");
+    mkdir(&modes, 0o755);
+    let p = modes.join("setuid");
+    write_file(&p, b"#!/bin/sh\necho setuid\n");
+    set_mode(&p, 0o4755);
+    let d = modes.join("setgid_dir");
+    mkdir(&d, 0o2755);
+    write_file(&d.join("inside"), b"in setgid dir\n");
+    set_mode(&d.join("inside"), 0o644);
+    mkdir(&d.join("subdir"), 0o2755);
+    let d = modes.join("sticky_dir");
+    mkdir(&d, 0o1777);
+    write_file(&d.join("inside"), b"in sticky dir\n");
+    set_mode(&d.join("inside"), 0o666);
+    let p = modes.join("readonly");
+    write_file(&p, b"read only\n");
+    set_mode(&p, 0o400);
+    let d = modes.join("private_dir");
+    mkdir(&d, 0o755);
+    write_file(&d.join("secret"), b"secret\n");
+    set_mode(&d.join("secret"), 0o600);
+    set_mode(&d, 0o700);
+}
+
+/// Foreign owners (call as root only). chown clears set-id bits, so chmod after.
+fn rich_owners(root: &Path) {
+    let owners = root.join("owners");
+    mkdir(&owners, 0o755);
+    let p = owners.join("file");
+    write_file(&p, b"owned by 1234:5678\n");
+    lchown(&p, 1234, 5678);
+    set_mode(&p, 0o640);
+    let d = owners.join("dir");
+    mkdir(&d, 0o755);
+    lchown(&d, 1234, 5678);
+    let p = owners.join("setuid_foreign");
+    write_file(&p, b"setuid foreign\n");
+    lchown(&p, 1234, 5678);
+    set_mode(&p, 0o4755);
+    let d = owners.join("private_foreign");
+    mkdir(&d, 0o755);
+    write_file(&d.join("inside"), b"private foreign\n");
+    lchown(&d.join("inside"), 1234, 5678);
+    set_mode(&d.join("inside"), 0o600);
+    lchown(&d, 1234, 5678);
+    set_mode(&d, 0o700);
+}
+
+/// Extended attributes: binary, big, several, on a directory; `[root]` trusted.*.
+fn rich_xattrs(root: &Path, rng: &mut Rng, root_user: bool) {
+    let x = root.join("xattrs");
+    mkdir(&x, 0o755);
+    let p = x.join("binary");
+    write_file(&p, b"binary xattr\n");
+    let all: Vec<u8> = (0..=255u8).collect();
+    set_xattr(&p, "user.binary", &all);
+    let p = x.join("big");
+    write_file(&p, b"big xattr\n");
+    set_xattr(&p, "user.big", &rng.bytes(4000));
+    let p = x.join("several");
+    write_file(&p, b"several xattrs\n");
+    set_xattr(&p, "user.a", b"A");
+    set_xattr(&p, "user.empty", b"");
+    set_xattr(&p, "user.with.dots", b"dots");
+    let d = x.join("dir");
+    mkdir(&d, 0o755);
+    set_xattr(&d, "user.on_dir", b"directory xattr");
+    if root_user {
+        let p = x.join("trusted");
+        write_file(&p, b"trusted xattr\n");
+        set_xattr(&p, "trusted.byteback", b"trusted value");
+    }
+}
+
+/// POSIX ACLs: an access ACL on a file, access and default ACLs on a directory and a file inheriting them.
+fn rich_acls(root: &Path) {
+    let a = root.join("acl");
+    mkdir(&a, 0o755);
+    let p = a.join("file_acl");
+    write_file(&p, b"file with an ACL\n");
+    set_mode(&p, 0o640);
+    run(Command::new("setfacl")
+        .arg("-m")
+        .arg("u:1234:rw-,g:5678:r--,m::rw-,o::---")
+        .arg(&p));
+    let d = a.join("default_dir");
+    mkdir(&d, 0o755);
+    run(Command::new("setfacl")
+        .arg("-m")
+        .arg("u:1234:rwx,d:u::rwx,d:g::r-x,d:u:1234:rwx,d:g:5678:r-x,d:m::rwx,d:o::---")
+        .arg(&d));
+    write_file(&d.join("inherited"), b"inherits the default ACL\n");
+}
+
+/// Explicit mtimes: `times/` with the extreme ones, then every other entry at random, directories deepest first, `root` last.
+fn rich_times(root: &Path, rng: &mut Rng) {
     let times = root.join("times");
     mkdir(&times, 0o755);
     write_file(&times.join("epoch_1970"), b"1970\n");
