@@ -806,23 +806,15 @@ fn run_bounded(
         .stderr(fs::File::create(&err_p).unwrap())
         .spawn()
         .unwrap();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
+    let Some(status) = wait_until(&mut child, start, limit) else {
+        for (pid, _) in processes_naming(marker) {
+            kill9(pid);
         }
-        if start.elapsed() >= limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            for (pid, _) in processes_naming(marker) {
-                kill9(pid);
-            }
-            panic!(
-                "HANG: {cmd:?} still running after {} s; stderr so far:\n{}",
-                limit.as_secs(),
-                fs::read_to_string(&err_p).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        panic!(
+            "HANG: {cmd:?} still running after {} s; stderr so far:\n{}",
+            limit.as_secs(),
+            fs::read_to_string(&err_p).unwrap_or_default()
+        );
     };
     let took = start.elapsed();
     let out = Output {

@@ -273,7 +273,6 @@ impl Site {
         let store = work.join("store");
         fs::create_dir_all(conf.join("pre-backup.d")).unwrap();
         fs::create_dir_all(&src).unwrap();
-        fs::create_dir_all(&store).unwrap();
         store_without_interval(&store);
         fs::write(src.join("motd"), b"a file beside the dumps\n").unwrap();
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/hooks/pre-backup.d");

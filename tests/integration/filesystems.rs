@@ -107,7 +107,6 @@ fn every_local_filesystem_once_and_no_tmpfs() {
     );
 
     let store = d.path().join("store");
-    fs::create_dir_all(&store).unwrap();
     store_without_interval(&store);
     let out = backup(&store, &src, "all", &[]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();

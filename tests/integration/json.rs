@@ -17,6 +17,15 @@ use util::*;
 const DAY: i64 = 86_400;
 
 /// The one JSON object on stdout (nothing else may be there).
+/// The report of a run that succeeded: exit 0, and the report says so.
+fn ok_json_of(o: &Output) -> Value {
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(o));
+    let j = json_of(o);
+    assert_eq!(j["exit_code"], 0, "{j}");
+    assert_eq!(j["status"], "ok", "{j}");
+    j
+}
+
 fn json_of(o: &Output) -> Value {
     let out = String::from_utf8(o.stdout.clone()).unwrap();
     assert_eq!(
@@ -118,15 +127,7 @@ const N: usize = 37;
 /// on stderr is unchanged. Returns the snapshot and the entry count.
 fn first_backup_sends_every_file(s: &Setup, src: &Path, t0: i64, total: u64) -> (String, u64) {
     let o = s.backup(src, "jsonhost", t0);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let j = json_of(&o);
-    assert_eq!(j["exit_code"], 0, "{j}");
-    assert_eq!(j["status"], "ok", "{j}");
+    let j = ok_json_of(&o);
     assert_eq!(j["host"], "jsonhost", "{j}");
     assert_eq!(j["files_sent"], N as u64, "{j}");
     assert_eq!(j["bytes_new"], total, "{j}");
@@ -201,15 +202,7 @@ fn restore_json_names_the_snapshot_and_tree(store: &Path, src: &Path, snap: &str
             .args(["--hostname", "jsonhost", "--restore", "--json"])
             .arg(src),
     );
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let j = json_of(&o);
-    assert_eq!(j["exit_code"], 0, "{j}");
-    assert_eq!(j["status"], "ok", "{j}");
+    let j = ok_json_of(&o);
     assert_eq!(j["snapshots"], serde_json::json!([snap]), "{j}");
     let dir = PathBuf::from(j["directories"][0].as_str().unwrap());
     assert_eq!(dir, into.join(snap));

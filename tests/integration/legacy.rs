@@ -114,7 +114,6 @@ fn a_1x_snapshot_lists_and_restores_exactly_beside_byteback_snapshots() {
     }
     let fsys = BtrfsLoop::new(400);
     let store = fsys.mount.join("store-legacy");
-    fs::create_dir_all(&store).unwrap();
     store_without_interval(&store);
     let d = scratch();
     let src = d.path().join("src");
@@ -249,7 +248,6 @@ fn a_migrated_1x_rsa_key_backs_up_over_ssh_into_its_1x_host_until_rotated() {
     let work = scratch();
     let fsys = BtrfsLoop::new(400);
     let store = fsys.mount.join("store-migrate");
-    fs::create_dir_all(&store).unwrap();
     store_without_interval(&store);
     let sshd = Sshd::start(&work.path().join("sshd"), &store);
     let src = work.path().join("src");

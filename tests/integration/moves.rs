@@ -88,7 +88,6 @@ fn world() -> World {
     let work = scratch();
     let fs_ = BtrfsLoop::new(768);
     let store = fs_.mount.join("store");
-    fs::create_dir_all(&store).unwrap();
     store_without_interval(&store);
     let src = work.path().join("src");
     fs::create_dir_all(&src).unwrap();

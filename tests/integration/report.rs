@@ -49,7 +49,6 @@ fn the_html_report_shows_every_host_trouble_first_and_escapes_the_store() {
     let fs_ = BtrfsLoop::new(300);
     let d = scratch();
     let store = fs_.mount.join("store");
-    fs::create_dir_all(&store).unwrap();
     store_without_interval(&store);
     let wrapper = server_wrapper(d.path());
     let src = d.path().join("src");

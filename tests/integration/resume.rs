@@ -15,7 +15,6 @@
 
 use crate::util;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -87,7 +86,6 @@ impl World {
         let work = scratch();
         let fs_ = BtrfsLoop::new(fs_mib);
         let store = fs_.mount.join("store");
-        fs::create_dir_all(&store).unwrap();
         store_without_interval(&store);
         let src = work.path().join("src");
         fs::create_dir_all(&src).unwrap();
@@ -548,24 +546,12 @@ fn cutting_the_ssh_connection_at_random_moments_never_changes_a_snapshot() {
     w.backup();
     let full = t.elapsed().max(Duration::from_millis(50));
 
-    let mut digests: BTreeMap<String, String> = BTreeMap::new();
+    let mut digests = SnapshotDigests::default();
     let started = Instant::now();
     let (mut rounds, mut cuts, mut completed) = (0u64, 0u64, 0u64);
     while started.elapsed() < budget {
         rounds += 1;
-        for s in w.snapshots() {
-            let dig = tree_digest(&w.store.join(&w.host).join(&s));
-            match digests.get(&s) {
-                Some(old) => assert_eq!(
-                    digest_diff(old, &dig),
-                    "",
-                    "snapshot {s} changed (round {rounds})"
-                ),
-                None => {
-                    digests.insert(s, dig);
-                }
-            }
-        }
+        digests.check(&w.store, &w.host, rounds);
         mutate(&w.src, &mut rng, rounds);
         let mut child = w
             .backup_cmd()
@@ -594,10 +580,10 @@ fn cutting_the_ssh_connection_at_random_moments_never_changes_a_snapshot() {
     println!(
         "{rounds} rounds in {:?}: {cuts} connections cut, {completed} finished; {} snapshots checked",
         started.elapsed(),
-        digests.len()
+        digests.seen().len()
     );
     assert!(cuts >= 2, "no cut landed");
-    for (s, old) in &digests {
+    for (s, old) in digests.seen() {
         let now = tree_digest(&w.store.join(&w.host).join(s));
         assert_eq!(digest_diff(old, &now), "", "snapshot {s} changed");
     }

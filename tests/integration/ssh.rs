@@ -26,7 +26,6 @@ impl World {
         let work = scratch();
         let fs = BtrfsLoop::new(fs_mib);
         let store = fs.mount.join("store");
-        fs::create_dir_all(&store).unwrap();
         store_without_interval(&store);
         let sshd = Sshd::start(&work.path().join("sshd"), &store);
         World {
@@ -815,16 +814,8 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> (Output, Duration) {
         std::io::Read::read_to_end(&mut err, &mut s).unwrap();
         s
     });
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() >= limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("HANG: {cmd:?} still running after {} s", limit.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let Some(status) = wait_until(&mut child, start, limit) else {
+        panic!("HANG: {cmd:?} still running after {} s", limit.as_secs());
     };
     let took = start.elapsed();
     let stderr = reader.join().unwrap();

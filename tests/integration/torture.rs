@@ -10,7 +10,6 @@
 
 use crate::util;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -85,7 +84,6 @@ fn kill_9_at_random_moments_never_changes_a_snapshot() {
     let budget = budget_from_env("BYTEBACK_TORTURE_SECS", 45);
     let fs_ = BtrfsLoop::new(1200);
     let store = fs_.mount.join("store");
-    fs::create_dir_all(&store).unwrap();
     store_without_interval(&store);
     let d = scratch();
     let src = d.path().join("src");
@@ -100,24 +98,12 @@ fn kill_9_at_random_moments_never_changes_a_snapshot() {
     let t = Instant::now();
     assert!(backup_cmd(&store, &src).status().unwrap().success());
     let full = t.elapsed().max(Duration::from_millis(50));
-    let mut digests: BTreeMap<String, String> = BTreeMap::new();
+    let mut digests = SnapshotDigests::default();
     let started = Instant::now();
     let (mut rounds, mut client_kills, mut server_kills, mut completed) = (0u64, 0, 0, 0);
     while started.elapsed() < budget {
         rounds += 1;
-        for s in snapshots(&store, "t") {
-            let dig = tree_digest(&store.join("t").join(&s));
-            match digests.get(&s) {
-                Some(old) => assert_eq!(
-                    digest_diff(old, &dig),
-                    "",
-                    "snapshot {s} changed (round {rounds})"
-                ),
-                None => {
-                    digests.insert(s, dig);
-                }
-            }
-        }
+        digests.check(&store, "t", rounds);
         mutate(&src, &mut rng, rounds);
         let mut child = backup_cmd(&store, &src).spawn().unwrap();
         let delay = Duration::from_millis(rng.below(full.as_millis() as u64 * 5 / 4 + 1));
@@ -160,11 +146,11 @@ fn kill_9_at_random_moments_never_changes_a_snapshot() {
     println!(
         "{rounds} rounds in {:?}: {client_kills} client kills, {server_kills} server kills, {completed} finished first; {} snapshots checked",
         started.elapsed(),
-        digests.len()
+        digests.seen().len()
     );
     assert!(client_kills + server_kills >= 2, "no kill landed");
     // Every snapshot is still what it was when first seen.
-    for (s, old) in &digests {
+    for (s, old) in digests.seen() {
         let now = tree_digest(&store.join("t").join(s));
         assert_eq!(digest_diff(old, &now), "", "snapshot {s} changed");
     }

@@ -73,7 +73,6 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
     }
     let fs_ = BtrfsLoop::new(300);
     let store = fs_.mount.join("store");
-    fs::create_dir_all(&store).unwrap();
     store_without_interval(&store);
     let work = scratch();
     let src = work.path().join("src");
@@ -206,7 +205,6 @@ fn budgeted_verify_covers_the_host_over_several_runs() {
     }
     let fs_ = BtrfsLoop::new(300);
     let store = fs_.mount.join("store");
-    fs::create_dir_all(&store).unwrap();
     store_without_interval(&store);
     let work = scratch();
     let src = work.path().join("src");

@@ -42,18 +42,18 @@ pub fn is_root() -> bool {
 ///   stderr (bypassing libtest's output capture, so it shows even for a
 ///   passing test) and returns `false`.
 pub fn require_root(what: &str) -> bool {
-    if is_root() {
-        return true;
-    }
+    is_root() || skip_loudly(&format!("{what} needs root"))
+}
+
+/// A test that cannot run here: panics with `why` when `CI` is set (CI must
+/// never pass by skipping), else prints a loud `SKIPPED: why` line and
+/// returns false. Written to the real stderr, not through eprintln!, which
+/// libtest captures and shows only for failing tests.
+fn skip_loudly(why: &str) -> bool {
     if std::env::var_os("CI").is_some() {
-        panic!("{what} needs root and CI is set");
+        panic!("{why} and CI is set (scripts/test.sh installs what the tests need)");
     }
-    // Written to the real stderr, not through eprintln!, which libtest
-    // captures and shows only for failing tests.
-    let _ = writeln!(
-        io::stderr(),
-        "\n******** SKIPPED: {what} needs root ********\n"
-    );
+    let _ = writeln!(io::stderr(), "\n******** SKIPPED: {why} ********\n");
     false
 }
 
@@ -168,17 +168,8 @@ pub fn output_text(o: &Output) -> String {
 /// When it does not, `what` is missing: panics when `CI` is set (scripts/test.sh
 /// installs it), else says so loudly on stderr and returns false.
 pub fn have(what: &str, cmd: &mut Command) -> bool {
-    if cmd.output().is_ok_and(|o| o.status.success()) {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is not installed and CI is set (scripts/test.sh installs it)");
-    }
-    let _ = writeln!(
-        io::stderr(),
-        "\n******** SKIPPED: {what} is not installed ********\n"
-    );
-    false
+    cmd.output().is_ok_and(|o| o.status.success())
+        || skip_loudly(&format!("{what} is not installed"))
 }
 
 /// [`have`] for a program found on `$PATH` (`command -v TOOL`).
@@ -1528,6 +1519,56 @@ impl LocalSite {
             src,
             _dir: dir,
         }
+    }
+}
+
+/// The tree digest of every snapshot of a host as first seen, to check
+/// that none ever changes afterwards (the torture tests).
+#[derive(Default)]
+pub struct SnapshotDigests(std::collections::BTreeMap<String, String>);
+
+impl SnapshotDigests {
+    /// Every snapshot seen so far, with its digest.
+    pub fn seen(&self) -> &std::collections::BTreeMap<String, String> {
+        &self.0
+    }
+
+    /// Records the snapshots of `host` in `store` not seen before; panics
+    /// (naming `round`) when one seen before differs now.
+    pub fn check(&mut self, store: &Path, host: &str, round: u64) {
+        for s in snapshots(store, host) {
+            let dig = tree_digest(&store.join(host).join(&s));
+            match self.0.get(&s) {
+                Some(old) => assert_eq!(
+                    digest_diff(old, &dig),
+                    "",
+                    "snapshot {s} changed (round {round})"
+                ),
+                None => {
+                    self.0.insert(s, dig);
+                }
+            }
+        }
+    }
+}
+
+/// Waits for `child` until `limit` has passed since `start`; then kills
+/// and reaps it and returns `None`.
+pub fn wait_until(
+    child: &mut std::process::Child,
+    start: std::time::Instant,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        if start.elapsed() >= limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
