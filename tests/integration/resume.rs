@@ -7,8 +7,9 @@
 //! line: "on the wire" locally, "bytes sent over SSH" remotely) is below 65 %
 //! of the file. The restored file equals the source (rsync --checksum).
 //!
-//! The file is 256 MiB; `BYTEBACK_RESUME_MIB` sets another size (2048 for
-//! the 2 GiB). Also a cut-the-connection loop over SSH for a short
+//! The file is 256 MiB; `BYTEBACK_RESUME_MIB` sets another size
+//! (`BYTEBACK_RESUME_MIB=2048 cargo test --test integration resume::` for the
+//! issue's 2 GiB). Also a cut-the-connection loop over SSH for a short
 //! budget (`BYTEBACK_SSH_TORTURE_SECS`, default 30): after every cut each
 //! snapshot's digest is unchanged, the client has exited within a bound and
 //! no server process is left; at the end a backup restores exactly.

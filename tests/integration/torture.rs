@@ -6,7 +6,8 @@
 //! backup succeeds and restores exactly.
 //!
 //! The budget is `BYTEBACK_TORTURE_SECS` (default 45 s, for CI); set it
-//! higher for a soak.
+//! higher for a soak: `BYTEBACK_TORTURE_SECS=600 cargo test --test integration
+//! torture::`.
 
 use crate::util;
 
