@@ -653,10 +653,10 @@ fn immutable_file_counts_as_read_only() {
     let chattr = run_status(Command::new("chattr").arg("+i").arg(&p));
     if !chattr.status.success() {
         // e.g. target/ on a filesystem without inode flags (tmpfs, overlayfs)
-        eprintln!(
-            "chattr +i unsupported here: {}",
-            String::from_utf8_lossy(&chattr.stderr)
-        );
+        skip_loudly(&format!(
+            "chattr +i is unsupported here ({})",
+            String::from_utf8_lossy(&chattr.stderr).trim()
+        ));
         return;
     }
     let ro = is_read_only(&p);

@@ -49,7 +49,7 @@ pub fn require_root(what: &str) -> bool {
 /// never pass by skipping), else prints a loud `SKIPPED: why` line and
 /// returns false. Written to the real stderr, not through eprintln!, which
 /// libtest captures and shows only for failing tests.
-fn skip_loudly(why: &str) -> bool {
+pub fn skip_loudly(why: &str) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("{why} and CI is set (scripts/test.sh installs what the tests need)");
     }
