@@ -24,7 +24,7 @@ if ! cargo deb --version >/dev/null 2>&1; then
     echo "scripts/deb.sh: cargo-deb is missing: cargo install cargo-deb --version 3.8.0 --locked" >&2
     exit 1
 fi
-# BYTEBACK_DEB_PREBUILT=1: the binaries are built already (tests/deb.rs).
+# BYTEBACK_DEB_PREBUILT=1: the binaries are built already (tests/integration/deb.rs).
 if [ -z "${BYTEBACK_DEB_PREBUILT:-}" ]; then
     cargo build --profile "$profile" --workspace --bins
 fi

@@ -3,11 +3,13 @@
 # As root (CI) it installs the system packages; real sshd, btrfs on a loop
 # device and rsync are then used by the tests; man, groff, zsh, fish and
 # systemd-analyze check the generated man pages, completions and systemd
-# units (tests/ops.rs); MariaDB and PostgreSQL servers, each test starting
-# its own on a private socket, check the shipped database dump hooks
-# (tests/databases.rs); cargo-deb and dpkg build and install the Debian
-# package (tests/deb.rs); headless Chromium renders the HTML report
-# (tests/report.rs).
+# units (tests/integration/ops.rs); MariaDB and PostgreSQL servers, each
+# test starting its own on a private socket, check the shipped database dump
+# hooks (tests/integration/databases.rs); cargo-deb and dpkg build and install
+# the Debian package (tests/integration/deb.rs); headless Chromium renders
+# the HTML report (tests/integration/report.rs). The integration tests are one
+# binary (cargo test --test integration [AREA::[NAME]]) whose areas run
+# concurrently.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +35,7 @@ if [ ${#need[@]} -gt 0 ]; then
         echo "missing packages (run as root to install): ${need[*]}" >&2
     fi
 fi
-# cargo-deb for the Debian package test (tests/deb.rs, scripts/deb.sh); pinned
+# cargo-deb for the Debian package test (tests/integration/deb.rs, scripts/deb.sh); pinned
 # to a version that builds on this toolchain (its MSRV is 1.85).
 if ! cargo deb --version >/dev/null 2>&1; then
     echo "installing: cargo-deb 3.8.0" >&2

@@ -19,8 +19,12 @@
 mod btrfs;
 mod measure;
 mod report;
+// The tests' splitmix64, so the harness and the tests share one copy.
 #[allow(dead_code)]
-#[path = "../../tests/util/sshd.rs"]
+#[path = "../../tests/integration/util/rng.rs"]
+mod rng;
+#[allow(dead_code)]
+#[path = "../../tests/integration/util/sshd.rs"]
 mod sshd;
 mod tools;
 mod workload;
@@ -413,7 +417,7 @@ fn repeat(
     row
 }
 
-/// For the shared sshd fixture (`tests/util/sshd.rs`): runs, panics on failure.
+/// For the shared sshd fixture (`tests/integration/util/sshd.rs`): runs, panics on failure.
 fn run(cmd: &mut Command) -> Output {
     let out = run_status(cmd);
     if !out.status.success() {

@@ -7,6 +7,8 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+pub use crate::rng::Rng;
+
 /// Sizes of one harness run (full or `--quick`).
 #[derive(Clone, Debug)]
 pub struct Sizes {
@@ -52,34 +54,6 @@ impl Sizes {
             real_tree: PathBuf::from("/usr/share/doc"),
             million: 100_000,
             moved: 64 << 20,
-        }
-    }
-}
-
-/// splitmix64 (as tests/util's `Rng`): fast, deterministic, not cryptographic.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
         }
     }
 }

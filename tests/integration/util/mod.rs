@@ -19,7 +19,10 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::Duration;
 
+mod rng;
 pub mod sshd;
+
+pub use rng::Rng;
 
 // ---------------------------------------------------------------------------
 // Privileges
@@ -27,8 +30,7 @@ pub mod sshd;
 
 /// True when the test process runs with effective uid 0.
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    rustix::process::geteuid().is_root()
 }
 
 /// Gate for tests that need root. Use as `if !require_root("what") { return; }`.
@@ -40,18 +42,18 @@ pub fn is_root() -> bool {
 ///   stderr (bypassing libtest's output capture, so it shows even for a
 ///   passing test) and returns `false`.
 pub fn require_root(what: &str) -> bool {
-    if is_root() {
-        return true;
-    }
+    is_root() || skip_loudly(&format!("{what} needs root"))
+}
+
+/// A test that cannot run here: panics with `why` when `CI` is set (CI must
+/// never pass by skipping), else prints a loud `SKIPPED: why` line and
+/// returns false. Written to the real stderr, not through eprintln!, which
+/// libtest captures and shows only for failing tests.
+pub fn skip_loudly(why: &str) -> bool {
     if std::env::var_os("CI").is_some() {
-        panic!("{what} needs root and CI is set");
+        panic!("{why} and CI is set (scripts/test.sh installs what the tests need)");
     }
-    // Written to the real stderr, not through eprintln!, which libtest
-    // captures and shows only for failing tests.
-    let _ = writeln!(
-        io::stderr(),
-        "\n******** SKIPPED: {what} needs root ********\n"
-    );
+    let _ = writeln!(io::stderr(), "\n******** SKIPPED: {why} ********\n");
     false
 }
 
@@ -144,71 +146,43 @@ pub fn run(cmd: &mut Command) -> Output {
 }
 
 // ---------------------------------------------------------------------------
-// Deterministic PRNG
+// Looking at outputs and tools
 // ---------------------------------------------------------------------------
 
-/// splitmix64: a tiny, fast, deterministic PRNG (not cryptographic). The same
-/// seed gives the same sequence on every platform and run.
-#[derive(Clone, Debug)]
-pub struct Rng(pub u64);
+/// A command's stderr as text (lossy UTF-8).
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
 
-impl Rng {
-    /// A generator seeded with `seed`.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
+/// A command's exit code, stdout and stderr, for assertion messages.
+pub fn output_text(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
 
-    /// A generator seeded from the clock and the pid: for values that must
-    /// differ between runs (e.g. [`Sentinel`] contents), never for trees that
-    /// must be reproducible.
-    pub fn from_time() -> Rng {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        Rng(now ^ (u64::from(std::process::id()) << 32))
-    }
+/// True when `cmd` runs and succeeds (a probe such as `tool --version`).
+/// When it does not, `what` is missing: panics when `CI` is set (scripts/test.sh
+/// installs it), else says so loudly on stderr and returns false.
+pub fn have(what: &str, cmd: &mut Command) -> bool {
+    cmd.output().is_ok_and(|o| o.status.success())
+        || skip_loudly(&format!("{what} is not installed"))
+}
 
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (multiply-high reduction; the bias is below 2^-32
-    /// for any n below 2^32, irrelevant for tests). Panics when `n == 0`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        assert!(n > 0, "Rng::below(0)");
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-
-    /// Fills `buf` with random bytes.
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-
-    /// `n` random bytes.
-    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        self.fill(&mut v);
-        v
-    }
+/// [`have`] for a program found on `$PATH` (`command -v TOOL`).
+pub fn have_tool(tool: &str) -> bool {
+    have(
+        tool,
+        Command::new("sh").args(["-c", &format!("command -v {tool}")]),
+    )
 }
 
 // ---------------------------------------------------------------------------
 // Small filesystem primitives (all panic with the path on failure)
 // ---------------------------------------------------------------------------
-
-fn cpath(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes())
-        .unwrap_or_else(|_| panic!("path contains a NUL byte: {}", p.display()))
-}
 
 fn bytes_name(b: &[u8]) -> OsString {
     OsString::from_vec(b.to_vec())
@@ -240,67 +214,44 @@ fn lchown(p: &Path, uid: u32, gid: u32) {
 }
 
 fn set_xattr(p: &Path, name: &str, value: &[u8]) {
-    let c = cpath(p);
-    let n = CString::new(name).expect("xattr name with NUL");
-    // SAFETY: c and n are valid NUL-terminated strings; value is a valid
-    // buffer of value.len() bytes.
-    let r = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r != 0 {
-        panic!(
-            "setxattr {name} on {}: {}",
-            p.display(),
-            io::Error::last_os_error()
-        );
-    }
+    rustix::fs::lsetxattr(p, name, value, rustix::fs::XattrFlags::empty())
+        .unwrap_or_else(|e| panic!("setxattr {name} on {}: {e}", p.display()));
 }
 
 /// Sets atime and mtime of `p` (not following symlinks) to `sec.nsec`.
 pub fn set_mtime(p: &Path, sec: i64, nsec: i64) {
-    let c = cpath(p);
-    let t = libc::timespec {
-        tv_sec: sec as libc::time_t,
+    let t = rustix::fs::Timespec {
+        tv_sec: sec,
         tv_nsec: nsec as _,
     };
-    let times = [t, t];
-    // SAFETY: c is a valid C string, times points to two timespecs.
-    let r = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
+    let times = rustix::fs::Timestamps {
+        last_access: t,
+        last_modification: t,
     };
-    if r != 0 {
-        panic!("utimensat {}: {}", p.display(), io::Error::last_os_error());
-    }
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        p,
+        &times,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap_or_else(|e| panic!("utimensat {}: {e}", p.display()));
 }
 
-fn mknod(p: &Path, kind: libc::mode_t, mode: u32, major: u32, minor: u32) {
-    let c = cpath(p);
-    let dev = libc::makedev(major, minor);
-    // SAFETY: c is a valid C string.
-    let r = unsafe { libc::mknod(c.as_ptr(), kind | mode as libc::mode_t, dev) };
-    if r != 0 {
-        panic!("mknod {}: {}", p.display(), io::Error::last_os_error());
-    }
+/// mknod of a device (`kind` [`rustix::fs::FileType::CharacterDevice`] or
+/// `BlockDevice`), a FIFO or a socket, relative to the current directory.
+fn mknod(p: &Path, kind: rustix::fs::FileType, mode: u32, major: u32, minor: u32) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        p,
+        kind,
+        rustix::fs::Mode::from_raw_mode(mode),
+        rustix::fs::makedev(major, minor),
+    )
+    .unwrap_or_else(|e| panic!("mknod {}: {e}", p.display()));
 }
 
 fn mkfifo(p: &Path, mode: u32) {
-    let c = cpath(p);
-    // SAFETY: c is a valid C string.
-    let r = unsafe { libc::mkfifo(c.as_ptr(), mode as libc::mode_t) };
-    if r != 0 {
-        panic!("mkfifo {}: {}", p.display(), io::Error::last_os_error());
-    }
+    mknod(p, rustix::fs::FileType::Fifo, mode, 0, 0);
 }
 
 fn lstat(p: &Path) -> Metadata {
@@ -400,7 +351,24 @@ pub fn make_rich_tree(root: &Path, rng: &mut Rng) {
         root.display()
     );
 
-    // Regular files.
+    rich_files(root, rng);
+    rich_empty_dirs(root);
+    rich_deep_tree(root, rng);
+    rich_names(root, rng);
+    rich_links(root, root_user);
+    rich_hard_links(root, rng);
+    rich_special_files(root, root_user);
+    rich_modes(root);
+    if root_user {
+        rich_owners(root);
+    }
+    rich_xattrs(root, rng, root_user);
+    rich_acls(root);
+    rich_times(root, rng);
+}
+
+/// Regular files: empty, small around a page, random, compressible and sparse.
+fn rich_files(root: &Path, rng: &mut Rng) {
     let files = root.join("files");
     mkdir(&files, 0o755);
     write_file(&files.join("empty"), &[]);
@@ -442,207 +410,223 @@ pub fn make_rich_tree(root: &Path, rng: &mut Rng) {
             .expect("write sparse file data");
         f.set_len(16 << 20).expect("extend sparse file");
     }
+}
 
-    // Empty directories.
+/// Empty directories.
+fn rich_empty_dirs(root: &Path) {
     mkdir(&root.join("empty_dir"), 0o755);
     mkdir(&root.join("empty_parent"), 0o755);
     mkdir(&root.join("empty_parent/empty_child"), 0o750);
+}
 
-    // A deep tree.
-    {
-        let mut d = root.join("deep");
+/// A 40-level deep tree.
+fn rich_deep_tree(root: &Path, rng: &mut Rng) {
+    let mut d = root.join("deep");
+    mkdir(&d, 0o755);
+    for level in 0..40 {
+        d.push(format!("level_{level:02}"));
         mkdir(&d, 0o755);
-        for level in 0..40 {
-            d.push(format!("level_{level:02}"));
-            mkdir(&d, 0o755);
-            if level == 20 {
-                write_file(&d.join("halfway.txt"), &rng.bytes(100));
-            }
-        }
-        write_file(&d.join("bottom.txt"), b"bottom of the deep tree\n");
-    }
-
-    // Awkward names.
-    {
-        let names = root.join("names");
-        mkdir(&names, 0o755);
-        let mut long = b"long_".to_vec();
-        while long.len() < 255 {
-            long.push(b'a' + (long.len() % 26) as u8);
-        }
-        let list: Vec<Vec<u8>> = vec![
-            b"with space".to_vec(),
-            b"several   spaces\tand tab".to_vec(),
-            b"new\nline".to_vec(),
-            b"bad\xff\xfeutf8".to_vec(),
-            long,
-            b" leading space".to_vec(),
-            b"trailing space ".to_vec(),
-            b"-leading-dash".to_vec(),
-            b"back\\slash".to_vec(),
-            b"glob*?[x]{a,b}".to_vec(),
-            "unicode \u{fc}n\u{ef}c\u{f6}d\u{e9} \u{2713}"
-                .as_bytes()
-                .to_vec(),
-        ];
-        for n in &list {
-            let len = 16 + rng.below(64) as usize;
-            let data = rng.bytes(len);
-            write_file(&names.join(bytes_name(n)), &data);
-        }
-        let d = names.join("dir with space");
-        mkdir(&d, 0o755);
-        write_file(&d.join("file\nin dir"), b"x");
-    }
-
-    // Symbolic links.
-    {
-        let links = root.join("links");
-        mkdir(&links, 0o755);
-        symlink(b"does/not/exist", &links.join("dangling"));
-        symlink(b"/etc/passwd", &links.join("absolute"));
-        symlink(b"../files/size_4096", &links.join("relative_file"));
-        symlink(b"../deep/level_00", &links.join("dir_link"));
-        symlink(b"to_self", &links.join("to_self"));
-        symlink(b"nowhere\xff\nweird", &links.join("weird_target"));
-        if root_user {
-            let p = links.join("foreign_owner");
-            symlink(b"../files/one_byte", &p);
-            lchown(&p, 1234, 5678);
+        if level == 20 {
+            write_file(&d.join("halfway.txt"), &rng.bytes(100));
         }
     }
+    write_file(&d.join("bottom.txt"), b"bottom of the deep tree\n");
+}
 
-    // Hard links: one inode, three names, two directories.
-    {
-        let hard = root.join("hard");
-        mkdir(&hard, 0o755);
-        mkdir(&hard.join("a"), 0o755);
-        mkdir(&hard.join("b"), 0o755);
-        let first = hard.join("a/first");
-        write_file(&first, &rng.bytes(10_000));
-        for other in ["a/second", "b/third"] {
-            let p = hard.join(other);
-            fs::hard_link(&first, &p).unwrap_or_else(|e| panic!("link {}: {e}", p.display()));
-        }
+/// Awkward names: spaces, a tab, a newline, invalid UTF-8, 255 bytes, glob characters, non-ASCII.
+fn rich_names(root: &Path, rng: &mut Rng) {
+    let names = root.join("names");
+    mkdir(&names, 0o755);
+    let mut long = b"long_".to_vec();
+    while long.len() < 255 {
+        long.push(b'a' + (long.len() % 26) as u8);
     }
-
-    // Special files.
-    {
-        let special = root.join("special");
-        mkdir(&special, 0o755);
-        mkfifo(&special.join("fifo"), 0o640);
-        set_mode(&special.join("fifo"), 0o640);
-        let sock = special.join("socket");
-        drop(
-            std::os::unix::net::UnixListener::bind(&sock)
-                .unwrap_or_else(|e| panic!("bind {}: {e}", sock.display())),
-        );
-        set_mode(&sock, 0o755);
-        if root_user {
-            mknod(&special.join("char_null"), libc::S_IFCHR, 0o666, 1, 3);
-            mknod(&special.join("block_loop200"), libc::S_IFBLK, 0o660, 7, 200);
-            set_mode(&special.join("char_null"), 0o666);
-            set_mode(&special.join("block_loop200"), 0o660);
-        }
+    let list: Vec<Vec<u8>> = vec![
+        b"with space".to_vec(),
+        b"several   spaces\tand tab".to_vec(),
+        b"new\nline".to_vec(),
+        b"bad\xff\xfeutf8".to_vec(),
+        long,
+        b" leading space".to_vec(),
+        b"trailing space ".to_vec(),
+        b"-leading-dash".to_vec(),
+        b"back\\slash".to_vec(),
+        b"glob*?[x]{a,b}".to_vec(),
+        "unicode \u{fc}n\u{ef}c\u{f6}d\u{e9} \u{2713}"
+            .as_bytes()
+            .to_vec(),
+    ];
+    for n in &list {
+        let len = 16 + rng.below(64) as usize;
+        let data = rng.bytes(len);
+        write_file(&names.join(bytes_name(n)), &data);
     }
+    let d = names.join("dir with space");
+    mkdir(&d, 0o755);
+    write_file(&d.join("file\nin dir"), b"x");
+}
 
-    // Special modes.
-    {
-        let modes = root.join("modes");
-        mkdir(&modes, 0o755);
-        let p = modes.join("setuid");
-        write_file(&p, b"#!/bin/sh\necho setuid\n");
-        set_mode(&p, 0o4755);
-        let d = modes.join("setgid_dir");
-        mkdir(&d, 0o2755);
-        write_file(&d.join("inside"), b"in setgid dir\n");
-        set_mode(&d.join("inside"), 0o644);
-        mkdir(&d.join("subdir"), 0o2755);
-        let d = modes.join("sticky_dir");
-        mkdir(&d, 0o1777);
-        write_file(&d.join("inside"), b"in sticky dir\n");
-        set_mode(&d.join("inside"), 0o666);
-        let p = modes.join("readonly");
-        write_file(&p, b"read only\n");
-        set_mode(&p, 0o400);
-        let d = modes.join("private_dir");
-        mkdir(&d, 0o755);
-        write_file(&d.join("secret"), b"secret\n");
-        set_mode(&d.join("secret"), 0o600);
-        set_mode(&d, 0o700);
-    }
-
-    // Foreign owners (root only). chown clears set-id bits, so chmod after.
+/// Symbolic links: dangling, absolute, relative, to a directory, to itself, a weird target; `[root]` one with a foreign owner.
+fn rich_links(root: &Path, root_user: bool) {
+    let links = root.join("links");
+    mkdir(&links, 0o755);
+    symlink(b"does/not/exist", &links.join("dangling"));
+    symlink(b"/etc/passwd", &links.join("absolute"));
+    symlink(b"../files/size_4096", &links.join("relative_file"));
+    symlink(b"../deep/level_00", &links.join("dir_link"));
+    symlink(b"to_self", &links.join("to_self"));
+    symlink(b"nowhere\xff\nweird", &links.join("weird_target"));
     if root_user {
-        let owners = root.join("owners");
-        mkdir(&owners, 0o755);
-        let p = owners.join("file");
-        write_file(&p, b"owned by 1234:5678\n");
+        let p = links.join("foreign_owner");
+        symlink(b"../files/one_byte", &p);
         lchown(&p, 1234, 5678);
-        set_mode(&p, 0o640);
-        let d = owners.join("dir");
-        mkdir(&d, 0o755);
-        lchown(&d, 1234, 5678);
-        let p = owners.join("setuid_foreign");
-        write_file(&p, b"setuid foreign\n");
-        lchown(&p, 1234, 5678);
-        set_mode(&p, 0o4755);
-        let d = owners.join("private_foreign");
-        mkdir(&d, 0o755);
-        write_file(&d.join("inside"), b"private foreign\n");
-        lchown(&d.join("inside"), 1234, 5678);
-        set_mode(&d.join("inside"), 0o600);
-        lchown(&d, 1234, 5678);
-        set_mode(&d, 0o700);
     }
+}
 
-    // Extended attributes.
-    {
-        let x = root.join("xattrs");
-        mkdir(&x, 0o755);
-        let p = x.join("binary");
-        write_file(&p, b"binary xattr\n");
-        let all: Vec<u8> = (0..=255u8).collect();
-        set_xattr(&p, "user.binary", &all);
-        let p = x.join("big");
-        write_file(&p, b"big xattr\n");
-        set_xattr(&p, "user.big", &rng.bytes(4000));
-        let p = x.join("several");
-        write_file(&p, b"several xattrs\n");
-        set_xattr(&p, "user.a", b"A");
-        set_xattr(&p, "user.empty", b"");
-        set_xattr(&p, "user.with.dots", b"dots");
-        let d = x.join("dir");
-        mkdir(&d, 0o755);
-        set_xattr(&d, "user.on_dir", b"directory xattr");
-        if root_user {
-            let p = x.join("trusted");
-            write_file(&p, b"trusted xattr\n");
-            set_xattr(&p, "trusted.byteback", b"trusted value");
-        }
+/// Hard links: one inode, three names, two directories.
+fn rich_hard_links(root: &Path, rng: &mut Rng) {
+    let hard = root.join("hard");
+    mkdir(&hard, 0o755);
+    mkdir(&hard.join("a"), 0o755);
+    mkdir(&hard.join("b"), 0o755);
+    let first = hard.join("a/first");
+    write_file(&first, &rng.bytes(10_000));
+    for other in ["a/second", "b/third"] {
+        let p = hard.join(other);
+        fs::hard_link(&first, &p).unwrap_or_else(|e| panic!("link {}: {e}", p.display()));
     }
+}
 
-    // POSIX ACLs.
-    {
-        let a = root.join("acl");
-        mkdir(&a, 0o755);
-        let p = a.join("file_acl");
-        write_file(&p, b"file with an ACL\n");
-        set_mode(&p, 0o640);
-        run(Command::new("setfacl")
-            .arg("-m")
-            .arg("u:1234:rw-,g:5678:r--,m::rw-,o::---")
-            .arg(&p));
-        let d = a.join("default_dir");
-        mkdir(&d, 0o755);
-        run(Command::new("setfacl")
-            .arg("-m")
-            .arg("u:1234:rwx,d:u::rwx,d:g::r-x,d:u:1234:rwx,d:g:5678:r-x,d:m::rwx,d:o::---")
-            .arg(&d));
-        write_file(&d.join("inherited"), b"inherits the default ACL\n");
+/// Special files: a FIFO, a socket; `[root]` a character and a block device.
+fn rich_special_files(root: &Path, root_user: bool) {
+    let special = root.join("special");
+    mkdir(&special, 0o755);
+    mkfifo(&special.join("fifo"), 0o640);
+    set_mode(&special.join("fifo"), 0o640);
+    let sock = special.join("socket");
+    drop(
+        std::os::unix::net::UnixListener::bind(&sock)
+            .unwrap_or_else(|e| panic!("bind {}: {e}", sock.display())),
+    );
+    set_mode(&sock, 0o755);
+    if root_user {
+        mknod(
+            &special.join("char_null"),
+            rustix::fs::FileType::CharacterDevice,
+            0o666,
+            1,
+            3,
+        );
+        mknod(
+            &special.join("block_loop200"),
+            rustix::fs::FileType::BlockDevice,
+            0o660,
+            7,
+            200,
+        );
+        set_mode(&special.join("char_null"), 0o666);
+        set_mode(&special.join("block_loop200"), 0o660);
     }
+}
 
-    // Explicit mtimes: everything else first, directories deepest first.
+/// Special modes: setuid, setgid and sticky directories, read-only, private.
+fn rich_modes(root: &Path) {
+    let modes = root.join("modes");
+    mkdir(&modes, 0o755);
+    let p = modes.join("setuid");
+    write_file(&p, b"#!/bin/sh\necho setuid\n");
+    set_mode(&p, 0o4755);
+    let d = modes.join("setgid_dir");
+    mkdir(&d, 0o2755);
+    write_file(&d.join("inside"), b"in setgid dir\n");
+    set_mode(&d.join("inside"), 0o644);
+    mkdir(&d.join("subdir"), 0o2755);
+    let d = modes.join("sticky_dir");
+    mkdir(&d, 0o1777);
+    write_file(&d.join("inside"), b"in sticky dir\n");
+    set_mode(&d.join("inside"), 0o666);
+    let p = modes.join("readonly");
+    write_file(&p, b"read only\n");
+    set_mode(&p, 0o400);
+    let d = modes.join("private_dir");
+    mkdir(&d, 0o755);
+    write_file(&d.join("secret"), b"secret\n");
+    set_mode(&d.join("secret"), 0o600);
+    set_mode(&d, 0o700);
+}
+
+/// Foreign owners (call as root only). chown clears set-id bits, so chmod after.
+fn rich_owners(root: &Path) {
+    let owners = root.join("owners");
+    mkdir(&owners, 0o755);
+    let p = owners.join("file");
+    write_file(&p, b"owned by 1234:5678\n");
+    lchown(&p, 1234, 5678);
+    set_mode(&p, 0o640);
+    let d = owners.join("dir");
+    mkdir(&d, 0o755);
+    lchown(&d, 1234, 5678);
+    let p = owners.join("setuid_foreign");
+    write_file(&p, b"setuid foreign\n");
+    lchown(&p, 1234, 5678);
+    set_mode(&p, 0o4755);
+    let d = owners.join("private_foreign");
+    mkdir(&d, 0o755);
+    write_file(&d.join("inside"), b"private foreign\n");
+    lchown(&d.join("inside"), 1234, 5678);
+    set_mode(&d.join("inside"), 0o600);
+    lchown(&d, 1234, 5678);
+    set_mode(&d, 0o700);
+}
+
+/// Extended attributes: binary, big, several, on a directory; `[root]` trusted.*.
+fn rich_xattrs(root: &Path, rng: &mut Rng, root_user: bool) {
+    let x = root.join("xattrs");
+    mkdir(&x, 0o755);
+    let p = x.join("binary");
+    write_file(&p, b"binary xattr\n");
+    let all: Vec<u8> = (0..=255u8).collect();
+    set_xattr(&p, "user.binary", &all);
+    let p = x.join("big");
+    write_file(&p, b"big xattr\n");
+    set_xattr(&p, "user.big", &rng.bytes(4000));
+    let p = x.join("several");
+    write_file(&p, b"several xattrs\n");
+    set_xattr(&p, "user.a", b"A");
+    set_xattr(&p, "user.empty", b"");
+    set_xattr(&p, "user.with.dots", b"dots");
+    let d = x.join("dir");
+    mkdir(&d, 0o755);
+    set_xattr(&d, "user.on_dir", b"directory xattr");
+    if root_user {
+        let p = x.join("trusted");
+        write_file(&p, b"trusted xattr\n");
+        set_xattr(&p, "trusted.byteback", b"trusted value");
+    }
+}
+
+/// POSIX ACLs: an access ACL on a file, access and default ACLs on a directory and a file inheriting them.
+fn rich_acls(root: &Path) {
+    let a = root.join("acl");
+    mkdir(&a, 0o755);
+    let p = a.join("file_acl");
+    write_file(&p, b"file with an ACL\n");
+    set_mode(&p, 0o640);
+    run(Command::new("setfacl")
+        .arg("-m")
+        .arg("u:1234:rw-,g:5678:r--,m::rw-,o::---")
+        .arg(&p));
+    let d = a.join("default_dir");
+    mkdir(&d, 0o755);
+    run(Command::new("setfacl")
+        .arg("-m")
+        .arg("u:1234:rwx,d:u::rwx,d:g::r-x,d:u:1234:rwx,d:g:5678:r-x,d:m::rwx,d:o::---")
+        .arg(&d));
+    write_file(&d.join("inherited"), b"inherits the default ACL\n");
+}
+
+/// Explicit mtimes: `times/` with the extreme ones, then every other entry at random, directories deepest first, `root` last.
+fn rich_times(root: &Path, rng: &mut Rng) {
     let times = root.join("times");
     mkdir(&times, 0o755);
     write_file(&times.join("epoch_1970"), b"1970\n");
@@ -771,7 +755,7 @@ fn esc(b: &[u8]) -> String {
 fn file_fnv(p: &Path) -> u64 {
     let mut f = fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NOCTTY).bits() as i32)
         .open(p)
         .unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
     let mut h = FNV_OFFSET;
@@ -791,58 +775,38 @@ fn file_fnv(p: &Path) -> u64 {
 /// Includes `system.posix_acl_*` (the kernel's ACL encoding). A filesystem
 /// without xattr support gives an empty list.
 pub fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let c = cpath(p);
+    use rustix::io::Errno;
     let names = loop {
-        // SAFETY: c is a valid C string; a null buffer of size 0 asks for the size.
-        let size = unsafe { libc::llistxattr(c.as_ptr(), std::ptr::null_mut(), 0) };
-        if size < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENOTSUP) {
-                return Vec::new();
+        let size = match rustix::fs::llistxattr_query(p) {
+            Ok(size) => size,
+            Err(Errno::NOTSUP) => return Vec::new(),
+            Err(e) => panic!("listxattr {}: {e}", p.display()),
+        };
+        let mut buf = vec![0u8; size];
+        match rustix::fs::llistxattr(p, &mut buf[..]) {
+            Ok(got) => {
+                buf.truncate(got);
+                break buf;
             }
-            panic!("listxattr {}: {e}", p.display());
+            Err(Errno::RANGE) => continue, // grew in between
+            Err(e) => panic!("listxattr {}: {e}", p.display()),
         }
-        let mut buf = vec![0u8; size as usize];
-        // SAFETY: buf has buf.len() writable bytes.
-        let got = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if got < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ERANGE) {
-                continue; // grew in between
-            }
-            panic!("listxattr {}: {e}", p.display());
-        }
-        buf.truncate(got as usize);
-        break buf;
     };
     let mut out = Vec::new();
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         let cn = CString::new(name).expect("xattr name with NUL");
         let value = loop {
-            // SAFETY: valid C strings; size query.
-            let size = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), std::ptr::null_mut(), 0) };
-            if size < 0 {
-                panic!(
-                    "getxattr {} {}: {}",
-                    esc(name),
-                    p.display(),
-                    io::Error::last_os_error()
-                );
-            }
-            let mut buf = vec![0u8; size as usize];
-            // SAFETY: buf has buf.len() writable bytes.
-            let got = unsafe {
-                libc::lgetxattr(c.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-            };
-            if got < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ERANGE) {
-                    continue;
+            let size = rustix::fs::lgetxattr_query(p, &cn)
+                .unwrap_or_else(|e| panic!("getxattr {} {}: {e}", esc(name), p.display()));
+            let mut buf = vec![0u8; size];
+            match rustix::fs::lgetxattr(p, &cn, &mut buf[..]) {
+                Ok(got) => {
+                    buf.truncate(got);
+                    break buf;
                 }
-                panic!("getxattr {} {}: {e}", esc(name), p.display());
+                Err(Errno::RANGE) => continue,
+                Err(e) => panic!("getxattr {} {}: {e}", esc(name), p.display()),
             }
-            buf.truncate(got as usize);
-            break buf;
         };
         out.push((name.to_vec(), value));
     }
@@ -928,7 +892,11 @@ pub fn tree_digest(root: &Path) -> String {
             out.push_str(&format!(" target={}", esc(t.as_os_str().as_bytes())));
         } else if ft.is_char_device() || ft.is_block_device() {
             let r = m.rdev();
-            out.push_str(&format!(" rdev={}:{}", libc::major(r), libc::minor(r)));
+            out.push_str(&format!(
+                " rdev={}:{}",
+                rustix::fs::major(r),
+                rustix::fs::minor(r)
+            ));
         }
         for (name, value) in xattrs(p) {
             out.push_str(&format!(
@@ -1100,12 +1068,7 @@ const BTRFS_SUPER_MAGIC: u32 = 0x9123_683E;
 /// True when `path` lives on a btrfs filesystem (statfs magic; follows
 /// symlinks). False when statfs fails.
 pub fn is_btrfs(path: &Path) -> bool {
-    let c = cpath(path);
-    // SAFETY: statfs is plain old data; zeroed is a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c is a valid C string, st a valid out-pointer.
-    let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    r == 0 && st.f_type as u32 == BTRFS_SUPER_MAGIC
+    rustix::fs::statfs(path).is_ok_and(|st| st.f_type as u32 == BTRFS_SUPER_MAGIC)
 }
 
 /// Serialises losetup/mount within one test binary; across processes the
@@ -1309,12 +1272,8 @@ fn is_immutable(path: &Path) -> bool {
 }
 
 fn mounted_read_only(path: &Path) -> bool {
-    let c = cpath(path);
-    // SAFETY: statvfs is plain old data; zeroed is a valid value.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c is a valid C string, st a valid out-pointer.
-    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    r == 0 && (st.f_flag & libc::ST_RDONLY) != 0
+    rustix::fs::statvfs(path)
+        .is_ok_and(|st| st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
 }
 
 /// True when `path` (file or directory; symlinks in it are resolved first)
@@ -1386,7 +1345,41 @@ pub fn is_read_only(path: &Path) -> bool {
 // Processes and simulated time
 // ---------------------------------------------------------------------------
 
-/// Every process whose command line mentions `marker` (not this one).
+pub use rustix::process::Signal;
+
+/// Sends `sig` to process `pid`. A process already gone (`ESRCH`) is not an
+/// error: the pids come from `/proc` or from children that may have ended
+/// since; any other failure panics.
+pub fn send_signal(pid: u32, sig: Signal) {
+    let p = rustix::process::Pid::from_raw(pid as i32)
+        .unwrap_or_else(|| panic!("send_signal: no such pid {pid}"));
+    match rustix::process::kill_process(p, sig) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+        Err(e) => panic!("kill -{} {pid}: {e}", sig.as_raw()),
+    }
+}
+
+/// Starts `cmd` with its data segment limited to `bytes` (`RLIMIT_DATA`,
+/// soft and hard), as a memory cap a greedy process dies against.
+pub fn limit_data(cmd: &mut Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    let lim = rustix::process::Rlimit {
+        current: Some(bytes),
+        maximum: Some(bytes),
+    };
+    // SAFETY: the closure runs between fork and exec and only makes the
+    // setrlimit system call (async-signal-safe; no allocation, no locks).
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::setrlimit(rustix::process::Resource::Data, lim)
+                .map_err(io::Error::from)
+        });
+    }
+}
+
+/// Every process whose command line mentions `marker` (not this one). The
+/// tests of all areas run concurrently in one process: pass a marker only
+/// the test's own processes carry (its store's or scratch directory's path).
 pub fn processes_naming(marker: &str) -> Vec<(u32, String)> {
     let me = std::process::id();
     let mut out = vec![];
@@ -1403,6 +1396,180 @@ pub fn processes_naming(marker: &str) -> Vec<(u32, String)> {
         }
     }
     out
+}
+
+/// The snapshots of `host` in the local store `store`, oldest first (names
+/// within one minute carry suffixes .1, .2, ... .10, which sort after the
+/// plain name and by number). No host directory: none.
+pub fn snapshots(store: &Path, host: &str) -> Vec<String> {
+    let mut v: Vec<String> = match fs::read_dir(store.join(host)) {
+        Ok(d) => d
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+            .collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => vec![],
+        Err(e) => panic!("read_dir {}: {e}", store.join(host).display()),
+    };
+    v.sort_by_key(|n| match n.split_once('.') {
+        Some((base, k)) => (base.to_string(), k.parse::<u64>().unwrap_or(0) + 1),
+        None => (n.clone(), 0),
+    });
+    v
+}
+
+/// `byteback-backup` of `src` as `host` into `store` "as of" `now` (Unix
+/// seconds): the server is started through `wrapper` ([`server_wrapper`]),
+/// no retries.
+pub fn backup_at(store: &Path, wrapper: &Path, src: &Path, host: &str, now: i64) -> Command {
+    let mut c = Command::new(bin("byteback-backup"));
+    c.env("BYTEBACK_SERVER", wrapper)
+        .env("BYTEBACK_TEST_NOW", rfc3339(now))
+        .env("TZ", "UTC")
+        .arg("--destination")
+        .arg(store)
+        .arg("--source")
+        .arg(src)
+        .args(["--hostname", host, "--retry-number", "0"]);
+    c
+}
+
+/// Creates the local store directory `store` (if missing) with a
+/// `byteback.toml` of `min_snapshot_interval = 0`, so every backup of a test
+/// makes a snapshot however close together they run.
+pub fn store_without_interval(store: &Path) {
+    fs::create_dir_all(store).unwrap_or_else(|e| panic!("mkdir {}: {e}", store.display()));
+    write_file(&store.join("byteback.toml"), b"min_snapshot_interval = 0\n");
+}
+
+/// `byteback-backup` of `src` as `host` into the local store `store`, no
+/// retries; panics (with its output) when it fails.
+pub fn local_backup(store: &Path, src: &Path, host: &str) -> Output {
+    run(Command::new(bin("byteback-backup"))
+        .arg("--destination")
+        .arg(store)
+        .arg("--source")
+        .arg(src)
+        .args(["--hostname", host, "--retry-number", "0"]))
+}
+
+/// The number just before `marker` in the client's last summary line
+/// (`byteback-backup: ... N marker ...`) in `err`; `None` without one.
+pub fn summary_number(err: &str, marker: &str) -> Option<u64> {
+    let line = err
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("byteback-backup:") && l.contains(marker))?;
+    let at = line.find(marker)?;
+    line[..at]
+        .split(|c: char| !c.is_ascii_digit())
+        .rfind(|s| !s.is_empty())?
+        .parse()
+        .ok()
+}
+
+/// A test's time budget: `$VAR` seconds when set (and a number), else
+/// `default_secs`.
+pub fn budget_from_env(var: &str, default_secs: u64) -> Duration {
+    Duration::from_secs(
+        std::env::var(var)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default_secs),
+    )
+}
+
+/// 40 directories `a/NN` of 250 small files each under `src`, and `b/kept`:
+/// enough entries for a manifest of several compressed blocks, all in a part
+/// (`a/`) a test can remove before the next run.
+pub fn make_wide_tree(src: &Path) {
+    for i in 0..40 {
+        let dir = src.join(format!("a/{i:02}"));
+        fs::create_dir_all(&dir).unwrap();
+        for j in 0..250 {
+            fs::write(dir.join(format!("file-{j:03}")), format!("{i} {j}")).unwrap();
+        }
+    }
+    fs::create_dir_all(src.join("b")).unwrap();
+    fs::write(src.join("b/kept"), "kept").unwrap();
+}
+
+/// A scratch directory laid out for local backups: `conf/` (the client's
+/// settings, passed as `BYTEBACK_CONFIG_DIR`), `store/` (made by
+/// [`store_without_interval`]) and an empty `src/`.
+pub struct LocalSite {
+    pub work: PathBuf,
+    pub conf: PathBuf,
+    pub store: PathBuf,
+    pub src: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LocalSite {
+    pub fn fresh() -> LocalSite {
+        let dir = scratch();
+        let work = dir.path().to_path_buf();
+        let (conf, store, src) = (work.join("conf"), work.join("store"), work.join("src"));
+        fs::create_dir_all(&conf).unwrap();
+        fs::create_dir_all(&src).unwrap();
+        store_without_interval(&store);
+        LocalSite {
+            work,
+            conf,
+            store,
+            src,
+            _dir: dir,
+        }
+    }
+}
+
+/// The tree digest of every snapshot of a host as first seen, to check
+/// that none ever changes afterwards (the torture tests).
+#[derive(Default)]
+pub struct SnapshotDigests(std::collections::BTreeMap<String, String>);
+
+impl SnapshotDigests {
+    /// Every snapshot seen so far, with its digest.
+    pub fn seen(&self) -> &std::collections::BTreeMap<String, String> {
+        &self.0
+    }
+
+    /// Records the snapshots of `host` in `store` not seen before; panics
+    /// (naming `round`) when one seen before differs now.
+    pub fn check(&mut self, store: &Path, host: &str, round: u64) {
+        for s in snapshots(store, host) {
+            let dig = tree_digest(&store.join(host).join(&s));
+            match self.0.get(&s) {
+                Some(old) => assert_eq!(
+                    digest_diff(old, &dig),
+                    "",
+                    "snapshot {s} changed (round {round})"
+                ),
+                None => {
+                    self.0.insert(s, dig);
+                }
+            }
+        }
+    }
+}
+
+/// Waits for `child` until `limit` has passed since `start`; then kills
+/// and reaps it and returns `None`.
+pub fn wait_until(
+    child: &mut std::process::Child,
+    start: std::time::Instant,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        if start.elapsed() >= limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// RFC 3339 form of Unix seconds (UTC).

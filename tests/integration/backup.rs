@@ -1,7 +1,7 @@
 //! End to end: real `byteback-backup`, `byteback-server` and `byteback-restore`
 //! processes, plain and btrfs stores, rsync as the oracle.
 
-mod util;
+use crate::util;
 
 use std::ffi::OsStr;
 use std::fs;
@@ -10,30 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use util::*;
-
-fn write_config(store: &Path) {
-    fs::create_dir_all(store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
-}
-
-fn backup(store: &Path, src: &Path, host: &str) -> Output {
-    run(Command::new(bin("byteback-backup"))
-        .arg("--destination")
-        .arg(store)
-        .arg("--source")
-        .arg(src)
-        .args(["--hostname", host, "--retry-number", "0"]))
-}
-
-fn snapshots(store: &Path, host: &str) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(store.join(host))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-        .collect();
-    v.sort();
-    v
-}
 
 /// Restores everything of `snapshot` (or the newest) into `into`; returns `<into>/<snapshot>`.
 fn restore_all(store: &Path, host: &str, snapshot: Option<&str>, into: &Path) -> PathBuf {
@@ -55,10 +31,6 @@ fn restore_all(store: &Path, host: &str, snapshot: Option<&str>, into: &Path) ->
 
 fn restored_path(root: &Path, src: &Path) -> PathBuf {
     root.join(src.strip_prefix("/").unwrap())
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Edits of every kind between two backups.
@@ -99,8 +71,8 @@ fn round_trip(store: &Path, work: &Path) {
     fs::create_dir_all(&src).unwrap();
     let mut rng = Rng::new(7);
     make_rich_tree(&src, &mut rng);
-    write_config(store);
-    backup(store, &src, "rich");
+    store_without_interval(store);
+    local_backup(store, &src, "rich");
     let root = restore_all(store, "rich", None, &work.join("restore"));
     assert_same_tree(&src, &restored_path(&root, &src));
 }
@@ -133,8 +105,8 @@ fn second_backup(store: &Path, work: &Path) {
         Rng::new(3)
     });
     edit_tree(&src, &mut rng);
-    write_config(store);
-    backup(store, &src, "h");
+    store_without_interval(store);
+    local_backup(store, &src, "h");
     let first = snapshots(store, "h").pop().unwrap();
     let first_path = store.join("h").join(&first);
     let before = tree_digest(&first_path);
@@ -143,7 +115,7 @@ fn second_backup(store: &Path, work: &Path) {
     run(Command::new("cp").arg("-a").arg(&src).arg(&copy_of_source));
 
     edit_tree_again(&src, &mut rng);
-    let out = backup(store, &src, "h");
+    let out = local_backup(store, &src, "h");
     let snaps = snapshots(store, "h");
     assert_eq!(snaps.len(), 2, "{snaps:?}");
     let second = snaps[1].clone();
@@ -165,7 +137,7 @@ fn second_backup(store: &Path, work: &Path) {
     assert!(e.contains("deleted"), "{e}");
 
     // A third run with nothing changed sends no file at all.
-    let out = backup(store, &src, "h");
+    let out = local_backup(store, &src, "h");
     let e = stderr(&out);
     assert!(e.contains(" 0 files sent"), "{e}");
 }
@@ -212,7 +184,7 @@ fn changed_blocks_share_extents_on_btrfs() {
     }
     let fs_ = BtrfsLoop::new(600);
     let store = fs_.mount.join("store");
-    write_config(&store);
+    store_without_interval(&store);
     let d = scratch();
     let src = d.path().join("src");
     fs::create_dir_all(&src).unwrap();
@@ -220,14 +192,14 @@ fn changed_blocks_share_extents_on_btrfs() {
     let size = 96usize << 20;
     let mut data = rng.bytes(size);
     fs::write(src.join("disk.img"), &data).unwrap();
-    backup(&store, &src, "vm");
+    local_backup(&store, &src, "vm");
     let before = btrfs_data_used(&fs_.mount);
     for i in 0..8 {
         let off = (i * 11 + 3) * (1 << 20) + 4096 * i;
         data[off..off + 4096].copy_from_slice(&rng.bytes(4096));
     }
     fs::write(src.join("disk.img"), &data).unwrap();
-    let out = backup(&store, &src, "vm");
+    let out = local_backup(&store, &src, "vm");
     let after = btrfs_data_used(&fs_.mount);
     let added = after.saturating_sub(before);
     eprintln!(
@@ -246,7 +218,7 @@ fn changed_blocks_share_extents_on_btrfs() {
 fn client_paths_cannot_reach_the_manifest() {
     let d = scratch();
     let store = d.path().join("store");
-    write_config(&store);
+    store_without_interval(&store);
     // A source at the root would be needed for a top-level `.byteback`; use a
     // nested source whose top component we cannot choose, plus a direct check
     // of the escaping through a source named .byteback under a fake root.
@@ -254,7 +226,7 @@ fn client_paths_cannot_reach_the_manifest() {
     fs::create_dir_all(src.join(".byteback")).unwrap();
     fs::write(src.join(".byteback/manifest"), b"not the manifest").unwrap();
     fs::write(src.join(".byteback-x"), b"x").unwrap();
-    backup(&store, &src, "m");
+    local_backup(&store, &src, "m");
     let root = restore_all(&store, "m", None, &d.path().join("r"));
     assert_same_tree(&src, &restored_path(&root, &src));
 }
@@ -263,7 +235,7 @@ fn client_paths_cannot_reach_the_manifest() {
 fn a_file_named_with_every_odd_byte_round_trips() {
     let d = scratch();
     let store = d.path().join("store");
-    write_config(&store);
+    store_without_interval(&store);
     let src = d.path().join("src");
     fs::create_dir_all(&src).unwrap();
     let names: Vec<Vec<u8>> = vec![
@@ -278,7 +250,7 @@ fn a_file_named_with_every_odd_byte_round_trips() {
     for n in &names {
         fs::write(src.join(OsStr::from_bytes(n)), n).unwrap();
     }
-    backup(&store, &src, "n");
+    local_backup(&store, &src, "n");
     let root = restore_all(&store, "n", None, &d.path().join("r"));
     assert_same_tree(&src, &restored_path(&root, &src));
 }
@@ -287,14 +259,14 @@ fn a_file_named_with_every_odd_byte_round_trips() {
 fn restore_list_shows_versions() {
     let d = scratch();
     let store = d.path().join("store");
-    write_config(&store);
+    store_without_interval(&store);
     let src = d.path().join("src");
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("f.txt"), b"one").unwrap();
-    backup(&store, &src, "l");
+    local_backup(&store, &src, "l");
     fs::write(src.join("f.txt"), b"two!").unwrap();
     set_mtime(&src.join("f.txt"), 2_000_000_000, 5);
-    backup(&store, &src, "l");
+    local_backup(&store, &src, "l");
     let list = |extra: &[&str]| {
         let out = run(Command::new(bin("byteback-restore"))
             .current_dir(&src)
@@ -326,18 +298,18 @@ fn restore_list_shows_versions() {
 fn restore_takes_each_path_from_the_newest_snapshot_holding_it() {
     let d = scratch();
     let store = d.path().join("store");
-    write_config(&store);
+    store_without_interval(&store);
     let src = d.path().join("src");
     fs::create_dir_all(src.join("sub")).unwrap();
     fs::write(src.join("kept"), b"same in both").unwrap();
     fs::write(src.join("changed"), b"first version").unwrap();
     fs::write(src.join("sub/deleted"), b"only in the first").unwrap();
-    backup(&store, &src, "v");
+    local_backup(&store, &src, "v");
     fs::write(src.join("changed"), b"second version!").unwrap();
     set_mtime(&src.join("changed"), 2_000_000_000, 7);
     fs::remove_file(src.join("sub/deleted")).unwrap();
     fs::write(src.join("new"), b"only in the second").unwrap();
-    backup(&store, &src, "v");
+    local_backup(&store, &src, "v");
     let snaps = snapshots(&store, "v");
     assert_eq!(snaps.len(), 2, "{snaps:?}");
     let (s1, s2) = (snaps[0].as_str(), snaps[1].as_str());
@@ -465,7 +437,7 @@ fn second_concurrent_backup_of_a_host_is_refused_and_a_killed_lock_does_not_bloc
     use std::io::Write;
     let d = scratch();
     let store = d.path().join("store");
-    write_config(&store);
+    store_without_interval(&store);
     let start = |store: &Path| {
         let mut c = Command::new(bin("byteback-server"))
             .args(["serve", "--host", "busy", "--store"])
@@ -518,7 +490,7 @@ fn second_concurrent_backup_of_a_host_is_refused_and_a_killed_lock_does_not_bloc
     );
     first.kill().unwrap();
     first.wait().unwrap();
-    backup(&store, &src, "busy");
+    local_backup(&store, &src, "busy");
 }
 
 /// A run with nothing to change keeps the manifest as it is (no rewrite, no
@@ -527,7 +499,7 @@ fn second_concurrent_backup_of_a_host_is_refused_and_a_killed_lock_does_not_bloc
 /// stopped half-way are still removed.
 fn unchanged_runs(store: &Path, work: &Path) {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    write_config(store);
+    store_without_interval(store);
     let src = work.join("src");
     fs::create_dir_all(src.join("a/b")).unwrap();
     for (p, c) in [
@@ -557,14 +529,14 @@ fn unchanged_runs(store: &Path, work: &Path) {
         );
         assert_same_tree(&src, &restored_path(&root, &src));
     };
-    backup(store, &src, "u");
+    local_backup(store, &src, "u");
     check("first");
     let mut m1 = ino(&manifest);
 
     // The source's parent directories are shared with other tests, which
     // may change their mtimes; one of a few runs sees nothing changed.
     let kept = (0..5).any(|_| {
-        let out = backup(store, &src, "u");
+        let out = local_backup(store, &src, "u");
         assert!(stderr(&out).contains(" 0 files sent"), "{}", stderr(&out));
         let now = ino(&manifest);
         std::mem::replace(&mut m1, now) == now
@@ -573,14 +545,14 @@ fn unchanged_runs(store: &Path, work: &Path) {
     check("unchanged");
 
     fs::set_permissions(src.join("a/1"), fs::Permissions::from_mode(0o600)).unwrap();
-    backup(store, &src, "u");
+    local_backup(store, &src, "u");
     let m2 = ino(&manifest);
     assert_ne!(m2, m1, "a mode change did not reach the manifest");
     check("chmod");
 
     fs::remove_file(src.join("a/b/2")).unwrap();
     fs::remove_file(src.join("z")).unwrap();
-    backup(store, &src, "u");
+    local_backup(store, &src, "u");
     assert_ne!(ino(&manifest), m2, "deletions did not reach the manifest");
     assert!(!cur_src.join("a/b/2").exists() && !cur_src.join("z").exists());
     check("deletions");
@@ -589,7 +561,7 @@ fn unchanged_runs(store: &Path, work: &Path) {
     // (and took the clean marker away before touching anything).
     fs::write(cur_src.join("a/stray"), "left over").unwrap();
     fs::remove_file(current.join(".byteback/clean")).unwrap();
-    backup(store, &src, "u");
+    local_backup(store, &src, "u");
     assert!(!cur_src.join("a/stray").exists(), "leftover kept");
     let snap = snapshots(store, "u").pop().unwrap();
     let snap_src = store
@@ -682,7 +654,7 @@ fn a_directory_swapped_for_a_symlink_during_the_backup_leaks_nothing() {
     const ROUNDS: usize = 6;
     let d = scratch();
     let store = d.path().join("store");
-    write_config(&store);
+    store_without_interval(&store);
     let src = d.path().join("src");
     let dir = src.join("user/d");
     let away = src.join("user/d.away");
@@ -795,10 +767,7 @@ fn a_directory_swapped_for_a_symlink_during_the_backup_leaks_nothing() {
 // ---------------------------------------------------------------------------
 
 fn kill9(pid: u32) {
-    // SAFETY: a plain syscall; the pid was just read from /proc.
-    unsafe {
-        libc::kill(pid as i32, libc::SIGKILL);
-    }
+    send_signal(pid, Signal::KILL);
 }
 
 /// Fails (after killing them) if processes naming `marker` are still there
@@ -837,23 +806,15 @@ fn run_bounded(
         .stderr(fs::File::create(&err_p).unwrap())
         .spawn()
         .unwrap();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
+    let Some(status) = wait_until(&mut child, start, limit) else {
+        for (pid, _) in processes_naming(marker) {
+            kill9(pid);
         }
-        if start.elapsed() >= limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            for (pid, _) in processes_naming(marker) {
-                kill9(pid);
-            }
-            panic!(
-                "HANG: {cmd:?} still running after {} s; stderr so far:\n{}",
-                limit.as_secs(),
-                fs::read_to_string(&err_p).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        panic!(
+            "HANG: {cmd:?} still running after {} s; stderr so far:\n{}",
+            limit.as_secs(),
+            fs::read_to_string(&err_p).unwrap_or_default()
+        );
     };
     let took = start.elapsed();
     let out = Output {
@@ -885,20 +846,12 @@ fn backup_cmd(store: &Path, src: &Path, host: &str, retries: u32) -> Command {
 fn a_truncated_manifest_fails_one_attempt_fast_then_is_recovered() {
     let d = scratch();
     let store = d.path().join("store");
-    write_config(&store);
+    store_without_interval(&store);
     let src = d.path().join("src");
     // Enough entries for a manifest of several compressed blocks, all in a
     // part of the tree the next run no longer sends.
-    for i in 0..40 {
-        let dir = src.join(format!("a/{i:02}"));
-        fs::create_dir_all(&dir).unwrap();
-        for j in 0..250 {
-            fs::write(dir.join(format!("file-{j:03}")), format!("{i} {j}")).unwrap();
-        }
-    }
-    fs::create_dir_all(src.join("b")).unwrap();
-    fs::write(src.join("b/kept"), "kept").unwrap();
-    backup(&store, &src, "t");
+    make_wide_tree(&src);
+    local_backup(&store, &src, "t");
     fs::remove_dir_all(src.join("a")).unwrap();
     let manifest = store.join("t/current/.byteback/manifest");
     let len = fs::metadata(&manifest).unwrap().len();
@@ -971,7 +924,7 @@ fn server_pids(store: &Path, host: &str) -> Vec<u32> {
 fn server_killed_at_random_moments_never_leaves_the_client_hanging() {
     let d = scratch();
     let store = d.path().join("store");
-    write_config(&store);
+    store_without_interval(&store);
     let src = d.path().join("src");
     busy_tree(&src);
     let marker = store.to_str().unwrap().to_string();
@@ -1065,7 +1018,7 @@ fn server_killed_at_random_moments_never_leaves_the_client_hanging() {
     // The kills land inside the backups, not after them, most of the time.
     assert!(failed >= 3, "only {failed} of 6 backups were interrupted");
     // And a backup after all that works.
-    backup(&store, &src, "k0");
+    local_backup(&store, &src, "k0");
 }
 
 /// A `byteback-server` wrapper that passes the server's handshake and
@@ -1113,7 +1066,7 @@ kill -9 $pid
 fn server_killed_while_the_client_has_nothing_to_send_is_retried_then_reported() {
     let d = scratch();
     let store = d.path().join("store");
-    write_config(&store);
+    store_without_interval(&store);
     let src = d.path().join("src");
     fs::create_dir_all(src.join("dir")).unwrap();
     for i in 0..50 {
@@ -1145,7 +1098,7 @@ fn server_killed_while_the_client_has_nothing_to_send_is_retried_then_reported()
     assert!(took < std::time::Duration::from_secs(15), "{took:?}");
     assert_none_left(&marker);
     // And without the wrapper the store takes a backup at once.
-    backup(&store, &src, "w");
+    local_backup(&store, &src, "w");
 }
 
 /// A stored copy that cannot be read (a damaged block on btrfs: its
@@ -1159,13 +1112,13 @@ fn unreadable_stored_copy_is_resent_not_fatal() {
     }
     let fs_ = BtrfsLoop::new(300);
     let store = fs_.mount.join("store");
-    write_config(&store);
+    store_without_interval(&store);
     let d = scratch();
     let src = d.path().join("src");
     fs::create_dir_all(&src).unwrap();
     let mut data = Rng::new(42).bytes(1 << 20);
     fs::write(src.join("victim"), &data).unwrap();
-    backup(&store, &src, "e");
+    local_backup(&store, &src, "e");
     let stored = store
         .join("e/current")
         .join(src.strip_prefix("/").unwrap())
@@ -1241,11 +1194,11 @@ fn unreadable_stored_copy_is_resent_not_fatal() {
 fn a_failed_fallback_snapshot_is_cleaned_up() {
     let d = scratch();
     let store = d.path().join("store");
-    write_config(&store);
+    store_without_interval(&store);
     let src = d.path().join("src");
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("f"), b"data").unwrap();
-    backup(&store, &src, "fb");
+    local_backup(&store, &src, "fb");
     let left = store.join("fb/.snapshot-2020-01-01T00:00+0000");
     fs::create_dir_all(left.join("sub")).unwrap();
     fs::write(left.join("sub/copy"), b"a stale copy").unwrap();
@@ -1253,7 +1206,7 @@ fn a_failed_fallback_snapshot_is_cleaned_up() {
     fs::set_permissions(left.join("sub"), fs::Permissions::from_mode(0o555)).unwrap();
     fs::set_permissions(&left, fs::Permissions::from_mode(0o555)).unwrap();
     fs::write(src.join("f"), b"more data").unwrap();
-    backup(&store, &src, "fb");
+    local_backup(&store, &src, "fb");
     assert!(!left.exists(), "the leftover is still there");
     assert_eq!(snapshots(&store, "fb").len(), 2);
 }
@@ -1269,11 +1222,11 @@ fn a_storage_error_names_the_path() {
     let d = scratch();
     let fs_ = BtrfsLoop::new(300);
     let store = fs_.mount.join("store");
-    write_config(&store);
+    store_without_interval(&store);
     let src = d.path().join("src");
     fs::create_dir_all(src.join("dir")).unwrap();
     fs::write(src.join("dir/old"), "old").unwrap();
-    backup(&store, &src, "t");
+    local_backup(&store, &src, "t");
     fs::write(src.join("dir/new-file"), "new").unwrap();
     let stored_dir = store
         .join("t/current")

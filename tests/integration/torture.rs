@@ -6,34 +6,17 @@
 //! backup succeeds and restores exactly.
 //!
 //! The budget is `BYTEBACK_TORTURE_SECS` (default 45 s, for CI); set it
-//! higher for a soak.
+//! higher for a soak: `BYTEBACK_TORTURE_SECS=600 cargo test --test integration
+//! torture::`.
 
-mod util;
+use crate::util;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use util::*;
-
-fn snapshots(store: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(store.join("t"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-                .collect()
-        })
-        .unwrap_or_default();
-    // Oldest first: names within one minute get suffixes .1, .2, ... .10.
-    v.sort_by_key(|n| match n.split_once('.') {
-        Some((base, k)) => (base.to_string(), k.parse::<u64>().unwrap_or(0) + 1),
-        None => (n.clone(), 0),
-    });
-    v
-}
 
 /// Changes the tree a little: rewrites some small files, one big file in
 /// part, adds and removes a few.
@@ -99,16 +82,10 @@ fn kill_9_at_random_moments_never_changes_a_snapshot() {
     if !require_root("btrfs loop filesystem") {
         return;
     }
-    let budget = Duration::from_secs(
-        std::env::var("BYTEBACK_TORTURE_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(45),
-    );
+    let budget = budget_from_env("BYTEBACK_TORTURE_SECS", 45);
     let fs_ = BtrfsLoop::new(1200);
     let store = fs_.mount.join("store");
-    fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    store_without_interval(&store);
     let d = scratch();
     let src = d.path().join("src");
     let mut rng = Rng::from_time();
@@ -122,24 +99,12 @@ fn kill_9_at_random_moments_never_changes_a_snapshot() {
     let t = Instant::now();
     assert!(backup_cmd(&store, &src).status().unwrap().success());
     let full = t.elapsed().max(Duration::from_millis(50));
-    let mut digests: BTreeMap<String, String> = BTreeMap::new();
+    let mut digests = SnapshotDigests::default();
     let started = Instant::now();
     let (mut rounds, mut client_kills, mut server_kills, mut completed) = (0u64, 0, 0, 0);
     while started.elapsed() < budget {
         rounds += 1;
-        for s in snapshots(&store) {
-            let dig = tree_digest(&store.join("t").join(&s));
-            match digests.get(&s) {
-                Some(old) => assert_eq!(
-                    digest_diff(old, &dig),
-                    "",
-                    "snapshot {s} changed (round {rounds})"
-                ),
-                None => {
-                    digests.insert(s, dig);
-                }
-            }
-        }
+        digests.check(&store, "t", rounds);
         mutate(&src, &mut rng, rounds);
         let mut child = backup_cmd(&store, &src).spawn().unwrap();
         let delay = Duration::from_millis(rng.below(full.as_millis() as u64 * 5 / 4 + 1));
@@ -157,10 +122,7 @@ fn kill_9_at_random_moments_never_changes_a_snapshot() {
                 .map(|(p, _)| p)
                 .collect();
             for p in &servers {
-                // SAFETY: kill(2) with a pid read from /proc and SIGKILL.
-                unsafe {
-                    libc::kill(*p as libc::pid_t, libc::SIGKILL);
-                }
+                send_signal(*p, Signal::KILL);
             }
             server_kills += 1;
         }
@@ -185,11 +147,11 @@ fn kill_9_at_random_moments_never_changes_a_snapshot() {
     println!(
         "{rounds} rounds in {:?}: {client_kills} client kills, {server_kills} server kills, {completed} finished first; {} snapshots checked",
         started.elapsed(),
-        digests.len()
+        digests.seen().len()
     );
     assert!(client_kills + server_kills >= 2, "no kill landed");
     // Every snapshot is still what it was when first seen.
-    for (s, old) in &digests {
+    for (s, old) in digests.seen() {
         let now = tree_digest(&store.join("t").join(s));
         assert_eq!(digest_diff(old, &now), "", "snapshot {s} changed");
     }
@@ -197,7 +159,7 @@ fn kill_9_at_random_moments_never_changes_a_snapshot() {
     run(backup_cmd(&store, &src).stderr(Stdio::piped()));
     let into: PathBuf = d.path().join("restore");
     fs::create_dir_all(&into).unwrap();
-    let snap = snapshots(&store).pop().unwrap();
+    let snap = snapshots(&store, "t").pop().unwrap();
     run(Command::new(bin("byteback-restore"))
         .current_dir(&into)
         .arg("--destination")

@@ -6,7 +6,7 @@
 //! The terminal is a real pseudo-terminal: `script` (util-linux) runs the
 //! real binaries on one and records what they wrote to it.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -34,7 +34,7 @@ impl Setup {
         for d in [&store, &src, &conf] {
             fs::create_dir_all(d).unwrap();
         }
-        fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+        store_without_interval(&store);
         for i in 0..20 {
             fs::write(src.join(format!("small-{i:02}")), format!("file {i}\n")).unwrap();
         }
@@ -76,10 +76,6 @@ impl Setup {
         }
         run_status(&mut cmd)
     }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// Single-quoted for sh.
@@ -140,17 +136,6 @@ fn has_printable(s: &str) -> bool {
         }
     }
     false
-}
-
-/// The newest snapshot directory of `host` in `store`.
-fn newest_snapshot(store: &Path, host: &str) -> String {
-    let mut v: Vec<String> = fs::read_dir(store.join(host))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-        .collect();
-    v.sort();
-    v.pop().expect("no snapshot")
 }
 
 #[test]
@@ -226,7 +211,9 @@ fn backup_and_restore_on_a_terminal_show_progress_and_restore_exactly() {
         "no restore progress: {text:?}"
     );
     assert!(text.contains("restored "), "no summary: {text:?}");
-    let snap = newest_snapshot(&setup.store, setup.host);
+    let snap = snapshots(&setup.store, setup.host)
+        .pop()
+        .expect("no snapshot");
     let restored = into.join(&snap).join(setup.src.strip_prefix("/").unwrap());
     assert_same_tree(&setup.src, &restored);
     sentinel.assert_untouched();
@@ -371,7 +358,9 @@ fn prune_shows_a_spinner_only_when_asked_or_on_a_terminal() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stderr(&o).contains("pruning: "), "{}", stderr(&o));
     // Nothing was deleted: the one snapshot is still there.
-    newest_snapshot(&setup.store, setup.host);
+    snapshots(&setup.store, setup.host)
+        .pop()
+        .expect("no snapshot");
 
     // The pruner's own lines carry priorities under the journal too.
     let log_dir = scratch();

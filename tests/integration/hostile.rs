@@ -11,7 +11,7 @@
 //! nothing outside `<store>/victim` changed and no existing snapshot changed.
 #![allow(clippy::unwrap_used)] // a panic is how a test fails
 
-mod util;
+use crate::util;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{OsStr, OsString};
@@ -19,9 +19,9 @@ use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -193,25 +193,12 @@ fn run_server(what: &str, args: &[OsString], input: &[u8], data_limit: Option<u6
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(limit) = data_limit {
-        let lim = libc::rlimit {
-            rlim_cur: limit as libc::rlim_t,
-            rlim_max: limit as libc::rlim_t,
-        };
-        // SAFETY: the closure only calls setrlimit (async-signal-safe) with a
-        // valid rlimit, and reads errno.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setrlimit(libc::RLIMIT_DATA, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        limit_data(&mut cmd, limit);
     }
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start byteback-server: {e}"));
-    let pid = child.id() as libc::pid_t;
+    let pid = child.id();
     let mut stdin = child.stdin.take().unwrap();
     let input = input.to_vec();
     // The server may stop reading at any point; a broken pipe is expected then.
@@ -240,8 +227,7 @@ fn run_server(what: &str, args: &[OsString], input: &[u8], data_limit: Option<u6
     let (status, hung) = match rx.recv_timeout(TIMEOUT) {
         Ok(s) => (s, false),
         Err(_) => {
-            // SAFETY: plain syscall on our own, not yet reaped, child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            send_signal(pid, Signal::KILL);
             (rx.recv().unwrap(), true)
         }
     };
@@ -440,20 +426,6 @@ fn literal_header(len: u64) -> Vec<u8> {
 // The store under attack
 // ---------------------------------------------------------------------------
 
-fn write_config(store: &Path) {
-    fs::create_dir_all(store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
-}
-
-fn client_backup(store: &Path, src: &Path, host: &str) -> Output {
-    run(Command::new(bin("byteback-backup"))
-        .arg("--destination")
-        .arg(store)
-        .arg("--source")
-        .arg(src)
-        .args(["--hostname", host, "--retry-number", "0"]))
-}
-
 fn names_in(dir: &Path) -> BTreeSet<Vec<u8>> {
     fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("readdir {}: {e}", dir.display()))
@@ -505,7 +477,7 @@ impl Env {
         let dir = scratch();
         let root = dir.path().to_path_buf();
         let store = root.join("store");
-        write_config(&store);
+        store_without_interval(&store);
         let outside = root.join("outside");
         fs::create_dir(&outside).unwrap();
         let outside_sentinel = Sentinel::plant(&outside);
@@ -517,8 +489,8 @@ impl Env {
         fs::write(src.join("hello.txt"), b"hello\n").unwrap();
         fs::write(src.join("sub/data.bin"), Rng::new(1).bytes(5000)).unwrap();
         std::os::unix::fs::symlink("../hello.txt", src.join("sub/link")).unwrap();
-        client_backup(&store, &src, "neighbour");
-        client_backup(&store, &src, HOST);
+        local_backup(&store, &src, "neighbour");
+        local_backup(&store, &src, HOST);
         // Next to the host directory: another host's backups, and a file in the store root.
         let neighbour_sentinel = Sentinel::plant(&store.join("neighbour"));
         fs::write(store.join("SENTINEL"), Rng::from_time().bytes(1234)).unwrap();
@@ -1031,7 +1003,7 @@ fn open_transfer_cannot_make_the_server_buffer_entries_without_bound() {
     }
     let o = env.serve_limited("entries queued behind an open transfer", &s.bytes);
     assert!(
-        !(o.signal == Some(libc::SIGABRT) && o.stderr.contains("memory allocation")),
+        !(o.signal == Some(Signal::ABORT.as_raw()) && o.stderr.contains("memory allocation")),
         "the server kept every entry queued behind the unfinished transfer in memory \
          and ran out of its {} MiB data limit (BackupReceiver::slots is unbounded):\n{}",
         DATA_LIMIT >> 20,
@@ -1378,7 +1350,7 @@ fn setuid_bits_and_device_nodes_are_not_materialised() {
             owned(entry(
                 b"loop",
                 Kind::BlockDev {
-                    rdev: libc::makedev(7, 0),
+                    rdev: rustix::fs::makedev(7, 0),
                 },
                 0o666,
                 m,
@@ -1389,7 +1361,7 @@ fn setuid_bits_and_device_nodes_are_not_materialised() {
             owned(entry(
                 b"null",
                 Kind::CharDev {
-                    rdev: libc::makedev(1, 3),
+                    rdev: rustix::fs::makedev(1, 3),
                 },
                 0o666,
                 m,
@@ -1426,8 +1398,7 @@ fn setuid_bits_and_device_nodes_are_not_materialised() {
     assert_eq!(env.accept(), vec![snap.clone()]);
 
     assert_eq!(fs::read(env.current().join("suid")).unwrap(), body);
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     for (p, md) in walk_all(&env.store) {
         let ft = md.file_type();
         assert!(
@@ -1732,7 +1703,7 @@ fn clone_offers_never_give_another_hosts_data_or_an_unverified_copy() {
     fs::create_dir_all(&nsrc).unwrap();
     let secret = Rng::new(0x5ec7).bytes(BIG);
     fs::write(nsrc.join("secret.bin"), &secret).unwrap();
-    let o = client_backup(&env.store, &nsrc, "neighbour");
+    let o = local_backup(&env.store, &nsrc, "neighbour");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // From here on, nothing of the neighbour's may change.
     env.neighbour_sentinel = Sentinel::plant(&env.store.join("neighbour"));

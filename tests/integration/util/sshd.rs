@@ -9,11 +9,24 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{run, run_status};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Serialises useradd, chpasswd and userdel within this process: the tests
+/// of every area run concurrently here, and each of these tools locks
+/// /etc/passwd and /etc/shadow, giving up ("cannot lock /etc/passwd") when
+/// another holds the lock too long.
+static ACCOUNTS: Mutex<()> = Mutex::new(());
+
+fn accounts_lock() -> MutexGuard<'static, ()> {
+    ACCOUNTS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Password set on every test account (for the password set-up path).
 pub const PASSWORD: &str = "byteback-test-pw";
@@ -77,6 +90,7 @@ impl Sshd {
         }
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let user = format!("bbt{}x{n}", std::process::id());
+        let accounts = accounts_lock();
         let _ = run_status(Command::new("userdel").arg("-f").arg(&user));
         run(Command::new("useradd")
             .args(["-M", "-s", "/bin/sh", "-d"])
@@ -94,6 +108,7 @@ impl Sshd {
             .write_all(format!("{user}:{PASSWORD}\n").as_bytes())
             .unwrap();
         assert!(chpasswd.wait().unwrap().success(), "chpasswd failed");
+        drop(accounts);
         run(Command::new("chown").arg(format!("{user}:")).arg(home));
 
         let ssh_dir = home.join(".ssh");
@@ -333,6 +348,7 @@ impl Drop for Sshd {
         self.stop();
         let _ = run_status(Command::new("pkill").args(["-9", "-u", &self.user]));
         std::thread::sleep(Duration::from_millis(100));
+        let _accounts = accounts_lock();
         let _ = run_status(Command::new("userdel").arg("-f").arg(&self.user));
     }
 }

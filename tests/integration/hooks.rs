@@ -1,7 +1,7 @@
 //! Pre- and post-backup hooks (`<config dir>/pre-backup.d/`,
 //! `post-backup.d/`) with the real `byteback-backup` into a local store.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -11,32 +11,20 @@ use std::time::{Duration, Instant};
 
 use util::*;
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    work: PathBuf,
-    conf: PathBuf,
-    store: PathBuf,
-    src: PathBuf,
+/// A [`LocalSite`] with this area's methods.
+struct Setup(LocalSite);
+
+impl std::ops::Deref for Setup {
+    type Target = LocalSite;
+    fn deref(&self) -> &LocalSite {
+        &self.0
+    }
 }
 
 fn setup() -> Setup {
-    let dir = scratch();
-    let work = dir.path().to_path_buf();
-    let conf = work.join("conf");
-    let store = work.join("store");
-    let src = work.join("src");
-    for d in [&conf, &store, &src] {
-        fs::create_dir_all(d).unwrap();
-    }
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
-    fs::write(src.join("file"), b"some data").unwrap();
-    Setup {
-        _dir: dir,
-        work,
-        conf,
-        store,
-        src,
-    }
+    let site = LocalSite::fresh();
+    fs::write(site.src.join("file"), b"some data").unwrap();
+    Setup(site)
 }
 
 impl Setup {
@@ -81,15 +69,7 @@ impl Setup {
     }
 
     fn snapshots(&self) -> Vec<String> {
-        let Ok(rd) = fs::read_dir(self.store.join("h")) else {
-            return vec![];
-        };
-        let mut v: Vec<String> = rd
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-            .collect();
-        v.sort();
-        v
+        snapshots(&self.store, "h")
     }
 
     /// `<snapshot>/<src>/<rel>` in the store.
@@ -117,10 +97,6 @@ fn record_post_env(s: &Setup) {
 
 fn post_env(s: &Setup) -> String {
     fs::read_to_string(s.work.join("post-env")).unwrap_or_default()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[test]

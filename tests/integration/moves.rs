@@ -10,42 +10,19 @@
 //!   segment boundaries costs about the inserted bytes and one block, not a
 //!   block per segment, and restores exactly.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use util::*;
 
 const MIB: u64 = 1 << 20;
 /// Size of the big file (12 segments of the client's delta).
 const BIG: u64 = 48 * MIB;
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// The number just before `marker` in the client's summary line, 0 when the
-/// line does not mention it.
-fn summary_number(err: &str, marker: &str) -> u64 {
-    let Some(line) = err
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("byteback-backup:") && l.contains(marker))
-    else {
-        return 0;
-    };
-    let at = line.find(marker).unwrap();
-    line[..at]
-        .split(|c: char| !c.is_ascii_digit())
-        .rfind(|s| !s.is_empty())
-        .unwrap()
-        .parse()
-        .unwrap()
-}
 
 fn write_random(p: &Path, bytes: u64, rng: &mut Rng) {
     let mut f = fs::File::create(p).unwrap();
@@ -111,8 +88,7 @@ fn world() -> World {
     let work = scratch();
     let fs_ = BtrfsLoop::new(768);
     let store = fs_.mount.join("store");
-    fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    store_without_interval(&store);
     let src = work.path().join("src");
     fs::create_dir_all(&src).unwrap();
     World {
@@ -140,13 +116,16 @@ fn a_moved_and_a_copied_big_file_are_cloned_not_sent() {
     write_random(&w.src.join("big.bin"), BIG, &mut rng);
     fs::write(w.src.join("small.txt"), b"small\n").unwrap();
     let first = w.backup();
-    assert!(summary_number(&first, " on the wire") >= BIG, "{first}");
+    assert!(
+        summary_number(&first, " on the wire").unwrap_or(0) >= BIG,
+        "{first}"
+    );
 
     fs::rename(w.src.join("big.bin"), w.src.join("moved.bin")).unwrap();
     fs::copy(w.src.join("moved.bin"), w.src.join("copy.bin")).unwrap();
     let err = w.backup();
-    let wire = summary_number(&err, " on the wire");
-    let cloned = summary_number(&err, " moved or copied files cloned");
+    let wire = summary_number(&err, " on the wire").unwrap_or(0);
+    let cloned = summary_number(&err, " moved or copied files cloned").unwrap_or(0);
     eprintln!("moved and copied: {wire} bytes on the wire, {cloned} cloned");
     assert_eq!(cloned, 2, "{err}");
     assert!(wire < BIG / 100, "{wire} bytes on the wire:\n{err}");
@@ -175,7 +154,7 @@ fn an_insertion_near_the_start_costs_about_the_inserted_bytes() {
     fs::File::create(&p).unwrap().write_all_at(&new, 0).unwrap();
     drop((old, new));
     let err = w.backup();
-    let wire = summary_number(&err, " on the wire");
+    let wire = summary_number(&err, " on the wire").unwrap_or(0);
     eprintln!("insertion: {wire} bytes on the wire");
     // One 8 KiB block around the insertion travels as literal; a block per
     // 4 MiB segment (12 of them) would be about 100 KiB.

@@ -2,12 +2,12 @@
 //! manifest) are listed and restored with their metadata through the normal
 //! byteback-restore path, beside byteback's own snapshots of the same host.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use util::sshd::Sshd;
 use util::*;
@@ -84,12 +84,27 @@ fn backup_as_1x(
         .arg(hostdir.join(snap)));
 }
 
-fn restored(root: &Path, src: &Path) -> PathBuf {
-    root.join(src.strip_prefix("/").unwrap())
+/// From a `--list` of a host holding one 1.x snapshot and then one of
+/// byteback's (in that order, each named by kind), the byteback one's name.
+fn byteback_snapshot_after_1x(listing: &str) -> String {
+    let kinds: Vec<&str> = listing
+        .lines()
+        .skip(2)
+        .map(|l| l.split_whitespace().last().unwrap())
+        .collect();
+    assert_eq!(kinds, ["1.x", "byteback"], "{listing}");
+    listing
+        .lines()
+        .nth(3)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }
 
-fn stderr(o: &Output) -> String {
-    text(&o.stderr)
+fn restored(root: &Path, src: &Path) -> PathBuf {
+    root.join(src.strip_prefix("/").unwrap())
 }
 
 #[test]
@@ -99,8 +114,7 @@ fn a_1x_snapshot_lists_and_restores_exactly_beside_byteback_snapshots() {
     }
     let fsys = BtrfsLoop::new(400);
     let store = fsys.mount.join("store-legacy");
-    fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    store_without_interval(&store);
     let d = scratch();
     let src = d.path().join("src");
     fs::create_dir_all(&src).unwrap();
@@ -184,21 +198,7 @@ fn a_1x_snapshot_lists_and_restores_exactly_beside_byteback_snapshots() {
         .arg(&src)
         .args(["--hostname", host, "--retry-number", "0"]));
     let out = run(restore_cmd(&store, host).arg("--list"));
-    let plain = text(&out.stdout);
-    let kinds: Vec<&str> = plain
-        .lines()
-        .skip(2)
-        .map(|l| l.split_whitespace().last().unwrap())
-        .collect();
-    assert_eq!(kinds, ["1.x", "byteback"], "{plain}");
-    let new_snap = plain
-        .lines()
-        .nth(3)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
+    let new_snap = byteback_snapshot_after_1x(&text(&out.stdout));
     // Every version of a file the two snapshots hold differently.
     let out = run(restore_cmd(&store, host)
         .args(["--list", "--all"])
@@ -248,8 +248,7 @@ fn a_migrated_1x_rsa_key_backs_up_over_ssh_into_its_1x_host_until_rotated() {
     let work = scratch();
     let fsys = BtrfsLoop::new(400);
     let store = fsys.mount.join("store-migrate");
-    fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    store_without_interval(&store);
     let sshd = Sshd::start(&work.path().join("sshd"), &store);
     let src = work.path().join("src");
     fs::create_dir_all(&src).unwrap();
@@ -257,62 +256,128 @@ fn a_migrated_1x_rsa_key_backs_up_over_ssh_into_its_1x_host_until_rotated() {
     run(Command::new("setfacl").arg("-R").arg("-b").arg(&src));
     let host = "web1x";
     backup_as_1x(work.path(), &store, host, &src, OLD_SNAP, Some(&sshd.user));
-
-    // The client as 1.x left it: /etc/byteback/{key,destination}, root's known_hosts.
-    let client = work.path().join("client");
-    fs::create_dir_all(client.join(".ssh")).unwrap();
-    // 1.x's key: RSA, in the old PEM format.
-    run(Command::new("ssh-keygen")
-        .args([
-            "-q",
-            "-t",
-            "rsa",
-            "-b",
-            "3072",
-            "-m",
-            "PEM",
-            "-N",
-            "",
-            "-C",
-            "root@web1x",
-            "-f",
-        ])
-        .arg(client.join("key")));
-    assert!(fs::read_to_string(client.join("key"))
-        .unwrap()
-        .starts_with("-----BEGIN RSA PRIVATE KEY-----"));
-    fs::write(client.join("destination"), sshd.destination()).unwrap();
-    fs::write(
-        client.join(".ssh/known_hosts"),
-        format!("[127.0.0.1]:{} {}\n", sshd.port, sshd.host_key_pub()),
-    )
-    .unwrap();
-    let public = fs::read_to_string(client.join("key.pub")).unwrap();
-    // The line 1.x's byteback-setup-client-receive appended.
-    let ak = sshd.authorized_keys();
-    let mut keys = fs::read_to_string(&ak).unwrap();
-    keys.push_str(&format!(
-        "command=\"byteback-receive\",from=\"127.0.0.1\",environment=\"BYTEBACK_HOST={host}\" {}",
-        public.trim_end()
-    ));
-    keys.push('\n');
-    fs::write(&ak, &keys).unwrap();
-    let client_cmd = |prog: &str| {
-        let mut c = Command::new(bin(prog));
-        c.env("BYTEBACK_CONFIG_DIR", &client)
-            .env("HOME", &client)
-            .stdin(std::process::Stdio::null());
-        c
-    };
+    let client = OneXClient::new(work.path().join("client"), &sshd, host);
     // Before the migration the key runs byteback-receive, which is not there.
-    let out = run_status(
-        client_cmd("byteback-backup")
-            .arg("--source")
-            .arg(&src)
-            .args(["--retry-number", "0"]),
-    );
+    let out = run_status(&mut client.backup(&src));
     assert!(!out.status.success());
 
+    migrate_keys_and_check(&sshd, &store, host, &client.keys_1x);
+
+    // The same key now backs up, into the 1.x host, beside its 1.x snapshot.
+    fs::write(src.join("files/after_migration"), b"new").unwrap();
+    run(&mut client.backup(&src));
+    let out = run(client.cmd("byteback-restore").arg("--list"));
+    let new_snap = byteback_snapshot_after_1x(&text(&out.stdout));
+    client.restore_equals(&src, &new_snap, &work.path().join("r"));
+
+    rotate_key_and_check(&client, &sshd, host, &work.path().join("old-rsa-key"));
+    fs::write(src.join("files/after_rotation"), b"ed25519").unwrap();
+    run(&mut client.backup(&src));
+    let out = run(client.cmd("byteback-restore").arg("--list"));
+    let listing = text(&out.stdout);
+    assert_eq!(listing.lines().count(), 5, "{listing}");
+    let newest = listing
+        .lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    client.restore_equals(&src, &newest, &work.path().join("r-rotated"));
+}
+
+/// A client as byteback 1.x left it: its settings directory (standing in
+/// for /etc/byteback) with an RSA key in the old PEM format and the
+/// destination, root's known_hosts, and the key's line as 1.x's
+/// byteback-setup-client-receive appended it to the server account's
+/// authorized_keys.
+struct OneXClient {
+    dir: PathBuf,
+    /// The RSA public key line.
+    public: String,
+    /// authorized_keys with the 1.x line.
+    keys_1x: String,
+}
+
+impl OneXClient {
+    fn new(dir: PathBuf, sshd: &Sshd, host: &str) -> OneXClient {
+        fs::create_dir_all(dir.join(".ssh")).unwrap();
+        run(Command::new("ssh-keygen")
+            .args([
+                "-q",
+                "-t",
+                "rsa",
+                "-b",
+                "3072",
+                "-m",
+                "PEM",
+                "-N",
+                "",
+                "-C",
+                "root@web1x",
+                "-f",
+            ])
+            .arg(dir.join("key")));
+        assert!(fs::read_to_string(dir.join("key"))
+            .unwrap()
+            .starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+        fs::write(dir.join("destination"), sshd.destination()).unwrap();
+        fs::write(
+            dir.join(".ssh/known_hosts"),
+            format!("[127.0.0.1]:{} {}\n", sshd.port, sshd.host_key_pub()),
+        )
+        .unwrap();
+        let public = fs::read_to_string(dir.join("key.pub")).unwrap();
+        let ak = sshd.authorized_keys();
+        let mut keys_1x = fs::read_to_string(&ak).unwrap();
+        keys_1x.push_str(&format!(
+            "command=\"byteback-receive\",from=\"127.0.0.1\",environment=\"BYTEBACK_HOST={host}\" {}",
+            public.trim_end()
+        ));
+        keys_1x.push('\n');
+        fs::write(&ak, &keys_1x).unwrap();
+        OneXClient {
+            dir,
+            public,
+            keys_1x,
+        }
+    }
+
+    /// `prog` run with this client's settings and home.
+    fn cmd(&self, prog: &str) -> Command {
+        let mut c = Command::new(bin(prog));
+        c.env("BYTEBACK_CONFIG_DIR", &self.dir)
+            .env("HOME", &self.dir)
+            .stdin(std::process::Stdio::null());
+        c
+    }
+
+    /// A backup of `src` to the configured destination, no retries.
+    fn backup(&self, src: &Path) -> Command {
+        let mut c = self.cmd("byteback-backup");
+        c.arg("--source").arg(src).args(["--retry-number", "0"]);
+        c
+    }
+
+    /// Restores `src` from `snap` into `into`: it equals `src`.
+    fn restore_equals(&self, src: &Path, snap: &str, into: &Path) {
+        fs::create_dir_all(into).unwrap();
+        run(self
+            .cmd("byteback-restore")
+            .current_dir(into)
+            .args(["--restore", "--snapshot", snap])
+            .arg(src));
+        assert_same_tree(src, &restored(&into.join(snap), src));
+    }
+}
+
+/// `byteback-server migrate-keys` as the server account: a dry run changes
+/// nothing; the real one turns the 1.x line into a restricted `serve` line
+/// for `host`, keeps the old file as `authorized_keys.byteback-1x`, and a
+/// second run finds no 1.x line.
+fn migrate_keys_and_check(sshd: &Sshd, store: &Path, host: &str, keys_1x: &str) {
+    let ak = sshd.authorized_keys();
     let migrate = |extra: &[&str]| {
         run(Command::new("runuser")
             .args(["-u", &sshd.user, "--"])
@@ -321,7 +386,7 @@ fn a_migrated_1x_rsa_key_backs_up_over_ssh_into_its_1x_host_until_rotated() {
             .arg("--authorized-keys")
             .arg(&ak)
             .arg("--store")
-            .arg(&store)
+            .arg(store)
             .args(extra))
     };
     let dry = migrate(&["--dry-run"]);
@@ -330,7 +395,7 @@ fn a_migrated_1x_rsa_key_backs_up_over_ssh_into_its_1x_host_until_rotated() {
         "{}",
         text(&dry.stdout)
     );
-    assert_eq!(fs::read_to_string(&ak).unwrap(), keys);
+    assert_eq!(fs::read_to_string(&ak).unwrap(), keys_1x);
     migrate(&[]);
     let migrated = fs::read_to_string(&ak).unwrap();
     let line = migrated.lines().last().unwrap();
@@ -342,49 +407,22 @@ fn a_migrated_1x_rsa_key_backs_up_over_ssh_into_its_1x_host_until_rotated() {
     );
     assert_eq!(
         fs::read_to_string(ak.with_file_name("authorized_keys.byteback-1x")).unwrap(),
-        keys
+        keys_1x
     );
     // Idempotent.
     let again = migrate(&[]);
     assert!(stderr(&again).contains("no 1.x line"), "{}", stderr(&again));
     assert_eq!(fs::read_to_string(&ak).unwrap(), migrated);
+}
 
-    // The same key now backs up, into the 1.x host, beside its 1.x snapshot.
-    fs::write(src.join("files/after_migration"), b"new").unwrap();
-    run(client_cmd("byteback-backup")
-        .arg("--source")
-        .arg(&src)
-        .args(["--retry-number", "0"]));
-    let out = run(client_cmd("byteback-restore").arg("--list"));
-    let plain = text(&out.stdout);
-    let kinds: Vec<&str> = plain
-        .lines()
-        .skip(2)
-        .map(|l| l.split_whitespace().last().unwrap())
-        .collect();
-    assert_eq!(kinds, ["1.x", "byteback"], "{plain}");
-    let new_snap = plain
-        .lines()
-        .nth(3)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
-    let into = work.path().join("r");
-    fs::create_dir_all(&into).unwrap();
-    run(client_cmd("byteback-restore")
-        .current_dir(&into)
-        .args(["--restore", "--snapshot", &new_snap])
-        .arg(&src));
-    assert_same_tree(&src, &restored(&into.join(&new_snap), &src));
-
-    // --rotate-key: a new ed25519 key is enrolled (admin login), switched to,
-    // and the RSA key's line is gone; the next backup works with the new key.
-    let old_key = work.path().join("old-rsa-key");
-    fs::copy(client.join("key"), &old_key).unwrap();
-    let old_blob = public.split_whitespace().nth(1).unwrap().to_string();
-    let out = run(client_cmd("byteback-setup-client")
+/// `--rotate-key`: a new ed25519 key is enrolled (admin login), switched to,
+/// and the RSA key's line is gone, so the RSA key (kept at `old_key`) no
+/// longer logs in.
+fn rotate_key_and_check(client: &OneXClient, sshd: &Sshd, host: &str, old_key: &Path) {
+    fs::copy(client.dir.join("key"), old_key).unwrap();
+    let old_blob = client.public.split_whitespace().nth(1).unwrap().to_string();
+    let out = run(client
+        .cmd("byteback-setup-client")
         .args(["--rotate-key", "--hostname", host])
         .arg("--admin-key")
         .arg(&sshd.admin_key)
@@ -395,50 +433,22 @@ fn a_migrated_1x_rsa_key_backs_up_over_ssh_into_its_1x_host_until_rotated() {
         "{}",
         stderr(&out)
     );
-    assert!(fs::read_to_string(client.join("key"))
+    assert!(fs::read_to_string(client.dir.join("key"))
         .unwrap()
         .starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"));
-    assert!(fs::read_to_string(client.join("key.pub"))
+    assert!(fs::read_to_string(client.dir.join("key.pub"))
         .unwrap()
         .starts_with("ssh-ed25519 "));
-    assert!(!client.join("key.new").exists() && !client.join("key.retired").exists());
-    let keys_now = fs::read_to_string(&ak).unwrap();
+    assert!(!client.dir.join("key.new").exists() && !client.dir.join("key.retired").exists());
+    let keys_now = fs::read_to_string(sshd.authorized_keys()).unwrap();
     assert!(!keys_now.contains(&old_blob), "{keys_now}");
     assert!(keys_now
         .lines()
         .last()
         .unwrap()
         .ends_with(&format!("byteback:{host}")));
-    // The RSA key no longer logs in.
-    let out = sshd.openssh(&old_key, &[], &["ping"]);
+    let out = sshd.openssh(old_key, &[], &["ping"]);
     assert!(!out.status.success(), "{}", stderr(&out));
-    fs::write(src.join("files/after_rotation"), b"ed25519").unwrap();
-    run(client_cmd("byteback-backup")
-        .arg("--source")
-        .arg(&src)
-        .args(["--retry-number", "0"]));
-    let out = run(client_cmd("byteback-restore").arg("--list"));
-    assert_eq!(
-        text(&out.stdout).lines().count(),
-        5,
-        "{}",
-        text(&out.stdout)
-    );
-    let newest = text(&out.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string();
-    let into = work.path().join("r-rotated");
-    fs::create_dir_all(&into).unwrap();
-    run(client_cmd("byteback-restore")
-        .current_dir(&into)
-        .args(["--restore", "--snapshot", &newest])
-        .arg(&src));
-    assert_same_tree(&src, &restored(&into.join(&newest), &src));
 }
 
 /// Sets a `user.rsync.%stat` value as rsync --fake-super would (or worse).

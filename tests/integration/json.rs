@@ -4,7 +4,7 @@
 //! snapshot that exists on disc, the snapshots a prune deleted are gone and
 //! the ones it kept are there; the restored tree equals the source).
 
-mod util;
+use crate::util;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -17,6 +17,15 @@ use util::*;
 const DAY: i64 = 86_400;
 
 /// The one JSON object on stdout (nothing else may be there).
+/// The report of a run that succeeded: exit 0, and the report says so.
+fn ok_json_of(o: &Output) -> Value {
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(o));
+    let j = json_of(o);
+    assert_eq!(j["exit_code"], 0, "{j}");
+    assert_eq!(j["status"], "ok", "{j}");
+    j
+}
+
 fn json_of(o: &Output) -> Value {
     let out = String::from_utf8(o.stdout.clone()).unwrap();
     assert_eq!(
@@ -28,12 +37,8 @@ fn json_of(o: &Output) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
 }
 
-fn snapshots(store: &Path, host: &str) -> BTreeSet<String> {
-    fs::read_dir(store.join(host))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-        .collect()
+fn snapshot_set(store: &Path, host: &str) -> BTreeSet<String> {
+    snapshots(store, host).into_iter().collect()
 }
 
 struct Setup {
@@ -43,18 +48,25 @@ struct Setup {
 }
 
 impl Setup {
+    /// A store on `fs_` (no minimum interval), settings in `dir/conf`, the
+    /// server started "as of" the time each backup gives.
+    fn new(fs_: &BtrfsLoop, dir: &Path) -> Setup {
+        let store = fs_.mount.join("store");
+        store_without_interval(&store);
+        let conf = dir.join("conf");
+        fs::create_dir_all(&conf).unwrap();
+        Setup {
+            store,
+            conf,
+            wrapper: server_wrapper(dir),
+        }
+    }
+
     fn backup(&self, src: &Path, host: &str, now: i64) -> Output {
         run_status(
-            Command::new(bin("byteback-backup"))
+            backup_at(&self.store, &self.wrapper, src, host, now)
                 .env("BYTEBACK_CONFIG_DIR", &self.conf)
-                .env("BYTEBACK_SERVER", &self.wrapper)
-                .env("BYTEBACK_TEST_NOW", rfc3339(now))
-                .env("TZ", "UTC")
-                .arg("--destination")
-                .arg(&self.store)
-                .arg("--source")
-                .arg(src)
-                .args(["--hostname", host, "--retry-number", "0", "--json"]),
+                .arg("--json"),
         )
     }
 }
@@ -82,35 +94,40 @@ fn backup_and_restore_json_figures_match_what_happened() {
     }
     let fs_ = BtrfsLoop::new(300);
     let d = scratch();
-    let store = fs_.mount.join("store");
-    fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
-    let conf = d.path().join("conf");
-    fs::create_dir_all(&conf).unwrap();
+    let s = Setup::new(&fs_, d.path());
     // An option file byteback 2 ignores, with a warning: it must be listed.
-    fs::write(conf.join("rsync_flags"), "--whatever\n").unwrap();
-    let s = Setup {
-        store: store.clone(),
-        conf,
-        wrapper: server_wrapper(d.path()),
-    };
+    fs::write(s.conf.join("rsync_flags"), "--whatever\n").unwrap();
     let src = d.path().join("src");
     let mut rng = Rng::new(13);
-    const N: usize = 37;
     let total = fresh_tree(&src, N, &mut rng);
     let t0 = 1_790_000_040; // a whole minute: snapshot names have minutes
-
-    // First run: every file is sent, every byte is new.
-    let o = s.backup(&src, "jsonhost", t0);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
+    let (snap1, entries) = first_backup_sends_every_file(&s, &src, t0, total);
+    let snap2 = unchanged_backup_sends_nothing(&s, &src, t0 + DAY, entries);
+    assert_ne!(snap1, snap2);
+    let snap3 = grown_file_reuses_its_old_bytes(&s, &src, t0 + 2 * DAY, &mut rng);
+    restore_json_names_the_snapshot_and_tree(&s.store, &src, &snap3, &d.path().join("restored"));
+    // --json goes with --restore only: a listing is data already.
+    let o = run_status(
+        Command::new(bin("byteback-restore"))
+            .arg("--destination")
+            .arg(&s.store)
+            .args(["--hostname", "jsonhost", "--list", "--json", "/"]),
     );
-    let j = json_of(&o);
-    assert_eq!(j["exit_code"], 0, "{j}");
-    assert_eq!(j["status"], "ok", "{j}");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(o.stdout.is_empty());
+
+    failed_backup_still_reports(&s, &src, &d.path().join("not-a-store"));
+}
+
+/// Files in the tree of the backup and restore test.
+const N: usize = 37;
+
+/// First run: every file is sent, every byte is new, the ignored
+/// `rsync_flags` is warned about, the snapshot exists and the summary line
+/// on stderr is unchanged. Returns the snapshot and the entry count.
+fn first_backup_sends_every_file(s: &Setup, src: &Path, t0: i64, total: u64) -> (String, u64) {
+    let o = s.backup(src, "jsonhost", t0);
+    let j = ok_json_of(&o);
     assert_eq!(j["host"], "jsonhost", "{j}");
     assert_eq!(j["files_sent"], N as u64, "{j}");
     assert_eq!(j["bytes_new"], total, "{j}");
@@ -129,7 +146,7 @@ fn backup_and_restore_json_figures_match_what_happened() {
     assert!(entries > N as u64 + 4 + 2, "{j}");
     let snap1 = j["snapshot"].as_str().unwrap().to_string();
     assert_eq!(
-        snapshots(&store, "jsonhost"),
+        snapshot_set(&s.store, "jsonhost"),
         BTreeSet::from([snap1.clone()])
     );
     // The summary line on stderr is unchanged.
@@ -140,24 +157,28 @@ fn backup_and_restore_json_figures_match_what_happened() {
         )),
         "{err}"
     );
+    (snap1, entries)
+}
 
-    // Second run, nothing changed: nothing sent, same entries.
-    let o = s.backup(&src, "jsonhost", t0 + DAY);
+/// Second run, nothing changed: nothing sent, same entries. Returns the snapshot.
+fn unchanged_backup_sends_nothing(s: &Setup, src: &Path, now: i64, entries: u64) -> String {
+    let o = s.backup(src, "jsonhost", now);
     let j = json_of(&o);
     assert_eq!(j["exit_code"], 0, "{j}");
     assert_eq!(j["files_sent"], 0, "{j}");
     assert_eq!(j["bytes_new"], 0, "{j}");
     assert_eq!(j["entries"], entries, "{j}");
-    let snap2 = j["snapshot"].as_str().unwrap().to_string();
-    assert_ne!(snap1, snap2);
+    j["snapshot"].as_str().unwrap().to_string()
+}
 
-    // One file grows: one file sent, its old bytes reused.
+/// One file grows: one file sent, its old bytes reused. Returns the snapshot.
+fn grown_file_reuses_its_old_bytes(s: &Setup, src: &Path, now: i64, rng: &mut Rng) -> String {
     let f = src.join("d1/f1");
     let old = fs::metadata(&f).unwrap().len();
     let mut data = fs::read(&f).unwrap();
     data.extend(rng.bytes(10_000));
     fs::write(&f, &data).unwrap();
-    let o = s.backup(&src, "jsonhost", t0 + 2 * DAY);
+    let o = s.backup(src, "jsonhost", now);
     let j = json_of(&o);
     assert_eq!(j["files_sent"], 1, "{j}");
     assert_eq!(
@@ -166,59 +187,44 @@ fn backup_and_restore_json_figures_match_what_happened() {
         "{j}"
     );
     assert!(j["bytes_reused"].as_u64().unwrap() >= old / 2, "{j}");
-    let snap3 = j["snapshot"].as_str().unwrap().to_string();
+    j["snapshot"].as_str().unwrap().to_string()
+}
 
-    // Restore: the figures and the tree.
-    let into = d.path().join("restored");
-    fs::create_dir_all(&into).unwrap();
+/// Restore with --json: the figures name `snap` and the directory, the
+/// tree is the source's, every entry below it and its ancestors counted.
+fn restore_json_names_the_snapshot_and_tree(store: &Path, src: &Path, snap: &str, into: &Path) {
+    fs::create_dir_all(into).unwrap();
     let o = run_status(
         Command::new(bin("byteback-restore"))
-            .current_dir(&into)
+            .current_dir(into)
             .arg("--destination")
-            .arg(&store)
+            .arg(store)
             .args(["--hostname", "jsonhost", "--restore", "--json"])
-            .arg(&src),
+            .arg(src),
     );
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let j = json_of(&o);
-    assert_eq!(j["exit_code"], 0, "{j}");
-    assert_eq!(j["status"], "ok", "{j}");
-    assert_eq!(j["snapshots"], serde_json::json!([snap3]), "{j}");
+    let j = ok_json_of(&o);
+    assert_eq!(j["snapshots"], serde_json::json!([snap]), "{j}");
     let dir = PathBuf::from(j["directories"][0].as_str().unwrap());
-    assert_eq!(dir, into.join(&snap3));
-    assert_same_tree(&src, &dir.join(src.strip_prefix("/").unwrap()));
+    assert_eq!(dir, into.join(snap));
+    assert_same_tree(src, &dir.join(src.strip_prefix("/").unwrap()));
     // Every entry below the source, and the source's ancestors.
-    let below = walk(&src).len() as u64;
+    let below = walk(src).len() as u64;
     let restored = j["entries"].as_u64().unwrap();
     assert!(restored > below, "{restored} <= {below}: {j}");
     assert!(j["damaged"].as_array().unwrap().is_empty(), "{j}");
+}
 
-    // --json goes with --restore only: a listing is data already.
-    let o = run_status(
-        Command::new(bin("byteback-restore"))
-            .arg("--destination")
-            .arg(&store)
-            .args(["--hostname", "jsonhost", "--list", "--json", "/"]),
-    );
-    assert_eq!(o.status.code(), Some(2));
-    assert!(o.stdout.is_empty());
-
-    // A failed backup still reports, with its exit code and the error: the
-    // store is a regular file.
-    let not_a_store = d.path().join("not-a-store");
-    fs::write(&not_a_store, "x").unwrap();
+/// A failed backup (the store is a regular file) still reports, with its
+/// exit code and the error.
+fn failed_backup_still_reports(s: &Setup, src: &Path, not_a_store: &Path) {
+    fs::write(not_a_store, "x").unwrap();
     let o = run_status(
         Command::new(bin("byteback-backup"))
             .env("BYTEBACK_CONFIG_DIR", &s.conf)
             .arg("--destination")
-            .arg(&not_a_store)
+            .arg(not_a_store)
             .arg("--source")
-            .arg(&src)
+            .arg(src)
             .args(["--hostname", "jsonhost", "--retry-number", "0", "--json"]),
     );
     assert_eq!(o.status.code(), Some(1));
@@ -236,16 +242,8 @@ fn prune_and_status_json_name_what_was_deleted_and_kept() {
     }
     let fs_ = BtrfsLoop::new(300);
     let d = scratch();
-    let store = fs_.mount.join("store");
-    fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
-    let conf = d.path().join("conf");
-    fs::create_dir_all(&conf).unwrap();
-    let s = Setup {
-        store: store.clone(),
-        conf,
-        wrapper: server_wrapper(d.path()),
-    };
+    let s = Setup::new(&fs_, d.path());
+    let store = s.store.clone();
     let src = d.path().join("src");
     let mut rng = Rng::new(7);
     fresh_tree(&src, 5, &mut rng);

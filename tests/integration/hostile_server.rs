@@ -9,14 +9,13 @@
 //! untouched: contents, modes, owners, xattrs (ctime) and link counts.
 #![allow(clippy::unwrap_used)] // a panic is how a test fails
 
-mod util;
+use crate::util;
 
-#[path = "support/scenario.rs"]
+#[path = "../support/scenario.rs"]
 mod scenario;
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -129,20 +128,7 @@ impl Stage {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some(limit) = data_limit {
-            let lim = libc::rlimit {
-                rlim_cur: limit,
-                rlim_max: limit,
-            };
-            // SAFETY: the closure only calls setrlimit (async-signal-safe)
-            // with a valid rlimit, and reads errno.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setrlimit(libc::RLIMIT_DATA, &lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            limit_data(&mut cmd, limit);
         }
         let mut child = cmd.spawn().unwrap();
         let mut err = child.stderr.take().unwrap();
@@ -380,7 +366,7 @@ fn hard_links_only_to_files_restored_in_this_run() {
     let mut dev = entry(
         "a",
         Kind::CharDev {
-            rdev: libc::makedev(1, 3),
+            rdev: rustix::fs::makedev(1, 3),
         },
     );
     dev.entry.mode = 0o600;
@@ -634,7 +620,7 @@ fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     let mut null = entry(
         "dev/null",
         Kind::CharDev {
-            rdev: libc::makedev(1, 3),
+            rdev: rustix::fs::makedev(1, 3),
         },
     );
     null.entry.mode = 0o666;
@@ -664,7 +650,7 @@ fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     let md = |p: &str| fs::symlink_metadata(st.restored(p)).unwrap();
     assert_eq!(md("bin/su").mode() & 0o7777, 0o4755);
     assert!(md("dev/null").file_type().is_char_device());
-    assert_eq!(md("dev/null").rdev(), libc::makedev(1, 3));
+    assert_eq!(md("dev/null").rdev(), rustix::fs::makedev(1, 3));
     assert!(md("dev/pipe").file_type().is_fifo());
     assert_eq!(md("home").mode() & 0o7777, 0o1777);
     assert_eq!((md("home/u/f").uid(), md("home/u/f").gid()), (1234, 5678));

@@ -7,29 +7,31 @@
 //! line: "on the wire" locally, "bytes sent over SSH" remotely) is below 65 %
 //! of the file. The restored file equals the source (rsync --checksum).
 //!
-//! The file is 256 MiB; `BYTEBACK_RESUME_MIB` sets another size (2048 for
-//! the 2 GiB). Also a cut-the-connection loop over SSH for a short
+//! The file is 256 MiB; `BYTEBACK_RESUME_MIB` sets another size
+//! (`BYTEBACK_RESUME_MIB=2048 cargo test --test integration resume::` for the
+//! issue's 2 GiB). Also a cut-the-connection loop over SSH for a short
 //! budget (`BYTEBACK_SSH_TORTURE_SECS`, default 30): after every cut each
 //! snapshot's digest is unchanged, the client has exited within a bound and
 //! no server process is left; at the end a backup restores exactly.
 
-mod util;
+use crate::util;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use util::sshd::Sshd;
 use util::*;
 
 fn mib() -> u64 {
-    std::env::var("BYTEBACK_RESUME_MIB")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(256)
+    match std::env::var("BYTEBACK_RESUME_MIB") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("BYTEBACK_RESUME_MIB={v:?} is not a number")),
+        Err(_) => 256,
+    }
 }
 
 /// Writes `mib` MiB of random bytes to `p`, streaming (never all in memory).
@@ -41,26 +43,6 @@ fn write_random(p: &Path, mib: u64, rng: &mut Rng) {
         f.write_all(&buf).unwrap();
     }
     f.sync_all().unwrap();
-}
-
-/// The number just before `marker` in the client's summary line.
-fn summary_number(err: &str, marker: &str) -> u64 {
-    let line = err
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("byteback-backup:") && l.contains(marker))
-        .unwrap_or_else(|| panic!("no summary line with {marker:?} in:\n{err}"));
-    let at = line.find(marker).unwrap();
-    line[..at]
-        .split(|c: char| !c.is_ascii_digit())
-        .rfind(|s| !s.is_empty())
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -105,8 +87,7 @@ impl World {
         let work = scratch();
         let fs_ = BtrfsLoop::new(fs_mib);
         let store = fs_.mount.join("store");
-        fs::create_dir_all(&store).unwrap();
-        fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+        store_without_interval(&store);
         let src = work.path().join("src");
         fs::create_dir_all(&src).unwrap();
         let host = "resume".to_string();
@@ -145,10 +126,7 @@ impl World {
     /// takes SIGKILL).
     fn kill_silenced(&self) {
         for p in self.silenced.borrow_mut().drain(..) {
-            // SAFETY: kill(2) with a pid this test stopped, and SIGKILL.
-            unsafe {
-                libc::kill(p as libc::pid_t, libc::SIGKILL);
-            }
+            send_signal(p, Signal::KILL);
         }
     }
 
@@ -188,19 +166,7 @@ impl World {
     }
 
     fn snapshots(&self) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(self.store.join(&self.host))
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort_by_key(|n| match n.split_once('.') {
-            Some((base, k)) => (base.to_string(), k.parse::<u64>().unwrap_or(0) + 1),
-            None => (n.clone(), 0),
-        });
-        v
+        snapshots(&self.store, &self.host)
     }
 
     /// Restores the newest snapshot and checks it equals the source.
@@ -237,12 +203,12 @@ impl World {
     /// listener and the byteback server (the per-connection monitor and its
     /// unprivileged child), never a byteback process.
     fn cut_connection(&self) -> bool {
-        !self.signal_connection(libc::SIGKILL).is_empty()
+        !self.signal_connection(Signal::KILL).is_empty()
     }
 
     /// Sends `sig` to the sshd processes between the listener and the
     /// byteback server; returns them.
-    fn signal_connection(&self, sig: libc::c_int) -> Vec<u32> {
+    fn signal_connection(&self, sig: Signal) -> Vec<u32> {
         let (sshd, _) = self.ssh.as_ref().expect("not over SSH");
         let listener = fs::read_to_string(sshd.dir.join("sshd.pid"))
             .ok()
@@ -263,10 +229,7 @@ impl World {
         victims.sort_unstable();
         victims.dedup();
         for &p in &victims {
-            // SAFETY: kill(2) with a pid read from /proc and a signal.
-            unsafe {
-                libc::kill(p as libc::pid_t, sig);
-            }
+            send_signal(p, sig);
         }
         victims
     }
@@ -277,26 +240,20 @@ impl World {
             Cut::Server => {
                 let servers = self.servers();
                 for &p in &servers {
-                    // SAFETY: kill(2) with a pid read from /proc and SIGKILL.
-                    unsafe {
-                        libc::kill(p as libc::pid_t, libc::SIGKILL);
-                    }
+                    send_signal(p, Signal::KILL);
                 }
                 !servers.is_empty()
             }
             Cut::Connection => self.cut_connection(),
             Cut::Silent => {
-                let stopped = self.signal_connection(libc::SIGSTOP);
+                let stopped = self.signal_connection(Signal::STOP);
                 self.silenced.borrow_mut().extend(&stopped);
                 !stopped.is_empty()
             }
             Cut::Stop => {
                 let servers = self.servers();
                 for &p in &servers {
-                    // SAFETY: kill(2) with a pid read from /proc and SIGSTOP.
-                    unsafe {
-                        libc::kill(p as libc::pid_t, libc::SIGSTOP);
-                    }
+                    send_signal(p, Signal::STOP);
                 }
                 !servers.is_empty()
             }
@@ -422,11 +379,15 @@ fn interrupt_then_resume(w: &World, how: Cut, changed: bool, size: u64) {
     }
 
     let err = w.backup();
-    let sent = match &w.ssh {
-        Some(_) => summary_number(&err, " bytes sent and "),
-        None => summary_number(&err, " on the wire"),
+    let number = |marker: &str| {
+        summary_number(&err, marker)
+            .unwrap_or_else(|| panic!("no summary line with {marker:?} in:\n{err}"))
     };
-    let reused = summary_number(&err, " reused");
+    let sent = match &w.ssh {
+        Some(_) => number(" bytes sent and "),
+        None => number(" on the wire"),
+    };
+    let reused = number(" reused");
     println!(
         "{how:?} ({}): {stored} of {size} bytes stored when cut; the next run sent {sent} bytes, reused {reused}",
         if changed { "changed file" } else { "new file" }
@@ -563,12 +524,7 @@ fn cutting_the_ssh_connection_at_random_moments_never_changes_a_snapshot() {
     if !require_root("an sshd, a server account and btrfs") {
         return;
     }
-    let budget = Duration::from_secs(
-        std::env::var("BYTEBACK_SSH_TORTURE_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(30),
-    );
+    let budget = budget_from_env("BYTEBACK_SSH_TORTURE_SECS", 30);
     let w = World::new(true, 1200);
     let mut rng = Rng::from_time();
     println!("seed: {}", rng.0);
@@ -591,24 +547,12 @@ fn cutting_the_ssh_connection_at_random_moments_never_changes_a_snapshot() {
     w.backup();
     let full = t.elapsed().max(Duration::from_millis(50));
 
-    let mut digests: BTreeMap<String, String> = BTreeMap::new();
+    let mut digests = SnapshotDigests::default();
     let started = Instant::now();
     let (mut rounds, mut cuts, mut completed) = (0u64, 0u64, 0u64);
     while started.elapsed() < budget {
         rounds += 1;
-        for s in w.snapshots() {
-            let dig = tree_digest(&w.store.join(&w.host).join(&s));
-            match digests.get(&s) {
-                Some(old) => assert_eq!(
-                    digest_diff(old, &dig),
-                    "",
-                    "snapshot {s} changed (round {rounds})"
-                ),
-                None => {
-                    digests.insert(s, dig);
-                }
-            }
-        }
+        digests.check(&w.store, &w.host, rounds);
         mutate(&w.src, &mut rng, rounds);
         let mut child = w
             .backup_cmd()
@@ -637,10 +581,10 @@ fn cutting_the_ssh_connection_at_random_moments_never_changes_a_snapshot() {
     println!(
         "{rounds} rounds in {:?}: {cuts} connections cut, {completed} finished; {} snapshots checked",
         started.elapsed(),
-        digests.len()
+        digests.seen().len()
     );
     assert!(cuts >= 2, "no cut landed");
-    for (s, old) in &digests {
+    for (s, old) in digests.seen() {
         let now = tree_digest(&w.store.join(&w.host).join(s));
         assert_eq!(digest_diff(old, &now), "", "snapshot {s} changed");
     }

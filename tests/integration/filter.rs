@@ -2,7 +2,7 @@
 //! `--snapshot` globs: real `byteback-backup` / `byteback-restore` processes
 //! with `BYTEBACK_CONFIG_DIR` pointing at a private settings directory.
 
-mod util;
+use crate::util;
 
 use std::ffi::OsStr;
 use std::fs;
@@ -12,35 +12,19 @@ use std::process::{Command, Output};
 
 use util::*;
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    work: PathBuf,
-    conf: PathBuf,
-    store: PathBuf,
-    src: PathBuf,
+/// A [`LocalSite`] with this area's methods.
+struct Setup(LocalSite);
+
+impl std::ops::Deref for Setup {
+    type Target = LocalSite;
+    fn deref(&self) -> &LocalSite {
+        &self.0
+    }
 }
 
 fn setup() -> Setup {
-    let dir = scratch();
-    let work = dir.path().to_path_buf();
-    let conf = work.join("conf");
-    let store = work.join("store");
-    let src = work.join("src");
-    for d in [&conf, &store, &src] {
-        fs::create_dir_all(d).unwrap();
-    }
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
-    Setup {
-        _dir: dir,
-        work,
-        conf,
-        store,
-        src,
-    }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    let site = LocalSite::fresh();
+    Setup(site)
 }
 
 fn p(root: &Path, rel: &[u8]) -> PathBuf {
@@ -51,18 +35,6 @@ fn put(root: &Path, rel: &[u8], data: &[u8]) {
     let f = p(root, rel);
     fs::create_dir_all(f.parent().unwrap()).unwrap();
     fs::write(f, data).unwrap();
-}
-
-fn snapshots(store: &Path, host: &str) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(store.join(host))
-        .map(|d| {
-            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 impl Setup {

@@ -3,7 +3,7 @@
 //! on; when nothing may be deleted it fails saying so, and a later, smaller
 //! backup succeeds. Real btrfs on a loop device, days simulated with `--now`.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -17,40 +17,35 @@ const T0: i64 = 1_780_000_000;
 struct Rig {
     wrapper: PathBuf,
     store: PathBuf,
+    src: PathBuf,
 }
 
 impl Rig {
-    fn new(dir: &Path, store: PathBuf) -> Rig {
-        let wrapper = server_wrapper(dir);
-        fs::create_dir_all(&store).unwrap();
-        fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
-        Rig { wrapper, store }
+    /// A store on `fs_`, an empty source in `dir/src`.
+    fn new(fs_: &BtrfsLoop, dir: &Path) -> Rig {
+        let store = fs_.mount.join("store");
+        store_without_interval(&store);
+        let src = dir.join("src");
+        fs::create_dir_all(&src).unwrap();
+        Rig {
+            wrapper: server_wrapper(dir),
+            store,
+            src,
+        }
+    }
+
+    /// A backup that must succeed.
+    fn backup_ok(&self, src: &Path, host: &str, now: i64) {
+        let o = self.backup(src, host, now);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     }
 
     fn backup(&self, src: &Path, host: &str, now: i64) -> Output {
-        run_status(
-            Command::new(bin("byteback-backup"))
-                .env("BYTEBACK_SERVER", &self.wrapper)
-                .env("BYTEBACK_TEST_NOW", rfc3339(now))
-                .env("TZ", "UTC")
-                .arg("--destination")
-                .arg(&self.store)
-                .arg("--source")
-                .arg(src)
-                .args(["--hostname", host, "--retry-number", "0"]),
-        )
+        run_status(&mut backup_at(&self.store, &self.wrapper, src, host, now))
     }
 
     fn snapshots(&self, host: &str) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(self.store.join(host))
-            .map(|d| {
-                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        snapshots(&self.store, host)
     }
 }
 
@@ -77,14 +72,12 @@ fn a_backup_that_does_not_fit_prunes_old_snapshots_and_succeeds() {
     }
     let fs_ = BtrfsLoop::new(400);
     let d = scratch();
-    let rig = Rig::new(d.path(), fs_.mount.join("store"));
-    let src = d.path().join("src");
-    fs::create_dir_all(&src).unwrap();
+    let rig = Rig::new(&fs_, d.path());
+    let src = rig.src.clone();
     // Three daily snapshots, each holding its own 70 MiB file.
     for (i, name) in ["a", "b", "c"].iter().enumerate() {
         fill(&src, name, 70, i as u64);
-        let o = rig.backup(&src, "h", T0 + i as i64 * DAY);
-        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        rig.backup_ok(&src, "h", T0 + i as i64 * DAY);
     }
     let before = rig.snapshots("h");
     assert_eq!(before.len(), 3);
@@ -121,12 +114,10 @@ fn with_nothing_to_delete_it_fails_clearly_and_a_smaller_backup_then_succeeds() 
     }
     let fs_ = BtrfsLoop::new(300);
     let d = scratch();
-    let rig = Rig::new(d.path(), fs_.mount.join("store"));
-    let src = d.path().join("src");
-    fs::create_dir_all(&src).unwrap();
+    let rig = Rig::new(&fs_, d.path());
+    let src = rig.src.clone();
     fill(&src, "a", 100, 1);
-    let o = rig.backup(&src, "h", T0);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    rig.backup_ok(&src, "h", T0);
     // Only the newest snapshot exists: nothing may be deleted for this.
     fill(&src, "huge", 260, 2);
     let o = rig.backup(&src, "h", T0 + DAY);
@@ -140,8 +131,7 @@ fn with_nothing_to_delete_it_fails_clearly_and_a_smaller_backup_then_succeeds() 
     assert_eq!(rig.snapshots("h").len(), 1);
     // A smaller source fits again.
     fill(&src, "small", 20, 3);
-    let o = rig.backup(&src, "h", T0 + 2 * DAY);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    rig.backup_ok(&src, "h", T0 + 2 * DAY);
     assert_eq!(rig.snapshots("h").len(), 2);
 }
 
@@ -157,12 +147,10 @@ fn a_failed_runs_leftovers_are_removed_at_the_next_start_when_space_is_short() {
     }
     let fs_ = BtrfsLoop::new(400);
     let d = scratch();
-    let rig = Rig::new(d.path(), fs_.mount.join("store"));
-    let src = d.path().join("src");
-    fs::create_dir_all(&src).unwrap();
+    let rig = Rig::new(&fs_, d.path());
+    let src = rig.src.clone();
     fill(&src, "a", 10, 1);
-    let o = rig.backup(&src, "h", T0);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    rig.backup_ok(&src, "h", T0);
     // x fits, z does not: the run fails, x stays behind in current.
     fs::write(src.join("x"), Rng::new(2).bytes(150 << 20)).unwrap();
     fs::write(src.join("z"), Rng::new(3).bytes(200 << 20)).unwrap();

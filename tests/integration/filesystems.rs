@@ -3,7 +3,7 @@
 //! bind mounts and second mounts never walked twice; btrfs subvolumes always
 //! included; `--one-file-system` for those who want less.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -107,8 +107,7 @@ fn every_local_filesystem_once_and_no_tmpfs() {
     );
 
     let store = d.path().join("store");
-    fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    store_without_interval(&store);
     let out = backup(&store, &src, "all", &[]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(

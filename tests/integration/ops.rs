@@ -9,12 +9,12 @@
 //! nothing printed. A missing tool fails the test when `CI` is set
 //! (scripts/test.sh installs them) and is reported loudly otherwise.
 
-mod util;
+use crate::util;
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use byteback::docgen;
 use byteback_server::config::StoreConfig;
@@ -22,36 +22,6 @@ use util::*;
 
 const GEN: &str = env!("CARGO_BIN_EXE_byteback-gen");
 const UNITS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/systemd");
-
-/// True when `tool` is on PATH. Missing: panics under CI, else says so loudly.
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if found {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{tool} is not installed and CI is set (scripts/test.sh installs it)");
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n******** SKIPPED: {tool} is not installed ********\n"
-    );
-    false
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// Runs `byteback-gen WHAT DIR`; returns the paths it wrote.
 fn generate(what: &str, dir: &Path) -> BTreeSet<PathBuf> {
@@ -117,7 +87,7 @@ fn render_man(page: &Path) -> String {
         o.status.success() && o.stderr.is_empty() && !o.stdout.is_empty(),
         "man --warnings -l {}: {}",
         page.display(),
-        text(&o)
+        output_text(&o)
     );
     String::from_utf8(o.stdout).unwrap()
 }
@@ -143,20 +113,30 @@ fn section<'a>(page: &'a str, name: &str) -> Vec<&'a str> {
 
 #[test]
 fn man_pages_render_cleanly_and_document_every_option() {
-    if !have("man") || !have("groff") {
+    if !have_tool("man") || !have_tool("groff") {
         return;
     }
     let tmp = scratch();
     let dir = tmp.path().join("man");
     let written = generate("man", &dir);
-
     let clis = clis();
+    assert_one_page_per_program(&written, &dir, &clis);
+    for cli in &clis {
+        assert_page_documents_every_option(&dir, cli);
+    }
+    assert_written_sections(&dir);
+    assert_toml_page_gives_real_defaults(&dir.join("man5/byteback.toml.5"));
+}
+
+/// byteback-gen wrote one man8 page per program and subcommand (`clis`)
+/// and byteback.toml(5), nothing else.
+fn assert_one_page_per_program(written: &BTreeSet<PathBuf>, dir: &Path, clis: &[Cli]) {
     let mut expected: BTreeSet<PathBuf> = clis
         .iter()
         .map(|c| dir.join("man8").join(format!("{}.8", c.page())))
         .collect();
     expected.insert(dir.join("man5/byteback.toml.5"));
-    assert_eq!(written, expected, "pages written");
+    assert_eq!(written, &expected, "pages written");
     for name in [
         "byteback-backup",
         "byteback-restore",
@@ -170,29 +150,35 @@ fn man_pages_render_cleanly_and_document_every_option() {
             "{name}(8) expected"
         );
     }
+}
 
-    for cli in &clis {
-        let path = dir.join("man8").join(format!("{}.8", cli.page()));
-        let page = render_man(&path);
-        let warnings = groff_warnings(&path);
+/// `cli`'s page renders without a groff warning, has the usual sections,
+/// and its OPTIONS name every long option.
+fn assert_page_documents_every_option(dir: &Path, cli: &Cli) {
+    let path = dir.join("man8").join(format!("{}.8", cli.page()));
+    let page = render_man(&path);
+    let warnings = groff_warnings(&path);
+    assert!(
+        warnings.is_empty(),
+        "{}: groff -ww:\n{warnings}",
+        cli.page()
+    );
+    let options: String = section(&page, "OPTIONS").join("\n");
+    for long in &cli.longs {
         assert!(
-            warnings.is_empty(),
-            "{}: groff -ww:\n{warnings}",
+            options.contains(&format!("--{long}")),
+            "{}(8) does not document --{long}:\n{page}",
             cli.page()
         );
-        let options: String = section(&page, "OPTIONS").join("\n");
-        for long in &cli.longs {
-            assert!(
-                options.contains(&format!("--{long}")),
-                "{}(8) does not document --{long}:\n{page}",
-                cli.page()
-            );
-        }
-        for s in ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "SEE ALSO"] {
-            section(&page, s);
-        }
     }
+    for s in ["NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "SEE ALSO"] {
+        section(&page, s);
+    }
+}
 
+/// The hand-written sections: EXIT STATUS codes, FILES, EXAMPLES, the
+/// server's SUBCOMMANDS, TRUST MODEL, byteback-backup's settings files.
+fn assert_written_sections(dir: &Path) {
     // The written sections, rendered.
     let render = |name: &str| render_man(&dir.join("man8").join(format!("{name}.8")));
     // The tags of EXIT STATUS: the codes at the section's first indent.
@@ -258,11 +244,13 @@ fn man_pages_render_cleanly_and_document_every_option() {
     ] {
         assert!(backup_files.contains(f), "byteback-backup(8) FILES: {f}");
     }
+}
 
-    // byteback.toml(5): every key with its real default.
-    let toml = dir.join("man5/byteback.toml.5");
-    let page = render_man(&toml);
-    let warnings = groff_warnings(&toml);
+/// byteback.toml(5): no groff warning, every key with its real default,
+/// and an example the server's parser accepts.
+fn assert_toml_page_gives_real_defaults(toml: &Path) {
+    let page = render_man(toml);
+    let warnings = groff_warnings(toml);
     assert!(
         warnings.is_empty(),
         "byteback.toml(5): groff -ww:\n{warnings}"
@@ -302,7 +290,7 @@ fn man_pages_render_cleanly_and_document_every_option() {
 /// a missing font is caught by both.
 #[test]
 fn man_warning_check_catches_a_broken_page() {
-    if !have("man") || !have("groff") {
+    if !have_tool("man") || !have_tool("groff") {
         return;
     }
     let tmp = scratch();
@@ -322,7 +310,7 @@ fn man_warning_check_catches_a_broken_page() {
     assert!(
         !o.stderr.is_empty(),
         "man --warnings stayed quiet: {}",
-        text(&o)
+        output_text(&o)
     );
     assert!(groff_warnings(&bad).contains("NOSUCHMACRO"));
 }
@@ -346,7 +334,7 @@ fn completions_parse_and_complete_every_option() {
     let clis = clis();
 
     // bash: parses, and completing `CMD [SUB] --` offers every long option.
-    if have("bash") {
+    if have_tool("bash") {
         for n in &names {
             let file = dir.join("bash").join(n);
             run(Command::new("bash").arg("-n").arg(&file));
@@ -398,7 +386,7 @@ fn completions_parse_and_complete_every_option() {
     }
 
     // zsh: parses and names every long option (no interactive completion here).
-    if have("zsh") {
+    if have_tool("zsh") {
         for n in &names {
             let file = dir.join("zsh").join(format!("_{n}"));
             run(Command::new("zsh").arg("-n").arg(&file));
@@ -418,7 +406,7 @@ fn completions_parse_and_complete_every_option() {
     }
 
     // fish: parses, and `complete -C 'CMD [SUB] --'` offers every long option.
-    if have("fish") {
+    if have_tool("fish") {
         for n in &names {
             let file = dir.join("fish").join(format!("{n}.fish"));
             run(Command::new("fish").arg("-n").arg(&file));
@@ -547,10 +535,10 @@ fn systemd_units_pass_systemd_analyze_verify() {
         let mut words = l["ExecStart=/usr/local/bin/".len()..].split_whitespace();
         let prog = words.next().unwrap();
         let o = run_status(Command::new(built_dir.join(prog)).args(words).arg("--help"));
-        assert!(o.status.success(), "{l}: {}", text(&o));
+        assert!(o.status.success(), "{l}: {}", output_text(&o));
     }
 
-    if !have("systemd-analyze") || !have("man") {
+    if !have_tool("systemd-analyze") || !have_tool("man") {
         return;
     }
     let tmp = scratch();
@@ -573,7 +561,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
     assert!(
         o.status.success() && o.stdout.is_empty() && o.stderr.is_empty(),
         "systemd-analyze verify: {}",
-        text(&o)
+        output_text(&o)
     );
 
     // And it can fail: a unit with a bad value and a missing executable.
@@ -584,7 +572,7 @@ fn systemd_units_pass_systemd_analyze_verify() {
     )
     .unwrap();
     let o = verify(&[bad]);
-    let all = text(&o);
+    let all = output_text(&o);
     assert!(
         all.contains("nice priority") && all.contains("/nonexistent"),
         "{all}"
@@ -654,7 +642,12 @@ fn usage_errors_exit_2() {
                 .env("BYTEBACK_CONFIG_DIR", d.path())
                 .current_dir(d.path()),
         );
-        assert_eq!(o.status.code(), Some(2), "{prog} {args:?}: {}", text(&o));
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{prog} {args:?}: {}",
+            output_text(&o)
+        );
     }
     assert!(!store.exists());
     assert!(!Path::new("/nonexistent-store").exists());

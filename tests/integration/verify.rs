@@ -3,7 +3,7 @@
 //! restore from the damaged snapshot reports the file and restores the rest,
 //! and budgeted runs cover the whole host over several runs.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -33,16 +33,6 @@ fn verify(store: &Path, args: &[&str]) -> Output {
     )
 }
 
-fn snapshots(store: &Path) -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(store.join(HOST))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-        .collect();
-    v.sort();
-    v
-}
-
 /// Flips one byte of `path` in place, keeping its size and mtime.
 fn flip_byte(path: &Path, at: u64) {
     let m = fs::symlink_metadata(path).unwrap();
@@ -67,15 +57,6 @@ fn set_read_only(subvol: &Path, ro: bool) {
         .args(["ro", if ro { "true" } else { "false" }]));
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 /// `<store>/<host>/<snapshot>/<src without leading />/<rel>`.
 fn stored(store: &Path, snap: &str, src: &Path, rel: &str) -> PathBuf {
     store
@@ -92,8 +73,7 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
     }
     let fs_ = BtrfsLoop::new(300);
     let store = fs_.mount.join("store");
-    fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    store_without_interval(&store);
     let work = scratch();
     let src = work.path().join("src");
     fs::create_dir_all(src.join("dir")).unwrap();
@@ -105,11 +85,11 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
         fs::write(src.join(format!("dir/f{i}")), rng.bytes(10_000)).unwrap();
     }
     backup(&store, &src);
-    let s1 = snapshots(&store).pop().unwrap();
+    let s1 = snapshots(&store, HOST).pop().unwrap();
 
     // Nothing damaged yet.
     let o = verify(&store, &[]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
 
     // A byte flipped in current (mtime kept) and one in the read-only snapshot.
     flip_byte(&stored(&store, "current", &src, "a"), 5000);
@@ -120,7 +100,7 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
     assert!(is_read_only(&snap_path));
 
     let o = verify(&store, &[]);
-    let out = text(&o);
+    let out = output_text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}");
     let rel = src.strip_prefix("/").unwrap().display().to_string();
     assert!(
@@ -142,7 +122,7 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
             .args(["status", "--warn", "1d", "--store"])
             .arg(&store),
     );
-    let out = text(&o);
+    let out = output_text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}");
     assert!(
         out.contains("BYTEBACK WARNING") && out.contains("2 damaged files"),
@@ -158,7 +138,7 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
     // The next backup (source unchanged) rebuilds current's damaged file.
     backup(&store, &src);
     let o = verify(&store, &["--snapshot", "current"]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
     assert_eq!(
         fs::read(stored(&store, "current", &src, "a")).unwrap(),
         fs::read(src.join("a")).unwrap()
@@ -168,16 +148,16 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
             .args(["status", "--store"])
             .arg(&store),
     );
-    let out = text(&o);
+    let out = output_text(&o);
     assert!(
         !out.contains("DAMAGED current"),
         "repaired current still listed: {out}"
     );
     assert!(out.contains(&format!("DAMAGED {s1} ")), "{out}");
-    let s2 = snapshots(&store).pop().unwrap();
+    let s2 = snapshots(&store, HOST).pop().unwrap();
     assert_ne!(s1, s2);
     let o = verify(&store, &["--snapshot", &s2]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
 
     // A stored file the server cannot open at all (here: a directory in its
     // place) ends short; the restore reports it too and goes on.
@@ -197,7 +177,7 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
             .arg(&store)
             .args(["--hostname", HOST, "--restore", "--snapshot", &s1, "/"]),
     );
-    let out = text(&o);
+    let out = output_text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}");
     assert!(out.contains("DAMAGED") && out.contains("dir/c"), "{out}");
     let restored = into.join(&s1).join(&rel);
@@ -225,8 +205,7 @@ fn budgeted_verify_covers_the_host_over_several_runs() {
     }
     let fs_ = BtrfsLoop::new(300);
     let store = fs_.mount.join("store");
-    fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    store_without_interval(&store);
     let work = scratch();
     let src = work.path().join("src");
     fs::create_dir_all(&src).unwrap();
@@ -245,7 +224,7 @@ fn budgeted_verify_covers_the_host_over_several_runs() {
         runs += 1;
         assert!(runs <= 8, "no full pass after {runs} runs");
         let o = verify(&store, &["--budget", "700K"]);
-        let out = text(&o);
+        let out = output_text(&o);
         assert_eq!(o.status.code(), Some(0), "{out}");
         let n: u64 = out
             .split(": ")

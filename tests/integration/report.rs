@@ -9,7 +9,7 @@
 //! scripts/test.sh): missing, it fails when `CI` is set and says so loudly
 //! otherwise.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::path::Path;
@@ -18,35 +18,6 @@ use std::process::{Command, Output};
 use util::*;
 
 const DAY: i64 = 86_400;
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn have_chromium() -> bool {
-    let ok = Command::new("chromium")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if ok {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("chromium is not installed and CI is set (scripts/test.sh installs it)");
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n******** SKIPPED: chromium is not installed ********\n"
-    );
-    false
-}
 
 /// Headless Chromium with its own profile directory (tests run in parallel).
 fn chromium(profile: &Path, args: &[&str], page: &Path) -> Output {
@@ -64,20 +35,21 @@ fn chromium(profile: &Path, args: &[&str], page: &Path) -> Output {
             .args(args)
             .arg(format!("file://{}", page.display())),
     );
-    assert!(o.status.success(), "chromium: {}", text(&o));
+    assert!(o.status.success(), "chromium: {}", output_text(&o));
     o
 }
 
 #[test]
 fn the_html_report_shows_every_host_trouble_first_and_escapes_the_store() {
-    if !require_root("the HTML report test (btrfs store)") || !have_chromium() {
+    if !require_root("the HTML report test (btrfs store)")
+        || !have("chromium", Command::new("chromium").arg("--version"))
+    {
         return;
     }
     let fs_ = BtrfsLoop::new(300);
     let d = scratch();
     let store = fs_.mount.join("store");
-    fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    store_without_interval(&store);
     let wrapper = server_wrapper(d.path());
     let src = d.path().join("src");
     fs::create_dir_all(&src).unwrap();

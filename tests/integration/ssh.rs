@@ -2,7 +2,7 @@
 //! key, an unprivileged server account created per test, byteback-setup-client
 //! run against it, then backups and restores through the key's forced command.
 
-mod util;
+use crate::util;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,10 +11,6 @@ use std::time::{Duration, Instant};
 
 use util::sshd::Sshd;
 use util::*;
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// A server (sshd + account whose home is the store) and a client config dir.
 struct World {
@@ -30,8 +26,7 @@ impl World {
         let work = scratch();
         let fs = BtrfsLoop::new(fs_mib);
         let store = fs.mount.join("store");
-        fs::create_dir_all(&store).unwrap();
-        fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+        store_without_interval(&store);
         let sshd = Sshd::start(&work.path().join("sshd"), &store);
         World {
             sshd,
@@ -42,6 +37,23 @@ impl World {
     }
 
     /// A client's config dir (stands in for /etc/byteback).
+    /// A client whose settings are in `client-NAME/`, set up (successfully)
+    /// as host `client-NAME`.
+    fn enrolled(&self, name: &str) -> PathBuf {
+        let client = self.client_dir(name);
+        let out = self.setup(&client, &format!("client-{name}"));
+        assert!(out.status.success(), "setup: {}", stderr(&out));
+        client
+    }
+
+    /// `src/`, holding one file `f` with `data`.
+    fn one_file_src(&self, data: &[u8]) -> PathBuf {
+        let src = self.work.path().join("src");
+        fs::create_dir_all(&src).unwrap();
+        fs::write(src.join("f"), data).unwrap();
+        src
+    }
+
     fn client_dir(&self, name: &str) -> PathBuf {
         let d = self.work.path().join(format!("client-{name}"));
         fs::create_dir_all(&d).unwrap();
@@ -108,13 +120,7 @@ impl World {
     }
 
     fn snapshots(&self, host: &str) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(self.store.join(host))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
-            .collect();
-        v.sort();
-        v
+        snapshots(&self.store, host)
     }
 
     /// Restores `/` over SSH into a fresh dir; returns `<dir>/<snapshot>`.
@@ -381,11 +387,8 @@ fn changed_host_key_is_refused() {
         return;
     }
     let mut w = World::new(200);
-    let client = w.client_dir("a");
-    assert!(w.setup(&client, "client-a").status.success());
-    let src = w.work.path().join("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("f"), b"data").unwrap();
+    let client = w.enrolled("a");
+    let src = w.one_file_src(b"data");
     assert!(w.backup(&client, &src).status.success());
     let known = fs::read_to_string(client.join("known_hosts")).unwrap();
 
@@ -432,12 +435,8 @@ fn host_key_of_another_algorithm_is_a_changed_key() {
         return;
     }
     let mut w = World::new(200);
-    let client = w.client_dir("a");
-    let out = w.setup(&client, "client-a");
-    assert!(out.status.success(), "setup: {}", stderr(&out));
-    let src = w.work.path().join("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("f"), b"data").unwrap();
+    let client = w.enrolled("a");
+    let src = w.one_file_src(b"data");
     let out = w.backup(&client, &src);
     assert!(out.status.success(), "backup: {}", stderr(&out));
     assert_eq!(w.snapshots("client-a").len(), 1);
@@ -583,12 +582,8 @@ fn revoked_host_key_is_refused() {
         return;
     }
     let w = World::new(200);
-    let client = w.client_dir("a");
-    let out = w.setup(&client, "client-a");
-    assert!(out.status.success(), "setup: {}", stderr(&out));
-    let src = w.work.path().join("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("f"), b"data").unwrap();
+    let client = w.enrolled("a");
+    let src = w.one_file_src(b"data");
     let kh = client.join("known_hosts");
     let known = fs::read_to_string(&kh).unwrap();
     // HOME is the client dir: this is the user's ~/.ssh/known_hosts.
@@ -711,8 +706,7 @@ fn killed_server_mid_backup_is_retried_and_the_result_is_complete() {
         return;
     }
     let w = World::new(1200);
-    let client = w.client_dir("a");
-    assert!(w.setup(&client, "client-a").status.success());
+    let client = w.enrolled("a");
     let src = w.work.path().join("src");
     fs::create_dir_all(&src).unwrap();
     let mut rng = Rng::new(99);
@@ -799,9 +793,7 @@ fn setup_with_a_password() {
 
     let out = setup(util::sshd::PASSWORD);
     assert!(out.status.success(), "{}", stderr(&out));
-    let src = w.work.path().join("src");
-    fs::create_dir_all(&src).unwrap();
-    fs::write(src.join("f"), b"over ssh").unwrap();
+    let src = w.one_file_src(b"over ssh");
     let out = w.backup(&client, &src);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(w.snapshots("pw-host").len(), 1);
@@ -822,16 +814,8 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> (Output, Duration) {
         std::io::Read::read_to_end(&mut err, &mut s).unwrap();
         s
     });
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if start.elapsed() >= limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("HANG: {cmd:?} still running after {} s", limit.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let Some(status) = wait_until(&mut child, start, limit) else {
+        panic!("HANG: {cmd:?} still running after {} s", limit.as_secs());
     };
     let took = start.elapsed();
     let stderr = reader.join().unwrap();
@@ -855,18 +839,9 @@ fn over_ssh_a_failing_or_killed_server_never_leaves_the_client_hanging() {
         return;
     }
     let w = World::new(400);
-    let client = w.client_dir("h");
-    assert!(w.setup(&client, "client-h").status.success());
+    let client = w.enrolled("h");
     let src = w.work.path().join("src");
-    for i in 0..40 {
-        let dir = src.join(format!("a/{i:02}"));
-        fs::create_dir_all(&dir).unwrap();
-        for j in 0..250 {
-            fs::write(dir.join(format!("file-{j:03}")), format!("{i} {j}")).unwrap();
-        }
-    }
-    fs::create_dir_all(src.join("b")).unwrap();
-    fs::write(src.join("b/kept"), "kept").unwrap();
+    make_wide_tree(&src);
     let out = w.backup(&client, &src);
     assert!(out.status.success(), "{}", stderr(&out));
     let manifest = w.store.join("client-h/current/.byteback/manifest");
@@ -944,10 +919,7 @@ fn over_ssh_a_failing_or_killed_server_never_leaves_the_client_hanging() {
             std::thread::sleep(Duration::from_micros(200));
         }
         for &p in &pids {
-            // SAFETY: a plain syscall on pids just read from /proc.
-            unsafe {
-                libc::kill(p as i32, libc::SIGKILL);
-            }
+            send_signal(p, Signal::KILL);
         }
         let killed = Instant::now();
         let status = loop {

@@ -9,41 +9,16 @@
 //! cargo-deb, dpkg, man and systemd-analyze missing: the test fails when `CI`
 //! is set (scripts/test.sh installs them) and says so loudly otherwise.
 
-mod util;
+use crate::util;
 
 use std::fs;
-use std::path::Path;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use util::*;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const PACKAGE: &str = "byteback";
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// True when `cmd` runs. Missing: panics under CI, else says so loudly.
-fn have(what: &str, cmd: &mut Command) -> bool {
-    if cmd.output().map(|o| o.status.success()).unwrap_or(false) {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{what} is not installed and CI is set (scripts/test.sh installs it)");
-    }
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n******** SKIPPED: {what} is not installed ********\n"
-    );
-    false
-}
 
 /// Purges the package on drop, so a failing test leaves nothing in /usr.
 struct Installed;
@@ -52,7 +27,7 @@ impl Drop for Installed {
     fn drop(&mut self) {
         match Command::new("dpkg").args(["--purge", PACKAGE]).output() {
             Ok(o) if o.status.success() => {}
-            Ok(o) => eprintln!("dpkg --purge {PACKAGE}: {}", text(&o)),
+            Ok(o) => eprintln!("dpkg --purge {PACKAGE}: {}", output_text(&o)),
             Err(e) => eprintln!("dpkg --purge {PACKAGE}: {e}"),
         }
     }
@@ -90,9 +65,21 @@ fn the_debian_package_installs_works_and_goes_away() {
         "{PACKAGE} is already installed on this machine; this test installs and purges it"
     );
 
-    // Build: the debug binaries (already built for the tests), stripped.
     let d = scratch();
-    let out_dir = d.path().join("deb");
+    let deb = build_package(d.path());
+    let want = expected_paths();
+    check_contents(&deb, &want);
+    check_control_and_binaries(&deb, d.path());
+    let installed = install(&deb);
+    backup_and_restore_with_installed_programs(d.path());
+    drop(installed);
+    assert_purged(&want);
+}
+
+/// Builds the package from the debug binaries (already built for the
+/// tests), stripped, into `d/deb`; returns the one `.deb`.
+fn build_package(d: &Path) -> PathBuf {
+    let out_dir = d.join("deb");
     fs::create_dir_all(&out_dir).unwrap();
     let o = run(Command::new("bash")
         .arg(Path::new(ROOT).join("scripts/deb.sh"))
@@ -107,16 +94,12 @@ fn the_debian_package_installs_works_and_goes_away() {
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "deb"))
         .collect();
-    assert_eq!(debs.len(), 1, "one .deb: {debs:?}\n{}", text(&o));
-    let deb = &debs[0];
+    assert_eq!(debs.len(), 1, "one .deb: {debs:?}\n{}", output_text(&o));
+    debs[0].clone()
+}
 
-    // What it holds.
-    let contents =
-        String::from_utf8(run(Command::new("dpkg-deb").arg("-c").arg(deb)).stdout).unwrap();
-    let names: Vec<&str> = contents
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .collect();
+/// Every path the package must hold (as `dpkg-deb -c` names them).
+fn expected_paths() -> Vec<String> {
     let mut want: Vec<String> = vec![];
     for b in [
         "byteback-backup",
@@ -146,13 +129,24 @@ fn the_debian_package_installs_works_and_goes_away() {
     want.push("./etc/byteback/excludes".into());
     want.push("./usr/share/byteback/hooks/pre-backup.d/50-mysql".into());
     want.push("./usr/share/byteback/hooks/pre-backup.d/50-postgresql".into());
-    for w in &want {
+    want
+}
+
+/// `dpkg-deb -c` lists every path of `want`; executables are 0755, the rest
+/// 0644 (hooks are executables too).
+fn check_contents(deb: &Path, want: &[String]) {
+    let contents =
+        String::from_utf8(run(Command::new("dpkg-deb").arg("-c").arg(deb)).stdout).unwrap();
+    let names: Vec<&str> = contents
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .collect();
+    for w in want {
         assert!(
             names.contains(&w.as_str()),
             "{w} not in the package:\n{contents}"
         );
     }
-    // Executables 0755, the rest 0644 (hooks are executables too).
     for l in contents.lines() {
         let mut f = l.split_whitespace();
         let (mode, name) = (f.next().unwrap(), f.nth(4).unwrap());
@@ -162,7 +156,12 @@ fn the_debian_package_installs_works_and_goes_away() {
         let exec = name.starts_with("./usr/bin/") || name.contains("/hooks/");
         assert_eq!(mode, if exec { "-rwxr-xr-x" } else { "-rw-r--r--" }, "{l}");
     }
-    let ctl = d.path().join("control");
+}
+
+/// The control files (conffiles, package and version), stripped binaries,
+/// and units that name /usr/bin.
+fn check_control_and_binaries(deb: &Path, d: &Path) {
+    let ctl = d.join("control");
     run(Command::new("dpkg-deb").arg("-e").arg(deb).arg(&ctl));
     let conffiles = fs::read_to_string(ctl.join("conffiles")).unwrap();
     assert_eq!(conffiles.trim(), "/etc/byteback/excludes");
@@ -170,7 +169,7 @@ fn the_debian_package_installs_works_and_goes_away() {
     assert!(control.contains("Package: byteback\n"), "{control}");
     assert!(control.contains("Version: 2.0.0"), "{control}");
     // Stripped: no debug sections in the shipped binaries (and so small).
-    let x = d.path().join("x");
+    let x = d.join("x");
     run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&x));
     let size = fs::metadata(x.join("usr/bin/byteback-backup"))
         .unwrap()
@@ -186,15 +185,18 @@ fn the_debian_package_installs_works_and_goes_away() {
         "{units}"
     );
     assert!(!units.contains("/usr/local"), "{units}");
+}
 
-    // Install.
+/// `dpkg -i`: the binaries, man pages and units are where they belong and
+/// systemd-analyze accepts the installed units. Purges on drop.
+fn install(deb: &Path) -> Installed {
     let guard = Installed;
     let o = run(Command::new("dpkg").arg("-i").arg(deb));
     let files = installed_files();
     assert!(
         files.iter().any(|f| f == "/usr/bin/byteback-backup"),
         "{files:?}\n{}",
-        text(&o)
+        output_text(&o)
     );
     let o = run(Command::new("/usr/bin/byteback-backup").arg("--version"));
     assert_eq!(
@@ -230,16 +232,20 @@ fn the_debian_package_installs_works_and_goes_away() {
     assert!(
         o.status.success() && o.stdout.is_empty() && o.stderr.is_empty(),
         "systemd-analyze verify: {}",
-        text(&o)
+        output_text(&o)
     );
+    guard
+}
 
-    // A local backup and restore with the installed programs only (the
-    // client starts the byteback-server beside it, /usr/bin's).
-    let src = d.path().join("src");
+/// A local backup and restore with the installed programs only (the client
+/// starts the byteback-server beside it, /usr/bin's): rsync finds no
+/// difference.
+fn backup_and_restore_with_installed_programs(d: &Path) {
+    let src = d.join("src");
     fs::create_dir_all(&src).unwrap();
     make_rich_tree(&src, &mut Rng::new(42));
-    let store = d.path().join("store");
-    let conf = d.path().join("conf");
+    let store = d.join("store");
+    let conf = d.join("conf");
     fs::create_dir_all(&conf).unwrap();
     let o = run(Command::new("/usr/bin/byteback-backup")
         .env_remove("BYTEBACK_SERVER")
@@ -252,7 +258,7 @@ fn the_debian_package_installs_works_and_goes_away() {
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["exit_code"], 0, "{j}");
     let snapshot = j["snapshot"].as_str().unwrap().to_string();
-    let into = d.path().join("restored");
+    let into = d.join("restored");
     fs::create_dir_all(&into).unwrap();
     run(Command::new("/usr/bin/byteback-restore")
         .env_remove("BYTEBACK_SERVER")
@@ -265,13 +271,14 @@ fn the_debian_package_installs_works_and_goes_away() {
         &src,
         &into.join(&snapshot).join(src.strip_prefix("/").unwrap()),
     );
+}
 
-    // Purge: nothing of the package is left.
-    drop(guard);
+/// After `dpkg --purge`, nothing of the package is left.
+fn assert_purged(want: &[String]) {
     assert!(!run_status(Command::new("dpkg").args(["-s", PACKAGE]))
         .status
         .success());
-    for f in &want {
+    for f in want {
         let p = Path::new(&f[1..]);
         assert!(
             !p.exists(),
