@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use byteback_protocol::term;
@@ -14,7 +13,7 @@ use tracing::level_filters::LevelFilter;
 
 use crate::backup::{run_backup, BackupOptions};
 use crate::conn::{Connection, Destination};
-use crate::error::Error;
+use crate::error::{Error, IoContext, Result};
 use crate::progress::{Bar, Kind};
 use crate::restore::{self, Patterns};
 use crate::ssh::{SshOptions, SshTarget, UnknownHost};
@@ -192,9 +191,9 @@ pub fn default_hostname() -> Result<String> {
             .into_owned(),
     };
     byteback_protocol::validate_host_name(&name).map_err(|_| {
-        anyhow::Error::from(Error::Usage(format!(
+        Error::Usage(format!(
             "this machine's name {name:?} cannot be a host name; give --hostname"
-        )))
+        ))
     })?;
     Ok(name)
 }
@@ -221,23 +220,25 @@ impl Target {
             .map(str::to_string)
             .or_else(|| read_config_line("destination"))
             .ok_or_else(|| {
-                anyhow::Error::from(Error::Usage(format!(
+                Error::Usage(format!(
                     "no --destination and no {}/destination",
                     config_dir().display()
-                )))
+                ))
             })?;
         let dest = Destination::parse(&text)?;
         let host = match (hostname, &dest) {
             (Some(h), _) => {
                 byteback_protocol::validate_host_name(h)
-                    .map_err(|e| anyhow::Error::from(Error::Usage(format!("--hostname: {e}"))))?;
+                    .map_err(|e| Error::Usage(format!("--hostname: {e}")))?;
                 h.to_string()
             }
             (None, Destination::Local(_)) => default_hostname()?,
             (None, Destination::Ssh { .. }) => String::new(),
         };
         if io_timeout == 0 {
-            return Err(Error::Usage("--io-timeout must be at least 1 second".into()).into());
+            return Err(Error::Usage(
+                "--io-timeout must be at least 1 second".into(),
+            ));
         }
         Ok(Target {
             text,
@@ -321,39 +322,32 @@ fn lock(key: &str, dest: &str) -> Result<std::fs::File> {
     } else {
         std::env::temp_dir().join(format!("byteback-{}", rustix::process::getuid().as_raw()))
     };
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(&dir).on("cannot create", &dir)?;
     let path = dir.join(format!("backup-{h:016x}.lock"));
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(&path)?;
+        .open(&path)
+        .on("cannot open", &path)?;
     match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(f),
-        Err(_) => bail!(
+        Err(_) => Err(Error::msg(format!(
             "another byteback-backup to {dest} is running ({})",
             path.display()
-        ),
+        ))),
     }
 }
 
 /// Whether retrying may help: not for usage, configuration, host-key or login errors.
-pub fn is_transient(e: &anyhow::Error) -> bool {
-    !e.chain().any(|c| {
-        c.downcast_ref::<Error>()
-            .is_some_and(|e| e.is_usage() || e.is_permanent())
-    })
+pub fn is_transient(e: &Error) -> bool {
+    !(e.is_usage() || e.is_permanent())
 }
 
 /// Whether `e` is a usage or configuration error anywhere in its chain.
-fn is_usage(e: &anyhow::Error) -> bool {
-    e.chain()
-        .any(|c| c.downcast_ref::<Error>().is_some_and(Error::is_usage))
-}
-
 /// The exit code for an error: 2 for an [`Error::Usage`] anywhere in its chain, else 1.
-pub fn exit_code_of(e: &anyhow::Error) -> ExitCode {
-    if is_usage(e) {
+pub fn exit_code_of(e: &Error) -> ExitCode {
+    if e.is_usage() {
         ExitCode::from(2)
     } else {
         ExitCode::FAILURE
@@ -404,10 +398,10 @@ pub fn backup_main() -> ExitCode {
 
 /// Logs the error a run ended with, records it for `--json` and gives its
 /// exit code (2 for a usage error).
-fn failed(e: &anyhow::Error, errors: &mut Vec<String>) -> u8 {
-    tracing::error!("{e:#}");
-    errors.push(format!("{e:#}"));
-    if is_usage(e) {
+fn failed(e: &Error, errors: &mut Vec<String>) -> u8 {
+    tracing::error!("{e}");
+    errors.push(e.to_string());
+    if e.is_usage() {
         EXIT_USAGE
     } else {
         1
@@ -449,7 +443,9 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         report.warnings.push(w);
     }
     if args.hook_timeout == 0 {
-        return Err(Error::Usage("--hook-timeout must be at least 1 second".into()).into());
+        return Err(Error::Usage(
+            "--hook-timeout must be at least 1 second".into(),
+        ));
     }
     let _lock = lock(&target.lock_key(), &target.text)?;
     let opts = BackupOptions {
@@ -473,8 +469,8 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
     let (code, snapshot) = match outcome {
         Ok(done) => done,
         Err(e) => {
-            tracing::error!("{e:#}");
-            report.errors.push(format!("{e:#}"));
+            tracing::error!("{e}");
+            report.errors.push(format!("{e}"));
             (1, None)
         }
     };
@@ -492,7 +488,7 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
     ];
     let post = match hooks.run_dir(&dir, crate::hooks::POST_BACKUP_DIR, &env, &[]) {
         Ok(failures) => failures.iter().map(|f| f.to_string()).collect(),
-        Err(e) => vec![format!("{e:#}")],
+        Err(e) => vec![format!("{e}")],
     };
     if post.is_empty() {
         return Ok(code);
@@ -525,9 +521,9 @@ fn load_filter() -> Result<Option<std::sync::Arc<crate::filter::Filter>>> {
         _ => {}
     }
     let filter = crate::filter::Filter::load(&path).map_err(|e| {
-        anyhow::Error::from(Error::Usage(format!(
+        Error::Usage(format!(
             "unsupported or unreadable filter rule, nothing was backed up: {e}"
-        )))
+        ))
     })?;
     for n in &filter.notes {
         tracing::warn!("{n}");
@@ -548,10 +544,10 @@ fn run_pre_hooks(hooks: &crate::hooks::Runner, dir: &Path) -> Result<()> {
         return Ok(());
     }
     let list: Vec<String> = failures.iter().map(|f| f.to_string()).collect();
-    bail!(
+    Err(Error::msg(format!(
         "pre-backup hook failed, nothing was backed up: {}",
         list.join("\n")
-    )
+    )))
 }
 
 /// The backup with its retries: the exit code (0 or 24) and the snapshot
@@ -576,7 +572,7 @@ fn transfer(
             target.connect("backup").and_then(|conn| {
                 // The name the server files us under (checked in its hello).
                 report.host = Some(conn.host.clone());
-                Ok(run_backup(conn, opts)?)
+                run_backup(conn, opts)
             })
         };
         match result {
@@ -646,12 +642,10 @@ fn transfer(
                 return Ok((exit_for(r.vanished, r.partial), snapshot));
             }
             Err(e) if attempt < args.retry_number && is_transient(&e) => {
-                report
-                    .errors
-                    .push(format!("attempt {}: {e:#}", attempt + 1));
+                report.errors.push(format!("attempt {}: {e}", attempt + 1));
                 attempt += 1;
                 tracing::error!(
-                    "attempt {attempt} failed: {e:#}; retrying in {} s ({} left)",
+                    "attempt {attempt} failed: {e}; retrying in {} s ({} left)",
                     args.retry_delay,
                     args.retry_number - attempt + 1
                 );
@@ -680,10 +674,10 @@ fn backup_io_timeout(flag: Option<u64>) -> Result<u64> {
     match read_config_line("io_timeout") {
         None => Ok(10_800),
         Some(line) => line.parse().map_err(|_| {
-            anyhow::Error::from(Error::Usage(format!(
+            Error::Usage(format!(
                 "{}/io_timeout: {line:?} is not a number of seconds",
                 config_dir().display()
-            )))
+            ))
         }),
     }
 }
@@ -810,8 +804,7 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
     if args.json && !args.restore {
         return Err(Error::Usage(
             "--json goes with --restore (a listing is already data on stdout)".into(),
-        )
-        .into());
+        ));
     }
     let target = Target::resolve(
         args.destination.as_deref(),
@@ -822,18 +815,17 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
     if let Some(s) = &args.snapshot {
         if restore::is_snapshot_glob(s) {
             restore::snapshot_glob(s)
-                .map_err(|e| anyhow::Error::from(Error::Usage(format!("--snapshot {s:?}: {e}"))))?;
+                .map_err(|e| Error::Usage(format!("--snapshot {s:?}: {e}")))?;
         } else {
             byteback_protocol::validate_snapshot_name(s)
-                .map_err(|e| anyhow::Error::from(Error::Usage(format!("--snapshot: {e}"))))?;
+                .map_err(|e| Error::Usage(format!("--snapshot: {e}")))?;
         }
     }
     if args.patterns.is_empty() && !args.restore && args.target.is_none() {
         if args.snapshot.is_some() || args.all {
             return Err(Error::Usage(
                 "give a pattern (e.g. / for everything) with --snapshot or --all".into(),
-            )
-            .into());
+            ));
         }
         // A plain listing: the host's snapshots and what wrote each.
         let mut conn = target.connect("list")?;
@@ -846,18 +838,19 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
     let pats = Patterns::new(&args.patterns, &cwd)?;
     let (into, shown_into) = match &args.target {
         Some(_) if !args.restore => {
-            return Err(Error::Usage("--target goes with --restore".into()).into())
+            return Err(Error::Usage("--target goes with --restore".into()))
         }
         Some(t) => {
             // Checked before connecting; never created (a typo must not make directories).
             match std::fs::metadata(t) {
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => {
-                    return Err(
-                        Error::Usage(format!("--target {}: not a directory", t.display())).into(),
-                    )
+                    return Err(Error::Usage(format!(
+                        "--target {}: not a directory",
+                        t.display()
+                    )))
                 }
-                Err(e) => return Err(Error::Usage(format!("--target {}: {e}", t.display())).into()),
+                Err(e) => return Err(Error::Usage(format!("--target {}: {e}", t.display()))),
             }
             // `/` is shown as the empty prefix of `/<snapshot>/...`.
             let shown = t.display().to_string().trim_end_matches('/').to_string();
@@ -962,14 +955,9 @@ mod tests {
 
     #[test]
     fn only_transient_errors_are_retried() {
-        assert!(is_transient(&anyhow::anyhow!(
-            "the server closed the connection"
-        )));
-        assert!(!is_transient(&anyhow::Error::from(Error::Usage(
-            "--x".into()
-        ))));
-        let e =
-            anyhow::Error::from(Error::Permanent("HOST KEY CHANGED".into())).context("SSH to x");
+        assert!(is_transient(&Error::Closed));
+        assert!(!is_transient(&Error::Usage("--x".into())));
+        let e = Error::Permanent("HOST KEY CHANGED".into()).context("SSH to x");
         assert!(!is_transient(&e));
     }
 

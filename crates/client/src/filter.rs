@@ -1090,6 +1090,7 @@ mod tests {
             .contains("larger"));
     }
 
+    /// (Long: one tree of per-directory files, then one check per rule it shows.)
     #[test]
     fn dir_merge_rules_are_inherited_newest_first_and_anchored_at_their_directory() {
         let f = parse("- /top/early\n: .rsync-filter\ndir-merge,-n .excl\n- *.late\n");

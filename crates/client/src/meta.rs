@@ -408,7 +408,8 @@ mod tests {
 
     /// A tree with setuid, ACLs, xattrs, a dangling symlink, specials, a
     /// name that is not UTF-8, a foreign owner, nanosecond mtimes and holes.
-    /// Returns the character and block device numbers used.
+    /// Returns the character and block device numbers used. (Long: one
+    /// object per kind, each set up in a few lines.)
     fn make_meta_tree(src: &Path) -> (u64, u64) {
         // Setuid file with user xattrs and an access ACL.
         let suid = src.join("suid");

@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{Context, Error, IoContext, Result};
 use clap::Parser;
 use russh::keys::ssh_key::private::Ed25519Keypair;
 use russh::keys::ssh_key::LineEnding;
@@ -81,10 +81,15 @@ fn setup(args: &SetupArgs) -> Result<()> {
                     .find(|l| !l.is_empty())
                     .map(str::to_string)
             })
-            .ok_or_else(|| anyhow!("no --destination and no {}/destination", dir.display()))?,
+            .ok_or_else(|| {
+                Error::msg(format!(
+                    "no --destination and no {}/destination",
+                    dir.display()
+                ))
+            })?,
     };
     let Destination::Ssh { user, host, port } = Destination::parse(&destination)? else {
-        bail!("--destination must be a server (user@host: or ssh://user@host:port/); a local store needs no set-up");
+        return Err(Error::msg("--destination must be a server (user@host: or ssh://user@host:port/); a local store needs no set-up"));
     };
     let target = SshTarget {
         user: user.unwrap_or_else(|| DEFAULT_SSH_USER.into()),
@@ -95,11 +100,14 @@ fn setup(args: &SetupArgs) -> Result<()> {
         Some(h) => h.clone(),
         None => default_hostname()?,
     };
-    byteback_protocol::validate_host_name(&name).map_err(|e| anyhow!("host name: {e}"))?;
+    byteback_protocol::validate_host_name(&name)
+        .map_err(|e| Error::msg(format!("host name: {e}")))?;
     if !is_shell_word(&args.server_command) {
-        bail!("--server-command may contain only letters, digits and /._+-");
+        return Err(Error::msg(
+            "--server-command may contain only letters, digits and /._+-",
+        ));
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(&dir).on("cannot create", &dir)?;
     let key_path = args.ssh_key.clone().unwrap_or_else(|| dir.join("key"));
     if args.rotate_key {
         return rotate(args, &target, &name, &key_path);
@@ -167,10 +175,10 @@ fn pub_path(path: &Path) -> PathBuf {
 /// use already and the warning says what to remove by hand.
 fn rotate(args: &SetupArgs, target: &SshTarget, name: &str, key_path: &Path) -> Result<()> {
     if !key_path.exists() {
-        bail!(
+        return Err(Error::msg(format!(
             "no key {} to rotate; run byteback-setup-client without --rotate-key",
             key_path.display()
-        );
+        )));
     }
     let old = ssh::load_key(key_path)?;
     let old_public = public_line(&old)?;
@@ -178,7 +186,10 @@ fn rotate(args: &SetupArgs, target: &SshTarget, name: &str, key_path: &Path) -> 
     let new = ensure_key(&new_path)?;
     let new_public = public_line(&new)?;
     if new_public == old_public {
-        bail!("{} is the key in use already", new_path.display());
+        return Err(Error::msg(format!(
+            "{} is the key in use already",
+            new_path.display()
+        )));
     }
     let auth = match &args.admin_key {
         Some(p) => Auth::Key(p.clone()),
@@ -230,8 +241,7 @@ fn rotate(args: &SetupArgs, target: &SshTarget, name: &str, key_path: &Path) -> 
         Some(&old_public),
     ) {
         Ok(()) => {
-            std::fs::remove_file(&retired)
-                .with_context(|| format!("cannot remove {}", retired.display()))?;
+            std::fs::remove_file(&retired).on("cannot remove", &retired)?;
             let _ = std::fs::remove_file(pub_path(&retired));
             eprintln!("byteback-setup-client: done: the old key's line is gone from the server and its file removed");
             Ok(())
@@ -278,8 +288,12 @@ fn enrol_remote(
     }
     match status {
         Some(0) => Ok(()),
-        Some(n) => bail!("enrolment on the server failed (exit status {n})"),
-        None => bail!("enrolment on the server ended without an exit status"),
+        Some(n) => Err(Error::msg(format!(
+            "enrolment on the server failed (exit status {n})"
+        ))),
+        None => Err(Error::msg(
+            "enrolment on the server ended without an exit status",
+        )),
     }
 }
 
@@ -314,8 +328,7 @@ fn ensure_key(path: &Path) -> Result<PrivateKey> {
     let pem = key
         .to_openssh(LineEnding::LF)
         .context("cannot encode the key")?;
-    byteback_protocol::os::write_atomic(path, pem.as_bytes(), 0o600)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    byteback_protocol::os::write_atomic(path, pem.as_bytes(), 0o600).on("cannot write", path)?;
     let public = key.public_key().to_openssh()?;
     std::fs::write(pub_path(path), format!("{public}\n"))?;
     eprintln!(
@@ -355,7 +368,7 @@ fn password(target: &SshTarget) -> Result<String> {
     let _ = rustix::termios::tcsetattr(&tty, rustix::termios::OptionalActions::Now, &old);
     let _ = writeln!(tty);
     read?;
-    String::from_utf8(line).map_err(|_| anyhow!("the password is not UTF-8"))
+    String::from_utf8(line).map_err(|_| Error::msg("the password is not UTF-8"))
 }
 
 /// Writes `path` atomically unless it already holds `content`.
@@ -364,6 +377,6 @@ fn write_if_changed(path: &Path, content: &str) -> Result<()> {
         return Ok(());
     }
     byteback_protocol::os::write_atomic(path, content.as_bytes(), 0o644)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+        .on("cannot write", path)?;
     Ok(())
 }
