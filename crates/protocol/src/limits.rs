@@ -21,6 +21,15 @@ pub const MAX_PENDING: usize = 8192;
 /// to hold behind a file whose transfer is not finished yet; the client's flow
 /// control keeps below it and the server refuses a client that does not.
 pub const MAX_BUFFERED_BYTES: usize = 8 << 20;
+
+/// The one rule for entries waiting behind unfinished transfers: a window of
+/// `entries` entries costing `bytes` (see [`crate::Entry::buffer_cost`]) is
+/// within the caps. The client announces a batch only if the window with it
+/// is; the server refuses a client whose window is not ([`MAX_PENDING`],
+/// [`MAX_BUFFERED_BYTES`]).
+pub fn window_within_caps(entries: usize, bytes: usize) -> bool {
+    entries < MAX_PENDING && bytes <= MAX_BUFFERED_BYTES
+}
 /// Most extended attributes per entry.
 pub const MAX_XATTRS: usize = 256;
 /// Longest xattr name.

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::error::{bail, Result};
-use byteback_protocol::limits::{MAX_BATCH, MAX_BUFFERED_BYTES, MAX_PENDING};
+use byteback_protocol::limits::{window_within_caps, MAX_BATCH, MAX_BUFFERED_BYTES};
 use byteback_protocol::{ClientMsg, Entry};
 
 use super::shared::{lock, Batches, Shared};
@@ -47,9 +47,7 @@ impl Announcer {
             // Room under the caps, or nothing pending (a batch larger than
             // the caps still goes, alone).
             let mut f = self.shared.wait_flow(|f| {
-                f.window.is_empty()
-                    || (f.window.len() + n < MAX_PENDING
-                        && f.window_bytes + cost <= MAX_BUFFERED_BYTES)
+                f.window.is_empty() || window_within_caps(f.window.len() + n, f.window_bytes + cost)
             })?;
             let start = f.window_base + f.window.len() as u64;
             for (_, e) in &self.batch {

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use byteback_protocol::limits::{MAX_BUFFERED_BYTES, MAX_PENDING};
+use byteback_protocol::limits::{window_within_caps, MAX_BUFFERED_BYTES, MAX_PENDING};
 use byteback_protocol::ManifestEntry;
 
 use crate::error::{Error, Result};
@@ -37,7 +37,7 @@ impl Slots {
         // Entries behind an unfinished transfer wait here; the client's flow
         // control keeps this bounded and a client that ignores it is refused.
         self.bytes += cost;
-        if self.queue.len() >= MAX_PENDING || self.bytes > MAX_BUFFERED_BYTES {
+        if !window_within_caps(self.queue.len(), self.bytes) {
             return Err(Error::Refused(format!(
                 "client sent more than {MAX_PENDING} entries or {MAX_BUFFERED_BYTES} bytes behind unfinished transfers"
             )));
