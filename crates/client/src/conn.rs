@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{bail, err, Context, Error, IoContext, Result};
 use byteback_protocol::{
-    decode_server, escape_text, read_frame, validate_host_name, write_msg, ClientMsg,
+    decode_server, escape_text, read_frame, validate_host_name, write_client_msg, ClientMsg,
     ClientSession, ServerMsg, MAGIC, PROTOCOL_VERSION,
 };
 
@@ -143,7 +143,7 @@ impl ConnWriter {
     /// Queues one message (buffered).
     pub fn send(&mut self, msg: &ClientMsg) -> Result<()> {
         lock(&self.session).on_send(msg)?;
-        write_msg(&mut self.w, msg).map_err(|cause| Error::Connection {
+        write_client_msg(&mut self.w, msg).map_err(|cause| Error::Connection {
             op: "cannot write to the server",
             cause,
         })?;

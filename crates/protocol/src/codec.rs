@@ -44,11 +44,49 @@ fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtocolError> {
     Ok(msg)
 }
 
-/// Decodes and validates a client message from a frame payload.
+/// Decodes and validates a client message from a frame payload. A
+/// compressed batch of entries ([`ClientMsg::EntriesZ`]) comes back as the
+/// [`ClientMsg::Entries`] it holds (at most [`crate::limits::MAX_CHUNK`] bytes
+/// once decompressed; anything else inside is refused).
 pub fn decode_client(payload: &[u8]) -> Result<ClientMsg, ProtocolError> {
-    let msg: ClientMsg = decode(payload)?;
+    let msg: ClientMsg = match decode(payload)? {
+        ClientMsg::EntriesZ(z) => match decode(&z.decompress()?)? {
+            m @ ClientMsg::Entries(_) => m,
+            other => {
+                return Err(ProtocolError::Decode(format!(
+                    "a compressed batch holds {}, not Entries",
+                    other.name()
+                )))
+            }
+        },
+        m => m,
+    };
     msg.validate()?;
     Ok(msg)
+}
+
+/// Batches of entries whose encoding is at least this long go compressed.
+const COMPRESS_ENTRIES_FROM: usize = 1024;
+
+/// Writes a client message as one frame: [`write_msg`], except that a batch
+/// of entries of at least [`COMPRESS_ENTRIES_FROM`] bytes goes as a
+/// [`ClientMsg::EntriesZ`] when that is smaller.
+pub fn write_client_msg<W: Write>(w: &mut W, msg: &ClientMsg) -> Result<(), ProtocolError> {
+    if let ClientMsg::Entries(_) = msg {
+        let plain = encode(msg)?;
+        let body = &plain[4..];
+        if body.len() >= COMPRESS_ENTRIES_FROM && body.len() <= crate::limits::MAX_CHUNK {
+            let z = ClientMsg::EntriesZ(Compressed::compress(body, 3)?);
+            let packed = encode(&z)?;
+            if packed.len() < plain.len() {
+                w.write_all(&packed)?;
+                return Ok(());
+            }
+        }
+        w.write_all(&plain)?;
+        return Ok(());
+    }
+    write_msg(w, msg)
 }
 
 /// Decodes and validates a server message from a frame payload.
@@ -304,6 +342,72 @@ pub fn write_msg<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), Proto
 mod tests {
     use super::*;
     use crate::messages::*;
+
+    fn batch(n: usize) -> ClientMsg {
+        ClientMsg::Entries(
+            (0..n)
+                .map(|i| Entry {
+                    path: format!("srv/www/site/htdocs/images/{i:06}.png").into_bytes(),
+                    kind: Kind::File { size: i as u64 },
+                    mode: 0o644,
+                    uid: 33,
+                    gid: 33,
+                    mtime_sec: 1_700_000_000 + i as i64,
+                    mtime_nsec: 0,
+                    xattrs: vec![],
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_large_batch_goes_compressed_and_comes_back_as_entries() {
+        let msg = batch(1000);
+        let plain = encode(&msg).unwrap();
+        let mut wire = Vec::new();
+        write_client_msg(&mut wire, &msg).unwrap();
+        assert!(
+            wire.len() * 3 < plain.len(),
+            "{} vs {}",
+            wire.len(),
+            plain.len()
+        );
+        assert_eq!(decode_client(&wire[4..]).unwrap(), msg);
+        // A small batch and other messages go as they are.
+        let small = batch(2);
+        let mut wire = Vec::new();
+        write_client_msg(&mut wire, &small).unwrap();
+        assert_eq!(wire, encode(&small).unwrap());
+        let mut wire = Vec::new();
+        write_client_msg(&mut wire, &ClientMsg::Bye).unwrap();
+        assert_eq!(wire, encode(&ClientMsg::Bye).unwrap());
+    }
+
+    #[test]
+    fn a_compressed_batch_must_hold_valid_entries_within_the_caps() {
+        let wrap = |inner: &ClientMsg| {
+            let body = encode(inner).unwrap();
+            ClientMsg::EntriesZ(Compressed::compress(&body[4..], 3).unwrap())
+        };
+        // Anything but Entries inside is refused, a nested EntriesZ too.
+        let bye = wrap(&ClientMsg::Bye);
+        assert!(decode_client(&encode(&bye).unwrap()[4..]).is_err());
+        let nested = wrap(&wrap(&batch(3)));
+        assert!(decode_client(&encode(&nested).unwrap()[4..]).is_err());
+        // The entries inside are validated as any batch.
+        let ClientMsg::Entries(mut entries) = batch(3) else {
+            unreachable!()
+        };
+        entries[1].path = b"../escape".to_vec();
+        let bad = wrap(&ClientMsg::Entries(entries));
+        assert!(decode_client(&encode(&bad).unwrap()[4..]).is_err());
+        // A declared size over the cap is refused before decompressing.
+        let bomb = ClientMsg::EntriesZ(Compressed {
+            raw_len: (crate::limits::MAX_CHUNK + 1) as u32,
+            data: vec![0; 16],
+        });
+        assert!(decode_client(&encode(&bomb).unwrap()[4..]).is_err());
+    }
 
     #[test]
     fn round_trip_through_decoder() {

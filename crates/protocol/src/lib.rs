@@ -16,7 +16,9 @@ pub mod session;
 pub mod term;
 pub mod text;
 
-pub use codec::{decode_client, decode_server, encode, read_frame, write_msg, FrameDecoder};
+pub use codec::{
+    decode_client, decode_server, encode, read_frame, write_client_msg, write_msg, FrameDecoder,
+};
 pub use error::ProtocolError;
 pub use messages::*;
 pub use path::{compare_paths, validate_host_name, validate_path, validate_snapshot_name};
@@ -26,6 +28,7 @@ pub use text::{escape_bytes, escape_text};
 /// Protocol version spoken by this build; both peers must agree exactly.
 /// 2: new files cloned from stored ones with the same content ([`Need::twin`],
 /// [`ClientMsg::FileClone`], [`ServerMsg::SendData`], [`BackupStats::cloned`]).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: batches of entries may go zstd-compressed ([`ClientMsg::EntriesZ`]).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// First bytes of every session, so a stray shell banner is recognised at once.
 pub const MAGIC: [u8; 8] = *b"BYTEBAK\x01";

@@ -373,6 +373,11 @@ pub enum ClientMsg {
     Bye,
     /// List the host's snapshots with their kinds (and the kind of `current`).
     ListSnapshotKinds,
+    /// An [`ClientMsg::Entries`] message, zstd-compressed: the paths of a
+    /// batch share most of their bytes. Only on the wire: the decoder turns it
+    /// back into `Entries` (see [`crate::codec::decode_client`]), so nothing
+    /// after it, the session included, ever sees this variant.
+    EntriesZ(Compressed),
 }
 
 impl ClientMsg {
@@ -393,6 +398,7 @@ impl ClientMsg {
             ClientMsg::ReadFile { .. } => "ReadFile",
             ClientMsg::Bye => "Bye",
             ClientMsg::ListSnapshotKinds => "ListSnapshotKinds",
+            ClientMsg::EntriesZ(_) => "EntriesZ",
         }
     }
 
