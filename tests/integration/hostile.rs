@@ -1579,6 +1579,156 @@ fn new_files_written_in_place_are_never_committed_unverified() {
     assert_eq!(fs::read(env.current().join("d/g")).unwrap(), content);
 }
 
+/// Names in `dir/.byteback/sigs` (kept block signatures).
+fn kept_sigs(dir: &Path) -> BTreeSet<Vec<u8>> {
+    names_in(&dir.join(".byteback/sigs"))
+}
+
+/// Name of the kept signature of `content`.
+fn sig_name_of(content: &[u8]) -> Vec<u8> {
+    hash_bytes(content)
+        .iter()
+        .flat_map(|b| format!("{b:02x}").into_bytes())
+        .collect()
+}
+
+/// A file of at least 4 MiB gets its block signature kept beside the data,
+/// named by its BLAKE3, in `current` and in its snapshot; a changed file's
+/// signature is then served from there (not signed from the stored copy),
+/// and the old one goes at the commit. A kept signature is never trusted:
+/// one that is not the stored copy's (planted here, as damage would) only
+/// makes the delta fail its BLAKE3 and the file is resent whole; one of the
+/// wrong length is ignored and the stored copy signed instead.
+#[test]
+fn kept_signatures_are_the_contents_own_and_never_trusted() {
+    use byteback_delta::{diff_segment, signature, Signature};
+    let mut env = Env::new();
+    let t = fresh_mtime();
+    let mut rng = Rng::new(0x5165);
+    let old = rng.bytes(5 << 20);
+    let o = env.serve(
+        "big file stored",
+        &backup_script(&[(file_e(b"big", old.len(), t), Some(&old))]).bytes,
+    );
+    let snap1 = o.assert_backup_ok(1);
+    env.accept();
+    let only = |c: &[u8]| BTreeSet::from([sig_name_of(c)]);
+    assert_eq!(kept_sigs(&env.current()), only(&old));
+    let kept = |dir: &Path, c: &[u8]| {
+        let name = String::from_utf8(sig_name_of(c)).unwrap();
+        fs::read(dir.join(".byteback/sigs").join(name)).unwrap()
+    };
+    assert_eq!(kept(&env.current(), &old), signature(&old).0);
+    assert_eq!(kept(&env.host_dir().join(&snap1), &old), signature(&old).0);
+
+    // A changed file: the signature served is the kept one, and is right.
+    let edit = |base: &[u8], at: usize, rng: &mut Rng| {
+        let mut v = base.to_vec();
+        v[at..at + 4096].copy_from_slice(&rng.bytes(4096));
+        v
+    };
+    let sig_sent = |o: &Outcome| {
+        o.msgs.iter().find_map(|m| match m {
+            ServerMsg::Signature { sig, .. } => Some(sig.clone()),
+            _ => None,
+        })
+    };
+    let changed = |content: &[u8], m: i64, delta: Vec<u8>, resend: bool| {
+        let mut s = Script::backup()
+            .msg(&ClientMsg::Entries(vec![file_e(b"big", content.len(), m)]))
+            .msg(&ClientMsg::SigRequest { id: 0 })
+            .msg(&ClientMsg::FileData {
+                id: 0,
+                delta: Compressed::compress(&delta, 1).unwrap(),
+            })
+            .msg(&file_end(0, content, m));
+        if resend {
+            s = s.msg(&file_data(0, content)).msg(&file_end(0, content, m));
+        }
+        s.msg(&ClientMsg::BackupEnd)
+    };
+    let retried = |o: &Outcome| {
+        o.msgs
+            .iter()
+            .any(|m| matches!(m, ServerMsg::FileRetry { .. }))
+    };
+    let new = edit(&old, 1 << 20, &mut rng);
+    let delta = diff_segment(&Signature::parse(&signature(&old).0).unwrap(), &new).unwrap();
+    assert!(delta.len() < 64 << 10, "the delta copies little");
+    let o = env.serve("changed", &changed(&new, t + 1, delta, false).bytes);
+    let snap2 = o.assert_backup_ok(1);
+    env.accept();
+    assert_eq!(sig_sent(&o), Some(signature(&old).0), "{}", o.describe());
+    assert!(!retried(&o), "{}", o.describe());
+    assert_eq!(fs::read(env.current().join("big")).unwrap(), new);
+    assert_eq!(kept_sigs(&env.current()), only(&new), "the old one stayed");
+    assert_eq!(kept(&env.current(), &new), signature(&new).0);
+    assert_eq!(kept_sigs(&env.host_dir().join(&snap2)), only(&new));
+    assert_eq!(kept_sigs(&env.host_dir().join(&snap1)), only(&old));
+
+    // A planted signature (of other content of the same length) is what the
+    // server sends, so it is read from the store; the delta made against
+    // it copies blocks the stored copy does not hold, fails its BLAKE3, and
+    // the file is resent whole. Only the right content is committed.
+    let newer = edit(&new, 3 << 20, &mut rng);
+    let planted = signature(&newer).0;
+    let name = String::from_utf8(sig_name_of(&new)).unwrap();
+    // Replaced, not written through: snapshots share the inode without btrfs.
+    let replace = |path: &Path, bytes: &[u8]| {
+        let tmp = path.with_extension("test");
+        fs::write(&tmp, bytes).unwrap();
+        fs::rename(&tmp, path).unwrap();
+    };
+    replace(&env.current().join(".byteback/sigs").join(&name), &planted);
+    let delta = diff_segment(&Signature::parse(&planted).unwrap(), &newer).unwrap();
+    let o = env.serve(
+        "planted signature",
+        &changed(&newer, t + 2, delta, true).bytes,
+    );
+    o.assert_sane();
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    assert!(
+        matches!(
+            o.msgs.last(),
+            Some(ServerMsg::BackupDone {
+                snapshot: Some(_),
+                ..
+            })
+        ),
+        "{}",
+        o.describe()
+    );
+    env.accept();
+    assert_eq!(sig_sent(&o), Some(planted), "{}", o.describe());
+    assert!(
+        retried(&o),
+        "the wrong delta was not caught:\n{}",
+        o.describe()
+    );
+    assert_eq!(fs::read(env.current().join("big")).unwrap(), newer);
+    assert_eq!(kept_sigs(&env.current()), only(&newer));
+    assert_eq!(kept(&env.current(), &newer), signature(&newer).0);
+
+    // One of the wrong length is not used: the stored copy is signed.
+    let name = String::from_utf8(sig_name_of(&newer)).unwrap();
+    let path = env.current().join(".byteback/sigs").join(&name);
+    let mut short = fs::read(&path).unwrap();
+    short.truncate(short.len() - 12);
+    replace(&path, &short);
+    let last = edit(&newer, 0, &mut rng);
+    let delta = diff_segment(&Signature::parse(&signature(&newer).0).unwrap(), &last).unwrap();
+    let o = env.serve(
+        "short signature",
+        &changed(&last, t + 3, delta, false).bytes,
+    );
+    o.assert_backup_ok(1);
+    env.accept();
+    assert_eq!(sig_sent(&o), Some(signature(&newer).0), "{}", o.describe());
+    assert!(!retried(&o), "{}", o.describe());
+    assert_eq!(fs::read(env.current().join("big")).unwrap(), last);
+    assert_eq!(kept_sigs(&env.current()), only(&last));
+}
+
 /// The only file in `current/.byteback/partial` (a kept rebuild), if any.
 fn kept_partial(env: &Env) -> Option<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(env.current().join(".byteback/partial"))

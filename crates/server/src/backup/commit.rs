@@ -89,7 +89,8 @@ impl BackupReceiver {
             fsops::fsync(&self.meta).op("sync", || self.meta_path.display())?;
             self.work.marker = false;
         }
-        let new_path = || self.meta_file(b"manifest.new");
+        let new_shown = self.meta_file(b"manifest.new");
+        let new_path = || new_shown.as_str();
         let mut new = fsops::create_new(&self.meta, b"manifest.new")
             .and_then(ManifestWriter::new)
             .op("create", new_path)?;
@@ -105,6 +106,7 @@ impl BackupReceiver {
                     ))
                 })?;
                 new.push(&e).op("write", new_path)?;
+                self.sigs.note(&e);
             }
         }
         self.new = Some(new);
@@ -163,6 +165,9 @@ impl BackupReceiver {
             self.stats.deleted = deleted;
             self.work.touched |= deleted > 0;
         }
+        // Signatures of content no file has any more (before the sync, so
+        // no snapshot keeps them).
+        self.sigs.sweep()?;
         // Every transfer has ended: what is left of interrupted runs is
         // stale (its file is gone, unchanged or was sent whole), and no
         // partial may reach a snapshot.

@@ -38,6 +38,7 @@ mod apply;
 mod commit;
 mod decide;
 mod partial;
+mod sigs;
 mod sink;
 mod slots;
 mod sweep;
@@ -89,6 +90,9 @@ struct Transfer {
     /// How often writing it ran out of space.
     nospace_rounds: u8,
     writer: FileWriter,
+    /// Content hash of the stored copy that is the whole basis, when the
+    /// manifest vouches for it (its kept signature may be sent).
+    basis_hash: Option<[u8; 32]>,
 }
 
 /// One directory of the chain from `current` to the last entry.
@@ -180,6 +184,8 @@ pub struct BackupReceiver {
     clone_ok: bool,
     /// Stored content by hash, built from the old manifest when first needed.
     twins: Option<TwinIndex>,
+    /// Kept block signatures.
+    sigs: sigs::KeptSigs,
     /// Counters reported to the client.
     pub stats: BackupStats,
     /// Non-fatal problems to report.
@@ -242,6 +248,7 @@ impl BackupReceiver {
         }
         fsops::ensure_dir(&meta, PARTIAL, 0o700).op("create", || at(PARTIAL))?;
         let partial = fsops::open_dir(&meta, PARTIAL).op("open", || at(PARTIAL))?;
+        let sigs = sigs::KeptSigs::open(&meta, &meta_path)?;
         let manifest_path = meta_path.join("manifest");
         let mut warnings = vec![];
         let exists = |name: &[u8]| -> Result<bool> {
@@ -260,6 +267,7 @@ impl BackupReceiver {
         let mut rx = BackupReceiver {
             clone_ok: host.btrfs,
             twins: None,
+            sigs,
             current,
             meta,
             meta_path,
@@ -376,9 +384,11 @@ impl BackupReceiver {
     fn flush_slots(&mut self) -> Result<()> {
         while let Some(e) = self.slots.pop_ready() {
             match self.new.as_mut() {
-                Some(new) => new
-                    .push(&e)
-                    .op("write", || in_dir(&self.meta_path, b"manifest.new"))?,
+                Some(new) => {
+                    new.push(&e)
+                        .op("write", || in_dir(&self.meta_path, b"manifest.new"))?;
+                    self.sigs.note(&e);
+                }
                 // Equal to the old manifest's next entry (see `push_ready`).
                 None => self.work.unwritten += 1,
             }

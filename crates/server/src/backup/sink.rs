@@ -8,7 +8,9 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use byteback_delta::{apply_ops, DeltaError, FileHasher, PatchSink};
+use byteback_delta::{
+    apply_ops, block_size_for, DeltaError, FileHasher, PatchSink, SignatureBuilder, SignatureBytes,
+};
 use byteback_protocol::codec::ChunkDecompressor;
 use byteback_protocol::Compressed;
 
@@ -92,6 +94,9 @@ pub(super) struct FileWriter {
     /// Writing hit "no space left on device": the rest of its data is
     /// dropped, and its end asks for room and a resend.
     pub nospace: bool,
+    /// The block signature of what is written, for a file whose signature
+    /// is kept (see `sigs`), and the length it was started for.
+    sig: Option<(SignatureBuilder, u64)>,
 }
 
 /// Whether an I/O error means the filesystem (or a quota) is full.
@@ -100,7 +105,9 @@ pub(super) fn is_no_space(e: &io::Error) -> bool {
 }
 
 impl FileWriter {
-    pub fn new(out: File, basis: Option<Basis>) -> Self {
+    /// A writer into `out`; `sign`: also computes the block signature of
+    /// the file, expected to be that many bytes long.
+    pub fn new(out: File, basis: Option<Basis>, sign: Option<u64>) -> Self {
         FileWriter {
             out,
             basis,
@@ -109,7 +116,16 @@ impl FileWriter {
             hasher: FileHasher::new(),
             verified: None,
             nospace: false,
+            sig: sign.map(|len| (SignatureBuilder::new(len), len)),
         }
+    }
+
+    /// The block signature of the file written, when one was computed
+    /// and it is the signature of exactly `size` bytes (the block size
+    /// `size` implies). Call once the file is verified.
+    pub fn take_signature(&mut self, size: u64) -> Option<SignatureBytes> {
+        let (b, _) = self.sig.take()?;
+        (self.written == size && b.block_size() == block_size_for(size)).then(|| b.finish())
     }
 
     /// Applies one decompressed segment for the file `size` bytes long at
@@ -133,6 +149,7 @@ impl FileWriter {
             out: &self.out,
             pos: self.written,
             hasher: &mut self.hasher,
+            sig: self.sig.as_mut().map(|(b, _)| b),
             clone_ok: *clone_ok,
             applied: Applied::default(),
             buf: vec![],
@@ -172,6 +189,8 @@ impl FileWriter {
     /// twin, and `hash` was computed from `out` itself: [`Self::verify`]
     /// checks that instead of what went through the hasher.
     pub fn filled(&mut self, size: u64, hash: [u8; 32]) {
+        // The twin's signature, if kept, is this content's too.
+        self.sig = None;
         self.verified = Some(hash);
         self.written = size;
         self.flushed = size;
@@ -185,6 +204,9 @@ impl FileWriter {
         self.hasher = FileHasher::new();
         self.verified = None;
         self.basis = None;
+        if let Some((b, len)) = self.sig.as_mut() {
+            *b = SignatureBuilder::new(*len);
+        }
         self.out.set_len(0)
     }
 
@@ -243,6 +265,7 @@ struct FileSink<'a> {
     out: &'a File,
     pos: u64,
     hasher: &'a mut FileHasher,
+    sig: Option<&'a mut SignatureBuilder>,
     clone_ok: bool,
     applied: Applied,
     buf: Vec<u8>,
@@ -294,6 +317,9 @@ impl PatchSink for FileSink<'_> {
             self.buf.resize(n, 0);
             file.read_exact_at(&mut self.buf[..n], src)?;
             self.hasher.update(&self.buf[..n]);
+            if let Some(s) = self.sig.as_deref_mut() {
+                s.update(&self.buf[..n]);
+            }
             let dst = self.pos;
             let aligned = src.is_multiple_of(FS_BLOCK) && dst.is_multiple_of(FS_BLOCK);
             let clone_len = if aligned {
@@ -320,6 +346,9 @@ impl PatchSink for FileSink<'_> {
 
     fn literal(&mut self, data: &[u8]) -> Result<(), SinkError> {
         self.hasher.update(data);
+        if let Some(s) = self.sig.as_deref_mut() {
+            s.update(data);
+        }
         write_sparse_at(self.out, self.pos, data)?;
         self.pos += data.len() as u64;
         self.applied.literal += data.len() as u64;

@@ -25,12 +25,17 @@ impl BackupReceiver {
     /// read is dropped as a basis (with a warning): the client then sends
     /// the whole file, so an unreadable stored file is resent, never fatal.
     pub fn signature(&mut self, id: u32) -> Result<Vec<u8>> {
-        let t = self.transfer(id)?;
+        let t = self.transfers.get(&id).ok_or_else(|| unknown(id))?;
         let basis = t
             .writer
             .basis
             .as_ref()
             .ok_or_else(|| Error::Refused(format!("transfer {id} has no basis")))?;
+        if let (Some(hash), [_]) = (&t.basis_hash, &basis.parts[..]) {
+            if let Some(sig) = self.sigs.load(hash, basis.len()) {
+                return Ok(sig);
+            }
+        }
         match sign(basis) {
             Ok(sig) => Ok(sig),
             Err(e) => {
@@ -95,6 +100,7 @@ impl BackupReceiver {
         }
         let mut t = self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
         let shown_path = || shown(&t.entry.path);
+        let sig = t.writer.take_signature(size);
         drop(t.writer.finish(size, mtime).op("finish", shown_path)?);
         t.entry.kind = Kind::File { size };
         t.entry.mtime_sec = mtime.0;
@@ -105,6 +111,11 @@ impl BackupReceiver {
         if t.has_prev {
             let prev = prev_name(&t.partial);
             fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
+        }
+        if let Some(sig) = sig {
+            if let Some(w) = self.sigs.keep(&hash, size, sig) {
+                self.warnings.push(w);
+            }
         }
         self.stats.files_transferred += 1;
         let cost = t.entry.buffer_cost();

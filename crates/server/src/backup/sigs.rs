@@ -1,0 +1,268 @@
+//! Block signatures kept beside the data, so a changed file's signature is
+//! sent at once instead of after reading and signing its whole stored copy.
+//!
+//! The server signs every file of at least [`KEEP_MIN`] bytes while it
+//! writes it (the sink sees every byte of the new file: literal data and
+//! ranges copied from the basis alike) and, once the file is verified,
+//! keeps the signature at `.byteback/sigs/<BLAKE3 of the content, hex>`
+//! inside `current`, so every snapshot carries the signatures of its own
+//! files. Content-addressed, a kept signature never changes: two files with
+//! the same content share one, and a new version of a file gets a new name.
+//! The commit of a changed backup removes the signatures no file of the new
+//! manifest has.
+//!
+//! A kept signature is used only for a stored copy that is known to hold the
+//! manifest's content (`current` was clean, and the copy has the manifest's
+//! size) and only when it has the exact length and header the content's
+//! length implies; anything else is signed from the data as before. A wrong
+//! signature can only cost bandwidth: the file is verified against the
+//! client's BLAKE3 before it is committed and sent again whole if it fails.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+
+use byteback_delta::{block_size_for, SignatureBytes, STRONG_HASH_LEN};
+use byteback_protocol::{Kind, ManifestEntry};
+
+use super::in_dir;
+use crate::error::{IoContext, Result};
+use crate::fsops;
+
+/// Directory in `.byteback` of kept signatures.
+pub(super) const SIGS: &[u8] = b"sigs";
+/// Files at least this long get their signature kept (a smaller one is
+/// signed in the time it takes to read it; its signature would cost up to
+/// 1.2 % of its size on disc).
+pub(super) const KEEP_MIN: u64 = 4 << 20;
+/// Content hashes of the new manifest remembered for the sweep (48 bytes
+/// or so each). Beyond that the sweep is skipped: stale signatures only
+/// cost disc space until a later commit removes them.
+const MAX_REFERENCED: usize = 1 << 18;
+/// librsync's MD4 signature magic, as the delta crate writes it.
+const MAGIC: u32 = 0x7273_0136;
+/// Magic, block size and strong hash length.
+const HEADER_LEN: u64 = 12;
+/// Rolling checksum and strong hash of one block.
+const ENTRY_LEN: u64 = 4 + STRONG_HASH_LEN as u64;
+/// Suffix of a signature being written.
+const TMP: &[u8] = b".tmp";
+
+/// `.byteback/sigs` of `current`, and the hashes the new manifest names.
+pub(super) struct KeptSigs {
+    dir: OwnedFd,
+    /// Path of `dir`, for messages.
+    path: std::path::PathBuf,
+    referenced: HashSet<[u8; 32]>,
+    /// More hashes than [`MAX_REFERENCED`]: no sweep this time.
+    overflow: bool,
+    /// A signature could not be written (warned about once).
+    write_failed: bool,
+    /// Signatures sent from the store instead of signing the stored copy.
+    pub reused: u64,
+}
+
+/// Serialized length of the signature of `len` bytes.
+fn expected_len(len: u64) -> u64 {
+    HEADER_LEN + len.div_ceil(u64::from(block_size_for(len))) * ENTRY_LEN
+}
+
+fn expected_header(len: u64) -> [u8; HEADER_LEN as usize] {
+    let mut h = [0; HEADER_LEN as usize];
+    h[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+    h[4..8].copy_from_slice(&block_size_for(len).to_be_bytes());
+    h[8..12].copy_from_slice(&STRONG_HASH_LEN.to_be_bytes());
+    h
+}
+
+/// File name of the signature of content `hash`.
+pub(super) fn sig_name(hash: &[u8; 32]) -> Vec<u8> {
+    let mut s = Vec::with_capacity(64);
+    for b in hash {
+        s.extend_from_slice(format!("{b:02x}").as_bytes());
+    }
+    s
+}
+
+/// Whether a file of this size gets its signature kept.
+pub(super) fn keeps(size: u64) -> bool {
+    size >= KEEP_MIN
+}
+
+impl KeptSigs {
+    /// Opens (creating it if needed) `.byteback/sigs` in `meta`, the
+    /// directory at `meta_path`.
+    pub fn open(meta: &OwnedFd, meta_path: &std::path::Path) -> Result<Self> {
+        let path = std::path::PathBuf::from(in_dir(meta_path, SIGS));
+        fsops::ensure_dir(meta, SIGS, 0o700).op("create", || path.display())?;
+        let dir = fsops::open_dir(meta, SIGS).op("open", || path.display())?;
+        Ok(KeptSigs {
+            dir,
+            path,
+            referenced: HashSet::new(),
+            overflow: false,
+            write_failed: false,
+            reused: 0,
+        })
+    }
+
+    /// Records an entry of the new manifest (its signature stays).
+    pub fn note(&mut self, me: &ManifestEntry) {
+        if self.overflow {
+            return;
+        }
+        if let Kind::File { size } = me.entry.kind {
+            if keeps(size) {
+                if self.referenced.len() >= MAX_REFERENCED {
+                    self.overflow = true;
+                    self.referenced = HashSet::new();
+                } else {
+                    self.referenced.insert(me.hash);
+                }
+            }
+        }
+    }
+
+    /// The kept signature of content `hash`, `len` bytes long, if there is
+    /// one of exactly the length and header that length implies.
+    pub fn load(&mut self, hash: &[u8; 32], len: u64) -> Option<Vec<u8>> {
+        if !keeps(len) {
+            return None;
+        }
+        let f = fsops::open_file(&self.dir, &sig_name(hash)).ok()?;
+        let want = expected_len(len);
+        if f.metadata().ok()?.len() != want {
+            return None;
+        }
+        let mut sig = vec![0u8; usize::try_from(want).ok()?];
+        f.read_exact_at(&mut sig, 0).ok()?;
+        if sig.get(..HEADER_LEN as usize)? != expected_header(len) {
+            return None;
+        }
+        self.reused += 1;
+        Some(sig)
+    }
+
+    /// Keeps `sig`, the signature of content `hash` (`len` bytes), unless
+    /// one is kept already. A failure is returned once as a warning to
+    /// give (the next backup signs the stored copy instead).
+    pub fn keep(&mut self, hash: &[u8; 32], len: u64, sig: SignatureBytes) -> Option<String> {
+        if sig.as_bytes().len() as u64 != expected_len(len) {
+            return None; // not the signature of `len` bytes: nothing to keep
+        }
+        let name = sig_name(hash);
+        match self.write(&name, sig.as_bytes()) {
+            Ok(()) => None,
+            Err(e) if !self.write_failed => {
+                self.write_failed = true;
+                Some(format!(
+                    "cannot keep a block signature in {} ({e}); the next backup of a changed \
+                     file reads its stored copy to sign it instead",
+                    self.path.display()
+                ))
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn write(&self, name: &[u8], sig: &[u8]) -> io::Result<()> {
+        if let Some(st) = fsops::lstat_at(&self.dir, name)? {
+            if st.st_size as u64 == sig.len() as u64 {
+                return Ok(()); // the same content's, kept before
+            }
+        }
+        let tmp = [name, TMP].concat();
+        fsops::remove_any(&self.dir, &tmp)?;
+        let f: File = fsops::create_new(&self.dir, &tmp)?;
+        let written = f.write_all_at(sig, 0);
+        drop(f);
+        if let Err(e) = written {
+            let _ = fsops::remove_any(&self.dir, &tmp);
+            return Err(e);
+        }
+        // Made durable by the commit's sync, like the file itself.
+        fsops::replace(&self.dir, &tmp, &self.dir, name)
+    }
+
+    /// Removes the signatures no entry of the new manifest has (and what
+    /// interrupted writes left). Returns how many went.
+    pub fn sweep(&mut self) -> Result<u64> {
+        if self.overflow {
+            tracing::info!(
+                "more than {MAX_REFERENCED} large files: stale block signatures are not swept"
+            );
+            return Ok(0);
+        }
+        let names = fsops::list_dir(&self.dir).op("list", || self.path.display())?;
+        let mut removed = 0;
+        for n in names {
+            if !self.names_referenced(&n) {
+                let shown = || {
+                    self.path
+                        .join(String::from_utf8_lossy(&n).as_ref())
+                        .display()
+                        .to_string()
+                };
+                fsops::remove_any(&self.dir, &n).op("remove", shown)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Whether `name` is the signature of a hash the new manifest names.
+    fn names_referenced(&self, name: &[u8]) -> bool {
+        parse_name(name).is_some_and(|h| self.referenced.contains(&h))
+    }
+}
+
+/// The content hash a signature's file name spells, if it is one.
+fn parse_name(name: &[u8]) -> Option<[u8; 32]> {
+    if name.len() != 64 {
+        return None;
+    }
+    let mut h = [0u8; 32];
+    for (i, pair) in name.chunks(2).enumerate() {
+        let hex = std::str::from_utf8(pair).ok()?;
+        if hex.bytes().any(|c| !matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+            return None;
+        }
+        h[i] = u8::from_str_radix(hex, 16).ok()?;
+    }
+    Some(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_only_lowercase_hex_of_64_parses() {
+        let h: [u8; 32] = std::array::from_fn(|i| (i * 37 + 5) as u8);
+        let n = sig_name(&h);
+        assert_eq!(n.len(), 64);
+        assert_eq!(parse_name(&n), Some(h));
+        assert_eq!(parse_name(&[&n[..], TMP].concat()), None);
+        assert_eq!(parse_name(&n.to_ascii_uppercase()), None);
+        assert_eq!(parse_name(&n[..63]), None);
+        assert_eq!(parse_name(b""), None);
+    }
+
+    #[test]
+    fn expected_length_and_header_are_those_of_a_real_signature() {
+        for len in [
+            KEEP_MIN,
+            KEEP_MIN + 1,
+            16 << 20,
+            (16 << 20) + 4097,
+            40 << 20,
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let sig = byteback_delta::signature(&data);
+            assert_eq!(sig.as_bytes().len() as u64, expected_len(len), "len {len}");
+            assert_eq!(sig.as_bytes()[..12], expected_header(len), "len {len}");
+        }
+    }
+}
