@@ -383,6 +383,13 @@ fn first_backup(
     bytes: u64,
 ) -> Row {
     let mut row = Row::new(id, desc, bytes);
+    let c = bench.ceilings(src);
+    eprintln!(
+        "e2e: {id} ceilings: cp -a + sync {:.2} s, channel {:.2} s",
+        c.fs.as_secs_f64(),
+        c.channel.as_secs_f64()
+    );
+    row.ceiling = Some(c);
     for i in 0..runs {
         for tool in order(i) {
             bench.reset(tool);

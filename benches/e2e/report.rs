@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::tools::{Sample, Tool};
+use crate::tools::{Ceiling, Sample, Tool};
 
 /// All runs of one workload.
 pub struct Row {
@@ -13,6 +13,8 @@ pub struct Row {
     pub bytes: u64,
     pub byteback: Vec<Sample>,
     pub rsync: Vec<Sample>,
+    /// The machine's limits for this workload (first backups only).
+    pub ceiling: Option<Ceiling>,
 }
 
 /// Median (of the middle pair's mean for an even count) of `v`.
@@ -84,6 +86,7 @@ impl Row {
             bytes,
             byteback: vec![],
             rsync: vec![],
+            ceiling: None,
         }
     }
 
@@ -325,6 +328,37 @@ pub fn table(rows: &[Row], goals: &[Goal]) -> String {
             ratio(b.space, s.space)
         );
     }
+    let with_ceiling: Vec<&Row> = rows.iter().filter(|r| r.ceiling.is_some()).collect();
+    if !with_ceiling.is_empty() {
+        let _ = writeln!(
+            t,
+            "\nCeilings (one cold-cache run each): the filesystem's, `cp -a --reflink=never` of the \
+             tree into the same filesystem plus `sync`; the channel's, the tree as a tar stream \
+             through the transport into `cat >/dev/null`. \"of ceiling\" is the larger one's time \
+             over the tool's (1.00 = as fast as the machine allows).\n"
+        );
+        let _ = writeln!(
+            t,
+            "| workload | cp -a + sync s | channel s | byteback s | byteback of ceiling | rsync s | rsync of ceiling |"
+        );
+        let _ = writeln!(t, "|---|---|---|---|---|---|---|");
+        for r in with_ceiling {
+            let Some(c) = r.ceiling else { continue };
+            let (b, s) = (r.bb(), r.rs());
+            let top = secs(c.wall());
+            let _ = writeln!(
+                t,
+                "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                r.id,
+                secs(c.fs),
+                secs(c.channel),
+                b.wall,
+                ratio(top, b.wall),
+                s.wall,
+                ratio(top, s.wall)
+            );
+        }
+    }
     let _ = writeln!(t, "\n| goal | target | measured | met |");
     let _ = writeln!(t, "|---|---|---|---|");
     for g in goals {
@@ -449,8 +483,18 @@ pub fn json(
         .iter()
         .map(|r| {
             let (b, s) = (r.bb(), r.rs());
+            let ceiling = match r.ceiling {
+                Some(c) => format!(
+                    "{{\"cp_a_sync_s\":{},\"channel_s\":{},\"byteback_fraction\":{},\"rsync_fraction\":{}}}",
+                    js_f(secs(c.fs)),
+                    js_f(secs(c.channel)),
+                    js_f(ratio(secs(c.wall()), b.wall)),
+                    js_f(ratio(secs(c.wall()), s.wall))
+                ),
+                None => "null".into(),
+            };
             format!(
-                "{{\"id\":{},\"description\":{},\"source_bytes\":{},\"byteback\":{{\"summary\":{},\"runs\":{}}},\"rsync\":{{\"summary\":{},\"runs\":{}}},\"ratios_byteback_over_rsync\":{{\"wall\":{},\"cpu\":{},\"peak_rss\":{},\"wire\":{},\"space\":{}}}}}",
+                "{{\"id\":{},\"ceiling\":{ceiling},\"description\":{},\"source_bytes\":{},\"byteback\":{{\"summary\":{},\"runs\":{}}},\"rsync\":{{\"summary\":{},\"runs\":{}}},\"ratios_byteback_over_rsync\":{{\"wall\":{},\"cpu\":{},\"peak_rss\":{},\"wire\":{},\"space\":{}}}}}",
                 js(&r.id),
                 js(&r.desc),
                 r.bytes,

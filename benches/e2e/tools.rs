@@ -102,6 +102,13 @@ impl Transport {
         }
     }
 
+    /// Removes what a wrapped server side recorded, if it did.
+    fn server_usage_if_any(&self, name: &str) {
+        if let Transport::Ssh(s) = self {
+            let _ = fs::remove_file(s.stats_dir.join(name));
+        }
+    }
+
     /// Reads (and removes) what a wrapped server side recorded.
     fn server_usage(&self, name: &str) -> Option<Usage> {
         let Transport::Ssh(s) = self else {
@@ -191,6 +198,22 @@ impl Sample {
 }
 
 /// Everything the harness needs to run either tool.
+/// What the machine allows for a first backup (see [`Bench::ceilings`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Ceiling {
+    /// `cp -a` plus `sync` of the tree on the same filesystem.
+    pub fs: Duration,
+    /// The tree's bytes through the channel (pipe or ssh).
+    pub channel: Duration,
+}
+
+impl Ceiling {
+    /// The binding one: the larger of the two.
+    pub fn wall(&self) -> Duration {
+        self.fs.max(self.channel)
+    }
+}
+
 pub struct Bench {
     pub fs: LoopFs,
     pub transport: Transport,
@@ -351,6 +374,57 @@ impl Bench {
             server_cpu: Some(server.cpu()),
             wire_bytes: relay.to_server + relay.to_client,
             space_added: 0,
+        }
+    }
+
+    /// The machine's ceilings for a first backup of `src`, each timed once
+    /// from a cold cache: the filesystem's (`cp -a` of the tree into the
+    /// same filesystem, without reflinks, then `sync`) and the channel's
+    /// (the tree's bytes as a tar stream through what carries the backup:
+    /// a pipe, or `ssh` with the same cipher into `cat >/dev/null`).
+    pub fn ceilings(&mut self, src: &Path) -> Ceiling {
+        let dest = self.fs.mount.join("ceiling");
+        self.fs.remove_tree(&dest);
+        measure::drop_caches();
+        let mut cp = Command::new("sh");
+        cp.arg("-c")
+            .arg("cp -a --reflink=never \"$1\" \"$2\" && sync")
+            .arg("sh")
+            .arg(src)
+            .arg(&dest);
+        let copied = run_measured(&mut cp);
+        if !copied.success() {
+            panic!("cp -a failed:\n{}", copied.describe(&cp));
+        }
+        self.fs.remove_tree(&dest);
+        let sink = match &self.transport {
+            Transport::Local => "cat >/dev/null".to_string(),
+            Transport::Ssh(s) => format!(
+                "ssh -p {} -i {} -c {SSH_CIPHER} -o BatchMode=yes -o IdentitiesOnly=yes \
+                 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR \
+                 {}@127.0.0.1 'cat >/dev/null'",
+                s.port,
+                s.rs_key.display(),
+                s.user
+            ),
+        };
+        measure::drop_caches();
+        let mut tar = Command::new("bash");
+        tar.arg("-o")
+            .arg("pipefail")
+            .arg("-c")
+            .arg(format!("tar -C \"$1\" -cf - . | {sink}"))
+            .arg("bash")
+            .arg(src);
+        let sent = run_measured(&mut tar);
+        if !sent.success() {
+            panic!("tar | channel failed:\n{}", sent.describe(&tar));
+        }
+        // The wrapped forced command left its stats: not needed here.
+        let _ = self.transport.server_usage_if_any("server-rs");
+        Ceiling {
+            fs: copied.wall,
+            channel: sent.wall,
         }
     }
 
