@@ -103,7 +103,7 @@ impl Transport {
     }
 
     /// Removes what a wrapped server side recorded, if it did.
-    fn server_usage_if_any(&self, name: &str) {
+    fn drop_server_usage(&self, name: &str) {
         if let Transport::Ssh(s) = self {
             let _ = fs::remove_file(s.stats_dir.join(name));
         }
@@ -421,7 +421,7 @@ impl Bench {
             panic!("tar | channel failed:\n{}", sent.describe(&tar));
         }
         // The wrapped forced command left its stats: not needed here.
-        let _ = self.transport.server_usage_if_any("server-rs");
+        self.transport.drop_server_usage("server-rs");
         Ceiling {
             fs: copied.wall,
             channel: sent.wall,
