@@ -150,6 +150,7 @@ impl FileWriter {
             pos: self.written,
             hasher: &mut self.hasher,
             sig: self.sig.as_mut().map(|(b, _)| b),
+            sig_lost: false,
             clone_ok: *clone_ok,
             applied: Applied::default(),
             buf: vec![],
@@ -157,6 +158,9 @@ impl FileWriter {
         let result = apply_ops(raw, basis_len, limit, &mut sink);
         let (pos, applied) = (sink.pos, sink.applied);
         *clone_ok = sink.clone_ok;
+        if sink.sig_lost {
+            self.sig = None;
+        }
         match result {
             Err(SinkError::Io(e)) if is_no_space(&e) => {
                 self.nospace = true;
@@ -259,6 +263,56 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
     }
 }
 
+/// Bytes from which signing goes to a second thread, beside the hashing.
+const SIGN_APART_MIN: usize = 256 << 10;
+
+/// Feeds `data` to the file's hash and, if it is kept, its signature.
+/// False when the signature missed it (see [`hash_sign_and`]).
+fn hash_and_sign(hasher: &mut FileHasher, sig: Option<&mut SignatureBuilder>, data: &[u8]) -> bool {
+    hash_sign_and(hasher, sig, data, || ()).1
+}
+
+/// [`hash_and_sign`] while `then` runs (writing the same bytes): with
+/// enough bytes, the signature is computed on a second thread meanwhile,
+/// so a large file costs this thread its hash and write only (the MD4 of
+/// a signature costs about as much as the BLAKE3). The flag is false when
+/// no thread could be started: the signature then missed `data` and must
+/// not be kept.
+fn hash_sign_and<R>(
+    hasher: &mut FileHasher,
+    sig: Option<&mut SignatureBuilder>,
+    data: &[u8],
+    then: impl FnOnce() -> R,
+) -> (R, bool) {
+    let Some(sig) = sig else {
+        hasher.update(data);
+        return (then(), true);
+    };
+    if data.len() < SIGN_APART_MIN {
+        sig.update(data);
+        hasher.update(data);
+        return (then(), true);
+    }
+    std::thread::scope(|s| {
+        let signer = std::thread::Builder::new()
+            .name("byteback-sign".into())
+            .spawn_scoped(s, || sig.update(data));
+        hasher.update(data);
+        let r = then();
+        match signer {
+            // A panic in the signer is re-raised here, as it would be inline.
+            Ok(h) => match h.join() {
+                Ok(()) => (r, true),
+                Err(p) => std::panic::resume_unwind(p),
+            },
+            Err(e) => {
+                tracing::warn!("no thread to sign with ({e}): this file's signature is not kept");
+                (r, false)
+            }
+        }
+    })
+}
+
 /// Writes patch output into the file being received.
 struct FileSink<'a> {
     basis: Option<&'a Basis>,
@@ -266,6 +320,8 @@ struct FileSink<'a> {
     pos: u64,
     hasher: &'a mut FileHasher,
     sig: Option<&'a mut SignatureBuilder>,
+    /// The signature missed some bytes: it is not kept.
+    sig_lost: bool,
     clone_ok: bool,
     applied: Applied,
     buf: Vec<u8>,
@@ -316,9 +372,9 @@ impl PatchSink for FileSink<'_> {
             let n = (len - done).min(left).min(IO_CHUNK as u64) as usize;
             self.buf.resize(n, 0);
             file.read_exact_at(&mut self.buf[..n], src)?;
-            self.hasher.update(&self.buf[..n]);
-            if let Some(s) = self.sig.as_deref_mut() {
-                s.update(&self.buf[..n]);
+            if !hash_and_sign(self.hasher, self.sig.as_deref_mut(), &self.buf[..n]) {
+                self.sig = None;
+                self.sig_lost = true;
             }
             let dst = self.pos;
             let aligned = src.is_multiple_of(FS_BLOCK) && dst.is_multiple_of(FS_BLOCK);
@@ -345,11 +401,15 @@ impl PatchSink for FileSink<'_> {
     }
 
     fn literal(&mut self, data: &[u8]) -> Result<(), SinkError> {
-        self.hasher.update(data);
-        if let Some(s) = self.sig.as_deref_mut() {
-            s.update(data);
+        let (out, pos) = (self.out, self.pos);
+        let (written, signed) = hash_sign_and(self.hasher, self.sig.as_deref_mut(), data, || {
+            write_sparse_at(out, pos, data)
+        });
+        if !signed {
+            self.sig = None;
+            self.sig_lost = true;
         }
-        write_sparse_at(self.out, self.pos, data)?;
+        written?;
         self.pos += data.len() as u64;
         self.applied.literal += data.len() as u64;
         Ok(())
