@@ -259,7 +259,8 @@ fn send_segments(
         // The file's last piece (or it ended early): everything goes.
         let last = got < want || read_total >= size;
         let counted = bufs.out.counted;
-        let (c, used) = encode_segment(shared, sig, bufs, &plan, last, &mut hasher, &mut carry);
+        let piece = Piece { at: total, last };
+        let (c, used) = encode_segment(shared, sig, bufs, &plan, piece, &mut hasher, &mut carry);
         let c = c?;
         shared
             .wire
@@ -273,6 +274,16 @@ fn send_segments(
     Ok(Some((total, hasher.finish())))
 }
 
+/// Where a segment's data lies in the file.
+#[derive(Clone, Copy)]
+struct Piece {
+    /// File offset of its first byte (the delta's aligned fast path lines
+    /// the data up with the basis's blocks from there).
+    at: u64,
+    /// The file's last piece: all of its data goes.
+    last: bool,
+}
+
 /// Turns one segment's data into its compressed delta against `sig`, or a
 /// literal without a basis, hashing the bytes it covers and keeping the rest
 /// in `carry`. Gives back every buffer but the compressed one. Returns the
@@ -282,7 +293,7 @@ fn encode_segment(
     sig: Option<&Signature>,
     bufs: SegmentBufs,
     plan: &Plan,
-    last: bool,
+    Piece { at, last }: Piece,
     hasher: &mut FileHasher,
     carry: &mut Vec<u8>,
 ) -> (Result<Compressed>, usize) {
@@ -296,7 +307,7 @@ fn encode_segment(
     let encoded = match (sig, delta) {
         (Some(s), Some(mut d)) => {
             let target = if last { n } else { plan.seg.min(n) };
-            let r = diff_window_into(s, &data.buf, target, &mut d.buf)
+            let r = diff_window_into(s, &data.buf, Some(at), target, &mut d.buf)
                 .map_err(Error::from)
                 .and_then(|used| Ok((compress(&d.buf, out.buf)?, used)));
             shared.pool.give_back(d);
