@@ -78,32 +78,36 @@ pub fn diff_segment_into(
 /// inserted bytes, not a block per segment. With `want >= window.len()`
 /// (the file's last piece) the delta covers the whole window.
 ///
-/// `at` is where `window` starts in the new file, if known. When it is a
-/// multiple of the block size, the *aligned fast path* runs first: block
-/// `k` of the window is compared with basis block `at / block_size + k`,
-/// hashing the window's blocks in chunks with fast_rsync's (SIMD) signature
-/// code and comparing each entry (rolling checksum and strong hash, the
-/// very criterion of a match in [`diff_segment`]) with the basis's. Runs of
-/// equal blocks become COPY ops at the same offset; the bytes between them
+/// `lined_up` is the basis offset the window's data is expected to line up
+/// with, if any: for a file edited in place the window's offset in the new
+/// file; after a piece whose delta ended with a copy, where that copy ended
+/// in the basis ([`copy_end`]), so that data shifted by an insertion lines
+/// up again from the next piece on. When it is a multiple of the block
+/// size, the *aligned fast path* runs first: block `k` of the window is
+/// compared with basis block `lined_up / block_size + k`, hashing the
+/// window's blocks in chunks with fast_rsync's (SIMD) signature code and
+/// comparing each entry (rolling checksum and strong hash: the very
+/// criterion of a match in [`diff_segment`]) with the basis's. Runs of equal
+/// blocks become COPY ops (adjacent ones merged); the bytes between them
 /// (changed blocks) and after the last run are diffed as by
-/// [`diff_segment`], so moved data there is still found. This makes a file
-/// edited in place much cheaper to diff than rolling through every block.
-/// Data that does not line up costs one small chunk of hashing: when the
-/// first chunk has no match at all, or a later one none, the rest of the
-/// window is diffed the plain way. With `at = None`, or an `at` that is not
-/// a multiple of the block size, the window is diffed the plain way only.
-/// A wrong `at` costs time, never correctness.
+/// [`diff_segment`], so moved data there is still found. A file edited in
+/// place is so diffed several times faster than by rolling through every
+/// block. Data that does not line up costs one small chunk of hashing: when
+/// the first chunk has no match at all, or a later one none, the rest of the
+/// window is diffed the plain way. With `None`, or an offset that is not a
+/// multiple of the block size, the window is diffed the plain way only. A
+/// wrong `lined_up` costs time, never correctness.
 ///
 /// `out` is cleared first; the delta in it is a valid delta of
 /// `window[..n]` (librsync format, as [`diff_segment`]).
 pub fn diff_window_into(
     sig: &Signature,
     window: &[u8],
-    at: Option<u64>,
+    lined_up: Option<u64>,
     want: usize,
     out: &mut Vec<u8>,
 ) -> Result<usize, DeltaError> {
-    let aligned = match at {
+    let aligned = match lined_up {
         Some(at) => diff_aligned(sig, window, at, out)?,
         None => false,
     };
@@ -132,6 +136,16 @@ pub fn diff_window_into(
     out.truncate(cut);
     out.push(OP_END);
     Ok(produced)
+}
+
+/// Where the data after `delta` is expected to continue in the basis: the
+/// end of its last op if that is a COPY (`offset + len`), else `None` (also
+/// for a malformed delta). See [`diff_window_into`]'s `lined_up`.
+pub fn copy_end(delta: &[u8]) -> Option<u64> {
+    match ops(delta).last()? {
+        Ok(Op::Copy { offset, len }) => offset.checked_add(len),
+        _ => None,
+    }
 }
 
 /// Blocks hashed in the aligned fast path's first chunk: small, so a window
@@ -749,11 +763,13 @@ mod tests {
     fn windowed(basis: &[u8], new: &[u8], seg: usize, look: usize, fast: bool) -> (Vec<u8>, usize) {
         let sig = Signature::parse(crate::signature(basis).as_bytes()).expect("sig");
         let (mut pos, mut rebuilt, mut wire, mut d) = (0, vec![], 0, vec![]);
+        let mut lined_up = 0;
         while pos < new.len() {
             let end = (pos + seg + look).min(new.len());
             let want = if end == new.len() { end - pos } else { seg };
-            let at = fast.then_some(pos as u64);
+            let at = fast.then_some(lined_up);
             let n = diff_window_into(&sig, &new[pos..end], at, want, &mut d).expect("diff");
+            lined_up = copy_end(&d).unwrap_or(lined_up + n as u64);
             assert!(n >= want.min(end - pos) && n <= end - pos, "piece {n}");
             let out = apply_to_vec(basis, &d, n as u64).expect("apply");
             assert_eq!(out, &new[pos..pos + n], "piece at {pos}");

@@ -5,8 +5,9 @@
 //! up to ~256 KiB stay cheap to generate and shrink.
 
 use byteback_delta::{
-    apply_ops, apply_to_vec, block_size_for, diff_segment, diff_window_into, literal_delta, ops,
-    signature, DeltaError, Op, PatchSink, Signature, SignatureBuilder, MAX_SIG_BLOCKS,
+    apply_ops, apply_to_vec, block_size_for, copy_end, diff_segment, diff_window_into,
+    literal_delta, ops, signature, DeltaError, Op, PatchSink, Signature, SignatureBuilder,
+    MAX_SIG_BLOCKS,
 };
 use proptest::prelude::*;
 
@@ -224,26 +225,30 @@ struct Piece {
 
 /// What the client does: a first piece of `first` bytes, then pieces of
 /// `seg`, each diffed with up to `look` bytes of look-ahead and starting
-/// where the last one's delta ended; `hint` gives the `at` passed for a
-/// piece at a file offset. Checks every piece's delta and the semantics of
-/// `n` (documented on `diff_window_into`) and returns the pieces.
+/// where the last one's delta ended. `hint(offset, lined_up)` gives the
+/// `lined_up` passed for a piece at a file offset, given the one the client
+/// would pass (tracked with `copy_end`). Checks every piece's delta and the
+/// semantics of `n` (documented on `diff_window_into`) and returns the
+/// pieces.
 fn windowed(
     base: &[u8],
     sig: &Signature,
     new: &[u8],
     (first, seg, look): (usize, usize, usize),
-    hint: impl Fn(usize) -> Option<u64>,
+    hint: impl Fn(usize, u64) -> Option<u64>,
 ) -> Vec<Piece> {
     let mut pieces = Vec::new();
     let mut rebuilt = Vec::new();
     let mut pos = 0;
+    let mut lined_up = 0u64;
     let mut d = vec![1, 2, 3];
     while pos < new.len() {
         let want = if pieces.is_empty() { first } else { seg }.max(1);
         let end = (pos + want + look).min(new.len());
         let window = &new[pos..end];
         let want = if end == new.len() { window.len() } else { want };
-        let n = diff_window_into(sig, window, hint(pos), want, &mut d).expect("diff");
+        let n = diff_window_into(sig, window, hint(pos, lined_up), want, &mut d).expect("diff");
+        lined_up = copy_end(&d).unwrap_or(lined_up + n as u64);
         assert!(
             n >= want.min(window.len()) && n <= window.len(),
             "n {n} want {want}"
@@ -369,11 +374,13 @@ proptest! {
         // Segments a whole number of blocks as in the client, or not.
         let seg = blocks * bs + [0, 1, bs / 2][odd];
         let look = [0, bs - 1, 3 * bs][look];
-        let plain = windowed(&base, &sig, &new, (first, seg, look), |_| None);
-        let fast = windowed(&base, &sig, &new, (first, seg, look), |at| Some(at as u64));
-        // A hint that is a multiple of the block size but wrong.
-        windowed(&base, &sig, &new, (first, seg, look), |at| Some((at + 3 * bs) as u64));
-        windowed(&base, &sig, &new, (first, seg, look), |_| Some(0));
+        let shape = (first, seg, look);
+        let plain = windowed(&base, &sig, &new, shape, |_, _| None);
+        let fast = windowed(&base, &sig, &new, shape, |_, l| Some(l));
+        windowed(&base, &sig, &new, shape, |at, _| Some(at as u64));
+        // Hints that are a multiple of the block size but wrong.
+        windowed(&base, &sig, &new, shape, |at, _| Some((at + 3 * bs) as u64));
+        windowed(&base, &sig, &new, shape, |_, _| Some(0));
         if new.len() <= first {
             prop_assert_eq!(plain.len(), 1);
             prop_assert_eq!(fast.len(), 1);
@@ -381,36 +388,48 @@ proptest! {
     }
 
     /// Random data edited in place (as W4: blocks rewritten, aligned or
-    /// not, and the last short block changed): the fast path cuts every
-    /// piece at the same place as the plain diff, and its delta is never
-    /// bigger.
+    /// not, and the last short block changed), or with a few insertions and
+    /// deletions (as W9) and appended data (as W5): with the hint the client
+    /// passes, every piece is cut at the same place as by the plain diff,
+    /// and its delta is never bigger.
     #[test]
-    fn aligned_in_place_edits(
+    fn aligned_edits_like_the_plain_diff(
         len in 0usize..=MAX_LEN,
         seed in any::<u64>(),
-        edits in prop::collection::vec((any::<usize>(), 1usize..3000, any::<bool>()), 0..8),
+        edits in prop::collection::vec(
+            (any::<usize>(), 1usize..3000, any::<bool>(), 0u8..8),
+            0..8,
+        ),
         blocks in 1usize..40,
         tail in any::<bool>(),
+        append in prop_oneof![Just(0usize), 1usize..50_000],
     ) {
         let base = noise(len, seed);
         let bs = block_size_for(len as u64) as usize;
         let mut new = base.clone();
-        for (i, &(at, n, aligned)) in edits.iter().enumerate() {
-            if len == 0 {
+        for (i, &(at, n, aligned, kind)) in edits.iter().enumerate() {
+            if new.is_empty() {
                 break;
             }
-            let at = at % len;
+            let at = at % new.len();
             let at = if aligned { at / bs * bs } else { at };
-            let end = (at + n).min(len);
-            new[at..end].copy_from_slice(&noise(end - at, seed ^ (i as u64 + 1)));
+            let end = (at + n).min(new.len());
+            let fresh = noise(end - at, seed ^ (i as u64 + 1));
+            match kind {
+                0 => drop(new.splice(at..at, fresh)),
+                1 => drop(new.drain(at..end)),
+                _ => new[at..end].copy_from_slice(&fresh),
+            }
         }
-        if tail && len > 0 {
-            new[len - 1] ^= 0x5a;
+        if tail && !new.is_empty() {
+            let last = new.len() - 1;
+            new[last] ^= 0x5a;
         }
+        new.extend_from_slice(&noise(append, !seed));
         let sig = parse(&base);
         let shape = (blocks * bs, blocks * bs, bs - 1);
-        let plain = windowed(&base, &sig, &new, shape, |_| None);
-        let fast = windowed(&base, &sig, &new, shape, |at| Some(at as u64));
+        let plain = windowed(&base, &sig, &new, shape, |_, _| None);
+        let fast = windowed(&base, &sig, &new, shape, |_, l| Some(l));
         prop_assert_eq!(plain.len(), fast.len());
         for (p, f) in plain.iter().zip(&fast) {
             prop_assert_eq!((p.at, p.n), (f.at, f.n));
