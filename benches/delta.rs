@@ -10,7 +10,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use byteback_delta::{
-    apply_to_vec, diff_segment, hash_bytes, literal_delta, signature, Signature, SignatureBuilder,
+    apply_to_vec, copy_end, diff_segment, diff_window_into, hash_bytes, literal_delta, signature,
+    Signature, SignatureBuilder,
 };
 use byteback_protocol::Compressed;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -101,6 +102,60 @@ fn bench_diff(c: &mut Criterion) {
     g.finish();
 }
 
+/// Size of the basis in the windowed diff benchmarks (W4/W9 at 1/8 scale).
+const BIG: usize = 64 << 20;
+
+/// The client's loop over a new file: pieces of about 4 MiB (whole blocks)
+/// with a block of look-ahead, each starting where the last delta ended;
+/// `fast` passes where the data is expected in the basis, as the client
+/// does (the aligned fast path). Returns the delta bytes.
+fn windowed(sig: &Signature, new: &[u8], fast: bool) -> usize {
+    let bs = sig.block_size() as usize;
+    let seg = (4 << 20) / bs * bs;
+    let (mut pos, mut wire, mut d, mut lined_up) = (0, 0, Vec::new(), 0);
+    while pos < new.len() {
+        let end = (pos + seg + bs - 1).min(new.len());
+        let want = if end == new.len() { end - pos } else { seg };
+        let at = fast.then_some(lined_up);
+        let n = diff_window_into(sig, &new[pos..end], at, want, &mut d).expect("diff");
+        lined_up = copy_end(&d).unwrap_or(lined_up + n as u64);
+        pos += n;
+        wire += d.len();
+    }
+    wire
+}
+
+/// Windowed diffs of a 64 MiB file, as the client does them, without
+/// ("plain") and with ("aligned") the aligned fast path: 200 random 4 KiB
+/// blocks rewritten in place (W4), 7 bytes inserted at offset 1000 (W9:
+/// no block is where it was), 16 MiB appended (W5), and unchanged.
+fn bench_windowed_diff(c: &mut Criterion) {
+    let basis = random_bytes(1, BIG);
+    let sig = Signature::parse(signature(&basis).as_bytes()).expect("valid signature");
+    let mut inserted = basis[..1000].to_vec();
+    inserted.extend_from_slice(b"7 bytes");
+    inserted.extend_from_slice(&basis[1000..]);
+    let mut appended = basis.clone();
+    appended.extend_from_slice(&random_bytes(5, 16 << 20));
+    let cases = [
+        ("200_aligned_4KiB_rewrites", rewritten(&basis, 200)),
+        ("7_bytes_inserted_at_1000", inserted),
+        ("16MiB_appended", appended),
+        ("unchanged", basis.clone()),
+    ];
+    let mut g = c.benchmark_group("diff_64MiB_windows");
+    g.throughput(Throughput::Bytes(BIG as u64));
+    for (name, new) in &cases {
+        for (path, fast) in [("plain", false), ("aligned", true)] {
+            eprintln!("{name} {path}: delta {} bytes", windowed(&sig, new, fast));
+            g.bench_with_input(BenchmarkId::new(path, name), new, |b, new| {
+                b.iter(|| windowed(&sig, black_box(new), fast))
+            });
+        }
+    }
+    g.finish();
+}
+
 fn bench_patch(c: &mut Criterion) {
     let basis = random_bytes(1, SIZE);
     let sig = Signature::parse(signature(&basis).as_bytes()).expect("valid signature");
@@ -151,6 +206,6 @@ fn bench_hash_and_compress(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_signature, bench_diff, bench_patch, bench_hash_and_compress
+    targets = bench_signature, bench_diff, bench_windowed_diff, bench_patch, bench_hash_and_compress
 }
 criterion_main!(benches);

@@ -13,6 +13,7 @@
 //!                   basis offsets, the length is never zero
 //! ```
 
+use crate::signature::HEADER_LEN;
 use crate::{DeltaError, Signature};
 
 const DELTA_MAGIC: u32 = 0x7273_0236;
@@ -77,15 +78,42 @@ pub fn diff_segment_into(
 /// inserted bytes, not a block per segment. With `want >= window.len()`
 /// (the file's last piece) the delta covers the whole window.
 ///
+/// `lined_up` is the basis offset the window's data is expected to line up
+/// with, if any: for a file edited in place the window's offset in the new
+/// file; after a piece whose delta ended with a copy, where that copy ended
+/// in the basis ([`copy_end`]), so that data shifted by an insertion lines
+/// up again from the next piece on. When it is a multiple of the block
+/// size, the *aligned fast path* runs first: block `k` of the window is
+/// compared with basis block `lined_up / block_size + k`, hashing the
+/// window's blocks in chunks with fast_rsync's (SIMD) signature code and
+/// comparing each entry (rolling checksum and strong hash: the very
+/// criterion of a match in [`diff_segment`]) with the basis's. Runs of equal
+/// blocks become COPY ops (adjacent ones merged); the bytes between them
+/// (changed blocks) and after the last run are diffed as by
+/// [`diff_segment`], so moved data there is still found. A file edited in
+/// place is so diffed several times faster than by rolling through every
+/// block. Data that does not line up costs one small chunk of hashing: when
+/// the first chunk has no match at all, or a later one none, the rest of the
+/// window is diffed the plain way. With `None`, or an offset that is not a
+/// multiple of the block size, the window is diffed the plain way only. A
+/// wrong `lined_up` costs time, never correctness.
+///
 /// `out` is cleared first; the delta in it is a valid delta of
 /// `window[..n]` (librsync format, as [`diff_segment`]).
 pub fn diff_window_into(
     sig: &Signature,
     window: &[u8],
+    lined_up: Option<u64>,
     want: usize,
     out: &mut Vec<u8>,
 ) -> Result<usize, DeltaError> {
-    diff_segment_into(sig, window, out)?;
+    let aligned = match lined_up {
+        Some(at) => diff_aligned(sig, window, at, out)?,
+        None => false,
+    };
+    if !aligned {
+        diff_segment_into(sig, window, out)?;
+    }
     if want >= window.len() {
         return Ok(window.len());
     }
@@ -108,6 +136,179 @@ pub fn diff_window_into(
     out.truncate(cut);
     out.push(OP_END);
     Ok(produced)
+}
+
+/// Where the data after `delta` is expected to continue in the basis: the
+/// end of its last op if that is a COPY (`offset + len`), else `None` (also
+/// for a malformed delta). See [`diff_window_into`]'s `lined_up`.
+pub fn copy_end(delta: &[u8]) -> Option<u64> {
+    match ops(delta).last()? {
+        Ok(Op::Copy { offset, len }) => offset.checked_add(len),
+        _ => None,
+    }
+}
+
+/// Blocks hashed in the aligned fast path's first chunk: small, so a window
+/// whose data does not line up with the basis wastes little.
+const ALIGNED_FIRST_CHUNK: usize = 16;
+/// Largest chunk of the aligned fast path (the chunk doubles after each
+/// chunk with a match, up to this).
+const ALIGNED_MAX_CHUNK: usize = 256;
+
+/// The aligned fast path of [`diff_window_into`]: writes the whole window's
+/// delta into `out` and returns true, or returns false (with `out` in an
+/// unspecified state) when it does not apply or found no aligned match.
+fn diff_aligned(
+    sig: &Signature,
+    window: &[u8],
+    at: u64,
+    out: &mut Vec<u8>,
+) -> Result<bool, DeltaError> {
+    let bs64 = u64::from(sig.block_size());
+    let Ok(bs) = usize::try_from(bs64) else {
+        return Ok(false);
+    };
+    if bs == 0 || at % bs64 != 0 {
+        return Ok(false);
+    }
+    let first = at / bs64;
+    // The basis blocks compared in line: all but the last, which may be
+    // short (a full block of the window never matches it here; the plain
+    // diff of the rest still can).
+    let comparable = sig.block_count().saturating_sub(1);
+    if first >= comparable {
+        return Ok(false);
+    }
+    let full = window.len() / bs;
+    let lined = usize::try_from((comparable - first).min(full as u64)).unwrap_or(full);
+    let entry = sig.entry_len();
+    let entries = sig.entries();
+    let first = usize::try_from(first).map_err(|_| DeltaError::Diff("basis too long".into()))?;
+    let options = sig.options();
+
+    out.clear();
+    out.extend_from_slice(&DELTA_MAGIC.to_be_bytes());
+    let mut w = OpWriter { out, copy: None };
+    let mut scratch = Vec::new();
+    // Window bytes covered by ops so far; next block to compare; chunk size.
+    let (mut done, mut next, mut chunk) = (0usize, 0usize, ALIGNED_FIRST_CHUNK);
+    while next < lined {
+        let m = chunk.min(lined - next);
+        let data = window
+            .get(next * bs..(next + m) * bs)
+            .ok_or(DeltaError::Diff("window range".into()))?;
+        let ours = fast_rsync::Signature::calculate(data, options);
+        let ours = ours.serialized().get(HEADER_LEN..).unwrap_or_default();
+        let theirs = entries
+            .get((first + next) * entry..(first + next + m) * entry)
+            .ok_or(DeltaError::Diff("signature range".into()))?;
+        let mut matched = false;
+        for (i, (a, b)) in ours
+            .chunks_exact(entry)
+            .zip(theirs.chunks_exact(entry))
+            .enumerate()
+        {
+            if a != b {
+                continue;
+            }
+            let pos = (next + i) * bs;
+            if pos > done {
+                diff_gap(sig, &window[done..pos], &mut w, &mut scratch)?;
+            }
+            w.copy((first + next + i) as u64 * bs64, bs64);
+            done = pos + bs;
+            matched = true;
+        }
+        next += m;
+        if !matched {
+            break;
+        }
+        chunk = (chunk * 2).min(ALIGNED_MAX_CHUNK);
+    }
+    if done == 0 {
+        return Ok(false);
+    }
+    if done < window.len() {
+        diff_gap(sig, &window[done..], &mut w, &mut scratch)?;
+    }
+    w.finish();
+    Ok(true)
+}
+
+/// Diff `gap` the plain way and append its ops to `w`.
+fn diff_gap(
+    sig: &Signature,
+    gap: &[u8],
+    w: &mut OpWriter<'_>,
+    scratch: &mut Vec<u8>,
+) -> Result<(), DeltaError> {
+    diff_segment_into(sig, gap, scratch)?;
+    for op in ops(scratch) {
+        match op? {
+            Op::Copy { offset, len } => w.copy(offset, len),
+            Op::Literal(data) => w.literal(data),
+        }
+    }
+    Ok(())
+}
+
+/// Writes delta ops after the magic, merging adjacent copies.
+struct OpWriter<'a> {
+    out: &'a mut Vec<u8>,
+    /// A copy not written yet: (basis offset, length).
+    copy: Option<(u64, u64)>,
+}
+
+impl OpWriter<'_> {
+    fn copy(&mut self, offset: u64, len: u64) {
+        if let Some((o, l)) = self.copy {
+            if o.checked_add(l) == Some(offset) {
+                self.copy = Some((o, l + len));
+                return;
+            }
+        }
+        self.flush();
+        self.copy = Some((offset, len));
+    }
+
+    fn literal(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        self.flush();
+        let (h, n) = literal_header(data.len() as u64);
+        self.out.extend_from_slice(&h[4..n]);
+        self.out.extend_from_slice(data);
+    }
+
+    fn flush(&mut self) {
+        if let Some((offset, len)) = self.copy.take() {
+            let (oc, ob) = uint_class(offset);
+            let (lc, lb) = uint_class(len);
+            self.out.push(OP_COPY_N1_N1 + oc * 4 + lc);
+            self.out.extend_from_slice(&offset.to_be_bytes()[8 - ob..]);
+            self.out.extend_from_slice(&len.to_be_bytes()[8 - lb..]);
+        }
+    }
+
+    fn finish(mut self) {
+        self.flush();
+        self.out.push(OP_END);
+    }
+}
+
+/// Size class (0..=3) of the shortest of 1, 2, 4 or 8 big-endian bytes
+/// holding `v`, and that number of bytes.
+fn uint_class(v: u64) -> (u8, usize) {
+    if v <= u64::from(u8::MAX) {
+        (0, 1)
+    } else if v <= u64::from(u16::MAX) {
+        (1, 2)
+    } else if v <= u64::from(u32::MAX) {
+        (2, 4)
+    } else {
+        (3, 8)
+    }
 }
 
 /// Where to cut `delta` so that it produces at least `want` bytes: (length
@@ -556,15 +757,19 @@ mod tests {
     }
 
     /// What the client does: pieces of about `seg` bytes, each diffed with
-    /// `look` bytes of look-ahead, the next starting where the last ended.
-    /// Returns the rebuilt file and the delta bytes.
-    fn windowed(basis: &[u8], new: &[u8], seg: usize, look: usize) -> (Vec<u8>, usize) {
+    /// `look` bytes of look-ahead, the next starting where the last ended,
+    /// with the aligned fast path if `fast`. Returns the rebuilt file and
+    /// the delta bytes.
+    fn windowed(basis: &[u8], new: &[u8], seg: usize, look: usize, fast: bool) -> (Vec<u8>, usize) {
         let sig = Signature::parse(crate::signature(basis).as_bytes()).expect("sig");
         let (mut pos, mut rebuilt, mut wire, mut d) = (0, vec![], 0, vec![]);
+        let mut lined_up = 0;
         while pos < new.len() {
             let end = (pos + seg + look).min(new.len());
             let want = if end == new.len() { end - pos } else { seg };
-            let n = diff_window_into(&sig, &new[pos..end], want, &mut d).expect("diff");
+            let at = fast.then_some(lined_up);
+            let n = diff_window_into(&sig, &new[pos..end], at, want, &mut d).expect("diff");
+            lined_up = copy_end(&d).unwrap_or(lined_up + n as u64);
             assert!(n >= want.min(end - pos) && n <= end - pos, "piece {n}");
             let out = apply_to_vec(basis, &d, n as u64).expect("apply");
             assert_eq!(out, &new[pos..pos + n], "piece at {pos}");
@@ -583,17 +788,20 @@ mod tests {
         let mut new = basis[..1000].to_vec();
         new.extend_from_slice(b"7 bytes");
         new.extend_from_slice(&basis[1000..]);
-        let (rebuilt, wire) = windowed(&basis, &new, seg, bs - 1);
-        assert_eq!(rebuilt, new);
-        // The block holding the insertion travels as literal, and every
-        // piece costs a copy op and its framing: no block per segment.
         let pieces = new.len().div_ceil(seg);
-        assert!(
-            wire <= bs + 7 + pieces * 32,
-            "wire {wire} for {pieces} pieces of {seg}, block {bs}"
-        );
+        for fast in [false, true] {
+            let (rebuilt, wire) = windowed(&basis, &new, seg, bs - 1, fast);
+            assert_eq!(rebuilt, new);
+            // The block holding the insertion travels as literal, and every
+            // piece costs a copy op and its framing: no block per segment.
+            assert!(
+                wire <= bs + 7 + pieces * 32,
+                "wire {wire} for {pieces} pieces of {seg}, block {bs}"
+            );
+        }
+        let (_, wire) = windowed(&basis, &new, seg, bs - 1, true);
         // Fixed segments without look-ahead lose about a block per segment.
-        let (_, fixed) = windowed(&basis, &new, seg, 0);
+        let (_, fixed) = windowed(&basis, &new, seg, 0, false);
         assert!(fixed > (pieces - 1) * (bs - 7), "fixed {fixed}");
         assert!(wire * 4 < fixed, "windowed {wire} vs fixed {fixed}");
     }
@@ -615,19 +823,81 @@ mod tests {
             basis[..1234].to_vec(),
         ] {
             for (seg, look) in [(bs, bs - 1), (7 * bs, bs - 1), (10 * bs, 0), (100, 40)] {
-                let (rebuilt, _) = windowed(&basis, &new, seg, look);
-                assert_eq!(rebuilt, new, "seg {seg} look {look}");
+                for fast in [false, true] {
+                    let (rebuilt, _) = windowed(&basis, &new, seg, look, fast);
+                    assert_eq!(rebuilt, new, "seg {seg} look {look} fast {fast}");
+                }
             }
         }
         let sig = Signature::parse(crate::signature(&basis).as_bytes()).expect("sig");
         let mut d = vec![];
-        assert_eq!(
-            diff_window_into(&sig, &basis[..5000], 0, &mut d).expect("empty"),
-            0
-        );
+        for at in [None, Some(0)] {
+            assert_eq!(
+                diff_window_into(&sig, &basis[..5000], at, 0, &mut d).expect("empty"),
+                0
+            );
+        }
         assert_eq!(
             apply_to_vec(&basis, &d, 0).expect("apply"),
             Vec::<u8>::new()
+        );
+    }
+
+    #[test]
+    fn aligned_fast_path_engages_only_where_data_lines_up() {
+        let basis = noise(1 << 20, 6);
+        let bs = crate::block_size_for(basis.len() as u64) as usize;
+        let sig = Signature::parse(crate::signature(&basis).as_bytes()).expect("sig");
+        let mut new = basis.clone();
+        for b in [3, 4, 100, 200] {
+            new[b * bs + 10..b * bs + 20].fill(0);
+        }
+        let (mut fast, mut plain) = (vec![], vec![]);
+        let window = &new[64 * bs..];
+        assert!(diff_aligned(&sig, window, (64 * bs) as u64, &mut fast).expect("diff"));
+        diff_segment_into(&sig, window, &mut plain).expect("diff");
+        // Same ops: copies merged, the changed block 100 (36th of the window) literal.
+        assert_eq!(fast, plain);
+        let all: Vec<Op> = ops(&fast).collect::<Result<_, _>>().expect("valid");
+        assert_eq!(
+            all,
+            vec![
+                Op::Copy {
+                    offset: (64 * bs) as u64,
+                    len: (36 * bs) as u64
+                },
+                Op::Literal(&new[100 * bs..101 * bs]),
+                Op::Copy {
+                    offset: (101 * bs) as u64,
+                    len: (99 * bs) as u64
+                },
+                Op::Literal(&new[200 * bs..201 * bs]),
+                Op::Copy {
+                    offset: (201 * bs) as u64,
+                    len: (basis.len() - 201 * bs) as u64
+                },
+            ]
+        );
+        // Not at a block boundary, not where the data is, past the basis's
+        // comparable blocks, or with data shifted: no fast path.
+        assert!(!diff_aligned(&sig, window, (64 * bs + 1) as u64, &mut fast).expect("diff"));
+        assert!(!diff_aligned(&sig, window, (32 * bs) as u64, &mut fast).expect("diff"));
+        assert!(
+            !diff_aligned(&sig, &new[..bs], (basis.len() / bs * bs) as u64, &mut fast)
+                .expect("diff")
+        );
+        let shifted = [b"7 bytes".as_slice(), &basis].concat();
+        assert!(!diff_aligned(&sig, &shifted, 0, &mut fast).expect("diff"));
+        // A window of the first 16 blocks changed but the rest in place: the
+        // first chunk finds nothing, so the plain diff does it all.
+        let mut head = basis.clone();
+        head[..16 * bs].fill(1);
+        assert!(!diff_aligned(&sig, &head, 0, &mut fast).expect("diff"));
+        head[15 * bs..16 * bs].copy_from_slice(&basis[15 * bs..16 * bs]);
+        assert!(diff_aligned(&sig, &head, 0, &mut fast).expect("diff"));
+        assert_eq!(
+            apply_to_vec(&basis, &fast, head.len() as u64).expect("apply"),
+            head
         );
     }
 

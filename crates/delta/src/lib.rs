@@ -15,7 +15,9 @@
 //!    basis offsets and it reproduces exactly that segment's bytes.
 //!    [`diff_window_into`] does the same with look-ahead into the next
 //!    segment and a segment end that follows the last match, so matches are
-//!    found across segment boundaries.
+//!    found across segment boundaries, and with the basis offset the data is
+//!    expected to line up with it takes an aligned fast path for data that
+//!    did not move (a file edited in place).
 //! 3. The basis side replays each delta with [`apply_ops`] into a
 //!    [`PatchSink`] (or [`apply_to_vec`] in memory). Application is bounded: a
 //!    delta can never make the output longer than the caller's limit or read
@@ -48,8 +50,8 @@ mod hash;
 mod signature;
 
 pub use delta::{
-    apply_ops, apply_to_vec, diff_segment, diff_segment_into, diff_window_into, literal_delta,
-    literal_header, ops, Op, Ops, PatchSink, DELTA_END, LITERAL_HEADER_MAX,
+    apply_ops, apply_to_vec, copy_end, diff_segment, diff_segment_into, diff_window_into,
+    literal_delta, literal_header, ops, Op, Ops, PatchSink, DELTA_END, LITERAL_HEADER_MAX,
 };
 pub use hash::{hash_bytes, FileHasher};
 pub use signature::{signature, Signature, SignatureBuilder, SignatureBytes};

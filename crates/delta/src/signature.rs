@@ -23,7 +23,7 @@ use crate::{block_size_for, DeltaError, MAX_BLOCK, MAX_SIG_BLOCKS, MIN_BLOCK, ST
 /// fast_rsync's MD4 signature magic (the only kind fast_rsync can diff against).
 const MD4_MAGIC: u32 = 0x7273_0136;
 /// Magic, block size, strong hash length.
-const HEADER_LEN: usize = 12;
+pub(crate) const HEADER_LEN: usize = 12;
 /// Length of the rolling checksum in each block entry.
 const ROLLING_LEN: usize = 4;
 /// Length of an MD4 digest, the largest possible strong hash.
@@ -184,7 +184,6 @@ pub struct Signature {
     /// Block index; really borrows from `raw` (see [`Signature::parse`]).
     index: IndexedSignature<'static>,
     /// Owner of the serialized bytes `index` points into. Never mutated.
-    #[allow(dead_code)]
     raw: fast_rsync::Signature,
     block_size: u32,
     strong_hash_len: u32,
@@ -265,6 +264,26 @@ impl Signature {
     /// The block index, borrowed for no longer than `self`.
     pub(crate) fn index(&self) -> &IndexedSignature<'_> {
         &self.index
+    }
+
+    /// The serialized block entries (rolling checksum and strong hash of
+    /// each block, in block order), without the header.
+    pub(crate) fn entries(&self) -> &[u8] {
+        self.raw.serialized().get(HEADER_LEN..).unwrap_or_default()
+    }
+
+    /// fast_rsync's options for hashing new data into entries comparable
+    /// with [`entries`](Self::entries).
+    pub(crate) fn options(&self) -> SignatureOptions {
+        SignatureOptions {
+            block_size: self.block_size,
+            crypto_hash_size: self.strong_hash_len,
+        }
+    }
+
+    /// Length of one block entry in [`entries`](Self::entries).
+    pub(crate) fn entry_len(&self) -> usize {
+        ROLLING_LEN + self.strong_hash_len as usize
     }
 }
 

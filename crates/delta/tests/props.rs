@@ -5,8 +5,9 @@
 //! up to ~256 KiB stay cheap to generate and shrink.
 
 use byteback_delta::{
-    apply_ops, apply_to_vec, block_size_for, diff_segment, literal_delta, ops, signature,
-    DeltaError, Op, PatchSink, Signature, SignatureBuilder, MAX_SIG_BLOCKS,
+    apply_ops, apply_to_vec, block_size_for, copy_end, diff_segment, diff_window_into,
+    literal_delta, ops, signature, DeltaError, Op, PatchSink, Signature, SignatureBuilder,
+    MAX_SIG_BLOCKS,
 };
 use proptest::prelude::*;
 
@@ -213,6 +214,69 @@ fn apply_both(basis: &[u8], delta: &[u8], max_out: u64) -> Result<Vec<u8>, Delta
     ours
 }
 
+/// One piece of a windowed diff: its offset in the new file, the bytes its
+/// delta covers, and the delta.
+#[derive(Debug)]
+struct Piece {
+    at: usize,
+    n: usize,
+    delta: Vec<u8>,
+}
+
+/// What the client does: a first piece of `first` bytes, then pieces of
+/// `seg`, each diffed with up to `look` bytes of look-ahead and starting
+/// where the last one's delta ended. `hint(offset, lined_up)` gives the
+/// `lined_up` passed for a piece at a file offset, given the one the client
+/// would pass (tracked with `copy_end`). Checks every piece's delta and the
+/// semantics of `n` (documented on `diff_window_into`) and returns the
+/// pieces.
+fn windowed(
+    base: &[u8],
+    sig: &Signature,
+    new: &[u8],
+    (first, seg, look): (usize, usize, usize),
+    hint: impl Fn(usize, u64) -> Option<u64>,
+) -> Vec<Piece> {
+    let mut pieces = Vec::new();
+    let mut rebuilt = Vec::new();
+    let mut pos = 0;
+    let mut lined_up = 0u64;
+    let mut d = vec![1, 2, 3];
+    while pos < new.len() {
+        let want = if pieces.is_empty() { first } else { seg }.max(1);
+        let end = (pos + want + look).min(new.len());
+        let window = &new[pos..end];
+        let want = if end == new.len() { window.len() } else { want };
+        let n = diff_window_into(sig, window, hint(pos, lined_up), want, &mut d).expect("diff");
+        lined_up = copy_end(&d).unwrap_or(lined_up + n as u64);
+        assert!(
+            n >= want.min(window.len()) && n <= window.len(),
+            "n {n} want {want}"
+        );
+        let out = apply_both(base, &d, n as u64).expect("apply piece");
+        assert_eq!(out, &window[..n], "piece at {pos}");
+        // n is the first op boundary at or past want: only the last op
+        // reaches it, and a literal reaching past want was cut at want.
+        let all: Vec<Op> = ops(&d).collect::<Result<_, _>>().expect("valid delta");
+        if want < window.len() {
+            let last = all.last().map_or(0, |op| op.out_len() as usize);
+            assert!(n - last < want, "n {n}, last op {last}, want {want}");
+            if let Some(Op::Literal(_)) = all.last() {
+                assert_eq!(n, want, "a literal is cut at want");
+            }
+        }
+        rebuilt.extend_from_slice(&out);
+        pieces.push(Piece {
+            at: pos,
+            n,
+            delta: d.clone(),
+        });
+        pos += n;
+    }
+    assert_eq!(rebuilt, new);
+    pieces
+}
+
 fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
         cases,
@@ -292,6 +356,88 @@ proptest! {
             prop_assert!(delta.len() <= len % bs + 32);
         }
         prop_assert_eq!(apply_to_vec(&base, &delta, len as u64).expect("apply"), base);
+    }
+
+    /// Windowed deltas, with and without the aligned fast path, and with a
+    /// wrong hint: every piece rebuilds exactly, whatever the edits, the
+    /// window sizes or where the windows start.
+    #[test]
+    fn windowed_roundtrip(
+        (base, new) in pair(),
+        first in prop_oneof![Just(0usize), 1usize..5000],
+        blocks in 1usize..40,
+        odd in 0usize..3,
+        look in 0usize..3,
+    ) {
+        let sig = parse(&base);
+        let bs = block_size_for(base.len() as u64) as usize;
+        // Segments a whole number of blocks as in the client, or not.
+        let seg = blocks * bs + [0, 1, bs / 2][odd];
+        let look = [0, bs - 1, 3 * bs][look];
+        let shape = (first, seg, look);
+        let plain = windowed(&base, &sig, &new, shape, |_, _| None);
+        let fast = windowed(&base, &sig, &new, shape, |_, l| Some(l));
+        windowed(&base, &sig, &new, shape, |at, _| Some(at as u64));
+        // Hints that are a multiple of the block size but wrong.
+        windowed(&base, &sig, &new, shape, |at, _| Some((at + 3 * bs) as u64));
+        windowed(&base, &sig, &new, shape, |_, _| Some(0));
+        if new.len() <= first {
+            prop_assert_eq!(plain.len(), 1);
+            prop_assert_eq!(fast.len(), 1);
+        }
+    }
+
+    /// Random data edited in place (as W4: blocks rewritten, aligned or
+    /// not, and the last short block changed), or with a few insertions and
+    /// deletions (as W9) and appended data (as W5): with the hint the client
+    /// passes, every piece is cut at the same place as by the plain diff,
+    /// and its delta is never bigger.
+    #[test]
+    fn aligned_edits_like_the_plain_diff(
+        len in 0usize..=MAX_LEN,
+        seed in any::<u64>(),
+        edits in prop::collection::vec(
+            (any::<usize>(), 1usize..3000, any::<bool>(), 0u8..8),
+            0..8,
+        ),
+        blocks in 1usize..40,
+        tail in any::<bool>(),
+        append in prop_oneof![Just(0usize), 1usize..50_000],
+    ) {
+        let base = noise(len, seed);
+        let bs = block_size_for(len as u64) as usize;
+        let mut new = base.clone();
+        for (i, &(at, n, aligned, kind)) in edits.iter().enumerate() {
+            if new.is_empty() {
+                break;
+            }
+            let at = at % new.len();
+            let at = if aligned { at / bs * bs } else { at };
+            let end = (at + n).min(new.len());
+            let fresh = noise(end - at, seed ^ (i as u64 + 1));
+            match kind {
+                0 => drop(new.splice(at..at, fresh)),
+                1 => drop(new.drain(at..end)),
+                _ => new[at..end].copy_from_slice(&fresh),
+            }
+        }
+        if tail && !new.is_empty() {
+            let last = new.len() - 1;
+            new[last] ^= 0x5a;
+        }
+        new.extend_from_slice(&noise(append, !seed));
+        let sig = parse(&base);
+        let shape = (blocks * bs, blocks * bs, bs - 1);
+        let plain = windowed(&base, &sig, &new, shape, |_, _| None);
+        let fast = windowed(&base, &sig, &new, shape, |_, l| Some(l));
+        prop_assert_eq!(plain.len(), fast.len());
+        for (p, f) in plain.iter().zip(&fast) {
+            prop_assert_eq!((p.at, p.n), (f.at, f.n));
+            prop_assert!(
+                f.delta.len() <= p.delta.len(),
+                "piece at {}: fast {} > plain {}", f.at, f.delta.len(), p.delta.len()
+            );
+        }
     }
 
     #[test]

@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use crate::error::{bail, err, Error, IoContext, Result};
 use byteback_delta::{
-    diff_window_into, literal_header, FileHasher, Signature, DELTA_END, LITERAL_HEADER_MAX,
+    copy_end, diff_window_into, literal_header, FileHasher, Signature, DELTA_END,
+    LITERAL_HEADER_MAX,
 };
 use byteback_protocol::codec::{compress_bound, ChunkCompressor};
 use byteback_protocol::limits::MAX_CHUNK;
@@ -229,6 +230,10 @@ fn send_segments(
     let mut total = 0u64;
     let mut read_total = 0u64;
     let mut carry: Vec<u8> = Vec::new();
+    let mut piece = Piece {
+        lined_up: 0,
+        last: false,
+    };
     while total < size {
         let want = (plan.seg + plan.look - carry.len()).min((size - read_total) as usize);
         // Read buffer, compressed chunk and (with a basis) the delta.
@@ -259,7 +264,16 @@ fn send_segments(
         // The file's last piece (or it ended early): everything goes.
         let last = got < want || read_total >= size;
         let counted = bufs.out.counted;
-        let (c, used) = encode_segment(shared, sig, bufs, &plan, last, &mut hasher, &mut carry);
+        piece.last = last;
+        let (c, used) = encode_segment(
+            shared,
+            sig,
+            bufs,
+            &plan,
+            &mut piece,
+            &mut hasher,
+            &mut carry,
+        );
         let c = c?;
         shared
             .wire
@@ -273,6 +287,17 @@ fn send_segments(
     Ok(Some((total, hasher.finish())))
 }
 
+/// Where a segment's data is expected in the basis, and whether it is the last.
+struct Piece {
+    /// The basis offset its data is expected to line up with (for
+    /// diff_window_into's aligned fast path): where the previous piece's
+    /// last copy ended in the basis, or as far past the previous piece's
+    /// start as that piece was long (the file edited in place).
+    lined_up: u64,
+    /// The file's last piece: all of its data goes.
+    last: bool,
+}
+
 /// Turns one segment's data into its compressed delta against `sig`, or a
 /// literal without a basis, hashing the bytes it covers and keeping the rest
 /// in `carry`. Gives back every buffer but the compressed one. Returns the
@@ -282,7 +307,7 @@ fn encode_segment(
     sig: Option<&Signature>,
     bufs: SegmentBufs,
     plan: &Plan,
-    last: bool,
+    piece: &mut Piece,
     hasher: &mut FileHasher,
     carry: &mut Vec<u8>,
 ) -> (Result<Compressed>, usize) {
@@ -295,10 +320,14 @@ fn encode_segment(
     let n = data.buf.len() - head;
     let encoded = match (sig, delta) {
         (Some(s), Some(mut d)) => {
-            let target = if last { n } else { plan.seg.min(n) };
-            let r = diff_window_into(s, &data.buf, target, &mut d.buf)
+            let target = if piece.last { n } else { plan.seg.min(n) };
+            let r = diff_window_into(s, &data.buf, Some(piece.lined_up), target, &mut d.buf)
                 .map_err(Error::from)
-                .and_then(|used| Ok((compress(&d.buf, out.buf)?, used)));
+                .and_then(|used| {
+                    piece.lined_up = copy_end(&d.buf)
+                        .unwrap_or_else(|| piece.lined_up.saturating_add(used as u64));
+                    Ok((compress(&d.buf, out.buf)?, used))
+                });
             shared.pool.give_back(d);
             match r {
                 Ok((c, used)) => {
