@@ -7,6 +7,8 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::OnceLock;
 
 use byteback_delta::{
     apply_ops, block_size_for, DeltaError, FileHasher, PatchSink, SignatureBuilder, SignatureBytes,
@@ -150,7 +152,6 @@ impl FileWriter {
             pos: self.written,
             hasher: &mut self.hasher,
             sig: self.sig.as_mut().map(|(b, _)| b),
-            sig_lost: false,
             clone_ok: *clone_ok,
             applied: Applied::default(),
             buf: vec![],
@@ -158,9 +159,6 @@ impl FileWriter {
         let result = apply_ops(raw, basis_len, limit, &mut sink);
         let (pos, applied) = (sink.pos, sink.applied);
         *clone_ok = sink.clone_ok;
-        if sink.sig_lost {
-            self.sig = None;
-        }
         match result {
             Err(SinkError::Io(e)) if is_no_space(&e) => {
                 self.nospace = true;
@@ -246,11 +244,41 @@ pub(super) fn hash_file(f: &File) -> io::Result<[u8; 32]> {
     Ok(h.finish())
 }
 
+/// Ranges of received files whose writeback is to start, for the thread
+/// that starts it (`None`: no such thread could be started).
+static FLUSHER: OnceLock<Option<SyncSender<(File, u64, u64)>>> = OnceLock::new();
+/// Ranges that may wait for that thread; beyond, the caller starts it.
+const FLUSH_QUEUE: usize = 16;
+
 /// Starts writing a range of a received file to disc without waiting for
 /// it, so the data is mostly on disc by the commit's syncfs instead of all
 /// being written then (the kernel's own writeback starts far later on a
-/// machine with much memory).
+/// machine with much memory). Starting it costs the caller the filesystem's
+/// work of submitting the range (btrfs checksums the data then), so a
+/// thread of its own does that while this one goes on receiving.
 fn start_writeback(f: &File, offset: u64, len: u64) {
+    let flusher = FLUSHER.get_or_init(|| {
+        let (tx, rx) = sync_channel::<(File, u64, u64)>(FLUSH_QUEUE);
+        std::thread::Builder::new()
+            .name("byteback-flush".into())
+            .spawn(move || {
+                for (f, offset, len) in rx {
+                    sync_file_range_write(&f, offset, len);
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    if let (Some(tx), Ok(dup)) = (flusher, f.try_clone()) {
+        if tx.try_send((dup, offset, len)).is_ok() {
+            return;
+        }
+    }
+    sync_file_range_write(f, offset, len);
+}
+
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: starts writeback, waits for none.
+fn sync_file_range_write(f: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
     // SAFETY: a plain syscall on an open fd; failure only loses the hint.
     unsafe {
@@ -263,53 +291,56 @@ fn start_writeback(f: &File, offset: u64, len: u64) {
     }
 }
 
-/// Bytes from which signing goes to a second thread, beside the hashing.
-const SIGN_APART_MIN: usize = 256 << 10;
+/// Bytes from which hashing and signing go to a second thread, beside the write.
+const HASH_APART_MIN: usize = 256 << 10;
 
-/// Feeds `data` to the file's hash and, if it is kept, its signature.
-/// False when the signature missed it (see [`hash_sign_and`]).
-fn hash_and_sign(hasher: &mut FileHasher, sig: Option<&mut SignatureBuilder>, data: &[u8]) -> bool {
-    hash_sign_and(hasher, sig, data, || ()).1
-}
-
-/// [`hash_and_sign`] while `then` runs (writing the same bytes): with
-/// enough bytes, the signature is computed on a second thread meanwhile,
-/// so a large file costs this thread its hash and write only (the MD4 of
-/// a signature costs about as much as the BLAKE3). The flag is false when
-/// no thread could be started: the signature then missed `data` and must
-/// not be kept.
+/// Feeds `data` to the file's hash and, if it is kept, its signature,
+/// while `then` runs (writing the same bytes): with
+/// enough bytes, the BLAKE3 and the signature's MD4 are computed on a
+/// second thread meanwhile, so a large file's hashing overlaps its write.
+/// If no thread can be started they run here, after `then`.
 fn hash_sign_and<R>(
     hasher: &mut FileHasher,
     sig: Option<&mut SignatureBuilder>,
     data: &[u8],
     then: impl FnOnce() -> R,
-) -> (R, bool) {
-    let Some(sig) = sig else {
-        hasher.update(data);
-        return (then(), true);
+) -> R {
+    let hash = |(h, s): (&mut FileHasher, Option<&mut SignatureBuilder>)| {
+        h.update(data);
+        if let Some(s) = s {
+            s.update(data);
+        }
     };
-    if data.len() < SIGN_APART_MIN {
-        sig.update(data);
-        hasher.update(data);
-        return (then(), true);
+    if data.len() < HASH_APART_MIN {
+        hash((hasher, sig));
+        return then();
     }
+    let work = std::sync::Mutex::new(Some((hasher, sig)));
+    let take = || {
+        work.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    };
     std::thread::scope(|s| {
-        let signer = std::thread::Builder::new()
-            .name("byteback-sign".into())
-            .spawn_scoped(s, || sig.update(data));
-        hasher.update(data);
+        let hashing = std::thread::Builder::new()
+            .name("byteback-hash".into())
+            .spawn_scoped(s, || take().map(hash));
         let r = then();
-        match signer {
-            // A panic in the signer is re-raised here, as it would be inline.
-            Ok(h) => match h.join() {
-                Ok(()) => (r, true),
-                Err(p) => std::panic::resume_unwind(p),
-            },
+        match hashing {
+            // A panic there is re-raised here, as it would be inline.
+            Ok(h) => {
+                if let Err(p) = h.join() {
+                    std::panic::resume_unwind(p);
+                }
+            }
             Err(e) => {
-                tracing::warn!("no thread to sign with ({e}): this file's signature is not kept");
-                (r, false)
+                tracing::debug!("no thread to hash with ({e}): hashing inline");
+                if let Some(w) = take() {
+                    hash(w);
+                }
             }
         }
+        r
     })
 }
 
@@ -320,8 +351,6 @@ struct FileSink<'a> {
     pos: u64,
     hasher: &'a mut FileHasher,
     sig: Option<&'a mut SignatureBuilder>,
-    /// The signature missed some bytes: it is not kept.
-    sig_lost: bool,
     clone_ok: bool,
     applied: Applied,
     buf: Vec<u8>,
@@ -372,10 +401,6 @@ impl PatchSink for FileSink<'_> {
             let n = (len - done).min(left).min(IO_CHUNK as u64) as usize;
             self.buf.resize(n, 0);
             file.read_exact_at(&mut self.buf[..n], src)?;
-            if !hash_and_sign(self.hasher, self.sig.as_deref_mut(), &self.buf[..n]) {
-                self.sig = None;
-                self.sig_lost = true;
-            }
             let dst = self.pos;
             let aligned = src.is_multiple_of(FS_BLOCK) && dst.is_multiple_of(FS_BLOCK);
             let clone_len = if aligned {
@@ -383,16 +408,21 @@ impl PatchSink for FileSink<'_> {
             } else {
                 0
             };
-            let mut written = 0usize;
-            if self.clone_ok && clone_len > 0 {
-                match crate::btrfs::clone_range(file, src, clone_len, self.out, dst) {
-                    Ok(()) => written = clone_len as usize,
-                    Err(_) => self.clone_ok = false,
-                }
-            }
+            let (out, clone_ok) = (self.out, &mut self.clone_ok);
             let buf = std::mem::take(&mut self.buf);
-            write_sparse_at(self.out, dst + written as u64, &buf[written..n])?;
+            // Cloned or written while the same bytes are hashed.
+            let stored = hash_sign_and(self.hasher, self.sig.as_deref_mut(), &buf[..n], || {
+                let mut written = 0usize;
+                if *clone_ok && clone_len > 0 {
+                    match crate::btrfs::clone_range(file, src, clone_len, out, dst) {
+                        Ok(()) => written = clone_len as usize,
+                        Err(_) => *clone_ok = false,
+                    }
+                }
+                write_sparse_at(out, dst + written as u64, &buf[written..n])
+            });
             self.buf = buf;
+            stored?;
             self.pos += n as u64;
             done += n as u64;
         }
@@ -402,14 +432,9 @@ impl PatchSink for FileSink<'_> {
 
     fn literal(&mut self, data: &[u8]) -> Result<(), SinkError> {
         let (out, pos) = (self.out, self.pos);
-        let (written, signed) = hash_sign_and(self.hasher, self.sig.as_deref_mut(), data, || {
+        hash_sign_and(self.hasher, self.sig.as_deref_mut(), data, || {
             write_sparse_at(out, pos, data)
-        });
-        if !signed {
-            self.sig = None;
-            self.sig_lost = true;
-        }
-        written?;
+        })?;
         self.pos += data.len() as u64;
         self.applied.literal += data.len() as u64;
         Ok(())
