@@ -39,6 +39,8 @@ struct PoolState {
     lent: usize,
     /// The backup failed: nobody waits any more.
     closed: bool,
+    /// Workers waiting for buffers.
+    waiting: usize,
 }
 
 impl BufPool {
@@ -107,13 +109,15 @@ impl BufPool {
                 st.lent += k;
                 return Ok(out);
             }
+            st.waiting += 1;
             st = wait(&self.cv, st);
+            st.waiting -= 1;
         }
     }
 
     /// Takes back a buffer lent at capacity `counted` (it may have grown since).
     pub(super) fn give(&self, buf: Vec<u8>, counted: usize) {
-        {
+        let wake = {
             let mut st = lock(&self.st);
             st.lent = st.lent.saturating_sub(1);
             st.total = (st.total + buf.capacity()).saturating_sub(counted);
@@ -122,8 +126,12 @@ impl BufPool {
             } else {
                 st.free.push(buf);
             }
+            // Only a waiter needs the (system) call.
+            st.waiting > 0
+        };
+        if wake {
+            self.cv.notify_all();
         }
-        self.cv.notify_all();
     }
 
     pub(super) fn give_back(&self, b: PoolBuf) {

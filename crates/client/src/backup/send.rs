@@ -41,17 +41,57 @@ pub(super) struct Job {
     pub(super) twin: bool,
 }
 
+/// Files at most this long, sent whole, go to the delta pool in groups.
+const SMALL_FILE: u64 = 64 << 10;
+/// Most files in one group.
+const GROUP_FILES: usize = 32;
+/// Most bytes of files in one group.
+const GROUP_BYTES: u64 = 512 << 10;
+
 /// Runs `job` on the delta pool; an error fails the backup.
 pub(super) fn spawn_job(pool: &rayon::ThreadPool, shared: &Arc<Shared>, job: Job) {
+    spawn_group(pool, shared, vec![job]);
+}
+
+/// Runs `jobs` on the delta pool: each small file sent whole joins a group
+/// sent by one job, one file after the other (a small file costs less to
+/// send than handing it to another thread); every other file is a job of
+/// its own. An error fails the backup.
+pub(super) fn spawn_jobs(pool: &rayon::ThreadPool, shared: &Arc<Shared>, jobs: Vec<Job>) {
+    let mut group = vec![];
+    let mut group_bytes = 0;
+    for job in jobs {
+        let size = job.entry.size();
+        if job.basis || job.twin || size > SMALL_FILE {
+            spawn_job(pool, shared, job);
+            continue;
+        }
+        if group.len() == GROUP_FILES || group_bytes + size > GROUP_BYTES {
+            spawn_group(pool, shared, std::mem::take(&mut group));
+            group_bytes = 0;
+        }
+        group_bytes += size;
+        group.push(job);
+    }
+    if !group.is_empty() {
+        spawn_group(pool, shared, group);
+    }
+}
+
+fn spawn_group(pool: &rayon::ThreadPool, shared: &Arc<Shared>, jobs: Vec<Job>) {
     let running = shared.enter();
     pool.spawn(move || {
         let shared = &running.0;
-        let id = job.id;
-        // Jobs queued before the backup failed have nothing left to do.
-        if !shared.stopped() {
+        for job in jobs {
+            // Jobs queued before the backup failed have nothing left to do.
+            if shared.stopped() {
+                break;
+            }
+            let id = job.id;
             if let Err(e) = send_file(shared, job) {
                 // The connection is gone or the protocol broke: the backup fails.
                 shared.fail(&e.context(format!("sending transfer {id}")));
+                break;
             }
         }
         drop(running);

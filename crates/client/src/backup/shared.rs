@@ -38,6 +38,8 @@ pub(super) struct Flow {
     pub(super) done: Option<Committed>,
     /// Threads and delta jobs of the backup that have not ended yet.
     pub(super) running: usize,
+    /// Threads waiting on the flow's condition variable.
+    pub(super) waiting: usize,
 }
 
 /// What the server reported on committing the backup.
@@ -159,12 +161,22 @@ impl Shared {
     ) -> Result<MutexGuard<'_, Flow>> {
         let mut f = lock(&self.flow);
         while !ready(&f) && f.failed.is_none() {
+            f.waiting += 1;
             f = wait(&self.cv, f);
+            f.waiting -= 1;
         }
         if let Some(e) = &f.failed {
             bail!("{}", e.message);
         }
         Ok(f)
+    }
+
+    /// Wakes the flow's waiters after a change to `f` (held): only when
+    /// there are any, since a wake is a system call even with none.
+    pub(super) fn wake(&self, f: &Flow) {
+        if f.waiting > 0 {
+            self.cv.notify_all();
+        }
     }
 
     pub(super) fn stopped(&self) -> bool {
@@ -196,7 +208,9 @@ impl Shared {
             if now >= deadline {
                 return false;
             }
+            f.waiting += 1;
             f = crate::sync::wait_timeout(&self.cv, f, deadline - now);
+            f.waiting -= 1;
         }
         true
     }
@@ -231,8 +245,9 @@ impl Drop for Running {
             self.0
                 .fail(&err!("internal error: a backup thread panicked"));
         }
-        lock(&self.0.flow).running -= 1;
-        self.0.cv.notify_all();
+        let mut f = lock(&self.0.flow);
+        f.running -= 1;
+        self.0.wake(&f);
     }
 }
 

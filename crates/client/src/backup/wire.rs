@@ -9,7 +9,7 @@ use crate::error::{bail, err, Result};
 use byteback_protocol::{ClientMsg, Entry, Need, ServerMsg};
 
 use super::queue::Outgoing;
-use super::send::{spawn_job, Job};
+use super::send::{spawn_job, spawn_jobs, Job};
 use super::shared::{lock, Batches, Committed, Shared};
 use crate::conn::{ConnReader, ConnWriter};
 use crate::progress::BACKUP as PROGRESS;
@@ -75,7 +75,7 @@ pub(super) fn reader_loop(
                 if let Some(seq) = f.transfer_seq.remove(&id) {
                     f.resolve(seq);
                 }
-                shared.cv.notify_all();
+                shared.wake(&f);
             }
             ServerMsg::FileRetry { id } => {
                 let (found, entry) = reader.transfer(id, "retry")?;
@@ -101,7 +101,7 @@ pub(super) fn reader_loop(
                     message,
                     stats,
                 });
-                shared.cv.notify_all();
+                shared.wake(&f);
                 return Ok(());
             }
             m => bail!("unexpected {} during a backup", m.name()),
@@ -147,30 +147,28 @@ impl Reader<'_> {
                     f.resolve(start + i as u64);
                 }
             }
-            self.shared.cv.notify_all();
+            self.shared.wake(&f);
         }
         for ((_, e), _) in batch.iter().zip(&needed).filter(|(_, n)| !**n) {
             PROGRESS.skipped(e.size());
         }
         let mut batch: Vec<Option<(Found, Entry)>> = batch.into_iter().map(Some).collect();
+        let mut jobs = Vec::with_capacity(needs.len());
         for need in needs {
             let (found, entry) = batch
                 .get_mut(need.index as usize)
                 .and_then(Option::take)
                 .ok_or_else(|| err!("bad need index"))?;
             self.jobs.insert(need.id, (found.clone(), entry.clone()));
-            spawn_job(
-                self.pool,
-                self.shared,
-                Job {
-                    id: need.id,
-                    found,
-                    entry,
-                    basis: need.basis,
-                    twin: need.twin,
-                },
-            );
+            jobs.push(Job {
+                id: need.id,
+                found,
+                entry,
+                basis: need.basis,
+                twin: need.twin,
+            });
         }
+        spawn_jobs(self.pool, self.shared, jobs);
         Ok(())
     }
 
