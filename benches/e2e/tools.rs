@@ -257,6 +257,16 @@ impl Bench {
         b
     }
 
+    /// The harness's own files, in a directory of their own: created or
+    /// removed in the mount's root they would change the mtime of an
+    /// ancestor of every source, which byteback stores (so a no-change
+    /// run would rewrite its manifest because of the harness).
+    fn scratch(&self) -> PathBuf {
+        let dir = self.fs.mount.join("harness");
+        fs::create_dir_all(&dir).expect("mkdir harness");
+        dir
+    }
+
     /// Empties a tool's store (before a first backup).
     pub fn reset(&self, tool: Tool) {
         match tool {
@@ -303,7 +313,7 @@ impl Bench {
     }
 
     fn run_byteback(&mut self, src: &Path) -> Sample {
-        let stats = self.fs.mount.join("relay-stats");
+        let stats = self.scratch().join("relay-stats");
         let _ = fs::remove_file(&stats);
         let mut cmd = Command::new(self.bin_dir.join("byteback-backup"));
         cmd.arg("--destination")
@@ -383,7 +393,7 @@ impl Bench {
     /// (the tree's bytes as a tar stream through what carries the backup:
     /// a pipe, or `ssh` with the same cipher into `cat >/dev/null`).
     pub fn ceilings(&mut self, src: &Path) -> Ceiling {
-        let dest = self.fs.mount.join("ceiling");
+        let dest = self.scratch().join("ceiling");
         self.fs.remove_tree(&dest);
         measure::drop_caches();
         let mut cp = Command::new("sh");
