@@ -38,7 +38,7 @@ use shared::{lock, start_thread, Batches, Committed, Shared, STOP_WAIT};
 
 /// Most bytes of segment buffers (file data, deltas, compressed chunks in
 /// the delta workers or queued for the writer) held at once.
-const BUFFER_BUDGET: usize = 32 << 20;
+const BUFFER_BUDGET: usize = 24 << 20;
 /// Messages the writer's queue holds; the bytes of their data are bounded by
 /// [`BUFFER_BUDGET`], so this only needs to be deep enough for small files.
 const QUEUE_DEPTH: usize = 64;
