@@ -17,12 +17,7 @@ const PREV: &[u8] = b".prev";
 
 /// Name in `.byteback/partial` of the rebuild of client path `path`.
 pub(super) fn partial_name(path: &[u8]) -> Vec<u8> {
-    let h = byteback_delta::hash_bytes(path);
-    let mut s = Vec::with_capacity(32);
-    for b in &h[..16] {
-        s.extend_from_slice(format!("{b:02x}").as_bytes());
-    }
-    s
+    crate::verify::hex(&byteback_delta::hash_bytes(path)[..16]).into_bytes()
 }
 
 pub(super) fn prev_name(name: &[u8]) -> Vec<u8> {

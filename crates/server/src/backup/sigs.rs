@@ -30,6 +30,7 @@ use byteback_protocol::{Kind, ManifestEntry};
 use super::in_dir;
 use crate::error::{IoContext, Result};
 use crate::fsops;
+use crate::verify::{hex, unhex};
 
 /// Directory in `.byteback` of kept signatures.
 pub(super) const SIGS: &[u8] = b"sigs";
@@ -79,11 +80,7 @@ fn expected_header(len: u64) -> [u8; HEADER_LEN as usize] {
 
 /// File name of the signature of content `hash`.
 pub(super) fn sig_name(hash: &[u8; 32]) -> Vec<u8> {
-    let mut s = Vec::with_capacity(64);
-    for b in hash {
-        s.extend_from_slice(format!("{b:02x}").as_bytes());
-    }
-    s
+    hex(hash).into_bytes()
 }
 
 /// Whether a file of this size gets its signature kept.
@@ -219,19 +216,10 @@ impl KeptSigs {
 }
 
 /// The content hash a signature's file name spells, if it is one.
+/// Only the name [`sig_name`] gives it (lowercase) counts.
 fn parse_name(name: &[u8]) -> Option<[u8; 32]> {
-    if name.len() != 64 {
-        return None;
-    }
-    let mut h = [0u8; 32];
-    for (i, pair) in name.chunks(2).enumerate() {
-        let hex = std::str::from_utf8(pair).ok()?;
-        if hex.bytes().any(|c| !matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
-            return None;
-        }
-        h[i] = u8::from_str_radix(hex, 16).ok()?;
-    }
-    Some(h)
+    let h: [u8; 32] = unhex(std::str::from_utf8(name).ok()?)?.try_into().ok()?;
+    (sig_name(&h) == name).then_some(h)
 }
 
 #[cfg(test)]
