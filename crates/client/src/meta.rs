@@ -98,9 +98,10 @@ pub fn proc_fd_available() -> bool {
 /// from its `statx` result `st` (see [`stat_at`]).
 ///
 /// Nothing is resolved by a path a user could change: a symlink's target is
-/// read with `readlinkat` on the held fd, and extended attributes through
-/// `/proc/self/fd/<fd>[/<name>]` (procfs must be mounted), which starts at the
-/// held fd and, for [`At::Child`], does not follow `name`. If the object was
+/// read with `readlinkat` on the held fd, and extended attributes with
+/// `listxattrat`/`getxattrat` on the held fd (Linux 6.13+) or else through
+/// `/proc/self/fd/<fd>[/<name>]` (procfs must be mounted), which starts at
+/// the held fd; for [`At::Child`] neither follows `name`. If the object was
 /// replaced since `st` was taken, the type comes from `st` and the rest may
 /// come from the new object at the same place; callers that care compare
 /// `(dev, ino)` later.
@@ -145,7 +146,6 @@ pub fn read_entry(at: At<'_>, rel: Vec<u8>, st: &Statx) -> io::Result<Entry> {
     let mtime_nsec = Some(st.stx_mtime.tv_nsec)
         .filter(|n| *n < 1_000_000_000)
         .unwrap_or(0);
-    let (proc_path, follow) = at.proc_path();
     Ok(Entry {
         path: rel,
         kind,
@@ -154,29 +154,40 @@ pub fn read_entry(at: At<'_>, rel: Vec<u8>, st: &Statx) -> io::Result<Entry> {
         gid: st.stx_gid,
         mtime_sec: st.stx_mtime.tv_sec,
         mtime_nsec,
-        xattrs: read_xattrs(proc_path.as_c_str(), follow)?,
+        xattrs: read_xattrs(at)?,
     })
 }
 
-/// All xattrs of the object at `path`, sorted by name; the last component of
-/// `path` is followed only if `follow`.
-fn read_xattrs(path: &CStr, follow: bool) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+/// All xattrs of the object at `at`, sorted by name: with `listxattrat`
+/// for [`At::Child`] where the kernel has it, else through procfs.
+fn read_xattrs(at: At<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    if let At::Child { dir, name } = at {
+        if byteback_protocol::os::xattr::at_calls_available() {
+            match xattrs_of(XattrOf::Child { dir, name }) {
+                Err((Errno::NOSYS, _)) => {}
+                r => return r.map_err(|(e, what)| with_what(e, &what)),
+            }
+        }
+    }
+    let (path, follow) = at.proc_path();
     let of = if follow {
-        XattrOf::Path(path)
+        XattrOf::Path(&path)
     } else {
-        XattrOf::Link(path)
+        XattrOf::Link(&path)
     };
-    let names = xattr_names(of, XATTR_KERNEL_MAX).map_err(|e| with_what(e, "listing xattrs"))?;
+    xattrs_of(of).map_err(|(e, what)| with_what(e, &what))
+}
+
+/// All xattrs of `of`, sorted by name; an error says what failed.
+fn xattrs_of(of: XattrOf<'_>) -> Result<byteback_protocol::Xattrs, (Errno, String)> {
+    let names = xattr_names(of, XATTR_KERNEL_MAX).map_err(|e| (e, "listing xattrs".into()))?;
     let mut out = Vec::new();
     for name in names {
         match xattr_value(of, &name, XATTR_KERNEL_MAX) {
             Ok(Some(value)) => out.push((name, value)),
             // Vanished since the listing, or listed but not readable as such.
             Ok(None) | Err(Errno::NOTSUP) => {}
-            Err(e) => {
-                let what = format!("reading xattr {}", name.escape_ascii());
-                return Err(with_what(e, &what));
-            }
+            Err(e) => return Err((e, format!("reading xattr {}", name.escape_ascii()))),
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -563,7 +574,7 @@ mod tests {
         assert!(md.blocks() * 512 < md.len() / 4, "blocks {}", md.blocks());
         // The symlink got its trusted xattr back.
         assert_eq!(
-            read_xattrs(&cpath(&dst.join("dangling")), false).unwrap(),
+            xattrs_of(XattrOf::Link(&cpath(&dst.join("dangling")))).unwrap(),
             [(b"trusted.link".to_vec(), b"v".to_vec())]
         );
     }
@@ -637,7 +648,7 @@ mod tests {
         make_special(&link, &e);
         assert!(apply_at(&link, &e, true).is_empty());
         assert_eq!(
-            read_xattrs(&cpath(&link), false).unwrap(),
+            xattrs_of(XattrOf::Link(&cpath(&link))).unwrap(),
             [(b"trusted.a".to_vec(), b"1".to_vec())]
         );
         let md = std::fs::symlink_metadata(&link).unwrap();
@@ -658,7 +669,7 @@ mod tests {
         assert_eq!(md.uid(), 0);
         assert_eq!(md.mode() & 0o7777, 0o4640);
         assert_eq!(
-            read_xattrs(&cpath(&f), false).unwrap(),
+            xattrs_of(XattrOf::Link(&cpath(&f))).unwrap(),
             [(b"user.b".to_vec(), b"2".to_vec())]
         );
 

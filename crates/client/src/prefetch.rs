@@ -65,20 +65,35 @@ impl Shared {
     }
 
     /// Queues a directory's names in chunks; what does not fit is dropped.
-    fn push(&self, dir: Arc<OwnedFd>, mnt: u64, names: &[u8], depth: u8) {
+    /// Returns whether all of them were queued. The names of a directory
+    /// the walk has just read (depth 0) go first, in order: the walk needs
+    /// them now, and the subdirectories queued earlier only later.
+    fn push(&self, dir: Arc<OwnedFd>, mnt: u64, names: &[u8], depth: u8) -> bool {
         let mut q = self.lock();
+        let mut urgent = Vec::new();
+        let mut all = true;
         for chunk in chunks(names) {
-            if q.closed || q.jobs.len() >= MAX_JOBS {
-                return;
+            if q.closed || q.jobs.len() + urgent.len() >= MAX_JOBS {
+                all = false;
+                break;
             }
-            q.jobs.push_back(Job {
+            let job = Job {
                 dir: dir.clone(),
                 mnt,
                 names: chunk.to_vec(),
                 depth,
-            });
+            };
+            if depth == 0 {
+                urgent.push(job);
+            } else {
+                q.jobs.push_back(job);
+            }
             self.ready.notify_one();
         }
+        for job in urgent.into_iter().rev() {
+            q.jobs.push_front(job);
+        }
+        all
     }
 
     fn expanded(&self) -> MutexGuard<'_, HashSet<(u64, u64)>> {
@@ -224,12 +239,14 @@ fn run(shared: &Shared, job: &Job, buf: &mut [MaybeUninit<u8>]) {
                 sub_names.extend_from_slice(n);
             }
         }
-        let mut expanded = shared.expanded();
-        if expanded.len() < MAX_EXPANDED {
-            expanded.insert((job.mnt, st.stx_ino));
+        // Remembered only when all its names were queued: a directory whose
+        // names did not fit is queued again when the walk reads it.
+        if shared.push(Arc::new(sub), job.mnt, &sub_names, 1) {
+            let mut expanded = shared.expanded();
+            if expanded.len() < MAX_EXPANDED {
+                expanded.insert((job.mnt, st.stx_ino));
+            }
         }
-        drop(expanded);
-        shared.push(Arc::new(sub), job.mnt, &sub_names, 1);
     }
 }
 
@@ -252,6 +269,46 @@ mod tests {
         }
         assert_eq!(parts[0].iter().filter(|&&b| b == 0).count(), CHUNK);
         assert_eq!(chunks(b"").count(), 0);
+    }
+
+    /// The walk's own directory goes before the subdirectories queued
+    /// ahead, in order; a directory whose names did not all fit says so (it
+    /// is then not remembered as expanded, and queued again when read).
+    #[test]
+    fn the_walks_directory_goes_first_and_a_full_queue_is_reported() {
+        let shared = Shared {
+            queue: Mutex::new(Queue::default()),
+            ready: Condvar::new(),
+            expanded: Mutex::new(HashSet::new()),
+        };
+        let dir = Arc::new(rustix::fs::open(".", OFlags::PATH, Mode::empty()).unwrap());
+        let names = |tag: &str, n: usize| -> Vec<u8> {
+            (0..n)
+                .flat_map(|i| format!("{tag}{i}\0").into_bytes())
+                .collect()
+        };
+        assert!(shared.push(dir.clone(), 1, &names("ahead", CHUNK * 2), 1));
+        assert!(shared.push(dir.clone(), 1, &names("now", CHUNK * 2), 0));
+        let order: Vec<(u8, Vec<u8>)> = shared
+            .lock()
+            .jobs
+            .iter()
+            .map(|j| {
+                (
+                    j.depth,
+                    j.names[..j.names.iter().position(|&b| b == 0).unwrap()].to_vec(),
+                )
+            })
+            .collect();
+        let want: Vec<(u8, Vec<u8>)> = [(0, "now0"), (0, &format!("now{CHUNK}")), (1, "ahead0")]
+            .into_iter()
+            .map(|(d, n)| (d, n.as_bytes().to_vec()))
+            .chain([(1, format!("ahead{CHUNK}").into_bytes())])
+            .collect();
+        assert_eq!(order, want);
+        let fill = names("x", CHUNK * MAX_JOBS);
+        assert!(!shared.push(dir, 1, &fill, 1));
+        assert_eq!(shared.lock().jobs.len(), MAX_JOBS);
     }
 
     #[test]
