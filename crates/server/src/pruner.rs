@@ -514,12 +514,16 @@ pub fn make_room(
     let target = need.saturating_add(MARGIN);
     let opts = PruneOptions::server(cfg, now, Some(target));
     let mut err = std::io::LineWriter::new(LinesAt(Level::INFO));
+    // `need` 0: a file written and verified, whose rename ran out of space.
+    let doing = if need == 0 {
+        format!("putting {path:?} in place")
+    } else {
+        format!("writing {path:?} ({need} bytes)")
+    };
     print_lines(
         Level::WARN,
-        format!(
-            "byteback-server: no space left on device writing {path:?} ({need} bytes); pruning to make room\n"
-        )
-        .as_bytes(),
+        format!("byteback-server: no space left on device {doing}; pruning to make room\n")
+            .as_bytes(),
     );
     let out = prune(store, &opts, &mut err)?;
     if !out.deleted.is_empty() || out.after.free >= target {

@@ -217,6 +217,8 @@ impl BackupReceiver {
                 in_place,
                 retried: false,
                 nospace_rounds: 0,
+                place_rounds: 0,
+                verified: None,
                 writer: FileWriter::new(out, basis, sigs::keeps(size).then_some(size)),
                 basis_hash,
             },

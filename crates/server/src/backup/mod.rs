@@ -89,10 +89,23 @@ struct Transfer {
     retried: bool,
     /// How often writing it ran out of space.
     nospace_rounds: u8,
+    /// How often putting it in place ran out of space.
+    place_rounds: u8,
+    /// Set once its content passed the check: what is put in place.
+    verified: Option<Verified>,
     writer: FileWriter,
     /// Content hash of the stored copy that is the whole basis, when the
     /// manifest vouches for it (its kept signature may be sent).
     basis_hash: Option<[u8; 32]>,
+}
+
+/// A transfer whose content passed its BLAKE3 check.
+struct Verified {
+    size: u64,
+    hash: [u8; 32],
+    mtime: (i64, u32),
+    /// Its block signature, to keep (see `sigs`).
+    sig: Option<byteback_delta::SignatureBytes>,
 }
 
 /// One directory of the chain from `current` to the last entry.
@@ -124,6 +137,12 @@ pub enum TransferResult {
         path: String,
         /// Its size.
         need: u64,
+    },
+    /// Verified, but putting it in place ran out of space: make room, then
+    /// call `place` again (the data is not sent again).
+    NoRoomToPlace {
+        /// The file's path, for messages.
+        path: String,
     },
 }
 

@@ -214,7 +214,7 @@ impl FileWriter {
 
     /// Finishes a verified file: its full length (trailing zero blocks were
     /// left as a hole), the client's mtime, and writeback of what is left.
-    pub fn finish(self, size: u64, mtime: (i64, u32)) -> io::Result<File> {
+    pub fn finish(&mut self, size: u64, mtime: (i64, u32)) -> io::Result<()> {
         if self.out.metadata()?.len() != size {
             self.out.set_len(size)?;
         }
@@ -223,8 +223,9 @@ impl FileWriter {
         // their writeback cost this (single) thread more than it saved.
         if size >= WRITEBACK_EVERY && size > self.flushed {
             start_writeback(&self.out, self.flushed, size - self.flushed);
+            self.flushed = size;
         }
-        Ok(self.out)
+        Ok(())
     }
 }
 

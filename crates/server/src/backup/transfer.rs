@@ -8,10 +8,10 @@ use byteback_delta::SignatureBuilder;
 use byteback_protocol::{Compressed, Kind, ManifestEntry};
 
 use super::partial::prev_name;
-use super::sink::{Basis, IO_CHUNK};
+use super::sink::{is_no_space, Basis, IO_CHUNK};
 use super::slots::Slot;
 use super::sweep::remove_in_place;
-use super::{BackupReceiver, LastParent, Transfer, TransferResult};
+use super::{BackupReceiver, LastParent, Transfer, TransferResult, Verified};
 use crate::error::{shown, Error, IoContext, Result};
 use crate::fsops::{self, split};
 use crate::store::disk_path;
@@ -98,16 +98,52 @@ impl BackupReceiver {
             ));
             return self.abort(id);
         }
-        let mut t = self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
-        let shown_path = || shown(&t.entry.path);
         let sig = t.writer.take_signature(size);
-        drop(t.writer.finish(size, mtime).op("finish", shown_path)?);
+        t.verified = Some(Verified {
+            size,
+            hash,
+            mtime,
+            sig,
+        });
+        self.place(id)
+    }
+
+    /// Puts verified transfer `id` in place: sets its length and mtime,
+    /// renames its rebuild over the stored copy, records it. When that runs
+    /// out of space (btrfs needs metadata space for a rename), the transfer
+    /// stays, verified, and [`TransferResult::NoRoomToPlace`] asks the
+    /// caller to make room and call this again; the data is not sent again.
+    pub fn place(&mut self, id: u32) -> Result<TransferResult> {
+        let t = self.transfer(id)?;
+        let Some((size, mtime)) = t.verified.as_ref().map(|v| (v.size, v.mtime)) else {
+            return Err(Error::Refused(format!("transfer {id} is not verified")));
+        };
+        let finished = t.writer.finish(size, mtime);
+        let rename = (!t.in_place).then(|| (t.entry.path.clone(), t.partial.clone()));
+        let placed = finished.and_then(|()| match rename {
+            Some((path, partial)) => self.try_rename_into_place(&path, &partial),
+            None => Ok(()),
+        });
+        match placed {
+            Err(e) if is_no_space(&e) => return self.no_room_to_place(id),
+            r => r.op("put in place", || {
+                self.transfers
+                    .get(&id)
+                    .map(|t| shown(&t.entry.path))
+                    .unwrap_or_default()
+            })?,
+        }
+        let mut t = self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
+        let Verified {
+            size,
+            hash,
+            mtime,
+            sig,
+        } = t.verified.take().ok_or_else(|| unknown(id))?;
+        drop(t.writer);
         t.entry.kind = Kind::File { size };
         t.entry.mtime_sec = mtime.0;
         t.entry.mtime_nsec = mtime.1;
-        if !t.in_place {
-            self.rename_into_place(&t.entry.path, &t.partial)?;
-        }
         if t.has_prev {
             let prev = prev_name(&t.partial);
             fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
@@ -128,23 +164,37 @@ impl BackupReceiver {
         Ok(TransferResult::Done)
     }
 
+    /// Placing transfer `id` ran out of space: counts the round; after
+    /// three, the backup fails (nothing of it is committed).
+    fn no_room_to_place(&mut self, id: u32) -> Result<TransferResult> {
+        let t = self.transfer(id)?;
+        let path = String::from_utf8_lossy(&t.entry.path).into_owned();
+        t.place_rounds += 1;
+        if t.place_rounds > 3 {
+            return Err(Error::Store(format!(
+                "no space left on device putting {path:?} in place, even after making room three times"
+            )));
+        }
+        Ok(TransferResult::NoRoomToPlace { path })
+    }
+
     /// Renames a verified rebuild from `.byteback/partial` over the stored copy.
-    fn rename_into_place(&mut self, path: &[u8], partial: &[u8]) -> Result<()> {
+    fn try_rename_into_place(&mut self, path: &[u8], partial: &[u8]) -> io::Result<()> {
         let disk = disk_path(path);
         let (pdir, name) = split(&disk);
         let parent = match self.last_parent.take() {
             Some(last) if last.path == pdir => last.fd,
-            _ => {
-                fsops::open_dir(&self.current, pdir).op("open the directory of", || shown(path))?
-            }
+            _ => fsops::open_dir(&self.current, pdir)?,
         };
-        fsops::replace(&self.partial, partial, &parent, name)
-            .op("rename into place", || shown(path))?;
+        let renamed = test_fault::rename_no_space().map_or_else(
+            || fsops::replace(&self.partial, partial, &parent, name),
+            Err,
+        );
         self.last_parent = Some(LastParent {
             path: pdir.to_vec(),
             fd: parent,
         });
-        Ok(())
+        renamed
     }
 
     /// Gives up on transfer `id`; the previous version, if any, stays.
@@ -171,6 +221,30 @@ impl BackupReceiver {
         self.slots.set(t.seq, slot, cost);
         self.flush_slots()?;
         Ok(TransferResult::Done)
+    }
+}
+
+/// Faults the tests inject where the kernel gives them only by chance.
+/// Debug builds only: a release build has none.
+mod test_fault {
+    /// `ENOSPC` for the first N renames into place, N from
+    /// `BYTEBACK_TEST_NO_SPACE_RENAME`, read once.
+    #[cfg(debug_assertions)]
+    pub fn rename_no_space() -> Option<std::io::Error> {
+        use std::sync::atomic::{AtomicI64, Ordering};
+        use std::sync::OnceLock;
+        static LEFT: OnceLock<AtomicI64> = OnceLock::new();
+        let left = LEFT.get_or_init(|| {
+            let n = std::env::var("BYTEBACK_TEST_NO_SPACE_RENAME").ok();
+            AtomicI64::new(n.and_then(|v| v.parse().ok()).unwrap_or(0))
+        });
+        (left.fetch_sub(1, Ordering::Relaxed) > 0)
+            .then(|| std::io::Error::from_raw_os_error(libc::ENOSPC))
+    }
+
+    #[cfg(not(debug_assertions))]
+    pub fn rename_no_space() -> Option<std::io::Error> {
+        None
     }
 }
 

@@ -100,15 +100,23 @@ fn receive<R: Read, W: Write>(
                 mtime_nsec,
             } => {
                 let name = rx.transfer_name(id);
-                let ended = rx
+                let mut ended = rx
                     .end(id, size, hash, (mtime_sec, mtime_nsec))
                     .context_with(|| format!("finishing {name}"))?;
-                let reply = match ended {
-                    TransferResult::Done => ServerMsg::FileOk { id },
-                    TransferResult::Retry => ServerMsg::FileRetry { id },
-                    TransferResult::NoSpace { path, need } => {
-                        make_room(target, rx, &path, need)?;
-                        ServerMsg::FileRetry { id }
+                let reply = loop {
+                    match ended {
+                        TransferResult::Done => break ServerMsg::FileOk { id },
+                        TransferResult::Retry => break ServerMsg::FileRetry { id },
+                        TransferResult::NoSpace { path, need } => {
+                            make_room(target, rx, &path, need)?;
+                            break ServerMsg::FileRetry { id };
+                        }
+                        // Verified: room, then the rename again (`place`
+                        // gives up after three rounds).
+                        TransferResult::NoRoomToPlace { path } => {
+                            make_room(target, rx, &path, 0)?;
+                            ended = rx.place(id).context_with(|| format!("finishing {name}"))?;
+                        }
                     }
                 };
                 conn.send(&reply)?;
@@ -150,7 +158,7 @@ fn make_room(target: &Target, rx: &mut BackupReceiver, path: &str, need: u64) ->
     // Rebuilds kept from interrupted runs go first.
     let freed = rx.drop_idle_partials()?;
     if freed > 0 {
-        eprintln!("byteback-server: no space left on device writing {path:?}: removed {freed} bytes of interrupted transfers' partial copies");
+        eprintln!("byteback-server: no space left on device for {path:?}: removed {freed} bytes of interrupted transfers' partial copies");
     }
     crate::pruner::make_room(target.store, target.config, target.now(), need, path)
 }
