@@ -19,20 +19,31 @@ struct Rig {
     wrapper: PathBuf,
     store: PathBuf,
     src: PathBuf,
+    /// Scratch space: the source and the server wrapper are in it.
+    dir: tempfile::TempDir,
+    _fs: BtrfsLoop,
 }
 
 impl Rig {
-    /// A store on `fs_`, an empty source in `dir/src`.
-    fn new(fs_: &BtrfsLoop, dir: &Path) -> Rig {
+    /// A store on a fresh btrfs filesystem of `mib` MiB and an empty
+    /// source in a scratch directory; `None` (said loudly) when not root.
+    fn start(mib: u64) -> Option<Rig> {
+        if !require_root("btrfs loop filesystem") {
+            return None;
+        }
+        let fs_ = BtrfsLoop::new(mib);
+        let dir = scratch();
         let store = fs_.mount.join("store");
         store_without_interval(&store);
-        let src = dir.join("src");
+        let src = dir.path().join("src");
         fs::create_dir_all(&src).unwrap();
-        Rig {
-            wrapper: server_wrapper(dir),
+        Some(Rig {
+            wrapper: server_wrapper(dir.path()),
             store,
             src,
-        }
+            dir,
+            _fs: fs_,
+        })
     }
 
     /// A backup that must succeed.
@@ -68,12 +79,9 @@ fn fill(src: &Path, name: &str, mib: usize, seed: u64) {
 
 #[test]
 fn a_backup_that_does_not_fit_prunes_old_snapshots_and_succeeds() {
-    if !require_root("btrfs loop filesystem") {
+    let Some(rig) = Rig::start(400) else {
         return;
-    }
-    let fs_ = BtrfsLoop::new(400);
-    let d = scratch();
-    let rig = Rig::new(&fs_, d.path());
+    };
     let src = rig.src.clone();
     // Three daily snapshots, each holding its own 70 MiB file.
     for (i, name) in ["a", "b", "c"].iter().enumerate() {
@@ -110,12 +118,9 @@ fn a_backup_that_does_not_fit_prunes_old_snapshots_and_succeeds() {
 
 #[test]
 fn with_nothing_to_delete_it_fails_clearly_and_a_smaller_backup_then_succeeds() {
-    if !require_root("btrfs loop filesystem") {
+    let Some(rig) = Rig::start(300) else {
         return;
-    }
-    let fs_ = BtrfsLoop::new(300);
-    let d = scratch();
-    let rig = Rig::new(&fs_, d.path());
+    };
     let src = rig.src.clone();
     fill(&src, "a", 100, 1);
     rig.backup_ok(&src, "h", T0);
@@ -143,12 +148,9 @@ fn with_nothing_to_delete_it_fails_clearly_and_a_smaller_backup_then_succeeds() 
 /// that it would run out of space too (only the newest snapshot exists).
 #[test]
 fn a_failed_runs_leftovers_are_removed_at_the_next_start_when_space_is_short() {
-    if !require_root("btrfs loop filesystem") {
+    let Some(rig) = Rig::start(400) else {
         return;
-    }
-    let fs_ = BtrfsLoop::new(400);
-    let d = scratch();
-    let rig = Rig::new(&fs_, d.path());
+    };
     let src = rig.src.clone();
     fill(&src, "a", 10, 1);
     rig.backup_ok(&src, "h", T0);
@@ -189,7 +191,7 @@ fn a_failed_runs_leftovers_are_removed_at_the_next_start_when_space_is_short() {
     assert!(!x.exists() && !z.exists());
     let snaps = rig.snapshots("h");
     assert_eq!(snaps.len(), 2, "{snaps:?}");
-    let into = d.path().join("restore");
+    let into = rig.dir.path().join("restore");
     fs::create_dir_all(&into).unwrap();
     run(Command::new(bin("byteback-restore"))
         .current_dir(&into)
@@ -210,12 +212,9 @@ fn a_failed_runs_leftovers_are_removed_at_the_next_start_when_space_is_short() {
 /// injects it: `BYTEBACK_TEST_NO_SPACE_RENAME=N` fails the first N renames.
 #[test]
 fn a_rename_that_runs_out_of_space_makes_room_and_is_not_sent_again() {
-    if !require_root("btrfs loop filesystem") {
+    let Some(rig) = Rig::start(400) else {
         return;
-    }
-    let fs_ = BtrfsLoop::new(400);
-    let d = scratch();
-    let rig = Rig::new(&fs_, d.path());
+    };
     let src = rig.src.clone();
     let write = |seed: u64| {
         for (i, name) in ["a.bin", "b.bin"].iter().enumerate() {
