@@ -705,4 +705,44 @@ mod tests {
             e
         );
     }
+
+    /// `listxattrat` on the held directory (Linux 6.13+) and the `/proc`
+    /// path older kernels use read the same attributes, and neither follows
+    /// a symlink.
+    #[test]
+    fn both_ways_of_reading_xattrs_agree() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let big = vec![9u8; 3000];
+        for (name, value) in [("user.a", &b"1"[..]), ("user.big", &big[..])] {
+            rustix::fs::lsetxattr(&f, name, value, XattrFlags::empty()).unwrap();
+        }
+        std::os::unix::fs::symlink(&f, t.path().join("l")).unwrap();
+        let dir =
+            rustix::fs::open(t.path(), OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).unwrap();
+        for name in [c"f", c"l"] {
+            let at = At::Child {
+                dir: dir.as_fd(),
+                name,
+            };
+            let (path, follow) = at.proc_path();
+            assert!(!follow);
+            let by_proc = xattrs_of(XattrOf::Link(&path)).unwrap();
+            match xattrs_of(XattrOf::Child {
+                dir: dir.as_fd(),
+                name,
+            }) {
+                Ok(by_fd) => assert_eq!(by_fd, by_proc, "{name:?}"),
+                Err((Errno::NOSYS, _)) => eprintln!("NOTE: no listxattrat here; /proc only"),
+                Err(e) => panic!("{name:?}: {e:?}"),
+            }
+            let user: Vec<_> = by_proc
+                .iter()
+                .filter(|(n, _)| n.starts_with(b"user."))
+                .collect();
+            assert_eq!(user.len(), if name == c"f" { 2 } else { 0 }, "{name:?}");
+            assert_eq!(read_xattrs(at).unwrap(), by_proc, "{name:?}");
+        }
+    }
 }
