@@ -208,7 +208,7 @@ impl BackupReceiver {
         let seq = self.slots.push(Slot::Waiting, e.buffer_cost())?;
         self.transfers.insert(
             id,
-            Transfer {
+            Box::new(Transfer {
                 seq,
                 entry: e,
                 old,
@@ -221,7 +221,7 @@ impl BackupReceiver {
                 verified: None,
                 writer: FileWriter::new(out, basis, sigs::keeps(size).then_some(size)),
                 basis_hash,
-            },
+            }),
         );
         Ok(Started {
             id,

@@ -18,7 +18,10 @@ use crate::store::disk_path;
 
 impl BackupReceiver {
     pub(super) fn transfer(&mut self, id: u32) -> Result<&mut Transfer> {
-        self.transfers.get_mut(&id).ok_or_else(|| unknown(id))
+        self.transfers
+            .get_mut(&id)
+            .map(|t| &mut **t)
+            .ok_or_else(|| unknown(id))
     }
 
     /// Signature of the basis of transfer `id`. A stored copy that cannot be
@@ -199,7 +202,7 @@ impl BackupReceiver {
 
     /// Gives up on transfer `id`; the previous version, if any, stays.
     pub fn abort(&mut self, id: u32) -> Result<TransferResult> {
-        let t = self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
+        let t = *self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
         drop(t.writer);
         if t.in_place {
             // Nothing was at its path before: take the unverified file away.
