@@ -1303,3 +1303,49 @@ fn a_storage_error_names_the_path() {
     let root = restore_all(&store, "t", None, &d.path().join("r"));
     assert_same_tree(&src, &restored_path(&root, &src));
 }
+
+/// A first backup of many small files needs a file open on the server for
+/// each one in flight, and the client's window allows 8,192: under a low
+/// open-file limit the server answers batches of entries only as files
+/// finish, instead of failing with "Too many open files". Under a limit of
+/// 2,048 (set by the server's wrapper), 6,000 new files all arrive.
+#[test]
+fn a_low_open_file_limit_on_the_server_slows_a_first_backup_but_does_not_fail_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = scratch();
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let src = d.path().join("src");
+    for dir in 0..12 {
+        fs::create_dir_all(src.join(format!("d{dir}"))).unwrap();
+        for i in 0..500 {
+            fs::write(src.join(format!("d{dir}/f{i}")), format!("{dir} {i}")).unwrap();
+        }
+    }
+    let wrapper = d.path().join("server-low-nofile");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nulimit -n 2048 || exit 99\nexec '{}' \"$@\"\n",
+            bin("byteback-server").display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let o = run_status(backup_cmd(&store, &src, "w", 0).env("BYTEBACK_SERVER", &wrapper));
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains(" 6000 files sent"), "{e}");
+    assert!(e.contains("the open-file limit is 2048"), "{e}");
+    let stored = store.join("w/current").join(src.strip_prefix("/").unwrap());
+    for dir in 0..12 {
+        for i in 0..500 {
+            let name = format!("d{dir}/f{i}");
+            assert_eq!(
+                fs::read(stored.join(&name)).unwrap(),
+                format!("{dir} {i}").into_bytes(),
+                "{name}"
+            );
+        }
+    }
+}

@@ -206,6 +206,8 @@ impl BackupReceiver {
         let size = e.size();
         let twin = !has_basis && size >= TWIN_MIN && self.twins().has_size(size);
         let seq = self.slots.push(Slot::Waiting, e.buffer_cost())?;
+        let fds = 1 + basis.as_ref().map_or(0, |b| b.parts.len());
+        self.held_fds += fds;
         self.transfers.insert(
             id,
             Box::new(Transfer {
@@ -218,6 +220,7 @@ impl BackupReceiver {
                 retried: false,
                 nospace_rounds: 0,
                 place_rounds: 0,
+                fds,
                 verified: None,
                 writer: FileWriter::new(out, basis, sigs::keeps(size).then_some(size)),
                 basis_hash,

@@ -91,6 +91,8 @@ struct Transfer {
     nospace_rounds: u8,
     /// How often putting it in place ran out of space.
     place_rounds: u8,
+    /// File descriptors it holds: its output and its basis's parts.
+    fds: usize,
     /// Set once its content passed the check: what is put in place.
     verified: Option<Verified>,
     writer: FileWriter,
@@ -198,6 +200,8 @@ pub struct BackupReceiver {
     /// unboxed, W1's server peaked at 63 MiB, in tables of 20 and 40 MiB.
     transfers: HashMap<u32, Box<Transfer>>,
     next_id: u32,
+    /// File descriptors the open transfers hold (see [`Self::files_held`]).
+    held_fds: usize,
     /// The directory chain of the last entry.
     dirs: Vec<OpenDir>,
     last_parent: Option<LastParent>,
@@ -310,6 +314,7 @@ impl BackupReceiver {
             slots: Slots::default(),
             transfers: HashMap::new(),
             next_id: 0,
+            held_fds: 0,
             dirs: vec![OpenDir {
                 path: vec![],
                 fd: Some(dir_fd),
@@ -326,6 +331,14 @@ impl BackupReceiver {
             rx.mark_changed()?;
         }
         Ok(rx)
+    }
+
+    /// File descriptors the transfers in progress hold: each a file it
+    /// writes and the parts of its basis. The serve loop answers a batch of
+    /// entries only while they leave room under the process's open-file
+    /// limit (see `serve::backup`).
+    pub fn files_held(&self) -> usize {
+        self.held_fds
     }
 
     /// Records that this backup ran out of space: until a commit, the next

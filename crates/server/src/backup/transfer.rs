@@ -137,6 +137,7 @@ impl BackupReceiver {
             })?,
         }
         let mut t = self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
+        self.held_fds = self.held_fds.saturating_sub(t.fds);
         let Verified {
             size,
             hash,
@@ -203,6 +204,7 @@ impl BackupReceiver {
     /// Gives up on transfer `id`; the previous version, if any, stays.
     pub fn abort(&mut self, id: u32) -> Result<TransferResult> {
         let t = *self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
+        self.held_fds = self.held_fds.saturating_sub(t.fds);
         drop(t.writer);
         if t.in_place {
             // Nothing was at its path before: take the unverified file away.

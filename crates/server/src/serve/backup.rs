@@ -4,9 +4,10 @@
 //! is answered here: idle partial copies go, then snapshots, then the file
 //! is sent again.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 
-use byteback_protocol::{ClientMsg, ProtocolError, ServerMsg};
+use byteback_protocol::{ClientMsg, Entry, ProtocolError, ServerMsg};
 
 use super::{refused, Conn, ServeConfig};
 use crate::backup::{BackupReceiver, TransferResult};
@@ -71,15 +72,16 @@ fn receive<R: Read, W: Write>(
     conn: &mut Conn<R, W>,
     rx: &mut BackupReceiver,
 ) -> Result<()> {
+    let budget = fd_budget();
+    // Batches of entries not answered yet (bounded by the client's window).
+    let mut waiting: VecDeque<Vec<Entry>> = VecDeque::new();
     loop {
+        answer_waiting(conn, rx, &mut waiting, budget)?;
         let msg = conn
             .recv()?
             .ok_or_else(|| refused("client went away in the middle of a backup"))?;
         match msg {
-            ClientMsg::Entries(entries) => {
-                let needs = rx.entries(entries)?;
-                conn.send(&ServerMsg::Needs(needs))?;
-            }
+            ClientMsg::Entries(entries) => waiting.push_back(entries),
             ClientMsg::SigRequest { id } => {
                 let name = rx.transfer_name(id);
                 let sig = rx
@@ -148,6 +150,57 @@ fn receive<R: Read, W: Write>(
             m => return Err(refused(format!("unexpected {} during a backup", m.name()))),
         }
     }
+}
+
+/// Descriptors a file of a batch may need (its output, a stored copy and
+/// an earlier run's rebuild).
+const FDS_PER_FILE: usize = 3;
+/// Descriptors kept for everything else (the directory chain, the
+/// manifests, the store's own files).
+const FDS_RESERVED: usize = 512;
+
+/// Descriptors the transfers may hold: the open-file limit (already raised
+/// to the hard limit) less [`FDS_RESERVED`]. A limit too low for a full
+/// batch is said once; batches are then answered one at a time.
+fn fd_budget() -> usize {
+    let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let soft = lim
+        .current
+        .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let budget = soft.saturating_sub(FDS_RESERVED);
+    let batch = byteback_protocol::limits::MAX_BATCH * FDS_PER_FILE;
+    if budget < batch {
+        tracing::warn!(
+            "the open-file limit is {soft}: a batch of {} new files may need more; raise it (nofile, LimitNOFILE=) to at least {}",
+            byteback_protocol::limits::MAX_BATCH,
+            batch + FDS_RESERVED
+        );
+    }
+    budget
+}
+
+/// Answers the waiting batches of entries, oldest first, while the files
+/// their transfers may open fit under `budget` (or nothing is open): a
+/// first backup of many small files would otherwise open a file for every
+/// entry in the client's window and could run out of descriptors. The
+/// client goes on sending the files already needed, and each one finished
+/// makes room.
+fn answer_waiting<R: Read, W: Write>(
+    conn: &mut Conn<R, W>,
+    rx: &mut BackupReceiver,
+    waiting: &mut VecDeque<Vec<Entry>>,
+    budget: usize,
+) -> Result<()> {
+    while let Some(batch) = waiting.front() {
+        let held = rx.files_held();
+        if held > 0 && held + batch.len() * FDS_PER_FILE > budget {
+            break;
+        }
+        let batch = waiting.pop_front().unwrap_or_default();
+        let needs = rx.entries(batch)?;
+        conn.send(&ServerMsg::Needs(needs))?;
+    }
+    Ok(())
 }
 
 /// Writing `path` (`need` bytes) ran out of space: marks the store, drops
