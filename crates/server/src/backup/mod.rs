@@ -195,9 +195,10 @@ pub struct BackupReceiver {
     work: CommitWork,
     /// Entries not yet in the new manifest, in walk order.
     slots: Slots,
-    /// Boxed: a first backup of small files has tens of thousands in the
-    /// window, and the table's buckets (and its doubling) then stay small:
-    /// unboxed, W1's server peaked at 63 MiB, in tables of 20 and 40 MiB.
+    /// Boxed: a first backup of small files has up to 8,192 in the window
+    /// (about 2.4 KiB each, its hasher inline), and the table's buckets
+    /// (and its doubling) then stay small: unboxed, W1's server peaked at
+    /// 63 MiB, in tables of 20 and 40 MiB.
     transfers: HashMap<u32, Box<Transfer>>,
     next_id: u32,
     /// File descriptors the open transfers hold (see [`Self::files_held`]).
