@@ -1311,7 +1311,6 @@ fn a_storage_error_names_the_path() {
 /// 2,048 (set by the server's wrapper), 6,000 new files all arrive.
 #[test]
 fn a_low_open_file_limit_on_the_server_slows_a_first_backup_but_does_not_fail_it() {
-    use std::os::unix::fs::PermissionsExt;
     let d = scratch();
     let store = d.path().join("store");
     store_without_interval(&store);
@@ -1322,16 +1321,13 @@ fn a_low_open_file_limit_on_the_server_slows_a_first_backup_but_does_not_fail_it
             fs::write(src.join(format!("d{dir}/f{i}")), format!("{dir} {i}")).unwrap();
         }
     }
-    let wrapper = d.path().join("server-low-nofile");
-    fs::write(
-        &wrapper,
-        format!(
+    let wrapper = write_script(
+        &d.path().join("server-low-nofile"),
+        &format!(
             "#!/bin/sh\nulimit -n 2048 || exit 99\nexec '{}' \"$@\"\n",
             bin("byteback-server").display()
         ),
-    )
-    .unwrap();
-    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    );
     let o = run_status(backup_cmd(&store, &src, "w", 0).env("BYTEBACK_SERVER", &wrapper));
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");

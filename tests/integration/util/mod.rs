@@ -1582,15 +1582,18 @@ pub fn rfc3339(t: i64) -> String {
 /// the client starts it through `BYTEBACK_SERVER`, so whole backups run "as
 /// of" a date.
 pub fn server_wrapper(dir: &Path) -> PathBuf {
-    let p = dir.join("server-at-now");
-    fs::write(
-        &p,
-        format!(
+    write_script(
+        &dir.join("server-at-now"),
+        &format!(
             "#!/bin/sh\nexec '{}' \"$@\" --now \"$BYTEBACK_TEST_NOW\"\n",
             bin("byteback-server").display()
         ),
     )
-    .unwrap();
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
-    p
+}
+
+/// Writes an executable script `text` at `p` and returns its path.
+pub fn write_script(p: &Path, text: &str) -> PathBuf {
+    fs::write(p, text).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+    fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+    p.to_path_buf()
 }
