@@ -1579,9 +1579,26 @@ fn new_files_written_in_place_are_never_committed_unverified() {
     assert_eq!(fs::read(env.current().join("d/g")).unwrap(), content);
 }
 
-/// Names in `dir/.byteback/sigs` (kept block signatures).
+/// Names in `dir/.byteback/sigs` of kept block signatures.
 fn kept_sigs(dir: &Path) -> BTreeSet<Vec<u8>> {
     names_in(&dir.join(".byteback/sigs"))
+        .into_iter()
+        .filter(|n| !n.ends_with(b".cv"))
+        .collect()
+}
+
+/// Names in `dir/.byteback/sigs` of kept chaining values.
+fn kept_cvs(dir: &Path) -> BTreeSet<Vec<u8>> {
+    names_in(&dir.join(".byteback/sigs"))
+        .into_iter()
+        .filter(|n| n.ends_with(b".cv"))
+        .collect()
+}
+
+/// The kept signature of `content` in snapshot or `current` `dir`.
+fn kept(dir: &Path, content: &[u8]) -> Vec<u8> {
+    let name = String::from_utf8(sig_name_of(content)).unwrap();
+    fs::read(dir.join(".byteback/sigs").join(name)).unwrap()
 }
 
 /// Name of the kept signature of `content`.
@@ -1727,6 +1744,151 @@ fn kept_signatures_are_the_contents_own_and_never_trusted() {
     assert!(!retried(&o), "{}", o.describe());
     assert_eq!(fs::read(env.current().join("big")).unwrap(), last);
     assert_eq!(kept_sigs(&env.current()), only(&last));
+}
+
+/// Beside its signature, a large file gets the chaining values of its
+/// BLAKE3 subtrees kept (`<hash>.cv`, 32 bytes per 64 KiB). A changed file
+/// is then rebuilt without reading what it copies from the stored copy to
+/// the same offset: only the units around the change are read back. The
+/// values are used only for a stored copy that still has the manifest's
+/// size and mtime, and only when they merge into the manifest's hash: a
+/// stored copy changed behind the server's back (another mtime) is read as
+/// before, its bad bytes fail the BLAKE3 and the file is resent whole;
+/// damaged values are not used.
+#[test]
+fn kept_chaining_values_spare_reading_and_are_used_only_for_a_vouched_copy() {
+    use byteback_delta::{diff_segment, signature, Signature};
+    let mut env = Env::new();
+    let t = fresh_mtime();
+    let mut rng = Rng::new(0xc7a1);
+    let old = rng.bytes(5 << 20);
+    let o = env.serve(
+        "big file stored",
+        &backup_script(&[(file_e(b"big", old.len(), t), Some(&old))]).bytes,
+    );
+    let snap1 = o.assert_backup_ok(1);
+    env.accept();
+    let cv_name = |c: &[u8]| [sig_name_of(c), b".cv".to_vec()].concat();
+    let cv_path = |dir: &Path, c: &[u8]| {
+        dir.join(".byteback/sigs")
+            .join(std::ffi::OsStr::from_bytes(&cv_name(c)))
+    };
+    assert_eq!(kept_cvs(&env.current()), BTreeSet::from([cv_name(&old)]));
+    // 80 units of 64 KiB, 32 bytes each.
+    assert_eq!(
+        fs::read(cv_path(&env.current(), &old)).unwrap().len(),
+        80 * 32
+    );
+    assert_eq!(
+        fs::read(cv_path(&env.host_dir().join(&snap1), &old)).unwrap(),
+        fs::read(cv_path(&env.current(), &old)).unwrap()
+    );
+
+    let edit = |base: &[u8], at: usize, rng: &mut Rng| {
+        let mut v = base.to_vec();
+        v[at..at + 4096].copy_from_slice(&rng.bytes(4096));
+        v
+    };
+    let changed = |base: &[u8], content: &[u8], m: i64, resend: bool| {
+        let delta = diff_segment(&Signature::parse(&signature(base).0).unwrap(), content).unwrap();
+        let mut s = Script::backup()
+            .msg(&ClientMsg::Entries(vec![file_e(b"big", content.len(), m)]))
+            .msg(&ClientMsg::SigRequest { id: 0 })
+            .msg(&ClientMsg::FileData {
+                id: 0,
+                delta: Compressed::compress(&delta, 1).unwrap(),
+            })
+            .msg(&file_end(0, content, m));
+        if resend {
+            s = s.msg(&file_data(0, content)).msg(&file_end(0, content, m));
+        }
+        s.msg(&ClientMsg::BackupEnd)
+    };
+    let retried = |o: &Outcome| {
+        o.msgs
+            .iter()
+            .any(|m| matches!(m, ServerMsg::FileRetry { .. }))
+    };
+    // "N changed files rebuilt from kept chaining values ...; M bytes read back".
+    let rebuilt = |o: &Outcome| -> Option<(u64, u64)> {
+        let line = o
+            .stderr
+            .lines()
+            .find(|l| l.contains("rebuilt from kept chaining values"))?;
+        let num = |before: &str| -> u64 {
+            let head = &line[..line.find(before).unwrap()];
+            let word = head.split_whitespace().last().unwrap();
+            word.parse().unwrap()
+        };
+        Some((num(" changed files"), num(" bytes read back")))
+    };
+
+    // A 4 KiB change: the rest is neither read nor hashed; two units
+    // around the change are read back.
+    let new = edit(&old, 1 << 20, &mut rng);
+    let o = env.serve("changed", &changed(&old, &new, t + 1, false).bytes);
+    o.assert_backup_ok(1);
+    env.accept();
+    assert!(!retried(&o), "{}", o.describe());
+    assert_eq!(fs::read(env.current().join("big")).unwrap(), new);
+    let (files, read) = rebuilt(&o).unwrap_or_else(|| panic!("not used:\n{}", o.describe()));
+    assert_eq!(files, 1);
+    assert!(read <= 256 << 10, "{read} bytes read back");
+    assert_eq!(kept_cvs(&env.current()), BTreeSet::from([cv_name(&new)]));
+    assert_eq!(kept(&env.current(), &new), signature(&new).0);
+
+    // The stored copy changed behind the server's back (so its mtime did):
+    // its values are not used, and its bad bytes are caught.
+    let path = env.current().join("big");
+    let mut tampered = new.clone();
+    tampered[3 << 20] ^= 0xff;
+    let tmp = path.with_extension("test");
+    fs::write(&tmp, &tampered).unwrap();
+    fs::rename(&tmp, &path).unwrap();
+    let newer = edit(&new, 4 << 20, &mut rng);
+    let o = env.serve("tampered copy", &changed(&new, &newer, t + 2, true).bytes);
+    o.assert_sane();
+    assert_eq!(o.code, Some(0), "{}", o.describe());
+    env.accept();
+    assert_eq!(rebuilt(&o), None, "{}", o.describe());
+    assert!(
+        retried(&o),
+        "the tampered copy was not caught:\n{}",
+        o.describe()
+    );
+    assert_eq!(fs::read(env.current().join("big")).unwrap(), newer);
+    assert_eq!(kept_cvs(&env.current()), BTreeSet::from([cv_name(&newer)]));
+
+    // Damaged values (one bit) do not merge into the hash: not used, and
+    // the stored copy is read as before; the new file's are right again.
+    let cvs = cv_path(&env.current(), &newer);
+    let mut bad = fs::read(&cvs).unwrap();
+    bad[40 * 32] ^= 1;
+    fs::write(cvs.with_extension("test"), &bad).unwrap();
+    fs::rename(cvs.with_extension("test"), &cvs).unwrap();
+    let last = edit(&newer, 0, &mut rng);
+    let o = env.serve(
+        "damaged values",
+        &changed(&newer, &last, t + 3, false).bytes,
+    );
+    o.assert_backup_ok(1);
+    env.accept();
+    assert_eq!(rebuilt(&o), None, "{}", o.describe());
+    assert!(!retried(&o), "{}", o.describe());
+    assert_eq!(fs::read(env.current().join("big")).unwrap(), last);
+    assert_eq!(
+        fs::read(cv_path(&env.current(), &last)).unwrap().len(),
+        80 * 32
+    );
+    let next = edit(&last, 2 << 20, &mut rng);
+    let o = env.serve(
+        "values used again",
+        &changed(&last, &next, t + 4, false).bytes,
+    );
+    o.assert_backup_ok(1);
+    env.accept();
+    assert_eq!(rebuilt(&o).map(|r| r.0), Some(1), "{}", o.describe());
+    assert_eq!(fs::read(env.current().join("big")).unwrap(), next);
 }
 
 /// The only file in `current/.byteback/partial` (a kept rebuild), if any.

@@ -54,7 +54,9 @@ pub use delta::{
     literal_delta, literal_header, ops, Op, Ops, PatchSink, DELTA_END, LITERAL_HEADER_MAX,
 };
 pub use hash::{hash_bytes, FileHasher};
-pub use signature::{signature, Signature, SignatureBuilder, SignatureBytes};
+pub use signature::{
+    block_entries, signature, Signature, SignatureBuilder, SignatureBytes, ENTRY_LEN,
+};
 
 /// Smallest block size a signature may use.
 pub const MIN_BLOCK: u32 = 512;

@@ -44,6 +44,17 @@ fn header(block_size: u32) -> [u8; HEADER_LEN] {
     h
 }
 
+/// Length of one block's entry in a signature: rolling checksum and strong hash.
+pub const ENTRY_LEN: usize = ROLLING_LEN + STRONG_HASH_LEN as usize;
+
+/// The entries (no header) of `data`'s blocks of `block_size` bytes, all but
+/// the last full, appended to `out`: the same bytes [`signature`] gives
+/// those blocks wherever they are in a file.
+pub fn block_entries(data: &[u8], block_size: u32, out: &mut Vec<u8>) {
+    let sig = fast_rsync::Signature::calculate(data, options(block_size));
+    out.extend_from_slice(sig.serialized().get(HEADER_LEN..).unwrap_or_default());
+}
+
 /// A signature of a basis file, in serialized form (what goes on the wire).
 #[derive(Clone, PartialEq, Eq)]
 pub struct SignatureBytes(pub Vec<u8>);
@@ -52,6 +63,15 @@ impl SignatureBytes {
     /// The serialized signature.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
+    }
+
+    /// The signature of blocks of `block_size` with these `entries` (as
+    /// [`block_entries`] gives them, in order).
+    pub fn from_entries(block_size: u32, entries: &[u8]) -> Self {
+        let mut s = Vec::with_capacity(HEADER_LEN + entries.len());
+        s.extend_from_slice(&header(block_size));
+        s.extend_from_slice(entries);
+        SignatureBytes(s)
     }
 
     /// Consume into the serialized signature.
@@ -158,9 +178,7 @@ impl SignatureBuilder {
 
     /// Append the entries of `data`'s blocks; all but the last are full blocks.
     fn hash_blocks(&mut self, data: &[u8]) {
-        let sig = fast_rsync::Signature::calculate(data, options(self.block_size));
-        let entries = sig.serialized().get(HEADER_LEN..).unwrap_or_default();
-        self.out.extend_from_slice(entries);
+        block_entries(data, self.block_size, &mut self.out);
     }
 }
 

@@ -199,6 +199,12 @@ pub fn create_new(dir: impl AsFd, name: &[u8]) -> io::Result<File> {
     Ok(File::from(fd))
 }
 
+/// The mtime of an open file.
+pub fn mtime_of(f: impl AsFd) -> io::Result<(i64, u32)> {
+    let st = rustix::fs::fstat(f)?;
+    Ok((st.st_mtime, st.st_mtime_nsec as u32))
+}
+
 /// Sets mtime (and atime to the same) of an open file.
 pub fn set_mtime(f: impl AsFd, sec: i64, nsec: u32) -> io::Result<()> {
     let t = rustix::fs::Timespec {

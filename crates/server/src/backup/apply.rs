@@ -222,7 +222,7 @@ impl BackupReceiver {
                 place_rounds: 0,
                 fds,
                 verified: None,
-                writer: FileWriter::new(out, basis, sigs::keeps(size).then_some(size)),
+                writer: FileWriter::new(out, basis, size, sigs::keeps(size)),
                 basis_hash,
             }),
         );

@@ -168,6 +168,14 @@ impl BackupReceiver {
         // Signatures of content no file has any more (before the sync, so
         // no snapshot keeps them).
         self.sigs.sweep()?;
+        if self.sigs.digests_used > 0 {
+            tracing::info!(
+                "{} changed files rebuilt from kept chaining values: ranges copied in place \
+                 not read; {} bytes read back to hash what changed around them",
+                self.sigs.digests_used,
+                self.sigs.reread
+            );
+        }
         // Every transfer has ended: what is left of interrupted runs is
         // stale (its file is gone, unchanged or was sent whole), and no
         // partial may reach a snapshot.

@@ -37,6 +37,7 @@
 mod apply;
 mod commit;
 mod decide;
+mod digest;
 mod partial;
 mod sigs;
 mod sink;
@@ -106,8 +107,8 @@ struct Verified {
     size: u64,
     hash: [u8; 32],
     mtime: (i64, u32),
-    /// Its block signature, to keep (see `sigs`).
-    sig: Option<byteback_delta::SignatureBytes>,
+    /// Its block signature and units' chaining values, to keep (see `sigs`).
+    sig: Option<digest::Kept>,
 }
 
 /// One directory of the chain from `current` to the last entry.

@@ -17,6 +17,14 @@
 //! length implies; anything else is signed from the data as before. A wrong
 //! signature can only cost bandwidth: the file is verified against the
 //! client's BLAKE3 before it is committed and sent again whole if it fails.
+//!
+//! Beside each signature, `<hash>.cv` keeps the chaining values of the
+//! file's BLAKE3 units (see `digest`), 32 bytes per 64 KiB or more. They
+//! spare reading the ranges a changed file shares with its stored copy at
+//! the same offsets, and so they are trusted: they are used only when they
+//! merge into exactly the content hash they are named by (values of other
+//! content would need a BLAKE3 collision), for a stored copy that `current`
+//! vouches for and that still has the manifest's size and mtime.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -24,9 +32,10 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 
-use byteback_delta::{block_size_for, SignatureBytes, STRONG_HASH_LEN};
+use byteback_delta::{block_size_for, STRONG_HASH_LEN};
 use byteback_protocol::{Kind, ManifestEntry};
 
+use super::digest::{self, BasisDigest, Kept, CV_LEN};
 use super::in_dir;
 use crate::error::{IoContext, Result};
 use crate::fsops;
@@ -50,6 +59,8 @@ const HEADER_LEN: u64 = 12;
 const ENTRY_LEN: u64 = 4 + STRONG_HASH_LEN as u64;
 /// Suffix of a signature being written.
 const TMP: &[u8] = b".tmp";
+/// Suffix of the chaining values kept beside a signature.
+const CVS: &[u8] = b".cv";
 
 /// `.byteback/sigs` of `current`, and the hashes the new manifest names.
 pub(super) struct KeptSigs {
@@ -63,6 +74,10 @@ pub(super) struct KeptSigs {
     write_failed: bool,
     /// Signatures sent from the store instead of signing the stored copy.
     pub reused: u64,
+    /// Transfers whose same-offset copies were neither read nor hashed.
+    pub digests_used: u64,
+    /// Bytes those transfers read back from their new files.
+    pub reread: u64,
 }
 
 /// Serialized length of the signature of `len` bytes.
@@ -102,6 +117,8 @@ impl KeptSigs {
             overflow: false,
             write_failed: false,
             reused: 0,
+            digests_used: 0,
+            reread: 0,
         })
     }
 
@@ -142,15 +159,45 @@ impl KeptSigs {
         Some(sig)
     }
 
-    /// Keeps `sig`, the signature of content `hash` (`len` bytes), unless
-    /// one is kept already. A failure is returned once as a warning to
-    /// give (the next backup signs the stored copy instead).
-    pub fn keep(&mut self, hash: &[u8; 32], len: u64, sig: SignatureBytes) -> Option<String> {
+    /// The kept digests of content `hash`, `len` bytes long, whose
+    /// signature `sig` was loaded: only if its units' chaining values are
+    /// kept too and merge into exactly `hash`.
+    pub fn load_digest(&mut self, hash: &[u8; 32], len: u64, sig: &[u8]) -> Option<BasisDigest> {
+        let f = fsops::open_file(&self.dir, &[&sig_name(hash)[..], CVS].concat()).ok()?;
+        let want = digest::units_of(len).checked_mul(CV_LEN as u64)?;
+        if f.metadata().ok()?.len() != want {
+            return None;
+        }
+        let mut raw = vec![0u8; usize::try_from(want).ok()?];
+        f.read_exact_at(&mut raw, 0).ok()?;
+        let cvs: Vec<[u8; CV_LEN]> = raw
+            .chunks_exact(CV_LEN)
+            .map(|c| c.try_into().unwrap_or([0; CV_LEN]))
+            .collect();
+        if digest::root_of(&cvs, len) != Some(*hash) {
+            return None;
+        }
+        Some(BasisDigest {
+            len,
+            cvs,
+            entries: sig.get(HEADER_LEN as usize..)?.to_vec(),
+        })
+    }
+
+    /// Keeps the signature and units' chaining values of content `hash`
+    /// (`len` bytes), unless kept already. A failure is returned once as a
+    /// warning to give (the next backup signs the stored copy instead).
+    pub fn keep(&mut self, hash: &[u8; 32], len: u64, kept: Kept) -> Option<String> {
+        let Kept { sig, cvs } = kept;
         if sig.as_bytes().len() as u64 != expected_len(len) {
             return None; // not the signature of `len` bytes: nothing to keep
         }
         let name = sig_name(hash);
-        match self.write(&name, sig.as_bytes()) {
+        let mut written = self.write(&name, sig.as_bytes());
+        if written.is_ok() && digest::root_of(&cvs, len) == Some(*hash) {
+            written = self.write(&[&name[..], CVS].concat(), cvs.as_flattened());
+        }
+        match written {
             Ok(()) => None,
             Err(e) if !self.write_failed => {
                 self.write_failed = true;
@@ -209,8 +256,10 @@ impl KeptSigs {
         Ok(removed)
     }
 
-    /// Whether `name` is the signature of a hash the new manifest names.
+    /// Whether `name` is the signature (or chaining values) of a hash the
+    /// new manifest names.
     fn names_referenced(&self, name: &[u8]) -> bool {
+        let name = name.strip_suffix(CVS).unwrap_or(name);
         parse_name(name).is_some_and(|h| self.referenced.contains(&h))
     }
 }

@@ -10,12 +10,11 @@ use std::os::unix::fs::FileExt;
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::OnceLock;
 
-use byteback_delta::{
-    apply_ops, block_size_for, DeltaError, FileHasher, PatchSink, SignatureBuilder, SignatureBytes,
-};
+use byteback_delta::{apply_ops, DeltaError, FileHasher, PatchSink};
 use byteback_protocol::codec::ChunkDecompressor;
 use byteback_protocol::Compressed;
 
+use super::digest::{BasisDigest, Digest, Kept};
 use crate::error::{shown, Error, Result};
 use crate::fsops;
 use byteback_protocol::os::write_sparse_at;
@@ -89,16 +88,18 @@ pub(super) struct FileWriter {
     pub written: u64,
     /// Bytes of `out` whose writeback has been started.
     flushed: u64,
-    hasher: FileHasher,
+    /// Its BLAKE3 and, for a file whose digests are kept (see `sigs`),
+    /// its signature and units' chaining values (see `digest`).
+    digest: Digest,
+    /// The length it was started for, and whether its digests are kept.
+    len: u64,
+    keep: bool,
     /// Content hash of what `out` holds, when it was filled from a stored
-    /// twin and hashed from `out` (instead of through `hasher`).
+    /// twin and hashed from `out` (instead of through `digest`).
     verified: Option<[u8; 32]>,
     /// Writing hit "no space left on device": the rest of its data is
     /// dropped, and its end asks for room and a resend.
     pub nospace: bool,
-    /// The block signature of what is written, for a file whose signature
-    /// is kept (see `sigs`), and the length it was started for.
-    sig: Option<(SignatureBuilder, u64)>,
 }
 
 /// Whether an I/O error means the filesystem (or a quota) is full.
@@ -107,27 +108,43 @@ pub(super) fn is_no_space(e: &io::Error) -> bool {
 }
 
 impl FileWriter {
-    /// A writer into `out`; `sign`: also computes the block signature of
-    /// the file, expected to be that many bytes long.
-    pub fn new(out: File, basis: Option<Basis>, sign: Option<u64>) -> Self {
+    /// A writer into `out` of a file expected to be `len` bytes long;
+    /// `keep`: its digests are to be kept.
+    pub fn new(out: File, basis: Option<Basis>, len: u64, keep: bool) -> Self {
         FileWriter {
             out,
             basis,
             written: 0,
             flushed: 0,
-            hasher: FileHasher::new(),
+            digest: Digest::new(len, keep),
+            len,
+            keep,
             verified: None,
             nospace: false,
-            sig: sign.map(|len| (SignatureBuilder::new(len), len)),
         }
     }
 
-    /// The block signature of the file written, when one was computed
-    /// and it is the signature of exactly `size` bytes (the block size
-    /// `size` implies). Call once the file is verified.
-    pub fn take_signature(&mut self, size: u64) -> Option<SignatureBytes> {
-        let (b, _) = self.sig.take()?;
-        (self.written == size && b.block_size() == block_size_for(size)).then(|| b.finish())
+    /// Takes in the kept digests of the stored copy that is the whole
+    /// basis, before any data: copies from it to the same offset are then
+    /// neither read nor hashed. False when they cannot be used.
+    pub fn use_basis_digest(&mut self, d: BasisDigest) -> bool {
+        let whole = matches!(&self.basis, Some(b) if b.parts.len() == 1 && b.len() == d.len);
+        whole && self.written == 0 && self.digest.use_basis(d)
+    }
+
+    /// Bytes read back from the new file to hash it (see `digest`).
+    pub fn reread(&self) -> u64 {
+        self.digest.reread()
+    }
+
+    /// What to keep of the file written (its signature and units' values),
+    /// when it is exactly `size` bytes long and they were computed for that
+    /// length. Call once the file is verified.
+    pub fn take_kept(&mut self, size: u64) -> io::Result<Option<Kept>> {
+        if self.written != size || self.len != size {
+            return Ok(None);
+        }
+        self.digest.take_kept(&self.out)
     }
 
     /// Applies one decompressed segment for the file `size` bytes long at
@@ -150,8 +167,7 @@ impl FileWriter {
             basis: self.basis.as_ref(),
             out: &self.out,
             pos: self.written,
-            hasher: &mut self.hasher,
-            sig: self.sig.as_mut().map(|(b, _)| b),
+            digest: &mut self.digest,
             clone_ok: *clone_ok,
             applied: Applied::default(),
             buf: vec![],
@@ -183,16 +199,23 @@ impl FileWriter {
     }
 
     /// Whether what was written is `size` bytes hashing to `hash`.
-    pub fn verify(&self, size: u64, hash: &[u8; 32]) -> bool {
-        self.written == size && self.verified.unwrap_or_else(|| self.hasher.finish()) == *hash
+    pub fn verify(&mut self, size: u64, hash: &[u8; 32]) -> io::Result<bool> {
+        if self.written != size {
+            return Ok(false);
+        }
+        let got = match self.verified {
+            Some(h) => Some(h),
+            None => self.digest.finish(&self.out)?,
+        };
+        Ok(got == Some(*hash))
     }
 
     /// Records that `out` was filled whole (`size` bytes) from a stored
     /// twin, and `hash` was computed from `out` itself: [`Self::verify`]
     /// checks that instead of what went through the hasher.
     pub fn filled(&mut self, size: u64, hash: [u8; 32]) {
-        // The twin's signature, if kept, is this content's too.
-        self.sig = None;
+        // The twin's digests, if kept, are this content's too.
+        self.digest = Digest::new(0, false);
         self.verified = Some(hash);
         self.written = size;
         self.flushed = size;
@@ -203,12 +226,9 @@ impl FileWriter {
         self.nospace = false;
         self.written = 0;
         self.flushed = 0;
-        self.hasher = FileHasher::new();
+        self.digest = Digest::new(self.len, self.keep);
         self.verified = None;
         self.basis = None;
-        if let Some((b, len)) = self.sig.as_mut() {
-            *b = SignatureBuilder::new(*len);
-        }
         self.out.set_len(0)
     }
 
@@ -300,23 +320,13 @@ const HASH_APART_MIN: usize = 256 << 10;
 /// enough bytes, the BLAKE3 and the signature's MD4 are computed on a
 /// second thread meanwhile, so a large file's hashing overlaps its write.
 /// If no thread can be started they run here, after `then`.
-fn hash_sign_and<R>(
-    hasher: &mut FileHasher,
-    sig: Option<&mut SignatureBuilder>,
-    data: &[u8],
-    then: impl FnOnce() -> R,
-) -> R {
-    let hash = |(h, s): (&mut FileHasher, Option<&mut SignatureBuilder>)| {
-        h.update(data);
-        if let Some(s) = s {
-            s.update(data);
-        }
-    };
+fn hash_sign_and<R>(digest: &mut Digest, data: &[u8], then: impl FnOnce() -> R) -> R {
+    let hash = |d: &mut Digest| d.feed(data);
     if data.len() < HASH_APART_MIN {
-        hash((hasher, sig));
+        hash(digest);
         return then();
     }
-    let work = std::sync::Mutex::new(Some((hasher, sig)));
+    let work = std::sync::Mutex::new(Some(digest));
     let take = || {
         work.lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -350,12 +360,50 @@ struct FileSink<'a> {
     basis: Option<&'a Basis>,
     out: &'a File,
     pos: u64,
-    hasher: &'a mut FileHasher,
-    sig: Option<&'a mut SignatureBuilder>,
+    digest: &'a mut Digest,
     clone_ok: bool,
     applied: Applied,
     buf: Vec<u8>,
 }
+
+impl FileSink<'_> {
+    /// Copies `len` bytes of the basis, a stored copy whose digests are
+    /// known, to the same offset: cloned where the filesystem shares
+    /// extents, else read and written; not hashed (see `digest`).
+    fn copy_same_offset(&mut self, basis: &Basis, offset: u64, len: u64) -> Result<(), SinkError> {
+        let mut done = 0u64;
+        while done < len {
+            let at = offset + done;
+            let (file, src, left) = basis
+                .locate(at)
+                .ok_or_else(|| SinkError::Bad("copy beyond the basis".into()))?;
+            let n = (len - done).min(left);
+            let mut cloned = 0;
+            if self.clone_ok && at.is_multiple_of(FS_BLOCK) && n >= FS_BLOCK {
+                let clone_len = (n / FS_BLOCK * FS_BLOCK).min(CLONE_MAX);
+                match crate::btrfs::clone_range(file, src, clone_len, self.out, at) {
+                    Ok(()) => cloned = clone_len,
+                    Err(_) => self.clone_ok = false,
+                }
+            }
+            if cloned == 0 {
+                let k = (n.min(IO_CHUNK as u64)) as usize;
+                self.buf.resize(k, 0);
+                file.read_exact_at(&mut self.buf[..k], src)?;
+                write_sparse_at(self.out, at, &self.buf[..k])?;
+                cloned = k as u64;
+            }
+            self.digest.skip(cloned);
+            self.pos += cloned;
+            done += cloned;
+        }
+        self.applied.matched += len;
+        Ok(())
+    }
+}
+
+/// Most bytes cloned in one call.
+const CLONE_MAX: u64 = 256 << 20;
 
 /// Why a delta could not be applied.
 #[derive(Debug)]
@@ -394,6 +442,9 @@ impl PatchSink for FileSink<'_> {
         let basis = self
             .basis
             .ok_or_else(|| SinkError::Bad("copy without a basis".into()))?;
+        if self.digest.can_skip() && offset == self.pos && basis.parts.len() == 1 {
+            return self.copy_same_offset(basis, offset, len);
+        }
         let mut done = 0u64;
         while done < len {
             let (file, src, left) = basis
@@ -412,7 +463,7 @@ impl PatchSink for FileSink<'_> {
             let (out, clone_ok) = (self.out, &mut self.clone_ok);
             let buf = std::mem::take(&mut self.buf);
             // Cloned or written while the same bytes are hashed.
-            let stored = hash_sign_and(self.hasher, self.sig.as_deref_mut(), &buf[..n], || {
+            let stored = hash_sign_and(self.digest, &buf[..n], || {
                 let mut written = 0usize;
                 if *clone_ok && clone_len > 0 {
                     match crate::btrfs::clone_range(file, src, clone_len, out, dst) {
@@ -433,9 +484,7 @@ impl PatchSink for FileSink<'_> {
 
     fn literal(&mut self, data: &[u8]) -> Result<(), SinkError> {
         let (out, pos) = (self.out, self.pos);
-        hash_sign_and(self.hasher, self.sig.as_deref_mut(), data, || {
-            write_sparse_at(out, pos, data)
-        })?;
+        hash_sign_and(self.digest, data, || write_sparse_at(out, pos, data))?;
         self.pos += data.len() as u64;
         self.applied.literal += data.len() as u64;
         Ok(())

@@ -34,8 +34,24 @@ impl BackupReceiver {
             .basis
             .as_ref()
             .ok_or_else(|| Error::Refused(format!("transfer {id} has no basis")))?;
-        if let (Some(hash), [_]) = (&t.basis_hash, &basis.parts[..]) {
-            if let Some(sig) = self.sigs.load(hash, basis.len()) {
+        if let (Some(hash), [part]) = (t.basis_hash, &basis.parts[..]) {
+            if let Some(sig) = self.sigs.load(&hash, basis.len()) {
+                let len = basis.len();
+                // Copies from it to the same offset need no reading if it
+                // still has the manifest's mtime and its digests are kept.
+                let same_mtime = t.old.as_ref().is_some_and(|o| {
+                    fsops::mtime_of(&part.file)
+                        .is_ok_and(|m| m == (o.entry.mtime_sec, o.entry.mtime_nsec))
+                });
+                let digest = same_mtime
+                    .then(|| self.sigs.load_digest(&hash, len, &sig))
+                    .flatten();
+                if let Some(d) = digest {
+                    let t = self.transfers.get_mut(&id).ok_or_else(|| unknown(id))?;
+                    if t.writer.use_basis_digest(d) {
+                        self.sigs.digests_used += 1;
+                    }
+                }
                 return Ok(sig);
             }
         }
@@ -86,7 +102,11 @@ impl BackupReceiver {
             self.drop_prev(id)?;
             return Ok(TransferResult::NoSpace { path, need: size });
         }
-        if !t.writer.verify(size, &hash) {
+        let ok = t
+            .writer
+            .verify(size, &hash)
+            .op("read back", || shown(&t.entry.path))?;
+        if !ok {
             if !t.retried {
                 // Never commit a file that fails its hash: start over without a basis.
                 t.retried = true;
@@ -101,7 +121,10 @@ impl BackupReceiver {
             ));
             return self.abort(id);
         }
-        let sig = t.writer.take_signature(size);
+        let sig = t
+            .writer
+            .take_kept(size)
+            .op("read back", || shown(&t.entry.path))?;
         t.verified = Some(Verified {
             size,
             hash,
@@ -144,6 +167,7 @@ impl BackupReceiver {
             mtime,
             sig,
         } = t.verified.take().ok_or_else(|| unknown(id))?;
+        self.sigs.reread += t.writer.reread();
         drop(t.writer);
         t.entry.kind = Kind::File { size };
         t.entry.mtime_sec = mtime.0;
@@ -152,8 +176,8 @@ impl BackupReceiver {
             let prev = prev_name(&t.partial);
             fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
         }
-        if let Some(sig) = sig {
-            if let Some(w) = self.sigs.keep(&hash, size, sig) {
+        if let Some(kept) = sig {
+            if let Some(w) = self.sigs.keep(&hash, size, kept) {
                 self.warnings.push(w);
             }
         }
