@@ -14,7 +14,7 @@
 //! ```
 
 use crate::signature::HEADER_LEN;
-use crate::{DeltaError, Signature};
+use crate::{rolling, DeltaError, Signature};
 
 const DELTA_MAGIC: u32 = 0x7273_0236;
 const OP_END: u8 = 0x00;
@@ -39,12 +39,7 @@ const OP_COPY_N8_N8: u8 = 0x54;
 /// verify the reconstructed file with a whole-file hash.
 pub fn diff_segment(sig: &Signature, new_segment: &[u8]) -> Result<Vec<u8>, DeltaError> {
     let mut out = Vec::with_capacity(new_segment.len() / 16 + 64);
-    fast_rsync::diff(sig.index(), new_segment, &mut out).map_err(|e| match e {
-        fast_rsync::DiffError::InvalidSignature => {
-            DeltaError::InvalidSignature("rejected by the diff engine")
-        }
-        other => DeltaError::Diff(other.to_string()),
-    })?;
+    diff_segment_into(sig, new_segment, &mut out)?;
     Ok(out)
 }
 
@@ -56,12 +51,11 @@ pub fn diff_segment_into(
     out: &mut Vec<u8>,
 ) -> Result<(), DeltaError> {
     out.clear();
-    fast_rsync::diff(sig.index(), new_segment, &mut *out).map_err(|e| match e {
-        fast_rsync::DiffError::InvalidSignature => {
-            DeltaError::InvalidSignature("rejected by the diff engine")
-        }
-        other => DeltaError::Diff(other.to_string()),
-    })
+    out.extend_from_slice(&DELTA_MAGIC.to_be_bytes());
+    let mut w = OpWriter { out, copy: None };
+    rolling::search(sig.index(), sig.entries(), new_segment, &mut w);
+    w.finish();
+    Ok(())
 }
 
 /// Delta of the next piece of the new file, found across segment boundaries.
@@ -189,7 +183,6 @@ fn diff_aligned(
     out.clear();
     out.extend_from_slice(&DELTA_MAGIC.to_be_bytes());
     let mut w = OpWriter { out, copy: None };
-    let mut scratch = Vec::new();
     // Window bytes covered by ops so far; next block to compare; chunk size.
     let (mut done, mut next, mut chunk) = (0usize, 0usize, ALIGNED_FIRST_CHUNK);
     while next < lined {
@@ -213,7 +206,7 @@ fn diff_aligned(
             }
             let pos = (next + i) * bs;
             if pos > done {
-                diff_gap(sig, &window[done..pos], &mut w, &mut scratch)?;
+                diff_gap(sig, &window[done..pos], &mut w);
             }
             w.copy((first + next + i) as u64 * bs64, bs64);
             done = pos + bs;
@@ -229,27 +222,25 @@ fn diff_aligned(
         return Ok(false);
     }
     if done < window.len() {
-        diff_gap(sig, &window[done..], &mut w, &mut scratch)?;
+        diff_gap(sig, &window[done..], &mut w);
     }
     w.finish();
     Ok(true)
 }
 
 /// Diff `gap` the plain way and append its ops to `w`.
-fn diff_gap(
-    sig: &Signature,
-    gap: &[u8],
-    w: &mut OpWriter<'_>,
-    scratch: &mut Vec<u8>,
-) -> Result<(), DeltaError> {
-    diff_segment_into(sig, gap, scratch)?;
-    for op in ops(scratch) {
-        match op? {
-            Op::Copy { offset, len } => w.copy(offset, len),
-            Op::Literal(data) => w.literal(data),
-        }
+fn diff_gap(sig: &Signature, gap: &[u8], w: &mut OpWriter<'_>) {
+    rolling::search(sig.index(), sig.entries(), gap, w);
+}
+
+impl rolling::Found for OpWriter<'_> {
+    fn literal(&mut self, data: &[u8]) {
+        OpWriter::literal(self, data);
     }
-    Ok(())
+
+    fn copy(&mut self, offset: u64, len: u64) {
+        OpWriter::copy(self, offset, len);
+    }
 }
 
 /// Writes delta ops after the magic, merging adjacent copies.

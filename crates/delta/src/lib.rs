@@ -47,6 +47,7 @@
 
 mod delta;
 mod hash;
+mod rolling;
 mod signature;
 
 pub use delta::{

@@ -16,7 +16,7 @@
 
 use std::fmt;
 
-use fast_rsync::{IndexedSignature, SignatureOptions};
+use fast_rsync::SignatureOptions;
 
 use crate::{block_size_for, DeltaError, MAX_BLOCK, MAX_SIG_BLOCKS, MIN_BLOCK, STRONG_HASH_LEN};
 
@@ -197,12 +197,10 @@ impl fmt::Debug for SignatureBuilder {
 /// Parsing builds the block index once; it is reused by every
 /// [`diff_segment`](crate::diff_segment) call.
 pub struct Signature {
-    // Field order matters: `index` borrows from `raw`'s heap buffer and must be
-    // dropped first (fields drop in declaration order).
-    /// Block index; really borrows from `raw` (see [`Signature::parse`]).
-    index: IndexedSignature<'static>,
-    /// Owner of the serialized bytes `index` points into. Never mutated.
-    raw: fast_rsync::Signature,
+    /// The blocks by rolling checksum, for the search.
+    index: crate::rolling::Index,
+    /// The serialized signature.
+    raw: Vec<u8>,
     block_size: u32,
     strong_hash_len: u32,
     blocks: u64,
@@ -242,19 +240,8 @@ impl Signature {
         if blocks > MAX_SIG_BLOCKS {
             return Err(bad("too many blocks"));
         }
-        let raw = fast_rsync::Signature::deserialize(bytes.to_vec())
-            .map_err(|_| bad("rejected by fast_rsync"))?;
-        let index = raw.index();
-        // SAFETY: `index` borrows only the serialized bytes, which live in the
-        // heap buffer of the `Vec` owned by `raw`. That buffer does not move
-        // when `raw` is moved into the struct below, `raw` is never mutated or
-        // exposed, and `index` is declared before `raw` so it is dropped
-        // first. The `'static` lifetime is never exposed: `index()` hands out
-        // the index re-borrowed for the lifetime of `&self` only. The two types
-        // differ only in a lifetime, so their layouts are identical.
-        let index = unsafe {
-            std::mem::transmute::<IndexedSignature<'_>, IndexedSignature<'static>>(index)
-        };
+        let raw = bytes.to_vec();
+        let index = crate::rolling::Index::new(block_size, strong_hash_len, &raw[HEADER_LEN..]);
         Ok(Signature {
             index,
             raw,
@@ -279,15 +266,15 @@ impl Signature {
         self.blocks
     }
 
-    /// The block index, borrowed for no longer than `self`.
-    pub(crate) fn index(&self) -> &IndexedSignature<'_> {
+    /// The blocks by rolling checksum.
+    pub(crate) fn index(&self) -> &crate::rolling::Index {
         &self.index
     }
 
     /// The serialized block entries (rolling checksum and strong hash of
     /// each block, in block order), without the header.
     pub(crate) fn entries(&self) -> &[u8] {
-        self.raw.serialized().get(HEADER_LEN..).unwrap_or_default()
+        self.raw.get(HEADER_LEN..).unwrap_or_default()
     }
 
     /// fast_rsync's options for hashing new data into entries comparable
