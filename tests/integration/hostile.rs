@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use byteback_delta::{hash_bytes, literal_delta};
+use byteback_delta::{hash_bytes, literal_delta, shorten_signature, wire_strong_len};
 use byteback_protocol::limits::{MAX_CHUNK, MAX_FRAME};
 use byteback_protocol::{
     decode_server, encode, read_frame, ClientMsg, Compressed, Entry, Kind, ServerMsg, MAGIC,
@@ -1675,7 +1675,15 @@ fn kept_signatures_are_the_contents_own_and_never_trusted() {
     let o = env.serve("changed", &changed(&new, t + 1, delta, false).bytes);
     let snap2 = o.assert_backup_ok(1);
     env.accept();
-    assert_eq!(sig_sent(&o), Some(signature(&old).0), "{}", o.describe());
+    // Sent with its strong hashes cut for the wire (6 of 8 bytes here).
+    let wire = |sig: Vec<u8>| shorten_signature(sig, wire_strong_len(old.len() as u64));
+    assert_eq!(wire_strong_len(old.len() as u64), 6);
+    assert_eq!(
+        sig_sent(&o),
+        Some(wire(signature(&old).0)),
+        "{}",
+        o.describe()
+    );
     assert!(!retried(&o), "{}", o.describe());
     assert_eq!(fs::read(env.current().join("big")).unwrap(), new);
     assert_eq!(kept_sigs(&env.current()), only(&new), "the old one stayed");
@@ -1716,7 +1724,7 @@ fn kept_signatures_are_the_contents_own_and_never_trusted() {
         o.describe()
     );
     env.accept();
-    assert_eq!(sig_sent(&o), Some(planted), "{}", o.describe());
+    assert_eq!(sig_sent(&o), Some(wire(planted)), "{}", o.describe());
     assert!(
         retried(&o),
         "the wrong delta was not caught:\n{}",
@@ -1740,7 +1748,12 @@ fn kept_signatures_are_the_contents_own_and_never_trusted() {
     );
     o.assert_backup_ok(1);
     env.accept();
-    assert_eq!(sig_sent(&o), Some(signature(&newer).0), "{}", o.describe());
+    assert_eq!(
+        sig_sent(&o),
+        Some(wire(signature(&newer).0)),
+        "{}",
+        o.describe()
+    );
     assert!(!retried(&o), "{}", o.describe());
     assert_eq!(fs::read(env.current().join("big")).unwrap(), last);
     assert_eq!(kept_sigs(&env.current()), only(&last));
@@ -1987,7 +2000,8 @@ fn a_kept_partial_rebuild_is_only_a_basis_and_never_trusted() {
             ServerMsg::Signature { sig, .. } => Some(sig.len()),
             _ => None,
         });
-        assert_eq!(sig_len, Some(signature(&basis).0.len()), "{}", o.describe());
+        let sent = shorten_signature(signature(&basis).0, wire_strong_len(basis.len() as u64));
+        assert_eq!(sig_len, Some(sent.len()), "{}", o.describe());
         env.accept();
         assert_eq!(fs::read(env.current().join("d/f")).unwrap(), new);
         assert_eq!(

@@ -55,6 +55,47 @@ pub fn block_entries(data: &[u8], block_size: u32, out: &mut Vec<u8>) {
     out.extend_from_slice(sig.serialized().get(HEADER_LEN..).unwrap_or_default());
 }
 
+/// Bytes of strong hash a signature of a `len`-byte basis keeps on the
+/// wire: enough that, even if the rolling checksum told nothing, a window
+/// of the new file would pass for a block it is not with a chance under
+/// 2^-20 per file (one comparison per byte: `len` * 2^-(8 * bytes)), so
+/// 7 bytes for most large files and 6 below 16 MiB, at most the 8 kept.
+/// rsync cuts further (3 bytes for 512 MiB, a chance of 2^-10 with a
+/// uniform checksum) because its retry is another delta; a file that fails
+/// its BLAKE3 here is sent again whole.
+pub fn wire_strong_len(len: u64) -> u32 {
+    let bits = 64 - len.max(1).leading_zeros(); // ceil(log2(len + 1))
+    (bits + 20).div_ceil(8).clamp(6, STRONG_HASH_LEN)
+}
+
+/// `sig` (a serialized signature) with each block's strong hash cut to
+/// `strong` bytes, if it has more: a valid signature of the same blocks.
+/// Anything that does not parse as a signature is returned as it is.
+pub fn shorten_signature(sig: Vec<u8>, strong: u32) -> Vec<u8> {
+    let field = |at: usize| {
+        sig.get(at..at + 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_be_bytes)
+    };
+    let (Some(block_size), Some(have)) = (field(4), field(8)) else {
+        return sig;
+    };
+    if have <= strong || (sig.len() - HEADER_LEN) % (ROLLING_LEN + have as usize) != 0 {
+        return sig;
+    }
+    let keep = ROLLING_LEN + strong as usize;
+    let mut out = Vec::with_capacity(
+        HEADER_LEN + (sig.len() - HEADER_LEN) / (ROLLING_LEN + have as usize) * keep,
+    );
+    out.extend_from_slice(&sig[..4]);
+    out.extend_from_slice(&block_size.to_be_bytes());
+    out.extend_from_slice(&strong.to_be_bytes());
+    for e in sig[HEADER_LEN..].chunks_exact(ROLLING_LEN + have as usize) {
+        out.extend_from_slice(&e[..keep]);
+    }
+    out
+}
+
 /// A signature of a basis file, in serialized form (what goes on the wire).
 #[derive(Clone, PartialEq, Eq)]
 pub struct SignatureBytes(pub Vec<u8>);
@@ -420,6 +461,32 @@ mod tests {
         let out = crate::apply_to_vec(&base, &delta, new.len() as u64).expect("apply");
         assert_eq!(out, new);
         drop(sig);
+    }
+
+    #[test]
+    fn a_shortened_signature_finds_the_same_blocks() {
+        assert_eq!(wire_strong_len(1 << 20), 6);
+        assert_eq!(wire_strong_len(512 << 20), 7);
+        assert_eq!(wire_strong_len(1 << 40), 8);
+        let basis: Vec<u8> = (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        let mut new = basis.clone();
+        new[150_000..150_100].fill(7);
+        let full = signature(&basis);
+        let short = shorten_signature(full.0.clone(), 6);
+        let blocks = (full.0.len() - HEADER_LEN) / 12;
+        assert_eq!(short.len(), HEADER_LEN + blocks * 10);
+        let sig = Signature::parse(&short).expect("parses");
+        assert_eq!(sig.strong_hash_len(), 6);
+        assert_eq!(sig.block_count(), blocks as u64);
+        let d = crate::diff_segment(&sig, &new).expect("diff");
+        let full_d = crate::diff_segment(&Signature::parse(&full.0).unwrap(), &new).unwrap();
+        assert_eq!(d, full_d);
+        assert_eq!(crate::apply_to_vec(&basis, &d, u64::MAX).unwrap(), new);
+        // Never lengthened; garbage passes through.
+        assert_eq!(shorten_signature(short.clone(), 8), short);
+        assert_eq!(shorten_signature(vec![1, 2, 3], 6), vec![1, 2, 3]);
     }
 
     #[test]

@@ -24,10 +24,26 @@ impl BackupReceiver {
             .ok_or_else(|| unknown(id))
     }
 
+    /// Signature of the basis of transfer `id`, as it is sent: its strong
+    /// hashes cut to [`byteback_delta::wire_strong_len`] bytes.
+    pub fn signature(&mut self, id: u32) -> Result<Vec<u8>> {
+        let len = self
+            .transfer(id)?
+            .writer
+            .basis
+            .as_ref()
+            .map_or(0, Basis::len);
+        let sig = self.full_signature(id)?;
+        Ok(byteback_delta::shorten_signature(
+            sig,
+            byteback_delta::wire_strong_len(len),
+        ))
+    }
+
     /// Signature of the basis of transfer `id`. A stored copy that cannot be
     /// read is dropped as a basis (with a warning): the client then sends
     /// the whole file, so an unreadable stored file is resent, never fatal.
-    pub fn signature(&mut self, id: u32) -> Result<Vec<u8>> {
+    fn full_signature(&mut self, id: u32) -> Result<Vec<u8>> {
         let t = self.transfers.get(&id).ok_or_else(|| unknown(id))?;
         let basis = t
             .writer
