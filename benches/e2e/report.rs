@@ -152,6 +152,28 @@ pub fn goals(rows: &[Row]) -> Vec<Goal> {
     g.push(speed("W2", 1.5, "first backup, large files"));
     g.push(speed("W1", 2.0, "first backup, many small files"));
     g.push(speed("W3", 5.0, "no-change re-run"));
+    g.push(speed("W4", 2.0, "small edits in large files"));
+    g.push(speed("W5", 2.0, "appends to large files"));
+    g.push(speed("W6", 1.5, "first backup, /usr/share"));
+    // CPU (client + server) at most rsync's, on every workload run.
+    let cpu: Vec<(String, f64)> = rows
+        .iter()
+        .filter(|r| !r.byteback.is_empty() && !r.rsync.is_empty())
+        .map(|r| (r.id.clone(), ratio(r.bb().cpu, r.rs().cpu)))
+        .collect();
+    g.push(Goal {
+        name: "CPU".into(),
+        target: "byteback's CPU (client + server) <= rsync's, every workload".into(),
+        measured: if cpu.is_empty() {
+            "not run".into()
+        } else {
+            cpu.iter()
+                .map(|(id, x)| format!("{id} {x:.2}x"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+        met: (!cpu.is_empty()).then(|| cpu.iter().all(|(_, x)| *x <= 1.0)),
+    });
     for (id, what, pick) in [
         ("W4", "bytes on the wire", 0usize),
         ("W5", "bytes on the wire", 0),
