@@ -1595,6 +1595,54 @@ fn kept_cvs(dir: &Path) -> BTreeSet<Vec<u8>> {
         .collect()
 }
 
+/// A fresh store holding one 5 MiB file `big` of random bytes (seed
+/// `seed`): the store, the file's mtime, the generator, the content and the
+/// snapshot taken.
+fn big_file_stored(seed: u64) -> (Env, i64, Rng, Vec<u8>, String) {
+    let mut env = Env::new();
+    let t = fresh_mtime();
+    let mut rng = Rng::new(seed);
+    let old = rng.bytes(5 << 20);
+    let o = env.serve(
+        "big file stored",
+        &backup_script(&[(file_e(b"big", old.len(), t), Some(&old))]).bytes,
+    );
+    let snap1 = o.assert_backup_ok(1);
+    env.accept();
+    (env, t, rng, old, snap1)
+}
+
+/// `base` with 4 KiB of new bytes at `at`.
+fn edit_4k(base: &[u8], at: usize, rng: &mut Rng) -> Vec<u8> {
+    let mut v = base.to_vec();
+    v[at..at + 4096].copy_from_slice(&rng.bytes(4096));
+    v
+}
+
+/// A backup in which file `big` (stored) changed to `content` (mtime `m`)
+/// and is sent as `delta`; `resend`: then whole again, after a FileRetry.
+fn changed_big(content: &[u8], m: i64, delta: Vec<u8>, resend: bool) -> Script {
+    let mut s = Script::backup()
+        .msg(&ClientMsg::Entries(vec![file_e(b"big", content.len(), m)]))
+        .msg(&ClientMsg::SigRequest { id: 0 })
+        .msg(&ClientMsg::FileData {
+            id: 0,
+            delta: Compressed::compress(&delta, 1).unwrap(),
+        })
+        .msg(&file_end(0, content, m));
+    if resend {
+        s = s.msg(&file_data(0, content)).msg(&file_end(0, content, m));
+    }
+    s.msg(&ClientMsg::BackupEnd)
+}
+
+/// Whether the server asked for a file again whole.
+fn retried(o: &Outcome) -> bool {
+    o.msgs
+        .iter()
+        .any(|m| matches!(m, ServerMsg::FileRetry { .. }))
+}
+
 /// The kept signature of `content` in snapshot or `current` `dir`.
 fn kept(dir: &Path, content: &[u8]) -> Vec<u8> {
     let name = String::from_utf8(sig_name_of(content)).unwrap();
@@ -1619,56 +1667,21 @@ fn sig_name_of(content: &[u8]) -> Vec<u8> {
 #[test]
 fn kept_signatures_are_the_contents_own_and_never_trusted() {
     use byteback_delta::{diff_segment, signature, Signature};
-    let mut env = Env::new();
-    let t = fresh_mtime();
-    let mut rng = Rng::new(0x5165);
-    let old = rng.bytes(5 << 20);
-    let o = env.serve(
-        "big file stored",
-        &backup_script(&[(file_e(b"big", old.len(), t), Some(&old))]).bytes,
-    );
-    let snap1 = o.assert_backup_ok(1);
-    env.accept();
+    let (mut env, t, mut rng, old, snap1) = big_file_stored(0x5165);
     let only = |c: &[u8]| BTreeSet::from([sig_name_of(c)]);
     assert_eq!(kept_sigs(&env.current()), only(&old));
-    let kept = |dir: &Path, c: &[u8]| {
-        let name = String::from_utf8(sig_name_of(c)).unwrap();
-        fs::read(dir.join(".byteback/sigs").join(name)).unwrap()
-    };
     assert_eq!(kept(&env.current(), &old), signature(&old).0);
     assert_eq!(kept(&env.host_dir().join(&snap1), &old), signature(&old).0);
 
     // A changed file: the signature served is the kept one, and is right.
-    let edit = |base: &[u8], at: usize, rng: &mut Rng| {
-        let mut v = base.to_vec();
-        v[at..at + 4096].copy_from_slice(&rng.bytes(4096));
-        v
-    };
+    let edit = edit_4k;
     let sig_sent = |o: &Outcome| {
         o.msgs.iter().find_map(|m| match m {
             ServerMsg::Signature { sig, .. } => Some(sig.clone()),
             _ => None,
         })
     };
-    let changed = |content: &[u8], m: i64, delta: Vec<u8>, resend: bool| {
-        let mut s = Script::backup()
-            .msg(&ClientMsg::Entries(vec![file_e(b"big", content.len(), m)]))
-            .msg(&ClientMsg::SigRequest { id: 0 })
-            .msg(&ClientMsg::FileData {
-                id: 0,
-                delta: Compressed::compress(&delta, 1).unwrap(),
-            })
-            .msg(&file_end(0, content, m));
-        if resend {
-            s = s.msg(&file_data(0, content)).msg(&file_end(0, content, m));
-        }
-        s.msg(&ClientMsg::BackupEnd)
-    };
-    let retried = |o: &Outcome| {
-        o.msgs
-            .iter()
-            .any(|m| matches!(m, ServerMsg::FileRetry { .. }))
-    };
+    let changed = changed_big;
     let new = edit(&old, 1 << 20, &mut rng);
     let delta = diff_segment(&Signature::parse(&signature(&old).0).unwrap(), &new).unwrap();
     assert!(delta.len() < 64 << 10, "the delta copies little");
@@ -1771,16 +1784,7 @@ fn kept_signatures_are_the_contents_own_and_never_trusted() {
 #[test]
 fn kept_chaining_values_spare_reading_and_are_used_only_for_a_vouched_copy() {
     use byteback_delta::{diff_segment, signature, Signature};
-    let mut env = Env::new();
-    let t = fresh_mtime();
-    let mut rng = Rng::new(0xc7a1);
-    let old = rng.bytes(5 << 20);
-    let o = env.serve(
-        "big file stored",
-        &backup_script(&[(file_e(b"big", old.len(), t), Some(&old))]).bytes,
-    );
-    let snap1 = o.assert_backup_ok(1);
-    env.accept();
+    let (mut env, t, mut rng, old, snap1) = big_file_stored(0xc7a1);
     let cv_name = |c: &[u8]| [sig_name_of(c), b".cv".to_vec()].concat();
     let cv_path = |dir: &Path, c: &[u8]| {
         dir.join(".byteback/sigs")
@@ -1797,30 +1801,11 @@ fn kept_chaining_values_spare_reading_and_are_used_only_for_a_vouched_copy() {
         fs::read(cv_path(&env.current(), &old)).unwrap()
     );
 
-    let edit = |base: &[u8], at: usize, rng: &mut Rng| {
-        let mut v = base.to_vec();
-        v[at..at + 4096].copy_from_slice(&rng.bytes(4096));
-        v
-    };
+    let edit = edit_4k;
+    // The delta an honest client makes against the signature of `base`.
     let changed = |base: &[u8], content: &[u8], m: i64, resend: bool| {
         let delta = diff_segment(&Signature::parse(&signature(base).0).unwrap(), content).unwrap();
-        let mut s = Script::backup()
-            .msg(&ClientMsg::Entries(vec![file_e(b"big", content.len(), m)]))
-            .msg(&ClientMsg::SigRequest { id: 0 })
-            .msg(&ClientMsg::FileData {
-                id: 0,
-                delta: Compressed::compress(&delta, 1).unwrap(),
-            })
-            .msg(&file_end(0, content, m));
-        if resend {
-            s = s.msg(&file_data(0, content)).msg(&file_end(0, content, m));
-        }
-        s.msg(&ClientMsg::BackupEnd)
-    };
-    let retried = |o: &Outcome| {
-        o.msgs
-            .iter()
-            .any(|m| matches!(m, ServerMsg::FileRetry { .. }))
+        changed_big(content, m, delta, resend)
     };
     // "N changed files rebuilt from kept chaining values ...; M bytes read back".
     let rebuilt = |o: &Outcome| -> Option<(u64, u64)> {
