@@ -1889,6 +1889,55 @@ fn kept_chaining_values_spare_reading_and_are_used_only_for_a_vouched_copy() {
     assert_eq!(fs::read(env.current().join("big")).unwrap(), next);
 }
 
+/// A large file that shrank while the client read it arrives shorter than
+/// its entry said (FileEnd has the length read): it is stored as read, with
+/// its hash checked, and not asked for again; the same for a changed file
+/// rebuilt from a stored copy whose chaining values are kept.
+#[test]
+fn a_large_file_that_shrank_while_read_is_stored_as_read() {
+    use byteback_delta::{diff_segment, signature, Signature};
+    let (mut env, t, mut rng, old, _) = big_file_stored(0x5a1c);
+    // New, announced at 6 MiB, 4.5 MiB arrive.
+    let grown = rng.bytes(6 << 20);
+    let read = &grown[..(9 << 19)];
+    let s = Script::backup()
+        .msg(&ClientMsg::Entries(vec![
+            file_e(b"big", old.len(), t),
+            file_e(b"new", grown.len(), t),
+        ]))
+        .msg(&file_data(0, read))
+        .msg(&file_end(0, read, t))
+        .msg(&ClientMsg::BackupEnd);
+    let o = env.serve("new file shrank", &s.bytes);
+    o.assert_backup_ok(1);
+    env.accept();
+    assert!(!retried(&o), "{}", o.describe());
+    assert_eq!(fs::read(env.current().join("new")).unwrap(), read);
+    // Changed, announced at its old length, 4 MiB arrive, made of the
+    // stored copy's first 3 MiB (copied in place) and 1 MiB of new bytes.
+    let mut shrunk = old[..4 << 20].to_vec();
+    shrunk[3 << 20..].copy_from_slice(&rng.bytes(1 << 20));
+    let delta = diff_segment(&Signature::parse(&signature(&old).0).unwrap(), &shrunk).unwrap();
+    let m = t + 1;
+    let s = Script::backup()
+        .msg(&ClientMsg::Entries(vec![
+            file_e(b"big", old.len(), m),
+            file_e(b"new", read.len(), t),
+        ]))
+        .msg(&ClientMsg::SigRequest { id: 0 })
+        .msg(&ClientMsg::FileData {
+            id: 0,
+            delta: Compressed::compress(&delta, 1).unwrap(),
+        })
+        .msg(&file_end(0, &shrunk, m))
+        .msg(&ClientMsg::BackupEnd);
+    let o = env.serve("changed file shrank", &s.bytes);
+    o.assert_backup_ok(1);
+    env.accept();
+    assert!(!retried(&o), "{}", o.describe());
+    assert_eq!(fs::read(env.current().join("big")).unwrap(), shrunk);
+}
+
 /// The only file in `current/.byteback/partial` (a kept rebuild), if any.
 fn kept_partial(env: &Env) -> Option<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(env.current().join(".byteback/partial"))
