@@ -210,6 +210,13 @@ fn changed_blocks_share_extents_on_btrfs() {
         "added {added} bytes: ranges were copied, not cloned\n{}",
         stderr(&out)
     );
+    // The unchanged ranges were cloned without being read again: the kept
+    // chaining values of the first backup's copy were used.
+    assert!(
+        stderr(&out).contains("1 changed files rebuilt from kept chaining values"),
+        "kept chaining values not used:\n{}",
+        stderr(&out)
+    );
     let root = restore_all(&store, "vm", None, &d.path().join("r"));
     assert_same_tree(&src, &restored_path(&root, &src));
 }

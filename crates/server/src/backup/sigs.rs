@@ -194,8 +194,17 @@ impl KeptSigs {
         }
         let name = sig_name(hash);
         let mut written = self.write(&name, sig.as_bytes());
-        if written.is_ok() && digest::root_of(&cvs, len) == Some(*hash) {
-            written = self.write(&[&name[..], CVS].concat(), cvs.as_flattened());
+        if written.is_ok() {
+            if digest::root_of(&cvs, len) == Some(*hash) {
+                written = self.write(&[&name[..], CVS].concat(), cvs.as_flattened());
+            } else {
+                // Never expected: the values were merged into this hash
+                // when the file was verified.
+                tracing::warn!(
+                    "chaining values of content {} do not merge into its hash: not kept",
+                    hex(hash)
+                );
+            }
         }
         match written {
             Ok(()) => None,
