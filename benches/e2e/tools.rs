@@ -334,6 +334,9 @@ impl Bench {
                 .server_usage("server-bb")
                 .expect("server stats");
             let err = String::from_utf8_lossy(&done.stderr);
+            if self.verbose {
+                eprint!("{err}");
+            }
             let wire = err
                 .lines()
                 .find(|l| l.ends_with("received over SSH (all attempts)"))

@@ -77,6 +77,56 @@ fn round_trip(store: &Path, work: &Path) {
     assert_same_tree(&src, &restored_path(&root, &src));
 }
 
+/// `--compress`: data for a local store is stored as it is by default
+/// (compressing bytes that never leave the machine only costs CPU),
+/// compressed with `always`; what is stored is the same either way.
+#[test]
+fn data_for_a_local_store_is_compressed_only_when_asked() {
+    let dir = scratch();
+    let src = dir.path().join("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    let mut rng = Rng::new(0xC0);
+    let text = b"backup snapshot delta block server client ".repeat(100_000);
+    fs::write(src.join("text.txt"), &text).unwrap();
+    for i in 0..200 {
+        fs::write(src.join(format!("d/small{i}")), &text[i..i + 3000]).unwrap();
+    }
+    fs::write(src.join("random.bin"), rng.bytes(1 << 20)).unwrap();
+    let raw = (text.len() + 200 * 3000 + (1 << 20)) as u64;
+    let store = dir.path().join("store");
+    let mut wire = vec![];
+    for (mode, host) in [("auto", "a"), ("always", "b"), ("never", "c")] {
+        let out = run(Command::new(bin("byteback-backup"))
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .args([
+                "--hostname",
+                host,
+                "--retry-number",
+                "0",
+                "--compress",
+                mode,
+            ]));
+        let err = stderr(&out);
+        wire.push(summary_number(&err, " on the wire").expect(&err));
+        let root = restore_all(&store, host, None, &dir.path().join(host));
+        assert_same_tree(&src, &restored_path(&root, &src));
+    }
+    eprintln!("{raw} bytes of data; on the wire (auto, always, never): {wire:?}");
+    assert!(wire[0] >= raw && wire[2] >= raw, "stored: {wire:?}, {raw}");
+    assert!(wire[1] < raw / 2, "compressed: {wire:?}, {raw}");
+    let bad = run_status(
+        Command::new(bin("byteback-backup"))
+            .arg("--destination")
+            .arg(&store)
+            .args(["--source", "/nonexistent", "--compress", "sometimes"]),
+    );
+    assert_eq!(bad.status.code(), Some(2), "{}", output_text(&bad));
+    assert!(stderr(&bad).contains("--compress"), "{}", output_text(&bad));
+}
+
 #[test]
 fn rich_tree_round_trip_plain_store() {
     let d = scratch();

@@ -198,8 +198,14 @@ fn setup_client_then_backup_and_restore_over_ssh() {
 
     // Change things and go again: a second snapshot, again identical.
     fs::write(src.join("new-after-first"), rng.bytes(200_000)).unwrap();
+    let text = b"over ssh the data is compressed ".repeat(1 << 16);
+    fs::write(src.join("text-after-first"), &text).unwrap();
     let out = w.backup(&client, &src);
     assert!(out.status.success(), "second backup: {}", stderr(&out));
+    // Over SSH data is compressed by default (`--compress auto`): 2 MiB of
+    // text costs a few KiB, the random 200 kB their size.
+    let wire = summary_number(&stderr(&out), " on the wire").expect("wire bytes");
+    assert!(wire < 300_000, "{wire} bytes on the wire: {}", stderr(&out));
     assert_eq!(w.snapshots("client-a").len(), 2);
     let root = w.restore_all(&client, "client-a", &w.work.path().join("restore2"));
     assert_same_tree(&src, &under(&root, &src));

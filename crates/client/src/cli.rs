@@ -11,7 +11,7 @@ use clap::Parser;
 use byteback_protocol::term;
 use tracing::level_filters::LevelFilter;
 
-use crate::backup::{run_backup, BackupOptions};
+use crate::backup::{run_backup, BackupOptions, Compress};
 use crate::conn::{Connection, Destination};
 use crate::error::{Error, IoContext, Result};
 use crate::progress::{Bar, Kind};
@@ -101,6 +101,10 @@ pub struct BackupArgs {
     /// README, "JSON reports"); messages still go to stderr.
     #[arg(long)]
     json: bool,
+    /// When to compress file data (zstd level 1): auto compresses over SSH,
+    /// not for a local store.
+    #[arg(long, value_enum, default_value_t = Compress::Auto)]
+    compress: Compress,
 }
 
 /// `byteback-backup --json`: what the run did, one object on stdout at the end.
@@ -454,6 +458,7 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         filter,
         verbose,
         one_file_system: args.one_file_system,
+        compress: args.compress,
     };
     let hooks = crate::hooks::Runner::new(
         Duration::from_secs(args.hook_timeout),

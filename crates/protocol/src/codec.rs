@@ -229,6 +229,25 @@ impl ChunkCompressor {
         })
     }
 
+    /// Stores `raw` (at most [`MAX_CHUNK`](crate::limits::MAX_CHUNK) bytes)
+    /// without compressing it: a zstd frame of raw blocks, which every
+    /// decompressor reads, built at memcpy speed into `out` (cleared first).
+    pub fn store_into(raw: &[u8], mut out: Vec<u8>) -> Result<Compressed, ProtocolError> {
+        if raw.len() > crate::limits::MAX_CHUNK {
+            return Err(ProtocolError::Encode(format!(
+                "chunk of {} bytes too large",
+                raw.len()
+            )));
+        }
+        out.clear();
+        out.reserve(compress_bound(raw.len()));
+        stored_frame_into(raw, &mut out);
+        Ok(Compressed {
+            raw_len: raw.len() as u32,
+            data: out,
+        })
+    }
+
     fn worth_compressing(&mut self, sample: &[u8]) -> Result<bool, ProtocolError> {
         self.sample.clear();
         self.cctx
@@ -506,7 +525,16 @@ mod tests {
             assert_eq!(z.decompress().unwrap(), raw);
             d.decompress_into(&z, &mut out).unwrap();
             assert_eq!(out, raw);
+            // Stored on request, whatever it holds, into a dirty buffer.
+            let s = ChunkCompressor::store_into(raw, vec![9; 77]).unwrap();
+            assert_eq!(s.raw_len as usize, raw.len());
+            assert!(s.data.len() <= raw.len() + 9 + 3 * raw.len().div_ceil(128 << 10).max(1));
+            assert_eq!(s.decompress().unwrap(), raw);
+            d.decompress_into(&s, &mut out).unwrap();
+            assert_eq!(out, raw);
         }
+        let too_big = vec![0u8; crate::limits::MAX_CHUNK + 1];
+        assert!(ChunkCompressor::store_into(&too_big, vec![]).is_err());
         // Incompressible data is stored, so it grows by a few bytes per 128 KiB only.
         let z = c.compress(&random).unwrap();
         assert!(z.data.len() <= random.len() + 9 + 3 * 9, "{}", z.data.len());

@@ -34,7 +34,7 @@ use crate::conn::{self, Connection, Transport};
 use crate::progress::BACKUP as PROGRESS;
 use crate::walk::{self, Excludes};
 use announce::Announcer;
-use shared::{lock, start_thread, Batches, Committed, Shared, STOP_WAIT};
+use shared::{lock, start_thread, Batches, Committed, Policy, Shared, STOP_WAIT};
 
 /// Most bytes of segment buffers (file data, deltas, compressed chunks in
 /// the delta workers or queued for the writer) held at once.
@@ -62,6 +62,10 @@ pub struct BackupReport {
     pub partial: u64,
     /// Bytes of deltas put on the wire (compressed).
     pub wire_bytes: u64,
+    /// Bytes of deltas compressed (before compression).
+    pub compressed_raw: u64,
+    /// Bytes of deltas stored as they were (see `--compress`).
+    pub stored_raw: u64,
 }
 
 /// Options for one backup.
@@ -77,6 +81,21 @@ pub struct BackupOptions {
     pub verbose: bool,
     /// Stay on each source's filesystem (`--one-file-system`).
     pub one_file_system: bool,
+    /// When file data is compressed (`--compress`).
+    pub compress: Compress,
+}
+
+/// When file data is compressed on its way to the server (`--compress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Compress {
+    /// Over SSH; not for a local store, whose bytes do not leave this
+    /// machine (compressing them would only cost CPU, on both sides).
+    #[default]
+    Auto,
+    /// Always (zstd level 1; data that does not shrink is stored).
+    Always,
+    /// Never.
+    Never,
 }
 
 /// What the walk works on, set up before any thread starts.
@@ -108,11 +127,16 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
         }
     };
     let Connection { reader, writer, .. } = conn;
+    let policy = match (opts.compress, &transport) {
+        (Compress::Never, _) | (Compress::Auto, Transport::Child(..)) => Policy::Never,
+        _ => Policy::Always,
+    };
     let shared = Arc::new(Shared::new(
         transport.breaker(),
         QUEUE_DEPTH,
         BUFFER_BUDGET,
         opts.verbose,
+        policy,
     ));
     let batches: Arc<Batches> = Arc::new(Mutex::new(VecDeque::new()));
     let pool = Arc::new(pool);
@@ -243,7 +267,15 @@ fn shut_down(
         vanished: shared.vanished.load(Ordering::Relaxed),
         partial: shared.partial.load(Ordering::Relaxed),
         wire_bytes: shared.wire.load(Ordering::Relaxed),
+        compressed_raw: shared.compressed_raw.load(Ordering::Relaxed),
+        stored_raw: shared.stored_raw.load(Ordering::Relaxed),
     };
+    tracing::debug!(
+        "deltas: {} bytes compressed, {} stored as they were (compression {:?})",
+        report.compressed_raw,
+        report.stored_raw,
+        shared.compress
+    );
     drop(shared);
     drop(pool);
     transport.finish()?;
@@ -320,6 +352,7 @@ mod tests {
             filter: None,
             verbose: false,
             one_file_system: false,
+            compress: Compress::Auto,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let start = Instant::now();

@@ -377,7 +377,7 @@ fn encode_segment(
                 .and_then(|used| {
                     piece.lined_up = copy_end(&d.buf)
                         .unwrap_or_else(|| piece.lined_up.saturating_add(used as u64));
-                    Ok((compress(&d.buf, out.buf)?, used))
+                    Ok((compress(shared, &d.buf, out.buf)?, used))
                 });
             shared.pool.give_back(d);
             match r {
@@ -395,7 +395,7 @@ fn encode_segment(
             let (h, hl) = literal_header(n as u64);
             data.buf[head - hl..head].copy_from_slice(&h[..hl]);
             data.buf.push(DELTA_END);
-            (compress(&data.buf[head - hl..], out.buf), n)
+            (compress(shared, &data.buf[head - hl..], out.buf), n)
         }
     };
     shared.pool.give_back(data);
@@ -476,7 +476,14 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-fn compress(delta: &[u8], out: Vec<u8>) -> Result<Compressed> {
+/// Compresses a chunk, or stores it when [`Shared::compress_next`] says
+/// compressing would only cost CPU (see `--compress`).
+fn compress(shared: &Shared, delta: &[u8], out: Vec<u8>) -> Result<Compressed> {
+    if !shared.compress_next() {
+        shared.count_chunk(delta.len(), false);
+        return Ok(ChunkCompressor::store_into(delta, out)?);
+    }
+    shared.count_chunk(delta.len(), true);
     COMPRESSOR.with(|c| {
         let mut c = c.borrow_mut();
         let c = match &mut *c {
@@ -489,11 +496,18 @@ fn compress(delta: &[u8], out: Vec<u8>) -> Result<Compressed> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::shared::Policy;
     use super::*;
     use crate::walk::{self, EntrySink, Excludes, WalkWarning};
 
     fn test_shared() -> Shared {
-        Shared::new(crate::conn::Breaker::default(), 1024, 32 << 20, false)
+        Shared::new(
+            crate::conn::Breaker::default(),
+            1024,
+            32 << 20,
+            false,
+            Policy::Always,
+        )
     }
 
     fn sent(shared: &Shared) -> Vec<ClientMsg> {

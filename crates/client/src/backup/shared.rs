@@ -96,6 +96,19 @@ pub(super) struct Shared {
     pub(super) partial: AtomicU64,
     pub(super) wire: AtomicU64,
     pub(super) verbose: bool,
+    /// Whether data chunks are compressed (see [`Shared::compress_next`]).
+    pub(super) compress: Policy,
+    /// Bytes of chunks before encoding: compressed, and stored as they are.
+    pub(super) compressed_raw: AtomicU64,
+    pub(super) stored_raw: AtomicU64,
+}
+
+/// Whether the delta threads compress data chunks (`--compress`, resolved
+/// for the transport).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Policy {
+    Always,
+    Never,
 }
 
 impl Shared {
@@ -105,6 +118,7 @@ impl Shared {
         queue_depth: usize,
         buffer_budget: usize,
         verbose: bool,
+        compress: Policy,
     ) -> Self {
         Shared {
             flow: Mutex::new(Flow::default()),
@@ -119,7 +133,25 @@ impl Shared {
             partial: AtomicU64::new(0),
             wire: AtomicU64::new(0),
             verbose,
+            compress,
+            compressed_raw: AtomicU64::new(0),
+            stored_raw: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the next data chunk is to be compressed.
+    pub(super) fn compress_next(&self) -> bool {
+        self.compress == Policy::Always
+    }
+
+    /// Counts a chunk of `raw` bytes as compressed or stored.
+    pub(super) fn count_chunk(&self, raw: usize, compressed: bool) {
+        let c = if compressed {
+            &self.compressed_raw
+        } else {
+            &self.stored_raw
+        };
+        c.fetch_add(raw as u64, Ordering::Relaxed);
     }
 
     /// Stops the backup: the one way it fails, from whichever thread or job
