@@ -50,10 +50,20 @@ pub fn diff_segment_into(
     new_segment: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), DeltaError> {
+    diff_after_into(sig, new_segment, None, out)
+}
+
+/// [`diff_segment_into`] of data that follows a copy of basis block `after`.
+fn diff_after_into(
+    sig: &Signature,
+    data: &[u8],
+    after: Option<u64>,
+    out: &mut Vec<u8>,
+) -> Result<(), DeltaError> {
     out.clear();
     out.extend_from_slice(&DELTA_MAGIC.to_be_bytes());
     let mut w = OpWriter { out, copy: None };
-    rolling::search(sig.index(), sig.entries(), new_segment, &mut w);
+    rolling::search(sig.index(), sig.entries(), data, after, &mut w);
     w.finish();
     Ok(())
 }
@@ -106,7 +116,12 @@ pub fn diff_window_into(
         None => false,
     };
     if !aligned {
-        diff_segment_into(sig, window, out)?;
+        // The block the window's data follows in line, if a whole one.
+        let bs = u64::from(sig.block_size());
+        let after = lined_up
+            .filter(|&at| bs > 0 && at > 0 && at % bs == 0)
+            .map(|at| at / bs - 1);
+        diff_after_into(sig, window, after, out)?;
     }
     if want >= window.len() {
         return Ok(window.len());
@@ -185,6 +200,8 @@ fn diff_aligned(
     let mut w = OpWriter { out, copy: None };
     // Window bytes covered by ops so far; next block to compare; chunk size.
     let (mut done, mut next, mut chunk) = (0usize, 0usize, ALIGNED_FIRST_CHUNK);
+    // The basis block whose copy the data at `done` follows.
+    let mut after = (first as u64).checked_sub(1);
     while next < lined {
         let m = chunk.min(lined - next);
         let data = window
@@ -206,10 +223,12 @@ fn diff_aligned(
             }
             let pos = (next + i) * bs;
             if pos > done {
-                diff_gap(sig, &window[done..pos], &mut w);
+                diff_gap(sig, &window[done..pos], after, &mut w);
             }
-            w.copy((first + next + i) as u64 * bs64, bs64);
+            let block = (first + next + i) as u64;
+            w.copy(block * bs64, bs64);
             done = pos + bs;
+            after = Some(block);
             matched = true;
         }
         next += m;
@@ -222,15 +241,16 @@ fn diff_aligned(
         return Ok(false);
     }
     if done < window.len() {
-        diff_gap(sig, &window[done..], &mut w);
+        diff_gap(sig, &window[done..], after, &mut w);
     }
     w.finish();
     Ok(true)
 }
 
-/// Diff `gap` the plain way and append its ops to `w`.
-fn diff_gap(sig: &Signature, gap: &[u8], w: &mut OpWriter<'_>) {
-    rolling::search(sig.index(), sig.entries(), gap, w);
+/// Diff `gap` (which follows a copy of basis block `after`, if any) the
+/// plain way and append its ops to `w`.
+fn diff_gap(sig: &Signature, gap: &[u8], after: Option<u64>, w: &mut OpWriter<'_>) {
+    rolling::search(sig.index(), sig.entries(), gap, after, w);
 }
 
 impl rolling::Found for OpWriter<'_> {
@@ -832,6 +852,67 @@ mod tests {
             apply_to_vec(&basis, &d, 0).expect("apply"),
             Vec::<u8>::new()
         );
+    }
+
+    /// Bytes a delta sends as literals.
+    fn literal_bytes(delta: &[u8]) -> usize {
+        ops(delta)
+            .map(|op| match op.expect("valid") {
+                Op::Literal(d) => d.len(),
+                Op::Copy { .. } => 0,
+            })
+            .sum()
+    }
+
+    #[test]
+    fn a_short_last_block_is_found_after_an_append_and_at_the_end() {
+        let len = 300_000 + 777;
+        let basis = noise(len, 7);
+        let bs = crate::block_size_for(len as u64) as usize;
+        let r = len % bs;
+        assert!(r > 0 && r < bs, "a short last block: {r} of {bs}");
+        let sig = Signature::parse(crate::signature(&basis).as_bytes()).expect("sig");
+        let last = len - r;
+        // Grown: only the appended bytes travel, whole, in a window that
+        // lines up (aligned path, or plain when it starts at the last block),
+        // and in windows of any size.
+        let grown = [&basis[..], &noise(5000, 8)].concat();
+        let whole = diff_segment(&sig, &grown).expect("diff");
+        assert_eq!(literal_bytes(&whole), 5000);
+        let mut d = vec![];
+        for at in [0, 20 * bs, last - bs, last] {
+            let n = diff_window_into(&sig, &grown[at..], Some(at as u64), usize::MAX, &mut d)
+                .expect("diff");
+            assert_eq!(n, grown.len() - at);
+            assert_eq!(literal_bytes(&d), 5000, "window from {at}");
+            assert_eq!(
+                apply_to_vec(&basis, &d, n as u64).expect("apply"),
+                &grown[at..]
+            );
+        }
+        for fast in [false, true] {
+            let (rebuilt, _) = windowed(&basis, &grown, 7 * bs, bs - 1, fast);
+            assert_eq!(rebuilt, grown);
+        }
+        // Edited elsewhere: the unchanged tail is copied, only the block travels.
+        let mut edited = basis.clone();
+        edited[3 * bs + 5] ^= 1;
+        let d = diff_segment(&sig, &edited).expect("diff");
+        assert_eq!(literal_bytes(&d), bs);
+        assert_eq!(apply_to_vec(&basis, &d, len as u64).expect("apply"), edited);
+        // The tail cut short, or changed: not taken for the basis's.
+        for new in [basis[..len - 100].to_vec(), {
+            let mut t = basis.clone();
+            t[len - 1] ^= 1;
+            t
+        }] {
+            let d = diff_segment(&sig, &new).expect("diff");
+            assert_eq!(literal_bytes(&d), new.len() - last);
+            assert_eq!(
+                apply_to_vec(&basis, &d, new.len() as u64).expect("apply"),
+                new
+            );
+        }
     }
 
     #[test]

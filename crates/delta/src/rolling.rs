@@ -179,6 +179,60 @@ impl Index {
     }
 }
 
+/// Where a short last block of the basis is looked for in data: right
+/// after a copy of the block before it (the file goes on in line, e.g. it
+/// grew), or at the data's end (the file's end is unchanged).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Tail {
+    Start,
+    End,
+}
+
+impl Index {
+    /// The length of the basis's last block if `data` starts (`Tail::Start`)
+    /// or ends (`Tail::End`) with it and it is shorter than a block: a
+    /// signature does not record that length, so each length below a block
+    /// is tried by its rolling checksum (built up a byte at a time), and a
+    /// checksum that matches by its strong hash.
+    fn short_last(&self, entries: &[u8], data: &[u8], at: Tail) -> Option<usize> {
+        let entry = 4 + self.strong_len;
+        let n = entries.len() / entry;
+        let last = entries.get(n.checked_sub(1)? * entry..n * entry)?;
+        let want = u32::from_be_bytes([last[0], last[1], last[2], last[3]]);
+        let (mut s1, mut s2) = (0u16, 0u16);
+        for r in 1..self.block_size.min(data.len() + 1) {
+            // Prepending a byte to a suffix gives it weight r; appending one
+            // to a prefix adds the new sum of bytes to the weighted sum.
+            match at {
+                Tail::Start => {
+                    s1 = s1.wrapping_add(u16::from(data[r - 1]));
+                    s2 = s2.wrapping_add(s1);
+                }
+                Tail::End => {
+                    let b = u16::from(data[data.len() - r]);
+                    s1 = s1.wrapping_add(b);
+                    s2 = s2.wrapping_add((r as u16).wrapping_mul(b));
+                }
+            }
+            let len = r as u64;
+            let c1 = s1.wrapping_add((len as u16).wrapping_mul(CRC_MAGIC));
+            let c2 =
+                s2.wrapping_add(((len.wrapping_mul(len + 1) / 2) as u16).wrapping_mul(CRC_MAGIC));
+            if u32::from(c1) | (u32::from(c2) << 16) != want {
+                continue;
+            }
+            let piece = match at {
+                Tail::Start => &data[..r],
+                Tail::End => &data[data.len() - r..],
+            };
+            if self.strong_of(piece) == last[4..] {
+                return Some(r);
+            }
+        }
+        None
+    }
+}
+
 /// What the search finds, in order: literal bytes and copies of blocks.
 pub(crate) trait Found {
     fn literal(&mut self, data: &[u8]);
@@ -186,13 +240,39 @@ pub(crate) trait Found {
 }
 
 /// Searches `data` for the basis's blocks (`entries` are the signature's,
-/// indexed by `ix`) and reports literals and copies to `out`.
-pub(crate) fn search(ix: &Index, entries: &[u8], data: &[u8], out: &mut impl Found) {
+/// indexed by `ix`) and reports literals and copies to `out`. `after`: the
+/// block whose copy `data` follows, if any. A short last block of the basis
+/// (see [`Index::short_last`]) is found right after a copy of the block
+/// before it, and at the end of `data`.
+pub(crate) fn search(
+    ix: &Index,
+    entries: &[u8],
+    data: &[u8],
+    after: Option<u64>,
+    out: &mut impl Found,
+) {
     let bs = ix.block_size;
     let size = bs as u16; // the checksum is mod 2^16 anyway
+    let blocks = (entries.len() / (4 + ix.strong_len)) as u64;
+    let last = blocks.checked_sub(1);
+    let before_last = last.and_then(|l| l.checked_sub(1));
     let mut collisions: HashMap<u32, u32> = HashMap::new();
     let (mut here, mut lit) = (0usize, 0usize);
-    while bs > 0 && data.len() - here >= bs {
+    // Where data goes on in line with the basis's short last block.
+    let mut in_line = after.is_some() && after == before_last;
+    loop {
+        if in_line {
+            in_line = false;
+            if let (Some(l), Some(r)) = (last, ix.short_last(entries, &data[here..], Tail::Start)) {
+                out.literal(&data[lit..here]);
+                out.copy(l * bs as u64, r as u64);
+                here += r;
+                lit = here;
+            }
+        }
+        if bs == 0 || data.len() - here < bs {
+            break;
+        }
         let mut crc = crc_of(&data[here..here + bs]);
         loop {
             if ix.maybe(crc) && collisions.get(&crc).is_none_or(|&n| n < MAX_CRC_COLLISIONS) {
@@ -202,6 +282,7 @@ pub(crate) fn search(ix: &Index, entries: &[u8], data: &[u8], out: &mut impl Fou
                     out.copy(u64::from(idx) * bs as u64, bs as u64);
                     here += bs;
                     lit = here;
+                    in_line = Some(u64::from(idx)) == before_last;
                     break;
                 }
                 if collided {
@@ -216,7 +297,14 @@ pub(crate) fn search(ix: &Index, entries: &[u8], data: &[u8], out: &mut impl Fou
             here += 1;
         }
     }
-    out.literal(&data[lit..]);
+    let rest = &data[lit..];
+    match (last, ix.short_last(entries, rest, Tail::End)) {
+        (Some(l), Some(r)) => {
+            out.literal(&rest[..rest.len() - r]);
+            out.copy(l * bs as u64, r as u64);
+        }
+        _ => out.literal(rest),
+    }
 }
 
 #[cfg(test)]
@@ -322,8 +410,18 @@ mod tests {
                 &new,
             )
             .unwrap();
-            prop_assert_eq!(normal(&ours), normal(&theirs));
-            prop_assert_eq!(crate::apply_to_vec(&basis, &ours, u64::MAX).unwrap(), new);
+            prop_assert_eq!(&crate::apply_to_vec(&basis, &ours, u64::MAX).unwrap(), &new);
+            if tail % bs as usize == 0 {
+                prop_assert_eq!(normal(&ours), normal(&theirs));
+            } else {
+                // A short last block fast_rsync finds only as the whole rest
+                // of the data, found where it follows the block before it or
+                // ends the data: never more literal bytes than fast_rsync's.
+                let lit = |d: &[u8]| -> usize {
+                    normal(d).iter().filter(|o| !o.0).map(|o| o.3.len()).sum()
+                };
+                prop_assert!(lit(&ours) <= lit(&theirs));
+            }
         }
     }
 }
