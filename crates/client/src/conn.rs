@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{bail, err, Context, Error, IoContext, Result};
 use byteback_protocol::{
-    decode_server, escape_text, read_frame, validate_host_name, write_client_msg, ClientMsg,
+    decode_server, escape_text, read_frame_into, validate_host_name, write_client_msg, ClientMsg,
     ClientSession, ServerMsg, MAGIC, PROTOCOL_VERSION,
 };
 
@@ -112,6 +112,8 @@ pub fn server_binary() -> PathBuf {
 pub struct ConnReader {
     r: BufReader<Box<dyn Read + Send>>,
     session: Arc<Mutex<ClientSession>>,
+    /// The last frame read, kept for the next (see `read_frame_into`).
+    frame: Vec<u8>,
 }
 
 /// Writing half of a connection.
@@ -123,13 +125,13 @@ pub struct ConnWriter {
 impl ConnReader {
     /// Receives one message; a server `Error` becomes an error here.
     pub fn recv(&mut self) -> Result<ServerMsg> {
-        let frame = read_frame(&mut self.r)
+        let n = read_frame_into(&mut self.r, &mut self.frame)
             .map_err(|cause| Error::Connection {
                 op: "cannot read from the server",
                 cause,
             })?
             .ok_or(Error::Closed)?;
-        let msg = decode_server(&frame)?;
+        let msg = decode_server(&self.frame[..n])?;
         lock(&self.session).on_recv(&msg)?;
         if let ServerMsg::Error { message } = msg {
             // The server chose these bytes: never let them reach a terminal raw.
@@ -553,6 +555,7 @@ impl Connection {
         let mut reader = ConnReader {
             r: BufReader::with_capacity(1 << 20, r),
             session: session.clone(),
+            frame: Vec::new(),
         };
         let mut writer = ConnWriter {
             w: BufWriter::with_capacity(1 << 20, w),

@@ -17,7 +17,8 @@ pub mod term;
 pub mod text;
 
 pub use codec::{
-    decode_client, decode_server, encode, read_frame, write_client_msg, write_msg, FrameDecoder,
+    decode_client, decode_server, encode, read_frame, read_frame_into, write_client_msg, write_msg,
+    FrameDecoder,
 };
 pub use error::ProtocolError;
 pub use messages::*;

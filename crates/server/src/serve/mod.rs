@@ -13,7 +13,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
 
 use byteback_protocol::{
-    decode_client, read_frame, write_msg, ClientMsg, ProtocolError, ServerMsg, ServerSession,
+    decode_client, read_frame_into, write_msg, ClientMsg, ProtocolError, ServerMsg, ServerSession,
     PROTOCOL_VERSION,
 };
 
@@ -46,6 +46,8 @@ struct Conn<R: Read, W: Write> {
     input: BufReader<R>,
     output: BufWriter<W>,
     session: ServerSession,
+    /// The last frame read, kept for the next (see `read_frame_into`).
+    frame: Vec<u8>,
 }
 
 impl<R: Read, W: Write> Conn<R, W> {
@@ -53,10 +55,10 @@ impl<R: Read, W: Write> Conn<R, W> {
         if self.input.buffer().is_empty() {
             self.output.flush().map_err(ProtocolError::Io)?;
         }
-        let Some(frame) = read_frame(&mut self.input)? else {
+        let Some(n) = read_frame_into(&mut self.input, &mut self.frame)? else {
             return Ok(None);
         };
-        let msg = decode_client(&frame)?;
+        let msg = decode_client(&self.frame[..n])?;
         self.session.on_recv(&msg)?;
         Ok(Some(msg))
     }
@@ -74,6 +76,7 @@ pub fn serve<R: Read, W: Write>(cfg: &ServeConfig, input: R, output: W) -> Resul
         input: BufReader::with_capacity(1 << 20, input),
         output: BufWriter::with_capacity(1 << 20, output),
         session: ServerSession::new(),
+        frame: Vec::new(),
     };
     // A panic (a bug) still ends the session with an Error frame, so the
     // client hears why rather than only seeing the connection close.
