@@ -313,6 +313,50 @@ fn in_place_edits_insertion_and_append_in_a_large_file() {
     assert_same_tree(&src, &restored_path(&root, &src));
 }
 
+/// The block size of a basis of `len` bytes is `bs`, and its last block short.
+fn block_size_ok(len: usize, bs: usize) -> bool {
+    byteback_delta::block_size_for(len as u64) as usize == bs && !len.is_multiple_of(bs)
+}
+
+/// A file whose length is not a multiple of the block size ends in a short
+/// block: grown, only the new bytes travel (the old short block is found
+/// where the data goes on in line); changed elsewhere, its end is copied.
+#[test]
+fn a_grown_file_costs_its_new_bytes_and_an_unchanged_short_tail_is_copied() {
+    let d = scratch();
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let mut rng = Rng::new(13);
+    // Half a block past a multiple of the block size, and a short last
+    // block again after the append.
+    let bs = byteback_delta::block_size_for(5_000_000) as usize;
+    let len = 5_000_000 / bs * bs + bs / 2;
+    let grown = len + 10_000;
+    let bs2 = byteback_delta::block_size_for(grown as u64) as usize;
+    assert!(
+        block_size_ok(len, bs) && !grown.is_multiple_of(bs2),
+        "{len} {bs} {grown} {bs2}"
+    );
+    let mut data = rng.bytes(len);
+    fs::write(src.join("app.log"), &data).unwrap();
+    local_backup(&store, &src, "tail");
+    data.extend_from_slice(&rng.bytes(10_000));
+    fs::write(src.join("app.log"), &data).unwrap();
+    let e = stderr(&local_backup(&store, &src, "tail"));
+    let new = summary_number(&e, " bytes new").unwrap_or_else(|| panic!("{e}"));
+    assert_eq!(new, 10_000, "appended 10,000 bytes:\n{e}");
+    // One byte changed at the start: its block travels, the tail does not.
+    data[100] ^= 0xff;
+    fs::write(src.join("app.log"), &data).unwrap();
+    let e = stderr(&local_backup(&store, &src, "tail"));
+    let new = summary_number(&e, " bytes new").unwrap_or_else(|| panic!("{e}"));
+    assert_eq!(new, bs2 as u64, "one changed byte, blocks of {bs2}:\n{e}");
+    let root = restore_all(&store, "tail", None, &d.path().join("r"));
+    assert_same_tree(&src, &restored_path(&root, &src));
+}
+
 #[test]
 fn client_paths_cannot_reach_the_manifest() {
     let d = scratch();
