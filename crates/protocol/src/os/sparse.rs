@@ -113,13 +113,18 @@ impl SparseWriter {
 
 /// Whether `data` is all zero bytes (written to vectorise well).
 pub fn is_zero(data: &[u8]) -> bool {
-    let mut words = data.chunks_exact(16);
-    let acc = words.by_ref().fold(0u128, |acc, w| {
-        let mut b = [0u8; 16];
-        b.copy_from_slice(w);
-        acc | u128::from_ne_bytes(b)
-    });
-    acc == 0 && words.remainder().iter().all(|b| *b == 0)
+    // Pieces of 256 bytes, each folded in 16-byte words: data that is not
+    // zeros (nearly all of it) says so in its first piece, where scanning a
+    // whole block first cost 3 % of the server's time receiving a large file.
+    data.chunks(256).all(|piece| {
+        let mut words = piece.chunks_exact(16);
+        let acc = words.by_ref().fold(0u128, |acc, w| {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(w);
+            acc | u128::from_ne_bytes(b)
+        });
+        acc == 0 && words.remainder().iter().all(|b| *b == 0)
+    })
 }
 
 #[cfg(test)]
@@ -238,6 +243,12 @@ mod tests {
             let mut v = vec![0u8; 40];
             v[i] = 1;
             assert!(!is_zero(&v));
+        }
+        for i in [0, 15, 16, 255, 256, 257, 1000, 4095] {
+            let mut v = vec![0u8; 4096];
+            v[i] = 0x80;
+            assert!(!is_zero(&v), "{i}");
+            assert!(is_zero(&v[..i]) && is_zero(&v[i + 1..]), "{i}");
         }
     }
 }
