@@ -131,7 +131,7 @@ pub struct BackupJson {
     pub bytes_new: u64,
     /// Bytes of file content reused from the previous version.
     pub bytes_reused: u64,
-    /// Bytes of deltas put on the wire (compressed).
+    /// Bytes of deltas put on the wire (compressed unless `--compress` says not to).
     pub bytes_wire: u64,
     /// Entries deleted from the server's copy.
     pub deleted: u64,

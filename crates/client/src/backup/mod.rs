@@ -60,7 +60,7 @@ pub struct BackupReport {
     pub vanished: u64,
     /// Files that changed while being read, or could not be read.
     pub partial: u64,
-    /// Bytes of deltas put on the wire (compressed).
+    /// Bytes of deltas put on the wire (compressed unless `--compress` says not to).
     pub wire_bytes: u64,
     /// Bytes of deltas compressed (before compression).
     pub compressed_raw: u64,
