@@ -1177,7 +1177,9 @@ fn server_killed_while_the_client_waits_wrapper(dir: &Path, host: &str) -> PathB
     })
     .unwrap()
     .len()
-        + encode(&ServerMsg::BackupReady).unwrap().len();
+        + encode(&ServerMsg::BackupReady { generation: None })
+            .unwrap()
+            .len();
     let p = dir.join("server-killed-while-the-client-waits");
     fs::write(
         &p,
@@ -1445,4 +1447,148 @@ fn a_low_open_file_limit_on_the_server_slows_a_first_backup_but_does_not_fail_it
             );
         }
     }
+}
+
+/// `byteback-backup` of `src` as `host` into `store`, its record of the
+/// last backup kept in `cache`; returns its stderr and the summary's
+/// entries and unchanged entries.
+fn backup_with_record(store: &Path, src: &Path, host: &str, cache: &Path) -> (String, u64, u64) {
+    let out = run(Command::new(bin("byteback-backup"))
+        .env("BYTEBACK_CACHE_DIR", cache)
+        .arg("--destination")
+        .arg(store)
+        .arg("--source")
+        .arg(src)
+        .args(["--hostname", host, "--retry-number", "0"]));
+    let err = stderr(&out);
+    let entries = summary_number(&err, " entries,").expect(&err);
+    let unchanged = summary_number(&err, " entries unchanged").unwrap_or(0);
+    (err, entries, unchanged)
+}
+
+/// The client's record of the last backup: a re-run with nothing changed
+/// announces every entry in runs of unchanged ones, and after edits of
+/// every kind (content, sizes, deletions of files and trees, a file
+/// become a directory, a rename, new files, a mode, an xattr, a new hard
+/// link) only what changed goes one by one, and the snapshot restores
+/// equal to the source; the next run is all runs again.
+#[test]
+fn unchanged_entries_go_as_runs_and_every_change_still_lands() {
+    let dir = scratch();
+    // In a directory of its own: the ancestors of a source are entries
+    // too, and the scratch directory changes with the restores.
+    let src = dir.path().join("tree/src");
+    fs::create_dir_all(&src).unwrap();
+    let mut rng = Rng::new(0x5eed);
+    make_rich_tree(&src, &mut rng);
+    edit_tree(&src, &mut rng);
+    let store = dir.path().join("store");
+    store_without_interval(&store);
+    let cache = dir.path().join("cache");
+
+    let (_, entries, unchanged) = backup_with_record(&store, &src, "runs", &cache);
+    assert_eq!(unchanged, 0, "no record yet");
+    // Every entry of the tree is as recorded; its ancestors (entries too)
+    // may have changed with other tests' files.
+    let all_but_ancestors = |entries: u64| entries - (src.ancestors().count() as u64 - 1);
+    let (err, entries2, unchanged) = backup_with_record(&store, &src, "runs", &cache);
+    assert_eq!(entries2, entries, "{err}");
+    assert!(unchanged >= all_but_ancestors(entries), "{err}");
+
+    edit_tree_again(&src, &mut rng);
+    let sub = src.join("olddir-gone-but-this-stays");
+    fs::create_dir(&sub).unwrap();
+    fs::write(sub.join("f"), b"new in a new directory").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(src.join("renamed"), fs::Permissions::from_mode(0o600)).unwrap();
+    rustix::fs::lsetxattr(
+        src.join("append.log"),
+        "user.edited",
+        b"yes",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    fs::hard_link(src.join("brand-new"), src.join("brand-new-link")).unwrap();
+    let (err, entries3, unchanged) = backup_with_record(&store, &src, "runs", &cache);
+    assert!(unchanged > 0 && unchanged + 10 < entries3, "{err}");
+    let root = restore_all(&store, "runs", None, &dir.path().join("restore"));
+    assert_same_tree(&src, &restored_path(&root, &src));
+
+    let (err, entries4, unchanged) = backup_with_record(&store, &src, "runs", &cache);
+    assert_eq!(entries4, entries3, "{err}");
+    assert!(unchanged >= all_but_ancestors(entries3), "{err}");
+    let root = restore_all(&store, "runs", None, &dir.path().join("restore2"));
+    assert_same_tree(&src, &restored_path(&root, &src));
+}
+
+/// A record that does not describe the server's manifest, though the
+/// generations agree (here: another host's record and generation planted
+/// for this one), fails the server's check of the first run; the client
+/// then removes the record and runs the backup again at once, announcing
+/// every entry: the backup succeeds and the snapshot is the source's.
+#[test]
+fn a_record_the_manifest_does_not_match_costs_a_rerun_never_a_change() {
+    let dir = scratch();
+    let src = dir.path().join("tree/src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..50 {
+        fs::write(src.join(format!("d/f{i:02}")), format!("file {i}")).unwrap();
+    }
+    let store = dir.path().join("store");
+    store_without_interval(&store);
+    let cache = dir.path().join("cache");
+    let records = || -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(&cache)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    // Host b is backed up without d/f25, host a with it.
+    let late = src.join("d/f25");
+    let kept = fs::read(&late).unwrap();
+    fs::remove_file(&late).unwrap();
+    backup_with_record(&store, &src, "b", &cache);
+    let b_record = records();
+    assert_eq!(b_record.len(), 1);
+    fs::write(&late, &kept).unwrap();
+    backup_with_record(&store, &src, "a", &cache);
+    let a_record: Vec<PathBuf> = records()
+        .into_iter()
+        .filter(|p| !b_record.contains(p))
+        .collect();
+    assert_eq!(a_record.len(), 1);
+    // a's record and generation, planted for b.
+    fs::copy(&a_record[0], &b_record[0]).unwrap();
+    let manifest = |h: &str| store.join(h).join("current/.byteback/manifest");
+    let mut generation = [0u8; 64];
+    let n = rustix::fs::getxattr(
+        manifest("a"),
+        "user.byteback.generation",
+        &mut generation[..],
+    )
+    .unwrap();
+    assert_eq!(n, 32);
+    rustix::fs::setxattr(
+        manifest("b"),
+        "user.byteback.generation",
+        &generation[..32],
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+
+    let (err, entries, unchanged) = backup_with_record(&store, &src, "b", &cache);
+    assert!(err.contains("do not match the manifest"), "{err}");
+    assert!(err.contains("runs again"), "{err}");
+    assert_eq!(unchanged, 0, "{err}");
+    assert!(entries > 50, "{err}");
+    let root = restore_all(&store, "b", None, &dir.path().join("restore"));
+    assert_same_tree(&src, &restored_path(&root, &src));
+    // And the record written by the rerun is b's own: all runs next time.
+    let (err, entries2, unchanged) = backup_with_record(&store, &src, "b", &cache);
+    assert_eq!(entries2, entries, "{err}");
+    assert!(
+        unchanged >= entries - (src.ancestors().count() as u64 - 1),
+        "{err}"
+    );
 }

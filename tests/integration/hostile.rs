@@ -2160,3 +2160,163 @@ fn clone_offers_never_give_another_hosts_data_or_an_unverified_copy() {
     env.outside_sentinel.assert_untouched();
     env.neighbour_sentinel.assert_untouched();
 }
+
+/// The entries of `current`'s manifest, in order.
+fn manifest_entries(env: &Env) -> Vec<byteback_protocol::ManifestEntry> {
+    let p = env.current().join(".byteback/manifest");
+    let mut r =
+        byteback_server::manifest::ManifestReader::new(fs::File::open(&p).unwrap(), &p).unwrap();
+    let mut v = vec![];
+    while let Some(e) = r.next_entry().unwrap() {
+        v.push(e);
+    }
+    v
+}
+
+/// The chain of `entries`' digests.
+fn chain_of(entries: &[byteback_protocol::ManifestEntry]) -> [u8; 32] {
+    let mut c = byteback_protocol::unchanged::Chain::new();
+    for e in entries {
+        c.push_entry(&e.entry);
+    }
+    c.finish()
+}
+
+/// Runs of unchanged entries (`Unchanged`): the server offers its
+/// manifest's generation only while `current` matches it, carries a run
+/// only when its digest chains to the manifest's own next entries, and
+/// checks the directory structure and the order around a run as for
+/// entries sent. A lying run fails the backup and commits nothing.
+#[test]
+fn runs_of_unchanged_entries_are_checked_against_the_manifest() {
+    let mut env = Env::new();
+    let old = manifest_entries(&env);
+    let n = old.len() as u32;
+    let generation = chain_of(&old);
+    let unchanged = |count: u32, digest: [u8; 32]| ClientMsg::Unchanged { count, digest };
+
+    // The whole manifest as one run: the same manifest, a new snapshot, the
+    // same generation before and after.
+    let s = Script::backup()
+        .msg(&unchanged(n, generation))
+        .msg(&ClientMsg::BackupEnd);
+    let o = env.serve("one honest run", &s.bytes);
+    o.assert_backup_ok(0);
+    assert!(
+        o.msgs.iter().any(
+            |m| matches!(m, ServerMsg::BackupReady { generation: Some(g) } if *g == generation)
+        ),
+        "{}",
+        o.describe()
+    );
+    match o.backup_done() {
+        Some(ServerMsg::BackupDone { generation: g, .. }) => assert_eq!(*g, Some(generation)),
+        _ => panic!("{}", o.describe()),
+    }
+    env.accept();
+    assert_eq!(manifest_entries(&env), old);
+
+    // A digest off by one bit, a run longer than the manifest.
+    let mut bad = generation;
+    bad[7] ^= 1;
+    let s = Script::backup()
+        .msg(&unchanged(n, bad))
+        .msg(&ClientMsg::BackupEnd);
+    env.refused(&env.serve("wrong digest", &s.bytes), &["do not match"]);
+    let s = Script::backup()
+        .msg(&unchanged(n + 1, generation))
+        .msg(&ClientMsg::BackupEnd);
+    env.refused(
+        &env.serve("longer than the manifest", &s.bytes),
+        &["do not match"],
+    );
+    // An entry sent after a run must come after it.
+    let file_at = old
+        .iter()
+        .position(|e| matches!(e.entry.kind, Kind::File { .. }))
+        .unwrap();
+    let k = file_at as u32 + 1;
+    let s = Script::backup()
+        .msg(&unchanged(k, chain_of(&old[..k as usize])))
+        .msg(&ClientMsg::Entries(vec![old[file_at].entry.clone()]))
+        .msg(&ClientMsg::BackupEnd);
+    env.refused(
+        &env.serve("entry inside a run", &s.bytes),
+        &["out of order"],
+    );
+
+    // A run of the old entries after a change of one of them: the file's
+    // old entry claimed unchanged after the client said it changed.
+    let mut changed = old[file_at].entry.clone();
+    changed.mtime_sec += 1;
+    let s = Script::backup()
+        .msg(&ClientMsg::Entries(
+            old[..file_at].iter().map(|e| e.entry.clone()).collect(),
+        ))
+        .msg(&ClientMsg::Entries(vec![changed]))
+        .msg(&unchanged(1, chain_of(&old[file_at..=file_at])))
+        .msg(&ClientMsg::BackupEnd);
+    env.refused(
+        &env.serve("changed, then unchanged", &s.bytes),
+        &["do not match"],
+    );
+
+    // Sent whole again: `current` matches its manifest once more.
+    let recommit = |env: &mut Env| {
+        let mut s = Script::backup();
+        for part in old.chunks(1000) {
+            s = s.msg(&ClientMsg::Entries(
+                part.iter().map(|e| e.entry.clone()).collect(),
+            ));
+        }
+        let o = env.serve("sent whole", &s.msg(&ClientMsg::BackupEnd).bytes);
+        o.assert_backup_ok(0);
+        env.accept();
+        assert!(env.current().join(".byteback/clean").exists());
+    };
+    recommit(&mut env);
+
+    // A directory turned into a file, then its old children claimed
+    // unchanged: they would have no directory to live in.
+    let dir_at = old
+        .iter()
+        .rposition(|e| {
+            e.entry.kind == Kind::Dir
+                && old.iter().any(|c| {
+                    c.entry
+                        .path
+                        .starts_with(&[&e.entry.path[..], b"/"].concat())
+                })
+        })
+        .unwrap();
+    let mut as_file = old[dir_at].entry.clone();
+    as_file.kind = Kind::File { size: 0 };
+    let s = Script::backup()
+        .msg(&ClientMsg::Entries(
+            old[..dir_at].iter().map(|e| e.entry.clone()).collect(),
+        ))
+        .msg(&ClientMsg::Entries(vec![as_file]))
+        .msg(&unchanged(1, chain_of(&old[dir_at + 1..=dir_at + 1])))
+        .msg(&ClientMsg::BackupEnd);
+    env.refused(
+        &env.serve("children of a file", &s.bytes),
+        &["without its parent"],
+    );
+    recommit(&mut env);
+
+    // Once `current` does not match its manifest (no clean marker), no
+    // generation is offered and no run is taken.
+    fs::remove_file(env.current().join(".byteback/clean")).unwrap();
+    let s = Script::backup()
+        .msg(&unchanged(n, generation))
+        .msg(&ClientMsg::BackupEnd);
+    let o = env.serve("not clean", &s.bytes);
+    assert!(
+        o.msgs
+            .iter()
+            .any(|m| matches!(m, ServerMsg::BackupReady { generation: None })),
+        "{}",
+        o.describe()
+    );
+    env.refused(&o, &["no generation"]);
+}

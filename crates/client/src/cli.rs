@@ -122,6 +122,9 @@ pub struct BackupJson {
     pub server_message: Option<String>,
     /// Entries (files, directories, links...) sent.
     pub entries: u64,
+    /// Of those, entries equal to the record of the last backup, announced
+    /// as runs of unchanged entries instead of one by one.
+    pub entries_unchanged: u64,
     /// Files whose data was sent.
     pub files_sent: u64,
     /// New files the server cloned from a stored file with the same content
@@ -437,6 +440,11 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
     };
     excludes.extend(read_config_lines("excludes"));
     crate::walk::Excludes::new(&excludes)?;
+    // The record of the last backup is written while the walk runs: it is
+    // never backed up itself (a file changing while read).
+    if let Some(x) = crate::backup::cache::cache_dir().and_then(|d| record_exclude(&d)) {
+        excludes.push(x);
+    }
     let filter = load_filter()?;
     if config_dir().join("rsync_flags").exists() {
         let w = format!(
@@ -459,6 +467,7 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         verbose,
         one_file_system: args.one_file_system,
         compress: args.compress,
+        record: None,
     };
     let hooks = crate::hooks::Runner::new(
         Duration::from_secs(args.hook_timeout),
@@ -570,6 +579,8 @@ fn transfer(
     let mut attempt = 0;
     // -q means nothing on a terminal either, unless --progress asks.
     let progress = term::progress_wanted(args.progress, args.no_progress || args.quiet);
+    let mut record = None;
+    let mut record_reset = false;
     loop {
         report.attempts = attempt + 1;
         let result = {
@@ -577,7 +588,14 @@ fn transfer(
             target.connect("backup").and_then(|conn| {
                 // The name the server files us under (checked in its hello).
                 report.host = Some(conn.host.clone());
-                run_backup(conn, opts)
+                let path = crate::backup::cache::cache_dir()
+                    .map(|d| crate::backup::cache::record_path(&d, &target.text, &conn.host));
+                record.clone_from(&path);
+                let opts = BackupOptions {
+                    record: path,
+                    ..opts.clone()
+                };
+                run_backup(conn, &opts)
             })
         };
         match result {
@@ -599,6 +617,12 @@ fn transfer(
                         s.cloned
                     ));
                 }
+                if r.unchanged > 0 {
+                    line.push_str(&format!(
+                        ", {} entries unchanged since the last backup (not announced one by one)",
+                        r.unchanged
+                    ));
+                }
                 if r.vanished > 0 {
                     line.push_str(&format!(
                         ", {} vanished during the backup (normal on a live system)",
@@ -617,6 +641,7 @@ fn transfer(
                 }
                 // The same figures as the line, for --json.
                 report.entries = r.entries;
+                report.entries_unchanged = r.unchanged;
                 report.files_sent = s.files_transferred;
                 report.files_cloned = s.cloned;
                 report.bytes_new = s.literal_bytes;
@@ -646,6 +671,21 @@ fn transfer(
                 }
                 return Ok((exit_for(r.vanished, r.partial), snapshot));
             }
+            // The record of the last backup did not match the server's
+            // manifest: forgotten, and the backup runs again at once,
+            // announcing every entry (this does not count as an attempt).
+            Err(e)
+                if !record_reset
+                    && format!("{e:#}").contains(byteback_protocol::UNCHANGED_MISMATCH) =>
+            {
+                record_reset = true;
+                if let Some(path) = &record {
+                    let _ = std::fs::remove_file(path);
+                }
+                let w = format!("{e:#}; the record of the last backup was removed and the backup runs again, sending every entry");
+                tracing::warn!("{w}");
+                report.warnings.push(w);
+            }
             Err(e) if attempt < args.retry_number && is_transient(&e) => {
                 report.errors.push(format!("attempt {}: {e}", attempt + 1));
                 attempt += 1;
@@ -659,6 +699,13 @@ fn transfer(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// An exclude rule for the cache directory `dir` (absolute, UTF-8; else
+/// none: the record's file is then backed up like any other).
+fn record_exclude(dir: &Path) -> Option<String> {
+    let rel = dir.to_str()?.strip_prefix('/')?.trim_end_matches('/');
+    (!rel.is_empty()).then(|| format!("/{}/", globset::escape(rel)))
 }
 
 /// A finished backup's exit code, as 1.x: vanished files are normal on a

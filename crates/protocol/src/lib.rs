@@ -15,6 +15,7 @@ pub mod path;
 pub mod session;
 pub mod term;
 pub mod text;
+pub mod unchanged;
 
 pub use codec::{
     decode_client, decode_server, encode, read_frame, read_frame_into, write_client_msg, write_msg,
@@ -30,6 +31,8 @@ pub use text::{escape_bytes, escape_text};
 /// 2: new files cloned from stored ones with the same content ([`Need::twin`],
 /// [`ClientMsg::FileClone`], [`ServerMsg::SendData`], [`BackupStats::cloned`]).
 /// 3: batches of entries may go zstd-compressed ([`ClientMsg::EntriesZ`]).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: runs of unchanged entries ([`ClientMsg::Unchanged`]), the manifest's
+/// generation in [`ServerMsg::BackupReady`] and [`ServerMsg::BackupDone`].
+pub const PROTOCOL_VERSION: u32 = 4;
 /// First bytes of every session, so a stray shell banner is recognised at once.
 pub const MAGIC: [u8; 8] = *b"BYTEBAK\x01";

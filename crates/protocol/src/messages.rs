@@ -269,6 +269,11 @@ pub struct Need {
     pub twin: bool,
 }
 
+/// What the server's error says when a run of unchanged entries does not
+/// match its manifest: the client then forgets what it recorded and runs the
+/// backup again announcing every entry.
+pub const UNCHANGED_MISMATCH: &str = "unchanged entries do not match the manifest";
+
 /// Counters the server reports at the end of a backup.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupStats {
@@ -306,6 +311,20 @@ pub enum ClientMsg {
     },
     /// A batch of entries, in strictly increasing walk order.
     Entries(Vec<Entry>),
+    /// A batch of `count` entries (1 to [`MAX_BATCH`]) equal to the next
+    /// `count` entries of the server's manifest, in place of sending them:
+    /// `digest` is the [`crate::unchanged::Chain`] of their digests. Only
+    /// sent when [`ServerMsg::BackupReady`] named the generation of the
+    /// manifest the client recorded. The server checks the digest against
+    /// its own entries and carries them over (a mismatch fails the backup,
+    /// see [`UNCHANGED_MISMATCH`]); it answers with an empty
+    /// [`ServerMsg::Needs`], like a batch that needs nothing.
+    Unchanged {
+        /// Entries in the run.
+        count: u32,
+        /// Chain of their digests.
+        digest: [u8; 32],
+    },
     /// Ask for the signature of the basis of transfer `id`.
     SigRequest {
         /// Transfer id.
@@ -387,6 +406,7 @@ impl ClientMsg {
             ClientMsg::Hello { .. } => "Hello",
             ClientMsg::BackupStart { .. } => "BackupStart",
             ClientMsg::Entries(_) => "Entries",
+            ClientMsg::Unchanged { .. } => "Unchanged",
             ClientMsg::SigRequest { .. } => "SigRequest",
             ClientMsg::FileData { .. } => "FileData",
             ClientMsg::FileEnd { .. } => "FileEnd",
@@ -413,6 +433,14 @@ impl ClientMsg {
                     )));
                 }
                 entries.iter().try_for_each(Entry::validate)
+            }
+            ClientMsg::Unchanged { count, .. } => {
+                if *count == 0 || *count as usize > MAX_BATCH {
+                    return Err(ProtocolError::Limit(format!(
+                        "run of {count} unchanged entries"
+                    )));
+                }
+                Ok(())
             }
             ClientMsg::FileData { delta, .. } => {
                 if delta.raw_len as usize > MAX_CHUNK {
@@ -452,7 +480,13 @@ pub enum ServerMsg {
         host: String,
     },
     /// Backup accepted; entries may follow.
-    BackupReady,
+    BackupReady {
+        /// The generation of the manifest of `current` (the
+        /// [`crate::unchanged::Chain`] of its entries), when `current`
+        /// matches it exactly: a client that recorded the same may send
+        /// [`ClientMsg::Unchanged`].
+        generation: Option<[u8; 32]>,
+    },
     /// Reply to one Entries batch: which entries need data.
     Needs(Vec<Need>),
     /// Reply to SigRequest.
@@ -487,6 +521,9 @@ pub enum ServerMsg {
         message: String,
         /// Counters.
         stats: BackupStats,
+        /// The generation of the manifest now committed (see
+        /// [`ServerMsg::BackupReady`]).
+        generation: Option<[u8; 32]>,
     },
     /// The host's snapshots, oldest first.
     Snapshots(Vec<String>),
@@ -518,7 +555,7 @@ impl ServerMsg {
     pub fn name(&self) -> &'static str {
         match self {
             ServerMsg::HelloOk { .. } => "HelloOk",
-            ServerMsg::BackupReady => "BackupReady",
+            ServerMsg::BackupReady { .. } => "BackupReady",
             ServerMsg::Needs(_) => "Needs",
             ServerMsg::Signature { .. } => "Signature",
             ServerMsg::FileOk { .. } => "FileOk",

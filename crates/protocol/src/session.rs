@@ -123,6 +123,20 @@ impl BackupState {
         Ok(())
     }
 
+    /// A run of unchanged entries: a batch that needs nothing, for the
+    /// pending cap and the answers. (Their order is the server's to check:
+    /// only it knows their paths.)
+    fn check_unchanged(&mut self, count: u32) -> Result<(), ProtocolError> {
+        if self.transfers.len() + self.unanswered + count as usize > MAX_PENDING {
+            return Err(ProtocolError::Limit(format!(
+                "more than {MAX_PENDING} files pending"
+            )));
+        }
+        self.batches_unanswered.push_back(count);
+        self.unanswered += count as usize;
+        Ok(())
+    }
+
     fn answer_batch(&mut self, needs: &[crate::Need]) -> Result<(), ProtocolError> {
         let Some(size) = self.batches_unanswered.pop_front() else {
             return Err(ProtocolError::Unexpected {
@@ -285,6 +299,9 @@ impl Session {
                 self.phase = Phase::AwaitBackupReady;
             }
             (Phase::Backup, ClientMsg::Entries(e)) => self.backup.check_entries(e)?,
+            (Phase::Backup, ClientMsg::Unchanged { count, .. }) => {
+                self.backup.check_unchanged(*count)?
+            }
             (Phase::Backup, ClientMsg::SigRequest { id }) => self.backup.sig_step(
                 *id,
                 "SigRequest",
@@ -327,7 +344,7 @@ impl Session {
                 check_version(*version)?;
                 self.phase = Phase::Idle;
             }
-            (Phase::AwaitBackupReady, ServerMsg::BackupReady) => self.phase = Phase::Backup,
+            (Phase::AwaitBackupReady, ServerMsg::BackupReady { .. }) => self.phase = Phase::Backup,
             (Phase::Backup, ServerMsg::Needs(n)) => self.backup.answer_batch(n)?,
             (Phase::Backup, ServerMsg::Signature { id, .. }) => self.backup.sig_step(
                 *id,
@@ -477,7 +494,7 @@ mod tests {
             },
         );
         exchange_c(&mut c, &mut s, ClientMsg::BackupStart { checksum: false });
-        exchange_s(&mut c, &mut s, ServerMsg::BackupReady);
+        exchange_s(&mut c, &mut s, ServerMsg::BackupReady { generation: None });
         exchange_c(
             &mut c,
             &mut s,
@@ -554,6 +571,7 @@ mod tests {
                 snapshot: None,
                 message: String::new(),
                 stats: BackupStats::default(),
+                generation: None,
             },
         );
         exchange_c(&mut c, &mut s, ClientMsg::Bye);
@@ -587,7 +605,8 @@ mod tests {
         .unwrap();
         s.on_recv(&ClientMsg::BackupStart { checksum: false })
             .unwrap();
-        s.on_send(&ServerMsg::BackupReady).unwrap();
+        s.on_send(&ServerMsg::BackupReady { generation: None })
+            .unwrap();
         // Data for a transfer that was never announced.
         let delta = Compressed::compress(b"x", 1).unwrap();
         assert!(s.on_recv(&ClientMsg::FileData { id: 7, delta }).is_err());

@@ -76,7 +76,7 @@ fn feed(bytes: &[u8]) {
                         });
                     }
                     if let ClientMsg::BackupStart { .. } = msg {
-                        let _ = session.on_send(&ServerMsg::BackupReady);
+                        let _ = session.on_send(&ServerMsg::BackupReady { generation: None });
                     }
                 }
                 Err(_) => return,

@@ -1,13 +1,18 @@
 //! Announcing the walk's entries to the server: batched, and held back while
-//! the window of unresolved entries is at the protocol's caps.
+//! the window of unresolved entries is at the protocol's caps. With a
+//! record of the last backup that the server's manifest matches (see
+//! [`super::cache`]), entries equal to their record go as runs of
+//! unchanged entries instead.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::error::{bail, Result};
 use byteback_protocol::limits::{window_within_caps, MAX_BATCH, MAX_BUFFERED_BYTES};
+use byteback_protocol::unchanged::{entry_digest, Chain};
 use byteback_protocol::{ClientMsg, Entry};
 
+use super::cache::{NewRecord, OldRecord};
 use super::shared::{lock, Batches, Shared};
 use crate::progress::BACKUP as PROGRESS;
 use crate::walk::{EntrySink, Found, WalkWarning};
@@ -17,32 +22,79 @@ use crate::walk::{EntrySink, Found, WalkWarning};
 pub(super) struct Announcer {
     shared: Arc<Shared>,
     batches: Arc<Batches>,
+    /// Entries to send.
     batch: Vec<(Found, Entry)>,
     batch_cost: usize,
+    /// Entries equal to the next ones of the server's manifest.
+    run: Vec<(Found, Entry)>,
+    run_cost: usize,
+    run_chain: Chain,
+    /// The record of the last backup, when the server's manifest is its.
+    old: Option<OldRecord>,
+    /// The record of this one.
+    pub(super) new: Option<NewRecord>,
     /// Entries found by the walk.
     pub(super) entries: u64,
+    /// Entries that went in runs of unchanged ones.
+    pub(super) unchanged: u64,
     walk_vanished: u64,
 }
 
 impl Announcer {
-    pub(super) fn new(shared: Arc<Shared>, batches: Arc<Batches>) -> Self {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        batches: Arc<Batches>,
+        old: Option<OldRecord>,
+        new: Option<NewRecord>,
+    ) -> Self {
         Announcer {
             shared,
             batches,
             batch: vec![],
             batch_cost: 0,
+            run: vec![],
+            run_cost: 0,
+            run_chain: Chain::new(),
+            old,
+            new,
             entries: 0,
+            unchanged: 0,
             walk_vanished: 0,
         }
     }
 
-    /// Sends the entries collected so far, waiting for room in the window.
+    /// Sends what is collected so far, waiting for room in the window.
     pub(super) fn flush(&mut self) -> Result<()> {
+        self.flush_batch()?;
+        self.flush_run()
+    }
+
+    fn flush_batch(&mut self) -> Result<()> {
         if self.batch.is_empty() {
             return Ok(());
         }
-        let n = self.batch.len();
-        let cost = self.batch_cost;
+        let batch = std::mem::take(&mut self.batch);
+        let cost = std::mem::take(&mut self.batch_cost);
+        let entries: Vec<Entry> = batch.iter().map(|(_, e)| e.clone()).collect();
+        self.send(batch, cost, ClientMsg::Entries(entries))
+    }
+
+    fn flush_run(&mut self) -> Result<()> {
+        if self.run.is_empty() {
+            return Ok(());
+        }
+        let run = std::mem::take(&mut self.run);
+        let cost = std::mem::take(&mut self.run_cost);
+        let digest = std::mem::take(&mut self.run_chain).finish();
+        self.unchanged += run.len() as u64;
+        let count = run.len() as u32;
+        self.send(run, cost, ClientMsg::Unchanged { count, digest })
+    }
+
+    /// Sends `msg`, which announces `batch` (costing `cost`), once the
+    /// window has room; the server's answer resolves its entries.
+    fn send(&mut self, batch: Vec<(Found, Entry)>, cost: usize, msg: ClientMsg) -> Result<()> {
+        let n = batch.len();
         let start = {
             // Room under the caps, or nothing pending (a batch larger than
             // the caps still goes, alone).
@@ -50,18 +102,33 @@ impl Announcer {
                 f.window.is_empty() || window_within_caps(f.window.len() + n, f.window_bytes + cost)
             })?;
             let start = f.window_base + f.window.len() as u64;
-            for (_, e) in &self.batch {
+            for (_, e) in &batch {
                 f.window.push_back((false, e.buffer_cost()));
             }
             f.window_bytes += cost;
             start
         };
-        let batch = std::mem::take(&mut self.batch);
-        self.batch_cost = 0;
-        let entries: Vec<Entry> = batch.iter().map(|(_, e)| e.clone()).collect();
         // Queued before sending, so the reader always finds the batch a Needs answers.
         lock(&self.batches).push_back((start, batch));
-        self.shared.send(ClientMsg::Entries(entries))
+        self.shared.send(msg)
+    }
+
+    /// Whether `entry` equals its record and may join a run (its digest is `d`).
+    fn recorded(&mut self, entry: &Entry, d: &[u8; 16]) -> bool {
+        let Some(old) = self.old.as_mut() else {
+            return false;
+        };
+        match old.seek(&entry.path) {
+            // A record passed over is an entry the server still has: the
+            // next one sent must say so (it is deleted), so no run goes on.
+            Ok((Some(r), false)) => r == *d,
+            Ok(_) => false,
+            Err(e) => {
+                tracing::warn!("the record of the last backup cannot be read ({e}); every further entry is sent");
+                self.old = None;
+                false
+            }
+        }
     }
 }
 
@@ -74,13 +141,41 @@ impl EntrySink for Announcer {
         self.entries += 1;
         PROGRESS.found(entry.size());
         let cost = entry.buffer_cost();
+        if self.old.is_some() || self.new.is_some() {
+            let d = entry_digest(&entry);
+            if let Some(new) = self.new.as_mut() {
+                if let Err(e) = new.push(&entry.path, &d) {
+                    tracing::warn!("cannot write the record of this backup ({e}); the next one sends every entry");
+                    if let Some(n) = self.new.take() {
+                        n.discard();
+                    }
+                }
+            }
+            if self.recorded(&entry, &d) {
+                self.flush_batch()?;
+                if !self.run.is_empty() && self.run_cost + cost > MAX_BUFFERED_BYTES / 4 {
+                    self.flush_run()?;
+                }
+                self.run_chain.push(&d);
+                self.run_cost += cost;
+                self.run.push((found, entry));
+                if self.run.len() >= MAX_BATCH {
+                    self.flush_run()?;
+                }
+                return Ok(());
+            }
+            if self.old.is_some() {
+                tracing::trace!("{}: not as recorded", String::from_utf8_lossy(&entry.path));
+            }
+            self.flush_run()?;
+        }
         if !self.batch.is_empty() && self.batch_cost + cost > MAX_BUFFERED_BYTES / 4 {
-            self.flush()?;
+            self.flush_batch()?;
         }
         self.batch_cost += cost;
         self.batch.push((found, entry));
         if self.batch.len() >= MAX_BATCH {
-            self.flush()?;
+            self.flush_batch()?;
         }
         Ok(())
     }

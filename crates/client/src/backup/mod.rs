@@ -15,6 +15,7 @@
 //! connection down, and `shut_down` then waits for every thread and job.
 
 mod announce;
+pub mod cache;
 mod pool;
 mod queue;
 mod send;
@@ -66,6 +67,8 @@ pub struct BackupReport {
     pub compressed_raw: u64,
     /// Bytes of deltas stored as they were (see `--compress`).
     pub stored_raw: u64,
+    /// Entries that went in runs of unchanged ones (see [`cache`]).
+    pub unchanged: u64,
 }
 
 /// Options for one backup.
@@ -83,6 +86,8 @@ pub struct BackupOptions {
     pub one_file_system: bool,
     /// When file data is compressed (`--compress`).
     pub compress: Compress,
+    /// The record of the last backup to this destination (see [`cache`]).
+    pub record: Option<PathBuf>,
 }
 
 /// When file data is compressed on its way to the server (`--compress`).
@@ -103,6 +108,8 @@ struct Started {
     sources: Vec<PathBuf>,
     excludes: Excludes,
     pool: rayon::ThreadPool,
+    /// The server's manifest's generation.
+    generation: Option<[u8; 32]>,
 }
 
 /// Runs one backup over an open connection.
@@ -119,6 +126,7 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
         sources,
         excludes,
         pool,
+        generation,
     } = match started {
         Ok(x) => x,
         Err(e) => {
@@ -155,7 +163,8 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
     })
     .and_then(|t| {
         threads.push(t);
-        walk_and_commit(&shared, batches, &sources, &excludes, opts)
+        let (old, new) = records(opts.record.as_deref(), generation);
+        walk_and_commit(&shared, batches, &sources, &excludes, opts, old, new)
     });
     shut_down(shared, pool, threads, transport, outcome)
 }
@@ -167,10 +176,10 @@ fn start(conn: &mut Connection, opts: &BackupOptions) -> Result<Started> {
     // The walk holds a directory fd per level of depth.
     walk::raise_fd_limit();
     conn.send(&ClientMsg::BackupStart { checksum: false })?;
-    match conn.recv()? {
-        ServerMsg::BackupReady => {}
+    let generation = match conn.recv()? {
+        ServerMsg::BackupReady { generation } => generation,
         m => bail!("unexpected {} at backup start", m.name()),
-    }
+    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(
             std::thread::available_parallelism()
@@ -186,7 +195,52 @@ fn start(conn: &mut Connection, opts: &BackupOptions) -> Result<Started> {
         sources,
         excludes,
         pool,
+        generation,
     })
+}
+
+/// The record of the last backup at `path`, if the server's manifest is
+/// the one it records (`generation`), and this backup's. Neither is needed
+/// for a backup: a record that cannot be read or written is said and
+/// left out.
+fn records(
+    path: Option<&std::path::Path>,
+    generation: Option<[u8; 32]>,
+) -> (Option<cache::OldRecord>, Option<cache::NewRecord>) {
+    let Some(path) = path else {
+        return (None, None);
+    };
+    let old = match generation.map(|g| cache::OldRecord::open(path, &g)) {
+        Some(Ok(old)) => old,
+        Some(Err(e)) => {
+            tracing::warn!(
+                "cannot read the record of the last backup {}: {e}; every entry is sent",
+                path.display()
+            );
+            None
+        }
+        None => None,
+    };
+    tracing::debug!(
+        "record of the last backup {}: {}",
+        path.display(),
+        match (&old, generation) {
+            (Some(_), _) => "matches the server's manifest",
+            (None, Some(_)) => "missing or for another manifest",
+            (None, None) => "not usable (the server offers no generation)",
+        }
+    );
+    let new = match cache::NewRecord::create(path) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::warn!(
+                "cannot write the record of this backup at {}: {e}; the next backup sends every entry",
+                path.display()
+            );
+            None
+        }
+    };
+    (old, new)
 }
 
 /// This thread's part: walks and announces every entry, waits until each
@@ -198,8 +252,10 @@ fn walk_and_commit(
     sources: &[PathBuf],
     excludes: &Excludes,
     opts: &BackupOptions,
-) -> Result<(Committed, u64)> {
-    let mut announcer = Announcer::new(shared.clone(), batches);
+    old: Option<cache::OldRecord>,
+    new: Option<cache::NewRecord>,
+) -> Result<(Committed, u64, u64)> {
+    let mut announcer = Announcer::new(shared.clone(), batches, old, new);
     let walk_opts = walk::WalkOptions {
         one_file_system: opts.one_file_system,
         filter: opts.filter.clone(),
@@ -212,7 +268,21 @@ fn walk_and_commit(
     shared.send(ClientMsg::BackupEnd)?;
     let mut f = shared.wait_flow(|f| f.done.is_some())?;
     let done = f.done.take().ok_or_else(|| err!("no result"))?;
-    Ok((done, announcer.entries))
+    drop(f);
+    if let Some(new) = announcer.new.take() {
+        match new.finish(done.generation) {
+            Ok(kept) => tracing::debug!(
+                "record of this backup {}",
+                if kept {
+                    "kept"
+                } else {
+                    "not kept: the server's manifest differs from what was announced"
+                }
+            ),
+            Err(e) => tracing::warn!("cannot keep the record of this backup: {e}"),
+        }
+    }
+    Ok((done, announcer.entries, announcer.unchanged))
 }
 
 /// The one way a backup ends, whatever happened: says goodbye after a
@@ -223,9 +293,9 @@ fn shut_down(
     pool: Arc<rayon::ThreadPool>,
     threads: Vec<JoinHandle<()>>,
     transport: Transport,
-    outcome: Result<(Committed, u64)>,
+    outcome: Result<(Committed, u64, u64)>,
 ) -> Result<BackupReport> {
-    let (committed, entries) = match outcome {
+    let (committed, entries, unchanged) = match outcome {
         Ok(r) => {
             // Committed: a goodbye that does not go through changes nothing.
             let _ = shared.send(ClientMsg::Bye);
@@ -269,6 +339,7 @@ fn shut_down(
         wire_bytes: shared.wire.load(Ordering::Relaxed),
         compressed_raw: shared.compressed_raw.load(Ordering::Relaxed),
         stored_raw: shared.stored_raw.load(Ordering::Relaxed),
+        unchanged,
     };
     tracing::debug!(
         "deltas: {} bytes compressed, {} stored as they were (compression {:?})",
@@ -335,7 +406,7 @@ mod tests {
                 recv(&mut theirs),
                 Some(ClientMsg::BackupStart { .. })
             ));
-            send(&mut theirs, &ServerMsg::BackupReady);
+            send(&mut theirs, &ServerMsg::BackupReady { generation: None });
             script(&mut theirs);
             // The connection stays open: the client must not need it closed.
             let _ = stop_rx.recv();
@@ -353,6 +424,7 @@ mod tests {
             verbose: false,
             one_file_system: false,
             compress: Compress::Auto,
+            record: None,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let start = Instant::now();

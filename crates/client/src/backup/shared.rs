@@ -47,6 +47,8 @@ pub(super) struct Committed {
     pub(super) snapshot: Option<String>,
     pub(super) message: String,
     pub(super) stats: BackupStats,
+    /// The committed manifest's generation.
+    pub(super) generation: Option<[u8; 32]>,
 }
 
 /// The cause a failed backup reports.

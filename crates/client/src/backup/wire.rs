@@ -94,12 +94,14 @@ pub(super) fn reader_loop(
                 snapshot,
                 message,
                 stats,
+                generation,
             } => {
                 let mut f = lock(&shared.flow);
                 f.done = Some(Committed {
                     snapshot,
                     message,
                     stats,
+                    generation,
                 });
                 shared.wake(&f);
                 return Ok(());

@@ -33,6 +33,7 @@ impl BackupReceiver {
     /// Handles one entry in walk order; returns the transfer it starts, if any.
     pub(super) fn entry(&mut self, e: Entry) -> Result<Option<Started>> {
         self.stats.entries += 1;
+        self.check_after_carried(&e.path)?;
         // An old entry before this one is not sent any more: it is deleted.
         if let Some(p) = self.old.peek() {
             if compare_paths(&p.entry.path, &e.path) == Ordering::Less {

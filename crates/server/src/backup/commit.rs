@@ -9,7 +9,7 @@ use std::path::Path;
 use byteback_protocol::BackupStats;
 
 use super::sweep::remove_stale;
-use super::{in_dir, BackupReceiver, CLEAN, DAMAGED, MANIFEST, NO_SPACE, PARTIAL};
+use super::{carry, in_dir, BackupReceiver, CLEAN, DAMAGED, MANIFEST, NO_SPACE, PARTIAL};
 use crate::error::{Error, IoContext, Result};
 use crate::fsops;
 use crate::manifest::{ManifestReader, ManifestWriter, PeekableManifest};
@@ -121,8 +121,9 @@ impl BackupReceiver {
     }
 
     /// Commits: removes what the new manifest does not name, syncs, and
-    /// atomically replaces the manifest.
-    pub fn commit(&mut self) -> Result<BackupStats> {
+    /// atomically replaces the manifest. Returns the counters and the
+    /// committed manifest's generation.
+    pub fn commit(&mut self) -> Result<(BackupStats, Option<[u8; 32]>)> {
         if !self.transfers.is_empty() {
             return Err(Error::Refused(format!(
                 "backup ended with {} transfers open",
@@ -145,7 +146,15 @@ impl BackupReceiver {
             // `current` was clean and nothing differs: it still matches the
             // manifest, and nothing new needs to reach the disc.
             fsops::remove_any(&self.meta, PARTIAL).op("remove", || &partial)?;
-            return Ok(std::mem::take(&mut self.stats));
+            // Every entry of the manifest went through the slots, in order.
+            let generation = self.chain.finish();
+            if self.start.generation != Some(generation) {
+                // Written by a version that kept none.
+                if let Ok(f) = fsops::open_file(&self.meta, MANIFEST) {
+                    carry::write_generation(&f, &generation);
+                }
+            }
+            return Ok((std::mem::take(&mut self.stats), Some(generation)));
         }
         let new_path = self.meta_path.join("manifest.new");
         let new = self
@@ -153,6 +162,9 @@ impl BackupReceiver {
             .take()
             .ok_or(Error::Internal("manifest already finished"))?;
         let new_file = new.finish().op("write", || new_path.display())?;
+        // Atomic with the manifest: an attribute of its file, synced with it.
+        let generation = self.chain.finish();
+        carry::write_generation(&new_file, &generation);
         self.old = PeekableManifest::new(ManifestReader::empty()).map_err(Error::Manifest)?;
         if self.work.needs_sweep {
             let file =
@@ -195,6 +207,6 @@ impl BackupReceiver {
         fsops::remove_any(&self.meta, NO_SPACE).op("remove", || self.meta_file(NO_SPACE))?;
         // Not synced: if it is lost, the next run just does not trust `current`.
         drop(fsops::create_new(&self.meta, CLEAN).op("create", || self.meta_file(CLEAN))?);
-        Ok(std::mem::take(&mut self.stats))
+        Ok((std::mem::take(&mut self.stats), Some(generation)))
     }
 }

@@ -35,6 +35,7 @@
 //! manifest, no deletion walk, no sync.
 
 mod apply;
+mod carry;
 mod commit;
 mod decide;
 mod digest;
@@ -156,6 +157,8 @@ struct Start {
     clean: bool,
     /// The old manifest was read (not missing, not replaced by an empty one).
     has_manifest: bool,
+    /// The old manifest's generation, when `clean` (see [`carry`]).
+    generation: Option<[u8; 32]>,
 }
 
 /// What the commit has to do, as learnt from the entries so far (see
@@ -214,6 +217,12 @@ pub struct BackupReceiver {
     twins: Option<TwinIndex>,
     /// Kept block signatures.
     sigs: sigs::KeptSigs,
+    /// The chain of the digests of the new manifest's entries so far: its
+    /// generation once committed.
+    chain: byteback_protocol::unchanged::Chain,
+    /// The last entry of the latest run of unchanged ones, until an entry
+    /// is sent after it.
+    last_carried: Option<Vec<u8>>,
     /// Counters reported to the client.
     pub stats: BackupStats,
     /// Non-fatal problems to report.
@@ -290,6 +299,13 @@ impl BackupReceiver {
         let (old, has_manifest) = open_old_manifest(host, &meta, &manifest_path, &mut warnings)?;
         let marker = exists(CLEAN)?;
         let clean = marker && has_manifest;
+        let generation = if clean {
+            fsops::open_file(&meta, MANIFEST)
+                .ok()
+                .and_then(carry::read_generation)
+        } else {
+            None
+        };
         let dir_fd = fsops::open_dir(&current, b"")
             .op("open", || host.path.join("current").display().to_string())?;
         let mut rx = BackupReceiver {
@@ -305,7 +321,10 @@ impl BackupReceiver {
             start: Start {
                 clean,
                 has_manifest,
+                generation,
             },
+            chain: Default::default(),
+            last_carried: None,
             work: CommitWork {
                 marker,
                 changed: false,
@@ -420,6 +439,8 @@ impl BackupReceiver {
     /// manifest (or counts them while it is not started).
     fn flush_slots(&mut self) -> Result<()> {
         while let Some(e) = self.slots.pop_ready() {
+            self.chain
+                .push(&byteback_protocol::unchanged::entry_digest(&e.entry));
             match self.new.as_mut() {
                 Some(new) => {
                     new.push(&e)

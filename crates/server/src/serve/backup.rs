@@ -43,7 +43,9 @@ pub(super) fn backup<R: Read, W: Write>(
     if let Some(note) = rx.clean_leftovers_if_short(config.minpercent)? {
         eprintln!("byteback-server: {note}");
     }
-    conn.send(&ServerMsg::BackupReady)?;
+    conn.send(&ServerMsg::BackupReady {
+        generation: rx.generation(),
+    })?;
     let target = Target {
         cfg,
         store,
@@ -74,14 +76,17 @@ fn receive<R: Read, W: Write>(
 ) -> Result<()> {
     let budget = fd_budget();
     // Batches of entries not answered yet (bounded by the client's window).
-    let mut waiting: VecDeque<Vec<Entry>> = VecDeque::new();
+    let mut waiting: VecDeque<Batch> = VecDeque::new();
     loop {
         answer_waiting(conn, rx, &mut waiting, budget)?;
         let msg = conn
             .recv()?
             .ok_or_else(|| refused("client went away in the middle of a backup"))?;
         match msg {
-            ClientMsg::Entries(entries) => waiting.push_back(entries),
+            ClientMsg::Entries(entries) => waiting.push_back(Batch::Entries(entries)),
+            ClientMsg::Unchanged { count, digest } => {
+                waiting.push_back(Batch::Unchanged { count, digest })
+            }
             ClientMsg::SigRequest { id } => {
                 let name = rx.transfer_name(id);
                 let sig = rx
@@ -188,19 +193,37 @@ fn fd_budget() -> usize {
 fn answer_waiting<R: Read, W: Write>(
     conn: &mut Conn<R, W>,
     rx: &mut BackupReceiver,
-    waiting: &mut VecDeque<Vec<Entry>>,
+    waiting: &mut VecDeque<Batch>,
     budget: usize,
 ) -> Result<()> {
     while let Some(batch) = waiting.front() {
+        let files = match batch {
+            Batch::Entries(e) => e.len(),
+            Batch::Unchanged { .. } => 0,
+        };
         let held = rx.files_held();
-        if held > 0 && held + batch.len() * FDS_PER_FILE > budget {
+        if held > 0 && held + files * FDS_PER_FILE > budget {
             break;
         }
-        let batch = waiting.pop_front().unwrap_or_default();
-        let needs = rx.entries(batch)?;
+        let needs = match waiting.pop_front() {
+            Some(Batch::Entries(batch)) => rx.entries(batch)?,
+            Some(Batch::Unchanged { count, digest }) => {
+                rx.unchanged(count, &digest)?;
+                vec![]
+            }
+            None => break,
+        };
         conn.send(&ServerMsg::Needs(needs))?;
     }
     Ok(())
+}
+
+/// A batch of entries waiting for its answer.
+enum Batch {
+    /// Sent.
+    Entries(Vec<Entry>),
+    /// A run of unchanged ones (see [`BackupReceiver::unchanged`]).
+    Unchanged { count: u32, digest: [u8; 32] },
 }
 
 /// Writing `path` (`need` bytes) ran out of space: marks the store, drops
@@ -224,7 +247,7 @@ fn finish<R: Read, W: Write>(
     rx: &mut BackupReceiver,
 ) -> Result<()> {
     let warnings = std::mem::take(&mut rx.warnings);
-    let stats = rx.commit()?;
+    let (stats, generation) = rx.commit()?;
     let now = target.now();
     let (snapshot, mut message) = match target
         .host
@@ -247,6 +270,7 @@ fn finish<R: Read, W: Write>(
             snapshot: snapshot.clone(),
             message,
             stats,
+            generation,
         })
         .and_then(|()| {
             conn.output
