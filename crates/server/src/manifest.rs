@@ -10,6 +10,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
 use byteback_protocol::limits::MAX_FRAME;
+use byteback_protocol::unchanged::{digest_of_encoding, EntryDigest};
 use byteback_protocol::{compare_paths, ManifestEntry};
 
 const MAGIC: &[u8; 8] = b"BBMF0001";
@@ -90,6 +91,10 @@ impl ManifestWriter {
 pub struct ManifestReader {
     dec: Option<zstd::stream::read::Decoder<'static, BufReader<BufReader<File>>>>,
     last: Option<Vec<u8>>,
+    /// Whether to compute each entry's digest (see [`Self::with_digests`]).
+    digests: bool,
+    /// The digest of the last entry read, when computed.
+    digest: Option<EntryDigest>,
     /// The file, for messages.
     name: String,
 }
@@ -110,6 +115,8 @@ impl ManifestReader {
         Ok(ManifestReader {
             dec: Some(zstd::stream::read::Decoder::new(r).map_err(|e| named(&name, e))?),
             last: None,
+            digests: false,
+            digest: None,
             name,
         })
     }
@@ -119,8 +126,23 @@ impl ManifestReader {
         ManifestReader {
             dec: None,
             last: None,
+            digests: false,
+            digest: None,
             name: String::new(),
         }
+    }
+
+    /// Computes the digest of every entry read (see
+    /// [`byteback_protocol::unchanged`]), from the bytes read: an entry's
+    /// record is its encoding followed by its 32-byte hash.
+    pub fn with_digests(mut self) -> Self {
+        self.digests = true;
+        self
+    }
+
+    /// The digest of the entry last read, when computed.
+    pub fn digest(&self) -> Option<EntryDigest> {
+        self.digest
     }
 
     /// Next entry, `Ok(None)` at the end.
@@ -169,6 +191,10 @@ impl ManifestReader {
         if used != len {
             return Err(damaged(name, "trailing bytes"));
         }
+        self.digest = match len.checked_sub(32) {
+            Some(n) if self.digests => Some(digest_of_encoding(&buf[..n])),
+            _ => None,
+        };
         e.entry.validate().map_err(|e| damaged(name, e))?;
         if let Some(last) = &self.last {
             if compare_paths(last, &e.entry.path) != std::cmp::Ordering::Less {
@@ -203,6 +229,8 @@ fn read_error(name: &str, e: io::Error) -> io::Error {
 pub struct PeekableManifest {
     inner: ManifestReader,
     peeked: Option<ManifestEntry>,
+    /// Its digest, if the reader computes them.
+    peeked_digest: Option<EntryDigest>,
     /// A read found the manifest damaged (the caller may set it aside).
     damaged: bool,
 }
@@ -212,6 +240,7 @@ impl PeekableManifest {
     pub fn new(mut inner: ManifestReader) -> io::Result<Self> {
         let peeked = inner.next_entry()?;
         Ok(PeekableManifest {
+            peeked_digest: inner.digest(),
             inner,
             peeked,
             damaged: false,
@@ -230,12 +259,20 @@ impl PeekableManifest {
 
     /// Consumes the next entry.
     pub fn advance(&mut self) -> io::Result<Option<ManifestEntry>> {
+        Ok(self.advance_with_digest()?.map(|(e, _)| e))
+    }
+
+    /// Consumes the next entry; with its digest if the reader computes them.
+    pub fn advance_with_digest(
+        &mut self,
+    ) -> io::Result<Option<(ManifestEntry, Option<EntryDigest>)>> {
         let next = self.inner.next_entry().inspect_err(|e| {
             if e.kind() == io::ErrorKind::InvalidData {
                 self.damaged = true;
             }
         })?;
-        Ok(std::mem::replace(&mut self.peeked, next))
+        let digest = std::mem::replace(&mut self.peeked_digest, self.inner.digest());
+        Ok(std::mem::replace(&mut self.peeked, next).map(|e| (e, digest)))
     }
 
     /// Skips entries before `path` and returns the one equal to it, if any.
@@ -337,6 +374,36 @@ mod tests {
                 "cut at {cut}: {msg}"
             );
         }
+    }
+
+    #[test]
+    fn digests_from_the_records_equal_the_entries_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m");
+        let mut w = ManifestWriter::new(File::create(&p).unwrap()).unwrap();
+        let mut all = vec![];
+        for (i, n) in ["a", "a/b", "z"].into_iter().enumerate() {
+            let mut e = me(n);
+            e.hash = [i as u8 + 200; 32];
+            e.entry.xattrs = vec![(b"user.x".to_vec(), vec![i as u8; 300])];
+            e.entry.mtime_sec = -1 - i as i64 * 1_000_000_007;
+            w.push(&e).unwrap();
+            all.push(e);
+        }
+        w.finish().unwrap();
+        let open = || ManifestReader::new(File::open(&p).unwrap(), &p).unwrap();
+        let mut r = PeekableManifest::new(open().with_digests()).unwrap();
+        for e in &all {
+            let (got, d) = r.advance_with_digest().unwrap().unwrap();
+            assert_eq!(&got, e);
+            assert_eq!(
+                d,
+                Some(byteback_protocol::unchanged::entry_digest(&e.entry))
+            );
+        }
+        assert!(r.advance_with_digest().unwrap().is_none());
+        let mut plain = PeekableManifest::new(open()).unwrap();
+        assert_eq!(plain.advance_with_digest().unwrap().unwrap().1, None);
     }
 
     #[test]

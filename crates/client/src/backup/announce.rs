@@ -37,7 +37,6 @@ pub(super) struct Announcer {
     pub(super) entries: u64,
     /// Entries that went in runs of unchanged ones.
     pub(super) unchanged: u64,
-    walk_vanished: u64,
 }
 
 impl Announcer {
@@ -59,7 +58,6 @@ impl Announcer {
             new,
             entries: 0,
             unchanged: 0,
-            walk_vanished: 0,
         }
     }
 
@@ -132,14 +130,116 @@ impl Announcer {
     }
 }
 
-impl EntrySink for Announcer {
+/// Entries handed from the walk to the announcer at a time.
+const CHUNK: usize = 256;
+/// Chunks that may wait for the announcer.
+const CHUNKS_QUEUED: usize = 8;
+
+/// Runs `walk` on this thread with the announcer on a thread of its own:
+/// the walk only reads directories and metadata, while the announcer
+/// digests entries, reads and writes the record of the backups and waits
+/// for room in the window. They share no more than [`CHUNKS_QUEUED`]
+/// chunks of [`CHUNK`] entries. Returns the announcer once everything
+/// found is announced.
+pub(super) fn walk_into(
+    shared: &Arc<Shared>,
+    mut announcer: Announcer,
+    walk: impl FnOnce(&mut Feeder) -> Result<()>,
+) -> Result<Announcer> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(Found, Entry)>>(CHUNKS_QUEUED);
+    std::thread::scope(|s| {
+        let announcing = std::thread::Builder::new()
+            .name("byteback-announce".into())
+            .spawn_scoped(s, move || -> Result<Announcer> {
+                let announced = (|| {
+                    for chunk in rx {
+                        for (found, entry) in chunk {
+                            announcer.announce(found, entry)?;
+                        }
+                    }
+                    announcer.flush()
+                })();
+                if let Err(e) = &announced {
+                    // The cause of the backup's failure; the walk then stops.
+                    announcer.shared.fail(e);
+                }
+                announced.map(|()| announcer)
+            })
+            .map_err(|e| crate::error::err!("cannot start a thread: {e}"))?;
+        let mut feeder = Feeder {
+            shared: shared.clone(),
+            tx: Some(tx),
+            chunk: Vec::with_capacity(CHUNK),
+        };
+        let walked = walk(&mut feeder).and_then(|()| feeder.send());
+        // The announcer ends once the last chunk is in.
+        drop(feeder);
+        let announced = announcing
+            .join()
+            .unwrap_or_else(|_| Err(crate::error::err!("the announcing thread panicked")));
+        walked.and(announced)
+    })
+}
+
+/// The walk's sink: hands entries to the announcer in chunks.
+pub(super) struct Feeder {
+    shared: Arc<Shared>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<(Found, Entry)>>>,
+    chunk: Vec<(Found, Entry)>,
+}
+
+impl Feeder {
+    fn send(&mut self) -> Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK));
+        match &self.tx {
+            Some(tx) if tx.send(chunk).is_ok() => Ok(()),
+            // The announcer stopped: whatever stopped it is the cause.
+            _ => bail!("the backup stopped"),
+        }
+    }
+}
+
+impl EntrySink for Feeder {
     fn entry(&mut self, found: Found, entry: Entry) -> Result<()> {
         if self.shared.stopped() {
             // Whatever stopped the backup is its cause; this only ends the walk.
             bail!("the backup stopped");
         }
-        self.entries += 1;
         PROGRESS.found(entry.size());
+        self.chunk.push((found, entry));
+        if self.chunk.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    fn note(&mut self, what: String) {
+        tracing::debug!("{what}");
+    }
+
+    fn warning(&mut self, w: WalkWarning) {
+        if w.vanished {
+            self.shared.vanished.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .warn(format!("{}: vanished during the backup", w.path.display()));
+        } else {
+            self.shared.partial.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .warn(format!("{}: {}", w.path.display(), w.message));
+        }
+    }
+}
+
+impl Announcer {
+    /// Announces one entry found by the walk.
+    fn announce(&mut self, found: Found, entry: Entry) -> Result<()> {
+        if self.shared.stopped() {
+            bail!("the backup stopped");
+        }
+        self.entries += 1;
         let cost = entry.buffer_cost();
         if self.old.is_some() || self.new.is_some() {
             let d = entry_digest(&entry);
@@ -178,22 +278,5 @@ impl EntrySink for Announcer {
             self.flush_batch()?;
         }
         Ok(())
-    }
-
-    fn note(&mut self, what: String) {
-        tracing::debug!("{what}");
-    }
-
-    fn warning(&mut self, w: WalkWarning) {
-        if w.vanished {
-            self.walk_vanished += 1;
-            self.shared.vanished.fetch_add(1, Ordering::Relaxed);
-            self.shared
-                .warn(format!("{}: vanished during the backup", w.path.display()));
-        } else {
-            self.shared.partial.fetch_add(1, Ordering::Relaxed);
-            self.shared
-                .warn(format!("{}: {}", w.path.display(), w.message));
-        }
     }
 }

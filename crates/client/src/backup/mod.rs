@@ -255,14 +255,15 @@ fn walk_and_commit(
     old: Option<cache::OldRecord>,
     new: Option<cache::NewRecord>,
 ) -> Result<(Committed, u64, u64)> {
-    let mut announcer = Announcer::new(shared.clone(), batches, old, new);
+    let announcer = Announcer::new(shared.clone(), batches, old, new);
     let walk_opts = walk::WalkOptions {
         one_file_system: opts.one_file_system,
         filter: opts.filter.clone(),
     };
-    walk::walk(sources, excludes, walk_opts, &mut announcer)?;
+    let mut announcer = announce::walk_into(shared, announcer, |feeder| {
+        walk::walk(sources, excludes, walk_opts, feeder)
+    })?;
     PROGRESS.walk_finished();
-    announcer.flush()?;
     // Wait until every file is resolved, then commit.
     drop(shared.wait_flow(|f| f.window.is_empty())?);
     shared.send(ClientMsg::BackupEnd)?;

@@ -9,7 +9,7 @@
 use std::cmp::Ordering;
 use std::os::fd::AsFd;
 
-use byteback_protocol::unchanged::{entry_digest, Chain};
+use byteback_protocol::unchanged::{entry_digest, Chain, EntryDigest};
 use byteback_protocol::{compare_paths, Kind, ManifestEntry, UNCHANGED_MISMATCH};
 
 use super::slots::Slot;
@@ -60,38 +60,39 @@ impl BackupReceiver {
                 "unchanged entries sent, but no generation was offered".into(),
             ));
         }
-        let mut run = Vec::with_capacity(count as usize);
+        let mut run: Vec<(ManifestEntry, EntryDigest)> = Vec::with_capacity(count as usize);
         let mut chain = Chain::new();
         for _ in 0..count {
-            let e = self
+            let (e, d) = self
                 .old
-                .advance()
+                .advance_with_digest()
                 .map_err(Error::Manifest)?
                 .ok_or_else(|| {
                     Error::Refused(format!(
                         "{UNCHANGED_MISMATCH}: the manifest has fewer entries"
                     ))
                 })?;
-            chain.push(&entry_digest(&e.entry));
-            run.push(e);
+            let d = d.unwrap_or_else(|| entry_digest(&e.entry));
+            chain.push(&d);
+            run.push((e, d));
         }
         if chain.finish() != *digest {
             let first = run
                 .first()
-                .map(|e| shown(&e.entry.path))
+                .map(|(e, _)| shown(&e.entry.path))
                 .unwrap_or_default();
             return Err(Error::Refused(format!(
                 "{UNCHANGED_MISMATCH} (a run of {count} from {first})"
             )));
         }
-        for e in run {
-            self.carry(e)?;
+        for (e, d) in run {
+            self.carry(e, d)?;
         }
         self.flush_slots()
     }
 
     /// Takes one old entry over as it is.
-    fn carry(&mut self, e: ManifestEntry) -> Result<()> {
+    fn carry(&mut self, e: ManifestEntry, d: EntryDigest) -> Result<()> {
         self.stats.entries += 1;
         self.parent_dir(&e.entry.path)?;
         if e.entry.kind == Kind::Dir {
@@ -103,7 +104,7 @@ impl BackupReceiver {
         }
         self.last_carried = Some(e.entry.path.clone());
         let cost = e.entry.buffer_cost();
-        self.slots.push(Slot::Ready(e), cost)?;
+        self.slots.push(Slot::Carried(e, d), cost)?;
         Ok(())
     }
 

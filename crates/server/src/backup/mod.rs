@@ -239,7 +239,10 @@ fn open_old_manifest(
     warnings: &mut Vec<String>,
 ) -> Result<(PeekableManifest, bool)> {
     let opened = match fsops::open_file(meta, MANIFEST) {
-        Ok(f) => Some(ManifestReader::new(f, manifest_path).and_then(PeekableManifest::new)),
+        Ok(f) => Some(
+            ManifestReader::new(f, manifest_path)
+                .and_then(|r| PeekableManifest::new(r.with_digests())),
+        ),
         Err(e) if e.kind() == io::ErrorKind::NotFound => None,
         Err(e) => return Err(Error::io("open the manifest", manifest_path.display(), e)),
     };
@@ -252,7 +255,7 @@ fn open_old_manifest(
             match fsops::open_file(meta, MANIFEST) {
                 Ok(f) => (
                     ManifestReader::new(f, manifest_path)
-                        .and_then(PeekableManifest::new)
+                        .and_then(|r| PeekableManifest::new(r.with_digests()))
                         .map_err(Error::Manifest)?,
                     true,
                 ),
@@ -438,9 +441,10 @@ impl BackupReceiver {
     /// Writes the resolved entries at the front of the slots to the new
     /// manifest (or counts them while it is not started).
     fn flush_slots(&mut self) -> Result<()> {
-        while let Some(e) = self.slots.pop_ready() {
-            self.chain
-                .push(&byteback_protocol::unchanged::entry_digest(&e.entry));
+        while let Some((e, digest)) = self.slots.pop_ready() {
+            self.chain.push(
+                &digest.unwrap_or_else(|| byteback_protocol::unchanged::entry_digest(&e.entry)),
+            );
             match self.new.as_mut() {
                 Some(new) => {
                     new.push(&e)

@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 
 use byteback_protocol::limits::{window_within_caps, MAX_BUFFERED_BYTES, MAX_PENDING};
+use byteback_protocol::unchanged::EntryDigest;
 use byteback_protocol::ManifestEntry;
 
 use crate::error::{Error, Result};
@@ -15,6 +16,8 @@ use crate::error::{Error, Result};
 pub(super) enum Slot {
     /// Resolved: this is its manifest entry.
     Ready(ManifestEntry),
+    /// Carried over from the old manifest, with its digest.
+    Carried(ManifestEntry, EntryDigest),
     /// Its transfer is running.
     Waiting,
     /// Given up, not in the manifest; carries the cost it was admitted with.
@@ -49,7 +52,7 @@ impl Slots {
     /// Resolves slot `seq`, admitted at a cost of `was` bytes.
     pub fn set(&mut self, seq: u64, s: Slot, was: usize) {
         let cost = match &s {
-            Slot::Ready(e) => e.entry.buffer_cost(),
+            Slot::Ready(e) | Slot::Carried(e, _) => e.entry.buffer_cost(),
             Slot::Dropped(cost) => *cost,
             Slot::Waiting => was,
         };
@@ -60,18 +63,20 @@ impl Slots {
     }
 
     /// The next entry of the new manifest, if it is resolved (dropped ones
-    /// are skipped).
-    pub fn pop_ready(&mut self) -> Option<ManifestEntry> {
+    /// are skipped), with its digest when known.
+    pub fn pop_ready(&mut self) -> Option<(ManifestEntry, Option<EntryDigest>)> {
         loop {
             let cost = match self.queue.front()? {
                 Slot::Waiting => return None,
-                Slot::Ready(e) => e.entry.buffer_cost(),
+                Slot::Ready(e) | Slot::Carried(e, _) => e.entry.buffer_cost(),
                 Slot::Dropped(cost) => *cost,
             };
             self.bytes = self.bytes.saturating_sub(cost);
             self.base += 1;
-            if let Some(Slot::Ready(e)) = self.queue.pop_front() {
-                return Some(e);
+            match self.queue.pop_front() {
+                Some(Slot::Ready(e)) => return Some((e, None)),
+                Some(Slot::Carried(e, d)) => return Some((e, Some(d))),
+                _ => {}
             }
         }
     }
@@ -111,13 +116,13 @@ mod tests {
         let c = s.push(Slot::Waiting, 10).expect("c");
         s.push(Slot::Ready(me(b"d")), 10).expect("d");
         assert_eq!((a, b, c), (0, 1, 2));
-        assert_eq!(s.pop_ready().map(|e| e.entry.path), Some(b"a".to_vec()));
+        assert_eq!(s.pop_ready().map(|e| e.0.entry.path), Some(b"a".to_vec()));
         assert_eq!(s.pop_ready(), None, "b is still waiting");
         s.set(c, Slot::Dropped(10), 10);
         assert_eq!(s.pop_ready(), None, "b is still waiting");
         s.set(b, Slot::Ready(me(b"b")), me(b"b").entry.buffer_cost());
-        assert_eq!(s.pop_ready().map(|e| e.entry.path), Some(b"b".to_vec()));
-        assert_eq!(s.pop_ready().map(|e| e.entry.path), Some(b"d".to_vec()));
+        assert_eq!(s.pop_ready().map(|e| e.0.entry.path), Some(b"b".to_vec()));
+        assert_eq!(s.pop_ready().map(|e| e.0.entry.path), Some(b"d".to_vec()));
         assert!(s.is_empty());
         assert_eq!(s.bytes, 0);
         assert_eq!(s.push(Slot::Waiting, 1).expect("e"), 4);
