@@ -2304,6 +2304,42 @@ fn runs_of_unchanged_entries_are_checked_against_the_manifest() {
     );
     recommit(&mut env);
 
+    // A manifest without a generation (written by a version before them),
+    // or with a wrong one: a backup that changes nothing writes it anew,
+    // with its own, and only then names one.
+    let manifest = env.current().join(".byteback/manifest");
+    let name = "user.byteback.generation";
+    for planted in [None, Some([7u8; 32])] {
+        // A copy put in its place: where snapshots are hard-link copies the
+        // manifest in place is a snapshot's too.
+        let copy = manifest.with_extension("planted");
+        fs::write(&copy, fs::read(&manifest).unwrap()).unwrap();
+        if let Some(g) = planted {
+            rustix::fs::setxattr(&copy, name, &g, rustix::fs::XattrFlags::empty()).unwrap();
+        }
+        fs::rename(&copy, &manifest).unwrap();
+        let mut s = Script::backup();
+        for part in old.chunks(1000) {
+            s = s.msg(&ClientMsg::Entries(
+                part.iter().map(|e| e.entry.clone()).collect(),
+            ));
+        }
+        let o = env.serve(
+            "generation missing or wrong",
+            &s.msg(&ClientMsg::BackupEnd).bytes,
+        );
+        o.assert_backup_ok(0);
+        env.accept();
+        match o.backup_done() {
+            Some(ServerMsg::BackupDone { generation: g, .. }) => assert_eq!(*g, Some(generation)),
+            _ => panic!("{}", o.describe()),
+        }
+        let mut got = [0u8; 64];
+        let n = rustix::fs::getxattr(&manifest, name, &mut got[..]).unwrap();
+        assert_eq!(&got[..n], &generation[..], "{planted:?}");
+        assert_eq!(manifest_entries(&env), old);
+    }
+
     // Once `current` does not match its manifest (no clean marker), no
     // generation is offered and no run is taken.
     fs::remove_file(env.current().join(".byteback/clean")).unwrap();
@@ -2319,4 +2355,42 @@ fn runs_of_unchanged_entries_are_checked_against_the_manifest() {
         o.describe()
     );
     env.refused(&o, &["no generation"]);
+}
+
+/// A run of unchanged entries is held by the server only up to the bytes a
+/// batch of entries sent may take: a manifest of entries with large xattrs
+/// (planted by an earlier session of the same client) cannot make one run
+/// cost more.
+#[test]
+fn a_run_of_unchanged_entries_is_bounded_in_bytes() {
+    let mut env = Env::new();
+    let m = fresh_mtime();
+    let big = |i: usize| {
+        let mut e = entry(format!("d/fifo{i:03}").as_bytes(), Kind::Fifo, 0o644, m);
+        e.xattrs = vec![(b"user.big".to_vec(), vec![i as u8; 64 << 10])];
+        e
+    };
+    let mut s = Script::backup().msg(&ClientMsg::Entries(vec![dir_e(b"d", m)]));
+    for part in (0..200).collect::<Vec<_>>().chunks(100) {
+        s = s.msg(&ClientMsg::Entries(part.iter().map(|&i| big(i)).collect()));
+    }
+    let o = env.serve(
+        "entries with large xattrs",
+        &s.msg(&ClientMsg::BackupEnd).bytes,
+    );
+    o.assert_backup_ok(0);
+    env.accept();
+    let old = manifest_entries(&env);
+    assert_eq!(old.len(), 201);
+    // Refused on the bytes before the digest is checked.
+    let s = Script::backup()
+        .msg(&ClientMsg::Unchanged {
+            count: 201,
+            digest: [0; 32],
+        })
+        .msg(&ClientMsg::BackupEnd);
+    env.refused(
+        &env.serve("a run of 12 MiB", &s.bytes),
+        &["holds more than"],
+    );
 }

@@ -676,7 +676,10 @@ fn transfer(
             // announcing every entry (this does not count as an attempt).
             Err(e)
                 if !record_reset
-                    && format!("{e:#}").contains(byteback_protocol::UNCHANGED_MISMATCH) =>
+                    && format!("{e:#}").contains(&format!(
+                        "server: {}",
+                        byteback_protocol::UNCHANGED_MISMATCH
+                    )) =>
             {
                 record_reset = true;
                 if let Some(path) = &record {

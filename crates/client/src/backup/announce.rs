@@ -130,8 +130,12 @@ impl Announcer {
     }
 }
 
-/// Entries handed from the walk to the announcer at a time.
+/// Entries handed from the walk to the announcer at a time: at most this
+/// many, costing at most [`CHUNK_BYTES`] (unless one entry alone does).
 const CHUNK: usize = 256;
+/// See [`CHUNK`]: with [`CHUNKS_QUEUED`] waiting, one being filled and one
+/// being announced, at most 10/32 of the window's bytes.
+const CHUNK_BYTES: usize = MAX_BUFFERED_BYTES / 32;
 /// Chunks that may wait for the announcer.
 const CHUNKS_QUEUED: usize = 8;
 
@@ -170,13 +174,20 @@ pub(super) fn walk_into(
             shared: shared.clone(),
             tx: Some(tx),
             chunk: Vec::with_capacity(CHUNK),
+            chunk_bytes: 0,
         };
         let walked = walk(&mut feeder).and_then(|()| feeder.send());
+        if let Err(e) = &walked {
+            // The backup's failure: the announcer stops at once.
+            shared.fail(e);
+        }
         // The announcer ends once the last chunk is in.
         drop(feeder);
-        let announced = announcing
-            .join()
-            .unwrap_or_else(|_| Err(crate::error::err!("the announcing thread panicked")));
+        let announced = announcing.join().unwrap_or_else(|_| {
+            let e = crate::error::err!("the announcing thread panicked");
+            shared.fail(&e);
+            Err(e)
+        });
         walked.and(announced)
     })
 }
@@ -186,6 +197,8 @@ pub(super) struct Feeder {
     shared: Arc<Shared>,
     tx: Option<std::sync::mpsc::SyncSender<Vec<(Found, Entry)>>>,
     chunk: Vec<(Found, Entry)>,
+    /// `buffer_cost` of the chunk's entries.
+    chunk_bytes: usize,
 }
 
 impl Feeder {
@@ -194,6 +207,7 @@ impl Feeder {
             return Ok(());
         }
         let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK));
+        self.chunk_bytes = 0;
         match &self.tx {
             Some(tx) if tx.send(chunk).is_ok() => Ok(()),
             // The announcer stopped: whatever stopped it is the cause.
@@ -209,6 +223,11 @@ impl EntrySink for Feeder {
             bail!("the backup stopped");
         }
         PROGRESS.found(entry.size());
+        let cost = entry.buffer_cost();
+        if !self.chunk.is_empty() && self.chunk_bytes + cost > CHUNK_BYTES {
+            self.send()?;
+        }
+        self.chunk_bytes += cost;
         self.chunk.push((found, entry));
         if self.chunk.len() >= CHUNK {
             self.send()?;

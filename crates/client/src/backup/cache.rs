@@ -33,16 +33,29 @@ const MAGIC: &[u8; 8] = b"BBEC0001";
 /// for root, else `$XDG_CACHE_HOME/byteback` or `~/.cache/byteback`.
 pub fn cache_dir() -> Option<PathBuf> {
     let var = |name| std::env::var_os(name).filter(|v: &std::ffi::OsString| !v.is_empty());
-    if let Some(d) = var("BYTEBACK_CACHE_DIR") {
-        return Some(PathBuf::from(d));
+    let dir = if let Some(d) = var("BYTEBACK_CACHE_DIR") {
+        Some(PathBuf::from(d))
+    } else if rustix::process::geteuid().is_root() {
+        Some(PathBuf::from("/var/cache/byteback"))
+    } else {
+        var("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|d| d.join("byteback"))
+    };
+    // Only an absolute path can be left out of the walk (the record
+    // changes while it runs).
+    match dir {
+        Some(d) if d.is_absolute() => Some(d),
+        Some(d) => {
+            tracing::warn!(
+                "the cache directory {} is not an absolute path: no record of the last backup is kept",
+                d.display()
+            );
+            None
+        }
+        None => None,
     }
-    if rustix::process::geteuid().is_root() {
-        return Some(PathBuf::from("/var/cache/byteback"));
-    }
-    var("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .map(|d| d.join("byteback"))
 }
 
 /// The record file for backups of host `host` to destination `dest`
@@ -148,11 +161,16 @@ impl NewRecord {
                 .create(dir)?;
         }
         let tmp = path.with_extension("entries.new");
+        // A new file, never through a symlink planted at its name.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)?;
         let mut w = BufWriter::with_capacity(64 << 10, f);
         w.write_all(MAGIC)?;
@@ -192,12 +210,17 @@ impl NewRecord {
             }
         }
         let Some(enc) = enc else { return Ok(false) };
-        let mut f = enc.finish()?.into_inner().map_err(|e| e.into_error())?;
-        f.seek(SeekFrom::Start(8))?;
-        f.write_all(&ours)?;
-        drop(f);
-        std::fs::rename(&self.tmp, &self.path)?;
-        Ok(true)
+        let put = (|| -> io::Result<()> {
+            let mut f = enc.finish()?.into_inner().map_err(|e| e.into_error())?;
+            f.seek(SeekFrom::Start(8))?;
+            f.write_all(&ours)?;
+            drop(f);
+            std::fs::rename(&self.tmp, &self.path)
+        })();
+        if put.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        put.map(|()| true)
     }
 
     /// Gives the record up.

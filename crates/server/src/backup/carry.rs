@@ -9,6 +9,7 @@
 use std::cmp::Ordering;
 use std::os::fd::AsFd;
 
+use byteback_protocol::limits::MAX_BUFFERED_BYTES;
 use byteback_protocol::unchanged::{entry_digest, Chain, EntryDigest};
 use byteback_protocol::{compare_paths, Kind, ManifestEntry, UNCHANGED_MISMATCH};
 
@@ -19,25 +20,45 @@ use crate::error::{shown, Error, Result};
 /// The xattr of `.byteback/manifest` holding its generation.
 const GENERATION_XATTR: &str = "user.byteback.generation";
 
-/// The generation recorded on the manifest file `fd`, if any.
-pub(super) fn read_generation(fd: impl AsFd) -> Option<[u8; 32]> {
+/// What the manifest file says of its generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stored {
+    /// Recorded.
+    Is([u8; 32]),
+    /// None recorded (a manifest of a version before generations), or a
+    /// value of the wrong length.
+    Missing,
+    /// The filesystem keeps no user xattrs (or the manifest is not there).
+    Unsupported,
+}
+
+/// The generation recorded on the manifest file `fd`.
+pub(super) fn read_generation(fd: impl AsFd) -> Stored {
     let mut buf = [0u8; 33];
     match rustix::fs::fgetxattr(fd, GENERATION_XATTR, &mut buf[..]) {
-        Ok(32) => buf[..32].try_into().ok(),
-        _ => None,
+        Ok(32) => buf[..32].try_into().map_or(Stored::Missing, Stored::Is),
+        Ok(_) | Err(rustix::io::Errno::NODATA | rustix::io::Errno::RANGE) => Stored::Missing,
+        Err(_) => Stored::Unsupported,
     }
 }
 
-/// Records `generation` on the manifest file `fd`. A filesystem without
-/// user xattrs only costs the next backup its runs of unchanged entries.
-pub(super) fn write_generation(fd: impl AsFd, generation: &[u8; 32]) {
-    if let Err(e) = rustix::fs::fsetxattr(
+/// Records `generation` on the manifest file `fd`, not yet in place (an
+/// xattr of a manifest in place could be one of a snapshot too, where
+/// snapshots are hard-link copies). Returns whether it was: a filesystem
+/// without user xattrs only costs the next backup its runs of unchanged
+/// entries.
+pub(super) fn write_generation(fd: impl AsFd, generation: &[u8; 32]) -> bool {
+    match rustix::fs::fsetxattr(
         fd,
         GENERATION_XATTR,
         generation,
         rustix::fs::XattrFlags::empty(),
     ) {
-        tracing::debug!("cannot record the manifest's generation: {e}");
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!("cannot record the manifest's generation: {e}");
+            false
+        }
     }
 }
 
@@ -45,7 +66,10 @@ impl BackupReceiver {
     /// The generation a client may send runs of unchanged entries against:
     /// the manifest's, when `current` matches it exactly.
     pub fn generation(&self) -> Option<[u8; 32]> {
-        self.start.generation
+        match self.start.generation {
+            Stored::Is(g) if self.start.clean => Some(g),
+            _ => None,
+        }
     }
 
     /// Carries the next `count` entries of the old manifest into the new
@@ -55,13 +79,16 @@ impl BackupReceiver {
     /// backup has touched those paths: every path is handled once, in
     /// order). The directory structure is checked as for entries sent.
     pub fn unchanged(&mut self, count: u32, digest: &[u8; 32]) -> Result<()> {
-        if self.start.generation.is_none() {
+        if self.generation().is_none() {
             return Err(Error::Refused(
                 "unchanged entries sent, but no generation was offered".into(),
             ));
         }
         let mut run: Vec<(ManifestEntry, EntryDigest)> = Vec::with_capacity(count as usize);
         let mut chain = Chain::new();
+        // Held before the check: bounded as a batch of entries sent is (a
+        // client keeps a run to a quarter of this).
+        let mut cost = 0;
         for _ in 0..count {
             let (e, d) = self
                 .old
@@ -74,6 +101,12 @@ impl BackupReceiver {
                 })?;
             let d = d.unwrap_or_else(|| entry_digest(&e.entry));
             chain.push(&d);
+            cost += e.entry.buffer_cost();
+            if cost > MAX_BUFFERED_BYTES {
+                return Err(Error::Refused(format!(
+                    "a run of unchanged entries holds more than {MAX_BUFFERED_BYTES} bytes"
+                )));
+            }
             run.push((e, d));
         }
         if chain.finish() != *digest {

@@ -141,20 +141,26 @@ impl BackupReceiver {
             self.work.needs_sweep = true;
             self.mark_changed()?;
         }
+        let generation = self.chain.finish();
+        let stale = match self.start.generation {
+            carry::Stored::Missing => true,
+            carry::Stored::Is(g) => g != generation,
+            carry::Stored::Unsupported => false,
+        };
+        if !self.work.changed && stale {
+            // A manifest of a version before generations (or with a wrong
+            // one): written anew, with its generation, once.
+            self.mark_changed()?;
+        }
         let partial = in_dir(&self.meta_path, PARTIAL);
         if !self.work.changed {
             // `current` was clean and nothing differs: it still matches the
             // manifest, and nothing new needs to reach the disc.
             fsops::remove_any(&self.meta, PARTIAL).op("remove", || &partial)?;
             // Every entry of the manifest went through the slots, in order.
-            let generation = self.chain.finish();
-            if self.start.generation != Some(generation) {
-                // Written by a version that kept none.
-                if let Ok(f) = fsops::open_file(&self.meta, MANIFEST) {
-                    carry::write_generation(&f, &generation);
-                }
-            }
-            return Ok((std::mem::take(&mut self.stats), Some(generation)));
+            let kept =
+                (self.start.generation == carry::Stored::Is(generation)).then_some(generation);
+            return Ok((std::mem::take(&mut self.stats), kept));
         }
         let new_path = self.meta_path.join("manifest.new");
         let new = self
@@ -163,8 +169,7 @@ impl BackupReceiver {
             .ok_or(Error::Internal("manifest already finished"))?;
         let new_file = new.finish().op("write", || new_path.display())?;
         // Atomic with the manifest: an attribute of its file, synced with it.
-        let generation = self.chain.finish();
-        carry::write_generation(&new_file, &generation);
+        let kept = carry::write_generation(&new_file, &generation).then_some(generation);
         self.old = PeekableManifest::new(ManifestReader::empty()).map_err(Error::Manifest)?;
         if self.work.needs_sweep {
             let file =
@@ -207,6 +212,6 @@ impl BackupReceiver {
         fsops::remove_any(&self.meta, NO_SPACE).op("remove", || self.meta_file(NO_SPACE))?;
         // Not synced: if it is lost, the next run just does not trust `current`.
         drop(fsops::create_new(&self.meta, CLEAN).op("create", || self.meta_file(CLEAN))?);
-        Ok((std::mem::take(&mut self.stats), Some(generation)))
+        Ok((std::mem::take(&mut self.stats), kept))
     }
 }

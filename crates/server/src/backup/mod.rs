@@ -157,8 +157,8 @@ struct Start {
     clean: bool,
     /// The old manifest was read (not missing, not replaced by an empty one).
     has_manifest: bool,
-    /// The old manifest's generation, when `clean` (see [`carry`]).
-    generation: Option<[u8; 32]>,
+    /// The old manifest's generation (see [`carry`]), offered when `clean`.
+    generation: carry::Stored,
 }
 
 /// What the commit has to do, as learnt from the entries so far (see
@@ -302,12 +302,9 @@ impl BackupReceiver {
         let (old, has_manifest) = open_old_manifest(host, &meta, &manifest_path, &mut warnings)?;
         let marker = exists(CLEAN)?;
         let clean = marker && has_manifest;
-        let generation = if clean {
-            fsops::open_file(&meta, MANIFEST)
-                .ok()
-                .and_then(carry::read_generation)
-        } else {
-            None
+        let generation = match fsops::open_file(&meta, MANIFEST) {
+            Ok(f) if has_manifest => carry::read_generation(f),
+            _ => carry::Stored::Unsupported,
         };
         let dir_fd = fsops::open_dir(&current, b"")
             .op("open", || host.path.join("current").display().to_string())?;
