@@ -1449,6 +1449,39 @@ fn a_low_open_file_limit_on_the_server_slows_a_first_backup_but_does_not_fail_it
     }
 }
 
+/// A new file's output is created when its first data arrives, not when
+/// its entry does: a first backup holds descriptors only for the files in
+/// flight, not for the client's whole window of 8,192 entries, so even an
+/// open-file limit of 256 (below one batch of 1,024 new files) only slows
+/// it: 3,000 new files, all stored.
+#[test]
+fn a_first_backup_holds_descriptors_only_for_the_files_in_flight() {
+    let d = scratch();
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let src = d.path().join("src");
+    for dir in 0..3 {
+        fs::create_dir_all(src.join(format!("d{dir}"))).unwrap();
+        for i in 0..1000 {
+            fs::write(src.join(format!("d{dir}/f{i}")), format!("{dir} {i}")).unwrap();
+        }
+    }
+    fs::write(src.join("d0/empty"), b"").unwrap();
+    let wrapper = write_script(
+        &d.path().join("server-lower-nofile"),
+        &format!(
+            "#!/bin/sh\nulimit -n 256 || exit 99\nexec '{}' \"$@\"\n",
+            bin("byteback-server").display()
+        ),
+    );
+    let o = run_status(backup_cmd(&store, &src, "w", 0).env("BYTEBACK_SERVER", &wrapper));
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains(" 3001 files sent"), "{e}");
+    let root = restore_all(&store, "w", None, &d.path().join("r"));
+    assert_same_tree(&src, &restored_path(&root, &src));
+}
+
 /// `byteback-backup` of `src` as `host` into `store`, its record of the
 /// last backup kept in `cache`; returns its stderr and the summary's
 /// entries and unchanged entries.

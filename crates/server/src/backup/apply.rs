@@ -196,18 +196,22 @@ impl BackupReceiver {
         self.next_id += 1;
         let out = if in_place {
             // Nothing at the path (looked at, or in a directory this backup
-            // created): written there, exclusively.
-            fsops::create_new(parent, name).op("create", || shown(&e.path))?
+            // created): written there, exclusively, once its first data
+            // comes (see `open_out`), so that a first backup's window of
+            // new files holds no descriptor per file.
+            None
         } else {
             // `take_partial` left nothing at that name.
-            fsops::create_new(&self.partial, &partial)
-                .op("create", || self.partial_path(&partial))?
+            Some(
+                fsops::create_new(&self.partial, &partial)
+                    .op("create", || self.partial_path(&partial))?,
+            )
         };
         let has_basis = basis.is_some();
         let size = e.size();
         let twin = !has_basis && size >= TWIN_MIN && self.twins().has_size(size);
         let seq = self.slots.push(Slot::Waiting, e.buffer_cost())?;
-        let fds = 1 + basis.as_ref().map_or(0, |b| b.parts.len());
+        let fds = usize::from(out.is_some()) + basis.as_ref().map_or(0, |b| b.parts.len());
         self.held_fds += fds;
         self.transfers.insert(
             id,

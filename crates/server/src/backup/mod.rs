@@ -503,11 +503,15 @@ impl Drop for BackupReceiver {
     fn drop(&mut self) {
         for (_, t) in self.transfers.drain() {
             let keep = t.writer.written > 0 && !t.writer.nospace;
+            let created = t.writer.is_open();
             drop(t.writer);
             if keep {
                 continue;
             }
             if t.in_place {
+                if !created {
+                    continue; // never created: nothing is there
+                }
                 let _ = remove_in_place(&self.current, &t.entry.path);
             } else {
                 let _ = fsops::remove_any(&self.partial, &t.partial);

@@ -83,7 +83,9 @@ pub(super) struct Applied {
 
 /// The file being written for one transfer.
 pub(super) struct FileWriter {
-    pub out: File,
+    /// The file written; `None` until it is created, on its first data
+    /// (see [`Self::open`]).
+    out: Option<File>,
     pub basis: Option<Basis>,
     pub written: u64,
     /// Bytes of `out` whose writeback has been started.
@@ -110,7 +112,7 @@ pub(super) fn is_no_space(e: &io::Error) -> bool {
 impl FileWriter {
     /// A writer into `out` of a file expected to be `len` bytes long;
     /// `keep`: its digests are to be kept.
-    pub fn new(out: File, basis: Option<Basis>, len: u64, keep: bool) -> Self {
+    pub fn new(out: Option<File>, basis: Option<Basis>, len: u64, keep: bool) -> Self {
         FileWriter {
             out,
             basis,
@@ -122,6 +124,21 @@ impl FileWriter {
             verified: None,
             nospace: false,
         }
+    }
+
+    /// Whether the file written is created.
+    pub fn is_open(&self) -> bool {
+        self.out.is_some()
+    }
+
+    /// Gives the writer the file it writes, created now (see [`Self::new`]).
+    pub fn open(&mut self, out: File) {
+        self.out = Some(out);
+    }
+
+    /// The file written.
+    pub fn out(&self) -> io::Result<&File> {
+        opened(&self.out)
     }
 
     /// Takes in the kept digests of the stored copy that is the whole
@@ -144,7 +161,7 @@ impl FileWriter {
         if self.written != size || self.len != size {
             return Ok(None);
         }
-        self.digest.take_kept(&self.out)
+        self.digest.take_kept(opened(&self.out)?)
     }
 
     /// Applies one decompressed segment for the file `size` bytes long at
@@ -163,9 +180,10 @@ impl FileWriter {
         }
         let limit = size.saturating_sub(self.written);
         let basis_len = self.basis.as_ref().map(Basis::len).unwrap_or(0);
+        let out = opened(&self.out).map_err(|e| Error::io("store", shown(path), e))?;
         let mut sink = FileSink {
             basis: self.basis.as_ref(),
-            out: &self.out,
+            out,
             pos: self.written,
             digest: &mut self.digest,
             clone_ok: *clone_ok,
@@ -179,7 +197,7 @@ impl FileWriter {
             Err(SinkError::Io(e)) if is_no_space(&e) => {
                 self.nospace = true;
                 // Give its blocks back at once; it is sent again whole.
-                let _ = self.out.set_len(0);
+                let _ = out.set_len(0);
                 return Ok(Applied::default());
             }
             Err(e) => {
@@ -192,7 +210,7 @@ impl FileWriter {
         }
         self.written = pos;
         if self.written - self.flushed >= WRITEBACK_EVERY {
-            start_writeback(&self.out, self.flushed, self.written - self.flushed);
+            start_writeback(out, self.flushed, self.written - self.flushed);
             self.flushed = self.written;
         }
         Ok(applied)
@@ -209,10 +227,10 @@ impl FileWriter {
             // it): the digests were laid out for the announced length, so
             // it is hashed from what was written.
             None if size != self.len => {
-                self.out.set_len(size)?; // trailing zeros may be a hole yet
-                Some(hash_file(&self.out)?)
+                self.out()?.set_len(size)?; // trailing zeros may be a hole yet
+                Some(hash_file(self.out()?)?)
             }
-            None => self.digest.finish(&self.out)?,
+            None => self.digest.finish(opened(&self.out)?)?,
         };
         Ok(got == Some(*hash))
     }
@@ -236,24 +254,34 @@ impl FileWriter {
         self.digest = Digest::new(self.len, self.keep);
         self.verified = None;
         self.basis = None;
-        self.out.set_len(0)
+        match &self.out {
+            Some(f) => f.set_len(0),
+            None => Ok(()),
+        }
     }
 
     /// Finishes a verified file: its full length (trailing zero blocks were
     /// left as a hole), the client's mtime, and writeback of what is left.
     pub fn finish(&mut self, size: u64, mtime: (i64, u32)) -> io::Result<()> {
-        if self.out.metadata()?.len() != size {
-            self.out.set_len(size)?;
+        let out = self.out()?;
+        if out.metadata()?.len() != size {
+            out.set_len(size)?;
         }
-        fsops::set_mtime(&self.out, mtime.0, mtime.1)?;
+        fsops::set_mtime(out, mtime.0, mtime.1)?;
         // Small files wait for the commit's syncfs: started one by one,
         // their writeback cost this (single) thread more than it saved.
         if size >= WRITEBACK_EVERY && size > self.flushed {
-            start_writeback(&self.out, self.flushed, size - self.flushed);
+            start_writeback(out, self.flushed, size - self.flushed);
             self.flushed = size;
         }
         Ok(())
     }
+}
+
+/// The file of a writer, once created.
+fn opened(out: &Option<File>) -> io::Result<&File> {
+    out.as_ref()
+        .ok_or_else(|| io::Error::other("the transfer's file is not created yet"))
 }
 
 /// BLAKE3 of a whole file.

@@ -84,8 +84,38 @@ impl BackupReceiver {
         }
     }
 
+    /// Creates the file of transfer `id` at its own path if it is not yet
+    /// (a new file is created on its first data, or at its end if it has
+    /// none): exclusively, in its parent opened beneath `current` (the
+    /// directory of the last one created, most often).
+    pub(super) fn open_out(&mut self, id: u32) -> Result<()> {
+        let t = self.transfers.get(&id).ok_or_else(|| unknown(id))?;
+        if t.writer.is_open() {
+            return Ok(());
+        }
+        let disk = disk_path(&t.entry.path);
+        let (pdir, name) = split(&disk);
+        let parent = match self.last_parent.take() {
+            Some(last) if last.path == pdir => last.fd,
+            _ => fsops::open_dir(&self.current, pdir)
+                .op("open the directory of", || shown(&t.entry.path))?,
+        };
+        let created = fsops::create_new(&parent, name);
+        self.last_parent = Some(LastParent {
+            path: pdir.to_vec(),
+            fd: parent,
+        });
+        let t = self.transfers.get_mut(&id).ok_or_else(|| unknown(id))?;
+        t.writer
+            .open(created.op("create", || shown(&t.entry.path))?);
+        t.fds += 1;
+        self.held_fds += 1;
+        Ok(())
+    }
+
     /// Applies one delta segment to transfer `id`.
     pub fn data(&mut self, id: u32, delta: &Compressed) -> Result<()> {
+        self.open_out(id)?;
         let raw = self.decoder.decode(delta)?;
         let t = self.transfers.get_mut(&id).ok_or_else(|| unknown(id))?;
         let applied = t
@@ -104,6 +134,7 @@ impl BackupReceiver {
         hash: [u8; 32],
         mtime: (i64, u32),
     ) -> Result<TransferResult> {
+        self.open_out(id)?;
         let t = self.transfer(id)?;
         if t.writer.nospace {
             let path = String::from_utf8_lossy(&t.entry.path).into_owned();
@@ -245,10 +276,14 @@ impl BackupReceiver {
     pub fn abort(&mut self, id: u32) -> Result<TransferResult> {
         let t = *self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
         self.held_fds = self.held_fds.saturating_sub(t.fds);
+        let created = t.writer.is_open();
         drop(t.writer);
         if t.in_place {
-            // Nothing was at its path before: take the unverified file away.
-            remove_in_place(&self.current, &t.entry.path)?;
+            // Nothing was at its path before: take the unverified file
+            // away (if it was created at all).
+            if created {
+                remove_in_place(&self.current, &t.entry.path)?;
+            }
         } else {
             fsops::remove_any(&self.partial, &t.partial)
                 .op("remove", || self.partial_path(&t.partial))?;

@@ -52,6 +52,7 @@ impl BackupReceiver {
             Some(p) => p.to_vec(),
             None => return Ok(false),
         };
+        self.open_out(id)?;
         let clone_ok = self.clone_ok;
         let t = self
             .transfers
@@ -65,10 +66,11 @@ impl BackupReceiver {
         let Some(src) = twins::open_stored(&self.current, &src_path, size) else {
             return Ok(false);
         };
-        let (got, shared) = match twins::copy_into(&src, &w.out, size, clone_ok) {
+        let out = w.out().op("clone into", || shown(&t.entry.path))?;
+        let (got, shared) = match twins::copy_into(&src, out, size, clone_ok) {
             Ok(x) => x,
             Err(e) => {
-                w.out.set_len(0).op("empty", || shown(&t.entry.path))?;
+                out.set_len(0).op("empty", || shown(&t.entry.path))?;
                 if is_no_space(&e) {
                     // Sending it needs the same room: that path makes it.
                     return Ok(false);
@@ -81,7 +83,7 @@ impl BackupReceiver {
             }
         };
         if got != hash {
-            w.out.set_len(0).op("empty", || shown(&t.entry.path))?;
+            out.set_len(0).op("empty", || shown(&t.entry.path))?;
             return Ok(false);
         }
         // Hashed from the file itself just now: `end` checks that.

@@ -176,7 +176,7 @@ fn fd_budget() -> usize {
     let batch = byteback_protocol::limits::MAX_BATCH * FDS_PER_FILE;
     if budget < batch {
         tracing::warn!(
-            "the open-file limit is {soft}: a batch of {} new files may need more; raise it (nofile, LimitNOFILE=) to at least {}",
+            "the open-file limit is {soft}: a batch of {} changed files may need more (each holds its rebuild and the stored copy); raise it (nofile, LimitNOFILE=) to at least {}",
             byteback_protocol::limits::MAX_BATCH,
             batch + FDS_RESERVED
         );
@@ -186,10 +186,10 @@ fn fd_budget() -> usize {
 
 /// Answers the waiting batches of entries, oldest first, while the files
 /// their transfers may open fit under `budget` (or nothing is open): a
-/// first backup of many small files would otherwise open a file for every
-/// entry in the client's window and could run out of descriptors. The
-/// client goes on sending the files already needed, and each one finished
-/// makes room.
+/// changed file holds its rebuild and its basis from its entry on (a new
+/// one only from its first data), and a window of changed files could
+/// otherwise run out of descriptors. The client goes on sending the files
+/// already needed, and each one finished makes room.
 fn answer_waiting<R: Read, W: Write>(
     conn: &mut Conn<R, W>,
     rx: &mut BackupReceiver,
