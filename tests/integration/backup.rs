@@ -1396,8 +1396,9 @@ fn a_storage_error_names_the_path() {
     // Paths on the wire are relative to `/`.
     let named = src.join("dir/new-file");
     let named = named.strip_prefix("/").unwrap();
+    // (A new file is created when its data arrives: "writing ...: cannot create ...".)
     assert!(
-        e.contains(&format!("storing {}", named.display()))
+        e.contains(&format!("cannot create {}", named.display()))
             && e.contains("Operation not permitted"),
         "the error does not name the path and the cause: {e}"
     );
