@@ -106,6 +106,7 @@ impl World {
         let mut c = Command::new(bin(prog));
         c.env("BYTEBACK_CONFIG_DIR", client)
             .env("HOME", client)
+            .env("BYTEBACK_CACHE_DIR", client.join("cache"))
             .stdin(Stdio::null());
         c
     }
@@ -206,6 +207,15 @@ fn setup_client_then_backup_and_restore_over_ssh() {
     // text costs a few KiB, the random 200 kB their size.
     let wire = summary_number(&stderr(&out), " on the wire").expect("wire bytes");
     assert!(wire < 300_000, "{wire} bytes on the wire: {}", stderr(&out));
+    // What did not change went as runs of unchanged entries, checked by
+    // the server against its manifest.
+    let entries = summary_number(&stderr(&out), " entries,").expect("entries");
+    let unchanged = summary_number(&stderr(&out), " entries unchanged").unwrap_or(0);
+    assert!(
+        unchanged > entries / 2 && unchanged < entries,
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(w.snapshots("client-a").len(), 2);
     let root = w.restore_all(&client, "client-a", &w.work.path().join("restore2"));
     assert_same_tree(&src, &under(&root, &src));
