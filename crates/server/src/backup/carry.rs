@@ -56,7 +56,9 @@ pub(super) fn write_generation(fd: impl AsFd, generation: &[u8; 32]) -> bool {
     ) {
         Ok(()) => true,
         Err(e) => {
-            tracing::debug!("cannot record the manifest's generation: {e}");
+            tracing::warn!(
+                "cannot record the manifest's generation ({e}): the next backup announces every entry one by one"
+            );
             false
         }
     }
