@@ -12,9 +12,9 @@ use rustix::fs::FileType;
 use super::decide::{self, Action, OnDisc};
 use super::partial::partial_name;
 use super::sigs;
-use super::sink::{hash_file, Basis, BasisPart, FileWriter};
+use super::sink::{hash_file, FileWriter};
 use super::slots::Slot;
-use super::{BackupReceiver, OpenDir, Transfer};
+use super::{BackupReceiver, OpenDir, ToOpen, Transfer};
 use crate::error::{shown, Error, IoContext, Result};
 use crate::fsops::{self, split};
 use crate::store::disk_path;
@@ -104,8 +104,7 @@ impl BackupReceiver {
                 stored_basis,
             } => {
                 let stored = on_disc.filter(|_| stored_basis).map(|d| d.size);
-                self.start_file(e, old, &parent, &name, in_place, stored)
-                    .map(Some)
+                self.start_file(e, old, in_place, stored).map(Some)
             }
             Action::Trusted { .. } | Action::ManifestOnly => self.keep(unhashed(e), old),
         }
@@ -156,23 +155,23 @@ impl BackupReceiver {
     /// Starts receiving file `e` into `name` in `parent` (`in_place`:
     /// nothing is there) or into its rebuild in `.byteback/partial`, with
     /// the stored copy (`stored`: its size) and an earlier run's rebuild as
-    /// the basis.
+    /// the basis. Nothing is opened yet: the basis and the file written are
+    /// opened when the transfer starts (its signature asked for, or its
+    /// first data; see `open_files`), so a window of entries holds no
+    /// descriptors, only the files in flight do.
     fn start_file(
         &mut self,
         e: Entry,
         old: Option<ManifestEntry>,
-        parent: &OwnedFd,
-        name: &[u8],
         in_place: bool,
         stored: Option<u64>,
     ) -> Result<Started> {
         self.touch()?;
-        let stored = stored.and_then(|len| fsops::open_file(parent, name).ok().map(|f| (f, len)));
         // In a clean `current`, a stored copy of the manifest's size holds
         // the manifest's content.
         let vouched = old
             .as_ref()
-            .filter(|o| self.start.clean && stored.as_ref().map(|s| s.1) == Some(o.entry.size()));
+            .filter(|o| self.start.clean && stored == Some(o.entry.size()));
         let stored_hash = vouched.map(|o| o.hash);
         let partial = partial_name(&e.path);
         // A kept rebuild needs a file that was there when it was made, and
@@ -185,34 +184,12 @@ impl BackupReceiver {
         };
         let has_prev = prev.is_some();
         let basis_hash = stored_hash.filter(|_| !has_prev);
-        let mut parts = vec![];
-        let mut start = 0;
-        for (file, len) in prev.into_iter().chain(stored) {
-            parts.push(BasisPart { file, start, len });
-            start += len;
-        }
-        let basis = (!parts.is_empty()).then_some(Basis { parts });
+        let has_basis = prev.is_some() || stored.is_some();
         let id = self.next_id;
         self.next_id += 1;
-        let out = if in_place {
-            // Nothing at the path (looked at, or in a directory this backup
-            // created): written there, exclusively, once its first data
-            // comes (see `open_out`), so that a first backup's window of
-            // new files holds no descriptor per file.
-            None
-        } else {
-            // `take_partial` left nothing at that name.
-            Some(
-                fsops::create_new(&self.partial, &partial)
-                    .op("create", || self.partial_path(&partial))?,
-            )
-        };
-        let has_basis = basis.is_some();
         let size = e.size();
         let twin = !has_basis && size >= TWIN_MIN && self.twins().has_size(size);
         let seq = self.slots.push(Slot::Waiting, e.buffer_cost())?;
-        let fds = usize::from(out.is_some()) + basis.as_ref().map_or(0, |b| b.parts.len());
-        self.held_fds += fds;
         self.transfers.insert(
             id,
             Box::new(Transfer {
@@ -225,9 +202,10 @@ impl BackupReceiver {
                 retried: false,
                 nospace_rounds: 0,
                 place_rounds: 0,
-                fds,
+                fds: 0,
+                to_open: Some(ToOpen { prev, stored }),
                 verified: None,
-                writer: FileWriter::new(out, basis, size, sigs::keeps(size)),
+                writer: FileWriter::new(None, None, size, sigs::keeps(size)),
                 basis_hash,
             }),
         );

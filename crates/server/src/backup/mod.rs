@@ -95,12 +95,23 @@ struct Transfer {
     place_rounds: u8,
     /// File descriptors it holds: its output and its basis's parts.
     fds: usize,
+    /// What is opened when the transfer starts (see `open_files`); `None`
+    /// once it is.
+    to_open: Option<ToOpen>,
     /// Set once its content passed the check: what is put in place.
     verified: Option<Verified>,
     writer: FileWriter,
     /// Content hash of the stored copy that is the whole basis, when the
     /// manifest vouches for it (its kept signature may be sent).
     basis_hash: Option<[u8; 32]>,
+}
+
+/// The basis of a transfer, opened when it starts: the lengths of an
+/// earlier run's rebuild (`<partial>.prev`, whole file-system blocks) and
+/// of the stored copy at the file's path, as seen at its entry.
+struct ToOpen {
+    prev: Option<u64>,
+    stored: Option<u64>,
 }
 
 /// A transfer whose content passed its BLAKE3 check.

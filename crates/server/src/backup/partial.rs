@@ -34,8 +34,9 @@ impl BackupReceiver {
     /// kept as `<name>.prev` for use as the front of the basis. Of two (a
     /// rebuild from a rebuild, interrupted again) the longer is kept. Only
     /// whole file-system blocks of it are used, so the stored copy behind it
-    /// stays block-aligned (for cloning).
-    pub(super) fn take_partial(&mut self, name: &[u8]) -> Result<Option<(File, u64)>> {
+    /// stays block-aligned (for cloning): returns how many bytes. It is
+    /// opened when the transfer starts (see [`Self::open_prev`]).
+    pub(super) fn take_partial(&mut self, name: &[u8]) -> Result<Option<u64>> {
         let prev = prev_name(name);
         let size = |n: &[u8]| -> Result<Option<u64>> {
             Ok(
@@ -73,9 +74,17 @@ impl BackupReceiver {
             fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
             return Ok(None);
         }
+        Ok(Some(len))
+    }
+
+    /// Opens the earlier run's rebuild kept by [`Self::take_partial`] for
+    /// the file whose partial name is `name`; one that cannot be opened
+    /// (or is shorter than `len` by now) is removed, and `None` returned.
+    pub(super) fn open_prev(&mut self, name: &[u8], len: u64) -> Result<Option<File>> {
+        let prev = prev_name(name);
         match fsops::open_file(&self.partial, &prev) {
-            Ok(f) => Ok(Some((f, len))),
-            Err(_) => {
+            Ok(f) if f.metadata().is_ok_and(|m| m.len() >= len) => Ok(Some(f)),
+            _ => {
                 fsops::remove_any(&self.partial, &prev)
                     .op("remove", || self.partial_path(&prev))?;
                 Ok(None)

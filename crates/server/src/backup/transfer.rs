@@ -2,16 +2,17 @@
 //! segments, the end (verify, then into place, or a resend), and an abort.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 
 use byteback_delta::SignatureBuilder;
 use byteback_protocol::{Compressed, Kind, ManifestEntry};
 
 use super::partial::prev_name;
-use super::sink::{is_no_space, Basis, IO_CHUNK};
+use super::sink::{is_no_space, Basis, BasisPart, IO_CHUNK};
 use super::slots::Slot;
 use super::sweep::remove_in_place;
-use super::{BackupReceiver, LastParent, Transfer, TransferResult, Verified};
+use super::{BackupReceiver, LastParent, ToOpen, Transfer, TransferResult, Verified};
 use crate::error::{shown, Error, IoContext, Result};
 use crate::fsops::{self, split};
 use crate::store::disk_path;
@@ -27,6 +28,7 @@ impl BackupReceiver {
     /// Signature of the basis of transfer `id`, as it is sent: its strong
     /// hashes cut to [`byteback_delta::wire_strong_len`] bytes.
     pub fn signature(&mut self, id: u32) -> Result<Vec<u8>> {
+        self.open_files(id)?;
         let len = self
             .transfer(id)?
             .writer
@@ -45,11 +47,12 @@ impl BackupReceiver {
     /// the whole file, so an unreadable stored file is resent, never fatal.
     fn full_signature(&mut self, id: u32) -> Result<Vec<u8>> {
         let t = self.transfers.get(&id).ok_or_else(|| unknown(id))?;
-        let basis = t
-            .writer
-            .basis
-            .as_ref()
-            .ok_or_else(|| Error::Refused(format!("transfer {id} has no basis")))?;
+        // The session lets only a transfer with a basis ask; none is left
+        // when its stored copy could not be opened (said then): the
+        // signature of nothing makes the client send it whole.
+        let Some(basis) = t.writer.basis.as_ref() else {
+            return Ok(SignatureBuilder::new(0).finish().0);
+        };
         if let (Some(hash), [part]) = (t.basis_hash, &basis.parts[..]) {
             if let Some(sig) = self.sigs.load(&hash, basis.len()) {
                 let len = basis.len();
@@ -84,30 +87,89 @@ impl BackupReceiver {
         }
     }
 
-    /// Creates the file of transfer `id` at its own path if it is not yet
-    /// (a new file is created on its first data, or at its end if it has
-    /// none): exclusively, in its parent opened beneath `current` (the
-    /// directory of the last one created, most often).
-    pub(super) fn open_out(&mut self, id: u32) -> Result<()> {
-        let t = self.transfers.get(&id).ok_or_else(|| unknown(id))?;
+    /// Opens what transfer `id` works on, once, when it starts (its
+    /// signature asked for, its first data, its end or an offer): its basis
+    /// (an earlier run's rebuild, then the stored copy) and the file it
+    /// writes. Until then a transfer holds no descriptor, so they are
+    /// bounded by the files in flight, not by the client's window.
+    pub(super) fn open_files(&mut self, id: u32) -> Result<()> {
+        if let Some(to_open) = self.transfer(id)?.to_open.take() {
+            self.open_basis(id, to_open)?;
+        }
+        self.open_out(id)
+    }
+
+    /// Opens the basis of transfer `id`. An earlier run's rebuild that is
+    /// gone is left out; a stored copy that cannot be opened is too, with a
+    /// warning (the file is then sent whole).
+    fn open_basis(&mut self, id: u32, to_open: ToOpen) -> Result<()> {
+        let t = self.transfer(id)?;
+        let (partial, path) = (t.partial.clone(), t.entry.path.clone());
+        let mut parts = vec![];
+        let mut start = 0;
+        if let Some(len) = to_open.prev {
+            match self.open_prev(&partial, len)? {
+                Some(file) => {
+                    parts.push(BasisPart { file, start, len });
+                    start += len;
+                }
+                None => self.transfer(id)?.has_prev = false,
+            }
+        }
+        if let Some(seen) = to_open.stored {
+            let opened = in_parent(&self.current, &mut self.last_parent, &path, |p, n| {
+                fsops::open_file(p, n)
+            })
+            .and_then(|r| r)
+            .and_then(|f| f.metadata().map(|m| (m.len(), f)));
+            match opened {
+                Ok((len, file)) => {
+                    if len != seen {
+                        // Not what the manifest vouched for any more.
+                        self.transfer(id)?.basis_hash = None;
+                    }
+                    parts.push(BasisPart { file, start, len });
+                }
+                Err(e) => {
+                    self.transfer(id)?.basis_hash = None;
+                    self.warnings.push(format!(
+                        "{}: cannot open the stored copy ({e}); sent again whole",
+                        String::from_utf8_lossy(&path)
+                    ));
+                }
+            }
+        }
+        let t = self.transfer(id)?;
+        t.fds += parts.len();
+        self.held_fds += parts.len();
+        if !parts.is_empty() {
+            self.transfer(id)?.writer.basis = Some(Basis { parts });
+        }
+        Ok(())
+    }
+
+    /// Creates the file transfer `id` writes if it is not yet: its rebuild
+    /// in `.byteback/partial`, or the file at its own path (nothing was
+    /// there), exclusively.
+    fn open_out(&mut self, id: u32) -> Result<()> {
+        let t = self.transfer(id)?;
         if t.writer.is_open() {
             return Ok(());
         }
-        let disk = disk_path(&t.entry.path);
-        let (pdir, name) = split(&disk);
-        let parent = match self.last_parent.take() {
-            Some(last) if last.path == pdir => last.fd,
-            _ => fsops::open_dir(&self.current, pdir)
-                .op("open the directory of", || shown(&t.entry.path))?,
+        let (in_place, partial, path) = (t.in_place, t.partial.clone(), t.entry.path.clone());
+        let created = if in_place {
+            in_parent(&self.current, &mut self.last_parent, &path, |p, n| {
+                fsops::create_new(p, n)
+            })
+            .op("open the directory of", || shown(&path))?
+            .op("create", || shown(&path))?
+        } else {
+            // `take_partial` left nothing at that name.
+            fsops::create_new(&self.partial, &partial)
+                .op("create", || self.partial_path(&partial))?
         };
-        let created = fsops::create_new(&parent, name);
-        self.last_parent = Some(LastParent {
-            path: pdir.to_vec(),
-            fd: parent,
-        });
-        let t = self.transfers.get_mut(&id).ok_or_else(|| unknown(id))?;
-        t.writer
-            .open(created.op("create", || shown(&t.entry.path))?);
+        let t = self.transfer(id)?;
+        t.writer.open(created);
         t.fds += 1;
         self.held_fds += 1;
         Ok(())
@@ -115,7 +177,7 @@ impl BackupReceiver {
 
     /// Applies one delta segment to transfer `id`.
     pub fn data(&mut self, id: u32, delta: &Compressed) -> Result<()> {
-        self.open_out(id)?;
+        self.open_files(id)?;
         let raw = self.decoder.decode(delta)?;
         let t = self.transfers.get_mut(&id).ok_or_else(|| unknown(id))?;
         let applied = t
@@ -134,7 +196,7 @@ impl BackupReceiver {
         hash: [u8; 32],
         mtime: (i64, u32),
     ) -> Result<TransferResult> {
-        self.open_out(id)?;
+        self.open_files(id)?;
         let t = self.transfer(id)?;
         if t.writer.nospace {
             let path = String::from_utf8_lossy(&t.entry.path).into_owned();
@@ -255,21 +317,16 @@ impl BackupReceiver {
 
     /// Renames a verified rebuild from `.byteback/partial` over the stored copy.
     fn try_rename_into_place(&mut self, path: &[u8], partial: &[u8]) -> io::Result<()> {
-        let disk = disk_path(path);
-        let (pdir, name) = split(&disk);
-        let parent = match self.last_parent.take() {
-            Some(last) if last.path == pdir => last.fd,
-            _ => fsops::open_dir(&self.current, pdir)?,
-        };
-        let renamed = test_fault::rename_no_space().map_or_else(
-            || fsops::replace(&self.partial, partial, &parent, name),
-            Err,
-        );
-        self.last_parent = Some(LastParent {
-            path: pdir.to_vec(),
-            fd: parent,
-        });
-        renamed
+        let from = &self.partial;
+        in_parent(
+            &self.current,
+            &mut self.last_parent,
+            path,
+            |parent, name| {
+                test_fault::rename_no_space()
+                    .map_or_else(|| fsops::replace(from, partial, parent, name), Err)
+            },
+        )?
     }
 
     /// Gives up on transfer `id`; the previous version, if any, stays.
@@ -326,6 +383,30 @@ mod test_fault {
     pub fn rename_no_space() -> Option<std::io::Error> {
         None
     }
+}
+
+/// Runs `f` on the parent directory of client path `path`, opened beneath
+/// `current` (or kept in `last` from the last file created or renamed
+/// there, most often the same one), and the path's last name. The outer
+/// error is opening the directory.
+fn in_parent<T>(
+    current: &OwnedFd,
+    last: &mut Option<LastParent>,
+    path: &[u8],
+    f: impl FnOnce(&OwnedFd, &[u8]) -> io::Result<T>,
+) -> io::Result<io::Result<T>> {
+    let disk = disk_path(path);
+    let (pdir, name) = split(&disk);
+    let parent = match last.take() {
+        Some(l) if l.path == pdir => l.fd,
+        _ => fsops::open_dir(current, pdir)?,
+    };
+    let done = f(&parent, name);
+    *last = Some(LastParent {
+        path: pdir.to_vec(),
+        fd: parent,
+    });
+    Ok(done)
 }
 
 /// A transfer id the client never got or already finished.

@@ -52,7 +52,7 @@ impl BackupReceiver {
             Some(p) => p.to_vec(),
             None => return Ok(false),
         };
-        self.open_out(id)?;
+        self.open_files(id)?;
         let clone_ok = self.clone_ok;
         let t = self
             .transfers

@@ -157,52 +157,52 @@ fn receive<R: Read, W: Write>(
     }
 }
 
-/// Descriptors a file of a batch may need (its output, a stored copy and
+/// Descriptors a file in flight may hold (its output, a stored copy and
 /// an earlier run's rebuild).
 const FDS_PER_FILE: usize = 3;
+/// Files in flight an honest client may have at once: one per delta
+/// thread (at most 16), the rest for files waiting for a resend.
+const FILES_IN_FLIGHT: usize = 64;
 /// Descriptors kept for everything else (the directory chain, the
 /// manifests, the store's own files).
 const FDS_RESERVED: usize = 512;
 
 /// Descriptors the transfers may hold: the open-file limit (already raised
-/// to the hard limit) less [`FDS_RESERVED`]. A limit too low for a full
-/// batch is said once; batches are then answered one at a time.
+/// to the hard limit) less [`FDS_RESERVED`]. A limit too low for the files
+/// a client has in flight is said once; batches of entries are then
+/// answered only while no file is open.
 fn fd_budget() -> usize {
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     let soft = lim
         .current
         .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
     let budget = soft.saturating_sub(FDS_RESERVED);
-    let batch = byteback_protocol::limits::MAX_BATCH * FDS_PER_FILE;
-    if budget < batch {
+    let need = FILES_IN_FLIGHT * FDS_PER_FILE;
+    if budget < need {
         tracing::warn!(
-            "the open-file limit is {soft}: a batch of {} changed files may need more (each holds its rebuild and the stored copy); raise it (nofile, LimitNOFILE=) to at least {}",
-            byteback_protocol::limits::MAX_BATCH,
-            batch + FDS_RESERVED
+            "the open-file limit is {soft}: the {FILES_IN_FLIGHT} files a backup may have in flight may need more (each holds its rebuild, the stored copy and an earlier rebuild); raise it (nofile, LimitNOFILE=) to at least {}",
+            need + FDS_RESERVED
         );
     }
     budget
 }
 
 /// Answers the waiting batches of entries, oldest first, while the files
-/// their transfers may open fit under `budget` (or nothing is open): a
-/// changed file holds its rebuild and its basis from its entry on (a new
-/// one only from its first data), and a window of changed files could
-/// otherwise run out of descriptors. The client goes on sending the files
-/// already needed, and each one finished makes room.
+/// in flight leave room under `budget` for one more (or none is open). A
+/// transfer opens its files when it starts (its signature asked for, or
+/// its first data), so its entry costs no descriptor, and an honest
+/// client's files in flight are bounded by its delta threads; this only
+/// slows a backup under a very low limit. The client goes on sending the
+/// files already needed, and each one finished makes room.
 fn answer_waiting<R: Read, W: Write>(
     conn: &mut Conn<R, W>,
     rx: &mut BackupReceiver,
     waiting: &mut VecDeque<Batch>,
     budget: usize,
 ) -> Result<()> {
-    while let Some(batch) = waiting.front() {
-        let files = match batch {
-            Batch::Entries(e) => e.len(),
-            Batch::Unchanged { .. } => 0,
-        };
+    while !waiting.is_empty() {
         let held = rx.files_held();
-        if held > 0 && held + files * FDS_PER_FILE > budget {
+        if held > 0 && held + FDS_PER_FILE > budget {
             break;
         }
         let needs = match waiting.pop_front() {
