@@ -3,7 +3,7 @@
 //! `dpkg -i` installs it into /usr, the installed binaries back up and
 //! restore a tree (rsync finds no difference), `man -w` finds the pages,
 //! systemd-analyze accepts the installed units, and `dpkg --purge` takes
-//! everything away again.
+//! everything away again, the client's records in /var/cache/byteback too.
 //!
 //! Needs root (it installs into /usr: acceptable in CI, and removed after).
 //! cargo-deb, dpkg, man and systemd-analyze missing: the test fails when `CI`
@@ -19,6 +19,8 @@ use util::*;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const PACKAGE: &str = "byteback";
+/// Where a root client keeps its records of the last backups.
+const CACHE: &str = "/var/cache/byteback";
 
 /// Purges the package on drop, so a failing test leaves nothing in /usr.
 struct Installed;
@@ -247,8 +249,10 @@ fn backup_and_restore_with_installed_programs(d: &Path) {
     let store = d.join("store");
     let conf = d.join("conf");
     fs::create_dir_all(&conf).unwrap();
+    // As a user's: its record of the last backup goes to /var/cache/byteback.
     let o = run(Command::new("/usr/bin/byteback-backup")
         .env_remove("BYTEBACK_SERVER")
+        .env_remove("BYTEBACK_CACHE_DIR")
         .env("BYTEBACK_CONFIG_DIR", &conf)
         .arg("--destination")
         .arg(&store)
@@ -258,6 +262,8 @@ fn backup_and_restore_with_installed_programs(d: &Path) {
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["exit_code"], 0, "{j}");
     let snapshot = j["snapshot"].as_str().unwrap().to_string();
+    let records = fs::read_dir(CACHE).map(|d| d.count()).unwrap_or(0);
+    assert!(records > 0, "no record of the last backup in {CACHE}");
     let into = d.join("restored");
     fs::create_dir_all(&into).unwrap();
     run(Command::new("/usr/bin/byteback-restore")
@@ -273,8 +279,13 @@ fn backup_and_restore_with_installed_programs(d: &Path) {
     );
 }
 
-/// After `dpkg --purge`, nothing of the package is left.
+/// After `dpkg --purge`, nothing of the package is left, nor the client's
+/// records of its last backups.
 fn assert_purged(want: &[String]) {
+    assert!(
+        !Path::new(CACHE).exists(),
+        "{CACHE} is still there after dpkg --purge"
+    );
     assert!(!run_status(Command::new("dpkg").args(["-s", PACKAGE]))
         .status
         .success());

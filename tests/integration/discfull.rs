@@ -206,10 +206,12 @@ fn a_failed_runs_leftovers_are_removed_at_the_next_start_when_space_is_short() {
 
 /// btrfs needs metadata space for a rename, so a verified file can fail to
 /// go into place when the disc is full although its data was written. The
-/// server then makes room and renames it again, without the client sending
-/// it again; after three rounds the backup fails and the stored copy stays.
-/// The kernel gives that `ENOSPC` only by chance, so the (debug) server
-/// injects it: `BYTEBACK_TEST_NO_SPACE_RENAME=N` fails the first N renames.
+/// server then commits the filesystem and renames it again, then deletes
+/// one snapshot at a time (importance order) before each further try,
+/// without the client sending it again; after six rounds the backup fails
+/// and the stored copy stays. The kernel gives that `ENOSPC` only by
+/// chance, so the (debug) server injects it:
+/// `BYTEBACK_TEST_NO_SPACE_RENAME=N` fails the first N renames.
 #[test]
 fn a_rename_that_runs_out_of_space_makes_room_and_is_not_sent_again() {
     let Some(rig) = Rig::start(400) else {
@@ -221,8 +223,11 @@ fn a_rename_that_runs_out_of_space_makes_room_and_is_not_sent_again() {
             fs::write(src.join(name), Rng::new(seed + i as u64).bytes(3 << 20)).unwrap();
         }
     };
-    write(1);
-    rig.backup_ok(&src, "h", T0);
+    for day in 0..4 {
+        write(1 + day);
+        rig.backup_ok(&src, "h", T0 + day as i64 * DAY);
+    }
+    assert_eq!(rig.snapshots("h").len(), 4);
     let stored = |name: &str| {
         rig.store
             .join("h/current")
@@ -231,13 +236,31 @@ fn a_rename_that_runs_out_of_space_makes_room_and_is_not_sent_again() {
     };
     let old_a = fs::read(stored("a.bin")).unwrap();
 
-    // Both files change; the first two renames into place fail.
+    // Both files change; the first three renames into place fail: a
+    // commit, then one deletion per round, whatever the free space (the
+    // disc is mostly empty, and free data space says nothing of metadata).
     write(10);
-    let mut cmd = backup_at(&rig.store, &rig.wrapper, &src, "h", T0 + DAY);
-    let o = run_status(cmd.env("BYTEBACK_TEST_NO_SPACE_RENAME", "2"));
+    let mut cmd = backup_at(&rig.store, &rig.wrapper, &src, "h", T0 + 4 * DAY);
+    let o = run_status(cmd.env("BYTEBACK_TEST_NO_SPACE_RENAME", "3"));
     let out = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}");
-    assert!(out.contains("in place; pruning to make room"), "{out}");
+    assert_eq!(
+        out.matches("committing the filesystem and trying again")
+            .count(),
+        1,
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("deleting one snapshot and trying again")
+            .count(),
+        2,
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("byteback-prune: deleted h/").count(),
+        2,
+        "{out}"
+    );
     assert!(out.contains(" 2 files sent"), "{out}");
     assert!(
         !out.contains("retried") && !out.contains("sent again"),
@@ -250,22 +273,33 @@ fn a_rename_that_runs_out_of_space_makes_room_and_is_not_sent_again() {
             "{name}"
         );
     }
-    assert_eq!(rig.snapshots("h").len(), 2, "nothing needed pruning");
+    let kept = rig.snapshots("h");
+    assert_eq!(kept.len(), 3, "two of five snapshots deleted: {kept:?}");
 
-    // Four failures in a row for one file: the backup fails, nothing of
-    // it is committed, and the next backup puts everything right.
+    // Seven failures in a row for one file: two snapshots can still go, one
+    // a round (a host's newest stays), then there is nothing left to delete; the
+    // backup fails, takes no snapshot, and the next one puts everything right.
     write(20);
-    let mut cmd = backup_at(&rig.store, &rig.wrapper, &src, "h", T0 + 2 * DAY);
-    let o = run_status(cmd.env("BYTEBACK_TEST_NO_SPACE_RENAME", "4"));
+    let mut cmd = backup_at(&rig.store, &rig.wrapper, &src, "h", T0 + 5 * DAY);
+    let o = run_status(cmd.env("BYTEBACK_TEST_NO_SPACE_RENAME", "7"));
     let out = text(&o);
     assert_ne!(o.status.code(), Some(0), "{out}");
-    assert!(out.contains("even after making room three times"), "{out}");
-    assert_eq!(
-        rig.snapshots("h").len(),
-        2,
-        "a failed backup took a snapshot"
+    assert!(
+        out.contains("even after committing the filesystem and deleting up to 5 snapshots"),
+        "{out}"
     );
-    let newest = rig.snapshots("h").pop().unwrap();
+    assert_eq!(
+        out.matches("byteback-prune: deleted h/").count(),
+        2,
+        "{out}"
+    );
+    assert!(
+        out.contains("no snapshot deleted: nothing left to delete"),
+        "{out}"
+    );
+    let after = rig.snapshots("h");
+    assert_eq!(after, kept[2..].to_vec(), "a failed backup took a snapshot");
+    let newest = after.last().unwrap();
     let in_snapshot = rig
         .store
         .join("h")
@@ -273,7 +307,7 @@ fn a_rename_that_runs_out_of_space_makes_room_and_is_not_sent_again() {
         .join(src.strip_prefix("/").unwrap())
         .join("a.bin");
     assert_ne!(fs::read(in_snapshot).unwrap(), old_a);
-    rig.backup_ok(&src, "h", T0 + 3 * DAY);
+    rig.backup_ok(&src, "h", T0 + 6 * DAY);
     for name in ["a.bin", "b.bin"] {
         assert_eq!(
             fs::read(stored(name)).unwrap(),

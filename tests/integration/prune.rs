@@ -338,7 +338,8 @@ fn backup_within_the_thresholds(
         );
         assert!(
             free <= MAX_FREE + 5.0,
-            "day {day}: pruned far past the target: {free:.1}%"
+            "day {day}: pruned far past the target: {free:.1}% free after {}'s backup\n{err}",
+            m.name
         );
     }
 }

@@ -55,6 +55,8 @@ pub struct PruneOptions {
     /// Make this many bytes free (a backup ran out of space): prune from
     /// whatever free space there is, whatever the snapshots' age, until then.
     pub target_free: Option<u64>,
+    /// Stop after this many deletions, whatever the free space.
+    pub max_deletions: Option<usize>,
 }
 
 impl PruneOptions {
@@ -71,6 +73,7 @@ impl PruneOptions {
             verbose: false,
             dry_run: false,
             target_free,
+            max_deletions: None,
         }
     }
 }
@@ -422,7 +425,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         let enough = match opts.target_free {
             Some(t) => out.after.free >= t,
             None => out.after.percent_free() > f64::from(opts.maxpercent),
-        };
+        } || opts.max_deletions.is_some_and(|m| out.deleted.len() >= m);
         if enough || (opts.force && before.percent_free() >= f64::from(opts.minpercent)) {
             break;
         }
@@ -498,6 +501,61 @@ fn check_growth(
     Ok(Some(why))
 }
 
+/// A verified file's rename into place ran out of space (round `round`
+/// of [`RENAME_ROUNDS`]): btrfs needs metadata space for a rename, which
+/// the free data space does not show, so pruning to a free-space target
+/// would delete too much on a small disc and nothing on a large one. The
+/// first round commits the filesystem (and waits for deleted snapshots to
+/// be cleaned), so what was freed becomes usable; each later round deletes
+/// the next snapshot in importance order, one, whatever the free space
+/// says. A round that can delete nothing says why; the caller renames
+/// again after each round and gives up after the last.
+pub fn make_room_to_rename(
+    store: &Store,
+    cfg: &crate::config::StoreConfig,
+    now: i64,
+    path: &str,
+    round: u8,
+) -> Result<()> {
+    let space = crate::space::measure(store.fd())
+        .map(|s| s.to_string())
+        .unwrap_or_else(|e| format!("free space unknown: {e}"));
+    let doing = if round <= 1 {
+        "committing the filesystem"
+    } else {
+        "deleting one snapshot"
+    };
+    print_lines(
+        Level::WARN,
+        format!(
+            "byteback-server: no space left on device putting {path:?} in place ({space}; a rename needs metadata space); {doing} and trying again\n"
+        )
+        .as_bytes(),
+    );
+    if round <= 1 {
+        return wait_for_cleaner(store.fd());
+    }
+    let mut opts = PruneOptions::server(cfg, now, Some(u64::MAX));
+    opts.max_deletions = Some(1);
+    let mut err = std::io::LineWriter::new(LinesAt(Level::INFO));
+    let out = prune(store, &opts, &mut err)?;
+    if out.deleted.is_empty() {
+        print_lines(
+            Level::WARN,
+            format!(
+                "byteback-server: no snapshot deleted: {}\n",
+                out.refused.unwrap_or_else(|| "nothing to delete".into())
+            )
+            .as_bytes(),
+        );
+    }
+    Ok(())
+}
+
+/// Rounds of [`make_room_to_rename`] before a backup gives up on a rename:
+/// a commit, then up to five deletions.
+pub const RENAME_ROUNDS: u8 = 6;
+
 /// A backup ran out of space writing `path` (`need` bytes): deletes
 /// snapshots by importance, under the usual rules (never a host's newest,
 /// the growth guard holds; the 7-day rule gives way), until `need` plus a
@@ -514,16 +572,12 @@ pub fn make_room(
     let target = need.saturating_add(MARGIN);
     let opts = PruneOptions::server(cfg, now, Some(target));
     let mut err = std::io::LineWriter::new(LinesAt(Level::INFO));
-    // `need` 0: a file written and verified, whose rename ran out of space.
-    let doing = if need == 0 {
-        format!("putting {path:?} in place")
-    } else {
-        format!("writing {path:?} ({need} bytes)")
-    };
     print_lines(
         Level::WARN,
-        format!("byteback-server: no space left on device {doing}; pruning to make room\n")
-            .as_bytes(),
+        format!(
+            "byteback-server: no space left on device writing {path:?} ({need} bytes); pruning to make room\n"
+        )
+        .as_bytes(),
     );
     let out = prune(store, &opts, &mut err)?;
     if !out.deleted.is_empty() || out.after.free >= target {

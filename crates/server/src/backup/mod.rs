@@ -158,6 +158,8 @@ pub enum TransferResult {
     NoRoomToPlace {
         /// The file's path, for messages.
         path: String,
+        /// How often it ran out of space so far (1 the first time).
+        round: u8,
     },
 }
 

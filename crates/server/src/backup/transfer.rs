@@ -302,17 +302,20 @@ impl BackupReceiver {
     }
 
     /// Placing transfer `id` ran out of space: counts the round; after
-    /// three, the backup fails (nothing of it is committed).
+    /// [`crate::pruner::RENAME_ROUNDS`], the backup fails (nothing of it is
+    /// committed).
     fn no_room_to_place(&mut self, id: u32) -> Result<TransferResult> {
         let t = self.transfer(id)?;
         let path = String::from_utf8_lossy(&t.entry.path).into_owned();
         t.place_rounds += 1;
-        if t.place_rounds > 3 {
+        let round = t.place_rounds;
+        if round > crate::pruner::RENAME_ROUNDS {
             return Err(Error::Store(format!(
-                "no space left on device putting {path:?} in place, even after making room three times"
+                "no space left on device putting {path:?} in place, even after committing the filesystem and deleting up to {} snapshots one by one; btrfs may have no room left for metadata (see `btrfs filesystem usage`; `btrfs balance start -dusage=50` on the store's filesystem gives it some)",
+                crate::pruner::RENAME_ROUNDS - 1
             )));
         }
-        Ok(TransferResult::NoRoomToPlace { path })
+        Ok(TransferResult::NoRoomToPlace { path, round })
     }
 
     /// Renames a verified rebuild from `.byteback/partial` over the stored copy.

@@ -119,9 +119,9 @@ fn receive<R: Read, W: Write>(
                             break ServerMsg::FileRetry { id };
                         }
                         // Verified: room, then the rename again (`place`
-                        // gives up after three rounds).
-                        TransferResult::NoRoomToPlace { path } => {
-                            make_room(target, rx, &path, 0)?;
+                        // gives up after `RENAME_ROUNDS`).
+                        TransferResult::NoRoomToPlace { path, round } => {
+                            make_room_to_rename(target, rx, &path, round)?;
                             ended = rx.place(id).context_with(|| format!("finishing {name}"))?;
                         }
                     }
@@ -237,6 +237,23 @@ fn make_room(target: &Target, rx: &mut BackupReceiver, path: &str, need: u64) ->
         eprintln!("byteback-server: no space left on device for {path:?}: removed {freed} bytes of interrupted transfers' partial copies");
     }
     crate::pruner::make_room(target.store, target.config, target.now(), need, path)
+}
+
+/// Putting verified `path` in place ran out of space (`round`): marks the
+/// store, drops idle partial copies, then commits the filesystem or deletes
+/// one snapshot (see [`crate::pruner::make_room_to_rename`]).
+fn make_room_to_rename(
+    target: &Target,
+    rx: &mut BackupReceiver,
+    path: &str,
+    round: u8,
+) -> Result<()> {
+    rx.note_no_space()?;
+    let freed = rx.drop_idle_partials()?;
+    if freed > 0 {
+        eprintln!("byteback-server: no space left on device putting {path:?} in place: removed {freed} bytes of interrupted transfers' partial copies");
+    }
+    crate::pruner::make_room_to_rename(target.store, target.config, target.now(), path, round)
 }
 
 /// `BackupEnd`: commits, takes the snapshot, replies, then records usage
