@@ -186,15 +186,20 @@ impl Outcome {
 /// collecting stdout and stderr, optionally under `RLIMIT_DATA` =
 /// `data_limit`; kills it and fails after [`TIMEOUT`].
 fn run_server(what: &str, args: &[OsString], input: &[u8], data_limit: Option<u64>) -> Outcome {
-    let start = Instant::now();
     let mut cmd = Command::new(bin("byteback-server"));
-    cmd.args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(args);
     if let Some(limit) = data_limit {
         limit_data(&mut cmd, limit);
     }
+    run_server_cmd(what, cmd, input)
+}
+
+/// [`run_server`] of a command made by the caller.
+fn run_server_cmd(what: &str, mut cmd: Command, input: &[u8]) -> Outcome {
+    let start = Instant::now();
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start byteback-server: {e}"));
@@ -1013,6 +1018,39 @@ fn open_transfer_cannot_make_the_server_buffer_entries_without_bound() {
     // Whether it refuses early or holds out until the client leaves, nothing commits.
     assert!(o.code != Some(0), "{}", o.describe());
     assert!(o.backup_done().is_none(), "{}", o.describe());
+    env.check_unchanged();
+}
+
+/// A client that starts every file it was asked for at once (its first
+/// data, never its end) is refused once they would need more descriptors
+/// than the server's open-file limit leaves, with an error saying so,
+/// instead of running the server out of descriptors; nothing commits.
+#[test]
+fn starting_every_file_at_once_is_refused_within_the_open_file_limit() {
+    let env = Env::new();
+    let m = fresh_mtime();
+    let files = 600;
+    let entries: Vec<Entry> = (0..files)
+        .map(|i| file_e(format!("f{i:04}").as_bytes(), 10, m))
+        .collect();
+    let mut s = Script::backup().msg(&ClientMsg::Entries(entries));
+    for id in 0..files as u32 {
+        s = s.msg(&file_data(id, b"0123456789"));
+    }
+    // The limit is set for soft and hard (the server raises its soft limit
+    // to the hard one): 256 descriptors, of which transfers may hold 192.
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=256:256", "--"])
+        .arg(bin("byteback-server"))
+        .args(env.serve_args(HOST, &[]));
+    let o = run_server_cmd("every file started at once", cmd, &s.bytes);
+    o.assert_sane();
+    o.assert_refused(&["more files in flight than the open-file limit allows"]);
+    assert!(
+        !o.stderr.contains("Too many open files"),
+        "{}",
+        o.describe()
+    );
     env.check_unchanged();
 }
 

@@ -55,6 +55,15 @@ pub fn open_file(dir: impl AsFd, path: &[u8]) -> io::Result<File> {
     Ok(File::from(fd))
 }
 
+/// Whether an error opening a file says the process (or the system) is out
+/// of descriptors or memory, rather than anything about the file.
+pub fn out_of_resources(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOMEM)
+    )
+}
+
 /// Splits a relative path into (parent, name).
 pub fn split(path: &[u8]) -> (&[u8], &[u8]) {
     match path.iter().rposition(|&b| b == b'/') {

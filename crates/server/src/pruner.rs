@@ -508,15 +508,17 @@ fn check_growth(
 /// first round commits the filesystem (and waits for deleted snapshots to
 /// be cleaned), so what was freed becomes usable; each later round deletes
 /// the next snapshot in importance order, one, whatever the free space
-/// says. A round that can delete nothing says why; the caller renames
-/// again after each round and gives up after the last.
+/// says, if `may_delete` (the caller bounds a backup's deletions). A round
+/// that deletes nothing says why; the caller renames again after each
+/// round and gives up after the last. Returns the number deleted.
 pub fn make_room_to_rename(
     store: &Store,
     cfg: &crate::config::StoreConfig,
     now: i64,
     path: &str,
     round: u8,
-) -> Result<()> {
+    may_delete: bool,
+) -> Result<usize> {
     let space = crate::space::measure(store.fd())
         .map(|s| s.to_string())
         .unwrap_or_else(|e| format!("free space unknown: {e}"));
@@ -533,7 +535,18 @@ pub fn make_room_to_rename(
         .as_bytes(),
     );
     if round <= 1 {
-        return wait_for_cleaner(store.fd());
+        return wait_for_cleaner(store.fd()).map(|()| 0);
+    }
+    if !may_delete {
+        print_lines(
+            Level::WARN,
+            format!(
+                "byteback-server: no snapshot deleted: this backup deleted {} already to put files in place\n",
+                RENAME_ROUNDS - 1
+            )
+            .as_bytes(),
+        );
+        return Ok(0);
     }
     let mut opts = PruneOptions::server(cfg, now, Some(u64::MAX));
     opts.max_deletions = Some(1);
@@ -549,7 +562,7 @@ pub fn make_room_to_rename(
             .as_bytes(),
         );
     }
-    Ok(())
+    Ok(out.deleted.len())
 }
 
 /// Rounds of [`make_room_to_rename`] before a backup gives up on a rename:

@@ -203,7 +203,11 @@ impl BackupReceiver {
                 nospace_rounds: 0,
                 place_rounds: 0,
                 fds: 0,
-                to_open: Some(ToOpen { prev, stored }),
+                to_open: Some(ToOpen {
+                    prev,
+                    stored,
+                    vouched: stored_hash,
+                }),
                 verified: None,
                 writer: FileWriter::new(None, None, size, sigs::keeps(size)),
                 basis_hash,

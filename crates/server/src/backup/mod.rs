@@ -93,7 +93,8 @@ struct Transfer {
     nospace_rounds: u8,
     /// How often putting it in place ran out of space.
     place_rounds: u8,
-    /// File descriptors it holds: its output and its basis's parts.
+    /// File descriptors it holds: its output and its basis's parts (see
+    /// `open_files`, `drop_basis`).
     fds: usize,
     /// What is opened when the transfer starts (see `open_files`); `None`
     /// once it is.
@@ -112,7 +113,14 @@ struct Transfer {
 struct ToOpen {
     prev: Option<u64>,
     stored: Option<u64>,
+    /// The stored copy's content hash by the manifest, when it vouches for
+    /// it: the basis's if the earlier rebuild drops out.
+    vouched: Option<[u8; 32]>,
 }
+
+/// Descriptors a transfer in flight may hold: its output, the stored copy
+/// and an earlier run's rebuild.
+pub const FDS_PER_TRANSFER: usize = 3;
 
 /// A transfer whose content passed its BLAKE3 check.
 struct Verified {
@@ -133,7 +141,8 @@ struct OpenDir {
     created: bool,
 }
 
-/// Parent directory of the last file renamed into place.
+/// Parent directory of the last file created, opened as a basis or
+/// renamed into place at its own path.
 struct LastParent {
     /// On-disc path beneath `current`.
     path: Vec<u8>,
@@ -220,6 +229,8 @@ pub struct BackupReceiver {
     next_id: u32,
     /// File descriptors the open transfers hold (see [`Self::files_held`]).
     held_fds: usize,
+    /// See [`Self::limit_held_fds`].
+    max_held_fds: usize,
     /// The directory chain of the last entry.
     dirs: Vec<OpenDir>,
     last_parent: Option<LastParent>,
@@ -349,6 +360,7 @@ impl BackupReceiver {
             transfers: HashMap::new(),
             next_id: 0,
             held_fds: 0,
+            max_held_fds: usize::MAX,
             dirs: vec![OpenDir {
                 path: vec![],
                 fd: Some(dir_fd),
@@ -369,23 +381,38 @@ impl BackupReceiver {
 
     /// File descriptors the transfers in progress hold: each a file it
     /// writes and the parts of its basis. The serve loop answers a batch of
-    /// entries only while they leave room under the process's open-file
-    /// limit (see `serve::backup`).
+    /// entries only while they leave room for one more file in flight
+    /// under the process's open-file limit (see `serve::backup`).
     pub fn files_held(&self) -> usize {
         self.held_fds
     }
 
+    /// At most `fds` descriptors for the transfers: a transfer that would
+    /// need more to start fails the backup (only a client that starts far
+    /// more files than it has threads gets there).
+    pub fn limit_held_fds(&mut self, fds: usize) {
+        self.max_held_fds = fds;
+    }
+
     /// Records that this backup ran out of space: until a commit, the next
-    /// backup starts by removing what failed runs left.
-    pub fn note_no_space(&self) -> Result<()> {
+    /// backup starts by removing what failed runs left. Creating the marker
+    /// needs space too (btrfs metadata): when that fails it is said, and
+    /// making room goes on (the next commit cleans up all the same).
+    pub fn note_no_space(&self) {
         let at = || in_dir(&self.meta_path, NO_SPACE);
-        if fsops::lstat_at(&self.meta, NO_SPACE)
-            .op("look at", at)?
-            .is_none()
-        {
-            drop(fsops::create_new(&self.meta, NO_SPACE).op("create", at)?);
+        let noted = fsops::lstat_at(&self.meta, NO_SPACE)
+            .op("look at", at)
+            .and_then(|st| match st {
+                Some(_) => Ok(()),
+                None => fsops::create_new(&self.meta, NO_SPACE)
+                    .map(drop)
+                    .op("create", at),
+            });
+        if let Err(e) = noted {
+            tracing::warn!(
+                "cannot mark the store as short of space ({e}); making room all the same"
+            );
         }
-        Ok(())
     }
 
     /// Whether reading the old manifest found it damaged.

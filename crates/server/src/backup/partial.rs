@@ -78,24 +78,32 @@ impl BackupReceiver {
     }
 
     /// Opens the earlier run's rebuild kept by [`Self::take_partial`] for
-    /// the file whose partial name is `name`; one that cannot be opened
-    /// (or is shorter than `len` by now) is removed, and `None` returned.
+    /// the file whose partial name is `name`. One that cannot be opened or
+    /// is shorter than `len` by now is removed, and `None` returned; but
+    /// when the process is out of descriptors or memory that is the
+    /// caller's error, and the rebuild stays for the next run.
     pub(super) fn open_prev(&mut self, name: &[u8], len: u64) -> Result<Option<File>> {
         let prev = prev_name(name);
-        match fsops::open_file(&self.partial, &prev) {
-            Ok(f) if f.metadata().is_ok_and(|m| m.len() >= len) => Ok(Some(f)),
-            _ => {
-                fsops::remove_any(&self.partial, &prev)
-                    .op("remove", || self.partial_path(&prev))?;
-                Ok(None)
+        let usable = match fsops::open_file(&self.partial, &prev) {
+            Ok(f) => {
+                let m = f.metadata().op("look at", || self.partial_path(&prev))?;
+                (m.len() >= len).then_some(f)
             }
+            Err(e) if fsops::out_of_resources(&e) => {
+                return Err(e).op("open", || self.partial_path(&prev))
+            }
+            Err(_) => None,
+        };
+        if usable.is_none() {
+            fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
         }
+        Ok(usable)
     }
 
     /// Drops transfer `id`'s earlier rebuild (its basis goes with it).
     pub(super) fn drop_prev(&mut self, id: u32) -> Result<()> {
+        self.drop_basis(id)?;
         let t = self.transfer(id)?;
-        t.writer.basis = None;
         if std::mem::take(&mut t.has_prev) {
             let prev = prev_name(&t.partial);
             fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;

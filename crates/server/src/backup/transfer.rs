@@ -9,10 +9,12 @@ use byteback_delta::SignatureBuilder;
 use byteback_protocol::{Compressed, Kind, ManifestEntry};
 
 use super::partial::prev_name;
-use super::sink::{is_no_space, Basis, BasisPart, IO_CHUNK};
+use super::sink::{Basis, BasisPart, IO_CHUNK};
 use super::slots::Slot;
 use super::sweep::remove_in_place;
-use super::{BackupReceiver, LastParent, ToOpen, Transfer, TransferResult, Verified};
+use super::{
+    BackupReceiver, LastParent, ToOpen, Transfer, TransferResult, Verified, FDS_PER_TRANSFER,
+};
 use crate::error::{shown, Error, IoContext, Result};
 use crate::fsops::{self, split};
 use crate::store::disk_path;
@@ -93,15 +95,36 @@ impl BackupReceiver {
     /// writes. Until then a transfer holds no descriptor, so they are
     /// bounded by the files in flight, not by the client's window.
     pub(super) fn open_files(&mut self, id: u32) -> Result<()> {
+        let t = self.transfer(id)?;
+        if t.to_open.is_none() && t.writer.is_open() {
+            return Ok(());
+        }
+        if self.held_fds + FDS_PER_TRANSFER > self.max_held_fds {
+            return Err(Error::Refused(format!(
+                "more files in flight than the open-file limit allows ({} descriptors held); an honest client has about one per delta thread",
+                self.held_fds
+            )));
+        }
         if let Some(to_open) = self.transfer(id)?.to_open.take() {
             self.open_basis(id, to_open)?;
         }
         self.open_out(id)
     }
 
+    /// Closes transfer `id`'s basis, if it is open.
+    pub(super) fn drop_basis(&mut self, id: u32) -> Result<()> {
+        let t = self.transfer(id)?;
+        let parts = t.writer.basis.take().map_or(0, |b| b.parts.len());
+        t.fds = t.fds.saturating_sub(parts);
+        self.held_fds = self.held_fds.saturating_sub(parts);
+        Ok(())
+    }
+
     /// Opens the basis of transfer `id`. An earlier run's rebuild that is
-    /// gone is left out; a stored copy that cannot be opened is too, with a
-    /// warning (the file is then sent whole).
+    /// gone is left out (the stored copy alone is then the basis, and its
+    /// kept signature may serve); a stored copy that cannot be opened is
+    /// too, with a warning (the file is then sent whole). Running out of
+    /// descriptors or memory is an error.
     fn open_basis(&mut self, id: u32, to_open: ToOpen) -> Result<()> {
         let t = self.transfer(id)?;
         let (partial, path) = (t.partial.clone(), t.entry.path.clone());
@@ -113,7 +136,11 @@ impl BackupReceiver {
                     parts.push(BasisPart { file, start, len });
                     start += len;
                 }
-                None => self.transfer(id)?.has_prev = false,
+                None => {
+                    let t = self.transfer(id)?;
+                    t.has_prev = false;
+                    t.basis_hash = to_open.vouched;
+                }
             }
         }
         if let Some(seen) = to_open.stored {
@@ -129,6 +156,9 @@ impl BackupReceiver {
                         self.transfer(id)?.basis_hash = None;
                     }
                     parts.push(BasisPart { file, start, len });
+                }
+                Err(e) if fsops::out_of_resources(&e) => {
+                    return Err(e).op("open the stored copy of", || shown(&path));
                 }
                 Err(e) => {
                     self.transfer(id)?.basis_hash = None;
@@ -206,9 +236,10 @@ impl BackupReceiver {
                     "no space left on device storing {path:?}, even after making room three times"
                 )));
             }
-            t.writer.restart().op("empty", || shown(&t.entry.path))?;
             // Its earlier rebuild goes too: the space is needed.
             self.drop_prev(id)?;
+            let t = self.transfer(id)?;
+            t.writer.restart().op("empty", || shown(&t.entry.path))?;
             return Ok(TransferResult::NoSpace { path, need: size });
         }
         let ok = t
@@ -219,8 +250,9 @@ impl BackupReceiver {
             if !t.retried {
                 // Never commit a file that fails its hash: start over without a basis.
                 t.retried = true;
-                t.writer.restart().op("empty", || shown(&t.entry.path))?;
                 self.drop_prev(id)?;
+                let t = self.transfer(id)?;
+                t.writer.restart().op("empty", || shown(&t.entry.path))?;
                 self.stats.retried += 1;
                 return Ok(TransferResult::Retry);
             }
@@ -260,7 +292,8 @@ impl BackupReceiver {
             None => Ok(()),
         });
         match placed {
-            Err(e) if is_no_space(&e) => return self.no_room_to_place(id),
+            // Not a quota: deleting snapshots (of any host) is for a full disc.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return self.no_room_to_place(id),
             r => r.op("put in place", || {
                 self.transfers
                     .get(&id)

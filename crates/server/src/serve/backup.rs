@@ -75,8 +75,14 @@ fn receive<R: Read, W: Write>(
     rx: &mut BackupReceiver,
 ) -> Result<()> {
     let budget = fd_budget();
+    // Room for an honest client's files in flight even under a low limit;
+    // beyond the budget (or that), a client starting every file it was
+    // asked for at once is refused.
+    rx.limit_held_fds(budget.max(FILES_IN_FLIGHT * FDS_PER_FILE));
     // Batches of entries not answered yet (bounded by the client's window).
     let mut waiting: VecDeque<Batch> = VecDeque::new();
+    // Snapshots deleted so renames into place could go on.
+    let mut renames_pruned = 0;
     loop {
         answer_waiting(conn, rx, &mut waiting, budget)?;
         let msg = conn
@@ -89,9 +95,9 @@ fn receive<R: Read, W: Write>(
             }
             ClientMsg::SigRequest { id } => {
                 let name = rx.transfer_name(id);
-                let sig = rx
-                    .signature(id)
-                    .context_with(|| format!("reading the stored copy of {name}"))?;
+                let sig = rx.signature(id).context_with(|| {
+                    format!("starting {name} (its basis, signature and rebuild)")
+                })?;
                 conn.send(&ServerMsg::Signature { id, sig })?;
             }
             ClientMsg::FileData { id, delta } => {
@@ -121,7 +127,7 @@ fn receive<R: Read, W: Write>(
                         // Verified: room, then the rename again (`place`
                         // gives up after `RENAME_ROUNDS`).
                         TransferResult::NoRoomToPlace { path, round } => {
-                            make_room_to_rename(target, rx, &path, round)?;
+                            make_room_to_rename(target, rx, &path, round, &mut renames_pruned)?;
                             ended = rx.place(id).context_with(|| format!("finishing {name}"))?;
                         }
                     }
@@ -157,9 +163,8 @@ fn receive<R: Read, W: Write>(
     }
 }
 
-/// Descriptors a file in flight may hold (its output, a stored copy and
-/// an earlier run's rebuild).
-const FDS_PER_FILE: usize = 3;
+/// Descriptors a file in flight may hold.
+const FDS_PER_FILE: usize = crate::backup::FDS_PER_TRANSFER;
 /// Files in flight an honest client may have at once: one per delta
 /// thread (at most 16), the rest for files waiting for a resend.
 const FILES_IN_FLIGHT: usize = 64;
@@ -170,7 +175,8 @@ const FDS_RESERVED: usize = 512;
 /// Descriptors the transfers may hold: the open-file limit (already raised
 /// to the hard limit) less [`FDS_RESERVED`]. A limit too low for the files
 /// a client has in flight is said once; batches of entries are then
-/// answered only while no file is open.
+/// answered only while the files in flight leave room for one more (or
+/// none is open).
 fn fd_budget() -> usize {
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     let soft = lim
@@ -230,7 +236,7 @@ enum Batch {
 /// idle partial copies, then prunes snapshots to make room (or fails
 /// saying what is missing).
 fn make_room(target: &Target, rx: &mut BackupReceiver, path: &str, need: u64) -> Result<()> {
-    rx.note_no_space()?;
+    rx.note_no_space();
     // Rebuilds kept from interrupted runs go first.
     let freed = rx.drop_idle_partials()?;
     if freed > 0 {
@@ -241,19 +247,31 @@ fn make_room(target: &Target, rx: &mut BackupReceiver, path: &str, need: u64) ->
 
 /// Putting verified `path` in place ran out of space (`round`): marks the
 /// store, drops idle partial copies, then commits the filesystem or deletes
-/// one snapshot (see [`crate::pruner::make_room_to_rename`]).
+/// one snapshot (see [`crate::pruner::make_room_to_rename`]); `pruned`
+/// counts this backup's deletions for renames, at most
+/// [`crate::pruner::RENAME_ROUNDS`] less one, whatever the number of files.
 fn make_room_to_rename(
     target: &Target,
     rx: &mut BackupReceiver,
     path: &str,
     round: u8,
+    pruned: &mut usize,
 ) -> Result<()> {
-    rx.note_no_space()?;
+    rx.note_no_space();
     let freed = rx.drop_idle_partials()?;
     if freed > 0 {
         eprintln!("byteback-server: no space left on device putting {path:?} in place: removed {freed} bytes of interrupted transfers' partial copies");
     }
-    crate::pruner::make_room_to_rename(target.store, target.config, target.now(), path, round)
+    let may_delete = *pruned < usize::from(crate::pruner::RENAME_ROUNDS - 1);
+    *pruned += crate::pruner::make_room_to_rename(
+        target.store,
+        target.config,
+        target.now(),
+        path,
+        round,
+        may_delete,
+    )?;
+    Ok(())
 }
 
 /// `BackupEnd`: commits, takes the snapshot, replies, then records usage
