@@ -612,6 +612,15 @@ fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     let st = Stage::new();
     let mut suid = file("bin/su", b"#!/bin/sh\n");
     suid.entry.mode = 0o4755;
+    // A file capability (cap_setuid+ep: root, as a setuid bit would give).
+    let mut cap = vec![];
+    cap.extend(0x0200_0001u32.to_le_bytes()); // VFS_CAP_REVISION_2, effective
+    cap.extend((1u32 << 7).to_le_bytes()); // permitted: CAP_SETUID
+    cap.extend([0u8; 12]);
+    let capability = (b"security.capability".to_vec(), cap);
+    let mut capable = file("bin/cap", b"#!/bin/sh\n");
+    capable.entry.mode = 0o755;
+    capable.entry.xattrs = vec![capability.clone()];
     let mut owned = file("home/u/f", b"data");
     owned.entry.uid = 1234;
     owned.entry.gid = 5678;
@@ -628,6 +637,7 @@ fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     home.entry.mode = 0o1777;
     let entries = vec![
         dir("bin"),
+        capable,
         suid,
         dir("dev"),
         null,
@@ -641,6 +651,7 @@ fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
         hardlink("z-link", "lonely"),
     ];
     let files: &[(&str, &[u8])] = &[
+        ("bin/cap", b"#!/bin/sh\n"),
         ("bin/su", b"#!/bin/sh\n"),
         ("home/u/f", b"data"),
         ("lonely", b"first name"),
@@ -649,6 +660,7 @@ fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     r.assert_code(0);
     let md = |p: &str| fs::symlink_metadata(st.restored(p)).unwrap();
     assert_eq!(md("bin/su").mode() & 0o7777, 0o4755);
+    assert_eq!(xattrs(&st.restored("bin/cap")), vec![capability.clone()]);
     assert!(md("dev/null").file_type().is_char_device());
     assert_eq!(md("dev/null").rdev(), rustix::fs::makedev(1, 3));
     assert!(md("dev/pipe").file_type().is_fifo());
@@ -676,7 +688,8 @@ fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     assert_eq!(fs::read(st.restored("z-link")).unwrap(), b"first name");
     assert!(fs::symlink_metadata(st.restored("lonely")).is_err());
 
-    // --no-setuid --no-devices: for data one does not trust.
+    // --no-setuid --no-devices: for data one does not trust (no setuid
+    // bits, no file capabilities, no device nodes).
     fs::remove_dir_all(st.work().join(SNAP)).unwrap();
     let r = st.restore(
         &scenario(entries, files),
@@ -685,6 +698,8 @@ fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     r.assert_code(24);
     assert!(r.stderr.contains("--no-devices"), "{}", r.stderr);
     assert_eq!(md("bin/su").mode() & 0o7777, 0o755);
+    assert_eq!(xattrs(&st.restored("bin/cap")), vec![], "a file capability came back");
+    assert_eq!(md("bin/cap").mode() & 0o7777, 0o755);
     assert!(fs::symlink_metadata(st.restored("dev/null")).is_err());
     assert!(md("dev/pipe").file_type().is_fifo());
     let perms = fs::metadata(st.work().join(SNAP)).unwrap().permissions();

@@ -29,7 +29,8 @@ const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
 pub struct ApplyRules {
     /// Running as root: owners are set, `security.*`/`trusted.*` xattrs too.
     pub as_root: bool,
-    /// Setuid and setgid bits are dropped (`--no-setuid`).
+    /// Setuid and setgid bits and file capabilities (`security.capability`)
+    /// are dropped (`--no-setuid`).
     pub no_setuid: bool,
 }
 
@@ -110,6 +111,11 @@ pub fn apply(
     for (name, value) in &entry.xattrs {
         let privileged = name.starts_with(b"security.") || name.starts_with(b"trusted.");
         if !rules.as_root && privileged {
+            continue;
+        }
+        // File capabilities give privileges as setuid does (cap_setuid+ep
+        // is root): dropped with the setuid bits.
+        if rules.no_setuid && name.as_slice() == b"security.capability" {
             continue;
         }
         if is_link && (name.starts_with(b"user.") || name.starts_with(b"system.posix_acl_")) {

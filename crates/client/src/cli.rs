@@ -779,7 +779,8 @@ pub struct RestoreArgs {
     /// Do not recreate device nodes (for restoring data one does not trust).
     #[arg(long)]
     no_devices: bool,
-    /// Restore without setuid and setgid bits (for restoring data one does not trust).
+    /// Restore without setuid and setgid bits and file capabilities (for
+    /// restoring data one does not trust).
     #[arg(long)]
     no_setuid: bool,
     /// With --restore: at the end, print one JSON object with the figures on
