@@ -604,6 +604,32 @@ fn swapping_restored_directories_for_symlinks_while_restoring() {
     }
 }
 
+/// Hard links whose first names the patterns do not select get those
+/// files' content under their own names; what the restore keeps of each
+/// first name is its size and hash, not its entry: 8,000 first names with
+/// 16 KiB of xattrs each (128 MiB of entries) and a link to each restore
+/// under a 96 MiB data limit (before, every first name's entry was held
+/// whole, and the client ran out of memory).
+#[test]
+fn first_names_of_selected_links_are_looked_up_in_bounded_memory() {
+    if !require_root("first_names_of_selected_links_are_looked_up_in_bounded_memory") {
+        return;
+    }
+    let st = Stage::new();
+    let mut sc = scenario(vec![dir("flood")], &[]);
+    sc.flood_parts = 8;
+    sc.flood_xattr_len = 16 << 10;
+    sc.flood_links = 8000;
+    let r = st.restore_limited(&sc, &["/zlinks"], Some(96 << 20));
+    r.assert_code(0);
+    let links = st.restored("zlinks");
+    assert_eq!(fs::read_dir(&links).unwrap().count(), 8000);
+    let one = fs::metadata(links.join("000000007999")).unwrap();
+    assert!(one.is_file() && one.len() == 0);
+    assert!(fs::symlink_metadata(st.restored("flood")).is_err());
+    st.sentinel.assert_untouched();
+}
+
 #[test]
 fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     if !require_root("a_legal_manifest_restores_exactly_with_the_safety_switches") {
@@ -698,7 +724,11 @@ fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     r.assert_code(24);
     assert!(r.stderr.contains("--no-devices"), "{}", r.stderr);
     assert_eq!(md("bin/su").mode() & 0o7777, 0o755);
-    assert_eq!(xattrs(&st.restored("bin/cap")), vec![], "a file capability came back");
+    assert_eq!(
+        xattrs(&st.restored("bin/cap")),
+        vec![],
+        "a file capability came back"
+    );
     assert_eq!(md("bin/cap").mode() & 0o7777, 0o755);
     assert!(fs::symlink_metadata(st.restored("dev/null")).is_err());
     assert!(md("dev/pipe").file_type().is_fifo());

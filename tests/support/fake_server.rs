@@ -49,6 +49,25 @@ fn flood_part(n: u64, mtime: i64, xattr_len: usize) -> Vec<ManifestEntry> {
         .collect()
 }
 
+/// The directory of the flood's hard links.
+fn link_dir_entry() -> ManifestEntry {
+    let mut e = flood_entry("zlinks".into(), 0, 0);
+    e.entry.kind = Kind::Dir;
+    e.entry.mode = 0o755;
+    e.hash = [0; 32];
+    e
+}
+
+/// Hard link `zlinks/N` to flood file `N`.
+fn link_entry(n: u64) -> ManifestEntry {
+    let mut e = flood_entry(format!("zlinks/{n:012}"), 0, 0);
+    e.entry.kind = Kind::HardLink {
+        target: format!("flood/{n:012}").into_bytes(),
+    };
+    e.hash = [0; 32];
+    e
+}
+
 /// BLAKE3 of no bytes.
 fn blake3_empty() -> &'static [u8; 32] {
     static H: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
@@ -125,6 +144,18 @@ fn main() {
                         })
                         .collect();
                     send(&mut w, &ServerMsg::ManifestPart(own));
+                }
+                if sc.flood_links > 0 {
+                    let mut part = vec![link_dir_entry()];
+                    for i in 0..sc.flood_links {
+                        part.push(link_entry(i));
+                        if part.len() == 1000 {
+                            send(&mut w, &ServerMsg::ManifestPart(std::mem::take(&mut part)));
+                        }
+                    }
+                    if !part.is_empty() {
+                        send(&mut w, &ServerMsg::ManifestPart(part));
+                    }
                 }
                 send(&mut w, &ServerMsg::ManifestEnd);
             }

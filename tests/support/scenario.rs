@@ -31,6 +31,9 @@ pub struct Scenario {
     /// the requested snapshot's position in `snapshots`) that only that
     /// snapshot holds. Need `flood` as a directory entry in the manifest.
     pub flood_own: u64,
+    /// After the flood and its own entries: a directory `zlinks` and this
+    /// many hard links `zlinks/NNNNNNNNNNNN` to `flood/NNNNNNNNNNNN`.
+    pub flood_links: u64,
     /// Content served for `ReadFile`, by path; other paths get an `Error`.
     pub files: Vec<(Vec<u8>, Vec<u8>)>,
     /// Content served for `ReadFile` by (snapshot, path), looked up before `files`.

@@ -587,6 +587,15 @@ fn collect_chunk(
     Ok(chunk)
 }
 
+/// What the hard links of a chunk need of a first name they do not take.
+struct LinkTarget {
+    /// Its size, if it is a regular file.
+    size: Option<u64>,
+    hash: [u8; 32],
+    /// A snapshot processed before claimed it.
+    claimed: bool,
+}
+
 /// Hard links whose first name this snapshot's restore does not take (the
 /// patterns did not select it, or a snapshot processed before claimed it)
 /// get that file's content (looked up in one more pass over the manifest)
@@ -611,10 +620,20 @@ fn resolve_unselected_targets(
     if wanted_targets.is_empty() {
         return Ok(());
     }
-    let mut found: HashMap<Vec<u8>, ManifestEntry> = HashMap::new();
+    // Only what the links need of each target, not its entry: a target's
+    // xattrs would otherwise be held for every link the chunk names.
+    let mut found: HashMap<Vec<u8>, LinkTarget> = HashMap::new();
     read_manifest(conn, snap, |e| {
         if wanted_targets.contains(&e.entry.path) {
-            found.insert(e.entry.path.clone(), e);
+            let target = LinkTarget {
+                size: match e.entry.kind {
+                    Kind::File { size } => Some(size),
+                    _ => None,
+                },
+                hash: e.hash,
+                claimed: claimed.is_some_and(|c| c.contains(&e)),
+            };
+            found.insert(e.entry.path.clone(), target);
         }
         Ok(())
     })?;
@@ -633,11 +652,11 @@ fn resolve_unselected_targets(
                 display_path(target)
             );
         };
-        let taken = pats.selects(target) && claimed.is_none_or(|c| !c.contains(t));
+        let taken = pats.selects(target) && !t.claimed;
         if taken {
             continue; // restored (or refused) by the tree as a link
         }
-        let Kind::File { size } = t.entry.kind else {
+        let Some(size) = t.size else {
             bail!(
                 "the server's manifest links {} to {}, which is not a regular file; refusing",
                 display_path(&w.e.entry.path),
