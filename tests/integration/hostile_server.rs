@@ -630,6 +630,46 @@ fn first_names_of_selected_links_are_looked_up_in_bounded_memory() {
     st.sentinel.assert_untouched();
 }
 
+/// Two selected hard links to a first name the patterns leave out, whose
+/// content fails verification: the first link gets the (damaged, removed)
+/// copy, the second is reported damaged with it, and the rest of the
+/// restore goes on (before, the second link ended the whole restore with
+/// "links ... which is not a file restored in this run").
+#[test]
+fn links_to_a_damaged_first_name_are_reported_and_the_restore_goes_on() {
+    if !require_root("links_to_a_damaged_first_name_are_reported_and_the_restore_goes_on") {
+        return;
+    }
+    let st = Stage::new();
+    let entries = vec![
+        file("lonely", b"first name"),
+        hardlink("z-a", "lonely"),
+        hardlink("z-b", "lonely"),
+        file("z-c", b"fine"),
+    ];
+    let sc = scenario(entries, &[("lonely", b"CORRUPTED!"), ("z-c", b"fine")]);
+    let r = st.restore(&sc, &["/z-*"]);
+    r.assert_code(1);
+    for name in ["z-a", "z-b"] {
+        assert!(
+            r.stderr.contains(&format!("DAMAGED: ./{SNAP}/{name}")),
+            "{name}: {}",
+            r.stderr
+        );
+        assert!(
+            fs::symlink_metadata(st.restored(name)).is_err(),
+            "{name} kept"
+        );
+    }
+    assert!(
+        r.stderr.contains("2 files failed verification"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fs::read(st.restored("z-c")).unwrap(), b"fine");
+    st.sentinel.assert_untouched();
+}
+
 #[test]
 fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     if !require_root("a_legal_manifest_restores_exactly_with_the_safety_switches") {

@@ -362,10 +362,11 @@ impl RestoreTree {
             Kind::File { size } => {
                 let size = *size;
                 let src = from.clone().unwrap_or_else(|| path.clone());
-                if self.restore_file(conn, &e, &src, size)? {
-                    if let Some(f) = from {
-                        self.copies.insert(f, path);
-                    }
+                self.restore_file(conn, &e, &src, size)?;
+                // Later links to the same first name link to this copy, or,
+                // when it failed verification, are reported damaged with it.
+                if let Some(f) = from {
+                    self.copies.insert(f, path);
                 }
             }
             Kind::HardLink { target } => self.restore_link(&path, target)?,
@@ -374,15 +375,15 @@ impl RestoreTree {
         Ok(())
     }
 
-    /// Writes a regular file from the server's data for `src`; false when its
-    /// content failed verification (then it is removed and reported).
+    /// Writes a regular file from the server's data for `src`; one whose
+    /// content fails verification is removed and reported damaged.
     fn restore_file(
         &mut self,
         conn: &mut Connection,
         e: &ManifestEntry,
         src: &[u8],
         size: u64,
-    ) -> Result<bool> {
+    ) -> Result<()> {
         let path = &e.entry.path;
         let name = last_component(path);
         self.clear(name, path)?;
@@ -417,7 +418,7 @@ impl RestoreTree {
                     .damaged
                     .push(format!("{shown}: {problem}; not restored"));
                 self.damaged.insert(path.clone());
-                return Ok(false);
+                return Ok(());
             }
             Ok((file, None)) => file,
         };
@@ -428,7 +429,7 @@ impl RestoreTree {
         if self.opts.unverified {
             self.report.unverified += 1;
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Links `path` to `target`, which must be a regular file this run wrote.
