@@ -670,6 +670,33 @@ fn links_to_a_damaged_first_name_are_reported_and_the_restore_goes_on() {
     st.sentinel.assert_untouched();
 }
 
+/// A restore that fails half-way (here: a file with more data than its
+/// entry says) still gives an existing directory it worked in its owner
+/// and mode back, instead of leaving it the restoring user's, mode 0700.
+#[test]
+fn a_failed_restore_gives_existing_directories_back_their_owner_and_mode() {
+    if !require_root("a_failed_restore_gives_existing_directories_back_their_owner_and_mode") {
+        return;
+    }
+    let st = Stage::new();
+    let home = st.restored("home");
+    fs::create_dir_all(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(1000), Some(1000)).unwrap();
+    fs::set_permissions(&home, fs::Permissions::from_mode(0o2775)).unwrap();
+    let entries = vec![dir("home"), file("home/f", b"x"), file("home/g", b"y")];
+    let sc = scenario(entries, &[("home/f", b"way too long"), ("home/g", b"y")]);
+    let r = st.restore(&sc, &["/home/f", "/home/g"]);
+    assert!(r.code.is_some_and(|c| c != 0), "{}", r.stderr);
+    let md = fs::metadata(&home).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid(), md.mode() & 0o7777),
+        (1000, 1000, 0o2775),
+        "{}",
+        r.stderr
+    );
+    st.sentinel.assert_untouched();
+}
+
 #[test]
 fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     if !require_root("a_legal_manifest_restores_exactly_with_the_safety_switches") {

@@ -95,6 +95,21 @@ pub struct RestoreTree {
     pub report: RestoreReport,
 }
 
+impl Drop for RestoreTree {
+    /// A restore that stops early (an error) still finishes every directory
+    /// it worked in, as far as it can: an existing one would otherwise stay
+    /// locked down (the restoring user's, 0700), and one it made would
+    /// never get its metadata.
+    fn drop(&mut self) {
+        while !self.stack.is_empty() {
+            // `leave_top` pops before it fails, so this ends.
+            if let Err(e) = self.leave_top() {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+}
+
 fn os(b: &[u8]) -> &OsStr {
     OsStr::from_bytes(b)
 }
@@ -319,7 +334,7 @@ impl RestoreTree {
         while !self.stack.is_empty() {
             self.leave_top()?;
         }
-        Ok(self.report)
+        Ok(std::mem::take(&mut self.report))
     }
 
     /// Removes whatever stands at `name` in the top directory.
