@@ -697,6 +697,43 @@ fn a_failed_restore_gives_existing_directories_back_their_owner_and_mode() {
     st.sentinel.assert_untouched();
 }
 
+/// Warnings are printed as they come and only the first 1,000 are kept
+/// (for the summary and `--json`), so a server sending entries that each
+/// cost a warning cannot grow the client's memory without bound: 3,000
+/// fifos with an xattr no filesystem takes give 3,000 warnings, all
+/// printed, counted in the summary, the exit code "partial".
+#[test]
+fn warnings_are_printed_as_they_come_and_kept_only_up_to_a_bound() {
+    if !require_root("warnings_are_printed_as_they_come_and_kept_only_up_to_a_bound") {
+        return;
+    }
+    let st = Stage::new();
+    let mut entries = vec![dir("p")];
+    for i in 0..3000 {
+        let mut e = entry(&format!("p/{i:05}"), Kind::Fifo);
+        e.entry.xattrs = vec![(b"zz.not-a-namespace".to_vec(), b"v".to_vec())];
+        entries.push(e);
+    }
+    let mut sc = scenario(vec![], &[]);
+    sc.parts = entries.chunks(500).map(|c| c.to_vec()).collect();
+    let r = st.restore(&sc, &[ALL]);
+    r.assert_code(24);
+    assert_eq!(
+        r.stderr
+            .matches("cannot set xattr zz.not-a-namespace")
+            .count(),
+        3000
+    );
+    assert!(
+        r.stderr
+            .contains("3000 warnings in all (the first 1000 are in --json)"),
+        "{}",
+        &r.stderr[r.stderr.len().saturating_sub(2000)..]
+    );
+    assert_eq!(fs::read_dir(st.restored("p")).unwrap().count(), 3000);
+    st.sentinel.assert_untouched();
+}
+
 #[test]
 fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     if !require_root("a_legal_manifest_restores_exactly_with_the_safety_switches") {

@@ -812,12 +812,16 @@ pub struct RestoreJson {
     pub directories: Vec<String>,
     /// Entries restored.
     pub entries: u64,
-    /// Files that failed verification and were removed.
+    /// Files that failed verification and were removed (the first 1,000).
     pub damaged: Vec<String>,
+    /// How many files failed verification.
+    pub damaged_total: u64,
     /// Wall time.
     pub duration_seconds: f64,
-    /// Problems that did not stop the restore.
+    /// Problems that did not stop the restore (the first 1,000).
     pub warnings: Vec<String>,
+    /// How many warnings there were.
+    pub warnings_total: u64,
     /// The error that stopped it, if one did.
     pub errors: Vec<String>,
 }
@@ -932,12 +936,7 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
             restore::restore(&mut conn, &pats, args.snapshot.as_deref(), dest, opts)?
         };
         conn.close()?;
-        for w in &r.warnings {
-            tracing::warn!("{w}");
-        }
-        for d in &r.damaged {
-            tracing::error!("DAMAGED: {d}");
-        }
+        // Warnings and damaged files were printed as they came.
         if r.unverified > 0 {
             tracing::warn!(
                 "{} files came from byteback 1.x snapshots, which keep no checksums: \
@@ -958,16 +957,25 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
             .iter()
             .map(|s| into.join(s).display().to_string())
             .collect();
-        report.warnings.clone_from(&r.warnings);
-        report.damaged.clone_from(&r.damaged);
-        if !r.damaged.is_empty() {
+        report.warnings = r.warnings;
+        report.warnings_total = r.warnings_total;
+        report.damaged = r.damaged;
+        report.damaged_total = r.damaged_total;
+        if r.warnings_total > restore::KEPT_MESSAGES as u64 {
+            tracing::warn!(
+                "{} warnings in all (the first {} are in --json)",
+                r.warnings_total,
+                restore::KEPT_MESSAGES
+            );
+        }
+        if r.damaged_total > 0 {
             tracing::error!(
                 "{} files failed verification and were not restored",
-                r.damaged.len()
+                r.damaged_total
             );
             return Ok(1);
         }
-        Ok(if r.warnings.is_empty() {
+        Ok(if r.warnings_total == 0 {
             0
         } else {
             EXIT_PARTIAL

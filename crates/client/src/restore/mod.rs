@@ -430,22 +430,56 @@ pub struct RestoreReport {
     pub snapshots: Vec<String>,
     /// Entries restored.
     pub restored: u64,
-    /// Problems that did not stop the restore (metadata not applied, devices skipped).
+    /// Problems that did not stop the restore (metadata not applied,
+    /// devices skipped): printed as they happen, the first
+    /// [`KEPT_MESSAGES`] kept here.
     pub warnings: Vec<String>,
-    /// Files not restored because their content failed verification (removed).
+    /// How many warnings there were.
+    pub warnings_total: u64,
+    /// Files not restored because their content failed verification
+    /// (removed): printed as they happen, the first [`KEPT_MESSAGES`] kept.
     pub damaged: Vec<String>,
+    /// How many files were damaged.
+    pub damaged_total: u64,
     /// Files restored from 1.x snapshots, which keep no checksum to verify them against.
     pub unverified: u64,
 }
+
+/// Warnings and damaged files a restore keeps for its summary and
+/// `--json` (each is printed when it happens): a hostile server could
+/// otherwise grow them without bound.
+pub const KEPT_MESSAGES: usize = 1000;
 
 impl RestoreReport {
     fn merge(&mut self, other: RestoreReport) {
         self.snapshots.extend(other.snapshots);
         self.restored += other.restored;
-        self.warnings.extend(other.warnings);
-        self.damaged.extend(other.damaged);
+        keep(&mut self.warnings, other.warnings);
+        self.warnings_total += other.warnings_total;
+        keep(&mut self.damaged, other.damaged);
+        self.damaged_total += other.damaged_total;
         self.unverified += other.unverified;
     }
+
+    /// Prints warning `w` and keeps it if there is room.
+    pub(crate) fn warn(&mut self, w: String) {
+        tracing::warn!("{w}");
+        self.warnings_total += 1;
+        keep(&mut self.warnings, [w]);
+    }
+
+    /// Prints damaged file `d` and keeps it if there is room.
+    pub(crate) fn damage(&mut self, d: String) {
+        tracing::error!("DAMAGED: {d}");
+        self.damaged_total += 1;
+        keep(&mut self.damaged, [d]);
+    }
+}
+
+/// Appends `more` to `list` up to [`KEPT_MESSAGES`].
+fn keep(list: &mut Vec<String>, more: impl IntoIterator<Item = String>) {
+    let room = KEPT_MESSAGES.saturating_sub(list.len());
+    list.extend(more.into_iter().take(room));
 }
 
 /// What restore does beyond the selection.

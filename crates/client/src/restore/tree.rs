@@ -86,8 +86,9 @@ pub struct RestoreTree {
     created: HashSet<(u64, u64)>,
     /// Unselected first names of hard links -> the path restored in their place.
     copies: HashMap<Vec<u8>, Vec<u8>>,
-    /// Files removed because their content failed verification.
-    damaged: HashSet<Vec<u8>>,
+    /// Files removed because their content failed verification (by
+    /// [`path_key`]: 16 bytes each, however long the paths).
+    damaged: HashSet<u128>,
     opts: TreeOptions,
     euid: u32,
     egid: u32,
@@ -108,6 +109,15 @@ impl Drop for RestoreTree {
             }
         }
     }
+}
+
+/// A path's key in sets that may grow with the manifest: the first 16
+/// bytes of its BLAKE3.
+fn path_key(path: &[u8]) -> u128 {
+    let d = byteback_delta::hash_bytes(path);
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&d[..16]);
+    u128::from_le_bytes(k)
 }
 
 fn os(b: &[u8]) -> &OsStr {
@@ -309,7 +319,7 @@ impl RestoreTree {
         match d.leave {
             Leave::Entry(e) => {
                 let w = apply::apply(Held::Open(d.fd.as_fd()), &e, &self.opts.rules, &shown)?;
-                self.report.warnings.extend(w);
+                w.into_iter().for_each(|w| self.report.warn(w));
             }
             Leave::Restore { uid, gid, mode } => {
                 if self.opts.rules.as_root {
@@ -430,15 +440,14 @@ impl RestoreTree {
             Ok((_, Some(problem))) => {
                 remove().on("cannot remove damaged", &shown)?;
                 self.report
-                    .damaged
-                    .push(format!("{shown}: {problem}; not restored"));
-                self.damaged.insert(path.clone());
+                    .damage(format!("{shown}: {problem}; not restored"));
+                self.damaged.insert(path_key(path));
                 return Ok(());
             }
             Ok((file, None)) => file,
         };
         let w = apply::apply(Held::Open(file.as_fd()), &e.entry, &self.opts.rules, &shown)?;
-        self.report.warnings.extend(w);
+        w.into_iter().for_each(|w| self.report.warn(w));
         self.created.insert((st.st_dev, st.st_ino));
         self.report.restored += 1;
         if self.opts.unverified {
@@ -455,8 +464,8 @@ impl RestoreTree {
             .cloned()
             .unwrap_or_else(|| target.to_vec());
         let shown = self.shown(path);
-        if self.damaged.contains(&src) {
-            self.report.damaged.push(format!(
+        if self.damaged.contains(&path_key(&src)) {
+            self.report.damage(format!(
                 "{shown}: not restored: its first name {} failed verification",
                 display_path(target)
             ));
@@ -521,8 +530,7 @@ impl RestoreTree {
                 "not root"
             };
             self.report
-                .warnings
-                .push(format!("{shown}: device not recreated ({why})"));
+                .warn(format!("{shown}: device not recreated ({why})"));
             return Ok(());
         }
         let name = last_component(path);
@@ -570,7 +578,7 @@ impl RestoreTree {
             Held::Path(fd.as_fd())
         };
         let w = apply::apply(held, e, &self.opts.rules, &shown)?;
-        self.report.warnings.extend(w);
+        w.into_iter().for_each(|w| self.report.warn(w));
         self.report.restored += 1;
         Ok(())
     }
