@@ -734,6 +734,54 @@ fn warnings_are_printed_as_they_come_and_kept_only_up_to_a_bound() {
     st.sentinel.assert_untouched();
 }
 
+/// A path restored alone gets the directories on its way made with their
+/// manifest metadata (owner, mode, mtime), as if selected: a file kept
+/// private by its directory stays private in the restore (they were made
+/// root's, mode 0755).
+#[test]
+fn directories_made_on_the_way_to_a_selected_path_get_their_manifest_metadata() {
+    if !require_root("directories_made_on_the_way_to_a_selected_path_get_their_manifest_metadata") {
+        return;
+    }
+    let st = Stage::new();
+    let mut alice = dir("home/alice");
+    (alice.entry.uid, alice.entry.gid, alice.entry.mode) = (1000, 1000, 0o750);
+    let mut private = dir("home/alice/private");
+    (private.entry.uid, private.entry.gid, private.entry.mode) = (1000, 1000, 0o700);
+    private.entry.mtime_sec = 1_600_000_000;
+    let mut notes = file("home/alice/private/notes", b"secret");
+    (notes.entry.uid, notes.entry.gid) = (1000, 1000);
+    let entries = vec![
+        dir("home"),
+        alice,
+        private,
+        notes,
+        file("home/alice/public", b"hello"),
+    ];
+    let sc = scenario(
+        entries,
+        &[
+            ("home/alice/private/notes", b"secret"),
+            ("home/alice/public", b"hello"),
+        ],
+    );
+    let r = st.restore(&sc, &["/home/alice/private/notes"]);
+    r.assert_code(0);
+    let md = |p: &str| fs::symlink_metadata(st.restored(p)).unwrap();
+    let owner_mode = |p: &str| (md(p).uid(), md(p).gid(), md(p).mode() & 0o7777);
+    assert_eq!(owner_mode("home/alice/private"), (1000, 1000, 0o700));
+    assert_eq!(md("home/alice/private").mtime(), 1_600_000_000);
+    assert_eq!(owner_mode("home/alice"), (1000, 1000, 0o750));
+    assert_eq!(owner_mode("home"), (0, 0, 0o755));
+    assert_eq!(owner_mode("home/alice/private/notes"), (1000, 1000, 0o644));
+    assert_eq!(
+        fs::read(st.restored("home/alice/private/notes")).unwrap(),
+        b"secret"
+    );
+    assert!(fs::symlink_metadata(st.restored("home/alice/public")).is_err());
+    st.sentinel.assert_untouched();
+}
+
 #[test]
 fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     if !require_root("a_legal_manifest_restores_exactly_with_the_safety_switches") {

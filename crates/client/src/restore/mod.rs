@@ -26,7 +26,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use crate::error::{bail, err, Error, Result};
-use byteback_protocol::{ClientMsg, Kind, ManifestEntry, ServerMsg, SnapshotKind};
+use byteback_protocol::{ClientMsg, Entry, Kind, ManifestEntry, ServerMsg, SnapshotKind};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use crate::apply::ApplyRules;
@@ -582,6 +582,10 @@ struct Turn {
 /// One pass's share of the selection.
 struct Chunk {
     wanted: Vec<tree::Wanted>,
+    /// The directories on the way to them that the patterns do not select,
+    /// by path (without xattrs): a directory the restore makes for them
+    /// gets that metadata, so a file kept private by its directory stays so.
+    implied: HashMap<Vec<u8>, Entry>,
     /// Whether the selection ended within this pass.
     complete: bool,
 }
@@ -596,11 +600,27 @@ fn collect_chunk(
 ) -> Result<Chunk> {
     let mut chunk = Chunk {
         wanted: vec![],
+        implied: HashMap::new(),
         complete: true,
     };
     let mut bytes = 0usize;
+    // The directories not selected on the way down to the current entry
+    // (without their xattrs), outermost first.
+    let mut chain: Vec<Entry> = vec![];
     read_manifest(conn, snap, |e| {
+        while chain
+            .last()
+            .is_some_and(|d| !check::is_ancestor(&d.path, &e.entry.path))
+        {
+            chain.pop();
+        }
         let selected = take(&e)?;
+        if !selected && e.entry.kind == Kind::Dir {
+            chain.push(Entry {
+                xattrs: vec![],
+                ..e.entry.clone()
+            });
+        }
         let later = after.is_none_or(|a| {
             byteback_protocol::compare_paths(a, &e.entry.path) == std::cmp::Ordering::Less
         });
@@ -613,6 +633,12 @@ fn collect_chunk(
         if chunk.wanted.len() >= CHUNK_ENTRIES || bytes >= CHUNK_BYTES {
             chunk.complete = false;
             return Ok(());
+        }
+        for d in &chain {
+            if !chunk.implied.contains_key(&d.path) {
+                bytes += d.buffer_cost();
+                chunk.implied.insert(d.path.clone(), d.clone());
+            }
         }
         bytes += e.entry.buffer_cost();
         chunk.wanted.push(tree::Wanted { e, from: None });
@@ -773,6 +799,7 @@ fn restore_snapshot(
         if turn.last && chunk.complete {
             progress.walk_finished();
         }
+        t.imply(chunk.implied);
         for w in chunk.wanted {
             let size = w.e.entry.size();
             t.restore(conn, w)?;

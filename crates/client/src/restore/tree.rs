@@ -53,7 +53,8 @@ enum Leave {
     Entry(Box<Entry>),
     /// It existed before the restore: its owner and mode go back.
     Restore { uid: u32, gid: u32, mode: u32 },
-    /// Made by this restore on the way to a selected path: mode 0755.
+    /// Made by this restore (its root, or on the way to a selected path
+    /// whose manifest has no entry for it): mode 0755.
     Default,
 }
 
@@ -86,6 +87,9 @@ pub struct RestoreTree {
     created: HashSet<(u64, u64)>,
     /// Unselected first names of hard links -> the path restored in their place.
     copies: HashMap<Vec<u8>, Vec<u8>>,
+    /// Metadata for directories made on the way to selected paths, from
+    /// their manifest entries (see [`Self::imply`]).
+    implied: HashMap<Vec<u8>, Entry>,
     /// Files removed because their content failed verification (by
     /// [`path_key`]: 16 bytes each, however long the paths).
     damaged: HashSet<u128>,
@@ -188,6 +192,7 @@ impl RestoreTree {
             stack: vec![],
             created: HashSet::new(),
             copies: HashMap::new(),
+            implied: HashMap::new(),
             damaged: HashSet::new(),
             opts,
             euid: rustix::process::geteuid().as_raw(),
@@ -271,7 +276,12 @@ impl RestoreTree {
                 .position(|&b| b == b'/')
                 .map_or(parent.len(), |i| start + i);
             let dir = parent[..end].to_vec();
-            let (fd, leave) = self.open_dir(&dir)?;
+            let (fd, mut leave) = self.open_dir(&dir)?;
+            if matches!(leave, Leave::Default) {
+                if let Some(e) = self.implied.remove(&dir) {
+                    leave = Leave::Entry(Box::new(e));
+                }
+            }
             self.stack.push(OpenDir {
                 path: dir,
                 fd,
@@ -337,6 +347,13 @@ impl RestoreTree {
             }
         }
         Ok(())
+    }
+
+    /// The metadata directories this restore makes on the way to the next
+    /// selected paths are to get (manifest entries without xattrs, by
+    /// path): their owner, mode and mtime, as if selected.
+    pub fn imply(&mut self, implied: HashMap<Vec<u8>, Entry>) {
+        self.implied = implied;
     }
 
     /// Finishes every directory still open, the root last.
