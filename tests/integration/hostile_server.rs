@@ -113,10 +113,21 @@ impl Stage {
     }
 
     fn restore_limited(&self, sc: &Scenario, args: &[&str], data_limit: Option<u64>) -> Ran {
+        self.restore_cmd(Command::new(bin("byteback-restore")), sc, args, data_limit)
+    }
+
+    /// [`Self::restore_limited`] of `cmd`: byteback-restore, or a wrapper
+    /// running it.
+    fn restore_cmd(
+        &self,
+        mut cmd: Command,
+        sc: &Scenario,
+        args: &[&str],
+        data_limit: Option<u64>,
+    ) -> Ran {
         let script = self.dir.path().join("scenario.bin");
         let bytes = bincode::serde::encode_to_vec(sc, bincode::config::standard()).unwrap();
         fs::write(&script, bytes).unwrap();
-        let mut cmd = Command::new(bin("byteback-restore"));
         cmd.arg("--destination")
             .arg(self.dir.path().join("store"))
             .args(["--hostname", "victim", "--restore"])
@@ -779,6 +790,38 @@ fn directories_made_on_the_way_to_a_selected_path_get_their_manifest_metadata() 
         b"secret"
     );
     assert!(fs::symlink_metadata(st.restored("home/alice/public")).is_err());
+    st.sentinel.assert_untouched();
+}
+
+/// The restore holds a descriptor per level of the path it restores, so
+/// it raises its soft open-file limit to the hard one as the backup does:
+/// a tree 1,100 levels deep restores under a soft limit of 1,024 (it failed
+/// with "Too many open files").
+#[test]
+fn a_tree_deeper_than_the_soft_open_file_limit_restores() {
+    if !require_root("a_tree_deeper_than_the_soft_open_file_limit_restores") {
+        return;
+    }
+    let st = Stage::new();
+    let mut entries = vec![];
+    let mut p = String::new();
+    for _ in 0..1100 {
+        if !p.is_empty() {
+            p.push('/');
+        }
+        p.push('a');
+        entries.push(dir(&p));
+    }
+    let deep = format!("{p}/f");
+    entries.push(file(&deep, b"deep"));
+    let mut sc = scenario(vec![], &[(deep.as_str(), b"deep")]);
+    sc.parts = entries.chunks(500).map(|c| c.to_vec()).collect();
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=1024:4096", "--"])
+        .arg(bin("byteback-restore"));
+    let r = st.restore_cmd(cmd, &sc, &[ALL], None);
+    r.assert_code(0);
+    assert_eq!(fs::read(st.restored(&deep)).unwrap(), b"deep");
     st.sentinel.assert_untouched();
 }
 

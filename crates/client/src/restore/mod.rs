@@ -835,6 +835,9 @@ pub fn restore(
     if snaps.is_empty() {
         bail!("host {} has no snapshots yet", conn.host);
     }
+    // The tree holds a descriptor per level of the path restored, as the
+    // backup's walk did per level backed up.
+    crate::walk::raise_fd_limit();
     let tree_opts = tree::TreeOptions {
         rules: ApplyRules {
             as_root: meta::is_root(),

@@ -228,7 +228,9 @@ impl RestoreTree {
             )
             .on("chown", self.shown(path))?;
         }
-        if mode & 0o7077 != 0 {
+        // Private to us, and writable by us (a re-restore into a directory
+        // left 0500 must be able to create entries in it).
+        if mode != 0o700 {
             rustix::fs::fchmod(fd, Mode::from_raw_mode(0o700)).on("chmod", self.shown(path))?;
         }
         Ok(Leave::Restore { uid, gid, mode })
