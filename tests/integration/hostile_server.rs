@@ -745,6 +745,41 @@ fn warnings_are_printed_as_they_come_and_kept_only_up_to_a_bound() {
     st.sentinel.assert_untouched();
 }
 
+/// Two selected links to a first name the patterns leave out, restored in
+/// different passes (the 36 MB of flood entries between them exceed one
+/// pass's 32 MiB): the first gets the content, the second is a hard link to
+/// it, as in the snapshot (it became a second, separate copy).
+#[test]
+fn links_to_one_left_out_first_name_stay_links_across_passes() {
+    if !require_root("links_to_one_left_out_first_name_stay_links_across_passes") {
+        return;
+    }
+    let st = Stage::new();
+    let mut sc = scenario(
+        vec![
+            file("a-first", b"shared content"),
+            hardlink("a-link", "a-first"),
+            dir("flood"),
+        ],
+        &[("a-first", b"shared content")],
+    );
+    sc.flood_parts = 12;
+    sc.flood_xattr_len = 3000;
+    sc.tail = vec![vec![hardlink("zlast", "a-first")]];
+    let r = st.restore(&sc, &["/a-link", "/flood", "/zlast"]);
+    r.assert_code(0);
+    let md = |p: &str| fs::symlink_metadata(st.restored(p)).unwrap();
+    assert_eq!(fs::read(st.restored("zlast")).unwrap(), b"shared content");
+    assert_eq!(
+        md("a-link").ino(),
+        md("zlast").ino(),
+        "the second link is a copy"
+    );
+    assert!(fs::symlink_metadata(st.restored("a-first")).is_err());
+    assert_eq!(fs::read_dir(st.restored("flood")).unwrap().count(), 12_000);
+    st.sentinel.assert_untouched();
+}
+
 /// A path restored alone gets the directories on its way made with their
 /// manifest metadata (owner, mode, mtime), as if selected: a file kept
 /// private by its directory stays private in the restore (they were made

@@ -157,6 +157,9 @@ fn main() {
                         send(&mut w, &ServerMsg::ManifestPart(part));
                     }
                 }
+                for part in &sc.tail {
+                    send(&mut w, &ServerMsg::ManifestPart(part.clone()));
+                }
                 send(&mut w, &ServerMsg::ManifestEnd);
             }
             ClientMsg::ReadFile { snapshot, path } => {

@@ -34,6 +34,8 @@ pub struct Scenario {
     /// After the flood and its own entries: a directory `zlinks` and this
     /// many hard links `zlinks/NNNNNNNNNNNN` to `flood/NNNNNNNNNNNN`.
     pub flood_links: u64,
+    /// Manifest parts sent last, after the flood and its links.
+    pub tail: Vec<Vec<ManifestEntry>>,
     /// Content served for `ReadFile`, by path; other paths get an `Error`.
     pub files: Vec<(Vec<u8>, Vec<u8>)>,
     /// Content served for `ReadFile` by (snapshot, path), looked up before `files`.

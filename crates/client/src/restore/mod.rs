@@ -665,13 +665,18 @@ fn resolve_unselected_targets(
     snap: &str,
     pats: &Patterns,
     claimed: Option<&Claims>,
+    copied: &dyn Fn(&[u8]) -> bool,
     chunk: &mut Chunk,
 ) -> Result<()> {
     // Targets the patterns do not select are not taken; those they select
-    // may have been claimed by another snapshot: looked up too.
+    // may have been claimed by another snapshot: looked up too. Those an
+    // earlier pass copied (`copied`) stay links, to the copy.
     let mut wanted_targets: HashSet<Vec<u8>> = HashSet::new();
     for w in &chunk.wanted {
         if let Kind::HardLink { target } = &w.e.entry.kind {
+            if copied(target) {
+                continue;
+            }
             if claimed.is_some() || !pats.selects(target) {
                 wanted_targets.insert(target.clone());
             }
@@ -783,15 +788,17 @@ fn restore_snapshot(
         if chunk.wanted.is_empty() && after.is_none() {
             return Ok(None);
         }
-        let claimed = (!turn.first).then_some(&*claims);
-        resolve_unselected_targets(conn, snap, pats, claimed, &mut chunk)?;
-        after = chunk.wanted.last().map(|w| w.e.entry.path.clone());
         let t = match &mut tree {
             Some(t) => t,
             None => tree.insert(tree::RestoreTree::open(
                 into.dir, into.shown, snap, tree_opts,
             )?),
         };
+        let claimed = (!turn.first).then_some(&*claims);
+        // A first name an earlier pass copied for a link is linked to that copy.
+        let copied = |target: &[u8]| t.has_copy(target);
+        resolve_unselected_targets(conn, snap, pats, claimed, &copied, &mut chunk)?;
+        after = chunk.wanted.last().map(|w| w.e.entry.path.clone());
         let progress = &crate::progress::RESTORE;
         for w in &chunk.wanted {
             progress.found(w.e.entry.size());

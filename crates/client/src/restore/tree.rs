@@ -351,6 +351,12 @@ impl RestoreTree {
         Ok(())
     }
 
+    /// Whether `target`, a first name the patterns left out, was restored
+    /// under the name of a link to it (see [`Wanted::from`]).
+    pub fn has_copy(&self, target: &[u8]) -> bool {
+        self.copies.contains_key(target)
+    }
+
     /// The metadata directories this restore makes on the way to the next
     /// selected paths are to get (manifest entries without xattrs, by
     /// path): their owner, mode and mtime, as if selected.
