@@ -329,14 +329,9 @@ fn lock(key: &str, dest: &str) -> Result<std::fs::File> {
     } else {
         std::env::temp_dir().join(format!("byteback-{}", rustix::process::getuid().as_raw()))
     };
-    std::fs::create_dir_all(&dir).on("cannot create", &dir)?;
-    let path = dir.join(format!("backup-{h:016x}.lock"));
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .on("cannot open", &path)?;
+    let name = format!("backup-{h:016x}.lock");
+    let f = open_lock(&dir, &name)?;
+    let path = dir.join(&name);
     match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(f),
         Err(_) => Err(Error::msg(format!(
@@ -344,6 +339,56 @@ fn lock(key: &str, dest: &str) -> Result<std::fs::File> {
             path.display()
         ))),
     }
+}
+
+/// Opens (creating it) lock file `name` in `dir`, a directory private to
+/// us: `/var/lock` is writable by every user, so the directory must be
+/// ours and writable by nobody else (it is made, or made again, 0700), and
+/// the lock is opened beneath it, never through a symlink, never blocking
+/// (a FIFO), and must be a regular file of ours. A directory another user
+/// made first is refused, naming it.
+fn open_lock(dir: &Path, name: &str) -> Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags};
+    let me = rustix::process::geteuid();
+    match rustix::fs::mkdir(dir, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(e).on("cannot create", dir),
+    }
+    let dfd = rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .on("cannot open", dir)?;
+    let st = rustix::fs::fstat(&dfd).on("cannot look at", dir)?;
+    if st.st_uid != me.as_raw() {
+        return Err(Error::msg(format!(
+            "{} belongs to uid {}, not to this user: refusing to keep the lock there (remove it)",
+            dir.display(),
+            st.st_uid
+        )));
+    }
+    if st.st_mode & 0o077 != 0 {
+        rustix::fs::fchmod(&dfd, Mode::from_raw_mode(0o700)).on("cannot chmod", dir)?;
+    }
+    let path = dir.join(name);
+    let fd = rustix::fs::openat(
+        &dfd,
+        name,
+        OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .on("cannot open", &path)?;
+    let st = rustix::fs::fstat(&fd).on("cannot look at", &path)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile
+        || st.st_uid != me.as_raw()
+    {
+        return Err(Error::msg(format!(
+            "{} is not a regular file of this user: refusing to use it as the lock (remove it)",
+            path.display()
+        )));
+    }
+    Ok(std::fs::File::from(fd))
 }
 
 /// Whether retrying may help: not for usage, configuration, host-key or login errors.
@@ -1007,6 +1052,55 @@ mod tests {
 
     fn target(dest: &str, host: &str) -> Target {
         Target::resolve(Some(dest), Some(host), None, 10).unwrap()
+    }
+
+    /// The client lock lives in a directory of `/var/lock`, which every
+    /// user can write: a directory of another user, a symlink or a FIFO
+    /// planted at the lock's name are refused (never followed, never
+    /// blocked on); the directory is made private, the lock 0600.
+    #[test]
+    fn the_lock_refuses_what_other_users_could_plant() {
+        use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+        if !crate::meta::is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "this test needs root in CI"
+            );
+            eprintln!("SKIPPED: the_lock_refuses_what_other_users_could_plant needs root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("byteback");
+        // Fresh: a private directory and a 0600 lock.
+        let f = open_lock(&dir, "l").unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(f.metadata().unwrap().mode() & 0o777, 0o600);
+        drop(f);
+        // An older, world-readable directory of ours is made private again.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        open_lock(&dir, "l").unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        // A symlink to a file elsewhere: refused, the file left alone.
+        let victim = d.path().join("victim");
+        symlink(&victim, dir.join("s")).unwrap();
+        assert!(open_lock(&dir, "s").is_err());
+        assert!(!victim.exists());
+        // A FIFO: refused without blocking.
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            &dir.join("p"),
+            rustix::fs::Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        let e = open_lock(&dir, "p").unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        // Another user's directory: refused, naming it.
+        let theirs = d.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let e = open_lock(&theirs, "l").unwrap_err().to_string();
+        assert!(e.contains("belongs to uid 65534"), "{e}");
+        assert!(!theirs.join("l").exists());
     }
 
     #[test]
