@@ -1088,7 +1088,7 @@ mod tests {
         // A FIFO: refused without blocking.
         rustix::fs::mkfifoat(
             rustix::fs::CWD,
-            &dir.join("p"),
+            dir.join("p"),
             rustix::fs::Mode::from_raw_mode(0o600),
         )
         .unwrap();
