@@ -42,6 +42,9 @@ pub const MAX_XATTR_TOTAL: usize = 1 << 20;
 pub const MAX_SIGNATURE: usize = 16 << 20;
 /// Longest free-text message (errors, warnings).
 pub const MAX_TEXT: usize = 4096;
+/// Longest message of a `BackupDone` (why no snapshot, and the server's
+/// warnings, at most about 2 KiB of them plus the last one).
+pub const MAX_BACKUP_MESSAGE: usize = 64 << 10;
 /// Most snapshot names in one listing.
 pub const MAX_SNAPSHOTS: usize = 100_000;
 /// Largest file size accepted (16 TiB).

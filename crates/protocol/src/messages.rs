@@ -599,6 +599,18 @@ impl ServerMsg {
             ServerMsg::Error { message } if message.len() > MAX_TEXT => {
                 Err(ProtocolError::Limit("error text too long".into()))
             }
+            ServerMsg::BackupDone {
+                snapshot, message, ..
+            } => {
+                if message.len() > MAX_BACKUP_MESSAGE {
+                    return Err(ProtocolError::Limit("backup message too long".into()));
+                }
+                match snapshot {
+                    Some(name) => crate::validate_snapshot_name(name)
+                        .map_err(|e| ProtocolError::Limit(format!("bad snapshot name: {e}"))),
+                    None => Ok(()),
+                }
+            }
             _ => Ok(()),
         }
     }

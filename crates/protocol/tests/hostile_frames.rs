@@ -125,3 +125,31 @@ fn the_valid_session_is_accepted_whole() {
     }
     assert_eq!(n, 6);
 }
+
+/// A `BackupDone` names a snapshot the way the server names them and says
+/// at most 64 KiB: a hostile server's escape sequences or megabytes of text
+/// never reach the client's log or report.
+#[test]
+fn a_backup_done_is_checked() {
+    let done = |snapshot: Option<&str>, message: String| ServerMsg::BackupDone {
+        snapshot: snapshot.map(str::to_string),
+        message,
+        stats: BackupStats::default(),
+        generation: None,
+    };
+    assert!(done(Some("2026-11-27T03:00+0000"), "fine".into())
+        .validate()
+        .is_ok());
+    assert!(done(None, "x".repeat(limits::MAX_BACKUP_MESSAGE))
+        .validate()
+        .is_ok());
+    for bad in ["../x", "a/b", "\x1b]0;owned\x07", ""] {
+        assert!(
+            done(Some(bad), String::new()).validate().is_err(),
+            "{bad:?}"
+        );
+    }
+    assert!(done(None, "x".repeat(limits::MAX_BACKUP_MESSAGE + 1))
+        .validate()
+        .is_err());
+}

@@ -477,6 +477,63 @@ mod tests {
         assert!(e.contains("closed the connection"), "{e}");
     }
 
+    /// Only a regular file's data is sent: a need for a directory (or a
+    /// device, a FIFO) is the server's error, and nothing is opened.
+    #[test]
+    fn a_need_for_anything_but_a_regular_file_ends_the_backup() {
+        let (r, _) = backup_against(|s| {
+            let batch = match recv(s) {
+                Some(ClientMsg::Entries(e)) => e,
+                m => panic!("expected entries, got {m:?}"),
+            };
+            let index = batch
+                .iter()
+                .position(|e| e.kind == byteback_protocol::Kind::Dir)
+                .unwrap() as u32;
+            send(
+                s,
+                &ServerMsg::Needs(vec![Need {
+                    index,
+                    id: 0,
+                    basis: false,
+                    twin: false,
+                }]),
+            );
+        });
+        let e = format!("{:#}", r.unwrap_err());
+        assert!(e.contains("which is not a regular file"), "{e}");
+    }
+
+    /// A server asking for the same file again and again is refused after
+    /// 16 resends instead of keeping the backup going for ever.
+    #[test]
+    fn a_server_asking_for_a_file_again_without_end_is_refused() {
+        let (r, _) = backup_against(|s| {
+            let index = entries(s);
+            send(
+                s,
+                &ServerMsg::Needs(vec![Need {
+                    index,
+                    id: 0,
+                    basis: false,
+                    twin: false,
+                }]),
+            );
+            for _ in 0..17 {
+                loop {
+                    match recv(s) {
+                        Some(ClientMsg::FileEnd { .. }) => break,
+                        Some(_) => {}
+                        None => return,
+                    }
+                }
+                send(s, &ServerMsg::FileRetry { id: 0 });
+            }
+        });
+        let e = format!("{:#}", r.unwrap_err());
+        assert!(e.contains("again 16 times; giving up"), "{e}");
+    }
+
     #[test]
     fn a_job_waiting_for_a_signature_ends_with_the_backup() {
         let (r, took) = backup_against(|s| {

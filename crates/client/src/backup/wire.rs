@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{bail, err, Result};
-use byteback_protocol::{ClientMsg, Entry, Need, ServerMsg};
+use byteback_protocol::{ClientMsg, Entry, Kind, Need, ServerMsg};
 
 use super::queue::Outgoing;
 use super::send::{spawn_job, spawn_jobs, Job};
@@ -56,6 +56,7 @@ pub(super) fn reader_loop(
         batches,
         pool,
         jobs: HashMap::new(),
+        retries: HashMap::new(),
     };
     loop {
         match r.recv()? {
@@ -70,6 +71,7 @@ pub(super) fn reader_loop(
             }
             ServerMsg::FileOk { id } => {
                 reader.jobs.remove(&id);
+                reader.retries.remove(&id);
                 PROGRESS.finished();
                 let mut f = lock(&shared.flow);
                 if let Some(seq) = f.transfer_seq.remove(&id) {
@@ -79,6 +81,14 @@ pub(super) fn reader_loop(
             }
             ServerMsg::FileRetry { id } => {
                 let (found, entry) = reader.transfer(id, "retry")?;
+                let n = reader.retries.entry(id).or_insert(0);
+                *n += 1;
+                if *n > MAX_RETRIES {
+                    bail!(
+                        "the server asked for {} again {MAX_RETRIES} times; giving up",
+                        found.abs.display()
+                    );
+                }
                 shared.warn(format!(
                     "{}: the server asked for it again (failed verification, or it made room after a full disc); resending whole",
                     found.abs.display()
@@ -118,7 +128,14 @@ struct Reader<'a> {
     pool: &'a rayon::ThreadPool,
     /// Transfers in progress, kept for a possible whole-file resend.
     jobs: HashMap<u32, (Found, Entry)>,
+    /// How often the server asked for each transfer again.
+    retries: HashMap<u32, u32>,
 }
+
+/// Resends of one file the server may ask for: an honest one asks again
+/// after a failed hash (once) and after making room on a full disc (three
+/// times at most); one asking without end would keep the backup going.
+const MAX_RETRIES: u32 = 16;
 
 impl Reader<'_> {
     /// The server's answer to the oldest unanswered batch: the entries it
@@ -161,6 +178,14 @@ impl Reader<'_> {
                 .get_mut(need.index as usize)
                 .and_then(Option::take)
                 .ok_or_else(|| err!("bad need index"))?;
+            // Only a regular file's data is ever sent: opening anything
+            // else (a device, a FIFO) as root could have side effects.
+            if !matches!(entry.kind, Kind::File { .. }) {
+                bail!(
+                    "the server asked for the data of {}, which is not a regular file",
+                    found.abs.display()
+                );
+            }
             self.jobs.insert(need.id, (found.clone(), entry.clone()));
             jobs.push(Job {
                 id: need.id,
