@@ -1503,6 +1503,35 @@ fn a_backup_holds_descriptors_only_for_the_files_in_flight() {
     }
 }
 
+/// Once the server has committed a backup and taken its snapshot, a server
+/// that then ends badly (here: exits 3 after a clean run) costs a warning,
+/// not a failed backup retried from the start: exit 0, one attempt, the
+/// snapshot there.
+#[test]
+fn a_server_ending_badly_after_its_commit_costs_a_warning_not_the_backup() {
+    let d = scratch();
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"content").unwrap();
+    let wrapper = write_script(
+        &d.path().join("server-exits-3"),
+        &format!(
+            "#!/bin/sh\n'{}' \"$@\"\nexit 3\n",
+            bin("byteback-server").display()
+        ),
+    );
+    let o = run_status(backup_cmd(&store, &src, "h", 2).env("BYTEBACK_SERVER", &wrapper));
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{e}");
+    assert!(e.contains("after the backup: byteback-server"), "{e}");
+    assert!(e.contains(" taken;"), "{e}");
+    assert!(!e.contains("retrying") && !e.contains("attempt 2"), "{e}");
+    let root = restore_all(&store, "h", None, &d.path().join("r"));
+    assert_same_tree(&src, &restored_path(&root, &src));
+}
+
 /// `byteback-backup` of `src` as `host` into `store`, its record of the
 /// last backup kept in `cache`; returns its stderr and the summary's
 /// entries and unchanged entries.

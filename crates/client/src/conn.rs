@@ -164,6 +164,9 @@ impl ConnWriter {
 /// How long tearing a transport down waits for the server (or the SSH
 /// session) to end before going on without it.
 const ABORT_WAIT: Duration = Duration::from_secs(5);
+/// How long a client waits over SSH for the server to end after a backup
+/// it committed (see [`Transport::finish_after_commit`]).
+const POST_COMMIT_WAIT: Duration = Duration::from_secs(60);
 /// How long a server whose connection was torn down has to end by itself
 /// before it is killed.
 const GRACE: Duration = Duration::from_secs(2);
@@ -273,6 +276,31 @@ impl Transport {
                     Some(_) => None,
                 }
             }
+        }
+    }
+
+    /// Waits for the server side to finish after a backup it committed
+    /// (its snapshot is taken; it may still be pruning). A local server is
+    /// waited for; over SSH at most [`POST_COMMIT_WAIT`], so a server that
+    /// keeps the session open cannot hold the client (and its post-backup
+    /// hooks) until `--io-timeout`. What goes wrong here is for a warning:
+    /// the backup is done.
+    pub fn finish_after_commit(self) -> Result<()> {
+        match self {
+            Transport::Ssh(sock, session) => {
+                let _ = sock.shutdown(Shutdown::Write);
+                match session.wait_for(POST_COMMIT_WAIT) {
+                    None => bail!(
+                        "the server had not ended {} s after the backup (still pruning?); not waiting for it",
+                        POST_COMMIT_WAIT.as_secs()
+                    ),
+                    Some(r) => match r? {
+                        Some(0) | None => Ok(()),
+                        Some(n) => bail!("byteback-server exited with status {n}"),
+                    },
+                }
+            }
+            t => t.finish(),
         }
     }
 

@@ -350,7 +350,11 @@ fn shut_down(
     );
     drop(shared);
     drop(pool);
-    transport.finish()?;
+    // The snapshot is taken: a server that ends badly now (or not at all)
+    // costs a warning, never the backup or a retry of it.
+    if let Err(e) = transport.finish_after_commit() {
+        tracing::warn!("after the backup: {e:#}");
+    }
     Ok(report)
 }
 
