@@ -452,6 +452,13 @@ fn read_level(
     (level, failed)
 }
 
+/// A path of the walked tree as messages show it: escaped, since any
+/// local user can name a file (escape sequences, newlines) and the client
+/// runs as root, logging to a terminal or the journal.
+pub fn shown(p: &Path) -> String {
+    byteback_protocol::escape_bytes(p.as_os_str().as_encoded_bytes())
+}
+
 /// Raises the soft limit on open files to the hard limit: the walk holds one
 /// directory fd per level of depth.
 pub fn raise_fd_limit() {
@@ -587,7 +594,7 @@ impl Walker<'_> {
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
                 Mode::empty(),
             )
-            .with_context(|| format!("opening {}", dir.display()))?;
+            .with_context(|| format!("opening {}", shown(&dir)))?;
             let rel = dir
                 .as_os_str()
                 .as_bytes()
@@ -1023,6 +1030,19 @@ pub fn walk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// File names are anyone's: shown escaped in root's messages, so a name
+    /// with escape sequences or a newline cannot drive a terminal or forge
+    /// a log line.
+    #[test]
+    fn paths_in_messages_are_escaped() {
+        use std::os::unix::ffi::OsStrExt;
+        let name = std::ffi::OsStr::from_bytes(b"/src/a\x1b]0;owned\x07\nbyteback: fake\xff");
+        let s = shown(Path::new(name));
+        assert!(!s.chars().any(char::is_control), "{s:?}");
+        assert!(s.starts_with("/src/a"), "{s}");
+        assert_eq!(shown(Path::new("/plain/path")), "/plain/path");
+    }
 
     #[test]
     fn excludes_follow_rsync_spirit() {

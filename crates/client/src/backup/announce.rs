@@ -15,7 +15,7 @@ use byteback_protocol::{ClientMsg, Entry};
 use super::cache::{NewRecord, OldRecord};
 use super::shared::{lock, Batches, Shared};
 use crate::progress::BACKUP as PROGRESS;
-use crate::walk::{EntrySink, Found, WalkWarning};
+use crate::walk::{shown, EntrySink, Found, WalkWarning};
 
 /// The walk's sink: entries go to the server in batches, as many at a time
 /// as the flow-control window allows.
@@ -243,11 +243,11 @@ impl EntrySink for Feeder {
         if w.vanished {
             self.shared.vanished.fetch_add(1, Ordering::Relaxed);
             self.shared
-                .warn(format!("{}: vanished during the backup", w.path.display()));
+                .warn(format!("{}: vanished during the backup", shown(&w.path)));
         } else {
             self.shared.partial.fetch_add(1, Ordering::Relaxed);
             self.shared
-                .warn(format!("{}: {}", w.path.display(), w.message));
+                .warn(format!("{}: {}", shown(&w.path), w.message));
         }
     }
 }

@@ -22,7 +22,7 @@ use byteback_protocol::{ClientMsg, Compressed, Entry};
 use super::pool::PoolBuf;
 use super::shared::{lock, Shared};
 use crate::progress::BACKUP as PROGRESS;
-use crate::walk::{Found, OpenError};
+use crate::walk::{shown, Found, OpenError};
 
 /// Raw bytes of a segment when there is no basis.
 const PLAIN_SEGMENT: usize = 2 << 20;
@@ -130,13 +130,16 @@ pub(super) fn send_file(shared: &Shared, job: Job) -> Result<()> {
         // Changed or unreadable while hashed: sent as any other file.
         file.seek(SeekFrom::Start(0)).on("cannot seek in", abs)?;
     }
+    // A signature whose blocks do not fit in a chunk (files over about
+    // 10 TiB) is not used: the file is sent whole, which costs bandwidth
+    // but never fails the backup.
     let sig = if basis {
-        Some(signature(shared, id, abs)?)
+        Some(signature(shared, id, abs)?).filter(|s| (s.block_size() as usize) <= MAX_DELTA_BLOCK)
     } else {
         None
     };
     if shared.verbose {
-        tracing::debug!(target: byteback_protocol::term::FILE_TARGET, "{}", abs.display());
+        tracing::debug!(target: byteback_protocol::term::FILE_TARGET, "{}", shown(abs));
     }
     PROGRESS.current(abs);
     let Some((total, hash)) = send_segments(shared, id, &mut file, &entry, sig.as_ref(), abs)?
@@ -162,13 +165,13 @@ fn open_or_abort(shared: &Shared, id: u32, found: &Found) -> Result<Option<File>
         Ok(f) => Ok(Some(f)),
         Err(OpenError::Vanished(_)) => {
             shared.vanished.fetch_add(1, Ordering::Relaxed);
-            shared.warn(format!("{}: vanished during the backup", abs.display()));
+            shared.warn(format!("{}: vanished during the backup", shown(abs)));
             shared.send(ClientMsg::FileAbort { id })?;
             Ok(None)
         }
         Err(e) => {
             shared.partial.fetch_add(1, Ordering::Relaxed);
-            shared.warn(format!("{}: {e}", abs.display()));
+            shared.warn(format!("{}: {e}", shown(abs)));
             shared.send(ClientMsg::FileAbort { id })?;
             Ok(None)
         }
@@ -190,9 +193,15 @@ fn signature(shared: &Shared, id: u32, abs: &Path) -> Result<Signature> {
         .map_err(|_| err!("the backup stopped while waiting for a signature"))?;
     match Signature::parse(&bytes) {
         Ok(s) => Ok(s),
-        Err(e) => bail!("server sent a bad signature for {}: {e}", abs.display()),
+        Err(e) => bail!("server sent a bad signature for {}: {e}", shown(abs)),
     }
 }
+
+/// Largest signature block the delta is computed against: a segment is at
+/// least one block, and its delta (all literal, at worst) must fit in one
+/// chunk with the look-ahead's 4 KiB of room (see `Plan::new`).
+const MAX_DELTA_BLOCK: usize = MAX_CHUNK - 8192;
+const _: () = assert!(MAX_DELTA_BLOCK + 4096 + LITERAL_HEADER_MAX <= MAX_CHUNK);
 
 /// Segment length for a signature's block size: a whole number of blocks, about 4 MiB.
 fn segment_len(block: usize) -> usize {
@@ -303,7 +312,7 @@ fn send_segments(
         if let Err(e) = read {
             bufs.give_back(shared);
             shared.partial.fetch_add(1, Ordering::Relaxed);
-            shared.warn(format!("{}: read error: {e}", abs.display()));
+            shared.warn(format!("{}: read error: {e}", shown(abs)));
             shared.send(ClientMsg::FileAbort { id })?;
             return Ok(None);
         }
@@ -416,7 +425,7 @@ fn check_unchanged(shared: &Shared, file: &File, entry: &Entry, total: u64, abs:
             || total != size
         {
             shared.partial.fetch_add(1, Ordering::Relaxed);
-            shared.warn(format!("{}: changed while being read", abs.display()));
+            shared.warn(format!("{}: changed while being read", shown(abs)));
         }
     }
 }

@@ -13,7 +13,7 @@ use super::send::{spawn_job, spawn_jobs, Job};
 use super::shared::{lock, Batches, Committed, Shared};
 use crate::conn::{ConnReader, ConnWriter};
 use crate::progress::BACKUP as PROGRESS;
-use crate::walk::Found;
+use crate::walk::{shown, Found};
 
 /// Sends what is queued, flushing whenever the queue runs dry; ends after
 /// `Bye`, or with an error once the backup stopped.
@@ -86,12 +86,12 @@ pub(super) fn reader_loop(
                 if *n > MAX_RETRIES {
                     bail!(
                         "the server asked for {} again {MAX_RETRIES} times; giving up",
-                        found.abs.display()
+                        shown(&found.abs)
                     );
                 }
                 shared.warn(format!(
                     "{}: the server asked for it again (failed verification, or it made room after a full disc); resending whole",
-                    found.abs.display()
+                    shown(&found.abs)
                 ));
                 reader.send_whole(id, found, entry);
             }
@@ -183,7 +183,7 @@ impl Reader<'_> {
             if !matches!(entry.kind, Kind::File { .. }) {
                 bail!(
                     "the server asked for the data of {}, which is not a regular file",
-                    found.abs.display()
+                    shown(&found.abs)
                 );
             }
             self.jobs.insert(need.id, (found.clone(), entry.clone()));
