@@ -279,9 +279,18 @@ fn enrol_remote(
     let stream = ssh::open(target, auth, &opts, Request::Exec(command))?;
     let mut sock = stream.socket.try_clone()?;
     sock.shutdown(std::net::Shutdown::Write)?;
+    // The enrol command prints a line or two: more is the server's error
+    // (it could otherwise grow this without bound).
     let mut out = Vec::new();
-    sock.read_to_end(&mut out)?;
+    (&mut sock)
+        .take(ENROL_OUTPUT_MAX + 1)
+        .read_to_end(&mut out)?;
     drop(sock);
+    if out.len() as u64 > ENROL_OUTPUT_MAX {
+        return Err(Error::msg(format!(
+            "the server printed more than {ENROL_OUTPUT_MAX} bytes while enrolling; refusing"
+        )));
+    }
     let status = stream.finish()?;
     for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
         eprintln!("server: {}", byteback_protocol::escape_bytes(line));
@@ -296,6 +305,9 @@ fn enrol_remote(
         )),
     }
 }
+
+/// Most output taken from the server's enrol command.
+const ENROL_OUTPUT_MAX: u64 = 64 << 10;
 
 fn is_shell_word(s: &str) -> bool {
     !s.is_empty()
