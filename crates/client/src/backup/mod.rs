@@ -445,6 +445,19 @@ mod tests {
         (r, took)
     }
 
+    /// Asks for entry `index` of the batch as transfer 0.
+    fn need(s: &mut UnixStream, index: u32, basis: bool) {
+        send(
+            s,
+            &ServerMsg::Needs(vec![Need {
+                index,
+                id: 0,
+                basis,
+                twin: false,
+            }]),
+        );
+    }
+
     /// Reads the client's one batch of entries; the index of the file in it.
     fn entries(s: &mut UnixStream) -> u32 {
         match recv(s) {
@@ -494,15 +507,7 @@ mod tests {
                 .iter()
                 .position(|e| e.kind == byteback_protocol::Kind::Dir)
                 .unwrap() as u32;
-            send(
-                s,
-                &ServerMsg::Needs(vec![Need {
-                    index,
-                    id: 0,
-                    basis: false,
-                    twin: false,
-                }]),
-            );
+            need(s, index, false);
         });
         let e = format!("{:#}", r.unwrap_err());
         assert!(e.contains("which is not a regular file"), "{e}");
@@ -514,15 +519,7 @@ mod tests {
     fn a_server_asking_for_a_file_again_without_end_is_refused() {
         let (r, _) = backup_against(|s| {
             let index = entries(s);
-            send(
-                s,
-                &ServerMsg::Needs(vec![Need {
-                    index,
-                    id: 0,
-                    basis: false,
-                    twin: false,
-                }]),
-            );
+            need(s, index, false);
             for _ in 0..17 {
                 loop {
                     match recv(s) {
@@ -542,15 +539,7 @@ mod tests {
     fn a_job_waiting_for_a_signature_ends_with_the_backup() {
         let (r, took) = backup_against(|s| {
             let index = entries(s);
-            send(
-                s,
-                &ServerMsg::Needs(vec![Need {
-                    index,
-                    id: 0,
-                    basis: true,
-                    twin: false,
-                }]),
-            );
+            need(s, index, true);
             assert!(matches!(recv(s), Some(ClientMsg::SigRequest { id: 0 })));
             send(
                 s,
