@@ -716,6 +716,54 @@ fn server_output_is_escaped() {
     }
 }
 
+/// A server that keeps the SSH session open after it committed the backup
+/// (here its forced command sleeps after the real server) holds the client
+/// only a bounded time (60 s; 3 s here through a debug-build knob), then
+/// costs a warning: the backup succeeds, its snapshot there. Before, the
+/// client waited for the session to end, up to `--io-timeout`.
+#[test]
+fn a_server_holding_the_session_after_its_commit_does_not_hold_the_client() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let w = World::new(200);
+    let client = w.enrolled("p");
+    let server = bin("byteback-server");
+    let held = w.sshd.dir.join("held-server");
+    fs::write(
+        &held,
+        format!("#!/bin/sh\n'{}' \"$@\"\nexec sleep 300\n", server.display()),
+    )
+    .unwrap();
+    fs::set_permissions(&held, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let keys = fs::read_to_string(w.sshd.authorized_keys()).unwrap();
+    let from = format!("command=\"{} serve", server.display());
+    assert!(keys.contains(&from), "{keys}");
+    let to = format!("command=\"{} serve", held.display());
+    fs::write(w.sshd.authorized_keys(), keys.replace(&from, &to)).unwrap();
+    let src = w.one_file_src(b"held");
+    let (o, took) = run_bounded(
+        w.client(&client, "byteback-backup")
+            .env("BYTEBACK_TEST_POST_COMMIT_WAIT_SECS", "3")
+            .arg("--source")
+            .arg(&src)
+            .args(["--retry-number", "0"]),
+        Duration::from_secs(60),
+    );
+    for p in w.sshd.pids("sleep 300") {
+        send_signal(p, Signal::KILL);
+    }
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("after the backup: the server had not ended 3 s after the backup"),
+        "{e}"
+    );
+    assert!(e.contains(" taken;"), "{e}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert_eq!(w.snapshots("client-p").len(), 1);
+}
+
 #[test]
 fn killed_server_mid_backup_is_retried_and_the_result_is_complete() {
     if !require_root("an sshd and a server account") {

@@ -167,6 +167,19 @@ const ABORT_WAIT: Duration = Duration::from_secs(5);
 /// How long a client waits over SSH for the server to end after a backup
 /// it committed (see [`Transport::finish_after_commit`]).
 const POST_COMMIT_WAIT: Duration = Duration::from_secs(60);
+/// [`POST_COMMIT_WAIT`]; in a debug build, for the tests,
+/// `$BYTEBACK_TEST_POST_COMMIT_WAIT_SECS` if set.
+fn post_commit_wait() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(s) = std::env::var("BYTEBACK_TEST_POST_COMMIT_WAIT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Duration::from_secs(s);
+    }
+    POST_COMMIT_WAIT
+}
+
 /// How long a server whose connection was torn down has to end by itself
 /// before it is killed.
 const GRACE: Duration = Duration::from_secs(2);
@@ -289,10 +302,11 @@ impl Transport {
         match self {
             Transport::Ssh(sock, session) => {
                 let _ = sock.shutdown(Shutdown::Write);
-                match session.wait_for(POST_COMMIT_WAIT) {
+                let limit = post_commit_wait();
+                match session.wait_for(limit) {
                     None => bail!(
                         "the server had not ended {} s after the backup (still pruning?); not waiting for it",
-                        POST_COMMIT_WAIT.as_secs()
+                        limit.as_secs()
                     ),
                     Some(r) => match r? {
                         Some(0) | None => Ok(()),
