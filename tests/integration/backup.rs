@@ -1408,6 +1408,18 @@ fn a_storage_error_names_the_path() {
     assert_same_tree(&src, &restored_path(&root, &src));
 }
 
+/// A script in `dir` running byteback-server under an open-file limit of
+/// `n` (soft and hard: the server raises its soft limit to the hard one).
+fn server_with_nofile(dir: &Path, n: u32) -> PathBuf {
+    write_script(
+        &dir.join(format!("server-nofile-{n}")),
+        &format!(
+            "#!/bin/sh\nulimit -n {n} || exit 99\nexec '{}' \"$@\"\n",
+            bin("byteback-server").display()
+        ),
+    )
+}
+
 /// The server opens a file's output, stored copy and earlier rebuild when
 /// its transfer starts, not when its entry arrives: a backup holds
 /// descriptors only for the files in flight, not for the client's window of
@@ -1429,13 +1441,7 @@ fn a_low_open_file_limit_on_the_server_is_enough_for_new_and_changed_files() {
             }
         }
     };
-    let wrapper = write_script(
-        &d.path().join("server-low-nofile"),
-        &format!(
-            "#!/bin/sh\nulimit -n 2048 || exit 99\nexec '{}' \"$@\"\n",
-            bin("byteback-server").display()
-        ),
-    );
+    let wrapper = server_with_nofile(d.path(), 2048);
     for round in 0..2 {
         write_all(round);
         let o = run_status(backup_cmd(&store, &src, "w", 0).env("BYTEBACK_SERVER", &wrapper));
@@ -1459,13 +1465,7 @@ fn a_backup_holds_descriptors_only_for_the_files_in_flight() {
     let store = d.path().join("store");
     store_without_interval(&store);
     let src = d.path().join("src");
-    let wrapper = write_script(
-        &d.path().join("server-lower-nofile"),
-        &format!(
-            "#!/bin/sh\nulimit -n 256 || exit 99\nexec '{}' \"$@\"\n",
-            bin("byteback-server").display()
-        ),
-    );
+    let wrapper = server_with_nofile(d.path(), 256);
     for round in 0..2 {
         for dir in 0..3 {
             fs::create_dir_all(src.join(format!("d{dir}"))).unwrap();
