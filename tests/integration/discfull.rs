@@ -316,3 +316,189 @@ fn a_rename_that_runs_out_of_space_makes_room_and_is_not_sent_again() {
         );
     }
 }
+
+/// Files of up to 2 KiB are stored inline, in btrfs's metadata, so a disc
+/// of small files fills its metadata first: creating a file or a directory
+/// (and renaming one) then fails with "no space left on device" while the
+/// data space is nearly empty and the free-space figure says little. Each
+/// day brings 4,000 new small files under new paths; once the metadata is
+/// full, the creation that fails makes room (a commit, then one snapshot
+/// deleted a round) and is tried again, and every backup succeeds. Before,
+/// the first backup to hit it failed at that file, and every later one at
+/// creating its new manifest, deleting nothing: the store stayed full for
+/// good.
+#[test]
+fn small_files_that_fill_the_metadata_make_room_and_every_backup_succeeds() {
+    let Some(rig) = Rig::start(128) else {
+        return;
+    };
+    let src = rig.src.clone();
+    let mut all = String::new();
+    for day in 0..5u64 {
+        fs::remove_dir_all(&src).unwrap();
+        let mut rng = Rng::new(day + 1);
+        for d in 0..8 {
+            let dir = src.join(format!("day{day}-{d}"));
+            fs::create_dir_all(&dir).unwrap();
+            for i in 0..500 {
+                fs::write(dir.join(format!("f{i}")), rng.bytes(1500)).unwrap();
+            }
+        }
+        let o = rig.backup(&src, "h", T0 + day as i64 * DAY);
+        let out = text(&o);
+        assert_eq!(o.status.code(), Some(0), "day {day}: {out}");
+        // The snapshot holds the source's files (content and names; the
+        // rest of the metadata is in the manifest, checked by the restore
+        // below).
+        let newest = rig.snapshots("h").pop().unwrap();
+        let stored = rig.store.join("h").join(&newest);
+        let diff = run(Command::new("rsync")
+            .args([
+                "-r",
+                "--checksum",
+                "--dry-run",
+                "--itemize-changes",
+                "--delete",
+            ])
+            .arg(format!("{}/", src.display()))
+            .arg(format!(
+                "{}/",
+                stored.join(src.strip_prefix("/").unwrap()).display()
+            )));
+        assert!(
+            diff.stdout.is_empty(),
+            "day {day}: {}",
+            String::from_utf8_lossy(&diff.stdout)
+        );
+        all.push_str(&out);
+    }
+    let snaps = rig.snapshots("h");
+    let newest = snaps.last().unwrap();
+    let into = rig.dir.path().join("restore");
+    fs::create_dir_all(&into).unwrap();
+    run(Command::new(bin("byteback-restore"))
+        .current_dir(&into)
+        .arg("--destination")
+        .arg(&rig.store)
+        .args(["--hostname", "h", "--restore", "--snapshot", newest, "/"]));
+    assert_same_tree(
+        &src,
+        &into.join(newest).join(src.strip_prefix("/").unwrap()),
+    );
+    assert!(
+        all.contains("btrfs needs metadata space for it); deleting one snapshot"),
+        "the metadata never ran out: {all}"
+    );
+    assert!(rig.snapshots("h").len() < 5, "{all}");
+}
+
+/// The same rounds for whatever a backup creates (files, directories,
+/// symlinks, its new manifest) as for renames, injected here
+/// (`BYTEBACK_TEST_NO_SPACE_CREATE=N` fails the first N creations of the
+/// debug server): a commit, then one snapshot deleted a round, and the
+/// backup goes on. When room cannot be made, the backup fails saying why,
+/// takes no snapshot, and the next one succeeds.
+#[test]
+fn a_creation_that_runs_out_of_space_makes_room_and_the_backup_goes_on() {
+    let Some(rig) = Rig::start(400) else {
+        return;
+    };
+    let src = rig.src.clone();
+    for day in 0..4u64 {
+        fs::write(src.join(format!("day{day}")), Rng::new(day).bytes(1 << 20)).unwrap();
+        rig.backup_ok(&src, "h", T0 + day as i64 * DAY);
+    }
+    assert_eq!(rig.snapshots("h").len(), 4);
+    let new_tree = |tag: &str| {
+        let d = src.join(tag).join("sub");
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("file"), tag).unwrap();
+        std::os::unix::fs::symlink("file", d.join("link")).unwrap();
+    };
+    let restore = |snap: &str| {
+        let into = rig.dir.path().join(format!("restore-{snap}"));
+        fs::create_dir_all(&into).unwrap();
+        run(Command::new(bin("byteback-restore"))
+            .current_dir(&into)
+            .arg("--destination")
+            .arg(&rig.store)
+            .args(["--hostname", "h", "--restore", "--snapshot", snap, "/"]));
+        into.join(snap).join(src.strip_prefix("/").unwrap())
+    };
+
+    // Each creation fails once: the new manifest, two directories, a file
+    // and a symlink each cost a commit, and nothing is deleted.
+    new_tree("a");
+    let mut cmd = backup_at(&rig.store, &rig.wrapper, &src, "h", T0 + 4 * DAY);
+    let o = run_status(cmd.env("BYTEBACK_TEST_NO_SPACE_CREATE", "5,alternate"));
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert_eq!(
+        out.matches("committing the filesystem and trying again")
+            .count(),
+        5,
+        "{out}"
+    );
+    for what in ["manifest.new", "directory", "symlink", "sub/file\""] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains("no space left on device creating") && l.contains(what)),
+            "{what}: {out}"
+        );
+    }
+    assert!(!out.contains("deleting one snapshot"), "{out}");
+    assert_eq!(rig.snapshots("h").len(), 5);
+    assert_same_tree(&src, &restore(rig.snapshots("h").last().unwrap()));
+
+    // Three failures in a row for one: a commit, then two deletions.
+    new_tree("c");
+    let mut cmd = backup_at(&rig.store, &rig.wrapper, &src, "h", T0 + 5 * DAY);
+    let o = run_status(cmd.env("BYTEBACK_TEST_NO_SPACE_CREATE", "3"));
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert_eq!(
+        out.matches("committing the filesystem and trying again")
+            .count(),
+        1,
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("deleting one snapshot and trying again")
+            .count(),
+        2,
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("byteback-prune: deleted h/").count(),
+        2,
+        "{out}"
+    );
+    let kept = rig.snapshots("h");
+    assert_eq!(kept.len(), 4, "{kept:?}");
+    assert_same_tree(&src, &restore(kept.last().unwrap()));
+
+    // Creations fail for good: three snapshots can still go, one a round,
+    // then nothing; the backup fails, takes no snapshot and says why.
+    new_tree("b");
+    let mut cmd = backup_at(&rig.store, &rig.wrapper, &src, "h", T0 + 6 * DAY);
+    let o = run_status(cmd.env("BYTEBACK_TEST_NO_SPACE_CREATE", "1000"));
+    let out = text(&o);
+    assert_ne!(o.status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("even after committing the filesystem and deleting up to 5 snapshots"),
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("byteback-prune: deleted h/").count(),
+        3,
+        "{out}"
+    );
+    assert_eq!(
+        rig.snapshots("h"),
+        kept[3..].to_vec(),
+        "a failed backup took a snapshot"
+    );
+    rig.backup_ok(&src, "h", T0 + 7 * DAY);
+    let newest = rig.snapshots("h").pop().unwrap();
+    assert_same_tree(&src, &restore(&newest));
+}

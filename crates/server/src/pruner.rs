@@ -501,21 +501,23 @@ fn check_growth(
     Ok(Some(why))
 }
 
-/// A verified file's rename into place ran out of space (round `round`
-/// of [`RENAME_ROUNDS`]): btrfs needs metadata space for a rename, which
-/// the free data space does not show, so pruning to a free-space target
-/// would delete too much on a small disc and nothing on a large one. The
-/// first round commits the filesystem (and waits for deleted snapshots to
-/// be cleaned), so what was freed becomes usable; each later round deletes
-/// the next snapshot in importance order, one, whatever the free space
-/// says, if `may_delete` (the caller bounds a backup's deletions). A round
-/// that deletes nothing says why; the caller renames again after each
-/// round and gives up after the last. Returns the number deleted.
-pub fn make_room_to_rename(
+/// Creating or renaming something in a backup ran out of space (round
+/// `round` of [`ROOM_ROUNDS`]; `what` says what, "creating \"PATH\""):
+/// btrfs needs metadata space to create a file, a directory or a symlink
+/// and to rename, which the free data space does not show, so pruning to
+/// a free-space target would delete too much on a small disc and nothing
+/// on a large one. The first round commits the filesystem (and waits for
+/// deleted snapshots to be cleaned), so what was freed becomes usable;
+/// each later round deletes the next snapshot in importance order, one,
+/// whatever the free space says, if `may_delete` (the caller bounds a
+/// backup's deletions). A round that deletes nothing says why; the caller
+/// tries again after each round and gives up after the last. Returns the
+/// number deleted.
+pub fn make_room_for_metadata(
     store: &Store,
     cfg: &crate::config::StoreConfig,
     now: i64,
-    path: &str,
+    what: &str,
     round: u8,
     may_delete: bool,
 ) -> Result<usize> {
@@ -530,19 +532,30 @@ pub fn make_room_to_rename(
     print_lines(
         Level::WARN,
         format!(
-            "byteback-server: no space left on device putting {path:?} in place ({space}; a rename needs metadata space); {doing} and trying again\n"
+            "byteback-server: no space left on device {what} ({space}; btrfs needs metadata space for it); {doing} and trying again\n"
         )
         .as_bytes(),
     );
     if round <= 1 {
         return wait_for_cleaner(store.fd()).map(|()| 0);
     }
+    delete_one(store, cfg, now, may_delete)
+}
+
+/// Deletes the next snapshot in importance order, if `may_delete` and the
+/// rules allow; says why when none goes. Returns the number deleted.
+pub fn delete_one(
+    store: &Store,
+    cfg: &crate::config::StoreConfig,
+    now: i64,
+    may_delete: bool,
+) -> Result<usize> {
     if !may_delete {
         print_lines(
             Level::WARN,
             format!(
-                "byteback-server: no snapshot deleted: this backup deleted {} already to put files in place\n",
-                RENAME_ROUNDS - 1
+                "byteback-server: no snapshot deleted: this backup deleted {} already to make room for metadata\n",
+                ROOM_ROUNDS - 1
             )
             .as_bytes(),
         );
@@ -565,9 +578,10 @@ pub fn make_room_to_rename(
     Ok(out.deleted.len())
 }
 
-/// Rounds of [`make_room_to_rename`] before a backup gives up on a rename:
-/// a commit, then up to five deletions.
-pub const RENAME_ROUNDS: u8 = 6;
+/// Rounds of [`make_room_for_metadata`] before a backup gives up on one
+/// creation or rename: a commit, then up to five deletions (also the most
+/// a backup deletes for metadata, however many files need it).
+pub const ROOM_ROUNDS: u8 = 6;
 
 /// A backup ran out of space writing `path` (`need` bytes): deletes
 /// snapshots by importance, under the usual rules (never a host's newest,

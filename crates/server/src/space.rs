@@ -41,7 +41,7 @@ impl std::fmt::Display for Space {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:.1}% free ({} MiB of {} MiB",
+            "{:.1}% free (data {} MiB of {} MiB free",
             self.percent_free(),
             self.free >> 20,
             self.size >> 20

@@ -57,6 +57,17 @@ impl Store {
         })
     }
 
+    /// The same store, through a duplicate of its descriptor.
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(Store {
+            root: self.root.clone(),
+            fd: self
+                .fd
+                .try_clone()
+                .op("duplicate the descriptor of", || self.root.display())?,
+        })
+    }
+
     /// The store root directory fd.
     pub fn fd(&self) -> &OwnedFd {
         &self.fd

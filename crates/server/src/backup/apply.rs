@@ -84,10 +84,15 @@ impl BackupReceiver {
             Action::KeepSymlink => self.keep(unhashed(e), old),
             Action::MakeSymlink => {
                 self.touch()?;
-                fsops::remove_any(&parent, &name).op("replace", || shown(&e.path))?;
                 if let Kind::Symlink { target } = &e.kind {
-                    fsops::symlink(&parent, &name, target)
-                        .op("create symlink", || shown(&e.path))?;
+                    self.with_room(
+                        || format!("creating symlink {:?}", shown(&e.path)),
+                        |_| {
+                            fsops::remove_any(&parent, &name).op("replace", || shown(&e.path))?;
+                            created(|| fsops::symlink(&parent, &name, target))
+                                .op("create symlink", || shown(&e.path))
+                        },
+                    )?;
                 }
                 self.keep(unhashed(e), old)
             }
@@ -119,13 +124,20 @@ impl BackupReceiver {
         replace: bool,
     ) -> Result<()> {
         self.touch()?;
-        let created = if replace {
-            fsops::ensure_dir(parent, name, 0o700)
-        } else {
-            rustix::fs::mkdirat(parent, os(name), rustix::fs::Mode::from_raw_mode(0o700))
-                .map_err(std::io::Error::from)
-        };
-        created.op("create directory", || shown(path))
+        self.with_room(
+            || format!("creating directory {:?}", shown(path)),
+            |_| {
+                created(|| {
+                    if replace {
+                        fsops::ensure_dir(parent, name, 0o700)
+                    } else {
+                        let mode = rustix::fs::Mode::from_raw_mode(0o700);
+                        rustix::fs::mkdirat(parent, os(name), mode).map_err(std::io::Error::from)
+                    }
+                })
+                .op("create directory", || shown(path))
+            },
+        )
     }
 
     fn keep(&mut self, me: ManifestEntry, old: Option<ManifestEntry>) -> Result<Option<Started>> {
@@ -201,7 +213,6 @@ impl BackupReceiver {
                 in_place,
                 retried: false,
                 nospace_rounds: 0,
-                place_rounds: 0,
                 fds: 0,
                 to_open: Some(ToOpen {
                     prev,
@@ -218,6 +229,15 @@ impl BackupReceiver {
             has_basis,
             twin,
         })
+    }
+}
+
+/// Creates something with `make`, unless the tests inject a no-space
+/// error for it (see `test_fault`).
+fn created<T>(make: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+    match super::transfer::test_fault::no_space(super::transfer::test_fault::CREATE) {
+        Some(e) => Err(e),
+        None => make(),
     }
 }
 

@@ -90,7 +90,24 @@ impl BackupReceiver {
             self.work.marker = false;
         }
         let new_shown = self.meta_file(b"manifest.new");
-        let new_path = || new_shown.as_str();
+        let new = self.with_room(
+            || format!("creating {new_shown}"),
+            |rx| rx.start_manifest(&new_shown),
+        )?;
+        self.new = Some(new);
+        self.work.changed = true;
+        Ok(())
+    }
+
+    /// Creates the new manifest (over what a failed try left) with the
+    /// entries resolved so far (`new_shown` names it).
+    fn start_manifest(&mut self, new_shown: &str) -> Result<ManifestWriter> {
+        let new_path = || new_shown;
+        fsops::remove_any(&self.meta, b"manifest.new").op("remove", new_path)?;
+        if let Some(e) = super::transfer::test_fault::no_space(super::transfer::test_fault::CREATE)
+        {
+            return Err(e).op("create", new_path);
+        }
         let mut new = fsops::create_new(&self.meta, b"manifest.new")
             .and_then(ManifestWriter::new)
             .op("create", new_path)?;
@@ -109,9 +126,7 @@ impl BackupReceiver {
                 self.sigs.note(&e);
             }
         }
-        self.new = Some(new);
-        self.work.changed = true;
-        Ok(())
+        Ok(new)
     }
 
     /// Called before creating, replacing or removing anything in `current`.
@@ -206,12 +221,24 @@ impl BackupReceiver {
             fsops::fsync(&new_file).op("sync", || new_path.display())?;
         }
         drop(new_file);
-        rustix::fs::renameat(&self.meta, "manifest.new", &self.meta, "manifest")
-            .op("rename into place", || new_path.display())?;
+        self.with_room(
+            || format!("putting {} in place", new_path.display()),
+            |rx| {
+                rustix::fs::renameat(&rx.meta, "manifest.new", &rx.meta, "manifest")
+                    .op("rename into place", || new_path.display())
+            },
+        )?;
         fsops::fsync(&self.meta).op("sync", || self.meta_path.display())?;
         fsops::remove_any(&self.meta, NO_SPACE).op("remove", || self.meta_file(NO_SPACE))?;
-        // Not synced: if it is lost, the next run just does not trust `current`.
-        drop(fsops::create_new(&self.meta, CLEAN).op("create", || self.meta_file(CLEAN))?);
+        // Not synced: if it is lost, the next run just does not trust
+        // `current`; nor is failing to create it (for want of space) an
+        // error: the backup is committed.
+        if let Err(e) = fsops::create_new(&self.meta, CLEAN) {
+            tracing::warn!(
+                "cannot create {} ({e}); the next backup looks at every stored file",
+                self.meta_file(CLEAN)
+            );
+        }
         Ok((std::mem::take(&mut self.stats), kept))
     }
 }

@@ -40,6 +40,7 @@ mod commit;
 mod decide;
 mod digest;
 mod partial;
+mod room;
 mod sigs;
 mod sink;
 mod slots;
@@ -60,6 +61,7 @@ use crate::manifest::{ManifestReader, ManifestWriter, PeekableManifest};
 use crate::store::{disk_path, HostStore, META_DIR, META_DIR_NAME};
 use crate::twins::TwinIndex;
 use commit::{recover_manifest, set_aside_manifest};
+pub use room::Room;
 use sink::{Decoder, FileWriter};
 use slots::{Slot, Slots};
 use sweep::remove_in_place;
@@ -91,8 +93,6 @@ struct Transfer {
     retried: bool,
     /// How often writing it ran out of space.
     nospace_rounds: u8,
-    /// How often putting it in place ran out of space.
-    place_rounds: u8,
     /// File descriptors it holds: its output and its basis's parts (see
     /// `open_files`, `drop_basis`).
     fds: usize,
@@ -161,14 +161,6 @@ pub enum TransferResult {
         path: String,
         /// Its size.
         need: u64,
-    },
-    /// Verified, but putting it in place ran out of space: make room, then
-    /// call `place` again (the data is not sent again).
-    NoRoomToPlace {
-        /// The file's path, for messages.
-        path: String,
-        /// How often it ran out of space so far (1 the first time).
-        round: u8,
     },
 }
 
@@ -251,6 +243,9 @@ pub struct BackupReceiver {
     pub stats: BackupStats,
     /// Non-fatal problems to report.
     pub warnings: Vec<String>,
+    /// Making room when creating or renaming runs out of space (none: the
+    /// error stands).
+    room: Option<Room>,
 }
 
 /// Opens the old manifest of `current` (`meta` is its `.byteback`). One
@@ -297,20 +292,27 @@ fn empty_manifest() -> Result<PeekableManifest> {
 }
 
 impl BackupReceiver {
-    /// Prepares `current` of `host` for a new backup.
-    pub fn new(host: &HostStore) -> Result<Self> {
+    /// Prepares `current` of `host` for a new backup; `room` makes room
+    /// when creating or renaming something runs out of space (see
+    /// [`room`]).
+    pub fn new(host: &HostStore, mut room: Option<Room>) -> Result<Self> {
         keep_freed_buffers();
         let current = host.current()?;
         let meta_path = host.path.join("current").join(META_DIR_NAME);
         let at = |name: &[u8]| in_dir(&meta_path, name);
-        fsops::ensure_dir(&current, META_DIR, 0o700).op("create", || meta_path.display())?;
+        let creating = |p: String| move || format!("creating {p}");
+        room::retry(&mut room, creating(meta_path.display().to_string()), || {
+            fsops::ensure_dir(&current, META_DIR, 0o700).op("create", || meta_path.display())
+        })?;
         let meta = fsops::open_dir(&current, META_DIR).op("open", || meta_path.display())?;
         // Leftovers of an interrupted run (`tmp`: of versions before partial
         // rebuilds were kept); `partial` is kept for resuming.
         for name in [&b"tmp"[..], b"manifest.new"] {
             fsops::remove_any(&meta, name).op("remove", || at(name))?;
         }
-        fsops::ensure_dir(&meta, PARTIAL, 0o700).op("create", || at(PARTIAL))?;
+        room::retry(&mut room, creating(at(PARTIAL)), || {
+            fsops::ensure_dir(&meta, PARTIAL, 0o700).op("create", || at(PARTIAL))
+        })?;
         let partial = fsops::open_dir(&meta, PARTIAL).op("open", || at(PARTIAL))?;
         let sigs = sigs::KeptSigs::open(&meta, &meta_path)?;
         let manifest_path = meta_path.join("manifest");
@@ -370,6 +372,7 @@ impl BackupReceiver {
             decoder: Decoder::new()?,
             stats: BackupStats::default(),
             warnings,
+            room,
         };
         if !clean {
             // Leftovers of an interrupted run may be anywhere: the commit

@@ -57,8 +57,18 @@ impl BackupReceiver {
         let len = match (cur_len, prev_len) {
             (None, None) => return Ok(None),
             (Some(c), p) if c > p.unwrap_or(0) => {
-                fsops::replace(&self.partial, name, &self.partial, &prev)
-                    .op("rename", || self.partial_path(name))?;
+                match fsops::replace(&self.partial, name, &self.partial, &prev) {
+                    // Space is short (btrfs needs metadata space to
+                    // rename): both go, and the file is sent whole.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                        for n in [name, &prev[..]] {
+                            fsops::remove_any(&self.partial, n)
+                                .op("remove", || self.partial_path(n))?;
+                        }
+                        return Ok(None);
+                    }
+                    r => r.op("rename", || self.partial_path(name))?,
+                }
                 c
             }
             (c, p) => {

@@ -187,17 +187,25 @@ impl BackupReceiver {
             return Ok(());
         }
         let (in_place, partial, path) = (t.in_place, t.partial.clone(), t.entry.path.clone());
-        let created = if in_place {
-            in_parent(&self.current, &mut self.last_parent, &path, |p, n| {
-                fsops::create_new(p, n)
-            })
-            .op("open the directory of", || shown(&path))?
-            .op("create", || shown(&path))?
-        } else {
-            // `take_partial` left nothing at that name.
-            fsops::create_new(&self.partial, &partial)
-                .op("create", || self.partial_path(&partial))?
-        };
+        let created = self.with_room(
+            || format!("creating {:?}", shown(&path)),
+            |rx| {
+                if let Some(e) = test_fault::no_space(test_fault::CREATE) {
+                    return Err(e).op("create", || shown(&path));
+                }
+                if in_place {
+                    in_parent(&rx.current, &mut rx.last_parent, &path, |p, n| {
+                        fsops::create_new(p, n)
+                    })
+                    .op("open the directory of", || shown(&path))?
+                    .op("create", || shown(&path))
+                } else {
+                    // `take_partial` left nothing at that name.
+                    fsops::create_new(&rx.partial, &partial)
+                        .op("create", || rx.partial_path(&partial))
+                }
+            },
+        )?;
         let t = self.transfer(id)?;
         t.writer.open(created);
         t.fds += 1;
@@ -277,30 +285,28 @@ impl BackupReceiver {
 
     /// Puts verified transfer `id` in place: sets its length and mtime,
     /// renames its rebuild over the stored copy, records it. When that runs
-    /// out of space (btrfs needs metadata space for a rename), the transfer
-    /// stays, verified, and [`TransferResult::NoRoomToPlace`] asks the
-    /// caller to make room and call this again; the data is not sent again.
-    pub fn place(&mut self, id: u32) -> Result<TransferResult> {
+    /// out of space (btrfs needs metadata space for a rename), room is made
+    /// and it is tried again (see [`super::room`]); the data is not sent
+    /// again.
+    fn place(&mut self, id: u32) -> Result<TransferResult> {
         let t = self.transfer(id)?;
         let Some((size, mtime)) = t.verified.as_ref().map(|v| (v.size, v.mtime)) else {
             return Err(Error::Refused(format!("transfer {id} is not verified")));
         };
-        let finished = t.writer.finish(size, mtime);
-        let rename = (!t.in_place).then(|| (t.entry.path.clone(), t.partial.clone()));
-        let placed = finished.and_then(|()| match rename {
-            Some((path, partial)) => self.try_rename_into_place(&path, &partial),
-            None => Ok(()),
-        });
-        match placed {
-            // Not a quota: deleting snapshots (of any host) is for a full disc.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return self.no_room_to_place(id),
-            r => r.op("put in place", || {
-                self.transfers
-                    .get(&id)
-                    .map(|t| shown(&t.entry.path))
-                    .unwrap_or_default()
-            })?,
-        }
+        let (path, partial, in_place) = (t.entry.path.clone(), t.partial.clone(), t.in_place);
+        self.with_room(
+            || format!("putting {:?} in place", shown(&path)),
+            |rx| {
+                let t = rx.transfer(id)?;
+                let finished = t.writer.finish(size, mtime);
+                finished
+                    .and_then(|()| match in_place {
+                        false => rx.try_rename_into_place(&path, &partial),
+                        true => Ok(()),
+                    })
+                    .op("put in place", || shown(&path))
+            },
+        )?;
         let mut t = self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
         self.held_fds = self.held_fds.saturating_sub(t.fds);
         let Verified {
@@ -334,23 +340,6 @@ impl BackupReceiver {
         Ok(TransferResult::Done)
     }
 
-    /// Placing transfer `id` ran out of space: counts the round; after
-    /// [`crate::pruner::RENAME_ROUNDS`], the backup fails (nothing of it is
-    /// committed).
-    fn no_room_to_place(&mut self, id: u32) -> Result<TransferResult> {
-        let t = self.transfer(id)?;
-        let path = String::from_utf8_lossy(&t.entry.path).into_owned();
-        t.place_rounds += 1;
-        let round = t.place_rounds;
-        if round > crate::pruner::RENAME_ROUNDS {
-            return Err(Error::Store(format!(
-                "no space left on device putting {path:?} in place, even after committing the filesystem and deleting up to {} snapshots one by one; btrfs may have no room left for metadata (see `btrfs filesystem usage`; `btrfs balance start -dusage=50` on the store's filesystem gives it some)",
-                crate::pruner::RENAME_ROUNDS - 1
-            )));
-        }
-        Ok(TransferResult::NoRoomToPlace { path, round })
-    }
-
     /// Renames a verified rebuild from `.byteback/partial` over the stored copy.
     fn try_rename_into_place(&mut self, path: &[u8], partial: &[u8]) -> io::Result<()> {
         let from = &self.partial;
@@ -359,7 +348,7 @@ impl BackupReceiver {
             &mut self.last_parent,
             path,
             |parent, name| {
-                test_fault::rename_no_space()
+                test_fault::no_space(test_fault::RENAME)
                     .map_or_else(|| fsops::replace(from, partial, parent, name), Err)
             },
         )?
@@ -399,24 +388,49 @@ impl BackupReceiver {
 
 /// Faults the tests inject where the kernel gives them only by chance.
 /// Debug builds only: a release build has none.
-mod test_fault {
-    /// `ENOSPC` for the first N renames into place, N from
-    /// `BYTEBACK_TEST_NO_SPACE_RENAME`, read once.
+pub(super) mod test_fault {
+    /// `BYTEBACK_TEST_NO_SPACE_RENAME=N`: the first N renames into place.
+    pub const RENAME: usize = 0;
+    /// `BYTEBACK_TEST_NO_SPACE_CREATE=N`: the first N files, directories
+    /// and symlinks created in `current` (and new manifests started).
+    pub const CREATE: usize = 1;
+
+    /// `ENOSPC` for the first N operations of kind `which`, N from its
+    /// variable, read once; `N,alternate`: for every other one (the first,
+    /// the third...) until N have failed, so that each operation fails
+    /// once and its retry succeeds.
     #[cfg(debug_assertions)]
-    pub fn rename_no_space() -> Option<std::io::Error> {
+    pub fn no_space(which: usize) -> Option<std::io::Error> {
         use std::sync::atomic::{AtomicI64, Ordering};
         use std::sync::OnceLock;
-        static LEFT: OnceLock<AtomicI64> = OnceLock::new();
-        let left = LEFT.get_or_init(|| {
-            let n = std::env::var("BYTEBACK_TEST_NO_SPACE_RENAME").ok();
-            AtomicI64::new(n.and_then(|v| v.parse().ok()).unwrap_or(0))
+        const VARS: [&str; 2] = [
+            "BYTEBACK_TEST_NO_SPACE_RENAME",
+            "BYTEBACK_TEST_NO_SPACE_CREATE",
+        ];
+        // Failures left, whether every other call fails, calls so far.
+        static LEFT: [OnceLock<(AtomicI64, bool, AtomicI64)>; 2] =
+            [OnceLock::new(), OnceLock::new()];
+        let (left, alternate, calls) = LEFT[which].get_or_init(|| {
+            let v = std::env::var(VARS[which]).unwrap_or_default();
+            let (n, alternate) = match v.split_once(',') {
+                Some((n, "alternate")) => (n, true),
+                _ => (v.as_str(), false),
+            };
+            (
+                AtomicI64::new(n.parse().unwrap_or(0)),
+                alternate,
+                AtomicI64::new(0),
+            )
         });
+        if *alternate && calls.fetch_add(1, Ordering::Relaxed) % 2 == 1 {
+            return None;
+        }
         (left.fetch_sub(1, Ordering::Relaxed) > 0)
             .then(|| std::io::Error::from_raw_os_error(libc::ENOSPC))
     }
 
     #[cfg(not(debug_assertions))]
-    pub fn rename_no_space() -> Option<std::io::Error> {
+    pub fn no_space(_which: usize) -> Option<std::io::Error> {
         None
     }
 }

@@ -1,8 +1,9 @@
 //! Serving one backup: the host's lock, the receiver (see
 //! [`crate::backup`]), its message loop, and after the commit the
 //! snapshot, the reply, the usage line and the prune. Running out of space
-//! is answered here: idle partial copies go, then snapshots, then the file
-//! is sent again.
+//! writing a file is answered here: idle partial copies go, then
+//! snapshots, then the file is sent again (creating and renaming, which
+//! need metadata space, make room where they are: see `backup::room`).
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -10,7 +11,7 @@ use std::io::{Read, Write};
 use byteback_protocol::{ClientMsg, Entry, ProtocolError, ServerMsg};
 
 use super::{refused, Conn, ServeConfig};
-use crate::backup::{BackupReceiver, TransferResult};
+use crate::backup::{BackupReceiver, Room, TransferResult};
 use crate::config::StoreConfig;
 use crate::error::{Context, Error, Result};
 use crate::store::{HostStore, Store};
@@ -39,7 +40,8 @@ pub(super) fn backup<R: Read, W: Write>(
     let config = StoreConfig::load(&cfg.store)?;
     let host = store.host(&cfg.host, true)?;
     let _lock = host.lock()?;
-    let mut rx = BackupReceiver::new(&host)?;
+    let room = Room::new(store, &config, cfg.now)?;
+    let mut rx = BackupReceiver::new(&host, Some(room))?;
     if let Some(note) = rx.clean_leftovers_if_short(config.minpercent)? {
         eprintln!("byteback-server: {note}");
     }
@@ -62,7 +64,7 @@ pub(super) fn backup<R: Read, W: Write>(
                 Err(e2) => e.context(format!("and the damaged manifest could not be set aside: {e2}")),
             });
         }
-        return Err(e);
+        return Err(rx.after_no_space(e));
     }
     Ok(())
 }
@@ -81,8 +83,6 @@ fn receive<R: Read, W: Write>(
     rx.limit_held_fds(budget.max(FILES_IN_FLIGHT * FDS_PER_FILE));
     // Batches of entries not answered yet (bounded by the client's window).
     let mut waiting: VecDeque<Batch> = VecDeque::new();
-    // Snapshots deleted so renames into place could go on.
-    let mut renames_pruned = 0;
     loop {
         answer_waiting(conn, rx, &mut waiting, budget)?;
         let msg = conn
@@ -113,23 +113,15 @@ fn receive<R: Read, W: Write>(
                 mtime_nsec,
             } => {
                 let name = rx.transfer_name(id);
-                let mut ended = rx
+                let ended = rx
                     .end(id, size, hash, (mtime_sec, mtime_nsec))
                     .context_with(|| format!("finishing {name}"))?;
-                let reply = loop {
-                    match ended {
-                        TransferResult::Done => break ServerMsg::FileOk { id },
-                        TransferResult::Retry => break ServerMsg::FileRetry { id },
-                        TransferResult::NoSpace { path, need } => {
-                            make_room(target, rx, &path, need)?;
-                            break ServerMsg::FileRetry { id };
-                        }
-                        // Verified: room, then the rename again (`place`
-                        // gives up after `RENAME_ROUNDS`).
-                        TransferResult::NoRoomToPlace { path, round } => {
-                            make_room_to_rename(target, rx, &path, round, &mut renames_pruned)?;
-                            ended = rx.place(id).context_with(|| format!("finishing {name}"))?;
-                        }
+                let reply = match ended {
+                    TransferResult::Done => ServerMsg::FileOk { id },
+                    TransferResult::Retry => ServerMsg::FileRetry { id },
+                    TransferResult::NoSpace { path, need } => {
+                        make_room(target, rx, &path, need)?;
+                        ServerMsg::FileRetry { id }
                     }
                 };
                 conn.send(&reply)?;
@@ -245,35 +237,6 @@ fn make_room(target: &Target, rx: &mut BackupReceiver, path: &str, need: u64) ->
     crate::pruner::make_room(target.store, target.config, target.now(), need, path)
 }
 
-/// Putting verified `path` in place ran out of space (`round`): marks the
-/// store, drops idle partial copies, then commits the filesystem or deletes
-/// one snapshot (see [`crate::pruner::make_room_to_rename`]); `pruned`
-/// counts this backup's deletions for renames, at most
-/// [`crate::pruner::RENAME_ROUNDS`] less one, whatever the number of files.
-fn make_room_to_rename(
-    target: &Target,
-    rx: &mut BackupReceiver,
-    path: &str,
-    round: u8,
-    pruned: &mut usize,
-) -> Result<()> {
-    rx.note_no_space();
-    let freed = rx.drop_idle_partials()?;
-    if freed > 0 {
-        eprintln!("byteback-server: no space left on device putting {path:?} in place: removed {freed} bytes of interrupted transfers' partial copies");
-    }
-    let may_delete = *pruned < usize::from(crate::pruner::RENAME_ROUNDS - 1);
-    *pruned += crate::pruner::make_room_to_rename(
-        target.store,
-        target.config,
-        target.now(),
-        path,
-        round,
-        may_delete,
-    )?;
-    Ok(())
-}
-
 /// `BackupEnd`: commits, takes the snapshot, replies, then records usage
 /// and prunes (those only log on failure: the snapshot is taken).
 fn finish<R: Read, W: Write>(
@@ -284,10 +247,15 @@ fn finish<R: Read, W: Write>(
     let warnings = std::mem::take(&mut rx.warnings);
     let (stats, generation) = rx.commit()?;
     let now = target.now();
-    let (snapshot, mut message) = match target
-        .host
-        .snapshot(now, target.config.min_snapshot_interval)?
-    {
+    let taken = rx.with_room(
+        || "taking the snapshot".into(),
+        |_| {
+            target
+                .host
+                .snapshot(now, target.config.min_snapshot_interval)
+        },
+    )?;
+    let (snapshot, mut message) = match taken {
         Ok(name) => (Some(name), String::new()),
         Err(why) => (None, why),
     };
