@@ -385,6 +385,10 @@ fn small_files_that_fill_the_metadata_make_room_and_every_backup_succeeds() {
         &src,
         &into.join(newest).join(src.strip_prefix("/").unwrap()),
     );
+    // Printed only by the rounds for metadata (a creation or a rename,
+    // whichever btrfs refuses first varies from run to run); the ordinary
+    // prune after each snapshot deletes nothing here (no snapshot is older
+    // than 7 days).
     assert!(
         all.contains("btrfs needs metadata space for it); deleting one snapshot"),
         "the metadata never ran out: {all}"
@@ -394,21 +398,24 @@ fn small_files_that_fill_the_metadata_make_room_and_every_backup_succeeds() {
 
 /// The same rounds for whatever a backup creates (files, directories,
 /// symlinks, its new manifest) as for renames, injected here
-/// (`BYTEBACK_TEST_NO_SPACE_CREATE=N` fails the first N creations of the
-/// debug server): a commit, then one snapshot deleted a round, and the
-/// backup goes on. When room cannot be made, the backup fails saying why,
-/// takes no snapshot, and the next one succeeds.
+/// (`BYTEBACK_TEST_NO_SPACE_CREATE`, see `test_fault` in the server): a
+/// commit, then one snapshot deleted a round, and the backup goes on; at
+/// most five deletions per backup, whichever operations need them. When
+/// room cannot be made, the backup fails saying why and takes no snapshot.
+/// A backup failing for want of space where nothing is retried (its
+/// manifest's last write: `BYTEBACK_TEST_NO_SPACE_MANIFEST`) deletes one
+/// snapshot on its way out and marks the store, and the next one succeeds.
 #[test]
 fn a_creation_that_runs_out_of_space_makes_room_and_the_backup_goes_on() {
     let Some(rig) = Rig::start(400) else {
         return;
     };
     let src = rig.src.clone();
-    for day in 0..4u64 {
+    for day in 0..7u64 {
         fs::write(src.join(format!("day{day}")), Rng::new(day).bytes(1 << 20)).unwrap();
         rig.backup_ok(&src, "h", T0 + day as i64 * DAY);
     }
-    assert_eq!(rig.snapshots("h").len(), 4);
+    assert_eq!(rig.snapshots("h").len(), 7);
     let new_tree = |tag: &str| {
         let d = src.join(tag).join("sub");
         fs::create_dir_all(&d).unwrap();
@@ -425,20 +432,25 @@ fn a_creation_that_runs_out_of_space_makes_room_and_the_backup_goes_on() {
             .args(["--hostname", "h", "--restore", "--snapshot", snap, "/"]));
         into.join(snap).join(src.strip_prefix("/").unwrap())
     };
+    let day = std::cell::Cell::new(7);
+    let backup = |var: &str, faults: &str| {
+        let mut cmd = backup_at(&rig.store, &rig.wrapper, &src, "h", T0 + day.get() * DAY);
+        day.set(day.get() + 1);
+        let o = run_status(cmd.env(var, faults));
+        (o.status.code(), text(&o))
+    };
+    let count = |out: &str, what: &str| out.matches(what).count();
+    const COMMIT: &str = "committing the filesystem and trying again";
+    const DELETE: &str = "deleting one snapshot and trying again";
+    const DELETED: &str = "byteback-prune: deleted h/";
 
     // Each creation fails once: the new manifest, two directories, a file
     // and a symlink each cost a commit, and nothing is deleted.
     new_tree("a");
-    let mut cmd = backup_at(&rig.store, &rig.wrapper, &src, "h", T0 + 4 * DAY);
-    let o = run_status(cmd.env("BYTEBACK_TEST_NO_SPACE_CREATE", "5,alternate"));
-    let out = text(&o);
-    assert_eq!(o.status.code(), Some(0), "{out}");
-    assert_eq!(
-        out.matches("committing the filesystem and trying again")
-            .count(),
-        5,
-        "{out}"
-    );
+    let (code, out) = backup("BYTEBACK_TEST_NO_SPACE_CREATE", "5,alternate");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(count(&out, COMMIT), 5, "{out}");
+    assert_eq!(count(&out, DELETE), 0, "{out}");
     for what in ["manifest.new", "directory", "symlink", "sub/file\""] {
         assert!(
             out.lines()
@@ -446,59 +458,71 @@ fn a_creation_that_runs_out_of_space_makes_room_and_the_backup_goes_on() {
             "{what}: {out}"
         );
     }
-    assert!(!out.contains("deleting one snapshot"), "{out}");
-    assert_eq!(rig.snapshots("h").len(), 5);
+    assert_eq!(rig.snapshots("h").len(), 8);
     assert_same_tree(&src, &restore(rig.snapshots("h").last().unwrap()));
 
     // Three failures in a row for one: a commit, then two deletions.
+    new_tree("b");
+    let (code, out) = backup("BYTEBACK_TEST_NO_SPACE_CREATE", "3");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!((count(&out, COMMIT), count(&out, DELETE)), (1, 2), "{out}");
+    assert_eq!(count(&out, DELETED), 2, "{out}");
+    assert_eq!(rig.snapshots("h").len(), 7);
+
+    // Two operations fail four times each: the first costs three
+    // deletions, the second two more, then the backup's five are spent
+    // (six could go), and its fourth try succeeds all the same.
     new_tree("c");
-    let mut cmd = backup_at(&rig.store, &rig.wrapper, &src, "h", T0 + 5 * DAY);
-    let o = run_status(cmd.env("BYTEBACK_TEST_NO_SPACE_CREATE", "3"));
-    let out = text(&o);
-    assert_eq!(o.status.code(), Some(0), "{out}");
-    assert_eq!(
-        out.matches("committing the filesystem and trying again")
-            .count(),
-        1,
-        "{out}"
-    );
-    assert_eq!(
-        out.matches("deleting one snapshot and trying again")
-            .count(),
-        2,
-        "{out}"
-    );
-    assert_eq!(
-        out.matches("byteback-prune: deleted h/").count(),
-        2,
-        "{out}"
-    );
+    let (code, out) = backup("BYTEBACK_TEST_NO_SPACE_CREATE", "8,runs=4");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(count(&out, DELETED), 5, "{out}");
+    assert_eq!(count(&out, "this backup deleted 5 already"), 1, "{out}");
     let kept = rig.snapshots("h");
-    assert_eq!(kept.len(), 4, "{kept:?}");
+    assert_eq!(kept.len(), 3, "{kept:?}");
     assert_same_tree(&src, &restore(kept.last().unwrap()));
 
-    // Creations fail for good: three snapshots can still go, one a round,
-    // then nothing; the backup fails, takes no snapshot and says why.
-    new_tree("b");
-    let mut cmd = backup_at(&rig.store, &rig.wrapper, &src, "h", T0 + 6 * DAY);
-    let o = run_status(cmd.env("BYTEBACK_TEST_NO_SPACE_CREATE", "1000"));
-    let out = text(&o);
-    assert_ne!(o.status.code(), Some(0), "{out}");
+    // Creations fail for good: the two older snapshots go, one a round,
+    // then nothing can; the backup fails, takes no snapshot and says why.
+    new_tree("d");
+    let (code, out) = backup("BYTEBACK_TEST_NO_SPACE_CREATE", "1000");
+    assert_ne!(code, Some(0), "{out}");
     assert!(
         out.contains("even after committing the filesystem and deleting up to 5 snapshots"),
         "{out}"
     );
-    assert_eq!(
-        out.matches("byteback-prune: deleted h/").count(),
-        3,
+    assert_eq!(count(&out, DELETED), 2, "{out}");
+    assert!(
+        out.contains("no snapshot deleted: nothing left to delete"),
         "{out}"
     );
     assert_eq!(
         rig.snapshots("h"),
-        kept[3..].to_vec(),
+        kept[2..].to_vec(),
         "a failed backup took a snapshot"
     );
-    rig.backup_ok(&src, "h", T0 + 7 * DAY);
+    rig.backup_ok(&src, "h", T0 + day.get() * DAY);
+    day.set(day.get() + 1);
     let newest = rig.snapshots("h").pop().unwrap();
     assert_same_tree(&src, &restore(&newest));
+    assert_eq!(rig.snapshots("h").len(), 2);
+
+    // Out of space writing the manifest, where nothing is retried: the
+    // older snapshot goes on the way out, and the store is marked, so the
+    // next backup first removes what this one left in current.
+    new_tree("e");
+    let (code, out) = backup("BYTEBACK_TEST_NO_SPACE_MANIFEST", "1");
+    assert_ne!(code, Some(0), "{out}");
+    assert!(
+        out.contains("deleted 1 snapshot to make room for the next backup"),
+        "{out}"
+    );
+    assert_eq!(rig.snapshots("h"), vec![newest.clone()]);
+    let marker = rig.store.join("h/current/.byteback/nospace");
+    assert!(marker.exists(), "the store was not marked short of space");
+    let o = rig.backup(&src, "h", T0 + day.get() * DAY);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("short of space: removed"), "{out}");
+    assert!(!marker.exists());
+    assert_same_tree(&src, &restore(&rig.snapshots("h").pop().unwrap()));
 }

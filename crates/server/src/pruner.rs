@@ -89,6 +89,8 @@ pub struct PruneOutcome {
     pub after: Space,
     /// Why pruning stopped short of `maxpercent`, if it did.
     pub refused: Option<String>,
+    /// Another prune of the store held its lock, so nothing was tried.
+    pub busy: bool,
 }
 
 /// Every snapshot of every host in the store.
@@ -349,6 +351,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
             before,
             after: before,
             refused: Some(format!("another prune of this store is running ({e})")),
+            busy: true,
         });
     }
     let before = measure()?;
@@ -357,6 +360,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         before,
         after: before,
         refused: None,
+        busy: false,
     };
     if opts.verbose {
         say(log, format_args!("byteback-prune: {before}"))?;
@@ -496,7 +500,11 @@ fn check_growth(
             .join("; ")
     );
     if !opts.dry_run {
-        write_small(store, REFUSED, &format!("{why}\n"), false)?;
+        // Best effort: on a full disc it may not fit, and the refusal is
+        // said all the same.
+        if let Err(e) = write_small(store, REFUSED, &format!("{why}\n"), false) {
+            tracing::warn!("cannot record the refusal for `status`: {e}");
+        }
     }
     Ok(Some(why))
 }
@@ -564,7 +572,14 @@ pub fn delete_one(
     let mut opts = PruneOptions::server(cfg, now, Some(u64::MAX));
     opts.max_deletions = Some(1);
     let mut err = std::io::LineWriter::new(LinesAt(Level::INFO));
-    let out = prune(store, &opts, &mut err)?;
+    // Another prune (another host's backup, cron) may hold the store's
+    // lock while it waits for the cleaner: wait for it, a while.
+    let start = std::time::Instant::now();
+    let mut out = prune(store, &opts, &mut err)?;
+    while out.busy && start.elapsed() < LOCK_WAIT {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        out = prune(store, &opts, &mut err)?;
+    }
     if out.deleted.is_empty() {
         print_lines(
             Level::WARN,
@@ -577,6 +592,9 @@ pub fn delete_one(
     }
     Ok(out.deleted.len())
 }
+
+/// How long [`delete_one`] waits for another prune of the store to end.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Rounds of [`make_room_for_metadata`] before a backup gives up on one
 /// creation or rename: a commit, then up to five deletions (also the most

@@ -253,7 +253,14 @@ impl HostStore {
                 return Err(e);
             }
         }
-        fsops::fsync(&self.fd).op("sync", || self.path.display())?;
+        // The snapshot is there: failing to sync its directory (out of
+        // space, say) must not make the caller take it again.
+        if let Err(e) = fsops::fsync(&self.fd) {
+            tracing::warn!(
+                "snapshot {name} taken, but cannot sync {}: {e}",
+                self.path.display()
+            );
+        }
         Ok(Ok(name))
     }
 

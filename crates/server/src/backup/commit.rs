@@ -182,7 +182,12 @@ impl BackupReceiver {
             .new
             .take()
             .ok_or(Error::Internal("manifest already finished"))?;
-        let new_file = new.finish().op("write", || new_path.display())?;
+        let new_file =
+            match super::transfer::test_fault::no_space(super::transfer::test_fault::MANIFEST) {
+                Some(e) => Err(e),
+                None => new.finish(),
+            }
+            .op("write", || new_path.display())?;
         // Atomic with the manifest: an attribute of its file, synced with it.
         let kept = carry::write_generation(&new_file, &generation).then_some(generation);
         self.old = PeekableManifest::new(ManifestReader::empty()).map_err(Error::Manifest)?;
@@ -212,6 +217,7 @@ impl BackupReceiver {
         // stale (its file is gone, unchanged or was sent whole), and no
         // partial may reach a snapshot.
         fsops::remove_any(&self.meta, PARTIAL).op("remove", || &partial)?;
+        self.work.committing = true;
         if self.work.touched {
             // One sync of the whole filesystem instead of an fsync per file.
             rustix::fs::syncfs(&self.current)

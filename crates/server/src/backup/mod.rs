@@ -194,6 +194,9 @@ struct CommitWork {
     /// not clean, or an entry was deleted or changed type): the commit
     /// sweeps it.
     needs_sweep: bool,
+    /// The commit is under way: `.byteback/partial` and the no-space
+    /// marker are gone for good.
+    committing: bool,
 }
 
 /// State of one backup being received.
@@ -314,7 +317,9 @@ impl BackupReceiver {
             fsops::ensure_dir(&meta, PARTIAL, 0o700).op("create", || at(PARTIAL))
         })?;
         let partial = fsops::open_dir(&meta, PARTIAL).op("open", || at(PARTIAL))?;
-        let sigs = sigs::KeptSigs::open(&meta, &meta_path)?;
+        let sigs = room::retry(&mut room, creating(in_dir(&meta_path, b"sigs")), || {
+            sigs::KeptSigs::open(&meta, &meta_path)
+        })?;
         let manifest_path = meta_path.join("manifest");
         let mut warnings = vec![];
         let exists = |name: &[u8]| -> Result<bool> {
@@ -357,6 +362,7 @@ impl BackupReceiver {
                 unwritten: 0,
                 touched: !clean,
                 needs_sweep: !clean,
+                committing: false,
             },
             slots: Slots::default(),
             transfers: HashMap::new(),

@@ -119,6 +119,11 @@ impl BackupReceiver {
     /// Marks the store short of space and drops idle partial copies (a
     /// failure to do either is said, and making room goes on).
     fn before_making_room(&mut self, what: &str) {
+        if self.work.committing {
+            // Nothing of that is left, and a marker now would reach the
+            // snapshot.
+            return;
+        }
         self.note_no_space();
         match self.drop_idle_partials() {
             Ok(0) => {}
@@ -135,22 +140,24 @@ impl BackupReceiver {
     /// backup may still delete one, so the next backup has room. Returns
     /// the error to fail with, saying so.
     pub fn after_no_space(&mut self, e: Error) -> Error {
-        if !is_no_space(&e) || self.room.is_none() {
-            return e;
-        }
-        self.note_no_space();
-        let Some(room) = self.room.as_mut() else {
+        let Some(room) = self.room.as_mut().filter(|_| is_no_space(&e)) else {
             return e;
         };
         let (now, may) = (room.now(), room.may_delete());
-        match pruner::delete_one(&room.store, &room.config, now, may) {
+        let deleted = pruner::delete_one(&room.store, &room.config, now, may);
+        if let Ok(n) = deleted {
+            room.deleted += n;
+        }
+        // After the deletion, which may have made room for the marker (not
+        // once the commit is under way: nothing is left to clean up).
+        if !self.work.committing {
+            self.note_no_space();
+        }
+        match deleted {
             Ok(0) => e,
-            Ok(n) => {
-                room.deleted += n;
-                Error::Store(format!(
-                    "{e}; deleted {n} snapshot to make room for the next backup"
-                ))
-            }
+            Ok(n) => Error::Store(format!(
+                "{e}; deleted {n} snapshot to make room for the next backup"
+            )),
             Err(e2) => Error::Store(format!("{e}; and making room failed: {e2}")),
         }
     }

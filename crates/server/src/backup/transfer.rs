@@ -389,40 +389,51 @@ impl BackupReceiver {
 /// Faults the tests inject where the kernel gives them only by chance.
 /// Debug builds only: a release build has none.
 pub(super) mod test_fault {
-    /// `BYTEBACK_TEST_NO_SPACE_RENAME=N`: the first N renames into place.
+    /// `BYTEBACK_TEST_NO_SPACE_RENAME`: renames into place.
     pub const RENAME: usize = 0;
-    /// `BYTEBACK_TEST_NO_SPACE_CREATE=N`: the first N files, directories
-    /// and symlinks created in `current` (and new manifests started).
+    /// `BYTEBACK_TEST_NO_SPACE_CREATE`: files, directories and symlinks
+    /// created in `current`, and new manifests started.
     pub const CREATE: usize = 1;
+    /// `BYTEBACK_TEST_NO_SPACE_MANIFEST`: the new manifest's last write.
+    pub const MANIFEST: usize = 2;
 
-    /// `ENOSPC` for the first N operations of kind `which`, N from its
-    /// variable, read once; `N,alternate`: for every other one (the first,
-    /// the third...) until N have failed, so that each operation fails
-    /// once and its retry succeeds.
+    /// `ENOSPC` for operations of kind `which`, as its variable says,
+    /// read once: `N`, the first N; `N,runs=R`, runs of R failures with
+    /// one success between them, until N have failed; `N,alternate`, the
+    /// same with runs of one (each operation fails once, its retry
+    /// succeeds).
     #[cfg(debug_assertions)]
     pub fn no_space(which: usize) -> Option<std::io::Error> {
         use std::sync::atomic::{AtomicI64, Ordering};
         use std::sync::OnceLock;
-        const VARS: [&str; 2] = [
+        const VARS: [&str; 3] = [
             "BYTEBACK_TEST_NO_SPACE_RENAME",
             "BYTEBACK_TEST_NO_SPACE_CREATE",
+            "BYTEBACK_TEST_NO_SPACE_MANIFEST",
         ];
-        // Failures left, whether every other call fails, calls so far.
-        static LEFT: [OnceLock<(AtomicI64, bool, AtomicI64)>; 2] =
-            [OnceLock::new(), OnceLock::new()];
-        let (left, alternate, calls) = LEFT[which].get_or_init(|| {
+        // Failures left, the length of a run, calls so far.
+        static LEFT: [OnceLock<(AtomicI64, i64, AtomicI64)>; 3] =
+            [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+        let (left, run, calls) = LEFT[which].get_or_init(|| {
             let v = std::env::var(VARS[which]).unwrap_or_default();
-            let (n, alternate) = match v.split_once(',') {
-                Some((n, "alternate")) => (n, true),
-                _ => (v.as_str(), false),
+            let (n, run) = match v.split_once(',') {
+                Some((n, "alternate")) => (n, 1),
+                Some((n, r)) => (
+                    n,
+                    r.strip_prefix("runs=")
+                        .and_then(|r| r.parse().ok())
+                        .unwrap_or(i64::MAX),
+                ),
+                None => (v.as_str(), i64::MAX),
             };
             (
                 AtomicI64::new(n.parse().unwrap_or(0)),
-                alternate,
+                run.max(1),
                 AtomicI64::new(0),
             )
         });
-        if *alternate && calls.fetch_add(1, Ordering::Relaxed) % 2 == 1 {
+        let call = calls.fetch_add(1, Ordering::Relaxed);
+        if *run < i64::MAX && call % (run + 1) == *run {
             return None;
         }
         (left.fetch_sub(1, Ordering::Relaxed) > 0)

@@ -42,8 +42,10 @@ pub(super) fn backup<R: Read, W: Write>(
     let _lock = host.lock()?;
     let room = Room::new(store, &config, cfg.now)?;
     let mut rx = BackupReceiver::new(&host, Some(room))?;
-    if let Some(note) = rx.clean_leftovers_if_short(config.minpercent)? {
-        eprintln!("byteback-server: {note}");
+    match rx.clean_leftovers_if_short(config.minpercent) {
+        Ok(Some(note)) => eprintln!("byteback-server: {note}"),
+        Ok(None) => {}
+        Err(e) => return Err(rx.after_no_space(e)),
     }
     conn.send(&ServerMsg::BackupReady {
         generation: rx.generation(),
