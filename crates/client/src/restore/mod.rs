@@ -313,6 +313,61 @@ fn version_key(e: &ManifestEntry) -> (u64, i64, u32, [u8; 32], u32, u32, u32, St
     )
 }
 
+/// The rows of a listing, gathered newest snapshot first: per path, the
+/// versions kept (`all`), every copy (`verbose`) or the latest only.
+struct Rows {
+    /// Path -> (snapshot, entry), newest snapshot first.
+    by_path: HashMap<Vec<u8>, Vec<(String, ManifestEntry)>>,
+    /// With `all`: the key of a path's version -> its place in `by_path`, so
+    /// that a version met again (in an older snapshot) is found without
+    /// comparing it with every other version of the path.
+    versions: HashMap<u128, usize>,
+    all: bool,
+    verbose: bool,
+    /// Bytes held, refused beyond `cap` ([`LIST_BYTES`]).
+    held: usize,
+    cap: usize,
+}
+
+impl Rows {
+    fn new(all: bool, verbose: bool) -> Rows {
+        Rows {
+            by_path: HashMap::new(),
+            versions: HashMap::new(),
+            all,
+            verbose,
+            held: 0,
+            cap: LIST_BYTES,
+        }
+    }
+
+    /// Takes `e` from `snap`, older than every snapshot added before.
+    fn add(&mut self, snap: &str, e: ManifestEntry) -> Result<()> {
+        let v = self.by_path.entry(e.entry.path.clone()).or_default();
+        let key = (self.all && !self.verbose).then(|| version_digest(&e, true));
+        if let Some(&i) = key.as_ref().and_then(|k| self.versions.get(k)) {
+            // Seen in a newer snapshot: report the oldest snapshot holding it.
+            v[i].0 = snap.to_string();
+            return Ok(());
+        }
+        if !(self.verbose || self.all || v.is_empty()) {
+            return Ok(());
+        }
+        self.held += e.entry.buffer_cost() + snap.len() + 64 + if key.is_some() { 48 } else { 0 };
+        if self.held > self.cap {
+            bail!(
+                "the listing would hold more than {} MiB; give narrower patterns",
+                self.cap >> 20
+            );
+        }
+        if let Some(k) = key {
+            self.versions.insert(k, v.len());
+        }
+        v.push((snap.to_string(), e));
+        Ok(())
+    }
+}
+
 /// Prints the listing: latest version per path, every distinct version with
 /// `all`, every copy in every snapshot with `verbose`.
 ///
@@ -337,9 +392,7 @@ pub fn list(
         eprintln!("byteback-restore: note: {note}");
     }
     let snaps: Vec<String> = snaps.into_iter().map(|s| s.name).collect();
-    // path -> versions seen, as (key, snapshot, entry); newest snapshot first.
-    let mut rows: HashMap<Vec<u8>, Vec<(String, ManifestEntry)>> = HashMap::new();
-    let mut held = 0usize;
+    let mut rows = Rows::new(all, verbose);
     for s in snaps.iter().rev() {
         let mut sel = Selector {
             pats,
@@ -347,32 +400,12 @@ pub fn list(
         };
         read_manifest(conn, s, |e| {
             if sel.select(&e) {
-                let v = rows.entry(e.entry.path.clone()).or_default();
-                if verbose
-                    || (all && !v.iter().any(|(_, x)| version_key(x) == version_key(&e)))
-                    || v.is_empty()
-                {
-                    held += e.entry.buffer_cost() + s.len() + 64;
-                    if held > LIST_BYTES {
-                        bail!(
-                            "the listing would hold more than {} MiB; give narrower patterns",
-                            LIST_BYTES >> 20
-                        );
-                    }
-                    v.push((s.clone(), e));
-                } else if all {
-                    // Same version seen in a newer snapshot: report the oldest snapshot holding it.
-                    if let Some(slot) = v
-                        .iter_mut()
-                        .find(|(_, x)| version_key(x) == version_key(&e))
-                    {
-                        slot.0 = s.clone();
-                    }
-                }
+                rows.add(s, e)?;
             }
             Ok(())
         })?;
     }
+    let rows = rows.by_path;
     let mut paths: Vec<&Vec<u8>> = rows.keys().collect();
     paths.sort_by(|a, b| byteback_protocol::compare_paths(a, b));
     let heading = format!(
@@ -482,6 +515,30 @@ fn keep(list: &mut Vec<String>, more: impl IntoIterator<Item = String>) {
     list.extend(more.into_iter().take(room));
 }
 
+/// 128 bits of BLAKE3 of an entry's path and, with `version`, of what makes
+/// one version of it differ from another ([`version_key`]).
+fn version_digest(e: &ManifestEntry, version: bool) -> u128 {
+    let mut h = byteback_delta::FileHasher::new();
+    let p = &e.entry.path;
+    h.update(&(p.len() as u64).to_le_bytes());
+    h.update(p);
+    if version {
+        let (size, sec, nsec, hash, mode, uid, gid, kind) = version_key(e);
+        h.update(&size.to_le_bytes());
+        h.update(&sec.to_le_bytes());
+        h.update(&nsec.to_le_bytes());
+        h.update(&hash);
+        h.update(&mode.to_le_bytes());
+        h.update(&uid.to_le_bytes());
+        h.update(&gid.to_le_bytes());
+        h.update(kind.as_bytes());
+    }
+    let d = h.finish();
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&d[..16]);
+    u128::from_le_bytes(k)
+}
+
 /// What restore does beyond the selection.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RestoreOptions {
@@ -531,25 +588,7 @@ impl Claims {
 
     /// The key of an entry: its path, or with `all` its path and version.
     fn key(&self, e: &ManifestEntry) -> u128 {
-        let mut h = byteback_delta::FileHasher::new();
-        let p = &e.entry.path;
-        h.update(&(p.len() as u64).to_le_bytes());
-        h.update(p);
-        if self.all {
-            let (size, sec, nsec, hash, mode, uid, gid, kind) = version_key(e);
-            h.update(&size.to_le_bytes());
-            h.update(&sec.to_le_bytes());
-            h.update(&nsec.to_le_bytes());
-            h.update(&hash);
-            h.update(&mode.to_le_bytes());
-            h.update(&uid.to_le_bytes());
-            h.update(&gid.to_le_bytes());
-            h.update(kind.as_bytes());
-        }
-        let d = h.finish();
-        let mut k = [0u8; 16];
-        k.copy_from_slice(&d[..16]);
-        u128::from_le_bytes(k)
+        version_digest(e, self.all)
     }
 
     fn contains(&self, e: &ManifestEntry) -> bool {
@@ -935,6 +974,55 @@ mod tests {
         let mut x = me("a", 1);
         x.entry.uid = 5;
         assert_ne!(versions.key(&me("a", 1)), versions.key(&x));
+    }
+
+    #[test]
+    fn a_listing_keeps_each_version_once_from_the_oldest_snapshot_holding_it() {
+        let snaps = ["s4", "s3", "s2", "s1"]; // newest first, as the listing reads them
+                                              // Oldest first: a is at version 1 in s1 and s2, 2 in s3, 1 again in s4.
+        let seen = [me("a", 1), me("a", 2), me("a", 1), me("a", 1)];
+        let rows_for = |all: bool, verbose: bool| {
+            let mut rows = Rows::new(all, verbose);
+            for (s, e) in snaps.iter().zip(seen.iter()) {
+                rows.add(s, e.clone()).unwrap();
+                rows.add(s, me("b", 7)).unwrap();
+            }
+            let named = |p: &str| -> Vec<(String, i64)> {
+                rows.by_path[p.as_bytes()]
+                    .iter()
+                    .map(|(s, e)| (s.clone(), e.entry.mtime_sec))
+                    .collect()
+            };
+            (named("a"), named("b"))
+        };
+        let v = |x: &[(&str, i64)]| -> Vec<(String, i64)> {
+            x.iter().map(|(s, t)| (s.to_string(), *t)).collect()
+        };
+        assert_eq!(rows_for(false, false), (v(&[("s4", 1)]), v(&[("s4", 7)])));
+        assert_eq!(
+            rows_for(true, false),
+            (v(&[("s1", 1), ("s3", 2)]), v(&[("s1", 7)]))
+        );
+        let every = rows_for(true, true);
+        assert_eq!(every.0.len(), 4);
+        assert_eq!(every.1.len(), 4);
+    }
+
+    #[test]
+    fn a_listing_of_many_versions_is_capped() {
+        let mut rows = Rows::new(true, false);
+        rows.cap = 1 << 20;
+        let mut failed = None;
+        for i in 0..rows.cap as i64 {
+            if let Err(e) = rows.add("s", me("a", i)) {
+                failed = Some((i, e.to_string()));
+                break;
+            }
+        }
+        let (i, e) = failed.expect("never capped");
+        assert!(e.contains("narrower patterns"), "{e}");
+        assert!(rows.held > rows.cap && i > 1000, "{i}");
+        assert!(rows.by_path[&b"a"[..]].len() < 10_000);
     }
 
     #[test]
