@@ -1702,3 +1702,90 @@ fn the_record_of_the_last_backup_is_never_backed_up() {
     assert!(restored.join("var/cache").is_dir());
     assert!(!restored.join("var/cache/byteback").exists());
 }
+
+/// `--checksum`: a file whose content changed while its size and mtime did
+/// not is missed by a default backup (as rsync without `-c`) and found by
+/// one with `--checksum`, which sends it as a delta against the stored copy
+/// and keeps every other file as stored (nothing else sent or rewritten).
+#[test]
+fn checksum_mode_finds_content_changed_under_the_same_size_and_mtime() {
+    use std::os::unix::fs::MetadataExt;
+    let d = scratch();
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let src = d.path().join("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    let mut rng = Rng::new(77);
+    let mut big = vec![0u8; 3 << 20];
+    rng.fill(&mut big);
+    fs::write(src.join("sub/big"), &big).unwrap();
+    fs::write(src.join("small"), b"the first words").unwrap();
+    fs::write(src.join("same"), b"never changes").unwrap();
+    fs::write(src.join("empty"), b"").unwrap();
+    local_backup(&store, &src, "ck");
+    // Same sizes, mtimes put back: one block of `big`, all of `small`.
+    let keep_mtime = |p: &Path, write: &dyn Fn()| {
+        let md = fs::metadata(p).unwrap();
+        write();
+        set_mtime(p, md.mtime(), md.mtime_nsec());
+    };
+    big[1 << 20..(1 << 20) + 100].fill(0x55);
+    keep_mtime(&src.join("sub/big"), &|| {
+        fs::write(src.join("sub/big"), &big).unwrap()
+    });
+    keep_mtime(&src.join("small"), &|| {
+        fs::write(src.join("small"), b"the other words").unwrap()
+    });
+    let stored = |snap: &str, p: &str| fs::read(store.join("ck").join(snap).join(p)).unwrap();
+    let src_rel = src.strip_prefix("/").unwrap();
+
+    let out = local_backup(&store, &src, "ck");
+    let e = stderr(&out);
+    assert_eq!(summary_number(&e, " files sent"), Some(0), "{e}");
+    let snap = snapshots(&store, "ck").pop().unwrap();
+    assert_eq!(
+        stored(&snap, &format!("{}/small", src_rel.display())),
+        b"the first words"
+    );
+
+    let out = run(Command::new(bin("byteback-backup"))
+        .arg("--destination")
+        .arg(&store)
+        .arg("--source")
+        .arg(&src)
+        .args(["--hostname", "ck", "--retry-number", "0", "--checksum"]));
+    let e = stderr(&out);
+    assert_eq!(summary_number(&e, " files sent"), Some(2), "{e}");
+    for p in ["small", "sub/big"] {
+        let shown = src.join(p);
+        assert!(
+            e.contains(&format!(
+                "{}: its content changed, though its size and mtime did not",
+                shown.display()
+            )),
+            "{e}"
+        );
+    }
+    assert!(!e.contains("never changes") && !e.contains("/same:"), "{e}");
+    // The big file went as a delta: most of it reused from the stored copy.
+    let reused = summary_number(&e, " reused").expect(&e);
+    assert!(reused >= 2 << 20, "reused {reused}:\n{e}");
+    let snap = snapshots(&store, "ck").pop().unwrap();
+    let r = restore_all(&store, "ck", Some(&snap), &d.path().join("r"));
+    assert_same_tree(&src, &restored_path(&r, &src));
+    assert_eq!(
+        stored(&snap, &format!("{}/sub/big", src_rel.display())),
+        big
+    );
+
+    // Nothing changed: a checksum run reads everything, sends nothing.
+    let out = run(Command::new(bin("byteback-backup"))
+        .arg("--destination")
+        .arg(&store)
+        .arg("--source")
+        .arg(&src)
+        .args(["--hostname", "ck", "--retry-number", "0", "-c"]));
+    let e = stderr(&out);
+    assert_eq!(summary_number(&e, " files sent"), Some(0), "{e}");
+    assert!(!e.contains("its content changed"), "{e}");
+}

@@ -105,6 +105,11 @@ pub struct BackupArgs {
     /// not for a local store.
     #[arg(long, value_enum, default_value_t = Compress::Auto)]
     compress: Compress,
+    /// Compare every file by content (BLAKE3), not only by size and mtime:
+    /// finds files changed with their mtime put back, at the cost of
+    /// reading every file. Unchanged ones are kept as stored, not sent.
+    #[arg(short = 'c', long)]
+    checksum: bool,
 }
 
 /// `byteback-backup --json`: what the run did, one object on stdout at the end.
@@ -513,6 +518,7 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         one_file_system: args.one_file_system,
         compress: args.compress,
         record: None,
+        checksum: args.checksum,
     };
     let hooks = crate::hooks::Runner::new(
         Duration::from_secs(args.hook_timeout),

@@ -264,8 +264,11 @@ pub struct Need {
     /// The server holds a stored file of this size (at least
     /// [`crate::limits::TWIN_MIN`] bytes) in the host's tree: the client may
     /// offer the file's BLAKE3 with [`ClientMsg::FileClone`] before sending
-    /// any data, and the server clones that content if it holds it. Only
-    /// ever set without a basis.
+    /// any data, and the server clones that content if it holds it. Set
+    /// with a basis only in checksum mode, for a file whose stored copy has
+    /// the entry's size and mtime: the server keeps that copy if the offered
+    /// BLAKE3 is its content, else answers [`ServerMsg::SendData`] and the
+    /// file is sent as a changed one, against the basis.
     pub twin: bool,
 }
 
@@ -508,7 +511,8 @@ pub enum ServerMsg {
         id: u32,
     },
     /// Reply to [`ClientMsg::FileClone`]: the server does not hold that
-    /// content (or its copy did not check out); send the data (no basis).
+    /// content (or its copy did not check out); send the data (against the
+    /// basis when the need had one, see [`Need::twin`]).
     SendData {
         /// Transfer id.
         id: u32,

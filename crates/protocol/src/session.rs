@@ -66,8 +66,9 @@ enum Transfer {
     /// Announced; data may come. `twin`: nothing sent yet and the server
     /// would take a [`ClientMsg::FileClone`].
     Open { sig: Sig, twin: bool },
-    /// FileClone seen; waiting for FileOk or SendData.
-    Offered,
+    /// FileClone seen; waiting for FileOk or SendData. `sig`: where the
+    /// basis's signature stood (checksum mode offers files with a basis).
+    Offered { sig: Sig },
     /// FileEnd or FileAbort seen; waiting for FileOk or FileRetry.
     Ended,
 }
@@ -78,6 +79,14 @@ impl Transfer {
         sig: Sig::NoBasis,
         twin: false,
     };
+}
+
+/// SendData for a transfer with no clone offer outstanding.
+fn no_offer() -> ProtocolError {
+    ProtocolError::Unexpected {
+        got: "SendData",
+        state: "no clone offered",
+    }
 }
 
 /// The state of a backup: batches awaiting `Needs`, transfers in progress.
@@ -161,8 +170,8 @@ impl BackupState {
             } else {
                 Sig::NoBasis
             };
-            let twin = n.twin && !n.basis;
-            self.transfers.insert(n.id, Transfer::Open { sig, twin });
+            self.transfers
+                .insert(n.id, Transfer::Open { sig, twin: n.twin });
         }
         Ok(())
     }
@@ -206,8 +215,8 @@ impl BackupState {
     fn offer(&mut self, id: u32) -> Result<(), ProtocolError> {
         let t = self.open(id, "FileClone")?;
         match t {
-            Transfer::Open { twin: true, .. } => {
-                *t = Transfer::Offered;
+            Transfer::Open { twin: true, sig } => {
+                *t = Transfer::Offered { sig: *sig };
                 Ok(())
             }
             _ => Err(ProtocolError::Unexpected {
@@ -217,17 +226,18 @@ impl BackupState {
         }
     }
 
-    /// SendData: the offer was not taken; data follows, with no basis.
+    /// SendData: the offer was not taken; data follows, against the basis
+    /// if there is one.
     fn offer_declined(&mut self, id: u32) -> Result<(), ProtocolError> {
         match self.transfers.get_mut(&id) {
-            Some(t @ Transfer::Offered) => {
-                *t = Transfer::WHOLE;
-                Ok(())
-            }
-            _ => Err(ProtocolError::Unexpected {
-                got: "SendData",
-                state: "no clone offered",
-            }),
+            Some(t) => match *t {
+                Transfer::Offered { sig } => {
+                    *t = Transfer::Open { sig, twin: false };
+                    Ok(())
+                }
+                _ => Err(no_offer()),
+            },
+            None => Err(no_offer()),
         }
     }
 
@@ -239,7 +249,7 @@ impl BackupState {
 
     fn resolve(&mut self, id: u32, retry: bool) -> Result<(), ProtocolError> {
         match (self.transfers.get_mut(&id), retry) {
-            (Some(Transfer::Offered), false) | (Some(Transfer::Ended), false) => {
+            (Some(Transfer::Offered { .. }), false) | (Some(Transfer::Ended), false) => {
                 self.transfers.remove(&id);
                 Ok(())
             }
@@ -711,13 +721,20 @@ mod tests {
             delta: delta.clone(),
         })
         .unwrap();
-        // A transfer with a basis is never offered; data closes the invitation.
+        // A transfer with a basis (checksum mode) is offered too; declined,
+        // it is sent against its basis, whose signature may be asked for once.
         let mut s = backup_with(vec![
             need(0, false, true),
             need(1, false, true),
             need(2, true, true),
         ]);
+        s.on_recv(&clone_offer(2)).unwrap();
+        assert!(s.on_recv(&ClientMsg::SigRequest { id: 2 }).is_err());
+        s.on_send(&ServerMsg::SendData { id: 2 }).unwrap();
         assert!(s.on_recv(&clone_offer(2)).is_err());
+        s.on_recv(&ClientMsg::SigRequest { id: 2 }).unwrap();
+        assert!(s.on_recv(&ClientMsg::SigRequest { id: 2 }).is_err());
+        // Data closes the invitation.
         let mut s = backup_with(vec![
             need(0, false, true),
             need(1, false, true),

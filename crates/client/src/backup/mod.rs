@@ -88,6 +88,9 @@ pub struct BackupOptions {
     pub compress: Compress,
     /// The record of the last backup to this destination (see [`cache`]).
     pub record: Option<PathBuf>,
+    /// Compare files by content too (`--checksum`): every file whose size
+    /// and mtime match its stored copy is read and its BLAKE3 offered.
+    pub checksum: bool,
 }
 
 /// When file data is compressed on its way to the server (`--compress`).
@@ -164,6 +167,9 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
     .and_then(|t| {
         threads.push(t);
         let (old, new) = records(opts.record.as_deref(), generation);
+        // Checksum mode announces every entry, so the server can ask for
+        // the content of each file it would keep; the record is still made.
+        let old = old.filter(|_| !opts.checksum);
         walk_and_commit(&shared, batches, &sources, &excludes, opts, old, new)
     });
     shut_down(shared, pool, threads, transport, outcome)
@@ -175,7 +181,9 @@ fn start(conn: &mut Connection, opts: &BackupOptions) -> Result<Started> {
     let excludes = Excludes::new(&opts.excludes)?;
     // The walk holds a directory fd per level of depth.
     walk::raise_fd_limit();
-    conn.send(&ClientMsg::BackupStart { checksum: false })?;
+    conn.send(&ClientMsg::BackupStart {
+        checksum: opts.checksum,
+    })?;
     let generation = match conn.recv()? {
         ServerMsg::BackupReady { generation } => generation,
         m => bail!("unexpected {} at backup start", m.name()),
@@ -430,6 +438,7 @@ mod tests {
             one_file_system: false,
             compress: Compress::Auto,
             record: None,
+            checksum: false,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let start = Instant::now();

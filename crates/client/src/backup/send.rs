@@ -123,7 +123,9 @@ pub(super) fn send_file(shared: &Shared, job: Job) -> Result<()> {
     let Some(mut file) = open_or_abort(shared, id, &found)? else {
         return Ok(());
     };
-    if twin && !basis {
+    // A new file the server may hold elsewhere (a moved or copied one), or
+    // in checksum mode a file whose stored copy may be the same.
+    if twin {
         if offer_twin(shared, id, &mut file, &entry)? {
             return Ok(());
         }

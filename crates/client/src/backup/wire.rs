@@ -2,7 +2,7 @@
 //! wire; the reader takes the server's replies, resolves entries in the
 //! flow-control window and hands the files the server needs to delta jobs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::error::{bail, err, Result};
@@ -57,6 +57,7 @@ pub(super) fn reader_loop(
         pool,
         jobs: HashMap::new(),
         retries: HashMap::new(),
+        verifying: HashSet::new(),
     };
     loop {
         match r.recv()? {
@@ -72,6 +73,7 @@ pub(super) fn reader_loop(
             ServerMsg::FileOk { id } => {
                 reader.jobs.remove(&id);
                 reader.retries.remove(&id);
+                reader.verifying.remove(&id);
                 PROGRESS.finished();
                 let mut f = lock(&shared.flow);
                 if let Some(seq) = f.transfer_seq.remove(&id) {
@@ -81,6 +83,7 @@ pub(super) fn reader_loop(
             }
             ServerMsg::FileRetry { id } => {
                 let (found, entry) = reader.transfer(id, "retry")?;
+                reader.verifying.remove(&id);
                 let n = reader.retries.entry(id).or_insert(0);
                 *n += 1;
                 if *n > MAX_RETRIES {
@@ -98,7 +101,15 @@ pub(super) fn reader_loop(
             // The server does not hold the content offered: send it.
             ServerMsg::SendData { id } => {
                 let (found, entry) = reader.transfer(id, "send-data")?;
-                reader.send_whole(id, found, entry);
+                if reader.verifying.remove(&id) {
+                    shared.warn(format!(
+                        "{}: its content changed, though its size and mtime did not; sending it",
+                        shown(&found.abs)
+                    ));
+                    reader.send_against_basis(id, found, entry);
+                } else {
+                    reader.send_whole(id, found, entry);
+                }
             }
             ServerMsg::BackupDone {
                 snapshot,
@@ -130,6 +141,10 @@ struct Reader<'a> {
     jobs: HashMap<u32, (Found, Entry)>,
     /// How often the server asked for each transfer again.
     retries: HashMap<u32, u32>,
+    /// Checksum mode: transfers whose content is offered to be compared
+    /// with a stored copy of the same size and mtime (a need with both
+    /// `twin` and `basis`); another content is sent against that copy.
+    verifying: HashSet<u32>,
 }
 
 /// Resends of one file the server may ask for: an honest one asks again
@@ -187,6 +202,9 @@ impl Reader<'_> {
                 );
             }
             self.jobs.insert(need.id, (found.clone(), entry.clone()));
+            if need.twin && need.basis {
+                self.verifying.insert(need.id);
+            }
             jobs.push(Job {
                 id: need.id,
                 found,
@@ -206,6 +224,22 @@ impl Reader<'_> {
             .get(&id)
             .cloned()
             .ok_or_else(|| err!("{what} for unknown file {id}"))
+    }
+
+    /// Sends transfer `id`, whose content was offered and is not the
+    /// stored copy's, as a changed file: a delta against that copy.
+    fn send_against_basis(&self, id: u32, found: Found, entry: Entry) {
+        spawn_job(
+            self.pool,
+            self.shared,
+            Job {
+                id,
+                found,
+                entry,
+                basis: true,
+                twin: false,
+            },
+        );
     }
 
     /// Sends transfer `id` again, whole.

@@ -48,6 +48,9 @@ impl BackupReceiver {
         }
         let (parent_i, fresh_parent) = self.parent_dir(&e.path)?;
         match decide::without_disc(old.as_ref(), &e, self.start.clean) {
+            Some(Action::Trusted { hash }) if self.verifies(&e) => {
+                return self.start_verify(e, old, hash).map(Some);
+            }
             Some(Action::Trusted { hash }) => {
                 if e.kind == Kind::Dir {
                     self.dirs.push(OpenDir {
@@ -102,6 +105,9 @@ impl BackupReceiver {
                     // Written by an interrupted run, so not in the manifest yet.
                     None => hash_stored(&parent, &name, &e.path)?,
                 };
+                if self.verifies(&e) {
+                    return self.start_verify(e, old, hash).map(Some);
+                }
                 self.keep(ManifestEntry { entry: e, hash }, old)
             }
             Action::Receive {
@@ -113,6 +119,32 @@ impl BackupReceiver {
             }
             Action::Trusted { .. } | Action::ManifestOnly => self.keep(unhashed(e), old),
         }
+    }
+
+    /// Whether file `e`, kept by its size and mtime, must have its content
+    /// compared too (checksum mode; an empty file has nothing to compare).
+    fn verifies(&self, e: &Entry) -> bool {
+        self.checksum && matches!(e.kind, Kind::File { size } if size > 0)
+    }
+
+    /// Checksum mode: file `e`'s stored copy has its size and mtime and,
+    /// by the manifest (or hashed just now), content `hash`. The client is
+    /// asked for its BLAKE3 first (`twin` with a basis): the same keeps the
+    /// stored copy untouched ([`BackupReceiver::offer`]); another makes it
+    /// a changed file, received against the stored copy.
+    fn start_verify(
+        &mut self,
+        e: Entry,
+        old: Option<ManifestEntry>,
+        hash: [u8; 32],
+    ) -> Result<Started> {
+        let size = e.size();
+        let started = self.start_file(e, old, false, Some(size))?;
+        self.transfer(started.id)?.verify = Some(hash);
+        Ok(Started {
+            twin: true,
+            ..started
+        })
     }
 
     /// Creates directory `name` in `parent` (`replace`: over whatever is there).
@@ -222,6 +254,7 @@ impl BackupReceiver {
                 verified: None,
                 writer: FileWriter::new(None, None, size, sigs::keeps(size)),
                 basis_hash,
+                verify: None,
             }),
         );
         Ok(Started {

@@ -105,6 +105,10 @@ struct Transfer {
     /// Content hash of the stored copy that is the whole basis, when the
     /// manifest vouches for it (its kept signature may be sent).
     basis_hash: Option<[u8; 32]>,
+    /// Checksum mode: the stored copy has the entry's size and mtime and
+    /// this content; it is kept if the client's BLAKE3 is the same (see
+    /// [`BackupReceiver::offer`]), else the file is received as changed.
+    verify: Option<[u8; 32]>,
 }
 
 /// The basis of a transfer, opened when it starts: the lengths of an
@@ -249,6 +253,9 @@ pub struct BackupReceiver {
     /// Making room when creating or renaming runs out of space (none: the
     /// error stands).
     room: Option<Room>,
+    /// Checksum mode: a file whose size and mtime match its stored copy is
+    /// kept only once the client's BLAKE3 of it matches too.
+    checksum: bool,
 }
 
 /// Opens the old manifest of `current` (`meta` is its `.byteback`). One
@@ -379,6 +386,7 @@ impl BackupReceiver {
             stats: BackupStats::default(),
             warnings,
             room,
+            checksum: false,
         };
         if !clean {
             // Leftovers of an interrupted run may be anywhere: the commit
@@ -386,6 +394,12 @@ impl BackupReceiver {
             rx.mark_changed()?;
         }
         Ok(rx)
+    }
+
+    /// Checksum mode (the client's `--checksum`): files whose size and
+    /// mtime match are compared by the client's BLAKE3 too.
+    pub fn set_checksum(&mut self, on: bool) {
+        self.checksum = on;
     }
 
     /// File descriptors the transfers in progress hold: each a file it

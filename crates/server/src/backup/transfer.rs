@@ -471,7 +471,7 @@ fn in_parent<T>(
 }
 
 /// A transfer id the client never got or already finished.
-fn unknown(id: u32) -> Error {
+pub(super) fn unknown(id: u32) -> Error {
     Error::Refused(format!("unknown transfer {id}"))
 }
 

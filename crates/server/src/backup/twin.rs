@@ -5,7 +5,12 @@
 
 use crate::error::{shown, Error, IoContext, Result};
 
+use byteback_protocol::ManifestEntry;
+
+use super::partial::prev_name;
 use super::sink::is_no_space;
+use super::slots::Slot;
+use super::transfer::unknown;
 use super::{BackupReceiver, TransferResult};
 use crate::fsops;
 use crate::twins::{self, TwinIndex};
@@ -47,7 +52,24 @@ impl BackupReceiver {
     /// file, hashed again from there and committed as if received. Returns
     /// false when the content is not held or the copy does not check out:
     /// the client then sends the data, and nothing of this attempt is kept.
+    ///
+    /// In checksum mode, for a file whose stored copy has its size and mtime
+    /// (see `start_verify`), the same content keeps the stored copy as it
+    /// is; other content is received against it, never cloned.
     pub fn offer(&mut self, id: u32, size: u64, hash: [u8; 32], mtime: (i64, u32)) -> Result<bool> {
+        let t = self
+            .transfers
+            .get(&id)
+            .ok_or_else(|| Error::Refused(format!("unknown transfer {id}")))?;
+        if let Some(stored) = t.verify {
+            let e = &t.entry;
+            let same = stored == hash && e.size() == size && (e.mtime_sec, e.mtime_nsec) == mtime;
+            if same && t.to_open.is_some() {
+                self.keep_verified(id)?;
+                return Ok(true);
+            }
+            return Ok(false);
+        }
         let src_path = match self.twins().find(&hash, size) {
             Some(p) => p.to_vec(),
             None => return Ok(false),
@@ -100,5 +122,28 @@ impl BackupReceiver {
             }
             _ => Err(Error::Internal("a verified clone failed its commit")),
         }
+    }
+
+    /// Checksum mode: the client's content of transfer `id` is its stored
+    /// copy's (nothing was opened or written for it): the stored copy
+    /// stays, and the entry goes into the manifest with its new metadata.
+    fn keep_verified(&mut self, id: u32) -> Result<()> {
+        let t = *self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
+        if t.has_prev {
+            // An earlier run's rebuild, now of no use.
+            let prev = prev_name(&t.partial);
+            fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
+        }
+        let hash = t.verify.ok_or(Error::Internal("kept without a hash"))?;
+        let me = ManifestEntry {
+            entry: t.entry,
+            hash,
+        };
+        if t.old.as_ref() != Some(&me) {
+            self.mark_changed()?;
+        }
+        let cost = me.entry.buffer_cost();
+        self.slots.set(t.seq, Slot::Ready(me), cost);
+        self.flush_slots()
     }
 }

@@ -36,12 +36,14 @@ pub(super) fn backup<R: Read, W: Write>(
     cfg: &ServeConfig,
     store: &Store,
     conn: &mut Conn<R, W>,
+    checksum: bool,
 ) -> Result<()> {
     let config = StoreConfig::load(&cfg.store)?;
     let host = store.host(&cfg.host, true)?;
     let _lock = host.lock()?;
     let room = Room::new(store, &config, cfg.now)?;
     let mut rx = BackupReceiver::new(&host, Some(room))?;
+    rx.set_checksum(checksum);
     match rx.clean_leftovers_if_short(config.minpercent) {
         Ok(Some(note)) => eprintln!("byteback-server: {note}"),
         Ok(None) => {}

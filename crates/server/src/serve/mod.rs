@@ -118,10 +118,7 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
                 if cfg.access != Access::Full {
                     return Err(refused("this key may only list and restore"));
                 }
-                if checksum {
-                    return Err(refused("checksum mode is not supported by this server"));
-                }
-                backup::backup(cfg, &store, conn)?;
+                backup::backup(cfg, &store, conn, checksum)?;
             }
             ClientMsg::ListSnapshots => restore::list_snapshots(cfg, &store, conn)?,
             ClientMsg::ListSnapshotKinds => restore::list_snapshot_kinds(cfg, &store, conn)?,
