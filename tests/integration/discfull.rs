@@ -125,7 +125,7 @@ fn with_nothing_to_delete_it_fails_clearly_and_a_smaller_backup_then_succeeds() 
     fill(&src, "a", 100, 1);
     rig.backup_ok(&src, "h", T0);
     // Only the newest snapshot exists: nothing may be deleted for this.
-    fill(&src, "huge", 260, 2);
+    fill(&src, "huge", 200, 2);
     let o = rig.backup(&src, "h", T0 + DAY);
     let out = text(&o);
     assert_ne!(o.status.code(), Some(0), "{out}");
@@ -525,4 +525,68 @@ fn a_creation_that_runs_out_of_space_makes_room_and_the_backup_goes_on() {
     assert!(out.contains("short of space: removed"), "{out}");
     assert!(!marker.exists());
     assert_same_tree(&src, &restore(&rig.snapshots("h").pop().unwrap()));
+}
+
+/// Room is made for what the client sent, and never by deleting other
+/// hosts' history for a file larger than the whole store: before, such a
+/// file (or a client declaring one) pruned every host down to its newest
+/// snapshot and then failed anyway.
+#[test]
+fn a_file_larger_than_the_store_deletes_no_snapshot() {
+    let Some(rig) = Rig::start(300) else {
+        return;
+    };
+    let other = rig.dir.path().join("other");
+    fs::create_dir_all(&other).unwrap();
+    for i in 0..4 {
+        fill(&other, &format!("v{i}"), 10, 40 + i);
+        rig.backup_ok(&other, "victim", T0 + i as i64 * DAY);
+    }
+    let kept = rig.snapshots("victim");
+    assert_eq!(kept.len(), 4);
+    let src = rig.src.clone();
+    fill(&src, "huge", 350, 5);
+    let o = rig.backup(&src, "h", T0 + 4 * DAY);
+    let out = text(&o);
+    assert_ne!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("more than the whole store holds"), "{out}");
+    assert!(out.contains("no snapshot deleted"), "{out}");
+    assert_eq!(rig.snapshots("victim"), kept, "{out}");
+}
+
+/// The growth guard judges a backup that runs out of space as it would
+/// judge its snapshot: one that writes far more than its host usually does
+/// (4 x the median and over 2 % of the disc) may delete only its own host's
+/// older snapshots to make room, never another host's.
+#[test]
+fn a_backup_far_above_its_usual_size_makes_room_only_from_its_own_host() {
+    let Some(rig) = Rig::start(400) else {
+        return;
+    };
+    let other = rig.dir.path().join("other");
+    fs::create_dir_all(&other).unwrap();
+    for i in 0..3 {
+        fill(&other, &format!("v{i}"), 70, 50 + i);
+        rig.backup_ok(&other, "victim", T0 + i as i64 * DAY);
+    }
+    let kept = rig.snapshots("victim");
+    let src = rig.src.clone();
+    for i in 0..3 {
+        fill(&src, &format!("s{i}"), 2, 60 + i);
+        rig.backup_ok(&src, "h", T0 + i as i64 * DAY + 600);
+    }
+    assert_eq!(rig.snapshots("h").len(), 3);
+    fill(&src, "big", 160, 7);
+    let o = rig.backup(&src, "h", T0 + 3 * DAY);
+    let out = text(&o);
+    assert!(out.contains("no space left on device"), "{out}");
+    assert!(out.contains("(the growth guard)"), "{out}");
+    assert!(
+        out.contains("only snapshots of h may be deleted for it"),
+        "{out}"
+    );
+    assert_eq!(rig.snapshots("victim"), kept, "{out}");
+    // Its own older snapshots were fair game; its newest stays.
+    let h = rig.snapshots("h");
+    assert!(!h.is_empty() && h.len() <= 3, "{h:?}\n{out}");
 }

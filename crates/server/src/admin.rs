@@ -258,6 +258,7 @@ fn prune_inner(args: PruneArgs, report: &mut PruneJson) -> Result<u8> {
         dry_run: args.dry_run,
         target_free: None,
         max_deletions: None,
+        only_host: None,
     };
     let spinner = byteback_protocol::term::progress_wanted(args.progress, args.no_progress)
         .then(prune_spinner);

@@ -57,6 +57,8 @@ pub struct PruneOptions {
     pub target_free: Option<u64>,
     /// Stop after this many deletions, whatever the free space.
     pub max_deletions: Option<usize>,
+    /// Delete only this host's snapshots.
+    pub only_host: Option<String>,
 }
 
 impl PruneOptions {
@@ -74,8 +76,44 @@ impl PruneOptions {
             dry_run: false,
             target_free,
             max_deletions: None,
+            only_host: None,
         }
     }
+
+    /// Whether this prune may delete `s` (by host; a host's newest is kept
+    /// by [`next_to_delete`]).
+    pub fn may_delete(&self, s: &Snapshot) -> bool {
+        self.only_host.as_ref().is_none_or(|h| s.host == *h)
+    }
+}
+
+/// Why a backup short of room must make it from its own host's snapshots
+/// only, if it must: a quota's error, or a backup that is a growth spike by
+/// the guard's rule (see [`spikes`]) counting what it has written and needs.
+fn own_only(room: &RoomFor, capacity: u64) -> Option<String> {
+    if room.quota {
+        return Some(format!("{:?}: a quota is exceeded", room.path));
+    }
+    let history = read_usage(room.host);
+    let growth = room.written.saturating_add(room.need);
+    let mut with_this = history.clone();
+    with_this.push(Usage {
+        snapshot: "(this backup)".into(),
+        time: i64::MAX,
+        new_bytes: growth,
+    });
+    let spike = spikes(&room.host.name, &with_this, capacity)
+        .into_iter()
+        .find(|s| s.snapshot == "(this backup)")?;
+    Some(format!(
+        "this backup needs to write about {} bytes, more than {} times the usual {} of {} and \
+         more than {} % of the store (the growth guard)",
+        spike.new_bytes,
+        crate::prune::SPIKE_FACTOR,
+        spike.usual,
+        room.host.name,
+        crate::prune::SPIKE_MIN_PERCENT
+    ))
 }
 
 /// What a prune run did.
@@ -402,9 +440,11 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
     }
     loop {
         let order = prune_order(&snapshots, opts.now, opts.offset, opts.order);
-        let Some(victim) = next_to_delete(&order, |_| true).cloned() else {
-            out.refused =
-                Some("nothing left to delete: every host is down to its newest snapshot".into());
+        let Some(victim) = next_to_delete(&order, |s| opts.may_delete(s)).cloned() else {
+            out.refused = Some(match &opts.only_host {
+                Some(h) => format!("nothing of {h} left to delete but its newest snapshot"),
+                None => "nothing left to delete: every host is down to its newest snapshot".into(),
+            });
             break;
         };
         if opts.dry_run {
@@ -601,21 +641,61 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 /// a backup deletes for metadata, however many files need it).
 pub const ROOM_ROUNDS: u8 = 6;
 
-/// A backup ran out of space writing `path` (`need` bytes): deletes
-/// snapshots by importance, under the usual rules (never a host's newest,
-/// the growth guard holds; the 7-day rule gives way), until `need` plus a
-/// margin is free. Fails, saying how much is missing and what
+/// What a backup that ran out of space writing a file needs room for.
+pub struct RoomFor<'a> {
+    /// The host backing up.
+    pub host: &'a crate::store::HostStore,
+    /// The file, for messages.
+    pub path: &'a str,
+    /// Bytes the client sent for it (never more than it declared).
+    pub need: u64,
+    /// Bytes of file data this backup wrote before it.
+    pub written: u64,
+    /// A quota ran out (EDQUOT), not the filesystem.
+    pub quota: bool,
+}
+
+/// A backup ran out of space writing `room.path` (`room.need` bytes):
+/// deletes snapshots by importance, under the usual rules (never a host's
+/// newest, the growth guard holds; the 7-day rule gives way), until `need`
+/// plus a margin is free. Fails, saying how much is missing and what
 /// `byteback-prune --prune-force` would delete, when nothing may go.
+///
+/// Other hosts' snapshots are never deleted for a file larger than the
+/// whole store, for a quota (it confines this host), or for a backup that
+/// is itself a growth spike by the guard's rule (its data written so far
+/// and this file's, against the host's usual): only the host's own may go.
 pub fn make_room(
     store: &Store,
     cfg: &crate::config::StoreConfig,
     now: i64,
-    need: u64,
-    path: &str,
+    room: &RoomFor,
 ) -> Result<()> {
     const MARGIN: u64 = 64 << 20;
+    let (path, need) = (room.path, room.need);
+    let capacity = space::measure(store.fd())
+        .op("measure", || store.root.display())?
+        .size;
+    if need > capacity {
+        return Err(Error::Store(format!(
+            "no space left on device: {path:?} needs {need} bytes, more than the whole store \
+             holds ({capacity} bytes); no snapshot deleted"
+        )));
+    }
     let target = need.saturating_add(MARGIN);
-    let opts = PruneOptions::server(cfg, now, Some(target));
+    let mut opts = PruneOptions::server(cfg, now, Some(target));
+    let own_only = own_only(room, capacity);
+    if let Some(why) = &own_only {
+        opts.only_host = Some(room.host.name.clone());
+        print_lines(
+            Level::WARN,
+            format!(
+                "byteback-server: {why}: only snapshots of {} may be deleted for it\n",
+                room.host.name
+            )
+            .as_bytes(),
+        );
+    }
     let mut err = std::io::LineWriter::new(LinesAt(Level::INFO));
     print_lines(
         Level::WARN,
@@ -638,7 +718,7 @@ pub fn make_room(
     let order = prune_order(&snapshots, now, opts.offset, Order::Importance);
     let mut would = vec![];
     let mut left = order.clone();
-    while let Some(v) = next_to_delete(&left, |_| true).cloned() {
+    while let Some(v) = next_to_delete(&left, |s| opts.may_delete(s)).cloned() {
         would.push(v.to_string());
         left.retain(|s| *s != v);
     }

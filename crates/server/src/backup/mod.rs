@@ -163,8 +163,10 @@ pub enum TransferResult {
     NoSpace {
         /// The file's path, for messages.
         path: String,
-        /// Its size.
+        /// The bytes the client sent for it (at most its declared size).
         need: u64,
+        /// A quota ran out (EDQUOT), not the filesystem.
+        quota: bool,
     },
 }
 

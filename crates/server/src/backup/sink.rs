@@ -102,6 +102,12 @@ pub(super) struct FileWriter {
     /// Writing hit "no space left on device": the rest of its data is
     /// dropped, and its end asks for room and a resend.
     pub nospace: bool,
+    /// ... and it was a quota's (EDQUOT), not the filesystem's.
+    pub quota: bool,
+    /// Once `nospace`: the bytes this attempt brought, written or dropped
+    /// (its offset at the failure plus the segments after it), so the room
+    /// asked for is what the client sent, never just what it declared.
+    pub attempted: u64,
 }
 
 /// Whether an I/O error means the filesystem (or a quota) is full.
@@ -123,6 +129,8 @@ impl FileWriter {
             keep,
             verified: None,
             nospace: false,
+            quota: false,
+            attempted: 0,
         }
     }
 
@@ -176,6 +184,7 @@ impl FileWriter {
         clone_ok: &mut bool,
     ) -> Result<Applied> {
         if self.nospace {
+            self.attempted = self.attempted.saturating_add(raw.len() as u64);
             return Ok(Applied::default()); // dropped: the end asks for a resend
         }
         let limit = size.saturating_sub(self.written);
@@ -196,6 +205,8 @@ impl FileWriter {
         match result {
             Err(SinkError::Io(e)) if is_no_space(&e) => {
                 self.nospace = true;
+                self.quota = e.raw_os_error() == Some(libc::EDQUOT);
+                self.attempted = pos;
                 // Give its blocks back at once; it is sent again whole.
                 let _ = out.set_len(0);
                 return Ok(Applied::default());
@@ -249,6 +260,8 @@ impl FileWriter {
     /// Starts over from an empty file (a resend), with no basis.
     pub fn restart(&mut self) -> io::Result<()> {
         self.nospace = false;
+        self.quota = false;
+        self.attempted = 0;
         self.written = 0;
         self.flushed = 0;
         self.digest = Digest::new(self.len, self.keep);

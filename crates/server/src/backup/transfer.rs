@@ -244,11 +244,14 @@ impl BackupReceiver {
                     "no space left on device storing {path:?}, even after making room three times"
                 )));
             }
+            // Room for what the client sent, not for what it declared.
+            let need = size.min(t.writer.attempted);
+            let quota = t.writer.quota;
             // Its earlier rebuild goes too: the space is needed.
             self.drop_prev(id)?;
             let t = self.transfer(id)?;
             t.writer.restart().op("empty", || shown(&t.entry.path))?;
-            return Ok(TransferResult::NoSpace { path, need: size });
+            return Ok(TransferResult::NoSpace { path, need, quota });
         }
         let ok = t
             .writer

@@ -123,8 +123,8 @@ fn receive<R: Read, W: Write>(
                 let reply = match ended {
                     TransferResult::Done => ServerMsg::FileOk { id },
                     TransferResult::Retry => ServerMsg::FileRetry { id },
-                    TransferResult::NoSpace { path, need } => {
-                        make_room(target, rx, &path, need)?;
+                    TransferResult::NoSpace { path, need, quota } => {
+                        make_room(target, rx, &path, need, quota)?;
                         ServerMsg::FileRetry { id }
                     }
                 };
@@ -228,17 +228,30 @@ enum Batch {
     Unchanged { count: u32, digest: [u8; 32] },
 }
 
-/// Writing `path` (`need` bytes) ran out of space: marks the store, drops
-/// idle partial copies, then prunes snapshots to make room (or fails
-/// saying what is missing).
-fn make_room(target: &Target, rx: &mut BackupReceiver, path: &str, need: u64) -> Result<()> {
+/// Writing `path` (`need` bytes sent; `quota`: a quota's error) ran out
+/// of space: marks the store, drops idle partial copies, then prunes
+/// snapshots to make room (or fails saying what is missing).
+fn make_room(
+    target: &Target,
+    rx: &mut BackupReceiver,
+    path: &str,
+    need: u64,
+    quota: bool,
+) -> Result<()> {
     rx.note_no_space();
     // Rebuilds kept from interrupted runs go first.
     let freed = rx.drop_idle_partials()?;
     if freed > 0 {
         eprintln!("byteback-server: no space left on device for {path:?}: removed {freed} bytes of interrupted transfers' partial copies");
     }
-    crate::pruner::make_room(target.store, target.config, target.now(), need, path)
+    let room = crate::pruner::RoomFor {
+        host: target.host,
+        path,
+        need,
+        written: rx.stats.literal_bytes,
+        quota,
+    };
+    crate::pruner::make_room(target.store, target.config, target.now(), &room)
 }
 
 /// `BackupEnd`: commits, takes the snapshot, replies, then records usage
