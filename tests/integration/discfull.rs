@@ -590,3 +590,46 @@ fn a_backup_far_above_its_usual_size_makes_room_only_from_its_own_host() {
     let h = rig.snapshots("h");
     assert!(!h.is_empty() && h.len() <= 3, "{h:?}\n{out}");
 }
+
+/// Backups that run out of space for good, again and again on one day,
+/// delete at most ten snapshots together for metadata (counted in the
+/// host's `.byteback-room`), however often the client reconnects; the next
+/// day allows more. Before, each connection could delete five.
+#[test]
+fn reconnecting_does_not_delete_more_than_a_days_budget() {
+    let Some(rig) = Rig::start(300) else {
+        return;
+    };
+    let src = rig.src.clone();
+    for day in 0..14u64 {
+        fs::write(src.join(format!("day{day}")), Rng::new(day).bytes(64 << 10)).unwrap();
+        rig.backup_ok(&src, "h", T0 + day as i64 * DAY);
+    }
+    let deleted = |out: &str| out.matches("byteback-prune: deleted h/").count();
+    let failing = |now: i64, faults: &str| {
+        let mut cmd = backup_at(&rig.store, &rig.wrapper, &src, "h", now);
+        let o = run_status(cmd.env("BYTEBACK_TEST_NO_SPACE_CREATE", faults));
+        (o.status.code(), text(&o))
+    };
+    let today = T0 + 14 * DAY;
+    let mut total = 0;
+    for (k, at) in [today, today + 600, today + 1200].into_iter().enumerate() {
+        fs::write(src.join(format!("try{k}")), b"x").unwrap();
+        let (code, out) = failing(at, "1000");
+        assert_ne!(code, Some(0), "{out}");
+        total += deleted(&out);
+        if k == 2 {
+            assert_eq!(deleted(&out), 0, "{out}");
+            assert!(
+                out.contains("no snapshot deleted: backups of h deleted 10 already today"),
+                "{out}"
+            );
+        }
+    }
+    assert_eq!(total, 10);
+    assert_eq!(rig.snapshots("h").len(), 4);
+    // The next day allows more.
+    let (code, out) = failing(today + DAY, "3");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(deleted(&out), 2, "{out}");
+}

@@ -197,6 +197,20 @@ pub fn open_lock(dir: impl AsFd, name: &[u8]) -> io::Result<File> {
     Ok(File::from(fd))
 }
 
+/// Writes `data` as the whole content of the small file `name` directly
+/// inside `dir` (created 0600 if missing, never through a symlink), in
+/// place: a reader may see it half written, so only for hints.
+pub fn write_small(dir: impl AsFd, name: &[u8], data: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let fd = rustix::fs::openat(
+        dir,
+        os(name),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::from_raw_mode(0o600),
+    )?;
+    File::from(fd).write_all(data)
+}
+
 /// Creates a new file exclusively inside `dir` for writing.
 pub fn create_new(dir: impl AsFd, name: &[u8]) -> io::Result<File> {
     let fd = rustix::fs::openat(

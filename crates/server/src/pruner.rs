@@ -246,7 +246,7 @@ pub fn read_usage_lines(host: &HostStore) -> Vec<UsageLine> {
         .collect()
 }
 
-fn read_small(dir: impl AsFd, name: &str) -> Option<String> {
+pub(crate) fn read_small(dir: impl AsFd, name: &str) -> Option<String> {
     let fd = rustix::fs::openat(
         dir,
         name,
@@ -567,7 +567,7 @@ pub fn make_room_for_metadata(
     now: i64,
     what: &str,
     round: u8,
-    may_delete: bool,
+    refusal: Option<String>,
 ) -> Result<usize> {
     let space = crate::space::measure(store.fd())
         .map(|s| s.to_string())
@@ -587,25 +587,22 @@ pub fn make_room_for_metadata(
     if round <= 1 {
         return wait_for_cleaner(store.fd()).map(|()| 0);
     }
-    delete_one(store, cfg, now, may_delete)
+    delete_one(store, cfg, now, refusal)
 }
 
-/// Deletes the next snapshot in importance order, if `may_delete` and the
-/// rules allow; says why when none goes. Returns the number deleted.
+/// Deletes the next snapshot in importance order, unless `refusal` says
+/// why not, and if the rules allow; says why when none goes. Returns the
+/// number deleted.
 pub fn delete_one(
     store: &Store,
     cfg: &crate::config::StoreConfig,
     now: i64,
-    may_delete: bool,
+    refusal: Option<String>,
 ) -> Result<usize> {
-    if !may_delete {
+    if let Some(why) = refusal {
         print_lines(
             Level::WARN,
-            format!(
-                "byteback-server: no snapshot deleted: this backup deleted {} already to make room for metadata\n",
-                ROOM_ROUNDS - 1
-            )
-            .as_bytes(),
+            format!("byteback-server: no snapshot deleted: {why}\n").as_bytes(),
         );
         return Ok(0);
     }

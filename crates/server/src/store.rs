@@ -143,6 +143,19 @@ impl HostStore {
         &self.fd
     }
 
+    /// Another handle on the same host directory.
+    pub fn try_clone(&self) -> Result<Self> {
+        Ok(HostStore {
+            name: self.name.clone(),
+            path: self.path.clone(),
+            fd: self
+                .fd
+                .try_clone()
+                .op("duplicate the descriptor of", || self.path.display())?,
+            btrfs: self.btrfs,
+        })
+    }
+
     /// Takes the host's exclusive lock, or says who holds it. The lock is an
     /// flock, so a killed process never leaves it behind.
     pub fn lock(&self) -> Result<File> {

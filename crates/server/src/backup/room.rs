@@ -8,17 +8,30 @@
 //! of space all the same deletes one more snapshot on its way out (see
 //! [`BackupReceiver::after_no_space`]), so the next one has room: a full
 //! disc never fails every backup from then on.
+//!
+//! A backup deletes at most [`ROOM_ROUNDS`] less one snapshot this way,
+//! and a host's backups together at most [`PER_HOST_PER_DAY`] a day
+//! (counted in `<host>/.byteback-room`), so a client that reconnects again
+//! and again cannot delete other hosts' history five at a time.
 
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
 use crate::pruner::{self, ROOM_ROUNDS};
-use crate::store::Store;
+use crate::store::{HostStore, Store};
 
 use super::BackupReceiver;
+
+/// Most snapshots a host's backups delete for metadata in a day (UTC):
+/// two backups' worth, a failing one and its retry.
+pub const PER_HOST_PER_DAY: usize = 2 * (ROOM_ROUNDS as usize - 1);
+
+/// Where a host's deletions for metadata are counted: `DAY COUNT`.
+const COUNTED: &str = ".byteback-room";
 
 /// What making room needs, and what this backup deleted for it.
 pub struct Room {
     store: Store,
+    host: HostStore,
     config: StoreConfig,
     /// The time the backup runs as (`--now`), else the clock's.
     now: Option<i64>,
@@ -36,9 +49,15 @@ pub fn is_no_space(e: &Error) -> bool {
 impl Room {
     /// Making room in `store` (configured by `config`) for a backup run as
     /// of `now`.
-    pub fn new(store: &Store, config: &StoreConfig, now: Option<i64>) -> Result<Self> {
+    pub fn new(
+        store: &Store,
+        host: &HostStore,
+        config: &StoreConfig,
+        now: Option<i64>,
+    ) -> Result<Self> {
         Ok(Room {
             store: store.try_clone()?,
+            host: host.try_clone()?,
             config: config.clone(),
             now,
             deleted: 0,
@@ -49,8 +68,53 @@ impl Room {
         self.now.unwrap_or_else(crate::time::now)
     }
 
-    fn may_delete(&self) -> bool {
-        self.deleted < usize::from(ROOM_ROUNDS - 1)
+    /// Why no snapshot may be deleted now, if none may.
+    fn refusal(&self) -> Option<String> {
+        if self.deleted >= usize::from(ROOM_ROUNDS - 1) {
+            return Some(format!(
+                "this backup deleted {} already to make room for metadata",
+                ROOM_ROUNDS - 1
+            ));
+        }
+        let today = self.counted().1;
+        (today >= PER_HOST_PER_DAY).then(|| {
+            format!(
+                "backups of {} deleted {today} already today (UTC) to make room for metadata; \
+                 the next day allows more (or run byteback-prune)",
+                self.host.name
+            )
+        })
+    }
+
+    /// The day (UTC) and the deletions counted for it.
+    fn counted(&self) -> (i64, usize) {
+        let day = self.now().div_euclid(86_400);
+        let text = pruner::read_small(self.host.fd(), COUNTED).unwrap_or_default();
+        let mut f = text.split_whitespace().map(str::parse::<i64>);
+        match (f.next(), f.next()) {
+            (Some(Ok(d)), Some(Ok(n))) if d == day => (day, usize::try_from(n).unwrap_or(0)),
+            _ => (day, 0),
+        }
+    }
+
+    /// Counts `n` more deletions, for this backup and for the host's day.
+    /// A count that cannot be written (the disc is full) is said; this
+    /// backup's own cap still holds.
+    fn count(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.deleted += n;
+        let (day, before) = self.counted();
+        let line = format!("{day} {}\n", before + n);
+        if let Err(e) =
+            crate::fsops::write_small(self.host.fd(), COUNTED.as_bytes(), line.as_bytes())
+        {
+            tracing::warn!(
+                "cannot count deletions for metadata in {}: {e}",
+                self.host.path.join(COUNTED).display()
+            );
+        }
     }
 
     /// `e`, from `what`, ran out of space: one more round of making room
@@ -63,10 +127,10 @@ impl Room {
                 ROOM_ROUNDS - 1
             )));
         }
-        let may = self.may_delete();
+        let refusal = self.refusal();
         let (now, r) = (self.now(), *round);
-        self.deleted +=
-            pruner::make_room_for_metadata(&self.store, &self.config, now, what, r, may)?;
+        let n = pruner::make_room_for_metadata(&self.store, &self.config, now, what, r, refusal)?;
+        self.count(n);
         Ok(())
     }
 }
@@ -143,10 +207,10 @@ impl BackupReceiver {
         let Some(room) = self.room.as_mut().filter(|_| is_no_space(&e)) else {
             return e;
         };
-        let (now, may) = (room.now(), room.may_delete());
-        let deleted = pruner::delete_one(&room.store, &room.config, now, may);
+        let (now, refusal) = (room.now(), room.refusal());
+        let deleted = pruner::delete_one(&room.store, &room.config, now, refusal);
         if let Ok(n) = deleted {
-            room.deleted += n;
+            room.count(n);
         }
         // After the deletion, which may have made room for the marker (not
         // once the commit is under way: nothing is left to clean up).

@@ -41,7 +41,7 @@ pub(super) fn backup<R: Read, W: Write>(
     let config = StoreConfig::load(&cfg.store)?;
     let host = store.host(&cfg.host, true)?;
     let _lock = host.lock()?;
-    let room = Room::new(store, &config, cfg.now)?;
+    let room = Room::new(store, &host, &config, cfg.now)?;
     let mut rx = BackupReceiver::new(&host, Some(room))?;
     rx.set_checksum(checksum);
     match rx.clean_leftovers_if_short(config.minpercent) {
