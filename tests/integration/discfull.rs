@@ -632,4 +632,12 @@ fn reconnecting_does_not_delete_more_than_a_days_budget() {
     let (code, out) = failing(today + DAY, "3");
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(deleted(&out), 2, "{out}");
+    // A count that cannot be made out (a crash while it was written) is a
+    // spent budget for the day it was written, never a fresh one.
+    fs::write(rig.store.join("h/.byteback-room"), b"12").unwrap();
+    fs::write(src.join("later"), b"y").unwrap();
+    let (code, out) = failing(today + 2 * DAY, "1000");
+    assert_ne!(code, Some(0), "{out}");
+    assert_eq!(deleted(&out), 0, "{out}");
+    assert!(out.contains("cannot make out the count"), "{out}");
 }

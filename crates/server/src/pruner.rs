@@ -88,12 +88,9 @@ impl PruneOptions {
 }
 
 /// Why a backup short of room must make it from its own host's snapshots
-/// only, if it must: a quota's error, or a backup that is a growth spike by
-/// the guard's rule (see [`spikes`]) counting what it has written and needs.
+/// only, if it must: it is a growth spike by the guard's rule (see
+/// [`spikes`]), counting what it has written and needs.
 fn own_only(room: &RoomFor, capacity: u64) -> Option<String> {
-    if room.quota {
-        return Some(format!("{:?}: a quota is exceeded", room.path));
-    }
     let history = read_usage(room.host);
     let growth = room.written.saturating_add(room.need);
     let mut with_this = history.clone();
@@ -658,10 +655,10 @@ pub struct RoomFor<'a> {
 /// plus a margin is free. Fails, saying how much is missing and what
 /// `byteback-prune --prune-force` would delete, when nothing may go.
 ///
-/// Other hosts' snapshots are never deleted for a file larger than the
-/// whole store, for a quota (it confines this host), or for a backup that
-/// is itself a growth spike by the guard's rule (its data written so far
-/// and this file's, against the host's usual): only the host's own may go.
+/// Nothing is deleted for a quota (it confines this host) or for a file
+/// larger than the whole store; and other hosts' snapshots not for a backup
+/// that is itself a growth spike by the guard's rule (its data written so
+/// far and this file's, against the host's usual): only the host's own go.
 pub fn make_room(
     store: &Store,
     cfg: &crate::config::StoreConfig,
@@ -670,6 +667,15 @@ pub fn make_room(
 ) -> Result<()> {
     const MARGIN: u64 = 64 << 20;
     let (path, need) = (room.path, room.need);
+    if room.quota {
+        // The filesystem's free space says nothing of a quota, and a quota
+        // confines this host: other hosts' history is not for it.
+        return Err(Error::Store(format!(
+            "disk quota exceeded writing {path:?} ({need} bytes); no snapshot deleted \
+             (raise the quota of {}, or delete some of its snapshots)",
+            room.host.name
+        )));
+    }
     let capacity = space::measure(store.fd())
         .op("measure", || store.root.display())?
         .size;
@@ -715,7 +721,7 @@ pub fn make_room(
     let order = prune_order(&snapshots, now, opts.offset, Order::Importance);
     let mut would = vec![];
     let mut left = order.clone();
-    while let Some(v) = next_to_delete(&left, |s| opts.may_delete(s)).cloned() {
+    while let Some(v) = next_to_delete(&left, |_| true).cloned() {
         would.push(v.to_string());
         left.retain(|s| *s != v);
     }

@@ -139,7 +139,7 @@ impl BackupReceiver {
         hash: [u8; 32],
     ) -> Result<Started> {
         let size = e.size();
-        let started = self.start_file(e, old, false, Some(size))?;
+        let started = self.start_transfer(e, old, false, Some(size))?;
         self.transfer(started.id)?.verify = Some(hash);
         Ok(Started {
             twin: true,
@@ -211,6 +211,18 @@ impl BackupReceiver {
         stored: Option<u64>,
     ) -> Result<Started> {
         self.touch()?;
+        self.start_transfer(e, old, in_place, stored)
+    }
+
+    /// [`Self::start_file`] without touching `current`: for a file checksum
+    /// mode may keep as it is (its transfer touches it once it opens).
+    fn start_transfer(
+        &mut self,
+        e: Entry,
+        old: Option<ManifestEntry>,
+        in_place: bool,
+        stored: Option<u64>,
+    ) -> Result<Started> {
         // In a clean `current`, a stored copy of the manifest's size holds
         // the manifest's content.
         let vouched = old

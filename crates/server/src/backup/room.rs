@@ -38,6 +38,8 @@ pub struct Room {
     /// Snapshots deleted so far: at most [`ROOM_ROUNDS`] less one per
     /// backup, however many operations need room.
     deleted: usize,
+    /// A deletion could not be counted on disc: no more for this backup.
+    uncounted: bool,
 }
 
 /// Whether `e` is, at its root, "no space left on device" (a quota is not:
@@ -61,6 +63,7 @@ impl Room {
             config: config.clone(),
             now,
             deleted: 0,
+            uncounted: false,
         })
     }
 
@@ -76,42 +79,63 @@ impl Room {
                 ROOM_ROUNDS - 1
             ));
         }
-        let today = self.counted().1;
-        (today >= PER_HOST_PER_DAY).then(|| {
-            format!(
+        if self.uncounted {
+            return Some(format!(
+                "its last deletion could not be counted in {}",
+                self.host.path.join(COUNTED).display()
+            ));
+        }
+        match self.counted() {
+            Ok(today) if today < PER_HOST_PER_DAY => None,
+            Ok(today) => Some(format!(
                 "backups of {} deleted {today} already today (UTC) to make room for metadata; \
                  the next day allows more (or run byteback-prune)",
                 self.host.name
-            )
-        })
+            )),
+            Err(why) => Some(why),
+        }
     }
 
-    /// The day (UTC) and the deletions counted for it.
-    fn counted(&self) -> (i64, usize) {
+    /// The deletions counted for today (UTC). A count that cannot be read
+    /// (written half by a crash, say) is today's whole budget when the file
+    /// was written today: the budget fails closed, for a day at most.
+    fn counted(&self) -> std::result::Result<usize, String> {
         let day = self.now().div_euclid(86_400);
-        let text = pruner::read_small(self.host.fd(), COUNTED).unwrap_or_default();
+        let path = || self.host.path.join(COUNTED).display().to_string();
+        let file = match crate::fsops::open_file(self.host.fd(), COUNTED.as_bytes()) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(format!("cannot read {}: {e}", path())),
+        };
+        let mut text = String::new();
+        let read = std::io::Read::read_to_string(&mut std::io::Read::take(&file, 64), &mut text);
         let mut f = text.split_whitespace().map(str::parse::<i64>);
-        match (f.next(), f.next()) {
-            (Some(Ok(d)), Some(Ok(n))) if d == day => (day, usize::try_from(n).unwrap_or(0)),
-            _ => (day, 0),
+        match (read, f.next(), f.next()) {
+            (Ok(_), Some(Ok(d)), Some(Ok(_))) if d < day => Ok(0),
+            (Ok(_), Some(Ok(_)), Some(Ok(n))) => Ok(usize::try_from(n).unwrap_or(PER_HOST_PER_DAY)),
+            _ => match crate::fsops::mtime_of(&file) {
+                Ok((t, _)) if t.div_euclid(86_400) < day => Ok(0),
+                _ => Err(format!("cannot make out the count in {}", path())),
+            },
         }
     }
 
     /// Counts `n` more deletions, for this backup and for the host's day.
-    /// A count that cannot be written (the disc is full) is said; this
-    /// backup's own cap still holds.
+    /// A count that cannot be written (the disc is full) is said, and this
+    /// backup deletes no more.
     fn count(&mut self, n: usize) {
         if n == 0 {
             return;
         }
         self.deleted += n;
-        let (day, before) = self.counted();
-        let line = format!("{day} {}\n", before + n);
+        let day = self.now().div_euclid(86_400);
+        let line = format!("{day} {}\n", self.counted().unwrap_or(0) + n);
         if let Err(e) =
             crate::fsops::write_small(self.host.fd(), COUNTED.as_bytes(), line.as_bytes())
         {
+            self.uncounted = true;
             tracing::warn!(
-                "cannot count deletions for metadata in {}: {e}",
+                "cannot count deletions for metadata in {}: {e}; this backup deletes no more",
                 self.host.path.join(COUNTED).display()
             );
         }

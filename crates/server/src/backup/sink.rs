@@ -105,9 +105,25 @@ pub(super) struct FileWriter {
     /// ... and it was a quota's (EDQUOT), not the filesystem's.
     pub quota: bool,
     /// Once `nospace`: the bytes this attempt brought, written or dropped
-    /// (its offset at the failure plus the segments after it), so the room
-    /// asked for is what the client sent, never just what it declared.
+    /// (its offset at the failure plus the segments after it, counted by
+    /// [`count_dropped`]), so the room asked for is what the client sent,
+    /// never just what it declared.
     pub attempted: u64,
+    /// Bytes of this attempt counted in the backup's statistics (literal,
+    /// matched): taken back when the attempt is thrown away.
+    pub counted: (u64, u64),
+}
+
+/// The most a dropped segment counts for, per byte it took on the wire:
+/// zstd at level 1 shrinks text about three times; a stream of zeros
+/// (thousands of times) must not ask for room it never sent.
+pub const DROPPED_PER_WIRE_BYTE: u64 = 16;
+
+/// What a segment that arrives after "no space left on device" adds to
+/// [`FileWriter::attempted`]: its length, at most
+/// [`DROPPED_PER_WIRE_BYTE`] times its bytes on the wire.
+pub fn count_dropped(raw_len: u32, wire_len: usize) -> u64 {
+    u64::from(raw_len).min((wire_len as u64).saturating_mul(DROPPED_PER_WIRE_BYTE))
 }
 
 /// Whether an I/O error means the filesystem (or a quota) is full.
@@ -131,6 +147,7 @@ impl FileWriter {
             nospace: false,
             quota: false,
             attempted: 0,
+            counted: (0, 0),
         }
     }
 
@@ -184,7 +201,6 @@ impl FileWriter {
         clone_ok: &mut bool,
     ) -> Result<Applied> {
         if self.nospace {
-            self.attempted = self.attempted.saturating_add(raw.len() as u64);
             return Ok(Applied::default()); // dropped: the end asks for a resend
         }
         let limit = size.saturating_sub(self.written);
@@ -262,6 +278,7 @@ impl FileWriter {
         self.nospace = false;
         self.quota = false;
         self.attempted = 0;
+        self.counted = (0, 0);
         self.written = 0;
         self.flushed = 0;
         self.digest = Digest::new(self.len, self.keep);
@@ -541,6 +558,16 @@ impl PatchSink for FileSink<'_> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn dropped_segments_count_at_most_sixteen_times_their_wire_bytes() {
+        // 10 MiB of zeros in about 350 bytes of zstd: 5,600 bytes, not 10 MiB.
+        assert_eq!(count_dropped(10 << 20, 350), 350 * DROPPED_PER_WIRE_BYTE);
+        // Stored or lightly compressed data counts whole.
+        assert_eq!(count_dropped(1000, 1009), 1000);
+        assert_eq!(count_dropped(3000, 1000), 3000);
+    }
+
     use super::*;
 
     fn file_of(bytes: &[u8]) -> File {

@@ -9,7 +9,7 @@ use byteback_delta::SignatureBuilder;
 use byteback_protocol::{Compressed, Kind, ManifestEntry};
 
 use super::partial::prev_name;
-use super::sink::{Basis, BasisPart, IO_CHUNK};
+use super::sink::{count_dropped, Basis, BasisPart, IO_CHUNK};
 use super::slots::Slot;
 use super::sweep::remove_in_place;
 use super::{
@@ -104,6 +104,10 @@ impl BackupReceiver {
                 "more files in flight than the open-file limit allows ({} descriptors held); an honest client has about one per delta thread",
                 self.held_fds
             )));
+        }
+        if self.transfer(id)?.verify.is_some() {
+            // Checksum mode, the content differs: `current` changes after all.
+            self.touch()?;
         }
         if let Some(to_open) = self.transfer(id)?.to_open.take() {
             self.open_basis(id, to_open)?;
@@ -216,11 +220,20 @@ impl BackupReceiver {
     /// Applies one delta segment to transfer `id`.
     pub fn data(&mut self, id: u32, delta: &Compressed) -> Result<()> {
         self.open_files(id)?;
+        let t = self.transfers.get_mut(&id).ok_or_else(|| unknown(id))?;
+        if t.writer.nospace {
+            // Dropped undecoded: the end asks for room and a resend.
+            let n = count_dropped(delta.raw_len, delta.data.len());
+            t.writer.attempted = t.writer.attempted.saturating_add(n);
+            return Ok(());
+        }
         let raw = self.decoder.decode(delta)?;
         let t = self.transfers.get_mut(&id).ok_or_else(|| unknown(id))?;
         let applied = t
             .writer
             .write(raw, t.entry.size(), &t.entry.path, &mut self.clone_ok)?;
+        t.writer.counted.0 += applied.literal;
+        t.writer.counted.1 += applied.matched;
         self.stats.matched_bytes += applied.matched;
         self.stats.literal_bytes += applied.literal;
         Ok(())
@@ -247,6 +260,10 @@ impl BackupReceiver {
             // Room for what the client sent, not for what it declared.
             let need = size.min(t.writer.attempted);
             let quota = t.writer.quota;
+            // What this attempt wrote is thrown away: not the backup's growth.
+            let (literal, matched) = t.writer.counted;
+            self.stats.literal_bytes = self.stats.literal_bytes.saturating_sub(literal);
+            self.stats.matched_bytes = self.stats.matched_bytes.saturating_sub(matched);
             // Its earlier rebuild goes too: the space is needed.
             self.drop_prev(id)?;
             let t = self.transfer(id)?;
@@ -301,7 +318,9 @@ impl BackupReceiver {
             || format!("putting {:?} in place", shown(&path)),
             |rx| {
                 let t = rx.transfer(id)?;
-                let finished = t.writer.finish(size, mtime);
+                let finished = t
+                    .writer
+                    .finish(size, on_disc_mtime(t.verify.is_some(), mtime));
                 finished
                     .and_then(|()| match in_place {
                         false => rx.try_rename_into_place(&path, &partial),
@@ -474,6 +493,20 @@ fn in_parent<T>(
 }
 
 /// A transfer id the client never got or already finished.
+/// The mtime a placed file gets on disc: the client's, except for content
+/// checksum mode found changed under the same size and mtime (`changed`),
+/// which gets it a nanosecond off. Otherwise a run interrupted after placing
+/// it leaves a file the next run (with `current` not clean) would take for
+/// the old content by its size and mtime, recording the old hash; the
+/// manifest keeps the client's mtime, which is what a restore sets.
+fn on_disc_mtime(changed: bool, (sec, nsec): (i64, u32)) -> (i64, u32) {
+    match (changed, nsec) {
+        (false, _) => (sec, nsec),
+        (true, 0) => (sec, 1),
+        (true, n) => (sec, n - 1),
+    }
+}
+
 pub(super) fn unknown(id: u32) -> Error {
     Error::Refused(format!("unknown transfer {id}"))
 }
