@@ -641,3 +641,45 @@ fn reconnecting_does_not_delete_more_than_a_days_budget() {
     assert_eq!(deleted(&out), 0, "{out}");
     assert!(out.contains("cannot make out the count"), "{out}");
 }
+
+/// A btrfs quota on a host's `current` confines that host: a backup over
+/// it fails saying so, deleting nothing of any host (before, it pruned by
+/// the filesystem's free space, which says nothing of a quota, then sent
+/// the file three more times).
+#[test]
+fn a_quota_exceeded_fails_the_backup_and_deletes_nothing() {
+    let Some(rig) = Rig::start(400) else {
+        return;
+    };
+    let other = rig.dir.path().join("other");
+    fs::create_dir_all(&other).unwrap();
+    for i in 0..3 {
+        fill(&other, &format!("v{i}"), 10, 70 + i);
+        rig.backup_ok(&other, "victim", T0 + i as i64 * DAY);
+    }
+    let src = rig.src.clone();
+    for i in 0..3 {
+        fill(&src, &format!("s{i}"), 5, 80 + i);
+        rig.backup_ok(&src, "h", T0 + i as i64 * DAY + 600);
+    }
+    let (victim, own) = (rig.snapshots("victim"), rig.snapshots("h"));
+    let mount = rig.store.parent().unwrap();
+    run(Command::new("btrfs").args(["quota", "enable"]).arg(mount));
+    run(Command::new("btrfs")
+        .args(["quota", "rescan", "-w"])
+        .arg(mount));
+    run(Command::new("btrfs")
+        .args(["qgroup", "limit", "40M"])
+        .arg(rig.store.join("h/current")));
+    fill(&src, "big", 60, 9);
+    let o = rig.backup(&src, "h", T0 + 3 * DAY);
+    let out = text(&o);
+    assert_ne!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("disk quota exceeded writing"), "{out}");
+    assert!(out.contains("no snapshot deleted"), "{out}");
+    assert!(!out.contains("byteback-prune: deleted"), "{out}");
+    assert_eq!((rig.snapshots("victim"), rig.snapshots("h")), (victim, own));
+    // Within the quota, the next backup succeeds.
+    fill(&src, "small", 5, 10);
+    rig.backup_ok(&src, "h", T0 + 4 * DAY);
+}

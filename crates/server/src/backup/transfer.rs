@@ -264,6 +264,11 @@ impl BackupReceiver {
             let (literal, matched) = t.writer.counted;
             self.stats.literal_bytes = self.stats.literal_bytes.saturating_sub(literal);
             self.stats.matched_bytes = self.stats.matched_bytes.saturating_sub(matched);
+            if quota {
+                // The backup fails (see `make_room`); emptying the file may
+                // need quota too, and the receiver's end removes it.
+                return Ok(TransferResult::NoSpace { path, need, quota });
+            }
             // Its earlier rebuild goes too: the space is needed.
             self.drop_prev(id)?;
             let t = self.transfer(id)?;
