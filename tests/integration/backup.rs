@@ -1703,6 +1703,18 @@ fn the_record_of_the_last_backup_is_never_backed_up() {
     assert!(!restored.join("var/cache/byteback").exists());
 }
 
+/// `byteback-backup -c` (`--checksum`) of `src` as `host` into the local
+/// store `store`, no retries.
+fn checksum_backup(store: &Path, src: &Path, host: &str) -> Command {
+    let mut c = Command::new(bin("byteback-backup"));
+    c.arg("--destination")
+        .arg(store)
+        .arg("--source")
+        .arg(src)
+        .args(["--hostname", host, "--retry-number", "0", "-c"]);
+    c
+}
+
 /// `--checksum`: a file whose content changed while its size and mtime did
 /// not is missed by a default backup (as rsync without `-c`) and found by
 /// one with `--checksum`, which sends it as a delta against the stored copy
@@ -1748,12 +1760,7 @@ fn checksum_mode_finds_content_changed_under_the_same_size_and_mtime() {
         b"the first words"
     );
 
-    let out = run(Command::new(bin("byteback-backup"))
-        .arg("--destination")
-        .arg(&store)
-        .arg("--source")
-        .arg(&src)
-        .args(["--hostname", "ck", "--retry-number", "0", "--checksum"]));
+    let out = run(&mut checksum_backup(&store, &src, "ck"));
     let e = stderr(&out);
     assert_eq!(summary_number(&e, " files sent"), Some(2), "{e}");
     for p in ["small", "sub/big"] {
@@ -1791,12 +1798,7 @@ fn checksum_mode_finds_content_changed_under_the_same_size_and_mtime() {
         })
     };
     let before = ids();
-    let out = run(Command::new(bin("byteback-backup"))
-        .arg("--destination")
-        .arg(&store)
-        .arg("--source")
-        .arg(&src)
-        .args(["--hostname", "ck", "--retry-number", "0", "-c"]));
+    let out = run(&mut checksum_backup(&store, &src, "ck"));
     let e = stderr(&out);
     assert_eq!(summary_number(&e, " files sent"), Some(0), "{e}");
     assert!(!e.contains("its content changed"), "{e}");
@@ -1824,15 +1826,8 @@ fn a_checksum_backup_cut_short_before_its_commit_leaves_no_wrong_hash() {
     let md = fs::metadata(src.join("f")).unwrap();
     fs::write(src.join("f"), b"new content!").unwrap();
     set_mtime(&src.join("f"), md.mtime(), md.mtime_nsec());
-    let out = run_status(
-        Command::new(bin("byteback-backup"))
-            .env("BYTEBACK_TEST_NO_SPACE_MANIFEST", "1")
-            .arg("--destination")
-            .arg(&store)
-            .arg("--source")
-            .arg(&src)
-            .args(["--hostname", "cc", "--retry-number", "0", "--checksum"]),
-    );
+    let out =
+        run_status(checksum_backup(&store, &src, "cc").env("BYTEBACK_TEST_NO_SPACE_MANIFEST", "1"));
     let e = stderr(&out);
     assert_ne!(out.status.code(), Some(0), "{e}");
     assert!(e.contains("its content changed"), "{e}");

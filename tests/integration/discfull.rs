@@ -59,6 +59,17 @@ impl Rig {
     fn snapshots(&self, host: &str) -> Vec<String> {
         snapshots(&self.store, host)
     }
+
+    /// `days` daily backups of `host` from the source `dir` (made in the
+    /// scratch directory when it is not the rig's source), each of one new
+    /// `mib` MiB file (seeds from `seed`), `offset` seconds into the day.
+    fn history(&self, dir: &Path, host: &str, days: u64, mib: usize, seed: u64, offset: i64) {
+        fs::create_dir_all(dir).unwrap();
+        for i in 0..days {
+            fill(dir, &format!("f{i}"), mib, seed + i);
+            self.backup_ok(dir, host, T0 + i as i64 * DAY + offset);
+        }
+    }
 }
 
 fn text(o: &Output) -> String {
@@ -536,12 +547,7 @@ fn a_file_larger_than_the_store_deletes_no_snapshot() {
     let Some(rig) = Rig::start(300) else {
         return;
     };
-    let other = rig.dir.path().join("other");
-    fs::create_dir_all(&other).unwrap();
-    for i in 0..4 {
-        fill(&other, &format!("v{i}"), 10, 40 + i);
-        rig.backup_ok(&other, "victim", T0 + i as i64 * DAY);
-    }
+    rig.history(&rig.dir.path().join("other"), "victim", 4, 10, 40, 0);
     let kept = rig.snapshots("victim");
     assert_eq!(kept.len(), 4);
     let src = rig.src.clone();
@@ -563,18 +569,10 @@ fn a_backup_far_above_its_usual_size_makes_room_only_from_its_own_host() {
     let Some(rig) = Rig::start(400) else {
         return;
     };
-    let other = rig.dir.path().join("other");
-    fs::create_dir_all(&other).unwrap();
-    for i in 0..3 {
-        fill(&other, &format!("v{i}"), 70, 50 + i);
-        rig.backup_ok(&other, "victim", T0 + i as i64 * DAY);
-    }
+    rig.history(&rig.dir.path().join("other"), "victim", 3, 70, 50, 0);
     let kept = rig.snapshots("victim");
     let src = rig.src.clone();
-    for i in 0..3 {
-        fill(&src, &format!("s{i}"), 2, 60 + i);
-        rig.backup_ok(&src, "h", T0 + i as i64 * DAY + 600);
-    }
+    rig.history(&src, "h", 3, 2, 60, 600);
     assert_eq!(rig.snapshots("h").len(), 3);
     fill(&src, "big", 160, 7);
     let o = rig.backup(&src, "h", T0 + 3 * DAY);
@@ -651,17 +649,9 @@ fn a_quota_exceeded_fails_the_backup_and_deletes_nothing() {
     let Some(rig) = Rig::start(400) else {
         return;
     };
-    let other = rig.dir.path().join("other");
-    fs::create_dir_all(&other).unwrap();
-    for i in 0..3 {
-        fill(&other, &format!("v{i}"), 10, 70 + i);
-        rig.backup_ok(&other, "victim", T0 + i as i64 * DAY);
-    }
+    rig.history(&rig.dir.path().join("other"), "victim", 3, 10, 70, 0);
     let src = rig.src.clone();
-    for i in 0..3 {
-        fill(&src, &format!("s{i}"), 5, 80 + i);
-        rig.backup_ok(&src, "h", T0 + i as i64 * DAY + 600);
-    }
+    rig.history(&src, "h", 3, 5, 80, 600);
     let (victim, own) = (rig.snapshots("victim"), rig.snapshots("h"));
     let mount = rig.store.parent().unwrap();
     run(Command::new("btrfs").args(["quota", "enable"]).arg(mount));

@@ -106,7 +106,7 @@ pub(super) fn reader_loop(
                         "{}: its content changed, though its size and mtime did not; sending it",
                         shown(&found.abs)
                     ));
-                    reader.send_against_basis(id, found, entry);
+                    reader.send(id, found, entry, true);
                 } else {
                     reader.send_whole(id, found, entry);
                 }
@@ -226,24 +226,15 @@ impl Reader<'_> {
             .ok_or_else(|| err!("{what} for unknown file {id}"))
     }
 
-    /// Sends transfer `id`, whose content was offered and is not the
-    /// stored copy's, as a changed file: a delta against that copy.
-    fn send_against_basis(&self, id: u32, found: Found, entry: Entry) {
-        spawn_job(
-            self.pool,
-            self.shared,
-            Job {
-                id,
-                found,
-                entry,
-                basis: true,
-                twin: false,
-            },
-        );
-    }
-
     /// Sends transfer `id` again, whole.
     fn send_whole(&self, id: u32, found: Found, entry: Entry) {
+        self.send(id, found, entry, false);
+    }
+
+    /// Sends transfer `id` (without offering its hash): against the
+    /// server's copy with `basis` (checksum mode, whose offer found the
+    /// content changed), else whole.
+    fn send(&self, id: u32, found: Found, entry: Entry, basis: bool) {
         spawn_job(
             self.pool,
             self.shared,
@@ -251,7 +242,7 @@ impl Reader<'_> {
                 id,
                 found,
                 entry,
-                basis: false,
+                basis,
                 twin: false,
             },
         );
