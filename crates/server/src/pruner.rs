@@ -91,9 +91,8 @@ impl PruneOptions {
 /// only, if it must: it is a growth spike by the guard's rule (see
 /// [`spikes`]), counting what it has written and needs.
 fn own_only(room: &RoomFor, capacity: u64) -> Option<String> {
-    let history = read_usage(room.host);
     let growth = room.written.saturating_add(room.need);
-    let mut with_this = history.clone();
+    let mut with_this = read_usage(room.host);
     with_this.push(Usage {
         snapshot: "(this backup)".into(),
         time: i64::MAX,

@@ -57,10 +57,7 @@ impl BackupReceiver {
     /// (see `start_verify`), the same content keeps the stored copy as it
     /// is; other content is received against it, never cloned.
     pub fn offer(&mut self, id: u32, size: u64, hash: [u8; 32], mtime: (i64, u32)) -> Result<bool> {
-        let t = self
-            .transfers
-            .get(&id)
-            .ok_or_else(|| Error::Refused(format!("unknown transfer {id}")))?;
+        let t = self.transfers.get(&id).ok_or_else(|| unknown(id))?;
         if let Some(stored) = t.verify {
             let e = &t.entry;
             let same = stored == hash && e.size() == size && (e.mtime_sec, e.mtime_nsec) == mtime;
