@@ -65,6 +65,48 @@ pub fn decode_client(payload: &[u8]) -> Result<ClientMsg, ProtocolError> {
     Ok(msg)
 }
 
+/// [`decode_client`] of the frame payload `frame[..n]`, except that a
+/// [`ClientMsg::FileRaw`] takes `frame` over instead of copying its bytes
+/// out of it (`frame` is left empty; the receiver may give the buffer back
+/// when done, see [`RawBytes::into_buf`](crate::RawBytes::into_buf)).
+pub fn decode_client_frame(frame: &mut Vec<u8>, n: usize) -> Result<ClientMsg, ProtocolError> {
+    let payload = frame.get(..n).ok_or_else(|| {
+        ProtocolError::Decode(format!("frame of {n} bytes in a buffer of {}", frame.len()))
+    })?;
+    let Some((id, start)) = file_raw_header(payload) else {
+        return decode_client(payload);
+    };
+    frame.truncate(n);
+    let msg = ClientMsg::FileRaw {
+        id,
+        delta: crate::RawBytes::new(std::mem::take(frame), start),
+    };
+    msg.validate()?;
+    Ok(msg)
+}
+
+/// Index of [`ClientMsg::FileRaw`] among the variants (bincode encodes it first).
+const FILE_RAW: u32 = 16;
+
+/// For a payload that is exactly one well-formed [`ClientMsg::FileRaw`]:
+/// its id and where its bytes start. Anything else (another message, or a
+/// malformed one, left to the full decoder to refuse) gives `None`.
+fn file_raw_header(payload: &[u8]) -> Option<(u32, usize)> {
+    let mut at = 0usize;
+    let next = |at: &mut usize| -> Option<u64> {
+        let (v, used): (u64, usize) =
+            bincode::decode_from_slice(payload.get(*at..)?, config()).ok()?;
+        *at += used;
+        Some(v)
+    };
+    if next(&mut at)? != u64::from(FILE_RAW) {
+        return None;
+    }
+    let id = u32::try_from(next(&mut at)?).ok()?;
+    let len = next(&mut at)?;
+    (len == (payload.len() - at) as u64).then_some((id, at))
+}
+
 /// Batches of entries whose encoding is at least this long go compressed.
 const COMPRESS_ENTRIES_FROM: usize = 1024;
 
@@ -636,6 +678,82 @@ mod tests {
             let frame = read_frame(&mut r).unwrap().unwrap();
             assert_eq!(decode_client(&frame).unwrap(), m);
         }
+    }
+
+    #[test]
+    fn a_raw_data_frame_is_taken_over_and_equals_the_full_decoding() {
+        // Ids and lengths across the varint widths (1, 3 and 5 bytes).
+        for (id, len) in [
+            (0u32, 0usize),
+            (7, 1),
+            (250, 250),
+            (251, 70_000),
+            (1 << 20, 1 << 17),
+        ] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            // Sent from behind 13 bytes of room, as the client does.
+            let mut buf = vec![9u8; 13];
+            buf.extend_from_slice(&bytes);
+            let m = ClientMsg::FileRaw {
+                id,
+                delta: crate::RawBytes::new(buf, 13),
+            };
+            let mut wire = vec![];
+            write_msg(&mut wire, &m).unwrap();
+            assert_eq!(wire, encode(&m).unwrap());
+            let mut frame = wire[4..].to_vec();
+            let n = frame.len();
+            let full = decode_client(&frame).unwrap();
+            let fast = decode_client_frame(&mut frame, n).unwrap();
+            assert_eq!(fast, full);
+            assert_eq!(fast, m);
+            assert!(frame.is_empty(), "the frame buffer was taken over");
+            let ClientMsg::FileRaw { delta, .. } = fast else {
+                panic!("{fast:?}")
+            };
+            assert_eq!(delta.as_slice(), &bytes[..]);
+        }
+        // Other messages go through the full decoder and keep the buffer.
+        let other = encode(&ClientMsg::SigRequest { id: 16 }).unwrap();
+        let mut frame = other[4..].to_vec();
+        let n = frame.len();
+        assert_eq!(
+            decode_client_frame(&mut frame, n).unwrap(),
+            ClientMsg::SigRequest { id: 16 }
+        );
+        assert_eq!(frame.len(), n);
+    }
+
+    #[test]
+    fn a_malformed_or_oversized_raw_data_frame_is_refused() {
+        let m = ClientMsg::FileRaw {
+            id: 3,
+            delta: vec![1u8; 1000].into(),
+        };
+        let wire = encode(&m).unwrap();
+        // A length that claims more or fewer bytes than the frame holds.
+        for cut in [1usize, 10, 999] {
+            let mut frame = wire[4..wire.len() - cut].to_vec();
+            let n = frame.len();
+            assert!(decode_client_frame(&mut frame, n).is_err(), "cut {cut}");
+        }
+        let mut longer = wire[4..].to_vec();
+        longer.push(0);
+        let n = longer.len();
+        assert!(decode_client_frame(&mut longer, n).is_err());
+        // Beyond the chunk limit: refused by the fast path's validation too.
+        let big = ClientMsg::FileRaw {
+            id: 3,
+            delta: vec![0u8; crate::limits::MAX_CHUNK + 1].into(),
+        };
+        let wire = encode(&big).unwrap();
+        let mut frame = wire[4..].to_vec();
+        let n = frame.len();
+        let e = decode_client_frame(&mut frame, n).unwrap_err();
+        assert!(e.to_string().contains("too large"), "{e}");
+        // A frame length beyond the buffer is an error, not a panic.
+        let mut short = vec![0u8; 3];
+        assert!(decode_client_frame(&mut short, 4).is_err());
     }
 
     #[test]

@@ -18,8 +18,8 @@ pub mod text;
 pub mod unchanged;
 
 pub use codec::{
-    decode_client, decode_server, encode, read_frame, read_frame_into, write_client_msg, write_msg,
-    FrameDecoder,
+    decode_client, decode_client_frame, decode_server, encode, read_frame, read_frame_into,
+    write_client_msg, write_msg, FrameDecoder,
 };
 pub use error::ProtocolError;
 pub use messages::*;
@@ -33,6 +33,7 @@ pub use text::{escape_bytes, escape_text};
 /// 3: batches of entries may go zstd-compressed ([`ClientMsg::EntriesZ`]).
 /// 4: runs of unchanged entries ([`ClientMsg::Unchanged`]), the manifest's
 /// generation in [`ServerMsg::BackupReady`] and [`ServerMsg::BackupDone`].
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: data segments may go as they are ([`ClientMsg::FileRaw`]).
+pub const PROTOCOL_VERSION: u32 = 5;
 /// First bytes of every session, so a stray shell banner is recognised at once.
 pub const MAGIC: [u8; 8] = *b"BYTEBAK\x01";

@@ -214,6 +214,76 @@ impl std::fmt::Debug for Compressed {
     }
 }
 
+/// Bytes carried as they are, from where they start in a buffer: a sender
+/// that filled a buffer behind room for a header sends the rest without
+/// moving it, and a receiver can take over the buffer it read the frame into
+/// (see [`crate::codec::decode_client_frame`]). Equal when the bytes are.
+#[derive(Clone, Default)]
+pub struct RawBytes {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl RawBytes {
+    /// `buf[start..]` (nothing if `start` is beyond its end).
+    pub fn new(buf: Vec<u8>, start: usize) -> Self {
+        let start = start.min(buf.len());
+        RawBytes { buf, start }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// Their number.
+    pub fn len(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// No bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole buffer they are in, to be used again.
+    pub fn into_buf(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+impl From<Vec<u8>> for RawBytes {
+    fn from(buf: Vec<u8>) -> Self {
+        RawBytes { buf, start: 0 }
+    }
+}
+
+impl PartialEq for RawBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for RawBytes {}
+
+impl std::fmt::Debug for RawBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RawBytes({} bytes)", self.len())
+    }
+}
+
+impl Serialize for RawBytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.as_slice())
+    }
+}
+
+impl<'de> Deserialize<'de> for RawBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        bulk_bytes::deserialize(d).map(RawBytes::from)
+    }
+}
+
 impl Compressed {
     /// Compresses `raw` (at most [`MAX_CHUNK`] bytes).
     pub fn compress(raw: &[u8], level: i32) -> Result<Self, ProtocolError> {
@@ -400,6 +470,15 @@ pub enum ClientMsg {
     /// back into `Entries` (see [`crate::codec::decode_client`]), so nothing
     /// after it, the session included, ever sees this variant.
     EntriesZ(Compressed),
+    /// [`ClientMsg::FileData`] sent as it is, not as a zstd frame: what a
+    /// client sends when compressing would only cost CPU (a local store,
+    /// incompressible data). Neither side copies it into or out of a frame.
+    FileRaw {
+        /// Transfer id.
+        id: u32,
+        /// The delta segment, at most [`MAX_CHUNK`] bytes.
+        delta: RawBytes,
+    },
 }
 
 impl ClientMsg {
@@ -412,6 +491,7 @@ impl ClientMsg {
             ClientMsg::Unchanged { .. } => "Unchanged",
             ClientMsg::SigRequest { .. } => "SigRequest",
             ClientMsg::FileData { .. } => "FileData",
+            ClientMsg::FileRaw { .. } => "FileRaw",
             ClientMsg::FileEnd { .. } => "FileEnd",
             ClientMsg::FileClone { .. } => "FileClone",
             ClientMsg::FileAbort { .. } => "FileAbort",
@@ -447,6 +527,12 @@ impl ClientMsg {
             }
             ClientMsg::FileData { delta, .. } => {
                 if delta.raw_len as usize > MAX_CHUNK {
+                    return Err(ProtocolError::Limit("data chunk too large".into()));
+                }
+                Ok(())
+            }
+            ClientMsg::FileRaw { delta, .. } => {
+                if delta.len() > MAX_CHUNK {
                     return Err(ProtocolError::Limit("data chunk too large".into()));
                 }
                 Ok(())

@@ -319,7 +319,9 @@ impl Session {
                 Sig::Requested,
                 "transfer has no basis, or its signature was already asked for",
             )?,
-            (Phase::Backup, ClientMsg::FileData { id, .. }) => self.backup.data(*id)?,
+            (Phase::Backup, ClientMsg::FileData { id, .. } | ClientMsg::FileRaw { id, .. }) => {
+                self.backup.data(*id)?
+            }
             (Phase::Backup, ClientMsg::FileClone { id, .. }) => self.backup.offer(*id)?,
             (Phase::Backup, ClientMsg::FileEnd { id, .. }) => self.backup.end(*id, "FileEnd")?,
             (Phase::Backup, ClientMsg::FileAbort { id }) => self.backup.end(*id, "FileAbort")?,
@@ -541,6 +543,8 @@ mod tests {
         for id in [id0, id1] {
             let delta = Compressed::compress(b"x", 1).unwrap();
             exchange_c(&mut c, &mut s, ClientMsg::FileData { id, delta });
+            let delta = crate::RawBytes::from(b"y".to_vec());
+            exchange_c(&mut c, &mut s, ClientMsg::FileRaw { id, delta });
             exchange_c(
                 &mut c,
                 &mut s,
@@ -620,6 +624,10 @@ mod tests {
         // Data for a transfer that was never announced.
         let delta = Compressed::compress(b"x", 1).unwrap();
         assert!(s.on_recv(&ClientMsg::FileData { id: 7, delta }).is_err());
+        let raw = crate::RawBytes::from(b"x".to_vec());
+        assert!(s
+            .on_recv(&ClientMsg::FileRaw { id: 7, delta: raw })
+            .is_err());
         // Entries must be strictly increasing in walk order.
         s.on_recv(&ClientMsg::Entries(vec![entry("b", 1)])).unwrap();
         assert!(s.on_recv(&ClientMsg::Entries(vec![entry("a", 1)])).is_err());

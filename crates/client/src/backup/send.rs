@@ -17,7 +17,7 @@ use byteback_delta::{
 };
 use byteback_protocol::codec::{compress_bound, ChunkCompressor};
 use byteback_protocol::limits::MAX_CHUNK;
-use byteback_protocol::{ClientMsg, Compressed, Entry};
+use byteback_protocol::{ClientMsg, Entry, RawBytes};
 
 use super::pool::PoolBuf;
 use super::shared::{lock, Shared};
@@ -324,9 +324,8 @@ fn send_segments(
         }
         // The file's last piece (or it ended early): everything goes.
         let last = got < want || read_total >= size;
-        let counted = bufs.out.counted;
         piece.last = last;
-        let (c, used) = encode_segment(
+        let (delta, used) = encode_segment(
             shared,
             sig,
             bufs,
@@ -334,15 +333,13 @@ fn send_segments(
             &mut piece,
             &mut hasher,
             &mut carry,
-        );
-        let c = c?;
-        shared
-            .wire
-            .fetch_add(c.data.len() as u64, Ordering::Relaxed);
+        )?;
+        let Encoded { msg, pooled, wire } = encode(shared, id, delta)?;
+        shared.wire.fetch_add(wire as u64, Ordering::Relaxed);
         PROGRESS.read(n as u64);
-        PROGRESS.sent(c.data.len() as u64);
+        PROGRESS.sent(wire as u64);
         PROGRESS.current(abs);
-        shared.send_pooled(ClientMsg::FileData { id, delta: c }, counted)?;
+        shared.send_pooled(msg, pooled)?;
         total += used as u64;
     }
     Ok(Some((total, hasher.finish())))
@@ -359,10 +356,28 @@ struct Piece {
     last: bool,
 }
 
-/// Turns one segment's data into its compressed delta against `sig`, or a
-/// literal without a basis, hashing the bytes it covers and keeping the rest
-/// in `carry`. Gives back every buffer but the compressed one. Returns the
-/// chunk and the number of file bytes it covers.
+/// One segment's delta as it goes out, and the pool's count for the buffer
+/// the message holds (given back by the writer once it is sent).
+struct Encoded {
+    msg: ClientMsg,
+    pooled: usize,
+    /// Its bytes on the wire (the chunk's).
+    wire: usize,
+}
+
+/// One segment's delta, in `src.buf[start..]`, and the buffer to compress
+/// it into.
+struct Delta {
+    src: PoolBuf,
+    start: usize,
+    out: PoolBuf,
+}
+
+/// Turns one segment's data into its delta against `sig`, or a literal
+/// without a basis (built in place around the data), hashing the bytes it
+/// covers and keeping the rest in `carry`. Gives back every buffer but the
+/// delta's and `out`. Returns the delta and the number of file bytes it
+/// covers.
 fn encode_segment(
     shared: &Shared,
     sig: Option<&Signature>,
@@ -371,7 +386,7 @@ fn encode_segment(
     piece: &mut Piece,
     hasher: &mut FileHasher,
     carry: &mut Vec<u8>,
-) -> (Result<Compressed>, usize) {
+) -> Result<(Delta, usize)> {
     let SegmentBufs {
         mut data,
         out,
@@ -379,40 +394,97 @@ fn encode_segment(
     } = bufs;
     let head = if sig.is_some() { 0 } else { LITERAL_HEADER_MAX };
     let n = data.buf.len() - head;
-    let encoded = match (sig, delta) {
+    match (sig, delta) {
         (Some(s), Some(mut d)) => {
             let target = if piece.last { n } else { plan.seg.min(n) };
             // Only for files with filesystem-sized blocks (16 MiB and up): see
             // FAST_PATH_MIN_BLOCK.
             let hint = (s.block_size() >= FAST_PATH_MIN_BLOCK).then_some(piece.lined_up);
-            let r = diff_window_into(s, &data.buf, hint, target, &mut d.buf)
-                .map_err(Error::from)
-                .and_then(|used| {
+            match diff_window_into(s, &data.buf, hint, target, &mut d.buf) {
+                Ok(used) => {
                     piece.lined_up = copy_end(&d.buf)
                         .unwrap_or_else(|| piece.lined_up.saturating_add(used as u64));
-                    Ok((compress(shared, &d.buf, out.buf)?, used))
-                });
-            shared.pool.give_back(d);
-            match r {
-                Ok((c, used)) => {
                     hasher.update(&data.buf[..used]);
                     carry.extend_from_slice(&data.buf[used..]);
-                    (Ok(c), used)
+                    shared.pool.give_back(data);
+                    Ok((
+                        Delta {
+                            src: d,
+                            start: 0,
+                            out,
+                        },
+                        used,
+                    ))
                 }
-                Err(e) => (Err(e), 0),
+                Err(e) => {
+                    for b in [data, d, out] {
+                        shared.pool.give_back(b);
+                    }
+                    Err(Error::from(e))
+                }
             }
         }
-        _ => {
+        (_, delta) => {
+            if let Some(d) = delta {
+                shared.pool.give_back(d);
+            }
             hasher.update(&data.buf[head..]);
-            // The literal delta, built in place around the data.
             let (h, hl) = literal_header(n as u64);
             data.buf[head - hl..head].copy_from_slice(&h[..hl]);
             data.buf.push(DELTA_END);
-            (compress(shared, &data.buf[head - hl..], out.buf), n)
+            Ok((
+                Delta {
+                    src: data,
+                    start: head - hl,
+                    out,
+                },
+                n,
+            ))
         }
-    };
-    shared.pool.give_back(data);
-    encoded
+    }
+}
+
+/// The message for the delta in `src.buf[start..]`: compressed into `out`,
+/// or, when [`Shared::compress_next`] says compressing would only cost CPU
+/// (see `--compress`), sent as it is from where it lies
+/// ([`ClientMsg::FileRaw`]: nothing copied). Gives back the buffer the
+/// message does not hold.
+fn encode(shared: &Shared, id: u32, delta: Delta) -> Result<Encoded> {
+    let Delta { src, start, out } = delta;
+    let len = src.buf.len() - start;
+    if !shared.compress_next() {
+        shared.count_chunk(len, false);
+        shared.pool.give_back(out);
+        if len > MAX_CHUNK {
+            shared.pool.give_back(src);
+            bail!("chunk of {len} bytes too large");
+        }
+        return Ok(Encoded {
+            msg: ClientMsg::FileRaw {
+                id,
+                delta: RawBytes::new(src.buf, start),
+            },
+            pooled: src.counted,
+            wire: len,
+        });
+    }
+    shared.count_chunk(len, true);
+    let pooled = out.counted;
+    let c = COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        let c = match &mut *c {
+            Some(c) => c,
+            None => c.insert(ChunkCompressor::new(ZSTD_LEVEL)?),
+        };
+        c.compress_into(&src.buf[start..], out.buf)
+    });
+    shared.pool.give_back(src);
+    let c = c?;
+    Ok(Encoded {
+        wire: c.data.len(),
+        msg: ClientMsg::FileData { id, delta: c },
+        pooled,
+    })
 }
 
 /// A file that changed while it was read is sent as read, but recorded
@@ -489,24 +561,6 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Compresses a chunk, or stores it when [`Shared::compress_next`] says
-/// compressing would only cost CPU (see `--compress`).
-fn compress(shared: &Shared, delta: &[u8], out: Vec<u8>) -> Result<Compressed> {
-    if !shared.compress_next() {
-        shared.count_chunk(delta.len(), false);
-        return Ok(ChunkCompressor::store_into(delta, out)?);
-    }
-    shared.count_chunk(delta.len(), true);
-    COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        let c = match &mut *c {
-            Some(c) => c,
-            None => c.insert(ChunkCompressor::new(ZSTD_LEVEL)?),
-        };
-        Ok(c.compress_into(delta, out)?)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::shared::Policy;
@@ -540,6 +594,78 @@ mod tests {
         }
         fn warning(&mut self, w: WalkWarning) {
             panic!("{w:?}");
+        }
+    }
+
+    /// Without compression a file's segments go as they are
+    /// ([`ClientMsg::FileRaw`]), with it as zstd frames; either way they
+    /// rebuild the file, and the raw ones hold only the delta.
+    #[test]
+    fn segments_go_raw_without_compression_and_rebuild_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        // Larger than one segment, and compressible.
+        let content: Vec<u8> = (0..(MAX_CHUNK + 300_000))
+            .map(|i| (i / 7 % 251) as u8)
+            .collect();
+        std::fs::write(src.join("f"), &content).unwrap();
+        let mut sink = Collect::default();
+        walk::walk(
+            &walk::normalise_sources(std::slice::from_ref(&src)).unwrap(),
+            &Excludes::new::<&str>(&[]).unwrap(),
+            walk::WalkOptions::default(),
+            &mut sink,
+        )
+        .unwrap();
+        let (found, entry) = sink
+            .0
+            .iter()
+            .find(|(f, _)| f.abs == src.join("f"))
+            .unwrap()
+            .clone();
+        for policy in [Policy::Never, Policy::Always] {
+            let shared = Shared::new(
+                crate::conn::Breaker::default(),
+                1024,
+                64 << 20,
+                false,
+                policy,
+            );
+            let job = Job {
+                id: 5,
+                found: found.clone(),
+                entry: entry.clone(),
+                basis: false,
+                twin: false,
+            };
+            send_file(&shared, job).unwrap();
+            let msgs = sent(&shared);
+            let mut rebuilt = vec![];
+            let mut segments = 0;
+            for m in &msgs {
+                let delta = match (policy, m) {
+                    (Policy::Never, ClientMsg::FileRaw { id: 5, delta }) => {
+                        delta.as_slice().to_vec()
+                    }
+                    (Policy::Always, ClientMsg::FileData { id: 5, delta }) => {
+                        assert!(delta.data.len() < delta.raw_len as usize / 10);
+                        delta.decompress().unwrap()
+                    }
+                    (_, ClientMsg::FileEnd { id: 5, size, .. }) => {
+                        assert_eq!(*size, content.len() as u64);
+                        continue;
+                    }
+                    _ => panic!("{policy:?}: {m:?}"),
+                };
+                segments += 1;
+                rebuilt.extend(byteback_delta::apply_to_vec(&[], &delta, 64 << 20).unwrap());
+            }
+            assert!(segments >= 2, "{policy:?}: {segments} segments");
+            assert!(
+                rebuilt == content,
+                "{policy:?}: the segments rebuild another file"
+            );
         }
     }
 

@@ -32,9 +32,11 @@ pub(super) fn writer_loop(mut w: ConnWriter, shared: &Shared) -> Result<()> {
         };
         let bye = matches!(msg, ClientMsg::Bye);
         w.send(&msg)?;
-        if let ClientMsg::FileData { delta, .. } = msg {
-            if pooled > 0 {
-                shared.pool.give(delta.data, pooled);
+        if pooled > 0 {
+            match msg {
+                ClientMsg::FileData { delta, .. } => shared.pool.give(delta.data, pooled),
+                ClientMsg::FileRaw { delta, .. } => shared.pool.give(delta.into_buf(), pooled),
+                _ => {}
             }
         }
         if bye {

@@ -62,6 +62,7 @@ use crate::store::{disk_path, HostStore, META_DIR, META_DIR_NAME};
 use crate::twins::TwinIndex;
 use commit::{recover_manifest, set_aside_manifest};
 pub use room::Room;
+pub use sink::Chunk;
 use sink::{Decoder, FileWriter};
 use slots::{Slot, Slots};
 use sweep::remove_in_place;

@@ -54,6 +54,34 @@ impl Basis {
     }
 }
 
+/// One delta segment as it came: a zstd frame, or the delta itself.
+#[derive(Clone, Copy)]
+pub enum Chunk<'a> {
+    /// [`byteback_protocol::ClientMsg::FileData`]'s.
+    Zstd(&'a Compressed),
+    /// [`byteback_protocol::ClientMsg::FileRaw`]'s.
+    Raw(&'a [u8]),
+}
+
+impl Chunk<'_> {
+    /// Its length once decoded (as declared, for a zstd frame).
+    pub fn raw_len(&self) -> u32 {
+        match self {
+            Chunk::Zstd(c) => c.raw_len,
+            // Capped at MAX_CHUNK by the message's validation.
+            Chunk::Raw(r) => u32::try_from(r.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Its length on the wire.
+    pub fn wire_len(&self) -> usize {
+        match self {
+            Chunk::Zstd(c) => c.data.len(),
+            Chunk::Raw(r) => r.len(),
+        }
+    }
+}
+
 /// Decompresses delta segments into a buffer kept between them.
 pub(super) struct Decoder {
     unzstd: ChunkDecompressor,
@@ -68,9 +96,15 @@ impl Decoder {
         })
     }
 
-    pub fn decode(&mut self, delta: &Compressed) -> Result<&[u8]> {
-        self.unzstd.decompress_into(delta, &mut self.raw)?;
-        Ok(&self.raw)
+    /// The delta: a raw one where it lies, a zstd frame decompressed.
+    pub fn decode<'a>(&'a mut self, delta: Chunk<'a>) -> Result<&'a [u8]> {
+        match delta {
+            Chunk::Raw(r) => Ok(r),
+            Chunk::Zstd(c) => {
+                self.unzstd.decompress_into(c, &mut self.raw)?;
+                Ok(&self.raw)
+            }
+        }
     }
 }
 

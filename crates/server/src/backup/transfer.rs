@@ -6,10 +6,10 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 
 use byteback_delta::SignatureBuilder;
-use byteback_protocol::{Compressed, Kind, ManifestEntry};
+use byteback_protocol::{Kind, ManifestEntry};
 
 use super::partial::prev_name;
-use super::sink::{count_dropped, Basis, BasisPart, IO_CHUNK};
+use super::sink::{count_dropped, Basis, BasisPart, Chunk, IO_CHUNK};
 use super::slots::Slot;
 use super::sweep::remove_in_place;
 use super::{
@@ -218,12 +218,12 @@ impl BackupReceiver {
     }
 
     /// Applies one delta segment to transfer `id`.
-    pub fn data(&mut self, id: u32, delta: &Compressed) -> Result<()> {
+    pub fn data(&mut self, id: u32, delta: Chunk<'_>) -> Result<()> {
         self.open_files(id)?;
         let t = self.transfers.get_mut(&id).ok_or_else(|| unknown(id))?;
         if t.writer.nospace {
             // Dropped undecoded: the end asks for room and a resend.
-            let n = count_dropped(delta.raw_len, delta.data.len());
+            let n = count_dropped(delta.raw_len(), delta.wire_len());
             t.writer.attempted = t.writer.attempted.saturating_add(n);
             return Ok(());
         }

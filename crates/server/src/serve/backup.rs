@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use byteback_protocol::{ClientMsg, Entry, ProtocolError, ServerMsg};
 
 use super::{refused, Conn, ServeConfig};
-use crate::backup::{BackupReceiver, Room, TransferResult};
+use crate::backup::{BackupReceiver, Chunk, Room, TransferResult};
 use crate::config::StoreConfig;
 use crate::error::{Context, Error, Result};
 use crate::store::{HostStore, Store};
@@ -106,8 +106,15 @@ fn receive<R: Read, W: Write>(
             }
             ClientMsg::FileData { id, delta } => {
                 let name = rx.transfer_name(id);
-                rx.data(id, &delta)
+                rx.data(id, Chunk::Zstd(&delta))
                     .context_with(|| format!("writing {name}"))?;
+            }
+            ClientMsg::FileRaw { id, delta } => {
+                let name = rx.transfer_name(id);
+                rx.data(id, Chunk::Raw(delta.as_slice()))
+                    .context_with(|| format!("writing {name}"))?;
+                // The frame buffer it was read into, for the next frame.
+                conn.give_back_frame(delta.into_buf());
             }
             ClientMsg::FileEnd {
                 id,

@@ -13,8 +13,8 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
 
 use byteback_protocol::{
-    decode_client, read_frame_into, write_msg, ClientMsg, ProtocolError, ServerMsg, ServerSession,
-    PROTOCOL_VERSION,
+    decode_client_frame, read_frame_into, write_msg, ClientMsg, ProtocolError, ServerMsg,
+    ServerSession, PROTOCOL_VERSION,
 };
 
 use crate::error::{Error, Result};
@@ -58,9 +58,17 @@ impl<R: Read, W: Write> Conn<R, W> {
         let Some(n) = read_frame_into(&mut self.input, &mut self.frame)? else {
             return Ok(None);
         };
-        let msg = decode_client(&self.frame[..n])?;
+        let msg = decode_client_frame(&mut self.frame, n)?;
         self.session.on_recv(&msg)?;
         Ok(Some(msg))
+    }
+
+    /// A frame buffer a message took over (see `decode_client_frame`),
+    /// back for the next frame, so a large one is not allocated anew.
+    fn give_back_frame(&mut self, buf: Vec<u8>) {
+        if buf.capacity() > self.frame.capacity() {
+            self.frame = buf;
+        }
     }
 
     fn send(&mut self, msg: &ServerMsg) -> Result<()> {
