@@ -273,29 +273,47 @@ impl ChunkCompressor {
     /// Like [`compress`](Self::compress), but into `out` (cleared first,
     /// grown only if its capacity is below [`compress_bound`]`(raw.len())`),
     /// so the caller can recycle the buffers of sent chunks.
-    pub fn compress_into(
+    pub fn compress_into(&mut self, raw: &[u8], out: Vec<u8>) -> Result<Compressed, ProtocolError> {
+        match self.compress_if_worth_it(raw, out)? {
+            Ok(c) => Ok(c),
+            Err(mut out) => {
+                out.clear();
+                out.reserve(compress_bound(raw.len()));
+                stored_frame_into(raw, &mut out);
+                Ok(Compressed {
+                    raw_len: raw.len() as u32,
+                    data: out,
+                })
+            }
+        }
+    }
+
+    /// Compresses `raw` into `out` like [`compress_into`](Self::compress_into)
+    /// unless its first 64 KiB say compressing is not worth it: then gives
+    /// `out` back (`Ok(Err(out))`) for the caller to send `raw` as it is.
+    pub fn compress_if_worth_it(
         &mut self,
         raw: &[u8],
         mut out: Vec<u8>,
-    ) -> Result<Compressed, ProtocolError> {
+    ) -> Result<Result<Compressed, Vec<u8>>, ProtocolError> {
         if raw.len() > crate::limits::MAX_CHUNK {
             return Err(ProtocolError::Encode(format!(
                 "chunk of {} bytes too large",
                 raw.len()
             )));
         }
-        let err = |e: std::io::Error| ProtocolError::Encode(e.to_string());
+        if raw.len() >= SAMPLE_FROM && !self.worth_compressing(&raw[..SAMPLE_LEN])? {
+            return Ok(Err(out));
+        }
         out.clear();
         out.reserve(compress_bound(raw.len()));
-        if raw.len() >= SAMPLE_FROM && !self.worth_compressing(&raw[..SAMPLE_LEN])? {
-            stored_frame_into(raw, &mut out);
-        } else {
-            self.cctx.compress_to_buffer(raw, &mut out).map_err(err)?;
-        }
-        Ok(Compressed {
+        self.cctx
+            .compress_to_buffer(raw, &mut out)
+            .map_err(|e| ProtocolError::Encode(e.to_string()))?;
+        Ok(Ok(Compressed {
             raw_len: raw.len() as u32,
             data: out,
-        })
+        }))
     }
 
     /// Stores `raw` (at most [`MAX_CHUNK`](crate::limits::MAX_CHUNK) bytes)

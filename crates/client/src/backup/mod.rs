@@ -65,7 +65,8 @@ pub struct BackupReport {
     pub wire_bytes: u64,
     /// Bytes of deltas compressed (before compression).
     pub compressed_raw: u64,
-    /// Bytes of deltas stored as they were (see `--compress`).
+    /// Bytes of deltas stored as they were (see `--compress`; incompressible
+    /// ones too).
     pub stored_raw: u64,
     /// Entries that went in runs of unchanged ones (see [`cache`]).
     pub unchanged: u64,

@@ -445,45 +445,57 @@ fn encode_segment(
 }
 
 /// The message for the delta in `src.buf[start..]`: compressed into `out`,
-/// or, when [`Shared::compress_next`] says compressing would only cost CPU
-/// (see `--compress`), sent as it is from where it lies
-/// ([`ClientMsg::FileRaw`]: nothing copied). Gives back the buffer the
-/// message does not hold.
+/// or sent as it is from where it lies ([`ClientMsg::FileRaw`]: nothing
+/// copied) when [`Shared::compress_next`] says compressing would only cost
+/// CPU (see `--compress`) or a sample of it does not shrink (incompressible
+/// data). Gives back the buffer the message does not hold.
 fn encode(shared: &Shared, id: u32, delta: Delta) -> Result<Encoded> {
     let Delta { src, start, out } = delta;
     let len = src.buf.len() - start;
-    if !shared.compress_next() {
-        shared.count_chunk(len, false);
+    if len > MAX_CHUNK {
+        shared.pool.give_back(src);
         shared.pool.give_back(out);
-        if len > MAX_CHUNK {
-            shared.pool.give_back(src);
-            bail!("chunk of {len} bytes too large");
-        }
-        return Ok(Encoded {
-            msg: ClientMsg::FileRaw {
-                id,
-                delta: RawBytes::new(src.buf, start),
-            },
-            pooled: src.counted,
-            wire: len,
-        });
+        bail!("chunk of {len} bytes too large");
     }
-    shared.count_chunk(len, true);
-    let pooled = out.counted;
-    let c = COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        let c = match &mut *c {
-            Some(c) => c,
-            None => c.insert(ChunkCompressor::new(ZSTD_LEVEL)?),
-        };
-        c.compress_into(&src.buf[start..], out.buf)
-    });
-    shared.pool.give_back(src);
-    let c = c?;
+    let out = if shared.compress_next() {
+        let PoolBuf { buf, counted } = out;
+        let c = COMPRESSOR.with(|c| {
+            let mut c = c.borrow_mut();
+            let c = match &mut *c {
+                Some(c) => c,
+                None => c.insert(ChunkCompressor::new(ZSTD_LEVEL)?),
+            };
+            Ok::<_, Error>(c.compress_if_worth_it(&src.buf[start..], buf)?)
+        });
+        match c {
+            Ok(Ok(c)) => {
+                shared.count_chunk(len, true);
+                shared.pool.give_back(src);
+                return Ok(Encoded {
+                    wire: c.data.len(),
+                    msg: ClientMsg::FileData { id, delta: c },
+                    pooled: counted,
+                });
+            }
+            // Its sample did not shrink: it goes as it is.
+            Ok(Err(buf)) => PoolBuf { buf, counted },
+            Err(e) => {
+                shared.pool.give_back(src);
+                return Err(e);
+            }
+        }
+    } else {
+        out
+    };
+    shared.count_chunk(len, false);
+    shared.pool.give_back(out);
     Ok(Encoded {
-        wire: c.data.len(),
-        msg: ClientMsg::FileData { id, delta: c },
-        pooled,
+        msg: ClientMsg::FileRaw {
+            id,
+            delta: RawBytes::new(src.buf, start),
+        },
+        pooled: src.counted,
+        wire: len,
     })
 }
 
@@ -598,18 +610,27 @@ mod tests {
     }
 
     /// Without compression a file's segments go as they are
-    /// ([`ClientMsg::FileRaw`]), with it as zstd frames; either way they
-    /// rebuild the file, and the raw ones hold only the delta.
+    /// ([`ClientMsg::FileRaw`]), with it as zstd frames, unless the data
+    /// does not compress; either way they rebuild the file.
     #[test]
-    fn segments_go_raw_without_compression_and_rebuild_the_file() {
+    fn segments_go_raw_without_compression_or_when_incompressible() {
         let d = tempfile::tempdir().unwrap();
         let src = d.path().join("src");
         std::fs::create_dir_all(&src).unwrap();
-        // Larger than one segment, and compressible.
-        let content: Vec<u8> = (0..(MAX_CHUNK + 300_000))
-            .map(|i| (i / 7 % 251) as u8)
+        // Larger than one segment each.
+        let len = MAX_CHUNK + 300_000;
+        let text: Vec<u8> = (0..len).map(|i| (i / 7 % 251) as u8).collect();
+        let mut rng = 7u64;
+        let random: Vec<u8> = (0..len)
+            .map(|_| {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (rng >> 56) as u8
+            })
             .collect();
-        std::fs::write(src.join("f"), &content).unwrap();
+        std::fs::write(src.join("text"), &text).unwrap();
+        std::fs::write(src.join("random"), &random).unwrap();
         let mut sink = Collect::default();
         walk::walk(
             &walk::normalise_sources(std::slice::from_ref(&src)).unwrap(),
@@ -618,13 +639,18 @@ mod tests {
             &mut sink,
         )
         .unwrap();
-        let (found, entry) = sink
-            .0
-            .iter()
-            .find(|(f, _)| f.abs == src.join("f"))
-            .unwrap()
-            .clone();
-        for policy in [Policy::Never, Policy::Always] {
+        let cases = [
+            (Policy::Never, "text", &text, true),
+            (Policy::Always, "text", &text, false),
+            (Policy::Always, "random", &random, true),
+        ];
+        for (policy, name, content, raw) in cases {
+            let (found, entry) = sink
+                .0
+                .iter()
+                .find(|(f, _)| f.abs == src.join(name))
+                .unwrap()
+                .clone();
             let shared = Shared::new(
                 crate::conn::Breaker::default(),
                 1024,
@@ -634,8 +660,8 @@ mod tests {
             );
             let job = Job {
                 id: 5,
-                found: found.clone(),
-                entry: entry.clone(),
+                found,
+                entry,
                 basis: false,
                 twin: false,
             };
@@ -644,11 +670,9 @@ mod tests {
             let mut rebuilt = vec![];
             let mut segments = 0;
             for m in &msgs {
-                let delta = match (policy, m) {
-                    (Policy::Never, ClientMsg::FileRaw { id: 5, delta }) => {
-                        delta.as_slice().to_vec()
-                    }
-                    (Policy::Always, ClientMsg::FileData { id: 5, delta }) => {
+                let delta = match (raw, m) {
+                    (true, ClientMsg::FileRaw { id: 5, delta }) => delta.as_slice().to_vec(),
+                    (false, ClientMsg::FileData { id: 5, delta }) => {
                         assert!(delta.data.len() < delta.raw_len as usize / 10);
                         delta.decompress().unwrap()
                     }
@@ -656,15 +680,23 @@ mod tests {
                         assert_eq!(*size, content.len() as u64);
                         continue;
                     }
-                    _ => panic!("{policy:?}: {m:?}"),
+                    _ => panic!("{policy:?} {name}: {m:?}"),
                 };
                 segments += 1;
                 rebuilt.extend(byteback_delta::apply_to_vec(&[], &delta, 64 << 20).unwrap());
             }
-            assert!(segments >= 2, "{policy:?}: {segments} segments");
+            assert!(segments >= 2, "{policy:?} {name}: {segments} segments");
             assert!(
-                rebuilt == content,
-                "{policy:?}: the segments rebuild another file"
+                &rebuilt == content,
+                "{policy:?} {name}: the segments rebuild another file"
+            );
+            let (stored, compressed) = (
+                shared.stored_raw.load(Ordering::Relaxed),
+                shared.compressed_raw.load(Ordering::Relaxed),
+            );
+            assert!(
+                (stored > len as u64 && compressed == 0) == raw,
+                "{policy:?} {name}: {stored} stored, {compressed} compressed"
             );
         }
     }
