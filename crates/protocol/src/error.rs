@@ -42,7 +42,9 @@ pub enum ProtocolError {
         state: &'static str,
     },
     /// The peer speaks another protocol or version.
-    #[error("version mismatch: peer speaks {peer}, we speak {ours}")]
+    #[error(
+        "version mismatch: the peer speaks protocol {peer}, we speak {ours} (client and server must run the same byteback release)"
+    )]
     Version {
         /// Peer's version.
         peer: u32,

@@ -474,6 +474,23 @@ mod tests {
     /// that needs every file, the second one with a basis.
     /// (Long: one whole backup, message by message.)
     #[test]
+    fn another_protocol_version_is_refused_with_what_to_do() {
+        let mut s = ServerSession::new();
+        let e = s
+            .on_recv(&ClientMsg::Hello {
+                magic: MAGIC,
+                version: PROTOCOL_VERSION - 1,
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("speaks protocol {}", PROTOCOL_VERSION - 1))
+                && e.contains("must run the same byteback release"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn client_and_server_sessions_agree_on_a_backup() {
         let mut c = ClientSession::new();
         let mut s = ServerSession::new();
