@@ -276,15 +276,7 @@ impl ChunkCompressor {
     pub fn compress_into(&mut self, raw: &[u8], out: Vec<u8>) -> Result<Compressed, ProtocolError> {
         match self.compress_if_worth_it(raw, out)? {
             Ok(c) => Ok(c),
-            Err(mut out) => {
-                out.clear();
-                out.reserve(compress_bound(raw.len()));
-                stored_frame_into(raw, &mut out);
-                Ok(Compressed {
-                    raw_len: raw.len() as u32,
-                    data: out,
-                })
-            }
+            Err(out) => Self::store_into(raw, out),
         }
     }
 
@@ -296,12 +288,7 @@ impl ChunkCompressor {
         raw: &[u8],
         mut out: Vec<u8>,
     ) -> Result<Result<Compressed, Vec<u8>>, ProtocolError> {
-        if raw.len() > crate::limits::MAX_CHUNK {
-            return Err(ProtocolError::Encode(format!(
-                "chunk of {} bytes too large",
-                raw.len()
-            )));
-        }
+        check_chunk_len(raw)?;
         if raw.len() >= SAMPLE_FROM && !self.worth_compressing(&raw[..SAMPLE_LEN])? {
             return Ok(Err(out));
         }
@@ -320,12 +307,7 @@ impl ChunkCompressor {
     /// without compressing it: a zstd frame of raw blocks, which every
     /// decompressor reads, built at memcpy speed into `out` (cleared first).
     pub fn store_into(raw: &[u8], mut out: Vec<u8>) -> Result<Compressed, ProtocolError> {
-        if raw.len() > crate::limits::MAX_CHUNK {
-            return Err(ProtocolError::Encode(format!(
-                "chunk of {} bytes too large",
-                raw.len()
-            )));
-        }
+        check_chunk_len(raw)?;
         out.clear();
         out.reserve(compress_bound(raw.len()));
         stored_frame_into(raw, &mut out);
@@ -369,6 +351,17 @@ fn stored_frame_into(raw: &[u8], out: &mut Vec<u8>) {
         out.extend_from_slice(&header.to_le_bytes()[..3]);
         out.extend_from_slice(c);
     }
+}
+
+/// A chunk to be sent is at most [`MAX_CHUNK`](crate::limits::MAX_CHUNK) bytes.
+fn check_chunk_len(raw: &[u8]) -> Result<(), ProtocolError> {
+    if raw.len() > crate::limits::MAX_CHUNK {
+        return Err(ProtocolError::Encode(format!(
+            "chunk of {} bytes too large",
+            raw.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Decompresses data chunks with one reusable zstd context into one

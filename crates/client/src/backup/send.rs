@@ -597,6 +597,19 @@ mod tests {
         out
     }
 
+    /// Walks `src` and collects what the walk found.
+    fn walked(src: &Path) -> Collect {
+        let mut sink = Collect::default();
+        walk::walk(
+            &walk::normalise_sources(&[src.to_path_buf()]).unwrap(),
+            &Excludes::new::<&str>(&[]).unwrap(),
+            walk::WalkOptions::default(),
+            &mut sink,
+        )
+        .unwrap();
+        sink
+    }
+
     #[derive(Default)]
     struct Collect(Vec<(Found, Entry)>);
     impl EntrySink for Collect {
@@ -620,25 +633,14 @@ mod tests {
         // Larger than one segment each.
         let len = MAX_CHUNK + 300_000;
         let text: Vec<u8> = (0..len).map(|i| (i / 7 % 251) as u8).collect();
-        let mut rng = 7u64;
-        let random: Vec<u8> = (0..len)
-            .map(|_| {
-                rng = rng
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (rng >> 56) as u8
-            })
-            .collect();
+        let mut random = vec![0u8; len];
+        blake3::Hasher::new()
+            .update(b"seed")
+            .finalize_xof()
+            .fill(&mut random);
         std::fs::write(src.join("text"), &text).unwrap();
         std::fs::write(src.join("random"), &random).unwrap();
-        let mut sink = Collect::default();
-        walk::walk(
-            &walk::normalise_sources(std::slice::from_ref(&src)).unwrap(),
-            &Excludes::new::<&str>(&[]).unwrap(),
-            walk::WalkOptions::default(),
-            &mut sink,
-        )
-        .unwrap();
+        let sink = walked(&src);
         let cases = [
             (Policy::Never, "text", &text, true),
             (Policy::Always, "text", &text, false),
@@ -710,14 +712,7 @@ mod tests {
         std::fs::create_dir_all(src.join("d")).unwrap();
         std::fs::write(src.join("d/f"), b"walked content").unwrap();
         std::fs::write(src.join("d/g"), b"unchanged").unwrap();
-        let mut sink = Collect::default();
-        walk::walk(
-            &walk::normalise_sources(std::slice::from_ref(&src)).unwrap(),
-            &Excludes::new::<&str>(&[]).unwrap(),
-            walk::WalkOptions::default(),
-            &mut sink,
-        )
-        .unwrap();
+        let sink = walked(&src);
         let job = |name: &str, id| {
             let (found, entry) = sink
                 .0
