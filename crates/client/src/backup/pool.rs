@@ -11,6 +11,10 @@ use crate::error::{bail, Result};
 
 use super::shared::{lock, wait};
 
+/// Buffers of at least this capacity lend a small content a buffer of its
+/// own size (see [`BufPool::shrink`]).
+pub(super) const SHRINK_FROM: usize = 1 << 20;
+
 /// A buffer lent by a [`BufPool`], with the capacity it is counted at.
 pub(super) struct PoolBuf {
     pub(super) buf: Vec<u8>,
@@ -134,6 +138,40 @@ impl BufPool {
         }
     }
 
+    /// `b.buf[from..]` in a buffer of its own length, when that is at most
+    /// an eighth of a buffer of [`SHRINK_FROM`] or more, and `b`'s buffer
+    /// back among the free ones for the next segment (otherwise `b` and
+    /// `from` as they are). A small delta waiting for the writer then holds
+    /// its own bytes of the budget rather than a segment's, so the delta
+    /// workers are not held up by a queue of them; the large buffer is kept,
+    /// not freed and allocated again (which cost peak memory: freed
+    /// segment-sized blocks stay in the allocator's arenas).
+    pub(super) fn shrink(&self, b: PoolBuf, from: usize) -> (PoolBuf, usize) {
+        let len = b.buf.len().saturating_sub(from);
+        if b.counted < SHRINK_FROM || len > b.counted / 8 {
+            return (b, from);
+        }
+        {
+            let mut st = lock(&self.st);
+            // Only within the budget: going over it would free a large buffer
+            // on its way back, to be allocated again for the next segment.
+            if st.total + len > self.cap || st.closed {
+                return (b, from);
+            }
+            st.total += len;
+            st.lent += 1;
+        }
+        let small = b.buf[from.min(b.buf.len())..].to_vec();
+        self.give_back(b);
+        (
+            PoolBuf {
+                counted: len,
+                buf: small,
+            },
+            0,
+        )
+    }
+
     pub(super) fn give_back(&self, b: PoolBuf) {
         self.give(b.buf, b.counted);
     }
@@ -170,6 +208,59 @@ mod tests {
         let st = pool.st.lock().unwrap();
         assert!(st.total <= 10 << 20, "{}", st.total);
         assert_eq!(st.lent, 2);
+    }
+
+    /// A small delta in a segment-sized buffer gets a buffer of its own
+    /// size and the large one goes back for the next segment, within the
+    /// budget only; a large content, or a small buffer, is left as it is.
+    #[test]
+    fn shrink_lends_small_contents_their_own_size_within_the_budget() {
+        let pool = BufPool::new(10 << 20);
+        let mut a = pool.take(1, 4 << 20).unwrap().pop().unwrap();
+        a.buf.extend_from_slice(&[7u8; 5000]);
+        let (small, start) = pool.shrink(a, 1000);
+        assert_eq!((small.buf.as_slice(), start), (&[7u8; 4000][..], 0));
+        assert_eq!(small.counted, 4000);
+        {
+            let st = pool.st.lock().unwrap();
+            assert_eq!((st.lent, st.free.len()), (1, 1));
+            assert!(st.total >= (4 << 20) + 4000 && st.total <= 10 << 20);
+        }
+        // The large buffer is reused, not allocated again.
+        let b = pool.take(1, 4 << 20).unwrap().pop().unwrap();
+        assert!(pool.st.lock().unwrap().free.is_empty());
+        // More than an eighth of the buffer: kept as it is.
+        let mut big = b;
+        big.buf.resize(1 << 20, 1);
+        let (same, start) = pool.shrink(big, 5);
+        assert_eq!(
+            (same.buf.len(), start, same.counted >= 4 << 20),
+            (1 << 20, 5, true)
+        );
+        pool.give_back(same);
+        // Below SHRINK_FROM: kept as it is.
+        let mut little = pool.take(1, 64 << 10).unwrap().pop().unwrap();
+        little.buf.push(1);
+        let (same, start) = pool.shrink(little, 0);
+        assert!(same.buf.capacity() >= 64 << 10 && start == 0);
+        pool.give_back(same);
+        pool.give_back(small);
+        let st = pool.st.lock().unwrap();
+        assert_eq!(st.lent, 0);
+        assert!(st.total <= 10 << 20, "{}", st.total);
+    }
+
+    /// A copy that would take the pool over its budget is not made.
+    #[test]
+    fn shrink_stays_within_the_budget() {
+        let pool = BufPool::new(4 << 20);
+        let mut a = pool.take(1, 4 << 20).unwrap().pop().unwrap();
+        a.buf.resize(300 << 10, 3);
+        let (same, start) = pool.shrink(a, 0);
+        assert_eq!((same.buf.len(), start), (300 << 10, 0));
+        assert!(same.counted >= 4 << 20);
+        pool.give_back(same);
+        assert_eq!(pool.st.lock().unwrap().lent, 0);
     }
 
     #[test]

@@ -245,31 +245,40 @@ impl Plan {
     }
 }
 
-/// The pooled buffers of one segment.
+/// The pooled buffers of one segment, all taken at once (a worker never
+/// holds some while it waits for more).
 struct SegmentBufs {
-    /// File data (behind room for a literal header when there is no basis).
+    /// File data (behind room for a literal header when there is no basis);
+    /// with a basis, once diffed, the buffer the delta is compressed into.
     data: PoolBuf,
-    /// The compressed chunk.
-    out: PoolBuf,
+    /// The compressed chunk, without a basis and when compressing.
+    out: Option<PoolBuf>,
     /// The delta, with a basis.
     delta: Option<PoolBuf>,
 }
 
 impl SegmentBufs {
+    /// Two buffers with a basis (data, delta); without one, the data and,
+    /// when compressing, the chunk.
     fn take(shared: &Shared, basis: bool, len: usize) -> Result<Self> {
-        let mut bufs = shared.pool.take(if basis { 3 } else { 2 }, len)?;
-        let delta = if basis { bufs.pop() } else { None };
-        let (Some(out), Some(data)) = (bufs.pop(), bufs.pop()) else {
+        let second = basis || shared.compress_next();
+        let mut bufs = shared.pool.take(if second { 2 } else { 1 }, len)?;
+        let second = if second { bufs.pop() } else { None };
+        let Some(data) = bufs.pop() else {
             bail!("buffer pool returned too few buffers");
+        };
+        let (out, delta) = if basis {
+            (None, second)
+        } else {
+            (second, None)
         };
         Ok(SegmentBufs { data, out, delta })
     }
 
     fn give_back(self, shared: &Shared) {
         shared.pool.give_back(self.data);
-        shared.pool.give_back(self.out);
-        if let Some(d) = self.delta {
-            shared.pool.give_back(d);
+        for b in [self.out, self.delta].into_iter().flatten() {
+            shared.pool.give_back(b);
         }
     }
 }
@@ -366,18 +375,18 @@ struct Encoded {
 }
 
 /// One segment's delta, in `src.buf[start..]`, and the buffer to compress
-/// it into.
+/// it into when compressing.
 struct Delta {
     src: PoolBuf,
     start: usize,
-    out: PoolBuf,
+    out: Option<PoolBuf>,
 }
 
 /// Turns one segment's data into its delta against `sig`, or a literal
 /// without a basis (built in place around the data), hashing the bytes it
 /// covers and keeping the rest in `carry`. Gives back every buffer but the
-/// delta's and `out`. Returns the delta and the number of file bytes it
-/// covers.
+/// delta's and the one to compress it into. Returns the delta and the
+/// number of file bytes it covers.
 fn encode_segment(
     shared: &Shared,
     sig: Option<&Signature>,
@@ -406,7 +415,14 @@ fn encode_segment(
                         .unwrap_or_else(|| piece.lined_up.saturating_add(used as u64));
                     hasher.update(&data.buf[..used]);
                     carry.extend_from_slice(&data.buf[used..]);
-                    shared.pool.give_back(data);
+                    // The data is diffed: its buffer takes the compressed
+                    // delta, rather than a third one taken for it.
+                    let out = if shared.compress_next() {
+                        Some(data)
+                    } else {
+                        shared.pool.give_back(data);
+                        None
+                    };
                     Ok((
                         Delta {
                             src: d,
@@ -417,7 +433,7 @@ fn encode_segment(
                     ))
                 }
                 Err(e) => {
-                    for b in [data, d, out] {
+                    for b in [data, d] {
                         shared.pool.give_back(b);
                     }
                     Err(Error::from(e))
@@ -448,17 +464,19 @@ fn encode_segment(
 /// or sent as it is from where it lies ([`ClientMsg::FileRaw`]: nothing
 /// copied) when [`Shared::compress_next`] says compressing would only cost
 /// CPU (see `--compress`) or a sample of it does not shrink (incompressible
-/// data). Gives back the buffer the message does not hold.
+/// data). Gives back the buffer the message does not hold, and a small
+/// message's segment-sized one (see [`BufPool::shrink`]).
 fn encode(shared: &Shared, id: u32, delta: Delta) -> Result<Encoded> {
     let Delta { src, start, out } = delta;
     let len = src.buf.len() - start;
     if len > MAX_CHUNK {
         shared.pool.give_back(src);
-        shared.pool.give_back(out);
+        if let Some(out) = out {
+            shared.pool.give_back(out);
+        }
         bail!("chunk of {len} bytes too large");
     }
-    let out = if shared.compress_next() {
-        let PoolBuf { buf, counted } = out;
+    if let Some(PoolBuf { buf, counted }) = out {
         let c = COMPRESSOR.with(|c| {
             let mut c = c.borrow_mut();
             let c = match &mut *c {
@@ -468,27 +486,33 @@ fn encode(shared: &Shared, id: u32, delta: Delta) -> Result<Encoded> {
             Ok::<_, Error>(c.compress_if_worth_it(&src.buf[start..], buf)?)
         });
         match c {
-            Ok(Ok(c)) => {
+            Ok(Ok(mut c)) => {
                 shared.count_chunk(len, true);
                 shared.pool.give_back(src);
+                let (out, _) = shared.pool.shrink(
+                    PoolBuf {
+                        buf: std::mem::take(&mut c.data),
+                        counted,
+                    },
+                    0,
+                );
+                c.data = out.buf;
                 return Ok(Encoded {
                     wire: c.data.len(),
                     msg: ClientMsg::FileData { id, delta: c },
-                    pooled: counted,
+                    pooled: out.counted,
                 });
             }
             // Its sample did not shrink: it goes as it is.
-            Ok(Err(buf)) => PoolBuf { buf, counted },
+            Ok(Err(buf)) => shared.pool.give_back(PoolBuf { buf, counted }),
             Err(e) => {
                 shared.pool.give_back(src);
                 return Err(e);
             }
         }
-    } else {
-        out
-    };
+    }
     shared.count_chunk(len, false);
-    shared.pool.give_back(out);
+    let (src, start) = shared.pool.shrink(src, start);
     Ok(Encoded {
         msg: ClientMsg::FileRaw {
             id,
