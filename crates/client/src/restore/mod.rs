@@ -884,6 +884,8 @@ pub fn restore(
     // The tree holds a descriptor per level of the path restored, as the
     // backup's walk did per level backed up.
     crate::walk::raise_fd_limit();
+    // File data arrives a megabyte at a time.
+    byteback_protocol::os::keep_freed_buffers();
     let tree_opts = tree::TreeOptions {
         rules: ApplyRules {
             as_root: meta::is_root(),

@@ -23,6 +23,7 @@ use std::path::Path;
 
 use crate::error::{bail, err, IoContext, Result};
 use byteback_delta::FileHasher;
+use byteback_protocol::codec::ChunkDecompressor;
 use byteback_protocol::{ClientMsg, Entry, Kind, ManifestEntry, ServerMsg};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, CWD};
 use rustix::io::Errno;
@@ -609,6 +610,14 @@ impl RestoreTree {
     }
 }
 
+thread_local! {
+    /// The zstd context and buffer file parts are unpacked with, kept from
+    /// part to part and file to file (a fresh megabyte per part cost page
+    /// faults for every one of them).
+    static UNPACK: std::cell::RefCell<Option<(ChunkDecompressor, Vec<u8>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Streams `src`'s content from the server into `file`, keeping holes.
 ///
 /// More data than the manifest's `size` ends the restore (the server broke
@@ -642,9 +651,16 @@ fn fetch(
                         "the server sent more than the {size} bytes the manifest gives for {shown}; refusing"
                     );
                 }
-                let data = c.decompress()?;
-                h.update(&data);
-                w.write_all(&data).on("cannot write", shown)?;
+                UNPACK.with(|u| {
+                    let mut u = u.borrow_mut();
+                    let (d, data) = match &mut *u {
+                        Some(u) => u,
+                        None => u.insert((ChunkDecompressor::new()?, Vec::new())),
+                    };
+                    d.decompress_into(&c, data)?;
+                    h.update(data);
+                    w.write_all(data).on("cannot write", shown)
+                })?;
                 got += n;
             }
             ServerMsg::FileDone => break,

@@ -309,7 +309,7 @@ impl BackupReceiver {
     /// when creating or renaming something runs out of space (see
     /// [`room`]).
     pub fn new(host: &HostStore, mut room: Option<Room>) -> Result<Self> {
-        keep_freed_buffers();
+        byteback_protocol::os::keep_freed_buffers();
         let current = host.current()?;
         let meta_path = host.path.join("current").join(META_DIR_NAME);
         let at = |name: &[u8]| in_dir(&meta_path, name);
@@ -592,16 +592,4 @@ fn in_dir(dir: &std::path::Path, name: &[u8]) -> String {
     dir.join(std::ffi::OsStr::from_bytes(name))
         .display()
         .to_string()
-}
-
-/// Keeps freed multi-MiB buffers (frames, chunks) in the heap instead of
-/// returning them to the kernel at once: otherwise each is a fresh mmap, and
-/// page faults took a third of this process's time in a large-file backup.
-fn keep_freed_buffers() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only tunes glibc's allocator; any value is valid.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
-    }
 }

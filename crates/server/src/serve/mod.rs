@@ -116,6 +116,7 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
         host: cfg.host.clone(),
     })?;
     let store = Store::open(&cfg.store)?;
+    let mut streamer = None;
     loop {
         let Some(msg) = conn.recv()? else {
             // Closing between requests is fine; inside one, recv already failed.
@@ -134,7 +135,7 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
                 restore::send_manifest(cfg, &store, conn, &snapshot)?
             }
             ClientMsg::ReadFile { snapshot, path } => {
-                restore::send_stored_file(cfg, &store, conn, &snapshot, &path)?
+                restore::send_stored_file(cfg, &store, conn, &mut streamer, &snapshot, &path)?
             }
             ClientMsg::Bye => return Ok(()),
             m => return Err(refused(format!("unexpected {}", m.name()))),

@@ -4,8 +4,9 @@
 //! client reports it damaged); a path through a symlink or out of the tree
 //! is refused.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 
+use byteback_protocol::codec::ChunkCompressor;
 use byteback_protocol::limits::{MAX_BATCH, MAX_CHUNK};
 use byteback_protocol::{escape_bytes, Compressed, ServerMsg, SnapshotKind};
 
@@ -92,6 +93,7 @@ pub(super) fn send_stored_file<R: Read, W: Write>(
     cfg: &ServeConfig,
     store: &Store,
     conn: &mut Conn<R, W>,
+    streamer: &mut Option<Streamer>,
     snapshot: &str,
     path: &[u8],
 ) -> Result<()> {
@@ -106,7 +108,7 @@ pub(super) fn send_stored_file<R: Read, W: Write>(
         disk_path(path)
     };
     match fsops::open_file(&snap, &on_disk) {
-        Ok(f) => match send_file(conn, f) {
+        Ok(f) => match streamer_for(streamer)?.send_file(conn, f) {
             Ok(()) => {}
             Err(SendError::Read(io)) => tracing::error!(
                 "cannot read {shown:?} in {snapshot}: {io}; sent what could be read"
@@ -186,23 +188,57 @@ enum SendError {
     Send(Error),
 }
 
-/// Streams a stored file's content as `FilePart`s.
-fn send_file<R: Read, W: Write>(
-    conn: &mut Conn<R, W>,
-    f: std::fs::File,
-) -> std::result::Result<(), SendError> {
-    let mut r = BufReader::with_capacity(1 << 20, f);
-    let mut buf = vec![0u8; (1 << 20).min(MAX_CHUNK)];
-    loop {
-        let n = read_full(&mut r, &mut buf).map_err(SendError::Read)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let part = Compressed::compress(&buf[..n], 1).map_err(|e| SendError::Send(e.into()))?;
-        conn.send(&ServerMsg::FilePart(part))
-            .map_err(SendError::Send)?;
-        if r.fill_buf().map_err(SendError::Read)?.is_empty() {
-            return Ok(());
+/// What streaming stored files reuses from one to the next: the read
+/// buffer, the zstd context and the buffer of the part being sent (fresh
+/// ones per part cost page faults for every MiB; see
+/// [`byteback_protocol::os::keep_freed_buffers`]).
+pub(super) struct Streamer {
+    zstd: ChunkCompressor,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+}
+
+/// The session's [`Streamer`], made at its first file.
+fn streamer_for(s: &mut Option<Streamer>) -> Result<&mut Streamer> {
+    if s.is_none() {
+        byteback_protocol::os::keep_freed_buffers();
+        *s = Some(Streamer {
+            zstd: ChunkCompressor::new(1).map_err(Error::from)?,
+            buf: vec![0u8; (1 << 20).min(MAX_CHUNK)],
+            out: Vec::new(),
+        });
+    }
+    s.as_mut().ok_or(Error::Internal("no streamer"))
+}
+
+impl Streamer {
+    /// Streams a stored file's content as `FilePart`s: compressed, or as
+    /// zstd frames of stored blocks where a sample says it does not shrink
+    /// (see [`ChunkCompressor::compress_into`]).
+    fn send_file<R: Read, W: Write>(
+        &mut self,
+        conn: &mut Conn<R, W>,
+        mut f: std::fs::File,
+    ) -> std::result::Result<(), SendError> {
+        loop {
+            let n = read_full(&mut f, &mut self.buf).map_err(SendError::Read)?;
+            if n == 0 {
+                return Ok(());
+            }
+            let out = std::mem::take(&mut self.out);
+            let part = self
+                .zstd
+                .compress_into(&self.buf[..n], out)
+                .map_err(|e| SendError::Send(e.into()))?;
+            let msg = ServerMsg::FilePart(part);
+            let sent = conn.send(&msg);
+            if let ServerMsg::FilePart(Compressed { data, .. }) = msg {
+                self.out = data;
+            }
+            sent.map_err(SendError::Send)?;
+            if n < self.buf.len() {
+                return Ok(());
+            }
         }
     }
 }
