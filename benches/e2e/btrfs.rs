@@ -177,11 +177,23 @@ fn collect_subvolumes(dir: &Path, out: &mut Vec<PathBuf>) {
 
 impl Drop for LoopFs {
     fn drop(&mut self) {
-        for _ in 0..5 {
+        // Processes that sshd started may take a moment to let go of it.
+        let mut unmounted = false;
+        for _ in 0..20 {
             match Command::new("umount").arg(&self.mount).output() {
-                Ok(o) if o.status.success() => break,
+                Ok(o) if o.status.success() => {
+                    unmounted = true;
+                    break;
+                }
                 _ => std::thread::sleep(std::time::Duration::from_millis(500)),
             }
+        }
+        if !unmounted {
+            eprintln!(
+                "e2e: {} still busy after 10 s; detaching it lazily (umount -l)",
+                self.mount.display()
+            );
+            let _ = Command::new("umount").arg("-l").arg(&self.mount).output();
         }
         let _ = Command::new("losetup").arg("-d").arg(&self.device).output();
         let _ = fs::remove_file(&self.image);

@@ -189,14 +189,14 @@ fn start(conn: &mut Connection, opts: &BackupOptions) -> Result<Started> {
         ServerMsg::BackupReady { generation } => generation,
         m => bail!("unexpected {} at backup start", m.name()),
     };
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8);
+    // One allocator arena per two delta threads, before they start.
+    byteback_protocol::os::bounded_heap(cores);
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-                .clamp(2, 8)
-                * 2,
-        )
+        .num_threads(cores * 2)
         .thread_name(|i| format!("byteback-delta-{i}"))
         .build()
         .map_err(|e| err!("cannot start the delta threads: {e}"))?;

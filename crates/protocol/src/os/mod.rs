@@ -30,3 +30,22 @@ pub fn keep_freed_buffers() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
     }
 }
+
+/// Tunes glibc's allocator for the backup client, whose delta threads
+/// allocate a buffer sized to each small file in a dozen threads: at most
+/// `arenas` arenas (otherwise up to eight per core, each keeping the blocks
+/// freed in it), and blocks of 256 KiB or more mapped on their own, so that
+/// freeing one gives it back (the buffer pool keeps the segment-sized ones
+/// it reuses). Peak RSS of a first backup of `/usr/share` into a local
+/// store: 65-69 MiB without either, 57-59 MiB with two arenas, 51-53 MiB
+/// with both, at the same speed.
+pub fn bounded_heap(arenas: usize) {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only tunes glibc's allocator; any value is valid.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, arenas.clamp(1, 64) as libc::c_int);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+    }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = arenas;
+}
