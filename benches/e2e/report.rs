@@ -227,9 +227,11 @@ pub fn goals(rows: &[Row]) -> Vec<Goal> {
             met: None,
         },
     });
+    // The memory goal covers W1-W6 (W6, a real tree, has the
+    // largest files and directories of them).
     let small: Vec<&Row> = rows
         .iter()
-        .filter(|r| ["W1", "W2", "W3", "W4", "W5"].contains(&r.id.as_str()))
+        .filter(|r| ["W1", "W2", "W3", "W4", "W5", "W6"].contains(&r.id.as_str()))
         .collect();
     let rss_goal = |rows: &[&Row], limit_mib: u64, name: &str, target: &str| -> Goal {
         if rows.is_empty() {
@@ -262,8 +264,8 @@ pub fn goals(rows: &[Row]) -> Vec<Goal> {
     g.push(rss_goal(
         &small,
         64,
-        "peak RSS, W1-W5",
-        "each side < 64 MiB (rsync < 11 MiB)",
+        "peak RSS, W1-W6",
+        "each side < 64 MiB",
     ));
     let million: Vec<&Row> = rows.iter().filter(|r| r.id == "W7").collect();
     g.push(rss_goal(
