@@ -49,13 +49,14 @@ struct Args {
     image_gib: Option<u64>,
     verbose: bool,
     ssh: bool,
+    loop_direct: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench e2e -- [--quick] [--runs N] [--only W1,W2,..] [--json FILE]\n\
          \x20      [--workdir DIR] [--bin-dir DIR] [--real-tree DIR] [--million] [--image-gib N] [--verbose]\n\
-         \x20      [--transport local|ssh]"
+         \x20      [--transport local|ssh] [--loop buffered|direct]"
     );
     std::process::exit(2)
 }
@@ -73,6 +74,7 @@ fn parse_args() -> Args {
         image_gib: None,
         verbose: false,
         ssh: false,
+        loop_direct: false,
     };
     let mut it = std::env::args_os().skip(1);
     while let Some(arg) = it.next() {
@@ -104,6 +106,11 @@ fn parse_args() -> Args {
             "--million" => a.million = true,
             "--image-gib" => a.image_gib = Some(value().parse().unwrap_or_else(|_| usage())),
             "--verbose" | "-v" => a.verbose = true,
+            "--loop" => match value().as_str() {
+                "direct" => a.loop_direct = true,
+                "buffered" => a.loop_direct = false,
+                _ => usage(),
+            },
             "--transport" => match value().as_str() {
                 "local" => a.ssh = false,
                 "ssh" => a.ssh = true,
@@ -196,10 +203,15 @@ fn main() {
         image_gib,
         args.workdir.display()
     );
-    let fs = btrfs::LoopFs::new(&args.workdir, image_gib);
+    let fs = btrfs::LoopFs::new(&args.workdir, image_gib, args.loop_direct);
+    let loop_io = if fs.direct_io {
+        "loop device with direct I/O"
+    } else {
+        "loop device through the image's page cache"
+    };
     let src_root = fs.mount.join("src");
     fs.subvolume_create(&src_root);
-    // Kept alive (sshd running, account present) until the end of main.
+    // Kept alive (sshd running, account present) until the results are written.
     let mut _sshd = None;
     let transport = if args.ssh {
         let (sshd, setup) = ssh_setup(&fs.mount, &bin_dir);
@@ -308,7 +320,7 @@ fn main() {
     }
 
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let machine = report::machine();
+    let machine = format!("{}; {loop_io}", report::machine());
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let goals = report::goals(&rows);
     let text = report::table(&rows, &goals);
@@ -338,6 +350,8 @@ fn main() {
     std::fs::write(&json_path, json)
         .unwrap_or_else(|e| panic!("cannot write {}: {e}", json_path.display()));
     eprintln!("e2e: JSON written to {}", json_path.display());
+    // sshd logs into the filesystem: stop it first, or the unmount waits for it.
+    drop(_sshd);
     drop(bench);
     let _: Vec<Goal> = goals;
 }
