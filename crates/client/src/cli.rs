@@ -101,7 +101,7 @@ pub struct BackupArgs {
     /// README, "JSON reports"); messages still go to stderr.
     #[arg(long)]
     json: bool,
-    /// When to compress file data (zstd level 1): auto compresses over SSH,
+    /// When to compress file data (zstd level -1): auto compresses over SSH,
     /// not for a local store.
     #[arg(long, value_enum, default_value_t = Compress::Auto)]
     compress: Compress,

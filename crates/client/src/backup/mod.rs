@@ -101,7 +101,7 @@ pub enum Compress {
     /// machine (compressing them would only cost CPU, on both sides).
     #[default]
     Auto,
-    /// Always (zstd level 1; data that does not shrink is stored).
+    /// Always (zstd level -1; data that does not shrink is stored).
     Always,
     /// Never.
     Never,

@@ -15,7 +15,7 @@ use byteback_delta::{
     copy_end, diff_window_into, literal_header, FileHasher, Signature, DELTA_END,
     LITERAL_HEADER_MAX,
 };
-use byteback_protocol::codec::{compress_bound, ChunkCompressor};
+use byteback_protocol::codec::{compress_bound, ChunkCompressor, DATA_LEVEL};
 use byteback_protocol::limits::MAX_CHUNK;
 use byteback_protocol::{ClientMsg, Entry, RawBytes};
 
@@ -26,7 +26,6 @@ use crate::walk::{shown, Found, OpenError};
 
 /// Raw bytes of a segment when there is no basis.
 const PLAIN_SEGMENT: usize = 2 << 20;
-const ZSTD_LEVEL: i32 = 1;
 /// Bytes read at a time when hashing a file before offering it for cloning.
 const HASH_CHUNK: usize = 1 << 20;
 
@@ -481,7 +480,7 @@ fn encode(shared: &Shared, id: u32, delta: Delta) -> Result<Encoded> {
             let mut c = c.borrow_mut();
             let c = match &mut *c {
                 Some(c) => c,
-                None => c.insert(ChunkCompressor::new(ZSTD_LEVEL)?),
+                None => c.insert(ChunkCompressor::new(DATA_LEVEL)?),
             };
             Ok::<_, Error>(c.compress_if_worth_it(&src.buf[start..], buf)?)
         });

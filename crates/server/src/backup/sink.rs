@@ -149,7 +149,7 @@ pub(super) struct FileWriter {
 }
 
 /// The most a dropped segment counts for, per byte it took on the wire:
-/// zstd at level 1 shrinks text about three times; a stream of zeros
+/// zstd shrinks text about three times at the levels we use; a stream of zeros
 /// (thousands of times) must not ask for room it never sent.
 pub const DROPPED_PER_WIRE_BYTE: u64 = 16;
 

@@ -6,7 +6,7 @@
 
 use std::io::{Read, Write};
 
-use byteback_protocol::codec::ChunkCompressor;
+use byteback_protocol::codec::{ChunkCompressor, DATA_LEVEL};
 use byteback_protocol::limits::{MAX_BATCH, MAX_CHUNK};
 use byteback_protocol::{escape_bytes, Compressed, ServerMsg, SnapshotKind};
 
@@ -203,7 +203,7 @@ fn streamer_for(s: &mut Option<Streamer>) -> Result<&mut Streamer> {
     if s.is_none() {
         byteback_protocol::os::keep_freed_buffers();
         *s = Some(Streamer {
-            zstd: ChunkCompressor::new(1).map_err(Error::from)?,
+            zstd: ChunkCompressor::new(DATA_LEVEL).map_err(Error::from)?,
             buf: vec![0u8; (1 << 20).min(MAX_CHUNK)],
             out: Vec::new(),
         });
