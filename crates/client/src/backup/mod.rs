@@ -16,6 +16,7 @@
 
 mod announce;
 pub mod cache;
+mod direct;
 mod pool;
 mod queue;
 mod send;

@@ -19,6 +19,7 @@ use byteback_protocol::codec::{compress_bound, ChunkCompressor, DATA_LEVEL};
 use byteback_protocol::limits::MAX_CHUNK;
 use byteback_protocol::{ClientMsg, Entry, RawBytes};
 
+use super::direct::{read_at_into, Direct, DIRECT_BYTES, MAX_ALIGN};
 use super::pool::PoolBuf;
 use super::shared::{lock, Shared};
 use crate::progress::BACKUP as PROGRESS;
@@ -225,7 +226,9 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(sig: Option<&Signature>, size: u64) -> Self {
+    /// `direct`: the file is read with direct I/O, so each buffer has room
+    /// to pad the data to an aligned address and to read up to an aligned end.
+    fn new(sig: Option<&Signature>, size: u64, direct: bool) -> Self {
         let seg = sig
             .map(|s| segment_len(s.block_size() as usize))
             .unwrap_or(PLAIN_SEGMENT);
@@ -239,7 +242,8 @@ impl Plan {
             .max(1);
         // Room for the data behind a literal header, or for a delta of it (at
         // most 14 bytes longer than the data), and for its compressed form.
-        let buf_len = compress_bound(seg_cap + LITERAL_HEADER_MAX + 64);
+        let slack = if direct { 2 * MAX_ALIGN } else { 0 };
+        let buf_len = compress_bound(seg_cap + LITERAL_HEADER_MAX + 64) + slack;
         Plan { seg, look, buf_len }
     }
 }
@@ -254,6 +258,9 @@ struct SegmentBufs {
     out: Option<PoolBuf>,
     /// The delta, with a basis.
     delta: Option<PoolBuf>,
+    /// Where the segment starts in `data` (after padding that puts the
+    /// bytes read on an aligned address for direct I/O).
+    off: usize,
 }
 
 impl SegmentBufs {
@@ -271,7 +278,12 @@ impl SegmentBufs {
         } else {
             (second, None)
         };
-        Ok(SegmentBufs { data, out, delta })
+        Ok(SegmentBufs {
+            data,
+            out,
+            delta,
+            off: 0,
+        })
     }
 
     fn give_back(self, shared: &Shared) {
@@ -294,7 +306,8 @@ fn send_segments(
     abs: &Path,
 ) -> Result<Option<(u64, [u8; 32])>> {
     let size = entry.size();
-    let plan = Plan::new(sig, size);
+    let mut direct = Direct::enable(file, size);
+    let plan = Plan::new(sig, size, direct.is_some());
     let mut hasher = FileHasher::new();
     let mut total = 0u64;
     let mut read_total = 0u64;
@@ -304,21 +317,25 @@ fn send_segments(
         last: false,
     };
     while total < size {
-        let want = (plan.seg + plan.look - carry.len()).min((size - read_total) as usize);
+        let mut want = (plan.seg + plan.look - carry.len()).min((size - read_total) as usize);
         // Read buffer, compressed chunk and (with a basis) the delta.
         let mut bufs = SegmentBufs::take(shared, sig.is_some(), plan.buf_len)?;
         let head = if sig.is_some() { 0 } else { LITERAL_HEADER_MAX };
         let data = &mut bufs.data.buf;
         data.clear();
-        data.resize(head, 0);
+        let off = direct
+            .as_ref()
+            .map_or(0, |d| d.pad(data, head + carry.len()));
+        bufs.off = off;
+        data.resize(off + head, 0);
         data.extend_from_slice(&carry);
         carry.clear();
         let before = data.len();
         // Reads into the spare capacity: nothing to zero first.
-        let read = (&mut *file).take(want as u64).read_to_end(data);
+        let read = read_piece(file, &mut direct, read_total, &mut want, size, data);
         let got = data.len() - before;
         read_total += got as u64;
-        let n = data.len() - head;
+        let n = data.len() - off - head;
         if let Err(e) = read {
             bufs.give_back(shared);
             shared.partial.fetch_add(1, Ordering::Relaxed);
@@ -351,6 +368,50 @@ fn send_segments(
         total += used as u64;
     }
     Ok(Some((total, hasher.finish())))
+}
+
+/// Appends to `data` the next piece of the file, `want` bytes at `offset`
+/// (fewer at its end): with direct I/O while it can be used (the read
+/// starts aligned; `want` is cut to end aligned unless it reaches the end),
+/// through the page cache otherwise, and for the rest of the file once
+/// direct I/O cannot be used or the kernel refuses it.
+fn read_piece(
+    file: &File,
+    direct: &mut Option<Direct>,
+    offset: u64,
+    want: &mut usize,
+    size: u64,
+    data: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let before = data.len();
+    if let Some(d) = direct.as_ref() {
+        let to_end = offset + *want as u64 >= size;
+        let len = if to_end {
+            d.round_up(*want)
+        } else {
+            d.round_down(*want)
+        };
+        let room = data.capacity() - before;
+        if len > 0 && len <= room && d.can_read(offset, data.as_ptr() as usize + before) {
+            if !to_end {
+                *want = len;
+            }
+            match read_at_into(file, offset, len, data) {
+                Ok(got) => {
+                    DIRECT_BYTES.fetch_add(got as u64, Ordering::Relaxed);
+                    // A file that grew since the walk: only what was wanted.
+                    data.truncate(before + got.min(*want));
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => data.truncate(before),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if let Some(d) = direct.take() {
+        d.disable(file)?;
+    }
+    read_at_into(file, offset, *want, data).map(|_| ())
 }
 
 /// Where a segment's data is expected in the basis, and whether it is the last.
@@ -399,21 +460,22 @@ fn encode_segment(
         mut data,
         out,
         delta,
+        off,
     } = bufs;
     let head = if sig.is_some() { 0 } else { LITERAL_HEADER_MAX };
-    let n = data.buf.len() - head;
+    let n = data.buf.len() - off - head;
     match (sig, delta) {
         (Some(s), Some(mut d)) => {
             let target = if piece.last { n } else { plan.seg.min(n) };
             // Only for files with filesystem-sized blocks (16 MiB and up): see
             // FAST_PATH_MIN_BLOCK.
             let hint = (s.block_size() >= FAST_PATH_MIN_BLOCK).then_some(piece.lined_up);
-            match diff_window_into(s, &data.buf, hint, target, &mut d.buf) {
+            match diff_window_into(s, &data.buf[off..], hint, target, &mut d.buf) {
                 Ok(used) => {
                     piece.lined_up = copy_end(&d.buf)
                         .unwrap_or_else(|| piece.lined_up.saturating_add(used as u64));
-                    hasher.update(&data.buf[..used]);
-                    carry.extend_from_slice(&data.buf[used..]);
+                    hasher.update(&data.buf[off..off + used]);
+                    carry.extend_from_slice(&data.buf[off + used..]);
                     // The data is diffed: its buffer takes the compressed
                     // delta, rather than a third one taken for it.
                     let out = if shared.compress_next() {
@@ -443,14 +505,15 @@ fn encode_segment(
             if let Some(d) = delta {
                 shared.pool.give_back(d);
             }
-            hasher.update(&data.buf[head..]);
+            let at = off + head;
+            hasher.update(&data.buf[at..]);
             let (h, hl) = literal_header(n as u64);
-            data.buf[head - hl..head].copy_from_slice(&h[..hl]);
+            data.buf[at - hl..at].copy_from_slice(&h[..hl]);
             data.buf.push(DELTA_END);
             Ok((
                 Delta {
                     src: data,
-                    start: head - hl,
+                    start: at - hl,
                     out,
                 },
                 n,
@@ -723,6 +786,75 @@ mod tests {
                 (stored > len as u64 && compressed == 0) == raw,
                 "{policy:?} {name}: {stored} stored, {compressed} compressed"
             );
+        }
+    }
+
+    /// A file of 16 MiB and more is read with direct I/O (where the
+    /// filesystem under the temporary directory allows it, as CI's does),
+    /// its segments padded to aligned addresses behind the literal header
+    /// room, and they rebuild it exactly, its unaligned end included.
+    #[test]
+    fn large_files_are_read_with_direct_io_and_rebuild_exactly() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let len = (super::super::direct::DIRECT_MIN as usize) + 2 * MAX_CHUNK + 12_345;
+        let mut content = vec![0u8; len];
+        blake3::Hasher::new()
+            .update(b"direct")
+            .finalize_xof()
+            .fill(&mut content);
+        std::fs::write(src.join("big"), &content).unwrap();
+        let sink = walked(&src);
+        let (found, entry) = sink
+            .0
+            .iter()
+            .find(|(f, _)| f.abs == src.join("big"))
+            .unwrap()
+            .clone();
+        let shared = Shared::new(
+            crate::conn::Breaker::default(),
+            1024,
+            64 << 20,
+            false,
+            Policy::Never,
+        );
+        let direct_before = DIRECT_BYTES.load(Ordering::Relaxed);
+        let job = Job {
+            id: 9,
+            found,
+            entry,
+            basis: false,
+            twin: false,
+        };
+        send_file(&shared, job).unwrap();
+        let direct = DIRECT_BYTES.load(Ordering::Relaxed) - direct_before;
+        let mut rebuilt = vec![];
+        let mut end = None;
+        for m in sent(&shared) {
+            match m {
+                ClientMsg::FileRaw { id: 9, delta } => rebuilt
+                    .extend(byteback_delta::apply_to_vec(&[], delta.as_slice(), 64 << 20).unwrap()),
+                ClientMsg::FileEnd {
+                    id: 9, size, hash, ..
+                } => end = Some((size, hash)),
+                m => panic!("{m:?}"),
+            }
+        }
+        assert!(rebuilt == content, "the segments rebuild another file");
+        assert_eq!(end, Some((len as u64, *blake3::hash(&content).as_bytes())));
+        let probe = std::fs::File::open(src.join("big")).unwrap();
+        if super::super::direct::Direct::enable(&probe, len as u64).is_some() {
+            assert!(
+                direct >= len as u64,
+                "{direct} of {len} bytes read with direct I/O"
+            );
+        } else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "no direct I/O in CI's temporary directory"
+            );
+            eprintln!("SKIPPED: direct I/O not available under the temporary directory");
         }
     }
 
