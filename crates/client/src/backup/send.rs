@@ -696,6 +696,29 @@ mod tests {
         sink
     }
 
+    /// A 64 MiB pool, compressing as `policy` says.
+    fn shared_with(policy: Policy) -> Shared {
+        Shared::new(
+            crate::conn::Breaker::default(),
+            1024,
+            64 << 20,
+            false,
+            policy,
+        )
+    }
+
+    /// A job sending the walked file at `abs` whole (no basis, no twin).
+    fn whole_file_job(sink: &Collect, abs: &Path, id: u32) -> Job {
+        let (found, entry) = sink.0.iter().find(|(f, _)| f.abs == abs).unwrap().clone();
+        Job {
+            id,
+            found,
+            entry,
+            basis: false,
+            twin: false,
+        }
+    }
+
     #[derive(Default)]
     struct Collect(Vec<(Found, Entry)>);
     impl EntrySink for Collect {
@@ -733,27 +756,8 @@ mod tests {
             (Policy::Always, "random", &random, true),
         ];
         for (policy, name, content, raw) in cases {
-            let (found, entry) = sink
-                .0
-                .iter()
-                .find(|(f, _)| f.abs == src.join(name))
-                .unwrap()
-                .clone();
-            let shared = Shared::new(
-                crate::conn::Breaker::default(),
-                1024,
-                64 << 20,
-                false,
-                policy,
-            );
-            let job = Job {
-                id: 5,
-                found,
-                entry,
-                basis: false,
-                twin: false,
-            };
-            send_file(&shared, job).unwrap();
+            let shared = shared_with(policy);
+            send_file(&shared, whole_file_job(&sink, &src.join(name), 5)).unwrap();
             let msgs = sent(&shared);
             let mut rebuilt = vec![];
             let mut segments = 0;
@@ -806,28 +810,9 @@ mod tests {
             .fill(&mut content);
         std::fs::write(src.join("big"), &content).unwrap();
         let sink = walked(&src);
-        let (found, entry) = sink
-            .0
-            .iter()
-            .find(|(f, _)| f.abs == src.join("big"))
-            .unwrap()
-            .clone();
-        let shared = Shared::new(
-            crate::conn::Breaker::default(),
-            1024,
-            64 << 20,
-            false,
-            Policy::Never,
-        );
+        let shared = shared_with(Policy::Never);
         let direct_before = DIRECT_BYTES.load(Ordering::Relaxed);
-        let job = Job {
-            id: 9,
-            found,
-            entry,
-            basis: false,
-            twin: false,
-        };
-        send_file(&shared, job).unwrap();
+        send_file(&shared, whole_file_job(&sink, &src.join("big"), 9)).unwrap();
         let direct = DIRECT_BYTES.load(Ordering::Relaxed) - direct_before;
         let mut rebuilt = vec![];
         let mut end = None;
@@ -868,21 +853,7 @@ mod tests {
         std::fs::write(src.join("d/f"), b"walked content").unwrap();
         std::fs::write(src.join("d/g"), b"unchanged").unwrap();
         let sink = walked(&src);
-        let job = |name: &str, id| {
-            let (found, entry) = sink
-                .0
-                .iter()
-                .find(|(f, _)| f.abs == src.join("d").join(name))
-                .unwrap()
-                .clone();
-            Job {
-                id,
-                found,
-                entry,
-                basis: false,
-                twin: false,
-            }
-        };
+        let job = |name: &str, id| whole_file_job(&sink, &src.join("d").join(name), id);
         let (f_job, g_job) = (job("f", 7), job("g", 8));
         std::fs::write(src.join("d/new"), b"NEW CONTENT, not what was walked").unwrap();
         std::fs::rename(src.join("d/new"), src.join("d/f")).unwrap();
