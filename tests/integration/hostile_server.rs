@@ -615,6 +615,80 @@ fn swapping_restored_directories_for_symlinks_while_restoring() {
     }
 }
 
+/// A restore asks for the next files while the current one's content is
+/// on its way (a restore of small files used to wait a round trip for each);
+/// the answers, taken in order, land where they belong: empty files (never
+/// asked for: the server has nothing for them and would answer an error), a
+/// file of several parts among small ones, links and a symlink in between.
+/// The scripted server holds each answer back until the next request
+/// comes: a client that waited for each answer before asking for the next
+/// would get none of them early (and take half a second a file).
+#[test]
+fn a_restore_asks_for_files_ahead_and_takes_the_answers_in_order() {
+    if !require_root("a_restore_asks_for_files_ahead_and_takes_the_answers_in_order") {
+        return;
+    }
+    let st = Stage::new();
+    let mut entries = vec![dir("d")];
+    let mut files: Vec<(String, Vec<u8>)> = vec![];
+    for i in 0..300 {
+        let p = format!("d/f{i:03}");
+        let data = match i {
+            _ if i % 50 == 7 => vec![],
+            150 => (0..3_500_000u32)
+                .map(|k| (k * 7 + k / 1000) as u8)
+                .collect(),
+            _ => format!("content of file {i} ")
+                .repeat(1 + i % 9)
+                .into_bytes(),
+        };
+        entries.push(file(&p, &data));
+        if i % 40 == 5 {
+            entries.push(hardlink(&format!("d/f{i:03}.link"), &p));
+        }
+        if i == 100 {
+            entries.push(symlink("d/f100.sym", Path::new("f100")));
+        }
+        if !data.is_empty() {
+            files.push((p, data));
+        }
+    }
+    let mut sc = scenario(entries, &[]);
+    sc.files = files
+        .iter()
+        .map(|(p, d)| (p.as_bytes().to_vec(), d.clone()))
+        .collect();
+    sc.hold_answers_ms = 500;
+    let r = st.restore(&sc, &[ALL]);
+    r.assert_code(0);
+    for (p, d) in &files {
+        assert_eq!(&fs::read(st.restored(p)).unwrap(), d, "{p}");
+    }
+    assert_eq!(fs::metadata(st.restored("d/f007")).unwrap().len(), 0);
+    assert_eq!(
+        fs::read(st.restored("d/f045.link")).unwrap(),
+        fs::read(st.restored("d/f045")).unwrap()
+    );
+    assert_eq!(
+        fs::read_link(st.restored("d/f100.sym")).unwrap(),
+        Path::new("f100")
+    );
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("files were asked for ahead"))
+        .unwrap_or_else(|| panic!("no count from the fake server: {}", r.stderr));
+    let n: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(n.len(), 2, "{line}");
+    let (ahead, reads) = (n[0], n[1]);
+    assert_eq!(reads, files.len() as u64, "{line}");
+    // Every one but the last: nothing comes after it to ask for.
+    assert_eq!(ahead, reads - 1, "{line}");
+}
+
 /// Hard links whose first names the patterns do not select get those
 /// files' content under their own names; what the restore keeps of each
 /// first name is its size and hash, not its entry: 8,000 first names with

@@ -82,6 +82,21 @@ fn send(w: &mut impl Write, msg: &ServerMsg) {
     }
 }
 
+/// Whether more of the client's bytes are waiting to be read (buffered,
+/// or in the pipe), or come within `ms` milliseconds.
+fn more_waiting(r: &BufReader<std::io::StdinLock<'_>>, ms: u64) -> bool {
+    if !r.buffer().is_empty() {
+        return true;
+    }
+    let mut fd = libc::pollfd {
+        fd: 0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut fd, 1, ms.min(60_000) as libc::c_int) > 0 }
+}
+
 fn main() {
     let path = std::env::var_os(SCENARIO_ENV).expect("BYTEBACK_FAKE_SCENARIO not set");
     let bytes = std::fs::read(&path).unwrap();
@@ -89,6 +104,9 @@ fn main() {
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
     let mut r = BufReader::new(std::io::stdin().lock());
     let mut w = BufWriter::new(std::io::stdout().lock());
+    // Files answered, and of those how many had the next request come
+    // before their answer left (a client asking ahead; see `hold_answers_ms`).
+    let (mut reads, mut ahead) = (0u64, 0u64);
     while let Some(frame) = read_frame(&mut r).unwrap() {
         let msg = decode_client(&frame).unwrap();
         match msg {
@@ -177,6 +195,10 @@ fn main() {
                             send(&mut w, &ServerMsg::FilePart(part));
                         }
                         send(&mut w, &ServerMsg::FileDone);
+                        reads += 1;
+                        if sc.hold_answers_ms > 0 {
+                            ahead += u64::from(more_waiting(&r, sc.hold_answers_ms));
+                        }
                     }
                     None => send(
                         &mut w,
@@ -187,6 +209,7 @@ fn main() {
                 }
             }
             ClientMsg::Bye => {
+                eprintln!("fake server: {ahead} of {reads} files were asked for ahead");
                 w.flush().unwrap();
                 return;
             }

@@ -42,4 +42,9 @@ pub struct Scenario {
     pub snapshot_files: Vec<(String, Vec<u8>, Vec<u8>)>,
     /// Milliseconds to wait before answering each `ReadFile` (for races).
     pub file_delay_ms: u64,
+    /// Holds each file's answer back (unflushed: the client cannot have
+    /// it) for up to this many milliseconds, until the client's next request
+    /// comes; stderr then says how many came meanwhile, i.e. were asked
+    /// for ahead (0: answers go at once).
+    pub hold_answers_ms: u64,
 }

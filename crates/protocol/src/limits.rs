@@ -17,6 +17,9 @@ pub const MAX_NAME: usize = 255;
 pub const MAX_BATCH: usize = 1024;
 /// Most files that may be announced as needing data but not yet finished.
 pub const MAX_PENDING: usize = 8192;
+/// Files a restoring client may ask for beyond the one being sent
+/// ([`crate::ClientMsg::ReadFile`] sent ahead; see the session's `Reads`).
+pub const MAX_READS_AHEAD: usize = 1024;
 /// Most bytes of entries (see [`crate::Entry::buffer_cost`]) the server may have
 /// to hold behind a file whose transfer is not finished yet; the client's flow
 /// control keeps below it and the server refuses a client that does not.

@@ -16,7 +16,7 @@ use std::cmp::Ordering;
 use std::collections::{HashMap, VecDeque};
 
 use crate::error::ProtocolError;
-use crate::limits::MAX_PENDING;
+use crate::limits::{MAX_PENDING, MAX_READS_AHEAD};
 use crate::messages::{ClientMsg, Kind, ServerMsg};
 use crate::path::compare_paths;
 use crate::{MAGIC, PROTOCOL_VERSION};
@@ -283,6 +283,22 @@ fn unexpected(got: &'static str, phase: Phase) -> ProtocolError {
 struct Session {
     phase: Phase,
     backup: BackupState,
+    /// While [`Phase::Reading`]: what is read (see [`Reads`]).
+    reads: Reads,
+}
+
+/// What a [`Phase::Reading`] session is reading. A client may ask for the
+/// next files before the current one has come ([`ClientMsg::ReadFile`] sent
+/// ahead, at most [`MAX_READS_AHEAD`]); the server answers them in order,
+/// reading the next request only once it has answered the last, so only the
+/// client's view ever has any queued.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Reads {
+    /// The read in progress is a file's (`FilePart`s, then `FileDone`), not
+    /// a listing or a manifest.
+    file: bool,
+    /// Files asked for after the one in progress.
+    queued: usize,
 }
 
 impl Session {
@@ -290,6 +306,7 @@ impl Session {
         Session {
             phase: Phase::AwaitHello,
             backup: BackupState::default(),
+            reads: Reads::default(),
         }
     }
 
@@ -334,13 +351,30 @@ impl Session {
                 }
                 self.phase = Phase::Ending;
             }
+            (Phase::Idle, ClientMsg::ReadFile { .. }) => {
+                self.phase = Phase::Reading;
+                self.reads = Reads {
+                    file: true,
+                    queued: 0,
+                };
+            }
+            (Phase::Reading, ClientMsg::ReadFile { .. }) if self.reads.file => {
+                if self.reads.queued >= MAX_READS_AHEAD {
+                    return Err(ProtocolError::Limit(format!(
+                        "more than {MAX_READS_AHEAD} files asked for ahead"
+                    )));
+                }
+                self.reads.queued += 1;
+            }
             (
                 Phase::Idle,
                 ClientMsg::ListSnapshots
                 | ClientMsg::ListSnapshotKinds
-                | ClientMsg::ReadManifest { .. }
-                | ClientMsg::ReadFile { .. },
-            ) => self.phase = Phase::Reading,
+                | ClientMsg::ReadManifest { .. },
+            ) => {
+                self.phase = Phase::Reading;
+                self.reads = Reads::default();
+            }
             (Phase::Idle, ClientMsg::Bye) => self.phase = Phase::Closed,
             _ => return Err(unexpected(msg.name(), p)),
         }
@@ -369,14 +403,18 @@ impl Session {
             (Phase::Backup, ServerMsg::FileRetry { id }) => self.backup.resolve(*id, true)?,
             (Phase::Backup, ServerMsg::SendData { id }) => self.backup.offer_declined(*id)?,
             (Phase::Ending, ServerMsg::BackupDone { .. }) => self.phase = Phase::Idle,
+            (Phase::Reading, ServerMsg::FileDone) if self.reads.file => {
+                match self.reads.queued.checked_sub(1) {
+                    Some(left) => self.reads.queued = left, // the next file's turn
+                    None => self.phase = Phase::Idle,
+                }
+            }
+            (Phase::Reading, ServerMsg::FilePart(_)) if self.reads.file => {}
             (
                 Phase::Reading,
-                ServerMsg::Snapshots(_)
-                | ServerMsg::SnapshotKinds { .. }
-                | ServerMsg::ManifestEnd
-                | ServerMsg::FileDone,
-            ) => self.phase = Phase::Idle,
-            (Phase::Reading, ServerMsg::ManifestPart(_) | ServerMsg::FilePart(_)) => {}
+                ServerMsg::Snapshots(_) | ServerMsg::SnapshotKinds { .. } | ServerMsg::ManifestEnd,
+            ) if !self.reads.file => self.phase = Phase::Idle,
+            (Phase::Reading, ServerMsg::ManifestPart(_)) if !self.reads.file => {}
             _ => return Err(unexpected(msg.name(), p)),
         }
         Ok(())
@@ -490,6 +528,70 @@ mod tests {
         );
     }
 
+    /// A client that has said hello and heard back.
+    fn idle_client() -> ClientSession {
+        let mut c = ClientSession::new();
+        c.on_send(&ClientMsg::Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+        })
+        .unwrap();
+        c.on_recv(&ServerMsg::HelloOk {
+            version: PROTOCOL_VERSION,
+            host: "h".into(),
+        })
+        .unwrap();
+        c
+    }
+
+    fn read_file(path: &str) -> ClientMsg {
+        ClientMsg::ReadFile {
+            snapshot: "s".into(),
+            path: path.as_bytes().to_vec(),
+        }
+    }
+
+    /// A restoring client asks for files ahead: each `FileDone` ends one
+    /// of them, in order, and the session is idle after the last; it may
+    /// not run more than the limit ahead, and a file's answer cannot end
+    /// a listing, nor a listing's a file.
+    #[test]
+    fn files_may_be_asked_for_ahead_within_the_limit() {
+        let part = || ServerMsg::FilePart(Compressed::compress(b"x", 1).unwrap());
+        let mut c = idle_client();
+        for p in ["a", "b", "c"] {
+            c.on_send(&read_file(p)).unwrap();
+        }
+        for _ in 0..2 {
+            c.on_recv(&part()).unwrap();
+            c.on_recv(&ServerMsg::FileDone).unwrap();
+            // Still reading: a listing may not start yet.
+            assert!(c.on_send(&ClientMsg::ListSnapshots).is_err());
+        }
+        c.on_recv(&ServerMsg::FileDone).unwrap();
+        // Idle again: a stray FileDone is refused, and anything may start.
+        assert!(c.on_recv(&ServerMsg::FileDone).is_err());
+        c.on_send(&ClientMsg::ListSnapshots).unwrap();
+        let mut c = idle_client();
+        c.on_send(&read_file("a")).unwrap();
+        for i in 0..MAX_READS_AHEAD {
+            c.on_send(&read_file(&format!("n{i}"))).unwrap();
+        }
+        let e = c.on_send(&read_file("over")).unwrap_err().to_string();
+        assert!(e.contains("asked for ahead"), "{e}");
+        // A listing's answers are not a file's, and the other way round.
+        let mut c = idle_client();
+        c.on_send(&read_file("a")).unwrap();
+        assert!(c.on_recv(&ServerMsg::ManifestEnd).is_err());
+        let mut c = idle_client();
+        c.on_send(&ClientMsg::ReadManifest {
+            snapshot: "s".into(),
+        })
+        .unwrap();
+        assert!(c.on_send(&read_file("a")).is_err());
+        assert!(c.on_recv(&ServerMsg::FileDone).is_err());
+    }
+
     #[test]
     fn client_and_server_sessions_agree_on_a_backup() {
         let mut c = ClientSession::new();
@@ -581,6 +683,7 @@ mod tests {
         let mut s = ServerSession(Session {
             phase: Phase::Backup,
             backup: std::mem::take(&mut s.0.backup),
+            reads: Reads::default(),
         });
         exchange_c(
             &mut c,
@@ -666,6 +769,7 @@ mod tests {
         let mut s = ServerSession(Session {
             phase: Phase::Backup,
             backup: BackupState::default(),
+            reads: Reads::default(),
         });
         s.on_recv(&ClientMsg::Entries(vec![
             entry("a", 5 << 20),

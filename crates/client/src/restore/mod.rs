@@ -846,9 +846,10 @@ fn restore_snapshot(
             progress.walk_finished();
         }
         t.imply(chunk.implied);
-        for w in chunk.wanted {
+        let mut wanted = std::collections::VecDeque::from(chunk.wanted);
+        while let Some(w) = wanted.pop_front() {
             let size = w.e.entry.size();
-            t.restore(conn, w)?;
+            t.restore(conn, w, &wanted)?;
             progress.finished();
             progress.read(size);
         }

@@ -14,7 +14,7 @@
 //! leaves it, the mode last, so nothing is ever setuid or open to others
 //! before its owner and content are final.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -76,9 +76,122 @@ pub struct Wanted {
     pub from: Option<Vec<u8>>,
 }
 
+/// Files asked for ahead of the one being restored.
+///
+/// A restore of many small files waited a round trip to the server for
+/// each: ask, wait, write, ask the next. Asking for the next files before
+/// the current one's content has come keeps the server busy meanwhile; it
+/// answers in order, so the answers come as the restore takes them. What is
+/// asked for ahead stays small ([`AHEAD_FILES`], [`AHEAD_BYTES`] of
+/// requests), well below what the connection buffers towards the server,
+/// so sending it never blocks while the server is blocked sending to us.
+#[derive(Default)]
+struct ReadAhead {
+    /// The files asked for and not yet fetched, in order (their source paths).
+    asked: VecDeque<Vec<u8>>,
+    /// Bytes of those requests on the wire.
+    bytes: usize,
+    /// Entries looked at, from the one being restored on.
+    seen: usize,
+}
+
+/// Most files asked for beyond the one being restored.
+const AHEAD_FILES: usize = 64;
+/// Most bytes of requests asked ahead (a path is at most 4 KiB).
+const AHEAD_BYTES: usize = 32 << 10;
+
+/// The path whose content the restore of `w` fetches from the server, if
+/// it fetches any (`unverified`: the snapshot keeps no checksums).
+fn fetched_from(w: &Wanted, unverified: bool) -> Option<&[u8]> {
+    let Kind::File { size } = w.e.entry.kind else {
+        return None;
+    };
+    let hash = (!unverified).then_some(&w.e.hash);
+    needs_fetch(size, hash).then(|| w.from.as_deref().unwrap_or(&w.e.entry.path))
+}
+
+/// Whether a file of `size` bytes hashing to `hash` must be fetched (an
+/// empty one need not be).
+fn needs_fetch(size: u64, hash: Option<&[u8; 32]>) -> bool {
+    size != 0 || hash.is_some_and(|h| *h != byteback_delta::hash_bytes(b""))
+}
+
+/// Request bytes of a `ReadFile` for `path` (about: for the budget only).
+fn request_bytes(snapshot: &str, path: &[u8]) -> usize {
+    16 + snapshot.len() + path.len()
+}
+
+impl ReadAhead {
+    /// Asks for the content of the files among `now` (the entry about to
+    /// be restored) and `after` (the ones after it) not asked for yet, as
+    /// far as the limits allow. Each entry is looked at once.
+    fn ask(
+        &mut self,
+        conn: &mut Connection,
+        snapshot: &str,
+        unverified: bool,
+        now: &Wanted,
+        after: &VecDeque<Wanted>,
+    ) -> Result<()> {
+        while self.asked.len() <= AHEAD_FILES && self.bytes < AHEAD_BYTES {
+            let w = match self.seen.checked_sub(1) {
+                None => now,
+                Some(i) => match after.get(i) {
+                    Some(w) => w,
+                    None => break,
+                },
+            };
+            self.seen += 1;
+            if let Some(src) = fetched_from(w, unverified) {
+                self.send(conn, snapshot, src)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, conn: &mut Connection, snapshot: &str, src: &[u8]) -> Result<()> {
+        conn.send(&ClientMsg::ReadFile {
+            snapshot: snapshot.to_string(),
+            path: src.to_vec(),
+        })?;
+        self.bytes += request_bytes(snapshot, src);
+        self.asked.push_back(src.to_vec());
+        Ok(())
+    }
+
+    /// The content of `src` is to be received next: asked for ahead, or now.
+    fn take(&mut self, conn: &mut Connection, snapshot: &str, src: &[u8]) -> Result<()> {
+        match self.asked.front() {
+            None => self.send(conn, snapshot, src)?,
+            Some(front) if front == src => {}
+            Some(front) => bail!(
+                "internal error: the restore asked for {} ahead, but fetches {}",
+                escape(front),
+                escape(src)
+            ),
+        }
+        if let Some(done) = self.asked.pop_front() {
+            self.bytes -= request_bytes(snapshot, &done);
+        }
+        Ok(())
+    }
+
+    /// The entry being restored is done with.
+    fn next(&mut self) {
+        self.seen = self.seen.saturating_sub(1);
+    }
+}
+
+/// A path for an internal error's message.
+fn escape(p: &[u8]) -> String {
+    String::from_utf8_lossy(p).escape_default().to_string()
+}
+
 /// The restore target.
 pub struct RestoreTree {
     snapshot: String,
+    /// Files asked for ahead (see [`ReadAhead`]).
+    ahead: ReadAhead,
     /// How messages name the directory holding `<snapshot>` (`.` for the current one).
     shown_into: String,
     /// `stack[0]` is `<into>/<snapshot>`; then the directories down to the current entry.
@@ -189,6 +302,7 @@ impl RestoreTree {
         };
         let mut tree = RestoreTree {
             snapshot: snapshot.to_string(),
+            ahead: ReadAhead::default(),
             shown_into: shown_into.to_string(),
             stack: vec![],
             created: HashSet::new(),
@@ -391,8 +505,25 @@ impl RestoreTree {
         }
     }
 
-    /// Restores one selected entry (its parents are made as needed).
-    pub fn restore(&mut self, conn: &mut Connection, w: Wanted) -> Result<()> {
+    /// Restores one selected entry (its parents are made as needed); `after`
+    /// holds the entries the restore takes next, whose content may be asked
+    /// for meanwhile (see [`ReadAhead`]).
+    pub fn restore(
+        &mut self,
+        conn: &mut Connection,
+        w: Wanted,
+        after: &VecDeque<Wanted>,
+    ) -> Result<()> {
+        let unverified = self.opts.unverified;
+        self.ahead
+            .ask(conn, &self.snapshot, unverified, &w, after)?;
+        let done = self.restore_one(conn, w);
+        self.ahead.next();
+        done
+    }
+
+    /// Restores one entry (see [`Self::restore`]).
+    fn restore_one(&mut self, conn: &mut Connection, w: Wanted) -> Result<()> {
         let Wanted { e, from } = w;
         let path = e.entry.path.clone();
         self.enter(&path)?;
@@ -448,15 +579,15 @@ impl RestoreTree {
         .on("cannot create", self.shown(path))?;
         let st = rustix::fs::fstat(&fd)?;
         let shown = self.shown(path);
-        let fetched = fetch(
-            conn,
-            &self.snapshot,
-            src,
-            size,
-            (!self.opts.unverified).then_some(&e.hash),
-            File::from(fd),
-            &shown,
-        );
+        let hash = (!self.opts.unverified).then_some(&e.hash);
+        let file = File::from(fd);
+        let fetched = if needs_fetch(size, hash) {
+            self.ahead
+                .take(conn, &self.snapshot, src)
+                .and_then(|()| fetch(conn, size, hash, file, &shown))
+        } else {
+            Ok((file, None)) // nothing to fetch
+        };
         let remove = || rustix::fs::unlinkat(parent, os(name), AtFlags::empty());
         let file = match fetched {
             Err(err) => {
@@ -618,27 +749,19 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Streams `src`'s content from the server into `file`, keeping holes.
+/// Streams the content of the file asked for (see [`ReadAhead::take`])
+/// from the server into `file`, keeping holes.
 ///
 /// More data than the manifest's `size` ends the restore (the server broke
 /// the protocol); a short file or a BLAKE3 mismatch is returned as the
 /// problem. Without a `hash` (a 1.x snapshot) only the size is checked.
 fn fetch(
     conn: &mut Connection,
-    snapshot: &str,
-    src: &[u8],
     size: u64,
     hash: Option<&[u8; 32]>,
     file: File,
     shown: &str,
 ) -> Result<(File, Option<String>)> {
-    if size == 0 && hash.is_none_or(|h| *h == byteback_delta::hash_bytes(b"")) {
-        return Ok((file, None)); // nothing to fetch
-    }
-    conn.send(&ClientMsg::ReadFile {
-        snapshot: snapshot.to_string(),
-        path: src.to_vec(),
-    })?;
     let mut w = SparseWriter::new(file);
     let mut h = FileHasher::new();
     let mut got = 0u64;
