@@ -14,7 +14,9 @@
 //! before each timed run, prints a table and writes JSON. A failing tool
 //! aborts the run with its output; performance figures never fail it.
 //! W7 (a million tiny files; 100,000 with `--quick`) runs in quick mode and,
-//! at full size, only with `--million` or `--only W7`.
+//! at full size, only with `--million` or `--only W7`. R1 and R2 restore
+//! what W1 and W2 backed up (each tool from its own store, into an emptied
+//! directory, from a cold cache).
 
 mod btrfs;
 mod measure;
@@ -224,8 +226,8 @@ fn main() {
     let mut rows: Vec<Row> = vec![];
     let runs = args.runs;
 
-    // W1 and W3: many small files, then the same again unchanged.
-    if wanted("W1") || wanted("W3") {
+    // W1 and W3: many small files, then the same again unchanged; R1 restores them.
+    if wanted("W1") || wanted("W3") || wanted("R1") {
         let src = src_root.join("small");
         let bytes = workload::small_files(&src, sizes.small_files, 1);
         let desc = format!(
@@ -233,7 +235,11 @@ fn main() {
             sizes.small_files,
             mib(bytes)
         );
-        rows.push(first_backup(&mut bench, "W1", &desc, &src, runs, bytes));
+        if wanted("W1") || wanted("W3") {
+            rows.push(first_backup(&mut bench, "W1", &desc, &src, runs, bytes));
+        } else {
+            untimed_backup(&mut bench, "W1", &src);
+        }
         if wanted("W3") {
             rows.push(repeat(
                 &mut bench,
@@ -245,9 +251,14 @@ fn main() {
                 |_| {},
             ));
         }
+        if wanted("R1") {
+            let desc = "restore of W1's tree (the latest snapshot, all of it)";
+            rows.push(restore(&mut bench, "R1", desc, runs, bytes));
+        }
     }
     // W2, W4, W5: large incompressible files, first backup, rewrites, appends.
-    if wanted("W2") || wanted("W4") || wanted("W5") || wanted("W9") {
+    // R2 restores W2's tree.
+    if wanted("W2") || wanted("W4") || wanted("W5") || wanted("W9") || wanted("R2") {
         let src = src_root.join("large");
         let bytes = workload::large_files(&src, sizes.large_files, sizes.large_size, 2);
         let desc = format!(
@@ -256,6 +267,10 @@ fn main() {
             mib(sizes.large_size)
         );
         rows.push(first_backup(&mut bench, "W2", &desc, &src, runs, bytes));
+        if wanted("R2") {
+            let desc = "restore of W2's tree (the latest snapshot, all of it)";
+            rows.push(restore(&mut bench, "R2", desc, runs, bytes));
+        }
         if wanted("W4") {
             let desc = format!("{} random 4 KiB rewrites in each W2 file", sizes.rewrites);
             let (files, count) = (sizes.large_files, sizes.rewrites);
@@ -293,11 +308,7 @@ fn main() {
     if wanted("W8") {
         let src = src_root.join("moves");
         let bytes = workload::moved_file(&src, sizes.moved, 8);
-        for tool in order(0) {
-            bench.reset(tool);
-            let s = bench.run(tool, &src);
-            log_sample("W8 (first backup, not counted)", 0, tool, &s);
-        }
+        untimed_backup(&mut bench, "W8", &src);
         let desc = format!("a {} file renamed, and a copy of it made", mib(bytes));
         rows.push(repeat(&mut bench, "W8", &desc, &src, runs, bytes, |i| {
             workload::move_and_copy(&src, i);
@@ -408,6 +419,30 @@ fn first_backup(
         for tool in order(i) {
             bench.reset(tool);
             let s = bench.run(tool, src);
+            log_sample(id, i, tool, &s);
+            row.push(tool, s);
+        }
+    }
+    row
+}
+
+/// A first backup of `src` by each tool, into an emptied store, for a
+/// workload `id` that starts from it (not counted).
+fn untimed_backup(bench: &mut Bench, id: &str, src: &Path) {
+    for tool in order(0) {
+        bench.reset(tool);
+        let s = bench.run(tool, src);
+        log_sample(&format!("{id} (first backup, not counted)"), 0, tool, &s);
+    }
+}
+
+/// A restore of what each tool's last backup took, `runs` times (see
+/// [`Bench::restore`]); `bytes`: the data restored.
+fn restore(bench: &mut Bench, id: &str, desc: &str, runs: usize, bytes: u64) -> Row {
+    let mut row = Row::new(id, desc, bytes);
+    for i in 0..runs {
+        for tool in order(i) {
+            let s = bench.restore(tool);
             log_sample(id, i, tool, &s);
             row.push(tool, s);
         }

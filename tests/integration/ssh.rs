@@ -125,12 +125,29 @@ impl World {
     }
 
     /// Restores `/` over SSH into a fresh dir; returns `<dir>/<snapshot>`.
+    /// The restore's last line names the bytes it moved over SSH, and
+    /// `--json` has them too.
     fn restore_all(&self, client: &Path, host: &str, into: &Path) -> PathBuf {
         fs::create_dir_all(into).unwrap();
-        run(self
+        let out = run(self
             .client(client, "byteback-restore")
             .current_dir(into)
-            .args(["--restore", "/"]));
+            .args(["--restore", "--json", "/"]));
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err
+            .lines()
+            .find(|l| l.contains("received over SSH"))
+            .unwrap_or_else(|| panic!("no SSH byte counts in: {err}"));
+        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (sent, received) = (&j["ssh_bytes_sent"], &j["ssh_bytes_received"]);
+        assert!(sent.as_u64().unwrap() > 0, "{j}");
+        assert!(received.as_u64().unwrap() > sent.as_u64().unwrap(), "{j}");
+        assert!(
+            line.contains(&format!(
+                "; {sent} bytes sent and {received} received over SSH"
+            )),
+            "{line} / {j}"
+        );
         into.join(self.snapshots(host).pop().unwrap())
     }
 }

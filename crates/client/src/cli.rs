@@ -867,6 +867,10 @@ pub struct RestoreJson {
     pub damaged: Vec<String>,
     /// How many files failed verification.
     pub damaged_total: u64,
+    /// SSH bytes sent and received (SSH destinations only).
+    pub ssh_bytes_sent: Option<u64>,
+    /// See `ssh_bytes_sent`.
+    pub ssh_bytes_received: Option<u64>,
     /// Wall time.
     pub duration_seconds: f64,
     /// Problems that did not stop the restore (the first 1,000).
@@ -1000,7 +1004,18 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
             .iter()
             .map(|s| format!("{shown_into}/{}/", byteback_protocol::escape_text(s)))
             .collect();
-        tracing::info!("restored {} entries into {}", r.restored, join_and(&dirs));
+        let mut line = format!("restored {} entries into {}", r.restored, join_and(&dirs));
+        if matches!(target.dest, Destination::Ssh { .. }) {
+            use std::sync::atomic::Ordering;
+            let sent = crate::ssh::BYTES_SENT.load(Ordering::Relaxed);
+            let received = crate::ssh::BYTES_RECEIVED.load(Ordering::Relaxed);
+            line.push_str(&format!(
+                "; {sent} bytes sent and {received} received over SSH"
+            ));
+            report.ssh_bytes_sent = Some(sent);
+            report.ssh_bytes_received = Some(received);
+        }
+        tracing::info!("{line}");
         report.entries = r.restored;
         report.snapshots.clone_from(&r.snapshots);
         report.directories = r
