@@ -541,12 +541,15 @@ impl Connection {
         // With a progress bar on the terminal, the server's lines are
         // relayed above it; otherwise it writes to our stderr itself.
         let relay = byteback_protocol::term::bar_shown();
+        // Restored data is not compressed for a local store (nor is a
+        // backup's, see `--compress`): it would cost CPU on both sides.
         let mut child = Command::new(&bin)
             .arg("serve")
             .arg("--host")
             .arg(host)
             .arg("--store")
             .arg(store)
+            .arg("--no-compress")
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs_out)))
             .stderr(if relay {

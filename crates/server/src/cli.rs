@@ -30,6 +30,11 @@ enum Command {
         /// Allow only listing and restoring.
         #[arg(long)]
         read_only: bool,
+        /// Send restored file data uncompressed (as zstd frames of stored
+        /// blocks). A client restoring from a local store starts its server
+        /// with it: compressing would cost CPU on both sides and save nothing.
+        #[arg(long)]
+        no_compress: bool,
         /// Server clock override (RFC 3339), for tests and simulations only:
         /// sshd's forced command never passes it, so a client cannot set it.
         #[arg(long, value_parser = crate::admin::parse_now)]
@@ -116,6 +121,7 @@ pub fn main() -> ExitCode {
             host,
             store,
             read_only,
+            no_compress,
             now,
         } => {
             if let Err(e) = byteback_protocol::validate_host_name(&host) {
@@ -146,6 +152,7 @@ pub fn main() -> ExitCode {
                     verb_access
                 },
                 now: now.map(|(t, _)| t),
+                compress: !no_compress,
             };
             // A store whose settings cannot be read still gets its session
             // (which reports that error to the client) with the default wait.

@@ -13,6 +13,11 @@ use proptest::prelude::*;
 const CONTENT: &[u8] = b"hello, hostile world";
 
 fn session() -> Vec<u8> {
+    session_with(CONTENT)
+}
+
+/// A backup session of `d/f` holding `content` (and `d`, and a symlink `d/l`).
+fn session_with(content: &[u8]) -> Vec<u8> {
     let entry = |p: &str, kind: Kind| Entry {
         path: p.as_bytes().to_vec(),
         kind,
@@ -34,7 +39,7 @@ fn session() -> Vec<u8> {
             entry(
                 "d/f",
                 Kind::File {
-                    size: CONTENT.len() as u64,
+                    size: content.len() as u64,
                 },
             ),
             entry(
@@ -46,12 +51,12 @@ fn session() -> Vec<u8> {
         ]),
         ClientMsg::FileData {
             id: 0,
-            delta: Compressed::compress(&literal_delta(CONTENT), 1).unwrap(),
+            delta: Compressed::compress(&literal_delta(content), 1).unwrap(),
         },
         ClientMsg::FileEnd {
             id: 0,
-            size: CONTENT.len() as u64,
-            hash: hash_bytes(CONTENT),
+            size: content.len() as u64,
+            hash: hash_bytes(content),
             mtime_sec: 1_700_000_000,
             mtime_nsec: 5,
         },
@@ -83,14 +88,22 @@ fn setup() -> Setup {
 }
 
 fn run(s: &Setup, input: &[u8]) -> byteback_server::error::Result<()> {
+    run_out(s, input, true).map(|_| ())
+}
+
+/// [`run`], with restored data compressed or not; gives back what the
+/// server sent.
+fn run_out(s: &Setup, input: &[u8], compress: bool) -> byteback_server::error::Result<Vec<u8>> {
     let cfg = ServeConfig {
         store: s.store.clone(),
         host: "h".into(),
         access: Access::Full,
         now: None,
+        compress,
     };
     let mut out = vec![];
-    serve(&cfg, input, &mut out)
+    serve(&cfg, input, &mut out)?;
+    Ok(out)
 }
 
 fn snapshots(store: &Path) -> Vec<String> {
@@ -143,6 +156,51 @@ fn the_valid_session_commits_and_snapshots() {
         Path::new("/etc")
     );
     check_invariants(&s);
+}
+
+/// Restored data is compressed where it shrinks, and sent as it is
+/// (stored blocks) when the server runs with `--no-compress`, as a client
+/// restoring from a local store starts it; both come back as the file.
+#[test]
+fn restored_data_is_compressed_unless_told_not_to() {
+    let text: Vec<u8> = b"a line of text that repeats itself\n".repeat(4000);
+    let s = setup();
+    run(&s, &session_with(&text)).unwrap();
+    let read: Vec<u8> = [
+        ClientMsg::Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+        },
+        ClientMsg::ReadFile {
+            snapshot: "current".into(),
+            path: b"d/f".to_vec(),
+        },
+        ClientMsg::Bye,
+    ]
+    .iter()
+    .flat_map(|m| encode(m).unwrap())
+    .collect();
+    for compress in [true, false] {
+        let out = run_out(&s, &read, compress).unwrap();
+        let mut r = &out[..];
+        let (mut got, mut wire) = (vec![], 0);
+        while let Some(frame) = read_frame(&mut r).unwrap() {
+            match decode_server(&frame).unwrap() {
+                ServerMsg::FilePart(c) => {
+                    wire += c.data.len();
+                    got.extend_from_slice(&c.decompress().unwrap());
+                }
+                ServerMsg::HelloOk { .. } | ServerMsg::FileDone => {}
+                m => panic!("unexpected {}", m.name()),
+            }
+        }
+        assert_eq!(got, text, "compress {compress}");
+        if compress {
+            assert!(wire * 10 < text.len(), "{wire} bytes for {}", text.len());
+        } else {
+            assert!(wire >= text.len(), "{wire} bytes for {}", text.len());
+        }
+    }
 }
 
 #[test]

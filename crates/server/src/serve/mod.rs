@@ -40,6 +40,9 @@ pub struct ServeConfig {
     pub access: Access,
     /// Clock override for snapshots (tests and simulations).
     pub now: Option<i64>,
+    /// Restored file data is compressed where it shrinks (`serve
+    /// --no-compress` turns it off for a local client).
+    pub compress: bool,
 }
 
 struct Conn<R: Read, W: Write> {

@@ -108,7 +108,7 @@ pub(super) fn send_stored_file<R: Read, W: Write>(
         disk_path(path)
     };
     match fsops::open_file(&snap, &on_disk) {
-        Ok(f) => match streamer_for(streamer)?.send_file(conn, f) {
+        Ok(f) => match streamer_for(streamer)?.send_file(conn, f, cfg.compress) {
             Ok(()) => {}
             Err(SendError::Read(io)) => tracing::error!(
                 "cannot read {shown:?} in {snapshot}: {io}; sent what could be read"
@@ -214,11 +214,12 @@ fn streamer_for(s: &mut Option<Streamer>) -> Result<&mut Streamer> {
 impl Streamer {
     /// Streams a stored file's content as `FilePart`s: compressed, or as
     /// zstd frames of stored blocks where a sample says it does not shrink
-    /// (see [`ChunkCompressor::compress_into`]).
+    /// (see [`ChunkCompressor::compress_into`]) or `compress` is off.
     fn send_file<R: Read, W: Write>(
         &mut self,
         conn: &mut Conn<R, W>,
         mut f: std::fs::File,
+        compress: bool,
     ) -> std::result::Result<(), SendError> {
         loop {
             let n = read_full(&mut f, &mut self.buf).map_err(SendError::Read)?;
@@ -226,10 +227,13 @@ impl Streamer {
                 return Ok(());
             }
             let out = std::mem::take(&mut self.out);
-            let part = self
-                .zstd
-                .compress_into(&self.buf[..n], out)
-                .map_err(|e| SendError::Send(e.into()))?;
+            let raw = &self.buf[..n];
+            let part = if compress {
+                self.zstd.compress_into(raw, out)
+            } else {
+                ChunkCompressor::store_into(raw, out)
+            }
+            .map_err(|e| SendError::Send(e.into()))?;
             let msg = ServerMsg::FilePart(part);
             let sent = conn.send(&msg);
             if let ServerMsg::FilePart(Compressed { data, .. }) = msg {
