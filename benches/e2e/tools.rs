@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::btrfs::LoopFs;
-use crate::measure::{self, read_relay_stats, relay_env, run_measured, Usage};
+use crate::measure::{self, read_relay_stats, relay_env, run_measured, Finished, Usage};
 
 /// How the backup reaches its store.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -530,14 +530,22 @@ impl Bench {
         if !snapped.success() {
             panic!("snapshot failed:\n{}", snapped.describe(&snap_cmd));
         }
+        let mut s = self.rsync_sample(&done);
+        s.wall += snapped.wall;
+        s.cpu += snapped.usage.cpu();
+        s
+    }
+
+    /// What an rsync run `done` measured, its server side included; its
+    /// bytes on the wire from `--stats`.
+    fn rsync_sample(&self, done: &Finished) -> Sample {
         let text = String::from_utf8_lossy(&done.stdout);
         let wire =
             stat_number(&text, "Total bytes sent:") + stat_number(&text, "Total bytes received:");
         let server = self.transport.server_usage("server-rs");
-        let server_cpu = server.map(|u| u.cpu()).unwrap_or_default();
         Sample {
-            wall: done.wall + snapped.wall,
-            cpu: done.usage.cpu() + snapped.usage.cpu() + server_cpu,
+            wall: done.wall,
+            cpu: done.usage.cpu() + server.map(|u| u.cpu()).unwrap_or_default(),
             client_rss_kib: done.usage.maxrss_kib,
             server_rss_kib: server.map(|u| u.maxrss_kib),
             client_cpu: done.usage.cpu(),
@@ -562,20 +570,7 @@ impl Bench {
         if !done.success() {
             panic!("rsync failed:\n{}", done.describe(&cmd));
         }
-        let text = String::from_utf8_lossy(&done.stdout);
-        let wire =
-            stat_number(&text, "Total bytes sent:") + stat_number(&text, "Total bytes received:");
-        let server = self.transport.server_usage("server-rs");
-        Sample {
-            wall: done.wall,
-            cpu: done.usage.cpu() + server.map(|u| u.cpu()).unwrap_or_default(),
-            client_rss_kib: done.usage.maxrss_kib,
-            server_rss_kib: server.map(|u| u.maxrss_kib),
-            client_cpu: done.usage.cpu(),
-            server_cpu: server.map(|u| u.cpu()),
-            wire_bytes: wire,
-            space_added: 0,
-        }
+        self.rsync_sample(&done)
     }
 }
 

@@ -233,6 +233,12 @@ fn scenario(entries: Vec<ManifestEntry>, files: &[(&str, &[u8])]) -> Scenario {
     }
 }
 
+/// [`scenario`] with file contents built at run time.
+fn scenario_of(entries: Vec<ManifestEntry>, files: &[(String, Vec<u8>)]) -> Scenario {
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(p, d)| (p.as_str(), &d[..])).collect();
+    scenario(entries, &files)
+}
+
 /// One snapshot of a scripted server: name, manifest (one part), file contents.
 type Snap<'a> = (&'a str, Vec<ManifestEntry>, &'a [(&'a str, &'a [u8])]);
 
@@ -556,11 +562,7 @@ fn swapping_restored_directories_for_symlinks_while_restoring() {
         entries.push(e);
         files.push((p, data));
     }
-    let mut sc = scenario(entries, &[]);
-    sc.files = files
-        .iter()
-        .map(|(p, d)| (p.as_bytes().to_vec(), d.clone()))
-        .collect();
+    let mut sc = scenario_of(entries, &files);
     sc.file_delay_ms = 15;
     let stop = Arc::new(AtomicBool::new(false));
     let racer = {
@@ -653,11 +655,7 @@ fn a_restore_asks_for_files_ahead_and_takes_the_answers_in_order() {
             files.push((p, data));
         }
     }
-    let mut sc = scenario(entries, &[]);
-    sc.files = files
-        .iter()
-        .map(|(p, d)| (p.as_bytes().to_vec(), d.clone()))
-        .collect();
+    let mut sc = scenario_of(entries, &files);
     sc.hold_answers_ms = 500;
     let r = st.restore(&sc, &[ALL]);
     r.assert_code(0);
