@@ -681,9 +681,7 @@ fn transfer(
                     ));
                 }
                 if matches!(target.dest, Destination::Ssh { .. }) {
-                    use std::sync::atomic::Ordering;
-                    let sent = crate::ssh::BYTES_SENT.load(Ordering::Relaxed);
-                    let received = crate::ssh::BYTES_RECEIVED.load(Ordering::Relaxed);
+                    let (sent, received) = crate::ssh::bytes_moved();
                     line.push_str(&format!(
                         "; {sent} bytes sent and {received} received over SSH (all attempts)"
                     ));
@@ -1006,9 +1004,7 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
             .collect();
         let mut line = format!("restored {} entries into {}", r.restored, join_and(&dirs));
         if matches!(target.dest, Destination::Ssh { .. }) {
-            use std::sync::atomic::Ordering;
-            let sent = crate::ssh::BYTES_SENT.load(Ordering::Relaxed);
-            let received = crate::ssh::BYTES_RECEIVED.load(Ordering::Relaxed);
+            let (sent, received) = crate::ssh::bytes_moved();
             line.push_str(&format!(
                 "; {sent} bytes sent and {received} received over SSH"
             ));

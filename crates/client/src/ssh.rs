@@ -26,10 +26,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::known_hosts::{self, Verdict};
 
 /// Bytes carried to and from servers over SSH by this process (protocol
-/// bytes, before encryption), for the backup summary.
+/// bytes, before encryption), for the backup and restore summaries.
 pub static BYTES_SENT: AtomicU64 = AtomicU64::new(0);
 /// See [`BYTES_SENT`].
 pub static BYTES_RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+/// [`BYTES_SENT`] and [`BYTES_RECEIVED`] so far.
+pub fn bytes_moved() -> (u64, u64) {
+    (
+        BYTES_SENT.load(Ordering::Relaxed),
+        BYTES_RECEIVED.load(Ordering::Relaxed),
+    )
+}
 
 /// Where to log in.
 #[derive(Debug, Clone, PartialEq, Eq)]
