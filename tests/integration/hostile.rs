@@ -144,7 +144,10 @@ impl Outcome {
             !self
                 .msgs
                 .iter()
-                .any(|m| matches!(m, ServerMsg::FilePart(_) | ServerMsg::FileDone)),
+                .any(|m| matches!(
+                    m,
+                    ServerMsg::FilePart(_) | ServerMsg::FilePartRaw(_) | ServerMsg::FileDone
+                )),
             "a refused session sent file content:\n{}",
             self.describe()
         );

@@ -437,15 +437,26 @@ fn file_data_never_beyond_the_manifest_and_bad_files_removed() {
         return;
     }
     let st = Stage::new();
-    // 64 MiB for a 1-byte entry: refused at the first chunk, nothing left.
+    // 64 MiB for a 1-byte entry: refused at the first chunk, nothing left;
+    // as the first file read (a zstd frame) and the second (raw bytes; see
+    // the fake server).
     let big = vec![7u8; 64 << 20];
-    let sc = scenario(vec![file("f", b"x")], &[("f", &big)]);
-    let r = st.restore(&sc, &[ALL]);
-    r.assert_failed(&["more than the 1 bytes"]);
-    assert!(
-        fs::symlink_metadata(st.restored("f")).is_err(),
-        "f left behind"
-    );
+    for first in [None, Some("e")] {
+        let mut entries = vec![file("f", b"x")];
+        let mut files: Vec<(&str, &[u8])> = vec![("f", &big)];
+        if let Some(e) = first {
+            entries.insert(0, file(e, b"y"));
+            files.push((e, b"y"));
+        }
+        let sc = scenario(entries, &files);
+        let r = st.restore(&sc, &[ALL]);
+        r.assert_failed(&["more than the 1 bytes"]);
+        assert!(
+            fs::symlink_metadata(st.restored("f")).is_err(),
+            "f left behind"
+        );
+        let _ = fs::remove_file(st.restored("e"));
+    }
 
     // A file whose content fails its BLAKE3 is removed and reported, the
     // rest is restored, and the exit code says so.
@@ -453,12 +464,15 @@ fn file_data_never_beyond_the_manifest_and_bad_files_removed() {
         vec![
             dir("d"),
             file("d/bad", b"hello"),
+            file("d/bad2", b"world"),
             file("d/good", b"fine"),
             file("d/short", b"12345678"),
             file("e", b"after"),
         ],
+        // Sent as a zstd frame, raw, a frame, raw, a frame.
         &[
             ("d/bad", b"HELLO"),
+            ("d/bad2", b"WORLD"),
             ("d/good", b"fine"),
             ("d/short", b"1234"),
             ("e", b"after"),
@@ -472,10 +486,13 @@ fn file_data_never_beyond_the_manifest_and_bad_files_removed() {
         r.stderr
     );
     assert!(r.stderr.contains("d/short"), "{}", r.stderr);
-    assert!(
-        fs::symlink_metadata(st.restored("d/bad")).is_err(),
-        "bad file kept"
-    );
+    assert!(r.stderr.contains("d/bad2"), "{}", r.stderr);
+    for bad in ["d/bad", "d/bad2"] {
+        assert!(
+            fs::symlink_metadata(st.restored(bad)).is_err(),
+            "{bad} kept"
+        );
+    }
     assert!(
         fs::symlink_metadata(st.restored("d/short")).is_err(),
         "short file kept"

@@ -190,9 +190,15 @@ fn main() {
                     .or_else(|| sc.files.iter().find(|(p, _)| *p == path).map(|(_, d)| d));
                 match data {
                     Some(data) => {
-                        for c in data.chunks(1 << 20) {
-                            let part = Compressed::compress(c, 1).unwrap();
-                            send(&mut w, &ServerMsg::FilePart(part));
+                        // Parts alternate between zstd frames and raw
+                        // bytes, from file to file and part to part, so
+                        // every scenario sends both kinds.
+                        for (i, c) in data.chunks(1 << 20).enumerate() {
+                            let part = match (reads + i as u64) % 2 {
+                                0 => ServerMsg::FilePart(Compressed::compress(c, 1).unwrap()),
+                                _ => ServerMsg::FilePartRaw(c.to_vec().into()),
+                            };
+                            send(&mut w, &part);
                         }
                         send(&mut w, &ServerMsg::FileDone);
                         reads += 1;

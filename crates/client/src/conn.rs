@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{bail, err, Context, Error, IoContext, Result};
 use byteback_protocol::{
-    decode_server, escape_text, read_frame_into, validate_host_name, write_client_msg, ClientMsg,
+    codec::READ_BUFFER, decode_server_frame, escape_text, read_frame_into, validate_host_name, write_client_msg, ClientMsg,
     ClientSession, ServerMsg, MAGIC, PROTOCOL_VERSION,
 };
 
@@ -131,13 +131,21 @@ impl ConnReader {
                 cause,
             })?
             .ok_or(Error::Closed)?;
-        let msg = decode_server(&self.frame[..n])?;
+        let msg = decode_server_frame(&mut self.frame, n)?;
         lock(&self.session).on_recv(&msg)?;
         if let ServerMsg::Error { message } = msg {
             // The server chose these bytes: never let them reach a terminal raw.
             return Err(Error::Server(escape_text(&message)));
         }
         Ok(msg)
+    }
+
+    /// A frame buffer a message took over (see `decode_server_frame`),
+    /// back for the next frame, so a large one is not allocated anew.
+    pub fn give_back(&mut self, buf: Vec<u8>) {
+        if buf.capacity() > self.frame.capacity() {
+            self.frame = buf;
+        }
     }
 }
 
@@ -598,7 +606,7 @@ impl Connection {
     ) -> Result<Self> {
         let session = Arc::new(Mutex::new(ClientSession::new()));
         let mut reader = ConnReader {
-            r: BufReader::with_capacity(1 << 20, r),
+            r: BufReader::with_capacity(READ_BUFFER, r),
             session: session.clone(),
             frame: Vec::new(),
         };
@@ -650,6 +658,11 @@ impl Connection {
     /// Receives one message.
     pub fn recv(&mut self) -> Result<ServerMsg> {
         self.reader.recv()
+    }
+
+    /// See [`ConnReader::give_back`].
+    pub fn give_back(&mut self, buf: Vec<u8>) {
+        self.reader.give_back(buf)
     }
 
     /// Says goodbye and waits for a spawned server.

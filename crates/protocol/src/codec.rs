@@ -70,28 +70,52 @@ pub fn decode_client(payload: &[u8]) -> Result<ClientMsg, ProtocolError> {
 /// out of it (`frame` is left empty; the receiver may give the buffer back
 /// when done, see [`RawBytes::into_buf`](crate::RawBytes::into_buf)).
 pub fn decode_client_frame(frame: &mut Vec<u8>, n: usize) -> Result<ClientMsg, ProtocolError> {
-    let payload = frame.get(..n).ok_or_else(|| {
-        ProtocolError::Decode(format!("frame of {n} bytes in a buffer of {}", frame.len()))
-    })?;
-    let Some((id, start)) = file_raw_header(payload) else {
+    let payload = frame_payload(frame, n)?;
+    let Some((Some(id), start)) = raw_header(payload, FILE_RAW, true) else {
         return decode_client(payload);
     };
-    frame.truncate(n);
     let msg = ClientMsg::FileRaw {
         id,
-        delta: crate::RawBytes::new(std::mem::take(frame), start),
+        delta: take_raw(frame, n, start),
     };
     msg.validate()?;
     Ok(msg)
 }
 
+/// [`decode_server`] of the frame payload `frame[..n]`, except that a
+/// [`ServerMsg::FilePartRaw`] takes `frame` over, as
+/// [`decode_client_frame`] does for [`ClientMsg::FileRaw`].
+pub fn decode_server_frame(frame: &mut Vec<u8>, n: usize) -> Result<ServerMsg, ProtocolError> {
+    let payload = frame_payload(frame, n)?;
+    let Some((None, start)) = raw_header(payload, FILE_PART_RAW, false) else {
+        return decode_server(payload);
+    };
+    let msg = ServerMsg::FilePartRaw(take_raw(frame, n, start));
+    msg.validate()?;
+    Ok(msg)
+}
+
+fn frame_payload(frame: &[u8], n: usize) -> Result<&[u8], ProtocolError> {
+    frame.get(..n).ok_or_else(|| {
+        ProtocolError::Decode(format!("frame of {n} bytes in a buffer of {}", frame.len()))
+    })
+}
+
+/// `frame[start..n]`, taking the buffer over (whole, to be given back).
+fn take_raw(frame: &mut Vec<u8>, n: usize, start: usize) -> crate::RawBytes {
+    crate::RawBytes::part(std::mem::take(frame), start, n)
+}
+
 /// Index of [`ClientMsg::FileRaw`] among the variants (bincode encodes it first).
 const FILE_RAW: u32 = 16;
+/// Index of [`ServerMsg::FilePartRaw`] among the variants.
+const FILE_PART_RAW: u32 = 15;
 
-/// For a payload that is exactly one well-formed [`ClientMsg::FileRaw`]:
-/// its id and where its bytes start. Anything else (another message, or a
-/// malformed one, left to the full decoder to refuse) gives `None`.
-fn file_raw_header(payload: &[u8]) -> Option<(u32, usize)> {
+/// For a payload that is exactly one well-formed message of enum variant
+/// `variant` holding (an id if `with_id`, then) a byte string: the id and
+/// where the bytes start. Anything else (another message, or a malformed
+/// one, left to the full decoder to refuse) gives `None`.
+fn raw_header(payload: &[u8], variant: u32, with_id: bool) -> Option<(Option<u32>, usize)> {
     let mut at = 0usize;
     let next = |at: &mut usize| -> Option<u64> {
         let (v, used): (u64, usize) =
@@ -99,10 +123,13 @@ fn file_raw_header(payload: &[u8]) -> Option<(u32, usize)> {
         *at += used;
         Some(v)
     };
-    if next(&mut at)? != u64::from(FILE_RAW) {
+    if next(&mut at)? != u64::from(variant) {
         return None;
     }
-    let id = u32::try_from(next(&mut at)?).ok()?;
+    let id = match with_id {
+        true => Some(u32::try_from(next(&mut at)?).ok()?),
+        false => None,
+    };
     let len = next(&mut at)?;
     (len == (payload.len() - at) as u64).then_some((id, at))
 }
@@ -194,6 +221,14 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, ProtocolError> 
         buf
     }))
 }
+
+/// Capacity of the `BufReader` both peers read frames from. Far below a
+/// data frame's size: a `BufReader` hands a read at least as large as its
+/// capacity straight to the stream once its buffer is empty, so
+/// [`read_frame_into`] receives all but the first few KiB of a data frame
+/// directly into the frame buffer; with a buffer of a MiB, every byte of a
+/// restore went through it first (a copy of everything received).
+pub const READ_BUFFER: usize = 64 << 10;
 
 /// Bytes a frame buffer grows by at a time, as the payload arrives.
 const FRAME_GROW_STEP: usize = 1 << 20;
@@ -796,6 +831,53 @@ mod tests {
         // A frame length beyond the buffer is an error, not a panic.
         let mut short = vec![0u8; 3];
         assert!(decode_client_frame(&mut short, 4).is_err());
+    }
+
+    #[test]
+    fn a_raw_file_part_is_taken_over_and_equals_the_full_decoding() {
+        for len in [0usize, 1, 127, 128, 70_000, crate::limits::MAX_CHUNK] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+            let m = ServerMsg::FilePartRaw(bytes.clone().into());
+            let wire = encode(&m).unwrap();
+            let mut frame = wire[4..].to_vec();
+            let n = frame.len();
+            let full = decode_server(&frame).unwrap();
+            let fast = decode_server_frame(&mut frame, n).unwrap();
+            assert_eq!(fast, full);
+            assert!(frame.is_empty(), "the frame buffer was taken over");
+            let ServerMsg::FilePartRaw(b) = fast else {
+                panic!("{fast:?}")
+            };
+            assert_eq!(b.as_slice(), &bytes[..]);
+        }
+        // Other messages go through the full decoder and keep the buffer.
+        let other = encode(&ServerMsg::FileOk { id: 15 }).unwrap();
+        let mut frame = other[4..].to_vec();
+        let n = frame.len();
+        assert_eq!(
+            decode_server_frame(&mut frame, n).unwrap(),
+            ServerMsg::FileOk { id: 15 }
+        );
+        assert_eq!(frame.len(), n);
+        // Cut, lengthened or oversized: refused.
+        let wire = encode(&ServerMsg::FilePartRaw(vec![1u8; 1000].into())).unwrap();
+        for cut in [1usize, 10, 999] {
+            let mut frame = wire[4..wire.len() - cut].to_vec();
+            let n = frame.len();
+            assert!(decode_server_frame(&mut frame, n).is_err(), "cut {cut}");
+        }
+        let mut longer = wire[4..].to_vec();
+        longer.push(0);
+        let n = longer.len();
+        assert!(decode_server_frame(&mut longer, n).is_err());
+        let big = ServerMsg::FilePartRaw(vec![0u8; crate::limits::MAX_CHUNK + 1].into());
+        let wire = encode(&big).unwrap();
+        let mut frame = wire[4..].to_vec();
+        let n = frame.len();
+        let e = decode_server_frame(&mut frame, n).unwrap_err();
+        assert!(e.to_string().contains("too large"), "{e}");
+        let mut short = vec![0u8; 3];
+        assert!(decode_server_frame(&mut short, 4).is_err());
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub mod text;
 pub mod unchanged;
 
 pub use codec::{
-    decode_client, decode_client_frame, decode_server, encode, read_frame, read_frame_into,
+    decode_client, decode_client_frame, decode_server, decode_server_frame, encode, read_frame, read_frame_into,
     write_client_msg, write_msg, FrameDecoder,
 };
 pub use error::ProtocolError;
@@ -34,6 +34,7 @@ pub use text::{escape_bytes, escape_text};
 /// 4: runs of unchanged entries ([`ClientMsg::Unchanged`]), the manifest's
 /// generation in [`ServerMsg::BackupReady`] and [`ServerMsg::BackupDone`].
 /// 5: data segments may go as they are ([`ClientMsg::FileRaw`]).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: restored data may go as it is ([`ServerMsg::FilePartRaw`]).
+pub const PROTOCOL_VERSION: u32 = 6;
 /// First bytes of every session, so a stray shell banner is recognised at once.
 pub const MAGIC: [u8; 8] = *b"BYTEBAK\x01";

@@ -222,23 +222,33 @@ impl std::fmt::Debug for Compressed {
 pub struct RawBytes {
     buf: Vec<u8>,
     start: usize,
+    end: usize,
 }
 
 impl RawBytes {
     /// `buf[start..]` (nothing if `start` is beyond its end).
     pub fn new(buf: Vec<u8>, start: usize) -> Self {
-        let start = start.min(buf.len());
-        RawBytes { buf, start }
+        let end = buf.len();
+        Self::part(buf, start, end)
+    }
+
+    /// `buf[start..end]`, clamped to the buffer; [`into_buf`](Self::into_buf)
+    /// gives back all of `buf`, so a reader's buffer need not be resized
+    /// (and zeroed) again for the next read.
+    pub fn part(buf: Vec<u8>, start: usize, end: usize) -> Self {
+        let end = end.min(buf.len());
+        let start = start.min(end);
+        RawBytes { buf, start, end }
     }
 
     /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
-        &self.buf[self.start..]
+        &self.buf[self.start..self.end]
     }
 
     /// Their number.
     pub fn len(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
     }
 
     /// No bytes.
@@ -254,7 +264,7 @@ impl RawBytes {
 
 impl From<Vec<u8>> for RawBytes {
     fn from(buf: Vec<u8>) -> Self {
-        RawBytes { buf, start: 0 }
+        RawBytes::new(buf, 0)
     }
 }
 
@@ -638,6 +648,10 @@ pub enum ServerMsg {
         /// Kind of `current`.
         current: Option<SnapshotKind>,
     },
+    /// [`ServerMsg::FilePart`] sent as it is, not as a zstd frame: what a
+    /// server sends when compressing would only cost CPU (a local store,
+    /// incompressible data). Neither side copies it into or out of a frame.
+    FilePartRaw(RawBytes),
 }
 
 impl ServerMsg {
@@ -656,6 +670,7 @@ impl ServerMsg {
             ServerMsg::ManifestPart(_) => "ManifestPart",
             ServerMsg::ManifestEnd => "ManifestEnd",
             ServerMsg::FilePart(_) => "FilePart",
+            ServerMsg::FilePartRaw(_) => "FilePartRaw",
             ServerMsg::FileDone => "FileDone",
             ServerMsg::Error { .. } => "Error",
             ServerMsg::SnapshotKinds { .. } => "SnapshotKinds",
@@ -684,6 +699,9 @@ impl ServerMsg {
                 entries.iter().try_for_each(|e| e.entry.validate())
             }
             ServerMsg::FilePart(c) if c.raw_len as usize > MAX_CHUNK => {
+                Err(ProtocolError::Limit("chunk too large".into()))
+            }
+            ServerMsg::FilePartRaw(b) if b.len() > MAX_CHUNK => {
                 Err(ProtocolError::Limit("chunk too large".into()))
             }
             ServerMsg::Error { message } if message.len() > MAX_TEXT => {

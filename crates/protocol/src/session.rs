@@ -409,7 +409,7 @@ impl Session {
                     None => self.phase = Phase::Idle,
                 }
             }
-            (Phase::Reading, ServerMsg::FilePart(_)) if self.reads.file => {}
+            (Phase::Reading, ServerMsg::FilePart(_) | ServerMsg::FilePartRaw(_)) if self.reads.file => {}
             (
                 Phase::Reading,
                 ServerMsg::Snapshots(_) | ServerMsg::SnapshotKinds { .. } | ServerMsg::ManifestEnd,
@@ -564,6 +564,8 @@ mod tests {
         }
         for _ in 0..2 {
             c.on_recv(&part()).unwrap();
+            c.on_recv(&ServerMsg::FilePartRaw(vec![1u8; 3].into()))
+                .unwrap();
             c.on_recv(&ServerMsg::FileDone).unwrap();
             // Still reading: a listing may not start yet.
             assert!(c.on_send(&ClientMsg::ListSnapshots).is_err());
@@ -590,6 +592,9 @@ mod tests {
         .unwrap();
         assert!(c.on_send(&read_file("a")).is_err());
         assert!(c.on_recv(&ServerMsg::FileDone).is_err());
+        assert!(c
+            .on_recv(&ServerMsg::FilePartRaw(vec![1u8; 3].into()))
+            .is_err());
     }
 
     #[test]

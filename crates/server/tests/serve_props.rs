@@ -159,13 +159,21 @@ fn the_valid_session_commits_and_snapshots() {
 }
 
 /// Restored data is compressed where it shrinks, and sent as it is
-/// (stored blocks) when the server runs with `--no-compress`, as a client
-/// restoring from a local store starts it; both come back as the file.
+/// (`FilePartRaw`, no zstd frame) where it does not or when the server runs
+/// with `--no-compress`, as a client restoring from a local store starts
+/// it; every way, the parts come back as the file.
 #[test]
-fn restored_data_is_compressed_unless_told_not_to() {
-    let text: Vec<u8> = b"a line of text that repeats itself\n".repeat(4000);
-    let s = setup();
-    run(&s, &session_with(&text)).unwrap();
+fn restored_data_is_compressed_unless_told_not_to_or_it_does_not_shrink() {
+    let text: Vec<u8> = b"a line of text that repeats itself\n".repeat(40_000);
+    let mut x = 7u64;
+    let random: Vec<u8> = (0..1_500_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
     let read: Vec<u8> = [
         ClientMsg::Hello {
             magic: MAGIC,
@@ -180,25 +188,41 @@ fn restored_data_is_compressed_unless_told_not_to() {
     .iter()
     .flat_map(|m| encode(m).unwrap())
     .collect();
-    for compress in [true, false] {
+    for (data, compress, raw) in [
+        (&text, true, false),
+        (&text, false, true),
+        (&random, true, true),
+    ] {
+        let s = setup();
+        run(&s, &session_with(data)).unwrap();
         let out = run_out(&s, &read, compress).unwrap();
         let mut r = &out[..];
-        let (mut got, mut wire) = (vec![], 0);
+        let (mut got, mut wire, mut kinds) = (vec![], 0, vec![]);
         while let Some(frame) = read_frame(&mut r).unwrap() {
-            match decode_server(&frame).unwrap() {
+            let m = decode_server(&frame).unwrap();
+            match &m {
                 ServerMsg::FilePart(c) => {
                     wire += c.data.len();
                     got.extend_from_slice(&c.decompress().unwrap());
                 }
-                ServerMsg::HelloOk { .. } | ServerMsg::FileDone => {}
+                ServerMsg::FilePartRaw(b) => {
+                    wire += b.len();
+                    got.extend_from_slice(b.as_slice());
+                }
+                ServerMsg::HelloOk { .. } | ServerMsg::FileDone => continue,
                 m => panic!("unexpected {}", m.name()),
             }
+            kinds.push(m.name());
         }
-        assert_eq!(got, text, "compress {compress}");
-        if compress {
-            assert!(wire * 10 < text.len(), "{wire} bytes for {}", text.len());
+        let case = format!("{} bytes, compress {compress}: {kinds:?}", data.len());
+        assert!(got == *data, "{case}");
+        assert!(kinds.len() > 1, "{case}: one part only");
+        let want = if raw { "FilePartRaw" } else { "FilePart" };
+        assert!(kinds.iter().all(|k| *k == want), "{case}");
+        if raw {
+            assert_eq!(wire, data.len(), "{case}");
         } else {
-            assert!(wire >= text.len(), "{wire} bytes for {}", text.len());
+            assert!(wire * 10 < data.len(), "{case}: {wire} bytes");
         }
     }
 }

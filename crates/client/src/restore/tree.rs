@@ -749,6 +749,17 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// `got` plus a part of `n` bytes, unless that is more than the manifest's
+/// `size` (the server broke the protocol: the restore ends).
+fn take_part(got: u64, n: u64, size: u64, shown: &str) -> Result<u64> {
+    match got.checked_add(n) {
+        Some(total) if total <= size => Ok(total),
+        _ => bail!(
+            "the server sent more than the {size} bytes the manifest gives for {shown}; refusing"
+        ),
+    }
+}
+
 /// Streams the content of the file asked for (see [`ReadAhead::take`])
 /// from the server into `file`, keeping holes.
 ///
@@ -768,12 +779,7 @@ fn fetch(
     loop {
         match conn.recv()? {
             ServerMsg::FilePart(c) => {
-                let n = u64::from(c.raw_len);
-                if got.saturating_add(n) > size {
-                    bail!(
-                        "the server sent more than the {size} bytes the manifest gives for {shown}; refusing"
-                    );
-                }
+                got = take_part(got, c.raw_len.into(), size, shown)?;
                 UNPACK.with(|u| {
                     let mut u = u.borrow_mut();
                     let (d, data) = match &mut *u {
@@ -784,7 +790,12 @@ fn fetch(
                     h.update(data);
                     w.write_all(data).on("cannot write", shown)
                 })?;
-                got += n;
+            }
+            ServerMsg::FilePartRaw(raw) => {
+                got = take_part(got, raw.len() as u64, size, shown)?;
+                h.update(raw.as_slice());
+                w.write_all(raw.as_slice()).on("cannot write", shown)?;
+                conn.give_back(raw.into_buf());
             }
             ServerMsg::FileDone => break,
             m => bail!(

@@ -13,7 +13,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
 
 use byteback_protocol::{
-    decode_client_frame, read_frame_into, write_msg, ClientMsg, ProtocolError, ServerMsg,
+    codec::READ_BUFFER, decode_client_frame, read_frame_into, write_msg, ClientMsg, ProtocolError, ServerMsg,
     ServerSession, PROTOCOL_VERSION,
 };
 
@@ -84,7 +84,7 @@ impl<R: Read, W: Write> Conn<R, W> {
 /// Serves one session. Errors are sent to the peer before being returned.
 pub fn serve<R: Read, W: Write>(cfg: &ServeConfig, input: R, output: W) -> Result<()> {
     let mut conn = Conn {
-        input: BufReader::with_capacity(1 << 20, input),
+        input: BufReader::with_capacity(READ_BUFFER, input),
         output: BufWriter::with_capacity(1 << 20, output),
         session: ServerSession::new(),
         frame: Vec::new(),

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 
 use byteback_protocol::codec::{ChunkCompressor, DATA_LEVEL};
 use byteback_protocol::limits::{MAX_BATCH, MAX_CHUNK};
-use byteback_protocol::{escape_bytes, Compressed, ServerMsg, SnapshotKind};
+use byteback_protocol::{escape_bytes, Compressed, RawBytes, ServerMsg, SnapshotKind};
 
 use super::{Conn, ServeConfig};
 use crate::error::{Context, Error, IoContext, Result};
@@ -198,13 +198,16 @@ pub(super) struct Streamer {
     out: Vec<u8>,
 }
 
+/// Bytes of a stored file read (and sent) at a time.
+const READ_LEN: usize = if MAX_CHUNK < 1 << 20 { MAX_CHUNK } else { 1 << 20 };
+
 /// The session's [`Streamer`], made at its first file.
 fn streamer_for(s: &mut Option<Streamer>) -> Result<&mut Streamer> {
     if s.is_none() {
         byteback_protocol::os::keep_freed_buffers();
         *s = Some(Streamer {
             zstd: ChunkCompressor::new(DATA_LEVEL).map_err(Error::from)?,
-            buf: vec![0u8; (1 << 20).min(MAX_CHUNK)],
+            buf: vec![0u8; READ_LEN],
             out: Vec::new(),
         });
     }
@@ -212,9 +215,10 @@ fn streamer_for(s: &mut Option<Streamer>) -> Result<&mut Streamer> {
 }
 
 impl Streamer {
-    /// Streams a stored file's content as `FilePart`s: compressed, or as
-    /// zstd frames of stored blocks where a sample says it does not shrink
-    /// (see [`ChunkCompressor::compress_into`]) or `compress` is off.
+    /// Streams a stored file's content as `FilePart`s, compressed, or as
+    /// `FilePartRaw`s, sent from the read buffer as they are, where a
+    /// sample says they do not shrink (see
+    /// [`ChunkCompressor::compress_if_worth_it`]) or `compress` is off.
     fn send_file<R: Read, W: Write>(
         &mut self,
         conn: &mut Conn<R, W>,
@@ -227,18 +231,31 @@ impl Streamer {
                 return Ok(());
             }
             let out = std::mem::take(&mut self.out);
-            let raw = &self.buf[..n];
-            let part = if compress {
-                self.zstd.compress_into(raw, out)
-            } else {
-                ChunkCompressor::store_into(raw, out)
+            let packed = match compress {
+                true => self.zstd.compress_if_worth_it(&self.buf[..n], out),
+                false => Ok(Err(out)),
             }
             .map_err(|e| SendError::Send(e.into()))?;
-            let msg = ServerMsg::FilePart(part);
-            let sent = conn.send(&msg);
-            if let ServerMsg::FilePart(Compressed { data, .. }) = msg {
-                self.out = data;
-            }
+            let sent = match packed {
+                Ok(part) => {
+                    let msg = ServerMsg::FilePart(part);
+                    let sent = conn.send(&msg);
+                    if let ServerMsg::FilePart(Compressed { data, .. }) = msg {
+                        self.out = data;
+                    }
+                    sent
+                }
+                Err(out) => {
+                    self.out = out;
+                    let buf = std::mem::take(&mut self.buf);
+                    let msg = ServerMsg::FilePartRaw(RawBytes::part(buf, 0, n));
+                    let sent = conn.send(&msg);
+                    if let ServerMsg::FilePartRaw(raw) = msg {
+                        self.buf = raw.into_buf();
+                    }
+                    sent
+                }
+            };
             sent.map_err(SendError::Send)?;
             if n < self.buf.len() {
                 return Ok(());
