@@ -141,13 +141,10 @@ impl Outcome {
             self.describe()
         );
         assert!(
-            !self
-                .msgs
-                .iter()
-                .any(|m| matches!(
-                    m,
-                    ServerMsg::FilePart(_) | ServerMsg::FilePartRaw(_) | ServerMsg::FileDone
-                )),
+            !self.msgs.iter().any(|m| matches!(
+                m,
+                ServerMsg::FilePart(_) | ServerMsg::FilePartRaw(_) | ServerMsg::FileDone
+            )),
             "a refused session sent file content:\n{}",
             self.describe()
         );

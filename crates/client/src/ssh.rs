@@ -210,6 +210,8 @@ pub fn open(
         Auth::Password(_) => None,
     };
     let (ours, theirs) = UnixStream::pair().context("cannot create a socket pair")?;
+    crate::conn::widen_socket(&ours);
+    crate::conn::widen_socket(&theirs);
     theirs
         .set_nonblocking(true)
         .context("cannot create a socket pair")?;

@@ -18,8 +18,8 @@ pub mod text;
 pub mod unchanged;
 
 pub use codec::{
-    decode_client, decode_client_frame, decode_server, decode_server_frame, encode, read_frame, read_frame_into,
-    write_client_msg, write_msg, FrameDecoder,
+    decode_client, decode_client_frame, decode_server, decode_server_frame, encode, read_frame,
+    read_frame_into, write_client_msg, write_msg, FrameDecoder,
 };
 pub use error::ProtocolError;
 pub use messages::*;

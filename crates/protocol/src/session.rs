@@ -409,7 +409,8 @@ impl Session {
                     None => self.phase = Phase::Idle,
                 }
             }
-            (Phase::Reading, ServerMsg::FilePart(_) | ServerMsg::FilePartRaw(_)) if self.reads.file => {}
+            (Phase::Reading, ServerMsg::FilePart(_) | ServerMsg::FilePartRaw(_))
+                if self.reads.file => {}
             (
                 Phase::Reading,
                 ServerMsg::Snapshots(_) | ServerMsg::SnapshotKinds { .. } | ServerMsg::ManifestEnd,

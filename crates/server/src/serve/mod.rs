@@ -13,8 +13,8 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
 
 use byteback_protocol::{
-    codec::READ_BUFFER, decode_client_frame, read_frame_into, write_msg, ClientMsg, ProtocolError, ServerMsg,
-    ServerSession, PROTOCOL_VERSION,
+    codec::READ_BUFFER, decode_client_frame, read_frame_into, write_msg, ClientMsg, ProtocolError,
+    ServerMsg, ServerSession, PROTOCOL_VERSION,
 };
 
 use crate::error::{Error, Result};

@@ -199,7 +199,11 @@ pub(super) struct Streamer {
 }
 
 /// Bytes of a stored file read (and sent) at a time.
-const READ_LEN: usize = if MAX_CHUNK < 1 << 20 { MAX_CHUNK } else { 1 << 20 };
+const READ_LEN: usize = if MAX_CHUNK < 1 << 20 {
+    MAX_CHUNK
+} else {
+    1 << 20
+};
 
 /// The session's [`Streamer`], made at its first file.
 fn streamer_for(s: &mut Option<Streamer>) -> Result<&mut Streamer> {
