@@ -144,7 +144,13 @@ pub struct ConnReader {
     session: Arc<Mutex<ClientSession>>,
     /// The last frame read, kept for the next (see `read_frame_into`).
     frame: Vec<u8>,
+    /// Frame buffers given back while `frame` had one (see [`Self::give_back`]).
+    spare: Vec<Vec<u8>>,
 }
+
+/// Frame buffers a [`ConnReader`] keeps beyond the one it reads into: as
+/// many as a restore has in flight (parts queued for its writer thread).
+const SPARE_FRAMES: usize = 8;
 
 /// Writing half of a connection.
 pub struct ConnWriter {
@@ -162,6 +168,11 @@ impl ConnReader {
             })?
             .ok_or(Error::Closed)?;
         let msg = decode_server_frame(&mut self.frame, n)?;
+        if self.frame.capacity() == 0 {
+            if let Some(buf) = self.spare.pop() {
+                self.frame = buf; // the message took the last one over
+            }
+        }
         lock(&self.session).on_recv(&msg)?;
         if let ServerMsg::Error { message } = msg {
             // The server chose these bytes: never let them reach a terminal raw.
@@ -171,10 +182,13 @@ impl ConnReader {
     }
 
     /// A frame buffer a message took over (see `decode_server_frame`),
-    /// back for the next frame, so a large one is not allocated anew.
+    /// back for a next frame, so a large one is not allocated (and zeroed)
+    /// anew.
     pub fn give_back(&mut self, buf: Vec<u8>) {
-        if buf.capacity() > self.frame.capacity() {
+        if self.frame.capacity() == 0 {
             self.frame = buf;
+        } else if self.spare.len() < SPARE_FRAMES {
+            self.spare.push(buf);
         }
     }
 }
@@ -641,6 +655,7 @@ impl Connection {
             r: BufReader::with_capacity(READ_BUFFER, r),
             session: session.clone(),
             frame: Vec::new(),
+            spare: Vec::new(),
         };
         let mut writer = ConnWriter {
             w: BufWriter::with_capacity(1 << 20, w),

@@ -17,6 +17,7 @@
 //! paths of every snapshot.
 
 pub mod check;
+mod data;
 pub mod tree;
 
 use std::collections::{HashMap, HashSet};

@@ -22,9 +22,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use crate::error::{bail, err, IoContext, Result};
-use byteback_delta::FileHasher;
-use byteback_protocol::codec::ChunkDecompressor;
-use byteback_protocol::{ClientMsg, Entry, Kind, ManifestEntry, ServerMsg};
+use byteback_protocol::{ClientMsg, Entry, Kind, ManifestEntry};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, CWD};
 use rustix::io::Errno;
 
@@ -32,7 +30,6 @@ use super::check::{is_ancestor, parent_of};
 use super::{display_path, RestoreReport};
 use crate::apply::{self, ApplyRules, Held};
 use crate::conn::Connection;
-use byteback_protocol::os::SparseWriter;
 
 /// How a restore treats what the snapshot asks for.
 #[derive(Debug, Clone, Copy)]
@@ -584,7 +581,7 @@ impl RestoreTree {
         let fetched = if needs_fetch(size, hash) {
             self.ahead
                 .take(conn, &self.snapshot, src)
-                .and_then(|()| fetch(conn, size, hash, file, &shown))
+                .and_then(|()| super::data::fetch(conn, size, hash, file, &shown))
         } else {
             Ok((file, None)) // nothing to fetch
         };
@@ -739,78 +736,4 @@ impl RestoreTree {
         self.report.restored += 1;
         Ok(())
     }
-}
-
-thread_local! {
-    /// The zstd context and buffer file parts are unpacked with, kept from
-    /// part to part and file to file (a fresh megabyte per part cost page
-    /// faults for every one of them).
-    static UNPACK: std::cell::RefCell<Option<(ChunkDecompressor, Vec<u8>)>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// `got` plus a part of `n` bytes, unless that is more than the manifest's
-/// `size` (the server broke the protocol: the restore ends).
-fn take_part(got: u64, n: u64, size: u64, shown: &str) -> Result<u64> {
-    match got.checked_add(n) {
-        Some(total) if total <= size => Ok(total),
-        _ => bail!(
-            "the server sent more than the {size} bytes the manifest gives for {shown}; refusing"
-        ),
-    }
-}
-
-/// Streams the content of the file asked for (see [`ReadAhead::take`])
-/// from the server into `file`, keeping holes.
-///
-/// More data than the manifest's `size` ends the restore (the server broke
-/// the protocol); a short file or a BLAKE3 mismatch is returned as the
-/// problem. Without a `hash` (a 1.x snapshot) only the size is checked.
-fn fetch(
-    conn: &mut Connection,
-    size: u64,
-    hash: Option<&[u8; 32]>,
-    file: File,
-    shown: &str,
-) -> Result<(File, Option<String>)> {
-    let mut w = SparseWriter::new(file);
-    let mut h = FileHasher::new();
-    let mut got = 0u64;
-    loop {
-        match conn.recv()? {
-            ServerMsg::FilePart(c) => {
-                got = take_part(got, c.raw_len.into(), size, shown)?;
-                UNPACK.with(|u| {
-                    let mut u = u.borrow_mut();
-                    let (d, data) = match &mut *u {
-                        Some(u) => u,
-                        None => u.insert((ChunkDecompressor::new()?, Vec::new())),
-                    };
-                    d.decompress_into(&c, data)?;
-                    h.update(data);
-                    w.write_all(data).on("cannot write", shown)
-                })?;
-            }
-            ServerMsg::FilePartRaw(raw) => {
-                got = take_part(got, raw.len() as u64, size, shown)?;
-                h.update(raw.as_slice());
-                w.write_all(raw.as_slice()).on("cannot write", shown)?;
-                conn.give_back(raw.into_buf());
-            }
-            ServerMsg::FileDone => break,
-            m => bail!(
-                "unexpected {} from the server while receiving {shown}",
-                m.name()
-            ),
-        }
-    }
-    let file = w.finish().on("cannot write", shown)?;
-    let problem = if got != size {
-        Some(format!("the server sent {got} of its {size} bytes"))
-    } else if hash.is_some_and(|hash| &h.finish() != hash) {
-        Some("its content does not match its BLAKE3 in the manifest".to_string())
-    } else {
-        None
-    };
-    Ok((file, problem))
 }
