@@ -149,8 +149,12 @@ pub struct ConnReader {
 }
 
 /// Frame buffers a [`ConnReader`] keeps beyond the one it reads into: as
-/// many as a restore has in flight (parts queued for its writer thread).
+/// many as a restore has in flight (parts queued for its writer thread)...
 const SPARE_FRAMES: usize = 8;
+
+/// ...each of the size of the server's data parts (a MiB and a header);
+/// larger ones (a hostile server's) are not kept.
+const SPARE_FRAME_MAX: usize = 2 << 20;
 
 /// Writing half of a connection.
 pub struct ConnWriter {
@@ -187,7 +191,7 @@ impl ConnReader {
     pub fn give_back(&mut self, buf: Vec<u8>) {
         if self.frame.capacity() == 0 {
             self.frame = buf;
-        } else if self.spare.len() < SPARE_FRAMES {
+        } else if self.spare.len() < SPARE_FRAMES && buf.capacity() <= SPARE_FRAME_MAX {
             self.spare.push(buf);
         }
     }

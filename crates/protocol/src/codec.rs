@@ -807,30 +807,44 @@ mod tests {
             id: 3,
             delta: vec![1u8; 1000].into(),
         };
-        let wire = encode(&m).unwrap();
-        // A length that claims more or fewer bytes than the frame holds.
-        for cut in [1usize, 10, 999] {
-            let mut frame = wire[4..wire.len() - cut].to_vec();
-            let n = frame.len();
-            assert!(decode_client_frame(&mut frame, n).is_err(), "cut {cut}");
-        }
-        let mut longer = wire[4..].to_vec();
-        longer.push(0);
-        let n = longer.len();
-        assert!(decode_client_frame(&mut longer, n).is_err());
-        // Beyond the chunk limit: refused by the fast path's validation too.
         let big = ClientMsg::FileRaw {
             id: 3,
             delta: vec![0u8; crate::limits::MAX_CHUNK + 1].into(),
         };
-        let wire = encode(&big).unwrap();
-        let mut frame = wire[4..].to_vec();
+        refuses_bad_raw_frames(
+            &encode(&m).unwrap(),
+            &encode(&big).unwrap(),
+            decode_client_frame,
+        );
+    }
+
+    /// `wire` (a raw data message of 1000 bytes, length prefix included)
+    /// cut or lengthened, `big` (one beyond the chunk limit) and a frame
+    /// length beyond its buffer: all refused by `decode`, none a panic.
+    fn refuses_bad_raw_frames<M>(
+        wire: &[u8],
+        big: &[u8],
+        decode: impl Fn(&mut Vec<u8>, usize) -> Result<M, ProtocolError>,
+    ) {
+        // A length that claims more or fewer bytes than the frame holds.
+        for cut in [1usize, 10, 999] {
+            let mut frame = wire[4..wire.len() - cut].to_vec();
+            let n = frame.len();
+            assert!(decode(&mut frame, n).is_err(), "cut {cut}");
+        }
+        let mut longer = wire[4..].to_vec();
+        longer.push(0);
+        let n = longer.len();
+        assert!(decode(&mut longer, n).is_err());
+        // Beyond the chunk limit: refused by the fast path's validation too.
+        let mut frame = big[4..].to_vec();
         let n = frame.len();
-        let e = decode_client_frame(&mut frame, n).unwrap_err();
+        let Err(e) = decode(&mut frame, n) else {
+            panic!("a chunk beyond the limit was accepted")
+        };
         assert!(e.to_string().contains("too large"), "{e}");
-        // A frame length beyond the buffer is an error, not a panic.
         let mut short = vec![0u8; 3];
-        assert!(decode_client_frame(&mut short, 4).is_err());
+        assert!(decode(&mut short, 4).is_err());
     }
 
     #[test]
@@ -860,24 +874,12 @@ mod tests {
         );
         assert_eq!(frame.len(), n);
         // Cut, lengthened or oversized: refused.
-        let wire = encode(&ServerMsg::FilePartRaw(vec![1u8; 1000].into())).unwrap();
-        for cut in [1usize, 10, 999] {
-            let mut frame = wire[4..wire.len() - cut].to_vec();
-            let n = frame.len();
-            assert!(decode_server_frame(&mut frame, n).is_err(), "cut {cut}");
-        }
-        let mut longer = wire[4..].to_vec();
-        longer.push(0);
-        let n = longer.len();
-        assert!(decode_server_frame(&mut longer, n).is_err());
         let big = ServerMsg::FilePartRaw(vec![0u8; crate::limits::MAX_CHUNK + 1].into());
-        let wire = encode(&big).unwrap();
-        let mut frame = wire[4..].to_vec();
-        let n = frame.len();
-        let e = decode_server_frame(&mut frame, n).unwrap_err();
-        assert!(e.to_string().contains("too large"), "{e}");
-        let mut short = vec![0u8; 3];
-        assert!(decode_server_frame(&mut short, 4).is_err());
+        refuses_bad_raw_frames(
+            &encode(&ServerMsg::FilePartRaw(vec![1u8; 1000].into())).unwrap(),
+            &encode(&big).unwrap(),
+            decode_server_frame,
+        );
     }
 
     #[test]

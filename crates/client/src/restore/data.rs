@@ -19,9 +19,15 @@ use byteback_protocol::{RawBytes, ServerMsg};
 /// its time in `pwrite` while the server waited for it.
 const WRITE_BESIDE_FROM: u64 = 4 << 20;
 
-/// Parts (a MiB each, at most [`MAX_CHUNK`](byteback_protocol::limits::MAX_CHUNK))
-/// handed to that thread and not yet written.
+/// Parts handed to that thread and not yet written back, at most...
 const WRITES_QUEUED: usize = 4;
+
+/// ...and at most this many bytes of them beyond the part in hand: four of
+/// the server's parts of a MiB, and no more than one of [`MAX_CHUNK`] (a
+/// hostile server's largest), whatever their size.
+///
+/// [`MAX_CHUNK`]: byteback_protocol::limits::MAX_CHUNK
+const WRITES_QUEUED_BYTES: usize = 4 << 20;
 
 /// Unpacked buffers kept for the next parts (see [`UNPACK`]).
 const SPARE_BUFFERS: usize = WRITES_QUEUED + 2;
@@ -148,7 +154,7 @@ fn take_part(got: u64, n: u64, size: u64, shown: &str) -> Result<u64> {
 
 /// [`receive`] into `file` written by a thread of its own: this one
 /// receives and hashes, the other writes, at most [`WRITES_QUEUED`] parts
-/// behind. A write that fails stops the writer, and the restore with its
+/// and [`WRITES_QUEUED_BYTES`] behind. A write that fails stops the writer, and the restore with its
 /// error, at the next part.
 fn write_beside(
     conn: &mut Connection,
@@ -169,18 +175,30 @@ fn write_beside(
             }
             w.finish()
         });
+        let mut queued = 0usize; // bytes handed over and not yet back
+        let back = |conn: &mut Connection, done: Part, queued: &mut usize| {
+            *queued -= done.bytes.len();
+            done.recycle(conn);
+        };
         let received = receive(conn, size, shown, |conn, part| {
             h.update(part.bytes.as_slice());
             for done in written.try_iter() {
-                done.recycle(conn);
+                back(conn, done, &mut queued);
             }
+            while queued > WRITES_QUEUED_BYTES.saturating_sub(part.bytes.len()) {
+                match written.recv() {
+                    Ok(done) => back(conn, done, &mut queued),
+                    Err(_) => break, // the writer has stopped
+                }
+            }
+            queued += part.bytes.len();
             // A closed queue means the writer failed: its error is below.
             queue.send(part).map_err(|_| crate::error::Error::Closed)
         });
         drop(queue);
         let file = writer.join();
         for done in written.try_iter() {
-            done.recycle(conn);
+            back(conn, done, &mut queued);
         }
         let file = match file {
             Ok(file) => file.on("cannot write", shown)?,
@@ -195,6 +213,7 @@ mod tests {
     use super::*;
     use crate::conn::Transport;
     use byteback_delta::hash_bytes;
+    use byteback_protocol::limits::MAX_CHUNK;
     use byteback_protocol::{encode, ClientMsg, Compressed, PROTOCOL_VERSION};
 
     /// A connection whose server answers one `ReadFile` with `parts` and
@@ -240,11 +259,30 @@ mod tests {
 
     /// `data` in parts of a MiB, zstd frames and raw bytes by turns.
     fn parts_of(data: &[u8]) -> Vec<ServerMsg> {
+        parts_sized(data, 1 << 20)
+    }
+
+    fn parts_sized(data: &[u8], len: usize) -> Vec<ServerMsg> {
         let part = |(i, c): (usize, &[u8])| match i % 2 {
             0 => ServerMsg::FilePart(Compressed::compress(c, 1).unwrap()),
             _ => ServerMsg::FilePartRaw(c.to_vec().into()),
         };
-        data.chunks(1 << 20).enumerate().map(part).collect()
+        data.chunks(len).enumerate().map(part).collect()
+    }
+
+    /// Parts as large as the protocol allows (a hostile server's, beyond
+    /// the writer's byte budget) are written all the same.
+    #[test]
+    fn parts_of_the_largest_size_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data = content(3 * MAX_CHUNK + 5);
+        let mut conn = conn_with(&parts_sized(&data, MAX_CHUNK));
+        let file = File::create(&path).unwrap();
+        let hash = hash_bytes(&data);
+        let (_, problem) = fetch(&mut conn, data.len() as u64, Some(&hash), file, "f").unwrap();
+        assert_eq!(problem, None);
+        assert!(std::fs::read(&path).unwrap() == data, "bytes differ");
     }
 
     const SIZES: [usize; 5] = [0, 5, (1 << 20) + 3, WRITE_BESIDE_FROM as usize, 9 << 20];
