@@ -17,6 +17,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
@@ -33,6 +34,64 @@ const MAX_REDO_BLOCKS: usize = 1 << 16;
 const RUN_BYTES: u64 = 1 << 20;
 /// Length of a chaining value.
 pub(super) const CV_LEN: usize = 32;
+/// Bytes of the ranges still to be read back that the kernel is asked to
+/// read ahead of the range in hand (see [`ReadAhead`]).
+const READ_AHEAD: u64 = 16 << 20;
+
+/// Ranges of a file read back one after the other, each announced to the
+/// kernel (`POSIX_FADV_WILLNEED`) up to [`READ_AHEAD`] bytes before it is
+/// read. An edited file has hundreds of such ranges (each changed range's
+/// units and blocks), mostly of bytes cloned from the stored copy and not
+/// in the page cache; read in turn, each was a wait on the disc (W4 of the
+/// harness: 980 reads back, 0.73 s of the server's main thread). Announced,
+/// they are read by the device in parallel while the first ones are
+/// hashed. The page cache holds what is announced; this process does not.
+struct ReadAhead<'a> {
+    out: &'a File,
+    ranges: &'a [(u64, u64)],
+    /// Next range to announce.
+    next: usize,
+    /// Bytes announced and not yet read.
+    ahead: u64,
+    /// Most bytes announced beyond the range in hand.
+    window: u64,
+}
+
+impl<'a> ReadAhead<'a> {
+    fn new(out: &'a File, ranges: &'a [(u64, u64)]) -> Self {
+        ReadAhead {
+            out,
+            ranges,
+            next: 0,
+            ahead: 0,
+            window: READ_AHEAD,
+        }
+    }
+
+    /// Reads range `i` (ranges are read in order) into `buf`.
+    fn read(&mut self, i: usize, buf: &mut Vec<u8>) -> io::Result<()> {
+        let (start, end) = self.ranges[i];
+        while self.next < self.ranges.len() && (self.next <= i || self.ahead < self.window) {
+            let (s, e) = self.ranges[self.next];
+            // Advice only: where it is refused, the read below still reads.
+            // SAFETY: plain syscall on an open descriptor.
+            unsafe {
+                libc::posix_fadvise(
+                    self.out.as_raw_fd(),
+                    s as libc::off_t,
+                    (e - s) as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+            self.ahead += e - s;
+            self.next += 1;
+        }
+        buf.resize((end - start) as usize, 0);
+        self.out.read_exact_at(buf, start)?;
+        self.ahead = self.ahead.saturating_sub(end - start);
+        Ok(())
+    }
+}
 
 /// The unit size for a file of `len` bytes: a power of two, at least
 /// [`MIN_UNIT`], so that there are at most [`MAX_UNITS`].
@@ -231,12 +290,18 @@ impl Units {
     /// Redoes the mixed units from `out` and merges all into the root.
     /// `None`: not every unit was written.
     fn finish(&mut self, out: &File) -> io::Result<Option<[u8; 32]>> {
+        let redo = std::mem::take(&mut self.redo);
+        let ranges: Vec<(u64, u64)> = redo
+            .iter()
+            .map(|&k| {
+                let start = u64::from(k) * self.unit;
+                (start, (start + self.unit).min(self.len))
+            })
+            .collect();
+        let mut ahead = ReadAhead::new(out, &ranges);
         let mut buf = vec![];
-        for k in std::mem::take(&mut self.redo) {
-            let start = u64::from(k) * self.unit;
-            let end = (start + self.unit).min(self.len);
-            buf.resize((end - start) as usize, 0);
-            out.read_exact_at(&mut buf, start)?;
+        for (i, (&k, &(start, _))) in redo.iter().zip(&ranges).enumerate() {
+            ahead.read(i, &mut buf)?;
             self.reread += buf.len() as u64;
             let mut h = blake3::Hasher::new();
             h.set_input_offset(start).update(&buf);
@@ -363,7 +428,8 @@ impl Blocks {
         // a MiB or one block), so the signature's MD4 runs on 8 lanes.
         let redo = std::mem::take(&mut self.redo);
         let per_run = (RUN_BYTES / self.bs).max(1);
-        let mut buf = vec![];
+        // (first block, range) of each run.
+        let mut runs = vec![];
         let mut i = 0;
         while i < redo.len() {
             let first = u64::from(redo[i]);
@@ -375,14 +441,18 @@ impl Blocks {
                 n += 1;
             }
             let start = first * self.bs;
-            let end = (start + n as u64 * self.bs).min(self.len);
-            buf.resize((end - start) as usize, 0);
-            out.read_exact_at(&mut buf, start)?;
+            runs.push((first, (start, (start + n as u64 * self.bs).min(self.len))));
+            i += n;
+        }
+        let ranges: Vec<(u64, u64)> = runs.iter().map(|r| r.1).collect();
+        let mut ahead = ReadAhead::new(out, &ranges);
+        let mut buf = vec![];
+        for (i, &(first, _)) in runs.iter().enumerate() {
+            ahead.read(i, &mut buf)?;
             self.reread += buf.len() as u64;
             let run = std::mem::take(&mut buf);
             self.put(first, &run);
             buf = run;
-            i += n;
         }
         let n = self.entries.len() / ENTRY_LEN;
         Ok((self.set == n as u64)
@@ -621,6 +691,40 @@ mod tests {
         let f = tempfile::tempfile().expect("tempfile");
         f.write_all_at(bytes, 0).expect("write");
         f
+    }
+
+    #[test]
+    fn ranges_read_back_are_the_files_and_announced_a_window_ahead() {
+        let content = data(3 << 20, 5);
+        let f = file_of(&content);
+        // Ranges of 64 KiB every 96 KiB, a short one at the end.
+        let mut ranges: Vec<(u64, u64)> = (0..32u64)
+            .map(|k| (k * (96 << 10), k * (96 << 10) + (64 << 10)))
+            .collect();
+        ranges.push(((3 << 20) - 100, 3 << 20));
+        let mut ahead = ReadAhead::new(&f, &ranges);
+        ahead.window = 256 << 10;
+        let mut buf = vec![];
+        for (i, &(s, e)) in ranges.iter().enumerate() {
+            ahead.read(i, &mut buf).expect("read back");
+            assert_eq!(buf, content[s as usize..e as usize], "range {i}");
+            // Announced: this range and the next up to the window's bytes.
+            assert!(ahead.next > i, "range {i} read before it was announced");
+            let beyond: u64 = ranges[i + 1..ahead.next].iter().map(|r| r.1 - r.0).sum();
+            assert_eq!(beyond, ahead.ahead, "range {i}");
+            let window = beyond + (e - s);
+            assert!(
+                window <= ahead.window + (64 << 10),
+                "range {i}: {window} announced"
+            );
+            if ahead.next < ranges.len() {
+                assert!(window >= ahead.window, "range {i}: only {window} announced");
+            }
+        }
+        assert_eq!(ahead.next, ranges.len());
+        // A range beyond the end fails as a read does.
+        let past = [(3 << 20, (3 << 20) + 10)];
+        assert!(ReadAhead::new(&f, &past).read(0, &mut buf).is_err());
     }
 
     #[test]
