@@ -149,6 +149,38 @@ pub fn become_subreaper() {
     }
 }
 
+/// Busy time of all CPUs since boot, from the `cpu` line of `/proc/stat`
+/// (user, nice, system, irq, softirq and steal; guest time is within user):
+/// what every process and kernel thread used, in clock ticks turned into
+/// time. The difference over a run is the machine's CPU for it, the work
+/// of kernel threads included (writeback, the loop device's copies), which
+/// no process's rusage holds.
+pub fn machine_busy() -> Duration {
+    let stat =
+        fs::read_to_string("/proc/stat").unwrap_or_else(|e| panic!("cannot read /proc/stat: {e}"));
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .unwrap_or_else(|| panic!("/proc/stat has no cpu line"));
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| {
+            x.parse()
+                .unwrap_or_else(|_| panic!("bad /proc/stat field {x:?}"))
+        })
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .map(|&i| f.get(i).copied().unwrap_or(0))
+        .sum::<u64>();
+    // SAFETY: sysconf with a constant name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as u64 } else { 100 };
+    Duration::from_nanos(busy.saturating_mul(1_000_000_000) / hz)
+}
+
 /// Writes dirty data out and empties the page cache, so every timed run
 /// starts cold. Needs root.
 pub fn drop_caches() {

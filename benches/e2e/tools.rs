@@ -198,6 +198,10 @@ pub struct Sample {
     pub wire_bytes: u64,
     /// Growth of the tool's store on disc (qgroup referenced bytes).
     pub space_added: u64,
+    /// Busy time of all CPUs during the run ([`measure::machine_busy`]):
+    /// `cpu` plus the kernel threads' work the run caused (and whatever
+    /// else ran, nothing on a quiet machine).
+    pub machine_cpu: Duration,
 }
 
 impl Sample {
@@ -313,10 +317,12 @@ impl Bench {
     pub fn run(&mut self, tool: Tool, src: &Path) -> Sample {
         let before = self.space_before(tool);
         measure::drop_caches();
+        let busy = measure::machine_busy();
         let mut s = match tool {
             Tool::Byteback => self.run_byteback(src),
             Tool::Rsync => self.run_rsync(src),
         };
+        s.machine_cpu = measure::machine_busy().saturating_sub(busy);
         let after = self.space_before(tool);
         s.space_added = after.saturating_sub(before);
         s
@@ -343,7 +349,8 @@ impl Bench {
         self.fs.remove_tree(&into);
         fs::create_dir_all(&into).expect("mkdir restored");
         measure::drop_caches();
-        let s = match tool {
+        let busy = measure::machine_busy();
+        let mut s = match tool {
             Tool::Byteback => {
                 let mut cmd = Command::new(self.bin_dir.join("byteback-restore"));
                 cmd.arg("--destination")
@@ -355,6 +362,7 @@ impl Bench {
             }
             Tool::Rsync => self.restore_rsync(&into),
         };
+        s.machine_cpu = measure::machine_busy().saturating_sub(busy);
         self.fs.remove_tree(&into);
         s
     }
@@ -413,6 +421,7 @@ impl Bench {
                 server_cpu: Some(server.cpu()),
                 wire_bytes: wire,
                 space_added: 0,
+                machine_cpu: Duration::ZERO,
             };
         }
         for (k, v) in relay_env(&self.harness, &self.bin_dir.join("byteback-server"), &stats) {
@@ -441,6 +450,7 @@ impl Bench {
             server_cpu: Some(server.cpu()),
             wire_bytes: relay.to_server + relay.to_client,
             space_added: 0,
+            machine_cpu: Duration::ZERO,
         }
     }
 
@@ -552,6 +562,7 @@ impl Bench {
             server_cpu: server.map(|u| u.cpu()),
             wire_bytes: wire,
             space_added: 0,
+            machine_cpu: Duration::ZERO,
         }
     }
 
