@@ -178,7 +178,9 @@ pub fn machine_busy() -> Duration {
     // SAFETY: sysconf with a constant name.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let hz = if hz > 0 { hz as u64 } else { 100 };
-    Duration::from_nanos(busy.saturating_mul(1_000_000_000) / hz)
+    // In u128: a large machine's ticks since boot overflow u64 nanoseconds.
+    let nanos = u128::from(busy) * 1_000_000_000 / u128::from(hz);
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
 }
 
 /// Writes dirty data out and empties the page cache, so every timed run

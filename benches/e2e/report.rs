@@ -366,8 +366,9 @@ pub fn table(rows: &[Row], goals: &[Goal]) -> String {
     let _ = writeln!(
         t,
         "\nMachine CPU (medians): the busy time of all cores during the run, from `/proc/stat`: \
-         the tools' processes and the kernel threads' work they cause (writeback, the loop \
-         device's copies), which the CPU column, the tools' own processes, leaves out.\n"
+         the tools' processes and the kernel threads' work they cause (the writeback a \
+         backup's snapshot waits for, the loop device's copies), which the CPU column, the \
+         tools' own processes, leaves out. A restore's writeback comes after it.\n"
     );
     let _ = writeln!(t, "| workload | byteback s | rsync s | byteback/rsync |");
     let _ = writeln!(t, "|---|---|---|---|");
