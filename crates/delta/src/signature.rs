@@ -55,6 +55,21 @@ pub fn block_entries(data: &[u8], block_size: u32, out: &mut Vec<u8>) {
     out.extend_from_slice(sig.serialized().get(HEADER_LEN..).unwrap_or_default());
 }
 
+/// Blocks whose MD4s are computed side by side (fast_rsync's widest SIMD
+/// lanes); a call of [`block_entries`] with fewer whole blocks, or with
+/// some over a multiple of it, hashes those one at a time, several times
+/// slower per byte.
+const MD4_LANES: usize = 8;
+/// Most bytes held to fill the lanes.
+const MD4_BATCH_MAX: usize = 1 << 20;
+
+/// Whole blocks of `block_size` bytes worth gathering before a call of
+/// [`block_entries`], so that every block's MD4 runs in a SIMD lane: eight,
+/// or fewer for blocks over 128 KiB (at most a MiB is held), at least one.
+pub fn md4_batch(block_size: u32) -> usize {
+    (MD4_BATCH_MAX / (block_size.max(1) as usize)).clamp(1, MD4_LANES)
+}
+
 /// Bytes of strong hash a signature of a `len`-byte basis keeps on the
 /// wire: enough that, even if the rolling checksum told nothing, a window
 /// of the new file would pass for a block it is not with a chance under
@@ -149,11 +164,12 @@ pub fn signature(basis: &[u8]) -> SignatureBytes {
 /// for the concatenation of the chunks. The block size is chosen from the
 /// `total_len` given to [`new`](Self::new); if more data than that is fed, the
 /// signature may end up with more than [`MAX_SIG_BLOCKS`] blocks and be
-/// rejected by [`Signature::parse`]. At most one block is buffered between
-/// calls.
+/// rejected by [`Signature::parse`]. Up to [`md4_batch`] blocks are buffered
+/// between calls (at most a MiB, or one block), so that blocks are hashed
+/// eight at a time however the chunks fall.
 pub struct SignatureBuilder {
     block_size: u32,
-    /// Bytes of the current incomplete block (always shorter than `block_size`).
+    /// Bytes of the blocks not hashed yet (always shorter than a batch).
     pending: Vec<u8>,
     out: Vec<u8>,
 }
@@ -183,27 +199,27 @@ impl SignatureBuilder {
 
     /// Feed the next bytes of the basis.
     pub fn update(&mut self, mut chunk: &[u8]) {
-        let bs = self.block_size as usize;
+        let batch = self.block_size as usize * md4_batch(self.block_size);
         if !self.pending.is_empty() {
-            let take = (bs - self.pending.len()).min(chunk.len());
+            let take = (batch - self.pending.len()).min(chunk.len());
             let (head, rest) = chunk.split_at(take);
             self.pending.extend_from_slice(head);
             chunk = rest;
-            if self.pending.len() < bs {
+            if self.pending.len() < batch {
                 return;
             }
-            let block = std::mem::take(&mut self.pending);
-            self.hash_blocks(&block);
-            self.pending = block;
+            let blocks = std::mem::take(&mut self.pending);
+            self.hash_blocks(&blocks);
+            self.pending = blocks;
             self.pending.clear();
         }
-        let whole = chunk.len() - chunk.len() % bs;
+        let whole = chunk.len() - chunk.len() % batch;
         let (blocks, tail) = chunk.split_at(whole);
         if !blocks.is_empty() {
             self.hash_blocks(blocks);
         }
         if !tail.is_empty() {
-            self.pending.reserve_exact(bs);
+            self.pending.reserve_exact(batch);
             self.pending.extend_from_slice(tail);
         }
     }
@@ -431,6 +447,16 @@ mod tests {
     }
 
     #[test]
+    fn batches_fill_the_md4_lanes_within_a_mib() {
+        assert_eq!(md4_batch(MIN_BLOCK), 8);
+        assert_eq!(md4_batch(24 << 10), 8);
+        assert_eq!(md4_batch(128 << 10), 8);
+        assert_eq!(md4_batch(256 << 10), 4);
+        assert_eq!(md4_batch(1 << 20), 1);
+        assert_eq!(md4_batch(MAX_BLOCK), 1);
+    }
+
+    #[test]
     fn builder_matches_whole() {
         let base = data(300_000, 7);
         let want = signature(&base);
@@ -439,7 +465,9 @@ mod tests {
             for chunk in base.chunks(step) {
                 b.update(chunk);
                 b.update(&[]);
-                assert!(b.pending.len() < b.block_size() as usize);
+                // Less than a batch is held, and never over a MiB.
+                let batch = b.block_size() as usize * md4_batch(b.block_size());
+                assert!(b.pending.len() < batch && b.pending.len() < 1 << 20);
             }
             assert_eq!(b.finish(), want, "step {step}");
         }

@@ -21,7 +21,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
-use byteback_delta::{block_entries, block_size_for, FileHasher, SignatureBytes, ENTRY_LEN};
+use byteback_delta::{
+    block_entries, block_size_for, md4_batch, FileHasher, SignatureBytes, ENTRY_LEN,
+};
 
 /// Smallest unit: 64 KiB, 64 BLAKE3 chunks (enough for its SIMD).
 const MIN_UNIT: u64 = 64 << 10;
@@ -385,7 +387,10 @@ struct Blocks {
     len: u64,
     entries: Vec<u8>,
     set: u64,
-    /// Bytes of the block being fed, and its index.
+    /// Bytes of a batch of blocks (see [`md4_batch`]).
+    batch: u64,
+    /// Bytes fed and not signed yet (less than a batch, from a block's
+    /// start), and the index of their first block.
     pending: Vec<u8>,
     pending_k: u64,
     redo: Vec<u32>,
@@ -405,6 +410,7 @@ impl Blocks {
         Blocks {
             bs,
             len,
+            batch: bs * md4_batch(bs as u32) as u64,
             entries: vec![0; n * ENTRY_LEN],
             set: 0,
             pending: vec![],
@@ -428,16 +434,36 @@ impl Blocks {
         }
     }
 
+    /// Signs the whole blocks held back to fill a batch; a partly fed
+    /// block is dropped (it is redone, or the file was not all written).
+    fn put_pending(&mut self) {
+        let held = self.pending.len();
+        let upto = if self.pending_k * self.bs + held as u64 == self.len {
+            held // through the file's short last block
+        } else {
+            held / self.bs as usize * self.bs as usize
+        };
+        let pending = std::mem::take(&mut self.pending);
+        if upto > 0 {
+            self.put(self.pending_k, &pending[..upto]);
+        }
+        self.pending = pending;
+        self.pending.clear();
+    }
+
     /// Redoes the mixed blocks from `out`: the signature, if every block
     /// was written and not too many had to be redone.
     fn finish(&mut self, out: &File) -> io::Result<Option<SignatureBytes>> {
+        self.put_pending();
         if self.given_up {
             return Ok(None);
         }
         // Runs of consecutive blocks are read and signed together (up to
-        // a MiB or one block), so the signature's MD4 runs on 8 lanes.
+        // a MiB or one block, in whole batches), so the signature's MD4
+        // runs on 8 lanes.
         let redo = std::mem::take(&mut self.redo);
-        let per_run = (RUN_BYTES / self.bs).max(1);
+        let per_batch = self.batch / self.bs;
+        let per_run = ((RUN_BYTES / self.bs) / per_batch * per_batch).max(per_batch);
         // (first block, range) of each run.
         let mut runs = vec![];
         let mut i = 0;
@@ -473,43 +499,44 @@ impl Blocks {
 impl UnitSink for Blocks {
     fn feed(&mut self, at: u64, mut data: &[u8]) {
         let mut p = at;
+        if !self.pending.is_empty() && p != self.pending_k * self.bs + self.pending.len() as u64 {
+            self.put_pending();
+        }
         while !data.is_empty() {
-            let k = p / self.bs;
-            let start = k * self.bs;
-            if p == start && self.pending.is_empty() {
-                // Whole blocks (the file's short last one included).
-                let end = p + data.len() as u64;
-                let run_end = if end >= self.len {
-                    self.len
-                } else {
-                    end / self.bs * self.bs
-                };
-                if run_end > p {
-                    let n = (run_end - p) as usize;
-                    self.put(k, &data[..n]);
-                    data = &data[n..];
-                    p = run_end;
-                    continue;
+            if self.pending.is_empty() {
+                self.pending_k = p / self.bs;
+                if p.is_multiple_of(self.bs) {
+                    // Whole batches (through the file's short last block).
+                    let end = p + data.len() as u64;
+                    let run_end = if end >= self.len {
+                        self.len
+                    } else {
+                        p + (end - p) / self.batch * self.batch
+                    };
+                    if run_end > p {
+                        let n = (run_end - p) as usize;
+                        self.put(self.pending_k, &data[..n]);
+                        data = &data[n..];
+                        p = run_end;
+                        continue;
+                    }
                 }
             }
-            if self.pending.is_empty() {
-                self.pending_k = k;
-            }
-            let end = (start + self.bs).min(self.len);
+            // Held until the batch (or the file) is complete.
+            let end = (self.pending_k * self.bs + self.batch).min(self.len);
             let n = ((end - p) as usize).min(data.len());
             self.pending.extend_from_slice(&data[..n]);
             data = &data[n..];
             p += n as u64;
             if p == end {
-                let block = std::mem::take(&mut self.pending);
-                self.put(k, &block);
-                self.pending = block;
-                self.pending.clear();
+                self.put_pending();
             }
         }
     }
 
     fn reuse(&mut self, k: u64) -> bool {
+        // Blocks before `k` were fed whole.
+        self.put_pending();
         let Some((old_len, old)) = &self.old else {
             return false;
         };
@@ -528,9 +555,8 @@ impl UnitSink for Blocks {
     }
 
     fn mixed(&mut self, k: u64) {
-        if self.pending_k == k {
-            self.pending.clear();
-        }
+        // Blocks before `k` were fed whole; what was fed of `k` is dropped.
+        self.put_pending();
         if self.redo.len() >= MAX_REDO_BLOCKS {
             self.given_up = true;
             self.redo = vec![];
@@ -793,6 +819,11 @@ mod tests {
     /// Builds the new file from `steps` against `old`, feeding or skipping,
     /// and checks its BLAKE3 and kept values against the real ones.
     fn check(old: &[u8], steps: &[Step], extra: usize, use_basis: bool) -> u64 {
+        check_in(old, steps, extra, use_basis, usize::MAX)
+    }
+
+    /// [`check`], feeding bytes in pieces of at most `piece` (as writes come).
+    fn check_in(old: &[u8], steps: &[Step], extra: usize, use_basis: bool, piece: usize) -> u64 {
         let basis = BasisDigest {
             len: old.len() as u64,
             cvs: cvs_of(old),
@@ -816,16 +847,17 @@ mod tests {
         let mut d = Digest::new(len, true);
         let took = use_basis && d.use_basis(basis);
         let mut pos = 0;
+        let feed = |d: &mut Digest, bytes: &[u8]| bytes.chunks(piece).for_each(|c| d.feed(c));
         for &(at, n) in &skips {
-            d.feed(&new[pos..at]);
+            feed(&mut d, &new[pos..at]);
             if took && d.can_skip() {
                 d.skip(n as u64);
             } else {
-                d.feed(&new[at..at + n]);
+                feed(&mut d, &new[at..at + n]);
             }
             pos = at + n;
         }
-        d.feed(&new[pos..]);
+        feed(&mut d, &new[pos..]);
         let out = file_of(&new);
         if len <= unit_for(len) {
             assert_eq!(
@@ -853,9 +885,10 @@ mod tests {
             steps in steps(),
             extra in 0usize..70_000,
             use_basis in any::<bool>(),
+            piece in prop_oneof![Just(usize::MAX), 1usize..5000, 5000usize..300_000],
         ) {
             let old = data(old_len, 0);
-            let _ = check(&old, &steps, extra, use_basis);
+            let _ = check_in(&old, &steps, extra, use_basis, piece);
         }
     }
 
