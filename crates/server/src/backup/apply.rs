@@ -85,20 +85,7 @@ impl BackupReceiver {
                 self.enter_dir(e, &parent, &name, !replace, old)
             }
             Action::KeepSymlink => self.keep(unhashed(e), old),
-            Action::MakeSymlink => {
-                self.touch()?;
-                if let Kind::Symlink { target } = &e.kind {
-                    self.with_room(
-                        || format!("creating symlink {:?}", shown(&e.path)),
-                        |_| {
-                            fsops::remove_any(&parent, &name).op("replace", || shown(&e.path))?;
-                            created(|| fsops::symlink(&parent, &name, target))
-                                .op("create symlink", || shown(&e.path))
-                        },
-                    )?;
-                }
-                self.keep(unhashed(e), old)
-            }
+            Action::MakeSymlink => self.make_symlink(e, &parent, &name, old),
             Action::KeepFile { hash } => {
                 let hash = match hash {
                     Some(h) => h,
@@ -119,6 +106,29 @@ impl BackupReceiver {
             }
             Action::Trusted { .. } | Action::ManifestOnly => self.keep(unhashed(e), old),
         }
+    }
+
+    /// Creates symlink `e` as `name` in `parent`, in place of whatever is
+    /// there.
+    fn make_symlink(
+        &mut self,
+        e: Entry,
+        parent: &OwnedFd,
+        name: &[u8],
+        old: Option<ManifestEntry>,
+    ) -> Result<Option<Started>> {
+        self.touch()?;
+        if let Kind::Symlink { target } = &e.kind {
+            self.with_room(
+                || format!("creating symlink {:?}", shown(&e.path)),
+                |_| {
+                    fsops::remove_any(parent, name).op("replace", || shown(&e.path))?;
+                    created(|| fsops::symlink(parent, name, target))
+                        .op("create symlink", || shown(&e.path))
+                },
+            )?;
+        }
+        self.keep(unhashed(e), old)
     }
 
     /// Whether file `e`, kept by its size and mtime, must have its content

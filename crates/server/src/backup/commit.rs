@@ -139,6 +139,57 @@ impl BackupReceiver {
     /// atomically replaces the manifest. Returns the counters and the
     /// committed manifest's generation.
     pub fn commit(&mut self) -> Result<(BackupStats, Option<[u8; 32]>)> {
+        let generation = self.settle()?;
+        let partial = in_dir(&self.meta_path, PARTIAL);
+        if !self.work.changed {
+            // `current` was clean and nothing differs: it still matches the
+            // manifest, and nothing new needs to reach the disc.
+            fsops::remove_any(&self.meta, PARTIAL).op("remove", || &partial)?;
+            // Every entry of the manifest went through the slots, in order.
+            let kept =
+                (self.start.generation == carry::Stored::Is(generation)).then_some(generation);
+            return Ok((std::mem::take(&mut self.stats), kept));
+        }
+        let new_path = self.meta_path.join("manifest.new");
+        let new = self
+            .new
+            .take()
+            .ok_or(Error::Internal("manifest already finished"))?;
+        let new_file =
+            match super::transfer::test_fault::no_space(super::transfer::test_fault::MANIFEST) {
+                Some(e) => Err(e),
+                None => new.finish(),
+            }
+            .op("write", || new_path.display())?;
+        // Atomic with the manifest: an attribute of its file, synced with it.
+        let kept = carry::write_generation(&new_file, &generation).then_some(generation);
+        self.old = PeekableManifest::new(ManifestReader::empty()).map_err(Error::Manifest)?;
+        if self.work.needs_sweep {
+            self.remove_deleted(&new_path)?;
+        }
+        // Signatures of content no file has any more (before the sync, so
+        // no snapshot keeps them).
+        self.sigs.sweep()?;
+        if self.sigs.digests_used > 0 {
+            tracing::info!(
+                "{} changed files rebuilt from kept chaining values: ranges copied in place \
+                 not read; {} bytes read back to hash what changed around them",
+                self.sigs.digests_used,
+                self.sigs.reread
+            );
+        }
+        // Every transfer has ended: what is left of interrupted runs is
+        // stale (its file is gone, unchanged or was sent whole), and no
+        // partial may reach a snapshot.
+        fsops::remove_any(&self.meta, PARTIAL).op("remove", || &partial)?;
+        self.put_in_place(new_file, &new_path)?;
+        Ok((std::mem::take(&mut self.stats), kept))
+    }
+
+    /// Checks that every transfer and entry has ended, notes deletions at
+    /// the end and a manifest to write anew, and returns the new
+    /// manifest's generation.
+    fn settle(&mut self) -> Result<[u8; 32]> {
         if !self.transfers.is_empty() {
             return Err(Error::Refused(format!(
                 "backup ended with {} transfers open",
@@ -167,56 +218,27 @@ impl BackupReceiver {
             // one): written anew, with its generation, once.
             self.mark_changed()?;
         }
-        let partial = in_dir(&self.meta_path, PARTIAL);
-        if !self.work.changed {
-            // `current` was clean and nothing differs: it still matches the
-            // manifest, and nothing new needs to reach the disc.
-            fsops::remove_any(&self.meta, PARTIAL).op("remove", || &partial)?;
-            // Every entry of the manifest went through the slots, in order.
-            let kept =
-                (self.start.generation == carry::Stored::Is(generation)).then_some(generation);
-            return Ok((std::mem::take(&mut self.stats), kept));
-        }
-        let new_path = self.meta_path.join("manifest.new");
-        let new = self
-            .new
-            .take()
-            .ok_or(Error::Internal("manifest already finished"))?;
-        let new_file =
-            match super::transfer::test_fault::no_space(super::transfer::test_fault::MANIFEST) {
-                Some(e) => Err(e),
-                None => new.finish(),
-            }
-            .op("write", || new_path.display())?;
-        // Atomic with the manifest: an attribute of its file, synced with it.
-        let kept = carry::write_generation(&new_file, &generation).then_some(generation);
-        self.old = PeekableManifest::new(ManifestReader::empty()).map_err(Error::Manifest)?;
-        if self.work.needs_sweep {
-            let file =
-                fsops::open_file(&self.meta, b"manifest.new").op("open", || new_path.display())?;
-            let mut manifest = ManifestReader::new(file, &new_path)
-                .and_then(PeekableManifest::new)
-                .map_err(Error::Manifest)?;
-            let mut deleted = 0;
-            remove_stale(&self.current, &[], true, &mut manifest, &mut deleted)?;
-            self.stats.deleted = deleted;
-            self.work.touched |= deleted > 0;
-        }
-        // Signatures of content no file has any more (before the sync, so
-        // no snapshot keeps them).
-        self.sigs.sweep()?;
-        if self.sigs.digests_used > 0 {
-            tracing::info!(
-                "{} changed files rebuilt from kept chaining values: ranges copied in place \
-                 not read; {} bytes read back to hash what changed around them",
-                self.sigs.digests_used,
-                self.sigs.reread
-            );
-        }
-        // Every transfer has ended: what is left of interrupted runs is
-        // stale (its file is gone, unchanged or was sent whole), and no
-        // partial may reach a snapshot.
-        fsops::remove_any(&self.meta, PARTIAL).op("remove", || &partial)?;
+        Ok(generation)
+    }
+
+    /// Removes from `current` what the new manifest (at `new_path`, in the
+    /// store's metadata directory as `manifest.new`) does not name.
+    fn remove_deleted(&mut self, new_path: &std::path::Path) -> Result<()> {
+        let file =
+            fsops::open_file(&self.meta, b"manifest.new").op("open", || new_path.display())?;
+        let mut manifest = ManifestReader::new(file, new_path)
+            .and_then(PeekableManifest::new)
+            .map_err(Error::Manifest)?;
+        let mut deleted = 0;
+        remove_stale(&self.current, &[], true, &mut manifest, &mut deleted)?;
+        self.stats.deleted = deleted;
+        self.work.touched |= deleted > 0;
+        Ok(())
+    }
+
+    /// Syncs what the backup wrote and renames the new manifest into
+    /// place: the commit point.
+    fn put_in_place(&mut self, new_file: std::fs::File, new_path: &std::path::Path) -> Result<()> {
         self.work.committing = true;
         if self.work.touched {
             // One sync of the whole filesystem instead of an fsync per file.
@@ -245,6 +267,6 @@ impl BackupReceiver {
                 self.meta_file(CLEAN)
             );
         }
-        Ok((std::mem::take(&mut self.stats), kept))
+        Ok(())
     }
 }

@@ -51,7 +51,7 @@ mod twin;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::error::{shown, Context, Error, IoContext, Result};
 use byteback_protocol::{BackupStats, Entry, ManifestEntry, Need};
@@ -299,6 +299,35 @@ fn open_old_manifest(
     })
 }
 
+/// Opens (creating what is missing) the metadata directory of `current`
+/// at `meta_path`, its directory of partial rebuilds and its kept
+/// signatures, after removing an interrupted run's leftovers.
+fn open_meta(
+    current: &OwnedFd,
+    meta_path: &Path,
+    room: &mut Option<Room>,
+) -> Result<(OwnedFd, OwnedFd, sigs::KeptSigs)> {
+    let at = |name: &[u8]| in_dir(meta_path, name);
+    let creating = |p: String| move || format!("creating {p}");
+    room::retry(room, creating(meta_path.display().to_string()), || {
+        fsops::ensure_dir(current, META_DIR, 0o700).op("create", || meta_path.display())
+    })?;
+    let meta = fsops::open_dir(current, META_DIR).op("open", || meta_path.display())?;
+    // Leftovers of an interrupted run (`tmp`: of versions before partial
+    // rebuilds were kept); `partial` is kept for resuming.
+    for name in [&b"tmp"[..], b"manifest.new"] {
+        fsops::remove_any(&meta, name).op("remove", || at(name))?;
+    }
+    room::retry(room, creating(at(PARTIAL)), || {
+        fsops::ensure_dir(&meta, PARTIAL, 0o700).op("create", || at(PARTIAL))
+    })?;
+    let partial = fsops::open_dir(&meta, PARTIAL).op("open", || at(PARTIAL))?;
+    let sigs = room::retry(room, creating(in_dir(meta_path, b"sigs")), || {
+        sigs::KeptSigs::open(&meta, meta_path)
+    })?;
+    Ok((meta, partial, sigs))
+}
+
 /// A manifest with no entries (of a first backup, or after a damaged one).
 fn empty_manifest() -> Result<PeekableManifest> {
     PeekableManifest::new(ManifestReader::empty()).map_err(Error::Manifest)
@@ -313,23 +342,7 @@ impl BackupReceiver {
         let current = host.current()?;
         let meta_path = host.path.join("current").join(META_DIR_NAME);
         let at = |name: &[u8]| in_dir(&meta_path, name);
-        let creating = |p: String| move || format!("creating {p}");
-        room::retry(&mut room, creating(meta_path.display().to_string()), || {
-            fsops::ensure_dir(&current, META_DIR, 0o700).op("create", || meta_path.display())
-        })?;
-        let meta = fsops::open_dir(&current, META_DIR).op("open", || meta_path.display())?;
-        // Leftovers of an interrupted run (`tmp`: of versions before partial
-        // rebuilds were kept); `partial` is kept for resuming.
-        for name in [&b"tmp"[..], b"manifest.new"] {
-            fsops::remove_any(&meta, name).op("remove", || at(name))?;
-        }
-        room::retry(&mut room, creating(at(PARTIAL)), || {
-            fsops::ensure_dir(&meta, PARTIAL, 0o700).op("create", || at(PARTIAL))
-        })?;
-        let partial = fsops::open_dir(&meta, PARTIAL).op("open", || at(PARTIAL))?;
-        let sigs = room::retry(&mut room, creating(in_dir(&meta_path, b"sigs")), || {
-            sigs::KeptSigs::open(&meta, &meta_path)
-        })?;
+        let (meta, partial, sigs) = open_meta(&current, &meta_path, &mut room)?;
         let manifest_path = meta_path.join("manifest");
         let mut warnings = vec![];
         let exists = |name: &[u8]| -> Result<bool> {
