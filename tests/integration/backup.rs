@@ -1604,6 +1604,93 @@ fn unchanged_entries_go_as_runs_and_every_change_still_lands() {
     assert_same_tree(&src, &restored_path(&root, &src));
 }
 
+/// The record of the last backup vouches for an entry's extended
+/// attributes while its inode, its ctime (older than the recording
+/// backup's start by more than a few seconds) and the rest of its metadata
+/// are as recorded: such xattrs are not read again. A changed, added or
+/// removed xattr or ACL moves the ctime, so the next backup reads and
+/// stores it; an entry whose ctime was too young when it was recorded (a
+/// change in the same tick could have kept it) is read again too.
+#[test]
+fn xattrs_as_recorded_are_not_read_again_and_every_change_of_them_lands() {
+    let dir = scratch();
+    let src = dir.path().join("tree/src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    let set = |p: &Path, name: &str, v: &[u8]| {
+        rustix::fs::lsetxattr(p, name, v, rustix::fs::XattrFlags::empty()).unwrap();
+    };
+    for i in 0..100 {
+        let f = src.join(format!("d/f{i:03}"));
+        fs::write(&f, format!("file {i}")).unwrap();
+        set(&f, "user.label", format!("v{i}").as_bytes());
+    }
+    set(&src.join("d"), "user.dir", b"1");
+    let store = dir.path().join("store");
+    store_without_interval(&store);
+    let cache = dir.path().join("cache");
+    let backup = || {
+        let out = run(Command::new(bin("byteback-backup"))
+            .env("BYTEBACK_CACHE_DIR", &cache)
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .args(["--hostname", "x", "--retry-number", "0", "-vv"]));
+        stderr(&out)
+    };
+    let vouched = |err: &str, name: &str| {
+        err.contains(&format!(
+            "{}: xattrs as recorded, not read",
+            src.join(name).display()
+        ))
+    };
+    // Every ctime older than the first recording backup's start by more
+    // than the racy margin.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let err = backup();
+    assert!(!vouched(&err, "d/f000"), "no record yet\n{err}");
+    let err = backup();
+    for name in ["d", "d/f000", "d/f005", "d/f010", "d/f020", "d/f099"] {
+        assert!(vouched(&err, name), "{name}\n{err}");
+    }
+
+    set(&src.join("d/f005"), "user.label", b"w5");
+    rustix::fs::lremovexattr(src.join("d/f020"), "user.label").unwrap();
+    let acl = Command::new("setfacl")
+        .args(["-m", "u:4242:r"])
+        .arg(src.join("d/f010"))
+        .status()
+        .expect("setfacl (package acl)");
+    assert!(acl.success());
+    let err = backup();
+    for name in ["d/f005", "d/f010", "d/f020"] {
+        assert!(!vouched(&err, name), "{name}\n{err}");
+    }
+    assert!(vouched(&err, "d/f006"), "{err}");
+    // Their ctimes are within the margin of this backup's start: the next
+    // backup reads them again, though nothing changed.
+    let err = backup();
+    for name in ["d/f005", "d/f010", "d/f020"] {
+        assert!(!vouched(&err, name), "{name}\n{err}");
+    }
+    assert!(vouched(&err, "d/f006"), "{err}");
+
+    let root = restore_all(&store, "x", None, &dir.path().join("restore"));
+    let restored = restored_path(&root, &src);
+    assert_same_tree(&src, &restored);
+    let mut v = [0u8; 16];
+    let n = rustix::fs::lgetxattr(restored.join("d/f005"), "user.label", &mut v[..]).unwrap();
+    assert_eq!(&v[..n], b"w5");
+    assert!(rustix::fs::lgetxattr(restored.join("d/f020"), "user.label", &mut v[..]).is_err());
+    let mut acl = [0u8; 256];
+    assert!(rustix::fs::lgetxattr(
+        restored.join("d/f010"),
+        "system.posix_acl_access",
+        &mut acl[..]
+    )
+    .is_ok());
+}
+
 /// A record that does not describe the server's manifest, though the
 /// generations agree (here: another host's record and generation planted
 /// for this one), fails the server's check of the first run; the client

@@ -114,6 +114,14 @@ pub fn proc_fd_available() -> bool {
 /// detected here. Error messages do not name the object (the caller knows
 /// its path); an object that vanished gives `NotFound`.
 pub fn read_entry(at: At<'_>, rel: Vec<u8>, st: &Statx) -> io::Result<Entry> {
+    let mut e = entry_of_stat(at, rel, st)?;
+    e.xattrs = read_xattrs(at)?;
+    Ok(e)
+}
+
+/// [`read_entry`] without the extended attributes (left empty): what
+/// `statx` says, and a symlink's target.
+pub fn entry_of_stat(at: At<'_>, rel: Vec<u8>, st: &Statx) -> io::Result<Entry> {
     let mode = u32::from(st.stx_mode);
     let kind = match FileType::from_raw_mode(mode) {
         FileType::RegularFile => Kind::File { size: st.stx_size },
@@ -154,13 +162,13 @@ pub fn read_entry(at: At<'_>, rel: Vec<u8>, st: &Statx) -> io::Result<Entry> {
         gid: st.stx_gid,
         mtime_sec: st.stx_mtime.tv_sec,
         mtime_nsec,
-        xattrs: read_xattrs(at)?,
+        xattrs: Vec::new(),
     })
 }
 
 /// All xattrs of the object at `at`, sorted by name: with `listxattrat`
 /// for [`At::Child`] where the kernel has it, else through procfs.
-fn read_xattrs(at: At<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+pub fn read_xattrs(at: At<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     if let At::Child { dir, name } = at {
         if byteback_protocol::os::xattr::at_calls_available() {
             match xattrs_of(XattrOf::Child { dir, name }) {

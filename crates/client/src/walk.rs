@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::error::{bail, Context, Error, Result};
+use byteback_protocol::unchanged::EntryDigest;
 use byteback_protocol::{compare_paths, Entry, Kind};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rustix::fs::{FileType, Mode, OFlags, RawDir, ResolveFlags, Statx};
@@ -153,6 +154,12 @@ pub struct Found {
     /// The source it lies in (itself included), and where in `abs` the path
     /// below that source starts; `None` for the ancestors of a source.
     source: Option<(Arc<SourceRoot>, usize)>,
+    /// The object's quick key (see [`EntrySink::quick_keys`]), when asked for.
+    pub quick: Option<EntryDigest>,
+    /// The digest of the entry with its xattrs, as the sink's record gave
+    /// it (see [`EntrySink::recorded_as`]): the entry's xattrs were not
+    /// read, and are empty.
+    pub known: Option<EntryDigest>,
 }
 
 /// Why [`Found::open_file`] gave no file.
@@ -314,6 +321,23 @@ pub trait EntrySink {
     fn warning(&mut self, w: WalkWarning);
     /// Something the walk left out on purpose (a filesystem not entered), for `--verbose`.
     fn note(&mut self, _what: String) {}
+    /// Whether each entry's [`Found::quick`] key is wanted.
+    fn quick_keys(&self) -> bool {
+        false
+    }
+    /// The digest of the entry at `path` with its xattrs, if the sink's
+    /// record of it has the same quick key and is safe to take (its ctime,
+    /// `ctime_sec`, old enough that no change of an xattr could have kept
+    /// it); then the walk does not read the xattrs. Called at most once per
+    /// entry, just before [`EntrySink::entry`] for it.
+    fn recorded_as(
+        &mut self,
+        _path: &[u8],
+        _quick: &EntryDigest,
+        _ctime_sec: i64,
+    ) -> Option<EntryDigest> {
+        None
+    }
 }
 
 fn rel_of(abs: &Path) -> Vec<u8> {
@@ -644,7 +668,7 @@ impl Walker<'_> {
         source: Option<(Arc<SourceRoot>, usize)>,
     ) -> Result<bool> {
         let rel = abs.trim_start_matches_slash().to_vec();
-        let mut e = match meta::read_entry(at, rel, st) {
+        let mut e = match meta::entry_of_stat(at, rel, st) {
             Ok(e) => e,
             Err(err) => {
                 self.warn_io(abs, &err);
@@ -661,11 +685,31 @@ impl Walker<'_> {
                 self.links.insert((dev, ino), e.path.clone());
             }
         }
+        // The xattrs are read unless the sink vouches for them: the object
+        // is as its record says, down to its ctime, which every change of
+        // an xattr moves.
+        let ctime = (st.stx_ctime.tv_sec, st.stx_ctime.tv_nsec);
+        let quick = self
+            .sink
+            .quick_keys()
+            .then(|| crate::backup::cache::quick_key(&e, ino, ctime));
+        let known = quick.and_then(|q| self.sink.recorded_as(&e.path, &q, ctime.0));
+        if known.is_none() {
+            match meta::read_xattrs(at) {
+                Ok(x) => e.xattrs = x,
+                Err(err) => {
+                    self.warn_io(abs, &err);
+                    return Ok(false);
+                }
+            }
+        }
         let found = Found {
             abs: path_of(abs),
             dev,
             ino,
             source,
+            quick,
+            known,
         };
         self.sink.entry(found, e)?;
         Ok(true)
@@ -702,6 +746,8 @@ impl Walker<'_> {
                 dev,
                 ino,
                 source: None,
+                quick: None,
+                known: None,
             };
             self.sink.entry(found, e)?;
             sent_dirs.push(rel);

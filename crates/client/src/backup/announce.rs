@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use crate::error::{bail, Result};
 use byteback_protocol::limits::{window_within_caps, MAX_BATCH, MAX_BUFFERED_BYTES};
-use byteback_protocol::unchanged::{entry_digest, Chain};
+use byteback_protocol::unchanged::{entry_digest, Chain, EntryDigest};
 use byteback_protocol::{ClientMsg, Entry};
 
-use super::cache::{NewRecord, OldRecord};
+use super::cache::{NewRecord, OldRecord, Recorded};
 use super::shared::{lock, Batches, Shared};
 use crate::progress::BACKUP as PROGRESS;
 use crate::walk::{shown, EntrySink, Found, WalkWarning};
@@ -29,21 +29,24 @@ pub(super) struct Announcer {
     run: Vec<(Found, Entry)>,
     run_cost: usize,
     run_chain: Chain,
-    /// The record of the last backup, when the server's manifest is its.
-    old: Option<OldRecord>,
+    /// Whether there is a record of the last backup that the server's
+    /// manifest matches (read by the walk's [`Feeder`]).
+    old: bool,
     /// The record of this one.
     pub(super) new: Option<NewRecord>,
     /// Entries found by the walk.
     pub(super) entries: u64,
     /// Entries that went in runs of unchanged ones.
     pub(super) unchanged: u64,
+    /// Entries whose xattrs the record vouched for (not read).
+    pub(super) vouched: u64,
 }
 
 impl Announcer {
     pub(super) fn new(
         shared: Arc<Shared>,
         batches: Arc<Batches>,
-        old: Option<OldRecord>,
+        old: bool,
         new: Option<NewRecord>,
     ) -> Self {
         Announcer {
@@ -58,6 +61,7 @@ impl Announcer {
             new,
             entries: 0,
             unchanged: 0,
+            vouched: 0,
         }
     }
 
@@ -110,24 +114,20 @@ impl Announcer {
         lock(&self.batches).push_back((start, batch));
         self.shared.send(msg)
     }
+}
 
-    /// Whether `entry` equals its record and may join a run (its digest is `d`).
-    fn recorded(&mut self, entry: &Entry, d: &[u8; 16]) -> bool {
-        let Some(old) = self.old.as_mut() else {
-            return false;
-        };
-        match old.seek(&entry.path) {
-            // A record passed over is an entry the server still has: the
-            // next one sent must say so (it is deleted), so no run goes on.
-            Ok((Some(r), false)) => r == *d,
-            Ok(_) => false,
-            Err(e) => {
-                tracing::warn!("the record of the last backup cannot be read ({e}); every further entry is sent");
-                self.old = None;
-                false
-            }
-        }
-    }
+/// What the record of the last backup holds for an entry, as the walk's
+/// [`Feeder`] found it: `None` without a record (or one that could not be
+/// read); else the entry's record, if any, and whether records before it
+/// were passed over (entries the server still has that the walk did not
+/// find: the next entry sent must say so, so no run goes on).
+type Seek = Option<(Option<Recorded>, bool)>;
+
+/// One entry of the walk on its way to the announcer.
+struct Walked {
+    found: Found,
+    entry: Entry,
+    record: Seek,
 }
 
 /// Entries handed from the walk to the announcer at a time: at most this
@@ -148,17 +148,19 @@ const CHUNKS_QUEUED: usize = 8;
 pub(super) fn walk_into(
     shared: &Arc<Shared>,
     mut announcer: Announcer,
+    old: Option<OldRecord>,
     walk: impl FnOnce(&mut Feeder) -> Result<()>,
 ) -> Result<Announcer> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(Found, Entry)>>(CHUNKS_QUEUED);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Walked>>(CHUNKS_QUEUED);
+    let quick_keys = old.is_some() || announcer.new.is_some();
     std::thread::scope(|s| {
         let announcing = std::thread::Builder::new()
             .name("byteback-announce".into())
             .spawn_scoped(s, move || -> Result<Announcer> {
                 let announced = (|| {
                     for chunk in rx {
-                        for (found, entry) in chunk {
-                            announcer.announce(found, entry)?;
+                        for w in chunk {
+                            announcer.announce(w)?;
                         }
                     }
                     announcer.flush()
@@ -175,6 +177,9 @@ pub(super) fn walk_into(
             tx: Some(tx),
             chunk: Vec::with_capacity(CHUNK),
             chunk_bytes: 0,
+            old,
+            quick_keys,
+            sought: None,
         };
         let walked = walk(&mut feeder).and_then(|()| feeder.send());
         if let Err(e) = &walked {
@@ -192,16 +197,37 @@ pub(super) fn walk_into(
     })
 }
 
-/// The walk's sink: hands entries to the announcer in chunks.
+/// The walk's sink: hands entries to the announcer in chunks, each with
+/// what the record of the last backup holds for it.
 pub(super) struct Feeder {
     shared: Arc<Shared>,
-    tx: Option<std::sync::mpsc::SyncSender<Vec<(Found, Entry)>>>,
-    chunk: Vec<(Found, Entry)>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<Walked>>>,
+    chunk: Vec<Walked>,
     /// `buffer_cost` of the chunk's entries.
     chunk_bytes: usize,
+    /// The record of the last backup, when the server's manifest is its.
+    old: Option<OldRecord>,
+    /// Whether entries get quick keys (a record is read or written).
+    quick_keys: bool,
+    /// The record sought for the next entry (by `recorded_as`): its path
+    /// and what was found.
+    sought: Option<(Vec<u8>, Option<Recorded>, bool)>,
 }
 
 impl Feeder {
+    /// What the record holds for `path` (see [`Seek`]), read in walk order.
+    fn seek(&mut self, path: &[u8]) -> Seek {
+        let old = self.old.as_mut()?;
+        match old.seek(path) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("the record of the last backup cannot be read ({e}); every further entry is sent");
+                self.old = None;
+                None
+            }
+        }
+    }
+
     fn send(&mut self) -> Result<()> {
         if self.chunk.is_empty() {
             return Ok(());
@@ -228,7 +254,15 @@ impl EntrySink for Feeder {
             self.send()?;
         }
         self.chunk_bytes += cost;
-        self.chunk.push((found, entry));
+        let record = match self.sought.take() {
+            Some((path, r, skipped)) if path == entry.path => Some((r, skipped)),
+            _ => self.seek(&entry.path),
+        };
+        self.chunk.push(Walked {
+            found,
+            entry,
+            record,
+        });
         if self.chunk.len() >= CHUNK {
             self.send()?;
         }
@@ -237,6 +271,25 @@ impl EntrySink for Feeder {
 
     fn note(&mut self, what: String) {
         tracing::debug!("{what}");
+    }
+
+    fn quick_keys(&self) -> bool {
+        self.quick_keys
+    }
+
+    fn recorded_as(
+        &mut self,
+        path: &[u8],
+        quick: &EntryDigest,
+        ctime_sec: i64,
+    ) -> Option<EntryDigest> {
+        let (r, skipped) = self.seek(path)?;
+        self.sought = Some((path.to_vec(), r, skipped));
+        let old = self.old.as_ref()?;
+        // Only an entry that will join a run: one sent after a passed-over
+        // record goes whole, xattrs and all.
+        r.filter(|r| !skipped && r.quick == *quick && old.vouches_at(ctime_sec))
+            .map(|r| r.digest)
     }
 
     fn warning(&mut self, w: WalkWarning) {
@@ -254,23 +307,42 @@ impl EntrySink for Feeder {
 
 impl Announcer {
     /// Announces one entry found by the walk.
-    fn announce(&mut self, found: Found, entry: Entry) -> Result<()> {
+    fn announce(&mut self, w: Walked) -> Result<()> {
+        let Walked {
+            found,
+            entry,
+            record,
+        } = w;
         if self.shared.stopped() {
             bail!("the backup stopped");
         }
         self.entries += 1;
         let cost = entry.buffer_cost();
-        if self.old.is_some() || self.new.is_some() {
-            let d = entry_digest(&entry);
+        if self.old || self.new.is_some() {
+            // An entry whose xattrs were not read has its record's digest.
+            let d = found.known.unwrap_or_else(|| entry_digest(&entry));
             if let Some(new) = self.new.as_mut() {
-                if let Err(e) = new.push(&entry.path, &d) {
+                let quick = found.quick.unwrap_or_default();
+                if let Err(e) = new.push(&entry.path, &d, &quick) {
                     tracing::warn!("cannot write the record of this backup ({e}); the next one sends every entry");
                     if let Some(n) = self.new.take() {
                         n.discard();
                     }
                 }
             }
-            if self.recorded(&entry, &d) {
+            let recorded = matches!(record, Some((Some(r), false)) if r.digest == d);
+            if found.known.is_some() && !recorded {
+                // Never sent without the xattrs it has.
+                bail!(
+                    "{}: its xattrs were not read, yet it does not join a run of unchanged entries",
+                    shown(&found.abs)
+                );
+            }
+            if recorded {
+                if found.known.is_some() {
+                    self.vouched += 1;
+                    tracing::trace!("{}: xattrs as recorded, not read", shown(&found.abs));
+                }
                 self.flush_batch()?;
                 if !self.run.is_empty() && self.run_cost + cost > MAX_BUFFERED_BYTES / 4 {
                     self.flush_run()?;
@@ -283,7 +355,7 @@ impl Announcer {
                 }
                 return Ok(());
             }
-            if self.old.is_some() {
+            if self.old {
                 tracing::trace!("{}: not as recorded", String::from_utf8_lossy(&entry.path));
             }
             self.flush_run()?;

@@ -12,9 +12,20 @@
 //! [`crate::backup::run_backup`]'s caller), never let a change through.
 //! It is read as a stream and written as one, so memory stays bounded.
 //!
+//! Each record also holds the entry's *quick key* ([`quick_key`]): what
+//! `statx` says of the object, its inode number and its ctime. An entry
+//! whose quick key equals its record's, and whose ctime is older than the
+//! start of the backup that recorded it by more than [`RACY_SECS`], has the
+//! extended attributes it had then: every change of an xattr moves the
+//! ctime to the time of the change, which is after that start. Such an
+//! entry's xattrs are not read again; its record's digest stands for it.
+//! (A ctime younger than that could be kept by a change within the same
+//! tick of a coarse clock, as git's index calls "racy".)
+//!
 //! File: `<cache dir>/<key>.entries`, where the key hashes the destination
-//! and the host name: magic, the generation, then one zstd stream of
-//! records (`u32` path length, path, 16-byte digest).
+//! and the host name: magic, the generation, the start of the backup that
+//! wrote it (`i64` seconds since the epoch), then one zstd stream of records
+//! (`u32` path length, path, 16-byte digest, 16-byte quick key).
 //!
 //! [`ClientMsg::Unchanged`]: byteback_protocol::ClientMsg::Unchanged
 
@@ -25,9 +36,48 @@ use std::path::{Path, PathBuf};
 
 use byteback_protocol::compare_paths;
 use byteback_protocol::limits::MAX_PATH;
-use byteback_protocol::unchanged::{Chain, EntryDigest};
+use byteback_protocol::unchanged::{entry_digest, Chain, EntryDigest};
+use byteback_protocol::Entry;
 
-const MAGIC: &[u8; 8] = b"BBEC0001";
+const MAGIC: &[u8; 8] = b"BBEC0002";
+/// Bytes before the records: magic, generation, start.
+const HEAD: usize = 8 + 32 + 8;
+/// How much older than the recording backup's start a ctime must be for
+/// the record to vouch for the entry's xattrs: ample for the coarsest
+/// timestamps Linux filesystems keep (FAT's two seconds) and a clock that
+/// lags the wall clock by a tick.
+pub const RACY_SECS: i64 = 3;
+
+/// What `statx` says of an entry (`e`, its xattrs not looked at), its
+/// inode number and its ctime, hashed: equal keys mean the same object,
+/// unchanged since, if its ctime is old enough (see the module's text).
+pub fn quick_key(e: &Entry, ino: u64, ctime: (i64, u32)) -> EntryDigest {
+    let mut h = blake3::Hasher::new();
+    if e.xattrs.is_empty() {
+        h.update(&entry_digest(e));
+    } else {
+        let bare = Entry {
+            xattrs: Vec::new(),
+            ..e.clone()
+        };
+        h.update(&entry_digest(&bare));
+    }
+    h.update(&ino.to_le_bytes());
+    h.update(&ctime.0.to_le_bytes());
+    h.update(&ctime.1.to_le_bytes());
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    k
+}
+
+/// One entry of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recorded {
+    /// Its digest (xattrs included).
+    pub digest: EntryDigest,
+    /// Its quick key ([`quick_key`]).
+    pub quick: EntryDigest,
+}
 
 /// The cache directory: `$BYTEBACK_CACHE_DIR`, else `/var/cache/byteback`
 /// for root, else `$XDG_CACHE_HOME/byteback` or `~/.cache/byteback`.
@@ -76,7 +126,9 @@ fn bad(msg: &str) -> io::Error {
 /// A record being read, one entry ahead.
 pub struct OldRecord {
     dec: zstd::stream::read::Decoder<'static, BufReader<File>>,
-    peeked: Option<(Vec<u8>, EntryDigest)>,
+    peeked: Option<(Vec<u8>, Recorded)>,
+    /// When the backup that wrote it started (seconds since the epoch).
+    started: i64,
 }
 
 impl OldRecord {
@@ -88,20 +140,27 @@ impl OldRecord {
             Err(e) => return Err(e),
         };
         let mut r = BufReader::with_capacity(64 << 10, f);
-        let mut head = [0u8; 40];
-        r.read_exact(&mut head)?;
-        if &head[..8] != MAGIC || head[8..] != generation[..] {
+        let mut head = [0u8; HEAD];
+        match r.read_exact(&mut head) {
+            // Shorter than a header: not a record (of this version).
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            r => r?,
+        }
+        if &head[..8] != MAGIC || head[8..40] != generation[..] {
             return Ok(None);
         }
+        let mut started = [0u8; 8];
+        started.copy_from_slice(&head[40..]);
         let mut rec = OldRecord {
             dec: zstd::stream::read::Decoder::with_buffer(r)?,
             peeked: None,
+            started: i64::from_le_bytes(started),
         };
         rec.peeked = rec.read_one()?;
         Ok(Some(rec))
     }
 
-    fn read_one(&mut self) -> io::Result<Option<(Vec<u8>, EntryDigest)>> {
+    fn read_one(&mut self) -> io::Result<Option<(Vec<u8>, Recorded)>> {
         let mut len = [0u8; 4];
         match self.dec.read_exact(&mut len) {
             Ok(()) => {}
@@ -114,15 +173,28 @@ impl OldRecord {
         }
         let mut path = vec![0u8; len];
         self.dec.read_exact(&mut path)?;
-        let mut d = [0u8; 16];
+        let mut d = [0u8; 32];
         self.dec.read_exact(&mut d)?;
-        Ok(Some((path, d)))
+        let (digest, quick) = d.split_at(16);
+        let mut rec = Recorded {
+            digest: [0; 16],
+            quick: [0; 16],
+        };
+        rec.digest.copy_from_slice(digest);
+        rec.quick.copy_from_slice(quick);
+        Ok(Some((path, rec)))
     }
 
-    /// Moves to `path`: returns the digest recorded for it, if the record
+    /// Whether a ctime of `ctime_sec` is old enough for this record to
+    /// vouch for the xattrs of an entry whose quick key it holds.
+    pub fn vouches_at(&self, ctime_sec: i64) -> bool {
+        ctime_sec < self.started.saturating_sub(RACY_SECS)
+    }
+
+    /// Moves to `path`: returns what is recorded for it, if the record
     /// holds it, and whether records before it were passed over (entries
     /// the walk no longer found).
-    pub fn seek(&mut self, path: &[u8]) -> io::Result<(Option<EntryDigest>, bool)> {
+    pub fn seek(&mut self, path: &[u8]) -> io::Result<(Option<Recorded>, bool)> {
         let mut skipped = false;
         while let Some((p, d)) = &self.peeked {
             match compare_paths(p, path) {
@@ -151,6 +223,13 @@ pub struct NewRecord {
     chain: Chain,
 }
 
+/// Seconds since the epoch, now.
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 impl NewRecord {
     /// Starts the record that will replace `path`.
     pub fn create(path: &Path) -> io::Result<Self> {
@@ -175,6 +254,9 @@ impl NewRecord {
         let mut w = BufWriter::with_capacity(64 << 10, f);
         w.write_all(MAGIC)?;
         w.write_all(&[0u8; 32])?;
+        // Taken before the walk's first statx: what the walk sees changed
+        // after it.
+        w.write_all(&now_secs().to_le_bytes())?;
         Ok(NewRecord {
             enc: Some(zstd::stream::write::Encoder::new(w, 1)?),
             tmp,
@@ -183,15 +265,16 @@ impl NewRecord {
         })
     }
 
-    /// Records one announced entry.
-    pub fn push(&mut self, path: &[u8], d: &EntryDigest) -> io::Result<()> {
+    /// Records one announced entry: its digest and its quick key.
+    pub fn push(&mut self, path: &[u8], d: &EntryDigest, quick: &EntryDigest) -> io::Result<()> {
         self.chain.push(d);
         let Some(enc) = self.enc.as_mut() else {
             return Err(bad("record already finished"));
         };
         enc.write_all(&(path.len() as u32).to_le_bytes())?;
         enc.write_all(path)?;
-        enc.write_all(d)
+        enc.write_all(d)?;
+        enc.write_all(quick)
     }
 
     /// Puts the record in place if `generation` (the server's, after its
@@ -252,24 +335,34 @@ mod tests {
         let entries: [(&[u8], u8); 4] = [(b"a", 1), (b"a/b", 2), (b"a/c", 3), (b"b", 4)];
         let mut rec = NewRecord::create(&path).unwrap();
         let mut chain = Chain::new();
+        let before = now_secs();
         for (p, n) in entries {
-            rec.push(p, &d(n)).unwrap();
+            rec.push(p, &d(n), &d(n + 100)).unwrap();
             chain.push(&d(n));
         }
         let generation = chain.finish();
         assert!(rec.finish(Some(generation)).unwrap());
         assert!(OldRecord::open(&path, &[9; 32]).unwrap().is_none());
         let mut old = OldRecord::open(&path, &generation).unwrap().unwrap();
-        assert_eq!(old.seek(b"a").unwrap(), (Some(d(1)), false));
+        let r = |n| Recorded {
+            digest: d(n),
+            quick: d(n + 100),
+        };
+        assert_eq!(old.seek(b"a").unwrap(), (Some(r(1)), false));
         // a/b passed over: the walk did not find it.
-        assert_eq!(old.seek(b"a/c").unwrap(), (Some(d(3)), true));
+        assert_eq!(old.seek(b"a/c").unwrap(), (Some(r(3)), true));
         assert_eq!(old.seek(b"a/d").unwrap(), (None, false));
-        assert_eq!(old.seek(b"b").unwrap(), (Some(d(4)), false));
+        assert_eq!(old.seek(b"b").unwrap(), (Some(r(4)), false));
         assert_eq!(old.seek(b"c").unwrap(), (None, false));
+        // The record's start bounds the ctimes it vouches for.
+        assert!(old.started >= before && old.started <= now_secs());
+        assert!(old.vouches_at(old.started - RACY_SECS - 1));
+        assert!(!old.vouches_at(old.started - RACY_SECS));
+        assert!(!old.vouches_at(old.started + 5));
 
         // Another chain than the server's: no record at all afterwards.
         let mut rec = NewRecord::create(&path).unwrap();
-        rec.push(b"a", &d(1)).unwrap();
+        rec.push(b"a", &d(1), &d(2)).unwrap();
         assert!(!rec.finish(Some(generation)).unwrap());
         assert!(!path.exists());
         assert!(OldRecord::open(&path, &generation).unwrap().is_none());
@@ -281,8 +374,63 @@ mod tests {
         let path = dir.path().join("x.entries");
         let mut bytes = MAGIC.to_vec();
         bytes.extend([5u8; 32]);
+        bytes.extend(0i64.to_le_bytes());
         bytes.extend(zstd::encode_all(&[0xffu8, 0xff, 0xff, 0x7f, 1][..], 1).unwrap());
         std::fs::write(&path, &bytes).unwrap();
         assert!(OldRecord::open(&path, &[5; 32]).is_err());
+    }
+
+    #[test]
+    fn a_record_of_the_first_version_or_cut_short_is_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.entries");
+        let mut bytes = b"BBEC0001".to_vec();
+        bytes.extend([5u8; 32]);
+        bytes.extend(zstd::encode_all(&[1u8, 0, 0, 0, b'a'][..], 1).unwrap());
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(OldRecord::open(&path, &[5; 32]).unwrap().is_none());
+        std::fs::write(&path, &MAGIC[..]).unwrap();
+        assert!(OldRecord::open(&path, &[5; 32]).unwrap().is_none());
+    }
+
+    fn entry(xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Entry {
+        Entry {
+            path: b"a/b".to_vec(),
+            kind: byteback_protocol::Kind::File { size: 3 },
+            mode: 0o644,
+            uid: 1,
+            gid: 2,
+            mtime_sec: 1_700_000_000,
+            mtime_nsec: 5,
+            xattrs,
+        }
+    }
+
+    #[test]
+    fn quick_keys_follow_the_stat_fields_the_inode_and_the_ctime_not_the_xattrs() {
+        let e = entry(vec![]);
+        let k = quick_key(&e, 7, (100, 1));
+        let with_xattr = entry(vec![(b"user.x".to_vec(), b"1".to_vec())]);
+        assert_eq!(quick_key(&with_xattr, 7, (100, 1)), k);
+        assert_ne!(quick_key(&e, 8, (100, 1)), k);
+        assert_ne!(quick_key(&e, 7, (101, 1)), k);
+        assert_ne!(quick_key(&e, 7, (100, 2)), k);
+        let changes: [fn(&mut Entry); 6] = [
+            |e| e.mode = 0o600,
+            |e| e.uid = 0,
+            |e| e.gid = 0,
+            |e| e.mtime_nsec = 6,
+            |e| e.kind = byteback_protocol::Kind::File { size: 4 },
+            |e| {
+                e.kind = byteback_protocol::Kind::HardLink {
+                    target: b"a/a".to_vec(),
+                }
+            },
+        ];
+        for change in changes {
+            let mut other = entry(vec![]);
+            change(&mut other);
+            assert_ne!(quick_key(&other, 7, (100, 1)), k, "{other:?}");
+        }
     }
 }

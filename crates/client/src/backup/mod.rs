@@ -265,15 +265,21 @@ fn walk_and_commit(
     old: Option<cache::OldRecord>,
     new: Option<cache::NewRecord>,
 ) -> Result<(Committed, u64, u64)> {
-    let announcer = Announcer::new(shared.clone(), batches, old, new);
+    let announcer = Announcer::new(shared.clone(), batches, old.is_some(), new);
     let walk_opts = walk::WalkOptions {
         one_file_system: opts.one_file_system,
         filter: opts.filter.clone(),
     };
-    let mut announcer = announce::walk_into(shared, announcer, |feeder| {
+    let mut announcer = announce::walk_into(shared, announcer, old, |feeder| {
         walk::walk(sources, excludes, walk_opts, feeder)
     })?;
     PROGRESS.walk_finished();
+    if announcer.vouched > 0 {
+        tracing::debug!(
+            "extended attributes of {} entries not read: unchanged since the record of the last backup (inode, ctime and metadata as recorded)",
+            announcer.vouched
+        );
+    }
     // Wait until every file is resolved, then commit.
     drop(shared.wait_flow(|f| f.window.is_empty())?);
     shared.send(ClientMsg::BackupEnd)?;
