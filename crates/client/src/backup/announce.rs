@@ -12,7 +12,7 @@ use byteback_protocol::limits::{window_within_caps, MAX_BATCH, MAX_BUFFERED_BYTE
 use byteback_protocol::unchanged::{entry_digest, Chain, EntryDigest};
 use byteback_protocol::{ClientMsg, Entry};
 
-use super::cache::{NewRecord, OldRecord, Recorded};
+use super::cache::{Cursor, NewRecord, OldRecord, Sought};
 use super::shared::{lock, Batches, Shared};
 use crate::progress::BACKUP as PROGRESS;
 use crate::walk::{shown, EntrySink, Found, WalkWarning};
@@ -116,18 +116,11 @@ impl Announcer {
     }
 }
 
-/// What the record of the last backup holds for an entry, as the walk's
-/// [`Feeder`] found it: `None` without a record (or one that could not be
-/// read); else the entry's record, if any, and whether records before it
-/// were passed over (entries the server still has that the walk did not
-/// find: the next entry sent must say so, so no run goes on).
-type Seek = Option<(Option<Recorded>, bool)>;
-
 /// One entry of the walk on its way to the announcer.
 struct Walked {
     found: Found,
     entry: Entry,
-    record: Seek,
+    record: Sought,
 }
 
 /// Entries handed from the walk to the announcer at a time: at most this
@@ -177,9 +170,8 @@ pub(super) fn walk_into(
             tx: Some(tx),
             chunk: Vec::with_capacity(CHUNK),
             chunk_bytes: 0,
-            old,
+            old: Cursor::new(old),
             quick_keys,
-            sought: None,
         };
         let walked = walk(&mut feeder).and_then(|()| feeder.send());
         if let Err(e) = &walked {
@@ -206,28 +198,12 @@ pub(super) struct Feeder {
     /// `buffer_cost` of the chunk's entries.
     chunk_bytes: usize,
     /// The record of the last backup, when the server's manifest is its.
-    old: Option<OldRecord>,
+    old: Cursor,
     /// Whether entries get quick keys (a record is read or written).
     quick_keys: bool,
-    /// The record sought for the next entry (by `recorded_as`): its path
-    /// and what was found.
-    sought: Option<(Vec<u8>, Option<Recorded>, bool)>,
 }
 
 impl Feeder {
-    /// What the record holds for `path` (see [`Seek`]), read in walk order.
-    fn seek(&mut self, path: &[u8]) -> Seek {
-        let old = self.old.as_mut()?;
-        match old.seek(path) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::warn!("the record of the last backup cannot be read ({e}); every further entry is sent");
-                self.old = None;
-                None
-            }
-        }
-    }
-
     fn send(&mut self) -> Result<()> {
         if self.chunk.is_empty() {
             return Ok(());
@@ -254,10 +230,7 @@ impl EntrySink for Feeder {
             self.send()?;
         }
         self.chunk_bytes += cost;
-        let record = match self.sought.take() {
-            Some((path, r, skipped)) if path == entry.path => Some((r, skipped)),
-            _ => self.seek(&entry.path),
-        };
+        let record = self.old.entry(&entry.path);
         self.chunk.push(Walked {
             found,
             entry,
@@ -283,13 +256,7 @@ impl EntrySink for Feeder {
         quick: &EntryDigest,
         ctime_sec: i64,
     ) -> Option<EntryDigest> {
-        let (r, skipped) = self.seek(path)?;
-        self.sought = Some((path.to_vec(), r, skipped));
-        let old = self.old.as_ref()?;
-        // Only an entry that will join a run: one sent after a passed-over
-        // record goes whole, xattrs and all.
-        r.filter(|r| !skipped && r.quick == *quick && old.vouches_at(ctime_sec))
-            .map(|r| r.digest)
+        self.old.vouch(path, quick, ctime_sec)
     }
 
     fn warning(&mut self, w: WalkWarning) {

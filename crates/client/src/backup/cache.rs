@@ -7,10 +7,14 @@
 //! not be sent: runs of them go as [`ClientMsg::Unchanged`].
 //!
 //! The record is only a hint: the server checks every run against its own
-//! manifest, so a stale, damaged or tampered record can cost a backup
-//! (it fails, and is run again announcing every entry, see
-//! [`crate::backup::run_backup`]'s caller), never let a change through.
-//! It is read as a stream and written as one, so memory stays bounded.
+//! manifest, so a stale or damaged record can cost a backup (it fails, and
+//! is run again announcing every entry, see [`crate::backup::run_backup`]'s
+//! caller), never let a change through. The one thing it is trusted with
+//! is the quick key below: a record forged to match an object's `statx`
+//! could hide a change of that object's xattrs, so it is as private as the
+//! client's own files (a directory of mode 0700, a file of mode 0600, in
+//! root's cache for a root client). It is read as a stream and written as
+//! one, so memory stays bounded.
 //!
 //! Each record also holds the entry's *quick key* ([`quick_key`]): what
 //! `statx` says of the object, its inode number and its ctime. An entry
@@ -212,6 +216,86 @@ impl OldRecord {
     }
 }
 
+/// What the record of the last backup holds for an entry: `None` without a
+/// record (or one that could not be read); else the entry's record, if any,
+/// and whether records before it were passed over (entries the server still
+/// has that the walk did not hand on: the next entry sent must say so, so
+/// no run goes on).
+pub type Sought = Option<(Option<Recorded>, bool)>;
+
+/// The record of the last backup as the walk reads it: one seek per entry
+/// handed on, in walk order, whether the walk asked about the entry first
+/// ([`Cursor::vouch`]) or not ([`Cursor::entry`]).
+pub struct Cursor {
+    old: Option<OldRecord>,
+    /// The record [`Cursor::vouch`] found for an entry not handed on yet:
+    /// its path, the record and whether records were passed over.
+    sought: Option<(Vec<u8>, Option<Recorded>, bool)>,
+    /// A record was passed over since the last entry handed on: one sought
+    /// for an entry the walk then left out (its xattrs could not be read).
+    passed: bool,
+}
+
+impl Cursor {
+    /// Reads `old`, if there is one.
+    pub fn new(old: Option<OldRecord>) -> Self {
+        Cursor {
+            old,
+            sought: None,
+            passed: false,
+        }
+    }
+
+    /// Whether a record is being read.
+    pub fn is_some(&self) -> bool {
+        self.old.is_some()
+    }
+
+    fn seek(&mut self, path: &[u8]) -> Sought {
+        if let Some((_, r, skipped)) = self.sought.take() {
+            // Sought, but never handed on: the server's entry is passed over.
+            self.passed |= r.is_some() || skipped;
+        }
+        let old = self.old.as_mut()?;
+        match old.seek(path) {
+            Ok((r, skipped)) => Some((r, skipped || std::mem::take(&mut self.passed))),
+            Err(e) => {
+                tracing::warn!("the record of the last backup cannot be read ({e}); every further entry is sent");
+                self.old = None;
+                None
+            }
+        }
+    }
+
+    /// The digest recorded for the entry at `path`, if its record has the
+    /// quick key `quick`, vouches for its ctime `ctime_sec` and the entry
+    /// will join a run (no record passed over before it): then its xattrs
+    /// need not be read.
+    pub fn vouch(
+        &mut self,
+        path: &[u8],
+        quick: &EntryDigest,
+        ctime_sec: i64,
+    ) -> Option<EntryDigest> {
+        let (r, skipped) = self.seek(path)?;
+        self.sought = Some((path.to_vec(), r, skipped));
+        let old = self.old.as_ref()?;
+        r.filter(|r| !skipped && r.quick == *quick && old.vouches_at(ctime_sec))
+            .map(|r| r.digest)
+    }
+
+    /// What the record holds for the entry at `path`, handed on now.
+    pub fn entry(&mut self, path: &[u8]) -> Sought {
+        match self.sought.take() {
+            Some((p, r, skipped)) if p == path => Some((r, skipped)),
+            other => {
+                self.sought = other;
+                self.seek(path)
+            }
+        }
+    }
+}
+
 /// The record of this backup, written as entries are announced; put in
 /// place under the generation the server commits, if that is the chain of
 /// exactly these entries.
@@ -366,6 +450,47 @@ mod tests {
         assert!(!rec.finish(Some(generation)).unwrap());
         assert!(!path.exists());
         assert!(OldRecord::open(&path, &generation).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_cursor_vouches_only_for_entries_that_join_a_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.entries");
+        let names: [&[u8]; 5] = [b"a", b"b", b"c", b"d", b"e"];
+        let mut rec = NewRecord::create(&path).unwrap();
+        let mut chain = Chain::new();
+        for (n, p) in names.iter().enumerate() {
+            let n = n as u8;
+            rec.push(p, &d(n), &d(n + 100)).unwrap();
+            chain.push(&d(n));
+        }
+        let generation = chain.finish();
+        assert!(rec.finish(Some(generation)).unwrap());
+        let mut c = Cursor::new(OldRecord::open(&path, &generation).unwrap());
+        let r = |n: u8| Recorded {
+            digest: d(n),
+            quick: d(n + 100),
+        };
+        // As recorded, with an old ctime: vouched for, and handed on.
+        assert_eq!(c.vouch(b"a", &d(100), 0), Some(d(0)));
+        assert_eq!(c.entry(b"a"), Some((Some(r(0)), false)));
+        // Another quick key, or a ctime within the margin: not vouched
+        // for, yet the record is what it is.
+        assert_eq!(c.vouch(b"b", &d(7), 0), None);
+        assert_eq!(c.entry(b"b"), Some((Some(r(1)), false)));
+        assert_eq!(c.vouch(b"c", &d(102), now_secs()), None);
+        // c is left out by the walk after all (its xattrs could not be
+        // read): the server's c is passed over, so d neither is vouched
+        // for nor joins a run, though its record matches.
+        assert_eq!(c.vouch(b"d", &d(103), 0), None);
+        assert_eq!(c.entry(b"d"), Some((Some(r(3)), true)));
+        // An entry the walk never asked about is sought when handed on.
+        assert_eq!(c.entry(b"e"), Some((Some(r(4)), false)));
+        assert_eq!(c.entry(b"f"), Some((None, false)));
+        // Without a record: nothing.
+        let mut none = Cursor::new(None);
+        assert_eq!(none.vouch(b"a", &d(100), 0), None);
+        assert_eq!(none.entry(b"a"), None);
     }
 
     #[test]
