@@ -1691,6 +1691,34 @@ fn xattrs_as_recorded_are_not_read_again_and_every_change_of_them_lands() {
     .is_ok());
 }
 
+/// A file with two links whose first path is left out (its xattrs cannot
+/// be read: injected, as a rename between its `statx` and the read gives
+/// it) is stored at its second path as a file of its own, never as a hard
+/// link to a path the backup does not hold; the backup says what it left
+/// out, and the snapshot restores.
+#[test]
+fn a_hard_link_never_names_a_path_the_backup_left_out() {
+    let dir = scratch();
+    let src = dir.path().join("tree/src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("a"), b"linked content").unwrap();
+    fs::hard_link(src.join("a"), src.join("b")).unwrap();
+    fs::write(src.join("c"), b"plain").unwrap();
+    let store = dir.path().join("store");
+    store_without_interval(&store);
+    let out = run_status(backup_cmd(&store, &src, "links", 0).env("BYTEBACK_TEST_XATTR_FAIL", "a"));
+    let err = stderr(&out);
+    // As a file renamed away during the backup: said, and not an error.
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let gone = format!("{}: vanished during the backup", src.join("a").display());
+    assert!(err.contains(&gone), "{err}");
+    let root = restore_all(&store, "links", None, &dir.path().join("restore"));
+    let restored = restored_path(&root, &src);
+    assert!(!restored.join("a").exists());
+    assert_eq!(fs::read(restored.join("b")).unwrap(), b"linked content");
+    assert_eq!(fs::read(restored.join("c")).unwrap(), b"plain");
+}
+
 /// A record that does not describe the server's manifest, though the
 /// generations agree (here: another host's record and generation planted
 /// for this one), fails the server's check of the first run; the client

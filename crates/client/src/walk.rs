@@ -415,6 +415,26 @@ pub struct WalkOptions {
 }
 
 /// The mount id `statx` reported, if the kernel gave one (Linux 5.8+).
+/// `statfs` types of the local filesystems whose ctimes move with every
+/// change of an xattr: ext2/3/4, XFS, btrfs, tmpfs, F2FS. Elsewhere the
+/// xattrs are read every time.
+const CTIME_MOVES: [u64; 5] = [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994, 0xF2F5_2010];
+
+/// `BYTEBACK_TEST_XATTR_FAIL=NAME` (debug builds only): reading the xattrs
+/// of every object whose last path component is NAME fails, as it does
+/// when the object is renamed away between its `statx` and the read.
+#[cfg(debug_assertions)]
+fn xattr_fault(abs: &[u8]) -> Option<io::Error> {
+    let name = std::env::var_os("BYTEBACK_TEST_XATTR_FAIL")?;
+    let last = abs.rsplit(|b| *b == b'/').next()?;
+    (last == name.as_bytes()).then(|| io::Error::from(Errno::NOENT))
+}
+
+#[cfg(not(debug_assertions))]
+fn xattr_fault(_abs: &[u8]) -> Option<io::Error> {
+    None
+}
+
 fn mnt_id(st: &Statx) -> Option<u64> {
     (st.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() != 0).then_some(st.stx_mnt_id)
 }
@@ -503,6 +523,9 @@ struct Walker<'a> {
     sink: &'a mut dyn EntrySink,
     /// (dev, ino) of multiply-linked files already sent -> their first path.
     links: HashMap<(u64, u64), Vec<u8>>,
+    /// Per (mount id, device) of the directories walked: whether the
+    /// filesystem moves ctimes with every change of an xattr.
+    ctime_fs: HashMap<(Option<u64>, u64), bool>,
     /// For `getdents64`.
     buf: Vec<MaybeUninit<u8>>,
     /// Which mounted filesystems to enter.
@@ -660,12 +683,17 @@ impl Walker<'_> {
     /// Reads the entry of the object at `at` (seen as `st`) found at `abs`
     /// and hands it to the sink. Returns whether it was sent; a problem with
     /// the object is a warning.
+    ///
+    /// `ctime_moves` says whether the object's filesystem moves its ctime
+    /// with every change of an xattr (see [`Walker::ctime_moves`]): only
+    /// then may the sink vouch for its xattrs.
     fn emit(
         &mut self,
         at: At<'_>,
         st: &Statx,
         abs: &[u8],
         source: Option<(Arc<SourceRoot>, usize)>,
+        ctime_moves: bool,
     ) -> Result<bool> {
         let rel = abs.trim_start_matches_slash().to_vec();
         let mut e = match meta::entry_of_stat(at, rel, st) {
@@ -676,13 +704,17 @@ impl Walker<'_> {
             }
         };
         let (dev, ino) = meta::dev_ino(st);
+        // The first path of a file with several links; registered below,
+        // once the entry is sure to be sent (a later link must never name
+        // a path this backup left out).
+        let mut first_link = false;
         if matches!(e.kind, Kind::File { .. }) && st.stx_nlink > 1 {
             if let Some(first) = self.links.get(&(dev, ino)) {
                 e.kind = Kind::HardLink {
                     target: first.clone(),
                 };
             } else {
-                self.links.insert((dev, ino), e.path.clone());
+                first_link = true;
             }
         }
         // The xattrs are read unless the sink vouches for them: the object
@@ -693,15 +725,21 @@ impl Walker<'_> {
             .sink
             .quick_keys()
             .then(|| crate::backup::cache::quick_key(&e, ino, ctime));
-        let known = quick.and_then(|q| self.sink.recorded_as(&e.path, &q, ctime.0));
+        let has_ctime = st.stx_mask & rustix::fs::StatxFlags::CTIME.bits() != 0;
+        let known = quick
+            .filter(|_| ctime_moves && has_ctime)
+            .and_then(|q| self.sink.recorded_as(&e.path, &q, ctime.0));
         if known.is_none() {
-            match meta::read_xattrs(at) {
+            match xattr_fault(abs).map_or_else(|| meta::read_xattrs(at), Err) {
                 Ok(x) => e.xattrs = x,
                 Err(err) => {
                     self.warn_io(abs, &err);
                     return Ok(false);
                 }
             }
+        }
+        if first_link {
+            self.links.insert((dev, ino), e.path.clone());
         }
         let found = Found {
             abs: path_of(abs),
@@ -713,6 +751,19 @@ impl Walker<'_> {
         };
         self.sink.entry(found, e)?;
         Ok(true)
+    }
+
+    /// Whether the filesystem of `dir` (on mount and device `mnt`) is one
+    /// whose ctimes Linux itself keeps, moving them with every change of an
+    /// xattr or ACL ([`CTIME_MOVES`]): not a network or FUSE filesystem,
+    /// whose ctimes come from elsewhere (another clock, a cache, a program).
+    /// Asked once per mount and device.
+    fn ctime_moves(&mut self, dir: BorrowedFd<'_>, mnt: (Option<u64>, u64)) -> bool {
+        *self.ctime_fs.entry(mnt).or_insert_with(|| {
+            // The type's 32 bits, however wide and signed `f_type` is here.
+            rustix::fs::fstatfs(dir)
+                .is_ok_and(|s| CTIME_MOVES.contains(&(s.f_type as u64 & 0xFFFF_FFFF)))
+        })
     }
 
     /// Sends the ancestors of `src` not sent yet, each read from its parent
@@ -852,7 +903,7 @@ impl Walker<'_> {
             return Ok(None);
         }
         let whole = Some((root.clone(), src_bytes.len()));
-        if !fs_root && !self.emit(At::Fd(root.fd.as_fd()), &st, src_bytes, whole)? {
+        if !fs_root && !self.emit(At::Fd(root.fd.as_fd()), &st, src_bytes, whole, false)? {
             return Ok(None);
         }
         if !is_dir {
@@ -934,7 +985,18 @@ impl Walker<'_> {
         if hinted_dir != Some(is_dir) && self.left_out(rel, is_dir, depth) {
             return Ok(None);
         }
-        if !self.emit(at, &st, path, Some((root.clone(), below_start)))? || !is_dir {
+        // Within the parent's filesystem (not a mount point or a btrfs
+        // subvolume's root), whose kind is known.
+        let ctime_moves = (mnt_id(&st), meta::dev_ino(&st).0) == parent.mnt
+            && self.ctime_moves(parent.dir.as_fd(), parent.mnt);
+        if !self.emit(
+            at,
+            &st,
+            path,
+            Some((root.clone(), below_start)),
+            ctime_moves,
+        )? || !is_dir
+        {
             return Ok(None);
         }
         let (dev, ino) = meta::dev_ino(&st);
@@ -1058,6 +1120,7 @@ pub fn walk(
         dir_rules: DirRules::default(),
         sink,
         links: HashMap::new(),
+        ctime_fs: HashMap::new(),
         buf: vec![MaybeUninit::uninit(); DIRENT_BUF],
         mounts: Mounts::new(opts.one_file_system),
         prefetch: Prefetch::start(),

@@ -133,9 +133,11 @@ const CHUNK_BYTES: usize = MAX_BUFFERED_BYTES / 32;
 const CHUNKS_QUEUED: usize = 8;
 
 /// Runs `walk` on this thread with the announcer on a thread of its own:
-/// the walk only reads directories and metadata, while the announcer
-/// digests entries, reads and writes the record of the backups and waits
-/// for room in the window. They share no more than [`CHUNKS_QUEUED`]
+/// the walk reads directories and metadata, and the record of the last
+/// backup (it must know whether the record vouches for an entry's xattrs
+/// before reading them: see [`super::cache`]), while the announcer digests
+/// entries, writes the record of this backup and waits for room in the
+/// window. They share no more than [`CHUNKS_QUEUED`]
 /// chunks of [`CHUNK`] entries. Returns the announcer once everything
 /// found is announced.
 pub(super) fn walk_into(
@@ -285,6 +287,12 @@ impl Announcer {
         }
         self.entries += 1;
         let cost = entry.buffer_cost();
+        if found.known.is_some() && !self.old {
+            bail!(
+                "{}: its xattrs were not read, yet there is no record of the last backup",
+                shown(&found.abs)
+            );
+        }
         if self.old || self.new.is_some() {
             // An entry whose xattrs were not read has its record's digest.
             let d = found.known.unwrap_or_else(|| entry_digest(&entry));

@@ -11,10 +11,11 @@
 //! is run again announcing every entry, see [`crate::backup::run_backup`]'s
 //! caller), never let a change through. The one thing it is trusted with
 //! is the quick key below: a record forged to match an object's `statx`
-//! could hide a change of that object's xattrs, so it is as private as the
-//! client's own files (a directory of mode 0700, a file of mode 0600, in
-//! root's cache for a root client). It is read as a stream and written as
-//! one, so memory stays bounded.
+//! could hide a change of that object's xattrs, so it belongs where only
+//! the client's user may write (for root, `/var/cache/byteback`; the
+//! directory is created with mode 0700 if missing, the file with mode
+//! 0600; an existing directory's mode is left as it is). It is read as a
+//! stream and written as one, so memory stays bounded.
 //!
 //! Each record also holds the entry's *quick key* ([`quick_key`]): what
 //! `statx` says of the object, its inode number and its ctime. An entry
@@ -23,6 +24,11 @@
 //! extended attributes it had then: every change of an xattr moves the
 //! ctime to the time of the change, which is after that start. Such an
 //! entry's xattrs are not read again; its record's digest stands for it.
+//! Only on filesystems whose ctimes Linux keeps itself (ext2/3/4, XFS,
+//! btrfs, tmpfs, F2FS; not network or FUSE filesystems, whose ctimes come
+//! from another clock, a cache or a program), below a directory on the
+//! same mount and device, and when `statx` gives a ctime at all (see the
+//! walk's `emit`).
 //! (A ctime younger than that could be kept by a change within the same
 //! tick of a coarse clock, as git's index calls "racy".)
 //!
