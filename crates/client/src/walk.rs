@@ -414,7 +414,6 @@ pub struct WalkOptions {
     pub filter: Option<Arc<Filter>>,
 }
 
-/// The mount id `statx` reported, if the kernel gave one (Linux 5.8+).
 /// `statfs` types of the local filesystems whose ctimes move with every
 /// change of an xattr: ext2/3/4, XFS, btrfs, tmpfs, F2FS. Elsewhere the
 /// xattrs are read every time.
@@ -435,6 +434,7 @@ fn xattr_fault(_abs: &[u8]) -> Option<io::Error> {
     None
 }
 
+/// The mount id `statx` reported, if the kernel gave one (Linux 5.8+).
 fn mnt_id(st: &Statx) -> Option<u64> {
     (st.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() != 0).then_some(st.stx_mnt_id)
 }

@@ -24,13 +24,13 @@
 //! extended attributes it had then: every change of an xattr moves the
 //! ctime to the time of the change, which is after that start. Such an
 //! entry's xattrs are not read again; its record's digest stands for it.
-//! Only on filesystems whose ctimes Linux keeps itself (ext2/3/4, XFS,
-//! btrfs, tmpfs, F2FS; not network or FUSE filesystems, whose ctimes come
-//! from another clock, a cache or a program), below a directory on the
-//! same mount and device, and when `statx` gives a ctime at all (see the
-//! walk's `emit`).
 //! (A ctime younger than that could be kept by a change within the same
-//! tick of a coarse clock, as git's index calls "racy".)
+//! tick of a coarse clock, as git's index calls "racy".) Only on
+//! filesystems whose ctimes Linux keeps itself (ext2/3/4, XFS, btrfs,
+//! tmpfs, F2FS; not network or FUSE filesystems, whose ctimes come from
+//! another clock, a cache or a program), below a directory on the same
+//! mount and device, and when `statx` gives a ctime at all (see the walk's
+//! `emit`).
 //!
 //! File: `<cache dir>/<key>.entries`, where the key hashes the destination
 //! and the host name: magic, the generation, the start of the backup that
@@ -250,11 +250,6 @@ impl Cursor {
             sought: None,
             passed: false,
         }
-    }
-
-    /// Whether a record is being read.
-    pub fn is_some(&self) -> bool {
-        self.old.is_some()
     }
 
     fn seek(&mut self, path: &[u8]) -> Sought {
