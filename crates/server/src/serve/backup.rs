@@ -123,18 +123,7 @@ fn receive<R: Read, W: Write>(
                 mtime_sec,
                 mtime_nsec,
             } => {
-                let name = rx.transfer_name(id);
-                let ended = rx
-                    .end(id, size, hash, (mtime_sec, mtime_nsec))
-                    .context_with(|| format!("finishing {name}"))?;
-                let reply = match ended {
-                    TransferResult::Done => ServerMsg::FileOk { id },
-                    TransferResult::Retry => ServerMsg::FileRetry { id },
-                    TransferResult::NoSpace { path, need, quota } => {
-                        make_room(target, rx, &path, need, quota)?;
-                        ServerMsg::FileRetry { id }
-                    }
-                };
+                let reply = end_file(target, rx, id, size, hash, (mtime_sec, mtime_nsec))?;
                 conn.send(&reply)?;
             }
             ClientMsg::FileClone {
@@ -148,11 +137,11 @@ fn receive<R: Read, W: Write>(
                 let cloned = rx
                     .offer(id, size, hash, (mtime_sec, mtime_nsec))
                     .context_with(|| format!("cloning a stored copy for {name}"))?;
-                if cloned {
-                    conn.send(&ServerMsg::FileOk { id })?;
+                conn.send(&if cloned {
+                    ServerMsg::FileOk { id }
                 } else {
-                    conn.send(&ServerMsg::SendData { id })?;
-                }
+                    ServerMsg::SendData { id }
+                })?;
             }
             ClientMsg::FileAbort { id } => {
                 let name = rx.transfer_name(id);
@@ -164,6 +153,31 @@ fn receive<R: Read, W: Write>(
             m => return Err(refused(format!("unexpected {} during a backup", m.name()))),
         }
     }
+}
+
+/// Ends transfer `id` and says what the client is to do next: nothing
+/// (`FileOk`) or send the file again (`FileRetry`), after making room
+/// where writing it ran out of space.
+fn end_file(
+    target: &Target,
+    rx: &mut BackupReceiver,
+    id: u32,
+    size: u64,
+    hash: [u8; 32],
+    mtime: (i64, u32),
+) -> Result<ServerMsg> {
+    let name = rx.transfer_name(id);
+    let ended = rx
+        .end(id, size, hash, mtime)
+        .context_with(|| format!("finishing {name}"))?;
+    Ok(match ended {
+        TransferResult::Done => ServerMsg::FileOk { id },
+        TransferResult::Retry => ServerMsg::FileRetry { id },
+        TransferResult::NoSpace { path, need, quota } => {
+            make_room(target, rx, &path, need, quota)?;
+            ServerMsg::FileRetry { id }
+        }
+    })
 }
 
 /// Descriptors a file in flight may hold.
