@@ -1021,6 +1021,105 @@ fn open_transfer_cannot_make_the_server_buffer_entries_without_bound() {
     env.check_unchanged();
 }
 
+/// A delta of copies that do not line up with the stored copy's blocks
+/// costs disc space as literal data does: a client naming ten megabytes of
+/// them in a few kilobytes must have them counted in the usage log, which
+/// the size guard and the prune go by, not pass for a backup that wrote
+/// nothing.
+#[test]
+fn copies_a_delta_makes_count_as_written() {
+    let mut env = Env::new();
+    let stored = Rng::new(7).bytes(5000);
+    let m = fresh_mtime();
+    let first = backup_script(&[(file_e(b"big", stored.len(), m), Some(&stored))]);
+    let o = env.serve("a file to copy from", &first.bytes);
+    assert!(o.backup_done().is_some(), "{}", o.describe());
+    assert_eq!(env.accept().len(), 1, "{}", o.describe());
+    let m = fresh_mtime();
+    let piece = &stored[1..];
+    let times = 2000;
+    let mut delta = literal_delta(b"")[..4].to_vec(); // the magic
+    let mut content = vec![];
+    for _ in 0..times {
+        delta.push(0x54); // COPY, 8-byte offset and length
+        delta.extend_from_slice(&1u64.to_be_bytes());
+        delta.extend_from_slice(&(piece.len() as u64).to_be_bytes());
+        content.extend_from_slice(piece);
+    }
+    delta.push(0); // END
+    let s = Script::backup()
+        .msg(&ClientMsg::Entries(vec![file_e(b"big", content.len(), m)]))
+        .msg(&ClientMsg::FileData {
+            id: 0,
+            delta: Compressed::compress(&delta, 1).unwrap(),
+        })
+        .msg(&file_end(0, &content, m))
+        .msg(&ClientMsg::BackupEnd);
+    assert!(s.bytes.len() < 64 << 10, "{} bytes", s.bytes.len());
+    let o = env.serve("ten megabytes of unaligned copies", &s.bytes);
+    o.assert_sane();
+    assert!(o.backup_done().is_some(), "{}", o.describe());
+    assert_eq!(env.accept().len(), 1, "{}", o.describe());
+    assert_eq!(fs::read(env.current().join("big")).unwrap(), content);
+    let usage = fs::read_to_string(env.host_dir().join(".byteback-usage")).unwrap();
+    let last = usage.lines().last().unwrap();
+    let grown: u64 = last.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(
+        grown >= content.len() as u64,
+        "the usage log says the backup wrote {grown} bytes; it wrote {} ({last:?})",
+        content.len()
+    );
+}
+
+/// Under a low open-file limit the server stops answering batches of
+/// entries while the files in flight hold its descriptors; the batches the
+/// client sends meanwhile wait unanswered. A client that keeps sending
+/// them (each entry may carry 1 MiB of xattrs) is refused at the window's
+/// caps instead of being held in memory.
+#[test]
+fn unanswered_batches_of_entries_are_capped_in_memory() {
+    let env = Env::new();
+    let m = fresh_mtime();
+    // File `a` is started (holding its descriptors) and never finished;
+    // then 12 batches of 8 directories with 960 KiB of xattrs each.
+    let mut s = Script::backup()
+        .msg(&ClientMsg::Entries(vec![file_e(b"a", 10, m)]))
+        .msg(&file_data(0, b"01234"));
+    let mut n = 0;
+    for _ in 0..12 {
+        let mut batch = vec![];
+        for _ in 0..8 {
+            let mut e = dir_e(format!("d{n:04}").as_bytes(), m);
+            e.xattrs = (0..15u8)
+                .map(|i| (format!("user.x{i:02}").into_bytes(), vec![i; 64 << 10]))
+                .collect();
+            batch.push(e);
+            n += 1;
+        }
+        s = s.msg(&ClientMsg::Entries(batch));
+    }
+    // 256 descriptors: none left for transfers beyond the reserve, so
+    // nothing is answered while `a` is open.
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=256:256", "--"])
+        .arg(bin("byteback-server"))
+        .args(env.serve_args(HOST, &[]));
+    limit_data(&mut cmd, DATA_LIMIT);
+    let o = run_server_cmd(
+        "unanswered batches under a low open-file limit",
+        cmd,
+        &s.bytes,
+    );
+    assert!(
+        !(o.signal == Some(Signal::ABORT.as_raw()) && o.stderr.contains("memory allocation")),
+        "the server held every unanswered batch in memory and ran out of its {} MiB data limit:\n{}",
+        DATA_LIMIT >> 20,
+        o.describe()
+    );
+    o.assert_refused(&["bytes of entries waiting for an answer"]);
+    env.check_unchanged();
+}
+
 /// A client that starts every file it was asked for at once (its first
 /// data, never its end) is refused once they would need more descriptors
 /// than the server's open-file limit leaves, with an error saying so,

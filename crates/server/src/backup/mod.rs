@@ -251,6 +251,11 @@ pub struct BackupReceiver {
     last_carried: Option<Vec<u8>>,
     /// Counters reported to the client.
     pub stats: BackupStats,
+    /// Bytes this backup wrote to disc that share nothing with stored
+    /// copies: literal data and whatever a delta or a twin copied rather
+    /// than cloned. The usage log's growth and the size guard's figure, so
+    /// a client cannot fill the disc with copies it names in a few bytes.
+    pub grown: u64,
     /// Non-fatal problems to report.
     pub warnings: Vec<String>,
     /// Making room when creating or renaming runs out of space (none: the
@@ -400,6 +405,7 @@ impl BackupReceiver {
             last_parent: None,
             decoder: Decoder::new()?,
             stats: BackupStats::default(),
+            grown: 0,
             warnings,
             room,
             checksum: false,

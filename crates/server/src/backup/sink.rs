@@ -108,11 +108,27 @@ impl Decoder {
     }
 }
 
-/// Bytes of a segment served from the basis and sent literally.
+/// Bytes of a segment served from the basis and sent literally, and of
+/// those served from the basis, the ones written out rather than shared
+/// with it by a clone (disc space they take as literal bytes do).
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Applied {
     pub matched: u64,
     pub literal: u64,
+    pub copied: u64,
+}
+
+impl Applied {
+    /// What these bytes cost on disc: literal and copied bytes.
+    pub fn grown(&self) -> u64 {
+        self.literal.saturating_add(self.copied)
+    }
+
+    pub fn add(&mut self, o: Applied) {
+        self.matched = self.matched.saturating_add(o.matched);
+        self.literal = self.literal.saturating_add(o.literal);
+        self.copied = self.copied.saturating_add(o.copied);
+    }
 }
 
 /// The file being written for one transfer.
@@ -143,9 +159,9 @@ pub(super) struct FileWriter {
     /// [`count_dropped`]), so the room asked for is what the client sent,
     /// never just what it declared.
     pub attempted: u64,
-    /// Bytes of this attempt counted in the backup's statistics (literal,
-    /// matched): taken back when the attempt is thrown away.
-    pub counted: (u64, u64),
+    /// Bytes of this attempt counted in the backup's statistics and
+    /// growth: taken back when the attempt is thrown away.
+    pub counted: Applied,
 }
 
 /// The most a dropped segment counts for, per byte it took on the wire:
@@ -181,7 +197,7 @@ impl FileWriter {
             nospace: false,
             quota: false,
             attempted: 0,
-            counted: (0, 0),
+            counted: Applied::default(),
         }
     }
 
@@ -312,7 +328,7 @@ impl FileWriter {
         self.nospace = false;
         self.quota = false;
         self.attempted = 0;
-        self.counted = (0, 0);
+        self.counted = Applied::default();
         self.written = 0;
         self.flushed = 0;
         self.digest = Digest::new(self.len, self.keep);
@@ -491,6 +507,7 @@ impl FileSink<'_> {
                 file.read_exact_at(&mut self.buf[..k], src)?;
                 write_sparse_at(self.out, at, &self.buf[..k])?;
                 cloned = k as u64;
+                self.applied.copied += cloned;
             }
             self.digest.skip(cloned);
             self.pos += cloned;
@@ -570,10 +587,10 @@ impl PatchSink for FileSink<'_> {
                         Err(_) => *clone_ok = false,
                     }
                 }
-                write_sparse_at(out, dst + written as u64, &buf[written..n])
+                write_sparse_at(out, dst + written as u64, &buf[written..n]).map(|()| n - written)
             });
             self.buf = buf;
-            stored?;
+            self.applied.copied += stored? as u64;
             self.pos += n as u64;
             done += n as u64;
         }

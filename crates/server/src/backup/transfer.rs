@@ -232,8 +232,8 @@ impl BackupReceiver {
         let applied = t
             .writer
             .write(raw, t.entry.size(), &t.entry.path, &mut self.clone_ok)?;
-        t.writer.counted.0 += applied.literal;
-        t.writer.counted.1 += applied.matched;
+        t.writer.counted.add(applied);
+        self.grown = self.grown.saturating_add(applied.grown());
         self.stats.matched_bytes += applied.matched;
         self.stats.literal_bytes += applied.literal;
         Ok(())
@@ -261,9 +261,10 @@ impl BackupReceiver {
             let need = size.min(t.writer.attempted);
             let quota = t.writer.quota;
             // What this attempt wrote is thrown away: not the backup's growth.
-            let (literal, matched) = t.writer.counted;
-            self.stats.literal_bytes = self.stats.literal_bytes.saturating_sub(literal);
-            self.stats.matched_bytes = self.stats.matched_bytes.saturating_sub(matched);
+            let counted = t.writer.counted;
+            self.stats.literal_bytes = self.stats.literal_bytes.saturating_sub(counted.literal);
+            self.stats.matched_bytes = self.stats.matched_bytes.saturating_sub(counted.matched);
+            self.grown = self.grown.saturating_sub(counted.grown());
             if quota {
                 // The backup fails (see `make_room`); emptying the file may
                 // need quota too, and the receiver's end removes it.

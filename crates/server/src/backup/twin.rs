@@ -110,11 +110,13 @@ impl BackupReceiver {
         if !shared {
             self.clone_ok = false;
         }
+        let grown = if shared { 0 } else { size };
         match self.end(id, size, hash, mtime)? {
             TransferResult::Done => {
                 self.stats.files_transferred = self.stats.files_transferred.saturating_sub(1);
                 self.stats.cloned += 1;
                 self.stats.matched_bytes += size;
+                self.grown = self.grown.saturating_add(grown);
                 Ok(true)
             }
             _ => Err(Error::Internal("a verified clone failed its commit")),

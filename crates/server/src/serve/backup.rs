@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 
+use byteback_protocol::limits::{window_within_caps, MAX_BUFFERED_BYTES, MAX_PENDING};
 use byteback_protocol::{ClientMsg, Entry, ProtocolError, ServerMsg};
 
 use super::{refused, Conn, ServeConfig};
@@ -86,16 +87,16 @@ fn receive<R: Read, W: Write>(
     // asked for at once is refused.
     rx.limit_held_fds(budget.max(FILES_IN_FLIGHT * FDS_PER_FILE));
     // Batches of entries not answered yet (bounded by the client's window).
-    let mut waiting: VecDeque<Batch> = VecDeque::new();
+    let mut waiting = Waiting::default();
     loop {
         answer_waiting(conn, rx, &mut waiting, budget)?;
         let msg = conn
             .recv()?
             .ok_or_else(|| refused("client went away in the middle of a backup"))?;
         match msg {
-            ClientMsg::Entries(entries) => waiting.push_back(Batch::Entries(entries)),
+            ClientMsg::Entries(entries) => waiting.push(Batch::Entries(entries))?,
             ClientMsg::Unchanged { count, digest } => {
-                waiting.push_back(Batch::Unchanged { count, digest })
+                waiting.push(Batch::Unchanged { count, digest })?
             }
             ClientMsg::SigRequest { id } => {
                 let name = rx.transfer_name(id);
@@ -220,15 +221,15 @@ fn fd_budget() -> usize {
 fn answer_waiting<R: Read, W: Write>(
     conn: &mut Conn<R, W>,
     rx: &mut BackupReceiver,
-    waiting: &mut VecDeque<Batch>,
+    waiting: &mut Waiting,
     budget: usize,
 ) -> Result<()> {
-    while !waiting.is_empty() {
+    while !waiting.batches.is_empty() {
         let held = rx.files_held();
         if held > 0 && held + FDS_PER_FILE > budget {
             break;
         }
-        let needs = match waiting.pop_front() {
+        let needs = match waiting.pop() {
             Some(Batch::Entries(batch)) => rx.entries(batch)?,
             Some(Batch::Unchanged { count, digest }) => {
                 rx.unchanged(count, &digest)?;
@@ -239,6 +240,49 @@ fn answer_waiting<R: Read, W: Write>(
         conn.send(&ServerMsg::Needs(needs))?;
     }
     Ok(())
+}
+
+/// Batches of entries waiting for their answer, and what they hold.
+#[derive(Default)]
+struct Waiting {
+    /// Each with its entries and their cost.
+    batches: VecDeque<(Batch, usize, usize)>,
+    /// Entries (runs of unchanged ones count as one) and their
+    /// [`Entry::buffer_cost`] in `batches`.
+    entries: usize,
+    bytes: usize,
+}
+
+impl Waiting {
+    /// Queues `batch`. Batches wait only while the files in flight hold
+    /// the descriptors the server may use; what waits is part of the
+    /// client's window, which it keeps within the protocol's caps (a batch
+    /// alone may exceed them), so a client that sends more is refused
+    /// rather than held in memory.
+    fn push(&mut self, batch: Batch) -> Result<()> {
+        let (n, cost) = match &batch {
+            Batch::Entries(e) => (e.len(), e.iter().map(Entry::buffer_cost).sum()),
+            Batch::Unchanged { .. } => (1, 0),
+        };
+        if !self.batches.is_empty()
+            && !window_within_caps(self.entries + n, self.bytes.saturating_add(cost))
+        {
+            return Err(refused(format!(
+                "client sent more than {MAX_PENDING} entries or {MAX_BUFFERED_BYTES} bytes of entries waiting for an answer"
+            )));
+        }
+        self.entries += n;
+        self.bytes = self.bytes.saturating_add(cost);
+        self.batches.push_back((batch, n, cost));
+        Ok(())
+    }
+
+    fn pop(&mut self) -> Option<Batch> {
+        let (batch, n, cost) = self.batches.pop_front()?;
+        self.entries -= n;
+        self.bytes -= cost;
+        Some(batch)
+    }
 }
 
 /// A batch of entries waiting for its answer.
@@ -269,7 +313,7 @@ fn make_room(
         host: target.host,
         path,
         need,
-        written: rx.stats.literal_bytes,
+        written: rx.grown,
         quota,
     };
     crate::pruner::make_room(target.store, target.config, target.now(), &room)
@@ -284,6 +328,7 @@ fn finish<R: Read, W: Write>(
 ) -> Result<()> {
     let warnings = std::mem::take(&mut rx.warnings);
     let (stats, generation) = rx.commit()?;
+    let new_bytes = rx.grown;
     let now = target.now();
     let taken = rx.with_room(
         || "taking the snapshot".into(),
@@ -303,7 +348,6 @@ fn finish<R: Read, W: Write>(
             message.push_str(&format!("\nwarning: {w}"));
         }
     }
-    let new_bytes = stats.literal_bytes;
     // The snapshot is taken: a client gone by now must not cost the usage
     // line and the prune, so a failed send only logs.
     let told = conn
