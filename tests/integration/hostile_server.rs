@@ -1056,6 +1056,49 @@ fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     st.sentinel.assert_untouched();
 }
 
+/// A setuid or setgid bit stays only on a file owned as the manifest says:
+/// an owner that cannot be set (here one the kernel cannot take, as for an
+/// unmapped id or a restore by another user) leaves the file owned by who
+/// restored it, and the bit would make it run as them.
+#[test]
+fn setuid_and_setgid_stay_only_on_files_owned_as_the_manifest_says() {
+    if !require_root("setuid_and_setgid_stay_only_on_files_owned_as_the_manifest_says") {
+        return;
+    }
+    let st = Stage::new();
+    let body: &[u8] = b"#!/bin/sh\n";
+    let mut unowned = file("bin/x", body);
+    unowned.entry.mode = 0o6755;
+    unowned.entry.uid = u32::MAX;
+    unowned.entry.gid = u32::MAX;
+    let mut owned = file("bin/y", body);
+    owned.entry.mode = 0o6755;
+    owned.entry.uid = 1234;
+    owned.entry.gid = 5678;
+    let mut shared = dir("shared");
+    shared.entry.mode = 0o2775;
+    shared.entry.gid = u32::MAX;
+    let entries = vec![dir("bin"), unowned, owned, shared];
+    let files: &[(&str, &[u8])] = &[("bin/x", body), ("bin/y", body)];
+    let r = st.restore(&scenario(entries, files), &[ALL]);
+    let md = |p: &str| fs::symlink_metadata(st.restored(p)).unwrap();
+    assert_eq!(md("bin/x").mode() & 0o7777, 0o755, "{}", r.stderr);
+    assert_eq!((md("bin/x").uid(), md("bin/x").gid()), (0, 0));
+    assert!(r.stderr.contains("bin/x: setuid left off"), "{}", r.stderr);
+    assert!(r.stderr.contains("bin/x: setgid left off"), "{}", r.stderr);
+    assert_eq!(md("bin/y").mode() & 0o7777, 0o6755, "{}", r.stderr);
+    assert_eq!((md("bin/y").uid(), md("bin/y").gid()), (1234, 5678));
+    // A directory's setgid only names the group of what is made in it.
+    assert_eq!(md("shared").mode() & 0o7777, 0o2775, "{}", r.stderr);
+    assert_ne!(
+        r.code,
+        Some(0),
+        "warnings make a partial restore: {}",
+        r.stderr
+    );
+    st.sentinel.assert_untouched();
+}
+
 #[test]
 fn each_path_comes_from_the_newest_snapshot_holding_it() {
     if !require_root("each_path_comes_from_the_newest_snapshot_holding_it") {

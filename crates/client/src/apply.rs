@@ -138,9 +138,15 @@ pub fn apply(
         }
     }
     if !is_link {
-        let mode = restored_mode(entry, rules);
+        let mode = owned_mode(
+            obj,
+            entry,
+            restored_mode(entry, rules),
+            shown,
+            &mut warnings,
+        )?;
         set_mode(obj, mode).map_err(|e| err(e, shown, "chmod"))?;
-        if !rules.as_root && mode & 0o2000 != 0 {
+        if mode & 0o2000 != 0 {
             // The kernel silently drops setgid for a group the caller is not in.
             let now = rustix::fs::fstat(obj.fd()).map_err(|e| err(e, shown, "fstat"))?;
             let now = now.st_mode & 0o7777;
@@ -154,6 +160,40 @@ pub fn apply(
     }
     set_mtime(obj, entry).map_err(|e| err(e, shown, "setting mtime"))?;
     Ok(warnings)
+}
+
+/// `mode` without the setuid bit unless the object is owned by the
+/// entry's user, and without setgid unless by its group (directories
+/// keep setgid: it only names the group new files get): a restore whose
+/// owner could not be set (not root, a refused or unmappable owner) must
+/// not leave a program that runs as whoever restored it, as tar does.
+fn owned_mode(
+    obj: Held<'_>,
+    entry: &Entry,
+    mut mode: u32,
+    shown: &str,
+    warnings: &mut Vec<String>,
+) -> io::Result<u32> {
+    if mode & 0o6000 == 0 {
+        return Ok(mode);
+    }
+    let st = rustix::fs::fstat(obj.fd()).map_err(|e| err(e, shown, "fstat"))?;
+    let dir = rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory;
+    if mode & 0o4000 != 0 && st.st_uid != entry.uid {
+        mode &= !0o4000;
+        warnings.push(format!(
+            "{shown}: setuid left off: owned by {}, not {}",
+            st.st_uid, entry.uid
+        ));
+    }
+    if mode & 0o2000 != 0 && !dir && st.st_gid != entry.gid {
+        mode &= !0o2000;
+        warnings.push(format!(
+            "{shown}: setgid left off: group {}, not {}",
+            st.st_gid, entry.gid
+        ));
+    }
+    Ok(mode)
 }
 
 fn set_owner(

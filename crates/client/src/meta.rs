@@ -672,10 +672,15 @@ mod tests {
             (b"trusted.a".to_vec(), b"1".to_vec()),
             (b"user.b".to_vec(), b"2".to_vec()),
         ];
-        assert!(apply_at(&f, &e, false).is_empty());
+        // The file is not 4321's: its setuid bit is left off, with a warning.
+        let w = apply_at(&f, &e, false);
+        assert!(
+            w.len() == 1 && w[0].contains("setuid left off: owned by 0, not 4321"),
+            "{w:?}"
+        );
         let md = std::fs::symlink_metadata(&f).unwrap();
         assert_eq!(md.uid(), 0);
-        assert_eq!(md.mode() & 0o7777, 0o4640);
+        assert_eq!(md.mode() & 0o7777, 0o640);
         assert_eq!(
             xattrs_of(XattrOf::Link(&cpath(&f))).unwrap(),
             [(b"user.b".to_vec(), b"2".to_vec())]
