@@ -14,7 +14,7 @@ use super::partial::partial_name;
 use super::sigs;
 use super::sink::{hash_file, FileWriter};
 use super::slots::Slot;
-use super::{BackupReceiver, OpenDir, ToOpen, Transfer};
+use super::{BackupReceiver, OldCopy, OpenDir, ToOpen, Transfer};
 use crate::error::{shown, Error, IoContext, Result};
 use crate::fsops::{self, split};
 use crate::store::disk_path;
@@ -239,6 +239,20 @@ impl BackupReceiver {
             .as_ref()
             .filter(|o| self.start.clean && stored == Some(o.entry.size()));
         let stored_hash = vouched.map(|o| o.hash);
+        let old_copy = match &old {
+            Some(o)
+                if matches!(o.entry.kind, Kind::File { .. })
+                    && !in_place
+                    && stored == Some(o.entry.size()) =>
+            {
+                if self.start.clean {
+                    OldCopy::Vouched
+                } else {
+                    OldCopy::Unverified
+                }
+            }
+            _ => OldCopy::Gone,
+        };
         let partial = partial_name(&e.path);
         // A kept rebuild needs a file that was there when it was made, and
         // the commit or a start on a short disc that removed that file
@@ -265,6 +279,7 @@ impl BackupReceiver {
                 partial,
                 has_prev,
                 in_place,
+                old_copy,
                 retried: false,
                 nospace_rounds: 0,
                 fds: 0,

@@ -54,7 +54,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use crate::error::{shown, Context, Error, IoContext, Result};
-use byteback_protocol::{BackupStats, Entry, ManifestEntry, Need};
+use byteback_protocol::{BackupStats, Entry, Kind, ManifestEntry, Need};
 
 use crate::fsops::{self, split};
 use crate::manifest::{ManifestReader, ManifestWriter, PeekableManifest};
@@ -79,6 +79,34 @@ const PARTIAL: &[u8] = b"partial";
 /// so the next one starts by removing what failed runs left.
 const NO_SPACE: &[u8] = b"nospace";
 
+/// Most warnings a backup keeps (each names a path, so a client could
+/// make any number of them).
+pub const MAX_WARNINGS: usize = 1000;
+
+/// The paths of regular files, as 64-bit keyed hashes (a client cannot
+/// aim at a collision without the session's key): about 10 bytes a file,
+/// so 10 MB for a million.
+#[derive(Default)]
+struct FilePaths {
+    keys: std::collections::HashSet<u64>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl FilePaths {
+    fn key(&self, path: &[u8]) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, path)
+    }
+
+    fn insert(&mut self, path: &[u8]) {
+        let k = self.key(path);
+        self.keys.insert(k);
+    }
+
+    fn contains(&self, path: &[u8]) -> bool {
+        self.keys.contains(&self.key(path))
+    }
+}
+
 /// A file being received.
 struct Transfer {
     /// Its slot in the new manifest.
@@ -91,6 +119,9 @@ struct Transfer {
     has_prev: bool,
     /// Written at its own path in `current` (nothing was there).
     in_place: bool,
+    /// Whether the old manifest entry's content is what stays at its path
+    /// if the transfer is given up.
+    old_copy: OldCopy,
     retried: bool,
     /// How often writing it ran out of space.
     nospace_rounds: u8,
@@ -110,6 +141,18 @@ struct Transfer {
     /// this content; it is kept if the client's BLAKE3 is the same (see
     /// [`BackupReceiver::offer`]), else the file is received as changed.
     verify: Option<[u8; 32]>,
+}
+
+/// What a transfer given up leaves at its path in `current`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum OldCopy {
+    /// The old manifest's file, vouched for by a clean `current`.
+    Vouched,
+    /// A regular file of the old manifest's size, after an interrupted
+    /// run: its content is checked against the old manifest's hash.
+    Unverified,
+    /// Nothing the old manifest's entry describes.
+    Gone,
 }
 
 /// The basis of a transfer, opened when it starts: the lengths of an
@@ -256,8 +299,13 @@ pub struct BackupReceiver {
     /// than cloned. The usage log's growth and the size guard's figure, so
     /// a client cannot fill the disc with copies it names in a few bytes.
     pub grown: u64,
-    /// Non-fatal problems to report.
+    /// Non-fatal problems to report (see [`Self::warn`]).
     pub warnings: Vec<String>,
+    /// Warnings beyond [`MAX_WARNINGS`], counted only.
+    pub warnings_dropped: u64,
+    /// The paths of the regular files in the new manifest so far, for the
+    /// check of hard links (see [`FilePaths`]).
+    files: FilePaths,
     /// Making room when creating or renaming runs out of space (none: the
     /// error stands).
     room: Option<Room>,
@@ -407,6 +455,8 @@ impl BackupReceiver {
             stats: BackupStats::default(),
             grown: 0,
             warnings,
+            warnings_dropped: 0,
+            files: FilePaths::default(),
             room,
             checksum: false,
         };
@@ -524,6 +574,14 @@ impl BackupReceiver {
     /// manifest (or counts them while it is not started).
     fn flush_slots(&mut self) -> Result<()> {
         while let Some((e, digest)) = self.slots.pop_ready() {
+            match &e.entry.kind {
+                Kind::File { .. } => self.files.insert(&e.entry.path),
+                Kind::HardLink { target } if !self.files.contains(target) => {
+                    self.drop_link(&e.entry.path, target)?;
+                    continue;
+                }
+                _ => {}
+            }
             self.chain.push(
                 &digest.unwrap_or_else(|| byteback_protocol::unchanged::entry_digest(&e.entry)),
             );
@@ -538,6 +596,31 @@ impl BackupReceiver {
             }
         }
         Ok(())
+    }
+
+    /// Leaves hard link `path` out of the new manifest: its `target` is not
+    /// a regular file of it (the client gave up on that file, or names
+    /// something else), so a restore could not make it.
+    fn drop_link(&mut self, path: &[u8], target: &[u8]) -> Result<()> {
+        // Every entry before it is written (or counted as the old
+        // manifest's): from here the new manifest differs.
+        self.mark_changed()?;
+        self.warn(format!(
+            "{}: a hard link to {}, which is not a regular file of this backup: left out",
+            String::from_utf8_lossy(path),
+            String::from_utf8_lossy(target)
+        ));
+        Ok(())
+    }
+
+    /// Keeps warning `w` for the client and the log, up to
+    /// [`MAX_WARNINGS`]; the rest are counted.
+    pub(super) fn warn(&mut self, w: String) {
+        if self.warnings.len() < MAX_WARNINGS {
+            self.warnings.push(w);
+        } else {
+            self.warnings_dropped += 1;
+        }
     }
 
     /// The index in `dirs` of the directory that holds `path`, checking that

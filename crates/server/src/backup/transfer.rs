@@ -13,7 +13,8 @@ use super::sink::{count_dropped, Basis, BasisPart, Chunk, IO_CHUNK};
 use super::slots::Slot;
 use super::sweep::remove_in_place;
 use super::{
-    BackupReceiver, LastParent, ToOpen, Transfer, TransferResult, Verified, FDS_PER_TRANSFER,
+    BackupReceiver, LastParent, OldCopy, ToOpen, Transfer, TransferResult, Verified,
+    FDS_PER_TRANSFER,
 };
 use crate::error::{shown, Error, IoContext, Result};
 use crate::fsops::{self, split};
@@ -80,7 +81,7 @@ impl BackupReceiver {
             Ok(sig) => Ok(sig),
             Err(e) => {
                 let path = String::from_utf8_lossy(&t.entry.path).into_owned();
-                self.warnings.push(format!(
+                self.warn(format!(
                     "{path}: cannot read the stored copy ({e}); sent again whole"
                 ));
                 self.drop_prev(id)?;
@@ -166,7 +167,7 @@ impl BackupReceiver {
                 }
                 Err(e) => {
                     self.transfer(id)?.basis_hash = None;
-                    self.warnings.push(format!(
+                    self.warn(format!(
                         "{}: cannot open the stored copy ({e}); sent again whole",
                         String::from_utf8_lossy(&path)
                     ));
@@ -291,7 +292,7 @@ impl BackupReceiver {
                 return Ok(TransferResult::Retry);
             }
             let path = String::from_utf8_lossy(&t.entry.path).into_owned();
-            self.warnings.push(format!(
+            self.warn(format!(
                 "{path}: content failed its BLAKE3 check twice; kept the previous version"
             ));
             return self.abort(id);
@@ -354,7 +355,7 @@ impl BackupReceiver {
         }
         if let Some(kept) = sig {
             if let Some(w) = self.sigs.keep(&hash, size, kept) {
-                self.warnings.push(w);
+                self.warn(w);
             }
         }
         self.stats.files_transferred += 1;
@@ -402,15 +403,48 @@ impl BackupReceiver {
             let prev = prev_name(&t.partial);
             fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
         }
-        // The old copy in `current` was not touched, so its manifest entry still holds.
+        // The old copy in `current` was not touched: its manifest entry
+        // still holds if that copy is the old manifest's file.
         let cost = t.entry.buffer_cost();
         let slot = match t.old {
-            Some(o) if matches!(o.entry.kind, Kind::File { .. }) => Slot::Ready(o),
-            _ => Slot::Dropped(cost),
+            Some(o) if self.old_copy_stays(t.old_copy, &o)? => Slot::Ready(o),
+            _ => {
+                // Whatever is at its path goes with the commit's sweep.
+                self.work.needs_sweep = true;
+                Slot::Dropped(cost)
+            }
         };
         self.slots.set(t.seq, slot, cost);
         self.flush_slots()?;
         Ok(TransferResult::Done)
+    }
+}
+
+impl BackupReceiver {
+    /// Whether the file at `old`'s path in `current` is the one `old`
+    /// describes, for a transfer given up (see [`OldCopy`]).
+    fn old_copy_stays(&mut self, copy: OldCopy, old: &ManifestEntry) -> Result<bool> {
+        match copy {
+            OldCopy::Vouched => Ok(true),
+            OldCopy::Gone => Ok(false),
+            OldCopy::Unverified => {
+                let hashed = in_parent(
+                    &self.current,
+                    &mut self.last_parent,
+                    &old.entry.path,
+                    |parent, name| {
+                        fsops::open_file(parent, name).and_then(|f| super::sink::hash_file(&f))
+                    },
+                );
+                match hashed {
+                    Ok(Ok(h)) => Ok(h == old.hash),
+                    Ok(Err(e)) | Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+                    Ok(Err(e)) | Err(e) => {
+                        Err(e).op("read the stored copy of", || shown(&old.entry.path))
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -26,7 +26,7 @@ impl BackupReceiver {
                 fsops::open_file(&self.meta, super::MANIFEST)
                     .and_then(|f| TwinIndex::load(f, &path))
                     .map_err(|e| {
-                        self.warnings.push(format!(
+                        self.warn(format!(
                             "cannot index stored files for moved and copied ones ({e}); they are sent"
                         ))
                     })
@@ -95,7 +95,7 @@ impl BackupReceiver {
                     return Ok(false);
                 }
                 let path = String::from_utf8_lossy(&t.entry.path).into_owned();
-                self.warnings.push(format!(
+                self.warn(format!(
                     "{path}: cannot copy its stored twin ({e}); sent instead"
                 ));
                 return Ok(false);

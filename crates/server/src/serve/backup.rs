@@ -342,7 +342,9 @@ fn finish<R: Read, W: Write>(
         Ok(name) => (Some(name), String::new()),
         Err(why) => (None, why),
     };
-    for w in warnings {
+    let dropped = (rx.warnings_dropped > 0)
+        .then(|| format!("{} more warnings not kept", rx.warnings_dropped));
+    for w in warnings.into_iter().chain(dropped) {
         tracing::warn!("{w}");
         if message.len() < 2048 {
             message.push_str(&format!("\nwarning: {w}"));
