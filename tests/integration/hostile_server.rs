@@ -289,6 +289,17 @@ fn hostile_snapshot_names_are_refused() {
         0,
         "restore created something"
     );
+    // A valid name that is not a snapshot's: a restore run in `/` would
+    // write into (and lock down) `/etc`.
+    let etc = st.work().join("etc");
+    fs::create_dir(&etc).unwrap();
+    fs::set_permissions(&etc, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut sc = scenario(vec![file("cron", b"evil")], &[("cron", b"evil")]);
+    sc.snapshots = vec!["etc".into()];
+    let r = st.restore(&sc, &[ALL]);
+    r.assert_failed(&["which is not a snapshot's name"]);
+    assert_eq!(fs::read_dir(&etc).unwrap().count(), 0, "wrote into ./etc");
+    assert_eq!(fs::metadata(&etc).unwrap().mode() & 0o7777, 0o755);
 }
 
 #[test]

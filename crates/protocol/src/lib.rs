@@ -23,7 +23,9 @@ pub use codec::{
 };
 pub use error::ProtocolError;
 pub use messages::*;
-pub use path::{compare_paths, validate_host_name, validate_path, validate_snapshot_name};
+pub use path::{
+    compare_paths, has_snapshot_shape, validate_host_name, validate_path, validate_snapshot_name,
+};
 pub use session::{ClientSession, ServerSession};
 pub use text::{escape_bytes, escape_text};
 

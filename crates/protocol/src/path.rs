@@ -115,9 +115,53 @@ pub fn validate_snapshot_name(name: &str) -> Result<(), ProtocolError> {
     }
 }
 
+/// Whether `name` has the shape of the snapshot names a store holds:
+/// `YYYY-MM-DDTHH:MM+ZZZZ` (or `-ZZZZ`), optionally with `.N` after it.
+/// A restore writes into `./<snapshot>`, so a name the server chooses must
+/// not be one of the directories a restore may be run among (`etc`).
+pub fn has_snapshot_shape(name: &str) -> bool {
+    let (base, suffix) = name.split_once('.').unwrap_or((name, ""));
+    if name.contains('.') && (suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_digit())) {
+        return false;
+    }
+    let b = base.as_bytes();
+    b.len() == 21
+        && b.iter().enumerate().all(|(i, &c)| match i {
+            4 | 7 => c == b'-',
+            10 => c == b'T',
+            13 => c == b':',
+            16 => c == b'+' || c == b'-',
+            _ => c.is_ascii_digit(),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_shape() {
+        for ok in [
+            "2026-11-27T03:00+0000",
+            "2026-11-27T03:00-0130.2",
+            "1999-01-01T00:00+0100.17",
+        ] {
+            assert!(has_snapshot_shape(ok), "{ok}");
+        }
+        for bad in [
+            "etc",
+            "current",
+            "2026-11-27T03:00+0000.",
+            "2026-11-27T03:00+0000.x",
+            "2026-11-27T03:00+0000.2.3",
+            "2026-11-27 03:00+0000",
+            "2026-11-27T03:00Z",
+            "2026-11-27T03:00+00000",
+            "",
+        ] {
+            assert!(!has_snapshot_shape(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn rejects_unsafe_paths() {

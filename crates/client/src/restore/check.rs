@@ -34,6 +34,12 @@ pub fn check_snapshots(names: &[String]) -> Result<()> {
                 n.escape_default()
             );
         }
+        if !byteback_protocol::has_snapshot_shape(n) {
+            bail!(
+                "the server listed {}, which is not a snapshot's name (YYYY-MM-DDTHH:MM+ZZZZ): a restore writes into ./<snapshot>",
+                n.escape_default()
+            );
+        }
         if !seen.insert(n.as_str()) {
             bail!("the server listed snapshot {n} twice");
         }
