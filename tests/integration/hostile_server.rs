@@ -120,28 +120,12 @@ impl Stage {
     /// running it.
     fn restore_cmd(
         &self,
-        mut cmd: Command,
+        cmd: Command,
         sc: &Scenario,
         args: &[&str],
         data_limit: Option<u64>,
     ) -> Ran {
-        let script = self.dir.path().join("scenario.bin");
-        let bytes = bincode::serde::encode_to_vec(sc, bincode::config::standard()).unwrap();
-        fs::write(&script, bytes).unwrap();
-        cmd.arg("--destination")
-            .arg(self.dir.path().join("store"))
-            .args(["--hostname", "victim", "--restore"])
-            .args(args)
-            .current_dir(self.work())
-            .env("BYTEBACK_SERVER", bin("byteback-fake-server"))
-            .env(SCENARIO_ENV, &script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(limit) = data_limit {
-            limit_data(&mut cmd, limit);
-        }
-        let mut child = cmd.spawn().unwrap();
+        let mut child = self.spawn_restore(cmd, sc, args, data_limit);
         let mut err = child.stderr.take().unwrap();
         let reader = std::thread::spawn(move || {
             let mut s = String::new();
@@ -164,6 +148,34 @@ impl Stage {
             code: status.code(),
             stderr: reader.join().unwrap(),
         }
+    }
+
+    /// Starts `cmd` (byteback-restore, or a wrapper running it) as
+    /// `--restore ARGS` against the scripted server, stderr piped.
+    fn spawn_restore(
+        &self,
+        mut cmd: Command,
+        sc: &Scenario,
+        args: &[&str],
+        data_limit: Option<u64>,
+    ) -> std::process::Child {
+        let script = self.dir.path().join("scenario.bin");
+        let bytes = bincode::serde::encode_to_vec(sc, bincode::config::standard()).unwrap();
+        fs::write(&script, bytes).unwrap();
+        cmd.arg("--destination")
+            .arg(self.dir.path().join("store"))
+            .args(["--hostname", "victim", "--restore"])
+            .args(args)
+            .current_dir(self.work())
+            .env("BYTEBACK_SERVER", bin("byteback-fake-server"))
+            .env(SCENARIO_ENV, &script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(limit) = data_limit {
+            limit_data(&mut cmd, limit);
+        }
+        cmd.spawn().unwrap()
     }
 }
 
@@ -510,6 +522,36 @@ fn file_data_never_beyond_the_manifest_and_bad_files_removed() {
     );
     assert_eq!(fs::read(st.restored("d/good")).unwrap(), b"fine");
     assert_eq!(fs::read(st.restored("e")).unwrap(), b"after");
+
+    // Restoring over that tree: a file is written beside its name and put
+    // in place only once verified, so one that fails keeps what was there.
+    let sc = scenario(
+        vec![dir("d"), file("d/good", b"new!"), file("e", b"AFTER")],
+        &[("d/good", b"NEW!"), ("e", b"AFTER")],
+    );
+    let r = st.restore(&sc, &[ALL]);
+    r.assert_code(1);
+    assert!(
+        r.stderr.contains("DAMAGED: ./2026-11-27T03:00+0000/d/good"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fs::read(st.restored("d/good")).unwrap(), b"fine");
+    assert_eq!(fs::read(st.restored("e")).unwrap(), b"AFTER");
+    for d in [st.restored("."), st.restored("d")] {
+        let left: Vec<_> = fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().starts_with(".byteback-restore"))
+            .collect();
+        assert!(left.is_empty(), "left in {}: {left:?}", d.display());
+    }
+
+    // Empty parts, which would keep a restore busy for ever: refused.
+    let mut sc = scenario(vec![file("z", b"zz")], &[("z", b"zz")]);
+    sc.empty_parts = 3;
+    let r = st.restore(&sc, &[ALL]);
+    r.assert_failed(&["empty part"]);
     st.sentinel.assert_untouched();
 }
 
@@ -806,6 +848,48 @@ fn a_failed_restore_gives_existing_directories_back_their_owner_and_mode() {
         r.stderr
     );
     st.sentinel.assert_untouched();
+}
+
+/// A restore interrupted by SIGINT or SIGTERM (a server that stalls, an
+/// operator's Ctrl-C) gives the existing directories it locked down their
+/// owner and mode back before it exits.
+#[test]
+fn an_interrupted_restore_gives_existing_directories_back_their_owner_and_mode() {
+    if !require_root("an_interrupted_restore_gives_existing_directories_back_their_owner_and_mode")
+    {
+        return;
+    }
+    for (sig, code) in [(Signal::INT, 130), (Signal::TERM, 143)] {
+        let st = Stage::new();
+        let home = st.restored("home");
+        fs::create_dir_all(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(1000), Some(1000)).unwrap();
+        fs::set_permissions(&home, fs::Permissions::from_mode(0o2775)).unwrap();
+        let entries = vec![dir("home"), file("home/f", b"x")];
+        let mut sc = scenario(entries, &[("home/f", b"x")]);
+        // A server that stalls (its own stderr, which the test reads to the
+        // end, closes when it wakes).
+        sc.file_delay_ms = 8_000;
+        let mut child = st.spawn_restore(Command::new(bin("byteback-restore")), &sc, &[ALL], None);
+        let locked = Instant::now();
+        while fs::metadata(&home).unwrap().mode() & 0o7777 != 0o700 {
+            assert!(locked.elapsed() < TIMEOUT, "home never locked down");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        send_signal(child.id(), sig);
+        let status = child.wait().unwrap();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(code), "{stderr}");
+        assert!(stderr.contains("interrupted"), "{stderr}");
+        let md = fs::metadata(&home).unwrap();
+        assert_eq!(
+            (md.uid(), md.gid(), md.mode() & 0o7777),
+            (1000, 1000, 0o2775),
+            "{stderr}"
+        );
+        st.sentinel.assert_untouched();
+    }
 }
 
 /// Warnings are printed as they come and only the first 1,000 are kept

@@ -193,6 +193,9 @@ fn main() {
                         // Parts alternate between zstd frames and raw
                         // bytes, from file to file and part to part, so
                         // every scenario sends both kinds.
+                        for _ in 0..sc.empty_parts {
+                            send(&mut w, &ServerMsg::FilePartRaw(Vec::new().into()));
+                        }
                         for (i, c) in data.chunks(1 << 20).enumerate() {
                             let part = match (reads + i as u64) % 2 {
                                 0 => ServerMsg::FilePart(Compressed::compress(c, 1).unwrap()),

@@ -47,4 +47,7 @@ pub struct Scenario {
     /// comes; stderr then says how many came meanwhile, i.e. were asked
     /// for ahead (0: answers go at once).
     pub hold_answers_ms: u64,
+    /// Empty `FilePartRaw`s sent before each file's data (a server keeping
+    /// a restore busy without sending anything).
+    pub empty_parts: u64,
 }

@@ -891,8 +891,13 @@ fn join_and(items: &[String]) -> String {
 /// `byteback-restore`.
 pub fn restore_main() -> ExitCode {
     let args = RestoreArgs::parse();
+    // Before any thread starts (see the module).
+    let watched = args.restore.then(crate::restore::interrupt::install);
     if let Err(code) = start_logging("byteback-restore", 0, false) {
         return code;
+    }
+    if let Some(Err(e)) = watched {
+        tracing::warn!("cannot watch for SIGINT and SIGTERM ({e}): an interrupted restore leaves the existing directories it works in as the restoring user's, 0700");
     }
     let start = std::time::Instant::now();
     let json = args.json && args.restore;

@@ -144,6 +144,11 @@ fn receive(
 /// `got` plus a part of `n` bytes, unless that is more than the manifest's
 /// `size` (the server broke the protocol: the restore ends).
 fn take_part(got: u64, n: u64, size: u64, shown: &str) -> Result<u64> {
+    if n == 0 {
+        // The server never sends one; a stream of them would keep a
+        // restore waiting forever without tripping the I/O timeout.
+        bail!("the server sent an empty part of {shown}; refusing");
+    }
     match got.checked_add(n) {
         Some(total) if total <= size => Ok(total),
         _ => bail!(

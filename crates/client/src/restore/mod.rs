@@ -18,6 +18,7 @@
 
 pub mod check;
 mod data;
+pub mod interrupt;
 pub mod tree;
 
 use std::collections::{HashMap, HashSet};

@@ -15,7 +15,7 @@
 //! before its owner and content are final.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::ffi::OsStr;
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -49,8 +49,14 @@ pub struct TreeOptions {
 enum Leave {
     /// The metadata of its manifest entry.
     Entry(Box<Entry>),
-    /// It existed before the restore: its owner and mode go back.
-    Restore { uid: u32, gid: u32, mode: u32 },
+    /// It existed before the restore: its owner and mode go back (see
+    /// [`super::interrupt`] for `id`).
+    Restore {
+        uid: u32,
+        gid: u32,
+        mode: u32,
+        id: Option<u64>,
+    },
     /// Made by this restore (its root, or on the way to a selected path
     /// whose manifest has no entry for it): mode 0755.
     Default,
@@ -251,6 +257,28 @@ fn open_dir_beneath(parent: BorrowedFd<'_>, name: &[u8]) -> rustix::io::Result<O
 }
 
 /// The last component of a wire path.
+/// Creates a new empty file (0600) in `parent` under a temporary name
+/// (`.byteback-restore.PID.N`, the first N free) for a file being
+/// restored: see [`RestoreTree::restore_file`].
+fn create_temp(parent: BorrowedFd<'_>) -> rustix::io::Result<(CString, OwnedFd)> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let pid = std::process::id();
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name =
+            CString::new(format!(".byteback-restore.{pid}.{n}")).map_err(|_| Errno::INVAL)?;
+        match rustix::fs::openat(
+            parent,
+            &name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Err(Errno::EXIST) => continue,
+            r => return r.map(|fd| (name, fd)),
+        }
+    }
+}
+
 fn last_component(path: &[u8]) -> &[u8] {
     match parent_of(path) {
         Some(p) => &path[p.len() + 1..],
@@ -332,20 +360,24 @@ impl RestoreTree {
     fn lock_down(&self, fd: &OwnedFd, path: &[u8]) -> Result<Leave> {
         let st = rustix::fs::fstat(fd).on("fstat", self.shown(path))?;
         let (uid, gid, mode) = (st.st_uid, st.st_gid, st.st_mode & 0o7777);
-        if uid != self.euid && self.opts.rules.as_root {
-            rustix::fs::fchown(
-                fd,
-                Some(rustix::fs::Uid::from_raw(self.euid)),
-                Some(rustix::fs::Gid::from_raw(self.egid)),
-            )
-            .on("chown", self.shown(path))?;
-        }
-        // Private to us, and writable by us (a re-restore into a directory
-        // left 0500 must be able to create entries in it).
-        if mode != 0o700 {
-            rustix::fs::fchmod(fd, Mode::from_raw_mode(0o700)).on("chmod", self.shown(path))?;
-        }
-        Ok(Leave::Restore { uid, gid, mode })
+        let chown = uid != self.euid && self.opts.rules.as_root;
+        let id = super::interrupt::lock_down(fd, (uid, gid, mode), chown, || -> Result<()> {
+            if chown {
+                rustix::fs::fchown(
+                    fd,
+                    Some(rustix::fs::Uid::from_raw(self.euid)),
+                    Some(rustix::fs::Gid::from_raw(self.egid)),
+                )
+                .on("chown", self.shown(path))?;
+            }
+            // Private to us, and writable by us (a re-restore into a directory
+            // left 0500 must be able to create entries in it).
+            if mode != 0o700 {
+                rustix::fs::fchmod(fd, Mode::from_raw_mode(0o700)).on("chmod", self.shown(path))?;
+            }
+            Ok(())
+        })?;
+        Ok(Leave::Restore { uid, gid, mode, id })
     }
 
     /// `<into>/<snapshot>/path` (`./<snapshot>/path` by default), escaped, for messages.
@@ -445,16 +477,18 @@ impl RestoreTree {
                 let w = apply::apply(Held::Open(d.fd.as_fd()), &e, &self.opts.rules, &shown)?;
                 w.into_iter().for_each(|w| self.report.warn(w));
             }
-            Leave::Restore { uid, gid, mode } => {
-                if self.opts.rules.as_root {
-                    rustix::fs::fchown(
-                        &d.fd,
-                        Some(rustix::fs::Uid::from_raw(uid)),
-                        Some(rustix::fs::Gid::from_raw(gid)),
-                    )
-                    .on("chown", &shown)?;
-                }
-                rustix::fs::fchmod(&d.fd, Mode::from_raw_mode(mode)).on("chmod", &shown)?;
+            Leave::Restore { uid, gid, mode, id } => {
+                super::interrupt::put_back(id, || -> Result<()> {
+                    if self.opts.rules.as_root {
+                        rustix::fs::fchown(
+                            &d.fd,
+                            Some(rustix::fs::Uid::from_raw(uid)),
+                            Some(rustix::fs::Gid::from_raw(gid)),
+                        )
+                        .on("chown", &shown)?;
+                    }
+                    rustix::fs::fchmod(&d.fd, Mode::from_raw_mode(mode)).on("chmod", &shown)
+                })?;
             }
             Leave::Default => {
                 rustix::fs::fchmod(&d.fd, Mode::from_raw_mode(0o755)).on("chmod", &shown)?
@@ -554,8 +588,11 @@ impl RestoreTree {
         Ok(())
     }
 
-    /// Writes a regular file from the server's data for `src`; one whose
-    /// content fails verification is removed and reported damaged.
+    /// Writes a regular file from the server's data for `src` under a
+    /// temporary name beside it, and puts it in place (replacing what was
+    /// there) only once its content is verified and its metadata applied;
+    /// one that fails verification is removed and reported damaged, and
+    /// what was at its name stays.
     fn restore_file(
         &mut self,
         conn: &mut Connection,
@@ -565,15 +602,8 @@ impl RestoreTree {
     ) -> Result<()> {
         let path = &e.entry.path;
         let name = last_component(path);
-        self.clear(name, path)?;
         let parent = top_fd(&self.stack)?;
-        let fd = rustix::fs::openat(
-            parent,
-            os(name),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .on("cannot create", self.shown(path))?;
+        let (tmp, fd) = create_temp(parent).on("cannot create a file beside", self.shown(path))?;
         let st = rustix::fs::fstat(&fd)?;
         let shown = self.shown(path);
         let hash = (!self.opts.unverified).then_some(&e.hash);
@@ -585,7 +615,7 @@ impl RestoreTree {
         } else {
             Ok((file, None)) // nothing to fetch
         };
-        let remove = || rustix::fs::unlinkat(parent, os(name), AtFlags::empty());
+        let remove = || rustix::fs::unlinkat(parent, &tmp, AtFlags::empty());
         let file = match fetched {
             Err(err) => {
                 let _ = remove();
@@ -600,7 +630,19 @@ impl RestoreTree {
             }
             Ok((file, None)) => file,
         };
-        let w = apply::apply(Held::Open(file.as_fd()), &e.entry, &self.opts.rules, &shown)?;
+        let applied = apply::apply(Held::Open(file.as_fd()), &e.entry, &self.opts.rules, &shown)
+            .map_err(crate::error::Error::from);
+        let placed = applied.and_then(|w| {
+            drop(file);
+            self.put_in_place(&tmp, name, path).map(|()| w)
+        });
+        let w = match placed {
+            Ok(w) => w,
+            Err(err) => {
+                let _ = remove();
+                return Err(err);
+            }
+        };
         w.into_iter().for_each(|w| self.report.warn(w));
         self.created.insert((st.st_dev, st.st_ino));
         self.report.restored += 1;
@@ -608,6 +650,20 @@ impl RestoreTree {
             self.report.unverified += 1;
         }
         Ok(())
+    }
+
+    /// Renames `tmp` over `name` in the directory being restored; a
+    /// directory standing there is removed first.
+    fn put_in_place(&self, tmp: &CStr, name: &[u8], path: &[u8]) -> Result<()> {
+        let parent = self.top()?.fd.as_fd();
+        match rustix::fs::renameat(parent, tmp, parent, os(name)) {
+            Err(Errno::ISDIR | Errno::NOTEMPTY | Errno::EXIST) => {
+                self.clear(name, path)?;
+                rustix::fs::renameat(parent, tmp, parent, os(name))
+            }
+            r => r,
+        }
+        .on("cannot put in place", self.shown(path))
     }
 
     /// Links `path` to `target`, which must be a regular file this run wrote.

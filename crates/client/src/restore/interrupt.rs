@@ -1,0 +1,148 @@
+//! Existing directories a restore works in are locked down (the restoring
+//! user's, 0700) until it leaves them (see `tree`). A restore that fails
+//! gives them back on the way out; one interrupted by SIGINT, SIGTERM or
+//! SIGHUP does too: [`install`] blocks those signals in every thread and
+//! waits for them on a thread of its own, which puts every directory still
+//! locked down back as it was and exits (128 + the signal's number). Lock
+//! down and put back run under the same lock as that thread, so it never
+//! sees a directory half done. SIGKILL cannot be caught: after one, the
+//! directories stay locked down.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use rustix::fs::{Gid, Mode, Uid};
+
+/// A directory locked down, and what to put back.
+struct Locked {
+    id: u64,
+    fd: OwnedFd,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    /// The owner goes back too (a root restore changed it).
+    owner: bool,
+}
+
+/// The directories locked down now, and the next id.
+static LOCKED: Mutex<(Vec<Locked>, u64)> = Mutex::new((Vec::new(), 0));
+
+fn locked() -> MutexGuard<'static, (Vec<Locked>, u64)> {
+    LOCKED.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The signals a restore puts its directories back for.
+const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// Blocks [`SIGNALS`] in this thread (and the threads it starts from now
+/// on; children get the default mask back) and starts the thread that
+/// waits for them. Call before any other thread starts.
+pub fn install() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigset_t is a valid argument for sigemptyset, which
+    // initialises it; the calls only read and write `set`.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    };
+    // SAFETY: `set` is initialised above; the old mask is not asked for.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(std::io::Error::from_raw_os_error(r));
+    }
+    std::thread::Builder::new()
+        .name("byteback-signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is initialised and `sig` is a valid out pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                interrupted(sig);
+            }
+        })?;
+    Ok(())
+}
+
+/// Puts every locked-down directory back, says so, and exits.
+fn interrupted(sig: libc::c_int) -> ! {
+    // Held until the exit: no directory is locked down or put back meanwhile.
+    let guard = locked();
+    let mut failed = 0;
+    for l in guard.0.iter().rev() {
+        if put(l.fd.as_fd(), l.uid, l.gid, l.mode, l.owner).is_err() {
+            failed += 1;
+        }
+    }
+    let name = match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        _ => "SIGHUP",
+    };
+    if failed > 0 {
+        eprintln!("byteback-restore: interrupted ({name}); {failed} directories could not be given back their owner and mode");
+    } else {
+        eprintln!("byteback-restore: interrupted ({name}); the restore is incomplete, existing directories have their owner and mode back");
+    }
+    std::process::exit(128 + sig);
+}
+
+fn put(
+    fd: std::os::fd::BorrowedFd<'_>,
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    owner: bool,
+) -> rustix::io::Result<()> {
+    if owner {
+        rustix::fs::fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))?;
+    }
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))
+}
+
+/// Runs `lock` (which locks `fd` down) with `fd`'s owner `uid`:`gid` and
+/// `mode` registered to be put back on a signal (the owner only if
+/// `owner`); returns its id for [`put_back`]. Nothing is registered if
+/// `lock` fails or `fd` cannot be duplicated.
+pub fn lock_down<E>(
+    fd: &OwnedFd,
+    (uid, gid, mode): (u32, u32, u32),
+    owner: bool,
+    lock: impl FnOnce() -> Result<(), E>,
+) -> Result<Option<u64>, E> {
+    let mut guard = locked();
+    let id = guard.1;
+    guard.1 += 1;
+    let kept = fd.try_clone().ok().map(|fd| Locked {
+        id,
+        fd,
+        uid,
+        gid,
+        mode,
+        owner,
+    });
+    // Registered first: a signal can only come before or after both.
+    let registered = kept.is_some();
+    if let Some(l) = kept {
+        guard.0.push(l);
+    }
+    match lock() {
+        Ok(()) => Ok(registered.then_some(id)),
+        Err(e) => {
+            guard.0.retain(|l| l.id != id);
+            Err(e)
+        }
+    }
+}
+
+/// Runs `put` (which puts the directory registered as `id` back) and
+/// forgets it.
+pub fn put_back<T>(id: Option<u64>, put: impl FnOnce() -> T) -> T {
+    let mut guard = locked();
+    let r = put();
+    if let Some(id) = id {
+        guard.0.retain(|l| l.id != id);
+    }
+    r
+}
