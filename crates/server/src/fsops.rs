@@ -7,7 +7,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
@@ -24,27 +24,55 @@ fn os(p: &[u8]) -> &OsStr {
     OsStr::from_bytes(p)
 }
 
+/// Longest path handed to the kernel at once: a path it takes is shorter
+/// than `PATH_MAX` (4096, with its NUL), which a client's path of
+/// `MAX_PATH` bytes, escaped (see `disk_path`), may not be.
+const PATH_STEP: usize = 4000;
+
+/// Runs `open` on `path` beneath `dir`, first opening (beneath, one after
+/// another) the directories of a path too long for the kernel at once.
+fn beneath_in_steps<T>(
+    dir: BorrowedFd<'_>,
+    path: &[u8],
+    open: impl FnOnce(BorrowedFd<'_>, &[u8]) -> io::Result<T>,
+) -> io::Result<T> {
+    if path.len() < PATH_STEP {
+        return open(dir, path);
+    }
+    let cut = path[..PATH_STEP]
+        .iter()
+        .rposition(|&b| b == b'/')
+        .filter(|&i| i > 0)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::ENAMETOOLONG))?;
+    let step = open_dir(dir, &path[..cut])?;
+    beneath_in_steps(step.as_fd(), &path[cut + 1..], open)
+}
+
 /// Opens a directory beneath `dir` (an empty path means `dir` itself).
 pub fn open_dir(dir: impl AsFd, path: &[u8]) -> io::Result<OwnedFd> {
     let p: &[u8] = if path.is_empty() { b"." } else { path };
-    Ok(rustix::fs::openat2(
-        dir,
-        os(p),
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::empty(),
-        beneath(),
-    )?)
+    beneath_in_steps(dir.as_fd(), p, |dir, p| {
+        Ok(rustix::fs::openat2(
+            dir,
+            os(p),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            beneath(),
+        )?)
+    })
 }
 
 /// Opens a regular file beneath `dir` for reading; refuses anything else.
 pub fn open_file(dir: impl AsFd, path: &[u8]) -> io::Result<File> {
-    let fd = rustix::fs::openat2(
-        dir,
-        os(path),
-        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::NONBLOCK,
-        Mode::empty(),
-        beneath(),
-    )?;
+    let fd = beneath_in_steps(dir.as_fd(), path, |dir, path| {
+        Ok(rustix::fs::openat2(
+            dir,
+            os(path),
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::NONBLOCK,
+            Mode::empty(),
+            beneath(),
+        )?)
+    })?;
     let st = rustix::fs::fstat(&fd)?;
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return Err(io::Error::new(
