@@ -223,9 +223,16 @@ mod tests {
 
     #[test]
     fn snapshot_names() {
-        check_snapshots(&["2026-11-27T03:00+0000".into(), "current".into()]).unwrap();
+        check_snapshots(&[
+            "2026-11-27T03:00+0000".into(),
+            "2026-11-28T03:00+0100.2".into(),
+        ])
+        .unwrap();
         for bad in [
-            vec!["/etc".to_string()],
+            // `current` is the client's to ask for, never a listed snapshot.
+            vec!["current".to_string()],
+            vec!["etc".into()],
+            vec!["/etc".into()],
             vec!["..".into()],
             vec!["a/../b".into()],
             vec!["x".into(), "x".into()],
