@@ -781,6 +781,46 @@ fn a_server_holding_the_session_after_its_commit_does_not_hold_the_client() {
     assert_eq!(w.snapshots("client-p").len(), 1);
 }
 
+/// A server that stops speaking the protocol but keeps writing to its
+/// stderr (a byte a second) is still a stalled server: `--io-timeout`
+/// counts only protocol data, so the backup fails after it, saying why.
+#[test]
+fn a_server_writing_only_to_stderr_is_timed_out() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let w = World::new(200);
+    let client = w.enrolled("q");
+    let server = bin("byteback-server");
+    let chatty = w.sshd.dir.join("chatty-server");
+    fs::write(
+        &chatty,
+        "#!/bin/sh\nwhile :; do printf . >&2; sleep 1; done\n",
+    )
+    .unwrap();
+    fs::set_permissions(&chatty, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let keys = fs::read_to_string(w.sshd.authorized_keys()).unwrap();
+    let from = format!("command=\"{} serve", server.display());
+    assert!(keys.contains(&from), "{keys}");
+    let to = format!("command=\"{} serve", chatty.display());
+    fs::write(w.sshd.authorized_keys(), keys.replace(&from, &to)).unwrap();
+    let src = w.one_file_src(b"chatty");
+    let (o, took) = run_bounded(
+        w.client(&client, "byteback-backup")
+            .arg("--source")
+            .arg(&src)
+            .args(["--retry-number", "0", "--io-timeout", "3"]),
+        Duration::from_secs(60),
+    );
+    for p in w.sshd.pids("chatty-server") {
+        send_signal(p, Signal::KILL);
+    }
+    let e = stderr(&o);
+    assert!(!o.status.success(), "{e}");
+    assert!(e.contains("no data moved for 3 s"), "{e}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+}
+
 #[test]
 fn killed_server_mid_backup_is_retried_and_the_result_is_complete() {
     if !require_root("an sshd and a server account") {

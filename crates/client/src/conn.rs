@@ -221,7 +221,8 @@ impl ConnWriter {
 /// session) to end before going on without it.
 const ABORT_WAIT: Duration = Duration::from_secs(5);
 /// How long a client waits over SSH for the server to end after a backup
-/// it committed (see [`Transport::finish_after_commit`]).
+/// it committed (see [`Transport::finish_after_commit`]), or after the
+/// goodbye of a restore or a listing (see [`Transport::finish`]).
 const POST_COMMIT_WAIT: Duration = Duration::from_secs(60);
 /// [`POST_COMMIT_WAIT`]; in a debug build, for the tests,
 /// `$BYTEBACK_TEST_POST_COMMIT_WAIT_SECS` if set.
@@ -390,9 +391,21 @@ impl Transport {
             }
             Transport::Ssh(sock, session) => {
                 let _ = sock.shutdown(Shutdown::Write);
-                match session.wait()? {
-                    Some(0) | None => Ok(()),
-                    Some(n) => bail!("byteback-server exited with status {n}"),
+                // Everything asked for has come: a server that does not
+                // end (or only writes to its stderr) must not hold us.
+                let limit = post_commit_wait();
+                match session.wait_for(limit) {
+                    None => {
+                        tracing::warn!(
+                            "the server had not ended {} s after the session; not waiting for it",
+                            limit.as_secs()
+                        );
+                        Ok(())
+                    }
+                    Some(r) => match r? {
+                        Some(0) | None => Ok(()),
+                        Some(n) => bail!("byteback-server exited with status {n}"),
+                    },
                 }
             }
         }

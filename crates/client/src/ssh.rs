@@ -340,15 +340,26 @@ async fn start(
     request: Request,
 ) -> Result<(Handle<HostKeyCheck>, russh::Channel<client::Msg>)> {
     let handle = connect(target, key, auth, opts).await?;
-    let channel = handle
-        .channel_open_session()
-        .await
-        .with_context(|| format!("SSH to {target}: cannot open a session"))?;
-    match &request {
-        Request::Exec(cmd) => channel.exec(true, cmd.as_bytes()).await?,
-        Request::Subsystem(name) => channel.request_subsystem(true, name).await?,
+    // Under the same limit as the login: until the session runs, nothing
+    // else (the pump's --io-timeout) would end a server that never answers.
+    let session = async {
+        let channel = handle
+            .channel_open_session()
+            .await
+            .with_context(|| format!("SSH to {target}: cannot open a session"))?;
+        match &request {
+            Request::Exec(cmd) => channel.exec(true, cmd.as_bytes()).await?,
+            Request::Subsystem(name) => channel.request_subsystem(true, name).await?,
+        }
+        Ok::<_, Error>(channel)
+    };
+    match tokio::time::timeout(opts.connect_timeout, session).await {
+        Ok(channel) => Ok((handle, channel?)),
+        Err(_) => bail!(
+            "SSH to {target}: logged in, but no session started within {} s",
+            opts.connect_timeout.as_secs()
+        ),
     }
-    Ok((handle, channel))
 }
 
 /// The longest stderr line from the server relayed in one piece.
@@ -387,7 +398,8 @@ async fn pump(
                     }
                 }
                 ChannelMsg::ExtendedData { data, .. } => {
-                    last.set(Instant::now());
+                    // Not progress: a server that only writes to stderr
+                    // must not keep --io-timeout from ending the session.
                     stderr_line.extend_from_slice(&data);
                     // Above the progress bar, if one is shown.
                     let err = byteback_protocol::term::write_stderr;
