@@ -166,3 +166,88 @@ fn btrfs_subvolumes_are_included_even_on_one_file_system() {
         assert_same_tree(&src, &r);
     }
 }
+
+/// A FUSE mount whose daemon never answers (as a hung daemon, or a hard
+/// NFS mount whose server is down): anything that asks it blocks until
+/// the daemon goes. The walk takes its mount point from cached attributes
+/// and without xattrs, leaves it out with a note, and the backup ends.
+#[test]
+fn a_mount_whose_server_never_answers_does_not_hold_the_walk() {
+    if !require_root("mounting a FUSE filesystem") {
+        return;
+    }
+    let d = scratch();
+    let src = d.path().join("src");
+    write(&src.join("sub/f"), b"kept");
+    let point = src.join("hung");
+    fs::create_dir_all(&point).unwrap();
+    // The daemon's end of the connection: held, never read.
+    let daemon = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .unwrap_or_else(|e| panic!("/dev/fuse: {e} (the fuse module must be loaded)"));
+    let mut mounts = Mounts::default();
+    {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let fd = daemon.as_raw_fd();
+        let mut cmd = Command::new("mount");
+        cmd.args(["-t", "fuse.hang", "-o"])
+            .arg(format!("fd={fd},rootmode=40000,user_id=0,group_id=0"))
+            .arg("hang")
+            .arg(&point);
+        // SAFETY: only fcntl, async-signal-safe, between fork and exec: the
+        // descriptor (opened close-on-exec) goes to mount.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())
+                    .map_err(std::io::Error::from)
+            });
+        }
+        run(&mut cmd);
+        mounts.0.push(point.clone());
+    }
+    let store = d.path().join("store");
+    let mut child = Command::new(bin("byteback-backup"))
+        .arg("--destination")
+        .arg(&store)
+        .arg("--source")
+        .arg(&src)
+        .args(["--hostname", "h", "--retry-number", "0", "--verbose"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    // The daemon goes: whatever waits on the mount ends, and it unmounts.
+    drop(daemon);
+    let status = status.map(|s| s.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let _ = child.wait();
+    assert_eq!(
+        status,
+        Some(true),
+        "held by the hung mount (or failed):\n{err}"
+    );
+    assert!(
+        err.contains("fuse.hang is not a local filesystem type; not backed up"),
+        "{err}"
+    );
+    drop(mounts);
+    let got = restore(&store, "h", &d.path().join("r"), &src);
+    assert_eq!(fs::read(got.join("sub/f")).unwrap(), b"kept");
+    assert!(is_empty_dir(&got.join("hung")));
+}

@@ -63,17 +63,27 @@ impl At<'_> {
 /// `statx` of the object at `at`, never following a symlink named by
 /// [`At::Child`] and never triggering an automount there.
 pub fn stat_at(at: At<'_>) -> io::Result<Statx> {
+    stat_at_with(at, AtFlags::empty())
+}
+
+/// [`stat_at`] from the attributes the kernel has cached, without asking a
+/// network filesystem's server (or a FUSE daemon), which may never answer.
+pub fn stat_cached_at(at: At<'_>) -> io::Result<Statx> {
+    stat_at_with(at, AtFlags::STATX_DONT_SYNC)
+}
+
+fn stat_at_with(at: At<'_>, extra: AtFlags) -> io::Result<Statx> {
     let r = match at {
         At::Child { dir, name } => rustix::fs::statx(
             dir,
             name,
-            AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT,
+            AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT | extra,
             StatxFlags::BASIC_STATS | StatxFlags::MNT_ID,
         ),
         At::Fd(fd) => rustix::fs::statx(
             fd,
             c"",
-            AtFlags::EMPTY_PATH,
+            AtFlags::EMPTY_PATH | extra,
             StatxFlags::BASIC_STATS | StatxFlags::MNT_ID,
         ),
     };

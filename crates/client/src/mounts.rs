@@ -20,6 +20,20 @@ pub const LOCAL_TYPES: &[&str] = &[
     "btrfs", "ext2", "ext3", "ext4", "reiserfs", "xfs", "nilfs2", "jfs", "reiser4", "zfs", "rootfs",
 ];
 
+/// Prefixes of filesystem types whose calls may wait on a server or a
+/// daemon for ever (a hard NFS mount whose server is down, a hung FUSE
+/// daemon): their mount points are `statx`ed from cached attributes only
+/// and their xattrs are not read, so the walk never waits on them.
+const MAY_HANG_TYPES: &[&str] = &[
+    "nfs", "cifs", "smb", "fuse", "ceph", "9p", "afs", "gluster", "autofs", "davfs", "ncp", "coda",
+    "lustre", "beegfs", "orangefs", "gpfs", "ocfs2", "gfs2", "sshfs", "virtiofs",
+];
+
+/// Whether `fstype` is one of [`MAY_HANG_TYPES`].
+pub fn may_hang(fstype: &str) -> bool {
+    MAY_HANG_TYPES.iter().any(|p| fstype.starts_with(p))
+}
+
 /// The btrfs inode number of a subvolume's root directory.
 const BTRFS_SUBVOL_ROOT_INO: u64 = 256;
 
@@ -98,6 +112,8 @@ pub enum Crossing {
 #[derive(Debug, Default)]
 pub struct Mounts {
     table: HashMap<u64, MountInfo>,
+    /// Mount points of [`MAY_HANG_TYPES`], with their types.
+    may_hang: HashMap<Vec<u8>, String>,
     /// (device, inode) of the root of every filesystem the walk has entered.
     entered: HashSet<(u64, u64)>,
     /// Stay on the sources' own filesystems (`--one-file-system`).
@@ -117,16 +133,32 @@ impl Mounts {
 
     /// A table given as text (tests).
     pub fn from_text(text: &str, one_file_system: bool) -> Self {
-        Mounts {
-            table: parse_mountinfo(text),
+        let mut m = Mounts {
             one_file_system,
             ..Default::default()
-        }
+        };
+        m.set_table(parse_mountinfo(text));
+        m
+    }
+
+    fn set_table(&mut self, table: HashMap<u64, MountInfo>) {
+        self.may_hang = table
+            .values()
+            .filter(|i| may_hang(&i.fstype))
+            .map(|i| (i.point.clone(), i.fstype.clone()))
+            .collect();
+        self.table = table;
+    }
+
+    /// The type of a filesystem that may hang (see [`MAY_HANG_TYPES`])
+    /// mounted at `path`, if any.
+    pub fn may_hang_at(&self, path: &[u8]) -> Option<&str> {
+        self.may_hang.get(path).map(String::as_str)
     }
 
     fn reload(&mut self) {
         if let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") {
-            self.table = parse_mountinfo(&text);
+            self.set_table(parse_mountinfo(&text));
         }
     }
 
@@ -197,6 +229,15 @@ mod tests {
         assert_eq!(t[&26].root, b"/srv/data");
         assert_eq!(t[&28].point, b"/mnt/my disk");
         assert_eq!(t[&27].fstype, "btrfs");
+    }
+
+    #[test]
+    fn mount_points_that_may_hang_are_known_by_path() {
+        let m = Mounts::from_text(TABLE, false);
+        assert_eq!(m.may_hang_at(b"/net"), Some("nfs4"));
+        assert_eq!(m.may_hang_at(b"/tmp"), None);
+        assert_eq!(m.may_hang_at(b"/home"), None);
+        assert!(may_hang("fuse.sshfs") && may_hang("cifs") && !may_hang("tmpfs"));
     }
 
     #[test]

@@ -213,7 +213,9 @@ fn run(shared: &Shared, job: &Job, buf: &mut [MaybeUninit<u8>]) {
         let Ok(st) = rustix::fs::statx(
             job.dir.as_fd(),
             name,
-            AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT,
+            // Cached attributes: a network filesystem's mount point must
+            // not hold a prefetch thread on its server.
+            AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT | AtFlags::STATX_DONT_SYNC,
             StatxFlags::TYPE | StatxFlags::INO | StatxFlags::MNT_ID,
         ) else {
             continue;

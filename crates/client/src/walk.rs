@@ -694,6 +694,7 @@ impl Walker<'_> {
         abs: &[u8],
         source: Option<(Arc<SourceRoot>, usize)>,
         ctime_moves: bool,
+        xattrs: bool,
     ) -> Result<bool> {
         let rel = abs.trim_start_matches_slash().to_vec();
         let mut e = match meta::entry_of_stat(at, rel, st) {
@@ -729,7 +730,7 @@ impl Walker<'_> {
         let known = quick
             .filter(|_| ctime_moves && has_ctime)
             .and_then(|q| self.sink.recorded_as(&e.path, &q, ctime.0));
-        if known.is_none() {
+        if known.is_none() && xattrs {
             match xattr_fault(abs).map_or_else(|| meta::read_xattrs(at), Err) {
                 Ok(x) => e.xattrs = x,
                 Err(err) => {
@@ -903,7 +904,7 @@ impl Walker<'_> {
             return Ok(None);
         }
         let whole = Some((root.clone(), src_bytes.len()));
-        if !fs_root && !self.emit(At::Fd(root.fd.as_fd()), &st, src_bytes, whole, false)? {
+        if !fs_root && !self.emit(At::Fd(root.fd.as_fd()), &st, src_bytes, whole, false, true)? {
             return Ok(None);
         }
         if !is_dir {
@@ -974,6 +975,12 @@ impl Walker<'_> {
             self.warn(path, "path too long; skipped".into(), false);
             return Ok(None);
         }
+        if hinted_dir != Some(false) {
+            if let Some(fstype) = self.mounts.may_hang_at(path) {
+                let fstype = fstype.to_string();
+                return self.visit_may_hang(at, path, root, below_start, &fstype);
+            }
+        }
         let st = match meta::stat_at(at) {
             Ok(st) => st,
             Err(e) => {
@@ -995,6 +1002,7 @@ impl Walker<'_> {
             path,
             Some((root.clone(), below_start)),
             ctime_moves,
+            true,
         )? || !is_dir
         {
             return Ok(None);
@@ -1023,6 +1031,36 @@ impl Walker<'_> {
                 mnt: here,
                 ino,
             }))
+    }
+
+    /// Sends the mount point `path` of a filesystem of type `fstype` that
+    /// may hang (see [`crate::mounts::may_hang`]) from its cached
+    /// attributes and without its xattrs, and does not enter it: a hard
+    /// NFS mount whose server is down, or a hung FUSE daemon, never holds
+    /// the walk.
+    fn visit_may_hang(
+        &mut self,
+        at: At<'_>,
+        path: &[u8],
+        root: &Arc<SourceRoot>,
+        below_start: usize,
+        fstype: &str,
+    ) -> Result<Option<Subdir>> {
+        let st = match meta::stat_cached_at(at) {
+            Ok(st) => st,
+            Err(e) => {
+                self.warn_io(path, &e);
+                return Ok(None);
+            }
+        };
+        let source = Some((root.clone(), below_start));
+        if self.emit(at, &st, path, source, false, false)? {
+            self.sink.note(format!(
+                "{}: {fstype} is not a local filesystem type; not backed up (its mount point sent from cached attributes, without xattrs)",
+                String::from_utf8_lossy(path)
+            ));
+        }
+        Ok(None)
     }
 
     /// Opens the subdirectory `name` of `parent` without following a
