@@ -1238,6 +1238,62 @@ fn read_beneath(dir: &fs::File, name: &[u8]) -> Vec<u8> {
     v
 }
 
+/// A client that asks for a file and never reads the answer leaves the
+/// server in a write larger than the pipe holds: the store's `io_timeout`
+/// ends it there too (the write takes what fits and waits by the clock),
+/// so the session ends instead of holding a server process for ever.
+#[test]
+fn a_client_that_never_reads_ends_a_server_mid_write() {
+    let mut env = Env::new();
+    let big = Rng::new(9).bytes(4 << 20);
+    let m = fresh_mtime();
+    let s = backup_script(&[(file_e(b"big", big.len(), m), Some(&big))]);
+    env.serve("a file to read", &s.bytes).assert_backup_ok(1);
+    env.accept();
+    let toml = env.store.join("byteback.toml");
+    let mut conf = fs::read_to_string(&toml).unwrap();
+    conf.push_str("io_timeout = 2\n");
+    fs::write(&toml, conf).unwrap();
+    let ask = Script::hello().msg(&ClientMsg::ReadFile {
+        snapshot: "current".into(),
+        path: b"big".to_vec(),
+    });
+    let mut child = Command::new(bin("byteback-server"))
+        .args(env.serve_args(HOST, &[]))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Asked, and the answer never read (stdout stays open).
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&ask.bytes).unwrap();
+    let _stdout = child.stdout.take().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = status.unwrap_or_else(|| panic!("still writing after {TIMEOUT:?}:\n{err}"));
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("took nothing for 2 s"), "{err}");
+    drop(stdin);
+}
+
 /// Under a low open-file limit the server stops answering batches of
 /// entries while the files in flight hold its descriptors; the batches the
 /// client sends meanwhile wait unanswered. A client that keeps sending

@@ -5,7 +5,10 @@
 //! the pipe from sshd, and a session waiting there would hold its host's lock
 //! until TCP keepalive, if any, ended sshd. So every read and write first
 //! polls the descriptor for at most `io_timeout` seconds, and ends the
-//! session with an error saying so when nothing moved.
+//! session with an error saying so when nothing moved. The descriptor is
+//! non-blocking: a write larger than the room in the pipe or socket takes
+//! what fits and polls again, rather than blocking in the kernel where no
+//! deadline reaches it.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -15,14 +18,28 @@ use std::time::Duration;
 pub struct Timed {
     fd: std::fs::File,
     timeout: Duration,
+    /// The descriptor's flags before it was made non-blocking, put back
+    /// when done (a terminal's description is shared with the shell).
+    flags: Option<rustix::fs::OFlags>,
 }
 
 impl Timed {
-    /// Wraps `fd` (a pipe or socket from sshd or the local client).
+    /// Wraps `fd` (a pipe or socket from sshd or the local client), made
+    /// non-blocking (its open file description, which only this process
+    /// uses: our end of the pipe or socket).
     pub fn new(fd: OwnedFd, timeout: Duration) -> Timed {
+        let flags = match set_nonblocking(&fd) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                // Then a write into a full pipe may block: said, not fatal.
+                tracing::warn!("cannot make the connection non-blocking ({e}): io_timeout may not end a stalled write");
+                None
+            }
+        };
         Timed {
             fd: std::fs::File::from(fd),
             timeout,
+            flags,
         }
     }
 
@@ -61,17 +78,42 @@ impl Timed {
     }
 }
 
+/// Makes `fd` non-blocking; returns its flags before.
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<rustix::fs::OFlags> {
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK)?;
+    Ok(flags)
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        if let Some(flags) = self.flags {
+            let _ = rustix::fs::fcntl_setfl(&self.fd, flags);
+        }
+    }
+}
+
 impl Read for Timed {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.wait(libc::POLLIN, "sent nothing")?;
-        self.fd.read(buf)
+        loop {
+            self.wait(libc::POLLIN, "sent nothing")?;
+            match self.fd.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return r,
+            }
+        }
     }
 }
 
 impl Write for Timed {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.wait(libc::POLLOUT, "took nothing")?;
-        self.fd.write(buf)
+        loop {
+            self.wait(libc::POLLOUT, "took nothing")?;
+            match self.fd.write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return r,
+            }
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -110,6 +152,14 @@ mod tests {
         };
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert!(e.to_string().contains("took nothing"), "{e}");
+        // One write larger than the whole pipe, which a blocking
+        // descriptor would make wait in the kernel for ever.
+        let (_r, w) = std::io::pipe().unwrap();
+        let mut writer = Timed::new(w.into(), Duration::from_millis(200));
+        let t = Instant::now();
+        let e = writer.write_all(&vec![0u8; 4 << 20]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(t.elapsed() < Duration::from_secs(5));
         // Data that is there is read at once.
         let (r, mut w) = std::io::pipe().unwrap();
         w.write_all(b"hi").unwrap();
