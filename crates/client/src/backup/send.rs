@@ -136,7 +136,8 @@ pub(super) fn send_file(shared: &Shared, job: Job) -> Result<()> {
     // 10 TiB) is not used: the file is sent whole, which costs bandwidth
     // but never fails the backup.
     let sig = if basis {
-        Some(signature(shared, id, abs)?).filter(|s| (s.block_size() as usize) <= MAX_DELTA_BLOCK)
+        signature(shared, id, abs, entry.size())?
+            .filter(|s| (s.block_size() as usize) <= MAX_DELTA_BLOCK)
     } else {
         None
     };
@@ -180,12 +181,14 @@ fn open_or_abort(shared: &Shared, id: u32, found: &Found) -> Result<Option<File>
     }
 }
 
-/// Asks the server for the signature of its copy and waits for the reader
-/// to hand it over.
-fn signature(shared: &Shared, id: u32, abs: &Path) -> Result<Signature> {
+/// Asks the server for the signature of its copy of a file of `size`
+/// bytes and waits for the reader to hand it over; `None` when it is
+/// larger than [`sig_limit`] (the file is then sent whole).
+fn signature(shared: &Shared, id: u32, abs: &Path, size: u64) -> Result<Option<Signature>> {
     let (stx, srx) = sync_channel(1);
+    let limit = sig_limit(size);
     match lock(&shared.sig_waiters).as_mut() {
-        Some(w) => w.insert(id, stx),
+        Some(w) => w.insert(id, (stx, limit)),
         None => bail!("the backup stopped"),
     };
     shared.send(ClientMsg::SigRequest { id })?;
@@ -193,10 +196,30 @@ fn signature(shared: &Shared, id: u32, abs: &Path) -> Result<Signature> {
     let bytes = srx
         .recv()
         .map_err(|_| err!("the backup stopped while waiting for a signature"))?;
+    let Some(bytes) = bytes else {
+        tracing::debug!(
+            "{}: the server's signature is larger than a file of {size} bytes needs ({limit}); sent whole",
+            shown(abs)
+        );
+        return Ok(None);
+    };
     match Signature::parse(&bytes) {
-        Ok(s) => Ok(s),
+        Ok(s) => Ok(Some(s)),
         Err(e) => bail!("server sent a bad signature for {}: {e}", shown(abs)),
     }
+}
+
+/// The largest signature a file of `size` bytes takes: four times what
+/// the signature of a basis of its own size holds (36 bytes a block at
+/// most), at least 1 MiB. An honest basis that much larger than the file
+/// is of little use to it; a server sending more (up to the protocol's
+/// 16 MiB, to each of the delta threads) would hold the client's memory.
+pub(super) fn sig_limit(size: u64) -> usize {
+    let blocks = size.div_ceil(u64::from(byteback_delta::block_size_for(size)).max(1));
+    let own = blocks.saturating_mul(36).saturating_add(64);
+    usize::try_from(own.saturating_mul(4))
+        .unwrap_or(usize::MAX)
+        .max(1 << 20)
 }
 
 /// Largest signature block the delta is computed against: a segment is at
@@ -664,6 +687,24 @@ mod tests {
     use super::super::shared::Policy;
     use super::*;
     use crate::walk::{self, EntrySink, Excludes, WalkWarning};
+
+    /// An honest signature of a basis four times the file's size is taken;
+    /// the protocol's 16 MiB for a small file is not.
+    #[test]
+    fn signatures_are_taken_up_to_what_the_file_could_need() {
+        for size in [0u64, 1000, 1 << 20, 100 << 20, 512 << 20, 4 << 30] {
+            let basis = (size * 4).max(1);
+            let blocks = basis.div_ceil(u64::from(byteback_delta::block_size_for(basis)));
+            let honest = blocks * (4 + u64::from(byteback_delta::wire_strong_len(basis))) + 64;
+            assert!(
+                honest as usize <= sig_limit(size),
+                "{size}: {honest} > {}",
+                sig_limit(size)
+            );
+        }
+        assert_eq!(sig_limit(1000), 1 << 20);
+        assert!(sig_limit(512 << 20) < 4 << 20, "{}", sig_limit(512 << 20));
+    }
 
     fn test_shared() -> Shared {
         Shared::new(

@@ -82,6 +82,9 @@ pub(super) use crate::sync::{lock, wait};
 pub(super) const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// What every thread and job of one backup shares (see the module doc).
+/// See [`Shared::sig_waiters`].
+pub(super) type SigWaiters = HashMap<u32, (SyncSender<Option<Vec<u8>>>, usize)>;
+
 pub(super) struct Shared {
     pub(super) flow: Mutex<Flow>,
     pub(super) cv: Condvar,
@@ -89,8 +92,10 @@ pub(super) struct Shared {
     pub(super) stopped: AtomicBool,
     pub(super) queue: Queue,
     pub(super) pool: BufPool,
-    /// Delta jobs waiting for a signature; `None` once the backup failed.
-    pub(super) sig_waiters: Mutex<Option<HashMap<u32, SyncSender<Vec<u8>>>>>,
+    /// Delta jobs waiting for a signature, each with the largest it takes
+    /// (see `send::sig_limit`; a larger one is dropped by the reader and
+    /// the job gets `None`); `None` once the backup failed.
+    pub(super) sig_waiters: Mutex<Option<SigWaiters>>,
     /// Tears the connection down.
     pub(super) breaker: Breaker,
     pub(super) warnings: Mutex<Vec<String>>,

@@ -68,8 +68,10 @@ pub(super) fn reader_loop(
                 let waiter = lock(&shared.sig_waiters)
                     .as_mut()
                     .and_then(|w| w.remove(&id));
-                if let Some(w) = waiter {
-                    let _ = w.send(sig);
+                if let Some((w, limit)) = waiter {
+                    // Dropped here, at once, when larger than its file
+                    // could need: never held by a job, let alone parsed.
+                    let _ = w.send((sig.len() <= limit).then_some(sig));
                 }
             }
             ServerMsg::FileOk { id } => {
