@@ -900,18 +900,23 @@ fn postgresql_dump_is_consistent_while_money_moves() {
 // ---------------------------------------------------------------------------
 
 /// With no server answering (or none installed) the hooks note it and let
-/// the backup go on; no root needed.
+/// the backup go on; no root needed. Once an earlier run's dump is there,
+/// a server that does not answer fails the backup (it would carry the old
+/// dump as if current), unless the hook is told the server is off on
+/// purpose.
 #[test]
 fn the_hooks_do_nothing_without_a_server() {
     let site = Site::new(&["50-mysql", "50-postgresql"]);
     let nowhere = site.work.join("nowhere");
     let nowhere = nowhere.display().to_string();
-    let o = site.backup(&[
-        ("BYTEBACK_MYSQL_SOCKET", &format!("{nowhere}/mysql.sock")),
+    let socket = format!("{nowhere}/mysql.sock");
+    let env = [
+        ("BYTEBACK_MYSQL_SOCKET", socket.as_str()),
         ("BYTEBACK_MYSQL_DEFAULTS_FILE", ""),
-        ("BYTEBACK_PG_HOST", &nowhere),
+        ("BYTEBACK_PG_HOST", nowhere.as_str()),
         ("BYTEBACK_PG_PORT", PG_PORT),
-    ]);
+    ];
+    let o = site.backup(&env);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
     for hook in ["50-mysql", "50-postgresql"] {
@@ -923,4 +928,29 @@ fn the_hooks_do_nothing_without_a_server() {
     }
     assert_eq!(site.snapshots().len(), 1);
     assert!(!site.dumps.exists(), "{out}");
+
+    // Earlier runs' dumps, and no server now.
+    fs::create_dir_all(&site.dumps).unwrap();
+    for dump in ["mysql.sql.gz", "postgresql.sql.gz"] {
+        fs::write(site.dumps.join(dump), b"an old dump").unwrap();
+    }
+    let o = site.backup(&env);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    for what in ["MariaDB/MySQL", "PostgreSQL"] {
+        assert!(
+            out.contains(&format!("FAILED: no {what} server answers, and ")),
+            "{out}"
+        );
+    }
+    assert!(out.contains("earlier run's dump"), "{out}");
+    assert_eq!(site.snapshots().len(), 1, "{out}");
+    // Off on purpose: the old dumps go as they are.
+    let mut off = env.to_vec();
+    off.extend([
+        ("BYTEBACK_MYSQL_REQUIRED", "0"),
+        ("BYTEBACK_PG_REQUIRED", "0"),
+    ]);
+    let o = site.backup(&off);
+    assert!(o.status.success(), "{}", text(&o));
 }
