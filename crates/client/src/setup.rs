@@ -126,7 +126,7 @@ fn setup(args: &SetupArgs) -> Result<()> {
         &args.server_command,
         &name,
         &public,
-        None,
+        KeyChange::Enrol,
     )?;
 
     write_if_changed(&dir.join("destination"), &format!("{destination}\n"))?;
@@ -182,6 +182,24 @@ fn rotate(args: &SetupArgs, target: &SshTarget, name: &str, key_path: &Path) -> 
     }
     let old = ssh::load_key(key_path)?;
     let old_public = public_line(&old)?;
+    let check = SshOptions {
+        known_hosts: known_hosts_files(),
+        unknown_host: UnknownHost::Refuse,
+        ..SshOptions::default()
+    };
+    // The name the key in use backs up as, from the server: the new key
+    // must take its place there, not start a host of its own.
+    let conn = Connection::open_ssh(target, key_path, &check, "ping").context(
+        "the key in use does not log in; rotating needs it, to learn the name this machine backs up as",
+    )?;
+    let enrolled_as = conn.host.clone();
+    conn.close()?;
+    if args.hostname.as_deref().is_some_and(|h| h != enrolled_as) {
+        return Err(Error::msg(format!(
+            "the key in use backs up as {enrolled_as} on the server, not {name}; leave out --hostname to rotate it"
+        )));
+    }
+    let name = enrolled_as.as_str();
     let new_path = PathBuf::from(format!("{}.new", key_path.display()));
     let new = ensure_key(&new_path)?;
     let new_public = public_line(&new)?;
@@ -195,6 +213,7 @@ fn rotate(args: &SetupArgs, target: &SshTarget, name: &str, key_path: &Path) -> 
         Some(p) => Auth::Key(p.clone()),
         None => Auth::Password(password(target)?),
     };
+    // For a while both keys: this machine's own, on purpose.
     enrol_remote(
         target,
         &auth,
@@ -202,13 +221,8 @@ fn rotate(args: &SetupArgs, target: &SshTarget, name: &str, key_path: &Path) -> 
         &args.server_command,
         name,
         &new_public,
-        None,
+        KeyChange::Add,
     )?;
-    let check = SshOptions {
-        known_hosts: known_hosts_files(),
-        unknown_host: UnknownHost::Refuse,
-        ..SshOptions::default()
-    };
     let conn = Connection::open_ssh(target, &new_path, &check, "ping")
         .context("the new key does not work; the old one stays in use")?;
     conn.close()?;
@@ -238,7 +252,7 @@ fn rotate(args: &SetupArgs, target: &SshTarget, name: &str, key_path: &Path) -> 
         &args.server_command,
         name,
         &new_public,
-        Some(&old_public),
+        KeyChange::Retire(&old_public),
     ) {
         Ok(()) => {
             std::fs::remove_file(&retired).on("cannot remove", &retired)?;
@@ -257,6 +271,16 @@ fn rotate(args: &SetupArgs, target: &SshTarget, name: &str, key_path: &Path) -> 
     }
 }
 
+/// What `byteback-server enrol` is to do with a host's keys.
+enum KeyChange<'a> {
+    /// Enrol the key; refused if the host has another.
+    Enrol,
+    /// Enrol the key beside the host's other one (`--add-key`).
+    Add,
+    /// Enrol the key (already there) and remove this old one's lines.
+    Retire(&'a str),
+}
+
 /// Runs `byteback-server enrol` on the server through an admin login.
 fn enrol_remote(
     target: &SshTarget,
@@ -265,7 +289,7 @@ fn enrol_remote(
     server_command: &str,
     name: &str,
     public: &str,
-    retire: Option<&str>,
+    change: KeyChange<'_>,
 ) -> Result<()> {
     let opts = SshOptions {
         known_hosts: known_hosts_files(),
@@ -273,8 +297,10 @@ fn enrol_remote(
         ..SshOptions::default()
     };
     let mut command = format!("{server_command} enrol --host {name} --key '{public}'");
-    if let Some(old) = retire {
-        command.push_str(&format!(" --retire-key '{old}'"));
+    match change {
+        KeyChange::Enrol => {}
+        KeyChange::Add => command.push_str(" --add-key"),
+        KeyChange::Retire(old) => command.push_str(&format!(" --retire-key '{old}'")),
     }
     let stream = ssh::open(target, auth, &opts, Request::Exec(command))?;
     let mut sock = stream.socket.try_clone()?;

@@ -61,6 +61,10 @@ enum Command {
         /// (byteback's or 1.x's forced command) are removed (byteback-setup-client --rotate-key).
         #[arg(long)]
         retire_key: Option<String>,
+        /// Enrol the key even if the host already has another, which then
+        /// stays (two keys of one machine; never two machines of one name).
+        #[arg(long)]
+        add_key: bool,
     },
     /// Rewrite byteback 1.x's authorized_keys lines (command="byteback-receive",
     /// environment="BYTEBACK_HOST=NAME") into byteback forced commands, keeping
@@ -188,7 +192,16 @@ pub fn main() -> ExitCode {
             store,
             authorized_keys,
             retire_key,
-        } => match run_enrol(host, &key, from, store, authorized_keys, retire_key) {
+            add_key,
+        } => match run_enrol(
+            host,
+            &key,
+            from,
+            store,
+            authorized_keys,
+            retire_key,
+            add_key,
+        ) {
             Ok(msg) => {
                 println!("{msg}");
                 ExitCode::SUCCESS
@@ -236,6 +249,7 @@ fn run_enrol(
     store: Option<PathBuf>,
     authorized_keys: Option<PathBuf>,
     retire_key: Option<String>,
+    add_key: bool,
 ) -> Result<String> {
     let key = enrol::parse_public_key(key)?;
     let retire = retire_key
@@ -265,6 +279,7 @@ fn run_enrol(
         authorized_keys,
         server_exe,
         retire,
+        add_key,
     };
     let (enrolled, retired) = enrol::enrol_and_retire(&cfg)?;
     if cfg.retire.is_some() {

@@ -172,19 +172,25 @@ pub struct EnrolConfig {
     /// back up as this host (byteback's forced command, or 1.x's
     /// `byteback-receive` with `BYTEBACK_HOST=NAME`) are removed.
     pub retire: Option<PublicKeyLine>,
+    /// Another key may back up as this host too (`--add-key`): without
+    /// it, enrolling a new key for a host that has one is refused, since
+    /// two machines of one name would back up into one tree.
+    pub add_key: bool,
 }
 
 /// Whether an authorized_keys line lets `blob` back up as `host` and nothing
 /// else: byteback's forced command for `host`, or 1.x's receiver for it.
 fn is_host_line(line: &str, blob: &str, host: &str) -> bool {
-    let Some((opts, key)) = crate::migrate::split_options(line.trim()) else {
-        return false;
-    };
-    if key.split_whitespace().nth(1) != Some(blob) {
-        return false;
-    }
+    host_line_key(line, host).as_deref() == Some(blob)
+}
+
+/// The key (its base64 blob) of an authorized_keys line that lets it back
+/// up as `host` (see [`is_host_line`]), if the line is one.
+fn host_line_key(line: &str, host: &str) -> Option<String> {
+    let (opts, key) = crate::migrate::split_options(line.trim())?;
+    let blob = key.split_whitespace().nth(1)?.to_string();
     let Some((_, Some(cmd))) = opts.iter().find(|(n, _)| n == "command") else {
-        return false;
+        return None;
     };
     let words: Vec<&str> = cmd.split_whitespace().collect();
     let byteback = matches!(words.as_slice(), [exe, "serve", "--host", h, ..]
@@ -193,7 +199,28 @@ fn is_host_line(line: &str, blob: &str, host: &str) -> bool {
         && opts.iter().any(|(n, v)| {
             n == "environment" && v.as_deref() == Some(&format!("BYTEBACK_HOST={host}"))
         });
-    byteback || receive
+    (byteback || receive).then_some(blob)
+}
+
+/// Refuses a new key for a host that already has another (not the one
+/// being retired), unless [`EnrolConfig::add_key`].
+fn check_host_keys(cfg: &EnrolConfig, existing: &str) -> Result<()> {
+    if cfg.add_key {
+        return Ok(());
+    }
+    let retired = cfg.retire.as_ref().map(|r| r.blob.as_str());
+    let other = existing
+        .lines()
+        .filter_map(|l| host_line_key(l, &cfg.host))
+        .find(|b| *b != cfg.key.blob && Some(b.as_str()) != retired);
+    match other {
+        None => Ok(()),
+        Some(b) => Err(Error::Usage(format!(
+            "host {} already has a key (…{}): a second machine of that name would back up into the same tree, each backup deleting the other's files. Give this machine its own --hostname; if it is the same machine with a new key, retire the old one (byteback-setup-client --rotate-key, or --retire-key); --add-key keeps both",
+            cfg.host,
+            &b[b.len().saturating_sub(16)..]
+        ))),
+    }
 }
 
 /// What enrolment did.
@@ -312,6 +339,9 @@ pub fn enrol_and_retire(cfg: &EnrolConfig) -> Result<(Enrolled, usize)> {
             )));
         }
     }
+    if enrolled == Enrolled::Added {
+        check_host_keys(cfg, &existing)?;
+    }
     // The host's tree first: a key must never point at a missing host.
     store.host(&cfg.host, true)?;
 
@@ -328,6 +358,13 @@ pub fn enrol_and_retire(cfg: &EnrolConfig) -> Result<(Enrolled, usize)> {
             content.push('\n');
         }
         content.push_str(&line);
+    }
+    if cfg.retire.is_some() && retired == 0 {
+        return Err(Error::Usage(format!(
+            "the key to retire has no line for host {} in {}: nothing changed (is this machine enrolled under another name? give that name with --hostname)",
+            cfg.host,
+            cfg.authorized_keys.display()
+        )));
     }
     if content == existing {
         return Ok((enrolled, 0));
@@ -423,6 +460,7 @@ mod tests {
             authorized_keys: dir.path().join(".ssh/authorized_keys"),
             server_exe: "/usr/local/bin/byteback-server".into(),
             retire: None,
+            add_key: false,
         };
         std::fs::create_dir_all(&cfg.store).unwrap();
         assert_eq!(enrol(&cfg).unwrap(), Enrolled::Added);
@@ -486,6 +524,7 @@ mod tests {
             authorized_keys: ak.clone(),
             server_exe: "/usr/local/bin/byteback-server".into(),
             retire: Some(parse_public_key(ED).unwrap()),
+            add_key: false,
         };
         // The old key is on other lines too: enrolling the new one is fine.
         assert_eq!(enrol_and_retire(&cfg).unwrap(), (Enrolled::Added, 1));
@@ -499,10 +538,56 @@ mod tests {
         );
         assert!(lines[2].contains("serve --host web1") && lines[2].contains(ED2));
         assert!(!lines[2].contains(old_blob));
-        assert_eq!(enrol_and_retire(&cfg).unwrap(), (Enrolled::Unchanged, 0));
+        // Again: nothing left to retire, which is said (a rotation that
+        // removed nothing must not pass for one that did).
+        let e = enrol_and_retire(&cfg).unwrap_err().to_string();
+        assert!(e.contains("no line for host web1"), "{e}");
         assert_eq!(std::fs::read_to_string(&ak).unwrap(), after);
         let mut same = cfg.clone();
         same.retire = Some(parse_public_key(ED2).unwrap());
         assert!(enrol_and_retire(&same).is_err());
+    }
+
+    /// A new key for a host that has one is a second machine of the same
+    /// name (a cloned image, a default host name) unless said otherwise:
+    /// refused, naming the way out; `--add-key` keeps both. Retiring a key
+    /// that has no line for the host changes nothing and says so.
+    #[test]
+    fn a_second_key_for_a_host_is_refused_unless_added_on_purpose() {
+        const ED2: &str =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIXg4VM4UPiEfw9Djn2zEX8BuIdk7aLdj3ut+AdW0w5J";
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EnrolConfig {
+            store: dir.path().join("store"),
+            store_explicit: false,
+            host: "debian".into(),
+            key: parse_public_key(ED).unwrap(),
+            from: "192.0.2.7".parse().unwrap(),
+            authorized_keys: dir.path().join(".ssh/authorized_keys"),
+            server_exe: "/usr/local/bin/byteback-server".into(),
+            retire: None,
+            add_key: false,
+        };
+        std::fs::create_dir_all(&cfg.store).unwrap();
+        assert_eq!(enrol(&cfg).unwrap(), Enrolled::Added);
+        let one = std::fs::read_to_string(&cfg.authorized_keys).unwrap();
+        let mut second = cfg.clone();
+        second.key = parse_public_key(ED2).unwrap();
+        let e = enrol(&second).unwrap_err().to_string();
+        assert!(e.contains("host debian already has a key"), "{e}");
+        assert!(e.contains("--rotate-key") && e.contains("--add-key"), "{e}");
+        assert_eq!(std::fs::read_to_string(&cfg.authorized_keys).unwrap(), one);
+        // Retiring a key this host never had: nothing changes.
+        let mut wrong = second.clone();
+        wrong.host = "debian2".into();
+        wrong.retire = Some(parse_public_key(ED).unwrap());
+        let e = enrol_and_retire(&wrong).unwrap_err().to_string();
+        assert!(e.contains("no line for host debian2"), "{e}");
+        assert_eq!(std::fs::read_to_string(&cfg.authorized_keys).unwrap(), one);
+        // On purpose: both keys stay.
+        second.add_key = true;
+        assert_eq!(enrol(&second).unwrap(), Enrolled::Added);
+        let two = std::fs::read_to_string(&cfg.authorized_keys).unwrap();
+        assert_eq!(two.lines().count(), 2, "{two}");
     }
 }
