@@ -91,8 +91,12 @@ impl PruneOptions {
 /// only, if it must: it is a growth spike by the guard's rule (see
 /// [`spikes`]), counting what it has written and needs.
 fn own_only(room: &RoomFor, capacity: u64) -> Option<String> {
-    let growth = room.written.saturating_add(room.need);
-    let mut with_this = read_usage(room.host);
+    // Since the host's last snapshot: the backups committed without one,
+    // this one's writing so far and what it needs now.
+    let (mut with_this, pending) = read_usage_pending(room.host);
+    let growth = pending
+        .saturating_add(room.written)
+        .saturating_add(room.need);
     with_this.push(Usage {
         snapshot: "(this backup)".into(),
         time: i64::MAX,
@@ -177,8 +181,15 @@ pub fn record_backup(
 /// The host's usage per snapshot, oldest first: bytes written by the backups
 /// since the previous snapshot. Hosts without a log (1.x stores) have none.
 pub fn read_usage(host: &HostStore) -> Vec<Usage> {
+    read_usage_pending(host).0
+}
+
+/// [`read_usage`], and the bytes written since the last snapshot by
+/// backups that made none (committed within the minimum interval, or cut
+/// off), which the next snapshot's figure will hold.
+pub fn read_usage_pending(host: &HostStore) -> (Vec<Usage>, u64) {
     let Some(text) = read_small(host.fd(), USAGE_LOG) else {
-        return vec![];
+        return (vec![], 0);
     };
     let mut out = vec![];
     let mut pending: u64 = 0;
@@ -200,7 +211,7 @@ pub fn read_usage(host: &HostStore) -> Vec<Usage> {
             pending = 0;
         }
     }
-    out
+    (out, pending)
 }
 
 /// One line of a usage log, as written.
@@ -242,7 +253,12 @@ pub fn read_usage_lines(host: &HostStore) -> Vec<UsageLine> {
         .collect()
 }
 
+/// The last 64 MiB of file `name` in `dir` (whole lines: one cut at the
+/// start is dropped), bytes that are not UTF-8 replaced: a damaged byte
+/// costs its line, never the file (a usage log ignored whole would switch
+/// the growth guard off for its host).
 pub(crate) fn read_small(dir: impl AsFd, name: &str) -> Option<String> {
+    const MAX: u64 = 64 << 20;
     let fd = rustix::fs::openat(
         dir,
         name,
@@ -250,12 +266,20 @@ pub(crate) fn read_small(dir: impl AsFd, name: &str) -> Option<String> {
         Mode::empty(),
     )
     .ok()?;
-    let mut s = String::new();
-    std::fs::File::from(fd)
-        .take(64 << 20)
-        .read_to_string(&mut s)
-        .ok()?;
-    Some(s)
+    let mut f = std::fs::File::from(fd);
+    let len = f.metadata().ok()?.len();
+    let start = len.saturating_sub(MAX);
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(start)).ok()?;
+    let mut bytes = Vec::new();
+    f.take(MAX).read_to_end(&mut bytes).ok()?;
+    if start > 0 {
+        let cut = bytes
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(bytes.len(), |i| i + 1);
+        bytes.drain(..cut);
+    }
+    Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// Writes `text` to `name` in the store root (appends when `append`).
@@ -737,4 +761,56 @@ pub fn make_room(
         out.refused
             .unwrap_or_else(|| "pruning freed nothing".into())
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host whose backups each stay under the guard's threshold but
+    /// commit without snapshots (within the minimum interval, or cut off)
+    /// has written their sum since its last snapshot: a backup that then
+    /// runs out of room is judged on that sum, as its snapshot would be.
+    #[test]
+    fn growth_since_the_last_snapshot_counts_for_the_guard() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let host = store.host("h", true).unwrap();
+        const MIB: u64 = 1 << 20;
+        let capacity = 400 * MIB; // the guard's floor: 8 MiB
+        let mut log = String::new();
+        for (i, snap) in [
+            "2026-11-01T03:00+0000",
+            "2026-11-02T03:00+0000",
+            "2026-11-03T03:00+0000",
+        ]
+        .iter()
+        .enumerate()
+        {
+            log.push_str(&format!("{} {} {snap}\n", 1000 + i, 2 * MIB));
+        }
+        std::fs::write(dir.path().join("h").join(USAGE_LOG), &log).unwrap();
+        let room = |written| RoomFor {
+            host: &host,
+            path: "x",
+            need: MIB,
+            written,
+            quota: false,
+        };
+        // 7 MiB written and 1 MiB needed: not above 4 x 2 MiB.
+        assert_eq!(own_only(&room(6 * MIB), capacity), None);
+        // Twenty earlier runs of 7 MiB each, no snapshot among them.
+        for k in 0..20 {
+            log.push_str(&format!("{} {} -\n", 2000 + k, 7 * MIB));
+        }
+        // And a damaged byte on one line costs that line only.
+        log.push_str("3000 \u{fffd}\n");
+        let mut bytes = log.into_bytes();
+        bytes.extend_from_slice(b"3001 \xff -\n");
+        std::fs::write(dir.path().join("h").join(USAGE_LOG), &bytes).unwrap();
+        let (usage, pending) = read_usage_pending(&host);
+        assert_eq!((usage.len(), pending), (3, 140 * MIB));
+        let why = own_only(&room(6 * MIB), capacity).expect("a spike");
+        assert!(why.contains("(the growth guard)"), "{why}");
+    }
 }

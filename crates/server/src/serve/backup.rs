@@ -61,6 +61,15 @@ pub(super) fn backup<R: Read, W: Write>(
     };
     let received = receive(&target, conn, &mut rx);
     if let Err(e) = received {
+        // What it wrote stays for the next run to resume from: the growth
+        // guard counts it (a client cutting its runs short must not
+        // write without limit, unseen).
+        if rx.grown > 0 {
+            if let Err(e2) = crate::pruner::record_backup(&host, target.now(), rx.grown, None, None)
+            {
+                tracing::error!("cannot record the interrupted backup's usage: {e2}");
+            }
+        }
         if rx.manifest_damaged() {
             return Err(match rx.set_aside_manifest() {
                 Ok(()) => e.context(
