@@ -242,4 +242,66 @@ fn budgeted_verify_covers_the_host_over_several_runs() {
     }
     assert!(runs >= 4, "a 700 kB budget covered 3 MB in {runs} runs");
     assert_eq!(files, 30, "every file of every snapshot checked once");
+
+    // Damage in the newest snapshot, found by a pass, stays listed while
+    // the next pass has not come back to that snapshot.
+    let s2 = snapshots(&store, HOST).pop().unwrap();
+    let s2_path = store.join(HOST).join(&s2);
+    set_read_only(&s2_path, false);
+    flip_byte(&stored(&store, &s2, &src, "f5"), 10);
+    set_read_only(&s2_path, true);
+    let mut found = false;
+    for _ in 0..8 {
+        let o = verify(&store, &["--budget", "700K"]);
+        found |= o.status.code() == Some(1);
+        if !fs::read_to_string(&state).unwrap().contains("cursor") {
+            break; // the pass is done
+        }
+    }
+    assert!(found, "the flipped byte was never found");
+    // A new pass begins with the oldest snapshot, which is sound.
+    let o = verify(&store, &["--budget", "700K"]);
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+    let status = |args: &[&str]| {
+        output_text(&run_status(
+            Command::new(bin("byteback-server"))
+                .arg("status")
+                .args(args)
+                .arg("--store")
+                .arg(&store),
+        ))
+    };
+    let out = status(&[]);
+    assert!(
+        out.contains(&format!("DAMAGED {s2} ")),
+        "the damage was forgotten: {out}"
+    );
+
+    // current as an interrupted backup left it (no clean marker, a file
+    // half rebuilt) is not verified, and not reported damaged.
+    let clean = store.join(HOST).join("current/.byteback/clean");
+    fs::remove_file(&clean).unwrap();
+    flip_byte(&stored(&store, "current", &src, "f3"), 10);
+    let o = verify(&store, &["--snapshot", "current"]);
+    let out = output_text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("left by an interrupted backup"), "{out}");
+    assert!(!out.contains("DAMAGED"), "{out}");
+    // Nor while a backup holds the host's lock.
+    fs::write(&clean, b"").unwrap();
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(store.join(HOST).join(".lock"))
+        .unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let o = verify(&store, &["--snapshot", "current"]);
+    let out = output_text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("is being written by a backup"), "{out}");
+    drop(lock);
+    // Once settled, it is checked as any snapshot.
+    let o = verify(&store, &["--snapshot", "current"]);
+    assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
 }

@@ -341,22 +341,38 @@ fn verify_snapshot(
     Ok(finished)
 }
 
-/// Marks damaged files of `current` for the next backup, under the host lock.
+/// The host's lock, held while `current` is verified, when no backup
+/// holds it and `current` has its clean marker; else why not.
+fn current_settled(host: &HostStore) -> std::result::Result<std::fs::File, String> {
+    let lock = host
+        .lock()
+        .map_err(|_| "is being written by a backup".to_string())?;
+    let current = host.current().map_err(|e| e.to_string())?;
+    let clean = fsops::open_dir(&current, META_DIR).and_then(|meta| {
+        Ok(rustix::fs::statat(
+            &meta,
+            os(CLEAN),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )?)
+    });
+    match clean {
+        Ok(_) => Ok(lock),
+        Err(_) => Err("was left by an interrupted backup (no clean marker)".into()),
+    }
+}
+
+fn os(b: &[u8]) -> &std::ffi::OsStr {
+    std::os::unix::ffi::OsStrExt::from_bytes(b)
+}
+
+/// Marks damaged files of `current` for the next backup (the host's lock
+/// is held: see [`current_settled`]).
 fn mark_current(
     host: &HostStore,
     current: impl AsFd,
     paths: &[Vec<u8>],
     report: &mut HostReport,
 ) -> Result<u64> {
-    let _lock = match host.lock() {
-        Ok(l) => l,
-        Err(e) => {
-            report.errors.push(format!(
-                "current: damaged files not marked for the next backup: {e}"
-            ));
-            return Ok(0);
-        }
-    };
     let meta_path = host.path.join("current").join(META_DIR_NAME);
     let at = || meta_path.display().to_string();
     let meta = fsops::open_dir(&current, META_DIR).op("open", at)?;
@@ -408,12 +424,39 @@ pub fn verify_host(
         _ => (0, None),
     };
     if first == 0 && after.is_none() && only.is_none() {
-        state.damage.clear(); // a new pass begins
+        // A new pass begins: damage of snapshots pruned since goes; the
+        // rest stays listed until its snapshot is checked again.
+        state.damage.retain(|d| names.contains(&d.snapshot));
     }
     let mut finished = true;
+    // A snapshot passed over (see `current_settled`): what is known of its
+    // damage stays.
+    let mut unchecked: Option<String> = None;
     for i in first..names.len() {
         let name = &names[i];
         let mut cursor = None;
+        // `current` only while no backup changes it, and only as a backup
+        // left it whole: after an interrupted one, what differs from its
+        // manifest is the next backup's to settle, not damage.
+        let _lock = if name == "current" {
+            match current_settled(host) {
+                Ok(lock) => Some(lock),
+                Err(why) => {
+                    eprintln!(
+                        "byteback-server: verify: {}/current {why}; not verified this time",
+                        host.name
+                    );
+                    unchecked = Some(name.clone());
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        if after.is_none() && only.is_none() {
+            // Checked again from its start: what is found replaces it.
+            state.damage.retain(|d| d.snapshot != *name);
+        }
         match verify_snapshot(
             host,
             name,
@@ -440,7 +483,9 @@ pub fn verify_host(
     report.finished = finished;
     if let Some(snap) = only {
         // A check of one snapshot replaces what is known of its damage.
-        state.damage.retain(|d| d.snapshot != snap);
+        if unchecked.as_deref() != Some(snap) {
+            state.damage.retain(|d| d.snapshot != snap);
+        }
         state.damage.extend(report.damaged.iter().cloned());
     } else {
         state.damage.extend(report.damaged.iter().cloned());
