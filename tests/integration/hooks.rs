@@ -230,10 +230,49 @@ fn only_valid_executables_run_in_byte_order() {
             "{name}: {err}"
         );
     }
-    // Without --verbose, skipping is silent (as run-parts).
+    // Without --verbose, only executable files left out for their names
+    // (most likely meant to run) are named; the rest is silent, as
+    // run-parts is.
     let o = s.backup(&[]);
-    assert_eq!(o.status.code(), Some(0));
-    assert!(!stderr(&o).contains("skipping"), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("skipping \"x.sh\": its name"), "{err}");
+    assert!(
+        !err.contains("40-noexec") && !err.contains("60-dir"),
+        "{err}"
+    );
+}
+
+/// A hook runs as root, so one that someone else could have put there or
+/// changed (not root's, or writable by its group or others; the same for
+/// its directory) is not run, and the backup fails naming it.
+#[test]
+fn hooks_that_others_could_change_are_not_run() {
+    if !require_root("hooks owned by another user") {
+        return;
+    }
+    let s = setup();
+    s.hook("pre-backup.d", "10-open", &s.log_line("open"), 0o755);
+    let open = s.conf.join("pre-backup.d/10-open");
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o757)).unwrap();
+    let o = s.backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("is writable by its group or others (mode 0757)"),
+        "{err}"
+    );
+    assert_eq!(s.log(), "", "it ran: {err}");
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&open, Some(1000), None).unwrap();
+    let o = s.backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("is owned by uid 1000, not root"), "{err}");
+    std::os::unix::fs::chown(&open, Some(0), None).unwrap();
+    let o = s.backup(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(s.log(), "open\n");
 }
 
 #[test]

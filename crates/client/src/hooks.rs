@@ -122,6 +122,38 @@ pub struct Listing {
     pub skipped: Vec<(OsString, &'static str)>,
 }
 
+/// Why a hook (run as root) could have been put there or changed by
+/// someone other than root: the file (its symlink followed) or its
+/// directory not owned by root, or writable by its group or others.
+fn not_root_only(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let check = |p: &Path, what: &str| -> Option<String> {
+        let m = match std::fs::metadata(p) {
+            Ok(m) => m,
+            Err(e) => return Some(format!("cannot look at {what} {}: {e}", p.display())),
+        };
+        if m.uid() != 0 {
+            return Some(format!(
+                "{what} {} is owned by uid {}, not root",
+                p.display(),
+                m.uid()
+            ));
+        }
+        if m.permissions().mode() & 0o022 != 0 {
+            return Some(format!(
+                "{what} {} is writable by its group or others (mode {:04o})",
+                p.display(),
+                m.permissions().mode() & 0o7777
+            ));
+        }
+        None
+    };
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    check(&real, "the file")
+        .or_else(|| real.parent().and_then(|d| check(d, "its directory")))
+        .or_else(|| path.parent().and_then(|d| check(d, "the directory")))
+}
+
 /// Whether `name` is a name run-parts runs: `^[A-Za-z0-9_-]+$`.
 pub fn valid_name(name: &[u8]) -> bool {
     !name.is_empty()
@@ -200,9 +232,15 @@ impl Runner {
         env: &[(&str, &str)],
         unset: &[&str],
     ) -> Result<Vec<Failure>> {
-        let listing = list(&config_dir.join(sub))?;
-        if self.verbose {
-            for (name, why) in &listing.skipped {
+        let dir = config_dir.join(sub);
+        let listing = list(&dir)?;
+        for (name, why) in &listing.skipped {
+            // An executable file left out for its name (`dump.sh`) was
+            // most likely meant to run: said every time, not only with
+            // --verbose.
+            let meant = std::fs::metadata(dir.join(name))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+            if self.verbose || meant {
                 self.note(&format!(
                     "{sub}: skipping {:?}: {why}",
                     name.to_string_lossy()
@@ -247,6 +285,11 @@ impl Runner {
             reason,
             tail,
         };
+        if rustix::process::geteuid().is_root() {
+            if let Some(why) = not_root_only(path) {
+                return Err(fail(format!("was not run: {why}"), vec![]));
+            }
+        }
         let (rd, wr) = pipe().map_err(|e| fail(format!("could not be started: {e}"), vec![]))?;
         let wr2 = wr
             .try_clone()
