@@ -305,3 +305,44 @@ fn budgeted_verify_covers_the_host_over_several_runs() {
     let o = verify(&store, &["--snapshot", "current"]);
     assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
 }
+
+/// A budgeted verify of several hosts takes a pass under way first, then
+/// the host verified whole longest ago: a first host that alone takes the
+/// whole budget does not keep the others from ever being verified whole.
+#[test]
+fn budgeted_verify_reaches_every_host() {
+    if !require_root("verify on a btrfs store") {
+        return;
+    }
+    let fs_ = BtrfsLoop::new(300);
+    let store = fs_.mount.join("store");
+    store_without_interval(&store);
+    let work = scratch();
+    let mut rng = Rng::new(11);
+    for host in ["a", "b"] {
+        let src = work.path().join(host);
+        fs::create_dir_all(&src).unwrap();
+        for i in 0..10 {
+            fs::write(src.join(format!("f{i}")), rng.bytes(100_000)).unwrap();
+        }
+        local_backup(&store, &src, host);
+    }
+    // Each host: a snapshot and current, 2 MB; 300 kB a run.
+    let full = |h: &str| {
+        fs::read_to_string(store.join(h).join(".byteback-verify"))
+            .is_ok_and(|s| s.contains("last-full"))
+    };
+    for run in 1..=24 {
+        let o = verify(&store, &["--budget", "300K"]);
+        assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+        if full("a") && full("b") {
+            assert!(run >= 10, "4 MB in {run} runs of 300 kB");
+            return;
+        }
+    }
+    panic!(
+        "after 24 runs: a verified whole {}, b {}",
+        full("a"),
+        full("b")
+    );
+}

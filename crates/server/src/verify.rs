@@ -550,15 +550,34 @@ fn render_json(reports: &[HostReport]) -> String {
     format!("{{\"hosts\":[{}]}}\n", hosts.join(","))
 }
 
+/// Orders hosts for a budgeted run: a pass under way first, then hosts
+/// never verified whole, then the one verified whole longest ago. Else the
+/// first host listed would start a new pass every day, taking the whole
+/// budget when it is large, and those after it would never be reached.
+fn fair_order(store: &Store, hosts: &mut [String]) {
+    let key = |h: &String| match store.host(h, false) {
+        Ok(host) => {
+            let st = State::load(&host);
+            (st.cursor.is_none(), st.last_full.unwrap_or(i64::MIN))
+        }
+        Err(_) => (true, i64::MAX),
+    };
+    hosts.sort_by_cached_key(key);
+}
+
 fn run(args: VerifyArgs) -> Result<u8> {
     let root = crate::admin::store_root(args.store)?;
     let store = Store::open(&root)?;
+    let mut budget = Budget::new(args.budget, args.max_time.map(Duration::from_secs));
     let hosts = if args.host.is_empty() {
-        store.hosts()?
+        let mut hosts = store.hosts()?;
+        if budget.limited() && args.snapshot.is_none() {
+            fair_order(&store, &mut hosts);
+        }
+        hosts
     } else {
         args.host.clone()
     };
-    let mut budget = Budget::new(args.budget, args.max_time.map(Duration::from_secs));
     let now = crate::time::now();
     let mut reports = vec![];
     for h in &hosts {
