@@ -177,7 +177,7 @@ fn check_deletions(
     set.extend(made.iter().cloned());
     for d in deleted {
         let order = prune_order(&set, now, 0, Order::Importance);
-        let victim = next_to_delete(&order, |_| true).unwrap().clone();
+        let victim = next_to_delete(&order, i64::MAX, |_| true).unwrap().clone();
         assert_eq!(&victim.to_string(), d, "deleted out of order");
         set.retain(|s| *s != victim);
     }

@@ -210,23 +210,33 @@ pub fn spikes(host: &str, history: &[Usage], capacity: u64) -> Vec<Spike> {
     out
 }
 
+/// How far past `now` a snapshot's name may be dated before it counts as
+/// dated in the future (a clock that was set wrong when it was taken).
+pub const FUTURE_SLACK: i64 = 3600;
+
 /// The snapshot to delete next: the last in `order` that is not its host's
-/// newest and that `allowed` accepts.
+/// newest, is not dated in the future (see [`FUTURE_SLACK`]) and that
+/// `allowed` accepts. A host's newest is its newest dated up to `now`: a
+/// snapshot a wrong clock dated later would otherwise pass for it, and the
+/// real newest could go.
 pub fn next_to_delete(
     order: &[Snapshot],
+    now: i64,
     allowed: impl Fn(&Snapshot) -> bool,
 ) -> Option<&Snapshot> {
+    let future = |s: &Snapshot| s.time > now.saturating_add(FUTURE_SLACK);
     let mut newest: BTreeMap<&str, &Snapshot> = BTreeMap::new();
     for s in order {
         let e = newest.entry(s.host.as_str()).or_insert(s);
-        if (s.time, &s.name) > (e.time, &e.name) {
+        // A snapshot not in the future beats one that is; else the later.
+        if (!future(s), s.time, &s.name) > (!future(e), e.time, &e.name) {
             *e = s;
         }
     }
     order
         .iter()
         .rev()
-        .find(|s| newest.get(s.host.as_str()) != Some(s) && allowed(s))
+        .find(|s| newest.get(s.host.as_str()) != Some(s) && !future(s) && allowed(s))
 }
 
 #[cfg(test)]
@@ -248,6 +258,24 @@ mod tests {
             name: format_name(t, 0),
             time: t,
         }
+    }
+
+    /// A snapshot a wrong clock dated in the future is neither its host's
+    /// newest (the real newest stays) nor ever deleted.
+    #[test]
+    fn a_snapshot_dated_in_the_future_is_not_the_newest_and_not_deleted() {
+        let now = at(2026, 12, 4, 12, 0);
+        let (old, real, ahead) = (
+            snap("h", now - 2 * DAY),
+            snap("h", now - DAY),
+            snap("h", now + 30 * DAY),
+        );
+        let order = vec![ahead.clone(), real.clone(), old.clone()];
+        assert_eq!(next_to_delete(&order, now, |_| true), Some(&old));
+        let left = vec![ahead.clone(), real.clone()];
+        assert_eq!(next_to_delete(&left, now, |_| true), None);
+        // Without a clock to judge by, the later one is the newest.
+        assert_eq!(next_to_delete(&left, i64::MAX, |_| true), Some(&real));
     }
 
     /// Daily snapshots of `host` at `hour` UTC for `days` days ending on `end`'s day.
@@ -367,7 +395,7 @@ mod tests {
             .unwrap();
         assert!(newest > 7);
         // The newest is never deleted.
-        let next = next_to_delete(&order, |_| true).unwrap();
+        let next = next_to_delete(&order, i64::MAX, |_| true).unwrap();
         assert_ne!(next.time, at(2026, 11, 18, 19, 0));
     }
 
@@ -475,7 +503,7 @@ mod tests {
                 // Deleting in order never removes a host's newest snapshot, and
                 // ends with exactly one snapshot per host.
                 let mut left = o.clone();
-                while let Some(victim) = next_to_delete(&left, |_| true).cloned() {
+                while let Some(victim) = next_to_delete(&left, i64::MAX, |_| true).cloned() {
                     let newest = left.iter().filter(|s| s.host == victim.host).map(|s| s.time).max();
                     prop_assert!(Some(victim.time) < newest);
                     left.retain(|s| *s != victim);

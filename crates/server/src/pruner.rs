@@ -460,7 +460,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
     }
     loop {
         let order = prune_order(&snapshots, opts.now, opts.offset, opts.order);
-        let Some(victim) = next_to_delete(&order, |s| opts.may_delete(s)).cloned() else {
+        let Some(victim) = next_to_delete(&order, opts.now, |s| opts.may_delete(s)).cloned() else {
             out.refused = Some(match &opts.only_host {
                 Some(h) => format!("nothing of {h} left to delete but its newest snapshot"),
                 None => "nothing left to delete: every host is down to its newest snapshot".into(),
@@ -744,7 +744,7 @@ pub fn make_room(
     let order = prune_order(&snapshots, now, opts.offset, Order::Importance);
     let mut would = vec![];
     let mut left = order.clone();
-    while let Some(v) = next_to_delete(&left, |_| true).cloned() {
+    while let Some(v) = next_to_delete(&left, now, |_| true).cloned() {
         would.push(v.to_string());
         left.retain(|s| *s != v);
     }

@@ -32,6 +32,9 @@ pub struct HostStatus {
     pub verified_age: Option<i64>,
     /// Damaged files the verification found (in snapshots still present), as `snapshot /path`.
     pub damaged: Vec<String>,
+    /// Snapshots dated in the future (a clock set wrong when they were
+    /// taken): never the newest, never pruned, a WARNING until deleted.
+    pub future: Vec<String>,
 }
 
 /// The whole store.
@@ -68,7 +71,13 @@ pub fn collect(store: &Store, now: i64) -> Result<StoreStatus> {
     for name in names {
         let h = store.host(&name, false)?;
         let snaps = h.snapshots()?;
-        let newest = snaps.last().cloned();
+        let slack = now.saturating_add(crate::prune::FUTURE_SLACK);
+        let future: Vec<String> = snaps
+            .iter()
+            .filter(|(_, t)| *t > slack)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let newest = snaps.iter().rev().find(|(_, t)| *t <= slack).cloned();
         let usage = pruner::read_usage(&h);
         let kept: std::collections::HashSet<&str> = snaps.iter().map(|s| s.0.as_str()).collect();
         let retained: Vec<u64> = usage
@@ -86,6 +95,7 @@ pub fn collect(store: &Store, now: i64) -> Result<StoreStatus> {
         hosts.push(HostStatus {
             verified_age: verify.last_full.map(|t| now - t),
             damaged,
+            future,
             size: newest
                 .as_ref()
                 .and_then(|(n, _)| manifest_size(store, &name, n)),
@@ -156,7 +166,7 @@ pub fn age_state(age: Option<i64>, warn: Option<i64>, crit: Option<i64>) -> u8 {
 /// One host's state: its age's, at least WARNING with damaged files.
 pub fn host_state(h: &HostStatus, warn: Option<i64>, crit: Option<i64>) -> u8 {
     let c = age_state(h.age, warn, crit);
-    if h.damaged.is_empty() {
+    if h.damaged.is_empty() && h.future.is_empty() {
         c
     } else {
         c.max(1)
@@ -186,6 +196,14 @@ pub fn check(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> (u8, Str
                 h.host,
                 h.damaged.len(),
                 h.host
+            ));
+        }
+        if !h.future.is_empty() {
+            code = code.max(1);
+            problems.push(format!(
+                "{} has snapshots dated in the future: {} (a clock set wrong? delete them once checked)",
+                h.host,
+                h.future.join(", ")
             ));
         }
     }
@@ -234,6 +252,9 @@ pub fn table(st: &StoreStatus) -> String {
         for d in &h.damaged {
             let _ = writeln!(out, "  DAMAGED {d}");
         }
+        for f in &h.future {
+            let _ = writeln!(out, "  DATED IN THE FUTURE {f}");
+        }
     }
     let _ = writeln!(out, "store: {}", st.space);
     if let Some(why) = &st.prune_refused {
@@ -260,6 +281,7 @@ pub fn json(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> String {
                 "history_bytes": h.history,
                 "verified_age_seconds": h.verified_age,
                 "damaged": h.damaged,
+                "dated_in_the_future": h.future,
             })
         })
         .collect();
@@ -305,6 +327,7 @@ mod tests {
             history: None,
             verified_age: None,
             damaged: vec![],
+            future: vec![],
         };
         let st = |hosts| StoreStatus {
             hosts,
@@ -330,5 +353,14 @@ mod tests {
         assert_eq!(v["exit_code"], 1);
         assert_eq!(v["state"], "WARNING");
         assert_eq!(v["hosts"][0]["state"], "OK");
+        // A snapshot dated in the future is a WARNING, named.
+        let mut ahead = h(Some(1));
+        ahead.future = vec!["2027-01-01T03:00+0000".into()];
+        let (code, line) = check(&st(vec![ahead]), w, c);
+        assert_eq!(code, 1);
+        assert!(
+            line.contains("dated in the future: 2027-01-01T03:00+0000"),
+            "{line}"
+        );
     }
 }

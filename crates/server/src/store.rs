@@ -215,7 +215,17 @@ impl HostStore {
         now: i64,
         min_interval: i64,
     ) -> Result<std::result::Result<String, String>> {
-        if let Some((last, ts)) = self.snapshots()?.last() {
+        let snapshots = self.snapshots()?;
+        // One a wrong clock dated in the future never holds the next back
+        // (it would for as long as the clock was off): said, and passed by.
+        let slack = now.saturating_add(crate::prune::FUTURE_SLACK);
+        for (name, _) in snapshots.iter().filter(|(_, ts)| *ts > slack) {
+            tracing::warn!(
+                "snapshot {}/{name} is dated in the future (a clock set wrong when it was taken?); it is neither the newest nor ever pruned: delete it by hand once checked",
+                self.name
+            );
+        }
+        if let Some((last, ts)) = snapshots.iter().rev().find(|(_, ts)| *ts <= slack) {
             if now - ts < min_interval {
                 return Ok(Err(format!(
                     "no snapshot taken: the newest, {last}, is younger than the minimum interval of {min_interval} s"
