@@ -536,6 +536,50 @@ fn hosts_share_the_disc_and_a_sudden_giant_backup_needs_the_admin() {
 
 /// The server snapshots only when the newest is older than the minimum
 /// interval; a refused snapshot still leaves the backup in `current`.
+/// A store short of space that pruning cannot help (every snapshot is
+/// younger than 7 days) is not silent: `status` turns WARNING and says
+/// why, until a prune finds room again.
+#[test]
+fn a_store_short_of_space_that_pruning_cannot_help_is_a_warning() {
+    let d = scratch();
+    let store = d.path().join("store");
+    fs::create_dir_all(&store).unwrap();
+    // Always short of space: at least 100 % free wanted.
+    fs::write(
+        store.join("byteback.toml"),
+        "min_snapshot_interval = 0\nminpercent = 100\nmaxpercent = 100\n",
+    )
+    .unwrap();
+    let sim = Clocked {
+        wrapper: server_wrapper(d.path()),
+        store: store.clone(),
+    };
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"one").unwrap();
+    let t0 = days_from_civil(2026, 5, 4) * DAY + 3 * 3600;
+    assert!(sim.backup(&src, "h", t0).status.success());
+    let o = sim.prune(t0 + 3600, &["--prune"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let o = sim.status(t0 + 3600, &["--warn", "1d"]);
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("prune refused: short of space") && out.contains("older than 7 days"),
+        "{out}"
+    );
+    // Room again: the warning goes with the next prune.
+    fs::write(
+        store.join("byteback.toml"),
+        "min_snapshot_interval = 0\nminpercent = 0\n",
+    )
+    .unwrap();
+    let o = sim.prune(t0 + 7200, &["--prune"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let o = sim.status(t0 + 7200, &["--warn", "1d"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stdout));
+}
+
 #[test]
 fn snapshots_respect_the_minimum_interval() {
     let d = scratch();

@@ -448,7 +448,13 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         && opts.target_free.is_none()
         && !snapshots.iter().any(|s| s.time < opts.now - MIN_AGE)
     {
-        out.refused = Some("no snapshot is older than 7 days; not pruning".into());
+        let why = "no snapshot is older than 7 days; not pruning";
+        record_refusal(
+            store,
+            opts,
+            &format!("short of space ({before}), but {why}"),
+        );
+        out.refused = Some(why.into());
         return Ok(out);
     }
     if let Some(why) = check_growth(store, opts, log, &snapshots, before.size)? {
@@ -461,10 +467,14 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
     loop {
         let order = prune_order(&snapshots, opts.now, opts.offset, opts.order);
         let Some(victim) = next_to_delete(&order, opts.now, |s| opts.may_delete(s)).cloned() else {
-            out.refused = Some(match &opts.only_host {
+            let why = match &opts.only_host {
                 Some(h) => format!("nothing of {h} left to delete but its newest snapshot"),
                 None => "nothing left to delete: every host is down to its newest snapshot".into(),
-            });
+            };
+            if opts.only_host.is_none() {
+                record_refusal(store, opts, &format!("short of space: {why}"));
+            }
+            out.refused = Some(why);
             break;
         };
         if opts.dry_run {
@@ -567,6 +577,16 @@ fn check_growth(
         }
     }
     Ok(Some(why))
+}
+
+/// Records why pruning could not make the room it should (for `status`,
+/// which turns WARNING): best effort, as on a full disc it may not fit.
+fn record_refusal(store: &Store, opts: &PruneOptions, why: &str) {
+    if !opts.dry_run {
+        if let Err(e) = write_small(store, REFUSED, &format!("{why}\n"), false) {
+            tracing::warn!("cannot record the refusal for `status`: {e}");
+        }
+    }
 }
 
 /// Creating or renaming something in a backup ran out of space (round
