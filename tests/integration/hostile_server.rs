@@ -1151,6 +1151,38 @@ fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     st.sentinel.assert_untouched();
 }
 
+/// A hard link whose first name is as deep as a manifest path may be
+/// (4,096 bytes, one more than the kernel takes at once) is made: the
+/// first name is looked up in steps, each beneath the last.
+#[test]
+fn a_hard_link_to_a_first_name_of_the_longest_path_is_made() {
+    if !require_root("a_hard_link_to_a_first_name_of_the_longest_path_is_made") {
+        return;
+    }
+    let st = Stage::new();
+    let mut entries = vec![];
+    let mut path = String::new();
+    for i in 0..20u8 {
+        if !path.is_empty() {
+            path.push('/');
+        }
+        path.push_str(&((b'a' + i) as char).to_string().repeat(200));
+        entries.push(dir(&path));
+    }
+    path.push('/');
+    let deep = format!("{path}{}", "f".repeat(4096 - path.len()));
+    assert_eq!(deep.len(), 4096);
+    let body: &[u8] = b"deep first name";
+    entries.push(file(&deep, body));
+    entries.push(hardlink("z-link", &deep));
+    let r = st.restore(&scenario(entries, &[(deep.as_str(), body)]), &[ALL]);
+    r.assert_code(0);
+    let link = fs::metadata(st.restored("z-link")).unwrap();
+    assert_eq!(fs::read(st.restored("z-link")).unwrap(), body);
+    assert_eq!(link.nlink(), 2, "{}", r.stderr);
+    st.sentinel.assert_untouched();
+}
+
 /// A setuid or setgid bit stays only on a file owned as the manifest says:
 /// an owner that cannot be set (here one the kernel cannot take, as for an
 /// unmapped id or a restore by another user) leaves the file owned by who

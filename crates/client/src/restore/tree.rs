@@ -257,6 +257,39 @@ fn open_dir_beneath(parent: BorrowedFd<'_>, name: &[u8]) -> rustix::io::Result<O
 }
 
 /// The last component of a wire path.
+/// An `O_PATH` descriptor of `path` beneath `root`, never through a
+/// symlink; a path too long for the kernel at once (a manifest path may
+/// be 4,096 bytes, the kernel takes 4,095) is opened in steps, each
+/// beneath the last.
+fn path_beneath(root: BorrowedFd<'_>, path: &[u8]) -> rustix::io::Result<OwnedFd> {
+    const STEP: usize = 4000;
+    let how = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    let open = |at: BorrowedFd<'_>, p: &[u8], dir: bool| {
+        let dir = if dir {
+            OFlags::DIRECTORY
+        } else {
+            OFlags::empty()
+        };
+        rustix::fs::openat2(
+            at,
+            os(p),
+            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC | dir,
+            Mode::empty(),
+            how,
+        )
+    };
+    if path.len() < STEP {
+        return open(root, path, false);
+    }
+    let cut = path[..STEP]
+        .iter()
+        .rposition(|&b| b == b'/')
+        .filter(|&i| i > 0)
+        .ok_or(Errno::NAMETOOLONG)?;
+    let step = open(root, &path[..cut], true)?;
+    path_beneath(step.as_fd(), &path[cut + 1..])
+}
+
 /// Creates a new empty file (0600) in `parent` under a temporary name
 /// (`.byteback-restore.PID.N`, the first N free) for a file being
 /// restored: see [`RestoreTree::restore_file`].
@@ -689,14 +722,23 @@ impl RestoreTree {
                 display_path(target)
             )
         };
-        let tfd = rustix::fs::openat2(
-            root,
-            os(&src),
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-        )
-        .map_err(|e| refuse(format!("which is not a file restored in this run ({e})")))?;
+        let tfd = match path_beneath(root, &src) {
+            Ok(fd) => fd,
+            // Not the server's doing: a directory this restore finished
+            // without `x` for a non-root restore. That link alone is lost.
+            Err(e @ Errno::ACCESS) => {
+                self.report.damage(format!(
+                    "{shown}: not restored: its first name {} cannot be reached ({e})",
+                    display_path(target)
+                ));
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(refuse(format!(
+                    "which is not a file restored in this run ({e})"
+                )))
+            }
+        };
         let st = rustix::fs::fstat(&tfd)?;
         if file_type(&st) != FileType::RegularFile
             || !self.created.contains(&(st.st_dev, st.st_ino))
