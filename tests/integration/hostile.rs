@@ -982,17 +982,9 @@ fn assert_no_file_larger(root: &Path, max: u64) {
     }
 }
 
-/// While one announced file stays unfinished, the entries after it wait in
-/// memory to be written to the manifest in order. A client that never
-/// finishes that file and keeps sending entries (each may carry up to 1 MiB
-/// of xattrs) must not be able to grow that queue without bound.
-#[test]
-fn open_transfer_cannot_make_the_server_buffer_entries_without_bound() {
-    let env = Env::new();
-    let m = fresh_mtime();
-    // File `a` needs data that never comes; then 12 batches of 8 directories
-    // with 960 KiB of xattrs each: about 90 MiB of entries behind it.
-    let mut s = Script::backup().msg(&ClientMsg::Entries(vec![file_e(b"a", 10, m)]));
+/// `s` and 12 batches of 8 directories with 960 KiB of xattrs each (about
+/// 90 MiB of entries).
+fn heavy_batches(mut s: Script, m: i64) -> Script {
     let mut n = 0;
     for _ in 0..12 {
         let mut batch = vec![];
@@ -1006,6 +998,23 @@ fn open_transfer_cannot_make_the_server_buffer_entries_without_bound() {
         }
         s = s.msg(&ClientMsg::Entries(batch));
     }
+    s
+}
+
+/// While one announced file stays unfinished, the entries after it wait in
+/// memory to be written to the manifest in order. A client that never
+/// finishes that file and keeps sending entries (each may carry up to 1 MiB
+/// of xattrs) must not be able to grow that queue without bound.
+#[test]
+fn open_transfer_cannot_make_the_server_buffer_entries_without_bound() {
+    let env = Env::new();
+    let m = fresh_mtime();
+    // File `a` needs data that never comes; then 12 batches of 8 directories
+    // with 960 KiB of xattrs each: about 90 MiB of entries behind it.
+    let s = heavy_batches(
+        Script::backup().msg(&ClientMsg::Entries(vec![file_e(b"a", 10, m)])),
+        m,
+    );
     let o = env.serve_limited("entries queued behind an open transfer", &s.bytes);
     assert!(
         !(o.signal == Some(Signal::ABORT.as_raw()) && o.stderr.contains("memory allocation")),
@@ -1305,22 +1314,12 @@ fn unanswered_batches_of_entries_are_capped_in_memory() {
     let m = fresh_mtime();
     // File `a` is started (holding its descriptors) and never finished;
     // then 12 batches of 8 directories with 960 KiB of xattrs each.
-    let mut s = Script::backup()
-        .msg(&ClientMsg::Entries(vec![file_e(b"a", 10, m)]))
-        .msg(&file_data(0, b"01234"));
-    let mut n = 0;
-    for _ in 0..12 {
-        let mut batch = vec![];
-        for _ in 0..8 {
-            let mut e = dir_e(format!("d{n:04}").as_bytes(), m);
-            e.xattrs = (0..15u8)
-                .map(|i| (format!("user.x{i:02}").into_bytes(), vec![i; 64 << 10]))
-                .collect();
-            batch.push(e);
-            n += 1;
-        }
-        s = s.msg(&ClientMsg::Entries(batch));
-    }
+    let s = heavy_batches(
+        Script::backup()
+            .msg(&ClientMsg::Entries(vec![file_e(b"a", 10, m)]))
+            .msg(&file_data(0, b"01234")),
+        m,
+    );
     // 256 descriptors: none left for transfers beyond the reserve, so
     // nothing is answered while `a` is open.
     let mut cmd = Command::new("prlimit");
