@@ -1303,6 +1303,71 @@ fn a_client_that_never_reads_ends_a_server_mid_write() {
     drop(stdin);
 }
 
+/// A client that sends a byte every tenth of a second is never silent for
+/// `io_timeout`, and would hold its host's lock for as long as it liked:
+/// the store's `max_session` ends the backup, and the host's next backup
+/// runs.
+#[test]
+fn a_client_dripping_bytes_is_ended_by_max_session() {
+    let mut env = Env::new();
+    let toml = env.store.join("byteback.toml");
+    let mut conf = fs::read_to_string(&toml).unwrap();
+    conf.push_str("io_timeout = 5\nmax_session = 2\n");
+    fs::write(&toml, conf).unwrap();
+    env.store_rest = env.store_rest_digest();
+    let m = fresh_mtime();
+    let content = Rng::new(11).bytes(4000);
+    let start_of =
+        Script::backup().msg(&ClientMsg::Entries(vec![file_e(b"slow", content.len(), m)]));
+    let drip = encode(&file_data(0, &content)).unwrap();
+    let mut child = Command::new(bin("byteback-server"))
+        .args(env.serve_args(HOST, &[]))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&start_of.bytes).unwrap();
+    // One byte at a time, 40 s for the frame: far past TIMEOUT.
+    let dripper = std::thread::spawn(move || {
+        for b in drip {
+            if stdin.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    dripper.join().unwrap();
+    let status = status.unwrap_or_else(|| panic!("still running after {TIMEOUT:?}:\n{err}"));
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("max_session"), "{err}");
+    env.check_world();
+    // The lock is free, and the next backup commits.
+    let s = backup_script(&[(file_e(b"slow", content.len(), m), Some(&content))]);
+    env.serve("the next backup", &s.bytes).assert_backup_ok(1);
+    env.accept();
+}
+
 /// Under a low open-file limit the server stops answering batches of
 /// entries while the files in flight hold its descriptors; the batches the
 /// client sends meanwhile wait unanswered. A client that keeps sending

@@ -157,6 +157,7 @@ pub fn main() -> ExitCode {
                 },
                 now: now.map(|(t, _)| t),
                 compress: !no_compress,
+                clock: Default::default(),
             };
             // A store whose settings cannot be read still gets its session
             // (which reports that error to the client) with the default wait.
@@ -169,8 +170,8 @@ pub fn main() -> ExitCode {
                 .and_then(|i| Ok((i, crate::timed::dup_stdio(std::io::stdout())?)));
             let (stdin, stdout) = match streams {
                 Ok((i, o)) => (
-                    crate::timed::Timed::new(i, wait),
-                    crate::timed::Timed::new(o, wait),
+                    crate::timed::Timed::new(i, wait, cfg.clock.clone()),
+                    crate::timed::Timed::new(o, wait, cfg.clock.clone()),
                 ),
                 Err(e) => {
                     eprintln!("byteback-server: cannot use standard input and output: {e}");

@@ -18,6 +18,9 @@ pub struct StoreConfig {
     /// Seconds a session may wait for its client to send or take a byte
     /// before it gives up (and releases the host's lock).
     pub io_timeout: i64,
+    /// Seconds a backup session may run in all before it gives up (and
+    /// releases the host's lock); 0 for no limit.
+    pub max_session: i64,
 }
 
 impl Default for StoreConfig {
@@ -27,6 +30,7 @@ impl Default for StoreConfig {
             minpercent: 5,
             maxpercent: 10,
             io_timeout: 10800,
+            max_session: 86400,
         }
     }
 }
@@ -64,6 +68,7 @@ impl StoreConfig {
                 "minpercent" if (0..=100).contains(&v) => c.minpercent = v as u32,
                 "maxpercent" if (0..=100).contains(&v) => c.maxpercent = v as u32,
                 "io_timeout" if v > 0 && v <= 30 * 86400 => c.io_timeout = v,
+                "max_session" if (0..=366 * 86400).contains(&v) => c.max_session = v,
                 k => {
                     return Err(format!(
                         "line {}: unknown key or bad value for {k:?}",
@@ -86,7 +91,7 @@ mod tests {
     #[test]
     fn parses_and_rejects() {
         let c = StoreConfig::parse(
-            "# x\nmin_snapshot_interval = 0\nminpercent=7 # c\nmaxpercent = 20\nio_timeout = 60\n",
+            "# x\nmin_snapshot_interval = 0\nminpercent=7 # c\nmaxpercent = 20\nio_timeout = 60\nmax_session=0\n",
         )
         .unwrap();
         assert_eq!(
@@ -96,11 +101,14 @@ mod tests {
                 minpercent: 7,
                 maxpercent: 20,
                 io_timeout: 60,
+                max_session: 0,
             }
         );
         assert!(StoreConfig::parse("bogus = 1").is_err());
         assert!(StoreConfig::parse("minpercent = 50\nmaxpercent = 10").is_err());
         assert!(StoreConfig::parse("minpercent").is_err());
         assert!(StoreConfig::parse("io_timeout = 0").is_err());
+        assert!(StoreConfig::parse("max_session = -1").is_err());
+        assert_eq!(StoreConfig::parse("").unwrap().max_session, 86400);
     }
 }

@@ -9,15 +9,55 @@
 //! non-blocking: a write larger than the room in the pipe or socket takes
 //! what fits and polls again, rather than blocking in the kernel where no
 //! deadline reaches it.
+//!
+//! A client that sends a byte now and then is never silent for
+//! `io_timeout`, so a backup also has a deadline for the whole session
+//! ([`SessionClock`], the store's `max_session`): past it, every read and
+//! write fails, the session ends as an interrupted one (what it received
+//! stays for the next run to resume) and the host's lock is released.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The deadline of a whole session, shared by its two ends; none until
+/// [`SessionClock::start`] (a backup starting).
+#[derive(Debug, Clone, Default)]
+pub struct SessionClock(Arc<OnceLock<(Instant, Duration)>>);
+
+impl SessionClock {
+    /// From now, the session may run `limit` more; a second call keeps the
+    /// first deadline.
+    pub fn start(&self, limit: Duration) {
+        let _ = self.0.set((Instant::now() + limit, limit));
+    }
+
+    /// Time left before the deadline: `None` when there is none,
+    /// `Some(ZERO)` once past it.
+    fn left(&self) -> Option<Duration> {
+        self.0
+            .get()
+            .map(|(end, _)| end.saturating_duration_since(Instant::now()))
+    }
+
+    fn expired(&self) -> io::Error {
+        let secs = self.0.get().map_or(0, |(_, limit)| limit.as_secs());
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the backup has run for {secs} s (max_session in byteback.toml); giving up, what was received stays for the next run"
+            ),
+        )
+    }
+}
 
 /// A descriptor whose reads and writes wait at most `timeout`.
 pub struct Timed {
     fd: std::fs::File,
     timeout: Duration,
+    /// The whole session's deadline, if one has started.
+    clock: SessionClock,
     /// The descriptor's flags before it was made non-blocking, put back
     /// when done (a terminal's description is shared with the shell).
     flags: Option<rustix::fs::OFlags>,
@@ -26,8 +66,9 @@ pub struct Timed {
 impl Timed {
     /// Wraps `fd` (a pipe or socket from sshd or the local client), made
     /// non-blocking (its open file description, which only this process
-    /// uses: our end of the pipe or socket).
-    pub fn new(fd: OwnedFd, timeout: Duration) -> Timed {
+    /// uses: our end of the pipe or socket). Past `clock`'s deadline, once
+    /// started, every read and write fails.
+    pub fn new(fd: OwnedFd, timeout: Duration, clock: SessionClock) -> Timed {
         let flags = match set_nonblocking(&fd) {
             Ok(f) => Some(f),
             Err(e) => {
@@ -39,13 +80,22 @@ impl Timed {
         Timed {
             fd: std::fs::File::from(fd),
             timeout,
+            clock,
             flags,
         }
     }
 
     /// Waits until `fd` is ready for `flags`, or fails after the timeout.
     fn wait(&self, events: libc::c_short, what: &str) -> io::Result<()> {
-        let ms = i32::try_from(self.timeout.as_millis()).unwrap_or(i32::MAX);
+        // Checked before the poll too: a peer that always has a byte ready
+        // would otherwise never meet the deadline.
+        let left = self.clock.left();
+        if left == Some(Duration::ZERO) {
+            return Err(self.clock.expired());
+        }
+        let wait = left.map_or(self.timeout, |l| l.min(self.timeout));
+        // Rounded up, so a poll that ends for the deadline ends past it.
+        let ms = i32::try_from(wait.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX);
         let mut fds = [libc::pollfd {
             fd: self.fd.as_raw_fd(),
             events,
@@ -58,6 +108,9 @@ impl Timed {
             match n {
                 // Ready, or hung up / in error: the read or write says which.
                 n if n > 0 => return Ok(()),
+                0 if self.clock.left() == Some(Duration::ZERO) => return Err(self.clock.expired()),
+                // Not silent for io_timeout yet: the deadline's share.
+                0 if wait < self.timeout => {}
                 0 => {
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -131,18 +184,25 @@ pub fn dup_stdio(fd: impl AsFd) -> io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
 
     #[test]
     fn a_silent_peer_ends_a_read_and_a_full_pipe_ends_a_write() {
         let (r, w) = std::io::pipe().unwrap();
-        let mut reader = Timed::new(r.into(), Duration::from_millis(200));
+        let mut reader = Timed::new(
+            r.into(),
+            Duration::from_millis(200),
+            SessionClock::default(),
+        );
         let t = Instant::now();
         let e = reader.read(&mut [0u8; 8]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert!(e.to_string().contains("sent nothing"), "{e}");
         assert!(t.elapsed() >= Duration::from_millis(200));
-        let mut writer = Timed::new(w.into(), Duration::from_millis(200));
+        let mut writer = Timed::new(
+            w.into(),
+            Duration::from_millis(200),
+            SessionClock::default(),
+        );
         // Fill the pipe: nobody reads it.
         let chunk = [0u8; 4096];
         let e = loop {
@@ -155,7 +215,11 @@ mod tests {
         // One write larger than the whole pipe, which a blocking
         // descriptor would make wait in the kernel for ever.
         let (_r, w) = std::io::pipe().unwrap();
-        let mut writer = Timed::new(w.into(), Duration::from_millis(200));
+        let mut writer = Timed::new(
+            w.into(),
+            Duration::from_millis(200),
+            SessionClock::default(),
+        );
         let t = Instant::now();
         let e = writer.write_all(&vec![0u8; 4 << 20]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
@@ -163,7 +227,7 @@ mod tests {
         // Data that is there is read at once.
         let (r, mut w) = std::io::pipe().unwrap();
         w.write_all(b"hi").unwrap();
-        let mut reader = Timed::new(r.into(), Duration::from_secs(5));
+        let mut reader = Timed::new(r.into(), Duration::from_secs(5), SessionClock::default());
         let mut buf = [0u8; 8];
         assert_eq!(reader.read(&mut buf).unwrap(), 2);
         drop(w);
@@ -172,5 +236,34 @@ mod tests {
             0,
             "end of stream is not a timeout"
         );
+    }
+
+    #[test]
+    fn a_peer_that_always_has_a_byte_ready_meets_the_session_deadline() {
+        let (r, mut w) = std::io::pipe().unwrap();
+        let clock = SessionClock::default();
+        let mut reader = Timed::new(r.into(), Duration::from_secs(60), clock.clone());
+        // No deadline before a backup starts it.
+        w.write_all(b"ab").unwrap();
+        assert_eq!(reader.read(&mut [0u8; 1]).unwrap(), 1);
+        clock.start(Duration::from_millis(300));
+        let t = Instant::now();
+        let e = loop {
+            // A byte is always there: only the deadline ends this.
+            w.write_all(b"x").unwrap();
+            match reader.read(&mut [0u8; 1]) {
+                Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => break e,
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "never ended");
+        };
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("max_session"), "{e}");
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        // A silent peer meets it too, long before io_timeout.
+        let (r, _w) = std::io::pipe().unwrap();
+        let mut reader = Timed::new(r.into(), Duration::from_secs(60), clock);
+        let e = reader.read(&mut [0u8; 1]).unwrap_err();
+        assert!(e.to_string().contains("max_session"), "{e}");
     }
 }

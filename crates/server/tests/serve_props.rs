@@ -100,6 +100,7 @@ fn run_out(s: &Setup, input: &[u8], compress: bool) -> byteback_server::error::R
         access: Access::Full,
         now: None,
         compress,
+        clock: Default::default(),
     };
     let mut out = vec![];
     serve(&cfg, input, &mut out)?;

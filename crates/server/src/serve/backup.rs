@@ -40,6 +40,11 @@ pub(super) fn backup<R: Read, W: Write>(
     checksum: bool,
 ) -> Result<()> {
     let config = StoreConfig::load(&cfg.store)?;
+    if config.max_session > 0 {
+        cfg.clock.start(std::time::Duration::from_secs(
+            config.max_session.unsigned_abs(),
+        ));
+    }
     let host = store.host(&cfg.host, true)?;
     let _lock = host.lock()?;
     let room = Room::new(store, &host, &config, cfg.now)?;

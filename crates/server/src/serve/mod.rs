@@ -43,6 +43,9 @@ pub struct ServeConfig {
     /// Restored file data is compressed where it shrinks (`serve
     /// --no-compress` turns it off for a local client).
     pub compress: bool,
+    /// The deadline of the whole session, which a backup starts (the
+    /// store's `max_session`) and the connection's ends obey.
+    pub clock: crate::timed::SessionClock,
 }
 
 struct Conn<R: Read, W: Write> {
