@@ -964,6 +964,53 @@ fn links_to_one_left_out_first_name_stay_links_across_passes() {
     st.sentinel.assert_untouched();
 }
 
+/// The restore remembers the inode of a file only when a hard link names
+/// it as its first name (or it is a copy made for links): memory grows with
+/// the links restored, not with the files. Here 200 files, of which one is
+/// linked twice and one first name is left out by the patterns (its copy is
+/// remembered): two inodes, and the links are links.
+#[test]
+fn only_first_names_of_hard_links_are_remembered() {
+    if !require_root("only_first_names_of_hard_links_are_remembered") {
+        return;
+    }
+    let st = Stage::new();
+    let mut entries = vec![file("a-first", b"left out"), hardlink("a-link", "a-first")];
+    let mut files: Vec<(String, Vec<u8>)> = vec![("a-first".into(), b"left out".to_vec())];
+    entries.push(dir("d"));
+    for i in 0..200 {
+        let p = format!("d/f{i:03}");
+        let data = format!("file {i}").into_bytes();
+        entries.push(file(&p, &data));
+        files.push((p, data));
+    }
+    entries.push(hardlink("d/g1", "d/f007"));
+    entries.push(hardlink("d/g2", "d/f007"));
+    entries.push(hardlink("z-link", "a-first"));
+    let files: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, d)| (p.as_str(), d.as_slice()))
+        .collect();
+    let sc = scenario(entries, &files);
+    let mut cmd = Command::new(bin("byteback-restore"));
+    cmd.env("BYTEBACK_LOG", "debug");
+    let r = st.restore_cmd(cmd, &sc, &["/a-link", "/d", "/z-link"], None);
+    r.assert_code(0);
+    assert!(
+        r.stderr
+            .contains(&format!("{SNAP}: 2 inodes remembered for hard links")),
+        "{}",
+        r.stderr
+    );
+    let ino = |p: &str| fs::symlink_metadata(st.restored(p)).unwrap().ino();
+    assert_eq!(ino("d/f007"), ino("d/g1"));
+    assert_eq!(ino("d/f007"), ino("d/g2"));
+    assert_eq!(ino("a-link"), ino("z-link"));
+    assert_eq!(fs::read(st.restored("z-link")).unwrap(), b"left out");
+    assert_eq!(fs::read(st.restored("d/f199")).unwrap(), b"file 199");
+    st.sentinel.assert_untouched();
+}
+
 /// A path restored alone gets the directories on its way made with their
 /// manifest metadata (owner, mode, mtime), as if selected: a file kept
 /// private by its directory stays private in the restore (they were made

@@ -633,6 +633,8 @@ struct Chunk {
 
 /// Reads the manifest once and takes the entries `take` selects after
 /// `after`, up to the chunk limits. `take` sees every entry, in order.
+/// Files of the chunk that a hard link anywhere after them names as its
+/// first name are marked [`tree::Wanted::linked`].
 fn collect_chunk(
     conn: &mut Connection,
     snap: &str,
@@ -648,7 +650,14 @@ fn collect_chunk(
     // The directories not selected on the way down to the current entry
     // (without their xattrs), outermost first.
     let mut chain: Vec<Entry> = vec![];
+    // The chunk's regular files by path key, to mark those links name.
+    let mut files: HashMap<u128, usize> = HashMap::new();
     read_manifest(conn, snap, |e| {
+        if let Kind::HardLink { target } = &e.entry.kind {
+            if let Some(&i) = files.get(&tree::path_key(target)) {
+                chunk.wanted[i].linked = true;
+            }
+        }
         while chain
             .last()
             .is_some_and(|d| !check::is_ancestor(&d.path, &e.entry.path))
@@ -682,7 +691,14 @@ fn collect_chunk(
             }
         }
         bytes += e.entry.buffer_cost();
-        chunk.wanted.push(tree::Wanted { e, from: None });
+        if let Kind::File { .. } = e.entry.kind {
+            files.insert(tree::path_key(&e.entry.path), chunk.wanted.len());
+        }
+        chunk.wanted.push(tree::Wanted {
+            e,
+            from: None,
+            linked: false,
+        });
         Ok(())
     })?;
     Ok(chunk)

@@ -77,6 +77,9 @@ pub struct Wanted {
     /// For a hard link whose first name was not selected: that name, whose
     /// content is fetched for this path (the entry is then a regular file).
     pub from: Option<Vec<u8>>,
+    /// A hard link in the manifest names this file as its first name: its
+    /// inode is remembered for the link (see `RestoreTree::created`).
+    pub linked: bool,
 }
 
 /// Files asked for ahead of the one being restored.
@@ -199,8 +202,10 @@ pub struct RestoreTree {
     shown_into: String,
     /// `stack[0]` is `<into>/<snapshot>`; then the directories down to the current entry.
     stack: Vec<OpenDir>,
-    /// (device, inode) of each regular file this run wrote: the only
-    /// objects a hard link may point at.
+    /// (device, inode) of each regular file this run wrote that a hard
+    /// link names as its first name (or that was copied for links, see
+    /// [`Wanted::from`]): the only objects a hard link may point at. Only
+    /// those, so memory grows with the hard links restored, not the files.
     created: HashSet<(u64, u64)>,
     /// Unselected first names of hard links -> the path restored in their place.
     copies: HashMap<Vec<u8>, Vec<u8>>,
@@ -234,7 +239,7 @@ impl Drop for RestoreTree {
 
 /// A path's key in sets that may grow with the manifest: the first 16
 /// bytes of its BLAKE3.
-fn path_key(path: &[u8]) -> u128 {
+pub(super) fn path_key(path: &[u8]) -> u128 {
     let d = byteback_delta::hash_bytes(path);
     let mut k = [0u8; 16];
     k.copy_from_slice(&d[..16]);
@@ -548,6 +553,11 @@ impl RestoreTree {
         while !self.stack.is_empty() {
             self.leave_top()?;
         }
+        tracing::debug!(
+            "{}: {} inodes remembered for hard links",
+            self.snapshot,
+            self.created.len()
+        );
         Ok(std::mem::take(&mut self.report))
     }
 
@@ -588,7 +598,7 @@ impl RestoreTree {
 
     /// Restores one entry (see [`Self::restore`]).
     fn restore_one(&mut self, conn: &mut Connection, w: Wanted) -> Result<()> {
-        let Wanted { e, from } = w;
+        let Wanted { e, from, linked } = w;
         let path = e.entry.path.clone();
         self.enter(&path)?;
         if self.opts.verbose {
@@ -608,7 +618,8 @@ impl RestoreTree {
             Kind::File { size } => {
                 let size = *size;
                 let src = from.clone().unwrap_or_else(|| path.clone());
-                self.restore_file(conn, &e, &src, size)?;
+                let link_target = linked || from.is_some();
+                self.restore_file(conn, &e, &src, size, link_target)?;
                 // Later links to the same first name link to this copy, or,
                 // when it failed verification, are reported damaged with it.
                 if let Some(f) = from {
@@ -632,6 +643,7 @@ impl RestoreTree {
         e: &ManifestEntry,
         src: &[u8],
         size: u64,
+        link_target: bool,
     ) -> Result<()> {
         let path = &e.entry.path;
         let name = last_component(path);
@@ -677,7 +689,9 @@ impl RestoreTree {
             }
         };
         w.into_iter().for_each(|w| self.report.warn(w));
-        self.created.insert((st.st_dev, st.st_ino));
+        if link_target {
+            self.created.insert((st.st_dev, st.st_ino));
+        }
         self.report.restored += 1;
         if self.opts.unverified {
             self.report.unverified += 1;
