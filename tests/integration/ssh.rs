@@ -821,6 +821,85 @@ fn a_server_writing_only_to_stderr_is_timed_out() {
     assert!(took < Duration::from_secs(30), "{took:?}");
 }
 
+/// A server flooding its stderr while ours is stalled (nobody reads it, as
+/// with a terminal paused by XOFF or journald behind): the client relays the
+/// server's lines through a thread of its own and drops what does not fit,
+/// so `--io-timeout` still ends the connection. Before, the relay blocked
+/// in the write, and the watchdog with it, until stderr moved again.
+#[test]
+fn a_stalled_stderr_does_not_hold_the_io_timeout() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let w = World::new(200);
+    let client = w.enrolled("s");
+    let server = bin("byteback-server");
+    let flood = w.sshd.dir.join("flood-server");
+    fs::write(&flood, "#!/bin/sh\nyes 'a line of the flood' >&2\n").unwrap();
+    fs::set_permissions(&flood, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let keys = fs::read_to_string(w.sshd.authorized_keys()).unwrap();
+    let from = format!("command=\"{} serve", server.display());
+    assert!(keys.contains(&from), "{keys}");
+    let to = format!("command=\"{} serve", flood.display());
+    fs::write(w.sshd.authorized_keys(), keys.replace(&from, &to)).unwrap();
+    let src = w.one_file_src(b"flood");
+    let start = Instant::now();
+    let mut child = w
+        .client(&client, "byteback-backup")
+        .arg("--source")
+        .arg(&src)
+        .args(["--retry-number", "0", "--io-timeout", "3"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its stderr is not read: the flood started, then the connection ended.
+    let (mut seen, mut ended) = (false, false);
+    while start.elapsed() < Duration::from_secs(30) {
+        let running = !w.sshd.pids("flood-server").is_empty();
+        seen |= running;
+        if seen && !running {
+            ended = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = start.elapsed();
+    // Now stderr moves again, and the client ends.
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        std::io::Read::read_to_end(&mut err, &mut s).unwrap();
+        s
+    });
+    let status = wait_until(&mut child, start, Duration::from_secs(60));
+    for p in w.sshd.pids("flood-server") {
+        send_signal(p, Signal::KILL);
+    }
+    let e = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
+    let tail: String = e
+        .chars()
+        .rev()
+        .take(2000)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    assert!(seen, "the flood never started:\n{tail}");
+    assert!(
+        ended,
+        "the connection was held while stderr stalled ({took:?}):\n{tail}"
+    );
+    let status = status.expect("the client did not end once stderr moved");
+    assert!(!status.success(), "{tail}");
+    assert!(e.contains("no data moved for 3 s"), "{tail}");
+    assert!(e.contains("server: a line of the flood\n"), "{tail}");
+    assert!(
+        e.contains("lines not shown: our stderr was not taking them"),
+        "{tail}"
+    );
+}
+
 #[test]
 fn killed_server_mid_backup_is_retried_and_the_result_is_complete() {
     if !require_root("an sshd and a server account") {

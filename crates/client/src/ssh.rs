@@ -5,7 +5,7 @@
 //! A background thread runs a single-threaded tokio runtime that connects,
 //! checks the server's host key against known_hosts files, authenticates, runs
 //! the command and copies bytes both ways until the channel closes. The
-//! server's stderr is copied to ours.
+//! server's stderr is copied to ours, by a thread of its own ([`StderrRelay`]).
 
 use std::borrow::Cow;
 use std::cell::Cell;
@@ -372,6 +372,97 @@ fn server_line(line: &[u8]) -> String {
     format!("server: {}\n", byteback_protocol::escape_bytes(line))
 }
 
+/// Lines of the server's stderr waiting for ours: at most this many (each at
+/// most [`MAX_STDERR_LINE`] bytes before escaping); more are dropped, counted.
+const STDERR_QUEUE: usize = 64;
+
+/// The server's stderr lines on their way to ours, through a thread of
+/// their own: a stalled stderr (journald behind, a terminal paused with
+/// XOFF) must not stop the pump, and with it `--io-timeout`'s watchdog and
+/// the protocol. Lines that find the queue full are dropped and counted; the
+/// count is said as soon as there is room again.
+struct StderrRelay {
+    tx: Option<std::sync::mpsc::SyncSender<String>>,
+    dropped: u64,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl StderrRelay {
+    fn new() -> StderrRelay {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(STDERR_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("byteback-ssh-stderr".into())
+            .spawn(move || {
+                for line in rx {
+                    // Above the progress bar, if one is shown.
+                    byteback_protocol::term::write_stderr(line.as_bytes());
+                }
+            });
+        match thread {
+            Ok(t) => StderrRelay {
+                tx: Some(tx),
+                dropped: 0,
+                thread: Some(t),
+            },
+            // No thread: the lines are written where they come, as before.
+            Err(_) => StderrRelay {
+                tx: None,
+                dropped: 0,
+                thread: None,
+            },
+        }
+    }
+
+    /// Passes `line` (a whole line, newline included) on, or drops it.
+    fn line(&mut self, line: String) {
+        let Some(tx) = &self.tx else {
+            byteback_protocol::term::write_stderr(line.as_bytes());
+            return;
+        };
+        use std::sync::mpsc::TrySendError;
+        if self.dropped > 0 {
+            let note = format!(
+                "server: ({} lines not shown: our stderr was not taking them)\n",
+                self.dropped
+            );
+            match tx.try_send(note) {
+                Ok(()) => self.dropped = 0,
+                Err(TrySendError::Full(_)) => {
+                    self.dropped += 1;
+                    return;
+                }
+                Err(TrySendError::Disconnected(_)) => return,
+            }
+        }
+        if let Err(TrySendError::Full(_)) = tx.try_send(line) {
+            self.dropped += 1;
+        }
+    }
+
+    /// Ends the relay: what is queued is written, waiting at most
+    /// `wait` for a stalled stderr (the thread is then left to finish).
+    fn finish(mut self, wait: Duration) {
+        if self.dropped > 0 {
+            if let Some(tx) = &self.tx {
+                let _ = tx.try_send(format!(
+                    "server: ({} lines not shown: our stderr was not taking them)\n",
+                    self.dropped
+                ));
+            }
+        }
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let deadline = Instant::now() + wait;
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
 /// Copies bytes between the channel and the local socket until both sides
 /// are done, the session is aborted, or nothing moves for `io_timeout`.
 async fn pump(
@@ -387,6 +478,7 @@ async fn pump(
 
     let from_server = async {
         let mut stderr_line = Vec::new();
+        let mut relay = StderrRelay::new();
         while let Some(msg) = chan_rd.wait().await {
             match msg {
                 ChannelMsg::Data { data } => {
@@ -401,25 +493,20 @@ async fn pump(
                     // Not progress: a server that only writes to stderr
                     // must not keep --io-timeout from ending the session.
                     stderr_line.extend_from_slice(&data);
-                    // Above the progress bar, if one is shown.
-                    let err = byteback_protocol::term::write_stderr;
                     while let Some(i) = stderr_line.iter().position(|&b| b == b'\n') {
-                        err(server_line(&stderr_line[..i]).as_bytes());
+                        relay.line(server_line(&stderr_line[..i]));
                         stderr_line.drain(..=i);
                     }
                     // A server that never ends its line must not make us hold
                     // an unbounded buffer: pass long runs on in pieces.
                     while stderr_line.len() >= MAX_STDERR_LINE {
-                        let piece = server_line(&stderr_line[..MAX_STDERR_LINE]);
-                        err(piece.as_bytes());
+                        relay.line(server_line(&stderr_line[..MAX_STDERR_LINE]));
                         stderr_line.drain(..MAX_STDERR_LINE);
                     }
                 }
                 ChannelMsg::ExitStatus { exit_status } => exit.set(Some(exit_status)),
                 ChannelMsg::ExitSignal { signal_name, .. } => {
-                    byteback_protocol::term::write_stderr(
-                        format!("server: killed by signal {signal_name:?}\n").as_bytes(),
-                    );
+                    relay.line(format!("server: killed by signal {signal_name:?}\n"));
                     exit.set(Some(128));
                 }
                 ChannelMsg::Eof => {
@@ -430,8 +517,10 @@ async fn pump(
             }
         }
         if !stderr_line.is_empty() {
-            byteback_protocol::term::write_stderr(server_line(&stderr_line).as_bytes());
+            relay.line(server_line(&stderr_line));
         }
+        // The server's last words (its error, often) before the client's own.
+        relay.finish(Duration::from_secs(2));
         let _ = sock_wr.shutdown().await;
     };
     let to_server = async {
