@@ -870,7 +870,14 @@ fn an_interrupted_restore_gives_existing_directories_back_their_owner_and_mode()
         // A server that stalls (its own stderr, which the test reads to the
         // end, closes when it wakes).
         sc.file_delay_ms = 8_000;
-        let mut child = st.spawn_restore(Command::new(bin("byteback-restore")), &sc, &[ALL], None);
+        // Its stdout, the --json report, into a file (spawn_restore drops stdout).
+        let json = st.dir.path().join("report.json");
+        let mut wrapper = Command::new("sh");
+        wrapper
+            .args(["-c", "exec \"$0\" --json \"$@\" >\"$JSON_OUT\""])
+            .arg(bin("byteback-restore"))
+            .env("JSON_OUT", &json);
+        let mut child = st.spawn_restore(wrapper, &sc, &[ALL], None);
         let locked = Instant::now();
         while fs::metadata(&home).unwrap().mode() & 0o7777 != 0o700 {
             assert!(locked.elapsed() < TIMEOUT, "home never locked down");
@@ -882,6 +889,23 @@ fn an_interrupted_restore_gives_existing_directories_back_their_owner_and_mode()
         std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
         assert_eq!(status.code(), Some(code), "{stderr}");
         assert!(stderr.contains("interrupted"), "{stderr}");
+        // The --json report says so too.
+        let report: serde_json::Value = serde_json::from_slice(&fs::read(&json).unwrap())
+            .unwrap_or_else(|e| {
+                panic!(
+                    "no JSON report ({e}): {:?}\n{stderr}",
+                    fs::read_to_string(&json)
+                )
+            });
+        assert_eq!(report["exit_code"], code, "{report}");
+        assert_eq!(report["status"], "failed", "{report}");
+        assert!(
+            report["errors"][0]
+                .as_str()
+                .unwrap()
+                .starts_with("interrupted ("),
+            "{report}"
+        );
         let md = fs::metadata(&home).unwrap();
         assert_eq!(
             (md.uid(), md.gid(), md.mode() & 0o7777),

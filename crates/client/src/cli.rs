@@ -901,6 +901,22 @@ pub fn restore_main() -> ExitCode {
     }
     let start = std::time::Instant::now();
     let json = args.json && args.restore;
+    if json {
+        // Interrupted, it says what it knows: how far it got, and why it stopped.
+        crate::restore::interrupt::on_interrupt(move |code, msg| {
+            let report = RestoreJson {
+                exit_code: code,
+                status: crate::hooks::status_text(code),
+                entries: crate::progress::RESTORE
+                    .files_done
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                duration_seconds: start.elapsed().as_secs_f64(),
+                errors: vec![msg.to_string()],
+                ..RestoreJson::default()
+            };
+            print_json(&report);
+        });
+    }
     let mut report = RestoreJson::default();
     let code = match restore_cmd(args, &mut report) {
         Ok(code) => code,

@@ -9,7 +9,7 @@
 //! directories stay locked down.
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use rustix::fs::{Gid, Mode, Uid};
 
@@ -29,6 +29,17 @@ static LOCKED: Mutex<(Vec<Locked>, u64)> = Mutex::new((Vec::new(), 0));
 
 fn locked() -> MutexGuard<'static, (Vec<Locked>, u64)> {
     LOCKED.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Called with the exit code and what happened, last before the exit (the
+/// `--json` report).
+type OnInterrupt = Box<dyn Fn(u8, &str) + Send + Sync>;
+static ON_INTERRUPT: OnceLock<OnInterrupt> = OnceLock::new();
+
+/// Has `f` called with the exit code and the message when a signal ends
+/// the restore (once; a second call is ignored).
+pub fn on_interrupt(f: impl Fn(u8, &str) + Send + Sync + 'static) {
+    let _ = ON_INTERRUPT.set(Box::new(f));
 }
 
 /// The signals a restore puts its directories back for.
@@ -80,12 +91,17 @@ fn interrupted(sig: libc::c_int) -> ! {
         libc::SIGTERM => "SIGTERM",
         _ => "SIGHUP",
     };
-    if failed > 0 {
-        eprintln!("byteback-restore: interrupted ({name}); {failed} directories could not be given back their owner and mode");
+    let msg = if failed > 0 {
+        format!("interrupted ({name}); {failed} directories could not be given back their owner and mode")
     } else {
-        eprintln!("byteback-restore: interrupted ({name}); the restore is incomplete, existing directories have their owner and mode back");
+        format!("interrupted ({name}); the restore is incomplete, existing directories have their owner and mode back")
+    };
+    eprintln!("byteback-restore: {msg}");
+    let code = 128 + sig;
+    if let Some(f) = ON_INTERRUPT.get() {
+        f(u8::try_from(code).unwrap_or(u8::MAX), &msg);
     }
-    std::process::exit(128 + sig);
+    std::process::exit(code);
 }
 
 fn put(
