@@ -87,12 +87,15 @@ impl BackupReceiver {
             Action::KeepSymlink => self.keep(unhashed(e), old),
             Action::MakeSymlink => self.make_symlink(e, &parent, &name, old),
             Action::KeepFile { hash } => {
+                let vouched = hash.is_some();
                 let hash = match hash {
                     Some(h) => h,
                     // Written by an interrupted run, so not in the manifest yet.
                     None => hash_stored(&parent, &name, &e.path)?,
                 };
-                if self.verifies(&e) {
+                // After a crash its data may not be what was written.
+                let suspect = !vouched && self.start.suspect && e.size() > 0;
+                if self.verifies(&e) || suspect {
                     return self.start_verify(e, old, hash).map(Some);
                 }
                 self.keep(ManifestEntry { entry: e, hash }, old)

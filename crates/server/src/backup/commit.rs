@@ -9,7 +9,7 @@ use std::path::Path;
 use byteback_protocol::BackupStats;
 
 use super::sweep::remove_stale;
-use super::{carry, in_dir, BackupReceiver, CLEAN, DAMAGED, MANIFEST, NO_SPACE, PARTIAL};
+use super::{carry, in_dir, BackupReceiver, BOOT, CLEAN, DAMAGED, MANIFEST, NO_SPACE, PARTIAL};
 use crate::error::{Error, IoContext, Result};
 use crate::fsops;
 use crate::manifest::{ManifestReader, ManifestWriter, PeekableManifest};
@@ -89,6 +89,7 @@ impl BackupReceiver {
             fsops::fsync(&self.meta).op("sync", || self.meta_path.display())?;
             self.work.marker = false;
         }
+        self.record_boot()?;
         let new_shown = self.meta_file(b"manifest.new");
         let new = self.with_room(
             || format!("creating {new_shown}"),
@@ -97,6 +98,28 @@ impl BackupReceiver {
         self.new = Some(new);
         self.work.changed = true;
         Ok(())
+    }
+
+    /// Records, durably and before anything in `current` changes, the boot
+    /// the changes are made under; not when this run suspects an earlier
+    /// one's files (the record then keeps naming the boot they came from).
+    fn record_boot(&mut self) -> Result<()> {
+        let Some(boot) = self.start.boot.clone().filter(|_| !self.start.suspect) else {
+            return Ok(());
+        };
+        if crate::pruner::read_small(&self.meta, "boot").is_some_and(|r| r == boot) {
+            return Ok(());
+        }
+        let shown = self.meta_file(BOOT);
+        self.with_room(
+            || format!("writing {shown}"),
+            |rx| {
+                fsops::write_small(&rx.meta, BOOT, boot.as_bytes())
+                    .and_then(|()| fsops::fsync(fsops::open_file(&rx.meta, BOOT)?))
+                    .and_then(|()| fsops::fsync(&rx.meta))
+                    .op("write", || shown.clone())
+            },
+        )
     }
 
     /// Creates the new manifest (over what a failed try left) with the

@@ -33,6 +33,18 @@
 //! an entry that matches the manifest needs no look at the disc, and a backup
 //! in which nothing differs from the manifest commits nothing: no new
 //! manifest, no deletion walk, no sync.
+//!
+//! Files are synced only by the commit. A file an interrupted run wrote (in
+//! no manifest yet) is kept by a later run when its size and mtime match,
+//! and hashed as it is: sound while the kernel that wrote it still runs
+//! (its page cache is what the file holds), not after a crash, which can
+//! keep a file's size and mtime and lose its data. So the first change of a
+//! backup records the boot it runs in (`.byteback/boot`, synced), and a run
+//! finding `current` unclean from another boot (or with a manifest and no
+//! record) *suspects* such files: each is kept only if the client's BLAKE3 of its
+//! source matches, and is received against the stored copy otherwise. The
+//! record is rewritten only by a run that suspects nothing, so suspicion
+//! lasts until a commit.
 
 mod apply;
 mod carry;
@@ -73,6 +85,15 @@ const CLEAN: &[u8] = b"clean";
 const MANIFEST: &[u8] = b"manifest";
 /// A damaged manifest set aside; the next backup recovers one.
 const DAMAGED: &[u8] = b"manifest.damaged";
+/// The boot id of the kernel the last changes to `current` were made under.
+const BOOT: &[u8] = b"boot";
+
+/// This kernel's boot id (a new one at every boot), if it can be read.
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty()).then(|| id.to_string())
+}
 /// Directory in `.byteback` of rebuilds of changed files, kept when interrupted.
 const PARTIAL: &[u8] = b"partial";
 /// Marker in `.byteback`: a backup ran out of space since the last commit,
@@ -215,7 +236,7 @@ pub enum TransferResult {
 }
 
 /// What `current` and its manifest were when a backup started.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Start {
     /// `current` matched its manifest (the clean marker was there).
     clean: bool,
@@ -223,6 +244,12 @@ struct Start {
     has_manifest: bool,
     /// The old manifest's generation (see [`carry`]), offered when `clean`.
     generation: carry::Stored,
+    /// `current` is unclean and was last changed under another boot (or
+    /// no record says which): files no manifest vouches for are checked
+    /// against the client's BLAKE3 (see the module's text).
+    suspect: bool,
+    /// This kernel's boot id.
+    boot: Option<String>,
 }
 
 /// What the commit has to do, as learnt from the entries so far (see
@@ -409,6 +436,21 @@ impl BackupReceiver {
         let (old, has_manifest) = open_old_manifest(host, &meta, &manifest_path, &mut warnings)?;
         let marker = exists(CLEAN)?;
         let clean = marker && has_manifest;
+        let boot = boot_id();
+        let recorded = crate::pruner::read_small(&meta, "boot");
+        // No record: a fresh `current` (nothing to suspect), or one an
+        // older server left unfinished (suspected if it has a manifest).
+        let suspect = !clean
+            && match (&boot, &recorded) {
+                (Some(b), Some(r)) => r.trim() != b,
+                (None, Some(_)) => true,
+                (_, None) => has_manifest,
+            };
+        if suspect {
+            tracing::info!(
+                "current was left unfinished under another boot of this server (or one no record names): files that run wrote are kept only if the client's BLAKE3 matches"
+            );
+        }
         let generation = match fsops::open_file(&meta, MANIFEST) {
             Ok(f) if has_manifest => carry::read_generation(f),
             _ => carry::Stored::Unsupported,
@@ -429,6 +471,8 @@ impl BackupReceiver {
                 clean,
                 has_manifest,
                 generation,
+                suspect,
+                boot,
             },
             chain: Default::default(),
             last_carried: None,
