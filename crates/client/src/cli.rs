@@ -170,24 +170,117 @@ fn print_json(value: &impl serde::Serialize) {
     }
 }
 
-fn read_config_line(name: &str) -> Option<String> {
-    let s = std::fs::read_to_string(config_dir().join(name)).ok()?;
-    s.lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_string)
+/// The first line of `/etc/byteback/NAME` that is not blank or a comment;
+/// `None` when the file does not exist (see [`read_config_lines`]).
+fn read_config_line(name: &str) -> Result<Option<String>> {
+    Ok(read_config_lines(name)?.into_iter().next())
 }
 
-fn read_config_lines(name: &str) -> Vec<String> {
-    std::fs::read_to_string(config_dir().join(name))
-        .map(|s| {
-            s.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(str::to_string)
+/// The lines of `/etc/byteback/NAME`, trimmed, without blank lines and
+/// comments (`#`, and `;` as rsync's `--exclude-from` has them); none when
+/// the file does not exist. A file that exists but cannot be read, or a
+/// line that is not UTF-8, is an error naming it: its settings silently
+/// missing (every exclude, say) would change what is backed up.
+fn read_config_lines(name: &str) -> Result<Vec<String>> {
+    let path = config_dir().join(name);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(Error::Usage(format!("cannot read {}: {e}", path.display()))),
+    };
+    let mut lines = vec![];
+    for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = std::str::from_utf8(line).map_err(|_| {
+            Error::Usage(format!(
+                "{}:{}: not UTF-8 (byteback reads its settings and patterns as UTF-8 text)",
+                path.display(),
+                n + 1
+            ))
+        })?;
+        let line = line.trim();
+        if !line.is_empty() && !line.starts_with('#') && !line.starts_with(';') {
+            lines.push((n + 1, line.to_string()));
+        }
+    }
+    Ok(lines.into_iter().map(|(_, l)| l).collect())
+}
+
+/// The exclude patterns of a backup, as 1.x gave them to rsync (each
+/// `-x`, then each line of `/etc/byteback/excludes` as `--exclude-from`):
+/// a pattern may start with rsync's old-style prefixes, `- ` (an exclude,
+/// the default), `+ ` (an include: not supported here, an error naming it,
+/// since leaving it out would change what is backed up) and `!` alone
+/// (clears the list so far, defaults included). `from` names where each
+/// pattern came from in errors.
+pub fn exclude_rules(base: Vec<String>, more: &[(String, String)]) -> Result<Vec<String>> {
+    let mut rules = base;
+    for (from, p) in more {
+        if p == "!" {
+            rules.clear();
+        } else if let Some(x) = p.strip_prefix("- ") {
+            rules.push(x.to_string());
+        } else if p.starts_with("+ ") {
+            return Err(Error::Usage(format!(
+                "{from}: {p:?} is an include rule, which excludes cannot hold here; \
+                 put include and exclude rules in {}/rsync_filter",
+                config_dir().display()
+            )));
+        } else {
+            rules.push(p.clone());
+        }
+    }
+    Ok(rules)
+}
+
+/// Database directories the default excludes leave out (their live files
+/// are no database one can start again) when no pre-backup hook seems to
+/// dump that database instead: each with the names a hook for it carries.
+const DATABASE_DIRS: &[(&str, &[&str])] = &[
+    ("/var/lib/mysql/", &["mysql", "mariadb"]),
+    ("/var/lib/postgresql/", &["postgres", "pg"]),
+];
+
+/// Warnings for [`DATABASE_DIRS`] that exist beneath a source, are left
+/// out by the excludes (`all`) but by no pattern of the user's (`own`),
+/// and have no pre-backup hook whose name mentions their database in
+/// `hooks_dir`: the backup would hold neither the files nor a dump. `root`
+/// is where the directories are looked for (`/`; a scratch tree in tests).
+fn databases_left_out(
+    root: &Path,
+    sources: &[PathBuf],
+    all: &crate::walk::Excludes,
+    own: &crate::walk::Excludes,
+    hooks_dir: &Path,
+) -> Vec<String> {
+    let hooks: Vec<String> = std::fs::read_dir(hooks_dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_lowercase())
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let mut out = vec![];
+    for (dir, names) in DATABASE_DIRS {
+        let path = Path::new(dir.trim_end_matches('/'));
+        let beneath = sources.iter().any(|s| path.starts_with(s));
+        let rel = dir.trim_start_matches('/').trim_end_matches('/');
+        let by_default =
+            all.is_excluded(rel.as_bytes(), true) && !own.is_excluded(rel.as_bytes(), true);
+        if !beneath || !root.join(rel).is_dir() || !by_default {
+            continue;
+        }
+        if hooks.iter().any(|h| names.iter().any(|n| h.contains(n))) {
+            continue;
+        }
+        out.push(format!(
+            "{dir} is left out (live database files, excluded by default) and no pre-backup hook in {} \
+             dumps that database: the backup holds neither. Install the shipped dump hook (README, \
+             \"Hooks and databases\"), or exclude {dir} in {}/excludes yourself to say it is meant",
+            hooks_dir.display(),
+            config_dir().display()
+        ));
+    }
+    out
 }
 
 /// This machine's fully qualified name (as `hostname -f`), or its node name.
@@ -230,7 +323,7 @@ impl Target {
     ) -> Result<Self> {
         let text = destination
             .map(str::to_string)
-            .or_else(|| read_config_line("destination"))
+            .map_or_else(|| read_config_line("destination"), |d| Ok(Some(d)))?
             .ok_or_else(|| {
                 Error::Usage(format!(
                     "no --destination and no {}/destination",
@@ -483,19 +576,45 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
     };
     crate::walk::normalise_sources(&sources)?;
     // As 1.x: excludes given on the command line replace the default list.
-    let mut excludes: Vec<String> = if args.exclude.is_empty() {
+    let defaults: Vec<String> = if args.exclude.is_empty() {
         DEFAULT_EXCLUDES.iter().map(|s| s.to_string()).collect()
     } else {
-        args.exclude.clone()
+        vec![]
     };
-    excludes.extend(read_config_lines("excludes"));
-    crate::walk::Excludes::new(&excludes)?;
+    let file = config_dir().join("excludes");
+    let own: Vec<(String, String)> = args
+        .exclude
+        .iter()
+        .map(|x| (format!("--exclude {x:?}"), x.clone()))
+        .chain(
+            read_config_lines("excludes")?
+                .into_iter()
+                .map(|l| (file.display().to_string(), l)),
+        )
+        .collect();
+    let filter = load_filter()?;
+    let mut excludes = exclude_rules(defaults, &own)?;
+    if filter.as_ref().is_some_and(|f| f.clears_excludes) {
+        tracing::info!(
+            "{}/rsync_filter clears the excludes with '!' (as with 1.x's rsync): none apply",
+            config_dir().display()
+        );
+        excludes.clear();
+    }
+    let all = crate::walk::Excludes::new(&excludes)?;
+    {
+        let mine = crate::walk::Excludes::new(&exclude_rules(vec![], &own)?)?;
+        let hooks_dir = config_dir().join(crate::hooks::PRE_BACKUP_DIR);
+        for w in databases_left_out(Path::new("/"), &sources, &all, &mine, &hooks_dir) {
+            tracing::warn!("{w}");
+            report.warnings.push(w);
+        }
+    }
     // The record of the last backup is written while the walk runs: it is
     // never backed up itself (a file changing while read).
     if let Some(x) = crate::backup::cache::cache_dir().and_then(|d| record_exclude(&d)) {
         excludes.push(x);
     }
-    let filter = load_filter()?;
     if config_dir().join("rsync_flags").exists() {
         let w = format!(
             "ignoring {}/rsync_flags (byteback 2 does not run rsync)",
@@ -775,7 +894,7 @@ fn backup_io_timeout(flag: Option<u64>) -> Result<u64> {
     if let Some(t) = flag {
         return Ok(t);
     }
-    match read_config_line("io_timeout") {
+    match read_config_line("io_timeout")? {
         None => Ok(10_800),
         Some(line) => line.parse().map_err(|_| {
             Error::Usage(format!(
@@ -1087,6 +1206,63 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn own(pats: &[&str]) -> Vec<(String, String)> {
+        pats.iter()
+            .map(|p| ("excludes".to_string(), p.to_string()))
+            .collect()
+    }
+
+    /// 1.x gave `-x` and the excludes file to rsync, which reads `- `, `+ `
+    /// and `!` at their start: `- ` excludes, `!` clears the list so far
+    /// (defaults too), and `+ ` (an include) is an error naming it rather
+    /// than a pattern matching a file named "+ ...".
+    #[test]
+    fn excludes_take_rsyncs_old_prefixes() {
+        let defaults = vec!["/tmp/".to_string()];
+        let r = exclude_rules(defaults.clone(), &own(&["- *.iso", "#*#", "a b"])).unwrap();
+        assert_eq!(r, ["/tmp/", "*.iso", "#*#", "a b"]);
+        let r = exclude_rules(defaults.clone(), &own(&["*.o", "!", "*.iso"])).unwrap();
+        assert_eq!(r, ["*.iso"]);
+        let e = exclude_rules(defaults, &own(&["+ keep.log", "*.log"])).unwrap_err();
+        assert!(
+            e.to_string().contains("\"+ keep.log\" is an include rule"),
+            "{e}"
+        );
+        // `-x '#*#'` (Emacs' autosave files) is a pattern, not a comment.
+        let x = crate::walk::Excludes::new(&["#*#"]).unwrap();
+        assert!(x.is_excluded(b"home/a/#notes#", false));
+    }
+
+    /// The database directories the defaults leave out are named in a
+    /// warning while no pre-backup hook dumps that database and no pattern
+    /// of the user's excludes them.
+    #[test]
+    fn database_directories_left_out_without_a_dump_hook_are_named() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        std::fs::create_dir_all(root.join("var/lib/mysql")).unwrap();
+        let hooks = root.join("pre-backup.d");
+        std::fs::create_dir_all(&hooks).unwrap();
+        let defaults: Vec<String> = DEFAULT_EXCLUDES.iter().map(|s| s.to_string()).collect();
+        let all = crate::walk::Excludes::new(&defaults).unwrap();
+        let none = crate::walk::Excludes::new::<&str>(&[]).unwrap();
+        let slash = [PathBuf::from("/")];
+        let w = databases_left_out(root, &slash, &all, &none, &hooks);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("/var/lib/mysql/ is left out"), "{w:?}");
+        // Not beneath a source.
+        let home = [PathBuf::from("/home")];
+        assert!(databases_left_out(root, &home, &all, &none, &hooks).is_empty());
+        // The user's own exclude says it is meant.
+        let mine = crate::walk::Excludes::new(&["/var/lib/mysql/"]).unwrap();
+        assert!(databases_left_out(root, &slash, &all, &mine, &hooks).is_empty());
+        // Not excluded at all (the defaults replaced by -x).
+        assert!(databases_left_out(root, &slash, &none, &none, &hooks).is_empty());
+        // A dump hook is there.
+        std::fs::write(hooks.join("50-mysql"), "#!/bin/sh\n").unwrap();
+        assert!(databases_left_out(root, &slash, &all, &none, &hooks).is_empty());
+    }
 
     fn target(dest: &str, host: &str) -> Target {
         Target::resolve(Some(dest), Some(host), None, 10).unwrap()

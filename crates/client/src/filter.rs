@@ -400,6 +400,10 @@ pub struct Filter {
     merges: Vec<DirMerge>,
     /// Notes about rules that have no effect on a backup (shown as warnings).
     pub notes: Vec<String>,
+    /// A `!` (clear) in the file or a file it merges: as in rsync, where
+    /// 1.x's excludes came before the merged filter in one list, the
+    /// excludes are dropped too.
+    pub clears_excludes: bool,
 }
 
 /// Modifiers of one rule.
@@ -719,6 +723,8 @@ impl Filter {
             cleared: false,
         };
         parse_lines(text, file, None, 0, &mut sink)?;
+        let cleared = sink.cleared;
+        f.clears_excludes = cleared;
         Ok(f)
     }
 
@@ -955,6 +961,15 @@ mod tests {
     }
 
     use Action::{Exclude as X, Include as I};
+
+    /// A `!` in the filter clears the excludes too, as 1.x's README says
+    /// ("resets everything"): rsync had them in the same list, before it.
+    #[test]
+    fn a_clear_in_the_filter_clears_the_excludes() {
+        assert!(parse("- a\n!\n+ b\n").clears_excludes);
+        assert!(parse("clear\n").clears_excludes);
+        assert!(!parse("- a\n+ b\n").clears_excludes);
+    }
 
     #[test]
     fn first_matching_rule_wins_and_patterns_match_names_or_tails() {

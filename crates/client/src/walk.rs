@@ -79,8 +79,10 @@ impl Excludes {
             GlobSetBuilder::new(),
         );
         for p in patterns {
+            // Comments are the files' business (see the CLI's config
+            // reading): a `-x '#*#'` is a pattern.
             let p = p.as_ref().trim();
-            if p.is_empty() || p.starts_with('#') {
+            if p.is_empty() {
                 continue;
             }
             let (body, dir_only) = match p.strip_suffix('/') {
