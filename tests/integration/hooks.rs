@@ -363,6 +363,37 @@ fn one_x_command_lines_and_files() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("io_timeout") && err.contains("soon"), "{err}");
     fs::write(s.conf.join("io_timeout"), "300\n").unwrap();
+    // An excludes file that cannot be used is an error naming it, never
+    // a backup without its excludes.
+    fs::write(s.conf.join("excludes"), b"*.tmp\n/home/caf\xe9/\n").unwrap();
+    let o = backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("excludes:2: not UTF-8"), "{err}");
+    fs::remove_file(s.conf.join("excludes")).unwrap();
+    fs::create_dir(s.conf.join("excludes")).unwrap();
+    let o = backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot read") && err.contains("excludes"),
+        "{err}"
+    );
+    fs::remove_dir(s.conf.join("excludes")).unwrap();
+    // rsync's old prefixes: `- ` excludes, `+ ` is refused.
+    fs::write(s.conf.join("excludes"), "- fa\n").unwrap();
+    let o = backup(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(!current
+        .join(a.strip_prefix("/").unwrap())
+        .join("fa")
+        .exists());
+    fs::write(s.conf.join("excludes"), "+ fa\n").unwrap();
+    let o = backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("\"+ fa\" is an include rule"), "{err}");
+    fs::remove_file(s.conf.join("excludes")).unwrap();
     let o = backup(&["-x", "fb", "nothing-else"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(!current
