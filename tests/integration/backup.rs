@@ -2073,3 +2073,137 @@ fn a_file_written_before_a_crash_is_checked_against_the_client() {
         boot.trim()
     );
 }
+
+/// A directory the client cannot list, or a file it cannot stat (EIO on a
+/// failing disc, through a debug-build fault), is not a deletion: the
+/// server keeps what the last backup holds there, the snapshot has it, and
+/// the run says so (exit 24). Before, the server deleted the whole subtree
+/// from `current` and from the new snapshot (rsync, which 1.x ran, skips
+/// deletions after an I/O error). Once readable again, the next run backs
+/// it up as usual, deletions included.
+#[test]
+fn what_the_client_cannot_read_is_kept_not_deleted() {
+    let d = scratch();
+    let src = d.path().join("src");
+    for (p, data) in [
+        ("bad/one", &b"first"[..]),
+        ("bad/sub/two", b"second"),
+        ("e/bad", b"a file"),
+        ("e/fine", b"fine"),
+        ("x", b"x1"),
+    ] {
+        fs::create_dir_all(src.join(p).parent().unwrap()).unwrap();
+        fs::write(src.join(p), data).unwrap();
+    }
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    local_backup(&store, &src, "h");
+    fs::write(src.join("x"), b"x2").unwrap();
+    fs::write(src.join("bad/one"), b"changed, unseen").unwrap();
+    let o = run_status(
+        Command::new(bin("byteback-backup"))
+            .env("BYTEBACK_TEST_EIO", "bad")
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .args(["--hostname", "h", "--retry-number", "0"]),
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(24), "{err}");
+    assert!(err.contains("kept as the last backup has them"), "{err}");
+    let r = restore_all(&store, "h", None, &d.path().join("r1"));
+    let got = restored_path(&r, &src);
+    assert_eq!(fs::read(got.join("x")).unwrap(), b"x2");
+    assert_eq!(fs::read(got.join("bad/one")).unwrap(), b"first", "{err}");
+    assert_eq!(fs::read(got.join("bad/sub/two")).unwrap(), b"second");
+    assert_eq!(fs::read(got.join("e/bad")).unwrap(), b"a file");
+    assert_eq!(fs::read(got.join("e/fine")).unwrap(), b"fine");
+    // Readable again: backed up as it is now.
+    fs::remove_file(src.join("bad/sub/two")).unwrap();
+    local_backup(&store, &src, "h");
+    let r = restore_all(&store, "h", None, &d.path().join("r2"));
+    let got = restored_path(&r, &src);
+    assert_eq!(fs::read(got.join("bad/one")).unwrap(), b"changed, unseen");
+    assert!(!got.join("bad/sub/two").exists());
+    assert_same_tree(&src, &got);
+}
+
+/// An unreadable directory holding more entries than the protocol lets
+/// wait behind a file in flight, after a large changed file: the client
+/// tells the server once nothing is in flight, and the server writes the
+/// kept entries out as it takes them.
+#[test]
+fn a_large_unreadable_directory_is_kept_after_a_file_in_flight() {
+    let d = scratch();
+    let src = d.path().join("src");
+    fs::create_dir_all(src.join("bad")).unwrap();
+    let mut rng = Rng::new(77);
+    fs::write(src.join("a.big"), rng.bytes(24 << 20)).unwrap();
+    for i in 0..9000 {
+        fs::write(src.join(format!("bad/f{i:05}")), format!("{i}")).unwrap();
+    }
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    local_backup(&store, &src, "h");
+    fs::write(src.join("a.big"), rng.bytes(24 << 20)).unwrap();
+    let o = run_status(
+        Command::new(bin("byteback-backup"))
+            .env("BYTEBACK_TEST_EIO", "bad")
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .args(["--hostname", "h", "--retry-number", "0"]),
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(24), "{err}");
+    assert!(
+        err.contains("9000 entries kept as the last backup has them"),
+        "{err}"
+    );
+    let r = restore_all(&store, "h", None, &d.path().join("r"));
+    assert_same_tree(&src, &restored_path(&r, &src));
+}
+
+/// In a `current` an interrupted run left unfinished, a kept entry whose
+/// stored copy is no longer the one the last backup recorded cannot be
+/// vouched for (and the client cannot send it): it is left out, with a
+/// warning; the rest of the unreadable directory is kept.
+#[test]
+fn a_kept_entry_whose_stored_copy_changed_is_left_out() {
+    let d = scratch();
+    let src = d.path().join("src");
+    fs::create_dir_all(src.join("bad")).unwrap();
+    fs::write(src.join("bad/same"), b"same").unwrap();
+    fs::write(src.join("bad/touched"), b"touched").unwrap();
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    local_backup(&store, &src, "h");
+    // An interrupted run's leftovers: not clean, one stored file rewritten.
+    let cur = store.join("h/current");
+    fs::remove_file(cur.join(".byteback/clean")).unwrap();
+    let stored = restored_path(&cur, &src).join("bad/touched");
+    // A new file, as the server writes (the snapshot may share the old one's inode).
+    fs::remove_file(&stored).unwrap();
+    fs::write(&stored, b"half written").unwrap();
+    let o = run_status(
+        Command::new(bin("byteback-backup"))
+            .env("BYTEBACK_TEST_EIO", "bad")
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .args(["--hostname", "h", "--retry-number", "0"]),
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(24), "{err}");
+    assert!(
+        err.contains("bad/touched: the client could not read it, and its stored copy is not the one the last backup recorded: left out"),
+        "{err}"
+    );
+    let r = restore_all(&store, "h", None, &d.path().join("r"));
+    let got = restored_path(&r, &src);
+    assert_eq!(fs::read(got.join("bad/same")).unwrap(), b"same");
+    assert!(!got.join("bad/touched").exists(), "{err}");
+}

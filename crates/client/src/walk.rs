@@ -323,6 +323,12 @@ pub trait EntrySink {
     fn warning(&mut self, w: WalkWarning);
     /// Something the walk left out on purpose (a filesystem not entered), for `--verbose`.
     fn note(&mut self, _what: String) {}
+    /// The walk could not read `path` (relative; empty for the root) or
+    /// list it, and sends nothing below it: the server keeps what the last
+    /// backup holds there rather than delete it (as rsync skips deletions
+    /// after I/O errors). Called in walk order, after the entry of `path`
+    /// if that was sent.
+    fn keep_unread(&mut self, _path: &[u8]) {}
     /// Whether each entry's [`Found::quick`] key is wanted.
     fn quick_keys(&self) -> bool {
         false
@@ -433,6 +439,21 @@ fn xattr_fault(abs: &[u8]) -> Option<io::Error> {
 
 #[cfg(not(debug_assertions))]
 fn xattr_fault(_abs: &[u8]) -> Option<io::Error> {
+    None
+}
+
+/// `BYTEBACK_TEST_EIO=NAME` (debug builds only): an object whose last path
+/// component is NAME fails with EIO, as on a failing disc: the listing of
+/// such a directory, the `statx` of anything else.
+#[cfg(debug_assertions)]
+fn eio_fault(abs: &[u8]) -> Option<Errno> {
+    let name = std::env::var_os("BYTEBACK_TEST_EIO")?;
+    let last = abs.rsplit(|b| *b == b'/').next()?;
+    (last == name.as_bytes()).then_some(Errno::IO)
+}
+
+#[cfg(not(debug_assertions))]
+fn eio_fault(_abs: &[u8]) -> Option<Errno> {
     None
 }
 
@@ -669,7 +690,13 @@ impl Walker<'_> {
         Ok(())
     }
 
+    /// A problem with `path` (absolute) that leaves it, or what is below
+    /// it, unsent: unless it vanished, the server is told to keep what the
+    /// last backup holds there.
     fn warn(&mut self, path: &[u8], message: String, vanished: bool) {
+        if !vanished {
+            self.sink.keep_unread(path.trim_start_matches_slash());
+        }
         self.sink.warning(WalkWarning {
             path: path_of(path),
             message,
@@ -939,12 +966,24 @@ impl Walker<'_> {
         ino: u64,
     ) -> Result<()> {
         self.enter_dir(dir.as_fd(), path, stack.len() + 1)?;
-        let (level, failed) = read_level(dir, path.len(), mnt, &mut self.buf);
+        let (mut level, failed) = read_level(dir, path.len(), mnt, &mut self.buf);
+        if let Some(e) = failed.or_else(|| eio_fault(path)) {
+            // A listing cut short: nothing below is sent, and the server
+            // keeps the directory's content as the last backup has it
+            // (what was read may be a random part of it).
+            level.names.clear();
+            level.order.clear();
+            self.warn(
+                path,
+                format!(
+                    "{}; its content is kept as the last backup has it",
+                    io::Error::from(e)
+                ),
+                false,
+            );
+        }
         self.prefetch
             .level(&level.dir, level.mnt.0, ino, &level.names);
-        if let Some(e) = failed {
-            self.warn_io(path, &e.into());
-        }
         stack.push(level);
         Ok(())
     }
@@ -983,7 +1022,8 @@ impl Walker<'_> {
                 return self.visit_may_hang(at, path, root, below_start, &fstype);
             }
         }
-        let st = match meta::stat_at(at) {
+        let faulty = eio_fault(path).filter(|_| hinted_dir == Some(false));
+        let st = match faulty.map_or_else(|| meta::stat_at(at), |e| Err(e.into())) {
             Ok(st) => st,
             Err(e) => {
                 self.warn_io(path, &e);

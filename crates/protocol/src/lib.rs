@@ -37,6 +37,8 @@ pub use text::{escape_bytes, escape_text};
 /// generation in [`ServerMsg::BackupReady`] and [`ServerMsg::BackupDone`].
 /// 5: data segments may go as they are ([`ClientMsg::FileRaw`]).
 /// 6: restored data may go as it is ([`ServerMsg::FilePartRaw`]).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// 7: subtrees the client could not read are kept ([`ClientMsg::KeepUnread`],
+/// [`BackupStats::kept_unread`]).
+pub const PROTOCOL_VERSION: u32 = 7;
 /// First bytes of every session, so a stray shell banner is recognised at once.
 pub const MAGIC: [u8; 8] = *b"BYTEBAK\x01";

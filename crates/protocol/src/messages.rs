@@ -375,6 +375,9 @@ pub struct BackupStats {
     /// New files taken from a stored file with the same content (moved or
     /// copied files): cloned on the server, nothing sent.
     pub cloned: u64,
+    /// Entries kept from the last backup because the client could not read
+    /// them this time ([`ClientMsg::KeepUnread`]).
+    pub kept_unread: u64,
 }
 
 /// Messages from client to server.
@@ -489,6 +492,18 @@ pub enum ClientMsg {
         /// The delta segment, at most [`MAX_CHUNK`] bytes.
         delta: RawBytes,
     },
+    /// The client could not read `path` (its entry is not sent) or could
+    /// not list the directory `path` (its entry was sent just before): the
+    /// server keeps the old entries at and below `path` that the client
+    /// does not send, instead of deleting them. In walk order with the
+    /// entries (not before the last path sent); answered with an empty
+    /// [`ServerMsg::Needs`], like a batch that needs nothing.
+    /// Last of the variants: the tags of those before it stay as they
+    /// were (the codec reads [`ClientMsg::FileRaw`]'s tag itself).
+    KeepUnread {
+        /// The path, as entries name it.
+        path: Vec<u8>,
+    },
 }
 
 impl ClientMsg {
@@ -499,6 +514,7 @@ impl ClientMsg {
             ClientMsg::BackupStart { .. } => "BackupStart",
             ClientMsg::Entries(_) => "Entries",
             ClientMsg::Unchanged { .. } => "Unchanged",
+            ClientMsg::KeepUnread { .. } => "KeepUnread",
             ClientMsg::SigRequest { .. } => "SigRequest",
             ClientMsg::FileData { .. } => "FileData",
             ClientMsg::FileRaw { .. } => "FileRaw",
@@ -526,6 +542,14 @@ impl ClientMsg {
                     )));
                 }
                 entries.iter().try_for_each(Entry::validate)
+            }
+            ClientMsg::KeepUnread { path } => {
+                // The root (empty) too: a source `/` the client cannot list.
+                if path.is_empty() {
+                    Ok(())
+                } else {
+                    validate_path(path)
+                }
             }
             ClientMsg::Unchanged { count, .. } => {
                 if *count == 0 || *count as usize > MAX_BATCH {

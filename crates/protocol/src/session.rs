@@ -146,6 +146,24 @@ impl BackupState {
         Ok(())
     }
 
+    /// A subtree the client could not read: in order (not before the last
+    /// path sent; the directory just sent, or a path after it), and a
+    /// batch that needs nothing for the answers.
+    fn check_keep(&mut self, path: &[u8]) -> Result<(), ProtocolError> {
+        if let Some(last) = &self.last_path {
+            if compare_paths(last, path) == Ordering::Greater {
+                return Err(ProtocolError::Limit(format!(
+                    "KeepUnread out of order: {:?} after {:?}",
+                    String::from_utf8_lossy(path),
+                    String::from_utf8_lossy(last)
+                )));
+            }
+        }
+        self.last_path = Some(path.to_vec());
+        self.batches_unanswered.push_back(0);
+        Ok(())
+    }
+
     fn answer_batch(&mut self, needs: &[crate::Need]) -> Result<(), ProtocolError> {
         let Some(size) = self.batches_unanswered.pop_front() else {
             return Err(ProtocolError::Unexpected {
@@ -329,6 +347,7 @@ impl Session {
             (Phase::Backup, ClientMsg::Unchanged { count, .. }) => {
                 self.backup.check_unchanged(*count)?
             }
+            (Phase::Backup, ClientMsg::KeepUnread { path }) => self.backup.check_keep(path)?,
             (Phase::Backup, ClientMsg::SigRequest { id }) => self.backup.sig_step(
                 *id,
                 "SigRequest",

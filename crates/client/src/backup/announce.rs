@@ -40,6 +40,8 @@ pub(super) struct Announcer {
     pub(super) unchanged: u64,
     /// Entries whose xattrs the record vouched for (not read).
     pub(super) vouched: u64,
+    /// Paths the server was told to keep (unreadable here).
+    pub(super) kept_unread: u64,
 }
 
 impl Announcer {
@@ -62,7 +64,20 @@ impl Announcer {
             entries: 0,
             unchanged: 0,
             vouched: 0,
+            kept_unread: 0,
         }
+    }
+
+    /// Tells the server to keep what the last backup holds at and below
+    /// `path`, after everything announced before it.
+    /// Sent once everything before it is resolved (no file in flight):
+    /// the server then writes the kept entries out as it takes them, in
+    /// bounded memory, however large the subtree.
+    fn keep_unread(&mut self, path: Vec<u8>) -> Result<()> {
+        self.flush()?;
+        drop(self.shared.wait_flow(|f| f.window.is_empty())?);
+        self.kept_unread += 1;
+        self.send(vec![], 0, ClientMsg::KeepUnread { path })
     }
 
     /// Sends what is collected so far, waiting for room in the window.
@@ -107,6 +122,11 @@ impl Announcer {
             for (_, e) in &batch {
                 f.window.push_back((false, e.buffer_cost()));
             }
+            if batch.is_empty() {
+                // A message with no entries (KeepUnread) holds one slot
+                // until the server answers it: nothing is done before that.
+                f.window.push_back((false, 0));
+            }
             f.window_bytes += cost;
             start
         };
@@ -114,6 +134,15 @@ impl Announcer {
         lock(&self.batches).push_back((start, batch));
         self.shared.send(msg)
     }
+}
+
+/// What the walk hands to the announcer, in walk order. (Entries are nearly
+/// all of it: boxing them would cost an allocation each.)
+#[allow(clippy::large_enum_variant)]
+enum Fed {
+    Entry(Walked),
+    /// A path it could not read (see [`EntrySink::keep_unread`]).
+    KeepUnread(Vec<u8>),
 }
 
 /// One entry of the walk on its way to the announcer.
@@ -146,7 +175,7 @@ pub(super) fn walk_into(
     old: Option<OldRecord>,
     walk: impl FnOnce(&mut Feeder) -> Result<()>,
 ) -> Result<Announcer> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Walked>>(CHUNKS_QUEUED);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Fed>>(CHUNKS_QUEUED);
     let quick_keys = old.is_some() || announcer.new.is_some();
     std::thread::scope(|s| {
         let announcing = std::thread::Builder::new()
@@ -155,7 +184,10 @@ pub(super) fn walk_into(
                 let announced = (|| {
                     for chunk in rx {
                         for w in chunk {
-                            announcer.announce(w)?;
+                            match w {
+                                Fed::Entry(w) => announcer.announce(w)?,
+                                Fed::KeepUnread(p) => announcer.keep_unread(p)?,
+                            }
                         }
                     }
                     announcer.flush()
@@ -195,8 +227,8 @@ pub(super) fn walk_into(
 /// what the record of the last backup holds for it.
 pub(super) struct Feeder {
     shared: Arc<Shared>,
-    tx: Option<std::sync::mpsc::SyncSender<Vec<Walked>>>,
-    chunk: Vec<Walked>,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<Fed>>>,
+    chunk: Vec<Fed>,
     /// `buffer_cost` of the chunk's entries.
     chunk_bytes: usize,
     /// The record of the last backup, when the server's manifest is its.
@@ -233,11 +265,11 @@ impl EntrySink for Feeder {
         }
         self.chunk_bytes += cost;
         let record = self.old.entry(&entry.path);
-        self.chunk.push(Walked {
+        self.chunk.push(Fed::Entry(Walked {
             found,
             entry,
             record,
-        });
+        }));
         if self.chunk.len() >= CHUNK {
             self.send()?;
         }
@@ -246,6 +278,11 @@ impl EntrySink for Feeder {
 
     fn note(&mut self, what: String) {
         tracing::debug!("{what}");
+    }
+
+    fn keep_unread(&mut self, path: &[u8]) {
+        // Sent with the next chunk, in order.
+        self.chunk.push(Fed::KeepUnread(path.to_vec()));
     }
 
     fn quick_keys(&self) -> bool {

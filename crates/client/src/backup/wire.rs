@@ -185,6 +185,10 @@ impl Reader<'_> {
                     f.resolve(start + i as u64);
                 }
             }
+            if n == 0 {
+                // The one slot of a message with no entries (see `Announcer::send`).
+                f.resolve(start);
+            }
             self.shared.wake(&f);
         }
         for ((_, e), _) in batch.iter().zip(&needed).filter(|(_, n)| !**n) {

@@ -19,6 +19,13 @@ use crate::error::{shown, Error, IoContext, Result};
 use crate::fsops::{self, split};
 use crate::store::disk_path;
 
+/// Whether `path` is `prefix` or lies below it (the empty prefix, the
+/// root, holds everything).
+fn within(prefix: &[u8], path: &[u8]) -> bool {
+    prefix.is_empty()
+        || (path.starts_with(prefix) && (path.len() == prefix.len() || path[prefix.len()] == b'/'))
+}
+
 /// A file the client is to send.
 pub(super) struct Started {
     /// Its transfer id.
@@ -34,21 +41,92 @@ impl BackupReceiver {
     pub(super) fn entry(&mut self, e: Entry) -> Result<Option<Started>> {
         self.stats.entries += 1;
         self.check_after_carried(&e.path)?;
-        // An old entry before this one is not sent any more: it is deleted.
-        if let Some(p) = self.old.peek() {
-            if compare_paths(&p.entry.path, &e.path) == Ordering::Less {
-                self.work.needs_sweep = true;
-                self.mark_changed()?;
+        self.pass_old_before(&e.path)?;
+        let old = self.old.seek(&e.path).map_err(Error::Manifest)?;
+        self.apply_entry(e, old, false)
+    }
+
+    /// The client could not read `path` (its entry is not sent) or could
+    /// not list it (its entry was sent just before), and sends nothing
+    /// below it: the old entries at and below it are kept, not deleted
+    /// (see [`Self::replay`]). The client sends it with no file in flight,
+    /// so the kept entries are written out as they are taken.
+    pub fn keep_unread(&mut self, path: &[u8]) -> Result<()> {
+        // The directory itself may have just been carried in a run.
+        if let Some(last) = self.last_carried.take() {
+            if compare_paths(&last, path) == Ordering::Greater {
+                return Err(Error::Refused(format!(
+                    "{} to keep sent out of order, after unchanged ones",
+                    shown(path)
+                )));
             }
         }
-        let old = self.old.seek(&e.path).map_err(Error::Manifest)?;
+        self.pass_old_before(path)?;
+        let mut n = 0u64;
+        while self.old.peek().is_some_and(|p| within(path, &p.entry.path)) {
+            if let Some(o) = self.old.advance().map_err(Error::Manifest)? {
+                self.replay(o)?;
+            }
+            n += 1;
+            if n.is_multiple_of(1024) {
+                self.flush_slots()?;
+            }
+        }
+        self.flush_slots()
+    }
+
+    /// Passes the old entries before `path`: the client no longer sends
+    /// them, so they are deleted.
+    fn pass_old_before(&mut self, path: &[u8]) -> Result<()> {
+        if self
+            .old
+            .peek()
+            .is_some_and(|p| compare_paths(&p.entry.path, path) == Ordering::Less)
+        {
+            self.work.needs_sweep = true;
+            self.mark_changed()?;
+        }
+        while self
+            .old
+            .peek()
+            .is_some_and(|p| compare_paths(&p.entry.path, path) == Ordering::Less)
+        {
+            self.old.advance().map_err(Error::Manifest)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps old entry `o`, which the client could not read this time, as
+    /// if it had sent it again: what is on disc is checked as for any entry
+    /// (a clean `current` holds it as the manifest says). One whose stored
+    /// copy no longer matches the manifest (an interrupted run changed it)
+    /// cannot be received and is left out, with a warning.
+    pub(super) fn replay(&mut self, o: ManifestEntry) -> Result<()> {
+        self.stats.entries += 1;
+        self.stats.kept_unread += 1;
+        let e = o.entry.clone();
+        if self.apply_entry(e, Some(o), true)?.is_some() {
+            return Err(Error::Internal("a kept entry started a transfer"));
+        }
+        Ok(())
+    }
+
+    /// Applies entry `e` (`old`: the old manifest's at its path); `replay`:
+    /// an old entry kept for a subtree the client could not read, which
+    /// must not start a transfer.
+    fn apply_entry(
+        &mut self,
+        e: Entry,
+        old: Option<ManifestEntry>,
+        replay: bool,
+    ) -> Result<Option<Started>> {
         if decide::disc_type_changed(old.as_ref(), &e) {
             // The old object may stay on disc until the commit's sweep.
             self.work.needs_sweep = true;
         }
         let (parent_i, fresh_parent) = self.parent_dir(&e.path)?;
         match decide::without_disc(old.as_ref(), &e, self.start.clean) {
-            Some(Action::Trusted { hash }) if self.verifies(&e) => {
+            Some(Action::Trusted { hash }) if self.verifies(&e) && !replay => {
                 return self.start_verify(e, old, hash).map(Some);
             }
             Some(Action::Trusted { hash }) => {
@@ -95,10 +173,20 @@ impl BackupReceiver {
                 };
                 // After a crash its data may not be what was written.
                 let suspect = !vouched && self.start.suspect && e.size() > 0;
-                if self.verifies(&e) || suspect {
+                if (self.verifies(&e) || suspect) && !replay {
                     return self.start_verify(e, old, hash).map(Some);
                 }
                 self.keep(ManifestEntry { entry: e, hash }, old)
+            }
+            Action::Receive { .. } if replay => {
+                // Not what the manifest says, and not readable on the client.
+                self.work.needs_sweep = true;
+                self.mark_changed()?;
+                self.warn(format!(
+                    "{}: the client could not read it, and its stored copy is not the one the last backup recorded: left out",
+                    shown(&e.path)
+                ));
+                Ok(None)
             }
             Action::Receive {
                 in_place,

@@ -14,7 +14,7 @@ use byteback_protocol::{ClientMsg, Entry, ProtocolError, ServerMsg};
 use super::{refused, Conn, ServeConfig};
 use crate::backup::{BackupReceiver, Chunk, Room, TransferResult};
 use crate::config::StoreConfig;
-use crate::error::{Context, Error, Result};
+use crate::error::{shown, Context, Error, Result};
 use crate::store::{HostStore, Store};
 use crate::time;
 
@@ -112,6 +112,7 @@ fn receive<R: Read, W: Write>(
             ClientMsg::Unchanged { count, digest } => {
                 waiting.push(Batch::Unchanged { count, digest })?
             }
+            ClientMsg::KeepUnread { path } => waiting.push(Batch::KeepUnread(path))?,
             ClientMsg::SigRequest { id } => {
                 let name = rx.transfer_name(id);
                 let sig = rx.signature(id).context_with(|| {
@@ -249,6 +250,12 @@ fn answer_waiting<R: Read, W: Write>(
                 rx.unchanged(count, &digest)?;
                 vec![]
             }
+            Some(Batch::KeepUnread(path)) => {
+                rx.keep_unread(&path).context_with(|| {
+                    format!("keeping {} (unreadable on the client)", shown(&path))
+                })?;
+                vec![]
+            }
             None => break,
         };
         conn.send(&ServerMsg::Needs(needs))?;
@@ -277,6 +284,7 @@ impl Waiting {
         let (n, cost) = match &batch {
             Batch::Entries(e) => (e.len(), e.iter().map(Entry::buffer_cost).sum()),
             Batch::Unchanged { .. } => (1, 0),
+            Batch::KeepUnread(p) => (1, p.len()),
         };
         if !self.batches.is_empty()
             && !window_within_caps(self.entries + n, self.bytes.saturating_add(cost))
@@ -305,6 +313,8 @@ enum Batch {
     Entries(Vec<Entry>),
     /// A run of unchanged ones (see [`BackupReceiver::unchanged`]).
     Unchanged { count: u32, digest: [u8; 32] },
+    /// A subtree the client could not read (see [`BackupReceiver::keep_unread`]).
+    KeepUnread(Vec<u8>),
 }
 
 /// Writing `path` (`need` bytes sent; `quota`: a quota's error) ran out
