@@ -585,6 +585,31 @@ fn a_flood_of_manifest_parts_stays_in_bounded_memory() {
     st.sentinel.assert_untouched();
 }
 
+/// A pattern among several that matches nothing (a typo) is named in a
+/// warning and the restore ends partial (24), the rest restored; listing
+/// the same way names it too.
+#[test]
+fn a_pattern_that_matches_nothing_is_named() {
+    if !require_root("a_pattern_that_matches_nothing_is_named") {
+        return;
+    }
+    let st = Stage::new();
+    let sc = scenario(
+        vec![file("a", b"A"), file("b", b"B")],
+        &[("a", b"A"), ("b", b"B")],
+    );
+    let r = st.restore(&sc, &["/a", "/typo"]);
+    r.assert_code(24);
+    assert!(
+        r.stderr.contains("pattern \"/typo\" matches nothing"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fs::read(st.restored("a")).unwrap(), b"A");
+    assert!(fs::symlink_metadata(st.restored("b")).is_err());
+    st.sentinel.assert_untouched();
+}
+
 #[test]
 fn planted_symlinks_in_the_restore_directory() {
     if !require_root("planted_symlinks_in_the_restore_directory") {

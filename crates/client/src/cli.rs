@@ -143,6 +143,9 @@ pub struct BackupJson {
     pub bytes_wire: u64,
     /// Entries deleted from the server's copy.
     pub deleted: u64,
+    /// Entries kept as the last backup has them because they (or their
+    /// directory) could not be read here.
+    pub kept_unread: u64,
     /// Files resent whole after failing their hash check.
     pub retried: u64,
     /// Files that vanished during the backup.
@@ -787,6 +790,12 @@ fn transfer(
                         s.cloned
                     ));
                 }
+                if s.kept_unread > 0 {
+                    line.push_str(&format!(
+                        ", {} entries kept as the last backup has them (unreadable here, see the warnings)",
+                        s.kept_unread
+                    ));
+                }
                 if r.unchanged > 0 {
                     line.push_str(&format!(
                         ", {} entries unchanged since the last backup (not announced one by one)",
@@ -816,6 +825,7 @@ fn transfer(
                 report.bytes_reused = s.matched_bytes;
                 report.bytes_wire = r.wire_bytes;
                 report.deleted = s.deleted;
+                report.kept_unread = s.kept_unread;
                 report.retried = s.retried;
                 report.vanished = r.vanished;
                 report.partial = r.partial;
@@ -1198,7 +1208,15 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
             tracing::error!("nothing matches");
             return Ok(1);
         }
-        Ok(0)
+        let unmatched = pats.unmatched();
+        for p in &unmatched {
+            tracing::warn!("pattern {p:?} matches nothing");
+        }
+        Ok(if unmatched.is_empty() {
+            0
+        } else {
+            EXIT_PARTIAL
+        })
     }
 }
 

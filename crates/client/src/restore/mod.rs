@@ -38,6 +38,10 @@ use crate::meta;
 /// Compiled restore patterns.
 pub struct Patterns {
     set: GlobSet,
+    /// The patterns as given, for [`Patterns::unmatched`].
+    given: Vec<String>,
+    /// Which of them matched a path so far.
+    hit: std::cell::RefCell<Vec<bool>>,
 }
 
 impl Patterns {
@@ -71,7 +75,36 @@ impl Patterns {
                     .map_err(|e| Error::Usage(format!("bad pattern {p:?}: {e}")))?,
             );
         }
-        Ok(Patterns { set: b.build()? })
+        Ok(Patterns {
+            set: b.build()?,
+            given: patterns.to_vec(),
+            hit: std::cell::RefCell::new(vec![false; patterns.len()]),
+        })
+    }
+
+    /// Notes which patterns `path` (which matched) matches.
+    fn note_hit(&self, path: &[u8]) {
+        let mut hit = self.hit.borrow_mut();
+        if hit.iter().all(|h| *h) {
+            return;
+        }
+        for i in self.set.matches(Path::new(OsStr::from_bytes(path))) {
+            if let Some(h) = hit.get_mut(i) {
+                *h = true;
+            }
+        }
+    }
+
+    /// The patterns that matched no path in what was read (a typo in
+    /// one of several patterns is said, not silently restored around).
+    pub fn unmatched(&self) -> Vec<&str> {
+        let hit = self.hit.borrow();
+        self.given
+            .iter()
+            .zip(hit.iter())
+            .filter(|(_, h)| !**h)
+            .map(|(p, _)| p.as_str())
+            .collect()
     }
 
     fn matches(&self, path: &[u8]) -> bool {
@@ -105,6 +138,7 @@ impl Selector<'_> {
             self.matched_dir = None;
         }
         if self.pats.matches(p) {
+            self.pats.note_hit(p);
             if e.entry.kind == Kind::Dir {
                 self.matched_dir = Some(p.clone());
             }
@@ -940,6 +974,11 @@ pub fn restore(
         _ if !report.snapshots.is_empty() => {}
         [one] => bail!("nothing in snapshot {} matches", one.name),
         all => bail!("nothing in any of the {} snapshots matches", all.len()),
+    }
+    for p in pats.unmatched() {
+        report.warn(format!(
+            "pattern {p:?} matches nothing; nothing restored for it"
+        ));
     }
     report
         .snapshots
