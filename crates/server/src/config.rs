@@ -51,6 +51,8 @@ impl StoreConfig {
     /// Parses the file's text.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut c = Self::default();
+        // A key given twice is a mistake to point at, not one to settle by order.
+        let mut seen: std::collections::HashMap<String, usize> = Default::default();
         for (n, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
@@ -63,6 +65,13 @@ impl StoreConfig {
                 .trim()
                 .parse()
                 .map_err(|_| format!("line {}: expected an integer", n + 1))?;
+            if let Some(first) = seen.insert(k.trim().to_string(), n + 1) {
+                return Err(format!(
+                    "line {}: {} is given twice (first on line {first})",
+                    n + 1,
+                    k.trim()
+                ));
+            }
             match k.trim() {
                 "min_snapshot_interval" if v >= 0 => c.min_snapshot_interval = v,
                 "minpercent" if (0..=100).contains(&v) => c.minpercent = v as u32,
@@ -109,6 +118,8 @@ mod tests {
         assert!(StoreConfig::parse("minpercent").is_err());
         assert!(StoreConfig::parse("io_timeout = 0").is_err());
         assert!(StoreConfig::parse("max_session = -1").is_err());
+        let e = StoreConfig::parse("minpercent = 5\n# x\nminpercent = 7\n").unwrap_err();
+        assert_eq!(e, "line 3: minpercent is given twice (first on line 1)");
         assert_eq!(StoreConfig::parse("").unwrap().max_session, 86400);
     }
 }

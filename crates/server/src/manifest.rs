@@ -107,7 +107,7 @@ impl ManifestReader {
         let mut magic = [0u8; 8];
         r.read_exact(&mut magic).map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => damaged(&name, "too short"),
-            _ => named(&name, e),
+            _ => read_error(&name, e),
         })?;
         if &magic != MAGIC {
             return Err(damaged(&name, "bad magic"));
@@ -212,8 +212,14 @@ fn named(name: &str, e: io::Error) -> io::Error {
 }
 
 /// An error from the decompressed stream: the end of the data where more was
-/// due, or bad compressed data, is damage; anything else an I/O error.
+/// due, bad compressed data, or EIO (how btrfs reports a block whose
+/// checksum fails) is damage, which the next backup recovers from (the
+/// manifest is set aside and one is taken from the newest snapshot);
+/// anything else an I/O error.
 fn read_error(name: &str, e: io::Error) -> io::Error {
+    if e.raw_os_error() == Some(libc::EIO) {
+        return damaged(name, e);
+    }
     match e.kind() {
         io::ErrorKind::UnexpectedEof => {
             damaged(name, "truncated (its compressed stream ends early)")
@@ -293,6 +299,18 @@ impl PeekableManifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// EIO reading the manifest (btrfs: a block failing its checksum) is
+    /// damage, which the next backup recovers from, not an error that
+    /// fails every backup until someone steps in.
+    #[test]
+    fn eio_is_damage() {
+        let e = read_error("m", io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        assert!(e.to_string().contains("is damaged"), "{e}");
+        let e = read_error("m", io::Error::from_raw_os_error(libc::EMFILE));
+        assert_ne!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+    }
     use byteback_protocol::{Entry, Kind};
 
     fn me(path: &str) -> ManifestEntry {

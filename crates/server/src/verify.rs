@@ -269,10 +269,14 @@ fn check_file(
     }
 }
 
-/// Sets a damaged file of `current` to mtime 0 so the next backup rebuilds it.
+/// Sets a damaged file of `current` to mtime 0 so the next backup rebuilds
+/// it; synced, so a power cut cannot lose the mark while the manifest
+/// still vouches for the damaged copy (which the next backup, finding
+/// `current` unclean, would keep by its size and mtime).
 fn mark_for_resend(current: impl AsFd, path: &[u8]) -> Result<()> {
     let f = fsops::open_file(&current, &disk_path(path)).op("open", || shown(path))?;
     fsops::set_mtime(&f, 0, 0).op("set the mtime of", || shown(path))?;
+    fsops::fsync(&f).op("sync", || shown(path))?;
     Ok(())
 }
 
