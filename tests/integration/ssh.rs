@@ -894,10 +894,8 @@ fn a_stalled_stderr_does_not_hold_the_io_timeout() {
     assert!(!status.success(), "{tail}");
     assert!(e.contains("no data moved for 3 s"), "{tail}");
     assert!(e.contains("server: a line of the flood\n"), "{tail}");
-    assert!(
-        e.contains("lines not shown: our stderr was not taking them"),
-        "{tail}"
-    );
+    // (The count of lines dropped may not be written before the client
+    // exits; ssh::tests::a_stalled_stderr_drops_lines_and_says_how_many.)
 }
 
 #[test]

@@ -380,34 +380,52 @@ const STDERR_QUEUE: usize = 64;
 /// their own: a stalled stderr (journald behind, a terminal paused with
 /// XOFF) must not stop the pump, and with it `--io-timeout`'s watchdog and
 /// the protocol. Lines that find the queue full are dropped and counted; the
-/// count is said as soon as there is room again.
+/// thread says how many as soon as it writes again, and when it ends.
 struct StderrRelay {
     tx: Option<std::sync::mpsc::SyncSender<String>>,
-    dropped: u64,
+    dropped: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// What the relay says of the lines it dropped.
+fn dropped_note(n: u64) -> String {
+    format!("server: ({n} lines not shown: our stderr was not taking them)\n")
 }
 
 impl StderrRelay {
     fn new() -> StderrRelay {
+        // Above the progress bar, if one is shown.
+        Self::with_writer(byteback_protocol::term::write_stderr)
+    }
+
+    /// A relay writing each line with `write` (ours: stderr; tests: a buffer).
+    fn with_writer(write: fn(&[u8])) -> StderrRelay {
         let (tx, rx) = std::sync::mpsc::sync_channel::<String>(STDERR_QUEUE);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counted = dropped.clone();
         let thread = std::thread::Builder::new()
             .name("byteback-ssh-stderr".into())
             .spawn(move || {
+                let note = || match counted.swap(0, Ordering::Relaxed) {
+                    0 => {}
+                    n => write(dropped_note(n).as_bytes()),
+                };
                 for line in rx {
-                    // Above the progress bar, if one is shown.
-                    byteback_protocol::term::write_stderr(line.as_bytes());
+                    write(line.as_bytes());
+                    note();
                 }
+                note();
             });
         match thread {
             Ok(t) => StderrRelay {
                 tx: Some(tx),
-                dropped: 0,
+                dropped,
                 thread: Some(t),
             },
             // No thread: the lines are written where they come, as before.
             Err(_) => StderrRelay {
                 tx: None,
-                dropped: 0,
+                dropped,
                 thread: None,
             },
         }
@@ -419,37 +437,14 @@ impl StderrRelay {
             byteback_protocol::term::write_stderr(line.as_bytes());
             return;
         };
-        use std::sync::mpsc::TrySendError;
-        if self.dropped > 0 {
-            let note = format!(
-                "server: ({} lines not shown: our stderr was not taking them)\n",
-                self.dropped
-            );
-            match tx.try_send(note) {
-                Ok(()) => self.dropped = 0,
-                Err(TrySendError::Full(_)) => {
-                    self.dropped += 1;
-                    return;
-                }
-                Err(TrySendError::Disconnected(_)) => return,
-            }
-        }
-        if let Err(TrySendError::Full(_)) = tx.try_send(line) {
-            self.dropped += 1;
+        if let Err(std::sync::mpsc::TrySendError::Full(_)) = tx.try_send(line) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Ends the relay: what is queued is written, waiting at most
     /// `wait` for a stalled stderr (the thread is then left to finish).
     fn finish(mut self, wait: Duration) {
-        if self.dropped > 0 {
-            if let Some(tx) = &self.tx {
-                let _ = tx.try_send(format!(
-                    "server: ({} lines not shown: our stderr was not taking them)\n",
-                    self.dropped
-                ));
-            }
-        }
         self.tx = None;
         if let Some(t) = self.thread.take() {
             let deadline = Instant::now() + wait;
@@ -710,6 +705,47 @@ fn learn(shown: &str, key: &PublicKey, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    static RELAYED: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+    static STALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// A writer that waits while the test holds [`STALL`].
+    fn stalling_writer(b: &[u8]) {
+        let _wait = STALL.lock().unwrap();
+        RELAYED.lock().unwrap().extend_from_slice(b);
+    }
+
+    /// While stderr does not move, lines beyond the queue are dropped (the
+    /// caller never waits), and their number is said once it moves.
+    #[test]
+    fn a_stalled_stderr_drops_lines_and_says_how_many() {
+        let stall = STALL.lock().unwrap();
+        let mut relay = StderrRelay::with_writer(stalling_writer);
+        let start = Instant::now();
+        for i in 0..1000 {
+            relay.line(format!("server: line {i}\n"));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the caller waited"
+        );
+        drop(stall);
+        relay.finish(Duration::from_secs(10));
+        let out = String::from_utf8(std::mem::take(&mut *RELAYED.lock().unwrap())).unwrap();
+        let shown = out
+            .lines()
+            .filter(|l| l.starts_with("server: line"))
+            .count();
+        assert!(
+            (STDERR_QUEUE..=STDERR_QUEUE + 1).contains(&shown),
+            "{shown}:\n{out}"
+        );
+        // Said once, as soon as the thread writes again.
+        let note = dropped_note((1000 - shown) as u64);
+        assert_eq!(out.matches("lines not shown").count(), 1, "{out}");
+        assert!(out.contains(&note), "{out}");
+        assert!(out.starts_with("server: line 0\n"), "{out}");
+    }
 
     const ED: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJmyA95lD7jhTsn8SCAkQ6CaHO8a12p0XCCLPZ1FnBps";
