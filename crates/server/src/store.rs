@@ -24,6 +24,8 @@ pub const META_DIR: &[u8] = META_DIR_NAME.as_bytes();
 pub const META_DIR_NAME: &str = ".byteback";
 /// Prefix that escapes client top-level names which start with `.byteback`.
 const ESCAPE: &[u8] = b".byteback-";
+/// Prefix of a hard-link snapshot being deleted, in its host's directory.
+const DELETING: &str = ".deleting-";
 
 /// Maps a client path to its path inside `current`: top-level names starting
 /// with `.byteback` get a prefix, so no client path can reach [`META_DIR`].
@@ -310,7 +312,35 @@ impl HostStore {
             r.op("delete subvolume", path)?;
         } else {
             drop(fd);
-            fsops::remove_any(&self.fd, name.as_bytes()).op("remove", path)?;
+            // A hard-link copy goes file by file: renamed out of the
+            // snapshots' names first (durably), so a deletion cut short
+            // leaves no directory that passes for a snapshot (without its
+            // `.byteback`, a 1.x one), and what it left is removed by the
+            // next deletion.
+            let doomed = format!("{DELETING}{name}");
+            rustix::fs::renameat(&self.fd, name, &self.fd, doomed.as_str())
+                .map_err(io::Error::from)
+                .and_then(|()| fsops::fsync(&self.fd))
+                .op("rename", path)?;
+            self.remove_doomed()?;
+        }
+        Ok(())
+    }
+
+    /// Removes what deletions of hard-link snapshots left (see
+    /// [`HostStore::delete_snapshot`]).
+    fn remove_doomed(&self) -> Result<()> {
+        let listed =
+            fsops::list_dir_typed(&self.fd).op("list", || self.path.display().to_string())?;
+        for (name, _) in listed {
+            if name.starts_with(DELETING.as_bytes()) {
+                fsops::remove_any(&self.fd, &name).op("remove", || {
+                    self.path
+                        .join(OsStr::from_bytes(&name))
+                        .display()
+                        .to_string()
+                })?;
+            }
         }
         Ok(())
     }
@@ -371,4 +401,34 @@ fn make_read_only(dir: &OwnedFd) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A hard-link snapshot is renamed out of the snapshots' names before
+    /// it is removed, so one whose deletion was cut short never passes for
+    /// a snapshot; what such a deletion left goes with the next one.
+    #[test]
+    fn a_hard_link_snapshot_is_renamed_away_before_it_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let host = store.host("h", true).unwrap();
+        let h = dir.path().join("h");
+        let snap = "2026-11-01T03:00+0000";
+        std::fs::create_dir_all(h.join(snap).join("etc")).unwrap();
+        std::fs::write(h.join(snap).join("etc/f"), b"x").unwrap();
+        // What a deletion cut short left.
+        let left = h.join(".deleting-2026-10-01T03:00+0000");
+        std::fs::create_dir_all(left.join("var")).unwrap();
+        std::fs::write(left.join("var/g"), b"y").unwrap();
+        host.delete_snapshot(snap).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&h)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.contains("2026-")), "{names:?}");
+    }
 }

@@ -166,10 +166,19 @@ impl BackupReceiver {
             Action::MakeSymlink => self.make_symlink(e, &parent, &name, old),
             Action::KeepFile { hash } => {
                 let vouched = hash.is_some();
-                let hash = match hash {
-                    Some(h) => h,
-                    // Written by an interrupted run, so not in the manifest yet.
-                    None => hash_stored(&parent, &name, &e.path)?,
+                let hash = match hash.map_or_else(|| hash_stored(&parent, &name), Ok) {
+                    Ok(h) => h,
+                    // Written by an interrupted run (so not in the manifest
+                    // yet) and unreadable now: received whole again, rather
+                    // than failing this backup and every one after it.
+                    Err(err) if !replay => {
+                        self.warn(format!(
+                            "{}: cannot read its stored copy ({err}); received again",
+                            shown(&e.path)
+                        ));
+                        return self.start_file(e, old, false, None).map(Some);
+                    }
+                    Err(err) => return Err(err).op("read the stored copy of", || shown(&e.path)),
                 };
                 // After a crash its data may not be what was written.
                 let suspect = !vouched && self.start.suspect && e.size() > 0;
@@ -429,10 +438,11 @@ fn look(parent: &OwnedFd, name: &[u8], e: &Entry) -> std::io::Result<Option<OnDi
 }
 
 /// BLAKE3 of the stored file `name` in `parent` (client path `path`).
-fn hash_stored(parent: &OwnedFd, name: &[u8], path: &[u8]) -> Result<[u8; 32]> {
-    fsops::open_file(parent, name)
-        .and_then(|f| hash_file(&f))
-        .op("read the stored copy of", || shown(path))
+fn hash_stored(parent: &OwnedFd, name: &[u8]) -> std::io::Result<[u8; 32]> {
+    if let Some(e) = super::transfer::test_fault::eio(name) {
+        return Err(e);
+    }
+    fsops::open_file(parent, name).and_then(|f| hash_file(&f))
 }
 
 fn os(p: &[u8]) -> &std::ffi::OsStr {

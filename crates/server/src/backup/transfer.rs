@@ -439,8 +439,14 @@ impl BackupReceiver {
                 match hashed {
                     Ok(Ok(h)) => Ok(h == old.hash),
                     Ok(Err(e)) | Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+                    // Unreadable: not vouched for, so not kept (failing here
+                    // would fail every backup until someone steps in).
                     Ok(Err(e)) | Err(e) => {
-                        Err(e).op("read the stored copy of", || shown(&old.entry.path))
+                        self.warn(format!(
+                            "{}: cannot read its stored copy ({e}); its last backed-up version is not kept",
+                            shown(&old.entry.path)
+                        ));
+                        Ok(false)
                     }
                 }
             }
@@ -504,6 +510,21 @@ pub(super) mod test_fault {
 
     #[cfg(not(debug_assertions))]
     pub fn no_space(_which: usize) -> Option<std::io::Error> {
+        None
+    }
+
+    /// `BYTEBACK_TEST_SERVER_EIO=NAME`: reading a stored file named NAME
+    /// (its last component) to hash it fails with EIO, as on a failing disc.
+    #[cfg(debug_assertions)]
+    pub fn eio(name: &[u8]) -> Option<std::io::Error> {
+        let want = std::env::var_os("BYTEBACK_TEST_SERVER_EIO")?;
+        let last = name.rsplit(|b| *b == b'/').next()?;
+        (last == std::os::unix::ffi::OsStrExt::as_bytes(want.as_os_str()))
+            .then(|| std::io::Error::from_raw_os_error(libc::EIO))
+    }
+
+    #[cfg(not(debug_assertions))]
+    pub fn eio(_name: &[u8]) -> Option<std::io::Error> {
         None
     }
 }
