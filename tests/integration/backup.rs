@@ -2242,3 +2242,94 @@ fn an_unreadable_stored_copy_is_received_again() {
     let r = restore_all(&store, "h", None, &d.path().join("r"));
     assert_same_tree(&src, &restored_path(&r, &src));
 }
+
+/// A path longer than the protocol carries (4096 bytes) is left out with a
+/// warning and the backup goes on: it is in no stored backup either, so
+/// nothing is asked to be kept for it (a keep with such a path would be
+/// refused by the server and fail every backup).
+#[test]
+fn a_path_too_long_is_left_out_and_the_backup_goes_on() {
+    use rustix::fs::{mkdirat, openat, Mode, OFlags};
+    let d = scratch();
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("kept"), b"kept").unwrap();
+    // 24 levels of 200-byte names, made through directory fds: no path
+    // given to the kernel is longer than one name.
+    let name = "d".repeat(200);
+    let mut dir = openat(
+        rustix::fs::CWD,
+        &src,
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )
+    .unwrap();
+    for _ in 0..24 {
+        mkdirat(&dir, name.as_str(), Mode::from_raw_mode(0o755)).unwrap();
+        dir = openat(
+            &dir,
+            name.as_str(),
+            OFlags::DIRECTORY | OFlags::RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
+    }
+    let f = openat(
+        &dir,
+        "deep",
+        OFlags::CREATE | OFlags::WRONLY,
+        Mode::from_raw_mode(0o644),
+    )
+    .unwrap();
+    drop(f);
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let o = run_status(
+        Command::new(bin("byteback-backup"))
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .args(["--hostname", "h", "--retry-number", "0"]),
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(24), "{err}");
+    assert!(err.contains("path too long; skipped"), "{err}");
+    let r = restore_all(&store, "h", None, &d.path().join("r"));
+    assert_eq!(
+        fs::read(restored_path(&r, &src).join("kept")).unwrap(),
+        b"kept"
+    );
+    // The scratch directory's removal needs the same care.
+    let mut dir = openat(
+        rustix::fs::CWD,
+        &src,
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )
+    .unwrap();
+    let mut chain = vec![];
+    for _ in 0..24 {
+        chain.push(
+            openat(
+                &dir,
+                name.as_str(),
+                OFlags::DIRECTORY | OFlags::RDONLY,
+                Mode::empty(),
+            )
+            .unwrap(),
+        );
+        dir = chain.last().unwrap().try_clone().unwrap();
+    }
+    rustix::fs::unlinkat(&dir, "deep", rustix::fs::AtFlags::empty()).unwrap();
+    chain.pop();
+    while let Some(parent) = chain.pop() {
+        rustix::fs::unlinkat(&parent, name.as_str(), rustix::fs::AtFlags::REMOVEDIR).unwrap();
+    }
+    rustix::fs::unlinkat(
+        rustix::fs::CWD,
+        src.join(&name),
+        rustix::fs::AtFlags::REMOVEDIR,
+    )
+    .unwrap();
+}

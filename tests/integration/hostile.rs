@@ -1368,6 +1368,27 @@ fn a_client_dripping_bytes_is_ended_by_max_session() {
     env.accept();
 }
 
+/// A client that says it could not read a directory and then sends
+/// entries within it is refused: what the server kept there must not be
+/// applied a second time.
+#[test]
+fn entries_within_a_path_said_unreadable_are_refused() {
+    let env = Env::new();
+    let m = fresh_mtime();
+    let s = Script::backup()
+        .msg(&ClientMsg::Entries(vec![dir_e(b"d", m)]))
+        .msg(&ClientMsg::KeepUnread {
+            path: b"d".to_vec(),
+        })
+        .msg(&ClientMsg::Entries(vec![file_e(b"d/x", 3, m)]))
+        .msg(&file_data(0, b"abc"))
+        .msg(&file_end(0, b"abc", m))
+        .msg(&ClientMsg::BackupEnd);
+    let o = env.serve("entries after a keep", &s.bytes);
+    env.refused(&o, &["which the client said it could not read"]);
+    env.check_world();
+}
+
 /// Under a low open-file limit the server stops answering batches of
 /// entries while the files in flight hold its descriptors; the batches the
 /// client sends meanwhile wait unanswered. A client that keeps sending

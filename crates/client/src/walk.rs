@@ -694,8 +694,11 @@ impl Walker<'_> {
     /// it, unsent: unless it vanished, the server is told to keep what the
     /// last backup holds there.
     fn warn(&mut self, path: &[u8], message: String, vanished: bool) {
-        if !vanished {
-            self.sink.keep_unread(path.trim_start_matches_slash());
+        let rel = path.trim_start_matches_slash();
+        // A path too long for the protocol is in no stored backup either
+        // (and the server would refuse it, failing every backup).
+        if !vanished && rel.len() <= byteback_protocol::limits::MAX_PATH {
+            self.sink.keep_unread(rel);
         }
         self.sink.warning(WalkWarning {
             path: path_of(path),

@@ -318,6 +318,8 @@ impl HostStore {
             // `.byteback`, a 1.x one), and what it left is removed by the
             // next deletion.
             let doomed = format!("{DELETING}{name}");
+            // One of that name left by a deletion cut short goes first.
+            self.remove_doomed()?;
             rustix::fs::renameat(&self.fd, name, &self.fd, doomed.as_str())
                 .map_err(io::Error::from)
                 .and_then(|()| fsops::fsync(&self.fd))
@@ -420,8 +422,12 @@ mod tests {
         let snap = "2026-11-01T03:00+0000";
         std::fs::create_dir_all(h.join(snap).join("etc")).unwrap();
         std::fs::write(h.join(snap).join("etc/f"), b"x").unwrap();
-        // What a deletion cut short left.
-        let left = h.join(".deleting-2026-10-01T03:00+0000");
+        // What a deletion cut short left: of an older snapshot, and of this
+        // very one (whose name was then taken again: a rename onto it
+        // would fail for ever).
+        let older = h.join(".deleting-2026-10-01T03:00+0000");
+        std::fs::create_dir_all(older.join("usr")).unwrap();
+        let left = h.join(format!(".deleting-{snap}"));
         std::fs::create_dir_all(left.join("var")).unwrap();
         std::fs::write(left.join("var/g"), b"y").unwrap();
         host.delete_snapshot(snap).unwrap();

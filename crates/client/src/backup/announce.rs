@@ -281,8 +281,12 @@ impl EntrySink for Feeder {
     }
 
     fn keep_unread(&mut self, path: &[u8]) {
-        // Sent with the next chunk, in order.
+        // In order with the entries; a full chunk goes at once (a failure
+        // to send is the backup's, and the next entry says so).
         self.chunk.push(Fed::KeepUnread(path.to_vec()));
+        if self.chunk.len() >= CHUNK {
+            let _ = self.send();
+        }
     }
 
     fn quick_keys(&self) -> bool {

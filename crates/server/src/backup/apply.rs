@@ -41,6 +41,15 @@ impl BackupReceiver {
     pub(super) fn entry(&mut self, e: Entry) -> Result<Option<Started>> {
         self.stats.entries += 1;
         self.check_after_carried(&e.path)?;
+        if let Some(k) = self.kept_unread.as_deref() {
+            if within(k, &e.path) {
+                return Err(Error::Refused(format!(
+                    "entry {} sent within {}, which the client said it could not read",
+                    shown(&e.path),
+                    shown(k)
+                )));
+            }
+        }
         self.pass_old_before(&e.path)?;
         let old = self.old.seek(&e.path).map_err(Error::Manifest)?;
         self.apply_entry(e, old, false)
@@ -62,6 +71,7 @@ impl BackupReceiver {
             }
         }
         self.pass_old_before(path)?;
+        self.kept_unread = Some(path.to_vec());
         let mut n = 0u64;
         while self.old.peek().is_some_and(|p| within(path, &p.entry.path)) {
             if let Some(o) = self.old.advance().map_err(Error::Manifest)? {

@@ -339,6 +339,9 @@ pub struct BackupReceiver {
     /// Checksum mode: a file whose size and mtime match its stored copy is
     /// kept only once the client's BLAKE3 of it matches too.
     checksum: bool,
+    /// The last path the client said it could not read: nothing within it
+    /// may be sent after.
+    kept_unread: Option<Vec<u8>>,
 }
 
 /// Opens the old manifest of `current` (`meta` is its `.byteback`). One
@@ -503,6 +506,7 @@ impl BackupReceiver {
             files: FilePaths::default(),
             room,
             checksum: false,
+            kept_unread: None,
         };
         if !clean {
             // Leftovers of an interrupted run may be anywhere: the commit
