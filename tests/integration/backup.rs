@@ -29,6 +29,20 @@ fn restore_all(store: &Path, host: &str, snapshot: Option<&str>, into: &Path) ->
     into.join(snap)
 }
 
+/// `byteback-backup` of `src` as host `h` into the local store `store`,
+/// with the debug-build fault `var`=`value`; its output, whatever its exit.
+fn backup_with_fault(store: &Path, src: &Path, var: &str, value: &str) -> Output {
+    run_status(
+        Command::new(bin("byteback-backup"))
+            .env(var, value)
+            .arg("--destination")
+            .arg(store)
+            .arg("--source")
+            .arg(src)
+            .args(["--hostname", "h", "--retry-number", "0"]),
+    )
+}
+
 fn restored_path(root: &Path, src: &Path) -> PathBuf {
     root.join(src.strip_prefix("/").unwrap())
 }
@@ -2100,15 +2114,7 @@ fn what_the_client_cannot_read_is_kept_not_deleted() {
     local_backup(&store, &src, "h");
     fs::write(src.join("x"), b"x2").unwrap();
     fs::write(src.join("bad/one"), b"changed, unseen").unwrap();
-    let o = run_status(
-        Command::new(bin("byteback-backup"))
-            .env("BYTEBACK_TEST_EIO", "bad")
-            .arg("--destination")
-            .arg(&store)
-            .arg("--source")
-            .arg(&src)
-            .args(["--hostname", "h", "--retry-number", "0"]),
-    );
+    let o = backup_with_fault(&store, &src, "BYTEBACK_TEST_EIO", "bad");
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(24), "{err}");
     assert!(err.contains("kept as the last backup has them"), "{err}");
@@ -2147,15 +2153,7 @@ fn a_large_unreadable_directory_is_kept_after_a_file_in_flight() {
     store_without_interval(&store);
     local_backup(&store, &src, "h");
     fs::write(src.join("a.big"), rng.bytes(24 << 20)).unwrap();
-    let o = run_status(
-        Command::new(bin("byteback-backup"))
-            .env("BYTEBACK_TEST_EIO", "bad")
-            .arg("--destination")
-            .arg(&store)
-            .arg("--source")
-            .arg(&src)
-            .args(["--hostname", "h", "--retry-number", "0"]),
-    );
+    let o = backup_with_fault(&store, &src, "BYTEBACK_TEST_EIO", "bad");
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(24), "{err}");
     assert!(
@@ -2187,15 +2185,7 @@ fn a_kept_entry_whose_stored_copy_changed_is_left_out() {
     // A new file, as the server writes (the snapshot may share the old one's inode).
     fs::remove_file(&stored).unwrap();
     fs::write(&stored, b"half written").unwrap();
-    let o = run_status(
-        Command::new(bin("byteback-backup"))
-            .env("BYTEBACK_TEST_EIO", "bad")
-            .arg("--destination")
-            .arg(&store)
-            .arg("--source")
-            .arg(&src)
-            .args(["--hostname", "h", "--retry-number", "0"]),
-    );
+    let o = backup_with_fault(&store, &src, "BYTEBACK_TEST_EIO", "bad");
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(24), "{err}");
     assert!(
@@ -2230,14 +2220,9 @@ fn an_unreadable_stored_copy_is_received_again() {
     fs::remove_file(cur.join(".byteback/clean")).unwrap();
     fs::write(&stored, &content).unwrap();
     set_mtime(&stored, 1_700_000_000, 0);
-    let o = run(Command::new(bin("byteback-backup"))
-        .env("BYTEBACK_TEST_SERVER_EIO", "left")
-        .arg("--destination")
-        .arg(&store)
-        .arg("--source")
-        .arg(&src)
-        .args(["--hostname", "h", "--retry-number", "0"]));
+    let o = backup_with_fault(&store, &src, "BYTEBACK_TEST_SERVER_EIO", "left");
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
     assert!(err.contains("cannot read its stored copy"), "{err}");
     let r = restore_all(&store, "h", None, &d.path().join("r"));
     assert_same_tree(&src, &restored_path(&r, &src));
