@@ -1241,6 +1241,22 @@ fn open_beneath(dir: &fs::File, name: &[u8]) -> fs::File {
     fs::File::from(fd)
 }
 
+/// Waits for `child` (a server) for at most [`TIMEOUT`], then kills it;
+/// its exit status (`None`: killed) and its stderr.
+fn wait_reading_stderr(
+    child: &mut std::process::Child,
+) -> (Option<std::process::ExitStatus>, String) {
+    let status = wait_until(child, Instant::now(), TIMEOUT);
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status, err)
+}
+
 fn read_beneath(dir: &fs::File, name: &[u8]) -> Vec<u8> {
     let mut v = vec![];
     open_beneath(dir, name).read_to_end(&mut v).unwrap();
@@ -1278,25 +1294,7 @@ fn a_client_that_never_reads_ends_a_server_mid_write() {
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(&ask.bytes).unwrap();
     let _stdout = child.stdout.take().unwrap();
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
-        }
-        if start.elapsed() > TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, err) = wait_reading_stderr(&mut child);
     let status = status.unwrap_or_else(|| panic!("still writing after {TIMEOUT:?}:\n{err}"));
     assert!(!status.success(), "{err}");
     assert!(err.contains("took nothing for 2 s"), "{err}");
@@ -1338,25 +1336,7 @@ fn a_client_dripping_bytes_is_ended_by_max_session() {
             std::thread::sleep(Duration::from_millis(10));
         }
     });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break Some(st);
-        }
-        if start.elapsed() > TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, err) = wait_reading_stderr(&mut child);
     dripper.join().unwrap();
     let status = status.unwrap_or_else(|| panic!("still running after {TIMEOUT:?}:\n{err}"));
     assert!(!status.success(), "{err}");
