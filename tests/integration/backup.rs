@@ -2318,3 +2318,56 @@ fn a_path_too_long_is_left_out_and_the_backup_goes_on() {
     )
     .unwrap();
 }
+
+/// A server that dies after committing a backup and before its snapshot
+/// (a crash, a power cut) has already counted what the backup wrote in the
+/// host's usage log, synced, so the growth guard and pruning still see it:
+/// the next snapshot carries those bytes.
+#[test]
+fn a_crash_before_the_snapshot_keeps_the_backups_growth_counted() {
+    let d = scratch();
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let data = Rng::new(5).bytes(300_000);
+    fs::write(src.join("f"), &data).unwrap();
+    let o = backup_with_fault(&store, &src, "BYTEBACK_TEST_CRASH_BEFORE_SNAPSHOT", "1");
+    assert!(
+        !o.status.success(),
+        "the server was to die before the snapshot"
+    );
+    let log = store.join("h/.byteback-usage");
+    let bytes_of = |text: &str| -> Vec<(u64, String)> {
+        text.lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f[1].parse().unwrap(), f[2].to_string())
+            })
+            .collect()
+    };
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    let lines = bytes_of(&text);
+    assert!(
+        lines
+            .iter()
+            .any(|(b, s)| s == "-" && *b >= data.len() as u64),
+        "the crashed backup's growth is not in the usage log: {text:?}"
+    );
+    // The next backup writes nothing new and takes the snapshot, which
+    // carries the crashed backup's bytes.
+    local_backup(&store, &src, "h");
+    let text = fs::read_to_string(&log).unwrap();
+    let lines = bytes_of(&text);
+    let first_snap = lines
+        .iter()
+        .position(|(_, s)| s != "-")
+        .expect("a snapshot line");
+    let growth: u64 = lines[..=first_snap].iter().map(|(b, _)| b).sum();
+    assert!(
+        growth >= data.len() as u64,
+        "the first snapshot's growth is {growth} bytes: {text:?}"
+    );
+    let r = restore_all(&store, "h", None, &d.path().join("r"));
+    assert_same_tree(&src, &restored_path(&r, &src));
+}

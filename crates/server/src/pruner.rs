@@ -147,34 +147,59 @@ pub fn all_snapshots(store: &Store) -> Result<Vec<Snapshot>> {
     Ok(out)
 }
 
-/// Appends one committed backup to the host's usage log: its time, the bytes
-/// of file data it wrote, the snapshot it made (if any), and the store's free
-/// and total bytes then (for the report's free-space chart; lines written
-/// before have three fields).
-pub fn record_backup(
+/// Appends the bytes of file data a backup wrote to the host's usage log,
+/// with no snapshot (`-`) and the store's free and total bytes then (for
+/// the report's free-space chart; lines of older versions have three
+/// fields), and syncs it. A committed backup writes this line before it
+/// takes its snapshot, and [`record_snapshot`] names the snapshot after:
+/// a crash between the two leaves the bytes counted for the next
+/// snapshot, where a line written after the snapshot would have lost them
+/// from the growth guard's view. An interrupted backup writes this line
+/// alone.
+pub fn record_written(
+    host: &HostStore,
+    now: i64,
+    new_bytes: u64,
+    space: Option<&Space>,
+) -> Result<()> {
+    append_usage(host, now, new_bytes, None, space)
+}
+
+/// Appends the line naming the snapshot a backup took, after its
+/// [`record_written`] line of the same time (`now 0 NAME`; the readers
+/// take the two as one), and syncs it.
+pub fn record_snapshot(
+    host: &HostStore,
+    now: i64,
+    snapshot: &str,
+    space: Option<&Space>,
+) -> Result<()> {
+    append_usage(host, now, 0, Some(snapshot), space)
+}
+
+fn append_usage(
     host: &HostStore,
     now: i64,
     new_bytes: u64,
     snapshot: Option<&str>,
     space: Option<&Space>,
 ) -> Result<()> {
+    let path = || host.path.join(USAGE_LOG).display().to_string();
     let fd = rustix::fs::openat(
         host.fd(),
         USAGE_LOG,
         OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW,
         Mode::from_raw_mode(0o600),
     )
-    .op("open", || host.path.join(USAGE_LOG).display().to_string())?;
+    .op("open", path)?;
     let mut line = format!("{now} {new_bytes} {}", snapshot.unwrap_or("-"));
     if let Some(sp) = space {
         line.push_str(&format!(" {} {}", sp.free, sp.size));
     }
     line.push('\n');
-    std::fs::File::from(fd)
-        .write_all(line.as_bytes())
-        .op("append to", || {
-            host.path.join(USAGE_LOG).display().to_string()
-        })?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(line.as_bytes()).op("append to", path)?;
+    f.sync_data().op("sync", path)?;
     Ok(())
 }
 
@@ -228,29 +253,46 @@ pub struct UsageLine {
 }
 
 /// Every well-formed line of the host's usage log, in the order written
-/// (at most the log's first 64 MiB); malformed lines are skipped.
+/// (at most the log's first 64 MiB); malformed lines are skipped. A
+/// snapshot's line that follows its backup's line of the same time (see
+/// [`record_snapshot`]) completes it: the two are one backup.
 pub fn read_usage_lines(host: &HostStore) -> Vec<UsageLine> {
     let Some(text) = read_small(host.fd(), USAGE_LOG) else {
         return vec![];
     };
-    text.lines()
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (Some(t), Some(b), Some(s)) = (f.first(), f.get(1), f.get(2)) else {
-                return None;
-            };
-            let space = match (f.get(3), f.get(4)) {
-                (Some(free), Some(size)) => free.parse().ok().zip(size.parse().ok()),
-                _ => None,
-            };
-            Some(UsageLine {
-                time: t.parse().ok()?,
-                new_bytes: b.parse().ok()?,
-                snapshot: (*s != "-").then(|| s.to_string()),
-                space,
-            })
-        })
-        .collect()
+    let mut out: Vec<UsageLine> = vec![];
+    for line in text.lines().filter_map(parse_usage_line) {
+        match out.last_mut() {
+            Some(last)
+                if last.snapshot.is_none()
+                    && line.snapshot.is_some()
+                    && line.new_bytes == 0
+                    && line.time == last.time =>
+            {
+                last.snapshot = line.snapshot;
+                last.space = line.space.or(last.space);
+            }
+            _ => out.push(line),
+        }
+    }
+    out
+}
+
+fn parse_usage_line(line: &str) -> Option<UsageLine> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let (Some(t), Some(b), Some(s)) = (f.first(), f.get(1), f.get(2)) else {
+        return None;
+    };
+    let space = match (f.get(3), f.get(4)) {
+        (Some(free), Some(size)) => free.parse().ok().zip(size.parse().ok()),
+        _ => None,
+    };
+    Some(UsageLine {
+        time: t.parse().ok()?,
+        new_bytes: b.parse().ok()?,
+        snapshot: (*s != "-").then(|| s.to_string()),
+        space,
+    })
 }
 
 /// The last 64 MiB of file `name` in `dir` (whole lines: one cut at the
@@ -891,5 +933,49 @@ mod tests {
         assert_eq!((usage.len(), pending), (3, 140 * MIB));
         let why = own_only(&room(6 * MIB), capacity).expect("a spike");
         assert!(why.contains("(the growth guard)"), "{why}");
+    }
+
+    /// A backup's line and its snapshot's line are one backup to every
+    /// reader; a backup line whose snapshot line never came (a crash)
+    /// counts for the next snapshot.
+    #[test]
+    fn a_backup_and_its_snapshot_line_are_one_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let host = store.host("h", true).unwrap();
+        let sp = Space {
+            free: 70,
+            size: 100,
+            data_percent: 70.0,
+            metadata_percent: None,
+            source: "statvfs",
+        };
+        record_written(&host, 100, 5, Some(&sp)).unwrap();
+        record_snapshot(&host, 100, "s1", Some(&sp)).unwrap();
+        record_written(&host, 200, 7, None).unwrap();
+        // A crash here: s2 was taken but not named in the log.
+        record_written(&host, 300, 11, Some(&sp)).unwrap();
+        record_snapshot(&host, 300, "s3", None).unwrap();
+        record_written(&host, 400, 13, None).unwrap();
+        let lines = read_usage_lines(&host);
+        let got: Vec<(i64, u64, Option<&str>, Option<(u64, u64)>)> = lines
+            .iter()
+            .map(|l| (l.time, l.new_bytes, l.snapshot.as_deref(), l.space))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (100, 5, Some("s1"), Some((70, 100))),
+                (200, 7, None, None),
+                (300, 11, Some("s3"), Some((70, 100))),
+                (400, 13, None, None),
+            ]
+        );
+        let (usage, pending) = read_usage_pending(&host);
+        let per: Vec<(&str, u64)> = usage
+            .iter()
+            .map(|u| (u.snapshot.as_str(), u.new_bytes))
+            .collect();
+        assert_eq!((per, pending), (vec![("s1", 5), ("s3", 18)], 13));
     }
 }

@@ -70,8 +70,7 @@ pub(super) fn backup<R: Read, W: Write>(
         // guard counts it (a client cutting its runs short must not
         // write without limit, unseen).
         if rx.grown > 0 {
-            if let Err(e2) = crate::pruner::record_backup(&host, target.now(), rx.grown, None, None)
-            {
+            if let Err(e2) = crate::pruner::record_written(&host, target.now(), rx.grown, None) {
                 tracing::error!("cannot record the interrupted backup's usage: {e2}");
             }
         }
@@ -343,8 +342,9 @@ fn make_room(
     crate::pruner::make_room(target.store, target.config, target.now(), &room)
 }
 
-/// `BackupEnd`: commits, takes the snapshot, replies, then records usage
-/// and prunes (those only log on failure: the snapshot is taken).
+/// `BackupEnd`: commits, records usage, takes the snapshot, replies, then
+/// names the snapshot in the usage log and prunes (those only log on
+/// failure: the snapshot is taken).
 fn finish<R: Read, W: Write>(
     target: &Target,
     conn: &mut Conn<R, W>,
@@ -352,8 +352,14 @@ fn finish<R: Read, W: Write>(
 ) -> Result<()> {
     let warnings = std::mem::take(&mut rx.warnings);
     let (stats, generation) = rx.commit()?;
-    let new_bytes = rx.grown;
     let now = target.now();
+    // Counted before the snapshot, synced: a crash after it must not lose
+    // this backup's growth from the guard's view.
+    let space = crate::space::measure(target.store.fd()).ok();
+    if let Err(e) = crate::pruner::record_written(target.host, now, rx.grown, space.as_ref()) {
+        tracing::error!("cannot record usage: {e}");
+    }
+    crash_point("BYTEBACK_TEST_CRASH_BEFORE_SNAPSHOT");
     let taken = rx.with_room(
         || "taking the snapshot".into(),
         |_| {
@@ -391,18 +397,20 @@ fn finish<R: Read, W: Write>(
     if let Err(e) = told {
         tracing::error!("the client went away before hearing the result: {e}");
     }
-    let space = crate::space::measure(target.store.fd()).ok();
-    if let Err(e) = crate::pruner::record_backup(
-        target.host,
-        now,
-        new_bytes,
-        snapshot.as_deref(),
-        space.as_ref(),
-    ) {
-        tracing::error!("cannot record usage: {e}");
-    }
-    if snapshot.is_some() {
+    if let Some(name) = &snapshot {
+        if let Err(e) = crate::pruner::record_snapshot(target.host, now, name, space.as_ref()) {
+            tracing::error!("cannot record usage: {e}");
+        }
         crate::pruner::after_snapshot(target.store, target.config, now);
     }
     Ok(())
+}
+
+/// Debug builds only: the server dies at once (as in a crash or a power
+/// cut) where the variable `var` is set, so the tests can show what a
+/// crash there leaves.
+fn crash_point(var: &str) {
+    if cfg!(debug_assertions) && std::env::var_os(var).is_some() {
+        std::process::abort();
+    }
 }
