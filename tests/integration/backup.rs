@@ -2371,3 +2371,102 @@ fn a_crash_before_the_snapshot_keeps_the_backups_growth_counted() {
     let r = restore_all(&store, "h", None, &d.path().join("r"));
     assert_same_tree(&src, &restored_path(&r, &src));
 }
+
+/// A backup within the minimum interval between snapshots makes none, so
+/// its files are only in `current`. A restore or listing without
+/// `--snapshot` reads `current` too, as 1.x's did, and says so; a
+/// `current` changed since its commit (a backup cut off) is left out with
+/// a warning, and the newest snapshot gives what it holds.
+#[test]
+fn a_restore_reads_a_current_newer_than_every_snapshot_plain_store() {
+    let d = scratch();
+    current_newer_than_every_snapshot(&d.path().join("store"), d.path());
+}
+
+#[test]
+fn a_restore_reads_a_current_newer_than_every_snapshot_btrfs_store() {
+    if !require_root("btrfs loop filesystem") {
+        return;
+    }
+    let fs_ = BtrfsLoop::new(300);
+    let d = scratch();
+    current_newer_than_every_snapshot(&fs_.mount.join("store"), d.path());
+}
+
+fn current_newer_than_every_snapshot(store: &Path, work: &Path) {
+    let store = store.to_path_buf();
+    let src = work.join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"first version").unwrap();
+    fs::write(src.join("same"), b"unchanged").unwrap();
+    local_backup(&store, &src, "h");
+    assert_eq!(snapshots(&store, "h").len(), 1);
+    let first = snapshots(&store, "h").pop().unwrap();
+    // Nothing newer than the snapshot yet: current is not read.
+    let restore = |into: &Path, args: &[&str]| -> Output {
+        fs::create_dir_all(into).unwrap();
+        run(Command::new(bin("byteback-restore"))
+            .current_dir(into)
+            .arg("--destination")
+            .arg(&store)
+            .args(["--hostname", "h"])
+            .args(args))
+    };
+    let o = restore(&work.join("r0"), &["--restore", "/"]);
+    assert!(
+        !work.join("r0/current").exists(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(work.join("r0").join(&first).exists());
+
+    fs::remove_file(src.join("f")).unwrap();
+    fs::write(src.join("f"), b"second version, newer").unwrap();
+    fs::write(src.join("new"), b"made after the snapshot").unwrap();
+    local_backup(&store, &src, "h");
+    assert_eq!(
+        snapshots(&store, "h"),
+        vec![first.clone()],
+        "no snapshot within 6 h"
+    );
+
+    let r1 = work.join("r1");
+    let o = restore(&r1, &["--restore", "/"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(err.contains("current holds a backup committed at"), "{err}");
+    let got = restored_path(&r1.join("current"), &src);
+    assert_same_tree(&src, &got);
+    let o = restore(&work.join("l"), &["--list", "/**"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.ends_with(&format!("/{name}")))
+            .unwrap_or_else(|| panic!("no {name} in:\n{out}"))
+            .to_string()
+    };
+    assert!(line("f").starts_with("current "), "{out}");
+    assert!(line("new").starts_with("current "), "{out}");
+    let o = restore(&work.join("l"), &[]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.lines().last().unwrap().starts_with("current "), "{out}");
+    // A named snapshot is that snapshot only.
+    let r2 = work.join("r2");
+    restore(&r2, &["--restore", "--snapshot", &first, "/"]);
+    assert_eq!(
+        fs::read(restored_path(&r2.join(&first), &src).join("f")).unwrap(),
+        b"first version"
+    );
+
+    // current changed since its commit (as by a backup cut off): left
+    // out with a warning, the snapshot restored.
+    fs::remove_file(store.join("h/current/.byteback/clean")).unwrap();
+    let r3 = work.join("r3");
+    let o = restore(&r3, &["--restore", "/"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(err.contains("current is left out"), "{err}");
+    assert!(!r3.join("current").exists());
+    assert_eq!(
+        fs::read(restored_path(&r3.join(&first), &src).join("f")).unwrap(),
+        b"first version"
+    );
+}

@@ -127,6 +127,7 @@ fn main() {
                         .map(|n| (n.clone(), byteback_protocol::SnapshotKind::Byteback))
                         .collect(),
                     current: Some(byteback_protocol::SnapshotKind::Byteback),
+                    current_news: byteback_protocol::CurrentNews::No,
                 },
             ),
             ClientMsg::ReadManifest { snapshot } => {

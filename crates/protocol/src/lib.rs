@@ -39,6 +39,8 @@ pub use text::{escape_bytes, escape_text};
 /// 6: restored data may go as it is ([`ServerMsg::FilePartRaw`]).
 /// 7: subtrees the client could not read are kept ([`ClientMsg::KeepUnread`],
 /// [`BackupStats::kept_unread`]).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 8: whether `current` holds a backup no snapshot has
+/// ([`ServerMsg::SnapshotKinds`]'s `current_news`).
+pub const PROTOCOL_VERSION: u32 = 8;
 /// First bytes of every session, so a stray shell banner is recognised at once.
 pub const MAGIC: [u8; 8] = *b"BYTEBAK\x01";

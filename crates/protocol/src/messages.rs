@@ -73,6 +73,21 @@ pub enum SnapshotKind {
     Legacy1x,
 }
 
+/// Whether `current` holds a committed backup that no snapshot has: one
+/// committed within the minimum interval between snapshots, or whose
+/// snapshot could not be taken. byteback 1.x's restore read `current`
+/// along with the snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CurrentNews {
+    /// No: `current` is the newest snapshot's backup, or there is none.
+    No,
+    /// Yes, committed at this Unix time.
+    Newer(i64),
+    /// Yes, committed at this Unix time, but a backup of the host is
+    /// writing `current` now.
+    NewerBusy(i64),
+}
+
 impl SnapshotKind {
     /// How listings name the kind.
     pub fn label(self) -> &'static str {
@@ -671,6 +686,8 @@ pub enum ServerMsg {
         snapshots: Vec<(String, SnapshotKind)>,
         /// Kind of `current`.
         current: Option<SnapshotKind>,
+        /// Whether `current` holds a backup no snapshot has.
+        current_news: CurrentNews,
     },
     /// [`ServerMsg::FilePart`] sent as it is, not as a zstd frame: what a
     /// server sends when compressing would only cost CPU (a local store,

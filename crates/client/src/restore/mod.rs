@@ -28,7 +28,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use crate::error::{bail, err, Error, Result};
-use byteback_protocol::{ClientMsg, Entry, Kind, ManifestEntry, ServerMsg, SnapshotKind};
+use byteback_protocol::{
+    ClientMsg, CurrentNews, Entry, Kind, ManifestEntry, ServerMsg, SnapshotKind,
+};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use crate::apply::ApplyRules;
@@ -149,21 +151,71 @@ impl Selector<'_> {
 }
 
 /// The host's snapshots with their kinds, oldest first, and the kind of `current`.
-pub fn snapshots(conn: &mut Connection) -> Result<(Vec<Snap>, Option<SnapshotKind>)> {
+pub fn snapshots(conn: &mut Connection) -> Result<Listing> {
     conn.send(&ClientMsg::ListSnapshotKinds)?;
     match conn.recv()? {
-        ServerMsg::SnapshotKinds { snapshots, current } => {
+        ServerMsg::SnapshotKinds {
+            snapshots,
+            current,
+            current_news,
+        } => {
             let names: Vec<String> = snapshots.iter().map(|(n, _)| n.clone()).collect();
             check::check_snapshots(&names)?;
-            Ok((
-                snapshots
+            Ok(Listing {
+                snaps: snapshots
                     .into_iter()
                     .map(|(name, kind)| Snap { name, kind })
                     .collect(),
                 current,
-            ))
+                news: match current {
+                    Some(SnapshotKind::Byteback) => current_news,
+                    _ => CurrentNews::No,
+                },
+            })
         }
         m => bail!("unexpected {} from the server", m.name()),
+    }
+}
+
+/// The host's snapshots as the server lists them.
+pub struct Listing {
+    /// Oldest first.
+    pub snaps: Vec<Snap>,
+    /// The kind of `current`, if there is one.
+    pub current: Option<SnapshotKind>,
+    /// Whether `current` holds a backup no snapshot has.
+    pub news: CurrentNews,
+}
+
+impl Listing {
+    /// `current` as a snapshot to read along with the others: when it holds
+    /// a committed backup no snapshot has, and nothing changed it since, as
+    /// byteback 1.x read it. A note says so, or a warning why it is left out.
+    fn current_too(&self) -> Option<Snap> {
+        let newest = self.snaps.last().map_or_else(
+            || "there is no snapshot".to_string(),
+            |s| format!("the newest snapshot is {}", s.name),
+        );
+        match self.news {
+            CurrentNews::No => None,
+            CurrentNews::Newer(t) => {
+                eprintln!(
+                    "byteback-restore: note: current holds a backup committed at {} that no snapshot has ({newest}; a backup within the minimum interval between snapshots makes none): it is read as snapshot \"current\"",
+                    format_time(t)
+                );
+                Some(Snap {
+                    name: "current".into(),
+                    kind: SnapshotKind::Byteback,
+                })
+            }
+            CurrentNews::NewerBusy(t) => {
+                eprintln!(
+                    "byteback-restore: warning: current holds a backup committed at {} that no snapshot has ({newest}), but a backup has changed current since (it is running, or was cut off): current is left out; --snapshot current reads it, and its files changed since fail verification",
+                    format_time(t)
+                );
+                None
+            }
+        }
     }
 }
 
@@ -178,8 +230,9 @@ pub struct Snap {
 
 /// Prints the host's snapshots, oldest first, each with its kind.
 pub fn list_snapshots(conn: &mut Connection, out: &mut dyn Write) -> Result<usize> {
-    let (snaps, _) = snapshots(conn)?;
-    if snaps.is_empty() {
+    let listing = snapshots(conn)?;
+    let snaps = listing.snaps;
+    if snaps.is_empty() && listing.news == CurrentNews::No {
         bail!(
             "host {} has no snapshots here (is the host name right? see --hostname)",
             conn.host
@@ -191,7 +244,24 @@ pub fn list_snapshots(conn: &mut Connection, out: &mut dyn Write) -> Result<usiz
     for s in &snaps {
         writeln!(out, "{:<25} {}", s.name, s.kind.label())?;
     }
-    Ok(snaps.len())
+    let n = snaps.len();
+    match listing.news {
+        CurrentNews::No => Ok(n),
+        CurrentNews::Newer(t) | CurrentNews::NewerBusy(t) => {
+            let busy = if matches!(listing.news, CurrentNews::NewerBusy(_)) {
+                "; changed since by a backup running or cut off"
+            } else {
+                ""
+            };
+            writeln!(
+                out,
+                "{:<25} byteback (committed {}, in no snapshot{busy})",
+                "current",
+                format_time(t)
+            )?;
+            Ok(n + 1)
+        }
+    }
 }
 
 /// Reads one snapshot's manifest, every entry checked (see [`check`]) before `each` sees it.
@@ -244,7 +314,13 @@ pub fn snapshot_glob(s: &str) -> Result<crate::filter::Glob> {
 /// The snapshots `--snapshot` selects, oldest first: all of them, the one
 /// named (or `current`), or every one a glob matches.
 fn pick_snapshots(conn: &mut Connection, snapshot: Option<&str>) -> Result<Vec<Snap>> {
-    let (all, current) = snapshots(conn)?;
+    let listing = snapshots(conn)?;
+    let current = listing.current;
+    let with_current = |mut all: Vec<Snap>| {
+        all.extend(listing.current_too());
+        all
+    };
+    let all = listing.snaps.clone();
     match snapshot {
         Some("current") => match current {
             Some(kind) => Ok(vec![Snap {
@@ -255,6 +331,12 @@ fn pick_snapshots(conn: &mut Connection, snapshot: Option<&str>) -> Result<Vec<S
         },
         Some(s) if is_snapshot_glob(s) => {
             let glob = snapshot_glob(s)?;
+            // 1.x globbed the host's folder, `current` included.
+            let all = if glob.matches(b"current") {
+                with_current(all)
+            } else {
+                all
+            };
             let count = all.len();
             let range = match (all.first(), all.last()) {
                 (Some(a), Some(z)) => format!(
@@ -277,7 +359,7 @@ fn pick_snapshots(conn: &mut Connection, snapshot: Option<&str>) -> Result<Vec<S
             Some(x) => Ok(vec![x]),
             None => bail!("no snapshot {s:?}"),
         },
-        None => Ok(all),
+        None => Ok(with_current(all)),
     }
 }
 

@@ -22,7 +22,7 @@ const GENERATION_XATTR: &str = "user.byteback.generation";
 
 /// What the manifest file says of its generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Stored {
+pub(crate) enum Stored {
     /// Recorded.
     Is([u8; 32]),
     /// None recorded (a manifest of a version before generations), or a
@@ -33,7 +33,7 @@ pub(super) enum Stored {
 }
 
 /// The generation recorded on the manifest file `fd`.
-pub(super) fn read_generation(fd: impl AsFd) -> Stored {
+pub(crate) fn read_generation(fd: impl AsFd) -> Stored {
     let mut buf = [0u8; 33];
     match rustix::fs::fgetxattr(fd, GENERATION_XATTR, &mut buf[..]) {
         Ok(32) => buf[..32].try_into().map_or(Stored::Missing, Stored::Is),

@@ -47,7 +47,7 @@
 //! lasts until a commit.
 
 mod apply;
-mod carry;
+pub(crate) mod carry;
 mod commit;
 mod decide;
 mod digest;

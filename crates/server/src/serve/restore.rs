@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 
 use byteback_protocol::codec::{ChunkCompressor, DATA_LEVEL};
 use byteback_protocol::limits::{MAX_BATCH, MAX_CHUNK};
-use byteback_protocol::{escape_bytes, Compressed, RawBytes, ServerMsg, SnapshotKind};
+use byteback_protocol::{escape_bytes, Compressed, CurrentNews, RawBytes, ServerMsg, SnapshotKind};
 
 use super::{Conn, ServeConfig};
 use crate::error::{Context, Error, IoContext, Result};
@@ -37,22 +37,97 @@ pub(super) fn list_snapshot_kinds<R: Read, W: Write>(
     store: &Store,
     conn: &mut Conn<R, W>,
 ) -> Result<()> {
-    let (snapshots, current) = match store.host(&cfg.host, false) {
+    let (snapshots, current, current_news) = match store.host(&cfg.host, false) {
         Ok(h) => {
             let mut out = vec![];
+            let mut newest = None;
             for (name, _) in h.snapshots()? {
-                let kind = snapshot_kind(&h.open_snapshot(&name)?, &h, &name)?;
+                let fd = h.open_snapshot(&name)?;
+                let kind = snapshot_kind(&fd, &h, &name)?;
                 out.push((name, kind));
+                newest = Some((fd, kind));
             }
-            let current = match h.open_snapshot("current") {
-                Ok(fd) => Some(snapshot_kind(&fd, &h, "current")?),
-                Err(_) => None,
+            let (current, news) = match h.open_snapshot("current") {
+                Ok(fd) => {
+                    let kind = snapshot_kind(&fd, &h, "current")?;
+                    let news = match kind {
+                        SnapshotKind::Byteback => current_news(&fd, newest.as_ref()),
+                        SnapshotKind::Legacy1x => CurrentNews::No,
+                    };
+                    (Some(kind), news)
+                }
+                Err(_) => (None, CurrentNews::No),
             };
-            (out, current)
+            (out, current, news)
         }
-        Err(_) => (vec![], None),
+        Err(_) => (vec![], None, CurrentNews::No),
     };
-    conn.send(&ServerMsg::SnapshotKinds { snapshots, current })
+    conn.send(&ServerMsg::SnapshotKinds {
+        snapshots,
+        current,
+        current_news,
+    })
+}
+
+/// What identifies a committed manifest: its generation (when recorded),
+/// size and modification time, which a snapshot keeps.
+#[derive(PartialEq, Eq)]
+struct ManifestStamp {
+    generation: Option<[u8; 32]>,
+    size: u64,
+    mtime: (i64, u64),
+}
+
+/// The stamp of the manifest of the snapshot (or `current`) open at
+/// `snap`, and whether that tree is clean (matches it exactly); `None`
+/// without a manifest.
+fn manifest_stamp(snap: &std::os::fd::OwnedFd) -> Option<(ManifestStamp, bool)> {
+    let meta = fsops::open_dir(snap, META_DIR).ok()?;
+    let file = fsops::open_file(&meta, b"manifest").ok()?;
+    let st = rustix::fs::fstat(&file).ok()?;
+    let generation = match crate::backup::carry::read_generation(&file) {
+        crate::backup::carry::Stored::Is(g) => Some(g),
+        _ => None,
+    };
+    let clean = matches!(fsops::lstat_at(&meta, b"clean"), Ok(Some(_)));
+    Some((
+        ManifestStamp {
+            generation,
+            size: st.st_size as u64,
+            mtime: (st.st_mtime, st.st_mtime_nsec as u64),
+        },
+        clean,
+    ))
+}
+
+/// Whether byteback's `current` (open at `cur`) holds a committed backup
+/// that the newest snapshot (`newest`, with its kind) does not: its
+/// manifest differs from the snapshot's, by generation where both record
+/// one, else by size and time. A `current` that is not clean has been
+/// changed since its commit, by a backup running now or cut off.
+fn current_news(
+    cur: &std::os::fd::OwnedFd,
+    newest: Option<&(std::os::fd::OwnedFd, SnapshotKind)>,
+) -> CurrentNews {
+    let Some((stamp, clean)) = manifest_stamp(cur) else {
+        return CurrentNews::No;
+    };
+    let same = match newest {
+        Some((fd, SnapshotKind::Byteback)) => match manifest_stamp(fd) {
+            Some((s, _)) => match (s.generation, stamp.generation) {
+                (Some(a), Some(b)) => a == b,
+                _ => s.size == stamp.size && s.mtime == stamp.mtime,
+            },
+            None => false,
+        },
+        // A 1.x snapshot is older than any backup byteback committed.
+        Some((_, SnapshotKind::Legacy1x)) | None => false,
+    };
+    match (same, clean) {
+        (true, _) => CurrentNews::No,
+        (false, true) => CurrentNews::Newer(stamp.mtime.0),
+        (false, false) => CurrentNews::NewerBusy(stamp.mtime.0),
+    }
 }
 
 /// Answers `ReadManifest`: the manifest of `snapshot`, in parts.
