@@ -519,8 +519,13 @@ fn backup_page() -> Written {
                     ),
                     Tag(
                         "/etc/byteback/rsync_flags",
-                        "byteback 1.x's file; ignored with a warning (there is no rsync \
-                         underneath).",
+                        "byteback 1.x's extra rsync flags, words separated by white space. \
+                         There is no rsync underneath: --exclude=PAT, the lines of \
+                         --exclude-from=FILE, -x (--one-file-system) and -c (--checksum) are \
+                         applied; flags for what byteback always does (-a and its parts, -H, \
+                         -A, -X, -S, -z, --numeric-ids, --delete, ...) are dropped, named at \
+                         --verbose; every other flag is named in a warning on every run and \
+                         not applied.",
                     ),
                     Tag(
                         "/var/lock/byteback/backup-*.lock",

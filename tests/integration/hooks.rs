@@ -4,7 +4,7 @@
 use crate::util;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -362,6 +362,16 @@ fn one_x_command_lines_and_files() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("io_timeout") && err.contains("soon"), "{err}");
+    // 1.x's rsync took 0 as no timeout: the backup runs, with a limit
+    // still, and says so.
+    fs::write(s.conf.join("io_timeout"), "0\n").unwrap();
+    let o = backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("warning") && err.contains("io_timeout: 0") && err.contains("10800"),
+        "{err}"
+    );
     fs::write(s.conf.join("io_timeout"), "300\n").unwrap();
     // An excludes file that cannot be used is an error naming it, never
     // a backup without its excludes.
@@ -469,6 +479,70 @@ fn quiet_runs_print_nothing_and_the_default_one_line() {
     let err = stderr(&o);
     assert!(
         err.contains("warning") && err.contains("rsync_flags"),
+        "{err}"
+    );
+}
+
+/// `/etc/byteback/rsync_flags` as 1.x users wrote it: `--exclude` and
+/// `--exclude-from` patterns are applied, `-x` and `-c` too; flags naming
+/// what byteback always does are dropped without a warning, and the rest
+/// are named, each, in one warning.
+#[test]
+fn rsync_flags_are_applied_where_byteback_has_an_equivalent() {
+    let s = setup();
+    fs::write(s.src.join("keep"), b"k").unwrap();
+    fs::write(s.src.join("big.iso"), b"iso").unwrap();
+    fs::create_dir_all(s.src.join("cache")).unwrap();
+    fs::write(s.src.join("cache/x"), b"x").unwrap();
+    let list = s.work.join("list");
+    fs::write(&list, "# rsync's comments\ncache/\n").unwrap();
+    fs::write(
+        s.conf.join("rsync_flags"),
+        format!(
+            "-aHAX --numeric-ids --exclude=*.iso\n--exclude-from={} --bwlimit=500 -c -e ssh\n",
+            list.display()
+        ),
+    )
+    .unwrap();
+    let o = s.backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let warnings: Vec<&str> = err.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(
+        warnings[0].contains("rsync_flags") && warnings[0].contains("--bwlimit=500 -e ssh"),
+        "{err}"
+    );
+    assert!(!warnings[0].contains("--numeric-ids"), "{err}");
+    let stored = s
+        .store
+        .join("h/current")
+        .join(s.src.strip_prefix("/").unwrap());
+    assert!(stored.join("keep").is_file());
+    assert!(
+        !stored.join("big.iso").exists(),
+        "--exclude=*.iso not applied"
+    );
+    assert!(!stored.join("cache").exists(), "--exclude-from not applied");
+    // -c: content changed under the same size and mtime is found.
+    let keep = s.src.join("keep");
+    let m = fs::metadata(&keep).unwrap();
+    fs::write(&keep, b"K").unwrap();
+    set_mtime(&keep, m.mtime(), m.mtime_nsec());
+    let o = s.backup(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        fs::read(stored.join("keep")).unwrap(),
+        b"K",
+        "-c not applied"
+    );
+    // An --exclude-from file that cannot be read stops the backup.
+    fs::remove_file(&list).unwrap();
+    let o = s.backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--exclude-from=") && err.contains("cannot read"),
         "{err}"
     );
 }

@@ -1074,8 +1074,7 @@ fn copies_a_delta_makes_count_as_written() {
     // The backup's own line (the snapshot's follows it).
     let last = usage
         .lines()
-        .filter(|l| l.split_whitespace().nth(2) == Some("-"))
-        .last()
+        .rfind(|l| l.split_whitespace().nth(2) == Some("-"))
         .unwrap();
     let grown: u64 = last.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(

@@ -251,15 +251,12 @@ fn no_progress_in_logs_or_with_no_progress() {
 fn log_levels_follow_v_and_byteback_log() {
     let setup = Setup::new(None, "log-levels");
     let file = setup.src.join("small-07").display().to_string();
-    // rsync_flags is ignored with a warning: one warning on every run.
-    fs::write(setup.conf.join("rsync_flags"), "--numeric-ids\n").unwrap();
+    // An rsync flag byteback has no equivalent for: one warning on every run.
+    fs::write(setup.conf.join("rsync_flags"), "--bwlimit=100\n").unwrap();
 
     let plain = stderr(&setup.backup(&[], &[]));
     assert!(plain.contains("byteback-backup: snapshot "), "{plain}");
-    assert!(
-        plain.contains("byteback-backup: warning: ignoring "),
-        "{plain}"
-    );
+    assert!(plain.contains("byteback-backup: warning: /"), "{plain}");
     assert!(!plain.lines().any(|l| l == file), "{plain}");
     assert!(!plain.contains("connecting to"), "{plain}");
 
@@ -281,11 +278,11 @@ fn log_levels_follow_v_and_byteback_log() {
     let o = setup.backup(&[], &[("BYTEBACK_LOG", "warn")]);
     assert_eq!(o.status.code(), Some(0));
     let w = stderr(&o);
-    assert!(w.contains("byteback-backup: warning: ignoring "), "{w}");
+    assert!(w.contains("byteback-backup: warning: /"), "{w}");
     assert!(!w.contains("snapshot "), "{w}");
     // -q: the same.
     let q = stderr(&setup.backup(&["-q"], &[]));
-    assert!(q.contains("warning: ignoring "), "{q}");
+    assert!(q.contains("warning: /"), "{q}");
     assert!(!q.contains("snapshot "), "{q}");
     // A level that is none: a usage error naming it, nothing backed up.
     let o = setup.backup(&[], &[("BYTEBACK_LOG", "loud")]);
@@ -300,7 +297,7 @@ fn log_levels_follow_v_and_byteback_log() {
 #[test]
 fn under_systemd_lines_carry_priorities() {
     let setup = Setup::new(None, "journal");
-    fs::write(setup.conf.join("rsync_flags"), "-a\n").unwrap();
+    fs::write(setup.conf.join("rsync_flags"), "-W\n").unwrap();
     let log_dir = scratch();
     let log = log_dir.path().join("journal");
     let run = |journal_stream: &dyn Fn(&fs::Metadata) -> String| -> String {
@@ -320,10 +317,7 @@ fn under_systemd_lines_carry_priorities() {
     };
     // JOURNAL_STREAM names stderr: every line has its priority.
     let text = run(&|md| format!("{}:{}", md.dev(), md.ino()));
-    assert!(
-        text.contains("<4>byteback-backup: warning: ignoring "),
-        "{text}"
-    );
+    assert!(text.contains("<4>byteback-backup: warning: /"), "{text}");
     assert!(text.contains("<6>byteback-backup: snapshot "), "{text}");
     for line in text.lines() {
         assert!(

@@ -68,7 +68,8 @@ pub struct BackupArgs {
     #[arg(short = 'e', long, default_value_t = 600)]
     retry_delay: u64,
     /// Seconds without any data moving before the connection counts as dead
-    /// (SSH). Default: /etc/byteback/io_timeout, else 10800.
+    /// (SSH). Default: /etc/byteback/io_timeout (a 0 there, 1.x's rsync's
+    /// "no timeout", is taken as 10800), else 10800.
     #[arg(short, long)]
     io_timeout: Option<u64>,
     /// SSH private key. Default: /etc/byteback/key.
@@ -570,7 +571,7 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         args.destination.as_deref(),
         args.hostname.as_deref(),
         args.ssh_key.as_deref(),
-        backup_io_timeout(args.io_timeout)?,
+        backup_io_timeout(args.io_timeout, &mut report.warnings)?,
     )?;
     let sources = if args.source.is_empty() {
         vec![PathBuf::from("/")]
@@ -585,6 +586,7 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         vec![]
     };
     let file = config_dir().join("excludes");
+    let flags = crate::rsync_flags::load(&config_dir(), "rsync_flags")?.unwrap_or_default();
     let own: Vec<(String, String)> = args
         .exclude
         .iter()
@@ -594,6 +596,12 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
                 .into_iter()
                 .map(|l| (file.display().to_string(), l)),
         )
+        .chain(flags.excludes.iter().map(|(from, p)| {
+            (
+                format!("{}/rsync_flags ({from})", config_dir().display()),
+                p.clone(),
+            )
+        }))
         .collect();
     let filter = load_filter()?;
     let mut excludes = exclude_rules(defaults, &own)?;
@@ -618,13 +626,13 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
     if let Some(x) = crate::backup::cache::cache_dir().and_then(|d| record_exclude(&d)) {
         excludes.push(x);
     }
-    if config_dir().join("rsync_flags").exists() {
-        let w = format!(
-            "ignoring {}/rsync_flags (byteback 2 does not run rsync)",
-            config_dir().display()
-        );
+    let (warning, note) = flags.messages(&config_dir().join("rsync_flags"));
+    if let Some(w) = warning {
         tracing::warn!("{w}");
         report.warnings.push(w);
+    }
+    if let Some(n) = note {
+        tracing::debug!("{n}");
     }
     if args.hook_timeout == 0 {
         return Err(Error::Usage(
@@ -637,10 +645,10 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         excludes,
         filter,
         verbose,
-        one_file_system: args.one_file_system,
+        one_file_system: args.one_file_system || flags.one_file_system,
         compress: args.compress,
         record: None,
-        checksum: args.checksum,
+        checksum: args.checksum || flags.checksum,
     };
     let hooks = crate::hooks::Runner::new(
         Duration::from_secs(args.hook_timeout),
@@ -900,18 +908,33 @@ fn exit_for(_vanished: u64, partial: u64) -> u8 {
 }
 
 /// `--io-timeout`, else `/etc/byteback/io_timeout` (as 1.x), else 10800 s.
-fn backup_io_timeout(flag: Option<u64>) -> Result<u64> {
+/// A 0 in the file is taken as 10800 s, with a warning (kept in `warnings`).
+fn backup_io_timeout(flag: Option<u64>, warnings: &mut Vec<String>) -> Result<u64> {
     if let Some(t) = flag {
         return Ok(t);
     }
     match read_config_line("io_timeout")? {
         None => Ok(10_800),
-        Some(line) => line.parse().map_err(|_| {
-            Error::Usage(format!(
+        Some(line) => match line.parse() {
+            // rsync's "no timeout": a connection that died without a word
+            // would hang the backup (and hold its lock) for ever.
+            Ok(0) => {
+                let w = format!(
+                    "{}/io_timeout: 0 (1.x's rsync: no timeout) is taken as 10800 seconds: \
+                     byteback always gives up on a connection silent that long, so a dead one \
+                     cannot hang the backup",
+                    config_dir().display()
+                );
+                tracing::warn!("{w}");
+                warnings.push(w);
+                Ok(10_800)
+            }
+            Ok(t) => Ok(t),
+            Err(_) => Err(Error::Usage(format!(
                 "{}/io_timeout: {line:?} is not a number of seconds",
                 config_dir().display()
-            ))
-        }),
+            ))),
+        },
     }
 }
 

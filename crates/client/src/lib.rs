@@ -18,6 +18,7 @@ pub mod mounts;
 pub mod prefetch;
 pub mod progress;
 pub mod restore;
+pub mod rsync_flags;
 pub mod setup;
 pub mod ssh;
 mod sync;

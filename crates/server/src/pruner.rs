@@ -958,17 +958,19 @@ mod tests {
         record_snapshot(&host, 300, "s3", None).unwrap();
         record_written(&host, 400, 13, None).unwrap();
         let lines = read_usage_lines(&host);
-        let got: Vec<(i64, u64, Option<&str>, Option<(u64, u64)>)> = lines
-            .iter()
-            .map(|l| (l.time, l.new_bytes, l.snapshot.as_deref(), l.space))
-            .collect();
+        let line = |time, new_bytes, snapshot: Option<&str>, space| UsageLine {
+            time,
+            new_bytes,
+            snapshot: snapshot.map(str::to_string),
+            space,
+        };
         assert_eq!(
-            got,
+            lines,
             vec![
-                (100, 5, Some("s1"), Some((70, 100))),
-                (200, 7, None, None),
-                (300, 11, Some("s3"), Some((70, 100))),
-                (400, 13, None, None),
+                line(100, 5, Some("s1"), Some((70, 100))),
+                line(200, 7, None, None),
+                line(300, 11, Some("s3"), Some((70, 100))),
+                line(400, 13, None, None),
             ]
         );
         let (usage, pending) = read_usage_pending(&host);
