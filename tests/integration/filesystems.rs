@@ -251,3 +251,64 @@ fn a_mount_whose_server_never_answers_does_not_hold_the_walk() {
     assert_eq!(fs::read(got.join("sub/f")).unwrap(), b"kept");
     assert!(is_empty_dir(&got.join("hung")));
 }
+
+/// A bind mount of a subtree of a filesystem mounted nowhere under the
+/// sources is walked where it is (its files would be in no backup
+/// otherwise); once the whole filesystem is under the sources too, the
+/// bind mount is left out and the files come from there, once.
+#[test]
+fn a_bind_mount_whose_filesystem_is_not_backed_up_elsewhere_is_walked() {
+    if !require_root("mounting filesystems") {
+        return;
+    }
+    let d = scratch();
+    let src = d.path().join("src");
+    write(&src.join("top"), b"top");
+    let mut mounts = Mounts::default();
+    let img = d.path().join("ext.img");
+    run(Command::new("truncate").args(["-s", "64M"]).arg(&img));
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+    let outside = d.path().join("outside");
+    mounts.mount(&["-o", "loop", img.to_str().unwrap()], &outside);
+    let mut rng = Rng::new(9);
+    write(&outside.join("www/index.html"), b"<p>only here</p>");
+    write(&outside.join("www/img/logo"), &rng.bytes(30_000));
+    write(&outside.join("other"), b"not under the bind mount");
+    mounts.mount(
+        &["--bind", outside.join("www").to_str().unwrap()],
+        &src.join("www"),
+    );
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    backup(&store, &src, "bind", &[]);
+    let r = restore(&store, "bind", &d.path().join("r"), &src);
+    assert_same_tree(&outside.join("www"), &r.join("www"));
+    assert!(r.join("top").is_file());
+
+    // The whole filesystem is under the sources too: the bind mount is
+    // left out, saying where its files are backed up.
+    let out = run(Command::new(bin("byteback-backup"))
+        .arg("--destination")
+        .arg(&store)
+        .arg("--source")
+        .arg(&src)
+        .arg("--source")
+        .arg(&outside)
+        .args(["--hostname", "both", "--retry-number", "0", "--verbose"]));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains(&format!(
+            "which is backed up where it is mounted at {}",
+            outside.display()
+        )),
+        "{err}"
+    );
+    let into = d.path().join("r2");
+    let r = restore(&store, "both", &into, &src);
+    assert!(
+        is_empty_dir(&r.join("www")),
+        "the bind mount was walked too"
+    );
+    let snap = r.ancestors().nth(src.components().count() - 1).unwrap();
+    assert_same_tree(&outside, &snap.join(outside.strip_prefix("/").unwrap()));
+}

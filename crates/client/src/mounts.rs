@@ -6,9 +6,13 @@
 //! directory whose mount id (`statx` `STATX_MNT_ID`) differs from its
 //! parent's. The mount table comes from `/proc/self/mountinfo` (read again
 //! when a mount appears during the walk). Each filesystem is walked once: a
-//! bind mount of a subtree, or a second mount of a filesystem already walked
-//! (same device and root inode), is sent as an empty mount point, never
-//! entered, so nothing is backed up twice and nothing loops. btrfs subvolumes
+//! bind mount of a subtree whose filesystem is also mounted, at a root
+//! holding that subtree, somewhere under the sources, or a second mount of
+//! a filesystem already walked (same device and root inode), is sent as an
+//! empty mount point, never entered, so nothing is backed up twice and
+//! nothing loops. A bind mount whose files no such mount reaches is
+//! walked where it is, as 1.x's rsync walked it, or they would be in no
+//! backup. btrfs subvolumes
 //! that are not mount points are ordinary directories to the walk (their
 //! device differs, their mount does not), so they are always included.
 
@@ -40,6 +44,8 @@ const BTRFS_SUBVOL_ROOT_INO: u64 = 256;
 /// One line of `/proc/self/mountinfo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountInfo {
+    /// The filesystem's device (`major:minor`), the same for every mount of it.
+    pub dev: String,
     /// Root of the mount within its filesystem (`/` unless a bind mount or a btrfs `subvol=`).
     pub root: Vec<u8>,
     /// Mount point.
@@ -79,8 +85,9 @@ pub fn parse_mountinfo(text: &str) -> HashMap<u64, MountInfo> {
         let Some(sep) = fields.iter().position(|f| *f == "-") else {
             continue;
         };
-        let (Some(id), Some(root), Some(point), Some(fstype)) = (
+        let (Some(id), Some(dev), Some(root), Some(point), Some(fstype)) = (
             fields.first().and_then(|f| f.parse::<u64>().ok()),
+            fields.get(2),
             fields.get(3),
             fields.get(4),
             fields.get(sep + 1),
@@ -90,6 +97,7 @@ pub fn parse_mountinfo(text: &str) -> HashMap<u64, MountInfo> {
         out.insert(
             id,
             MountInfo {
+                dev: dev.to_string(),
                 root: unescape(root),
                 point: unescape(point),
                 fstype: fstype.to_string(),
@@ -118,23 +126,41 @@ pub struct Mounts {
     entered: HashSet<(u64, u64)>,
     /// Stay on the sources' own filesystems (`--one-file-system`).
     one_file_system: bool,
+    /// The backup's sources (absolute paths).
+    sources: Vec<Vec<u8>>,
+}
+
+/// Whether `path` is `dir` or lies beneath it (whole components).
+fn within(path: &[u8], dir: &[u8]) -> bool {
+    let dir = if dir.len() > 1 {
+        dir.strip_suffix(b"/").unwrap_or(dir)
+    } else {
+        dir
+    };
+    dir == b"/" || path == dir || (path.starts_with(dir) && path.get(dir.len()) == Some(&b'/'))
 }
 
 impl Mounts {
-    /// Reads the mount table.
-    pub fn new(one_file_system: bool) -> Self {
+    /// Reads the mount table, for a backup of `sources`.
+    pub fn new(one_file_system: bool, sources: &[std::path::PathBuf]) -> Self {
+        use std::os::unix::ffi::OsStrExt;
         let mut m = Mounts {
             one_file_system,
+            sources: sources
+                .iter()
+                .map(|s| s.as_os_str().as_bytes().to_vec())
+                .collect(),
             ..Default::default()
         };
         m.reload();
         m
     }
 
-    /// A table given as text (tests).
-    pub fn from_text(text: &str, one_file_system: bool) -> Self {
+    /// A table given as text, for a backup of `sources` (tests).
+    pub fn from_text(text: &str, one_file_system: bool, sources: &[&str]) -> Self {
         let mut m = Mounts {
             one_file_system,
+            sources: sources.iter().map(|s| s.as_bytes().to_vec()).collect(),
             ..Default::default()
         };
         m.set_table(parse_mountinfo(text));
@@ -192,10 +218,15 @@ impl Mounts {
         }
         let subvol_root = info.fstype == "btrfs" && dev_ino.1 == BTRFS_SUBVOL_ROOT_INO;
         if info.root != b"/" && !subvol_root {
-            return Crossing::Skip(format!(
-                "{shown}: a bind mount of {} of another mount; backed up where that filesystem is mounted",
-                String::from_utf8_lossy(&info.root)
-            ));
+            if let Some(whole) = self.covering(info) {
+                return Crossing::Skip(format!(
+                    "{shown}: a bind mount of {} of its filesystem, which is backed up where it is mounted at {}",
+                    String::from_utf8_lossy(&info.root),
+                    String::from_utf8_lossy(whole)
+                ));
+            }
+            // Mounted nowhere else under the sources: backed up here, as
+            // 1.x's rsync did, or it would be in no backup at all.
         }
         if !self.entered.insert(dev_ino) {
             return Crossing::Skip(format!(
@@ -203,6 +234,19 @@ impl Mounts {
             ));
         }
         Crossing::Enter
+    }
+}
+
+impl Mounts {
+    /// The mount point, under a source, of a mount of the same filesystem
+    /// as the bind mount `bind` whose root holds `bind`'s root (a strict
+    /// ancestor), so the walk backs up `bind`'s files there.
+    fn covering(&self, bind: &MountInfo) -> Option<&[u8]> {
+        self.table
+            .values()
+            .filter(|m| m.dev == bind.dev && m.root != bind.root && within(&bind.root, &m.root))
+            .find(|m| self.sources.iter().any(|s| within(&m.point, s)))
+            .map(|m| m.point.as_slice())
     }
 }
 
@@ -233,7 +277,7 @@ mod tests {
 
     #[test]
     fn mount_points_that_may_hang_are_known_by_path() {
-        let m = Mounts::from_text(TABLE, false);
+        let m = Mounts::from_text(TABLE, false, &["/"]);
         assert_eq!(m.may_hang_at(b"/net"), Some("nfs4"));
         assert_eq!(m.may_hang_at(b"/tmp"), None);
         assert_eq!(m.may_hang_at(b"/home"), None);
@@ -242,7 +286,7 @@ mod tests {
 
     #[test]
     fn crosses_into_local_filesystems_once() {
-        let mut m = Mounts::from_text(TABLE, false);
+        let mut m = Mounts::from_text(TABLE, false, &["/"]);
         m.source_root((0x801, 2));
         assert_eq!(m.crossing(24, (0x802, 128), "/home"), Crossing::Enter);
         let skip = |c: Crossing, needle: &str| match c {
@@ -261,7 +305,7 @@ mod tests {
         assert_eq!(m.crossing(27, (44, 256), "/var"), Crossing::Enter);
         assert_eq!(m.crossing(28, (45, 2), "/mnt/my disk"), Crossing::Enter);
         // Unknown mounts are not entered (after a reload finds nothing).
-        let mut m2 = Mounts::from_text(TABLE, false);
+        let mut m2 = Mounts::from_text(TABLE, false, &["/"]);
         m2.table.clear();
         skip(
             m2.crossing(999_999, (9, 9), "/x"),
@@ -271,10 +315,38 @@ mod tests {
 
     #[test]
     fn one_file_system_enters_nothing() {
-        let mut m = Mounts::from_text(TABLE, true);
+        let mut m = Mounts::from_text(TABLE, true, &["/"]);
         assert!(matches!(
             m.crossing(24, (0x802, 128), "/home"),
             Crossing::Skip(_)
         ));
+    }
+
+    /// A bind mount of a subtree is left out only where a mount of its
+    /// filesystem that holds the subtree is under the sources; otherwise
+    /// its files would be in no backup, so it is walked.
+    #[test]
+    fn a_bind_mount_is_walked_where_nothing_else_reaches_its_files() {
+        let table = format!(
+            "{TABLE}31 22 8:5 /export/www /var/www rw - ext4 /dev/sda5 rw\n\
+             32 22 8:6 / /mnt/six rw - ext4 /dev/sda6 rw\n\
+             33 22 8:6 /a/b /srv/b rw - ext4 /dev/sda6 rw\n"
+        );
+        let skip = |c: Crossing, needle: &str| match c {
+            Crossing::Skip(why) => assert!(why.contains(needle), "{why}"),
+            Crossing::Enter => panic!("entered; expected {needle}"),
+        };
+        let mut m = Mounts::from_text(&table, false, &["/"]);
+        // sda5 is mounted only as this bind mount.
+        assert_eq!(m.crossing(31, (0x805, 9), "/var/www"), Crossing::Enter);
+        // sda6's root is mounted at /mnt/six, under the source.
+        skip(m.crossing(33, (0x806, 7), "/srv/b"), "mounted at /mnt/six");
+        // With /srv as the only source, /mnt/six is not backed up: /srv/b is.
+        let mut m = Mounts::from_text(&table, false, &["/srv"]);
+        assert_eq!(m.crossing(33, (0x806, 7), "/srv/b"), Crossing::Enter);
+        // The same for the bind mount of / 's filesystem at /mnt/data.
+        let mut m = Mounts::from_text(&table, false, &["/mnt/", "/var/www"]);
+        assert_eq!(m.crossing(26, (0x801, 77), "/mnt/data"), Crossing::Enter);
+        assert!(within(b"/mnt/data", b"/mnt/") && !within(b"/mntx", b"/mnt"));
     }
 }

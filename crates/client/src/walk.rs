@@ -1205,7 +1205,7 @@ pub fn walk(
         links: HashMap::new(),
         ctime_fs: HashMap::new(),
         buf: vec![MaybeUninit::uninit(); DIRENT_BUF],
-        mounts: Mounts::new(opts.one_file_system),
+        mounts: Mounts::new(opts.one_file_system, sources),
         prefetch: Prefetch::start(),
     };
     let mut sent_dirs: Vec<Vec<u8>> = vec![];
