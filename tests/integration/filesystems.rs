@@ -312,3 +312,38 @@ fn a_bind_mount_whose_filesystem_is_not_backed_up_elsewhere_is_walked() {
     let snap = r.ancestors().nth(src.components().count() - 1).unwrap();
     assert_same_tree(&outside, &snap.join(outside.strip_prefix("/").unwrap()));
 }
+
+/// A filesystem without xattrs, as vfat (an EFI system partition, now
+/// backed up where 1.x left it out) is: its files come back exactly, with
+/// no warning for the xattrs it cannot have. This kernel has no vfat, so
+/// ramfs, which keeps no xattrs either, stands in, as a source (the
+/// crossing into vfat is `mounts::tests`).
+#[test]
+fn a_filesystem_without_xattrs_is_backed_up_without_warnings() {
+    if !require_root("mounting filesystems") {
+        return;
+    }
+    let d = scratch();
+    let src = d.path().join("efi");
+    let mut mounts = Mounts::default();
+    mounts.mount(&["-t", "ramfs", "ramfs"], &src);
+    let mut rng = Rng::new(3);
+    write(&src.join("EFI/debian/grubx64.efi"), &rng.bytes(200_000));
+    write(&src.join("EFI/BOOT/BOOTX64.EFI"), &rng.bytes(100_000));
+    let set = Command::new("setfattr")
+        .args(["-n", "user.x", "-v", "1"])
+        .arg(src.join("EFI/BOOT/BOOTX64.EFI"))
+        .output()
+        .unwrap();
+    assert!(
+        !set.status.success(),
+        "ramfs kept an xattr: no stand-in for vfat"
+    );
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let out = backup(&store, &src, "efi", &[]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("warning"), "{err}");
+    let r = restore(&store, "efi", &d.path().join("r"), &src);
+    assert_same_tree(&src, &r);
+}

@@ -414,3 +414,31 @@ fn snapshot_globs_select_the_matching_snapshots() {
         assert!(stderr(&o).contains("--snapshot"), "{}", stderr(&o));
     }
 }
+
+/// A source that a rule of `rsync_filter` leaves out whole (as rsync
+/// `--relative` applied the rules to the source itself) is named in a
+/// warning: the user asked for it, and nothing of it is backed up. The
+/// other sources are backed up.
+#[test]
+fn a_source_left_out_whole_by_a_filter_rule_is_warned_about() {
+    let s = setup();
+    put(&s.src, b"kept", b"kept");
+    let other = s.work.join("other");
+    put(&other, b"f", b"left out");
+    fs::write(
+        s.conf.join("rsync_filter"),
+        format!("- {}\n", other.display()),
+    )
+    .unwrap();
+    let o = s.backup(&[OsStr::new("--source"), other.as_os_str()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let warning = format!("source {} is left out whole by a rule", other.display());
+    assert!(err.contains(&warning), "{err}");
+    let cur = s.store.join("h/current");
+    assert!(cur
+        .join(s.src.strip_prefix("/").unwrap())
+        .join("kept")
+        .is_file());
+    assert!(!cur.join(other.strip_prefix("/").unwrap()).exists());
+}

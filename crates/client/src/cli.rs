@@ -236,6 +236,34 @@ pub fn exclude_rules(base: Vec<String>, more: &[(String, String)]) -> Result<Vec
     Ok(rules)
 }
 
+/// Warnings for the sources a rule of `rsync_filter` leaves out whole (as
+/// rsync `--relative` applied the rules to a source itself): the user
+/// named them to be backed up, and nothing of them is.
+fn sources_left_out(sources: &[PathBuf], filter: Option<&crate::filter::Filter>) -> Vec<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(filter) = filter else {
+        return vec![];
+    };
+    let rules = crate::filter::DirRules::default();
+    sources
+        .iter()
+        .filter(|s| {
+            let rel = s.as_os_str().as_bytes();
+            let rel = &rel[rel.iter().take_while(|b| **b == b'/').count()..];
+            let is_dir = std::fs::metadata(s).is_ok_and(|m| m.is_dir());
+            !rel.is_empty()
+                && filter.check(&rules, rel, is_dir, 0) == Some(crate::filter::Action::Exclude)
+        })
+        .map(|s| {
+            format!(
+                "source {} is left out whole by a rule of {}/rsync_filter: nothing of it is backed up",
+                crate::walk::shown(s),
+                config_dir().display()
+            )
+        })
+        .collect()
+}
+
 /// Database directories the default excludes leave out (their live files
 /// are no database one can start again) when no pre-backup hook seems to
 /// dump that database instead: each with the names a hook for it carries.
@@ -613,6 +641,10 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         excludes.clear();
     }
     let all = crate::walk::Excludes::new(&excludes)?;
+    for w in sources_left_out(&sources, filter.as_deref()) {
+        tracing::warn!("{w}");
+        report.warnings.push(w);
+    }
     {
         let mine = crate::walk::Excludes::new(&exclude_rules(vec![], &own)?)?;
         let hooks_dir = config_dir().join(crate::hooks::PRE_BACKUP_DIR);

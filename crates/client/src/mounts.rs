@@ -18,10 +18,16 @@
 
 use std::collections::{HashMap, HashSet};
 
-/// Filesystem types byteback 1.x counted as local (and `ext`, `ext2`,
-/// `ext3`, `ext4` as they appear in mountinfo).
+/// Filesystem types backed up: those byteback 1.x counted as local (and
+/// `ext`, `ext2`, `ext3`, `ext4` as they appear in mountinfo), and the
+/// disc filesystems it left out without a word, which hold data no other
+/// mount does: the EFI system partition (`vfat`), exFAT and NTFS
+/// (kernel drivers) volumes, f2fs, bcachefs, HFS+. Read-only media and
+/// images (iso9660, udf, squashfs, erofs), memory (tmpfs), kernel and
+/// network filesystems are left out, noted at `--verbose`.
 pub const LOCAL_TYPES: &[&str] = &[
-    "btrfs", "ext2", "ext3", "ext4", "reiserfs", "xfs", "nilfs2", "jfs", "reiser4", "zfs", "rootfs",
+    "btrfs", "ext2", "ext3", "ext4", "reiserfs", "xfs", "nilfs2", "jfs", "reiser4", "zfs",
+    "rootfs", "vfat", "msdos", "exfat", "ntfs3", "ntfs", "f2fs", "bcachefs", "hfsplus",
 ];
 
 /// Prefixes of filesystem types whose calls may wait on a server or a
@@ -304,6 +310,10 @@ mod tests {
         // A btrfs subvol= mount has a root other than / but is no bind mount.
         assert_eq!(m.crossing(27, (44, 256), "/var"), Crossing::Enter);
         assert_eq!(m.crossing(28, (45, 2), "/mnt/my disk"), Crossing::Enter);
+        // The EFI system partition, which 1.x left out.
+        let efi = format!("{TABLE}40 22 8:3 / /boot/efi rw - vfat /dev/sda3 rw\n");
+        let mut m3 = Mounts::from_text(&efi, false, &["/"]);
+        assert_eq!(m3.crossing(40, (0x803, 1), "/boot/efi"), Crossing::Enter);
         // Unknown mounts are not entered (after a reload finds nothing).
         let mut m2 = Mounts::from_text(TABLE, false, &["/"]);
         m2.table.clear();
