@@ -388,6 +388,21 @@ impl Target {
         })
     }
 
+    /// The warning for the path part of a 1.x-style `user@host:/path`
+    /// destination, which is not used, if it has one.
+    fn path_warning(&self) -> Option<String> {
+        crate::conn::ignored_path(&self.text).map(|p| {
+            format!(
+                "the path {:?} in the destination {:?} is not used: the server's forced command \
+                 names its store (byteback-server --store); write the destination as {:?} to \
+                 silence this",
+                p,
+                self.text,
+                &self.text[..self.text.len() - p.len()]
+            )
+        })
+    }
+
     /// Opens a connection; `verb` tells an SSH server what this session is for.
     fn connect(&self, verb: &str) -> Result<Connection> {
         tracing::debug!("connecting to {} ({verb})", self.text);
@@ -601,6 +616,10 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         args.ssh_key.as_deref(),
         backup_io_timeout(args.io_timeout, &mut report.warnings)?,
     )?;
+    if let Some(w) = target.path_warning() {
+        tracing::warn!("{w}");
+        report.warnings.push(w);
+    }
     let sources = if args.source.is_empty() {
         vec![PathBuf::from("/")]
     } else {
@@ -1130,6 +1149,9 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
         args.ssh_key.as_deref(),
         args.io_timeout,
     )?;
+    if let Some(w) = target.path_warning() {
+        tracing::warn!("{w}");
+    }
     if let Some(s) = &args.snapshot {
         if restore::is_snapshot_glob(s) {
             restore::snapshot_glob(s)
@@ -1339,6 +1361,21 @@ mod tests {
 
     fn target(dest: &str, host: &str) -> Target {
         Target::resolve(Some(dest), Some(host), None, 10).unwrap()
+    }
+
+    /// 1.x's `user@host:/path`: the path is not used, and a warning says
+    /// so and how to write the destination instead.
+    #[test]
+    fn the_path_of_a_1x_destination_is_warned_about() {
+        let w = target("byteback@server:/byteback/", "h")
+            .path_warning()
+            .unwrap();
+        assert!(
+            w.contains("\"/byteback/\"") && w.contains("as \"byteback@server:\""),
+            "{w}"
+        );
+        assert_eq!(target("byteback@server:", "h").path_warning(), None);
+        assert_eq!(target("/srv/store", "h").path_warning(), None);
     }
 
     /// The client lock lives in a directory of `/var/lock`, which every

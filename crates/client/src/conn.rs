@@ -93,6 +93,19 @@ impl Destination {
     }
 }
 
+/// The path part of a 1.x-style `user@host:/path` destination, which
+/// byteback does not use (the server's forced command names its store),
+/// if there is one.
+pub fn ignored_path(s: &str) -> Option<&str> {
+    if s.starts_with("ssh://") {
+        return None;
+    }
+    match s.find(':') {
+        Some(i) if !s[..i].contains('/') && i > 0 => Some(&s[i + 1..]).filter(|p| !p.is_empty()),
+        _ => None,
+    }
+}
+
 /// Bytes one end of a socket pair (to a local store's server, or to the
 /// SSH thread) may have sent and the other not yet read.
 const SOCKET_BUFFER: libc::c_int = 4 << 20;
@@ -911,6 +924,14 @@ mod tests {
                 port: 2222
             }
         );
+        assert_eq!(
+            Destination::parse("/srv/store").unwrap(),
+            Destination::Local("/srv/store".into())
+        );
+        assert_eq!(ignored_path("bb@server:/byteback/"), Some("/byteback/"));
+        assert_eq!(ignored_path("bb@server:"), None);
+        assert_eq!(ignored_path("ssh://bb@server:22/"), None);
+        assert_eq!(ignored_path("/srv/a:b"), None);
         assert_eq!(
             Destination::parse("/srv/store").unwrap(),
             Destination::Local("/srv/store".into())

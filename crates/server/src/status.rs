@@ -35,6 +35,9 @@ pub struct HostStatus {
     /// Snapshots dated in the future (a clock set wrong when they were
     /// taken): never the newest, never pruned, a WARNING until deleted.
     pub future: Vec<String>,
+    /// Directories in the host's folder not named as snapshots (see
+    /// [`crate::store::HostStore::strays`]): a WARNING until moved away.
+    pub strays: Vec<String>,
 }
 
 /// The whole store.
@@ -96,6 +99,7 @@ pub fn collect(store: &Store, now: i64) -> Result<StoreStatus> {
             verified_age: verify.last_full.map(|t| now - t),
             damaged,
             future,
+            strays: h.strays()?,
             size: newest
                 .as_ref()
                 .and_then(|(n, _)| manifest_size(store, &name, n)),
@@ -166,7 +170,7 @@ pub fn age_state(age: Option<i64>, warn: Option<i64>, crit: Option<i64>) -> u8 {
 /// One host's state: its age's, at least WARNING with damaged files.
 pub fn host_state(h: &HostStatus, warn: Option<i64>, crit: Option<i64>) -> u8 {
     let c = age_state(h.age, warn, crit);
-    if h.damaged.is_empty() && h.future.is_empty() {
+    if h.damaged.is_empty() && h.future.is_empty() && h.strays.is_empty() {
         c
     } else {
         c.max(1)
@@ -206,6 +210,14 @@ pub fn check(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> (u8, Str
                 h.future.join(", ")
             ));
         }
+    }
+    for h in st.hosts.iter().filter(|h| !h.strays.is_empty()) {
+        code = code.max(1);
+        problems.push(format!(
+            "{} has directories not named as snapshots, never pruned or restored: {}",
+            h.host,
+            h.strays.join(", ")
+        ));
     }
     if let Some(why) = &st.prune_refused {
         code = code.max(1);
@@ -255,6 +267,9 @@ pub fn table(st: &StoreStatus) -> String {
         for f in &h.future {
             let _ = writeln!(out, "  DATED IN THE FUTURE {f}");
         }
+        for d in &h.strays {
+            let _ = writeln!(out, "  NOT A SNAPSHOT NAME {d} (never pruned or restored)");
+        }
     }
     let _ = writeln!(out, "store: {}", st.space);
     if let Some(why) = &st.prune_refused {
@@ -282,6 +297,7 @@ pub fn json(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> String {
                 "verified_age_seconds": h.verified_age,
                 "damaged": h.damaged,
                 "dated_in_the_future": h.future,
+                "not_snapshots": h.strays,
             })
         })
         .collect();
@@ -328,6 +344,7 @@ mod tests {
             verified_age: None,
             damaged: vec![],
             future: vec![],
+            strays: vec![],
         };
         let st = |hosts| StoreStatus {
             hosts,
@@ -362,5 +379,37 @@ mod tests {
             line.contains("dated in the future: 2027-01-01T03:00+0000"),
             "{line}"
         );
+    }
+
+    /// A directory in a host's folder whose name is no snapshot's (an
+    /// admin's copy, a renamed snapshot) is never pruned: status names it,
+    /// a WARNING; hidden ones are byteback's own, `current` is the backup.
+    #[test]
+    fn directories_not_named_as_snapshots_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let host = store.host("h", true).unwrap();
+        for d in [
+            "current",
+            "2026-11-01T03:00+0000",
+            "2026-11-01T03:00+0000.copy",
+            "old",
+            ".deleting-2026-10-01T03:00+0000",
+        ] {
+            std::fs::create_dir_all(dir.path().join("h").join(d)).unwrap();
+        }
+        std::fs::write(dir.path().join("h/a-file"), b"").unwrap();
+        assert_eq!(
+            host.strays().unwrap(),
+            ["2026-11-01T03:00+0000.copy", "old"]
+        );
+        let st = collect(&store, 1_796_400_000).unwrap();
+        let (code, line) = check(&st, None, None);
+        assert_eq!(code, 1, "{line}");
+        assert!(
+            line.contains("h has directories not named as snapshots, never pruned or restored: 2026-11-01T03:00+0000.copy, old"),
+            "{line}"
+        );
+        assert!(table(&st).contains("NOT A SNAPSHOT NAME old"));
     }
 }

@@ -210,6 +210,25 @@ impl HostStore {
         Ok(out)
     }
 
+    /// Directories in the host's folder that are neither `current` nor
+    /// named as a snapshot (hidden ones are byteback's own): never listed,
+    /// restored or pruned, so the space they hold is the admin's to free.
+    pub fn strays(&self) -> Result<Vec<String>> {
+        let mut out: Vec<String> = fsops::list_dir_typed(&self.fd)
+            .op("list", || self.path.display())?
+            .into_iter()
+            .filter(|(name, t)| {
+                *t == FileType::Directory
+                    && name.first() != Some(&b'.')
+                    && name != b"current"
+                    && std::str::from_utf8(name).map_or(true, |s| time::parse_name(s).is_none())
+            })
+            .map(|(name, _)| String::from_utf8_lossy(&name).escape_debug().to_string())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     /// Takes a read-only snapshot of `current` named after `now`, unless the
     /// newest is younger than `min_interval`. Returns the name, or why not.
     pub fn snapshot(
