@@ -2470,3 +2470,29 @@ fn current_newer_than_every_snapshot(store: &Path, work: &Path) {
         b"first version"
     );
 }
+
+/// A backup whose snapshot fails after its commit has its bytes counted in
+/// the usage log once, not again by the error path: twice would make the
+/// next snapshot look like a growth spike and stop pruning.
+#[test]
+fn a_failed_snapshot_counts_the_backups_growth_once() {
+    let d = scratch();
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let data = Rng::new(6).bytes(300_000);
+    fs::write(src.join("f"), &data).unwrap();
+    let o = backup_with_fault(&store, &src, "BYTEBACK_TEST_SNAPSHOT_FAILS", "1");
+    assert!(!o.status.success(), "the snapshot was to fail");
+    let text = fs::read_to_string(store.join("h/.byteback-usage")).unwrap();
+    let total: u64 = text
+        .lines()
+        .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert!(
+        total >= data.len() as u64 && total < 2 * data.len() as u64,
+        "{total} bytes counted for {} written: {text:?}",
+        data.len()
+    );
+}

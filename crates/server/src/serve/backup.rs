@@ -356,10 +356,18 @@ fn finish<R: Read, W: Write>(
     // Counted before the snapshot, synced: a crash after it must not lose
     // this backup's growth from the guard's view.
     let space = crate::space::measure(target.store.fd()).ok();
-    if let Err(e) = crate::pruner::record_written(target.host, now, rx.grown, space.as_ref()) {
-        tracing::error!("cannot record usage: {e}");
+    match crate::pruner::record_written(target.host, now, rx.grown, space.as_ref()) {
+        // Counted: not again if the snapshot fails (the error path records
+        // what is left), nor as this run's writing when it makes room.
+        Ok(()) => rx.grown = 0,
+        Err(e) => tracing::error!("cannot record usage: {e}"),
     }
     crash_point("BYTEBACK_TEST_CRASH_BEFORE_SNAPSHOT");
+    if cfg!(debug_assertions) && std::env::var_os("BYTEBACK_TEST_SNAPSHOT_FAILS").is_some() {
+        return Err(Error::Store(
+            "taking the snapshot failed (test fault)".into(),
+        ));
+    }
     let taken = rx.with_room(
         || "taking the snapshot".into(),
         |_| {
