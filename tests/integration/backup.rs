@@ -2393,6 +2393,24 @@ fn a_restore_reads_a_current_newer_than_every_snapshot_btrfs_store() {
     current_newer_than_every_snapshot(&fs_.mount.join("store"), d.path());
 }
 
+/// `byteback-backup` of `src` as host `h` that must fail; its output.
+fn backup_to_fail(store: &Path, src: &Path) -> Output {
+    let o = run_status(
+        Command::new(bin("byteback-backup"))
+            .arg("--destination")
+            .arg(store)
+            .arg("--source")
+            .arg(src)
+            .args(["--hostname", "h", "--retry-number", "0"]),
+    );
+    assert!(
+        !o.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
 fn current_newer_than_every_snapshot(store: &Path, work: &Path) {
     let store = store.to_path_buf();
     let src = work.join("src");
@@ -2456,6 +2474,38 @@ fn current_newer_than_every_snapshot(store: &Path, work: &Path) {
         fs::read(restored_path(&r2.join(&first), &src).join("f")).unwrap(),
         b"first version"
     );
+
+    // A backup running (its lock held): current is left out with a
+    // warning, and reading it by name is refused until the backup ends.
+    let lock = fs::File::open(store.join("h/.lock")).unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    let r4 = work.join("r4");
+    let o = restore(&r4, &["--restore", "/"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(err.contains("current is left out"), "{err}");
+    assert_eq!(
+        fs::read(restored_path(&r4.join(&first), &src).join("f")).unwrap(),
+        b"first version"
+    );
+    let o = run_status(
+        Command::new(bin("byteback-restore"))
+            .current_dir(&r4)
+            .arg("--destination")
+            .arg(&store)
+            .args(["--hostname", "h", "--restore", "--snapshot", "current", "/"]),
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("a backup of host h is running"), "{err}");
+    // A restore reading current (the lock shared): no backup starts.
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockShared).unwrap();
+    let o = backup_to_fail(&store, &src);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("a restore is reading its current"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    drop(lock);
 
     // current changed since its commit (as by a backup cut off): left
     // out with a warning, the snapshot restored.

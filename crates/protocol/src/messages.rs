@@ -84,7 +84,7 @@ pub enum CurrentNews {
     /// Yes, committed at this Unix time.
     Newer(i64),
     /// Yes, committed at this Unix time, but a backup of the host is
-    /// writing `current` now.
+    /// writing `current` now, or was cut off since (it may not match).
     NewerBusy(i64),
 }
 

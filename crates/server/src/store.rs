@@ -166,7 +166,25 @@ impl HostStore {
         match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(f),
             Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::Store(format!(
-                "another backup of host {} is running; refusing to start a second one",
+                "another backup of host {} is running, or a restore is reading its current; \
+                 refusing to start now",
+                self.name
+            ))),
+            Err(e) => Err(Error::io("lock", lock(), e.into())),
+        }
+    }
+
+    /// Takes the host's lock shared, so no backup changes `current` while a
+    /// restore reads it (a backup takes it exclusive, and fails rather than
+    /// wait), or says a backup holds it.
+    pub fn lock_shared(&self) -> Result<File> {
+        let lock = || self.path.join(".lock").display().to_string();
+        let f = fsops::open_lock(&self.fd, b".lock").op("open", lock)?;
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared) {
+            Ok(()) => Ok(f),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::Store(format!(
+                "a backup of host {} is running, so its current is changing: restore from a \
+                 snapshot (--snapshot), or again once the backup has ended",
                 self.name
             ))),
             Err(e) => Err(Error::io("lock", lock(), e.into())),

@@ -210,7 +210,7 @@ impl Listing {
             }
             CurrentNews::NewerBusy(t) => {
                 eprintln!(
-                    "byteback-restore: warning: current holds a backup committed at {} that no snapshot has ({newest}), but a backup has changed current since (it is running, or was cut off): current is left out; --snapshot current reads it, and its files changed since fail verification",
+                    "byteback-restore: warning: current holds a backup committed at {} that no snapshot has ({newest}), but a backup is running or was cut off since (current is changing, or not known to match that backup): current is left out; --snapshot current reads it once no backup runs, and its files changed since fail verification",
                     format_time(t)
                 );
                 None
@@ -249,7 +249,7 @@ pub fn list_snapshots(conn: &mut Connection, out: &mut dyn Write) -> Result<usiz
         CurrentNews::No => Ok(n),
         CurrentNews::Newer(t) | CurrentNews::NewerBusy(t) => {
             let busy = if matches!(listing.news, CurrentNews::NewerBusy(_)) {
-                "; changed since by a backup running or cut off"
+                "; a backup is running or was cut off since"
             } else {
                 ""
             };

@@ -123,6 +123,9 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
     })?;
     let store = Store::open(&cfg.store)?;
     let mut streamer = None;
+    // The host's lock, shared, from the first read of `current` to the
+    // end of the session: no backup changes it under the restore.
+    let mut holding_current = None;
     loop {
         let Some(msg) = conn.recv()? else {
             // Closing between requests is fine; inside one, recv already failed.
@@ -138,9 +141,11 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
             ClientMsg::ListSnapshots => restore::list_snapshots(cfg, &store, conn)?,
             ClientMsg::ListSnapshotKinds => restore::list_snapshot_kinds(cfg, &store, conn)?,
             ClientMsg::ReadManifest { snapshot } => {
+                restore::hold_current(cfg, &store, &snapshot, &mut holding_current)?;
                 restore::send_manifest(cfg, &store, conn, &snapshot)?
             }
             ClientMsg::ReadFile { snapshot, path } => {
+                restore::hold_current(cfg, &store, &snapshot, &mut holding_current)?;
                 restore::send_stored_file(cfg, &store, conn, &mut streamer, &snapshot, &path)?
             }
             ClientMsg::Bye => return Ok(()),

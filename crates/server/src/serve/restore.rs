@@ -51,7 +51,11 @@ pub(super) fn list_snapshot_kinds<R: Read, W: Write>(
                 Ok(fd) => {
                     let kind = snapshot_kind(&fd, &h, "current")?;
                     let news = match kind {
-                        SnapshotKind::Byteback => current_news(&fd, newest.as_ref()),
+                        SnapshotKind::Byteback => {
+                            // A backup running holds the lock: current is changing.
+                            let idle = h.lock_shared().is_ok();
+                            current_news(&fd, newest.as_ref(), idle)
+                        }
                         SnapshotKind::Legacy1x => CurrentNews::No,
                     };
                     (Some(kind), news)
@@ -104,10 +108,12 @@ fn manifest_stamp(snap: &std::os::fd::OwnedFd) -> Option<(ManifestStamp, bool)> 
 /// that the newest snapshot (`newest`, with its kind) does not: its
 /// manifest differs from the snapshot's, by generation where both record
 /// one, else by size and time. A `current` that is not clean has been
-/// changed since its commit, by a backup running now or cut off.
+/// changed since its commit, by a backup cut off (or its marker was lost);
+/// one not `idle` is being changed by a backup running now.
 fn current_news(
     cur: &std::os::fd::OwnedFd,
     newest: Option<&(std::os::fd::OwnedFd, SnapshotKind)>,
+    idle: bool,
 ) -> CurrentNews {
     let Some((stamp, clean)) = manifest_stamp(cur) else {
         return CurrentNews::No;
@@ -123,11 +129,28 @@ fn current_news(
         // A 1.x snapshot is older than any backup byteback committed.
         Some((_, SnapshotKind::Legacy1x)) | None => false,
     };
-    match (same, clean) {
+    match (same, clean && idle) {
         (true, _) => CurrentNews::No,
         (false, true) => CurrentNews::Newer(stamp.mtime.0),
         (false, false) => CurrentNews::NewerBusy(stamp.mtime.0),
     }
+}
+
+/// Before `current` (`snapshot`) is read: takes the host's lock shared
+/// for the rest of the session (into `held`), so no backup changes it
+/// while the restore reads it; refused while a backup runs. Snapshots need
+/// nothing: they never change.
+pub(super) fn hold_current(
+    cfg: &ServeConfig,
+    store: &Store,
+    snapshot: &str,
+    held: &mut Option<std::fs::File>,
+) -> Result<()> {
+    if snapshot != "current" || held.is_some() {
+        return Ok(());
+    }
+    *held = Some(store.host(&cfg.host, false)?.lock_shared()?);
+    Ok(())
 }
 
 /// Answers `ReadManifest`: the manifest of `snapshot`, in parts.
