@@ -298,8 +298,8 @@ fn a_bind_mount_whose_filesystem_is_not_backed_up_elsewhere_is_walked() {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         err.contains(&format!(
-            "which is backed up where it is mounted at {}",
-            outside.display()
+            "whose files are backed up at {}",
+            outside.join("www").display()
         )),
         "{err}"
     );

@@ -50,6 +50,8 @@ const BTRFS_SUBVOL_ROOT_INO: u64 = 256;
 /// One line of `/proc/self/mountinfo`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountInfo {
+    /// The id of the mount it is mounted on.
+    pub parent: u64,
     /// The filesystem's device (`major:minor`), the same for every mount of it.
     pub dev: String,
     /// Root of the mount within its filesystem (`/` unless a bind mount or a btrfs `subvol=`).
@@ -91,8 +93,9 @@ pub fn parse_mountinfo(text: &str) -> HashMap<u64, MountInfo> {
         let Some(sep) = fields.iter().position(|f| *f == "-") else {
             continue;
         };
-        let (Some(id), Some(dev), Some(root), Some(point), Some(fstype)) = (
+        let (Some(id), Some(parent), Some(dev), Some(root), Some(point), Some(fstype)) = (
             fields.first().and_then(|f| f.parse::<u64>().ok()),
+            fields.get(1).and_then(|f| f.parse::<u64>().ok()),
             fields.get(2),
             fields.get(3),
             fields.get(4),
@@ -103,6 +106,7 @@ pub fn parse_mountinfo(text: &str) -> HashMap<u64, MountInfo> {
         out.insert(
             id,
             MountInfo {
+                parent,
                 dev: dev.to_string(),
                 root: unescape(root),
                 point: unescape(point),
@@ -224,11 +228,11 @@ impl Mounts {
         }
         let subvol_root = info.fstype == "btrfs" && dev_ino.1 == BTRFS_SUBVOL_ROOT_INO;
         if info.root != b"/" && !subvol_root {
-            if let Some(whole) = self.covering(info) {
+            if let Some(at) = self.covering(info) {
                 return Crossing::Skip(format!(
-                    "{shown}: a bind mount of {} of its filesystem, which is backed up where it is mounted at {}",
+                    "{shown}: a bind mount of {} of its filesystem, whose files are backed up at {}",
                     String::from_utf8_lossy(&info.root),
-                    String::from_utf8_lossy(whole)
+                    String::from_utf8_lossy(&at)
                 ));
             }
             // Mounted nowhere else under the sources: backed up here, as
@@ -244,16 +248,49 @@ impl Mounts {
 }
 
 impl Mounts {
-    /// The mount point, under a source, of a mount of the same filesystem
-    /// as the bind mount `bind` whose root holds `bind`'s root (a strict
-    /// ancestor), so the walk backs up `bind`'s files there.
-    fn covering(&self, bind: &MountInfo) -> Option<&[u8]> {
+    /// Where the walk reaches the files of the bind mount `bind` (of a
+    /// subtree) through another mount of the same filesystem, if it does:
+    /// a mount whose root strictly holds `bind`'s root (so two bind mounts
+    /// of one subtree never leave each other out), through which that
+    /// subtree shows at a path within a source, not hidden by a mount
+    /// above it there (`bind` itself included), nor by one stacked on it.
+    fn covering(&self, bind: &MountInfo) -> Option<Vec<u8>> {
         self.table
-            .values()
-            .filter(|m| m.dev == bind.dev && m.root != bind.root && within(&bind.root, &m.root))
-            .find(|m| self.sources.iter().any(|s| within(&m.point, s)))
-            .map(|m| m.point.as_slice())
+            .iter()
+            .filter(|(_, m)| {
+                m.dev == bind.dev && m.root != bind.root && within(&bind.root, &m.root)
+            })
+            .filter(|(id, m)| {
+                !self
+                    .table
+                    .values()
+                    .any(|o| o.parent == **id && o.point == m.point)
+            })
+            .map(|(_, m)| (m, shows_at(m, &bind.root)))
+            .find(|(m, at)| {
+                self.sources.iter().any(|s| within(at, s))
+                    && !self.table.values().any(|o| {
+                        o.point != m.point && within(&o.point, &m.point) && within(at, &o.point)
+                    })
+            })
+            .map(|(_, at)| at)
     }
+}
+
+/// The path at which `root` (a path within `m`'s filesystem, beneath
+/// `m.root`) shows through mount `m`.
+fn shows_at(m: &MountInfo, root: &[u8]) -> Vec<u8> {
+    let rest = if m.root == b"/" {
+        root
+    } else {
+        &root[m.root.len()..]
+    };
+    let mut at = m.point.clone();
+    if at.last() == Some(&b'/') && rest.first() == Some(&b'/') {
+        at.pop();
+    }
+    at.extend_from_slice(rest);
+    at
 }
 
 #[cfg(test)]
@@ -350,7 +387,10 @@ mod tests {
         // sda5 is mounted only as this bind mount.
         assert_eq!(m.crossing(31, (0x805, 9), "/var/www"), Crossing::Enter);
         // sda6's root is mounted at /mnt/six, under the source.
-        skip(m.crossing(33, (0x806, 7), "/srv/b"), "mounted at /mnt/six");
+        skip(
+            m.crossing(33, (0x806, 7), "/srv/b"),
+            "backed up at /mnt/six/a/b",
+        );
         // With /srv as the only source, /mnt/six is not backed up: /srv/b is.
         let mut m = Mounts::from_text(&table, false, &["/srv"]);
         assert_eq!(m.crossing(33, (0x806, 7), "/srv/b"), Crossing::Enter);
@@ -358,5 +398,47 @@ mod tests {
         let mut m = Mounts::from_text(&table, false, &["/mnt/", "/var/www"]);
         assert_eq!(m.crossing(26, (0x801, 77), "/mnt/data"), Crossing::Enter);
         assert!(within(b"/mnt/data", b"/mnt/") && !within(b"/mntx", b"/mnt"));
+    }
+
+    /// A bind mount's files are reached elsewhere only where they show
+    /// within a source, through a mount nothing hides.
+    #[test]
+    fn a_bind_mount_is_left_out_only_where_its_files_show_within_a_source() {
+        let table = "\
+22 1 8:1 / / rw - ext4 /dev/sda1 rw
+50 22 8:1 /home/ann/data /home/bob/shared rw - ext4 /dev/sda1 rw
+51 22 8:1 /home/ann/data /srv/again rw - ext4 /dev/sda1 rw
+";
+        let skip = |c: Crossing, needle: &str| match c {
+            Crossing::Skip(why) => assert!(why.contains(needle), "{why}"),
+            Crossing::Enter => panic!("entered; expected {needle}"),
+        };
+        // Sources /home: the files are walked at /home/ann/data, once.
+        let mut m = Mounts::from_text(table, false, &["/home"]);
+        skip(
+            m.crossing(50, (0x801, 9), "/home/bob/shared"),
+            "backed up at /home/ann/data",
+        );
+        // Two bind mounts of one subtree, and the subtree itself outside
+        // the sources: the first is walked, the second is the same inode.
+        let mut m = Mounts::from_text(table, false, &["/home/bob", "/srv"]);
+        assert_eq!(
+            m.crossing(50, (0x801, 9), "/home/bob/shared"),
+            Crossing::Enter
+        );
+        skip(m.crossing(51, (0x801, 9), "/srv/again"), "more than once");
+        // A filesystem mounted over /home hides the root's /home: the
+        // bind mount is walked.
+        let hidden = format!("{table}60 22 8:2 / /home rw - xfs /dev/sda2 rw\n");
+        let mut m = Mounts::from_text(&hidden, false, &["/"]);
+        assert_eq!(m.crossing(51, (0x801, 9), "/srv/again"), Crossing::Enter);
+        // So does one stacked on the root mount's own point.
+        let stacked = format!("{table}61 22 8:3 / / rw - ext4 /dev/sda3 rw\n");
+        let mut m = Mounts::from_text(&stacked, false, &["/"]);
+        assert_eq!(m.crossing(51, (0x801, 9), "/srv/again"), Crossing::Enter);
+        assert_eq!(
+            shows_at(&m.table[&22], b"/home/ann/data"),
+            b"/home/ann/data"
+        );
     }
 }
