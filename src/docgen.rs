@@ -519,13 +519,14 @@ fn backup_page() -> Written {
                     ),
                     Tag(
                         "/etc/byteback/rsync_flags",
-                        "byteback 1.x's extra rsync flags, words separated by white space. \
-                         There is no rsync underneath: --exclude=PAT, the lines of \
-                         --exclude-from=FILE, -x (--one-file-system) and -c (--checksum) are \
-                         applied; flags for what byteback always does (-a and its parts, -H, \
-                         -A, -X, -S, -z, --numeric-ids, --delete, ...) are dropped, named at \
-                         --verbose; every other flag is named in a warning on every run and \
-                         not applied.",
+                        "byteback 1.x's extra rsync arguments, one a line. There is no \
+                         rsync underneath: --exclude=PAT and the lines of --exclude-from=FILE \
+                         are excludes checked after the rsync_filter rules (as 1.x's rsync \
+                         had them), -x (--one-file-system) and -c (--checksum) are applied; \
+                         include and filter flags are a usage error; flags for what byteback \
+                         always does (-a and its parts, -H, -A, -X, -S, -z, --numeric-ids, \
+                         --delete, ...) are dropped, named at --verbose; every other flag is \
+                         named in a warning on every run and not applied.",
                     ),
                     Tag(
                         "/var/lock/byteback/backup-*.lock",

@@ -496,14 +496,18 @@ fn rsync_flags_are_applied_where_byteback_has_an_equivalent() {
     fs::write(s.src.join("cache/x"), b"x").unwrap();
     let list = s.work.join("list");
     fs::write(&list, "# rsync's comments\ncache/\n").unwrap();
+    fs::write(s.src.join("wanted.iso"), b"iso").unwrap();
+    // One argument a line, as 1.x passed them to rsync after its filter:
+    // a `+` rule in rsync_filter comes first.
     fs::write(
         s.conf.join("rsync_flags"),
         format!(
-            "-aHAX --numeric-ids --exclude=*.iso\n--exclude-from={} --bwlimit=500 -c -e ssh\n",
+            "-aHAX\n--numeric-ids\n--exclude=*.iso\n--exclude-from={}\n--bwlimit=500\n-c\n-e\nssh\n",
             list.display()
         ),
     )
     .unwrap();
+    fs::write(s.conf.join("rsync_filter"), "+ wanted.iso\n").unwrap();
     let o = s.backup(&[]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
@@ -524,6 +528,10 @@ fn rsync_flags_are_applied_where_byteback_has_an_equivalent() {
         "--exclude=*.iso not applied"
     );
     assert!(!stored.join("cache").exists(), "--exclude-from not applied");
+    assert!(
+        stored.join("wanted.iso").is_file(),
+        "rsync_filter's + came after the flags"
+    );
     // -c: content changed under the same size and mtime is found.
     let keep = s.src.join("keep");
     let m = fs::metadata(&keep).unwrap();
@@ -536,7 +544,41 @@ fn rsync_flags_are_applied_where_byteback_has_an_equivalent() {
         b"K",
         "-c not applied"
     );
+    // A restore (1.x's passed the flags to its rsync too) names what it
+    // does not apply, and restores what its patterns select.
+    let into = s.work.join("r");
+    fs::create_dir_all(&into).unwrap();
+    let o = run_status(
+        Command::new(bin("byteback-restore"))
+            .env("BYTEBACK_CONFIG_DIR", &s.conf)
+            .current_dir(&into)
+            .arg("--destination")
+            .arg(&s.store)
+            .args(["--hostname", "h", "--restore", "--snapshot", "current", "/"]),
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("not applied to a restore") && err.contains("--exclude=*.iso"),
+        "{err}"
+    );
+    assert!(into
+        .join("current")
+        .join(s.src.strip_prefix("/").unwrap())
+        .join("wanted.iso")
+        .is_file());
+    // An include flag cannot be ordered with the excludes: an error.
+    fs::write(s.conf.join("rsync_flags"), "--include=*.iso\n").unwrap();
+    let o = s.backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("put them in rsync_filter"), "{err}");
     // An --exclude-from file that cannot be read stops the backup.
+    fs::write(
+        s.conf.join("rsync_flags"),
+        format!("--exclude-from={}\n", list.display()),
+    )
+    .unwrap();
     fs::remove_file(&list).unwrap();
     let o = s.backup(&[]);
     let err = stderr(&o);

@@ -625,7 +625,9 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
     } else {
         args.source.clone()
     };
-    crate::walk::normalise_sources(&sources)?;
+    // Checked now (a missing source is a usage error before any hook);
+    // the warnings below name the sources as the walk takes them.
+    let walked = crate::walk::normalise_sources(&sources)?;
     // As 1.x: excludes given on the command line replace the default list.
     let defaults: Vec<String> = if args.exclude.is_empty() {
         DEFAULT_EXCLUDES.iter().map(|s| s.to_string()).collect()
@@ -643,14 +645,8 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
                 .into_iter()
                 .map(|l| (file.display().to_string(), l)),
         )
-        .chain(flags.excludes.iter().map(|(from, p)| {
-            (
-                format!("{}/rsync_flags ({from})", config_dir().display()),
-                p.clone(),
-            )
-        }))
         .collect();
-    let filter = load_filter()?;
+    let filter = load_filter(&flags)?;
     let mut excludes = exclude_rules(defaults, &own)?;
     if filter.as_ref().is_some_and(|f| f.clears_excludes) {
         tracing::info!(
@@ -660,7 +656,7 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         excludes.clear();
     }
     let all = crate::walk::Excludes::new(&excludes)?;
-    for w in sources_left_out(&sources, filter.as_deref()) {
+    for w in sources_left_out(&walked, filter.as_deref()) {
         tracing::warn!("{w}");
         report.warnings.push(w);
     }
@@ -760,17 +756,30 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
 /// excludes, as 1.x passed `--filter='merge ...'` after its `--exclude`s).
 /// A rule that is not supported is a usage error naming its file and line;
 /// rules that do not change what is sent are named in warnings.
-fn load_filter() -> Result<Option<std::sync::Arc<crate::filter::Filter>>> {
+fn load_filter(
+    flags: &crate::rsync_flags::RsyncFlags,
+) -> Result<Option<std::sync::Arc<crate::filter::Filter>>> {
     let path = config_dir().join("rsync_filter");
-    match std::fs::symlink_metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        _ => {}
+    let mut filter = match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        _ => Some(crate::filter::Filter::load(&path).map_err(|e| {
+            Error::Usage(format!(
+                "unsupported or unreadable filter rule, nothing was backed up: {e}"
+            ))
+        })?),
+    };
+    // rsync_flags' excludes came after `--filter merge rsync_filter` on
+    // 1.x's rsync command line: the filter's rules match first.
+    if !flags.excludes.is_empty() {
+        let patterns: Vec<String> = flags.excludes.iter().map(|(_, p)| p.clone()).collect();
+        filter
+            .get_or_insert_with(Default::default)
+            .append_excludes(&patterns, &config_dir().join("rsync_flags"))
+            .map_err(|e| Error::Usage(format!("an exclude in rsync_flags: {e}")))?;
     }
-    let filter = crate::filter::Filter::load(&path).map_err(|e| {
-        Error::Usage(format!(
-            "unsupported or unreadable filter rule, nothing was backed up: {e}"
-        ))
-    })?;
+    let Some(filter) = filter else {
+        return Ok(None);
+    };
     for n in &filter.notes {
         tracing::warn!("{n}");
     }
@@ -1149,8 +1158,28 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
         args.ssh_key.as_deref(),
         args.io_timeout,
     )?;
+    // Settings warnings go to stderr only: the report's warnings are the
+    // restore's own, which make it partial.
     if let Some(w) = target.path_warning() {
         tracing::warn!("{w}");
+    }
+    // 1.x's restore passed rsync_flags to its rsync too. Lists named by
+    // --exclude-from are not read here: a restore does not apply them.
+    if let Ok(Some(text)) = std::fs::read(config_dir().join("rsync_flags"))
+        .map(|b| Some(String::from_utf8_lossy(&b).into_owned()))
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Ok(None),
+            _ => Err(e),
+        })
+    {
+        match crate::rsync_flags::parse(&text, &|_| Ok(vec![])) {
+            Ok(flags) => {
+                if let Some(w) = flags.restore_warning(&config_dir().join("rsync_flags")) {
+                    tracing::warn!("{w}");
+                }
+            }
+            Err(e) => tracing::warn!("{e}; not applied to a restore either"),
+        }
     }
     if let Some(s) = &args.snapshot {
         if restore::is_snapshot_glob(s) {

@@ -728,6 +728,23 @@ impl Filter {
         Ok(f)
     }
 
+    /// Appends an exclude rule for each of `patterns` after every rule,
+    /// as rsync took `--exclude`s given after `--filter` (1.x's
+    /// `rsync_flags`); `file` names them in errors.
+    pub fn append_excludes(&mut self, patterns: &[String], file: &Path) -> Result<(), FilterError> {
+        let mut text = Vec::new();
+        for p in patterns {
+            text.extend_from_slice(b"- ");
+            text.extend_from_slice(p.as_bytes());
+            text.push(b'\n');
+        }
+        let more = Filter::parse(&text, file)?;
+        debug_assert!(more.merges.is_empty());
+        self.items.extend(more.items);
+        self.notes.extend(more.notes);
+        Ok(())
+    }
+
     /// Whether there are no rules at all.
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()

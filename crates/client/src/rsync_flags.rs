@@ -1,9 +1,11 @@
-//! `/etc/byteback/rsync_flags`: the extra rsync flags byteback 1.x put on
-//! its rsync command line (words separated by white space). byteback 2 runs
-//! no rsync, so each flag is sorted: the few with a byteback equivalent are
-//! applied (`--exclude`, `--exclude-from`, `-x`, `-c`), those naming what
-//! byteback always does are dropped, and the rest are named in a warning,
-//! never dropped without a word.
+//! `/etc/byteback/rsync_flags`: the extra rsync arguments byteback 1.x put
+//! at the end of its rsync command line, one a line (1.x read the file with
+//! `readlines`). byteback 2 runs no rsync, so each flag is sorted: the few
+//! with a byteback equivalent are applied (`--exclude`, `--exclude-from`,
+//! `-x`, `-c`; the excludes after the `rsync_filter` rules, where 1.x's
+//! rsync had them), those naming what byteback always does are dropped,
+//! include and filter flags are an error (they cannot be ordered here), and
+//! the rest are named in a warning, never dropped without a word.
 
 use std::path::{Path, PathBuf};
 
@@ -100,87 +102,186 @@ fn read_exclude_from(file: &str, flags_path: &Path) -> Result<Vec<String>> {
                 ))
             })
         })?;
-    Ok(text
-        .lines()
-        .map(str::trim_end)
-        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
-        .map(str::to_string)
-        .collect())
+    // As the excludes file: lines trimmed, `- ` stripped; `+ ` and `!`
+    // would reorder rules, an error naming the line.
+    let mut out = vec![];
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if line == "!" || line.starts_with("+ ") {
+            return Err(Error::Usage(format!(
+                "{}: --exclude-from={file}:{}: {line:?} is not an exclude; put include rules in \
+                 rsync_filter",
+                flags_path.display(),
+                n + 1
+            )));
+        }
+        out.push(line.strip_prefix("- ").unwrap_or(line).to_string());
+    }
+    Ok(out)
 }
 
-/// Sorts the flags of `text`; `exclude_from` reads an `--exclude-from`
-/// file's patterns.
+/// Short rsync flags that take a value (the rest of their word, or the
+/// next argument).
+const SHORT_WITH_VALUE: &str = "BefTM@";
+
+/// Long rsync flags that take a value (after `=`, or the next argument).
+const LONG_WITH_VALUE: &[&str] = &[
+    "bwlimit",
+    "timeout",
+    "contimeout",
+    "rsh",
+    "max-size",
+    "min-size",
+    "backup-dir",
+    "suffix",
+    "chmod",
+    "log-file",
+    "temp-dir",
+    "compress-level",
+    "block-size",
+    "rsync-path",
+    "files-from",
+    "link-dest",
+    "compare-dest",
+    "copy-dest",
+    "partial-dir",
+    "skip-compress",
+    "max-delete",
+    "usermap",
+    "groupmap",
+    "chown",
+    "iconv",
+    "protocol",
+    "checksum-choice",
+    "compress-choice",
+    "out-format",
+    "log-file-format",
+    "modify-window",
+    "password-file",
+    "port",
+    "sockopts",
+    "remote-option",
+    "outbuf",
+    "max-alloc",
+    "stop-after",
+    "stop-at",
+    "info",
+    "debug",
+];
+
+/// Flags that add include or filter rules: where they would stand among
+/// the excludes cannot be kept here, so they are an error naming them.
+const RULE_FLAGS: &[&str] = &["include", "include-from", "filter", "cvs-exclude"];
+
+/// Sorts the flags of `text`: one argument a line, as 1.x passed each line
+/// to rsync (blank lines skipped); `exclude_from` reads an `--exclude-from`
+/// file's patterns. An include or filter flag is a usage error.
 pub fn parse(text: &str, exclude_from: &dyn Fn(&str) -> Result<Vec<String>>) -> Result<RsyncFlags> {
     let mut out = RsyncFlags::default();
-    let mut words = text.split_whitespace();
-    while let Some(w) = words.next() {
-        if let Some(long) = w.strip_prefix("--") {
+    let mut args = text
+        .lines()
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .filter(|l| !l.trim().is_empty());
+    let rule_flag = |arg: &str| {
+        Error::Usage(format!(
+            "rsync_flags: {arg:?} adds include or filter rules, which cannot be ordered with the \
+             excludes here; put them in rsync_filter"
+        ))
+    };
+    while let Some(arg) = args.next() {
+        if let Some(long) = arg.strip_prefix("--") {
             let (name, value) = match long.split_once('=') {
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (long, None),
             };
+            let mut value_or_next = || value.clone().or_else(|| args.next().map(str::to_string));
             match name {
-                "exclude" => match value.clone().or_else(|| words.next().map(str::to_string)) {
+                "exclude" => match value_or_next() {
                     Some(p) => out.excludes.push((format!("--exclude={p}"), p)),
-                    None => out.unsupported.push(w.to_string()),
+                    None => out.unsupported.push(arg.to_string()),
                 },
-                "exclude-from" => {
-                    match value.clone().or_else(|| words.next().map(str::to_string)) {
-                        Some(f) => {
-                            for p in exclude_from(&f)? {
-                                out.excludes.push((format!("--exclude-from={f}"), p));
-                            }
+                "exclude-from" => match value_or_next() {
+                    Some(f) => {
+                        for p in exclude_from(&f)? {
+                            out.excludes.push((format!("--exclude-from={f}"), p));
                         }
-                        None => out.unsupported.push(w.to_string()),
                     }
-                }
-                "one-file-system" => out.one_file_system = true,
-                "checksum" => out.checksum = true,
+                    None => out.unsupported.push(arg.to_string()),
+                },
+                n if RULE_FLAGS.contains(&n) => return Err(rule_flag(arg)),
+                "one-file-system" if value.is_none() => out.one_file_system = true,
+                "checksum" if value.is_none() => out.checksum = true,
                 n if BUILT_IN_LONG.contains(&n) && value.is_none() => {
-                    out.built_in.push(w.to_string())
+                    out.built_in.push(arg.to_string())
                 }
-                // Flags rsync gives a separate value: the value goes with
-                // the flag into the warning.
-                "bwlimit" | "timeout" | "contimeout" | "rsh" | "filter" | "include"
-                | "include-from" | "max-size" | "min-size" | "backup-dir" | "suffix" | "chmod"
-                | "log-file" | "temp-dir" | "compress-level" | "block-size" | "rsync-path"
-                | "files-from" | "link-dest" | "compare-dest" | "copy-dest" | "partial-dir"
-                | "skip-compress" | "max-delete" | "usermap" | "groupmap" | "chown" | "iconv"
-                | "protocol" | "checksum-choice" | "compress-choice" | "out-format"
-                | "log-file-format" | "modify-window" | "password-file" | "port" | "sockopts" => {
+                n if LONG_WITH_VALUE.contains(&n) => {
                     let shown = match value {
-                        Some(_) => w.to_string(),
-                        None => words.next().map_or(w.to_string(), |v| format!("{w} {v}")),
+                        Some(_) => arg.to_string(),
+                        None => args
+                            .next()
+                            .map_or(arg.to_string(), |v| format!("{arg} {v}")),
                     };
                     out.unsupported.push(shown);
                 }
-                _ => out.unsupported.push(w.to_string()),
+                _ => out.unsupported.push(arg.to_string()),
             }
-        } else if let Some(short) = w.strip_prefix('-').filter(|s| !s.is_empty()) {
-            // A bundle of short flags: known ones each, or the whole word
-            // into the warning if any is not (it may take a value).
-            if short
-                .chars()
-                .all(|c| BUILT_IN_SHORT.contains(c) || c == 'x' || c == 'c')
-            {
-                for c in short.chars() {
-                    match c {
-                        'x' => out.one_file_system = true,
-                        'c' => out.checksum = true,
-                        c => out.built_in.push(format!("-{c}")),
+        } else if let Some(bundle) = arg.strip_prefix('-').filter(|s| !s.is_empty()) {
+            // Letter by letter, as rsync reads a bundle; a letter that
+            // takes a value takes the rest of the word, or the next argument.
+            for (i, c) in bundle.char_indices() {
+                match c {
+                    'x' => out.one_file_system = true,
+                    'c' => out.checksum = true,
+                    'f' | 'F' | 'C' => return Err(rule_flag(arg)),
+                    c if SHORT_WITH_VALUE.contains(c) => {
+                        let rest = &bundle[i + c.len_utf8()..];
+                        let value = if rest.is_empty() {
+                            args.next().unwrap_or("")
+                        } else {
+                            rest
+                        };
+                        out.unsupported
+                            .push(format!("-{c} {value}").trim_end().to_string());
+                        break;
                     }
+                    c if BUILT_IN_SHORT.contains(c) => out.built_in.push(format!("-{c}")),
+                    c => out.unsupported.push(format!("-{c}")),
                 }
-            } else {
-                out.unsupported.push(w.to_string());
             }
         } else {
-            out.unsupported.push(w.to_string());
+            out.unsupported.push(arg.to_string());
         }
     }
     Ok(out)
 }
 
 impl RsyncFlags {
+    /// For `byteback-restore`, whose 1.x rsync took the file's flags too:
+    /// the warning naming those it does not apply (all but what byteback
+    /// always does), if any. A restore takes what its patterns select.
+    pub fn restore_warning(&self, path: &Path) -> Option<String> {
+        let mut named: Vec<String> = self.excludes.iter().map(|(from, _)| from.clone()).collect();
+        named.dedup();
+        if self.one_file_system {
+            named.push("--one-file-system".into());
+        }
+        if self.checksum {
+            named.push("--checksum".into());
+        }
+        named.extend(self.unsupported.iter().cloned());
+        (!named.is_empty()).then(|| {
+            format!(
+                "{}: not applied to a restore (1.x's rsync took them here too): {}; the restore \
+                 takes what its patterns select",
+                path.display(),
+                named.join(" ")
+            )
+        })
+    }
+
     /// The warning naming the flags not applied, if any (`path` is the
     /// file's), and a note of those applied for `--verbose`.
     pub fn messages(&self, path: &Path) -> (Option<String>, Option<String>) {
@@ -234,15 +335,19 @@ mod tests {
     #[test]
     fn flags_are_applied_dropped_as_built_in_or_named() {
         let f = parse(
-            "-aHAXx --numeric-ids --delete\n--exclude=/srv/big --exclude /var/cache/*\n\
-             --bwlimit=1000 --timeout 60 -e ssh --checksum --whatever -W",
+            "-aHAXx\n--numeric-ids\n--delete\n--exclude=/srv/data old\n--exclude\n/var/cache/*\n\n\
+             --bwlimit=1000\n--timeout\n60\n-ce\nssh -p 2\n--checksum\n--whatever\n-W\n-zT/tmp\n",
             &no_file,
         )
         .unwrap();
+        // One argument a line: a pattern with a space is one pattern.
         assert_eq!(
             f.excludes,
             vec![
-                ("--exclude=/srv/big".to_string(), "/srv/big".to_string()),
+                (
+                    "--exclude=/srv/data old".to_string(),
+                    "/srv/data old".to_string()
+                ),
                 (
                     "--exclude=/var/cache/*".to_string(),
                     "/var/cache/*".to_string()
@@ -252,23 +357,23 @@ mod tests {
         assert!(f.one_file_system && f.checksum);
         assert_eq!(
             f.built_in,
-            ["-a", "-H", "-A", "-X", "--numeric-ids", "--delete"]
+            ["-a", "-H", "-A", "-X", "--numeric-ids", "--delete", "-z"]
         );
         assert_eq!(
             f.unsupported,
             [
                 "--bwlimit=1000",
                 "--timeout 60",
-                "-e",
-                "ssh",
+                "-e ssh -p 2",
                 "--whatever",
-                "-W"
+                "-W",
+                "-T /tmp"
             ]
         );
         let (warning, note) = f.messages(Path::new("/etc/byteback/rsync_flags"));
         let warning = warning.unwrap();
         assert!(
-            warning.contains("--bwlimit=1000 --timeout 60 -e ssh --whatever -W"),
+            warning.contains("--bwlimit=1000 --timeout 60 -e ssh -p 2 --whatever -W -T /tmp"),
             "{warning}"
         );
         let note = note.unwrap();
@@ -279,8 +384,41 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_names_the_flags_it_does_not_apply() {
+        let f = parse("-a\n--exclude=*.iso\n-x\n--bwlimit=9\n", &no_file).unwrap();
+        let w = f.restore_warning(Path::new("rf")).unwrap();
+        assert!(
+            w.contains("--exclude=*.iso --one-file-system --bwlimit=9"),
+            "{w}"
+        );
+        assert_eq!(
+            parse("-aH\n", &no_file)
+                .unwrap()
+                .restore_warning(Path::new("rf")),
+            None
+        );
+    }
+
+    #[test]
+    fn include_and_filter_flags_are_refused() {
+        for bad in [
+            "--include=*.c",
+            "--filter=- x",
+            "-f\n- x",
+            "-aF",
+            "--include-from=/x",
+        ] {
+            let e = parse(bad, &no_file).unwrap_err();
+            assert!(
+                e.to_string().contains("put them in rsync_filter"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn exclude_from_files_are_read_and_a_file_of_built_ins_warns_of_nothing() {
-        let f = parse("-a --exclude-from=/x\n", &|file| {
+        let f = parse("-a\n--exclude-from=/x\n", &|file| {
             assert_eq!(file, "/x");
             Ok(vec!["/a".into(), "/b".into()])
         })
@@ -289,19 +427,22 @@ mod tests {
         assert_eq!(f.messages(Path::new("f")).0, None);
         assert_eq!(parse("", &no_file).unwrap(), RsyncFlags::default());
         // A file that cannot be read stops the backup.
-        assert!(parse("--exclude-from /nope", &|_| Err(Error::Usage(
+        assert!(parse("--exclude-from\n/nope", &|_| Err(Error::Usage(
             "gone".into()
         )))
         .is_err());
     }
 
     #[test]
-    fn exclude_from_reads_lines_as_rsync_does() {
+    fn exclude_from_reads_lines_as_the_excludes_file() {
         let d = tempfile::tempdir().unwrap();
         let list = d.path().join("list");
-        std::fs::write(&list, "# comment\n; also\n\n/srv/a\n/srv/b  \n").unwrap();
+        std::fs::write(&list, "# comment\n; also\n\n/srv/a\n  - /srv/b  \n").unwrap();
         let got = read_exclude_from(list.to_str().unwrap(), Path::new("flags")).unwrap();
         assert_eq!(got, ["/srv/a", "/srv/b"]);
+        std::fs::write(&list, "/srv/a\n  + /srv/c\n").unwrap();
+        let e = read_exclude_from(list.to_str().unwrap(), Path::new("flags")).unwrap_err();
+        assert!(e.to_string().contains(":2:"), "{e}");
         let e = read_exclude_from("/no/such/file", Path::new("flags")).unwrap_err();
         assert!(e.to_string().contains("/no/such/file"), "{e}");
     }
