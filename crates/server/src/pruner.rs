@@ -177,6 +177,30 @@ pub fn record_snapshot(
     append_usage(host, now, 0, Some(snapshot), space)
 }
 
+/// After a crash between a backup's usage line and its snapshot's: names
+/// the snapshot that backup took (one named after the minute of the
+/// line's time and named nowhere in the log), so its growth is its own, not
+/// the next snapshot's. Called under the host's lock.
+pub fn name_lost_snapshot(host: &HostStore) -> Result<()> {
+    let lines = read_usage_lines(host);
+    let Some(last) = lines.last().filter(|l| l.snapshot.is_none()) else {
+        return Ok(());
+    };
+    let named: std::collections::HashSet<&str> =
+        lines.iter().filter_map(|l| l.snapshot.as_deref()).collect();
+    let lost = host.snapshots()?.into_iter().rev().find(|(name, ts)| {
+        *ts <= last.time && last.time - ts < 60 && !named.contains(name.as_str())
+    });
+    if let Some((name, _)) = lost {
+        tracing::info!(
+            "the usage log of {} did not name snapshot {name} (a crash right after it was taken): named now",
+            host.name
+        );
+        record_snapshot(host, last.time, &name, None)?;
+    }
+    Ok(())
+}
+
 fn append_usage(
     host: &HostStore,
     now: i64,
@@ -935,6 +959,32 @@ mod tests {
         assert_eq!((usage.len(), pending), (3, 140 * MIB));
         let why = own_only(&room(6 * MIB), capacity).expect("a spike");
         assert!(why.contains("(the growth guard)"), "{why}");
+    }
+
+    /// A crash after a snapshot was taken and before its line: the next
+    /// backup names it, so the growth is that snapshot's.
+    #[test]
+    fn a_snapshot_the_log_lost_is_named_by_the_next_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let host = store.host("h", true).unwrap();
+        let t = 1_796_400_030;
+        let name = crate::time::format_name(t, 0);
+        std::fs::create_dir_all(dir.path().join("h").join(&name)).unwrap();
+        record_written(&host, t, 5, None).unwrap();
+        name_lost_snapshot(&host).unwrap();
+        let (usage, pending) = read_usage_pending(&host);
+        assert_eq!(usage.len(), 1);
+        assert_eq!(
+            (usage[0].snapshot.as_str(), usage[0].new_bytes, pending),
+            (name.as_str(), 5, 0)
+        );
+        // Named once: nothing more to do, and a later pending line of
+        // another minute names nothing.
+        name_lost_snapshot(&host).unwrap();
+        record_written(&host, t + 600, 7, None).unwrap();
+        name_lost_snapshot(&host).unwrap();
+        assert_eq!(read_usage_lines(&host).len(), 2);
     }
 
     /// A backup's line and its snapshot's line are one backup to every

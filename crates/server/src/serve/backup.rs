@@ -47,6 +47,9 @@ pub(super) fn backup<R: Read, W: Write>(
     }
     let host = store.host(&cfg.host, true)?;
     let _lock = host.lock()?;
+    if let Err(e) = crate::pruner::name_lost_snapshot(&host) {
+        tracing::warn!("cannot look for a snapshot the usage log lost: {e}");
+    }
     let room = Room::new(store, &host, &config, cfg.now)?;
     let mut rx = BackupReceiver::new(&host, Some(room))?;
     rx.set_checksum(checksum);
