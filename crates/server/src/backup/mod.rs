@@ -110,6 +110,9 @@ pub const MAX_WARNINGS: usize = 1000;
 #[derive(Default)]
 struct FilePaths {
     keys: std::collections::HashSet<u64>,
+    /// Files whose content differs from the old manifest's file at their
+    /// path (only where there was one: a first backup holds none here).
+    changed: std::collections::HashSet<u64>,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -125,6 +128,21 @@ impl FilePaths {
 
     fn contains(&self, path: &[u8]) -> bool {
         self.keys.contains(&self.key(path))
+    }
+
+    /// Notes the file `me` of the new manifest, if the old manifest had a
+    /// different object at its path.
+    fn note_content(&mut self, me: &ManifestEntry, old: Option<&ManifestEntry>) {
+        let differs = old.is_some_and(|o| o.entry.kind != me.entry.kind || o.hash != me.hash);
+        if matches!(me.entry.kind, Kind::File { .. }) && differs {
+            let k = self.key(&me.entry.path);
+            self.changed.insert(k);
+        }
+    }
+
+    /// Whether [`FilePaths::note_content`] found the file at `path` changed.
+    fn content_changed(&self, path: &[u8]) -> bool {
+        self.changed.contains(&self.key(path))
     }
 }
 
@@ -702,6 +720,7 @@ impl BackupReceiver {
         if old != Some(&me) {
             self.mark_changed()?;
         }
+        self.files.note_content(&me, old);
         let cost = me.entry.buffer_cost();
         self.slots.push(Slot::Ready(me), cost)?;
         Ok(())

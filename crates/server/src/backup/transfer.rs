@@ -364,6 +364,7 @@ impl BackupReceiver {
             entry: t.entry,
             hash,
         };
+        self.files.note_content(&me, t.old.as_ref());
         self.slots.set(t.seq, Slot::Ready(me), cost);
         self.flush_slots()?;
         Ok(TransferResult::Done)

@@ -141,6 +141,7 @@ impl BackupReceiver {
         if t.old.as_ref() != Some(&me) {
             self.mark_changed()?;
         }
+        self.files.note_content(&me, t.old.as_ref());
         let cost = me.entry.buffer_cost();
         self.slots.set(t.seq, Slot::Ready(me), cost);
         self.flush_slots()
