@@ -2591,3 +2591,56 @@ fn a_kept_hard_link_whose_first_name_changed_is_left_out() {
     let older = restored_path(&into.join(&first), &src);
     assert_eq!(fs::read(older.join("z/link")).unwrap(), b"old content");
 }
+
+/// A path the client cannot read is kept by the server as the last backup
+/// has it; the client's record of this backup takes those entries from
+/// its record of the last one, so it stays the chain of the server's
+/// manifest: the next run, the path still unreadable, goes as runs of
+/// unchanged entries instead of announcing every entry.
+#[test]
+fn a_kept_path_leaves_a_record_the_next_run_can_use() {
+    let d = scratch();
+    let src = d.path().join("tree/src");
+    for i in 0..50 {
+        let f = src.join(format!("bad/sub/f{i:02}"));
+        fs::create_dir_all(f.parent().unwrap()).unwrap();
+        fs::write(&f, format!("{i}")).unwrap();
+        fs::write(src.join(format!("ok{i:02}")), format!("ok {i}")).unwrap();
+    }
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let cache = d.path().join("cache");
+    let with_fault = |fault: bool| -> (String, u64, u64) {
+        let mut cmd = Command::new(bin("byteback-backup"));
+        if fault {
+            cmd.env("BYTEBACK_TEST_EIO", "bad");
+        }
+        let out = run_status(
+            cmd.env("BYTEBACK_CACHE_DIR", &cache)
+                .arg("--destination")
+                .arg(&store)
+                .arg("--source")
+                .arg(&src)
+                .args(["--hostname", "h", "--retry-number", "0"]),
+        );
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(if fault { 24 } else { 0 }), "{err}");
+        let entries = summary_number(&err, " entries,").expect(&err);
+        let unchanged = summary_number(&err, " entries unchanged").unwrap_or(0);
+        (err, entries, unchanged)
+    };
+    with_fault(false);
+    let (err, _, unchanged) = with_fault(true);
+    assert!(unchanged >= 40, "the ok files as recorded: {err}");
+    // Still unreadable: the 50 readable files go as runs again.
+    let (err, _, unchanged) = with_fault(true);
+    assert!(
+        unchanged >= 50,
+        "the record of the keeping run was not used: {err}"
+    );
+    // Readable again: everything as recorded, and the tree restores.
+    let (err, entries, unchanged) = with_fault(false);
+    assert!(unchanged + 5 >= entries, "{err}");
+    let root = restore_all(&store, "h", None, &d.path().join("r"));
+    assert_same_tree(&src, &restored_path(&root, &src));
+}

@@ -143,6 +143,9 @@ enum Fed {
     Entry(Walked),
     /// A path it could not read (see [`EntrySink::keep_unread`]).
     KeepUnread(Vec<u8>),
+    /// A record of the last backup at or below such a path: the server
+    /// keeps its entry, so this backup's record holds it too.
+    Kept(Vec<u8>, super::cache::Recorded),
 }
 
 /// One entry of the walk on its way to the announcer.
@@ -187,6 +190,7 @@ pub(super) fn walk_into(
                             match w {
                                 Fed::Entry(w) => announcer.announce(w)?,
                                 Fed::KeepUnread(p) => announcer.keep_unread(p)?,
+                                Fed::Kept(p, r) => announcer.record_kept(&p, &r),
                             }
                         }
                     }
@@ -284,8 +288,16 @@ impl EntrySink for Feeder {
         // In order with the entries; a full chunk goes at once (a failure
         // to send is the backup's, and the next entry says so).
         self.chunk.push(Fed::KeepUnread(path.to_vec()));
-        if self.chunk.len() >= CHUNK {
-            let _ = self.send();
+        // Then the records of what the server keeps, however many, a
+        // chunk at a time.
+        loop {
+            if self.chunk.len() >= CHUNK && self.send().is_err() {
+                return;
+            }
+            match self.old.next_kept(path) {
+                Some((p, r)) => self.chunk.push(Fed::Kept(p, r)),
+                None => break,
+            }
         }
     }
 
@@ -316,6 +328,21 @@ impl EntrySink for Feeder {
 }
 
 impl Announcer {
+    /// Puts the record of an entry the server keeps (unread here) into
+    /// this backup's record, as recorded last time.
+    fn record_kept(&mut self, path: &[u8], r: &super::cache::Recorded) {
+        if let Some(new) = self.new.as_mut() {
+            if let Err(e) = new.push(path, &r.digest, &r.quick) {
+                tracing::warn!(
+                    "cannot write the record of this backup ({e}); the next one sends every entry"
+                );
+                if let Some(n) = self.new.take() {
+                    n.discard();
+                }
+            }
+        }
+    }
+
     /// Announces one entry found by the walk.
     fn announce(&mut self, w: Walked) -> Result<()> {
         let Walked {

@@ -285,6 +285,51 @@ impl Cursor {
             .map(|r| r.digest)
     }
 
+    /// The next record at or below `path`, which the walk could not read
+    /// and the server keeps as the last backup has it: the new record
+    /// takes these as they are, so its chain stays the server's. `None`
+    /// once there are no more (or there is no record).
+    pub fn next_kept(&mut self, path: &[u8]) -> Option<(Vec<u8>, Recorded)> {
+        let within = |p: &[u8]| {
+            p == path
+                || path.is_empty()
+                || (p.starts_with(path) && p.get(path.len()) == Some(&b'/'))
+        };
+        // The walk may have asked about `path` itself before it failed.
+        if let Some((p, r, skipped)) = self.sought.take() {
+            if within(&p) {
+                self.passed |= skipped;
+                if let Some(r) = r {
+                    return Some((p, r));
+                }
+            } else {
+                self.sought = Some((p, r, skipped));
+            }
+        }
+        loop {
+            let old = self.old.as_mut()?;
+            let (p, r) = old.peeked.take()?;
+            let before = !within(&p) && compare_paths(&p, path) == std::cmp::Ordering::Less;
+            if !before && !within(&p) {
+                old.peeked = Some((p, r));
+                return None;
+            }
+            match old.read_one() {
+                Ok(next) => old.peeked = next,
+                Err(e) => {
+                    tracing::warn!("the record of the last backup cannot be read ({e}); every further entry is sent");
+                    self.old = None;
+                }
+            }
+            if before {
+                // An entry the walk did not hand on: the server deletes it.
+                self.passed = true;
+                continue;
+            }
+            return Some((p, r));
+        }
+    }
+
     /// What the record holds for the entry at `path`, handed on now.
     pub fn entry(&mut self, path: &[u8]) -> Sought {
         match self.sought.take() {
@@ -451,6 +496,68 @@ mod tests {
         assert!(!rec.finish(Some(generation)).unwrap());
         assert!(!path.exists());
         assert!(OldRecord::open(&path, &generation).unwrap().is_none());
+    }
+
+    /// A path kept unread: its records (and its own, if the walk asked
+    /// about it before failing) go to the new record as they are; records
+    /// before it the walk passed over are not kept, and the next entry is
+    /// marked as after passed-over ones.
+    #[test]
+    fn the_records_of_a_kept_path_are_taken_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.entries");
+        let names: [&[u8]; 6] = [b"a", b"b", b"k", b"k/x", b"k/y", b"z"];
+        let mut rec = NewRecord::create(&path).unwrap();
+        let mut chain = Chain::new();
+        for (n, p) in names.iter().enumerate() {
+            rec.push(p, &d(n as u8), &d(0)).unwrap();
+            chain.push(&d(n as u8));
+        }
+        let generation = chain.finish();
+        assert!(rec.finish(Some(generation)).unwrap());
+        let kept = |c: &mut Cursor, p: &[u8]| -> Vec<Vec<u8>> {
+            std::iter::from_fn(|| c.next_kept(p).map(|(p, _)| p)).collect()
+        };
+        let mut c = Cursor::new(OldRecord::open(&path, &generation).unwrap());
+        assert_eq!(
+            c.entry(b"a"),
+            Some((
+                Some(Recorded {
+                    digest: d(0),
+                    quick: d(0)
+                }),
+                false
+            ))
+        );
+        // b not found by the walk; k asked about, then unreadable.
+        let _ = c.vouch(b"k", &d(0), 0);
+        assert_eq!(
+            kept(&mut c, b"k"),
+            [b"k".to_vec(), b"k/x".to_vec(), b"k/y".to_vec()]
+        );
+        // b was passed over (the server deletes it): z says so.
+        assert_eq!(
+            c.entry(b"z"),
+            Some((
+                Some(Recorded {
+                    digest: d(5),
+                    quick: d(0)
+                }),
+                true
+            ))
+        );
+        // k's own entry sent, its listing failed: only what is below it.
+        let mut c = Cursor::new(OldRecord::open(&path, &generation).unwrap());
+        let _ = c.entry(b"a");
+        let _ = c.entry(b"b");
+        let _ = c.entry(b"k");
+        assert_eq!(kept(&mut c, b"k"), [b"k/x".to_vec(), b"k/y".to_vec()]);
+        // Records before the kept path that the walk passed over are not
+        // kept: the next entry says records were passed over.
+        let mut c = Cursor::new(OldRecord::open(&path, &generation).unwrap());
+        let _ = c.entry(b"a");
+        assert_eq!(kept(&mut c, b"k/x"), [b"k/x".to_vec()]);
+        assert_eq!(c.entry(b"z").map(|(_, passed)| passed), Some(true));
     }
 
     #[test]
