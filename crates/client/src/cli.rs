@@ -661,7 +661,10 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         report.warnings.push(w);
     }
     {
-        let mine = crate::walk::Excludes::new(&exclude_rules(vec![], &own)?)?;
+        // The user's own excludes: rsync_flags' count too.
+        let mut own_too = exclude_rules(vec![], &own)?;
+        own_too.extend(flags.excludes.iter().map(|(_, p)| p.clone()));
+        let mine = crate::walk::Excludes::new(&own_too)?;
         let hooks_dir = config_dir().join(crate::hooks::PRE_BACKUP_DIR);
         for w in databases_left_out(Path::new("/"), &sources, &all, &mine, &hooks_dir) {
             tracing::warn!("{w}");

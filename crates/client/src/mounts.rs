@@ -266,6 +266,7 @@ impl Mounts {
                     .values()
                     .any(|o| o.parent == **id && o.point == m.point)
             })
+            .filter(|(id, _)| self.walked_down_to(**id))
             .map(|(_, m)| (m, shows_at(m, &bind.root)))
             .find(|(m, at)| {
                 self.sources.iter().any(|s| within(at, s))
@@ -274,6 +275,42 @@ impl Mounts {
                     })
             })
             .map(|(_, at)| at)
+    }
+
+    /// Whether the walk reaches mount `id` from the sources: every mount
+    /// it is mounted on, within a source, is one the walk enters (a local
+    /// type that cannot hang), and no mount outside that chain hides it
+    /// (one mounted over a directory above it, after it).
+    fn walked_down_to(&self, id: u64) -> bool {
+        let mut chain = vec![id];
+        let mut at = id;
+        while let Some(m) = self.table.get(&at) {
+            if m.parent == at
+                || chain.len() > self.table.len()
+                || !self.table.contains_key(&m.parent)
+            {
+                break;
+            }
+            at = m.parent;
+            chain.push(at);
+        }
+        let Some(m) = self.table.get(&id) else {
+            return false;
+        };
+        let entered = chain.iter().filter_map(|i| self.table.get(i)).all(|c| {
+            !self
+                .sources
+                .iter()
+                .any(|s| within(&c.point, s) && c.point != *s)
+                || (LOCAL_TYPES.contains(&c.fstype.as_str()) && !may_hang(&c.fstype))
+        });
+        let hidden = self.table.iter().any(|(oid, o)| {
+            !chain.contains(oid)
+                && o.point != m.point
+                && within(&m.point, &o.point)
+                && chain.contains(&o.parent)
+        });
+        entered && !hidden
     }
 }
 
@@ -440,5 +477,42 @@ mod tests {
             shows_at(&m.table[&22], b"/home/ann/data"),
             b"/home/ann/data"
         );
+    }
+
+    /// A mount that would show a bind mount's files counts only if the
+    /// walk reaches it: not below a mount it does not enter (a tmpfs),
+    /// nor under one mounted over a directory above it.
+    #[test]
+    fn a_bind_mount_is_walked_where_the_other_mount_is_out_of_the_walks_reach() {
+        let under_tmpfs = "\
+22 1 8:1 / / rw - ext4 /dev/sda1 rw
+25 22 0:30 / /run rw - tmpfs tmpfs rw
+70 25 8:9 / /run/media/ann/disk rw - ext4 /dev/sdb1 rw
+71 22 8:9 /photos /home/ann/photos rw - ext4 /dev/sdb1 rw
+";
+        let mut m = Mounts::from_text(under_tmpfs, false, &["/"]);
+        assert_eq!(
+            m.crossing(71, (0x809, 12), "/home/ann/photos"),
+            Crossing::Enter
+        );
+        let hidden = "\
+22 1 8:1 / / rw - ext4 /dev/sda1 rw
+80 22 8:9 / /mnt/disk rw - ext4 /dev/sdb1 rw
+81 22 0:50 / /mnt rw - ext4 /dev/sdc1 rw
+82 22 8:9 /photos /home/photos rw - ext4 /dev/sdb1 rw
+";
+        let mut m = Mounts::from_text(hidden, false, &["/"]);
+        assert_eq!(m.crossing(82, (0x809, 12), "/home/photos"), Crossing::Enter);
+        // Reached: left out, named where.
+        let reached = "\
+22 1 8:1 / / rw - ext4 /dev/sda1 rw
+80 22 8:9 / /mnt/disk rw - ext4 /dev/sdb1 rw
+82 22 8:9 /photos /home/photos rw - ext4 /dev/sdb1 rw
+";
+        let mut m = Mounts::from_text(reached, false, &["/"]);
+        match m.crossing(82, (0x809, 12), "/home/photos") {
+            Crossing::Skip(why) => assert!(why.contains("backed up at /mnt/disk/photos"), "{why}"),
+            Crossing::Enter => panic!("walked twice"),
+        }
     }
 }

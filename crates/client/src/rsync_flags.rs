@@ -17,6 +17,8 @@ pub struct RsyncFlags {
     /// Exclude patterns (`--exclude`, and the lines of `--exclude-from`
     /// files), in order, each with the flag it came from.
     pub excludes: Vec<(String, String)>,
+    /// The exclude flags as written (`--exclude=PAT`, `--exclude-from=FILE`).
+    pub exclude_flags: Vec<String>,
     /// `-x`, `--one-file-system`.
     pub one_file_system: bool,
     /// `-c`, `--checksum`.
@@ -200,13 +202,23 @@ pub fn parse(text: &str, exclude_from: &dyn Fn(&str) -> Result<Vec<String>>) -> 
             let mut value_or_next = || value.clone().or_else(|| args.next().map(str::to_string));
             match name {
                 "exclude" => match value_or_next() {
-                    Some(p) => out.excludes.push((format!("--exclude={p}"), p)),
+                    // rsync reads --exclude with its old prefixes: `- `
+                    // an exclude, `+ ` an include, `!` a clear.
+                    Some(p) if p == "!" || p.starts_with("+ ") => return Err(rule_flag(arg)),
+                    Some(p) => {
+                        let flag = format!("--exclude={p}");
+                        let p = p.strip_prefix("- ").map_or(p.clone(), str::to_string);
+                        out.exclude_flags.push(flag.clone());
+                        out.excludes.push((flag, p));
+                    }
                     None => out.unsupported.push(arg.to_string()),
                 },
                 "exclude-from" => match value_or_next() {
                     Some(f) => {
+                        let flag = format!("--exclude-from={f}");
+                        out.exclude_flags.push(flag.clone());
                         for p in exclude_from(&f)? {
-                            out.excludes.push((format!("--exclude-from={f}"), p));
+                            out.excludes.push((flag.clone(), p));
                         }
                     }
                     None => out.unsupported.push(arg.to_string()),
@@ -263,8 +275,7 @@ impl RsyncFlags {
     /// the warning naming those it does not apply (all but what byteback
     /// always does), if any. A restore takes what its patterns select.
     pub fn restore_warning(&self, path: &Path) -> Option<String> {
-        let mut named: Vec<String> = self.excludes.iter().map(|(from, _)| from.clone()).collect();
-        named.dedup();
+        let mut named = self.exclude_flags.clone();
         if self.one_file_system {
             named.push("--one-file-system".into());
         }
@@ -381,14 +392,21 @@ mod tests {
             note.contains("2 exclude patterns, --one-file-system, --checksum"),
             "{note}"
         );
+        // rsync's old prefix: `- ` is an exclude.
+        let f = parse("--exclude=- /srv\n", &no_file).unwrap();
+        assert_eq!(f.excludes[0].1, "/srv");
     }
 
     #[test]
     fn a_restore_names_the_flags_it_does_not_apply() {
-        let f = parse("-a\n--exclude=*.iso\n-x\n--bwlimit=9\n", &no_file).unwrap();
+        let f = parse(
+            "-a\n--exclude=*.iso\n--exclude-from=/l\n-x\n--bwlimit=9\n",
+            &|_| Ok(vec![]),
+        )
+        .unwrap();
         let w = f.restore_warning(Path::new("rf")).unwrap();
         assert!(
-            w.contains("--exclude=*.iso --one-file-system --bwlimit=9"),
+            w.contains("--exclude=*.iso --exclude-from=/l --one-file-system --bwlimit=9"),
             "{w}"
         );
         assert_eq!(
@@ -402,6 +420,8 @@ mod tests {
     #[test]
     fn include_and_filter_flags_are_refused() {
         for bad in [
+            "--exclude=+ *.c",
+            "--exclude\n!",
             "--include=*.c",
             "--filter=- x",
             "-f\n- x",

@@ -224,7 +224,8 @@ fn append_usage(
     let mut f = std::fs::File::from(fd);
     f.write_all(line.as_bytes()).op("append to", path)?;
     f.sync_data().op("sync", path)?;
-    // Its name too, the first time (a directory sync once a backup).
+    // Its directory too, so the file's name is durable when it was just
+    // created (a directory sync per line written: two a backup).
     crate::fsops::fsync(host.fd()).op("sync", || host.path.display().to_string())?;
     Ok(())
 }

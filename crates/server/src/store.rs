@@ -163,7 +163,19 @@ impl HostStore {
     pub fn lock(&self) -> Result<File> {
         let lock = || self.path.join(".lock").display().to_string();
         let f = fsops::open_lock(&self.fd, b".lock").op("open", lock)?;
-        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        // A listing of restores looks at the lock shared for an instant:
+        // a few short tries pass over that, and give up on a backup.
+        let mut tries = 0;
+        let got = loop {
+            match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Err(rustix::io::Errno::WOULDBLOCK) if tries < 10 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                r => break r,
+            }
+        };
+        match got {
             Ok(()) => Ok(f),
             Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::Store(format!(
                 "another backup of host {} is running, or a restore is reading its current; \
@@ -176,12 +188,26 @@ impl HostStore {
 
     /// Takes the host's lock shared, so no backup changes `current` while a
     /// restore reads it (a backup takes it exclusive, and fails rather than
-    /// wait), or says a backup holds it.
-    pub fn lock_shared(&self) -> Result<File> {
+    /// wait), or says a backup holds it. Opened read-only, never created: a
+    /// store that cannot be written (mounted read-only, another user's) has
+    /// no backup running, and no lock is needed (`None`).
+    pub fn lock_shared(&self) -> Result<Option<File>> {
         let lock = || self.path.join(".lock").display().to_string();
-        let f = fsops::open_lock(&self.fd, b".lock").op("open", lock)?;
+        let f = match rustix::fs::openat(
+            &self.fd,
+            ".lock",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC | rustix::fs::OFlags::NOFOLLOW,
+            Mode::empty(),
+        ) {
+            Ok(fd) => File::from(fd),
+            // No backup ever ran here, or none can.
+            Err(rustix::io::Errno::NOENT | rustix::io::Errno::ACCESS | rustix::io::Errno::ROFS) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(Error::io("open", lock(), e.into())),
+        };
         match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared) {
-            Ok(()) => Ok(f),
+            Ok(()) => Ok(Some(f)),
             Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::Store(format!(
                 "a backup of host {} is running, so its current is changing: restore from a \
                  snapshot (--snapshot), or again once the backup has ended",
@@ -189,6 +215,11 @@ impl HostStore {
             ))),
             Err(e) => Err(Error::io("lock", lock(), e.into())),
         }
+    }
+
+    /// Whether a backup of the host holds its lock now.
+    pub fn backup_running(&self) -> bool {
+        matches!(self.lock_shared(), Err(Error::Store(_)))
     }
 
     /// Opens `current` (must exist).
@@ -446,6 +477,38 @@ fn make_read_only(dir: &OwnedFd) -> io::Result<()> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A restore's shared lock: none needed where no backup ever ran (no
+    /// lock file, nothing created), refused while a backup holds it, and
+    /// it holds a backup off; a backup starting while a listing looks for
+    /// an instant still starts.
+    #[test]
+    fn the_shared_lock_keeps_backups_off_and_needs_no_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let host = store.host("h", true).unwrap();
+        assert!(host.lock_shared().unwrap().is_none());
+        assert!(!dir.path().join("h/.lock").exists(), "created by a reader");
+        assert!(!host.backup_running());
+        let backup = host.lock().unwrap();
+        assert!(host.backup_running());
+        let e = host.lock_shared().unwrap_err().to_string();
+        assert!(e.contains("a backup of host h is running"), "{e}");
+        drop(backup);
+        let reading = host.lock_shared().unwrap().expect("a lock file now");
+        let e = host.lock().unwrap_err().to_string();
+        assert!(e.contains("a restore is reading its current"), "{e}");
+        drop(reading);
+        // Released within the tries: the backup starts.
+        let h2 = store.host("h", false).unwrap();
+        let brief = h2.lock_shared().unwrap().unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(120));
+            drop(brief);
+        });
+        assert!(host.lock().is_ok());
+        t.join().unwrap();
+    }
 
     /// A hard-link snapshot is renamed out of the snapshots' names before
     /// it is removed, so one whose deletion was cut short never passes for

@@ -22,7 +22,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The deadline of a whole session, shared by its two ends; none until
-/// [`SessionClock::start`] (a backup starting).
+/// [`SessionClock::start`] (a backup starting, or a restore reading
+/// `current` under the host's lock).
 #[derive(Debug, Clone, Default)]
 pub struct SessionClock(Arc<OnceLock<(Instant, Duration)>>);
 
@@ -46,7 +47,7 @@ impl SessionClock {
         io::Error::new(
             io::ErrorKind::TimedOut,
             format!(
-                "the backup has run for {secs} s (max_session in byteback.toml); giving up, what was received stays for the next run"
+                "the session has run for {secs} s (max_session in byteback.toml); giving up (a backup keeps what was received for the next run)"
             ),
         )
     }

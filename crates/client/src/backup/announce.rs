@@ -332,7 +332,10 @@ impl Announcer {
     /// this backup's record, as recorded last time.
     fn record_kept(&mut self, path: &[u8], r: &super::cache::Recorded) {
         if let Some(new) = self.new.as_mut() {
-            if let Err(e) = new.push(path, &r.digest, &r.quick) {
+            // No quick key: it would be vouched for against this backup's
+            // start, later than the one it was taken at (see
+            // `OldRecord::vouches_at`), so its xattrs are read next time.
+            if let Err(e) = new.push(path, &r.digest, &EntryDigest::default()) {
                 tracing::warn!(
                     "cannot write the record of this backup ({e}); the next one sends every entry"
                 );

@@ -53,8 +53,7 @@ pub(super) fn list_snapshot_kinds<R: Read, W: Write>(
                     let news = match kind {
                         SnapshotKind::Byteback => {
                             // A backup running holds the lock: current is changing.
-                            let idle = h.lock_shared().is_ok();
-                            current_news(&fd, newest.as_ref(), idle)
+                            current_news(&fd, newest.as_ref(), !h.backup_running())
                         }
                         SnapshotKind::Legacy1x => CurrentNews::No,
                     };
@@ -136,20 +135,35 @@ fn current_news(
     }
 }
 
-/// Before `current` (`snapshot`) is read: takes the host's lock shared
-/// for the rest of the session (into `held`), so no backup changes it
-/// while the restore reads it; refused while a backup runs. Snapshots need
-/// nothing: they never change.
+/// Before `snapshot` is read: for `current`, takes the host's lock shared
+/// (into `held`) until the restore reads another snapshot or the session
+/// ends, so no backup changes it under the restore (refused while a backup
+/// runs); the session then ends after `max_session` at the latest, so a
+/// restore never holds backups off for longer. Snapshots never change:
+/// reading one lets the lock go (a restore reads each snapshot's parts
+/// together).
 pub(super) fn hold_current(
     cfg: &ServeConfig,
     store: &Store,
     snapshot: &str,
-    held: &mut Option<std::fs::File>,
+    held: &mut Option<Option<std::fs::File>>,
 ) -> Result<()> {
-    if snapshot != "current" || held.is_some() {
+    if snapshot != "current" {
+        *held = None;
         return Ok(());
     }
-    *held = Some(store.host(&cfg.host, false)?.lock_shared()?);
+    if held.is_some() {
+        return Ok(());
+    }
+    let host = store.host(&cfg.host, false)?;
+    let lock = host.lock_shared()?;
+    let config = crate::config::StoreConfig::load(&cfg.store)?;
+    if config.max_session > 0 {
+        cfg.clock.start(std::time::Duration::from_secs(
+            config.max_session.unsigned_abs(),
+        ));
+    }
+    *held = Some(lock);
     Ok(())
 }
 
