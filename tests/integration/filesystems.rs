@@ -311,6 +311,18 @@ fn a_bind_mount_whose_filesystem_is_not_backed_up_elsewhere_is_walked() {
     );
     let snap = r.ancestors().nth(src.components().count() - 1).unwrap();
     assert_same_tree(&outside, &snap.join(outside.strip_prefix("/").unwrap()));
+
+    // Where they show there is excluded: the bind mount is walked, or
+    // the files would be in neither place.
+    let excluded = format!("{}/", outside.join("www").display());
+    backup(
+        &store,
+        &src,
+        "excl",
+        &["--source", outside.to_str().unwrap(), "-x", &excluded],
+    );
+    let r = restore(&store, "excl", &d.path().join("r3"), &src);
+    assert_same_tree(&outside.join("www"), &r.join("www"));
 }
 
 /// A filesystem without xattrs, as vfat (an EFI system partition, now

@@ -207,6 +207,19 @@ impl Mounts {
     /// Decides for directory `shown`, whose mount id `mnt_id` differs from
     /// its parent's, and whose root is `dev_ino`.
     pub fn crossing(&mut self, mnt_id: u64, dev_ino: (u64, u64), shown: &str) -> Crossing {
+        self.crossing_unless(mnt_id, dev_ino, shown, &|_| false)
+    }
+
+    /// [`Mounts::crossing`], where `excluded` says whether the walk leaves
+    /// out a directory (absolute path): a bind mount's files are reached
+    /// elsewhere only where that place is not left out.
+    pub fn crossing_unless(
+        &mut self,
+        mnt_id: u64,
+        dev_ino: (u64, u64),
+        shown: &str,
+        excluded: &dyn Fn(&[u8]) -> bool,
+    ) -> Crossing {
         if self.one_file_system {
             return Crossing::Skip(format!(
                 "{shown}: another filesystem, not entered (--one-file-system)"
@@ -228,7 +241,7 @@ impl Mounts {
         }
         let subvol_root = info.fstype == "btrfs" && dev_ino.1 == BTRFS_SUBVOL_ROOT_INO;
         if info.root != b"/" && !subvol_root {
-            if let Some(at) = self.covering(info) {
+            if let Some(at) = self.covering(info, excluded) {
                 return Crossing::Skip(format!(
                     "{shown}: a bind mount of {} of its filesystem, whose files are backed up at {}",
                     String::from_utf8_lossy(&info.root),
@@ -254,7 +267,7 @@ impl Mounts {
     /// of one subtree never leave each other out), through which that
     /// subtree shows at a path within a source, not hidden by a mount
     /// above it there (`bind` itself included), nor by one stacked on it.
-    fn covering(&self, bind: &MountInfo) -> Option<Vec<u8>> {
+    fn covering(&self, bind: &MountInfo, excluded: &dyn Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
         self.table
             .iter()
             .filter(|(_, m)| {
@@ -273,6 +286,7 @@ impl Mounts {
                     && !self.table.values().any(|o| {
                         o.point != m.point && within(&o.point, &m.point) && within(at, &o.point)
                     })
+                    && !excluded(at)
             })
             .map(|(_, at)| at)
     }
@@ -477,6 +491,27 @@ mod tests {
             shows_at(&m.table[&22], b"/home/ann/data"),
             b"/home/ann/data"
         );
+    }
+
+    /// Where the other mount shows the files is left out by the excludes:
+    /// the bind mount is walked, or they would be in neither place.
+    #[test]
+    fn a_bind_mount_is_walked_where_its_files_show_only_in_an_excluded_place() {
+        let table = "\
+22 1 8:1 / / rw - ext4 /dev/sda1 rw
+50 22 8:1 /srv/data /var/www rw - ext4 /dev/sda1 rw
+";
+        let mut m = Mounts::from_text(table, false, &["/"]);
+        let excluded = |p: &[u8]| p.starts_with(b"/srv");
+        assert_eq!(
+            m.crossing_unless(50, (0x801, 9), "/var/www", &excluded),
+            Crossing::Enter
+        );
+        let mut m = Mounts::from_text(table, false, &["/"]);
+        assert!(matches!(
+            m.crossing_unless(50, (0x801, 9), "/var/www", &|_| false),
+            Crossing::Skip(_)
+        ));
     }
 
     /// A mount that would show a bind mount's files counts only if the

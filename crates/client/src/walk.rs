@@ -592,6 +592,23 @@ fn read_small_at(dir: BorrowedFd<'_>, name: &[u8]) -> Result<Option<Vec<u8>>, St
     Ok(Some(buf))
 }
 
+/// Whether the directory at `abs` (an absolute path elsewhere in the tree)
+/// is left out by the excludes or the filter's rules, itself or through a
+/// directory above it. Per-directory filter files are not read for it:
+/// only the rules every directory has.
+fn left_out_anywhere(excludes: &Excludes, filter: Option<&Filter>, abs: &[u8]) -> bool {
+    let rel = abs.trim_start_matches_slash();
+    let rules = DirRules::default();
+    (0..=rel.len())
+        .filter(|&i| i == rel.len() || rel[i] == b'/')
+        .map(|i| &rel[..i])
+        .filter(|p| !p.is_empty())
+        .any(|p| {
+            excludes.is_excluded(p, true)
+                || filter.is_some_and(|f| f.check(&rules, p, true, 0) == Some(Action::Exclude))
+        })
+}
+
 impl Walker<'_> {
     /// Whether an entry is left out: by the excludes, then by the first
     /// matching filter rule. `depth` is the walk depth of its directory.
@@ -1061,9 +1078,11 @@ impl Walker<'_> {
         };
         if crosses {
             let shown = String::from_utf8_lossy(path).into_owned();
+            let (excludes, filter) = (self.excludes, self.filter.clone());
+            let excluded = |abs: &[u8]| left_out_anywhere(excludes, filter.as_deref(), abs);
             if let Crossing::Skip(why) =
                 self.mounts
-                    .crossing(here.0.unwrap_or(0), (dev, ino), &shown)
+                    .crossing_unless(here.0.unwrap_or(0), (dev, ino), &shown, &excluded)
             {
                 self.sink.note(why);
                 return Ok(None);
