@@ -1014,7 +1014,9 @@ pub struct RestoreArgs {
     restore: bool,
     /// Use only this snapshot, or the snapshots a glob matches (as
     /// '2026-11-*'; each path's latest version among them, or every
-    /// version with --all). Default: all of them.
+    /// version with --all). Default: all of them, and 'current' when it
+    /// holds a backup no snapshot has (one within the minimum interval
+    /// between snapshots).
     #[arg(short, long)]
     snapshot: Option<String>,
     /// Restore into DIR/<snapshot>/<path> instead of ./<snapshot>/<path>;
