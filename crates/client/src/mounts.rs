@@ -207,18 +207,19 @@ impl Mounts {
     /// Decides for directory `shown`, whose mount id `mnt_id` differs from
     /// its parent's, and whose root is `dev_ino`.
     pub fn crossing(&mut self, mnt_id: u64, dev_ino: (u64, u64), shown: &str) -> Crossing {
-        self.crossing_unless(mnt_id, dev_ino, shown, &|_| false)
+        self.crossing_unless(mnt_id, dev_ino, shown, &|_, _| false)
     }
 
-    /// [`Mounts::crossing`], where `excluded` says whether the walk leaves
-    /// out a directory (absolute path): a bind mount's files are reached
-    /// elsewhere only where that place is not left out.
+    /// [`Mounts::crossing`], where `excluded(path, source)` says whether the
+    /// walk of `source` leaves out the directory at `path` (absolute): a
+    /// bind mount's files are reached elsewhere only where that place is
+    /// not left out.
     pub fn crossing_unless(
         &mut self,
         mnt_id: u64,
         dev_ino: (u64, u64),
         shown: &str,
-        excluded: &dyn Fn(&[u8]) -> bool,
+        excluded: &dyn Fn(&[u8], &[u8]) -> bool,
     ) -> Crossing {
         if self.one_file_system {
             return Crossing::Skip(format!(
@@ -267,7 +268,11 @@ impl Mounts {
     /// of one subtree never leave each other out), through which that
     /// subtree shows at a path within a source, not hidden by a mount
     /// above it there (`bind` itself included), nor by one stacked on it.
-    fn covering(&self, bind: &MountInfo, excluded: &dyn Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+    fn covering(
+        &self,
+        bind: &MountInfo,
+        excluded: &dyn Fn(&[u8], &[u8]) -> bool,
+    ) -> Option<Vec<u8>> {
         self.table
             .iter()
             .filter(|(_, m)| {
@@ -282,11 +287,13 @@ impl Mounts {
             .filter(|(id, _)| self.walked_down_to(**id))
             .map(|(_, m)| (m, shows_at(m, &bind.root)))
             .find(|(m, at)| {
-                self.sources.iter().any(|s| within(at, s))
+                self.sources
+                    .iter()
+                    .find(|s| within(at, s))
+                    .is_some_and(|s| !excluded(at, s))
                     && !self.table.values().any(|o| {
                         o.point != m.point && within(&o.point, &m.point) && within(at, &o.point)
                     })
-                    && !excluded(at)
             })
             .map(|(_, at)| at)
     }
@@ -311,13 +318,34 @@ impl Mounts {
         let Some(m) = self.table.get(&id) else {
             return false;
         };
-        let entered = chain.iter().filter_map(|i| self.table.get(i)).all(|c| {
-            !self
-                .sources
-                .iter()
-                .any(|s| within(&c.point, s) && c.point != *s)
-                || (LOCAL_TYPES.contains(&c.fstype.as_str()) && !may_hang(&c.fstype))
-        });
+        // Each one the walk crosses into must be of a type it enters. Those
+        // it is mounted on must be entered too, whatever the order of the
+        // walk: not a bind mount of a subtree (a btrfs subvolume's mount
+        // has a root of its own), and the only mount of that filesystem
+        // root (of two, the walk enters the one it meets first, and what is
+        // mounted on the other is never walked). The mount itself may be
+        // either of two: both show the same files.
+        let entered = chain
+            .iter()
+            .filter_map(|i| self.table.get(i))
+            .enumerate()
+            .all(|(k, c)| {
+                let crossed = self
+                    .sources
+                    .iter()
+                    .any(|s| within(&c.point, s) && c.point != *s);
+                let whole = c.root == b"/" || c.fstype == "btrfs";
+                let once = self
+                    .table
+                    .values()
+                    .filter(|o| o.dev == c.dev && o.root == c.root)
+                    .count()
+                    == 1;
+                !crossed
+                    || (LOCAL_TYPES.contains(&c.fstype.as_str())
+                        && !may_hang(&c.fstype)
+                        && (k == 0 || (whole && once)))
+            });
         let hidden = self.table.iter().any(|(oid, o)| {
             !chain.contains(oid)
                 && o.point != m.point
@@ -502,14 +530,14 @@ mod tests {
 50 22 8:1 /srv/data /var/www rw - ext4 /dev/sda1 rw
 ";
         let mut m = Mounts::from_text(table, false, &["/"]);
-        let excluded = |p: &[u8]| p.starts_with(b"/srv");
+        let excluded = |p: &[u8], _: &[u8]| p.starts_with(b"/srv");
         assert_eq!(
             m.crossing_unless(50, (0x801, 9), "/var/www", &excluded),
             Crossing::Enter
         );
         let mut m = Mounts::from_text(table, false, &["/"]);
         assert!(matches!(
-            m.crossing_unless(50, (0x801, 9), "/var/www", &|_| false),
+            m.crossing_unless(50, (0x801, 9), "/var/www", &|_, _| false),
             Crossing::Skip(_)
         ));
     }
@@ -538,6 +566,38 @@ mod tests {
 ";
         let mut m = Mounts::from_text(hidden, false, &["/"]);
         assert_eq!(m.crossing(82, (0x809, 12), "/home/photos"), Crossing::Enter);
+        // On a bind mount the walk leaves out, or on a second mount of one
+        // filesystem (which of the two the walk enters depends on its
+        // order): not reached for sure, so walked.
+        let on_skipped = "\
+22 1 8:1 / / rw - ext4 /dev/sda1 rw
+90 22 8:1 /data/www /srv/www rw - ext4 /dev/sda1 rw
+91 90 8:9 / /srv/www/uploads rw - ext4 /dev/sdb1 rw
+92 22 8:9 /pics /home/pics rw - ext4 /dev/sdb1 rw
+";
+        let mut m = Mounts::from_text(on_skipped, false, &["/"]);
+        assert_eq!(m.crossing(92, (0x809, 12), "/home/pics"), Crossing::Enter);
+        let twice = "\
+22 1 8:1 / / rw - ext4 /dev/sda1 rw
+80 22 8:9 / /mnt/disk rw - ext4 /dev/sdb1 rw
+83 22 8:9 / /mnt/again rw - ext4 /dev/sdb1 rw
+84 80 8:10 / /mnt/disk/inner rw - ext4 /dev/sdc1 rw
+85 22 8:10 /photos /home/photos rw - ext4 /dev/sdc1 rw
+";
+        let mut m = Mounts::from_text(twice, false, &["/"]);
+        assert_eq!(m.crossing(85, (0x80a, 12), "/home/photos"), Crossing::Enter);
+        // The covering mount itself mounted twice: either shows the files.
+        let m_twice = "\
+22 1 8:1 / / rw - ext4 /dev/sda1 rw
+80 22 8:9 / /mnt/disk rw - ext4 /dev/sdb1 rw
+83 22 8:9 / /mnt/again rw - ext4 /dev/sdb1 rw
+82 22 8:9 /photos /home/photos rw - ext4 /dev/sdb1 rw
+";
+        let mut m = Mounts::from_text(m_twice, false, &["/"]);
+        assert!(matches!(
+            m.crossing(82, (0x809, 12), "/home/photos"),
+            Crossing::Skip(_)
+        ));
         // Reached: left out, named where.
         let reached = "\
 22 1 8:1 / / rw - ext4 /dev/sda1 rw

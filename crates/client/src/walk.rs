@@ -592,21 +592,55 @@ fn read_small_at(dir: BorrowedFd<'_>, name: &[u8]) -> Result<Option<Vec<u8>>, St
     Ok(Some(buf))
 }
 
-/// Whether the directory at `abs` (an absolute path elsewhere in the tree)
-/// is left out by the excludes or the filter's rules, itself or through a
-/// directory above it. Per-directory filter files are not read for it:
-/// only the rules every directory has.
-fn left_out_anywhere(excludes: &Excludes, filter: Option<&Filter>, abs: &[u8]) -> bool {
+/// Whether the walk of source `src` leaves out the directory at `abs`
+/// (an absolute path elsewhere beneath it), itself or through a directory
+/// between them, by the excludes or the filter's rules (as the walk checks
+/// them: not the source itself, nor what is above it). Per-directory
+/// filter files are not read for it: with any, it counts as left out, so
+/// a bind mount showing it is walked rather than its files lost.
+fn left_out_anywhere(excludes: &Excludes, filter: Option<&Filter>, abs: &[u8], src: &[u8]) -> bool {
+    if filter.is_some_and(|f| !f.dir_merges().is_empty()) {
+        return true;
+    }
     let rel = abs.trim_start_matches_slash();
+    let src = src.trim_start_matches_slash();
+    let below = src.strip_suffix(b"/").unwrap_or(src).len();
     let rules = DirRules::default();
     (0..=rel.len())
         .filter(|&i| i == rel.len() || rel[i] == b'/')
+        .filter(|&i| i > below)
         .map(|i| &rel[..i])
-        .filter(|p| !p.is_empty())
         .any(|p| {
             excludes.is_excluded(p, true)
                 || filter.is_some_and(|f| f.check(&rules, p, true, 0) == Some(Action::Exclude))
         })
+}
+
+#[cfg(test)]
+mod left_out_tests {
+    use super::*;
+
+    /// Only the directories below the source count, each of them; with
+    /// per-directory filter files, everything counts as left out.
+    #[test]
+    fn a_place_is_left_out_by_the_rules_the_walk_would_apply() {
+        let x = Excludes::new(&["/tmp/", "cache/"]).unwrap();
+        // The source itself and what is above it are not checked.
+        assert!(!left_out_anywhere(&x, None, b"/tmp/src/a/b", b"/tmp/src"));
+        assert!(left_out_anywhere(
+            &x,
+            None,
+            b"/tmp/src/a/cache/b",
+            b"/tmp/src"
+        ));
+        assert!(left_out_anywhere(&x, None, b"/tmp/a", b"/"));
+        assert!(!left_out_anywhere(&x, None, b"/srv/a", b"/"));
+        let f = Filter::parse(b"- /srv/a/\n", Path::new("f")).unwrap();
+        assert!(left_out_anywhere(&x, Some(&f), b"/srv/a/b", b"/"));
+        assert!(!left_out_anywhere(&x, Some(&f), b"/srv/b", b"/"));
+        let f = Filter::parse(b": .rules\n", Path::new("f")).unwrap();
+        assert!(left_out_anywhere(&x, Some(&f), b"/srv/b", b"/"));
+    }
 }
 
 impl Walker<'_> {
@@ -1079,7 +1113,8 @@ impl Walker<'_> {
         if crosses {
             let shown = String::from_utf8_lossy(path).into_owned();
             let (excludes, filter) = (self.excludes, self.filter.clone());
-            let excluded = |abs: &[u8]| left_out_anywhere(excludes, filter.as_deref(), abs);
+            let excluded =
+                |abs: &[u8], src: &[u8]| left_out_anywhere(excludes, filter.as_deref(), abs, src);
             if let Crossing::Skip(why) =
                 self.mounts
                     .crossing_unless(here.0.unwrap_or(0), (dev, ino), &shown, &excluded)

@@ -188,22 +188,24 @@ impl HostStore {
 
     /// Takes the host's lock shared, so no backup changes `current` while a
     /// restore reads it (a backup takes it exclusive, and fails rather than
-    /// wait), or says a backup holds it. Opened read-only, never created: a
-    /// store that cannot be written (mounted read-only, another user's) has
-    /// no backup running, and no lock is needed (`None`).
+    /// wait), or says a backup holds it. Opened read-only (and never
+    /// blocking, whatever is there), never created: where there is none, no
+    /// backup ever ran, and none is needed (`None`). One this user may not
+    /// open is an error: whether a backup runs is then unknown.
     pub fn lock_shared(&self) -> Result<Option<File>> {
         let lock = || self.path.join(".lock").display().to_string();
         let f = match rustix::fs::openat(
             &self.fd,
             ".lock",
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC | rustix::fs::OFlags::NOFOLLOW,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::CLOEXEC
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::NONBLOCK,
             Mode::empty(),
         ) {
             Ok(fd) => File::from(fd),
             // No backup ever ran here, or none can.
-            Err(rustix::io::Errno::NOENT | rustix::io::Errno::ACCESS | rustix::io::Errno::ROFS) => {
-                return Ok(None)
-            }
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
             Err(e) => return Err(Error::io("open", lock(), e.into())),
         };
         match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared) {
@@ -217,9 +219,10 @@ impl HostStore {
         }
     }
 
-    /// Whether a backup of the host holds its lock now.
+    /// Whether a backup of the host may hold its lock now (also when the
+    /// lock cannot be looked at).
     pub fn backup_running(&self) -> bool {
-        matches!(self.lock_shared(), Err(Error::Store(_)))
+        self.lock_shared().is_err()
     }
 
     /// Opens `current` (must exist).

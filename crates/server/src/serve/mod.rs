@@ -123,8 +123,8 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
     })?;
     let store = Store::open(&cfg.store)?;
     let mut streamer = None;
-    // The host's lock, shared, from the first read of `current` to the
-    // end of the session: no backup changes it under the restore.
+    // The host's lock, shared, while the restore reads `current` (see
+    // `restore::hold_current`): no backup changes it under the restore.
     let mut holding_current = None;
     loop {
         let Some(msg) = conn.recv()? else {
@@ -136,6 +136,8 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
                 if cfg.access != Access::Full {
                     return Err(refused("this key may only list and restore"));
                 }
+                // Its own restore's hold would lock this backup out.
+                holding_current = None;
                 backup::backup(cfg, &store, conn, checksum)?;
             }
             ClientMsg::ListSnapshots => restore::list_snapshots(cfg, &store, conn)?,
