@@ -1150,3 +1150,37 @@ fn over_ssh_a_failing_or_killed_server_never_leaves_the_client_hanging() {
     let out = w.backup(&client, &src);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// Over SSH too (protocol 8, through the key's forced command): a backup
+/// within the minimum interval between snapshots makes none, and a restore
+/// without `--snapshot` reads it from `current`, saying so.
+#[test]
+fn over_ssh_a_restore_reads_a_current_newer_than_every_snapshot() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let w = World::new(300);
+    let client = w.enrolled("c");
+    let src = w.one_file_src(b"first");
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "{}", stderr(&out));
+    fs::write(
+        w.store.join("byteback.toml"),
+        "min_snapshot_interval = 21600\n",
+    )
+    .unwrap();
+    fs::remove_file(src.join("f")).unwrap();
+    fs::write(src.join("f"), b"second, within the interval").unwrap();
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(w.snapshots("client-c").len(), 1, "{}", stderr(&out));
+    let into = w.work.path().join("r");
+    let out = w.restore(&client, &into, &["--restore", "/"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("current holds a backup committed at"), "{err}");
+    assert_eq!(
+        fs::read(under(&into.join("current"), &src).join("f")).unwrap(),
+        b"second, within the interval"
+    );
+}
