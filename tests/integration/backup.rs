@@ -43,6 +43,17 @@ fn backup_with_fault(store: &Path, src: &Path, var: &str, value: &str) -> Output
     )
 }
 
+/// A scratch directory with an empty `src/` and a `store/` that takes a
+/// snapshot at every backup: what most tests here start from.
+fn site() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let d = scratch();
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    (d, src, store)
+}
+
 fn restored_path(root: &Path, src: &Path) -> PathBuf {
     root.join(src.strip_prefix("/").unwrap())
 }
@@ -2036,12 +2047,8 @@ fn the_server_widens_its_standard_pipes() {
 /// as the file's content, and restores verified them as good).
 #[test]
 fn a_file_written_before_a_crash_is_checked_against_the_client() {
-    let d = scratch();
-    let src = d.path().join("src");
-    fs::create_dir_all(&src).unwrap();
+    let (_d, src, store) = site();
     fs::write(src.join("old"), b"old data").unwrap();
-    let store = d.path().join("store");
-    store_without_interval(&store);
     local_backup(&store, &src, "h");
     let content = Rng::new(5).bytes(300_000);
     fs::write(src.join("new"), &content).unwrap();
@@ -2203,12 +2210,8 @@ fn a_kept_entry_whose_stored_copy_changed_is_left_out() {
 /// warning, instead of failing this backup and every one after it.
 #[test]
 fn an_unreadable_stored_copy_is_received_again() {
-    let d = scratch();
-    let src = d.path().join("src");
-    fs::create_dir_all(&src).unwrap();
+    let (d, src, store) = site();
     fs::write(src.join("old"), b"old").unwrap();
-    let store = d.path().join("store");
-    store_without_interval(&store);
     local_backup(&store, &src, "h");
     let content = Rng::new(9).bytes(100_000);
     fs::write(src.join("left"), &content).unwrap();
@@ -2325,11 +2328,7 @@ fn a_path_too_long_is_left_out_and_the_backup_goes_on() {
 /// the next snapshot carries those bytes.
 #[test]
 fn a_crash_before_the_snapshot_keeps_the_backups_growth_counted() {
-    let d = scratch();
-    let store = d.path().join("store");
-    store_without_interval(&store);
-    let src = d.path().join("src");
-    fs::create_dir_all(&src).unwrap();
+    let (d, src, store) = site();
     let data = Rng::new(5).bytes(300_000);
     fs::write(src.join("f"), &data).unwrap();
     let o = backup_with_fault(&store, &src, "BYTEBACK_TEST_CRASH_BEFORE_SNAPSHOT", "1");
@@ -2526,11 +2525,7 @@ fn current_newer_than_every_snapshot(store: &Path, work: &Path) {
 /// next snapshot look like a growth spike and stop pruning.
 #[test]
 fn a_failed_snapshot_counts_the_backups_growth_once() {
-    let d = scratch();
-    let store = d.path().join("store");
-    store_without_interval(&store);
-    let src = d.path().join("src");
-    fs::create_dir_all(&src).unwrap();
+    let (_d, src, store) = site();
     let data = Rng::new(6).bytes(300_000);
     fs::write(src.join("f"), &data).unwrap();
     let o = backup_with_fault(&store, &src, "BYTEBACK_TEST_SNAPSHOT_FAILS", "1");
@@ -2554,14 +2549,11 @@ fn a_failed_snapshot_counts_the_backups_growth_once() {
 /// from the last snapshot with the content it had there.
 #[test]
 fn a_kept_hard_link_whose_first_name_changed_is_left_out() {
-    let d = scratch();
-    let src = d.path().join("src");
+    let (d, src, store) = site();
     fs::create_dir_all(src.join("z")).unwrap();
     fs::write(src.join("a"), b"old content").unwrap();
     fs::hard_link(src.join("a"), src.join("z/link")).unwrap();
     fs::write(src.join("z/plain"), b"plain").unwrap();
-    let store = d.path().join("store");
-    store_without_interval(&store);
     local_backup(&store, &src, "h");
     let first = snapshots(&store, "h").pop().unwrap();
     // Replaced: z/link still names the old file.
