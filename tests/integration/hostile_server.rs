@@ -552,6 +552,11 @@ fn file_data_never_beyond_the_manifest_and_bad_files_removed() {
     sc.empty_parts = 3;
     let r = st.restore(&sc, &[ALL]);
     r.assert_failed(&["empty part"]);
+    // Empty manifest parts, likewise.
+    let mut sc = scenario(vec![file("z", b"zz")], &[("z", b"zz")]);
+    sc.empty_manifest_parts = 3;
+    let r = st.restore(&sc, &[ALL]);
+    r.assert_failed(&["manifest part empty"]);
     st.sentinel.assert_untouched();
 }
 
@@ -636,6 +641,34 @@ fn planted_symlinks_in_the_restore_directory() {
     assert!(fs::symlink_metadata(st.restored("etc")).unwrap().is_dir());
     assert_eq!(fs::read(st.restored("etc/SENTINEL")).unwrap(), b"evil");
     assert!(fs::symlink_metadata(st.restored("top")).unwrap().is_file());
+    st.sentinel.assert_untouched();
+}
+
+/// `./<snapshot>` planted by another user (root restoring in a shared
+/// directory such as /tmp), or one others may write in: refused, since its
+/// owner could swap what is restored into it and got it back at the end.
+#[test]
+fn a_snapshot_directory_planted_by_another_user_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    if !require_root("a_snapshot_directory_planted_by_another_user_is_refused") {
+        return;
+    }
+    let st = Stage::new();
+    let sc = scenario(vec![file("top", b"t")], &[("top", b"t")]);
+    let planted = st.work().join(SNAP);
+    fs::create_dir(&planted).unwrap();
+    std::os::unix::fs::chown(&planted, Some(1234), Some(1234)).unwrap();
+    let r = st.restore(&sc, &[ALL]);
+    r.assert_failed(&["not this user's alone"]);
+    assert!(fs::symlink_metadata(planted.join("top")).is_err());
+    std::os::unix::fs::chown(&planted, Some(0), Some(0)).unwrap();
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o777)).unwrap();
+    let r = st.restore(&sc, &[ALL]);
+    r.assert_failed(&["not this user's alone"]);
+    // This user's own, as an earlier restore leaves it: restored into.
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o755)).unwrap();
+    st.restore(&sc, &[ALL]).assert_code(0);
+    assert_eq!(fs::read(planted.join("top")).unwrap(), b"t");
     st.sentinel.assert_untouched();
 }
 
@@ -1137,6 +1170,36 @@ fn a_tree_deeper_than_the_soft_open_file_limit_restores() {
     let r = st.restore_cmd(cmd, &sc, &[ALL], None);
     r.assert_code(0);
     assert_eq!(fs::read(st.restored(&deep)).unwrap(), b"deep");
+    st.sentinel.assert_untouched();
+}
+
+/// A restore over an earlier one finds its directories there: each is
+/// locked down while it is worked in, and forgotten once its metadata is
+/// set. Before, a selected directory that existed stayed registered (with
+/// a descriptor) for the whole run, so a tree of more directories than the
+/// open-file limit failed with EMFILE, and a signal late in the run set
+/// finished directories back to their old owner and mode.
+#[test]
+fn a_restore_over_an_earlier_one_holds_no_descriptor_per_directory() {
+    if !require_root("a_restore_over_an_earlier_one_holds_no_descriptor_per_directory") {
+        return;
+    }
+    let st = Stage::new();
+    let mut entries = vec![];
+    for i in 0..1500 {
+        entries.push(dir(&format!("d{i:04}")));
+    }
+    entries.push(file("d1499/f", b"last"));
+    let mut sc = scenario(vec![], &[("d1499/f", b"last")]);
+    sc.parts = entries.chunks(500).map(|c| c.to_vec()).collect();
+    for _ in 0..2 {
+        let mut cmd = Command::new("prlimit");
+        cmd.args(["--nofile=1024:1024", "--"])
+            .arg(bin("byteback-restore"));
+        let r = st.restore_cmd(cmd, &sc, &[ALL], None);
+        r.assert_code(0);
+    }
+    assert_eq!(fs::read(st.restored("d1499/f")).unwrap(), b"last");
     st.sentinel.assert_untouched();
 }
 

@@ -136,7 +136,10 @@ fn main() {
                     .iter()
                     .find(|(s, _)| *s == snapshot)
                     .map_or(&sc.parts, |(_, p)| p);
-                for p in parts {
+                for _ in 0..sc.empty_manifest_parts {
+                    send(&mut w, &ServerMsg::ManifestPart(vec![]))
+                }
+                for p in parts.iter().filter(|p| !p.is_empty()) {
                     send(&mut w, &ServerMsg::ManifestPart(p.clone()))
                 }
                 let pos = sc

@@ -50,4 +50,7 @@ pub struct Scenario {
     /// Empty `FilePartRaw`s sent before each file's data (a server keeping
     /// a restore busy without sending anything).
     pub empty_parts: u64,
+    /// Empty `ManifestPart`s sent before a manifest's parts (which are sent
+    /// only when not empty).
+    pub empty_manifest_parts: u64,
 }

@@ -554,6 +554,50 @@ mod tests {
         assert!(decode_client(&encode(&bomb).unwrap()[4..]).is_err());
     }
 
+    /// A sequence longer than the protocol allows is refused on its
+    /// length, before any element is decoded: an element may take many
+    /// times its bytes on the wire in memory (an empty xattr pair, 2 bytes
+    /// sent, 48 held), so 20 MiB of them would have been about a GB.
+    #[test]
+    fn a_sequence_over_its_cap_is_refused_before_its_elements_are_decoded() {
+        let ClientMsg::Entries(mut entries) = batch(1) else {
+            unreachable!()
+        };
+        entries[0].xattrs = (0..=crate::limits::MAX_XATTRS)
+            .map(|i| (format!("user.{i}").into_bytes(), vec![]))
+            .collect();
+        let err = decode_client(&encode(&ClientMsg::Entries(entries)).unwrap()[4..]).unwrap_err();
+        assert!(err.to_string().contains("more than 256 xattrs"), "{err}");
+        // The length alone says so: a frame claiming 2^40 elements and
+        // holding none is refused for the count, not for ending early.
+        let huge = |variant: u8| {
+            let mut p = vec![variant, 0xfd];
+            p.extend_from_slice(&(1u64 << 40).to_le_bytes());
+            p
+        };
+        let entries_variant = encode(&batch(0)).unwrap()[4];
+        let err = decode_client(&huge(entries_variant)).unwrap_err();
+        assert!(err.to_string().contains("more than 1024 entries"), "{err}");
+        let needs_variant = encode(&ServerMsg::Needs(vec![])).unwrap()[4];
+        let err = decode_server(&huge(needs_variant)).unwrap_err();
+        assert!(err.to_string().contains("more than 1024 entries"), "{err}");
+        let kinds = ServerMsg::SnapshotKinds {
+            snapshots: vec![],
+            current: None,
+            current_news: CurrentNews::No,
+        };
+        let mut p = encode(&kinds).unwrap()[4..].to_vec();
+        p.splice(1..2, [0xfd].into_iter().chain((1u64 << 40).to_le_bytes()));
+        let err = decode_server(&p).unwrap_err();
+        assert!(
+            err.to_string().contains("more than 100000 snapshots"),
+            "{err}"
+        );
+        // Within the caps, nothing changes.
+        let msg = ServerMsg::Needs(vec![]);
+        assert_eq!(decode_server(&encode(&msg).unwrap()[4..]).unwrap(), msg);
+    }
+
     #[test]
     fn round_trip_through_decoder() {
         let msgs = vec![

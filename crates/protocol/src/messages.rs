@@ -411,7 +411,7 @@ pub enum ClientMsg {
         checksum: bool,
     },
     /// A batch of entries, in strictly increasing walk order.
-    Entries(Vec<Entry>),
+    Entries(#[serde(deserialize_with = "capped::batch")] Vec<Entry>),
     /// A batch of `count` entries (1 to [`MAX_BATCH`]) equal to the next
     /// `count` entries of the server's manifest, in place of sending them:
     /// `digest` is the [`crate::unchanged::Chain`] of their digests. Only
@@ -626,7 +626,7 @@ pub enum ServerMsg {
         generation: Option<[u8; 32]>,
     },
     /// Reply to one Entries batch: which entries need data.
-    Needs(Vec<Need>),
+    Needs(#[serde(deserialize_with = "capped::batch")] Vec<Need>),
     /// Reply to SigRequest.
     Signature {
         /// Transfer id.
@@ -665,9 +665,9 @@ pub enum ServerMsg {
         generation: Option<[u8; 32]>,
     },
     /// The host's snapshots, oldest first.
-    Snapshots(Vec<String>),
+    Snapshots(#[serde(deserialize_with = "capped::snapshots")] Vec<String>),
     /// Part of a manifest.
-    ManifestPart(Vec<ManifestEntry>),
+    ManifestPart(#[serde(deserialize_with = "capped::batch")] Vec<ManifestEntry>),
     /// End of a manifest.
     ManifestEnd,
     /// Part of a file's content.
@@ -683,6 +683,7 @@ pub enum ServerMsg {
     /// with its kind, and the kind of `current` (`None` when there is none).
     SnapshotKinds {
         /// (name, kind), oldest first.
+        #[serde(deserialize_with = "capped::snapshots")]
         snapshots: Vec<(String, SnapshotKind)>,
         /// Kind of `current`.
         current: Option<SnapshotKind>,
@@ -734,8 +735,12 @@ impl ServerMsg {
                 Err(ProtocolError::Limit("too many snapshots".into()))
             }
             ServerMsg::ManifestPart(entries) => {
-                if entries.len() > MAX_BATCH {
-                    return Err(ProtocolError::Limit("manifest part too large".into()));
+                // An empty part moves nothing on: a stream of them would
+                // keep a restore waiting with its I/O timeout never due.
+                if entries.is_empty() || entries.len() > MAX_BATCH {
+                    return Err(ProtocolError::Limit(
+                        "manifest part empty or too large".into(),
+                    ));
                 }
                 entries.iter().try_for_each(|e| e.entry.validate())
             }
@@ -798,7 +803,7 @@ mod bulk_bytes {
 /// Encodes xattr names and values as byte strings rather than sequences of
 /// single bytes (which bincode would write one element at a time).
 mod xattr_bytes {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde::{Deserializer, Serialize, Serializer};
     use serde_bytes::ByteBuf;
 
     pub fn serialize<S: Serializer>(v: &[(Vec<u8>, Vec<u8>)], s: S) -> Result<S::Ok, S::Error> {
@@ -810,10 +815,74 @@ mod xattr_bytes {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<super::Xattrs, D::Error> {
-        let pairs: Vec<(ByteBuf, ByteBuf)> = Vec::deserialize(d)?;
+        let pairs: Vec<(ByteBuf, ByteBuf)> = super::capped::seq(d, super::MAX_XATTRS, "xattrs")?;
         Ok(pairs
             .into_iter()
             .map(|(n, x)| (n.into_vec(), x.into_vec()))
             .collect())
+    }
+}
+
+/// Sequences from the wire decoded with their length capped before any
+/// element is: bincode checks the frame's bytes, not what they decode to,
+/// and an element can take many times its bytes on the wire in memory (an
+/// empty xattr pair: 2 bytes sent, 48 held). A sequence longer than the
+/// protocol allows is refused from its length alone; `validate` checks the
+/// rest once the message is decoded.
+mod capped {
+    use std::marker::PhantomData;
+
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserialize, Deserializer};
+
+    /// At most [`super::MAX_BATCH`] elements (entries, needs, manifest entries).
+    pub fn batch<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+        seq(d, super::MAX_BATCH, "entries in a batch")
+    }
+
+    /// At most [`super::MAX_SNAPSHOTS`] elements.
+    pub fn snapshots<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+    ) -> Result<Vec<T>, D::Error> {
+        seq(d, super::MAX_SNAPSHOTS, "snapshots")
+    }
+
+    /// A sequence of at most `max` elements (`what` names them in the error).
+    pub fn seq<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+        max: usize,
+        what: &'static str,
+    ) -> Result<Vec<T>, D::Error> {
+        struct Capped<T> {
+            max: usize,
+            what: &'static str,
+            t: PhantomData<T>,
+        }
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Capped<T> {
+            type Value = Vec<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "at most {} {}", self.max, self.what)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+                let too_many = || A::Error::custom(format!("more than {} {}", self.max, self.what));
+                let hint = seq.size_hint().unwrap_or(0);
+                if hint > self.max {
+                    return Err(too_many());
+                }
+                let mut v = Vec::with_capacity(hint.min(1024));
+                while let Some(x) = seq.next_element()? {
+                    if v.len() == self.max {
+                        return Err(too_many());
+                    }
+                    v.push(x);
+                }
+                Ok(v)
+            }
+        }
+        d.deserialize_seq(Capped {
+            max,
+            what,
+            t: PhantomData,
+        })
     }
 }

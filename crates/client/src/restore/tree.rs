@@ -47,8 +47,10 @@ pub struct TreeOptions {
 
 /// What a directory gets when the walk leaves it.
 enum Leave {
-    /// The metadata of its manifest entry.
-    Entry(Box<Entry>),
+    /// The metadata of its manifest entry; for one that existed before the
+    /// restore, with the id its old owner and mode are registered under
+    /// (see [`super::interrupt`]), forgotten once the entry's are set.
+    Entry(Box<Entry>, Option<u64>),
     /// It existed before the restore: its owner and mode go back (see
     /// [`super::interrupt`] for `id`).
     Restore {
@@ -363,6 +365,23 @@ impl RestoreTree {
             ),
             Err(e) => bail!("cannot open {}/{snapshot}: {e}", into.display()),
         };
+        if !fresh {
+            // Another user's, or one others may write in (a name planted
+            // in a shared directory such as /tmp): its owner could swap
+            // what is restored into it before anyone uses it, and would
+            // get it back at the end.
+            let st =
+                rustix::fs::fstat(&fd).on("fstat", format!("{}/{snapshot}", into.display()))?;
+            let euid = rustix::process::geteuid().as_raw();
+            if st.st_uid != euid || st.st_mode & 0o022 != 0 {
+                bail!(
+                    "{}/{snapshot} exists, owned by uid {} with mode {:o}: refusing to restore into a directory that is not this user's alone (remove it, or restore elsewhere with --target)",
+                    into.display(),
+                    st.st_uid,
+                    st.st_mode & 0o7777
+                );
+            }
+        }
         let mut tree = RestoreTree {
             snapshot: snapshot.to_string(),
             ahead: ReadAhead::default(),
@@ -463,7 +482,7 @@ impl RestoreTree {
             let (fd, mut leave) = self.open_dir(&dir)?;
             if matches!(leave, Leave::Default) {
                 if let Some(e) = self.implied.remove(&dir) {
-                    leave = Leave::Entry(Box::new(e));
+                    leave = Leave::Entry(Box::new(e), None);
                 }
             }
             self.stack.push(OpenDir {
@@ -511,8 +530,10 @@ impl RestoreTree {
         };
         let shown = self.shown(&d.path);
         match d.leave {
-            Leave::Entry(e) => {
-                let w = apply::apply(Held::Open(d.fd.as_fd()), &e, &self.opts.rules, &shown)?;
+            Leave::Entry(e, id) => {
+                let w = super::interrupt::put_back(id, || {
+                    apply::apply(Held::Open(d.fd.as_fd()), &e, &self.opts.rules, &shown)
+                })?;
                 w.into_iter().for_each(|w| self.report.warn(w));
             }
             Leave::Restore { uid, gid, mode, id } => {
@@ -607,11 +628,18 @@ impl RestoreTree {
         crate::progress::RESTORE.current(std::path::Path::new(os(&path)));
         match &e.entry.kind {
             Kind::Dir => {
-                let (fd, _) = self.open_dir(&path)?;
+                // One that was there keeps its old owner and mode
+                // registered until its own are set: a signal before that
+                // puts them back, after it none does.
+                let (fd, was) = self.open_dir(&path)?;
+                let id = match was {
+                    Leave::Restore { id, .. } => id,
+                    _ => None,
+                };
                 self.stack.push(OpenDir {
                     path,
                     fd,
-                    leave: Leave::Entry(Box::new(e.entry)),
+                    leave: Leave::Entry(Box::new(e.entry), id),
                 });
                 self.report.restored += 1;
             }
@@ -670,7 +698,11 @@ impl RestoreTree {
                 remove().on("cannot remove damaged", &shown)?;
                 self.report
                     .damage(format!("{shown}: {problem}; not restored"));
-                self.damaged.insert(path_key(path));
+                // Remembered only where a link may ask (memory grows with
+                // the hard links restored, not with what a server damages).
+                if link_target {
+                    self.damaged.insert(path_key(path));
+                }
                 return Ok(());
             }
             Ok((file, None)) => file,
