@@ -2095,6 +2095,30 @@ fn a_file_written_before_a_crash_is_checked_against_the_client() {
     );
 }
 
+/// A source that is a symlink to a directory (a disc mounted elsewhere)
+/// and dangles now is no deletion: the last backup's files are kept, and
+/// the run says so (exit 24). Before, the failed open counted as a file
+/// that vanished, and the server deleted everything below the source,
+/// with exit 0.
+#[test]
+fn a_source_that_cannot_be_opened_is_kept_not_deleted() {
+    let (d, src, store) = site();
+    let disc = d.path().join("disc");
+    fs::create_dir_all(disc.join("data")).unwrap();
+    fs::write(disc.join("data/f"), b"on the disc").unwrap();
+    let link = src.join("data");
+    std::os::unix::fs::symlink(disc.join("data"), &link).unwrap();
+    local_backup(&store, &link, "h");
+    fs::rename(&disc, d.path().join("unmounted")).unwrap();
+    let o = backup_with_fault(&store, &link, "BYTEBACK_TEST_NONE", "");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(24), "{err}");
+    assert!(err.contains("source cannot be opened"), "{err}");
+    let r = restore_all(&store, "h", None, &d.path().join("r"));
+    let got = restored_path(&r, &link);
+    assert_eq!(fs::read(got.join("f")).unwrap(), b"on the disc", "{err}");
+}
+
 /// A directory the client cannot list, or a file it cannot stat (EIO on a
 /// failing disc, through a debug-build fault), is not a deletion: the
 /// server keeps what the last backup holds there, the snapshot has it, and

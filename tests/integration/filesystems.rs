@@ -359,3 +359,58 @@ fn a_filesystem_without_xattrs_is_backed_up_without_warnings() {
     let r = restore(&store, "efi", &d.path().join("r"), &src);
     assert_same_tree(&src, &r);
 }
+
+/// A source inside another is walked as a source, as rsync (1.x) walked
+/// each one it was given: a tmpfs named as a source, or a filesystem that
+/// `--one-file-system` would leave out, is backed up. Before, it was
+/// dropped as covered by the outer source, whose walk then left it out,
+/// with exit 0. One the walk cannot reach (below an excluded directory)
+/// is a warning (exit 24).
+#[test]
+fn a_source_inside_another_is_walked_as_a_source() {
+    if !require_root("tmpfs mounts") {
+        return;
+    }
+    let d = scratch();
+    let src = d.path().join("src");
+    write(&src.join("a"), b"a");
+    let mut mounts = Mounts::default();
+    mounts.mount(&["-t", "tmpfs", "tmpfs"], &src.join("t"));
+    write(&src.join("t/in-tmpfs"), b"named as a source");
+    mounts.mount(&["-t", "tmpfs", "tmpfs"], &src.join("other"));
+    write(&src.join("other/x"), b"not named");
+    let store = d.path().join("store");
+    let inner = src.join("t");
+    let inner_arg = ["--source", inner.to_str().unwrap()];
+    for (host, extra) in [
+        ("plain", inner_arg.to_vec()),
+        ("onefs", [&inner_arg[..], &["--one-file-system"]].concat()),
+    ] {
+        backup(&store, &src, host, &extra);
+        let r = restore(&store, host, &d.path().join(host), &src);
+        assert_eq!(fs::read(r.join("a")).unwrap(), b"a");
+        assert_eq!(
+            fs::read(r.join("t/in-tmpfs")).unwrap(),
+            b"named as a source",
+            "{host}"
+        );
+        assert!(is_empty_dir(&r.join("other")), "{host}");
+    }
+    // Below a directory left out: said, not dropped without a word.
+    write(&src.join("skip/keep/f"), b"f");
+    let o = run_status(
+        Command::new(bin("byteback-backup"))
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .arg("--source")
+            .arg(src.join("skip/keep"))
+            .arg("--exclude")
+            .arg(src.join("skip").to_str().unwrap().to_owned() + "/")
+            .args(["--hostname", "excl", "--retry-number", "0"]),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(24), "{err}");
+    assert!(err.contains("not reached by its walk"), "{err}");
+}

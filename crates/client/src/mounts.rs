@@ -140,6 +140,22 @@ pub struct Mounts {
     sources: Vec<Vec<u8>>,
 }
 
+/// The mount on top of mount `id`, at the same mount point (`id` itself
+/// when nothing is mounted over it).
+fn top_mount(table: &HashMap<u64, MountInfo>, mut id: u64) -> u64 {
+    for _ in 0..table.len() {
+        let point = &table[&id].point;
+        match table
+            .iter()
+            .find(|(_, m)| m.parent == id && m.point == *point)
+        {
+            Some((&above, _)) => id = above,
+            None => break,
+        }
+    }
+    id
+}
+
 /// Whether `path` is `dir` or lies beneath it (whole components).
 fn within(path: &[u8], dir: &[u8]) -> bool {
     let dir = if dir.len() > 1 {
@@ -178,8 +194,13 @@ impl Mounts {
     }
 
     fn set_table(&mut self, table: HashMap<u64, MountInfo>) {
+        // What shows at a mount point is the mount on top of any others
+        // there: a local filesystem an automount (autofs) has mounted, the
+        // EFI partition at /boot/efi say, is walked, not the autofs below.
         self.may_hang = table
-            .values()
+            .iter()
+            .filter(|(_, i)| may_hang(&i.fstype))
+            .map(|(&id, _)| &table[&top_mount(&table, id)])
             .filter(|i| may_hang(&i.fstype))
             .map(|i| (i.point.clone(), i.fstype.clone()))
             .collect();
@@ -187,9 +208,22 @@ impl Mounts {
     }
 
     /// The type of a filesystem that may hang (see [`MAY_HANG_TYPES`])
-    /// mounted at `path`, if any.
+    /// mounted at `path` on top of any others there, if any.
     pub fn may_hang_at(&self, path: &[u8]) -> Option<&str> {
         self.may_hang.get(path).map(String::as_str)
+    }
+
+    /// The id of the mount on top at `path` (absolute), if any: for a
+    /// kernel whose `statx` gives no mount ids (Linux before 5.8).
+    pub fn top_at(&mut self, path: &[u8]) -> Option<u64> {
+        let find = |t: &HashMap<u64, MountInfo>| {
+            let (&id, _) = t.iter().find(|(_, m)| m.point == path)?;
+            Some(top_mount(t, id))
+        };
+        find(&self.table).or_else(|| {
+            self.reload();
+            find(&self.table)
+        })
     }
 
     fn reload(&mut self) {
@@ -404,6 +438,22 @@ mod tests {
         assert_eq!(m.may_hang_at(b"/tmp"), None);
         assert_eq!(m.may_hang_at(b"/home"), None);
         assert!(may_hang("fuse.sshfs") && may_hang("cifs") && !may_hang("tmpfs"));
+        // An automount: autofs alone is not entered; once it has mounted
+        // a local filesystem on top, that filesystem is what shows there.
+        let auto = format!("{TABLE}41 22 0:50 / /boot/efi rw - autofs systemd-1 rw\n");
+        let m = Mounts::from_text(&auto, false, &["/"]);
+        assert_eq!(m.may_hang_at(b"/boot/efi"), Some("autofs"));
+        let mounted = format!("{auto}42 41 8:3 / /boot/efi rw - vfat /dev/sda3 rw\n");
+        let m = Mounts::from_text(&mounted, false, &["/"]);
+        assert_eq!(m.may_hang_at(b"/boot/efi"), None);
+        // An NFS share an automount mounted may hang as any other.
+        let nfs = format!("{auto}43 41 0:51 / /boot/efi rw - nfs4 srv:/x rw\n");
+        let mut m = Mounts::from_text(&nfs, false, &["/"]);
+        assert_eq!(m.may_hang_at(b"/boot/efi"), Some("nfs4"));
+        // Without mount ids from statx, the mount is found by its point.
+        assert_eq!(m.top_at(b"/boot/efi"), Some(43));
+        assert_eq!(m.top_at(b"/home"), Some(24));
+        assert_eq!(m.top_at(b"/home/ann"), None);
     }
 
     #[test]

@@ -370,8 +370,21 @@ impl TrimSlash for [u8] {
 }
 
 /// Normalises sources: absolute, without `.`/`..`/trailing slashes, sorted in
-/// walk order, and with sources nested in another dropped.
+/// walk order, and with sources nested in another dropped (the walk of the
+/// other enters them as sources: see [`nested_sources`]).
 pub fn normalise_sources(sources: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    Ok(normalise(sources)?.0)
+}
+
+/// The sources, normalised as [`normalise_sources`] does, that lie inside
+/// another: the walk enters each where it reaches it, as a source, even
+/// where it would not enter a directory there (see [`WalkOptions::nested`]).
+pub fn nested_sources(sources: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    Ok(normalise(sources)?.1)
+}
+
+/// The sources to walk, and those nested in one of them.
+fn normalise(sources: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let mut out: Vec<PathBuf> = vec![];
     for s in sources {
@@ -395,8 +408,12 @@ pub fn normalise_sources(sources: &[PathBuf]) -> Result<Vec<PathBuf>> {
     }
     out.sort_by(|a, b| compare_paths(&rel_of(a), &rel_of(b)));
     let mut kept: Vec<PathBuf> = vec![];
+    let mut nested: Vec<PathBuf> = vec![];
     for s in out {
         if kept.iter().any(|k| s.starts_with(k)) {
+            if !kept.contains(&s) && !nested.contains(&s) {
+                nested.push(s);
+            }
             continue;
         }
         kept.push(s);
@@ -404,7 +421,7 @@ pub fn normalise_sources(sources: &[PathBuf]) -> Result<Vec<PathBuf>> {
     if kept.is_empty() {
         bail!("no sources");
     }
-    Ok(kept)
+    Ok((kept, nested))
 }
 
 /// Size of the buffer `getdents64` fills.
@@ -420,6 +437,13 @@ pub struct WalkOptions {
     /// rsync filter rules (`/etc/byteback/rsync_filter`), checked after the
     /// excludes, as 1.x passed them to rsync after its `--exclude`s.
     pub filter: Option<Arc<Filter>>,
+    /// Sources inside another source ([`nested_sources`]): entered where
+    /// the walk reaches them even if they are another filesystem than
+    /// `--one-file-system` allows, of a type not backed up, or a mount
+    /// whose files show elsewhere, as rsync (1.x) walked each source it
+    /// was given. One the walk does not reach (an exclude or filter rule
+    /// leaves it, or a directory above it, out) is a warning.
+    pub nested: Vec<PathBuf>,
 }
 
 /// `statfs` types of the local filesystems whose ctimes move with every
@@ -555,6 +579,9 @@ struct Walker<'a> {
     mounts: Mounts,
     /// Warms the inode cache ahead of the walk (results unused).
     prefetch: Prefetch,
+    /// [`WalkOptions::nested`] (absolute paths, sorted), each with whether
+    /// the walk has sent it.
+    nested: Vec<(Vec<u8>, bool)>,
 }
 
 fn path_of(bytes: &[u8]) -> PathBuf {
@@ -944,17 +971,23 @@ impl Walker<'_> {
     /// it to walk: not a directory, left out, or unreadable (warned).
     fn open_source(&mut self, src: &Path) -> Result<Option<(Arc<SourceRoot>, OwnedFd, Statx)>> {
         let src_bytes = src.as_os_str().as_bytes();
+        // A source that cannot be opened never counts as vanished: a
+        // symlink to a disc that is not mounted leaves the last backup's
+        // files kept, with a warning, rather than all deleted without one.
+        let cannot = |w: &mut Self, e: &io::Error| {
+            w.warn(src_bytes, format!("source cannot be opened: {e}"), false)
+        };
         let fd = match rustix::fs::open(src, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()) {
             Ok(fd) => fd,
             Err(e) => {
-                self.warn_io(src_bytes, &e.into());
+                cannot(self, &e.into());
                 return Ok(None);
             }
         };
         let st = match meta::stat_at(At::Fd(fd.as_fd())) {
             Ok(st) => st,
             Err(e) => {
-                self.warn_io(src_bytes, &e);
+                cannot(self, &e);
                 return Ok(None);
             }
         };
@@ -1070,7 +1103,11 @@ impl Walker<'_> {
             self.warn(path, "path too long; skipped".into(), false);
             return Ok(None);
         }
-        if hinted_dir != Some(false) {
+        let nested = self
+            .nested
+            .binary_search_by(|(p, _)| p.as_slice().cmp(path))
+            .ok();
+        if hinted_dir != Some(false) && nested.is_none() {
             if let Some(fstype) = self.mounts.may_hang_at(path) {
                 let fstype = fstype.to_string();
                 return self.visit_may_hang(at, path, root, below_start, &fstype);
@@ -1099,25 +1136,37 @@ impl Walker<'_> {
             Some((root.clone(), below_start)),
             ctime_moves,
             true,
-        )? || !is_dir
-        {
+        )? {
+            return Ok(None);
+        }
+        if let Some(i) = nested {
+            self.nested[i].1 = true;
+        }
+        if !is_dir {
             return Ok(None);
         }
         let (dev, ino) = meta::dev_ino(&st);
         let here = (mnt_id(&st), dev);
-        let crosses = match (here.0, parent.mnt.0) {
-            (Some(child), Some(parent)) => child != parent,
-            // No mount ids (Linux before 5.8): a new device is a new filesystem.
-            _ => dev != parent.mnt.1,
+        if nested.is_some() {
+            // Entered as a source is: its filesystem counts as walked.
+            self.mounts.source_root((dev, ino));
+        }
+        let crossed = match (here.0, parent.mnt.0) {
+            (Some(child), Some(parent)) => (child != parent).then_some(child),
+            // No mount ids (Linux before 5.8): a mount point is one of the
+            // table's (a new device without one is a btrfs subvolume).
+            _ => (dev != parent.mnt.1)
+                .then(|| self.mounts.top_at(path))
+                .flatten(),
         };
-        if crosses {
+        if let Some(mnt) = crossed.filter(|_| nested.is_none()) {
             let shown = String::from_utf8_lossy(path).into_owned();
             let (excludes, filter) = (self.excludes, self.filter.clone());
             let excluded =
                 |abs: &[u8], src: &[u8]| left_out_anywhere(excludes, filter.as_deref(), abs, src);
             if let Crossing::Skip(why) =
                 self.mounts
-                    .crossing_unless(here.0.unwrap_or(0), (dev, ino), &shown, &excluded)
+                    .crossing_unless(mnt, (dev, ino), &shown, &excluded)
             {
                 self.sink.note(why);
                 return Ok(None);
@@ -1261,6 +1310,13 @@ pub fn walk(
         buf: vec![MaybeUninit::uninit(); DIRENT_BUF],
         mounts: Mounts::new(opts.one_file_system, sources),
         prefetch: Prefetch::start(),
+        nested: {
+            let mut n: Vec<_> = (opts.nested.iter())
+                .map(|p| (p.as_os_str().as_bytes().to_vec(), false))
+                .collect();
+            n.sort();
+            n
+        },
     };
     let mut sent_dirs: Vec<Vec<u8>> = vec![];
     for src in sources {
@@ -1269,6 +1325,17 @@ pub fn walk(
         w.enter_ancestors(src)?;
         w.source(src)?;
         w.dir_rules.leave(0);
+    }
+    for (path, sent) in std::mem::take(&mut w.nested) {
+        if !sent {
+            // Out of walk order, so nothing is kept for it: what the last
+            // backup holds there is gone from this one, which says so.
+            w.sink.warning(WalkWarning {
+                path: path_of(&path),
+                message: "a source inside another source, not reached by its walk (an exclude or filter rule leaves it, or a directory above it, out; or a symlink leads to it): not backed up".into(),
+                vanished: false,
+            });
+        }
     }
     Ok(())
 }

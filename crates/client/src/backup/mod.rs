@@ -269,6 +269,7 @@ fn walk_and_commit(
     let walk_opts = walk::WalkOptions {
         one_file_system: opts.one_file_system,
         filter: opts.filter.clone(),
+        nested: walk::nested_sources(&opts.sources)?,
     };
     let mut announcer = announce::walk_into(shared, announcer, old, |feeder| {
         walk::walk(sources, excludes, walk_opts, feeder)

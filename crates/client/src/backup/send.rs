@@ -340,7 +340,8 @@ fn send_segments(
         last: false,
     };
     while total < size {
-        let mut want = (plan.seg + plan.look - carry.len()).min((size - read_total) as usize);
+        let left = usize::try_from(size - read_total).unwrap_or(usize::MAX);
+        let mut want = (plan.seg + plan.look - carry.len()).min(left);
         // Read buffer, compressed chunk and (with a basis) the delta.
         let mut bufs = SegmentBufs::take(shared, sig.is_some(), plan.buf_len)?;
         let head = if sig.is_some() { 0 } else { LITERAL_HEADER_MAX };
