@@ -1084,6 +1084,50 @@ fn copies_a_delta_makes_count_as_written() {
     );
 }
 
+/// What a backup stores besides file data counts as written too: its
+/// manifest (each snapshot keeps its own) and the objects it creates.
+/// Before, a client could store megabytes of xattrs on FIFOs (kept in the
+/// manifest only) at every backup, and the growth guard saw nothing.
+#[test]
+fn xattrs_and_empty_objects_count_as_written() {
+    let mut env = Env::new();
+    let m = fresh_mtime();
+    let mut rng = Rng::new(8);
+    let mut entries = vec![];
+    for i in 0..64 {
+        let mut e = entry(format!("fifo{i:02}").as_bytes(), Kind::Fifo, 0o644, m);
+        e.xattrs = (0..16)
+            .map(|j| (format!("user.x{j:02}").into_bytes(), rng.bytes(4000)))
+            .collect();
+        entries.push(e);
+    }
+    for i in 0..1000 {
+        entries.push(dir_e(format!("z{i:04}").as_bytes(), m));
+    }
+    let s = Script::backup()
+        .msg(&ClientMsg::Entries(entries[..64].to_vec()))
+        .msg(&ClientMsg::Entries(entries[64..564].to_vec()))
+        .msg(&ClientMsg::Entries(entries[564..].to_vec()))
+        .msg(&ClientMsg::BackupEnd);
+    let o = env.serve("xattrs on FIFOs and empty directories", &s.bytes);
+    assert!(o.backup_done().is_some(), "{}", o.describe());
+    assert_eq!(env.accept().len(), 1, "{}", o.describe());
+    let usage = fs::read_to_string(env.host_dir().join(".byteback-usage")).unwrap();
+    let last = usage
+        .lines()
+        .rfind(|l| l.split_whitespace().nth(2) == Some("-"))
+        .unwrap();
+    let grown: u64 = last.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let manifest = fs::metadata(env.current().join(".byteback/manifest"))
+        .unwrap()
+        .len();
+    assert!(manifest > 64 * 16 * 4000, "{manifest}");
+    assert!(
+        grown >= manifest + 1000 * 400,
+        "the usage log says the backup wrote {grown} bytes; its manifest alone is {manifest} ({last:?})"
+    );
+}
+
 fn link_e(path: &[u8], target: &[u8], mtime: i64) -> Entry {
     entry(
         path,
@@ -1194,6 +1238,41 @@ fn a_file_given_up_keeps_its_old_entry_only_if_its_old_copy_is_there() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(fs::read(r.join("g")).unwrap(), y);
+}
+
+/// A file placed with the size and mtime the old manifest gives it, but
+/// other content (a client whose file ended with the old mtime), gets a
+/// nanosecond off on disc: a run cut off after placing it must not leave a
+/// file the next run would keep by its size and mtime, recording the old
+/// hash for the new bytes (before, only checksum mode did this).
+#[test]
+fn new_content_under_the_old_size_and_mtime_is_not_taken_for_the_old() {
+    use std::os::unix::fs::MetadataExt;
+    let mut env = Env::new();
+    let (old, new) = (b"old data".as_slice(), b"new data".as_slice());
+    let m = fresh_mtime();
+    let s = backup_script(&[(file_e(b"f", old.len(), m), Some(old))]);
+    env.serve("f", &s.bytes).assert_backup_ok(1);
+    env.accept();
+    // Announced changed, ended with the old mtime, then cut off.
+    let s = Script::backup()
+        .msg(&ClientMsg::Entries(vec![file_e(
+            b"f",
+            new.len(),
+            fresh_mtime(),
+        )]))
+        .msg(&file_data(0, new))
+        .msg(&file_end(0, new, m));
+    let o = env.serve("f with new content and the old mtime, cut off", &s.bytes);
+    assert!(o.backup_done().is_none(), "{}", o.describe());
+    let f = env.current().join("f");
+    assert_eq!(fs::read(&f).unwrap(), new, "{}", o.describe());
+    let meta = fs::metadata(&f).unwrap();
+    assert_ne!(
+        (meta.mtime(), meta.mtime_nsec()),
+        (m, 0),
+        "new content on disc under the old size and mtime"
+    );
 }
 
 /// A path as long as the protocol allows (4,096 bytes) is longer than the

@@ -147,6 +147,9 @@ pub struct BackupJson {
     /// Entries kept as the last backup has them because they (or their
     /// directory) could not be read here.
     pub kept_unread: u64,
+    /// Entries the server left out, or kept at their last version (each
+    /// named in a warning of its message): counted in `partial` too.
+    pub left_out: u64,
     /// Files resent whole after failing their hash check.
     pub retried: u64,
     /// Files that vanished during the backup.
@@ -867,6 +870,12 @@ fn transfer(
                         s.kept_unread
                     ));
                 }
+                if s.left_out > 0 {
+                    line.push_str(&format!(
+                        ", {} entries left out or kept at their last version by the server (see its warnings)",
+                        s.left_out
+                    ));
+                }
                 if r.unchanged > 0 {
                     line.push_str(&format!(
                         ", {} entries unchanged since the last backup (not announced one by one)",
@@ -897,9 +906,12 @@ fn transfer(
                 report.bytes_wire = r.wire_bytes;
                 report.deleted = s.deleted;
                 report.kept_unread = s.kept_unread;
+                report.left_out = s.left_out;
                 report.retried = s.retried;
                 report.vanished = r.vanished;
-                report.partial = r.partial;
+                // What the server left out makes the backup partial too.
+                let partial = r.partial.saturating_add(s.left_out);
+                report.partial = partial;
                 report.warnings.extend(r.warnings.iter().cloned());
                 report.server_message =
                     Some(r.message.trim().to_string()).filter(|m| !m.is_empty());
@@ -918,7 +930,13 @@ fn transfer(
                 if r.partial > 0 {
                     tracing::error!("partial backup: {} files unreadable or changing", r.partial);
                 }
-                return Ok((exit_for(r.vanished, r.partial), snapshot));
+                if s.left_out > 0 {
+                    tracing::error!(
+                        "partial backup: {} entries left out or kept at their last version by the server",
+                        s.left_out
+                    );
+                }
+                return Ok((exit_for(r.vanished, partial), snapshot));
             }
             // The record of the last backup did not match the server's
             // manifest: forgotten, and the backup runs again at once,

@@ -41,6 +41,7 @@ pub use text::{escape_bytes, escape_text};
 /// [`BackupStats::kept_unread`]).
 /// 8: whether `current` holds a backup no snapshot has
 /// ([`ServerMsg::SnapshotKinds`]'s `current_news`).
-pub const PROTOCOL_VERSION: u32 = 8;
+/// 9: entries the server left out ([`BackupStats::left_out`]).
+pub const PROTOCOL_VERSION: u32 = 9;
 /// First bytes of every session, so a stray shell banner is recognised at once.
 pub const MAGIC: [u8; 8] = *b"BYTEBAK\x01";

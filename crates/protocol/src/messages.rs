@@ -393,6 +393,11 @@ pub struct BackupStats {
     /// Entries kept from the last backup because the client could not read
     /// them this time ([`ClientMsg::KeepUnread`]).
     pub kept_unread: u64,
+    /// Entries the server left out of this backup, or kept at their last
+    /// version, each with a warning in [`ServerMsg::BackupDone`]'s message
+    /// (a hard link whose content it cannot tell, a file whose data failed
+    /// its check twice): the backup is partial.
+    pub left_out: u64,
 }
 
 /// Messages from client to server.

@@ -120,7 +120,7 @@ impl BackupReceiver {
         if let Kind::HardLink { target } = &o.entry.kind {
             if self.files.content_changed(target) {
                 self.mark_changed()?;
-                self.warn(format!(
+                self.left_out(format!(
                     "{}: kept from the last backup (unreadable), a hard link to {}, whose content \
                      changed since: left out of this backup, as which content it names is not \
                      known; the last snapshot holds it",
@@ -219,7 +219,7 @@ impl BackupReceiver {
                 // Not what the manifest says, and not readable on the client.
                 self.work.needs_sweep = true;
                 self.mark_changed()?;
-                self.warn(format!(
+                self.left_out(format!(
                     "{}: the client could not read it, and its stored copy is not the one the last backup recorded: left out",
                     shown(&e.path)
                 ));
@@ -255,6 +255,7 @@ impl BackupReceiver {
                         .op("create symlink", || shown(&e.path))
                 },
             )?;
+            self.grew_metadata(target.len());
         }
         self.keep(unhashed(e), old)
     }
@@ -307,7 +308,17 @@ impl BackupReceiver {
                 })
                 .op("create directory", || shown(path))
             },
-        )
+        )?;
+        self.grew_metadata(0);
+        Ok(())
+    }
+
+    /// Counts an object this backup created (and `inline` bytes of it kept
+    /// in the filesystem's metadata, a symlink's target) as written: a
+    /// client must not fill the disc with empty objects unseen by the
+    /// growth guard.
+    pub(super) fn grew_metadata(&mut self, inline: usize) {
+        self.grown = self.grown.saturating_add(super::INODE_COST + inline as u64);
     }
 
     fn keep(&mut self, me: ManifestEntry, old: Option<ManifestEntry>) -> Result<Option<Started>> {

@@ -10,6 +10,9 @@ use byteback_protocol::BackupStats;
 
 use super::sweep::remove_stale;
 use super::{carry, in_dir, BackupReceiver, BOOT, CLEAN, DAMAGED, MANIFEST, NO_SPACE, PARTIAL};
+
+/// Where a new [`BOOT`] is written before it is renamed into place.
+const BOOT_NEW: &[u8] = b"boot.new";
 use crate::error::{Error, IoContext, Result};
 use crate::fsops;
 use crate::manifest::{ManifestReader, ManifestWriter, PeekableManifest};
@@ -113,9 +116,18 @@ impl BackupReceiver {
         let shown = self.meta_file(BOOT);
         self.with_room(
             || format!("writing {shown}"),
+            // A new file renamed over the old: in a store without btrfs
+            // the old one is hard-linked into the snapshots (and made
+            // read-only there), so writing it in place would change them
+            // too, or fail for a server that is not root.
             |rx| {
-                fsops::write_small(&rx.meta, BOOT, boot.as_bytes())
-                    .and_then(|()| fsops::fsync(fsops::open_file(&rx.meta, BOOT)?))
+                fsops::remove_any(&rx.meta, BOOT_NEW)
+                    .and_then(|()| fsops::create_new(&rx.meta, BOOT_NEW))
+                    .and_then(|mut f| {
+                        std::io::Write::write_all(&mut f, boot.as_bytes())?;
+                        fsops::fsync(&f)
+                    })
+                    .and_then(|()| fsops::replace(&rx.meta, BOOT_NEW, &rx.meta, BOOT))
                     .and_then(|()| fsops::fsync(&rx.meta))
                     .op("write", || shown.clone())
             },
@@ -184,6 +196,10 @@ impl BackupReceiver {
                 None => new.finish(),
             }
             .op("write", || new_path.display())?;
+        // Each snapshot keeps its own manifest: new space, however few of
+        // its entries changed (xattrs a client sends are stored here only).
+        let manifest_len = new_file.metadata().map_or(0, |m| m.len());
+        self.grown = self.grown.saturating_add(manifest_len);
         // Atomic with the manifest: an attribute of its file, synced with it.
         let kept = carry::write_generation(&new_file, &generation).then_some(generation);
         self.old = PeekableManifest::new(ManifestReader::empty()).map_err(Error::Manifest)?;

@@ -87,6 +87,10 @@ const MANIFEST: &[u8] = b"manifest";
 const DAMAGED: &[u8] = b"manifest.damaged";
 /// The boot id of the kernel the last changes to `current` were made under.
 const BOOT: &[u8] = b"boot";
+/// What an object a backup creates takes in the filesystem's metadata, as
+/// the growth guard counts it: on btrfs an inode item, its reference and
+/// two directory items, about 400 bytes, rounded up.
+pub(crate) const INODE_COST: u64 = 512;
 
 /// This kernel's boot id (a new one at every boot), if it can be read.
 fn boot_id() -> Option<String> {
@@ -341,8 +345,10 @@ pub struct BackupReceiver {
     pub stats: BackupStats,
     /// Bytes this backup wrote to disc that share nothing with stored
     /// copies: literal data and whatever a delta or a twin copied rather
-    /// than cloned. The usage log's growth and the size guard's figure, so
-    /// a client cannot fill the disc with copies it names in a few bytes.
+    /// than cloned; the objects it created ([`INODE_COST`] each) and the
+    /// manifest it wrote (every snapshot keeps its own). The usage log's
+    /// growth and the size guard's figure, so a client cannot fill the disc
+    /// with copies, empty objects or xattrs it names in a few bytes.
     pub grown: u64,
     /// Non-fatal problems to report (see [`Self::warn`]).
     pub warnings: Vec<String>,
@@ -671,7 +677,7 @@ impl BackupReceiver {
         // Every entry before it is written (or counted as the old
         // manifest's): from here the new manifest differs.
         self.mark_changed()?;
-        self.warn(format!(
+        self.left_out(format!(
             "{}: a hard link to {}, which is not a regular file of this backup: left out",
             String::from_utf8_lossy(path),
             String::from_utf8_lossy(target)
@@ -681,6 +687,13 @@ impl BackupReceiver {
 
     /// Keeps warning `w` for the client and the log, up to
     /// [`MAX_WARNINGS`]; the rest are counted.
+    /// [`Self::warn`] about an entry left out of this backup, or kept at
+    /// its last version: the client counts it, and the backup is partial.
+    pub(super) fn left_out(&mut self, w: String) {
+        self.stats.left_out += 1;
+        self.warn(w);
+    }
+
     pub(super) fn warn(&mut self, w: String) {
         if self.warnings.len() < MAX_WARNINGS {
             self.warnings.push(w);

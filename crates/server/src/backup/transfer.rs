@@ -292,7 +292,7 @@ impl BackupReceiver {
                 return Ok(TransferResult::Retry);
             }
             let path = String::from_utf8_lossy(&t.entry.path).into_owned();
-            self.warn(format!(
+            self.left_out(format!(
                 "{path}: content failed its BLAKE3 check twice; kept the previous version"
             ));
             return self.abort(id);
@@ -317,17 +317,23 @@ impl BackupReceiver {
     /// again.
     fn place(&mut self, id: u32) -> Result<TransferResult> {
         let t = self.transfer(id)?;
-        let Some((size, mtime)) = t.verified.as_ref().map(|v| (v.size, v.mtime)) else {
+        let Some((size, mtime, hash)) = t.verified.as_ref().map(|v| (v.size, v.mtime, v.hash))
+        else {
             return Err(Error::Refused(format!("transfer {id} is not verified")));
         };
+        // Other content under the size and mtime the old manifest gives it
+        // (checksum mode, or a client whose file ended with the old mtime).
+        let collides = t.old.as_ref().is_some_and(|o| {
+            o.entry.kind == Kind::File { size }
+                && (o.entry.mtime_sec, o.entry.mtime_nsec) == mtime
+                && o.hash != hash
+        });
         let (path, partial, in_place) = (t.entry.path.clone(), t.partial.clone(), t.in_place);
         self.with_room(
             || format!("putting {:?} in place", shown(&path)),
             |rx| {
                 let t = rx.transfer(id)?;
-                let finished = t
-                    .writer
-                    .finish(size, on_disc_mtime(t.verify.is_some(), mtime));
+                let finished = t.writer.finish(size, on_disc_mtime(collides, mtime));
                 finished
                     .and_then(|()| match in_place {
                         false => rx.try_rename_into_place(&path, &partial),
@@ -338,6 +344,8 @@ impl BackupReceiver {
         )?;
         let mut t = self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
         self.held_fds = self.held_fds.saturating_sub(t.fds);
+        // A new inode, whatever its data cost.
+        self.grew_metadata(0);
         let Verified {
             size,
             hash,
@@ -554,21 +562,22 @@ fn in_parent<T>(
     Ok(done)
 }
 
-/// A transfer id the client never got or already finished.
 /// The mtime a placed file gets on disc: the client's, except for content
-/// checksum mode found changed under the same size and mtime (`changed`),
-/// which gets it a nanosecond off. Otherwise a run interrupted after placing
-/// it leaves a file the next run (with `current` not clean) would take for
+/// other than the old manifest's under its size and mtime (`collides`:
+/// checksum mode found it changed, or a client gave the old mtime), which
+/// gets it a nanosecond off. Otherwise a run interrupted after placing it
+/// leaves a file the next run (with `current` not clean) would take for
 /// the old content by its size and mtime, recording the old hash; the
 /// manifest keeps the client's mtime, which is what a restore sets.
-fn on_disc_mtime(changed: bool, (sec, nsec): (i64, u32)) -> (i64, u32) {
-    match (changed, nsec) {
+fn on_disc_mtime(collides: bool, (sec, nsec): (i64, u32)) -> (i64, u32) {
+    match (collides, nsec) {
         (false, _) => (sec, nsec),
         (true, 0) => (sec, 1),
         (true, n) => (sec, n - 1),
     }
 }
 
+/// A transfer id the client never got or already finished.
 pub(super) fn unknown(id: u32) -> Error {
     Error::Refused(format!("unknown transfer {id}"))
 }
