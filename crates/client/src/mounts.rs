@@ -213,11 +213,26 @@ impl Mounts {
         self.may_hang.get(path).map(String::as_str)
     }
 
-    /// The id of the mount on top at `path` (absolute), if any: for a
-    /// kernel whose `statx` gives no mount ids (Linux before 5.8).
-    pub fn top_at(&mut self, path: &[u8]) -> Option<u64> {
+    /// The id of the mount on top at `path` (absolute), else of a mount of
+    /// device `dev` (a path reached through a symlink is in no mount
+    /// point's name), if any: for a kernel whose `statx` gives no mount
+    /// ids (Linux before 5.8). None: a btrfs subvolume (a device of its
+    /// own, not mounted).
+    pub fn top_at(&mut self, path: &[u8], dev: u64) -> Option<u64> {
+        let dev = format!(
+            "{}:{}",
+            rustix::fs::major(dev as rustix::fs::Dev),
+            rustix::fs::minor(dev as rustix::fs::Dev)
+        );
         let find = |t: &HashMap<u64, MountInfo>| {
-            let (&id, _) = t.iter().find(|(_, m)| m.point == path)?;
+            let by_path = t.iter().find(|(_, m)| m.point == path);
+            let by_dev = || {
+                let mut of_dev: Vec<_> = t.iter().filter(|(_, m)| m.dev == dev).collect();
+                // The whole filesystem's mount first, then by id.
+                of_dev.sort_by_key(|(&id, m)| (m.root != b"/", id));
+                of_dev.first().copied()
+            };
+            let (&id, _) = by_path.or_else(by_dev)?;
             Some(top_mount(t, id))
         };
         find(&self.table).or_else(|| {
@@ -451,9 +466,12 @@ mod tests {
         let mut m = Mounts::from_text(&nfs, false, &["/"]);
         assert_eq!(m.may_hang_at(b"/boot/efi"), Some("nfs4"));
         // Without mount ids from statx, the mount is found by its point.
-        assert_eq!(m.top_at(b"/boot/efi"), Some(43));
-        assert_eq!(m.top_at(b"/home"), Some(24));
-        assert_eq!(m.top_at(b"/home/ann"), None);
+        assert_eq!(m.top_at(b"/boot/efi", 0), Some(43));
+        let sda2 = rustix::fs::makedev(8, 2);
+        assert_eq!(m.top_at(b"/home", sda2), Some(24));
+        // Through a symlink: found by its device.
+        assert_eq!(m.top_at(b"/data/home", sda2), Some(24));
+        assert_eq!(m.top_at(b"/home/ann", rustix::fs::makedev(0, 99)), None);
     }
 
     #[test]

@@ -502,6 +502,9 @@ struct Level {
     /// Mount id and device of the directory: a child on another is a mount
     /// point (or, same mount and another device, a btrfs subvolume).
     mnt: (Option<u64>, u64),
+    /// Entered only on the way to sources inside it (see
+    /// [`Walker::visit_implied`]): its other names are not visited.
+    implied: bool,
 }
 
 /// Reads the names of `dir` (without `.` and `..`) into a level, sorted. A
@@ -539,6 +542,7 @@ fn read_level(
         next: 0,
         path_len,
         mnt,
+        implied: false,
     };
     (level, failed)
 }
@@ -933,7 +937,7 @@ impl Walker<'_> {
         };
         let mut stack = Vec::new();
         let root_mnt = (mnt_id(&st), meta::dev_ino(&st).0);
-        self.push_level(&mut stack, dir, &path, root_mnt, st.stx_ino)?;
+        self.push_level(&mut stack, dir, &path, root_mnt, st.stx_ino, false)?;
         loop {
             let depth = stack.len();
             let Some(top) = stack.last_mut() else {
@@ -953,6 +957,9 @@ impl Walker<'_> {
             let Ok(name) = CStr::from_bytes_with_nul(&top.names[start..=start + len]) else {
                 continue;
             };
+            if top.implied && !self.toward_nested(&path) {
+                continue;
+            }
             let child = Child {
                 parent: top,
                 name,
@@ -960,7 +967,7 @@ impl Walker<'_> {
                 depth,
             };
             if let Some(sub) = self.visit(&child, &path, &root, below_start)? {
-                self.push_level(&mut stack, sub.dir, &path, sub.mnt, sub.ino)?;
+                self.push_level(&mut stack, sub.dir, &path, sub.mnt, sub.ino, sub.implied)?;
             }
         }
         Ok(())
@@ -1051,9 +1058,11 @@ impl Walker<'_> {
         path: &[u8],
         mnt: (Option<u64>, u64),
         ino: u64,
+        implied: bool,
     ) -> Result<()> {
         self.enter_dir(dir.as_fd(), path, stack.len() + 1)?;
         let (mut level, failed) = read_level(dir, path.len(), mnt, &mut self.buf);
+        level.implied = implied;
         if let Some(e) = failed.or_else(|| eio_fault(path)) {
             // A listing cut short: nothing below is sent, and the server
             // keeps the directory's content as the last backup has it
@@ -1069,8 +1078,10 @@ impl Walker<'_> {
                 false,
             );
         }
-        self.prefetch
-            .level(&level.dir, level.mnt.0, ino, &level.names);
+        if !implied {
+            self.prefetch
+                .level(&level.dir, level.mnt.0, ino, &level.names);
+        }
         stack.push(level);
         Ok(())
     }
@@ -1096,19 +1107,32 @@ impl Walker<'_> {
             FileType::Unknown => None,
             t => Some(t == FileType::Directory),
         };
+        let nested = self
+            .nested
+            .binary_search_by(|(p, _)| p.as_slice().cmp(path))
+            .ok();
+        // Above a source inside the source walked: where it would be left
+        // out, or in a directory entered only on the way, it is entered on
+        // the way too.
+        let above = self.above_nested(path);
+        if above && child.parent.implied {
+            return self.visit_implied(child, path, root, below_start);
+        }
         if hinted_dir.is_some_and(|d| self.left_out(rel, d, depth)) {
+            if above {
+                return self.visit_implied(child, path, root, below_start);
+            }
             return Ok(None);
         }
         if rel.len() > byteback_protocol::limits::MAX_PATH {
             self.warn(path, "path too long; skipped".into(), false);
             return Ok(None);
         }
-        let nested = self
-            .nested
-            .binary_search_by(|(p, _)| p.as_slice().cmp(path))
-            .ok();
         if hinted_dir != Some(false) && nested.is_none() {
             if let Some(fstype) = self.mounts.may_hang_at(path) {
+                if above {
+                    return self.visit_implied(child, path, root, below_start);
+                }
                 let fstype = fstype.to_string();
                 return self.visit_may_hang(at, path, root, below_start, &fstype);
             }
@@ -1123,6 +1147,9 @@ impl Walker<'_> {
         };
         let is_dir = FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory;
         if hinted_dir != Some(is_dir) && self.left_out(rel, is_dir, depth) {
+            if above {
+                return self.visit_implied(child, path, root, below_start);
+            }
             return Ok(None);
         }
         // Within the parent's filesystem (not a mount point or a btrfs
@@ -1139,7 +1166,10 @@ impl Walker<'_> {
         )? {
             return Ok(None);
         }
-        if let Some(i) = nested {
+        // A symlink is sent as one, not followed: a source inside another
+        // that is a symlink is not reached (and the warning says so).
+        let is_symlink = FileType::from_raw_mode(st.stx_mode.into()) == FileType::Symlink;
+        if let Some(i) = nested.filter(|_| !is_symlink) {
             self.nested[i].1 = true;
         }
         if !is_dir {
@@ -1156,7 +1186,7 @@ impl Walker<'_> {
             // No mount ids (Linux before 5.8): a mount point is one of the
             // table's (a new device without one is a btrfs subvolume).
             _ => (dev != parent.mnt.1)
-                .then(|| self.mounts.top_at(path))
+                .then(|| self.mounts.top_at(path, dev))
                 .flatten(),
         };
         if let Some(mnt) = crossed.filter(|_| nested.is_none()) {
@@ -1168,8 +1198,21 @@ impl Walker<'_> {
                 self.mounts
                     .crossing_unless(mnt, (dev, ino), &shown, &excluded)
             {
-                self.sink.note(why);
-                return Ok(None);
+                if !above {
+                    self.sink.note(why);
+                    return Ok(None);
+                }
+                self.sink.note(format!(
+                    "{why}; entered only on the way to a source inside it"
+                ));
+                return Ok(self
+                    .open_subdir(parent.dir.as_fd(), child.name, path, (dev, ino))
+                    .map(|dir| Subdir {
+                        dir,
+                        mnt: here,
+                        ino,
+                        implied: true,
+                    }));
             }
         }
         Ok(self
@@ -1178,6 +1221,62 @@ impl Walker<'_> {
                 dir,
                 mnt: here,
                 ino,
+                implied: false,
+            }))
+    }
+
+    /// Whether `path` is a source inside the one walked, or a directory above one.
+    fn toward_nested(&self, path: &[u8]) -> bool {
+        self.nested
+            .iter()
+            .any(|(n, _)| n.as_slice() == path || is_below(n, path))
+    }
+
+    /// Whether `path` is a directory above a source inside the one walked.
+    fn above_nested(&self, path: &[u8]) -> bool {
+        self.nested.iter().any(|(n, _)| is_below(n, path))
+    }
+
+    /// Sends directory `path`, which the rules would leave out (excluded, a
+    /// filesystem not entered), and enters it only on the way to the
+    /// sources inside it, as rsync sends the directories above a source it
+    /// is given (`--relative`): its other names are not visited.
+    fn visit_implied(
+        &mut self,
+        child: &Child<'_>,
+        path: &[u8],
+        root: &Arc<SourceRoot>,
+        below_start: usize,
+    ) -> Result<Option<Subdir>> {
+        let at = At::Child {
+            dir: child.parent.dir.as_fd(),
+            name: child.name,
+        };
+        let st = match meta::stat_at(at) {
+            Ok(st) => st,
+            Err(e) => {
+                self.warn_io(path, &e);
+                return Ok(None);
+            }
+        };
+        let source = Some((root.clone(), below_start));
+        if !self.emit(at, &st, path, source, false, true)?
+            || FileType::from_raw_mode(st.stx_mode.into()) != FileType::Directory
+        {
+            return Ok(None);
+        }
+        self.sink.note(format!(
+            "{}: entered only on the way to a source inside it",
+            String::from_utf8_lossy(path)
+        ));
+        let (dev, ino) = meta::dev_ino(&st);
+        Ok(self
+            .open_subdir(child.parent.dir.as_fd(), child.name, path, (dev, ino))
+            .map(|dir| Subdir {
+                dir,
+                mnt: (mnt_id(&st), dev),
+                ino,
+                implied: true,
             }))
     }
 
@@ -1267,6 +1366,14 @@ struct Subdir {
     /// Its mount id (if the kernel gives one) and device.
     mnt: (Option<u64>, u64),
     ino: u64,
+    /// Entered only on the way to sources inside it.
+    implied: bool,
+}
+
+/// Whether `path` lies strictly below directory `dir` (both absolute).
+fn is_below(path: &[u8], dir: &[u8]) -> bool {
+    let dir = dir.strip_suffix(b"/").unwrap_or(dir);
+    path.len() > dir.len() + 1 && path.starts_with(dir) && path[dir.len()] == b'/'
 }
 
 /// One name of a directory on the walk's stack, about to be visited.

@@ -9,10 +9,9 @@ use std::path::Path;
 use byteback_protocol::BackupStats;
 
 use super::sweep::remove_stale;
-use super::{carry, in_dir, BackupReceiver, BOOT, CLEAN, DAMAGED, MANIFEST, NO_SPACE, PARTIAL};
-
-/// Where a new [`BOOT`] is written before it is renamed into place.
-const BOOT_NEW: &[u8] = b"boot.new";
+use super::{
+    carry, in_dir, BackupReceiver, BOOT, BOOT_NEW, CLEAN, DAMAGED, MANIFEST, NO_SPACE, PARTIAL,
+};
 use crate::error::{Error, IoContext, Result};
 use crate::fsops;
 use crate::manifest::{ManifestReader, ManifestWriter, PeekableManifest};

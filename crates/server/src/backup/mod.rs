@@ -87,6 +87,8 @@ const MANIFEST: &[u8] = b"manifest";
 const DAMAGED: &[u8] = b"manifest.damaged";
 /// The boot id of the kernel the last changes to `current` were made under.
 const BOOT: &[u8] = b"boot";
+/// Where a new [`BOOT`] is written before it is renamed into place.
+const BOOT_NEW: &[u8] = b"boot.new";
 /// What an object a backup creates takes in the filesystem's metadata, as
 /// the growth guard counts it: on btrfs an inode item, its reference and
 /// two directory items, about 400 bytes, rounded up.
@@ -422,7 +424,7 @@ fn open_meta(
     let meta = fsops::open_dir(current, META_DIR).op("open", || meta_path.display())?;
     // Leftovers of an interrupted run (`tmp`: of versions before partial
     // rebuilds were kept); `partial` is kept for resuming.
-    for name in [&b"tmp"[..], b"manifest.new"] {
+    for name in [&b"tmp"[..], b"manifest.new", BOOT_NEW] {
         fsops::remove_any(&meta, name).op("remove", || at(name))?;
     }
     room::retry(room, creating(at(PARTIAL)), || {
@@ -685,8 +687,6 @@ impl BackupReceiver {
         Ok(())
     }
 
-    /// Keeps warning `w` for the client and the log, up to
-    /// [`MAX_WARNINGS`]; the rest are counted.
     /// [`Self::warn`] about an entry left out of this backup, or kept at
     /// its last version: the client counts it, and the backup is partial.
     pub(super) fn left_out(&mut self, w: String) {
@@ -694,6 +694,8 @@ impl BackupReceiver {
         self.warn(w);
     }
 
+    /// Keeps warning `w` for the client and the log, up to
+    /// [`MAX_WARNINGS`]; the rest are counted.
     pub(super) fn warn(&mut self, w: String) {
         if self.warnings.len() < MAX_WARNINGS {
             self.warnings.push(w);
