@@ -104,6 +104,7 @@ impl World {
                     .args(["--hostname", &host])
                     .arg("--admin-key")
                     .arg(&sshd.admin_key)
+                    .arg("--accept-new-host-key")
                     .arg("--server-command")
                     .arg(bin("byteback-server"))
                     .stdin(Stdio::null()),

@@ -70,6 +70,8 @@ impl World {
                 .args(["--hostname", hostname])
                 .arg("--admin-key")
                 .arg(&self.sshd.admin_key)
+                .arg("--host-key")
+                .arg(self.sshd.host_key_fingerprint())
                 .arg("--server-command")
                 .arg(bin("byteback-server"))
                 .stdin(Stdio::null()),
@@ -86,6 +88,8 @@ impl World {
                 .arg("--destination")
                 .arg(self.sshd.destination())
                 .args(["--hostname", hostname])
+                .arg("--host-key")
+                .arg(self.sshd.host_key_fingerprint())
                 .arg("--server-command")
                 .arg(bin("byteback-server"))
                 .stdin(Stdio::null()),
@@ -715,6 +719,7 @@ fn server_output_is_escaped() {
             .args(["--hostname", "client-a"])
             .arg("--admin-key")
             .arg(&w.sshd.admin_key)
+            .arg("--accept-new-host-key")
             .arg("--server-command")
             .arg(&evil)
             .stdin(Stdio::null()),
@@ -965,21 +970,54 @@ fn setup_with_a_password() {
     }
     let w = World::new(200);
     let client = w.client_dir("pw");
-    let setup = |password: &str| {
+    // Without a controlling terminal (setsid), as a script runs it.
+    let setup_with = |password: &str, trust: &[&str]| {
         run_status(
-            Command::new(bin("byteback-setup-client"))
+            Command::new("setsid")
+                .arg("--wait")
+                .arg(bin("byteback-setup-client"))
                 .env("BYTEBACK_CONFIG_DIR", &client)
                 .env("HOME", &client)
                 .env("BYTEBACK_PASSWORD", password)
                 .arg("--destination")
                 .arg(w.sshd.destination())
                 .args(["--hostname", "pw-host"])
+                .args(trust)
                 .arg("--server-command")
                 .arg(bin("byteback-server"))
                 .stdin(Stdio::null()),
         )
     };
     let before = fs::read_to_string(w.sshd.authorized_keys()).unwrap();
+    // First contact: a host key nobody confirmed gets neither the password
+    // nor anything else (a man in the middle would have had both, and
+    // become this client's destination). Without --host-key and with no
+    // terminal to ask on: refused, saying how to go on.
+    let fp = w.sshd.host_key_fingerprint();
+    let out = setup_with(util::sshd::PASSWORD, &[]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("--host-key {fp}")),
+        "{}",
+        stderr(&out)
+    );
+    // Another key's fingerprint: refused as well.
+    let out = setup_with(
+        util::sshd::PASSWORD,
+        &[
+            "--host-key",
+            "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ],
+    );
+    assert!(!out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not SHA256:AAAA"), "{}", stderr(&out));
+    assert!(!client.join("known_hosts").exists());
+    assert!(!client.join("destination").exists());
+    assert_eq!(
+        fs::read_to_string(w.sshd.authorized_keys()).unwrap(),
+        before
+    );
+    let setup = |password: &str| setup_with(password, &["--host-key", &fp]);
     let out = setup("wrong password");
     assert!(!out.status.success(), "a wrong password was accepted");
     assert!(stderr(&out).contains("refused"), "{}", stderr(&out));

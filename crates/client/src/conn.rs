@@ -55,14 +55,15 @@ impl Destination {
                 let (h, p) = h
                     .split_once(']')
                     .ok_or_else(|| err!("bad IPv6 address in {s:?}"))?;
-                (
-                    h.to_string(),
-                    p.strip_prefix(':')
-                        .map(str::parse::<u16>)
-                        .transpose()
-                        .map_err(|e| err!("bad port in {s:?}: {e}"))?
-                        .unwrap_or(22),
-                )
+                let port = match p {
+                    "" => 22,
+                    _ => p
+                        .strip_prefix(':')
+                        .ok_or_else(|| err!("{p:?} after the IPv6 address in {s:?}"))?
+                        .parse::<u16>()
+                        .map_err(|e| err!("bad port in {s:?}: {e}"))?,
+                };
+                (h.to_string(), port)
             } else {
                 match hostport.rsplit_once(':') {
                     Some((h, p)) => (
@@ -922,6 +923,16 @@ mod tests {
                 user: Some("bb".into()),
                 host: "::1".into(),
                 port: 2222
+            }
+        );
+        // Anything but a port after the address is refused, not ignored.
+        assert!(Destination::parse("ssh://bb@[::1]x:2222/").is_err());
+        assert_eq!(
+            Destination::parse("ssh://bb@[::1]/").unwrap(),
+            Destination::Ssh {
+                user: Some("bb".into()),
+                host: "::1".into(),
+                port: 22
             }
         );
         assert_eq!(

@@ -24,7 +24,7 @@ use russh::keys::{HashAlg, PrivateKey};
 
 use crate::cli::{config_dir, default_hostname, known_hosts_files, DEFAULT_SSH_USER};
 use crate::conn::{Connection, Destination};
-use crate::ssh::{self, Auth, Request, SshOptions, SshTarget, UnknownHost};
+use crate::ssh::{self, Auth, Request, SshOptions, SshTarget, Trust, UnknownHost};
 
 /// Make this machine a client of a byteback server.
 #[derive(Debug, Parser)]
@@ -40,6 +40,16 @@ pub struct SetupArgs {
     /// Log in with this key (an unrestricted key of the server account) instead of a password.
     #[arg(long)]
     admin_key: Option<PathBuf>,
+    /// The server's host key, as `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub`
+    /// prints it there (SHA256:...): a server not yet in known_hosts must
+    /// present this key. Without it (or --accept-new-host-key) the key is
+    /// shown and confirmed on the terminal before anything is sent.
+    #[arg(long, value_name = "SHA256:...")]
+    host_key: Option<String>,
+    /// Trust the host key a server not yet in known_hosts presents, unchecked
+    /// (automation on a network trusted not to be intercepted).
+    #[arg(long, conflicts_with = "host_key")]
+    accept_new_host_key: bool,
     /// This client's key, created if missing.
     #[arg(short = 'k', long)]
     ssh_key: Option<PathBuf>,
@@ -107,7 +117,14 @@ fn setup(args: &SetupArgs) -> Result<()> {
             "--server-command may contain only letters, digits and /._+-",
         ));
     }
-    std::fs::create_dir_all(&dir).on("cannot create", &dir)?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&dir)
+            .on("cannot create", &dir)?;
+    }
     let key_path = args.ssh_key.clone().unwrap_or_else(|| dir.join("key"));
     if args.rotate_key {
         return rotate(args, &target, &name, &key_path);
@@ -119,10 +136,21 @@ fn setup(args: &SetupArgs) -> Result<()> {
         Some(p) => Auth::Key(p.clone()),
         None => Auth::Password(password(&target)?),
     };
+    let trust = match (&args.host_key, args.accept_new_host_key) {
+        (Some(fp), _) if fp.starts_with("SHA256:") => Trust::Fingerprint(fp.clone()),
+        (Some(fp), _) => {
+            return Err(Error::msg(format!(
+                "--host-key {}: give the SHA256:... fingerprint `ssh-keygen -lf` prints",
+                fp.escape_default()
+            )))
+        }
+        (None, true) => Trust::Any,
+        (None, false) => Trust::Ask,
+    };
     enrol_remote(
         &target,
         &auth,
-        UnknownHost::Learn,
+        UnknownHost::Learn(trust),
         &args.server_command,
         &name,
         &public,
@@ -132,20 +160,38 @@ fn setup(args: &SetupArgs) -> Result<()> {
     write_if_changed(&dir.join("destination"), &format!("{destination}\n"))?;
 
     // Prove the new key works through its forced command.
-    let check = SshOptions {
-        known_hosts: known_hosts_files(),
-        unknown_host: UnknownHost::Refuse,
-        ..SshOptions::default()
-    };
-    let conn = Connection::open_ssh(&target, &key_path, &check, "ping")
+    let conn = Connection::open_ssh(&target, &key_path, &checking(), "ping")
         .context("the new key does not work yet")?;
     let filed_as = conn.host.clone();
     conn.close()?;
     eprintln!(
         "byteback-setup-client: done: this machine backs up to {destination} as host {filed_as}; run byteback-backup (daily from a timer)"
     );
+    if key_path != dir.join("key") {
+        eprintln!(
+            "byteback-setup-client: warning: the key enrolled is {}, not {}: give byteback-backup and byteback-restore -k {} too",
+            key_path.display(),
+            dir.join("key").display(),
+            key_path.display()
+        );
+    }
     Ok(())
 }
+
+/// Set-up's connections: a known host only, and given up on after
+/// [`SETUP_IO_TIMEOUT`] without a byte (a backup's three hours would keep
+/// an admin waiting on a server that never answers).
+fn checking() -> SshOptions {
+    SshOptions {
+        known_hosts: known_hosts_files(),
+        unknown_host: UnknownHost::Refuse,
+        io_timeout: SETUP_IO_TIMEOUT,
+        ..SshOptions::default()
+    }
+}
+
+/// See [`checking`].
+const SETUP_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// `TYPE BASE64` of a key.
 fn public_line(key: &PrivateKey) -> Result<String> {
@@ -182,11 +228,7 @@ fn rotate(args: &SetupArgs, target: &SshTarget, name: &str, key_path: &Path) -> 
     }
     let old = ssh::load_key(key_path)?;
     let old_public = public_line(&old)?;
-    let check = SshOptions {
-        known_hosts: known_hosts_files(),
-        unknown_host: UnknownHost::Refuse,
-        ..SshOptions::default()
-    };
+    let check = checking();
     // The name the key in use backs up as, from the server: the new key
     // must take its place there, not start a host of its own.
     let conn = Connection::open_ssh(target, key_path, &check, "ping").context(
@@ -226,15 +268,21 @@ fn rotate(args: &SetupArgs, target: &SshTarget, name: &str, key_path: &Path) -> 
     let conn = Connection::open_ssh(target, &new_path, &check, "ping")
         .context("the new key does not work; the old one stays in use")?;
     conn.close()?;
-    // Switch over: the old key aside, the new one in its place.
+    // Switch over: the old key kept aside (a second name), then the new
+    // one renamed over it, so a backup starting meanwhile finds one of them.
     let retired = PathBuf::from(format!("{}.retired", key_path.display()));
     let rename = |from: &Path, to: &Path| -> Result<()> {
         std::fs::rename(from, to)
             .with_context(|| format!("cannot rename {} to {}", from.display(), to.display()))
     };
-    rename(key_path, &retired)?;
+    let keep_aside = |from: &Path, to: &Path| -> Result<()> {
+        let _ = std::fs::remove_file(to);
+        std::fs::hard_link(from, to)
+            .with_context(|| format!("cannot link {} to {}", from.display(), to.display()))
+    };
+    keep_aside(key_path, &retired)?;
     if pub_path(key_path).exists() {
-        rename(&pub_path(key_path), &pub_path(&retired))?;
+        keep_aside(&pub_path(key_path), &pub_path(&retired))?;
     }
     rename(&new_path, key_path)?;
     rename(&pub_path(&new_path), &pub_path(key_path))?;
@@ -292,9 +340,8 @@ fn enrol_remote(
     change: KeyChange<'_>,
 ) -> Result<()> {
     let opts = SshOptions {
-        known_hosts: known_hosts_files(),
         unknown_host,
-        ..SshOptions::default()
+        ..checking()
     };
     let mut command = format!("{server_command} enrol --host {name} --key '{public}'");
     match change {
@@ -341,10 +388,14 @@ fn is_shell_word(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"/._+-".contains(&b))
 }
 
-/// Loads the client key, or creates an ed25519 key (mode 0600) and its `.pub`.
+/// Loads the client key, or creates an ed25519 key (mode 0600); its
+/// `.pub` is written too where missing (a rotation cut short, say).
 fn ensure_key(path: &Path) -> Result<PrivateKey> {
     if path.exists() {
         let key = ssh::load_key(path)?;
+        if !pub_path(path).exists() {
+            write_public(&key, path)?;
+        }
         eprintln!(
             "byteback-setup-client: using key {} ({})",
             path.display(),
@@ -367,14 +418,22 @@ fn ensure_key(path: &Path) -> Result<PrivateKey> {
         .to_openssh(LineEnding::LF)
         .context("cannot encode the key")?;
     byteback_protocol::os::write_atomic(path, pem.as_bytes(), 0o600).on("cannot write", path)?;
-    let public = key.public_key().to_openssh()?;
-    std::fs::write(pub_path(path), format!("{public}\n"))?;
+    write_public(&key, path)?;
     eprintln!(
         "byteback-setup-client: created key {} ({})",
         path.display(),
         key.fingerprint(HashAlg::Sha256)
     );
     Ok(key)
+}
+
+/// Writes `<path>.pub` for `key` (atomically, never through a symlink).
+fn write_public(key: &PrivateKey, path: &Path) -> Result<()> {
+    let public = key.public_key().to_openssh()?;
+    let pub_file = pub_path(path);
+    byteback_protocol::os::write_atomic(&pub_file, format!("{public}\n").as_bytes(), 0o644)
+        .on("cannot write", &pub_file)?;
+    Ok(())
 }
 
 /// The admin password: `$BYTEBACK_PASSWORD` (for automation) or asked on the terminal.

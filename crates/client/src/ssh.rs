@@ -72,12 +72,27 @@ pub enum Auth {
 }
 
 /// What to do with a host key no known_hosts file mentions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UnknownHost {
     /// Refuse to connect (backups and restores).
     Refuse,
-    /// Record it in the first known_hosts file and go on (setup-client).
-    Learn,
+    /// Record it in the first known_hosts file and go on (setup-client),
+    /// once `Trust` says it is the server's: before anything is sent.
+    Learn(Trust),
+}
+
+/// How set-up decides that a host key it has no record of is the server's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// It has this fingerprint (`SHA256:...`, as `ssh-keygen -lf` prints
+    /// it on the server): `--host-key`.
+    Fingerprint(String),
+    /// Whatever key the server presents, unchecked: `--accept-new-host-key`
+    /// (OpenSSH's `StrictHostKeyChecking=accept-new`).
+    Any,
+    /// The admin says so on the terminal, after seeing its fingerprint;
+    /// without a terminal, refused.
+    Ask,
 }
 
 /// Connection settings.
@@ -296,7 +311,7 @@ async fn connect(
         host: target.host.clone(),
         port: target.port,
         known_hosts: opts.known_hosts.clone(),
-        unknown: opts.unknown_host,
+        unknown: opts.unknown_host.clone(),
     };
     let addr = (target.host.as_str(), target.port);
     let login = async {
@@ -644,8 +659,9 @@ impl HostKeyCheck {
                     describe_key(key),
                 )))
             }
-            Verdict::Unknown => match (self.unknown, self.known_hosts.first()) {
-                (UnknownHost::Learn, Some(path)) => {
+            Verdict::Unknown => match (&self.unknown, self.known_hosts.first()) {
+                (UnknownHost::Learn(trust), Some(path)) => {
+                    confirm(trust, &name, key)?;
                     learn(&name, key, path).with_context(|| {
                         format!("cannot record the host key in {}", path.display())
                     })?;
@@ -670,14 +686,89 @@ impl HostKeyCheck {
     }
 }
 
-/// Appends `host key` to a known_hosts file (created 0644, directory as needed).
+/// Decides, before anything is sent to it, whether the host key `key` of
+/// `name`, which no known_hosts file mentions, is the server's (see
+/// [`Trust`]). Without that a man in the middle on the first run would
+/// get the admin password, and become this client's destination.
+fn confirm(trust: &Trust, name: &str, key: &PublicKey) -> Result<()> {
+    let fp = key.fingerprint(HashAlg::Sha256).to_string();
+    let compare = "compare it with the server's own (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` there)";
+    match trust {
+        Trust::Any => Ok(()),
+        Trust::Fingerprint(want) if want.trim() == fp => Ok(()),
+        Trust::Fingerprint(want) => Err(Error::Permanent(format!(
+            "the server {name} presents host key {}, not {} (--host-key): refusing to connect, \
+             nothing was sent; someone may be intercepting the connection",
+            describe_key(key),
+            want.trim().escape_default()
+        ))),
+        Trust::Ask => {
+            let no_terminal = || {
+                Error::Permanent(format!(
+                    "the server {name} presents host key {}, which is not known here, and there is no \
+                     terminal to ask whether it is the server's: {compare}, then run again with \
+                     --host-key {fp} (or --accept-new-host-key to trust it unchecked); nothing was sent",
+                    describe_key(key)
+                ))
+            };
+            let mut tty = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/tty")
+                .map_err(|_| no_terminal())?;
+            write!(
+                tty,
+                "The server {name} presents host key {}, not known here.\n\
+                 Before the password or any key goes to it, {compare}.\n\
+                 Is it the server's key? Type yes or its fingerprint: ",
+                describe_key(key)
+            )
+            .map_err(|_| no_terminal())?;
+            let answer = read_tty_line(&mut tty).map_err(|_| no_terminal())?;
+            let answer = answer.trim();
+            if answer == "yes" || answer == fp {
+                Ok(())
+            } else {
+                Err(Error::Permanent(format!(
+                    "the host key of {name} was not confirmed; nothing was sent"
+                )))
+            }
+        }
+    }
+}
+
+/// A line typed on the terminal (at most 256 bytes are kept).
+fn read_tty_line(tty: &mut std::fs::File) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match tty.read(&mut byte)? {
+            0 => break,
+            _ if byte[0] == b'\n' => break,
+            _ if line.len() < 256 => line.push(byte[0]),
+            _ => {}
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+/// Appends `host key` to a known_hosts file (created 0644, never through
+/// a symlink; its directory 0755 as needed).
 fn learn(shown: &str, key: &PublicKey, path: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).on("cannot create", dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .on("cannot create", dir)?;
     }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .on("cannot open", path)?;
     let len = f.metadata().on("cannot stat", path)?.len();
@@ -790,7 +881,20 @@ mod tests {
             .unwrap_err();
         assert!(format!("{e:#}").contains("is not in"), "{e:#}");
         assert!(!ours.exists());
-        assert!(checker(&files, UnknownHost::Learn)
+        // With --host-key, only the key of that fingerprint.
+        let e = checker(
+            &files,
+            UnknownHost::Learn(Trust::Fingerprint("SHA256:not-this-one".into())),
+        )
+        .check_plain_key(&key(ED))
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("not SHA256:not-this-one"),
+            "{e:#}"
+        );
+        assert!(!ours.exists());
+        let fp = key(ED).fingerprint(HashAlg::Sha256).to_string();
+        assert!(checker(&files, UnknownHost::Learn(Trust::Fingerprint(fp)))
             .check_plain_key(&key(ED))
             .unwrap());
         let learnt = std::fs::read_to_string(&ours).unwrap();
@@ -802,7 +906,7 @@ mod tests {
         // Another key, of the same type or of another: changed, for both
         // policies, naming the recorded line; nothing is learnt.
         for other in [EC, ED2] {
-            for policy in [UnknownHost::Refuse, UnknownHost::Learn] {
+            for policy in [UnknownHost::Refuse, UnknownHost::Learn(Trust::Any)] {
                 let e = checker(&files, policy)
                     .check_plain_key(&key(other))
                     .unwrap_err();
@@ -819,7 +923,7 @@ mod tests {
         // Revoked in the user's file: refused although our file accepts it.
         std::fs::create_dir_all(users.parent().unwrap()).unwrap();
         std::fs::write(&users, format!("# revoked\n@revoked * {ED}\n")).unwrap();
-        for policy in [UnknownHost::Refuse, UnknownHost::Learn] {
+        for policy in [UnknownHost::Refuse, UnknownHost::Learn(Trust::Any)] {
             let e = checker(&files, policy)
                 .check_plain_key(&key(ED))
                 .unwrap_err();
@@ -831,7 +935,7 @@ mod tests {
 
         // A revoked key for a host with no entry is never learnt.
         std::fs::remove_file(&ours).unwrap();
-        let e = checker(&files, UnknownHost::Learn)
+        let e = checker(&files, UnknownHost::Learn(Trust::Any))
             .check_plain_key(&key(ED))
             .unwrap_err();
         assert!(format!("{e:#}").contains("REVOKED"), "{e:#}");

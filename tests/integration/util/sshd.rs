@@ -251,6 +251,21 @@ impl Sshd {
         key.with_extension("pub")
     }
 
+    /// The first host key's fingerprint, `SHA256:...`, as `ssh-keygen -lf`
+    /// prints it (what an admin gives `byteback-setup-client --host-key`).
+    pub fn host_key_fingerprint(&self) -> String {
+        let out = std::process::Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(self.dir.join("host_key.pub"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ssh-keygen -lf failed");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let fp = text.split_whitespace().nth(1).unwrap().to_string();
+        assert!(fp.starts_with("SHA256:"), "{text}");
+        fp
+    }
+
     /// The public half of the first host key, `TYPE BASE64` (no comment).
     pub fn host_key_pub(&self) -> String {
         let text = fs::read_to_string(self.dir.join("host_key.pub")).unwrap();
