@@ -167,14 +167,16 @@ pub fn record_written(
 
 /// Appends the line naming the snapshot a backup took, after its
 /// [`record_written`] line of the same time (`now 0 NAME`; the readers
-/// take the two as one), and syncs it.
+/// take the two as one), and syncs it. `unrecorded`: bytes that line
+/// could not record (its append failed), counted here instead.
 pub fn record_snapshot(
     host: &HostStore,
     now: i64,
     snapshot: &str,
     space: Option<&Space>,
+    unrecorded: u64,
 ) -> Result<()> {
-    append_usage(host, now, 0, Some(snapshot), space)
+    append_usage(host, now, unrecorded, Some(snapshot), space)
 }
 
 /// After a crash between a backup's usage line and its snapshot's: names
@@ -196,7 +198,7 @@ pub fn name_lost_snapshot(host: &HostStore) -> Result<()> {
             "the usage log of {} did not name snapshot {name} (a crash right after it was taken): named now",
             host.name
         );
-        record_snapshot(host, last.time, &name, None)?;
+        record_snapshot(host, last.time, &name, None, 0)?;
     }
     Ok(())
 }
@@ -212,11 +214,22 @@ fn append_usage(
     let fd = rustix::fs::openat(
         host.fd(),
         USAGE_LOG,
-        OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        OFlags::RDWR | OFlags::APPEND | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW,
         Mode::from_raw_mode(0o600),
     )
     .op("open", path)?;
-    let mut line = format!("{now} {new_bytes} {}", snapshot.unwrap_or("-"));
+    // After a torn append (a crash, a full disc), the line starts on a
+    // line of its own rather than glued to the torn one's end.
+    let len = rustix::fs::fstat(&fd).op("stat", path)?.st_size;
+    let mut last = [0u8; 1];
+    let torn = len > 0
+        && rustix::io::pread(&fd, &mut last, (len - 1) as u64).op("read", path)? == 1
+        && last[0] != b'\n';
+    let mut line = format!(
+        "{}{now} {new_bytes} {}",
+        if torn { "\n" } else { "" },
+        snapshot.unwrap_or("-")
+    );
     if let Some(sp) = space {
         line.push_str(&format!(" {} {}", sp.free, sp.size));
     }
@@ -372,7 +385,13 @@ fn write_small(store: &Store, name: &str, text: &str, append: bool) -> Result<()
     Ok(())
 }
 
-/// Growth spikes whose snapshot still exists and that the admin has not accepted.
+/// Growth spikes whose snapshot still exists and that the admin has not
+/// accepted; and, for each host, what it wrote since its last snapshot
+/// (backups committed within the minimum interval, or cut off) judged as
+/// its next snapshot will be: junk in `current` with no snapshot yet must
+/// not evict other hosts' history either. Such a spike is named
+/// `current-since-SNAPSHOT` (its last snapshot); accepting it accepts the
+/// snapshot that follows it too.
 pub fn open_spikes(store: &Store, snapshots: &[Snapshot], capacity: u64) -> Result<Vec<Spike>> {
     let accepted: HashSet<String> = read_small(store.fd(), ACCEPTED)
         .unwrap_or_default()
@@ -386,20 +405,61 @@ pub fn open_spikes(store: &Store, snapshots: &[Snapshot], capacity: u64) -> Resu
     let mut out = vec![];
     for host in store.hosts()? {
         let h = store.host(&host, false)?;
-        for s in spikes(&host, &read_usage(&h), capacity) {
+        let (mut history, pending) = read_usage_pending(&h);
+        let is_accepted = |history: &[Usage], s: &Spike| {
+            let before = history
+                .iter()
+                .position(|u| u.snapshot == s.snapshot)
+                .and_then(|i| i.checked_sub(1))
+                .map(|i| pending_name(&history[i].snapshot));
+            accepted.contains(&format!("{}/{}", s.host, s.snapshot))
+                || before.is_some_and(|b| accepted.contains(&format!("{}/{b}", s.host)))
+        };
+        for s in spikes(&host, &history, capacity) {
             if existing.contains(&(s.host.as_str(), s.snapshot.as_str()))
-                && !accepted.contains(&format!("{}/{}", s.host, s.snapshot))
+                && !is_accepted(&history, &s)
             {
                 out.push(s);
+            }
+        }
+        if let Some(last) = history.last().filter(|_| pending > 0) {
+            let name = pending_name(&last.snapshot);
+            history.push(Usage {
+                snapshot: name.clone(),
+                time: i64::MAX,
+                new_bytes: pending,
+            });
+            if let Some(s) = spikes(&host, &history, capacity)
+                .into_iter()
+                .find(|s| s.snapshot == name)
+            {
+                if !accepted.contains(&format!("{host}/{name}")) {
+                    out.push(s);
+                }
             }
         }
     }
     Ok(out)
 }
 
+/// The name a growth spike not snapshotted yet goes by: what `current`
+/// holds since snapshot `last` (see [`open_spikes`]).
+fn pending_name(last: &str) -> String {
+    format!("current-since-{last}")
+}
+
 /// The prune refusal left by the last run, if any.
 pub fn refusal(store: &Store) -> Option<String> {
     read_small(store.fd(), REFUSED).filter(|s| !s.trim().is_empty())
+}
+
+/// Deletes snapshot `s` of `host` (a test may make it fail).
+fn delete_snapshot(host: &HostStore, s: &Snapshot) -> Result<()> {
+    #[cfg(test)]
+    if tests::UNDELETABLE.with(|u| u.borrow().contains(&s.name)) {
+        return Err(Error::Store("it will not go (a test)".into()));
+    }
+    host.delete_snapshot(&s.name)
 }
 
 /// Waits until btrfs has released the space of deleted subvolumes (like
@@ -537,9 +597,16 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
     if !opts.dry_run {
         let _ = rustix::fs::unlinkat(store.fd(), REFUSED, rustix::fs::AtFlags::empty());
     }
+    // Snapshots whose deletion failed this run: passed over, so one that
+    // cannot go does not stop pruning for good (the order is the same every
+    // run); each is recorded for `status`.
+    let mut undeletable: Vec<Snapshot> = vec![];
     loop {
         let order = prune_order(&snapshots, opts.now, opts.offset, opts.order);
-        let Some(victim) = next_to_delete(&order, opts.now, |s| opts.may_delete(s)).cloned() else {
+        let Some(victim) = next_to_delete(&order, opts.now, |s| {
+            opts.may_delete(s) && !undeletable.contains(s)
+        })
+        .cloned() else {
             let why = match &opts.only_host {
                 Some(h) => format!("nothing of {h} left to delete but its newest snapshot"),
                 None => "nothing left to delete: every host is down to its newest snapshot".into(),
@@ -554,7 +621,13 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
             say(log, format_args!("byteback-prune: would delete {victim}"))?;
         } else {
             let host = store.host(&victim.host, false)?;
-            host.delete_snapshot(&victim.name)?;
+            if let Err(e) = delete_snapshot(&host, &victim) {
+                let why = format!("cannot delete {victim}: {e}");
+                say(log, format_args!("byteback-prune: {why}; passed over"))?;
+                record_refusal(store, opts, &why);
+                undeletable.push(victim);
+                continue;
+            }
             DELETED.fetch_add(1, Ordering::Relaxed);
             // Deleted whatever comes of the wait: counted as such (the
             // caps on deletions per backup and per day go by the count).
@@ -874,6 +947,46 @@ mod tests {
     thread_local! {
         /// [`wait_for_cleaner`] fails, as after 5 minutes of a slow disc.
         pub(super) static CLEANER_STUCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Snapshots whose deletion fails.
+        pub(super) static UNDELETABLE: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// A snapshot that cannot be deleted is passed over, and said where
+    /// `status` sees it: before, it stopped every prune, and since the
+    /// order is the same every run, pruning for good.
+    #[test]
+    fn a_snapshot_that_cannot_be_deleted_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        store.host("h", true).unwrap();
+        let names = [
+            "2026-11-01T03:00+0000",
+            "2026-11-02T03:00+0000",
+            "2026-11-03T03:00+0000",
+        ];
+        for snap in names {
+            std::fs::create_dir_all(dir.path().join("h").join(snap).join("etc")).unwrap();
+        }
+        let cfg = crate::config::StoreConfig::default();
+        let now = 1_796_400_000;
+        let mut opts = PruneOptions::server(&cfg, now, Some(u64::MAX));
+        opts.max_deletions = Some(1);
+        // Whichever comes first fails: learnt from a dry run.
+        let mut dry = opts.clone();
+        dry.dry_run = true;
+        let first = prune(&store, &dry, &mut Vec::new()).unwrap().deleted[0]
+            .name
+            .clone();
+        UNDELETABLE.with(|u| u.borrow_mut().push(first.clone()));
+        let mut log = Vec::new();
+        let out = prune(&store, &opts, &mut log);
+        UNDELETABLE.with(|u| u.borrow_mut().clear());
+        let out = out.unwrap();
+        assert_eq!(out.deleted.len(), 1, "{out:?}");
+        assert_ne!(out.deleted[0].name, first);
+        assert!(dir.path().join("h").join(&first).exists());
+        let refused = std::fs::read_to_string(dir.path().join(REFUSED)).unwrap();
+        assert!(refused.contains("cannot delete"), "{refused}");
     }
 
     /// A deletion whose wait for the btrfs cleaner fails is still counted
@@ -962,6 +1075,66 @@ mod tests {
         assert!(why.contains("(the growth guard)"), "{why}");
     }
 
+    /// What a host wrote since its last snapshot (backups within the
+    /// minimum interval, or cut off) is judged as its next snapshot will
+    /// be: a spike there stops pruning before any snapshot holds it, and
+    /// accepting it accepts the snapshot that then holds it.
+    #[test]
+    fn growth_not_snapshotted_yet_is_a_spike_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        store.host("h", true).unwrap();
+        const MIB: u64 = 1 << 20;
+        let capacity = 400 * MIB;
+        let names = [
+            "2026-11-01T03:00+0000",
+            "2026-11-02T03:00+0000",
+            "2026-11-03T03:00+0000",
+        ];
+        let mut log = String::new();
+        let mut snapshots = vec![];
+        for (i, name) in names.iter().enumerate() {
+            log.push_str(&format!("{} {} {name}\n", 1000 + i, 2 * MIB));
+            std::fs::create_dir_all(dir.path().join("h").join(name)).unwrap();
+            snapshots.push(Snapshot {
+                host: "h".into(),
+                name: name.to_string(),
+                time: crate::time::parse_name(name).unwrap(),
+            });
+        }
+        log.push_str(&format!("2000 {} -\n", 40 * MIB));
+        let usage = dir.path().join("h").join(USAGE_LOG);
+        std::fs::write(&usage, &log).unwrap();
+        let open = |snaps: &[Snapshot]| open_spikes(&store, snaps, capacity).unwrap();
+        let got = open(&snapshots);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].snapshot, "current-since-2026-11-03T03:00+0000");
+        assert_eq!(got[0].new_bytes, 40 * MIB);
+        // Accepted (as --prune-force does): no spike now, nor once the
+        // snapshot that holds it is taken.
+        std::fs::write(
+            dir.path().join(ACCEPTED),
+            "h/current-since-2026-11-03T03:00+0000\n",
+        )
+        .unwrap();
+        assert!(open(&snapshots).is_empty());
+        let next = "2026-11-04T03:00+0000";
+        log.push_str(&format!("2000 0 {next}\n"));
+        std::fs::write(&usage, &log).unwrap();
+        std::fs::create_dir_all(dir.path().join("h").join(next)).unwrap();
+        snapshots.push(Snapshot {
+            host: "h".into(),
+            name: next.into(),
+            time: crate::time::parse_name(next).unwrap(),
+        });
+        assert!(open(&snapshots).is_empty());
+        // Not accepted: that snapshot is the spike.
+        std::fs::remove_file(dir.path().join(ACCEPTED)).unwrap();
+        let got = open(&snapshots);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].snapshot, next);
+    }
+
     /// A crash after a snapshot was taken and before its line: the next
     /// backup names it, so the growth is that snapshot's.
     #[test]
@@ -1004,11 +1177,11 @@ mod tests {
             source: "statvfs",
         };
         record_written(&host, 100, 5, Some(&sp)).unwrap();
-        record_snapshot(&host, 100, "s1", Some(&sp)).unwrap();
+        record_snapshot(&host, 100, "s1", Some(&sp), 0).unwrap();
         record_written(&host, 200, 7, None).unwrap();
         // A crash here: s2 was taken but not named in the log.
         record_written(&host, 300, 11, Some(&sp)).unwrap();
-        record_snapshot(&host, 300, "s3", None).unwrap();
+        record_snapshot(&host, 300, "s3", None, 0).unwrap();
         record_written(&host, 400, 13, None).unwrap();
         let lines = read_usage_lines(&host);
         let line = |time, new_bytes, snapshot: Option<&str>, space| UsageLine {
@@ -1032,5 +1205,21 @@ mod tests {
             .map(|u| (u.snapshot.as_str(), u.new_bytes))
             .collect();
         assert_eq!((per, pending), (vec![("s1", 5), ("s3", 18)], 13));
+        // A torn line (a crash mid-append) costs itself only: the next
+        // starts on a line of its own.
+        let log = dir.path().join("h").join(USAGE_LOG);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut f, b"450 99").unwrap();
+        drop(f);
+        record_written(&host, 500, 17, None).unwrap();
+        // A backup whose own line could not be written (a full disc):
+        // its bytes go on its snapshot's line.
+        record_snapshot(&host, 600, "s6", None, 19).unwrap();
+        let (usage, pending) = read_usage_pending(&host);
+        let last = usage.last().unwrap();
+        assert_eq!(
+            (last.snapshot.as_str(), last.new_bytes, pending),
+            ("s6", 13 + 17 + 19, 0)
+        );
     }
 }

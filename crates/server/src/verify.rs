@@ -388,7 +388,7 @@ fn mark_current(
             Ok(()) => n += 1,
             Err(e) => report.errors.push(format!(
                 "current: cannot mark {} for the next backup: {e}",
-                String::from_utf8_lossy(p)
+                shown(p)
             )),
         }
     }

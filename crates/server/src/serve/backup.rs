@@ -409,7 +409,12 @@ fn finish<R: Read, W: Write>(
         tracing::error!("the client went away before hearing the result: {e}");
     }
     if let Some(name) = &snapshot {
-        if let Err(e) = crate::pruner::record_snapshot(target.host, now, name, space.as_ref()) {
+        // What the line before the snapshot could not record (a full disc,
+        // say) goes on this one, so the guard still sees it.
+        let unrecorded = rx.grown;
+        if let Err(e) =
+            crate::pruner::record_snapshot(target.host, now, name, space.as_ref(), unrecorded)
+        {
             tracing::error!("cannot record usage: {e}");
         }
         crate::pruner::after_snapshot(target.store, target.config, now);
