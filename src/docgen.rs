@@ -679,7 +679,10 @@ fn setup_client_page() -> Written {
         description: Some(
             "Creates this client's key if missing; logs in to the server account once with \
              its password (asked on the terminal, or $BYTEBACK_PASSWORD) or --admin-key, \
-             showing the server's host key fingerprint and recording it; runs \
+             after making sure a host key not yet recorded is the server's: it must have the \
+             fingerprint --host-key gives, or the admin confirms it on the terminal (without \
+             one it refuses and names the fingerprint to check; --accept-new-host-key trusts \
+             it unchecked); records it; runs \
              byteback-server enrol there, which creates the host's store and appends one \
              restricted authorized_keys line whose forced command is byteback-server serve \
              --host NAME; then writes the destination and checks that the new key logs in. \

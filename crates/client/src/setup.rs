@@ -136,7 +136,7 @@ fn setup(args: &SetupArgs) -> Result<()> {
         Some(p) => Auth::Key(p.clone()),
         None => Auth::Password(password(&target)?),
     };
-    let trust = match (&args.host_key, args.accept_new_host_key) {
+    let mut trust = match (&args.host_key, args.accept_new_host_key) {
         (Some(fp), _) if fp.starts_with("SHA256:") => Trust::Fingerprint(fp.clone()),
         (Some(fp), _) => {
             return Err(Error::msg(format!(
@@ -147,6 +147,17 @@ fn setup(args: &SetupArgs) -> Result<()> {
         (None, true) => Trust::Any,
         (None, false) => Trust::Ask,
     };
+    if trust == Trust::Ask {
+        // Asked with no connection open, so the admin may take the time to
+        // compare the key with the server's; then only that key is taken.
+        let files = known_hosts_files();
+        if let Some(key) = ssh::probe_host_key(&target, &checking()) {
+            if ssh::host_unknown(&target, &files, &key)? {
+                ssh::ask_host_key(&target.to_string(), &key)?;
+                trust = Trust::Fingerprint(key.fingerprint(HashAlg::Sha256).to_string());
+            }
+        }
+    }
     enrol_remote(
         &target,
         &auth,
@@ -394,7 +405,10 @@ fn ensure_key(path: &Path) -> Result<PrivateKey> {
     if path.exists() {
         let key = ssh::load_key(path)?;
         if !pub_path(path).exists() {
-            write_public(&key, path)?;
+            // Only a convenience: a read-only key directory is no error.
+            if let Err(e) = write_public(&key, path) {
+                eprintln!("byteback-setup-client: warning: {e:#}");
+            }
         }
         eprintln!(
             "byteback-setup-client: using key {} ({})",

@@ -106,6 +106,9 @@ pub struct SshOptions {
     pub connect_timeout: Duration,
     /// The session fails when no byte moves either way for this long.
     pub io_timeout: Duration,
+    /// Only learn the server's host key (into this) and hang up: see
+    /// [`probe_host_key`].
+    pub probe: Option<Arc<std::sync::Mutex<Option<PublicKey>>>>,
 }
 
 impl Default for SshOptions {
@@ -115,6 +118,7 @@ impl Default for SshOptions {
             unknown_host: UnknownHost::Refuse,
             connect_timeout: Duration::from_secs(30),
             io_timeout: Duration::from_secs(10800),
+            probe: None,
         }
     }
 }
@@ -312,6 +316,7 @@ async fn connect(
         port: target.port,
         known_hosts: opts.known_hosts.clone(),
         unknown: opts.unknown_host.clone(),
+        probe: opts.probe.clone(),
     };
     let addr = (target.host.as_str(), target.port);
     let login = async {
@@ -605,6 +610,40 @@ struct HostKeyCheck {
     port: u16,
     known_hosts: Vec<PathBuf>,
     unknown: UnknownHost,
+    probe: Option<Arc<std::sync::Mutex<Option<PublicKey>>>>,
+}
+
+/// The host key `target` presents, learnt by a connection that hangs up
+/// right after the key exchange (nothing is sent); `None` if none came.
+/// Set-up asks the admin about a key this way, with no connection waiting
+/// on the answer (sshd's `LoginGraceTime`, our own connect timeout).
+pub fn probe_host_key(target: &SshTarget, opts: &SshOptions) -> Option<PublicKey> {
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let probing = SshOptions {
+        probe: Some(seen.clone()),
+        ..opts.clone()
+    };
+    let _ = open(
+        target,
+        &Auth::Password(String::new()),
+        &probing,
+        Request::Exec(String::new()),
+    );
+    let key = seen.lock().ok()?.take();
+    key
+}
+
+/// Whether no known_hosts file in `files` mentions `target` at all.
+pub fn host_unknown(target: &SshTarget, files: &[PathBuf], key: &PublicKey) -> Result<bool> {
+    let name = known_hosts::lookup_name(&target.host, target.port);
+    let blob = key
+        .to_bytes()
+        .context("cannot encode the server's host key")?;
+    let files = known_hosts::load(files)?;
+    Ok(matches!(
+        known_hosts::check(&files, &name, &blob),
+        Verdict::Unknown
+    ))
 }
 
 /// `SHA256:...` fingerprint and algorithm of a key, as OpenSSH prints them.
@@ -619,6 +658,12 @@ impl client::Handler for HostKeyCheck {
         let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
             bail!("the server presented a host certificate; byteback checks plain host keys only");
         };
+        if let Some(seen) = &self.probe {
+            if let Ok(mut s) = seen.lock() {
+                *s = Some(key.clone());
+            }
+            return Ok(false);
+        }
         self.check_plain_key(key)
     }
 }
@@ -692,7 +737,6 @@ impl HostKeyCheck {
 /// get the admin password, and become this client's destination.
 fn confirm(trust: &Trust, name: &str, key: &PublicKey) -> Result<()> {
     let fp = key.fingerprint(HashAlg::Sha256).to_string();
-    let compare = "compare it with the server's own (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` there)";
     match trust {
         Trust::Any => Ok(()),
         Trust::Fingerprint(want) if want.trim() == fp => Ok(()),
@@ -702,47 +746,89 @@ fn confirm(trust: &Trust, name: &str, key: &PublicKey) -> Result<()> {
             describe_key(key),
             want.trim().escape_default()
         ))),
-        Trust::Ask => {
-            let no_terminal = || {
-                Error::Permanent(format!(
-                    "the server {name} presents host key {}, which is not known here, and there is no \
-                     terminal to ask whether it is the server's: {compare}, then run again with \
-                     --host-key {fp} (or --accept-new-host-key to trust it unchecked); nothing was sent",
-                    describe_key(key)
-                ))
-            };
-            let mut tty = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/tty")
-                .map_err(|_| no_terminal())?;
-            write!(
-                tty,
-                "The server {name} presents host key {}, not known here.\n\
-                 Before the password or any key goes to it, {compare}.\n\
-                 Is it the server's key? Type yes or its fingerprint: ",
-                describe_key(key)
-            )
-            .map_err(|_| no_terminal())?;
-            let answer = read_tty_line(&mut tty).map_err(|_| no_terminal())?;
-            let answer = answer.trim();
-            if answer == "yes" || answer == fp {
-                Ok(())
-            } else {
-                Err(Error::Permanent(format!(
-                    "the host key of {name} was not confirmed; nothing was sent"
-                )))
-            }
-        }
+        Trust::Ask => ask_host_key(name, key),
     }
 }
 
-/// A line typed on the terminal (at most 256 bytes are kept).
-fn read_tty_line(tty: &mut std::fs::File) -> std::io::Result<String> {
+/// Asks the admin on the terminal whether host key `key` of `name` is the
+/// server's, showing its fingerprint; refused without a terminal this
+/// process has in the foreground, or without an answer in
+/// [`ASK_TIMEOUT`] (a pty nobody watches, under automation).
+pub fn ask_host_key(name: &str, key: &PublicKey) -> Result<()> {
+    let fp = key.fingerprint(HashAlg::Sha256).to_string();
+    let compare = "compare it with the server's own (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` there)";
+    let no_answer = |why: &str| {
+        Error::Permanent(format!(
+            "the server {name} presents host key {}, which is not known here, and {why}: {compare}, \
+             then run again with --host-key {fp} (or --accept-new-host-key to trust it unchecked); \
+             nothing was sent",
+            describe_key(key)
+        ))
+    };
+    let no_terminal = || no_answer("there is no terminal to ask whether it is the server's");
+    let mut tty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .map_err(|_| no_terminal())?;
+    // In the background a read would stop the process (SIGTTIN).
+    let foreground =
+        rustix::termios::tcgetpgrp(&tty).is_ok_and(|g| g == rustix::process::getpgrp());
+    if !foreground {
+        return Err(no_terminal());
+    }
+    write!(
+        tty,
+        "The server {name} presents host key {}, not known here.\n\
+         Before the password or any key goes to it, {compare}.\n\
+         Is it the server's key? Type yes or its fingerprint: ",
+        describe_key(key)
+    )
+    .map_err(|_| no_terminal())?;
+    let answer = read_tty_line(&mut tty, ASK_TIMEOUT)
+        .map_err(|_| no_terminal())?
+        .ok_or_else(|| no_answer("nobody answered on the terminal"))?;
+    let answer = answer.trim();
+    if answer == "yes" || answer == fp {
+        Ok(())
+    } else {
+        Err(Error::Permanent(format!(
+            "the host key of {name} was not confirmed; nothing was sent"
+        )))
+    }
+}
+
+/// How long [`ask_host_key`] waits for an answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A line typed on the terminal (at most 256 bytes are kept), or `None`
+/// when nothing ends it within `limit`.
+fn read_tty_line(tty: &mut std::fs::File, limit: Duration) -> std::io::Result<Option<String>> {
     use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + limit;
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: tty.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Ok(None);
+        }
         match tty.read(&mut byte)? {
             0 => break,
             _ if byte[0] == b'\n' => break,
@@ -750,7 +836,7 @@ fn read_tty_line(tty: &mut std::fs::File) -> std::io::Result<String> {
             _ => {}
         }
     }
-    Ok(String::from_utf8_lossy(&line).into_owned())
+    Ok(Some(String::from_utf8_lossy(&line).into_owned()))
 }
 
 /// Appends `host key` to a known_hosts file (created 0644, never through
@@ -767,6 +853,8 @@ fn learn(shown: &str, key: &PublicKey, path: &Path) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        // Read too: the last byte says whether a newline must come first.
+        .read(true)
         .mode(0o644)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
@@ -854,7 +942,28 @@ mod tests {
             port: 2222,
             known_hosts: files.to_vec(),
             unknown,
+            probe: None,
         }
+    }
+
+    /// A key is learnt into a known_hosts file that has lines already,
+    /// the last without its newline (before, the file was opened for
+    /// appending only, and reading its last byte failed: a second server
+    /// could not be set up).
+    #[test]
+    fn a_host_key_is_learnt_beside_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("known_hosts");
+        std::fs::write(&ours, format!("other.example {ED2}")).unwrap();
+        assert!(
+            checker(std::slice::from_ref(&ours), UnknownHost::Learn(Trust::Any))
+                .check_plain_key(&key(ED))
+                .unwrap()
+        );
+        assert_eq!(
+            std::fs::read_to_string(&ours).unwrap(),
+            format!("other.example {ED2}\n[127.0.0.1]:2222 {ED}\n")
+        );
     }
 
     #[test]

@@ -170,6 +170,12 @@ pub fn clear_read_only(fd: impl AsFd) -> io::Result<()> {
     ioctl(fd, IOC_SUBVOL_SETFLAGS, &mut flags)
 }
 
+/// Makes the subvolume `fd` read-only (again).
+pub fn set_read_only(fd: impl AsFd) -> io::Result<()> {
+    let mut flags: u64 = BTRFS_SUBVOL_RDONLY;
+    ioctl(fd, IOC_SUBVOL_SETFLAGS, &mut flags)
+}
+
 /// Forces a btrfs transaction commit.
 pub fn sync(fd: impl AsFd) -> io::Result<()> {
     // SAFETY: BTRFS_IOC_SYNC takes no argument.

@@ -236,10 +236,16 @@ fn append_usage(
     line.push('\n');
     let mut f = std::fs::File::from(fd);
     f.write_all(line.as_bytes()).op("append to", path)?;
-    f.sync_data().op("sync", path)?;
-    // Its directory too, so the file's name is durable when it was just
-    // created (a directory sync per line written: two a backup).
-    crate::fsops::fsync(host.fd()).op("sync", || host.path.display().to_string())?;
+    // Written: a failed sync is said, not an error, or the caller would
+    // count the same bytes again elsewhere.
+    let synced = f.sync_data().map_err(|e| e.to_string()).and_then(|()| {
+        // Its directory too, so the file's name is durable when it was just
+        // created (a directory sync per line written: two a backup).
+        crate::fsops::fsync(host.fd()).map_err(|e| e.to_string())
+    });
+    if let Err(e) = synced {
+        tracing::error!("cannot sync {}: {e}", path());
+    }
     Ok(())
 }
 
@@ -393,11 +399,18 @@ fn write_small(store: &Store, name: &str, text: &str, append: bool) -> Result<()
 /// `current-since-SNAPSHOT` (its last snapshot); accepting it accepts the
 /// snapshot that follows it too.
 pub fn open_spikes(store: &Store, snapshots: &[Snapshot], capacity: u64) -> Result<Vec<Spike>> {
-    let accepted: HashSet<String> = read_small(store.fd(), ACCEPTED)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect();
+    // `HOST/SNAPSHOT`, or `HOST/current-since-SNAPSHOT BYTES`: growth not
+    // snapshotted yet is accepted up to twice what it was when accepted.
+    let lines = read_small(store.fd(), ACCEPTED).unwrap_or_default();
+    let accepted: HashSet<&str> = lines.lines().map(str::trim).collect();
+    let accepted_up_to = |name: &str| -> Option<u64> {
+        lines.lines().find_map(|l| {
+            let (n, b) = l.trim().split_once(' ')?;
+            (n == name).then(|| b.trim().parse::<u64>().ok())?
+        })
+    };
+    let pending_accepted =
+        |name: &str, bytes: u64| accepted_up_to(name).is_some_and(|b| bytes <= b.saturating_mul(2));
     let existing: HashSet<(&str, &str)> = snapshots
         .iter()
         .map(|s| (s.host.as_str(), s.name.as_str()))
@@ -412,8 +425,8 @@ pub fn open_spikes(store: &Store, snapshots: &[Snapshot], capacity: u64) -> Resu
                 .position(|u| u.snapshot == s.snapshot)
                 .and_then(|i| i.checked_sub(1))
                 .map(|i| pending_name(&history[i].snapshot));
-            accepted.contains(&format!("{}/{}", s.host, s.snapshot))
-                || before.is_some_and(|b| accepted.contains(&format!("{}/{b}", s.host)))
+            accepted.contains(format!("{}/{}", s.host, s.snapshot).as_str())
+                || before.is_some_and(|b| pending_accepted(&format!("{}/{b}", s.host), s.new_bytes))
         };
         for s in spikes(&host, &history, capacity) {
             if existing.contains(&(s.host.as_str(), s.snapshot.as_str()))
@@ -433,7 +446,7 @@ pub fn open_spikes(store: &Store, snapshots: &[Snapshot], capacity: u64) -> Resu
                 .into_iter()
                 .find(|s| s.snapshot == name)
             {
-                if !accepted.contains(&format!("{host}/{name}")) {
+                if !pending_accepted(&format!("{host}/{name}"), s.new_bytes) {
                     out.push(s);
                 }
             }
@@ -445,13 +458,20 @@ pub fn open_spikes(store: &Store, snapshots: &[Snapshot], capacity: u64) -> Resu
 /// The name a growth spike not snapshotted yet goes by: what `current`
 /// holds since snapshot `last` (see [`open_spikes`]).
 fn pending_name(last: &str) -> String {
-    format!("current-since-{last}")
+    format!("{PENDING_PREFIX}{last}")
 }
+
+/// See [`pending_name`].
+const PENDING_PREFIX: &str = "current-since-";
 
 /// The prune refusal left by the last run, if any.
 pub fn refusal(store: &Store) -> Option<String> {
     read_small(store.fd(), REFUSED).filter(|s| !s.trim().is_empty())
 }
+
+/// Snapshots a prune passes over when they cannot be deleted, before it
+/// stops (see [`prune`]).
+const MAX_UNDELETABLE: usize = 3;
 
 /// Deletes snapshot `s` of `host` (a test may make it fail).
 fn delete_snapshot(host: &HostStore, s: &Snapshot) -> Result<()> {
@@ -601,6 +621,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
     // cannot go does not stop pruning for good (the order is the same every
     // run); each is recorded for `status`.
     let mut undeletable: Vec<Snapshot> = vec![];
+    let mut failures = String::new();
     loop {
         let order = prune_order(&snapshots, opts.now, opts.offset, opts.order);
         let Some(victim) = next_to_delete(&order, opts.now, |s| {
@@ -622,10 +643,21 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         } else {
             let host = store.host(&victim.host, false)?;
             if let Err(e) = delete_snapshot(&host, &victim) {
+                undeletable.push(victim.clone());
                 let why = format!("cannot delete {victim}: {e}");
+                failures.push_str(&format!("{why}\n"));
+                record_refusal(store, opts, failures.trim_end());
+                // A few are passed over; more say the filesystem itself
+                // fails (read-only, out of metadata space): stop there.
+                if undeletable.len() >= MAX_UNDELETABLE {
+                    say(log, format_args!("byteback-prune: {why}; stopping"))?;
+                    out.refused = Some(format!(
+                        "stopped: {} snapshots could not be deleted; the last: {e}",
+                        undeletable.len()
+                    ));
+                    break;
+                }
                 say(log, format_args!("byteback-prune: {why}; passed over"))?;
-                record_refusal(store, opts, &why);
-                undeletable.push(victim);
                 continue;
             }
             DELETED.fetch_add(1, Ordering::Relaxed);
@@ -700,7 +732,13 @@ fn check_growth(
     snapshots: &[Snapshot],
     capacity: u64,
 ) -> Result<Option<String>> {
-    let spikes = open_spikes(store, snapshots, capacity)?;
+    let mut spikes = open_spikes(store, snapshots, capacity)?;
+    // Making room for a backup of its own host (which the guard judged
+    // already, see `own_only`): that backup is part of its host's growth
+    // not snapshotted yet, which must not lock it out of its own history.
+    if let Some(h) = &opts.only_host {
+        spikes.retain(|s| !(&s.host == h && s.snapshot.starts_with(PENDING_PREFIX)));
+    }
     if spikes.is_empty() {
         return Ok(None);
     }
@@ -708,7 +746,10 @@ fn check_growth(
         if !opts.dry_run {
             let lines: String = spikes
                 .iter()
-                .map(|s| format!("{}/{}\n", s.host, s.snapshot))
+                .map(|s| match s.snapshot.starts_with(PENDING_PREFIX) {
+                    true => format!("{}/{} {}\n", s.host, s.snapshot, s.new_bytes),
+                    false => format!("{}/{}\n", s.host, s.snapshot),
+                })
                 .collect();
             write_small(store, ACCEPTED, &lines, true)?;
         }
@@ -719,7 +760,8 @@ fn check_growth(
     }
     let why = format!(
         "not pruning: {}; deleting other hosts' history for it needs the admin's decision \
-         (byteback-prune --prune-force accepts it; or delete that snapshot)",
+         (byteback-prune --prune-force accepts it; or delete that snapshot, where it names \
+         one: growth not snapshotted yet, current-since-..., is only accepted)",
         spikes
             .iter()
             .map(ToString::to_string)
@@ -1114,10 +1156,15 @@ mod tests {
         // snapshot that holds it is taken.
         std::fs::write(
             dir.path().join(ACCEPTED),
-            "h/current-since-2026-11-03T03:00+0000\n",
+            format!("h/current-since-2026-11-03T03:00+0000 {}\n", 40 * MIB),
         )
         .unwrap();
         assert!(open(&snapshots).is_empty());
+        // Accepted up to twice what it was: more is a spike again.
+        std::fs::write(&usage, format!("{log}2001 {} -\n", 50 * MIB)).unwrap();
+        let got = open(&snapshots);
+        assert_eq!(got.len(), 1, "{got:?}");
+        std::fs::write(&usage, &log).unwrap();
         let next = "2026-11-04T03:00+0000";
         log.push_str(&format!("2000 0 {next}\n"));
         std::fs::write(&usage, &log).unwrap();

@@ -374,9 +374,14 @@ impl HostStore {
             let r = btrfs::delete_subvolume(&self.fd, OsStr::new(name));
             let r = match r {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EROFS | libc::EPERM)) => {
-                    fsops::open_dir(&self.fd, name.as_bytes())
-                        .and_then(|fd| btrfs::clear_read_only(&fd))
-                        .and_then(|()| btrfs::delete_subvolume(&self.fd, OsStr::new(name)))
+                    fsops::open_dir(&self.fd, name.as_bytes()).and_then(|fd| {
+                        btrfs::clear_read_only(&fd)?;
+                        // Not deleted after all: read-only again, as a
+                        // snapshot must be.
+                        btrfs::delete_subvolume(&self.fd, OsStr::new(name)).inspect_err(|_| {
+                            let _ = btrfs::set_read_only(&fd);
+                        })
+                    })
                 }
                 r => r,
             };

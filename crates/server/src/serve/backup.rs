@@ -383,6 +383,14 @@ fn finish<R: Read, W: Write>(
         Ok(name) => (Some(name), String::new()),
         Err(why) => (None, why),
     };
+    if snapshot.is_none() && rx.grown > 0 {
+        // No snapshot line to carry what the line before could not record:
+        // tried once more, so the guard sees it.
+        match crate::pruner::record_written(target.host, now, rx.grown, space.as_ref()) {
+            Ok(()) => rx.grown = 0,
+            Err(e) => tracing::error!("cannot record usage: {e}"),
+        }
+    }
     let dropped = (rx.warnings_dropped > 0)
         .then(|| format!("{} more warnings not kept", rx.warnings_dropped));
     for w in warnings.into_iter().chain(dropped) {
