@@ -1070,13 +1070,7 @@ fn copies_a_delta_makes_count_as_written() {
     assert!(o.backup_done().is_some(), "{}", o.describe());
     assert_eq!(env.accept().len(), 1, "{}", o.describe());
     assert_eq!(fs::read(env.current().join("big")).unwrap(), content);
-    let usage = fs::read_to_string(env.host_dir().join(".byteback-usage")).unwrap();
-    // The backup's own line (the snapshot's follows it).
-    let last = usage
-        .lines()
-        .rfind(|l| l.split_whitespace().nth(2) == Some("-"))
-        .unwrap();
-    let grown: u64 = last.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let (grown, last) = last_backup_growth(&env);
     assert!(
         grown >= content.len() as u64,
         "the usage log says the backup wrote {grown} bytes; it wrote {} ({last:?})",
@@ -1112,12 +1106,7 @@ fn xattrs_and_empty_objects_count_as_written() {
     let o = env.serve("xattrs on FIFOs and empty directories", &s.bytes);
     assert!(o.backup_done().is_some(), "{}", o.describe());
     assert_eq!(env.accept().len(), 1, "{}", o.describe());
-    let usage = fs::read_to_string(env.host_dir().join(".byteback-usage")).unwrap();
-    let last = usage
-        .lines()
-        .rfind(|l| l.split_whitespace().nth(2) == Some("-"))
-        .unwrap();
-    let grown: u64 = last.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let (grown, last) = last_backup_growth(&env);
     let manifest = fs::metadata(env.current().join(".byteback/manifest"))
         .unwrap()
         .len();
@@ -1126,6 +1115,21 @@ fn xattrs_and_empty_objects_count_as_written() {
         grown >= manifest + 1000 * 400,
         "the usage log says the backup wrote {grown} bytes; its manifest alone is {manifest} ({last:?})"
     );
+}
+
+/// The bytes the last backup of the host wrote, by its own line of the
+/// usage log (the snapshot's follows it), and that line.
+fn last_backup_growth(env: &Env) -> (u64, String) {
+    let usage = fs::read_to_string(env.host_dir().join(".byteback-usage")).unwrap();
+    let last = usage
+        .lines()
+        .rfind(|l| l.split_whitespace().nth(2) == Some("-"))
+        .unwrap()
+        .to_string();
+    (
+        last.split_whitespace().nth(1).unwrap().parse().unwrap(),
+        last,
+    )
 }
 
 fn link_e(path: &[u8], target: &[u8], mtime: i64) -> Entry {

@@ -1252,12 +1252,8 @@ impl Walker<'_> {
             dir: child.parent.dir.as_fd(),
             name: child.name,
         };
-        let st = match meta::stat_at(at) {
-            Ok(st) => st,
-            Err(e) => {
-                self.warn_io(path, &e);
-                return Ok(None);
-            }
+        let Some(st) = self.stat_or_warn(at, path, false) else {
+            return Ok(None);
         };
         let source = Some((root.clone(), below_start));
         if !self.emit(at, &st, path, source, false, true)?
@@ -1280,6 +1276,17 @@ impl Walker<'_> {
             }))
     }
 
+    /// `statx` of `at` (the kernel's cached attributes if `cached`, never
+    /// asking a filesystem's server), or a warning about `path`.
+    fn stat_or_warn(&mut self, at: At<'_>, path: &[u8], cached: bool) -> Option<Statx> {
+        let st = if cached {
+            meta::stat_cached_at(at)
+        } else {
+            meta::stat_at(at)
+        };
+        st.map_err(|e| self.warn_io(path, &e)).ok()
+    }
+
     /// Sends the mount point `path` of a filesystem of type `fstype` that
     /// may hang (see [`crate::mounts::may_hang`]) from its cached
     /// attributes and without its xattrs, and does not enter it: a hard
@@ -1293,12 +1300,8 @@ impl Walker<'_> {
         below_start: usize,
         fstype: &str,
     ) -> Result<Option<Subdir>> {
-        let st = match meta::stat_cached_at(at) {
-            Ok(st) => st,
-            Err(e) => {
-                self.warn_io(path, &e);
-                return Ok(None);
-            }
+        let Some(st) = self.stat_or_warn(at, path, true) else {
+            return Ok(None);
         };
         let source = Some((root.clone(), below_start));
         if self.emit(at, &st, path, source, false, false)? {
