@@ -848,14 +848,7 @@ pub fn delete_one(
     let mut opts = PruneOptions::server(cfg, now, Some(u64::MAX));
     opts.max_deletions = Some(1);
     let mut err = std::io::LineWriter::new(LinesAt(Level::INFO));
-    // Another prune (another host's backup, cron) may hold the store's
-    // lock while it waits for the cleaner: wait for it, a while.
-    let start = std::time::Instant::now();
-    let mut out = prune(store, &opts, &mut err)?;
-    while out.busy && start.elapsed() < LOCK_WAIT {
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        out = prune(store, &opts, &mut err)?;
-    }
+    let out = prune_waiting(store, &opts, &mut err, LOCK_WAIT)?;
     if out.deleted.is_empty() {
         print_lines(
             Level::WARN,
@@ -869,8 +862,27 @@ pub fn delete_one(
     Ok(out.deleted.len())
 }
 
-/// How long [`delete_one`] waits for another prune of the store to end.
+/// How long a backup that needs room ([`delete_one`], [`make_room`])
+/// waits for another prune of the store to end.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// [`prune`], waiting up to `wait` while another prune (another host's
+/// backup, cron) holds the store's lock, as it may while the btrfs cleaner
+/// works: a backup short of room must not fail for that.
+fn prune_waiting(
+    store: &Store,
+    opts: &PruneOptions,
+    log: &mut dyn Write,
+    wait: std::time::Duration,
+) -> Result<PruneOutcome> {
+    let start = std::time::Instant::now();
+    let mut out = prune(store, opts, log)?;
+    while out.busy && start.elapsed() < wait {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        out = prune(store, opts, log)?;
+    }
+    Ok(out)
+}
 
 /// Rounds of [`make_room_for_metadata`] before a backup gives up on one
 /// creation or rename: a commit, then up to five deletions (also the most
@@ -949,7 +961,7 @@ pub fn make_room(
         )
         .as_bytes(),
     );
-    let out = prune(store, &opts, &mut err)?;
+    let out = prune_waiting(store, &opts, &mut err, LOCK_WAIT)?;
     if !out.deleted.is_empty() || out.after.free >= target {
         let _ = writeln!(
             err,
@@ -991,6 +1003,30 @@ mod tests {
         pub(super) static CLEANER_STUCK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
         /// Snapshots whose deletion fails.
         pub(super) static UNDELETABLE: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// A backup short of room waits for a prune that holds the store's
+    /// lock (bounded), instead of failing at once as it did from
+    /// `make_room`.
+    #[test]
+    fn a_prune_waits_for_the_lock_of_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let lock = fsops::open_lock(store.fd(), LOCK.as_bytes()).unwrap();
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let cfg = crate::config::StoreConfig::default();
+        let opts = PruneOptions::server(&cfg, 1_796_400_000, Some(u64::MAX));
+        let short = std::time::Duration::from_millis(300);
+        let out = prune_waiting(&store, &opts, &mut Vec::new(), short).unwrap();
+        assert!(out.busy, "{out:?}");
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            drop(lock);
+        });
+        let wait = std::time::Duration::from_secs(20);
+        let out = prune_waiting(&store, &opts, &mut Vec::new(), wait).unwrap();
+        holder.join().unwrap();
+        assert!(!out.busy, "{out:?}");
     }
 
     /// A snapshot that cannot be deleted is passed over, and said where
