@@ -1290,11 +1290,26 @@ fn a_legal_manifest_restores_exactly_with_the_safety_switches() {
     // --no-setuid --no-devices: for data one does not trust (no setuid
     // bits, no file capabilities, no device nodes).
     fs::remove_dir_all(st.work().join(SNAP)).unwrap();
+    // A SMACK exec label (the label a program runs with) goes with them.
+    let mut entries = entries;
+    let mut smack = file("bin/smack", b"#!/bin/sh\n");
+    smack.entry.xattrs = vec![(b"security.SMACK64EXEC".to_vec(), b"System".to_vec())];
+    let at = entries
+        .iter()
+        .position(|e| e.entry.path.as_slice() == b"bin/su")
+        .unwrap();
+    entries.insert(at, smack);
+    let files = [files, &[("bin/smack", &b"#!/bin/sh\n"[..])]].concat();
     let r = st.restore(
-        &scenario(entries, files),
+        &scenario(entries, &files),
         &["--no-setuid", "--no-devices", ALL],
     );
     r.assert_code(24);
+    assert_eq!(
+        xattrs(&st.restored("bin/smack")),
+        vec![],
+        "a SMACK exec label came back"
+    );
     assert!(r.stderr.contains("--no-devices"), "{}", r.stderr);
     assert_eq!(md("bin/su").mode() & 0o7777, 0o755);
     assert_eq!(

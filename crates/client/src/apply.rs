@@ -114,8 +114,14 @@ pub fn apply(
             continue;
         }
         // File capabilities give privileges as setuid does (cap_setuid+ep
-        // is root): dropped with the setuid bits.
-        if rules.no_setuid && name.as_slice() == b"security.capability" {
+        // is root), and a SMACK exec label changes the label a program
+        // runs with: dropped with the setuid bits.
+        if rules.no_setuid
+            && matches!(
+                name.as_slice(),
+                b"security.capability" | b"security.SMACK64EXEC"
+            )
+        {
             continue;
         }
         if is_link && (name.starts_with(b"user.") || name.starts_with(b"system.posix_acl_")) {

@@ -385,9 +385,10 @@ fn write_small(store: &Store, name: &str, text: &str, append: bool) -> Result<()
         Mode::from_raw_mode(0o644),
     )
     .op("open", path)?;
-    std::fs::File::from(fd)
-        .write_all(text.as_bytes())
-        .op("write", path)?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(text.as_bytes()).op("write", path)?;
+    // What the admin accepted, and why pruning refused, outlive a crash.
+    f.sync_data().op("sync", path)?;
     Ok(())
 }
 

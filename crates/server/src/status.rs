@@ -155,9 +155,16 @@ fn mib(b: Option<u64>) -> String {
 }
 
 /// The state of one host's last backup by its age alone: 0 OK, 1 WARNING,
-/// 2 CRITICAL (a host without snapshots is as old as can be).
+/// 2 CRITICAL (a host without snapshots is critical whenever either
+/// threshold is given: it has no backup at all).
 pub fn age_state(age: Option<i64>, warn: Option<i64>, crit: Option<i64>) -> u8 {
-    let age = age.unwrap_or(i64::MAX);
+    let Some(age) = age else {
+        return if warn.is_some() || crit.is_some() {
+            2
+        } else {
+            0
+        };
+    };
     if crit.is_some_and(|c| age > c) {
         2
     } else if warn.is_some_and(|w| age > w) {
@@ -362,6 +369,10 @@ mod tests {
         assert_eq!(check(&st(vec![h(Some(50)), h(Some(150))]), w, c).0, 1);
         assert_eq!(check(&st(vec![h(Some(250)), h(Some(150))]), w, c).0, 2);
         assert_eq!(check(&st(vec![h(None)]), w, c).0, 2);
+        // No snapshot at all: critical with --warn alone too (it was a
+        // warning then), and OK only without thresholds.
+        assert_eq!(check(&st(vec![h(None)]), w, None).0, 2);
+        assert_eq!(age_state(None, None, None), 0);
         let mut s = st(vec![h(Some(1))]);
         s.prune_refused = Some("x".into());
         assert_eq!(check(&s, w, c).0, 1);
