@@ -667,6 +667,15 @@ fn revoked_host_key_is_refused() {
     assert_eq!(fs::read_to_string(&kh).unwrap(), known);
     assert_eq!(fs::read_to_string(w.sshd.authorized_keys()).unwrap(), keys);
 
+    // A user's file others may write (or another user's, under sudo -E)
+    // is not read: its lines are not this user's word.
+    fs::set_permissions(&users, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let out = w.backup(&client, &src);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("is not this user's alone"), "{err}");
+    assert_eq!(w.snapshots("client-a").len(), 2);
+
     // Revoked for this host only, in our own file after the accepting line.
     fs::remove_file(&users).unwrap();
     fs::write(
@@ -679,13 +688,13 @@ fn revoked_host_key_is_refused() {
     assert!(!out.status.success(), "connected with a revoked key: {err}");
     assert!(err.contains("REVOKED"), "{err}");
     assert!(err.contains(&format!("{}:2", kh.display())), "{err}");
-    assert_eq!(w.snapshots("client-a").len(), 1);
+    assert_eq!(w.snapshots("client-a").len(), 2);
 
     // Without the revocation it works again.
     fs::write(&kh, &known).unwrap();
     let out = w.backup(&client, &src);
     assert!(out.status.success(), "backup: {}", stderr(&out));
-    assert_eq!(w.snapshots("client-a").len(), 2);
+    assert_eq!(w.snapshots("client-a").len(), 3);
 }
 
 /// What a server prints reaches the client's terminal only escaped: its

@@ -34,11 +34,25 @@ pub fn config_dir() -> PathBuf {
 /// The login name used when a destination names none (as byteback 1.x).
 pub const DEFAULT_SSH_USER: &str = "byteback";
 
-/// known_hosts files checked for the server's key: ours, then the user's.
+/// known_hosts files checked for the server's key: ours, then the user's,
+/// if this user owns it and no one else may write it (as OpenSSH wants;
+/// under `sudo -E`, `$HOME` is the invoking user's, whose lines root must
+/// not trust).
 pub fn known_hosts_files() -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
     let mut v = vec![config_dir().join("known_hosts")];
     if let Some(home) = std::env::var_os("HOME") {
-        v.push(PathBuf::from(home).join(".ssh/known_hosts"));
+        let users = PathBuf::from(home).join(".ssh/known_hosts");
+        let euid = rustix::process::geteuid().as_raw();
+        match std::fs::metadata(&users) {
+            Ok(m) if m.uid() != euid || m.mode() & 0o022 != 0 => tracing::warn!(
+                "{} is not this user's alone (owner {}, mode {:o}): not read",
+                users.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            ),
+            _ => v.push(users),
+        }
     }
     v
 }
