@@ -1048,7 +1048,8 @@ fn server_verify_page() -> Written {
              BLAKE3 with the manifest's; reports damage per snapshot. A damaged file in \
              current is marked so the next backup sends it again; snapshots are read-only \
              and keep their damage, so the report names them. A run with --budget or \
-             --max-time continues where the previous one stopped.",
+             --max-time continues where the previous one stopped, within a file if it \
+             stopped in one (files over 64 MiB are hashed 64 MiB at a time).",
         ),
         sections: vec![
             ("FILES", vec![SERVER_FILES[0], SERVER_FILES[6]]),

@@ -346,3 +346,84 @@ fn budgeted_verify_reaches_every_host() {
         full("b")
     );
 }
+
+/// A file larger than a run's budget is verified over several runs, a
+/// piece (64 MiB) at a time, each byte read once; a file of `current`
+/// rewritten between two runs is hashed again from its start, so damage
+/// in a piece hashed before it changed is found.
+#[test]
+fn budgeted_verify_goes_on_within_a_large_file() {
+    if !require_root("verify on a btrfs store") {
+        return;
+    }
+    const PIECE: u64 = 64 << 20;
+    const SIZE: u64 = 2 * PIECE + (12 << 20);
+    let fs_ = BtrfsLoop::new(700);
+    let store = fs_.mount.join("store");
+    store_without_interval(&store);
+    let work = scratch();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let mut rng = Rng::new(13);
+    {
+        let mut f = fs::File::create(src.join("big")).unwrap();
+        for _ in 0..SIZE / (4 << 20) {
+            std::io::Write::write_all(&mut f, &rng.bytes(4 << 20)).unwrap();
+        }
+    }
+    backup(&store, &src);
+    let state = store.join(HOST).join(".byteback-verify");
+    // A run with a budget of 50 MiB; its files and bytes read, and the state.
+    let budgeted = |code: i32| {
+        let o = verify(&store, &["--budget", "50M"]);
+        let out = output_text(&o);
+        assert_eq!(o.status.code(), Some(code), "{out}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("h: "))
+            .unwrap_or_else(|| panic!("no summary in {out}"));
+        let n = |i: usize| -> u64 { line.split(' ').nth(i).unwrap().parse().unwrap() };
+        (n(1), n(3), fs::read_to_string(&state).unwrap(), out)
+    };
+    // The snapshot's copy, then current's: five pieces in five runs.
+    let (mut files, mut bytes, mut partials) = (0, 0, 0);
+    for run in 1.. {
+        assert!(run <= 5, "no whole pass in 5 runs");
+        let (f, b, st, _) = budgeted(0);
+        assert!(b <= (50 << 20) + PIECE, "run {run} read {b} bytes");
+        files += f;
+        bytes += b;
+        partials += st.contains("\npartial ") as u32;
+        if st.contains("last-full") {
+            assert!(!st.contains("partial"), "{st}");
+            break;
+        }
+    }
+    assert_eq!((files, bytes), (2, 2 * SIZE), "each byte read once");
+    assert!(partials >= 3, "{partials} runs stopped within the file");
+
+    // A new pass: the snapshot's copy whole, then the first piece of
+    // current's; then current's copy is damaged within that first piece.
+    let mut st = String::new();
+    for _ in 0..3 {
+        st = budgeted(0).2;
+        if st.contains("partial current ") {
+            break;
+        }
+    }
+    assert!(st.contains("partial current "), "{st}");
+    flip_byte(&stored(&store, "current", &src, "big"), 10);
+    let mut found = None;
+    for _ in 0..4 {
+        let o = verify(&store, &["--budget", "50M"]);
+        let out = output_text(&o);
+        if o.status.code() == Some(1) {
+            found = Some(out);
+            break;
+        }
+        assert_eq!(o.status.code(), Some(0), "{out}");
+    }
+    let out = found.expect("the damage in the first piece was never found");
+    assert!(out.contains("DAMAGED h current "), "{out}");
+    assert!(out.contains("content does not match its BLAKE3"), "{out}");
+}

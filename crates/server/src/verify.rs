@@ -12,16 +12,21 @@
 //! A budgeted run (`--budget BYTES`, `--max-time SECONDS`) continues where
 //! the previous one stopped: `<store>/<host>/.byteback-verify` keeps the
 //! position (snapshot and path), when a whole pass over the host last ended,
-//! and the damage that pass found, for `status`.
+//! and the damage that pass found, for `status`. A file larger than
+//! [`PIECE`] is hashed a piece at a time, and a budgeted run that runs out
+//! within it keeps the chaining values of the pieces it hashed: the next
+//! run goes on from there, so `--max-time` bounds a run whatever the file
+//! sizes and a file too large for one run is verified over several.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use byteback_delta::FileHasher;
+use blake3::hazmat::{self, ChainingValue, HasherExt, Mode};
 use byteback_protocol::{compare_paths, Kind, ManifestEntry};
 
 use crate::error::{Error, IoContext, Result};
@@ -34,6 +39,9 @@ pub const STATE: &[u8] = b".byteback-verify";
 /// Marker in `current/.byteback`: current matches its manifest (see backup.rs).
 const CLEAN: &[u8] = b"clean";
 const MANIFEST: &[u8] = b"manifest";
+/// Bytes of a large file hashed as one BLAKE3 subtree; a budgeted run
+/// stops between pieces (a second or so of reading).
+pub const PIECE: u64 = 64 << 20;
 
 /// `byteback-server verify` options.
 #[derive(Debug, clap::Args)]
@@ -141,6 +149,40 @@ pub struct State {
     pub last_full: Option<i64>,
     /// Damage found since the last whole pass began.
     pub damage: Vec<Damage>,
+    /// The file after the cursor, hashed in part: its snapshot and path.
+    pub partial: Option<(String, Vec<u8>, Progress)>,
+}
+
+/// How far a large file was hashed: the chaining values of its first
+/// `pieces` pieces, merged as BLAKE3 merges subtrees (one value per bit
+/// set in `pieces`, the largest subtree first), and what the file was then
+/// (size, inode and ctime: a file changed since is hashed again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    ident: String,
+    pieces: u64,
+    stack: Vec<ChainingValue>,
+}
+
+impl Progress {
+    fn render(&self) -> String {
+        let cvs: String = self.stack.iter().map(|cv| hex(cv)).collect();
+        format!("{} {} {cvs}", self.ident, self.pieces)
+    }
+
+    fn parse(ident: &str, pieces: &str, cvs: &str) -> Option<Progress> {
+        let pieces: u64 = pieces.parse().ok()?;
+        let bytes = unhex(cvs)?;
+        let stack: Vec<ChainingValue> = bytes
+            .chunks(32)
+            .map(|c| c.try_into().ok())
+            .collect::<Option<_>>()?;
+        (pieces > 0 && stack.len() == pieces.count_ones() as usize).then(|| Progress {
+            ident: ident.to_string(),
+            pieces,
+            stack,
+        })
+    }
 }
 
 /// Lowercase hex of `b`.
@@ -172,6 +214,15 @@ impl State {
                     }
                 }
                 (Some("last-full"), Some(t), None, None) => st.last_full = t.parse().ok(),
+                (Some("partial"), Some(snap), Some(p), Some(rest)) => {
+                    let mut r = rest.split(' ');
+                    let got = (r.next(), r.next(), r.next(), r.next());
+                    if let (Some(path), (Some(id), Some(n), Some(cvs), None)) = (unhex(p), got) {
+                        if let Some(pr) = Progress::parse(id, n, cvs) {
+                            st.partial = Some((snap.to_string(), path, pr));
+                        }
+                    }
+                }
                 (Some("damage"), Some(snap), Some(p), problem) => {
                     if let Some(path) = unhex(p) {
                         st.damage.push(Damage {
@@ -195,6 +246,9 @@ impl State {
         }
         if let Some(t) = self.last_full {
             s.push_str(&format!("last-full {t}\n"));
+        }
+        if let Some((snap, p, pr)) = &self.partial {
+            s.push_str(&format!("partial {snap} {} {}\n", hex(p), pr.render()));
         }
         for d in &self.damage {
             let problem = d.problem.replace(['\n', '\r'], " ");
@@ -234,39 +288,138 @@ impl State {
     }
 }
 
-/// Reads `file` to the end, hashing it and counting against the budget.
-fn hash_file(mut file: File, budget: &mut Budget) -> std::io::Result<(u64, [u8; 32])> {
-    let mut h = FileHasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let got = file.read(&mut buf)?;
-        if got == 0 {
-            return Ok((n, h.finish()));
+/// What hashing a file came to.
+#[derive(Debug)]
+enum Hashed {
+    /// Its length read and, when that is the length expected, its BLAKE3.
+    Whole(u64, Option<[u8; 32]>),
+    /// The budget ran out between two pieces.
+    Stopped(Progress),
+}
+
+/// Size, inode and ctime of a file, which a file rewritten since differs in.
+fn ident_of(m: &std::fs::Metadata) -> String {
+    format!("{}-{}-{}.{}", m.len(), m.ino(), m.ctime(), m.ctime_nsec())
+}
+
+/// Hashes a file the manifest says has `size` bytes, `piece` bytes at a
+/// time when it is larger than one piece, going on from `from` when that
+/// is this same file's; between pieces, stops when the budget is spent
+/// and `stoppable`. The file is read to `size` only: its length on disc is
+/// checked first.
+fn hash_pieces(
+    file: &File,
+    size: u64,
+    piece: u64,
+    from: Option<Progress>,
+    budget: &mut Budget,
+    stoppable: bool,
+) -> std::io::Result<Hashed> {
+    let meta = file.metadata()?;
+    if meta.len() != size {
+        return Ok(Hashed::Whole(meta.len(), None));
+    }
+    let mut buf = vec![0u8; (1 << 20).min(piece as usize)];
+    // Hashes bytes `start..end` into `h`; false if the file ended first.
+    let mut read = |h: &mut blake3::Hasher, budget: &mut Budget, start: u64, end: u64| {
+        let mut at = start;
+        while at < end {
+            let want = (end - at).min(buf.len() as u64) as usize;
+            let got = file.read_at(&mut buf[..want], at)?;
+            if got == 0 {
+                return Ok::<_, std::io::Error>(false);
+            }
+            h.update(&buf[..got]);
+            at += got as u64;
+            budget.used += got as u64;
         }
-        h.update(&buf[..got]);
-        n += got as u64;
-        budget.used += got as u64;
+        Ok(true)
+    };
+    if size <= piece {
+        let mut h = blake3::Hasher::new();
+        return Ok(match read(&mut h, budget, 0, size)? {
+            true => Hashed::Whole(size, Some(*h.finalize().as_bytes())),
+            false => Hashed::Whole(file.metadata()?.len(), None),
+        });
+    }
+    let ident = ident_of(&meta);
+    // Whole pieces before the last, which holds 1..=piece bytes.
+    let before_last = (size - 1) / piece;
+    let (mut pieces, mut stack) = match from {
+        Some(p) if p.ident == ident && p.pieces <= before_last => (p.pieces, p.stack),
+        _ => (0, Vec::new()),
+    };
+    loop {
+        let start = pieces * piece;
+        let end = (start + piece).min(size);
+        let mut h = blake3::Hasher::new();
+        h.set_input_offset(start);
+        if !read(&mut h, budget, start, end)? {
+            return Ok(Hashed::Whole(file.metadata()?.len(), None));
+        }
+        let cv = h.finalize_non_root();
+        if pieces == before_last {
+            // The last piece: merged with the subtrees before it, right to left.
+            let mut right = cv;
+            while stack.len() > 1 {
+                let left = stack.pop().unwrap_or_default();
+                right = hazmat::merge_subtrees_non_root(&left, &right, Mode::Hash);
+            }
+            let left = stack.pop().unwrap_or_default();
+            let root = hazmat::merge_subtrees_root(&left, &right, Mode::Hash);
+            return Ok(Hashed::Whole(size, Some(*root.as_bytes())));
+        }
+        stack.push(cv);
+        pieces += 1;
+        while stack.len() > pieces.count_ones() as usize {
+            let right = stack.pop().unwrap_or_default();
+            let left = stack.pop().unwrap_or_default();
+            stack.push(hazmat::merge_subtrees_non_root(&left, &right, Mode::Hash));
+        }
+        if stoppable && budget.spent() {
+            return Ok(Hashed::Stopped(Progress {
+                ident,
+                pieces,
+                stack,
+            }));
+        }
     }
 }
 
-/// Checks one file of a snapshot; `Some(problem)` when it is damaged.
+/// What checking one file came to.
+enum Checked {
+    /// Whole: `Some(problem)` when it is damaged.
+    Done(Option<String>),
+    /// Hashed in part: the budget ran out.
+    Stopped(Progress),
+}
+
+/// Checks one file of a snapshot, going on from `from` (see [`hash_pieces`]).
 fn check_file(
     snap: impl AsFd,
     e: &ManifestEntry,
     size: u64,
+    from: Option<Progress>,
     budget: &mut Budget,
-) -> Option<String> {
+    stoppable: bool,
+) -> Checked {
     let file = match fsops::open_file(&snap, &disk_path(&e.entry.path)) {
         Ok(f) => f,
-        Err(err) => return Some(format!("cannot open: {err}")),
+        Err(err) => return Checked::Done(Some(format!("cannot open: {err}"))),
     };
-    match hash_file(file, budget) {
-        Err(err) => Some(format!("cannot read: {err}")),
-        Ok((n, _)) if n != size => Some(format!("{n} bytes stored, {size} in the manifest")),
-        Ok((_, h)) if h != e.hash => Some("content does not match its BLAKE3".into()),
-        Ok(_) => None,
-    }
+    Checked::Done(
+        match hash_pieces(&file, size, PIECE, from, budget, stoppable) {
+            Err(err) => Some(format!("cannot read: {err}")),
+            Ok(Hashed::Stopped(p)) => return Checked::Stopped(p),
+            Ok(Hashed::Whole(n, _)) if n != size => {
+                Some(format!("{n} bytes stored, {size} in the manifest"))
+            }
+            Ok(Hashed::Whole(_, h)) if h != Some(e.hash) => {
+                Some("content does not match its BLAKE3".into())
+            }
+            Ok(_) => None,
+        },
+    )
 }
 
 /// Sets a damaged file of `current` to mtime 0 so the next backup rebuilds
@@ -281,7 +434,9 @@ fn mark_for_resend(current: impl AsFd, path: &[u8]) -> Result<()> {
 }
 
 /// Verifies one snapshot from `after` on; false when the budget ran out first
-/// (then `cursor` holds the last path checked).
+/// (then `cursor` holds the last path checked). `partial` holds on entry
+/// a file of this snapshot hashed in part by an earlier run, on return the
+/// file this run stopped within, if it did.
 fn verify_snapshot(
     host: &HostStore,
     name: &str,
@@ -289,7 +444,9 @@ fn verify_snapshot(
     budget: &mut Budget,
     report: &mut HostReport,
     cursor: &mut Option<Vec<u8>>,
+    partial: &mut Option<(Vec<u8>, Progress)>,
 ) -> Result<bool> {
+    let mut from = partial.take();
     let snap = host.open_snapshot(name)?;
     let snap_path = host.path.join(name);
     if crate::legacy::is_legacy(&snap).op("look at", || snap_path.display().to_string())? {
@@ -318,6 +475,7 @@ fn verify_snapshot(
             continue;
         }
         if budget.spent() {
+            *partial = from.take();
             finished = false;
             break;
         }
@@ -325,7 +483,24 @@ fn verify_snapshot(
             continue;
         };
         let before = budget.used;
-        if let Some(problem) = check_file(&snap, &e, size, budget) {
+        let resume = match from.take() {
+            Some((p, pr)) if p == e.entry.path => Some(pr),
+            other => {
+                from = other;
+                None
+            }
+        };
+        let stoppable = budget.limited();
+        let problem = match check_file(&snap, &e, size, resume, budget, stoppable) {
+            Checked::Done(problem) => problem,
+            Checked::Stopped(pr) => {
+                report.bytes += budget.used - before;
+                *partial = Some((e.entry.path.clone(), pr));
+                finished = false;
+                break;
+            }
+        };
+        if let Some(problem) = problem {
             if name == "current" {
                 damaged_current.push(e.entry.path.clone());
             }
@@ -432,6 +607,11 @@ pub fn verify_host(
         // rest stays listed until its snapshot is checked again.
         state.damage.retain(|d| names.contains(&d.snapshot));
     }
+    // A file hashed in part, when this run goes on where it stopped.
+    let mut partial = match state.partial.take_if(|_| resume) {
+        Some((snap, path, pr)) if names.get(first) == Some(&snap) => Some((path, pr)),
+        _ => None,
+    };
     let mut finished = true;
     // A snapshot passed over (see `current_settled`): what is known of its
     // damage stays.
@@ -468,10 +648,14 @@ pub fn verify_host(
             budget,
             &mut report,
             &mut cursor,
+            &mut partial,
         ) {
             Ok(true) => {}
             Ok(false) => {
                 state.cursor = Some((name.clone(), cursor.or(after).unwrap_or_default()));
+                if resume {
+                    state.partial = partial.take().map(|(p, pr)| (name.clone(), p, pr));
+                }
                 finished = false;
                 break;
             }
@@ -672,6 +856,7 @@ mod tests {
     #[test]
     fn state_round_trips() {
         let st = State {
+            partial: None,
             cursor: Some(("2026-11-27T03:00+0000".into(), b"a/\xff b".to_vec())),
             last_full: Some(1_800_000_000),
             damage: vec![Damage {
@@ -680,11 +865,99 @@ mod tests {
                 problem: "content does not match\nits BLAKE3".into(),
             }],
         };
+        let mut st = st;
+        st.partial = Some((
+            "current".into(),
+            b"big \xfe".to_vec(),
+            Progress {
+                ident: "1-2-3.4".into(),
+                pieces: 3,
+                stack: vec![[1; 32], [2; 32]],
+            },
+        ));
         let back = State::parse(&st.render());
+        assert_eq!(back.partial, st.partial);
         assert_eq!(back.cursor, st.cursor);
         assert_eq!(back.last_full, st.last_full);
         assert_eq!(back.damage[0].path, b"x\ny");
         assert_eq!(back.damage[0].problem, "content does not match its BLAKE3");
+    }
+
+    /// Hashes `data` as a file, `piece` bytes at a time, stopping after
+    /// every piece (a budget of one byte) and going on from there; the
+    /// number of runs it took and the result.
+    fn hash_in_runs(file: &File, size: u64, piece: u64) -> (u32, Hashed) {
+        let mut from = None;
+        for runs in 1.. {
+            let mut budget = Budget::new(Some(1), None);
+            match hash_pieces(file, size, piece, from.take(), &mut budget, true).unwrap() {
+                Hashed::Stopped(p) => {
+                    // What the state file keeps is all a run needs.
+                    let line = format!("partial current 61 {}", p.render());
+                    from = State::parse(&line).partial.map(|(_, _, p)| p);
+                    assert_eq!(from.as_ref(), Some(&p));
+                }
+                whole => return (runs, whole),
+            }
+        }
+        unreachable!()
+    }
+
+    #[test]
+    fn pieces_hashed_over_several_runs_give_the_files_blake3() {
+        let piece = 2048;
+        for len in [
+            0u64, 1, 1023, 1024, 2047, 2048, 2049, 4096, 4097, 6144, 6145, 16384, 16389, 26700,
+            65536, 65537,
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let mut f = tempfile::tempfile().unwrap();
+            f.write_all(&data).unwrap();
+            let want = *blake3::hash(&data).as_bytes();
+            let mut budget = Budget::new(None, None);
+            match hash_pieces(&f, len, piece, None, &mut budget, true).unwrap() {
+                Hashed::Whole(n, h) => assert_eq!((n, h), (len, Some(want)), "{len}"),
+                other => panic!("{len}: {other:?}"),
+            }
+            assert_eq!(budget.used, len);
+            let (runs, got) = hash_in_runs(&f, len, piece);
+            match got {
+                Hashed::Whole(n, h) => assert_eq!((n, h), (len, Some(want)), "{len}"),
+                other => panic!("{len}: {other:?}"),
+            }
+            assert_eq!(runs as u64, len.div_ceil(piece).max(1), "{len}");
+        }
+    }
+
+    #[test]
+    fn a_file_changed_between_runs_is_hashed_again_from_its_start() {
+        let piece = 2048;
+        let mut data = vec![3u8; 5 * 2048];
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&data).unwrap();
+        let mut budget = Budget::new(Some(1), None);
+        let Hashed::Stopped(p) = hash_pieces(&f, 10240, piece, None, &mut budget, true).unwrap()
+        else {
+            panic!("not stopped")
+        };
+        // The first piece changes after it was hashed.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        data[5] = 4;
+        f.write_all_at(&data[..6], 0).unwrap();
+        let mut budget = Budget::new(None, None);
+        let got = hash_pieces(&f, 10240, piece, Some(p), &mut budget, true).unwrap();
+        let want = *blake3::hash(&data).as_bytes();
+        assert!(
+            matches!(got, Hashed::Whole(10240, Some(h)) if h == want),
+            "{got:?}"
+        );
+        assert_eq!(budget.used, 10240, "read again whole");
+        // A file of another length is not read at all.
+        let got = hash_pieces(&f, 10241, piece, None, &mut budget, true).unwrap();
+        assert!(matches!(got, Hashed::Whole(10240, None)), "{got:?}");
+        // Progress that does not fit the file's pieces is not used.
+        assert!(Progress::parse("x", "3", &"00".repeat(32)).is_none());
+        assert!(Progress::parse("x", "0", "").is_none());
     }
 
     #[test]
