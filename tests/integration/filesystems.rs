@@ -429,3 +429,56 @@ fn a_source_inside_another_is_walked_as_a_source() {
     assert_eq!(o.status.code(), Some(24), "{err}");
     assert!(err.contains("not reached by its walk"), "{err}");
 }
+
+/// A restore (as root, over an earlier restore) that puts a file where a
+/// directory stands removes the directory's tree, but never a mounted
+/// filesystem's content: with a mount point below, it stops with an error
+/// naming it and removes nothing; unmounted, the file takes the place.
+#[test]
+fn a_restore_replacing_a_directory_never_empties_a_mount_below_it() {
+    if !require_root("mounting filesystems") {
+        return;
+    }
+    let d = scratch();
+    let src = d.path().join("src");
+    write(&src.join("x"), b"x is a file in the backup");
+    write(&src.join("y"), b"y");
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    backup(&store, &src, "h", &[]);
+    let snap = snapshots(&store, "h").pop().unwrap();
+    let into = d.path().join("into");
+    let x = into
+        .join(&snap)
+        .join(src.strip_prefix("/").unwrap())
+        .join("x");
+    write(&x.join("plain"), b"plain");
+    write(&x.join("sub/deeper/f"), b"f");
+    let mut mounts = Mounts::default();
+    mounts.mount(&["-t", "tmpfs", "tmpfs"], &x.join("sub/mnt"));
+    let sentinel = x.join("sub/mnt/sentinel");
+    fs::write(&sentinel, b"another filesystem's").unwrap();
+    let restore = || {
+        run_status(
+            Command::new(bin("byteback-restore"))
+                .current_dir(&into)
+                .arg("--destination")
+                .arg(&store)
+                .args(["--hostname", "h", "--restore", "/"]),
+        )
+    };
+    let o = restore();
+    let out = output_text(&o);
+    assert_ne!(o.status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("sub/mnt is a mount point") && out.contains("nothing was removed"),
+        "{out}"
+    );
+    assert_eq!(fs::read(&sentinel).unwrap(), b"another filesystem's");
+    assert_eq!(fs::read(x.join("plain")).unwrap(), b"plain");
+    assert_eq!(fs::read(x.join("sub/deeper/f")).unwrap(), b"f");
+    drop(mounts);
+    let o = restore();
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+    assert_eq!(fs::read(&x).unwrap(), b"x is a file in the backup");
+}

@@ -19,6 +19,7 @@
 pub mod check;
 mod data;
 pub mod interrupt;
+mod remove;
 pub mod tree;
 
 use std::collections::{HashMap, HashSet};

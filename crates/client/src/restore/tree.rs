@@ -589,11 +589,26 @@ impl RestoreTree {
             Err(Errno::NOENT) => Ok(()),
             Err(e) => bail!("cannot stat {}: {e}", self.shown(path)),
             Ok(st) if file_type(&st) == FileType::Directory => {
-                // std's remove_dir_all opens each level O_NOFOLLOW beneath the
-                // last; the /proc name reaches exactly the held parent.
-                let mut p = format!("/proc/self/fd/{}/", parent.as_raw_fd()).into_bytes();
-                p.extend_from_slice(name);
-                std::fs::remove_dir_all(os(&p)).on("cannot remove", self.shown(path))
+                use super::remove::{remove_tree, Unremoved};
+                let below = |p: &[u8]| {
+                    let mut whole = path.to_vec();
+                    if !p.is_empty() {
+                        whole.push(b'/');
+                        whole.extend_from_slice(p);
+                    }
+                    self.shown(&whole)
+                };
+                match remove_tree(parent, os(name)) {
+                    Ok(()) => Ok(()),
+                    Err(Unremoved::Mount(p)) => bail!(
+                        "cannot replace the directory {} by what the snapshot has there: {} is a \
+                         mount point (another filesystem, not the restore's to empty); nothing \
+                         was removed. Unmount it, or restore elsewhere",
+                        self.shown(path),
+                        below(&p)
+                    ),
+                    Err(Unremoved::Io(p, e)) => bail!("cannot remove {}: {e}", below(&p)),
+                }
             }
             Ok(_) => rustix::fs::unlinkat(parent, os(name), AtFlags::empty())
                 .on("cannot remove", self.shown(path)),
