@@ -588,3 +588,102 @@ fn rsync_flags_are_applied_where_byteback_has_an_equivalent() {
         "{err}"
     );
 }
+
+/// Starts a backup with `extra`, waits for `<work>/<marker>` to appear,
+/// sends `sig` to byteback (not to the hook, which has a process group of
+/// its own), and returns what it printed once it ended.
+fn signal_when(s: &Setup, marker: &str, sig: i32, extra: &[&str]) -> Output {
+    let child = Command::new(bin("byteback-backup"))
+        .env("BYTEBACK_CONFIG_DIR", &s.conf)
+        .arg("--destination")
+        .arg(&s.store)
+        .arg("--source")
+        .arg(&s.src)
+        .args(["--hostname", "h", "--retry-number", "0", "--json"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !s.work.join(marker).exists() {
+        assert!(Instant::now() < deadline, "{marker} never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: plain syscall on a child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+    child.wait_with_output().unwrap()
+}
+
+fn alive(pid: &str) -> bool {
+    fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+        .is_ok_and(|st| !st.split(") ").nth(1).unwrap_or("").starts_with('Z'))
+}
+
+/// SIGTERM or SIGINT during a pre-backup hook (systemctl stop, Ctrl-C)
+/// stops that hook's process group, runs the post-backup hooks told of
+/// the stop, prints the JSON report and exits 128 + the signal.
+#[test]
+fn a_backup_stopped_by_a_signal_stops_its_pre_hook_and_runs_the_post_hooks() {
+    for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        let s = setup();
+        let pid = s.work.join("hook-pid");
+        let started = s.work.join("started");
+        s.hook(
+            "pre-backup.d",
+            "10-slow",
+            &format!(
+                "sleep 100 & echo $! > '{}'; touch '{}'; wait",
+                pid.display(),
+                started.display()
+            ),
+            0o755,
+        );
+        s.hook("pre-backup.d", "20-next", &s.log_line("20-next"), 0o755);
+        record_post_env(&s);
+        let o = signal_when(&s, "started", sig, &[]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(code), "{err}");
+        assert_eq!(post_env(&s), format!("{code}|failed|\n"), "{err}");
+        assert!(err.contains("interrupted (SIG"), "{err}");
+        let json = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            json.contains(&format!("\"exit_code\":{code}")) && json.contains("interrupted"),
+            "{json}"
+        );
+        // The hook's own child was stopped with it; the hooks after it did
+        // not run, and nothing was backed up.
+        let pid = fs::read_to_string(&pid).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(&pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(!alive(&pid), "the pre hook's sleep {pid} still runs");
+        assert_eq!(s.log(), "", "a later pre hook ran");
+        assert!(s.snapshots().is_empty());
+    }
+}
+
+/// A signal while the post-backup hooks run (the backup itself has ended)
+/// lets them finish; the run ends with the backup's own outcome.
+#[test]
+fn a_signal_during_the_post_hooks_lets_them_finish() {
+    let s = setup();
+    let started = s.work.join("started");
+    s.hook(
+        "post-backup.d",
+        "10-slow",
+        &format!(
+            "touch '{}'; sleep 1; {}",
+            started.display(),
+            s.log_line("post done $BYTEBACK_STATUS")
+        ),
+        0o755,
+    );
+    let o = signal_when(&s, "started", libc::SIGTERM, &[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(s.log(), "post done 0\n", "{err}");
+    assert!(err.contains("the post-backup hooks finish first"), "{err}");
+    assert_eq!(s.snapshots().len(), 1);
+}

@@ -590,12 +590,30 @@ pub(crate) fn start_logging(
 /// `byteback-backup`.
 pub fn backup_main() -> ExitCode {
     let args = BackupArgs::parse();
+    // Before any thread starts (see the module).
+    let watched = crate::stop::install();
     let level = match start_logging("byteback-backup", args.verbose, args.quiet) {
         Ok(l) => l,
         Err(code) => return code,
     };
+    if let Err(e) = watched {
+        tracing::warn!("cannot watch for SIGINT and SIGTERM ({e}): a backup stopped by one does not run its post-backup hooks");
+    }
     let start = std::time::Instant::now();
     let json = args.json;
+    if json {
+        // Stopped by a signal, it says so (what the run gathered is the
+        // main thread's, which goes on meanwhile).
+        crate::stop::set_report(move |code, msg| {
+            print_json(&BackupJson {
+                exit_code: code,
+                status: crate::hooks::status_text(code),
+                duration_seconds: start.elapsed().as_secs_f64(),
+                errors: vec![msg.to_string()],
+                ..BackupJson::default()
+            });
+        });
+    }
     let mut report = BackupJson::default();
     let code = match backup(args, level, &mut report) {
         Ok(code) => code,
@@ -725,9 +743,14 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
     let dir = config_dir();
     // Hooks run once per run, around all attempts. A failing pre-backup
     // hook fails the backup before anything is sent; the post-backup hooks
-    // run whatever happened (they may undo what a pre-backup hook set up).
-    let outcome =
-        run_pre_hooks(&hooks, &dir).and_then(|()| transfer(&target, &opts, &args, report));
+    // run whatever happened (they may undo what a pre-backup hook set up),
+    // a stop by a signal included (see `stop`).
+    let pre = hooks.stoppable();
+    {
+        let dir = dir.clone();
+        crate::stop::set_post(move |code, snapshot| run_post_hooks(&hooks, &dir, code, snapshot));
+    }
+    let outcome = run_pre_hooks(&pre, &dir).and_then(|()| transfer(&target, &opts, &args, report));
     let (code, snapshot) = match outcome {
         Ok(done) => done,
         Err(e) => {
@@ -736,22 +759,11 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
             (1, None)
         }
     };
-    let status = code.to_string();
-    let env = [
-        (crate::hooks::ENV_STATUS, status.as_str()),
-        (
-            crate::hooks::ENV_STATUS_TEXT,
-            crate::hooks::status_text(code),
-        ),
-        (
-            crate::hooks::ENV_SNAPSHOT,
-            snapshot.as_deref().unwrap_or(""),
-        ),
-    ];
-    let post = match hooks.run_dir(&dir, crate::hooks::POST_BACKUP_DIR, &env, &[]) {
-        Ok(failures) => failures.iter().map(|f| f.to_string()).collect(),
-        Err(e) => vec![format!("{e}")],
+    let Some(post_hooks) = crate::stop::take_post() else {
+        // A signal came first: its thread runs them and ends the run.
+        crate::stop::wait_for_the_end();
     };
+    let post = post_hooks(code, snapshot);
     if post.is_empty() {
         return Ok(code);
     }
@@ -807,6 +819,32 @@ fn load_filter(
 }
 
 /// Runs the pre-backup hooks; an error names every one that failed.
+/// Runs the post-backup hooks, told the exit code and the snapshot taken;
+/// what failed.
+fn run_post_hooks(
+    hooks: &crate::hooks::Runner,
+    dir: &Path,
+    code: u8,
+    snapshot: Option<String>,
+) -> Vec<String> {
+    let status = code.to_string();
+    let env = [
+        (crate::hooks::ENV_STATUS, status.as_str()),
+        (
+            crate::hooks::ENV_STATUS_TEXT,
+            crate::hooks::status_text(code),
+        ),
+        (
+            crate::hooks::ENV_SNAPSHOT,
+            snapshot.as_deref().unwrap_or(""),
+        ),
+    ];
+    match hooks.run_dir(dir, crate::hooks::POST_BACKUP_DIR, &env, &[]) {
+        Ok(failures) => failures.iter().map(|f| f.to_string()).collect(),
+        Err(e) => vec![format!("{e}")],
+    }
+}
+
 fn run_pre_hooks(hooks: &crate::hooks::Runner, dir: &Path) -> Result<()> {
     use crate::hooks::{ENV_SNAPSHOT, ENV_STATUS, ENV_STATUS_TEXT, PRE_BACKUP_DIR};
     let failures = hooks.run_dir(

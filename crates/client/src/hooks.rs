@@ -113,6 +113,9 @@ pub struct Runner {
     pub prefix: String,
     /// Where hook output and notes go.
     pub sink: Sink,
+    /// A signal stopping the backup (see `stop`) stops the hook running
+    /// and the ones after it: true for pre-backup hooks.
+    pub stoppable: bool,
 }
 
 /// Which files of a hook directory run (in order) and which are skipped
@@ -215,6 +218,18 @@ impl Runner {
             verbose,
             prefix: prefix.to_string(),
             sink: stderr_sink(),
+            stoppable: false,
+        }
+    }
+
+    /// The same runner, its hooks stopped by a signal (see [`Self::stoppable`]).
+    pub fn stoppable(&self) -> Runner {
+        Runner {
+            timeout: self.timeout,
+            verbose: self.verbose,
+            prefix: self.prefix.clone(),
+            sink: self.sink.clone(),
+            stoppable: true,
         }
     }
 
@@ -253,6 +268,14 @@ impl Runner {
         let mut failures = Vec::new();
         for (name, path) in &listing.run {
             let label = format!("{sub}/{name}");
+            if let Some(sig) = crate::stop::stopped().filter(|_| self.stoppable) {
+                failures.push(Failure {
+                    hook: label,
+                    reason: format!("was not run: the backup was stopped (signal {sig})"),
+                    tail: vec![],
+                });
+                continue;
+            }
             if self.verbose {
                 self.note(&format!("running {label}"));
             }
@@ -313,6 +336,9 @@ impl Runner {
         // dropping it the reader would never see end of file.
         drop(cmd);
         let mut child = spawned.map_err(|e| fail(format!("could not be started: {e}"), vec![]))?;
+        if self.stoppable {
+            crate::stop::hook_group(i32::try_from(child.id()).unwrap_or(0));
+        }
 
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let reader = {
@@ -323,6 +349,9 @@ impl Runner {
         };
 
         let status = self.wait(&mut child);
+        if self.stoppable {
+            crate::stop::hook_group(0);
+        }
 
         // Its output is complete once the pipe closes; a process it left
         // running may keep it open, so wait only a little for that.
@@ -347,6 +376,10 @@ impl Runner {
                 ),
                 tail,
             )),
+            Waited::Stopped(sig) => Err(fail(
+                format!("was stopped: the backup was stopped (signal {sig})"),
+                tail,
+            )),
             Waited::Stuck(pid) => Err(fail(
                 format!(
                     "timed out after {} s and was killed, but had not exited {} s later \
@@ -360,23 +393,27 @@ impl Runner {
         }
     }
 
-    /// Waits for `child` until the timeout; then kills its process group.
+    /// Waits for `child` until the timeout (or, when stoppable, a signal
+    /// stopping the backup); then kills its process group.
     fn wait(&self, child: &mut Child) -> Waited {
         let start = Instant::now();
         let mut nap = Duration::from_millis(1);
-        loop {
+        let stopped = loop {
             match child.try_wait() {
                 Ok(Some(s)) => return Waited::Exited(s),
                 Ok(None) => {}
                 Err(e) => return Waited::Error(e),
             }
+            if let Some(sig) = crate::stop::stopped().filter(|_| self.stoppable) {
+                break Some(sig);
+            }
             let elapsed = start.elapsed();
             if elapsed >= self.timeout {
-                break;
+                break None;
             }
             std::thread::sleep(nap.min(self.timeout - elapsed));
             nap = (nap * 2).min(Duration::from_millis(50));
-        }
+        };
         // The child is not reaped yet, so its pid still names its group.
         let group = rustix::process::Pid::from_raw(child.id() as i32);
         if let Some(group) = group {
@@ -402,7 +439,7 @@ impl Runner {
                     std::thread::sleep(Duration::from_millis(20))
                 }
                 Ok(None) => return Waited::Stuck(child.id()),
-                _ => return Waited::TimedOut,
+                _ => return stopped.map_or(Waited::TimedOut, Waited::Stopped),
             }
         }
     }
@@ -411,6 +448,8 @@ impl Runner {
 enum Waited {
     Exited(ExitStatus),
     TimedOut,
+    /// Killed: the backup was stopped by this signal.
+    Stopped(i32),
     /// Killed, and not gone after [`REAP_GRACE`]: its pid.
     Stuck(u32),
     Error(io::Error),
@@ -516,6 +555,7 @@ mod tests {
             verbose: true,
             prefix: "bb: ".into(),
             sink: Arc::new(Mutex::new(Buf(out.clone()))),
+            stoppable: false,
         };
         (r, out)
     }

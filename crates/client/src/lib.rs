@@ -21,6 +21,7 @@ pub mod restore;
 pub mod rsync_flags;
 pub mod setup;
 pub mod ssh;
+pub mod stop;
 mod sync;
 pub mod walk;
 

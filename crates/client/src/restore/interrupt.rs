@@ -42,38 +42,11 @@ pub fn on_interrupt(f: impl Fn(u8, &str) + Send + Sync + 'static) {
     let _ = ON_INTERRUPT.set(Box::new(f));
 }
 
-/// The signals a restore puts its directories back for.
-const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
-
-/// Blocks [`SIGNALS`] in this thread (and the threads it starts from now
-/// on; children get the default mask back) and starts the thread that
-/// waits for them. Call before any other thread starts.
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it
+/// starts from now on) and starts the thread that waits for them. Call
+/// before any other thread starts.
 pub fn install() -> std::io::Result<()> {
-    // SAFETY: a zeroed sigset_t is a valid argument for sigemptyset, which
-    // initialises it; the calls only read and write `set`.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in SIGNALS {
-            libc::sigaddset(&mut set, s);
-        }
-        set
-    };
-    // SAFETY: `set` is initialised above; the old mask is not asked for.
-    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if r != 0 {
-        return Err(std::io::Error::from_raw_os_error(r));
-    }
-    std::thread::Builder::new()
-        .name("byteback-signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is initialised and `sig` is a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                interrupted(sig);
-            }
-        })?;
-    Ok(())
+    crate::stop::watch(|sig| interrupted(sig))
 }
 
 /// Puts every locked-down directory back, says so, and exits.
@@ -86,11 +59,7 @@ fn interrupted(sig: libc::c_int) -> ! {
             failed += 1;
         }
     }
-    let name = match sig {
-        libc::SIGINT => "SIGINT",
-        libc::SIGTERM => "SIGTERM",
-        _ => "SIGHUP",
-    };
+    let name = crate::stop::name(sig);
     let msg = if failed > 0 {
         format!("interrupted ({name}); {failed} directories could not be given back their owner and mode")
     } else {
