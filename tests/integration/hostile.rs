@@ -1495,6 +1495,35 @@ fn unanswered_batches_of_entries_are_capped_in_memory() {
     env.check_unchanged();
 }
 
+/// Thousands of files announced at a terabyte each, none of their data
+/// sent: the digests the server keeps for large files (their signature and
+/// BLAKE3 subtrees, sized by the announced size before any data) stay
+/// within a bound instead of gigabytes (here: under a data limit of 96 MiB,
+/// where 2,000 such digests would need 5 GiB).
+#[test]
+fn files_announced_huge_do_not_make_the_server_hold_their_digests() {
+    let env = Env::new();
+    let m = fresh_mtime();
+    let mut s = Script::backup();
+    for batch in 0..4 {
+        let entries: Vec<Entry> = (0..500)
+            .map(|i| file_e(format!("f{batch}-{i:04}").as_bytes(), 1 << 40, m))
+            .collect();
+        s = s.msg(&ClientMsg::Entries(entries));
+    }
+    let mut cmd = Command::new(bin("byteback-server"));
+    cmd.args(env.serve_args(HOST, &[]));
+    limit_data(&mut cmd, 96 << 20);
+    let o = run_server_cmd("2,000 files announced at 1 TiB", cmd, &s.bytes);
+    assert!(
+        !o.stderr.contains("memory allocation"),
+        "the server ran out of its 96 MiB data limit:\n{}",
+        o.describe()
+    );
+    o.assert_sane();
+    env.check_unchanged();
+}
+
 /// A client that starts every file it was asked for at once (its first
 /// data, never its end) is refused once they would need more descriptors
 /// than the server's open-file limit leaves, with an error saying so,

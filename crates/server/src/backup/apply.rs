@@ -409,6 +409,7 @@ impl BackupReceiver {
         let size = e.size();
         let twin = !has_basis && size >= TWIN_MIN && self.twins().has_size(size);
         let seq = self.slots.push(Slot::Waiting, e.buffer_cost())?;
+        let lease = sigs::keeps(size).then(|| self.kept.lease(size)).flatten();
         self.transfers.insert(
             id,
             Box::new(Transfer {
@@ -428,7 +429,7 @@ impl BackupReceiver {
                     vouched: stored_hash,
                 }),
                 verified: None,
-                writer: FileWriter::new(None, None, size, sigs::keeps(size)),
+                writer: FileWriter::new(None, None, size, lease),
                 basis_hash,
                 verify: None,
             }),

@@ -105,6 +105,64 @@ impl<'a> ReadAhead<'a> {
     }
 }
 
+/// Most bytes the kept digests of one backup's files in flight hold
+/// together. Their size follows the size a file is announced with, before
+/// any of its data: a client announcing thousands of huge files would
+/// have the server hold gigabytes. A file announced beyond this budget
+/// has its digests not kept (its signature is made from the stored copy
+/// the next time it changes, as for a file stored before signatures were
+/// kept); honest backups hold a few MiB (a 512 MiB file's are 0.5 MiB).
+const MAX_KEPT_BYTES: u64 = 32 << 20;
+
+/// What a kept digest of a file of `len` bytes holds: its units' chaining
+/// values and its signature's entries (0 when it is a plain stream).
+pub(super) fn kept_cost(len: u64) -> u64 {
+    if len <= unit_for(len) {
+        return 0;
+    }
+    let blocks = len.div_ceil(u64::from(block_size_for(len)));
+    units_of(len) * CV_LEN as u64 + blocks * ENTRY_LEN as u64
+}
+
+/// The bytes kept digests of one backup's files in flight hold, bounded
+/// by [`MAX_KEPT_BYTES`].
+#[derive(Debug, Default, Clone)]
+pub(super) struct KeptBudget(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+/// Bytes of a [`KeptBudget`] one file's digests hold, given back when it
+/// is dropped.
+#[derive(Debug)]
+pub(super) struct Lease(KeptBudget, u64);
+
+impl KeptBudget {
+    /// The bytes a kept digest of a file of `len` bytes needs, if the
+    /// budget has them.
+    pub fn lease(&self, len: u64) -> Option<Lease> {
+        use std::sync::atomic::Ordering;
+        let cost = kept_cost(len);
+        self.0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                let now = held.checked_add(cost)?;
+                (now <= MAX_KEPT_BYTES).then_some(now)
+            })
+            .ok()
+            .map(|_| Lease(self.clone(), cost))
+    }
+
+    #[cfg(test)]
+    fn held(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        (self.0)
+            .0
+            .fetch_sub(self.1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// The unit size for a file of `len` bytes: a power of two, at least
 /// [`MIN_UNIT`], so that there are at most [`MAX_UNITS`].
 pub(super) fn unit_for(len: u64) -> u64 {
@@ -707,6 +765,29 @@ mod tests {
         (0..len)
             .map(|i| (((i as u64 * 2_654_435_761) >> 13) as u8) ^ seed)
             .collect()
+    }
+
+    /// Files announced huge hold at most the budget between them; what a
+    /// file gives back is leased again.
+    #[test]
+    fn kept_digests_of_announced_files_are_bounded() {
+        let budget = KeptBudget::default();
+        let huge = 16u64 << 40;
+        assert!(kept_cost(huge) > 8 << 20, "{}", kept_cost(huge));
+        let mut held = vec![];
+        for _ in 0..1000 {
+            held.extend(budget.lease(huge));
+        }
+        assert!(!held.is_empty() && held.len() < 5, "{}", held.len());
+        assert!(budget.held() <= MAX_KEPT_BYTES);
+        // A small file's digest is a stream: it costs nothing.
+        assert_eq!(kept_cost(MIN_UNIT), 0);
+        assert!(budget.lease(MIN_UNIT).is_some());
+        // Honest files fit by the dozen.
+        assert!(kept_cost(512 << 20) <= 1 << 20, "{}", kept_cost(512 << 20));
+        held.clear();
+        assert_eq!(budget.held(), 0);
+        assert!(budget.lease(huge).is_some());
     }
 
     fn cvs_of(content: &[u8]) -> Vec<ChainingValue> {

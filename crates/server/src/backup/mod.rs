@@ -322,6 +322,8 @@ pub struct BackupReceiver {
     /// (and its doubling) then stay small: unboxed, W1's server peaked at
     /// 63 MiB, in tables of 20 and 40 MiB.
     transfers: HashMap<u32, Box<Transfer>>,
+    /// The memory the kept digests of the transfers hold, bounded.
+    kept: digest::KeptBudget,
     next_id: u32,
     /// File descriptors the open transfers hold (see [`Self::files_held`]).
     held_fds: usize,
@@ -515,6 +517,7 @@ impl BackupReceiver {
             },
             slots: Slots::default(),
             transfers: HashMap::new(),
+            kept: Default::default(),
             next_id: 0,
             held_fds: 0,
             max_held_fds: usize::MAX,

@@ -14,7 +14,7 @@ use byteback_delta::{apply_ops, DeltaError, FileHasher, PatchSink};
 use byteback_protocol::codec::ChunkDecompressor;
 use byteback_protocol::Compressed;
 
-use super::digest::{BasisDigest, Digest, Kept};
+use super::digest::{BasisDigest, Digest, Kept, Lease};
 use crate::error::{shown, Error, Result};
 use crate::fsops;
 use byteback_protocol::os::write_sparse_at;
@@ -146,6 +146,8 @@ pub(super) struct FileWriter {
     /// The length it was started for, and whether its digests are kept.
     len: u64,
     keep: bool,
+    /// The memory its kept digests hold (see `digest::KeptBudget`).
+    _lease: Option<Lease>,
     /// Content hash of what `out` holds, when it was filled from a stored
     /// twin and hashed from `out` (instead of through `digest`).
     verified: Option<[u8; 32]>,
@@ -183,8 +185,9 @@ pub(super) fn is_no_space(e: &io::Error) -> bool {
 
 impl FileWriter {
     /// A writer into `out` of a file expected to be `len` bytes long;
-    /// `keep`: its digests are to be kept.
-    pub fn new(out: Option<File>, basis: Option<Basis>, len: u64, keep: bool) -> Self {
+    /// `lease`: its digests are to be kept, in that memory.
+    pub fn new(out: Option<File>, basis: Option<Basis>, len: u64, lease: Option<Lease>) -> Self {
+        let keep = lease.is_some();
         FileWriter {
             out,
             basis,
@@ -193,6 +196,7 @@ impl FileWriter {
             digest: Digest::new(len, keep),
             len,
             keep,
+            _lease: lease,
             verified: None,
             nospace: false,
             quota: false,
