@@ -479,7 +479,11 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        let dir = scratch();
+        Env::in_dir(scratch())
+    }
+
+    /// An environment in `dir` (on a btrfs filesystem, for clones).
+    fn in_dir(dir: tempfile::TempDir) -> Env {
         let root = dir.path().to_path_buf();
         let store = root.join("store");
         store_without_interval(&store);
@@ -1075,6 +1079,66 @@ fn copies_a_delta_makes_count_as_written() {
         grown >= content.len() as u64,
         "the usage log says the backup wrote {grown} bytes; it wrote {} ({last:?})",
         content.len()
+    );
+}
+
+/// Clones cost metadata: a delta of hundreds of 4 KiB COPY ops at
+/// shuffled offsets (7 bytes each on the wire) makes the server clone each
+/// one, an extent item apiece in the btrfs metadata, and the usage log
+/// counts them, while the data shared with the basis is not counted again.
+#[test]
+fn clones_a_delta_makes_count_for_their_metadata() {
+    if !require_root("a btrfs store") {
+        return;
+    }
+    let fs_ = BtrfsLoop::new(300);
+    let base = tempfile::Builder::new()
+        .prefix("byteback-test-")
+        .tempdir_in(&fs_.mount)
+        .unwrap();
+    let mut env = Env::in_dir(base);
+    const BLOCK: usize = 4096;
+    const BLOCKS: usize = 256;
+    let stored = Rng::new(17).bytes(BLOCK * BLOCKS);
+    let m = fresh_mtime();
+    let first = backup_script(&[(file_e(b"big", stored.len(), m), Some(&stored))]);
+    let o = env.serve("a file to clone from", &first.bytes);
+    assert!(o.backup_done().is_some(), "{}", o.describe());
+    assert_eq!(env.accept().len(), 1, "{}", o.describe());
+    // Block k of the new file is block (k * 97 + 13) mod 256 of the old:
+    // no two neighbours stay neighbours.
+    let m = fresh_mtime();
+    let mut delta = literal_delta(b"")[..4].to_vec(); // the magic
+    let mut content = vec![];
+    for k in 0..BLOCKS {
+        let from = (k * 97 + 13) % BLOCKS * BLOCK;
+        delta.push(0x54); // COPY, 8-byte offset and length
+        delta.extend_from_slice(&(from as u64).to_be_bytes());
+        delta.extend_from_slice(&(BLOCK as u64).to_be_bytes());
+        content.extend_from_slice(&stored[from..from + BLOCK]);
+    }
+    delta.push(0); // END
+    let s = Script::backup()
+        .msg(&ClientMsg::Entries(vec![file_e(b"big", content.len(), m)]))
+        .msg(&ClientMsg::FileData {
+            id: 0,
+            delta: Compressed::compress(&delta, 1).unwrap(),
+        })
+        .msg(&file_end(0, &content, m))
+        .msg(&ClientMsg::BackupEnd);
+    let o = env.serve("256 shuffled clones", &s.bytes);
+    o.assert_sane();
+    assert!(o.backup_done().is_some(), "{}", o.describe());
+    assert_eq!(env.accept().len(), 1, "{}", o.describe());
+    assert_eq!(fs::read(env.current().join("big")).unwrap(), content);
+    let (grown, last) = last_backup_growth(&env);
+    assert!(
+        grown < content.len() as u64 / 2,
+        "the blocks were written, not cloned: {grown} bytes ({last:?})"
+    );
+    assert!(
+        grown >= (BLOCKS * 200) as u64,
+        "the usage log says the backup wrote {grown} bytes for {BLOCKS} clones ({last:?})"
     );
 }
 
