@@ -21,6 +21,15 @@ use crate::signature::HEADER_LEN;
 /// (fast_rsync's limit, against signatures crafted to make every byte a
 /// candidate).
 const MAX_CRC_COLLISIONS: u32 = 1024;
+/// Bytes one search may hash in vain (windows whose checksum is a block's
+/// but whose strong hash is not), per byte searched. Honest signatures
+/// collide by chance, about `data * file size / 2^32` bytes (the data's
+/// length at 4 GiB files, sixteen times it at 64 GiB); a signature whose
+/// checksums were picked to collide with the data (a hostile server's:
+/// one checksum of a zero window and a block of 10 MiB made every zero
+/// region cost 1024 blocks of MD4 per segment) costs at most this many
+/// times the data. Past it, the rest of the data is sent as it is.
+const WASTE_PER_BYTE: u64 = 16;
 /// librsync's rolling checksum offset.
 const CRC_MAGIC: u16 = 31;
 const MIN_FILTER_BITS: u32 = 12;
@@ -243,20 +252,23 @@ pub(crate) trait Found {
 /// indexed by `ix`) and reports literals and copies to `out`. `after`: the
 /// block whose copy `data` follows, if any. A short last block of the basis
 /// (see [`Index::short_last`]) is found right after a copy of the block
-/// before it, and at the end of `data`.
+/// before it, and at the end of `data`. Gives the bytes it hashed in vain
+/// (see [`WASTE_PER_BYTE`]).
 pub(crate) fn search(
     ix: &Index,
     entries: &[u8],
     data: &[u8],
     after: Option<u64>,
     out: &mut impl Found,
-) {
+) -> u64 {
     let bs = ix.block_size;
     let size = bs as u16; // the checksum is mod 2^16 anyway
     let blocks = (entries.len() / (4 + ix.strong_len)) as u64;
     let last = blocks.checked_sub(1);
     let before_last = last.and_then(|l| l.checked_sub(1));
     let mut collisions: HashMap<u32, u32> = HashMap::new();
+    let waste_max = (data.len() as u64).saturating_mul(WASTE_PER_BYTE);
+    let mut wasted = 0u64;
     let (mut here, mut lit) = (0usize, 0usize);
     // Where data goes on in line with the basis's short last block.
     let mut in_line = after.is_some() && after == before_last;
@@ -275,7 +287,10 @@ pub(crate) fn search(
         }
         let mut crc = crc_of(&data[here..here + bs]);
         loop {
-            if ix.maybe(crc) && collisions.get(&crc).is_none_or(|&n| n < MAX_CRC_COLLISIONS) {
+            if ix.maybe(crc)
+                && wasted < waste_max
+                && collisions.get(&crc).is_none_or(|&n| n < MAX_CRC_COLLISIONS)
+            {
                 let mut collided = false;
                 if let Some(idx) = ix.find(crc, &data[here..here + bs], entries, &mut collided) {
                     out.literal(&data[lit..here]);
@@ -287,6 +302,7 @@ pub(crate) fn search(
                 }
                 if collided {
                     *collisions.entry(crc).or_insert(0) += 1;
+                    wasted += bs as u64;
                 }
             }
             if here + bs >= data.len() {
@@ -305,6 +321,7 @@ pub(crate) fn search(
         }
         _ => out.literal(rest),
     }
+    wasted
 }
 
 #[cfg(test)]
@@ -368,6 +385,53 @@ mod tests {
                 x as u8
             })
             .collect()
+    }
+
+    /// Bytes of literals and copies a search reports.
+    #[derive(Default)]
+    struct Tally(u64, u64);
+
+    impl Found for Tally {
+        fn literal(&mut self, data: &[u8]) {
+            self.0 += data.len() as u64;
+        }
+        fn copy(&mut self, _: u64, len: u64) {
+            self.1 += len;
+        }
+    }
+
+    /// A signature whose checksums collide with the data everywhere (a
+    /// hostile server's: the checksum of a zero window, or of windows of
+    /// the data it stores, with strong hashes that never match) costs a
+    /// bounded multiple of the data in vain hashing, not a block per byte.
+    #[test]
+    fn colliding_signatures_cost_a_bounded_multiple_of_the_data() {
+        let bs = 1 << 20;
+        let strong_len = 8;
+        let zeros = vec![0u8; 4 << 20];
+        let mut entries = crc_of(&zeros[..bs]).to_be_bytes().to_vec();
+        entries.extend_from_slice(&[0xee; 8]);
+        let ix = Index::new(bs as u32, strong_len, &entries);
+        let mut t = Tally::default();
+        let wasted = search(&ix, &entries, &zeros, None, &mut t);
+        assert_eq!((t.0, t.1), (zeros.len() as u64, 0));
+        let max = zeros.len() as u64 * 16 + bs as u64;
+        assert!(wasted > 0 && wasted <= max, "{wasted} bytes hashed in vain");
+
+        // Many checksums, each of a window of the data.
+        let bs = 4096;
+        let data = noise(1 << 20, 5);
+        let mut entries = vec![];
+        for at in (0..data.len() - bs).step_by(97).take(5000) {
+            entries.extend_from_slice(&crc_of(&data[at..at + bs]).to_be_bytes());
+            entries.extend_from_slice(&[0xee; 8]);
+        }
+        let ix = Index::new(bs as u32, strong_len, &entries);
+        let mut t = Tally::default();
+        let wasted = search(&ix, &entries, &data, None, &mut t);
+        assert_eq!((t.0, t.1), (data.len() as u64, 0));
+        let max = data.len() as u64 * 16 + bs as u64;
+        assert!(wasted <= max, "{wasted} bytes hashed in vain");
     }
 
     use proptest::prelude::*;
