@@ -38,6 +38,24 @@ use crate::apply::ApplyRules;
 use crate::conn::Connection;
 use crate::meta;
 
+/// An absolute pattern without its leading `/`, its empty and `.`
+/// components dropped and each `..` taking the component before it away
+/// (at the root, nothing), as 1.x's `File.expand_path` did: `/etc/.`,
+/// `/etc//ssh/..` and `/etc/` are `etc`.
+fn normalise(abs: &str) -> String {
+    let mut parts: Vec<&str> = vec![];
+    for c in abs.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    parts.join("/")
+}
+
 /// Compiled restore patterns.
 pub struct Patterns {
     set: GlobSet,
@@ -65,11 +83,8 @@ impl Patterns {
                     .ok_or_else(|| err!("current directory is not UTF-8"))?;
                 format!("{}/{}", c.trim_end_matches('/'), p)
             };
-            let rel = abs.trim_start_matches('/').trim_end_matches('/');
-            if rel.split('/').any(|c| c == "..") {
-                return Err(Error::Usage(format!("pattern {p:?} contains '..'")));
-            }
-            let rel = if rel.is_empty() { "**" } else { rel };
+            let rel = normalise(&abs);
+            let rel = if rel.is_empty() { "**" } else { &rel };
             b.add(
                 GlobBuilder::new(rel)
                     .literal_separator(true)
@@ -1104,6 +1119,34 @@ mod tests {
             },
             hash: [0; 32],
         }
+    }
+
+    /// Patterns are made absolute and then normalised as 1.x's
+    /// `File.expand_path` did: `.`, `./x`, `a//b`, `x/..` and `../x` name
+    /// what they say.
+    #[test]
+    fn relative_patterns_are_normalised() {
+        let sel = |p: &str, cwd: &str, path: &str| {
+            Patterns::new(&[p.to_string()], Path::new(cwd))
+                .unwrap()
+                .selects(path.as_bytes())
+        };
+        for (p, cwd) in [
+            (".", "/etc"),
+            ("./", "/etc"),
+            ("./passwd", "/etc"),
+            ("ssh/../passwd", "/etc"),
+            ("/etc//passwd", "/"),
+            ("../passwd", "/etc/ssh"),
+            ("../../../etc/./passwd", "/etc/ssh"),
+            ("passwd", "/etc/"),
+        ] {
+            assert!(sel(p, cwd, "etc/passwd"), "{p} in {cwd}");
+        }
+        assert!(!sel("./passwd", "/etc", "etc/shadow"));
+        assert!(sel("..", "/etc", "etc/passwd"), "the root holds everything");
+        assert!(sel("./s*", "/etc", "etc/ssh/sshd_config"));
+        assert!(!sel("./s*", "/etc", "etc/passwd"));
     }
 
     #[test]
