@@ -515,7 +515,8 @@ fn assert_dump_is_one_snapshot(row: &str, sep: char, b: &DuringBackup) {
 
 /// A backup whose dump fails (the hook configured by `env`) fails with exit
 /// 1 naming `hook` and `cause`, stores nothing new, keeps the old dump
-/// `name` and leaves no temporary file beside it.
+/// `name` and leaves no temporary file beside it (one left by a dump killed
+/// outright before is removed too).
 fn failing_dump_keeps_the_old_one(
     site: &Site,
     env: &[(&'static str, String)],
@@ -524,6 +525,11 @@ fn failing_dump_keeps_the_old_one(
     cause: &str,
 ) {
     let old = fs::read(site.dumps.join(name)).unwrap();
+    fs::write(
+        site.dumps.join(format!(".{name}.Ab1234")),
+        b"a killed dump's",
+    )
+    .unwrap();
     let o = site.backup(&env_refs(env));
     let out = text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}");
@@ -540,6 +546,7 @@ fn failing_dump_keeps_the_old_one(
     let leftovers: Vec<_> = fs::read_dir(&site.dumps)
         .unwrap()
         .map(|e| e.unwrap().file_name())
+        .filter(|n| !n.to_string_lossy().ends_with(".lock"))
         .collect();
     assert_eq!(leftovers.len(), 1, "temporary files left: {leftovers:?}");
 }
@@ -939,7 +946,7 @@ fn the_hooks_do_nothing_without_a_server() {
     assert!(!o.status.success(), "{out}");
     for what in ["MariaDB/MySQL", "PostgreSQL"] {
         assert!(
-            out.contains(&format!("FAILED: no {what} server answers, and ")),
+            out.contains(&format!("FAILED: no {what} server answers (")),
             "{out}"
         );
     }
@@ -953,4 +960,30 @@ fn the_hooks_do_nothing_without_a_server() {
     ]);
     let o = site.backup(&off);
     assert!(o.status.success(), "{}", text(&o));
+
+    // No client installed at all (the hooks' PATH has none), and the old
+    // dumps still there: the same failure, naming why.
+    let empty = site.work.join("empty-path");
+    fs::create_dir_all(&empty).unwrap();
+    let mut gone = env.to_vec();
+    let path = empty.display().to_string();
+    gone.push(("PATH", path.as_str()));
+    let o = site.backup(&gone);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    for what in ["MariaDB/MySQL", "PostgreSQL"] {
+        assert!(
+            out.contains(&format!("{what} is not installed, and "))
+                && out.contains("earlier run's dump"),
+            "{out}"
+        );
+    }
+    gone.extend([
+        ("BYTEBACK_MYSQL_REQUIRED", "0"),
+        ("BYTEBACK_PG_REQUIRED", "0"),
+    ]);
+    let o = site.backup(&gone);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("is not installed, nothing to dump"), "{out}");
 }

@@ -474,6 +474,33 @@ fn quiet_runs_print_nothing_and_the_default_one_line() {
     let o = run(&["-q"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stderr(&o), "", "a quiet successful run printed something");
+    // Hooks that say what they did (as the database hooks do) stay quiet
+    // too while they succeed; a failing one's output is shown.
+    s.hook(
+        "pre-backup.d",
+        "10-chatty",
+        "echo dumped all databases",
+        0o755,
+    );
+    s.hook("post-backup.d", "10-chatty", "echo done >&2", 0o755);
+    let o = run(&["-q"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o),
+        "",
+        "a quiet successful run printed its hooks' notes"
+    );
+    let o = run(&[]);
+    assert!(stderr(&o).contains("pre-backup.d/10-chatty: dumped all databases"));
+    s.hook("pre-backup.d", "20-fails", "echo the reason; exit 3", 0o755);
+    let o = run(&["-q"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("20-fails exited with status 3") && err.contains("the reason"),
+        "{err}"
+    );
+    fs::remove_file(s.conf.join("pre-backup.d/20-fails")).unwrap();
     fs::write(s.conf.join("rsync_flags"), "--whatever\n").unwrap();
     let o = run(&["-q"]);
     let err = stderr(&o);

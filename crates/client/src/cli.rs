@@ -735,11 +735,13 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         record: None,
         checksum: args.checksum || flags.checksum,
     };
-    let hooks = crate::hooks::Runner::new(
+    let mut hooks = crate::hooks::Runner::new(
         Duration::from_secs(args.hook_timeout),
         verbose,
         "byteback-backup: ",
     );
+    // -q: nothing printed when all is well, hooks' notes included.
+    hooks.echo = !args.quiet;
     let dir = config_dir();
     // Hooks run once per run, around all attempts. A failing pre-backup
     // hook fails the backup before anything is sent; the post-backup hooks

@@ -116,6 +116,9 @@ pub struct Runner {
     /// A signal stopping the backup (see `stop`) stops the hook running
     /// and the ones after it: true for pre-backup hooks.
     pub stoppable: bool,
+    /// Hooks' output is copied to the sink as it comes; without (`-q`),
+    /// only a failing hook's last lines are shown, in its failure.
+    pub echo: bool,
 }
 
 /// Which files of a hook directory run (in order) and which are skipped
@@ -219,6 +222,7 @@ impl Runner {
             prefix: prefix.to_string(),
             sink: stderr_sink(),
             stoppable: false,
+            echo: true,
         }
     }
 
@@ -230,6 +234,7 @@ impl Runner {
             prefix: self.prefix.clone(),
             sink: self.sink.clone(),
             stoppable: true,
+            echo: self.echo,
         }
     }
 
@@ -343,9 +348,9 @@ impl Runner {
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let reader = {
             let tail = tail.clone();
-            let sink = self.sink.clone();
+            let sink = self.echo.then(|| self.sink.clone());
             let prefix = format!("{}{label}: ", self.prefix);
-            std::thread::spawn(move || pump(File::from(rd), &prefix, &sink, &tail))
+            std::thread::spawn(move || pump(File::from(rd), &prefix, sink.as_ref(), &tail))
         };
 
         let status = self.wait(&mut child);
@@ -474,13 +479,13 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Copies the hook's output line by line to the sink, each line prefixed;
-/// keeps the last lines in `tail`.
-fn pump(mut from: File, prefix: &str, sink: &Sink, tail: &Mutex<VecDeque<String>>) {
+/// Copies the hook's output line by line to the sink (if any), each line
+/// prefixed; keeps the last lines in `tail`.
+fn pump(mut from: File, prefix: &str, sink: Option<&Sink>, tail: &Mutex<VecDeque<String>>) {
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = [0u8; 8192];
     let emit = |line: &[u8]| {
-        if let Ok(mut w) = sink.lock() {
+        if let Some(Ok(mut w)) = sink.map(|s| s.lock()) {
             let mut out = Vec::with_capacity(prefix.len() + line.len() + 1);
             out.extend_from_slice(prefix.as_bytes());
             out.extend_from_slice(line);
@@ -556,6 +561,7 @@ mod tests {
             prefix: "bb: ".into(),
             sink: Arc::new(Mutex::new(Buf(out.clone()))),
             stoppable: false,
+            echo: true,
         };
         (r, out)
     }
