@@ -291,23 +291,49 @@ const DATABASE_DIRS: &[(&str, &[&str])] = &[
 
 /// Warnings for [`DATABASE_DIRS`] that exist beneath a source, are left
 /// out by the excludes (`all`) but by no pattern of the user's (`own`),
-/// and have no pre-backup hook whose name mentions their database in
-/// `hooks_dir`: the backup would hold neither the files nor a dump. `root`
-/// is where the directories are looked for (`/`; a scratch tree in tests).
+/// and have no pre-backup hook that runs (run-parts' names, executable)
+/// and whose name mentions their database in `hooks_dir`, or one whose
+/// dump directory (`dump_dir`) the backup leaves out: the backup would
+/// hold neither the files nor a dump. `root` is where the directories are
+/// looked for (`/`; a scratch tree in tests).
 fn databases_left_out(
     root: &Path,
     sources: &[PathBuf],
     all: &crate::walk::Excludes,
     own: &crate::walk::Excludes,
     hooks_dir: &Path,
+    dump_dir: &Path,
 ) -> Vec<String> {
-    let hooks: Vec<String> = std::fs::read_dir(hooks_dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().to_lowercase())
-                .collect()
-        })
+    let hooks: Vec<String> = crate::hooks::list(hooks_dir)
+        .map(|l| l.run.into_iter().map(|(n, _)| n.to_lowercase()).collect())
         .unwrap_or_default();
+    // A word of a hook's name names a database: `50-mysql`, `pgdump`, not
+    // `10-upgrade`.
+    let names_it = |hook: &str, names: &[&str]| {
+        hook.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| {
+            names.iter().any(|&n| {
+                if n == "pg" {
+                    w.starts_with(n)
+                } else {
+                    w.contains(n)
+                }
+            })
+        })
+    };
+    let dumps_kept = sources.iter().any(|s| dump_dir.starts_with(s)) && {
+        // Left out with an ancestor too (`/var/backups/`).
+        let whole = std::os::unix::ffi::OsStrExt::as_bytes(dump_dir.as_os_str());
+        let rel = whole.strip_prefix(b"/").unwrap_or(whole);
+        let rel = rel.strip_suffix(b"/").unwrap_or(rel);
+        let left_out = rel
+            .iter()
+            .enumerate()
+            .filter(|&(_, &c)| c == b'/')
+            .map(|(i, _)| &rel[..i])
+            .chain([rel])
+            .any(|p| all.is_excluded(p, true));
+        !left_out
+    };
     let mut out = vec![];
     for (dir, names) in DATABASE_DIRS {
         let path = Path::new(dir.trim_end_matches('/'));
@@ -318,7 +344,17 @@ fn databases_left_out(
         if !beneath || !root.join(rel).is_dir() || !by_default {
             continue;
         }
-        if hooks.iter().any(|h| names.iter().any(|n| h.contains(n))) {
+        let hooked = hooks.iter().find(|h| names_it(h, names));
+        if let Some(h) = hooked {
+            if !dumps_kept {
+                out.push(format!(
+                    "{dir} is left out (live database files, excluded by default) and the \
+                     pre-backup hook {h} dumps it into {}, which this backup leaves out too (an \
+                     exclude, or not beneath a source): the backup holds neither. Set \
+                     BYTEBACK_DUMP_DIR to a directory the backup keeps, or drop that exclude",
+                    dump_dir.display()
+                ));
+            }
             continue;
         }
         out.push(format!(
@@ -701,7 +737,13 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         own_too.extend(flags.excludes.iter().map(|(_, p)| p.clone()));
         let mine = crate::walk::Excludes::new(&own_too)?;
         let hooks_dir = config_dir().join(crate::hooks::PRE_BACKUP_DIR);
-        for w in databases_left_out(Path::new("/"), &sources, &all, &mine, &hooks_dir) {
+        // Where the shipped dump hooks write (they see this environment).
+        let dump_dir = std::env::var_os("BYTEBACK_DUMP_DIR")
+            .filter(|d| !d.is_empty())
+            .map_or_else(|| PathBuf::from("/var/backups/byteback"), PathBuf::from);
+        let found =
+            databases_left_out(Path::new("/"), &sources, &all, &mine, &hooks_dir, &dump_dir);
+        for w in found {
             tracing::warn!("{w}");
             report.warnings.push(w);
         }
@@ -1449,20 +1491,48 @@ mod tests {
         let all = crate::walk::Excludes::new(&defaults).unwrap();
         let none = crate::walk::Excludes::new::<&str>(&[]).unwrap();
         let slash = [PathBuf::from("/")];
-        let w = databases_left_out(root, &slash, &all, &none, &hooks);
+        let dumps = Path::new("/var/backups/byteback");
+        let left_out =
+            |srcs: &[PathBuf], all, own| databases_left_out(root, srcs, all, own, &hooks, dumps);
+        let w = left_out(&slash, &all, &none);
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].starts_with("/var/lib/mysql/ is left out"), "{w:?}");
         // Not beneath a source.
         let home = [PathBuf::from("/home")];
-        assert!(databases_left_out(root, &home, &all, &none, &hooks).is_empty());
+        assert!(left_out(&home, &all, &none).is_empty());
         // The user's own exclude says it is meant.
         let mine = crate::walk::Excludes::new(&["/var/lib/mysql/"]).unwrap();
-        assert!(databases_left_out(root, &slash, &all, &mine, &hooks).is_empty());
+        assert!(left_out(&slash, &all, &mine).is_empty());
         // Not excluded at all (the defaults replaced by -x).
-        assert!(databases_left_out(root, &slash, &none, &none, &hooks).is_empty());
-        // A dump hook is there.
-        std::fs::write(hooks.join("50-mysql"), "#!/bin/sh\n").unwrap();
-        assert!(databases_left_out(root, &slash, &all, &none, &hooks).is_empty());
+        assert!(left_out(&slash, &none, &none).is_empty());
+        // Hooks that do not run, or do not name the database, change nothing.
+        let hook = |name: &str, mode: u32| {
+            use std::os::unix::fs::PermissionsExt;
+            let p = hooks.join(name);
+            std::fs::write(&p, "#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        hook("50-mysql.disabled", 0o755);
+        hook("10-upgrade", 0o755);
+        hook("60-mysql", 0o644);
+        assert_eq!(left_out(&slash, &all, &none).len(), 1);
+        std::fs::create_dir_all(root.join("var/lib/postgresql")).unwrap();
+        assert_eq!(
+            left_out(&slash, &all, &none).len(),
+            2,
+            "10-upgrade is no pg dump"
+        );
+        // Dump hooks are there.
+        hook("50-mysql", 0o755);
+        hook("50-pgdump", 0o755);
+        assert!(left_out(&slash, &all, &none).is_empty());
+        // ... but the backup leaves out where they write.
+        let mut more = defaults.clone();
+        more.push("/var/backups/".into());
+        let more = crate::walk::Excludes::new(&more).unwrap();
+        let w = left_out(&slash, &more, &none);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("which this backup leaves out too"), "{w:?}");
     }
 
     fn target(dest: &str, host: &str) -> Target {
