@@ -273,6 +273,33 @@ fn hooks_that_others_could_change_are_not_run() {
     let o = s.backup(&[]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(s.log(), "open\n");
+
+    // A symlink to a hook whose directory is root's, in a directory a
+    // deploy user owns: they could rename the hook's directory away and
+    // put their own in its place.
+    let deploy = s.work.join("opt-app");
+    let hooks = deploy.join("hooks");
+    fs::create_dir_all(&hooks).unwrap();
+    let real = hooks.join("dump");
+    fs::write(&real, format!("#!/bin/sh\n{}\n", s.log_line("linked"))).unwrap();
+    fs::set_permissions(&real, fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&deploy, Some(1000), None).unwrap();
+    std::os::unix::fs::symlink(&real, s.conf.join("pre-backup.d/20-linked")).unwrap();
+    let o = s.backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} above it is not root's (uid 1000",
+            deploy.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(s.log(), "open\nopen\n", "it ran: {err}");
+    std::os::unix::fs::chown(&deploy, Some(0), None).unwrap();
+    let o = s.backup(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(s.log().ends_with("linked\n"), "{}", s.log());
 }
 
 #[test]

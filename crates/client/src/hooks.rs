@@ -133,9 +133,35 @@ pub struct Listing {
 
 /// Why a hook (run as root) could have been put there or changed by
 /// someone other than root: the file (its symlink followed) or its
-/// directory not owned by root, or writable by its group or others.
+/// directory not owned by root, or writable by its group or others; or a
+/// directory above either not owned by root, or writable by others
+/// without the sticky bit (who could rename the hook's directory away and
+/// put their own in its place).
 fn not_root_only(path: &Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
+    let above = |dir: &Path| -> Option<String> {
+        for a in dir.ancestors().skip(1) {
+            let m = match std::fs::metadata(a) {
+                Ok(m) => m,
+                Err(e) => return Some(format!("cannot look at {}: {e}", a.display())),
+            };
+            let mode = m.permissions().mode();
+            if m.uid() != 0 || (mode & 0o022 != 0 && mode & 0o1000 == 0) {
+                return Some(format!(
+                    "{} above it is {} (uid {}, mode {:04o})",
+                    a.display(),
+                    if m.uid() != 0 {
+                        "not root's"
+                    } else {
+                        "writable by others"
+                    },
+                    m.uid(),
+                    mode & 0o7777
+                ));
+            }
+        }
+        None
+    };
     let check = |p: &Path, what: &str| -> Option<String> {
         let m = match std::fs::metadata(p) {
             Ok(m) => m,
@@ -158,9 +184,14 @@ fn not_root_only(path: &Path) -> Option<String> {
         None
     };
     let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let dir = path
+        .parent()
+        .map(|d| std::fs::canonicalize(d).unwrap_or(d.to_path_buf()));
     check(&real, "the file")
         .or_else(|| real.parent().and_then(|d| check(d, "its directory")))
-        .or_else(|| path.parent().and_then(|d| check(d, "the directory")))
+        .or_else(|| dir.as_deref().and_then(|d| check(d, "the directory")))
+        .or_else(|| real.parent().and_then(above))
+        .or_else(|| dir.as_deref().and_then(above))
 }
 
 /// Whether `name` is a name run-parts runs: `^[A-Za-z0-9_-]+$`.
