@@ -1231,3 +1231,82 @@ fn over_ssh_a_restore_reads_a_current_newer_than_every_snapshot() {
         b"second, within the interval"
     );
 }
+
+/// A `Host` block of the OpenSSH configuration, in
+/// `/etc/ssh/ssh_config.d/` (Debian's ssh_config includes it), removed
+/// however the test ends. Its alias is unique, so it touches nothing else.
+struct SshConfigBlock(PathBuf);
+
+impl SshConfigBlock {
+    fn write(alias: &str, body: &str) -> SshConfigBlock {
+        let dir = Path::new("/etc/ssh/ssh_config.d");
+        fs::create_dir_all(dir).unwrap();
+        let path = dir.join(format!("{alias}.conf"));
+        fs::write(&path, format!("Host {alias}\n{body}")).unwrap();
+        SshConfigBlock(path)
+    }
+}
+
+impl Drop for SshConfigBlock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// A destination whose host is an alias of the OpenSSH configuration
+/// (`HostName`, `Port`), as byteback 1.x, which ran `ssh`, followed it,
+/// reaches the same server; a `ProxyJump` there is an error naming it,
+/// at once, not retries.
+#[test]
+fn a_destination_is_resolved_through_the_openssh_configuration() {
+    if !require_root("an sshd and /etc/ssh/ssh_config.d") {
+        return;
+    }
+    assert!(
+        fs::read_to_string("/etc/ssh/ssh_config")
+            .is_ok_and(|c| c.contains("Include /etc/ssh/ssh_config.d/")),
+        "this test needs Debian's /etc/ssh/ssh_config (openssh-client)"
+    );
+    let w = World::new(300);
+    let client = w.enrolled("alias");
+    let src = w.one_file_src(b"through an alias");
+    let alias = format!("byteback-test-alias-{}", std::process::id());
+    let block = SshConfigBlock::write(
+        &alias,
+        &format!("    HostName 127.0.0.1\n    Port {}\n", w.sshd.port),
+    );
+    fs::write(
+        client.join("destination"),
+        format!("{}@{alias}:\n", w.sshd.user),
+    )
+    .unwrap();
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(w.snapshots("client-alias").len(), 1);
+    drop(block);
+
+    let _block = SshConfigBlock::write(
+        &alias,
+        &format!(
+            "    HostName 127.0.0.1\n    Port {}\n    ProxyJump nobody@127.0.0.1:1\n",
+            w.sshd.port
+        ),
+    );
+    let start = std::time::Instant::now();
+    let out = run_status(
+        w.client(&client, "byteback-backup")
+            .arg("--source")
+            .arg(&src)
+            .args(["--retry-number", "3", "--retry-delay", "60"]),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("(ssh -G {alias}) reaches ")) && err.contains("ProxyJump nobody@"),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(30),
+        "retried: {err}"
+    );
+}

@@ -34,27 +34,44 @@ pub fn config_dir() -> PathBuf {
 /// The login name used when a destination names none (as byteback 1.x).
 pub const DEFAULT_SSH_USER: &str = "byteback";
 
-/// known_hosts files checked for the server's key: ours, then the user's,
-/// if this user owns it and no one else may write it (as OpenSSH wants;
-/// under `sudo -E`, `$HOME` is the invoking user's, whose lines root must
-/// not trust).
+/// OpenSSH's system-wide known_hosts file, which byteback 1.x's `ssh` read.
+const GLOBAL_KNOWN_HOSTS: &str = "/etc/ssh/ssh_known_hosts";
+
+/// known_hosts files checked for the server's key: ours, OpenSSH's
+/// system-wide one (as 1.x's `ssh` read it) if root owns it, then the
+/// user's, if this user owns it; neither if others may write it (as
+/// OpenSSH wants; under `sudo -E`, `$HOME` is the invoking user's, whose
+/// lines root must not trust).
 pub fn known_hosts_files() -> Vec<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
     let mut v = vec![config_dir().join("known_hosts")];
+    v.extend(trusted_known_hosts(Path::new(GLOBAL_KNOWN_HOSTS), 0));
     if let Some(home) = std::env::var_os("HOME") {
         let users = PathBuf::from(home).join(".ssh/known_hosts");
-        let euid = rustix::process::geteuid().as_raw();
-        match std::fs::metadata(&users) {
-            Ok(m) if m.uid() != euid || m.mode() & 0o022 != 0 => tracing::warn!(
-                "{} is not this user's alone (owner {}, mode {:o}): not read",
-                users.display(),
-                m.uid(),
-                m.mode() & 0o7777
-            ),
-            _ => v.push(users),
-        }
+        v.extend(trusted_known_hosts(
+            &users,
+            rustix::process::geteuid().as_raw(),
+        ));
     }
     v
+}
+
+/// `path`, unless it is there and someone other than `owner` owns it or
+/// may write it (then a warning says it is not read).
+fn trusted_known_hosts(path: &Path, owner: u32) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.uid() != owner || m.mode() & 0o022 != 0 => {
+            tracing::warn!(
+                "{} is not {} alone (owner {}, mode {:o}): not read",
+                path.display(),
+                if owner == 0 { "root's" } else { "this user's" },
+                m.uid(),
+                m.mode() & 0o7777
+            );
+            None
+        }
+        _ => Some(path.to_path_buf()),
+    }
 }
 
 /// Back up this machine to a byteback server or a local store.
@@ -467,11 +484,12 @@ impl Target {
                 self.io_timeout,
             )?),
             Destination::Ssh { user, host, port } => {
-                let target = SshTarget {
-                    user: user.clone().unwrap_or_else(|| DEFAULT_SSH_USER.into()),
-                    host: host.clone(),
-                    port: *port,
-                };
+                let target = SshTarget::new(
+                    user.clone().unwrap_or_else(|| DEFAULT_SSH_USER.into()),
+                    host.clone(),
+                    *port,
+                )
+                .with_ssh_config()?;
                 let opts = SshOptions {
                     known_hosts: known_hosts_files(),
                     unknown_host: UnknownHost::Refuse,
@@ -1475,6 +1493,23 @@ mod tests {
         // `-x '#*#'` (Emacs' autosave files) is a pattern, not a comment.
         let x = crate::walk::Excludes::new(&["#*#"]).unwrap();
         assert!(x.is_excluded(b"home/a/#notes#", false));
+    }
+
+    /// known_hosts files others may write are not read.
+    #[test]
+    fn known_hosts_files_others_may_write_are_not_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("known_hosts");
+        let me = rustix::process::geteuid().as_raw();
+        // Missing: listed (it is read if it appears).
+        assert_eq!(trusted_known_hosts(&f, me), Some(f.clone()));
+        std::fs::write(&f, "").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(trusted_known_hosts(&f, me), Some(f.clone()));
+        assert_eq!(trusted_known_hosts(&f, me + 1), None, "another owner's");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o664)).unwrap();
+        assert_eq!(trusted_known_hosts(&f, me), None, "group-writable");
     }
 
     /// The database directories the defaults leave out are named in a

@@ -101,11 +101,8 @@ fn setup(args: &SetupArgs) -> Result<()> {
     let Destination::Ssh { user, host, port } = Destination::parse(&destination)? else {
         return Err(Error::msg("--destination must be a server (user@host: or ssh://user@host:port/); a local store needs no set-up"));
     };
-    let target = SshTarget {
-        user: user.unwrap_or_else(|| DEFAULT_SSH_USER.into()),
-        host,
-        port,
-    };
+    let target = SshTarget::new(user.unwrap_or_else(|| DEFAULT_SSH_USER.into()), host, port)
+        .with_ssh_config()?;
     let name = match &args.hostname {
         Some(h) => h.clone(),
         None => default_hostname()?,

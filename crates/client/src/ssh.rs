@@ -48,6 +48,103 @@ pub struct SshTarget {
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// The name its host key is recorded under, when not `host` (and the
+    /// port): OpenSSH's `HostKeyAlias`.
+    pub key_alias: Option<String>,
+}
+
+impl SshTarget {
+    /// `user@host:port`, as written (see [`Self::with_ssh_config`]).
+    pub fn new(user: String, host: String, port: u16) -> Self {
+        SshTarget {
+            user,
+            host,
+            port,
+            key_alias: None,
+        }
+    }
+
+    /// The name its host key is looked up under in known_hosts files.
+    pub fn known_name(&self) -> String {
+        match &self.key_alias {
+            Some(alias) => alias.to_ascii_lowercase(),
+            None => known_hosts::lookup_name(&self.host, self.port),
+        }
+    }
+
+    /// The target as OpenSSH's configuration (`/etc/ssh/ssh_config`,
+    /// `~/.ssh/config`) makes it, as byteback 1.x, which ran `ssh`, got it:
+    /// its `HostName`, `Port` and `HostKeyAlias`, from `ssh -G` (an alias,
+    /// a port or an address in the configuration reach the same server
+    /// as before). Unchanged where no `ssh` program is installed. A
+    /// `ProxyJump` or `ProxyCommand` is an error naming it: byteback
+    /// connects directly. The login name stays the destination's (1.x
+    /// passed `-l`).
+    pub fn with_ssh_config(mut self) -> Result<Self> {
+        if self.host.starts_with('-') {
+            return Ok(self);
+        }
+        let mut cmd = std::process::Command::new("ssh");
+        cmd.arg("-G");
+        if self.port != 22 {
+            cmd.arg("-p").arg(self.port.to_string());
+        }
+        cmd.arg(&self.host)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let out = match cmd.output() {
+            Ok(o) if o.status.success() => o.stdout,
+            Ok(o) => {
+                tracing::debug!(
+                    "ssh -G {}: {}; its configuration not used",
+                    self.host,
+                    o.status
+                );
+                return Ok(self);
+            }
+            Err(e) => {
+                tracing::debug!("ssh -G {}: {e}; no OpenSSH configuration used", self.host);
+                return Ok(self);
+            }
+        };
+        let text = String::from_utf8_lossy(&out);
+        let given = self.to_string();
+        let asked = self.host.clone();
+        for line in text.lines() {
+            let Some((key, value)) = line.split_once(' ') else {
+                continue;
+            };
+            let value = value.trim();
+            match key {
+                "hostname" if !value.is_empty() => self.host = value.to_string(),
+                "port" => {
+                    if let Ok(p) = value.parse() {
+                        self.port = p;
+                    }
+                }
+                "hostkeyalias" if value != "none" => self.key_alias = Some(value.to_string()),
+                "proxyjump" | "proxycommand" if value != "none" => {
+                    return Err(Error::Permanent(format!(
+                        "the SSH configuration (ssh -G {}) reaches {given} through {} {value}, \
+                         which byteback, its own SSH client, does not follow: it connects \
+                         straight to the server (give it as ssh://user@host:port/, or forward \
+                         a port to it)",
+                        asked,
+                        if key == "proxyjump" {
+                            "ProxyJump"
+                        } else {
+                            "ProxyCommand"
+                        }
+                    )))
+                }
+                _ => {}
+            }
+        }
+        if self.to_string() != given {
+            tracing::debug!("{given} is {self} by the SSH configuration (ssh -G)");
+        }
+        Ok(self)
+    }
 }
 
 impl std::fmt::Display for SshTarget {
@@ -312,8 +409,7 @@ async fn connect(
         russh::cipher::AES_128_CTR,
     ]);
     let handler = HostKeyCheck {
-        host: target.host.clone(),
-        port: target.port,
+        name: target.known_name(),
         known_hosts: opts.known_hosts.clone(),
         unknown: opts.unknown_host.clone(),
         probe: opts.probe.clone(),
@@ -606,8 +702,8 @@ async fn pump(
 
 /// Checks the server's host key against known_hosts files.
 struct HostKeyCheck {
-    host: String,
-    port: u16,
+    /// The name the server's key is recorded under.
+    name: String,
     known_hosts: Vec<PathBuf>,
     unknown: UnknownHost,
     probe: Option<Arc<std::sync::Mutex<Option<PublicKey>>>>,
@@ -635,7 +731,7 @@ pub fn probe_host_key(target: &SshTarget, opts: &SshOptions) -> Option<PublicKey
 
 /// Whether no known_hosts file in `files` mentions `target` at all.
 pub fn host_unknown(target: &SshTarget, files: &[PathBuf], key: &PublicKey) -> Result<bool> {
-    let name = known_hosts::lookup_name(&target.host, target.port);
+    let name = target.known_name();
     let blob = key
         .to_bytes()
         .context("cannot encode the server's host key")?;
@@ -673,7 +769,7 @@ impl HostKeyCheck {
     /// revoked key, and a host whose entries (of any key type) all differ.
     /// A host no file mentions is learnt (setup-client) or refused.
     fn check_plain_key(&self, key: &PublicKey) -> Result<bool> {
-        let name = known_hosts::lookup_name(&self.host, self.port);
+        let name = self.name.clone();
         let blob = key
             .to_bytes()
             .context("cannot encode the server's host key")?;
@@ -936,10 +1032,19 @@ mod tests {
         PublicKey::from_openssh(s).unwrap()
     }
 
+    /// A host key is looked up under `HostKeyAlias` when the SSH
+    /// configuration gives one (as OpenSSH does: no port added).
+    #[test]
+    fn host_keys_are_looked_up_under_their_alias() {
+        let mut t = SshTarget::new("b".into(), "10.0.0.5".into(), 2222);
+        assert_eq!(t.known_name(), "[10.0.0.5]:2222");
+        t.key_alias = Some("Backup-Server".into());
+        assert_eq!(t.known_name(), "backup-server");
+    }
+
     fn checker(files: &[PathBuf], unknown: UnknownHost) -> HostKeyCheck {
         HostKeyCheck {
-            host: "127.0.0.1".into(),
-            port: 2222,
+            name: "[127.0.0.1]:2222".into(),
             known_hosts: files.to_vec(),
             unknown,
             probe: None,
