@@ -364,7 +364,9 @@ fn client_key_is_confined_to_its_own_host() {
     );
     assert!(!out.status.success(), "remote forwarding was set up");
 
-    // Restore patterns with `..` are refused before anything is written.
+    // Restore patterns with `..` are normalised as 1.x's File.expand_path
+    // did (above the root is the root): they name backed-up paths, never
+    // a place to write, and nothing is written for what matches nothing.
     let into = w.work.path().join("restore-dotdot");
     fs::create_dir_all(&into).unwrap();
     for pat in ["../../outside", "/../../etc", "x/../../y"] {
@@ -373,8 +375,8 @@ fn client_key_is_confined_to_its_own_host() {
                 .current_dir(&into)
                 .args(["--restore", pat]),
         );
-        assert!(!out.status.success(), "{pat:?} accepted");
-        assert!(stderr(&out).contains(".."), "{}", stderr(&out));
+        assert!(!out.status.success(), "{pat:?} matched");
+        assert!(stderr(&out).contains("matches"), "{}", stderr(&out));
     }
     assert_eq!(fs::read_dir(&into).unwrap().count(), 0);
 

@@ -44,27 +44,28 @@ const GLOBAL_KNOWN_HOSTS: &str = "/etc/ssh/ssh_known_hosts";
 /// lines root must not trust).
 pub fn known_hosts_files() -> Vec<PathBuf> {
     let mut v = vec![config_dir().join("known_hosts")];
-    v.extend(trusted_known_hosts(Path::new(GLOBAL_KNOWN_HOSTS), 0));
+    v.extend(trusted_known_hosts(
+        Path::new(GLOBAL_KNOWN_HOSTS),
+        0,
+        "root's",
+    ));
     if let Some(home) = std::env::var_os("HOME") {
         let users = PathBuf::from(home).join(".ssh/known_hosts");
-        v.extend(trusted_known_hosts(
-            &users,
-            rustix::process::geteuid().as_raw(),
-        ));
+        let me = rustix::process::geteuid().as_raw();
+        v.extend(trusted_known_hosts(&users, me, "this user's"));
     }
     v
 }
 
-/// `path`, unless it is there and someone other than `owner` owns it or
-/// may write it (then a warning says it is not read).
-fn trusted_known_hosts(path: &Path, owner: u32) -> Option<PathBuf> {
+/// `path`, unless it is there and someone other than `owner` (`whose`)
+/// owns it or may write it (then a warning says it is not read).
+fn trusted_known_hosts(path: &Path, owner: u32, whose: &str) -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     match std::fs::metadata(path) {
         Ok(m) if m.uid() != owner || m.mode() & 0o022 != 0 => {
             tracing::warn!(
-                "{} is not {} alone (owner {}, mode {:o}): not read",
+                "{} is not {whose} alone (owner {}, mode {:o}): not read",
                 path.display(),
-                if owner == 0 { "root's" } else { "this user's" },
                 m.uid(),
                 m.mode() & 0o7777
             );
@@ -1503,13 +1504,17 @@ mod tests {
         let f = t.path().join("known_hosts");
         let me = rustix::process::geteuid().as_raw();
         // Missing: listed (it is read if it appears).
-        assert_eq!(trusted_known_hosts(&f, me), Some(f.clone()));
+        assert_eq!(trusted_known_hosts(&f, me, "mine"), Some(f.clone()));
         std::fs::write(&f, "").unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert_eq!(trusted_known_hosts(&f, me), Some(f.clone()));
-        assert_eq!(trusted_known_hosts(&f, me + 1), None, "another owner's");
+        assert_eq!(trusted_known_hosts(&f, me, "mine"), Some(f.clone()));
+        assert_eq!(
+            trusted_known_hosts(&f, me + 1, "theirs"),
+            None,
+            "another owner's"
+        );
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o664)).unwrap();
-        assert_eq!(trusted_known_hosts(&f, me), None, "group-writable");
+        assert_eq!(trusted_known_hosts(&f, me, "mine"), None, "group-writable");
     }
 
     /// The database directories the defaults leave out are named in a
