@@ -741,3 +741,84 @@ fn a_signal_during_the_post_hooks_lets_them_finish() {
     assert!(err.contains("the post-backup hooks finish first"), "{err}");
     assert_eq!(s.snapshots().len(), 1);
 }
+
+/// A backup started with `--json` in the background, its hooks seeing
+/// `TAG=tag`.
+fn spawn_backup(s: &Setup, dest: &Path, tag: &str) -> std::process::Child {
+    Command::new(bin("byteback-backup"))
+        .env("BYTEBACK_CONFIG_DIR", &s.conf)
+        .env("TAG", tag)
+        .arg("--destination")
+        .arg(dest)
+        .arg("--source")
+        .arg(&s.src)
+        .args(["--hostname", "h", "--retry-number", "0", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Hooks are the machine's: a backup to a second destination that starts
+/// while another runs its hooks waits for that one's post-backup hooks
+/// (as 1.x ran one backup at a time), so one run's post hook never tears
+/// down what the other's pre hook set up under it. A signal while it
+/// waits stops it at once, with no hook run.
+#[test]
+fn backups_to_two_destinations_run_their_hooks_one_after_the_other() {
+    let s = setup();
+    let started = s.work.join("a-started");
+    s.hook(
+        "pre-backup.d",
+        "10-setup",
+        &format!(
+            "{}; [ \"$TAG\" = a ] && touch '{}' && sleep 2; true",
+            s.log_line("$TAG pre"),
+            started.display()
+        ),
+        0o755,
+    );
+    s.hook(
+        "post-backup.d",
+        "10-teardown",
+        &s.log_line("$TAG post"),
+        0o755,
+    );
+    let second = s.work.join("store2");
+    store_without_interval(&second);
+    let a = spawn_backup(&s, &s.store, "a");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "a's pre hook never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let b = spawn_backup(&s, &second, "b");
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert_eq!(a.status.code(), Some(0), "{}", stderr(&a));
+    let b_err = stderr(&b);
+    assert_eq!(b.status.code(), Some(0), "{b_err}");
+    assert!(b_err.contains("waiting for it to end"), "{b_err}");
+    assert_eq!(s.log(), "a pre\na post\nb pre\nb post\n");
+
+    // Waiting, stopped: nothing of b's hooks runs.
+    fs::remove_file(s.work.join("log")).unwrap();
+    fs::remove_file(&started).unwrap();
+    let a = spawn_backup(&s, &s.store, "a");
+    while !started.exists() {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(30),
+            "a's pre hook never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let b = spawn_backup(&s, &second, "b");
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: plain syscall on a child's pid.
+    assert_eq!(unsafe { libc::kill(b.id() as i32, libc::SIGTERM) }, 0);
+    let b = b.wait_with_output().unwrap();
+    let a = a.wait_with_output().unwrap();
+    assert_eq!(b.status.code(), Some(143), "{}", stderr(&b));
+    assert!(String::from_utf8_lossy(&b.stdout).contains("\"exit_code\":143"));
+    assert_eq!(a.status.code(), Some(0), "{}", stderr(&a));
+    assert_eq!(s.log(), "a pre\na post\n");
+}

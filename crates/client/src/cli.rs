@@ -541,11 +541,7 @@ fn lock(key: &str, dest: &str) -> Result<std::fs::File> {
     for b in key.bytes() {
         h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
     }
-    let dir = if crate::meta::is_root() {
-        PathBuf::from("/var/lock/byteback")
-    } else {
-        std::env::temp_dir().join(format!("byteback-{}", rustix::process::getuid().as_raw()))
-    };
+    let dir = lock_dir();
     let name = format!("backup-{h:016x}.lock");
     let f = open_lock(&dir, &name)?;
     let path = dir.join(&name);
@@ -555,6 +551,41 @@ fn lock(key: &str, dest: &str) -> Result<std::fs::File> {
             "another byteback-backup to {dest} is running ({})",
             path.display()
         ))),
+    }
+}
+
+/// With hooks to run, this machine's hooks lock, waited for: the hooks are
+/// the machine's, not a destination's, so a backup that runs them waits
+/// for another one's (to another destination) hooks and backup to end
+/// (1.x ran one backup at a time): one run's post-backup hooks never tear
+/// down what another's pre-backup hooks set up under it (an LVM snapshot,
+/// a stopped service). `None` without hooks.
+fn hooks_lock(config: &Path) -> Result<Option<std::fs::File>> {
+    use crate::hooks::{list, POST_BACKUP_DIR, PRE_BACKUP_DIR};
+    let any = |sub| list(&config.join(sub)).map(|l| !l.run.is_empty());
+    if !any(PRE_BACKUP_DIR)? && !any(POST_BACKUP_DIR)? {
+        return Ok(None);
+    }
+    let dir = lock_dir();
+    let f = open_lock(&dir, "hooks.lock")?;
+    use rustix::fs::{flock, FlockOperation};
+    if flock(&f, FlockOperation::NonBlockingLockExclusive).is_err() {
+        tracing::info!(
+            "another byteback-backup (to another destination) runs its hooks: waiting for it to end ({})",
+            dir.join("hooks.lock").display()
+        );
+        flock(&f, FlockOperation::LockExclusive).on("cannot lock", &dir.join("hooks.lock"))?;
+    }
+    Ok(Some(f))
+}
+
+/// Where the client's locks are: `/var/lock/byteback` as root, else a
+/// directory of this user's in the temporary directory.
+fn lock_dir() -> PathBuf {
+    if crate::meta::is_root() {
+        PathBuf::from("/var/lock/byteback")
+    } else {
+        std::env::temp_dir().join(format!("byteback-{}", rustix::process::getuid().as_raw()))
     }
 }
 
@@ -809,6 +840,7 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
     // run whatever happened (they may undo what a pre-backup hook set up),
     // a stop by a signal included (see `stop`).
     let pre = hooks.stoppable();
+    let _hooks_lock = hooks_lock(&dir)?;
     {
         let dir = dir.clone();
         crate::stop::set_post(move |code, snapshot| run_post_hooks(&hooks, &dir, code, snapshot));

@@ -11,7 +11,9 @@
 //! server side of an interrupted backup is left as after a lost
 //! connection: the next backup resumes it. A signal that comes while the
 //! post-backup hooks already run (the backup itself ended) lets them
-//! finish; a second signal stops at once.
+//! finish; a second signal stops at once. Before the post-backup hooks
+//! are registered (no pre-backup hook has run yet), a signal stops at
+//! once.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -27,9 +29,18 @@ type Report = Box<dyn Fn(u8, &str) + Send>;
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 /// The process group of the pre-backup hook running now (0: none).
 static HOOK_GROUP: AtomicI32 = AtomicI32::new(0);
-/// The post-backup hooks, until the main thread or the signal thread takes
-/// them.
-static POST: Mutex<Option<Post>> = Mutex::new(None);
+/// Where the post-backup hooks stand.
+enum PostState {
+    /// Not registered yet: nothing to undo.
+    Empty,
+    Registered(Post),
+    /// The main thread runs them (the backup ended).
+    Main,
+    /// The signal thread runs them.
+    Signal,
+}
+
+static POST: Mutex<PostState> = Mutex::new(PostState::Empty);
 static REPORT: Mutex<Option<Report>> = Mutex::new(None);
 
 /// The signals a backup stops for.
@@ -56,7 +67,7 @@ pub fn hook_group(group: i32) {
 /// Has `post` run with the exit code by whichever comes first: the main
 /// thread ([`take_post`]) or a signal.
 pub fn set_post(post: impl FnOnce(u8, Option<String>) -> Vec<String> + Send + 'static) {
-    *POST.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::new(post));
+    *POST.lock().unwrap_or_else(PoisonError::into_inner) = PostState::Registered(Box::new(post));
 }
 
 /// Has `report` print the `--json` report of a stopped backup.
@@ -68,7 +79,15 @@ pub fn set_report(report: impl Fn(u8, &str) + Send + 'static) {
 /// took them: that thread runs them and ends the process, and the caller
 /// must not go on (see [`wait_for_the_end`]).
 pub fn take_post() -> Option<Post> {
-    POST.lock().unwrap_or_else(PoisonError::into_inner).take()
+    let mut state = POST.lock().unwrap_or_else(PoisonError::into_inner);
+    match std::mem::replace(&mut *state, PostState::Main) {
+        PostState::Registered(post) => Some(post),
+        PostState::Signal => {
+            *state = PostState::Signal;
+            None
+        }
+        PostState::Empty | PostState::Main => Some(Box::new(|_, _| Vec::new())),
+    }
 }
 
 /// Waits for the signal thread to end the process.
@@ -135,18 +154,33 @@ fn on_signal(sig: i32) {
         eprintln!("byteback-backup: {} again: stopping now", name(sig));
         std::process::exit(code);
     }
-    let Some(post) = take_post() else {
-        eprintln!(
-            "byteback-backup: {}: the backup has ended; the post-backup hooks finish first \
-             (signal again to stop at once)",
-            name(sig)
-        );
-        return;
-    };
     let msg = format!(
         "interrupted ({}): the backup is incomplete (the next one resumes it)",
         name(sig)
     );
+    let taken = {
+        let mut state = POST.lock().unwrap_or_else(PoisonError::into_inner);
+        match std::mem::replace(&mut *state, PostState::Signal) {
+            PostState::Registered(post) => Some(post),
+            PostState::Empty => None,
+            other => {
+                *state = other;
+                eprintln!(
+                    "byteback-backup: {}: the backup has ended; the post-backup hooks finish \
+                     first (signal again to stop at once)",
+                    name(sig)
+                );
+                return;
+            }
+        }
+    };
+    let code = u8::try_from(code).unwrap_or(u8::MAX);
+    let Some(post) = taken else {
+        // Nothing set up yet that the post-backup hooks would undo.
+        eprintln!("byteback-backup: {msg}");
+        report(code, &msg);
+        std::process::exit(code.into());
+    };
     eprintln!("byteback-backup: {msg}; running the post-backup hooks");
     // A pre-backup hook running now sees the signal and is stopped by the
     // thread that runs it; the post hooks wait for it to end.
@@ -154,16 +188,20 @@ fn on_signal(sig: i32) {
     while HOOK_GROUP.load(Ordering::SeqCst) != 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    let code = u8::try_from(code).unwrap_or(u8::MAX);
     for f in post(code, None) {
         eprintln!("byteback-backup: post-backup hook failed: {f}");
     }
+    report(code, &msg);
+    std::process::exit(code.into());
+}
+
+/// Prints the `--json` report of a stopped backup, if one is wanted.
+fn report(code: u8, msg: &str) {
     if let Some(report) = REPORT
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .as_ref()
     {
-        report(code, &msg);
+        report(code, msg);
     }
-    std::process::exit(code.into());
 }
