@@ -574,7 +574,7 @@ fn hooks_lock(config: &Path) -> Result<Option<std::fs::File>> {
             "another byteback-backup (to another destination) runs its hooks: waiting for it to end ({})",
             dir.join("hooks.lock").display()
         );
-        flock(&f, FlockOperation::LockExclusive).on("cannot lock", &dir.join("hooks.lock"))?;
+        flock(&f, FlockOperation::LockExclusive).on("cannot lock", dir.join("hooks.lock"))?;
     }
     Ok(Some(f))
 }
