@@ -427,3 +427,27 @@ fn budgeted_verify_goes_on_within_a_large_file() {
     assert!(out.contains("DAMAGED h current "), "{out}");
     assert!(out.contains("content does not match its BLAKE3"), "{out}");
 }
+
+/// Usage errors of verify and byteback-prune exit 2, as the README says
+/// (they gave 3 and 1, as if the store were at fault).
+#[test]
+fn usage_errors_of_verify_and_prune_exit_2() {
+    let work = scratch();
+    let store = work.path().join("store");
+    store_without_interval(&store);
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"f").unwrap();
+    backup(&store, &src);
+    let o = verify(&store, &["--host", HOST, "--snapshot", "no-such-snapshot"]);
+    assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));
+    assert!(output_text(&o).contains("has no snapshot no-such-snapshot"));
+    let o = run_status(
+        Command::new(bin("byteback-prune"))
+            .arg("--store")
+            .arg(&store)
+            .args(["--minpercent", "50", "--maxpercent", "10", "--prune"]),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));
+    assert!(output_text(&o).contains("--minpercent must not exceed --maxpercent"));
+}

@@ -331,7 +331,12 @@ pub fn run_prune(args: PruneArgs) -> ExitCode {
             let line = format!("byteback-prune: {e}\n");
             byteback_protocol::term::print_lines(tracing::Level::ERROR, line.as_bytes());
             report.error = Some(format!("{e}"));
-            1
+            // As the README says: 2 for a usage error.
+            if matches!(e, Error::Usage(_)) {
+                2
+            } else {
+                1
+            }
         }
     };
     if json {

@@ -844,7 +844,7 @@ pub fn run_verify(args: VerifyArgs) -> ExitCode {
         Err(e) => {
             let line = format!("byteback-server verify: {e}\n");
             byteback_protocol::term::print_lines(tracing::Level::ERROR, line.as_bytes());
-            ExitCode::from(3)
+            ExitCode::from(if matches!(e, Error::Usage(_)) { 2 } else { 3 })
         }
     }
 }
