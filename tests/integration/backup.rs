@@ -447,13 +447,32 @@ fn restore_list_shows_versions() {
     };
     let latest = list(&[]);
     let lines: Vec<&str> = latest.lines().collect();
-    assert!(lines[0].starts_with("snapshot"), "{latest}");
+    // 1.x's columns, and its mtimes (Ruby's Time#to_s, local time).
+    let heading: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(
+        heading,
+        [
+            "snapshot",
+            "modestring",
+            "size",
+            "uid",
+            "gid",
+            "mtime",
+            "path"
+        ],
+        "{latest}"
+    );
     assert!(lines[1].starts_with("----"), "{latest}");
     assert_eq!(lines.len(), 3, "{latest}");
     assert!(
         lines[2].contains(" 4 ") && lines[2].contains("-rw"),
         "{latest}"
     );
+    let mtime = byteback_protocol::os::localtime(2_000_000_000)
+        .unwrap()
+        .to_listing();
+    assert!(mtime.len() == 25 && mtime.contains(' '), "{mtime}");
+    assert!(lines[2].contains(&format!(" {mtime} ")), "{latest}");
     let all = list(&["--all"]);
     assert_eq!(all.lines().count(), 4, "{all}");
 }

@@ -542,9 +542,10 @@ pub fn list(
     let rows = rows.by_path;
     let mut paths: Vec<&Vec<u8>> = rows.keys().collect();
     paths.sort_by(|a, b| byteback_protocol::compare_paths(a, b));
+    // 1.x's columns and mtimes (`2026-11-20 03:00:00 +0000`).
     let heading = format!(
-        "{:<25} {:<10} {:>12} {:>6} {:>6} {:<19} path",
-        "snapshot", "mode", "size", "uid", "gid", "mtime"
+        "{:<25} {:<10} {:>12} {:>6} {:>6} {:<25} path",
+        "snapshot", "modestring", "size", "uid", "gid", "mtime"
     );
     writeln!(out, "{heading}")?;
     writeln!(out, "{}", "-".repeat(heading.len()))?;
@@ -553,14 +554,18 @@ pub fn list(
         let mut v = rows[p].clone();
         v.reverse(); // oldest first
         for (s, e) in v {
+            let mtime = match byteback_protocol::os::localtime(e.entry.mtime_sec) {
+                Some(t) => t.to_listing(),
+                None => e.entry.mtime_sec.to_string(),
+            };
             let mut line = format!(
-                "{:<25} {:<10} {:>12} {:>6} {:>6} {:<19} {}",
+                "{:<25} {:<10} {:>12} {:>6} {:>6} {:<25} {}",
                 s,
                 mode_string(&e),
                 e.entry.size(),
                 e.entry.uid,
                 e.entry.gid,
-                format_time(e.entry.mtime_sec),
+                mtime,
                 display_path(&e.entry.path)
             );
             match &e.entry.kind {

@@ -21,6 +21,24 @@ pub struct LocalTime {
 }
 
 impl LocalTime {
+    /// `YYYY-MM-DD HH:MM:SS +HHMM`, as Ruby's `Time#to_s` writes it (and
+    /// byteback 1.x's listings showed mtimes).
+    pub fn to_listing(&self) -> String {
+        let off = self.utc_offset;
+        let (sign, off) = if off < 0 { ('-', -off) } else { ('+', off) };
+        format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} {sign}{:02}{:02}",
+            self.year,
+            self.month,
+            self.day,
+            self.hour,
+            self.minute,
+            self.second,
+            off / 3600,
+            off % 3600 / 60
+        )
+    }
+
     /// `YYYY-MM-DDTHH:MM:SS`, without the offset.
     pub fn to_iso_seconds(&self) -> String {
         format!(
@@ -76,6 +94,22 @@ mod tests {
         let s = lt.to_iso_seconds();
         assert_eq!(s.len(), 19, "{s}");
         assert!(s.starts_with("2026-05-2"), "{s}");
+    }
+
+    #[test]
+    fn listings_show_times_as_ruby_did() {
+        let t = |utc_offset| LocalTime {
+            year: 2015,
+            month: 11,
+            day: 29,
+            hour: 9,
+            minute: 26,
+            second: 10,
+            utc_offset,
+        };
+        assert_eq!(t(0).to_listing(), "2015-11-29 09:26:10 +0000");
+        assert_eq!(t(3600 + 1800).to_listing(), "2015-11-29 09:26:10 +0130");
+        assert_eq!(t(-5 * 3600).to_listing(), "2015-11-29 09:26:10 -0500");
     }
 
     #[test]
