@@ -811,14 +811,169 @@ fn backups_to_two_destinations_run_their_hooks_one_after_the_other() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let b = spawn_backup(&s, &second, "b");
-    std::thread::sleep(Duration::from_millis(500));
+    let mut b = spawn_backup(&s, &second, "b");
+    // Signalled once it says it waits (read as it comes).
+    let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let said = said.clone();
+        let mut err = b.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut err, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                said.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    while !said.lock().unwrap().contains("waiting for it to end") {
+        assert!(Instant::now() < deadline + Duration::from_secs(30), "b never waited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // SAFETY: plain syscall on a child's pid.
     assert_eq!(unsafe { libc::kill(b.id() as i32, libc::SIGTERM) }, 0);
     let b = b.wait_with_output().unwrap();
+    reader.join().unwrap();
     let a = a.wait_with_output().unwrap();
-    assert_eq!(b.status.code(), Some(143), "{}", stderr(&b));
+    let b_err = said.lock().unwrap().clone();
+    assert_eq!(b.status.code(), Some(143), "{b_err}");
     assert!(String::from_utf8_lossy(&b.stdout).contains("\"exit_code\":143"));
     assert_eq!(a.status.code(), Some(0), "{}", stderr(&a));
     assert_eq!(s.log(), "a pre\na post\n");
+}
+
+/// SIGTERM while the data goes over: the transfer is torn down first (no
+/// snapshot), then the post-backup hooks run, told of the stop, and the
+/// run ends with 143 soon after, not once the data is all sent.
+#[test]
+fn a_backup_stopped_during_its_transfer_runs_the_post_hooks_after_it() {
+    let s = setup();
+    let mut rng = Rng::new(31);
+    for i in 0..300 {
+        fs::write(s.src.join(format!("big{i:03}")), rng.bytes(1 << 20)).unwrap();
+    }
+    let ready = s.work.join("pre-done");
+    s.hook("pre-backup.d", "10-ready", &format!("touch '{}'", ready.display()), 0o755);
+    record_post_env(&s);
+    let child = Command::new(bin("byteback-backup"))
+        .env("BYTEBACK_CONFIG_DIR", &s.conf)
+        .arg("--destination")
+        .arg(&s.store)
+        .arg("--source")
+        .arg(&s.src)
+        .args(["--hostname", "h", "--retry-number", "3", "--retry-delay", "600"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the pre hook never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let signalled = Instant::now();
+    // SAFETY: plain syscall on a child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(143), "{err}");
+    assert!(signalled.elapsed() < Duration::from_secs(20), "{err}");
+    assert_eq!(post_env(&s), "143|failed|\n", "{err}");
+    assert!(s.snapshots().is_empty(), "{err}");
+    assert!(!err.contains("retrying"), "a stopped backup was retried: {err}");
+}
+
+/// A hangup ignored when the backup started (`nohup byteback-backup &`
+/// in an SSH session that then drops) does not stop it.
+#[test]
+fn a_hangup_ignored_from_the_start_does_not_stop_the_backup() {
+    use std::os::unix::process::CommandExt;
+    let s = setup();
+    let started = s.work.join("started");
+    s.hook(
+        "pre-backup.d",
+        "10-slow",
+        &format!("touch '{}'; sleep 1", started.display()),
+        0o755,
+    );
+    record_post_env(&s);
+    let mut cmd = Command::new(bin("byteback-backup"));
+    cmd.env("BYTEBACK_CONFIG_DIR", &s.conf)
+        .arg("--destination")
+        .arg(&s.store)
+        .arg("--source")
+        .arg(&s.src)
+        .args(["--hostname", "h", "--retry-number", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: only signal(2), async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "the pre hook never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: plain syscall on a child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(post_env(&s).starts_with("0|ok|"), "{}", post_env(&s));
+    assert_eq!(s.snapshots().len(), 1);
+}
+
+/// Stopped while its stderr is a pipe nobody reads any more (`... 2>&1 |
+/// tee log`, and Ctrl-C ended tee too): it still runs the post-backup
+/// hooks and ends, instead of hanging for ever.
+#[test]
+fn a_backup_stopped_with_its_stderr_closed_still_ends() {
+    let s = setup();
+    let started = s.work.join("started");
+    s.hook(
+        "pre-backup.d",
+        "10-slow",
+        &format!("touch '{}'; sleep 30", started.display()),
+        0o755,
+    );
+    record_post_env(&s);
+    let mut child = Command::new(bin("byteback-backup"))
+        .env("BYTEBACK_CONFIG_DIR", &s.conf)
+        .arg("--destination")
+        .arg(&s.store)
+        .arg("--source")
+        .arg(&s.src)
+        .args(["--hostname", "h", "--retry-number", "0", "--json", "-v"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    drop(child.stdout.take());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "the pre hook never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: plain syscall on a child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("byteback-backup did not end after SIGINT with its stderr closed");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(post_env(&s), "130|failed|\n");
 }

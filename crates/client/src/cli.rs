@@ -203,9 +203,16 @@ pub struct BackupJson {
 }
 
 fn print_json(value: &impl serde::Serialize) {
+    use std::io::Write;
+    // A reader gone (a pipe closed) is no reason to panic: the run's exit
+    // code still tells.
     match serde_json::to_string(value) {
-        Ok(s) => println!("{s}"),
-        Err(e) => eprintln!("cannot write the JSON report: {e}"),
+        Ok(s) => {
+            let _ = writeln!(std::io::stdout(), "{s}");
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "cannot write the JSON report: {e}");
+        }
     }
 }
 
@@ -846,7 +853,7 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         crate::stop::set_post(move |code, snapshot| run_post_hooks(&hooks, &dir, code, snapshot));
     }
     let outcome = run_pre_hooks(&pre, &dir).and_then(|()| transfer(&target, &opts, &args, report));
-    let (code, snapshot) = match outcome {
+    let (mut code, snapshot) = match outcome {
         Ok(done) => done,
         Err(e) => {
             tracing::error!("{e}");
@@ -854,12 +861,24 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
             (1, None)
         }
     };
+    // Stopped by a signal (see `stop`) before a snapshot was taken: the
+    // post-backup hooks and the exit code say so. (A backup that was
+    // committed before the stop took effect is done, and says that.)
+    let stopped = crate::stop::stopped().filter(|_| snapshot.is_none());
+    if let Some(sig) = stopped {
+        code = u8::try_from(128 + sig).unwrap_or(u8::MAX);
+        report.errors.push(crate::stop::message(sig));
+    }
     let Some(post_hooks) = crate::stop::take_post() else {
-        // A signal came first: its thread runs them and ends the run.
+        // The stop's fallback runs them and ends the run.
         crate::stop::wait_for_the_end();
     };
     let post = post_hooks(code, snapshot);
-    if post.is_empty() {
+    if post.is_empty() || stopped.is_some() {
+        for f in &post {
+            tracing::error!("post-backup hook failed: {f}");
+            report.errors.push(format!("post-backup hook failed: {f}"));
+        }
         return Ok(code);
     }
     for f in &post {
@@ -1103,7 +1122,11 @@ fn transfer(
                 tracing::warn!("{w}");
                 report.warnings.push(w);
             }
-            Err(e) if attempt < args.retry_number && is_transient(&e) => {
+            Err(e)
+                if attempt < args.retry_number
+                    && is_transient(&e)
+                    && crate::stop::stopped().is_none() =>
+            {
                 report.errors.push(format!("attempt {}: {e}", attempt + 1));
                 attempt += 1;
                 tracing::error!(
@@ -1111,7 +1134,14 @@ fn transfer(
                     args.retry_delay,
                     args.retry_number - attempt + 1
                 );
-                std::thread::sleep(Duration::from_secs(args.retry_delay));
+                // A stop (see `stop`) ends the wait, and the retries.
+                let until = std::time::Instant::now() + Duration::from_secs(args.retry_delay);
+                while std::time::Instant::now() < until && crate::stop::stopped().is_none() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                if let Some(sig) = crate::stop::stopped() {
+                    return Err(Error::msg(crate::stop::message(sig)));
+                }
             }
             Err(e) => return Err(e),
         }

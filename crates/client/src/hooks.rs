@@ -372,9 +372,6 @@ impl Runner {
         // dropping it the reader would never see end of file.
         drop(cmd);
         let mut child = spawned.map_err(|e| fail(format!("could not be started: {e}"), vec![]))?;
-        if self.stoppable {
-            crate::stop::hook_group(i32::try_from(child.id()).unwrap_or(0));
-        }
 
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let reader = {
@@ -385,9 +382,6 @@ impl Runner {
         };
 
         let status = self.wait(&mut child);
-        if self.stoppable {
-            crate::stop::hook_group(0);
-        }
 
         // Its output is complete once the pipe closes; a process it left
         // running may keep it open, so wait only a little for that.

@@ -1,20 +1,30 @@
 //! A backup stopped by SIGINT, SIGTERM or SIGHUP (Ctrl-C, `systemctl
 //! stop`, the unit's timeout, a shutdown) still runs its post-backup
 //! hooks, which may undo what a pre-backup hook set up (an LVM snapshot
-//! removed, a stopped service started again).
+//! removed, a stopped service started again), once nothing of the backup
+//! uses it any more.
 //!
-//! [`install`] blocks those signals in every thread and waits for them on
-//! a thread of its own. On the first one, a pre-backup hook still running
-//! is stopped (its process group, see `hooks`), the post-backup hooks run
-//! told of the stop (`BYTEBACK_STATUS` 128 + the signal's number), the
-//! `--json` report is printed, and the process exits with that code. The
-//! server side of an interrupted backup is left as after a lost
-//! connection: the next backup resumes it. A signal that comes while the
-//! post-backup hooks already run (the backup itself ended) lets them
-//! finish; a second signal stops at once. Before the post-backup hooks
-//! are registered (no pre-backup hook has run yet), a signal stops at
-//! once.
+//! [`install`] blocks those signals in every thread (but those ignored when
+//! the program started, as under `nohup`) and waits for them on a thread
+//! of its own. On the first one:
+//! - before the post-backup hooks are registered (no pre-backup hook has
+//!   run), the run ends at once;
+//! - once they are, the backup is stopped: a pre-backup hook running is
+//!   stopped (its process group, see `hooks`) and no other starts; the
+//!   transfer is torn down ([`set_abort`]), and its threads end. The main
+//!   thread then runs the post-backup hooks, told of the stop
+//!   (`BYTEBACK_STATUS` 128 + the signal's number), prints the `--json`
+//!   report and exits with that code. Should it not get there within
+//!   [`MAIN_WAIT`] (a read stuck on a hung filesystem), a thread of this
+//!   module runs them and ends the process;
+//! - while the post-backup hooks run after the backup ended, they finish.
+//!
+//! A second signal ends the process at once. The server side of a stopped
+//! backup is left as after a lost connection: the next backup resumes it.
+//! Nothing here panics on a closed stderr or stdout: the process always
+//! ends.
 
+use std::io::Write;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -24,31 +34,34 @@ use std::time::{Duration, Instant};
 type Post = Box<dyn FnOnce(u8, Option<String>) -> Vec<String> + Send>;
 /// Prints the `--json` report of a stopped backup (exit code, message).
 type Report = Box<dyn Fn(u8, &str) + Send>;
+/// Tears the running transfer down.
+type Abort = Box<dyn Fn() + Send>;
 
 /// The first signal received (0: none).
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
-/// The process group of the pre-backup hook running now (0: none).
-static HOOK_GROUP: AtomicI32 = AtomicI32::new(0);
+
 /// Where the post-backup hooks stand.
 enum PostState {
     /// Not registered yet: nothing to undo.
     Empty,
     Registered(Post),
-    /// The main thread runs them (the backup ended).
+    /// The main thread runs them.
     Main,
-    /// The signal thread runs them.
-    Signal,
+    /// This module's fallback runs them.
+    Fallback,
 }
 
 static POST: Mutex<PostState> = Mutex::new(PostState::Empty);
 static REPORT: Mutex<Option<Report>> = Mutex::new(None);
+static ABORT: Mutex<Option<Abort>> = Mutex::new(None);
 
 /// The signals a backup stops for.
 const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
-/// How long a stopped pre-backup hook may take to end before the post
-/// hooks run anyway (it is killed in `hooks` well within this).
-const HOOK_END_WAIT: Duration = Duration::from_secs(20);
+/// How long the main thread has, after a stop, to get to the post-backup
+/// hooks itself (a pre-backup hook is killed within 15 s, a transfer
+/// torn down at once) before they are run without it.
+pub const MAIN_WAIT: Duration = Duration::from_secs(60);
 
 /// The signal this backup is being stopped for, if it is.
 pub fn stopped() -> Option<i32> {
@@ -58,43 +71,59 @@ pub fn stopped() -> Option<i32> {
     }
 }
 
-/// Registers (or, with 0, forgets) the process group of the pre-backup
-/// hook running now.
-pub fn hook_group(group: i32) {
-    HOOK_GROUP.store(group, Ordering::SeqCst);
-}
-
 /// Has `post` run with the exit code by whichever comes first: the main
-/// thread ([`take_post`]) or a signal.
+/// thread ([`take_post`]) or, after a stop, the fallback.
 pub fn set_post(post: impl FnOnce(u8, Option<String>) -> Vec<String> + Send + 'static) {
-    *POST.lock().unwrap_or_else(PoisonError::into_inner) = PostState::Registered(Box::new(post));
+    *lock(&POST) = PostState::Registered(Box::new(post));
 }
 
-/// Has `report` print the `--json` report of a stopped backup.
+/// Has `report` print the `--json` report of a backup ended by a signal
+/// before the main thread could.
 pub fn set_report(report: impl Fn(u8, &str) + Send + 'static) {
-    *REPORT.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::new(report));
+    *lock(&REPORT) = Some(Box::new(report));
 }
 
-/// The post-backup hooks, for the main thread to run. `None` when a signal
-/// took them: that thread runs them and ends the process, and the caller
+/// Has `abort` called on a stop (with `None`, nothing): it tears down the
+/// running transfer, whose threads then end and whose error returns.
+pub fn set_abort(abort: Option<Box<dyn Fn() + Send>>) {
+    *lock(&ABORT) = abort;
+    // A stop that came just before: torn down now.
+    if stopped().is_some() {
+        if let Some(a) = lock(&ABORT).as_ref() {
+            a();
+        }
+    }
+}
+
+/// The post-backup hooks, for the main thread to run. `None` when the
+/// fallback took them: it runs them and ends the process, and the caller
 /// must not go on (see [`wait_for_the_end`]).
 pub fn take_post() -> Option<Post> {
-    let mut state = POST.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut state = lock(&POST);
     match std::mem::replace(&mut *state, PostState::Main) {
         PostState::Registered(post) => Some(post),
-        PostState::Signal => {
-            *state = PostState::Signal;
+        PostState::Fallback => {
+            *state = PostState::Fallback;
             None
         }
         PostState::Empty | PostState::Main => Some(Box::new(|_, _| Vec::new())),
     }
 }
 
-/// Waits for the signal thread to end the process.
+/// Waits for the fallback to end the process.
 pub fn wait_for_the_end() -> ! {
     loop {
         std::thread::park();
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A line on stderr; a closed or broken stderr is not an error here.
+fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "byteback-backup: {line}");
 }
 
 /// Blocks [`SIGNALS`] in this thread (and the threads it starts from now
@@ -106,16 +135,23 @@ pub fn install() -> std::io::Result<()> {
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it
 /// starts from now on; children get the default mask back) and starts a
-/// thread that calls `on` with each one received. Call before any other
-/// thread starts.
+/// thread that calls `on` with each one received. A signal ignored when
+/// the program started (`nohup` ignores SIGHUP) is left as it is: blocked,
+/// it would be queued and received. Call before any other thread starts.
 pub(crate) fn watch(on: fn(libc::c_int)) -> std::io::Result<()> {
     // SAFETY: a zeroed sigset_t is a valid argument for sigemptyset, which
-    // initialises it; the calls only read and write `set`.
+    // initialises it; sigaction with a null new action only reads the
+    // current one into `old`, a valid out pointer.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for s in SIGNALS {
-            libc::sigaddset(&mut set, s);
+            let mut old: libc::sigaction = std::mem::zeroed();
+            let ignored =
+                libc::sigaction(s, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN;
+            if !ignored {
+                libc::sigaddset(&mut set, s);
+            }
         }
         set
     };
@@ -145,63 +181,89 @@ pub(crate) fn name(sig: i32) -> &'static str {
     }
 }
 
+/// What a stop by `sig` says.
+pub fn message(sig: i32) -> String {
+    format!(
+        "interrupted ({}): the backup is incomplete (the next one resumes it)",
+        name(sig)
+    )
+}
+
+/// Ends the process with `code`, the `--json` report printed first (a
+/// report that cannot be written is no reason not to end).
+fn end(code: u8, msg: &str) -> ! {
+    let _ = std::panic::catch_unwind(|| {
+        if let Some(report) = lock(&REPORT).as_ref() {
+            report(code, msg);
+        }
+    });
+    std::process::exit(code.into());
+}
+
 fn on_signal(sig: i32) {
-    let code = 128 + sig;
+    let code = u8::try_from(128 + sig).unwrap_or(u8::MAX);
     if SIGNAL
         .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
         .is_err()
     {
-        eprintln!("byteback-backup: {} again: stopping now", name(sig));
-        std::process::exit(code);
-    }
-    let msg = format!(
-        "interrupted ({}): the backup is incomplete (the next one resumes it)",
-        name(sig)
-    );
-    let taken = {
-        let mut state = POST.lock().unwrap_or_else(PoisonError::into_inner);
-        match std::mem::replace(&mut *state, PostState::Signal) {
-            PostState::Registered(post) => Some(post),
-            PostState::Empty => None,
-            other => {
-                *state = other;
-                eprintln!(
-                    "byteback-backup: {}: the backup has ended; the post-backup hooks finish \
-                     first (signal again to stop at once)",
-                    name(sig)
-                );
-                return;
-            }
-        }
-    };
-    let code = u8::try_from(code).unwrap_or(u8::MAX);
-    let Some(post) = taken else {
-        // Nothing set up yet that the post-backup hooks would undo.
-        eprintln!("byteback-backup: {msg}");
-        report(code, &msg);
+        say(&format!("{} again: stopping now", name(sig)));
         std::process::exit(code.into());
-    };
-    eprintln!("byteback-backup: {msg}; running the post-backup hooks");
-    // A pre-backup hook running now sees the signal and is stopped by the
-    // thread that runs it; the post hooks wait for it to end.
-    let deadline = Instant::now() + HOOK_END_WAIT;
-    while HOOK_GROUP.load(Ordering::SeqCst) != 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
     }
-    for f in post(code, None) {
-        eprintln!("byteback-backup: post-backup hook failed: {f}");
+    let msg = message(sig);
+    match &*lock(&POST) {
+        PostState::Empty => {
+            // Nothing set up yet that the post-backup hooks would undo.
+            say(&msg);
+            end(code, &msg);
+        }
+        PostState::Main | PostState::Fallback => {
+            say(&format!(
+                "{}: the backup has ended; the post-backup hooks finish first (signal again to \
+                 stop at once)",
+                name(sig)
+            ));
+            return;
+        }
+        PostState::Registered(_) => {}
     }
-    report(code, &msg);
-    std::process::exit(code.into());
-}
-
-/// Prints the `--json` report of a stopped backup, if one is wanted.
-fn report(code: u8, msg: &str) {
-    if let Some(report) = REPORT
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .as_ref()
-    {
-        report(code, msg);
-    }
+    say(&format!(
+        "{msg}; stopping it, then running the post-backup hooks (signal again to stop at once)"
+    ));
+    let _ = std::panic::catch_unwind(|| {
+        if let Some(abort) = lock(&ABORT).as_ref() {
+            abort();
+        }
+    });
+    // Should the main thread not get to the post-backup hooks in time,
+    // they run without it (on a thread of their own: a second signal still
+    // ends the process).
+    let _ = std::thread::Builder::new()
+        .name("byteback-stop".into())
+        .spawn(move || {
+            let deadline = Instant::now() + MAIN_WAIT;
+            while Instant::now() < deadline {
+                if !matches!(&*lock(&POST), PostState::Registered(_)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let post = {
+                let mut state = lock(&POST);
+                match std::mem::replace(&mut *state, PostState::Fallback) {
+                    PostState::Registered(post) => post,
+                    other => {
+                        *state = other;
+                        return;
+                    }
+                }
+            };
+            say("the backup did not stop in time; running the post-backup hooks now");
+            let failures = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                post(code, None)
+            }));
+            for f in failures.unwrap_or_default() {
+                say(&format!("post-backup hook failed: {f}"));
+            }
+            end(code, &msg);
+        });
 }

@@ -151,6 +151,15 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
         opts.verbose,
         policy,
     ));
+    // A stop by a signal (see `stop`) tears the transfer down as an error
+    // does: every thread ends, the connection is closed.
+    crate::stop::set_abort(Some(Box::new({
+        let shared = shared.clone();
+        move || {
+            let sig = crate::stop::stopped().unwrap_or(libc::SIGTERM);
+            shared.fail(&err!("{}", crate::stop::message(sig)));
+        }
+    })));
     let batches: Arc<Batches> = Arc::new(Mutex::new(VecDeque::new()));
     let pool = Arc::new(pool);
 
@@ -174,7 +183,9 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
         let old = old.filter(|_| !opts.checksum);
         walk_and_commit(&shared, batches, &sources, &excludes, opts, old, new)
     });
-    shut_down(shared, pool, threads, transport, outcome)
+    let done = shut_down(shared, pool, threads, transport, outcome);
+    crate::stop::set_abort(None);
+    done
 }
 
 /// Checks the sources and asks the server to start; nothing runs yet.

@@ -65,7 +65,11 @@ fn interrupted(sig: libc::c_int) -> ! {
     } else {
         format!("interrupted ({name}); the restore is incomplete, existing directories have their owner and mode back")
     };
-    eprintln!("byteback-restore: {msg}");
+    // A closed stderr must not stop the exit below.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("byteback-restore: {msg}\n").as_bytes(),
+    );
     let code = 128 + sig;
     if let Some(f) = ON_INTERRUPT.get() {
         f(u8::try_from(code).unwrap_or(u8::MAX), &msg);
