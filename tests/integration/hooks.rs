@@ -823,12 +823,17 @@ fn backups_to_two_destinations_run_their_hooks_one_after_the_other() {
                 if n == 0 {
                     break;
                 }
-                said.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                said.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
             }
         })
     };
     while !said.lock().unwrap().contains("waiting for it to end") {
-        assert!(Instant::now() < deadline + Duration::from_secs(30), "b never waited");
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(30),
+            "b never waited"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // SAFETY: plain syscall on a child's pid.
@@ -854,7 +859,12 @@ fn a_backup_stopped_during_its_transfer_runs_the_post_hooks_after_it() {
         fs::write(s.src.join(format!("big{i:03}")), rng.bytes(1 << 20)).unwrap();
     }
     let ready = s.work.join("pre-done");
-    s.hook("pre-backup.d", "10-ready", &format!("touch '{}'", ready.display()), 0o755);
+    s.hook(
+        "pre-backup.d",
+        "10-ready",
+        &format!("touch '{}'", ready.display()),
+        0o755,
+    );
     record_post_env(&s);
     let child = Command::new(bin("byteback-backup"))
         .env("BYTEBACK_CONFIG_DIR", &s.conf)
@@ -862,7 +872,14 @@ fn a_backup_stopped_during_its_transfer_runs_the_post_hooks_after_it() {
         .arg(&s.store)
         .arg("--source")
         .arg(&s.src)
-        .args(["--hostname", "h", "--retry-number", "3", "--retry-delay", "600"])
+        .args([
+            "--hostname",
+            "h",
+            "--retry-number",
+            "3",
+            "--retry-delay",
+            "600",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -882,7 +899,10 @@ fn a_backup_stopped_during_its_transfer_runs_the_post_hooks_after_it() {
     assert!(signalled.elapsed() < Duration::from_secs(20), "{err}");
     assert_eq!(post_env(&s), "143|failed|\n", "{err}");
     assert!(s.snapshots().is_empty(), "{err}");
-    assert!(!err.contains("retrying"), "a stopped backup was retried: {err}");
+    assert!(
+        !err.contains("retrying"),
+        "a stopped backup was retried: {err}"
+    );
 }
 
 /// A hangup ignored when the backup started (`nohup byteback-backup &`

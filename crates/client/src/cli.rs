@@ -332,13 +332,13 @@ fn databases_left_out(
     let hooks: Vec<String> = crate::hooks::list(hooks_dir)
         .map(|l| l.run.into_iter().map(|(n, _)| n.to_lowercase()).collect())
         .unwrap_or_default();
-    // A word of a hook's name names a database: `50-mysql`, `pgdump`, not
-    // `10-upgrade`.
+    // A word of a hook's name names a database: `50-mysql`, `50-pg-dump`,
+    // `pgdump`, not `10-upgrade` or `pgbouncer`.
     let names_it = |hook: &str, names: &[&str]| {
         hook.split(|c: char| !c.is_ascii_alphanumeric()).any(|w| {
             names.iter().any(|&n| {
                 if n == "pg" {
-                    w.starts_with(n)
+                    w == "pg" || w.starts_with("pgdump")
                 } else {
                     w.contains(n)
                 }
@@ -798,8 +798,10 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         let dump_dir = std::env::var_os("BYTEBACK_DUMP_DIR")
             .filter(|d| !d.is_empty())
             .map_or_else(|| PathBuf::from("/var/backups/byteback"), PathBuf::from);
-        let found =
-            databases_left_out(Path::new("/"), &sources, &all, &mine, &hooks_dir, &dump_dir);
+        // The sources as the walk takes them (absolute, normalised), and
+        // the dump directory as it resolves.
+        let dump_dir = std::fs::canonicalize(&dump_dir).unwrap_or(dump_dir);
+        let found = databases_left_out(Path::new("/"), &walked, &all, &mine, &hooks_dir, &dump_dir);
         for w in found {
             tracing::warn!("{w}");
             report.warnings.push(w);
@@ -1616,6 +1618,7 @@ mod tests {
         };
         hook("50-mysql.disabled", 0o755);
         hook("10-upgrade", 0o755);
+        hook("20-pgbouncer", 0o755);
         hook("60-mysql", 0o644);
         assert_eq!(left_out(&slash, &all, &none).len(), 1);
         std::fs::create_dir_all(root.join("var/lib/postgresql")).unwrap();

@@ -147,8 +147,8 @@ pub(crate) fn watch(on: fn(libc::c_int)) -> std::io::Result<()> {
         libc::sigemptyset(&mut set);
         for s in SIGNALS {
             let mut old: libc::sigaction = std::mem::zeroed();
-            let ignored =
-                libc::sigaction(s, std::ptr::null(), &mut old) == 0 && old.sa_sigaction == libc::SIG_IGN;
+            let ignored = libc::sigaction(s, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_IGN;
             if !ignored {
                 libc::sigaddset(&mut set, s);
             }
@@ -258,9 +258,8 @@ fn on_signal(sig: i32) {
                 }
             };
             say("the backup did not stop in time; running the post-backup hooks now");
-            let failures = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                post(code, None)
-            }));
+            let failures =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| post(code, None)));
             for f in failures.unwrap_or_default() {
                 say(&format!("post-backup hook failed: {f}"));
             }

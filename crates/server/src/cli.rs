@@ -120,6 +120,8 @@ pub fn main() -> ExitCode {
     if let Err(code) = start_logging("byteback-server") {
         return code;
     }
+    // Every command may remove or walk a deep tree a client sent.
+    raise_fd_limit();
     match cli.command {
         Command::Serve {
             host,
@@ -343,8 +345,10 @@ fn run_migrate(
     Ok(if r.refused.is_empty() { 0 } else { 1 })
 }
 
-/// Deep trees hold one directory fd per level; lift the soft limit to the hard one.
-fn raise_fd_limit() {
+/// Deep trees hold one directory fd per level; lift the soft limit to the
+/// hard one (a snapshot holding a client's tree 1,100 levels deep could
+/// not be deleted by a prune with the usual 1,024).
+pub fn raise_fd_limit() {
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     if let Some(max) = lim.maximum {
         let _ = rustix::process::setrlimit(

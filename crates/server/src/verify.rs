@@ -118,6 +118,9 @@ pub struct Budget {
     bytes: Option<u64>,
     until: Option<Instant>,
     used: u64,
+    /// A run may stop within a large file (its place there is kept): only
+    /// a budgeted pass, which keeps its place.
+    within_files: bool,
 }
 
 impl Budget {
@@ -127,6 +130,7 @@ impl Budget {
             bytes,
             until: time.map(|t| Instant::now() + t),
             used: 0,
+            within_files: false,
         }
     }
 
@@ -446,6 +450,7 @@ fn verify_snapshot(
     cursor: &mut Option<Vec<u8>>,
     partial: &mut Option<(Vec<u8>, Progress)>,
 ) -> Result<bool> {
+    let stoppable = budget.within_files;
     let mut from = partial.take();
     let snap = host.open_snapshot(name)?;
     let snap_path = host.path.join(name);
@@ -490,7 +495,6 @@ fn verify_snapshot(
                 None
             }
         };
-        let stoppable = budget.limited();
         let problem = match check_file(&snap, &e, size, resume, budget, stoppable) {
             Checked::Done(problem) => problem,
             Checked::Stopped(pr) => {
@@ -593,6 +597,7 @@ pub fn verify_host(
         }
     }
     let resume = budget.limited() && only.is_none();
+    budget.within_files = resume;
     let mut state = State::load(host);
     // Where this run starts: after the cursor of a budgeted pass under way.
     let (first, mut after) = match (&state.cursor, resume) {
@@ -679,6 +684,7 @@ pub fn verify_host(
         state.damage.extend(report.damaged.iter().cloned());
         if finished {
             state.cursor = None;
+            state.partial = None;
             state.last_full = Some(now);
         }
     }

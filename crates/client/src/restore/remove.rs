@@ -23,11 +23,15 @@ pub(super) enum Unremoved {
 }
 
 /// Where an entry is mounted: its mount id, or its device where the kernel
-/// gives no mount id (before Linux 5.8).
+/// gives no mount id (before Linux 5.8). Only the mount id where there is
+/// one: a btrfs subvolume below (snapper's `.snapshots`) has a device of
+/// its own but is the same mount, and is removed like a directory.
 fn mount_of(st: &Statx) -> (bool, u64, u32, u32) {
-    let has_id = st.stx_mask & StatxFlags::MNT_ID.bits() != 0;
-    let id = if has_id { st.stx_mnt_id } else { 0 };
-    (has_id, id, st.stx_dev_major, st.stx_dev_minor)
+    if st.stx_mask & StatxFlags::MNT_ID.bits() != 0 {
+        (true, st.stx_mnt_id, 0, 0)
+    } else {
+        (false, 0, st.stx_dev_major, st.stx_dev_minor)
+    }
 }
 
 fn statx_at(dir: BorrowedFd<'_>, name: &OsStr) -> rustix::io::Result<Statx> {

@@ -116,8 +116,8 @@ pub(super) struct Applied {
     pub matched: u64,
     pub literal: u64,
     pub copied: u64,
-    /// Ranges shared with the basis by a clone: each is an extent item of
-    /// its own in the filesystem's metadata (see [`CLONE_COST`]).
+    /// Extent items clones added to the filesystem's metadata, counted as
+    /// [`clone_items`] (see [`CLONE_COST`]).
     pub clones: u64,
 }
 
@@ -129,6 +129,14 @@ pub(super) struct Applied {
 /// 7-byte COPY ops of 4 KiB at shuffled offsets fills the metadata at
 /// this rate, and the growth guard sees it.
 pub(super) const CLONE_COST: u64 = 256;
+
+/// Extent items a clone of `len` bytes is counted for: one per 128 KiB
+/// (the most one extent holds on a store mounted with `compress`; a
+/// source shredded into small extents costs more, which this does not
+/// see).
+fn clone_items(len: u64) -> u64 {
+    len.div_ceil(128 << 10).max(1)
+}
 
 impl Applied {
     /// What these bytes cost on disc: literal and copied bytes, and the
@@ -519,7 +527,7 @@ impl FileSink<'_> {
                 match crate::btrfs::clone_range(file, src, clone_len, self.out, at) {
                     Ok(()) => {
                         cloned = clone_len;
-                        self.applied.clones += 1;
+                        self.applied.clones += clone_items(clone_len);
                     }
                     Err(_) => self.clone_ok = false,
                 }
@@ -609,7 +617,7 @@ impl PatchSink for FileSink<'_> {
                     match crate::btrfs::clone_range(file, src, clone_len, out, dst) {
                         Ok(()) => {
                             written = clone_len as usize;
-                            clones = 1;
+                            clones = clone_items(clone_len);
                         }
                         Err(_) => *clone_ok = false,
                     }
