@@ -1588,6 +1588,65 @@ fn files_announced_huge_do_not_make_the_server_hold_their_digests() {
     env.check_unchanged();
 }
 
+/// A client that never reads the server's stderr (over SSH: stops taking
+/// its channel's data) cannot hold the server in a write to it, with the
+/// host's lock (or the store's prune lock) held: here its stderr is a pipe
+/// filled to the brim that nobody reads, the session fails (garbage), and
+/// the server still ends, its lock released for the next backup.
+#[test]
+fn a_client_that_never_reads_stderr_does_not_hold_the_server() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let env = Env::new();
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array for pipe2; each end is owned once; the
+    // write end is filled non-blocking, then made blocking again.
+    let (keep_open, full) = unsafe {
+        assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0);
+        let (r, w) = (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]));
+        let flags = libc::fcntl(w.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(w.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        let junk = [b'.'; 4096];
+        while libc::write(w.as_raw_fd(), junk.as_ptr().cast(), junk.len()) > 0 {}
+        libc::fcntl(w.as_raw_fd(), libc::F_SETFL, flags);
+        (r, w)
+    };
+    let mut child = Command::new(bin("byteback-server"))
+        .args(env.serve_args(HOST, &[]))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(full))
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(b"not a byteback frame at all, and then some more of it");
+    }
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = vec![];
+        let _ = out.read_to_end(&mut v);
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the server is held in a write to a stderr nobody reads");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    reader.join().unwrap();
+    drop(keep_open);
+    assert!(!status.success());
+    // The host's lock is free: a good backup goes through.
+    let m = fresh_mtime();
+    let good = backup_script(&[(file_e(b"after", 2, m), Some(b"ok".as_slice()))]);
+    let o = env.serve("a backup after it", &good.bytes);
+    assert!(o.backup_done().is_some(), "{}", o.describe());
+}
+
 /// A client that starts every file it was asked for at once (its first
 /// data, never its end) is refused once they would need more descriptors
 /// than the server's open-file limit leaves, with an error saying so,

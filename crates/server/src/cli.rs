@@ -180,13 +180,28 @@ pub fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match serve(&cfg, stdin, stdout) {
+            // A client that stops reading our stderr must not hold us
+            // (or the locks we hold) in a write to it (see `relay`).
+            let relay = match crate::relay::install() {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot relay stderr ({e}): writes to it may wait for the client"
+                    );
+                    None
+                }
+            };
+            let code = match serve(&cfg, stdin, stdout) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");
                     ExitCode::FAILURE
                 }
+            };
+            if let Some(r) = relay {
+                r.finish(std::time::Duration::from_secs(5));
             }
+            code
         }
         Command::Enrol {
             host,

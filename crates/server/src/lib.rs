@@ -19,6 +19,7 @@ pub mod manifest;
 pub mod migrate;
 pub mod prune;
 pub mod pruner;
+pub mod relay;
 pub mod report;
 pub mod serve;
 pub mod space;
