@@ -1285,6 +1285,17 @@ fn a_destination_is_resolved_through_the_openssh_configuration() {
     let out = w.backup(&client, &src);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(w.snapshots("client-alias").len(), 1);
+    // A key learnt under the alias (by a byteback that did not read the
+    // configuration) is still found.
+    let kh = client.join("known_hosts");
+    let known = fs::read_to_string(&kh).unwrap();
+    let by_alias = known.replace(&format!("[127.0.0.1]:{}", w.sshd.port), &alias);
+    assert_ne!(by_alias, known);
+    fs::write(&kh, by_alias).unwrap();
+    fs::write(src.join("f"), b"through an alias, again").unwrap();
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "{}", stderr(&out));
+    fs::write(&kh, known).unwrap();
     drop(block);
 
     let _block = SshConfigBlock::write(

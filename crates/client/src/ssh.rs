@@ -51,7 +51,17 @@ pub struct SshTarget {
     /// The name its host key is recorded under, when not `host` (and the
     /// port): OpenSSH's `HostKeyAlias`.
     pub key_alias: Option<String>,
+    /// The name the destination gave, when the SSH configuration made
+    /// another of it: keys learnt under it before (by a byteback that did
+    /// not read the configuration) are still found.
+    pub written: Option<String>,
 }
+
+/// OpenSSH's client, asked for its configuration (never through `$PATH`:
+/// under `sudo -E` that would be the invoking user's choice).
+const OPENSSH: &str = "/usr/bin/ssh";
+/// Longest wait for `ssh -G` (a `Match exec` or a slow DNS lookup).
+const SSH_G_WAIT: Duration = Duration::from_secs(10);
 
 impl SshTarget {
     /// `user@host:port`, as written (see [`Self::with_ssh_config`]).
@@ -61,7 +71,22 @@ impl SshTarget {
             host,
             port,
             key_alias: None,
+            written: None,
         }
+    }
+
+    /// The names its host key is looked up under, in order (see
+    /// [`Self::written`]).
+    pub fn known_names(&self) -> Vec<String> {
+        let first = self.known_name();
+        let mut v: Vec<String> = self
+            .written
+            .iter()
+            .filter(|w| **w != first)
+            .cloned()
+            .collect();
+        v.insert(0, first);
+        v
     }
 
     /// The name its host key is looked up under in known_hosts files.
@@ -81,32 +106,24 @@ impl SshTarget {
     /// connects directly. The login name stays the destination's (1.x
     /// passed `-l`).
     pub fn with_ssh_config(mut self) -> Result<Self> {
-        if self.host.starts_with('-') {
+        if self.host.starts_with('-') || !Path::new(OPENSSH).exists() {
             return Ok(self);
         }
-        let mut cmd = std::process::Command::new("ssh");
-        cmd.arg("-G");
+        let mut cmd = std::process::Command::new(OPENSSH);
+        // The login name and port as 1.x's ssh had them (-l, -p), so
+        // `Match user` blocks see what they saw.
+        cmd.args(["-G", "-l", &self.user]);
         if self.port != 22 {
             cmd.arg("-p").arg(self.port.to_string());
         }
         cmd.arg(&self.host)
             .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null());
-        let out = match cmd.output() {
-            Ok(o) if o.status.success() => o.stdout,
-            Ok(o) => {
-                tracing::debug!(
-                    "ssh -G {}: {}; its configuration not used",
-                    self.host,
-                    o.status
-                );
-                return Ok(self);
-            }
-            Err(e) => {
-                tracing::debug!("ssh -G {}: {e}; no OpenSSH configuration used", self.host);
-                return Ok(self);
-            }
+        let Some(out) = run_bounded(cmd, SSH_G_WAIT, &self.host) else {
+            return Ok(self);
         };
+        let written = known_hosts::lookup_name(&self.host, self.port);
         let text = String::from_utf8_lossy(&out);
         let given = self.to_string();
         let asked = self.host.clone();
@@ -142,9 +159,53 @@ impl SshTarget {
         }
         if self.to_string() != given {
             tracing::debug!("{given} is {self} by the SSH configuration (ssh -G)");
+            self.written = Some(written);
         }
         Ok(self)
     }
+}
+
+/// The standard output of `cmd` if it ends well within `wait`; else it is
+/// killed, and `None` (said at debug level).
+fn run_bounded(mut cmd: std::process::Command, wait: Duration, host: &str) -> Option<Vec<u8>> {
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!("{OPENSSH} -G {host}: {e}; no OpenSSH configuration used");
+            return None;
+        }
+    };
+    let mut stdout = child.stdout.take()?;
+    let reader = std::thread::spawn(move || {
+        let mut v = vec![];
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut v);
+        v
+    });
+    let deadline = std::time::Instant::now() + wait;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            _ => break None,
+        }
+    };
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        tracing::warn!(
+            "{OPENSSH} -G {host} took over {} s: the SSH configuration is not used for it",
+            wait.as_secs()
+        );
+        return None;
+    };
+    let out = reader.join().unwrap_or_default();
+    if !status.success() {
+        tracing::debug!("{OPENSSH} -G {host}: {status}; its configuration not used");
+        return None;
+    }
+    Some(out)
 }
 
 impl std::fmt::Display for SshTarget {
@@ -409,7 +470,7 @@ async fn connect(
         russh::cipher::AES_128_CTR,
     ]);
     let handler = HostKeyCheck {
-        name: target.known_name(),
+        names: target.known_names(),
         known_hosts: opts.known_hosts.clone(),
         unknown: opts.unknown_host.clone(),
         probe: opts.probe.clone(),
@@ -702,8 +763,8 @@ async fn pump(
 
 /// Checks the server's host key against known_hosts files.
 struct HostKeyCheck {
-    /// The name the server's key is recorded under.
-    name: String,
+    /// The names the server's key may be recorded under, in order.
+    names: Vec<String>,
     known_hosts: Vec<PathBuf>,
     unknown: UnknownHost,
     probe: Option<Arc<std::sync::Mutex<Option<PublicKey>>>>,
@@ -731,15 +792,31 @@ pub fn probe_host_key(target: &SshTarget, opts: &SshOptions) -> Option<PublicKey
 
 /// Whether no known_hosts file in `files` mentions `target` at all.
 pub fn host_unknown(target: &SshTarget, files: &[PathBuf], key: &PublicKey) -> Result<bool> {
-    let name = target.known_name();
+    let names = target.known_names();
     let blob = key
         .to_bytes()
         .context("cannot encode the server's host key")?;
     let files = known_hosts::load(files)?;
     Ok(matches!(
-        known_hosts::check(&files, &name, &blob),
+        first_verdict(&files, &names, &blob).1,
         Verdict::Unknown
     ))
+}
+
+/// The first name of `names` some known_hosts file mentions, and what it
+/// says of `blob` (the first name, unknown, when none does).
+fn first_verdict(
+    files: &[(PathBuf, Vec<known_hosts::Entry>)],
+    names: &[String],
+    blob: &[u8],
+) -> (String, Verdict) {
+    for n in names {
+        let v = known_hosts::check(files, n, blob);
+        if !matches!(v, Verdict::Unknown) {
+            return (n.clone(), v);
+        }
+    }
+    (names.first().cloned().unwrap_or_default(), Verdict::Unknown)
 }
 
 /// `SHA256:...` fingerprint and algorithm of a key, as OpenSSH prints them.
@@ -769,12 +846,12 @@ impl HostKeyCheck {
     /// revoked key, and a host whose entries (of any key type) all differ.
     /// A host no file mentions is learnt (setup-client) or refused.
     fn check_plain_key(&self, key: &PublicKey) -> Result<bool> {
-        let name = self.name.clone();
         let blob = key
             .to_bytes()
             .context("cannot encode the server's host key")?;
         let files = known_hosts::load(&self.known_hosts)?;
-        match known_hosts::check(&files, &name, &blob) {
+        let (name, verdict) = first_verdict(&files, &self.names, &blob);
+        match verdict {
             Verdict::Known { .. } => Ok(true),
             Verdict::Revoked { path, line } => Err(Error::Permanent(format!(
                 "REVOKED HOST KEY: {name} presents {}, which is marked @revoked at {}:{line}. \
@@ -1044,7 +1121,7 @@ mod tests {
 
     fn checker(files: &[PathBuf], unknown: UnknownHost) -> HostKeyCheck {
         HostKeyCheck {
-            name: "[127.0.0.1]:2222".into(),
+            names: vec!["[127.0.0.1]:2222".into()],
             known_hosts: files.to_vec(),
             unknown,
             probe: None,
