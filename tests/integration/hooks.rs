@@ -300,6 +300,22 @@ fn hooks_that_others_could_change_are_not_run() {
     let o = s.backup(&[]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(s.log().ends_with("linked\n"), "{}", s.log());
+
+    // A root-only hook reached through a symlink in a deploy user's
+    // directory: they could swap that symlink between the check and the run.
+    let home = s.work.join("home-deploy");
+    fs::create_dir_all(&home).unwrap();
+    std::os::unix::fs::symlink(&real, home.join("link")).unwrap();
+    std::os::unix::fs::chown(&home, Some(1000), None).unwrap();
+    let hop = s.conf.join("pre-backup.d/20-linked");
+    fs::remove_file(&hop).unwrap();
+    std::os::unix::fs::symlink(home.join("link"), &hop).unwrap();
+    let before = s.log();
+    let o = s.backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("the directory of a symlink to it"), "{err}");
+    assert_eq!(s.log(), format!("{before}open\n"), "it ran: {err}");
 }
 
 #[test]

@@ -192,6 +192,32 @@ fn not_root_only(path: &Path) -> Option<String> {
         .or_else(|| dir.as_deref().and_then(|d| check(d, "the directory")))
         .or_else(|| real.parent().and_then(above))
         .or_else(|| dir.as_deref().and_then(above))
+        .or_else(|| symlinks_on_the_way(path, &check, &above))
+}
+
+/// Why a symlink met on the way from `path` to its target could be changed
+/// by someone other than root: one in a directory not root's alone (or
+/// below one) could be swapped between the check and the run.
+fn symlinks_on_the_way(
+    path: &Path,
+    check: &dyn Fn(&Path, &str) -> Option<String>,
+    above: &dyn Fn(&Path) -> Option<String>,
+) -> Option<String> {
+    let mut p = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {}
+            _ => return None,
+        }
+        let dir = p.parent()?;
+        let dir = std::fs::canonicalize(dir).unwrap_or(dir.to_path_buf());
+        if let Some(why) = check(&dir, "the directory of a symlink to it").or_else(|| above(&dir)) {
+            return Some(why);
+        }
+        let target = std::fs::read_link(&p).ok()?;
+        p = dir.join(target);
+    }
+    Some(format!("{} is a chain of over 40 symlinks", path.display()))
 }
 
 /// Whether `name` is a name run-parts runs: `^[A-Za-z0-9_-]+$`.
