@@ -191,6 +191,8 @@ pub fn main() -> ExitCode {
                     None
                 }
             };
+            // What this process prints goes to this host's client.
+            crate::pruner::set_viewer(&cfg.host);
             let code = match serve(&cfg, stdin, stdout) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -538,6 +538,42 @@ pub fn wait_for_cleaner(fd: impl AsFd) -> Result<()> {
 /// What [`wait_for_cleaner`] works on, for messages.
 const STORE_FS: &str = "the store's filesystem";
 
+/// The host of the client session this process serves, if it does (see
+/// [`set_viewer`]).
+static VIEWER: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Says that what this process prints goes to the client of `host`'s
+/// session (its stderr, its error messages): other hosts' snapshots and
+/// growth are then not named in it, only counted (`status`, the log of
+/// `byteback-prune` and the refusal file for `status` keep the names). A
+/// client learns nothing of the other hosts of its store.
+pub fn set_viewer(host: &str) {
+    *VIEWER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(host.to_string());
+}
+
+/// `host/snapshot`, or "a snapshot of another host" for a session's client.
+fn named(host: &str, snapshot: &str) -> String {
+    match &*VIEWER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
+        Some(v) if v != host => "a snapshot of another host".to_string(),
+        _ => format!("{host}/{snapshot}"),
+    }
+}
+
+/// A spike as [`named`] shows its snapshot.
+fn spike_shown(s: &Spike) -> String {
+    format!(
+        "{} wrote {} MiB, its usual backup writes {} MiB",
+        named(&s.host, &s.snapshot),
+        s.new_bytes >> 20,
+        s.usual >> 20
+    )
+}
+
 /// Writes one line of the prune's progress to `log`.
 fn say(log: &mut dyn Write, line: std::fmt::Arguments) -> Result<()> {
     writeln!(log, "{line}").op("write", || "the prune's log")
@@ -640,13 +676,20 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
             break;
         };
         if opts.dry_run {
-            say(log, format_args!("byteback-prune: would delete {victim}"))?;
+            say(
+                log,
+                format_args!(
+                    "byteback-prune: would delete {}",
+                    named(&victim.host, &victim.name)
+                ),
+            )?;
         } else {
             let host = store.host(&victim.host, false)?;
             if let Err(e) = delete_snapshot(&host, &victim) {
                 undeletable.push(victim.clone());
-                let why = format!("cannot delete {victim}: {e}");
-                failures.push_str(&format!("{why}\n"));
+                let why = format!("cannot delete {}: {e}", named(&victim.host, &victim.name));
+                // The refusal file is the admin's (`status`): every name.
+                failures.push_str(&format!("cannot delete {victim}: {e}\n"));
                 record_refusal(store, opts, failures.trim_end());
                 // A few are passed over; more say the filesystem itself
                 // fails (read-only, out of metadata space): stop there.
@@ -669,9 +712,15 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
                 out.deleted.push(victim.clone());
                 say(
                     log,
-                    format_args!("byteback-prune: deleted {victim}; then: {e}"),
+                    format_args!(
+                        "byteback-prune: deleted {}; then: {e}",
+                        named(&victim.host, &victim.name)
+                    ),
                 )?;
-                out.refused = Some(format!("stopped after deleting {victim}: {e}"));
+                out.refused = Some(format!(
+                    "stopped after deleting {}: {e}",
+                    named(&victim.host, &victim.name)
+                ));
                 break;
             }
         }
@@ -684,7 +733,11 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         out.after = measure()?;
         say(
             log,
-            format_args!("byteback-prune: deleted {victim}, now {}", out.after),
+            format_args!(
+                "byteback-prune: deleted {}, now {}",
+                named(&victim.host, &victim.name),
+                out.after
+            ),
         )?;
         let enough = match opts.target_free {
             Some(t) => out.after.free >= t,
@@ -755,28 +808,30 @@ fn check_growth(
             write_small(store, ACCEPTED, &lines, true)?;
         }
         for s in &spikes {
-            say(log, format_args!("byteback-prune: accepting growth: {s}"))?;
+            say(
+                log,
+                format_args!("byteback-prune: accepting growth: {}", spike_shown(s)),
+            )?;
         }
         return Ok(None);
     }
-    let why = format!(
-        "not pruning: {}; deleting other hosts' history for it needs the admin's decision \
-         (byteback-prune --prune-force accepts it; or delete that snapshot, where it names \
-         one: growth not snapshotted yet, current-since-..., is only accepted)",
-        spikes
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ")
-    );
+    let why = |shown: &dyn Fn(&Spike) -> String| {
+        format!(
+            "not pruning: {}; deleting other hosts' history for it needs the admin's decision \
+             (byteback-prune --prune-force accepts it; or delete that snapshot, where it names \
+             one: growth not snapshotted yet, current-since-..., is only accepted)",
+            spikes.iter().map(shown).collect::<Vec<_>>().join("; ")
+        )
+    };
     if !opts.dry_run {
         // Best effort: on a full disc it may not fit, and the refusal is
-        // said all the same.
-        if let Err(e) = write_small(store, REFUSED, &format!("{why}\n"), false) {
+        // said all the same. (The admin's `status` names every host.)
+        let whole = why(&|s: &Spike| s.to_string());
+        if let Err(e) = write_small(store, REFUSED, &format!("{whole}\n"), false) {
             tracing::warn!("cannot record the refusal for `status`: {e}");
         }
     }
-    Ok(Some(why))
+    Ok(Some(why(&spike_shown)))
 }
 
 /// Records why pruning could not make the room it should (for `status`,
@@ -977,7 +1032,7 @@ pub fn make_room(
     let mut would = vec![];
     let mut left = order.clone();
     while let Some(v) = next_to_delete(&left, now, |_| true).cloned() {
-        would.push(v.to_string());
+        would.push(named(&v.host, &v.name));
         left.retain(|s| *s != v);
     }
     let would = if would.is_empty() {
