@@ -2724,3 +2724,49 @@ fn a_kept_path_leaves_a_record_the_next_run_can_use() {
     let root = restore_all(&store, "h", None, &d.path().join("r"));
     assert_same_tree(&src, &restored_path(&root, &src));
 }
+
+/// A local backup's server inherits the client's stderr (with `-q`, or no
+/// terminal), which is the user's terminal or a script's pipe, shared with
+/// the shell: nothing may leave that shared stream non-blocking (the
+/// server's stderr relay once did, and later writes to it failed with
+/// EAGAIN).
+#[test]
+fn a_local_backup_leaves_its_stderr_as_it_found_it() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let (_d, src, store) = site();
+    fs::write(src.join("f"), b"f").unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid array for pipe2; each end is owned once.
+    let (r, w) = unsafe {
+        assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0);
+        (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+    };
+    let ours = w.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = vec![];
+        let _ = std::io::Read::read_to_end(&mut fs::File::from(r), &mut v);
+        v
+    });
+    for extra in [&["-q"][..], &[][..]] {
+        let st = Command::new(bin("byteback-backup"))
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .args(["--hostname", "h", "--retry-number", "0"])
+            .args(extra)
+            .stderr(std::process::Stdio::from(w.try_clone().unwrap()))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        // SAFETY: F_GETFL on a descriptor the test owns.
+        let flags = unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(
+            flags & libc::O_NONBLOCK,
+            0,
+            "stderr left non-blocking ({extra:?})"
+        );
+    }
+    drop((w, ours));
+    reader.join().unwrap();
+}

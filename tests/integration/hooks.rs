@@ -64,6 +64,22 @@ impl Setup {
         )
     }
 
+    /// `byteback-backup` of the source into `dest` with `extra`, its
+    /// standard output and error piped, to be spawned.
+    fn piped(&self, dest: &Path, extra: &[&str]) -> Command {
+        let mut c = Command::new(bin("byteback-backup"));
+        c.env("BYTEBACK_CONFIG_DIR", &self.conf)
+            .arg("--destination")
+            .arg(dest)
+            .arg("--source")
+            .arg(&self.src)
+            .args(["--hostname", "h"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c
+    }
+
     fn backup(&self, extra: &[&str]) -> Output {
         self.backup_to(&self.store, extra)
     }
@@ -663,18 +679,9 @@ fn rsync_flags_are_applied_where_byteback_has_an_equivalent() {
 /// sends `sig` to byteback (not to the hook, which has a process group of
 /// its own), and returns what it printed once it ended.
 fn signal_when(s: &Setup, marker: &str, sig: i32, extra: &[&str]) -> Output {
-    let child = Command::new(bin("byteback-backup"))
-        .env("BYTEBACK_CONFIG_DIR", &s.conf)
-        .arg("--destination")
-        .arg(&s.store)
-        .arg("--source")
-        .arg(&s.src)
-        .args(["--hostname", "h", "--retry-number", "0", "--json"])
-        .args(extra)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut args = vec!["--retry-number", "0", "--json"];
+    args.extend_from_slice(extra);
+    let child = s.piped(&s.store, &args).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !s.work.join(marker).exists() {
         assert!(Instant::now() < deadline, "{marker} never appeared");
@@ -761,16 +768,8 @@ fn a_signal_during_the_post_hooks_lets_them_finish() {
 /// A backup started with `--json` in the background, its hooks seeing
 /// `TAG=tag`.
 fn spawn_backup(s: &Setup, dest: &Path, tag: &str) -> std::process::Child {
-    Command::new(bin("byteback-backup"))
-        .env("BYTEBACK_CONFIG_DIR", &s.conf)
+    s.piped(dest, &["--retry-number", "0", "--json"])
         .env("TAG", tag)
-        .arg("--destination")
-        .arg(dest)
-        .arg("--source")
-        .arg(&s.src)
-        .args(["--hostname", "h", "--retry-number", "0", "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap()
 }
@@ -882,22 +881,8 @@ fn a_backup_stopped_during_its_transfer_runs_the_post_hooks_after_it() {
         0o755,
     );
     record_post_env(&s);
-    let child = Command::new(bin("byteback-backup"))
-        .env("BYTEBACK_CONFIG_DIR", &s.conf)
-        .arg("--destination")
-        .arg(&s.store)
-        .arg("--source")
-        .arg(&s.src)
-        .args([
-            "--hostname",
-            "h",
-            "--retry-number",
-            "3",
-            "--retry-delay",
-            "600",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+    let child = s
+        .piped(&s.store, &["--retry-number", "3", "--retry-delay", "600"])
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -935,15 +920,7 @@ fn a_hangup_ignored_from_the_start_does_not_stop_the_backup() {
         0o755,
     );
     record_post_env(&s);
-    let mut cmd = Command::new(bin("byteback-backup"));
-    cmd.env("BYTEBACK_CONFIG_DIR", &s.conf)
-        .arg("--destination")
-        .arg(&s.store)
-        .arg("--source")
-        .arg(&s.src)
-        .args(["--hostname", "h", "--retry-number", "0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+    let mut cmd = s.piped(&s.store, &["--retry-number", "0"]);
     // SAFETY: only signal(2), async-signal-safe, between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -979,15 +956,8 @@ fn a_backup_stopped_with_its_stderr_closed_still_ends() {
         0o755,
     );
     record_post_env(&s);
-    let mut child = Command::new(bin("byteback-backup"))
-        .env("BYTEBACK_CONFIG_DIR", &s.conf)
-        .arg("--destination")
-        .arg(&s.store)
-        .arg("--source")
-        .arg(&s.src)
-        .args(["--hostname", "h", "--retry-number", "0", "--json", "-v"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+    let mut child = s
+        .piped(&s.store, &["--retry-number", "0", "--json", "-v"])
         .spawn()
         .unwrap();
     drop(child.stderr.take());

@@ -1591,8 +1591,9 @@ fn files_announced_huge_do_not_make_the_server_hold_their_digests() {
 /// A client that never reads the server's stderr (over SSH: stops taking
 /// its channel's data) cannot hold the server in a write to it, with the
 /// host's lock (or the store's prune lock) held: here its stderr is a pipe
-/// filled to the brim that nobody reads, the session fails (garbage), and
-/// the server still ends, its lock released for the next backup.
+/// filled to the brim that nobody reads, the session starts a backup (the
+/// host's lock taken) and then fails (garbage), and the server still ends,
+/// its lock released for the next backup.
 #[test]
 fn a_client_that_never_reads_stderr_does_not_hold_the_server() {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -1619,7 +1620,9 @@ fn a_client_that_never_reads_stderr_does_not_hold_the_server() {
         .unwrap();
     {
         let mut stdin = child.stdin.take().unwrap();
-        let _ = stdin.write_all(b"not a byteback frame at all, and then some more of it");
+        let mut input = Script::backup().bytes;
+        input.extend_from_slice(b"not a byteback frame at all, and then some more of it");
+        let _ = stdin.write_all(&input);
     }
     let mut out = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
