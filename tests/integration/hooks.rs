@@ -881,6 +881,18 @@ fn a_backup_stopped_during_its_transfer_runs_the_post_hooks_after_it() {
         0o755,
     );
     record_post_env(&s);
+    // What else byteback-backup still runs when the post hooks start (its
+    // server, for a local store): nothing, once the transfer is torn down.
+    let kids = s.work.join("kids");
+    s.hook(
+        "post-backup.d",
+        "20-kids",
+        &format!(
+            "cat /proc/$PPID/task/*/children | tr ' ' '\\n' | grep -v -e '^$' -e \"^$$\\$\" | wc -l > '{}'",
+            kids.display()
+        ),
+        0o755,
+    );
     let child = s
         .piped(&s.store, &["--retry-number", "3", "--retry-delay", "600"])
         .spawn()
@@ -899,6 +911,11 @@ fn a_backup_stopped_during_its_transfer_runs_the_post_hooks_after_it() {
     assert_eq!(o.status.code(), Some(143), "{err}");
     assert!(signalled.elapsed() < Duration::from_secs(20), "{err}");
     assert_eq!(post_env(&s), "143|failed|\n", "{err}");
+    assert_eq!(
+        fs::read_to_string(&kids).unwrap().trim(),
+        "0",
+        "the server still ran"
+    );
     assert!(s.snapshots().is_empty(), "{err}");
     assert!(
         !err.contains("retrying"),

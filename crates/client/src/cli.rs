@@ -855,6 +855,7 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         crate::stop::set_post(move |code, snapshot| run_post_hooks(&hooks, &dir, code, snapshot));
     }
     let outcome = run_pre_hooks(&pre, &dir).and_then(|()| transfer(&target, &opts, &args, report));
+    let failed = outcome.is_err();
     let (mut code, snapshot) = match outcome {
         Ok(done) => done,
         Err(e) => {
@@ -863,13 +864,17 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
             (1, None)
         }
     };
-    // Stopped by a signal (see `stop`) before a snapshot was taken: the
-    // post-backup hooks and the exit code say so. (A backup that was
-    // committed before the stop took effect is done, and says that.)
-    let stopped = crate::stop::stopped().filter(|_| snapshot.is_none());
+    // Stopped by a signal (see `stop`) before the backup was committed: the
+    // post-backup hooks and the exit code say so. (A backup committed
+    // before the stop took effect, with or without a snapshot, is done,
+    // and says that.)
+    let stopped = crate::stop::stopped().filter(|_| failed);
     if let Some(sig) = stopped {
         code = u8::try_from(128 + sig).unwrap_or(u8::MAX);
-        report.errors.push(crate::stop::message(sig));
+        let msg = crate::stop::message(sig);
+        if !report.errors.iter().any(|e| e.contains(&msg)) {
+            report.errors.push(msg);
+        }
     }
     let Some(post_hooks) = crate::stop::take_post() else {
         // The stop's fallback runs them and ends the run.
@@ -1111,6 +1116,7 @@ fn transfer(
             // announcing every entry (this does not count as an attempt).
             Err(e)
                 if !record_reset
+                    && crate::stop::stopped().is_none()
                     && format!("{e:#}").contains(&format!(
                         "server: {}",
                         byteback_protocol::UNCHANGED_MISMATCH

@@ -373,11 +373,18 @@ impl Runner {
             reason,
             tail,
         };
-        if rustix::process::geteuid().is_root() {
+        // As root, the path checked is the one run: resolved once, so no
+        // symlink on the way is followed again after the check.
+        let checked;
+        let path = if rustix::process::geteuid().is_root() {
             if let Some(why) = not_root_only(path) {
                 return Err(fail(format!("was not run: {why}"), vec![]));
             }
-        }
+            checked = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+            checked.as_path()
+        } else {
+            path
+        };
         let (rd, wr) = pipe().map_err(|e| fail(format!("could not be started: {e}"), vec![]))?;
         let wr2 = wr
             .try_clone()

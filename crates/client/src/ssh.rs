@@ -116,6 +116,8 @@ impl SshTarget {
         if self.port != 22 {
             cmd.arg("-p").arg(self.port.to_string());
         }
+        // In a group of its own: a timeout ends what its `Match exec` ran too.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         cmd.arg(&self.host)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
@@ -192,6 +194,9 @@ fn run_bounded(mut cmd: std::process::Command, wait: Duration, host: &str) -> Op
         }
     };
     let Some(status) = status else {
+        if let Some(group) = rustix::process::Pid::from_raw(child.id() as i32) {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
         let _ = child.kill();
         let _ = child.wait();
         tracing::warn!(

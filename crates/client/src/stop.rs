@@ -121,9 +121,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A line on stderr; a closed or broken stderr is not an error here.
+/// A line on stderr, written by a thread of its own: a stderr that takes
+/// nothing (a paused pager, journald behind) must not hold the signal
+/// thread, which must go on to receive a second signal; a closed one is
+/// not an error here.
 fn say(line: &str) {
-    let _ = writeln!(std::io::stderr(), "byteback-backup: {line}");
+    let line = format!("byteback-backup: {line}\n");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("byteback-say".into())
+        .spawn(move || {
+            let _ = std::io::stderr().write_all(line.as_bytes());
+            let _ = tx.send(());
+        });
+    // A moment for it to get out, before the process may end.
+    if spawned.is_ok() {
+        let _ = rx.recv_timeout(Duration::from_millis(200));
+    }
 }
 
 /// Blocks [`SIGNALS`] in this thread (and the threads it starts from now
@@ -226,14 +240,14 @@ fn on_signal(sig: i32) {
         }
         PostState::Registered(_) => {}
     }
-    say(&format!(
-        "{msg}; stopping it, then running the post-backup hooks (signal again to stop at once)"
-    ));
     let _ = std::panic::catch_unwind(|| {
         if let Some(abort) = lock(&ABORT).as_ref() {
             abort();
         }
     });
+    say(&format!(
+        "{msg}; stopping it, then running the post-backup hooks (signal again to stop at once)"
+    ));
     // Should the main thread not get to the post-backup hooks in time,
     // they run without it (on a thread of their own: a second signal still
     // ends the process).

@@ -687,9 +687,17 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
             let host = store.host(&victim.host, false)?;
             if let Err(e) = delete_snapshot(&host, &victim) {
                 undeletable.push(victim.clone());
-                let why = format!("cannot delete {}: {e}", named(&victim.host, &victim.name));
+                // The error names the snapshot's path: for a session's client,
+                // only when it is its own (`status` shows the rest).
                 // The refusal file is the admin's (`status`): every name.
                 failures.push_str(&format!("cannot delete {victim}: {e}\n"));
+                let shown = named(&victim.host, &victim.name);
+                let e = if shown == victim.to_string() {
+                    e.to_string()
+                } else {
+                    "an error (byteback-server status shows it)".to_string()
+                };
+                let why = format!("cannot delete {shown}: {e}");
                 record_refusal(store, opts, failures.trim_end());
                 // A few are passed over; more say the filesystem itself
                 // fails (read-only, out of metadata space): stop there.
