@@ -1039,25 +1039,17 @@ fn open_transfer_cannot_make_the_server_buffer_entries_without_bound() {
 /// them in a few kilobytes must have them counted in the usage log, which
 /// the size guard and the prune go by, not pass for a backup that wrote
 /// nothing.
-#[test]
-fn copies_a_delta_makes_count_as_written() {
-    let mut env = Env::new();
-    let stored = Rng::new(7).bytes(5000);
+/// A backup of `big` as a delta of COPY ops of `stored`'s (offset,
+/// length) `ranges`, and the content it makes.
+fn copies_script(stored: &[u8], ranges: &[(usize, usize)]) -> (Script, Vec<u8>) {
     let m = fresh_mtime();
-    let first = backup_script(&[(file_e(b"big", stored.len(), m), Some(&stored))]);
-    let o = env.serve("a file to copy from", &first.bytes);
-    assert!(o.backup_done().is_some(), "{}", o.describe());
-    assert_eq!(env.accept().len(), 1, "{}", o.describe());
-    let m = fresh_mtime();
-    let piece = &stored[1..];
-    let times = 2000;
     let mut delta = literal_delta(b"")[..4].to_vec(); // the magic
     let mut content = vec![];
-    for _ in 0..times {
+    for &(from, len) in ranges {
         delta.push(0x54); // COPY, 8-byte offset and length
-        delta.extend_from_slice(&1u64.to_be_bytes());
-        delta.extend_from_slice(&(piece.len() as u64).to_be_bytes());
-        content.extend_from_slice(piece);
+        delta.extend_from_slice(&(from as u64).to_be_bytes());
+        delta.extend_from_slice(&(len as u64).to_be_bytes());
+        content.extend_from_slice(&stored[from..from + len]);
     }
     delta.push(0); // END
     let s = Script::backup()
@@ -1068,6 +1060,20 @@ fn copies_a_delta_makes_count_as_written() {
         })
         .msg(&file_end(0, &content, m))
         .msg(&ClientMsg::BackupEnd);
+    (s, content)
+}
+
+#[test]
+fn copies_a_delta_makes_count_as_written() {
+    let mut env = Env::new();
+    let stored = Rng::new(7).bytes(5000);
+    let m = fresh_mtime();
+    let first = backup_script(&[(file_e(b"big", stored.len(), m), Some(&stored))]);
+    let o = env.serve("a file to copy from", &first.bytes);
+    assert!(o.backup_done().is_some(), "{}", o.describe());
+    assert_eq!(env.accept().len(), 1, "{}", o.describe());
+    let ranges = vec![(1, stored.len() - 1); 2000];
+    let (s, content) = copies_script(&stored, &ranges);
     assert!(s.bytes.len() < 64 << 10, "{} bytes", s.bytes.len());
     let o = env.serve("ten megabytes of unaligned copies", &s.bytes);
     o.assert_sane();
@@ -1107,25 +1113,10 @@ fn clones_a_delta_makes_count_for_their_metadata() {
     assert_eq!(env.accept().len(), 1, "{}", o.describe());
     // Block k of the new file is block (k * 97 + 13) mod 256 of the old:
     // no two neighbours stay neighbours.
-    let m = fresh_mtime();
-    let mut delta = literal_delta(b"")[..4].to_vec(); // the magic
-    let mut content = vec![];
-    for k in 0..BLOCKS {
-        let from = (k * 97 + 13) % BLOCKS * BLOCK;
-        delta.push(0x54); // COPY, 8-byte offset and length
-        delta.extend_from_slice(&(from as u64).to_be_bytes());
-        delta.extend_from_slice(&(BLOCK as u64).to_be_bytes());
-        content.extend_from_slice(&stored[from..from + BLOCK]);
-    }
-    delta.push(0); // END
-    let s = Script::backup()
-        .msg(&ClientMsg::Entries(vec![file_e(b"big", content.len(), m)]))
-        .msg(&ClientMsg::FileData {
-            id: 0,
-            delta: Compressed::compress(&delta, 1).unwrap(),
-        })
-        .msg(&file_end(0, &content, m))
-        .msg(&ClientMsg::BackupEnd);
+    let ranges: Vec<(usize, usize)> = (0..BLOCKS)
+        .map(|k| ((k * 97 + 13) % BLOCKS * BLOCK, BLOCK))
+        .collect();
+    let (s, content) = copies_script(&stored, &ranges);
     let o = env.serve("256 shuffled clones", &s.bytes);
     o.assert_sane();
     assert!(o.backup_done().is_some(), "{}", o.describe());
