@@ -1063,6 +1063,17 @@ fn copies_script(stored: &[u8], ranges: &[(usize, usize)]) -> (Script, Vec<u8>) 
     (s, content)
 }
 
+/// Serves `s` (see [`copies_script`]), which must commit `big` as
+/// `content`; the growth the usage log then records, and its line.
+fn commit_copies(env: &mut Env, what: &str, s: &Script, content: &[u8]) -> (u64, String) {
+    let o = env.serve(what, &s.bytes);
+    o.assert_sane();
+    assert!(o.backup_done().is_some(), "{}", o.describe());
+    assert_eq!(env.accept().len(), 1, "{}", o.describe());
+    assert_eq!(fs::read(env.current().join("big")).unwrap(), content);
+    last_backup_growth(env)
+}
+
 #[test]
 fn copies_a_delta_makes_count_as_written() {
     let mut env = Env::new();
@@ -1075,12 +1086,7 @@ fn copies_a_delta_makes_count_as_written() {
     let ranges = vec![(1, stored.len() - 1); 2000];
     let (s, content) = copies_script(&stored, &ranges);
     assert!(s.bytes.len() < 64 << 10, "{} bytes", s.bytes.len());
-    let o = env.serve("ten megabytes of unaligned copies", &s.bytes);
-    o.assert_sane();
-    assert!(o.backup_done().is_some(), "{}", o.describe());
-    assert_eq!(env.accept().len(), 1, "{}", o.describe());
-    assert_eq!(fs::read(env.current().join("big")).unwrap(), content);
-    let (grown, last) = last_backup_growth(&env);
+    let (grown, last) = commit_copies(&mut env, "ten megabytes of unaligned copies", &s, &content);
     assert!(
         grown >= content.len() as u64,
         "the usage log says the backup wrote {grown} bytes; it wrote {} ({last:?})",
@@ -1117,12 +1123,7 @@ fn clones_a_delta_makes_count_for_their_metadata() {
         .map(|k| ((k * 97 + 13) % BLOCKS * BLOCK, BLOCK))
         .collect();
     let (s, content) = copies_script(&stored, &ranges);
-    let o = env.serve("256 shuffled clones", &s.bytes);
-    o.assert_sane();
-    assert!(o.backup_done().is_some(), "{}", o.describe());
-    assert_eq!(env.accept().len(), 1, "{}", o.describe());
-    assert_eq!(fs::read(env.current().join("big")).unwrap(), content);
-    let (grown, last) = last_backup_growth(&env);
+    let (grown, last) = commit_copies(&mut env, "256 shuffled clones", &s, &content);
     assert!(
         grown < content.len() as u64 / 2,
         "the blocks were written, not cloned: {grown} bytes ({last:?})"
