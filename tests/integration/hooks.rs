@@ -923,6 +923,99 @@ fn a_backup_stopped_during_its_transfer_runs_the_post_hooks_after_it() {
     );
 }
 
+/// SIGTERM while the server has not answered yet (a local server that
+/// never says hello; an SSH server that accepts the connection and says
+/// nothing): the wait ends at once, the post-backup hooks run, told of
+/// the stop, and the run ends with 143, not after the connect timeout
+/// (30 s) or the fallback's wait (60 s).
+#[test]
+fn a_backup_stopped_before_the_server_answers_ends_at_once() {
+    let s = setup();
+    let ready = s.work.join("pre-done");
+    s.hook(
+        "pre-backup.d",
+        "10-ready",
+        &format!("touch '{}'", ready.display()),
+        0o755,
+    );
+    record_post_env(&s);
+    let silent = s.work.join("silent-server");
+    let server_pid = s.work.join("server-pid");
+    fs::write(
+        &silent,
+        format!(
+            "#!/bin/sh\necho $$ > '{}'\nexec sleep 600\n",
+            server_pid.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&silent, fs::Permissions::from_mode(0o755)).unwrap();
+    // An SSH "server" that accepts connections and never speaks.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming() {
+            held.push(c);
+        }
+    });
+    let key = s.conf.join("key");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen (openssh-client) is needed");
+    assert!(made.success());
+    let ssh_dest = PathBuf::from(format!("ssh://backup@127.0.0.1:{port}/"));
+    for dest in [&s.store, &ssh_dest] {
+        let _ = fs::remove_file(&ready);
+        let _ = fs::remove_file(s.work.join("post-env"));
+        // stderr to a file: the silent server, were it left running,
+        // would hold a pipe open.
+        let log = s.work.join("stderr");
+        let mut child = s
+            .piped(dest, &["--retry-number", "0"])
+            .env("BYTEBACK_SERVER", &silent)
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ready.exists() {
+            assert!(Instant::now() < deadline, "the pre hook never ran");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Well into the wait for the server.
+        std::thread::sleep(Duration::from_millis(1500));
+        let signalled = Instant::now();
+        // SAFETY: plain syscall on a child's pid.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if signalled.elapsed() > Duration::from_secs(15) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{}: still running 15 s after SIGTERM: {}",
+                    dest.display(),
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let err = fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(status.code(), Some(143), "{}: {err}", dest.display());
+        assert_eq!(post_env(&s), "143|failed|\n", "{}: {err}", dest.display());
+        assert!(err.contains("interrupted (SIGTERM)"), "{err}");
+        assert!(s.snapshots().is_empty(), "{err}");
+    }
+    // The local server was started, and does not outlive the backup.
+    let pid = fs::read_to_string(&server_pid).expect("the local server never started");
+    assert!(!alive(&pid), "the silent server still runs");
+}
+
 /// A hangup ignored when the backup started (`nohup byteback-backup &`
 /// in an SSH session that then drops) does not stop it.
 #[test]

@@ -692,6 +692,10 @@ impl Connection {
             w: BufWriter::with_capacity(1 << 20, w),
             session,
         };
+        // A stop by a signal (see `stop`) while the server has not
+        // answered tears the connection down: the wait ends at once.
+        let breaker = transport.breaker();
+        let _abort = crate::stop::abort_while(move || breaker.trip());
         let hello = writer
             .send(&ClientMsg::Hello {
                 magic: MAGIC,
@@ -749,6 +753,11 @@ impl Connection {
         drop(self.writer);
         drop(self.reader);
         self.transport.finish()
+    }
+
+    /// What tears this connection down from another thread.
+    pub fn breaker(&self) -> Breaker {
+        self.transport.breaker()
     }
 
     /// Takes the transport (so the caller can wait for it after splitting).

@@ -400,6 +400,7 @@ pub fn open(
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<()>>(1);
     let abort = SshAbort::default();
     let stop = abort.clone();
+    let shown = target.to_string();
     let target = target.clone();
     let auth = auth.clone();
     let opts = opts.clone();
@@ -435,7 +436,23 @@ pub fn open(
             })
         })
         .context("cannot start the SSH thread")?;
-    match ready_rx.recv() {
+    // A stop by a signal (see `stop`) ends the wait for the login at once;
+    // the SSH thread is left to its connect timeout, and the process ends.
+    let ready = loop {
+        match ready_rx.recv_timeout(Duration::from_millis(100)) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(sig) = crate::stop::stopped() {
+                    abort.abort();
+                    bail!("SSH to {shown}: {}", crate::stop::message(sig));
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(std::sync::mpsc::RecvError)
+            }
+            Ok(r) => break Ok(r),
+        }
+    };
+    match ready {
         Ok(Ok(())) => Ok(SshStream {
             socket: ours,
             thread,

@@ -95,6 +95,24 @@ pub fn set_abort(abort: Option<Box<dyn Fn() + Send>>) {
     }
 }
 
+/// Has `abort` called on a stop until the guard returned is dropped (then
+/// nothing is): it tears down a connection being set up, whose wait for
+/// the server then fails at once.
+#[must_use = "the abort is unset when the guard is dropped"]
+pub fn abort_while(abort: impl Fn() + Send + 'static) -> AbortWhile {
+    set_abort(Some(Box::new(abort)));
+    AbortWhile(())
+}
+
+/// Unsets the abort of [`abort_while`] when dropped.
+pub struct AbortWhile(());
+
+impl Drop for AbortWhile {
+    fn drop(&mut self) {
+        set_abort(None);
+    }
+}
+
 /// The post-backup hooks, for the main thread to run. `None` when the
 /// fallback took them: it runs them and ends the process, and the caller
 /// must not go on (see [`wait_for_the_end`]).

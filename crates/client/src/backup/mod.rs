@@ -125,7 +125,12 @@ struct Started {
 /// the error names the first cause; nothing is left waiting.
 pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupReport> {
     PROGRESS.reset();
-    let started = start(&mut conn, opts);
+    let started = {
+        // A stop (see `stop`) while the server prepares tears it down.
+        let breaker = conn.breaker();
+        let _abort = crate::stop::abort_while(move || breaker.trip());
+        start(&mut conn, opts)
+    };
     let transport = conn.take_transport();
     let Started {
         sources,
