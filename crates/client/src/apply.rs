@@ -129,6 +129,16 @@ pub fn apply(
         }
         match set_xattr(obj, name, value) {
             Ok(()) => {}
+            // No room for this xattr in this inode (ext4 without ea_inode,
+            // btrfs's leaf size) or over this filesystem's limits: the
+            // xattr, not the filesystem, is the problem (a full disc shows
+            // itself again on the data). As rsync, a warning.
+            Err(e @ (Errno::NOSPC | Errno::TOOBIG | Errno::RANGE)) => warnings.push(format!(
+                "{shown}: cannot set xattr {} ({} bytes) here: {}",
+                name.escape_ascii(),
+                value.len(),
+                io::Error::from(e)
+            )),
             Err(e) if is_fatal(e) => {
                 return Err(err(
                     e,

@@ -1135,6 +1135,7 @@ fn transfer(
                     && is_transient(&e)
                     && crate::stop::stopped().is_none() =>
             {
+                forget_record(record.as_deref());
                 report.errors.push(format!("attempt {}: {e}", attempt + 1));
                 attempt += 1;
                 tracing::error!(
@@ -1151,7 +1152,29 @@ fn transfer(
                     return Err(Error::msg(crate::stop::message(sig)));
                 }
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                forget_record(record.as_deref());
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Removes the record of the last backup after a failed attempt: should
+/// the record be what the server refused (an entry it vouches for that
+/// the server counts otherwise), the next attempt announces every entry
+/// instead of failing the same way for ever. (After a failure the server's
+/// manifest is rarely the record's anyway: a transfer cut short leaves its
+/// backup to resume, which offers no generation.)
+fn forget_record(record: Option<&std::path::Path>) {
+    if let Some(path) = record {
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::debug!(
+                "{}: record of the last backup removed after a failed attempt",
+                path.display()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("cannot remove {}: {e}", path.display()),
         }
     }
 }

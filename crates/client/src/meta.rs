@@ -212,6 +212,47 @@ fn xattrs_of(of: XattrOf<'_>) -> Result<byteback_protocol::Xattrs, (Errno, Strin
     Ok(out)
 }
 
+/// Keeps of `xattrs` (sorted by name) what one entry may carry (see
+/// `byteback_protocol::limits`: [`MAX_XATTRS`] of them, [`MAX_XATTR_TOTAL`]
+/// bytes of names and values): those that carry permissions and security
+/// labels first (`system.`, then `security.`, then `trusted.`), then the
+/// rest, each kind in name order. Returns the names left out (none on
+/// almost every file: Linux allows more, few filesystems hold that many).
+///
+/// [`MAX_XATTRS`]: byteback_protocol::limits::MAX_XATTRS
+/// [`MAX_XATTR_TOTAL`]: byteback_protocol::limits::MAX_XATTR_TOTAL
+pub fn fit_xattrs(xattrs: &mut byteback_protocol::Xattrs) -> Vec<Vec<u8>> {
+    use byteback_protocol::limits::{MAX_XATTRS, MAX_XATTR_NAME, MAX_XATTR_TOTAL, MAX_XATTR_VALUE};
+    let size = |(n, v): &(Vec<u8>, Vec<u8>)| n.len() + v.len();
+    if xattrs.len() <= MAX_XATTRS && xattrs.iter().map(size).sum::<usize>() <= MAX_XATTR_TOTAL {
+        return Vec::new();
+    }
+    let rank = |n: &[u8]| {
+        [&b"system."[..], b"security.", b"trusted."]
+            .iter()
+            .position(|p| n.starts_with(p))
+            .unwrap_or(3)
+    };
+    let mut all = std::mem::take(xattrs);
+    all.sort_by(|a, b| rank(&a.0).cmp(&rank(&b.0)).then_with(|| a.0.cmp(&b.0)));
+    let (mut total, mut dropped) = (0usize, Vec::new());
+    for x in all {
+        let fits = xattrs.len() < MAX_XATTRS
+            && x.0.len() <= MAX_XATTR_NAME
+            && x.1.len() <= MAX_XATTR_VALUE
+            && total + size(&x) <= MAX_XATTR_TOTAL;
+        if fits {
+            total += size(&x);
+            xattrs.push(x);
+        } else {
+            dropped.push(x.0);
+        }
+    }
+    xattrs.sort_by(|a, b| a.0.cmp(&b.0));
+    dropped.sort();
+    dropped
+}
+
 /// An io::Error for `e` that names the operation.
 fn with_what(e: Errno, what: &str) -> io::Error {
     let e = io::Error::from(e);
@@ -767,5 +808,44 @@ mod tests {
             assert_eq!(user.len(), if name == c"f" { 2 } else { 0 }, "{name:?}");
             assert_eq!(read_xattrs(at).unwrap(), by_proc, "{name:?}");
         }
+    }
+
+    /// What fits is kept, security labels and ACLs first, in name order;
+    /// what does not is named.
+    #[test]
+    fn xattrs_beyond_the_caps_are_left_out_by_kind_then_name() {
+        use byteback_protocol::limits::{MAX_XATTRS, MAX_XATTR_TOTAL};
+        let x = |n: &str, len: usize| (n.as_bytes().to_vec(), vec![b'v'; len]);
+        // Within the caps: untouched.
+        let mut few = vec![x("user.a", 10), x("user.b", 10)];
+        assert!(fit_xattrs(&mut few).is_empty());
+        assert_eq!(few.len(), 2);
+        // Too many: the system. and security. ones stay.
+        let mut many: Vec<_> = (0..MAX_XATTRS + 2)
+            .map(|i| x(&format!("user.k{i:04}"), 1))
+            .collect();
+        many.push(x("security.capability", 20));
+        many.push(x("system.posix_acl_access", 28));
+        many.sort();
+        let dropped = fit_xattrs(&mut many);
+        assert_eq!(many.len(), MAX_XATTRS);
+        assert_eq!(dropped.len(), 4);
+        assert!(many.iter().any(|(n, _)| n == b"security.capability"));
+        assert!(many.iter().any(|(n, _)| n == b"system.posix_acl_access"));
+        assert_eq!(
+            dropped[0],
+            format!("user.k{:04}", MAX_XATTRS - 2).into_bytes()
+        );
+        assert!(many.windows(2).all(|w| w[0].0 < w[1].0), "not sorted");
+        // Too large in all: what fits, and a smaller one after a larger that did not.
+        let big = 60 << 10;
+        let mut large: Vec<_> = (0..20).map(|i| x(&format!("user.b{i:02}"), big)).collect();
+        large.push(x("user.zz", 10));
+        let dropped = fit_xattrs(&mut large);
+        let total: usize = large.iter().map(|(n, v)| n.len() + v.len()).sum();
+        assert!(total <= MAX_XATTR_TOTAL);
+        assert_eq!(large.len(), MAX_XATTR_TOTAL / (big + 7) + 1);
+        assert!(large.iter().any(|(n, _)| n == b"user.zz"));
+        assert_eq!(dropped.len(), 21 - large.len());
     }
 }

@@ -11,6 +11,7 @@
 //! comes with the identity of the object the walk saw ([`Found`]), which
 //! [`Found::open_file`] checks before reading a file's content.
 
+use crate::backup::cache::Recorded;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
@@ -122,6 +123,27 @@ impl Excludes {
     }
 }
 
+/// The warning for an entry whose xattrs did not all fit (see
+/// [`meta::fit_xattrs`]): the entry is backed up without `dropped`.
+fn xattrs_left_out(dropped: &[Vec<u8>]) -> String {
+    use byteback_protocol::limits::{MAX_XATTRS, MAX_XATTR_TOTAL};
+    let mut names: Vec<String> = dropped
+        .iter()
+        .take(5)
+        .map(|n| n.escape_ascii().to_string())
+        .collect();
+    if dropped.len() > 5 {
+        names.push(format!("and {} more", dropped.len() - 5));
+    }
+    format!(
+        "more extended attributes than one entry may carry ({MAX_XATTRS} of them, {} KiB in all); \
+         backed up without {} of them: {}",
+        MAX_XATTR_TOTAL >> 10,
+        dropped.len(),
+        names.join(", ")
+    )
+}
+
 /// A problem with one path that does not stop the backup.
 #[derive(Debug)]
 pub struct WalkWarning {
@@ -158,10 +180,10 @@ pub struct Found {
     source: Option<(Arc<SourceRoot>, usize)>,
     /// The object's quick key (see [`EntrySink::quick_keys`]), when asked for.
     pub quick: Option<EntryDigest>,
-    /// The digest of the entry with its xattrs, as the sink's record gave
-    /// it (see [`EntrySink::recorded_as`]): the entry's xattrs were not
-    /// read, and are empty.
-    pub known: Option<EntryDigest>,
+    /// The record of the entry (its digest with its xattrs, and their
+    /// cost), as the sink gave it (see [`EntrySink::recorded_as`]): the
+    /// entry's xattrs were not read, and are empty.
+    pub known: Option<Recorded>,
 }
 
 /// Why [`Found::open_file`] gave no file.
@@ -333,8 +355,8 @@ pub trait EntrySink {
     fn quick_keys(&self) -> bool {
         false
     }
-    /// The digest of the entry at `path` with its xattrs, if the sink's
-    /// record of it has the same quick key and is safe to take (its ctime,
+    /// The record of the entry at `path` (its digest with its xattrs), if
+    /// it has the same quick key and is safe to take (its ctime,
     /// `ctime_sec`, old enough that no change of an xattr could have kept
     /// it); then the walk does not read the xattrs. Called at most once per
     /// entry, just before [`EntrySink::entry`] for it.
@@ -343,7 +365,7 @@ pub trait EntrySink {
         _path: &[u8],
         _quick: &EntryDigest,
         _ctime_sec: i64,
-    ) -> Option<EntryDigest> {
+    ) -> Option<Recorded> {
         None
     }
 }
@@ -836,7 +858,7 @@ impl Walker<'_> {
         // is as its record says, down to its ctime, which every change of
         // an xattr moves.
         let ctime = (st.stx_ctime.tv_sec, st.stx_ctime.tv_nsec);
-        let quick = self
+        let mut quick = self
             .sink
             .quick_keys()
             .then(|| crate::backup::cache::quick_key(&e, ino, ctime));
@@ -846,7 +868,21 @@ impl Walker<'_> {
             .and_then(|q| self.sink.recorded_as(&e.path, &q, ctime.0));
         if known.is_none() && xattrs {
             match xattr_fault(abs).map_or_else(|| meta::read_xattrs(at), Err) {
-                Ok(x) => e.xattrs = x,
+                Ok(mut x) => {
+                    let dropped = meta::fit_xattrs(&mut x);
+                    if !dropped.is_empty() {
+                        // Sent, without them: not kept as the last backup
+                        // has it. No quick key: the next backup reads the
+                        // xattrs again, and says so again.
+                        quick = None;
+                        self.sink.warning(WalkWarning {
+                            path: path_of(abs),
+                            message: xattrs_left_out(&dropped),
+                            vanished: false,
+                        });
+                    }
+                    e.xattrs = x;
+                }
                 Err(err) => {
                     self.warn_io(abs, &err);
                     return Ok(false);

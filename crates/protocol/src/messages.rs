@@ -181,13 +181,15 @@ impl Entry {
             Kind::Symlink { target } | Kind::HardLink { target } => target.len(),
             _ => 0,
         };
-        128 + self.path.len()
-            + target
-            + self
-                .xattrs
-                .iter()
-                .map(|(n, v)| 48 + n.len() + v.len())
-                .sum::<usize>()
+        128 + self.path.len() + target + self.xattr_cost()
+    }
+
+    /// The xattrs' part of [`Entry::buffer_cost`].
+    pub fn xattr_cost(&self) -> usize {
+        self.xattrs
+            .iter()
+            .map(|(n, v)| 48 + n.len() + v.len())
+            .sum::<usize>()
     }
 
     /// Size in bytes for regular files, else 0.

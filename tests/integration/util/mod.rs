@@ -213,7 +213,7 @@ fn lchown(p: &Path, uid: u32, gid: u32) {
         .unwrap_or_else(|e| panic!("lchown {uid}:{gid} {}: {e}", p.display()));
 }
 
-fn set_xattr(p: &Path, name: &str, value: &[u8]) {
+pub fn set_xattr(p: &Path, name: &str, value: &[u8]) {
     rustix::fs::lsetxattr(p, name, value, rustix::fs::XattrFlags::empty())
         .unwrap_or_else(|e| panic!("setxattr {name} on {}: {e}", p.display()));
 }

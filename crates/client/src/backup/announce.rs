@@ -119,8 +119,8 @@ impl Announcer {
                 f.window.is_empty() || window_within_caps(f.window.len() + n, f.window_bytes + cost)
             })?;
             let start = f.window_base + f.window.len() as u64;
-            for (_, e) in &batch {
-                f.window.push_back((false, e.buffer_cost()));
+            for (found, e) in &batch {
+                f.window.push_back((false, announced_cost(found, e)));
             }
             if batch.is_empty() {
                 // A message with no entries (KeepUnread) holds one slot
@@ -134,6 +134,14 @@ impl Announcer {
         lock(&self.batches).push_back((start, batch));
         self.shared.send(msg)
     }
+}
+
+/// What `entry` costs the server while it is buffered ([`Entry::buffer_cost`]),
+/// with the xattrs it has on the server's side: those of its record when
+/// the walk did not read them (the server carries them from its manifest,
+/// and counts them).
+fn announced_cost(found: &Found, entry: &Entry) -> usize {
+    entry.buffer_cost() + found.known.map_or(0, |k| k.xattr_cost as usize)
 }
 
 /// What the walk hands to the announcer, in walk order. (Entries are nearly
@@ -263,7 +271,7 @@ impl EntrySink for Feeder {
             bail!("the backup stopped");
         }
         PROGRESS.found(entry.size());
-        let cost = entry.buffer_cost();
+        let cost = announced_cost(&found, &entry);
         if !self.chunk.is_empty() && self.chunk_bytes + cost > CHUNK_BYTES {
             self.send()?;
         }
@@ -310,7 +318,7 @@ impl EntrySink for Feeder {
         path: &[u8],
         quick: &EntryDigest,
         ctime_sec: i64,
-    ) -> Option<EntryDigest> {
+    ) -> Option<super::cache::Recorded> {
         self.old.vouch(path, quick, ctime_sec)
     }
 
@@ -335,7 +343,7 @@ impl Announcer {
             // No quick key: it would be vouched for against this backup's
             // start, later than the one it was taken at (see
             // `OldRecord::vouches_at`), so its xattrs are read next time.
-            if let Err(e) = new.push(path, &r.digest, &EntryDigest::default()) {
+            if let Err(e) = new.push(path, &r.digest, &EntryDigest::default(), r.xattr_cost) {
                 tracing::warn!(
                     "cannot write the record of this backup ({e}); the next one sends every entry"
                 );
@@ -357,7 +365,7 @@ impl Announcer {
             bail!("the backup stopped");
         }
         self.entries += 1;
-        let cost = entry.buffer_cost();
+        let cost = announced_cost(&found, &entry);
         if found.known.is_some() && !self.old {
             bail!(
                 "{}: its xattrs were not read, yet there is no record of the last backup",
@@ -366,10 +374,16 @@ impl Announcer {
         }
         if self.old || self.new.is_some() {
             // An entry whose xattrs were not read has its record's digest.
-            let d = found.known.unwrap_or_else(|| entry_digest(&entry));
+            let d = found
+                .known
+                .map_or_else(|| entry_digest(&entry), |k| k.digest);
             if let Some(new) = self.new.as_mut() {
                 let quick = found.quick.unwrap_or_default();
-                if let Err(e) = new.push(&entry.path, &d, &quick) {
+                let xattr_cost = found.known.map_or_else(
+                    || u32::try_from(entry.xattr_cost()).unwrap_or(u32::MAX),
+                    |k| k.xattr_cost,
+                );
+                if let Err(e) = new.push(&entry.path, &d, &quick, xattr_cost) {
                     tracing::warn!("cannot write the record of this backup ({e}); the next one sends every entry");
                     if let Some(n) = self.new.take() {
                         n.discard();

@@ -35,7 +35,10 @@
 //! File: `<cache dir>/<key>.entries`, where the key hashes the destination
 //! and the host name: magic, the generation, the start of the backup that
 //! wrote it (`i64` seconds since the epoch), then one zstd stream of records
-//! (`u32` path length, path, 16-byte digest, 16-byte quick key).
+//! (`u32` path length, path, 16-byte digest, 16-byte quick key, `u32`
+//! xattr cost: the entry's xattrs' part of its `buffer_cost`, which the
+//! server counts for an entry it carries, and the client for one whose
+//! xattrs it did not read).
 //!
 //! [`ClientMsg::Unchanged`]: byteback_protocol::ClientMsg::Unchanged
 
@@ -49,7 +52,7 @@ use byteback_protocol::limits::MAX_PATH;
 use byteback_protocol::unchanged::{entry_digest, Chain, EntryDigest};
 use byteback_protocol::Entry;
 
-const MAGIC: &[u8; 8] = b"BBEC0002";
+const MAGIC: &[u8; 8] = b"BBEC0003";
 /// Bytes before the records: magic, generation, start.
 const HEAD: usize = 8 + 32 + 8;
 /// How much older than the recording backup's start a ctime must be for
@@ -87,6 +90,8 @@ pub struct Recorded {
     pub digest: EntryDigest,
     /// Its quick key ([`quick_key`]).
     pub quick: EntryDigest,
+    /// Its xattrs' part of its `buffer_cost` ([`Entry::xattr_cost`]).
+    pub xattr_cost: u32,
 }
 
 /// The cache directory: `$BYTEBACK_CACHE_DIR`, else `/var/cache/byteback`
@@ -183,15 +188,20 @@ impl OldRecord {
         }
         let mut path = vec![0u8; len];
         self.dec.read_exact(&mut path)?;
-        let mut d = [0u8; 32];
+        let mut d = [0u8; 36];
         self.dec.read_exact(&mut d)?;
-        let (digest, quick) = d.split_at(16);
+        let (digest, rest) = d.split_at(16);
+        let (quick, cost) = rest.split_at(16);
         let mut rec = Recorded {
             digest: [0; 16],
             quick: [0; 16],
+            xattr_cost: 0,
         };
         rec.digest.copy_from_slice(digest);
         rec.quick.copy_from_slice(quick);
+        let mut c = [0u8; 4];
+        c.copy_from_slice(cost);
+        rec.xattr_cost = u32::from_le_bytes(c);
         Ok(Some((path, rec)))
     }
 
@@ -268,21 +278,14 @@ impl Cursor {
         }
     }
 
-    /// The digest recorded for the entry at `path`, if its record has the
-    /// quick key `quick`, vouches for its ctime `ctime_sec` and the entry
-    /// will join a run (no record passed over before it): then its xattrs
-    /// need not be read.
-    pub fn vouch(
-        &mut self,
-        path: &[u8],
-        quick: &EntryDigest,
-        ctime_sec: i64,
-    ) -> Option<EntryDigest> {
+    /// The record of the entry at `path`, if it has the quick key `quick`,
+    /// vouches for its ctime `ctime_sec` and the entry will join a run (no
+    /// record passed over before it): then its xattrs need not be read.
+    pub fn vouch(&mut self, path: &[u8], quick: &EntryDigest, ctime_sec: i64) -> Option<Recorded> {
         let (r, skipped) = self.seek(path)?;
         self.sought = Some((path.to_vec(), r, skipped));
         let old = self.old.as_ref()?;
         r.filter(|r| !skipped && r.quick == *quick && old.vouches_at(ctime_sec))
-            .map(|r| r.digest)
     }
 
     /// The next record at or below `path`, which the walk could not read
@@ -395,8 +398,15 @@ impl NewRecord {
         })
     }
 
-    /// Records one announced entry: its digest and its quick key.
-    pub fn push(&mut self, path: &[u8], d: &EntryDigest, quick: &EntryDigest) -> io::Result<()> {
+    /// Records one announced entry: its digest, its quick key and its
+    /// xattrs' cost.
+    pub fn push(
+        &mut self,
+        path: &[u8],
+        d: &EntryDigest,
+        quick: &EntryDigest,
+        xattr_cost: u32,
+    ) -> io::Result<()> {
         self.chain.push(d);
         let Some(enc) = self.enc.as_mut() else {
             return Err(bad("record already finished"));
@@ -404,7 +414,8 @@ impl NewRecord {
         enc.write_all(&(path.len() as u32).to_le_bytes())?;
         enc.write_all(path)?;
         enc.write_all(d)?;
-        enc.write_all(quick)
+        enc.write_all(quick)?;
+        enc.write_all(&xattr_cost.to_le_bytes())
     }
 
     /// Puts the record in place if `generation` (the server's, after its
@@ -467,7 +478,7 @@ mod tests {
         let mut chain = Chain::new();
         let before = now_secs();
         for (p, n) in entries {
-            rec.push(p, &d(n), &d(n + 100)).unwrap();
+            rec.push(p, &d(n), &d(n + 100), u32::from(n) << 20).unwrap();
             chain.push(&d(n));
         }
         let generation = chain.finish();
@@ -477,6 +488,7 @@ mod tests {
         let r = |n| Recorded {
             digest: d(n),
             quick: d(n + 100),
+            xattr_cost: u32::from(n) << 20,
         };
         assert_eq!(old.seek(b"a").unwrap(), (Some(r(1)), false));
         // a/b passed over: the walk did not find it.
@@ -492,7 +504,7 @@ mod tests {
 
         // Another chain than the server's: no record at all afterwards.
         let mut rec = NewRecord::create(&path).unwrap();
-        rec.push(b"a", &d(1), &d(2)).unwrap();
+        rec.push(b"a", &d(1), &d(2), 0).unwrap();
         assert!(!rec.finish(Some(generation)).unwrap());
         assert!(!path.exists());
         assert!(OldRecord::open(&path, &generation).unwrap().is_none());
@@ -510,7 +522,7 @@ mod tests {
         let mut rec = NewRecord::create(&path).unwrap();
         let mut chain = Chain::new();
         for (n, p) in names.iter().enumerate() {
-            rec.push(p, &d(n as u8), &d(0)).unwrap();
+            rec.push(p, &d(n as u8), &d(0), 0).unwrap();
             chain.push(&d(n as u8));
         }
         let generation = chain.finish();
@@ -524,7 +536,8 @@ mod tests {
             Some((
                 Some(Recorded {
                     digest: d(0),
-                    quick: d(0)
+                    quick: d(0),
+                    xattr_cost: 0
                 }),
                 false
             ))
@@ -541,7 +554,8 @@ mod tests {
             Some((
                 Some(Recorded {
                     digest: d(5),
-                    quick: d(0)
+                    quick: d(0),
+                    xattr_cost: 0
                 }),
                 true
             ))
@@ -569,7 +583,7 @@ mod tests {
         let mut chain = Chain::new();
         for (n, p) in names.iter().enumerate() {
             let n = n as u8;
-            rec.push(p, &d(n), &d(n + 100)).unwrap();
+            rec.push(p, &d(n), &d(n + 100), 0).unwrap();
             chain.push(&d(n));
         }
         let generation = chain.finish();
@@ -578,9 +592,10 @@ mod tests {
         let r = |n: u8| Recorded {
             digest: d(n),
             quick: d(n + 100),
+            xattr_cost: 0,
         };
         // As recorded, with an old ctime: vouched for, and handed on.
-        assert_eq!(c.vouch(b"a", &d(100), 0), Some(d(0)));
+        assert_eq!(c.vouch(b"a", &d(100), 0).map(|r| r.digest), Some(d(0)));
         assert_eq!(c.entry(b"a"), Some((Some(r(0)), false)));
         // Another quick key, or a ctime within the margin: not vouched
         // for, yet the record is what it is.
