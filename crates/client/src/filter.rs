@@ -80,6 +80,10 @@ enum Tok {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Glob {
     toks: Vec<Tok>,
+    /// Matches nothing: rsync's wildmatch gives up on an unterminated `[`
+    /// or an unknown `[:class:]` (the rule never matches; with `!`, it
+    /// matches everything).
+    inert: bool,
 }
 
 fn posix_class(name: &[u8], b: u8) -> Option<bool> {
@@ -106,6 +110,7 @@ impl Glob {
         if !pat.iter().any(|b| matches!(b, b'*' | b'?' | b'[')) {
             return Ok(Glob {
                 toks: pat.iter().map(|&b| Tok::Byte(b)).collect(),
+                inert: false,
             });
         }
         let mut toks = vec![];
@@ -139,7 +144,25 @@ impl Glob {
                 }
             }
         }
-        Ok(Glob { toks })
+        Ok(Glob { toks, inert: false })
+    }
+
+    /// Compiles `pat` as rsync does: where [`Glob::new`] fails (an
+    /// unterminated `[`, an unknown `[:class:]`), rsync's wildmatch aborts
+    /// every match, so the glob matches nothing; the reason comes with it.
+    pub fn lenient(pat: &[u8]) -> (Glob, Option<String>) {
+        match Glob::new(pat) {
+            Ok(g) => (g, None),
+            Err(why) => (Glob::nothing(), Some(why)),
+        }
+    }
+
+    /// A glob that matches no text.
+    fn nothing() -> Glob {
+        Glob {
+            toks: vec![],
+            inert: true,
+        }
     }
 
     /// Parses a class starting after its `[`: the set and the index after `]`.
@@ -213,6 +236,9 @@ impl Glob {
 
     /// Whether the whole of `text` matches.
     pub fn matches(&self, text: &[u8]) -> bool {
+        if self.inert {
+            return false;
+        }
         let bytes_match = |toks: &[Tok], text: &[u8]| {
             toks.len() == text.len() && toks.iter().zip(text).all(|(t, b)| *t == Tok::Byte(*b))
         };
@@ -294,7 +320,9 @@ pub enum Action {
 pub struct Rule {
     action: Action,
     glob: Glob,
-    /// `dir/***`: the pattern without `/***` also matches (the directory itself).
+    /// `dir/***`: the pattern without `/***` also matches a directory
+    /// (only a directory: rsync matches `dir/***` against a file or
+    /// symlink named `dir` as `dir/` would be, not at all).
     glob_dir: Option<Glob>,
     /// Matched against the path from the anchor, not the final name.
     whole_path: bool,
@@ -305,6 +333,9 @@ pub struct Rule {
     prefix: Vec<u8>,
     negate: bool,
     dir_only: bool,
+    /// Why the rule matches no path, as in rsync (a pattern of only `/`,
+    /// an unterminated `[`): shown in a warning where it was read.
+    pub inert: Option<String>,
 }
 
 impl Rule {
@@ -316,59 +347,69 @@ impl Rule {
             Some(p) if !p.is_empty() => (p, true),
             _ => (pat, false),
         };
-        let (pat, anchored_slash) = match pat.strip_prefix(b"/") {
+        let (pat, anchored) = match pat.strip_prefix(b"/") {
             Some(p) => (p, true),
             None => (pat, false),
         };
-        if pat.is_empty() {
-            return Err("a pattern of only '/' matches nothing".into());
-        }
-        let whole_path =
-            anchored_slash || mods.abs || pat.contains(&b'/') || pat.windows(2).any(|w| w == b"**");
-        let glob_dir = match pat.strip_suffix(b"/***") {
-            Some(p) if !p.is_empty() => Some(Glob::new(p)?),
-            _ => None,
-        };
-        Ok(Rule {
+        let mut rule = Rule {
             action,
-            glob: Glob::new(pat)?,
-            glob_dir,
-            whole_path,
-            anchored: anchored_slash || mods.abs,
+            glob: Glob::nothing(),
+            glob_dir: None,
+            // `/` (absolute path) does not make a name-only pattern match
+            // the whole path: rsync still compares it with the name.
+            whole_path: anchored || pat.contains(&b'/') || pat.windows(2).any(|w| w == b"**"),
+            anchored,
+            // `/`: matched against the absolute path, so a per-directory
+            // file's anchored rule starts at the root, not at its directory.
             prefix: if mods.abs { vec![] } else { prefix.to_vec() },
             negate: mods.negate,
             dir_only,
-        })
+            inert: None,
+        };
+        // `/`, `//`: no path is empty, so rsync's rule matches nothing.
+        if pat.iter().all(|b| *b == b'/') {
+            rule.inert = Some("a pattern of only '/' matches no path".into());
+            return Ok(rule);
+        }
+        let (glob, why) = Glob::lenient(pat);
+        rule.glob = glob;
+        rule.glob_dir = match pat.strip_suffix(b"/***") {
+            Some(p) if !p.is_empty() => Some(Glob::lenient(p).0),
+            _ => None,
+        };
+        rule.inert = why.map(|w| format!("{w}: rsync's pattern matching gives up on it"));
+        Ok(rule)
     }
 
-    fn glob_matches(&self, text: &[u8]) -> bool {
-        self.glob.matches(text) || self.glob_dir.as_ref().is_some_and(|g| g.matches(text))
+    fn glob_matches(&self, text: &[u8], is_dir: bool) -> bool {
+        self.glob.matches(text)
+            || (is_dir && self.glob_dir.as_ref().is_some_and(|g| g.matches(text)))
     }
 
     /// Whether the rule applies to `rel` (path from the root, no leading
     /// `/`) whose final name starts at `name_at`.
     pub fn matches(&self, rel: &[u8], name_at: usize, is_dir: bool) -> bool {
-        let hit = (!self.dir_only || is_dir) && self.pattern_matches(rel, name_at);
+        let hit = (!self.dir_only || is_dir) && self.pattern_matches(rel, name_at, is_dir);
         hit != self.negate
     }
 
-    fn pattern_matches(&self, rel: &[u8], name_at: usize) -> bool {
+    fn pattern_matches(&self, rel: &[u8], name_at: usize, is_dir: bool) -> bool {
         if !self.whole_path {
-            return self.glob_matches(&rel[name_at.min(rel.len())..]);
+            return self.glob_matches(&rel[name_at.min(rel.len())..], is_dir);
         }
         if self.anchored {
             return rel
                 .strip_prefix(self.prefix.as_slice())
-                .is_some_and(|tail| self.glob_matches(tail));
+                .is_some_and(|tail| self.glob_matches(tail, is_dir));
         }
         // Unanchored with a `/` or `**`: any tail starting at a component.
-        if self.glob_matches(rel) {
+        if self.glob_matches(rel, is_dir) {
             return true;
         }
         rel.iter()
             .enumerate()
             .filter(|(_, b)| **b == b'/')
-            .any(|(i, _)| self.glob_matches(&rel[i + 1..]))
+            .any(|(i, _)| self.glob_matches(&rel[i + 1..], is_dir))
     }
 }
 
@@ -411,7 +452,10 @@ pub struct Filter {
 struct Mods {
     abs: bool,
     negate: bool,
-    receiver_only: bool,
+    /// `r`: the rule applies on the receiving side.
+    receiver: bool,
+    /// `s`: the rule applies on the sending side.
+    sender: bool,
     only: Option<Action>,
     no_inherit: bool,
     exclude_self: bool,
@@ -499,9 +543,12 @@ fn parse_mods(kind: Kind, mods: &[u8]) -> Result<Mods, String> {
                 m.negate = true;
                 true
             }
-            (Kind::Include | Kind::Exclude, b's') => true,
+            (Kind::Include | Kind::Exclude, b's') => {
+                m.sender = true;
+                true
+            }
             (Kind::Include | Kind::Exclude, b'r') => {
-                m.receiver_only = true;
+                m.receiver = true;
                 true
             }
             (Kind::Merge | Kind::DirMerge, b'-') => {
@@ -542,6 +589,26 @@ struct Sink<'a> {
     prefix: &'a [u8],
     /// Set when a per-directory file clears the inherited rules.
     cleared: bool,
+}
+
+impl Sink<'_> {
+    /// Adds `rule` (from `line`, line `n` of `file`); one that matches no
+    /// path, as in rsync, is named in a note.
+    fn push_rule(&mut self, rule: Rule, file: &Path, n: usize, line: &[u8]) {
+        if let Some(why) = &rule.inert {
+            self.notes.push(format!(
+                "{}:{n}: \"{}\": {why}; the rule matches no path{}, as with rsync",
+                file.as_os_str().as_bytes().escape_ascii(),
+                line.escape_ascii(),
+                if rule.negate {
+                    " (so with '!', every path)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        self.rules.push(Item::Rule(rule));
+    }
 }
 
 fn err(file: &Path, line: usize, message: impl Into<String>) -> FilterError {
@@ -602,15 +669,11 @@ fn parse_line(
 ) -> Result<(), FilterError> {
     let shown = || line.escape_ascii().to_string();
     if let Some(action) = only {
-        // A `merge,-`/`dir-merge,-` file: each line is a pattern (`!` clears).
-        if line == b"!" {
-            sink.rules.clear();
-            sink.cleared = true;
-            return Ok(());
-        }
+        // A `merge,-`/`dir-merge,-` file: each line is a pattern, `!`
+        // included (rsync parses no rule there, clear neither).
         let rule = Rule::new(action, line, &Mods::default(), sink.prefix)
             .map_err(|m| err(file, n, format!("{}: {m}", shown())))?;
-        sink.rules.push(Item::Rule(rule));
+        sink.push_rule(rule, file, n, line);
         return Ok(());
     }
     let (kind, mods, arg) = split_rule(line).map_err(|m| err(file, n, m))?;
@@ -638,7 +701,9 @@ fn parse_line(
                 Kind::Include | Kind::Show => Action::Include,
                 _ => Action::Exclude,
             };
-            if mods.receiver_only {
+            // `r` alone: the receiving side only. `rs`: both sides, so
+            // it decides what is sent as a plain rule does.
+            if mods.receiver && !mods.sender {
                 sink.notes.push(format!(
                     "{}:{n}: \"{}\" has no effect: a receiver-side ('r') rule does not \
                      decide what is sent",
@@ -648,7 +713,7 @@ fn parse_line(
                 return Ok(());
             }
             let rule = Rule::new(action, arg, &mods, sink.prefix).map_err(|m| what(&m))?;
-            sink.rules.push(Item::Rule(rule));
+            sink.push_rule(rule, file, n, line);
         }
         Kind::Merge => {
             if sink.merges.is_none() {
@@ -832,7 +897,8 @@ pub struct DirRules {
 impl DirRules {
     /// Adds the rules of the per-directory file for `dir-merge` number
     /// `merge` (its contents `text`, found at `file`) of the directory `dir`
-    /// (path from the root, no leading `/`) at walk depth `depth`.
+    /// (path from the root, no leading `/`) at walk depth `depth`. Returns
+    /// notes on rules that have no effect (to be shown as warnings).
     pub fn enter(
         &mut self,
         filter: &Filter,
@@ -841,7 +907,7 @@ impl DirRules {
         dir: &[u8],
         text: &[u8],
         file: &Path,
-    ) -> Result<(), FilterError> {
+    ) -> Result<Vec<String>, FilterError> {
         let m = filter
             .merges
             .get(merge)
@@ -889,7 +955,7 @@ impl DirRules {
             cleared,
             size: text.len(),
         });
-        Ok(())
+        Ok(notes)
     }
 
     /// Drops the rules of directories at `depth` and deeper.
@@ -1062,7 +1128,6 @@ mod tests {
             ("- a\nfoo bar\n", 2, "unknown rule"),
             ("- a\n\n-C x\n", 3, "modifier 'C'"),
             ("-p x\n", 1, "modifier 'p'"),
-            ("+ [abc\n", 1, "unterminated"),
             (" - indented\n", 1, "unknown rule"),
             ("dir-merge sub/.f\n", 1, "plain file name"),
             ("dir-merge /sub/.f\n", 1, "plain file name"),
@@ -1120,6 +1185,107 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("larger"));
+    }
+
+    /// `dir/***` matches the name itself only when it is a directory: a
+    /// file or symlink named `dir` is kept, as rsync keeps it (it was
+    /// silently left out of the backup).
+    #[test]
+    fn triple_star_matches_a_directory_of_that_name_but_not_a_file() {
+        let f = parse("- regfile/***\n- /top/anch/***\n");
+        assert_eq!(check(&f, "d/regfile", false), None, "a file is kept");
+        assert_eq!(check(&f, "d/regfile", true), Some(X));
+        assert_eq!(check(&f, "d/regfile/x", false), Some(X));
+        assert_eq!(check(&f, "top/anch", false), None);
+        assert_eq!(check(&f, "top/anch", true), Some(X));
+        assert_eq!(check(&f, "top/anch/y", false), Some(X));
+    }
+
+    /// In a `merge,-` file every line is a pattern: `!` is the name `!`,
+    /// not a clear that would drop the rules before it.
+    #[test]
+    fn a_bang_in_an_exclude_only_file_is_a_pattern() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("plain"), "a\n!\nb\n").unwrap();
+        let main = d.path().join("main");
+        std::fs::write(&main, "- first\n.- plain\n").unwrap();
+        let f = Filter::load(&main).unwrap();
+        assert!(!f.clears_excludes);
+        assert_eq!(check(&f, "first", false), Some(X));
+        assert_eq!(check(&f, "x/a", false), Some(X));
+        assert_eq!(check(&f, "x/!", false), Some(X));
+        assert_eq!(check(&f, "x/b", false), Some(X));
+        // The same in a `dir-merge,-` file.
+        let f = parse("- first\ndir-merge,- .ex\n");
+        let mut d = DirRules::default();
+        let file = Path::new("/top/.ex");
+        d.enter(&f, 0, 1, b"top", b"a\n!\nb\n", file).unwrap();
+        assert_eq!(f.check(&d, b"top/a", false, 1), Some(X));
+        assert_eq!(f.check(&d, b"top/!", false, 1), Some(X));
+        assert_eq!(f.check(&d, b"first", false, 1), Some(X));
+    }
+
+    /// `/` (absolute path) does not anchor a pattern that does not start
+    /// with `/`: rsync still matches a name-only pattern with the name, and
+    /// one with a `/` with the end of the path. In a per-directory file an
+    /// anchored `/` rule starts at the root, not at the file's directory.
+    #[test]
+    fn the_absolute_modifier_anchors_only_a_leading_slash() {
+        let f = parse("-/ a\n-/ tree/b\n-/ /top/c\n");
+        assert_eq!(check(&f, "x/y/a", false), Some(X));
+        assert_eq!(check(&f, "a", false), Some(X));
+        assert_eq!(check(&f, "x/tree/b", false), Some(X));
+        assert_eq!(check(&f, "x/tree/bb", false), None);
+        assert_eq!(check(&f, "top/c", false), Some(X));
+        assert_eq!(check(&f, "x/top/c", false), None);
+        let f = parse(": .f\n");
+        let mut d = DirRules::default();
+        let file = Path::new("/top/.f");
+        d.enter(&f, 0, 1, b"top", b"-/ /top/c\n- /d\n", file)
+            .unwrap();
+        assert_eq!(f.check(&d, b"top/c", false, 1), Some(X));
+        assert_eq!(f.check(&d, b"top/d", false, 1), Some(X));
+        assert_eq!(f.check(&d, b"top/top/c", false, 2), None);
+    }
+
+    /// `rs`: both sides, so the sender applies it; `r` alone does not.
+    #[test]
+    fn receiver_and_sender_together_apply() {
+        let f = parse("+rs keep.o\n-rs *.o\n-sr *.a\nexclude,rs *.b\n-r *.c\n");
+        assert_eq!(f.notes.len(), 1, "{:?}", f.notes);
+        assert!(f.notes[0].contains(":5:"), "{:?}", f.notes);
+        assert_eq!(check(&f, "d/keep.o", false), Some(I));
+        assert_eq!(check(&f, "d/x.o", false), Some(X));
+        assert_eq!(check(&f, "d/x.a", false), Some(X));
+        assert_eq!(check(&f, "d/x.b", false), Some(X));
+        assert_eq!(check(&f, "d/x.c", false), None);
+    }
+
+    /// Patterns rsync accepts but that match no path (only `/`, an
+    /// unterminated `[`, an unknown `[:class:]`) are accepted, match
+    /// nothing (everything with `!`), and are named in a note.
+    #[test]
+    fn patterns_matching_nothing_are_noted_no_ops() {
+        let f = parse("- /\n- //\n- [abc\n- *[[:nope:]]\n+ x\n");
+        assert_eq!(f.notes.len(), 4, "{:?}", f.notes);
+        assert!(f.notes[0].contains("rsync_filter:1:"), "{}", f.notes[0]);
+        assert!(f.notes[2].contains("\"- [abc\""), "{}", f.notes[2]);
+        assert!(f.notes[2].contains("unterminated"), "{}", f.notes[2]);
+        for (rel, dir) in [("a", false), ("a", true), ("[abc", false), ("b", false)] {
+            assert_eq!(check(&f, rel, dir), None, "{rel}");
+        }
+        assert_eq!(check(&f, "x", false), Some(I));
+        let f = parse("-! /\n");
+        assert_eq!(check(&f, "a", false), Some(X));
+        let f = parse("-! [abc\n");
+        assert_eq!(check(&f, "a/b", true), Some(X));
+        assert!(f.notes[0].contains("every path"), "{}", f.notes[0]);
+        // In a per-directory file: noted too.
+        let f = parse(": .f\n");
+        let notes = DirRules::default()
+            .enter(&f, 0, 1, b"top", b"- [x\n", Path::new("/top/.f"))
+            .unwrap();
+        assert!(notes[0].contains("/top/.f:1:"), "{notes:?}");
     }
 
     /// (Long: one tree of per-directory files, then one check per rule it shows.)
@@ -1191,7 +1357,7 @@ mod tests {
         let mut depth = 1;
         let e = loop {
             match d.enter(&f, 0, depth, b"x", &chunk, file) {
-                Ok(()) => depth += 1,
+                Ok(_) => depth += 1,
                 Err(e) => break e,
             }
         };

@@ -731,7 +731,8 @@ impl Walker<'_> {
                     )))
                 }
             };
-            self.dir_rules
+            let notes = self
+                .dir_rules
                 .enter(
                     &filter,
                     k,
@@ -741,6 +742,9 @@ impl Walker<'_> {
                     &file,
                 )
                 .map_err(|e| Error::Usage(format!("filter rules: {e}")))?;
+            for n in notes {
+                tracing::warn!("{n}");
+            }
         }
         Ok(())
     }
@@ -786,9 +790,13 @@ impl Walker<'_> {
                         )))
                     }
                 };
-                self.dir_rules
+                let notes = self
+                    .dir_rules
                     .enter(&filter, *k, 0, &rel, &text, &file)
                     .map_err(|e| Error::Usage(format!("filter rules: {e}")))?;
+                for n in notes {
+                    tracing::warn!("{n}");
+                }
             }
         }
         Ok(())
