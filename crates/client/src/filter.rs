@@ -828,13 +828,19 @@ impl Filter {
             .collect()
     }
 
-    /// The `dir-merge /NAME` rules among [`Filter::dir_merges`]: their files
-    /// are also read in `/` and each directory above a source, as rsync
-    /// scans the parents of the transfer for them.
-    pub fn root_dir_merges(&self) -> Vec<(usize, &[u8])> {
+    /// The `dir-merge` rules among [`Filter::dir_merges`] whose files are
+    /// also read in the directories above each source, as rsync
+    /// `--relative` reads them in the parents of the transfer: all of them,
+    /// `/` included for `dir-merge /NAME` only.
+    pub fn dir_merges_above(&self) -> Vec<AboveScan<'_>> {
         self.dir_merges()
             .into_iter()
-            .filter(|(k, _)| self.merges[*k].from_root)
+            .map(|(k, name)| AboveScan {
+                merge: k,
+                name,
+                in_root: self.merges[k].from_root,
+                no_inherit: self.merges[k].no_inherit,
+            })
             .collect()
     }
 
@@ -873,6 +879,19 @@ impl Filter {
         }
         None
     }
+}
+
+/// A `dir-merge` rule's file to read above a source ([`Filter::dir_merges_above`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AboveScan<'a> {
+    /// The rule's number, for [`DirRules::enter`].
+    pub merge: usize,
+    /// The per-directory file's name.
+    pub name: &'a [u8],
+    /// Read in `/` too (`dir-merge /NAME`).
+    pub in_root: bool,
+    /// `n`: its rules hold in the file's directory only.
+    pub no_inherit: bool,
 }
 
 /// Rules read from one per-directory file.
@@ -1293,9 +1312,18 @@ mod tests {
     fn dir_merge_rules_are_inherited_newest_first_and_anchored_at_their_directory() {
         let f = parse("- /top/early\n: .rsync-filter\ndir-merge,-n .excl\n- *.late\n");
         assert_eq!(f.dir_merges().len(), 2);
-        assert!(f.root_dir_merges().is_empty());
-        let g = parse(": /.rsync-filter\n: .other\n");
-        assert_eq!(g.root_dir_merges(), vec![(0, &b".rsync-filter"[..])]);
+        assert!(f.dir_merges_above().iter().all(|m| !m.in_root));
+        let g = parse(": /.rsync-filter\n:n .other\n");
+        let above: Vec<_> = (g.dir_merges_above().iter())
+            .map(|m| (m.merge, m.name, m.in_root, m.no_inherit))
+            .collect();
+        assert_eq!(
+            above,
+            vec![
+                (0, &b".rsync-filter"[..], true, false),
+                (1, &b".other"[..], false, true)
+            ]
+        );
         let mut d = DirRules::default();
         let file = Path::new("/top/.rsync-filter");
         d.enter(&f, 0, 1, b"top", b"- *.o\n+ keep.late\n- /anch\n", file)

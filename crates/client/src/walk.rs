@@ -749,15 +749,19 @@ impl Walker<'_> {
         Ok(())
     }
 
-    /// For `dir-merge /NAME` rules: reads NAME in `/` and each directory
-    /// above `src` (opened by the admin's path, as the ancestors are), at
-    /// depth 0, so their rules hold for the whole source. Dropped with
-    /// `leave(0)` after it.
+    /// Reads the per-directory files of the `dir-merge` rules in the
+    /// directories above `src` (opened by the admin's path, as the
+    /// ancestors are), as rsync `--relative` reads them in the parents of
+    /// the transfer: `dir-merge NAME` in each directory above the source
+    /// but `/`, `dir-merge /NAME` (rsync's `-F` form) in `/` too; an `n`
+    /// rule's file only in the source's own parent (elsewhere its rules
+    /// apply to nothing the backup sends). At depth 0, so their rules hold
+    /// for the whole source; dropped with `leave(0)` after it.
     fn enter_ancestors(&mut self, src: &Path) -> Result<()> {
         let Some(filter) = self.filter.clone() else {
             return Ok(());
         };
-        let scans = filter.root_dir_merges();
+        let scans = filter.dir_merges_above();
         if scans.is_empty() {
             return Ok(());
         }
@@ -766,6 +770,13 @@ impl Walker<'_> {
         for i in 0..comps.len() {
             if i > 0 {
                 dir.push(comps[i - 1]);
+            }
+            let parent = i + 1 == comps.len();
+            let here: Vec<_> = (scans.iter())
+                .filter(|m| (i > 0 || m.in_root) && (parent || !m.no_inherit))
+                .collect();
+            if here.is_empty() {
+                continue;
             }
             let fd = rustix::fs::open(
                 &dir,
@@ -778,10 +789,10 @@ impl Walker<'_> {
                 .as_bytes()
                 .trim_start_matches_slash()
                 .to_vec();
-            for (k, name) in &scans {
-                let file = dir.join(OsStr::from_bytes(name));
+            for m in here {
+                let file = dir.join(OsStr::from_bytes(m.name));
                 let shown = file.as_os_str().as_bytes().escape_ascii();
-                let text = match read_small_at(fd.as_fd(), name) {
+                let text = match read_small_at(fd.as_fd(), m.name) {
                     Ok(Some(t)) => t,
                     Ok(None) => continue,
                     Err(m) => {
@@ -792,7 +803,7 @@ impl Walker<'_> {
                 };
                 let notes = self
                     .dir_rules
-                    .enter(&filter, *k, 0, &rel, &text, &file)
+                    .enter(&filter, m.merge, 0, &rel, &text, &file)
                     .map_err(|e| Error::Usage(format!("filter rules: {e}")))?;
                 for n in notes {
                     tracing::warn!("{n}");
@@ -1754,6 +1765,57 @@ mod tests {
         let names = run(&filter);
         assert!(!names.iter().any(|n| n.starts_with(&base)), "{names:?}");
         assert!(names.iter().any(|n| n.ends_with(&*parent)), "{names:?}");
+    }
+
+    /// A plain `dir-merge NAME` is read in the directories above a source
+    /// too (not in `/`), as rsync `--relative` reads it in the parents of
+    /// the transfer, each file's rules anchored at its directory; an `n`
+    /// rule's file only in the source's own parent.
+    #[test]
+    fn plain_dir_merge_files_above_a_source_apply_to_it() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("p/src");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        for n in ["a", "b", "c", "n1", "n2", "sub/a"] {
+            std::fs::write(root.join(n), b"x").unwrap();
+        }
+        std::fs::write(d.path().join(".ff"), b"- a\n- /p/src/b\n").unwrap();
+        std::fs::write(d.path().join("p/.ff"), b"- /src/c\n").unwrap();
+        std::fs::write(d.path().join(".fn"), b"- n1\n").unwrap();
+        std::fs::write(d.path().join("p/.fn"), b"- n2\n- src/\n").unwrap();
+        let base = base(&root);
+        let run = |text: &str| {
+            let filter = Filter::parse(text.as_bytes(), Path::new("f")).unwrap();
+            let mut sink = VecSink::default();
+            let opts = WalkOptions {
+                filter: Some(Arc::new(filter)),
+                ..WalkOptions::default()
+            };
+            let sources = normalise_sources(std::slice::from_ref(&root)).unwrap();
+            walk(
+                &sources,
+                &Excludes::new::<&str>(&[]).unwrap(),
+                opts,
+                &mut sink,
+            )
+            .unwrap();
+            names(&sink)
+        };
+        let names = run(": .ff\n");
+        let has = |n: &str| names.contains(&format!("{base}/{n}"));
+        assert!(
+            !has("a") && !has("sub/a") && !has("b") && !has("c"),
+            "{names:?}"
+        );
+        assert!(has("n1") && has("sub"), "{names:?}");
+        // `n`: the parent's file applies to the source itself only, and
+        // files higher up to nothing sent.
+        let names = run(":n .fn\n");
+        assert!(!names.iter().any(|n| n.starts_with(&base)), "{names:?}");
+        std::fs::write(d.path().join("p/.fn"), b"- n2\n").unwrap();
+        let names = run(":n .fn\n");
+        let has = |n: &str| names.contains(&format!("{base}/{n}"));
+        assert!(has("n1") && has("n2"), "{names:?}");
     }
 
     #[test]
