@@ -442,3 +442,162 @@ fn a_source_left_out_whole_by_a_filter_rule_is_warned_about() {
         .is_file());
     assert!(!cur.join(other.strip_prefix("/").unwrap()).exists());
 }
+
+/// The excludes (`-x`, `/etc/byteback/excludes`) with rsync's matching, and
+/// the filter rules rsync reads differently from a first reading: rsync
+/// itself, run as 1.x ran it (`--exclude`s, `--exclude-from`, then
+/// `--filter='merge rsync_filter'`), and byteback with the same settings
+/// back up the same tree. Each name below was once backed up by one and
+/// not the other.
+#[test]
+fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
+    if !require_root("excludes_and_filter_corners_select_exactly_what_rsync_selects") {
+        return;
+    }
+    let s = setup();
+    for (rel, why) in [
+        (&b"back\\slash"[..], &b"- back\\slash: literal"[..]),
+        (b"backslash", b"kept"),
+        (b"{p,q}", b"- {p,q}: no braces"),
+        (b"p", b"kept"),
+        (b"a.{o,txt}", b"- *.{o,txt}"),
+        (b"a.o", b"kept"),
+        (b"foo/bar/f", b"kept: ** needs a directory"),
+        (b"foo/x/bar/f", b"- foo/**/bar"),
+        (b" lead", b"- ' lead'"),
+        (b"lead", b"kept"),
+        (b"trail ", b"- 'trail ' in the excludes file"),
+        (b"trail", b"kept"),
+        (b"cr", b"- cr, a CRLF line"),
+        (b"cr\r", b"kept"),
+        (b"[abc", b"kept: [abc matches nothing"),
+        (b"tri/f", b"- tri/***, the directory too"),
+        (b"regfile", b"kept: regfile/*** is for a directory"),
+        (b"regdir/f", b"- regfile/***"),
+        (b"sub/abs", b"-/ abs: a name"),
+        (b"x.rs", b"-rs *.rs"),
+        (b"m1", b"- m1 in a merge,- file"),
+        (b"m2", b"- m2 after a '!' pattern there"),
+        (b"par", b"- par in ../.ff"),
+        (b"sub/par2", b"- /src/sub/par2 in ../.ff"),
+    ] {
+        put(&s.src, rel, why);
+    }
+    std::os::unix::fs::symlink("target", s.src.join("regsym")).unwrap();
+    // A second source, left out whole by an exclude naming it.
+    let other = s.work.join("other");
+    put(&other, b"f", b"- other/");
+    fs::write(s.work.join(".ff"), "- par\n- /src/sub/par2\n").unwrap();
+    let merged = s.work.join("merged");
+    fs::write(&merged, "m1\n!\nm2\n").unwrap();
+    let filter_path = s.conf.join("rsync_filter");
+    fs::write(
+        &filter_path,
+        format!(
+            "- regfile/***\n- regsym/***\n- regdir/***\n-/ abs\n-rs *.rs\n.- {}\n: .ff\n- /\n",
+            merged.display()
+        ),
+    )
+    .unwrap();
+    let excludes_path = s.conf.join("excludes");
+    fs::write(&excludes_path, "# comment\ntrail \ncr\r\n").unwrap();
+    let xs = [
+        "back\\slash",
+        "{p,q}",
+        "*.{o,txt}",
+        "foo/**/bar",
+        " lead",
+        "tri/***",
+        "[abc",
+        "other/",
+    ];
+
+    let oracle = s.work.join("rsync");
+    fs::create_dir_all(&oracle).unwrap();
+    let mut rsync = Command::new("rsync");
+    rsync.args(["-aHAX", "--numeric-ids", "--modify-window=-1", "--relative"]);
+    for x in xs {
+        rsync.arg("--exclude").arg(x);
+    }
+    let mut merge = std::ffi::OsString::from("merge ");
+    merge.push(&filter_path);
+    run(rsync
+        .arg("--exclude-from")
+        .arg(&excludes_path)
+        .arg("--filter")
+        .arg(&merge)
+        .arg(&s.src)
+        .arg(&other)
+        .arg(format!("{}/", oracle.display())));
+    let want = oracle.join(s.src.strip_prefix("/").unwrap());
+    // The oracle did what the comments above say.
+    for rel in [
+        &b"back\\slash"[..],
+        b"{p,q}",
+        b"a.{o,txt}",
+        b"foo/x/bar",
+        b" lead",
+        b"trail ",
+        b"cr",
+        b"tri",
+        b"regdir",
+        b"sub/abs",
+        b"x.rs",
+        b"m1",
+        b"m2",
+        b"par",
+        b"sub/par2",
+    ] {
+        assert!(!p(&want, rel).exists(), "rsync kept {}", rel.escape_ascii());
+    }
+    for rel in [
+        &b"backslash"[..],
+        b"p",
+        b"a.o",
+        b"foo/bar/f",
+        b"lead",
+        b"trail",
+        b"cr\r",
+        b"[abc",
+        b"regfile",
+        b"sub",
+    ] {
+        assert!(
+            p(&want, rel).exists(),
+            "rsync left out {}",
+            rel.escape_ascii()
+        );
+    }
+    assert!(fs::symlink_metadata(want.join("regsym")).is_ok());
+    assert!(!oracle.join(other.strip_prefix("/").unwrap()).exists());
+
+    let mut args: Vec<&OsStr> = vec![OsStr::new("--source"), other.as_os_str()];
+    for x in &xs {
+        args.extend([OsStr::new("-x"), OsStr::new(x)]);
+    }
+    let o = s.backup(&args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let left_out = format!("source {} is left out whole by an exclude", other.display());
+    assert!(err.contains(&left_out), "{err}");
+    assert!(
+        err.contains("--exclude \"[abc\": exclude \"[abc\""),
+        "{err}"
+    );
+    assert!(err.contains("rsync_filter:8: \"- /\""), "{err}");
+    let cur = s.store.join("h/current");
+    assert!(!cur.join(other.strip_prefix("/").unwrap()).exists());
+    let snap = snapshots(&s.store, "h").pop().expect("a snapshot");
+    let into = s.work.join("restored");
+    fs::create_dir_all(&into).unwrap();
+    let o = s.restore(&[
+        OsStr::new("--restore"),
+        OsStr::new("--target"),
+        into.as_os_str(),
+        s.src.as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let got = into.join(&snap).join(s.src.strip_prefix("/").unwrap());
+    assert_same_tree(&want, &got);
+    assert_same_tree(&got, &want);
+}

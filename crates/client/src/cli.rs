@@ -85,9 +85,9 @@ pub struct BackupArgs {
     /// What to back up (several allowed, also as `-s /etc /home`). Default: /.
     #[arg(short, long, num_args = 1..)]
     source: Vec<PathBuf>,
-    /// Leave out paths matching this pattern (several allowed, also as `-x a b`;
-    /// /-anchored or by name; trailing / for directories). As in 1.x, excludes
-    /// given here replace the default list.
+    /// Leave out paths matching this rsync exclude pattern (several allowed, also
+    /// as `-x a b`; /-anchored or by name; trailing / for directories). As in 1.x,
+    /// excludes given here replace the default list.
     #[arg(short = 'x', long, num_args = 1..)]
     exclude: Vec<String>,
     /// Name this machine is filed under (local stores; over SSH the server's key decides). Default: hostname -f.
@@ -222,8 +222,8 @@ fn read_config_line(name: &str) -> Result<Option<String>> {
     Ok(read_config_lines(name)?.into_iter().next())
 }
 
-/// The lines of `/etc/byteback/NAME`, trimmed, without blank lines and
-/// comments (`#`, and `;` as rsync's `--exclude-from` has them); none when
+/// The lines of the settings file `/etc/byteback/NAME`, trimmed, without
+/// blank lines and comments (`#`, `;`); none when
 /// the file does not exist. A file that exists but cannot be read, or a
 /// line that is not UTF-8, is an error naming it: its settings silently
 /// missing (every exclude, say) would change what is backed up.
@@ -249,6 +249,47 @@ fn read_config_lines(name: &str) -> Result<Vec<String>> {
         }
     }
     Ok(lines.into_iter().map(|(_, l)| l).collect())
+}
+
+/// The patterns of `/etc/byteback/excludes` as 1.x's rsync read it with
+/// `--exclude-from` (see [`crate::filter::exclude_file_lines`]: not
+/// trimmed, `\r` ends a line too), each with where it came from
+/// (`FILE:LINE`); none when the file does not exist. A file that exists but
+/// cannot be read, or a line that is not UTF-8, is an error naming it.
+fn read_exclude_file(path: &Path) -> Result<Vec<(String, String)>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(Error::Usage(format!("cannot read {}: {e}", path.display()))),
+    };
+    crate::filter::exclude_file_lines(&bytes)
+        .into_iter()
+        .map(|(n, line)| {
+            let from = format!("{}:{n}", path.display());
+            match std::str::from_utf8(line) {
+                Ok(l) => Ok((from, l.to_string())),
+                Err(_) => Err(Error::Usage(format!(
+                    "{from}: not UTF-8 (byteback reads its settings and patterns as UTF-8 text)"
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// Warnings for the exclude patterns in `own` (where each came from, and
+/// the pattern) that match no path, as with rsync (`/`, an unterminated
+/// `[`): most likely a typo the user wants to hear of.
+fn excludes_matching_nothing(own: &[(String, String)]) -> Vec<String> {
+    own.iter()
+        .filter(|(_, p)| p != "!" && !p.starts_with("+ "))
+        .filter_map(|(from, p)| {
+            let pat = p.strip_prefix("- ").unwrap_or(p);
+            let why = crate::walk::Excludes::matches_nothing(pat)?;
+            Some(format!(
+                "{from}: exclude {pat:?}: {why}; it leaves nothing out, as with rsync"
+            ))
+        })
+        .collect()
 }
 
 /// The exclude patterns of a backup, as 1.x gave them to rsync (each
@@ -278,30 +319,38 @@ pub fn exclude_rules(base: Vec<String>, more: &[(String, String)]) -> Result<Vec
     Ok(rules)
 }
 
-/// Warnings for the sources a rule of `rsync_filter` leaves out whole (as
-/// rsync `--relative` applied the rules to a source itself): the user
-/// named them to be backed up, and nothing of them is.
-fn sources_left_out(sources: &[PathBuf], filter: Option<&crate::filter::Filter>) -> Vec<String> {
+/// Warnings for the sources an exclude or a rule of `rsync_filter` leaves
+/// out whole (as rsync `--relative` applied them to a source itself): the
+/// user named them to be backed up, and nothing of them is.
+fn sources_left_out(
+    sources: &[PathBuf],
+    excludes: &crate::walk::Excludes,
+    filter: Option<&crate::filter::Filter>,
+) -> Vec<String> {
     use std::os::unix::ffi::OsStrExt;
-    let Some(filter) = filter else {
-        return vec![];
-    };
     let rules = crate::filter::DirRules::default();
     sources
         .iter()
-        .filter(|s| {
+        .filter_map(|s| {
             let rel = s.as_os_str().as_bytes();
             let rel = &rel[rel.iter().take_while(|b| **b == b'/').count()..];
             let is_dir = std::fs::metadata(s).is_ok_and(|m| m.is_dir());
-            !rel.is_empty()
-                && filter.check(&rules, rel, is_dir, 0) == Some(crate::filter::Action::Exclude)
-        })
-        .map(|s| {
-            format!(
-                "source {} is left out whole by a rule of {}/rsync_filter: nothing of it is backed up",
+            if rel.is_empty() {
+                return None;
+            }
+            let by = if excludes.is_excluded(rel, is_dir) {
+                "an exclude".to_string()
+            } else if filter.is_some_and(|f| {
+                f.check(&rules, rel, is_dir, 0) == Some(crate::filter::Action::Exclude)
+            }) {
+                format!("a rule of {}/rsync_filter", config_dir().display())
+            } else {
+                return None;
+            };
+            Some(format!(
+                "source {} is left out whole by {by}: nothing of it is backed up",
                 crate::walk::shown(s),
-                config_dir().display()
-            )
+            ))
         })
         .collect()
 }
@@ -762,18 +811,17 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
     } else {
         vec![]
     };
-    let file = config_dir().join("excludes");
     let flags = crate::rsync_flags::load(&config_dir(), "rsync_flags")?.unwrap_or_default();
     let own: Vec<(String, String)> = args
         .exclude
         .iter()
         .map(|x| (format!("--exclude {x:?}"), x.clone()))
-        .chain(
-            read_config_lines("excludes")?
-                .into_iter()
-                .map(|l| (file.display().to_string(), l)),
-        )
+        .chain(read_exclude_file(&config_dir().join("excludes"))?)
         .collect();
+    for w in excludes_matching_nothing(&own) {
+        tracing::warn!("{w}");
+        report.warnings.push(w);
+    }
     let filter = load_filter(&flags)?;
     let mut excludes = exclude_rules(defaults, &own)?;
     if filter.as_ref().is_some_and(|f| f.clears_excludes) {
@@ -784,7 +832,7 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         excludes.clear();
     }
     let all = crate::walk::Excludes::new(&excludes)?;
-    for w in sources_left_out(&walked, filter.as_deref()) {
+    for w in sources_left_out(&walked, &all, filter.as_deref()) {
         tracing::warn!("{w}");
         report.warnings.push(w);
     }
@@ -1183,7 +1231,7 @@ fn forget_record(record: Option<&std::path::Path>) {
 /// none: the record's file is then backed up like any other).
 fn record_exclude(dir: &Path) -> Option<String> {
     let rel = dir.to_str()?.strip_prefix('/')?.trim_end_matches('/');
-    (!rel.is_empty()).then(|| format!("/{}/", globset::escape(rel)))
+    (!rel.is_empty()).then(|| format!("/{}/", crate::filter::Filter::escape(rel)))
 }
 
 /// A finished backup's exit code, as 1.x: vanished files are normal on a
@@ -1587,6 +1635,58 @@ mod tests {
         // `-x '#*#'` (Emacs' autosave files) is a pattern, not a comment.
         let x = crate::walk::Excludes::new(&["#*#"]).unwrap();
         assert!(x.is_excluded(b"home/a/#notes#", false));
+    }
+
+    /// `/etc/byteback/excludes` is read as rsync's `--exclude-from` read
+    /// it: lines not trimmed (` lead` and `trail ` are names with spaces),
+    /// `\r` ends a line, comments only at the start; each pattern knows
+    /// its file and line, for the messages about it.
+    #[test]
+    fn the_excludes_file_is_read_as_rsync_read_it() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("excludes");
+        std::fs::write(&f, "# c\n lead\ntrail \nwin\r\n\n  # not a comment\n[abc\n").unwrap();
+        let got = read_exclude_file(&f).unwrap();
+        let at = |n: usize| format!("{}:{n}", f.display());
+        let want = [
+            (at(2), " lead"),
+            (at(3), "trail "),
+            (at(4), "win"),
+            (at(6), "  # not a comment"),
+            (at(7), "[abc"),
+        ];
+        let want: Vec<_> = want
+            .iter()
+            .map(|(a, b)| (a.clone(), b.to_string()))
+            .collect();
+        assert_eq!(got, want);
+        assert!(read_exclude_file(&d.path().join("none"))
+            .unwrap()
+            .is_empty());
+        // A pattern matching nothing (as in rsync) is named with its origin.
+        let w = excludes_matching_nothing(&got);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with(&format!("{}: exclude \"[abc\"", at(7))),
+            "{w:?}"
+        );
+        let w = excludes_matching_nothing(&[("--exclude \"/\"".into(), "/".into())]);
+        assert!(w[0].starts_with("--exclude \"/\": exclude \"/\""), "{w:?}");
+    }
+
+    /// A source an exclude leaves out whole is named, as one a filter rule
+    /// leaves out.
+    #[test]
+    fn a_source_left_out_by_an_exclude_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("tree");
+        std::fs::create_dir(&src).unwrap();
+        let x = crate::walk::Excludes::new(&["tree/"]).unwrap();
+        let w = sources_left_out(std::slice::from_ref(&src), &x, None);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("left out whole by an exclude"), "{w:?}");
+        let none = crate::walk::Excludes::new::<&str>(&[]).unwrap();
+        assert!(sources_left_out(&[src], &none, None).is_empty());
     }
 
     /// known_hosts files others may write are not read.

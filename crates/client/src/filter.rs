@@ -381,6 +381,12 @@ impl Rule {
         Ok(rule)
     }
 
+    /// An exclude rule for `pat` as rsync's `--exclude PATTERN` (and each
+    /// line of `--exclude-from`) makes it: `- PATTERN`, no modifiers.
+    pub fn exclude(pat: &[u8]) -> Result<Rule, String> {
+        Rule::new(Action::Exclude, pat, &Mods::default(), b"")
+    }
+
     fn glob_matches(&self, text: &[u8], is_dir: bool) -> bool {
         self.glob.matches(text)
             || (is_dir && self.glob_dir.as_ref().is_some_and(|g| g.matches(text)))
@@ -633,6 +639,18 @@ fn read_file(path: &Path) -> Result<Vec<u8>, FilterError> {
     Ok(buf)
 }
 
+/// The patterns of an exclude file as rsync's `--exclude-from` reads them,
+/// each with its line number (1-based): lines end at `\n` or `\r`, are
+/// not trimmed (a pattern may start or end with a space), and empty lines
+/// and those starting with `#` or `;` are skipped.
+pub fn exclude_file_lines(text: &[u8]) -> Vec<(usize, &[u8])> {
+    text.split(|b| *b == b'\n')
+        .enumerate()
+        .flat_map(|(i, line)| line.split(|b| *b == b'\r').map(move |l| (i + 1, l)))
+        .filter(|(_, l)| !l.is_empty() && l[0] != b'#' && l[0] != b';')
+        .collect()
+}
+
 /// Parses the lines of `text` (from `file`) into `sink`.
 fn parse_lines(
     text: &[u8],
@@ -808,6 +826,23 @@ impl Filter {
         self.items.extend(more.items);
         self.notes.extend(more.notes);
         Ok(())
+    }
+
+    /// Escapes `name` so that, as a pattern, it matches exactly itself: a
+    /// name without `*?[` is a literal pattern already (its backslashes
+    /// too); otherwise each `*?[\\` gets a backslash.
+    pub fn escape(name: &str) -> String {
+        if !name.contains(['*', '?', '[']) {
+            return name.to_string();
+        }
+        let mut out = String::with_capacity(name.len() + 4);
+        for c in name.chars() {
+            if matches!(c, '*' | '?' | '[' | '\\') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out
     }
 
     /// Whether there are no rules at all.
@@ -1305,6 +1340,33 @@ mod tests {
             .enter(&f, 0, 1, b"top", b"- [x\n", Path::new("/top/.f"))
             .unwrap();
         assert!(notes[0].contains("/top/.f:1:"), "{notes:?}");
+    }
+
+    /// `--exclude-from`'s lines: not trimmed, `\r` ends a line, `#`/`;` at
+    /// the start and empty lines skipped.
+    #[test]
+    fn exclude_file_lines_are_read_as_rsync_reads_them() {
+        let got = exclude_file_lines(b"# c\n; c\n\n lead\ntrail \r\na\rb\n #x\n\t\n");
+        let want: Vec<(usize, &[u8])> = vec![
+            (4, b" lead"),
+            (5, b"trail "),
+            (6, b"a"),
+            (6, b"b"),
+            (7, b" #x"),
+            (8, b"\t"),
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn escaped_names_match_exactly_themselves() {
+        for name in ["plain", "back\\slash", "st*r", "a[b]\\c?", "{p,q}"] {
+            let r = Rule::exclude(Filter::escape(name).as_bytes()).unwrap();
+            assert!(r.matches(name.as_bytes(), 0, true), "{name}");
+            assert!(!r.matches(b"other", 0, true), "{name}");
+        }
+        assert_eq!(Filter::escape("back\\slash"), "back\\slash");
+        assert_eq!(Filter::escape("a*\\"), "a\\*\\\\");
     }
 
     /// (Long: one tree of per-directory files, then one check per rule it shows.)

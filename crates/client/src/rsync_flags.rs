@@ -89,35 +89,27 @@ pub fn load(dir: &Path, name: &str) -> Result<Option<RsyncFlags>> {
 /// line, blank lines and those starting with `#` or `;` skipped.
 fn read_exclude_from(file: &str, flags_path: &Path) -> Result<Vec<String>> {
     let path = PathBuf::from(file);
-    let text = std::fs::read(&path)
-        .map_err(|e| {
+    let text = std::fs::read(&path).map_err(|e| {
+        Error::Usage(format!(
+            "{}: --exclude-from={file}: cannot read it: {e}",
+            flags_path.display()
+        ))
+    })?;
+    // As rsync reads it (and the excludes file): lines not trimmed, `- `
+    // stripped; `+ ` and `!` would reorder rules, an error naming the line.
+    let mut out = vec![];
+    for (n, line) in crate::filter::exclude_file_lines(&text) {
+        let line = std::str::from_utf8(line).map_err(|_| {
             Error::Usage(format!(
-                "{}: --exclude-from={file}: cannot read it: {e}",
+                "{}: --exclude-from={file}:{n}: not UTF-8",
                 flags_path.display()
             ))
-        })
-        .and_then(|b| {
-            String::from_utf8(b).map_err(|_| {
-                Error::Usage(format!(
-                    "{}: --exclude-from={file}: not UTF-8",
-                    flags_path.display()
-                ))
-            })
         })?;
-    // As the excludes file: lines trimmed, `- ` stripped; `+ ` and `!`
-    // would reorder rules, an error naming the line.
-    let mut out = vec![];
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-            continue;
-        }
         if line == "!" || line.starts_with("+ ") {
             return Err(Error::Usage(format!(
-                "{}: --exclude-from={file}:{}: {line:?} is not an exclude; put include rules in \
+                "{}: --exclude-from={file}:{n}: {line:?} is not an exclude; put include rules in \
                  rsync_filter",
                 flags_path.display(),
-                n + 1
             )));
         }
         out.push(line.strip_prefix("- ").unwrap_or(line).to_string());
@@ -457,10 +449,15 @@ mod tests {
     fn exclude_from_reads_lines_as_the_excludes_file() {
         let d = tempfile::tempdir().unwrap();
         let list = d.path().join("list");
-        std::fs::write(&list, "# comment\n; also\n\n/srv/a\n  - /srv/b  \n").unwrap();
+        std::fs::write(
+            &list,
+            "# comment\n; also\n\n/srv/a\r\n- /srv/b \n  - /srv/c\n",
+        )
+        .unwrap();
         let got = read_exclude_from(list.to_str().unwrap(), Path::new("flags")).unwrap();
-        assert_eq!(got, ["/srv/a", "/srv/b"]);
-        std::fs::write(&list, "/srv/a\n  + /srv/c\n").unwrap();
+        // Not trimmed, as rsync reads it; `\r` ends a line.
+        assert_eq!(got, ["/srv/a", "/srv/b ", "  - /srv/c"]);
+        std::fs::write(&list, "/srv/a\n+ /srv/c\n").unwrap();
         let e = read_exclude_from(list.to_str().unwrap(), Path::new("flags")).unwrap_err();
         assert!(e.to_string().contains(":2:"), "{e}");
         let e = read_exclude_from("/no/such/file", Path::new("flags")).unwrap_err();

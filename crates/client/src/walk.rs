@@ -26,11 +26,10 @@ use std::sync::Arc;
 use crate::error::{bail, Context, Error, Result};
 use byteback_protocol::unchanged::EntryDigest;
 use byteback_protocol::{compare_paths, Entry, Kind};
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use rustix::fs::{FileType, Mode, OFlags, RawDir, ResolveFlags, Statx};
 use rustix::io::Errno;
 
-use crate::filter::{Action, DirRules, Filter};
+use crate::filter::{Action, DirRules, Filter, Rule};
 use crate::meta::{self, At};
 use crate::mounts::{Crossing, Mounts};
 use crate::prefetch::Prefetch;
@@ -51,75 +50,50 @@ pub const DEFAULT_EXCLUDES: &[&str] = &[
     "/var/lib/postgresql/",
 ];
 
-/// Exclude rules in rsync's spirit: a pattern starting with `/` is anchored at
-/// the filesystem root, any other matches the final components; a trailing
-/// `/` matches directories only.
-#[derive(Debug)]
+/// Exclude rules (`-x`, `/etc/byteback/excludes`, the defaults) as 1.x's
+/// rsync took its `--exclude`s: each is the filter rule `- PATTERN`, with
+/// rsync's matching ([`crate::filter`]), checked before the filter's rules
+/// (they came first on 1.x's command line, and rsync's first match wins).
+/// So no braces, a pattern without `*?[` is literal, `**` between slashes
+/// needs a directory, `dir/***` is the directory and all in it, and spaces
+/// are part of the pattern.
+#[derive(Debug, Default)]
 pub struct Excludes {
-    anchored: GlobSet,
-    anchored_dirs: GlobSet,
-    floating: GlobSet,
-    floating_dirs: GlobSet,
-}
-
-fn glob(p: &str) -> Result<globset::Glob> {
-    GlobBuilder::new(p)
-        .literal_separator(true)
-        .backslash_escape(true)
-        .build()
-        .with_context(|| format!("bad pattern {p:?}"))
+    rules: Vec<Rule>,
 }
 
 impl Excludes {
-    /// Builds the rules from patterns.
+    /// Builds the rules from patterns (an empty one is ignored, as rsync
+    /// ignores `--exclude ''`).
     pub fn new<S: AsRef<str>>(patterns: &[S]) -> Result<Self> {
-        let (mut a, mut ad, mut f, mut fd) = (
-            GlobSetBuilder::new(),
-            GlobSetBuilder::new(),
-            GlobSetBuilder::new(),
-            GlobSetBuilder::new(),
-        );
+        let mut rules = vec![];
         for p in patterns {
             // Comments are the files' business (see the CLI's config
             // reading): a `-x '#*#'` is a pattern.
-            let p = p.as_ref().trim();
+            let p = p.as_ref();
             if p.is_empty() {
                 continue;
             }
-            let (body, dir_only) = match p.strip_suffix('/') {
-                Some(b) if !b.is_empty() => (b, true),
-                _ => (p, false),
-            };
-            if let Some(rel) = body.strip_prefix('/') {
-                let g = glob(rel)?;
-                if dir_only {
-                    ad.add(g)
-                } else {
-                    a.add(g)
-                };
-            } else {
-                let g = glob(&format!("**/{body}"))?;
-                if dir_only {
-                    fd.add(g)
-                } else {
-                    f.add(g)
-                };
-            }
+            let rule = Rule::exclude(p.as_bytes())
+                .map_err(|m| Error::Usage(format!("exclude pattern {p:?}: {m}")))?;
+            rules.push(rule);
         }
-        Ok(Excludes {
-            anchored: a.build()?,
-            anchored_dirs: ad.build()?,
-            floating: f.build()?,
-            floating_dirs: fd.build()?,
-        })
+        Ok(Excludes { rules })
+    }
+
+    /// Why `pattern`, as an exclude, matches no path (as in rsync: a
+    /// pattern of only `/`, an unterminated `[`); `None` if it can match.
+    pub fn matches_nothing(pattern: &str) -> Option<String> {
+        if pattern.is_empty() {
+            return Some("an empty pattern".into());
+        }
+        Rule::exclude(pattern.as_bytes()).map_or_else(Some, |r| r.inert)
     }
 
     /// Whether `rel` (path relative to `/`) is excluded.
     pub fn is_excluded(&self, rel: &[u8], is_dir: bool) -> bool {
-        let p = Path::new(OsStr::from_bytes(rel));
-        self.anchored.is_match(p)
-            || self.floating.is_match(p)
-            || (is_dir && (self.anchored_dirs.is_match(p) || self.floating_dirs.is_match(p)))
+        let name_at = rel.iter().rposition(|b| *b == b'/').map_or(0, |i| i + 1);
+        self.rules.iter().any(|r| r.matches(rel, name_at, is_dir))
     }
 }
 
@@ -647,8 +621,8 @@ fn read_small_at(dir: BorrowedFd<'_>, name: &[u8]) -> Result<Option<Vec<u8>>, St
 
 /// Whether the walk of source `src` leaves out the directory at `abs`
 /// (an absolute path elsewhere beneath it), itself or through a directory
-/// between them, by the excludes or the filter's rules (as the walk checks
-/// them: not the source itself, nor what is above it). Per-directory
+/// between them or the source itself, by the excludes or the filter's
+/// rules (as the walk checks them: not what is above it). Per-directory
 /// filter files are not read for it: with any, it counts as left out, so
 /// a bind mount showing it is walked rather than its files lost.
 fn left_out_anywhere(excludes: &Excludes, filter: Option<&Filter>, abs: &[u8], src: &[u8]) -> bool {
@@ -661,7 +635,7 @@ fn left_out_anywhere(excludes: &Excludes, filter: Option<&Filter>, abs: &[u8], s
     let rules = DirRules::default();
     (0..=rel.len())
         .filter(|&i| i == rel.len() || rel[i] == b'/')
-        .filter(|&i| i > below)
+        .filter(|&i| i > 0 && i >= below)
         .map(|i| &rel[..i])
         .any(|p| {
             excludes.is_excluded(p, true)
@@ -678,8 +652,10 @@ mod left_out_tests {
     #[test]
     fn a_place_is_left_out_by_the_rules_the_walk_would_apply() {
         let x = Excludes::new(&["/tmp/", "cache/"]).unwrap();
-        // The source itself and what is above it are not checked.
+        // What is above the source is not checked; the source itself is.
         assert!(!left_out_anywhere(&x, None, b"/tmp/src/a/b", b"/tmp/src"));
+        let y = Excludes::new(&["src"]).unwrap();
+        assert!(left_out_anywhere(&y, None, b"/tmp/src/a/b", b"/tmp/src"));
         assert!(left_out_anywhere(
             &x,
             None,
@@ -1064,21 +1040,15 @@ impl Walker<'_> {
         }
         // The filesystem root has no entry of its own (its path is empty).
         let fs_root = src_bytes.trim_start_matches_slash().is_empty();
-        // As rsync --relative: filter rules apply to a source itself (not
-        // to its parents); an excluded source is left out whole.
+        // As rsync --relative: the excludes and filter rules apply to a
+        // source itself (not to its parents); an excluded source is left
+        // out whole.
         let is_dir = FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory;
-        if !fs_root
-            && self.filter.as_ref().is_some_and(|f| {
-                f.check(
-                    &self.dir_rules,
-                    src_bytes.trim_start_matches_slash(),
-                    is_dir,
-                    0,
-                ) == Some(Action::Exclude)
-            })
-        {
-            self.sink
-                .note(format!("{} left out by a filter rule", src.display()));
+        if !fs_root && self.left_out(src_bytes.trim_start_matches_slash(), is_dir, 0) {
+            self.sink.note(format!(
+                "{} left out by an exclude or filter rule",
+                src.display()
+            ));
             return Ok(None);
         }
         let whole = Some((root.clone(), src_bytes.len()));
@@ -1532,6 +1502,63 @@ mod tests {
         assert!(x.is_excluded(b"a/b/cache", true));
         assert!(!x.is_excluded(b"a/b/cache", false));
         assert!(x.is_excluded(b"var/cache/apt/archives", true));
+    }
+
+    /// The excludes match as 1.x's rsync matched its `--exclude`s (they
+    /// followed globset's rules, leaving out other files than rsync).
+    #[test]
+    fn excludes_match_as_rsync_excludes() {
+        let x = |p: &str| Excludes::new(&[p]).unwrap();
+        // No wildcard: literal, the backslash included.
+        assert!(x("back\\slash").is_excluded(b"d/back\\slash", false));
+        assert!(!x("back\\slash").is_excluded(b"d/backslash", false));
+        // No braces.
+        for p in ["{p,q}", "*.{o,txt}"] {
+            assert!(!x(p).is_excluded(b"d/p", false), "{p}");
+            assert!(!x(p).is_excluded(b"d/a.o", false), "{p}");
+        }
+        assert!(x("{p,q}").is_excluded(b"d/{p,q}", false));
+        assert!(x("*.{o,txt}").is_excluded(b"d/a.{o,txt}", false));
+        // `**` between slashes needs a directory.
+        assert!(!x("foo/**/bar").is_excluded(b"foo/bar", true));
+        assert!(x("foo/**/bar").is_excluded(b"foo/x/bar", true));
+        assert!(x("foo/**/bar").is_excluded(b"s/foo/x/y/bar", false));
+        // Spaces are part of the pattern.
+        assert!(x(" lead").is_excluded(b"d/ lead", false));
+        assert!(!x(" lead").is_excluded(b"d/lead", false));
+        assert!(x("trail ").is_excluded(b"d/trail ", false));
+        assert!(!x("trail ").is_excluded(b"d/trail", false));
+        // `a/***`: the directory itself too; a file named so is kept.
+        assert!(x("a/***").is_excluded(b"d/a", true));
+        assert!(x("a/***").is_excluded(b"d/a/f", false));
+        assert!(!x("a/***").is_excluded(b"d/a", false));
+        // Matching nothing, as with rsync: named, not refused.
+        for p in ["[abc", "/", "//", "[[:nope:]]"] {
+            assert!(!x(p).is_excluded(b"[abc", false), "{p}");
+            assert!(Excludes::matches_nothing(p).is_some(), "{p}");
+        }
+        assert!(Excludes::matches_nothing("*.o").is_none());
+    }
+
+    /// An exclude matching a source itself leaves it out whole, as rsync
+    /// `--relative` does (the excludes were not applied to it).
+    #[test]
+    fn an_exclude_matching_a_source_leaves_it_out_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("tree");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/f"), b"x").unwrap();
+        let abs = root.to_str().unwrap().to_string();
+        for p in ["tree", "tree/", abs.as_str(), "*"] {
+            let sink = walk_one(&root, &[p]);
+            let n = names(&sink);
+            assert!(
+                !n.iter().any(|e| e.ends_with("tree") || e.contains("tree/")),
+                "{p}: {n:?}"
+            );
+        }
+        let n = names(&walk_one(&root, &["tree/*"]));
+        assert!(n.iter().any(|e| e.ends_with("/tree")), "{n:?}");
     }
 
     #[derive(Default)]
