@@ -493,11 +493,13 @@ fn xattrs_beyond_what_an_entry_carries_are_left_out_with_a_warning() {
         return;
     }
     let bt = BtrfsLoop::new(256);
-    let src = bt.mount.join("src");
+    // A directory above the source has too many as well: it is sent too.
+    let src = bt.mount.join("above/src");
     write(&src.join("many"), b"many xattrs");
     write(&src.join("zz-after"), b"after it");
     for i in 0..300 {
         set_xattr(&src.join("many"), &format!("user.k{i:03}"), b"v");
+        set_xattr(&bt.mount.join("above"), &format!("user.a{i:03}"), b"v");
     }
     set_xattr(&src.join("many"), "trusted.keep", b"t");
     let d = scratch();
@@ -521,6 +523,11 @@ fn xattrs_beyond_what_an_entry_carries_are_left_out_with_a_warning() {
                 && err.contains("backed up without 45 of them: user.k255, user.k256"),
             "run {run}: {err}"
         );
+        assert!(
+            err.contains("above: more extended attributes than one entry may carry")
+                && err.contains("backed up without 44 of them: user.a256"),
+            "run {run}: {err}"
+        );
     }
     let r = restore(&store, "h", &bt.mount.join("r"), &src);
     let got = xattrs(&r.join("many"));
@@ -529,11 +536,18 @@ fn xattrs_beyond_what_an_entry_carries_are_left_out_with_a_warning() {
     assert!(got.contains(&(b"user.k254".to_vec(), b"v".to_vec())));
     assert!(!got.iter().any(|(n, _)| n == b"user.k255"));
     assert_eq!(fs::read(r.join("zz-after")).unwrap(), b"after it");
+    assert_eq!(xattrs(r.parent().unwrap()).len(), 256);
 
     // Restored onto ext4 (one block of xattrs per inode): those that do
     // not fit are warnings, as rsync's, and the restore goes on to the end.
+    let img = d.path().join("ext4.img");
+    run(Command::new("truncate").args(["-s", "64M"]).arg(&img));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "^ea_inode"])
+        .arg(&img));
+    let mut mounts = Mounts::default();
     let into = d.path().join("on-ext4");
-    fs::create_dir_all(&into).unwrap();
+    mounts.mount(&["-o", "loop", img.to_str().unwrap()], &into);
     let o = run_status(
         Command::new(bin("byteback-restore"))
             .current_dir(&into)
@@ -547,7 +561,11 @@ fn xattrs_beyond_what_an_entry_carries_are_left_out_with_a_warning() {
         err.contains("many: cannot set xattr user.k") && err.contains("No space left"),
         "{err}"
     );
-    let snap = fs::read_dir(&into).unwrap().next().unwrap().unwrap().path();
+    let snap = fs::read_dir(&into)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| !p.ends_with("lost+found"))
+        .unwrap();
     let r = snap.join(src.strip_prefix("/").unwrap());
     assert_eq!(fs::read(r.join("many")).unwrap(), b"many xattrs");
     assert_eq!(fs::read(r.join("zz-after")).unwrap(), b"after it");
@@ -601,4 +619,63 @@ fn entries_vouched_for_by_the_record_count_their_xattrs() {
         xattrs(&r.join("d7/f0777")),
         vec![(b"user.big".to_vec(), vec![b'x'; 9000])]
     );
+}
+
+/// A file whose access ACL cannot be restored (onto ramfs, which keeps no
+/// xattrs, as onto an inode with no room left for it): with an ACL, the
+/// mode's group bits are the ACL's mask, so applying them alone would
+/// give the owning group what only a named user had. The group bits are
+/// narrowed to the ACL's `group::` entry instead, with a warning.
+#[test]
+fn a_restore_without_the_acl_never_widens_the_groups_access() {
+    use std::os::unix::fs::PermissionsExt;
+    if !require_root("mounting filesystems") {
+        return;
+    }
+    let d = scratch();
+    let src = d.path().join("src");
+    write(&src.join("secret"), b"for one named user");
+    write(&src.join("shared"), b"for the group too");
+    for (f, acl) in [
+        ("secret", "u::rw-,u:nobody:rw-,g::---,m::rw-,o::---"),
+        ("shared", "u::rw-,u:nobody:rw-,g::r--,m::rw-,o::---"),
+    ] {
+        run(Command::new("setfacl")
+            .args(["--set", acl])
+            .arg(src.join(f)));
+    }
+    assert_eq!(
+        fs::metadata(src.join("secret"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o660,
+        "the mask is the mode's group bits"
+    );
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    backup(&store, &src, "h", &[]);
+    let mut mounts = Mounts::default();
+    let into = d.path().join("ramfs");
+    mounts.mount(&["-t", "ramfs", "ramfs"], &into);
+    let o = run_status(
+        Command::new(bin("byteback-restore"))
+            .current_dir(&into)
+            .arg("--destination")
+            .arg(&store)
+            .args(["--hostname", "h", "--restore", "/"]),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(24), "{err}");
+    assert!(
+        err.contains("secret: without its ACL, mode 0660 applied as 0600"),
+        "{err}"
+    );
+    let snap = fs::read_dir(&into).unwrap().next().unwrap().unwrap().path();
+    let r = snap.join(src.strip_prefix("/").unwrap());
+    let mode = |f: &str| fs::metadata(r.join(f)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("secret"), 0o600);
+    assert_eq!(mode("shared"), 0o640);
+    assert_eq!(fs::read(r.join("secret")).unwrap(), b"for one named user");
 }

@@ -108,6 +108,9 @@ pub fn apply(
     if !is_link {
         remove_stale_acls(obj, entry, shown, &mut warnings)?;
     }
+    // The access ACL, when it could not be set: the mode's group bits are
+    // then narrowed to what the ACL gave the owning group.
+    let mut acl_lost = None;
     for (name, value) in &entry.xattrs {
         let privileged = name.starts_with(b"security.") || name.starts_with(b"trusted.");
         if !rules.as_root && privileged {
@@ -127,7 +130,11 @@ pub fn apply(
         if is_link && (name.starts_with(b"user.") || name.starts_with(b"system.posix_acl_")) {
             continue; // the kernel never allows these on a symlink
         }
-        match set_xattr(obj, name, value) {
+        let set = set_xattr(obj, name, value);
+        if set.is_err() && name.as_slice() == ACL_ACCESS {
+            acl_lost = Some(value.as_slice());
+        }
+        match set {
             Ok(()) => {}
             // No room for this xattr in this inode (ext4 without ea_inode,
             // btrfs's leaf size) or over this filesystem's limits: the
@@ -154,13 +161,18 @@ pub fn apply(
         }
     }
     if !is_link {
-        let mode = owned_mode(
-            obj,
-            entry,
-            restored_mode(entry, rules),
-            shown,
-            &mut warnings,
-        )?;
+        let mut mode = restored_mode(entry, rules);
+        if let Some(acl) = acl_lost {
+            let narrowed = (mode & !0o070) | (group_of_acl(acl) & (mode >> 3) & 0o7) << 3;
+            if narrowed != mode {
+                warnings.push(format!(
+                    "{shown}: without its ACL, mode {mode:04o} applied as {narrowed:04o} \
+                     (the group bits of a mode with an ACL are its mask, not the group's own)"
+                ));
+                mode = narrowed;
+            }
+        }
+        let mode = owned_mode(obj, entry, mode, shown, &mut warnings)?;
         set_mode(obj, mode).map_err(|e| err(e, shown, "chmod"))?;
         if mode & 0o2000 != 0 {
             // The kernel silently drops setgid for a group the caller is not in.
@@ -176,6 +188,30 @@ pub fn apply(
     }
     set_mtime(obj, entry).map_err(|e| err(e, shown, "setting mtime"))?;
     Ok(warnings)
+}
+
+/// The permissions (`rwx`, 3 bits) access ACL `acl` (the kernel's xattr
+/// encoding: a 4-byte version 2, then 8-byte entries of tag, permissions
+/// and id) gives the owning group: its `group::` entry, within its mask.
+/// Nothing (0) for one that does not parse: a restore that cannot tell
+/// must not widen access.
+fn group_of_acl(acl: &[u8]) -> u32 {
+    const GROUP_OBJ: u16 = 0x04;
+    const MASK: u16 = 0x10;
+    if acl.len() < 4 || (acl.len() - 4) % 8 != 0 || acl[..4] != 2u32.to_le_bytes() {
+        return 0;
+    }
+    let (mut group, mut mask) = (None, 0o7);
+    for e in acl[4..].chunks_exact(8) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u32::from(u16::from_le_bytes([e[2], e[3]]) & 0o7);
+        match tag {
+            GROUP_OBJ => group = Some(perm),
+            MASK => mask = perm,
+            _ => {}
+        }
+    }
+    group.map_or(0, |g| g & mask)
 }
 
 /// `mode` without the setuid bit unless the object is owned by the
@@ -359,4 +395,42 @@ pub fn open_path(dir: impl AsFd, name: &[u8]) -> io::Result<std::os::fd::OwnedFd
         Mode::empty(),
     )?;
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::group_of_acl;
+
+    fn acl(entries: &[(u16, u16)]) -> Vec<u8> {
+        let mut v = 2u32.to_le_bytes().to_vec();
+        for &(tag, perm) in entries {
+            v.extend_from_slice(&tag.to_le_bytes());
+            v.extend_from_slice(&perm.to_le_bytes());
+            v.extend_from_slice(&u32::MAX.to_le_bytes());
+        }
+        v
+    }
+
+    /// The owning group's own entry, within the mask; nothing for what
+    /// does not parse.
+    #[test]
+    fn the_group_gets_its_own_entry_within_the_mask() {
+        // user::rw- user:x:rw- group::--- mask::rw- other::---
+        assert_eq!(
+            group_of_acl(&acl(&[(1, 6), (2, 6), (4, 0), (0x10, 6), (0x20, 0)])),
+            0
+        );
+        // group::rwx within mask::r--
+        assert_eq!(
+            group_of_acl(&acl(&[(1, 6), (4, 7), (0x10, 4), (0x20, 0)])),
+            4
+        );
+        // No mask: the group entry itself.
+        assert_eq!(group_of_acl(&acl(&[(1, 6), (4, 5), (0x20, 0)])), 5);
+        assert_eq!(group_of_acl(b""), 0);
+        assert_eq!(group_of_acl(&acl(&[(4, 7)])[..11]), 0);
+        let mut v1 = acl(&[(4, 7)]);
+        v1[0] = 1;
+        assert_eq!(group_of_acl(&v1), 0);
+    }
 }

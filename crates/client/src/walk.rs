@@ -864,17 +864,10 @@ impl Walker<'_> {
         if known.is_none() && xattrs {
             match xattr_fault(abs).map_or_else(|| meta::read_xattrs(at), Err) {
                 Ok(mut x) => {
-                    let dropped = meta::fit_xattrs(&mut x);
-                    if !dropped.is_empty() {
-                        // Sent, without them: not kept as the last backup
-                        // has it. No quick key: the next backup reads the
-                        // xattrs again, and says so again.
+                    if self.fit_xattrs(&path_of(abs), &mut x) {
+                        // No quick key: the next backup reads the xattrs
+                        // again, and says so again.
                         quick = None;
-                        self.sink.warning(WalkWarning {
-                            path: path_of(abs),
-                            message: xattrs_left_out(&dropped),
-                            vanished: false,
-                        });
                     }
                     e.xattrs = x;
                 }
@@ -897,6 +890,23 @@ impl Walker<'_> {
         };
         self.sink.entry(found, e)?;
         Ok(true)
+    }
+
+    /// Keeps of `xattrs` what one entry may carry ([`meta::fit_xattrs`]);
+    /// what it leaves out is a warning naming `path` (the entry is sent,
+    /// without them: not kept as the last backup has it). Returns whether
+    /// it left any out.
+    fn fit_xattrs(&mut self, path: &Path, xattrs: &mut byteback_protocol::Xattrs) -> bool {
+        let dropped = meta::fit_xattrs(xattrs);
+        if dropped.is_empty() {
+            return false;
+        }
+        self.sink.warning(WalkWarning {
+            path: path.to_path_buf(),
+            message: xattrs_left_out(&dropped),
+            vanished: false,
+        });
+        true
     }
 
     /// Whether the filesystem of `dir` (on mount and device `mnt`) is one
@@ -935,8 +945,9 @@ impl Walker<'_> {
                 name: &name,
             };
             let st = meta::stat_at(at).with_context(|| format!("{}", anc.display()))?;
-            let e = meta::read_entry(at, rel.clone(), &st)
+            let mut e = meta::read_entry(at, rel.clone(), &st)
                 .with_context(|| format!("{}", anc.display()))?;
+            self.fit_xattrs(&anc, &mut e.xattrs);
             let (dev, ino) = meta::dev_ino(&st);
             let found = Found {
                 abs: anc.clone(),
