@@ -198,7 +198,7 @@ pub fn apply(
 fn group_of_acl(acl: &[u8]) -> u32 {
     const GROUP_OBJ: u16 = 0x04;
     const MASK: u16 = 0x10;
-    if acl.len() < 4 || (acl.len() - 4) % 8 != 0 || acl[..4] != 2u32.to_le_bytes() {
+    if acl.len() < 4 || !(acl.len() - 4).is_multiple_of(8) || acl[..4] != 2u32.to_le_bytes() {
         return 0;
     }
     let (mut group, mut mask) = (None, 0o7);
