@@ -480,6 +480,8 @@ fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
         (b"m2", b"- m2 after a '!' pattern there"),
         (b"par", b"- par in ../.ff"),
         (b"sub/par2", b"- /src/sub/par2 in ../.ff"),
+        (b"d/x/f", b"- */x: a / in the literal tail"),
+        (b"d/xx/f", b"kept"),
     ] {
         put(&s.src, rel, why);
     }
@@ -487,6 +489,9 @@ fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
     // A second source, left out whole by an exclude naming it.
     let other = s.work.join("other");
     put(&other, b"f", b"- other/");
+    // A third source inside it: walked still, as rsync sends it.
+    let inner = other.join("inner");
+    put(&inner, b"g", b"a source inside an excluded one");
     fs::write(s.work.join(".ff"), "- par\n- /src/sub/par2\n").unwrap();
     let merged = s.work.join("merged");
     fs::write(&merged, "m1\n!\nm2\n").unwrap();
@@ -510,6 +515,7 @@ fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
         "tri/***",
         "[abc",
         "other/",
+        "*/x",
     ];
 
     let oracle = s.work.join("rsync");
@@ -528,6 +534,7 @@ fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
         .arg(&merge)
         .arg(&s.src)
         .arg(&other)
+        .arg(&inner)
         .arg(format!("{}/", oracle.display())));
     let want = oracle.join(s.src.strip_prefix("/").unwrap());
     // The oracle did what the comments above say.
@@ -547,6 +554,7 @@ fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
         b"m2",
         b"par",
         b"sub/par2",
+        b"d/x",
     ] {
         assert!(!p(&want, rel).exists(), "rsync kept {}", rel.escape_ascii());
     }
@@ -561,6 +569,7 @@ fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
         b"[abc",
         b"regfile",
         b"sub",
+        b"d/xx/f",
     ] {
         assert!(
             p(&want, rel).exists(),
@@ -569,16 +578,26 @@ fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
         );
     }
     assert!(fs::symlink_metadata(want.join("regsym")).is_ok());
-    assert!(!oracle.join(other.strip_prefix("/").unwrap()).exists());
+    let theirs = oracle.join(other.strip_prefix("/").unwrap());
+    assert!(!theirs.join("f").exists());
+    assert!(theirs.join("inner/g").is_file());
 
-    let mut args: Vec<&OsStr> = vec![OsStr::new("--source"), other.as_os_str()];
+    let mut args: Vec<&OsStr> = vec![
+        OsStr::new("--source"),
+        other.as_os_str(),
+        OsStr::new("--source"),
+        inner.as_os_str(),
+    ];
     for x in &xs {
         args.extend([OsStr::new("-x"), OsStr::new(x)]);
     }
     let o = s.backup(&args);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
-    let left_out = format!("source {} is left out whole by an exclude", other.display());
+    let left_out = format!(
+        "source {} is left out by an exclude, but for the sources inside it",
+        other.display()
+    );
     assert!(err.contains(&left_out), "{err}");
     assert!(
         err.contains("--exclude \"[abc\": exclude \"[abc\""),
@@ -586,7 +605,12 @@ fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
     );
     assert!(err.contains("rsync_filter:8: \"- /\""), "{err}");
     let cur = s.store.join("h/current");
-    assert!(!cur.join(other.strip_prefix("/").unwrap()).exists());
+    let ours = cur.join(other.strip_prefix("/").unwrap());
+    assert!(!ours.join("f").exists());
+    assert_eq!(
+        fs::read(ours.join("inner/g")).unwrap(),
+        b"a source inside an excluded one"
+    );
     let snap = snapshots(&s.store, "h").pop().expect("a snapshot");
     let into = s.work.join("restored");
     fs::create_dir_all(&into).unwrap();
@@ -600,4 +624,53 @@ fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
     let got = into.join(&snap).join(s.src.strip_prefix("/").unwrap());
     assert_same_tree(&want, &got);
     assert_same_tree(&got, &want);
+}
+
+/// Per-directory filter files above a source, where others may write
+/// (`/tmp`): one that is a symlink, a directory or too large is named and
+/// not read, never the end of every backup; and notes on their rules, one
+/// per file in many directories, are counted past the first 20.
+#[test]
+fn filter_files_above_a_source_never_fail_the_backup_and_notes_are_bounded() {
+    let s = setup();
+    let top = s.work.join("top");
+    let src = top.join("a/src");
+    put(&src, b"keep", b"kept");
+    for i in 0..30 {
+        put(&src, format!("d{i:02}/.ff").as_bytes(), b"- [abc\n");
+    }
+    fs::write(s.work.join("elsewhere"), "- keep\n").unwrap();
+    std::os::unix::fs::symlink(s.work.join("elsewhere"), top.join(".ff")).unwrap();
+    fs::create_dir_all(top.join("a/.ff")).unwrap();
+    fs::write(s.conf.join("rsync_filter"), ": .ff\n").unwrap();
+    let o = run_status(
+        Command::new(bin("byteback-backup"))
+            .env("BYTEBACK_CONFIG_DIR", &s.conf)
+            .arg("--destination")
+            .arg(&s.store)
+            .arg("--source")
+            .arg(&src)
+            .args(["--hostname", "h", "--retry-number", "0"]),
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    for f in [top.join(".ff"), top.join("a/.ff")] {
+        assert!(
+            err.contains(&format!(
+                "per-directory filter file {}, above a source:",
+                f.display()
+            )),
+            "{err}"
+        );
+    }
+    assert_eq!(err.matches("\"- [abc\": unterminated").count(), 20, "{err}");
+    assert!(
+        err.contains("10 more notes on the rules of per-directory filter files not shown"),
+        "{err}"
+    );
+    let stored = s
+        .store
+        .join("h/current")
+        .join(src.strip_prefix("/").unwrap());
+    assert_eq!(fs::read(stored.join("keep")).unwrap(), b"kept");
 }

@@ -324,6 +324,7 @@ pub fn exclude_rules(base: Vec<String>, more: &[(String, String)]) -> Result<Vec
 /// user named them to be backed up, and nothing of them is.
 fn sources_left_out(
     sources: &[PathBuf],
+    nested: &[PathBuf],
     excludes: &crate::walk::Excludes,
     filter: Option<&crate::filter::Filter>,
 ) -> Vec<String> {
@@ -347,6 +348,13 @@ fn sources_left_out(
             } else {
                 return None;
             };
+            // The sources inside it are walked still, each on its own.
+            if nested.iter().any(|o| o != s && o.starts_with(s)) {
+                return Some(format!(
+                    "source {} is left out by {by}, but for the sources inside it",
+                    crate::walk::shown(s),
+                ));
+            }
             Some(format!(
                 "source {} is left out whole by {by}: nothing of it is backed up",
                 crate::walk::shown(s),
@@ -832,7 +840,8 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         excludes.clear();
     }
     let all = crate::walk::Excludes::new(&excludes)?;
-    for w in sources_left_out(&walked, &all, filter.as_deref()) {
+    let nested = crate::walk::nested_sources(&sources)?;
+    for w in sources_left_out(&walked, &nested, &all, filter.as_deref()) {
         tracing::warn!("{w}");
         report.warnings.push(w);
     }
@@ -1682,11 +1691,11 @@ mod tests {
         let src = d.path().join("tree");
         std::fs::create_dir(&src).unwrap();
         let x = crate::walk::Excludes::new(&["tree/"]).unwrap();
-        let w = sources_left_out(std::slice::from_ref(&src), &x, None);
+        let w = sources_left_out(std::slice::from_ref(&src), &[], &x, None);
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].contains("left out whole by an exclude"), "{w:?}");
         let none = crate::walk::Excludes::new::<&str>(&[]).unwrap();
-        assert!(sources_left_out(&[src], &none, None).is_empty());
+        assert!(sources_left_out(&[src], &[], &none, None).is_empty());
     }
 
     /// known_hosts files others may write are not read.

@@ -246,8 +246,9 @@ impl Glob {
         // `name`, `*.ext`, `prefix*`.
         match self.toks.split_first() {
             Some((Tok::Star, rest)) if rest.iter().all(|t| matches!(t, Tok::Byte(_))) => {
-                return !text.contains(&b'/')
-                    && text.len() >= rest.len()
+                // `*` matches no `/`; the literal tail may hold some (`*/x`).
+                return text.len() >= rest.len()
+                    && !text[..text.len() - rest.len()].contains(&b'/')
                     && bytes_match(rest, &text[text.len() - rest.len()..]);
             }
             _ if self.toks.iter().all(|t| matches!(t, Tok::Byte(_))) => {
@@ -1074,6 +1075,9 @@ mod tests {
             ("*.o", &["a.o", ".o"][..], &["a.oo", "d/a.o", "o"][..]),
             ("lib*", &["lib", "libc.so"], &["xlib", "lib/x"]),
             ("*", &["", "abc"], &["a/b"]),
+            // A `/` in the literal tail: `*` still matches none.
+            ("*/x", &["d/x", "/x"], &["d/e/x", "x", "d/xx"]),
+            ("*oo/x", &["foo/x", "oo/x"], &["f/oo/x", "foo/y"]),
         ] {
             let glob = g(pat);
             for t in yes {

@@ -582,7 +582,15 @@ struct Walker<'a> {
     /// [`WalkOptions::nested`] (absolute paths, sorted), each with whether
     /// the walk has sent it.
     nested: Vec<(Vec<u8>, bool)>,
+    /// Notes on per-directory filter files' rules given so far (see
+    /// [`Walker::filter_note`]).
+    filter_notes: usize,
 }
+
+/// Notes on per-directory filter files' rules given one by one in a run;
+/// past these, they are counted (one file in each of thousands of
+/// directories would repeat one note thousands of times, every night).
+const FILTER_NOTES: usize = 20;
 
 fn path_of(bytes: &[u8]) -> PathBuf {
     PathBuf::from(OsStr::from_bytes(bytes))
@@ -719,7 +727,7 @@ impl Walker<'_> {
                 )
                 .map_err(|e| Error::Usage(format!("filter rules: {e}")))?;
             for n in notes {
-                tracing::warn!("{n}");
+                self.filter_note(&n);
             }
         }
         Ok(())
@@ -754,12 +762,23 @@ impl Walker<'_> {
             if here.is_empty() {
                 continue;
             }
-            let fd = rustix::fs::open(
+            // O_PATH: searching the directory is enough, as for rsync,
+            // which opens the file by its path.
+            let fd = match rustix::fs::open(
                 &dir,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
                 Mode::empty(),
-            )
-            .with_context(|| format!("opening {}", shown(&dir)))?;
+            ) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    tracing::warn!(
+                        "{}: cannot look for per-directory filter files above a source: {}",
+                        shown(&dir),
+                        io::Error::from(e)
+                    );
+                    continue;
+                }
+            };
             let rel = dir
                 .as_os_str()
                 .as_bytes()
@@ -768,13 +787,18 @@ impl Walker<'_> {
             for m in here {
                 let file = dir.join(OsStr::from_bytes(m.name));
                 let shown = file.as_os_str().as_bytes().escape_ascii();
+                // Above the sources, where others may write (`/tmp`): one
+                // that cannot be read as a filter file is named and
+                // skipped (its rules then leave nothing out), never the
+                // end of every backup of the host.
                 let text = match read_small_at(fd.as_fd(), m.name) {
                     Ok(Some(t)) => t,
                     Ok(None) => continue,
                     Err(m) => {
-                        return Err(Error::Usage(format!(
-                            "per-directory filter file {shown}: {m}"
-                        )))
+                        tracing::warn!(
+                            "per-directory filter file {shown}, above a source: {m}; not read"
+                        );
+                        continue;
                     }
                 };
                 let notes = self
@@ -782,11 +806,21 @@ impl Walker<'_> {
                     .enter(&filter, m.merge, 0, &rel, &text, &file)
                     .map_err(|e| Error::Usage(format!("filter rules: {e}")))?;
                 for n in notes {
-                    tracing::warn!("{n}");
+                    self.filter_note(&n);
                 }
             }
         }
         Ok(())
+    }
+
+    /// A note on the rules of a per-directory filter file (a rule that
+    /// matches nothing, one with no effect here): the first
+    /// [`FILTER_NOTES`] of a run are warnings, the rest counted.
+    fn filter_note(&mut self, note: &str) {
+        self.filter_notes += 1;
+        if self.filter_notes <= FILTER_NOTES {
+            tracing::warn!("{note}");
+        }
     }
 
     /// A problem with `path` (absolute) that leaves it, or what is below
@@ -966,7 +1000,7 @@ impl Walker<'_> {
     /// Walks one source: the source itself (opened by its path), then
     /// everything below it, reached from directory fds only.
     fn source(&mut self, src: &Path) -> Result<()> {
-        let Some((root, dir, st)) = self.open_source(src)? else {
+        let Some((root, dir, st, implied)) = self.open_source(src)? else {
             return Ok(());
         };
         let src_bytes = src.as_os_str().as_bytes();
@@ -979,7 +1013,7 @@ impl Walker<'_> {
         };
         let mut stack = Vec::new();
         let root_mnt = (mnt_id(&st), meta::dev_ino(&st).0);
-        self.push_level(&mut stack, dir, &path, root_mnt, st.stx_ino, false)?;
+        self.push_level(&mut stack, dir, &path, root_mnt, st.stx_ino, implied)?;
         loop {
             let depth = stack.len();
             let Some(top) = stack.last_mut() else {
@@ -1018,7 +1052,11 @@ impl Walker<'_> {
     /// Opens a source by its path and sends its own entry (unless it is the
     /// filesystem root, which has none). `None` when there is nothing below
     /// it to walk: not a directory, left out, or unreadable (warned).
-    fn open_source(&mut self, src: &Path) -> Result<Option<(Arc<SourceRoot>, OwnedFd, Statx)>> {
+    #[allow(clippy::type_complexity)]
+    fn open_source(
+        &mut self,
+        src: &Path,
+    ) -> Result<Option<(Arc<SourceRoot>, OwnedFd, Statx, bool)>> {
         let src_bytes = src.as_os_str().as_bytes();
         // A source that cannot be opened never counts as vanished: a
         // symlink to a disc that is not mounted leaves the last backup's
@@ -1053,14 +1091,23 @@ impl Walker<'_> {
         let fs_root = src_bytes.trim_start_matches_slash().is_empty();
         // As rsync --relative: the excludes and filter rules apply to a
         // source itself (not to its parents); an excluded source is left
-        // out whole.
+        // out whole, but for the sources inside it, which rsync is given
+        // each on its own: it is entered only on the way to them.
         let is_dir = FileType::from_raw_mode(st.stx_mode.into()) == FileType::Directory;
+        let mut implied = false;
         if !fs_root && self.left_out(src_bytes.trim_start_matches_slash(), is_dir, 0) {
+            if !(is_dir && self.above_nested(src_bytes)) {
+                self.sink.note(format!(
+                    "{} left out by an exclude or filter rule",
+                    src.display()
+                ));
+                return Ok(None);
+            }
             self.sink.note(format!(
-                "{} left out by an exclude or filter rule",
+                "{} left out by an exclude or filter rule, but for the sources inside it",
                 src.display()
             ));
-            return Ok(None);
+            implied = true;
         }
         let whole = Some((root.clone(), src_bytes.len()));
         if !fs_root && !self.emit(At::Fd(root.fd.as_fd()), &st, src_bytes, whole, false, true)? {
@@ -1081,7 +1128,7 @@ impl Walker<'_> {
                 return Ok(None);
             }
         };
-        Ok(Some((root, dir, st)))
+        Ok(Some((root, dir, st, implied)))
     }
 
     /// Enters the directory `path`, open as `dir`, one level below the top of
@@ -1463,6 +1510,7 @@ pub fn walk(
             n.sort();
             n
         },
+        filter_notes: 0,
     };
     let mut sent_dirs: Vec<Vec<u8>> = vec![];
     for src in sources {
@@ -1471,6 +1519,12 @@ pub fn walk(
         w.enter_ancestors(src)?;
         w.source(src)?;
         w.dir_rules.leave(0);
+    }
+    if w.filter_notes > FILTER_NOTES {
+        tracing::warn!(
+            "{} more notes on the rules of per-directory filter files not shown",
+            w.filter_notes - FILTER_NOTES
+        );
     }
     for (path, sent) in std::mem::take(&mut w.nested) {
         if !sent {
