@@ -492,6 +492,11 @@ fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
     // A third source inside it: walked still, as rsync sends it.
     let inner = other.join("inner");
     put(&inner, b"g", b"a source inside an excluded one");
+    // And a source inside it holding another: walked whole.
+    let inner2 = other.join("b/inner2");
+    put(&inner2, b"keepme", b"in a source holding another");
+    let deep = inner2.join("deep");
+    put(&deep, b"h", b"in the deepest source");
     fs::write(s.work.join(".ff"), "- par\n- /src/sub/par2\n").unwrap();
     let merged = s.work.join("merged");
     fs::write(&merged, "m1\n!\nm2\n").unwrap();
@@ -535,6 +540,8 @@ fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
         .arg(&s.src)
         .arg(&other)
         .arg(&inner)
+        .arg(&inner2)
+        .arg(&deep)
         .arg(format!("{}/", oracle.display())));
     let want = oracle.join(s.src.strip_prefix("/").unwrap());
     // The oracle did what the comments above say.
@@ -581,12 +588,18 @@ fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
     let theirs = oracle.join(other.strip_prefix("/").unwrap());
     assert!(!theirs.join("f").exists());
     assert!(theirs.join("inner/g").is_file());
+    assert!(theirs.join("b/inner2/keepme").is_file());
+    assert!(theirs.join("b/inner2/deep/h").is_file());
 
     let mut args: Vec<&OsStr> = vec![
         OsStr::new("--source"),
         other.as_os_str(),
         OsStr::new("--source"),
         inner.as_os_str(),
+        OsStr::new("--source"),
+        inner2.as_os_str(),
+        OsStr::new("--source"),
+        deep.as_os_str(),
     ];
     for x in &xs {
         args.extend([OsStr::new("-x"), OsStr::new(x)]);
@@ -611,6 +624,14 @@ fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
         fs::read(ours.join("inner/g")).unwrap(),
         b"a source inside an excluded one"
     );
+    assert_eq!(
+        fs::read(ours.join("b/inner2/keepme")).unwrap(),
+        b"in a source holding another"
+    );
+    assert_eq!(
+        fs::read(ours.join("b/inner2/deep/h")).unwrap(),
+        b"in the deepest source"
+    );
     let snap = snapshots(&s.store, "h").pop().expect("a snapshot");
     let into = s.work.join("restored");
     fs::create_dir_all(&into).unwrap();
@@ -634,7 +655,7 @@ fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
 fn filter_files_above_a_source_never_fail_the_backup_and_notes_are_bounded() {
     let s = setup();
     let top = s.work.join("top");
-    let src = top.join("a/src");
+    let src = top.join("a/b/src");
     put(&src, b"keep", b"kept");
     for i in 0..30 {
         put(&src, format!("d{i:02}/.ff").as_bytes(), b"- [abc\n");
@@ -642,6 +663,8 @@ fn filter_files_above_a_source_never_fail_the_backup_and_notes_are_bounded() {
     fs::write(s.work.join("elsewhere"), "- keep\n").unwrap();
     std::os::unix::fs::symlink(s.work.join("elsewhere"), top.join(".ff")).unwrap();
     fs::create_dir_all(top.join("a/.ff")).unwrap();
+    // One that reads, with a rule rsync would refuse too.
+    fs::write(top.join("a/b/.ff"), "hello world\n").unwrap();
     fs::write(s.conf.join("rsync_filter"), ": .ff\n").unwrap();
     let o = run_status(
         Command::new(bin("byteback-backup"))
@@ -663,6 +686,11 @@ fn filter_files_above_a_source_never_fail_the_backup_and_notes_are_bounded() {
             "{err}"
         );
     }
+    assert!(
+        err.contains(&format!("{}:1: ", top.join("a/b/.ff").display()))
+            && err.contains("above a source; not read"),
+        "{err}"
+    );
     assert_eq!(err.matches("\"- [abc\": unterminated").count(), 20, "{err}");
     assert!(
         err.contains("10 more notes on the rules of per-directory filter files not shown"),

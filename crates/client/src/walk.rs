@@ -801,10 +801,16 @@ impl Walker<'_> {
                         continue;
                     }
                 };
-                let notes = self
+                let notes = match self
                     .dir_rules
                     .enter(&filter, m.merge, 0, &rel, &text, &file)
-                    .map_err(|e| Error::Usage(format!("filter rules: {e}")))?;
+                {
+                    Ok(notes) => notes,
+                    Err(e) => {
+                        tracing::warn!("{e}, above a source; not read");
+                        continue;
+                    }
+                };
                 for n in notes {
                     self.filter_note(&n);
                 }
@@ -1196,9 +1202,10 @@ impl Walker<'_> {
             .ok();
         // Above a source inside the source walked: where it would be left
         // out, or in a directory entered only on the way, it is entered on
-        // the way too.
+        // the way too (unless it is a source itself, walked whole where
+        // the rules do not leave it out).
         let above = self.above_nested(path);
-        if above && child.parent.implied {
+        if above && child.parent.implied && nested.is_none() {
             return self.visit_implied(child, path, root, below_start);
         }
         if hinted_dir.is_some_and(|d| self.left_out(rel, d, depth)) {
