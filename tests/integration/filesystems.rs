@@ -53,6 +53,39 @@ fn restore(store: &Path, host: &str, into: &Path, src: &Path) -> PathBuf {
     snap.join(src.strip_prefix("/").unwrap())
 }
 
+/// `byteback-backup` of `src` as host `h` into `store`, its record of the
+/// last backup in `cache`; whatever its exit code.
+fn backup_with_record(store: &Path, src: &Path, cache: &Path) -> Output {
+    run_status(
+        Command::new(bin("byteback-backup"))
+            .env("BYTEBACK_CACHE_DIR", cache)
+            .arg("--destination")
+            .arg(store)
+            .arg("--source")
+            .arg(src)
+            .args(["--hostname", "h", "--retry-number", "0"]),
+    )
+}
+
+/// `byteback-restore` of everything of host `h`'s newest snapshot into
+/// `into` (a filesystem's root: its `lost+found` is passed over), whatever
+/// its exit code; its output and the restored `src`.
+fn restore_status(store: &Path, into: &Path, src: &Path) -> (Output, PathBuf) {
+    let o = run_status(
+        Command::new(bin("byteback-restore"))
+            .current_dir(into)
+            .arg("--destination")
+            .arg(store)
+            .args(["--hostname", "h", "--restore", "/"]),
+    );
+    let snap = fs::read_dir(into)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| !p.ends_with("lost+found"))
+        .unwrap_or_else(|| panic!("nothing restored: {}", String::from_utf8_lossy(&o.stderr)));
+    (o, snap.join(src.strip_prefix("/").unwrap()))
+}
+
 fn is_empty_dir(p: &Path) -> bool {
     fs::symlink_metadata(p).unwrap().is_dir() && fs::read_dir(p).unwrap().next().is_none()
 }
@@ -504,18 +537,9 @@ fn xattrs_beyond_what_an_entry_carries_are_left_out_with_a_warning() {
     set_xattr(&src.join("many"), "trusted.keep", b"t");
     let d = scratch();
     let store = d.path().join("store");
-    fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    store_without_interval(&store);
     for run in 0..2 {
-        let o = run_status(
-            Command::new(bin("byteback-backup"))
-                .env("BYTEBACK_CACHE_DIR", d.path().join("cache"))
-                .arg("--destination")
-                .arg(&store)
-                .arg("--source")
-                .arg(&src)
-                .args(["--hostname", "h", "--retry-number", "0"]),
-        );
+        let o = backup_with_record(&store, &src, &d.path().join("cache"));
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(24), "run {run}: {err}");
         assert!(
@@ -548,25 +572,13 @@ fn xattrs_beyond_what_an_entry_carries_are_left_out_with_a_warning() {
     let mut mounts = Mounts::default();
     let into = d.path().join("on-ext4");
     mounts.mount(&["-o", "loop", img.to_str().unwrap()], &into);
-    let o = run_status(
-        Command::new(bin("byteback-restore"))
-            .current_dir(&into)
-            .arg("--destination")
-            .arg(&store)
-            .args(["--hostname", "h", "--restore", "/"]),
-    );
+    let (o, r) = restore_status(&store, &into, &src);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(24), "{err}");
     assert!(
         err.contains("many: cannot set xattr user.k") && err.contains("No space left"),
         "{err}"
     );
-    let snap = fs::read_dir(&into)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| !p.ends_with("lost+found"))
-        .unwrap();
-    let r = snap.join(src.strip_prefix("/").unwrap());
     assert_eq!(fs::read(r.join("many")).unwrap(), b"many xattrs");
     assert_eq!(fs::read(r.join("zz-after")).unwrap(), b"after it");
 }
@@ -592,18 +604,9 @@ fn entries_vouched_for_by_the_record_count_their_xattrs() {
     std::thread::sleep(std::time::Duration::from_secs(4));
     let d = scratch();
     let store = d.path().join("store");
-    fs::create_dir_all(&store).unwrap();
-    fs::write(store.join("byteback.toml"), "min_snapshot_interval = 0\n").unwrap();
+    store_without_interval(&store);
     for run in 0..3 {
-        let o = run_status(
-            Command::new(bin("byteback-backup"))
-                .env("BYTEBACK_CACHE_DIR", d.path().join("cache"))
-                .arg("--destination")
-                .arg(&store)
-                .arg("--source")
-                .arg(&src)
-                .args(["--hostname", "h", "--retry-number", "0"]),
-        );
+        let o = backup_with_record(&store, &src, &d.path().join("cache"));
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(0), "run {run}: {err}");
         if run > 0 {
@@ -659,21 +662,13 @@ fn a_restore_without_the_acl_never_widens_the_groups_access() {
     let mut mounts = Mounts::default();
     let into = d.path().join("ramfs");
     mounts.mount(&["-t", "ramfs", "ramfs"], &into);
-    let o = run_status(
-        Command::new(bin("byteback-restore"))
-            .current_dir(&into)
-            .arg("--destination")
-            .arg(&store)
-            .args(["--hostname", "h", "--restore", "/"]),
-    );
+    let (o, r) = restore_status(&store, &into, &src);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(24), "{err}");
     assert!(
         err.contains("secret: without its ACL, mode 0660 applied as 0600"),
         "{err}"
     );
-    let snap = fs::read_dir(&into).unwrap().next().unwrap().unwrap().path();
-    let r = snap.join(src.strip_prefix("/").unwrap());
     let mode = |f: &str| fs::metadata(r.join(f)).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode("secret"), 0o600);
     assert_eq!(mode("shared"), 0o640);

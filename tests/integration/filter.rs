@@ -37,6 +37,24 @@ fn put(root: &Path, rel: &[u8], data: &[u8]) {
     fs::write(f, data).unwrap();
 }
 
+/// Restores the source of the newest snapshot and checks it is `want`
+/// (rsync's copy), both ways.
+fn restores_as(s: &Setup, want: &Path) {
+    let snap = snapshots(&s.store, "h").pop().expect("a snapshot");
+    let into = s.work.join("restored");
+    fs::create_dir_all(&into).unwrap();
+    let o = s.restore(&[
+        OsStr::new("--restore"),
+        OsStr::new("--target"),
+        into.as_os_str(),
+        s.src.as_os_str(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let got = into.join(&snap).join(s.src.strip_prefix("/").unwrap());
+    assert_same_tree(want, &got);
+    assert_same_tree(&got, want);
+}
+
 impl Setup {
     fn backup(&self, extra: &[&OsStr]) -> Output {
         run_status(
@@ -235,19 +253,7 @@ fn rsync_filter_selects_exactly_what_rsync_selects() {
         err.contains("rsync_filter:7") && err.contains("has no effect"),
         "the P rule is named in a note: {err}"
     );
-    let snap = snapshots(&s.store, "h").pop().expect("a snapshot");
-    let into = s.work.join("restored");
-    fs::create_dir_all(&into).unwrap();
-    let o = s.restore(&[
-        OsStr::new("--restore"),
-        OsStr::new("--target"),
-        into.as_os_str(),
-        s.src.as_os_str(),
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let got = into.join(&snap).join(s.src.strip_prefix("/").unwrap());
-    assert_same_tree(&want, &got);
-    assert_same_tree(&got, &want);
+    restores_as(&s, &want);
 }
 
 /// An unsupported rule in `rsync_filter` stops the backup before anything
@@ -632,19 +638,7 @@ fn excludes_and_filter_corners_select_exactly_what_rsync_selects() {
         fs::read(ours.join("b/inner2/deep/h")).unwrap(),
         b"in the deepest source"
     );
-    let snap = snapshots(&s.store, "h").pop().expect("a snapshot");
-    let into = s.work.join("restored");
-    fs::create_dir_all(&into).unwrap();
-    let o = s.restore(&[
-        OsStr::new("--restore"),
-        OsStr::new("--target"),
-        into.as_os_str(),
-        s.src.as_os_str(),
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let got = into.join(&snap).join(s.src.strip_prefix("/").unwrap());
-    assert_same_tree(&want, &got);
-    assert_same_tree(&got, &want);
+    restores_as(&s, &want);
 }
 
 /// Per-directory filter files above a source, where others may write
