@@ -692,6 +692,15 @@ fn signal_when(s: &Setup, marker: &str, sig: i32, extra: &[&str]) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// Waits (at most 60 s) for the marker file a pre-backup hook touches.
+fn wait_for_pre_hook(marker: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the pre hook never ran");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn alive(pid: &str) -> bool {
     fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
         .is_ok_and(|st| !st.split(") ").nth(1).unwrap_or("").starts_with('Z'))
@@ -897,11 +906,7 @@ fn a_backup_stopped_during_its_transfer_runs_the_post_hooks_after_it() {
         .piped(&s.store, &["--retry-number", "3", "--retry-delay", "600"])
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "the pre hook never ran");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_pre_hook(&ready);
     std::thread::sleep(Duration::from_millis(200));
     let signalled = Instant::now();
     // SAFETY: plain syscall on a child's pid.
@@ -980,11 +985,7 @@ fn a_backup_stopped_before_the_server_answers_ends_at_once() {
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !ready.exists() {
-            assert!(Instant::now() < deadline, "the pre hook never ran");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_for_pre_hook(&ready);
         // Well into the wait for the server.
         std::thread::sleep(Duration::from_millis(1500));
         let signalled = Instant::now();
@@ -1039,11 +1040,7 @@ fn a_hangup_ignored_from_the_start_does_not_stop_the_backup() {
         });
     }
     let child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !started.exists() {
-        assert!(Instant::now() < deadline, "the pre hook never ran");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_pre_hook(&started);
     // SAFETY: plain syscall on a child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGHUP) }, 0);
     let o = child.wait_with_output().unwrap();
@@ -1072,11 +1069,7 @@ fn a_backup_stopped_with_its_stderr_closed_still_ends() {
         .unwrap();
     drop(child.stderr.take());
     drop(child.stdout.take());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !started.exists() {
-        assert!(Instant::now() < deadline, "the pre hook never ran");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_pre_hook(&started);
     // SAFETY: plain syscall on a child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     let deadline = Instant::now() + Duration::from_secs(40);
