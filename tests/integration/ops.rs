@@ -650,6 +650,43 @@ fn usage_errors_exit_2() {
         );
     }
     assert!(!store.exists());
+    assert!(!d.path().join("bb@server").exists());
+    assert!(!d.path().join("server.example.com").exists());
     assert!(!Path::new("/nonexistent-store").exists());
     assert!(!Path::new("/nonexistent-target").exists());
+}
+
+/// As root, the admin commands never take root's home for the store (an
+/// empty store, exit 0, would hide every host): the account byteback's
+/// home, said on stderr, or a usage error saying what to give.
+#[test]
+fn admin_commands_as_root_never_take_roots_home_for_the_store() {
+    if !require_root("running as root") {
+        return;
+    }
+    let d = scratch();
+    let account = run_status(Command::new("getent").args(["passwd", "byteback"]));
+    for args in [
+        &["byteback-prune", "--list"][..],
+        &["byteback-server", "status"][..],
+        &["byteback-server", "verify", "--budget", "1M"][..],
+    ] {
+        let o = run_status(
+            Command::new(bin(args[0]))
+                .args(&args[1..])
+                .env("HOME", d.path())
+                .current_dir(d.path()),
+        );
+        let all = output_text(&o);
+        assert!(!all.contains(d.path().to_str().unwrap()), "{args:?}: {all}");
+        if account.status.success() {
+            assert!(
+                all.contains("the home of the account byteback"),
+                "{args:?}: {all}"
+            );
+        } else {
+            assert!(all.contains("no account byteback"), "{args:?}: {all}");
+            assert_ne!(o.status.code(), Some(0), "{args:?}: {all}");
+        }
+    }
 }

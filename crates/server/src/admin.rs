@@ -69,7 +69,8 @@ pub struct PruneArgs {
     /// With --prune: only say what would be deleted next.
     #[arg(short = 'n', long)]
     pub dry_run: bool,
-    /// Store root (default: the home directory of the server user).
+    /// Store root (default: the home directory of the user running it; as root,
+    /// the account byteback's).
     #[arg(long)]
     pub store: Option<PathBuf>,
     /// Act as of this time (RFC 3339, e.g. 2026-11-27T12:00:00Z), for dry runs and tests.
@@ -84,7 +85,8 @@ pub struct PruneArgs {
 /// Options of `byteback-server status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Store root (default: the home directory of the server user).
+    /// Store root (default: the home directory of the user running it; as root,
+    /// the account byteback's).
     #[arg(long)]
     pub store: Option<PathBuf>,
     /// WARNING (exit 1) when a host's newest snapshot is older (e.g. 26h, 2d).
@@ -112,13 +114,62 @@ pub fn parse_age(s: &str) -> Result<i64, String> {
 }
 
 /// The store root: the flag, else `$HOME` (the byteback user's home, as 1.x).
+/// Root's home is never taken for a store (an admin running a command as
+/// root would see an empty store and exit 0): as root, the home of the
+/// account `byteback` is, with a note, or it is a usage error.
 pub fn store_root(flag: Option<PathBuf>) -> Result<PathBuf> {
-    flag.or_else(|| {
-        std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-    })
-    .ok_or_else(|| Error::Usage("no --store given and no home directory".into()))
+    if let Some(p) = flag {
+        return Ok(p);
+    }
+    if rustix::process::geteuid().is_root() {
+        return match home_of(c"byteback") {
+            Some(home) => {
+                tracing::info!(
+                    "store: {} (the home of the account byteback; --store names another)",
+                    home.display()
+                );
+                Ok(home)
+            }
+            None => Err(Error::Usage(
+                "run as root with no --store, and there is no account byteback: give --store \
+                 DIR (the store account's home), or run as that account (runuser -u ACCOUNT \
+                 -- ...)"
+                    .into(),
+            )),
+        };
+    }
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .ok_or_else(|| Error::Usage("no --store given and no home directory".into()))
+}
+
+/// The home directory of account `name`, if it exists and has an absolute
+/// one.
+fn home_of(name: &std::ffi::CStr) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0u8; 16 << 10];
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r writes only into `pw` and `buf` (of the length
+    // given) and sets `out` to `&pw` or null; `pw_dir` points into `buf`,
+    // which outlives its use below.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            name.as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut out,
+        )
+    };
+    if rc != 0 || out.is_null() || pw.pw_dir.is_null() {
+        return None;
+    }
+    // SAFETY: a NUL-terminated string inside `buf` (see above).
+    let dir = unsafe { std::ffi::CStr::from_ptr(pw.pw_dir) };
+    let dir = PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()));
+    dir.is_absolute().then_some(dir)
 }
 
 fn clock(now: Option<(i64, i64)>) -> (i64, i64) {
@@ -290,8 +341,13 @@ fn prune_inner(args: PruneArgs, report: &mut PruneJson) -> Result<u8> {
     } else if args.verbose || !o.deleted.is_empty() {
         writeln!(
             err,
-            "byteback-prune: {} snapshot(s) deleted, {}",
+            "byteback-prune: {} snapshot(s) {}, {}",
             o.deleted.len(),
+            if args.dry_run {
+                "would be deleted (dry run: nothing was)"
+            } else {
+                "deleted"
+            },
             o.after
         )
         .op("write", || "standard error")?;

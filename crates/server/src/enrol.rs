@@ -216,7 +216,7 @@ fn check_host_keys(cfg: &EnrolConfig, existing: &str) -> Result<()> {
     match other {
         None => Ok(()),
         Some(b) => Err(Error::Usage(format!(
-            "host {} already has a key (…{}): a second machine of that name would back up into the same tree, each backup deleting the other's files. Give this machine its own --hostname; if it is the same machine with a new key, retire the old one (byteback-setup-client --rotate-key, or --retire-key); --add-key keeps both",
+            "host {} already has a key (…{}): a second machine of that name would back up into the same tree, each backup deleting the other's files. Give this machine its own --hostname; if it is the same machine with a new key, retire the old one: on the client, byteback-setup-client --rotate-key (which still holds the old key); on the server, byteback-server enrol --retire-key OLDKEY, or --add-key to keep both",
             cfg.host,
             &b[b.len().saturating_sub(16)..]
         ))),

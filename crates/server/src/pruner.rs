@@ -815,10 +815,15 @@ fn check_growth(
                 .collect();
             write_small(store, ACCEPTED, &lines, true)?;
         }
+        let verb = if opts.dry_run {
+            "would accept growth"
+        } else {
+            "accepting growth"
+        };
         for s in &spikes {
             say(
                 log,
-                format_args!("byteback-prune: accepting growth: {}", spike_shown(s)),
+                format_args!("byteback-prune: {verb}: {}", spike_shown(s)),
             )?;
         }
         return Ok(None);

@@ -29,7 +29,8 @@ pub struct ReportArgs {
     /// replaces the previous one atomically).
     #[arg(long, value_name = "DIR")]
     pub html: PathBuf,
-    /// Store root (default: the home directory of the server user).
+    /// Store root (default: the home directory of the user running it; as root,
+    /// the account byteback's).
     #[arg(long)]
     pub store: Option<PathBuf>,
     /// A host's last backup older than this shows as WARNING (as `status --warn`).

@@ -46,7 +46,8 @@ pub const PIECE: u64 = 64 << 20;
 /// `byteback-server verify` options.
 #[derive(Debug, clap::Args)]
 pub struct VerifyArgs {
-    /// Store root (default: the home directory of the server user).
+    /// Store root (default: the home directory of the user running it; as root,
+    /// the account byteback's).
     #[arg(long)]
     pub store: Option<PathBuf>,
     /// Only these hosts (default: every host).
