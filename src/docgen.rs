@@ -420,8 +420,10 @@ fn written_sections(page: &str) -> Written {
 fn backup_page() -> Written {
     Written {
         description: Some(
-            "Walks each source without crossing into other filesystems and streams changed \
-             files as rsync-style deltas to byteback-server, over SSH or over pipes for a \
+            "Walks each source, crossing into the filesystems mounted below it that are of a \
+             local type (btrfs, ext2/3/4, xfs, ... as byteback 1.x; network and virtual ones \
+             such as NFS, tmpfs and /proc are left out; --one-file-system stays on the \
+             source's own), and streams changed files as rsync-style deltas to byteback-server, over SSH or over pipes for a \
              local store. The server commits the backup into <store>/<host>/current and \
              takes a read-only, timestamped snapshot. Regular files (holes stay holes), \
              directories, symlinks, hard links, FIFOs, sockets, device nodes, modes, \

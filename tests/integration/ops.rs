@@ -585,12 +585,36 @@ fn systemd_units_pass_systemd_analyze_verify() {
 fn usage_errors_exit_2() {
     let d = scratch();
     let store = d.path().join("store");
+    let locked = d.path().join("locked").to_str().unwrap().to_string();
+    run(Command::new("ssh-keygen").args([
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "a passphrase",
+        "-C",
+        "",
+        "-f",
+        &locked,
+    ]));
     let cases: Vec<(&str, Vec<&str>)> = vec![
         ("byteback-backup", vec!["--no-such-flag"]),
         ("byteback-backup", vec!["--retry-number", "many"]),
+        // A forgotten colon: never a store in the current directory.
+        ("byteback-backup", vec!["-d", "bb@server", "-e", "1"]),
         (
             "byteback-backup",
-            vec!["--io-timeout", "0", "-d", "/nonexistent-store"],
+            vec!["-d", "server.example.com", "-e", "1"],
+        ),
+        ("byteback-restore", vec!["-d", "bb@server", "/"]),
+        // Keys that cannot be loaded fail at once, not after 5 retries.
+        (
+            "byteback-backup",
+            vec!["-d", "bb@127.0.0.1:", "-k", "/nonexistent-key", "-e", "1"],
+        ),
+        (
+            "byteback-backup",
+            vec!["-d", "bb@127.0.0.1:", "-k", &locked, "-e", "1"],
         ),
         (
             "byteback-backup",

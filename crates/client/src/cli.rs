@@ -100,8 +100,8 @@ pub struct BackupArgs {
     #[arg(short = 'e', long, default_value_t = 600)]
     retry_delay: u64,
     /// Seconds without any data moving before the connection counts as dead
-    /// (SSH). Default: /etc/byteback/io_timeout (a 0 there, 1.x's rsync's
-    /// "no timeout", is taken as 10800), else 10800.
+    /// (SSH). Default: /etc/byteback/io_timeout, else 10800. A 0 (1.x's
+    /// rsync's "no timeout"), here or there, is taken as 10800.
     #[arg(short, long)]
     io_timeout: Option<u64>,
     /// SSH private key. Default: /etc/byteback/key.
@@ -493,11 +493,13 @@ impl Target {
             .map_or_else(|| read_config_line("destination"), |d| Ok(Some(d)))?
             .ok_or_else(|| {
                 Error::Usage(format!(
-                    "no --destination and no {}/destination",
+                    "no --destination, and no destination in {}/destination (missing, or \
+                     blank and comments only); write `user@server:` there, or run \
+                     byteback-setup-client",
                     config_dir().display()
                 ))
             })?;
-        let dest = Destination::parse(&text)?;
+        let dest = Destination::parse(&text).map_err(|e| Error::Usage(e.to_string()))?;
         let host = match (hostname, &dest) {
             (Some(h), _) => {
                 byteback_protocol::validate_host_name(h)
@@ -918,7 +920,9 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         Err(e) => {
             tracing::error!("{e}");
             report.errors.push(format!("{e}"));
-            (1, None)
+            // A configuration found wanting on the way (a key that cannot
+            // be loaded, no byteback-server): 2, as for the flags.
+            (if e.is_usage() { 2 } else { 1 }, None)
         }
     };
     // Stopped by a signal (see `stop`) before the backup was committed: the
@@ -949,7 +953,7 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         tracing::error!("post-backup hook failed: {f}");
         report.errors.push(format!("post-backup hook failed: {f}"));
     }
-    if code != 1 {
+    if code == 0 || code == EXIT_PARTIAL {
         tracing::error!(
             "the backup itself {} (exit {code} without the hook)",
             if code == 0 {
@@ -1257,31 +1261,49 @@ fn exit_for(_vanished: u64, partial: u64) -> u8 {
 /// A 0 in the file is taken as 10800 s, with a warning (kept in `warnings`).
 fn backup_io_timeout(flag: Option<u64>, warnings: &mut Vec<String>) -> Result<u64> {
     if let Some(t) = flag {
-        return Ok(t);
+        return Ok(no_endless_timeout(t, "--io-timeout", 10_800, warnings));
     }
+    let file = config_dir().join("io_timeout");
     match read_config_line("io_timeout")? {
+        None if file.exists() => {
+            let w = format!(
+                "{}: no number of seconds in it; 10800 is used",
+                file.display()
+            );
+            tracing::warn!("{w}");
+            warnings.push(w);
+            Ok(10_800)
+        }
         None => Ok(10_800),
         Some(line) => match line.parse() {
-            // rsync's "no timeout": a connection that died without a word
-            // would hang the backup (and hold its lock) for ever.
-            Ok(0) => {
-                let w = format!(
-                    "{}/io_timeout: 0 (1.x's rsync: no timeout) is taken as 10800 seconds: \
-                     byteback always gives up on a connection silent that long, so a dead one \
-                     cannot hang the backup",
-                    config_dir().display()
-                );
-                tracing::warn!("{w}");
-                warnings.push(w);
-                Ok(10_800)
-            }
-            Ok(t) => Ok(t),
+            Ok(t) => Ok(no_endless_timeout(
+                t,
+                &file.display().to_string(),
+                10_800,
+                warnings,
+            )),
             Err(_) => Err(Error::Usage(format!(
                 "{}/io_timeout: {line:?} is not a number of seconds",
                 config_dir().display()
             ))),
         },
     }
+}
+
+/// `t`, or `default` for a 0 (1.x's rsync: no timeout), with a warning
+/// naming `what` (kept in `warnings`): a connection that died without a
+/// word would hang the run, and hold its lock, for ever.
+fn no_endless_timeout(t: u64, what: &str, default: u64, warnings: &mut Vec<String>) -> u64 {
+    if t > 0 {
+        return t;
+    }
+    let w = format!(
+        "{what}: 0 (1.x's rsync: no timeout) is taken as {default} seconds: byteback always \
+         gives up on a connection silent that long, so a dead one cannot hang it"
+    );
+    tracing::warn!("{w}");
+    warnings.push(w);
+    default
 }
 
 /// List or restore backed-up files.
@@ -1312,7 +1334,8 @@ pub struct RestoreArgs {
     /// Host whose backups to read (local stores). Default: hostname -f.
     #[arg(long)]
     hostname: Option<String>,
-    /// Seconds without progress before the connection counts as dead.
+    /// Seconds without progress before the connection counts as dead (a 0,
+    /// 1.x's rsync's "no timeout", is taken as 300).
     #[arg(short, long, default_value_t = 300)]
     io_timeout: u64,
     /// SSH private key. Default: /etc/byteback/key.
@@ -1345,7 +1368,9 @@ pub struct RestoreArgs {
     /// Glob patterns (relative ones are taken from the current directory).
     /// Without any, --list lists the snapshots and what wrote each
     /// (`byteback`, or `1.x` for byteback 1.x's rsync snapshots).
-    patterns: Vec<String>,
+    /// File names are bytes: a byte of a pattern that is not UTF-8 matches
+    /// as `?` does (any one byte), with a note.
+    patterns: Vec<std::ffi::OsString>,
 }
 
 /// `byteback-restore --restore --json`: what the restore did.
@@ -1440,11 +1465,13 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
             "--json goes with --restore (a listing is already data on stdout)".into(),
         ));
     }
+    // Settings warnings go to stderr only (see below).
+    let io_timeout = no_endless_timeout(args.io_timeout, "--io-timeout", 300, &mut vec![]);
     let target = Target::resolve(
         args.destination.as_deref(),
         args.hostname.as_deref(),
         args.ssh_key.as_deref(),
-        args.io_timeout,
+        io_timeout,
     )?;
     // Settings warnings go to stderr only: the report's warnings are the
     // restore's own, which make it partial.
@@ -1492,7 +1519,7 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
         return Ok(if n == 0 { 1 } else { 0 });
     }
     let cwd = std::env::current_dir()?;
-    let pats = Patterns::new(&args.patterns, &cwd)?;
+    let pats = Patterns::new(&restore::utf8_patterns(&args.patterns, &cwd), "")?;
     let (into, shown_into) = match &args.target {
         Some(_) if !args.restore => {
             return Err(Error::Usage("--target goes with --restore".into()))

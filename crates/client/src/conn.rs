@@ -83,13 +83,27 @@ impl Destination {
                     Some((u, h)) => (Some(u.to_string()), h.to_string()),
                     None => (None, hostpart.to_string()),
                 };
+                if host.is_empty() {
+                    return Err(err!("no host name in the destination {s:?}"));
+                }
                 Ok(Destination::Ssh {
                     user,
                     host,
                     port: 22,
                 })
             }
-            _ => Ok(Destination::Local(PathBuf::from(s))),
+            // A store on this machine is named by a path with a slash in
+            // front: `backupserver` or `bb@backupserver` (a forgotten colon)
+            // would otherwise be a directory in the current one (`/` under
+            // the timer), filled every night while the server got nothing.
+            _ if ["/", "./", "../"].iter().any(|p| s.starts_with(p)) => {
+                Ok(Destination::Local(PathBuf::from(s)))
+            }
+            _ => Err(err!(
+                "destination {s:?} is neither a server (`user@host:`, with the colon, or \
+                 `ssh://user@host:port/`) nor a local store (an absolute path, or one starting \
+                 with `./`)"
+            )),
         }
     }
 }
@@ -643,7 +657,22 @@ impl Connection {
                 Stdio::inherit()
             })
             .spawn()
-            .on("cannot start", &bin)?;
+            .map_err(|e| {
+                // Not there, or not executable: installing it is the fix,
+                // not retrying.
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ) {
+                    crate::error::Error::Usage(format!(
+                        "cannot start {}: {e}; a local store needs byteback-server, installed \
+                         beside byteback-backup or on PATH (or named by $BYTEBACK_SERVER)",
+                        bin.display()
+                    ))
+                } else {
+                    crate::error::Error::io("cannot start", &bin, e)
+                }
+            })?;
         if let Some(err) = child.stderr.take() {
             relay_lines(err);
         }
@@ -960,5 +989,10 @@ mod tests {
             Destination::parse("./a:b").unwrap(),
             Destination::Local("./a:b".into())
         );
+        // A forgotten colon, a bare host or a plain relative name is
+        // refused, never a directory in the current one.
+        for bad in ["bb@server", "server.example.com", "store", "a/b", "", "@:"] {
+            assert!(Destination::parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -518,6 +518,13 @@ fn split_rule(line: &[u8]) -> Result<(Kind, &[u8], &[u8]), String> {
         })
         .or_else(|| short(line[0]).map(|k| (k, &line[1..])))
         .ok_or_else(|| {
+            let word = line.split(|b| *b == b' ').next().unwrap_or(line);
+            if word == b"C" || word == b"cvs-exclude" {
+                return "rule C (rsync's cvs-exclude: CVS's built-in list of names, and \
+                        .cvsignore files) is not supported: write the excludes it stands for \
+                        out as - rules"
+                    .to_string();
+            }
             format!(
                 "unknown rule \"{}\" (supported: + - include exclude merge . dir-merge : \
                  hide H show S protect P risk R clear !)",
@@ -1187,6 +1194,7 @@ mod tests {
             ("- a\n\n-C x\n", 3, "modifier 'C'"),
             ("-p x\n", 1, "modifier 'p'"),
             (" - indented\n", 1, "unknown rule"),
+            ("- a\nC\n", 2, "cvs-exclude"),
             ("dir-merge sub/.f\n", 1, "plain file name"),
             ("dir-merge /sub/.f\n", 1, "plain file name"),
             (": /\n", 1, "plain file name"),

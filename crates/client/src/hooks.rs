@@ -176,9 +176,11 @@ fn not_root_only(path: &Path) -> Option<String> {
         }
         if m.permissions().mode() & 0o022 != 0 {
             return Some(format!(
-                "{what} {} is writable by its group or others (mode {:04o})",
+                "{what} {} is writable by its group or others (mode {:04o}; `chmod go-w {}` \
+                 if that is not meant)",
                 p.display(),
-                m.permissions().mode() & 0o7777
+                m.permissions().mode() & 0o7777,
+                p.display()
             ));
         }
         None

@@ -28,6 +28,9 @@ pub struct RsyncFlags {
     pub built_in: Vec<String>,
     /// Flags byteback has no equivalent for, as written.
     pub unsupported: Vec<String>,
+    /// Warnings about lines that are taken as written but look like a
+    /// mistake.
+    pub notes: Vec<String>,
 }
 
 /// Short flags whose meaning byteback always has: archive (`a` = `rlptgoD`),
@@ -57,6 +60,7 @@ const BUILT_IN_LONG: &[&str] = &[
     "delete-during",
     "delete-delay",
     "delete-after",
+    "delete-excluded",
     "inplace",
     "partial",
     "verbose",
@@ -191,6 +195,16 @@ pub fn parse(text: &str, exclude_from: &dyn Fn(&str) -> Result<Vec<String>>) -> 
                 Some((n, v)) => (n, Some(v.to_string())),
                 None => (long, None),
             };
+            // 1.x gave rsync each line as one argument: `--exclude *.o`
+            // on one line was an option rsync did not know, and the
+            // backup failed. Said so, rather than the exclude dropped.
+            if name.contains(char::is_whitespace) {
+                return Err(Error::Usage(format!(
+                    "rsync_flags: {arg:?} is one argument (each line is one, as 1.x gave them to \
+                     rsync, which refused this one): write the flag as --NAME=VALUE, or the \
+                     flag and its value on lines of their own"
+                )));
+            }
             let mut value_or_next = || value.clone().or_else(|| args.next().map(str::to_string));
             match name {
                 "exclude" => match value_or_next() {
@@ -198,6 +212,13 @@ pub fn parse(text: &str, exclude_from: &dyn Fn(&str) -> Result<Vec<String>>) -> 
                     // an exclude, `+ ` an include, `!` a clear.
                     Some(p) if p == "!" || p.starts_with("+ ") => return Err(rule_flag(arg)),
                     Some(p) => {
+                        if p.contains(" --") || p.contains(" -x") {
+                            out.notes.push(format!(
+                                "rsync_flags: the exclude pattern {p:?} looks like several \
+                                 flags on one line; each line is one argument (as 1.x gave \
+                                 them to rsync), so it is one pattern: put one flag a line"
+                            ));
+                        }
                         let flag = format!("--exclude={p}");
                         let p = p.strip_prefix("- ").map_or(p.clone(), str::to_string);
                         out.exclude_flags.push(flag.clone());
@@ -288,15 +309,27 @@ impl RsyncFlags {
     /// The warning naming the flags not applied, if any (`path` is the
     /// file's), and a note of those applied for `--verbose`.
     pub fn messages(&self, path: &Path) -> (Option<String>, Option<String>) {
-        let warning = (!self.unsupported.is_empty()).then(|| {
+        let timeout = if self.unsupported.iter().any(|f| f.starts_with("--timeout")) {
+            " (for --timeout: /etc/byteback/io_timeout or --io-timeout)"
+        } else {
+            ""
+        };
+        let mut warning = (!self.unsupported.is_empty()).then(|| {
             format!(
                 "{}: byteback 2 runs no rsync and has no equivalent for: {}; these flags are ignored \
                  (--exclude, --exclude-from, -x and -c are applied; the rest of the file names what \
-                 byteback always does)",
+                 byteback always does){timeout}",
                 path.display(),
                 self.unsupported.join(" ")
             )
         });
+        for n in &self.notes {
+            let w = warning.get_or_insert_with(String::new);
+            if !w.is_empty() {
+                w.push_str("; ");
+            }
+            w.push_str(n);
+        }
         let mut applied = vec![];
         if !self.excludes.is_empty() {
             applied.push(format!("{} exclude patterns", self.excludes.len()));
@@ -462,5 +495,25 @@ mod tests {
         assert!(e.to_string().contains(":2:"), "{e}");
         let e = read_exclude_from("/no/such/file", Path::new("flags")).unwrap_err();
         assert!(e.to_string().contains("/no/such/file"), "{e}");
+    }
+
+    #[test]
+    fn lines_holding_several_flags_are_said_never_silently_dropped() {
+        // A flag and its value on one line: 1.x's rsync refused it.
+        let e = parse("--exclude *.txt\n", &no_file).unwrap_err();
+        assert!(
+            e.is_usage() && e.to_string().contains("--NAME=VALUE"),
+            "{e}"
+        );
+        // Two excludes on one line stay one pattern, as in 1.x, with a warning.
+        let f = parse("--exclude=*.txt --exclude=*.conf\n", &no_file).unwrap();
+        assert_eq!(f.excludes.len(), 1);
+        let w = f.messages(Path::new("f")).0.unwrap();
+        assert!(w.contains("one flag a line"), "{w}");
+        // 1.x passed --delete-excluded itself: what byteback always does.
+        let f = parse("--delete-excluded\n--timeout=60\n", &no_file).unwrap();
+        assert_eq!(f.built_in, ["--delete-excluded"]);
+        let w = f.messages(Path::new("f")).0.unwrap();
+        assert!(w.contains("io_timeout"), "{w}");
     }
 }

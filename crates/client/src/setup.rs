@@ -101,6 +101,20 @@ fn setup(args: &SetupArgs) -> Result<()> {
     let Destination::Ssh { user, host, port } = Destination::parse(&destination)? else {
         return Err(Error::msg("--destination must be a server (user@host: or ssh://user@host:port/); a local store needs no set-up"));
     };
+    // A 1.x-style `user@host:/path`: the path is not used (the key's forced
+    // command names the store), so it is not written down for every backup
+    // to warn about.
+    let destination = match crate::conn::ignored_path(&destination) {
+        Some(path) => {
+            let plain = &destination[..destination.len() - path.len()];
+            eprintln!(
+                "byteback-setup-client: the path {path:?} in {destination:?} is not used (the \
+                 server's account keeps its store in its home): writing {plain:?}"
+            );
+            plain.to_string()
+        }
+        None => destination,
+    };
     let target = SshTarget::new(user.unwrap_or_else(|| DEFAULT_SSH_USER.into()), host, port)
         .with_ssh_config()?;
     let name = match &args.hostname {
@@ -129,10 +143,6 @@ fn setup(args: &SetupArgs) -> Result<()> {
     let key = ensure_key(&key_path)?;
     let public = public_line(&key)?;
 
-    let auth = match &args.admin_key {
-        Some(p) => Auth::Key(p.clone()),
-        None => Auth::Password(password(&target)?),
-    };
     let mut trust = match (&args.host_key, args.accept_new_host_key) {
         (Some(fp), _) if fp.starts_with("SHA256:") => Trust::Fingerprint(fp.clone()),
         (Some(fp), _) => {
@@ -155,6 +165,12 @@ fn setup(args: &SetupArgs) -> Result<()> {
             }
         }
     }
+    // The password is asked for after the host key (as ssh does), so
+    // answers typed ahead land where they belong.
+    let auth = match &args.admin_key {
+        Some(p) => Auth::Key(p.clone()),
+        None => Auth::Password(password(&target)?),
+    };
     enrol_remote(
         &target,
         &auth,
@@ -456,7 +472,12 @@ fn password(target: &SshTarget) -> Result<String> {
         .read(true)
         .write(true)
         .open("/dev/tty")
-        .context("no terminal to ask for a password on; give --admin-key")?;
+        .map_err(|_| {
+            Error::msg(
+                "no terminal to ask for the account's password on: give it in \
+                 $BYTEBACK_PASSWORD, or log in with --admin-key KEY",
+            )
+        })?;
     write!(tty, "Password for {target}: ")?;
     tty.flush()?;
     let old = rustix::termios::tcgetattr(&tty).context("cannot read terminal settings")?;

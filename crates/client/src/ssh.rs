@@ -375,9 +375,26 @@ impl SshSession {
 }
 
 /// Loads a private key for authentication.
+/// A key that cannot be loaded is a configuration error: retrying cannot
+/// make it appear or lose its passphrase.
 pub fn load_key(path: &Path) -> Result<PrivateKey> {
-    russh::keys::load_secret_key(path, None)
-        .with_context(|| format!("cannot load the SSH key {}", path.display()))
+    russh::keys::load_secret_key(path, None).map_err(|e| {
+        let hint = match &e {
+            russh::keys::Error::IO(io) if io.kind() == std::io::ErrorKind::NotFound => {
+                "; byteback-setup-client makes one, or give the key with --ssh-key"
+            }
+            russh::keys::Error::KeyIsEncrypted => {
+                " with a passphrase, which a backup run by a timer cannot give: use a key \
+                 without one (byteback-setup-client makes one), or remove the passphrase \
+                 with `ssh-keygen -p -N '' -f KEY`"
+            }
+            _ => "",
+        };
+        crate::error::Error::Usage(format!(
+            "cannot load the SSH key {}: {e}{hint}",
+            path.display()
+        ))
+    })
 }
 
 /// Connects, authenticates and starts `request`; returns once the command runs.
@@ -515,7 +532,12 @@ async fn connect(
                 "the server refused to let {} log in ({})",
                 target,
                 match auth {
-                    Auth::Key(p) => format!("key {}", p.display()),
+                    Auth::Key(p) => format!(
+                        "key {}; is it enrolled? byteback-setup-client on this machine enrols \
+                         it; on the server, the account's ~/.ssh/authorized_keys must hold it, \
+                         with a from= that allows this machine's address",
+                        p.display()
+                    ),
                     Auth::Password(_) => "password".to_string(),
                 }
             )));
@@ -523,7 +545,10 @@ async fn connect(
         Ok::<_, Error>(handle)
     };
     match tokio::time::timeout(opts.connect_timeout, login).await {
-        Ok(r) => r.with_context(|| format!("SSH to {target}")),
+        Ok(r) => r.with_context(|| match target.port {
+            22 => format!("SSH to {target} (port 22)"),
+            _ => format!("SSH to {target}"),
+        }),
         Err(_) => bail!(
             "SSH to {target}: no connection within {} s",
             opts.connect_timeout.as_secs()

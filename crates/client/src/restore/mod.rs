@@ -56,6 +56,38 @@ fn normalise(abs: &str) -> String {
     parts.join("/")
 }
 
+/// `patterns`, each made absolute against `cwd`, as UTF-8 text: a byte
+/// of a file name that is not UTF-8 cannot be written in a glob, so each
+/// becomes `?` (which matches any one byte there), with a note on stderr.
+/// The selection can then be a little wider than asked, never narrower.
+pub fn utf8_patterns(patterns: &[std::ffi::OsString], cwd: &Path) -> Vec<String> {
+    patterns
+        .iter()
+        .map(|p| {
+            let p = p.as_bytes();
+            let abs = if p.starts_with(b"/") {
+                p.to_vec()
+            } else {
+                let c = cwd.as_os_str().as_bytes();
+                let c = c.strip_suffix(b"/").unwrap_or(c);
+                [c, b"/", p].concat()
+            };
+            let text = abs
+                .utf8_chunks()
+                .map(|c| format!("{}{}", c.valid(), "?".repeat(c.invalid().len())))
+                .collect::<String>();
+            if std::str::from_utf8(&abs).is_err() {
+                eprintln!(
+                    "byteback-restore: note: {} is not UTF-8; its other bytes match as `?` (any \
+                     one byte): {text}",
+                    abs.escape_ascii()
+                );
+            }
+            text
+        })
+        .collect()
+}
+
 /// Compiled restore patterns.
 pub struct Patterns {
     set: GlobSet,
@@ -67,7 +99,8 @@ pub struct Patterns {
 
 impl Patterns {
     /// Makes each pattern absolute (against `cwd`) and compiles it.
-    pub fn new(patterns: &[String], cwd: &Path) -> Result<Self> {
+    pub fn new(patterns: &[String], cwd: impl AsRef<Path>) -> Result<Self> {
+        let cwd = cwd.as_ref();
         if patterns.is_empty() {
             return Err(Error::Usage(
                 "give at least one pattern (e.g. / for everything)".into(),
@@ -1124,6 +1157,21 @@ mod tests {
             },
             hash: [0; 32],
         }
+    }
+
+    /// A pattern or current directory that is not UTF-8 still selects the
+    /// file it names: each other byte matches as `?`.
+    #[test]
+    fn patterns_that_are_not_utf8_select_what_they_name() {
+        use std::os::unix::ffi::OsStringExt;
+        let odd = std::ffi::OsString::from_vec(b"odd/\xff\xfelatin\xe9".to_vec());
+        let cwd = Path::new(OsStr::from_bytes(b"/srv/d\xe9j\xe0"));
+        let texts = utf8_patterns(&[odd], cwd);
+        assert_eq!(texts, ["/srv/d?j?/odd/??latin?"]);
+        let pats = Patterns::new(&texts, "").unwrap();
+        assert!(pats.selects(b"srv/d\xe9j\xe0/odd/\xff\xfelatin\xe9"));
+        assert!(!pats.selects(b"srv/d\xe9j\xe0/odd/\xfflatin\xe9"));
+        assert_eq!(utf8_patterns(&["/etc".into()], cwd), ["/etc"]);
     }
 
     /// Patterns are made absolute and then normalised as 1.x's
