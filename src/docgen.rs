@@ -296,8 +296,11 @@ const CLIENT_ENV: Block = Tag(
 const SERVER_FILES: [Block; 8] = [
     Tag(
         "<store>",
-        "The store root: --store, else the home directory of the server user ($HOME), e.g. \
-         /srv/byteback on a btrfs filesystem mounted with user_subvol_rm_allowed.",
+        "The store root: --store, else the home directory of the server user ($HOME; for \
+         byteback-prune, status, report and verify run as root, the home of the account \
+         byteback, never root's), e.g. /srv/byteback on a btrfs filesystem mounted with \
+         user_subvol_rm_allowed. Run as root on a store another account owns, byteback-prune \
+         --prune and verify work as that account, so what they create there stays its.",
     ),
     Tag(
         "<store>/byteback.toml",
@@ -842,7 +845,10 @@ fn server_serve_page() -> Written {
                         "SSH_ORIGINAL_COMMAND",
                         "The client's requested command, read as one verb, never executed.",
                     ),
-                    Tag("HOME", "The store root when --store is not given."),
+                    Tag(
+                        "HOME",
+                        "The store root when --store is not given (not as root: see FILES).",
+                    ),
                 ],
             ),
             ("FILES", SERVER_FILES[..5].to_vec()),
@@ -984,7 +990,10 @@ fn server_prune_page() -> Written {
         sections: vec![
             (
                 "ENVIRONMENT",
-                vec![Tag("HOME", "The store root when --store is not given.")],
+                vec![Tag(
+                    "HOME",
+                    "The store root when --store is not given (not as root: see FILES).",
+                )],
             ),
             (
                 "FILES",

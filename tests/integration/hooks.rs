@@ -179,6 +179,30 @@ fn post_hooks_see_the_status_and_the_snapshot() {
     );
 }
 
+/// A configuration error met during the run (a key that cannot be loaded)
+/// exits 2, and is not retried; the post hooks are told 1, failed, so a
+/// hook that runs only on success (`!= 1`, as the README says) does not.
+#[test]
+fn a_configuration_error_exits_2_and_the_hooks_are_told_it_failed() {
+    let s = setup();
+    record_post_env(&s);
+    let o = s.backup_to(
+        Path::new("bb@127.0.0.1:"),
+        &[
+            "--ssh-key",
+            "/nonexistent-key",
+            "--retry-number",
+            "3",
+            "-e",
+            "60",
+        ],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(!err.contains("retrying"), "{err}");
+    assert_eq!(post_env(&s), "1|failed|\n", "{err}");
+}
+
 #[test]
 fn a_failing_post_hook_gives_exit_1_but_keeps_the_snapshot() {
     let s = setup();

@@ -713,4 +713,29 @@ fn admin_commands_as_root_never_take_roots_home_for_the_store() {
             assert_ne!(o.status.code(), Some(0), "{args:?}: {all}");
         }
     }
+    // Root working on an account's store does so as the account: what it
+    // creates there (the prune lock, verify's state) stays the account's,
+    // or the account's own daily runs would fail on root's 0600 files.
+    use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
+    let store = d.path().join("store");
+    fs::create_dir(&store).unwrap();
+    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    chown(&store, Some(65534), Some(65534)).unwrap();
+    let mut dir = d.path().to_path_buf();
+    while dir.pop() && dir != Path::new("/") {
+        let mode = fs::metadata(&dir).unwrap().permissions().mode();
+        assert!(
+            mode & 0o001 != 0,
+            "{} is not searchable by others",
+            dir.display()
+        );
+    }
+    let s = store.to_str().unwrap();
+    run(Command::new(bin("byteback-prune")).args(["--store", s, "--prune", "--dry-run"]));
+    run(Command::new(bin("byteback-server")).args(["verify", "--store", s]));
+    for e in fs::read_dir(&store).unwrap() {
+        let e = e.unwrap();
+        assert_eq!(e.metadata().unwrap().uid(), 65534, "{:?}", e.path());
+    }
+    assert!(store.join(".byteback-prune.lock").exists());
 }

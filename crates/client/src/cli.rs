@@ -79,7 +79,8 @@ fn trusted_known_hosts(path: &Path, owner: u32, whose: &str) -> Option<PathBuf> 
 #[derive(Debug, Parser)]
 #[command(name = "byteback-backup", version)]
 pub struct BackupArgs {
-    /// Where to back up: user@host: (SSH) or a local store directory. Default: /etc/byteback/destination.
+    /// Where to back up: user@host: (SSH) or a local store directory (an absolute path,
+    /// or one starting with ./ or ../). Default: /etc/byteback/destination.
     #[arg(short, long)]
     destination: Option<String>,
     /// What to back up (several allowed, also as `-s /etc /home`). Default: /.
@@ -915,14 +916,17 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
     }
     let outcome = run_pre_hooks(&pre, &dir).and_then(|()| transfer(&target, &opts, &args, report));
     let failed = outcome.is_err();
+    let mut usage = false;
     let (mut code, snapshot) = match outcome {
         Ok(done) => done,
         Err(e) => {
             tracing::error!("{e}");
             report.errors.push(format!("{e}"));
             // A configuration found wanting on the way (a key that cannot
-            // be loaded, no byteback-server): 2, as for the flags.
-            (if e.is_usage() { 2 } else { 1 }, None)
+            // be loaded, no byteback-server) exits 2, as for the flags; the
+            // hooks are told 1, failed, as the README says they are.
+            usage = e.is_usage();
+            (1, None)
         }
     };
     // Stopped by a signal (see `stop`) before the backup was committed: the
@@ -947,7 +951,7 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
             tracing::error!("post-backup hook failed: {f}");
             report.errors.push(format!("post-backup hook failed: {f}"));
         }
-        return Ok(code);
+        return Ok(if usage && code == 1 { 2 } else { code });
     }
     for f in &post {
         tracing::error!("post-backup hook failed: {f}");
@@ -1519,7 +1523,7 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
         return Ok(if n == 0 { 1 } else { 0 });
     }
     let cwd = std::env::current_dir()?;
-    let pats = Patterns::new(&restore::utf8_patterns(&args.patterns, &cwd), "")?;
+    let pats = Patterns::new(&restore::utf8_patterns(&args.patterns, &cwd)?, "")?;
     let (into, shown_into) = match &args.target {
         Some(_) if !args.restore => {
             return Err(Error::Usage("--target goes with --restore".into()))

@@ -73,6 +73,9 @@ impl Destination {
                     None => (hostport.to_string(), 22),
                 }
             };
+            if host.is_empty() {
+                return Err(err!("no host name in the destination {s:?}"));
+            }
             return Ok(Destination::Ssh { user, host, port });
         }
         // 1.x style: user@host:[path]; a path with a slash before any colon is local.
@@ -96,13 +99,13 @@ impl Destination {
             // front: `backupserver` or `bb@backupserver` (a forgotten colon)
             // would otherwise be a directory in the current one (`/` under
             // the timer), filled every night while the server got nothing.
-            _ if ["/", "./", "../"].iter().any(|p| s.starts_with(p)) => {
+            _ if s == "." || s == ".." || ["/", "./", "../"].iter().any(|p| s.starts_with(p)) => {
                 Ok(Destination::Local(PathBuf::from(s)))
             }
             _ => Err(err!(
                 "destination {s:?} is neither a server (`user@host:`, with the colon, or \
-                 `ssh://user@host:port/`) nor a local store (an absolute path, or one starting \
-                 with `./`)"
+                 `ssh://user@host:port/`) nor a local store (an absolute path, or a relative \
+                 one starting with `./` or `../`)"
             )),
         }
     }
@@ -991,7 +994,15 @@ mod tests {
         );
         // A forgotten colon, a bare host or a plain relative name is
         // refused, never a directory in the current one.
-        for bad in ["bb@server", "server.example.com", "store", "a/b", "", "@:"] {
+        for bad in [
+            "bb@server",
+            "server.example.com",
+            "store",
+            "a/b",
+            "",
+            "@:",
+            "ssh://bb@/",
+        ] {
             assert!(Destination::parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -193,7 +193,8 @@ pub fn parse(text: &str, exclude_from: &dyn Fn(&str) -> Result<Vec<String>>) -> 
         if let Some(long) = arg.strip_prefix("--") {
             let (name, value) = match long.split_once('=') {
                 Some((n, v)) => (n, Some(v.to_string())),
-                None => (long, None),
+                // Blanks after a lone flag are taken as a slip.
+                None => (long.trim_end(), None),
             };
             // 1.x gave rsync each line as one argument: `--exclude *.o`
             // on one line was an option rsync did not know, and the

@@ -383,6 +383,14 @@ pub fn load_key(path: &Path) -> Result<PrivateKey> {
             russh::keys::Error::IO(io) if io.kind() == std::io::ErrorKind::NotFound => {
                 "; byteback-setup-client makes one, or give the key with --ssh-key"
             }
+            russh::keys::Error::IO(io) if io.kind() != std::io::ErrorKind::PermissionDenied => {
+                // A read that failed (EIO, too many open files) may
+                // succeed on the next attempt.
+                return crate::error::Error::msg(format!(
+                    "cannot load the SSH key {}: {e}",
+                    path.display()
+                ));
+            }
             russh::keys::Error::KeyIsEncrypted => {
                 " with a passphrase, which a backup run by a timer cannot give: use a key \
                  without one (byteback-setup-client makes one), or remove the passphrase \

@@ -144,6 +144,43 @@ pub fn store_root(flag: Option<PathBuf>) -> Result<PathBuf> {
         .ok_or_else(|| Error::Usage("no --store given and no home directory".into()))
 }
 
+/// Run as root on a store owned by another account (the byteback account's
+/// home, as the set-up makes it), becomes that account before anything is
+/// written: a lock, verify's state or an accepted growth created by root
+/// (mode 0600) would make every later run by the account, the daily timer's,
+/// fail on it. A store owned by root is worked on as root.
+pub fn become_store_owner(root: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    let m = std::fs::metadata(root).map_err(|e| Error::io("cannot look at", root.display(), e))?;
+    if m.uid() == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain system calls on integers; the group list goes first,
+    // then the group, then the user (after which the others are not ours
+    // to change). Run before any thread of this process starts.
+    let failed = unsafe {
+        libc::setgroups(1, &m.gid()) != 0
+            || libc::setgid(m.gid()) != 0
+            || libc::setuid(m.uid()) != 0
+    };
+    if failed {
+        return Err(Error::io(
+            "cannot become the owner of",
+            root.display(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    tracing::info!(
+        "running as the store's owner (uid {}, gid {}), as the daily runs do",
+        m.uid(),
+        m.gid()
+    );
+    Ok(())
+}
+
 /// The home directory of account `name`, if it exists and has an absolute
 /// one.
 fn home_of(name: &std::ffi::CStr) -> Option<PathBuf> {
@@ -256,6 +293,9 @@ fn prune_inner(args: PruneArgs, report: &mut PruneJson) -> Result<u8> {
         ));
     }
     let root = store_root(args.store)?;
+    if do_prune {
+        become_store_owner(&root)?;
+    }
     let cfg = StoreConfig::load(&root)?;
     let minpercent = args.minpercent.unwrap_or(cfg.minpercent);
     let maxpercent = args.maxpercent.unwrap_or(cfg.maxpercent);

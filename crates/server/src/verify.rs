@@ -762,6 +762,7 @@ fn fair_order(store: &Store, hosts: &mut [String]) {
 
 fn run(args: VerifyArgs) -> Result<u8> {
     let root = crate::admin::store_root(args.store)?;
+    crate::admin::become_store_owner(&root)?;
     let store = Store::open(&root)?;
     let mut budget = Budget::new(args.budget, args.max_time.map(Duration::from_secs));
     let hosts = if args.host.is_empty() {

@@ -59,33 +59,67 @@ fn normalise(abs: &str) -> String {
 /// `patterns`, each made absolute against `cwd`, as UTF-8 text: a byte
 /// of a file name that is not UTF-8 cannot be written in a glob, so each
 /// becomes `?` (which matches any one byte there), with a note on stderr.
-/// The selection can then be a little wider than asked, never narrower.
-pub fn utf8_patterns(patterns: &[std::ffi::OsString], cwd: &Path) -> Vec<String> {
-    patterns
-        .iter()
-        .map(|p| {
-            let p = p.as_bytes();
-            let abs = if p.starts_with(b"/") {
-                p.to_vec()
-            } else {
-                let c = cwd.as_os_str().as_bytes();
-                let c = c.strip_suffix(b"/").unwrap_or(c);
-                [c, b"/", p].concat()
-            };
-            let text = abs
-                .utf8_chunks()
-                .map(|c| format!("{}{}", c.valid(), "?".repeat(c.invalid().len())))
-                .collect::<String>();
-            if std::str::from_utf8(&abs).is_err() {
-                eprintln!(
-                    "byteback-restore: note: {} is not UTF-8; its other bytes match as `?` (any \
-                     one byte): {text}",
-                    abs.escape_ascii()
-                );
+/// The selection can then be a little wider than asked, never narrower:
+/// such a byte inside `[...]` or after `\`, where `?` would be a literal,
+/// is a usage error.
+pub fn utf8_patterns(patterns: &[std::ffi::OsString], cwd: &Path) -> Result<Vec<String>> {
+    let mut out = vec![];
+    for p in patterns {
+        let p = p.as_bytes();
+        let abs = if p.starts_with(b"/") {
+            p.to_vec()
+        } else {
+            let c = cwd.as_os_str().as_bytes();
+            let c = c.strip_suffix(b"/").unwrap_or(c);
+            [c, b"/", p].concat()
+        };
+        if std::str::from_utf8(&abs).is_ok() {
+            out.push(String::from_utf8_lossy(&abs).into_owned());
+            continue;
+        }
+        let (mut text, mut escaped, mut class) = (String::new(), false, None::<usize>);
+        for chunk in abs.utf8_chunks() {
+            for ch in chunk.valid().chars() {
+                text.push(ch);
+                // `class`: the characters of an open `[...]` so far; `]`
+                // first (after `[` or `[!`) is one of them.
+                match ch {
+                    _ if escaped => escaped = false,
+                    '\\' => escaped = true,
+                    '[' if class.is_none() => {
+                        class = Some(0);
+                        continue;
+                    }
+                    ']' if class.is_some_and(|n| n > 0) => {
+                        class = None;
+                        continue;
+                    }
+                    '!' if class == Some(0) => continue,
+                    _ => {}
+                }
+                if let Some(n) = class.as_mut() {
+                    *n += 1;
+                }
             }
-            text
-        })
-        .collect()
+            if !chunk.invalid().is_empty() {
+                if escaped || class.is_some() {
+                    return Err(Error::Usage(format!(
+                        "pattern {}: a byte that is not UTF-8 after \\ or inside [...] cannot \
+                         be matched; write ? for it",
+                        abs.escape_ascii()
+                    )));
+                }
+                text.push_str(&"?".repeat(chunk.invalid().len()));
+            }
+        }
+        eprintln!(
+            "byteback-restore: note: {} is not UTF-8; its other bytes match as `?` (any one \
+             byte): {text}",
+            abs.escape_ascii()
+        );
+        out.push(text);
+    }
+    Ok(out)
 }
 
 /// Compiled restore patterns.
@@ -1166,12 +1200,24 @@ mod tests {
         use std::os::unix::ffi::OsStringExt;
         let odd = std::ffi::OsString::from_vec(b"odd/\xff\xfelatin\xe9".to_vec());
         let cwd = Path::new(OsStr::from_bytes(b"/srv/d\xe9j\xe0"));
-        let texts = utf8_patterns(&[odd], cwd);
+        let texts = utf8_patterns(&[odd], cwd).unwrap();
         assert_eq!(texts, ["/srv/d?j?/odd/??latin?"]);
         let pats = Patterns::new(&texts, "").unwrap();
         assert!(pats.selects(b"srv/d\xe9j\xe0/odd/\xff\xfelatin\xe9"));
         assert!(!pats.selects(b"srv/d\xe9j\xe0/odd/\xfflatin\xe9"));
-        assert_eq!(utf8_patterns(&["/etc".into()], cwd), ["/etc"]);
+        assert_eq!(utf8_patterns(&["/etc".into()], cwd).unwrap(), ["/etc"]);
+        // Where `?` would be a literal, never a narrower selection: refused.
+        for bad in [
+            &b"/caf[\xe9x]"[..],
+            b"/caf\\\xe9",
+            b"/[]\xe9]",
+            b"/[!]\xe9]",
+        ] {
+            let p = std::ffi::OsString::from_vec(bad.to_vec());
+            assert!(utf8_patterns(&[p], cwd).unwrap_err().is_usage(), "{bad:?}");
+        }
+        let p = std::ffi::OsString::from_vec(b"/[ab]\xe9\\[".to_vec());
+        assert_eq!(utf8_patterns(&[p], cwd).unwrap(), ["/[ab]?\\["]);
     }
 
     /// Patterns are made absolute and then normalised as 1.x's
