@@ -203,6 +203,49 @@ fn a_configuration_error_exits_2_and_the_hooks_are_told_it_failed() {
     assert_eq!(post_env(&s), "1|failed|\n", "{err}");
 }
 
+/// The client blocks SIGTERM, SIGHUP and SIGINT in all its threads (one
+/// thread takes them); what it starts, a local store's server and the
+/// hooks, gets an empty mask, or an admin's `kill` could not stop them.
+#[test]
+fn the_server_and_the_hooks_start_with_no_signal_blocked() {
+    let s = setup();
+    let seen = s.work.join("masks");
+    let record = |who: &str| {
+        format!(
+            "grep SigBlk /proc/$$/status | sed 's/^/{who} /' >> '{}'",
+            seen.display()
+        )
+    };
+    s.hook("pre-backup.d", "10-mask", &record("hook"), 0o755);
+    let wrapper = s.work.join("server");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n{}\nexec '{}' \"$@\"\n",
+            record("server"),
+            bin("byteback-server").display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let o = run_status(
+        Command::new(bin("byteback-backup"))
+            .env("BYTEBACK_CONFIG_DIR", &s.conf)
+            .env("BYTEBACK_SERVER", &wrapper)
+            .arg("--destination")
+            .arg(&s.store)
+            .arg("--source")
+            .arg(&s.src)
+            .args(["--hostname", "h", "--retry-number", "0"]),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let masks = fs::read_to_string(&seen).unwrap();
+    assert_eq!(
+        masks,
+        "hook SigBlk:\t0000000000000000\nserver SigBlk:\t0000000000000000\n"
+    );
+}
+
 #[test]
 fn a_failing_post_hook_gives_exit_1_but_keeps_the_snapshot() {
     let s = setup();

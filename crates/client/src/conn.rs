@@ -645,7 +645,7 @@ impl Connection {
         let relay = byteback_protocol::term::bar_shown();
         // Restored data is not compressed for a local store (nor is a
         // backup's, see `--compress`): it would cost CPU on both sides.
-        let mut child = Command::new(&bin)
+        let mut child = crate::stop::unblocked(&mut Command::new(&bin))
             .arg("serve")
             .arg("--host")
             .arg(host)

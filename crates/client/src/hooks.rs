@@ -392,7 +392,8 @@ impl Runner {
             .try_clone()
             .map_err(|e| fail(format!("could not be started: {e}"), vec![]))?;
         let mut cmd = Command::new(path);
-        cmd.stdin(Stdio::null())
+        crate::stop::unblocked(&mut cmd)
+            .stdin(Stdio::null())
             .stdout(Stdio::from(wr))
             .stderr(Stdio::from(wr2))
             .process_group(0);

@@ -159,14 +159,15 @@ fn say(line: &str) {
 }
 
 /// Blocks [`SIGNALS`] in this thread (and the threads it starts from now
-/// on; children get the default mask back) and starts the thread that
+/// on; children started through [`unblocked`] get an empty mask back) and starts the thread that
 /// waits for them. Call before any other thread starts.
 pub fn install() -> std::io::Result<()> {
     watch(on_signal)
 }
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in this thread (and the threads it
-/// starts from now on; children get the default mask back) and starts a
+/// starts from now on; children started through [`unblocked`] get an empty
+/// mask back) and starts a
 /// thread that calls `on` with each one received. A signal ignored when
 /// the program started (`nohup` ignores SIGHUP) is left as it is: blocked,
 /// it would be queued and received. Call before any other thread starts.
@@ -202,6 +203,26 @@ pub(crate) fn watch(on: fn(libc::c_int)) -> std::io::Result<()> {
             }
         })?;
     Ok(())
+}
+
+/// Starts `cmd`'s program with no signal blocked: the mask [`watch`] set
+/// is inherited through fork and exec (Rust's `Command` leaves it), and a
+/// local store's server started with SIGTERM and SIGHUP blocked could not
+/// be stopped by an admin's `kill` or a shutdown.
+pub(crate) fn unblocked(cmd: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only sigemptyset and pthread_sigmask
+    // run, both async-signal-safe, on a set on the child's stack.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            match libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) {
+                0 => Ok(()),
+                e => Err(std::io::Error::from_raw_os_error(e)),
+            }
+        })
+    }
 }
 
 /// The signal's name.
