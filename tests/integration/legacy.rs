@@ -567,3 +567,61 @@ fn a_hostile_1x_tree_is_read_without_following_anything_and_parsed_strictly() {
     }
     sentinel.assert_untouched();
 }
+
+/// A small source tree for the 1.x tests below: `<src>/files/{a,b}`.
+fn small_source(dir: &Path) -> PathBuf {
+    let src = dir.join("src");
+    fs::create_dir_all(src.join("files")).unwrap();
+    fs::write(src.join("files/a"), b"the client's own content, a").unwrap();
+    fs::write(src.join("files/b"), b"the client's own content, b").unwrap();
+    set_mtime(&src.join("files/a"), 1_700_000_000, 123_456_789);
+    set_mtime(&src.join("files/b"), 1_700_000_000, 987_654_321);
+    src
+}
+
+/// Taking over a 1.x `current` (no manifest): a stored file whose size and
+/// mtime match the client's but whose content does not (1.x's rsync kept
+/// files by size and mtime too, and a disc can rot) is compared with the
+/// client's BLAKE3 and received again, never certified by its own hash.
+#[test]
+fn taking_over_a_1x_current_checks_every_kept_file_against_the_client() {
+    if !require_root("a 1.x store on btrfs") {
+        return;
+    }
+    let fsys = BtrfsLoop::new(300);
+    let store = fsys.mount.join("store-takeover");
+    store_without_interval(&store);
+    let d = scratch();
+    let src = small_source(d.path());
+    let host = "takeover1x";
+    backup_as_1x(d.path(), &store, host, &src, OLD_SNAP, None);
+    // `current`'s copy of a: other bytes, same size, same mtime.
+    let stored = restored(&store.join(host).join("current"), &src).join("files/a");
+    let wrong = b"STALE or corrupt 1.x data a";
+    assert_eq!(wrong.len(), fs::metadata(src.join("files/a")).unwrap().len() as usize);
+    fs::write(&stored, wrong).unwrap();
+    set_mtime(&stored, 1_700_000_000, 123_456_789);
+    let out = local_backup(&store, &src, host);
+    let snaps = snapshots(&store, host);
+    let new_snap = snaps.last().unwrap();
+    assert_ne!(new_snap, OLD_SNAP);
+    let kept = restored(&store.join(host).join(new_snap), &src);
+    assert_eq!(
+        fs::read(kept.join("files/a")).unwrap(),
+        fs::read(src.join("files/a")).unwrap(),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        fs::read(kept.join("files/b")).unwrap(),
+        fs::read(src.join("files/b")).unwrap()
+    );
+    // And a restore of it verifies.
+    let into = d.path().join("r");
+    fs::create_dir_all(&into).unwrap();
+    run(restore_cmd(&store, host)
+        .current_dir(&into)
+        .args(["--restore", "--snapshot", new_snap])
+        .arg(&src));
+    assert_same_tree(&src, &restored(&into.join(new_snap), &src));
+}

@@ -44,7 +44,10 @@
 //! record) *suspects* such files: each is kept only if the client's BLAKE3 of its
 //! source matches, and is received against the stored copy otherwise. The
 //! record is rewritten only by a run that suspects nothing, so suspicion
-//! lasts until a commit.
+//! lasts until a commit. A `current` without a manifest (byteback 1.x's,
+//! or one whose manifest was lost) vouches for none of its files: each
+//! one kept by size and mtime is checked against the client's BLAKE3 the
+//! same way.
 
 mod apply;
 pub(crate) mod carry;
