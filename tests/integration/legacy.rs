@@ -625,3 +625,28 @@ fn taking_over_a_1x_current_checks_every_kept_file_against_the_client() {
         .arg(&src));
     assert_same_tree(&src, &restored(&into.join(new_snap), &src));
 }
+
+/// `verify` passes over a 1.x `current` as 1.x's (no checksums to check),
+/// not as one an interrupted backup left.
+#[test]
+fn verify_names_a_1x_current_as_1x() {
+    if !require_root("a 1.x store on btrfs") {
+        return;
+    }
+    let fsys = BtrfsLoop::new(300);
+    let store = fsys.mount.join("store-verify1x");
+    store_without_interval(&store);
+    let d = scratch();
+    let src = small_source(d.path());
+    let host = "verify1x";
+    backup_as_1x(d.path(), &store, host, &src, OLD_SNAP, None);
+    let out = run(Command::new(bin("byteback-server"))
+        .args(["verify", "--host", host, "--store"])
+        .arg(&store));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{host}/current is byteback 1.x's")),
+        "{err}"
+    );
+    assert!(!err.contains("interrupted"), "{err}");
+}

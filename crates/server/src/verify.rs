@@ -526,12 +526,19 @@ fn verify_snapshot(
 }
 
 /// The host's lock, held while `current` is verified, when no backup
-/// holds it and `current` has its clean marker; else why not.
+/// holds it and `current` has its clean marker; else why not (byteback
+/// 1.x's `current` has no manifest to verify).
 fn current_settled(host: &HostStore) -> std::result::Result<std::fs::File, String> {
     let lock = host
         .lock()
         .map_err(|_| "is being written by a backup".to_string())?;
     let current = host.current().map_err(|e| e.to_string())?;
+    // byteback 1.x's `current` (no byteback backup has run into it yet)
+    // has no manifest and so nothing to verify, which is no sign of an
+    // interrupted backup.
+    if crate::legacy::is_legacy(&current).unwrap_or(false) {
+        return Err("is byteback 1.x's (no byteback backup has taken it over yet), which keeps no checksums".into());
+    }
     let clean = fsops::open_dir(&current, META_DIR).and_then(|meta| {
         Ok(rustix::fs::statat(
             &meta,
