@@ -521,7 +521,8 @@ fn a_hostile_1x_tree_is_read_without_following_anything_and_parsed_strictly() {
     assert_eq!(fs::read(r.join("file")).unwrap(), b"content");
     sentinel.assert_untouched();
 
-    // Each bad %stat ends the listing with an error naming the path.
+    // Each bad %stat leaves its entry out with a warning naming the path;
+    // the listing goes on, and ends partial.
     for (host, value, why) in [
         (
             "bad-syntax",
@@ -539,31 +540,45 @@ fn a_hostile_1x_tree_is_read_without_following_anything_and_parsed_strictly() {
         make_host(host, &|c| {
             fs::write(c.join("victim"), b"x").unwrap();
             set_stat(&c.join("victim"), value);
+            fs::write(c.join("zz_sound"), b"x").unwrap();
         });
         let out = run_status(restore_cmd(&store, host).args(["--list", "/"]));
-        assert_eq!(out.status.code(), Some(1), "{host}: {}", stderr(&out));
+        assert_eq!(out.status.code(), Some(24), "{host}: {}", stderr(&out));
         let err = stderr(&out);
         assert!(
-            err.contains(why) && err.contains("/victim"),
+            err.contains(why) && err.contains("/victim: left out"),
             "{host}: {err}"
+        );
+        let list = text(&out.stdout);
+        assert!(
+            list.contains("/zz_sound") && !list.contains("/victim"),
+            "{host}: {list}"
         );
     }
     // A directory said to be a file, and a symlink target too long.
     make_host("dir-as-file", &|c| {
         fs::create_dir_all(c.join("victim")).unwrap();
+        fs::write(c.join("victim/inside"), b"x").unwrap();
         set_stat(&c.join("victim"), "100644 0,0 0:0");
+        fs::write(c.join("zz_sound"), b"x").unwrap();
     });
     make_host("long-target", &|c| {
         fs::write(c.join("victim"), vec![b'a'; 5000]).unwrap();
         set_stat(&c.join("victim"), "120777 0,0 0:0");
+        fs::write(c.join("zz_sound"), b"x").unwrap();
     });
     for (host, why) in [
         ("dir-as-file", "says it is not one"),
         ("long-target", "longer than 4096"),
     ] {
         let out = run_status(restore_cmd(&store, host).args(["--list", "/"]));
-        assert_eq!(out.status.code(), Some(1), "{host}: {}", stderr(&out));
+        assert_eq!(out.status.code(), Some(24), "{host}: {}", stderr(&out));
         assert!(stderr(&out).contains(why), "{host}: {}", stderr(&out));
+        let list = text(&out.stdout);
+        assert!(
+            list.contains("/zz_sound") && !list.contains("/victim"),
+            "{host}: {list}"
+        );
     }
     sentinel.assert_untouched();
 }
@@ -598,7 +613,10 @@ fn taking_over_a_1x_current_checks_every_kept_file_against_the_client() {
     // `current`'s copy of a: other bytes, same size, same mtime.
     let stored = restored(&store.join(host).join("current"), &src).join("files/a");
     let wrong = b"STALE or corrupt 1.x data a";
-    assert_eq!(wrong.len(), fs::metadata(src.join("files/a")).unwrap().len() as usize);
+    assert_eq!(
+        wrong.len(),
+        fs::metadata(src.join("files/a")).unwrap().len() as usize
+    );
     fs::write(&stored, wrong).unwrap();
     set_mtime(&stored, 1_700_000_000, 123_456_789);
     let out = local_backup(&store, &src, host);
@@ -649,4 +667,118 @@ fn verify_names_a_1x_current_as_1x() {
         "{err}"
     );
     assert!(!err.contains("interrupted"), "{err}");
+}
+
+/// Makes `<store>/<host>/current` (a btrfs subvolume), fills it with
+/// `fill` (the store as 1.x's rsync would have left it, or worse) and
+/// snapshots it read-only as `snap`.
+fn make_1x_by_hand(store: &Path, host: &str, snap: &str, fill: &dyn Fn(&Path)) {
+    let hostdir = store.join(host);
+    fs::create_dir_all(&hostdir).unwrap();
+    let current = hostdir.join("current");
+    if !current.exists() {
+        run(Command::new("btrfs")
+            .args(["subvolume", "create"])
+            .arg(&current));
+    }
+    fill(&current);
+    run(Command::new("btrfs")
+        .args(["subvolume", "snapshot", "-r"])
+        .arg(&current)
+        .arg(hostdir.join(snap)));
+}
+
+/// One entry a listing or restore cannot take as it is stored never breaks
+/// the rest: a file with more xattrs than an entry carries keeps what fits
+/// (in the client's order) with a warning naming it, and an entry whose
+/// `%stat` does not parse, or names a device Linux cannot make, is left out
+/// with a warning naming it and its snapshot. Whoever asks for them ends
+/// partial (24); whoever asks for the rest only gets a clean run.
+#[test]
+fn a_bad_1x_entry_is_left_out_with_a_warning_and_the_rest_restores() {
+    if !require_root("a 1.x store on btrfs") {
+        return;
+    }
+    let fsys = BtrfsLoop::new(300);
+    let store = fsys.mount.join("store-bad1x");
+    fs::create_dir_all(&store).unwrap();
+    let host = "bad1x";
+    make_1x_by_hand(&store, host, OLD_SNAP, &|c| {
+        fs::create_dir_all(c.join("d/sub")).unwrap();
+        fs::write(c.join("d/good"), b"good").unwrap();
+        fs::write(c.join("d/many"), b"many xattrs").unwrap();
+        for i in 0..300 {
+            set_xattr(&c.join("d/many"), &format!("user.x{i:03}"), b"v");
+        }
+        set_xattr(&c.join("d/many"), "user.rsync.trusted.t", b"kept first");
+        fs::write(c.join("d/sub/in_bad_dir"), b"x").unwrap();
+        set_stat(&c.join("d/sub"), "100644 0,0 0:0"); // a directory said to be a file
+        fs::write(c.join("d/corrupt"), b"x").unwrap();
+        set_stat(&c.join("d/corrupt"), "100644 0,0 1:2 ; rm -rf /");
+    });
+    let out = run_status(restore_cmd(&store, host).args(["--list", "/"]));
+    let (list, err) = (text(&out.stdout), stderr(&out));
+    assert_eq!(out.status.code(), Some(24), "{list}\n{err}");
+    for p in ["/d/good", "/d/many"] {
+        assert!(list.lines().any(|l| l.ends_with(p)), "{p}: {list}");
+    }
+    for p in ["/d/sub", "/d/corrupt"] {
+        assert!(!list.lines().any(|l| l.contains(p)), "{p}: {list}");
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&format!("{p}: left out")) && l.contains(OLD_SNAP)),
+            "{p}: {err}"
+        );
+    }
+    assert!(
+        err.lines()
+            .any(|l| l.contains("/d/many: more xattrs") && l.contains("user.x255")),
+        "{err}"
+    );
+
+    // A restore of everything: the rest is there, exit 24.
+    let into = fsys.mount.join("r");
+    fs::create_dir_all(&into).unwrap();
+    let out = run_status(
+        restore_cmd(&store, host)
+            .current_dir(&into)
+            .args(["--restore", "/"]),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(24), "{err}");
+    let r = into.join(OLD_SNAP).join("d");
+    assert_eq!(fs::read(r.join("good")).unwrap(), b"good");
+    let x = xattrs(&r.join("many"));
+    assert_eq!(x.len(), 256, "{err}");
+    assert!(x
+        .iter()
+        .any(|(n, v)| n == b"trusted.t" && v == b"kept first"));
+    assert!(x.iter().any(|(n, _)| n == b"user.x254"));
+    assert!(!x.iter().any(|(n, _)| n == b"user.x255"));
+    for p in ["sub", "corrupt"] {
+        assert!(fs::symlink_metadata(r.join(p)).is_err(), "{p}");
+    }
+
+    // Asking for a path below one left out is told so.
+    let out = run_status(
+        restore_cmd(&store, host)
+            .current_dir(&into)
+            .args(["--restore", "/d/sub/in_bad_dir"]),
+    );
+    assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("/d/sub: left out"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Asking only for what is sound: a clean run.
+    let into2 = fsys.mount.join("r2");
+    fs::create_dir_all(&into2).unwrap();
+    let out = run_status(
+        restore_cmd(&store, host)
+            .current_dir(&into2)
+            .args(["--restore", "/d/good"]),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }

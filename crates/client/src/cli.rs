@@ -1620,7 +1620,7 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
     } else {
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
-        let n = restore::list(
+        let (n, warnings) = restore::list(
             &mut conn,
             &pats,
             args.snapshot.as_deref(),
@@ -1637,7 +1637,7 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
         for p in &unmatched {
             tracing::warn!("pattern {p:?} matches nothing");
         }
-        Ok(if unmatched.is_empty() {
+        Ok(if unmatched.is_empty() && warnings == 0 {
             0
         } else {
             EXIT_PARTIAL

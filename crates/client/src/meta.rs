@@ -212,46 +212,11 @@ fn xattrs_of(of: XattrOf<'_>) -> Result<byteback_protocol::Xattrs, (Errno, Strin
     Ok(out)
 }
 
-/// Keeps of `xattrs` (sorted by name) what one entry may carry (see
-/// `byteback_protocol::limits`: [`MAX_XATTRS`] of them, [`MAX_XATTR_TOTAL`]
-/// bytes of names and values): those that carry permissions and security
-/// labels first (`system.`, then `security.`, then `trusted.`), then the
-/// rest, each kind in name order. Returns the names left out (none on
-/// almost every file: Linux allows more, few filesystems hold that many).
-///
-/// [`MAX_XATTRS`]: byteback_protocol::limits::MAX_XATTRS
-/// [`MAX_XATTR_TOTAL`]: byteback_protocol::limits::MAX_XATTR_TOTAL
-pub fn fit_xattrs(xattrs: &mut byteback_protocol::Xattrs) -> Vec<Vec<u8>> {
-    use byteback_protocol::limits::{MAX_XATTRS, MAX_XATTR_NAME, MAX_XATTR_TOTAL, MAX_XATTR_VALUE};
-    let size = |(n, v): &(Vec<u8>, Vec<u8>)| n.len() + v.len();
-    if xattrs.len() <= MAX_XATTRS && xattrs.iter().map(size).sum::<usize>() <= MAX_XATTR_TOTAL {
-        return Vec::new();
-    }
-    let rank = |n: &[u8]| {
-        [&b"system."[..], b"security.", b"trusted."]
-            .iter()
-            .position(|p| n.starts_with(p))
-            .unwrap_or(3)
-    };
-    let mut all = std::mem::take(xattrs);
-    all.sort_by(|a, b| rank(&a.0).cmp(&rank(&b.0)).then_with(|| a.0.cmp(&b.0)));
-    let (mut total, mut dropped) = (0usize, Vec::new());
-    for x in all {
-        let fits = xattrs.len() < MAX_XATTRS
-            && x.0.len() <= MAX_XATTR_NAME
-            && x.1.len() <= MAX_XATTR_VALUE
-            && total + size(&x) <= MAX_XATTR_TOTAL;
-        if fits {
-            total += size(&x);
-            xattrs.push(x);
-        } else {
-            dropped.push(x.0);
-        }
-    }
-    xattrs.sort_by(|a, b| a.0.cmp(&b.0));
-    dropped.sort();
-    dropped
-}
+/// Keeps of `xattrs` what one entry may carry, those that carry
+/// permissions and security labels first (see
+/// [`byteback_protocol::fit_xattrs`], which the server uses for 1.x
+/// snapshots too).
+pub use byteback_protocol::fit_xattrs;
 
 /// An io::Error for `e` that names the operation.
 fn with_what(e: Errno, what: &str) -> io::Error {

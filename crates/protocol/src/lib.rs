@@ -42,6 +42,7 @@ pub use text::{escape_bytes, escape_text};
 /// 8: whether `current` holds a backup no snapshot has
 /// ([`ServerMsg::SnapshotKinds`]'s `current_news`).
 /// 9: entries the server left out ([`BackupStats::left_out`]).
-pub const PROTOCOL_VERSION: u32 = 9;
+/// 10: notes on a manifest's entries ([`ServerMsg::ManifestNote`]).
+pub const PROTOCOL_VERSION: u32 = 10;
 /// First bytes of every session, so a stray shell banner is recognised at once.
 pub const MAGIC: [u8; 8] = *b"BYTEBAK\x01";

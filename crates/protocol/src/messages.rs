@@ -101,6 +101,54 @@ impl SnapshotKind {
 /// Extended attributes as (name, value) pairs of raw bytes.
 pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// The order in which [`fit_xattrs`] keeps xattrs: those that carry
+/// permissions and security labels first (`system.`, then `security.`,
+/// then `trusted.`), then the rest, each kind by name.
+pub fn xattr_keep_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    let rank = |n: &[u8]| {
+        [&b"system."[..], b"security.", b"trusted."]
+            .iter()
+            .position(|p| n.starts_with(p))
+            .unwrap_or(3)
+    };
+    rank(a).cmp(&rank(b)).then_with(|| a.cmp(b))
+}
+
+/// Keeps of `xattrs` (sorted by name) what one entry may carry (see
+/// [`crate::limits`]: [`MAX_XATTRS`] of them, [`MAX_XATTR_TOTAL`]
+/// bytes of names and values): those that carry permissions and security
+/// labels first (`system.`, then `security.`, then `trusted.`), then the
+/// rest, each kind in name order. Returns the names left out (none on
+/// almost every file: Linux allows more, few filesystems hold that many).
+///
+/// [`MAX_XATTRS`]: crate::limits::MAX_XATTRS
+/// [`MAX_XATTR_TOTAL`]: crate::limits::MAX_XATTR_TOTAL
+pub fn fit_xattrs(xattrs: &mut Xattrs) -> Vec<Vec<u8>> {
+    use crate::limits::{MAX_XATTRS, MAX_XATTR_NAME, MAX_XATTR_TOTAL, MAX_XATTR_VALUE};
+    let size = |(n, v): &(Vec<u8>, Vec<u8>)| n.len() + v.len();
+    if xattrs.len() <= MAX_XATTRS && xattrs.iter().map(size).sum::<usize>() <= MAX_XATTR_TOTAL {
+        return Vec::new();
+    }
+    let mut all = std::mem::take(xattrs);
+    all.sort_by(|a, b| xattr_keep_order(&a.0, &b.0));
+    let (mut total, mut dropped) = (0usize, Vec::new());
+    for x in all {
+        let fits = xattrs.len() < MAX_XATTRS
+            && x.0.len() <= MAX_XATTR_NAME
+            && x.1.len() <= MAX_XATTR_VALUE
+            && total + size(&x) <= MAX_XATTR_TOTAL;
+        if fits {
+            total += size(&x);
+            xattrs.push(x);
+        } else {
+            dropped.push(x.0);
+        }
+    }
+    xattrs.sort_by(|a, b| a.0.cmp(&b.0));
+    dropped.sort();
+    dropped
+}
+
 /// One filesystem object as the client saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -701,6 +749,21 @@ pub enum ServerMsg {
     /// server sends when compressing would only cost CPU (a local store,
     /// incompressible data). Neither side copies it into or out of a frame.
     FilePartRaw(RawBytes),
+    /// Within a manifest (between its parts): `path` could not be sent as
+    /// it is stored (a byteback 1.x snapshot's xattrs trimmed, an rsync ACL
+    /// not decoded, an entry that does not parse). A client restoring the
+    /// path warns and ends partial.
+    ManifestNote {
+        /// The path, as in the manifest.
+        #[serde(with = "serde_bytes")]
+        path: Vec<u8>,
+        /// The entry is left out of the manifest (with everything below
+        /// it); otherwise it is the next entry sent, with less than was
+        /// stored.
+        skipped: bool,
+        /// What was lost, and why.
+        message: String,
+    },
 }
 
 impl ServerMsg {
@@ -723,6 +786,7 @@ impl ServerMsg {
             ServerMsg::FileDone => "FileDone",
             ServerMsg::Error { .. } => "Error",
             ServerMsg::SnapshotKinds { .. } => "SnapshotKinds",
+            ServerMsg::ManifestNote { .. } => "ManifestNote",
         }
     }
 
@@ -756,6 +820,12 @@ impl ServerMsg {
             }
             ServerMsg::FilePartRaw(b) if b.len() > MAX_CHUNK => {
                 Err(ProtocolError::Limit("chunk too large".into()))
+            }
+            ServerMsg::ManifestNote { path, message, .. } => {
+                if message.len() > MAX_TEXT {
+                    return Err(ProtocolError::Limit("manifest note too long".into()));
+                }
+                validate_path(path)
             }
             ServerMsg::Error { message } if message.len() > MAX_TEXT => {
                 Err(ProtocolError::Limit("error text too long".into()))

@@ -434,7 +434,8 @@ impl Session {
                 Phase::Reading,
                 ServerMsg::Snapshots(_) | ServerMsg::SnapshotKinds { .. } | ServerMsg::ManifestEnd,
             ) if !self.reads.file => self.phase = Phase::Idle,
-            (Phase::Reading, ServerMsg::ManifestPart(_)) if !self.reads.file => {}
+            (Phase::Reading, ServerMsg::ManifestPart(_) | ServerMsg::ManifestNote { .. })
+                if !self.reads.file => {}
             _ => return Err(unexpected(msg.name(), p)),
         }
         Ok(())

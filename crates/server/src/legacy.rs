@@ -20,9 +20,12 @@
 //! is opened beneath its parent's fd with `openat2(RESOLVE_BENEATH |
 //! RESOLVE_NO_SYMLINKS)`, files are opened `O_NOFOLLOW`, a symlink stored as
 //! a symlink is read with `readlinkat` and never followed, and the xattrs
-//! are parsed strictly with every length capped. A `user.rsync.%stat` that
-//! does not parse, or that contradicts the stored inode (a directory said to
-//! be a file, or the reverse), ends the listing with an error naming the path.
+//! are parsed strictly with every length capped. An entry that cannot be
+//! read as 1.x wrote it (a `user.rsync.%stat` that does not parse, or that
+//! contradicts the stored inode, an unreadable object) is left out, with everything below it, and named in a
+//! [`Note`]; so is what an entry loses (xattrs beyond byteback's limits,
+//! rsync's ACLs, which are not decoded). The client restoring such a path
+//! warns and ends partial.
 //! 1.x kept no checksums: entries carry a zero hash, and the client restores
 //! their files unverified (and says so).
 
@@ -33,13 +36,13 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
 use byteback_protocol::limits::{
-    MAX_PATH, MAX_XATTRS, MAX_XATTR_NAME, MAX_XATTR_TOTAL, MAX_XATTR_VALUE,
+    MAX_PATH, MAX_TEXT, MAX_XATTRS, MAX_XATTR_NAME, MAX_XATTR_TOTAL, MAX_XATTR_VALUE,
 };
 use byteback_protocol::os::xattr::{xattr_names, xattr_value, XattrOf, XATTR_KERNEL_MAX};
-use byteback_protocol::{escape_bytes, Entry, Kind, ManifestEntry};
+use byteback_protocol::{escape_bytes, xattr_keep_order, Entry, Kind, ManifestEntry};
 use rustix::fs::{FileType, Mode, OFlags};
 
-use crate::error::{Context, Error, IoContext, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::fsops;
 use crate::store::META_DIR;
 
@@ -47,6 +50,10 @@ use crate::store::META_DIR;
 pub const STAT_XATTR: &[u8] = b"user.rsync.%stat";
 /// Prefix of the names rsync `--fake-super` gives xattrs outside `user.*`.
 const RSYNC_PREFIX: &[u8] = b"user.rsync.";
+/// rsync's access ACL (`-A` with `--fake-super`), in rsync's own format.
+const AACL_XATTR: &[u8] = b"user.rsync.%aacl";
+/// rsync's default ACL.
+const DACL_XATTR: &[u8] = b"user.rsync.%dacl";
 /// Longest `user.rsync.%stat` value accepted (rsync writes at most ~45 bytes).
 const MAX_STAT_LEN: usize = 64;
 /// Most entries of one directory held (sorted) while it is walked.
@@ -123,14 +130,24 @@ pub fn parse_fake_stat(v: &[u8]) -> std::result::Result<FakeStat, String> {
 }
 
 /// Reads an fd's xattrs, every length capped; `(name, value)` sorted by
-/// name, `user.rsync.%stat` returned apart and the `user.rsync.<name>` of a
-/// non-`user` xattr mapped back to `<name>`. rsync's own ACL xattrs
-/// (`user.rsync.%aacl`, `%dacl`) are not decoded: they come back in
-/// `unsupported` for the caller to name.
+/// name, `user.rsync.%stat` and rsync's ACLs returned apart and the
+/// `user.rsync.<name>` of a non-`user` xattr mapped back to `<name>`.
+/// Xattrs outside `user.*` are the store's own (rsync `--fake-super`
+/// keeps every one of the client's under `user.*`) and are not read.
+/// What one entry cannot carry is left out, in the order the client trims
+/// its own ([`byteback_protocol::fit_xattrs`]: ACLs, `security.*`,
+/// `trusted.*`, then the rest, each by name), and named in `dropped`; a
+/// value is read only while it can still be kept, so no more than
+/// [`MAX_XATTR_TOTAL`] bytes (and one value) are held.
 struct Xattrs {
     list: Vec<(Vec<u8>, Vec<u8>)>,
     stat: Option<Vec<u8>>,
-    unsupported: Vec<Vec<u8>>,
+    /// rsync's access ACL (empty when too large to read).
+    aacl: Option<Vec<u8>>,
+    /// rsync's default ACL is there.
+    dacl: bool,
+    /// Names of the xattrs left out (as restored), in keep order.
+    dropped: Vec<Vec<u8>>,
 }
 
 fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
@@ -144,32 +161,45 @@ fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
     let mut out = Xattrs {
         list: vec![],
         stat: None,
-        unsupported: vec![],
+        aacl: None,
+        dacl: false,
+        dropped: vec![],
     };
-    let mut total = 0usize;
-    for name in &names {
-        let name = name.as_slice();
-        if name.len() > MAX_XATTR_NAME {
-            return Err(bad("xattr name too long".into()));
+    let value = |name: &[u8], max: usize| match xattr_value(XattrOf::Fd(fd), name, max) {
+        Ok(v) => Ok(Some(v)),
+        Err(rustix::io::Errno::RANGE) => Ok(None),
+        Err(e) => Err(io::Error::from(e)),
+    };
+    // (name as restored, name as stored)
+    let mut wanted: Vec<(Vec<u8>, Vec<u8>)> = vec![];
+    for name in names {
+        if !name.starts_with(b"user.") {
+            continue; // the store's own
         }
-        let value = match xattr_value(XattrOf::Fd(fd), name, MAX_XATTR_VALUE) {
-            Ok(Some(v)) => v,
-            Ok(None) => continue, // removed meanwhile
-            Err(rustix::io::Errno::RANGE) => {
-                return Err(bad(format!(
-                    "xattr {} larger than {MAX_XATTR_VALUE} bytes",
-                    escape_bytes(name)
-                )))
-            }
-            Err(e) => return Err(e.into()),
-        };
         if name == STAT_XATTR {
-            out.stat = Some(value);
+            match value(&name, MAX_STAT_LEN + 1)? {
+                Some(Some(v)) => out.stat = Some(v),
+                Some(None) => {} // removed meanwhile
+                None => return Err(bad("user.rsync.%stat is too large".into())),
+            }
+            continue;
+        }
+        if name == AACL_XATTR {
+            // Too large to read: kept as undecodable (which narrows most).
+            out.aacl = match value(&name, MAX_XATTR_VALUE)? {
+                Some(v) => v,
+                None => Some(vec![]),
+            };
+            continue;
+        }
+        if name == DACL_XATTR {
+            out.dacl = true;
             continue;
         }
         let shown = match name.strip_prefix(RSYNC_PREFIX) {
+            // rsync's own bookkeeping, not the client's.
             Some(rest) if rest.first() == Some(&b'%') => {
-                out.unsupported.push(name.to_vec());
+                out.dropped.push(name.to_vec());
                 continue;
             }
             // A non-user xattr rsync renamed: its own name back.
@@ -182,10 +212,23 @@ fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
             }
             _ => name.to_vec(),
         };
-        total += shown.len() + value.len();
-        out.list.push((shown, value));
-        if out.list.len() > MAX_XATTRS || total > MAX_XATTR_TOTAL {
-            return Err(bad("too many or too large xattrs".into()));
+        wanted.push((shown, name));
+    }
+    wanted.sort_by(|a, b| xattr_keep_order(&a.0, &b.0));
+    let mut total = 0usize;
+    for (shown, name) in wanted {
+        let room = MAX_XATTR_TOTAL.saturating_sub(total + shown.len());
+        if out.list.len() >= MAX_XATTRS || shown.len() > MAX_XATTR_NAME || room == 0 {
+            out.dropped.push(shown);
+            continue;
+        }
+        match value(&name, room.min(MAX_XATTR_VALUE))? {
+            Some(Some(v)) => {
+                total += shown.len() + v.len();
+                out.list.push((shown, v));
+            }
+            Some(None) => {} // removed meanwhile
+            None => out.dropped.push(shown),
         }
     }
     out.list.sort();
@@ -193,6 +236,32 @@ fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
         return Err(bad("an xattr is stored under two names".into()));
     }
     Ok(out)
+}
+
+/// Text for a message, at most `max` bytes (cut at a character boundary).
+fn bounded(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max.saturating_sub(3);
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
+}
+
+/// What the walk could not send as it is stored: `path` left out (with
+/// everything below it: `skipped`), or sent with less (its entry is the
+/// next one sent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    /// The path in the snapshot.
+    pub path: Vec<u8>,
+    /// Left out of the manifest.
+    pub skipped: bool,
+    /// What was lost and why.
+    pub message: String,
 }
 
 /// One directory being walked: its fd, path and the names still to visit
@@ -208,10 +277,12 @@ pub struct LegacyWalk {
     stack: Vec<Level>,
     /// (device, inode) of multiply-linked regular files -> first path.
     linked: HashMap<(u64, u64), Vec<u8>>,
-    /// rsync xattrs that were not applied (ACLs), as (path, name), first few.
-    pub unsupported: Vec<(Vec<u8>, Vec<u8>)>,
-    /// How many entries had such xattrs.
-    pub unsupported_count: u64,
+    /// What the entries returned so far lost, or why some were left out,
+    /// in walk order: the caller takes them before the entry that
+    /// [`LegacyWalk::next_entry`] returns (the last note may be its own).
+    pub notes: Vec<Note>,
+    /// What the entry being read loses.
+    lost: Vec<String>,
 }
 
 fn names_of(dir: &OwnedFd) -> io::Result<Vec<Vec<u8>>> {
@@ -256,12 +327,14 @@ impl LegacyWalk {
                 rest,
             }],
             linked: HashMap::new(),
-            unsupported: vec![],
-            unsupported_count: 0,
+            notes: vec![],
+            lost: vec![],
         })
     }
 
-    /// The next entry in walk order, `None` at the end.
+    /// The next entry in walk order, `None` at the end. An entry that
+    /// cannot be read as 1.x wrote it is left out, with everything below
+    /// it, and named in [`LegacyWalk::notes`].
     pub fn next_entry(&mut self) -> Result<Option<ManifestEntry>> {
         loop {
             let Some(top) = self.stack.last_mut() else {
@@ -273,14 +346,42 @@ impl LegacyWalk {
             };
             let path = join(&top.path, &name);
             let shown = format!("/{}", escape_bytes(&path));
+            let depth = self.stack.len();
+            self.lost.clear();
             let e = self
-                .entry(&name, path, &shown)
-                .context_with(|| format!("1.x snapshot entry {shown}"))?;
-            if let Some(e) = e {
-                e.entry
-                    .validate()
-                    .map_err(|err| Error::Store(format!("1.x snapshot entry {shown}: {err}")))?;
-                return Ok(Some(e));
+                .entry(&name, path.clone(), &shown)
+                .and_then(|e| match e {
+                    Some(e) => match e.entry.validate() {
+                        Ok(()) => Ok(Some(e)),
+                        Err(err) => {
+                            // A directory's level was pushed: nothing below it goes.
+                            self.stack.truncate(depth);
+                            Err(Error::Store(err.to_string()))
+                        }
+                    },
+                    None => Ok(None),
+                });
+            match e {
+                Ok(Some(e)) => {
+                    if !self.lost.is_empty() {
+                        let message = bounded(self.lost.join("; "), MAX_TEXT);
+                        self.notes.push(Note {
+                            path,
+                            skipped: false,
+                            message,
+                        });
+                    }
+                    return Ok(Some(e));
+                }
+                Ok(None) => {}
+                Err(err) => self.notes.push(Note {
+                    path,
+                    skipped: true,
+                    message: bounded(
+                        format!("left out (with anything below it): {err}"),
+                        MAX_TEXT,
+                    ),
+                }),
             }
         }
     }
@@ -360,13 +461,18 @@ impl LegacyWalk {
             return Err(bad("changed while read"));
         }
         let x = read_xattrs(&fd).op("read the xattrs of", || shown)?;
-        if !x.unsupported.is_empty() {
-            self.unsupported_count += 1;
-            if self.unsupported.len() < 10 {
-                for n in &x.unsupported {
-                    self.unsupported.push((entry.path.clone(), n.clone()));
-                }
+        if !x.dropped.is_empty() {
+            let mut names: Vec<String> =
+                x.dropped.iter().take(8).map(|n| escape_bytes(n)).collect();
+            if x.dropped.len() > names.len() {
+                names.push(format!("and {} more", x.dropped.len() - names.len()));
             }
+            self.lost.push(format!(
+                "more xattrs than one entry carries ({MAX_XATTRS}, {} KiB in all, {} KiB each): left out {}",
+                MAX_XATTR_TOTAL >> 10,
+                MAX_XATTR_VALUE >> 10,
+                names.join(", ")
+            ));
         }
         entry.xattrs = x.list;
         let fake = match &x.stat {
@@ -383,6 +489,17 @@ impl LegacyWalk {
             entry.mode = f.mode & 0o7777;
             entry.uid = f.uid;
             entry.gid = f.gid;
+        }
+        if x.aacl.is_some() {
+            self.lost.push(format!(
+                "its ACL (rsync's user.rsync.%aacl, whose format byteback does not decode) is not restored; mode {:04o} applied as %stat has it",
+                entry.mode
+            ));
+        }
+        if x.dacl {
+            self.lost.push(
+                "its default ACL (rsync's user.rsync.%dacl, whose format byteback does not decode) is not restored".into(),
+            );
         }
         let rdev = fake.map_or(0, |f| libc::makedev(f.major, f.minor));
         if real == FileType::Directory {

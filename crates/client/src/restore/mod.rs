@@ -125,6 +125,9 @@ pub fn utf8_patterns(patterns: &[std::ffi::OsString], cwd: &Path) -> Result<Vec<
 /// Compiled restore patterns.
 pub struct Patterns {
     set: GlobSet,
+    /// Each pattern's leading components without glob characters
+    /// (normalised): what it can match lies at or below them.
+    literal: Vec<Vec<u8>>,
     /// The patterns as given, for [`Patterns::unmatched`].
     given: Vec<String>,
     /// Which of them matched a path so far.
@@ -141,6 +144,7 @@ impl Patterns {
             ));
         }
         let mut b = GlobSetBuilder::new();
+        let mut literal = vec![];
         for p in patterns {
             let abs = if p.starts_with('/') {
                 p.clone()
@@ -152,6 +156,11 @@ impl Patterns {
             };
             let rel = normalise(&abs);
             let rel = if rel.is_empty() { "**" } else { &rel };
+            let fixed: Vec<&str> = rel
+                .split('/')
+                .take_while(|c| !c.contains(['*', '?', '[', '{', '\\']))
+                .collect();
+            literal.push(fixed.join("/").into_bytes());
             b.add(
                 GlobBuilder::new(rel)
                     .literal_separator(true)
@@ -162,6 +171,7 @@ impl Patterns {
         }
         Ok(Patterns {
             set: b.build()?,
+            literal,
             given: patterns.to_vec(),
             hit: std::cell::RefCell::new(vec![false; patterns.len()]),
         })
@@ -194,6 +204,13 @@ impl Patterns {
 
     fn matches(&self, path: &[u8]) -> bool {
         self.set.is_match(Path::new(OsStr::from_bytes(path)))
+    }
+
+    /// Whether an entry left out at `path` (with everything below it) is
+    /// one the patterns ask for: it is selected, or a pattern names
+    /// something below it.
+    fn reaches(&self, path: &[u8]) -> bool {
+        self.selects(path) || self.literal.iter().any(|l| check::is_ancestor(path, l))
     }
 
     /// Whether `path` is selected: it or one of its ancestors (directories, in
@@ -347,25 +364,71 @@ pub fn list_snapshots(conn: &mut Connection, out: &mut dyn Write) -> Result<usiz
     }
 }
 
-/// Reads one snapshot's manifest, every entry checked (see [`check`]) before `each` sees it.
+/// A warning on `path` of `snapshot` from the server's note on it (see
+/// [`ServerMsg::ManifestNote`]), its text escaped.
+fn note_text(snapshot: &str, path: &[u8], message: &str) -> String {
+    format!(
+        "{}: {} (snapshot {})",
+        display_path(path),
+        byteback_protocol::escape_text(message),
+        byteback_protocol::escape_text(snapshot)
+    )
+}
+
+/// Reads one snapshot's manifest, every entry checked (see [`check`]) before `each` sees it,
+/// with the server's note on it if there is one (the entry came with less than was stored);
+/// `skipped` gets each path the server left out (with everything below it) and why.
 fn read_manifest(
     conn: &mut Connection,
     snapshot: &str,
-    mut each: impl FnMut(ManifestEntry) -> Result<()>,
+    mut each: impl FnMut(ManifestEntry, Option<String>) -> Result<()>,
+    mut skipped: impl FnMut(Vec<u8>, String) -> Result<()>,
 ) -> Result<()> {
     conn.send(&ClientMsg::ReadManifest {
         snapshot: snapshot.to_string(),
     })?;
     let mut checker = check::ManifestCheck::default();
+    // A note on the entry that must come next.
+    let mut pending: Option<(Vec<u8>, String)> = None;
+    let unfollowed = |p: &[u8]| {
+        err!(
+            "the server's note on {} is not followed by its entry",
+            display_path(p)
+        )
+    };
     loop {
         match conn.recv()? {
             ServerMsg::ManifestPart(p) => {
                 for e in p {
                     checker.check(&e)?;
-                    each(e)?;
+                    let note = match pending.take() {
+                        Some((p, m)) if p == e.entry.path => Some(m),
+                        Some((p, _)) => return Err(unfollowed(&p)),
+                        None => None,
+                    };
+                    each(e, note)?;
                 }
             }
-            ServerMsg::ManifestEnd => return Ok(()),
+            ServerMsg::ManifestNote {
+                path,
+                skipped: left_out,
+                message,
+            } => {
+                if let Some((p, _)) = &pending {
+                    return Err(unfollowed(p));
+                }
+                if left_out {
+                    skipped(path, message)?;
+                } else {
+                    pending = Some((path, message));
+                }
+            }
+            ServerMsg::ManifestEnd => {
+                if let Some((p, _)) = &pending {
+                    return Err(unfollowed(p));
+                }
+                return Ok(());
+            }
             m => bail!("unexpected {} from the server", m.name()),
         }
     }
@@ -581,7 +644,7 @@ pub fn list(
     all: bool,
     verbose: bool,
     out: &mut dyn Write,
-) -> Result<usize> {
+) -> Result<(usize, u64)> {
     let snaps = pick_snapshots(conn, snapshot)?;
     if snaps.is_empty() {
         bail!(
@@ -589,6 +652,28 @@ pub fn list(
             conn.host
         );
     }
+    // Notes on what the listing shows, each path's once (by its text
+    // without the snapshot; a hostile server's stream of them is not held
+    // beyond a bound, only said again).
+    let mut warned: HashSet<u128> = HashSet::new();
+    let mut warnings = 0u64;
+    let mut warn = |snap: &str, path: &[u8], message: &str| {
+        let mut h = byteback_delta::FileHasher::new();
+        h.update(&(path.len() as u64).to_le_bytes());
+        h.update(path);
+        h.update(message.as_bytes());
+        let mut k = [0u8; 16];
+        k.copy_from_slice(&h.finish()[..16]);
+        let k = u128::from_le_bytes(k);
+        if warned.contains(&k) {
+            return;
+        }
+        if warned.len() < CLAIM_KEYS {
+            warned.insert(k);
+        }
+        warnings += 1;
+        tracing::warn!("{}", note_text(snap, path, message));
+    };
     if let Some(note) = legacy_note(&snaps) {
         eprintln!("byteback-restore: note: {note}");
     }
@@ -599,12 +684,30 @@ pub fn list(
             pats,
             matched_dir: None,
         };
-        read_manifest(conn, s, |e| {
-            if sel.select(&e) {
-                rows.add(s, e)?;
-            }
-            Ok(())
-        })?;
+        let mut skips = vec![];
+        read_manifest(
+            conn,
+            s,
+            |e, note| {
+                if sel.select(&e) {
+                    if let Some(m) = note {
+                        warn(s, &e.entry.path, &m);
+                    }
+                    rows.add(s, e)?;
+                }
+                Ok(())
+            },
+            |p, m| {
+                if pats.reaches(&p) {
+                    pats.note_hit(&p);
+                    skips.push((p, m));
+                }
+                Ok(())
+            },
+        )?;
+        for (p, m) in skips {
+            warn(s, &p, &m);
+        }
     }
     let rows = rows.by_path;
     let mut paths: Vec<&Vec<u8>> = rows.keys().collect();
@@ -648,7 +751,7 @@ pub fn list(
             n += 1;
         }
     }
-    Ok(n)
+    Ok((n, warnings))
 }
 
 /// Most selected entries a restore holds at once; more are restored in further passes.
@@ -724,10 +827,7 @@ fn keep(list: &mut Vec<String>, more: impl IntoIterator<Item = String>) {
 /// 128 bits of BLAKE3 of an entry's path and, with `version`, of what makes
 /// one version of it differ from another ([`version_key`]).
 fn version_digest(e: &ManifestEntry, version: bool) -> u128 {
-    let mut h = byteback_delta::FileHasher::new();
-    let p = &e.entry.path;
-    h.update(&(p.len() as u64).to_le_bytes());
-    h.update(p);
+    let mut h = path_hasher(&e.entry.path);
     if version {
         let (size, sec, nsec, hash, mode, uid, gid, kind) = version_key(e);
         h.update(&size.to_le_bytes());
@@ -739,10 +839,28 @@ fn version_digest(e: &ManifestEntry, version: bool) -> u128 {
         h.update(&gid.to_le_bytes());
         h.update(kind.as_bytes());
     }
+    digest_of(h)
+}
+
+/// A hasher fed with a path, as [`version_digest`] starts.
+fn path_hasher(p: &[u8]) -> byteback_delta::FileHasher {
+    let mut h = byteback_delta::FileHasher::new();
+    h.update(&(p.len() as u64).to_le_bytes());
+    h.update(p);
+    h
+}
+
+/// 128 bits of `h`'s BLAKE3.
+fn digest_of(h: byteback_delta::FileHasher) -> u128 {
     let d = h.finish();
     let mut k = [0u8; 16];
     k.copy_from_slice(&d[..16]);
     u128::from_le_bytes(k)
+}
+
+/// The claim key of `p` when claims are paths ([`version_digest`] without the version).
+fn path_digest(p: &[u8]) -> u128 {
+    digest_of(path_hasher(p))
 }
 
 /// What restore does beyond the selection.
@@ -833,6 +951,13 @@ struct Chunk {
     implied: HashMap<Vec<u8>, Entry>,
     /// Whether the selection ended within this pass.
     complete: bool,
+    /// Warnings on the entries of `wanted` (from the server's notes).
+    notes: Vec<String>,
+    /// Paths the server left out (with everything below them) and why,
+    /// on the first pass only; at most [`CHUNK_ENTRIES`] (then `more_skipped`).
+    skipped: Vec<(Vec<u8>, String)>,
+    /// Left out beyond those.
+    more_skipped: u64,
 }
 
 /// Reads the manifest once and takes the entries `take` selects after
@@ -849,62 +974,88 @@ fn collect_chunk(
         wanted: vec![],
         implied: HashMap::new(),
         complete: true,
+        notes: vec![],
+        skipped: vec![],
+        more_skipped: 0,
     };
+    let mut skipped = vec![];
+    let mut more_skipped = 0;
     let mut bytes = 0usize;
     // The directories not selected on the way down to the current entry
     // (without their xattrs), outermost first.
     let mut chain: Vec<Entry> = vec![];
     // The chunk's regular files by path key, to mark those links name.
     let mut files: HashMap<u128, usize> = HashMap::new();
-    read_manifest(conn, snap, |e| {
-        if let Kind::HardLink { target } = &e.entry.kind {
-            if let Some(&i) = files.get(&tree::path_key(target)) {
-                chunk.wanted[i].linked = true;
+    read_manifest(
+        conn,
+        snap,
+        |e, note| {
+            if let Kind::HardLink { target } = &e.entry.kind {
+                if let Some(&i) = files.get(&tree::path_key(target)) {
+                    chunk.wanted[i].linked = true;
+                }
             }
-        }
-        while chain
-            .last()
-            .is_some_and(|d| !check::is_ancestor(&d.path, &e.entry.path))
-        {
-            chain.pop();
-        }
-        let selected = take(&e)?;
-        if !selected && e.entry.kind == Kind::Dir {
-            chain.push(Entry {
-                xattrs: vec![],
-                ..e.entry.clone()
+            while chain
+                .last()
+                .is_some_and(|d| !check::is_ancestor(&d.path, &e.entry.path))
+            {
+                chain.pop();
+            }
+            let selected = take(&e)?;
+            if !selected && e.entry.kind == Kind::Dir {
+                chain.push(Entry {
+                    xattrs: vec![],
+                    ..e.entry.clone()
+                });
+            }
+            let later = after.is_none_or(|a| {
+                byteback_protocol::compare_paths(a, &e.entry.path) == std::cmp::Ordering::Less
             });
-        }
-        let later = after.is_none_or(|a| {
-            byteback_protocol::compare_paths(a, &e.entry.path) == std::cmp::Ordering::Less
-        });
-        if !selected || !later {
-            return Ok(());
-        }
-        if !chunk.complete {
-            return Ok(());
-        }
-        if chunk.wanted.len() >= CHUNK_ENTRIES || bytes >= CHUNK_BYTES {
-            chunk.complete = false;
-            return Ok(());
-        }
-        for d in &chain {
-            if !chunk.implied.contains_key(&d.path) {
-                bytes += d.buffer_cost();
-                chunk.implied.insert(d.path.clone(), d.clone());
+            if !selected || !later {
+                return Ok(());
             }
-        }
-        bytes += e.entry.buffer_cost();
-        if let Kind::File { .. } = e.entry.kind {
-            files.insert(tree::path_key(&e.entry.path), chunk.wanted.len());
-        }
-        chunk.wanted.push(tree::Wanted {
-            e,
-            from: None,
-            linked: false,
-        });
-        Ok(())
-    })?;
+            if !chunk.complete {
+                return Ok(());
+            }
+            if chunk.wanted.len() >= CHUNK_ENTRIES || bytes >= CHUNK_BYTES {
+                chunk.complete = false;
+                return Ok(());
+            }
+            for d in &chain {
+                if !chunk.implied.contains_key(&d.path) {
+                    bytes += d.buffer_cost();
+                    chunk.implied.insert(d.path.clone(), d.clone());
+                }
+            }
+            bytes += e.entry.buffer_cost();
+            if let Kind::File { .. } = e.entry.kind {
+                files.insert(tree::path_key(&e.entry.path), chunk.wanted.len());
+            }
+            if let Some(m) = note {
+                let w = note_text(snap, &e.entry.path, &m);
+                bytes += w.len();
+                chunk.notes.push(w);
+            }
+            chunk.wanted.push(tree::Wanted {
+                e,
+                from: None,
+                linked: false,
+            });
+            Ok(())
+        },
+        |p, m| {
+            if after.is_none() {
+                if skipped.len() < CHUNK_ENTRIES {
+                    skipped.push((p, m));
+                } else {
+                    more_skipped += 1;
+                }
+            }
+            Ok(())
+        },
+    )?;
+    chunk.skipped = skipped;
+    chunk.more_skipped = more_skipped;
     Ok(chunk)
 }
 
@@ -949,20 +1100,25 @@ fn resolve_unselected_targets(
     // Only what the links need of each target, not its entry: a target's
     // xattrs would otherwise be held for every link the chunk names.
     let mut found: HashMap<Vec<u8>, LinkTarget> = HashMap::new();
-    read_manifest(conn, snap, |e| {
-        if wanted_targets.contains(&e.entry.path) {
-            let target = LinkTarget {
-                size: match e.entry.kind {
-                    Kind::File { size } => Some(size),
-                    _ => None,
-                },
-                hash: e.hash,
-                claimed: claimed.is_some_and(|c| c.contains(&e)),
-            };
-            found.insert(e.entry.path.clone(), target);
-        }
-        Ok(())
-    })?;
+    read_manifest(
+        conn,
+        snap,
+        |e, _| {
+            if wanted_targets.contains(&e.entry.path) {
+                let target = LinkTarget {
+                    size: match e.entry.kind {
+                        Kind::File { size } => Some(size),
+                        _ => None,
+                    },
+                    hash: e.hash,
+                    claimed: claimed.is_some_and(|c| c.contains(&e)),
+                };
+                found.insert(e.entry.path.clone(), target);
+            }
+            Ok(())
+        },
+        |_, _| Ok(()),
+    )?;
     let mut copied: HashSet<Vec<u8>> = HashSet::new();
     for w in &mut chunk.wanted {
         let Kind::HardLink { target } = &w.e.entry.kind else {
@@ -1002,7 +1158,8 @@ fn resolve_unselected_targets(
 /// Restores what one snapshot supplies into `<into>/<snap>/`: on its first
 /// turn everything the patterns select, on later turns only what no snapshot
 /// processed before claimed. Claims what it takes for the snapshots after it.
-/// `None` when it supplies nothing (its directory is then not made).
+/// `None` when it supplies nothing (its directory is then not made); with
+/// it, the warnings from what the server noted it lost or left out.
 fn restore_snapshot(
     conn: &mut Connection,
     pats: &Patterns,
@@ -1011,7 +1168,9 @@ fn restore_snapshot(
     tree_opts: tree::TreeOptions,
     claims: &mut Claims,
     turn: Turn,
-) -> Result<Option<RestoreReport>> {
+) -> Result<(Option<RestoreReport>, RestoreReport)> {
+    // Warnings from the server's notes (printed as they are found).
+    let mut notes = RestoreReport::default();
     let mut tree: Option<tree::RestoreTree> = None;
     let mut after: Option<Vec<u8>> = None;
     // What this snapshot takes on a later turn, merged into the claims only
@@ -1045,9 +1204,30 @@ fn restore_snapshot(
             }
             Ok(true)
         })?;
+        if first_pass {
+            // Left out by the server: a warning where the patterns ask for
+            // it and no snapshot read before supplied it.
+            for (p, m) in std::mem::take(&mut chunk.skipped) {
+                let supplied = !turn.first && !claims.all && claims.keys.contains(&path_digest(&p));
+                if pats.reaches(&p) && !supplied {
+                    pats.note_hit(&p);
+                    notes.warn(note_text(snap, &p, &m));
+                }
+            }
+            if chunk.more_skipped > 0 {
+                notes.warn(format!(
+                    "{} more entries of snapshot {} were left out by the server",
+                    chunk.more_skipped,
+                    byteback_protocol::escape_text(snap)
+                ));
+            }
+        }
+        for w in std::mem::take(&mut chunk.notes) {
+            notes.warn(w);
+        }
         first_pass = false;
         if chunk.wanted.is_empty() && after.is_none() {
-            return Ok(None);
+            return Ok((None, notes));
         }
         let t = match &mut tree {
             Some(t) => t,
@@ -1080,7 +1260,7 @@ fn restore_snapshot(
         }
     }
     claims.keys.extend(mine);
-    tree.map(tree::RestoreTree::finish).transpose()
+    Ok((tree.map(tree::RestoreTree::finish).transpose()?, notes))
 }
 
 /// Restores matching entries into `<into>/<snapshot>/<path>`.
@@ -1134,9 +1314,10 @@ pub fn restore(
             unverified: snap.kind == SnapshotKind::Legacy1x,
             ..tree_opts
         };
-        if let Some(r) =
-            restore_snapshot(conn, pats, &snap.name, into, tree_opts, &mut claims, turn)?
-        {
+        let (r, notes) =
+            restore_snapshot(conn, pats, &snap.name, into, tree_opts, &mut claims, turn)?;
+        report.merge(notes);
+        if let Some(r) = r {
             report.merge(r);
         }
     }

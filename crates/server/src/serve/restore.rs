@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 
 use byteback_protocol::codec::{ChunkCompressor, DATA_LEVEL};
 use byteback_protocol::limits::{MAX_BATCH, MAX_CHUNK};
-use byteback_protocol::{escape_bytes, Compressed, CurrentNews, RawBytes, ServerMsg, SnapshotKind};
+use byteback_protocol::{Compressed, CurrentNews, RawBytes, ServerMsg, SnapshotKind};
 
 use super::{Conn, ServeConfig};
 use crate::error::{Context, Error, IoContext, Result};
@@ -256,8 +256,9 @@ fn snapshot_kind(
 }
 
 /// Streams the entries of a 1.x snapshot, derived from its tree (see
-/// [`legacy`]), as a manifest; rsync ACL xattrs it cannot apply are named
-/// in a warning.
+/// [`legacy`]), as a manifest; what an entry lost (rsync ACLs, xattrs
+/// beyond byteback's limits) and entries left out (that cannot be read
+/// as 1.x wrote them) go to the client as notes, in walk order.
 fn send_legacy_manifest<R: Read, W: Write>(
     conn: &mut Conn<R, W>,
     snap: std::os::fd::OwnedFd,
@@ -266,7 +267,21 @@ fn send_legacy_manifest<R: Read, W: Write>(
     let walked = || format!("1.x snapshot {snapshot}");
     let mut walk = LegacyWalk::new(snap).context_with(walked)?;
     let mut part = vec![];
-    while let Some(e) = walk.next_entry().context_with(walked)? {
+    loop {
+        let next = walk.next_entry().context_with(walked)?;
+        if !walk.notes.is_empty() {
+            if !part.is_empty() {
+                conn.send(&ServerMsg::ManifestPart(std::mem::take(&mut part)))?;
+            }
+            for n in walk.notes.drain(..) {
+                conn.send(&ServerMsg::ManifestNote {
+                    path: n.path,
+                    skipped: n.skipped,
+                    message: n.message,
+                })?;
+            }
+        }
+        let Some(e) = next else { break };
         part.push(e);
         if part.len() == MAX_BATCH {
             conn.send(&ServerMsg::ManifestPart(std::mem::take(&mut part)))?;
@@ -275,21 +290,7 @@ fn send_legacy_manifest<R: Read, W: Write>(
     if !part.is_empty() {
         conn.send(&ServerMsg::ManifestPart(part))?;
     }
-    conn.send(&ServerMsg::ManifestEnd)?;
-    if walk.unsupported_count > 0 {
-        let named: Vec<String> = walk
-            .unsupported
-            .iter()
-            .map(|(p, n)| format!("/{} ({})", escape_bytes(p), escape_bytes(n)))
-            .collect();
-        eprintln!(
-            "byteback-server: warning: 1.x snapshot {snapshot}: {} entries carry rsync ACL xattrs that are NOT restored (rsync's own ACL format is not supported): {}{}",
-            walk.unsupported_count,
-            named.join(", "),
-            if walk.unsupported_count as usize > named.len() { ", ..." } else { "" }
-        );
-    }
-    Ok(())
+    conn.send(&ServerMsg::ManifestEnd)
 }
 
 /// Why streaming a stored file stopped.
