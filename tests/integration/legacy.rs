@@ -715,14 +715,20 @@ fn a_bad_1x_entry_is_left_out_with_a_warning_and_the_rest_restores() {
         set_stat(&c.join("d/sub"), "100644 0,0 0:0"); // a directory said to be a file
         fs::write(c.join("d/corrupt"), b"x").unwrap();
         set_stat(&c.join("d/corrupt"), "100644 0,0 1:2 ; rm -rf /");
+        fs::write(c.join("d/nodev"), b"").unwrap();
+        set_stat(&c.join("d/nodev"), "20644 4294967295,4294967295 0:0");
+        fs::write(c.join("d/bigmajor"), b"").unwrap();
+        set_stat(&c.join("d/bigmajor"), "60644 4096,0 0:0");
+        fs::write(c.join("d/largest"), b"").unwrap();
+        set_stat(&c.join("d/largest"), "20644 4095,1048575 0:0");
     });
     let out = run_status(restore_cmd(&store, host).args(["--list", "/"]));
     let (list, err) = (text(&out.stdout), stderr(&out));
     assert_eq!(out.status.code(), Some(24), "{list}\n{err}");
-    for p in ["/d/good", "/d/many"] {
+    for p in ["/d/good", "/d/many", "/d/largest"] {
         assert!(list.lines().any(|l| l.ends_with(p)), "{p}: {list}");
     }
-    for p in ["/d/sub", "/d/corrupt"] {
+    for p in ["/d/sub", "/d/corrupt", "/d/nodev", "/d/bigmajor"] {
         assert!(!list.lines().any(|l| l.contains(p)), "{p}: {list}");
         assert!(
             err.lines()
@@ -730,6 +736,7 @@ fn a_bad_1x_entry_is_left_out_with_a_warning_and_the_rest_restores() {
             "{p}: {err}"
         );
     }
+    assert!(err.contains("not one Linux can make"), "{err}");
     assert!(
         err.lines()
             .any(|l| l.contains("/d/many: more xattrs") && l.contains("user.x255")),
@@ -755,9 +762,16 @@ fn a_bad_1x_entry_is_left_out_with_a_warning_and_the_rest_restores() {
         .any(|(n, v)| n == b"trusted.t" && v == b"kept first"));
     assert!(x.iter().any(|(n, _)| n == b"user.x254"));
     assert!(!x.iter().any(|(n, _)| n == b"user.x255"));
-    for p in ["sub", "corrupt"] {
+    for p in ["sub", "corrupt", "nodev", "bigmajor"] {
         assert!(fs::symlink_metadata(r.join(p)).is_err(), "{p}");
     }
+    let largest = fs::symlink_metadata(r.join("largest")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (libc::major(largest.rdev()), libc::minor(largest.rdev())),
+        (4095, 1048575)
+    );
+    assert!(err.contains("/d/nodev: left out"), "{err}");
 
     // Asking for a path below one left out is told so.
     let out = run_status(

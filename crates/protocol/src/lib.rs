@@ -42,7 +42,8 @@ pub use text::{escape_bytes, escape_text};
 /// 8: whether `current` holds a backup no snapshot has
 /// ([`ServerMsg::SnapshotKinds`]'s `current_news`).
 /// 9: entries the server left out ([`BackupStats::left_out`]).
-/// 10: notes on a manifest's entries ([`ServerMsg::ManifestNote`]).
+/// 10: notes on a manifest's entries ([`ServerMsg::ManifestNote`]); device
+/// numbers Linux cannot make are refused.
 pub const PROTOCOL_VERSION: u32 = 10;
 /// First bytes of every session, so a stray shell banner is recognised at once.
 pub const MAGIC: [u8; 8] = *b"BYTEBAK\x01";

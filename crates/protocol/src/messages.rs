@@ -199,6 +199,14 @@ impl Entry {
                 ))
             }
             Kind::HardLink { target } => validate_path(target)?,
+            // The kernel's device numbers are 12 bits of major and 20 of
+            // minor: glibc's encoding of those fits in 32 bits, and
+            // anything larger would be made as another device (or refused).
+            Kind::CharDev { rdev } | Kind::BlockDev { rdev } if *rdev > u64::from(u32::MAX) => {
+                return Err(ProtocolError::Limit(format!(
+                    "device number {rdev:#x} is not one Linux can make"
+                )))
+            }
             _ => {}
         }
         if self.xattrs.len() > MAX_XATTRS {

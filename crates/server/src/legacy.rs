@@ -22,7 +22,8 @@
 //! a symlink is read with `readlinkat` and never followed, and the xattrs
 //! are parsed strictly with every length capped. An entry that cannot be
 //! read as 1.x wrote it (a `user.rsync.%stat` that does not parse, or that
-//! contradicts the stored inode, an unreadable object) is left out, with everything below it, and named in a
+//! contradicts the stored inode, a device number Linux cannot make, an
+//! unreadable object) is left out, with everything below it, and named in a
 //! [`Note`]; so is what an entry loses (xattrs beyond byteback's limits,
 //! rsync's ACLs, which are not decoded). The client restoring such a path
 //! warns and ends partial.
@@ -54,6 +55,10 @@ const RSYNC_PREFIX: &[u8] = b"user.rsync.";
 const AACL_XATTR: &[u8] = b"user.rsync.%aacl";
 /// rsync's default ACL.
 const DACL_XATTR: &[u8] = b"user.rsync.%dacl";
+/// Largest device major number Linux makes (12 bits).
+const MAX_MAJOR: u32 = (1 << 12) - 1;
+/// Largest device minor number Linux makes (20 bits).
+const MAX_MINOR: u32 = (1 << 20) - 1;
 /// Longest `user.rsync.%stat` value accepted (rsync writes at most ~45 bytes).
 const MAX_STAT_LEN: usize = 64;
 /// Most entries of one directory held (sorted) while it is walked.
@@ -500,6 +505,14 @@ impl LegacyWalk {
             self.lost.push(
                 "its default ACL (rsync's user.rsync.%dacl, whose format byteback does not decode) is not restored".into(),
             );
+        }
+        if let Some(f) = fake.filter(|f| matches!(f.mode & 0o170000, 0o020000 | 0o060000)) {
+            if f.major > MAX_MAJOR || f.minor > MAX_MINOR {
+                return Err(bad(format!(
+                    "device number {},{} in user.rsync.%stat is not one Linux can make (major at most {MAX_MAJOR}, minor at most {MAX_MINOR})",
+                    f.major, f.minor
+                )));
+            }
         }
         let rdev = fake.map_or(0, |f| libc::makedev(f.major, f.minor));
         if real == FileType::Directory {
