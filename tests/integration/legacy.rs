@@ -796,3 +796,92 @@ fn a_bad_1x_entry_is_left_out_with_a_warning_and_the_rest_restores() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+/// A 1.x snapshot made with `-A` keeps ACLs in rsync's own format, which
+/// byteback does not restore: the mode's group bits (the ACL's mask) are
+/// narrowed to the ACL's `group::` entry, so the group never gets more
+/// than the source gave it, and the restore says so, naming the file, and
+/// ends partial (24). Taken from the newest of two such snapshots, the file
+/// is warned about once.
+#[test]
+fn a_1x_acl_is_never_widened_and_its_loss_is_said() {
+    if !require_root("a 1.x store on btrfs") {
+        return;
+    }
+    let fsys = BtrfsLoop::new(300);
+    let store = fsys.mount.join("store-acl1x");
+    store_without_interval(&store);
+    let d = scratch();
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let f = src.join("shared");
+    fs::write(&f, b"group may read, not write").unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
+    run(Command::new("setfacl")
+        .args(["-m", "u:1234:rw-,g::r--,m::rw-,o::r--"])
+        .arg(&f));
+    fs::write(src.join("plain"), b"no acl").unwrap();
+    let host = "acl1x";
+    let hostdir = store.join(host);
+    fs::create_dir_all(&hostdir).unwrap();
+    let current = hostdir.join("current");
+    run(Command::new("btrfs")
+        .args(["subvolume", "create"])
+        .arg(&current));
+    for snap in [OLD_SNAP, "2026-11-21T03:00+0000"] {
+        run(Command::new("rsync")
+            .args([
+                "--archive",
+                "--numeric-ids",
+                "--relative",
+                "--acls",
+                "--rsync-path",
+                "rsync --fake-super",
+                "--rsh",
+            ])
+            .arg(fake_rsh(d.path()))
+            .arg(&src)
+            .arg(format!("localhost:{}", current.display())));
+        run(Command::new("btrfs")
+            .args(["subvolume", "snapshot", "-r"])
+            .arg(&current)
+            .arg(hostdir.join(snap)));
+    }
+    let stored = restored(&hostdir.join(OLD_SNAP), &src).join("shared");
+    assert!(
+        xattrs(&stored)
+            .iter()
+            .any(|(n, _)| n == b"user.rsync.%aacl"),
+        "rsync kept no ACL"
+    );
+    let into = d.path().join("r");
+    fs::create_dir_all(&into).unwrap();
+    let out = run_status(
+        restore_cmd(&store, host)
+            .current_dir(&into)
+            .arg("--restore")
+            .arg(&src),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(24), "{err}");
+    let r = restored(&into.join("2026-11-21T03:00+0000"), &src);
+    let mode = fs::metadata(r.join("shared")).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o644, "group::r-- within mask::rw-: {err}");
+    assert_eq!(fs::read(r.join("plain")).unwrap(), b"no acl");
+    let warned: Vec<&str> = err.lines().filter(|l| l.contains("ACL")).collect();
+    assert_eq!(warned.len(), 1, "{err}");
+    assert!(
+        warned[0].contains("/shared:") && warned[0].contains("0664 applied as 0644"),
+        "{err}"
+    );
+    // Only the plain file: a clean run.
+    let into2 = d.path().join("r2");
+    fs::create_dir_all(&into2).unwrap();
+    let out = run_status(
+        restore_cmd(&store, host)
+            .current_dir(&into2)
+            .arg("--restore")
+            .arg(src.join("plain")),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}

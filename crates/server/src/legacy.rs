@@ -243,6 +243,44 @@ fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
     Ok(out)
 }
 
+/// The group and other permissions an rsync `--fake-super` access ACL
+/// (`user.rsync.%aacl`) leaves a file of mode `mode` whose ACL is not
+/// restored: never more than the ACL gave. rsync stores the ACL as
+/// little-endian 32-bit words: `user::`, `group::`, `mask::` and `other::`
+/// (each a permission, or 0x80 when it is the mode's: rsync leaves out
+/// what the mode already says), then one (id, permission) pair per named
+/// user or group (bit 31 of the permission marks a user). The group bits
+/// become `group::` within the mask (the mode's group bits are the mask
+/// when there is one); the other bits are narrowed to what every named
+/// entry gets (a named user or group without the ACL falls back to them).
+/// `None` when the value does not parse: the caller then keeps no group or
+/// other permission.
+fn narrowed_by_rsync_acl(acl: &[u8], mode: u32) -> Option<u32> {
+    const NO_ENTRY: u32 = 0x80;
+    const NAME_IS_USER: u32 = 1 << 31;
+    if acl.len() < 16 || !(acl.len() - 16).is_multiple_of(8) {
+        return None;
+    }
+    let word = |i: usize| u32::from_le_bytes([acl[i], acl[i + 1], acl[i + 2], acl[i + 3]]);
+    let perm = |v: u32, default: u32| match v {
+        NO_ENTRY => Some(default),
+        v if v <= 7 => Some(v),
+        _ => None,
+    };
+    let mode_group = (mode >> 3) & 7;
+    let group = perm(word(4), mode_group)?;
+    let mask = perm(word(8), mode_group)?;
+    let mut other = mode & 7;
+    for pair in (16..acl.len()).step_by(8) {
+        let p = word(pair + 4) & !NAME_IS_USER;
+        if p > 7 {
+            return None;
+        }
+        other &= p & mask;
+    }
+    Some((mode & !0o077) | ((group & mask & mode_group) << 3) | other)
+}
+
 /// Text for a message, at most `max` bytes (cut at a character boundary).
 fn bounded(mut s: String, max: usize) -> String {
     if s.len() > max {
@@ -495,10 +533,19 @@ impl LegacyWalk {
             entry.uid = f.uid;
             entry.gid = f.gid;
         }
-        if x.aacl.is_some() {
+        if let Some(acl) = &x.aacl {
+            // The mode's group bits are the ACL's mask, not the group's own:
+            // without the ACL they must not give more than it did.
+            let mode = entry.mode;
+            let narrowed = narrowed_by_rsync_acl(acl, mode).unwrap_or(mode & !0o077);
+            entry.mode = narrowed;
             self.lost.push(format!(
-                "its ACL (rsync's user.rsync.%aacl, whose format byteback does not decode) is not restored; mode {:04o} applied as %stat has it",
-                entry.mode
+                "its ACL (rsync's user.rsync.%aacl, whose format byteback does not decode) is not restored; mode {mode:04o} {}",
+                if narrowed == mode {
+                    "kept (it gives no more than the ACL did)".to_string()
+                } else {
+                    format!("applied as {narrowed:04o}, which gives no more than the ACL did")
+                }
             ));
         }
         if x.dacl {
@@ -587,6 +634,43 @@ fn bad(why: impl Into<String>) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// rsync's `--fake-super` access ACL: the four words, then (id, perm) pairs.
+    fn rsync_acl(words: [u32; 4], named: &[(u32, u32)]) -> Vec<u8> {
+        let mut v: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        for (id, p) in named {
+            v.extend(id.to_le_bytes());
+            v.extend(p.to_le_bytes());
+        }
+        v
+    }
+
+    #[test]
+    fn an_rsync_acl_narrows_group_and_other_never_widens() {
+        const NO: u32 = 0x80;
+        const USER: u32 = 1 << 31;
+        // group::r--, mask::rw- (the mode's group bits): 0664 -> 0644.
+        let acl = rsync_acl([NO, 4, NO, NO], &[(1234, USER | 6)]);
+        assert_eq!(narrowed_by_rsync_acl(&acl, 0o664), Some(0o644));
+        // group:: the mode's (0x80): unchanged.
+        let acl = rsync_acl([NO, NO, NO, NO], &[(1234, USER | 6)]);
+        assert_eq!(narrowed_by_rsync_acl(&acl, 0o664), Some(0o664));
+        // A named group with less than other: other narrowed to it.
+        let acl = rsync_acl([NO, NO, NO, NO], &[(50, 0)]);
+        assert_eq!(narrowed_by_rsync_acl(&acl, 0o4755), Some(0o4750));
+        // group::rwx under mask::r-x: r-x at most.
+        let acl = rsync_acl([NO, 7, 5, NO], &[]);
+        assert_eq!(narrowed_by_rsync_acl(&acl, 0o755), Some(0o755));
+        for bad in [
+            vec![],
+            rsync_acl([NO, 9, NO, NO], &[]),
+            rsync_acl([NO, NO, NO, NO], &[(1, 8)]),
+            rsync_acl([NO, NO, NO, NO], &[])[..15].to_vec(),
+            [rsync_acl([NO, NO, NO, NO], &[]), vec![0; 4]].concat(),
+        ] {
+            assert_eq!(narrowed_by_rsync_acl(&bad, 0o664), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn fake_stat_parses_strictly() {
