@@ -428,6 +428,78 @@ fn budgeted_verify_goes_on_within_a_large_file() {
     assert!(out.contains("content does not match its BLAKE3"), "{out}");
 }
 
+/// A backup that starts while verify checks `current` (holding the host's
+/// lock) is not refused: verify lets go, says so, and goes on next time.
+/// (It refused the backup as "another backup of host h is running".)
+#[test]
+fn a_backup_is_never_refused_for_a_verify_of_current() {
+    if !require_root("verify on a btrfs store") {
+        return;
+    }
+    let fs_ = BtrfsLoop::new(300);
+    let store = fs_.mount.join("store");
+    store_without_interval(&store);
+    let work = scratch();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let mut rng = Rng::new(7);
+    for i in 0..8 {
+        fs::write(src.join(format!("f{i}")), rng.bytes(8 << 20)).unwrap();
+    }
+    backup(&store, &src);
+    // 100 ms a MiB: about 6 s for current's 64 MiB, if it did not let go.
+    let verifying = Command::new(bin("byteback-server"))
+        .arg("verify")
+        .arg("--store")
+        .arg(&store)
+        .args(["--snapshot", "current"])
+        .env("BYTEBACK_TEST_VERIFY_SLOW", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Until verify holds the host's lock.
+    let lock = store.join(HOST).join(".lock");
+    let held = || {
+        !run_status(
+            Command::new("flock")
+                .args(["-n", "-s"])
+                .arg(&lock)
+                .arg("true"),
+        )
+        .status
+        .success()
+    };
+    let t = std::time::Instant::now();
+    while !held() {
+        assert!(t.elapsed().as_secs() < 30, "verify never took the lock");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    fs::write(src.join("new"), b"written while verify ran").unwrap();
+    let o = run_status(
+        Command::new(bin("byteback-backup"))
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .args(["--hostname", HOST, "--retry-number", "0"]),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+    let v = verifying.wait_with_output().unwrap();
+    let out = output_text(&v);
+    assert_eq!(v.status.code(), Some(0), "{out}");
+    assert!(out.contains("a backup of the host waits"), "{out}");
+    // Nothing was taken for damage; the next run checks current whole.
+    let o = verify(&store, &["--snapshot", "current"]);
+    let out = output_text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(!out.contains("DAMAGED"), "{out}");
+    assert_eq!(
+        fs::read(stored(&store, "current", &src, "new")).unwrap(),
+        b"written while verify ran"
+    );
+}
+
 /// Usage errors of verify and byteback-prune exit 2, as the README says
 /// (they gave 3 and 1, as if the store were at fault).
 #[test]

@@ -139,6 +139,9 @@ pub struct HostStore {
     pub btrfs: bool,
 }
 
+/// Held shared by a backup waiting for its host's lock.
+const WANTED: &[u8] = b".lock-wanted";
+
 impl HostStore {
     /// The host directory fd.
     pub fn fd(&self) -> &OwnedFd {
@@ -158,18 +161,33 @@ impl HostStore {
         })
     }
 
-    /// Takes the host's exclusive lock, or says who holds it. The lock is an
-    /// flock, so a killed process never leaves it behind.
+    /// Takes the host's exclusive lock for a backup, or says who holds it.
+    /// The lock is an flock, so a killed process never leaves it behind.
+    /// While it waits, the backup holds [`WANTED`] shared: a verify of
+    /// `current` lets go of the host's lock when it sees that (within a
+    /// second; see `verify`), so a backup is never refused for a check.
     pub fn lock(&self) -> Result<File> {
+        let wanted = fsops::open_lock(&self.fd, WANTED).op("open", || {
+            self.path.join(".lock-wanted").display().to_string()
+        })?;
+        rustix::fs::flock(&wanted, rustix::fs::FlockOperation::LockShared)
+            .map_err(|e| Error::io("lock", self.path.join(".lock-wanted").display(), e.into()))?;
+        // Up to 15 s: a verify lets go within a second or two (the piece
+        // it reads), a backup or a restore holds it much longer.
+        self.lock_within(300)
+    }
+
+    /// Takes the host's exclusive lock, trying `tries` times 50 ms apart
+    /// (a listing of restores looks at it shared for an instant), or says
+    /// who holds it.
+    pub fn lock_within(&self, tries: u32) -> Result<File> {
         let lock = || self.path.join(".lock").display().to_string();
         let f = fsops::open_lock(&self.fd, b".lock").op("open", lock)?;
-        // A listing of restores looks at the lock shared for an instant:
-        // a few short tries pass over that, and give up on a backup.
-        let mut tries = 0;
+        let mut tried = 0;
         let got = loop {
             match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-                Err(rustix::io::Errno::WOULDBLOCK) if tries < 10 => {
-                    tries += 1;
+                Err(rustix::io::Errno::WOULDBLOCK) if tried < tries => {
+                    tried += 1;
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
                 r => break r,
@@ -184,6 +202,14 @@ impl HostStore {
             ))),
             Err(e) => Err(Error::io("lock", lock(), e.into())),
         }
+    }
+
+    /// The file a backup waiting for the host's lock holds shared (see
+    /// [`HostStore::lock`]).
+    pub fn wanted(&self) -> Result<File> {
+        fsops::open_lock(&self.fd, WANTED).op("open", || {
+            self.path.join(".lock-wanted").display().to_string()
+        })
     }
 
     /// Takes the host's lock shared, so no backup changes `current` while a

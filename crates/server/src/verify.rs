@@ -122,6 +122,10 @@ pub struct Budget {
     /// A run may stop within a large file (its place there is kept): only
     /// a budgeted pass, which keeps its place.
     within_files: bool,
+    /// While `current` is verified: the host's file a backup waiting for
+    /// its lock holds shared (see `HostStore::lock`); the check then stops
+    /// as if the budget were spent, and goes on next time.
+    yield_to: Option<File>,
 }
 
 impl Budget {
@@ -132,12 +136,28 @@ impl Budget {
             until: time.map(|t| Instant::now() + t),
             used: 0,
             within_files: false,
+            yield_to: None,
         }
     }
 
     fn spent(&self) -> bool {
         self.bytes.is_some_and(|b| self.used >= b)
             || self.until.is_some_and(|u| Instant::now() >= u)
+            || self.backup_waits()
+    }
+
+    /// Whether a backup waits for the lock held while `current` is checked.
+    fn backup_waits(&self) -> bool {
+        use rustix::fs::{flock, FlockOperation};
+        self.yield_to.as_ref().is_some_and(|f| {
+            match flock(f, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {
+                    let _ = flock(f, FlockOperation::Unlock);
+                    false
+                }
+                Err(_) => true,
+            }
+        })
     }
 
     fn limited(&self) -> bool {
@@ -307,6 +327,17 @@ fn ident_of(m: &std::fs::Metadata) -> String {
     format!("{}-{}-{}.{}", m.len(), m.ino(), m.ctime(), m.ctime_nsec())
 }
 
+/// `BYTEBACK_TEST_VERIFY_SLOW` (debug builds): 100 ms per MiB read, so a
+/// test can start a backup while `current` is being checked.
+fn slow_for_tests() {
+    static SLOW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if cfg!(debug_assertions)
+        && *SLOW.get_or_init(|| std::env::var_os("BYTEBACK_TEST_VERIFY_SLOW").is_some())
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Hashes a file the manifest says has `size` bytes, `piece` bytes at a
 /// time when it is larger than one piece, going on from `from` when that
 /// is this same file's; between pieces, stops when the budget is spent
@@ -329,6 +360,7 @@ fn hash_pieces(
     let mut read = |h: &mut blake3::Hasher, budget: &mut Budget, start: u64, end: u64| {
         let mut at = start;
         while at < end {
+            slow_for_tests();
             let want = (end - at).min(buf.len() as u64) as usize;
             let got = file.read_at(&mut buf[..want], at)?;
             if got == 0 {
@@ -381,7 +413,10 @@ fn hash_pieces(
             let left = stack.pop().unwrap_or_default();
             stack.push(hazmat::merge_subtrees_non_root(&left, &right, Mode::Hash));
         }
-        if stoppable && budget.spent() {
+        // Stopped for a backup even where a budget could not stop: its
+        // place is kept by a budgeted pass, and the file is checked again
+        // by any other.
+        if (stoppable || budget.yield_to.is_some()) && budget.spent() {
             return Ok(Hashed::Stopped(Progress {
                 ident,
                 pieces,
@@ -530,7 +565,7 @@ fn verify_snapshot(
 /// 1.x's `current` has no manifest to verify).
 fn current_settled(host: &HostStore) -> std::result::Result<std::fs::File, String> {
     let lock = host
-        .lock()
+        .lock_within(10)
         .map_err(|_| "is being written by a backup".to_string())?;
     let current = host.current().map_err(|e| e.to_string())?;
     // byteback 1.x's `current` (no byteback backup has run into it yet)
@@ -637,7 +672,10 @@ pub fn verify_host(
         // manifest is the next backup's to settle, not damage.
         let _lock = if name == "current" {
             match current_settled(host) {
-                Ok(lock) => Some(lock),
+                Ok(lock) => {
+                    budget.yield_to = host.wanted().ok();
+                    Some(lock)
+                }
                 Err(why) => {
                     eprintln!(
                         "byteback-server: verify: {}/current {why}; not verified this time",
@@ -665,6 +703,13 @@ pub fn verify_host(
         ) {
             Ok(true) => {}
             Ok(false) => {
+                if budget.backup_waits() {
+                    eprintln!(
+                        "byteback-server: verify: {}/current: a backup of the host waits; \
+                         stopped here, to go on at the next run",
+                        host.name
+                    );
+                }
                 state.cursor = Some((name.clone(), cursor.or(after).unwrap_or_default()));
                 if resume {
                     state.partial = partial.take().map(|(p, pr)| (name.clone(), p, pr));
@@ -681,6 +726,8 @@ pub fn verify_host(
             break;
         }
     }
+    // The next host's check must not stop for this one's backup.
+    budget.yield_to = None;
     report.finished = finished;
     if let Some(snap) = only {
         // A check of one snapshot replaces what is known of its damage.
