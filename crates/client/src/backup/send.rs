@@ -123,6 +123,9 @@ pub(super) fn send_file(shared: &Shared, job: Job) -> Result<()> {
     let Some(mut file) = open_or_abort(shared, id, &found)? else {
         return Ok(());
     };
+    // Its ctime before the first byte is read: a write whose mtime was put
+    // back afterwards (touch -d, a tool keeping times) still moves it.
+    let ctime_before = file.metadata().ok().map(|m| (m.ctime(), m.ctime_nsec()));
     // A new file the server may hold elsewhere (a moved or copied one), or
     // in checksum mode a file whose stored copy may be the same.
     if twin {
@@ -149,14 +152,31 @@ pub(super) fn send_file(shared: &Shared, job: Job) -> Result<()> {
     else {
         return Ok(());
     };
-    check_unchanged(shared, &file, &entry, total, abs);
+    let mtime_nsec = match check_unchanged(shared, &file, &entry, total, abs, ctime_before) {
+        // Written while read, its mtime put back: recorded 1 ns off that
+        // mtime, so the next run reads it again (a mixed copy would
+        // otherwise pass for the file by size and mtime for ever).
+        Changed::OnlyCtime if entry.mtime_nsec > 0 => entry.mtime_nsec - 1,
+        Changed::OnlyCtime => entry.mtime_nsec + 1,
+        _ => entry.mtime_nsec,
+    };
     shared.send(ClientMsg::FileEnd {
         id,
         size: total,
         hash,
         mtime_sec: entry.mtime_sec,
-        mtime_nsec: entry.mtime_nsec,
+        mtime_nsec,
     })
+}
+
+/// What [`check_unchanged`] found.
+#[derive(PartialEq)]
+enum Changed {
+    No,
+    /// Size or mtime moved: the next run sees that and reads it again.
+    Visibly,
+    /// Only the ctime moved (a write whose mtime was put back).
+    OnlyCtime,
 }
 
 /// Opens the file beneath the source's fd, never through a symlink, and only
@@ -610,20 +630,37 @@ fn encode(shared: &Shared, id: u32, delta: Delta) -> Result<Encoded> {
 }
 
 /// A file that changed while it was read is sent as read, but recorded
-/// with its old mtime, so the next run looks at it again: counted and warned
-/// here.
-fn check_unchanged(shared: &Shared, file: &File, entry: &Entry, total: u64, abs: &Path) {
+/// with an mtime other than its own, so the next run looks at it again:
+/// counted and warned here. Its ctime, taken before the first read
+/// (`ctime_before`), catches a write whose mtime was put back.
+fn check_unchanged(
+    shared: &Shared,
+    file: &File,
+    entry: &Entry,
+    total: u64,
+    abs: &Path,
+    ctime_before: Option<(i64, i64)>,
+) -> Changed {
     let size = entry.size();
-    if let Ok(md) = file.metadata() {
-        if md.len() != size
-            || md.mtime() != entry.mtime_sec
-            || md.mtime_nsec() as u32 != entry.mtime_nsec
-            || total != size
-        {
-            shared.partial.fetch_add(1, Ordering::Relaxed);
-            shared.warn(format!("{}: changed while being read", shown(abs)));
-        }
+    let Ok(md) = file.metadata() else {
+        return Changed::No;
+    };
+    let changed = if md.len() != size
+        || md.mtime() != entry.mtime_sec
+        || md.mtime_nsec() as u32 != entry.mtime_nsec
+        || total != size
+    {
+        Changed::Visibly
+    } else if ctime_before.is_some_and(|c| c != (md.ctime(), md.ctime_nsec())) {
+        Changed::OnlyCtime
+    } else {
+        Changed::No
+    };
+    if changed != Changed::No {
+        shared.partial.fetch_add(1, Ordering::Relaxed);
+        shared.warn(format!("{}: changed while being read", shown(abs)));
     }
+    changed
 }
 
 /// For a new file the server may already hold (a moved or copied file):
