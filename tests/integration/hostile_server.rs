@@ -974,6 +974,52 @@ fn an_interrupted_restore_gives_existing_directories_back_their_owner_and_mode()
     }
 }
 
+/// A restore stopped by SIGTERM while a file comes in removes that file's
+/// temporary copy; the directories it made stay private (0700) until a
+/// restore completes, and one run again finishes them as the snapshot has
+/// them (they stayed 0700 for ever: taken for the user's own).
+#[test]
+fn a_stopped_restore_leaves_no_temporary_file_and_a_rerun_finishes_its_directories() {
+    if !require_root("a_stopped_restore_leaves_no_temporary_file") {
+        return;
+    }
+    let st = Stage::new();
+    let entries = vec![dir("a"), dir("a/b"), file("a/b/f", b"x")];
+    let mut sc = scenario(entries.clone(), &[("a/b/f", b"x")]);
+    sc.file_delay_ms = 8_000;
+    let mut child = st.spawn_restore(
+        Command::new(bin("byteback-restore")),
+        &sc,
+        &["/a/b/f"],
+        None,
+    );
+    let temps = || -> Vec<String> {
+        fs::read_dir(st.restored("a/b"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(".byteback-restore."))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let t = Instant::now();
+    while temps().is_empty() {
+        assert!(t.elapsed() < TIMEOUT, "no temporary file ever made");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    send_signal(child.id(), Signal::TERM);
+    assert_eq!(child.wait().unwrap().code(), Some(143));
+    assert_eq!(temps(), Vec::<String>::new());
+    let mode = |rel: &str| fs::metadata(st.restored(rel)).unwrap().mode() & 0o7777;
+    assert_eq!((mode(""), mode("a"), mode("a/b")), (0o700, 0o700, 0o700));
+    let r = st.restore(&scenario(entries, &[("a/b/f", b"x")]), &["/a/b/f"]);
+    r.assert_code(0);
+    assert_eq!((mode(""), mode("a"), mode("a/b")), (0o755, 0o755, 0o755));
+    assert_eq!(fs::read(st.restored("a/b/f")).unwrap(), b"x");
+    st.sentinel.assert_untouched();
+}
+
 /// Warnings are printed as they come and only the first 1,000 are kept
 /// (for the summary and `--json`), so a server sending entries that each
 /// cost a warning cannot grow the client's memory without bound: 3,000

@@ -27,6 +27,35 @@ struct Locked {
 /// The directories locked down now, and the next id.
 static LOCKED: Mutex<(Vec<Locked>, u64)> = Mutex::new((Vec::new(), 0));
 
+/// Files being restored under a temporary name now: their directory and
+/// that name, removed on a signal.
+static TEMPS: Mutex<Vec<(u64, OwnedFd, std::ffi::CString)>> = Mutex::new(Vec::new());
+
+fn temps() -> MutexGuard<'static, Vec<(u64, OwnedFd, std::ffi::CString)>> {
+    TEMPS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs `create` (which makes a temporary file in `dir` and gives its
+/// name) with the file registered, as `id`, for removal on a signal
+/// (none if `dir` cannot be duplicated); [`forget_temp`] ends that.
+pub fn temp_file<T>(
+    dir: std::os::fd::BorrowedFd<'_>,
+    id: u64,
+    create: impl FnOnce() -> rustix::io::Result<(std::ffi::CString, T)>,
+) -> rustix::io::Result<(std::ffi::CString, T)> {
+    let mut guard = temps();
+    let made = create()?;
+    if let Ok(fd) = dir.try_clone_to_owned() {
+        guard.push((id, fd, made.0.clone()));
+    }
+    Ok(made)
+}
+
+/// The temporary file registered as `id` is renamed or removed.
+pub fn forget_temp(id: u64) {
+    temps().retain(|t| t.0 != id);
+}
+
 fn locked() -> MutexGuard<'static, (Vec<Locked>, u64)> {
     LOCKED.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -51,8 +80,13 @@ pub fn install() -> std::io::Result<()> {
 
 /// Puts every locked-down directory back, says so, and exits.
 fn interrupted(sig: libc::c_int) -> ! {
-    // Held until the exit: no directory is locked down or put back meanwhile.
+    // Held until the exit: no directory is locked down or put back, and no
+    // temporary file made or placed, meanwhile.
     let guard = locked();
+    let files = temps();
+    for (_, dir, name) in files.iter() {
+        let _ = rustix::fs::unlinkat(dir, name.as_c_str(), rustix::fs::AtFlags::empty());
+    }
     let mut failed = 0;
     for l in guard.0.iter().rev() {
         if put(l.fd.as_fd(), l.uid, l.gid, l.mode, l.owner).is_err() {
@@ -63,7 +97,7 @@ fn interrupted(sig: libc::c_int) -> ! {
     let msg = if failed > 0 {
         format!("interrupted ({name}); {failed} directories could not be given back their owner and mode")
     } else {
-        format!("interrupted ({name}); the restore is incomplete, existing directories have their owner and mode back")
+        format!("interrupted ({name}); the restore is incomplete, existing directories have their owner and mode back (those it made stay 0700 until a restore completes)")
     };
     // A closed stderr must not stop the exit below.
     let _ = std::io::Write::write_all(

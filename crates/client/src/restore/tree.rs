@@ -297,6 +297,16 @@ fn path_beneath(root: BorrowedFd<'_>, path: &[u8]) -> rustix::io::Result<OwnedFd
     path_beneath(step.as_fd(), &path[cut + 1..])
 }
 
+/// Forgets a registered temporary file when dropped (placed, removed, or
+/// an error on the way).
+struct Forget(u64);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        super::interrupt::forget_temp(self.0);
+    }
+}
+
 /// Creates a new empty file (0600) in `parent` under a temporary name
 /// (`.byteback-restore.PID.N`, the first N free) for a file being
 /// restored: see [`RestoreTree::restore_file`].
@@ -399,7 +409,7 @@ impl RestoreTree {
                 ..Default::default()
             },
         };
-        let leave = if fresh {
+        let leave = if fresh || tree.left_by_a_stopped_restore(&fd, b"")? {
             Leave::Default
         } else {
             tree.lock_down(&fd, b"")?
@@ -410,6 +420,16 @@ impl RestoreTree {
             leave,
         });
         Ok(tree)
+    }
+
+    /// Whether existing directory `fd` is as a restore stopped by a signal
+    /// (or SIGKILL) left one it made: ours, mode 0700. It is then finished
+    /// as one made now (its metadata from the snapshot), not given back
+    /// as it stands, or a restore run again after a stop would leave the
+    /// directories above what it restores at 0700.
+    fn left_by_a_stopped_restore(&self, fd: &OwnedFd, path: &[u8]) -> Result<bool> {
+        let st = rustix::fs::fstat(fd).on("fstat", self.shown(path))?;
+        Ok(st.st_uid == self.euid && st.st_mode & 0o7777 == 0o700)
     }
 
     /// Makes an existing directory private to us while the restore works in
@@ -508,6 +528,9 @@ impl RestoreTree {
                 Err(e) => bail!("cannot create {}: {e}", self.shown(path)),
             }
             match open_dir_beneath(parent, name) {
+                Ok(fd) if self.left_by_a_stopped_restore(&fd, path)? => {
+                    return Ok((fd, Leave::Default));
+                }
                 Ok(fd) => {
                     let leave = self.lock_down(&fd, path)?;
                     return Ok((fd, leave));
@@ -691,7 +714,13 @@ impl RestoreTree {
         let path = &e.entry.path;
         let name = last_component(path);
         let parent = top_fd(&self.stack)?;
-        let (tmp, fd) = create_temp(parent).on("cannot create a file beside", self.shown(path))?;
+        // Removed by the signal thread should the restore be stopped
+        // before it is placed or removed.
+        static NEXT_TEMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let temp_id = NEXT_TEMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _forget = Forget(temp_id);
+        let (tmp, fd) = super::interrupt::temp_file(parent, temp_id, || create_temp(parent))
+            .on("cannot create a file beside", self.shown(path))?;
         let st = rustix::fs::fstat(&fd)?;
         let shown = self.shown(path);
         let hash = (!self.opts.unverified).then_some(&e.hash);
