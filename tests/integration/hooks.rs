@@ -342,7 +342,7 @@ fn hooks_that_others_could_change_are_not_run() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("is writable by its group or others (mode 0757)"),
+        err.contains("is writable by its group or others (mode 0757; `chmod go-w"),
         "{err}"
     );
     assert_eq!(s.log(), "", "it ran: {err}");

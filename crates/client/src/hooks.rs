@@ -91,7 +91,9 @@ pub struct Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.hook, self.reason)?;
-        if self.tail.is_empty() {
+        if self.tail.is_empty() && self.reason.starts_with("was not run") {
+            Ok(())
+        } else if self.tail.is_empty() {
             write!(f, " (no output)")
         } else {
             write!(f, "; its last output:")?;
@@ -392,8 +394,7 @@ impl Runner {
             .try_clone()
             .map_err(|e| fail(format!("could not be started: {e}"), vec![]))?;
         let mut cmd = Command::new(path);
-        crate::stop::unblocked(&mut cmd)
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::from(wr))
             .stderr(Stdio::from(wr2))
             .process_group(0);
@@ -403,7 +404,8 @@ impl Runner {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let spawned = cmd.spawn();
+        // With no signal blocked (see `stop::unblocked_program`).
+        let spawned = crate::stop::unblocked_program(&mut cmd, path).and_then(|()| cmd.spawn());
         // The Command holds our copies of the pipe's write end: without
         // dropping it the reader would never see end of file.
         drop(cmd);

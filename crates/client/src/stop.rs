@@ -225,6 +225,70 @@ pub(crate) fn unblocked(cmd: &mut std::process::Command) -> &mut std::process::C
     }
 }
 
+/// [`unblocked`] for a program run with no arguments, executed with
+/// `execve` from the child itself: Rust's `execvp` would have a file that
+/// is not a program (no `#!`, a broken binary) run by sh, where run-parts
+/// and 1.x refuse it (ENOEXEC, "could not be started"). Call last, once
+/// `cmd`'s environment is set: it is taken from there.
+pub(crate) fn unblocked_program(
+    cmd: &mut std::process::Command,
+    path: &std::path::Path,
+) -> std::io::Result<()> {
+    use std::ffi::{CString, OsString};
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    use std::os::unix::process::CommandExt;
+    let c =
+        |b: Vec<u8>| CString::new(b).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL));
+    let prog = c(path.as_os_str().as_bytes().to_vec())?;
+    let mut env: std::collections::BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => env.insert(k.to_owned(), v.to_owned()),
+            None => env.remove(k),
+        };
+    }
+    let env = env
+        .into_iter()
+        .map(|(k, v)| {
+            let mut kv = k.into_vec();
+            kv.push(b'=');
+            kv.extend(v.into_vec());
+            c(kv)
+        })
+        .collect::<std::io::Result<Vec<CString>>>()?;
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    // The pointers in `envp` point into `env`, moved with it.
+    let held = (prog, env, SendPtrs(envp));
+    // SAFETY: between fork and exec only sigemptyset, pthread_sigmask and
+    // execve run, all async-signal-safe, on data made before the fork
+    // (execve returns only on failure).
+    unsafe {
+        cmd.pre_exec(move || {
+            let (prog, _env, envp) = &held;
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            match libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) {
+                0 => {}
+                e => return Err(std::io::Error::from_raw_os_error(e)),
+            }
+            let argv = [prog.as_ptr(), std::ptr::null()];
+            libc::execve(prog.as_ptr(), argv.as_ptr(), envp.0.as_ptr());
+            Err(std::io::Error::last_os_error())
+        });
+    }
+    Ok(())
+}
+
+/// Pointers into strings owned beside them, moved with them into a child's
+/// `pre_exec` (which must be `Send + Sync`).
+struct SendPtrs(Vec<*const libc::c_char>);
+// SAFETY: the pointers are only read, in the child, while the strings they
+// point into (held in the same tuple) live.
+unsafe impl Send for SendPtrs {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtrs {}
+
 /// The signal's name.
 pub(crate) fn name(sig: i32) -> &'static str {
     match sig {
