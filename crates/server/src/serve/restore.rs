@@ -17,6 +17,14 @@ use crate::legacy::{self, LegacyWalk};
 use crate::manifest::ManifestReader;
 use crate::store::{disk_path, HostStore, Store, META_DIR, META_DIR_NAME};
 
+/// Whether `e`, from opening a host's directory, says there is none (a
+/// host with no backups yet); any other error (a store this user may not
+/// read) is said as it is, not as "no snapshots".
+fn no_such_host(e: &crate::error::Error) -> bool {
+    e.io_error()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+}
+
 /// Answers `ListSnapshots`: the host's snapshot names (none for a host
 /// without any).
 pub(super) fn list_snapshots<R: Read, W: Write>(
@@ -26,7 +34,8 @@ pub(super) fn list_snapshots<R: Read, W: Write>(
 ) -> Result<()> {
     let names = match store.host(&cfg.host, false) {
         Ok(h) => h.snapshots()?.into_iter().map(|(n, _)| n).collect(),
-        Err(_) => vec![],
+        Err(e) if no_such_host(&e) => vec![],
+        Err(e) => return Err(e),
     };
     conn.send(&ServerMsg::Snapshots(names))
 }
@@ -63,7 +72,8 @@ pub(super) fn list_snapshot_kinds<R: Read, W: Write>(
             };
             (out, current, news)
         }
-        Err(_) => (vec![], None, CurrentNews::No),
+        Err(e) if no_such_host(&e) => (vec![], None, CurrentNews::No),
+        Err(e) => return Err(e),
     };
     conn.send(&ServerMsg::SnapshotKinds {
         snapshots,
