@@ -2851,3 +2851,66 @@ fn a_write_hidden_by_its_mtime_while_read_is_caught_and_read_again() {
     }
     assert_eq!(fs::metadata(&stored).unwrap().mtime_nsec(), m.mtime_nsec());
 }
+
+/// A listing whose reader goes away (`| head`) ends quietly with 0, and a
+/// store this user may not read says so, not "no snapshots here".
+#[test]
+fn a_listing_into_a_closed_pipe_ends_quietly_and_an_unreadable_store_says_so() {
+    use std::io::BufRead;
+    let site = LocalSite::fresh();
+    for i in 0..3000 {
+        fs::write(
+            site.src.join(format!("file-with-a-longish-name-{i:05}")),
+            b"x",
+        )
+        .unwrap();
+    }
+    run(Command::new(bin("byteback-backup"))
+        .arg("--destination")
+        .arg(&site.store)
+        .arg("--source")
+        .arg(&site.src)
+        .args(["--hostname", "h", "--retry-number", "0"]));
+    let list = || {
+        let mut c = Command::new(bin("byteback-restore"));
+        c.arg("--destination")
+            .arg(&site.store)
+            .args(["--hostname", "h", "--list", "/"]);
+        c
+    };
+    let mut child = list()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("snapshot"), "{first}");
+    let o = child.wait_with_output().unwrap();
+    let err = output_text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(!err.contains("Broken pipe"), "{err}");
+    if !require_root("listing a store as another user") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mut dir = site.store.clone();
+    while dir != Path::new("/") {
+        let mode = fs::metadata(&dir).unwrap().permissions().mode();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode | 0o005)).unwrap();
+        dir.pop();
+    }
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin("byteback-restore"))
+        .arg("--destination")
+        .arg(&site.store)
+        .args(["--hostname", "h", "--list", "/"]);
+    let o = run_status(&mut c);
+    let err = output_text(&o);
+    assert_ne!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(!err.contains("no snapshots"), "{err}");
+}

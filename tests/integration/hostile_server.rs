@@ -1020,6 +1020,80 @@ fn a_stopped_restore_leaves_no_temporary_file_and_a_rerun_finishes_its_directori
     st.sentinel.assert_untouched();
 }
 
+/// Blocks of zeros are restored as holes, but a swap file comes back
+/// allocated whole (the kernel refuses one with holes), and with
+/// `--no-sparse` every file does, as 1.x's rsync wrote them.
+#[test]
+fn swap_files_and_no_sparse_restores_come_back_allocated() {
+    use std::os::unix::fs::MetadataExt;
+    let st = Stage::new();
+    let mut swap = vec![0u8; 1 << 20];
+    swap[4086..4096].copy_from_slice(b"SWAPSPACE2");
+    swap[1024] = 1;
+    let zeros = vec![0u8; 1 << 20];
+    let entries = vec![dir("d"), file("d/swapfile", &swap), file("d/zeros", &zeros)];
+    let files: &[(&str, &[u8])] = &[("d/swapfile", &swap), ("d/zeros", &zeros)];
+    let allocated = |rel: &str| fs::metadata(st.restored(rel)).unwrap().blocks() * 512;
+    let r = st.restore(&scenario(entries.clone(), files), &[ALL]);
+    r.assert_code(0);
+    assert_eq!(fs::read(st.restored("d/swapfile")).unwrap(), swap);
+    assert!(
+        allocated("d/swapfile") >= 1 << 20,
+        "{}",
+        allocated("d/swapfile")
+    );
+    assert_eq!(fs::read(st.restored("d/zeros")).unwrap(), zeros);
+    assert!(allocated("d/zeros") < 64 << 10, "{}", allocated("d/zeros"));
+    st.clear_work();
+    let r = st.restore(&scenario(entries, files), &["--no-sparse", ALL]);
+    r.assert_code(0);
+    assert!(allocated("d/zeros") >= 1 << 20, "{}", allocated("d/zeros"));
+    assert_eq!(fs::read(st.restored("d/zeros")).unwrap(), zeros);
+}
+
+/// A restore not run as root cannot give files their owners or their
+/// `security.*` and `trusted.*` xattrs (file capabilities): it says so in
+/// one summary and ends partial (24), where it said nothing and exited 0.
+#[test]
+fn a_restore_not_run_as_root_says_what_it_could_not_give_back() {
+    if !require_root("a_restore_not_run_as_root (setpriv to nobody)") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let st = Stage::new();
+    for d in [
+        st.dir.path().to_path_buf(),
+        st.work(),
+        st.dir.path().join("store"),
+    ] {
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let mut cap = file("ping", b"x");
+    cap.entry.mode = 0o755;
+    cap.entry.xattrs = vec![(b"security.capability".to_vec(), vec![1, 0, 0, 2])];
+    let mine = {
+        let mut e = file("mine", b"y");
+        (e.entry.uid, e.entry.gid) = (65534, 65534);
+        e
+    };
+    let sc = scenario(vec![mine, cap], &[("ping", b"x"), ("mine", b"y")]);
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(bin("byteback-restore"));
+    let mut child = st.spawn_restore(cmd, &sc, &[ALL], None);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let code = child.wait().unwrap().code();
+    assert_eq!(code, Some(24), "{err}");
+    assert!(
+        err.contains("not run as root: 1 entries belong to another user or group")
+            && err.contains("1 entries lost their security.* and trusted.* xattrs"),
+        "{err}"
+    );
+    assert_eq!(fs::read(st.restored("ping")).unwrap(), b"x");
+    st.sentinel.assert_untouched();
+}
+
 /// Warnings are printed as they come and only the first 1,000 are kept
 /// (for the summary and `--json`), so a server sending entries that each
 /// cost a warning cannot grow the client's memory without bound: 3,000

@@ -14,6 +14,7 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use byteback_protocol::{Entry, Kind};
 use rustix::fs::{AtFlags, Mode, Timespec, Timestamps, XattrFlags};
@@ -23,6 +24,40 @@ use rustix::io::Errno;
 const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
 /// Name of the xattr holding a POSIX default ACL (directories only).
 const ACL_DEFAULT: &[u8] = b"system.posix_acl_default";
+
+/// This process's user and group.
+static SELF: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+
+/// What [`apply`] could not give back without root, for one summary: the
+/// entries whose owner is another user or group, and those whose
+/// `security.*` or `trusted.*` xattrs (file capabilities, SELinux labels)
+/// were left out.
+static NOT_ROOT: (AtomicU64, AtomicU64) = (AtomicU64::new(0), AtomicU64::new(0));
+
+/// The summary of what a restore not run as root could not give back
+/// (see [`NOT_ROOT`]), if anything; the counts start again.
+pub fn not_root_summary() -> Option<String> {
+    let owners = NOT_ROOT.0.swap(0, Ordering::Relaxed);
+    let xattrs = NOT_ROOT.1.swap(0, Ordering::Relaxed);
+    let mut parts = vec![];
+    if owners > 0 {
+        parts.push(format!(
+            "{owners} entries belong to another user or group in the backup, and to this user here"
+        ));
+    }
+    if xattrs > 0 {
+        parts.push(format!(
+            "{xattrs} entries lost their security.* and trusted.* xattrs (file capabilities, \
+             SELinux labels)"
+        ));
+    }
+    (!parts.is_empty()).then(|| {
+        format!(
+            "not run as root: {}; restore as root to keep them",
+            parts.join("; ")
+        )
+    })
+}
 
 /// How restore treats what a snapshot asks for.
 #[derive(Debug, Clone, Copy)]
@@ -104,6 +139,23 @@ pub fn apply(
     let is_link = matches!(obj, Held::Symlink { .. });
     if rules.as_root {
         set_owner(obj, entry, shown, &mut warnings)?;
+    } else {
+        let (uid, gid) = *SELF.get_or_init(|| {
+            (
+                rustix::process::geteuid().as_raw(),
+                rustix::process::getegid().as_raw(),
+            )
+        });
+        if (entry.uid, entry.gid) != (uid, gid) {
+            NOT_ROOT.0.fetch_add(1, Ordering::Relaxed);
+        }
+        if entry
+            .xattrs
+            .iter()
+            .any(|(n, _)| n.starts_with(b"security.") || n.starts_with(b"trusted."))
+        {
+            NOT_ROOT.1.fetch_add(1, Ordering::Relaxed);
+        }
     }
     if !is_link {
         remove_stale_acls(obj, entry, shown, &mut warnings)?;

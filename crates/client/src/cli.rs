@@ -1310,6 +1310,27 @@ fn no_endless_timeout(t: u64, what: &str, default: u64, warnings: &mut Vec<Strin
     default
 }
 
+/// Standard output for a listing, noting whether its reader went away
+/// (`byteback-restore --list | head`), which ends the listing quietly.
+#[derive(Default)]
+struct PipeOut {
+    closed: bool,
+}
+
+impl std::io::Write for PipeOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let r = std::io::stdout().lock().write(buf);
+        self.closed |= matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe);
+        r
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let r = std::io::stdout().lock().flush();
+        self.closed |= matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe);
+        r
+    }
+}
+
 /// List or restore backed-up files.
 #[derive(Debug, Parser)]
 #[command(name = "byteback-restore", version)]
@@ -1359,6 +1380,11 @@ pub struct RestoreArgs {
     /// restoring data one does not trust).
     #[arg(long)]
     no_setuid: bool,
+    /// Write runs of zeros as data, not as holes (as byteback 1.x's rsync
+    /// did): a preallocated image or database file comes back allocated.
+    /// Swap files always do, whatever this says.
+    #[arg(long)]
+    no_sparse: bool,
     /// With --restore: at the end, print one JSON object with the figures on
     /// stdout (see README, "JSON reports"); messages still go to stderr.
     #[arg(long)]
@@ -1449,7 +1475,17 @@ pub fn restore_main() -> ExitCode {
     let mut report = RestoreJson::default();
     let code = match restore_cmd(args, &mut report) {
         Ok(code) => code,
-        Err(e) => failed(&e, &mut report.errors),
+        Err(e) => {
+            // What was restored before the failure, as an interrupted
+            // restore's report says too (the full figures come only with
+            // a finished run).
+            if report.entries == 0 {
+                report.entries = crate::progress::RESTORE
+                    .files_done
+                    .load(std::sync::atomic::Ordering::Relaxed);
+            }
+            failed(&e, &mut report.errors)
+        }
     };
     if json {
         report.exit_code = code;
@@ -1517,8 +1553,11 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
         }
         // A plain listing: the host's snapshots and what wrote each.
         let mut conn = target.connect("list")?;
-        let stdout = std::io::stdout();
-        let n = restore::list_snapshots(&mut conn, &mut stdout.lock())?;
+        let mut out = PipeOut::default();
+        let n = match restore::list_snapshots(&mut conn, &mut out) {
+            Err(_) if out.closed => return Ok(0),
+            r => r?,
+        };
         conn.close()?;
         return Ok(if n == 0 { 1 } else { 0 });
     }
@@ -1553,6 +1592,7 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
             verbose: args.verbose,
             no_devices: args.no_devices,
             no_setuid: args.no_setuid,
+            no_sparse: args.no_sparse,
         };
         let dest = restore::RestoreInto {
             dir: &into,
@@ -1618,16 +1658,19 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
             EXIT_PARTIAL
         })
     } else {
-        let stdout = std::io::stdout();
-        let mut out = stdout.lock();
-        let (n, warnings) = restore::list(
+        let mut out = PipeOut::default();
+        let (n, warnings) = match restore::list(
             &mut conn,
             &pats,
             args.snapshot.as_deref(),
             args.all,
             args.verbose,
             &mut out,
-        )?;
+        ) {
+            // The reader had enough (`| head`): not an error.
+            Err(_) if out.closed => return Ok(0),
+            r => r?,
+        };
         conn.close()?;
         if n == 0 {
             tracing::error!("nothing matches");

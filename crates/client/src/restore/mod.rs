@@ -838,6 +838,17 @@ fn version_digest(e: &ManifestEntry, version: bool) -> u128 {
         h.update(&uid.to_le_bytes());
         h.update(&gid.to_le_bytes());
         h.update(kind.as_bytes());
+        // xattrs and ACLs too: a capability or an ACL entry added (or
+        // taken away to revoke access) is a version of its own.
+        let mut x: Vec<&(Vec<u8>, Vec<u8>)> = e.entry.xattrs.iter().collect();
+        x.sort();
+        h.update(&(x.len() as u64).to_le_bytes());
+        for (name, value) in x {
+            h.update(&(name.len() as u64).to_le_bytes());
+            h.update(name);
+            h.update(&(value.len() as u64).to_le_bytes());
+            h.update(value);
+        }
     }
     digest_of(h)
 }
@@ -875,6 +886,8 @@ pub struct RestoreOptions {
     pub no_devices: bool,
     /// Drop setuid and setgid bits.
     pub no_setuid: bool,
+    /// Allocate every restored file whole (zeros as data, no holes).
+    pub no_sparse: bool,
 }
 
 /// Where a restore writes: `<dir>/<snapshot>/...`.
@@ -1297,6 +1310,7 @@ pub fn restore(
         no_devices: opts.no_devices,
         verbose: opts.verbose,
         unverified: false,
+        no_sparse: opts.no_sparse,
     };
     let order: Vec<&Snap> = if opts.all {
         snaps.iter().collect()
@@ -1330,6 +1344,9 @@ pub fn restore(
         report.warn(format!(
             "pattern {p:?} matches nothing; nothing restored for it"
         ));
+    }
+    if let Some(w) = crate::apply::not_root_summary() {
+        report.warn(w);
     }
     report
         .snapshots
@@ -1440,6 +1457,17 @@ mod tests {
         let mut x = me("a", 1);
         x.entry.uid = 5;
         assert_ne!(versions.key(&me("a", 1)), versions.key(&x));
+        // A capability or an ACL entry alone makes a version too, whatever
+        // the order the xattrs come in.
+        let mut cap = me("a", 1);
+        cap.entry.xattrs = vec![
+            (b"security.capability".to_vec(), vec![1, 2]),
+            (b"user.a".to_vec(), vec![3]),
+        ];
+        assert_ne!(versions.key(&me("a", 1)), versions.key(&cap));
+        let mut same = cap.clone();
+        same.entry.xattrs.reverse();
+        assert_eq!(versions.key(&cap), versions.key(&same));
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub struct TreeOptions {
     /// The snapshot keeps no checksums (byteback 1.x): files are checked for
     /// their size only, and counted as unverified.
     pub unverified: bool,
+    /// Every file allocated whole (`--no-sparse`).
+    pub no_sparse: bool,
 }
 
 /// What a directory gets when the walk leaves it.
@@ -297,6 +299,29 @@ fn path_beneath(root: BorrowedFd<'_>, path: &[u8]) -> rustix::io::Result<OwnedFd
     path_beneath(step.as_fd(), &path[cut + 1..])
 }
 
+/// Whether `file` (of `size` bytes, written) is a Linux swap file: its
+/// signature ends its first page. The kernel refuses a swap file with
+/// holes, and the blocks of zeros a restore writes as holes would make
+/// one useless.
+fn is_swap(file: &File, size: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut sig = [0u8; 10];
+    size >= 10 * 4096
+        && file.read_exact_at(&mut sig, 4096 - 10).is_ok()
+        && (&sig == b"SWAPSPACE2" || &sig == b"SWAP-SPACE")
+}
+
+/// Allocates the holes of restored `file` (zeros as data): a swap file,
+/// or every file with `--no-sparse`. A filesystem that cannot is said.
+fn allocate_whole(file: &File, size: u64, shown: &str, report: &mut RestoreReport) {
+    if let Err(e) = rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
+        report.warn(format!(
+            "{shown}: its holes could not be allocated ({}); it is restored sparse",
+            std::io::Error::from(e)
+        ));
+    }
+}
+
 /// Forgets a registered temporary file when dropped (placed, removed, or
 /// an error on the way).
 struct Forget(u64);
@@ -307,7 +332,8 @@ impl Drop for Forget {
     }
 }
 
-/// Creates a new empty file (0600) in `parent` under a temporary name
+/// Creates a new empty file (0600, opened to read too: see [`is_swap`]) in
+/// `parent` under a temporary name
 /// (`.byteback-restore.PID.N`, the first N free) for a file being
 /// restored: see [`RestoreTree::restore_file`].
 fn create_temp(parent: BorrowedFd<'_>) -> rustix::io::Result<(CString, OwnedFd)> {
@@ -320,7 +346,7 @@ fn create_temp(parent: BorrowedFd<'_>) -> rustix::io::Result<(CString, OwnedFd)>
         match rustix::fs::openat(
             parent,
             &name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         ) {
             Err(Errno::EXIST) => continue,
@@ -751,6 +777,9 @@ impl RestoreTree {
             }
             Ok((file, None)) => file,
         };
+        if size > 0 && (self.opts.no_sparse || is_swap(&file, size)) {
+            allocate_whole(&file, size, &shown, &mut self.report);
+        }
         let applied = apply::apply(Held::Open(file.as_fd()), &e.entry, &self.opts.rules, &shown)
             .map_err(crate::error::Error::from);
         let placed = applied.and_then(|w| {
@@ -759,6 +788,19 @@ impl RestoreTree {
         });
         let w = match placed {
             Ok(w) => w,
+            // What stands at its name may not be replaced (chattr +i or
+            // +a on it or its directory): that file is not restored, the
+            // rest of the tree is, as rsync goes on past it.
+            Err(crate::error::Error::Io { cause, .. })
+                if matches!(cause.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
+            {
+                let _ = remove();
+                self.report.warn(format!(
+                    "{shown}: cannot put in place: {cause} (immutable or append-only? see \
+                     lsattr); not restored"
+                ));
+                return Ok(());
+            }
             Err(err) => {
                 let _ = remove();
                 return Err(err);
