@@ -1094,6 +1094,59 @@ fn a_restore_not_run_as_root_says_what_it_could_not_give_back() {
     st.sentinel.assert_untouched();
 }
 
+/// A name the restore may not replace (`chattr +i` on what stands there)
+/// is a warning naming it, and the rest is restored (it stopped the whole
+/// restore); a restore that fails later still counts, in `--json`, what it
+/// restored before.
+#[test]
+fn an_immutable_name_is_skipped_and_a_failed_restore_counts_what_it_wrote() {
+    if !require_root("an_immutable_name_is_skipped (chattr +i)") {
+        return;
+    }
+    let st = Stage::new();
+    let entries = vec![dir("d"), file("d/a", b"a"), file("d/b", b"b")];
+    let files: &[(&str, &[u8])] = &[("d/a", b"a"), ("d/b", b"b")];
+    st.restore(&scenario(entries.clone(), files), &[ALL])
+        .assert_code(0);
+    let a = st.restored("d/a");
+    let chattr = |flag: &str| run(Command::new("chattr").arg(flag).arg(&a));
+    chattr("+i");
+    fs::remove_file(st.restored("d/b")).unwrap();
+    let r = st.restore(&scenario(entries, files), &[ALL]);
+    chattr("-i");
+    r.assert_code(24);
+    assert!(
+        r.stderr.contains("d/a: cannot put in place"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fs::read(st.restored("d/b")).unwrap(), b"b");
+    // The server sends more than the manifest's size for the second file:
+    // the restore stops there, having written the first.
+    st.clear_work();
+    let entries = vec![dir("e"), file("e/a", b"a"), file("e/b", b"b")];
+    let sc = scenario(
+        entries,
+        &[("e/a", b"a"), ("e/b", b"far more than one byte")],
+    );
+    let json = st.dir.path().join("report.json");
+    let mut wrapper = Command::new("sh");
+    wrapper
+        .args(["-c", "exec \"$0\" --json \"$@\" >\"$JSON_OUT\""])
+        .arg(bin("byteback-restore"))
+        .env("JSON_OUT", &json);
+    let r = st.restore_cmd(wrapper, &sc, &[ALL], None);
+    r.assert_code(1);
+    let report: serde_json::Value = serde_json::from_slice(&fs::read(&json).unwrap()).unwrap();
+    assert!(
+        report["entries"].as_u64().unwrap() >= 1,
+        "{report}\n{}",
+        r.stderr
+    );
+    assert_eq!(fs::read(st.restored("e/a")).unwrap(), b"a");
+    st.sentinel.assert_untouched();
+}
+
 /// Warnings are printed as they come and only the first 1,000 are kept
 /// (for the summary and `--json`), so a server sending entries that each
 /// cost a warning cannot grow the client's memory without bound: 3,000
