@@ -885,3 +885,66 @@ fn a_1x_acl_is_never_widened_and_its_loss_is_said() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+/// A `byteback-server` for `BYTEBACK_SERVER` whose data segment is capped
+/// at `mib` MiB (the client's is not).
+fn server_limited_to(dir: &Path, mib: u64) -> PathBuf {
+    let p = dir.join("limited-server");
+    fs::write(
+        &p,
+        format!(
+            "#!/bin/sh\nulimit -d {}\nexec '{}' \"$@\"\n",
+            mib << 10,
+            bin("byteback-server").display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// A long run of entries the server leaves out (40,000 in one deep
+/// directory, each path near 4 KiB) is streamed to the client note by
+/// note: the server holds none of them until a good entry comes (it held
+/// them all: 164 MB here, and without bound for more).
+#[test]
+fn a_long_run_of_bad_1x_entries_is_streamed_in_bounded_memory() {
+    if !require_root("a 1.x store on btrfs") {
+        return;
+    }
+    let fsys = BtrfsLoop::new(400);
+    let store = fsys.mount.join("store-badrun");
+    fs::create_dir_all(&store).unwrap();
+    let host = "badrun";
+    let deep: PathBuf = std::iter::once("d".to_string())
+        .chain((0..15).map(|i| format!("{i:x}").repeat(250)))
+        .collect();
+    make_1x_by_hand(&store, host, OLD_SNAP, &|c| {
+        let dir = c.join(&deep);
+        fs::create_dir_all(&dir).unwrap();
+        for i in 0..40_000 {
+            let f = dir.join(format!("f{i:05}"));
+            fs::write(&f, b"").unwrap();
+            set_xattr(&f, "user.rsync.%stat", b"not a stat");
+        }
+        fs::write(c.join("good"), b"good").unwrap();
+    });
+    let d = scratch();
+    let out = run_status(
+        restore_cmd(&store, host)
+            .env("BYTEBACK_SERVER", server_limited_to(d.path(), 64))
+            .args(["--list", "/good"]),
+    );
+    let (list, err) = (text(&out.stdout), stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{list}\n{err}");
+    assert!(list.lines().any(|l| l.ends_with("/good")), "{list}");
+    // Asking for the directory: told of what was left out in it.
+    let out = run_status(
+        restore_cmd(&store, host)
+            .env("BYTEBACK_SERVER", server_limited_to(d.path(), 64))
+            .args(["--list", "/d"]),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(24), "{err}");
+    assert!(err.contains("/f00000: left out"), "{err}");
+}

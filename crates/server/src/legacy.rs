@@ -24,7 +24,7 @@
 //! read as 1.x wrote it (a `user.rsync.%stat` that does not parse, or that
 //! contradicts the stored inode, a device number Linux cannot make, an
 //! unreadable object) is left out, with everything below it, and named in a
-//! [`Note`]; so is what an entry loses (xattrs beyond byteback's limits,
+//! [`Note`] as the walk comes to it ([`Walked::Skipped`]); so is what an entry loses (xattrs beyond byteback's limits,
 //! rsync's ACLs, which are not decoded). The client restoring such a path
 //! warns and ends partial.
 //! 1.x kept no checksums: entries carry a zero hash, and the client restores
@@ -315,15 +315,21 @@ struct Level {
     rest: Vec<Vec<u8>>,
 }
 
+/// One step of a [`LegacyWalk`].
+#[derive(Debug)]
+pub enum Walked {
+    /// The next entry, with the note on what it lost, if it lost anything
+    /// (sent just before it).
+    Entry(ManifestEntry, Option<Note>),
+    /// An entry left out, with everything below it.
+    Skipped(Note),
+}
+
 /// Streams the entries of a 1.x tree in walk order.
 pub struct LegacyWalk {
     stack: Vec<Level>,
     /// (device, inode) of multiply-linked regular files -> first path.
     linked: HashMap<(u64, u64), Vec<u8>>,
-    /// What the entries returned so far lost, or why some were left out,
-    /// in walk order: the caller takes them before the entry that
-    /// [`LegacyWalk::next_entry`] returns (the last note may be its own).
-    pub notes: Vec<Note>,
     /// What the entry being read loses.
     lost: Vec<String>,
 }
@@ -370,15 +376,15 @@ impl LegacyWalk {
                 rest,
             }],
             linked: HashMap::new(),
-            notes: vec![],
             lost: vec![],
         })
     }
 
-    /// The next entry in walk order, `None` at the end. An entry that
-    /// cannot be read as 1.x wrote it is left out, with everything below
-    /// it, and named in [`LegacyWalk::notes`].
-    pub fn next_entry(&mut self) -> Result<Option<ManifestEntry>> {
+    /// The next step of the walk, `None` at the end: an entry (with a
+    /// note on what it lost), or one that cannot be read as 1.x wrote it,
+    /// left out with everything below it. Each comes as it is found, so
+    /// nothing is held however many entries are left out in a row.
+    pub fn next(&mut self) -> Result<Option<Walked>> {
         loop {
             let Some(top) = self.stack.last_mut() else {
                 return Ok(None);
@@ -406,25 +412,24 @@ impl LegacyWalk {
                 });
             match e {
                 Ok(Some(e)) => {
-                    if !self.lost.is_empty() {
-                        let message = bounded(self.lost.join("; "), MAX_TEXT);
-                        self.notes.push(Note {
-                            path,
-                            skipped: false,
-                            message,
-                        });
-                    }
-                    return Ok(Some(e));
+                    let note = (!self.lost.is_empty()).then(|| Note {
+                        path,
+                        skipped: false,
+                        message: bounded(self.lost.join("; "), MAX_TEXT),
+                    });
+                    return Ok(Some(Walked::Entry(e, note)));
                 }
                 Ok(None) => {}
-                Err(err) => self.notes.push(Note {
-                    path,
-                    skipped: true,
-                    message: bounded(
-                        format!("left out (with anything below it): {err}"),
-                        MAX_TEXT,
-                    ),
-                }),
+                Err(err) => {
+                    return Ok(Some(Walked::Skipped(Note {
+                        path,
+                        skipped: true,
+                        message: bounded(
+                            format!("left out (with anything below it): {err}"),
+                            MAX_TEXT,
+                        ),
+                    })))
+                }
             }
         }
     }

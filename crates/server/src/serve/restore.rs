@@ -13,7 +13,7 @@ use byteback_protocol::{Compressed, CurrentNews, RawBytes, ServerMsg, SnapshotKi
 use super::{Conn, ServeConfig};
 use crate::error::{Context, Error, IoContext, Result};
 use crate::fsops;
-use crate::legacy::{self, LegacyWalk};
+use crate::legacy::{self, LegacyWalk, Walked};
 use crate::manifest::ManifestReader;
 use crate::store::{disk_path, HostStore, Store, META_DIR, META_DIR_NAME};
 
@@ -277,21 +277,31 @@ fn send_legacy_manifest<R: Read, W: Write>(
     let walked = || format!("1.x snapshot {snapshot}");
     let mut walk = LegacyWalk::new(snap).context_with(walked)?;
     let mut part = vec![];
-    loop {
-        let next = walk.next_entry().context_with(walked)?;
-        if !walk.notes.is_empty() {
-            if !part.is_empty() {
-                conn.send(&ServerMsg::ManifestPart(std::mem::take(&mut part)))?;
-            }
-            for n in walk.notes.drain(..) {
-                conn.send(&ServerMsg::ManifestNote {
-                    path: n.path,
-                    skipped: n.skipped,
-                    message: n.message,
-                })?;
-            }
+    // A note goes out as soon as it is found (the entries before it
+    // first), so none is held; one on an entry is followed by that entry.
+    let note = |conn: &mut Conn<R, W>, part: &mut Vec<_>, n: legacy::Note| {
+        if !part.is_empty() {
+            conn.send(&ServerMsg::ManifestPart(std::mem::take(part)))?;
         }
-        let Some(e) = next else { break };
+        conn.send(&ServerMsg::ManifestNote {
+            path: n.path,
+            skipped: n.skipped,
+            message: n.message,
+        })
+    };
+    while let Some(step) = walk.next().context_with(walked)? {
+        let e = match step {
+            Walked::Skipped(n) => {
+                note(conn, &mut part, n)?;
+                continue;
+            }
+            Walked::Entry(e, n) => {
+                if let Some(n) = n {
+                    note(conn, &mut part, n)?;
+                }
+                e
+            }
+        };
         part.push(e);
         if part.len() == MAX_BATCH {
             conn.send(&ServerMsg::ManifestPart(std::mem::take(&mut part)))?;
