@@ -328,8 +328,14 @@ pub enum Walked {
 /// Streams the entries of a 1.x tree in walk order.
 pub struct LegacyWalk {
     stack: Vec<Level>,
-    /// (device, inode) of multiply-linked regular files -> first path.
+    /// (device, inode) of multiply-linked regular files -> first path
+    /// sent: later names are sent as hard links to it.
     linked: HashMap<(u64, u64), Vec<u8>>,
+    /// The (device, inode) of the entry being read when it is the first
+    /// name of a multiply-linked file: registered in `linked` only once
+    /// the entry passes its checks and is sent, so a name left out is
+    /// never the target of a link (the next name becomes the file).
+    first_link: Option<(u64, u64)>,
     /// What the entry being read loses.
     lost: Vec<String>,
 }
@@ -376,6 +382,7 @@ impl LegacyWalk {
                 rest,
             }],
             linked: HashMap::new(),
+            first_link: None,
             lost: vec![],
         })
     }
@@ -397,6 +404,7 @@ impl LegacyWalk {
             let shown = format!("/{}", escape_bytes(&path));
             let depth = self.stack.len();
             self.lost.clear();
+            self.first_link = None;
             let e = self
                 .entry(&name, path.clone(), &shown)
                 .and_then(|e| match e {
@@ -412,6 +420,9 @@ impl LegacyWalk {
                 });
             match e {
                 Ok(Some(e)) => {
+                    if let Some(key) = self.first_link.take() {
+                        self.linked.insert(key, e.entry.path.clone());
+                    }
                     let note = (!self.lost.is_empty()).then(|| Note {
                         path,
                         skipped: false,
@@ -616,7 +627,7 @@ impl LegacyWalk {
                                 "more than {MAX_LINKED} hard-linked files in one snapshot"
                             )));
                         }
-                        self.linked.insert(key, entry.path.clone());
+                        self.first_link = Some(key);
                         Kind::File { size }
                     }
                 } else {
