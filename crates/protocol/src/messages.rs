@@ -766,8 +766,9 @@ pub enum ServerMsg {
         #[serde(with = "serde_bytes")]
         path: Vec<u8>,
         /// The entry is left out of the manifest (with everything below
-        /// it); otherwise it is the next entry sent, with less than was
-        /// stored.
+        /// it; when its own path is longer than a path may be, `path` is
+        /// the directory holding it and `message` names it); otherwise it
+        /// is the next entry sent, with less than was stored.
         skipped: bool,
         /// What was lost, and why.
         message: String,
