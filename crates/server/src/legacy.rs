@@ -25,7 +25,7 @@
 //! contradicts the stored inode, a device number Linux cannot make, an
 //! unreadable object) is left out, with everything below it, and named in a
 //! [`Note`] as the walk comes to it ([`Walked::Skipped`]); so is what an entry loses (xattrs beyond byteback's limits,
-//! rsync's ACLs, which are not decoded). The client restoring such a path
+//! rsync's ACLs, which are not restored as ACLs, only read to narrow the mode). The client restoring such a path
 //! warns and ends partial.
 //! 1.x kept no checksums: entries carry a zero hash, and the client restores
 //! their files unverified (and says so).
@@ -243,18 +243,21 @@ fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
     Ok(out)
 }
 
-/// The group and other permissions an rsync `--fake-super` access ACL
+/// The permissions an rsync `--fake-super` access ACL
 /// (`user.rsync.%aacl`) leaves a file of mode `mode` whose ACL is not
-/// restored: never more than the ACL gave. rsync stores the ACL as
-/// little-endian 32-bit words: `user::`, `group::`, `mask::` and `other::`
-/// (each a permission, or 0x80 when it is the mode's: rsync leaves out
-/// what the mode already says), then one (id, permission) pair per named
-/// user or group (bit 31 of the permission marks a user). The group bits
-/// become `group::` within the mask (the mode's group bits are the mask
-/// when there is one); the other bits are narrowed to what every named
-/// entry gets (a named user or group without the ACL falls back to them).
-/// `None` when the value does not parse: the caller then keeps no group or
-/// other permission.
+/// restored: never more, for anyone, than the ACL gave. rsync stores the
+/// ACL as little-endian 32-bit words: `user::`, `group::`, `mask::` and
+/// `other::` (each a permission, or 0x80 when it is the mode's: rsync
+/// leaves out what the mode already says), then one (id, permission) pair
+/// per named user or group (bit 31 of the permission marks a user).
+/// Without the ACL, a named user falls back to the group bits (when a
+/// member of the file's group) or to the other bits, and a named group's
+/// members to the other bits. So the owner bits are narrowed to `user::`,
+/// the group bits to `group::` and to every named user's entry, each
+/// within the mask (the mode's group bits are the mask when there is
+/// one), and the other bits to `other::` and to every named entry within
+/// the mask. `None` when the value does not parse: the caller then keeps
+/// no group or other permission.
 fn narrowed_by_rsync_acl(acl: &[u8], mode: u32) -> Option<u32> {
     const NO_ENTRY: u32 = 0x80;
     const NAME_IS_USER: u32 = 1 << 31;
@@ -267,18 +270,24 @@ fn narrowed_by_rsync_acl(acl: &[u8], mode: u32) -> Option<u32> {
         v if v <= 7 => Some(v),
         _ => None,
     };
+    let mode_user = (mode >> 6) & 7;
     let mode_group = (mode >> 3) & 7;
-    let group = perm(word(4), mode_group)?;
+    let user = perm(word(0), mode_user)?;
     let mask = perm(word(8), mode_group)?;
-    let mut other = mode & 7;
+    let mut group = perm(word(4), mode_group)? & mask & mode_group;
+    let mut other = perm(word(12), mode & 7)? & mode & 7;
     for pair in (16..acl.len()).step_by(8) {
-        let p = word(pair + 4) & !NAME_IS_USER;
+        let v = word(pair + 4);
+        let p = v & !NAME_IS_USER;
         if p > 7 {
             return None;
         }
+        if v & NAME_IS_USER != 0 {
+            group &= p & mask;
+        }
         other &= p & mask;
     }
-    Some((mode & !0o077) | ((group & mask & mode_group) << 3) | other)
+    Some((mode & !0o777) | ((user & mode_user) << 6) | (group << 3) | other)
 }
 
 /// Text for a message, at most `max` bytes (cut at a character boundary).
@@ -569,17 +578,26 @@ impl LegacyWalk {
             entry.gid = f.gid;
         }
         if let Some(acl) = &x.aacl {
-            // The mode's group bits are the ACL's mask, not the group's own:
-            // without the ACL they must not give more than it did.
+            // The mode's group bits are the ACL's mask, not the group's own,
+            // and the users and groups it names fall back to the group or
+            // other bits: without the ACL, they must give no one more than
+            // it did.
             let mode = entry.mode;
-            let narrowed = narrowed_by_rsync_acl(acl, mode).unwrap_or(mode & !0o077);
+            let parsed = narrowed_by_rsync_acl(acl, mode);
+            let narrowed = parsed.unwrap_or(mode & !0o077);
             entry.mode = narrowed;
             self.lost.push(format!(
-                "its ACL (rsync's user.rsync.%aacl, whose format byteback does not decode) is not restored; mode {mode:04o} {}",
-                if narrowed == mode {
-                    "kept (it gives no more than the ACL did)".to_string()
-                } else {
-                    format!("applied as {narrowed:04o}, which gives no more than the ACL did")
+                "its ACL (rsync's user.rsync.%aacl) is not restored as an ACL; mode {mode:04o} {}",
+                match (parsed, narrowed == mode) {
+                    (None, _) => format!(
+                        "applied as {narrowed:04o} (the ACL does not parse: no group or other permission)"
+                    ),
+                    (Some(_), true) => {
+                        "kept: without the ACL it gives no one more than the ACL did".to_string()
+                    }
+                    (Some(_), false) => format!(
+                        "applied as {narrowed:04o}, so that without the ACL no one gets more than it gave (the group bits narrowed to group:: and every named user, the other bits to other:: and every named user and group, within the mask)"
+                    ),
                 }
             ));
         }
@@ -680,6 +698,22 @@ mod tests {
         v
     }
 
+    /// The bytes of `user.rsync.%aacl` as rsync wrote them for a file
+    /// with `user:65534:---` (a user the ACL shuts out) and `mask::rw-`:
+    /// user::, group:: and other:: the mode's (0x80), then (65534, user
+    /// bit | ---). Without the ACL, that user, if a member of the file's
+    /// group, would get the group bits: they are cleared, as the other bits.
+    #[test]
+    fn an_rsync_acl_that_shuts_out_a_named_user_clears_group_and_other() {
+        let acl: [u8; 24] = [
+            0x80, 0, 0, 0, 0x80, 0, 0, 0, 0x06, 0, 0, 0, 0x80, 0, 0,
+            0, // user:: group:: mask:: other::
+            0xfe, 0xff, 0, 0, 0, 0, 0, 0x80, // user:65534:---
+        ];
+        assert_eq!(narrowed_by_rsync_acl(&acl, 0o664), Some(0o600));
+        assert_eq!(narrowed_by_rsync_acl(&acl, 0o2775), Some(0o2700));
+    }
+
     #[test]
     fn an_rsync_acl_narrows_group_and_other_never_widens() {
         const NO: u32 = 0x80;
@@ -696,6 +730,20 @@ mod tests {
         // group::rwx under mask::r-x: r-x at most.
         let acl = rsync_acl([NO, 7, 5, NO], &[]);
         assert_eq!(narrowed_by_rsync_acl(&acl, 0o755), Some(0o755));
+        // A named user with r-- (who, in the group, got rw- without the
+        // ACL): the group bits narrowed to it; a named group narrows only
+        // the other bits (its members who are in the file's group get
+        // group:: too under the ACL).
+        let acl = rsync_acl([NO, 6, 6, NO], &[(1234, USER | 4), (50, 2)]);
+        assert_eq!(narrowed_by_rsync_acl(&acl, 0o666), Some(0o640));
+        // user::, other:: stored apart from the mode: never more than they.
+        let acl = rsync_acl([4, NO, NO, 0], &[]);
+        assert_eq!(narrowed_by_rsync_acl(&acl, 0o755), Some(0o450));
+        // A mode never gains a bit it did not have.
+        for mode in [0o000, 0o111, 0o4640, 0o1707] {
+            let acl = rsync_acl([7, 7, 7, 7], &[(1, USER | 7), (2, 7)]);
+            assert_eq!(narrowed_by_rsync_acl(&acl, mode), Some(mode));
+        }
         for bad in [
             vec![],
             rsync_acl([NO, 9, NO, NO], &[]),
