@@ -276,6 +276,17 @@ pub fn fsync(f: impl AsFd) -> io::Result<()> {
     Ok(rustix::fs::fsync(f)?)
 }
 
+/// Whether the directory open at `dir` holds nothing (reads at most one name).
+pub fn is_empty_dir(dir: impl AsFd) -> io::Result<bool> {
+    let mut d = rustix::fs::Dir::read_from(dir)?;
+    while let Some(ent) = d.read() {
+        if !matches!(ent?.file_name().to_bytes(), b"." | b"..") {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 /// Creates a directory unless it exists as a directory; fails if something else is there.
 pub fn ensure_dir_only(dir: impl AsFd, name: &[u8], mode: u32) -> io::Result<()> {
     match rustix::fs::mkdirat(dir.as_fd(), os(name), Mode::from_raw_mode(mode)) {

@@ -209,11 +209,13 @@ impl BackupReceiver {
                     Err(err) => return Err(err).op("read the stored copy of", || shown(&e.path)),
                 };
                 // After a crash its data may not be what was written; and
-                // with no manifest (byteback 1.x's `current`, or one whose
-                // manifest was lost) nothing vouches for what is stored:
+                // in byteback 1.x's `current`, until a byteback backup
+                // commits into it, nothing vouches for what is stored:
                 // rsync kept files by size and mtime too, so a stale or
-                // damaged copy must not be certified by its own hash.
-                let unvouched = self.start.suspect || !self.start.has_manifest;
+                // damaged copy must not be certified by its own hash. (A
+                // first backup of byteback's own cut short has no
+                // manifest either, but what it kept it verified.)
+                let unvouched = self.start.suspect || self.start.takeover;
                 let suspect = !vouched && unvouched && e.size() > 0;
                 if (self.verifies(&e) || suspect) && !replay {
                     return self.start_verify(e, old, hash).map(Some);

@@ -11,6 +11,7 @@ use byteback_protocol::BackupStats;
 use super::sweep::remove_stale;
 use super::{
     carry, in_dir, BackupReceiver, BOOT, BOOT_NEW, CLEAN, DAMAGED, MANIFEST, NO_SPACE, PARTIAL,
+    TAKEOVER,
 };
 use crate::error::{Error, IoContext, Result};
 use crate::fsops;
@@ -296,6 +297,7 @@ impl BackupReceiver {
         )?;
         fsops::fsync(&self.meta).op("sync", || self.meta_path.display())?;
         fsops::remove_any(&self.meta, NO_SPACE).op("remove", || self.meta_file(NO_SPACE))?;
+        fsops::remove_any(&self.meta, TAKEOVER).op("remove", || self.meta_file(TAKEOVER))?;
         // Not synced: if it is lost, the next run just does not trust
         // `current`; nor is failing to create it (for want of space) an
         // error: the backup is committed.

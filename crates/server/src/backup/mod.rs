@@ -44,10 +44,12 @@
 //! record) *suspects* such files: each is kept only if the client's BLAKE3 of its
 //! source matches, and is received against the stored copy otherwise. The
 //! record is rewritten only by a run that suspects nothing, so suspicion
-//! lasts until a commit. A `current` without a manifest (byteback 1.x's,
-//! or one whose manifest was lost) vouches for none of its files: each
-//! one kept by size and mtime is checked against the client's BLAKE3 the
-//! same way.
+//! lasts until a commit. Byteback 1.x's `current` vouches for none of its
+//! files until a byteback backup commits into it ([`TAKEOVER`], kept if
+//! the first is cut short): each one kept by size and mtime is checked
+//! against the client's BLAKE3 the same way. A `current` of byteback's own
+//! without a manifest (a first backup cut short) is judged by its boot
+//! record like any other.
 
 mod apply;
 pub(crate) mod carry;
@@ -103,6 +105,11 @@ fn boot_id() -> Option<String> {
     let id = id.trim();
     (!id.is_empty()).then(|| id.to_string())
 }
+/// Marker in `.byteback`: `current` is byteback 1.x's, being taken over
+/// (made, synced, before anything changes; ignored once a manifest is
+/// committed, and removed then): until then no manifest vouches for
+/// what 1.x stored, even if the first run is cut short and resumed.
+const TAKEOVER: &[u8] = b"from-1x";
 /// Directory in `.byteback` of rebuilds of changed files, kept when interrupted.
 const PARTIAL: &[u8] = b"partial";
 /// Marker in `.byteback`: a backup ran out of space since the last commit,
@@ -269,6 +276,10 @@ struct Start {
     clean: bool,
     /// The old manifest was read (not missing, not replaced by an empty one).
     has_manifest: bool,
+    /// `current` is byteback 1.x's and no byteback backup has committed
+    /// into it yet ([`TAKEOVER`]): nothing vouches for its files, each one
+    /// kept by size and mtime is checked against the client's BLAKE3.
+    takeover: bool,
     /// The old manifest's generation (see [`carry`]), offered when `clean`.
     generation: carry::Stored,
     /// `current` is unclean and was last changed under another boot (or
@@ -423,10 +434,26 @@ fn open_meta(
 ) -> Result<(OwnedFd, OwnedFd, sigs::KeptSigs)> {
     let at = |name: &[u8]| in_dir(meta_path, name);
     let creating = |p: String| move || format!("creating {p}");
+    // byteback 1.x's `current` (no `.byteback`, and not the empty one a
+    // new host starts with) is marked as such before `.byteback` is made.
+    let from_1x = crate::legacy::is_legacy(current)
+        .and_then(|legacy| Ok(legacy && !fsops::is_empty_dir(current)?))
+        .op("look at", || meta_path.display())?;
     room::retry(room, creating(meta_path.display().to_string()), || {
         fsops::ensure_dir(current, META_DIR, 0o700).op("create", || meta_path.display())
     })?;
     let meta = fsops::open_dir(current, META_DIR).op("open", || meta_path.display())?;
+    if from_1x {
+        room::retry(room, creating(at(TAKEOVER)), || {
+            match fsops::create_new(&meta, TAKEOVER) {
+                Ok(f) => fsops::fsync(&f),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+                Err(e) => Err(e),
+            }
+            .and_then(|()| fsops::fsync(&meta))
+            .op("create", || at(TAKEOVER))
+        })?;
+    }
     // Leftovers of an interrupted run (`tmp`: of versions before partial
     // rebuilds were kept); `partial` is kept for resuming.
     for name in [&b"tmp"[..], b"manifest.new", BOOT_NEW] {
@@ -469,6 +496,7 @@ impl BackupReceiver {
         }
         let (old, has_manifest) = open_old_manifest(host, &meta, &manifest_path, &mut warnings)?;
         let marker = exists(CLEAN)?;
+        let takeover = !has_manifest && exists(TAKEOVER)?;
         let clean = marker && has_manifest;
         let boot = boot_id();
         let recorded = crate::pruner::read_small(&meta, "boot");
@@ -504,6 +532,7 @@ impl BackupReceiver {
             start: Start {
                 clean,
                 has_manifest,
+                takeover,
                 generation,
                 suspect,
                 boot,
