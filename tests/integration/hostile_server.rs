@@ -112,8 +112,19 @@ impl Stage {
         self.restore_limited(sc, args, None)
     }
 
-    fn restore_limited(&self, sc: &Scenario, args: &[&str], data_limit: Option<u64>) -> Ran {
+    /// Runs `byteback-restore --list ARGS` against the scripted server.
+    fn list_limited(&self, sc: &Scenario, args: &[&str], data_limit: Option<u64>) -> Ran {
+        let args: Vec<&str> = ["--list"].iter().chain(args).copied().collect();
+        self.run_limited(sc, &args, data_limit)
+    }
+
+    /// Runs `byteback-restore --restore ARGS` (`--list ARGS` when they start with it).
+    fn run_limited(&self, sc: &Scenario, args: &[&str], data_limit: Option<u64>) -> Ran {
         self.restore_cmd(Command::new(bin("byteback-restore")), sc, args, data_limit)
+    }
+
+    fn restore_limited(&self, sc: &Scenario, args: &[&str], data_limit: Option<u64>) -> Ran {
+        self.run_limited(sc, args, data_limit)
     }
 
     /// [`Self::restore_limited`] of `cmd`: byteback-restore, or a wrapper
@@ -151,7 +162,8 @@ impl Stage {
     }
 
     /// Starts `cmd` (byteback-restore, or a wrapper running it) as
-    /// `--restore ARGS` against the scripted server, stderr piped.
+    /// `--restore ARGS` (`--list ...` as it is) against the scripted
+    /// server, stderr piped.
     fn spawn_restore(
         &self,
         mut cmd: Command,
@@ -164,7 +176,8 @@ impl Stage {
         fs::write(&script, bytes).unwrap();
         cmd.arg("--destination")
             .arg(self.dir.path().join("store"))
-            .args(["--hostname", "victim", "--restore"])
+            .args(["--hostname", "victim"])
+            .args((args.first() != Some(&"--list")).then_some("--restore"))
             .args(args)
             .current_dir(self.work())
             .env("BYTEBACK_SERVER", bin("byteback-fake-server"))
@@ -587,6 +600,53 @@ fn a_flood_of_manifest_parts_stays_in_bounded_memory() {
     sc.flood_parts = 300;
     let r = st.restore_limited(&sc, &["/nothing-here"], Some(32 << 20));
     r.assert_failed(&["nothing in snapshot"]);
+    st.sentinel.assert_untouched();
+}
+
+/// A server flooding a 1.x manifest with notes on paths it left out
+/// (30,000 of them, each near 8 KiB: a path near 4 KiB and a 4,000-byte
+/// message) is not held: a restore or listing warns of the first 1,000,
+/// counts the rest, and stays in bounded memory (it held every one: 780 MB
+/// for 100,000). Patterns that reach none of them get a clean run.
+#[test]
+fn a_flood_of_manifest_notes_stays_in_bounded_memory() {
+    if !require_root("a_flood_of_manifest_notes_stays_in_bounded_memory") {
+        return;
+    }
+    let st = Stage::new();
+    let mut sc = scenario(vec![dir("flood"), file("z", b"zz")], &[("z", b"zz")]);
+    sc.legacy = true;
+    sc.flood_notes = 30_000;
+    sc.flood_note_len = 4000;
+    let limit = Some(64 << 20);
+    let shown = |r: &Ran| {
+        r.stderr
+            .lines()
+            .filter(|l| l.contains("/flood/skipped-"))
+            .count()
+    };
+    let r = st.restore_limited(&sc, &[ALL], limit);
+    r.assert_code(24);
+    assert_eq!(fs::read(st.restored("z")).unwrap(), b"zz");
+    assert_eq!(shown(&r), 1000, "{}", &r.stderr[..2000]);
+    assert!(
+        r.stderr.contains("29000 more"),
+        "{}",
+        &r.stderr[r.stderr.len() - 2000..]
+    );
+    let r = st.list_limited(&sc, &[ALL], limit);
+    r.assert_code(24);
+    assert_eq!(shown(&r), 1000, "{}", &r.stderr[..2000]);
+    assert!(
+        r.stderr.contains("29000 more"),
+        "{}",
+        &r.stderr[r.stderr.len() - 2000..]
+    );
+    st.clear_work();
+    let r = st.restore_limited(&sc, &["/z"], limit);
+    r.assert_code(0);
+    let r = st.list_limited(&sc, &["/z"], limit);
+    r.assert_code(0);
     st.sentinel.assert_untouched();
 }
 

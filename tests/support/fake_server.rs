@@ -118,18 +118,21 @@ fn main() {
                 },
             ),
             ClientMsg::ListSnapshots => send(&mut w, &ServerMsg::Snapshots(sc.snapshots.clone())),
-            ClientMsg::ListSnapshotKinds => send(
-                &mut w,
-                &ServerMsg::SnapshotKinds {
-                    snapshots: sc
-                        .snapshots
-                        .iter()
-                        .map(|n| (n.clone(), byteback_protocol::SnapshotKind::Byteback))
-                        .collect(),
-                    current: Some(byteback_protocol::SnapshotKind::Byteback),
-                    current_news: byteback_protocol::CurrentNews::No,
-                },
-            ),
+            ClientMsg::ListSnapshotKinds => {
+                let kind = if sc.legacy {
+                    byteback_protocol::SnapshotKind::Legacy1x
+                } else {
+                    byteback_protocol::SnapshotKind::Byteback
+                };
+                send(
+                    &mut w,
+                    &ServerMsg::SnapshotKinds {
+                        snapshots: sc.snapshots.iter().map(|n| (n.clone(), kind)).collect(),
+                        current: Some(kind),
+                        current_news: byteback_protocol::CurrentNews::No,
+                    },
+                )
+            }
             ClientMsg::ReadManifest { snapshot } => {
                 let parts = sc
                     .manifests
@@ -141,6 +144,17 @@ fn main() {
                 }
                 for p in parts.iter().filter(|p| !p.is_empty()) {
                     send(&mut w, &ServerMsg::ManifestPart(p.clone()))
+                }
+                let deep = vec!["x".repeat(250); 15].join("/");
+                for n in 0..sc.flood_notes {
+                    send(
+                        &mut w,
+                        &ServerMsg::ManifestNote {
+                            path: format!("flood/skipped-{n:012}/{deep}").into_bytes(),
+                            skipped: true,
+                            message: "m".repeat(sc.flood_note_len),
+                        },
+                    );
                 }
                 let pos = sc
                     .snapshots

@@ -53,4 +53,12 @@ pub struct Scenario {
     /// Empty `ManifestPart`s sent before a manifest's parts (which are sent
     /// only when not empty).
     pub empty_manifest_parts: u64,
+    /// Every snapshot (and `current`) is announced as byteback 1.x's.
+    pub legacy: bool,
+    /// After `parts`: this many `ManifestNote`s on paths left out,
+    /// `flood/skipped-NNNNNNNNNNNN/` and 15 components of 250 bytes (near
+    /// 4 KiB in all), each with a message of `flood_note_len` bytes.
+    pub flood_notes: u64,
+    /// Length of each flood note's message (at most 4096).
+    pub flood_note_len: usize,
 }

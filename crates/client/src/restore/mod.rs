@@ -632,6 +632,37 @@ impl Rows {
     }
 }
 
+/// Most warnings a listing remembers having given (16 bytes each), so as
+/// not to give them again for another snapshot; beyond, they may repeat.
+const LIST_WARNED_KEYS: usize = 1 << 16;
+
+/// The warnings a listing gives from the server's notes: each (path,
+/// text) once, the first few printed ([`NoteBudget`]).
+#[derive(Default)]
+struct ListWarnings {
+    warned: HashSet<u128>,
+    budget: NoteBudget,
+    /// Counts them (keeps none: `budget` prints them).
+    report: RestoreReport,
+}
+
+impl ListWarnings {
+    fn warn(&mut self, snap: &str, path: &[u8], message: &str) {
+        let mut h = path_hasher(path);
+        h.update(message.as_bytes());
+        let k = digest_of(h);
+        if self.warned.contains(&k) {
+            return;
+        }
+        if self.warned.len() < LIST_WARNED_KEYS {
+            self.warned.insert(k);
+        }
+        self.budget
+            .warn(&mut self.report, || note_text(snap, path, message));
+        self.report.warnings.clear();
+    }
+}
+
 /// Prints the listing: latest version per path, every distinct version with
 /// `all`, every copy in every snapshot with `verbose`.
 ///
@@ -653,27 +684,8 @@ pub fn list(
         );
     }
     // Notes on what the listing shows, each path's once (by its text
-    // without the snapshot; a hostile server's stream of them is not held
-    // beyond a bound, only said again).
-    let mut warned: HashSet<u128> = HashSet::new();
-    let mut warnings = 0u64;
-    let mut warn = |snap: &str, path: &[u8], message: &str| {
-        let mut h = byteback_delta::FileHasher::new();
-        h.update(&(path.len() as u64).to_le_bytes());
-        h.update(path);
-        h.update(message.as_bytes());
-        let mut k = [0u8; 16];
-        k.copy_from_slice(&h.finish()[..16]);
-        let k = u128::from_le_bytes(k);
-        if warned.contains(&k) {
-            return;
-        }
-        if warned.len() < CLAIM_KEYS {
-            warned.insert(k);
-        }
-        warnings += 1;
-        tracing::warn!("{}", note_text(snap, path, message));
-    };
+    // without the snapshot), the first few printed (see [`NoteBudget`]).
+    let warner = std::cell::RefCell::new(ListWarnings::default());
     if let Some(note) = legacy_note(&snaps) {
         eprintln!("byteback-restore: note: {note}");
     }
@@ -684,14 +696,13 @@ pub fn list(
             pats,
             matched_dir: None,
         };
-        let mut skips = vec![];
         read_manifest(
             conn,
             s,
             |e, note| {
                 if sel.select(&e) {
                     if let Some(m) = note {
-                        warn(s, &e.entry.path, &m);
+                        warner.borrow_mut().warn(s, &e.entry.path, &m);
                     }
                     rows.add(s, e)?;
                 }
@@ -700,15 +711,17 @@ pub fn list(
             |p, m| {
                 if pats.reaches(&p) {
                     pats.note_hit(&p);
-                    skips.push((p, m));
+                    warner.borrow_mut().warn(s, &p, &m);
                 }
                 Ok(())
             },
         )?;
-        for (p, m) in skips {
-            warn(s, &p, &m);
-        }
     }
+    let warner = warner.into_inner();
+    if let Some(w) = warner.budget.unshown() {
+        tracing::warn!("{w}");
+    }
+    let warnings = warner.report.warnings_total;
     let rows = rows.by_path;
     let mut paths: Vec<&Vec<u8>> = rows.keys().collect();
     paths.sort_by(|a, b| byteback_protocol::compare_paths(a, b));
@@ -815,6 +828,40 @@ impl RestoreReport {
         tracing::error!("DAMAGED: {d}");
         self.damaged_total += 1;
         keep(&mut self.damaged, [d]);
+    }
+}
+
+/// The warnings a run gives from the server's notes (see
+/// [`ServerMsg::ManifestNote`]): the first [`KEPT_MESSAGES`] are printed
+/// (and kept), the rest only counted, so that a server sending any
+/// number of them costs neither memory nor a flood of output.
+#[derive(Debug, Default)]
+struct NoteBudget {
+    shown: usize,
+    unshown: u64,
+}
+
+impl NoteBudget {
+    /// Warns `w()` into `report`, or counts it there when enough were shown.
+    fn warn(&mut self, report: &mut RestoreReport, w: impl FnOnce() -> String) {
+        if self.shown < KEPT_MESSAGES {
+            self.shown += 1;
+            report.warn(w());
+        } else {
+            self.unshown += 1;
+            report.warnings_total += 1;
+        }
+    }
+
+    /// The last warning, on those not shown, if any.
+    fn unshown(&self) -> Option<String> {
+        (self.unshown > 0).then(|| {
+            format!(
+                "and {} more entries the server left out or sent with less than was stored \
+                 (not named: only the first {KEPT_MESSAGES} are)",
+                self.unshown
+            )
+        })
     }
 }
 
@@ -964,35 +1011,30 @@ struct Chunk {
     implied: HashMap<Vec<u8>, Entry>,
     /// Whether the selection ended within this pass.
     complete: bool,
-    /// Warnings on the entries of `wanted` (from the server's notes).
+    /// Warnings on the entries of `wanted` (from the server's notes),
+    /// counted in the chunk's bytes.
     notes: Vec<String>,
-    /// Paths the server left out (with everything below them) and why,
-    /// on the first pass only; at most [`CHUNK_ENTRIES`] (then `more_skipped`).
-    skipped: Vec<(Vec<u8>, String)>,
-    /// Left out beyond those.
-    more_skipped: u64,
 }
 
 /// Reads the manifest once and takes the entries `take` selects after
 /// `after`, up to the chunk limits. `take` sees every entry, in order.
 /// Files of the chunk that a hard link anywhere after them names as its
-/// first name are marked [`tree::Wanted::linked`].
+/// first name are marked [`tree::Wanted::linked`]. On the first pass
+/// (no `after`), `skipped` gets each path the server left out and why, as
+/// it comes: none is held here.
 fn collect_chunk(
     conn: &mut Connection,
     snap: &str,
     after: Option<&[u8]>,
     mut take: impl FnMut(&ManifestEntry) -> Result<bool>,
+    mut skipped: impl FnMut(Vec<u8>, String),
 ) -> Result<Chunk> {
     let mut chunk = Chunk {
         wanted: vec![],
         implied: HashMap::new(),
         complete: true,
         notes: vec![],
-        skipped: vec![],
-        more_skipped: 0,
     };
-    let mut skipped = vec![];
-    let mut more_skipped = 0;
     let mut bytes = 0usize;
     // The directories not selected on the way down to the current entry
     // (without their xattrs), outermost first.
@@ -1058,17 +1100,11 @@ fn collect_chunk(
         },
         |p, m| {
             if after.is_none() {
-                if skipped.len() < CHUNK_ENTRIES {
-                    skipped.push((p, m));
-                } else {
-                    more_skipped += 1;
-                }
+                skipped(p, m);
             }
             Ok(())
         },
     )?;
-    chunk.skipped = skipped;
-    chunk.more_skipped = more_skipped;
     Ok(chunk)
 }
 
@@ -1173,6 +1209,7 @@ fn resolve_unselected_targets(
 /// processed before claimed. Claims what it takes for the snapshots after it.
 /// `None` when it supplies nothing (its directory is then not made); with
 /// it, the warnings from what the server noted it lost or left out.
+#[allow(clippy::too_many_arguments)] // one snapshot's share of the run's state
 fn restore_snapshot(
     conn: &mut Connection,
     pats: &Patterns,
@@ -1181,13 +1218,15 @@ fn restore_snapshot(
     tree_opts: tree::TreeOptions,
     claims: &mut Claims,
     turn: Turn,
+    budget: &mut NoteBudget,
 ) -> Result<(Option<RestoreReport>, RestoreReport)> {
-    // Warnings from the server's notes (printed as they are found).
+    // Warnings from the server's notes (printed as they are found, the
+    // first few of the run: see [`NoteBudget`]).
     let mut notes = RestoreReport::default();
     let mut tree: Option<tree::RestoreTree> = None;
     let mut after: Option<Vec<u8>> = None;
-    // What this snapshot takes on a later turn, merged into the claims only
-    // once it is done (its passes must see the claims as they were).
+    // What this snapshot takes, merged into the claims only once it is
+    // done (its passes must see the claims as they were).
     let mut mine: Vec<u128> = vec![];
     let mut first_pass = true;
     loop {
@@ -1196,47 +1235,41 @@ fn restore_snapshot(
             matched_dir: None,
         };
         let record = first_pass && !turn.last;
-        let mut chunk = collect_chunk(conn, snap, after.as_deref(), |e| {
-            if !sel.select(e) {
-                return Ok(false);
-            }
-            if turn.first && !record {
-                return Ok(true);
-            }
-            let k = claims.key(e);
-            if !turn.first && claims.keys.contains(&k) {
-                return Ok(false);
-            }
-            if record {
-                claims.room(mine.len())?;
-                if turn.first {
-                    claims.keys.insert(k);
-                } else {
+        let claimed = &*claims;
+        let mut chunk = collect_chunk(
+            conn,
+            snap,
+            after.as_deref(),
+            |e| {
+                if !sel.select(e) {
+                    return Ok(false);
+                }
+                if turn.first && !record {
+                    return Ok(true);
+                }
+                let k = claimed.key(e);
+                if !turn.first && claimed.keys.contains(&k) {
+                    return Ok(false);
+                }
+                if record {
+                    claimed.room(mine.len())?;
                     mine.push(k);
                 }
-            }
-            Ok(true)
-        })?;
-        if first_pass {
-            // Left out by the server: a warning where the patterns ask for
-            // it and no snapshot read before supplied it.
-            for (p, m) in std::mem::take(&mut chunk.skipped) {
-                let supplied = !turn.first && !claims.all && claims.keys.contains(&path_digest(&p));
+                Ok(true)
+            },
+            // Left out by the server: a warning where the patterns ask
+            // for it and no snapshot read before supplied it.
+            |p, m| {
+                let supplied =
+                    !turn.first && !claimed.all && claimed.keys.contains(&path_digest(&p));
                 if pats.reaches(&p) && !supplied {
                     pats.note_hit(&p);
-                    notes.warn(note_text(snap, &p, &m));
+                    budget.warn(&mut notes, || note_text(snap, &p, &m));
                 }
-            }
-            if chunk.more_skipped > 0 {
-                notes.warn(format!(
-                    "{} more entries of snapshot {} were left out by the server",
-                    chunk.more_skipped,
-                    byteback_protocol::escape_text(snap)
-                ));
-            }
-        }
+            },
+        )?;
         for w in std::mem::take(&mut chunk.notes) {
-            notes.warn(w);
+            budget.warn(&mut notes, || w);
         }
         first_pass = false;
         if chunk.wanted.is_empty() && after.is_none() {
@@ -1319,6 +1352,7 @@ pub fn restore(
     };
     let mut claims = Claims::new(opts.all);
     let mut report = RestoreReport::default();
+    let mut budget = NoteBudget::default();
     for (i, snap) in order.iter().enumerate() {
         let turn = Turn {
             first: i == 0,
@@ -1328,12 +1362,23 @@ pub fn restore(
             unverified: snap.kind == SnapshotKind::Legacy1x,
             ..tree_opts
         };
-        let (r, notes) =
-            restore_snapshot(conn, pats, &snap.name, into, tree_opts, &mut claims, turn)?;
+        let (r, notes) = restore_snapshot(
+            conn,
+            pats,
+            &snap.name,
+            into,
+            tree_opts,
+            &mut claims,
+            turn,
+            &mut budget,
+        )?;
         report.merge(notes);
         if let Some(r) = r {
             report.merge(r);
         }
+    }
+    if let Some(w) = budget.unshown() {
+        report.warn(w);
     }
     match snaps.as_slice() {
         _ if !report.snapshots.is_empty() => {}
