@@ -1123,3 +1123,70 @@ fn only_a_1x_current_has_every_kept_file_checked_against_the_client() {
         "a resumed takeover kept 1.x's copy by size and mtime"
     );
 }
+
+/// A listing warns for what it shows, as a restore of the same paths does:
+/// not for an older snapshot's note on a version it does not show, nor for
+/// an entry an older snapshot left out that a newer one supplies. With
+/// `--all`, which shows (and restores) that older version, both warn.
+#[test]
+fn a_listing_warns_for_what_it_shows_as_a_restore_does() {
+    if !require_root("a 1.x store on btrfs") {
+        return;
+    }
+    let fsys = BtrfsLoop::new(300);
+    let store = fsys.mount.join("store-warn1x");
+    fs::create_dir_all(&store).unwrap();
+    let host = "warn1x";
+    const NEW_SNAP: &str = "2026-11-21T03:00+0000";
+    // The older snapshot: d/f with more xattrs than an entry carries (a
+    // note on it), d/sub left out (a %stat that contradicts it).
+    make_1x_by_hand(&store, host, OLD_SNAP, &|c| {
+        fs::create_dir_all(c.join("d/sub")).unwrap();
+        fs::write(c.join("d/f"), b"f").unwrap();
+        set_mtime(&c.join("d/f"), 1_700_000_000, 0);
+        for i in 0..300 {
+            set_xattr(&c.join("d/f"), &format!("user.x{i:03}"), b"v");
+        }
+        fs::write(c.join("d/sub/in"), b"in").unwrap();
+        set_stat(&c.join("d/sub"), "100644 0,0 0:0");
+    });
+    // The newer one: both sound.
+    make_1x_by_hand(&store, host, NEW_SNAP, &|c| {
+        for i in 0..300 {
+            rustix::fs::lremovexattr(c.join("d/f"), format!("user.x{i:03}").as_str()).unwrap();
+        }
+        rustix::fs::lremovexattr(c.join("d/sub"), "user.rsync.%stat").unwrap();
+    });
+    let into = fsys.mount.join("r");
+    fs::create_dir_all(&into).unwrap();
+    for (all, code) in [(false, 0), (true, 24)] {
+        let extra: &[&str] = if all { &["--all"] } else { &[] };
+        let out = run_status(
+            restore_cmd(&store, host)
+                .arg("--list")
+                .args(extra)
+                .arg("/d"),
+        );
+        let (list, err) = (text(&out.stdout), stderr(&out));
+        assert_eq!(out.status.code(), Some(code), "--all {all}: {list}\n{err}");
+        assert!(list.lines().any(|l| l.ends_with("/d/sub/in")), "{list}");
+        assert_eq!(err.contains("/d/f: more xattrs"), all, "{err}");
+        assert_eq!(err.contains("/d/sub: left out"), all, "{err}");
+        let target = into.join(format!("all-{all}"));
+        fs::create_dir_all(&target).unwrap();
+        let out = run_status(
+            restore_cmd(&store, host)
+                .arg("--restore")
+                .args(extra)
+                .arg("--target")
+                .arg(&target)
+                .arg("/d"),
+        );
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "--all {all}: {err}");
+        assert_eq!(
+            fs::read(target.join(NEW_SNAP).join("d/sub/in")).unwrap(),
+            b"in"
+        );
+    }
+}

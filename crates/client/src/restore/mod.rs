@@ -577,11 +577,14 @@ fn version_key(e: &ManifestEntry) -> (u64, i64, u32, [u8; 32], u32, u32, u32, St
     )
 }
 
+/// One row of a listing: the snapshot, the entry, the server's note on it.
+type Row = (String, ManifestEntry, Option<String>);
+
 /// The rows of a listing, gathered newest snapshot first: per path, the
 /// versions kept (`all`), every copy (`verbose`) or the latest only.
 struct Rows {
-    /// Path -> (snapshot, entry), newest snapshot first.
-    by_path: HashMap<Vec<u8>, Vec<(String, ManifestEntry)>>,
+    /// Path -> (snapshot, entry, the server's note on it), newest snapshot first.
+    by_path: HashMap<Vec<u8>, Vec<Row>>,
     /// With `all`: the key of a path's version -> its place in `by_path`, so
     /// that a version met again (in an older snapshot) is found without
     /// comparing it with every other version of the path.
@@ -605,30 +608,45 @@ impl Rows {
         }
     }
 
-    /// Takes `e` from `snap`, older than every snapshot added before.
-    fn add(&mut self, snap: &str, e: ManifestEntry) -> Result<()> {
+    /// Takes `e` from `snap`, older than every snapshot added before,
+    /// with the server's note on it (held, and counted, only while its
+    /// row is: a row is printed with the note's warning).
+    fn add(&mut self, snap: &str, e: ManifestEntry, note: Option<String>) -> Result<()> {
         let v = self.by_path.entry(e.entry.path.clone()).or_default();
         let key = (self.all && !self.verbose).then(|| version_digest(&e, true));
+        let note_cost = |n: &Option<String>| n.as_ref().map_or(0, String::len);
         if let Some(&i) = key.as_ref().and_then(|k| self.versions.get(k)) {
-            // Seen in a newer snapshot: report the oldest snapshot holding it.
+            // Seen in a newer snapshot: report the oldest snapshot holding
+            // it, with that snapshot's note (as a restore takes it).
+            self.held = self.held - note_cost(&v[i].2) + note_cost(&note);
             v[i].0 = snap.to_string();
-            return Ok(());
+            v[i].2 = note;
+        } else if self.verbose || self.all || v.is_empty() {
+            self.held += e.entry.buffer_cost()
+                + snap.len()
+                + 64
+                + note_cost(&note)
+                + if key.is_some() { 48 } else { 0 };
+            if let Some(k) = key {
+                self.versions.insert(k, v.len());
+            }
+            v.push((snap.to_string(), e, note));
         }
-        if !(self.verbose || self.all || v.is_empty()) {
-            return Ok(());
-        }
-        self.held += e.entry.buffer_cost() + snap.len() + 64 + if key.is_some() { 48 } else { 0 };
         if self.held > self.cap {
             bail!(
                 "the listing would hold more than {} MiB; give narrower patterns",
                 self.cap >> 20
             );
         }
-        if let Some(k) = key {
-            self.versions.insert(k, v.len());
-        }
-        v.push((snap.to_string(), e));
         Ok(())
+    }
+
+    /// Whether a row of `path` came from a snapshot other than `snap`
+    /// (a newer one: they are added newest first).
+    fn supplied(&self, path: &[u8], snap: &str) -> bool {
+        self.by_path
+            .get(path)
+            .is_some_and(|v| v.iter().any(|(s, ..)| s != snap))
     }
 }
 
@@ -690,7 +708,12 @@ pub fn list(
         eprintln!("byteback-restore: note: {note}");
     }
     let snaps: Vec<String> = snaps.into_iter().map(|s| s.name).collect();
-    let mut rows = Rows::new(all, verbose);
+    // Warnings go with what is shown: a note on an entry with its row
+    // when it is printed (not for a version the listing does not show),
+    // one on a path left out where the patterns reach it and, as in a
+    // restore, no newer snapshot supplied it (every one with --all or
+    // --verbose, which show older versions too).
+    let rows = std::cell::RefCell::new(Rows::new(all, verbose));
     for s in snaps.iter().rev() {
         let mut sel = Selector {
             pats,
@@ -701,15 +724,13 @@ pub fn list(
             s,
             |e, note| {
                 if sel.select(&e) {
-                    if let Some(m) = note {
-                        warner.borrow_mut().warn(s, &e.entry.path, &m);
-                    }
-                    rows.add(s, e)?;
+                    rows.borrow_mut().add(s, e, note)?;
                 }
                 Ok(())
             },
             |p, m| {
-                if pats.reaches(&p) {
+                let supplied = !all && !verbose && rows.borrow().supplied(&p, s);
+                if pats.reaches(&p) && !supplied {
                     pats.note_hit(&p);
                     warner.borrow_mut().warn(s, &p, &m);
                 }
@@ -717,12 +738,8 @@ pub fn list(
             },
         )?;
     }
-    let warner = warner.into_inner();
-    if let Some(w) = warner.budget.unshown() {
-        tracing::warn!("{w}");
-    }
-    let warnings = warner.report.warnings_total;
-    let rows = rows.by_path;
+    let mut warner = warner.into_inner();
+    let rows = rows.into_inner().by_path;
     let mut paths: Vec<&Vec<u8>> = rows.keys().collect();
     paths.sort_by(|a, b| byteback_protocol::compare_paths(a, b));
     // 1.x's columns and mtimes (`2026-11-20 03:00:00 +0000`).
@@ -736,7 +753,10 @@ pub fn list(
     for p in paths {
         let mut v = rows[p].clone();
         v.reverse(); // oldest first
-        for (s, e) in v {
+        for (s, e, note) in v {
+            if let Some(m) = note {
+                warner.warn(&s, &e.entry.path, &m);
+            }
             let mtime = match byteback_protocol::os::localtime(e.entry.mtime_sec) {
                 Some(t) => t.to_listing(),
                 None => e.entry.mtime_sec.to_string(),
@@ -764,7 +784,10 @@ pub fn list(
             n += 1;
         }
     }
-    Ok((n, warnings))
+    if let Some(w) = warner.budget.unshown() {
+        tracing::warn!("{w}");
+    }
+    Ok((n, warner.report.warnings_total))
 }
 
 /// Most selected entries a restore holds at once; more are restored in further passes.
@@ -1523,13 +1546,13 @@ mod tests {
         let rows_for = |all: bool, verbose: bool| {
             let mut rows = Rows::new(all, verbose);
             for (s, e) in snaps.iter().zip(seen.iter()) {
-                rows.add(s, e.clone()).unwrap();
-                rows.add(s, me("b", 7)).unwrap();
+                rows.add(s, e.clone(), None).unwrap();
+                rows.add(s, me("b", 7), None).unwrap();
             }
             let named = |p: &str| -> Vec<(String, i64)> {
                 rows.by_path[p.as_bytes()]
                     .iter()
-                    .map(|(s, e)| (s.clone(), e.entry.mtime_sec))
+                    .map(|(s, e, _)| (s.clone(), e.entry.mtime_sec))
                     .collect()
             };
             (named("a"), named("b"))
@@ -1553,7 +1576,7 @@ mod tests {
         rows.cap = 1 << 20;
         let mut failed = None;
         for i in 0..rows.cap as i64 {
-            if let Err(e) = rows.add("s", me("a", i)) {
+            if let Err(e) = rows.add("s", me("a", i), None) {
                 failed = Some((i, e.to_string()));
                 break;
             }
