@@ -650,6 +650,27 @@ fn a_flood_of_manifest_notes_stays_in_bounded_memory() {
     st.sentinel.assert_untouched();
 }
 
+/// Notes come only with a 1.x snapshot's manifest, which the server
+/// derives from its tree: one in a byteback snapshot's is refused.
+#[test]
+fn a_manifest_note_in_a_byteback_snapshot_is_refused() {
+    if !require_root("a_manifest_note_in_a_byteback_snapshot_is_refused") {
+        return;
+    }
+    let st = Stage::new();
+    let mut sc = scenario(vec![dir("flood"), file("z", b"zz")], &[("z", b"zz")]);
+    sc.flood_notes = 1;
+    sc.flood_note_len = 10;
+    st.restore(&sc, &[ALL])
+        .assert_failed(&["whose manifest never has one"]);
+    st.list_limited(&sc, &[ALL], None)
+        .assert_failed(&["whose manifest never has one"]);
+    sc.legacy = true;
+    st.clear_work();
+    st.restore(&sc, &[ALL]).assert_code(24);
+    st.sentinel.assert_untouched();
+}
+
 /// A pattern among several that matches nothing (a typo) is named in a
 /// warning and the restore ends partial (24), the rest restored; listing
 /// the same way names it too.

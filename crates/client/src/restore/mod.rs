@@ -378,9 +378,12 @@ fn note_text(snapshot: &str, path: &[u8], message: &str) -> String {
 /// Reads one snapshot's manifest, every entry checked (see [`check`]) before `each` sees it,
 /// with the server's note on it if there is one (the entry came with less than was stored);
 /// `skipped` gets each path the server left out (with everything below it) and why.
+/// Only a 1.x snapshot's manifest (`legacy`), derived from its tree, has notes: one in
+/// a byteback snapshot's is refused.
 fn read_manifest(
     conn: &mut Connection,
     snapshot: &str,
+    legacy: bool,
     mut each: impl FnMut(ManifestEntry, Option<String>) -> Result<()>,
     mut skipped: impl FnMut(Vec<u8>, String) -> Result<()>,
 ) -> Result<()> {
@@ -414,6 +417,14 @@ fn read_manifest(
                 skipped: left_out,
                 message,
             } => {
+                if !legacy {
+                    bail!(
+                        "the server sent a note on {} in snapshot {}, a byteback snapshot, whose \
+                         manifest never has one; refusing",
+                        display_path(&path),
+                        byteback_protocol::escape_text(snapshot)
+                    );
+                }
                 if let Some((p, _)) = &pending {
                     return Err(unfollowed(p));
                 }
@@ -707,14 +718,17 @@ pub fn list(
     if let Some(note) = legacy_note(&snaps) {
         eprintln!("byteback-restore: note: {note}");
     }
-    let snaps: Vec<String> = snaps.into_iter().map(|s| s.name).collect();
+    let snaps: Vec<(String, bool)> = snaps
+        .into_iter()
+        .map(|s| (s.name, s.kind == SnapshotKind::Legacy1x))
+        .collect();
     // Warnings go with what is shown: a note on an entry with its row
     // when it is printed (not for a version the listing does not show),
     // one on a path left out where the patterns reach it and, as in a
     // restore, no newer snapshot supplied it (every one with --all or
     // --verbose, which show older versions too).
     let rows = std::cell::RefCell::new(Rows::new(all, verbose));
-    for s in snaps.iter().rev() {
+    for (s, legacy) in snaps.iter().rev() {
         let mut sel = Selector {
             pats,
             matched_dir: None,
@@ -722,6 +736,7 @@ pub fn list(
         read_manifest(
             conn,
             s,
+            *legacy,
             |e, note| {
                 if sel.select(&e) {
                     rows.borrow_mut().add(s, e, note)?;
@@ -1048,6 +1063,7 @@ struct Chunk {
 fn collect_chunk(
     conn: &mut Connection,
     snap: &str,
+    legacy: bool,
     after: Option<&[u8]>,
     mut take: impl FnMut(&ManifestEntry) -> Result<bool>,
     mut skipped: impl FnMut(Vec<u8>, String),
@@ -1067,6 +1083,7 @@ fn collect_chunk(
     read_manifest(
         conn,
         snap,
+        legacy,
         |e, note| {
             if let Kind::HardLink { target } = &e.entry.kind {
                 if let Some(&i) = files.get(&tree::path_key(target)) {
@@ -1147,6 +1164,7 @@ struct LinkTarget {
 fn resolve_unselected_targets(
     conn: &mut Connection,
     snap: &str,
+    legacy: bool,
     pats: &Patterns,
     claimed: Option<&Claims>,
     copied: &dyn Fn(&[u8]) -> bool,
@@ -1175,6 +1193,7 @@ fn resolve_unselected_targets(
     read_manifest(
         conn,
         snap,
+        legacy,
         |e, _| {
             if wanted_targets.contains(&e.entry.path) {
                 let target = LinkTarget {
@@ -1246,6 +1265,8 @@ fn restore_snapshot(
     // Warnings from the server's notes (printed as they are found, the
     // first few of the run: see [`NoteBudget`]).
     let mut notes = RestoreReport::default();
+    // Its files are restored unverified: a 1.x snapshot, which alone has notes.
+    let legacy = tree_opts.unverified;
     let mut tree: Option<tree::RestoreTree> = None;
     let mut after: Option<Vec<u8>> = None;
     // What this snapshot takes, merged into the claims only once it is
@@ -1262,6 +1283,7 @@ fn restore_snapshot(
         let mut chunk = collect_chunk(
             conn,
             snap,
+            legacy,
             after.as_deref(),
             |e| {
                 if !sel.select(e) {
@@ -1307,7 +1329,7 @@ fn restore_snapshot(
         let claimed = (!turn.first).then_some(&*claims);
         // A first name an earlier pass copied for a link is linked to that copy.
         let copied = |target: &[u8]| t.has_copy(target);
-        resolve_unselected_targets(conn, snap, pats, claimed, &copied, &mut chunk)?;
+        resolve_unselected_targets(conn, snap, legacy, pats, claimed, &copied, &mut chunk)?;
         after = chunk.wanted.last().map(|w| w.e.entry.path.clone());
         let progress = &crate::progress::RESTORE;
         for w in &chunk.wanted {
