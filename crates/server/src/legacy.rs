@@ -401,7 +401,7 @@ impl LegacyWalk {
     /// note on what it lost), or one that cannot be read as 1.x wrote it,
     /// left out with everything below it. Each comes as it is found, so
     /// nothing is held however many entries are left out in a row.
-    pub fn next(&mut self) -> Result<Option<Walked>> {
+    pub fn next_step(&mut self) -> Result<Option<Walked>> {
         loop {
             let Some(top) = self.stack.last_mut() else {
                 return Ok(None);

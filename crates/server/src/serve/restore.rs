@@ -289,7 +289,7 @@ fn send_legacy_manifest<R: Read, W: Write>(
             message: n.message,
         })
     };
-    while let Some(step) = walk.next().context_with(walked)? {
+    while let Some(step) = walk.next_step().context_with(walked)? {
         let e = match step {
             Walked::Skipped(n) => {
                 note(conn, &mut part, n)?;
