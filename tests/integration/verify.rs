@@ -489,6 +489,11 @@ fn a_backup_is_never_refused_for_a_verify_of_current() {
     let out = output_text(&v);
     assert_eq!(v.status.code(), Some(0), "{out}");
     assert!(out.contains("a backup of the host waits"), "{out}");
+    assert!(out.contains("stopped in current for a backup"), "{out}");
+    // A run without a budget keeps no place: a budgeted pass under way
+    // would otherwise go on from there, skipping what it had not checked.
+    let state = fs::read_to_string(store.join(HOST).join(".byteback-verify")).unwrap_or_default();
+    assert!(!state.contains("cursor "), "{state}");
     // Nothing was taken for damage; the next run checks current whole.
     let o = verify(&store, &["--snapshot", "current"]);
     let out = output_text(&o);

@@ -110,6 +110,8 @@ pub struct HostReport {
     pub marked: u64,
     /// Whether this run reached the end of the host's last snapshot.
     pub finished: bool,
+    /// It stopped in `current` for a backup of the host that waited.
+    pub yielded: bool,
     /// Problems that stopped part of the check (an unreadable manifest...).
     pub errors: Vec<String>,
 }
@@ -416,7 +418,7 @@ fn hash_pieces(
         // Stopped for a backup even where a budget could not stop: its
         // place is kept by a budgeted pass, and the file is checked again
         // by any other.
-        if (stoppable || budget.yield_to.is_some()) && budget.spent() {
+        if (stoppable && budget.spent()) || budget.backup_waits() {
             return Ok(Hashed::Stopped(Progress {
                 ident,
                 pieces,
@@ -704,14 +706,18 @@ pub fn verify_host(
             Ok(true) => {}
             Ok(false) => {
                 if budget.backup_waits() {
+                    report.yielded = true;
                     eprintln!(
                         "byteback-server: verify: {}/current: a backup of the host waits; \
                          stopped here, to go on at the next run",
                         host.name
                     );
                 }
-                state.cursor = Some((name.clone(), cursor.or(after).unwrap_or_default()));
+                // Only a budgeted pass keeps its place: a run without one
+                // (or of one snapshot) stopped for a backup must not move
+                // the place of the pass under way.
                 if resume {
+                    state.cursor = Some((name.clone(), cursor.or(after).unwrap_or_default()));
                     state.partial = partial.take().map(|(p, pr)| (name.clone(), p, pr));
                 }
                 finished = false;
@@ -877,6 +883,8 @@ fn run(args: VerifyArgs) -> Result<u8> {
                 },
                 if r.finished {
                     ""
+                } else if r.yielded {
+                    " (stopped in current for a backup; the next run checks it)"
                 } else {
                     " (budget used up; the next run continues)"
                 }
