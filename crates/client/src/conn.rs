@@ -645,7 +645,11 @@ impl Connection {
         let relay = byteback_protocol::term::bar_shown();
         // Restored data is not compressed for a local store (nor is a
         // backup's, see `--compress`): it would cost CPU on both sides.
-        let mut child = crate::stop::unblocked(&mut Command::new(&bin))
+        // In a group of its own: a Ctrl-C on the terminal is the client's
+        // to act on (it stops the server in order), not the server's.
+        let mut command = Command::new(&bin);
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let mut child = crate::stop::unblocked(&mut command)
             .arg("serve")
             .arg("--host")
             .arg(host)
