@@ -97,7 +97,7 @@ fn interrupted(sig: libc::c_int) -> ! {
     let msg = if failed > 0 {
         format!("interrupted ({name}); {failed} directories could not be given back their owner and mode")
     } else {
-        format!("interrupted ({name}); the restore is incomplete, existing directories have their owner and mode back (those it made stay 0700 until a restore completes)")
+        format!("interrupted ({name}); the restore is incomplete, existing directories have their owner and mode back (those it made stay 0700)")
     };
     // A closed stderr must not stop the exit below.
     let _ = std::io::Write::write_all(

@@ -651,14 +651,6 @@ impl Rows {
         }
         Ok(())
     }
-
-    /// Whether a row of `path` came from a snapshot other than `snap`
-    /// (a newer one: they are added newest first).
-    fn supplied(&self, path: &[u8], snap: &str) -> bool {
-        self.by_path
-            .get(path)
-            .is_some_and(|v| v.iter().any(|(s, ..)| s != snap))
-    }
 }
 
 /// Most warnings a listing remembers having given (16 bytes each), so as
@@ -724,9 +716,8 @@ pub fn list(
         .collect();
     // Warnings go with what is shown: a note on an entry with its row
     // when it is printed (not for a version the listing does not show),
-    // one on a path left out where the patterns reach it and, as in a
-    // restore, no newer snapshot supplied it (every one with --all or
-    // --verbose, which show older versions too).
+    // one on a path left out wherever the patterns reach it, as in a
+    // restore.
     let rows = std::cell::RefCell::new(Rows::new(all, verbose));
     for (s, legacy) in snaps.iter().rev() {
         let mut sel = Selector {
@@ -743,9 +734,12 @@ pub fn list(
                 }
                 Ok(())
             },
+            // Said wherever the patterns reach it, whatever newer
+            // snapshots hold: what was left out may be a directory (or
+            // the directory of an over-long path) whose newer copy lacks
+            // files only this snapshot had.
             |p, m| {
-                let supplied = !all && !verbose && rows.borrow().supplied(&p, s);
-                if pats.reaches(&p) && !supplied {
+                if pats.reaches(&p) {
                     pats.note_hit(&p);
                     warner.borrow_mut().warn(s, &p, &m);
                 }
@@ -952,11 +946,6 @@ fn digest_of(h: byteback_delta::FileHasher) -> u128 {
     let mut k = [0u8; 16];
     k.copy_from_slice(&d[..16]);
     u128::from_le_bytes(k)
-}
-
-/// The claim key of `p` when claims are paths ([`version_digest`] without the version).
-fn path_digest(p: &[u8]) -> u128 {
-    digest_of(path_hasher(p))
 }
 
 /// What restore does beyond the selection.
@@ -1303,11 +1292,10 @@ fn restore_snapshot(
                 Ok(true)
             },
             // Left out by the server: a warning where the patterns ask
-            // for it and no snapshot read before supplied it.
+            // for it, whatever snapshots read before supplied (it may be
+            // a directory whose newer copy lacks what only this one had).
             |p, m| {
-                let supplied =
-                    !turn.first && !claimed.all && claimed.keys.contains(&path_digest(&p));
-                if pats.reaches(&p) && !supplied {
+                if pats.reaches(&p) {
                     pats.note_hit(&p);
                     budget.warn(&mut notes, || note_text(snap, &p, &m));
                 }

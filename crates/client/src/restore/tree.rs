@@ -219,6 +219,9 @@ pub struct RestoreTree {
     /// Files removed because their content failed verification (by
     /// [`path_key`]: 16 bytes each, however long the paths).
     damaged: HashSet<u128>,
+    /// First names of hard links whose name could not be replaced (see
+    /// `restore_file`), as `damaged`.
+    unplaced: HashSet<u128>,
     opts: TreeOptions,
     euid: u32,
     egid: u32,
@@ -427,6 +430,7 @@ impl RestoreTree {
             copies: HashMap::new(),
             implied: HashMap::new(),
             damaged: HashSet::new(),
+            unplaced: HashSet::new(),
             opts,
             euid: rustix::process::geteuid().as_raw(),
             egid: rustix::process::getegid().as_raw(),
@@ -435,7 +439,7 @@ impl RestoreTree {
                 ..Default::default()
             },
         };
-        let leave = if fresh || tree.left_by_a_stopped_restore(&fd, b"")? {
+        let leave = if fresh {
             Leave::Default
         } else {
             tree.lock_down(&fd, b"")?
@@ -446,16 +450,6 @@ impl RestoreTree {
             leave,
         });
         Ok(tree)
-    }
-
-    /// Whether existing directory `fd` is as a restore stopped by a signal
-    /// (or SIGKILL) left one it made: ours, mode 0700. It is then finished
-    /// as one made now (its metadata from the snapshot), not given back
-    /// as it stands, or a restore run again after a stop would leave the
-    /// directories above what it restores at 0700.
-    fn left_by_a_stopped_restore(&self, fd: &OwnedFd, path: &[u8]) -> Result<bool> {
-        let st = rustix::fs::fstat(fd).on("fstat", self.shown(path))?;
-        Ok(st.st_uid == self.euid && st.st_mode & 0o7777 == 0o700)
     }
 
     /// Makes an existing directory private to us while the restore works in
@@ -554,9 +548,6 @@ impl RestoreTree {
                 Err(e) => bail!("cannot create {}: {e}", self.shown(path)),
             }
             match open_dir_beneath(parent, name) {
-                Ok(fd) if self.left_by_a_stopped_restore(&fd, path)? => {
-                    return Ok((fd, Leave::Default));
-                }
                 Ok(fd) => {
                     let leave = self.lock_down(&fd, path)?;
                     return Ok((fd, leave));
@@ -792,13 +783,18 @@ impl RestoreTree {
             // +a on it or its directory): that file is not restored, the
             // rest of the tree is, as rsync goes on past it.
             Err(crate::error::Error::Io { cause, .. })
-                if matches!(cause.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
+                if cause.raw_os_error() == Some(libc::EPERM) =>
             {
                 let _ = remove();
                 self.report.warn(format!(
                     "{shown}: cannot put in place: {cause} (immutable or append-only? see \
                      lsattr); not restored"
                 ));
+                // Later names of it are not made either (they would link
+                // to what stands there).
+                if link_target {
+                    self.unplaced.insert(path_key(path));
+                }
                 return Ok(());
             }
             Err(err) => {
@@ -839,6 +835,13 @@ impl RestoreTree {
             .cloned()
             .unwrap_or_else(|| target.to_vec());
         let shown = self.shown(path);
+        if self.unplaced.contains(&path_key(&src)) {
+            self.report.warn(format!(
+                "{shown}: not restored: its first name {} could not be put in place",
+                display_path(target)
+            ));
+            return Ok(());
+        }
         if self.damaged.contains(&path_key(&src)) {
             self.report.damage(format!(
                 "{shown}: not restored: its first name {} failed verification",

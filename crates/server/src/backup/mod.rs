@@ -439,21 +439,32 @@ fn open_meta(
     let from_1x = crate::legacy::is_legacy(current)
         .and_then(|legacy| Ok(legacy && !fsops::is_empty_dir(current)?))
         .op("look at", || meta_path.display())?;
+    if from_1x {
+        // `.byteback` appears with the marker in it or not at all: made
+        // under another name, synced, then renamed into place (a crash
+        // between a `.byteback` and its marker would have left a 1.x tree
+        // no longer taken for one, its copies trusted by size and mtime).
+        // No client path maps to that name (see `disk_path`).
+        const BUILDING: &[u8] = b".byteback-takeover";
+        use std::os::unix::ffi::OsStrExt;
+        let name = |b: &'static [u8]| std::ffi::OsStr::from_bytes(b);
+        room::retry(room, creating(at(TAKEOVER)), || {
+            (|| -> io::Result<()> {
+                fsops::remove_any(current, BUILDING)?;
+                fsops::ensure_dir(current, BUILDING, 0o700)?;
+                let building = fsops::open_dir(current, BUILDING)?;
+                fsops::fsync(&fsops::create_new(&building, TAKEOVER)?)?;
+                fsops::fsync(&building)?;
+                rustix::fs::renameat(current, name(BUILDING), current, name(META_DIR))?;
+                fsops::fsync(current)
+            })()
+            .op("create", || at(TAKEOVER))
+        })?;
+    }
     room::retry(room, creating(meta_path.display().to_string()), || {
         fsops::ensure_dir(current, META_DIR, 0o700).op("create", || meta_path.display())
     })?;
     let meta = fsops::open_dir(current, META_DIR).op("open", || meta_path.display())?;
-    if from_1x {
-        room::retry(room, creating(at(TAKEOVER)), || {
-            match fsops::create_new(&meta, TAKEOVER) {
-                Ok(f) => fsops::fsync(&f),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-                Err(e) => Err(e),
-            }
-            .and_then(|()| fsops::fsync(&meta))
-            .op("create", || at(TAKEOVER))
-        })?;
-    }
     // Leftovers of an interrupted run (`tmp`: of versions before partial
     // rebuilds were kept); `partial` is kept for resuming.
     for name in [&b"tmp"[..], b"manifest.new", BOOT_NEW] {
