@@ -1168,7 +1168,7 @@ fn a_restore_not_run_as_root_says_what_it_could_not_give_back() {
     let code = child.wait().unwrap().code();
     assert_eq!(code, Some(24), "{err}");
     assert!(
-        err.contains("not run as root: 1 entries belong to another user or group")
+        err.contains("not run as root: 1 files belong to another user or group")
             && err.contains("1 entries lost their security.* and trusted.* xattrs"),
         "{err}"
     );

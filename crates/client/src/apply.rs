@@ -42,13 +42,13 @@ pub fn not_root_summary() -> Option<String> {
     let mut parts = vec![];
     if owners > 0 {
         parts.push(format!(
-            "{owners} entries belong to another user or group in the backup, and to this user here"
+            "{owners} files belong to another user or group in the backup, and to this user here"
         ));
     }
     if xattrs > 0 {
         parts.push(format!(
-            "{xattrs} entries lost their security.* and trusted.* xattrs (file capabilities, \
-             SELinux labels)"
+            "{xattrs} entries lost their security.* and trusted.* xattrs (file capabilities \
+             among them; SELinux labels are not counted)"
         ));
     }
     (!parts.is_empty()).then(|| {
@@ -146,14 +146,18 @@ pub fn apply(
                 rustix::process::getegid().as_raw(),
             )
         });
-        if (entry.uid, entry.gid) != (uid, gid) {
+        // Not directories: those made on the way to what is restored
+        // (`/home` above one's own files) would make every restore of
+        // one's own files partial.
+        if (entry.uid, entry.gid) != (uid, gid) && !matches!(entry.kind, Kind::Dir) {
             NOT_ROOT.0.fetch_add(1, Ordering::Relaxed);
         }
-        if entry
-            .xattrs
-            .iter()
-            .any(|(n, _)| n.starts_with(b"security.") || n.starts_with(b"trusted."))
-        {
+        // Nor SELinux labels, which every entry of such a host carries and
+        // which the kernel gives a new file anyway.
+        if entry.xattrs.iter().any(|(n, _)| {
+            (n.starts_with(b"security.") && n.as_slice() != b"security.selinux")
+                || n.starts_with(b"trusted.")
+        }) {
             NOT_ROOT.1.fetch_add(1, Ordering::Relaxed);
         }
     }
