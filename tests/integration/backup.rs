@@ -2914,3 +2914,72 @@ fn a_listing_into_a_closed_pipe_ends_quietly_and_an_unreadable_store_says_so() {
     assert!(err.contains("Permission denied"), "{err}");
     assert!(!err.contains("no snapshots"), "{err}");
 }
+
+/// A local store's server killed (-9) before it answers, and again in the
+/// middle of a backup: the client sees it at once and ends (it kept the
+/// server's ends of the sockets open while it waited for the answer, and
+/// then waited for its I/O timeout, three hours).
+#[test]
+fn a_client_ends_at_once_when_its_local_server_is_killed() {
+    use std::os::unix::fs::PermissionsExt;
+    let site = LocalSite::fresh();
+    let f = site.src.join("big");
+    fs::File::create(&f).unwrap().set_len(4 << 30).unwrap();
+    // A server that is slow to answer (its sleep holds none of the sockets).
+    let slow = site.work.join("slow-server");
+    fs::write(
+        &slow,
+        format!(
+            "#!/bin/sh\nsleep 30 </dev/null >/dev/null\nexec '{}' \"$@\"\n",
+            bin("byteback-server").display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&slow, fs::Permissions::from_mode(0o755)).unwrap();
+    let marker = site.store.to_str().unwrap().to_string();
+    for (server, wait_ms) in [(Some(&slow), 0), (None, 200)] {
+        let mut c = Command::new(bin("byteback-backup"));
+        c.arg("--destination")
+            .arg(&site.store)
+            .arg("--source")
+            .arg(&site.src)
+            .args(["--hostname", "h", "--retry-number", "0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(s) = server {
+            c.env("BYTEBACK_SERVER", s);
+        }
+        let mut child = c.spawn().unwrap();
+        let t = std::time::Instant::now();
+        let pid = loop {
+            let found: Vec<u32> = processes_naming(&marker)
+                .into_iter()
+                .filter(|(p, c)| c.contains(" serve ") && *p != child.id())
+                .map(|(p, _)| p)
+                .collect();
+            if let Some(p) = found.first() {
+                break *p;
+            }
+            assert!(t.elapsed().as_secs() < 30, "no server started");
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the backup ended first"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+        send_signal(pid, Signal::KILL);
+        let t = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if t.elapsed().as_secs() > 20 {
+                let _ = child.kill();
+                panic!("the client did not end within 20 s of its server's death ({server:?})");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(!status.success(), "{status:?}");
+    }
+}

@@ -680,6 +680,9 @@ impl Connection {
                     crate::error::Error::io("cannot start", &bin, e)
                 }
             })?;
+        // The Command holds the server's ends of the sockets: kept, a
+        // server that died would never be seen to (no end of file).
+        drop(command);
         if let Some(err) = child.stderr.take() {
             relay_lines(err);
         }

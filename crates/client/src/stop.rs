@@ -211,16 +211,20 @@ pub(crate) fn watch(on: fn(libc::c_int)) -> std::io::Result<()> {
 /// be stopped by an admin's `kill` or a shutdown.
 pub(crate) fn unblocked(cmd: &mut std::process::Command) -> &mut std::process::Command {
     use std::os::unix::process::CommandExt;
-    // SAFETY: between fork and exec only sigemptyset and pthread_sigmask
-    // run, both async-signal-safe, on a set on the child's stack.
+    // SAFETY: between fork and exec only sigemptyset, pthread_sigmask and
+    // signal run, all async-signal-safe, on a set on the child's stack.
     unsafe {
         cmd.pre_exec(|| {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             match libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) {
-                0 => Ok(()),
-                e => Err(std::io::Error::from_raw_os_error(e)),
+                0 => {}
+                e => return Err(std::io::Error::from_raw_os_error(e)),
             }
+            // A child in a process group of its own writing to the
+            // terminal (`stty tostop`) would be stopped, not heard.
+            libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+            Ok(())
         })
     }
 }

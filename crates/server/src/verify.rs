@@ -709,8 +709,13 @@ pub fn verify_host(
                     report.yielded = true;
                     eprintln!(
                         "byteback-server: verify: {}/current: a backup of the host waits; \
-                         stopped here, to go on at the next run",
-                        host.name
+                         stopped here ({})",
+                        host.name,
+                        if resume {
+                            "the next run goes on from here"
+                        } else {
+                            "checked again by the next run"
+                        }
                     );
                 }
                 // Only a budgeted pass keeps its place: a run without one
@@ -735,6 +740,15 @@ pub fn verify_host(
     // The next host's check must not stop for this one's backup.
     budget.yield_to = None;
     report.finished = finished;
+    // What this run found replaces what was known of the same files: a
+    // budgeted pass going on after another run checked them (one that
+    // stopped for a backup and kept no place) must not list them twice.
+    state.damage.retain(|d| {
+        !report
+            .damaged
+            .iter()
+            .any(|f| f.snapshot == d.snapshot && f.path == d.path)
+    });
     if let Some(snap) = only {
         // A check of one snapshot replaces what is known of its damage.
         if unchecked.as_deref() != Some(snap) {
