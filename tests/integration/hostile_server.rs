@@ -161,6 +161,18 @@ impl Stage {
         }
     }
 
+    /// `byteback-restore --json` through a shell writing its stdout (the
+    /// report) to the file returned (`spawn_restore` drops stdout).
+    fn json_restore(&self) -> (PathBuf, Command) {
+        let json = self.dir.path().join("report.json");
+        let mut wrapper = Command::new("sh");
+        wrapper
+            .args(["-c", "exec \"$0\" --json \"$@\" >\"$JSON_OUT\""])
+            .arg(bin("byteback-restore"))
+            .env("JSON_OUT", &json);
+        (json, wrapper)
+    }
+
     /// Starts `cmd` (byteback-restore, or a wrapper running it) as
     /// `--restore ARGS` (`--list ...` as it is) against the scripted
     /// server, stderr piped.
@@ -1010,12 +1022,7 @@ fn an_interrupted_restore_gives_existing_directories_back_their_owner_and_mode()
         // end, closes when it wakes).
         sc.file_delay_ms = 8_000;
         // Its stdout, the --json report, into a file (spawn_restore drops stdout).
-        let json = st.dir.path().join("report.json");
-        let mut wrapper = Command::new("sh");
-        wrapper
-            .args(["-c", "exec \"$0\" --json \"$@\" >\"$JSON_OUT\""])
-            .arg(bin("byteback-restore"))
-            .env("JSON_OUT", &json);
+        let (json, wrapper) = st.json_restore();
         let mut child = st.spawn_restore(wrapper, &sc, &[ALL], None);
         let locked = Instant::now();
         while fs::metadata(&home).unwrap().mode() & 0o7777 != 0o700 {
@@ -1225,12 +1232,7 @@ fn an_immutable_name_is_skipped_and_a_failed_restore_counts_what_it_wrote() {
         entries,
         &[("e/a", b"a"), ("e/b", b"far more than one byte")],
     );
-    let json = st.dir.path().join("report.json");
-    let mut wrapper = Command::new("sh");
-    wrapper
-        .args(["-c", "exec \"$0\" --json \"$@\" >\"$JSON_OUT\""])
-        .arg(bin("byteback-restore"))
-        .env("JSON_OUT", &json);
+    let (json, wrapper) = st.json_restore();
     let r = st.restore_cmd(wrapper, &sc, &[ALL], None);
     r.assert_code(1);
     let report: serde_json::Value = serde_json::from_slice(&fs::read(&json).unwrap()).unwrap();

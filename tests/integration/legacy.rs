@@ -461,12 +461,9 @@ fn set_stat(path: &Path, value: &str) {
 
 #[test]
 fn a_hostile_1x_tree_is_read_without_following_anything_and_parsed_strictly() {
-    if !require_root("a 1.x store on btrfs") {
+    let Some((_fsys, store)) = store_on_btrfs("store-hostile1x") else {
         return;
-    }
-    let fsys = BtrfsLoop::new(300);
-    let store = fsys.mount.join("store-hostile1x");
-    fs::create_dir_all(&store).unwrap();
+    };
     let d = scratch();
     let outside = d.path().join("outside");
     fs::create_dir_all(&outside).unwrap();
@@ -601,25 +598,14 @@ fn small_source(dir: &Path) -> PathBuf {
 /// client's BLAKE3 and received again, never certified by its own hash.
 #[test]
 fn taking_over_a_1x_current_checks_every_kept_file_against_the_client() {
-    if !require_root("a 1.x store on btrfs") {
+    let Some((_fsys, store)) = store_on_btrfs("store-takeover") else {
         return;
-    }
-    let fsys = BtrfsLoop::new(300);
-    let store = fsys.mount.join("store-takeover");
-    store_without_interval(&store);
+    };
     let d = scratch();
     let src = small_source(d.path());
     let host = "takeover1x";
     backup_as_1x(d.path(), &store, host, &src, OLD_SNAP, None);
-    // `current`'s copy of a: other bytes, same size, same mtime.
-    let stored = restored(&store.join(host).join("current"), &src).join("files/a");
-    let wrong = b"STALE or corrupt 1.x data a";
-    assert_eq!(
-        wrong.len(),
-        fs::metadata(src.join("files/a")).unwrap().len() as usize
-    );
-    fs::write(&stored, wrong).unwrap();
-    set_mtime(&stored, 1_700_000_000, 123_456_789);
+    swap_stored_a(&store, host, &src);
     let out = local_backup(&store, &src, host);
     let snaps = snapshots(&store, host);
     let new_snap = snaps.last().unwrap();
@@ -649,12 +635,9 @@ fn taking_over_a_1x_current_checks_every_kept_file_against_the_client() {
 /// not as one an interrupted backup left.
 #[test]
 fn verify_names_a_1x_current_as_1x() {
-    if !require_root("a 1.x store on btrfs") {
+    let Some((_fsys, store)) = store_on_btrfs("store-verify1x") else {
         return;
-    }
-    let fsys = BtrfsLoop::new(300);
-    let store = fsys.mount.join("store-verify1x");
-    store_without_interval(&store);
+    };
     let d = scratch();
     let src = small_source(d.path());
     let host = "verify1x";
@@ -697,12 +680,9 @@ fn make_1x_by_hand(store: &Path, host: &str, snap: &str, fill: &dyn Fn(&Path)) {
 /// partial (24); whoever asks for the rest only gets a clean run.
 #[test]
 fn a_bad_1x_entry_is_left_out_with_a_warning_and_the_rest_restores() {
-    if !require_root("a 1.x store on btrfs") {
+    let Some((fsys, store)) = store_on_btrfs("store-bad1x") else {
         return;
-    }
-    let fsys = BtrfsLoop::new(300);
-    let store = fsys.mount.join("store-bad1x");
-    fs::create_dir_all(&store).unwrap();
+    };
     let host = "bad1x";
     make_1x_by_hand(&store, host, OLD_SNAP, &|c| {
         fs::create_dir_all(c.join("d/sub")).unwrap();
@@ -806,12 +786,9 @@ fn a_bad_1x_entry_is_left_out_with_a_warning_and_the_rest_restores() {
 /// is warned about once.
 #[test]
 fn a_1x_acl_is_never_widened_and_its_loss_is_said() {
-    if !require_root("a 1.x store on btrfs") {
+    let Some((_fsys, store)) = store_on_btrfs("store-acl1x") else {
         return;
-    }
-    let fsys = BtrfsLoop::new(300);
-    let store = fsys.mount.join("store-acl1x");
-    store_without_interval(&store);
+    };
     let d = scratch();
     let src = d.path().join("src");
     fs::create_dir_all(&src).unwrap();
@@ -957,12 +934,9 @@ fn a_long_run_of_bad_1x_entries_is_streamed_in_bounded_memory() {
 /// links to a path the client never got, which refused the whole restore.
 #[test]
 fn a_1x_hard_link_whose_first_name_is_left_out_breaks_nothing() {
-    if !require_root("a 1.x store on btrfs") {
+    let Some((fsys, store)) = store_on_btrfs("store-links1x") else {
         return;
-    }
-    let fsys = BtrfsLoop::new(300);
-    let store = fsys.mount.join("store-links1x");
-    fs::create_dir_all(&store).unwrap();
+    };
     let host = "links1x";
     make_1x_by_hand(&store, host, OLD_SNAP, &|c| {
         fs::create_dir_all(c.join("a")).unwrap();
@@ -995,12 +969,9 @@ fn a_1x_hard_link_whose_first_name_is_left_out_breaks_nothing() {
 /// a path that fits, is sent as the file.
 #[test]
 fn a_1x_path_longer_than_byteback_takes_is_left_out_and_the_rest_goes_on() {
-    if !require_root("a 1.x store on btrfs") {
+    let Some((fsys, store)) = store_on_btrfs("store-long1x") else {
         return;
-    }
-    let fsys = BtrfsLoop::new(300);
-    let store = fsys.mount.join("store-long1x");
-    fs::create_dir_all(&store).unwrap();
+    };
     let host = "long1x";
     let deep: PathBuf = std::iter::once("d".to_string())
         .chain((0..16).map(|i| format!("{i:x}").repeat(250)))
@@ -1070,6 +1041,18 @@ fn backup_cut_before_commit(store: &Path, src: &Path, host: &str) {
     assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
+/// A store directory `name` (no minimum interval between snapshots) on a
+/// btrfs loop of its own; `None`, said loudly, when not root.
+fn store_on_btrfs(name: &str) -> Option<(BtrfsLoop, PathBuf)> {
+    if !require_root("a 1.x store on btrfs") {
+        return None;
+    }
+    let fsys = BtrfsLoop::new(300);
+    let store = fsys.mount.join(name);
+    store_without_interval(&store);
+    Some((fsys, store))
+}
+
 /// Over `current`'s copy of `files/a`: other bytes, same size and mtime.
 fn swap_stored_a(store: &Path, host: &str, src: &Path) -> PathBuf {
     let stored = restored(&store.join(host).join("current"), src).join("files/a");
@@ -1088,12 +1071,9 @@ fn swap_stored_a(store: &Path, host: &str, src: &Path) -> PathBuf {
 /// it resumes.
 #[test]
 fn only_a_1x_current_has_every_kept_file_checked_against_the_client() {
-    if !require_root("a 1.x store on btrfs") {
+    let Some((_fsys, store)) = store_on_btrfs("store-resume") else {
         return;
-    }
-    let fsys = BtrfsLoop::new(300);
-    let store = fsys.mount.join("store-resume");
-    store_without_interval(&store);
+    };
     let d = scratch();
     let src = small_source(d.path());
 
@@ -1130,12 +1110,9 @@ fn only_a_1x_current_has_every_kept_file_checked_against_the_client() {
 /// said wherever the patterns reach it, as a restore says it.
 #[test]
 fn a_listing_warns_for_what_it_shows_as_a_restore_does() {
-    if !require_root("a 1.x store on btrfs") {
+    let Some((fsys, store)) = store_on_btrfs("store-warn1x") else {
         return;
-    }
-    let fsys = BtrfsLoop::new(300);
-    let store = fsys.mount.join("store-warn1x");
-    fs::create_dir_all(&store).unwrap();
+    };
     let host = "warn1x";
     const NEW_SNAP: &str = "2026-11-21T03:00+0000";
     // The older snapshot: d/f with more xattrs than an entry carries (a

@@ -33,6 +33,41 @@ fn verify(store: &Path, args: &[&str]) -> Output {
     )
 }
 
+/// A btrfs store with one backup of `n` random files of `size` bytes
+/// (`f0`...), made from `seed`.
+struct Site {
+    fs_: BtrfsLoop,
+    store: PathBuf,
+    work: tempfile::TempDir,
+    src: PathBuf,
+    rng: Rng,
+}
+
+/// [`Site`], or `None` (said loudly) when not root.
+fn backed_up_site(seed: u64, n: usize, size: usize) -> Option<Site> {
+    if !require_root("verify on a btrfs store") {
+        return None;
+    }
+    let fs_ = BtrfsLoop::new(300);
+    let store = fs_.mount.join("store");
+    store_without_interval(&store);
+    let work = scratch();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    let mut rng = Rng::new(seed);
+    for i in 0..n {
+        fs::write(src.join(format!("f{i}")), rng.bytes(size)).unwrap();
+    }
+    backup(&store, &src);
+    Some(Site {
+        fs_,
+        store,
+        work,
+        src,
+        rng,
+    })
+}
+
 /// Flips one byte of `path` in place, keeping its size and mtime.
 fn flip_byte(path: &Path, at: u64) {
     let m = fs::symlink_metadata(path).unwrap();
@@ -200,20 +235,16 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
 
 #[test]
 fn budgeted_verify_covers_the_host_over_several_runs() {
-    if !require_root("verify on a btrfs store") {
+    let Some(Site {
+        fs_: _fs,
+        store,
+        work: _work,
+        src,
+        mut rng,
+    }) = backed_up_site(9, 10, 100_000)
+    else {
         return;
-    }
-    let fs_ = BtrfsLoop::new(300);
-    let store = fs_.mount.join("store");
-    store_without_interval(&store);
-    let work = scratch();
-    let src = work.path().join("src");
-    fs::create_dir_all(&src).unwrap();
-    let mut rng = Rng::new(9);
-    for i in 0..10 {
-        fs::write(src.join(format!("f{i}")), rng.bytes(100_000)).unwrap();
-    }
-    backup(&store, &src);
+    };
     fs::write(src.join("f0"), rng.bytes(100_000)).unwrap();
     backup(&store, &src);
     // Two snapshots and current, 10 files each: 3 MB in all; 700 kB a run.
@@ -433,20 +464,16 @@ fn budgeted_verify_goes_on_within_a_large_file() {
 /// (It refused the backup as "another backup of host h is running".)
 #[test]
 fn a_backup_is_never_refused_for_a_verify_of_current() {
-    if !require_root("verify on a btrfs store") {
+    let Some(Site {
+        fs_: _fs,
+        store,
+        work: _work,
+        src,
+        ..
+    }) = backed_up_site(7, 8, 8 << 20)
+    else {
         return;
-    }
-    let fs_ = BtrfsLoop::new(300);
-    let store = fs_.mount.join("store");
-    store_without_interval(&store);
-    let work = scratch();
-    let src = work.path().join("src");
-    fs::create_dir_all(&src).unwrap();
-    let mut rng = Rng::new(7);
-    for i in 0..8 {
-        fs::write(src.join(format!("f{i}")), rng.bytes(8 << 20)).unwrap();
-    }
-    backup(&store, &src);
+    };
     // 100 ms a MiB: about 6 s for current's 64 MiB, if it did not let go.
     let verifying = Command::new(bin("byteback-server"))
         .arg("verify")
