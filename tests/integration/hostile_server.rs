@@ -1140,6 +1140,55 @@ fn swap_files_and_no_sparse_restores_come_back_allocated() {
     assert_eq!(fs::read(st.restored("d/zeros")).unwrap(), zeros);
 }
 
+/// A swap file restored onto btrfs is NOCOW (`chattr +C`), which btrfs
+/// needs to swap to it: `swapon` takes it (it refused the copy restore
+/// made before, with "Invalid argument").
+#[test]
+fn a_swap_file_restored_onto_btrfs_can_be_swapped_to() {
+    if !require_root("a_swap_file_restored_onto_btrfs (mount, swapon)") {
+        return;
+    }
+    let st = Stage::new();
+    let fs_ = util::BtrfsLoop::new(256);
+    util::run(
+        Command::new("mount")
+            .arg("--bind")
+            .arg(&fs_.mount)
+            .arg(st.work()),
+    );
+    struct Unmount(PathBuf, Option<PathBuf>);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            if let Some(swap) = &self.1 {
+                let _ = Command::new("swapoff").arg(swap).status();
+            }
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let mut bound = Unmount(st.work(), None);
+    let made = st.dir.path().join("made-swap");
+    fs::write(&made, vec![0u8; 4 << 20]).unwrap();
+    util::run(Command::new("mkswap").arg(&made));
+    let swap = fs::read(&made).unwrap();
+    let entries = vec![dir("d"), file("d/swapfile", &swap)];
+    let r = st.restore(&scenario(entries, &[("d/swapfile", &swap)]), &[ALL]);
+    r.assert_code(0);
+    let restored = st.restored("d/swapfile");
+    assert_eq!(fs::read(&restored).unwrap(), swap);
+    let flags = rustix::fs::ioctl_getflags(fs::File::open(&restored).unwrap()).unwrap();
+    assert!(flags.contains(rustix::fs::IFlags::NOCOW), "{flags:?}");
+    let out = Command::new("swapon").arg(&restored).output().unwrap();
+    assert!(
+        out.status.success(),
+        "swapon: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bound.1 = Some(restored.clone());
+    drop(bound);
+    drop(fs_);
+    st.sentinel.assert_untouched();
+}
+
 /// A restore not run as root cannot give files their owners or their
 /// `security.*` and `trusted.*` xattrs (file capabilities): it says so in
 /// one summary and ends partial (24), where it said nothing and exited 0.
@@ -1165,9 +1214,29 @@ fn a_restore_not_run_as_root_says_what_it_could_not_give_back() {
         (e.entry.uid, e.entry.gid) = (65534, 65534);
         e
     };
-    let sc = scenario(vec![mine, cap], &[("ping", b"x"), ("mine", b"y")]);
+    // A group this user is a member of is given, as rsync does; one it
+    // is not a member of cannot be.
+    let member = {
+        let mut e = file("member", b"m");
+        (e.entry.uid, e.entry.gid, e.entry.mode) = (65534, 100, 0o2755);
+        e
+    };
+    let other = {
+        let mut e = file("other", b"o");
+        (e.entry.uid, e.entry.gid) = (65534, 4);
+        e
+    };
+    let sc = scenario(
+        vec![member, mine, other, cap],
+        &[
+            ("ping", b"x"),
+            ("mine", b"y"),
+            ("member", b"m"),
+            ("other", b"o"),
+        ],
+    );
     let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+    cmd.args(["--reuid=65534", "--regid=65534", "--groups=100", "--"])
         .arg(bin("byteback-restore"));
     let mut child = st.spawn_restore(cmd, &sc, &[ALL], None);
     let mut err = String::new();
@@ -1175,11 +1244,14 @@ fn a_restore_not_run_as_root_says_what_it_could_not_give_back() {
     let code = child.wait().unwrap().code();
     assert_eq!(code, Some(24), "{err}");
     assert!(
-        err.contains("not run as root: 1 files belong to another user or group")
+        err.contains("not run as root: 2 files belong to another user or group")
             && err.contains("1 entries lost their security.* and trusted.* xattrs"),
         "{err}"
     );
     assert_eq!(fs::read(st.restored("ping")).unwrap(), b"x");
+    let member = fs::metadata(st.restored("member")).unwrap();
+    assert_eq!((member.gid(), member.mode() & 0o7777), (100, 0o2755));
+    assert_eq!(fs::metadata(st.restored("other")).unwrap().gid(), 65534);
     st.sentinel.assert_untouched();
 }
 

@@ -146,10 +146,13 @@ pub fn apply(
                 rustix::process::getegid().as_raw(),
             )
         });
+        // A group this user belongs to can be given without root, as
+        // rsync does (the owner of a file may give it any of its groups).
+        let group_set = entry.gid == gid || (in_my_groups(entry.gid) && set_group(obj, entry.gid));
         // Not directories: those made on the way to what is restored
         // (`/home` above one's own files) would make every restore of
         // one's own files partial.
-        if (entry.uid, entry.gid) != (uid, gid) && !matches!(entry.kind, Kind::Dir) {
+        if (entry.uid != uid || !group_set) && !matches!(entry.kind, Kind::Dir) {
             NOT_ROOT.0.fetch_add(1, Ordering::Relaxed);
         }
         // Nor SELinux labels, which every entry of such a host carries and
@@ -302,6 +305,34 @@ fn owned_mode(
         ));
     }
     Ok(mode)
+}
+
+/// Whether `gid` is one of this process's supplementary groups.
+fn in_my_groups(gid: u32) -> bool {
+    static GROUPS: std::sync::OnceLock<Vec<u32>> = std::sync::OnceLock::new();
+    GROUPS
+        .get_or_init(|| {
+            rustix::process::getgroups()
+                .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+                .unwrap_or_default()
+        })
+        .contains(&gid)
+}
+
+/// Gives `obj` group `gid` (one of this user's, not as root); whether it took.
+fn set_group(obj: Held<'_>, gid: u32) -> bool {
+    let gid = Some(rustix::fs::Gid::from_raw(gid));
+    match obj {
+        Held::Open(fd) => rustix::fs::fchown(fd, None, gid),
+        Held::Path(fd) | Held::Symlink { fd, .. } => rustix::fs::chownat(
+            fd,
+            "",
+            None,
+            gid,
+            AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW,
+        ),
+    }
+    .is_ok()
 }
 
 fn set_owner(

@@ -314,6 +314,50 @@ fn is_swap(file: &File, size: u64) -> bool {
         && (&sig == b"SWAPSPACE2" || &sig == b"SWAP-SPACE")
 }
 
+/// Whether `file` is on btrfs.
+fn on_btrfs(file: &File) -> bool {
+    const BTRFS_SUPER_MAGIC: u32 = 0x9123_683E;
+    rustix::fs::fstatfs(file).is_ok_and(|s| s.f_type as u32 == BTRFS_SUPER_MAGIC)
+}
+
+/// A copy of swap file `from` (`size` bytes) for btrfs, which swaps only
+/// to a NOCOW file (`chattr +C`), a flag only an empty file takes: a new
+/// temporary file in `parent` (registered as `temp_id` too), made NOCOW,
+/// allocated whole and given `from`'s blocks that are not all zeros.
+fn nocow_copy(
+    parent: BorrowedFd<'_>,
+    temp_id: u64,
+    from: &File,
+    size: u64,
+) -> std::io::Result<(CString, File)> {
+    use std::os::unix::fs::FileExt;
+    let (name, fd) = super::interrupt::temp_file(parent, temp_id, || create_temp(parent))?;
+    let to = File::from(fd);
+    let copy = || -> std::io::Result<()> {
+        let flags = rustix::fs::ioctl_getflags(&to)?;
+        rustix::fs::ioctl_setflags(&to, flags | rustix::fs::IFlags::NOCOW)?;
+        rustix::fs::fallocate(&to, rustix::fs::FallocateFlags::empty(), 0, size)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < size {
+            let n = (size - at).min(buf.len() as u64) as usize;
+            from.read_exact_at(&mut buf[..n], at)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                to.write_all_at(&buf[..n], at)?;
+            }
+            at += n as u64;
+        }
+        Ok(())
+    };
+    match copy() {
+        Ok(()) => Ok((name, to)),
+        Err(e) => {
+            let _ = rustix::fs::unlinkat(parent, &name, AtFlags::empty());
+            Err(e)
+        }
+    }
+}
+
 /// Allocates the holes of restored `file` (zeros as data): a swap file,
 /// or every file with `--no-sparse`. A filesystem that cannot is said.
 fn allocate_whole(file: &File, size: u64, shown: &str, report: &mut RestoreReport) {
@@ -738,7 +782,7 @@ impl RestoreTree {
         let _forget = Forget(temp_id);
         let (tmp, fd) = super::interrupt::temp_file(parent, temp_id, || create_temp(parent))
             .on("cannot create a file beside", self.shown(path))?;
-        let st = rustix::fs::fstat(&fd)?;
+        let mut st = rustix::fs::fstat(&fd)?;
         let shown = self.shown(path);
         let hash = (!self.opts.unverified).then_some(&e.hash);
         let file = File::from(fd);
@@ -749,7 +793,8 @@ impl RestoreTree {
         } else {
             Ok((file, None)) // nothing to fetch
         };
-        let remove = || rustix::fs::unlinkat(parent, &tmp, AtFlags::empty());
+        let remove_temp = |t: &CStr| rustix::fs::unlinkat(parent, t, AtFlags::empty());
+        let remove = || remove_temp(&tmp);
         let file = match fetched {
             Err(err) => {
                 let _ = remove();
@@ -768,7 +813,26 @@ impl RestoreTree {
             }
             Ok((file, None)) => file,
         };
-        if size > 0 && (self.opts.no_sparse || is_swap(&file, size)) {
+        let swap = size > 0 && is_swap(&file, size);
+        let (tmp, file) = match swap && on_btrfs(&file) {
+            true => match nocow_copy(parent, temp_id, &file, size) {
+                Ok((nocow, copy)) => {
+                    let _ = remove();
+                    st = rustix::fs::fstat(&copy)?;
+                    (nocow, copy)
+                }
+                Err(e) => {
+                    self.report.warn(format!(
+                        "{shown}: a swap file, but it could not be made NOCOW (chattr +C), \
+                         which btrfs needs for swap: {e}"
+                    ));
+                    (tmp, file)
+                }
+            },
+            false => (tmp, file),
+        };
+        let remove = || remove_temp(&tmp);
+        if size > 0 && (self.opts.no_sparse || swap) {
             allocate_whole(&file, size, &shown, &mut self.report);
         }
         let applied = apply::apply(Held::Open(file.as_fd()), &e.entry, &self.opts.rules, &shown)
