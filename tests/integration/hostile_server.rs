@@ -974,6 +974,55 @@ fn links_to_a_damaged_first_name_are_reported_and_the_restore_goes_on() {
     st.sentinel.assert_untouched();
 }
 
+/// A restore over a directory that was there leaves it exactly the
+/// backup's xattrs: those set on it since (a `user.` one, a `trusted.`
+/// one, a default ACL) are removed, and one the backup has gets the
+/// backup's value; a file created in it does not keep the ACL it would
+/// inherit. They stayed.
+#[test]
+fn a_restore_over_an_existing_directory_removes_the_xattrs_the_backup_lacks() {
+    if !require_root("a_restore_over_an_existing_directory_removes_the_xattrs (trusted.*)") {
+        return;
+    }
+    let st = Stage::new();
+    let d = st.restored("d");
+    fs::create_dir_all(&d).unwrap();
+    for (name, value) in [
+        ("user.stale", "old"),
+        ("user.keep", "old"),
+        ("trusted.stale", "old"),
+    ] {
+        rustix::fs::setxattr(&d, name, value.as_bytes(), rustix::fs::XattrFlags::empty()).unwrap();
+    }
+    util::run(
+        Command::new("setfacl")
+            .args(["-d", "-m", "u:1000:rwx"])
+            .arg(&d),
+    );
+    let mut entry = dir("d");
+    entry.entry.xattrs = vec![(b"user.keep".to_vec(), b"new".to_vec())];
+    let entries = vec![entry, file("d/f", b"x")];
+    let r = st.restore(&scenario(entries, &[("d/f", b"x")]), &[ALL]);
+    r.assert_code(0);
+    let xattrs = |p: &Path| {
+        let mut buf = vec![0u8; 4096];
+        let n = rustix::fs::listxattr(p, &mut buf).unwrap();
+        let mut names: Vec<String> = buf[..n]
+            .split(|b| *b == 0)
+            .filter(|n| !n.is_empty() && !n.starts_with(b"security.selinux"))
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(xattrs(&d), ["user.keep"], "{}", r.stderr);
+    let mut value = [0u8; 16];
+    let n = rustix::fs::getxattr(&d, "user.keep", &mut value).unwrap();
+    assert_eq!(&value[..n], b"new");
+    assert_eq!(xattrs(&st.restored("d/f")), Vec::<String>::new());
+    st.sentinel.assert_untouched();
+}
+
 /// A restore that fails half-way (here: a file with more data than its
 /// entry says) still gives an existing directory it worked in its owner
 /// and mode back, instead of leaving it the restoring user's, mode 0700.

@@ -164,7 +164,9 @@ pub fn apply(
             NOT_ROOT.1.fetch_add(1, Ordering::Relaxed);
         }
     }
-    if !is_link {
+    if matches!(entry.kind, Kind::Dir) {
+        remove_stale_xattrs(obj, entry, rules, shown, &mut warnings)?;
+    } else if !is_link {
         remove_stale_acls(obj, entry, shown, &mut warnings)?;
     }
     // The access ACL, when it could not be set: the mode's group bits are
@@ -404,6 +406,68 @@ fn remove_stale_acls(
             Err(e) if is_fatal(e) => return Err(err(e, shown, "removing ACL")),
             Err(e) => warnings.push(format!(
                 "{shown}: cannot remove inherited {}: {}",
+                name.escape_ascii(),
+                io::Error::from(e)
+            )),
+        }
+    }
+    Ok(())
+}
+
+/// Removes from directory `obj` the xattrs `entry` does not have, of those
+/// this restore could set: a directory that was there keeps nothing of
+/// what was set on it since the backup (a new one has at most inherited
+/// ACLs). `system.*` beyond the POSIX ACLs and the SELinux label, which
+/// the kernel gives, are left; `security.*` and `trusted.*` only as root.
+fn remove_stale_xattrs(
+    obj: Held<'_>,
+    entry: &Entry,
+    rules: &ApplyRules,
+    shown: &str,
+    warnings: &mut Vec<String>,
+) -> io::Result<()> {
+    use byteback_protocol::os::{xattr_names, XattrOf};
+    let path;
+    let of = match obj {
+        Held::Open(fd) => XattrOf::Fd(fd),
+        Held::Path(fd) => {
+            path = std::ffi::CString::new(proc_name(fd)).map_err(io::Error::other)?;
+            XattrOf::Path(&path)
+        }
+        Held::Symlink { .. } => return Ok(()),
+    };
+    let names = match xattr_names(of, byteback_protocol::os::xattr::XATTR_KERNEL_MAX) {
+        Ok(names) => names,
+        Err(e) if is_fatal(e) => return Err(err(e, shown, "listing xattrs")),
+        Err(e) => {
+            warnings.push(format!(
+                "{shown}: cannot list xattrs to remove those not in the backup: {}",
+                io::Error::from(e)
+            ));
+            return Ok(());
+        }
+    };
+    for name in names {
+        let ours = name.starts_with(b"user.")
+            || name.as_slice() == ACL_ACCESS
+            || name.as_slice() == ACL_DEFAULT
+            || (rules.as_root
+                && (name.starts_with(b"trusted.")
+                    || (name.starts_with(b"security.") && name.as_slice() != b"security.selinux")));
+        if !ours || entry.xattrs.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        let os_name = OsStr::from_bytes(&name);
+        let r = match obj {
+            Held::Open(fd) => rustix::fs::fremovexattr(fd, os_name),
+            Held::Path(fd) => rustix::fs::removexattr(proc_name(fd).as_str(), os_name),
+            Held::Symlink { .. } => Ok(()),
+        };
+        match r {
+            Ok(()) | Err(Errno::NODATA) => {}
+            Err(e) if is_fatal(e) => return Err(err(e, shown, "removing xattrs")),
+            Err(e) => warnings.push(format!(
+                "{shown}: cannot remove xattr {}, which the backup does not have: {}",
                 name.escape_ascii(),
                 io::Error::from(e)
             )),
