@@ -337,6 +337,52 @@ fn budgeted_verify_covers_the_host_over_several_runs() {
     assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
 }
 
+/// A verify that stops early (its budget spent, under `--snapshot` or in
+/// a pass) forgets nothing of the damage known in the files it did not
+/// reach: it forgot all of the snapshot's until they were checked again.
+#[test]
+fn a_verify_that_stops_early_keeps_the_damage_it_did_not_reach() {
+    let Some(Site {
+        fs_: _fs,
+        store,
+        work: _work,
+        src,
+        rng: _,
+    }) = backed_up_site(11, 10, 100_000)
+    else {
+        return;
+    };
+    let s1 = snapshots(&store, HOST).pop().unwrap();
+    let s1_path = store.join(HOST).join(&s1);
+    set_read_only(&s1_path, false);
+    flip_byte(&stored(&store, &s1, &src, "f0"), 10);
+    flip_byte(&stored(&store, &s1, &src, "f9"), 10);
+    set_read_only(&s1_path, true);
+    let o = verify(&store, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
+    let rel = src.strip_prefix("/").unwrap().display().to_string();
+    let listed = || {
+        let out = output_text(&run_status(
+            Command::new(bin("byteback-server"))
+                .arg("status")
+                .arg("--store")
+                .arg(&store),
+        ));
+        ["f0", "f9"].map(|f| out.contains(&format!("DAMAGED {s1} /{rel}/{f}")))
+    };
+    assert_eq!(listed(), [true, true]);
+    for args in [
+        &["--snapshot", &s1, "--budget", "150K"][..],
+        &["--budget", "150K"],
+    ] {
+        let o = verify(&store, args);
+        let out = output_text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {out}");
+        assert!(!out.contains("/f9"), "{args:?} reached f9: {out}");
+        assert_eq!(listed(), [true, true], "{args:?}: {out}");
+    }
+}
+
 /// A budgeted verify of several hosts takes a pass under way first, then
 /// the host verified whole longest ago: a first host that alone takes the
 /// whole budget does not keep the others from ever being verified whole.

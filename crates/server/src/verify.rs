@@ -663,9 +663,12 @@ pub fn verify_host(
         _ => None,
     };
     let mut finished = true;
-    // A snapshot passed over (see `current_settled`): what is known of its
-    // damage stays.
-    let mut unchecked: Option<String> = None;
+    // What this run checked: per snapshot, the files after a path (or
+    // from its start) up to a path (or to its end). What is found there
+    // replaces what was known; what it did not reach (a snapshot passed
+    // over, see `current_settled`, or the rest of one it stopped in)
+    // stays known.
+    let mut reached: Vec<(String, Option<Vec<u8>>, Option<Vec<u8>>)> = vec![];
     for i in first..names.len() {
         let name = &names[i];
         let mut cursor = None;
@@ -683,17 +686,12 @@ pub fn verify_host(
                         "byteback-server: verify: {}/current {why}; not verified this time",
                         host.name
                     );
-                    unchecked = Some(name.clone());
                     continue;
                 }
             }
         } else {
             None
         };
-        if after.is_none() && only.is_none() {
-            // Checked again from its start: what is found replaces it.
-            state.damage.retain(|d| d.snapshot != *name);
-        }
         match verify_snapshot(
             host,
             name,
@@ -703,8 +701,11 @@ pub fn verify_host(
             &mut cursor,
             &mut partial,
         ) {
-            Ok(true) => {}
+            Ok(true) => reached.push((name.clone(), after.clone(), None)),
             Ok(false) => {
+                if let Some(to) = &cursor {
+                    reached.push((name.clone(), after.clone(), Some(to.clone())));
+                }
                 if budget.backup_waits() {
                     report.yielded = true;
                     eprintln!(
@@ -740,23 +741,28 @@ pub fn verify_host(
     // The next host's check must not stop for this one's backup.
     budget.yield_to = None;
     report.finished = finished;
-    // What this run found replaces what was known of the same files: a
-    // budgeted pass going on after another run checked them (one that
-    // stopped for a backup and kept no place) must not list them twice.
+    // What this run found replaces what was known of the files it
+    // checked (a budgeted pass going on after another run checked them,
+    // one that stopped for a backup and kept no place, must not list
+    // them twice either).
     state.damage.retain(|d| {
-        !report
-            .damaged
-            .iter()
-            .any(|f| f.snapshot == d.snapshot && f.path == d.path)
+        let checked = reached.iter().any(|(snap, from, to)| {
+            *snap == d.snapshot
+                && from
+                    .as_ref()
+                    .is_none_or(|f| compare_paths(f, &d.path).is_lt())
+                && to
+                    .as_ref()
+                    .is_none_or(|t| compare_paths(&d.path, t).is_le())
+        });
+        !checked
+            && !report
+                .damaged
+                .iter()
+                .any(|f| f.snapshot == d.snapshot && f.path == d.path)
     });
-    if let Some(snap) = only {
-        // A check of one snapshot replaces what is known of its damage.
-        if unchecked.as_deref() != Some(snap) {
-            state.damage.retain(|d| d.snapshot != snap);
-        }
-        state.damage.extend(report.damaged.iter().cloned());
-    } else {
-        state.damage.extend(report.damaged.iter().cloned());
+    state.damage.extend(report.damaged.iter().cloned());
+    if only.is_none() {
         if finished {
             state.cursor = None;
             state.partial = None;
