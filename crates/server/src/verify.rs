@@ -668,7 +668,7 @@ pub fn verify_host(
     // replaces what was known; what it did not reach (a snapshot passed
     // over, see `current_settled`, or the rest of one it stopped in)
     // stays known.
-    let mut reached: Vec<(String, Option<Vec<u8>>, Option<Vec<u8>>)> = vec![];
+    let mut reached: Vec<Reached> = vec![];
     for i in first..names.len() {
         let name = &names[i];
         let mut cursor = None;
@@ -762,16 +762,18 @@ pub fn verify_host(
                 .any(|f| f.snapshot == d.snapshot && f.path == d.path)
     });
     state.damage.extend(report.damaged.iter().cloned());
-    if only.is_none() {
-        if finished {
-            state.cursor = None;
-            state.partial = None;
-            state.last_full = Some(now);
-        }
+    if only.is_none() && finished {
+        state.cursor = None;
+        state.partial = None;
+        state.last_full = Some(now);
     }
     state.save(host)?;
     Ok(report)
 }
+
+/// A snapshot's files a run checked: after a path (or from its start) up
+/// to a path (or to its end).
+type Reached = (String, Option<Vec<u8>>, Option<Vec<u8>>);
 
 fn json_str(s: &str) -> String {
     let mut out = String::from("\"");
