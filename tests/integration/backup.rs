@@ -477,6 +477,35 @@ fn restore_list_shows_versions() {
     assert_eq!(all.lines().count(), 4, "{all}");
 }
 
+/// A listing shows the second name of a hard link with its file's size
+/// (as 1.x did; it showed 0), also when the pattern leaves the first
+/// name out.
+#[test]
+fn a_listing_shows_a_hard_link_with_its_files_size() {
+    let d = scratch();
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("a.dat"), vec![7u8; 1234]).unwrap();
+    fs::hard_link(src.join("a.dat"), src.join("b.txt")).unwrap();
+    local_backup(&store, &src, "l");
+    for pattern in ["*", "*.txt"] {
+        let out = run(Command::new(bin("byteback-restore"))
+            .current_dir(&src)
+            .arg("--destination")
+            .arg(&store)
+            .args(["--hostname", "l", "--list", pattern]));
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        let link = out.lines().find(|l| l.contains("/b.txt")).unwrap();
+        assert_eq!(link.split_whitespace().nth(2), Some("1234"), "{out}");
+        assert!(
+            link.contains("/b.txt => /") && link.ends_with("/a.dat"),
+            "{out}"
+        );
+    }
+}
+
 /// As byteback 1.x: `--restore` takes each path from the newest snapshot
 /// holding it (a file deleted before the last backup comes back from an
 /// older one, into that snapshot's directory); `--all` every version, each

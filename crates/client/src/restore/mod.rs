@@ -749,6 +749,7 @@ pub fn list(
     }
     let mut warner = warner.into_inner();
     let rows = rows.into_inner().by_path;
+    let link_sizes = link_sizes(conn, &rows, &snaps)?;
     let mut paths: Vec<&Vec<u8>> = rows.keys().collect();
     paths.sort_by(|a, b| byteback_protocol::compare_paths(a, b));
     // 1.x's columns and mtimes (`2026-11-20 03:00:00 +0000`).
@@ -770,11 +771,18 @@ pub fn list(
                 Some(t) => t.to_listing(),
                 None => e.entry.mtime_sec.to_string(),
             };
+            let size = match &e.entry.kind {
+                Kind::HardLink { target } => link_sizes
+                    .get(&(s.clone(), target.clone()))
+                    .copied()
+                    .unwrap_or(0),
+                _ => e.entry.size(),
+            };
             let mut line = format!(
                 "{:<25} {:<10} {:>12} {:>6} {:>6} {:<25} {}",
                 s,
                 mode_string(&e),
-                e.entry.size(),
+                size,
                 e.entry.uid,
                 e.entry.gid,
                 mtime,
@@ -797,6 +805,39 @@ pub fn list(
         tracing::warn!("{w}");
     }
     Ok((n, warner.report.warnings_total))
+}
+
+/// The sizes of the files that the hard links among `rows` name, by
+/// snapshot and path (a listing shows a link with its file's size, as
+/// 1.x did): one more reading of each snapshot with such a link shown,
+/// holding what the rows already bound.
+fn link_sizes(
+    conn: &mut Connection,
+    rows: &HashMap<Vec<u8>, Vec<Row>>,
+    snaps: &[(String, bool)],
+) -> Result<HashMap<(String, Vec<u8>), u64>> {
+    let mut wanted: HashMap<&str, HashSet<&[u8]>> = HashMap::new();
+    for (s, e, _) in rows.values().flatten() {
+        if let Kind::HardLink { target } = &e.entry.kind {
+            wanted.entry(s).or_default().insert(target);
+        }
+    }
+    let mut sizes = HashMap::new();
+    for (s, legacy) in snaps {
+        let Some(targets) = wanted.get(s.as_str()) else {
+            continue;
+        };
+        let each = |e: ManifestEntry, _| {
+            if let Kind::File { size } = e.entry.kind {
+                if targets.contains(e.entry.path.as_slice()) {
+                    sizes.insert((s.clone(), e.entry.path), size);
+                }
+            }
+            Ok(())
+        };
+        read_manifest(conn, s, *legacy, each, |_, _| Ok(()))?;
+    }
+    Ok(sizes)
 }
 
 /// Most selected entries a restore holds at once; more are restored in further passes.
