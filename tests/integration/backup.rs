@@ -477,6 +477,68 @@ fn restore_list_shows_versions() {
     assert_eq!(all.lines().count(), 4, "{all}");
 }
 
+/// A directory too large for one window of names (made small here with
+/// the debug builds' `BYTEBACK_TEST_DIR_WINDOW`; 32 MiB of names in
+/// release builds) is walked and swept in several readings of it: every
+/// name once and in order, and what only the sweep removes (strays in a
+/// `current` an interrupted backup left) removed in every window. Both
+/// sides held all of a directory's names at once.
+#[test]
+fn a_directory_read_in_many_windows_is_backed_up_and_swept_whole() {
+    let d = scratch();
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let src = d.path().join("src");
+    let big = src.join("big");
+    fs::create_dir_all(big.join("sub")).unwrap();
+    let name = |i: usize| format!("f{i:04}-{}", "x".repeat(i % 30));
+    for i in 0..600 {
+        fs::write(big.join(name(i)), i.to_string()).unwrap();
+    }
+    for i in 0..50 {
+        fs::write(big.join("sub").join(format!("s{i}")), b"s").unwrap();
+    }
+    let backup = || {
+        run(Command::new(bin("byteback-backup"))
+            .env("BYTEBACK_TEST_DIR_WINDOW", "2048")
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .args(["--hostname", "h", "--retry-number", "0"]))
+    };
+    backup();
+    let root = restore_all(&store, "h", None, &d.path().join("r1"));
+    assert_same_tree(&src, &restored_path(&root, &src));
+    let current = store.join("h/current").join(src.strip_prefix("/").unwrap());
+    for i in (0..600).step_by(3) {
+        fs::remove_file(big.join(name(i))).unwrap();
+    }
+    for i in 0..100 {
+        fs::write(big.join(format!("g{i}")), b"new").unwrap();
+    }
+    for stray in [
+        "big/0-stray",
+        "big/m-stray",
+        "big/zzz-stray",
+        "big/sub/zz-stray",
+    ] {
+        fs::write(current.join(stray), b"stray").unwrap();
+    }
+    fs::remove_file(store.join("h/current/.byteback/clean")).unwrap();
+    backup();
+    for stray in [
+        "big/0-stray",
+        "big/m-stray",
+        "big/zzz-stray",
+        "big/sub/zz-stray",
+    ] {
+        assert!(!current.join(stray).exists(), "{stray} kept");
+    }
+    let root = restore_all(&store, "h", None, &d.path().join("r2"));
+    assert_same_tree(&src, &restored_path(&root, &src));
+}
+
 /// A listing shows the second name of a hard link with its file's size
 /// (as 1.x did; it showed 0), also when the pattern leaves the first
 /// name out.

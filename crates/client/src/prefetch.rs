@@ -233,17 +233,25 @@ fn run(shared: &Shared, job: &Job, buf: &mut [MaybeUninit<u8>]) {
         ) else {
             continue;
         };
+        // No more than the queue can take (a huge directory's names are
+        // not all held for nothing).
         let mut sub_names = Vec::new();
+        let mut count = 0;
         let mut it = RawDir::new(sub.as_fd(), &mut *buf);
         while let Some(Ok(ent)) = it.next() {
             let n = ent.file_name().to_bytes_with_nul();
             if n != b".\0" && n != b"..\0" {
                 sub_names.extend_from_slice(n);
+                count += 1;
+                if count == MAX_JOBS * CHUNK {
+                    break;
+                }
             }
         }
         // Remembered only when all its names were queued: a directory whose
         // names did not fit is queued again when the walk reads it.
-        if shared.push(Arc::new(sub), job.mnt, &sub_names, 1) {
+        let whole = count < MAX_JOBS * CHUNK;
+        if shared.push(Arc::new(sub), job.mnt, &sub_names, 1) && whole {
             let mut expanded = shared.expanded();
             if expanded.len() < MAX_EXPANDED {
                 expanded.insert((job.mnt, st.stx_ino));

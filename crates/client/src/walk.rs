@@ -24,9 +24,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::error::{bail, Context, Error, Result};
+use byteback_protocol::os::sorted_dir::{read_window, window_cap, Window};
 use byteback_protocol::unchanged::EntryDigest;
 use byteback_protocol::{compare_paths, Entry, Kind};
-use rustix::fs::{FileType, Mode, OFlags, RawDir, ResolveFlags, Statx};
+use rustix::fs::{FileType, Mode, OFlags, ResolveFlags, Statx};
 use rustix::io::Errno;
 
 use crate::filter::{Action, DirRules, Filter, Rule};
@@ -482,17 +483,26 @@ fn mnt_id(st: &Statx) -> Option<u64> {
     (st.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() != 0).then_some(st.stx_mnt_id)
 }
 
-/// One directory being walked: its fd and its entries' names, sorted.
+/// Bytes of names the walk holds for the directories on its stack (see
+/// [`byteback_protocol::os::sorted_dir`]): a larger directory is read in
+/// windows, each a further reading of it.
+const WALK_NAMES: usize = 8 << 20;
+/// Bytes of names a directory may hold however deep it is, whatever
+/// the directories above it hold.
+const LEVEL_NAMES_MIN: usize = 1 << 20;
+
+/// One directory being walked: its fd and a window of its entries' names,
+/// sorted.
 struct Level {
     /// The directory, open for reading; its entries are reached from it.
     dir: OwnedFd,
-    /// The names, NUL-terminated, back to back.
-    names: Vec<u8>,
-    /// (start in `names`, length without the NUL, type from `getdents`), in
-    /// byte order of the names.
-    order: Vec<(usize, usize, FileType)>,
-    /// Next index in `order`.
+    /// Its names (all, or the next ones in byte order) and their types
+    /// from `getdents`.
+    window: Window,
+    /// Next index in `window`.
     next: usize,
+    /// Bytes of names `window` may hold.
+    cap: usize,
     /// Length of the directory's absolute path.
     path_len: usize,
     /// Mount id and device of the directory: a child on another is a mount
@@ -501,46 +511,6 @@ struct Level {
     /// Entered only on the way to sources inside it (see
     /// [`Walker::visit_implied`]): its other names are not visited.
     implied: bool,
-}
-
-/// Reads the names of `dir` (without `.` and `..`) into a level, sorted. A
-/// read error is returned with the names read until then.
-fn read_level(
-    dir: OwnedFd,
-    path_len: usize,
-    mnt: (Option<u64>, u64),
-    buf: &mut [MaybeUninit<u8>],
-) -> (Level, Option<Errno>) {
-    let mut names = Vec::new();
-    let mut order = Vec::new();
-    let mut failed = None;
-    let mut it = RawDir::new(dir.as_fd(), buf);
-    while let Some(ent) = it.next() {
-        let ent = match ent {
-            Ok(e) => e,
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
-        };
-        let name = ent.file_name().to_bytes_with_nul();
-        if name == b".\0" || name == b"..\0" {
-            continue;
-        }
-        order.push((names.len(), name.len() - 1, ent.file_type()));
-        names.extend_from_slice(name);
-    }
-    order.sort_unstable_by(|a, b| names[a.0..a.0 + a.1].cmp(&names[b.0..b.0 + b.1]));
-    let level = Level {
-        dir,
-        names,
-        order,
-        next: 0,
-        path_len,
-        mnt,
-        implied: false,
-    };
-    (level, failed)
 }
 
 /// A path of the walked tree as messages show it: escaped, since any
@@ -1025,7 +995,12 @@ impl Walker<'_> {
             let Some(top) = stack.last_mut() else {
                 break;
             };
-            let Some(&(start, len, dtype)) = top.order.get(top.next) else {
+            if top.next == top.window.len() && top.window.more() {
+                path.truncate(top.path_len);
+                self.next_window(top, &path)?;
+                continue;
+            }
+            let Some((name, dtype)) = top.window.get(top.next) else {
                 stack.pop();
                 self.dir_rules.leave(depth);
                 continue;
@@ -1035,10 +1010,7 @@ impl Walker<'_> {
             if !path.ends_with(b"/") {
                 path.push(b'/');
             }
-            path.extend_from_slice(&top.names[start..start + len]);
-            let Ok(name) = CStr::from_bytes_with_nul(&top.names[start..=start + len]) else {
-                continue;
-            };
+            path.extend_from_slice(name.to_bytes());
             if top.implied && !self.toward_nested(&path) {
                 continue;
             }
@@ -1150,14 +1122,27 @@ impl Walker<'_> {
         implied: bool,
     ) -> Result<()> {
         self.enter_dir(dir.as_fd(), path, stack.len() + 1)?;
-        let (mut level, failed) = read_level(dir, path.len(), mnt, &mut self.buf);
-        level.implied = implied;
-        if let Some(e) = failed.or_else(|| eio_fault(path)) {
+        let held: usize = stack.iter().map(|l| l.window.held()).sum();
+        let cap = window_cap(WALK_NAMES.saturating_sub(held).max(LEVEL_NAMES_MIN));
+        let read = read_window(dir.as_fd(), None, cap, &mut self.buf);
+        let (window, failed) = match read {
+            Ok(w) => (w, eio_fault(path)),
+            Err(e) => (Window::default(), Some(e)),
+        };
+        let mut level = Level {
+            dir,
+            window,
+            next: 0,
+            cap,
+            path_len: path.len(),
+            mnt,
+            implied,
+        };
+        if let Some(e) = failed {
             // A listing cut short: nothing below is sent, and the server
             // keeps the directory's content as the last backup has it
             // (what was read may be a random part of it).
-            level.names.clear();
-            level.order.clear();
+            level.window.clear();
             self.warn(
                 path,
                 format!(
@@ -1169,9 +1154,38 @@ impl Walker<'_> {
         }
         if !implied {
             self.prefetch
-                .level(&level.dir, level.mnt.0, ino, &level.names);
+                .level(&level.dir, level.mnt.0, ino, level.window.raw_names());
         }
         stack.push(level);
+        Ok(())
+    }
+
+    /// Reads the next window of names of directory `path` (open as
+    /// `level.dir`), one too large for one window. Failing now, with part
+    /// of it sent, ends the backup (its other names would be taken for
+    /// deleted).
+    fn next_window(&mut self, level: &mut Level, path: &[u8]) -> Result<()> {
+        let after = level.window.last().map(<[u8]>::to_vec);
+        level.window = read_window(
+            level.dir.as_fd(),
+            after.as_deref(),
+            level.cap,
+            &mut self.buf,
+        )
+        .map_err(|e| {
+            Error::from(io::Error::from(e)).context(format!(
+                "reading directory {} again for its next names (too many to sort at once)",
+                shown(Path::new(OsStr::from_bytes(path)))
+            ))
+        })?;
+        level.next = 0;
+        if !level.implied {
+            let ino = rustix::fs::fstat(&level.dir)
+                .map(|st| st.st_ino)
+                .unwrap_or(0);
+            self.prefetch
+                .level(&level.dir, level.mnt.0, ino, level.window.raw_names());
+        }
         Ok(())
     }
 

@@ -123,9 +123,7 @@ pub fn remove_any(dir: impl AsFd, name: &[u8]) -> io::Result<()> {
             let sub = open_dir(dir, name)?;
             // A read-only directory (fallback snapshots) must become writable to empty it.
             let _ = rustix::fs::fchmod(&sub, Mode::from_raw_mode(0o700));
-            for child in list_dir(&sub)? {
-                remove_any(&sub, &child)?;
-            }
+            for_each_child(&sub, |child, _| remove_any(&sub, child))?;
             drop(sub);
             rustix::fs::unlinkat(dir, os(name), AtFlags::REMOVEDIR)?;
             Ok(())
@@ -147,6 +145,34 @@ pub fn list_dir(dir: impl AsFd) -> io::Result<Vec<Vec<u8>>> {
     }
     names.sort();
     Ok(names)
+}
+
+/// Calls `f` with each name in a directory (without `.` and `..`) and its
+/// type from `d_type` (falling back to lstat; `Unknown` when it is gone),
+/// as `getdents` gives them, unsorted: memory stays that of one reading
+/// buffer whatever the directory's size (a client can make one of
+/// millions). `f` may remove the name it is given.
+pub fn for_each_child(
+    dir: impl AsFd,
+    mut f: impl FnMut(&[u8], FileType) -> io::Result<()>,
+) -> io::Result<()> {
+    let dir = dir.as_fd();
+    let mut d = rustix::fs::Dir::read_from(dir)?;
+    while let Some(ent) = d.read() {
+        let ent = ent?;
+        let n = ent.file_name().to_bytes();
+        if n == b"." || n == b".." {
+            continue;
+        }
+        let mut t = ent.file_type();
+        if t == FileType::Unknown {
+            if let Some(st) = lstat_at(dir, n)? {
+                t = file_type(&st);
+            }
+        }
+        f(n, t)?;
+    }
+    Ok(())
 }
 
 /// Like [`list_dir`], with each child's type from `d_type` (falls back to lstat).

@@ -452,41 +452,41 @@ impl HostStore {
 
 /// Recreates the tree of `src` in `dst`: directories made, files hard-linked, symlinks copied.
 fn link_copy(src: &OwnedFd, dst: &OwnedFd) -> io::Result<()> {
-    for (name, t) in fsops::list_dir_typed(src)? {
-        let n = OsStr::from_bytes(&name);
+    fsops::for_each_child(src, |name, t| {
+        let n = OsStr::from_bytes(name);
         match t {
             FileType::Directory => {
                 rustix::fs::mkdirat(dst, n, Mode::from_raw_mode(0o700))?;
-                let s = fsops::open_dir(src, &name)?;
-                let d = fsops::open_dir(dst, &name)?;
+                let s = fsops::open_dir(src, name)?;
+                let d = fsops::open_dir(dst, name)?;
                 link_copy(&s, &d)?;
             }
             FileType::Symlink => {
-                let target = fsops::read_link(src, &name)?;
-                fsops::symlink(dst, &name, &target)?;
+                let target = fsops::read_link(src, name)?;
+                fsops::symlink(dst, name, &target)?;
             }
             FileType::RegularFile => {
                 rustix::fs::linkat(src, n, dst, n, rustix::fs::AtFlags::empty())?;
             }
             _ => {}
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Removes every write bit under `dir` (files and directories).
 fn make_read_only(dir: &OwnedFd) -> io::Result<()> {
-    for (name, t) in fsops::list_dir_typed(dir)? {
+    fsops::for_each_child(dir, |name, t| {
         match t {
             FileType::Directory => {
-                let d = fsops::open_dir(dir, &name)?;
+                let d = fsops::open_dir(dir, name)?;
                 make_read_only(&d)?;
                 rustix::fs::fchmod(&d, Mode::from_raw_mode(0o555))?;
             }
             FileType::RegularFile => {
                 let f = rustix::fs::openat(
                     dir,
-                    OsStr::from_bytes(&name),
+                    OsStr::from_bytes(name),
                     OFlags::PATH | OFlags::NOFOLLOW,
                     Mode::empty(),
                 )?;
@@ -496,15 +496,15 @@ fn make_read_only(dir: &OwnedFd) -> io::Result<()> {
                 let _ = f.as_fd();
                 rustix::fs::chmodat(
                     dir,
-                    OsStr::from_bytes(&name),
+                    OsStr::from_bytes(name),
                     Mode::from_raw_mode(mode),
                     rustix::fs::AtFlags::empty(),
                 )?;
             }
             _ => {}
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[cfg(test)]

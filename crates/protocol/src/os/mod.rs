@@ -6,6 +6,7 @@
 //! except where a caller hands one in on purpose.
 
 pub mod atomic;
+pub mod sorted_dir;
 pub mod sparse;
 pub mod time;
 pub mod xattr;

@@ -2,8 +2,9 @@
 //! commit's sweep, the early clean-up on a short disc, and an unverified
 //! file written at its own path.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 
+use byteback_protocol::os::sorted_dir::{read_window, window_cap};
 use byteback_protocol::Kind;
 use rustix::fs::FileType;
 
@@ -65,6 +66,14 @@ pub(super) fn remove_in_place(current: &OwnedFd, path: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Bytes of names the sweep holds for the directories it is in (see
+/// [`byteback_protocol::os::sorted_dir`]): a larger directory is read in
+/// windows, each a further reading of it. A client could otherwise make
+/// the server hold any number of names (one directory of millions).
+const SWEEP_NAMES: usize = 8 << 20;
+/// Bytes of names a directory may hold however deep it is.
+const LEVEL_NAMES_MIN: usize = 1 << 20;
+
 /// Deletes objects under `dir` that the manifest does not name with the same type.
 pub(super) fn remove_stale(
     dir: &OwnedFd,
@@ -72,6 +81,21 @@ pub(super) fn remove_stale(
     top: bool,
     manifest: &mut PeekableManifest,
     deleted: &mut u64,
+) -> Result<()> {
+    let mut buf = vec![std::mem::MaybeUninit::uninit(); 32 << 10];
+    sweep_dir(dir, prefix, top, 0, manifest, deleted, &mut buf)
+}
+
+/// [`remove_stale`] of one directory, with `held` bytes of names held by
+/// the directories above it; `buf` is for `getdents`.
+fn sweep_dir(
+    dir: &OwnedFd,
+    prefix: &[u8],
+    top: bool,
+    held: usize,
+    manifest: &mut PeekableManifest,
+    deleted: &mut u64,
+    buf: &mut [std::mem::MaybeUninit<u8>],
 ) -> Result<()> {
     // Client paths, for messages (`current` itself is the empty one).
     let here = || if top { "current".into() } else { shown(prefix) };
@@ -82,47 +106,67 @@ pub(super) fn remove_stale(
             format!("{}/{}", shown(prefix), shown(name))
         }
     };
-    let mut children = vec![];
-    for (disk_name, t) in fsops::list_dir_typed(dir).op("list", here)? {
-        let client_name = if top && disk_name.starts_with(META_DIR) {
-            if disk_name == META_DIR {
+    let cap = window_cap(SWEEP_NAMES.saturating_sub(held).max(LEVEL_NAMES_MIN));
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let window = read_window(dir.as_fd(), after.as_deref(), cap, buf)
+            .map_err(std::io::Error::from)
+            .op("list", here)?;
+        for i in 0..window.len() {
+            let Some((name, mut t)) = window.get(i) else {
                 continue;
-            }
-            match disk_name.strip_prefix(b".byteback-".as_slice()) {
-                Some(n) if n.starts_with(META_DIR) => n.to_vec(),
-                _ => {
-                    fsops::remove_any(dir, &disk_name).op("remove", || under(&disk_name))?;
-                    continue;
+            };
+            let disk_name = name.to_bytes();
+            if t == FileType::Unknown {
+                if let Some(st) =
+                    fsops::lstat_at(dir, disk_name).op("look at", || under(disk_name))?
+                {
+                    t = fsops::file_type(&st);
                 }
             }
-        } else {
-            disk_name.clone()
-        };
-        children.push((client_name, disk_name, t));
-    }
-    children.sort_by(|a, b| a.0.cmp(&b.0));
-    for (client_name, disk_name, t) in children {
-        let path = if prefix.is_empty() {
-            client_name
-        } else {
-            [prefix, b"/", &client_name].concat()
-        };
-        let keep = match manifest.seek(&path).map_err(Error::Manifest)? {
-            Some(m) => matches!(
-                (&m.entry.kind, t),
-                (Kind::File { .. }, FileType::RegularFile)
-                    | (Kind::Dir, FileType::Directory)
-                    | (Kind::Symlink { .. }, FileType::Symlink)
-            ),
-            None => false,
-        };
-        if !keep {
-            fsops::remove_any(dir, &disk_name).op("remove", || shown(&path))?;
-            *deleted += 1;
-        } else if t == FileType::Directory {
-            let sub = fsops::open_dir(dir, &disk_name).op("open directory", || shown(&path))?;
-            remove_stale(&sub, &path, false, manifest, deleted)?;
+            // In `current` itself, a client name starting with `.byteback`
+            // is stored as `.byteback-` and the name: the store's order is
+            // the client's (no other name starts with `.byteback`).
+            let client_name = if top && disk_name.starts_with(META_DIR) {
+                if disk_name == META_DIR {
+                    continue;
+                }
+                match disk_name.strip_prefix(b".byteback-".as_slice()) {
+                    Some(n) if n.starts_with(META_DIR) => n,
+                    _ => {
+                        fsops::remove_any(dir, disk_name).op("remove", || under(disk_name))?;
+                        continue;
+                    }
+                }
+            } else {
+                disk_name
+            };
+            let path = if prefix.is_empty() {
+                client_name.to_vec()
+            } else {
+                [prefix, b"/", client_name].concat()
+            };
+            let keep = match manifest.seek(&path).map_err(Error::Manifest)? {
+                Some(m) => matches!(
+                    (&m.entry.kind, t),
+                    (Kind::File { .. }, FileType::RegularFile)
+                        | (Kind::Dir, FileType::Directory)
+                        | (Kind::Symlink { .. }, FileType::Symlink)
+                ),
+                None => false,
+            };
+            if !keep {
+                fsops::remove_any(dir, disk_name).op("remove", || shown(&path))?;
+                *deleted += 1;
+            } else if t == FileType::Directory {
+                let sub = fsops::open_dir(dir, disk_name).op("open directory", || shown(&path))?;
+                let held = held + window.held();
+                sweep_dir(&sub, &path, false, held, manifest, deleted, buf)?;
+            }
         }
+        if !window.more() {
+            return Ok(());
+        }
+        after = window.last().map(<[u8]>::to_vec);
     }
-    Ok(())
 }
