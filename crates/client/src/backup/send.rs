@@ -153,12 +153,14 @@ pub(super) fn send_file(shared: &Shared, job: Job) -> Result<()> {
         return Ok(());
     };
     let mtime_nsec = match check_unchanged(shared, &file, &entry, total, abs, ctime_before) {
-        // Written while read, its mtime put back: recorded 1 ns off that
-        // mtime, so the next run reads it again (a mixed copy would
-        // otherwise pass for the file by size and mtime for ever).
-        Changed::OnlyCtime if entry.mtime_nsec > 0 => entry.mtime_nsec - 1,
-        Changed::OnlyCtime => entry.mtime_nsec + 1,
-        _ => entry.mtime_nsec,
+        Changed::No => entry.mtime_nsec,
+        // Written while read: recorded 1 ns off the mtime the walk saw,
+        // so the next run reads it again even if its size and mtime are
+        // put back to those (`touch -r`, `cp -p`, a tag editor keeping
+        // the mtime), or its mtime was put back already; a mixed copy
+        // would otherwise pass for the file by size and mtime for ever.
+        _ if entry.mtime_nsec > 0 => entry.mtime_nsec - 1,
+        _ => entry.mtime_nsec + 1,
     };
     shared.send(ClientMsg::FileEnd {
         id,
@@ -173,7 +175,7 @@ pub(super) fn send_file(shared: &Shared, job: Job) -> Result<()> {
 #[derive(PartialEq)]
 enum Changed {
     No,
-    /// Size or mtime moved: the next run sees that and reads it again.
+    /// Size or mtime moved.
     Visibly,
     /// Only the ctime moved (a write whose mtime was put back).
     OnlyCtime,
