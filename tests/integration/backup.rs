@@ -539,6 +539,83 @@ fn a_directory_read_in_many_windows_is_backed_up_and_swept_whole() {
     assert_same_tree(&src, &restored_path(&root, &src));
 }
 
+/// A filesystem mounted beneath a bind mount whose own files are backed up
+/// elsewhere (private mount propagation: it shows only there), or beneath
+/// a second mount of a filesystem, is in the backup: the walk left both
+/// mounts out and those filesystems were in no backup, exit 0, nothing
+/// said. With `--one-file-system`, a bind mount of the source's own
+/// filesystem is walked, as `rsync -x` walks it.
+#[test]
+fn filesystems_mounted_beneath_a_bind_or_second_mount_are_backed_up() {
+    if !require_root("mounts in a private mount namespace") {
+        return;
+    }
+    let (d, src, store) = site();
+    let img = |name: &str| {
+        let p = d.path().join(name);
+        fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&p));
+        p
+    };
+    let (a, b, c) = (img("a.img"), img("b.img"), img("c.img"));
+    for dir in ["data/www", "srv/www", "t/disk", "t/disk2"] {
+        fs::create_dir_all(src.join(dir)).unwrap();
+    }
+    fs::write(src.join("data/www/index.html"), b"index").unwrap();
+    let script = format!(
+        "set -e
+         mount --bind data/www srv/www
+         mkdir -p data/www/uploads
+         mount -o loop {a} srv/www/uploads
+         echo photo > srv/www/uploads/photo.jpg
+         loop=$(losetup -f --show {b})
+         trap 'losetup -d $loop' EXIT
+         mount $loop t/disk
+         mount $loop t/disk2
+         mkdir -p t/disk/inner
+         mount -o loop {c} t/disk2/inner
+         echo inner > t/disk2/inner/file
+         \"$@\" --hostname h -r 0 -s \"$PWD\"
+         \"$@\" --hostname x -r 0 --one-file-system -s \"$PWD/srv\"",
+        a = a.display(),
+        b = b.display(),
+        c = c.display()
+    );
+    let o = run(Command::new("unshare")
+        .args([
+            "-m",
+            "--propagation",
+            "private",
+            "bash",
+            "-c",
+            &script,
+            "bash",
+        ])
+        .arg(bin("byteback-backup"))
+        .arg("-d")
+        .arg(&store)
+        .current_dir(&src));
+    let err = output_text(&o);
+    let current = |host: &str| {
+        store
+            .join(host)
+            .join("current")
+            .join(src.strip_prefix("/").unwrap())
+    };
+    let read = |p: PathBuf| fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}\n{err}", p.display()));
+    assert_eq!(
+        read(current("h").join("srv/www/uploads/photo.jpg")),
+        b"photo\n"
+    );
+    assert_eq!(read(current("h").join("t/disk2/inner/file")), b"inner\n");
+    assert_eq!(read(current("h").join("data/www/index.html")), b"index");
+    assert_eq!(read(current("x").join("srv/www/index.html")), b"index");
+    assert!(
+        !current("x").join("srv/www/uploads/photo.jpg").exists(),
+        "{err}"
+    );
+}
+
 /// A listing shows the second name of a hard link with its file's size
 /// (as 1.x did; it showed 0), also when the pattern leaves the first
 /// name out.

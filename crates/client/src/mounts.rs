@@ -256,21 +256,25 @@ impl Mounts {
     /// Decides for directory `shown`, whose mount id `mnt_id` differs from
     /// its parent's, and whose root is `dev_ino`.
     pub fn crossing(&mut self, mnt_id: u64, dev_ino: (u64, u64), shown: &str) -> Crossing {
-        self.crossing_unless(mnt_id, dev_ino, shown, &|_, _| false)
+        self.crossing_unless(mnt_id, dev_ino, false, shown, &|_, _| false)
     }
 
     /// [`Mounts::crossing`], where `excluded(path, source)` says whether the
     /// walk of `source` leaves out the directory at `path` (absolute): a
     /// bind mount's files are reached elsewhere only where that place is
     /// not left out.
+    ///
+    /// `same_dev`: its device is its parent's (a bind mount of the same
+    /// filesystem), which `--one-file-system` enters, as `rsync -x` does.
     pub fn crossing_unless(
         &mut self,
         mnt_id: u64,
         dev_ino: (u64, u64),
+        same_dev: bool,
         shown: &str,
         excluded: &dyn Fn(&[u8], &[u8]) -> bool,
     ) -> Crossing {
-        if self.one_file_system {
+        if self.one_file_system && !same_dev {
             return Crossing::Skip(format!(
                 "{shown}: another filesystem, not entered (--one-file-system)"
             ));
@@ -290,8 +294,12 @@ impl Mounts {
             ));
         }
         let subvol_root = info.fstype == "btrfs" && dev_ino.1 == BTRFS_SUBVOL_ROOT_INO;
+        // A filesystem mounted beneath it and nowhere else the walk goes
+        // would be in no backup if it were left out: it is walked (its
+        // own files stored twice), as 1.x's rsync walked everything.
+        let beneath = self.only_beneath(mnt_id);
         if info.root != b"/" && !subvol_root {
-            if let Some(at) = self.covering(info, excluded) {
+            if let Some(at) = self.covering(info, excluded).filter(|_| beneath.is_none()) {
                 return Crossing::Skip(format!(
                     "{shown}: a bind mount of {} of its filesystem, whose files are backed up at {}",
                     String::from_utf8_lossy(&info.root),
@@ -301,7 +309,7 @@ impl Mounts {
             // Mounted nowhere else under the sources: backed up here, as
             // 1.x's rsync did, or it would be in no backup at all.
         }
-        if !self.entered.insert(dev_ino) {
+        if !self.entered.insert(dev_ino) && beneath.is_none() {
             return Crossing::Skip(format!(
                 "{shown}: this filesystem is mounted more than once; backed up once"
             ));
@@ -345,6 +353,48 @@ impl Mounts {
                     })
             })
             .map(|(_, at)| at)
+    }
+
+    /// The mount point of a filesystem mounted beneath mount `id` (on a
+    /// directory of it, or of a mount on it) that the walk enters (a
+    /// local type that cannot hang) and reaches nowhere else: no mount of
+    /// its filesystem holding its files outside `id` is one the walk
+    /// reaches. Such a mount is seen only through `id`.
+    fn only_beneath(&self, id: u64) -> Option<Vec<u8>> {
+        let beneath = |mut at: u64| {
+            for _ in 0..self.table.len() {
+                let Some(m) = self.table.get(&at) else {
+                    return false;
+                };
+                if m.parent == id {
+                    return true;
+                }
+                if m.parent == at {
+                    return false;
+                }
+                at = m.parent;
+            }
+            false
+        };
+        self.table
+            .iter()
+            .filter(|(&n, m)| {
+                n != id
+                    && LOCAL_TYPES.contains(&m.fstype.as_str())
+                    && !may_hang(&m.fstype)
+                    && beneath(n)
+            })
+            .find(|(&n, m)| {
+                !self.table.iter().any(|(&o, other)| {
+                    o != n
+                        && o != id
+                        && !beneath(o)
+                        && other.dev == m.dev
+                        && within(&m.root, &other.root)
+                        && self.walked_down_to(o)
+                })
+            })
+            .map(|(_, m)| m.point.clone())
     }
 
     /// Whether the walk reaches mount `id` from the sources: every mount
@@ -600,13 +650,71 @@ mod tests {
         let mut m = Mounts::from_text(table, false, &["/"]);
         let excluded = |p: &[u8], _: &[u8]| p.starts_with(b"/srv");
         assert_eq!(
-            m.crossing_unless(50, (0x801, 9), "/var/www", &excluded),
+            m.crossing_unless(50, (0x801, 9), false, "/var/www", &excluded),
             Crossing::Enter
         );
         let mut m = Mounts::from_text(table, false, &["/"]);
         assert!(matches!(
-            m.crossing_unless(50, (0x801, 9), "/var/www", &|_, _| false),
+            m.crossing_unless(50, (0x801, 9), false, "/var/www", &|_, _| false),
             Crossing::Skip(_)
+        ));
+    }
+
+    /// A filesystem mounted beneath a bind mount (private propagation: it
+    /// shows nowhere else) or beneath a second mount of a filesystem is
+    /// walked through it, or it would be in no backup; where it shows
+    /// elsewhere too (shared propagation), the bind mount is left out.
+    #[test]
+    fn a_filesystem_mounted_only_beneath_a_mount_left_out_is_walked() {
+        let table = "\
+22 1 8:1 / / rw - ext4 /dev/sda1 rw
+50 22 8:1 /data/www /srv/www rw - ext4 /dev/sda1 rw
+51 50 7:0 / /srv/www/uploads rw - ext4 /dev/loop0 rw
+60 22 7:1 / /t/disk rw - ext4 /dev/loop1 rw
+61 22 7:1 / /t/disk2 rw - ext4 /dev/loop1 rw
+62 61 7:2 / /t/disk2/inner rw - ext4 /dev/loop2 rw
+";
+        let mut m = Mounts::from_text(table, false, &["/"]);
+        m.source_root((0x801, 2));
+        assert_eq!(m.crossing(50, (0x801, 9), "/srv/www"), Crossing::Enter);
+        assert_eq!(m.crossing(60, (0x701, 2), "/t/disk"), Crossing::Enter);
+        assert_eq!(m.crossing(61, (0x701, 2), "/t/disk2"), Crossing::Enter);
+        // Shared: the same filesystem also shows at /data/www/uploads.
+        let shared = format!("{table}52 22 7:0 / /data/www/uploads rw - ext4 /dev/loop0 rw\n");
+        let mut m = Mounts::from_text(&shared, false, &["/"]);
+        assert!(matches!(
+            m.crossing(50, (0x801, 9), "/srv/www"),
+            Crossing::Skip(why) if why.contains("backed up at /data/www")
+        ));
+        // Nothing local beneath the second mount: it is left out.
+        let plain = table.replace(
+            "62 61 7:2 / /t/disk2/inner rw - ext4",
+            "62 61 0:9 / /t/disk2/inner rw - tmpfs",
+        );
+        let mut m = Mounts::from_text(&plain, false, &["/"]);
+        assert_eq!(m.crossing(60, (0x701, 2), "/t/disk"), Crossing::Enter);
+        assert!(matches!(
+            m.crossing(61, (0x701, 2), "/t/disk2"),
+            Crossing::Skip(why) if why.contains("more than once")
+        ));
+    }
+
+    /// `--one-file-system` enters a bind mount of the filesystem it is on
+    /// (the same device, as `rsync -x` compares), not another filesystem.
+    #[test]
+    fn one_file_system_enters_a_bind_mount_of_the_same_filesystem() {
+        let table = "\
+22 1 8:1 / / rw - ext4 /dev/sda1 rw
+50 22 8:1 /outside/www /srv/www rw - ext4 /dev/sda1 rw
+";
+        let mut m = Mounts::from_text(table, true, &["/srv"]);
+        assert_eq!(
+            m.crossing_unless(50, (0x801, 9), true, "/srv/www", &|_, _| false),
+            Crossing::Enter
+        );
+        assert!(matches!(
+            m.crossing_unless(50, (0x801, 9), false, "/srv/www", &|_, _| false),
+            Crossing::Skip(why) if why.contains("--one-file-system")
         ));
     }
 

@@ -1300,7 +1300,7 @@ impl Walker<'_> {
                 |abs: &[u8], src: &[u8]| left_out_anywhere(excludes, filter.as_deref(), abs, src);
             if let Crossing::Skip(why) =
                 self.mounts
-                    .crossing_unless(mnt, (dev, ino), &shown, &excluded)
+                    .crossing_unless(mnt, (dev, ino), dev == parent.mnt.1, &shown, &excluded)
             {
                 if !above {
                     self.sink.note(why);
