@@ -1486,9 +1486,10 @@ fn only_first_names_of_hard_links_are_remembered() {
 }
 
 /// A path restored alone gets the directories on its way made with their
-/// manifest metadata (owner, mode, mtime), as if selected: a file kept
-/// private by its directory stays private in the restore (they were made
-/// root's, mode 0755).
+/// manifest metadata (owner, mode, mtime, xattrs and ACLs), as if
+/// selected: a file kept private by its directory stays private in the
+/// restore (they were made root's, mode 0755; later without their ACLs,
+/// so that a group the ACL kept out got the mask's rights).
 #[test]
 fn directories_made_on_the_way_to_a_selected_path_get_their_manifest_metadata() {
     if !require_root("directories_made_on_the_way_to_a_selected_path_get_their_manifest_metadata") {
@@ -1498,8 +1499,24 @@ fn directories_made_on_the_way_to_a_selected_path_get_their_manifest_metadata() 
     let mut alice = dir("home/alice");
     (alice.entry.uid, alice.entry.gid, alice.entry.mode) = (1000, 1000, 0o750);
     let mut private = dir("home/alice/private");
-    (private.entry.uid, private.entry.gid, private.entry.mode) = (1000, 1000, 0o700);
+    // With an ACL (user 1001 may, the group may not): its mode's group
+    // bits are the mask, rwx; made without it, the group got rwx.
+    (private.entry.uid, private.entry.gid, private.entry.mode) = (1000, 1000, 0o770);
     private.entry.mtime_sec = 1_600_000_000;
+    let acl: Vec<u8> = [
+        (0x01u16, 7u16, u32::MAX),
+        (0x02, 7, 1001),
+        (0x04, 0, u32::MAX),
+    ]
+    .into_iter()
+    .chain([(0x10, 7, u32::MAX), (0x20, 0, u32::MAX)])
+    .fold(2u32.to_le_bytes().to_vec(), |mut v, (tag, perm, id)| {
+        v.extend(tag.to_le_bytes());
+        v.extend(perm.to_le_bytes());
+        v.extend(id.to_le_bytes());
+        v
+    });
+    private.entry.xattrs = vec![(b"system.posix_acl_access".to_vec(), acl.clone())];
     let mut notes = file("home/alice/private/notes", b"secret");
     (notes.entry.uid, notes.entry.gid) = (1000, 1000);
     let entries = vec![
@@ -1520,7 +1537,15 @@ fn directories_made_on_the_way_to_a_selected_path_get_their_manifest_metadata() 
     r.assert_code(0);
     let md = |p: &str| fs::symlink_metadata(st.restored(p)).unwrap();
     let owner_mode = |p: &str| (md(p).uid(), md(p).gid(), md(p).mode() & 0o7777);
-    assert_eq!(owner_mode("home/alice/private"), (1000, 1000, 0o700));
+    assert_eq!(owner_mode("home/alice/private"), (1000, 1000, 0o770));
+    let mut got = vec![0u8; 256];
+    let n = rustix::fs::getxattr(
+        st.restored("home/alice/private"),
+        "system.posix_acl_access",
+        &mut got,
+    )
+    .unwrap_or_else(|e| panic!("no ACL: {e}\n{}", r.stderr));
+    assert_eq!(got[..n], acl[..]);
     assert_eq!(md("home/alice/private").mtime(), 1_600_000_000);
     assert_eq!(owner_mode("home/alice"), (1000, 1000, 0o750));
     assert_eq!(owner_mode("home"), (0, 0, 0o755));

@@ -1105,8 +1105,10 @@ fn collect_chunk(
         notes: vec![],
     };
     let mut bytes = 0usize;
-    // The directories not selected on the way down to the current entry
-    // (without their xattrs), outermost first.
+    // The directories not selected on the way down to the current entry,
+    // outermost first: made with their whole metadata, xattrs and ACLs
+    // too (without its ACL, a directory's group would get the rights of
+    // the ACL's mask, which its mode's group bits are).
     let mut chain: Vec<Entry> = vec![];
     // The chunk's regular files by path key, to mark those links name.
     let mut files: HashMap<u128, usize> = HashMap::new();
@@ -1128,10 +1130,7 @@ fn collect_chunk(
             }
             let selected = take(&e)?;
             if !selected && e.entry.kind == Kind::Dir {
-                chain.push(Entry {
-                    xattrs: vec![],
-                    ..e.entry.clone()
-                });
+                chain.push(e.entry.clone());
             }
             let later = after.is_none_or(|a| {
                 byteback_protocol::compare_paths(a, &e.entry.path) == std::cmp::Ordering::Less
