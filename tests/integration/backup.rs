@@ -616,6 +616,54 @@ fn filesystems_mounted_beneath_a_bind_or_second_mount_are_backed_up() {
     );
 }
 
+/// A directory with more xattr names than the kernel lists at once
+/// (64 KiB; anyone who may write to it can add them, on btrfs or XFS) is
+/// backed up without its xattrs, with a warning, and what is below it is
+/// backed up: it was kept as the last backup had it, all below frozen.
+#[test]
+fn a_directory_with_too_many_xattr_names_is_backed_up_with_what_is_below() {
+    if !require_root("a btrfs source (mount)") {
+        return;
+    }
+    let fs_ = BtrfsLoop::new(256);
+    let src = fs_.mount.join("src");
+    let shared = src.join("shared");
+    fs::create_dir_all(shared.join("sub")).unwrap();
+    for i in 0..300 {
+        let name = format!("user.{i:03}{}", "n".repeat(240));
+        rustix::fs::setxattr(
+            &shared,
+            name.as_str(),
+            b"v",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+    }
+    fs::write(shared.join("sub/new"), b"below").unwrap();
+    let d = scratch();
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let o = run_status(
+        Command::new(bin("byteback-backup"))
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .args(["--hostname", "h", "--retry-number", "0"]),
+    );
+    let err = output_text(&o);
+    assert_eq!(o.status.code(), Some(24), "{err}");
+    assert!(
+        err.contains("shared") && err.contains("backed up without its xattrs"),
+        "{err}"
+    );
+    let stored = store
+        .join("h/current")
+        .join(src.strip_prefix("/").unwrap())
+        .join("shared/sub/new");
+    assert_eq!(fs::read(&stored).unwrap_or_default(), b"below", "{err}");
+}
+
 /// A listing shows the second name of a hard link with its file's size
 /// (as 1.x did; it showed 0), also when the pattern leaves the first
 /// name out.

@@ -881,6 +881,18 @@ impl Walker<'_> {
                     }
                     e.xattrs = x;
                 }
+                // More names than the kernel lists at once (64 KiB; any
+                // user who may write to it can add them): sent without
+                // its xattrs, said, rather than kept as the last backup
+                // has it, which for a directory froze all below it.
+                Err(err) if err.kind() == io::ErrorKind::ArgumentListTooLong => {
+                    quick = None;
+                    self.sink.warning(WalkWarning {
+                        path: path_of(abs),
+                        message: format!("{err}: backed up without its xattrs"),
+                        vanished: false,
+                    });
+                }
                 Err(err) => {
                     self.warn_io(abs, &err);
                     return Ok(false);
