@@ -664,6 +664,55 @@ fn a_directory_with_too_many_xattr_names_is_backed_up_with_what_is_below() {
     assert_eq!(fs::read(&stored).unwrap_or_default(), b"below", "{err}");
 }
 
+/// A file under a write lease (Samba's oplocks, an NFS server's
+/// delegations) is read once the lease is broken, as rsync's open waits
+/// for it: the non-blocking open's EAGAIN made it "changed ... not read",
+/// and a file a lease kept was never backed up. The holder here ignores
+/// SIGIO, so the kernel breaks the lease itself after the
+/// lease-break-time, lowered to 1 s for the test.
+#[test]
+fn a_file_under_a_write_lease_is_read_once_the_lease_is_broken() {
+    if !require_root("a write lease and fs.lease-break-time") {
+        return;
+    }
+    let (_d, src, store) = site();
+    let f = src.join("shared.doc");
+    fs::write(&f, b"under a lease").unwrap();
+    struct BreakTime(String);
+    impl Drop for BreakTime {
+        fn drop(&mut self) {
+            let _ = fs::write("/proc/sys/fs/lease-break-time", &self.0);
+        }
+    }
+    let _restore = BreakTime(fs::read_to_string("/proc/sys/fs/lease-break-time").unwrap());
+    fs::write("/proc/sys/fs/lease-break-time", "1").unwrap();
+    unsafe { libc::signal(libc::SIGIO, libc::SIG_IGN) };
+    let holder = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f)
+        .unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&holder);
+    let r = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK) };
+    assert_eq!(r, 0, "F_SETLEASE: {}", std::io::Error::last_os_error());
+    let o = run_status(
+        Command::new(bin("byteback-backup"))
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .args(["--hostname", "h", "--retry-number", "0"]),
+    );
+    drop(holder);
+    let err = output_text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let stored = store
+        .join("h/current")
+        .join(src.strip_prefix("/").unwrap())
+        .join("shared.doc");
+    assert_eq!(fs::read(stored).unwrap(), b"under a lease");
+}
+
 /// A listing shows the second name of a hard link with its file's size
 /// (as 1.x did; it showed 0), also when the pattern leaves the first
 /// name out.

@@ -229,6 +229,29 @@ impl Found {
             Err(Errno::PERM) => open(flags),
             other => other,
         };
+        // A write lease (Samba's oplocks, an NFS server's delegations)
+        // refuses a non-blocking open while the kernel asks its holder to
+        // let go: the file, still a regular one, is opened again through
+        // its `O_PATH` fd, waiting for that (at most the kernel's
+        // lease-break-time, 45 s), as rsync's open waits.
+        let opened = match opened {
+            Err(Errno::AGAIN) => open(OFlags::PATH | OFlags::CLOEXEC).and_then(|held| {
+                let st = meta::stat_at(At::Fd(held.as_fd())).map_err(|_| Errno::AGAIN)?;
+                if FileType::from_raw_mode(st.stx_mode.into()) != FileType::RegularFile
+                    || meta::dev_ino(&st) != (self.dev, self.ino)
+                {
+                    return Err(Errno::AGAIN);
+                }
+                let proc = format!("/proc/self/fd/{}", held.as_raw_fd());
+                let reopen = |flags| rustix::fs::open(proc.as_str(), flags, Mode::empty());
+                let blocking = flags - OFlags::NONBLOCK;
+                match reopen(blocking | OFlags::NOATIME) {
+                    Err(Errno::PERM) => reopen(blocking),
+                    other => other,
+                }
+            }),
+            other => other,
+        };
         let fd = opened.map_err(|e| match e {
             Errno::NOENT => OpenError::Vanished(e.into()),
             Errno::LOOP | Errno::XDEV | Errno::NOTDIR | Errno::AGAIN => {
