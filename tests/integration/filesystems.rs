@@ -512,8 +512,14 @@ fn a_restore_replacing_a_directory_never_empties_a_mount_below_it() {
     assert_eq!(fs::read(x.join("sub/deeper/f")).unwrap(), b"f");
     drop(mounts);
     let o = restore();
-    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+    let out = output_text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
     assert_eq!(fs::read(&x).unwrap(), b"x is a file in the backup");
+    // Said, as what was in it is gone (rsync refuses without --force).
+    assert!(
+        out.contains("x: the directory here, and what was in it, replaced"),
+        "{out}"
+    );
 }
 
 /// A file with more extended attributes than one entry may carry (Linux

@@ -682,6 +682,32 @@ impl RestoreTree {
                     }
                     self.shown(&whole)
                 };
+                // Said when it held anything: rsync without `--force`
+                // refuses to remove such a directory.
+                let held = rustix::fs::openat(
+                    parent,
+                    os(name),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .ok()
+                .is_some_and(|fd| {
+                    let mut buf = [std::mem::MaybeUninit::uninit(); 1024];
+                    let mut it = rustix::fs::RawDir::new(fd, &mut buf);
+                    while let Some(Ok(e)) = it.next() {
+                        if !matches!(e.file_name().to_bytes(), b"." | b"..") {
+                            return true;
+                        }
+                    }
+                    false
+                });
+                if held {
+                    eprintln!(
+                        "byteback-restore: note: {}: the directory here, and what was in it, \
+                         replaced by what the snapshot has at its name",
+                        self.shown(path)
+                    );
+                }
                 match remove_tree(parent, os(name)) {
                     Ok(()) => Ok(()),
                     Err(Unremoved::Mount(p)) => bail!(
