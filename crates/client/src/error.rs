@@ -124,9 +124,20 @@ impl Error {
         matches!(self.innermost(), Error::Usage(_))
     }
 
-    /// An error that retrying cannot fix.
+    /// An error that retrying cannot fix: also a server of another
+    /// release (its protocol version or ours refused), which the retries
+    /// of the next hour would not change.
     pub fn is_permanent(&self) -> bool {
-        matches!(self.innermost(), Error::Permanent(_))
+        match self.innermost() {
+            Error::Permanent(_)
+            | Error::Protocol(ProtocolError::Version { .. })
+            | Error::Connection {
+                cause: ProtocolError::Version { .. },
+                ..
+            } => true,
+            Error::Server(m) => m.contains(VERSION_REFUSED),
+            _ => false,
+        }
     }
 
     /// The server's own account (an `Error` frame), worth more than the
@@ -251,6 +262,10 @@ macro_rules! err {
 }
 pub(crate) use err;
 
+/// What a server's refusal of our protocol version says (see
+/// [`ProtocolError::Version`]).
+const VERSION_REFUSED: &str = "must run the same byteback release";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,5 +298,11 @@ mod tests {
         assert!(Error::Server("full".into())
             .context("sending")
             .is_from_server());
+        // Another release on the other side: not retried.
+        let refused = ProtocolError::Version { peer: 9, ours: 10 };
+        assert!(refused.to_string().contains(VERSION_REFUSED));
+        assert!(Error::Server(format!("protocol error: {refused}")).is_permanent());
+        assert!(Error::Protocol(refused).context("hello").is_permanent());
+        assert!(!Error::Server("no space left".into()).is_permanent());
     }
 }
