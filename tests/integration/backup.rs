@@ -478,11 +478,13 @@ fn restore_list_shows_versions() {
 }
 
 /// A directory too large for one window of names (made small here with
-/// the debug builds' `BYTEBACK_TEST_DIR_WINDOW`; 32 MiB of names in
-/// release builds) is walked and swept in several readings of it: every
-/// name once and in order, and what only the sweep removes (strays in a
-/// `current` an interrupted backup left) removed in every window. Both
-/// sides held all of a directory's names at once.
+/// the debug builds' `BYTEBACK_TEST_DIR_WINDOW`; 8 MiB of names for all
+/// the directories walked, in release builds) is walked and swept in
+/// several readings of it, and lets go of its window while a
+/// subdirectory is walked: every name once and in order, and what only
+/// the sweep removes (strays in a `current` an interrupted backup left)
+/// removed in every window. Both sides held all of a directory's names
+/// at once.
 #[test]
 fn a_directory_read_in_many_windows_is_backed_up_and_swept_whole() {
     let d = scratch();
@@ -497,6 +499,11 @@ fn a_directory_read_in_many_windows_is_backed_up_and_swept_whole() {
     }
     for i in 0..50 {
         fs::write(big.join("sub").join(format!("s{i}")), b"s").unwrap();
+    }
+    // After `sub`: the names a window let go of while `sub` was walked
+    // (or swept) and read again after it.
+    for i in 0..100 {
+        fs::write(big.join(format!("z-{i:03}")), b"z").unwrap();
     }
     let backup = || {
         run(Command::new(bin("byteback-backup"))
@@ -516,6 +523,9 @@ fn a_directory_read_in_many_windows_is_backed_up_and_swept_whole() {
     }
     for i in 0..100 {
         fs::write(big.join(format!("g{i}")), b"new").unwrap();
+    }
+    for i in (0..100).step_by(7) {
+        fs::remove_file(big.join(format!("z-{i:03}"))).unwrap();
     }
     for stray in [
         "big/0-stray",

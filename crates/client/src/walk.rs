@@ -536,6 +536,40 @@ struct Level {
     implied: bool,
 }
 
+/// Over [`WALK_NAMES`] (`held` bytes of names on `stack`), the largest
+/// windows of the directories above the top one let go of their names,
+/// each read again after the name it is in when the walk comes back to
+/// it: memory stays bounded however deep the tree and large its
+/// directories (a local user could otherwise make the walk hold a window
+/// per level of a tree 2,048 levels deep).
+fn let_go_of_names(stack: &mut [Level], mut held: usize) {
+    let budget = window_cap(WALK_NAMES);
+    let Some((_, above)) = stack.split_last_mut() else {
+        return;
+    };
+    while held > budget {
+        let Some(l) = above
+            .iter_mut()
+            .filter(|l| l.window.len() > 0)
+            .max_by_key(|l| l.window.held())
+        else {
+            return;
+        };
+        let Some(name) = l
+            .next
+            .checked_sub(1)
+            .and_then(|i| l.window.get(i))
+            .map(|(n, _)| n.to_bytes().to_vec())
+        else {
+            return;
+        };
+        held -= l.window.held();
+        l.window = Window::after(&name);
+        l.next = 0;
+        held += l.window.held();
+    }
+}
+
 /// A path of the walked tree as messages show it: escaped, since any
 /// local user can name a file (escape sequences, newlines) and the client
 /// runs as root, logging to a terminal or the journal.
@@ -1191,7 +1225,9 @@ impl Walker<'_> {
             self.prefetch
                 .level(&level.dir, level.mnt.0, ino, level.window.raw_names());
         }
+        let held = held + level.window.held();
         stack.push(level);
+        let_go_of_names(stack, held);
         Ok(())
     }
 
@@ -1201,19 +1237,32 @@ impl Walker<'_> {
     /// deleted).
     fn next_window(&mut self, level: &mut Level, path: &[u8]) -> Result<()> {
         let after = level.window.last().map(<[u8]>::to_vec);
-        level.window = read_window(
+        let read = read_window(
             level.dir.as_fd(),
             after.as_deref(),
             level.cap,
             &mut self.buf,
-        )
-        .map_err(|e| {
-            Error::from(io::Error::from(e)).context(format!(
-                "reading directory {} again for its next names (too many to sort at once)",
-                shown(Path::new(OsStr::from_bytes(path)))
-            ))
-        })?;
+        );
         level.next = 0;
+        level.window = match read {
+            Ok(w) => w,
+            // Removed meanwhile (`rm -rf` of a large cache): its other
+            // names went with it.
+            Err(Errno::NOENT) => {
+                self.warn(
+                    path,
+                    "vanished during the backup, with the names not read yet".into(),
+                    true,
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(Error::from(io::Error::from(e)).context(format!(
+                    "reading directory {} again for its next names (too many to hold at once)",
+                    shown(Path::new(OsStr::from_bytes(path)))
+                )))
+            }
+        };
         if !level.implied {
             let ino = rustix::fs::fstat(&level.dir)
                 .map(|st| st.st_ino)

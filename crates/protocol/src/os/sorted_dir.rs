@@ -40,6 +40,9 @@ pub struct Window {
     order: Vec<Slot>,
     /// Whether names after the last one here were left for another window.
     more: bool,
+    /// Where the next window starts when this one holds no names (see
+    /// [`Window::after`]).
+    resume: Option<Vec<u8>>,
 }
 
 impl Window {
@@ -73,8 +76,10 @@ impl Window {
 
     /// The last name, after which the next window starts.
     pub fn last(&self) -> Option<&[u8]> {
-        let &(start, len, _) = self.order.last()?;
-        Some(&self.names[start..start + len])
+        match self.order.last() {
+            Some(&(start, len, _)) => Some(&self.names[start..start + len]),
+            None => self.resume.as_deref(),
+        }
     }
 
     /// Forgets every name (a listing cut short by an error).
@@ -82,9 +87,22 @@ impl Window {
         *self = Window::default();
     }
 
+    /// An empty window whose directory has more names after `name`: what
+    /// a window becomes when its names are let go (memory is short) while
+    /// `name` is being worked on; the next window is read after it.
+    pub fn after(name: &[u8]) -> Window {
+        Window {
+            more: true,
+            resume: Some(name.to_vec()),
+            ..Window::default()
+        }
+    }
+
     /// Bytes held, as [`read_window`]'s `cap` counts them.
     pub fn held(&self) -> usize {
-        self.names.len() + self.order.len() * std::mem::size_of::<Slot>()
+        self.names.len()
+            + self.order.len() * std::mem::size_of::<Slot>()
+            + self.resume.as_ref().map_or(0, Vec::len)
     }
 
     fn sort(&mut self) {
@@ -249,5 +267,19 @@ mod tests {
         }
         let (got, windows) = names_in_windows(tempfile::tempdir().unwrap().path(), 64);
         assert!(got.is_empty() && windows == 1);
+        // A window let go while its 500th name was worked on: the next
+        // one starts after that name.
+        let w = Window::after(&want[499]);
+        assert!(w.is_empty() && w.more() && w.last() == Some(&want[499][..]));
+        let fd = rustix::fs::open(
+            d.path(),
+            rustix::fs::OFlags::RDONLY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        let mut buf = vec![MaybeUninit::uninit(); 4096];
+        let next = read_window(fd.as_fd(), w.last(), 1 << 30, &mut buf).unwrap();
+        assert_eq!(next.get(0).unwrap().0.to_bytes(), &want[500][..]);
+        assert_eq!(next.len(), 500);
     }
 }

@@ -106,12 +106,16 @@ fn sweep_dir(
             format!("{}/{}", shown(prefix), shown(name))
         }
     };
+    let budget = window_cap(SWEEP_NAMES);
     let cap = window_cap(SWEEP_NAMES.saturating_sub(held).max(LEVEL_NAMES_MIN));
     let mut after: Option<Vec<u8>> = None;
     loop {
         let window = read_window(dir.as_fd(), after.as_deref(), cap, buf)
             .map_err(std::io::Error::from)
             .op("list", here)?;
+        // A subdirectory to sweep once this window has let go of its
+        // names (over the budget): (it, its path, its name here).
+        let mut below: Option<(OwnedFd, Vec<u8>, Vec<u8>)> = None;
         for i in 0..window.len() {
             let Some((name, mut t)) = window.get(i) else {
                 continue;
@@ -160,9 +164,22 @@ fn sweep_dir(
                 *deleted += 1;
             } else if t == FileType::Directory {
                 let sub = fsops::open_dir(dir, disk_name).op("open directory", || shown(&path))?;
+                if held + window.held() > budget {
+                    below = Some((sub, path, disk_name.to_vec()));
+                    break;
+                }
                 let held = held + window.held();
                 sweep_dir(&sub, &path, false, held, manifest, deleted, buf)?;
             }
+        }
+        if let Some((sub, path, name)) = below {
+            // Read again after `name` once it is swept: however deep the
+            // tree a client made, one window and a name per level.
+            drop(window);
+            let held = held + name.len();
+            sweep_dir(&sub, &path, false, held, manifest, deleted, buf)?;
+            after = Some(name);
+            continue;
         }
         if !window.more() {
             return Ok(());
