@@ -550,7 +550,7 @@ fn let_go_of_names(stack: &mut [Level], mut held: usize) {
     while held > budget {
         let Some(l) = above
             .iter_mut()
-            .filter(|l| l.window.len() > 0)
+            .filter(|l| !l.window.is_empty())
             .max_by_key(|l| l.window.held())
         else {
             return;
