@@ -297,7 +297,7 @@ impl Mounts {
         // A filesystem mounted beneath it and nowhere else the walk goes
         // would be in no backup if it were left out: it is walked (its
         // own files stored twice), as 1.x's rsync walked everything.
-        let beneath = self.only_beneath(mnt_id);
+        let beneath = self.only_beneath(mnt_id, excluded);
         if info.root != b"/" && !subvol_root {
             if let Some(at) = self.covering(info, excluded).filter(|_| beneath.is_none()) {
                 return Crossing::Skip(format!(
@@ -330,11 +330,21 @@ impl Mounts {
         bind: &MountInfo,
         excluded: &dyn Fn(&[u8], &[u8]) -> bool,
     ) -> Option<Vec<u8>> {
+        self.shown_elsewhere(bind, &|_, m| m.root != bind.root, excluded)
+    }
+
+    /// Where the walk reaches the files of mount `bind` through another
+    /// mount of its filesystem that holds them, one `other(id, mount)`
+    /// allows: see [`Mounts::covering`].
+    fn shown_elsewhere(
+        &self,
+        bind: &MountInfo,
+        other: &dyn Fn(u64, &MountInfo) -> bool,
+        excluded: &dyn Fn(&[u8], &[u8]) -> bool,
+    ) -> Option<Vec<u8>> {
         self.table
             .iter()
-            .filter(|(_, m)| {
-                m.dev == bind.dev && m.root != bind.root && within(&bind.root, &m.root)
-            })
+            .filter(|(&id, m)| m.dev == bind.dev && within(&bind.root, &m.root) && other(id, m))
             .filter(|(id, m)| {
                 !self
                     .table
@@ -356,43 +366,44 @@ impl Mounts {
     }
 
     /// The mount point of a filesystem mounted beneath mount `id` (on a
-    /// directory of it, or of a mount on it) that the walk enters (a
-    /// local type that cannot hang) and reaches nowhere else: no mount of
-    /// its filesystem holding its files outside `id` is one the walk
-    /// reaches. Such a mount is seen only through `id`.
-    fn only_beneath(&self, id: u64) -> Option<Vec<u8>> {
-        let beneath = |mut at: u64| {
+    /// directory of it, or of a mount on it, every one on the way of a
+    /// type the walk enters) whose files the walk reaches nowhere else
+    /// (see [`Mounts::covering`]): such a mount is seen only through `id`.
+    fn only_beneath(&self, id: u64, excluded: &dyn Fn(&[u8], &[u8]) -> bool) -> Option<Vec<u8>> {
+        let enters =
+            |m: &MountInfo| LOCAL_TYPES.contains(&m.fstype.as_str()) && !may_hang(&m.fstype);
+        // Whether mount `at` is beneath `id` through mounts the walk enters.
+        let reached = |mut at: u64| {
             for _ in 0..self.table.len() {
                 let Some(m) = self.table.get(&at) else {
                     return false;
                 };
+                if !enters(m) || m.parent == at {
+                    return false;
+                }
                 if m.parent == id {
                     return true;
-                }
-                if m.parent == at {
-                    return false;
                 }
                 at = m.parent;
             }
             false
         };
+        let beneath = |mut at: u64| {
+            for _ in 0..self.table.len() {
+                match self.table.get(&at) {
+                    Some(m) if m.parent == id => return true,
+                    Some(m) if m.parent != at => at = m.parent,
+                    _ => return false,
+                }
+            }
+            false
+        };
         self.table
             .iter()
-            .filter(|(&n, m)| {
-                n != id
-                    && LOCAL_TYPES.contains(&m.fstype.as_str())
-                    && !may_hang(&m.fstype)
-                    && beneath(n)
-            })
+            .filter(|(&n, _)| n != id && reached(n))
             .find(|(&n, m)| {
-                !self.table.iter().any(|(&o, other)| {
-                    o != n
-                        && o != id
-                        && !beneath(o)
-                        && other.dev == m.dev
-                        && within(&m.root, &other.root)
-                        && self.walked_down_to(o)
-                })
+                let other = |o: u64, _: &MountInfo| o != n && o != id && !beneath(o);
+                self.shown_elsewhere(m, &other, excluded).is_none()
             })
             .map(|(_, m)| m.point.clone())
     }
@@ -682,6 +693,28 @@ mod tests {
         // Shared: the same filesystem also shows at /data/www/uploads.
         let shared = format!("{table}52 22 7:0 / /data/www/uploads rw - ext4 /dev/loop0 rw\n");
         let mut m = Mounts::from_text(&shared, false, &["/"]);
+        assert!(matches!(
+            m.crossing(50, (0x801, 9), "/srv/www"),
+            Crossing::Skip(why) if why.contains("backed up at /data/www")
+        ));
+        // The other mount of the filesystem beneath is outside the
+        // sources, or excluded: the bind mount is walked.
+        let outside = format!("{table}52 22 7:0 / /mnt/x rw - ext4 /dev/loop0 rw\n");
+        let mut m = Mounts::from_text(&outside, false, &["/srv", "/data"]);
+        assert_eq!(m.crossing(50, (0x801, 9), "/srv/www"), Crossing::Enter);
+        let mut m = Mounts::from_text(&outside, false, &["/"]);
+        let excluded = |p: &[u8], _: &[u8]| p.starts_with(b"/mnt");
+        assert_eq!(
+            m.crossing_unless(50, (0x801, 9), false, "/srv/www", &excluded),
+            Crossing::Enter
+        );
+        // A tmpfs between the bind mount and the filesystem: the walk does
+        // not reach it through the bind mount, which is left out.
+        let tmpfs = table.replace(
+            "51 50 7:0 / /srv/www/uploads",
+            "53 50 0:9 / /srv/www/t rw - tmpfs tmpfs rw\n51 53 7:0 / /srv/www/t/uploads",
+        );
+        let mut m = Mounts::from_text(&tmpfs, false, &["/"]);
         assert!(matches!(
             m.crossing(50, (0x801, 9), "/srv/www"),
             Crossing::Skip(why) if why.contains("backed up at /data/www")
