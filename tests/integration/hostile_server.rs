@@ -1023,6 +1023,62 @@ fn a_restore_over_an_existing_directory_removes_the_xattrs_the_backup_lacks() {
     st.sentinel.assert_untouched();
 }
 
+/// A directory that was there with more xattr names than the kernel
+/// lists (on btrfs): its stale ACLs go all the same, by name, with a
+/// warning that other xattrs may stay (they all stayed, the ACLs too).
+#[test]
+fn a_restore_over_a_directory_with_too_many_xattr_names_still_removes_its_acls() {
+    if !require_root("btrfs, trusted.*") {
+        return;
+    }
+    let st = Stage::new();
+    let fs_ = util::BtrfsLoop::new(256);
+    util::run(
+        Command::new("mount")
+            .arg("--bind")
+            .arg(&fs_.mount)
+            .arg(st.work()),
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let bound = Unmount(st.work());
+    let d = st.restored("d");
+    fs::create_dir_all(&d).unwrap();
+    for i in 0..300 {
+        let name = format!("user.{i:03}{}", "n".repeat(240));
+        rustix::fs::setxattr(&d, name.as_str(), b"v", rustix::fs::XattrFlags::empty()).unwrap();
+    }
+    util::run(Command::new("setfacl").args(["-m", "u:1000:rwx"]).arg(&d));
+    util::run(
+        Command::new("setfacl")
+            .args(["-d", "-m", "u:1000:rwx"])
+            .arg(&d),
+    );
+    let r = st.restore(&scenario(vec![dir("d")], &[]), &[ALL]);
+    r.assert_code(24);
+    assert!(
+        r.stderr.contains("cannot list xattrs to remove"),
+        "{}",
+        r.stderr
+    );
+    for acl in ["system.posix_acl_access", "system.posix_acl_default"] {
+        let mut v = [0u8; 64];
+        assert_eq!(
+            rustix::fs::getxattr(&d, acl, &mut v),
+            Err(rustix::io::Errno::NODATA),
+            "{acl} stayed: {}",
+            r.stderr
+        );
+    }
+    assert_eq!(fs::metadata(&d).unwrap().mode() & 0o777, 0o755);
+    drop(bound);
+    drop(fs_);
+}
+
 /// A restore that fails half-way (here: a file with more data than its
 /// entry says) still gives an existing directory it worked in its owner
 /// and mode back, instead of leaving it the restoring user's, mode 0700.

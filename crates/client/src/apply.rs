@@ -439,12 +439,14 @@ fn remove_stale_xattrs(
     let names = match xattr_names(of, byteback_protocol::os::xattr::XATTR_KERNEL_MAX) {
         Ok(names) => names,
         Err(e) if is_fatal(e) => return Err(err(e, shown, "listing xattrs")),
+        // Too many names to list (E2BIG): the ACLs at least, by name.
         Err(e) => {
             warnings.push(format!(
-                "{shown}: cannot list xattrs to remove those not in the backup: {}",
+                "{shown}: cannot list xattrs to remove those not in the backup ({}); its \
+                 ACLs are set as the backup has them, other xattrs may stay",
                 io::Error::from(e)
             ));
-            return Ok(());
+            return remove_stale_acls(obj, entry, shown, warnings);
         }
     };
     for name in names {

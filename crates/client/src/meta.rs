@@ -196,6 +196,55 @@ pub fn read_xattrs(at: At<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     xattrs_of(of).map_err(|(e, what)| with_what(e, &what))
 }
 
+/// The xattrs of the object at `at` that carry permissions and labels
+/// (POSIX ACLs, file capabilities, the SELinux label), each read by its
+/// name, sorted: for one with more names than the kernel lists at once
+/// (`E2BIG`, 64 KiB of them), whose other xattrs cannot be found. Without
+/// them a restore would widen access (a mode's group bits are an ACL's
+/// mask) or lose a program's capabilities.
+pub fn read_known_xattrs(at: At<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    const KNOWN: [&[u8]; 4] = [
+        b"security.capability",
+        b"security.selinux",
+        b"system.posix_acl_access",
+        b"system.posix_acl_default",
+    ];
+    let (path, follow) = at.proc_path();
+    let of = match at {
+        At::Child { dir, name } if byteback_protocol::os::xattr::at_calls_available() => {
+            XattrOf::Child { dir, name }
+        }
+        _ if follow => XattrOf::Path(&path),
+        _ => XattrOf::Link(&path),
+    };
+    let mut out = vec![];
+    for name in KNOWN {
+        let value = match xattr_value(of, name, XATTR_KERNEL_MAX) {
+            // A kernel without `getxattrat`: through procfs.
+            Err(Errno::NOSYS) => {
+                let of = if follow {
+                    XattrOf::Path(&path)
+                } else {
+                    XattrOf::Link(&path)
+                };
+                xattr_value(of, name, XATTR_KERNEL_MAX)
+            }
+            r => r,
+        };
+        match value {
+            Ok(Some(v)) => out.push((name.to_vec(), v)),
+            Ok(None) | Err(Errno::NOTSUP) => {}
+            Err(e) => {
+                return Err(with_what(
+                    e,
+                    &format!("reading xattr {}", name.escape_ascii()),
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// All xattrs of `of`, sorted by name; an error says what failed.
 fn xattrs_of(of: XattrOf<'_>) -> Result<byteback_protocol::Xattrs, (Errno, String)> {
     let names = xattr_names(of, XATTR_KERNEL_MAX).map_err(|e| (e, "listing xattrs".into()))?;

@@ -944,9 +944,14 @@ impl Walker<'_> {
                 // has it, which for a directory froze all below it.
                 Err(err) if err.kind() == io::ErrorKind::ArgumentListTooLong => {
                     quick = None;
+                    let (known, what) = match meta::read_known_xattrs(at) {
+                        Ok(x) => (x, "its ACLs, capabilities and SELinux label only"),
+                        Err(_) => (vec![], "none of its xattrs"),
+                    };
+                    e.xattrs = known;
                     self.sink.warning(WalkWarning {
                         path: path_of(abs),
-                        message: format!("{err}: backed up without its xattrs"),
+                        message: format!("{err}: backed up with {what}"),
                         vanished: false,
                     });
                 }
