@@ -1331,8 +1331,16 @@ fn a_restore_not_run_as_root_says_what_it_could_not_give_back() {
         (e.entry.uid, e.entry.gid) = (65534, 4);
         e
     };
+    // A directory that was there, of another of its groups: given the
+    // backup's group (the user's own), which it kept.
+    let mut kd = dir("kd");
+    (kd.entry.uid, kd.entry.gid) = (65534, 65534);
+    let snap_dir = st.restored("");
+    fs::create_dir_all(snap_dir.join("kd")).unwrap();
+    std::os::unix::fs::chown(&snap_dir, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(snap_dir.join("kd"), Some(65534), Some(100)).unwrap();
     let sc = scenario(
-        vec![member, mine, other, cap],
+        vec![kd, member, mine, other, cap],
         &[
             ("ping", b"x"),
             ("mine", b"y"),
@@ -1357,6 +1365,11 @@ fn a_restore_not_run_as_root_says_what_it_could_not_give_back() {
     let member = fs::metadata(st.restored("member")).unwrap();
     assert_eq!((member.gid(), member.mode() & 0o7777), (100, 0o2755));
     assert_eq!(fs::metadata(st.restored("other")).unwrap().gid(), 65534);
+    assert_eq!(
+        fs::metadata(st.restored("kd")).unwrap().gid(),
+        65534,
+        "{err}"
+    );
     st.sentinel.assert_untouched();
 }
 

@@ -148,7 +148,11 @@ pub fn apply(
         });
         // A group this user belongs to can be given without root, as
         // rsync does (the owner of a file may give it any of its groups).
-        let group_set = entry.gid == gid || (in_my_groups(entry.gid) && set_group(obj, entry.gid));
+        // The object's own group, not ours: a directory that was there
+        // keeps the one it had.
+        let has = rustix::fs::fstat(obj.fd()).map_or(gid, |st| st.st_gid);
+        let mine = entry.gid == gid || in_my_groups(entry.gid);
+        let group_set = entry.gid == has || (mine && set_group(obj, entry.gid));
         // Not directories: those made on the way to what is restored
         // (`/home` above one's own files) would make every restore of
         // one's own files partial.

@@ -229,30 +229,7 @@ impl Found {
             Err(Errno::PERM) => open(flags),
             other => other,
         };
-        // A write lease (Samba's oplocks, an NFS server's delegations)
-        // refuses a non-blocking open while the kernel asks its holder to
-        // let go: the file, still a regular one, is opened again through
-        // its `O_PATH` fd, waiting for that (at most the kernel's
-        // lease-break-time, 45 s), as rsync's open waits.
-        let opened = match opened {
-            Err(Errno::AGAIN) => open(OFlags::PATH | OFlags::CLOEXEC).and_then(|held| {
-                let st = meta::stat_at(At::Fd(held.as_fd())).map_err(|_| Errno::AGAIN)?;
-                if FileType::from_raw_mode(st.stx_mode.into()) != FileType::RegularFile
-                    || meta::dev_ino(&st) != (self.dev, self.ino)
-                {
-                    return Err(Errno::AGAIN);
-                }
-                let proc = format!("/proc/self/fd/{}", held.as_raw_fd());
-                let reopen = |flags| rustix::fs::open(proc.as_str(), flags, Mode::empty());
-                let blocking = flags - OFlags::NONBLOCK;
-                match reopen(blocking | OFlags::NOATIME) {
-                    Err(Errno::PERM) => reopen(blocking),
-                    other => other,
-                }
-            }),
-            other => other,
-        };
-        let fd = opened.map_err(|e| match e {
+        let open_error = |e| match e {
             Errno::NOENT => OpenError::Vanished(e.into()),
             Errno::LOOP | Errno::XDEV | Errno::NOTDIR | Errno::AGAIN => {
                 let why = format!(
@@ -262,7 +239,43 @@ impl Found {
                 OpenError::Changed(changed(&why, "not read"))
             }
             e => OpenError::Failed(e.into()),
-        })?;
+        };
+        // A write lease (Samba's oplocks, an NFS server's delegations)
+        // refuses a non-blocking open while the kernel asks its holder to
+        // let go: the file, still the regular file the walk saw, is opened
+        // again through its `O_PATH` fd, waiting for that (at most the
+        // kernel's lease-break-time, 45 s), as rsync's open waits; for at
+        // most [`MAX_LEASE_WAITS`] files a run, as any user may hold
+        // leases on their own files and keep each wait to its end.
+        let fd = match opened {
+            Err(Errno::AGAIN) if LEASE_WAITS.fetch_add(1, Ordering::Relaxed) < MAX_LEASE_WAITS => {
+                let held = open(OFlags::PATH | OFlags::CLOEXEC).map_err(open_error)?;
+                let st = meta::stat_at(At::Fd(held.as_fd())).map_err(OpenError::Failed)?;
+                if FileType::from_raw_mode(st.stx_mode.into()) != FileType::RegularFile
+                    || meta::dev_ino(&st) != (self.dev, self.ino)
+                {
+                    return Err(OpenError::Changed(changed(
+                        "replaced while under a write lease",
+                        "not read",
+                    )));
+                }
+                let proc = format!("/proc/self/fd/{}", held.as_raw_fd());
+                let reopen = |flags| rustix::fs::open(proc.as_str(), flags, Mode::empty());
+                let blocking = flags - OFlags::NONBLOCK;
+                match reopen(blocking | OFlags::NOATIME) {
+                    Err(Errno::PERM) => reopen(blocking),
+                    other => other,
+                }
+                .map_err(|e| {
+                    let e = io::Error::from(e);
+                    OpenError::Failed(io::Error::new(
+                        e.kind(),
+                        format!("opening it again once its write lease was broken: {e}"),
+                    ))
+                })?
+            }
+            other => other.map_err(open_error)?,
+        };
         let st = meta::stat_at(At::Fd(fd.as_fd())).map_err(OpenError::Failed)?;
         if FileType::from_raw_mode(st.stx_mode.into()) != FileType::RegularFile {
             return Err(OpenError::Changed(changed(
@@ -279,6 +292,11 @@ impl Found {
         Ok(File::from(fd))
     }
 }
+
+/// Files a run waits for a write lease to be broken on (see
+/// [`Found::open_file`]); past them, such a file is "changed" and not read.
+const MAX_LEASE_WAITS: u32 = 16;
+static LEASE_WAITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Opens `below` (a relative path) beneath `root` without following any
 /// symlink or leaving `root`: `openat2` with `RESOLVE_BENEATH |

@@ -840,7 +840,11 @@ impl RestoreTree {
             Ok((file, None)) => file,
         };
         let swap = size > 0 && is_swap(&file, size);
-        let (tmp, file) = match swap && on_btrfs(&file) {
+        // One its directory's `chattr +C` made NOCOW needs no copy.
+        let nocow = || {
+            rustix::fs::ioctl_getflags(&file).is_ok_and(|f| f.contains(rustix::fs::IFlags::NOCOW))
+        };
+        let (tmp, file) = match swap && on_btrfs(&file) && !nocow() {
             true => match nocow_copy(parent, temp_id, &file, size) {
                 Ok((nocow, copy)) => {
                     let _ = remove();
