@@ -1079,6 +1079,46 @@ fn a_restore_over_a_directory_with_too_many_xattr_names_still_removes_its_acls()
     drop(fs_);
 }
 
+/// Directories on the way to a selected path are kept with their xattrs
+/// (to be made with them), within bounds: a server nesting directories
+/// that each carry 1 MiB of ACL bytes is refused once they pass 128 MiB,
+/// rather than held (2,048 levels would be 2 GiB).
+#[test]
+fn directories_on_the_way_cannot_make_a_restore_hold_unbounded_xattrs() {
+    let st = Stage::new();
+    let mut entries = vec![];
+    let mut path = String::new();
+    for i in 0..140 {
+        if !path.is_empty() {
+            path.push('/');
+        }
+        path.push_str(&format!("{i:x}"));
+        let mut d = dir(&path);
+        // (A value is at most 64 KiB: 15 of them, under ACL names.)
+        d.entry.xattrs = (0..15)
+            .map(|k| {
+                (
+                    format!("system.posix_acl_{k:02}").into_bytes(),
+                    vec![7u8; 64_000],
+                )
+            })
+            .collect();
+        entries.push(d);
+    }
+    let leaf = format!("{path}/f");
+    entries.push(file(&leaf, b"deep"));
+    let mut sc = scenario(vec![], &[(leaf.as_str(), b"deep")]);
+    sc.parts = entries.into_iter().map(|e| vec![e]).collect();
+    let r = st.restore(&sc, &[&format!("/{leaf}")]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("more than 128 MiB of ACLs"),
+        "{}",
+        r.stderr
+    );
+    st.sentinel.assert_untouched();
+}
+
 /// A restore that fails half-way (here: a file with more data than its
 /// entry says) still gives an existing directory it worked in its owner
 /// and mode back, instead of leaving it the restoring user's, mode 0700.

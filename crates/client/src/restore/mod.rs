@@ -1110,6 +1110,8 @@ fn collect_chunk(
     // too (without its ACL, a directory's group would get the rights of
     // the ACL's mask, which its mode's group bits are).
     let mut chain: Vec<Entry> = vec![];
+    // Their bytes (by `buffer_cost`).
+    let mut chain_bytes = 0usize;
     // The chunk's regular files by path key, to mark those links name.
     let mut files: HashMap<u128, usize> = HashMap::new();
     read_manifest(
@@ -1126,11 +1128,29 @@ fn collect_chunk(
                 .last()
                 .is_some_and(|d| !check::is_ancestor(&d.path, &e.entry.path))
             {
-                chain.pop();
+                chain_bytes -= chain.pop().map_or(0, |d| d.buffer_cost());
             }
             let selected = take(&e)?;
             if !selected && e.entry.kind == Kind::Dir {
-                chain.push(e.entry.clone());
+                // Bounded against a server nesting directories that each
+                // carry 1 MiB of xattrs: past CHUNK_BYTES on the way down,
+                // a directory keeps its ACLs only (what keeps it private);
+                // past four times that, the manifest is refused.
+                let mut d = e.entry.clone();
+                if chain_bytes + d.buffer_cost() > CHUNK_BYTES {
+                    d.xattrs
+                        .retain(|(n, _)| n.starts_with(b"system.posix_acl_"));
+                }
+                if chain_bytes + d.buffer_cost() > 4 * CHUNK_BYTES {
+                    bail!(
+                        "snapshot {snap}: the directories above {} carry more than {} MiB of \
+                         ACLs; refusing the manifest",
+                        display_path(&d.path),
+                        4 * CHUNK_BYTES >> 20
+                    );
+                }
+                chain_bytes += d.buffer_cost();
+                chain.push(d);
             }
             let later = after.is_none_or(|a| {
                 byteback_protocol::compare_paths(a, &e.entry.path) == std::cmp::Ordering::Less
