@@ -1146,7 +1146,7 @@ fn collect_chunk(
                         "snapshot {snap}: the directories above {} carry more than {} MiB of \
                          ACLs; refusing the manifest",
                         display_path(&d.path),
-                        4 * CHUNK_BYTES >> 20
+                        (4 * CHUNK_BYTES) >> 20
                     );
                 }
                 chain_bytes += d.buffer_cost();
