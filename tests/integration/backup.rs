@@ -547,6 +547,29 @@ fn a_directory_read_in_many_windows_is_backed_up_and_swept_whole() {
     }
     let root = restore_all(&store, "h", None, &d.path().join("r2"));
     assert_same_tree(&src, &restored_path(&root, &src));
+    // Removed between two of its windows (getdents says ENOENT): its
+    // names not read yet are vanished, and the walk goes on (it read
+    // that window again for ever).
+    let marker = d.path().display().to_string();
+    let (o, _) = run_bounded(
+        Command::new(bin("byteback-backup"))
+            .env("BYTEBACK_TEST_DIR_WINDOW", "2048")
+            .env("BYTEBACK_TEST_GONE_WINDOW", "big")
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .args(["--hostname", "h", "--retry-number", "0"]),
+        std::time::Duration::from_secs(60),
+        &marker,
+    );
+    let err = output_text(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(
+        err.matches("big: vanished during the backup").count(),
+        1,
+        "{err}"
+    );
 }
 
 /// A filesystem mounted beneath a bind mount whose own files are backed up

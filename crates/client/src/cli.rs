@@ -1068,6 +1068,7 @@ fn transfer(
     let mut record_reset = false;
     loop {
         report.attempts = attempt + 1;
+        crate::walk::new_attempt();
         let result = {
             let _bar = progress.then(|| Bar::start(Kind::Backup));
             target.connect("backup").and_then(|conn| {

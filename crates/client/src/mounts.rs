@@ -370,8 +370,12 @@ impl Mounts {
     /// type the walk enters) whose files the walk reaches nowhere else
     /// (see [`Mounts::covering`]): such a mount is seen only through `id`.
     fn only_beneath(&self, id: u64, excluded: &dyn Fn(&[u8], &[u8]) -> bool) -> Option<Vec<u8>> {
-        let enters =
-            |m: &MountInfo| LOCAL_TYPES.contains(&m.fstype.as_str()) && !may_hang(&m.fstype);
+        let id_dev = self.table.get(&id).map(|m| m.dev.as_str());
+        let enters = |m: &MountInfo| {
+            LOCAL_TYPES.contains(&m.fstype.as_str())
+                && !may_hang(&m.fstype)
+                && (!self.one_file_system || Some(m.dev.as_str()) == id_dev)
+        };
         // Whether mount `at` is beneath `id` through mounts the walk enters.
         let reached = |mut at: u64| {
             for _ in 0..self.table.len() {
@@ -398,9 +402,19 @@ impl Mounts {
             }
             false
         };
+        // Walked where it is mounted: nothing on top of it, not left out
+        // by the rules.
+        let walked = |n: u64, m: &MountInfo| {
+            top_mount(&self.table, n) == n
+                && self
+                    .sources
+                    .iter()
+                    .find(|s| within(&m.point, s))
+                    .is_some_and(|s| !excluded(&m.point, s))
+        };
         self.table
             .iter()
-            .filter(|(&n, _)| n != id && reached(n))
+            .filter(|(&n, m)| n != id && reached(n) && walked(n, m))
             .find(|(&n, m)| {
                 let other = |o: u64, _: &MountInfo| o != n && o != id && !beneath(o);
                 self.shown_elsewhere(m, &other, excluded).is_none()
@@ -733,9 +747,38 @@ mod tests {
     }
 
     /// `--one-file-system` enters a bind mount of the filesystem it is on
-    /// (the same device, as `rsync -x` compares), not another filesystem.
+    /// (the same device, as `rsync -x` compares), not another filesystem;
+    /// a bind mount covered elsewhere stays left out for a filesystem
+    /// beneath it that `-x`, the rules or a mount on top keep the walk from.
     #[test]
     fn one_file_system_enters_a_bind_mount_of_the_same_filesystem() {
+        let beneath = "\
+22 1 8:1 / / rw - ext4 /dev/sda1 rw
+50 22 8:1 /data/www /srv/www rw - ext4 /dev/sda1 rw
+51 50 7:0 / /srv/www/uploads rw - ext4 /dev/loop0 rw
+";
+        let covered =
+            |c: Crossing| matches!(c, Crossing::Skip(why) if why.contains("backed up at"));
+        let mut m = Mounts::from_text(beneath, true, &["/"]);
+        assert!(covered(m.crossing_unless(
+            50,
+            (0x801, 9),
+            true,
+            "/srv/www",
+            &|_, _| false
+        )));
+        let mut m = Mounts::from_text(beneath, false, &["/"]);
+        let excluded = |p: &[u8], _: &[u8]| p == b"/srv/www/uploads";
+        assert!(covered(m.crossing_unless(
+            50,
+            (0x801, 9),
+            false,
+            "/srv/www",
+            &excluded
+        )));
+        let stacked = format!("{beneath}52 51 0:9 / /srv/www/uploads rw - tmpfs tmpfs rw\n");
+        let mut m = Mounts::from_text(&stacked, false, &["/"]);
+        assert!(covered(m.crossing(50, (0x801, 9), "/srv/www")));
         let table = "\
 22 1 8:1 / / rw - ext4 /dev/sda1 rw
 50 22 8:1 /outside/www /srv/www rw - ext4 /dev/sda1 rw

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::error::{bail, Context, Error, Result};
-use byteback_protocol::os::sorted_dir::{read_window, window_cap, Window};
+use byteback_protocol::os::sorted_dir::{let_go, level_cap, read_window, window_cap, Window};
 use byteback_protocol::unchanged::EntryDigest;
 use byteback_protocol::{compare_paths, Entry, Kind};
 use rustix::fs::{FileType, Mode, OFlags, ResolveFlags, Statx};
@@ -274,6 +274,10 @@ impl Found {
                     ))
                 })?
             }
+            Err(Errno::AGAIN) => return Err(OpenError::Changed(changed(
+                "busy: under a write lease (waited for on 16 files a run) or renamed on the way",
+                "not read",
+            ))),
             other => other.map_err(open_error)?,
         };
         let st = meta::stat_at(At::Fd(fd.as_fd())).map_err(OpenError::Failed)?;
@@ -297,6 +301,11 @@ impl Found {
 /// [`Found::open_file`]); past them, such a file is "changed" and not read.
 const MAX_LEASE_WAITS: u32 = 16;
 static LEASE_WAITS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A new attempt of the backup waits on write leases again.
+pub fn new_attempt() {
+    LEASE_WAITS.store(0, Ordering::Relaxed);
+}
 
 /// Opens `below` (a relative path) beneath `root` without following any
 /// symlink or leaving `root`: `openat2` with `RESOLVE_BENEATH |
@@ -519,6 +528,21 @@ fn eio_fault(_abs: &[u8]) -> Option<Errno> {
     None
 }
 
+/// Debug builds: a directory named `$BYTEBACK_TEST_GONE_WINDOW` is gone
+/// when the walk reads its next window (`ENOENT`, as getdents says of a
+/// removed directory).
+#[cfg(debug_assertions)]
+fn window_fault(abs: &[u8]) -> Option<Errno> {
+    let name = std::env::var_os("BYTEBACK_TEST_GONE_WINDOW")?;
+    let last = abs.rsplit(|b| *b == b'/').next()?;
+    (last == name.as_bytes()).then_some(Errno::NOENT)
+}
+
+#[cfg(not(debug_assertions))]
+fn window_fault(_abs: &[u8]) -> Option<Errno> {
+    None
+}
+
 /// The mount id `statx` reported, if the kernel gave one (Linux 5.8+).
 fn mnt_id(st: &Statx) -> Option<u64> {
     (st.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() != 0).then_some(st.stx_mnt_id)
@@ -560,32 +584,15 @@ struct Level {
 /// it: memory stays bounded however deep the tree and large its
 /// directories (a local user could otherwise make the walk hold a window
 /// per level of a tree 2,048 levels deep).
-fn let_go_of_names(stack: &mut [Level], mut held: usize) {
-    let budget = window_cap(WALK_NAMES);
+fn let_go_of_names(stack: &mut [Level], held: usize) {
     let Some((_, above)) = stack.split_last_mut() else {
         return;
     };
-    while held > budget {
-        let Some(l) = above
-            .iter_mut()
-            .filter(|l| !l.window.is_empty())
-            .max_by_key(|l| l.window.held())
-        else {
-            return;
-        };
-        let Some(name) = l
-            .next
-            .checked_sub(1)
-            .and_then(|i| l.window.get(i))
-            .map(|(n, _)| n.to_bytes().to_vec())
-        else {
-            return;
-        };
-        held -= l.window.held();
-        l.window = Window::after(&name);
-        l.next = 0;
-        held += l.window.held();
-    }
+    let mut windows: Vec<_> = above
+        .iter_mut()
+        .map(|l| (&mut l.window, &mut l.next))
+        .collect();
+    let_go(&mut windows, held, window_cap(WALK_NAMES));
 }
 
 /// A path of the walked tree as messages show it: escaped, since any
@@ -1215,7 +1222,7 @@ impl Walker<'_> {
     ) -> Result<()> {
         self.enter_dir(dir.as_fd(), path, stack.len() + 1)?;
         let held: usize = stack.iter().map(|l| l.window.held()).sum();
-        let cap = window_cap(WALK_NAMES.saturating_sub(held).max(LEVEL_NAMES_MIN));
+        let cap = level_cap(WALK_NAMES, held, LEVEL_NAMES_MIN);
         let read = read_window(dir.as_fd(), None, cap, &mut self.buf);
         let (window, failed) = match read {
             Ok(w) => (w, eio_fault(path)),
@@ -1260,18 +1267,22 @@ impl Walker<'_> {
     /// deleted).
     fn next_window(&mut self, level: &mut Level, path: &[u8]) -> Result<()> {
         let after = level.window.last().map(<[u8]>::to_vec);
-        let read = read_window(
-            level.dir.as_fd(),
-            after.as_deref(),
-            level.cap,
-            &mut self.buf,
-        );
+        let read = match window_fault(path) {
+            Some(e) => Err(e),
+            None => read_window(
+                level.dir.as_fd(),
+                after.as_deref(),
+                level.cap,
+                &mut self.buf,
+            ),
+        };
         level.next = 0;
         level.window = match read {
             Ok(w) => w,
             // Removed meanwhile (`rm -rf` of a large cache): its other
             // names went with it.
             Err(Errno::NOENT) => {
+                level.window = Window::default();
                 self.warn(
                     path,
                     "vanished during the backup, with the names not read yet".into(),

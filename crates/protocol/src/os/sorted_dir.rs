@@ -144,6 +144,42 @@ impl Window {
     }
 }
 
+/// Over `budget` (`held` bytes of names in all), lets the largest of
+/// `windows` go (each with the index of the next name it gives; the name
+/// before it is the one being worked on), replacing it with
+/// [`Window::after`] that name, until `held` is within `budget` or none is
+/// left to let go. The one a caller reads last (its deepest) it leaves out.
+pub fn let_go(windows: &mut [(&mut Window, &mut usize)], mut held: usize, budget: usize) {
+    while held > budget {
+        let Some((w, next)) = windows
+            .iter_mut()
+            .filter(|(w, _)| !w.is_empty())
+            .max_by_key(|(w, _)| w.held())
+        else {
+            return;
+        };
+        let Some(name) = next
+            .checked_sub(1)
+            .and_then(|i| w.get(i))
+            .map(|(n, _)| n.to_bytes().to_vec())
+        else {
+            return;
+        };
+        held -= w.held();
+        **w = Window::after(&name);
+        **next = 0;
+        held += w.held();
+    }
+}
+
+/// The cap of a window read below `held` bytes of names, within
+/// `budget`: half of what is left (the rest for the directories below,
+/// so that a directory's many subdirectories do not each make it let go
+/// of its names and read it again), `min` at least.
+pub fn level_cap(budget: usize, held: usize, min: usize) -> usize {
+    window_cap((budget.saturating_sub(held) / 2).max(min))
+}
+
 /// `cap`, or in debug builds the test override `BYTEBACK_TEST_DIR_WINDOW`
 /// (bytes), so that tests see directories read in many windows without
 /// making hundreds of thousands of files.

@@ -4,7 +4,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 
-use byteback_protocol::os::sorted_dir::{read_window, window_cap};
+use byteback_protocol::os::sorted_dir::{let_go, level_cap, read_window, window_cap, Window};
 use byteback_protocol::Kind;
 use rustix::fs::FileType;
 
@@ -82,48 +82,86 @@ pub(super) fn remove_stale(
     manifest: &mut PeekableManifest,
     deleted: &mut u64,
 ) -> Result<()> {
-    let mut buf = vec![std::mem::MaybeUninit::uninit(); 32 << 10];
-    sweep_dir(dir, prefix, top, 0, manifest, deleted, &mut buf)
+    let mut sweep = Sweep {
+        manifest,
+        deleted,
+        buf: vec![std::mem::MaybeUninit::uninit(); 32 << 10],
+        levels: vec![],
+    };
+    sweep.dir(dir, prefix, top)
 }
 
-/// [`remove_stale`] of one directory, with `held` bytes of names held by
-/// the directories above it; `buf` is for `getdents`.
-fn sweep_dir(
-    dir: &OwnedFd,
-    prefix: &[u8],
-    top: bool,
-    held: usize,
-    manifest: &mut PeekableManifest,
-    deleted: &mut u64,
-    buf: &mut [std::mem::MaybeUninit<u8>],
-) -> Result<()> {
-    // Client paths, for messages (`current` itself is the empty one).
-    let here = || if top { "current".into() } else { shown(prefix) };
-    let under = |name: &[u8]| {
-        if top {
-            shown(name)
-        } else {
-            format!("{}/{}", shown(prefix), shown(name))
-        }
-    };
-    let budget = window_cap(SWEEP_NAMES);
-    let cap = window_cap(SWEEP_NAMES.saturating_sub(held).max(LEVEL_NAMES_MIN));
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let window = read_window(dir.as_fd(), after.as_deref(), cap, buf)
+/// One directory being swept: a window of its names, and the next one.
+struct Level {
+    window: Window,
+    next: usize,
+}
+
+/// A sweep under way: the windows of the directories it is in, one per
+/// level (see [`Sweep::dir`]).
+struct Sweep<'a> {
+    manifest: &'a mut PeekableManifest,
+    deleted: &'a mut u64,
+    buf: Vec<std::mem::MaybeUninit<u8>>,
+    levels: Vec<Level>,
+}
+
+impl Sweep<'_> {
+    /// [`remove_stale`] of directory `dir`, below the levels on the stack.
+    /// Over [`SWEEP_NAMES`], the largest windows above let go of their
+    /// names and are read again after the name they are in.
+    fn dir(&mut self, dir: &OwnedFd, prefix: &[u8], top: bool) -> Result<()> {
+        // Client paths, for messages (`current` itself is the empty one).
+        let here = || if top { "current".into() } else { shown(prefix) };
+        let under = |name: &[u8]| {
+            if top {
+                shown(name)
+            } else {
+                format!("{}/{}", shown(prefix), shown(name))
+            }
+        };
+        let held: usize = self.levels.iter().map(|l| l.window.held()).sum();
+        let cap = level_cap(SWEEP_NAMES, held, LEVEL_NAMES_MIN);
+        let window = read_window(dir.as_fd(), None, cap, &mut self.buf)
             .map_err(std::io::Error::from)
             .op("list", here)?;
-        // A subdirectory to sweep once this window has let go of its
-        // names (over the budget): (it, its path, its name here).
-        let mut below: Option<(OwnedFd, Vec<u8>, Vec<u8>)> = None;
-        for i in 0..window.len() {
-            let Some((name, mut t)) = window.get(i) else {
+        self.levels.push(Level { window, next: 0 });
+        let depth = self.levels.len() - 1;
+        let swept = self.entries(dir, prefix, top, depth, cap, &here, &under);
+        self.levels.pop();
+        swept
+    }
+
+    /// The names of the directory on level `depth`, window after window.
+    #[allow(clippy::too_many_arguments)]
+    fn entries(
+        &mut self,
+        dir: &OwnedFd,
+        prefix: &[u8],
+        top: bool,
+        depth: usize,
+        cap: usize,
+        here: &dyn Fn() -> String,
+        under: &dyn Fn(&[u8]) -> String,
+    ) -> Result<()> {
+        loop {
+            let level = &mut self.levels[depth];
+            let Some((name, mut t)) = level.window.get(level.next) else {
+                if !level.window.more() {
+                    return Ok(());
+                }
+                let after = level.window.last().map(<[u8]>::to_vec);
+                level.window = read_window(dir.as_fd(), after.as_deref(), cap, &mut self.buf)
+                    .map_err(std::io::Error::from)
+                    .op("list", here)?;
+                level.next = 0;
                 continue;
             };
-            let disk_name = name.to_bytes();
+            level.next += 1;
+            let disk_name = name.to_bytes().to_vec();
             if t == FileType::Unknown {
                 if let Some(st) =
-                    fsops::lstat_at(dir, disk_name).op("look at", || under(disk_name))?
+                    fsops::lstat_at(dir, &disk_name).op("look at", || under(&disk_name))?
                 {
                     t = fsops::file_type(&st);
                 }
@@ -138,19 +176,19 @@ fn sweep_dir(
                 match disk_name.strip_prefix(b".byteback-".as_slice()) {
                     Some(n) if n.starts_with(META_DIR) => n,
                     _ => {
-                        fsops::remove_any(dir, disk_name).op("remove", || under(disk_name))?;
+                        fsops::remove_any(dir, &disk_name).op("remove", || under(&disk_name))?;
                         continue;
                     }
                 }
             } else {
-                disk_name
+                &disk_name[..]
             };
             let path = if prefix.is_empty() {
                 client_name.to_vec()
             } else {
                 [prefix, b"/", client_name].concat()
             };
-            let keep = match manifest.seek(&path).map_err(Error::Manifest)? {
+            let keep = match self.manifest.seek(&path).map_err(Error::Manifest)? {
                 Some(m) => matches!(
                     (&m.entry.kind, t),
                     (Kind::File { .. }, FileType::RegularFile)
@@ -160,30 +198,24 @@ fn sweep_dir(
                 None => false,
             };
             if !keep {
-                fsops::remove_any(dir, disk_name).op("remove", || shown(&path))?;
-                *deleted += 1;
+                fsops::remove_any(dir, &disk_name).op("remove", || shown(&path))?;
+                *self.deleted += 1;
             } else if t == FileType::Directory {
-                let sub = fsops::open_dir(dir, disk_name).op("open directory", || shown(&path))?;
-                if held + window.held() > budget {
-                    below = Some((sub, path, disk_name.to_vec()));
-                    break;
-                }
-                let held = held + window.held();
-                sweep_dir(&sub, &path, false, held, manifest, deleted, buf)?;
+                let sub = fsops::open_dir(dir, &disk_name).op("open directory", || shown(&path))?;
+                self.let_go_over_budget();
+                self.dir(&sub, &path, false)?;
             }
         }
-        if let Some((sub, path, name)) = below {
-            // Read again after `name` once it is swept: however deep the
-            // tree a client made, one window and a name per level.
-            drop(window);
-            let held = held + name.len();
-            sweep_dir(&sub, &path, false, held, manifest, deleted, buf)?;
-            after = Some(name);
-            continue;
-        }
-        if !window.more() {
-            return Ok(());
-        }
-        after = window.last().map(<[u8]>::to_vec);
+    }
+
+    /// Over [`SWEEP_NAMES`], the largest windows on the stack let go.
+    fn let_go_over_budget(&mut self) {
+        let held: usize = self.levels.iter().map(|l| l.window.held()).sum();
+        let mut windows: Vec<_> = self
+            .levels
+            .iter_mut()
+            .map(|l| (&mut l.window, &mut l.next))
+            .collect();
+        let_go(&mut windows, held, window_cap(SWEEP_NAMES));
     }
 }
