@@ -505,15 +505,8 @@ fn a_directory_read_in_many_windows_is_backed_up_and_swept_whole() {
     for i in 0..100 {
         fs::write(big.join(format!("z-{i:03}")), b"z").unwrap();
     }
-    let backup = || {
-        run(Command::new(bin("byteback-backup"))
-            .env("BYTEBACK_TEST_DIR_WINDOW", "2048")
-            .arg("--destination")
-            .arg(&store)
-            .arg("--source")
-            .arg(&src)
-            .args(["--hostname", "h", "--retry-number", "0"]))
-    };
+    let backup =
+        || run(local_backup_cmd(&store, &src, "h").env("BYTEBACK_TEST_DIR_WINDOW", "2048"));
     backup();
     let root = restore_all(&store, "h", None, &d.path().join("r1"));
     assert_same_tree(&src, &restored_path(&root, &src));
@@ -552,14 +545,9 @@ fn a_directory_read_in_many_windows_is_backed_up_and_swept_whole() {
     // that window again for ever).
     let marker = d.path().display().to_string();
     let (o, _) = run_bounded(
-        Command::new(bin("byteback-backup"))
+        local_backup_cmd(&store, &src, "h")
             .env("BYTEBACK_TEST_DIR_WINDOW", "2048")
-            .env("BYTEBACK_TEST_GONE_WINDOW", "big")
-            .arg("--destination")
-            .arg(&store)
-            .arg("--source")
-            .arg(&src)
-            .args(["--hostname", "h", "--retry-number", "0"]),
+            .env("BYTEBACK_TEST_GONE_WINDOW", "big"),
         std::time::Duration::from_secs(60),
         &marker,
     );
@@ -687,14 +675,7 @@ fn a_directory_with_too_many_xattr_names_is_backed_up_with_what_is_below() {
     let d = scratch();
     let store = d.path().join("store");
     store_without_interval(&store);
-    let o = run_status(
-        Command::new(bin("byteback-backup"))
-            .arg("--destination")
-            .arg(&store)
-            .arg("--source")
-            .arg(&src)
-            .args(["--hostname", "h", "--retry-number", "0"]),
-    );
+    let o = local_backup_status(&store, &src, "h");
     let err = output_text(&o);
     assert_eq!(o.status.code(), Some(24), "{err}");
     assert!(
@@ -740,14 +721,7 @@ fn a_file_under_a_write_lease_is_read_once_the_lease_is_broken() {
     let fd = std::os::fd::AsRawFd::as_raw_fd(&holder);
     let r = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK) };
     assert_eq!(r, 0, "F_SETLEASE: {}", std::io::Error::last_os_error());
-    let o = run_status(
-        Command::new(bin("byteback-backup"))
-            .arg("--destination")
-            .arg(&store)
-            .arg("--source")
-            .arg(&src)
-            .args(["--hostname", "h", "--retry-number", "0"]),
-    );
+    let o = local_backup_status(&store, &src, "h");
     drop(holder);
     let err = output_text(&o);
     assert_eq!(o.status.code(), Some(0), "{err}");
@@ -2665,14 +2639,7 @@ fn a_path_too_long_is_left_out_and_the_backup_goes_on() {
     drop(f);
     let store = d.path().join("store");
     store_without_interval(&store);
-    let o = run_status(
-        Command::new(bin("byteback-backup"))
-            .arg("--destination")
-            .arg(&store)
-            .arg("--source")
-            .arg(&src)
-            .args(["--hostname", "h", "--retry-number", "0"]),
-    );
+    let o = local_backup_status(&store, &src, "h");
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(24), "{err}");
     assert!(err.contains("path too long; skipped"), "{err}");

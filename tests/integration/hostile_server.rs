@@ -220,6 +220,41 @@ fn entry(path: &str, kind: Kind) -> ManifestEntry {
     }
 }
 
+/// A btrfs filesystem bind-mounted over a stage's `work` (restores go
+/// there): unmounted when dropped, a swap file on it swapped off first.
+struct BtrfsWork {
+    work: PathBuf,
+    /// A file on it given to `swapon`.
+    swap: Option<PathBuf>,
+    _fs: util::BtrfsLoop,
+}
+
+impl BtrfsWork {
+    fn mount(st: &Stage) -> BtrfsWork {
+        let fs_ = util::BtrfsLoop::new(256);
+        util::run(
+            Command::new("mount")
+                .arg("--bind")
+                .arg(&fs_.mount)
+                .arg(st.work()),
+        );
+        BtrfsWork {
+            work: st.work(),
+            swap: None,
+            _fs: fs_,
+        }
+    }
+}
+
+impl Drop for BtrfsWork {
+    fn drop(&mut self) {
+        if let Some(swap) = &self.swap {
+            let _ = Command::new("swapoff").arg(swap).status();
+        }
+        let _ = Command::new("umount").arg(&self.work).status();
+    }
+}
+
 fn dir(path: &str) -> ManifestEntry {
     let mut e = entry(path, Kind::Dir);
     e.entry.mode = 0o755;
@@ -1032,20 +1067,7 @@ fn a_restore_over_a_directory_with_too_many_xattr_names_still_removes_its_acls()
         return;
     }
     let st = Stage::new();
-    let fs_ = util::BtrfsLoop::new(256);
-    util::run(
-        Command::new("mount")
-            .arg("--bind")
-            .arg(&fs_.mount)
-            .arg(st.work()),
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let bound = Unmount(st.work());
+    let on_btrfs = BtrfsWork::mount(&st);
     let d = st.restored("d");
     fs::create_dir_all(&d).unwrap();
     for i in 0..300 {
@@ -1075,8 +1097,7 @@ fn a_restore_over_a_directory_with_too_many_xattr_names_still_removes_its_acls()
         );
     }
     assert_eq!(fs::metadata(&d).unwrap().mode() & 0o777, 0o755);
-    drop(bound);
-    drop(fs_);
+    drop(on_btrfs);
 }
 
 /// Directories on the way to a selected path are kept with their xattrs
@@ -1294,23 +1315,7 @@ fn a_swap_file_restored_onto_btrfs_can_be_swapped_to() {
         return;
     }
     let st = Stage::new();
-    let fs_ = util::BtrfsLoop::new(256);
-    util::run(
-        Command::new("mount")
-            .arg("--bind")
-            .arg(&fs_.mount)
-            .arg(st.work()),
-    );
-    struct Unmount(PathBuf, Option<PathBuf>);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            if let Some(swap) = &self.1 {
-                let _ = Command::new("swapoff").arg(swap).status();
-            }
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let mut bound = Unmount(st.work(), None);
+    let mut on_btrfs = BtrfsWork::mount(&st);
     let made = st.dir.path().join("made-swap");
     fs::write(&made, vec![0u8; 4 << 20]).unwrap();
     util::run(Command::new("mkswap").arg(&made));
@@ -1328,9 +1333,8 @@ fn a_swap_file_restored_onto_btrfs_can_be_swapped_to() {
         "swapon: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    bound.1 = Some(restored.clone());
-    drop(bound);
-    drop(fs_);
+    on_btrfs.swap = Some(restored.clone());
+    drop(on_btrfs);
     st.sentinel.assert_untouched();
 }
 

@@ -177,23 +177,11 @@ pub fn for_each_child(
 
 /// Like [`list_dir`], with each child's type from `d_type` (falls back to lstat).
 pub fn list_dir_typed(dir: impl AsFd) -> io::Result<Vec<(Vec<u8>, FileType)>> {
-    let dir = dir.as_fd();
     let mut out = vec![];
-    let mut d = rustix::fs::Dir::read_from(dir)?;
-    while let Some(ent) = d.read() {
-        let ent = ent?;
-        let n = ent.file_name().to_bytes();
-        if n == b"." || n == b".." {
-            continue;
-        }
-        let mut t = ent.file_type();
-        if t == FileType::Unknown {
-            if let Some(st) = lstat_at(dir, n)? {
-                t = file_type(&st);
-            }
-        }
+    for_each_child(dir, |n, t| {
         out.push((n.to_vec(), t));
-    }
+        Ok(())
+    })?;
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }

@@ -1444,12 +1444,23 @@ pub fn store_without_interval(store: &Path) {
 /// `byteback-backup` of `src` as `host` into the local store `store`, no
 /// retries; panics (with its output) when it fails.
 pub fn local_backup(store: &Path, src: &Path, host: &str) -> Output {
-    run(Command::new(bin("byteback-backup"))
-        .arg("--destination")
+    run(&mut local_backup_cmd(store, src, host))
+}
+
+/// [`local_backup`], whatever its exit code.
+pub fn local_backup_status(store: &Path, src: &Path, host: &str) -> Output {
+    run_status(&mut local_backup_cmd(store, src, host))
+}
+
+/// The command [`local_backup`] runs.
+pub fn local_backup_cmd(store: &Path, src: &Path, host: &str) -> Command {
+    let mut cmd = Command::new(bin("byteback-backup"));
+    cmd.arg("--destination")
         .arg(store)
         .arg("--source")
         .arg(src)
-        .args(["--hostname", host, "--retry-number", "0"]))
+        .args(["--hostname", host, "--retry-number", "0"]);
+    cmd
 }
 
 /// The number just before `marker` in the client's last summary line
