@@ -1137,6 +1137,7 @@ fn directories_on_the_way_cannot_make_a_restore_hold_unbounded_xattrs() {
         "{}",
         r.stderr
     );
+    assert!(r.stderr.contains("get their ACLs only"), "{}", r.stderr);
     st.sentinel.assert_untouched();
 }
 

@@ -1292,9 +1292,9 @@ impl Walker<'_> {
             }
             Err(e) => {
                 return Err(Error::from(io::Error::from(e)).context(format!(
-                    "reading directory {} again for its next names (too many to hold at once)",
-                    shown(Path::new(OsStr::from_bytes(path)))
-                )))
+                "reading directory {} again for its next names (it is read in windows of names)",
+                shown(Path::new(OsStr::from_bytes(path)))
+            )))
             }
         };
         if !level.implied {

@@ -1110,8 +1110,10 @@ fn collect_chunk(
     // too (without its ACL, a directory's group would get the rights of
     // the ACL's mask, which its mode's group bits are).
     let mut chain: Vec<Entry> = vec![];
-    // Their bytes (by `buffer_cost`).
+    // Their bytes (by `buffer_cost`), and whether the xattrs left out
+    // past CHUNK_BYTES were said.
     let mut chain_bytes = 0usize;
+    let mut stripped_said = false;
     // The chunk's regular files by path key, to mark those links name.
     let mut files: HashMap<u128, usize> = HashMap::new();
     read_manifest(
@@ -1140,6 +1142,16 @@ fn collect_chunk(
                 if chain_bytes + d.buffer_cost() > CHUNK_BYTES {
                     d.xattrs
                         .retain(|(n, _)| n.starts_with(b"system.posix_acl_"));
+                    if !stripped_said {
+                        stripped_said = true;
+                        eprintln!(
+                            "byteback-restore: note: snapshot {snap}: the directories above {} \
+                             carry more than {} MiB of xattrs; those made on the way to it get \
+                             their ACLs only",
+                            display_path(&d.path),
+                            CHUNK_BYTES >> 20
+                        );
+                    }
                 }
                 if chain_bytes + d.buffer_cost() > 4 * CHUNK_BYTES {
                     bail!(
