@@ -589,6 +589,57 @@ fn a_backup_far_above_its_usual_size_makes_room_only_from_its_own_host() {
     assert!(!h.is_empty() && h.len() <= 3, "{h:?}\n{out}");
 }
 
+/// The same rule when btrfs runs out of metadata space, injected here:
+/// a rename into place that fails (a commit, then one snapshot deleted a
+/// round, during the backup), or the new manifest's last write (where a
+/// backup fails and deletes one snapshot on its way out). A backup far
+/// above its host's usual size deletes its own host's older snapshots,
+/// never the next of another host. Before, the rounds during a backup went
+/// by importance over every host, so a client writing until the metadata
+/// ran out could delete other hosts' history, ten snapshots a day; and a
+/// failed backup's last deletion was refused even from its own host. (Each
+/// on a store of its own: an open spike stops every other deletion.)
+#[test]
+fn a_backup_far_above_its_usual_size_deletes_only_its_own_for_metadata() {
+    for (var, n, ok) in [
+        ("BYTEBACK_TEST_NO_SPACE_RENAME", "3", true),
+        ("BYTEBACK_TEST_NO_SPACE_MANIFEST", "1", false),
+    ] {
+        let Some(rig) = Rig::start(400) else {
+            return;
+        };
+        rig.history(&rig.dir.path().join("other"), "victim", 3, 2, 50, 0);
+        let kept = rig.snapshots("victim");
+        let src = rig.src.clone();
+        rig.history(&src, "h", 3, 2, 60, 600);
+        let own = rig.snapshots("h");
+        // `f2`, stored by the last backup, rewritten: 60 MiB against 2.
+        fill(&src, "f2", 60, 7);
+        let mut cmd = backup_at(&rig.store, &rig.wrapper, &src, "h", T0 + 3 * DAY);
+        let o = run_status(cmd.env(var, n));
+        let out = text(&o);
+        assert_eq!(o.status.code() == Some(0), ok, "{out}");
+        assert!(out.contains("(the growth guard)"), "{out}");
+        assert_eq!(rig.snapshots("victim"), kept, "{out}");
+        let now = rig.snapshots("h");
+        if ok {
+            // Two rounds deleted h's two older snapshots.
+            assert_eq!(
+                out.matches("only snapshots of h may be deleted for it").count(),
+                2,
+                "{out}"
+            );
+            assert_eq!((now.len(), &now[0]), (2, &own[2]), "{out}");
+        } else {
+            assert!(
+                out.contains("deleted 1 snapshot to make room for the next backup"),
+                "{out}"
+            );
+            assert_eq!(now, own[1..].to_vec(), "{out}");
+        }
+    }
+}
+
 /// Backups that run out of space for good, again and again on one day,
 /// delete at most ten snapshots together for metadata (counted in the
 /// host's `.byteback-room`), however often the client reconnects; the next

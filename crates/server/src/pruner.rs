@@ -876,6 +876,7 @@ pub fn make_room_for_metadata(
     what: &str,
     round: u8,
     refusal: Option<String>,
+    grown: Option<(&HostStore, u64)>,
 ) -> Result<usize> {
     let space = crate::space::measure(store.fd())
         .map(|s| s.to_string())
@@ -895,17 +896,20 @@ pub fn make_room_for_metadata(
     if round <= 1 {
         return wait_for_cleaner(store.fd()).map(|()| 0);
     }
-    delete_one(store, cfg, now, refusal)
+    delete_one(store, cfg, now, refusal, grown)
 }
 
 /// Deletes the next snapshot in importance order, unless `refusal` says
-/// why not, and if the rules allow; says why when none goes. Returns the
-/// number deleted.
+/// why not, and if the rules allow; says why when none goes. For a backup
+/// (`grown`: its host and the bytes it wrote so far) that is a growth
+/// spike by the guard's rule, only that host's snapshots may go, as in
+/// [`make_room`]. Returns the number deleted.
 pub fn delete_one(
     store: &Store,
     cfg: &crate::config::StoreConfig,
     now: i64,
     refusal: Option<String>,
+    grown: Option<(&HostStore, u64)>,
 ) -> Result<usize> {
     if let Some(why) = refusal {
         print_lines(
@@ -916,6 +920,29 @@ pub fn delete_one(
     }
     let mut opts = PruneOptions::server(cfg, now, Some(u64::MAX));
     opts.max_deletions = Some(1);
+    if let Some((host, written)) = grown {
+        let capacity = space::measure(store.fd())
+            .op("measure", || store.root.display())?
+            .size;
+        let room = RoomFor {
+            host,
+            path: "",
+            need: 0,
+            written,
+            quota: false,
+        };
+        if let Some(why) = own_only(&room, capacity) {
+            print_lines(
+                Level::WARN,
+                format!(
+                    "byteback-server: {why}: only snapshots of {} may be deleted for it\n",
+                    host.name
+                )
+                .as_bytes(),
+            );
+            opts.only_host = Some(host.name.clone());
+        }
+    }
     let mut err = std::io::LineWriter::new(LinesAt(Level::INFO));
     let out = prune_waiting(store, &opts, &mut err, LOCK_WAIT)?;
     if out.deleted.is_empty() {

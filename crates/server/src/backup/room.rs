@@ -143,7 +143,9 @@ impl Room {
 
     /// `e`, from `what`, ran out of space: one more round of making room
     /// (`round` counts them), or, after the last, the error to fail with.
-    fn next_round(&mut self, e: Error, what: &str, round: &mut u8) -> Result<()> {
+    /// `grown`: what the backup wrote so far (see [`BackupReceiver::grown`]),
+    /// for the growth guard.
+    fn next_round(&mut self, e: Error, what: &str, round: &mut u8, grown: u64) -> Result<()> {
         *round += 1;
         if *round > ROOM_ROUNDS {
             return Err(Error::Store(format!(
@@ -153,7 +155,16 @@ impl Room {
         }
         let refusal = self.refusal();
         let (now, r) = (self.now(), *round);
-        let n = pruner::make_room_for_metadata(&self.store, &self.config, now, what, r, refusal)?;
+        let grown = Some((&self.host, grown));
+        let n = pruner::make_room_for_metadata(
+            &self.store,
+            &self.config,
+            now,
+            what,
+            r,
+            refusal,
+            grown,
+        )?;
         self.count(n);
         Ok(())
     }
@@ -170,7 +181,7 @@ pub fn retry<T>(
     let mut round = 0;
     loop {
         match (op(), room.as_mut()) {
-            (Err(e), Some(room)) if is_no_space(&e) => room.next_round(e, &what(), &mut round)?,
+            (Err(e), Some(room)) if is_no_space(&e) => room.next_round(e, &what(), &mut round, 0)?,
             (r, _) => return r,
         }
     }
@@ -193,7 +204,7 @@ impl BackupReceiver {
                 (Err(e), Some(room)) if is_no_space(&e) => {
                     let what = what();
                     self.before_making_room(&what);
-                    if let Err(e) = room.next_round(e, &what, &mut round) {
+                    if let Err(e) = room.next_round(e, &what, &mut round, self.grown) {
                         break Err(e);
                     }
                 }
@@ -232,7 +243,8 @@ impl BackupReceiver {
             return e;
         };
         let (now, refusal) = (room.now(), room.refusal());
-        let deleted = pruner::delete_one(&room.store, &room.config, now, refusal);
+        let grown = Some((&room.host, self.grown));
+        let deleted = pruner::delete_one(&room.store, &room.config, now, refusal, grown);
         if let Ok(n) = deleted {
             room.count(n);
         }

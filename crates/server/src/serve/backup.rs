@@ -73,8 +73,10 @@ pub(super) fn backup<R: Read, W: Write>(
         // guard counts it (a client cutting its runs short must not
         // write without limit, unseen).
         if rx.grown > 0 {
-            if let Err(e2) = crate::pruner::record_written(&host, target.now(), rx.grown, None) {
-                tracing::error!("cannot record the interrupted backup's usage: {e2}");
+            match crate::pruner::record_written(&host, target.now(), rx.grown, None) {
+                // Counted once: the deletion on the way out reads it there.
+                Ok(()) => rx.grown = 0,
+                Err(e2) => tracing::error!("cannot record the interrupted backup's usage: {e2}"),
             }
         }
         if rx.manifest_damaged() {
