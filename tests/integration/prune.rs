@@ -413,7 +413,8 @@ fn assert_kept_is_the_importance_targets(
 
 /// Two steady hosts share the pruning; then one host's backup suddenly writes
 /// far more than usual: the prune refuses to evict the other host's history,
-/// says so (stderr, `status`, exit 3), and `--prune-force` is the admin's way on.
+/// says so (stderr, `status`, exit 3), and accepting that spike by name
+/// (`--accept`) is the admin's way on.
 #[test]
 fn hosts_share_the_disc_and_a_sudden_giant_backup_needs_the_admin() {
     if !require_root("btrfs loop filesystem") {
@@ -526,9 +527,26 @@ fn hosts_share_the_disc_and_a_sudden_giant_backup_needs_the_admin() {
     );
     let p = sim.prune(now + 800, &["--prune"]);
     assert_eq!(p.status.code(), Some(3), "{}", text(&p.stderr));
-    // The admin accepts the growth: pruning resumes and reaches the target.
-    let p = sim.prune(now + 900, &["--prune-force"]);
+    // The admin accepts the growth the refusal names (a name that is no
+    // open spike is a usage error): pruning resumes and reaches the target.
+    let err = text(&p.stderr);
+    let spike = err
+        .split("not pruning: ")
+        .nth(1)
+        .and_then(|r| r.split(" wrote ").next())
+        .unwrap_or_else(|| panic!("no spike named: {err}"))
+        .to_string();
+    assert!(spike.starts_with("b/"), "{err}");
+    let p = sim.prune(now + 850, &["--accept", "a/2026-03-01T03:00+0000"]);
+    assert_eq!(p.status.code(), Some(2), "{}", text(&p.stderr));
+    assert!(text(&p.stderr).contains(&spike), "{}", text(&p.stderr));
+    let p = sim.prune(now + 900, &["--prune-force", "--accept", &spike]);
     assert!(p.status.success(), "{}", text(&p.stderr));
+    assert!(
+        text(&p.stderr).contains(&format!("accepting growth: {spike}")),
+        "{}",
+        text(&p.stderr)
+    );
     assert!(
         !deletions(&text(&p.stderr)).is_empty(),
         "{}",

@@ -50,9 +50,14 @@ pub struct PruneArgs {
     /// Prune if the store is short of space.
     #[arg(short = 'p', long)]
     pub prune: bool,
-    /// Prune regardless: at least the next snapshot, even within 7 days, and accept growth spikes.
+    /// Prune regardless: at least the next snapshot, even within 7 days, and accept growth spikes
+    /// (with --accept, only those named).
     #[arg(short = 'r', long)]
     pub prune_force: bool,
+    /// Accept this growth spike (HOST/SNAPSHOT, as the refusal names it; repeatable), then prune
+    /// as --prune does (or --prune-force).
+    #[arg(long, value_name = "HOST/SNAPSHOT")]
+    pub accept: Vec<String>,
     /// Order snapshots by importance or age.
     #[arg(short = 'o', long, value_enum, default_value = "importance")]
     pub order: OrderArg,
@@ -286,10 +291,10 @@ pub struct PruneJson {
 /// exit code — each step filling the JSON report; split, the order would
 /// no longer read top to bottom.
 fn prune_inner(args: PruneArgs, report: &mut PruneJson) -> Result<u8> {
-    let do_prune = args.prune || args.prune_force;
+    let do_prune = args.prune || args.prune_force || !args.accept.is_empty();
     if do_prune == args.list {
         return Err(Error::Usage(
-            "give exactly one of --list or --prune/--prune-force".into(),
+            "give exactly one of --list or --prune/--prune-force/--accept".into(),
         ));
     }
     let root = store_root(args.store)?;
@@ -350,11 +355,15 @@ fn prune_inner(args: PruneArgs, report: &mut PruneJson) -> Result<u8> {
         target_free: None,
         max_deletions: None,
         only_host: None,
+        accept: args.accept,
     };
-    let spinner = byteback_protocol::term::progress_wanted(args.progress, args.no_progress)
-        .then(prune_spinner);
     // Lines whole, above the spinner.
     let mut err = std::io::LineWriter::new(byteback_protocol::term::LinesAt(tracing::Level::INFO));
+    if !opts.accept.is_empty() {
+        pruner::accept(&store, &opts.accept, opts.dry_run, &mut err)?;
+    }
+    let spinner = byteback_protocol::term::progress_wanted(args.progress, args.no_progress)
+        .then(prune_spinner);
     let o = pruner::prune(&store, &opts, &mut err);
     if spinner.is_some() {
         byteback_protocol::term::hide_bar();

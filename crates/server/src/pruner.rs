@@ -59,6 +59,10 @@ pub struct PruneOptions {
     pub max_deletions: Option<usize>,
     /// Delete only this host's snapshots.
     pub only_host: Option<String>,
+    /// Growth spikes the admin accepts by name (`HOST/SNAPSHOT`, as the
+    /// refusal names them; see [`accept`]): with these, `force` accepts no
+    /// others.
+    pub accept: Vec<String>,
 }
 
 impl PruneOptions {
@@ -77,6 +81,7 @@ impl PruneOptions {
             target_free,
             max_deletions: None,
             only_host: None,
+            accept: vec![],
         }
     }
 
@@ -801,10 +806,12 @@ fn check_growth(
     if let Some(h) = &opts.only_host {
         spikes.retain(|s| !(&s.host == h && s.snapshot.starts_with(PENDING_PREFIX)));
     }
+    // Accepted by name in this run (a dry run records nothing).
+    spikes.retain(|s| !opts.accept.contains(&format!("{}/{}", s.host, s.snapshot)));
     if spikes.is_empty() {
         return Ok(None);
     }
-    if opts.force {
+    if opts.force && opts.accept.is_empty() {
         if !opts.dry_run {
             let lines: String = spikes
                 .iter()
@@ -831,8 +838,9 @@ fn check_growth(
     let why = |shown: &dyn Fn(&Spike) -> String| {
         format!(
             "not pruning: {}; deleting other hosts' history for it needs the admin's decision \
-             (byteback-prune --prune-force accepts it; or delete that snapshot, where it names \
-             one: growth not snapshotted yet, current-since-..., is only accepted)",
+             (byteback-prune --prune --accept HOST/SNAPSHOT accepts one, --prune-force every \
+             spike; or delete that snapshot, where it names one: growth not snapshotted yet, \
+             current-since-..., is only accepted)",
             spikes.iter().map(shown).collect::<Vec<_>>().join("; ")
         )
     };
@@ -845,6 +853,51 @@ fn check_growth(
         }
     }
     Ok(Some(why(&spike_shown)))
+}
+
+/// Accepts the growth spikes `names` (`HOST/SNAPSHOT`, as a refusal names
+/// them), recorded in [`ACCEPTED`] unless `dry_run`, each said in `log`.
+/// A name that is no open spike is a usage error naming those that are:
+/// an admin accepts what they looked at, and nothing is accepted unseen.
+pub fn accept(store: &Store, names: &[String], dry_run: bool, log: &mut dyn Write) -> Result<()> {
+    let snapshots = all_snapshots(store)?;
+    let capacity = space::measure(store.fd())
+        .op("measure", || store.root.display())?
+        .size;
+    let open = open_spikes(store, &snapshots, capacity)?;
+    let name = |s: &Spike| format!("{}/{}", s.host, s.snapshot);
+    let mut lines = String::new();
+    let mut said = vec![];
+    for n in names {
+        let Some(s) = open.iter().find(|s| name(s) == *n) else {
+            let open = open.iter().map(name).collect::<Vec<_>>();
+            return Err(Error::Usage(format!(
+                "--accept {n}: no growth spike of that name is open ({}); nothing accepted",
+                if open.is_empty() {
+                    "none is".to_string()
+                } else {
+                    format!("open: {}", open.join(", "))
+                }
+            )));
+        };
+        lines.push_str(&match s.snapshot.starts_with(PENDING_PREFIX) {
+            true => format!("{n} {}\n", s.new_bytes),
+            false => format!("{n}\n"),
+        });
+        said.push(spike_shown(s));
+    }
+    if !dry_run {
+        write_small(store, ACCEPTED, &lines, true)?;
+    }
+    let verb = if dry_run {
+        "would accept growth"
+    } else {
+        "accepting growth"
+    };
+    for s in said {
+        say(log, format_args!("byteback-prune: {verb}: {s}"))?;
+    }
+    Ok(())
 }
 
 /// Records why pruning could not make the room it should (for `status`,
@@ -1312,6 +1365,74 @@ mod tests {
         let got = open(&snapshots);
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!(got[0].snapshot, next);
+    }
+
+    /// `--accept HOST/SNAPSHOT` accepts that spike only: a prune goes on
+    /// while another host's spike is open only once that one is accepted
+    /// too, `--prune-force` with `--accept` accepts no others, and a name
+    /// that is no open spike is a usage error that names the open ones.
+    /// Before, the admin's only way was `--prune-force`, which accepted
+    /// every spike open, of every host, including any they had not seen.
+    #[test]
+    fn accepting_a_spike_by_name_accepts_that_one_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let names = [
+            "2026-11-01T03:00+0000",
+            "2026-11-02T03:00+0000",
+            "2026-11-03T03:00+0000",
+        ];
+        // Far above 2 % of whatever filesystem holds the temporary
+        // directory: the store's capacity is measured.
+        const HUGE: u64 = 1 << 55;
+        for host in ["a", "b"] {
+            store.host(host, true).unwrap();
+            let mut log = String::new();
+            for (i, name) in names.iter().enumerate() {
+                let bytes = if i == 2 { HUGE } else { 2 << 20 };
+                log.push_str(&format!("{} {bytes} {name}\n", 1000 + i));
+                std::fs::create_dir_all(dir.path().join(host).join(name)).unwrap();
+            }
+            std::fs::write(dir.path().join(host).join(USAGE_LOG), &log).unwrap();
+        }
+        let cfg = crate::config::StoreConfig::default();
+        let mut opts = PruneOptions::server(&cfg, 1_796_400_000, None);
+        (opts.minpercent, opts.maxpercent) = (100, 100);
+        opts.max_deletions = Some(1);
+        let spike = |h: &str| format!("{h}/{}", names[2]);
+        let run = |opts: &PruneOptions| {
+            let mut log = Vec::new();
+            if !opts.accept.is_empty() {
+                accept(&store, &opts.accept, opts.dry_run, &mut log)?;
+            }
+            let out = prune(&store, opts, &mut log)?;
+            Ok::<_, Error>((out, String::from_utf8(log).unwrap()))
+        };
+        // Both open: refused, naming both.
+        let (out, _) = run(&opts).unwrap();
+        let why = out.refused.unwrap();
+        assert!(why.contains(&spike("a")) && why.contains(&spike("b")), "{why}");
+        // A name that is no open spike: nothing accepted, the open named.
+        opts.accept = vec!["a/2026-11-02T03:00+0000".into()];
+        let e = run(&opts).unwrap_err().to_string();
+        assert!(e.contains("no growth spike of that name"), "{e}");
+        assert!(e.contains(&spike("a")) && e.contains(&spike("b")), "{e}");
+        assert!(!dir.path().join(ACCEPTED).exists());
+        // a's accepted, even when forced: b's still stops the prune.
+        opts.accept = vec![spike("a")];
+        opts.force = true;
+        let (out, log) = run(&opts).unwrap();
+        assert!(log.contains(&format!("accepting growth: {}", spike("a"))), "{log}");
+        assert!(out.deleted.is_empty(), "{out:?}");
+        let why = out.refused.unwrap();
+        assert!(why.contains(&spike("b")) && !why.contains(&spike("a")), "{why}");
+        let accepted = std::fs::read_to_string(dir.path().join(ACCEPTED)).unwrap();
+        assert_eq!(accepted, format!("{}\n", spike("a")));
+        // Then b's too: the prune goes on.
+        opts.accept = vec![spike("b")];
+        opts.force = false;
+        let (out, _) = run(&opts).unwrap();
+        assert_eq!((out.refused, out.deleted.len()), (None, 1));
     }
 
     /// A crash after a snapshot was taken and before its line: the next
