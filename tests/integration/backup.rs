@@ -150,6 +150,19 @@ fn data_for_a_local_store_is_compressed_only_when_asked() {
     );
     assert_eq!(bad.status.code(), Some(2), "{}", output_text(&bad));
     assert!(stderr(&bad).contains("--compress"), "{}", output_text(&bad));
+    // A source that does not exist is a configuration error too (exit 2,
+    // never retried: a retry would not make it exist), beside one that does.
+    let missing = run_status(
+        Command::new(bin("byteback-backup"))
+            .arg("--destination")
+            .arg(&store)
+            .args(["--retry-number", "3", "--retry-delay", "60", "--source"])
+            .arg(&src)
+            .arg("/nonexistent"),
+    );
+    let out = output_text(&missing);
+    assert_eq!(missing.status.code(), Some(2), "{out}");
+    assert!(out.contains("source /nonexistent does not exist"), "{out}");
 }
 
 #[test]

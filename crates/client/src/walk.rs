@@ -450,7 +450,17 @@ fn normalise(sources: &[PathBuf]) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
                 _ => {}
             }
         }
-        std::fs::symlink_metadata(&clean).with_context(|| format!("source {}", clean.display()))?;
+        match std::fs::symlink_metadata(&clean) {
+            // A configuration error (a typo, a path since removed): exit 2,
+            // never retried, as for any other usage error.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::Usage(format!(
+                    "source {} does not exist ({e})",
+                    clean.display()
+                )))
+            }
+            r => r.with_context(|| format!("source {}", clean.display()))?,
+        };
         out.push(clean);
     }
     out.sort_by(|a, b| compare_paths(&rel_of(a), &rel_of(b)));
