@@ -402,6 +402,22 @@ fn client_key_is_confined_to_its_own_host() {
     assert!(found.iter().any(|p| p.ends_with("only-on-a")));
     assert!(!found.iter().any(|p| p.ends_with("secret-of-b")));
     sentinel.assert_untouched();
+
+    // A key other users may read is refused, as ssh refuses it (whoever
+    // reads it can restore this host's backups): a usage error, exit 2.
+    use std::os::unix::fs::PermissionsExt;
+    for mode in [0o644, 0o640, 0o604] {
+        fs::set_permissions(&key_a, fs::Permissions::from_mode(mode)).unwrap();
+        let out = w.backup(&a, &src_a);
+        assert_eq!(out.status.code(), Some(2), "{mode:o}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("other users may read or change it"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    fs::set_permissions(&key_a, fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(w.backup(&a, &src_a).status.success());
 }
 
 fn walkdir_all(dir: &Path) -> Vec<PathBuf> {

@@ -378,7 +378,7 @@ impl SshSession {
 /// A key that cannot be loaded is a configuration error: retrying cannot
 /// make it appear or lose its passphrase.
 pub fn load_key(path: &Path) -> Result<PrivateKey> {
-    russh::keys::load_secret_key(path, None).map_err(|e| {
+    read_key(path).map_err(|e| {
         let hint = match &e {
             russh::keys::Error::IO(io) if io.kind() == std::io::ErrorKind::NotFound => {
                 "; byteback-setup-client makes one, or give the key with --ssh-key"
@@ -403,6 +403,40 @@ pub fn load_key(path: &Path) -> Result<PrivateKey> {
             path.display()
         ))
     })
+}
+
+/// Most bytes read from a private key file (an RSA key of 16,384 bits
+/// is about 13 KB).
+const KEY_FILE_MAX: u64 = 1 << 20;
+
+/// Reads and decodes the private key at `path`, refusing one that other
+/// users may read or that belongs to someone else, as OpenSSH does
+/// ("UNPROTECTED PRIVATE KEY FILE"): whoever can read it can list,
+/// restore or back up as this host.
+fn read_key(path: &Path) -> std::result::Result<PrivateKey, russh::keys::Error> {
+    use std::io::Read as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    let me = rustix::process::geteuid().as_raw();
+    let unsafe_key = |why: String| {
+        russh::keys::Error::IO(std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!(
+            "{why}; refusing to use it, as ssh does (`chown {me} {0}; chmod 600 {0}`)",
+            path.display()
+        )))
+    };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(unsafe_key(format!("it belongs to uid {}", meta.uid())));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(unsafe_key(format!(
+            "other users may read or change it (mode {:o})",
+            meta.mode() & 0o7777
+        )));
+    }
+    let mut text = String::new();
+    file.take(KEY_FILE_MAX).read_to_string(&mut text)?;
+    russh::keys::decode_secret_key(&text, None)
 }
 
 /// Connects, authenticates and starts `request`; returns once the command runs.
