@@ -209,7 +209,10 @@ fn a_file_changed_just_before_a_tail_of_zeros_is_stored_at_the_first_attempt() {
             let o = backup();
             assert_eq!(o.status.code(), Some(0), "at {at}: {}", output_text(&o));
             let stored = restored_path(&store.join("h/current"), &src).join("lastlog");
-            assert!(fs::read(&stored).unwrap() == fs::read(&f).unwrap(), "at {at}");
+            assert!(
+                fs::read(&stored).unwrap() == fs::read(&f).unwrap(),
+                "at {at}"
+            );
             // Still sparse in the store.
             assert!(allocated_bytes(&stored) < 8 << 20, "at {at}");
         }
@@ -220,6 +223,44 @@ fn a_file_changed_just_before_a_tail_of_zeros_is_stored_at_the_first_attempt() {
         assert!(allocated_bytes(&restored) < 8 << 20);
         fs::remove_file(&f).unwrap();
     }
+}
+
+/// A server that trickles its answer to the handshake, a byte a second
+/// (each resets --io-timeout), is given up on as a whole: before, a
+/// hostile or broken server held the run for as long as it liked. (The
+/// limit, 120 s, is shortened for the test.)
+#[test]
+fn a_server_trickling_its_handshake_is_given_up_on() {
+    use std::os::unix::fs::PermissionsExt;
+    let (d, src, store) = site();
+    let trickle = d.path().join("trickle");
+    // A frame's length within the cap (256 or 65,536 bytes, whichever the
+    // byte order), then its payload a byte a second.
+    let script = "#!/bin/sh\nprintf '\\000\\001\\000\\000'\nwhile :; do printf x; sleep 1; done\n";
+    fs::write(&trickle, script).unwrap();
+    fs::set_permissions(&trickle, fs::Permissions::from_mode(0o755)).unwrap();
+    let (out, took) = run_bounded(
+        Command::new(bin("byteback-backup"))
+            .env("BYTEBACK_SERVER", &trickle)
+            .env("BYTEBACK_TEST_HANDSHAKE_LIMIT_SECS", "3")
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .args(["--hostname", "h", "--retry-number", "0"]),
+        std::time::Duration::from_secs(60),
+        trickle.to_str().unwrap(),
+    );
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("did not complete the handshake within 3 s"),
+        "{text}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(30),
+        "{took:?}: {text}"
+    );
 }
 
 #[test]
@@ -1307,10 +1348,6 @@ fn a_directory_swapped_for_a_symlink_during_the_backup_leaks_nothing() {
 // test fails.
 // ---------------------------------------------------------------------------
 
-fn kill9(pid: u32) {
-    send_signal(pid, Signal::KILL);
-}
-
 /// Fails (after killing them) if processes naming `marker` are still there
 /// a moment after the client ended.
 fn assert_none_left(marker: &str) {
@@ -1328,42 +1365,6 @@ fn assert_none_left(marker: &str) {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-}
-
-/// Runs `cmd` with a hard deadline and returns its output and how long it
-/// ran. Still running at the deadline: the client is killed, and so is
-/// every process naming `marker` (its server), and the test fails.
-fn run_bounded(
-    cmd: &mut Command,
-    limit: std::time::Duration,
-    marker: &str,
-) -> (Output, std::time::Duration) {
-    let dir = scratch();
-    let (out_p, err_p) = (dir.path().join("stdout"), dir.path().join("stderr"));
-    let start = std::time::Instant::now();
-    let mut child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(fs::File::create(&out_p).unwrap())
-        .stderr(fs::File::create(&err_p).unwrap())
-        .spawn()
-        .unwrap();
-    let Some(status) = wait_until(&mut child, start, limit) else {
-        for (pid, _) in processes_naming(marker) {
-            kill9(pid);
-        }
-        panic!(
-            "HANG: {cmd:?} still running after {} s; stderr so far:\n{}",
-            limit.as_secs(),
-            fs::read_to_string(&err_p).unwrap_or_default()
-        );
-    };
-    let took = start.elapsed();
-    let out = Output {
-        status,
-        stdout: fs::read(&out_p).unwrap(),
-        stderr: fs::read(&err_p).unwrap(),
-    };
-    (out, took)
 }
 
 fn backup_cmd(store: &Path, src: &Path, host: &str, retries: u32) -> Command {

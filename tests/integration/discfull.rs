@@ -625,7 +625,8 @@ fn a_backup_far_above_its_usual_size_deletes_only_its_own_for_metadata() {
         if ok {
             // Two rounds deleted h's two older snapshots.
             assert_eq!(
-                out.matches("only snapshots of h may be deleted for it").count(),
+                out.matches("only snapshots of h may be deleted for it")
+                    .count(),
                 2,
                 "{out}"
             );

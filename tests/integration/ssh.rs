@@ -285,6 +285,43 @@ fn setup_refuses_bad_names_and_keys() {
     }
     assert!(!w.store.join("evil").exists());
     assert!(!w.store.join("x").exists());
+
+    // A server that trickles its answer to the enrolment, a byte a second
+    // (each resets the idle timeout), is given up on as a whole (the limit
+    // shortened for the test), and nothing points backups at it.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new().tempdir_in("/tmp").unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let trickle = dir.path().join("trickle");
+    fs::write(&trickle, "#!/bin/sh\nwhile :; do printf x; sleep 1; done\n").unwrap();
+    fs::set_permissions(&trickle, fs::Permissions::from_mode(0o755)).unwrap();
+    let client = w.client_dir("slow");
+    let (out, took) = run_bounded(
+        Command::new(bin("byteback-setup-client"))
+            .env("BYTEBACK_CONFIG_DIR", &client)
+            .env("HOME", &client)
+            .env("BYTEBACK_TEST_ENROL_LIMIT_SECS", "4")
+            .arg("--destination")
+            .arg(w.sshd.destination())
+            .args(["--hostname", "slow"])
+            .arg("--admin-key")
+            .arg(&w.sshd.admin_key)
+            .arg("--host-key")
+            .arg(w.sshd.host_key_fingerprint())
+            .arg("--server-command")
+            .arg(&trickle)
+            .stdin(Stdio::null()),
+        Duration::from_secs(60),
+        trickle.to_str().unwrap(),
+    );
+    assert!(!out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("did not finish enrolling within 4 s"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert!(!client.join("destination").exists());
 }
 
 #[test]
@@ -798,6 +835,7 @@ fn a_server_holding_the_session_after_its_commit_does_not_hold_the_client() {
             .arg(&src)
             .args(["--retry-number", "0"]),
         Duration::from_secs(60),
+        w.store.to_str().unwrap(),
     );
     for p in w.sshd.pids("sleep 300") {
         send_signal(p, Signal::KILL);
@@ -843,6 +881,7 @@ fn a_server_writing_only_to_stderr_is_timed_out() {
             .arg(&src)
             .args(["--retry-number", "0", "--io-timeout", "3"]),
         Duration::from_secs(60),
+        w.store.to_str().unwrap(),
     );
     for p in w.sshd.pids("chatty-server") {
         send_signal(p, Signal::KILL);
@@ -1062,36 +1101,6 @@ fn setup_with_a_password() {
     assert_eq!(w.snapshots("pw-host").len(), 1);
 }
 
-/// Runs `cmd` (a client) with a hard deadline; kills it and fails the test
-/// if it is still running then.
-fn run_bounded(cmd: &mut Command, limit: Duration) -> (Output, Duration) {
-    let start = Instant::now();
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        std::io::Read::read_to_end(&mut err, &mut s).unwrap();
-        s
-    });
-    let Some(status) = wait_until(&mut child, start, limit) else {
-        panic!("HANG: {cmd:?} still running after {} s", limit.as_secs());
-    };
-    let took = start.elapsed();
-    let stderr = reader.join().unwrap();
-    (
-        Output {
-            status,
-            stdout: vec![],
-            stderr,
-        },
-        took,
-    )
-}
-
 /// Over SSH too, a failed backup ends at once: a damaged manifest (the
 /// server reports it while the client waits with nothing to send, sets it
 /// aside, and the retry recovers one); then the server killed at its commit, while the client waits
@@ -1123,6 +1132,7 @@ fn over_ssh_a_failing_or_killed_server_never_leaves_the_client_hanging() {
             .arg(&src)
             .args(["--retry-number", "1", "--retry-delay", "1"]),
         limit,
+        w.store.to_str().unwrap(),
     );
     let e = stderr(&o);
     eprintln!("over SSH, took {took:?}:\n{e}");

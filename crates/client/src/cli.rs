@@ -451,12 +451,45 @@ fn databases_left_out(
     out
 }
 
+/// `hostname -f`'s output, from the program at a fixed path (not through
+/// `$PATH`, which `sudo -E` hands on from the user), given at most 10 s
+/// (it may wait for DNS); `None` if it fails or takes longer.
+fn hostname_f() -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    let exe = ["/usr/bin/hostname", "/bin/hostname"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())?;
+    let mut child = std::process::Command::new(exe)
+        .arg("-f")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let start = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if start.elapsed() < std::time::Duration::from_secs(10) => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    };
+    let mut out = Vec::new();
+    child.stdout.take()?.take(4096).read_to_end(&mut out).ok()?;
+    status.success().then_some(out)
+}
+
 /// This machine's fully qualified name (as `hostname -f`), or its node name.
 pub fn default_hostname() -> Result<String> {
-    let out = std::process::Command::new("hostname").arg("-f").output();
-    let name = match out {
-        Ok(o) if o.status.success() && !o.stdout.trim_ascii().is_empty() => {
-            String::from_utf8_lossy(o.stdout.trim_ascii()).into_owned()
+    let name = match hostname_f() {
+        Some(o) if !o.trim_ascii().is_empty() => {
+            String::from_utf8_lossy(o.trim_ascii()).into_owned()
         }
         _ => rustix::system::uname()
             .nodename()

@@ -293,6 +293,67 @@ impl Breaker {
     }
 }
 
+/// Longest a server may take to answer the handshake.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(120);
+/// [`HANDSHAKE_LIMIT`]; in a debug build, for the tests,
+/// `$BYTEBACK_TEST_HANDSHAKE_LIMIT_SECS` if set.
+pub(crate) fn handshake_limit() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(s) = std::env::var("BYTEBACK_TEST_HANDSHAKE_LIMIT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Duration::from_secs(s);
+    }
+    HANDSHAKE_LIMIT
+}
+
+/// Trips a [`Breaker`] once a time limit passes, unless dropped before.
+struct Deadline {
+    /// (done, tripped): done is set when dropped, tripped by the watcher.
+    state: Arc<(Mutex<(bool, bool)>, std::sync::Condvar)>,
+}
+
+impl Deadline {
+    fn start(limit: Duration, breaker: Breaker) -> Deadline {
+        let state = Arc::new((Mutex::new((false, false)), std::sync::Condvar::new()));
+        let watch = state.clone();
+        std::thread::spawn(move || {
+            let (lock, cv) = &*watch;
+            let guard = lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (mut guard, _) = cv
+                .wait_timeout_while(guard, limit, |(done, _)| !*done)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !guard.0 {
+                guard.1 = true;
+                breaker.trip();
+            }
+        });
+        Deadline { state }
+    }
+
+    /// Whether the limit passed (and the breaker was tripped).
+    fn passed(&self) -> bool {
+        self.state
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.state;
+        lock.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0 = true;
+        cv.notify_all();
+    }
+}
+
 /// What carries a connection's bytes, kept so it can be waited for or torn down.
 pub enum Transport {
     /// Nothing to wait for (tests over in-memory streams).
@@ -735,6 +796,10 @@ impl Connection {
         // answered tears the connection down: the wait ends at once.
         let breaker = transport.breaker();
         let _abort = crate::stop::abort_while(move || breaker.trip());
+        // The server answers at once; one that trickles its answer a byte
+        // at a time (each byte resets --io-timeout) must not hold us.
+        let limit = handshake_limit();
+        let deadline = Deadline::start(limit, transport.breaker());
         let hello = writer
             .send(&ClientMsg::Hello {
                 magic: MAGIC,
@@ -765,6 +830,14 @@ impl Connection {
             Err(e) => {
                 drop((reader, writer));
                 let how = transport.abort();
+                let e = if deadline.passed() {
+                    e.context(format!(
+                        "the server did not complete the handshake within {} s",
+                        limit.as_secs()
+                    ))
+                } else {
+                    e
+                };
                 Err(with_exit(e, how))
             }
         }

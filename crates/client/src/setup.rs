@@ -181,13 +181,13 @@ fn setup(args: &SetupArgs) -> Result<()> {
         KeyChange::Enrol,
     )?;
 
-    write_if_changed(&dir.join("destination"), &format!("{destination}\n"))?;
-
-    // Prove the new key works through its forced command.
+    // Prove the new key works through its forced command, before this
+    // machine's backups are pointed at the server.
     let conn = Connection::open_ssh(&target, &key_path, &checking(), "ping")
         .context("the new key does not work yet")?;
     let filed_as = conn.host.clone();
     conn.close()?;
+    write_if_changed(&dir.join("destination"), &format!("{destination}\n"))?;
     eprintln!(
         "byteback-setup-client: done: this machine backs up to {destination} as host {filed_as}; run byteback-backup (daily from a timer)"
     );
@@ -379,9 +379,36 @@ fn enrol_remote(
     // The enrol command prints a line or two: more is the server's error
     // (it could otherwise grow this without bound).
     let mut out = Vec::new();
-    (&mut sock)
-        .take(ENROL_OUTPUT_MAX + 1)
-        .read_to_end(&mut out)?;
+    let (start, limit) = (std::time::Instant::now(), enrol_limit());
+    let mut buf = [0u8; 4096];
+    loop {
+        // Bounded as a whole: a server trickling a byte at a time (each
+        // resets the idle timeout) must not hold set-up for days.
+        let Some(left) = limit.checked_sub(start.elapsed()).filter(|d| !d.is_zero()) else {
+            stream.abort();
+            let _ = stream.finish();
+            return Err(Error::msg(format!(
+                "the server did not finish enrolling within {} s; giving up",
+                limit.as_secs()
+            )));
+        };
+        sock.set_read_timeout(Some(left))?;
+        match sock.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if out.len() as u64 > ENROL_OUTPUT_MAX {
+            break;
+        }
+    }
     drop(sock);
     if out.len() as u64 > ENROL_OUTPUT_MAX {
         return Err(Error::msg(format!(
@@ -405,6 +432,21 @@ fn enrol_remote(
 
 /// Most output taken from the server's enrol command.
 const ENROL_OUTPUT_MAX: u64 = 64 << 10;
+
+/// Longest the server's enrol command may take, output and all.
+const ENROL_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+/// [`ENROL_LIMIT`]; in a debug build, for the tests,
+/// `$BYTEBACK_TEST_ENROL_LIMIT_SECS` if set.
+fn enrol_limit() -> std::time::Duration {
+    #[cfg(debug_assertions)]
+    if let Some(s) = std::env::var("BYTEBACK_TEST_ENROL_LIMIT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return std::time::Duration::from_secs(s);
+    }
+    ENROL_LIMIT
+}
 
 fn is_shell_word(s: &str) -> bool {
     !s.is_empty()

@@ -320,6 +320,11 @@ impl SshAbort {
 }
 
 impl SshStream {
+    /// Stops the session (see [`SshAbort`]).
+    pub fn abort(&self) {
+        self.abort.abort();
+    }
+
     /// Closes our side and waits for the SSH session to end; returns the command's exit status.
     pub fn finish(self) -> Result<Option<u32>> {
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
@@ -420,10 +425,13 @@ fn read_key(path: &Path) -> std::result::Result<PrivateKey, russh::keys::Error> 
     let meta = file.metadata()?;
     let me = rustix::process::geteuid().as_raw();
     let unsafe_key = |why: String| {
-        russh::keys::Error::IO(std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!(
-            "{why}; refusing to use it, as ssh does (`chown {me} {0}; chmod 600 {0}`)",
-            path.display()
-        )))
+        russh::keys::Error::IO(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{why}; refusing to use it, as ssh does (`chown {me} {0}; chmod 600 {0}`)",
+                path.display()
+            ),
+        ))
     };
     if meta.uid() != me && meta.uid() != 0 {
         return Err(unsafe_key(format!("it belongs to uid {}", meta.uid())));

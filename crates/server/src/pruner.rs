@@ -1411,7 +1411,10 @@ mod tests {
         // Both open: refused, naming both.
         let (out, _) = run(&opts).unwrap();
         let why = out.refused.unwrap();
-        assert!(why.contains(&spike("a")) && why.contains(&spike("b")), "{why}");
+        assert!(
+            why.contains(&spike("a")) && why.contains(&spike("b")),
+            "{why}"
+        );
         // A name that is no open spike: nothing accepted, the open named.
         opts.accept = vec!["a/2026-11-02T03:00+0000".into()];
         let e = run(&opts).unwrap_err().to_string();
@@ -1422,10 +1425,16 @@ mod tests {
         opts.accept = vec![spike("a")];
         opts.force = true;
         let (out, log) = run(&opts).unwrap();
-        assert!(log.contains(&format!("accepting growth: {}", spike("a"))), "{log}");
+        assert!(
+            log.contains(&format!("accepting growth: {}", spike("a"))),
+            "{log}"
+        );
         assert!(out.deleted.is_empty(), "{out:?}");
         let why = out.refused.unwrap();
-        assert!(why.contains(&spike("b")) && !why.contains(&spike("a")), "{why}");
+        assert!(
+            why.contains(&spike("b")) && !why.contains(&spike("a")),
+            "{why}"
+        );
         let accepted = std::fs::read_to_string(dir.path().join(ACCEPTED)).unwrap();
         assert_eq!(accepted, format!("{}\n", spike("a")));
         // Then b's too: the prune goes on.

@@ -1583,6 +1583,46 @@ pub fn wait_until(
     }
 }
 
+/// Runs `cmd` with a hard deadline and returns its output and how long it
+/// ran. Still running at the deadline: the client is killed, and so is
+/// every process naming `marker` (its server), and the test fails.
+pub fn run_bounded(
+    cmd: &mut Command,
+    limit: std::time::Duration,
+    marker: &str,
+) -> (Output, std::time::Duration) {
+    let dir = scratch();
+    let (out_p, err_p) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let start = std::time::Instant::now();
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(fs::File::create(&out_p).unwrap())
+        .stderr(fs::File::create(&err_p).unwrap())
+        .spawn()
+        .unwrap();
+    let Some(status) = wait_until(&mut child, start, limit) else {
+        for (pid, _) in processes_naming(marker) {
+            kill9(pid);
+        }
+        panic!(
+            "HANG: {cmd:?} still running after {} s; stderr so far:\n{}",
+            limit.as_secs(),
+            fs::read_to_string(&err_p).unwrap_or_default()
+        );
+    };
+    let took = start.elapsed();
+    let out = Output {
+        status,
+        stdout: fs::read(&out_p).unwrap(),
+        stderr: fs::read(&err_p).unwrap(),
+    };
+    (out, took)
+}
+
+pub fn kill9(pid: u32) {
+    send_signal(pid, Signal::KILL);
+}
+
 /// RFC 3339 form of Unix seconds (UTC).
 pub fn rfc3339(t: i64) -> String {
     let n = byteback_server::time::format_name(t, 0);

@@ -181,7 +181,9 @@ pub fn retry<T>(
     let mut round = 0;
     loop {
         match (op(), room.as_mut()) {
-            (Err(e), Some(room)) if is_no_space(&e) => room.next_round(e, &what(), &mut round, 0)?,
+            (Err(e), Some(room)) if is_no_space(&e) => {
+                room.next_round(e, &what(), &mut round, 0)?
+            }
             (r, _) => return r,
         }
     }
