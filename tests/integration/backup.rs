@@ -263,6 +263,126 @@ fn a_server_trickling_its_handshake_is_given_up_on() {
     );
 }
 
+/// A local server that does not end after it committed the backup (here
+/// its wrapper sleeps after the real server, as a prune stuck on a slow
+/// store would) holds the client only a bounded time (60 s; 3 s here
+/// through a debug-build knob), then costs a warning: the backup succeeds,
+/// its snapshot taken; so for a listing. Before, the client waited for it
+/// for ever (over SSH it was bounded already).
+#[test]
+fn a_local_server_that_does_not_end_after_the_session_does_not_hold_the_client() {
+    use std::os::unix::fs::PermissionsExt;
+    let (d, src, store) = site();
+    fs::write(src.join("f"), b"held").unwrap();
+    let held = d.path().join("held-server");
+    let script = format!(
+        "#!/bin/sh\n'{}' \"$@\"\nexec sleep 307\n",
+        bin("byteback-server").display()
+    );
+    fs::write(&held, script).unwrap();
+    fs::set_permissions(&held, fs::Permissions::from_mode(0o755)).unwrap();
+    let client = |prog: &str| {
+        let mut c = Command::new(bin(prog));
+        c.env("BYTEBACK_SERVER", &held)
+            .env("BYTEBACK_TEST_POST_COMMIT_WAIT_SECS", "3")
+            .arg("--destination")
+            .arg(&store)
+            .args(["--hostname", "h"]);
+        c
+    };
+    let limit = std::time::Duration::from_secs(60);
+    let mut backup = client("byteback-backup");
+    backup
+        .arg("--source")
+        .arg(&src)
+        .args(["--retry-number", "0"]);
+    let (o, took) = run_bounded(&mut backup, limit, "sleep 307");
+    let mut list = client("byteback-restore");
+    list.args(["--list", "/**"]);
+    let (l, listed) = run_bounded(&mut list, limit, "sleep 307");
+    for (pid, _) in processes_naming("sleep 307") {
+        kill9(pid);
+    }
+    let text = output_text(&o);
+    assert_eq!(o.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("after the backup: the server")
+            && text.contains("had not ended 3 s after the backup"),
+        "{text}"
+    );
+    assert!(took < std::time::Duration::from_secs(30), "{took:?}");
+    assert_eq!(snapshots(&store, "h").len(), 1);
+    let text = output_text(&l);
+    assert_eq!(l.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("had not ended 3 s after the session"),
+        "{text}"
+    );
+    assert!(String::from_utf8_lossy(&l.stdout).contains("/f"), "{text}");
+    assert!(listed < std::time::Duration::from_secs(30), "{listed:?}");
+}
+
+/// A walk stuck in a system call that never returns (a source filesystem
+/// that stopped answering; injected in a debug build) cannot be woken when
+/// --io-timeout fails the attempt: the run ends without it 120 s later (3 s
+/// here through a debug-build knob), saying why, its post-backup hooks run
+/// and told it failed, its --json report printed. Before, the run never
+/// ended, holding its locks (and with them every later run).
+#[test]
+fn a_walk_stuck_in_the_kernel_does_not_hold_the_run_for_ever() {
+    use std::os::unix::fs::PermissionsExt;
+    let (d, src, store) = site();
+    fs::create_dir_all(src.join("stuck/below")).unwrap();
+    fs::write(src.join("stuck/below/f"), b"x").unwrap();
+    let config = d.path().join("config");
+    let hooks = config.join("post-backup.d");
+    fs::create_dir_all(&hooks).unwrap();
+    let told = d.path().join("told");
+    let hook = hooks.join("10-say");
+    fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$BYTEBACK_STATUS\" > '{}'\n",
+            told.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    let (o, took) = run_bounded(
+        Command::new(bin("byteback-backup"))
+            .env("BYTEBACK_CONFIG_DIR", &config)
+            .env("BYTEBACK_TEST_WALK_STALL", "stuck")
+            .env("BYTEBACK_TEST_STUCK_LIMIT_SECS", "3")
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .args([
+                "--hostname",
+                "h",
+                "--retry-number",
+                "0",
+                "--io-timeout",
+                "3",
+                "--json",
+            ]),
+        std::time::Duration::from_secs(60),
+        src.to_str().unwrap(),
+    );
+    let text = output_text(&o);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(text.contains("no data moved for 3 s"), "{text}");
+    assert!(
+        text.contains("the backup did not stop within 3 s of that"),
+        "{text}"
+    );
+    assert!(took < std::time::Duration::from_secs(30), "{took:?}");
+    assert_eq!(fs::read_to_string(&told).unwrap().trim(), "1", "{text}");
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).expect(&text);
+    assert_eq!(json["status"], "failed", "{json}");
+    assert!(snapshots(&store, "h").is_empty());
+}
+
 #[test]
 fn rich_tree_round_trip_plain_store() {
     let d = scratch();

@@ -463,6 +463,17 @@ impl Transport {
                     },
                 }
             }
+            Transport::Child(mut c, _) => {
+                let limit = post_commit_wait();
+                if !wait_child(&mut c, limit) {
+                    bail!(
+                        "the server (pid {}) had not ended {} s after the backup (still pruning?); not waiting for it",
+                        c.id(),
+                        limit.as_secs()
+                    );
+                }
+                child_status(&mut c)
+            }
             t => t.finish(),
         }
     }
@@ -472,14 +483,18 @@ impl Transport {
         match self {
             Transport::None => Ok(()),
             Transport::Child(mut c, _) => {
-                let st = c
-                    .wait()
-                    .map_err(|e| err!("cannot wait for byteback-server: {e}"))?;
-                drain_relayed();
-                if !st.success() {
-                    bail!("byteback-server {}", describe_exit(st));
+                // Everything asked for has come: a server that does not
+                // end must not hold us (it goes on by itself).
+                let limit = post_commit_wait();
+                if !wait_child(&mut c, limit) {
+                    tracing::warn!(
+                        "the server (pid {}) had not ended {} s after the session; not waiting for it",
+                        c.id(),
+                        limit.as_secs()
+                    );
+                    return Ok(());
                 }
-                Ok(())
+                child_status(&mut c)
             }
             Transport::Ssh(sock, session) => {
                 let _ = sock.shutdown(Shutdown::Write);
@@ -502,6 +517,18 @@ impl Transport {
             }
         }
     }
+}
+
+/// The status of a server that has ended, with its last lines relayed.
+fn child_status(c: &mut Child) -> Result<()> {
+    let st = c
+        .wait()
+        .map_err(|e| err!("cannot wait for byteback-server: {e}"))?;
+    drain_relayed();
+    if !st.success() {
+        bail!("byteback-server {}", describe_exit(st));
+    }
+    Ok(())
 }
 
 /// Waits at most `limit` for a child to end; true if it has (or cannot be waited for).

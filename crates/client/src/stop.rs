@@ -368,22 +368,33 @@ fn on_signal(sig: i32) {
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            let post = {
-                let mut state = lock(&POST);
-                match std::mem::replace(&mut *state, PostState::Fallback) {
-                    PostState::Registered(post) => post,
-                    other => {
-                        *state = other;
-                        return;
-                    }
-                }
-            };
-            say("the backup did not stop in time; running the post-backup hooks now");
-            let failures =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| post(code, None)));
-            for f in failures.unwrap_or_default() {
-                say(&format!("post-backup hook failed: {f}"));
-            }
-            end(code, &msg);
+            give_up(
+                code,
+                &msg,
+                "the backup did not stop in time; running the post-backup hooks now",
+            );
         });
+}
+
+/// Ends the run without the main thread, stuck where it cannot be woken
+/// (a read on a filesystem that does not answer): says `why`, runs the
+/// post-backup hooks (told `code`), prints the `--json` report and exits
+/// with `code`. Returns only if the main thread got to the hooks first.
+pub fn give_up(code: u8, msg: &str, why: &str) {
+    let post = {
+        let mut state = lock(&POST);
+        match std::mem::replace(&mut *state, PostState::Fallback) {
+            PostState::Registered(post) => post,
+            other => {
+                *state = other;
+                return;
+            }
+        }
+    };
+    say(why);
+    let failures = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| post(code, None)));
+    for f in failures.unwrap_or_default() {
+        say(&format!("post-backup hook failed: {f}"));
+    }
+    end(code, msg);
 }

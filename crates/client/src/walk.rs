@@ -538,6 +538,24 @@ fn eio_fault(_abs: &[u8]) -> Option<Errno> {
     None
 }
 
+/// `BYTEBACK_TEST_WALK_STALL=NAME` (debug builds only): listing a
+/// directory whose last path component is NAME never returns, as on a
+/// filesystem that stopped answering.
+#[cfg(debug_assertions)]
+fn stall_fault(abs: &[u8]) {
+    let Some(name) = std::env::var_os("BYTEBACK_TEST_WALK_STALL") else {
+        return;
+    };
+    if abs.rsplit(|b| *b == b'/').next() == Some(name.as_bytes()) {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn stall_fault(_abs: &[u8]) {}
+
 /// Debug builds: a directory named `$BYTEBACK_TEST_GONE_WINDOW` is gone
 /// when the walk reads its next window (`ENOENT`, as getdents says of a
 /// removed directory).
@@ -1233,6 +1251,7 @@ impl Walker<'_> {
         self.enter_dir(dir.as_fd(), path, stack.len() + 1)?;
         let held: usize = stack.iter().map(|l| l.window.held()).sum();
         let cap = level_cap(WALK_NAMES, held, LEVEL_NAMES_MIN);
+        stall_fault(path);
         let read = read_window(dir.as_fd(), None, cap, &mut self.buf);
         let (window, failed) = match read {
             Ok(w) => (w, eio_fault(path)),

@@ -25,9 +25,10 @@ mod wire;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crate::error::{bail, err, Result};
 use byteback_protocol::{BackupStats, ClientMsg, ServerMsg};
@@ -165,6 +166,8 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
             shared.fail(&err!("{}", crate::stop::message(sig)));
         }
     })));
+    let over = AttemptOver(Arc::new(AtomicBool::new(false)));
+    watch_for_a_stuck_attempt(shared.clone(), over.0.clone());
     let batches: Arc<Batches> = Arc::new(Mutex::new(VecDeque::new()));
     let pool = Arc::new(pool);
 
@@ -190,7 +193,75 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
     });
     let done = shut_down(shared, pool, threads, transport, outcome);
     crate::stop::set_abort(None);
+    drop(over);
     done
+}
+
+/// Set when an attempt has ended (dropped), for its watchdog.
+struct AttemptOver(Arc<AtomicBool>);
+
+impl Drop for AttemptOver {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// How long a failed attempt has to end before its watchdog ends the run.
+const STUCK_LIMIT: Duration = Duration::from_secs(120);
+
+/// [`STUCK_LIMIT`]; in a debug build, for the tests,
+/// `$BYTEBACK_TEST_STUCK_LIMIT_SECS` if set.
+fn stuck_limit() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(s) = std::env::var("BYTEBACK_TEST_STUCK_LIMIT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Duration::from_secs(s);
+    }
+    STUCK_LIMIT
+}
+
+/// Once the attempt has failed (`--io-timeout`, an error), every thread
+/// is woken and the connection torn down, but a thread in a system call
+/// that does not return (the walk listing a directory of a filesystem
+/// that stopped answering) cannot be: if the attempt has not ended
+/// (`over`) [`STUCK_LIMIT`] after its failure, the run ends without it,
+/// saying why, its post-backup hooks run (see [`crate::stop::give_up`]).
+/// Before, such a run never ended, holding its locks. A stop by a signal
+/// has a fallback of its own.
+fn watch_for_a_stuck_attempt(shared: Arc<Shared>, over: Arc<AtomicBool>) {
+    let nap = Duration::from_millis(100);
+    let spawned = std::thread::Builder::new()
+        .name("byteback-watch".into())
+        .spawn(move || {
+            while !shared.stopped() {
+                if over.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(nap);
+            }
+            let (failed_at, limit) = (Instant::now(), stuck_limit());
+            while !over.load(Ordering::SeqCst) {
+                if crate::stop::stopped().is_some() {
+                    return;
+                }
+                if failed_at.elapsed() >= limit {
+                    let cause = shared.failure().map(|f| f.0).unwrap_or_default();
+                    let msg = format!(
+                        "{cause}; the backup did not stop within {} s of that (a source \
+                         filesystem that does not answer?): ending the run without it",
+                        limit.as_secs()
+                    );
+                    crate::stop::give_up(1, &msg, &msg);
+                    return;
+                }
+                std::thread::sleep(nap);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start the watchdog of a stuck backup: {e}");
+    }
 }
 
 /// Checks the sources and asks the server to start; nothing runs yet.
