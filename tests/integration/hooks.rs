@@ -179,6 +179,49 @@ fn post_hooks_see_the_status_and_the_snapshot() {
     );
 }
 
+/// A hook that reads the terminal, for a backup run by hand on one (here
+/// a pseudo-terminal from `script`), finds none: it runs in a session of
+/// its own, so its read fails at once. Before, it was stopped by SIGTTIN,
+/// silent, and the run waited out the whole --hook-timeout (an hour by
+/// default) before calling it timed out.
+#[test]
+fn a_hook_reading_the_terminal_fails_at_once() {
+    let s = setup();
+    s.hook(
+        "pre-backup.d",
+        "20-ask",
+        &format!("read x < /dev/tty || exit 7\n{}", s.log_line("read")),
+        0o755,
+    );
+    let line = format!(
+        "BYTEBACK_CONFIG_DIR='{}' '{}' --destination '{}' --source '{}' --hostname h \
+         --retry-number 0 --hook-timeout 40",
+        s.conf.display(),
+        bin("byteback-backup").display(),
+        s.store.display(),
+        s.src.display()
+    );
+    let start = std::time::Instant::now();
+    let o = run_status(
+        Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .stdin(std::process::Stdio::null()),
+    );
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("20-ask exited with status 7"), "{out}");
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}: {out}",
+        start.elapsed()
+    );
+    assert_eq!(s.log(), "");
+    assert!(s.snapshots().is_empty());
+}
+
 /// A configuration error met during the run (a key that cannot be loaded)
 /// exits 2, and is not retried; the post hooks are told 1, failed, so a
 /// hook that runs only on success (`!= 1`, as the README says) does not.

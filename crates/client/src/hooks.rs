@@ -396,8 +396,21 @@ impl Runner {
         let mut cmd = Command::new(path);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(wr))
-            .stderr(Stdio::from(wr2))
-            .process_group(0);
+            .stderr(Stdio::from(wr2));
+        // A session of its own (so a process group of its own, which the
+        // timeout kills whole) with no controlling terminal: a hook that
+        // reads `/dev/tty` fails at once, rather than being stopped by
+        // SIGTTIN, silent, for the whole --hook-timeout.
+        // SAFETY: only setsid, async-signal-safe, runs between fork and
+        // exec (before `unblocked_program`'s, registered after it).
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         for k in unset {
             cmd.env_remove(k);
         }
