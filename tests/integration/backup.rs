@@ -383,6 +383,47 @@ fn a_walk_stuck_in_the_kernel_does_not_hold_the_run_for_ever() {
     assert!(snapshots(&store, "h").is_empty());
 }
 
+/// A server that trickles its answers, a byte every 200 ms (so that no
+/// timeout based on idleness fires), holds the run no longer than
+/// --max-time (two days by default) in all: the attempt then fails and no
+/// retry follows. Before, a hostile or broken server held it for ever.
+#[test]
+fn a_trickling_server_holds_the_run_no_longer_than_max_time() {
+    let (_d, src, store) = site();
+    fs::write(src.join("f"), b"data").unwrap();
+    let (o, took) = run_bounded(
+        Command::new(bin("byteback-backup"))
+            .env("BYTEBACK_SERVER", bin("byteback-fake-server"))
+            .env("BYTEBACK_FAKE_TRICKLE", bin("byteback-server"))
+            .arg("--destination")
+            .arg(&store)
+            .arg("--source")
+            .arg(&src)
+            .args([
+                "--hostname",
+                "h",
+                "--retry-number",
+                "3",
+                "--retry-delay",
+                "1",
+            ])
+            .args(["--max-time", "8"]),
+        std::time::Duration::from_secs(90),
+        store.to_str().unwrap(),
+    );
+    let text = output_text(&o);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("the backup ran for more than 8 s (--max-time)"),
+        "{text}"
+    );
+    assert!(!text.contains("retrying"), "{text}");
+    assert!(
+        took < std::time::Duration::from_secs(40),
+        "{took:?}: {text}"
+    );
+}
+
 #[test]
 fn rich_tree_round_trip_plain_store() {
     let d = scratch();

@@ -97,7 +97,34 @@ fn more_waiting(r: &BufReader<std::io::StdinLock<'_>>, ms: u64) -> bool {
     unsafe { libc::poll(&mut fd, 1, ms.min(60_000) as libc::c_int) > 0 }
 }
 
+/// `$BYTEBACK_FAKE_TRICKLE=SERVER`: runs the real server `SERVER` with
+/// these arguments and hands on what it writes a byte every 200 ms (what
+/// it is sent goes straight to it): a server that keeps every timeout
+/// based on idleness from firing.
+fn trickle(server: std::ffi::OsString) -> ! {
+    use std::io::Read;
+    let mut child = std::process::Command::new(server)
+        .args(std::env::args_os().skip(1))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut from = child.stdout.take().unwrap();
+    let mut out = std::io::stdout().lock();
+    let mut byte = [0u8; 1];
+    while from.read_exact(&mut byte).is_ok() {
+        if out.write_all(&byte).and_then(|()| out.flush()).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    std::process::exit(0);
+}
+
 fn main() {
+    if let Some(server) = std::env::var_os("BYTEBACK_FAKE_TRICKLE") {
+        trickle(server);
+    }
     let path = std::env::var_os(SCENARIO_ENV).expect("BYTEBACK_FAKE_SCENARIO not set");
     let bytes = std::fs::read(&path).unwrap();
     let (sc, _): (Scenario, usize) =

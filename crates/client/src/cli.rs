@@ -100,6 +100,11 @@ pub struct BackupArgs {
     /// Seconds to wait between retries.
     #[arg(short = 'e', long, default_value_t = 600)]
     retry_delay: u64,
+    /// Seconds the transfer may take in all, its attempts together (0: no
+    /// limit); past it the attempt running fails and none follows (the next
+    /// run resumes). However the server trickles its data, a run ends.
+    #[arg(long, default_value_t = 172_800)]
+    max_time: u64,
     /// Seconds without any data moving before the connection counts as dead
     /// (SSH). Default: /etc/byteback/io_timeout, else 10800. A 0 (1.x's
     /// rsync's "no timeout"), here or there, is taken as 10800.
@@ -928,6 +933,7 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         compress: args.compress,
         record: None,
         checksum: args.checksum || flags.checksum,
+        deadline: None,
     };
     let mut hooks = crate::hooks::Runner::new(
         Duration::from_secs(args.hook_timeout),
@@ -1099,6 +1105,14 @@ fn transfer(
     let progress = term::progress_wanted(args.progress, args.no_progress || args.quiet);
     let mut record = None;
     let mut record_reset = false;
+    let deadline = (args.max_time > 0).then(|| crate::backup::Deadline {
+        at: std::time::Instant::now() + Duration::from_secs(args.max_time),
+        secs: args.max_time,
+    });
+    let opts = &BackupOptions {
+        deadline,
+        ..opts.clone()
+    };
     loop {
         report.attempts = attempt + 1;
         crate::walk::new_attempt();
@@ -1232,7 +1246,10 @@ fn transfer(
             Err(e)
                 if attempt < args.retry_number
                     && is_transient(&e)
-                    && crate::stop::stopped().is_none() =>
+                    && crate::stop::stopped().is_none()
+                    && deadline.is_none_or(|d| {
+                        std::time::Instant::now() + Duration::from_secs(args.retry_delay) < d.at
+                    }) =>
             {
                 forget_record(record.as_deref());
                 report.errors.push(format!("attempt {}: {e}", attempt + 1));

@@ -94,6 +94,17 @@ pub struct BackupOptions {
     /// Compare files by content too (`--checksum`): every file whose size
     /// and mtime match its stored copy is read and its BLAKE3 offered.
     pub checksum: bool,
+    /// When the run must end (`--max-time`), if ever.
+    pub deadline: Option<Deadline>,
+}
+
+/// The end of a run's time (`--max-time`).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    /// When.
+    pub at: Instant,
+    /// `--max-time`, for messages.
+    pub secs: u64,
 }
 
 /// When file data is compressed on its way to the server (`--compress`).
@@ -167,7 +178,7 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
         }
     })));
     let over = AttemptOver(Arc::new(AtomicBool::new(false)));
-    watch_for_a_stuck_attempt(shared.clone(), over.0.clone());
+    watch_for_a_stuck_attempt(shared.clone(), over.0.clone(), opts.deadline);
     let batches: Arc<Batches> = Arc::new(Mutex::new(VecDeque::new()));
     let pool = Arc::new(pool);
 
@@ -229,8 +240,13 @@ fn stuck_limit() -> Duration {
 /// (`over`) [`STUCK_LIMIT`] after its failure, the run ends without it,
 /// saying why, its post-backup hooks run (see [`crate::stop::give_up`]).
 /// Before, such a run never ended, holding its locks. A stop by a signal
-/// has a fallback of its own.
-fn watch_for_a_stuck_attempt(shared: Arc<Shared>, over: Arc<AtomicBool>) {
+/// has a fallback of its own. Past the run's `deadline` (`--max-time`),
+/// the attempt fails, however its server trickles data.
+fn watch_for_a_stuck_attempt(
+    shared: Arc<Shared>,
+    over: Arc<AtomicBool>,
+    deadline: Option<Deadline>,
+) {
     let nap = Duration::from_millis(100);
     let spawned = std::thread::Builder::new()
         .name("byteback-watch".into())
@@ -238,6 +254,12 @@ fn watch_for_a_stuck_attempt(shared: Arc<Shared>, over: Arc<AtomicBool>) {
             while !shared.stopped() {
                 if over.load(Ordering::SeqCst) {
                     return;
+                }
+                if let Some(d) = deadline.filter(|d| Instant::now() >= d.at) {
+                    shared.fail(&err!(
+                        "the backup ran for more than {} s (--max-time); giving up (the next run resumes it)",
+                        d.secs
+                    ));
                 }
                 std::thread::sleep(nap);
             }
@@ -535,6 +557,7 @@ mod tests {
             compress: Compress::Auto,
             record: None,
             checksum: false,
+            deadline: None,
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let start = Instant::now();
