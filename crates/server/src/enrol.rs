@@ -192,9 +192,18 @@ fn host_line_key(line: &str, host: &str) -> Option<String> {
     let Some((_, Some(cmd))) = opts.iter().find(|(n, _)| n == "command") else {
         return None;
     };
+    // Written by hand too: the options of `serve` in any order, and
+    // `--host=NAME` as clap takes it.
     let words: Vec<&str> = cmd.split_whitespace().collect();
-    let byteback = matches!(words.as_slice(), [exe, "serve", "--host", h, ..]
-        if *h == host && (*exe == "byteback-server" || exe.ends_with("/byteback-server")));
+    let byteback = match words.split_first() {
+        Some((exe, args)) => {
+            (*exe == "byteback-server" || exe.ends_with("/byteback-server"))
+                && args.first() == Some(&"serve")
+                && (args.windows(2).any(|w| w == ["--host", host])
+                    || args.iter().any(|a| a.strip_prefix("--host=") == Some(host)))
+        }
+        None => false,
+    };
     let receive = crate::migrate::is_receive(cmd)
         && opts.iter().any(|(n, v)| {
             n == "environment" && v.as_deref() == Some(&format!("BYTEBACK_HOST={host}"))
@@ -546,6 +555,36 @@ mod tests {
         let mut same = cfg.clone();
         same.retire = Some(parse_public_key(ED2).unwrap());
         assert!(enrol_and_retire(&same).is_err());
+    }
+
+    /// A line written by hand with `serve`'s options in another order, or
+    /// `--host=NAME`, is that host's as much as one `enrol` wrote: before,
+    /// it was not seen, and a second key was enrolled without `--add-key`
+    /// (two machines in one tree) or a retired one kept.
+    #[test]
+    fn a_host_line_written_by_hand_is_the_hosts() {
+        let blob = ED.split_whitespace().nth(1).unwrap();
+        for cmd in [
+            "/usr/bin/byteback-server serve --host web9b",
+            "/usr/bin/byteback-server serve --store /srv/b --host web9b",
+            "byteback-server serve --host=web9b --store /srv/b",
+        ] {
+            let line = format!("restrict,command=\"{cmd}\" {ED} x");
+            assert_eq!(
+                host_line_key(&line, "web9b").as_deref(),
+                Some(blob),
+                "{cmd}"
+            );
+            assert_eq!(host_line_key(&line, "web9"), None, "{cmd}");
+        }
+        for cmd in [
+            "/usr/bin/byteback-server enrol --host web9b",
+            "/usr/bin/byteback-server serve --store web9b",
+            "/usr/bin/other serve --host web9b",
+        ] {
+            let line = format!("restrict,command=\"{cmd}\" {ED} x");
+            assert_eq!(host_line_key(&line, "web9b"), None, "{cmd}");
+        }
     }
 
     /// A new key for a host that has one is a second machine of the same
