@@ -61,8 +61,14 @@ impl World {
     }
 
     fn setup(&self, client: &Path, hostname: &str) -> Output {
+        self.setup_with(client, hostname, &[])
+    }
+
+    /// [`Self::setup`] with `extra` flags.
+    fn setup_with(&self, client: &Path, hostname: &str, extra: &[&str]) -> Output {
         run_status(
             Command::new(bin("byteback-setup-client"))
+                .args(extra)
                 .env("BYTEBACK_CONFIG_DIR", client)
                 .env("HOME", client)
                 .arg("--destination")
@@ -471,6 +477,61 @@ fn walkdir_all(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// A key enrolled `--read-only` for a host (a second machine, to restore
+/// that host's files there) lists and restores its backups, needs no
+/// `--add-key`, and cannot back up: the host's tree is unchanged.
+#[test]
+fn a_read_only_key_restores_and_never_backs_up() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let w = World::new(300);
+    let a = w.client_dir("a");
+    let out = w.setup(&a, "host-a");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let src = w.one_file_src(b"only on a");
+    assert!(w.backup(&a, &src).status.success());
+    let r = w.client_dir("r");
+    let out = w.setup_with(&r, "host-a", &["--read-only"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("never back up there"),
+        "{}",
+        stderr(&out)
+    );
+    let keys = fs::read_to_string(w.sshd.authorized_keys()).unwrap();
+    assert_eq!(
+        keys.matches("serve --host host-a --read-only").count(),
+        1,
+        "{keys}"
+    );
+    let snaps = w.snapshots("host-a");
+    let into = w.work.path().join("restore-r");
+    let o = w.restore(&r, &into, &["--restore", "/"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let found: Vec<PathBuf> = walkdir_all(&into);
+    assert!(
+        found
+            .iter()
+            .any(|p| fs::read(p).is_ok_and(|b| b == b"only on a")),
+        "{found:?}"
+    );
+    let other = w.work.path().join("src-r");
+    fs::create_dir_all(&other).unwrap();
+    fs::write(other.join("from-r"), b"r").unwrap();
+    let o = w.backup(&r, &other);
+    assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("may only list and restore"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(w.snapshots("host-a"), snaps);
+    assert!(!walkdir_all(&w.store.join("host-a"))
+        .iter()
+        .any(|p| p.ends_with("from-r")));
 }
 
 #[test]

@@ -61,6 +61,11 @@ pub struct SetupArgs {
     /// /etc/byteback/key over, then remove the old key's line on the server.
     #[arg(long)]
     rotate_key: bool,
+    /// Enrol this machine's key to list and restore the host's backups only
+    /// (never back up): for restoring a host's files on another machine.
+    /// With --hostname naming that host.
+    #[arg(long, conflicts_with = "rotate_key")]
+    read_only: bool,
 }
 
 /// `byteback-setup-client`.
@@ -178,7 +183,11 @@ fn setup(args: &SetupArgs) -> Result<()> {
         &args.server_command,
         &name,
         &public,
-        KeyChange::Enrol,
+        if args.read_only {
+            KeyChange::ReadOnly
+        } else {
+            KeyChange::Enrol
+        },
     )?;
 
     // Prove the new key works through its forced command, before this
@@ -188,9 +197,15 @@ fn setup(args: &SetupArgs) -> Result<()> {
     let filed_as = conn.host.clone();
     conn.close()?;
     write_if_changed(&dir.join("destination"), &format!("{destination}\n"))?;
-    eprintln!(
-        "byteback-setup-client: done: this machine backs up to {destination} as host {filed_as}; run byteback-backup (daily from a timer)"
-    );
+    if args.read_only {
+        eprintln!(
+            "byteback-setup-client: done: this machine may list and restore the backups of host {filed_as} at {destination} (byteback-restore), never back up there"
+        );
+    } else {
+        eprintln!(
+            "byteback-setup-client: done: this machine backs up to {destination} as host {filed_as}; run byteback-backup (daily from a timer)"
+        );
+    }
     if key_path != dir.join("key") {
         eprintln!(
             "byteback-setup-client: warning: the key enrolled is {}, not {}: give byteback-backup and byteback-restore -k {} too",
@@ -351,6 +366,8 @@ enum KeyChange<'a> {
     Add,
     /// Enrol the key (already there) and remove this old one's lines.
     Retire(&'a str),
+    /// Enrol the key to list and restore only (`--read-only`).
+    ReadOnly,
 }
 
 /// Runs `byteback-server enrol` on the server through an admin login.
@@ -371,6 +388,7 @@ fn enrol_remote(
     match change {
         KeyChange::Enrol => {}
         KeyChange::Add => command.push_str(" --add-key"),
+        KeyChange::ReadOnly => command.push_str(" --read-only"),
         KeyChange::Retire(old) => command.push_str(&format!(" --retire-key '{old}'")),
     }
     let stream = ssh::open(target, auth, &opts, Request::Exec(command))?;

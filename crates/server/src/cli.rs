@@ -65,6 +65,11 @@ enum Command {
         /// stays (two keys of one machine; never two machines of one name).
         #[arg(long)]
         add_key: bool,
+        /// The key may only list and restore this host's backups (`serve
+        /// --read-only`): for restoring them on another machine. Never a
+        /// second machine backing up into the tree, so no --add-key needed.
+        #[arg(long)]
+        read_only: bool,
     },
     /// Rewrite byteback 1.x's authorized_keys lines (command="byteback-receive",
     /// environment="BYTEBACK_HOST=NAME") into byteback forced commands, keeping
@@ -213,6 +218,7 @@ pub fn main() -> ExitCode {
             authorized_keys,
             retire_key,
             add_key,
+            read_only,
         } => match run_enrol(
             host,
             &key,
@@ -220,7 +226,7 @@ pub fn main() -> ExitCode {
             store,
             authorized_keys,
             retire_key,
-            add_key,
+            (add_key, read_only),
         ) {
             Ok(msg) => {
                 println!("{msg}");
@@ -269,7 +275,7 @@ fn run_enrol(
     store: Option<PathBuf>,
     authorized_keys: Option<PathBuf>,
     retire_key: Option<String>,
-    add_key: bool,
+    (add_key, read_only): (bool, bool),
 ) -> Result<String> {
     let key = enrol::parse_public_key(key)?;
     let retire = retire_key
@@ -300,6 +306,7 @@ fn run_enrol(
         server_exe,
         retire,
         add_key,
+        read_only,
     };
     let (enrolled, retired) = enrol::enrol_and_retire(&cfg)?;
     if cfg.retire.is_some() {

@@ -176,6 +176,8 @@ pub struct EnrolConfig {
     /// it, enrolling a new key for a host that has one is refused, since
     /// two machines of one name would back up into one tree.
     pub add_key: bool,
+    /// The key may only list and restore (`serve --read-only`).
+    pub read_only: bool,
 }
 
 /// Whether an authorized_keys line lets `blob` back up as `host` and nothing
@@ -199,6 +201,7 @@ fn host_line_key(line: &str, host: &str) -> Option<String> {
         Some((exe, args)) => {
             (*exe == "byteback-server" || exe.ends_with("/byteback-server"))
                 && args.first() == Some(&"serve")
+                && !args.contains(&"--read-only")
                 && (args.windows(2).any(|w| w == ["--host", host])
                     || args.iter().any(|a| a.strip_prefix("--host=") == Some(host)))
         }
@@ -214,7 +217,8 @@ fn host_line_key(line: &str, host: &str) -> Option<String> {
 /// Refuses a new key for a host that already has another (not the one
 /// being retired), unless [`EnrolConfig::add_key`].
 fn check_host_keys(cfg: &EnrolConfig, existing: &str) -> Result<()> {
-    if cfg.add_key {
+    // A key that cannot back up is never a second machine in the tree.
+    if cfg.add_key || cfg.read_only {
         return Ok(());
     }
     let retired = cfg.retire.as_ref().map(|r| r.blob.as_str());
@@ -272,6 +276,9 @@ pub fn key_line(cfg: &EnrolConfig) -> Result<String> {
             ))
         })?;
     let mut command = format!("{exe} serve --host {}", cfg.host);
+    if cfg.read_only {
+        command.push_str(" --read-only");
+    }
     if cfg.store_explicit {
         let store = cfg.store.to_str().filter(is_plain_word).ok_or_else(|| {
             Error::Usage("the store path has characters unsafe in a forced command".into())
@@ -470,6 +477,7 @@ mod tests {
             server_exe: "/usr/local/bin/byteback-server".into(),
             retire: None,
             add_key: false,
+            read_only: false,
         };
         std::fs::create_dir_all(&cfg.store).unwrap();
         assert_eq!(enrol(&cfg).unwrap(), Enrolled::Added);
@@ -534,6 +542,7 @@ mod tests {
             server_exe: "/usr/local/bin/byteback-server".into(),
             retire: Some(parse_public_key(ED).unwrap()),
             add_key: false,
+            read_only: false,
         };
         // The old key is on other lines too: enrolling the new one is fine.
         assert_eq!(enrol_and_retire(&cfg).unwrap(), (Enrolled::Added, 1));
@@ -606,6 +615,7 @@ mod tests {
             server_exe: "/usr/local/bin/byteback-server".into(),
             retire: None,
             add_key: false,
+            read_only: false,
         };
         std::fs::create_dir_all(&cfg.store).unwrap();
         assert_eq!(enrol(&cfg).unwrap(), Enrolled::Added);
