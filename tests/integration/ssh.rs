@@ -493,7 +493,9 @@ fn a_read_only_key_restores_and_never_backs_up() {
     assert!(out.status.success(), "{}", stderr(&out));
     let src = w.one_file_src(b"only on a");
     assert!(w.backup(&a, &src).status.success());
+    // A machine that backs up elsewhere: its key and destination stay.
     let r = w.client_dir("r");
+    fs::write(r.join("destination"), "/srv/elsewhere\n").unwrap();
     let out = w.setup_with(&r, "host-a", &["--read-only"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
@@ -501,6 +503,13 @@ fn a_read_only_key_restores_and_never_backs_up() {
         "{}",
         stderr(&out)
     );
+    assert_eq!(
+        fs::read_to_string(r.join("destination")).unwrap(),
+        "/srv/elsewhere\n"
+    );
+    assert!(!r.join("key").exists());
+    let key = r.join("restore-key").to_str().unwrap().to_string();
+    let dest = w.sshd.destination();
     let keys = fs::read_to_string(w.sshd.authorized_keys()).unwrap();
     assert_eq!(
         keys.matches("serve --host host-a --read-only").count(),
@@ -509,7 +518,11 @@ fn a_read_only_key_restores_and_never_backs_up() {
     );
     let snaps = w.snapshots("host-a");
     let into = w.work.path().join("restore-r");
-    let o = w.restore(&r, &into, &["--restore", "/"]);
+    let o = w.restore(
+        &r,
+        &into,
+        &["--destination", &dest, "-k", &key, "--restore", "/"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let found: Vec<PathBuf> = walkdir_all(&into);
     assert!(
@@ -521,8 +534,14 @@ fn a_read_only_key_restores_and_never_backs_up() {
     let other = w.work.path().join("src-r");
     fs::create_dir_all(&other).unwrap();
     fs::write(other.join("from-r"), b"r").unwrap();
-    let o = w.backup(&r, &other);
+    let o = run_status(
+        w.client(&r, "byteback-backup")
+            .args(["--destination", &dest, "-k", &key, "--retry-number", "3"])
+            .arg("--source")
+            .arg(&other),
+    );
     assert!(!o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("retrying"), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("may only list and restore"),
         "{}",

@@ -98,9 +98,10 @@ fn more_waiting(r: &BufReader<std::io::StdinLock<'_>>, ms: u64) -> bool {
 }
 
 /// `$BYTEBACK_FAKE_TRICKLE=SERVER`: runs the real server `SERVER` with
-/// these arguments and hands on what it writes a byte every 200 ms (what
-/// it is sent goes straight to it): a server that keeps every timeout
-/// based on idleness from firing.
+/// these arguments and hands on what it writes, its first frame (the
+/// answer to the handshake) at once, then a byte every 200 ms (what it is
+/// sent goes straight to it): a server that keeps every timeout based on
+/// idleness from firing.
 fn trickle(server: std::ffi::OsString) -> ! {
     use std::io::Read;
     let mut child = std::process::Command::new(server)
@@ -110,6 +111,13 @@ fn trickle(server: std::ffi::OsString) -> ! {
         .unwrap();
     let mut from = child.stdout.take().unwrap();
     let mut out = std::io::stdout().lock();
+    let mut prefix = [0u8; 4];
+    from.read_exact(&mut prefix).unwrap();
+    let mut first = vec![0u8; u32::from_le_bytes(prefix) as usize];
+    from.read_exact(&mut first).unwrap();
+    out.write_all(&prefix).unwrap();
+    out.write_all(&first).unwrap();
+    out.flush().unwrap();
     let mut byte = [0u8; 1];
     while from.read_exact(&mut byte).is_ok() {
         if out.write_all(&byte).and_then(|()| out.flush()).is_err() {

@@ -75,6 +75,10 @@ fn trusted_known_hosts(path: &Path, owner: u32, whose: &str) -> Option<PathBuf> 
     }
 }
 
+/// A year in seconds: the bound of time options, so that none overflows a
+/// clock.
+const YEAR: u64 = 365 * 86_400;
+
 /// Back up this machine to a byteback server or a local store.
 #[derive(Debug, Parser)]
 #[command(name = "byteback-backup", version)]
@@ -97,13 +101,13 @@ pub struct BackupArgs {
     /// How many times to retry a failed backup.
     #[arg(short, long, default_value_t = 5)]
     retry_number: u32,
-    /// Seconds to wait between retries.
-    #[arg(short = 'e', long, default_value_t = 600)]
+    /// Seconds to wait between retries (at most a year).
+    #[arg(short = 'e', long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(..=YEAR))]
     retry_delay: u64,
     /// Seconds the transfer may take in all, its attempts together (0: no
     /// limit); past it the attempt running fails and none follows (the next
     /// run resumes). However the server trickles its data, a run ends.
-    #[arg(long, default_value_t = 172_800)]
+    #[arg(long, default_value_t = 172_800, value_parser = clap::value_parser!(u64).range(..=10 * YEAR))]
     max_time: u64,
     /// Seconds without any data moving before the connection counts as dead
     /// (SSH). Default: /etc/byteback/io_timeout, else 10800. A 0 (1.x's
@@ -457,42 +461,59 @@ fn databases_left_out(
 }
 
 /// `hostname -f`'s output, from the program at a fixed path (not through
-/// `$PATH`, which `sudo -E` hands on from the user), given at most 10 s
-/// (it may wait for DNS); `None` if it fails or takes longer.
-fn hostname_f() -> Option<Vec<u8>> {
+/// `$PATH`, which `sudo -E` hands on from the user); `Ok(None)` if there is
+/// none or it fails. One that takes more than [`HOSTNAME_WAIT`] (DNS not
+/// answering) is an error: falling back to the node name then would file
+/// the backup under another name on a slow day.
+fn hostname_f() -> Result<Option<Vec<u8>>> {
     use std::io::Read as _;
     let exe = ["/usr/bin/hostname", "/bin/hostname"]
         .into_iter()
-        .find(|p| Path::new(p).exists())?;
-    let mut child = std::process::Command::new(exe)
+        .find(|p| Path::new(p).exists());
+    let Some(exe) = exe else {
+        return Ok(None);
+    };
+    let child = std::process::Command::new(exe)
         .arg("-f")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
-        .spawn()
-        .ok()?;
+        .spawn();
+    let Ok(mut child) = child else {
+        return Ok(None);
+    };
     let start = std::time::Instant::now();
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
-            Ok(None) if start.elapsed() < std::time::Duration::from_secs(10) => {
+            Ok(None) if start.elapsed() < HOSTNAME_WAIT => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            _ => {
+            Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return None;
+                return Err(Error::msg(format!(
+                    "{exe} -f gave no name within {} s (DNS not answering?); give --hostname",
+                    HOSTNAME_WAIT.as_secs()
+                )));
             }
+            Err(_) => return Ok(None),
         }
     };
     let mut out = Vec::new();
-    child.stdout.take()?.take(4096).read_to_end(&mut out).ok()?;
-    status.success().then_some(out)
+    let read = child
+        .stdout
+        .take()
+        .map(|o| o.take(4096).read_to_end(&mut out));
+    Ok((status.success() && matches!(read, Some(Ok(_)))).then_some(out))
 }
+
+/// Longest `hostname -f` may take.
+const HOSTNAME_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// This machine's fully qualified name (as `hostname -f`), or its node name.
 pub fn default_hostname() -> Result<String> {
-    let name = match hostname_f() {
+    let name = match hostname_f()? {
         Some(o) if !o.trim_ascii().is_empty() => {
             String::from_utf8_lossy(o.trim_ascii()).into_owned()
         }

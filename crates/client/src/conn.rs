@@ -309,13 +309,13 @@ pub(crate) fn handshake_limit() -> Duration {
 }
 
 /// Trips a [`Breaker`] once a time limit passes, unless dropped before.
-struct Deadline {
+pub(crate) struct Deadline {
     /// (done, tripped): done is set when dropped, tripped by the watcher.
     state: Arc<(Mutex<(bool, bool)>, std::sync::Condvar)>,
 }
 
 impl Deadline {
-    fn start(limit: Duration, breaker: Breaker) -> Deadline {
+    pub(crate) fn start(limit: Duration, breaker: Breaker) -> Deadline {
         let state = Arc::new((Mutex::new((false, false)), std::sync::Condvar::new()));
         let watch = state.clone();
         std::thread::spawn(move || {
@@ -335,7 +335,7 @@ impl Deadline {
     }
 
     /// Whether the limit passed (and the breaker was tripped).
-    fn passed(&self) -> bool {
+    pub(crate) fn passed(&self) -> bool {
         self.state
             .0
             .lock()

@@ -135,7 +135,7 @@ impl Error {
                 cause: ProtocolError::Version { .. },
                 ..
             } => true,
-            Error::Server(m) => m.contains(VERSION_REFUSED),
+            Error::Server(m) => m.contains(VERSION_REFUSED) || m.contains(READ_ONLY_REFUSED),
             _ => false,
         }
     }
@@ -265,6 +265,10 @@ pub(crate) use err;
 /// What a server's refusal of our protocol version says (see
 /// [`ProtocolError::Version`]).
 const VERSION_REFUSED: &str = "must run the same byteback release";
+
+/// What a server's refusal of a backup with a read-only key says: no
+/// retry changes the key.
+const READ_ONLY_REFUSED: &str = "this key may only list and restore";
 
 #[cfg(test)]
 mod tests {

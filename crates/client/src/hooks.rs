@@ -72,9 +72,10 @@ const DRAIN: Duration = Duration::from_secs(2);
 /// Where the hooks' output goes (byteback's stderr; a buffer in tests).
 pub type Sink = Arc<Mutex<dyn Write + Send>>;
 
-/// A sink writing to this process's stderr.
+/// A sink writing to this process's stderr (bounded, above the bar: see
+/// [`byteback_protocol::term::write_stderr`]).
 pub fn stderr_sink() -> Sink {
-    Arc::new(Mutex::new(io::stderr()))
+    Arc::new(Mutex::new(byteback_protocol::term::StderrAboveBar))
 }
 
 /// A hook that failed.

@@ -141,7 +141,10 @@ fn setup(args: &SetupArgs) -> Result<()> {
             .create(&dir)
             .on("cannot create", &dir)?;
     }
-    let key_path = args.ssh_key.clone().unwrap_or_else(|| dir.join("key"));
+    // A read-only key is its own (the machine's backup key, if it has one,
+    // stays as it is, here and on its server).
+    let own_key = dir.join(if args.read_only { "restore-key" } else { "key" });
+    let key_path = args.ssh_key.clone().unwrap_or_else(|| own_key.clone());
     if args.rotate_key {
         return rotate(args, &target, &name, &key_path);
     }
@@ -196,16 +199,18 @@ fn setup(args: &SetupArgs) -> Result<()> {
         .context("the new key does not work yet")?;
     let filed_as = conn.host.clone();
     conn.close()?;
-    write_if_changed(&dir.join("destination"), &format!("{destination}\n"))?;
     if args.read_only {
+        // The machine's own backups (if any) keep their destination.
         eprintln!(
-            "byteback-setup-client: done: this machine may list and restore the backups of host {filed_as} at {destination} (byteback-restore), never back up there"
+            "byteback-setup-client: done: this machine may list and restore the backups of host {filed_as} at {destination}, never back up there: byteback-restore --destination {destination} -k {} ...",
+            key_path.display()
         );
-    } else {
-        eprintln!(
-            "byteback-setup-client: done: this machine backs up to {destination} as host {filed_as}; run byteback-backup (daily from a timer)"
-        );
+        return Ok(());
     }
+    write_if_changed(&dir.join("destination"), &format!("{destination}\n"))?;
+    eprintln!(
+        "byteback-setup-client: done: this machine backs up to {destination} as host {filed_as}; run byteback-backup (daily from a timer)"
+    );
     if key_path != dir.join("key") {
         eprintln!(
             "byteback-setup-client: warning: the key enrolled is {}, not {}: give byteback-backup and byteback-restore -k {} too",

@@ -11,7 +11,7 @@
 
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -93,6 +93,7 @@ pub fn stderr_is_journal() -> bool {
 /// (see [`stderr_is_journal`]). Installing twice keeps the first.
 pub fn init_logging(prog: &'static str, level: LevelFilter, journal: bool) {
     JOURNAL.store(journal, Ordering::Relaxed);
+    let _ = PROG.set(prog);
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(level)
         .event_format(Line { prog, journal })
@@ -209,19 +210,84 @@ pub fn hide_bar() {
     }
 }
 
-/// Writes `bytes` to stderr, above the progress bar if one is shown.
+/// Writes `bytes` to stderr, above the progress bar if one is shown,
+/// waiting for room at most [`STDERR_WAIT`] (see [`write_bounded`]).
 pub fn write_stderr(bytes: &[u8]) {
     let bar = BAR.lock().unwrap_or_else(PoisonError::into_inner).clone();
-    let write = || {
-        let mut e = io::stderr().lock();
-        let _ = e.write_all(bytes);
-        let _ = e.flush();
-    };
+    let write = || write_bounded(bytes);
     match bar {
         Some(b) => b.suspend(write),
         None => write(),
     }
 }
+
+/// Longest a write to stderr waits for room: a stderr nobody reads (a pipe
+/// to a stopped reader, a stalled journal) must not stop the program, whose
+/// every thread logs. What finds no room is dropped, counted, and said once
+/// stderr takes lines again.
+const STDERR_WAIT: Duration = Duration::from_secs(5);
+/// A write found no room: later ones do not wait, until one goes through.
+static STDERR_STALLED: AtomicBool = AtomicBool::new(false);
+/// Lines dropped since stderr stopped taking them.
+static STDERR_DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Bytes written at once: a pipe with room (as `poll` says) takes this
+/// many without blocking.
+const STDERR_CHUNK: usize = 4096;
+
+/// Whether stderr has room for a write within `wait`.
+fn stderr_room(wait: Duration) -> bool {
+    let mut fd = libc::pollfd {
+        fd: 2,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one pollfd, valid for the call, and its count.
+    let n = unsafe { libc::poll(&mut fd, 1, ms) };
+    // An error (a signal), or a stderr closed or broken: the write finds
+    // out at once.
+    n != 0
+}
+
+/// Writes `bytes` to stderr unless it has taken nothing for
+/// [`STDERR_WAIT`] (then they are dropped and counted; while it stays
+/// blocked, later writes are dropped without waiting).
+fn write_bounded(bytes: &[u8]) {
+    let lines = |b: &[u8]| b.iter().filter(|&&c| c == b'\n').count().max(1) as u64;
+    let mut e = io::stderr().lock();
+    if STDERR_STALLED.load(Ordering::Relaxed) {
+        if !stderr_room(Duration::ZERO) {
+            STDERR_DROPPED.fetch_add(lines(bytes), Ordering::Relaxed);
+            return;
+        }
+        STDERR_STALLED.store(false, Ordering::Relaxed);
+        let n = STDERR_DROPPED.swap(0, Ordering::Relaxed);
+        let note = format!(
+            "{}{}: {n} lines of log were dropped while stderr took nothing\n",
+            if JOURNAL.load(Ordering::Relaxed) {
+                "<4>"
+            } else {
+                ""
+            },
+            PROG.get().copied().unwrap_or("byteback")
+        );
+        let _ = e.write_all(note.as_bytes());
+    }
+    for (i, chunk) in bytes.chunks(STDERR_CHUNK).enumerate() {
+        if !stderr_room(STDERR_WAIT) {
+            STDERR_STALLED.store(true, Ordering::Relaxed);
+            STDERR_DROPPED.fetch_add(lines(&bytes[i * STDERR_CHUNK..]), Ordering::Relaxed);
+            return;
+        }
+        if e.write_all(chunk).is_err() {
+            return;
+        }
+    }
+    let _ = e.flush();
+}
+
+/// The program's name, for lines of its own (see [`init_logging`]).
+static PROG: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
 
 /// stderr, above the progress bar if one is shown: each `write` is put
 /// there whole (the subscriber writes each event in one `write_all`; wrap

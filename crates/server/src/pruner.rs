@@ -868,7 +868,15 @@ pub fn accept(store: &Store, names: &[String], dry_run: bool, log: &mut dyn Writ
     let name = |s: &Spike| format!("{}/{}", s.host, s.snapshot);
     let mut lines = String::new();
     let mut said = vec![];
+    let before = read_small(store.fd(), ACCEPTED).unwrap_or_default();
     for n in names {
+        let already = before
+            .lines()
+            .any(|l| l.trim().split(' ').next() == Some(n.as_str()));
+        if already && !open.iter().any(|s| name(s) == *n) {
+            say(log, format_args!("byteback-prune: {n}: accepted already"))?;
+            continue;
+        }
         let Some(s) = open.iter().find(|s| name(s) == *n) else {
             let open = open.iter().map(name).collect::<Vec<_>>();
             return Err(Error::Usage(format!(
@@ -886,7 +894,7 @@ pub fn accept(store: &Store, names: &[String], dry_run: bool, log: &mut dyn Writ
         });
         said.push(spike_shown(s));
     }
-    if !dry_run {
+    if !dry_run && !lines.is_empty() {
         write_small(store, ACCEPTED, &lines, true)?;
     }
     let verb = if dry_run {
@@ -1437,6 +1445,14 @@ mod tests {
         );
         let accepted = std::fs::read_to_string(dir.path().join(ACCEPTED)).unwrap();
         assert_eq!(accepted, format!("{}\n", spike("a")));
+        // Accepting it again is no error (a script run twice), and adds
+        // nothing.
+        let mut log = Vec::new();
+        accept(&store, &[spike("a")], false, &mut log).unwrap();
+        let log = String::from_utf8(log).unwrap();
+        assert!(log.contains("accepted already"), "{log}");
+        let again = std::fs::read_to_string(dir.path().join(ACCEPTED)).unwrap();
+        assert_eq!(again, accepted);
         // Then b's too: the prune goes on.
         opts.accept = vec![spike("b")];
         opts.force = false;

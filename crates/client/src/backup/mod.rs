@@ -138,10 +138,20 @@ struct Started {
 pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupReport> {
     PROGRESS.reset();
     let started = {
-        // A stop (see `stop`) while the server prepares tears it down.
+        // A stop (see `stop`) while the server prepares tears it down; so
+        // does the end of the run's time (`--max-time`).
         let breaker = conn.breaker();
         let _abort = crate::stop::abort_while(move || breaker.trip());
-        start(&mut conn, opts)
+        let limit = opts.deadline.map(|d| {
+            conn::Deadline::start(
+                d.at.saturating_duration_since(Instant::now()),
+                conn.breaker(),
+            )
+        });
+        start(&mut conn, opts).map_err(|e| match (&limit, opts.deadline) {
+            (Some(l), Some(d)) if l.passed() => e.context(out_of_time(d)),
+            _ => e,
+        })
     };
     let transport = conn.take_transport();
     let Started {
@@ -208,6 +218,14 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
     done
 }
 
+/// Why a run past its `--max-time` failed.
+fn out_of_time(d: Deadline) -> String {
+    format!(
+        "the backup ran for more than {} s (--max-time); giving up (the next run resumes it)",
+        d.secs
+    )
+}
+
 /// Set when an attempt has ended (dropped), for its watchdog.
 struct AttemptOver(Arc<AtomicBool>);
 
@@ -256,10 +274,7 @@ fn watch_for_a_stuck_attempt(
                     return;
                 }
                 if let Some(d) = deadline.filter(|d| Instant::now() >= d.at) {
-                    shared.fail(&err!(
-                        "the backup ran for more than {} s (--max-time); giving up (the next run resumes it)",
-                        d.secs
-                    ));
+                    shared.fail(&err!("{}", out_of_time(d)));
                 }
                 std::thread::sleep(nap);
             }
@@ -288,7 +303,9 @@ fn watch_for_a_stuck_attempt(
 
 /// Checks the sources and asks the server to start; nothing runs yet.
 fn start(conn: &mut Connection, opts: &BackupOptions) -> Result<Started> {
-    let sources = walk::normalise_sources(&opts.sources)?;
+    // Checked before the first attempt (a source that does not exist is a
+    // usage error there); one gone since is no reason not to retry.
+    let sources = walk::normalise_sources(&opts.sources).map_err(|e| err!("{e:#}"))?;
     let excludes = Excludes::new(&opts.excludes)?;
     // The walk holds a directory fd per level of depth.
     walk::raise_fd_limit();
