@@ -323,6 +323,10 @@ fn run_enrol(
             cfg.store.display()
         ),
         enrol::Enrolled::Unchanged => format!("{} was already enrolled with this key", cfg.host),
+        enrol::Enrolled::Moved(old) => format!(
+            "{} was enrolled with this key from {old}; it may now log in from {} instead",
+            cfg.host, cfg.from
+        ),
     })
 }
 

@@ -243,6 +243,9 @@ pub enum Enrolled {
     Added,
     /// The same key was already enrolled for the same host.
     Unchanged,
+    /// The same key's line for the same host allowed another address
+    /// (`from=`, the client's address changed): replaced.
+    Moved(String),
 }
 
 /// The client address from sshd's `SSH_CONNECTION` ("client-ip client-port server-ip server-port").
@@ -343,10 +346,16 @@ pub fn enrol_and_retire(cfg: &EnrolConfig) -> Result<(Enrolled, usize)> {
         Err(e) => return Err(Error::io("read", keys(), e)),
     }
     let mut enrolled = Enrolled::Added;
+    let mut moved = None;
     for l in existing.lines() {
         if l.split_whitespace().any(|w| w == cfg.key.blob) {
             if l.trim_end() == line.trim_end() {
                 enrolled = Enrolled::Unchanged;
+                break;
+            }
+            if let Some(old) = moved_from(cfg, l) {
+                enrolled = Enrolled::Moved(old);
+                moved = Some(l.to_string());
                 break;
             }
             return Err(Error::Usage(format!(
@@ -358,6 +367,12 @@ pub fn enrol_and_retire(cfg: &EnrolConfig) -> Result<(Enrolled, usize)> {
     if enrolled == Enrolled::Added {
         check_host_keys(cfg, &existing)?;
     }
+    // A moved client's line gives way to the new one, in its place.
+    let original = existing.clone();
+    let existing = match &moved {
+        Some(old) => existing.replacen(old.as_str(), line.trim_end(), 1),
+        None => existing,
+    };
     // The host's tree first: a key must never point at a missing host.
     store.host(&cfg.host, true)?;
 
@@ -382,13 +397,33 @@ pub fn enrol_and_retire(cfg: &EnrolConfig) -> Result<(Enrolled, usize)> {
             cfg.authorized_keys.display()
         )));
     }
-    if content == existing {
+    if content == original {
         return Ok((enrolled, 0));
     }
     // Temporary file beside it, fsync, rename, fsync of the directory.
     byteback_protocol::os::write_atomic(&cfg.authorized_keys, content.as_bytes(), 0o600)
         .op("replace", keys)?;
     Ok((enrolled, retired))
+}
+
+/// The address an authorized_keys line `l` allowed, if it is exactly the
+/// line [`key_line`] writes for `cfg` but for its `from=`: the same key,
+/// host, store and access, enrolled from another address (a client whose
+/// address changed, running set-up again).
+fn moved_from(cfg: &EnrolConfig, l: &str) -> Option<String> {
+    let (opts, _) = crate::migrate::split_options(l.trim())?;
+    let old: IpAddr = opts
+        .iter()
+        .find(|(n, _)| n == "from")?
+        .1
+        .as_deref()?
+        .parse()
+        .ok()?;
+    let as_before = EnrolConfig {
+        from: old,
+        ..cfg.clone()
+    };
+    (key_line(&as_before).ok()?.trim_end() == l.trim_end()).then(|| old.to_string())
 }
 
 /// The default authorized_keys file of the running account.
@@ -564,6 +599,66 @@ mod tests {
         let mut same = cfg.clone();
         same.retire = Some(parse_public_key(ED2).unwrap());
         assert!(enrol_and_retire(&same).is_err());
+    }
+
+    /// A client whose address changed runs set-up again: its line (the
+    /// same key, host, store and access) moves to the new address, in its
+    /// place. Before, set-up failed ("already ... with other options") and
+    /// the admin had to edit the file. A line that differs otherwise is
+    /// still refused.
+    #[test]
+    fn a_client_whose_address_changed_is_enrolled_from_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = EnrolConfig {
+            store: dir.path().join("store"),
+            store_explicit: false,
+            host: "laptop".into(),
+            key: parse_public_key(ED).unwrap(),
+            from: "192.0.2.7".parse().unwrap(),
+            authorized_keys: dir.path().join(".ssh/authorized_keys"),
+            server_exe: "/usr/local/bin/byteback-server".into(),
+            retire: None,
+            add_key: false,
+            read_only: false,
+        };
+        std::fs::create_dir_all(&cfg.store).unwrap();
+        std::fs::create_dir_all(dir.path().join(".ssh")).unwrap();
+        std::fs::write(
+            &cfg.authorized_keys,
+            "# admin\nssh-ed25519 AAAAadmin admin\n",
+        )
+        .unwrap();
+        assert_eq!(enrol(&cfg).unwrap(), Enrolled::Added);
+        let moved = EnrolConfig {
+            from: "192.0.2.8".parse().unwrap(),
+            ..cfg.clone()
+        };
+        assert_eq!(enrol(&moved).unwrap(), Enrolled::Moved("192.0.2.7".into()));
+        let text = std::fs::read_to_string(&cfg.authorized_keys).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "# admin\nssh-ed25519 AAAAadmin admin\n{}",
+                key_line(&moved).unwrap()
+            )
+        );
+        assert_eq!(enrol(&moved).unwrap(), Enrolled::Unchanged);
+        // Another host's name, or read-only access: not a move.
+        for other in [
+            EnrolConfig {
+                host: "other".into(),
+                ..moved.clone()
+            },
+            EnrolConfig {
+                read_only: true,
+                from: "192.0.2.9".parse().unwrap(),
+                ..moved.clone()
+            },
+        ] {
+            let e = enrol(&other).unwrap_err().to_string();
+            assert!(e.contains("with other options"), "{e}");
+        }
+        assert_eq!(std::fs::read_to_string(&cfg.authorized_keys).unwrap(), text);
     }
 
     /// A line written by hand with `serve`'s options in another order, or
