@@ -115,6 +115,56 @@ fn post_env(s: &Setup) -> String {
     fs::read_to_string(s.work.join("post-env")).unwrap_or_default()
 }
 
+/// A stop by a signal after the server committed the backup, while the
+/// client waits for the server to end (here a local server's wrapper
+/// sleeps after it, and the waits are lengthened and shortened through
+/// debug-build knobs so that the stop's fallback ends the run): the run
+/// says the backup was committed, exits as the backup did (0), and the
+/// post-backup hooks are told so, with the snapshot. Before, it reported a
+/// failure with no snapshot, and the hooks were told 143.
+#[test]
+fn a_stop_after_the_commit_reports_the_backup_committed() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = setup();
+    record_post_env(&s);
+    let held = s.work.join("held-server");
+    let script = format!(
+        "#!/bin/sh\n'{}' \"$@\"\nexec sleep 311\n",
+        bin("byteback-server").display()
+    );
+    fs::write(&held, script).unwrap();
+    fs::set_permissions(&held, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = s.piped(&s.store, &["--retry-number", "0", "--json"]);
+    cmd.env("BYTEBACK_SERVER", &held)
+        .env("BYTEBACK_TEST_POST_COMMIT_WAIT_SECS", "100")
+        .env("BYTEBACK_TEST_MAIN_WAIT_SECS", "2");
+    let start = std::time::Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    while s.snapshots().is_empty() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "no snapshot"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Past the commit, into the wait for the server.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    send_signal(child.id(), Signal::TERM);
+    let status = wait_until(&mut child, start, std::time::Duration::from_secs(60));
+    for (pid, _) in processes_naming("sleep 311") {
+        kill9(pid);
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let status = status.unwrap_or_else(|| panic!("HANG: {err}"));
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("the backup was committed"), "{err}");
+    let snap = s.snapshots().pop().unwrap();
+    assert_eq!(post_env(&s), format!("0|ok|{snap}\n"), "{err}");
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).expect(&err);
+    assert_eq!(json["exit_code"], 0, "{json}");
+}
+
 #[test]
 fn a_failing_pre_hook_fails_the_backup_before_anything_is_sent() {
     let s = setup();

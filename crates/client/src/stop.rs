@@ -63,6 +63,19 @@ const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 /// torn down at once) before they are run without it.
 pub const MAIN_WAIT: Duration = Duration::from_secs(60);
 
+/// [`MAIN_WAIT`]; in a debug build, for the tests,
+/// `$BYTEBACK_TEST_MAIN_WAIT_SECS` if set.
+fn main_wait() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(s) = std::env::var("BYTEBACK_TEST_MAIN_WAIT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Duration::from_secs(s);
+    }
+    MAIN_WAIT
+}
+
 /// The signal this backup is being stopped for, if it is.
 pub fn stopped() -> Option<i32> {
     match SIGNAL.load(Ordering::SeqCst) {
@@ -352,16 +365,24 @@ fn on_signal(sig: i32) {
             abort();
         }
     });
-    say(&format!(
-        "{msg}; stopping it, then running the post-backup hooks (signal again to stop at once)"
-    ));
+    if lock(&COMMITTED).is_some() {
+        say(&format!(
+            "{}: the backup was committed; no longer waiting for the server to end, then running \
+             the post-backup hooks (signal again to stop at once)",
+            name(sig)
+        ));
+    } else {
+        say(&format!(
+            "{msg}; stopping it, then running the post-backup hooks (signal again to stop at once)"
+        ));
+    }
     // Should the main thread not get to the post-backup hooks in time,
     // they run without it (on a thread of their own: a second signal still
     // ends the process).
     let _ = std::thread::Builder::new()
         .name("byteback-stop".into())
         .spawn(move || {
-            let deadline = Instant::now() + MAIN_WAIT;
+            let deadline = Instant::now() + main_wait();
             while Instant::now() < deadline {
                 if !matches!(&*lock(&POST), PostState::Registered(_)) {
                     return;
@@ -376,10 +397,23 @@ fn on_signal(sig: i32) {
         });
 }
 
+/// The outcome of a backup the server committed: its exit code (0, or 24
+/// partial) and snapshot. Set before the wait for the server to end, so
+/// that a run ended without its main thread after it (see [`give_up`])
+/// says what happened and tells the post-backup hooks so.
+static COMMITTED: Mutex<Option<(u8, Option<String>)>> = Mutex::new(None);
+
+/// Records that the backup was committed (see [`COMMITTED`]).
+pub fn committed(code: u8, snapshot: Option<String>) {
+    *lock(&COMMITTED) = Some((code, snapshot));
+}
+
 /// Ends the run without the main thread, stuck where it cannot be woken
 /// (a read on a filesystem that does not answer): says `why`, runs the
 /// post-backup hooks (told `code`), prints the `--json` report and exits
-/// with `code`. Returns only if the main thread got to the hooks first.
+/// with `code`; but for a backup already committed (see [`committed`]),
+/// its own code and snapshot. Returns only if the main thread got to the
+/// hooks first.
 pub fn give_up(code: u8, msg: &str, why: &str) {
     let post = {
         let mut state = lock(&POST);
@@ -392,9 +426,19 @@ pub fn give_up(code: u8, msg: &str, why: &str) {
         }
     };
     say(why);
-    let failures = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| post(code, None)));
+    let (code, snapshot, msg) = match lock(&COMMITTED).clone() {
+        Some((done, snapshot)) => {
+            let msg = format!(
+                "{msg}; the backup was committed before it ({}), only the wait for the server to end was cut short",
+                snapshot.as_deref().map_or("no snapshot taken".to_string(), |s| format!("snapshot {s}"))
+            );
+            (done, snapshot, msg)
+        }
+        None => (code, None, msg.to_string()),
+    };
+    let failures = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| post(code, snapshot)));
     for f in failures.unwrap_or_default() {
         say(&format!("post-backup hook failed: {f}"));
     }
-    end(code, msg);
+    end(code, &msg);
 }

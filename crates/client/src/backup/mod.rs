@@ -493,6 +493,8 @@ fn shut_down(
     );
     drop(shared);
     drop(pool);
+    let partial = report.partial.saturating_add(report.stats.left_out) > 0;
+    crate::stop::committed(if partial { 24 } else { 0 }, report.snapshot.clone());
     // The snapshot is taken: a server that ends badly now (or not at all)
     // costs a warning, never the backup or a retry of it.
     if let Err(e) = transport.finish_after_commit() {
