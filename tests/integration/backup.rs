@@ -407,6 +407,24 @@ fn a_trickling_server_holds_the_run_no_longer_than_max_time() {
             "--max-time {max}: {took:?}"
         );
     }
+    // A listing too, with --max-time (no limit by default for restores).
+    let (o, took) = run_bounded(
+        Command::new(bin("byteback-restore"))
+            .env("BYTEBACK_SERVER", bin("byteback-fake-server"))
+            .env("BYTEBACK_FAKE_TRICKLE", bin("byteback-server"))
+            .arg("--destination")
+            .arg(&store)
+            .args(["--hostname", "h", "--list", "--max-time", "3", "/**"]),
+        std::time::Duration::from_secs(90),
+        store.to_str().unwrap(),
+    );
+    let text = output_text(&o);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("it ran for more than 3 s (--max-time)"),
+        "{text}"
+    );
+    assert!(took < std::time::Duration::from_secs(7), "{took:?}: {text}");
 }
 
 /// A backup of `src` into `store` through a trickling server, with

@@ -1323,6 +1323,20 @@ fn record_exclude(dir: &Path) -> Option<String> {
     (!rel.is_empty()).then(|| format!("/{}/", crate::filter::Filter::escape(rel)))
 }
 
+/// The watch of a listing's or restore's `--max-time` over `conn` (none
+/// for 0): past it, the connection is torn down.
+fn max_time(conn: &Connection, secs: u64) -> Option<crate::conn::Deadline> {
+    (secs > 0).then(|| crate::conn::Deadline::start(Duration::from_secs(secs), conn.breaker()))
+}
+
+/// `e`, saying it came of `--max-time` (`secs`) when `limit` ran out.
+fn out_of_time(e: Error, limit: &Option<crate::conn::Deadline>, secs: u64) -> Error {
+    match limit {
+        Some(l) if l.passed() => e.context(format!("it ran for more than {secs} s (--max-time)")),
+        _ => e,
+    }
+}
+
 /// A finished backup's exit code, as 1.x: vanished files are normal on a
 /// live system (0); files unreadable or changing while read make it partial (24).
 fn exit_for(_vanished: u64, partial: u64) -> u8 {
@@ -1435,6 +1449,11 @@ pub struct RestoreArgs {
     /// 1.x's rsync's "no timeout", is taken as 300).
     #[arg(short, long, default_value_t = 300)]
     io_timeout: u64,
+    /// Seconds the listing or restore may take in all (0, the default: no
+    /// limit; at most ten years): past it, it stops, however the server
+    /// trickles its data.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=10 * YEAR))]
+    max_time: u64,
     /// SSH private key. Default: /etc/byteback/key.
     #[arg(short = 'k', long)]
     ssh_key: Option<PathBuf>,
@@ -1625,10 +1644,11 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
         }
         // A plain listing: the host's snapshots and what wrote each.
         let mut conn = target.connect("list")?;
+        let limit = max_time(&conn, args.max_time);
         let mut out = PipeOut::default();
         let n = match restore::list_snapshots(&mut conn, &mut out) {
             Err(_) if out.closed => return Ok(0),
-            r => r?,
+            r => r.map_err(|e| out_of_time(e, &limit, args.max_time))?,
         };
         conn.close()?;
         return Ok(if n == 0 { 1 } else { 0 });
@@ -1658,6 +1678,7 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
         None => (cwd.clone(), ".".to_string()),
     };
     let mut conn = target.connect(if args.restore { "restore" } else { "list" })?;
+    let limit = max_time(&conn, args.max_time);
     if args.restore {
         let opts = restore::RestoreOptions {
             all: args.all,
@@ -1673,7 +1694,8 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
         let r = {
             let _bar = term::progress_wanted(args.progress, args.no_progress)
                 .then(|| Bar::start(Kind::Restore));
-            restore::restore(&mut conn, &pats, args.snapshot.as_deref(), dest, opts)?
+            restore::restore(&mut conn, &pats, args.snapshot.as_deref(), dest, opts)
+                .map_err(|e| out_of_time(e, &limit, args.max_time))?
         };
         conn.close()?;
         // Warnings and damaged files were printed as they came.
@@ -1741,7 +1763,7 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
         ) {
             // The reader had enough (`| head`): not an error.
             Err(_) if out.closed => return Ok(0),
-            r => r?,
+            r => r.map_err(|e| out_of_time(e, &limit, args.max_time))?,
         };
         conn.close()?;
         if n == 0 {
