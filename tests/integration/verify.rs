@@ -424,6 +424,43 @@ fn budgeted_verify_reaches_every_host() {
     );
 }
 
+/// A host whose pass never ends (here its backups add more between two
+/// runs than a run's budget reads) does not keep the others from their
+/// turn: runs take the hosts in turn, the one a run worked on longest ago
+/// first. Before, a pass under way was always taken first, so such a host
+/// (honest and large, or a client writing sparse files, cheap to store
+/// and read in full) had every run to itself, and damage elsewhere was
+/// never found.
+#[test]
+fn a_host_whose_pass_never_ends_does_not_keep_the_others_from_their_turn() {
+    if !require_root("verify on a btrfs store") {
+        return;
+    }
+    let fs_ = BtrfsLoop::new(300);
+    let store = fs_.mount.join("store");
+    store_without_interval(&store);
+    let work = scratch();
+    let mut rng = Rng::new(12);
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    fs::create_dir_all(&a).unwrap();
+    fs::create_dir_all(&b).unwrap();
+    fs::write(b.join("f"), rng.bytes(50_000)).unwrap();
+    local_backup(&store, &b, "b");
+    let full = |h: &str| {
+        fs::read_to_string(store.join(h).join(".byteback-verify"))
+            .is_ok_and(|s| s.contains("last-full"))
+    };
+    for run in 0..4 {
+        // A new 400 kB file and snapshot for a before every run.
+        fs::write(a.join(format!("f{run}")), rng.bytes(400_000)).unwrap();
+        local_backup(&store, &a, "a");
+        let o = verify(&store, &["--budget", "300K"]);
+        assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+    }
+    assert!(!full("a"), "a's pass ended: the test shows nothing");
+    assert!(full("b"), "b was never verified whole");
+}
+
 /// A file larger than a run's budget is verified over several runs, a
 /// piece (64 MiB) at a time, each byte read once; a file of `current`
 /// rewritten between two runs is hashed again from its start, so damage

@@ -93,7 +93,7 @@ pub fn collect(store: &Store, now: i64) -> Result<StoreStatus> {
             .damage
             .iter()
             .filter(|d| d.snapshot == "current" || kept.contains(d.snapshot.as_str()))
-            .map(|d| format!("{} /{}", d.snapshot, d.path.escape_ascii()))
+            .map(shown_damage)
             .collect();
         hosts.push(HostStatus {
             verified_age: verify.last_full.map(|t| now - t),
@@ -103,7 +103,8 @@ pub fn collect(store: &Store, now: i64) -> Result<StoreStatus> {
             size: newest
                 .as_ref()
                 .and_then(|(n, _)| manifest_size(store, &name, n)),
-            history: (!retained.is_empty()).then(|| retained[1..].iter().sum()),
+            history: (!retained.is_empty())
+                .then(|| retained[1..].iter().fold(0u64, |a, b| a.saturating_add(*b))),
             age: newest.as_ref().map(|(_, t)| now - t),
             newest: newest.map(|(n, _)| n),
             snapshots: snaps.len(),
@@ -321,10 +322,28 @@ pub fn json(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> String {
     format!("{v}\n")
 }
 
+/// A damaged file as `status` lists it: `SNAPSHOT /PATH`, the path's bytes
+/// escaped, `|` too: Nagios takes what follows one for performance data,
+/// which would hide the lines after it (other hosts' damage among them).
+fn shown_damage(d: &crate::verify::Damage) -> String {
+    let path = d.path.escape_ascii().to_string().replace('|', "\\x7c");
+    format!("{} /{path}", d.snapshot)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_damaged_path_cannot_end_the_lines_nagios_reads() {
+        let d = crate::verify::Damage {
+            snapshot: "current".into(),
+            path: b"a|b\n\x1b[2J".to_vec(),
+            problem: String::new(),
+        };
+        assert_eq!(shown_damage(&d), "current /a\\x7cb\\n\\x1b[2J");
+    }
 
     #[test]
     fn ages_parse_and_format() {

@@ -174,6 +174,8 @@ pub struct State {
     pub cursor: Option<(String, Vec<u8>)>,
     /// When the last whole pass ended (Unix seconds).
     pub last_full: Option<i64>,
+    /// When a budgeted run last took its turn at this host (Unix seconds).
+    pub last_turn: Option<i64>,
     /// Damage found since the last whole pass began.
     pub damage: Vec<Damage>,
     /// The file after the cursor, hashed in part: its snapshot and path.
@@ -241,6 +243,7 @@ impl State {
                     }
                 }
                 (Some("last-full"), Some(t), None, None) => st.last_full = t.parse().ok(),
+                (Some("last-turn"), Some(t), None, None) => st.last_turn = t.parse().ok(),
                 (Some("partial"), Some(snap), Some(p), Some(rest)) => {
                     let mut r = rest.split(' ');
                     let got = (r.next(), r.next(), r.next(), r.next());
@@ -273,6 +276,9 @@ impl State {
         }
         if let Some(t) = self.last_full {
             s.push_str(&format!("last-full {t}\n"));
+        }
+        if let Some(t) = self.last_turn {
+            s.push_str(&format!("last-turn {t}\n"));
         }
         if let Some((snap, p, pr)) = &self.partial {
             s.push_str(&format!("partial {snap} {} {}\n", hex(p), pr.render()));
@@ -767,6 +773,9 @@ pub fn verify_host(
         state.partial = None;
         state.last_full = Some(now);
     }
+    if resume {
+        state.last_turn = Some(now);
+    }
     state.save(host)?;
     Ok(report)
 }
@@ -827,17 +836,25 @@ fn render_json(reports: &[HostReport]) -> String {
     format!("{{\"hosts\":[{}]}}\n", hosts.join(","))
 }
 
-/// Orders hosts for a budgeted run: a pass under way first, then hosts
-/// never verified whole, then the one verified whole longest ago. Else the
-/// first host listed would start a new pass every day, taking the whole
-/// budget when it is large, and those after it would never be reached.
+/// Orders hosts for a budgeted run: in turn, the host a run worked on
+/// longest ago first (never: first of all); among equals a pass under way
+/// first, then hosts never verified whole, then the one verified whole
+/// longest ago. Else the first host listed would start a new pass every
+/// day, taking the whole budget when it is large, and those after it would
+/// never be reached; and a pass under way taken first every time, one that
+/// never ends (a host larger than the budget, snapshotted daily) would keep
+/// every other host from its turn.
 fn fair_order(store: &Store, hosts: &mut [String]) {
     let key = |h: &String| match store.host(h, false) {
         Ok(host) => {
             let st = State::load(&host);
-            (st.cursor.is_none(), st.last_full.unwrap_or(i64::MIN))
+            (
+                st.last_turn.unwrap_or(i64::MIN),
+                st.cursor.is_none(),
+                st.last_full.unwrap_or(i64::MIN),
+            )
         }
-        Err(_) => (true, i64::MAX),
+        Err(_) => (i64::MAX, true, i64::MAX),
     };
     hosts.sort_by_cached_key(key);
 }
@@ -859,13 +876,21 @@ fn run(args: VerifyArgs) -> Result<u8> {
     let now = crate::time::now();
     let mut reports = vec![];
     for h in &hosts {
-        let host = store.host(h, false)?;
-        reports.push(verify_host(
-            &host,
-            args.snapshot.as_deref(),
-            &mut budget,
-            now,
-        )?);
+        // One host's failure (its state not saved on a full disc, a
+        // snapshot that cannot be listed) is reported, and the others
+        // still get their turn.
+        let done = store
+            .host(h, false)
+            .and_then(|host| verify_host(&host, args.snapshot.as_deref(), &mut budget, now));
+        match done {
+            Ok(r) => reports.push(r),
+            Err(e) if args.host.is_empty() => reports.push(HostReport {
+                host: h.clone(),
+                errors: vec![e.to_string()],
+                ..Default::default()
+            }),
+            Err(e) => return Err(e),
+        }
         if budget.spent() {
             break;
         }
@@ -951,6 +976,7 @@ mod tests {
             partial: None,
             cursor: Some(("2026-11-27T03:00+0000".into(), b"a/\xff b".to_vec())),
             last_full: Some(1_800_000_000),
+            last_turn: Some(1_800_000_100),
             damage: vec![Damage {
                 snapshot: "current".into(),
                 path: b"x\ny".to_vec(),
@@ -971,6 +997,7 @@ mod tests {
         assert_eq!(back.partial, st.partial);
         assert_eq!(back.cursor, st.cursor);
         assert_eq!(back.last_full, st.last_full);
+        assert_eq!(back.last_turn, st.last_turn);
         assert_eq!(back.damage[0].path, b"x\ny");
         assert_eq!(back.damage[0].problem, "content does not match its BLAKE3");
     }
