@@ -378,17 +378,42 @@ fn data_svg(h: &HostReport, offset: i64) -> String {
 
 /// Every (time, free, size) the usage logs recorded, oldest first.
 fn space_points(r: &Report) -> Vec<(i64, u64, u64)> {
-    let mut pts: Vec<(i64, u64, u64)> = r
+    let pts: Vec<(i64, u64, u64)> = r
         .hosts
         .iter()
         .flat_map(|h| h.usage.iter())
         .filter_map(|u| u.space.map(|(free, size)| (u.time, free, size)))
         .filter(|&(_, _, size)| size > 0)
         .collect();
+    thin_by_time(pts, MAX_POINTS)
+}
+
+/// At most `max` of `pts` (time, free, size), over the whole time they
+/// span: one per slice of it, the one with the least free space (the one
+/// that matters). Keeping the last `max` instead let one host's burst of
+/// backups (each writes a point) push months of history out of the chart.
+fn thin_by_time(mut pts: Vec<(i64, u64, u64)>, max: usize) -> Vec<(i64, u64, u64)> {
     pts.sort_unstable();
-    let skip = pts.len().saturating_sub(MAX_POINTS);
-    pts.drain(..skip);
-    pts
+    let (Some(first), Some(last)) = (pts.first().copied(), pts.last().copied()) else {
+        return pts;
+    };
+    if pts.len() <= max || max == 0 {
+        return pts;
+    }
+    let span = i128::from(last.0) - i128::from(first.0) + 1;
+    let slice = |t: i64| (i128::from(t) - i128::from(first.0)) * max as i128 / span;
+    let mut out: Vec<(i64, u64, u64)> = Vec::with_capacity(max);
+    for p in pts {
+        match out.last_mut() {
+            Some(kept) if slice(kept.0) == slice(p.0) => {
+                if p.1 < kept.1 {
+                    *kept = p;
+                }
+            }
+            _ => out.push(p),
+        }
+    }
+    out
 }
 
 fn space_svg(r: &Report) -> String {
@@ -656,6 +681,25 @@ pub fn run_report(args: ReportArgs) -> ExitCode {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// The chart keeps the whole history however many points one host
+    /// adds at its end: a burst of 2,100 backups in a day once pushed 90
+    /// days of history out of it.
+    #[test]
+    fn a_burst_of_points_keeps_the_history_in_the_chart() {
+        let day = 86_400;
+        let mut pts: Vec<(i64, u64, u64)> =
+            (0..90).map(|d| (d * day, 100 - d as u64, 1000)).collect();
+        pts.extend((0..2100).map(|i| (90 * day + i, 5, 1000)));
+        let got = thin_by_time(pts, MAX_POINTS);
+        assert!(got.len() <= MAX_POINTS, "{}", got.len());
+        assert_eq!(got.first().unwrap().0, 0);
+        assert!(got.last().unwrap().0 >= 90 * day);
+        // Least free space of each slice: the burst shows as 5.
+        assert_eq!(got.last().unwrap().1, 5);
+        let few = vec![(3, 1, 2), (1, 1, 2)];
+        assert_eq!(thin_by_time(few, MAX_POINTS), vec![(1, 1, 2), (3, 1, 2)]);
+    }
 
     #[test]
     fn escaping_leaves_no_markup() {
