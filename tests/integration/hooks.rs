@@ -137,7 +137,7 @@ fn a_stop_after_the_commit_reports_the_backup_committed() {
     let mut cmd = s.piped(&s.store, &["--retry-number", "0", "--json"]);
     cmd.env("BYTEBACK_SERVER", &held)
         .env("BYTEBACK_TEST_POST_COMMIT_WAIT_SECS", "100")
-        .env("BYTEBACK_TEST_MAIN_WAIT_SECS", "2");
+        .env("BYTEBACK_TEST_MAIN_WAIT_SECS", "50");
     let start = std::time::Instant::now();
     let mut child = cmd.spawn().unwrap();
     while s.snapshots().is_empty() {
@@ -147,10 +147,13 @@ fn a_stop_after_the_commit_reports_the_backup_committed() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    // Past the commit, into the wait for the server.
+    // Past the commit, into the wait for the server, which the signal
+    // cuts short (it would last 100 s).
     std::thread::sleep(std::time::Duration::from_secs(1));
     send_signal(child.id(), Signal::TERM);
+    let signalled = std::time::Instant::now();
     let status = wait_until(&mut child, start, std::time::Duration::from_secs(60));
+    let after = signalled.elapsed();
     for (pid, _) in processes_naming("sleep 311") {
         kill9(pid);
     }
@@ -163,6 +166,12 @@ fn a_stop_after_the_commit_reports_the_backup_committed() {
     assert_eq!(post_env(&s), format!("0|ok|{snap}\n"), "{err}");
     let json: serde_json::Value = serde_json::from_slice(&o.stdout).expect(&err);
     assert_eq!(json["exit_code"], 0, "{json}");
+    assert_eq!(json["snapshot"], snap.as_str(), "{json}");
+    assert_eq!(json["errors"], serde_json::json!([]), "{json}");
+    assert!(
+        after < std::time::Duration::from_secs(15),
+        "{after:?}: {err}"
+    );
 }
 
 #[test]

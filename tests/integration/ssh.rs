@@ -508,7 +508,7 @@ fn a_read_only_key_restores_and_never_backs_up() {
         "/srv/elsewhere\n"
     );
     assert!(!r.join("key").exists());
-    let key = r.join("restore-key").to_str().unwrap().to_string();
+    let key = r.join("restore-key-host-a").to_str().unwrap().to_string();
     let dest = w.sshd.destination();
     let keys = fs::read_to_string(w.sshd.authorized_keys()).unwrap();
     assert_eq!(

@@ -511,16 +511,25 @@ fn hostname_f() -> Result<Option<Vec<u8>>> {
 /// Longest `hostname -f` may take.
 const HOSTNAME_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// This machine's fully qualified name (as `hostname -f`), or its node name.
+/// This machine's fully qualified name (as `hostname -f`), or its node name
+/// (said in a warning: a `hostname -f` that fails only some days, DNS being
+/// down, would file those backups under another name).
 pub fn default_hostname() -> Result<String> {
     let name = match hostname_f()? {
         Some(o) if !o.trim_ascii().is_empty() => {
             String::from_utf8_lossy(o.trim_ascii()).into_owned()
         }
-        _ => rustix::system::uname()
-            .nodename()
-            .to_string_lossy()
-            .into_owned(),
+        _ => {
+            let node = rustix::system::uname()
+                .nodename()
+                .to_string_lossy()
+                .into_owned();
+            tracing::warn!(
+                "hostname -f gave no name; this machine goes by its node name {node:?} (give \
+                 --hostname to be sure: a name that changes starts a tree of its own)"
+            );
+            node
+        }
     };
     byteback_protocol::validate_host_name(&name).map_err(|_| {
         Error::Usage(format!(
@@ -816,12 +825,20 @@ pub fn backup_main() -> ExitCode {
     if json {
         // Stopped by a signal, it says so (what the run gathered is the
         // main thread's, which goes on meanwhile).
-        crate::stop::set_report(move |code, msg| {
+        crate::stop::set_report(move |code, msg, snapshot| {
+            let said = vec![msg.to_string()];
+            let (errors, warnings) = if code == 0 || code == EXIT_PARTIAL {
+                (vec![], said)
+            } else {
+                (said, vec![])
+            };
             print_json(&BackupJson {
                 exit_code: code,
                 status: crate::hooks::status_text(code),
+                snapshot: snapshot.map(str::to_string),
                 duration_seconds: start.elapsed().as_secs_f64(),
-                errors: vec![msg.to_string()],
+                errors,
+                warnings,
                 ..BackupJson::default()
             });
         });

@@ -465,7 +465,7 @@ impl Transport {
             }
             Transport::Child(mut c, _) => {
                 let limit = post_commit_wait();
-                if !wait_child(&mut c, limit) {
+                if !wait_child_unless_stopped(&mut c, limit) {
                     bail!(
                         "the server (pid {}) had not ended {} s after the backup (still pruning?); not waiting for it",
                         c.id(),
@@ -486,7 +486,7 @@ impl Transport {
                 // Everything asked for has come: a server that does not
                 // end must not hold us (it goes on by itself).
                 let limit = post_commit_wait();
-                if !wait_child(&mut c, limit) {
+                if !wait_child_unless_stopped(&mut c, limit) {
                     tracing::warn!(
                         "the server (pid {}) had not ended {} s after the session; not waiting for it",
                         c.id(),
@@ -541,6 +541,21 @@ fn wait_child(c: &mut Child, limit: Duration) -> bool {
             Ok(None) => std::thread::sleep(Duration::from_millis(5)),
         }
     }
+}
+
+/// [`wait_child`] for the end of a session, which a stop by a signal (see
+/// `stop`) cuts short, as it does over SSH: false then too.
+fn wait_child_unless_stopped(c: &mut Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if crate::stop::stopped().is_some() {
+            return false;
+        }
+        if wait_child(c, Duration::from_millis(100).min(limit)) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Adds how the server ended, when it had, to an error it caused.

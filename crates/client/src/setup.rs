@@ -143,7 +143,12 @@ fn setup(args: &SetupArgs) -> Result<()> {
     }
     // A read-only key is its own (the machine's backup key, if it has one,
     // stays as it is, here and on its server).
-    let own_key = dir.join(if args.read_only { "restore-key" } else { "key" });
+    let own_key = if args.read_only {
+        // One per host: the server refuses one key with two hosts' lines.
+        dir.join(format!("restore-key-{name}"))
+    } else {
+        dir.join("key")
+    };
     let key_path = args.ssh_key.clone().unwrap_or_else(|| own_key.clone());
     if args.rotate_key {
         return rotate(args, &target, &name, &key_path);

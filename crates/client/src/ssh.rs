@@ -417,20 +417,22 @@ const KEY_FILE_MAX: u64 = 1 << 20;
 /// Reads and decodes the private key at `path`, refusing one of this user
 /// that other users may read or change, as OpenSSH does ("UNPROTECTED
 /// PRIVATE KEY FILE"): whoever can read it can list, restore or back up as
-/// this host. (As OpenSSH, a key of another owner is not judged by its
-/// mode: a group's shared key, one on a filesystem without modes.)
+/// this host. A key of another owner is not judged by its mode (a group's
+/// shared key, one on a filesystem without modes), as OpenSSH does, but
+/// for root (backups, restores of the whole machine): one that other users
+/// may read or change is refused whoever owns it.
 fn read_key(path: &Path) -> std::result::Result<PrivateKey, russh::keys::Error> {
     use std::io::Read as _;
     use std::os::unix::fs::MetadataExt as _;
     let file = std::fs::File::open(path)?;
     let meta = file.metadata()?;
     let me = rustix::process::getuid().as_raw();
-    if meta.uid() == me && meta.mode() & 0o077 != 0 {
+    if (meta.uid() == me || me == 0) && meta.mode() & 0o077 != 0 {
         return Err(russh::keys::Error::IO(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
             format!(
                 "other users may read or change it (mode {:o}); refusing to use it, as ssh \
-                 does (`chmod 600 {}`)",
+                 does (`chmod 600 {}`, and give it to this user)",
                 meta.mode() & 0o7777,
                 path.display()
             ),
@@ -1151,7 +1153,8 @@ mod tests {
 
     /// As OpenSSH: a key of this user that others may read or change is
     /// refused; a key another user owns is not judged by its mode (a
-    /// group's shared key, a key on a filesystem without modes).
+    /// group's shared key, a key on a filesystem without modes), but for
+    /// root, who refuses any key others may read.
     #[test]
     fn a_key_is_judged_by_its_mode_only_when_it_is_ours() {
         use std::os::unix::fs::PermissionsExt;
@@ -1176,10 +1179,14 @@ mod tests {
             );
         }
         if rustix::process::getuid().is_root() {
+            // Root judges every key by its mode (whoever reads it restores
+            // the machine), but not by its owner.
             let other = rustix::process::Uid::from_raw(54_321);
             rustix::fs::chown(&path, Some(other), None).unwrap();
-            mode(0o644);
+            mode(0o600);
             assert!(read_key(&path).is_ok());
+            mode(0o644);
+            assert!(read_key(&path).is_err());
         } else if std::env::var_os("CI").is_some() {
             panic!("a key owned by another user needs root, and CI is set");
         } else {

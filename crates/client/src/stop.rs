@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 /// taken; they give what failed.
 type Post = Box<dyn FnOnce(u8, Option<String>) -> Vec<String> + Send>;
 /// Prints the `--json` report of a stopped backup (exit code, message).
-type Report = Box<dyn Fn(u8, &str) + Send>;
+type Report = Box<dyn Fn(u8, &str, Option<&str>) + Send>;
 /// Tears the running transfer down.
 type Abort = Box<dyn Fn() + Send>;
 
@@ -92,7 +92,7 @@ pub fn set_post(post: impl FnOnce(u8, Option<String>) -> Vec<String> + Send + 's
 
 /// Has `report` print the `--json` report of a backup ended by a signal
 /// before the main thread could.
-pub fn set_report(report: impl Fn(u8, &str) + Send + 'static) {
+pub fn set_report(report: impl Fn(u8, &str, Option<&str>) + Send + 'static) {
     *lock(&REPORT) = Some(Box::new(report));
 }
 
@@ -325,10 +325,10 @@ pub fn message(sig: i32) -> String {
 
 /// Ends the process with `code`, the `--json` report printed first (a
 /// report that cannot be written is no reason not to end).
-fn end(code: u8, msg: &str) -> ! {
+fn end(code: u8, msg: &str, snapshot: Option<&str>) -> ! {
     let _ = std::panic::catch_unwind(|| {
         if let Some(report) = lock(&REPORT).as_ref() {
-            report(code, msg);
+            report(code, msg, snapshot);
         }
     });
     std::process::exit(code.into());
@@ -348,7 +348,7 @@ fn on_signal(sig: i32) {
         PostState::Empty => {
             // Nothing set up yet that the post-backup hooks would undo.
             say(&msg);
-            end(code, &msg);
+            end(code, &msg, None);
         }
         PostState::Main | PostState::Fallback => {
             say(&format!(
@@ -429,16 +429,21 @@ pub fn give_up(code: u8, msg: &str, why: &str) {
     let (code, snapshot, msg) = match lock(&COMMITTED).clone() {
         Some((done, snapshot)) => {
             let msg = format!(
-                "{msg}; the backup was committed before it ({}), only the wait for the server to end was cut short",
-                snapshot.as_deref().map_or("no snapshot taken".to_string(), |s| format!("snapshot {s}"))
+                "the backup was committed ({}); the wait for the server to end was cut short",
+                snapshot
+                    .as_deref()
+                    .map_or("no snapshot taken".to_string(), |s| format!("snapshot {s}"))
             );
             (done, snapshot, msg)
         }
         None => (code, None, msg.to_string()),
     };
-    let failures = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| post(code, snapshot)));
+    say(&msg);
+    let failures = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        post(code, snapshot.clone())
+    }));
     for f in failures.unwrap_or_default() {
         say(&format!("post-backup hook failed: {f}"));
     }
-    end(code, &msg);
+    end(code, &msg, snapshot.as_deref());
 }

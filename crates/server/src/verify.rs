@@ -650,6 +650,13 @@ pub fn verify_host(
     let resume = budget.limited() && only.is_none();
     budget.within_files = resume;
     let mut state = State::load(host);
+    if resume {
+        // The turn is taken, whatever comes of it: a host whose state
+        // cannot be saved at the end (a full disc) must not come first
+        // again at every run.
+        state.last_turn = Some(now);
+        state.save(host)?;
+    }
     // Where this run starts: after the cursor of a budgeted pass under way.
     let (first, mut after) = match (&state.cursor, resume) {
         (Some((snap, path)), true) => match names.iter().position(|n| n == snap) {
@@ -884,7 +891,7 @@ fn run(args: VerifyArgs) -> Result<u8> {
             .and_then(|host| verify_host(&host, args.snapshot.as_deref(), &mut budget, now));
         match done {
             Ok(r) => reports.push(r),
-            Err(e) if args.host.is_empty() => reports.push(HostReport {
+            Err(e) if !matches!(e, Error::Usage(_)) => reports.push(HostReport {
                 host: h.clone(),
                 errors: vec![e.to_string()],
                 ..Default::default()
