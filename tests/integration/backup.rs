@@ -497,6 +497,58 @@ fn a_stderr_nobody_reads_does_not_stop_the_backup() {
     assert_eq!(fs::read_dir(stored).unwrap().count(), 3000);
 }
 
+/// The same on a terminal whose reader stopped (an SSH session whose
+/// network died; here `script`'s pseudo-terminal, `script` itself blocked
+/// on a pipe nobody reads), with the progress bar shown and `-v`: the
+/// backup ends. Before, a write with some room on the terminal, and the
+/// bar's redraw, blocked for ever.
+#[test]
+fn a_terminal_nobody_reads_does_not_stop_the_backup() {
+    let (_d, src, store) = site();
+    for i in 0..3000 {
+        fs::write(src.join(format!("a-file-with-a-longish-name-{i:05}")), b"x").unwrap();
+    }
+    let line = format!(
+        "'{}' --destination '{}' --source '{}' --hostname h --retry-number 0 -v --progress",
+        bin("byteback-backup").display(),
+        store.display(),
+        src.display()
+    );
+    let mut script = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    let marker = src.to_str().unwrap();
+    let ended = loop {
+        let running = processes_naming(marker)
+            .iter()
+            .any(|(_, cmd)| cmd.contains("byteback-backup") && !cmd.contains("script"));
+        if !running && !snapshots(&store, "h").is_empty() {
+            break true;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    for (pid, _) in processes_naming(marker) {
+        kill9(pid);
+    }
+    let _ = script.kill();
+    let _ = script.wait();
+    assert!(
+        ended,
+        "HANG: the backup still runs after 60 s, its terminal unread"
+    );
+    let snaps = snapshots(&store, "h");
+    let stored = restored_path(&store.join("h").join(&snaps[0]), &src);
+    assert_eq!(fs::read_dir(stored).unwrap().count(), 3000);
+}
+
 #[test]
 fn rich_tree_round_trip_plain_store() {
     let d = scratch();

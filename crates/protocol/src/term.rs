@@ -234,19 +234,64 @@ static STDERR_DROPPED: AtomicU64 = AtomicU64::new(0);
 /// many without blocking.
 const STDERR_CHUNK: usize = 4096;
 
-/// Whether stderr has room for a write within `wait`.
-fn stderr_room(wait: Duration) -> bool {
-    let mut fd = libc::pollfd {
-        fd: 2,
+/// Whether `fd` has room for a write within `wait`.
+fn room(fd: libc::c_int, wait: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd,
         events: libc::POLLOUT,
         revents: 0,
     };
     let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
     // SAFETY: one pollfd, valid for the call, and its count.
-    let n = unsafe { libc::poll(&mut fd, 1, ms) };
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
     // An error (a signal), or a stderr closed or broken: the write finds
     // out at once.
     n != 0
+}
+
+/// When stderr is a terminal, a descriptor of its own for it that does not
+/// block (opened anew through `/proc`, so the flag is not the shared one's,
+/// which the shell and other programs use too): a terminal with some room
+/// takes a line only as that room allows, so a blocking write could wait
+/// for ever however `poll` answered. `None` elsewhere: a pipe with room
+/// takes [`STDERR_CHUNK`] bytes at once, and files and sockets are written
+/// as they are.
+fn tty_writer() -> Option<&'static std::fs::File> {
+    static TTY: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    TTY.get_or_init(|| {
+        use std::os::unix::fs::OpenOptionsExt;
+        if !rustix::termios::isatty(io::stderr().as_fd()) {
+            return None;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open("/proc/self/fd/2")
+            .ok()
+    })
+    .as_ref()
+}
+
+/// Writes all of `chunk` to `out` (the terminal's descriptor that does not
+/// block), waiting for room at most `wait` in all; false if it did not fit.
+fn write_tty(out: &std::fs::File, mut chunk: &[u8], wait: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let start = std::time::Instant::now();
+    while !chunk.is_empty() {
+        match (&*out).write(chunk) {
+            Ok(0) => return false,
+            Ok(n) => chunk = &chunk[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = wait.saturating_sub(start.elapsed());
+                if left.is_zero() || !room(out.as_raw_fd(), left) {
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// Writes `bytes` to stderr unless it has taken nothing for
@@ -255,8 +300,14 @@ fn stderr_room(wait: Duration) -> bool {
 fn write_bounded(bytes: &[u8]) {
     let lines = |b: &[u8]| b.iter().filter(|&&c| c == b'\n').count().max(1) as u64;
     let mut e = io::stderr().lock();
+    let tty = tty_writer();
+    // One chunk, waiting at most `wait`: whether it went.
+    let mut put = |chunk: &[u8], wait: Duration| match tty {
+        Some(t) => write_tty(t, chunk, wait),
+        None => room(2, wait) && e.write_all(chunk).is_ok(),
+    };
     if STDERR_STALLED.load(Ordering::Relaxed) {
-        if !stderr_room(Duration::ZERO) {
+        if !room(2, Duration::ZERO) {
             STDERR_DROPPED.fetch_add(lines(bytes), Ordering::Relaxed);
             return;
         }
@@ -271,15 +322,12 @@ fn write_bounded(bytes: &[u8]) {
             },
             PROG.get().copied().unwrap_or("byteback")
         );
-        let _ = e.write_all(note.as_bytes());
+        put(note.as_bytes(), STDERR_WAIT);
     }
     for (i, chunk) in bytes.chunks(STDERR_CHUNK).enumerate() {
-        if !stderr_room(STDERR_WAIT) {
+        if !put(chunk, STDERR_WAIT) {
             STDERR_STALLED.store(true, Ordering::Relaxed);
             STDERR_DROPPED.fetch_add(lines(&bytes[i * STDERR_CHUNK..]), Ordering::Relaxed);
-            return;
-        }
-        if e.write_all(chunk).is_err() {
             return;
         }
     }
@@ -358,8 +406,11 @@ pub fn width() -> u16 {
 struct Screen;
 
 impl Screen {
+    /// Bounded as every line is (see [`write_bounded`]): a bar redrawn on
+    /// a terminal whose reader stopped must not stop the program.
     fn put(&self, s: &str) -> io::Result<()> {
-        io::stderr().lock().write_all(s.as_bytes())
+        write_bounded(s.as_bytes());
+        Ok(())
     }
 }
 
