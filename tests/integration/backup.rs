@@ -192,16 +192,7 @@ fn a_file_changed_just_before_a_tail_of_zeros_is_stored_at_the_first_attempt() {
         let file = fs::File::create(&f).unwrap();
         file.set_len(64 << 20).unwrap();
         file.write_all_at(&rng.bytes(4096), 0).unwrap();
-        let backup = || {
-            run_status(
-                Command::new(bin("byteback-backup"))
-                    .arg("--destination")
-                    .arg(&store)
-                    .arg("--source")
-                    .arg(&src)
-                    .args(["--hostname", "h", "--retry-number", "0"]),
-            )
-        };
+        let backup = || run_status(&mut local_backup_cmd(&store, &src, "h"));
         for at in [0u64, 4000 * 4096, 9000 * 4096] {
             if at > 0 {
                 file.write_all_at(&rng.bytes(4096), at).unwrap();
@@ -240,14 +231,9 @@ fn a_server_trickling_its_handshake_is_given_up_on() {
     fs::write(&trickle, script).unwrap();
     fs::set_permissions(&trickle, fs::Permissions::from_mode(0o755)).unwrap();
     let (out, took) = run_bounded(
-        Command::new(bin("byteback-backup"))
+        local_backup_cmd(&store, &src, "h")
             .env("BYTEBACK_SERVER", &trickle)
-            .env("BYTEBACK_TEST_HANDSHAKE_LIMIT_SECS", "3")
-            .arg("--destination")
-            .arg(&store)
-            .arg("--source")
-            .arg(&src)
-            .args(["--hostname", "h", "--retry-number", "0"]),
+            .env("BYTEBACK_TEST_HANDSHAKE_LIMIT_SECS", "3"),
         std::time::Duration::from_secs(60),
         trickle.to_str().unwrap(),
     );
@@ -349,23 +335,11 @@ fn a_walk_stuck_in_the_kernel_does_not_hold_the_run_for_ever() {
     .unwrap();
     fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
     let (o, took) = run_bounded(
-        Command::new(bin("byteback-backup"))
+        local_backup_cmd(&store, &src, "h")
             .env("BYTEBACK_CONFIG_DIR", &config)
             .env("BYTEBACK_TEST_WALK_STALL", "stuck")
             .env("BYTEBACK_TEST_STUCK_LIMIT_SECS", "3")
-            .arg("--destination")
-            .arg(&store)
-            .arg("--source")
-            .arg(&src)
-            .args([
-                "--hostname",
-                "h",
-                "--retry-number",
-                "0",
-                "--io-timeout",
-                "3",
-                "--json",
-            ]),
+            .args(["--io-timeout", "3", "--json"]),
         std::time::Duration::from_secs(60),
         src.to_str().unwrap(),
     );
@@ -394,12 +368,7 @@ fn a_trickling_server_holds_the_run_no_longer_than_max_time() {
     // A manifest, whose generation the answer to the start of the next
     // backups carries: 3 s is then over while that answer trickles in
     // (about 8 s), which is cut short; 12 s is over later.
-    run(Command::new(bin("byteback-backup"))
-        .arg("--destination")
-        .arg(&store)
-        .arg("--source")
-        .arg(&src)
-        .args(["--hostname", "h"]));
+    local_backup(&store, &src, "h");
     for max in [3, 12] {
         let took = trickled_backup(&src, &store, max);
         assert!(
@@ -462,6 +431,14 @@ fn trickled_backup(src: &Path, store: &Path, max: u64) -> std::time::Duration {
     took
 }
 
+/// 3,000 files with long names in `src`: `-v` names them in far more than
+/// a pipe or a terminal holds.
+fn many_names(src: &Path) {
+    for i in 0..3000 {
+        fs::write(src.join(format!("a-file-with-a-longish-name-{i:05}")), b"x").unwrap();
+    }
+}
+
 /// A stderr nobody reads (a pipe to a stopped reader, a stalled journal)
 /// does not stop the run: a write waits for room at most 5 s, and what
 /// finds none is dropped and counted. Here `-v` names 3,000 files, far
@@ -471,16 +448,10 @@ fn trickled_backup(src: &Path, store: &Path, max: u64) -> std::time::Duration {
 #[test]
 fn a_stderr_nobody_reads_does_not_stop_the_backup() {
     let (_d, src, store) = site();
-    for i in 0..3000 {
-        fs::write(src.join(format!("a-file-with-a-longish-name-{i:05}")), b"x").unwrap();
-    }
+    many_names(&src);
     let start = std::time::Instant::now();
-    let mut child = Command::new(bin("byteback-backup"))
-        .arg("--destination")
-        .arg(&store)
-        .arg("--source")
-        .arg(&src)
-        .args(["--hostname", "h", "--retry-number", "0", "-v"])
+    let mut child = local_backup_cmd(&store, &src, "h")
+        .arg("-v")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -505,9 +476,7 @@ fn a_stderr_nobody_reads_does_not_stop_the_backup() {
 #[test]
 fn a_terminal_nobody_reads_does_not_stop_the_backup() {
     let (_d, src, store) = site();
-    for i in 0..3000 {
-        fs::write(src.join(format!("a-file-with-a-longish-name-{i:05}")), b"x").unwrap();
-    }
+    many_names(&src);
     let line = format!(
         "'{}' --destination '{}' --source '{}' --hostname h --retry-number 0 -v --progress",
         bin("byteback-backup").display(),

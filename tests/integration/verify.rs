@@ -383,18 +383,33 @@ fn a_verify_that_stops_early_keeps_the_damage_it_did_not_reach() {
     }
 }
 
+/// A btrfs store (its loop filesystem held) that snapshots every backup,
+/// and a scratch directory for the hosts' sources; `None` (said) when not
+/// root.
+fn hosts_site() -> Option<(BtrfsLoop, std::path::PathBuf, tempfile::TempDir)> {
+    if !require_root("verify on a btrfs store") {
+        return None;
+    }
+    let fs_ = BtrfsLoop::new(300);
+    let store = fs_.mount.join("store");
+    store_without_interval(&store);
+    Some((fs_, store, scratch()))
+}
+
+/// Whether `host` of `store` was ever verified whole.
+fn verified_whole(store: &std::path::Path, host: &str) -> bool {
+    fs::read_to_string(store.join(host).join(".byteback-verify"))
+        .is_ok_and(|s| s.contains("last-full"))
+}
+
 /// A budgeted verify of several hosts takes a pass under way first, then
 /// the host verified whole longest ago: a first host that alone takes the
 /// whole budget does not keep the others from ever being verified whole.
 #[test]
 fn budgeted_verify_reaches_every_host() {
-    if !require_root("verify on a btrfs store") {
+    let Some((_fs, store, work)) = hosts_site() else {
         return;
-    }
-    let fs_ = BtrfsLoop::new(300);
-    let store = fs_.mount.join("store");
-    store_without_interval(&store);
-    let work = scratch();
+    };
     let mut rng = Rng::new(11);
     for host in ["a", "b"] {
         let src = work.path().join(host);
@@ -405,10 +420,7 @@ fn budgeted_verify_reaches_every_host() {
         local_backup(&store, &src, host);
     }
     // Each host: a snapshot and current, 2 MB; 300 kB a run.
-    let full = |h: &str| {
-        fs::read_to_string(store.join(h).join(".byteback-verify"))
-            .is_ok_and(|s| s.contains("last-full"))
-    };
+    let full = |h: &str| verified_whole(&store, h);
     for run in 1..=24 {
         let o = verify(&store, &["--budget", "300K"]);
         assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
@@ -433,23 +445,16 @@ fn budgeted_verify_reaches_every_host() {
 /// never found.
 #[test]
 fn a_host_whose_pass_never_ends_does_not_keep_the_others_from_their_turn() {
-    if !require_root("verify on a btrfs store") {
+    let Some((_fs, store, work)) = hosts_site() else {
         return;
-    }
-    let fs_ = BtrfsLoop::new(300);
-    let store = fs_.mount.join("store");
-    store_without_interval(&store);
-    let work = scratch();
+    };
     let mut rng = Rng::new(12);
     let (a, b) = (work.path().join("a"), work.path().join("b"));
     fs::create_dir_all(&a).unwrap();
     fs::create_dir_all(&b).unwrap();
     fs::write(b.join("f"), rng.bytes(50_000)).unwrap();
     local_backup(&store, &b, "b");
-    let full = |h: &str| {
-        fs::read_to_string(store.join(h).join(".byteback-verify"))
-            .is_ok_and(|s| s.contains("last-full"))
-    };
+    let full = |h: &str| verified_whole(&store, h);
     for run in 0..4 {
         // A new 400 kB file and snapshot for a before every run.
         fs::write(a.join(format!("f{run}")), rng.bytes(400_000)).unwrap();

@@ -257,15 +257,8 @@ const ABORT_WAIT: Duration = Duration::from_secs(5);
 const POST_COMMIT_WAIT: Duration = Duration::from_secs(60);
 /// [`POST_COMMIT_WAIT`]; in a debug build, for the tests,
 /// `$BYTEBACK_TEST_POST_COMMIT_WAIT_SECS` if set.
-fn post_commit_wait() -> Duration {
-    #[cfg(debug_assertions)]
-    if let Some(s) = std::env::var("BYTEBACK_TEST_POST_COMMIT_WAIT_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return Duration::from_secs(s);
-    }
-    POST_COMMIT_WAIT
+fn post_commit_wait() -> std::time::Duration {
+    crate::test_knob("BYTEBACK_TEST_POST_COMMIT_WAIT_SECS", POST_COMMIT_WAIT)
 }
 
 /// How long a server whose connection was torn down has to end by itself
@@ -297,15 +290,8 @@ impl Breaker {
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(120);
 /// [`HANDSHAKE_LIMIT`]; in a debug build, for the tests,
 /// `$BYTEBACK_TEST_HANDSHAKE_LIMIT_SECS` if set.
-pub(crate) fn handshake_limit() -> Duration {
-    #[cfg(debug_assertions)]
-    if let Some(s) = std::env::var("BYTEBACK_TEST_HANDSHAKE_LIMIT_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return Duration::from_secs(s);
-    }
-    HANDSHAKE_LIMIT
+pub(crate) fn handshake_limit() -> std::time::Duration {
+    crate::test_knob("BYTEBACK_TEST_HANDSHAKE_LIMIT_SECS", HANDSHAKE_LIMIT)
 }
 
 /// Trips a [`Breaker`] once a time limit passes, unless dropped before.

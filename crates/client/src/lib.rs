@@ -23,6 +23,18 @@ pub mod setup;
 pub mod ssh;
 pub mod stop;
 mod sync;
+
+/// `default`; in a debug build, for the tests, `$VAR` seconds if set (a
+/// time limit shortened or lengthened from outside, as the integration
+/// tests do with the binaries they run).
+pub(crate) fn test_knob(var: &str, default: std::time::Duration) -> std::time::Duration {
+    #[cfg(debug_assertions)]
+    if let Some(s) = std::env::var(var).ok().and_then(|v| v.parse().ok()) {
+        return std::time::Duration::from_secs(s);
+    }
+    let _ = var;
+    default
+}
 pub mod walk;
 
 pub use error::{Error, Result};

@@ -466,14 +466,7 @@ const ENROL_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
 /// [`ENROL_LIMIT`]; in a debug build, for the tests,
 /// `$BYTEBACK_TEST_ENROL_LIMIT_SECS` if set.
 fn enrol_limit() -> std::time::Duration {
-    #[cfg(debug_assertions)]
-    if let Some(s) = std::env::var("BYTEBACK_TEST_ENROL_LIMIT_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return std::time::Duration::from_secs(s);
-    }
-    ENROL_LIMIT
+    crate::test_knob("BYTEBACK_TEST_ENROL_LIMIT_SECS", ENROL_LIMIT)
 }
 
 fn is_shell_word(s: &str) -> bool {

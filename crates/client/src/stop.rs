@@ -65,15 +65,8 @@ pub const MAIN_WAIT: Duration = Duration::from_secs(60);
 
 /// [`MAIN_WAIT`]; in a debug build, for the tests,
 /// `$BYTEBACK_TEST_MAIN_WAIT_SECS` if set.
-fn main_wait() -> Duration {
-    #[cfg(debug_assertions)]
-    if let Some(s) = std::env::var("BYTEBACK_TEST_MAIN_WAIT_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return Duration::from_secs(s);
-    }
-    MAIN_WAIT
+fn main_wait() -> std::time::Duration {
+    crate::test_knob("BYTEBACK_TEST_MAIN_WAIT_SECS", MAIN_WAIT)
 }
 
 /// The signal this backup is being stopped for, if it is.

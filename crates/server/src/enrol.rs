@@ -441,6 +441,23 @@ mod tests {
     const ED: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
 
+    /// An enrolment of `ED` for `host` from 192.0.2.7, its store and
+    /// authorized_keys in `dir`.
+    fn test_config(dir: &std::path::Path, host: &str) -> EnrolConfig {
+        EnrolConfig {
+            store: dir.join("store"),
+            store_explicit: false,
+            host: host.into(),
+            key: parse_public_key(ED).unwrap(),
+            from: "192.0.2.7".parse().unwrap(),
+            authorized_keys: dir.join(".ssh/authorized_keys"),
+            server_exe: "/usr/local/bin/byteback-server".into(),
+            retire: None,
+            add_key: false,
+            read_only: false,
+        }
+    }
+
     #[test]
     fn verbs() {
         assert_eq!(access_for_original_command(None).unwrap(), Access::Full);
@@ -502,18 +519,7 @@ mod tests {
     #[test]
     fn enrol_twice_changes_nothing_and_lines_are_safe() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = EnrolConfig {
-            store: dir.path().join("store"),
-            store_explicit: false,
-            host: "web1.example.com".into(),
-            key: parse_public_key(ED).unwrap(),
-            from: "192.0.2.7".parse().unwrap(),
-            authorized_keys: dir.path().join(".ssh/authorized_keys"),
-            server_exe: "/usr/local/bin/byteback-server".into(),
-            retire: None,
-            add_key: false,
-            read_only: false,
-        };
+        let cfg = test_config(dir.path(), "web1.example.com");
         std::fs::create_dir_all(&cfg.store).unwrap();
         assert_eq!(enrol(&cfg).unwrap(), Enrolled::Added);
         let first = std::fs::read(&cfg.authorized_keys).unwrap();
@@ -609,18 +615,7 @@ mod tests {
     #[test]
     fn a_client_whose_address_changed_is_enrolled_from_the_new_one() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = EnrolConfig {
-            store: dir.path().join("store"),
-            store_explicit: false,
-            host: "laptop".into(),
-            key: parse_public_key(ED).unwrap(),
-            from: "192.0.2.7".parse().unwrap(),
-            authorized_keys: dir.path().join(".ssh/authorized_keys"),
-            server_exe: "/usr/local/bin/byteback-server".into(),
-            retire: None,
-            add_key: false,
-            read_only: false,
-        };
+        let cfg = test_config(dir.path(), "laptop");
         std::fs::create_dir_all(&cfg.store).unwrap();
         std::fs::create_dir_all(dir.path().join(".ssh")).unwrap();
         std::fs::write(
@@ -700,18 +695,7 @@ mod tests {
         const ED2: &str =
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIXg4VM4UPiEfw9Djn2zEX8BuIdk7aLdj3ut+AdW0w5J";
         let dir = tempfile::tempdir().unwrap();
-        let cfg = EnrolConfig {
-            store: dir.path().join("store"),
-            store_explicit: false,
-            host: "debian".into(),
-            key: parse_public_key(ED).unwrap(),
-            from: "192.0.2.7".parse().unwrap(),
-            authorized_keys: dir.path().join(".ssh/authorized_keys"),
-            server_exe: "/usr/local/bin/byteback-server".into(),
-            retire: None,
-            add_key: false,
-            read_only: false,
-        };
+        let cfg = test_config(dir.path(), "debian");
         std::fs::create_dir_all(&cfg.store).unwrap();
         assert_eq!(enrol(&cfg).unwrap(), Enrolled::Added);
         let one = std::fs::read_to_string(&cfg.authorized_keys).unwrap();

@@ -240,15 +240,8 @@ const STUCK_LIMIT: Duration = Duration::from_secs(120);
 
 /// [`STUCK_LIMIT`]; in a debug build, for the tests,
 /// `$BYTEBACK_TEST_STUCK_LIMIT_SECS` if set.
-fn stuck_limit() -> Duration {
-    #[cfg(debug_assertions)]
-    if let Some(s) = std::env::var("BYTEBACK_TEST_STUCK_LIMIT_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return Duration::from_secs(s);
-    }
-    STUCK_LIMIT
+fn stuck_limit() -> std::time::Duration {
+    crate::test_knob("BYTEBACK_TEST_STUCK_LIMIT_SECS", STUCK_LIMIT)
 }
 
 /// Once the attempt has failed (`--io-timeout`, an error), every thread
