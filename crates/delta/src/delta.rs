@@ -53,17 +53,18 @@ pub fn diff_segment_into(
     diff_after_into(sig, new_segment, None, out)
 }
 
-/// [`diff_segment_into`] of data that follows a copy of basis block `after`.
+/// [`diff_segment_into`] of data expected to line up with basis offset
+/// `origin` (see `rolling::search`).
 fn diff_after_into(
     sig: &Signature,
     data: &[u8],
-    after: Option<u64>,
+    origin: Option<u64>,
     out: &mut Vec<u8>,
 ) -> Result<(), DeltaError> {
     out.clear();
     out.extend_from_slice(&DELTA_MAGIC.to_be_bytes());
     let mut w = OpWriter { out, copy: None };
-    rolling::search(sig.index(), sig.entries(), data, after, &mut w);
+    rolling::search(sig.index(), sig.entries(), data, origin, &mut w);
     w.finish();
     Ok(())
 }
@@ -116,12 +117,7 @@ pub fn diff_window_into(
         None => false,
     };
     if !aligned {
-        // The block the window's data follows in line, if a whole one.
-        let bs = u64::from(sig.block_size());
-        let after = lined_up
-            .filter(|&at| bs > 0 && at > 0 && at % bs == 0)
-            .map(|at| at / bs - 1);
-        diff_after_into(sig, window, after, out)?;
+        diff_after_into(sig, window, lined_up, out)?;
     }
     if want >= window.len() {
         return Ok(window.len());
@@ -200,8 +196,8 @@ fn diff_aligned(
     let mut w = OpWriter { out, copy: None };
     // Window bytes covered by ops so far; next block to compare; chunk size.
     let (mut done, mut next, mut chunk) = (0usize, 0usize, ALIGNED_FIRST_CHUNK);
-    // The basis block whose copy the data at `done` follows.
-    let mut after = (first as u64).checked_sub(1);
+    // The basis offset the data at `done` lines up with.
+    let mut origin = at;
     while next < lined {
         let m = chunk.min(lined - next);
         let data = window
@@ -223,12 +219,12 @@ fn diff_aligned(
             }
             let pos = (next + i) * bs;
             if pos > done {
-                diff_gap(sig, &window[done..pos], after, &mut w);
+                diff_gap(sig, &window[done..pos], origin, &mut w);
             }
             let block = (first + next + i) as u64;
             w.copy(block * bs64, bs64);
             done = pos + bs;
-            after = Some(block);
+            origin = (block + 1) * bs64;
             matched = true;
         }
         next += m;
@@ -241,16 +237,16 @@ fn diff_aligned(
         return Ok(false);
     }
     if done < window.len() {
-        diff_gap(sig, &window[done..], after, &mut w);
+        diff_gap(sig, &window[done..], origin, &mut w);
     }
     w.finish();
     Ok(true)
 }
 
-/// Diff `gap` (which follows a copy of basis block `after`, if any) the
-/// plain way and append its ops to `w`.
-fn diff_gap(sig: &Signature, gap: &[u8], after: Option<u64>, w: &mut OpWriter<'_>) {
-    rolling::search(sig.index(), sig.entries(), gap, after, w);
+/// Diff `gap` (expected to line up with basis offset `origin`) the plain
+/// way and append its ops to `w`.
+fn diff_gap(sig: &Signature, gap: &[u8], origin: u64, w: &mut OpWriter<'_>) {
+    rolling::search(sig.index(), sig.entries(), gap, Some(origin), w);
 }
 
 impl rolling::Found for OpWriter<'_> {
@@ -264,13 +260,21 @@ impl rolling::Found for OpWriter<'_> {
 }
 
 /// Writes delta ops after the magic, merging adjacent copies.
-struct OpWriter<'a> {
+pub(crate) struct OpWriter<'a> {
     out: &'a mut Vec<u8>,
     /// A copy not written yet: (basis offset, length).
     copy: Option<(u64, u64)>,
 }
 
-impl OpWriter<'_> {
+impl<'a> OpWriter<'a> {
+    /// A writer of a delta into `out`, cleared and given the magic first.
+    #[cfg(test)]
+    pub(crate) fn new(out: &'a mut Vec<u8>) -> Self {
+        out.clear();
+        out.extend_from_slice(&DELTA_MAGIC.to_be_bytes());
+        OpWriter { out, copy: None }
+    }
+
     fn copy(&mut self, offset: u64, len: u64) {
         if let Some((o, l)) = self.copy {
             if o.checked_add(l) == Some(offset) {
@@ -302,7 +306,7 @@ impl OpWriter<'_> {
         }
     }
 
-    fn finish(mut self) {
+    pub(crate) fn finish(mut self) {
         self.flush();
         self.out.push(OP_END);
     }

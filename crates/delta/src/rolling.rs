@@ -2,8 +2,14 @@
 //!
 //! rsync's algorithm as fast_rsync's `diff` implements it, with the same
 //! matches (a window whose rolling checksum and strong hash equal a basis
-//! block's; of equal blocks, the first; a checksum that collided 1,024
-//! times is not looked at again), on an index built for the search. The
+//! block's; a checksum that collided 1,024 times is not looked at again),
+//! on an index built for the search. Of equal blocks, fast_rsync takes the
+//! first; this search takes the one the data is expected to line up with
+//! (right after the block copied last, or at the data's own offset) if it
+//! is one of them, else the first: a run of equal blocks (zeros above all:
+//! a sparse or preallocated file) is so copied from where it was, which
+//! the server clones without reading it (see the server's `sink`), where
+//! copies of the first zero block were read and written again. The
 //! window's rolling checksum is first looked up at every byte in a bitset
 //! of the signature's checksums (64 bits per block, at most 2 MiB, so
 //! mostly in cache); only a hit goes on to a table of the checksums and,
@@ -140,10 +146,18 @@ impl Index {
         self.filter[f / 64] & (1 << (f % 64)) != 0
     }
 
-    /// The block `window` is, if any: of the blocks with checksum `crc`,
-    /// the first whose strong hash is the window's. With `None`,
-    /// `collided` says whether there were blocks with that checksum.
-    fn find(&self, crc: u32, window: &[u8], entries: &[u8], collided: &mut bool) -> Option<u32> {
+    /// The block `window` is, if any: of the blocks with checksum `crc`
+    /// whose strong hash is the window's, `prefer` if it is one of them,
+    /// else the first. With `None`, `collided` says whether there were
+    /// blocks with that checksum.
+    fn find(
+        &self,
+        crc: u32,
+        window: &[u8],
+        entries: &[u8],
+        prefer: Option<u64>,
+        collided: &mut bool,
+    ) -> Option<u32> {
         let mask = self.table.len() - 1;
         let mut s = spread(crc, self.table_bits);
         let slot = loop {
@@ -166,7 +180,18 @@ impl Index {
         let blocks = &self.order[slot.start as usize..(slot.start + slot.len) as usize];
         let at = blocks.partition_point(|&b| strong(b) < &ours[..]);
         match blocks.get(at) {
-            Some(&b) if strong(b) == &ours[..] => Some(b),
+            Some(&b) if strong(b) == &ours[..] => {
+                // Equal blocks are ordered by number: look for `prefer`.
+                let p = prefer
+                    .and_then(|p| u32::try_from(p).ok())
+                    .filter(|&p| p > b);
+                let preferred = p.filter(|&p| {
+                    let rest = &blocks[at..];
+                    let i = rest.partition_point(|&x| (strong(x), x) < (&ours[..], p));
+                    rest.get(i) == Some(&p) && strong(p) == &ours[..]
+                });
+                Some(preferred.unwrap_or(b))
+            }
             _ => {
                 *collided = true;
                 None
@@ -249,16 +274,18 @@ pub(crate) trait Found {
 }
 
 /// Searches `data` for the basis's blocks (`entries` are the signature's,
-/// indexed by `ix`) and reports literals and copies to `out`. `after`: the
-/// block whose copy `data` follows, if any. A short last block of the basis
-/// (see [`Index::short_last`]) is found right after a copy of the block
-/// before it, and at the end of `data`. Gives the bytes it hashed in vain
-/// (see [`WASTE_PER_BYTE`]).
+/// indexed by `ix`) and reports literals and copies to `out`. `origin`: the
+/// basis offset `data` is expected to line up with, if any (where the copy
+/// it follows ended, or its own offset in a file edited in place). Of equal
+/// blocks, the one in line is taken (see the module's text). A short last
+/// block of the basis (see [`Index::short_last`]) is found right after a
+/// copy of the block before it, and at the end of `data`. Gives the bytes it
+/// hashed in vain (see [`WASTE_PER_BYTE`]).
 pub(crate) fn search(
     ix: &Index,
     entries: &[u8],
     data: &[u8],
-    after: Option<u64>,
+    origin: Option<u64>,
     out: &mut impl Found,
 ) -> u64 {
     let bs = ix.block_size;
@@ -266,6 +293,19 @@ pub(crate) fn search(
     let blocks = (entries.len() / (4 + ix.strong_len)) as u64;
     let last = blocks.checked_sub(1);
     let before_last = last.and_then(|l| l.checked_sub(1));
+    let bs64 = bs as u64;
+    // The block whose copy `data` follows.
+    let after = origin
+        .filter(|&o| bs64 > 0 && o >= bs64 && o % bs64 == 0)
+        .map(|o| o / bs64 - 1);
+    // A position in `data` and the basis offset it lines up with.
+    let mut line = origin.map(|o| (0usize, o));
+    // The block the window at `here` is expected to be, if any.
+    let expected = |line: Option<(usize, u64)>, here: usize| {
+        let (pos, off) = line?;
+        let at = off.checked_add((here - pos) as u64)?;
+        (bs64 > 0 && at % bs64 == 0).then(|| at / bs64)
+    };
     let mut collisions: HashMap<u32, u32> = HashMap::new();
     let waste_max = (data.len() as u64).saturating_mul(WASTE_PER_BYTE);
     let mut wasted = 0u64;
@@ -277,9 +317,10 @@ pub(crate) fn search(
             in_line = false;
             if let (Some(l), Some(r)) = (last, ix.short_last(entries, &data[here..], Tail::Start)) {
                 out.literal(&data[lit..here]);
-                out.copy(l * bs as u64, r as u64);
+                out.copy(l * bs64, r as u64);
                 here += r;
                 lit = here;
+                line = Some((here, l * bs64 + r as u64));
             }
         }
         if bs == 0 || data.len() - here < bs {
@@ -292,11 +333,14 @@ pub(crate) fn search(
                 && collisions.get(&crc).is_none_or(|&n| n < MAX_CRC_COLLISIONS)
             {
                 let mut collided = false;
-                if let Some(idx) = ix.find(crc, &data[here..here + bs], entries, &mut collided) {
+                let prefer = expected(line, here);
+                let window = &data[here..here + bs];
+                if let Some(idx) = ix.find(crc, window, entries, prefer, &mut collided) {
                     out.literal(&data[lit..here]);
-                    out.copy(u64::from(idx) * bs as u64, bs as u64);
+                    out.copy(u64::from(idx) * bs64, bs64);
                     here += bs;
                     lit = here;
+                    line = Some((here, (u64::from(idx) + 1) * bs64));
                     in_line = Some(u64::from(idx)) == before_last;
                     break;
                 }
@@ -356,23 +400,73 @@ mod tests {
         }
     }
 
-    /// Ops of a delta with adjacent copies merged and literals joined, so
-    /// two encoders' deltas compare by what they say.
-    fn normal(delta: &[u8]) -> Vec<(bool, u64, u64, Vec<u8>)> {
-        let mut v: Vec<(bool, u64, u64, Vec<u8>)> = vec![];
+    /// Ops of a delta as (copy?, bytes), adjacent copies and adjacent
+    /// literals joined, a copy by the bytes it copies from `basis`: two
+    /// encoders' deltas compare by what they say, whichever of equal
+    /// blocks they copy.
+    fn normal(delta: &[u8], basis: &[u8]) -> Vec<(bool, Vec<u8>)> {
+        let mut v: Vec<(bool, Vec<u8>)> = vec![];
         for op in crate::ops(delta) {
-            match op.expect("valid delta") {
-                crate::Op::Copy { offset, len } => match v.last_mut() {
-                    Some((true, o, l, _)) if *o + *l == offset => *l += len,
-                    _ => v.push((true, offset, len, vec![])),
-                },
-                crate::Op::Literal(d) => match v.last_mut() {
-                    Some((false, _, _, lit)) => lit.extend_from_slice(d),
-                    _ => v.push((false, 0, 0, d.to_vec())),
-                },
+            let (copy, d) = match op.expect("valid delta") {
+                crate::Op::Copy { offset, len } => {
+                    (true, &basis[offset as usize..(offset + len) as usize])
+                }
+                crate::Op::Literal(d) => (false, d),
+            };
+            match v.last_mut() {
+                Some((c, bytes)) if *c == copy => bytes.extend_from_slice(d),
+                _ => v.push((copy, d.to_vec())),
             }
         }
         v
+    }
+
+    /// Copies of a delta as (offset, length), adjacent ones merged.
+    fn copies(delta: &[u8]) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = vec![];
+        for op in crate::ops(delta) {
+            if let crate::Op::Copy { offset, len } = op.expect("valid delta") {
+                match v.last_mut() {
+                    Some((o, l)) if *o + *l == offset => *l += len,
+                    _ => v.push((offset, len)),
+                }
+            }
+        }
+        v
+    }
+
+    /// Equal blocks (zeros: a sparse file) are copied from where the data
+    /// lines up, after a change too, not from the first of them: the
+    /// server clones copies to the same offset without reading them.
+    #[test]
+    fn of_equal_blocks_the_one_in_line_is_copied() {
+        let bs = 4096usize;
+        let mut basis = vec![0u8; 64 * bs];
+        basis[10 * bs..10 * bs + 100].copy_from_slice(&noise(100, 3));
+        let mut new = basis.clone();
+        new[30 * bs + 7..30 * bs + 307].copy_from_slice(&noise(300, 4));
+        let options = SignatureOptions {
+            block_size: bs as u32,
+            crypto_hash_size: 8,
+        };
+        let sig = fast_rsync::Signature::calculate(&basis, options);
+        let sig = crate::Signature::parse(sig.serialized()).unwrap();
+        // The aligned fast path, the changed block diffed alone.
+        let mut d = vec![];
+        crate::delta::diff_window_into(&sig, &new, Some(0), usize::MAX, &mut d).unwrap();
+        assert_eq!(crate::apply_to_vec(&basis, &d, u64::MAX).unwrap(), new);
+        let b = bs as u64;
+        assert_eq!(copies(&d), vec![(0, 30 * b), (31 * b, 33 * b)]);
+        // The rolling search alone, with where the data lines up: each zero
+        // block from its own place (the first one each time before).
+        for origin in [11 * b, 40 * b] {
+            let zeros = vec![0u8; 20 * bs];
+            let mut out = vec![];
+            let mut w = crate::delta::OpWriter::new(&mut out);
+            search(sig.index(), sig.entries(), &zeros, Some(origin), &mut w);
+            w.finish();
+            assert_eq!(copies(&out), vec![(origin, 20 * b)]);
+        }
     }
 
     fn noise(len: usize, seed: u64) -> Vec<u8> {
@@ -476,13 +570,13 @@ mod tests {
             .unwrap();
             prop_assert_eq!(&crate::apply_to_vec(&basis, &ours, u64::MAX).unwrap(), &new);
             if tail % bs as usize == 0 {
-                prop_assert_eq!(normal(&ours), normal(&theirs));
+                prop_assert_eq!(normal(&ours, &basis), normal(&theirs, &basis));
             } else {
                 // A short last block fast_rsync finds only as the whole rest
                 // of the data, found where it follows the block before it or
                 // ends the data: never more literal bytes than fast_rsync's.
                 let lit = |d: &[u8]| -> usize {
-                    normal(d).iter().filter(|o| !o.0).map(|o| o.3.len()).sum()
+                    normal(d, &basis).iter().filter(|o| !o.0).map(|o| o.1.len()).sum()
                 };
                 prop_assert!(lit(&ours) <= lit(&theirs));
             }
