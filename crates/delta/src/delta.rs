@@ -13,7 +13,6 @@
 //!                   basis offsets, the length is never zero
 //! ```
 
-use crate::signature::HEADER_LEN;
 use crate::{rolling, DeltaError, Signature};
 
 const DELTA_MAGIC: u32 = 0x7273_0236;
@@ -198,13 +197,15 @@ fn diff_aligned(
     let (mut done, mut next, mut chunk) = (0usize, 0usize, ALIGNED_FIRST_CHUNK);
     // The basis offset the data at `done` lines up with.
     let mut origin = at;
+    // The window's entries, a chunk at a time.
+    let mut ours = Vec::new();
     while next < lined {
         let m = chunk.min(lined - next);
         let data = window
             .get(next * bs..(next + m) * bs)
             .ok_or(DeltaError::Diff("window range".into()))?;
-        let ours = fast_rsync::Signature::calculate(data, options);
-        let ours = ours.serialized().get(HEADER_LEN..).unwrap_or_default();
+        ours.clear();
+        crate::signature::entries_into(data, options, &mut ours);
         let theirs = entries
             .get((first + next) * entry..(first + next + m) * entry)
             .ok_or(DeltaError::Diff("signature range".into()))?;

@@ -6,7 +6,8 @@
 //! on an index built for the search. Of equal blocks, fast_rsync takes the
 //! first; this search takes the one the data is expected to line up with
 //! (right after the block copied last, or at the data's own offset) if it
-//! is one of them, else the first: a run of equal blocks (zeros above all:
+//! is one of them, else the first (without a hint of where the data lines
+//! up, as fast_rsync): a run of equal blocks (zeros above all:
 //! a sparse or preallocated file) is so copied from where it was, which
 //! the server clones without reading it (see the server's `sink`), where
 //! copies of the first zero block were read and written again. The
@@ -20,8 +21,6 @@
 use std::collections::HashMap;
 
 use fast_rsync::SignatureOptions;
-
-use crate::signature::HEADER_LEN;
 
 /// A checksum whose strong hash differed this often is not looked up again
 /// (fast_rsync's limit, against signatures crafted to make every byte a
@@ -205,11 +204,10 @@ impl Index {
             block_size: self.block_size as u32,
             crypto_hash_size: self.strong_len as u32,
         };
-        let sig = fast_rsync::Signature::calculate(window, options);
-        sig.serialized()
-            .get(HEADER_LEN + 4..)
-            .unwrap_or_default()
-            .to_vec()
+        // A window of zeros takes the kept entry of a zero block.
+        let mut entry = Vec::with_capacity(4 + self.strong_len);
+        crate::signature::entries_into(window, options, &mut entry);
+        entry.split_off(4.min(entry.len()))
     }
 }
 
@@ -277,7 +275,11 @@ pub(crate) trait Found {
 /// indexed by `ix`) and reports literals and copies to `out`. `origin`: the
 /// basis offset `data` is expected to line up with, if any (where the copy
 /// it follows ended, or its own offset in a file edited in place). Of equal
-/// blocks, the one in line is taken (see the module's text). A short last
+/// blocks, the one in line is taken (see the module's text), but only with
+/// an `origin`: without one (files under 16 MiB, see the client's
+/// `FAST_PATH_MIN_BLOCK`) the first, as before, since small files copied
+/// in line and so cloned ran the 400-day pruning simulation's btrfs short
+/// of metadata (a log of repeated lines is mostly equal blocks). A short last
 /// block of the basis (see [`Index::short_last`]) is found right after a
 /// copy of the block before it, and at the end of `data`. Gives the bytes it
 /// hashed in vain (see [`WASTE_PER_BYTE`]).
@@ -320,7 +322,9 @@ pub(crate) fn search(
                 out.copy(l * bs64, r as u64);
                 here += r;
                 lit = here;
-                line = Some((here, l * bs64 + r as u64));
+                if line.is_some() {
+                    line = Some((here, l * bs64 + r as u64));
+                }
             }
         }
         if bs == 0 || data.len() - here < bs {
@@ -340,7 +344,9 @@ pub(crate) fn search(
                     out.copy(u64::from(idx) * bs64, bs64);
                     here += bs;
                     lit = here;
-                    line = Some((here, (u64::from(idx) + 1) * bs64));
+                    if line.is_some() {
+                        line = Some((here, (u64::from(idx) + 1) * bs64));
+                    }
                     in_line = Some(u64::from(idx)) == before_last;
                     break;
                 }
@@ -383,7 +389,8 @@ mod tests {
                     crypto_hash_size: 8,
                 },
             );
-            let e = &sig.serialized()[HEADER_LEN..HEADER_LEN + 4];
+            let e =
+                &sig.serialized()[crate::signature::HEADER_LEN..crate::signature::HEADER_LEN + 4];
             assert_eq!(
                 crc_of(&data[..bs as usize]),
                 u32::from_be_bytes(e.try_into().unwrap())

@@ -51,8 +51,70 @@ pub const ENTRY_LEN: usize = ROLLING_LEN + STRONG_HASH_LEN as usize;
 /// the last full, appended to `out`: the same bytes [`signature`] gives
 /// those blocks wherever they are in a file.
 pub fn block_entries(data: &[u8], block_size: u32, out: &mut Vec<u8>) {
-    let sig = fast_rsync::Signature::calculate(data, options(block_size));
-    out.extend_from_slice(sig.serialized().get(HEADER_LEN..).unwrap_or_default());
+    entries_into(data, options(block_size), out);
+}
+
+/// [`block_entries`] with any strong hash length (`options`): a block of
+/// zeros (a sparse or preallocated file's holes) takes the entry of a zero
+/// block, computed once per thread, instead of its rolling checksum and
+/// MD4; runs of other blocks are hashed together, as by fast_rsync.
+pub(crate) fn entries_into(data: &[u8], options: SignatureOptions, out: &mut Vec<u8>) {
+    let bs = options.block_size as usize;
+    let hash = |piece: &[u8], out: &mut Vec<u8>| {
+        if !piece.is_empty() {
+            let sig = fast_rsync::Signature::calculate(piece, options);
+            out.extend_from_slice(sig.serialized().get(HEADER_LEN..).unwrap_or_default());
+        }
+    };
+    if bs == 0 {
+        return hash(data, out);
+    }
+    let full = data.len() / bs;
+    // Start of the run of blocks not hashed yet (none of them zeros).
+    let mut run = 0;
+    for k in 0..full {
+        let block = &data[k * bs..(k + 1) * bs];
+        if !is_zero(block) {
+            continue;
+        }
+        hash(&data[run * bs..k * bs], out);
+        ZERO_ENTRY.with(|z| {
+            let mut z = z.borrow_mut();
+            let fresh = z.as_ref().is_some_and(|(o, _)| {
+                (o.block_size, o.crypto_hash_size) == (options.block_size, options.crypto_hash_size)
+            });
+            if !fresh {
+                let mut e = Vec::new();
+                hash(block, &mut e);
+                *z = Some((options, e));
+            }
+            if let Some((_, e)) = z.as_ref() {
+                out.extend_from_slice(e);
+            }
+        });
+        run = k + 1;
+    }
+    hash(&data[run * bs..], out);
+}
+
+thread_local! {
+    /// The entry of a block of zeros, and the options it was made with.
+    static ZERO_ENTRY: std::cell::RefCell<Option<(SignatureOptions, Vec<u8>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Whether `data` is all zero bytes: pieces of 256 bytes folded in 16-byte
+/// words (vectorised), so data that is not zeros says so in its first piece.
+pub(crate) fn is_zero(data: &[u8]) -> bool {
+    data.chunks(256).all(|piece| {
+        let mut words = piece.chunks_exact(16);
+        let acc = words.by_ref().fold(0u128, |acc, w| {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(w);
+            acc | u128::from_ne_bytes(b)
+        });
+        acc == 0 && words.remainder().iter().all(|b| *b == 0)
+    })
 }
 
 /// Blocks whose MD4s are computed side by side (fast_rsync's widest SIMD
@@ -154,7 +216,9 @@ impl fmt::Debug for SignatureBytes {
 /// by the caller) with [`block_size_for`]`(basis.len())`.
 pub fn signature(basis: &[u8]) -> SignatureBytes {
     let block_size = block_size_for(basis.len() as u64);
-    SignatureBytes(fast_rsync::Signature::calculate(basis, options(block_size)).into_serialized())
+    let mut out = header(block_size).to_vec();
+    block_entries(basis, block_size, &mut out);
+    SignatureBytes(out)
 }
 
 /// Incremental signature computation, for streaming a file without mapping it.
@@ -362,6 +426,43 @@ impl fmt::Debug for Signature {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Zero blocks take a kept entry, other blocks are hashed in runs: the
+    /// entries are fast_rsync's all the same, whatever the block size and
+    /// strong hash length (the kept entry follows both), the zero blocks'
+    /// places and a short last block of zeros or data.
+    #[test]
+    fn zero_blocks_have_fast_rsyncs_entries() {
+        let cases = [(512u32, 8u32), (4096, 8), (4096, 6), (1000, 16), (512, 8)];
+        for (n, &(bs, strong)) in cases.iter().enumerate() {
+            let b = bs as usize;
+            let mut d = data(23 * b + 100, n as u32);
+            for k in [0usize, 1, 2, 7, 8, 9, 15, 22] {
+                d[k * b..(k + 1) * b].fill(0);
+            }
+            // A block with one byte set, at its end, is not zeros.
+            d[4 * b..5 * b].fill(0);
+            d[5 * b - 1] = 1;
+            for tail in [0, 100, 99] {
+                let mut d = d[..22 * b + tail].to_vec();
+                if tail == 99 {
+                    d[22 * b..].fill(0);
+                }
+                let options = SignatureOptions {
+                    block_size: bs,
+                    crypto_hash_size: strong,
+                };
+                let want = fast_rsync::Signature::calculate(&d, options);
+                let mut got = Vec::new();
+                entries_into(&d, options, &mut got);
+                assert_eq!(
+                    &got[..],
+                    &want.serialized()[HEADER_LEN..],
+                    "{bs} {strong} {tail}"
+                );
+            }
+        }
+    }
 
     fn data(len: usize, seed: u32) -> Vec<u8> {
         let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);

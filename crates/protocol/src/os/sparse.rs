@@ -12,11 +12,13 @@ pub const SPARSE_BLOCK: usize = 4096;
 /// leaving a hole for every whole, aligned [`SPARSE_BLOCK`] of zeros in it
 /// and writing each run of other bytes in one call. The caller guarantees
 /// the skipped range already reads as zeros (a new or truncated file), and
-/// that `f` is not open with `O_APPEND` (which would ignore `pos`).
-pub fn write_sparse_at(f: &File, pos: u64, data: &[u8]) -> io::Result<()> {
+/// that `f` is not open with `O_APPEND` (which would ignore `pos`). Returns
+/// the bytes left as holes.
+pub fn write_sparse_at(f: &File, pos: u64, data: &[u8]) -> io::Result<u64> {
     let block = SPARSE_BLOCK as u64;
     let mut i = 0usize;
     let mut run_start: Option<usize> = None;
+    let mut holes = 0u64;
     while i < data.len() {
         let off = pos + i as u64;
         let n = ((block - off % block) as usize).min(data.len() - i);
@@ -25,6 +27,7 @@ pub fn write_sparse_at(f: &File, pos: u64, data: &[u8]) -> io::Result<()> {
             if let Some(s) = run_start.take() {
                 f.write_all_at(&data[s..i], pos + s as u64)?;
             }
+            holes += block;
         } else if run_start.is_none() {
             run_start = Some(i);
         }
@@ -33,7 +36,7 @@ pub fn write_sparse_at(f: &File, pos: u64, data: &[u8]) -> io::Result<()> {
     if let Some(s) = run_start {
         f.write_all_at(&data[s..], pos + s as u64)?;
     }
-    Ok(())
+    Ok(holes)
 }
 
 /// Writes a file's content from offset 0 in pieces of any length, keeping

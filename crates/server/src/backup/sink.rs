@@ -116,6 +116,9 @@ pub(super) struct Applied {
     pub matched: u64,
     pub literal: u64,
     pub copied: u64,
+    /// Of the literal and copied bytes, the whole blocks of zeros left as
+    /// holes (no disc space: a sparse file's holes are not growth).
+    pub holes: u64,
     /// Extent items clones added to the filesystem's metadata, counted as
     /// [`clone_items`] (see [`CLONE_COST`]).
     pub clones: u64,
@@ -144,6 +147,7 @@ impl Applied {
     pub fn grown(&self) -> u64 {
         self.literal
             .saturating_add(self.copied)
+            .saturating_sub(self.holes)
             .saturating_add(self.clones.saturating_mul(CLONE_COST))
     }
 
@@ -151,6 +155,7 @@ impl Applied {
         self.matched = self.matched.saturating_add(o.matched);
         self.literal = self.literal.saturating_add(o.literal);
         self.copied = self.copied.saturating_add(o.copied);
+        self.holes = self.holes.saturating_add(o.holes);
         self.clones = self.clones.saturating_add(o.clones);
     }
 }
@@ -545,7 +550,7 @@ impl FileSink<'_> {
                 let k = (n.min(IO_CHUNK as u64)) as usize;
                 self.buf.resize(k, 0);
                 file.read_exact_at(&mut self.buf[..k], src)?;
-                write_sparse_at(self.out, at, &self.buf[..k])?;
+                self.applied.holes += write_sparse_at(self.out, at, &self.buf[..k])?;
                 cloned = k as u64;
                 self.applied.copied += cloned;
             }
@@ -631,10 +636,13 @@ impl PatchSink for FileSink<'_> {
                         Err(_) => *clone_ok = false,
                     }
                 }
-                write_sparse_at(out, dst + written as u64, &buf[written..n]).map(|()| n - written)
+                write_sparse_at(out, dst + written as u64, &buf[written..n])
+                    .map(|holes| (n - written, holes))
             });
             self.buf = buf;
-            self.applied.copied += stored? as u64;
+            let (stored, holes) = stored?;
+            self.applied.copied += stored as u64;
+            self.applied.holes += holes;
             self.applied.clones += clones;
             self.pos += n as u64;
             done += n as u64;
@@ -645,7 +653,7 @@ impl PatchSink for FileSink<'_> {
 
     fn literal(&mut self, data: &[u8]) -> Result<(), SinkError> {
         let (out, pos) = (self.out, self.pos);
-        hash_sign_and(self.digest, data, || write_sparse_at(out, pos, data))?;
+        self.applied.holes += hash_sign_and(self.digest, data, || write_sparse_at(out, pos, data))?;
         self.pos += data.len() as u64;
         self.applied.literal += data.len() as u64;
         Ok(())
