@@ -3622,3 +3622,55 @@ fn a_client_ends_at_once_when_its_local_server_is_killed() {
         assert!(!status.success(), "{status:?}");
     }
 }
+
+/// `status` takes a host's size from what the commit recorded on its
+/// newest manifest (an xattr), not by decoding the manifest, whose time
+/// grew with the host's entries (about 1 s for 100,000 entries with long
+/// paths, past a monitoring check's timeout near a million); a manifest
+/// without the record (an older server's, 1.x's) is still added up.
+#[test]
+fn status_takes_a_hosts_size_from_its_manifests_record() {
+    if !require_root("the status test (it edits a snapshot's manifest's xattrs)") {
+        return;
+    }
+    let (_d, src, store) = site();
+    let mut rng = Rng::new(0x51);
+    let mut total = 0u64;
+    for (i, len) in [0usize, 1, 4096, 300_000].into_iter().enumerate() {
+        fs::write(src.join(format!("f{i}")), rng.bytes(len)).unwrap();
+        total += len as u64;
+    }
+    fs::create_dir(src.join("d")).unwrap();
+    std::os::unix::fs::symlink("f1", src.join("d/l")).unwrap();
+    local_backup(&store, &src, "h");
+    let snap = snapshots(&store, "h").pop().unwrap();
+    let manifest = store.join("h").join(&snap).join(".byteback/manifest");
+    let size = || -> u64 {
+        let o = run_status(
+            Command::new(bin("byteback-server"))
+                .args(["status", "--json", "--store"])
+                .arg(&store),
+        );
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect(&output_text(&o));
+        j["hosts"][0]["size_bytes"]
+            .as_u64()
+            .expect(&output_text(&o))
+    };
+    assert_eq!(size(), total);
+    let mut buf = [0u8; 16];
+    let n = rustix::fs::getxattr(&manifest, "user.byteback.bytes", &mut buf[..]).unwrap();
+    assert_eq!(&buf[..n], &total.to_le_bytes());
+    // The record is what status shows...
+    let planted = (total + 12_345).to_le_bytes();
+    rustix::fs::setxattr(
+        &manifest,
+        "user.byteback.bytes",
+        &planted,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    assert_eq!(size(), total + 12_345);
+    // ...and without one the manifest is added up.
+    rustix::fs::removexattr(&manifest, "user.byteback.bytes").unwrap();
+    assert_eq!(size(), total);
+}

@@ -39,6 +39,8 @@ pub struct ManifestWriter {
     enc: zstd::stream::write::Encoder<'static, BufWriter<File>>,
     last: Option<Vec<u8>>,
     count: u64,
+    /// Bytes of the files written (their sizes, added up).
+    bytes: u64,
 }
 
 impl ManifestWriter {
@@ -53,6 +55,7 @@ impl ManifestWriter {
             enc,
             last: None,
             count: 0,
+            bytes: 0,
         })
     }
 
@@ -69,6 +72,9 @@ impl ManifestWriter {
         self.enc.write_all(&bytes)?;
         self.last = Some(e.entry.path.clone());
         self.count += 1;
+        if let byteback_protocol::Kind::File { size } = e.entry.kind {
+            self.bytes = self.bytes.saturating_add(size);
+        }
         Ok(())
     }
 
@@ -77,10 +83,41 @@ impl ManifestWriter {
         self.count
     }
 
+    /// Bytes of the files written so far, their sizes added up.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// Finishes the stream and returns the file (not yet synced).
     pub fn finish(self) -> io::Result<File> {
         let w = self.enc.finish()?;
         w.into_inner().map_err(|e| e.into_error())
+    }
+}
+
+/// The xattr of a manifest file that holds its files' bytes, added up
+/// (8 bytes, little-endian), so that `status` and `report` need not
+/// decode a manifest of millions of entries to show a host's size.
+const BYTES_XATTR: &str = "user.byteback.bytes";
+
+/// Records `bytes` (see [`ManifestWriter::bytes`]) on the manifest file
+/// `fd`, not yet in place: an attribute of the file, so it goes (and is
+/// synced, and snapshotted) with the manifest it adds up. A filesystem
+/// without user xattrs only makes `status` decode the manifest.
+pub fn write_bytes(fd: impl std::os::fd::AsFd, bytes: u64) {
+    let value = bytes.to_le_bytes();
+    if let Err(e) = rustix::fs::fsetxattr(fd, BYTES_XATTR, &value, rustix::fs::XattrFlags::empty())
+    {
+        tracing::debug!("cannot record the manifest's size ({e})");
+    }
+}
+
+/// The bytes recorded on the manifest file `fd` by [`write_bytes`], if any.
+pub fn read_bytes(fd: impl std::os::fd::AsFd) -> Option<u64> {
+    let mut buf = [0u8; 9];
+    match rustix::fs::fgetxattr(fd, BYTES_XATTR, &mut buf[..]) {
+        Ok(8) => buf[..8].try_into().ok().map(u64::from_le_bytes),
+        _ => None,
     }
 }
 

@@ -56,7 +56,13 @@ fn manifest_size(store: &Store, host: &str, snapshot: &str) -> Option<u64> {
     let snap = h.open_snapshot(snapshot).ok()?;
     let meta = fsops::open_dir(&snap, META_DIR).ok()?;
     let path = h.path.join(snapshot).join(META_DIR_NAME).join("manifest");
-    let mut r = ManifestReader::new(fsops::open_file(&meta, b"manifest").ok()?, &path).ok()?;
+    let file = fsops::open_file(&meta, b"manifest").ok()?;
+    // Recorded on the manifest when it was written (older servers and
+    // byteback 1.x did not): decoded otherwise.
+    if let Some(bytes) = crate::manifest::read_bytes(&file) {
+        return Some(bytes);
+    }
+    let mut r = ManifestReader::new(file, &path).ok()?;
     let mut total = 0u64;
     while let Some(e) = r.next_entry().ok()? {
         if let byteback_protocol::Kind::File { size } = e.entry.kind {

@@ -190,6 +190,7 @@ impl BackupReceiver {
             .new
             .take()
             .ok_or(Error::Internal("manifest already finished"))?;
+        let bytes = new.bytes();
         let new_file =
             match super::transfer::test_fault::no_space(super::transfer::test_fault::MANIFEST) {
                 Some(e) => Err(e),
@@ -202,6 +203,7 @@ impl BackupReceiver {
         self.grown = self.grown.saturating_add(manifest_len);
         // Atomic with the manifest: an attribute of its file, synced with it.
         let kept = carry::write_generation(&new_file, &generation).then_some(generation);
+        crate::manifest::write_bytes(&new_file, bytes);
         self.old = PeekableManifest::new(ManifestReader::empty()).map_err(Error::Manifest)?;
         if self.work.needs_sweep {
             self.remove_deleted(&new_path)?;
