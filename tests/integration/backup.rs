@@ -3651,10 +3651,9 @@ fn status_takes_a_hosts_size_from_its_manifests_record() {
                 .args(["status", "--json", "--store"])
                 .arg(&store),
         );
-        let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect(&output_text(&o));
-        j["hosts"][0]["size_bytes"]
-            .as_u64()
-            .expect(&output_text(&o))
+        let text = output_text(&o);
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect(&text);
+        j["hosts"][0]["size_bytes"].as_u64().expect(&text)
     };
     assert_eq!(size(), total);
     let mut buf = [0u8; 16];
