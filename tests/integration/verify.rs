@@ -643,3 +643,33 @@ fn usage_errors_of_verify_and_prune_exit_2() {
     assert_eq!(o.status.code(), Some(2), "{}", output_text(&o));
     assert!(output_text(&o).contains("--minpercent must not exceed --maxpercent"));
 }
+
+/// Each file checked takes 4 KiB of a byte budget beyond its bytes, so a
+/// host of millions of empty files is verified over several budgeted runs,
+/// not in one run bounded only by `--max-time` (empty files cost nothing
+/// before: here all 600 in one run of a 100 KiB budget).
+#[test]
+fn empty_files_take_their_share_of_a_budget() {
+    let Some(Site {
+        fs_: _fs,
+        store,
+        work: _work,
+        ..
+    }) = backed_up_site(11, 300, 0)
+    else {
+        return;
+    };
+    // current and one snapshot: 600 empty files; 100 KiB is 25 of them.
+    let o = verify(&store, &["--budget", "100K"]);
+    let out = output_text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    let n: u64 = out
+        .split(": ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no file count in {out}"));
+    assert!((20..=30).contains(&n), "{n} files checked: {out}");
+    let st = fs::read_to_string(store.join(HOST).join(".byteback-verify")).unwrap();
+    assert!(st.contains("cursor"), "{st}");
+}
