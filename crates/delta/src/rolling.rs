@@ -551,11 +551,17 @@ mod tests {
             strong in prop_oneof![Just(8u32), Just(16), Just(2)],
         ) {
             let mut basis = noise(blocks * bs as usize + tail, seed);
-            // Some equal blocks.
+            // Some equal blocks, zeros among them.
             if blocks > 3 {
                 let b = bs as usize;
                 let first = basis[..b].to_vec();
                 basis[2 * b..3 * b].copy_from_slice(&first);
+                basis[b..2 * b].fill(0);
+                basis[3 * b..4.min(blocks) * b].fill(0);
+            }
+            if blocks > 6 && seed % 2 == 0 {
+                let b = bs as usize;
+                basis[5 * b..7 * b].fill(0);
             }
             let mut new = vec![];
             for (i, &(at, len, moved)) in pieces.iter().enumerate() {
@@ -576,6 +582,15 @@ mod tests {
             )
             .unwrap();
             prop_assert_eq!(&crate::apply_to_vec(&basis, &ours, u64::MAX).unwrap(), &new);
+            // With where the data lines up (so the in-line one of equal
+            // blocks is copied): the same bytes copied and sent.
+            let parsed = crate::Signature::parse(sig.serialized()).unwrap();
+            let mut lined = vec![];
+            let mut w = crate::delta::OpWriter::new(&mut lined);
+            search(parsed.index(), parsed.entries(), &new, Some(0), &mut w);
+            w.finish();
+            prop_assert_eq!(&crate::apply_to_vec(&basis, &lined, u64::MAX).unwrap(), &new);
+            prop_assert_eq!(normal(&lined, &basis), normal(&ours, &basis));
             if tail % bs as usize == 0 {
                 prop_assert_eq!(normal(&ours, &basis), normal(&theirs, &basis));
             } else {

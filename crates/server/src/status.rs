@@ -57,8 +57,8 @@ fn manifest_size(store: &Store, host: &str, snapshot: &str) -> Option<u64> {
     let meta = fsops::open_dir(&snap, META_DIR).ok()?;
     let path = h.path.join(snapshot).join(META_DIR_NAME).join("manifest");
     let file = fsops::open_file(&meta, b"manifest").ok()?;
-    // Recorded on the manifest when it was written (older servers and
-    // byteback 1.x did not): decoded otherwise.
+    // Recorded on the manifest when it was written (older servers did
+    // not): decoded otherwise.
     if let Some(bytes) = crate::manifest::read_bytes(&file) {
         return Some(bytes);
     }

@@ -101,30 +101,41 @@ impl TwinIndex {
 /// (FICLONERANGE to the end of `src`) when `clone` is allowed and the
 /// filesystem can, else copied. Returns the BLAKE3 of what `out` then holds,
 /// read back from `out` itself (a clone is verified like any received file),
-/// and whether extents were shared.
-pub fn copy_into(src: &File, out: &File, size: u64, clone: bool) -> io::Result<([u8; 32], bool)> {
+/// whether extents were shared, and the bytes a copy left as holes (its
+/// blocks of zeros: a sparse file stays sparse).
+pub fn copy_into(
+    src: &File,
+    out: &File,
+    size: u64,
+    clone: bool,
+) -> io::Result<([u8; 32], bool, u64)> {
     if clone && crate::btrfs::clone_range(src.as_fd(), 0, 0, out.as_fd(), 0).is_ok() {
-        return Ok((hash_of(out, size)?, true));
+        return Ok((hash_of(out, size)?, true, 0));
     }
     out.set_len(0)?;
     let mut h = FileHasher::new();
     let mut buf = vec![0u8; IO_CHUNK];
     let mut off = 0u64;
+    let mut holes = 0u64;
     while off < size {
         let want = IO_CHUNK.min((size - off) as usize);
         let n = src.read_at(&mut buf[..want], off)?;
         if n == 0 {
             break;
         }
-        out.write_all_at(&buf[..n], off)?;
+        holes += byteback_protocol::os::write_sparse_at(out, off, &buf[..n])?;
         h.update(&buf[..n]);
         off += n as u64;
     }
+    if off == size && fsops_len(out)? < size {
+        // A hole at the end: the length is set, not written.
+        out.set_len(size)?;
+    }
     if off < size || fsops_len(out)? != size {
         // Shorter than announced: whatever it hashes to, it is no match.
-        return Ok(([0; 32], false));
+        return Ok(([0; 32], false, holes));
     }
-    Ok((h.finish(), false))
+    Ok((h.finish(), false, holes))
 }
 
 fn fsops_len(f: &File) -> io::Result<u64> {
@@ -191,12 +202,36 @@ mod tests {
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         src.write_all_at(&data, 0).expect("write");
         let out = tempfile::tempfile().expect("tmp");
-        let (h, shared) = copy_into(&src, &out, data.len() as u64, false).expect("copy");
+        let (h, shared, holes) = copy_into(&src, &out, data.len() as u64, false).expect("copy");
         assert!(!shared);
+        assert_eq!(holes, 0);
         assert_eq!(h, byteback_delta::hash_bytes(&data));
         // Announced longer than the stored file: no match.
         let out = tempfile::tempfile().expect("tmp");
-        let (h, _) = copy_into(&src, &out, data.len() as u64 + 1, false).expect("copy");
+        let (h, _, _) = copy_into(&src, &out, data.len() as u64 + 1, false).expect("copy");
         assert_eq!(h, [0; 32]);
+    }
+
+    /// A sparse file's copy (where the store cannot clone) keeps its holes,
+    /// a trailing one included, and says how many bytes they are.
+    #[test]
+    fn a_copy_of_a_sparse_file_keeps_its_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let src = File::create(dir.path().join("src")).expect("create");
+        let size = 64u64 << 20;
+        src.set_len(size).expect("len");
+        src.write_all_at(&[7u8; 5000], 10 << 20).expect("write");
+        let src = File::open(dir.path().join("src")).expect("open");
+        let out = File::create(dir.path().join("out")).expect("create");
+        let (h, shared, holes) = copy_into(&src, &out, size, false).expect("copy");
+        assert!(!shared);
+        let mut want = vec![0u8; size as usize];
+        want[10 << 20..(10 << 20) + 5000].fill(7);
+        assert_eq!(h, byteback_delta::hash_bytes(&want));
+        assert_eq!(out.metadata().expect("stat").len(), size);
+        // Two 4 KiB blocks hold the data; the rest are holes.
+        assert_eq!(holes, size - 2 * 4096);
+        assert!(out.metadata().expect("stat").blocks() * 512 <= 64 << 10);
     }
 }

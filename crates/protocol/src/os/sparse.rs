@@ -228,11 +228,24 @@ mod tests {
         let p = t.path().join("s");
         let f = File::create(&p).unwrap();
         let mut pos = 0;
+        let mut holes = 0;
         for chunk in data.chunks(65_537) {
-            write_sparse_at(&f, pos as u64, chunk).unwrap();
+            holes += write_sparse_at(&f, pos as u64, chunk).unwrap();
             pos += chunk.len();
         }
         f.set_len(data.len() as u64).unwrap();
+        // The holes it says it left are the whole zero blocks it found:
+        // every aligned zero block but those split at pieces' edges.
+        let zero_blocks = data
+            .chunks(4096)
+            .filter(|b| b.len() == 4096 && is_zero(b))
+            .count() as u64
+            * 4096;
+        let split = (data.len() / 65_537 + 1) as u64 * 2 * 4096;
+        assert!(
+            holes <= zero_blocks && holes + split >= zero_blocks,
+            "{holes} {zero_blocks}"
+        );
         f.sync_all().unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), data);
         // Unaligned pieces split zero blocks at their edges: those two

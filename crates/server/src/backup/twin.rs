@@ -86,7 +86,7 @@ impl BackupReceiver {
             return Ok(false);
         };
         let out = w.out().op("clone into", || shown(&t.entry.path))?;
-        let (got, shared) = match twins::copy_into(&src, out, size, clone_ok) {
+        let (got, shared, holes) = match twins::copy_into(&src, out, size, clone_ok) {
             Ok(x) => x,
             Err(e) => {
                 out.set_len(0).op("empty", || shown(&t.entry.path))?;
@@ -110,7 +110,11 @@ impl BackupReceiver {
         if !shared {
             self.clone_ok = false;
         }
-        let grown = if shared { 0 } else { size };
+        let grown = if shared {
+            0
+        } else {
+            size.saturating_sub(holes)
+        };
         match self.end(id, size, hash, mtime)? {
             TransferResult::Done => {
                 self.stats.files_transferred = self.stats.files_transferred.saturating_sub(1);
