@@ -3672,4 +3672,16 @@ fn status_takes_a_hosts_size_from_its_manifests_record() {
     // ...and without one the manifest is added up.
     rustix::fs::removexattr(&manifest, "user.byteback.bytes").unwrap();
     assert_eq!(size(), total);
+    // After a backup that carries most entries over, deletes one and adds
+    // one, the record is the new manifest's sum.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    fs::remove_file(src.join("f3")).unwrap();
+    fs::write(src.join("g"), rng.bytes(77_777)).unwrap();
+    local_backup(&store, &src, "h");
+    let total = total - 300_000 + 77_777;
+    assert_eq!(size(), total);
+    let snap = snapshots(&store, "h").pop().unwrap();
+    let manifest = store.join("h").join(&snap).join(".byteback/manifest");
+    let n = rustix::fs::getxattr(&manifest, "user.byteback.bytes", &mut buf[..]).unwrap();
+    assert_eq!(&buf[..n], &total.to_le_bytes());
 }
