@@ -3685,3 +3685,39 @@ fn status_takes_a_hosts_size_from_its_manifests_record() {
     let n = rustix::fs::getxattr(&manifest, "user.byteback.bytes", &mut buf[..]).unwrap();
     assert_eq!(&buf[..n], &total.to_le_bytes());
 }
+
+/// A backup that runs long records what it has written in its host's
+/// usage log as it goes (every 256 MiB; 1 MiB here, through a debug-build
+/// knob), so the growth guard of a prune that another host's backup starts
+/// meanwhile counts it. Before, the log had a backup's growth only once it
+/// committed (or was cut off), and a giant upload in progress let other
+/// hosts' prunes delete their history for it.
+#[test]
+fn a_running_backup_records_its_growth_as_it_goes() {
+    let (_d, src, store) = site();
+    let mut rng = Rng::new(0x77);
+    for i in 0..4 {
+        fs::write(src.join(format!("f{i}")), rng.bytes(3 << 20)).unwrap();
+    }
+    let o = run_status(
+        local_backup_cmd(&store, &src, "h").env("BYTEBACK_TEST_GROWTH_NOTE_BYTES", "1048576"),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+    let text = fs::read_to_string(store.join("h/.byteback-usage")).unwrap();
+    let lines: Vec<(u64, String)> = text
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[1].parse().unwrap(), f[2].to_string())
+        })
+        .collect();
+    let snap = lines
+        .iter()
+        .position(|(_, s)| s != "-")
+        .expect("a snapshot line");
+    // The file data (12 MiB) over several lines before the snapshot's,
+    // which all count for it.
+    assert!(snap >= 6, "{snap} lines before the snapshot's: {text}");
+    let growth: u64 = lines[..=snap].iter().map(|(b, _)| b).sum();
+    assert!((12 << 20..14 << 20).contains(&growth), "{growth}: {text}");
+}

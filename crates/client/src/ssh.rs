@@ -747,7 +747,10 @@ async fn pump(
         while let Some(msg) = chan_rd.wait().await {
             match msg {
                 ChannelMsg::Data { data } => {
-                    last.set(Instant::now());
+                    // Empty data is no progress.
+                    if !data.is_empty() {
+                        last.set(Instant::now());
+                    }
                     BYTES_RECEIVED.fetch_add(data.len() as u64, Ordering::Relaxed);
                     if sock_wr.write_all(&data).await.is_err() {
                         // Our side stopped reading: the client is finishing or failing.

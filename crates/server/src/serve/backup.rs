@@ -92,6 +92,36 @@ pub(super) fn backup<R: Read, W: Write>(
     Ok(())
 }
 
+/// Bytes a backup writes between the lines the usage log gets while it
+/// runs (see [`note_growth`]).
+const GROWTH_NOTE: u64 = 256 << 20;
+
+/// What a backup running now has written goes to its host's usage log
+/// every [`GROWTH_NOTE`] bytes, as a line without a snapshot (as a backup
+/// cut off leaves one): the growth guard of a prune that another host's
+/// backup starts meanwhile counts it. It saw a backup's growth only once
+/// the backup had committed or was cut off, so one host uploading a
+/// giant tree while others' backups ended let their prunes delete other
+/// hosts' history for it.
+fn note_growth(target: &Target, rx: &mut BackupReceiver) {
+    let every = if cfg!(debug_assertions) {
+        std::env::var("BYTEBACK_TEST_GROWTH_NOTE_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(GROWTH_NOTE)
+    } else {
+        GROWTH_NOTE
+    };
+    if rx.grown < every {
+        return;
+    }
+    match crate::pruner::record_written(target.host, target.now(), rx.grown, None) {
+        Ok(()) => rx.grown = 0,
+        // Still counted in memory, and recorded at the commit.
+        Err(e) => tracing::warn!("cannot record usage: {e}"),
+    }
+}
+
 /// The message loop of one backup, until the snapshot is taken. Errors
 /// about one transfer name its file and what was being done.
 fn receive<R: Read, W: Write>(
@@ -128,6 +158,7 @@ fn receive<R: Read, W: Write>(
                 let name = rx.transfer_name(id);
                 rx.data(id, Chunk::Zstd(&delta))
                     .context_with(|| format!("writing {name}"))?;
+                note_growth(target, rx);
             }
             ClientMsg::FileRaw { id, delta } => {
                 let name = rx.transfer_name(id);
@@ -135,6 +166,7 @@ fn receive<R: Read, W: Write>(
                     .context_with(|| format!("writing {name}"))?;
                 // The frame buffer it was read into, for the next frame.
                 conn.give_back_frame(delta.into_buf());
+                note_growth(target, rx);
             }
             ClientMsg::FileEnd {
                 id,
@@ -145,6 +177,7 @@ fn receive<R: Read, W: Write>(
             } => {
                 let reply = end_file(target, rx, id, size, hash, (mtime_sec, mtime_nsec))?;
                 conn.send(&reply)?;
+                note_growth(target, rx);
             }
             ClientMsg::FileClone {
                 id,
@@ -162,6 +195,7 @@ fn receive<R: Read, W: Write>(
                 } else {
                     ServerMsg::SendData { id }
                 })?;
+                note_growth(target, rx);
             }
             ClientMsg::FileAbort { id } => {
                 let name = rx.transfer_name(id);
@@ -422,12 +456,22 @@ fn finish<R: Read, W: Write>(
         // What the line before the snapshot could not record (a full disc,
         // say) goes on this one, so the guard still sees it.
         let unrecorded = rx.grown;
+        let mut only_host = None;
         if let Err(e) =
             crate::pruner::record_snapshot(target.host, now, name, space.as_ref(), unrecorded)
         {
             tracing::error!("cannot record usage: {e}");
+            if unrecorded > 0 {
+                // The guard cannot judge growth the log does not hold:
+                // this host pays for it, not the others.
+                tracing::warn!(
+                    "{unrecorded} bytes this backup wrote are in no usage log: the prune after it deletes only snapshots of {}",
+                    target.host.name
+                );
+                only_host = Some(target.host.name.clone());
+            }
         }
-        crate::pruner::after_snapshot(target.store, target.config, now);
+        crate::pruner::after_snapshot(target.store, target.config, now, only_host);
     }
     Ok(())
 }

@@ -126,6 +126,8 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
     // The host's lock, shared, while the restore reads `current` (see
     // `restore::hold_current`): no backup changes it under the restore.
     let mut holding_current = None;
+    // The snapshot (not `current`) the restore reads, locked against prunes.
+    let mut reading = None;
     loop {
         let Some(msg) = conn.recv()? else {
             // Closing between requests is fine; inside one, recv already failed.
@@ -144,11 +146,14 @@ fn run<R: Read, W: Write>(cfg: &ServeConfig, conn: &mut Conn<R, W>) -> Result<()
             ClientMsg::ListSnapshotKinds => restore::list_snapshot_kinds(cfg, &store, conn)?,
             ClientMsg::ReadManifest { snapshot } => {
                 restore::hold_current(cfg, &store, &snapshot, &mut holding_current)?;
-                restore::send_manifest(cfg, &store, conn, &snapshot)?
+                let snap = restore::reading(cfg, &store, &snapshot, &mut reading)?;
+                restore::send_manifest(cfg, &store, conn, &snapshot, snap)?
             }
             ClientMsg::ReadFile { snapshot, path } => {
                 restore::hold_current(cfg, &store, &snapshot, &mut holding_current)?;
-                restore::send_stored_file(cfg, &store, conn, &mut streamer, &snapshot, &path)?
+                let snap = restore::reading(cfg, &store, &snapshot, &mut reading)?;
+                let at = (snapshot.as_str(), snap);
+                restore::send_stored_file(cfg, &store, conn, &mut streamer, at, &path)?
             }
             ClientMsg::Bye => return Ok(()),
             m => return Err(refused(format!("unexpected {}", m.name()))),

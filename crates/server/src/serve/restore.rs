@@ -177,15 +177,46 @@ pub(super) fn hold_current(
     Ok(())
 }
 
-/// Answers `ReadManifest`: the manifest of `snapshot`, in parts.
+/// The snapshot a request reads: `current` opened anew (the host's lock
+/// keeps backups off it, see [`hold_current`]); any other opened once and
+/// locked against prunes (see `HostStore::open_snapshot_to_read`), kept in
+/// `held` while the session reads it, so a prune that another host's backup
+/// starts does not delete it halfway through a restore.
+pub(super) fn reading(
+    cfg: &ServeConfig,
+    store: &Store,
+    snapshot: &str,
+    held: &mut Option<(String, std::os::fd::OwnedFd)>,
+) -> Result<std::os::fd::OwnedFd> {
+    let host = store.host(&cfg.host, false)?;
+    if snapshot == "current" {
+        return host.open_snapshot(snapshot);
+    }
+    if let Some((name, fd)) = held.as_ref() {
+        if name == snapshot {
+            return fd
+                .try_clone()
+                .op("dup", || host.path.join(snapshot).display().to_string());
+        }
+    }
+    *held = None;
+    let fd = host.open_snapshot_to_read(snapshot)?;
+    let dup = fd
+        .try_clone()
+        .op("dup", || host.path.join(snapshot).display().to_string())?;
+    *held = Some((snapshot.to_string(), fd));
+    Ok(dup)
+}
+
+/// Answers `ReadManifest`: the manifest of `snapshot` (open at `snap`), in parts.
 pub(super) fn send_manifest<R: Read, W: Write>(
     cfg: &ServeConfig,
     store: &Store,
     conn: &mut Conn<R, W>,
     snapshot: &str,
+    snap: std::os::fd::OwnedFd,
 ) -> Result<()> {
     let host = store.host(&cfg.host, false)?;
-    let snap = host.open_snapshot(snapshot)?;
     if is_legacy(&snap, &host, snapshot)? {
         return send_legacy_manifest(conn, snap, snapshot);
     }
@@ -207,20 +238,19 @@ pub(super) fn send_manifest<R: Read, W: Write>(
     conn.send(&ServerMsg::ManifestEnd)
 }
 
-/// Answers `ReadFile`: the content of `path` in `snapshot`, then `FileDone`.
-/// A stored file that cannot be opened or read ends early: the client
-/// finds it short, reports it damaged and goes on with the rest of the
-/// restore.
+/// Answers `ReadFile`: the content of `path` in `snapshot` (open at
+/// `snap`), then `FileDone`. A stored file that cannot be opened or read
+/// ends early: the client finds it short, reports it damaged and goes on
+/// with the rest of the restore.
 pub(super) fn send_stored_file<R: Read, W: Write>(
     cfg: &ServeConfig,
     store: &Store,
     conn: &mut Conn<R, W>,
     streamer: &mut Option<Streamer>,
-    snapshot: &str,
+    (snapshot, snap): (&str, std::os::fd::OwnedFd),
     path: &[u8],
 ) -> Result<()> {
     let host = store.host(&cfg.host, false)?;
-    let snap = host.open_snapshot(snapshot)?;
     let shown = String::from_utf8_lossy(path).into_owned();
     // 1.x stored client paths as they are; byteback escapes top-level names
     // starting with `.byteback`.
