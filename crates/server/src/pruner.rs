@@ -1277,6 +1277,12 @@ mod tests {
         let e = host.open_snapshot_to_read(&first).unwrap_err().to_string();
         assert!(e.contains("is being deleted"), "{e}");
         drop(deleting);
+        // One session of a host holds a snapshot at a time: a client cannot
+        // keep all of its snapshots from prunes with many sessions.
+        let hold = host.restore_hold().unwrap().expect("the first hold");
+        assert!(host.restore_hold().unwrap().is_none());
+        drop(hold);
+        assert!(host.restore_hold().unwrap().is_some());
         // Gone once the restore has ended.
         let out = prune(&store, &opts, &mut Vec::new()).unwrap();
         assert_eq!(out.deleted[0].name, first, "{out:?}");

@@ -18,6 +18,9 @@ use rustix::fs::{FileType, Mode, OFlags};
 
 use crate::{btrfs, fsops, time};
 
+/// The lock file of a host's hold on a snapshot a restore reads.
+const RESTORE_HOLD: &str = ".lock-restore";
+
 /// Name of the reserved directory inside `current` (manifest, temp files).
 pub const META_DIR: &[u8] = META_DIR_NAME.as_bytes();
 /// [`META_DIR`] as text, for paths in messages.
@@ -294,6 +297,21 @@ impl HostStore {
         match (id(&fd), id(&again)) {
             (Ok(a), Ok(b)) if a == b => Ok(fd),
             _ => Err(being_deleted()),
+        }
+    }
+
+    /// The host's one hold on a snapshot against prunes (see
+    /// [`Self::open_snapshot_to_read`]), if no other session has it: a
+    /// client holding many sessions open cannot keep all of its host's
+    /// snapshots from prunes (which would then delete other hosts'
+    /// history instead), only one at a time.
+    pub fn restore_hold(&self) -> Result<Option<File>> {
+        let shown = || self.path.join(RESTORE_HOLD).display().to_string();
+        let f = fsops::open_lock(&self.fd, RESTORE_HOLD.as_bytes()).op("open", shown)?;
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(f)),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(Error::io("lock", shown(), e.into())),
         }
     }
 

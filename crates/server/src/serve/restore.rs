@@ -177,34 +177,45 @@ pub(super) fn hold_current(
     Ok(())
 }
 
+/// A snapshot a restore session holds against prunes, and the host's
+/// hold it takes for that (one session of a host at a time).
+pub(super) type Held = (String, std::os::fd::OwnedFd, std::fs::File);
+
 /// The snapshot a request reads: `current` opened anew (the host's lock
 /// keeps backups off it, see [`hold_current`]); any other opened once and
 /// locked against prunes (see `HostStore::open_snapshot_to_read`), kept in
 /// `held` while the session reads it, so a prune that another host's backup
-/// starts does not delete it halfway through a restore.
+/// starts does not delete it halfway through a restore. Only one session
+/// of a host holds a snapshot at a time (`HostStore::restore_hold`): a
+/// client cannot keep all of its host's snapshots from prunes (which would
+/// delete other hosts' history instead); other sessions open it by name
+/// for each request, as before.
 pub(super) fn reading(
     cfg: &ServeConfig,
     store: &Store,
     snapshot: &str,
-    held: &mut Option<(String, std::os::fd::OwnedFd)>,
+    held: &mut Option<Held>,
 ) -> Result<std::os::fd::OwnedFd> {
     let host = store.host(&cfg.host, false)?;
-    if snapshot == "current" {
-        return host.open_snapshot(snapshot);
-    }
-    if let Some((name, fd)) = held.as_ref() {
+    let shown = || host.path.join(snapshot).display().to_string();
+    if let Some((name, fd, _)) = held.as_ref() {
         if name == snapshot {
-            return fd
-                .try_clone()
-                .op("dup", || host.path.join(snapshot).display().to_string());
+            return fd.try_clone().op("dup", shown);
         }
     }
     *held = None;
+    if snapshot == "current" {
+        return host.open_snapshot(snapshot);
+    }
+    // Held by another session, or no lock file to be had (a store mounted
+    // read-only for a disaster recovery, a host directory of another
+    // account's): read as before.
+    let Some(hold) = host.restore_hold().ok().flatten() else {
+        return host.open_snapshot(snapshot);
+    };
     let fd = host.open_snapshot_to_read(snapshot)?;
-    let dup = fd
-        .try_clone()
-        .op("dup", || host.path.join(snapshot).display().to_string())?;
-    *held = Some((snapshot.to_string(), fd));
+    let dup = fd.try_clone().op("dup", shown)?;
+    *held = Some((snapshot.to_string(), fd, hold));
     Ok(dup)
 }
 
