@@ -3720,4 +3720,26 @@ fn a_running_backup_records_its_growth_as_it_goes() {
     assert!(snap >= 6, "{snap} lines before the snapshot's: {text}");
     let growth: u64 = lines[..=snap].iter().map(|(b, _)| b).sum();
     assert!((12 << 20..14 << 20).contains(&growth), "{growth}: {text}");
+    // The notes are marked, so the report draws one backup.
+    assert!(text.lines().any(|l| l.ends_with(" - running")), "{text}");
+
+    // Growth from entries alone (512 bytes counted per object made): noted
+    // too, not only file data.
+    let src2 = src.join("d");
+    fs::create_dir(&src2).unwrap();
+    for i in 0..3000 {
+        fs::create_dir(src2.join(format!("dir{i:05}"))).unwrap();
+    }
+    let before = text.lines().count();
+    let o = run_status(
+        local_backup_cmd(&store, &src, "h").env("BYTEBACK_TEST_GROWTH_NOTE_BYTES", "524288"),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+    let text = fs::read_to_string(store.join("h/.byteback-usage")).unwrap();
+    let running = text
+        .lines()
+        .skip(before)
+        .filter(|l| l.ends_with(" - running"))
+        .count();
+    assert!(running >= 1, "no note for 3,000 directories: {text}");
 }

@@ -167,7 +167,16 @@ pub fn record_written(
     new_bytes: u64,
     space: Option<&Space>,
 ) -> Result<()> {
-    append_usage(host, now, new_bytes, None, space)
+    append_usage(host, now, new_bytes, None, space, false)
+}
+
+/// Appends what a backup still running has written so far
+/// (`TIME BYTES - running`): counted as a backup's line without a snapshot
+/// by every reader (older ones too, which take the fourth field for no
+/// space figures), and folded by [`read_usage_lines`] into the backup's
+/// next line, so the report shows one backup, not one per note.
+pub fn record_running(host: &HostStore, now: i64, new_bytes: u64) -> Result<()> {
+    append_usage(host, now, new_bytes, None, None, true)
 }
 
 /// Appends the line naming the snapshot a backup took, after its
@@ -181,7 +190,7 @@ pub fn record_snapshot(
     space: Option<&Space>,
     unrecorded: u64,
 ) -> Result<()> {
-    append_usage(host, now, unrecorded, Some(snapshot), space)
+    append_usage(host, now, unrecorded, Some(snapshot), space, false)
 }
 
 /// After a crash between a backup's usage line and its snapshot's: names
@@ -214,6 +223,7 @@ fn append_usage(
     new_bytes: u64,
     snapshot: Option<&str>,
     space: Option<&Space>,
+    running: bool,
 ) -> Result<()> {
     let path = || host.path.join(USAGE_LOG).display().to_string();
     let fd = rustix::fs::openat(
@@ -237,6 +247,8 @@ fn append_usage(
     );
     if let Some(sp) = space {
         line.push_str(&format!(" {} {}", sp.free, sp.size));
+    } else if running {
+        line.push_str(" running");
     }
     line.push('\n');
     let mut f = std::fs::File::from(fd);
@@ -301,6 +313,9 @@ pub struct UsageLine {
     pub snapshot: Option<String>,
     /// The store's free and total bytes then (lines of older versions have none).
     pub space: Option<(u64, u64)>,
+    /// Written while its backup ran (see [`record_running`]): only a
+    /// last line is left so, the rest are folded into the next line.
+    pub running: bool,
 }
 
 /// Every well-formed line of the host's usage log, in the order written
@@ -312,7 +327,13 @@ pub fn read_usage_lines(host: &HostStore) -> Vec<UsageLine> {
         return vec![];
     };
     let mut out: Vec<UsageLine> = vec![];
-    for line in text.lines().filter_map(parse_usage_line) {
+    for mut line in text.lines().filter_map(parse_usage_line) {
+        // A running backup's notes go into its next line (or, after a
+        // crash, the next backup's).
+        if let Some(noted) = out.last().filter(|l| l.running).map(|l| l.new_bytes) {
+            out.pop();
+            line.new_bytes = line.new_bytes.saturating_add(noted);
+        }
         match out.last_mut() {
             Some(last)
                 if last.snapshot.is_none()
@@ -343,6 +364,7 @@ fn parse_usage_line(line: &str) -> Option<UsageLine> {
         new_bytes: b.parse().ok()?,
         snapshot: (*s != "-").then(|| s.to_string()),
         space,
+        running: *s == "-" && f.get(3) == Some(&"running"),
     })
 }
 
@@ -479,19 +501,18 @@ pub fn refusal(store: &Store) -> Option<String> {
 /// stops (see [`prune`]).
 const MAX_UNDELETABLE: usize = 3;
 
-/// Deletes snapshot `s` of `host` (a test may make it fail).
-fn delete_snapshot(host: &HostStore, s: &Snapshot) -> Result<()> {
+/// Deletes snapshot `s` of `host` (a test may make it fail); false, and
+/// nothing done, while a restore reads it.
+fn delete_snapshot(host: &HostStore, s: &Snapshot) -> Result<bool> {
     #[cfg(test)]
     if tests::UNDELETABLE.with(|u| u.borrow().contains(&s.name)) {
         return Err(Error::Store("it will not go (a test)".into()));
     }
     // Held while it goes: no restore starts reading it meanwhile.
     let Some(_lock) = host.lock_for_deletion(&s.name)? else {
-        return Err(Error::Store(
-            "a restore is reading it (it goes once the restore has ended)".into(),
-        ));
+        return Ok(false);
     };
-    host.delete_snapshot(&s.name)
+    host.delete_snapshot(&s.name).map(|()| true)
 }
 
 /// Waits until btrfs has released the space of deleted subvolumes (like
@@ -669,11 +690,13 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
     // cannot go does not stop pruning for good (the order is the same every
     // run); each is recorded for `status`.
     let mut undeletable: Vec<Snapshot> = vec![];
+    // Snapshots a restore reads: passed over this run, not counted as failures.
+    let mut busy: Vec<Snapshot> = vec![];
     let mut failures = String::new();
     loop {
         let order = prune_order(&snapshots, opts.now, opts.offset, opts.order);
         let Some(victim) = next_to_delete(&order, opts.now, |s| {
-            opts.may_delete(s) && !undeletable.contains(s)
+            opts.may_delete(s) && !undeletable.contains(s) && !busy.contains(s)
         })
         .cloned() else {
             let why = match &opts.only_host {
@@ -696,7 +719,21 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
             )?;
         } else {
             let host = store.host(&victim.host, false)?;
-            if let Err(e) = delete_snapshot(&host, &victim) {
+            let deleted = delete_snapshot(&host, &victim);
+            if let Ok(false) = deleted {
+                // A restore reads it: passed over, not a failure (it goes
+                // at a later prune, once the restore has ended).
+                say(
+                    log,
+                    format_args!(
+                        "byteback-prune: {} passed over: a restore is reading it",
+                        named(&victim.host, &victim.name)
+                    ),
+                )?;
+                busy.push(victim.clone());
+                continue;
+            }
+            if let Err(e) = deleted {
                 undeletable.push(victim.clone());
                 // The error names the snapshot's path: for a session's client,
                 // only when it is its own (`status` shows the rest).
@@ -1236,6 +1273,49 @@ mod tests {
         assert!(refused.contains("cannot delete"), "{refused}");
     }
 
+    /// The lines a running backup writes count as its growth for the
+    /// guard as they come, and are one backup in the lines the report
+    /// draws: folded into the backup's next line (its commit, or after a
+    /// crash the next backup's); a last one stands alone, still pending.
+    #[test]
+    fn a_running_backups_lines_are_one_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let host = store.host("h", true).unwrap();
+        let sp = Space {
+            free: 70,
+            size: 100,
+            data_percent: 70.0,
+            metadata_percent: None,
+            source: "statvfs",
+        };
+        record_running(&host, 100, 3).unwrap();
+        record_running(&host, 110, 4).unwrap();
+        assert_eq!(read_usage_pending(&host).1, 7);
+        let lines = read_usage_lines(&host);
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].running && lines[0].new_bytes == 7, "{lines:?}");
+        record_written(&host, 120, 5, Some(&sp)).unwrap();
+        record_snapshot(&host, 120, "s1", Some(&sp), 0).unwrap();
+        record_running(&host, 200, 6).unwrap();
+        let (usage, pending) = read_usage_pending(&host);
+        assert_eq!((usage.len(), usage[0].new_bytes, pending), (1, 12, 6));
+        let lines = read_usage_lines(&host);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(
+            (
+                lines[0].new_bytes,
+                lines[0].snapshot.as_deref(),
+                lines[0].running
+            ),
+            (12, Some("s1"), false)
+        );
+        assert!(lines[1].running && lines[1].new_bytes == 6);
+        // Older readers' view: the fourth field is no space figure.
+        let text = std::fs::read_to_string(dir.path().join("h").join(USAGE_LOG)).unwrap();
+        assert!(text.lines().any(|l| l == "100 3 - running"), "{text}");
+    }
+
     /// A snapshot a restore reads is passed over by a prune (the next one
     /// goes instead, and `status` says why): before, the prune deleted it
     /// and the restore failed at its next file. And one being deleted is
@@ -1267,8 +1347,8 @@ mod tests {
         assert_eq!(out.deleted.len(), 1, "{out:?}");
         assert_ne!(out.deleted[0].name, first);
         assert!(dir.path().join("h").join(&first).exists());
-        let refused = std::fs::read_to_string(dir.path().join(REFUSED)).unwrap();
-        assert!(refused.contains("a restore is reading it"), "{refused}");
+        // Not a failure: nothing for `status` to warn about.
+        assert!(!dir.path().join(REFUSED).exists());
         // Still readable through the restore's descriptor.
         assert!(fsops::open_dir(&reading, b"etc").is_ok());
         drop(reading);
@@ -1579,6 +1659,7 @@ mod tests {
             new_bytes,
             snapshot: snapshot.map(str::to_string),
             space,
+            running: false,
         };
         assert_eq!(
             lines,

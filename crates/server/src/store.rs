@@ -18,9 +18,6 @@ use rustix::fs::{FileType, Mode, OFlags};
 
 use crate::{btrfs, fsops, time};
 
-/// The lock file of a host's hold on a snapshot a restore reads.
-const RESTORE_HOLD: &str = ".lock-restore";
-
 /// Name of the reserved directory inside `current` (manifest, temp files).
 pub const META_DIR: &[u8] = META_DIR_NAME.as_bytes();
 /// [`META_DIR`] as text, for paths in messages.
@@ -305,13 +302,16 @@ impl HostStore {
     /// client holding many sessions open cannot keep all of its host's
     /// snapshots from prunes (which would then delete other hosts'
     /// history instead), only one at a time.
-    pub fn restore_hold(&self) -> Result<Option<File>> {
-        let shown = || self.path.join(RESTORE_HOLD).display().to_string();
-        let f = fsops::open_lock(&self.fd, RESTORE_HOLD.as_bytes()).op("open", shown)?;
+    ///
+    /// The lock is the host directory's own (nothing else locks it): no
+    /// file is made for it, so a session that is refused changes nothing,
+    /// and a store mounted read-only for a disaster recovery holds too.
+    pub fn restore_hold(&self) -> Result<Option<OwnedFd>> {
+        let f = fsops::open_dir(&self.fd, b"").op("open", || self.path.display())?;
         match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(Some(f)),
             Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
-            Err(e) => Err(Error::io("lock", shown(), e.into())),
+            Err(e) => Err(Error::io("lock", self.path.display(), e.into())),
         }
     }
 

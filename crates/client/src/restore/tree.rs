@@ -451,18 +451,28 @@ impl RestoreTree {
         // Another user's, or one others may write in (a name planted in a
         // shared directory such as /tmp): its owner could swap what is
         // restored into it before anyone uses it, and would get it back at
-        // the end. Checked when made just now too: in a directory others
-        // may write in (without the sticky bit), another user could have
-        // put one of their own in its place between the mkdir and the open.
-        let st = rustix::fs::fstat(&fd).on("fstat", format!("{}/{snapshot}", into.display()))?;
-        let euid = rustix::process::geteuid().as_raw();
-        if st.st_uid != euid || st.st_mode & 0o022 != 0 {
-            bail!(
-                "{}/{snapshot} exists, owned by uid {} with mode {:o}: refusing to restore into a directory that is not this user's alone (remove it, or restore elsewhere with --target)",
-                into.display(),
-                st.st_uid,
-                st.st_mode & 0o7777
-            );
+        // the end. Checked when made just now too if `into` is a directory
+        // others may write in without the sticky bit: another user could
+        // have put one of their own in its place between the mkdir and the
+        // open. (Not otherwise: root's new directory on an NFS export that
+        // squashes root, or on vfat, is not root's.)
+        let shared = || {
+            rustix::fs::fstat(&base)
+                .is_ok_and(|st| st.st_mode & 0o022 != 0 && st.st_mode & 0o1000 == 0)
+        };
+        if !fresh || shared() {
+            let st =
+                rustix::fs::fstat(&fd).on("fstat", format!("{}/{snapshot}", into.display()))?;
+            let euid = rustix::process::geteuid().as_raw();
+            if st.st_uid != euid || st.st_mode & 0o022 != 0 {
+                bail!(
+                    "{}/{snapshot} {}, owned by uid {} with mode {:o}: refusing to restore into a directory that is not this user's alone (remove it, or restore elsewhere with --target)",
+                    into.display(),
+                    if fresh { "was replaced as it was made" } else { "exists" },
+                    st.st_uid,
+                    st.st_mode & 0o7777
+                );
+            }
         }
         let mut tree = RestoreTree {
             snapshot: snapshot.to_string(),

@@ -368,6 +368,11 @@ pub struct BackupReceiver {
     /// growth and the size guard's figure, so a client cannot fill the disc
     /// with copies, empty objects or xattrs it names in a few bytes.
     pub grown: u64,
+    /// Of [`Self::grown`], what the usage log has already (see
+    /// [`Self::unrecorded`]). A transfer's bytes thrown away after they were
+    /// recorded (it ran out of space) lower `grown` below it: later growth
+    /// pays them back before more is recorded, so they count once.
+    pub noted: u64,
     /// Non-fatal problems to report (see [`Self::warn`]).
     pub warnings: Vec<String>,
     /// Warnings beyond [`MAX_WARNINGS`], counted only.
@@ -486,6 +491,16 @@ fn empty_manifest() -> Result<PeekableManifest> {
 }
 
 impl BackupReceiver {
+    /// Growth the usage log does not have yet.
+    pub fn unrecorded(&self) -> u64 {
+        self.grown.saturating_sub(self.noted)
+    }
+
+    /// The usage log now has [`Self::unrecorded`].
+    pub fn recorded(&mut self) {
+        self.noted = self.noted.max(self.grown);
+    }
+
     /// Prepares `current` of `host` for a new backup; `room` makes room
     /// when creating or renaming something runs out of space (see
     /// [`room`]).
@@ -573,6 +588,7 @@ impl BackupReceiver {
             decoder: Decoder::new()?,
             stats: BackupStats::default(),
             grown: 0,
+            noted: 0,
             warnings,
             warnings_dropped: 0,
             files: FilePaths::default(),

@@ -206,7 +206,7 @@ impl BackupReceiver {
                 (Err(e), Some(room)) if is_no_space(&e) => {
                     let what = what();
                     self.before_making_room(&what);
-                    if let Err(e) = room.next_round(e, &what, &mut round, self.grown) {
+                    if let Err(e) = room.next_round(e, &what, &mut round, self.unrecorded()) {
                         break Err(e);
                     }
                 }
@@ -241,11 +241,12 @@ impl BackupReceiver {
     /// backup may still delete one, so the next backup has room. Returns
     /// the error to fail with, saying so.
     pub fn after_no_space(&mut self, e: Error) -> Error {
+        let unrecorded = self.unrecorded();
         let Some(room) = self.room.as_mut().filter(|_| is_no_space(&e)) else {
             return e;
         };
         let (now, refusal) = (room.now(), room.refusal());
-        let grown = Some((&room.host, self.grown));
+        let grown = Some((&room.host, unrecorded));
         let deleted = pruner::delete_one(&room.store, &room.config, now, refusal, grown);
         if let Ok(n) = deleted {
             room.count(n);

@@ -72,10 +72,10 @@ pub(super) fn backup<R: Read, W: Write>(
         // What it wrote stays for the next run to resume from: the growth
         // guard counts it (a client cutting its runs short must not
         // write without limit, unseen).
-        if rx.grown > 0 {
-            match crate::pruner::record_written(&host, target.now(), rx.grown, None) {
+        if rx.unrecorded() > 0 {
+            match crate::pruner::record_written(&host, target.now(), rx.unrecorded(), None) {
                 // Counted once: the deletion on the way out reads it there.
-                Ok(()) => rx.grown = 0,
+                Ok(()) => rx.recorded(),
                 Err(e2) => tracing::error!("cannot record the interrupted backup's usage: {e2}"),
             }
         }
@@ -96,14 +96,17 @@ pub(super) fn backup<R: Read, W: Write>(
 /// runs (see [`note_growth`]).
 const GROWTH_NOTE: u64 = 256 << 20;
 
-/// What a backup running now has written goes to its host's usage log
-/// every [`GROWTH_NOTE`] bytes, as a line without a snapshot (as a backup
-/// cut off leaves one): the growth guard of a prune that another host's
-/// backup starts meanwhile counts it. It saw a backup's growth only once
-/// the backup had committed or was cut off, so one host uploading a
-/// giant tree while others' backups ended let their prunes delete other
-/// hosts' history for it.
-fn note_growth(target: &Target, rx: &mut BackupReceiver) {
+/// What a backup running now has written (file data, and the objects its
+/// entries create) goes to its host's usage log every [`GROWTH_NOTE`]
+/// bytes, as a line without a snapshot marked `running` (which the report
+/// folds into the backup's next line): the growth guard of a prune that
+/// another host's backup starts meanwhile counts it. It saw a backup's
+/// growth only once the backup had committed or was cut off, so one host
+/// uploading a giant tree while others' backups ended let their prunes
+/// delete other hosts' history for it. `next`: the unrecorded bytes that
+/// call for a line (raised after a failed append, so a full disc costs a
+/// warning per [`GROWTH_NOTE`], not one per message).
+fn note_growth(target: &Target, rx: &mut BackupReceiver, next: &mut u64) {
     let every = if cfg!(debug_assertions) {
         std::env::var("BYTEBACK_TEST_GROWTH_NOTE_BYTES")
             .ok()
@@ -112,13 +115,20 @@ fn note_growth(target: &Target, rx: &mut BackupReceiver) {
     } else {
         GROWTH_NOTE
     };
-    if rx.grown < every {
+    let unrecorded = rx.unrecorded();
+    if unrecorded < (*next).max(every) {
         return;
     }
-    match crate::pruner::record_written(target.host, target.now(), rx.grown, None) {
-        Ok(()) => rx.grown = 0,
+    match crate::pruner::record_running(target.host, target.now(), unrecorded) {
+        Ok(()) => {
+            rx.recorded();
+            *next = every;
+        }
         // Still counted in memory, and recorded at the commit.
-        Err(e) => tracing::warn!("cannot record usage: {e}"),
+        Err(e) => {
+            tracing::warn!("cannot record usage: {e}");
+            *next = unrecorded.saturating_add(every);
+        }
     }
 }
 
@@ -136,8 +146,10 @@ fn receive<R: Read, W: Write>(
     rx.limit_held_fds(budget.max(FILES_IN_FLIGHT * FDS_PER_FILE));
     // Batches of entries not answered yet (bounded by the client's window).
     let mut waiting = Waiting::default();
+    let mut next_note = 0;
     loop {
         answer_waiting(conn, rx, &mut waiting, budget)?;
+        note_growth(target, rx, &mut next_note);
         let msg = conn
             .recv()?
             .ok_or_else(|| refused("client went away in the middle of a backup"))?;
@@ -158,7 +170,6 @@ fn receive<R: Read, W: Write>(
                 let name = rx.transfer_name(id);
                 rx.data(id, Chunk::Zstd(&delta))
                     .context_with(|| format!("writing {name}"))?;
-                note_growth(target, rx);
             }
             ClientMsg::FileRaw { id, delta } => {
                 let name = rx.transfer_name(id);
@@ -166,7 +177,6 @@ fn receive<R: Read, W: Write>(
                     .context_with(|| format!("writing {name}"))?;
                 // The frame buffer it was read into, for the next frame.
                 conn.give_back_frame(delta.into_buf());
-                note_growth(target, rx);
             }
             ClientMsg::FileEnd {
                 id,
@@ -177,7 +187,6 @@ fn receive<R: Read, W: Write>(
             } => {
                 let reply = end_file(target, rx, id, size, hash, (mtime_sec, mtime_nsec))?;
                 conn.send(&reply)?;
-                note_growth(target, rx);
             }
             ClientMsg::FileClone {
                 id,
@@ -195,7 +204,6 @@ fn receive<R: Read, W: Write>(
                 } else {
                     ServerMsg::SendData { id }
                 })?;
-                note_growth(target, rx);
             }
             ClientMsg::FileAbort { id } => {
                 let name = rx.transfer_name(id);
@@ -375,7 +383,7 @@ fn make_room(
         host: target.host,
         path,
         need,
-        written: rx.grown,
+        written: rx.unrecorded(),
         quota,
     };
     crate::pruner::make_room(target.store, target.config, target.now(), &room)
@@ -395,10 +403,10 @@ fn finish<R: Read, W: Write>(
     // Counted before the snapshot, synced: a crash after it must not lose
     // this backup's growth from the guard's view.
     let space = crate::space::measure(target.store.fd()).ok();
-    match crate::pruner::record_written(target.host, now, rx.grown, space.as_ref()) {
+    match crate::pruner::record_written(target.host, now, rx.unrecorded(), space.as_ref()) {
         // Counted: not again if the snapshot fails (the error path records
         // what is left), nor as this run's writing when it makes room.
-        Ok(()) => rx.grown = 0,
+        Ok(()) => rx.recorded(),
         Err(e) => tracing::error!("cannot record usage: {e}"),
     }
     crash_point("BYTEBACK_TEST_CRASH_BEFORE_SNAPSHOT");
@@ -419,11 +427,11 @@ fn finish<R: Read, W: Write>(
         Ok(name) => (Some(name), String::new()),
         Err(why) => (None, why),
     };
-    if snapshot.is_none() && rx.grown > 0 {
+    if snapshot.is_none() && rx.unrecorded() > 0 {
         // No snapshot line to carry what the line before could not record:
         // tried once more, so the guard sees it.
-        match crate::pruner::record_written(target.host, now, rx.grown, space.as_ref()) {
-            Ok(()) => rx.grown = 0,
+        match crate::pruner::record_written(target.host, now, rx.unrecorded(), space.as_ref()) {
+            Ok(()) => rx.recorded(),
             Err(e) => tracing::error!("cannot record usage: {e}"),
         }
     }
@@ -455,7 +463,7 @@ fn finish<R: Read, W: Write>(
     if let Some(name) = &snapshot {
         // What the line before the snapshot could not record (a full disc,
         // say) goes on this one, so the guard still sees it.
-        let unrecorded = rx.grown;
+        let unrecorded = rx.unrecorded();
         let mut only_host = None;
         if let Err(e) =
             crate::pruner::record_snapshot(target.host, now, name, space.as_ref(), unrecorded)

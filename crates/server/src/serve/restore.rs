@@ -179,7 +179,7 @@ pub(super) fn hold_current(
 
 /// A snapshot a restore session holds against prunes, and the host's
 /// hold it takes for that (one session of a host at a time).
-pub(super) type Held = (String, std::os::fd::OwnedFd, std::fs::File);
+pub(super) type Held = (String, std::os::fd::OwnedFd, std::os::fd::OwnedFd);
 
 /// The snapshot a request reads: `current` opened anew (the host's lock
 /// keeps backups off it, see [`hold_current`]); any other opened once and
@@ -207,13 +207,15 @@ pub(super) fn reading(
     if snapshot == "current" {
         return host.open_snapshot(snapshot);
     }
-    // Held by another session, or no lock file to be had (a store mounted
-    // read-only for a disaster recovery, a host directory of another
-    // account's): read as before.
+    // Held by another session (or the lock failing): read as before.
     let Some(hold) = host.restore_hold().ok().flatten() else {
         return host.open_snapshot(snapshot);
     };
-    let fd = host.open_snapshot_to_read(snapshot)?;
+    // Not to be held (being deleted, or the lock failing): read as before,
+    // which fails only if it is gone.
+    let Ok(fd) = host.open_snapshot_to_read(snapshot) else {
+        return host.open_snapshot(snapshot);
+    };
     let dup = fd.try_clone().op("dup", shown)?;
     *held = Some((snapshot.to_string(), fd, hold));
     Ok(dup)
