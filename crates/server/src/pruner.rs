@@ -199,7 +199,8 @@ pub fn record_snapshot(
 /// the next snapshot's. Called under the host's lock.
 pub fn name_lost_snapshot(host: &HostStore) -> Result<()> {
     let lines = read_usage_lines(host);
-    let Some(last) = lines.last().filter(|l| l.snapshot.is_none()) else {
+    // (A running backup's last note is no backup's line before a snapshot.)
+    let Some(last) = lines.last().filter(|l| l.snapshot.is_none() && !l.running) else {
         return Ok(());
     };
     let named: std::collections::HashSet<&str> =
@@ -691,18 +692,26 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
     // run); each is recorded for `status`.
     let mut undeletable: Vec<Snapshot> = vec![];
     // Snapshots a restore reads: passed over this run, not counted as failures.
-    let mut busy: Vec<Snapshot> = vec![];
+    let mut in_use: Vec<Snapshot> = vec![];
     let mut failures = String::new();
     loop {
         let order = prune_order(&snapshots, opts.now, opts.offset, opts.order);
         let Some(victim) = next_to_delete(&order, opts.now, |s| {
-            opts.may_delete(s) && !undeletable.contains(s) && !busy.contains(s)
+            opts.may_delete(s) && !undeletable.contains(s) && !in_use.contains(s)
         })
         .cloned() else {
             let why = match &opts.only_host {
                 Some(h) => format!("nothing of {h} left to delete but its newest snapshot"),
                 None => "nothing left to delete: every host is down to its newest snapshot".into(),
             };
+            if !in_use.is_empty() {
+                // Not the store's state: they go once their restores end.
+                out.refused = Some(format!(
+                    "nothing left to delete now but {} snapshot(s) a restore is reading",
+                    in_use.len()
+                ));
+                break;
+            }
             if opts.only_host.is_none() {
                 record_refusal(store, opts, &format!("short of space: {why}"));
             }
@@ -730,7 +739,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
                         named(&victim.host, &victim.name)
                     ),
                 )?;
-                busy.push(victim.clone());
+                in_use.push(victim.clone());
                 continue;
             }
             if let Err(e) = deleted {
@@ -1317,7 +1326,8 @@ mod tests {
     }
 
     /// A snapshot a restore reads is passed over by a prune (the next one
-    /// goes instead, and `status` says why): before, the prune deleted it
+    /// goes instead; not a failure, so nothing for `status` to warn
+    /// about, even when nothing else could go): before, the prune deleted it
     /// and the restore failed at its next file. And one being deleted is
     /// not opened for a restore.
     #[test]
@@ -1342,12 +1352,21 @@ mod tests {
         let first = prune(&store, &dry, &mut Vec::new()).unwrap().deleted[0]
             .name
             .clone();
-        let reading = host.open_snapshot_to_read(&first).unwrap();
+        let reading = host.open_snapshot_to_read(&first).unwrap().unwrap();
         let out = prune(&store, &opts, &mut Vec::new()).unwrap();
         assert_eq!(out.deleted.len(), 1, "{out:?}");
         assert_ne!(out.deleted[0].name, first);
         assert!(dir.path().join("h").join(&first).exists());
         // Not a failure: nothing for `status` to warn about.
+        assert!(!dir.path().join(REFUSED).exists());
+        // Nothing else may go (each host keeps its newest): said, not
+        // recorded as the store's refusal.
+        let mut all = opts.clone();
+        all.max_deletions = None;
+        let out = prune(&store, &all, &mut Vec::new()).unwrap();
+        assert!(out.deleted.len() <= 1, "{out:?}");
+        let why = out.refused.unwrap_or_default();
+        assert!(why.contains("a restore is reading"), "{why}");
         assert!(!dir.path().join(REFUSED).exists());
         // Still readable through the restore's descriptor.
         assert!(fsops::open_dir(&reading, b"etc").is_ok());

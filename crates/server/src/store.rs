@@ -274,8 +274,9 @@ impl HostStore {
     /// directory locked shared while the descriptor (or a duplicate) is
     /// open: a prune passes it over (see [`Self::lock_for_deletion`]), so a
     /// long restore of an old snapshot is not cut off halfway by a prune
-    /// that another host's backup started. Refused if it is being deleted.
-    pub fn open_snapshot_to_read(&self, name: &str) -> Result<OwnedFd> {
+    /// that another host's backup started. Refused if it is being deleted;
+    /// `None` if the lock cannot be had otherwise (read it unheld).
+    pub fn open_snapshot_to_read(&self, name: &str) -> Result<Option<OwnedFd>> {
         let fd = self.open_snapshot(name)?;
         let being_deleted = || {
             Error::Store(format!(
@@ -286,13 +287,13 @@ impl HostStore {
         match rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockShared) {
             Ok(()) => {}
             Err(rustix::io::Errno::WOULDBLOCK) => return Err(being_deleted()),
-            Err(e) => return Err(Error::io("lock", self.path.join(name).display(), e.into())),
+            Err(_) => return Ok(None),
         }
         // Opened, then deleted by a prune, then locked: no longer its name.
         let again = self.open_snapshot(name).map_err(|_| being_deleted())?;
         let id = |fd: &OwnedFd| rustix::fs::fstat(fd).map(|st| (st.st_dev, st.st_ino));
         match (id(&fd), id(&again)) {
-            (Ok(a), Ok(b)) if a == b => Ok(fd),
+            (Ok(a), Ok(b)) if a == b => Ok(Some(fd)),
             _ => Err(being_deleted()),
         }
     }

@@ -457,8 +457,12 @@ impl RestoreTree {
         // open. (Not otherwise: root's new directory on an NFS export that
         // squashes root, or on vfat, is not root's.)
         let shared = || {
-            rustix::fs::fstat(&base)
-                .is_ok_and(|st| st.st_mode & 0o022 != 0 && st.st_mode & 0o1000 == 0)
+            rustix::fs::fstat(&base).map_or(true, |st| {
+                let others_write = st.st_mode & 0o022 != 0 && st.st_mode & 0o1000 == 0;
+                // Its owner may rename what is in it, whatever the mode.
+                let foreign = st.st_uid != 0 && st.st_uid != rustix::process::geteuid().as_raw();
+                others_write || foreign
+            })
         };
         if !fresh || shared() {
             let st =

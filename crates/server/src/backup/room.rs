@@ -143,8 +143,8 @@ impl Room {
 
     /// `e`, from `what`, ran out of space: one more round of making room
     /// (`round` counts them), or, after the last, the error to fail with.
-    /// `grown`: what the backup wrote so far (see [`BackupReceiver::grown`]),
-    /// for the growth guard.
+    /// `grown`: what the backup wrote so far and the usage log does not
+    /// have yet (see [`BackupReceiver::unrecorded`]), for the growth guard.
     fn next_round(&mut self, e: Error, what: &str, round: &mut u8, grown: u64) -> Result<()> {
         *round += 1;
         if *round > ROOM_ROUNDS {

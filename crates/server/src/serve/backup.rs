@@ -379,10 +379,14 @@ fn make_room(
     if freed > 0 {
         eprintln!("byteback-server: no space left on device for {path:?}: removed {freed} bytes of interrupted transfers' partial copies");
     }
+    // Bytes the log has that were thrown away (a transfer that ran out of
+    // space): the log's pending bytes count them, so what is needed to
+    // write them again must not count them twice.
+    let credit = rx.noted.saturating_sub(rx.grown);
     let room = crate::pruner::RoomFor {
         host: target.host,
         path,
-        need,
+        need: need.saturating_sub(credit),
         written: rx.unrecorded(),
         quota,
     };

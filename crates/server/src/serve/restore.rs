@@ -211,9 +211,9 @@ pub(super) fn reading(
     let Some(hold) = host.restore_hold().ok().flatten() else {
         return host.open_snapshot(snapshot);
     };
-    // Not to be held (being deleted, or the lock failing): read as before,
-    // which fails only if it is gone.
-    let Ok(fd) = host.open_snapshot_to_read(snapshot) else {
+    // Being deleted: refused at once, rather than failing halfway. A lock
+    // that cannot be had otherwise: read unheld, as before.
+    let Some(fd) = host.open_snapshot_to_read(snapshot)? else {
         return host.open_snapshot(snapshot);
     };
     let dup = fd.try_clone().op("dup", shown)?;
