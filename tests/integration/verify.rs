@@ -233,6 +233,15 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
     }
 }
 
+/// The files a verify run says it checked (`...: N files ...`).
+fn files_checked(out: &str) -> u64 {
+    out.split(": ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no file count in {out}"))
+}
+
 #[test]
 fn budgeted_verify_covers_the_host_over_several_runs() {
     let Some(Site {
@@ -257,13 +266,7 @@ fn budgeted_verify_covers_the_host_over_several_runs() {
         let o = verify(&store, &["--budget", "700K"]);
         let out = output_text(&o);
         assert_eq!(o.status.code(), Some(0), "{out}");
-        let n: u64 = out
-            .split(": ")
-            .nth(1)
-            .and_then(|s| s.split(' ').next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no file count in {out}"));
-        files += n;
+        files += files_checked(&out);
         let st = fs::read_to_string(&state).unwrap();
         if st.contains("last-full") {
             assert!(!st.contains("cursor"), "{st}");
@@ -663,12 +666,7 @@ fn empty_files_take_their_share_of_a_budget() {
     let o = verify(&store, &["--budget", "100K"]);
     let out = output_text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}");
-    let n: u64 = out
-        .split(": ")
-        .nth(1)
-        .and_then(|s| s.split(' ').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no file count in {out}"));
+    let n = files_checked(&out);
     assert!((20..=30).contains(&n), "{n} files checked: {out}");
     let st = fs::read_to_string(store.join(HOST).join(".byteback-verify")).unwrap();
     assert!(st.contains("cursor"), "{st}");

@@ -1244,32 +1244,38 @@ mod tests {
         assert!(!out.busy, "{out:?}");
     }
 
-    /// A snapshot that cannot be deleted is passed over, and said where
-    /// `status` sees it: before, it stopped every prune, and since the
-    /// order is the same every run, pruning for good.
-    #[test]
-    fn a_snapshot_that_cannot_be_deleted_is_passed_over() {
+    /// A store whose host `h` has three snapshots, a prune of one deletion
+    /// whatever the free space, and the snapshot it deletes first (learnt
+    /// from a dry run).
+    fn three_snapshots() -> (tempfile::TempDir, crate::store::Store, PruneOptions, String) {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path()).unwrap();
         store.host("h", true).unwrap();
-        let names = [
+        for snap in [
             "2026-11-01T03:00+0000",
             "2026-11-02T03:00+0000",
             "2026-11-03T03:00+0000",
-        ];
-        for snap in names {
+        ] {
             std::fs::create_dir_all(dir.path().join("h").join(snap).join("etc")).unwrap();
         }
         let cfg = crate::config::StoreConfig::default();
-        let now = 1_796_400_000;
-        let mut opts = PruneOptions::server(&cfg, now, Some(u64::MAX));
+        let mut opts = PruneOptions::server(&cfg, 1_796_400_000, Some(u64::MAX));
         opts.max_deletions = Some(1);
-        // Whichever comes first fails: learnt from a dry run.
         let mut dry = opts.clone();
         dry.dry_run = true;
         let first = prune(&store, &dry, &mut Vec::new()).unwrap().deleted[0]
             .name
             .clone();
+        (dir, store, opts, first)
+    }
+
+    /// A snapshot that cannot be deleted is passed over, and said where
+    /// `status` sees it: before, it stopped every prune, and since the
+    /// order is the same every run, pruning for good.
+    #[test]
+    fn a_snapshot_that_cannot_be_deleted_is_passed_over() {
+        let (dir, store, opts, first) = three_snapshots();
+        // Whichever comes first fails.
         UNDELETABLE.with(|u| u.borrow_mut().push(first.clone()));
         let mut log = Vec::new();
         let out = prune(&store, &opts, &mut log);
@@ -1332,26 +1338,8 @@ mod tests {
     /// not opened for a restore.
     #[test]
     fn a_snapshot_a_restore_reads_is_not_deleted_under_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(dir.path()).unwrap();
-        let host = store.host("h", true).unwrap();
-        let names = [
-            "2026-11-01T03:00+0000",
-            "2026-11-02T03:00+0000",
-            "2026-11-03T03:00+0000",
-        ];
-        for snap in names {
-            std::fs::create_dir_all(dir.path().join("h").join(snap).join("etc")).unwrap();
-        }
-        let cfg = crate::config::StoreConfig::default();
-        let now = 1_796_400_000;
-        let mut opts = PruneOptions::server(&cfg, now, Some(u64::MAX));
-        opts.max_deletions = Some(1);
-        let mut dry = opts.clone();
-        dry.dry_run = true;
-        let first = prune(&store, &dry, &mut Vec::new()).unwrap().deleted[0]
-            .name
-            .clone();
+        let (dir, store, opts, first) = three_snapshots();
+        let host = store.host("h", false).unwrap();
         let reading = host.open_snapshot_to_read(&first).unwrap().unwrap();
         let out = prune(&store, &opts, &mut Vec::new()).unwrap();
         assert_eq!(out.deleted.len(), 1, "{out:?}");
