@@ -725,3 +725,46 @@ fn a_quota_exceeded_fails_the_backup_and_deletes_nothing() {
     fill(&src, "small", 5, 10);
     rig.backup_ok(&src, "h", T0 + 4 * DAY);
 }
+
+/// A backup whose growth no usage log could take (the log cannot be
+/// written) is judged by no growth guard, so the prune after its snapshot
+/// deletes only its own host's older snapshots, however short of space the
+/// store is: another host's history does not pay for growth nobody can see.
+#[test]
+fn growth_no_log_holds_prunes_only_its_own_host() {
+    let Some(rig) = Rig::start(400) else {
+        return;
+    };
+    rig.history(&rig.dir.path().join("other"), "victim", 3, 40, 90, 0);
+    let src = rig.src.clone();
+    rig.history(&src, "h", 2, 20, 95, 600);
+    let (victim, own) = (rig.snapshots("victim"), rig.snapshots("h"));
+    assert_eq!((victim.len(), own.len()), (3, 2));
+    // The log cannot be opened for appending: a directory in its place.
+    let log = rig.store.join("h/.byteback-usage");
+    fs::remove_file(&log).unwrap();
+    fs::create_dir(&log).unwrap();
+    // Short of space after the next backup, whatever is deleted.
+    fs::write(
+        &rig.store.join("byteback.toml"),
+        b"min_snapshot_interval = 0\nminpercent = 90\nmaxpercent = 95\n",
+    )
+    .unwrap();
+    fill(&src, "f2", 30, 97);
+    let o = rig.backup(&src, "h", T0 + 20 * DAY + 600);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("cannot record usage"), "{out}");
+    assert!(
+        out.contains("are in no usage log: the prune after it deletes only snapshots of h"),
+        "{out}"
+    );
+    assert!(
+        out.contains("nothing of h left to delete but its newest snapshot"),
+        "{out}"
+    );
+    assert_eq!(rig.snapshots("victim"), victim, "{out}");
+    let now = rig.snapshots("h");
+    assert_eq!(now.len(), 1, "{out}");
+    assert!(!own.contains(&now[0]), "{now:?}\n{out}");
+}
