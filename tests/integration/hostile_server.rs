@@ -772,6 +772,42 @@ fn planted_symlinks_in_the_restore_directory() {
     st.sentinel.assert_untouched();
 }
 
+/// `./<snapshot>` made by the restore just now, but replaced by another
+/// user's between the mkdir and the open (simulated in debug builds by
+/// `BYTEBACK_TEST_SWAP_NEW_DIR_UID`): refused where others could have done
+/// so, in a directory others may write in without the sticky bit or one
+/// another user owns; in root's own directory nobody else could, and the
+/// new directory is not second-guessed (root's is not root's on an NFS
+/// export that squashes root).
+#[test]
+fn a_new_snapshot_directory_swapped_where_others_can_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    if !require_root("a_new_snapshot_directory_swapped_where_others_can_is_refused") {
+        return;
+    }
+    let st = Stage::new();
+    let sc = scenario(vec![file("top", b"t")], &[("top", b"t")]);
+    let swapped = || {
+        let mut cmd = Command::new(bin("byteback-restore"));
+        cmd.env("BYTEBACK_TEST_SWAP_NEW_DIR_UID", "1234");
+        st.restore_cmd(cmd, &sc, &[ALL], None)
+    };
+    let work = st.work();
+    for (mode, uid) in [(0o777, 0), (0o755, 1234)] {
+        fs::set_permissions(&work, fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(&work, Some(uid), Some(uid)).unwrap();
+        let r = swapped();
+        r.assert_failed(&["was replaced as it was made", "not this user's alone"]);
+        assert!(fs::symlink_metadata(st.restored("top")).is_err());
+        fs::remove_dir(work.join(SNAP)).unwrap();
+    }
+    std::os::unix::fs::chown(&work, Some(0), Some(0)).unwrap();
+    fs::set_permissions(&work, fs::Permissions::from_mode(0o1777)).unwrap();
+    swapped().assert_code(0);
+    assert_eq!(fs::read(st.restored("top")).unwrap(), b"t");
+    st.sentinel.assert_untouched();
+}
+
 /// `./<snapshot>` planted by another user (root restoring in a shared
 /// directory such as /tmp), or one others may write in: refused, since its
 /// owner could swap what is restored into it and got it back at the end.

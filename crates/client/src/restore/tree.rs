@@ -440,6 +440,17 @@ impl RestoreTree {
             Err(Errno::EXIST) => false,
             Err(e) => bail!("cannot create {}/{snapshot}: {e}", into.display()),
         };
+        // Debug builds only, for the tests: another user's directory takes
+        // the new one's place between the mkdir and the open.
+        #[cfg(debug_assertions)]
+        if let Some(uid) = std::env::var("BYTEBACK_TEST_SWAP_NEW_DIR_UID")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|_| fresh)
+        {
+            let uid = rustix::fs::Uid::from_raw(uid);
+            let _ = rustix::fs::chownat(&base, snapshot, Some(uid), None, AtFlags::empty());
+        }
         let fd = match open_dir_beneath(base.as_fd(), snapshot.as_bytes()) {
             Ok(fd) => fd,
             Err(Errno::LOOP) | Err(Errno::NOTDIR) | Err(Errno::XDEV) => bail!(
