@@ -101,7 +101,7 @@ fn own_only(room: &RoomFor, capacity: u64) -> Option<String> {
     let (mut with_this, pending) = read_usage_pending(room.host);
     let growth = pending
         .saturating_add(room.written)
-        .saturating_add(room.need);
+        .saturating_add(room.need.saturating_sub(room.credit));
     with_this.push(Usage {
         snapshot: "(this backup)".into(),
         time: i64::MAX,
@@ -705,11 +705,17 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
                 None => "nothing left to delete: every host is down to its newest snapshot".into(),
             };
             if !in_use.is_empty() {
-                // Not the store's state: they go once their restores end.
-                out.refused = Some(format!(
+                // Not a failure: they go once their restores end. Still
+                // short of space meanwhile, which `status` says (a restore
+                // may read for a long time).
+                let why = format!(
                     "nothing left to delete now but {} snapshot(s) a restore is reading",
                     in_use.len()
-                ));
+                );
+                if opts.only_host.is_none() {
+                    record_refusal(store, opts, &format!("short of space: {why}"));
+                }
+                out.refused = Some(why);
                 break;
             }
             if opts.only_host.is_none() {
@@ -1048,6 +1054,7 @@ pub fn delete_one(
             path: "",
             need: 0,
             written,
+            credit: 0,
             quota: false,
         };
         if let Some(why) = own_only(&room, capacity) {
@@ -1114,6 +1121,11 @@ pub struct RoomFor<'a> {
     pub need: u64,
     /// Bytes of file data this backup wrote before it.
     pub written: u64,
+    /// Bytes the usage log already counts that were thrown away (a
+    /// transfer that ran out of space, noted while it was sent): the growth
+    /// guard must not count them twice, but writing them again needs the
+    /// room all the same.
+    pub credit: u64,
     /// A quota ran out (EDQUOT), not the filesystem.
     pub quota: bool,
 }
@@ -1333,7 +1345,8 @@ mod tests {
 
     /// A snapshot a restore reads is passed over by a prune (the next one
     /// goes instead; not a failure, so nothing for `status` to warn
-    /// about, even when nothing else could go): before, the prune deleted it
+    /// about while others could go; when nothing else could, the store is
+    /// short of space, which `status` says): before, the prune deleted it
     /// and the restore failed at its next file. And one being deleted is
     /// not opened for a restore.
     #[test]
@@ -1347,15 +1360,21 @@ mod tests {
         assert!(dir.path().join("h").join(&first).exists());
         // Not a failure: nothing for `status` to warn about.
         assert!(!dir.path().join(REFUSED).exists());
-        // Nothing else may go (each host keeps its newest): said, not
-        // recorded as the store's refusal.
+        // Nothing else may go (each host keeps its newest): said, and
+        // recorded for `status`, since the store stays short of space.
         let mut all = opts.clone();
         all.max_deletions = None;
         let out = prune(&store, &all, &mut Vec::new()).unwrap();
-        assert!(out.deleted.len() <= 1, "{out:?}");
+        assert_eq!(out.deleted.len(), 0, "{out:?}");
         let why = out.refused.unwrap_or_default();
         assert!(why.contains("a restore is reading"), "{why}");
-        assert!(!dir.path().join(REFUSED).exists());
+        let refused = std::fs::read_to_string(dir.path().join(REFUSED)).unwrap();
+        assert!(
+            refused.contains(
+                "short of space: nothing left to delete now but 1 snapshot(s) a restore is reading"
+            ),
+            "{refused}"
+        );
         // Still readable through the restore's descriptor.
         assert!(fsops::open_dir(&reading, b"etc").is_ok());
         drop(reading);
@@ -1443,10 +1462,25 @@ mod tests {
             path: "x",
             need: MIB,
             written,
+            credit: 0,
             quota: false,
         };
         // 7 MiB written and 1 MiB needed: not above 4 x 2 MiB.
         assert_eq!(own_only(&room(6 * MIB), capacity), None);
+        // A transfer noted 8 MiB in the log, then ran out of space: the
+        // log's 8 pending MiB and the 8 needed to send it again are one.
+        std::fs::write(
+            dir.path().join("h").join(USAGE_LOG),
+            format!("{log}1500 {} - running\n", 8 * MIB),
+        )
+        .unwrap();
+        let resend = |credit| RoomFor {
+            need: 8 * MIB,
+            credit,
+            ..room(0)
+        };
+        assert_eq!(own_only(&resend(8 * MIB), capacity), None);
+        assert!(own_only(&resend(0), capacity).is_some());
         // Twenty earlier runs of 7 MiB each, no snapshot among them.
         for k in 0..20 {
             log.push_str(&format!("{} {} -\n", 2000 + k, 7 * MIB));

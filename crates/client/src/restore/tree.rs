@@ -463,10 +463,13 @@ impl RestoreTree {
         // shared directory such as /tmp): its owner could swap what is
         // restored into it before anyone uses it, and would get it back at
         // the end. Checked when made just now too if `into` is a directory
-        // others may write in without the sticky bit: another user could
-        // have put one of their own in its place between the mkdir and the
-        // open. (Not otherwise: root's new directory on an NFS export that
-        // squashes root, or on vfat, is not root's.)
+        // others may write in without the sticky bit, or another user's
+        // (whatever its mode, its owner may rename what is in it): another
+        // user could have put one of their own in its place between the
+        // mkdir and the open. Not where nobody else could (root's new
+        // directory in root's own directory on an NFS export that squashes
+        // root, or on vfat, is not root's); in another user's directory on
+        // such a filesystem, the restore is refused, saying so.
         let shared = || {
             rustix::fs::fstat(&base).map_or(true, |st| {
                 let others_write = st.st_mode & 0o022 != 0 && st.st_mode & 0o1000 == 0;
@@ -483,7 +486,11 @@ impl RestoreTree {
                 bail!(
                     "{}/{snapshot} {}, owned by uid {} with mode {:o}: refusing to restore into a directory that is not this user's alone (remove it, or restore elsewhere with --target)",
                     into.display(),
-                    if fresh { "was replaced as it was made" } else { "exists" },
+                    if fresh {
+                        "was made just now but is not this user's alone (replaced as it was made, or a filesystem that maps owners, such as an NFS export that squashes root)"
+                    } else {
+                        "exists"
+                    },
                     st.st_uid,
                     st.st_mode & 0o7777
                 );

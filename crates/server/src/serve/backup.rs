@@ -380,14 +380,15 @@ fn make_room(
         eprintln!("byteback-server: no space left on device for {path:?}: removed {freed} bytes of interrupted transfers' partial copies");
     }
     // Bytes the log has that were thrown away (a transfer that ran out of
-    // space): the log's pending bytes count them, so what is needed to
-    // write them again must not count them twice.
-    let credit = rx.noted.saturating_sub(rx.grown);
+    // space): the log's pending bytes count them, so the growth guard must
+    // not count them twice; the room to write them again is needed all the
+    // same (they were freed).
     let room = crate::pruner::RoomFor {
         host: target.host,
         path,
-        need: need.saturating_sub(credit),
+        need,
         written: rx.unrecorded(),
+        credit: rx.noted.saturating_sub(rx.grown),
         quota,
     };
     crate::pruner::make_room(target.store, target.config, target.now(), &room)
