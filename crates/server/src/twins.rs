@@ -99,10 +99,12 @@ impl TwinIndex {
 
 /// Makes the empty file `out` a copy of `src`'s `size` bytes: shared extents
 /// (FICLONERANGE to the end of `src`) when `clone` is allowed and the
-/// filesystem can, else copied. Returns the BLAKE3 of what `out` then holds,
-/// read back from `out` itself (a clone is verified like any received file),
-/// whether extents were shared, and the bytes a copy left as holes (its
-/// blocks of zeros: a sparse file stays sparse).
+/// filesystem can, else copied. Returns the BLAKE3 of what `out` then holds
+/// (a clone's read back from `out` itself, so it is verified like any
+/// received file; a copy's from the bytes written, which `out` holds since
+/// it is emptied first: blocks of zeros skipped read back as zeros), whether
+/// extents were shared, and the bytes a copy left as holes (its blocks of
+/// zeros: a sparse file stays sparse).
 pub fn copy_into(
     src: &File,
     out: &File,
@@ -112,6 +114,8 @@ pub fn copy_into(
     if clone && crate::btrfs::clone_range(src.as_fd(), 0, 0, out.as_fd(), 0).is_ok() {
         return Ok((hash_of(out, size)?, true, 0));
     }
+    // Emptied first (a clone may have failed halfway): the zeros skipped
+    // as holes must read back as zeros.
     out.set_len(0)?;
     let mut h = FileHasher::new();
     let mut buf = vec![0u8; IO_CHUNK];

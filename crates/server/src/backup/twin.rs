@@ -105,7 +105,8 @@ impl BackupReceiver {
             out.set_len(0).op("empty", || shown(&t.entry.path))?;
             return Ok(false);
         }
-        // Hashed from the file itself just now: `end` checks that.
+        // Hashed just now from what the file holds (see `copy_into`):
+        // `end` checks that.
         w.filled(size, got);
         if !shared {
             self.clone_ok = false;
