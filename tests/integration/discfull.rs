@@ -158,8 +158,10 @@ fn with_nothing_to_delete_it_fails_clearly_and_a_smaller_backup_then_succeeds() 
     fill(&src, "a", 100, 1);
     rig.backup_ok(&src, "h", T0);
     // Only the newest snapshot exists: nothing may be deleted for this.
+    // (Its growth noted in the usage log every MiB as it is sent.)
     fill(&src, "huge", 200, 2);
-    let o = rig.backup(&src, "h", T0 + DAY);
+    let mut cmd = backup_at(&rig.store, &rig.wrapper, &src, "h", T0 + DAY);
+    let o = run_status(cmd.env("BYTEBACK_TEST_GROWTH_NOTE_BYTES", "1048576"));
     let out = text(&o);
     assert_ne!(o.status.code(), Some(0), "{out}");
     assert!(out.contains("no space left on device"), "{out}");
@@ -168,6 +170,25 @@ fn with_nothing_to_delete_it_fails_clearly_and_a_smaller_backup_then_succeeds() 
         "{out}"
     );
     assert_eq!(rig.snapshots("h").len(), 1);
+    // What was noted and thrown away is taken off again: the next backup
+    // is not judged as if it had written the huge file too.
+    let log = fs::read_to_string(rig.store.join("h/.byteback-usage")).unwrap();
+    let (mut noted, mut since) = (0u64, 0i128);
+    let lines: Vec<Vec<&str>> = log
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let snapshot = lines.iter().rposition(|f| f[2] != "-").unwrap();
+    for f in &lines[snapshot + 1..] {
+        if f.get(3) == Some(&"credit") {
+            since -= f[4].parse::<i128>().unwrap();
+        } else {
+            noted += f[1].parse::<u64>().unwrap();
+            since += f[1].parse::<i128>().unwrap();
+        }
+    }
+    assert!(noted > 100 << 20, "{log}");
+    assert!(since < 10 << 20, "{log}");
     // A smaller source fits again.
     fill(&src, "small", 20, 3);
     rig.backup_ok(&src, "h", T0 + 2 * DAY);
@@ -768,7 +789,7 @@ fn growth_no_log_holds_prunes_only_its_own_host() {
     fs::create_dir(&log).unwrap();
     // Short of space after the next backup, whatever is deleted.
     fs::write(
-        &rig.store.join("byteback.toml"),
+        rig.store.join("byteback.toml"),
         b"min_snapshot_interval = 0\nminpercent = 90\nmaxpercent = 95\n",
     )
     .unwrap();

@@ -1181,6 +1181,60 @@ fn directories_on_the_way_cannot_make_a_restore_hold_unbounded_xattrs() {
     st.sentinel.assert_untouched();
 }
 
+/// Directories restored whole are held with their xattrs until they are
+/// left (their metadata is set last), within bounds too: past 32 MiB on
+/// the stack a directory keeps its ACLs only (said), past 128 MiB the
+/// restore stops, rather than hold what a server nesting directories of
+/// 1 MiB of xattrs each sends (2,048 levels would be 2 GiB).
+#[test]
+fn nested_directories_cannot_make_a_restore_hold_unbounded_xattrs() {
+    let nested = |levels: usize, prefix: &str| {
+        let mut entries = vec![];
+        let mut path = String::new();
+        for i in 0..levels {
+            if !path.is_empty() {
+                path.push('/');
+            }
+            path.push_str(&format!("{i:x}"));
+            let mut d = dir(&path);
+            d.entry.xattrs = (0..15)
+                .map(|k| (format!("{prefix}{k:02}").into_bytes(), vec![7u8; 64_000]))
+                .collect();
+            entries.push(d);
+        }
+        let leaf = format!("{path}/f");
+        entries.push(file(&leaf, b"deep"));
+        let mut sc = scenario(vec![], &[(leaf.as_str(), b"deep")]);
+        sc.parts = entries.into_iter().map(|e| vec![e]).collect();
+        (sc, leaf)
+    };
+    let st = Stage::new();
+    // 40 levels of 960 KB: the deepest few restored with their ACLs only.
+    let (sc, leaf) = nested(40, "user.x");
+    let r = st.restore(&sc, &[ALL]);
+    assert!(
+        r.stderr
+            .contains("carry more than 32 MiB of xattrs: restored with its ACLs only"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("refusing to go on"), "{}", r.stderr);
+    assert_eq!(fs::read(st.restored(&leaf)).unwrap(), b"deep");
+    st.clear_work();
+    // 140 levels of ACL bytes: refused past 128 MiB.
+    let (sc, leaf) = nested(140, "system.posix_acl_");
+    let r = st.restore(&sc, &[ALL]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("carry more than 128 MiB of ACLs; refusing to go on"),
+        "{}",
+        r.stderr
+    );
+    assert!(fs::symlink_metadata(st.restored(&leaf)).is_err());
+    st.sentinel.assert_untouched();
+}
+
 /// A restore that fails half-way (here: a file with more data than its
 /// entry says) still gives an existing directory it worked in its owner
 /// and mode back, instead of leaving it the restoring user's, mode 0700.

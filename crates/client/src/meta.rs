@@ -123,10 +123,11 @@ pub fn proc_fd_available() -> bool {
 /// vanishes between listing and reading is skipped. Hard links are not
 /// detected here. Error messages do not name the object (the caller knows
 /// its path); an object that vanished gives `NotFound`.
-pub fn read_entry(at: At<'_>, rel: Vec<u8>, st: &Statx) -> io::Result<Entry> {
+pub fn read_entry(at: At<'_>, rel: Vec<u8>, st: &Statx) -> io::Result<(Entry, Vec<Vec<u8>>)> {
     let mut e = entry_of_stat(at, rel, st)?;
-    e.xattrs = read_xattrs(at)?;
-    Ok(e)
+    let (x, left_out) = read_xattrs(at)?;
+    e.xattrs = x;
+    Ok((e, left_out))
 }
 
 /// [`read_entry`] without the extended attributes (left empty): what
@@ -176,9 +177,14 @@ pub fn entry_of_stat(at: At<'_>, rel: Vec<u8>, st: &Statx) -> io::Result<Entry> 
     })
 }
 
-/// All xattrs of the object at `at`, sorted by name: with `listxattrat`
-/// for [`At::Child`] where the kernel has it, else through procfs.
-pub fn read_xattrs(at: At<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+/// Xattrs that one entry carries, and the names of those left out.
+pub type Fitted = (byteback_protocol::Xattrs, Vec<Vec<u8>>);
+
+/// The xattrs of the object at `at` that one entry carries, sorted by
+/// name, and the names of those left out (see [`xattrs_of`]): with
+/// `listxattrat` for [`At::Child`] where the kernel has it, else through
+/// procfs.
+pub fn read_xattrs(at: At<'_>) -> io::Result<Fitted> {
     if let At::Child { dir, name } = at {
         if byteback_protocol::os::xattr::at_calls_available() {
             match xattrs_of(XattrOf::Child { dir, name }) {
@@ -245,20 +251,42 @@ pub fn read_known_xattrs(at: At<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     Ok(out)
 }
 
-/// All xattrs of `of`, sorted by name; an error says what failed.
-fn xattrs_of(of: XattrOf<'_>) -> Result<byteback_protocol::Xattrs, (Errno, String)> {
-    let names = xattr_names(of, XATTR_KERNEL_MAX).map_err(|e| (e, "listing xattrs".into()))?;
-    let mut out = Vec::new();
+/// The xattrs of `of` that one entry carries, sorted by name, and the
+/// names of those left out, sorted: kept as [`fit_xattrs`] keeps them,
+/// each value read in that order and kept or dropped at once, so no more
+/// than an entry carries is held (Linux allows thousands of 64 KiB values
+/// on one object: reading them all first held up to 512 MiB). An error
+/// says what failed.
+fn xattrs_of(of: XattrOf<'_>) -> Result<Fitted, (Errno, String)> {
+    use byteback_protocol::limits::{MAX_XATTRS, MAX_XATTR_NAME, MAX_XATTR_TOTAL, MAX_XATTR_VALUE};
+    let mut names = xattr_names(of, XATTR_KERNEL_MAX).map_err(|e| (e, "listing xattrs".into()))?;
+    names.sort_by(|a, b| byteback_protocol::xattr_keep_order(a, b));
+    let (mut out, mut left_out, mut total) = (Vec::new(), Vec::new(), 0usize);
     for name in names {
+        let room = |value: usize| {
+            out.len() < MAX_XATTRS
+                && name.len() <= MAX_XATTR_NAME
+                && value <= MAX_XATTR_VALUE
+                && total + name.len() + value <= MAX_XATTR_TOTAL
+        };
+        if !room(0) {
+            left_out.push(name);
+            continue;
+        }
         match xattr_value(of, &name, XATTR_KERNEL_MAX) {
-            Ok(Some(value)) => out.push((name, value)),
+            Ok(Some(value)) if room(value.len()) => {
+                total += name.len() + value.len();
+                out.push((name, value));
+            }
+            Ok(Some(_)) => left_out.push(name),
             // Vanished since the listing, or listed but not readable as such.
             Ok(None) | Err(Errno::NOTSUP) => {}
             Err(e) => return Err((e, format!("reading xattr {}", name.escape_ascii()))),
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
+    left_out.sort();
+    Ok((out, left_out))
 }
 
 /// Keeps of `xattrs` what one entry may carry, those that carry
@@ -388,7 +416,7 @@ mod tests {
             name: &name,
         };
         let st = stat_at(at).unwrap();
-        read_entry(at, rel, &st).unwrap()
+        read_entry(at, rel, &st).unwrap().0
     }
 
     /// Makes a symlink, fifo, socket or device at `to` (test set-up, by path).
@@ -647,7 +675,9 @@ mod tests {
         assert!(md.blocks() * 512 < md.len() / 4, "blocks {}", md.blocks());
         // The symlink got its trusted xattr back.
         assert_eq!(
-            xattrs_of(XattrOf::Link(&cpath(&dst.join("dangling")))).unwrap(),
+            xattrs_of(XattrOf::Link(&cpath(&dst.join("dangling"))))
+                .unwrap()
+                .0,
             [(b"trusted.link".to_vec(), b"v".to_vec())]
         );
     }
@@ -721,7 +751,7 @@ mod tests {
         make_special(&link, &e);
         assert!(apply_at(&link, &e, true).is_empty());
         assert_eq!(
-            xattrs_of(XattrOf::Link(&cpath(&link))).unwrap(),
+            xattrs_of(XattrOf::Link(&cpath(&link))).unwrap().0,
             [(b"trusted.a".to_vec(), b"1".to_vec())]
         );
         let md = std::fs::symlink_metadata(&link).unwrap();
@@ -747,7 +777,7 @@ mod tests {
         assert_eq!(md.uid(), 0);
         assert_eq!(md.mode() & 0o7777, 0o640);
         assert_eq!(
-            xattrs_of(XattrOf::Link(&cpath(&f))).unwrap(),
+            xattrs_of(XattrOf::Link(&cpath(&f))).unwrap().0,
             [(b"user.b".to_vec(), b"2".to_vec())]
         );
 
@@ -779,7 +809,9 @@ mod tests {
         let fd = rustix::fs::open(&p, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()).unwrap();
         let st = stat_at(At::Fd(fd.as_fd())).unwrap();
         assert_eq!(
-            read_entry(At::Fd(fd.as_fd()), b"f".to_vec(), &st).unwrap(),
+            read_entry(At::Fd(fd.as_fd()), b"f".to_vec(), &st)
+                .unwrap()
+                .0,
             e
         );
     }
@@ -806,12 +838,12 @@ mod tests {
             };
             let (path, follow) = at.proc_path();
             assert!(!follow);
-            let by_proc = xattrs_of(XattrOf::Link(&path)).unwrap();
+            let by_proc = xattrs_of(XattrOf::Link(&path)).unwrap().0;
             match xattrs_of(XattrOf::Child {
                 dir: dir.as_fd(),
                 name,
             }) {
-                Ok(by_fd) => assert_eq!(by_fd, by_proc, "{name:?}"),
+                Ok(by_fd) => assert_eq!(by_fd.0, by_proc, "{name:?}"),
                 Err((Errno::NOSYS, _)) => eprintln!("NOTE: no listxattrat here; /proc only"),
                 Err(e) => panic!("{name:?}: {e:?}"),
             }
@@ -820,7 +852,7 @@ mod tests {
                 .filter(|(n, _)| n.starts_with(b"user."))
                 .collect();
             assert_eq!(user.len(), if name == c"f" { 2 } else { 0 }, "{name:?}");
-            assert_eq!(read_xattrs(at).unwrap(), by_proc, "{name:?}");
+            assert_eq!(read_xattrs(at).unwrap().0, by_proc, "{name:?}");
         }
     }
 

@@ -648,8 +648,12 @@ struct Walker<'a> {
     filter: Option<Arc<Filter>>,
     dir_rules: DirRules,
     sink: &'a mut dyn EntrySink,
-    /// (dev, ino) of multiply-linked files already sent -> their first path.
-    links: HashMap<(u64, u64), Vec<u8>>,
+    /// (dev, ino) of multiply-linked files already sent -> their first path
+    /// and the names still to come (by their link count): the last one met
+    /// drops it, so the table holds the files whose names are not all
+    /// walked yet, not every hard-linked file of the tree (a million of
+    /// them, as rsnapshot or a nix store has, cost 170 MB).
+    links: HashMap<(u64, u64), (Vec<u8>, u32)>,
     /// Per (mount id, device) of the directories walked: whether the
     /// filesystem moves ctimes with every change of an xattr.
     ctime_fs: HashMap<(Option<u64>, u64), bool>,
@@ -961,10 +965,18 @@ impl Walker<'_> {
         // a path this backup left out).
         let mut first_link = false;
         if matches!(e.kind, Kind::File { .. }) && st.stx_nlink > 1 {
-            if let Some(first) = self.links.get(&(dev, ino)) {
-                e.kind = Kind::HardLink {
-                    target: first.clone(),
+            if let Some((first, left)) = self.links.get_mut(&(dev, ino)) {
+                // Each name is met once (mount points are not followed
+                // into twice): the last one seen needs it no more.
+                *left = left.saturating_sub(1);
+                let target = match *left {
+                    0 => std::mem::take(first),
+                    _ => first.clone(),
                 };
+                if *left == 0 {
+                    self.links.remove(&(dev, ino));
+                }
+                e.kind = Kind::HardLink { target };
             } else {
                 first_link = true;
             }
@@ -983,8 +995,8 @@ impl Walker<'_> {
             .and_then(|q| self.sink.recorded_as(&e.path, &q, ctime.0));
         if known.is_none() && xattrs {
             match xattr_fault(abs).map_or_else(|| meta::read_xattrs(at), Err) {
-                Ok(mut x) => {
-                    if self.fit_xattrs(&path_of(abs), &mut x) {
+                Ok((x, left_out)) => {
+                    if self.said_left_out(&path_of(abs), left_out) {
                         // No quick key: the next backup reads the xattrs
                         // again, and says so again.
                         quick = None;
@@ -1015,7 +1027,8 @@ impl Walker<'_> {
             }
         }
         if first_link {
-            self.links.insert((dev, ino), e.path.clone());
+            self.links
+                .insert((dev, ino), (e.path.clone(), st.stx_nlink.saturating_sub(1)));
         }
         let found = Found {
             abs: path_of(abs),
@@ -1029,12 +1042,11 @@ impl Walker<'_> {
         Ok(true)
     }
 
-    /// Keeps of `xattrs` what one entry may carry ([`meta::fit_xattrs`]);
-    /// what it leaves out is a warning naming `path` (the entry is sent,
-    /// without them: not kept as the last backup has it). Returns whether
-    /// it left any out.
-    fn fit_xattrs(&mut self, path: &Path, xattrs: &mut byteback_protocol::Xattrs) -> bool {
-        let dropped = meta::fit_xattrs(xattrs);
+    /// The xattrs reading left out (`dropped`: more than one entry may
+    /// carry, see [`meta::fit_xattrs`]) are a warning naming `path` (the
+    /// entry is sent without them: not kept as the last backup has it).
+    /// Returns whether any were.
+    fn said_left_out(&mut self, path: &Path, dropped: Vec<Vec<u8>>) -> bool {
         if dropped.is_empty() {
             return false;
         }
@@ -1082,9 +1094,9 @@ impl Walker<'_> {
                 name: &name,
             };
             let st = meta::stat_at(at).with_context(|| format!("{}", anc.display()))?;
-            let mut e = meta::read_entry(at, rel.clone(), &st)
+            let (e, left_out) = meta::read_entry(at, rel.clone(), &st)
                 .with_context(|| format!("{}", anc.display()))?;
-            self.fit_xattrs(&anc, &mut e.xattrs);
+            self.said_left_out(&anc, left_out);
             let (dev, ino) = meta::dev_ino(&st);
             let found = Found {
                 abs: anc.clone(),
@@ -1899,6 +1911,41 @@ mod tests {
         let af = sink.found.iter().find(|f| f.abs.ends_with("a/f")).unwrap();
         assert_eq!(af.below_source(), Some(&b"a/f"[..]));
         assert!(sink.warnings.is_empty(), "{:?}", sink.warnings);
+    }
+
+    /// Every later name of a file with several links names its first,
+    /// the last of them too (the walk forgets the file once its link count
+    /// of names is met).
+    #[test]
+    fn every_name_of_a_hard_linked_file_names_the_first() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("src");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("a"), b"x").unwrap();
+        for n in ["b", "c", "d"] {
+            std::fs::hard_link(root.join("a"), root.join(n)).unwrap();
+        }
+        let sink = walk_one(&root, &[]);
+        let base = base(&root);
+        let kind = |n: &str| {
+            let p = format!("{base}/{n}").into_bytes();
+            sink.entries
+                .iter()
+                .find(|e| e.path == p)
+                .unwrap()
+                .kind
+                .clone()
+        };
+        assert!(matches!(kind("a"), Kind::File { .. }));
+        for n in ["b", "c", "d"] {
+            assert_eq!(
+                kind(n),
+                Kind::HardLink {
+                    target: format!("{base}/a").into_bytes()
+                },
+                "{n}"
+            );
+        }
     }
 
     #[test]

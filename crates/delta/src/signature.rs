@@ -333,6 +333,13 @@ impl Signature {
     /// at most [`MAX_SIG_BLOCKS`] blocks, and a length that is exactly the
     /// header plus whole block entries. Never panics.
     pub fn parse(bytes: &[u8]) -> Result<Signature, DeltaError> {
+        Self::from_vec(bytes.to_vec())
+    }
+
+    /// [`Signature::parse`] of a buffer it takes over (a signature read
+    /// from the wire is not copied again: it is held once, with its index).
+    pub fn from_vec(raw: Vec<u8>) -> Result<Signature, DeltaError> {
+        let bytes = &raw[..];
         let bad = DeltaError::InvalidSignature;
         let field = |at: usize| -> Result<u32, DeltaError> {
             bytes
@@ -361,7 +368,6 @@ impl Signature {
         if blocks > MAX_SIG_BLOCKS {
             return Err(bad("too many blocks"));
         }
-        let raw = bytes.to_vec();
         let index = crate::rolling::Index::new(block_size, strong_hash_len, &raw[HEADER_LEN..]);
         Ok(Signature {
             index,

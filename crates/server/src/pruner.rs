@@ -167,7 +167,7 @@ pub fn record_written(
     new_bytes: u64,
     space: Option<&Space>,
 ) -> Result<()> {
-    append_usage(host, now, new_bytes, None, space, false)
+    append_usage(host, now, new_bytes, None, space, Tail::None)
 }
 
 /// Appends what a backup still running has written so far
@@ -176,7 +176,17 @@ pub fn record_written(
 /// space figures), and folded by [`read_usage_lines`] into the backup's
 /// next line, so the report shows one backup, not one per note.
 pub fn record_running(host: &HostStore, now: i64, new_bytes: u64) -> Result<()> {
-    append_usage(host, now, new_bytes, None, None, true)
+    append_usage(host, now, new_bytes, None, None, Tail::Running)
+}
+
+/// Appends that `bytes` the usage log counts (in a running backup's notes)
+/// were thrown away and not written again (`TIME 0 - credit BYTES`): a
+/// transfer that ran out of space, in a backup that then ended. Taken off
+/// the host's growth since its last snapshot by every reader of this
+/// version (older ones see a line of no bytes), so a backup that failed for
+/// want of space does not count, with the next one's, as a spike.
+pub fn record_credit(host: &HostStore, now: i64, bytes: u64) -> Result<()> {
+    append_usage(host, now, 0, None, None, Tail::Credit(bytes))
 }
 
 /// Appends the line naming the snapshot a backup took, after its
@@ -190,7 +200,7 @@ pub fn record_snapshot(
     space: Option<&Space>,
     unrecorded: u64,
 ) -> Result<()> {
-    append_usage(host, now, unrecorded, Some(snapshot), space, false)
+    append_usage(host, now, unrecorded, Some(snapshot), space, Tail::None)
 }
 
 /// After a crash between a backup's usage line and its snapshot's: names
@@ -218,13 +228,22 @@ pub fn name_lost_snapshot(host: &HostStore) -> Result<()> {
     Ok(())
 }
 
+/// What follows a usage line's snapshot field when it has no space figures.
+enum Tail {
+    None,
+    /// See [`record_running`].
+    Running,
+    /// See [`record_credit`].
+    Credit(u64),
+}
+
 fn append_usage(
     host: &HostStore,
     now: i64,
     new_bytes: u64,
     snapshot: Option<&str>,
     space: Option<&Space>,
-    running: bool,
+    tail: Tail,
 ) -> Result<()> {
     let path = || host.path.join(USAGE_LOG).display().to_string();
     let fd = rustix::fs::openat(
@@ -246,10 +265,11 @@ fn append_usage(
         if torn { "\n" } else { "" },
         snapshot.unwrap_or("-")
     );
-    if let Some(sp) = space {
-        line.push_str(&format!(" {} {}", sp.free, sp.size));
-    } else if running {
-        line.push_str(" running");
+    match (space, tail) {
+        (Some(sp), _) => line.push_str(&format!(" {} {}", sp.free, sp.size)),
+        (None, Tail::Running) => line.push_str(" running"),
+        (None, Tail::Credit(b)) => line.push_str(&format!(" credit {b}")),
+        (None, Tail::None) => {}
     }
     line.push('\n');
     let mut f = std::fs::File::from(fd);
@@ -290,6 +310,10 @@ pub fn read_usage_pending(host: &HostStore) -> (Vec<Usage>, u64) {
         let (Ok(t), Ok(b)) = (t.parse::<i64>(), b.parse::<u64>()) else {
             continue;
         };
+        if let Some(c) = credit_of(s, f.next(), f.next()) {
+            pending = pending.saturating_sub(c);
+            continue;
+        }
         pending = pending.saturating_add(b);
         if s != "-" {
             out.push(Usage {
@@ -328,7 +352,22 @@ pub fn read_usage_lines(host: &HostStore) -> Vec<UsageLine> {
         return vec![];
     };
     let mut out: Vec<UsageLine> = vec![];
-    for mut line in text.lines().filter_map(parse_usage_line) {
+    for text in text.lines() {
+        let f: Vec<&str> = text.split_whitespace().collect();
+        if let Some(c) = f
+            .get(2)
+            .and_then(|s| credit_of(s, f.get(3).copied(), f.get(4).copied()))
+        {
+            // Off the backup's bytes the line before holds (its notes, or
+            // its interrupted line): one not yet snapshotted.
+            if let Some(last) = out.last_mut().filter(|l| l.snapshot.is_none()) {
+                last.new_bytes = last.new_bytes.saturating_sub(c);
+            }
+            continue;
+        }
+        let Some(mut line) = parse_usage_line(text) else {
+            continue;
+        };
         // A running backup's notes go into its next line (or, after a
         // crash, the next backup's).
         if let Some(noted) = out.last().filter(|l| l.running).map(|l| l.new_bytes) {
@@ -349,6 +388,14 @@ pub fn read_usage_lines(host: &HostStore) -> Vec<UsageLine> {
         }
     }
     out
+}
+
+/// The bytes of a credit line (see [`record_credit`]), from its third,
+/// fourth and fifth fields.
+fn credit_of(snapshot: &str, word: Option<&str>, bytes: Option<&str>) -> Option<u64> {
+    (snapshot == "-" && word == Some("credit"))
+        .then(|| bytes?.parse().ok())
+        .flatten()
 }
 
 fn parse_usage_line(line: &str) -> Option<UsageLine> {
@@ -386,7 +433,7 @@ pub(crate) fn read_small(dir: impl AsFd, name: &str) -> Option<String> {
     let len = f.metadata().ok()?.len();
     let start = len.saturating_sub(MAX);
     std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(start)).ok()?;
-    let mut bytes = Vec::new();
+    let mut bytes = Vec::with_capacity((len - start) as usize);
     f.take(MAX).read_to_end(&mut bytes).ok()?;
     if start > 0 {
         let cut = bytes
@@ -395,7 +442,11 @@ pub(crate) fn read_small(dir: impl AsFd, name: &str) -> Option<String> {
             .map_or(bytes.len(), |i| i + 1);
         bytes.drain(..cut);
     }
-    Some(String::from_utf8_lossy(&bytes).into_owned())
+    // Not copied when it is UTF-8 (a log of 64 MiB is held once).
+    Some(
+        String::from_utf8(bytes)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    )
 }
 
 /// Writes `text` to `name` in the store root (appends when `append`).
@@ -704,22 +755,25 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
                 Some(h) => format!("nothing of {h} left to delete but its newest snapshot"),
                 None => "nothing left to delete: every host is down to its newest snapshot".into(),
             };
+            // Deletions that failed this run stay in the record too.
+            let short = |why: &str| format!("{failures}short of space: {why}");
             if !in_use.is_empty() {
-                // Not a failure: they go once their restores end. Still
-                // short of space meanwhile, which `status` says (a restore
-                // may read for a long time).
+                // Not a failure: they go once their restores end. Below
+                // `minpercent` meanwhile, the store is short of space,
+                // which `status` says (a restore may read for a long time).
                 let why = format!(
                     "nothing left to delete now but {} snapshot(s) a restore is reading",
                     in_use.len()
                 );
-                if opts.only_host.is_none() {
-                    record_refusal(store, opts, &format!("short of space: {why}"));
+                if opts.only_host.is_none() && out.after.percent_free() < f64::from(opts.minpercent)
+                {
+                    record_refusal(store, opts, &short(&why));
                 }
                 out.refused = Some(why);
                 break;
             }
             if opts.only_host.is_none() {
-                record_refusal(store, opts, &format!("short of space: {why}"));
+                record_refusal(store, opts, &short(&why));
             }
             out.refused = Some(why);
             break;
@@ -1298,6 +1352,20 @@ mod tests {
         assert!(dir.path().join("h").join(&first).exists());
         let refused = std::fs::read_to_string(dir.path().join(REFUSED)).unwrap();
         assert!(refused.contains("cannot delete"), "{refused}");
+        // Failing again with nothing else left: both are recorded (the
+        // failure is not hidden behind the shortage it causes).
+        UNDELETABLE.with(|u| u.borrow_mut().push(first.clone()));
+        let mut all = opts.clone();
+        all.max_deletions = None;
+        let out = prune(&store, &all, &mut Vec::new());
+        UNDELETABLE.with(|u| u.borrow_mut().clear());
+        assert!(out.unwrap().deleted.is_empty());
+        let refused = std::fs::read_to_string(dir.path().join(REFUSED)).unwrap();
+        assert!(refused.starts_with("cannot delete h/"), "{refused}");
+        assert!(
+            refused.contains("\nshort of space: nothing left"),
+            "{refused}"
+        );
     }
 
     /// The lines a running backup writes count as its growth for the
@@ -1343,6 +1411,45 @@ mod tests {
         assert!(text.lines().any(|l| l == "100 3 - running"), "{text}");
     }
 
+    /// Bytes a running backup noted and then threw away (a transfer that
+    /// ran out of space), in a backup that then ended, are taken off its
+    /// host's growth: the next backup writes them again and counts them
+    /// then. Before, both counted, so a backup after a failed one could
+    /// pass for a spike.
+    #[test]
+    fn bytes_noted_then_thrown_away_count_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let host = store.host("h", true).unwrap();
+        record_written(&host, 10, 5, None).unwrap();
+        record_snapshot(&host, 10, "s0", None, 0).unwrap();
+        // A failed backup: 8 noted, 6 of them thrown away.
+        record_running(&host, 100, 8).unwrap();
+        record_credit(&host, 101, 6).unwrap();
+        assert_eq!(read_usage_pending(&host).1, 2);
+        let lines = read_usage_lines(&host);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[1].running && lines[1].new_bytes == 2, "{lines:?}");
+        // The next one writes the 6 again, and 1 more.
+        record_written(&host, 200, 7, None).unwrap();
+        record_snapshot(&host, 200, "s1", None, 0).unwrap();
+        let (usage, pending) = read_usage_pending(&host);
+        assert_eq!((usage[1].new_bytes, pending), (9, 0), "{usage:?}");
+        let lines = read_usage_lines(&host);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(
+            (lines[1].new_bytes, lines[1].snapshot.as_deref()),
+            (9, Some("s1"))
+        );
+        // Never below nothing; and a credit after a snapshot line is not
+        // taken off the snapshot's growth.
+        record_credit(&host, 300, 50).unwrap();
+        assert_eq!(read_usage_pending(&host).1, 0);
+        assert_eq!(read_usage_lines(&host)[1].new_bytes, 9);
+        let text = std::fs::read_to_string(dir.path().join("h").join(USAGE_LOG)).unwrap();
+        assert!(text.lines().any(|l| l == "101 0 - credit 6"), "{text}");
+    }
+
     /// A snapshot a restore reads is passed over by a prune (the next one
     /// goes instead; not a failure, so nothing for `status` to warn
     /// about while others could go; when nothing else could, the store is
@@ -1360,20 +1467,22 @@ mod tests {
         assert!(dir.path().join("h").join(&first).exists());
         // Not a failure: nothing for `status` to warn about.
         assert!(!dir.path().join(REFUSED).exists());
-        // Nothing else may go (each host keeps its newest): said, and
-        // recorded for `status`, since the store stays short of space.
+        // Nothing else may go (each host keeps its newest): said, and,
+        // below `minpercent` (what `status` calls short of space), recorded.
         let mut all = opts.clone();
         all.max_deletions = None;
         let out = prune(&store, &all, &mut Vec::new()).unwrap();
         assert_eq!(out.deleted.len(), 0, "{out:?}");
         let why = out.refused.unwrap_or_default();
         assert!(why.contains("a restore is reading"), "{why}");
+        assert!(!dir.path().join(REFUSED).exists());
+        all.minpercent = 100;
+        let out = prune(&store, &all, &mut Vec::new()).unwrap();
+        assert!(out.deleted.is_empty(), "{out:?}");
         let refused = std::fs::read_to_string(dir.path().join(REFUSED)).unwrap();
-        assert!(
-            refused.contains(
-                "short of space: nothing left to delete now but 1 snapshot(s) a restore is reading"
-            ),
-            "{refused}"
+        assert_eq!(
+            refused,
+            "short of space: nothing left to delete now but 1 snapshot(s) a restore is reading\n"
         );
         // Still readable through the restore's descriptor.
         assert!(fsops::open_dir(&reading, b"etc").is_ok());
@@ -1389,10 +1498,11 @@ mod tests {
         assert!(host.restore_hold().unwrap().is_none());
         drop(hold);
         assert!(host.restore_hold().unwrap().is_some());
-        // Gone once the restore has ended.
+        // Gone once the restore has ended, and the record with it.
         let out = prune(&store, &opts, &mut Vec::new()).unwrap();
         assert_eq!(out.deleted[0].name, first, "{out:?}");
         assert!(!dir.path().join("h").join(&first).exists());
+        assert!(!dir.path().join(REFUSED).exists());
     }
 
     /// A deletion whose wait for the btrfs cleaner fails is still counted

@@ -37,7 +37,7 @@ use crate::conn::{self, Connection, Transport};
 use crate::progress::BACKUP as PROGRESS;
 use crate::walk::{self, Excludes};
 use announce::Announcer;
-use shared::{lock, start_thread, Batches, Committed, Policy, Shared, STOP_WAIT};
+use shared::{start_thread, Batches, Committed, Policy, Shared, STOP_WAIT};
 
 /// Most bytes of segment buffers (file data, deltas, compressed chunks in
 /// the delta workers or queued for the writer) held at once.
@@ -470,7 +470,7 @@ fn shut_down(
         snapshot: committed.snapshot,
         message: committed.message,
         entries,
-        warnings: lock(&shared.warnings).clone(),
+        warnings: shared.take_warnings(),
         vanished: shared.vanished.load(Ordering::Relaxed),
         partial: shared.partial.load(Ordering::Relaxed),
         wire_bytes: shared.wire.load(Ordering::Relaxed),

@@ -225,7 +225,7 @@ fn signature(shared: &Shared, id: u32, abs: &Path, size: u64) -> Result<Option<S
         );
         return Ok(None);
     };
-    match Signature::parse(&bytes) {
+    match Signature::from_vec(bytes) {
         Ok(s) => Ok(Some(s)),
         Err(e) => bail!("server sent a bad signature for {}: {e}", shown(abs)),
     }
@@ -948,7 +948,7 @@ mod tests {
         );
         assert_eq!(shared.partial.load(Ordering::Relaxed), 1);
         assert_eq!(shared.vanished.load(Ordering::Relaxed), 0);
-        let w = shared.warnings.lock().unwrap().clone();
+        let w = shared.take_warnings();
         assert!(
             w.len() == 1 && w[0].contains("changed during the backup"),
             "{w:?}"

@@ -81,10 +81,15 @@ pub(super) use crate::sync::{lock, wait};
 /// normally do within milliseconds) before it gives up on them.
 pub(super) const STOP_WAIT: Duration = Duration::from_secs(10);
 
-/// What every thread and job of one backup shares (see the module doc).
 /// See [`Shared::sig_waiters`].
 pub(super) type SigWaiters = HashMap<u32, (SyncSender<Option<Vec<u8>>>, usize)>;
 
+/// Most warnings a backup keeps for its report (see [`Shared::warnings`]).
+const KEPT_WARNINGS: usize = 10_000;
+/// Most bytes of them (a warning names a path: up to 16 KiB escaped).
+const KEPT_WARNING_BYTES: usize = 4 << 20;
+
+/// What every thread and job of one backup shares (see the module doc).
 pub(super) struct Shared {
     pub(super) flow: Mutex<Flow>,
     pub(super) cv: Condvar,
@@ -98,7 +103,9 @@ pub(super) struct Shared {
     pub(super) sig_waiters: Mutex<Option<SigWaiters>>,
     /// Tears the connection down.
     pub(super) breaker: Breaker,
-    pub(super) warnings: Mutex<Vec<String>>,
+    /// The first warnings, for the report (all are logged as they come):
+    /// at most [`KEPT_WARNINGS`] of them, of at most [`KEPT_WARNING_BYTES`].
+    pub(super) warnings: Mutex<(Vec<String>, usize)>,
     pub(super) vanished: AtomicU64,
     pub(super) partial: AtomicU64,
     pub(super) wire: AtomicU64,
@@ -135,7 +142,7 @@ impl Shared {
             pool: BufPool::new(buffer_budget),
             sig_waiters: Mutex::new(Some(HashMap::new())),
             breaker,
-            warnings: Mutex::new(vec![]),
+            warnings: Mutex::new((vec![], 0)),
             vanished: AtomicU64::new(0),
             partial: AtomicU64::new(0),
             wire: AtomicU64::new(0),
@@ -257,9 +264,16 @@ impl Shared {
     pub(super) fn warn(&self, msg: String) {
         tracing::warn!("{msg}");
         let mut w = lock(&self.warnings);
-        if w.len() < 10_000 {
-            w.push(msg);
+        let (kept, bytes) = &mut *w;
+        if kept.len() < KEPT_WARNINGS && *bytes + msg.len() <= KEPT_WARNING_BYTES {
+            *bytes += msg.len();
+            kept.push(msg);
         }
+    }
+
+    /// The warnings kept for the report (see [`Shared::warnings`]).
+    pub(super) fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut lock(&self.warnings).0)
     }
 
     pub(super) fn send(&self, msg: ClientMsg) -> Result<()> {

@@ -72,7 +72,16 @@ struct OpenDir {
     path: Vec<u8>,
     fd: OwnedFd,
     leave: Leave,
+    /// What its `leave` holds, by [`Entry::buffer_cost`] (see
+    /// [`RestoreTree::held`]).
+    cost: usize,
 }
+
+/// Bytes of directory entries the stack holds (their xattrs, to be set when
+/// each is left) past which a directory keeps its ACLs only; four times
+/// this refuses the next. Without a bound, a server nesting 2,048
+/// directories that each carry 1 MiB of xattrs made the restore hold 2 GiB.
+const STACK_BYTES: usize = 32 << 20;
 
 /// One selected manifest entry, and where its content comes from.
 pub struct Wanted {
@@ -206,6 +215,8 @@ pub struct RestoreTree {
     shown_into: String,
     /// `stack[0]` is `<into>/<snapshot>`; then the directories down to the current entry.
     stack: Vec<OpenDir>,
+    /// The sum of the stack's [`OpenDir::cost`].
+    stack_bytes: usize,
     /// (device, inode) of each regular file this run wrote that a hard
     /// link names as its first name (or that was copied for links, see
     /// [`Wanted::from`]): the only objects a hard link may point at. Only
@@ -504,6 +515,7 @@ impl RestoreTree {
             created: HashSet::new(),
             copies: HashMap::new(),
             implied: HashMap::new(),
+            stack_bytes: 0,
             damaged: HashSet::new(),
             unplaced: HashSet::new(),
             opts,
@@ -523,6 +535,7 @@ impl RestoreTree {
             path: vec![],
             fd,
             leave,
+            cost: 0,
         });
         Ok(tree)
     }
@@ -595,15 +608,20 @@ impl RestoreTree {
                 .map_or(parent.len(), |i| start + i);
             let dir = parent[..end].to_vec();
             let (fd, mut leave) = self.open_dir(&dir)?;
+            let mut cost = 0;
             if matches!(leave, Leave::Default) {
                 if let Some(e) = self.implied.remove(&dir) {
-                    leave = Leave::Entry(Box::new(e), None);
+                    let e = self.held(e)?;
+                    cost = e.buffer_cost();
+                    leave = Leave::Entry(e, None);
                 }
             }
+            self.stack_bytes += cost;
             self.stack.push(OpenDir {
                 path: dir,
                 fd,
                 leave,
+                cost,
             });
         }
     }
@@ -638,11 +656,38 @@ impl RestoreTree {
         bail!("{} keeps changing under the restore", self.shown(path))
     }
 
+    /// Directory entry `e`, to be held on the stack until the directory is
+    /// left, within [`STACK_BYTES`]: past it, with its ACLs only (what
+    /// keeps it private; said), past four times it refused.
+    fn held(&mut self, mut e: Entry) -> Result<Box<Entry>> {
+        if self.stack_bytes + e.buffer_cost() > STACK_BYTES {
+            let before = e.xattrs.len();
+            e.xattrs
+                .retain(|(n, _)| n.starts_with(b"system.posix_acl_"));
+            if e.xattrs.len() < before {
+                self.report.warn(format!(
+                    "{}: the directories above it carry more than {} MiB of xattrs: restored with its ACLs only",
+                    self.shown(&e.path),
+                    STACK_BYTES >> 20
+                ));
+            }
+        }
+        if self.stack_bytes + e.buffer_cost() > 4 * STACK_BYTES {
+            bail!(
+                "{}: the directories above it carry more than {} MiB of ACLs; refusing to go on",
+                self.shown(&e.path),
+                (4 * STACK_BYTES) >> 20
+            );
+        }
+        Ok(Box::new(e))
+    }
+
     /// Finishes the directory on top of the stack: its metadata, mode last.
     fn leave_top(&mut self) -> Result<()> {
         let Some(d) = self.stack.pop() else {
             return Ok(());
         };
+        self.stack_bytes -= d.cost;
         let shown = self.shown(&d.path);
         match d.leave {
             Leave::Entry(e, id) => {
@@ -792,10 +837,14 @@ impl RestoreTree {
                     Leave::Restore { id, .. } => id,
                     _ => None,
                 };
+                let e = self.held(e.entry)?;
+                let cost = e.buffer_cost();
+                self.stack_bytes += cost;
                 self.stack.push(OpenDir {
                     path,
                     fd,
-                    leave: Leave::Entry(Box::new(e.entry), id),
+                    leave: Leave::Entry(e, id),
+                    cost,
                 });
                 self.report.restored += 1;
             }

@@ -45,6 +45,9 @@ const READ_AHEAD: u64 = 16 << 20;
 /// announced in pieces.
 const ADVICE_MAX: u64 = 128 << 10;
 
+/// Most bytes of a unit read back at once (see [`ReadAhead::read_pieces`]).
+const UNIT_PIECE: u64 = 1 << 20;
+
 /// Ranges of a file read back one after the other, each announced to the
 /// kernel (`POSIX_FADV_WILLNEED`) up to [`READ_AHEAD`] bytes before it is
 /// read. An edited file has hundreds of such ranges (each changed range's
@@ -77,6 +80,19 @@ impl<'a> ReadAhead<'a> {
 
     /// Reads range `i` (ranges are read in order) into `buf`.
     fn read(&mut self, i: usize, buf: &mut Vec<u8>) -> io::Result<()> {
+        self.read_pieces(i, buf, u64::MAX, |_| ())
+    }
+
+    /// Reads range `i` (ranges are read in order) into `buf` in pieces of
+    /// at most `piece` bytes, handing each to `f`: a unit of a file of
+    /// terabytes is tens of MiB, more than is held for one file.
+    fn read_pieces(
+        &mut self,
+        i: usize,
+        buf: &mut Vec<u8>,
+        piece: u64,
+        mut f: impl FnMut(&[u8]),
+    ) -> io::Result<()> {
         let (start, end) = self.ranges[i];
         while self.next < self.ranges.len() && (self.next <= i || self.ahead < self.window) {
             let (s, e) = self.ranges[self.next];
@@ -98,8 +114,14 @@ impl<'a> ReadAhead<'a> {
             self.ahead += e - s;
             self.next += 1;
         }
-        buf.resize((end - start) as usize, 0);
-        self.out.read_exact_at(buf, start)?;
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(piece);
+            buf.resize(n as usize, 0);
+            self.out.read_exact_at(buf, at)?;
+            f(buf);
+            at += n;
+        }
         self.ahead = self.ahead.saturating_sub(end - start);
         Ok(())
     }
@@ -370,11 +392,13 @@ impl Units {
             .collect();
         let mut ahead = ReadAhead::new(out, &ranges);
         let mut buf = vec![];
-        for (i, (&k, &(start, _))) in redo.iter().zip(&ranges).enumerate() {
-            ahead.read(i, &mut buf)?;
-            self.reread += buf.len() as u64;
+        for (i, (&k, &(start, end))) in redo.iter().zip(&ranges).enumerate() {
             let mut h = blake3::Hasher::new();
-            h.set_input_offset(start).update(&buf);
+            h.set_input_offset(start);
+            ahead.read_pieces(i, &mut buf, UNIT_PIECE, |b| {
+                h.update(b);
+            })?;
+            self.reread += end - start;
             self.cvs[k as usize] = h.finalize_non_root();
             self.set += 1;
         }
@@ -808,6 +832,27 @@ mod tests {
         let f = tempfile::tempfile().expect("tempfile");
         f.write_all_at(bytes, 0).expect("write");
         f
+    }
+
+    /// A range read in pieces (a unit of a file of terabytes) comes in
+    /// order, none larger than asked, together the range.
+    #[test]
+    fn a_range_read_in_pieces_is_the_range() {
+        let content = data(1 << 20, 7);
+        let f = file_of(&content);
+        let ranges = [(10, 300_010), (500_000, 500_001)];
+        let mut ahead = ReadAhead::new(&f, &ranges);
+        let mut buf = vec![];
+        for (i, &(s, e)) in ranges.iter().enumerate() {
+            let mut got = vec![];
+            ahead
+                .read_pieces(i, &mut buf, 65_536, |b| {
+                    assert!(!b.is_empty() && b.len() <= 65_536);
+                    got.extend_from_slice(b);
+                })
+                .expect("read back");
+            assert_eq!(got, content[s as usize..e as usize], "range {i}");
+        }
     }
 
     #[test]

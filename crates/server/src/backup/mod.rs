@@ -501,6 +501,18 @@ impl BackupReceiver {
         self.noted = self.noted.max(self.grown);
     }
 
+    /// Bytes the usage log has that were thrown away since (a transfer
+    /// that ran out of space) and not written again.
+    pub fn overcounted(&self) -> u64 {
+        self.noted.saturating_sub(self.grown)
+    }
+
+    /// The usage log was told of [`Self::overcounted`] (see
+    /// [`crate::pruner::record_credit`]).
+    pub fn credited(&mut self) {
+        self.noted = self.noted.min(self.grown);
+    }
+
     /// Prepares `current` of `host` for a new backup; `room` makes room
     /// when creating or renaming something runs out of space (see
     /// [`room`]).

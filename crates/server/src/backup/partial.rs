@@ -135,16 +135,34 @@ impl BackupReceiver {
             }
         }
         let mut freed = 0;
-        for n in fsops::list_dir(&self.partial).op("list", || in_dir(&self.meta_path, PARTIAL))? {
-            if !busy.contains(&n) {
-                if let Some(s) =
-                    fsops::lstat_at(&self.partial, &n).op("look at", || self.partial_path(&n))?
-                {
-                    freed += s.st_blocks as u64 * 512;
-                }
-                fsops::remove_any(&self.partial, &n).op("remove", || self.partial_path(&n))?;
+        // Removed as they are listed: the names are not held (a client can
+        // leave thousands a run, and they pile up).
+        let mut failed = None;
+        let listed = fsops::for_each_child(&self.partial, |n, _| {
+            if busy.contains(n) {
+                return Ok(());
             }
+            let gone = fsops::lstat_at(&self.partial, n)
+                .op("look at", || self.partial_path(n))
+                .and_then(|st| {
+                    fsops::remove_any(&self.partial, n).op("remove", || self.partial_path(n))?;
+                    Ok(st.map_or(0, |s| s.st_blocks as u64 * 512))
+                });
+            match gone {
+                Ok(b) => {
+                    freed += b;
+                    Ok(())
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    Err(std::io::Error::other("stopped"))
+                }
+            }
+        });
+        if let Some(e) = failed {
+            return Err(e);
         }
+        listed.op("list", || in_dir(&self.meta_path, PARTIAL))?;
         Ok(freed)
     }
 }

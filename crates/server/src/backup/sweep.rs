@@ -43,11 +43,23 @@ impl BackupReceiver {
             remove_stale(&self.current, &[], true, &mut manifest, &mut deleted)?;
         }
         let partial = in_dir(&self.meta_path, PARTIAL);
-        for n in fsops::list_dir(&self.partial).op("list", || &partial)? {
-            fsops::remove_any(&self.partial, &n)
-                .op("remove", || format!("{partial}/{}", shown(&n)))?;
-            deleted += 1;
+        // Removed as they are listed: the names are not held.
+        let mut failed = None;
+        let listed = fsops::for_each_child(&self.partial, |n, _| {
+            match fsops::remove_any(&self.partial, n) {
+                Ok(()) => deleted += 1,
+                Err(e) => {
+                    failed =
+                        Some(Err::<(), _>(e).op("remove", || format!("{partial}/{}", shown(n))));
+                    return Err(std::io::Error::other("stopped"));
+                }
+            }
+            Ok(())
+        });
+        if let Some(Err(e)) = failed {
+            return Err(e);
         }
+        listed.op("list", || &partial)?;
         fsops::remove_any(&self.meta, NO_SPACE).op("remove", marker)?;
         Ok((deleted > 0).then(|| {
             format!(

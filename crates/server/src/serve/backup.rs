@@ -71,7 +71,9 @@ pub(super) fn backup<R: Read, W: Write>(
     if let Err(e) = received {
         // What it wrote stays for the next run to resume from: the growth
         // guard counts it (a client cutting its runs short must not
-        // write without limit, unseen).
+        // write without limit, unseen). What the log has and was thrown
+        // away is not (the next run writes it again, counted then).
+        settle_credit(&host, target.now(), &mut rx);
         if rx.unrecorded() > 0 {
             match crate::pruner::record_written(&host, target.now(), rx.unrecorded(), None) {
                 // Counted once: the deletion on the way out reads it there.
@@ -90,6 +92,20 @@ pub(super) fn backup<R: Read, W: Write>(
         return Err(rx.after_no_space(e));
     }
     Ok(())
+}
+
+/// Tells the usage log of bytes it has from this backup's notes that were
+/// thrown away and not written again (a transfer that ran out of space),
+/// so they do not count twice with the next backup's.
+fn settle_credit(host: &crate::store::HostStore, now: i64, rx: &mut BackupReceiver) {
+    let over = rx.overcounted();
+    if over == 0 {
+        return;
+    }
+    match crate::pruner::record_credit(host, now, over) {
+        Ok(()) => rx.credited(),
+        Err(e) => tracing::error!("cannot record usage: {e}"),
+    }
 }
 
 /// Bytes a backup writes between the lines the usage log gets while it
@@ -388,7 +404,7 @@ fn make_room(
         path,
         need,
         written: rx.unrecorded(),
-        credit: rx.noted.saturating_sub(rx.grown),
+        credit: rx.overcounted(),
         quota,
     };
     crate::pruner::make_room(target.store, target.config, target.now(), &room)
@@ -408,6 +424,7 @@ fn finish<R: Read, W: Write>(
     // Counted before the snapshot, synced: a crash after it must not lose
     // this backup's growth from the guard's view.
     let space = crate::space::measure(target.store.fd()).ok();
+    settle_credit(target.host, now, rx);
     match crate::pruner::record_written(target.host, now, rx.unrecorded(), space.as_ref()) {
         // Counted: not again if the snapshot fails (the error path records
         // what is left), nor as this run's writing when it makes room.

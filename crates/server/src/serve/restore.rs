@@ -7,8 +7,10 @@
 use std::io::{Read, Write};
 
 use byteback_protocol::codec::{ChunkCompressor, DATA_LEVEL};
-use byteback_protocol::limits::{MAX_BATCH, MAX_CHUNK};
-use byteback_protocol::{Compressed, CurrentNews, RawBytes, ServerMsg, SnapshotKind};
+use byteback_protocol::limits::{MAX_BATCH, MAX_BUFFERED_BYTES, MAX_CHUNK};
+use byteback_protocol::{
+    Compressed, CurrentNews, ManifestEntry, RawBytes, ServerMsg, SnapshotKind,
+};
 
 use super::{Conn, ServeConfig};
 use crate::error::{Context, Error, IoContext, Result};
@@ -238,17 +240,51 @@ pub(super) fn send_manifest<R: Read, W: Write>(
     let path = meta_path.join("manifest");
     let file = fsops::open_file(&meta, b"manifest").op("open", || path.display())?;
     let mut reader = ManifestReader::new(file, &path).map_err(Error::Manifest)?;
-    let mut part = vec![];
+    let mut part = Batch::default();
     while let Some(e) = reader.next_entry().map_err(Error::Manifest)? {
-        part.push(e);
-        if part.len() == MAX_BATCH {
-            conn.send(&ServerMsg::ManifestPart(std::mem::take(&mut part)))?;
+        part.add(conn, e)?;
+    }
+    part.end(conn)
+}
+
+/// Manifest entries gathered for one `ManifestPart`: at most [`MAX_BATCH`]
+/// of them, and at most a quarter of [`MAX_BUFFERED_BYTES`] by their
+/// buffer cost (as the client announces them), so a message stays far
+/// below a frame's limit whatever their xattrs. Cut by count alone, 1,024
+/// entries of 20 KB of xattrs each made a message the client refused, and
+/// the snapshot could not be listed or restored.
+#[derive(Default)]
+struct Batch {
+    entries: Vec<ManifestEntry>,
+    cost: usize,
+}
+
+impl Batch {
+    fn add<R: Read, W: Write>(&mut self, conn: &mut Conn<R, W>, e: ManifestEntry) -> Result<()> {
+        let cost = e.entry.buffer_cost();
+        if !self.entries.is_empty() && self.cost + cost > MAX_BUFFERED_BYTES / 4 {
+            self.send(conn)?;
         }
+        self.cost += cost;
+        self.entries.push(e);
+        if self.entries.len() == MAX_BATCH {
+            self.send(conn)?;
+        }
+        Ok(())
     }
-    if !part.is_empty() {
-        conn.send(&ServerMsg::ManifestPart(part))?;
+
+    fn send<R: Read, W: Write>(&mut self, conn: &mut Conn<R, W>) -> Result<()> {
+        self.cost = 0;
+        conn.send(&ServerMsg::ManifestPart(std::mem::take(&mut self.entries)))
     }
-    conn.send(&ServerMsg::ManifestEnd)
+
+    /// Sends what is left, then `ManifestEnd`.
+    fn end<R: Read, W: Write>(mut self, conn: &mut Conn<R, W>) -> Result<()> {
+        if !self.entries.is_empty() {
+            self.send(conn)?;
+        }
+        conn.send(&ServerMsg::ManifestEnd)
+    }
 }
 
 /// Answers `ReadFile`: the content of `path` in `snapshot` (open at
@@ -319,12 +355,12 @@ fn send_legacy_manifest<R: Read, W: Write>(
 ) -> Result<()> {
     let walked = || format!("1.x snapshot {snapshot}");
     let mut walk = LegacyWalk::new(snap).context_with(walked)?;
-    let mut part = vec![];
+    let mut part = Batch::default();
     // A note goes out as soon as it is found (the entries before it
     // first), so none is held; one on an entry is followed by that entry.
-    let note = |conn: &mut Conn<R, W>, part: &mut Vec<_>, n: legacy::Note| {
-        if !part.is_empty() {
-            conn.send(&ServerMsg::ManifestPart(std::mem::take(part)))?;
+    let note = |conn: &mut Conn<R, W>, part: &mut Batch, n: legacy::Note| {
+        if !part.entries.is_empty() {
+            part.send(conn)?;
         }
         conn.send(&ServerMsg::ManifestNote {
             path: n.path,
@@ -345,15 +381,9 @@ fn send_legacy_manifest<R: Read, W: Write>(
                 e
             }
         };
-        part.push(e);
-        if part.len() == MAX_BATCH {
-            conn.send(&ServerMsg::ManifestPart(std::mem::take(&mut part)))?;
-        }
+        part.add(conn, e)?;
     }
-    if !part.is_empty() {
-        conn.send(&ServerMsg::ManifestPart(part))?;
-    }
-    conn.send(&ServerMsg::ManifestEnd)
+    part.end(conn)
 }
 
 /// Why streaming a stored file stopped.
