@@ -1188,6 +1188,9 @@ fn directories_on_the_way_cannot_make_a_restore_hold_unbounded_xattrs() {
 /// 1 MiB of xattrs each sends (2,048 levels would be 2 GiB).
 #[test]
 fn nested_directories_cannot_make_a_restore_hold_unbounded_xattrs() {
+    if !require_root("nested_directories_cannot_make_a_restore_hold_unbounded_xattrs") {
+        return;
+    }
     let nested = |levels: usize, prefix: &str| {
         let mut entries = vec![];
         let mut path = String::new();
@@ -1209,8 +1212,13 @@ fn nested_directories_cannot_make_a_restore_hold_unbounded_xattrs() {
         (sc, leaf)
     };
     let st = Stage::new();
-    // 40 levels of 960 KB: the deepest few restored with their ACLs only.
+    // 40 levels of 960 KB: the deepest few restored with their ACLs only;
+    // the xattrs such a directory already has are left as they are (its
+    // entry lacks some the snapshot has), not removed as stale.
     let (sc, leaf) = nested(40, "user.x");
+    let deepest = st.restored(Path::new(&leaf).parent().unwrap().to_str().unwrap());
+    fs::create_dir_all(&deepest).unwrap();
+    set_xattr(&deepest, "user.x00", b"there before");
     let r = st.restore(&sc, &[ALL]);
     assert!(
         r.stderr
@@ -1220,9 +1228,28 @@ fn nested_directories_cannot_make_a_restore_hold_unbounded_xattrs() {
     );
     assert!(!r.stderr.contains("refusing to go on"), "{}", r.stderr);
     assert_eq!(fs::read(st.restored(&leaf)).unwrap(), b"deep");
+    assert_eq!(
+        xattrs(&deepest),
+        vec![(b"user.x00".to_vec(), b"there before".to_vec())]
+    );
     st.clear_work();
-    // 140 levels of ACL bytes: refused past 128 MiB.
+    // 140 levels of ACL bytes: refused past 128 MiB. Restored over
+    // directories that are there already (another user's, mode 0750): the
+    // one refused is given back its owner and mode like every other, not
+    // left locked down (root's, mode 0700) as the restore made it.
     let (sc, leaf) = nested(140, "system.posix_acl_");
+    let top = Path::new(&leaf).parent().unwrap();
+    fs::create_dir_all(st.restored(top.to_str().unwrap())).unwrap();
+    let levels: Vec<PathBuf> = top
+        .ancestors()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|p| st.restored(p.to_str().unwrap()))
+        .collect();
+    assert_eq!(levels.len(), 140);
+    for d in &levels {
+        std::os::unix::fs::chown(d, Some(1234), Some(1234)).unwrap();
+        fs::set_permissions(d, fs::Permissions::from_mode(0o750)).unwrap();
+    }
     let r = st.restore(&sc, &[ALL]);
     assert_eq!(r.code, Some(1), "{}", r.stderr);
     assert!(
@@ -1232,6 +1259,10 @@ fn nested_directories_cannot_make_a_restore_hold_unbounded_xattrs() {
         r.stderr
     );
     assert!(fs::symlink_metadata(st.restored(&leaf)).is_err());
+    for d in &levels {
+        let mode = fs::metadata(d).unwrap().permissions().mode() & 0o7777;
+        assert_ne!(mode, 0o700, "{} left locked down", d.display());
+    }
     st.sentinel.assert_untouched();
 }
 

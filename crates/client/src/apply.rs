@@ -67,6 +67,10 @@ pub struct ApplyRules {
     /// Setuid and setgid bits and file capabilities (`security.capability`)
     /// are dropped (`--no-setuid`).
     pub no_setuid: bool,
+    /// A directory's xattrs that its entry does not list are left as they
+    /// are (its ACLs excepted): the entry had some left out (see
+    /// `restore::tree`), so what it lacks may be in the snapshot.
+    pub keep_unlisted_xattrs: bool,
 }
 
 /// The object an fd stands for, as far as applying metadata is concerned.
@@ -168,7 +172,7 @@ pub fn apply(
             NOT_ROOT.1.fetch_add(1, Ordering::Relaxed);
         }
     }
-    if matches!(entry.kind, Kind::Dir) {
+    if matches!(entry.kind, Kind::Dir) && !rules.keep_unlisted_xattrs {
         remove_stale_xattrs(obj, entry, rules, shown, &mut warnings)?;
     } else if !is_link {
         remove_stale_acls(obj, entry, shown, &mut warnings)?;

@@ -444,6 +444,7 @@ mod tests {
         let rules = ApplyRules {
             as_root,
             no_setuid: false,
+            keep_unlisted_xattrs: false,
         };
         let parent = rustix::fs::open(
             to.parent().unwrap(),

@@ -1444,6 +1444,7 @@ pub fn restore(
         rules: ApplyRules {
             as_root: meta::is_root(),
             no_setuid: opts.no_setuid,
+            keep_unlisted_xattrs: false,
         },
         no_devices: opts.no_devices,
         verbose: opts.verbose,

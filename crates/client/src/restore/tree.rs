@@ -51,8 +51,9 @@ pub struct TreeOptions {
 enum Leave {
     /// The metadata of its manifest entry; for one that existed before the
     /// restore, with the id its old owner and mode are registered under
-    /// (see [`super::interrupt`]), forgotten once the entry's are set.
-    Entry(Box<Entry>, Option<u64>),
+    /// (see [`super::interrupt`]), forgotten once the entry's are set; and
+    /// whether xattrs were left out of it (see [`RestoreTree::hold_top`]).
+    Entry(Box<Entry>, Option<u64>, bool),
     /// It existed before the restore: its owner and mode go back (see
     /// [`super::interrupt`] for `id`).
     Restore {
@@ -607,22 +608,19 @@ impl RestoreTree {
                 .position(|&b| b == b'/')
                 .map_or(parent.len(), |i| start + i);
             let dir = parent[..end].to_vec();
-            let (fd, mut leave) = self.open_dir(&dir)?;
-            let mut cost = 0;
-            if matches!(leave, Leave::Default) {
-                if let Some(e) = self.implied.remove(&dir) {
-                    let e = self.held(e)?;
-                    cost = e.buffer_cost();
-                    leave = Leave::Entry(e, None);
-                }
-            }
-            self.stack_bytes += cost;
+            let (fd, leave) = self.open_dir(&dir)?;
+            let made = matches!(leave, Leave::Default);
             self.stack.push(OpenDir {
-                path: dir,
+                path: dir.clone(),
                 fd,
                 leave,
-                cost,
+                cost: 0,
             });
+            if made {
+                if let Some(e) = self.implied.remove(&dir) {
+                    self.hold_top(e, None)?;
+                }
+            }
         }
     }
 
@@ -656,15 +654,19 @@ impl RestoreTree {
         bail!("{} keeps changing under the restore", self.shown(path))
     }
 
-    /// Directory entry `e`, to be held on the stack until the directory is
-    /// left, within [`STACK_BYTES`]: past it, with its ACLs only (what
-    /// keeps it private; said), past four times it refused.
-    fn held(&mut self, mut e: Entry) -> Result<Box<Entry>> {
+    /// Gives the directory on top of the stack (just pushed, with what it
+    /// had) its entry `e`, to be set when it is left, within
+    /// [`STACK_BYTES`]: past it, with its ACLs only (what keeps it
+    /// private; said, and its other xattrs are left as they are), past four
+    /// times that refused (the directory is then finished as it was).
+    fn hold_top(&mut self, mut e: Entry, id: Option<u64>) -> Result<()> {
+        let mut stripped = false;
         if self.stack_bytes + e.buffer_cost() > STACK_BYTES {
             let before = e.xattrs.len();
             e.xattrs
                 .retain(|(n, _)| n.starts_with(b"system.posix_acl_"));
-            if e.xattrs.len() < before {
+            stripped = e.xattrs.len() < before;
+            if stripped {
                 self.report.warn(format!(
                     "{}: the directories above it carry more than {} MiB of xattrs: restored with its ACLs only",
                     self.shown(&e.path),
@@ -672,14 +674,22 @@ impl RestoreTree {
                 ));
             }
         }
-        if self.stack_bytes + e.buffer_cost() > 4 * STACK_BYTES {
+        let cost = e.buffer_cost();
+        if self.stack_bytes + cost > 4 * STACK_BYTES {
             bail!(
                 "{}: the directories above it carry more than {} MiB of ACLs; refusing to go on",
                 self.shown(&e.path),
                 (4 * STACK_BYTES) >> 20
             );
         }
-        Ok(Box::new(e))
+        let top = self
+            .stack
+            .last_mut()
+            .ok_or_else(|| err!("restore root already closed"))?;
+        top.leave = Leave::Entry(Box::new(e), id, stripped);
+        top.cost = cost;
+        self.stack_bytes += cost;
+        Ok(())
     }
 
     /// Finishes the directory on top of the stack: its metadata, mode last.
@@ -690,9 +700,13 @@ impl RestoreTree {
         self.stack_bytes -= d.cost;
         let shown = self.shown(&d.path);
         match d.leave {
-            Leave::Entry(e, id) => {
+            Leave::Entry(e, id, stripped) => {
+                let rules = ApplyRules {
+                    keep_unlisted_xattrs: stripped,
+                    ..self.opts.rules
+                };
                 let w = super::interrupt::put_back(id, || {
-                    apply::apply(Held::Open(d.fd.as_fd()), &e, &self.opts.rules, &shown)
+                    apply::apply(Held::Open(d.fd.as_fd()), &e, &rules, &shown)
                 })?;
                 w.into_iter().for_each(|w| self.report.warn(w));
             }
@@ -837,15 +851,15 @@ impl RestoreTree {
                     Leave::Restore { id, .. } => id,
                     _ => None,
                 };
-                let e = self.held(e.entry)?;
-                let cost = e.buffer_cost();
-                self.stack_bytes += cost;
+                // On the stack with what it had first: should its entry be
+                // refused, it is still finished as it was.
                 self.stack.push(OpenDir {
                     path,
                     fd,
-                    leave: Leave::Entry(e, id),
-                    cost,
+                    leave: was,
+                    cost: 0,
                 });
+                self.hold_top(e.entry, id)?;
                 self.report.restored += 1;
             }
             Kind::File { size } => {

@@ -114,6 +114,7 @@ impl<'a> ReadAhead<'a> {
             self.ahead += e - s;
             self.next += 1;
         }
+        buf.clear();
         let mut at = start;
         while at < end {
             let n = (end - at).min(piece);
