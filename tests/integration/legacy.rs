@@ -778,6 +778,75 @@ fn a_bad_1x_entry_is_left_out_with_a_warning_and_the_rest_restores() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
+/// rsync `--fake-super` keeps a client's `trusted.*` or `security.*` xattr
+/// as `user.rsync.<name>`, which any user who may write to a file can also
+/// set on the client as it is (a `user.*` xattr): a file capability or a
+/// label of their choosing, which a restore as root applied. Such a name is
+/// taken for its own only on a file root owns that no one else may write;
+/// elsewhere it is restored under its stored name, with a note.
+/// `user.rsync.system.*` (rsync sends no `system.*` xattr) is never taken
+/// for one. And a `%stat` owner of 4294967295, which `fchown` takes for
+/// "unchanged", is refused.
+#[test]
+fn renamed_xattrs_are_taken_for_their_own_only_where_root_alone_could_set_them() {
+    let Some((fsys, store)) = store_on_btrfs("store-forged1x") else {
+        return;
+    };
+    let host = "forged1x";
+    make_1x_by_hand(&store, host, OLD_SNAP, &|c| {
+        for (name, stat) in [
+            ("root", "100644 0,0 0:0"),
+            ("users", "100755 0,0 1000:1000"),
+            ("shared", "100666 0,0 0:0"),
+        ] {
+            fs::write(c.join(name), name).unwrap();
+            set_stat(&c.join(name), stat);
+            set_xattr(&c.join(name), "user.rsync.trusted.t", b"v");
+            set_xattr(&c.join(name), "user.rsync.system.posix_acl_access", b"x");
+        }
+        fs::write(c.join("noone"), b"").unwrap();
+        set_stat(&c.join("noone"), "104755 0,0 4294967295:0");
+    });
+    let into = fsys.mount.join("r");
+    fs::create_dir_all(&into).unwrap();
+    let out = run_status(
+        restore_cmd(&store, host)
+            .current_dir(&into)
+            .args(["--restore", "/"]),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(24), "{err}");
+    let r = into.join(OLD_SNAP);
+    let names =
+        |f: &str| -> Vec<Vec<u8>> { xattrs(&r.join(f)).into_iter().map(|(n, _)| n).collect() };
+    assert_eq!(
+        names("root"),
+        vec![
+            b"trusted.t".to_vec(),
+            b"user.rsync.system.posix_acl_access".to_vec()
+        ],
+        "{err}"
+    );
+    for f in ["users", "shared"] {
+        assert_eq!(
+            names(f),
+            vec![
+                b"user.rsync.system.posix_acl_access".to_vec(),
+                b"user.rsync.trusted.t".to_vec()
+            ],
+            "{f}: {err}"
+        );
+        assert!(
+            err.lines().any(|l| l.contains(&format!("/{f}"))
+                && l.contains("trusted.t stored by rsync as user.rsync.*")),
+            "{f}: {err}"
+        );
+    }
+    assert!(fs::symlink_metadata(r.join("noone")).is_err());
+    assert!(err.contains("/noone: left out"), "{err}");
+    assert!(err.contains("uid 4294967295 is no owner"), "{err}");
+}
+
 /// A 1.x snapshot made with `-A` keeps ACLs in rsync's own format, which
 /// byteback does not restore: the mode's group bits (the ACL's mask) are
 /// narrowed to the ACL's `group::` entry, so the group never gets more

@@ -671,3 +671,103 @@ fn empty_files_take_their_share_of_a_budget() {
     let st = fs::read_to_string(store.join(HOST).join(".byteback-verify")).unwrap();
     assert!(st.contains("cursor"), "{st}");
 }
+
+/// The cursor line of a host's verify state: the snapshot a budgeted pass
+/// goes on in.
+fn cursor_snapshot(store: &Path) -> Option<String> {
+    let st = fs::read_to_string(store.join(HOST).join(".byteback-verify")).unwrap_or_default();
+    st.lines()
+        .find_map(|l| l.strip_prefix("cursor "))
+        .map(|l| l.split(' ').next().unwrap_or_default().to_string())
+}
+
+/// Verify against prunes and against itself:
+/// - a budgeted pass whose snapshot was pruned goes on with the next one
+///   (it started over, and on a store pruning its oldest snapshot every day
+///   a pass checking less than a snapshot a day never got past the oldest);
+/// - a snapshot being deleted is passed over, said, never read (a prune
+///   deleting it under the verify made every later file "damaged"), and
+///   one verify reads holds prunes off;
+/// - a second verify of the store refuses to run (each saved its state over
+///   the other's, and they shared a temporary file).
+#[test]
+fn verify_keeps_its_place_when_snapshots_are_pruned_and_runs_alone() {
+    let Some(Site {
+        fs_: _fs,
+        store,
+        work: _work,
+        src,
+        mut rng,
+    }) = backed_up_site(21, 10, 100_000)
+    else {
+        return;
+    };
+    for _ in 0..2 {
+        fs::write(src.join("f0"), rng.bytes(100_000)).unwrap();
+        backup(&store, &src);
+    }
+    let snaps = snapshots(&store, HOST);
+    assert_eq!(snaps.len(), 3);
+    // Budgeted runs until the pass is in the second snapshot.
+    for _ in 0..6 {
+        if cursor_snapshot(&store).as_deref() == Some(snaps[1].as_str()) {
+            break;
+        }
+        let o = verify(&store, &["--budget", "300K"]);
+        assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+    }
+    assert_eq!(cursor_snapshot(&store).as_deref(), Some(snaps[1].as_str()));
+    // Pruned: the next run goes on in the third, not in the first.
+    run(Command::new("btrfs")
+        .args(["subvolume", "delete"])
+        .arg(store.join(HOST).join(&snaps[1])));
+    let o = verify(&store, &["--budget", "300K"]);
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+    assert_eq!(cursor_snapshot(&store).as_deref(), Some(snaps[2].as_str()));
+
+    // Being deleted (a prune holds it): passed over, said, no damage.
+    let dir = fs::File::open(store.join(HOST).join(&snaps[0])).unwrap();
+    rustix::fs::flock(&dir, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let o = verify(&store, &["--snapshot", &snaps[0]]);
+    let out = output_text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("was pruned meanwhile"), "{out}");
+    assert!(!out.contains("DAMAGED"), "{out}");
+    drop(dir);
+    // While a verify reads it (slowed: 100 ms a file), a prune cannot have
+    // it: the lock a deletion takes is refused.
+    let mut slow = Command::new(bin("byteback-server"));
+    slow.args(["verify", "--store"])
+        .arg(&store)
+        .args(["--snapshot", &snaps[0]])
+        .env("BYTEBACK_TEST_VERIFY_SLOW", "1");
+    let mut child = slow.spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let dir = fs::File::open(store.join(HOST).join(&snaps[0])).unwrap();
+    let held = rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive);
+    assert!(
+        held.is_err(),
+        "a prune could delete the snapshot verify reads"
+    );
+    assert!(child.wait().unwrap().success());
+    drop(dir);
+
+    // A second verify of the store refuses, saying why.
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(store.join(".byteback-verify.lock"))
+        .unwrap();
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let o = verify(&store, &[]);
+    let out = output_text(&o);
+    assert_eq!(o.status.code(), Some(3), "{out}");
+    assert!(
+        out.contains("another verify of this store is running"),
+        "{out}"
+    );
+    drop(lock);
+    let o = verify(&store, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+}

@@ -125,12 +125,19 @@ pub fn parse_fake_stat(v: &[u8]) -> std::result::Result<FakeStat, String> {
     {
         return Err(format!("mode {mode:o} is of no known file type"));
     }
+    // (uid_t)-1 is no owner Linux gives a file: to `fchown` it means
+    // "leave as it is", which would restore the file as the restoring
+    // user's (root's, with its setuid bit).
+    let id = |t: &str, what: &str| match num(t, 10, what)? {
+        u32::MAX => Err(format!("{what} {t} is no owner")),
+        v => Ok(v),
+    };
     Ok(FakeStat {
         mode,
         major: num(major, 10, "major")?,
         minor: num(minor, 10, "minor")?,
-        uid: num(uid, 10, "uid")?,
-        gid: num(gid, 10, "gid")?,
+        uid: id(uid, "uid")?,
+        gid: id(gid, "gid")?,
     })
 }
 
@@ -153,6 +160,9 @@ struct Xattrs {
     dacl: bool,
     /// Names of the xattrs left out (as restored), in keep order.
     dropped: Vec<Vec<u8>>,
+    /// Names in `list` mapped back from `user.rsync.<name>` (see
+    /// [`renamed_only_where_root_alone_could`]).
+    mapped: Vec<Vec<u8>>,
 }
 
 fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
@@ -169,6 +179,7 @@ fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
         aacl: None,
         dacl: false,
         dropped: vec![],
+        mapped: vec![],
     };
     let value = |name: &[u8], max: usize| match xattr_value(XattrOf::Fd(fd), name, max) {
         Ok(v) => Ok(Some(v)),
@@ -207,12 +218,16 @@ fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
                 out.dropped.push(name.to_vec());
                 continue;
             }
-            // A non-user xattr rsync renamed: its own name back.
+            // A non-user xattr rsync renamed: its own name back (the
+            // caller checks who could have set it). Not `system.*`, which
+            // rsync does not send on Linux (ACLs go as `%aacl`): such a
+            // name was set as it is stored.
             Some(rest)
-                if [&b"security."[..], b"trusted.", b"system."]
+                if [&b"security."[..], b"trusted."]
                     .iter()
                     .any(|p| rest.starts_with(p) && rest.len() > p.len()) =>
             {
+                out.mapped.push(rest.to_vec());
                 rest.to_vec()
             }
             _ => name.to_vec(),
@@ -241,6 +256,38 @@ fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
         return Err(bad("an xattr is stored under two names".into()));
     }
     Ok(out)
+}
+
+/// rsync `--fake-super` stores a client's `security.*` or `trusted.*`
+/// xattr as `user.rsync.<name>`, which is also what any user who may write
+/// to the file gets by setting `user.rsync.<name>` on it on the client (a
+/// `user.*` xattr, which rsync sends as it is): a file capability or an
+/// SELinux label of the user's choosing, which a restore as root would
+/// set. Such names (`mapped`, as restored) are taken for their own only
+/// where nobody but root could have set them: a file root owns that no one
+/// else may write. Elsewhere they go back to their stored names (restored
+/// as the `user.*` xattrs they may have been), said in the note returned.
+fn renamed_only_where_root_alone_could(entry: &mut Entry, mapped: &[Vec<u8>]) -> Option<String> {
+    let root_alone =
+        entry.uid == 0 && (matches!(entry.kind, Kind::Symlink { .. }) || entry.mode & 0o022 == 0);
+    if root_alone || mapped.is_empty() {
+        return None;
+    }
+    let mut back = vec![];
+    for (name, _) in entry.xattrs.iter_mut() {
+        if mapped.contains(name) {
+            back.push(escape_bytes(name));
+            *name = [RSYNC_PREFIX, &name[..]].concat();
+        }
+    }
+    if back.is_empty() {
+        return None;
+    }
+    entry.xattrs.sort();
+    Some(format!(
+        "{} stored by rsync as user.rsync.*, which the file's owner could have set so on the          client: restored under the stored names (taken for security or trusted xattrs only on          a file root owns that no one else may write)",
+        back.join(", ")
+    ))
 }
 
 /// The permissions an rsync `--fake-super` access ACL
@@ -576,6 +623,9 @@ impl LegacyWalk {
             entry.mode = f.mode & 0o7777;
             entry.uid = f.uid;
             entry.gid = f.gid;
+        }
+        if let Some(note) = renamed_only_where_root_alone_could(&mut entry, &x.mapped) {
+            self.lost.push(note);
         }
         if let Some(acl) = &x.aacl {
             // The mode's group bits are the ACL's mask, not the group's own,

@@ -298,6 +298,18 @@ impl HostStore {
         }
     }
 
+    /// Whether snapshot `name` is gone or being deleted (for a reader that
+    /// passes over one pruned since it was listed).
+    pub fn snapshot_going(&self, name: &str) -> bool {
+        match self.open_snapshot(name) {
+            Err(_) => true,
+            Ok(fd) => matches!(
+                rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockShared),
+                Err(rustix::io::Errno::WOULDBLOCK)
+            ),
+        }
+    }
+
     /// The host's one hold on a snapshot against prunes (see
     /// [`Self::open_snapshot_to_read`]), if no other session has it: a
     /// client holding many sessions open cannot keep all of its host's

@@ -36,6 +36,8 @@ use crate::store::{disk_path, HostStore, Store, META_DIR, META_DIR_NAME};
 
 /// The state file in each host directory.
 pub const STATE: &[u8] = b".byteback-verify";
+/// In the store's root: held by the verify running (see [`run`]).
+const VERIFY_LOCK: &[u8] = b".byteback-verify.lock";
 /// Marker in `current/.byteback`: current matches its manifest (see backup.rs).
 const CLEAN: &[u8] = b"clean";
 const MANIFEST: &[u8] = b"manifest";
@@ -499,7 +501,25 @@ fn verify_snapshot(
 ) -> Result<bool> {
     let stoppable = budget.within_files;
     let mut from = partial.take();
-    let snap = host.open_snapshot(name)?;
+    // Held against prunes while it is read (another host's backup may
+    // start one): one deleted under it had every file after read as
+    // damaged. One pruned since it was listed is passed over.
+    let snap = if name == "current" {
+        host.open_snapshot(name)?
+    } else {
+        match host.open_snapshot_to_read(name) {
+            Ok(Some(fd)) => fd,
+            Ok(None) => host.open_snapshot(name)?,
+            Err(e) if host.snapshot_going(name) => {
+                eprintln!(
+                    "byteback-server: verify: {}/{name} was pruned meanwhile ({e}): passed over",
+                    host.name
+                );
+                return Ok(true);
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let snap_path = host.path.join(name);
     if crate::legacy::is_legacy(&snap).op("look at", || snap_path.display().to_string())? {
         eprintln!(
@@ -667,7 +687,11 @@ pub fn verify_host(
     let (first, mut after) = match (&state.cursor, resume) {
         (Some((snap, path)), true) => match names.iter().position(|n| n == snap) {
             Some(i) => (i, (!path.is_empty()).then(|| path.clone())),
-            None => (0, None), // pruned since: start a new pass
+            // Pruned since: the pass goes on with the next snapshot after
+            // it. (Starting over, a pass on a store that prunes its oldest
+            // snapshot a day and checks less than one a day never got past
+            // the oldest ones.)
+            None => (next_after(&names, snap), None),
         },
         _ => (0, None),
     };
@@ -682,6 +706,9 @@ pub fn verify_host(
         _ => None,
     };
     let mut finished = true;
+    // `current` not checked (a backup changes it, or left it unsettled):
+    // the pass ends without it, but is no full pass.
+    let mut passed_over = false;
     // What this run checked: per snapshot, the files after a path (or
     // from its start) up to a path (or to its end). What is found there
     // replaces what was known; what it did not reach (a snapshot passed
@@ -705,6 +732,7 @@ pub fn verify_host(
                         "byteback-server: verify: {}/current {why}; not verified this time",
                         host.name
                     );
+                    passed_over = true;
                     continue;
                 }
             }
@@ -784,13 +812,30 @@ pub fn verify_host(
     if only.is_none() && finished {
         state.cursor = None;
         state.partial = None;
-        state.last_full = Some(now);
+        // A full pass only when nothing was passed over and nothing failed
+        // (a manifest that cannot be read): `status` shows its age.
+        if !passed_over && report.errors.is_empty() {
+            state.last_full = Some(now);
+        }
     }
     if resume {
         state.last_turn = Some(now);
     }
     state.save(host)?;
     Ok(report)
+}
+
+/// Of `names` (snapshots oldest first, then `current`), the index of the
+/// first taken after snapshot `gone`, which is no longer among them.
+fn next_after(names: &[String], gone: &str) -> usize {
+    let Some(t) = crate::time::parse_name(gone) else {
+        return 0;
+    };
+    // In the order the host lists them (by time, then by name).
+    names
+        .iter()
+        .position(|n| crate::time::parse_name(n).is_none_or(|u| (u, n.as_str()) > (t, gone)))
+        .unwrap_or(0)
 }
 
 /// A snapshot's files a run checked: after a path (or from its start) up
@@ -876,6 +921,19 @@ fn run(args: VerifyArgs) -> Result<u8> {
     let root = crate::admin::store_root(args.store)?;
     crate::admin::become_store_owner(&root)?;
     let store = Store::open(&root)?;
+    // One verify of a store at a time: two would each save their hosts'
+    // state over the other's (a pass's place, damage found), and share a
+    // temporary file.
+    let lock = fsops::open_lock(store.fd(), VERIFY_LOCK).op("open", || {
+        root.join(String::from_utf8_lossy(VERIFY_LOCK).as_ref())
+            .display()
+            .to_string()
+    })?;
+    if let Err(e) = rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        return Err(Error::Store(format!(
+            "another verify of this store is running ({e}); not verifying"
+        )));
+    }
     let mut budget = Budget::new(args.budget, args.max_time.map(Duration::from_secs));
     let hosts = if args.host.is_empty() {
         let mut hosts = store.hosts()?;
