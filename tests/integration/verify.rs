@@ -770,4 +770,17 @@ fn verify_keeps_its_place_when_snapshots_are_pruned_and_runs_alone() {
     drop(lock);
     let o = verify(&store, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+    let state = store.join(HOST).join(".byteback-verify");
+    assert!(fs::read_to_string(&state).unwrap().contains("last-full"));
+
+    // A pass that had to pass current over (an interrupted backup left it)
+    // is no whole pass: `status` must not show the host verified now.
+    fs::remove_file(&state).unwrap();
+    fs::remove_file(store.join(HOST).join("current/.byteback/clean")).unwrap();
+    let o = verify(&store, &[]);
+    let out = output_text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("left by an interrupted backup"), "{out}");
+    let st = fs::read_to_string(&state).unwrap();
+    assert!(!st.contains("last-full"), "{st}");
 }
