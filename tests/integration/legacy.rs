@@ -806,6 +806,11 @@ fn renamed_xattrs_are_taken_for_their_own_only_where_root_alone_could_set_them()
         }
         fs::write(c.join("noone"), b"").unwrap();
         set_stat(&c.join("noone"), "104755 0,0 4294967295:0");
+        // A symlink (stored as a file holding its target): no user may set
+        // a user.* xattr on one, so whoever owns it, the name is its own.
+        fs::write(c.join("lnk"), b"root").unwrap();
+        set_stat(&c.join("lnk"), "120777 0,0 1000:1000");
+        set_xattr(&c.join("lnk"), "user.rsync.trusted.t", b"v");
     });
     let into = fsys.mount.join("r");
     fs::create_dir_all(&into).unwrap();
@@ -842,6 +847,9 @@ fn renamed_xattrs_are_taken_for_their_own_only_where_root_alone_could_set_them()
             "{f}: {err}"
         );
     }
+    assert_eq!(fs::read_link(r.join("lnk")).unwrap(), Path::new("root"));
+    assert_eq!(names("lnk"), vec![b"trusted.t".to_vec()], "{err}");
+    assert!(!err.contains("/lnk"), "{err}");
     assert!(fs::symlink_metadata(r.join("noone")).is_err());
     assert!(err.contains("/noone: left out"), "{err}");
     assert!(err.contains("uid 4294967295 is no owner"), "{err}");

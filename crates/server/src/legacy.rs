@@ -125,9 +125,9 @@ pub fn parse_fake_stat(v: &[u8]) -> std::result::Result<FakeStat, String> {
     {
         return Err(format!("mode {mode:o} is of no known file type"));
     }
-    // (uid_t)-1 is no owner Linux gives a file: to `fchown` it means
-    // "leave as it is", which would restore the file as the restoring
-    // user's (root's, with its setuid bit).
+    // (uid_t)-1 is no owner Linux gives a file (only a damaged store has
+    // it): to `fchown` it means "leave as it is", so it could not be
+    // restored as stored.
     let id = |t: &str, what: &str| match num(t, 10, what)? {
         u32::MAX => Err(format!("{what} {t} is no owner")),
         v => Ok(v),
@@ -264,13 +264,20 @@ fn read_xattrs(fd: impl AsFd) -> io::Result<Xattrs> {
 /// `user.*` xattr, which rsync sends as it is): a file capability or an
 /// SELinux label of the user's choosing, which a restore as root would
 /// set. Such names (`mapped`, as restored) are taken for their own only
-/// where nobody but root could have set them: a file root owns that no one
-/// else may write. Elsewhere they go back to their stored names (restored
-/// as the `user.*` xattrs they may have been), said in the note returned.
-fn renamed_only_where_root_alone_could(entry: &mut Entry, mapped: &[Vec<u8>]) -> Option<String> {
-    let root_alone =
-        entry.uid == 0 && (matches!(entry.kind, Kind::Symlink { .. }) || entry.mode & 0o022 == 0);
-    if root_alone || mapped.is_empty() {
+/// where nobody but root could have set them: on an object of type
+/// `ftype` that is no regular file or directory (Linux allows `user.*`
+/// xattrs on those only), or on one root owns that no one else may write.
+/// Elsewhere they go back to their stored names (restored as the `user.*`
+/// xattrs they may have been), trimmed again to what one entry carries
+/// (the stored names are longer), said in the note returned.
+fn renamed_only_where_root_alone_could(
+    entry: &mut Entry,
+    ftype: u32,
+    mapped: &[Vec<u8>],
+) -> Option<String> {
+    let user_xattrs = ftype == 0o100000 || ftype == 0o040000;
+    let root_alone = entry.uid == 0 && entry.mode & 0o022 == 0;
+    if !user_xattrs || root_alone || mapped.is_empty() {
         return None;
     }
     let mut back = vec![];
@@ -284,10 +291,21 @@ fn renamed_only_where_root_alone_could(entry: &mut Entry, mapped: &[Vec<u8>]) ->
         return None;
     }
     entry.xattrs.sort();
-    Some(format!(
-        "{} stored by rsync as user.rsync.*, which the file's owner could have set so on the          client: restored under the stored names (taken for security or trusted xattrs only on          a file root owns that no one else may write)",
+    let dropped = byteback_protocol::fit_xattrs(&mut entry.xattrs);
+    let mut note = format!(
+        "{} stored by rsync as user.rsync.*, which the file's owner could have set so on the \
+         client: restored under the stored names (taken for security or trusted xattrs only on \
+         a file root owns that no one else may write)",
         back.join(", ")
-    ))
+    );
+    if !dropped.is_empty() {
+        let names: Vec<String> = dropped.iter().map(|n| escape_bytes(n)).collect();
+        note.push_str(&format!(
+            "; under those names more than one entry carries: left out {}",
+            names.join(", ")
+        ));
+    }
+    Some(note)
 }
 
 /// The permissions an rsync `--fake-super` access ACL
@@ -624,9 +642,10 @@ impl LegacyWalk {
             entry.uid = f.uid;
             entry.gid = f.gid;
         }
-        if let Some(note) = renamed_only_where_root_alone_could(&mut entry, &x.mapped) {
+        if let Some(note) = renamed_only_where_root_alone_could(&mut entry, ftype, &x.mapped) {
             self.lost.push(note);
         }
+
         if let Some(acl) = &x.aacl {
             // The mode's group bits are the ACL's mask, not the group's own,
             // and the users and groups it names fall back to the group or

@@ -795,7 +795,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
                 say(
                     log,
                     format_args!(
-                        "byteback-prune: {} passed over: a restore is reading it",
+                        "byteback-prune: {} passed over: a restore or verify is reading it",
                         named(&victim.host, &victim.name)
                     ),
                 )?;

@@ -301,8 +301,8 @@ impl HostStore {
     /// Whether snapshot `name` is gone or being deleted (for a reader that
     /// passes over one pruned since it was listed).
     pub fn snapshot_going(&self, name: &str) -> bool {
-        match self.open_snapshot(name) {
-            Err(_) => true,
+        match fsops::open_dir(&self.fd, name.as_bytes()) {
+            Err(e) => e.raw_os_error() == Some(rustix::io::Errno::NOENT.raw_os_error()),
             Ok(fd) => matches!(
                 rustix::fs::flock(&fd, rustix::fs::FlockOperation::NonBlockingLockShared),
                 Err(rustix::io::Errno::WOULDBLOCK)

@@ -185,6 +185,10 @@ pub struct State {
     pub damage: Vec<Damage>,
     /// The file after the cursor, hashed in part: its snapshot and path.
     pub partial: Option<(String, Vec<u8>, Progress)>,
+    /// The pass under way passed something over (`current`, a snapshot
+    /// being deleted) or could not read a manifest, in any of its runs: it
+    /// will not count as whole.
+    pub incomplete: bool,
 }
 
 /// How far a large file was hashed: the chaining values of its first
@@ -249,6 +253,7 @@ impl State {
                 }
                 (Some("last-full"), Some(t), None, None) => st.last_full = t.parse().ok(),
                 (Some("last-turn"), Some(t), None, None) => st.last_turn = t.parse().ok(),
+                (Some("incomplete"), None, None, None) => st.incomplete = true,
                 (Some("partial"), Some(snap), Some(p), Some(rest)) => {
                     let mut r = rest.split(' ');
                     let got = (r.next(), r.next(), r.next(), r.next());
@@ -284,6 +289,9 @@ impl State {
         }
         if let Some(t) = self.last_turn {
             s.push_str(&format!("last-turn {t}\n"));
+        }
+        if self.incomplete {
+            s.push_str("incomplete\n");
         }
         if let Some((snap, p, pr)) = &self.partial {
             s.push_str(&format!("partial {snap} {} {}\n", hex(p), pr.render()));
@@ -498,6 +506,7 @@ fn verify_snapshot(
     report: &mut HostReport,
     cursor: &mut Option<Vec<u8>>,
     partial: &mut Option<(Vec<u8>, Progress)>,
+    going: &mut bool,
 ) -> Result<bool> {
     let stoppable = budget.within_files;
     let mut from = partial.take();
@@ -515,6 +524,7 @@ fn verify_snapshot(
                     "byteback-server: verify: {}/{name} was pruned meanwhile ({e}): passed over",
                     host.name
                 );
+                *going = true;
                 return Ok(true);
             }
             Err(e) => return Err(e),
@@ -699,6 +709,7 @@ pub fn verify_host(
         // A new pass begins: damage of snapshots pruned since goes; the
         // rest stays listed until its snapshot is checked again.
         state.damage.retain(|d| names.contains(&d.snapshot));
+        state.incomplete = false;
     }
     // A file hashed in part, when this run goes on where it stopped.
     let mut partial = match state.partial.take_if(|_| resume) {
@@ -739,6 +750,7 @@ pub fn verify_host(
         } else {
             None
         };
+        let mut going = false;
         match verify_snapshot(
             host,
             name,
@@ -747,7 +759,15 @@ pub fn verify_host(
             &mut report,
             &mut cursor,
             &mut partial,
+            &mut going,
         ) {
+            // Not checked: what is known of it stays; a pass without it is
+            // whole only if it is gone by now (a deletion that failed
+            // leaves it).
+            Ok(true) if going => {
+                let listed = host.snapshots().map(|l| l.iter().any(|(n, _)| n == name));
+                passed_over |= listed.unwrap_or(true);
+            }
             Ok(true) => reached.push((name.clone(), after.clone(), None)),
             Ok(false) => {
                 if let Some(to) = &cursor {
@@ -809,12 +829,15 @@ pub fn verify_host(
                 .any(|f| f.snapshot == d.snapshot && f.path == d.path)
     });
     state.damage.extend(report.damaged.iter().cloned());
+    if only.is_none() && (passed_over || !report.errors.is_empty()) {
+        state.incomplete = true;
+    }
     if only.is_none() && finished {
         state.cursor = None;
         state.partial = None;
-        // A full pass only when nothing was passed over and nothing failed
-        // (a manifest that cannot be read): `status` shows its age.
-        if !passed_over && report.errors.is_empty() {
+        // A whole pass only when none of its runs passed anything over or
+        // failed (a manifest that cannot be read): `status` shows its age.
+        if !state.incomplete {
             state.last_full = Some(now);
         }
     }
@@ -1048,6 +1071,7 @@ mod tests {
             cursor: Some(("2026-11-27T03:00+0000".into(), b"a/\xff b".to_vec())),
             last_full: Some(1_800_000_000),
             last_turn: Some(1_800_000_100),
+            incomplete: true,
             damage: vec![Damage {
                 snapshot: "current".into(),
                 path: b"x\ny".to_vec(),
@@ -1069,6 +1093,7 @@ mod tests {
         assert_eq!(back.cursor, st.cursor);
         assert_eq!(back.last_full, st.last_full);
         assert_eq!(back.last_turn, st.last_turn);
+        assert!(back.incomplete);
         assert_eq!(back.damage[0].path, b"x\ny");
         assert_eq!(back.damage[0].problem, "content does not match its BLAKE3");
     }
