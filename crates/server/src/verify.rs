@@ -494,7 +494,8 @@ fn mark_for_resend(current: impl AsFd, path: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Verifies one snapshot from `after` on; false when the budget ran out first
+/// Verifies one snapshot from `after` on; `None` when it was passed over
+/// (pruned since it was listed, or being deleted); false when the budget ran out first
 /// (then `cursor` holds the last path checked). `partial` holds on entry
 /// a file of this snapshot hashed in part by an earlier run, on return the
 /// file this run stopped within, if it did.
@@ -506,8 +507,7 @@ fn verify_snapshot(
     report: &mut HostReport,
     cursor: &mut Option<Vec<u8>>,
     partial: &mut Option<(Vec<u8>, Progress)>,
-    going: &mut bool,
-) -> Result<bool> {
+) -> Result<Option<bool>> {
     let stoppable = budget.within_files;
     let mut from = partial.take();
     // Held against prunes while it is read (another host's backup may
@@ -524,8 +524,7 @@ fn verify_snapshot(
                     "byteback-server: verify: {}/{name} was pruned meanwhile ({e}): passed over",
                     host.name
                 );
-                *going = true;
-                return Ok(true);
+                return Ok(None);
             }
             Err(e) => return Err(e),
         }
@@ -536,7 +535,7 @@ fn verify_snapshot(
             "byteback-server: verify: {}/{name} is a byteback 1.x snapshot, which keeps no checksums: not verified",
             host.name
         );
-        return Ok(true);
+        return Ok(Some(true));
     }
     let meta_path = snap_path.join(META_DIR_NAME);
     let no_manifest = |e: Error| e.context(format!("{name}: no manifest"));
@@ -601,7 +600,7 @@ fn verify_snapshot(
     if !damaged_current.is_empty() {
         report.marked += mark_current(host, &snap, &damaged_current, report)?;
     }
-    Ok(finished)
+    Ok(Some(finished))
 }
 
 /// The host's lock, held while `current` is verified, when no backup
@@ -750,7 +749,6 @@ pub fn verify_host(
         } else {
             None
         };
-        let mut going = false;
         match verify_snapshot(
             host,
             name,
@@ -759,17 +757,16 @@ pub fn verify_host(
             &mut report,
             &mut cursor,
             &mut partial,
-            &mut going,
         ) {
             // Not checked: what is known of it stays; a pass without it is
             // whole only if it is gone by now (a deletion that failed
             // leaves it).
-            Ok(true) if going => {
+            Ok(None) => {
                 let listed = host.snapshots().map(|l| l.iter().any(|(n, _)| n == name));
                 passed_over |= listed.unwrap_or(true);
             }
-            Ok(true) => reached.push((name.clone(), after.clone(), None)),
-            Ok(false) => {
+            Ok(Some(true)) => reached.push((name.clone(), after.clone(), None)),
+            Ok(Some(false)) => {
                 if let Some(to) = &cursor {
                     reached.push((name.clone(), after.clone(), Some(to.clone())));
                 }
