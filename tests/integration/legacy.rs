@@ -26,6 +26,22 @@ fn restore_cmd(store: &Path, host: &str) -> Command {
     c
 }
 
+/// A restore of all of `host`'s newest 1.x snapshot (`OLD_SNAP`) into
+/// `r` on `fsys`, which must end partial (24, what 1.x kept is not all
+/// restored): its stderr and the snapshot's restored root.
+fn restore_all_partial(fsys: &BtrfsLoop, store: &Path, host: &str) -> (String, PathBuf) {
+    let into = fsys.mount.join("r");
+    fs::create_dir_all(&into).unwrap();
+    let out = run_status(
+        restore_cmd(store, host)
+            .current_dir(&into)
+            .args(["--restore", "/"]),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(24), "{err}");
+    (err, into.join(OLD_SNAP))
+}
+
 /// A remote shell for rsync that runs the "remote" command locally, so the
 /// receiving rsync is started exactly as 1.x started it over SSH (with
 /// `--rsync-path 'rsync --fake-super'`: only the receiver fakes super).
@@ -812,16 +828,7 @@ fn renamed_xattrs_are_taken_for_their_own_only_where_root_alone_could_set_them()
         set_stat(&c.join("lnk"), "120777 0,0 1000:1000");
         set_xattr(&c.join("lnk"), "user.rsync.trusted.t", b"v");
     });
-    let into = fsys.mount.join("r");
-    fs::create_dir_all(&into).unwrap();
-    let out = run_status(
-        restore_cmd(&store, host)
-            .current_dir(&into)
-            .args(["--restore", "/"]),
-    );
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(24), "{err}");
-    let r = into.join(OLD_SNAP);
+    let (err, r) = restore_all_partial(&fsys, &store, host);
     let names =
         |f: &str| -> Vec<Vec<u8>> { xattrs(&r.join(f)).into_iter().map(|(n, _)| n).collect() };
     assert_eq!(
@@ -1085,16 +1092,7 @@ fn a_1x_path_longer_than_byteback_takes_is_left_out_and_the_rest_goes_on() {
             && err.contains(OLD_SNAP),
         "{err}"
     );
-    let into = fsys.mount.join("r");
-    fs::create_dir_all(&into).unwrap();
-    let out = run_status(
-        restore_cmd(&store, host)
-            .current_dir(&into)
-            .args(["--restore", "/"]),
-    );
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(24), "{err}");
-    let r = into.join(OLD_SNAP);
+    let (_, r) = restore_all_partial(&fsys, &store, host);
     assert_eq!(fs::read(r.join("e/link")).unwrap(), b"linked content");
     assert_eq!(fs::read(r.join("e/plain")).unwrap(), b"plain");
     assert!(fs::symlink_metadata(r.join(&deep)).unwrap().is_dir());

@@ -295,13 +295,14 @@ fn renamed_only_where_root_alone_could(
     let mut note = format!(
         "{} stored by rsync as user.rsync.*, which the file's owner could have set so on the \
          client: restored under the stored names (taken for security or trusted xattrs only on \
-         a file root owns that no one else may write)",
+         a file or directory root owns that no one else may write, or on an object of another \
+         type)",
         back.join(", ")
     );
     if !dropped.is_empty() {
         let names: Vec<String> = dropped.iter().map(|n| escape_bytes(n)).collect();
         note.push_str(&format!(
-            "; under those names more than one entry carries: left out {}",
+            "; with them, more xattrs than one entry carries: left out {}",
             names.join(", ")
         ));
     }

@@ -762,7 +762,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
                 // `minpercent` meanwhile, the store is short of space,
                 // which `status` says (a restore may read for a long time).
                 let why = format!(
-                    "nothing left to delete now but {} snapshot(s) a restore is reading",
+                    "nothing left to delete now but {} snapshot(s) a restore or verify is reading",
                     in_use.len()
                 );
                 if opts.only_host.is_none() && out.after.percent_free() < f64::from(opts.minpercent)
@@ -1474,7 +1474,7 @@ mod tests {
         let out = prune(&store, &all, &mut Vec::new()).unwrap();
         assert_eq!(out.deleted.len(), 0, "{out:?}");
         let why = out.refused.unwrap_or_default();
-        assert!(why.contains("a restore is reading"), "{why}");
+        assert!(why.contains("a restore or verify is reading"), "{why}");
         assert!(!dir.path().join(REFUSED).exists());
         all.minpercent = 100;
         let out = prune(&store, &all, &mut Vec::new()).unwrap();
@@ -1482,7 +1482,7 @@ mod tests {
         let refused = std::fs::read_to_string(dir.path().join(REFUSED)).unwrap();
         assert_eq!(
             refused,
-            "short of space: nothing left to delete now but 1 snapshot(s) a restore is reading\n"
+            "short of space: nothing left to delete now but 1 snapshot(s) a restore or verify is reading\n"
         );
         // Still readable through the restore's descriptor.
         assert!(fsops::open_dir(&reading, b"etc").is_ok());

@@ -617,6 +617,30 @@ mod tests {
     /// A hard-link snapshot is renamed out of the snapshots' names before
     /// it is removed, so one whose deletion was cut short never passes for
     /// a snapshot; what such a deletion left goes with the next one.
+    /// A snapshot is "going" for a reader that passes such over only when
+    /// it is gone or a deletion holds it; another reader's hold, or an
+    /// error opening it, is no sign of that.
+    #[test]
+    fn a_snapshot_is_going_only_when_gone_or_being_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let host = store.host("h", true).unwrap();
+        let name = "2026-11-01T03:00+0000";
+        assert!(host.snapshot_going(name));
+        std::fs::create_dir(dir.path().join("h").join(name)).unwrap();
+        assert!(!host.snapshot_going(name));
+        let reading = host.open_snapshot_to_read(name).unwrap().unwrap();
+        assert!(!host.snapshot_going(name));
+        drop(reading);
+        let deleting = host.lock_for_deletion(name).unwrap().unwrap();
+        assert!(host.snapshot_going(name));
+        drop(deleting);
+        // Not a directory (so no deletion made it so): an error, not going.
+        let other = "2026-11-02T03:00+0000";
+        std::fs::write(dir.path().join("h").join(other), b"").unwrap();
+        assert!(!host.snapshot_going(other));
+    }
+
     #[test]
     fn a_hard_link_snapshot_is_renamed_away_before_it_goes() {
         let dir = tempfile::tempdir().unwrap();
