@@ -1159,8 +1159,21 @@ fn transfer(
             target.connect("backup").and_then(|conn| {
                 // The name the server files us under (checked in its hello).
                 report.host = Some(conn.host.clone());
-                let path = crate::backup::cache::cache_dir()
-                    .map(|d| crate::backup::cache::record_path(&d, &target.text, &conn.host));
+                // The record is named after the destination and the name
+                // this client asked for (none over SSH, where the key
+                // decides), not the server's: a server sending another
+                // name at every run left a record of every entry behind
+                // each time, filling the cache. One that changes the name
+                // gets a full announce (the record's generation is not its
+                // manifest's). A record named the old way goes.
+                let path = crate::backup::cache::cache_dir().map(|d| {
+                    let old = crate::backup::cache::record_path(&d, &target.text, &conn.host);
+                    let path = crate::backup::cache::record_path(&d, &target.text, &target.host);
+                    if old != path {
+                        let _ = std::fs::remove_file(old);
+                    }
+                    path
+                });
                 record.clone_from(&path);
                 let opts = BackupOptions {
                     record: path,

@@ -121,6 +121,7 @@ pub(super) fn reader_loop(
                 stats,
                 generation,
             } => {
+                check_snapshot_name(snapshot.as_deref())?;
                 let mut f = lock(&shared.flow);
                 f.done = Some(Committed {
                     snapshot,
@@ -133,6 +134,20 @@ pub(super) fn reader_loop(
             }
             m => bail!("unexpected {} during a backup", m.name()),
         }
+    }
+}
+
+/// The name the server gives the snapshot it took must be a snapshot's
+/// (`YYYY-MM-DDTHH:MM+ZZZZ[.N]`): it is printed, and given to the
+/// post-backup hooks (run as root) as `$BYTEBACK_SNAPSHOT`, where a name
+/// such as `-rf` would pass for an option.
+fn check_snapshot_name(name: Option<&str>) -> Result<()> {
+    match name {
+        Some(n) if !byteback_protocol::has_snapshot_shape(n) => bail!(
+            "the server named its snapshot {}, which is not a snapshot's name (YYYY-MM-DDTHH:MM+ZZZZ)",
+            n.escape_default()
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -254,5 +269,28 @@ impl Reader<'_> {
                 twin: false,
             },
         );
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::check_snapshot_name;
+
+    /// What the server names its snapshot reaches the hooks: a name that
+    /// is no snapshot's (one starting with a dash, say) fails the backup.
+    #[test]
+    fn the_servers_snapshot_name_must_be_a_snapshots() {
+        for ok in [
+            None,
+            Some("2026-11-27T03:00+0000"),
+            Some("2026-11-27T03:00-0130.2"),
+        ] {
+            assert!(check_snapshot_name(ok).is_ok(), "{ok:?}");
+        }
+        for bad in ["-rf", "current", "2026-11-27T03:00+0000.x", "a b"] {
+            let e = check_snapshot_name(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("which is not a snapshot's name"), "{e}");
+        }
     }
 }
