@@ -1368,12 +1368,8 @@ mod tests {
         );
     }
 
-    /// The lines a running backup writes count as its growth for the
-    /// guard as they come, and are one backup in the lines the report
-    /// draws: folded into the backup's next line (its commit, or after a
-    /// crash the next backup's); a last one stands alone, still pending.
-    #[test]
-    fn a_running_backups_lines_are_one_backup() {
+    /// A store with host `h`, and space figures for its usage lines.
+    fn host_with_space() -> (tempfile::TempDir, crate::store::HostStore, Space) {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(dir.path()).unwrap();
         let host = store.host("h", true).unwrap();
@@ -1384,6 +1380,16 @@ mod tests {
             metadata_percent: None,
             source: "statvfs",
         };
+        (dir, host, sp)
+    }
+
+    /// The lines a running backup writes count as its growth for the
+    /// guard as they come, and are one backup in the lines the report
+    /// draws: folded into the backup's next line (its commit, or after a
+    /// crash the next backup's); a last one stands alone, still pending.
+    #[test]
+    fn a_running_backups_lines_are_one_backup() {
+        let (dir, host, sp) = host_with_space();
         record_running(&host, 100, 3).unwrap();
         record_running(&host, 110, 4).unwrap();
         assert_eq!(read_usage_pending(&host).1, 7);
@@ -1787,16 +1793,7 @@ mod tests {
     /// counts for the next snapshot.
     #[test]
     fn a_backup_and_its_snapshot_line_are_one_backup() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(dir.path()).unwrap();
-        let host = store.host("h", true).unwrap();
-        let sp = Space {
-            free: 70,
-            size: 100,
-            data_percent: 70.0,
-            metadata_percent: None,
-            source: "statvfs",
-        };
+        let (dir, host, sp) = host_with_space();
         record_written(&host, 100, 5, Some(&sp)).unwrap();
         record_snapshot(&host, 100, "s1", Some(&sp), 0).unwrap();
         record_written(&host, 200, 7, None).unwrap();
