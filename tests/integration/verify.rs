@@ -233,6 +233,148 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
     }
 }
 
+/// A failing disc can damage millions of files: verify lists the first
+/// 10,000 (in its report, its state and `status`) and counts the rest,
+/// once however often it finds them, and still marks every damaged file
+/// of `current` for the next backup, which repairs them all.
+#[test]
+fn damage_beyond_the_list_is_counted_and_all_of_current_is_repaired() {
+    const N: usize = 10_050;
+    let Some(Site {
+        fs_: _fs,
+        store,
+        work: _work,
+        src,
+        ..
+    }) = backed_up_site(31, N, 16)
+    else {
+        return;
+    };
+    let s1 = snapshots(&store, HOST).pop().unwrap();
+    // Every stored file of the snapshot and of current damaged, its size
+    // and mtime kept (no sync per file: one for all).
+    let damage = |snap: &str| {
+        for i in 0..N {
+            let p = stored(&store, snap, &src, &format!("f{i}"));
+            let m = fs::symlink_metadata(&p).unwrap();
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .unwrap();
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, 3).unwrap();
+            f.write_all_at(&[b[0] ^ 0x5a], 3).unwrap();
+            drop(f);
+            set_mtime(&p, m.mtime(), m.mtime_nsec());
+        }
+    };
+    let snap_path = store.join(HOST).join(&s1);
+    set_read_only(&snap_path, false);
+    damage(&s1);
+    set_read_only(&snap_path, true);
+    damage("current");
+    run(&mut Command::new("sync"));
+    let tail = |s: &str| s[s.len().saturating_sub(2000)..].to_string();
+    let o = verify(&store, &[]);
+    let out = output_text(&o);
+    assert_eq!(o.status.code(), Some(1), "{}", tail(&out));
+    // The snapshot is checked first: its files fill the list.
+    assert_eq!(
+        out.matches(&format!("DAMAGED {HOST} {s1} /")).count(),
+        10_000
+    );
+    assert_eq!(out.matches(&format!("DAMAGED {HOST} current /")).count(), 0);
+    for (snap, n) in [(&s1[..], 50), ("current", N)] {
+        let line = format!("DAMAGED {HOST} {snap} and {n} more files, not listed");
+        assert!(out.contains(&line), "{line} in {}", tail(&out));
+    }
+    assert!(
+        out.contains(&format!(
+            "{} damaged, {N} in current marked for the next backup",
+            2 * N
+        )),
+        "{}",
+        tail(&out)
+    );
+    let state_file = store.join(HOST).join(".byteback-verify");
+    let state = || fs::read_to_string(&state_file).unwrap();
+    let listed_and_unlisted = |st: &str| {
+        let listed = st.lines().filter(|l| l.starts_with("damage ")).count();
+        let unlisted: Vec<String> = st
+            .lines()
+            .filter(|l| l.starts_with("damage-unlisted "))
+            .map(String::from)
+            .collect();
+        (listed, unlisted)
+    };
+    let want = (
+        10_000,
+        vec![
+            format!("damage-unlisted {s1} 50"),
+            format!("damage-unlisted current {N}"),
+        ],
+    );
+    let mut got = listed_and_unlisted(&state());
+    got.1.sort_by_key(|l| l.contains("current"));
+    assert_eq!(got, want);
+    let status = |args: &[&str]| {
+        let o = run_status(
+            Command::new(bin("byteback-server"))
+                .arg("status")
+                .args(args)
+                .arg("--store")
+                .arg(&store),
+        );
+        (o.status.code(), output_text(&o))
+    };
+    let (code, out) = status(&["--warn", "1d"]);
+    assert_eq!(code, Some(1), "{}", tail(&out));
+    assert!(
+        out.contains(&format!("{} damaged files", 2 * N)),
+        "{}",
+        tail(&out)
+    );
+    assert!(
+        out.contains(&format!("DAMAGED and {} more files, not listed", N + 50)),
+        "{}",
+        tail(&out)
+    );
+    let (_, json) = status(&["--json"]);
+    assert!(
+        json.contains(&format!("\"damaged_unlisted\":{}", N + 50)),
+        "{}",
+        tail(&json)
+    );
+    // A second pass finds the snapshot's files again, and counts them
+    // once (current, marked for the next backup, is passed over).
+    let o = verify(&store, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", tail(&output_text(&o)));
+    let mut got = listed_and_unlisted(&state());
+    got.1.sort_by_key(|l| l.contains("current"));
+    assert_eq!(got, want);
+
+    // The next backup, the source unchanged, rewrites every marked file.
+    backup(&store, &src);
+    let o = verify(&store, &["--snapshot", "current"]);
+    assert_eq!(o.status.code(), Some(0), "{}", tail(&output_text(&o)));
+    for i in [0, 4095, 4096, 9999, 10_000, N - 1] {
+        let f = format!("f{i}");
+        assert_eq!(
+            fs::read(stored(&store, "current", &src, &f)).unwrap(),
+            fs::read(src.join(&f)).unwrap(),
+            "{f}"
+        );
+    }
+    let (_, out) = status(&[]);
+    assert!(!out.contains("DAMAGED current"), "{}", tail(&out));
+    assert!(
+        out.contains("DAMAGED and 50 more files, not listed"),
+        "{}",
+        tail(&out)
+    );
+}
+
 /// The files a verify run says it checked (`...: N files ...`).
 fn files_checked(out: &str) -> u64 {
     out.split(": ")

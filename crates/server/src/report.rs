@@ -600,11 +600,11 @@ pub fn render(r: &Report) -> String {
                 .map(|b| format!(", {} of history", human(b)))
                 .unwrap_or_default(),
         );
-        if !st.damaged.is_empty() {
+        if st.damaged_count() > 0 {
             let _ = write!(
                 s,
                 "<p class=\"damaged\">{} damaged file(s): {}</p>",
-                st.damaged.len(),
+                st.damaged_count(),
                 st.damaged
                     .iter()
                     .take(5)

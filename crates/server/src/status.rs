@@ -32,12 +32,22 @@ pub struct HostStatus {
     pub verified_age: Option<i64>,
     /// Damaged files the verification found (in snapshots still present), as `snapshot /path`.
     pub damaged: Vec<String>,
+    /// Damaged files found beyond those listed (see
+    /// [`crate::verify::MAX_DAMAGE_LISTED`]), counted only.
+    pub damaged_unlisted: u64,
     /// Snapshots dated in the future (a clock set wrong when they were
     /// taken): never the newest, never pruned, a WARNING until deleted.
     pub future: Vec<String>,
     /// Directories in the host's folder not named as snapshots (see
     /// [`crate::store::HostStore::strays`]): a WARNING until moved away.
     pub strays: Vec<String>,
+}
+
+impl HostStatus {
+    /// Damaged files known, listed or not.
+    pub fn damaged_count(&self) -> u64 {
+        self.damaged.len() as u64 + self.damaged_unlisted
+    }
 }
 
 /// The whole store.
@@ -95,15 +105,17 @@ pub fn collect(store: &Store, now: i64) -> Result<StoreStatus> {
             .map(|u| u.new_bytes)
             .collect();
         let verify = crate::verify::State::load(&h);
-        let damaged = verify
+        let damaged: Vec<String> = verify
             .damage
             .iter()
             .filter(|d| d.snapshot == "current" || kept.contains(d.snapshot.as_str()))
             .map(shown_damage)
             .collect();
+        let damaged_unlisted = verify.damaged_count(|s| kept.contains(s)) - damaged.len() as u64;
         hosts.push(HostStatus {
             verified_age: verify.last_full.map(|t| now - t),
             damaged,
+            damaged_unlisted,
             future,
             strays: h.strays()?,
             size: newest
@@ -184,7 +196,7 @@ pub fn age_state(age: Option<i64>, warn: Option<i64>, crit: Option<i64>) -> u8 {
 /// One host's state: its age's, at least WARNING with damaged files.
 pub fn host_state(h: &HostStatus, warn: Option<i64>, crit: Option<i64>) -> u8 {
     let c = age_state(h.age, warn, crit);
-    if h.damaged.is_empty() && h.future.is_empty() && h.strays.is_empty() {
+    if h.damaged_count() == 0 && h.future.is_empty() && h.strays.is_empty() {
         c
     } else {
         c.max(1)
@@ -207,12 +219,12 @@ pub fn check(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> (u8, Str
             });
         }
         code = code.max(c);
-        if !h.damaged.is_empty() {
+        if h.damaged_count() > 0 {
             code = code.max(1);
             problems.push(format!(
                 "{} has {} damaged files (byteback-server verify --host {})",
                 h.host,
-                h.damaged.len(),
+                h.damaged_count(),
                 h.host
             ));
         }
@@ -278,6 +290,13 @@ pub fn table(st: &StoreStatus) -> String {
         for d in &h.damaged {
             let _ = writeln!(out, "  DAMAGED {d}");
         }
+        if h.damaged_unlisted > 0 {
+            let _ = writeln!(
+                out,
+                "  DAMAGED and {} more files, not listed",
+                h.damaged_unlisted
+            );
+        }
         for f in &h.future {
             let _ = writeln!(out, "  DATED IN THE FUTURE {f}");
         }
@@ -310,6 +329,7 @@ pub fn json(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> String {
                 "history_bytes": h.history,
                 "verified_age_seconds": h.verified_age,
                 "damaged": h.damaged,
+                "damaged_unlisted": h.damaged_unlisted,
                 "dated_in_the_future": h.future,
                 "not_snapshots": h.strays,
             })
@@ -375,6 +395,7 @@ mod tests {
             history: None,
             verified_age: None,
             damaged: vec![],
+            damaged_unlisted: 0,
             future: vec![],
             strays: vec![],
         };

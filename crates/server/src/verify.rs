@@ -18,6 +18,7 @@
 //! run goes on from there, so `--max-time` bounds a run whatever the file
 //! sizes and a file too large for one run is verified over several.
 
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
@@ -106,8 +107,10 @@ pub struct HostReport {
     pub files: u64,
     /// Bytes read.
     pub bytes: u64,
-    /// Damaged files.
+    /// Damaged files, the first [`MAX_DAMAGE_LISTED`] of them.
     pub damaged: Vec<Damage>,
+    /// Damaged files found beyond those listed, per snapshot.
+    pub unlisted: BTreeMap<String, u64>,
     /// Damaged files in `current` marked for the next backup.
     pub marked: u64,
     /// Whether this run reached the end of the host's last snapshot.
@@ -118,8 +121,34 @@ pub struct HostReport {
     pub errors: Vec<String>,
 }
 
+impl HostReport {
+    /// Counts damaged file `d`, listing it while the list has room.
+    fn found(&mut self, d: Damage) {
+        if self.damaged.len() < MAX_DAMAGE_LISTED {
+            self.damaged.push(d);
+        } else {
+            *self.unlisted.entry(d.snapshot).or_default() += 1;
+        }
+    }
+
+    /// Damaged files found, listed or not.
+    pub fn damaged_count(&self) -> u64 {
+        self.damaged.len() as u64 + self.unlisted.values().sum::<u64>()
+    }
+}
+
 /// What each file checked takes from a byte budget beyond its bytes.
 const FILE_COST: u64 = 4096;
+
+/// Damaged files one host's report lists, and its state keeps, by name;
+/// beyond them they are counted per snapshot. A failing disc can damage
+/// millions of files: each listed costs a path and a message in memory,
+/// in the state file and in every `status`.
+pub const MAX_DAMAGE_LISTED: usize = 10_000;
+
+/// Marks for the next backup made at a time in `current` (the paths of
+/// damaged files wait in memory until then).
+const MARK_BATCH: usize = 4096;
 
 /// The budget of one run, shared by its hosts.
 pub struct Budget {
@@ -181,8 +210,11 @@ pub struct State {
     pub last_full: Option<i64>,
     /// When a budgeted run last took its turn at this host (Unix seconds).
     pub last_turn: Option<i64>,
-    /// Damage found since the last whole pass began.
+    /// Damage found since the last whole pass began, the first
+    /// [`MAX_DAMAGE_LISTED`] files of it.
     pub damage: Vec<Damage>,
+    /// Damaged files found beyond those listed, per snapshot.
+    pub unlisted: BTreeMap<String, u64>,
     /// The file after the cursor, hashed in part: its snapshot and path.
     pub partial: Option<(String, Vec<u8>, Progress)>,
     /// The pass under way passed something over (`current`, a snapshot
@@ -263,6 +295,16 @@ impl State {
                         }
                     }
                 }
+                (Some("damage-unlisted"), Some(snap), Some(n), None) => {
+                    if let Ok(n) = n.parse() {
+                        st.unlisted.insert(snap.to_string(), n);
+                    }
+                }
+                (Some("damage"), Some(snap), Some(_), _)
+                    if st.damage.len() >= MAX_DAMAGE_LISTED =>
+                {
+                    *st.unlisted.entry(snap.to_string()).or_default() += 1;
+                }
                 (Some("damage"), Some(snap), Some(p), problem) => {
                     if let Some(path) = unhex(p) {
                         st.damage.push(Damage {
@@ -296,6 +338,9 @@ impl State {
         if let Some((snap, p, pr)) = &self.partial {
             s.push_str(&format!("partial {snap} {} {}\n", hex(p), pr.render()));
         }
+        for (snap, n) in &self.unlisted {
+            s.push_str(&format!("damage-unlisted {snap} {n}\n"));
+        }
         for d in &self.damage {
             let problem = d.problem.replace(['\n', '\r'], " ");
             s.push_str(&format!(
@@ -305,6 +350,20 @@ impl State {
             ));
         }
         s
+    }
+
+    /// Damaged files known, listed or not, of the snapshots `kept`
+    /// (`current` always).
+    pub fn damaged_count(&self, kept: impl Fn(&str) -> bool) -> u64 {
+        let kept = |s: &str| s == "current" || kept(s);
+        let listed = self.damage.iter().filter(|d| kept(&d.snapshot)).count() as u64;
+        let unlisted: u64 = self
+            .unlisted
+            .iter()
+            .filter(|(s, _)| kept(s))
+            .map(|(_, n)| n)
+            .sum();
+        listed + unlisted
     }
 
     /// Reads a host's state (empty when there is none).
@@ -583,8 +642,12 @@ fn verify_snapshot(
         if let Some(problem) = problem {
             if name == "current" {
                 damaged_current.push(e.entry.path.clone());
+                if damaged_current.len() >= MARK_BATCH {
+                    report.marked += mark_current(host, &snap, &damaged_current, report)?;
+                    damaged_current.clear();
+                }
             }
-            report.damaged.push(Damage {
+            report.found(Damage {
                 snapshot: name.to_string(),
                 path: e.entry.path.clone(),
                 problem,
@@ -708,6 +771,7 @@ pub fn verify_host(
         // A new pass begins: damage of snapshots pruned since goes; the
         // rest stays listed until its snapshot is checked again.
         state.damage.retain(|d| names.contains(&d.snapshot));
+        state.unlisted.retain(|s, _| names.contains(s));
         state.incomplete = false;
     }
     // A file hashed in part, when this run goes on where it stopped.
@@ -809,6 +873,11 @@ pub fn verify_host(
     // checked (a budgeted pass going on after another run checked them,
     // one that stopped for a backup and kept no place, must not list
     // them twice either).
+    let found: HashSet<(&str, &[u8])> = report
+        .damaged
+        .iter()
+        .map(|f| (f.snapshot.as_str(), f.path.as_slice()))
+        .collect();
     state.damage.retain(|d| {
         let checked = reached.iter().any(|(snap, from, to)| {
             *snap == d.snapshot
@@ -819,13 +888,30 @@ pub fn verify_host(
                     .as_ref()
                     .is_none_or(|t| compare_paths(&d.path, t).is_le())
         });
-        !checked
-            && !report
-                .damaged
-                .iter()
-                .any(|f| f.snapshot == d.snapshot && f.path == d.path)
+        !checked && !found.contains(&(d.snapshot.as_str(), d.path.as_slice()))
     });
     state.damage.extend(report.damaged.iter().cloned());
+    // Those beyond the list are counted, not named: which of them a run
+    // that checked part of a snapshot found again is not known, so the
+    // larger count stands until a run checks the whole snapshot.
+    for (snap, n) in &report.unlisted {
+        let whole = reached
+            .iter()
+            .any(|(s, from, to)| s == snap && from.is_none() && to.is_none());
+        let known = state.unlisted.entry(snap.clone()).or_default();
+        *known = if whole { *n } else { (*known).max(*n) };
+    }
+    for (snap, from, to) in &reached {
+        if from.is_none() && to.is_none() && !report.unlisted.contains_key(snap) {
+            state.unlisted.remove(snap);
+        }
+    }
+    for d in state
+        .damage
+        .drain(MAX_DAMAGE_LISTED.min(state.damage.len())..)
+    {
+        *state.unlisted.entry(d.snapshot).or_default() += 1;
+    }
     if only.is_none() && (passed_over || !report.errors.is_empty()) {
         state.incomplete = true;
     }
@@ -899,7 +985,7 @@ fn render_json(reports: &[HostReport]) -> String {
                 .collect();
             let errors: Vec<String> = r.errors.iter().map(|e| json_str(e)).collect();
             format!(
-                "{{\"host\":{},\"snapshots\":{},\"files\":{},\"bytes\":{},\"finished\":{},\"marked_for_resend\":{},\"damaged\":[{}],\"errors\":[{}]}}",
+                "{{\"host\":{},\"snapshots\":{},\"files\":{},\"bytes\":{},\"finished\":{},\"marked_for_resend\":{},\"damaged\":[{}],\"damaged_unlisted\":{},\"errors\":[{}]}}",
                 json_str(&r.host),
                 r.snapshots.len(),
                 r.files,
@@ -907,6 +993,7 @@ fn render_json(reports: &[HostReport]) -> String {
                 r.finished,
                 r.marked,
                 damaged.join(","),
+                r.damaged_count() - r.damaged.len() as u64,
                 errors.join(",")
             )
         })
@@ -1003,6 +1090,14 @@ fn run(args: VerifyArgs) -> Result<u8> {
                 )
                 .op("write", || STDOUT)?;
             }
+            for (snap, n) in &r.unlisted {
+                writeln!(
+                    out,
+                    "DAMAGED {} {snap} and {n} more files, not listed",
+                    r.host
+                )
+                .op("write", || STDOUT)?;
+            }
             for e in &r.errors {
                 writeln!(out, "ERROR {} {e}", r.host).op("write", || STDOUT)?;
             }
@@ -1013,7 +1108,7 @@ fn run(args: VerifyArgs) -> Result<u8> {
                 r.files,
                 r.bytes,
                 r.snapshots.len(),
-                r.damaged.len(),
+                r.damaged_count(),
                 if r.marked > 0 {
                     format!(", {} in current marked for the next backup", r.marked)
                 } else {
@@ -1031,7 +1126,7 @@ fn run(args: VerifyArgs) -> Result<u8> {
         }
     }
     out.flush().op("write", || STDOUT)?;
-    let damaged = reports.iter().any(|r| !r.damaged.is_empty());
+    let damaged = reports.iter().any(|r| r.damaged_count() > 0);
     let errors = reports.iter().any(|r| !r.errors.is_empty());
     Ok(if damaged {
         1
@@ -1069,6 +1164,7 @@ mod tests {
             last_full: Some(1_800_000_000),
             last_turn: Some(1_800_000_100),
             incomplete: true,
+            unlisted: [("2026-11-27T03:00+0000".to_string(), 7)].into(),
             damage: vec![Damage {
                 snapshot: "current".into(),
                 path: b"x\ny".to_vec(),
@@ -1091,6 +1187,7 @@ mod tests {
         assert_eq!(back.last_full, st.last_full);
         assert_eq!(back.last_turn, st.last_turn);
         assert!(back.incomplete);
+        assert_eq!(back.unlisted, st.unlisted);
         assert_eq!(back.damage[0].path, b"x\ny");
         assert_eq!(back.damage[0].problem, "content does not match its BLAKE3");
     }
