@@ -549,7 +549,10 @@ fn rich_tree_round_trip_btrfs_store() {
     round_trip(&fs_.mount.join("store"), d.path());
     // On btrfs, current is a subvolume and the snapshot is a read-only one.
     let snap = snapshots(&fs_.mount.join("store"), "rich").pop().unwrap();
-    assert!(is_read_only(&fs_.mount.join("store/rich").join(snap)));
+    assert!(is_btrfs_subvolume(&fs_.mount.join("store/rich/current")));
+    assert!(is_read_only_snapshot(
+        &fs_.mount.join("store/rich").join(snap)
+    ));
 }
 
 fn second_backup(store: &Path, work: &Path) {
@@ -588,9 +591,17 @@ fn second_backup(store: &Path, work: &Path) {
         first_path.display()
     );
     assert!(is_read_only(&store.join("h").join(&second)));
-    // Only the changed data crossed: far less than the 3 MiB file.
+    // Only the changed data crossed: far less than the 3 MiB file, the
+    // rest of which was reused; what went is counted as deleted.
     let e = stderr(&out);
-    assert!(e.contains("deleted"), "{e}");
+    let new = summary_number(&e, " bytes new").expect(&e);
+    let reused = summary_number(&e, " reused").expect(&e);
+    let deleted = summary_number(&e, " deleted").expect(&e);
+    eprintln!("second backup: {new} bytes new, {reused} reused, {deleted} deleted");
+    assert!(new < 200_000, "{e}");
+    assert!(reused > 2_900_000, "{e}");
+    // doomed.txt, olddir (with all below it) and rename-me.
+    assert_eq!(deleted, 3, "{e}");
 
     // A third run with nothing changed sends no file at all.
     let out = local_backup(store, &src, "h");

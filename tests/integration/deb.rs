@@ -262,8 +262,18 @@ fn backup_and_restore_with_installed_programs(d: &Path) {
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(j["exit_code"], 0, "{j}");
     let snapshot = j["snapshot"].as_str().unwrap().to_string();
-    let records = fs::read_dir(CACHE).map(|d| d.count()).unwrap_or(0);
-    assert!(records > 0, "no record of the last backup in {CACHE}");
+    // Named after the destination as given and the host name (other
+    // tests' backups keep theirs in $BYTEBACK_CACHE_DIR).
+    let mut name = blake3::Hasher::new();
+    name.update(store.as_os_str().as_encoded_bytes());
+    name.update(&[0]);
+    name.update(b"debtest");
+    let record = Path::new(CACHE).join(format!("{}.entries", &name.finalize().to_hex()[..32]));
+    assert!(
+        record.is_file(),
+        "no record of the last backup at {}",
+        record.display()
+    );
     let into = d.join("restored");
     fs::create_dir_all(&into).unwrap();
     run(Command::new("/usr/bin/byteback-restore")

@@ -449,6 +449,25 @@ fn a_source_left_out_whole_by_a_filter_rule_is_warned_about() {
     assert!(!cur.join(other.strip_prefix("/").unwrap()).exists());
 }
 
+/// As 1.x, which made each run of slashes in its `-x` patterns one:
+/// `-x $PREFIX/cache` with `PREFIX=/var/` leaves out /var/cache.
+#[test]
+fn doubled_slashes_in_an_exclude_are_one() {
+    let s = setup();
+    put(&s.src, b"kept/f", b"kept");
+    put(&s.src, b"cache/f", b"left out");
+    let x = format!("{}//cache/", s.src.display());
+    let o = s.backup(&[OsStr::new("-x"), OsStr::new(&x)]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let cur = s
+        .store
+        .join("h/current")
+        .join(s.src.strip_prefix("/").unwrap());
+    assert!(cur.join("kept/f").is_file(), "{err}");
+    assert!(!cur.join("cache").exists(), "{err}");
+}
+
 /// The excludes (`-x`, `/etc/byteback/excludes`) with rsync's matching, and
 /// the filter rules rsync reads differently from a first reading: rsync
 /// itself, run as 1.x ran it (`--exclude`s, `--exclude-from`, then

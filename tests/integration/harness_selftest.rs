@@ -4,7 +4,7 @@
 use crate::util;
 
 use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::process::Command;
@@ -225,7 +225,6 @@ const MUTATIONS: &[Mutation] = &[
         name: "mode of a directory",
         root_only: false,
         apply: |d| {
-            use std::os::unix::fs::PermissionsExt;
             let p = d.join("modes/private_dir");
             fs::set_permissions(&p, fs::Permissions::from_mode(0o750)).expect("chmod");
         },
@@ -429,14 +428,52 @@ fn sentinel_detects_tampering() {
     let msg = expect_panic("new dir", || s.assert_untouched());
     assert!(msg.contains("appeared: sub"), "{msg}");
     fs::remove_dir(dir.join("sub")).expect("rmdir");
-    s.assert_untouched();
+    // Gone again, but the directory's ctime moved.
+    let msg = expect_panic("dir ctime", || s.assert_untouched());
+    assert!(msg.contains("metadata changed: ."), "{msg}");
 
     // A removed pre-existing file.
+    let s = Sentinel::plant(dir);
     fs::remove_file(dir.join("existing")).expect("rm");
     let msg = expect_panic("vanished", || s.assert_untouched());
     assert!(msg.contains("vanished: existing"), "{msg}");
     fs::write(dir.join("existing"), b"existing").expect("write");
-    s.assert_untouched();
+
+    // The directory itself chmod-ed, re-timed or given an xattr (as through
+    // a planted symlink to it), or a file in it chmod-ed: nothing appears.
+    type Touch = fn(&std::path::Path);
+    let touches: [(&str, Touch, &str); 4] = [
+        (
+            "chmod dir",
+            |d| fs::set_permissions(d, fs::Permissions::from_mode(0o700)).expect("chmod"),
+            "metadata changed: .",
+        ),
+        (
+            "utimes dir",
+            |d| set_mtime(d, 1000, 0),
+            "metadata changed: .",
+        ),
+        (
+            "xattr on dir",
+            |d| set_xattr(d, "user.planted", b"x"),
+            "metadata changed: .",
+        ),
+        (
+            "chmod file",
+            |d| {
+                fs::set_permissions(d.join("existing"), fs::Permissions::from_mode(0o600))
+                    .expect("chmod")
+            },
+            "metadata changed: existing",
+        ),
+    ];
+    for (what, touch, needle) in touches {
+        let s = Sentinel::plant(dir);
+        s.assert_untouched();
+        touch(dir);
+        let msg = expect_panic(what, || s.assert_untouched());
+        assert!(msg.contains(needle), "{what}: {msg}");
+    }
 
     // mtime only.
     set_mtime(s.path(), 1000, 0);
@@ -506,7 +543,6 @@ fn require_root_agrees_with_euid() {
 
 #[test]
 fn plain_dir_read_only_by_mode_bits() {
-    use std::os::unix::fs::PermissionsExt;
     let t = scratch();
     let d = t.path().join("snap");
     fs::create_dir_all(d.join("sub")).expect("mkdir");

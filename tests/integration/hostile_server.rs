@@ -381,10 +381,15 @@ fn hostile_entry_paths_are_refused() {
     }
     let st = Stage::new();
     let abs = format!("{}/SENTINEL", st.outside().display());
-    for path in ["../../outside/SENTINEL", abs.as_str(), "a//b", "./x"] {
+    for (path, why) in [
+        ("../../outside/SENTINEL", "dot component"),
+        (abs.as_str(), "absolute"),
+        ("a//b", "empty component"),
+        ("./x", "dot component"),
+    ] {
         let sc = scenario(vec![file(path, b"evil")], &[(path, b"evil")]);
         let r = st.restore(&sc, &[ALL]);
-        r.assert_failed(&["path", "invalid"]);
+        r.assert_failed(&[&format!("invalid path {path:?}: {why}")]);
         st.sentinel.assert_untouched();
     }
 }
@@ -1235,8 +1240,9 @@ fn nested_directories_cannot_make_a_restore_hold_unbounded_xattrs() {
     st.clear_work();
     // 140 levels of ACL bytes: refused past 128 MiB. Restored over
     // directories that are there already (another user's, mode 0750): the
-    // one refused is given back its owner and mode like every other, not
-    // left locked down (root's, mode 0700) as the restore made it.
+    // one refused is given back its owner and mode, not left locked down
+    // (root's, mode 0700) as the restore made it; the others get their
+    // entries'.
     let (sc, leaf) = nested(140, "system.posix_acl_");
     let top = Path::new(&leaf).parent().unwrap();
     fs::create_dir_all(st.restored(top.to_str().unwrap())).unwrap();
@@ -1259,9 +1265,20 @@ fn nested_directories_cannot_make_a_restore_hold_unbounded_xattrs() {
         r.stderr
     );
     assert!(fs::symlink_metadata(st.restored(&leaf)).is_err());
-    for d in &levels {
-        let mode = fs::metadata(d).unwrap().permissions().mode() & 0o7777;
-        assert_ne!(mode, 0o700, "{} left locked down", d.display());
+    // `levels` runs from the deepest up: the deepest, refused, has what it
+    // had; every other got its entry's (root's, 0755) as it was left.
+    for (i, d) in levels.iter().enumerate() {
+        let m = fs::metadata(d).unwrap();
+        let want = match i {
+            0 => (1234, 1234, 0o750),
+            _ => (0, 0, 0o755),
+        };
+        assert_eq!(
+            (m.uid(), m.gid(), m.mode() & 0o7777),
+            want,
+            "{} not given its owner and mode",
+            d.display()
+        );
     }
     st.sentinel.assert_untouched();
 }

@@ -82,6 +82,16 @@ fn the_html_report_shows_every_host_trouble_first_and_escapes_the_store() {
     log.push_str(&format!("{} 4096 {hostile}\n", now - 6 * DAY));
     fs::write(store.join("gamma/.byteback-usage"), log).unwrap();
     fs::create_dir_all(store.join("gamma/\"><svg onload=alert(3)>")).unwrap();
+    // And a damaged file's path, as verify records it (hex).
+    let damaged: String = b"x\"><iframe src=javascript:alert(4)>"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    fs::write(
+        store.join("gamma/.byteback-verify"),
+        format!("damage current {damaged} content does not match its BLAKE3\n"),
+    )
+    .unwrap();
     let usage = fs::read_to_string(store.join("alpha/.byteback-usage")).unwrap();
     assert!(
         usage.lines().all(|l| l.split_whitespace().count() == 5),
@@ -113,13 +123,17 @@ fn the_html_report_shows_every_host_trouble_first_and_escapes_the_store() {
     let lower = dom.to_ascii_lowercase();
     // The hostile text is there, but only as text (entities), never markup:
     // no script or img element, no svg with an onload attribute.
-    for bad in ["<script", "<img", "<svg onload"] {
+    for bad in ["<script", "<img", "<svg onload", "<iframe"] {
         assert!(!lower.contains(bad), "{bad} as markup in the DOM:\n{dom}");
     }
-    assert!(
-        dom.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
-        "{dom}"
-    );
+    // Each reached the page, as text.
+    for text in [
+        "&lt;script&gt;alert(1)&lt;/script&gt;",
+        "&lt;svg onload=alert(3)&gt;",
+        "&lt;iframe src=javascript:alert(4)&gt;",
+    ] {
+        assert!(dom.contains(text), "{text} not in the DOM:\n{dom}");
+    }
     let section = |host: &str| -> (usize, &str) {
         let key = format!("data-host=\"{host}\"");
         let at = dom

@@ -199,7 +199,18 @@ fn setup_client_then_backup_and_restore_over_ssh() {
         "{}",
         lines[1]
     );
-    assert!(is_btrfs(&w.store.join("client-a/current")));
+    assert!(is_btrfs_subvolume(&w.store.join("client-a/current")));
+    // As a stock sshd wants it (StrictModes, as the test sshd runs): the
+    // account's own, mode 0600, in its own .ssh of mode 0700.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let keys_file = w.sshd.authorized_keys();
+        let ak = fs::metadata(&keys_file).unwrap();
+        let dir = fs::metadata(keys_file.parent().unwrap()).unwrap();
+        let home = fs::metadata(keys_file.parent().unwrap().parent().unwrap()).unwrap();
+        assert_eq!((ak.mode() & 0o777, ak.uid()), (0o600, home.uid()));
+        assert_eq!((dir.mode() & 0o777, dir.uid()), (0o700, home.uid()));
+    }
 
     // Running it twice changes nothing.
     let out = w.setup(&client, "client-a");

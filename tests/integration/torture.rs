@@ -124,7 +124,8 @@ fn kill_9_at_random_moments_never_changes_a_snapshot() {
             for p in &servers {
                 send_signal(*p, Signal::KILL);
             }
-            server_kills += 1;
+            // A kill only when there was a server to kill.
+            server_kills += u32::from(!servers.is_empty());
         }
         // The client always ends, promptly.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -149,7 +150,10 @@ fn kill_9_at_random_moments_never_changes_a_snapshot() {
         started.elapsed(),
         digests.seen().len()
     );
-    assert!(client_kills + server_kills >= 2, "no kill landed");
+    assert!(
+        client_kills >= 1 && server_kills >= 1,
+        "a kind of kill never landed"
+    );
     // Every snapshot is still what it was when first seen.
     for (s, old) in digests.seen() {
         let now = tree_digest(&store.join("t").join(s));

@@ -286,6 +286,17 @@ fn read_exclude_file(path: &Path) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// `p` with each run of `/` made one.
+fn collapse_slashes(p: &str) -> String {
+    let mut out = String::with_capacity(p.len());
+    for c in p.chars() {
+        if !(c == '/' && out.ends_with('/')) {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Warnings for the exclude patterns in `own` (where each came from, and
 /// the pattern) that match no path, as with rsync (`/`, an unterminated
 /// `[`): most likely a typo the user wants to hear of.
@@ -902,7 +913,9 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
     let own: Vec<(String, String)> = args
         .exclude
         .iter()
-        .map(|x| (format!("--exclude {x:?}"), x.clone()))
+        // As 1.x (`gsub(/\/+/, '/')` on its -x patterns): `-x /var//cache`
+        // (`-x $PREFIX/cache` with `PREFIX=/var/`) leaves out /var/cache.
+        .map(|x| (format!("--exclude {x:?}"), collapse_slashes(x)))
         .chain(read_exclude_file(&config_dir().join("excludes"))?)
         .collect();
     for w in excludes_matching_nothing(&own) {
@@ -1252,12 +1265,11 @@ fn transfer(
                 report.warnings.extend(r.warnings.iter().cloned());
                 report.server_message =
                     Some(r.message.trim().to_string()).filter(|m| !m.is_empty());
-                if tracing::enabled!(tracing::Level::INFO) {
-                    tracing::info!("{line}");
-                } else if r.snapshot.is_none() {
-                    // Said even with -q: no snapshot was taken.
-                    tracing::error!("{line}");
-                }
+                // A snapshot refused for the minimum interval is no
+                // trouble (a newer one than it allows is there, and
+                // `current` holds this backup): with -q nothing is said, as
+                // 1.x said nothing. A snapshot that failed fails the run.
+                tracing::info!("{line}");
                 let snapshot = r
                     .snapshot
                     .filter(|n| byteback_protocol::validate_snapshot_name(n).is_ok());

@@ -613,6 +613,28 @@ pub fn render(r: &Report) -> String {
                     .join("; ")
             );
         }
+        // What else makes the host a WARNING, as `status` names it.
+        let list = |names: &[String]| {
+            let mut l: Vec<String> = names.iter().take(5).map(|n| esc(n)).collect();
+            if names.len() > 5 {
+                l.push(format!("and {} more", names.len() - 5));
+            }
+            l.join("; ")
+        };
+        if !st.future.is_empty() {
+            let _ = write!(
+                s,
+                "<p class=\"damaged\">snapshot(s) dated in the future (a clock set wrong? delete them once checked): {}</p>",
+                list(&st.future)
+            );
+        }
+        if !st.strays.is_empty() {
+            let _ = write!(
+                s,
+                "<p class=\"damaged\">directories not named as snapshots, never pruned or restored: {}</p>",
+                list(&st.strays)
+            );
+        }
         let _ = write!(
             s,
             "<div class=\"label\">retention: which periods hold a snapshot (green; each line a snapshot)</div>{}\

@@ -8,7 +8,7 @@
 //! only [`require_root`] may turn a test into a (loudly reported) skip.
 #![allow(dead_code)]
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -943,6 +943,29 @@ pub struct Sentinel {
     ino: u64,
     nlink: u64,
     listing: BTreeSet<Vec<u8>>,
+    /// Mode, owner and ctime of `dir` itself (the empty name) and of
+    /// everything below it: a chmod, chown, utimes or xattr change made
+    /// through a planted symlink to `dir` changes nothing inside it.
+    meta: BTreeMap<Vec<u8>, Meta>,
+}
+
+/// What [`Sentinel`] keeps of each object: mode, uid, gid, ctime.
+type Meta = (u32, u32, u32, (i64, i64));
+
+fn meta_below(dir: &Path) -> BTreeMap<Vec<u8>, Meta> {
+    let of = |p: &Path| {
+        let m = lstat(p);
+        (m.mode(), m.uid(), m.gid(), (m.ctime(), m.ctime_nsec()))
+    };
+    let mut out: BTreeMap<Vec<u8>, Meta> = walk(dir)
+        .into_iter()
+        .map(|p| {
+            let rel = p.strip_prefix(dir).expect("below dir");
+            (rel.as_os_str().as_bytes().to_vec(), of(&p))
+        })
+        .collect();
+    out.insert(vec![], of(dir));
+    out
 }
 
 fn listing(dir: &Path) -> BTreeSet<Vec<u8>> {
@@ -964,7 +987,8 @@ impl Sentinel {
 
     /// Writes `dir/SENTINEL` (random content, mode 0644) and records its
     /// bytes, mode, mtime, ctime, inode and link count, plus the recursive
-    /// listing of `dir` (names only, symlinks not followed).
+    /// listing of `dir` (names only, symlinks not followed) and the mode,
+    /// owner and ctime of `dir` and of everything below it.
     pub fn plant(dir: &Path) -> Sentinel {
         let path = dir.join(Self::NAME);
         let mut rng = Rng::from_time();
@@ -982,6 +1006,7 @@ impl Sentinel {
             ino: m.ino(),
             nlink: m.nlink(),
             listing: listing(dir),
+            meta: meta_below(dir),
             path,
         }
     }
@@ -993,8 +1018,10 @@ impl Sentinel {
 
     /// Panics, listing every finding, if the sentinel file is gone, replaced
     /// (other inode or type), rewritten, chmod-ed, re-timed, hard-linked or
-    /// otherwise touched (ctime), or if any path appeared in or vanished from
-    /// `dir` (recursively) since [`Sentinel::plant`].
+    /// otherwise touched (ctime), if any path appeared in or vanished from
+    /// `dir` (recursively), or if `dir` or anything below it had its mode,
+    /// owner or ctime changed (chmod, chown, utimes, xattrs, ACLs) since
+    /// [`Sentinel::plant`].
     pub fn assert_untouched(&self) {
         let mut problems = Vec::new();
         match fs::symlink_metadata(&self.path) {
@@ -1048,6 +1075,19 @@ impl Sentinel {
         }
         for p in self.listing.difference(&now) {
             problems.push(format!("vanished: {}", esc(p)));
+        }
+        let now = meta_below(&self.dir);
+        for (p, was) in &self.meta {
+            match now.get(p) {
+                Some(is) if is != was => problems.push(format!(
+                    "metadata changed: {} (mode, uid, gid, ctime) {was:?} -> {is:?}",
+                    match p.is_empty() {
+                        true => ".".to_string(),
+                        false => esc(p),
+                    }
+                )),
+                _ => {}
+            }
         }
         if !problems.is_empty() {
             panic!(
@@ -1274,6 +1314,26 @@ fn is_immutable(path: &Path) -> bool {
 fn mounted_read_only(path: &Path) -> bool {
     rustix::fs::statvfs(path)
         .is_ok_and(|st| st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+}
+
+/// True when `path` is the root of a btrfs subvolume (inode 256 on btrfs).
+pub fn is_btrfs_subvolume(path: &Path) -> bool {
+    is_btrfs(path) && lstat(path).ino() == 256
+}
+
+/// True when `path` is a btrfs subvolume whose `ro` property is set: a
+/// read-only snapshot, not a tree made read-only by its mode bits.
+pub fn is_read_only_snapshot(path: &Path) -> bool {
+    if !is_btrfs_subvolume(path) {
+        return false;
+    }
+    let out = run_status(
+        Command::new("btrfs")
+            .args(["property", "get", "-ts"])
+            .arg(path)
+            .arg("ro"),
+    );
+    out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ro=true"
 }
 
 /// True when `path` (file or directory; symlinks in it are resolved first)

@@ -161,7 +161,7 @@ impl Sshd {
              KbdInteractiveAuthentication no\n\
              PubkeyAuthentication yes\n\
              AuthorizedKeysFile .ssh/authorized_keys\n\
-             StrictModes no\n\
+             StrictModes yes\n\
              PermitRootLogin no\n\
              PermitUserEnvironment no\n\
              AllowUsers {user}\n\
