@@ -3753,4 +3753,83 @@ fn a_running_backup_records_its_growth_as_it_goes() {
         .filter(|l| l.ends_with(" - running"))
         .count();
     assert!(running >= 1, "no note for 3,000 directories: {text}");
+
+    // Growth from the manifest alone: FIFOs create nothing on the server
+    // but each carries its xattrs into the new manifest (3 KB of random
+    // bytes each here, up to a MiB a client may send), noted as written,
+    // not only at the commit (a client cut off before it filled the disc
+    // unseen by the guard).
+    if !require_root("xattrs on FIFOs (trusted.*)") {
+        return;
+    }
+    let src3 = src.join("fifos");
+    fs::create_dir(&src3).unwrap();
+    for i in 0..2000 {
+        let f = src3.join(format!("p{i:05}"));
+        run(Command::new("mkfifo").arg(&f));
+        set_xattr(&f, "trusted.x", &rng.bytes(3000));
+    }
+    let before = text.lines().count();
+    let o = run_status(
+        local_backup_cmd(&store, &src, "h").env("BYTEBACK_TEST_GROWTH_NOTE_BYTES", "1048576"),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+    let text = fs::read_to_string(store.join("h/.byteback-usage")).unwrap();
+    let running = text
+        .lines()
+        .skip(before)
+        .filter(|l| l.ends_with(" - running"))
+        .count();
+    assert!(
+        running >= 3,
+        "6 MB of manifest noted {running} times: {text}"
+    );
+
+    // A backup cut off before its commit (its walk stuck, as on a
+    // filesystem that stopped answering) leaves no new manifest behind, and
+    // the usage log, which noted it as written, gets it back as a credit.
+    let src4 = src.join("fifos2");
+    fs::create_dir(&src4).unwrap();
+    for i in 0..2000 {
+        let f = src4.join(format!("p{i:05}"));
+        run(Command::new("mkfifo").arg(&f));
+        set_xattr(&f, "trusted.x", &rng.bytes(3000));
+    }
+    fs::create_dir(src.join("zz-stuck")).unwrap();
+    let before = text.lines().count();
+    let (o, _) = run_bounded(
+        local_backup_cmd(&store, &src, "h")
+            .env("BYTEBACK_TEST_GROWTH_NOTE_BYTES", "1048576")
+            .env("BYTEBACK_TEST_WALK_STALL", "zz-stuck")
+            .env("BYTEBACK_TEST_STUCK_LIMIT_SECS", "3")
+            .args(["--io-timeout", "3"]),
+        std::time::Duration::from_secs(60),
+        src.to_str().unwrap(),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", output_text(&o));
+    let new_manifest = store.join("h/current/.byteback/manifest.new");
+    let gone = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while new_manifest.exists() && std::time::Instant::now() < gone {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        !new_manifest.exists(),
+        "the cut-off backup's new manifest stays"
+    );
+    let text = fs::read_to_string(store.join("h/.byteback-usage")).unwrap();
+    let lines: Vec<&str> = text.lines().skip(before).collect();
+    let running = lines.iter().filter(|l| l.ends_with(" - running")).count();
+    assert!(running >= 1, "the cut-off backup noted nothing: {text}");
+    let (mut noted, mut credit) = (0u64, 0u64);
+    for l in &lines {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        match f.get(3) {
+            Some(&"credit") => credit += f[4].parse::<u64>().unwrap(),
+            _ => noted += f[1].parse::<u64>().unwrap(),
+        }
+    }
+    assert!(
+        noted.saturating_sub(credit) < 1 << 20,
+        "noted {noted}, credited {credit}: {text}"
+    );
 }

@@ -139,6 +139,9 @@ impl BackupReceiver {
     fn start_manifest(&mut self, new_shown: &str) -> Result<ManifestWriter> {
         let new_path = || new_shown;
         fsops::remove_any(&self.meta, b"manifest.new").op("remove", new_path)?;
+        // What a failed try wrote is gone with it.
+        self.grown = self.grown.saturating_sub(self.manifest_grown);
+        self.manifest_grown = 0;
         if let Some(e) = super::transfer::test_fault::no_space(super::transfer::test_fault::CREATE)
         {
             return Err(e).op("create", new_path);
@@ -200,7 +203,10 @@ impl BackupReceiver {
         // Each snapshot keeps its own manifest: new space, however few of
         // its entries changed (xattrs a client sends are stored here only).
         let manifest_len = new_file.metadata().map_or(0, |m| m.len());
-        self.grown = self.grown.saturating_add(manifest_len);
+        self.grown = self
+            .grown
+            .saturating_add(manifest_len.saturating_sub(self.manifest_grown));
+        self.manifest_grown = manifest_len;
         // Atomic with the manifest: an attribute of its file, synced with it.
         let kept = carry::write_generation(&new_file, &generation).then_some(generation);
         crate::manifest::write_bytes(&new_file, bytes);

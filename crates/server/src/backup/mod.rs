@@ -368,6 +368,12 @@ pub struct BackupReceiver {
     /// growth and the size guard's figure, so a client cannot fill the disc
     /// with copies, empty objects or xattrs it names in a few bytes.
     pub grown: u64,
+    /// Of [`Self::grown`], the bytes of the new manifest written so far:
+    /// counted as they are written, since entries that create nothing
+    /// (FIFOs, devices, hard links) can carry a MiB of xattrs each, and a
+    /// client cut off before its commit must not have filled the disc
+    /// unseen by the growth guard.
+    manifest_grown: u64,
     /// Of [`Self::grown`], what the usage log has already (see
     /// [`Self::unrecorded`]). A transfer's bytes thrown away after they were
     /// recorded (it ran out of space) lower `grown` below it: later growth
@@ -491,6 +497,35 @@ fn empty_manifest() -> Result<PeekableManifest> {
 }
 
 impl BackupReceiver {
+    /// Counts in [`Self::grown`] what the new manifest wrote since.
+    fn count_manifest(&mut self) {
+        let written = self.new.as_ref().map_or(0, ManifestWriter::written);
+        if written > self.manifest_grown {
+            self.grown = self.grown.saturating_add(written - self.manifest_grown);
+            self.manifest_grown = written;
+        }
+    }
+
+    /// The new manifest, of a backup that ends without its commit, goes
+    /// (the next run starts its own): what it held is no growth, and a
+    /// usage log that counted it gets the credit (see
+    /// [`Self::overcounted`]).
+    pub fn abandon_manifest(&mut self) {
+        // None: never started, or committed (it is the manifest now).
+        if self.new.take().is_none() {
+            return;
+        }
+        if let Err(e) = fsops::remove_any(&self.meta, b"manifest.new") {
+            tracing::warn!(
+                "cannot remove {}: {e}",
+                in_dir(&self.meta_path, b"manifest.new")
+            );
+            return;
+        }
+        self.grown = self.grown.saturating_sub(self.manifest_grown);
+        self.manifest_grown = 0;
+    }
+
     /// Growth the usage log does not have yet.
     pub fn unrecorded(&self) -> u64 {
         self.grown.saturating_sub(self.noted)
@@ -600,6 +635,7 @@ impl BackupReceiver {
             decoder: Decoder::new()?,
             stats: BackupStats::default(),
             grown: 0,
+            manifest_grown: 0,
             noted: 0,
             warnings,
             warnings_dropped: 0,
@@ -738,6 +774,7 @@ impl BackupReceiver {
                     new.push(&e)
                         .op("write", || in_dir(&self.meta_path, b"manifest.new"))?;
                     self.sigs.note(&e);
+                    self.count_manifest();
                 }
                 // Equal to the old manifest's next entry (see `push_ready`).
                 None => self.work.unwritten += 1,

@@ -72,7 +72,9 @@ pub(super) fn backup<R: Read, W: Write>(
         // What it wrote stays for the next run to resume from: the growth
         // guard counts it (a client cutting its runs short must not
         // write without limit, unseen). What the log has and was thrown
-        // away is not (the next run writes it again, counted then).
+        // away is not (the next run writes it again, counted then), nor
+        // the new manifest, which goes now (the next run starts its own).
+        rx.abandon_manifest();
         settle_credit(&host, target.now(), &mut rx);
         if rx.unrecorded() > 0 {
             match crate::pruner::record_written(&host, target.now(), rx.unrecorded(), None) {
