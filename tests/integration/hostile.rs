@@ -1300,6 +1300,76 @@ fn a_file_given_up_keeps_its_old_entry_only_if_its_old_copy_is_there() {
     assert_eq!(fs::read(r.join("g")).unwrap(), y);
 }
 
+/// The old manifest's entries that transfers hold (to keep, should the file
+/// be given up) are not in the window the client keeps: a client sending
+/// small entries for files whose old entries carry a MiB of xattrs each
+/// made the server hold gigabytes for a few MB. Past 64 MiB of them they
+/// are held without their xattrs, and a file given up then keeps its old
+/// entry without them, said.
+#[test]
+fn old_entries_held_for_transfers_are_bounded() {
+    let mut env = Env::new();
+    let n = 72u32;
+    let names: Vec<Vec<u8>> = (0..n).map(|i| format!("f{i:03}").into_bytes()).collect();
+    let xattrs: Vec<(Vec<u8>, Vec<u8>)> = (0..15u8)
+        .map(|k| (format!("user.x{k:02}").into_bytes(), vec![k; 64 << 10]))
+        .collect();
+    // First backup: each file 1 byte with 15 x 64 KiB of xattrs, sent 7 at
+    // a time (the window holds 8 MiB of entries behind open transfers).
+    let m = fresh_mtime();
+    let mut s = Script::backup();
+    for (c, chunk) in names.chunks(7).enumerate() {
+        let es = chunk
+            .iter()
+            .map(|p| {
+                let mut e = file_e(p, 1, m);
+                e.xattrs = xattrs.clone();
+                e
+            })
+            .collect();
+        s = s.msg(&ClientMsg::Entries(es));
+        for i in 0..chunk.len() {
+            let id = (c * 7 + i) as u32;
+            s = s.msg(&file_data(id, b"x")).msg(&file_end(id, b"x", m));
+        }
+    }
+    let o = env.serve(
+        "files with a MiB of xattrs each",
+        &s.msg(&ClientMsg::BackupEnd).bytes,
+    );
+    o.assert_backup_ok(n as usize);
+    env.accept();
+    // Second: every file changed, sent without xattrs, and given up.
+    let m2 = fresh_mtime() + 1;
+    let mut s = Script::backup().msg(&ClientMsg::Entries(
+        names.iter().map(|p| file_e(p, 2, m2)).collect(),
+    ));
+    for id in 0..n {
+        s = s.msg(&ClientMsg::FileAbort { id });
+    }
+    let o = env.serve("every file given up", &s.msg(&ClientMsg::BackupEnd).bytes);
+    // Each give-up is answered FileOk.
+    o.assert_backup_ok(n as usize);
+    env.accept();
+    let Some(ServerMsg::BackupDone { message, .. }) = o.backup_done() else {
+        unreachable!()
+    };
+    let said =
+        |p: &str| message.contains(&format!("{p}: kept at its last version without its xattrs"));
+    // 64 MiB hold 68 of them (983,850 bytes each as counted).
+    assert!(!said("f000") && !said("f067"), "{message}");
+    assert!(said("f068") && said("f071"), "{message}");
+    // Those held whole kept their xattrs in the new manifest; the others
+    // their old entry without them.
+    let kept = manifest_entries(&env);
+    assert_eq!(kept.len(), n as usize);
+    for (i, e) in kept.iter().enumerate() {
+        assert_eq!(e.entry.mtime_sec, m, "{i}: not the old entry");
+        let want = if i < 68 { xattrs.len() } else { 0 };
+        assert_eq!(e.entry.xattrs.len(), want, "f{i:03}");
+    }
+}
+
 /// A file placed with the size and mtime the old manifest gives it, but
 /// other content (a client whose file ended with the old mtime), gets a
 /// nanosecond off on disc: a run cut off after placing it must not leave a

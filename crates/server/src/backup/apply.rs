@@ -417,12 +417,15 @@ impl BackupReceiver {
         let twin = !has_basis && size >= TWIN_MIN && self.twins().has_size(size);
         let seq = self.slots.push(Slot::Waiting, e.buffer_cost())?;
         let lease = sigs::keeps(size).then(|| self.kept.lease(size)).flatten();
+        let (old, old_cost, old_trimmed) = self.hold_old(old);
         self.transfers.insert(
             id,
             Box::new(Transfer {
                 seq,
                 entry: e,
                 old,
+                old_cost,
+                old_trimmed,
                 partial,
                 has_prev,
                 in_place,

@@ -167,7 +167,13 @@ struct Transfer {
     /// Its slot in the new manifest.
     seq: u64,
     entry: Entry,
+    /// The old manifest's entry at its path, kept for a give-up (see
+    /// [`BackupReceiver::hold_old`]).
     old: Option<ManifestEntry>,
+    /// What `old`'s xattrs count in [`BackupReceiver::old_held`].
+    old_cost: usize,
+    /// `old` is held without its xattrs (too many were held already).
+    old_trimmed: bool,
     /// Name of its rebuild in `.byteback/partial` (unused when written in place).
     partial: Vec<u8>,
     /// An earlier run's rebuild, `<partial>.prev`, is there (part of the basis).
@@ -224,6 +230,10 @@ struct ToOpen {
 /// Descriptors a transfer in flight may hold: its output, the stored copy
 /// and an earlier run's rebuild.
 pub const FDS_PER_TRANSFER: usize = 3;
+
+/// Bytes of old entries' xattrs the transfers in flight may hold (see
+/// [`BackupReceiver::hold_old`]): eight times the window's.
+const OLD_HELD_MAX: usize = 8 * byteback_protocol::limits::MAX_BUFFERED_BYTES;
 
 /// A transfer whose content passed its BLAKE3 check.
 struct Verified {
@@ -374,6 +384,9 @@ pub struct BackupReceiver {
     /// client cut off before its commit must not have filled the disc
     /// unseen by the growth guard.
     manifest_grown: u64,
+    /// Bytes of the old entries' xattrs the transfers in flight hold (see
+    /// [`Self::hold_old`]).
+    old_held: usize,
     /// Of [`Self::grown`], what the usage log has already (see
     /// [`Self::unrecorded`]). A transfer's bytes thrown away after they were
     /// recorded (it ran out of space) lower `grown` below it: later growth
@@ -497,6 +510,26 @@ fn empty_manifest() -> Result<PeekableManifest> {
 }
 
 impl BackupReceiver {
+    /// The old manifest's entry `o` as a transfer holds it, with what its
+    /// xattrs count, and whether they were left out. The window the client
+    /// keeps counts the entries it sends, not the old ones, whose xattrs
+    /// (up to a MiB each) a hostile client could make the server hold for
+    /// thousands of transfers at once for a few bytes each: past
+    /// [`OLD_HELD_MAX`] an old entry is held without them (should that
+    /// transfer be given up, its entry is kept without its xattrs, said).
+    fn hold_old(&mut self, o: Option<ManifestEntry>) -> (Option<ManifestEntry>, usize, bool) {
+        let Some(mut o) = o else {
+            return (None, 0, false);
+        };
+        let cost = o.entry.xattr_cost();
+        if self.old_held.saturating_add(cost) > OLD_HELD_MAX {
+            o.entry.xattrs = vec![];
+            return (Some(o), 0, cost > 0);
+        }
+        self.old_held += cost;
+        (Some(o), cost, false)
+    }
+
     /// Counts in [`Self::grown`] what the new manifest wrote since.
     fn count_manifest(&mut self) {
         let written = self.new.as_ref().map_or(0, ManifestWriter::written);
@@ -636,6 +669,7 @@ impl BackupReceiver {
             stats: BackupStats::default(),
             grown: 0,
             manifest_grown: 0,
+            old_held: 0,
             noted: 0,
             warnings,
             warnings_dropped: 0,

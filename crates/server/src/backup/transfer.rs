@@ -344,6 +344,7 @@ impl BackupReceiver {
         )?;
         let mut t = self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
         self.held_fds = self.held_fds.saturating_sub(t.fds);
+        self.old_held = self.old_held.saturating_sub(t.old_cost);
         // A new inode, whatever its data cost.
         self.grew_metadata(0);
         let Verified {
@@ -396,6 +397,7 @@ impl BackupReceiver {
     pub fn abort(&mut self, id: u32) -> Result<TransferResult> {
         let t = *self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
         self.held_fds = self.held_fds.saturating_sub(t.fds);
+        self.old_held = self.old_held.saturating_sub(t.old_cost);
         let created = t.writer.is_open();
         drop(t.writer);
         if t.in_place {
@@ -416,7 +418,16 @@ impl BackupReceiver {
         // still holds if that copy is the old manifest's file.
         let cost = t.entry.buffer_cost();
         let slot = match t.old {
-            Some(o) if self.old_copy_stays(t.old_copy, &o)? => Slot::Ready(o),
+            Some(o) if self.old_copy_stays(t.old_copy, &o)? => {
+                if t.old_trimmed {
+                    self.left_out(format!(
+                        "{}: kept at its last version without its xattrs (the server held too \
+                         many old entries' xattrs for the files in flight)",
+                        shown(&o.entry.path)
+                    ));
+                }
+                Slot::Ready(o)
+            }
             _ => {
                 // Whatever is at its path goes with the commit's sweep.
                 self.work.needs_sweep = true;

@@ -133,6 +133,7 @@ impl BackupReceiver {
     /// stays, and the entry goes into the manifest with its new metadata.
     fn keep_verified(&mut self, id: u32) -> Result<()> {
         let t = *self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
+        self.old_held = self.old_held.saturating_sub(t.old_cost);
         if t.has_prev {
             // An earlier run's rebuild, now of no use.
             let prev = prev_name(&t.partial);
