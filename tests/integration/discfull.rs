@@ -149,6 +149,59 @@ fn does_not_fit(note: Option<&str>) {
     );
 }
 
+/// Room is asked for what took space, not for the holes before it: a
+/// sparse file of 1 GiB whose last 150 MiB are data asks for about that
+/// much (it asked for its whole length: a client declaring a huge file of
+/// zeros could make every host's snapshots go for one real block).
+#[test]
+fn a_sparse_file_that_does_not_fit_asks_room_for_its_data_only() {
+    let Some(rig) = Rig::start(400) else {
+        return;
+    };
+    let src = rig.src.clone();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        fill(&src, name, 70, i as u64);
+        rig.backup_ok(&src, "h", T0 + i as i64 * DAY);
+    }
+    fill(&src, "sparse", 0, 9);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(src.join("sparse"))
+            .unwrap();
+        f.write_all_at(&Rng::new(10).bytes(150 << 20), 874 << 20)
+            .unwrap();
+    }
+    let o = run_status(&mut backup_at(
+        &rig.store,
+        &rig.wrapper,
+        &src,
+        "h",
+        T0 + 3 * DAY,
+    ));
+    let out = text(&o);
+    let need: u64 = out
+        .split(" bytes); pruning to make room")
+        .next()
+        .and_then(|a| a.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no need said: {out}"));
+    assert!((1..=150 << 20).contains(&need), "{need}: {out}");
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    let newest = rig.snapshots("h").pop().unwrap();
+    let stored = rig
+        .store
+        .join("h")
+        .join(newest)
+        .join(src.strip_prefix("/").unwrap())
+        .join("sparse");
+    assert_eq!(
+        fs::read(&stored).unwrap(),
+        fs::read(src.join("sparse")).unwrap()
+    );
+}
+
 #[test]
 fn with_nothing_to_delete_it_fails_clearly_and_a_smaller_backup_then_succeeds() {
     let Some(rig) = Rig::start(300) else {

@@ -1094,6 +1094,27 @@ fn copies_a_delta_makes_count_as_written() {
     );
 }
 
+/// One data message makes at most 64 MiB of its file: 238 KB of COPY ops
+/// against a 5,000-byte stored copy asking for 70 MB are refused (without
+/// the cap, a few KB of them made the server copy up to 16 TiB in one
+/// message).
+#[test]
+fn one_data_message_makes_at_most_64_mib() {
+    let mut env = Env::new();
+    let stored = Rng::new(8).bytes(5000);
+    let m = fresh_mtime();
+    let first = backup_script(&[(file_e(b"big", stored.len(), m), Some(&stored))]);
+    let o = env.serve("a file to copy from", &first.bytes);
+    assert!(o.backup_done().is_some(), "{}", o.describe());
+    env.accept();
+    let (s, content) = copies_script(&stored, &vec![(0, stored.len()); 14_000]);
+    assert_eq!(content.len(), 70_000_000);
+    let o = env.serve("70 MB of copies in one message", &s.bytes);
+    o.assert_refused(&["bad delta for big: delta output exceeds the allowed length"]);
+    assert_no_file_larger(&env.host_dir(), 64 << 20);
+    env.accept();
+}
+
 /// Clones cost metadata: a delta of hundreds of 4 KiB COPY ops at
 /// shuffled offsets (7 bytes each on the wire) makes the server clone each
 /// one, an extent item apiece in the btrfs metadata, and the usage log

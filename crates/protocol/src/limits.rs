@@ -41,6 +41,12 @@ pub const MAX_XATTR_NAME: usize = 255;
 pub const MAX_XATTR_VALUE: usize = 64 << 10;
 /// Largest total of xattr names and values of one entry.
 pub const MAX_XATTR_TOTAL: usize = 1 << 20;
+/// Most bytes of file one data message may make (its literal bytes and
+/// COPY ops together): an honest client's segment covers at most [`MAX_CHUNK`]
+/// bytes of its file; without a cap, a few KB of COPY ops against a stored
+/// copy made the server copy up to a file's size (16 TiB) in one message,
+/// hours of I/O no deadline checks.
+pub const MAX_MESSAGE_OUTPUT: u64 = 64 << 20;
 /// Largest serialized signature.
 pub const MAX_SIGNATURE: usize = 16 << 20;
 /// Longest free-text message (errors, warnings).

@@ -186,9 +186,9 @@ pub(super) struct FileWriter {
     /// ... and it was a quota's (EDQUOT), not the filesystem's.
     pub quota: bool,
     /// Once `nospace`: the bytes this attempt brought, written or dropped
-    /// (its offset at the failure plus the segments after it, counted by
-    /// [`count_dropped`]), so the room asked for is what the client sent,
-    /// never just what it declared.
+    /// (what took space up to the failure, holes and clones not, plus the
+    /// segments after it, counted by [`count_dropped`]), so the room asked
+    /// for is what the client sent, never just what it declared.
     pub attempted: u64,
     /// Bytes of this attempt counted in the backup's statistics and
     /// growth: taken back when the attempt is thrown away.
@@ -286,7 +286,9 @@ impl FileWriter {
         if self.nospace {
             return Ok(Applied::default()); // dropped: the end asks for a resend
         }
-        let limit = size.saturating_sub(self.written);
+        let limit = size
+            .saturating_sub(self.written)
+            .min(byteback_protocol::limits::MAX_MESSAGE_OUTPUT);
         let basis_len = self.basis.as_ref().map(Basis::len).unwrap_or(0);
         let out = opened(&self.out).map_err(|e| Error::io("store", shown(path), e))?;
         let mut sink = FileSink {
@@ -305,7 +307,12 @@ impl FileWriter {
             Err(SinkError::Io(e)) if is_no_space(&e) => {
                 self.nospace = true;
                 self.quota = e.raw_os_error() == Some(libc::EDQUOT);
-                self.attempted = pos;
+                // What took space: not holes, nor what clones shared (a
+                // stream of zeros declaring a huge file asked for room the
+                // size of its holes).
+                let mut tried = self.counted;
+                tried.add(applied);
+                self.attempted = tried.grown();
                 // Give its blocks back at once; it is sent again whole.
                 let _ = out.set_len(0);
                 return Ok(Applied::default());
