@@ -1194,6 +1194,54 @@ fn xattrs_and_empty_objects_count_as_written() {
     );
 }
 
+/// A kept block signature counts as written: a file of zeros is stored as
+/// holes and costs little on disc, but its signature and chaining values
+/// take their 0.3 % of its length (before, a client sending files of
+/// zeros grew `.byteback/sigs` unseen by the growth guard).
+#[test]
+fn kept_signatures_count_as_written() {
+    let mut env = Env::new();
+    let m = fresh_mtime();
+    let zeros = vec![0u8; 64 << 20];
+    let mut s = Script::backup().msg(&ClientMsg::Entries(vec![file_e(b"z", zeros.len(), m)]));
+    for piece in zeros.chunks(8 << 20) {
+        s = s.msg(&file_data(0, piece));
+    }
+    let s = s.msg(&file_end(0, &zeros, m)).msg(&ClientMsg::BackupEnd);
+    let o = env.serve("64 MiB of zeros", &s.bytes);
+    assert!(o.backup_done().is_some(), "{}", o.describe());
+    assert_eq!(env.accept().len(), 1, "{}", o.describe());
+    let sigs: u64 = fs::read_dir(env.current().join(".byteback/sigs"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(sigs > 64 << 10, "{sigs} bytes of signatures kept");
+    let (grown, last) = last_backup_growth(&env);
+    assert!(
+        grown >= sigs,
+        "the usage log says the backup wrote {grown} bytes; its signatures take {sigs} ({last:?})"
+    );
+    // Another content at the next backup: the old content's signature and
+    // chaining values are swept, the new one's kept.
+    let ones = vec![1u8; 5 << 20];
+    let m2 = fresh_mtime() + 1;
+    let mut s = Script::backup().msg(&ClientMsg::Entries(vec![file_e(b"z", ones.len(), m2)]));
+    s = s.msg(&file_data(0, &ones));
+    let s = s.msg(&file_end(0, &ones, m2)).msg(&ClientMsg::BackupEnd);
+    let o = env.serve("5 MiB of ones", &s.bytes);
+    assert!(o.backup_done().is_some(), "{}", o.describe());
+    env.accept();
+    let hex: String = hash_bytes(&ones)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let names: BTreeSet<String> = fs::read_dir(env.current().join(".byteback/sigs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, [hex.clone(), format!("{hex}.cv")].into());
+}
+
 /// The bytes the last backup of the host wrote, by its own line of the
 /// usage log (the snapshot's follows it), and that line.
 fn last_backup_growth(env: &Env) -> (u64, String) {

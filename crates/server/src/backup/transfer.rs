@@ -363,8 +363,17 @@ impl BackupReceiver {
             fsops::remove_any(&self.partial, &prev).op("remove", || self.partial_path(&prev))?;
         }
         if let Some(kept) = sig {
+            let before = self.sigs.written;
             if let Some(w) = self.sigs.keep(&hash, size, kept) {
                 self.warn(w);
+            }
+            // A new file (an inode each) and its bytes, as any.
+            let written = self.sigs.written - before;
+            if written > 0 {
+                self.grown = self
+                    .grown
+                    .saturating_add(written)
+                    .saturating_add(2 * super::INODE_COST);
             }
         }
         self.stats.files_transferred += 1;
