@@ -133,6 +133,17 @@ fn a_moved_and_a_copied_big_file_are_cloned_not_sent() {
         let (shared, text) = has_shared_extents(&w.stored(name));
         assert!(shared, "{name} shares no extent:\n{text}");
     }
+    // The clones count for their metadata in the usage log (an extent item
+    // of 256 bytes per 128 KiB), not as nothing: cloned by the thousand,
+    // 100 bytes each on the wire, they filled it unseen by the guard.
+    let usage = fs::read_to_string(w.store.join("moves/.byteback-usage")).unwrap();
+    let grown: u64 = usage
+        .lines()
+        .rfind(|l| l.split_whitespace().nth(2) == Some("-"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap();
+    assert!(grown >= 2 * (BIG / (128 << 10)) * 256, "{grown}: {usage}");
+    assert!(grown < BIG / 10, "{grown}: {usage}");
     w.assert_restores_exactly("moved");
 }
 

@@ -137,7 +137,7 @@ pub(super) const CLONE_COST: u64 = 256;
 /// (the most one extent holds on a store mounted with `compress`; a
 /// source shredded into small extents costs more, which this does not
 /// see).
-fn clone_items(len: u64) -> u64 {
+pub(super) fn clone_items(len: u64) -> u64 {
     len.div_ceil(128 << 10).max(1)
 }
 
