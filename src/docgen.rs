@@ -344,12 +344,12 @@ const PRUNE_EXIT: [Block; 4] = [
         "0",
         "Done, or nothing to do (the store has enough free space).",
     ),
+    Tag("1", "Error."),
     Tag(
-        "1",
-        "Error, including a bad combination of options (neither or both of --list and \
-         --prune).",
+        "2",
+        "Usage: the command line could not be parsed, or a bad combination of options \
+         (neither or both of --list and --prune).",
     ),
-    Tag("2", "Usage: the command line could not be parsed."),
     Tag(
         "3",
         "Refused by the growth guard: a snapshot whose backups wrote far more than usual \
@@ -497,8 +497,8 @@ fn backup_page() -> Written {
                     CLIENT_FILES[2],
                     Tag(
                         "/etc/byteback/excludes",
-                        "More exclude patterns, one per line (# comments), added to the \
-                         defaults and before --exclude.",
+                        "More exclude patterns, one per line (# comments), after those \
+                         of --exclude (which replace the defaults), or after the defaults.",
                     ),
                     Tag(
                         "/etc/byteback/pre-backup.d/, /etc/byteback/post-backup.d/",
@@ -543,19 +543,30 @@ fn backup_page() -> Written {
             (
                 "EXIT STATUS",
                 vec![
-                    Tag("0", "Success: the backup is committed."),
+                    Tag(
+                        "0",
+                        "Success: the backup is committed (files that vanished while it \
+                         ran are normal on a live system: counted, not an error).",
+                    ),
                     Tag(
                         "24",
-                        "Partial: files vanished, changed while read or were unreadable; \
-                         they are reported and counted, the rest is committed.",
+                        "Partial: files changed while read or were unreadable, or the \
+                         server left entries out; they are reported and counted, the rest \
+                         is committed.",
                     ),
                     Tag(
                         "1",
-                        "Failure: nothing was committed (after the retries), a setting \
-                         or source is wrong, or a pre-backup hook failed (nothing was \
-                         sent); or a post-backup hook failed (the backup is committed).",
+                        "Failure: nothing was committed (after the retries), or a \
+                         pre-backup hook failed (nothing was sent); or a post-backup hook \
+                         failed (the backup is committed).",
                     ),
-                    Tag("2", "Usage: the command line could not be parsed."),
+                    Tag(
+                        "2",
+                        "Usage or configuration, never retried: the command line, a \
+                         setting (destination, io_timeout, rsync_filter, rsync_flags), a \
+                         key that cannot be loaded, a source that does not exist. byteback \
+                         1.x exited 0 or 1 only (rsync's 24 counted as 0).",
+                    ),
                 ],
             ),
             (
@@ -1008,7 +1019,9 @@ fn server_prune_page() -> Written {
             (
                 "EXAMPLES",
                 vec![
-                    P("Snapshots in deletion order, the last one goes first:"),
+                    P("Snapshots in deletion order, the last one goes first, as \
+                       HOST/SNAPSHOT lines (byteback 1.x printed a heading and N: PATH \
+                       lines):"),
                     Ex(&["byteback-prune --list"]),
                     P("What would be deleted next:"),
                     Ex(&["byteback-prune --prune --dry-run --verbose"]),
@@ -1195,6 +1208,20 @@ fn byteback_toml_page() -> String {
         "A session that waits this long for its client to send or take a single byte gives          up, keeps what it received for the next run, and releases the host's lock, so a          connection that went silent (a lost route, a stopped peer) never blocks the next          backup. 1 to 2592000. Default {} (3 hours, as the client's --io-timeout).",
         d.io_timeout
     ))]);
+    r.control("TP", []);
+    r.text([bold("max_session"), roman(" = "), italic("seconds")]);
+    r.text([roman(format!(
+        "A backup session that has run this long in all gives up, keeps what it received \
+         for the next run, and releases the host's lock, so a client that trickles its data \
+         cannot hold the host for ever. 0 (no limit) to 31622400. Default {} (a day).",
+        d.max_session
+    ))]);
+    r.control("TP", []);
+    r.text([roman(
+        "Each time may also be a quoted age: \"6h\", \"3h\", \"2d\" (a number with s, m, h, \
+         d or w). A bare number below 60 for a time is taken as seconds and named in a \
+         warning (hours would be \"6h\").",
+    )]);
     r.control("SH", ["EXAMPLES"]);
     r.control("RS", ["4"]);
     r.control("nf", []);

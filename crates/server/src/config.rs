@@ -1,7 +1,8 @@
 //! Store-wide settings from `<store>/byteback.toml`, written by the admin.
 //!
-//! Only `key = integer` lines (and comments) are accepted; a missing file
-//! means defaults. The client can never write this file: it lives outside
+//! Only `key = integer` lines (and comments) are accepted, a time also as
+//! a quoted age (`"6h"`, `"2d"`: seconds, or `s`, `m`, `h`, `d`, `w`); a
+//! missing file means defaults. The client can never write this file: it lives outside
 //! every host's tree.
 
 use std::path::Path;
@@ -22,6 +23,9 @@ pub struct StoreConfig {
     /// releases the host's lock); 0 for no limit.
     pub max_session: i64,
 }
+
+/// The keys that are times, in seconds.
+const TIMES: [&str; 3] = ["min_snapshot_interval", "io_timeout", "max_session"];
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -44,12 +48,23 @@ impl StoreConfig {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(e) => return Err(crate::error::Error::io("read", path.display(), e)),
         };
-        Self::parse(&text)
-            .map_err(|e| crate::error::Error::Store(format!("{}: {e}", path.display())))
+        let mut notes = vec![];
+        let c = Self::parse_noting(&text, &mut notes)
+            .map_err(|e| crate::error::Error::Store(format!("{}: {e}", path.display())))?;
+        for n in notes {
+            tracing::warn!("{}: {n}", path.display());
+        }
+        Ok(c)
     }
 
     /// Parses the file's text.
     pub fn parse(text: &str) -> Result<Self, String> {
+        Self::parse_noting(text, &mut vec![])
+    }
+
+    /// Parses the file's text; values that are most likely a mistake
+    /// (seconds where hours were meant) are named in `notes`.
+    pub fn parse_noting(text: &str, notes: &mut Vec<String>) -> Result<Self, String> {
         let mut c = Self::default();
         // A key given twice is a mistake to point at, not one to settle by order.
         let mut seen: std::collections::HashMap<String, usize> = Default::default();
@@ -61,10 +76,39 @@ impl StoreConfig {
             let (k, v) = line
                 .split_once('=')
                 .ok_or(format!("line {}: expected key = value", n + 1))?;
-            let v: i64 = v
-                .trim()
-                .parse()
-                .map_err(|_| format!("line {}: expected an integer", n + 1))?;
+            let v = v.trim();
+            let aged = v
+                .strip_prefix('"')
+                .and_then(|a| a.strip_suffix('"'))
+                .filter(|_| TIMES.contains(&k.trim()));
+            let v: i64 = match aged {
+                Some(a) => crate::status::parse_age(a).ok_or(format!(
+                    "line {}: {a:?} is not an age (seconds, or a number with s, m, h, d or w)",
+                    n + 1
+                ))?,
+                None => v.parse().map_err(|_| {
+                    format!(
+                        "line {}: expected an integer{}",
+                        n + 1,
+                        match TIMES.contains(&k.trim()) {
+                            true => " (seconds) or a quoted age such as \"6h\"",
+                            false => "",
+                        }
+                    )
+                })?,
+            };
+            let short = match k.trim() {
+                "min_snapshot_interval" => (1..60).contains(&v),
+                "io_timeout" | "max_session" => (1..60).contains(&v),
+                _ => false,
+            };
+            if short {
+                notes.push(format!(
+                    "line {}: {} = {v} is {v} seconds (hours would be \"{v}h\")",
+                    n + 1,
+                    k.trim()
+                ));
+            }
             if let Some(first) = seen.insert(k.trim().to_string(), n + 1) {
                 return Err(format!(
                     "line {}: {} is given twice (first on line {first})",
@@ -121,5 +165,33 @@ mod tests {
         let e = StoreConfig::parse("minpercent = 5\n# x\nminpercent = 7\n").unwrap_err();
         assert_eq!(e, "line 3: minpercent is given twice (first on line 1)");
         assert_eq!(StoreConfig::parse("").unwrap().max_session, 86400);
+    }
+
+    #[test]
+    fn times_may_be_ages_and_seconds_that_look_like_hours_are_noted() {
+        let mut notes = vec![];
+        let c = StoreConfig::parse_noting(
+            "min_snapshot_interval = \"6h\"\nio_timeout = \"3h\"\nmax_session = \"2d\"\n",
+            &mut notes,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.min_snapshot_interval, c.io_timeout, c.max_session),
+            (6 * 3600, 3 * 3600, 2 * 86400)
+        );
+        assert!(notes.is_empty(), "{notes:?}");
+        let c =
+            StoreConfig::parse_noting("max_session = 24\nio_timeout = 3\n", &mut notes).unwrap();
+        assert_eq!((c.max_session, c.io_timeout), (24, 3));
+        assert_eq!(
+            notes,
+            [
+                "line 1: max_session = 24 is 24 seconds (hours would be \"24h\")",
+                "line 2: io_timeout = 3 is 3 seconds (hours would be \"3h\")"
+            ]
+        );
+        assert!(StoreConfig::parse("minpercent = \"5\"").is_err());
+        assert!(StoreConfig::parse("io_timeout = \"3 hours\"").is_err());
+        assert!(StoreConfig::parse("io_timeout = 6h").is_err());
     }
 }
