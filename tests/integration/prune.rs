@@ -801,3 +801,48 @@ fn a_1x_store_is_listed_and_pruned_btrfs() {
     let fs_ = BtrfsLoop::new(256);
     one_x_store(&fs_.mount.join("store"), true);
 }
+
+/// As 1.x, a directory is a host only if it holds `current` (or, here, a
+/// snapshot): an admin's `bin/` in the store account's home is not one, so
+/// status does not call it CRITICAL ("no snapshot") and prune never looks
+/// in it; status names it, as no host. One holding only snapshots (a
+/// retired host whose `current` went) is still pruned.
+#[test]
+fn only_directories_with_current_or_snapshots_are_hosts() {
+    let d = scratch();
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"f").unwrap();
+    local_backup(&store, &src, "web1");
+    fs::create_dir_all(store.join("bin")).unwrap();
+    fs::write(store.join("bin/tool"), b"#!/bin/sh\n").unwrap();
+    fs::create_dir_all(store.join("old-web2/2026-01-01T03:00+0000")).unwrap();
+    let server = |args: &[&str]| {
+        let o = run_status(
+            Command::new(bin("byteback-server"))
+                .args(args)
+                .arg("--store")
+                .arg(&store),
+        );
+        (o.status.code(), output_text(&o))
+    };
+    // CRITICAL for old-web2's old snapshot only.
+    let (code, out) = server(&["status", "--warn", "1d", "--crit", "2d"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("CRITICAL - old-web2 last backup"), "{out}");
+    assert!(!out.contains("bin has no snapshot"), "{out}");
+    assert!(!out.contains("bin  "), "{out}");
+    assert!(out.contains("old-web2"), "{out}");
+    assert!(
+        out.contains("not hosts (no current, no snapshot; never pruned or verified): bin"),
+        "{out}"
+    );
+    let (_, out) = server(&["status", "--json"]);
+    assert!(out.contains("\"not_hosts\":[\"bin\"]"), "{out}");
+    let (code, out) = server(&["prune", "--list"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("old-web2/2026-01-01T03:00+0000"), "{out}");
+    assert!(!out.contains("bin/"), "{out}");
+}

@@ -525,6 +525,7 @@ pub fn render(r: &Report) -> String {
             hosts: r.hosts.iter().map(|h| h.status.clone()).collect(),
             space: r.space,
             prune_refused: r.prune_refused.clone(),
+            not_hosts: vec![],
         };
         status::check(&st, Some(r.warn), Some(r.crit))
     };

@@ -59,6 +59,9 @@ pub struct StoreStatus {
     pub space: Space,
     /// Why the last prune refused, if it did.
     pub prune_refused: Option<String>,
+    /// Directories with a host's name holding neither `current` nor a
+    /// snapshot: no hosts (see [`Store::not_hosts`]), named only.
+    pub not_hosts: Vec<String>,
 }
 
 fn manifest_size(store: &Store, host: &str, snapshot: &str) -> Option<u64> {
@@ -133,6 +136,7 @@ pub fn collect(store: &Store, now: i64) -> Result<StoreStatus> {
         hosts,
         space: space::measure(store.fd()).op("measure", || store.root.display())?,
         prune_refused: pruner::refusal(store),
+        not_hosts: store.not_hosts()?,
     })
 }
 
@@ -308,6 +312,13 @@ pub fn table(st: &StoreStatus) -> String {
     if let Some(why) = &st.prune_refused {
         let _ = writeln!(out, "prune refused: {}", why.trim());
     }
+    if !st.not_hosts.is_empty() {
+        let _ = writeln!(
+            out,
+            "not hosts (no current, no snapshot; never pruned or verified): {}",
+            st.not_hosts.join(", ")
+        );
+    }
     out
 }
 
@@ -341,6 +352,7 @@ pub fn json(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> String {
         "free_bytes": st.space.free,
         "size_bytes": st.space.size,
         "prune_refused": st.prune_refused.as_deref().map(str::trim),
+        "not_hosts": st.not_hosts,
         "state": STATE_WORDS[code as usize],
         "summary": line,
         "exit_code": code,
@@ -409,6 +421,7 @@ mod tests {
                 source: "statvfs",
             },
             prune_refused: None,
+            not_hosts: vec![],
         };
         let (w, c) = (Some(100), Some(200));
         assert_eq!(check(&st(vec![h(Some(50))]), w, c).0, 0);

@@ -75,20 +75,56 @@ impl Store {
         &self.fd
     }
 
-    /// Names of hosts in the store.
+    /// Names of hosts in the store: directories with a host's name that
+    /// hold `current` or a snapshot. Others (an admin's `bin/` or
+    /// `scripts/` in the store account's home) are no host, as 1.x took
+    /// only directories with `current` (see [`Self::not_hosts`]).
     pub fn hosts(&self) -> Result<Vec<String>> {
-        let mut out = vec![];
+        Ok(self.split_hosts()?.0)
+    }
+
+    /// Directories with a host's name that hold neither `current` nor a
+    /// snapshot: never pruned, verified or reported as hosts.
+    pub fn not_hosts(&self) -> Result<Vec<String>> {
+        Ok(self.split_hosts()?.1)
+    }
+
+    fn split_hosts(&self) -> Result<(Vec<String>, Vec<String>)> {
+        let (mut hosts, mut others) = (vec![], vec![]);
         for (name, t) in fsops::list_dir_typed(&self.fd).op("list", || self.root.display())? {
             if t != FileType::Directory {
                 continue;
             }
-            if let Ok(s) = String::from_utf8(name) {
-                if validate_host_name(&s).is_ok() && !s.starts_with('.') {
-                    out.push(s);
-                }
+            let Ok(s) = String::from_utf8(name) else {
+                continue;
+            };
+            if validate_host_name(&s).is_err() || s.starts_with('.') {
+                continue;
+            }
+            match self.looks_like_a_host(&s) {
+                true => hosts.push(s),
+                false => others.push(s),
             }
         }
-        Ok(out)
+        Ok((hosts, others))
+    }
+
+    /// Whether directory `name` holds `current` or a snapshot (one that
+    /// cannot be read is taken for a host: its errors are then named).
+    fn looks_like_a_host(&self, name: &str) -> bool {
+        let current = [name.as_bytes(), b"/current"].concat();
+        if !matches!(fsops::lstat_at(&self.fd, &current), Ok(None)) {
+            return true;
+        }
+        let Ok(dir) = fsops::open_dir(&self.fd, name.as_bytes()) else {
+            return true;
+        };
+        match fsops::list_dir(&dir) {
+            Ok(names) => names.iter().any(|n| {
+                std::str::from_utf8(n).is_ok_and(|n| crate::time::parse_name(n).is_some())
+            }),
+            Err(_) => true,
+        }
     }
 
     /// Opens a host's directory, creating it (and `current`) when `create`.
