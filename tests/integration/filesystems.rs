@@ -264,8 +264,36 @@ fn a_mount_whose_server_never_answers_does_not_hold_the_walk() {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
+    // With -x (which in 1.x replaced its mount-based excludes too), the
+    // network filesystem left out is said, unless an exclude names it.
+    let with_x = |x: &std::path::Path| {
+        let o = run_bounded(
+            Command::new(bin("byteback-backup"))
+                .arg("--destination")
+                .arg(d.path().join("store-x"))
+                .arg("--source")
+                .arg(&src)
+                .args(["--hostname", "h", "--retry-number", "0", "-x"])
+                .arg(x),
+            std::time::Duration::from_secs(60),
+            src.to_str().unwrap(),
+        )
+        .0;
+        (o.status.code(), output_text(&o))
+    };
+    let said = format!(
+        "{}: a fuse.hang filesystem, not backed up (network filesystems never are; byteback 1.x \
+         backed them up when -x replaced its default excludes)",
+        point.display()
+    );
+    let (x_code, x_out) = with_x(std::path::Path::new("/no/such/path"));
+    let (named_code, named_out) = with_x(&point.join(""));
     // The daemon goes: whatever waits on the mount ends, and it unmounts.
     drop(daemon);
+    assert_eq!(x_code, Some(0), "{x_out}");
+    assert!(x_out.contains(&said), "{x_out}");
+    assert_eq!(named_code, Some(0), "{named_out}");
+    assert!(!named_out.contains("not backed up (network"), "{named_out}");
     let status = status.map(|s| s.success());
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();

@@ -343,6 +343,37 @@ pub fn exclude_rules(base: Vec<String>, more: &[(String, String)]) -> Result<Vec
 /// Warnings for the sources an exclude or a rule of `rsync_filter` leaves
 /// out whole (as rsync `--relative` applied them to a source itself): the
 /// user named them to be backed up, and nothing of them is.
+/// With `-x` given, the network filesystems mounted below the sources that
+/// no exclude or filter rule leaves out: never backed up, where byteback
+/// 1.x, whose mount-based excludes went with its default list, backed them
+/// up. Said, so that an NFS `/home` 1.x kept is not missed unseen.
+fn network_mounts_left_out(
+    sources: &[PathBuf],
+    excludes: &crate::walk::Excludes,
+    filter: Option<&crate::filter::Filter>,
+) -> Vec<String> {
+    use std::os::unix::ffi::OsStrExt;
+    crate::mounts::network_mounts_below(sources)
+        .into_iter()
+        .filter(|(point, _)| {
+            let src = sources
+                .iter()
+                .map(|s| s.as_os_str().as_bytes())
+                .filter(|s| point.starts_with(s))
+                .max_by_key(|s| s.len())
+                .unwrap_or(b"/");
+            !crate::walk::left_out_anywhere(excludes, filter, point, src)
+        })
+        .map(|(point, fstype)| {
+            format!(
+                "{}: a {fstype} filesystem, not backed up (network filesystems never are; \
+                 byteback 1.x backed them up when -x replaced its default excludes)",
+                String::from_utf8_lossy(&point)
+            )
+        })
+        .collect()
+}
+
 fn sources_left_out(
     sources: &[PathBuf],
     nested: &[PathBuf],
@@ -932,6 +963,12 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         excludes.clear();
     }
     let all = crate::walk::Excludes::new(&excludes)?;
+    if !args.exclude.is_empty() && !(args.one_file_system || flags.one_file_system) {
+        for w in network_mounts_left_out(&walked, &all, filter.as_deref()) {
+            tracing::warn!("{w}");
+            report.warnings.push(w);
+        }
+    }
     let nested = crate::walk::nested_sources(&sources)?;
     for w in sources_left_out(&walked, &nested, &all, filter.as_deref()) {
         tracing::warn!("{w}");

@@ -44,6 +44,33 @@ pub fn may_hang(fstype: &str) -> bool {
     MAY_HANG_TYPES.iter().any(|p| fstype.starts_with(p))
 }
 
+/// The mount points at or below one of `sources` (absolute, normalised)
+/// whose filesystem is of [`MAY_HANG_TYPES`] (NFS, SMB, FUSE...), with
+/// their types, from `/proc/self/mountinfo` (none when it cannot be read).
+pub fn network_mounts_below(sources: &[std::path::PathBuf]) -> Vec<(Vec<u8>, String)> {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return vec![];
+    };
+    let below = |point: &[u8]| {
+        sources.iter().any(|s| {
+            let s = s.as_os_str().as_bytes();
+            let s = s.strip_suffix(b"/").unwrap_or(s);
+            point
+                .strip_prefix(s)
+                .is_some_and(|r| r.is_empty() || r[0] == b'/')
+        })
+    };
+    let mut found: Vec<(Vec<u8>, String)> = parse_mountinfo(&text)
+        .into_values()
+        .filter(|m| may_hang(&m.fstype) && !m.fstype.starts_with("autofs") && below(&m.point))
+        .map(|m| (m.point, m.fstype))
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
 /// The btrfs inode number of a subvolume's root directory.
 const BTRFS_SUBVOL_ROOT_INO: u64 = 256;
 

@@ -717,7 +717,12 @@ fn read_small_at(dir: BorrowedFd<'_>, name: &[u8]) -> Result<Option<Vec<u8>>, St
 /// rules (as the walk checks them: not what is above it). Per-directory
 /// filter files are not read for it: with any, it counts as left out, so
 /// a bind mount showing it is walked rather than its files lost.
-fn left_out_anywhere(excludes: &Excludes, filter: Option<&Filter>, abs: &[u8], src: &[u8]) -> bool {
+pub(crate) fn left_out_anywhere(
+    excludes: &Excludes,
+    filter: Option<&Filter>,
+    abs: &[u8],
+    src: &[u8],
+) -> bool {
     if filter.is_some_and(|f| !f.dir_merges().is_empty()) {
         return true;
     }
