@@ -963,7 +963,8 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         excludes.clear();
     }
     let all = crate::walk::Excludes::new(&excludes)?;
-    if !args.exclude.is_empty() && !(args.one_file_system || flags.one_file_system) {
+    let crosses = !(args.one_file_system || flags.one_file_system);
+    if !args.exclude.is_empty() && crosses {
         for w in network_mounts_left_out(&walked, &all, filter.as_deref()) {
             tracing::warn!("{w}");
             report.warnings.push(w);
