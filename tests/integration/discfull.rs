@@ -624,6 +624,12 @@ fn a_creation_that_runs_out_of_space_makes_room_and_the_backup_goes_on() {
         "{out}"
     );
     assert_eq!(rig.snapshots("h"), vec![newest.clone()]);
+    // Its new manifest, of no use to the next run, went at once (it
+    // stayed, holding space and counted as growth, until the next run).
+    assert!(
+        !rig.store.join("h/current/.byteback/manifest.new").exists(),
+        "{out}"
+    );
     let marker = rig.store.join("h/current/.byteback/nospace");
     assert!(marker.exists(), "the store was not marked short of space");
     let o = rig.backup(&src, "h", T0 + day.get() * DAY);

@@ -1415,6 +1415,27 @@ fn a_destination_is_resolved_through_the_openssh_configuration() {
     fs::write(&kh, known).unwrap();
     drop(block);
 
+    // Settings 1.x's ssh followed and byteback does not are named.
+    let block = SshConfigBlock::write(
+        &alias,
+        &format!(
+            "    HostName 127.0.0.1\n    Port {}\n    BindAddress 127.0.0.1\n    \
+             StrictHostKeyChecking accept-new\n",
+            w.sshd.port
+        ),
+    );
+    fs::write(src.join("f"), b"through an alias, a third time").unwrap();
+    let out = w.backup(&client, &src);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    for said in [
+        "sets BindAddress 127.0.0.1, which byteback",
+        "sets StrictHostKeyChecking accept-new, which byteback does not follow",
+    ] {
+        assert!(err.contains(said), "{said}: {err}");
+    }
+    drop(block);
+
     let _block = SshConfigBlock::write(
         &alias,
         &format!(

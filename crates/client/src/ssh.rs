@@ -142,6 +142,29 @@ impl SshTarget {
                     }
                 }
                 "hostkeyalias" if value != "none" => self.key_alias = Some(value.to_string()),
+                // Settings 1.x's `ssh` followed and byteback does not:
+                // named, not silently dropped (a key enrolled `from=` one
+                // address, reached from another, fails as a refused login).
+                "bindaddress" | "bindinterface" => {
+                    tracing::warn!(
+                    "the SSH configuration (ssh -G {asked}) sets {} {value}, which byteback, its \
+                     own SSH client, does not follow: it connects from the address the system \
+                     routes by",
+                    if key == "bindaddress" { "BindAddress" } else { "BindInterface" }
+                )
+                }
+                "addressfamily" if value != "any" => tracing::warn!(
+                    "the SSH configuration (ssh -G {asked}) sets AddressFamily {value}, which \
+                     byteback, its own SSH client, does not follow: it tries every address the \
+                     name has"
+                ),
+                "stricthostkeychecking" if !matches!(value, "ask" | "true" | "yes") => {
+                    tracing::warn!(
+                        "the SSH configuration (ssh -G {asked}) sets StrictHostKeyChecking \
+                         {value}, which byteback does not follow: an unknown or changed host \
+                         key is always refused (byteback-setup-client learns it)"
+                    )
+                }
                 "proxyjump" | "proxycommand" if value != "none" => {
                     return Err(Error::Permanent(format!(
                         "the SSH configuration (ssh -G {}) reaches {given} through {} {value}, \

@@ -891,10 +891,20 @@ pub fn verify_host(
         !checked && !found.contains(&(d.snapshot.as_str(), d.path.as_slice()))
     });
     state.damage.extend(report.damaged.iter().cloned());
-    // Those beyond the list are counted, not named: which of them a run
-    // that checked part of a snapshot found again is not known, so the
-    // larger count stands until a run checks the whole snapshot.
-    for (snap, n) in &report.unlisted {
+    // What this run found beyond the list: beyond its report's, and those
+    // of its report the state's list has no room for (appended last, so
+    // the ones drained are this run's).
+    let mut found_unlisted = report.unlisted.clone();
+    for d in state
+        .damage
+        .drain(MAX_DAMAGE_LISTED.min(state.damage.len())..)
+    {
+        *found_unlisted.entry(d.snapshot).or_default() += 1;
+    }
+    // Counted, not named: which of them a run that checked part of a
+    // snapshot found again is not known, so the larger count stands until
+    // a run checks the whole snapshot.
+    for (snap, n) in &found_unlisted {
         let whole = reached
             .iter()
             .any(|(s, from, to)| s == snap && from.is_none() && to.is_none());
@@ -902,15 +912,9 @@ pub fn verify_host(
         *known = if whole { *n } else { (*known).max(*n) };
     }
     for (snap, from, to) in &reached {
-        if from.is_none() && to.is_none() && !report.unlisted.contains_key(snap) {
+        if from.is_none() && to.is_none() && !found_unlisted.contains_key(snap) {
             state.unlisted.remove(snap);
         }
-    }
-    for d in state
-        .damage
-        .drain(MAX_DAMAGE_LISTED.min(state.damage.len())..)
-    {
-        *state.unlisted.entry(d.snapshot).or_default() += 1;
     }
     if only.is_none() && (passed_over || !report.errors.is_empty()) {
         state.incomplete = true;

@@ -949,13 +949,29 @@ pub struct Sentinel {
     meta: BTreeMap<Vec<u8>, Meta>,
 }
 
-/// What [`Sentinel`] keeps of each object: mode, uid, gid, ctime.
-type Meta = (u32, u32, u32, (i64, i64));
+/// What [`Sentinel`] keeps of each object: mode, uid, gid, ctime, mtime
+/// and xattrs (ctime alone misses a change within one tick of the coarse
+/// clock that stamps it on kernels before 6.13).
+type Meta = (
+    u32,
+    u32,
+    u32,
+    (i64, i64),
+    (i64, i64),
+    Vec<(Vec<u8>, Vec<u8>)>,
+);
 
 fn meta_below(dir: &Path) -> BTreeMap<Vec<u8>, Meta> {
     let of = |p: &Path| {
         let m = lstat(p);
-        (m.mode(), m.uid(), m.gid(), (m.ctime(), m.ctime_nsec()))
+        (
+            m.mode(),
+            m.uid(),
+            m.gid(),
+            (m.ctime(), m.ctime_nsec()),
+            (m.mtime(), m.mtime_nsec()),
+            xattrs(p),
+        )
     };
     let mut out: BTreeMap<Vec<u8>, Meta> = walk(dir)
         .into_iter()
@@ -1080,7 +1096,7 @@ impl Sentinel {
         for (p, was) in &self.meta {
             match now.get(p) {
                 Some(is) if is != was => problems.push(format!(
-                    "metadata changed: {} (mode, uid, gid, ctime) {was:?} -> {is:?}",
+                    "metadata changed: {} (mode, uid, gid, ctime, mtime, xattrs) {was:?} -> {is:?}",
                     match p.is_empty() {
                         true => ".".to_string(),
                         false => esc(p),

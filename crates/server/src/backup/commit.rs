@@ -99,6 +99,7 @@ impl BackupReceiver {
             |rx| rx.start_manifest(&new_shown),
         )?;
         self.new = Some(new);
+        self.new_pending = true;
         self.work.changed = true;
         Ok(())
     }
@@ -303,6 +304,7 @@ impl BackupReceiver {
                     .op("rename into place", || new_path.display())
             },
         )?;
+        self.new_pending = false;
         fsops::fsync(&self.meta).op("sync", || self.meta_path.display())?;
         fsops::remove_any(&self.meta, NO_SPACE).op("remove", || self.meta_file(NO_SPACE))?;
         fsops::remove_any(&self.meta, TAKEOVER).op("remove", || self.meta_file(TAKEOVER))?;

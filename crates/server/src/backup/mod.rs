@@ -384,6 +384,10 @@ pub struct BackupReceiver {
     /// client cut off before its commit must not have filled the disc
     /// unseen by the growth guard.
     manifest_grown: u64,
+    /// `manifest.new` is on disc and not renamed into place yet: from the
+    /// start of the new manifest to the commit's rename (its writer is
+    /// taken before that, to finish it).
+    new_pending: bool,
     /// Bytes of the old entries' xattrs the transfers in flight hold (see
     /// [`Self::hold_old`]).
     old_held: usize,
@@ -544,10 +548,11 @@ impl BackupReceiver {
     /// usage log that counted it gets the credit (see
     /// [`Self::overcounted`]).
     pub fn abandon_manifest(&mut self) {
-        // None: never started, or committed (it is the manifest now).
-        if self.new.take().is_none() {
+        // Never started, or committed (it is the manifest now).
+        if !self.new_pending {
             return;
         }
+        self.new = None;
         if let Err(e) = fsops::remove_any(&self.meta, b"manifest.new") {
             tracing::warn!(
                 "cannot remove {}: {e}",
@@ -555,6 +560,7 @@ impl BackupReceiver {
             );
             return;
         }
+        self.new_pending = false;
         self.grown = self.grown.saturating_sub(self.manifest_grown);
         self.manifest_grown = 0;
     }
@@ -669,6 +675,7 @@ impl BackupReceiver {
             stats: BackupStats::default(),
             grown: 0,
             manifest_grown: 0,
+            new_pending: false,
             old_held: 0,
             noted: 0,
             warnings,

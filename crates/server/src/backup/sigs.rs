@@ -73,6 +73,11 @@ pub(super) struct KeptSigs {
     referenced: HashSet<u64>,
     /// More hashes than [`MAX_REFERENCED`]: no sweep this time.
     overflow: bool,
+    /// The directory held more than two files (a signature and its
+    /// chaining values) per hash [`MAX_REFERENCED`] allows when this backup
+    /// began: none is kept (the sweep goes on, and once it brought them
+    /// below, signatures are kept again).
+    full: bool,
     /// A signature could not be written (warned about once).
     write_failed: bool,
     /// Signatures sent from the store instead of signing the stored copy.
@@ -123,10 +128,21 @@ impl KeptSigs {
         let path = std::path::PathBuf::from(in_dir(meta_path, SIGS));
         fsops::ensure_dir(meta, SIGS, 0o700).op("create", || path.display())?;
         let dir = fsops::open_dir(meta, SIGS).op("open", || path.display())?;
+        // Past the bound, no new signature: a backup whose set of hashes
+        // overflows sweeps nothing, so those it kept before it overflowed
+        // stay; the next backup then keeps none until a sweep brought the
+        // directory below.
+        let mut held = 0usize;
+        fsops::for_each_child(&dir, |_, _| {
+            held += 1;
+            Ok(())
+        })
+        .op("list", || path.display())?;
         Ok(KeptSigs {
             dir,
             path,
             referenced: HashSet::new(),
+            full: held > 2 * MAX_REFERENCED,
             overflow: false,
             write_failed: false,
             reused: 0,
@@ -203,7 +219,7 @@ impl KeptSigs {
     /// warning to give (the next backup signs the stored copy instead).
     pub fn keep(&mut self, hash: &[u8; 32], len: u64, kept: Kept) -> Option<String> {
         let Kept { sig, cvs } = kept;
-        if self.overflow {
+        if self.overflow || self.full {
             return None; // it could not be swept
         }
         if sig.as_bytes().len() as u64 != expected_len(len) {
@@ -267,19 +283,25 @@ impl KeptSigs {
             );
             return Ok(0);
         }
-        let names = fsops::list_dir(&self.dir).op("list", || self.path.display())?;
+        // Removed as they are listed: the names are not held (millions of
+        // them, stale ones included, after a day of changes).
         let mut removed = 0;
-        for n in names {
-            if !self.names_referenced(&n) {
-                let shown = || {
-                    self.path
-                        .join(String::from_utf8_lossy(&n).as_ref())
-                        .display()
-                        .to_string()
-                };
-                fsops::remove_any(&self.dir, &n).op("remove", shown)?;
-                removed += 1;
+        let mut failed = None;
+        fsops::for_each_child(&self.dir, |n, _| {
+            if !self.names_referenced(n) {
+                match fsops::remove_any(&self.dir, n) {
+                    Ok(()) => removed += 1,
+                    Err(e) => {
+                        failed.get_or_insert((n.to_vec(), e));
+                    }
+                }
             }
+            Ok(())
+        })
+        .op("list", || self.path.display())?;
+        if let Some((n, e)) = failed {
+            let shown = self.path.join(String::from_utf8_lossy(&n).as_ref());
+            return Err(e).op("remove", || shown.display().to_string());
         }
         Ok(removed)
     }

@@ -429,6 +429,8 @@ impl BackupReceiver {
         let slot = match t.old {
             Some(o) if self.old_copy_stays(t.old_copy, &o)? => {
                 if t.old_trimmed {
+                    // Not the old manifest's entry any more.
+                    self.mark_changed()?;
                     self.left_out(format!(
                         "{}: kept at its last version without its xattrs (the server held too \
                          many old entries' xattrs for the files in flight)",
