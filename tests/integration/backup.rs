@@ -2371,6 +2371,74 @@ fn xattrs_as_recorded_are_not_read_again_and_every_change_of_them_lands() {
     .is_ok());
 }
 
+/// Hard links between symlinks, FIFOs, sockets and device nodes come back
+/// as hard links, as rsync's -H (which 1.x ran) keeps them (each name came
+/// back as an inode of its own); a name restored without its first name
+/// is made as the object itself.
+#[test]
+fn hard_links_between_special_files_are_kept() {
+    use std::os::unix::fs::MetadataExt;
+    if !require_root("device nodes") {
+        return;
+    }
+    let (d, src, store) = site();
+    fs::create_dir_all(src.join("d")).unwrap();
+    run(Command::new("mkfifo").arg(src.join("p1")));
+    std::os::unix::fs::symlink("somewhere", src.join("s1")).unwrap();
+    run(Command::new("mknod")
+        .arg(src.join("c1"))
+        .args(["c", "1", "3"]));
+    drop(std::os::unix::net::UnixListener::bind(src.join("u1")).unwrap());
+    let pairs = [
+        ("p1", "d/p2"),
+        ("s1", "d/s2"),
+        ("c1", "d/c2"),
+        ("u1", "d/u2"),
+    ];
+    for (a, b) in pairs {
+        // link(2) on a symlink names the symlink itself.
+        fs::hard_link(src.join(a), src.join(b)).unwrap();
+        assert_eq!(lstat(&src.join(a)).nlink(), 2, "{a}");
+    }
+    fs::write(src.join("f"), b"a file").unwrap();
+    local_backup(&store, &src, "h");
+    let root = restore_all(&store, "h", None, &d.path().join("r"));
+    let got = restored_path(&root, &src);
+    assert_same_tree(&src, &got);
+    for (a, b) in pairs {
+        assert_eq!(
+            lstat(&got.join(a)).ino(),
+            lstat(&got.join(b)).ino(),
+            "{a} {b}"
+        );
+    }
+    // The second names only.
+    let into = d.path().join("r2");
+    fs::create_dir_all(&into).unwrap();
+    let out = run(Command::new(bin("byteback-restore"))
+        .current_dir(&into)
+        .arg("--destination")
+        .arg(&store)
+        .args(["--hostname", "h", "--restore"])
+        .arg(src.join("d")));
+    let snap = snapshots(&store, "h").pop().unwrap();
+    let got2 = restored_path(&into.join(&snap), &src);
+    for (a, b) in pairs {
+        assert!(!got2.join(a).exists(), "{a}: {}", stderr(&out));
+        let (was, is) = (lstat(&src.join(b)), lstat(&got2.join(b)));
+        assert_eq!(
+            (was.mode(), was.rdev(), is.nlink()),
+            (is.mode(), is.rdev(), 1),
+            "{b}: {}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(
+        fs::read_link(got2.join("d/s2")).unwrap(),
+        Path::new("somewhere")
+    );
+}
+
 /// A file with two links whose first path is left out (its xattrs cannot
 /// be read: injected, as a rename between its `statx` and the read gives
 /// it) is stored at its second path as a file of its own, never as a hard

@@ -1268,8 +1268,9 @@ fn link_e(path: &[u8], target: &[u8], mtime: i64) -> Entry {
     )
 }
 
-/// A hard link goes into the manifest only if its first name is a regular
-/// file of the same backup: not a file the client gave up on (an honest
+/// A hard link goes into the manifest only if its first name is a file (or
+/// a symlink or special file) of the same backup: not a file the client
+/// gave up on (an honest
 /// client does that when the file vanishes), not a directory, not a path
 /// never sent. Those links are left out with a warning, so the snapshot
 /// restores whole.
@@ -1287,6 +1288,8 @@ fn hard_links_only_to_files_of_the_same_backup() {
             link_e(b"e", b"a0", m),
             file_e(b"f", body.len(), m),
             link_e(b"g", b"f", m),
+            entry(b"h", Kind::Fifo, 0o644, m),
+            link_e(b"i", b"h", m),
         ]))
         .msg(&ClientMsg::FileAbort { id: 0 })
         .msg(&file_data(1, body))
@@ -1297,7 +1300,8 @@ fn hard_links_only_to_files_of_the_same_backup() {
     assert_eq!(env.accept(), vec![snap.clone()]);
     for (link, target) in [("b", "a"), ("d", "c"), ("e", "a0")] {
         let w = format!(
-            "{link}: a hard link to {target}, which is not a regular file of this backup: left out"
+            "{link}: a hard link to {target}, which is no file, symlink or special file of this \
+             backup: left out"
         );
         assert!(o.stderr.contains(&w), "no {w:?}:\n{}", o.describe());
     }
@@ -1306,13 +1310,20 @@ fn hard_links_only_to_files_of_the_same_backup() {
         .args(["--restore", "--snapshot", &snap, "/"]));
     let r = env.work.join(&snap);
     let names: BTreeSet<Vec<u8>> = names_in(&r);
-    let want: BTreeSet<Vec<u8>> = [b"c".to_vec(), b"f".to_vec(), b"g".to_vec()].into();
+    let want: BTreeSet<Vec<u8>> = [b"c", b"f", b"g", b"h", b"i"].map(|n| n.to_vec()).into();
     assert_eq!(names, want);
     assert_eq!(fs::read(r.join("g")).unwrap(), body);
-    assert_eq!(
-        fs::metadata(r.join("f")).unwrap().ino(),
-        fs::metadata(r.join("g")).unwrap().ino()
-    );
+    for (first, link) in [("f", "g"), ("h", "i")] {
+        assert_eq!(
+            fs::symlink_metadata(r.join(first)).unwrap().ino(),
+            fs::symlink_metadata(r.join(link)).unwrap().ino(),
+            "{link}"
+        );
+    }
+    assert!(fs::symlink_metadata(r.join("i"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
 }
 
 /// A file the client gives up on keeps its old manifest entry only where

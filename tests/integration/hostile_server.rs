@@ -475,14 +475,47 @@ fn hard_links_only_to_files_restored_in_this_run() {
         },
     );
     dev.entry.mode = 0o600;
-    let cases: Vec<(&str, Vec<ManifestEntry>, &str)> = vec![
+    // Links to a symlink or a device made in this run are made (protocol
+    // 11: rsync's -H keeps them): a second name of the same inode, which
+    // points where it pointed, outside included, and writes nothing there;
+    // unselected, its one taken name is made as the object itself.
+    let to_symlink = || vec![symlink("a", &outside.join("SENTINEL")), hardlink("b", "a")];
+    let allowed: Vec<(&str, Vec<ManifestEntry>, &str, bool)> = vec![
+        ("to a symlink", to_symlink(), ALL, true),
         (
-            "to a symlink",
-            vec![symlink("a", &outside.join("SENTINEL")), hardlink("b", "a")],
+            "to a device",
+            vec![dev.clone(), hardlink("b", "a")],
             ALL,
+            true,
         ),
+        ("to an unselected symlink", to_symlink(), "/b", false),
+        (
+            "to an unselected device",
+            vec![dev, hardlink("b", "a")],
+            "/b",
+            false,
+        ),
+    ];
+    for (what, entries, pattern, linked) in allowed {
+        st.clear_work();
+        let sc = scenario(entries, &[]);
+        let r = st.restore(&sc, &[pattern]);
+        assert_eq!(r.code, Some(0), "{what}: {}", r.stderr);
+        st.sentinel.assert_untouched();
+        let b = fs::symlink_metadata(st.restored("b")).unwrap();
+        assert!(!b.is_file() && !b.is_dir(), "{what}: {b:?}");
+        match linked {
+            true => assert_eq!(
+                fs::symlink_metadata(st.restored("a")).unwrap().ino(),
+                b.ino(),
+                "{what}"
+            ),
+            false => assert!(fs::symlink_metadata(st.restored("a")).is_err(), "{what}"),
+        }
+    }
+    st.clear_work();
+    let cases: Vec<(&str, Vec<ManifestEntry>, &str)> = vec![
         ("to a directory", vec![dir("a"), hardlink("b", "a")], ALL),
-        ("to a device", vec![dev, hardlink("b", "a")], ALL),
         (
             "to a path not in the manifest",
             vec![hardlink("b", "a")],
@@ -499,8 +532,8 @@ fn hard_links_only_to_files_restored_in_this_run() {
             "/b",
         ),
         (
-            "to an unselected symlink",
-            vec![symlink("a", &outside.join("SENTINEL")), hardlink("b", "a")],
+            "to an unselected directory",
+            vec![dir("a"), hardlink("b", "a")],
             "/b",
         ),
     ];
@@ -2245,8 +2278,8 @@ fn a_path_in_two_snapshots_cannot_lead_outside() {
     }
 
     // A link whose first name the older snapshot says is a symlink outside,
-    // while the newest holds a file there: the older snapshot's copy of the
-    // first name is refused, not followed.
+    // while the newest holds a file there: the link is made as that symlink
+    // (protocol 11: a hard link may name a symlink), never followed.
     let evil_first = vec![symlink("a", &outside.join("SENTINEL")), hardlink("b", "a")];
     let sc = snapshots_scenario(vec![
         (OLD, evil_first.clone(), &[]),
@@ -2254,10 +2287,18 @@ fn a_path_in_two_snapshots_cannot_lead_outside() {
     ]);
     st.clear_work();
     let r = st.restore(&sc, &[ALL]);
-    r.assert_failed(&["not a regular file; refusing"]);
-    assert!(fs::symlink_metadata(st.restored_in(OLD, "b")).is_err());
+    r.assert_code(0);
+    let b = st.restored_in(OLD, "b");
+    assert_eq!(
+        fs::read_link(&b).unwrap(),
+        outside.join("SENTINEL"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(fs::read(st.restored_in(SNAP, "a")).unwrap(), b"fine");
     st.sentinel.assert_untouched();
-    // The same the other way round (--all takes the oldest first).
+    // The same the other way round (--all takes the oldest first): the
+    // link names the symlink restored beside it.
     let sc = snapshots_scenario(vec![
         (OLD, vec![file("a", b"fine")], &[("a", b"fine")]),
         (SNAP, evil_first, &[]),
@@ -2266,8 +2307,13 @@ fn a_path_in_two_snapshots_cannot_lead_outside() {
         st.clear_work();
         let r = st.restore(&sc, args);
         println!("{args:?}: {}", r.stderr.trim());
-        r.assert_failed(&["links", "refusing"]);
-        assert!(fs::symlink_metadata(st.restored_in(SNAP, "b")).is_err());
+        r.assert_code(0);
+        let (a, b) = (st.restored_in(SNAP, "a"), st.restored_in(SNAP, "b"));
+        assert_eq!(fs::read_link(&b).unwrap(), outside.join("SENTINEL"));
+        assert_eq!(
+            fs::symlink_metadata(&a).unwrap().ino(),
+            fs::symlink_metadata(&b).unwrap().ino()
+        );
         st.sentinel.assert_untouched();
     }
 

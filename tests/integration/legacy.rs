@@ -136,6 +136,18 @@ fn a_1x_snapshot_lists_and_restores_exactly_beside_byteback_snapshots() {
     let src = d.path().join("src");
     fs::create_dir_all(&src).unwrap();
     make_rich_tree(&src, &mut Rng::new(0x1e9a));
+    // Hard links between a FIFO's, a symlink's and a device's names, which
+    // rsync's -H kept (--fake-super stores each as a file, hard-linked).
+    let sp = src.join("speciallinks");
+    fs::create_dir_all(&sp).unwrap();
+    run(Command::new("mkfifo").arg(sp.join("p1")));
+    std::os::unix::fs::symlink("there", sp.join("s1")).unwrap();
+    run(Command::new("mknod")
+        .arg(sp.join("c1"))
+        .args(["c", "1", "3"]));
+    for n in ["p", "s", "c"] {
+        fs::hard_link(sp.join(format!("{n}1")), sp.join(format!("{n}2"))).unwrap();
+    }
     // 1.x did not keep ACLs (rsync --fake-super without -A): none in the source.
     run(Command::new("setfacl").arg("-R").arg("-b").arg(&src));
     let host = "legacy1x";
@@ -202,6 +214,23 @@ fn a_1x_snapshot_lists_and_restores_exactly_beside_byteback_snapshots() {
         "{}",
         stderr(&out)
     );
+    {
+        // rsync's -H links specials after it set their times and their
+        // directory's (and with --fake-super keeps the link's time as it
+        // made it): 1.x stored those times, which the restore gives back.
+        use std::os::unix::fs::MetadataExt;
+        let st = restored(&store.join(host).join(OLD_SNAP), &src);
+        for p in [
+            "",
+            "speciallinks",
+            "speciallinks/c1",
+            "speciallinks/p1",
+            "speciallinks/s1",
+        ] {
+            let m = fs::symlink_metadata(st.join(p)).unwrap();
+            set_mtime(&src.join(p), m.mtime(), m.mtime_nsec());
+        }
+    }
     assert_same_tree(&src, &restored(&into.join(OLD_SNAP), &src));
     sentinel.assert_untouched();
 

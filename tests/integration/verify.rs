@@ -301,18 +301,18 @@ fn damage_beyond_the_list_is_counted_and_all_of_current_is_repaired() {
     let state = || fs::read_to_string(&state_file).unwrap();
     let listed_and_unlisted = |st: &str| {
         let listed = st.lines().filter(|l| l.starts_with("damage ")).count();
-        let unlisted: Vec<String> = st
+        let counts: Vec<String> = st
             .lines()
-            .filter(|l| l.starts_with("damage-unlisted "))
+            .filter(|l| l.starts_with("damage-count "))
             .map(String::from)
             .collect();
-        (listed, unlisted)
+        (listed, counts)
     };
     let want = (
         10_000,
         vec![
-            format!("damage-unlisted {s1} 50"),
-            format!("damage-unlisted current {N}"),
+            format!("damage-count {s1} {N}"),
+            format!("damage-count current {N}"),
         ],
     );
     let mut got = listed_and_unlisted(&state());

@@ -969,7 +969,10 @@ impl Walker<'_> {
         // once the entry is sure to be sent (a later link must never name
         // a path this backup left out).
         let mut first_link = false;
-        if matches!(e.kind, Kind::File { .. }) && st.stx_nlink > 1 {
+        // Any object but a directory (whose link count counts its
+        // subdirectories): rsync's -H, which 1.x ran, keeps hard links
+        // between symlinks, FIFOs, sockets and device nodes too.
+        if e.kind != Kind::Dir && st.stx_nlink > 1 {
             if let Some((first, left)) = self.links.get_mut(&(dev, ino)) {
                 // Each name is met once (mount points are not followed
                 // into twice): the last one seen needs it no more.

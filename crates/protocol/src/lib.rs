@@ -44,6 +44,8 @@ pub use text::{escape_bytes, escape_text};
 /// 9: entries the server left out ([`BackupStats::left_out`]).
 /// 10: notes on a manifest's entries ([`ServerMsg::ManifestNote`]); device
 /// numbers Linux cannot make are refused.
-pub const PROTOCOL_VERSION: u32 = 10;
+/// 11: hard links between symlinks, FIFOs, sockets and device nodes
+/// ([`Kind::HardLink`] names any object but a directory).
+pub const PROTOCOL_VERSION: u32 = 11;
 /// First bytes of every session, so a stray shell banner is recognised at once.
 pub const MAGIC: [u8; 8] = *b"BYTEBAK\x01";

@@ -25,9 +25,11 @@ pub enum Kind {
         #[serde(with = "serde_bytes")]
         target: Vec<u8>,
     },
-    /// A further name of a regular file sent earlier in the same backup.
+    /// A further name of an object sent earlier in the same backup: a
+    /// regular file, or (protocol 11) a symlink, FIFO, socket or device
+    /// node; never a directory.
     HardLink {
-        /// Path of the first name of the file.
+        /// Path of the first name of the object.
         #[serde(with = "serde_bytes")]
         target: Vec<u8>,
     },

@@ -720,28 +720,28 @@ impl LegacyWalk {
             0o140000 => Kind::Socket,
             0o020000 => Kind::CharDev { rdev },
             0o060000 => Kind::BlockDev { rdev },
-            _ => {
-                let size = st.st_size as u64;
-                if st.st_nlink > 1 {
-                    let key = (st.st_dev, st.st_ino);
-                    if let Some(first) = self.linked.get(&key) {
-                        Kind::HardLink {
-                            target: first.clone(),
-                        }
-                    } else {
-                        if self.linked.len() >= MAX_LINKED {
-                            return Err(bad(format!(
-                                "more than {MAX_LINKED} hard-linked files in one snapshot"
-                            )));
-                        }
-                        self.first_link = Some(key);
-                        Kind::File { size }
-                    }
-                } else {
-                    Kind::File { size }
-                }
-            }
+            _ => Kind::File {
+                size: st.st_size as u64,
+            },
         };
+        // rsync's -H stored every hard link as one (specials and symlinks,
+        // kept as files by --fake-super, too): a later name of the inode is
+        // a link to its first.
+        if st.st_nlink > 1 {
+            let key = (st.st_dev, st.st_ino);
+            if let Some(first) = self.linked.get(&key) {
+                entry.kind = Kind::HardLink {
+                    target: first.clone(),
+                };
+            } else {
+                if self.linked.len() >= MAX_LINKED {
+                    return Err(bad(format!(
+                        "more than {MAX_LINKED} hard-linked files in one snapshot"
+                    )));
+                }
+                self.first_link = Some(key);
+            }
+        }
         Ok(Some(ManifestEntry {
             entry,
             hash: [0; 32],

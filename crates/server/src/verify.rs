@@ -213,8 +213,14 @@ pub struct State {
     /// Damage found since the last whole pass began, the first
     /// [`MAX_DAMAGE_LISTED`] files of it.
     pub damage: Vec<Damage>,
-    /// Damaged files found beyond those listed, per snapshot.
-    pub unlisted: BTreeMap<String, u64>,
+    /// Damaged files known per snapshot, listed or not (at least those
+    /// listed): what the last run that checked the whole snapshot found,
+    /// or the pass that checked it in several runs; while a pass is under
+    /// way in it, the larger of that and what the pass found so far.
+    pub counts: BTreeMap<String, u64>,
+    /// Damaged files the runs of the pass under way found in a snapshot
+    /// whose end they have not reached yet.
+    pub pass: BTreeMap<String, u64>,
     /// The file after the cursor, hashed in part: its snapshot and path.
     pub partial: Option<(String, Vec<u8>, Progress)>,
     /// The pass under way passed something over (`current`, a snapshot
@@ -295,16 +301,15 @@ impl State {
                         }
                     }
                 }
-                (Some("damage-unlisted"), Some(snap), Some(n), None) => {
+                (Some(w @ ("damage-count" | "damage-pass")), Some(snap), Some(n), None) => {
                     if let Ok(n) = n.parse() {
-                        st.unlisted.insert(snap.to_string(), n);
+                        match w {
+                            "damage-count" => st.counts.insert(snap.to_string(), n),
+                            _ => st.pass.insert(snap.to_string(), n),
+                        };
                     }
                 }
-                (Some("damage"), Some(snap), Some(_), _)
-                    if st.damage.len() >= MAX_DAMAGE_LISTED =>
-                {
-                    *st.unlisted.entry(snap.to_string()).or_default() += 1;
-                }
+                (Some("damage"), _, _, _) if st.damage.len() >= MAX_DAMAGE_LISTED => {}
                 (Some("damage"), Some(snap), Some(p), problem) => {
                     if let Some(path) = unhex(p) {
                         st.damage.push(Damage {
@@ -338,8 +343,11 @@ impl State {
         if let Some((snap, p, pr)) = &self.partial {
             s.push_str(&format!("partial {snap} {} {}\n", hex(p), pr.render()));
         }
-        for (snap, n) in &self.unlisted {
-            s.push_str(&format!("damage-unlisted {snap} {n}\n"));
+        for (snap, n) in &self.counts {
+            s.push_str(&format!("damage-count {snap} {n}\n"));
+        }
+        for (snap, n) in &self.pass {
+            s.push_str(&format!("damage-pass {snap} {n}\n"));
         }
         for d in &self.damage {
             let problem = d.problem.replace(['\n', '\r'], " ");
@@ -356,14 +364,15 @@ impl State {
     /// (`current` always).
     pub fn damaged_count(&self, kept: impl Fn(&str) -> bool) -> u64 {
         let kept = |s: &str| s == "current" || kept(s);
-        let listed = self.damage.iter().filter(|d| kept(&d.snapshot)).count() as u64;
-        let unlisted: u64 = self
-            .unlisted
-            .iter()
-            .filter(|(s, _)| kept(s))
-            .map(|(_, n)| n)
-            .sum();
-        listed + unlisted
+        let mut known: BTreeMap<&str, u64> = BTreeMap::new();
+        for d in self.damage.iter().filter(|d| kept(&d.snapshot)) {
+            *known.entry(&d.snapshot).or_default() += 1;
+        }
+        for (s, n) in self.counts.iter().filter(|(s, _)| kept(s)) {
+            let k = known.entry(s).or_default();
+            *k = (*k).max(*n);
+        }
+        known.values().sum()
     }
 
     /// Reads a host's state (empty when there is none).
@@ -771,7 +780,8 @@ pub fn verify_host(
         // A new pass begins: damage of snapshots pruned since goes; the
         // rest stays listed until its snapshot is checked again.
         state.damage.retain(|d| names.contains(&d.snapshot));
-        state.unlisted.retain(|s, _| names.contains(s));
+        state.counts.retain(|s, _| names.contains(s));
+        state.pass.clear();
         state.incomplete = false;
     }
     // A file hashed in part, when this run goes on where it stopped.
@@ -873,6 +883,31 @@ pub fn verify_host(
     // checked (a budgeted pass going on after another run checked them,
     // one that stopped for a backup and kept no place, must not list
     // them twice either).
+    merge_found(&mut state, &report, &reached, resume);
+    if only.is_none() && (passed_over || !report.errors.is_empty()) {
+        state.incomplete = true;
+    }
+    if only.is_none() && finished {
+        state.cursor = None;
+        state.partial = None;
+        // A whole pass only when none of its runs passed anything over or
+        // failed (a manifest that cannot be read): `status` shows its age.
+        if !state.incomplete {
+            state.last_full = Some(now);
+        }
+    }
+    if resume {
+        state.last_turn = Some(now);
+    }
+    state.save(host)?;
+    Ok(report)
+}
+
+/// Puts what a run found (`report`, in the parts of snapshots it
+/// `reached`) into the state: it replaces what was listed of those parts,
+/// and the counts are updated (see [`count_damage`]; `pass`: the run is
+/// one of a budgeted pass).
+fn merge_found(state: &mut State, report: &HostReport, reached: &[Reached], pass: bool) {
     let found: HashSet<(&str, &[u8])> = report
         .damaged
         .iter()
@@ -891,48 +926,51 @@ pub fn verify_host(
         !checked && !found.contains(&(d.snapshot.as_str(), d.path.as_slice()))
     });
     state.damage.extend(report.damaged.iter().cloned());
-    // What this run found beyond the list: beyond its report's, and those
-    // of its report the state's list has no room for (appended last, so
-    // the ones drained are this run's).
-    let mut found_unlisted = report.unlisted.clone();
-    for d in state
-        .damage
-        .drain(MAX_DAMAGE_LISTED.min(state.damage.len())..)
-    {
-        *found_unlisted.entry(d.snapshot).or_default() += 1;
+    // Beyond the list, counted only.
+    state.damage.truncate(MAX_DAMAGE_LISTED);
+    count_damage(state, report, reached, pass);
+}
+
+/// Counts what this run found in each snapshot it checked (see
+/// [`State::counts`]): a run that checked a whole snapshot sets its count;
+/// the runs of a budgeted pass (`pass`) add up what they find in it, which
+/// becomes its count once they reach its end, and until then raises it
+/// only (which of the files they have not reached are still damaged is
+/// not known yet). A count is never below what the list holds of it.
+fn count_damage(state: &mut State, report: &HostReport, reached: &[Reached], pass: bool) {
+    let mut found: BTreeMap<&str, u64> = BTreeMap::new();
+    for d in &report.damaged {
+        *found.entry(&d.snapshot).or_default() += 1;
     }
-    // Counted, not named: which of them a run that checked part of a
-    // snapshot found again is not known, so the larger count stands until
-    // a run checks the whole snapshot.
-    for (snap, n) in &found_unlisted {
-        let whole = reached
-            .iter()
-            .any(|(s, from, to)| s == snap && from.is_none() && to.is_none());
-        let known = state.unlisted.entry(snap.clone()).or_default();
-        *known = if whole { *n } else { (*known).max(*n) };
+    for (s, n) in &report.unlisted {
+        *found.entry(s).or_default() += n;
     }
-    for (snap, from, to) in &reached {
-        if from.is_none() && to.is_none() && !found_unlisted.contains_key(snap) {
-            state.unlisted.remove(snap);
+    for (snap, from, to) in reached {
+        let n = found.get(snap.as_str()).copied().unwrap_or(0);
+        let so_far = match from {
+            Some(_) if pass => state.pass.get(snap).copied().unwrap_or(0) + n,
+            _ => n,
+        };
+        if to.is_none() && (from.is_none() || pass) {
+            state.counts.insert(snap.clone(), so_far);
+            state.pass.remove(snap);
+        } else {
+            if pass {
+                state.pass.insert(snap.clone(), so_far);
+            }
+            let c = state.counts.entry(snap.clone()).or_default();
+            *c = (*c).max(so_far);
         }
     }
-    if only.is_none() && (passed_over || !report.errors.is_empty()) {
-        state.incomplete = true;
+    let mut listed: BTreeMap<&str, u64> = BTreeMap::new();
+    for d in &state.damage {
+        *listed.entry(&d.snapshot).or_default() += 1;
     }
-    if only.is_none() && finished {
-        state.cursor = None;
-        state.partial = None;
-        // A whole pass only when none of its runs passed anything over or
-        // failed (a manifest that cannot be read): `status` shows its age.
-        if !state.incomplete {
-            state.last_full = Some(now);
-        }
+    for (s, n) in listed {
+        let c = state.counts.entry(s.to_string()).or_default();
+        *c = (*c).max(n);
     }
-    if resume {
-        state.last_turn = Some(now);
-    }
-    state.save(host)?;
-    Ok(report)
+    state.counts.retain(|_, n| *n > 0);
 }
 
 /// Of `names` (snapshots oldest first, then `current`), the index of the
@@ -1160,6 +1198,69 @@ pub fn run_verify(args: VerifyArgs) -> ExitCode {
 mod tests {
     use super::*;
 
+    /// Counts stay true however the list's room moves: a snapshot that
+    /// fills the list, another checked in two runs of a pass, then the
+    /// first pruned (its share of the list goes).
+    #[test]
+    fn damage_counts_follow_passes_whatever_the_list_holds() {
+        let damage = |snap: &str, from: usize, n: usize| -> Vec<Damage> {
+            (from..from + n)
+                .map(|i| Damage {
+                    snapshot: snap.into(),
+                    path: format!("f{i:06}").into_bytes(),
+                    problem: "bad".into(),
+                })
+                .collect()
+        };
+        let run = |st: &mut State, found: Vec<Damage>, reached: Vec<Reached>| {
+            let mut report = HostReport::default();
+            found.into_iter().for_each(|d| report.found(d));
+            merge_found(st, &report, &reached, true);
+        };
+        let cut = |i: usize| Some(format!("f{i:06}").into_bytes());
+        let mut st = State::default();
+        // Run A: R whole (10,000 damaged), S up to its 2,500th file.
+        let mut a = damage("R", 0, 10_000);
+        a.extend(damage("S", 0, 2_500));
+        run(
+            &mut st,
+            a,
+            vec![("R".into(), None, None), ("S".into(), None, cut(2_499))],
+        );
+        assert_eq!(st.damaged_count(|_| true), 12_500);
+        // Run B: the rest of S (2,500 more), no room left in the list.
+        run(
+            &mut st,
+            damage("S", 2_500, 2_500),
+            vec![("S".into(), cut(2_499), None)],
+        );
+        assert_eq!((st.counts["R"], st.counts["S"]), (10_000, 5_000));
+        assert_eq!(st.damaged_count(|_| true), 15_000);
+        assert_eq!(st.damage.len(), MAX_DAMAGE_LISTED);
+        // R is pruned; a new pass checks S in two runs again.
+        st.damage.retain(|d| d.snapshot != "R");
+        st.counts.remove("R");
+        st.pass.clear();
+        run(
+            &mut st,
+            damage("S", 0, 2_500),
+            vec![("S".into(), None, cut(2_499))],
+        );
+        assert_eq!(st.damaged_count(|_| true), 5_000);
+        run(
+            &mut st,
+            damage("S", 2_500, 2_500),
+            vec![("S".into(), cut(2_499), None)],
+        );
+        assert_eq!(st.damaged_count(|_| true), 5_000);
+        assert_eq!(st.damage.len(), 5_000);
+        // Repaired: a pass finding nothing clears it, once it reaches the end.
+        run(&mut st, vec![], vec![("S".into(), None, cut(2_499))]);
+        assert_eq!(st.damaged_count(|_| true), 5_000, "not known yet");
+        run(&mut st, vec![], vec![("S".into(), cut(2_499), None)]);
+        assert_eq!(st.damaged_count(|_| true), 0);
+    }
+
     #[test]
     fn state_round_trips() {
         let st = State {
@@ -1168,7 +1269,8 @@ mod tests {
             last_full: Some(1_800_000_000),
             last_turn: Some(1_800_000_100),
             incomplete: true,
-            unlisted: [("2026-11-27T03:00+0000".to_string(), 7)].into(),
+            counts: [("2026-11-27T03:00+0000".to_string(), 7)].into(),
+            pass: [("current".to_string(), 3)].into(),
             damage: vec![Damage {
                 snapshot: "current".into(),
                 path: b"x\ny".to_vec(),
@@ -1191,7 +1293,7 @@ mod tests {
         assert_eq!(back.last_full, st.last_full);
         assert_eq!(back.last_turn, st.last_turn);
         assert!(back.incomplete);
-        assert_eq!(back.unlisted, st.unlisted);
+        assert_eq!((back.counts, back.pass), (st.counts, st.pass));
         assert_eq!(back.damage[0].path, b"x\ny");
         assert_eq!(back.damage[0].problem, "content does not match its BLAKE3");
     }

@@ -254,7 +254,7 @@ fn mkfifo(p: &Path, mode: u32) {
     mknod(p, rustix::fs::FileType::Fifo, mode, 0, 0);
 }
 
-fn lstat(p: &Path) -> Metadata {
+pub fn lstat(p: &Path) -> Metadata {
     fs::symlink_metadata(p).unwrap_or_else(|e| panic!("lstat {}: {e}", p.display()))
 }
 
@@ -961,6 +961,29 @@ type Meta = (
     Vec<(Vec<u8>, Vec<u8>)>,
 );
 
+/// The xattrs of `p` (not followed), an error read in their place (one it
+/// cannot read, as a user, is still compared, never a panic).
+fn xattrs_as_seen(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut names = vec![0u8; 64 << 10];
+    let names = match rustix::fs::llistxattr(p, &mut names[..]) {
+        Ok(n) => names[..n].to_vec(),
+        Err(e) => return vec![(b"(list)".to_vec(), e.to_string().into_bytes())],
+    };
+    names
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|name| {
+            let cn = CString::new(name).expect("xattr name with NUL");
+            let mut v = vec![0u8; 64 << 10];
+            let value = match rustix::fs::lgetxattr(p, &cn, &mut v[..]) {
+                Ok(n) => v[..n].to_vec(),
+                Err(e) => format!("({e})").into_bytes(),
+            };
+            (name.to_vec(), value)
+        })
+        .collect()
+}
+
 fn meta_below(dir: &Path) -> BTreeMap<Vec<u8>, Meta> {
     let of = |p: &Path| {
         let m = lstat(p);
@@ -970,7 +993,7 @@ fn meta_below(dir: &Path) -> BTreeMap<Vec<u8>, Meta> {
             m.gid(),
             (m.ctime(), m.ctime_nsec()),
             (m.mtime(), m.mtime_nsec()),
-            xattrs(p),
+            xattrs_as_seen(p),
         )
     };
     let mut out: BTreeMap<Vec<u8>, Meta> = walk(dir)

@@ -1184,7 +1184,8 @@ fn collect_chunk(
                 }
             }
             bytes += e.entry.buffer_cost();
-            if let Kind::File { .. } = e.entry.kind {
+            // What a later hard link may name: any object but a directory.
+            if !matches!(e.entry.kind, Kind::Dir | Kind::HardLink { .. }) {
                 files.insert(tree::path_key(&e.entry.path), chunk.wanted.len());
             }
             if let Some(m) = note {
@@ -1211,8 +1212,9 @@ fn collect_chunk(
 
 /// What the hard links of a chunk need of a first name they do not take.
 struct LinkTarget {
-    /// Its size, if it is a regular file.
-    size: Option<u64>,
+    /// Its kind (a regular file's size, a symlink's target, a device's
+    /// number).
+    kind: Kind,
     hash: [u8; 32],
     /// A snapshot processed before claimed it.
     claimed: bool,
@@ -1258,10 +1260,7 @@ fn resolve_unselected_targets(
         |e, _| {
             if wanted_targets.contains(&e.entry.path) {
                 let target = LinkTarget {
-                    size: match e.entry.kind {
-                        Kind::File { size } => Some(size),
-                        _ => None,
-                    },
+                    kind: e.entry.kind.clone(),
                     hash: e.hash,
                     claimed: claimed.is_some_and(|c| c.contains(&e)),
                 };
@@ -1290,16 +1289,19 @@ fn resolve_unselected_targets(
         if taken {
             continue; // restored (or refused) by the tree as a link
         }
-        let Some(size) = t.size else {
+        if matches!(t.kind, Kind::Dir | Kind::HardLink { .. }) {
             bail!(
-                "the server's manifest links {} to {}, which is not a regular file; refusing",
+                "the server's manifest links {} to {}, which is no file, symlink or special \
+                 file; refusing",
                 display_path(&w.e.entry.path),
                 display_path(target)
             );
-        };
+        }
+        // The first link taken gets the object (a file's content, fetched
+        // under the first name); later ones link to it.
         if copied.insert(target.clone()) {
             let target = target.clone();
-            w.e.entry.kind = Kind::File { size };
+            w.e.entry.kind = t.kind.clone();
             w.e.hash = t.hash;
             w.from = Some(target);
         }

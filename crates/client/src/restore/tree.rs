@@ -89,10 +89,11 @@ pub struct Wanted {
     /// The entry to restore.
     pub e: ManifestEntry,
     /// For a hard link whose first name was not selected: that name, whose
-    /// content is fetched for this path (the entry is then a regular file).
+    /// content is fetched for this path (the entry is then a regular file),
+    /// or whose object is made here (a symlink, FIFO, socket or device).
     pub from: Option<Vec<u8>>,
-    /// A hard link in the manifest names this file as its first name: its
-    /// inode is remembered for the link (see `RestoreTree::created`).
+    /// A hard link in the manifest names this object as its first name:
+    /// its inode is remembered for the link (see `RestoreTree::created`).
     pub linked: bool,
 }
 
@@ -874,7 +875,12 @@ impl RestoreTree {
                 }
             }
             Kind::HardLink { target } => self.restore_link(&path, target)?,
-            _ => self.restore_special(&e.entry)?,
+            _ => {
+                self.restore_special(&e.entry, linked || from.is_some())?;
+                if let Some(f) = from {
+                    self.copies.insert(f, path);
+                }
+            }
         }
         Ok(())
     }
@@ -1063,11 +1069,10 @@ impl RestoreTree {
             }
         };
         let st = rustix::fs::fstat(&tfd)?;
-        if file_type(&st) != FileType::RegularFile
-            || !self.created.contains(&(st.st_dev, st.st_ino))
+        if file_type(&st) == FileType::Directory || !self.created.contains(&(st.st_dev, st.st_ino))
         {
             return Err(refuse(
-                "which is not a regular file restored in this run".into(),
+                "which is not a file, symlink or special file restored in this run".into(),
             ));
         }
         let name = last_component(path);
@@ -1093,8 +1098,10 @@ impl RestoreTree {
         Ok(())
     }
 
-    /// Makes a symlink, fifo, socket or device node, then applies its metadata.
-    fn restore_special(&mut self, e: &Entry) -> Result<()> {
+    /// Makes a symlink, fifo, socket or device node, then applies its
+    /// metadata; `link_target`: a later hard link names it (its inode is
+    /// remembered for the link).
+    fn restore_special(&mut self, e: &Entry, link_target: bool) -> Result<()> {
         let path = &e.path;
         let shown = self.shown(path);
         let is_dev = matches!(e.kind, Kind::CharDev { .. } | Kind::BlockDev { .. });
@@ -1106,6 +1113,10 @@ impl RestoreTree {
             };
             self.report
                 .warn(format!("{shown}: device not recreated ({why})"));
+            // Its other names are not made either (said as such).
+            if link_target {
+                self.unplaced.insert(path_key(path));
+            }
             return Ok(());
         }
         let name = last_component(path);
@@ -1154,6 +1165,9 @@ impl RestoreTree {
         };
         let w = apply::apply(held, e, &self.opts.rules, &shown)?;
         w.into_iter().for_each(|w| self.report.warn(w));
+        if link_target {
+            self.created.insert((st.st_dev, st.st_ino));
+        }
         self.report.restored += 1;
         Ok(())
     }

@@ -147,9 +147,10 @@ impl BackupReceiver {
         {
             return Err(e).op("create", new_path);
         }
-        let mut new = fsops::create_new(&self.meta, b"manifest.new")
-            .and_then(ManifestWriter::new)
-            .op("create", new_path)?;
+        let created = fsops::create_new(&self.meta, b"manifest.new").op("create", new_path)?;
+        // From here it is on disc, to go should this backup not commit.
+        self.new_pending = true;
+        let mut new = ManifestWriter::new(created).op("create", new_path)?;
         if self.work.unwritten > 0 {
             let path = self.meta_path.join("manifest");
             let file = fsops::open_file(&self.meta, MANIFEST).op("open", || path.display())?;

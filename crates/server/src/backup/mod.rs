@@ -800,7 +800,13 @@ impl BackupReceiver {
     fn flush_slots(&mut self) -> Result<()> {
         while let Some((e, digest)) = self.slots.pop_ready() {
             match &e.entry.kind {
-                Kind::File { .. } => self.files.insert(&e.entry.path),
+                // What a later name may link to: any object but a directory.
+                Kind::File { .. }
+                | Kind::Symlink { .. }
+                | Kind::Fifo
+                | Kind::Socket
+                | Kind::CharDev { .. }
+                | Kind::BlockDev { .. } => self.files.insert(&e.entry.path),
                 Kind::HardLink { target } if !self.files.contains(target) => {
                     self.drop_link(&e.entry.path, target)?;
                     continue;
@@ -832,7 +838,8 @@ impl BackupReceiver {
         // manifest's): from here the new manifest differs.
         self.mark_changed()?;
         self.left_out(format!(
-            "{}: a hard link to {}, which is not a regular file of this backup: left out",
+            "{}: a hard link to {}, which is no file, symlink or special file of this \
+             backup: left out",
             String::from_utf8_lossy(path),
             String::from_utf8_lossy(target)
         ));

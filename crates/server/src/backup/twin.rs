@@ -147,7 +147,8 @@ impl BackupReceiver {
             entry: t.entry,
             hash,
         };
-        if t.old.as_ref() != Some(&me) {
+        // A trimmed old entry (see `hold_old`) is not the old manifest's.
+        if t.old_trimmed || t.old.as_ref() != Some(&me) {
             self.mark_changed()?;
         }
         self.files.note_content(&me, t.old.as_ref());
