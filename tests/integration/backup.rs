@@ -2437,6 +2437,23 @@ fn hard_links_between_special_files_are_kept() {
         fs::read_link(got2.join("d/s2")).unwrap(),
         Path::new("somewhere")
     );
+    // A listing shows each further name (in walk order: d/ comes before
+    // p1) with its object's type letter.
+    let out = run(Command::new(bin("byteback-restore"))
+        .current_dir(&into)
+        .arg("--destination")
+        .arg(&store)
+        .args(["--hostname", "h", "--list"])
+        .arg(format!("{}/**", src.display())));
+    let list = String::from_utf8_lossy(&out.stdout).into_owned();
+    for (name, letter) in [("d/c2", 'c'), ("p1", 'p'), ("s1", 'l'), ("u1", 's')] {
+        let line = list
+            .lines()
+            .find(|l| l.contains(&format!("/{name} => ")))
+            .unwrap_or_else(|| panic!("{name}: {list}"));
+        let mode = line.split_whitespace().nth(1).unwrap();
+        assert!(mode.starts_with(letter), "{name}: {line}");
+    }
 }
 
 /// A file with two links whose first path is left out (its xattrs cannot
@@ -3367,6 +3384,34 @@ fn a_kept_hard_link_whose_first_name_changed_is_left_out() {
     assert!(!newest.join("z/link").exists(), "the link was kept");
     let older = restored_path(&into.join(&first), &src);
     assert_eq!(fs::read(older.join("z/link")).unwrap(), b"old content");
+}
+
+/// The same for a first name replaced by a symlink (hard links may name
+/// one since protocol 11): the kept link is not made a name of the
+/// symlink.
+#[test]
+fn a_kept_hard_link_whose_first_name_became_a_symlink_is_left_out() {
+    let (d, src, store) = site();
+    fs::create_dir_all(src.join("z")).unwrap();
+    fs::write(src.join("a"), b"old content").unwrap();
+    fs::hard_link(src.join("a"), src.join("z/link")).unwrap();
+    local_backup(&store, &src, "h");
+    fs::remove_file(src.join("a")).unwrap();
+    std::os::unix::fs::symlink("elsewhere", src.join("a")).unwrap();
+    let o = backup_with_fault(&store, &src, "BYTEBACK_TEST_EIO", "z");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(24), "{err}");
+    assert!(
+        err.contains("whose content changed since: left out"),
+        "{err}"
+    );
+    let root = restore_all(&store, "h", None, &d.path().join("r"));
+    let newest = restored_path(&root, &src);
+    assert!(fs::symlink_metadata(newest.join("a")).unwrap().is_symlink());
+    assert!(
+        fs::symlink_metadata(newest.join("z/link")).is_err(),
+        "the link was kept"
+    );
 }
 
 /// A path the client cannot read is kept by the server as the last backup

@@ -771,17 +771,24 @@ pub fn list(
                 Some(t) => t.to_listing(),
                 None => e.entry.mtime_sec.to_string(),
             };
+            // A further name shows its object's size and type letter (a
+            // symlink's, FIFO's... since protocol 11).
+            let mut mode = mode_string(&e);
             let size = match &e.entry.kind {
-                Kind::HardLink { target } => link_sizes
-                    .get(&(s.clone(), target.clone()))
-                    .copied()
-                    .unwrap_or(0),
+                Kind::HardLink { target } => {
+                    let (size, letter) = link_sizes
+                        .get(&(s.clone(), target.clone()))
+                        .copied()
+                        .unwrap_or((0, '-'));
+                    mode.replace_range(0..1, letter.encode_utf8(&mut [0; 4]));
+                    size
+                }
                 _ => e.entry.size(),
             };
             let mut line = format!(
                 "{:<25} {:<10} {:>12} {:>6} {:>6} {:<25} {}",
                 s,
-                mode_string(&e),
+                mode,
                 size,
                 e.entry.uid,
                 e.entry.gid,
@@ -807,6 +814,10 @@ pub fn list(
     Ok((n, warner.report.warnings_total))
 }
 
+/// Per (snapshot, first name) a listing's hard links name: the object's
+/// size and type letter.
+type LinkedObjects = HashMap<(String, Vec<u8>), (u64, char)>;
+
 /// The sizes of the files that the hard links among `rows` name, by
 /// snapshot and path (a listing shows a link with its file's size, as
 /// 1.x did): one more reading of each snapshot with such a link shown,
@@ -815,7 +826,7 @@ fn link_sizes(
     conn: &mut Connection,
     rows: &HashMap<Vec<u8>, Vec<Row>>,
     snaps: &[(String, bool)],
-) -> Result<HashMap<(String, Vec<u8>), u64>> {
+) -> Result<LinkedObjects> {
     let mut wanted: HashMap<&str, HashSet<&[u8]>> = HashMap::new();
     for (s, e, _) in rows.values().flatten() {
         if let Kind::HardLink { target } = &e.entry.kind {
@@ -828,10 +839,9 @@ fn link_sizes(
             continue;
         };
         let each = |e: ManifestEntry, _| {
-            if let Kind::File { size } = e.entry.kind {
-                if targets.contains(e.entry.path.as_slice()) {
-                    sizes.insert((s.clone(), e.entry.path), size);
-                }
+            if targets.contains(e.entry.path.as_slice()) {
+                let seen = (e.entry.size(), e.entry.kind.type_char());
+                sizes.insert((s.clone(), e.entry.path), seen);
             }
             Ok(())
         };

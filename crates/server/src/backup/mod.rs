@@ -149,8 +149,17 @@ impl FilePaths {
     /// Notes the file `me` of the new manifest, if the old manifest had a
     /// different object at its path.
     fn note_content(&mut self, me: &ManifestEntry, old: Option<&ManifestEntry>) {
-        let differs = old.is_some_and(|o| o.entry.kind != me.entry.kind || o.hash != me.hash);
-        if matches!(me.entry.kind, Kind::File { .. }) && differs {
+        let differs = match me.entry.kind {
+            Kind::File { .. } => {
+                old.is_some_and(|o| o.entry.kind != me.entry.kind || o.hash != me.hash)
+            }
+            Kind::Dir | Kind::HardLink { .. } => false,
+            // A symlink, FIFO, socket or device (a hard link may name it):
+            // any difference, its target or number included, may be
+            // another inode.
+            _ => old.is_some_and(|o| o.entry != me.entry),
+        };
+        if differs {
             let k = self.key(&me.entry.path);
             self.changed.insert(k);
         }
