@@ -781,8 +781,12 @@ pub fn verify_host(
         // rest stays listed until its snapshot is checked again.
         state.damage.retain(|d| names.contains(&d.snapshot));
         state.counts.retain(|s, _| names.contains(s));
-        state.pass.clear();
-        state.incomplete = false;
+        // A run without a budget leaves a budgeted pass under way its
+        // tally and its incompleteness (it keeps the pass's place).
+        if resume || state.cursor.is_none() {
+            state.pass.clear();
+            state.incomplete = false;
+        }
     }
     // A file hashed in part, when this run goes on where it stopped.
     let mut partial = match state.partial.take_if(|_| resume) {
@@ -953,13 +957,24 @@ fn count_damage(state: &mut State, report: &HostReport, reached: &[Reached], pas
         };
         if to.is_none() && (from.is_none() || pass) {
             state.counts.insert(snap.clone(), so_far);
-            state.pass.remove(snap);
+            // Another run's whole check leaves a pass under way its tally.
+            if pass {
+                state.pass.remove(snap);
+            }
         } else {
             if pass {
                 state.pass.insert(snap.clone(), so_far);
             }
             let c = state.counts.entry(snap.clone()).or_default();
             *c = (*c).max(so_far);
+        }
+    }
+    // Found in a snapshot the run did not finish for an error (a manifest
+    // that could not be read on): known damage, at least.
+    for (snap, n) in found {
+        if !reached.iter().any(|(s, _, _)| s == snap) {
+            let c = state.counts.entry(snap.to_string()).or_default();
+            *c = (*c).max(n);
         }
     }
     let mut listed: BTreeMap<&str, u64> = BTreeMap::new();
@@ -1259,6 +1274,40 @@ mod tests {
         assert_eq!(st.damaged_count(|_| true), 5_000, "not known yet");
         run(&mut st, vec![], vec![("S".into(), cut(2_499), None)]);
         assert_eq!(st.damaged_count(|_| true), 0);
+    }
+
+    /// A whole check of a snapshot outside the budgeted pass under way in
+    /// it (`verify --snapshot`) leaves the pass its tally; damage found
+    /// before a run failed in a snapshot counts.
+    #[test]
+    fn a_check_outside_the_pass_leaves_its_tally() {
+        let beyond = |n: u64| HostReport {
+            unlisted: [("S".to_string(), n)].into(),
+            ..Default::default()
+        };
+        let cut = Some(b"m".to_vec());
+        let mut st = State::default();
+        merge_found(
+            &mut st,
+            &beyond(3_000),
+            &[("S".into(), None, cut.clone())],
+            true,
+        );
+        merge_found(&mut st, &beyond(5_000), &[("S".into(), None, None)], false);
+        assert_eq!(st.counts["S"], 5_000);
+        merge_found(&mut st, &beyond(2_000), &[("S".into(), cut, None)], true);
+        assert_eq!(
+            st.counts["S"], 5_000,
+            "the pass's two runs found 3,000 + 2,000"
+        );
+        // A run that failed in T after finding some: counted.
+        merge_found(&mut st, &beyond(0), &[], true);
+        let failed = HostReport {
+            unlisted: [("T".to_string(), 7)].into(),
+            ..Default::default()
+        };
+        merge_found(&mut st, &failed, &[], true);
+        assert_eq!(st.counts["T"], 7);
     }
 
     #[test]

@@ -155,9 +155,10 @@ impl FilePaths {
             }
             Kind::Dir | Kind::HardLink { .. } => false,
             // A symlink, FIFO, socket or device (a hard link may name it):
-            // any difference, its target or number included, may be
-            // another inode.
-            _ => old.is_some_and(|o| o.entry != me.entry),
+            // another type, target or device number (as for a file, its
+            // metadata alone is no change: a FIFO's mtime moves with
+            // every write).
+            _ => old.is_some_and(|o| o.entry.kind != me.entry.kind),
         };
         if differs {
             let k = self.key(&me.entry.path);
