@@ -3810,6 +3810,23 @@ fn status_takes_a_hosts_size_from_its_manifests_record() {
     assert_eq!(&buf[..n], &total.to_le_bytes());
 }
 
+/// A backup of `src` as host `h`, its growth noted every `every` bytes:
+/// the `running` lines it added to the usage log, and the log.
+fn notes_of_a_backup(store: &Path, src: &Path, every: &str) -> (usize, String) {
+    let log = store.join("h/.byteback-usage");
+    let before = fs::read_to_string(&log).unwrap().lines().count();
+    let o =
+        run_status(local_backup_cmd(store, src, "h").env("BYTEBACK_TEST_GROWTH_NOTE_BYTES", every));
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+    let text = fs::read_to_string(&log).unwrap();
+    let running = text
+        .lines()
+        .skip(before)
+        .filter(|l| l.ends_with(" - running"))
+        .count();
+    (running, text)
+}
+
 /// A backup that runs long records what it has written in its host's
 /// usage log as it goes (every 256 MiB; 1 MiB here, through a debug-build
 /// knob), so the growth guard of a prune that another host's backup starts
@@ -3854,17 +3871,7 @@ fn a_running_backup_records_its_growth_as_it_goes() {
     for i in 0..3000 {
         fs::create_dir(src2.join(format!("dir{i:05}"))).unwrap();
     }
-    let before = text.lines().count();
-    let o = run_status(
-        local_backup_cmd(&store, &src, "h").env("BYTEBACK_TEST_GROWTH_NOTE_BYTES", "524288"),
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
-    let text = fs::read_to_string(store.join("h/.byteback-usage")).unwrap();
-    let running = text
-        .lines()
-        .skip(before)
-        .filter(|l| l.ends_with(" - running"))
-        .count();
+    let (running, text) = notes_of_a_backup(&store, &src, "524288");
     assert!(running >= 1, "no note for 3,000 directories: {text}");
 
     // Growth from the manifest alone: FIFOs create nothing on the server
@@ -3882,17 +3889,7 @@ fn a_running_backup_records_its_growth_as_it_goes() {
         run(Command::new("mkfifo").arg(&f));
         set_xattr(&f, "trusted.x", &rng.bytes(3000));
     }
-    let before = text.lines().count();
-    let o = run_status(
-        local_backup_cmd(&store, &src, "h").env("BYTEBACK_TEST_GROWTH_NOTE_BYTES", "1048576"),
-    );
-    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
-    let text = fs::read_to_string(store.join("h/.byteback-usage")).unwrap();
-    let running = text
-        .lines()
-        .skip(before)
-        .filter(|l| l.ends_with(" - running"))
-        .count();
+    let (running, text) = notes_of_a_backup(&store, &src, "1048576");
     assert!(
         running >= 3,
         "6 MB of manifest noted {running} times: {text}"

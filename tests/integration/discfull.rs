@@ -120,12 +120,7 @@ fn does_not_fit(note: Option<&str>) {
     let o = run_status(&mut cmd);
     let out = text(&o);
     // Room for what the attempt sent, at least, however much was noted.
-    let need: u64 = out
-        .split(" bytes); pruning to make room")
-        .next()
-        .and_then(|a| a.rsplit('(').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no need said: {out}"));
+    let need = need_said(&out);
     assert!(need >= 100 << 20, "{out}");
     assert_eq!(o.status.code(), Some(0), "{out}");
     assert!(out.contains("no space left on device"), "{out}");
@@ -136,16 +131,30 @@ fn does_not_fit(note: Option<&str>) {
         "the newest snapshot was deleted: {after:?}"
     );
     assert!(after.len() < 4, "nothing was pruned: {after:?}");
-    let newest = after.last().unwrap();
+    assert_newest_holds(&rig, &src, "big");
+}
+
+/// The room a backup said it prunes for (`(N bytes); pruning to make room`).
+fn need_said(out: &str) -> u64 {
+    out.split(" bytes); pruning to make room")
+        .next()
+        .and_then(|a| a.rsplit('(').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no need said: {out}"))
+}
+
+/// Host `h`'s newest snapshot holds `name` of `src` as the source has it.
+fn assert_newest_holds(rig: &Rig, src: &Path, name: &str) {
+    let newest = rig.snapshots("h").pop().unwrap();
     let stored = rig
         .store
         .join("h")
         .join(newest)
         .join(src.strip_prefix("/").unwrap())
-        .join("big");
+        .join(name);
     assert_eq!(
         fs::read(&stored).unwrap(),
-        fs::read(src.join("big")).unwrap()
+        fs::read(src.join(name)).unwrap()
     );
 }
 
@@ -181,25 +190,10 @@ fn a_sparse_file_that_does_not_fit_asks_room_for_its_data_only() {
         T0 + 3 * DAY,
     ));
     let out = text(&o);
-    let need: u64 = out
-        .split(" bytes); pruning to make room")
-        .next()
-        .and_then(|a| a.rsplit('(').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no need said: {out}"));
+    let need = need_said(&out);
     assert!((1..=150 << 20).contains(&need), "{need}: {out}");
     assert_eq!(o.status.code(), Some(0), "{out}");
-    let newest = rig.snapshots("h").pop().unwrap();
-    let stored = rig
-        .store
-        .join("h")
-        .join(newest)
-        .join(src.strip_prefix("/").unwrap())
-        .join("sparse");
-    assert_eq!(
-        fs::read(&stored).unwrap(),
-        fs::read(src.join("sparse")).unwrap()
-    );
+    assert_newest_holds(&rig, &src, "sparse");
 }
 
 #[test]
