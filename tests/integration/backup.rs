@@ -3339,24 +3339,17 @@ fn a_failed_snapshot_counts_the_backups_growth_once() {
     );
 }
 
-/// A hard link in an unreadable directory, kept from the last backup,
-/// whose first name elsewhere was replaced since: which content the link
-/// names now is not known (the old file, if replaced; the new, if written
-/// in place), so it is left out with a warning, and a restore takes it
-/// from the last snapshot with the content it had there.
-#[test]
-fn a_kept_hard_link_whose_first_name_changed_is_left_out() {
+/// A backup of `a` ("old content"), `z/link` (a second name of it) and
+/// `z/plain`, then `change` done to `a`, then a backup with `z` unreadable:
+/// the kept link is left out, said, and the run is partial. Its output.
+fn kept_link_after(change: fn(&Path)) -> (tempfile::TempDir, PathBuf, PathBuf, String) {
     let (d, src, store) = site();
     fs::create_dir_all(src.join("z")).unwrap();
     fs::write(src.join("a"), b"old content").unwrap();
     fs::hard_link(src.join("a"), src.join("z/link")).unwrap();
     fs::write(src.join("z/plain"), b"plain").unwrap();
     local_backup(&store, &src, "h");
-    let first = snapshots(&store, "h").pop().unwrap();
-    // Replaced: z/link still names the old file.
-    fs::remove_file(src.join("a")).unwrap();
-    fs::write(src.join("a"), b"new content").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1100));
+    change(&src.join("a"));
     let o = backup_with_fault(&store, &src, "BYTEBACK_TEST_EIO", "z");
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(24), "{err}");
@@ -3364,6 +3357,23 @@ fn a_kept_hard_link_whose_first_name_changed_is_left_out() {
         err.contains("whose content changed since: left out"),
         "{err}"
     );
+    (d, src, store, err)
+}
+
+/// A hard link in an unreadable directory, kept from the last backup,
+/// whose first name elsewhere was replaced since: which content the link
+/// names now is not known (the old file, if replaced; the new, if written
+/// in place), so it is left out with a warning, and a restore takes it
+/// from the last snapshot with the content it had there.
+#[test]
+fn a_kept_hard_link_whose_first_name_changed_is_left_out() {
+    // Replaced: z/link still names the old file.
+    let (d, src, store, err) = kept_link_after(|a| {
+        fs::remove_file(a).unwrap();
+        fs::write(a, b"new content").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    });
+    let first = snapshots(&store, "h")[0].clone();
     // Counted by the client too: the server's left-out entry makes it partial.
     assert!(
         err.contains("1 entries left out or kept at their last version by the server"),
@@ -3391,20 +3401,10 @@ fn a_kept_hard_link_whose_first_name_changed_is_left_out() {
 /// symlink.
 #[test]
 fn a_kept_hard_link_whose_first_name_became_a_symlink_is_left_out() {
-    let (d, src, store) = site();
-    fs::create_dir_all(src.join("z")).unwrap();
-    fs::write(src.join("a"), b"old content").unwrap();
-    fs::hard_link(src.join("a"), src.join("z/link")).unwrap();
-    local_backup(&store, &src, "h");
-    fs::remove_file(src.join("a")).unwrap();
-    std::os::unix::fs::symlink("elsewhere", src.join("a")).unwrap();
-    let o = backup_with_fault(&store, &src, "BYTEBACK_TEST_EIO", "z");
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(o.status.code(), Some(24), "{err}");
-    assert!(
-        err.contains("whose content changed since: left out"),
-        "{err}"
-    );
+    let (d, src, store, _) = kept_link_after(|a| {
+        fs::remove_file(a).unwrap();
+        std::os::unix::fs::symlink("elsewhere", a).unwrap();
+    });
     let root = restore_all(&store, "h", None, &d.path().join("r"));
     let newest = restored_path(&root, &src);
     assert!(fs::symlink_metadata(newest.join("a")).unwrap().is_symlink());

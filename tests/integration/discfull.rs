@@ -104,11 +104,7 @@ fn does_not_fit(note: Option<&str>) {
         return;
     };
     let src = rig.src.clone();
-    // Three daily snapshots, each holding its own 70 MiB file.
-    for (i, name) in ["a", "b", "c"].iter().enumerate() {
-        fill(&src, name, 70, i as u64);
-        rig.backup_ok(&src, "h", T0 + i as i64 * DAY);
-    }
+    three_days_of_70_mib(&rig, &src);
     let before = rig.snapshots("h");
     assert_eq!(before.len(), 3);
     // A 150 MiB file does not fit beside them until older snapshots go.
@@ -132,6 +128,14 @@ fn does_not_fit(note: Option<&str>) {
     );
     assert!(after.len() < 4, "nothing was pruned: {after:?}");
     assert_newest_holds(&rig, &src, "big");
+}
+
+/// Three daily snapshots of host `h`, each holding its own 70 MiB file.
+fn three_days_of_70_mib(rig: &Rig, src: &Path) {
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        fill(src, name, 70, i as u64);
+        rig.backup_ok(src, "h", T0 + i as i64 * DAY);
+    }
 }
 
 /// The room a backup said it prunes for (`(N bytes); pruning to make room`).
@@ -168,10 +172,7 @@ fn a_sparse_file_that_does_not_fit_asks_room_for_its_data_only() {
         return;
     };
     let src = rig.src.clone();
-    for (i, name) in ["a", "b", "c"].iter().enumerate() {
-        fill(&src, name, 70, i as u64);
-        rig.backup_ok(&src, "h", T0 + i as i64 * DAY);
-    }
+    three_days_of_70_mib(&rig, &src);
     fill(&src, "sparse", 0, 9);
     {
         use std::os::unix::fs::FileExt;
