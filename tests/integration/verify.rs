@@ -121,10 +121,39 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
     }
     backup(&store, &src);
     let s1 = snapshots(&store, HOST).pop().unwrap();
+    // --verify-warn: a host never verified whole is due once its oldest
+    // snapshot is older than the limit, not before.
+    let now = unix_now();
+    let verify_warn = |at: i64| {
+        let o = run_status(
+            Command::new(bin("byteback-server"))
+                .args(["status", "--verify-warn", "1h", "--now", &rfc3339(at)])
+                .arg("--store")
+                .arg(&store),
+        );
+        (o.status.code(), output_text(&o))
+    };
+    let (code, out) = verify_warn(now + 600);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = verify_warn(now + 7200);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("BYTEBACK WARNING - {HOST} never verified whole")),
+        "{out}"
+    );
 
     // Nothing damaged yet.
     let o = verify(&store, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
+    // Verified whole now: due again only an hour later.
+    let (code, out) = verify_warn(now + 600);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = verify_warn(now + 7200);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!("BYTEBACK WARNING - {HOST} last verified whole")),
+        "{out}"
+    );
 
     // A byte flipped in current (mtime kept) and one in the read-only snapshot.
     flip_byte(&stored(&store, "current", &src, "a"), 5000);

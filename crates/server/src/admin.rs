@@ -100,6 +100,11 @@ pub struct StatusArgs {
     /// CRITICAL (exit 2) when a host's newest snapshot is older.
     #[arg(long, value_parser = parse_age)]
     pub crit: Option<i64>,
+    /// WARNING (exit 1) when a host was last verified whole longer ago
+    /// (byteback-server verify), or never while its oldest snapshot is
+    /// older (e.g. 60d).
+    #[arg(long, value_parser = parse_age)]
+    pub verify_warn: Option<i64>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -461,12 +466,17 @@ fn status_inner(args: StatusArgs) -> Result<ExitCode> {
     let (now, _) = clock(args.now);
     let st = status::collect(&store, now)?;
     let mut out = std::io::stdout().lock();
-    let (code, line) = status::check(&st, args.warn, args.crit);
+    let limits = status::Limits {
+        warn: args.warn,
+        crit: args.crit,
+        verify: args.verify_warn,
+    };
+    let (code, line) = status::check(&st, &limits);
     if args.json {
-        out.write_all(status::json(&st, args.warn, args.crit).as_bytes())
+        out.write_all(status::json(&st, &limits).as_bytes())
             .op("write", || STDOUT)?;
     } else {
-        if args.warn.is_some() || args.crit.is_some() {
+        if limits.any() {
             writeln!(out, "{line}").op("write", || STDOUT)?;
         }
         out.write_all(status::table(&st).as_bytes())

@@ -100,7 +100,14 @@ pub fn collect(
     for h in st.hosts {
         let hs = store.host(&h.host, false)?;
         hosts.push(HostReport {
-            state: status::host_state(&h, Some(warn), Some(crit)),
+            state: status::host_state(
+                &h,
+                &status::Limits {
+                    warn: Some(warn),
+                    crit: Some(crit),
+                    verify: None,
+                },
+            ),
             snapshots: hs.snapshots()?,
             usage: pruner::read_usage_lines(&hs),
             status: h,
@@ -527,7 +534,14 @@ pub fn render(r: &Report) -> String {
             prune_refused: r.prune_refused.clone(),
             not_hosts: vec![],
         };
-        status::check(&st, Some(r.warn), Some(r.crit))
+        status::check(
+            &st,
+            &status::Limits {
+                warn: Some(r.warn),
+                crit: Some(r.crit),
+                verify: None,
+            },
+        )
     };
     let mut s = String::new();
     let _ = write!(

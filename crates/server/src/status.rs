@@ -30,6 +30,8 @@ pub struct HostStatus {
     pub history: Option<u64>,
     /// Seconds since `byteback-server verify` last finished a whole pass over the host.
     pub verified_age: Option<i64>,
+    /// Seconds since the host's oldest snapshot (dated in the past).
+    pub oldest_age: Option<i64>,
     /// Damaged files the verification found (in snapshots still present), as `snapshot /path`.
     pub damaged: Vec<String>,
     /// Damaged files found beyond those listed (see
@@ -115,8 +117,13 @@ pub fn collect(store: &Store, now: i64) -> Result<StoreStatus> {
             .map(shown_damage)
             .collect();
         let damaged_unlisted = verify.damaged_count(|s| kept.contains(s)) - damaged.len() as u64;
+        let oldest_age = snaps
+            .iter()
+            .find(|(_, t)| *t <= slack)
+            .map(|(_, t)| now - t);
         hosts.push(HostStatus {
             verified_age: verify.last_full.map(|t| now - t),
+            oldest_age,
             damaged,
             damaged_unlisted,
             future,
@@ -177,6 +184,50 @@ fn mib(b: Option<u64>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// What makes a host WARNING or CRITICAL: its last backup older than
+/// `warn` or `crit` seconds, and with `verify` a whole verification older
+/// than that (or none while its oldest snapshot is older than that).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// WARNING when the newest snapshot is older.
+    pub warn: Option<i64>,
+    /// CRITICAL when the newest snapshot is older.
+    pub crit: Option<i64>,
+    /// WARNING when the host was last verified whole longer ago.
+    pub verify: Option<i64>,
+}
+
+impl Limits {
+    /// Whether any threshold is given (the Nagios line is printed).
+    pub fn any(&self) -> bool {
+        self.warn.is_some() || self.crit.is_some() || self.verify.is_some()
+    }
+}
+
+/// Why `h` is due a whole verification by `limit` (seconds), if it is: it
+/// was last verified whole longer ago, or never while it has had
+/// snapshots that long (a new host is not due yet).
+pub fn verify_overdue(h: &HostStatus, limit: Option<i64>) -> Option<String> {
+    let limit = limit?;
+    match h.verified_age {
+        Some(a) if a > limit => Some(format!(
+            "{} last verified whole {} ago (byteback-server verify --host {})",
+            h.host,
+            format_age(a),
+            h.host
+        )),
+        Some(_) => None,
+        None => h.oldest_age.filter(|a| *a > limit).map(|a| {
+            format!(
+                "{} never verified whole, with snapshots since {} ago (byteback-server verify --host {})",
+                h.host,
+                format_age(a),
+                h.host
+            )
+        }),
+    }
+}
+
 /// The state of one host's last backup by its age alone: 0 OK, 1 WARNING,
 /// 2 CRITICAL (a host without snapshots is critical whenever either
 /// threshold is given: it has no backup at all).
@@ -197,10 +248,15 @@ pub fn age_state(age: Option<i64>, warn: Option<i64>, crit: Option<i64>) -> u8 {
     }
 }
 
-/// One host's state: its age's, at least WARNING with damaged files.
-pub fn host_state(h: &HostStatus, warn: Option<i64>, crit: Option<i64>) -> u8 {
-    let c = age_state(h.age, warn, crit);
-    if h.damaged_count() == 0 && h.future.is_empty() && h.strays.is_empty() {
+/// One host's state: its age's, at least WARNING with damaged files or a
+/// verification overdue.
+pub fn host_state(h: &HostStatus, limits: &Limits) -> u8 {
+    let c = age_state(h.age, limits.warn, limits.crit);
+    if h.damaged_count() == 0
+        && h.future.is_empty()
+        && h.strays.is_empty()
+        && verify_overdue(h, limits.verify).is_none()
+    {
         c
     } else {
         c.max(1)
@@ -211,11 +267,11 @@ pub fn host_state(h: &HostStatus, warn: Option<i64>, crit: Option<i64>) -> u8 {
 pub const STATE_WORDS: [&str; 4] = ["OK", "WARNING", "CRITICAL", "UNKNOWN"];
 
 /// Nagios state: 0 OK, 1 WARNING, 2 CRITICAL, with the reason.
-pub fn check(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> (u8, String) {
+pub fn check(st: &StoreStatus, limits: &Limits) -> (u8, String) {
     let mut code = 0;
     let mut problems = vec![];
     for h in &st.hosts {
-        let c = age_state(h.age, warn, crit);
+        let c = age_state(h.age, limits.warn, limits.crit);
         if c > 0 {
             problems.push(match h.age {
                 Some(a) => format!("{} last backup {} ago", h.host, format_age(a)),
@@ -231,6 +287,10 @@ pub fn check(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> (u8, Str
                 h.damaged_count(),
                 h.host
             ));
+        }
+        if let Some(why) = verify_overdue(h, limits.verify) {
+            code = code.max(1);
+            problems.push(why);
         }
         if !h.future.is_empty() {
             code = code.max(1);
@@ -323,22 +383,23 @@ pub fn table(st: &StoreStatus) -> String {
 }
 
 /// The machine form (`--json`): one JSON object, with each host's state and
-/// the store's (by `warn`/`crit`, as the exit code) and the Nagios line.
-pub fn json(st: &StoreStatus, warn: Option<i64>, crit: Option<i64>) -> String {
-    let (code, line) = check(st, warn, crit);
+/// the store's (by `limits`, as the exit code) and the Nagios line.
+pub fn json(st: &StoreStatus, limits: &Limits) -> String {
+    let (code, line) = check(st, limits);
     let hosts: Vec<serde_json::Value> = st
         .hosts
         .iter()
         .map(|h| {
             serde_json::json!({
                 "host": h.host,
-                "state": STATE_WORDS[host_state(h, warn, crit) as usize],
+                "state": STATE_WORDS[host_state(h, limits) as usize],
                 "newest": h.newest,
                 "age_seconds": h.age,
                 "snapshots": h.snapshots,
                 "size_bytes": h.size,
                 "history_bytes": h.history,
                 "verified_age_seconds": h.verified_age,
+                "verify_overdue": verify_overdue(h, limits.verify).is_some(),
                 "damaged": h.damaged,
                 "damaged_unlisted": h.damaged_unlisted,
                 "dated_in_the_future": h.future,
@@ -406,6 +467,7 @@ mod tests {
             size: None,
             history: None,
             verified_age: None,
+            oldest_age: None,
             damaged: vec![],
             damaged_unlisted: 0,
             future: vec![],
@@ -423,19 +485,24 @@ mod tests {
             prune_refused: None,
             not_hosts: vec![],
         };
-        let (w, c) = (Some(100), Some(200));
-        assert_eq!(check(&st(vec![h(Some(50))]), w, c).0, 0);
-        assert_eq!(check(&st(vec![h(Some(50)), h(Some(150))]), w, c).0, 1);
-        assert_eq!(check(&st(vec![h(Some(250)), h(Some(150))]), w, c).0, 2);
-        assert_eq!(check(&st(vec![h(None)]), w, c).0, 2);
+        let l = Limits {
+            warn: Some(100),
+            crit: Some(200),
+            verify: None,
+        };
+        assert_eq!(check(&st(vec![h(Some(50))]), &l).0, 0);
+        assert_eq!(check(&st(vec![h(Some(50)), h(Some(150))]), &l).0, 1);
+        assert_eq!(check(&st(vec![h(Some(250)), h(Some(150))]), &l).0, 2);
+        assert_eq!(check(&st(vec![h(None)]), &l).0, 2);
         // No snapshot at all: critical with --warn alone too (it was a
         // warning then), and OK only without thresholds.
-        assert_eq!(check(&st(vec![h(None)]), w, None).0, 2);
+        let warn_only = Limits { crit: None, ..l };
+        assert_eq!(check(&st(vec![h(None)]), &warn_only).0, 2);
         assert_eq!(age_state(None, None, None), 0);
         let mut s = st(vec![h(Some(1))]);
         s.prune_refused = Some("x".into());
-        assert_eq!(check(&s, w, c).0, 1);
-        let v: serde_json::Value = serde_json::from_str(&json(&s, w, c)).unwrap();
+        assert_eq!(check(&s, &l).0, 1);
+        let v: serde_json::Value = serde_json::from_str(&json(&s, &l)).unwrap();
         assert_eq!(v["prune_refused"], "x");
         assert_eq!(v["exit_code"], 1);
         assert_eq!(v["state"], "WARNING");
@@ -443,10 +510,75 @@ mod tests {
         // A snapshot dated in the future is a WARNING, named.
         let mut ahead = h(Some(1));
         ahead.future = vec!["2027-01-01T03:00+0000".into()];
-        let (code, line) = check(&st(vec![ahead]), w, c);
+        let (code, line) = check(&st(vec![ahead]), &l);
         assert_eq!(code, 1);
         assert!(
             line.contains("dated in the future: 2027-01-01T03:00+0000"),
+            "{line}"
+        );
+    }
+
+    /// With `--verify-warn`, a host verified whole too long ago is a
+    /// WARNING, and one never verified whole only once its oldest snapshot
+    /// is that old (a new host is not due yet).
+    #[test]
+    fn a_verification_overdue_is_a_warning() {
+        let h = |verified_age: Option<i64>, oldest_age: Option<i64>| HostStatus {
+            host: "h".into(),
+            newest: None,
+            age: Some(10),
+            snapshots: 1,
+            size: None,
+            history: None,
+            verified_age,
+            oldest_age,
+            damaged: vec![],
+            damaged_unlisted: 0,
+            future: vec![],
+            strays: vec![],
+        };
+        let st = |host| StoreStatus {
+            hosts: vec![host],
+            space: Space {
+                size: 100,
+                free: 50,
+                data_percent: 50.0,
+                metadata_percent: None,
+                source: "statvfs",
+            },
+            prune_refused: None,
+            not_hosts: vec![],
+        };
+        let l = Limits {
+            warn: Some(100),
+            crit: Some(200),
+            verify: Some(1000),
+        };
+        for (verified, oldest, want) in [
+            (Some(999), Some(5000), 0),
+            (Some(1001), Some(5000), 1),
+            (None, Some(999), 0),
+            (None, Some(1001), 1),
+            (None, None, 0),
+        ] {
+            let s = st(h(verified, oldest));
+            let (code, line) = check(&s, &l);
+            assert_eq!(code, want, "{verified:?} {oldest:?}: {line}");
+            assert_eq!(host_state(&s.hosts[0], &l), want);
+            let v: serde_json::Value = serde_json::from_str(&json(&s, &l)).unwrap();
+            assert_eq!(v["hosts"][0]["verify_overdue"], want == 1);
+            // Without the flag, never.
+            let plain = Limits { verify: None, ..l };
+            assert_eq!(check(&s, &plain).0, 0);
+        }
+        let (_, line) = check(&st(h(Some(90_000), Some(900_000))), &l);
+        assert!(
+            line.contains("h last verified whole 1d01h ago (byteback-server verify --host h)"),
+            "{line}"
+        );
+        let (_, line) = check(&st(h(None, Some(90_000))), &l);
+        assert!(
+            line.contains("h never verified whole, with snapshots since 1d01h ago"),
             "{line}"
         );
     }
@@ -474,7 +606,7 @@ mod tests {
             ["2026-11-01T03:00+0000.copy", "old"]
         );
         let st = collect(&store, 1_796_400_000).unwrap();
-        let (code, line) = check(&st, None, None);
+        let (code, line) = check(&st, &Limits::default());
         assert_eq!(code, 1, "{line}");
         assert!(
             line.contains("h has directories not named as snapshots, never pruned or restored: 2026-11-01T03:00+0000.copy, old"),

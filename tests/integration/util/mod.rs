@@ -1722,6 +1722,13 @@ pub fn kill9(pid: u32) {
     send_signal(pid, Signal::KILL);
 }
 
+/// The time now, in Unix seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 /// RFC 3339 form of Unix seconds (UTC).
 pub fn rfc3339(t: i64) -> String {
     let n = byteback_server::time::format_name(t, 0);
