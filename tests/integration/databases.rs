@@ -917,11 +917,17 @@ fn the_hooks_do_nothing_without_a_server() {
     let nowhere = site.work.join("nowhere");
     let nowhere = nowhere.display().to_string();
     let socket = format!("{nowhere}/mysql.sock");
+    // The servers' data directories: none here (this machine's own, from
+    // the packages the suite installs, are not the test's).
+    let mysql_data = site.work.join("mysql-data").display().to_string();
+    let pg_data = site.work.join("pg-data").display().to_string();
     let env = [
         ("BYTEBACK_MYSQL_SOCKET", socket.as_str()),
         ("BYTEBACK_MYSQL_DEFAULTS_FILE", ""),
+        ("BYTEBACK_MYSQL_DATADIR", mysql_data.as_str()),
         ("BYTEBACK_PG_HOST", nowhere.as_str()),
         ("BYTEBACK_PG_PORT", PG_PORT),
+        ("BYTEBACK_PG_DATADIR", pg_data.as_str()),
     ];
     let o = site.backup(&env);
     let out = text(&o);
@@ -935,6 +941,36 @@ fn the_hooks_do_nothing_without_a_server() {
     }
     assert_eq!(site.snapshots().len(), 1);
     assert!(!site.dumps.exists(), "{out}");
+
+    // No dump yet, but a server's databases are there (it is down, or
+    // listens elsewhere): the backup would hold neither them (excluded)
+    // nor a dump, so the hooks fail, naming the data directory.
+    fs::create_dir_all(site.work.join("mysql-data/mysql")).unwrap();
+    fs::create_dir_all(site.work.join("pg-data/15/main")).unwrap();
+    fs::write(site.work.join("pg-data/15/main/PG_VERSION"), b"15\n").unwrap();
+    let o = site.backup(&env);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    for (what, data) in [("MariaDB/MySQL", &mysql_data), ("PostgreSQL", &pg_data)] {
+        assert!(
+            out.contains(&format!("FAILED: no {what} server answers (")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("and {data} holds a")),
+            "{data}: {out}"
+        );
+    }
+    assert_eq!(site.snapshots().len(), 1, "{out}");
+    let mut off = env.to_vec();
+    off.extend([
+        ("BYTEBACK_MYSQL_REQUIRED", "0"),
+        ("BYTEBACK_PG_REQUIRED", "0"),
+    ]);
+    let o = site.backup(&off);
+    assert!(o.status.success(), "{}", text(&o));
+    fs::remove_dir_all(site.work.join("mysql-data")).unwrap();
+    fs::remove_dir_all(site.work.join("pg-data")).unwrap();
 
     // Earlier runs' dumps, and no server now.
     fs::create_dir_all(&site.dumps).unwrap();
@@ -951,13 +987,8 @@ fn the_hooks_do_nothing_without_a_server() {
         );
     }
     assert!(out.contains("earlier run's dump"), "{out}");
-    assert_eq!(site.snapshots().len(), 1, "{out}");
+    assert_eq!(site.snapshots().len(), 2, "{out}");
     // Off on purpose: the old dumps go as they are.
-    let mut off = env.to_vec();
-    off.extend([
-        ("BYTEBACK_MYSQL_REQUIRED", "0"),
-        ("BYTEBACK_PG_REQUIRED", "0"),
-    ]);
     let o = site.backup(&off);
     assert!(o.status.success(), "{}", text(&o));
 
