@@ -503,6 +503,29 @@ pub struct WalkOptions {
     pub nested: Vec<PathBuf>,
 }
 
+/// What one hard-linked object costs the walk's table beyond its first
+/// name's bytes (key, count, the map's own slot).
+const LINK_ENTRY_COST: usize = 64;
+
+/// Bytes of the walk's table of hard-linked objects whose other names are
+/// still to come (see [`Walker::register_first_link`]).
+const MAX_LINK_TABLE: usize = 64 << 20;
+
+#[cfg(test)]
+thread_local! {
+    static LINK_TABLE_CAP: std::cell::Cell<usize> = const { std::cell::Cell::new(MAX_LINK_TABLE) };
+}
+
+#[cfg(test)]
+fn link_table_cap() -> usize {
+    LINK_TABLE_CAP.with(std::cell::Cell::get)
+}
+
+#[cfg(not(test))]
+fn link_table_cap() -> usize {
+    MAX_LINK_TABLE
+}
+
 /// `statfs` types of the local filesystems whose ctimes move with every
 /// change of an xattr: ext2/3/4, XFS, btrfs, tmpfs, F2FS. Elsewhere the
 /// xattrs are read every time.
@@ -654,6 +677,14 @@ struct Walker<'a> {
     /// walked yet, not every hard-linked file of the tree (a million of
     /// them, as rsnapshot or a nix store has, cost 170 MB).
     links: HashMap<(u64, u64), (Vec<u8>, u32)>,
+    /// Bytes the table holds ([`LINK_ENTRY_COST`] each plus its path), at
+    /// most `link_cap`: names never met (another name below an exclude,
+    /// or renamed away meanwhile) keep their files in it to the end, and
+    /// a user can make millions of them.
+    links_held: usize,
+    link_cap: usize,
+    /// Whether the table was found full (said once).
+    links_full: bool,
     /// Per (mount id, device) of the directories walked: whether the
     /// filesystem moves ctimes with every change of an xattr.
     ctime_fs: HashMap<(Option<u64>, u64), bool>,
@@ -983,6 +1014,7 @@ impl Walker<'_> {
                 };
                 if *left == 0 {
                     self.links.remove(&(dev, ino));
+                    self.links_held -= LINK_ENTRY_COST + target.len();
                 }
                 e.kind = Kind::HardLink { target };
             } else {
@@ -1035,8 +1067,7 @@ impl Walker<'_> {
             }
         }
         if first_link {
-            self.links
-                .insert((dev, ino), (e.path.clone(), st.stx_nlink.saturating_sub(1)));
+            self.register_first_link(&e.path, abs, (dev, ino), st.stx_nlink);
         }
         let found = Found {
             abs: path_of(abs),
@@ -1048,6 +1079,33 @@ impl Walker<'_> {
         };
         self.sink.entry(found, e)?;
         Ok(true)
+    }
+
+    /// Registers `path` (at `abs`) as the first name of the object
+    /// `(dev, ino)` of `nlink` names, if the table has room. Past its cap
+    /// the object's further names are sent as objects of their own (a
+    /// file's data stored once per name), said once.
+    fn register_first_link(&mut self, path: &[u8], abs: &[u8], key: (u64, u64), nlink: u32) {
+        let cost = LINK_ENTRY_COST + path.len();
+        if self.links_held + cost > self.link_cap {
+            if !self.links_full {
+                self.links_full = true;
+                self.sink.warning(WalkWarning {
+                    path: path_of(abs),
+                    message: format!(
+                        "the table of hard-linked objects whose other names are still to come is full \
+                         ({} MiB of their first names): this one's other names, and those of objects \
+                         met while it stays full, are stored as copies of their own, not as links",
+                        self.link_cap >> 20
+                    ),
+                    vanished: false,
+                });
+            }
+            return;
+        }
+        self.links_held += cost;
+        self.links
+            .insert(key, (path.to_vec(), nlink.saturating_sub(1)));
     }
 
     /// The xattrs reading left out (`dropped`: more than one entry may
@@ -1687,6 +1745,9 @@ pub fn walk(
         dir_rules: DirRules::default(),
         sink,
         links: HashMap::new(),
+        links_held: 0,
+        link_cap: link_table_cap(),
+        links_full: false,
         ctime_fs: HashMap::new(),
         buf: vec![MaybeUninit::uninit(); DIRENT_BUF],
         mounts: Mounts::new(opts.one_file_system, sources),
@@ -1954,6 +2015,59 @@ mod tests {
                 "{n}"
             );
         }
+    }
+
+    /// The table of hard-linked objects whose other names are still to
+    /// come is bounded: past its cap, further names are sent as objects of
+    /// their own, said once; once it has room again, links are kept.
+    #[test]
+    fn the_hard_link_table_is_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("src");
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::create_dir_all(root.join("a")).unwrap();
+        std::fs::create_dir_all(root.join("b")).unwrap();
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        // a/f0..f3 have names in b/ too; a/g has one outside the walk, so
+        // it stays in the table to the end.
+        std::fs::write(root.join("a/g"), b"g").unwrap();
+        std::fs::hard_link(root.join("a/g"), elsewhere.join("g")).unwrap();
+        for i in 0..4 {
+            std::fs::write(root.join(format!("a/f{i}")), b"f").unwrap();
+            std::fs::hard_link(root.join(format!("a/f{i}")), root.join(format!("b/f{i}"))).unwrap();
+        }
+        let base = base(&root);
+        let one = LINK_ENTRY_COST + format!("{base}/a/f0").len();
+        // Room for a/f0, a/f1 and a/g (met in that order: f0, f1, f2, f3, g).
+        LINK_TABLE_CAP.with(|c| c.set(2 * one + LINK_ENTRY_COST + format!("{base}/a/g").len()));
+        let sink = walk_one(&root, &[]);
+        LINK_TABLE_CAP.with(|c| c.set(MAX_LINK_TABLE));
+        let kind = |n: &str| {
+            let p = format!("{base}/{n}").into_bytes();
+            let e = sink.entries.iter().find(|e| e.path == p);
+            e.unwrap().kind.clone()
+        };
+        for i in 0..2 {
+            assert_eq!(
+                kind(&format!("b/f{i}")),
+                Kind::HardLink {
+                    target: format!("{base}/a/f{i}").into_bytes()
+                }
+            );
+        }
+        // f2 and f3 found the table full (g, a byte shorter, fit in the
+        // room left).
+        for i in 2..4 {
+            assert!(
+                matches!(kind(&format!("b/f{i}")), Kind::File { .. }),
+                "b/f{i}"
+            );
+        }
+        assert_eq!(sink.warnings.len(), 1, "{:?}", sink.warnings);
+        assert!(sink.warnings[0]
+            .message
+            .contains("table of hard-linked objects"));
+        assert!(sink.warnings[0].path.ends_with("a/f2"));
     }
 
     #[test]
