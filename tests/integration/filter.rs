@@ -7,6 +7,7 @@ use crate::util;
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -87,7 +88,6 @@ impl Setup {
         fs::create_dir_all(&d).unwrap();
         let hook = d.join("10-marker");
         fs::write(&hook, format!("#!/bin/sh\ntouch '{}'\n", marker.display())).unwrap();
-        use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
         marker
     }
@@ -306,6 +306,49 @@ fn unsupported_filter_rules_stop_the_backup_naming_file_and_line() {
     let o = s.backup(&[]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(snapshots(&s.store, "h").len(), 1);
+
+    // One a user could have written (theirs, or in a directory others may
+    // write to) never fails the backup of the machine: its directory is
+    // kept as the last backup has it, named in a warning (exit 24), and
+    // everything else is backed up.
+    let stored = s
+        .store
+        .join("h/current")
+        .join(s.src.strip_prefix("/").unwrap());
+    assert_eq!(fs::read(stored.join("d/g")).unwrap(), b"data");
+    for (i, how) in [
+        "a user's file",
+        "root's, in a directory others may write to",
+    ]
+    .iter()
+    .enumerate()
+    {
+        put(&s.src, b"d/.rsync-filter", b"- ok\nwhat is this\n");
+        if i == 0 {
+            std::os::unix::fs::lchown(s.src.join("d/.rsync-filter"), Some(65534), Some(65534))
+                .unwrap();
+        } else {
+            fs::set_permissions(s.src.join("d"), fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        put(&s.src, b"d/g", format!("changed {i}").as_bytes());
+        put(&s.src, format!("new{i}").as_bytes(), b"new");
+        let o = s.backup(&[]);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(24), "{how}: {err}");
+        let named = format!("{}:2:", s.src.join("d/.rsync-filter").display());
+        assert!(
+            err.contains(&named)
+                && err.contains("the directory's content is kept as the last backup has it"),
+            "{how}: {err}"
+        );
+        assert_eq!(fs::read(stored.join("d/g")).unwrap(), b"data", "{how}");
+        assert_eq!(
+            fs::read(stored.join(format!("new{i}"))).unwrap(),
+            b"new",
+            "{how}"
+        );
+        fs::remove_file(s.src.join("d/.rsync-filter")).unwrap();
+    }
 }
 
 /// `--snapshot` with a glob, as 1.x scripts pass it: the matching snapshots

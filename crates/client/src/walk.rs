@@ -711,6 +711,19 @@ fn path_of(bytes: &[u8]) -> PathBuf {
     PathBuf::from(OsStr::from_bytes(bytes))
 }
 
+/// Whether only root could have put the per-directory filter file `name`
+/// in `dir` there as it is: both root's (a symlink too), the directory
+/// writable by no one else. A problem with any other is not the
+/// admin's to fix: the walk passes over its directory (see
+/// [`Walker::push_level`]) rather than fail every backup.
+fn admins_only(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
+    let Ok(d) = rustix::fs::fstat(dir) else {
+        return false;
+    };
+    let file = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW);
+    d.st_uid == 0 && d.st_mode & 0o022 == 0 && file.is_ok_and(|f| f.st_uid == 0)
+}
+
 /// Reads a per-directory filter file `name` in `dir`: `None` if there is
 /// none. Never follows a symlink; it must be a regular file of at most
 /// [`crate::filter::MAX_DIR_FILE`] bytes.
@@ -814,9 +827,14 @@ impl Walker<'_> {
     /// `path`, open as `dir`, at walk depth `depth`. A file that cannot be
     /// read or holds an unsupported rule stops the backup (nothing is
     /// committed): its rules must not be silently ignored.
-    fn enter_dir(&mut self, dir: BorrowedFd<'_>, path: &[u8], depth: usize) -> Result<()> {
+    fn enter_dir(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        path: &[u8],
+        depth: usize,
+    ) -> Result<Option<String>> {
         let Some(filter) = self.filter.clone() else {
-            return Ok(());
+            return Ok(None);
         };
         for (k, name) in filter.dir_merges() {
             let mut file = path.to_vec();
@@ -825,32 +843,39 @@ impl Walker<'_> {
             }
             file.extend_from_slice(name);
             let file = path_of(&file);
-            let text = match read_small_at(dir, name) {
-                Ok(Some(t)) => t,
+            let entered = match read_small_at(dir, name) {
+                Ok(Some(text)) => self
+                    .dir_rules
+                    .enter(
+                        &filter,
+                        k,
+                        depth,
+                        path.trim_start_matches_slash(),
+                        &text,
+                        &file,
+                    )
+                    .map_err(|e| format!("filter rules: {e}")),
                 Ok(None) => continue,
-                Err(m) => {
-                    return Err(Error::Usage(format!(
-                        "per-directory filter file {}: {m}",
-                        file.as_os_str().as_bytes().escape_ascii()
-                    )))
-                }
+                Err(m) => Err(format!(
+                    "per-directory filter file {}: {m}",
+                    file.as_os_str().as_bytes().escape_ascii()
+                )),
             };
-            let notes = self
-                .dir_rules
-                .enter(
-                    &filter,
-                    k,
-                    depth,
-                    path.trim_start_matches_slash(),
-                    &text,
-                    &file,
-                )
-                .map_err(|e| Error::Usage(format!("filter rules: {e}")))?;
-            for n in notes {
-                self.filter_note(&n);
+            match entered {
+                Ok(notes) => {
+                    for n in notes {
+                        self.filter_note(&n);
+                    }
+                }
+                // The admin's own file: the backup fails until it is fixed
+                // (its rules may be meant to leave out much, or keep much).
+                Err(m) if admins_only(dir, name) => return Err(Error::Usage(m)),
+                // One a user could have written: never the end of every
+                // backup of the machine.
+                Err(m) => return Ok(Some(m)),
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Reads the per-directory files of the `dir-merge` rules in the
@@ -1326,14 +1351,17 @@ impl Walker<'_> {
         ino: u64,
         implied: bool,
     ) -> Result<()> {
-        self.enter_dir(dir.as_fd(), path, stack.len() + 1)?;
+        let bad_filter = self.enter_dir(dir.as_fd(), path, stack.len() + 1)?;
         let held: usize = stack.iter().map(|l| l.window.held()).sum();
         let cap = level_cap(WALK_NAMES, held, LEVEL_NAMES_MIN);
         stall_fault(path);
-        let read = read_window(dir.as_fd(), None, cap, &mut self.buf);
-        let (window, failed) = match read {
-            Ok(w) => (w, eio_fault(path)),
-            Err(e) => (Window::default(), Some(e)),
+        let (window, failed) = if bad_filter.is_some() {
+            (Window::default(), None)
+        } else {
+            match read_window(dir.as_fd(), None, cap, &mut self.buf) {
+                Ok(w) => (w, eio_fault(path)),
+                Err(e) => (Window::default(), Some(e)),
+            }
         };
         let mut level = Level {
             dir,
@@ -1344,7 +1372,15 @@ impl Walker<'_> {
             mnt,
             implied,
         };
-        if let Some(e) = failed {
+        if let Some(m) = bad_filter {
+            // A per-directory filter file a user could have written that
+            // cannot be read or parsed: as an unreadable directory.
+            self.warn(
+                path,
+                format!("{m}; the directory's content is kept as the last backup has it"),
+                false,
+            );
+        } else if let Some(e) = failed {
             // A listing cut short: nothing below is sent, and the server
             // keeps the directory's content as the last backup has it
             // (what was read may be a random part of it).
