@@ -499,6 +499,14 @@ pub fn open_spikes(store: &Store, snapshots: &[Snapshot], capacity: u64) -> Resu
     for host in store.hosts()? {
         let h = store.host(&host, false)?;
         let (mut history, pending) = read_usage_pending(&h);
+        // Listed after the log is read: a snapshot is taken before the
+        // line naming it is written, so one a backup took since the
+        // caller listed `snapshots` (its spike named by that line, which
+        // also ended the growth pending before it) counts.
+        let now_there: HashSet<String> = h
+            .snapshots()
+            .map(|v| v.into_iter().map(|(n, _)| n).collect())
+            .unwrap_or_default();
         let is_accepted = |history: &[Usage], s: &Spike| {
             let before = history
                 .iter()
@@ -509,7 +517,8 @@ pub fn open_spikes(store: &Store, snapshots: &[Snapshot], capacity: u64) -> Resu
                 || before.is_some_and(|b| pending_accepted(&format!("{}/{b}", s.host), s.new_bytes))
         };
         for s in spikes(&host, &history, capacity) {
-            if existing.contains(&(s.host.as_str(), s.snapshot.as_str()))
+            if (existing.contains(&(s.host.as_str(), s.snapshot.as_str()))
+                || now_there.contains(&s.snapshot))
                 && !is_accepted(&history, &s)
             {
                 out.push(s);
@@ -1664,6 +1673,18 @@ mod tests {
         log.push_str(&format!("2000 0 {next}\n"));
         std::fs::write(&usage, &log).unwrap();
         std::fs::create_dir_all(dir.path().join("h").join(next)).unwrap();
+        // Taken, and its line written, after the prune listed the
+        // snapshots: still the spike (it was missed, and the line had
+        // ended the growth pending before it).
+        std::fs::remove_file(dir.path().join(ACCEPTED)).unwrap();
+        let got = open(&snapshots);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].snapshot, next);
+        std::fs::write(
+            dir.path().join(ACCEPTED),
+            format!("h/current-since-2026-11-03T03:00+0000 {}\n", 40 * MIB),
+        )
+        .unwrap();
         snapshots.push(Snapshot {
             host: "h".into(),
             name: next.into(),
