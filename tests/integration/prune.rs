@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use byteback_server::prune::{importance_targets, next_to_delete, prune_order, Order, Snapshot};
 use byteback_server::time::{days_from_civil, parse_name};
@@ -845,4 +845,50 @@ fn only_directories_with_current_or_snapshots_are_hosts() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("old-web2/2026-01-01T03:00+0000"), "{out}");
     assert!(!out.contains("bin/"), "{out}");
+}
+
+/// The prune after a backup's snapshot (minutes on a large store, each
+/// deletion waiting for btrfs) runs without the host's lock, so a restore
+/// of the host's current, its verify or its next backup need not wait for
+/// it (it held the lock to the end: restores of current were refused as
+/// if a backup ran, and the next backup after 15 s).
+#[test]
+fn the_prune_after_a_snapshot_lets_the_host_go() {
+    let work = scratch();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"data").unwrap();
+    let store = work.path().join("store");
+    store_without_interval(&store);
+    let mut cmd = local_backup_cmd(&store, &src, "h");
+    cmd.env("BYTEBACK_TEST_PRUNE_SLOW", "4")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let start = std::time::Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    let mut locked_at = None;
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the backup did not end"
+        );
+        if locked_at.is_none() && !snapshots(&store, "h").is_empty() {
+            let lock = fs::File::open(store.join("h/.lock")).unwrap();
+            if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                .is_ok()
+            {
+                locked_at = Some(std::time::Instant::now());
+                rustix::fs::flock(&lock, rustix::fs::FlockOperation::Unlock).unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ended = std::time::Instant::now();
+    assert!(child.wait().unwrap().success());
+    let locked_at = locked_at.expect("the host's lock was held until the backup ended");
+    assert!(
+        ended - locked_at > Duration::from_secs(2),
+        "the host's lock was let go only {:?} before the end, not before the prune",
+        ended - locked_at
+    );
 }

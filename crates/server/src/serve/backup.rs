@@ -46,7 +46,7 @@ pub(super) fn backup<R: Read, W: Write>(
         ));
     }
     let host = store.host(&cfg.host, true)?;
-    let _lock = host.lock()?;
+    let lock = host.lock()?;
     if let Err(e) = crate::pruner::name_lost_snapshot(&host) {
         tracing::warn!("cannot look for a snapshot the usage log lost: {e}");
     }
@@ -67,33 +67,46 @@ pub(super) fn backup<R: Read, W: Write>(
         host: &host,
         config: &config,
     };
-    let received = receive(&target, conn, &mut rx);
-    if let Err(e) = received {
-        // What it wrote stays for the next run to resume from: the growth
-        // guard counts it (a client cutting its runs short must not
-        // write without limit, unseen). What the log has and was thrown
-        // away is not (the next run writes it again, counted then), nor
-        // the new manifest, which goes now (the next run starts its own).
-        rx.abandon_manifest();
-        settle_credit(&host, target.now(), &mut rx);
-        if rx.unrecorded() > 0 {
-            match crate::pruner::record_written(&host, target.now(), rx.unrecorded(), None) {
-                // Counted once: the deletion on the way out reads it there.
-                Ok(()) => rx.recorded(),
-                Err(e2) => tracing::error!("cannot record the interrupted backup's usage: {e2}"),
+    let e = match receive(&target, conn, &mut rx) {
+        Ok(prune) => {
+            // The prune after the snapshot (minutes, each deletion waiting
+            // for btrfs) runs without the host's lock: it needs the store's
+            // prune lock only, and the host's restores of current, its
+            // verify and its next backup need not wait for it. What the
+            // receiver holds goes first (it has no transfer left).
+            drop(rx);
+            drop(lock);
+            if let Some(p) = prune {
+                slow_prune_fault();
+                crate::pruner::after_snapshot(store, &config, p.now, p.only_host);
             }
+            return Ok(());
         }
-        if rx.manifest_damaged() {
-            return Err(match rx.set_aside_manifest() {
-                Ok(()) => e.context(
-                    "the manifest of current was set aside; the next backup recovers one from the newest snapshot",
-                ),
-                Err(e2) => e.context(format!("and the damaged manifest could not be set aside: {e2}")),
-            });
+        Err(e) => e,
+    };
+    // What it wrote stays for the next run to resume from: the growth
+    // guard counts it (a client cutting its runs short must not
+    // write without limit, unseen). What the log has and was thrown
+    // away is not (the next run writes it again, counted then), nor
+    // the new manifest, which goes now (the next run starts its own).
+    rx.abandon_manifest();
+    settle_credit(&host, target.now(), &mut rx);
+    if rx.unrecorded() > 0 {
+        match crate::pruner::record_written(&host, target.now(), rx.unrecorded(), None) {
+            // Counted once: the deletion on the way out reads it there.
+            Ok(()) => rx.recorded(),
+            Err(e2) => tracing::error!("cannot record the interrupted backup's usage: {e2}"),
         }
-        return Err(rx.after_no_space(e));
     }
-    Ok(())
+    if rx.manifest_damaged() {
+        return Err(match rx.set_aside_manifest() {
+            Ok(()) => e.context(
+                "the manifest of current was set aside; the next backup recovers one from the newest snapshot",
+            ),
+            Err(e2) => e.context(format!("and the damaged manifest could not be set aside: {e2}")),
+        });
+    }
+    Err(rx.after_no_space(e))
 }
 
 /// Tells the usage log of bytes it has from this backup's notes that were
@@ -156,7 +169,7 @@ fn receive<R: Read, W: Write>(
     target: &Target,
     conn: &mut Conn<R, W>,
     rx: &mut BackupReceiver,
-) -> Result<()> {
+) -> Result<Option<PruneAfter>> {
     let budget = fd_budget();
     // Room for an honest client's files in flight even under a low limit;
     // beyond the budget (or that), a client starting every file it was
@@ -412,14 +425,22 @@ fn make_room(
     crate::pruner::make_room(target.store, target.config, target.now(), &room)
 }
 
+/// The prune a backup's snapshot calls for, run once the host's lock is
+/// let go.
+struct PruneAfter {
+    now: i64,
+    /// Only this host's snapshots (its growth is in no usage log).
+    only_host: Option<String>,
+}
+
 /// `BackupEnd`: commits, records usage, takes the snapshot, replies, then
-/// names the snapshot in the usage log and prunes (those only log on
-/// failure: the snapshot is taken).
+/// names the snapshot in the usage log (which only logs on failure: the
+/// snapshot is taken). Returns the prune to run after, if any.
 fn finish<R: Read, W: Write>(
     target: &Target,
     conn: &mut Conn<R, W>,
     rx: &mut BackupReceiver,
-) -> Result<()> {
+) -> Result<Option<PruneAfter>> {
     let warnings = std::mem::take(&mut rx.warnings);
     let (stats, generation) = rx.commit()?;
     let now = target.now();
@@ -503,9 +524,23 @@ fn finish<R: Read, W: Write>(
                 only_host = Some(target.host.name.clone());
             }
         }
-        crate::pruner::after_snapshot(target.store, target.config, now, only_host);
+        return Ok(Some(PruneAfter { now, only_host }));
     }
-    Ok(())
+    Ok(None)
+}
+
+/// Debug builds only: `BYTEBACK_TEST_PRUNE_SLOW=SECS` makes the prune
+/// after a snapshot wait that long first, as a long prune would take.
+fn slow_prune_fault() {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    if let Some(s) = std::env::var("BYTEBACK_TEST_PRUNE_SLOW")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_secs(s));
+    }
 }
 
 /// Debug builds only: the server dies at once (as in a crash or a power
