@@ -65,3 +65,18 @@ pub const TWIN_MIN: u64 = 1 << 20;
 /// Most bytes of paths the server's index of stored content (for cloning
 /// moved and copied files) holds; files beyond it are not offered.
 pub const MAX_TWIN_INDEX_BYTES: usize = 16 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The window's caps: fewer than MAX_PENDING entries, at most
+    /// MAX_BUFFERED_BYTES of them; client and server share this rule.
+    #[test]
+    fn window_caps_are_exact() {
+        assert!(window_within_caps(0, 0));
+        assert!(window_within_caps(MAX_PENDING - 1, MAX_BUFFERED_BYTES));
+        assert!(!window_within_caps(MAX_PENDING, 0));
+        assert!(!window_within_caps(0, MAX_BUFFERED_BYTES + 1));
+    }
+}

@@ -194,6 +194,10 @@ mod tests {
             validate_path(p).unwrap();
         }
         validate_path(&vec![b'a'; 255]).unwrap();
+        // MAX_PATH bytes exactly (Linux's PATH_MAX less the NUL).
+        let longest = [b"a/".repeat(2047), b"bb".to_vec()].concat();
+        assert_eq!(longest.len(), MAX_PATH);
+        validate_path(&longest).unwrap();
     }
 
     #[test]
