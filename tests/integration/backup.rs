@@ -3943,3 +3943,60 @@ fn a_running_backup_records_its_growth_as_it_goes() {
         "noted {noted}, credited {credit}: {text}"
     );
 }
+
+/// A restore of hard links whose first names it does not select makes
+/// each first name's object under the link's name (here symlinks with
+/// 4,000-byte targets): the chunk it holds counts what that adds, so its
+/// memory stays near its budget (it held each target twice, uncounted:
+/// 12,000 such links peaked at 107 MiB where the budget is 32 MiB).
+#[test]
+fn links_to_unselected_symlinks_keep_a_restore_within_its_budget() {
+    let (d, src, store) = site();
+    // The first names in a/, walked before d/.
+    fs::create_dir_all(src.join("a")).unwrap();
+    fs::create_dir_all(src.join("d")).unwrap();
+    const N: usize = 12_000;
+    for i in 0..N {
+        let target = format!("{i:05}{}", "t".repeat(3995));
+        std::os::unix::fs::symlink(&target, src.join(format!("a/s{i:05}"))).unwrap();
+        fs::hard_link(
+            src.join(format!("a/s{i:05}")),
+            src.join(format!("d/l{i:05}")),
+        )
+        .unwrap();
+    }
+    local_backup(&store, &src, "h");
+    let into = d.path().join("r");
+    fs::create_dir_all(&into).unwrap();
+    let mut cmd = Command::new(bin("byteback-restore"));
+    cmd.current_dir(&into)
+        .arg("--destination")
+        .arg(&store)
+        .args(["--hostname", "h", "--restore"])
+        .arg(src.join("d"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let child = cmd.spawn().unwrap();
+    let mut status = 0;
+    // SAFETY: rusage is plain data, filled by wait4 for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = child.id() as libc::pid_t;
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{status}"
+    );
+    let rss_mib = usage.ru_maxrss as u64 / 1024;
+    let snap = snapshots(&store, "h").pop().unwrap();
+    let got = restored_path(&into.join(&snap), &src);
+    for i in [0, N / 2, N - 1] {
+        assert_eq!(
+            fs::read_link(got.join(format!("d/l{i:05}"))).unwrap(),
+            Path::new(&format!("{i:05}{}", "t".repeat(3995)))
+        );
+    }
+    assert_eq!(fs::read_dir(got.join("d")).unwrap().count(), N);
+    // 44 MiB here; 61 counting nothing, 107 also holding each twice.
+    assert!(rss_mib < 54, "the restore peaked at {rss_mib} MiB");
+}

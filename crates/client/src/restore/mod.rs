@@ -1107,6 +1107,7 @@ fn collect_chunk(
     after: Option<&[u8]>,
     mut take: impl FnMut(&ManifestEntry) -> Result<bool>,
     mut skipped: impl FnMut(Vec<u8>, String),
+    copies: impl Fn(&[u8]) -> bool,
 ) -> Result<Chunk> {
     let mut chunk = Chunk {
         wanted: vec![],
@@ -1194,6 +1195,14 @@ fn collect_chunk(
                 }
             }
             bytes += e.entry.buffer_cost();
+            // A link whose first name may become a copy of its object (see
+            // [`resolve_unselected_targets`]) counts what that may add:
+            // a symlink's target, up to a path's length.
+            if let Kind::HardLink { target } = &e.entry.kind {
+                if copies(target) {
+                    bytes += byteback_protocol::limits::MAX_PATH;
+                }
+            }
             // What a later hard link may name: any object but a directory.
             if !matches!(e.entry.kind, Kind::Dir | Kind::HardLink { .. }) {
                 files.insert(tree::path_key(&e.entry.path), chunk.wanted.len());
@@ -1285,8 +1294,8 @@ fn resolve_unselected_targets(
         let Kind::HardLink { target } = &w.e.entry.kind else {
             continue;
         };
-        if !wanted_targets.contains(target) {
-            continue;
+        if !wanted_targets.contains(target) || copied.contains(target) {
+            continue; // later links to a copy made above stay links to it
         }
         let Some(t) = found.get(target) else {
             bail!(
@@ -1308,13 +1317,15 @@ fn resolve_unselected_targets(
             );
         }
         // The first link taken gets the object (a file's content, fetched
-        // under the first name); later ones link to it.
-        if copied.insert(target.clone()) {
-            let target = target.clone();
-            w.e.entry.kind = t.kind.clone();
+        // under the first name); later ones link to it. Moved, not copied:
+        // a symlink's target is held once (the chunk counted it).
+        let target = target.clone();
+        if let Some(t) = found.remove(&target) {
+            w.e.entry.kind = t.kind;
             w.e.hash = t.hash;
-            w.from = Some(target);
         }
+        copied.insert(target.clone());
+        w.from = Some(target);
     }
     Ok(())
 }
@@ -1384,6 +1395,8 @@ fn restore_snapshot(
                     budget.warn(&mut notes, || note_text(snap, &p, &m));
                 }
             },
+            // As `resolve_unselected_targets` decides which may.
+            |target| !turn.first || !pats.selects(target),
         )?;
         for w in std::mem::take(&mut chunk.notes) {
             budget.warn(&mut notes, || w);
