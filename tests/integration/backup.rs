@@ -3976,6 +3976,8 @@ fn links_to_unselected_symlinks_keep_a_restore_within_its_budget() {
         .arg(src.join("d"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
+    // Reaped by wait4 below, for its peak memory.
+    #[allow(clippy::zombie_processes)]
     let child = cmd.spawn().unwrap();
     let mut status = 0;
     // SAFETY: rusage is plain data, filled by wait4 for our own child.
@@ -3999,4 +4001,75 @@ fn links_to_unselected_symlinks_keep_a_restore_within_its_budget() {
     assert_eq!(fs::read_dir(got.join("d")).unwrap().count(), N);
     // 44 MiB here; 61 counting nothing, 107 also holding each twice.
     assert!(rss_mib < 54, "the restore peaked at {rss_mib} MiB");
+}
+
+/// A restore into a tree where a directory takes no changes (chattr +i)
+/// passes over each entry there it cannot replace or make, hard links and
+/// special files as regular files, with a warning each (exit 24), and
+/// restores the rest (a symlink, FIFO or link there ended the whole run).
+#[test]
+fn a_restore_passes_over_what_an_immutable_directory_refuses() {
+    if !require_root("chattr +i on a btrfs loop filesystem") {
+        return;
+    }
+    let (_d, src, store) = site();
+    fs::create_dir_all(src.join("a")).unwrap();
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("a/x"), b"first name").unwrap();
+    fs::write(src.join("d/f"), b"a file").unwrap();
+    std::os::unix::fs::symlink("somewhere", src.join("d/s")).unwrap();
+    run(Command::new("mkfifo").arg(src.join("d/p")));
+    fs::hard_link(src.join("a/x"), src.join("d/l")).unwrap();
+    // Root's and 0700 already, so the restore need not change d itself
+    // to work in it (an immutable directory takes no chmod either).
+    fs::set_permissions(
+        src.join("d"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    local_backup(&store, &src, "h");
+    let fs_ = BtrfsLoop::new(300);
+    let into = fs_.mount.join("r");
+    let root = restore_all(&store, "h", None, &into);
+    let d = restored_path(&root, &src).join("d");
+    let chattr = |flag: &str| {
+        let st = Command::new("chattr").arg(flag).arg(&d).status().unwrap();
+        assert!(st.success(), "chattr {flag}");
+    };
+    // Restored again into the same place: d's entries are to be
+    // replaced, and a/x, gone meanwhile, made again.
+    let x = restored_path(&root, &src).join("a/x");
+    fs::remove_file(&x).unwrap();
+    // l and p to be made anew (a link, a FIFO), s and f to be replaced.
+    fs::remove_file(d.join("l")).unwrap();
+    fs::remove_file(d.join("p")).unwrap();
+    chattr("+i");
+    let o = run_status(
+        Command::new(bin("byteback-restore"))
+            .current_dir(&into)
+            .arg("--destination")
+            .arg(&store)
+            .args(["--hostname", "h", "--restore", "/"]),
+    );
+    chattr("-i");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(24), "{err}");
+    for n in ["s", "p", "l", "f"] {
+        let shown = d.strip_prefix(&into).unwrap().join(n);
+        assert!(
+            err.lines()
+                .any(|l| l.contains(&format!("{}: cannot", shown.display()))
+                    && l.contains("not restored")),
+            "{n}: {err}"
+        );
+    }
+    for (n, how) in [
+        ("l", "cannot link it to its first name"),
+        ("p", "cannot create: "),
+        ("s", "cannot replace what stands there"),
+        ("f", "cannot create it"),
+    ] {
+        assert!(err.contains(&format!("d/{n}: {how}")), "{n}: {err}");
+    }
+    assert_eq!(fs::read(x).unwrap(), b"first name");
 }

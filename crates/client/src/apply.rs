@@ -107,6 +107,13 @@ fn proc_name(fd: BorrowedFd<'_>) -> String {
 
 /// Errors after which applying metadata makes no sense: the object or the
 /// filesystem is gone, broken or full. Anything else is a warning.
+/// Whether `obj` carries chattr's immutable or append-only flag (which
+/// refuse a change of mode, owner or times even to root).
+fn is_immutable(obj: Held<'_>) -> bool {
+    rustix::fs::ioctl_getflags(obj.fd())
+        .is_ok_and(|f| f.intersects(rustix::fs::IFlags::IMMUTABLE | rustix::fs::IFlags::APPEND))
+}
+
 fn is_fatal(e: Errno) -> bool {
     matches!(
         e,
@@ -242,7 +249,18 @@ pub fn apply(
             }
         }
         let mode = owned_mode(obj, entry, mode, shown, &mut warnings)?;
-        set_mode(obj, mode).map_err(|e| err(e, shown, "chmod"))?;
+        match set_mode(obj, mode) {
+            Ok(()) => {}
+            // An immutable or append-only object (chattr +i, +a), which
+            // takes no change from anyone: it keeps the mode it has.
+            Err(Errno::PERM) if is_immutable(obj) => {
+                warnings.push(format!(
+                    "{shown}: mode {mode:04o} not applied: it is immutable or append-only (see lsattr)"
+                ));
+                return Ok(warnings);
+            }
+            Err(e) => return Err(err(e, shown, "chmod")),
+        }
         if mode & 0o2000 != 0 {
             // The kernel silently drops setgid for a group the caller is not in.
             let now = rustix::fs::fstat(obj.fd()).map_err(|e| err(e, shown, "fstat"))?;

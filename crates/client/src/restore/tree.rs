@@ -906,8 +906,16 @@ impl RestoreTree {
         static NEXT_TEMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let temp_id = NEXT_TEMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _forget = Forget(temp_id);
-        let (tmp, fd) = super::interrupt::temp_file(parent, temp_id, || create_temp(parent))
-            .on("cannot create a file beside", self.shown(path))?;
+        let (tmp, fd) = match super::interrupt::temp_file(parent, temp_id, || create_temp(parent)) {
+            Ok(made) => made,
+            // Its directory takes no new names (chattr +i): that file
+            // alone is not restored; its data, asked for already, is
+            // taken and thrown away.
+            Err(Errno::PERM) => {
+                return self.discard(conn, e, src, size, link_target);
+            }
+            Err(err) => return Err(err).on("cannot create a file beside", self.shown(path)),
+        };
         let mut st = rustix::fs::fstat(&fd)?;
         let shown = self.shown(path);
         let hash = (!self.opts.unverified).then_some(&e.hash);
@@ -1076,25 +1084,105 @@ impl RestoreTree {
             ));
         }
         let name = last_component(path);
-        self.clear(name, path)?;
+        if let Err(e) = self.clear(name, path) {
+            return self.not_replaced(e, &shown, None);
+        }
         let parent = top_fd(&self.stack)?;
         let proc = format!("/proc/self/fd/{}", tfd.as_raw_fd());
-        match rustix::fs::linkat(
+        let linked = match rustix::fs::linkat(
             CWD,
             proc.as_str(),
             parent,
             os(name),
             AtFlags::SYMLINK_FOLLOW,
         ) {
-            Ok(()) => {}
             // No /proc: root may link an fd directly.
             Err(Errno::NOENT) => {
                 rustix::fs::linkat(&tfd, "", parent, os(name), AtFlags::EMPTY_PATH)
-                    .on("cannot link", &shown)?
+            }
+            r => r,
+        };
+        match linked {
+            Ok(()) => {}
+            // The target tree's doing, that link alone: its first name at
+            // its filesystem's most links, a mount point between them, a
+            // directory that refuses new names (chattr +i).
+            Err(e @ (Errno::MLINK | Errno::XDEV | Errno::PERM)) => {
+                self.report.warn(format!(
+                    "{shown}: cannot link it to its first name {}: {e}; not restored",
+                    display_path(target)
+                ));
+                return Ok(());
             }
             Err(e) => bail!("cannot link {shown}: {e}"),
         }
         self.report.restored += 1;
+        Ok(())
+    }
+
+    /// A file that cannot be created where it belongs (its directory
+    /// refuses new names): its data, which the read-ahead may have asked
+    /// for already, is fetched into an unnamed file in the restore's root
+    /// and thrown away, and the file is said not restored; its later names
+    /// (`link_target`) are not made either.
+    fn discard(
+        &mut self,
+        conn: &mut Connection,
+        e: &ManifestEntry,
+        src: &[u8],
+        size: u64,
+        link_target: bool,
+    ) -> Result<()> {
+        let path = &e.entry.path;
+        let shown = self.shown(path);
+        let hash = (!self.opts.unverified).then_some(&e.hash);
+        if needs_fetch(size, hash) {
+            let root = self.stack[0].fd.as_fd();
+            let sink = rustix::fs::openat(
+                root,
+                c".",
+                OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .on("cannot create an unnamed file in", self.shown(b""))?;
+            self.ahead.take(conn, &self.snapshot, src)?;
+            super::data::fetch(conn, size, hash, File::from(sink), &shown)?;
+        }
+        self.report.warn(format!(
+            "{shown}: cannot create it: {} (its directory immutable? see lsattr); not restored",
+            std::io::Error::from(Errno::PERM)
+        ));
+        if link_target {
+            self.unplaced.insert(path_key(path));
+        }
+        Ok(())
+    }
+
+    /// What stands at an entry's name could not be removed (`e`, from
+    /// [`Self::clear`]): where the target tree refuses it (chattr +i or +a
+    /// on it or its directory) that entry alone is not restored, with a
+    /// warning, and its later names (`link_target`) are not made either;
+    /// anything else ends the restore.
+    fn not_replaced(
+        &mut self,
+        e: crate::error::Error,
+        shown: &str,
+        link_target: Option<&[u8]>,
+    ) -> Result<()> {
+        let refused = match &e {
+            crate::error::Error::Io { cause, .. } => cause.raw_os_error() == Some(libc::EPERM),
+            _ => false,
+        };
+        if !refused {
+            return Err(e);
+        }
+        self.report.warn(format!(
+            "{shown}: cannot replace what stands there: {e} (immutable or append-only? see \
+             lsattr); not restored"
+        ));
+        if let Some(p) = link_target {
+            self.unplaced.insert(path_key(p));
+        }
         Ok(())
     }
 
@@ -1120,7 +1208,9 @@ impl RestoreTree {
             return Ok(());
         }
         let name = last_component(path);
-        self.clear(name, path)?;
+        if let Err(err) = self.clear(name, path) {
+            return self.not_replaced(err, &shown, link_target.then_some(path));
+        }
         let parent = top_fd(&self.stack)?;
         let private = Mode::RUSR | Mode::WUSR;
         let (ft, made) = match &e.kind {
@@ -1148,7 +1238,22 @@ impl RestoreTree {
                 bail!("{shown}: not a special file")
             }
         };
-        made.on("cannot create", &shown)?;
+        match made {
+            Ok(()) => {}
+            // Refused by the target tree or the machine, that entry alone:
+            // a device node where root may not make one (a container
+            // without CAP_MKNOD, a nodev mount), a directory that takes no
+            // new names (chattr +i).
+            Err(e @ (Errno::PERM | Errno::ACCESS)) => {
+                self.report
+                    .warn(format!("{shown}: cannot create: {e}; not restored"));
+                if link_target {
+                    self.unplaced.insert(path_key(path));
+                }
+                return Ok(());
+            }
+            Err(e) => bail!("cannot create {shown}: {e}"),
+        }
         let fd = apply::open_path(parent, name).on("cannot open", &shown)?;
         let st = rustix::fs::fstat(&fd)?;
         if file_type(&st) != ft || st.st_nlink != 1 {
