@@ -449,26 +449,53 @@ pub(crate) fn read_small(dir: impl AsFd, name: &str) -> Option<String> {
     )
 }
 
-/// Writes `text` to `name` in the store root (appends when `append`).
+/// Writes `text` to `name` in the store root: appended when `append`,
+/// else as its whole content, written beside it and renamed over it (a
+/// reader, `status` among them, never sees it empty or half written, and
+/// two writers never mix their texts).
 fn write_small(store: &Store, name: &str, text: &str, append: bool) -> Result<()> {
     let path = || store.root.join(name).display().to_string();
-    let mode = if append {
-        OFlags::APPEND
+    let tmp = format!(".{name}.{}.tmp", std::process::id());
+    let (file, mode) = if append {
+        (name, OFlags::APPEND)
     } else {
-        OFlags::TRUNC
+        (tmp.as_str(), OFlags::TRUNC)
     };
     let fd = rustix::fs::openat(
         store.fd(),
-        name,
+        file,
         OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC | OFlags::NOFOLLOW | mode,
         Mode::from_raw_mode(0o644),
     )
     .op("open", path)?;
     let mut f = std::fs::File::from(fd);
-    f.write_all(text.as_bytes()).op("write", path)?;
+    let written = f
+        .write_all(text.as_bytes())
+        .and_then(|()| f.sync_data())
+        .op("write", path);
     // What the admin accepted, and why pruning refused, outlive a crash.
-    f.sync_data().op("sync", path)?;
-    Ok(())
+    if append {
+        return written;
+    }
+    let placed = written.and_then(|()| {
+        rustix::fs::renameat(store.fd(), file, store.fd(), name)
+            .map_err(std::io::Error::from)
+            .op("rename into place", path)
+    });
+    if placed.is_err() {
+        let _ = rustix::fs::unlinkat(store.fd(), file, rustix::fs::AtFlags::empty());
+    }
+    placed
+}
+
+/// Forgets the recorded refusal once the store has at least `minpercent`
+/// free (`space`): a prune that only made room for one backup (its target
+/// met, the store still short) or got past the growth guard and is still
+/// deleting says nothing of whether the store is short.
+fn clear_refusal(store: &Store, opts: &PruneOptions, space: &Space) {
+    if !opts.dry_run && space.percent_free() >= f64::from(opts.minpercent) {
+        let _ = rustix::fs::unlinkat(store.fd(), REFUSED, rustix::fs::AtFlags::empty());
+    }
 }
 
 /// Growth spikes whose snapshot still exists and that the admin has not
@@ -720,9 +747,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
                 ),
             )?;
         }
-        if !opts.dry_run {
-            let _ = rustix::fs::unlinkat(store.fd(), REFUSED, rustix::fs::AtFlags::empty());
-        }
+        clear_refusal(store, opts, &before);
         return Ok(out);
     }
     let mut snapshots = all_snapshots(store)?;
@@ -744,7 +769,11 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         out.refused = Some(why);
         return Ok(out);
     }
-    if !opts.dry_run {
+    // Past the guard, a prune of the whole store (the daily one) replaces
+    // what an earlier one recorded (a spike since accepted, say): it
+    // records again if it ends short. One making room for a backup, or
+    // limited to a host, leaves it.
+    if !opts.dry_run && opts.target_free.is_none() && opts.only_host.is_none() {
         let _ = rustix::fs::unlinkat(store.fd(), REFUSED, rustix::fs::AtFlags::empty());
     }
     // Snapshots whose deletion failed this run: passed over, so one that
@@ -880,6 +909,11 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         if enough || (opts.force && before.percent_free() >= f64::from(opts.minpercent)) {
             break;
         }
+    }
+    // A refusal recorded before (or a failure this run) stays while the
+    // store is short or a snapshot could not be deleted.
+    if failures.is_empty() && out.refused.is_none() {
+        clear_refusal(store, opts, &out.after);
     }
     Ok(out)
 }
@@ -1518,6 +1552,43 @@ mod tests {
         assert_eq!(out.deleted[0].name, first, "{out:?}");
         assert!(!dir.path().join("h").join(&first).exists());
         assert!(!dir.path().join(REFUSED).exists());
+    }
+
+    /// The recorded refusal `status` warns about is forgotten only once
+    /// the store has `minpercent` free: not by a prune making room for one
+    /// backup whose target is met while the store stays short. It is
+    /// written whole (beside, then renamed), leaving nothing beside it.
+    #[test]
+    fn a_refusal_is_cleared_only_once_the_store_has_room() {
+        let (dir, store, opts, _) = three_snapshots();
+        let mut roomy = opts.clone();
+        roomy.minpercent = 0;
+        record_refusal(&store, &roomy, "short of space, said by the daily prune");
+        let refused = || std::fs::read_to_string(dir.path().join(REFUSED)).ok();
+        assert_eq!(
+            refused().as_deref(),
+            Some("short of space, said by the daily prune\n")
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(
+            !names.iter().any(|n| n.to_string_lossy().ends_with(".tmp")),
+            "{names:?}"
+        );
+        // Room for one backup (nothing needed), the store short of its
+        // 100 % free: kept.
+        let mut for_one_backup = roomy.clone();
+        for_one_backup.target_free = Some(0);
+        for_one_backup.minpercent = 100;
+        let out = prune(&store, &for_one_backup, &mut Vec::new()).unwrap();
+        assert!(out.deleted.is_empty(), "{out:?}");
+        assert!(refused().is_some(), "cleared by a prune making room");
+        let mut whole = roomy.clone();
+        whole.target_free = None;
+        prune(&store, &whole, &mut Vec::new()).unwrap();
+        assert!(refused().is_none(), "kept once the store has room");
     }
 
     /// A deletion whose wait for the btrfs cleaner fails is still counted
