@@ -662,7 +662,9 @@ pub fn render(r: &Report) -> String {
     s
 }
 
-/// Writes `DIR/index.html` (through a temporary name in DIR, then renamed).
+/// Writes `DIR/index.html` (through a temporary name in DIR of this
+/// process's own, then renamed: two reports at once each put a whole page
+/// in place, the later one last).
 pub fn write(dir: &std::path::Path, page: &str) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).op("create", || dir.display().to_string())?;
     let dfd = rustix::fs::open(
@@ -671,7 +673,9 @@ pub fn write(dir: &std::path::Path, page: &str) -> Result<PathBuf> {
         Mode::empty(),
     )
     .op("open", || dir.display().to_string())?;
-    let tmp = ".index.html.tmp";
+    let tmp = format!(".index.html.{}.tmp", std::process::id());
+    let tmp = tmp.as_str();
+    // One left by a process of the same id, killed.
     let _ = rustix::fs::unlinkat(&dfd, tmp, rustix::fs::AtFlags::empty());
     let fd = rustix::fs::openat(
         &dfd,
@@ -681,12 +685,18 @@ pub fn write(dir: &std::path::Path, page: &str) -> Result<PathBuf> {
     )
     .op("create", || dir.join(tmp).display().to_string())?;
     let mut f = std::fs::File::from(fd);
-    f.write_all(page.as_bytes())
+    let placed = f
+        .write_all(page.as_bytes())
         .and_then(|()| f.sync_all())
-        .op("write", || dir.join(tmp).display().to_string())?;
-    rustix::fs::renameat(&dfd, tmp, &dfd, "index.html")
-        .op("write", || dir.join("index.html").display().to_string())?;
-    Ok(dir.join("index.html"))
+        .op("write", || dir.join(tmp).display().to_string())
+        .and_then(|()| {
+            rustix::fs::renameat(&dfd, tmp, &dfd, "index.html")
+                .op("write", || dir.join("index.html").display().to_string())
+        });
+    if placed.is_err() {
+        let _ = rustix::fs::unlinkat(&dfd, tmp, rustix::fs::AtFlags::empty());
+    }
+    placed.map(|()| dir.join("index.html"))
 }
 
 fn report_inner(args: ReportArgs) -> Result<PathBuf> {
