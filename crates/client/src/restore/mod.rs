@@ -1154,14 +1154,15 @@ fn collect_chunk(
                     d.xattrs
                         .retain(|(n, _)| n.starts_with(b"system.posix_acl_"));
                     if !stripped_said {
+                        // A warning (exit 24), as the tree's own for the
+                        // directories it holds: xattrs are not restored.
                         stripped_said = true;
-                        eprintln!(
-                            "byteback-restore: note: snapshot {snap}: the directories above {} \
-                             carry more than {} MiB of xattrs; those made on the way to it get \
-                             their ACLs only",
+                        chunk.notes.push(format!(
+                            "snapshot {snap}: the directories above {} carry more than {} MiB \
+                             of xattrs; those made on the way to it get their ACLs only",
                             display_path(&d.path),
                             CHUNK_BYTES >> 20
-                        );
+                        ));
                     }
                 }
                 if chain_bytes + d.buffer_cost() > 4 * CHUNK_BYTES {
