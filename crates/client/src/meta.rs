@@ -60,6 +60,26 @@ impl At<'_> {
     }
 }
 
+/// Who an object is beyond its device and inode numbers, which a deleted
+/// object's successor may get again (at once on ext4 and XFS): its birth
+/// time where the filesystem keeps one, and its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Identity {
+    birth: Option<(i64, u32)>,
+    owner: (u32, u32),
+}
+
+impl Identity {
+    /// The identity `st` shows.
+    pub fn of(st: &Statx) -> Identity {
+        let has_birth = st.stx_mask & StatxFlags::BTIME.bits() != 0;
+        Identity {
+            birth: has_birth.then_some((st.stx_btime.tv_sec, st.stx_btime.tv_nsec)),
+            owner: (st.stx_uid, st.stx_gid),
+        }
+    }
+}
+
 /// `statx` of the object at `at`, never following a symlink named by
 /// [`At::Child`] and never triggering an automount there.
 pub fn stat_at(at: At<'_>) -> io::Result<Statx> {
@@ -78,13 +98,13 @@ fn stat_at_with(at: At<'_>, extra: AtFlags) -> io::Result<Statx> {
             dir,
             name,
             AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT | extra,
-            StatxFlags::BASIC_STATS | StatxFlags::MNT_ID,
+            StatxFlags::BASIC_STATS | StatxFlags::MNT_ID | StatxFlags::BTIME,
         ),
         At::Fd(fd) => rustix::fs::statx(
             fd,
             c"",
             AtFlags::EMPTY_PATH | extra,
-            StatxFlags::BASIC_STATS | StatxFlags::MNT_ID,
+            StatxFlags::BASIC_STATS | StatxFlags::MNT_ID | StatxFlags::BTIME,
         ),
     };
     r.map_err(io::Error::from)
