@@ -3976,20 +3976,25 @@ fn links_to_unselected_symlinks_keep_a_restore_within_its_budget() {
         .arg(src.join("d"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    // Reaped by wait4 below, for its peak memory.
-    #[allow(clippy::zombie_processes)]
-    let child = cmd.spawn().unwrap();
-    let mut status = 0;
-    // SAFETY: rusage is plain data, filled by wait4 for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = child.id() as libc::pid_t;
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(r, pid);
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{status}"
-    );
-    let rss_mib = usage.ru_maxrss as u64 / 1024;
+    // Its peak from its own VmHWM, read until it ends (wait4's maxrss
+    // counts what the test process, forked, held before the exec).
+    let mut child = cmd.spawn().unwrap();
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Ok(text) = fs::read_to_string(format!("/proc/{}/status", child.id())) {
+            let hwm = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+            peak_kib = peak_kib.max(hwm.unwrap_or(0));
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert!(status.success(), "{status}");
+    let rss_mib = peak_kib / 1024;
     let snap = snapshots(&store, "h").pop().unwrap();
     let got = restored_path(&into.join(&snap), &src);
     for i in [0, N / 2, N - 1] {
