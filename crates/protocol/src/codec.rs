@@ -633,6 +633,111 @@ mod tests {
         assert!(!dec.has_partial());
     }
 
+    /// The edges of reading frames: a length of exactly MAX_FRAME passes
+    /// and one more does not; a frame that ends the stream is read and the
+    /// end is clean, one cut short is Truncated; bytes of a frame not
+    /// complete yet are partial; an interrupted read is tried again, any
+    /// other error ends the read (never a loop).
+    #[test]
+    fn frame_reading_edges() {
+        assert_eq!(
+            check_len((MAX_FRAME as u32).to_le_bytes()).unwrap(),
+            MAX_FRAME
+        );
+        assert!(matches!(
+            check_len((MAX_FRAME as u32 + 1).to_le_bytes()),
+            Err(ProtocolError::FrameTooLarge { .. })
+        ));
+        let mut dec = FrameDecoder::new();
+        dec.push(&[1, 0, 0]);
+        assert!(dec.has_partial());
+        assert!(dec.next_frame().unwrap().is_none());
+        let bytes = encode(&ClientMsg::BackupEnd).unwrap();
+        let mut buf = vec![];
+        let mut r = &bytes[..];
+        assert_eq!(
+            read_frame_into(&mut r, &mut buf).unwrap(),
+            Some(bytes.len() - 4)
+        );
+        assert_eq!(read_frame_into(&mut r, &mut buf).unwrap(), None);
+        let mut cut = &bytes[..bytes.len() - 1];
+        assert!(matches!(
+            read_frame_into(&mut cut, &mut buf),
+            Err(ProtocolError::Truncated)
+        ));
+        let mut cut = &bytes[..2];
+        assert!(matches!(
+            read_frame_into(&mut cut, &mut buf),
+            Err(ProtocolError::Truncated)
+        ));
+        /// Every other read fails with `kind`; the others give a byte.
+        struct Flaky<'a> {
+            data: &'a [u8],
+            calls: u32,
+            kind: std::io::ErrorKind,
+        }
+        impl std::io::Read for Flaky<'_> {
+            fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+                self.calls += 1;
+                assert!(self.calls < 1000, "read again after an error");
+                if self.calls % 2 == 1 {
+                    return Err(std::io::Error::from(self.kind));
+                }
+                let n = self.data.len().min(b.len()).min(1);
+                b[..n].copy_from_slice(&self.data[..n]);
+                self.data = &self.data[n..];
+                Ok(n)
+            }
+        }
+        let mut r = Flaky {
+            data: &bytes,
+            calls: 0,
+            kind: std::io::ErrorKind::Interrupted,
+        };
+        assert_eq!(
+            read_frame_into(&mut r, &mut buf).unwrap(),
+            Some(bytes.len() - 4)
+        );
+        let mut r = Flaky {
+            data: &bytes,
+            calls: 0,
+            kind: std::io::ErrorKind::ConnectionReset,
+        };
+        assert!(matches!(
+            read_frame_into(&mut r, &mut buf),
+            Err(ProtocolError::Io(_))
+        ));
+    }
+
+    /// A chunk declared larger than MAX_CHUNK is refused before any
+    /// memory is reserved for it; one of exactly MAX_CHUNK is read.
+    #[test]
+    fn a_chunk_declared_too_large_is_refused() {
+        let mut d = ChunkDecompressor::new().unwrap();
+        let mut out = vec![];
+        let c = Compressed {
+            raw_len: crate::limits::MAX_CHUNK as u32 + 1,
+            data: vec![0; 16],
+        };
+        assert!(matches!(
+            d.decompress_into(&c, &mut out),
+            Err(ProtocolError::Limit(_))
+        ));
+        assert!(out.capacity() < 1 << 20);
+        let raw = vec![9u8; crate::limits::MAX_CHUNK];
+        let c = ChunkCompressor::store_into(&raw, vec![]).unwrap();
+        d.decompress_into(&c, &mut out).unwrap();
+        assert_eq!(out, raw);
+        // Declared shorter than it is: refused.
+        let c = Compressed {
+            raw_len: 10,
+            data: ChunkCompressor::store_into(&[1u8; 11], vec![])
+                .unwrap()
+                .data,
+        };
+        assert!(d.decompress_into(&c, &mut out).is_err());
+    }
+
     #[test]
     fn oversized_frame_refused_before_allocation() {
         let mut dec = FrameDecoder::new();
