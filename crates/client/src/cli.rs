@@ -423,6 +423,39 @@ const DATABASE_DIRS: &[(&str, &[&str])] = &[
     ("/var/lib/postgresql/", &["postgres", "pg"]),
 ];
 
+/// What of database directory `rel` (below `root`) the excludes would
+/// leave out: the directory itself for MySQL; for PostgreSQL its first
+/// version directory (`15/`, holding clusters; only those are excluded by
+/// default), `None` when it has none.
+fn database_files(root: &Path, rel: &str) -> Option<String> {
+    if !root.join(rel).is_dir() {
+        return None;
+    }
+    if rel != "var/lib/postgresql" {
+        return Some(rel.to_string());
+    }
+    let mut versions: Vec<String> = std::fs::read_dir(root.join(rel))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    versions.sort();
+    versions.first().map(|v| format!("{rel}/{v}"))
+}
+
+/// Whether `ex` leaves out directory `rel` or a directory above it.
+fn excluded_here_or_above(ex: &crate::walk::Excludes, rel: &str) -> bool {
+    let rel = rel.as_bytes();
+    rel.iter()
+        .enumerate()
+        .filter(|&(_, &c)| c == b'/')
+        .map(|(i, _)| &rel[..i])
+        .chain([rel])
+        .any(|p| ex.is_excluded(p, true))
+}
+
 /// Warnings for [`DATABASE_DIRS`] that exist beneath a source, are left
 /// out by the excludes (`all`) but by no pattern of the user's (`own`),
 /// and have no pre-backup hook that runs (run-parts' names, executable)
@@ -473,9 +506,12 @@ fn databases_left_out(
         let path = Path::new(dir.trim_end_matches('/'));
         let beneath = sources.iter().any(|s| path.starts_with(s));
         let rel = dir.trim_start_matches('/').trim_end_matches('/');
+        let Some(files) = database_files(root, rel) else {
+            continue;
+        };
         let by_default =
-            all.is_excluded(rel.as_bytes(), true) && !own.is_excluded(rel.as_bytes(), true);
-        if !beneath || !root.join(rel).is_dir() || !by_default {
+            excluded_here_or_above(all, &files) && !excluded_here_or_above(own, &files);
+        if !beneath || !by_default {
             continue;
         }
         let hooked = hooks.iter().find(|h| names_it(h, names));
@@ -1979,6 +2015,12 @@ mod tests {
         std::fs::create_dir_all(&hooks).unwrap();
         let defaults: Vec<String> = DEFAULT_EXCLUDES.iter().map(|s| s.to_string()).collect();
         let all = crate::walk::Excludes::new(&defaults).unwrap();
+        // PostgreSQL's clusters are left out, not the rest of the postgres
+        // account's home (1.x backed all of it up).
+        assert!(all.is_excluded(b"var/lib/postgresql/15", true));
+        assert!(!all.is_excluded(b"var/lib/postgresql", true));
+        assert!(!all.is_excluded(b"var/lib/postgresql/backups", true));
+        assert!(!all.is_excluded(b"var/lib/postgresql/.pgpass", false));
         let none = crate::walk::Excludes::new::<&str>(&[]).unwrap();
         let slash = [PathBuf::from("/")];
         let dumps = Path::new("/var/backups/byteback");
@@ -2007,12 +2049,19 @@ mod tests {
         hook("20-pgbouncer", 0o755);
         hook("60-mysql", 0o644);
         assert_eq!(left_out(&slash, &all, &none).len(), 1);
-        std::fs::create_dir_all(root.join("var/lib/postgresql")).unwrap();
+        // The postgres account's home without clusters: nothing left out.
+        std::fs::create_dir_all(root.join("var/lib/postgresql/backups")).unwrap();
+        assert_eq!(left_out(&slash, &all, &none).len(), 1);
+        std::fs::create_dir_all(root.join("var/lib/postgresql/15/main")).unwrap();
         assert_eq!(
             left_out(&slash, &all, &none).len(),
             2,
             "10-upgrade is no pg dump"
         );
+        // The user's own exclude of the whole home says it is meant.
+        let mine =
+            crate::walk::Excludes::new(&["/var/lib/mysql/", "/var/lib/postgresql/"]).unwrap();
+        assert!(left_out(&slash, &all, &mine).is_empty());
         // Dump hooks are there.
         hook("50-mysql", 0o755);
         hook("50-pgdump", 0o755);

@@ -36,10 +36,12 @@ use crate::mounts::{Crossing, Mounts};
 use crate::prefetch::Prefetch;
 
 /// Paths left out by default (when they lie beneath a source): byteback
-/// 1.x's list, plus PostgreSQL's data directory. The live files of a
-/// database server copied while it writes them are not a database one can
-/// start; its dump is (the pre-backup hooks in `packaging/hooks/` write one
-/// to `/var/backups/byteback/`).
+/// 1.x's list, plus PostgreSQL's clusters (Debian's `VERSION/NAME` below
+/// the `postgres` account's home, not the rest of that home, which 1.x
+/// backed up: an admin's own dumps, scripts, `.pgpass`). The live files of
+/// a database server copied while it writes them are not a database one
+/// can start; its dump is (the pre-backup hooks in `packaging/hooks/`
+/// write one to `/var/backups/byteback/`).
 pub const DEFAULT_EXCLUDES: &[&str] = &[
     "/swap.file",
     "/tmp/",
@@ -48,7 +50,7 @@ pub const DEFAULT_EXCLUDES: &[&str] = &[
     "/var/lib/php5/",
     "/var/tmp/",
     "/var/lib/mysql/",
-    "/var/lib/postgresql/",
+    "/var/lib/postgresql/[0-9]*/",
 ];
 
 /// Exclude rules (`-x`, `/etc/byteback/excludes`, the defaults) as 1.x's
