@@ -943,6 +943,52 @@ fn a_signal_during_the_post_hooks_lets_them_finish() {
     assert_eq!(s.snapshots().len(), 1);
 }
 
+/// A second signal ends byteback at once, and takes the hook running then
+/// along (its process group): it was left running, orphaned, in a session
+/// of its own.
+#[test]
+fn a_second_signal_ends_the_running_hook_too() {
+    let s = setup();
+    let pid = s.work.join("hook-pid");
+    let started = s.work.join("started");
+    s.hook(
+        "post-backup.d",
+        "10-slow",
+        &format!(
+            "sleep 100 & echo $! > '{}'; touch '{}'; wait",
+            pid.display(),
+            started.display()
+        ),
+        0o755,
+    );
+    let child = s.piped(&s.store, &["--retry-number", "0"]).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !started.exists()
+        || fs::read_to_string(&pid)
+            .unwrap_or_default()
+            .trim()
+            .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the post hook never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..2 {
+        // SAFETY: plain syscall on a child's pid.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(143), "{err}");
+    assert!(err.contains("again: stopping now"), "{err}");
+    let pid = fs::read_to_string(&pid).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(&pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!alive(&pid), "the post hook's sleep {pid} still runs");
+}
+
 /// A backup started with `--json` in the background, its hooks seeing
 /// `TAG=tag`.
 fn spawn_backup(s: &Setup, dest: &Path, tag: &str) -> std::process::Child {

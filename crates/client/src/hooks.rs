@@ -35,6 +35,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -424,6 +425,7 @@ impl Runner {
         // dropping it the reader would never see end of file.
         drop(cmd);
         let mut child = spawned.map_err(|e| fail(format!("could not be started: {e}"), vec![]))?;
+        RUNNING.store(child.id() as i32, Ordering::SeqCst);
 
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let reader = {
@@ -434,6 +436,7 @@ impl Runner {
         };
 
         let status = self.wait(&mut child);
+        RUNNING.store(0, Ordering::SeqCst);
 
         // Its output is complete once the pipe closes; a process it left
         // running may keep it open, so wait only a little for that.
@@ -524,6 +527,20 @@ impl Runner {
                 _ => return stopped.map_or(Waited::TimedOut, Waited::Stopped),
             }
         }
+    }
+}
+
+/// The process group of the hook running now (0: none): a second signal,
+/// which ends byteback at once, takes it along ([`kill_running`]) rather
+/// than leave it running, orphaned, in a session of its own.
+static RUNNING: AtomicI32 = AtomicI32::new(0);
+
+/// Kills the process group of the hook running now, if any (see
+/// [`RUNNING`]).
+pub fn kill_running() {
+    let group = RUNNING.swap(0, Ordering::SeqCst);
+    if let Some(group) = rustix::process::Pid::from_raw(group) {
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
     }
 }
 

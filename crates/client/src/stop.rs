@@ -334,6 +334,7 @@ fn on_signal(sig: i32) {
         .is_err()
     {
         say(&format!("{} again: stopping now", name(sig)));
+        crate::hooks::kill_running();
         std::process::exit(code.into());
     }
     let msg = message(sig);
