@@ -660,6 +660,7 @@ struct Postgres {
     _server: Server,
     bindir: PathBuf,
     sockdir: PathBuf,
+    port: String,
     _dir: tempfile::TempDir,
 }
 
@@ -680,6 +681,12 @@ fn as_postgres(program: &Path) -> Command {
 
 impl Postgres {
     fn start(bindir: &Path) -> Postgres {
+        Postgres::start_at(bindir, PG_PORT, None)
+    }
+
+    /// A server on `port` (a socket only), its socket in `sockdir` (one
+    /// of its own when `None`).
+    fn start_at(bindir: &Path, port: &str, sockdir: Option<&Path>) -> Postgres {
         let dir = short_tmp("byteback-pg-");
         let out = run(Command::new("id").args(["-u", "postgres"]));
         let uid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
@@ -700,8 +707,8 @@ impl Postgres {
             .arg("-D")
             .arg(&data)
             .arg("-k")
-            .arg(dir.path())
-            .args(["-p", PG_PORT, "-c", "listen_addresses="])
+            .arg(sockdir.unwrap_or(dir.path()))
+            .args(["-p", port, "-c", "listen_addresses="])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap())
@@ -713,12 +720,12 @@ impl Postgres {
             stop_signal: Signal::QUIT,
             log,
         };
-        let sockdir = dir.path().to_path_buf();
+        let sockdir = sockdir.unwrap_or(dir.path()).to_path_buf();
         server.wait_ready("postgres", || {
             Command::new(bindir.join("pg_isready"))
                 .arg("-h")
                 .arg(&sockdir)
-                .args(["-p", PG_PORT, "-q"])
+                .args(["-p", port, "-q"])
                 .status()
                 .is_ok_and(|s| s.success())
         });
@@ -726,6 +733,7 @@ impl Postgres {
             _server: server,
             bindir: bindir.to_path_buf(),
             sockdir,
+            port: port.to_string(),
             _dir: dir,
         }
     }
@@ -734,7 +742,7 @@ impl Postgres {
         let mut c = as_postgres(&self.bindir.join("psql"));
         c.arg("-h").arg(&self.sockdir).args([
             "-p",
-            PG_PORT,
+            &self.port,
             "-X",
             "-q",
             "-v",
@@ -900,6 +908,81 @@ fn postgresql_dump_is_consistent_while_money_moves() {
         "no_such_db",
     );
     eprintln!("postgresql test: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// Every cluster Debian's `pg_lsclusters` names is dumped (here a stand-in
+/// naming two private servers and, then, one that is down): one that is
+/// not on port 5432 into `postgresql-VERSION-NAME.sql.gz`; a cluster that
+/// is down fails the hook (its files are excluded, and no dump would hold
+/// them) unless BYTEBACK_PG_REQUIRED=0. Before, `pg_dumpall` reached the
+/// default port's server only, and other clusters were in no dump.
+#[test]
+fn every_postgresql_cluster_is_dumped() {
+    let (bindir, missing) = postgres_missing();
+    if !can_run("the PostgreSQL clusters test", &missing) {
+        return;
+    }
+    let bindir = bindir.unwrap();
+    let site = Site::new(&["50-postgresql"]);
+    let a = Postgres::start_at(&bindir, "54331", None);
+    let b = Postgres::start_at(&bindir, "54332", Some(&a.sockdir));
+    a.sql("postgres", "CREATE DATABASE only_in_a");
+    b.sql("postgres", "CREATE DATABASE only_in_b");
+    let fake = site.work.join("fake-bin");
+    fs::create_dir_all(&fake).unwrap();
+    let listing = site.work.join("clusters");
+    fs::write(
+        &listing,
+        "15 main 54331 online postgres /x /y\n16 other 54332 online postgres /x /y\n",
+    )
+    .unwrap();
+    write_script(
+        &fake.join("pg_lsclusters"),
+        &format!("#!/bin/sh\ncat '{}'\n", listing.display()),
+    );
+    let path = format!(
+        "{}:{}:{}",
+        fake.display(),
+        bindir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let sockdir = a.sockdir.display().to_string();
+    let env = [
+        ("PATH", path.as_str()),
+        ("BYTEBACK_PG_HOST", sockdir.as_str()),
+        ("BYTEBACK_PG_REQUIRED", "1"),
+    ];
+    let o = site.backup(&env);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    for (file, db, not) in [
+        ("postgresql-15-main.sql.gz", "only_in_a", "only_in_b"),
+        ("postgresql-16-other.sql.gz", "only_in_b", "only_in_a"),
+    ] {
+        let dump = restored_dump(&site, file);
+        let sql = run(Command::new("gunzip").arg("-c").arg(&dump));
+        let sql = String::from_utf8_lossy(&sql.stdout);
+        assert!(sql.contains(&format!("CREATE DATABASE {db}")), "{file}");
+        assert!(!sql.contains(&format!("CREATE DATABASE {not}")), "{file}");
+    }
+    // A third cluster, down: the hook fails, naming it, unless told.
+    fs::write(
+        &listing,
+        "15 main 54331 online postgres /x /y\n16 other 54332 online postgres /x /y\n\
+         17 old 54333 down postgres /x /y\n",
+    )
+    .unwrap();
+    let o = site.backup(&env);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains("FAILED: PostgreSQL cluster(s) 17/old (down) not running"),
+        "{out}"
+    );
+    let mut off = env.to_vec();
+    off[2] = ("BYTEBACK_PG_REQUIRED", "0");
+    let o = site.backup(&off);
+    assert!(o.status.success(), "{}", text(&o));
 }
 
 // ---------------------------------------------------------------------------
