@@ -433,7 +433,7 @@ fn backup_page() -> Written {
              numeric owners, mtimes with nanoseconds, xattrs and POSIX ACLs are kept.\n\n\
              Default excludes (as byteback 1.x): /swap.file, /tmp/, /var/backups/localhost/, \
              /var/cache/apt/archives/, /var/lib/php5/, /var/tmp/, /var/lib/mysql/, and \
-             PostgreSQL's clusters, /var/lib/postgresql/[0-9]*/ (databases are backed up as \
+             PostgreSQL's clusters, /var/lib/postgresql/VERSION/ (databases are backed up as \
              dumps, see HOOKS). A failed \
              run is retried --retry-number times; a broken run commits nothing. Only one \
              backup to the same destination runs at a time.",

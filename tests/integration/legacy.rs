@@ -696,6 +696,22 @@ fn verify_names_a_1x_current_as_1x() {
         "{err}"
     );
     assert!(!err.contains("interrupted"), "{err}");
+    // Nothing to verify there is no reason the pass is not whole: the host
+    // counts as verified whole (it stayed 'never', and status
+    // --verify-warn WARNING for good).
+    let o = run_status(
+        Command::new(bin("byteback-server"))
+            .args([
+                "status",
+                "--verify-warn",
+                "1h",
+                "--now",
+                &rfc3339(unix_now() + 600),
+            ])
+            .arg("--store")
+            .arg(&store),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", output_text(&o));
 }
 
 /// Makes `<store>/<host>/current` (a btrfs subvolume), fills it with

@@ -105,8 +105,6 @@ fn proc_name(fd: BorrowedFd<'_>) -> String {
     format!("/proc/self/fd/{}", fd.as_raw_fd())
 }
 
-/// Errors after which applying metadata makes no sense: the object or the
-/// filesystem is gone, broken or full. Anything else is a warning.
 /// Whether `obj` carries chattr's immutable or append-only flag (which
 /// refuse a change of mode, owner or times even to root).
 fn is_immutable(obj: Held<'_>) -> bool {
@@ -114,6 +112,8 @@ fn is_immutable(obj: Held<'_>) -> bool {
         .is_ok_and(|f| f.intersects(rustix::fs::IFlags::IMMUTABLE | rustix::fs::IFlags::APPEND))
 }
 
+/// Errors after which applying metadata makes no sense: the object or the
+/// filesystem is gone, broken or full. Anything else is a warning.
 fn is_fatal(e: Errno) -> bool {
     matches!(
         e,

@@ -439,10 +439,22 @@ fn database_files(root: &Path, rel: &str) -> Option<String> {
         .filter_map(|e| e.ok())
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+        .filter(|n| is_pg_version(n))
         .collect();
     versions.sort();
     versions.first().map(|v| format!("{rel}/{v}"))
+}
+
+/// Whether `name` is a PostgreSQL version's directory name, as the
+/// default excludes take it: `9.6`, `15`.
+fn is_pg_version(name: &str) -> bool {
+    let b = name.as_bytes();
+    let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
+    match b.len() {
+        1 | 2 => digits(b),
+        3 => b[1] == b'.' && digits(&b[..1]) && digits(&b[2..]),
+        _ => false,
+    }
 }
 
 /// Whether `ex` leaves out directory `rel` or a directory above it.
@@ -2018,6 +2030,9 @@ mod tests {
         // PostgreSQL's clusters are left out, not the rest of the postgres
         // account's home (1.x backed all of it up).
         assert!(all.is_excluded(b"var/lib/postgresql/15", true));
+        assert!(all.is_excluded(b"var/lib/postgresql/9.6", true));
+        assert!(all.is_excluded(b"var/lib/postgresql/9", true));
+        assert!(!all.is_excluded(b"var/lib/postgresql/2024-05-01", true));
         assert!(!all.is_excluded(b"var/lib/postgresql", true));
         assert!(!all.is_excluded(b"var/lib/postgresql/backups", true));
         assert!(!all.is_excluded(b"var/lib/postgresql/.pgpass", false));

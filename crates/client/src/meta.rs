@@ -70,6 +70,11 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The owner's uid.
+    pub fn uid(&self) -> u32 {
+        self.owner.0
+    }
+
     /// The identity `st` shows.
     pub fn of(st: &Statx) -> Identity {
         let has_birth = st.stx_mask & StatxFlags::BTIME.bits() != 0;

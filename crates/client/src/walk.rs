@@ -50,7 +50,9 @@ pub const DEFAULT_EXCLUDES: &[&str] = &[
     "/var/lib/php5/",
     "/var/tmp/",
     "/var/lib/mysql/",
-    "/var/lib/postgresql/[0-9]*/",
+    "/var/lib/postgresql/[0-9]/",
+    "/var/lib/postgresql/[0-9][0-9]/",
+    "/var/lib/postgresql/[0-9].[0-9]/",
 ];
 
 /// Exclude rules (`-x`, `/etc/byteback/excludes`, the defaults) as 1.x's
@@ -525,26 +527,37 @@ pub struct WalkOptions {
 type LinkKey = (u64, u64, meta::Identity);
 
 /// What one hard-linked object costs the walk's table beyond its first
-/// name's bytes (key, count, the map's own slot).
-const LINK_ENTRY_COST: usize = 64;
+/// name's bytes (key, count, the map's slot and its overhead).
+const LINK_ENTRY_COST: usize = 128;
 
 /// Bytes of the walk's table of hard-linked objects whose other names are
-/// still to come (see [`Walker::register_first_link`]).
-const MAX_LINK_TABLE: usize = 64 << 20;
+/// still to come (see [`Walker::register_first_link`]): for objects root
+/// owns (a Nix store's `.links`, rsnapshot's or BackupPC's pools: millions
+/// of them are met before their other names, at about 200 bytes each), and
+/// for all other owners together, so no user filling the table with names
+/// the walk never meets breaks root's links.
+const MAX_LINK_TABLE: [usize; 2] = [1 << 30, 256 << 20];
 
 #[cfg(test)]
 thread_local! {
-    static LINK_TABLE_CAP: std::cell::Cell<usize> = const { std::cell::Cell::new(MAX_LINK_TABLE) };
+    static LINK_TABLE_CAP: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
 #[cfg(test)]
-fn link_table_cap() -> usize {
-    LINK_TABLE_CAP.with(std::cell::Cell::get)
+fn link_table_cap() -> [usize; 2] {
+    LINK_TABLE_CAP
+        .with(std::cell::Cell::get)
+        .map_or(MAX_LINK_TABLE, |c| [c, c])
 }
 
 #[cfg(not(test))]
-fn link_table_cap() -> usize {
+fn link_table_cap() -> [usize; 2] {
     MAX_LINK_TABLE
+}
+
+/// Which of [`MAX_LINK_TABLE`]'s shares an object owned by `uid` takes.
+fn link_pool(uid: u32) -> usize {
+    usize::from(uid != 0)
 }
 
 /// `statfs` types of the local filesystems whose ctimes move with every
@@ -702,10 +715,10 @@ struct Walker<'a> {
     /// most `link_cap`: names never met (another name below an exclude,
     /// or renamed away meanwhile) keep their files in it to the end, and
     /// a user can make millions of them.
-    links_held: usize,
-    link_cap: usize,
-    /// Whether the table was found full (said once).
-    links_full: bool,
+    links_held: [usize; 2],
+    link_cap: [usize; 2],
+    /// Whether each share of the table was found full (said once).
+    links_full: [bool; 2],
     /// Per (mount id, device) of the directories walked: whether the
     /// filesystem moves ctimes with every change of an xattr.
     ctime_fs: HashMap<(Option<u64>, u64), bool>,
@@ -1061,7 +1074,7 @@ impl Walker<'_> {
                 };
                 if *left == 0 {
                     self.links.remove(&key);
-                    self.links_held -= LINK_ENTRY_COST + target.len();
+                    self.links_held[link_pool(st.stx_uid)] -= LINK_ENTRY_COST + target.len();
                 }
                 e.kind = Kind::HardLink { target };
             } else {
@@ -1136,23 +1149,25 @@ impl Walker<'_> {
     /// file's data stored once per name), said once.
     fn register_first_link(&mut self, path: &[u8], abs: &[u8], key: LinkKey, nlink: u32) {
         let cost = LINK_ENTRY_COST + path.len();
-        if self.links_held + cost > self.link_cap {
-            if !self.links_full {
-                self.links_full = true;
+        let pool = link_pool(key.2.uid());
+        if self.links_held[pool] + cost > self.link_cap[pool] {
+            if !self.links_full[pool] {
+                self.links_full[pool] = true;
+                let whose = ["root's", "other owners'"][pool];
                 self.sink.warning(WalkWarning {
                     path: path_of(abs),
                     message: format!(
-                        "the table of hard-linked objects whose other names are still to come is full \
-                         ({} MiB of their first names): this one's other names, and those of objects \
+                        "the table of {whose} hard-linked objects whose other names are still to \
+                         come is full ({} MiB): this one's other names, and those of such objects \
                          met while it stays full, are stored as copies of their own, not as links",
-                        self.link_cap >> 20
+                        self.link_cap[pool] >> 20
                     ),
                     vanished: false,
                 });
             }
             return;
         }
-        self.links_held += cost;
+        self.links_held[pool] += cost;
         self.links
             .insert(key, (path.to_vec(), nlink.saturating_sub(1)));
     }
@@ -1806,9 +1821,9 @@ pub fn walk(
         dir_rules: DirRules::default(),
         sink,
         links: HashMap::new(),
-        links_held: 0,
+        links_held: [0; 2],
         link_cap: link_table_cap(),
-        links_full: false,
+        links_full: [false; 2],
         ctime_fs: HashMap::new(),
         buf: vec![MaybeUninit::uninit(); DIRENT_BUF],
         mounts: Mounts::new(opts.one_file_system, sources),
@@ -2100,9 +2115,13 @@ mod tests {
         let base = base(&root);
         let one = LINK_ENTRY_COST + format!("{base}/a/f0").len();
         // Room for a/f0, a/f1 and a/g (met in that order: f0, f1, f2, f3, g).
-        LINK_TABLE_CAP.with(|c| c.set(2 * one + LINK_ENTRY_COST + format!("{base}/a/g").len()));
+        LINK_TABLE_CAP.with(|c| {
+            c.set(Some(
+                2 * one + LINK_ENTRY_COST + format!("{base}/a/g").len(),
+            ))
+        });
         let sink = walk_one(&root, &[]);
-        LINK_TABLE_CAP.with(|c| c.set(MAX_LINK_TABLE));
+        LINK_TABLE_CAP.with(|c| c.set(None));
         let kind = |n: &str| {
             let p = format!("{base}/{n}").into_bytes();
             let e = sink.entries.iter().find(|e| e.path == p);
@@ -2127,7 +2146,7 @@ mod tests {
         assert_eq!(sink.warnings.len(), 1, "{:?}", sink.warnings);
         assert!(sink.warnings[0]
             .message
-            .contains("table of hard-linked objects"));
+            .contains("hard-linked objects whose other names are still to come is full"));
         assert!(sink.warnings[0].path.ends_with("a/f2"));
     }
 

@@ -678,16 +678,27 @@ fn verify_snapshot(
 /// The host's lock, held while `current` is verified, when no backup
 /// holds it and `current` has its clean marker; else why not (byteback
 /// 1.x's `current` has no manifest to verify).
-fn current_settled(host: &HostStore) -> std::result::Result<std::fs::File, String> {
+fn current_settled(host: &HostStore) -> std::result::Result<Settled, String> {
     let lock = host
         .lock_within(10)
         .map_err(|_| "is being written by a backup".to_string())?;
-    let current = host.current().map_err(|e| e.to_string())?;
+    let current = match host.current() {
+        Ok(c) => c,
+        // A host kept for its snapshots alone: nothing to verify, and no
+        // reason a pass is not whole.
+        Err(_) if !host.path.join("current").exists() => {
+            return Ok(Settled::Nothing("does not exist".into()))
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     // byteback 1.x's `current` (no byteback backup has run into it yet)
     // has no manifest and so nothing to verify, which is no sign of an
-    // interrupted backup.
+    // interrupted backup, nor a reason a pass is not whole (as 1.x
+    // snapshots).
     if crate::legacy::is_legacy(&current).unwrap_or(false) {
-        return Err("is byteback 1.x's (no byteback backup has taken it over yet), which keeps no checksums".into());
+        return Ok(Settled::Nothing(
+            "is byteback 1.x's (no byteback backup has taken it over yet), which keeps no checksums".into(),
+        ));
     }
     let clean = fsops::open_dir(&current, META_DIR).and_then(|meta| {
         Ok(rustix::fs::statat(
@@ -697,9 +708,17 @@ fn current_settled(host: &HostStore) -> std::result::Result<std::fs::File, Strin
         )?)
     });
     match clean {
-        Ok(_) => Ok(lock),
+        Ok(_) => Ok(Settled::Yes(lock)),
         Err(_) => Err("was left by an interrupted backup (no clean marker)".into()),
     }
+}
+
+/// What [`current_settled`] found `current` to be.
+enum Settled {
+    /// Whole, as a backup left it: verified, under the host's lock.
+    Yes(std::fs::File),
+    /// Nothing to verify (why): passed over, yet the pass is whole.
+    Nothing(String),
 }
 
 fn os(b: &[u8]) -> &std::ffi::OsStr {
@@ -811,9 +830,16 @@ pub fn verify_host(
         // manifest is the next backup's to settle, not damage.
         let _lock = if name == "current" {
             match current_settled(host) {
-                Ok(lock) => {
+                Ok(Settled::Yes(lock)) => {
                     budget.yield_to = host.wanted().ok();
                     Some(lock)
+                }
+                Ok(Settled::Nothing(why)) => {
+                    eprintln!(
+                        "byteback-server: verify: {}/current {why}; nothing to verify",
+                        host.name
+                    );
+                    continue;
                 }
                 Err(why) => {
                     eprintln!(
