@@ -386,6 +386,34 @@ fn allocate_whole(file: &File, size: u64, shown: &str, report: &mut RestoreRepor
 /// an error on the way).
 struct Forget(u64);
 
+/// An id for [`super::interrupt::temp_file`].
+fn next_temp_id() -> u64 {
+    static NEXT_TEMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT_TEMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Makes an object with `make` under a temporary name in `parent`
+/// (`.byteback-restore.PID.oN`, the first N free), registered as
+/// `temp_id` for removal should the restore be stopped; returns the name.
+fn make_temp(
+    parent: BorrowedFd<'_>,
+    temp_id: u64,
+    make: impl Fn(&CStr) -> rustix::io::Result<()>,
+) -> rustix::io::Result<CString> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let pid = std::process::id();
+    let made = super::interrupt::temp_file(parent, temp_id, || loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name =
+            CString::new(format!(".byteback-restore.{pid}.o{n}")).map_err(|_| Errno::INVAL)?;
+        match make(&name) {
+            Err(Errno::EXIST) => continue,
+            r => return r.map(|()| (name, ())),
+        }
+    })?;
+    Ok(made.0)
+}
+
 impl Drop for Forget {
     fn drop(&mut self) {
         super::interrupt::forget_temp(self.0);
@@ -903,8 +931,7 @@ impl RestoreTree {
         let parent = top_fd(&self.stack)?;
         // Removed by the signal thread should the restore be stopped
         // before it is placed or removed.
-        static NEXT_TEMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let temp_id = NEXT_TEMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let temp_id = next_temp_id();
         let _forget = Forget(temp_id);
         let (tmp, fd) = match super::interrupt::temp_file(parent, temp_id, || create_temp(parent)) {
             Ok(made) => made,
@@ -1083,27 +1110,21 @@ impl RestoreTree {
                 "which is not a file, symlink or special file restored in this run".into(),
             ));
         }
-        let name = last_component(path);
-        if let Err(e) = self.clear(name, path) {
-            return self.not_replaced(e, &shown, None);
-        }
+        // Linked under a temporary name, then renamed over what stands at
+        // its name, which stays should the link be refused.
         let parent = top_fd(&self.stack)?;
         let proc = format!("/proc/self/fd/{}", tfd.as_raw_fd());
-        let linked = match rustix::fs::linkat(
-            CWD,
-            proc.as_str(),
-            parent,
-            os(name),
-            AtFlags::SYMLINK_FOLLOW,
-        ) {
-            // No /proc: root may link an fd directly.
-            Err(Errno::NOENT) => {
-                rustix::fs::linkat(&tfd, "", parent, os(name), AtFlags::EMPTY_PATH)
+        let temp_id = next_temp_id();
+        let _forget = Forget(temp_id);
+        let linked = make_temp(parent, temp_id, |tmp| {
+            match rustix::fs::linkat(CWD, proc.as_str(), parent, tmp, AtFlags::SYMLINK_FOLLOW) {
+                // No /proc: root may link an fd directly.
+                Err(Errno::NOENT) => rustix::fs::linkat(&tfd, "", parent, tmp, AtFlags::EMPTY_PATH),
+                r => r,
             }
-            r => r,
-        };
-        match linked {
-            Ok(()) => {}
+        });
+        let tmp = match linked {
+            Ok(tmp) => tmp,
             // The target tree's doing, that link alone: its first name at
             // its filesystem's most links, a mount point between them, a
             // directory that refuses new names (chattr +i).
@@ -1115,9 +1136,43 @@ impl RestoreTree {
                 return Ok(());
             }
             Err(e) => bail!("cannot link {shown}: {e}"),
+        };
+        if self.place_temp(&tmp, path, &shown)? {
+            self.report.restored += 1;
         }
-        self.report.restored += 1;
         Ok(())
+    }
+
+    /// Puts the object at temporary name `tmp` in the top directory in
+    /// place at `path` (see [`Self::put_in_place`]): true once it is there;
+    /// false when what stands there may not be replaced (`chattr +i` or
+    /// `+a`: said, what stands there stays, `tmp` goes).
+    fn place_temp(&mut self, tmp: &CStr, path: &[u8], shown: &str) -> Result<bool> {
+        let parent = top_fd(&self.stack)?;
+        let remove = || rustix::fs::unlinkat(parent, tmp, AtFlags::empty());
+        match self.put_in_place(tmp, last_component(path), path) {
+            Ok(()) => {
+                // A rename between two names of one inode does nothing
+                // (an existing hard link restored again): the temporary
+                // name would stay.
+                let _ = remove();
+                Ok(true)
+            }
+            Err(crate::error::Error::Io { cause, .. })
+                if cause.raw_os_error() == Some(libc::EPERM) =>
+            {
+                let _ = remove();
+                self.report.warn(format!(
+                    "{shown}: cannot put in place: {cause} (immutable or append-only? see \
+                     lsattr); not restored"
+                ));
+                Ok(false)
+            }
+            Err(e) => {
+                let _ = remove();
+                Err(e)
+            }
+        }
     }
 
     /// A file that cannot be created where it belongs (its directory
@@ -1158,34 +1213,6 @@ impl RestoreTree {
         Ok(())
     }
 
-    /// What stands at an entry's name could not be removed (`e`, from
-    /// [`Self::clear`]): where the target tree refuses it (chattr +i or +a
-    /// on it or its directory) that entry alone is not restored, with a
-    /// warning, and its later names (`link_target`) are not made either;
-    /// anything else ends the restore.
-    fn not_replaced(
-        &mut self,
-        e: crate::error::Error,
-        shown: &str,
-        link_target: Option<&[u8]>,
-    ) -> Result<()> {
-        let refused = match &e {
-            crate::error::Error::Io { cause, .. } => cause.raw_os_error() == Some(libc::EPERM),
-            _ => false,
-        };
-        if !refused {
-            return Err(e);
-        }
-        self.report.warn(format!(
-            "{shown}: cannot replace what stands there: {e} (immutable or append-only? see \
-             lsattr); not restored"
-        ));
-        if let Some(p) = link_target {
-            self.unplaced.insert(path_key(p));
-        }
-        Ok(())
-    }
-
     /// Makes a symlink, fifo, socket or device node, then applies its
     /// metadata; `link_target`: a later hard link names it (its inode is
     /// remembered for the link).
@@ -1207,39 +1234,31 @@ impl RestoreTree {
             }
             return Ok(());
         }
-        let name = last_component(path);
-        if let Err(err) = self.clear(name, path) {
-            return self.not_replaced(err, &shown, link_target.then_some(path));
-        }
+        // Made under a temporary name with its metadata, then renamed over
+        // what stands at its name, which stays should that be refused.
         let parent = top_fd(&self.stack)?;
         let private = Mode::RUSR | Mode::WUSR;
-        let (ft, made) = match &e.kind {
-            Kind::Symlink { target } => (
-                FileType::Symlink,
-                rustix::fs::symlinkat(os(target), parent, os(name)),
-            ),
-            Kind::Fifo => (
-                FileType::Fifo,
-                rustix::fs::mknodat(parent, os(name), FileType::Fifo, private, 0),
-            ),
-            Kind::Socket => (
-                FileType::Socket,
-                rustix::fs::mknodat(parent, os(name), FileType::Socket, private, 0),
-            ),
-            Kind::CharDev { rdev } => (
-                FileType::CharacterDevice,
-                rustix::fs::mknodat(parent, os(name), FileType::CharacterDevice, private, *rdev),
-            ),
-            Kind::BlockDev { rdev } => (
-                FileType::BlockDevice,
-                rustix::fs::mknodat(parent, os(name), FileType::BlockDevice, private, *rdev),
-            ),
+        let ft = match &e.kind {
+            Kind::Symlink { .. } => FileType::Symlink,
+            Kind::Fifo => FileType::Fifo,
+            Kind::Socket => FileType::Socket,
+            Kind::CharDev { .. } => FileType::CharacterDevice,
+            Kind::BlockDev { .. } => FileType::BlockDevice,
             Kind::File { .. } | Kind::Dir | Kind::HardLink { .. } => {
                 bail!("{shown}: not a special file")
             }
         };
-        match made {
-            Ok(()) => {}
+        let temp_id = next_temp_id();
+        let _forget = Forget(temp_id);
+        let made = make_temp(parent, temp_id, |tmp| match &e.kind {
+            Kind::Symlink { target } => rustix::fs::symlinkat(os(target), parent, tmp),
+            Kind::CharDev { rdev } | Kind::BlockDev { rdev } => {
+                rustix::fs::mknodat(parent, tmp, ft, private, *rdev)
+            }
+            _ => rustix::fs::mknodat(parent, tmp, ft, private, 0),
+        });
+        let tmp = match made {
+            Ok(tmp) => tmp,
             // Refused by the target tree or the machine, that entry alone:
             // a device node where root may not make one (a container
             // without CAP_MKNOD, a nodev mount), a directory that takes no
@@ -1253,22 +1272,37 @@ impl RestoreTree {
                 return Ok(());
             }
             Err(e) => bail!("cannot create {shown}: {e}"),
-        }
-        let fd = apply::open_path(parent, name).on("cannot open", &shown)?;
-        let st = rustix::fs::fstat(&fd)?;
-        if file_type(&st) != ft || st.st_nlink != 1 {
-            bail!("{shown} changed under the restore");
-        }
-        let held = if ft == FileType::Symlink {
-            Held::Symlink {
-                fd: fd.as_fd(),
-                parent,
-                name,
-            }
-        } else {
-            Held::Path(fd.as_fd())
         };
-        let w = apply::apply(held, e, &self.opts.rules, &shown)?;
+        let applied = (|| -> Result<(rustix::fs::Stat, Vec<String>)> {
+            let fd = apply::open_path(parent, tmp.as_bytes()).on("cannot open", &shown)?;
+            let st = rustix::fs::fstat(&fd)?;
+            if file_type(&st) != ft || st.st_nlink != 1 {
+                bail!("{shown} changed under the restore");
+            }
+            let held = if ft == FileType::Symlink {
+                Held::Symlink {
+                    fd: fd.as_fd(),
+                    parent,
+                    name: tmp.as_bytes(),
+                }
+            } else {
+                Held::Path(fd.as_fd())
+            };
+            Ok((st, apply::apply(held, e, &self.opts.rules, &shown)?))
+        })();
+        let (st, w) = match applied {
+            Ok(done) => done,
+            Err(err) => {
+                let _ = rustix::fs::unlinkat(parent, &tmp, AtFlags::empty());
+                return Err(err);
+            }
+        };
+        if !self.place_temp(&tmp, path, &shown)? {
+            if link_target {
+                self.unplaced.insert(path_key(path));
+            }
+            return Ok(());
+        }
         w.into_iter().for_each(|w| self.report.warn(w));
         if link_target {
             self.created.insert((st.st_dev, st.st_ino));
