@@ -479,6 +479,7 @@ fn write_small(store: &Store, name: &str, text: &str, append: bool) -> Result<()
     }
     let placed = written.and_then(|()| {
         rustix::fs::renameat(store.fd(), file, store.fd(), name)
+            .and_then(|()| rustix::fs::fsync(store.fd()))
             .map_err(std::io::Error::from)
             .op("rename into place", path)
     });
@@ -880,10 +881,17 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
                         named(&victim.host, &victim.name)
                     ),
                 )?;
-                out.refused = Some(format!(
+                let why = format!(
                     "stopped after deleting {}: {e}",
                     named(&victim.host, &victim.name)
-                ));
+                );
+                // Still short: said for `status` (the record was cleared
+                // past the growth guard).
+                let after = measure().unwrap_or(out.after);
+                if opts.only_host.is_none() && after.percent_free() < f64::from(opts.minpercent) {
+                    record_refusal(store, opts, &format!("short of space: {why}"));
+                }
+                out.refused = Some(why);
                 break;
             }
         }
@@ -1585,6 +1593,16 @@ mod tests {
         let out = prune(&store, &for_one_backup, &mut Vec::new()).unwrap();
         assert!(out.deleted.is_empty(), "{out:?}");
         assert!(refused().is_some(), "cleared by a prune making room");
+        // One making room past the growth guard, deleting, the store still
+        // short: kept too.
+        let mut deleting = opts.clone();
+        deleting.minpercent = 100;
+        let out = prune(&store, &deleting, &mut Vec::new()).unwrap();
+        assert_eq!(out.deleted.len(), 1, "{out:?}");
+        assert!(
+            refused().is_some(),
+            "cleared by a prune making room past the guard"
+        );
         let mut whole = roomy.clone();
         whole.target_free = None;
         prune(&store, &whole, &mut Vec::new()).unwrap();

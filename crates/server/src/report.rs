@@ -662,6 +662,32 @@ pub fn render(r: &Report) -> String {
     s
 }
 
+/// Removes the temporary pages of reports that were killed before they put
+/// theirs in place (`.index.html.PID.tmp` whose process is gone), so none
+/// stays in the web directory for good.
+fn sweep_dead_temps(dir: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd())) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(".index.html."))
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let gone = rustix::process::Pid::from_raw(pid)
+            .is_none_or(|p| rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH));
+        if gone {
+            let _ = rustix::fs::unlinkat(dir, &name, rustix::fs::AtFlags::empty());
+        }
+    }
+}
+
 /// Writes `DIR/index.html` (through a temporary name in DIR of this
 /// process's own, then renamed: two reports at once each put a whole page
 /// in place, the later one last).
@@ -673,6 +699,7 @@ pub fn write(dir: &std::path::Path, page: &str) -> Result<PathBuf> {
         Mode::empty(),
     )
     .op("open", || dir.display().to_string())?;
+    sweep_dead_temps(&dfd);
     let tmp = format!(".index.html.{}.tmp", std::process::id());
     let tmp = tmp.as_str();
     // One left by a process of the same id, killed.
@@ -774,6 +801,27 @@ mod tests {
         let today = time::parse_rfc3339("2026-11-27T00:00:00Z").unwrap().0;
         assert_eq!((b[0].from, b[0].to), (today, today + 86_400));
         assert!(b[0].from <= now && now < b[0].to);
+    }
+
+    #[test]
+    fn a_killed_reports_temporary_page_is_swept() {
+        let d = tempfile::tempdir().unwrap();
+        let dead = {
+            let mut c = std::process::Command::new("true").spawn().unwrap();
+            c.wait().unwrap();
+            c.id()
+        };
+        let alive = std::os::unix::process::parent_id();
+        for pid in [dead, alive] {
+            std::fs::write(d.path().join(format!(".index.html.{pid}.tmp")), b"half").unwrap();
+        }
+        write(d.path(), "<html></html>").unwrap();
+        assert!(!d.path().join(format!(".index.html.{dead}.tmp")).exists());
+        assert!(d.path().join(format!(".index.html.{alive}.tmp")).exists());
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("index.html")).unwrap(),
+            "<html></html>"
+        );
     }
 
     #[test]
