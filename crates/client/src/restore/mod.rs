@@ -1127,6 +1127,9 @@ fn collect_chunk(
     let mut stripped_said = false;
     // The chunk's regular files by path key, to mark those links name.
     let mut files: HashMap<u128, usize> = HashMap::new();
+    // First names not selected that links of the chunk name, counted once
+    // each (see below).
+    let mut charged: HashSet<u128> = HashSet::new();
     read_manifest(
         conn,
         snap,
@@ -1198,9 +1201,10 @@ fn collect_chunk(
             bytes += e.entry.buffer_cost();
             // A link whose first name may become a copy of its object (see
             // [`resolve_unselected_targets`]) counts what that may add:
-            // a symlink's target, up to a path's length.
+            // a symlink's target, up to a path's length; once per first
+            // name (its further links stay links, to the copy).
             if let Kind::HardLink { target } = &e.entry.kind {
-                if copies(target) {
+                if copies(target) && charged.insert(tree::path_key(target)) {
                     bytes += byteback_protocol::limits::MAX_PATH;
                 }
             }
