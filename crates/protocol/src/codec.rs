@@ -670,9 +670,12 @@ mod tests {
             read_frame_into(&mut cut, &mut buf),
             Err(ProtocolError::Truncated)
         ));
-        /// Every other read fails with `kind`; the others give a byte.
+        /// Every other read fails with `kind` while the bytes read so far
+        /// are within `fail`; the others give a byte.
         struct Flaky<'a> {
             data: &'a [u8],
+            read: usize,
+            fail: std::ops::Range<usize>,
             calls: u32,
             kind: std::io::ErrorKind,
         }
@@ -680,33 +683,36 @@ mod tests {
             fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
                 self.calls += 1;
                 assert!(self.calls < 1000, "read again after an error");
-                if self.calls % 2 == 1 {
+                if self.calls % 2 == 1 && self.fail.contains(&self.read) {
                     return Err(std::io::Error::from(self.kind));
                 }
+                self.read += 1;
                 let n = self.data.len().min(b.len()).min(1);
                 b[..n].copy_from_slice(&self.data[..n]);
                 self.data = &self.data[n..];
                 Ok(n)
             }
         }
-        let mut r = Flaky {
+        let flaky = |fail, kind| Flaky {
             data: &bytes,
+            read: 0,
+            fail,
             calls: 0,
-            kind: std::io::ErrorKind::Interrupted,
+            kind,
         };
+        let mut r = flaky(0..usize::MAX, std::io::ErrorKind::Interrupted);
         assert_eq!(
             read_frame_into(&mut r, &mut buf).unwrap(),
             Some(bytes.len() - 4)
         );
-        let mut r = Flaky {
-            data: &bytes,
-            calls: 0,
-            kind: std::io::ErrorKind::ConnectionReset,
-        };
-        assert!(matches!(
-            read_frame_into(&mut r, &mut buf),
-            Err(ProtocolError::Io(_))
-        ));
+        // In the length prefix, and in the payload.
+        for fail in [0..4, 4..usize::MAX] {
+            let mut r = flaky(fail, std::io::ErrorKind::ConnectionReset);
+            assert!(matches!(
+                read_frame_into(&mut r, &mut buf),
+                Err(ProtocolError::Io(_))
+            ));
+        }
     }
 
     /// A chunk declared larger than MAX_CHUNK is refused before any
