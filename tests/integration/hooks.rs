@@ -870,6 +870,25 @@ fn wait_for_pre_hook(marker: &Path) {
     }
 }
 
+/// Installs `10-slow` in `dir`: it starts a `sleep 100` of its own, writes
+/// that child's pid to the first path returned, touches the second, and
+/// waits.
+fn slow_hook(s: &Setup, dir: &str) -> (PathBuf, PathBuf) {
+    let pid = s.work.join("hook-pid");
+    let started = s.work.join("started");
+    s.hook(
+        dir,
+        "10-slow",
+        &format!(
+            "sleep 100 & echo $! > '{}'; touch '{}'; wait",
+            pid.display(),
+            started.display()
+        ),
+        0o755,
+    );
+    (pid, started)
+}
+
 fn alive(pid: &str) -> bool {
     fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
         .is_ok_and(|st| !st.split(") ").nth(1).unwrap_or("").starts_with('Z'))
@@ -882,18 +901,7 @@ fn alive(pid: &str) -> bool {
 fn a_backup_stopped_by_a_signal_stops_its_pre_hook_and_runs_the_post_hooks() {
     for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
         let s = setup();
-        let pid = s.work.join("hook-pid");
-        let started = s.work.join("started");
-        s.hook(
-            "pre-backup.d",
-            "10-slow",
-            &format!(
-                "sleep 100 & echo $! > '{}'; touch '{}'; wait",
-                pid.display(),
-                started.display()
-            ),
-            0o755,
-        );
+        let (pid, _) = slow_hook(&s, "pre-backup.d");
         s.hook("pre-backup.d", "20-next", &s.log_line("20-next"), 0o755);
         record_post_env(&s);
         let o = signal_when(&s, "started", sig, &[]);
@@ -949,18 +957,7 @@ fn a_signal_during_the_post_hooks_lets_them_finish() {
 #[test]
 fn a_second_signal_ends_the_running_hook_too() {
     let s = setup();
-    let pid = s.work.join("hook-pid");
-    let started = s.work.join("started");
-    s.hook(
-        "post-backup.d",
-        "10-slow",
-        &format!(
-            "sleep 100 & echo $! > '{}'; touch '{}'; wait",
-            pid.display(),
-            started.display()
-        ),
-        0o755,
-    );
+    let (pid, started) = slow_hook(&s, "post-backup.d");
     let child = s.piped(&s.store, &["--retry-number", "0"]).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !started.exists()

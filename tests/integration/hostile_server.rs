@@ -1178,29 +1178,19 @@ fn a_restore_over_a_directory_with_too_many_xattr_names_still_removes_its_acls()
     drop(on_btrfs);
 }
 
-/// Directories on the way to a selected path are kept with their xattrs
-/// (to be made with them), within bounds: a server nesting directories
-/// that each carry 1 MiB of ACL bytes is refused once they pass 128 MiB,
-/// rather than held (2,048 levels would be 2 GiB).
-#[test]
-fn directories_on_the_way_cannot_make_a_restore_hold_unbounded_xattrs() {
-    let st = Stage::new();
+/// A scenario of `levels` nested directories, each carrying 15 xattrs of
+/// 64,000 bytes named `PREFIXNN`, and a file at the bottom; and its path.
+fn nested(levels: usize, prefix: &str) -> (Scenario, String) {
     let mut entries = vec![];
     let mut path = String::new();
-    for i in 0..140 {
+    for i in 0..levels {
         if !path.is_empty() {
             path.push('/');
         }
         path.push_str(&format!("{i:x}"));
         let mut d = dir(&path);
-        // (A value is at most 64 KiB: 15 of them, under ACL names.)
         d.entry.xattrs = (0..15)
-            .map(|k| {
-                (
-                    format!("system.posix_acl_{k:02}").into_bytes(),
-                    vec![7u8; 64_000],
-                )
-            })
+            .map(|k| (format!("{prefix}{k:02}").into_bytes(), vec![7u8; 64_000]))
             .collect();
         entries.push(d);
     }
@@ -1208,6 +1198,18 @@ fn directories_on_the_way_cannot_make_a_restore_hold_unbounded_xattrs() {
     entries.push(file(&leaf, b"deep"));
     let mut sc = scenario(vec![], &[(leaf.as_str(), b"deep")]);
     sc.parts = entries.into_iter().map(|e| vec![e]).collect();
+    (sc, leaf)
+}
+
+/// Directories on the way to a selected path are kept with their xattrs
+/// (to be made with them), within bounds: a server nesting directories
+/// that each carry 1 MiB of ACL bytes is refused once they pass 128 MiB,
+/// rather than held (2,048 levels would be 2 GiB).
+#[test]
+fn directories_on_the_way_cannot_make_a_restore_hold_unbounded_xattrs() {
+    let st = Stage::new();
+    // (A value is at most 64 KiB: 15 of them, under ACL names.)
+    let (sc, leaf) = nested(140, "system.posix_acl_");
     let r = st.restore(&sc, &[&format!("/{leaf}")]);
     assert_eq!(r.code, Some(1), "{}", r.stderr);
     assert!(
@@ -1220,23 +1222,7 @@ fn directories_on_the_way_cannot_make_a_restore_hold_unbounded_xattrs() {
     // the xattrs the directories on the way lose are a warning (exit 24;
     // it was a note, and the restore exited 0).
     let st = Stage::new();
-    let mut entries = vec![];
-    let mut path = String::new();
-    for i in 0..40 {
-        if !path.is_empty() {
-            path.push('/');
-        }
-        path.push_str(&format!("{i:x}"));
-        let mut d = dir(&path);
-        d.entry.xattrs = (0..15)
-            .map(|k| (format!("user.big{k:02}").into_bytes(), vec![7u8; 64_000]))
-            .collect();
-        entries.push(d);
-    }
-    let leaf = format!("{path}/f");
-    entries.push(file(&leaf, b"deep"));
-    let mut sc = scenario(vec![], &[(leaf.as_str(), b"deep")]);
-    sc.parts = entries.into_iter().map(|e| vec![e]).collect();
+    let (sc, leaf) = nested(40, "user.big");
     let r = st.restore(&sc, &[&format!("/{leaf}")]);
     assert_eq!(r.code, Some(24), "{}", r.stderr);
     assert!(
@@ -1259,26 +1245,6 @@ fn nested_directories_cannot_make_a_restore_hold_unbounded_xattrs() {
     if !require_root("nested_directories_cannot_make_a_restore_hold_unbounded_xattrs") {
         return;
     }
-    let nested = |levels: usize, prefix: &str| {
-        let mut entries = vec![];
-        let mut path = String::new();
-        for i in 0..levels {
-            if !path.is_empty() {
-                path.push('/');
-            }
-            path.push_str(&format!("{i:x}"));
-            let mut d = dir(&path);
-            d.entry.xattrs = (0..15)
-                .map(|k| (format!("{prefix}{k:02}").into_bytes(), vec![7u8; 64_000]))
-                .collect();
-            entries.push(d);
-        }
-        let leaf = format!("{path}/f");
-        entries.push(file(&leaf, b"deep"));
-        let mut sc = scenario(vec![], &[(leaf.as_str(), b"deep")]);
-        sc.parts = entries.into_iter().map(|e| vec![e]).collect();
-        (sc, leaf)
-    };
     let st = Stage::new();
     // 40 levels of 960 KB: the deepest few restored with their ACLs only;
     // the xattrs such a directory already has are left as they are (its

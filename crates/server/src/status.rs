@@ -457,9 +457,9 @@ mod tests {
         assert_eq!(format_age(2 * 86_400 + 4 * 3600), "2d04h");
     }
 
-    #[test]
-    fn nagios_codes() {
-        let h = |age: Option<i64>| HostStatus {
+    /// Host `h`, its newest snapshot `age` seconds old, nothing wrong.
+    fn host_aged(age: Option<i64>) -> HostStatus {
+        HostStatus {
             host: "h".into(),
             newest: None,
             age,
@@ -472,8 +472,12 @@ mod tests {
             damaged_unlisted: 0,
             future: vec![],
             strays: vec![],
-        };
-        let st = |hosts| StoreStatus {
+        }
+    }
+
+    /// A store of `hosts`, half free.
+    fn store_of(hosts: Vec<HostStatus>) -> StoreStatus {
+        StoreStatus {
             hosts,
             space: Space {
                 size: 100,
@@ -484,7 +488,13 @@ mod tests {
             },
             prune_refused: None,
             not_hosts: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn nagios_codes() {
+        let h = host_aged;
+        let st = store_of;
         let l = Limits {
             warn: Some(100),
             crit: Some(200),
@@ -524,31 +534,11 @@ mod tests {
     #[test]
     fn a_verification_overdue_is_a_warning() {
         let h = |verified_age: Option<i64>, oldest_age: Option<i64>| HostStatus {
-            host: "h".into(),
-            newest: None,
-            age: Some(10),
-            snapshots: 1,
-            size: None,
-            history: None,
             verified_age,
             oldest_age,
-            damaged: vec![],
-            damaged_unlisted: 0,
-            future: vec![],
-            strays: vec![],
+            ..host_aged(Some(10))
         };
-        let st = |host| StoreStatus {
-            hosts: vec![host],
-            space: Space {
-                size: 100,
-                free: 50,
-                data_percent: 50.0,
-                metadata_percent: None,
-                source: "statvfs",
-            },
-            prune_refused: None,
-            not_hosts: vec![],
-        };
+        let st = |host| store_of(vec![host]);
         let l = Limits {
             warn: Some(100),
             crit: Some(200),
