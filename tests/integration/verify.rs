@@ -515,6 +515,12 @@ fn budgeted_verify_covers_the_host_over_several_runs() {
     let out = output_text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}");
     assert!(out.contains("is being written by a backup"), "{out}");
+    // Held shared, as a restore of current holds it: said as such.
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockShared).unwrap();
+    let o = verify(&store, &["--snapshot", "current"]);
+    let out = output_text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("is being read by a restore"), "{out}");
     drop(lock);
     // Once settled, it is checked as any snapshot.
     let o = verify(&store, &["--snapshot", "current"]);

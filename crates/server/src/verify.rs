@@ -679,9 +679,14 @@ fn verify_snapshot(
 /// holds it and `current` has its clean marker; else why not (byteback
 /// 1.x's `current` has no manifest to verify).
 fn current_settled(host: &HostStore) -> std::result::Result<Settled, String> {
-    let lock = host
-        .lock_within(10)
-        .map_err(|_| "is being written by a backup".to_string())?;
+    let lock = host.lock_within(10).map_err(|_| {
+        // Held shared (a restore of `current` reads it) or not at all
+        // (a backup writes it).
+        match host.lock_shared() {
+            Ok(_) => "is being read by a restore".to_string(),
+            Err(_) => "is being written by a backup".to_string(),
+        }
+    })?;
     let current = match host.current() {
         Ok(c) => c,
         // A host kept for its snapshots alone: nothing to verify, and no
