@@ -351,6 +351,66 @@ fn unsupported_filter_rules_stop_the_backup_naming_file_and_line() {
     }
 }
 
+/// A user's per-directory filter file whose wildcard rules would cost more
+/// than the walk's bound to match against each entry below it: its
+/// directory is kept as the last backup has it (exit 24, named), the rest
+/// is backed up; the same rules in root's file in root's directory are the
+/// admin's and apply; a user's few wildcard rules apply as they are.
+#[test]
+fn a_users_costly_filter_rules_pass_over_their_directory_only() {
+    if !require_root("a_users_costly_filter_rules_pass_over_their_directory_only") {
+        return;
+    }
+    let s = setup();
+    fs::write(s.conf.join("rsync_filter"), ": .rsync-filter\n").unwrap();
+    put(&s.src, b"u/f", b"first");
+    put(&s.src, b"u/skip.o", b"object");
+    put(&s.src, b"other", b"first");
+    let o = s.backup(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let stored = s
+        .store
+        .join("h/current")
+        .join(s.src.strip_prefix("/").unwrap());
+
+    // 2,000 rules of 16 tokens: about 5,000 steps each against a path
+    // below u/, 10 million an entry, ten times the bound.
+    let costly: String = (0..2000)
+        .map(|i| format!("- **/{i}*a*b*c*d*e*\n"))
+        .collect();
+    put(&s.src, b"u/.rsync-filter", costly.as_bytes());
+    let user = |p: &Path| std::os::unix::fs::lchown(p, Some(65534), Some(65534)).unwrap();
+    user(&s.src.join("u/.rsync-filter"));
+    put(&s.src, b"u/f", b"second");
+    put(&s.src, b"other", b"second");
+    let o = s.backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(24), "{err}");
+    assert!(
+        err.contains("steps of matching an entry")
+            && err.contains("the directory's content is kept as the last backup has it")
+            && err.contains(&*s.src.join("u").to_string_lossy()),
+        "{err}"
+    );
+    assert_eq!(fs::read(stored.join("u/f")).unwrap(), b"first");
+    assert_eq!(fs::read(stored.join("other")).unwrap(), b"second");
+
+    // Root's file, in root's directory: the admin's rules, whatever they cost.
+    std::os::unix::fs::lchown(s.src.join("u/.rsync-filter"), Some(0), Some(0)).unwrap();
+    let o = s.backup(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(fs::read(stored.join("u/f")).unwrap(), b"second");
+
+    // A user's few wildcard rules apply.
+    put(&s.src, b"u/.rsync-filter", b"- *.o\n- **/x*y*z\n");
+    user(&s.src.join("u/.rsync-filter"));
+    put(&s.src, b"u/f", b"third");
+    let o = s.backup(&[]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(fs::read(stored.join("u/f")).unwrap(), b"third");
+    assert!(!stored.join("u/skip.o").exists(), "the user's rule applies");
+}
+
 /// `--snapshot` with a glob, as 1.x scripts pass it: the matching snapshots
 /// only, latest version per path among them (every version with `--all`); a
 /// glob matching nothing is an error counting the snapshots; a glob that

@@ -263,11 +263,45 @@ impl Glob {
                     && !text[lead.len()..].contains(&b'/');
             }
         }
-        // Positions of `text` reachable after each token (NFA, one row at a time).
+        self.nfa(text, false)
+    }
+
+    /// Whether `text` or one of its tails that starts after a `/` matches
+    /// (an unanchored pattern with a `/` or `**`), in one pass.
+    pub fn matches_tail(&self, text: &[u8]) -> bool {
+        if self.inert {
+            return false;
+        }
+        let n = text.len();
+        let literal = |t: &[Tok]| t.iter().all(|t| matches!(t, Tok::Byte(_)));
+        let ends_with = |toks: &[Tok]| {
+            n >= toks.len()
+                && (toks.iter().zip(&text[n - toks.len()..])).all(|(t, b)| *t == Tok::Byte(*b))
+        };
+        if literal(&self.toks) {
+            let p = self.toks.len();
+            return ends_with(&self.toks) && (n == p || text[n - p - 1] == b'/');
+        }
+        // `*rest`: the tail after the last `/` before `rest` always fits.
+        match self.toks.split_first() {
+            Some((Tok::Star, rest)) if literal(rest) => ends_with(rest),
+            _ => self.nfa(text, true),
+        }
+    }
+
+    /// The general matcher: positions of `text` reachable after each token
+    /// (an NFA, one row at a time), starting at 0 and, with `tails`, after
+    /// every `/`. Costs (tokens + 1) x (bytes + 1) steps at most.
+    fn nfa(&self, text: &[u8], tails: bool) -> bool {
         let n = text.len();
         let mut cur = vec![false; n + 1];
         let mut next = vec![false; n + 1];
         cur[0] = true;
+        if tails {
+            for (j, b) in text.iter().enumerate() {
+                cur[j + 1] |= *b == b'/';
+            }
+        }
         for tok in &self.toks {
             next.iter_mut().for_each(|x| *x = false);
             match tok {
@@ -304,6 +338,24 @@ impl Glob {
             }
         }
         cur[n]
+    }
+
+    /// An upper bound of the work of matching a text of at most `len`
+    /// bytes (in steps of the general matcher; the shapes compared
+    /// without it count a step per 8 bytes).
+    pub fn cost(&self, len: usize) -> u64 {
+        let literal = |t: &[Tok]| t.iter().all(|t| matches!(t, Tok::Byte(_)));
+        let p = self.toks.len() as u64;
+        let len = len as u64;
+        if self.inert || literal(&self.toks) {
+            return 1 + p / 8;
+        }
+        let star_literal = matches!(self.toks.split_first(), Some((Tok::Star, r)) if literal(r))
+            || matches!(self.toks.split_last(), Some((Tok::Star, l)) if literal(l));
+        if star_literal {
+            return 1 + (len + p) / 8;
+        }
+        (p + 1).saturating_mul(len + 1)
     }
 }
 
@@ -410,13 +462,17 @@ impl Rule {
                 .is_some_and(|tail| self.glob_matches(tail, is_dir));
         }
         // Unanchored with a `/` or `**`: any tail starting at a component.
-        if self.glob_matches(rel, is_dir) {
-            return true;
-        }
-        rel.iter()
-            .enumerate()
-            .filter(|(_, b)| **b == b'/')
-            .any(|(i, _)| self.glob_matches(&rel[i + 1..], is_dir))
+        self.glob.matches_tail(rel)
+            || (is_dir && self.glob_dir.as_ref().is_some_and(|g| g.matches_tail(rel)))
+    }
+
+    /// An upper bound of the work of matching a path of at most `len`
+    /// bytes (see [`Glob::cost`]).
+    pub fn cost(&self, len: usize) -> u64 {
+        // A final name is at most 255 bytes (NAME_MAX).
+        let len = if self.whole_path { len } else { len.min(255) };
+        let dir = self.glob_dir.as_ref().map_or(0, |g| g.cost(len));
+        self.glob.cost(len).saturating_add(dir)
     }
 }
 
@@ -946,6 +1002,8 @@ struct Frame {
     cleared: bool,
     /// Bytes of the file read (counted against [`MAX_DIR_RULES_HELD`]).
     size: usize,
+    /// Only root could have written the file ([`DirRules::trust_last`]).
+    trusted: bool,
 }
 
 /// The per-directory rules of the directories being walked, one frame per
@@ -1016,8 +1074,33 @@ impl DirRules {
             rules,
             cleared,
             size: text.len(),
+            trusted: false,
         });
         Ok(notes)
+    }
+
+    /// Marks the file [`DirRules::enter`] read last as one only root could
+    /// have written: its rules' cost is the admin's choice, not counted
+    /// by [`DirRules::untrusted_cost`].
+    pub fn trust_last(&mut self) {
+        if let Some(f) = self.frames.last_mut() {
+            f.trusted = true;
+        }
+    }
+
+    /// An upper bound of the work of matching one entry of at most `len`
+    /// bytes of path, in the directory at walk depth `depth`, against the
+    /// rules of the per-directory files others than root could have
+    /// written (see [`Glob::cost`]): what a user's rules can make every
+    /// entry below them cost.
+    pub fn untrusted_cost(&self, filter: &Filter, depth: usize, len: usize) -> u64 {
+        (self.frames.iter())
+            .filter(|f| !f.trusted)
+            .filter(|f| {
+                f.depth == depth || !filter.merges.get(f.merge).is_some_and(|m| m.no_inherit)
+            })
+            .flat_map(|f| &f.rules)
+            .fold(0u64, |sum, r| sum.saturating_add(r.cost(len)))
     }
 
     /// Drops the rules of directories at `depth` and deeper.
@@ -1047,6 +1130,82 @@ mod tests {
 
     fn g(p: &str) -> Glob {
         Glob::new(p.as_bytes()).unwrap()
+    }
+
+    /// The one-pass match of any tail starting at a component agrees with
+    /// matching each such tail on its own, for patterns of every shape.
+    #[test]
+    fn a_match_of_any_tail_is_a_match_of_one_of_them() {
+        let pats = [
+            "a/b", "b", "*/b", "*", "*b", "a*", "a/*", "**/b", "a/**", "?/b", "[ab]/*b", "*/*",
+            "a**b", "**", "*a*a*", "b/", "/b",
+        ];
+        let mut seed = 7u64;
+        let mut texts = vec![String::new(), "/".into(), "b".into(), "a/b".into()];
+        for _ in 0..400 {
+            let mut t = String::new();
+            for _ in 0..(seed >> 60) {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                t.push(['a', 'b', '/', 'c'][(seed >> 62) as usize]);
+            }
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            texts.push(t);
+        }
+        for p in pats {
+            let glob = g(p);
+            for t in &texts {
+                let t = t.as_bytes();
+                let brute = glob.matches(t)
+                    || (0..t.len()).any(|i| t[i] == b'/' && glob.matches(&t[i + 1..]));
+                assert_eq!(
+                    glob.matches_tail(t),
+                    brute,
+                    "{p} against {}",
+                    t.escape_ascii()
+                );
+            }
+        }
+    }
+
+    /// What a rule may cost grows with the path for wildcard patterns
+    /// only; a name is at most 255 bytes; `untrusted_cost` counts the
+    /// files not marked as root's, inherited or in their own directory.
+    #[test]
+    fn the_cost_of_matching_is_bounded_by_shape_and_trust() {
+        let lit = Rule::exclude(b"some/name").unwrap();
+        assert_eq!(lit.cost(10), lit.cost(4000));
+        let ext = Rule::exclude(b"*.o").unwrap();
+        assert!(ext.cost(4000) < 600 && ext.cost(4000) > ext.cost(10));
+        let wild = Rule::exclude(b"a*b*c").unwrap();
+        assert_eq!(wild.cost(4000), wild.cost(255), "a name: 255 bytes at most");
+        assert_eq!(wild.cost(255), 6 * 256);
+        let deep = Rule::exclude(b"**/a*b*c").unwrap();
+        assert_eq!(deep.cost(4000), 8 * 4001);
+        let tree = Rule::exclude(b"x*/***").unwrap();
+        assert!(
+            tree.cost(100) > g("x*/***").cost(100),
+            "and its directory form"
+        );
+
+        let f = parse(": .rsync-filter\n:n .here\n");
+        let mut d = DirRules::default();
+        let file = Path::new("/top/.rsync-filter");
+        d.enter(&f, 0, 1, b"top", b"- **/a*b*c\n", file).unwrap();
+        assert_eq!(d.untrusted_cost(&f, 1, 100), 8 * 101);
+        d.trust_last();
+        assert_eq!(d.untrusted_cost(&f, 1, 100), 0, "root's file");
+        d.enter(&f, 0, 2, b"top/u", b"- **/a*b*c\n", file).unwrap();
+        d.enter(&f, 1, 2, b"top/u", b"- **/x*y\n", file).unwrap();
+        assert_eq!(d.untrusted_cost(&f, 2, 100), 8 * 101 + 6 * 101);
+        assert_eq!(
+            d.untrusted_cost(&f, 3, 100),
+            8 * 101,
+            "an n rule's file holds in its own directory only"
+        );
     }
 
     #[test]

@@ -741,6 +741,13 @@ struct Walker<'a> {
 /// directories would repeat one note thousands of times, every night).
 const FILTER_NOTES: usize = 20;
 
+/// Most work (in steps of the filter's matcher, see
+/// [`crate::filter::Glob::cost`]) the rules of per-directory files that
+/// others than root could have written may cost for each entry below
+/// them: about a millisecond here (1.1 ns a step). Past it, their
+/// directory is passed over.
+const MAX_ENTRY_MATCH_COST: u64 = 1 << 20;
+
 fn path_of(bytes: &[u8]) -> PathBuf {
     PathBuf::from(OsStr::from_bytes(bytes))
 }
@@ -897,6 +904,9 @@ impl Walker<'_> {
             };
             match entered {
                 Ok(notes) => {
+                    if admins_only(dir, name) {
+                        self.dir_rules.trust_last();
+                    }
                     for n in notes {
                         self.filter_note(&n);
                     }
@@ -908,6 +918,18 @@ impl Walker<'_> {
                 // backup of the machine.
                 Err(m) => return Ok(Some(m)),
             }
+        }
+        // Rules others than root wrote must not make each entry below
+        // cost more than a bounded amount of matching (a user's nested
+        // files of wildcard rules could make it hours an entry).
+        let len = path.trim_start_matches_slash().len() + 1 + 255;
+        let cost = self.dir_rules.untrusted_cost(&filter, depth, len);
+        if cost > MAX_ENTRY_MATCH_COST {
+            return Ok(Some(format!(
+                "the per-directory filter rules along this path that others than root \
+                 could have written cost up to {cost} steps of matching an entry \
+                 (at most {MAX_ENTRY_MATCH_COST})"
+            )));
         }
         Ok(None)
     }
