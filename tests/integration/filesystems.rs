@@ -716,3 +716,67 @@ fn a_restore_without_the_acl_never_widens_the_groups_access() {
     assert_eq!(mode("shared"), 0o640);
     assert_eq!(fs::read(r.join("secret")).unwrap(), b"for one named user");
 }
+
+/// A restore links a hard link's later names to the file it made for the
+/// first name, and to nothing else: where that file was removed and a new
+/// one made in its place meanwhile (as a local user could, in a tree they
+/// may write into), the link is not made, with a warning (exit 24), even
+/// when the new file got the old one's inode number (ext4 hands a freed
+/// number out again).
+#[test]
+fn a_hard_link_is_never_made_to_a_file_put_in_its_first_names_place() {
+    if !require_root("mounting an ext4 filesystem") {
+        return;
+    }
+    let d = scratch();
+    let src = d.path().join("src");
+    write(&src.join("a/x"), b"first name");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::hard_link(src.join("a/x"), src.join("d/l")).unwrap();
+    write(&src.join("d/f"), b"a file");
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    backup(&store, &src, "h", &[]);
+
+    let mut mounts = Mounts::default();
+    let img = d.path().join("ext.img");
+    run(Command::new("truncate").args(["-s", "64M"]).arg(&img));
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+    let into = d.path().join("into");
+    mounts.mount(&["-o", "loop", img.to_str().unwrap()], &into);
+    let o = run_status(
+        Command::new(bin("byteback-restore"))
+            .env("BYTEBACK_TEST_RECREATE_FIRST_NAME", "1")
+            .current_dir(&into)
+            .arg("--destination")
+            .arg(&store)
+            .args(["--hostname", "h", "--restore", "/"]),
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    // The fault gave the new file the old one's inode number: the case a
+    // check of device and inode numbers alone would link to.
+    let reused = err
+        .lines()
+        .find_map(|l| l.strip_prefix("test fault: first name recreated, inode "))
+        .and_then(|l| l.split_once(" -> "))
+        .is_some_and(|(a, b)| a == b && a != "0");
+    assert!(reused, "the inode number was not handed out again: {err}");
+    assert_eq!(o.status.code(), Some(24), "{err}");
+    assert!(
+        err.contains("d/l: not restored: its first name")
+            && err.contains("was replaced by another file during the restore"),
+        "{err}"
+    );
+    let snap = fs::read_dir(&into)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| !p.ends_with("lost+found"))
+        .unwrap();
+    let r = snap.join(src.strip_prefix("/").unwrap());
+    assert_eq!(fs::read(r.join("a/x")).unwrap(), b"planted");
+    assert!(
+        fs::symlink_metadata(r.join("d/l")).is_err(),
+        "linked to the planted file"
+    );
+    assert_eq!(fs::read(r.join("d/f")).unwrap(), b"a file");
+}

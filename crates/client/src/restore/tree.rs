@@ -223,7 +223,9 @@ pub struct RestoreTree {
     /// link names as its first name (or that was copied for links, see
     /// [`Wanted::from`]): the only objects a hard link may point at. Only
     /// those, so memory grows with the hard links restored, not the files.
-    created: HashSet<(u64, u64)>,
+    /// With its birth time where the filesystem keeps one: a file a local
+    /// user put in its place meanwhile may have the same inode number.
+    created: HashMap<(u64, u64), Option<(i64, u32)>>,
     /// Unselected first names of hard links -> the path restored in their place.
     copies: HashMap<Vec<u8>, Vec<u8>>,
     /// Metadata for directories made on the way to selected paths, from
@@ -328,6 +330,37 @@ fn is_swap(file: &File, size: u64) -> bool {
 }
 
 /// Whether `file` is on btrfs.
+/// The birth time of the object open as `fd`, where its filesystem keeps one.
+fn birth_of(fd: BorrowedFd<'_>) -> Option<(i64, u32)> {
+    let st = crate::meta::stat_at(crate::meta::At::Fd(fd)).ok()?;
+    (st.stx_mask & rustix::fs::StatxFlags::BTIME.bits() != 0)
+        .then_some((st.stx_btime.tv_sec, st.stx_btime.tv_nsec))
+}
+
+/// `BYTEBACK_TEST_RECREATE_FIRST_NAME` (debug builds, for the tests): the
+/// first name `rel` of a hard link is removed and made again as another
+/// file (`planted`, owned by nobody) before the link is made, as a local
+/// user could; the inode numbers before and after go to stderr.
+#[cfg(debug_assertions)]
+fn recreate_fault(root: BorrowedFd<'_>, rel: &[u8]) {
+    use std::os::unix::fs::MetadataExt;
+    if std::env::var_os("BYTEBACK_TEST_RECREATE_FIRST_NAME").is_none() {
+        return;
+    }
+    let p = Path::new("/proc/self/fd")
+        .join(root.as_raw_fd().to_string())
+        .join(OsStr::from_bytes(rel));
+    let before = std::fs::symlink_metadata(&p).map(|m| m.ino()).unwrap_or(0);
+    let _ = std::fs::remove_file(&p);
+    let _ = std::fs::write(&p, b"planted");
+    let _ = std::os::unix::fs::lchown(&p, Some(65534), Some(65534));
+    let after = std::fs::symlink_metadata(&p).map(|m| m.ino()).unwrap_or(0);
+    eprintln!("test fault: first name recreated, inode {before} -> {after}");
+}
+
+#[cfg(not(debug_assertions))]
+fn recreate_fault(_root: BorrowedFd<'_>, _rel: &[u8]) {}
+
 fn on_btrfs(file: &File) -> bool {
     const BTRFS_SUPER_MAGIC: u32 = 0x9123_683E;
     rustix::fs::fstatfs(file).is_ok_and(|s| s.f_type as u32 == BTRFS_SUPER_MAGIC)
@@ -542,7 +575,7 @@ impl RestoreTree {
             ahead: ReadAhead::default(),
             shown_into: shown_into.to_string(),
             stack: vec![],
-            created: HashSet::new(),
+            created: HashMap::new(),
             copies: HashMap::new(),
             implied: HashMap::new(),
             stack_bytes: 0,
@@ -1000,6 +1033,7 @@ impl RestoreTree {
         if size > 0 && (self.opts.no_sparse || swap) {
             allocate_whole(&file, size, &shown, &mut self.report);
         }
+        let born = birth_of(file.as_fd());
         let applied = apply::apply(Held::Open(file.as_fd()), &e.entry, &self.opts.rules, &shown)
             .map_err(crate::error::Error::from);
         let placed = applied.and_then(|w| {
@@ -1033,7 +1067,7 @@ impl RestoreTree {
         };
         w.into_iter().for_each(|w| self.report.warn(w));
         if link_target {
-            self.created.insert((st.st_dev, st.st_ino));
+            self.created.insert((st.st_dev, st.st_ino), born);
         }
         self.report.restored += 1;
         if self.opts.unverified {
@@ -1079,6 +1113,7 @@ impl RestoreTree {
             return Ok(());
         }
         let root = self.stack[0].fd.as_fd();
+        recreate_fault(root, &src);
         let refuse = |why: String| {
             err!(
                 "the server's manifest links {} to {}, {why}; refusing",
@@ -1104,11 +1139,23 @@ impl RestoreTree {
             }
         };
         let st = rustix::fs::fstat(&tfd)?;
-        if file_type(&st) == FileType::Directory || !self.created.contains(&(st.st_dev, st.st_ino))
-        {
-            return Err(refuse(
-                "which is not a file, symlink or special file restored in this run".into(),
+        let born = match self.created.get(&(st.st_dev, st.st_ino)) {
+            Some(born) if file_type(&st) != FileType::Directory => *born,
+            _ => {
+                return Err(refuse(
+                    "which is not a file, symlink or special file restored in this run".into(),
+                ))
+            }
+        };
+        // Its inode number, not the file: removed and made again since
+        // (by a local user where the restore writes into their tree).
+        if birth_of(tfd.as_fd()) != born {
+            self.report.warn(format!(
+                "{shown}: not restored: its first name {} was replaced by another file \
+                 during the restore",
+                display_path(target)
             ));
+            return Ok(());
         }
         // Linked under a temporary name, then renamed over what stands at
         // its name, which stays should the link be refused.
@@ -1273,9 +1320,10 @@ impl RestoreTree {
             }
             Err(e) => bail!("cannot create {shown}: {e}"),
         };
-        let applied = (|| -> Result<(rustix::fs::Stat, Vec<String>)> {
+        let applied = (|| -> Result<(rustix::fs::Stat, Option<(i64, u32)>, Vec<String>)> {
             let fd = apply::open_path(parent, tmp.as_bytes()).on("cannot open", &shown)?;
             let st = rustix::fs::fstat(&fd)?;
+            let born = birth_of(fd.as_fd());
             if file_type(&st) != ft || st.st_nlink != 1 {
                 bail!("{shown} changed under the restore");
             }
@@ -1288,9 +1336,9 @@ impl RestoreTree {
             } else {
                 Held::Path(fd.as_fd())
             };
-            Ok((st, apply::apply(held, e, &self.opts.rules, &shown)?))
+            Ok((st, born, apply::apply(held, e, &self.opts.rules, &shown)?))
         })();
-        let (st, w) = match applied {
+        let (st, born, w) = match applied {
             Ok(done) => done,
             Err(err) => {
                 let _ = rustix::fs::unlinkat(parent, &tmp, AtFlags::empty());
@@ -1305,7 +1353,7 @@ impl RestoreTree {
         }
         w.into_iter().for_each(|w| self.report.warn(w));
         if link_target {
-            self.created.insert((st.st_dev, st.st_ino));
+            self.created.insert((st.st_dev, st.st_ino), born);
         }
         self.report.restored += 1;
         Ok(())
