@@ -225,7 +225,7 @@ pub struct RestoreTree {
     /// those, so memory grows with the hard links restored, not the files.
     /// With its birth time where the filesystem keeps one: a file a local
     /// user put in its place meanwhile may have the same inode number.
-    created: HashMap<(u64, u64), Option<(i64, u32)>>,
+    created: HashMap<(u64, u64), Birth>,
     /// Unselected first names of hard links -> the path restored in their place.
     copies: HashMap<Vec<u8>, Vec<u8>>,
     /// Metadata for directories made on the way to selected paths, from
@@ -330,8 +330,11 @@ fn is_swap(file: &File, size: u64) -> bool {
 }
 
 /// Whether `file` is on btrfs.
-/// The birth time of the object open as `fd`, where its filesystem keeps one.
-fn birth_of(fd: BorrowedFd<'_>) -> Option<(i64, u32)> {
+/// A birth time (seconds, nanoseconds), where the filesystem keeps one.
+type Birth = Option<(i64, u32)>;
+
+/// The birth time of the object open as `fd`.
+fn birth_of(fd: BorrowedFd<'_>) -> Birth {
     let st = crate::meta::stat_at(crate::meta::At::Fd(fd)).ok()?;
     (st.stx_mask & rustix::fs::StatxFlags::BTIME.bits() != 0)
         .then_some((st.stx_btime.tv_sec, st.stx_btime.tv_nsec))
@@ -1320,7 +1323,7 @@ impl RestoreTree {
             }
             Err(e) => bail!("cannot create {shown}: {e}"),
         };
-        let applied = (|| -> Result<(rustix::fs::Stat, Option<(i64, u32)>, Vec<String>)> {
+        let applied = (|| -> Result<(rustix::fs::Stat, Birth, Vec<String>)> {
             let fd = apply::open_path(parent, tmp.as_bytes()).on("cannot open", &shown)?;
             let st = rustix::fs::fstat(&fd)?;
             let born = birth_of(fd.as_fd());
