@@ -95,7 +95,7 @@ pub fn prune_order(snapshots: &[Snapshot], now: i64, offset: i64, order: Order) 
         b.time
             .cmp(&a.time)
             .then_with(|| a.host.cmp(&b.host))
-            .then_with(|| b.name.cmp(&a.name))
+            .then_with(|| crate::time::cmp_names(&b.name, &a.name))
     });
     if order == Order::Age || rest.is_empty() {
         return rest;

@@ -390,7 +390,7 @@ impl HostStore {
                 out.push((s, ts));
             }
         }
-        out.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        out.sort_by(|a, b| time::cmp_names(&a.0, &b.0));
         Ok(out)
     }
 

@@ -92,6 +92,18 @@ pub fn parse_name(name: &str) -> Option<i64> {
     Some(local - sign * (oh * 3600 + om * 60))
 }
 
+/// The order of snapshot names: by time, then (names of one minute, made
+/// with `.1`, `.2`, ... after the first) by suffix as a number, so that
+/// `.10` follows `.9`; names that are not snapshot names last, as text.
+pub fn cmp_names(a: &str, b: &str) -> std::cmp::Ordering {
+    fn key(n: &str) -> (bool, Option<i64>, &str, usize) {
+        let base = n.rfind('.').map_or(n, |i| &n[..i]);
+        let t = parse_name(n);
+        (t.is_none(), t, base, n.len() - base.len())
+    }
+    key(a).cmp(&key(b)).then_with(|| a.cmp(b))
+}
+
 /// Parses an RFC 3339 time (`2026-11-27T03:00:00Z`, `2026-11-27T03:00:00.5+01:00`;
 /// a space may replace the `T`) into Unix seconds and the UTC offset it names.
 pub fn parse_rfc3339(s: &str) -> Option<(i64, i64)> {
@@ -174,6 +186,36 @@ mod tests {
         assert_eq!(
             parse_name("2026-11-27T03:00+0000.2"),
             parse_name("2026-11-27T03:00+0000")
+        );
+    }
+
+    /// Names of one minute follow their suffixes as numbers (`.10`
+    /// after `.9`), times come first, and names of no time come last.
+    #[test]
+    fn snapshot_names_sort_by_time_then_suffix_number() {
+        let mut names = vec![
+            "current",
+            "2026-11-27T03:00+0000.10",
+            "2026-11-27T03:01+0000",
+            "2026-11-27T03:00+0000.9",
+            "2026-11-27T03:00+0000",
+            "2026-11-27T03:00+0000.11",
+            "2026-11-27T03:00+0000.1",
+            "2026-11-27T04:00+0100.2",
+        ];
+        names.sort_by(|a, b| cmp_names(a, b));
+        assert_eq!(
+            names,
+            [
+                "2026-11-27T03:00+0000",
+                "2026-11-27T03:00+0000.1",
+                "2026-11-27T03:00+0000.9",
+                "2026-11-27T03:00+0000.10",
+                "2026-11-27T03:00+0000.11",
+                "2026-11-27T04:00+0100.2",
+                "2026-11-27T03:01+0000",
+                "current",
+            ]
         );
     }
 

@@ -1022,13 +1022,13 @@ fn count_damage(state: &mut State, report: &HostReport, reached: &[Reached], pas
 /// Of `names` (snapshots oldest first, then `current`), the index of the
 /// first taken after snapshot `gone`, which is no longer among them.
 fn next_after(names: &[String], gone: &str) -> usize {
-    let Some(t) = crate::time::parse_name(gone) else {
+    if crate::time::parse_name(gone).is_none() {
         return 0;
-    };
-    // In the order the host lists them (by time, then by name).
+    }
+    // In the order the host lists them (see `time::cmp_names`).
     names
         .iter()
-        .position(|n| crate::time::parse_name(n).is_none_or(|u| (u, n.as_str()) > (t, gone)))
+        .position(|n| crate::time::cmp_names(n, gone).is_gt())
         .unwrap_or(0)
 }
 
