@@ -124,6 +124,8 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
     // --verify-warn: a host never verified whole is due once its oldest
     // snapshot is older than the limit, not before.
     let now = unix_now();
+    // The report's page says the same (its summary and the host's part).
+    let page_dir = work.path().join("page");
     let verify_warn = |at: i64| {
         let o = run_status(
             Command::new(bin("byteback-server"))
@@ -131,7 +133,31 @@ fn verify_finds_damage_the_next_backup_repairs_current_and_restore_goes_on() {
                 .arg("--store")
                 .arg(&store),
         );
-        (o.status.code(), output_text(&o))
+        let r = run_status(
+            Command::new(bin("byteback-server"))
+                .args(["report", "--verify-warn", "1h", "--now", &rfc3339(at)])
+                .arg("--html")
+                .arg(&page_dir)
+                .arg("--store")
+                .arg(&store),
+        );
+        assert_eq!(r.status.code(), Some(0), "{}", output_text(&r));
+        let page = fs::read_to_string(page_dir.join("index.html")).unwrap();
+        assert!(page.contains("whole verification due after 1h"), "{page}");
+        let out = output_text(&o);
+        let summary = format!(
+            "id=\"summary\">{}<",
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .replace('"', "&quot;")
+        );
+        let host_warned = page.contains(&format!("data-host=\"{HOST}\" data-state=\"WARNING\""))
+            && page.contains("verified whole");
+        assert!(page.contains(&summary), "{summary} in {page}");
+        assert_eq!(host_warned, o.status.code() == Some(1), "{out}: {page}");
+        (o.status.code(), out)
     };
     let (code, out) = verify_warn(now + 600);
     assert_eq!(code, Some(0), "{out}");

@@ -39,6 +39,10 @@ pub struct ReportArgs {
     /// A host's last backup older than this shows as CRITICAL (as `status --crit`).
     #[arg(long, value_parser = crate::admin::parse_age, default_value = "3d")]
     pub crit: i64,
+    /// A host last verified whole longer ago (or never, with snapshots
+    /// older than this) shows as WARNING, named (as `status --verify-warn`).
+    #[arg(long, value_parser = crate::admin::parse_age)]
+    pub verify_warn: Option<i64>,
     /// Draw the page as of this time (RFC 3339).
     #[arg(long, value_parser = crate::admin::parse_now)]
     pub now: Option<(i64, i64)>,
@@ -85,6 +89,8 @@ pub struct Report {
     pub warn: i64,
     /// See `warn`.
     pub crit: i64,
+    /// A whole verification due after this long (`--verify-warn`).
+    pub verify_warn: Option<i64>,
 }
 
 /// Reads the store.
@@ -92,8 +98,7 @@ pub fn collect(
     store: &Store,
     root: &std::path::Path,
     (now, offset): (i64, i64),
-    warn: i64,
-    crit: i64,
+    (warn, crit, verify_warn): (i64, i64, Option<i64>),
 ) -> Result<Report> {
     let st = status::collect(store, now)?;
     let mut hosts = vec![];
@@ -105,7 +110,7 @@ pub fn collect(
                 &status::Limits {
                     warn: Some(warn),
                     crit: Some(crit),
-                    verify: None,
+                    verify: verify_warn,
                 },
             ),
             snapshots: hs.snapshots()?,
@@ -133,6 +138,7 @@ pub fn collect(
         offset,
         warn,
         crit,
+        verify_warn,
     })
 }
 
@@ -539,7 +545,7 @@ pub fn render(r: &Report) -> String {
             &status::Limits {
                 warn: Some(r.warn),
                 crit: Some(r.crit),
-                verify: None,
+                verify: r.verify_warn,
             },
         )
     };
@@ -548,13 +554,16 @@ pub fn render(r: &Report) -> String {
         s,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <title>byteback: {}</title><style>{CSS}</style></head><body>\
-         <h1>byteback store {}</h1><p class=\"sub\">as of {} · warning after {}, critical after {} · \
+         <h1>byteback store {}</h1><p class=\"sub\">as of {} · warning after {}, critical after {}{} · \
          <span class=\"state-{}\" id=\"summary\">{}</span></p>",
         esc(&r.store),
         esc(&r.store),
         esc(&time::format_name(r.now, r.offset)),
         status::format_age(r.warn),
         status::format_age(r.crit),
+        r.verify_warn
+            .map(|v| format!(", whole verification due after {}", status::format_age(v)))
+            .unwrap_or_default(),
         STATE_WORDS[code as usize].to_ascii_lowercase(),
         esc(&line)
     );
@@ -650,6 +659,9 @@ pub fn render(r: &Report) -> String {
                 list(&st.strays)
             );
         }
+        if let Some(why) = status::verify_overdue(st, r.verify_warn) {
+            let _ = write!(s, "<p class=\"damaged\">{}</p>", esc(&why));
+        }
         let _ = write!(
             s,
             "<div class=\"label\">retention: which periods hold a snapshot (green; each line a snapshot)</div>{}\
@@ -733,7 +745,8 @@ fn report_inner(args: ReportArgs) -> Result<PathBuf> {
         let t = time::now();
         (t, time::local_offset(t))
     });
-    let r = collect(&store, &root, now, args.warn, args.crit)?;
+    let limits = (args.warn, args.crit, args.verify_warn);
+    let r = collect(&store, &root, now, limits)?;
     write(&args.html, &render(&r))
 }
 
