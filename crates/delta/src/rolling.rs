@@ -64,9 +64,20 @@ fn rotate(crc: u32, size: u16, old: u8, new: u8) -> u32 {
     u32::from(s1) | (u32::from(s2) << 16)
 }
 
+/// The top `bits` bits of `crc` times `mul` (an odd number).
 #[inline]
-fn spread(crc: u32, bits: u32) -> usize {
-    ((u64::from(crc).wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> (64 - bits)) as usize
+fn spread(crc: u32, mul: u64, bits: u32) -> usize {
+    ((u64::from(crc).wrapping_mul(mul)) >> (64 - bits)) as usize
+}
+
+/// A multiplier for [`spread`] that the other peer cannot know: with a
+/// fixed one, a hostile server could pick thousands of checksums that all
+/// fall into one run of the table (28 s to index one file's signature,
+/// and each byte of the data probing the whole run), where random ones
+/// fall apart by chance.
+fn random_multiplier() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0x6279_7465_6261_636bu64) | 1
 }
 
 /// One checksum of the signature: its blocks are `order[start..start + len]`.
@@ -84,6 +95,8 @@ pub(crate) struct Index {
     strong_len: usize,
     filter: Vec<u64>,
     filter_bits: u32,
+    /// The multiplier of [`spread`], random per index.
+    mul: u64,
     /// One slot per distinct checksum; open addressing, linear probing.
     table: Vec<Slot>,
     table_bits: u32,
@@ -105,11 +118,13 @@ impl Index {
         let log = |x: usize| usize::BITS - x.max(1).next_power_of_two().leading_zeros() - 1;
         let filter_bits = (log(n) + 6).clamp(MIN_FILTER_BITS, MAX_FILTER_BITS);
         let table_bits = log(n) + 1;
+        let mul = random_multiplier();
         let mut ix = Index {
             block_size: block_size as usize,
             strong_len: strong_len as usize,
             filter: vec![0; 1 << (filter_bits - 6)],
             filter_bits,
+            mul,
             table: vec![Slot::default(); 1 << table_bits],
             table_bits,
             order: vec![],
@@ -122,9 +137,9 @@ impl Index {
             while end < n && crc(order[end]) == c {
                 end += 1;
             }
-            let f = spread(c, filter_bits);
+            let f = spread(c, mul, filter_bits);
             ix.filter[f / 64] |= 1 << (f % 64);
-            let mut s = spread(c, table_bits);
+            let mut s = spread(c, mul, table_bits);
             while ix.table[s].len != 0 {
                 s = (s + 1) & mask;
             }
@@ -139,9 +154,22 @@ impl Index {
         ix
     }
 
+    /// The longest run of occupied slots in the table: what a lookup
+    /// may probe.
+    #[cfg(test)]
+    fn longest_run(&self) -> usize {
+        let (mut run, mut longest) = (0, 0);
+        // Twice round, for a run that wraps.
+        for slot in self.table.iter().chain(&self.table) {
+            run = if slot.len == 0 { 0 } else { run + 1 };
+            longest = longest.max(run);
+        }
+        longest.min(self.table.len())
+    }
+
     #[inline]
     fn maybe(&self, crc: u32) -> bool {
-        let f = spread(crc, self.filter_bits);
+        let f = spread(crc, self.mul, self.filter_bits);
         self.filter[f / 64] & (1 << (f % 64)) != 0
     }
 
@@ -158,7 +186,7 @@ impl Index {
         collided: &mut bool,
     ) -> Option<u32> {
         let mask = self.table.len() - 1;
-        let mut s = spread(crc, self.table_bits);
+        let mut s = spread(crc, self.mul, self.table_bits);
         let slot = loop {
             let slot = self.table[s];
             if slot.len == 0 {
@@ -200,6 +228,8 @@ impl Index {
 
     /// The strong hash (MD4 prefix) of one window, as a signature has it.
     fn strong_of(&self, window: &[u8]) -> Vec<u8> {
+        #[cfg(test)]
+        tests::HASHED.with(|h| h.set(h.get() + window.len() as u64));
         let options = SignatureOptions {
             block_size: self.block_size as u32,
             crypto_hash_size: self.strong_len as u32,
@@ -225,8 +255,17 @@ impl Index {
     /// or ends (`Tail::End`) with it and it is shorter than a block: a
     /// signature does not record that length, so each length below a block
     /// is tried by its rolling checksum (built up a byte at a time), and a
-    /// checksum that matches by its strong hash.
-    fn short_last(&self, entries: &[u8], data: &[u8], at: Tail) -> Option<usize> {
+    /// checksum that matches by its strong hash. The bytes hashed in vain
+    /// are added to `wasted`, and no length is hashed past `waste_max`
+    /// (see [`WASTE_PER_BYTE`]: a hostile last checksum, that of a zero
+    /// byte, matched thousands of lengths of a zero region).
+    fn short_last(
+        &self,
+        entries: &[u8],
+        data: &[u8],
+        at: Tail,
+        (wasted, waste_max): (&mut u64, u64),
+    ) -> Option<usize> {
         let entry = 4 + self.strong_len;
         let n = entries.len() / entry;
         let last = entries.get(n.checked_sub(1)? * entry..n * entry)?;
@@ -257,9 +296,13 @@ impl Index {
                 Tail::Start => &data[..r],
                 Tail::End => &data[data.len() - r..],
             };
+            if *wasted >= waste_max {
+                return None;
+            }
             if self.strong_of(piece) == last[4..] {
                 return Some(r);
             }
+            *wasted += r as u64;
         }
         None
     }
@@ -317,7 +360,13 @@ pub(crate) fn search(
     loop {
         if in_line {
             in_line = false;
-            if let (Some(l), Some(r)) = (last, ix.short_last(entries, &data[here..], Tail::Start)) {
+            let found = ix.short_last(
+                entries,
+                &data[here..],
+                Tail::Start,
+                (&mut wasted, waste_max),
+            );
+            if let (Some(l), Some(r)) = (last, found) {
                 out.literal(&data[lit..here]);
                 out.copy(l * bs64, r as u64);
                 here += r;
@@ -364,7 +413,8 @@ pub(crate) fn search(
         }
     }
     let rest = &data[lit..];
-    match (last, ix.short_last(entries, rest, Tail::End)) {
+    let found = ix.short_last(entries, rest, Tail::End, (&mut wasted, waste_max));
+    match (last, found) {
         (Some(l), Some(r)) => {
             out.literal(&rest[..rest.len() - r]);
             out.copy(l * bs as u64, r as u64);
@@ -377,6 +427,69 @@ pub(crate) fn search(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Bytes [`Index::strong_of`] hashed on this thread.
+        pub(super) static HASHED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Checksums picked so that the fixed multiplier this index once used
+    /// puts all of them in one run of the table (a hostile server's
+    /// signature: its index took 28 s to build, and every byte of the
+    /// data probed the run) fall apart under the index's random one.
+    #[test]
+    fn checksums_picked_to_cluster_do_not() {
+        let n = 1usize << 16;
+        let tb = 17; // the table's bits for n distinct checksums
+        let fixed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut entries = vec![];
+        let mut c = 0u32;
+        while entries.len() < n * 4 {
+            if spread(c, fixed, tb) < 64 {
+                entries.extend_from_slice(&c.to_be_bytes());
+            }
+            c += 1;
+        }
+        let ix = Index::new(512, 0, &entries);
+        assert_eq!(ix.table.iter().filter(|s| s.len > 0).count(), n);
+        let run = ix.longest_run();
+        assert!(run < 200, "a run of {run} slots");
+        let zeros = vec![0u8; 1 << 20];
+        let mut t = Tally::default();
+        search(&ix, &entries, &zeros, None, &mut t);
+        assert_eq!(t.0, zeros.len() as u64);
+    }
+
+    /// A hostile last entry whose checksum is that of one zero byte (so
+    /// thousands of lengths of a zero region have it) after a zero block:
+    /// the short last block's search hashes at most the search's budget
+    /// in vain (it hashed 28 times the honest search's bytes), and the
+    /// rest of the data goes as it is.
+    #[test]
+    fn a_hostile_short_last_block_costs_the_budget_at_most() {
+        // Lengths r = 1 + 131,072 k have the checksum: about bs / 131,072
+        // candidates of bs / 2 bytes each after every block, so past 4 MiB
+        // blocks more than the budget's 16 bytes a byte.
+        let bs = 8usize << 20;
+        let zeros = vec![0u8; 64 << 20];
+        let options = SignatureOptions {
+            block_size: bs as u32,
+            crypto_hash_size: 8,
+        };
+        let mut entries = vec![];
+        crate::signature::entries_into(&zeros[..bs], options, &mut entries);
+        entries.extend_from_slice(&crc_of(&[0]).to_be_bytes());
+        entries.extend_from_slice(&[0xee; 8]);
+        let ix = Index::new(bs as u32, 8, &entries);
+        HASHED.with(|h| h.set(0));
+        let mut t = Tally::default();
+        search(&ix, &entries, &zeros, None, &mut t);
+        let vain = HASHED.with(|h| h.get()) - t.1;
+        let max = zeros.len() as u64 * WASTE_PER_BYTE + bs as u64;
+        assert!(vain <= max, "{vain} bytes hashed in vain, at most {max}");
+        // Past the budget the rest goes as it is.
+        assert_eq!(t.0 + t.1, zeros.len() as u64);
+    }
 
     #[test]
     fn checksums_are_the_signatures_and_roll() {

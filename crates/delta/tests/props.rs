@@ -530,6 +530,8 @@ proptest! {
         )),
         body in prop::collection::vec(any::<u8>(), 0..4096),
         new_seed in any::<u64>(),
+        lined_up in prop::option::of(prop_oneof![Just(0u64), any::<u64>(), 0u64..100_000]),
+        want in 0usize..30_000,
     ) {
         let mut bytes = Vec::new();
         if let Some((magic, block, hash)) = header {
@@ -543,6 +545,12 @@ proptest! {
             let new = noise(20_000, new_seed);
             let delta = diff_segment(&sig, &new).expect("diff against parsed signature");
             let _ = apply_to_vec(&noise(4096, 2), &delta, 1 << 20);
+            // And the windowed search with a hint of where the data lines
+            // up (the aligned fast path, the cut and its shortened literal).
+            let mut out = Vec::new();
+            if let Ok(n) = diff_window_into(&sig, &new, lined_up, want, &mut out) {
+                prop_assert!(n <= new.len() && n >= want.min(new.len()));
+            }
         }
     }
 
