@@ -1136,6 +1136,10 @@ fn a_listing_shows_a_hard_link_with_its_files_size() {
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("a.dat"), vec![7u8; 1234]).unwrap();
     fs::hard_link(src.join("a.dat"), src.join("b.txt")).unwrap();
+    // Names that read like a symlink's or a hard link's line.
+    fs::write(src.join("x -> y"), b"a file").unwrap();
+    fs::write(src.join("h => -> => shadow"), b"a file").unwrap();
+    std::os::unix::fs::symlink("y => z", src.join("x")).unwrap();
     local_backup(&store, &src, "l");
     for pattern in ["*", "*.txt"] {
         let out = run(Command::new(bin("byteback-restore"))
@@ -1151,6 +1155,22 @@ fn a_listing_shows_a_hard_link_with_its_files_size() {
             "{out}"
         );
     }
+    let out = run(Command::new(bin("byteback-restore"))
+        .current_dir(&src)
+        .arg("--destination")
+        .arg(&store)
+        .args(["--hostname", "l", "--list", "*"]));
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = |end: &str| {
+        let l = out.lines().find(|l| l.ends_with(end));
+        l.unwrap_or_else(|| panic!("no line ends with {end}: {out}"))
+    };
+    assert!(!line("/x\\x20-> y").contains(" -> "), "{out}");
+    assert!(
+        !line("/h\\x20=>\\x20->\\x20=> shadow").contains(" => "),
+        "{out}"
+    );
+    assert!(line("/x -> y\\x20=> z").contains("/x -> y"), "{out}");
 }
 
 /// As byteback 1.x: `--restore` takes each path from the newest snapshot

@@ -365,10 +365,12 @@ fn network_mounts_left_out(
             !crate::walk::left_out_anywhere(excludes, filter, point, src)
         })
         .map(|(point, fstype)| {
+            // Any user may mount FUSE there and name both.
             format!(
-                "{}: a {fstype} filesystem, not backed up (network filesystems never are; \
+                "{}: a {} filesystem, not backed up (network filesystems never are; \
                  byteback 1.x backed them up when -x replaced its default excludes)",
-                String::from_utf8_lossy(&point)
+                byteback_protocol::escape_bytes(&point),
+                byteback_protocol::escape_text(&fstype)
             )
         })
         .collect()

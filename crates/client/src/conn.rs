@@ -947,10 +947,7 @@ fn relay_lines(err: std::process::ChildStderr) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
                 }
-                if !line.ends_with(b"\n") {
-                    line.push(b'\n');
-                }
-                byteback_protocol::term::write_stderr(&line);
+                byteback_protocol::term::write_stderr(&relayed(&line));
             }
         });
     if let Err(e) = spawned {
@@ -958,9 +955,25 @@ fn relay_lines(err: std::process::ChildStderr) {
     }
 }
 
+/// A line of a local server's stderr as it is relayed: escaped (it may
+/// quote what a client named), with one newline.
+fn relayed(line: &[u8]) -> Vec<u8> {
+    let text = line.strip_suffix(b"\n").unwrap_or(line);
+    let mut out = byteback_protocol::escape_bytes(text).into_bytes();
+    out.push(b'\n');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_local_servers_lines_are_relayed_escaped() {
+        assert_eq!(relayed(b"byteback-server: ok\n"), b"byteback-server: ok\n");
+        assert_eq!(relayed(b"cut short"), b"cut short\n");
+        assert_eq!(relayed(b"a\rb\x1b[2J\xff\n"), b"a\\x0db\\x1b[2J\\xff\n");
+    }
 
     fn send_buffer(sock: &UnixStream) -> libc::c_int {
         let mut v: libc::c_int = 0;

@@ -574,24 +574,24 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Copies the hook's output line by line to the sink (if any), each line
-/// prefixed; keeps the last lines in `tail`.
+/// prefixed and escaped (its text may quote what others chose, such as a
+/// database's name in a dump's error, and goes to root's terminal, the
+/// journal and mail); keeps the last lines, escaped too, in `tail`.
 fn pump(mut from: File, prefix: &str, sink: Option<&Sink>, tail: &Mutex<VecDeque<String>>) {
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = [0u8; 8192];
     let emit = |line: &[u8]| {
+        let line = byteback_protocol::escape_bytes(line);
         if let Some(Ok(mut w)) = sink.map(|s| s.lock()) {
             let mut out = Vec::with_capacity(prefix.len() + line.len() + 1);
             out.extend_from_slice(prefix.as_bytes());
-            out.extend_from_slice(line);
+            out.extend_from_slice(line.as_bytes());
             out.push(b'\n');
             let _ = w.write_all(&out);
             let _ = w.flush();
         }
         if let Ok(mut t) = tail.lock() {
-            let text: String = String::from_utf8_lossy(line)
-                .chars()
-                .take(TAIL_LINE_CHARS)
-                .collect();
+            let text: String = line.chars().take(TAIL_LINE_CHARS).collect();
             if t.len() == TAIL_LINES {
                 t.pop_front();
             }
@@ -752,9 +752,16 @@ mod tests {
         );
         script(&d, "20-ok", "echo fine", 0o755);
         script(&d, "30-fail", "exit 1", 0o755);
+        // Output quoting what others chose: escaped, never raw.
+        script(
+            &d,
+            "40-evil",
+            "printf '\\033]0;x\\007\\rfake\\n'; exit 1",
+            0o755,
+        );
         let (r, out) = runner(Duration::from_secs(30));
         let failures = r.run_dir(t.path(), PRE_BACKUP_DIR, &[], &[]).unwrap();
-        assert_eq!(failures.len(), 2, "{failures:?}");
+        assert_eq!(failures.len(), 3, "{failures:?}");
         let f = &failures[0];
         assert_eq!(f.hook, "pre-backup.d/10-fail");
         assert_eq!(f.reason, "exited with status 3");
@@ -778,6 +785,15 @@ mod tests {
         assert!(o.contains("bb: pre-backup.d/10-fail: oops\n"), "{o}");
         assert!(o.contains("bb: pre-backup.d/10-fail: no newline\n"), "{o}");
         assert!(o.contains("bb: pre-backup.d/20-ok: fine\n"), "{o}");
+        assert!(
+            o.contains("bb: pre-backup.d/40-evil: \\x1b]0;x\\x07\\x0dfake\n"),
+            "{o}"
+        );
+        assert!(
+            !o.bytes().any(|b| b < 0x20 && b != b'\n'),
+            "a control byte got through: {o:?}"
+        );
+        assert_eq!(failures[2].tail, ["\\x1b]0;x\\x07\\x0dfake"]);
         assert!(
             o.contains("bb: hook pre-backup.d/30-fail exited with status 1"),
             "{o}"

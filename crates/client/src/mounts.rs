@@ -49,7 +49,7 @@ pub fn may_hang(fstype: &str) -> bool {
 /// their types, from `/proc/self/mountinfo` (none when it cannot be read).
 pub fn network_mounts_below(sources: &[std::path::PathBuf]) -> Vec<(Vec<u8>, String)> {
     use std::os::unix::ffi::OsStrExt;
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+    let Ok(text) = std::fs::read("/proc/self/mountinfo") else {
         return vec![];
     };
     let below = |point: &[u8]| {
@@ -90,8 +90,7 @@ pub struct MountInfo {
 }
 
 /// Decodes mountinfo's octal escapes (`\040` for a space...).
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
+fn unescape(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -112,17 +111,21 @@ fn unescape(s: &str) -> Vec<u8> {
     out
 }
 
-/// Parses mountinfo text into mount id -> info; malformed lines are skipped.
-pub fn parse_mountinfo(text: &str) -> HashMap<u64, MountInfo> {
+/// Parses mountinfo into mount id -> info; malformed lines are skipped.
+/// Bytes, not text: a mount point may be named with any bytes (a user's
+/// FUSE mount, a USB stick's label), and one that is not UTF-8 must not
+/// lose the whole table (every other filesystem would then be left out).
+pub fn parse_mountinfo(text: &[u8]) -> HashMap<u64, MountInfo> {
     let mut out = HashMap::new();
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = fields.iter().position(|f| *f == "-") else {
+    let number = |f: Option<&&[u8]>| std::str::from_utf8(f?).ok()?.parse::<u64>().ok();
+    for line in text.split(|b| *b == b'\n') {
+        let fields: Vec<&[u8]> = line.split(|b| *b == b' ').collect();
+        let Some(sep) = fields.iter().position(|f| *f == b"-") else {
             continue;
         };
         let (Some(id), Some(parent), Some(dev), Some(root), Some(point), Some(fstype)) = (
-            fields.first().and_then(|f| f.parse::<u64>().ok()),
-            fields.get(1).and_then(|f| f.parse::<u64>().ok()),
+            number(fields.first()),
+            number(fields.get(1)),
             fields.get(2),
             fields.get(3),
             fields.get(4),
@@ -134,10 +137,10 @@ pub fn parse_mountinfo(text: &str) -> HashMap<u64, MountInfo> {
             id,
             MountInfo {
                 parent,
-                dev: dev.to_string(),
+                dev: String::from_utf8_lossy(dev).into_owned(),
                 root: unescape(root),
                 point: unescape(point),
-                fstype: fstype.to_string(),
+                fstype: String::from_utf8_lossy(&unescape(fstype)).into_owned(),
             },
         );
     }
@@ -151,6 +154,10 @@ pub enum Crossing {
     Enter,
     /// Send the mount point only; the reason is shown with `--verbose`.
     Skip(String),
+    /// A mount the table does not name even when read again: what it is,
+    /// and so whether it is to be backed up, is not known. Its content is
+    /// kept as the last backup has it, with a warning. The mount's id.
+    Unknown(u64),
 }
 
 /// The mount table and the filesystems already walked.
@@ -211,6 +218,11 @@ impl Mounts {
 
     /// A table given as text, for a backup of `sources` (tests).
     pub fn from_text(text: &str, one_file_system: bool, sources: &[&str]) -> Self {
+        Self::from_bytes(text.as_bytes(), one_file_system, sources)
+    }
+
+    /// [`Mounts::from_text`] of any bytes (tests).
+    pub fn from_bytes(text: &[u8], one_file_system: bool, sources: &[&str]) -> Self {
         let mut m = Mounts {
             one_file_system,
             sources: sources.iter().map(|s| s.as_bytes().to_vec()).collect(),
@@ -269,7 +281,7 @@ impl Mounts {
     }
 
     fn reload(&mut self) {
-        if let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") {
+        if let Ok(text) = std::fs::read("/proc/self/mountinfo") {
             self.set_table(parse_mountinfo(&text));
         }
     }
@@ -310,14 +322,12 @@ impl Mounts {
             self.reload();
         }
         let Some(info) = self.table.get(&mnt_id) else {
-            return Crossing::Skip(format!(
-                "{shown}: mount {mnt_id} is not in /proc/self/mountinfo; not entered"
-            ));
+            return Crossing::Unknown(mnt_id);
         };
         if !LOCAL_TYPES.contains(&info.fstype.as_str()) {
             return Crossing::Skip(format!(
                 "{shown}: {} is not a local filesystem type; not backed up",
-                info.fstype
+                byteback_protocol::escape_text(&info.fstype)
             ));
         }
         let subvol_root = info.fstype == "btrfs" && dev_ino.1 == BTRFS_SUBVOL_ROOT_INO;
@@ -329,8 +339,8 @@ impl Mounts {
             if let Some(at) = self.covering(info, excluded).filter(|_| beneath.is_none()) {
                 return Crossing::Skip(format!(
                     "{shown}: a bind mount of {} of its filesystem, whose files are backed up at {}",
-                    String::from_utf8_lossy(&info.root),
-                    String::from_utf8_lossy(&at)
+                    byteback_protocol::escape_bytes(&info.root),
+                    byteback_protocol::escape_bytes(&at)
                 ));
             }
             // Mounted nowhere else under the sources: backed up here, as
@@ -541,11 +551,22 @@ mod tests {
 
     #[test]
     fn parses_mountinfo() {
-        let t = parse_mountinfo(TABLE);
+        let t = parse_mountinfo(TABLE.as_bytes());
         assert_eq!(t.len(), 9);
         assert_eq!(t[&26].root, b"/srv/data");
         assert_eq!(t[&28].point, b"/mnt/my disk");
         assert_eq!(t[&27].fstype, "btrfs");
+        // A mount point whose name is not UTF-8 (a user's FUSE mount, a
+        // USB stick's label) is one line among the others: the whole
+        // table once failed to read, and every mount below the sources
+        // was then passed over.
+        let mut odd = TABLE.as_bytes().to_vec();
+        odd.extend_from_slice(b"60 22 0:70 / /media/ann/\xff\x1b\\040x rw - fuse.\xff u rw\n");
+        let t = parse_mountinfo(&odd);
+        assert_eq!(t.len(), 10);
+        assert_eq!(t[&60].point, b"/media/ann/\xff\x1b x");
+        assert_eq!(t[&60].fstype, "fuse.\u{fffd}");
+        assert_eq!(t[&24].point, b"/home");
     }
 
     #[test]
@@ -583,7 +604,7 @@ mod tests {
         assert_eq!(m.crossing(24, (0x802, 128), "/home"), Crossing::Enter);
         let skip = |c: Crossing, needle: &str| match c {
             Crossing::Skip(why) => assert!(why.contains(needle), "{why}"),
-            Crossing::Enter => panic!("entered; expected {needle}"),
+            c => panic!("{c:?}; expected {needle}"),
         };
         skip(m.crossing(23, (3, 1), "/proc"), "not a local");
         skip(m.crossing(25, (4, 1), "/tmp"), "not a local");
@@ -603,9 +624,9 @@ mod tests {
         // Unknown mounts are not entered (after a reload finds nothing).
         let mut m2 = Mounts::from_text(TABLE, false, &["/"]);
         m2.table.clear();
-        skip(
+        assert_eq!(
             m2.crossing(999_999, (9, 9), "/x"),
-            "not in /proc/self/mountinfo",
+            Crossing::Unknown(999_999)
         );
     }
 
@@ -630,7 +651,7 @@ mod tests {
         );
         let skip = |c: Crossing, needle: &str| match c {
             Crossing::Skip(why) => assert!(why.contains(needle), "{why}"),
-            Crossing::Enter => panic!("entered; expected {needle}"),
+            c => panic!("{c:?}; expected {needle}"),
         };
         let mut m = Mounts::from_text(&table, false, &["/"]);
         // sda5 is mounted only as this bind mount.
@@ -660,7 +681,7 @@ mod tests {
 ";
         let skip = |c: Crossing, needle: &str| match c {
             Crossing::Skip(why) => assert!(why.contains(needle), "{why}"),
-            Crossing::Enter => panic!("entered; expected {needle}"),
+            c => panic!("{c:?}; expected {needle}"),
         };
         // Sources /home: the files are walked at /home/ann/data, once.
         let mut m = Mounts::from_text(table, false, &["/home"]);
@@ -886,7 +907,7 @@ mod tests {
         let mut m = Mounts::from_text(reached, false, &["/"]);
         match m.crossing(82, (0x809, 12), "/home/photos") {
             Crossing::Skip(why) => assert!(why.contains("backed up at /mnt/disk/photos"), "{why}"),
-            Crossing::Enter => panic!("walked twice"),
+            c => panic!("walked twice: {c:?}"),
         }
     }
 }

@@ -1617,14 +1617,34 @@ impl Walker<'_> {
                 .flatten(),
         };
         if let Some(mnt) = crossed.filter(|_| nested.is_none()) {
-            let shown = String::from_utf8_lossy(path).into_owned();
+            let shown = byteback_protocol::escape_bytes(path);
             let (excludes, filter) = (self.excludes, self.filter.clone());
             let excluded =
                 |abs: &[u8], src: &[u8]| left_out_anywhere(excludes, filter.as_deref(), abs, src);
-            if let Crossing::Skip(why) =
-                self.mounts
-                    .crossing_unless(mnt, (dev, ino), dev == parent.mnt.1, &shown, &excluded)
-            {
+            let crossing = self.mounts.crossing_unless(
+                mnt,
+                (dev, ino),
+                dev == parent.mnt.1,
+                &shown,
+                &excluded,
+            );
+            let why = match crossing {
+                Crossing::Enter => None,
+                Crossing::Skip(why) => Some(why),
+                // Not known to be left out: kept, never dropped unseen.
+                Crossing::Unknown(id) if !above => {
+                    let m = format!(
+                        "mount {id} is not in /proc/self/mountinfo, even read again; not \
+                         entered, its content is kept as the last backup has it"
+                    );
+                    self.warn(path, m, false);
+                    return Ok(None);
+                }
+                Crossing::Unknown(id) => Some(format!(
+                    "{shown}: mount {id} is not in /proc/self/mountinfo"
+                )),
+            };
+            if let Some(why) = why {
                 if !above {
                     self.sink.note(why);
                     return Ok(None);
@@ -1690,7 +1710,7 @@ impl Walker<'_> {
         }
         self.sink.note(format!(
             "{}: entered only on the way to a source inside it",
-            String::from_utf8_lossy(path)
+            byteback_protocol::escape_bytes(path)
         ));
         let (dev, ino) = meta::dev_ino(&st);
         Ok(self
@@ -1733,8 +1753,9 @@ impl Walker<'_> {
         let source = Some((root.clone(), below_start));
         if self.emit(at, &st, path, source, false, false)? {
             self.sink.note(format!(
-                "{}: {fstype} is not a local filesystem type; not backed up (its mount point sent from cached attributes, without xattrs)",
-                String::from_utf8_lossy(path)
+                "{}: {} is not a local filesystem type; not backed up (its mount point sent from cached attributes, without xattrs)",
+                byteback_protocol::escape_bytes(path),
+                byteback_protocol::escape_text(fstype)
             ));
         }
         Ok(None)

@@ -177,6 +177,8 @@ where
         } else {
             ""
         };
+        // A message may span lines (a hook's last output, indented); any
+        // other control character that got into one is shown escaped.
         for (i, line) in text.split('\n').enumerate() {
             if self.journal {
                 write!(writer, "<{}>", priority(level))?;
@@ -184,7 +186,7 @@ where
             if i == 0 && event.metadata().target() != FILE_TARGET {
                 write!(writer, "{}: {head}", self.prog)?;
             }
-            writeln!(writer, "{line}")?;
+            writeln!(writer, "{}", crate::text::escape_controls(line))?;
         }
         Ok(())
     }

@@ -46,6 +46,22 @@ pub fn escape_text(s: &str) -> String {
     out
 }
 
+/// `line` (one line of a log message, no newline) with its control
+/// characters but tabs, and bidi controls, escaped as [`escape_text`]
+/// escapes them; backslashes are kept. The last line of defence of what
+/// the programs log: a message should show what others named escaped
+/// already (and its own backslashes then doubled).
+pub fn escape_controls(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    for c in line.chars() {
+        match c {
+            '\t' | '\\' => out.push(c),
+            c => push_char(&mut out, c),
+        }
+    }
+    out
+}
+
 /// Like [`escape_text`] for bytes that may not be UTF-8: each byte of an
 /// invalid sequence comes out as `\xNN`.
 pub fn escape_bytes(b: &[u8]) -> String {
@@ -92,6 +108,14 @@ mod tests {
         );
         assert_eq!(escape_text("line\nnext\r"), "line\\x0anext\\x0d");
         assert_eq!(escape_text("\t"), "\\x09");
+    }
+
+    #[test]
+    fn a_log_line_keeps_tabs_and_backslashes_and_escapes_the_rest() {
+        assert_eq!(
+            escape_controls("a\tb \\x1b \r\x0b\x1b]0;t\x07\u{202e}\u{85}é"),
+            "a\tb \\x1b \\x0d\\x0b\\x1b]0;t\\x07\\u{202e}\\x85é"
+        );
     }
 
     #[test]

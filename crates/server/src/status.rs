@@ -425,7 +425,7 @@ pub fn json(st: &StoreStatus, limits: &Limits) -> String {
 /// escaped, `|` too: Nagios takes what follows one for performance data,
 /// which would hide the lines after it (other hosts' damage among them).
 fn shown_damage(d: &crate::verify::Damage) -> String {
-    let path = d.path.escape_ascii().to_string().replace('|', "\\x7c");
+    let path = crate::error::shown(&d.path).replace('|', "\\x7c");
     format!("{} /{path}", d.snapshot)
 }
 
@@ -438,10 +438,13 @@ mod tests {
     fn a_damaged_path_cannot_end_the_lines_nagios_reads() {
         let d = crate::verify::Damage {
             snapshot: "current".into(),
-            path: b"a|b\n\x1b[2J".to_vec(),
+            path: b"a|b\n\x1b[2J\xff\xc3\xa9\\".to_vec(),
             problem: String::new(),
         };
-        assert_eq!(shown_damage(&d), "current /a\\x7cb\\n\\x1b[2J");
+        assert_eq!(
+            shown_damage(&d),
+            "current /a\\x7cb\\x0a\\x1b[2J\\xff\u{e9}\\\\"
+        );
     }
 
     #[test]

@@ -407,7 +407,7 @@ impl HostStore {
                     && name != b"current"
                     && std::str::from_utf8(name).map_or(true, |s| time::parse_name(s).is_none())
             })
-            .map(|(name, _)| String::from_utf8_lossy(&name).escape_debug().to_string())
+            .map(|(name, _)| crate::error::shown(&name))
             .collect();
         out.sort();
         Ok(out)

@@ -1050,9 +1050,10 @@ fn json_str(s: &str) -> String {
     out
 }
 
-/// Path for display: `/` + path with control characters and invalid UTF-8 escaped.
+/// Path for display: `/` + path escaped as every message escapes one
+/// (`crate::error::shown`).
 fn shown(p: &[u8]) -> String {
-    format!("/{}", p.escape_ascii())
+    format!("/{}", crate::error::shown(p))
 }
 
 fn render_json(reports: &[HostReport]) -> String {

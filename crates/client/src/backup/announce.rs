@@ -416,7 +416,8 @@ impl Announcer {
                 return Ok(());
             }
             if self.old {
-                tracing::trace!("{}: not as recorded", String::from_utf8_lossy(&entry.path));
+                let shown = byteback_protocol::escape_bytes(&entry.path);
+                tracing::trace!("{shown}: not as recorded");
             }
             self.flush_run()?;
         }

@@ -568,6 +568,24 @@ pub fn display_path(p: &[u8]) -> String {
     format!("/{}", byteback_protocol::escape_bytes(p))
 }
 
+/// A path (or a symlink's target) as a listing shows it: escaped as
+/// [`display_path`] escapes it, and a space followed by `-> ` or `=> ` as
+/// `\x20`, so that in a line only the separator before a symlink's target
+/// or a hard link's first name reads ` -> ` or ` => ` (a file named
+/// `a -> b` would read as the symlink `a`).
+fn listed(shown: &str) -> String {
+    let mut out = String::with_capacity(shown.len());
+    for (i, c) in shown.char_indices() {
+        let rest = &shown[i + 1..];
+        if c == ' ' && (rest.starts_with("-> ") || rest.starts_with("=> ")) {
+            out.push_str("\\x20");
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn format_time(sec: i64) -> String {
     match byteback_protocol::os::localtime(sec) {
         Some(t) => t.to_iso_seconds(),
@@ -793,14 +811,15 @@ pub fn list(
                 e.entry.uid,
                 e.entry.gid,
                 mtime,
-                display_path(&e.entry.path)
+                listed(&display_path(&e.entry.path))
             );
             match &e.entry.kind {
-                Kind::Symlink { target } => {
-                    line.push_str(&format!(" -> {}", display_path(target).split_at(1).1))
-                }
+                Kind::Symlink { target } => line.push_str(&format!(
+                    " -> {}",
+                    listed(display_path(target).split_at(1).1)
+                )),
                 Kind::HardLink { target } => {
-                    line.push_str(&format!(" => {}", display_path(target)))
+                    line.push_str(&format!(" => {}", listed(&display_path(target))))
                 }
                 _ => {}
             }

@@ -124,8 +124,8 @@ impl BackupReceiver {
                     "{}: kept from the last backup (unreadable), a hard link to {}, whose content \
                      changed since: left out of this backup, as which content it names is not \
                      known; the last snapshot holds it",
-                    String::from_utf8_lossy(&o.entry.path),
-                    String::from_utf8_lossy(target)
+                    crate::error::shown(&o.entry.path),
+                    crate::error::shown(target)
                 ));
                 return Ok(());
             }

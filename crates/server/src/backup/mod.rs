@@ -850,8 +850,8 @@ impl BackupReceiver {
         self.left_out(format!(
             "{}: a hard link to {}, which is no file, symlink or special file of this \
              backup: left out",
-            String::from_utf8_lossy(path),
-            String::from_utf8_lossy(target)
+            crate::error::shown(path),
+            crate::error::shown(target)
         ));
         Ok(())
     }

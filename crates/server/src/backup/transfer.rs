@@ -80,7 +80,7 @@ impl BackupReceiver {
         match sign(basis) {
             Ok(sig) => Ok(sig),
             Err(e) => {
-                let path = String::from_utf8_lossy(&t.entry.path).into_owned();
+                let path = shown(&t.entry.path);
                 self.warn(format!(
                     "{path}: cannot read the stored copy ({e}); sent again whole"
                 ));
@@ -169,7 +169,7 @@ impl BackupReceiver {
                     self.transfer(id)?.basis_hash = None;
                     self.warn(format!(
                         "{}: cannot open the stored copy ({e}); sent again whole",
-                        String::from_utf8_lossy(&path)
+                        shown(&path)
                     ));
                 }
             }
@@ -291,7 +291,7 @@ impl BackupReceiver {
                 self.stats.retried += 1;
                 return Ok(TransferResult::Retry);
             }
-            let path = String::from_utf8_lossy(&t.entry.path).into_owned();
+            let path = shown(&t.entry.path);
             self.left_out(format!(
                 "{path}: content failed its BLAKE3 check twice; kept the previous version"
             ));

@@ -94,7 +94,7 @@ impl BackupReceiver {
                     // Sending it needs the same room: that path makes it.
                     return Ok(false);
                 }
-                let path = String::from_utf8_lossy(&t.entry.path).into_owned();
+                let path = shown(&t.entry.path);
                 self.warn(format!(
                     "{path}: cannot copy its stored twin ({e}); sent instead"
                 ));

@@ -300,7 +300,7 @@ pub(super) fn send_stored_file<R: Read, W: Write>(
     path: &[u8],
 ) -> Result<()> {
     let host = store.host(&cfg.host, false)?;
-    let shown = String::from_utf8_lossy(path).into_owned();
+    let shown = crate::error::shown(path);
     // 1.x stored client paths as they are; byteback escapes top-level names
     // starting with `.byteback`.
     let on_disk = if is_legacy(&snap, &host, snapshot)? {
