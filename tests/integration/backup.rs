@@ -4106,3 +4106,33 @@ fn a_restore_passes_over_what_an_immutable_directory_refuses() {
     assert_eq!(before, after, "what stood in d changed");
     assert_eq!(fs::read(x).unwrap(), b"first name");
 }
+
+/// A file the protocol cannot carry (over 16 TiB: a sparse file costs
+/// nothing to make on btrfs) is named in a warning and passed over (exit
+/// 24); the rest is backed up. Sent, it made the server refuse the whole
+/// batch, and every backup of the machine failed.
+#[test]
+fn a_file_beyond_the_protocols_limits_is_passed_over_not_the_backup() {
+    if !require_root("a btrfs loop filesystem as the source") {
+        return;
+    }
+    let (_d, _, store) = site();
+    let fs_ = BtrfsLoop::new(200);
+    let src = fs_.mount.join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("small"), b"kept").unwrap();
+    let big = fs::File::create(src.join("huge")).unwrap();
+    big.set_len(17 << 40).unwrap();
+    drop(big);
+    let o = local_backup_status(&store, &src, "h");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(24), "{err}");
+    assert!(
+        err.contains("huge: 18691697672192 bytes, larger than 16 TiB, more than a backup can store; not backed up"),
+        "{err}"
+    );
+    let stored = restored_path(&store.join("h/current"), &src);
+    assert_eq!(fs::read(stored.join("small")).unwrap(), b"kept");
+    assert!(!stored.join("huge").exists());
+    assert_eq!(snapshots(&store, "h").len(), 1);
+}

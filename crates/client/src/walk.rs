@@ -752,6 +752,29 @@ fn path_of(bytes: &[u8]) -> PathBuf {
     PathBuf::from(OsStr::from_bytes(bytes))
 }
 
+/// Why the protocol cannot carry entry `e` (see `Entry::validate`), if it
+/// cannot: said without the path, which the warning names escaped.
+fn beyond_limits(e: &Entry) -> Option<String> {
+    use byteback_protocol::limits::{MAX_FILE_SIZE, MAX_NAME};
+    if e.path.split(|b| *b == b'/').any(|c| c.len() > MAX_NAME) {
+        return Some(format!("a name longer than {MAX_NAME} bytes"));
+    }
+    if e.size() > MAX_FILE_SIZE {
+        return Some(format!(
+            "{} bytes, larger than {} TiB",
+            e.size(),
+            MAX_FILE_SIZE >> 40
+        ));
+    }
+    match e.validate() {
+        Ok(()) => None,
+        Err(byteback_protocol::ProtocolError::BadPath { reason, .. }) => {
+            Some(format!("a path the protocol refuses ({reason})"))
+        }
+        Err(err) => Some(err.to_string()),
+    }
+}
+
 /// Whether only root could have put the per-directory filter file `name`
 /// in `dir` there as it is: both root's (a symlink too), the directory
 /// writable by no one else. A problem with any other is not the
@@ -828,6 +851,30 @@ pub(crate) fn left_out_anywhere(
 #[cfg(test)]
 mod left_out_tests {
     use super::*;
+
+    /// A name over 255 bytes (vfat's 255 UTF-16 units reach 765) or a
+    /// file over 16 TiB is beyond what the protocol carries; the limits
+    /// themselves are not.
+    #[test]
+    fn entries_beyond_the_protocols_limits_are_named() {
+        let entry = |path: Vec<u8>, size: u64| Entry {
+            path,
+            kind: Kind::File { size },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_sec: 0,
+            mtime_nsec: 0,
+            xattrs: vec![],
+        };
+        let max = byteback_protocol::limits::MAX_FILE_SIZE;
+        let name = |n: usize| [b"dir/".to_vec(), vec![b'x'; n]].concat();
+        assert_eq!(beyond_limits(&entry(name(255), max)), None);
+        let why = beyond_limits(&entry(name(256), 1)).unwrap();
+        assert!(why.contains("longer than 255 bytes"), "{why}");
+        let why = beyond_limits(&entry(name(3), max + 1)).unwrap();
+        assert!(why.contains("larger than 16 TiB"), "{why}");
+    }
 
     /// Only the directories below the source count, each of them; with
     /// per-directory filter files, everything counts as left out.
@@ -1035,9 +1082,10 @@ impl Walker<'_> {
     /// last backup holds there.
     fn warn(&mut self, path: &[u8], message: String, vanished: bool) {
         let rel = path.trim_start_matches_slash();
-        // A path too long for the protocol is in no stored backup either
-        // (and the server would refuse it, failing every backup).
-        if !vanished && rel.len() <= byteback_protocol::limits::MAX_PATH {
+        // A path the protocol cannot carry (too long, a name over 255
+        // bytes) is in no stored backup either (and the server would
+        // refuse it, failing every backup).
+        if !vanished && byteback_protocol::path::validate_path(rel).is_ok() {
             self.sink.keep_unread(rel);
         }
         self.sink.warning(WalkWarning {
@@ -1076,6 +1124,18 @@ impl Walker<'_> {
                 return Ok(false);
             }
         };
+        // What the protocol cannot carry is said and passed over: sent, the
+        // server would refuse the whole batch, failing every backup (a
+        // sparse file of 17 TiB costs a user nothing on btrfs or XFS; a
+        // name of 255 UTF-16 units on vfat is up to 765 bytes).
+        if let Some(why) = beyond_limits(&e) {
+            self.warn(
+                abs,
+                format!("{why}, more than a backup can store; not backed up"),
+                false,
+            );
+            return Ok(false);
+        }
         let (dev, ino) = meta::dev_ino(st);
         // The first path of a file with several links; registered below,
         // once the entry is sure to be sent (a later link must never name
