@@ -282,8 +282,9 @@ fn a_mount_whose_server_never_answers_does_not_hold_the_walk() {
         (o.status.code(), output_text(&o))
     };
     let said = format!(
-        "{}: a fuse.hang filesystem, not backed up (network filesystems never are; byteback 1.x \
-         backed them up when -x replaced its default excludes)",
+        "{}: a filesystem of type fuse.hang, not backed up (network, FUSE, ecryptfs and overlay \
+         filesystems never are; byteback 1.x backed them up when -x replaced its default \
+         excludes)",
         point.display()
     );
     let (x_code, x_out) = with_x(std::path::Path::new("/no/such/path"));
@@ -828,4 +829,46 @@ fn messages_about_a_mount_point_name_it_escaped() {
         b"on its own filesystem",
         "{text}"
     );
+}
+
+/// With `-x` (which in 1.x replaced its mount-based excludes too) an
+/// overlay below the source, whose merged tree 1.x backed up as files and
+/// byteback never does, is named in a warning; without `-x` it is not.
+#[test]
+fn with_x_an_overlay_left_out_is_said() {
+    if !require_root("mounting an overlay") {
+        return;
+    }
+    let d = scratch();
+    let src = d.path().join("src");
+    write(&src.join("top"), b"top");
+    let (lower, upper, work) = (
+        d.path().join("lo"),
+        d.path().join("up"),
+        d.path().join("wk"),
+    );
+    for p in [&lower, &upper, &work] {
+        fs::create_dir_all(p).unwrap();
+    }
+    write(&lower.join("merged-only"), b"only in the merged view");
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    let mut mounts = Mounts::default();
+    mounts.mount(&["-t", "overlay", "overlay", "-o", &opts], &src.join("ov"));
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let said = format!(
+        "{}: a filesystem of type overlay, not backed up",
+        src.join("ov").display()
+    );
+    let o = backup(&store, &src, "h", &["-x", "/no/such/path"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(err.contains(&said), "{err}");
+    let o = backup(&store, &src, "h", &[]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!err.contains(&said), "{err}");
 }

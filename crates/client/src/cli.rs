@@ -367,8 +367,9 @@ fn network_mounts_left_out(
         .map(|(point, fstype)| {
             // Any user may mount FUSE there and name both.
             format!(
-                "{}: a {} filesystem, not backed up (network filesystems never are; \
-                 byteback 1.x backed them up when -x replaced its default excludes)",
+                "{}: a filesystem of type {}, not backed up (network, FUSE, ecryptfs and overlay \
+                 filesystems never are; byteback 1.x backed them up when -x replaced its \
+                 default excludes)",
                 byteback_protocol::escape_bytes(&point),
                 byteback_protocol::escape_text(&fstype)
             )
@@ -1014,7 +1015,10 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
     }
     let all = crate::walk::Excludes::new(&excludes)?;
     let crosses = !(args.one_file_system || flags.one_file_system);
-    if !args.exclude.is_empty() && crosses {
+    // 1.x's mount-based excludes went with its default list: replaced by
+    // -x, or cleared with the rest by a '!'.
+    let replaced = !args.exclude.is_empty() || filter.as_ref().is_some_and(|f| f.clears_excludes);
+    if replaced && crosses {
         for w in network_mounts_left_out(&walked, &all, filter.as_deref()) {
             tracing::warn!("{w}");
             report.warnings.push(w);

@@ -45,7 +45,8 @@ pub fn may_hang(fstype: &str) -> bool {
 }
 
 /// The mount points at or below one of `sources` (absolute, normalised)
-/// whose filesystem is of [`MAY_HANG_TYPES`] (NFS, SMB, FUSE...), with
+/// whose filesystem is of [`MAY_HANG_TYPES`] (NFS, SMB, FUSE...) or an
+/// ecryptfs or overlay, with
 /// their types, from `/proc/self/mountinfo` (none when it cannot be read).
 pub fn network_mounts_below(sources: &[std::path::PathBuf]) -> Vec<(Vec<u8>, String)> {
     use std::os::unix::ffi::OsStrExt;
@@ -61,9 +62,13 @@ pub fn network_mounts_below(sources: &[std::path::PathBuf]) -> Vec<(Vec<u8>, Str
                 .is_some_and(|r| r.is_empty() || r[0] == b'/')
         })
     };
+    // And the views 1.x's rsync backed up as files (an ecryptfs home's
+    // plain text, an overlay's merged tree), which byteback never does.
+    let views = |t: &str| t == "ecryptfs" || t == "overlay";
     let mut found: Vec<(Vec<u8>, String)> = parse_mountinfo(&text)
         .into_values()
-        .filter(|m| may_hang(&m.fstype) && !m.fstype.starts_with("autofs") && below(&m.point))
+        .filter(|m| may_hang(&m.fstype) || views(&m.fstype))
+        .filter(|m| !m.fstype.starts_with("autofs") && below(&m.point))
         .map(|m| (m.point, m.fstype))
         .collect();
     found.sort();
