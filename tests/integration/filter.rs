@@ -401,6 +401,29 @@ fn a_users_costly_filter_rules_pass_over_their_directory_only() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(fs::read(stored.join("u/f")).unwrap(), b"second");
 
+    // Root's file above the source (read as rsync --relative reads the
+    // parents of the transfer) is the admin's too; writable by others,
+    // it is not, and the source is passed over.
+    fs::remove_file(s.src.join("u/.rsync-filter")).unwrap();
+    let above = s.src.parent().unwrap().join(".rsync-filter");
+    fs::write(&above, costly.as_bytes()).unwrap();
+    put(&s.src, b"other", b"third");
+    let o = s.backup(&[]);
+    assert_eq!(o.status.code(), Some(0), "root's, above: {}", stderr(&o));
+    assert_eq!(fs::read(stored.join("other")).unwrap(), b"third");
+    fs::set_permissions(&above, fs::Permissions::from_mode(0o666)).unwrap();
+    put(&s.src, b"other", b"fourth");
+    let o = s.backup(&[]);
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(24),
+        "writable by others, above: {err}"
+    );
+    assert!(err.contains("steps of matching an entry"), "{err}");
+    assert_eq!(fs::read(stored.join("other")).unwrap(), b"third");
+    fs::remove_file(&above).unwrap();
+
     // A user's few wildcard rules apply.
     put(&s.src, b"u/.rsync-filter", b"- *.o\n- **/x*y*z\n");
     user(&s.src.join("u/.rsync-filter"));

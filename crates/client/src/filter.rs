@@ -294,6 +294,8 @@ impl Glob {
     /// every `/`. Costs (tokens + 1) x (bytes + 1) steps at most.
     fn nfa(&self, text: &[u8], tails: bool) -> bool {
         let n = text.len();
+        #[cfg(test)]
+        tests::NFA_STEPS.with(|c| c.set(c.get() + (self.toks.len() as u64 + 1) * (n as u64 + 1)));
         let mut cur = vec![false; n + 1];
         let mut next = vec![false; n + 1];
         cur[0] = true;
@@ -357,6 +359,21 @@ impl Glob {
         }
         (p + 1).saturating_mul(len + 1)
     }
+
+    /// [`Glob::cost`] of [`Glob::matches_tail`], whose shortcuts are
+    /// those of a literal and of `*rest` only.
+    pub fn tail_cost(&self, len: usize) -> u64 {
+        let literal = |t: &[Tok]| t.iter().all(|t| matches!(t, Tok::Byte(_)));
+        let p = self.toks.len() as u64;
+        let len = len as u64;
+        if self.inert || literal(&self.toks) {
+            return 1 + p / 8;
+        }
+        if matches!(self.toks.split_first(), Some((Tok::Star, r)) if literal(r)) {
+            return 1 + p / 8;
+        }
+        (p + 1).saturating_mul(len + 1)
+    }
 }
 
 /// What a matching rule does.
@@ -382,8 +399,9 @@ pub struct Rule {
     /// Anchored: the path must begin at `prefix`.
     anchored: bool,
     /// Where an anchored rule's path starts (a per-directory file's
-    /// directory, with a trailing `/`; empty at the root).
-    prefix: Vec<u8>,
+    /// directory, with a trailing `/`; empty at the root and for a rule
+    /// that is not anchored): one copy shared by a file's rules.
+    prefix: std::sync::Arc<[u8]>,
     negate: bool,
     dir_only: bool,
     /// Why the rule matches no path, as in rsync (a pattern of only `/`,
@@ -392,7 +410,12 @@ pub struct Rule {
 }
 
 impl Rule {
-    fn new(action: Action, pat: &[u8], mods: &Mods, prefix: &[u8]) -> Result<Rule, String> {
+    fn new(
+        action: Action,
+        pat: &[u8],
+        mods: &Mods,
+        prefix: &std::sync::Arc<[u8]>,
+    ) -> Result<Rule, String> {
         if pat.is_empty() {
             return Err("empty pattern".into());
         }
@@ -414,7 +437,11 @@ impl Rule {
             anchored,
             // `/`: matched against the absolute path, so a per-directory
             // file's anchored rule starts at the root, not at its directory.
-            prefix: if mods.abs { vec![] } else { prefix.to_vec() },
+            prefix: if mods.abs || !anchored {
+                std::sync::Arc::from(&b""[..])
+            } else {
+                prefix.clone()
+            },
             negate: mods.negate,
             dir_only,
             inert: None,
@@ -437,7 +464,12 @@ impl Rule {
     /// An exclude rule for `pat` as rsync's `--exclude PATTERN` (and each
     /// line of `--exclude-from`) makes it: `- PATTERN`, no modifiers.
     pub fn exclude(pat: &[u8]) -> Result<Rule, String> {
-        Rule::new(Action::Exclude, pat, &Mods::default(), b"")
+        Rule::new(
+            Action::Exclude,
+            pat,
+            &Mods::default(),
+            &std::sync::Arc::from(&b""[..]),
+        )
     }
 
     fn glob_matches(&self, text: &[u8], is_dir: bool) -> bool {
@@ -458,7 +490,7 @@ impl Rule {
         }
         if self.anchored {
             return rel
-                .strip_prefix(self.prefix.as_slice())
+                .strip_prefix(&self.prefix[..])
                 .is_some_and(|tail| self.glob_matches(tail, is_dir));
         }
         // Unanchored with a `/` or `**`: any tail starting at a component.
@@ -471,8 +503,12 @@ impl Rule {
     pub fn cost(&self, len: usize) -> u64 {
         // A final name is at most 255 bytes (NAME_MAX).
         let len = if self.whole_path { len } else { len.min(255) };
-        let dir = self.glob_dir.as_ref().map_or(0, |g| g.cost(len));
-        self.glob.cost(len).saturating_add(dir)
+        let tails = self.whole_path && !self.anchored;
+        let of = |g: &Glob| if tails { g.tail_cost(len) } else { g.cost(len) };
+        let dir = self.glob_dir.as_ref().map_or(0, of);
+        // An anchored rule first compares its directory's path.
+        let prefix = 1 + self.prefix.len() as u64 / 8;
+        of(&self.glob).saturating_add(dir).saturating_add(prefix)
     }
 }
 
@@ -656,7 +692,7 @@ struct Sink<'a> {
     /// `Some` while parsing the global list (merge and dir-merge allowed).
     merges: Option<&'a mut Vec<DirMerge>>,
     /// Anchor of the rules (a per-directory file's directory).
-    prefix: &'a [u8],
+    prefix: &'a std::sync::Arc<[u8]>,
     /// Set when a per-directory file clears the inherited rules.
     cleared: bool,
 }
@@ -866,7 +902,7 @@ impl Filter {
             rules: &mut f.items,
             notes: &mut f.notes,
             merges: Some(&mut f.merges),
-            prefix: b"",
+            prefix: &std::sync::Arc::from(&b""[..]),
             cleared: false,
         };
         parse_lines(text, file, None, 0, &mut sink)?;
@@ -1049,6 +1085,7 @@ impl DirRules {
         if !prefix.is_empty() {
             prefix.push(b'/');
         }
+        let prefix: std::sync::Arc<[u8]> = prefix.into();
         let mut items = vec![];
         let mut notes = vec![];
         let mut sink = Sink {
@@ -1128,6 +1165,11 @@ impl DirRules {
 mod tests {
     use super::*;
 
+    thread_local! {
+        /// Steps [`Glob::nfa`] took on this thread.
+        pub(super) static NFA_STEPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
     fn g(p: &str) -> Glob {
         Glob::new(p.as_bytes()).unwrap()
     }
@@ -1171,6 +1213,47 @@ mod tests {
         }
     }
 
+    /// The cost a rule is charged bounds the steps its matching takes,
+    /// whatever the pattern's shape, anchoring and the path (a `prefix*`
+    /// pattern with a `/` once went to the general matcher charged as a
+    /// shortcut).
+    #[test]
+    fn the_cost_charged_bounds_the_matchers_steps() {
+        let pats = [
+            "a/b*", "a/a/a/b*", "b*", "*b", "a/*b", "**/b", "a*b*c", "/a*", "/a/b*", "x/",
+            "[ab]*/c", "a/**/b*", "dir/***", "/dir/***", "?/?",
+        ];
+        let texts: Vec<Vec<u8>> = [1usize, 5, 40, 300, 2000]
+            .iter()
+            .map(|&n| (0..n).map(|i| [b'a', b'/', b'b', b'a'][i % 4]).collect())
+            .collect();
+        let prefix: std::sync::Arc<[u8]> = std::sync::Arc::from(&b"a/"[..]);
+        for p in pats {
+            for prefixed in [false, true] {
+                let at: std::sync::Arc<[u8]> = if prefixed {
+                    prefix.clone()
+                } else {
+                    std::sync::Arc::from(&b""[..])
+                };
+                let r = Rule::new(Action::Exclude, p.as_bytes(), &Mods::default(), &at).unwrap();
+                for t in &texts {
+                    let name_at = t.iter().rposition(|b| *b == b'/').map_or(0, |i| i + 1);
+                    for dir in [false, true] {
+                        NFA_STEPS.with(|c| c.set(0));
+                        r.matches(t, name_at, dir);
+                        let steps = NFA_STEPS.with(|c| c.get());
+                        let cost = r.cost(t.len());
+                        assert!(
+                            steps <= cost,
+                            "{p} over {} bytes: {steps} steps, charged {cost}",
+                            t.len()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// What a rule may cost grows with the path for wildcard patterns
     /// only; a name is at most 255 bytes; `untrusted_cost` counts the
     /// files not marked as root's, inherited or in their own directory.
@@ -1182,9 +1265,9 @@ mod tests {
         assert!(ext.cost(4000) < 600 && ext.cost(4000) > ext.cost(10));
         let wild = Rule::exclude(b"a*b*c").unwrap();
         assert_eq!(wild.cost(4000), wild.cost(255), "a name: 255 bytes at most");
-        assert_eq!(wild.cost(255), 6 * 256);
+        assert_eq!(wild.cost(255), 6 * 256 + 1);
         let deep = Rule::exclude(b"**/a*b*c").unwrap();
-        assert_eq!(deep.cost(4000), 8 * 4001);
+        assert_eq!(deep.cost(4000), 8 * 4001 + 1);
         let tree = Rule::exclude(b"x*/***").unwrap();
         assert!(
             tree.cost(100) > g("x*/***").cost(100),
@@ -1195,15 +1278,15 @@ mod tests {
         let mut d = DirRules::default();
         let file = Path::new("/top/.rsync-filter");
         d.enter(&f, 0, 1, b"top", b"- **/a*b*c\n", file).unwrap();
-        assert_eq!(d.untrusted_cost(&f, 1, 100), 8 * 101);
+        assert_eq!(d.untrusted_cost(&f, 1, 100), 8 * 101 + 1);
         d.trust_last();
         assert_eq!(d.untrusted_cost(&f, 1, 100), 0, "root's file");
         d.enter(&f, 0, 2, b"top/u", b"- **/a*b*c\n", file).unwrap();
         d.enter(&f, 1, 2, b"top/u", b"- **/x*y\n", file).unwrap();
-        assert_eq!(d.untrusted_cost(&f, 2, 100), 8 * 101 + 6 * 101);
+        assert_eq!(d.untrusted_cost(&f, 2, 100), (8 * 101 + 1) + (6 * 101 + 1));
         assert_eq!(
             d.untrusted_cost(&f, 3, 100),
-            8 * 101,
+            8 * 101 + 1,
             "an n rule's file holds in its own directory only"
         );
     }

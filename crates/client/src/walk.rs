@@ -776,8 +776,8 @@ fn beyond_limits(e: &Entry) -> Option<String> {
 }
 
 /// Whether only root could have put the per-directory filter file `name`
-/// in `dir` there as it is: both root's (a symlink too), the directory
-/// writable by no one else. A problem with any other is not the
+/// in `dir` there as it is: both root's (a symlink too), writable by no
+/// one else. A problem with any other is not the
 /// admin's to fix: the walk passes over its directory (see
 /// [`Walker::push_level`]) rather than fail every backup.
 fn admins_only(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
@@ -785,7 +785,9 @@ fn admins_only(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
         return false;
     };
     let file = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW);
-    d.st_uid == 0 && d.st_mode & 0o022 == 0 && file.is_ok_and(|f| f.st_uid == 0)
+    d.st_uid == 0
+        && d.st_mode & 0o022 == 0
+        && file.is_ok_and(|f| f.st_uid == 0 && f.st_mode & 0o022 == 0)
 }
 
 /// Reads a per-directory filter file `name` in `dir`: `None` if there is
@@ -1053,7 +1055,12 @@ impl Walker<'_> {
                     .dir_rules
                     .enter(&filter, m.merge, 0, &rel, &text, &file)
                 {
-                    Ok(notes) => notes,
+                    Ok(notes) => {
+                        if admins_only(fd.as_fd(), m.name) {
+                            self.dir_rules.trust_last();
+                        }
+                        notes
+                    }
                     Err(e) => {
                         tracing::warn!("{e}, above a source; not read");
                         continue;
