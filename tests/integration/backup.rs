@@ -1140,6 +1140,9 @@ fn a_listing_shows_a_hard_link_with_its_files_size() {
     fs::write(src.join("x -> y"), b"a file").unwrap();
     fs::write(src.join("h => -> => shadow"), b"a file").unwrap();
     std::os::unix::fs::symlink("y => z", src.join("x")).unwrap();
+    // Two symlinks that read alike unless a trailing " ->" is escaped.
+    std::os::unix::fs::symlink("t", src.join("s ->")).unwrap();
+    std::os::unix::fs::symlink("-> t", src.join("s")).unwrap();
     local_backup(&store, &src, "l");
     for pattern in ["*", "*.txt"] {
         let out = run(Command::new(bin("byteback-restore"))
@@ -1171,6 +1174,8 @@ fn a_listing_shows_a_hard_link_with_its_files_size() {
         "{out}"
     );
     assert!(line("/x -> y\\x20=> z").contains("/x -> y"), "{out}");
+    assert!(line("/s\\x20-> -> t").contains(" -> "), "{out}");
+    assert!(line("/s -> -> t").contains(" -> "), "{out}");
 }
 
 /// As byteback 1.x: `--restore` takes each path from the newest snapshot

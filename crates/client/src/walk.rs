@@ -1700,6 +1700,18 @@ impl Walker<'_> {
                 Crossing::Skip(why) => Some(why),
                 // Not known to be left out: kept, never dropped unseen.
                 Crossing::Unknown(id) if !above => {
+                    // Unmounted meanwhile (a container's overlay, a snap
+                    // refreshed): gone, or a directory of the parent's
+                    // filesystem again. Vanished, as a deleted file.
+                    let now = meta::stat_at(at);
+                    let gone = match &now {
+                        Err(e) => e.kind() == io::ErrorKind::NotFound,
+                        Ok(st) => mnt_id(st).is_some() && mnt_id(st) == parent.mnt.0,
+                    };
+                    if gone {
+                        self.warn(path, "unmounted during the backup".into(), true);
+                        return Ok(None);
+                    }
                     let m = format!(
                         "mount {id} is not in /proc/self/mountinfo, even read again; not \
                          entered, its content is kept as the last backup has it"

@@ -438,8 +438,18 @@ impl HostStore {
             }
         }
         let base = time::format_name(now, time::local_offset(now));
-        let mut name = base.clone();
-        let mut n = 1;
+        // After the highest suffix of this minute, never a lower one a
+        // prune freed: a newer snapshot must sort after the older ones.
+        let taken = (snapshots.iter())
+            .filter_map(|(s, _)| match s.strip_prefix(base.as_str())? {
+                "" => Some(0),
+                rest => rest.strip_prefix('.')?.parse::<u64>().ok(),
+            })
+            .max();
+        let (mut name, mut n) = match taken {
+            Some(m) => (format!("{base}.{}", m + 1), m + 2),
+            None => (base.clone(), 1),
+        };
         let here = |n: &str| self.path.join(n).display().to_string();
         while fsops::lstat_at(&self.fd, name.as_bytes())
             .op("look at", || here(&name))?
@@ -675,6 +685,27 @@ mod tests {
         let other = "2026-11-02T03:00+0000";
         std::fs::write(dir.path().join("h").join(other), b"").unwrap();
         assert!(!host.snapshot_going(other));
+    }
+
+    /// Snapshots of one minute take the suffix after the highest one,
+    /// never one a prune freed, so the newest sorts last.
+    #[test]
+    fn a_snapshot_of_the_same_minute_sorts_after_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let host = store.host("h", true).unwrap();
+        std::fs::create_dir_all(dir.path().join("h/current/etc")).unwrap();
+        let now = 1_795_000_000;
+        let names: Vec<String> = (0..3)
+            .map(|_| host.snapshot(now, 0).unwrap().unwrap())
+            .collect();
+        let base = &names[0];
+        assert_eq!(names[1..], [format!("{base}.1"), format!("{base}.2")]);
+        host.delete_snapshot(&names[1]).unwrap();
+        let next = host.snapshot(now, 0).unwrap().unwrap();
+        assert_eq!(next, format!("{base}.3"));
+        let listed: Vec<String> = host.snapshots().unwrap().into_iter().map(|s| s.0).collect();
+        assert_eq!(listed.last(), Some(&next), "{listed:?}");
     }
 
     #[test]

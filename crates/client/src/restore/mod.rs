@@ -569,15 +569,16 @@ pub fn display_path(p: &[u8]) -> String {
 }
 
 /// A path (or a symlink's target) as a listing shows it: escaped as
-/// [`display_path`] escapes it, and a space followed by `-> ` or `=> ` as
+/// [`display_path`] escapes it, and a space followed by `->` or `=>` as
 /// `\x20`, so that in a line only the separator before a symlink's target
 /// or a hard link's first name reads ` -> ` or ` => ` (a file named
-/// `a -> b` would read as the symlink `a`).
+/// `a -> b` would read as the symlink `a`; a symlink `a ->` to `t` as the
+/// symlink `a` to `-> t`).
 fn listed(shown: &str) -> String {
     let mut out = String::with_capacity(shown.len());
     for (i, c) in shown.char_indices() {
         let rest = &shown[i + 1..];
-        if c == ' ' && (rest.starts_with("-> ") || rest.starts_with("=> ")) {
+        if c == ' ' && (rest.starts_with("->") || rest.starts_with("=>")) {
             out.push_str("\\x20");
         } else {
             out.push(c);
