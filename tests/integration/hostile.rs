@@ -1326,6 +1326,37 @@ fn hard_links_only_to_files_of_the_same_backup() {
         .is_fifo());
 }
 
+/// The server's warnings that do not fit its final message (2 KiB of
+/// them) are counted there, so a client's report never loses them unsaid.
+#[test]
+fn warnings_beyond_the_final_message_are_counted_in_it() {
+    let mut env = Env::new();
+    let m = fresh_mtime();
+    let n = 100;
+    let links: Vec<Entry> = (0..n)
+        .map(|i| {
+            link_e(
+                format!("l{i:03}").as_bytes(),
+                format!("a{i:03}").as_bytes(),
+                m,
+            )
+        })
+        .collect();
+    let s = Script::backup()
+        .msg(&ClientMsg::Entries(links))
+        .msg(&ClientMsg::BackupEnd);
+    let o = env.serve("links to nothing, each a warning", &s.bytes);
+    o.assert_backup_ok(0);
+    env.accept();
+    let Some(ServerMsg::BackupDone { message, .. }) = o.backup_done() else {
+        unreachable!()
+    };
+    let shown = message.matches("which is no file").count();
+    assert!(shown > 0 && shown < n, "{shown}: {message}");
+    let more = format!("warning: {} more warnings (in the server's log)", n - shown);
+    assert!(message.ends_with(&more), "{more:?} at the end of {message}");
+}
+
 /// A file the client gives up on keeps its old manifest entry only where
 /// the old file is what stays at its path: after a run cut off having put
 /// a symlink there, the entry goes (with the symlink); after one that left

@@ -581,6 +581,7 @@ fn pump(mut from: File, prefix: &str, sink: Option<&Sink>, tail: &Mutex<VecDeque
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = [0u8; 8192];
     let emit = |line: &[u8]| {
+        let kept = byteback_protocol::escape_bytes(&line[..line.len().min(TAIL_LINE_CHARS)]);
         let line = byteback_protocol::escape_bytes(line);
         if let Some(Ok(mut w)) = sink.map(|s| s.lock()) {
             let mut out = Vec::with_capacity(prefix.len() + line.len() + 1);
@@ -591,7 +592,8 @@ fn pump(mut from: File, prefix: &str, sink: Option<&Sink>, tail: &Mutex<VecDeque
             let _ = w.flush();
         }
         if let Ok(mut t) = tail.lock() {
-            let text: String = line.chars().take(TAIL_LINE_CHARS).collect();
+            // Cut before escaping, so that no escape is cut in half.
+            let text = kept;
             if t.len() == TAIL_LINES {
                 t.pop_front();
             }

@@ -482,11 +482,23 @@ fn finish<R: Read, W: Write>(
     }
     let dropped = (rx.warnings_dropped > 0)
         .then(|| format!("{} more warnings not kept", rx.warnings_dropped));
-    for w in warnings.into_iter().chain(dropped) {
+    let (mut in_message, total) = (0u64, warnings.len() as u64 + rx.warnings_dropped);
+    for w in warnings {
         tracing::warn!("{w}");
         if message.len() < 2048 {
             message.push_str(&format!("\nwarning: {w}"));
+            in_message += 1;
         }
+    }
+    // What the message had no room for is counted in it, never lost unsaid.
+    if let Some(d) = dropped {
+        tracing::warn!("{d}");
+    }
+    if in_message < total {
+        message.push_str(&format!(
+            "\nwarning: {} more warnings (in the server's log)",
+            total - in_message
+        ));
     }
     // The snapshot is taken: a client gone by now must not cost the usage
     // line and the prune, so a failed send only logs.
