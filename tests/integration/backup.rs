@@ -1143,6 +1143,7 @@ fn a_listing_shows_a_hard_link_with_its_files_size() {
     // Two symlinks that read alike unless a trailing " ->" is escaped.
     std::os::unix::fs::symlink("t", src.join("s ->")).unwrap();
     std::os::unix::fs::symlink("-> t", src.join("s")).unwrap();
+    fs::write(src.join("é ü -> ✓"), b"a file").unwrap();
     local_backup(&store, &src, "l");
     for pattern in ["*", "*.txt"] {
         let out = run(Command::new(bin("byteback-restore"))
@@ -1176,6 +1177,7 @@ fn a_listing_shows_a_hard_link_with_its_files_size() {
     assert!(line("/x -> y\\x20=> z").contains("/x -> y"), "{out}");
     assert!(line("/s\\x20-> -> t").contains(" -> "), "{out}");
     assert!(line("/s -> -> t").contains(" -> "), "{out}");
+    assert!(!line("/é ü\\x20-> ✓").contains(" -> "), "{out}");
 }
 
 /// As byteback 1.x: `--restore` takes each path from the newest snapshot

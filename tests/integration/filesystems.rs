@@ -23,6 +23,17 @@ impl Mounts {
     }
 }
 
+impl Mounts {
+    /// Makes a fresh ext4 filesystem of 64 MiB in an image in `dir` and
+    /// mounts it at `point`.
+    fn ext4(&mut self, dir: &Path, point: &Path) {
+        let img = dir.join(format!("ext-{}.img", self.0.len()));
+        run(Command::new("truncate").args(["-s", "64M"]).arg(&img));
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+        self.mount(&["-o", "loop", img.to_str().unwrap()], point);
+    }
+}
+
 impl Drop for Mounts {
     fn drop(&mut self) {
         for m in self.0.iter().rev() {
@@ -107,10 +118,7 @@ fn every_local_filesystem_once_and_no_tmpfs() {
     let mut mounts = Mounts::default();
 
     // An ext4 filesystem inside the source.
-    let img = d.path().join("ext.img");
-    run(Command::new("truncate").args(["-s", "64M"]).arg(&img));
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
-    mounts.mount(&["-o", "loop", img.to_str().unwrap()], &src.join("ext"));
+    mounts.ext4(d.path(), &src.join("ext"));
     let mut rng = Rng::new(5);
     write(&src.join("ext/a/b"), &rng.bytes(50_000));
     write(&src.join("ext/a/c"), b"c");
@@ -327,11 +335,8 @@ fn a_bind_mount_whose_filesystem_is_not_backed_up_elsewhere_is_walked() {
     let src = d.path().join("src");
     write(&src.join("top"), b"top");
     let mut mounts = Mounts::default();
-    let img = d.path().join("ext.img");
-    run(Command::new("truncate").args(["-s", "64M"]).arg(&img));
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
     let outside = d.path().join("outside");
-    mounts.mount(&["-o", "loop", img.to_str().unwrap()], &outside);
+    mounts.ext4(d.path(), &outside);
     let mut rng = Rng::new(9);
     write(&outside.join("www/index.html"), b"<p>only here</p>");
     write(&outside.join("www/img/logo"), &rng.bytes(30_000));
@@ -740,11 +745,8 @@ fn a_hard_link_is_never_made_to_a_file_put_in_its_first_names_place() {
     backup(&store, &src, "h", &[]);
 
     let mut mounts = Mounts::default();
-    let img = d.path().join("ext.img");
-    run(Command::new("truncate").args(["-s", "64M"]).arg(&img));
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
     let into = d.path().join("into");
-    mounts.mount(&["-o", "loop", img.to_str().unwrap()], &into);
+    mounts.ext4(d.path(), &into);
     let o = run_status(
         Command::new(bin("byteback-restore"))
             .env("BYTEBACK_TEST_RECREATE_FIRST_NAME", "1")
@@ -797,10 +799,7 @@ fn messages_about_a_mount_point_name_it_escaped() {
     let src = d.path().join("src");
     write(&src.join("top"), b"top");
     let mut mounts = Mounts::default();
-    let img = d.path().join("ext.img");
-    run(Command::new("truncate").args(["-s", "64M"]).arg(&img));
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
-    mounts.mount(&["-o", "loop", img.to_str().unwrap()], &src.join("ext"));
+    mounts.ext4(d.path(), &src.join("ext"));
     write(&src.join("ext/data"), b"on its own filesystem");
     use std::os::unix::ffi::OsStrExt;
     let name = std::ffi::OsStr::from_bytes(b"t\rbyteback-backup: fake\x1b]0;x\x07\xff");
@@ -871,4 +870,18 @@ fn with_x_an_overlay_left_out_is_said() {
     let o = backup(&store, &src, "h", &[]);
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(!err.contains(&said), "{err}");
+    // The overlay as the source itself (a container's `/`) is walked,
+    // whatever its type, and not said to be left out.
+    let o = backup(&store, &src.join("ov"), "ov", &["-x", "/no/such/path"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!err.contains("not backed up"), "{err}");
+    let stored = store
+        .join("ov/current")
+        .join(src.strip_prefix("/").unwrap())
+        .join("ov/merged-only");
+    assert_eq!(
+        fs::read(stored).unwrap(),
+        b"only in the merged view",
+        "{err}"
+    );
 }

@@ -1353,7 +1353,7 @@ fn warnings_beyond_the_final_message_are_counted_in_it() {
     };
     let shown = message.matches("which is no file").count();
     assert!(shown > 0 && shown < n, "{shown}: {message}");
-    let more = format!("warning: {} more warnings (in the server's log)", n - shown);
+    let more = format!("warning: {} more warnings in the server's log", n - shown);
     assert!(message.ends_with(&more), "{more:?} at the end of {message}");
 }
 

@@ -29,6 +29,9 @@ pub const MAX_DIR_FILE: usize = 256 << 10;
 pub const MAX_DIR_RULES_HELD: usize = 4 << 20;
 /// Longest rule line.
 pub const MAX_LINE: usize = 4096;
+/// What a parsed rule holds besides its line, counted against
+/// [`MAX_DIR_RULES_HELD`].
+const RULE_HELD: usize = 160;
 /// Deepest nesting of `merge` rules.
 const MAX_MERGE_DEPTH: usize = 8;
 /// Most `dir-merge` rules in the global list.
@@ -1097,20 +1100,33 @@ impl DirRules {
         };
         parse_lines(text, file, m.only, MAX_MERGE_DEPTH, &mut sink)?;
         let cleared = sink.cleared;
-        let rules = items
+        let rules: Vec<Rule> = items
             .into_iter()
             .filter_map(|i| match i {
                 Item::Rule(r) => Some(r),
                 Item::DirMerge(_) => None,
             })
             .collect();
-        self.held += text.len();
+        // What the rules hold, not only their text: a line of 2 bytes
+        // (`a\n`) makes a rule of about 150.
+        let size = text.len() + rules.len() * RULE_HELD;
+        if self.held + size > MAX_DIR_RULES_HELD {
+            return Err(err(
+                file,
+                0,
+                format!(
+                    "the per-directory filter files along this path hold more than \
+                     {MAX_DIR_RULES_HELD} bytes of rules"
+                ),
+            ));
+        }
+        self.held += size;
         self.frames.push(Frame {
             merge,
             depth,
             rules,
             cleared,
-            size: text.len(),
+            size,
             trusted: false,
         });
         Ok(notes)
@@ -1710,6 +1726,12 @@ mod tests {
         d.leave(1);
         d.enter(&f, 0, 1, b"x", &chunk, file).unwrap();
         d.leave(1);
+        // The rules count, not only their text: a file of 4-byte rules
+        // holds about 40 times its size.
+        let tiny = b"- a\n".repeat(MAX_DIR_FILE / 4);
+        let e = d.enter(&f, 0, 1, b"x", &tiny, file).unwrap_err();
+        assert!(e.to_string().contains("bytes of rules"), "{e}");
+        assert!(d.is_empty());
         // `e`: the per-directory file itself is left out.
         let f = parse(":e .rsync-filter\n");
         assert_eq!(

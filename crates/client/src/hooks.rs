@@ -581,7 +581,12 @@ fn pump(mut from: File, prefix: &str, sink: Option<&Sink>, tail: &Mutex<VecDeque
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = [0u8; 8192];
     let emit = |line: &[u8]| {
-        let kept = byteback_protocol::escape_bytes(&line[..line.len().min(TAIL_LINE_CHARS)]);
+        // Cut at a character's start (not before a UTF-8 continuation byte).
+        let mut cut = line.len().min(TAIL_LINE_CHARS);
+        while cut > 0 && cut < line.len() && line[cut] & 0xC0 == 0x80 {
+            cut -= 1;
+        }
+        let kept = byteback_protocol::escape_bytes(&line[..cut]);
         let line = byteback_protocol::escape_bytes(line);
         if let Some(Ok(mut w)) = sink.map(|s| s.lock()) {
             let mut out = Vec::with_capacity(prefix.len() + line.len() + 1);

@@ -57,9 +57,11 @@ pub fn network_mounts_below(sources: &[std::path::PathBuf]) -> Vec<(Vec<u8>, Str
         sources.iter().any(|s| {
             let s = s.as_os_str().as_bytes();
             let s = s.strip_suffix(b"/").unwrap_or(s);
+            // Strictly below: a source's own filesystem is walked,
+            // whatever its type (a container's `/` is an overlay).
             point
                 .strip_prefix(s)
-                .is_some_and(|r| r.is_empty() || r[0] == b'/')
+                .is_some_and(|r| r.len() > 1 && r[0] == b'/')
         })
     };
     // And the views 1.x's rsync backed up as files (an ecryptfs home's

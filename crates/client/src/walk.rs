@@ -787,7 +787,11 @@ fn admins_only(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
     let file = rustix::fs::statat(dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW);
     d.st_uid == 0
         && d.st_mode & 0o022 == 0
-        && file.is_ok_and(|f| f.st_uid == 0 && f.st_mode & 0o022 == 0)
+        && file.is_ok_and(|f| {
+            // A symlink's own mode is always 0777: its target is refused.
+            let link = FileType::from_raw_mode(f.st_mode) == FileType::Symlink;
+            f.st_uid == 0 && (link || f.st_mode & 0o022 == 0)
+        })
 }
 
 /// Reads a per-directory filter file `name` in `dir`: `None` if there is

@@ -577,7 +577,7 @@ pub fn display_path(p: &[u8]) -> String {
 fn listed(shown: &str) -> String {
     let mut out = String::with_capacity(shown.len());
     for (i, c) in shown.char_indices() {
-        let rest = &shown[i + 1..];
+        let rest = &shown[i + c.len_utf8()..];
         if c == ' ' && (rest.starts_with("->") || rest.starts_with("=>")) {
             out.push_str("\\x20");
         } else {

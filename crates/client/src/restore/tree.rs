@@ -345,8 +345,19 @@ fn birth_of(fd: BorrowedFd<'_>) -> Birth {
     (born, handle_of(fd))
 }
 
-/// The file handle of the object open as `fd`: its type and bytes.
+/// Filesystems whose file handles stay the same for as long as the inode
+/// lives (FUSE's, before Linux 6.6, name a node id its daemon may hand
+/// out anew once the kernel forgets the inode): ext2-4, XFS, btrfs,
+/// tmpfs, F2FS.
+const STABLE_HANDLES: [u32; 5] = [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994, 0xF2F5_2010];
+
+/// The file handle of the object open as `fd`: its type and bytes, on a
+/// filesystem of [`STABLE_HANDLES`].
 fn handle_of(fd: BorrowedFd<'_>) -> Option<Vec<u8>> {
+    let kind = rustix::fs::fstatfs(fd).ok()?.f_type as u64 & 0xFFFF_FFFF;
+    if !STABLE_HANDLES.contains(&(kind as u32)) {
+        return None;
+    }
     // MAX_HANDLE_SZ (128) after the header, 8-byte aligned.
     let mut buf = [0u64; 17];
     let head = std::mem::size_of::<libc::file_handle>();

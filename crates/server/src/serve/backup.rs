@@ -495,9 +495,13 @@ fn finish<R: Read, W: Write>(
         tracing::warn!("{d}");
     }
     if in_message < total {
+        let logged = total - in_message - rx.warnings_dropped;
+        let lost = match rx.warnings_dropped {
+            0 => String::new(),
+            n => format!(", {n} more not kept"),
+        };
         message.push_str(&format!(
-            "\nwarning: {} more warnings (in the server's log)",
-            total - in_message
+            "\nwarning: {logged} more warnings in the server's log{lost}"
         ));
     }
     // The snapshot is taken: a client gone by now must not cost the usage
