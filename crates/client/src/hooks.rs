@@ -581,9 +581,11 @@ fn pump(mut from: File, prefix: &str, sink: Option<&Sink>, tail: &Mutex<VecDeque
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = [0u8; 8192];
     let emit = |line: &[u8]| {
-        // Cut at a character's start (not before a UTF-8 continuation byte).
-        let mut cut = line.len().min(TAIL_LINE_CHARS);
-        while cut > 0 && cut < line.len() && line[cut] & 0xC0 == 0x80 {
+        // Cut at a character's start (not before a UTF-8 continuation
+        // byte; at most 3 back, whatever bytes a binary output holds).
+        let end = line.len().min(TAIL_LINE_CHARS);
+        let mut cut = end;
+        while cut > 0 && cut < line.len() && end - cut < 3 && line[cut] & 0xC0 == 0x80 {
             cut -= 1;
         }
         let kept = byteback_protocol::escape_bytes(&line[..cut]);

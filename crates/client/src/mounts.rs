@@ -44,7 +44,7 @@ pub fn may_hang(fstype: &str) -> bool {
     MAY_HANG_TYPES.iter().any(|p| fstype.starts_with(p))
 }
 
-/// The mount points at or below one of `sources` (absolute, normalised)
+/// The mount points strictly below one of `sources` (absolute, normalised)
 /// whose filesystem is of [`MAY_HANG_TYPES`] (NFS, SMB, FUSE...) or an
 /// ecryptfs or overlay, with
 /// their types, from `/proc/self/mountinfo` (none when it cannot be read).

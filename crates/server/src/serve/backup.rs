@@ -496,13 +496,12 @@ fn finish<R: Read, W: Write>(
     }
     if in_message < total {
         let logged = total - in_message - rx.warnings_dropped;
-        let lost = match rx.warnings_dropped {
-            0 => String::new(),
-            n => format!(", {n} more not kept"),
+        let said = match (logged, rx.warnings_dropped) {
+            (l, 0) => format!("{l} more warnings in the server's log"),
+            (0, d) => format!("{d} more warnings not kept"),
+            (l, d) => format!("{l} more warnings in the server's log, {d} more not kept"),
         };
-        message.push_str(&format!(
-            "\nwarning: {logged} more warnings in the server's log{lost}"
-        ));
+        message.push_str(&format!("\nwarning: {said}"));
     }
     // The snapshot is taken: a client gone by now must not cost the usage
     // line and the prune, so a failed send only logs.
