@@ -349,33 +349,30 @@ impl Glob {
     /// bytes (in steps of the general matcher; the shapes compared
     /// without it count a step per 8 bytes).
     pub fn cost(&self, len: usize) -> u64 {
-        let literal = |t: &[Tok]| t.iter().all(|t| matches!(t, Tok::Byte(_)));
-        let p = self.toks.len() as u64;
-        let len = len as u64;
-        if self.inert || literal(&self.toks) {
-            return 1 + p / 8;
-        }
-        let star_literal = matches!(self.toks.split_first(), Some((Tok::Star, r)) if literal(r))
-            || matches!(self.toks.split_last(), Some((Tok::Star, l)) if literal(l));
-        if star_literal {
-            return 1 + (len + p) / 8;
-        }
-        (p + 1).saturating_mul(len + 1)
+        self.cost_of(len, false)
     }
 
     /// [`Glob::cost`] of [`Glob::matches_tail`], whose shortcuts are
     /// those of a literal and of `*rest` only.
     pub fn tail_cost(&self, len: usize) -> u64 {
+        self.cost_of(len, true)
+    }
+
+    fn cost_of(&self, len: usize, tails: bool) -> u64 {
         let literal = |t: &[Tok]| t.iter().all(|t| matches!(t, Tok::Byte(_)));
         let p = self.toks.len() as u64;
         let len = len as u64;
         if self.inert || literal(&self.toks) {
             return 1 + p / 8;
         }
-        if matches!(self.toks.split_first(), Some((Tok::Star, r)) if literal(r)) {
-            return 1 + p / 8;
+        let star_rest = matches!(self.toks.split_first(), Some((Tok::Star, r)) if literal(r));
+        let lead_star = matches!(self.toks.split_last(), Some((Tok::Star, l)) if literal(l));
+        match (tails, star_rest, lead_star) {
+            // Any tail: `*rest` is a comparison of the end.
+            (true, true, _) => 1 + p / 8,
+            (false, true, _) | (false, _, true) => 1 + (len + p) / 8,
+            _ => (p + 1).saturating_mul(len + 1),
         }
-        (p + 1).saturating_mul(len + 1)
     }
 }
 
