@@ -885,3 +885,74 @@ fn with_x_an_overlay_left_out_is_said() {
         "{err}"
     );
 }
+
+/// The dump hooks write into a directory the backup must keep. With
+/// `--one-file-system`, a dump directory on a filesystem of its own below
+/// the source is not entered, and the backup says that it holds neither
+/// MariaDB's live files (excluded by default) nor their dump; without it,
+/// the directory is entered and nothing is said. The hook fails, so
+/// nothing of `/var/lib` is walked.
+#[test]
+fn a_dump_directory_the_walk_does_not_enter_is_said() {
+    if !require_root("mounting an ext4 image below /var/lib") {
+        return;
+    }
+    if !Path::new("/var/lib/mysql").is_dir()
+        && !skip_loudly("/var/lib/mysql is missing (mariadb-server is not installed)")
+    {
+        return;
+    }
+    let d = scratch();
+    let conf = d.path().join("conf");
+    let hook = conf.join("pre-backup.d/50-mysql");
+    write(&hook, b"#!/bin/sh\nexit 3\n");
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    let dumps = PathBuf::from(format!("/var/lib/bbt-dumps-{}", std::process::id()));
+    struct Gone<'a>(&'a Path);
+    impl Drop for Gone<'_> {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir(self.0);
+        }
+    }
+    let _gone = Gone(&dumps);
+    let mut mounts = Mounts::default();
+    mounts.ext4(d.path(), &dumps);
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    let try_backup = |extra: &[&str]| {
+        let o = run_status(
+            Command::new(bin("byteback-backup"))
+                .env("BYTEBACK_CONFIG_DIR", &conf)
+                .env("BYTEBACK_DUMP_DIR", &dumps)
+                .arg("--destination")
+                .arg(&store)
+                .args([
+                    "--source",
+                    "/var/lib",
+                    "--hostname",
+                    "h",
+                    "--retry-number",
+                    "0",
+                ])
+                .args(extra),
+        );
+        let text = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(
+            text.contains("pre-backup.d/50-mysql exited with status 3"),
+            "{text}"
+        );
+        assert_ne!(o.status.code(), Some(0), "{text}");
+        text
+    };
+    let text = try_backup(&["--one-file-system"]);
+    let said = format!(
+        "/var/lib/mysql/ is left out (live database files, excluded by default) and the \
+         pre-backup hook 50-mysql dumps it into {0}/mysql.sql.gz, which this backup leaves out \
+         too ({0}: another filesystem, not entered (--one-file-system))",
+        dumps.display()
+    );
+    assert!(text.contains(&said), "{text}");
+    let text = try_backup(&[]);
+    assert!(!text.contains("leaves out too"), "{text}");
+}

@@ -421,10 +421,40 @@ fn sources_left_out(
 /// Database directories the default excludes leave out (their live files
 /// are no database one can start again) when no pre-backup hook seems to
 /// dump that database instead: each with the names a hook for it carries.
-const DATABASE_DIRS: &[(&str, &[&str])] = &[
-    ("/var/lib/mysql/", &["mysql", "mariadb"]),
-    ("/var/lib/postgresql/", &["postgres", "pg"]),
+/// Also the file the shipped hook writes the dump to, in the dump directory.
+const DATABASE_DIRS: &[(&str, &[&str], &str)] = &[
+    ("/var/lib/mysql/", &["mysql", "mariadb"], "mysql.sql.gz"),
+    (
+        "/var/lib/postgresql/",
+        &["postgres", "pg"],
+        "postgresql.sql.gz",
+    ),
 ];
+
+/// What a backup's walk leaves out: below its sources (absolute,
+/// normalised), what the excludes and the filter leave out, and with
+/// `--one-file-system`, other filesystems.
+struct Walked<'a> {
+    sources: &'a [PathBuf],
+    excludes: &'a crate::walk::Excludes,
+    filter: Option<&'a crate::filter::Filter>,
+    one_file_system: bool,
+}
+
+impl Walked<'_> {
+    /// Why the walk would not store `abs`, if it would not (see
+    /// [`crate::walk::why_left_out`]).
+    fn why_left_out(&self, abs: &Path, is_dir: bool) -> Option<String> {
+        crate::walk::why_left_out(
+            self.sources,
+            self.excludes,
+            self.filter,
+            self.one_file_system,
+            abs,
+            is_dir,
+        )
+    }
+}
 
 /// What of database directory `rel` (below `root`) the excludes would
 /// leave out: the directory itself for MySQL; for PostgreSQL its first
@@ -471,21 +501,21 @@ fn excluded_here_or_above(ex: &crate::walk::Excludes, rel: &str) -> bool {
         .any(|p| ex.is_excluded(p, true))
 }
 
-/// Warnings for [`DATABASE_DIRS`] that exist beneath a source, are left
-/// out by the excludes (`all`) but by no pattern of the user's (`own`),
+/// Warnings for [`DATABASE_DIRS`] that exist beneath a source of `walked`,
+/// are left out by its excludes but by no pattern of the user's (`own`),
 /// and have no pre-backup hook that runs (run-parts' names, executable)
 /// and whose name mentions their database in `hooks_dir`, or one whose
-/// dump directory (`dump_dir`) the backup leaves out: the backup would
-/// hold neither the files nor a dump. `root` is where the directories are
+/// dump (in `dump_dir`) the backup leaves out: the backup would hold
+/// neither the files nor a dump. `root` is where the directories are
 /// looked for (`/`; a scratch tree in tests).
 fn databases_left_out(
     root: &Path,
-    sources: &[PathBuf],
-    all: &crate::walk::Excludes,
+    walked: &Walked<'_>,
     own: &crate::walk::Excludes,
     hooks_dir: &Path,
     dump_dir: &Path,
 ) -> Vec<String> {
+    let (sources, all) = (walked.sources, walked.excludes);
     let hooks: Vec<String> = crate::hooks::list(hooks_dir)
         .map(|l| l.run.into_iter().map(|(n, _)| n.to_lowercase()).collect())
         .unwrap_or_default();
@@ -502,22 +532,8 @@ fn databases_left_out(
             })
         })
     };
-    let dumps_kept = sources.iter().any(|s| dump_dir.starts_with(s)) && {
-        // Left out with an ancestor too (`/var/backups/`).
-        let whole = std::os::unix::ffi::OsStrExt::as_bytes(dump_dir.as_os_str());
-        let rel = whole.strip_prefix(b"/").unwrap_or(whole);
-        let rel = rel.strip_suffix(b"/").unwrap_or(rel);
-        let left_out = rel
-            .iter()
-            .enumerate()
-            .filter(|&(_, &c)| c == b'/')
-            .map(|(i, _)| &rel[..i])
-            .chain([rel])
-            .any(|p| all.is_excluded(p, true));
-        !left_out
-    };
     let mut out = vec![];
-    for (dir, names) in DATABASE_DIRS {
+    for (dir, names, dump) in DATABASE_DIRS {
         let path = Path::new(dir.trim_end_matches('/'));
         let beneath = sources.iter().any(|s| path.starts_with(s));
         let rel = dir.trim_start_matches('/').trim_end_matches('/');
@@ -531,13 +547,17 @@ fn databases_left_out(
         }
         let hooked = hooks.iter().find(|h| names_it(h, names));
         if let Some(h) = hooked {
-            if !dumps_kept {
+            // The directory, or the dump in it (`-x '*.gz'`).
+            let why = walked
+                .why_left_out(dump_dir, true)
+                .or_else(|| walked.why_left_out(&dump_dir.join(dump), false));
+            if let Some(why) = why {
                 out.push(format!(
                     "{dir} is left out (live database files, excluded by default) and the \
-                     pre-backup hook {h} dumps it into {}, which this backup leaves out too (an \
-                     exclude, or not beneath a source): the backup holds neither. Set \
-                     BYTEBACK_DUMP_DIR to a directory the backup keeps, or drop that exclude",
-                    dump_dir.display()
+                     pre-backup hook {h} dumps it into {}, which this backup leaves out too \
+                     ({why}): the backup holds neither. Set BYTEBACK_DUMP_DIR to a directory \
+                     the backup keeps, or change what leaves it out",
+                    crate::walk::shown(&dump_dir.join(dump))
                 ));
             }
             continue;
@@ -1042,7 +1062,13 @@ fn backup(args: BackupArgs, level: LevelFilter, report: &mut BackupJson) -> Resu
         // The sources as the walk takes them (absolute, normalised), and
         // the dump directory as it resolves.
         let dump_dir = std::fs::canonicalize(&dump_dir).unwrap_or(dump_dir);
-        let found = databases_left_out(Path::new("/"), &walked, &all, &mine, &hooks_dir, &dump_dir);
+        let rules = Walked {
+            sources: &walked,
+            excludes: &all,
+            filter: filter.as_deref(),
+            one_file_system: args.one_file_system || flags.one_file_system,
+        };
+        let found = databases_left_out(Path::new("/"), &rules, &mine, &hooks_dir, &dump_dir);
         for w in found {
             tracing::warn!("{w}");
             report.warnings.push(w);
@@ -2045,8 +2071,15 @@ mod tests {
         let none = crate::walk::Excludes::new::<&str>(&[]).unwrap();
         let slash = [PathBuf::from("/")];
         let dumps = Path::new("/var/backups/byteback");
-        let left_out =
-            |srcs: &[PathBuf], all, own| databases_left_out(root, srcs, all, own, &hooks, dumps);
+        let left_out = |sources: &[PathBuf], excludes, own| {
+            let walked = Walked {
+                sources,
+                excludes,
+                filter: None,
+                one_file_system: false,
+            };
+            databases_left_out(root, &walked, own, &hooks, dumps)
+        };
         let w = left_out(&slash, &all, &none);
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].starts_with("/var/lib/mysql/ is left out"), "{w:?}");
@@ -2093,7 +2126,45 @@ mod tests {
         let more = crate::walk::Excludes::new(&more).unwrap();
         let w = left_out(&slash, &more, &none);
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].contains("which this backup leaves out too"), "{w:?}");
+        assert!(
+            w[0].contains("which this backup leaves out too (an exclude leaves out /var/backups)"),
+            "{w:?}"
+        );
+        // ... or the dumps themselves (rotated logs left out as *.gz).
+        let mut gz = defaults.clone();
+        gz.push("*.gz".into());
+        let gz = crate::walk::Excludes::new(&gz).unwrap();
+        let w = left_out(&slash, &gz, &none);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains(
+                "/var/backups/byteback/mysql.sql.gz, which this backup leaves out too \
+                 (an exclude leaves out /var/backups/byteback/mysql.sql.gz)"
+            ),
+            "{w:?}"
+        );
+        assert!(w[1].contains("postgresql.sql.gz"), "{w:?}");
+        // ... or a rule of rsync_filter does.
+        let filter =
+            crate::filter::Filter::parse(b"- /var/backups/byteback/\n", Path::new("rsync_filter"))
+                .unwrap();
+        let walked = Walked {
+            sources: &slash,
+            excludes: &all,
+            filter: Some(&filter),
+            one_file_system: false,
+        };
+        let w = databases_left_out(root, &walked, &none, &hooks, dumps);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].contains("(a filter rule leaves out /var/backups/byteback)"),
+            "{w:?}"
+        );
+        // ... or it is beneath no source (here /var/lib only).
+        let lib = [PathBuf::from("/var/lib")];
+        let w = left_out(&lib, &all, &none);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("(it is beneath no source)"), "{w:?}");
     }
 
     fn target(dest: &str, host: &str) -> Target {

@@ -854,6 +854,98 @@ pub(crate) fn left_out_anywhere(
         })
 }
 
+/// Why the walk of `sources` would not store the object at `abs` (an
+/// absolute path through no symlink, as `canonicalize` gives it; a
+/// directory when `is_dir`), if it would not: it is beneath no source, an
+/// exclude or a rule of the filter leaves it or a directory between it and
+/// its source out, or the walk does not enter a mount on the way
+/// (`--one-file-system`, a type never backed up). For warnings given before
+/// a backup starts (where the dump hooks write). Per-directory filter files
+/// are not read for it, and what does not exist yet counts as stored.
+pub(crate) fn why_left_out(
+    sources: &[PathBuf],
+    excludes: &Excludes,
+    filter: Option<&Filter>,
+    one_file_system: bool,
+    abs: &Path,
+    is_dir: bool,
+) -> Option<String> {
+    let Some(src) = sources
+        .iter()
+        .filter(|s| abs.starts_with(s))
+        .max_by_key(|s| s.as_os_str().len())
+    else {
+        return Some("it is beneath no source".into());
+    };
+    let whole = abs.as_os_str().as_bytes();
+    let rel = whole.trim_start_matches_slash();
+    let src_rel = src.as_os_str().as_bytes().trim_start_matches_slash();
+    let below = src_rel.strip_suffix(b"/").unwrap_or(src_rel).len();
+    let rules = DirRules::default();
+    // Each directory from the source down, then the object itself.
+    let levels: Vec<usize> = (0..=rel.len())
+        .filter(|&i| i == rel.len() || rel[i] == b'/')
+        .filter(|&i| i > 0 && i >= below)
+        .collect();
+    for &i in &levels {
+        let (p, dir) = (&rel[..i], is_dir || i < rel.len());
+        let shown = byteback_protocol::escape_bytes(p);
+        if excludes.is_excluded(p, dir) {
+            return Some(format!("an exclude leaves out /{shown}"));
+        }
+        if filter.is_some_and(|f| f.check(&rules, p, dir, 0) == Some(Action::Exclude)) {
+            return Some(format!("a filter rule leaves out /{shown}"));
+        }
+    }
+    mount_on_the_way(sources, excludes, filter, one_file_system, src, whole)
+}
+
+/// [`why_left_out`]'s mounts: the walk's decision at each mount between
+/// source `src` and `abs`, as far as they exist.
+fn mount_on_the_way(
+    sources: &[PathBuf],
+    excludes: &Excludes,
+    filter: Option<&Filter>,
+    one_file_system: bool,
+    src: &Path,
+    abs: &[u8],
+) -> Option<String> {
+    use rustix::fs::{AtFlags, StatxFlags, CWD};
+    // From cached attributes: a hung network mount on the way is no
+    // reason to hang before the backup starts.
+    let stat = |p: &[u8]| {
+        let flags = AtFlags::SYMLINK_NOFOLLOW | AtFlags::NO_AUTOMOUNT | AtFlags::STATX_DONT_SYNC;
+        rustix::fs::statx(CWD, p, flags, StatxFlags::BASIC_STATS | StatxFlags::MNT_ID).ok()
+    };
+    let src = src.as_os_str().as_bytes();
+    let mut parent = stat(src)?;
+    let mut mounts = Mounts::new(one_file_system, sources);
+    mounts.source_root(meta::dev_ino(&parent));
+    let start = src.strip_suffix(b"/").unwrap_or(src).len();
+    for i in (start + 1..=abs.len()).filter(|&i| i == abs.len() || abs[i] == b'/') {
+        let p = &abs[..i];
+        let st = stat(p)?;
+        let (here, there) = (meta::dev_ino(&st), meta::dev_ino(&parent));
+        if let (Some(child), Some(up)) = (mnt_id(&st), mnt_id(&parent)) {
+            if child != up {
+                let shown = byteback_protocol::escape_bytes(p);
+                let excluded = |a: &[u8], s: &[u8]| left_out_anywhere(excludes, filter, a, s);
+                match mounts.crossing_unless(child, here, here.0 == there.0, &shown, &excluded) {
+                    Crossing::Enter | Crossing::Elsewhere(_) => {}
+                    Crossing::Skip(why) => return Some(why),
+                    Crossing::Unknown(id) => {
+                        return Some(format!(
+                            "{shown}: mount {id} is not in /proc/self/mountinfo"
+                        ))
+                    }
+                }
+            }
+        }
+        parent = st;
+    }
+    None
+}
+
 #[cfg(test)]
 mod left_out_tests {
     use super::*;
@@ -1701,7 +1793,7 @@ impl Walker<'_> {
             );
             let why = match crossing {
                 Crossing::Enter => None,
-                Crossing::Skip(why) => Some(why),
+                Crossing::Skip(why) | Crossing::Elsewhere(why) => Some(why),
                 // Not known to be left out: kept, never dropped unseen.
                 Crossing::Unknown(id) if !above => {
                     // Unmounted meanwhile (a container's overlay, a snap
