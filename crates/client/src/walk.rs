@@ -2057,6 +2057,27 @@ pub fn walk(
     };
     let mut sent_dirs: Vec<Vec<u8>> = vec![];
     for src in sources {
+        // A name above the source or its own that the protocol cannot
+        // carry (vfat's long names reach 765 bytes): sent, the server
+        // would refuse the batch and fail the backup; the source alone
+        // is passed over, and said.
+        let long = src
+            .as_os_str()
+            .as_bytes()
+            .split(|b| *b == b'/')
+            .any(|c| c.len() > byteback_protocol::limits::MAX_NAME);
+        if long {
+            w.sink.warning(WalkWarning {
+                path: src.clone(),
+                message: format!(
+                    "a name on its path is longer than {} bytes, more than a backup can \
+                     store: this source is not backed up",
+                    byteback_protocol::limits::MAX_NAME
+                ),
+                vanished: false,
+            });
+            continue;
+        }
         // Ancestors of the source first, so the server has every parent.
         w.ancestors(src, &mut sent_dirs)?;
         w.enter_ancestors(src)?;
@@ -2543,6 +2564,30 @@ mod tests {
         let names = run(":n .fn\n");
         let has = |n: &str| names.contains(&format!("{base}/{n}"));
         assert!(has("n1") && has("n2"), "{names:?}");
+    }
+
+    /// A source below a name the protocol cannot carry (vfat's long
+    /// names) is passed over, said; the other sources are walked.
+    #[test]
+    fn a_source_below_a_name_too_long_is_said_and_passed_over() {
+        let d = tempfile::tempdir().unwrap();
+        let fine = d.path().join("fine");
+        std::fs::create_dir_all(&fine).unwrap();
+        std::fs::write(fine.join("f"), b"x").unwrap();
+        let long = d.path().join("m".repeat(256)).join("src");
+        let mut sink = VecSink::default();
+        let x = Excludes::new::<&str>(&[]).unwrap();
+        let sources = [long.clone(), fine.clone()];
+        walk(&sources, &x, WalkOptions::default(), &mut sink).unwrap();
+        assert_eq!(sink.warnings.len(), 1, "{:?}", sink.warnings);
+        assert_eq!(sink.warnings[0].path, long);
+        assert!(
+            sink.warnings[0].message.contains("longer than 255 bytes")
+                && !sink.warnings[0].vanished,
+            "{:?}",
+            sink.warnings
+        );
+        assert!(sink.found.iter().any(|f| f.abs == fine.join("f")));
     }
 
     #[test]
