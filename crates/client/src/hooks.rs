@@ -577,6 +577,16 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// prefixed and escaped (its text may quote what others chose, such as a
 /// database's name in a dump's error, and goes to root's terminal, the
 /// journal and mail); keeps the last lines, escaped too, in `tail`.
+/// A line of a hook's output escaped, but for its tabs (a dump's tables,
+/// `mysqldump`'s errors), which are no threat to a terminal or a log.
+fn escaped(line: &[u8]) -> String {
+    let pieces: Vec<String> = line
+        .split(|b| *b == b'\t')
+        .map(byteback_protocol::escape_bytes)
+        .collect();
+    pieces.join("\t")
+}
+
 fn pump(mut from: File, prefix: &str, sink: Option<&Sink>, tail: &Mutex<VecDeque<String>>) {
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = [0u8; 8192];
@@ -588,8 +598,8 @@ fn pump(mut from: File, prefix: &str, sink: Option<&Sink>, tail: &Mutex<VecDeque
         while cut > 0 && cut < line.len() && end - cut < 3 && line[cut] & 0xC0 == 0x80 {
             cut -= 1;
         }
-        let kept = byteback_protocol::escape_bytes(&line[..cut]);
-        let line = byteback_protocol::escape_bytes(line);
+        let kept = escaped(&line[..cut]);
+        let line = escaped(line);
         if let Some(Ok(mut w)) = sink.map(|s| s.lock()) {
             let mut out = Vec::with_capacity(prefix.len() + line.len() + 1);
             out.extend_from_slice(prefix.as_bytes());
@@ -759,7 +769,7 @@ mod tests {
             "for i in $(seq 1 15); do echo \"line $i\"; done; echo oops >&2; printf 'no newline'; exit 3",
             0o755,
         );
-        script(&d, "20-ok", "echo fine", 0o755);
+        script(&d, "20-ok", "echo fine; printf 'a\\tb\\n'", 0o755);
         script(&d, "30-fail", "exit 1", 0o755);
         // Output quoting what others chose: escaped, never raw.
         script(
@@ -794,12 +804,14 @@ mod tests {
         assert!(o.contains("bb: pre-backup.d/10-fail: oops\n"), "{o}");
         assert!(o.contains("bb: pre-backup.d/10-fail: no newline\n"), "{o}");
         assert!(o.contains("bb: pre-backup.d/20-ok: fine\n"), "{o}");
+        // Tabs are shown as they are.
+        assert!(o.contains("bb: pre-backup.d/20-ok: a\tb\n"), "{o}");
         assert!(
             o.contains("bb: pre-backup.d/40-evil: \\x1b]0;x\\x07\\x0dfake\n"),
             "{o}"
         );
         assert!(
-            !o.bytes().any(|b| b < 0x20 && b != b'\n'),
+            !o.bytes().any(|b| b < 0x20 && b != b'\n' && b != b'\t'),
             "a control byte got through: {o:?}"
         );
         assert_eq!(failures[2].tail, ["\\x1b]0;x\\x07\\x0dfake"]);
