@@ -1837,6 +1837,25 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
         }
         None => (cwd.clone(), ".".to_string()),
     };
+    // Opened once, now: the directory each snapshot's tree is made in,
+    // whatever is renamed on its path while the restore runs (`.` is the
+    // working directory itself, not its path looked up again).
+    let into_fd = if args.restore {
+        let at: &Path = if args.target.is_some() {
+            &into
+        } else {
+            Path::new(".")
+        };
+        let fd = rustix::fs::open(
+            at,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| Error::Usage(format!("{}: {e}", into.display())))?;
+        Some(fd)
+    } else {
+        None
+    };
     let mut conn = target.connect(if args.restore { "restore" } else { "list" })?;
     let limit = max_time(&conn, args.max_time);
     if args.restore {
@@ -1847,7 +1866,11 @@ fn restore_cmd(args: RestoreArgs, report: &mut RestoreJson) -> Result<u8> {
             no_setuid: args.no_setuid,
             no_sparse: args.no_sparse,
         };
+        let Some(fd) = into_fd.as_ref() else {
+            return Err(Error::Usage("the restore's target was not opened".into()));
+        };
         let dest = restore::RestoreInto {
+            fd: std::os::fd::AsFd::as_fd(fd),
             dir: &into,
             shown: &shown_into,
         };

@@ -25,6 +25,7 @@ pub mod tree;
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io::Write;
+use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -1038,7 +1039,10 @@ pub struct RestoreOptions {
 /// Where a restore writes: `<dir>/<snapshot>/...`.
 #[derive(Debug, Clone, Copy)]
 pub struct RestoreInto<'a> {
-    /// The directory that receives the snapshot directories (it must exist).
+    /// The directory that receives the snapshot directories, opened once
+    /// (`O_PATH`) before the restore starts.
+    pub fd: BorrowedFd<'a>,
+    /// Its path, for messages.
     pub dir: &'a Path,
     /// How messages name it (`.` for the current directory).
     pub shown: &'a str,
@@ -1430,10 +1434,13 @@ fn restore_snapshot(
         if chunk.wanted.is_empty() && after.is_none() {
             return Ok((None, notes));
         }
+        if tree.is_none() && !turn.first {
+            swap_target_fault(into.dir);
+        }
         let t = match &mut tree {
             Some(t) => t,
             None => tree.insert(tree::RestoreTree::open(
-                into.dir, into.shown, snap, tree_opts,
+                into.fd, into.dir, into.shown, snap, tree_opts,
             )?),
         };
         let claimed = (!turn.first).then_some(&*claims);
@@ -1463,6 +1470,25 @@ fn restore_snapshot(
     claims.keys.extend(mine);
     Ok((tree.map(tree::RestoreTree::finish).transpose()?, notes))
 }
+
+/// Debug builds only, for the tests: before a later snapshot's tree is
+/// made, the target directory is renamed and a symlink to
+/// `$BYTEBACK_TEST_SWAP_TARGET` put on its path, as a user who may rename
+/// it could.
+#[cfg(debug_assertions)]
+fn swap_target_fault(dir: &Path) {
+    if let Some(to) = std::env::var_os("BYTEBACK_TEST_SWAP_TARGET") {
+        let mut moved = dir.as_os_str().to_owned();
+        moved.push(".moved");
+        if std::fs::rename(dir, &moved).is_ok() {
+            let _ = std::os::unix::fs::symlink(to, dir);
+            eprintln!("test fault: {} now a symlink", dir.display());
+        }
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn swap_target_fault(_dir: &Path) {}
 
 /// Restores matching entries into `<into>/<snapshot>/<path>`.
 ///

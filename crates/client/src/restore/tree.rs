@@ -219,13 +219,14 @@ pub struct RestoreTree {
     stack: Vec<OpenDir>,
     /// The sum of the stack's [`OpenDir::cost`].
     stack_bytes: usize,
-    /// (device, inode) of each regular file this run wrote that a hard
+    /// Per path (its [`path_key`]) of each file this run wrote that a hard
     /// link names as its first name (or that was copied for links, see
-    /// [`Wanted::from`]): the only objects a hard link may point at. Only
-    /// those, so memory grows with the hard links restored, not the files.
-    /// With its birth time where the filesystem keeps one: a file a local
-    /// user put in its place meanwhile may have the same inode number.
-    created: HashMap<(u64, u64), Birth>,
+    /// [`Wanted::from`]), the (device, inode) it was written as: a link is
+    /// made only to what stands at its own first name and is that object.
+    /// Only those, so memory grows with the hard links restored, not the
+    /// files. With its birth time where the filesystem keeps one: a file a
+    /// local user put in its place meanwhile may have the same inode number.
+    created: HashMap<u128, ((u64, u64), Birth)>,
     /// Unselected first names of hard links -> the path restored in their place.
     copies: HashMap<Vec<u8>, Vec<u8>>,
     /// Metadata for directories made on the way to selected paths, from
@@ -394,16 +395,28 @@ fn handle_of(fd: BorrowedFd<'_>) -> Option<Vec<u8>> {
 /// `BYTEBACK_TEST_RECREATE_FIRST_NAME` (debug builds, for the tests): the
 /// first name `rel` of a hard link is removed and made again as another
 /// file (`planted`, owned by nobody) before the link is made, as a local
-/// user could; the inode numbers before and after go to stderr.
+/// user could; the inode numbers before and after go to stderr. Set to
+/// `rename:OTHER`, file `OTHER` (a path below the root, another file the
+/// restore wrote) is renamed over it instead.
 #[cfg(debug_assertions)]
 fn recreate_fault(root: BorrowedFd<'_>, rel: &[u8]) {
     use std::os::unix::fs::MetadataExt;
-    if std::env::var_os("BYTEBACK_TEST_RECREATE_FIRST_NAME").is_none() {
+    let Some(how) = std::env::var_os("BYTEBACK_TEST_RECREATE_FIRST_NAME") else {
         return;
-    }
+    };
     let p = Path::new("/proc/self/fd")
         .join(root.as_raw_fd().to_string())
         .join(OsStr::from_bytes(rel));
+    if let Some(other) = how.as_bytes().strip_prefix(b"rename:") {
+        if other != rel {
+            let from = Path::new("/proc/self/fd")
+                .join(root.as_raw_fd().to_string())
+                .join(OsStr::from_bytes(other));
+            let r = std::fs::rename(&from, &p);
+            eprintln!("test fault: another file renamed over the first name: {r:?}");
+        }
+        return;
+    }
     let before = std::fs::symlink_metadata(&p).map(|m| m.ino()).unwrap_or(0);
     let _ = std::fs::remove_file(&p);
     let _ = std::fs::write(&p, b"planted");
@@ -552,19 +565,22 @@ fn file_type(st: &rustix::fs::Stat) -> FileType {
 }
 
 impl RestoreTree {
-    /// Opens (creating it if needed) `<into>/<snapshot>`; a symlink or a
-    /// non-directory standing there is refused. `into` itself must exist;
-    /// messages name it `shown_into`.
-    pub fn open(into: &Path, shown_into: &str, snapshot: &str, opts: TreeOptions) -> Result<Self> {
+    /// Opens (creating it if needed) `<into>/<snapshot>`, where `base` is
+    /// `into`, opened once when the restore started (never looked up by
+    /// its path again: between two snapshots, a user who may rename a
+    /// directory on that path could put a symlink to any place there); a
+    /// symlink or a non-directory standing at `<snapshot>` is refused.
+    /// Messages name it `shown_into`.
+    pub fn open(
+        base: BorrowedFd<'_>,
+        into: &Path,
+        shown_into: &str,
+        snapshot: &str,
+        opts: TreeOptions,
+    ) -> Result<Self> {
         byteback_protocol::validate_snapshot_name(snapshot)
             .map_err(|e| err!("snapshot name {}: {e}", snapshot.escape_default()))?;
-        let base = rustix::fs::open(
-            into,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .on("cannot open", into)?;
-        let fresh = match rustix::fs::mkdirat(&base, snapshot, Mode::from_raw_mode(0o700)) {
+        let fresh = match rustix::fs::mkdirat(base, snapshot, Mode::from_raw_mode(0o700)) {
             Ok(()) => true,
             Err(Errno::EXIST) => false,
             Err(e) => bail!("cannot create {}/{snapshot}: {e}", into.display()),
@@ -578,9 +594,9 @@ impl RestoreTree {
             .filter(|_| fresh)
         {
             let uid = rustix::fs::Uid::from_raw(uid);
-            let _ = rustix::fs::chownat(&base, snapshot, Some(uid), None, AtFlags::empty());
+            let _ = rustix::fs::chownat(base, snapshot, Some(uid), None, AtFlags::empty());
         }
-        let fd = match open_dir_beneath(base.as_fd(), snapshot.as_bytes()) {
+        let fd = match open_dir_beneath(base, snapshot.as_bytes()) {
             Ok(fd) => fd,
             Err(Errno::LOOP) | Err(Errno::NOTDIR) | Err(Errno::XDEV) => bail!(
                 "{}/{snapshot} exists and is a symlink or not a directory; refusing to restore through it",
@@ -600,7 +616,7 @@ impl RestoreTree {
         // root, or on vfat, is not root's); in another user's directory on
         // such a filesystem, the restore is refused, saying so.
         let shared = || {
-            rustix::fs::fstat(&base).map_or(true, |st| {
+            rustix::fs::fstat(base).map_or(true, |st| {
                 let others_write = st.st_mode & 0o022 != 0 && st.st_mode & 0o1000 == 0;
                 // Its owner may rename what is in it, whatever the mode.
                 let foreign = st.st_uid != 0 && st.st_uid != rustix::process::geteuid().as_raw();
@@ -1122,7 +1138,8 @@ impl RestoreTree {
         };
         w.into_iter().for_each(|w| self.report.warn(w));
         if link_target {
-            self.created.insert((st.st_dev, st.st_ino), born);
+            self.created
+                .insert(path_key(path), ((st.st_dev, st.st_ino), born));
         }
         self.report.restored += 1;
         if self.opts.unverified {
@@ -1169,10 +1186,22 @@ impl RestoreTree {
         }
         let root = self.stack[0].fd.as_fd();
         recreate_fault(root, &src);
-        let refuse = |why: String| {
-            err!(
-                "the server's manifest links {} to {}, {why}; refusing",
+        // Not restored in this run (or not as an object a link may name):
+        // the server's manifest is at fault.
+        let Some((inode, born)) = self.created.get(&path_key(&src)).cloned() else {
+            bail!(
+                "the server's manifest links {} to {}, which is not a file, symlink or special \
+                 file restored in this run; refusing",
                 display_path(path),
+                display_path(target)
+            );
+        };
+        // What stands there now is not what this run wrote (a local user
+        // renamed another file there, or took it away, in a directory of
+        // theirs): that link alone is not made.
+        let replaced = |how: String| {
+            format!(
+                "{shown}: not restored: its first name {} {how} during the restore",
                 display_path(target)
             )
         };
@@ -1188,28 +1217,20 @@ impl RestoreTree {
                 return Ok(());
             }
             Err(e) => {
-                return Err(refuse(format!(
-                    "which is not a file restored in this run ({e})"
-                )))
+                self.report
+                    .warn(replaced(format!("could not be opened ({e})")));
+                return Ok(());
             }
         };
         let st = rustix::fs::fstat(&tfd)?;
-        let born = match self.created.get(&(st.st_dev, st.st_ino)) {
-            Some(born) if file_type(&st) != FileType::Directory => born.clone(),
-            _ => {
-                return Err(refuse(
-                    "which is not a file, symlink or special file restored in this run".into(),
-                ))
-            }
-        };
         // Its inode number, not the file: removed and made again since
         // (by a local user where the restore writes into their tree).
-        if birth_of(tfd.as_fd()) != born {
-            self.report.warn(format!(
-                "{shown}: not restored: its first name {} was replaced by another file \
-                 during the restore",
-                display_path(target)
-            ));
+        if (st.st_dev, st.st_ino) != inode
+            || file_type(&st) == FileType::Directory
+            || birth_of(tfd.as_fd()) != born
+        {
+            self.report
+                .warn(replaced("was replaced by another file".into()));
             return Ok(());
         }
         // Linked under a temporary name, then renamed over what stands at
@@ -1408,7 +1429,8 @@ impl RestoreTree {
         }
         w.into_iter().for_each(|w| self.report.warn(w));
         if link_target {
-            self.created.insert((st.st_dev, st.st_ino), born);
+            self.created
+                .insert(path_key(path), ((st.st_dev, st.st_ino), born));
         }
         self.report.restored += 1;
         Ok(())
