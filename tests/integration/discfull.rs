@@ -865,3 +865,65 @@ fn growth_no_log_holds_prunes_only_its_own_host() {
     assert_eq!(now.len(), 1, "{out}");
     assert!(!own.contains(&now[0]), "{now:?}\n{out}");
 }
+
+/// "No space left on device" that is not a full disc (ext4 says it when a
+/// directory's index is full, here ext4 with 1 KiB blocks and about
+/// 20,000 names of 255 bytes in one directory, the disc mostly free)
+/// deletes no snapshot of any host: deleting frees nothing the creation
+/// needs. The backup fails saying why.
+#[test]
+fn no_space_on_a_store_with_room_deletes_no_snapshot() {
+    if !require_root("an ext4 loop filesystem") {
+        return;
+    }
+    let dir = scratch();
+    let img = dir.path().join("ext4.img");
+    let mount = dir.path().join("mnt");
+    fs::create_dir_all(&mount).unwrap();
+    run(Command::new("truncate").args(["-s", "256M"]).arg(&img));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "1024", "-N", "100000"])
+        .arg(&img));
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mount));
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+    let store = mount.join("store");
+    store_without_interval(&store);
+    let wrapper = server_wrapper(dir.path());
+    let backup = |src: &Path, host: &str, now: i64| {
+        run_status(&mut backup_at(&store, &wrapper, src, host, now))
+    };
+    let other = dir.path().join("other");
+    fs::create_dir_all(&other).unwrap();
+    for i in 0..3 {
+        fill(&other, &format!("f{i}"), 1, 200 + i);
+        let o = backup(&other, "victim", T0 + i as i64 * DAY);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    }
+    let victim = snapshots(&store, "victim");
+    assert_eq!(victim.len(), 3);
+    let src = dir.path().join("src");
+    let names = src.join("names");
+    fs::create_dir_all(&names).unwrap();
+    for i in 0..25_000 {
+        let name = format!("{i:06}{}", "n".repeat(249));
+        fs::File::create(names.join(name)).unwrap();
+    }
+    let o = backup(&src, "h", T0 + 3 * DAY);
+    let out = text(&o);
+    assert_ne!(o.status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("no snapshot deleted: the store is not short of space"),
+        "{out}"
+    );
+    assert!(!out.contains("byteback-prune: deleted"), "{out}");
+    assert_eq!(snapshots(&store, "victim"), victim);
+}

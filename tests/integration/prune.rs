@@ -892,3 +892,75 @@ fn the_prune_after_a_snapshot_lets_the_host_go() {
         ended - locked_at
     );
 }
+
+/// A prune judges the hosts' growth again before each deletion after its
+/// first: a host whose backup grows while the prune deletes (its notes in
+/// the usage log, here written by `BYTEBACK_TEST_AFTER_DELETION` after
+/// the first deletion) stops it there, so another host's history does not
+/// go, deletion after deletion, for an upload that keeps pace with them.
+#[test]
+fn a_prune_stops_when_a_host_grows_while_it_deletes() {
+    if !require_root("btrfs loop filesystem") {
+        return;
+    }
+    let fs_ = BtrfsLoop::new(256);
+    let d = scratch();
+    let store = fs_.mount.join("store");
+    store_without_interval(&store);
+    let sim = Clocked {
+        wrapper: server_wrapper(d.path()),
+        store: store.clone(),
+    };
+    let start = days_from_civil(2026, 3, 1) * DAY + 3 * 3600;
+    let mut rng = Rng::new(11);
+    for host in ["a", "b"] {
+        let src = d.path().join(host);
+        fs::create_dir_all(&src).unwrap();
+        for day in 0..8 {
+            write_random(&src.join(format!("f{day}")), 2 << 20, &mut rng);
+            let _ = fs::remove_file(src.join(format!("f{}", day.max(1) - 1)));
+            let out = sim.backup(&src, host, start + day * DAY + 60);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+        }
+    }
+    let before = sim.snapshots();
+    assert_eq!(before.len(), 16);
+    let now = start + 8 * DAY;
+    let grow = format!(
+        "printf '{} 400000000 -\\n' >> {}",
+        now - 60,
+        store.join("b/.byteback-usage").display()
+    );
+    let p = run_status(
+        Command::new(bin("byteback-prune"))
+            .env("TZ", "UTC")
+            .env("BYTEBACK_TEST_AFTER_DELETION", &grow)
+            .arg("--store")
+            .arg(&store)
+            .args(["--now", &rfc3339(now)])
+            .args(["--prune", "--minpercent", "95", "--maxpercent", "98"]),
+    );
+    let err = text(&p.stderr);
+    assert_eq!(p.status.code(), Some(3), "{err}");
+    assert_eq!(deletions(&err).len(), 1, "{err}");
+    assert!(
+        err.contains("byteback-prune: stopping: not pruning: b/"),
+        "{err}"
+    );
+    assert_eq!(sim.snapshots().len(), 15, "{err}");
+    // A usage log that is there but cannot be read (a directory in its
+    // place) is no empty one: that host's growth cannot be judged, and
+    // nothing is deleted.
+    let log = store.join("a/.byteback-usage");
+    fs::remove_file(&log).unwrap();
+    fs::create_dir(&log).unwrap();
+    let p = sim.prune(
+        now,
+        &["--prune", "--minpercent", "95", "--maxpercent", "98"],
+    );
+    let err = text(&p.stderr);
+    assert_eq!(p.status.code(), Some(1), "{err}");
+    assert!(err.contains(".byteback-usage"), "{err}");
+    assert_eq!(deletions(&err).len(), 0, "{err}");
+    assert_eq!(sim.snapshots().len(), 15, "{err}");
+}

@@ -228,8 +228,13 @@ pub fn next_to_delete(
     let mut newest: BTreeMap<&str, &Snapshot> = BTreeMap::new();
     for s in order {
         let e = newest.entry(s.host.as_str()).or_insert(s);
-        // A snapshot not in the future beats one that is; else the later.
-        if (!future(s), s.time, &s.name) > (!future(e), e.time, &e.name) {
+        // A snapshot not in the future beats one that is; else the later
+        // (names of one minute by their suffix as a number: `.10` after `.9`).
+        let later = (!future(s), s.time)
+            .cmp(&(!future(e), e.time))
+            .then_with(|| crate::time::cmp_names(&s.name, &e.name))
+            .is_gt();
+        if later {
             *e = s;
         }
     }
@@ -276,6 +281,35 @@ mod tests {
         assert_eq!(next_to_delete(&left, now, |_| true), None);
         // Without a clock to judge by, the later one is the newest.
         assert_eq!(next_to_delete(&left, i64::MAX, |_| true), Some(&real));
+    }
+
+    /// Of snapshots made within one minute (`.1` ... `.10` after the
+    /// first, with a minimum interval under a minute), the newest is the
+    /// one of the highest suffix as a number, `.10`, not `.9` as text.
+    #[test]
+    fn of_one_minutes_snapshots_the_highest_suffix_is_the_newest() {
+        let now = at(2026, 12, 4, 12, 0);
+        let t = now - DAY;
+        let mut order: Vec<Snapshot> = (0..=10)
+            .map(|i| Snapshot {
+                host: "h".into(),
+                name: match i {
+                    0 => format_name(t, 0),
+                    i => format!("{}.{i}", format_name(t, 0)),
+                },
+                time: t,
+            })
+            .collect();
+        let mut deleted = vec![];
+        while let Some(v) = next_to_delete(&order, now, |_| true).cloned() {
+            order.retain(|s| *s != v);
+            deleted.push(v.name);
+        }
+        assert_eq!(order.len(), 1);
+        assert!(
+            order[0].name.ends_with(".10"),
+            "{order:?} kept, {deleted:?} deleted"
+        );
     }
 
     /// Daily snapshots of `host` at `hour` UTC for `days` days ending on `end`'s day.

@@ -98,7 +98,14 @@ impl PruneOptions {
 fn own_only(room: &RoomFor, capacity: u64) -> Option<String> {
     // Since the host's last snapshot: the backups committed without one,
     // this one's writing so far and what it needs now.
-    let (mut with_this, pending) = read_usage_pending(room.host);
+    let (mut with_this, pending) = match read_usage_pending(room.host) {
+        Ok(usage) => usage,
+        Err(e) => {
+            return Some(format!(
+                "its usage log cannot be read ({e}), so its growth cannot be judged"
+            ))
+        }
+    };
     let growth = pending
         .saturating_add(room.written)
         .saturating_add(room.need.saturating_sub(room.credit));
@@ -289,16 +296,19 @@ fn append_usage(
 
 /// The host's usage per snapshot, oldest first: bytes written by the backups
 /// since the previous snapshot. Hosts without a log (1.x stores) have none.
+/// A log that cannot be read shows none (for reports; the growth guard
+/// reads it with [`read_usage_pending`]).
 pub fn read_usage(host: &HostStore) -> Vec<Usage> {
-    read_usage_pending(host).0
+    read_usage_pending(host).map(|u| u.0).unwrap_or_default()
 }
 
 /// [`read_usage`], and the bytes written since the last snapshot by
 /// backups that made none (committed within the minimum interval, or cut
-/// off), which the next snapshot's figure will hold.
-pub fn read_usage_pending(host: &HostStore) -> (Vec<Usage>, u64) {
-    let Some(text) = read_small(host.fd(), USAGE_LOG) else {
-        return (vec![], 0);
+/// off), which the next snapshot's figure will hold. A log that is there
+/// but cannot be read is an error.
+pub fn read_usage_pending(host: &HostStore) -> std::io::Result<(Vec<Usage>, u64)> {
+    let Some(text) = read_small_checked(host.fd(), USAGE_LOG)? else {
+        return Ok((vec![], 0));
     };
     let mut out = vec![];
     let mut pending: u64 = 0;
@@ -324,7 +334,7 @@ pub fn read_usage_pending(host: &HostStore) -> (Vec<Usage>, u64) {
             pending = 0;
         }
     }
-    (out, pending)
+    Ok((out, pending))
 }
 
 /// One line of a usage log, as written.
@@ -420,21 +430,32 @@ fn parse_usage_line(line: &str) -> Option<UsageLine> {
 /// start is dropped), bytes that are not UTF-8 replaced: a damaged byte
 /// costs its line, never the file (a usage log ignored whole would switch
 /// the growth guard off for its host).
+/// Any error reading it is `None` too (see [`read_small_checked`]).
 pub(crate) fn read_small(dir: impl AsFd, name: &str) -> Option<String> {
+    read_small_checked(dir, name).ok().flatten()
+}
+
+/// [`read_small`], where only a file that is not there is `None`: what
+/// cannot be read is an error, not taken for an empty file (an unreadable
+/// usage log would switch the growth guard off for its host).
+pub(crate) fn read_small_checked(dir: impl AsFd, name: &str) -> std::io::Result<Option<String>> {
     const MAX: u64 = 64 << 20;
-    let fd = rustix::fs::openat(
+    let fd = match rustix::fs::openat(
         dir,
         name,
         OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
         Mode::empty(),
-    )
-    .ok()?;
+    ) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
     let mut f = std::fs::File::from(fd);
-    let len = f.metadata().ok()?.len();
+    let len = f.metadata()?.len();
     let start = len.saturating_sub(MAX);
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(start)).ok()?;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(start))?;
     let mut bytes = Vec::with_capacity((len - start) as usize);
-    f.take(MAX).read_to_end(&mut bytes).ok()?;
+    f.take(MAX).read_to_end(&mut bytes)?;
     if start > 0 {
         let cut = bytes
             .iter()
@@ -443,10 +464,9 @@ pub(crate) fn read_small(dir: impl AsFd, name: &str) -> Option<String> {
         bytes.drain(..cut);
     }
     // Not copied when it is UTF-8 (a log of 64 MiB is held once).
-    Some(
-        String::from_utf8(bytes)
-            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-    )
+    Ok(Some(String::from_utf8(bytes).unwrap_or_else(|e| {
+        String::from_utf8_lossy(e.as_bytes()).into_owned()
+    })))
 }
 
 /// Writes `text` to `name` in the store root: appended when `append`,
@@ -506,7 +526,16 @@ fn clear_refusal(store: &Store, opts: &PruneOptions, space: &Space) {
 /// not evict other hosts' history either. Such a spike is named
 /// `current-since-SNAPSHOT` (its last snapshot); accepting it accepts the
 /// snapshot that follows it too.
-pub fn open_spikes(store: &Store, snapshots: &[Snapshot], capacity: u64) -> Result<Vec<Spike>> {
+///
+/// A usage log that is there but cannot be read is an error (the guard
+/// cannot judge that host), but for host `own`'s: a prune limited to that
+/// host's own snapshots needs no judgement of it.
+pub fn open_spikes(
+    store: &Store,
+    snapshots: &[Snapshot],
+    capacity: u64,
+    own: Option<&str>,
+) -> Result<Vec<Spike>> {
     // `HOST/SNAPSHOT`, or `HOST/current-since-SNAPSHOT BYTES`: growth not
     // snapshotted yet is accepted up to twice what it was when accepted.
     let lines = read_small(store.fd(), ACCEPTED).unwrap_or_default();
@@ -526,7 +555,11 @@ pub fn open_spikes(store: &Store, snapshots: &[Snapshot], capacity: u64) -> Resu
     let mut out = vec![];
     for host in store.hosts()? {
         let h = store.host(&host, false)?;
-        let (mut history, pending) = read_usage_pending(&h);
+        let (mut history, pending) = match read_usage_pending(&h) {
+            Ok(usage) => usage,
+            Err(_) if own == Some(host.as_str()) => continue,
+            Err(e) => return Err(e).op("read", || h.path.join(USAGE_LOG).display().to_string()),
+        };
         // Listed after the log is read: a snapshot is taken before the
         // line naming it is written, so one a backup took since the
         // caller listed `snapshots` (its spike named by that line, which
@@ -785,6 +818,18 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
     let mut in_use: Vec<Snapshot> = vec![];
     let mut failures = String::new();
     loop {
+        // Judged again before each deletion after the first: a host's
+        // backup may have grown since (its notes every 256 MiB), and one
+        // uploading as fast as deletions free space would otherwise have
+        // every other host's history deleted in this one run. Not when
+        // forced: the admin accepted what there was.
+        if !out.deleted.is_empty() && !opts.force && !opts.dry_run {
+            if let Some(why) = check_growth(store, opts, log, &snapshots, before.size)? {
+                say(log, format_args!("byteback-prune: stopping: {why}"))?;
+                out.refused = Some(why);
+                break;
+            }
+        }
         let order = prune_order(&snapshots, opts.now, opts.offset, opts.order);
         let Some(victim) = next_to_delete(&order, opts.now, |s| {
             opts.may_delete(s) && !undeletable.contains(s) && !in_use.contains(s)
@@ -897,6 +942,7 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         }
         snapshots.retain(|s| *s != victim);
         out.deleted.push(victim.clone());
+        after_deletion_fault();
         if opts.dry_run {
             // What a deletion frees cannot be known without deleting: a dry run shows one step.
             break;
@@ -925,6 +971,19 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
     }
     Ok(out)
 }
+
+/// Debug builds only, for the tests: `$BYTEBACK_TEST_AFTER_DELETION` is
+/// run by `sh -c` after each deletion of a prune (another host's backup
+/// growing meanwhile, say).
+#[cfg(debug_assertions)]
+fn after_deletion_fault() {
+    if let Some(cmd) = std::env::var_os("BYTEBACK_TEST_AFTER_DELETION") {
+        let _ = std::process::Command::new("sh").arg("-c").arg(cmd).status();
+    }
+}
+
+#[cfg(not(debug_assertions))]
+fn after_deletion_fault() {}
 
 /// The prune the server runs after a snapshot: store settings, the server's
 /// clock; problems go to stderr and never fail the backup.
@@ -968,7 +1027,7 @@ fn check_growth(
     snapshots: &[Snapshot],
     capacity: u64,
 ) -> Result<Option<String>> {
-    let mut spikes = open_spikes(store, snapshots, capacity)?;
+    let mut spikes = open_spikes(store, snapshots, capacity, opts.only_host.as_deref())?;
     // Making room for a backup of its own host (which the guard judged
     // already, see `own_only`): that backup is part of its host's growth
     // not snapshotted yet, which must not lock it out of its own history.
@@ -1033,7 +1092,7 @@ pub fn accept(store: &Store, names: &[String], dry_run: bool, log: &mut dyn Writ
     let capacity = space::measure(store.fd())
         .op("measure", || store.root.display())?
         .size;
-    let open = open_spikes(store, &snapshots, capacity)?;
+    let open = open_spikes(store, &snapshots, capacity, None)?;
     let name = |s: &Spike| format!("{}/{}", s.host, s.snapshot);
     let mut lines = String::new();
     let mut said = vec![];
@@ -1111,6 +1170,10 @@ pub fn make_room_for_metadata(
     let space = crate::space::measure(store.fd())
         .map(|s| s.to_string())
         .unwrap_or_else(|e| format!("free space unknown: {e}"));
+    let hint = match btrfs::is_btrfs(store.fd()) {
+        true => "; btrfs needs metadata space for it",
+        false => "",
+    };
     let doing = if round <= 1 {
         "committing the filesystem"
     } else {
@@ -1119,14 +1182,47 @@ pub fn make_room_for_metadata(
     print_lines(
         Level::WARN,
         format!(
-            "byteback-server: no space left on device {what} ({space}; btrfs needs metadata space for it); {doing} and trying again\n"
+            "byteback-server: no space left on device {what} ({space}{hint}); {doing} and trying again\n"
         )
         .as_bytes(),
     );
     if round <= 1 {
         return wait_for_cleaner(store.fd()).map(|()| 0);
     }
+    if let Some(why) = not_a_full_disc(store, cfg) {
+        print_lines(
+            Level::WARN,
+            format!("byteback-server: no snapshot deleted: {why}\n").as_bytes(),
+        );
+        return Ok(0);
+    }
     delete_one(store, cfg, now, refusal, grown)
+}
+
+/// Why "no space left on device" is no sign of a full disc, if it is not:
+/// on a store that is not btrfs, whose free blocks and inodes are both
+/// above `minpercent` (ext4 says so of a directory whose index is full,
+/// whatever the free space; deleting snapshots frees nothing it needs).
+/// On btrfs, metadata space runs out before any free figure shows it.
+fn not_a_full_disc(store: &Store, cfg: &crate::config::StoreConfig) -> Option<String> {
+    if btrfs::is_btrfs(store.fd()) {
+        return None;
+    }
+    let st = rustix::fs::fstatvfs(store.fd()).ok()?;
+    let percent = |free: u64, all: u64| match all {
+        0 => 100.0,
+        all => free as f64 * 100.0 / all as f64,
+    };
+    let blocks = percent(st.f_bavail, st.f_blocks);
+    let inodes = percent(st.f_favail, st.f_files);
+    let min = f64::from(cfg.minpercent);
+    (st.f_blocks > 0 && blocks >= min && inodes >= min).then(|| {
+        format!(
+            "the store is not short of space ({blocks:.1} % of its blocks and {inodes:.1} % of \
+             its inodes free): the filesystem refused it for another reason (a directory's \
+             index full?)"
+        )
+    })
 }
 
 /// Deletes the next snapshot in importance order, unless `refusal` says
@@ -1443,14 +1539,14 @@ mod tests {
         let (dir, host, sp) = host_with_space();
         record_running(&host, 100, 3).unwrap();
         record_running(&host, 110, 4).unwrap();
-        assert_eq!(read_usage_pending(&host).1, 7);
+        assert_eq!(read_usage_pending(&host).unwrap().1, 7);
         let lines = read_usage_lines(&host);
         assert_eq!(lines.len(), 1);
         assert!(lines[0].running && lines[0].new_bytes == 7, "{lines:?}");
         record_written(&host, 120, 5, Some(&sp)).unwrap();
         record_snapshot(&host, 120, "s1", Some(&sp), 0).unwrap();
         record_running(&host, 200, 6).unwrap();
-        let (usage, pending) = read_usage_pending(&host);
+        let (usage, pending) = read_usage_pending(&host).unwrap();
         assert_eq!((usage.len(), usage[0].new_bytes, pending), (1, 12, 6));
         let lines = read_usage_lines(&host);
         assert_eq!(lines.len(), 2, "{lines:?}");
@@ -1483,14 +1579,14 @@ mod tests {
         // A failed backup: 8 noted, 6 of them thrown away.
         record_running(&host, 100, 8).unwrap();
         record_credit(&host, 101, 6).unwrap();
-        assert_eq!(read_usage_pending(&host).1, 2);
+        assert_eq!(read_usage_pending(&host).unwrap().1, 2);
         let lines = read_usage_lines(&host);
         assert_eq!(lines.len(), 2, "{lines:?}");
         assert!(lines[1].running && lines[1].new_bytes == 2, "{lines:?}");
         // The next one writes the 6 again, and 1 more.
         record_written(&host, 200, 7, None).unwrap();
         record_snapshot(&host, 200, "s1", None, 0).unwrap();
-        let (usage, pending) = read_usage_pending(&host);
+        let (usage, pending) = read_usage_pending(&host).unwrap();
         assert_eq!((usage[1].new_bytes, pending), (9, 0), "{usage:?}");
         let lines = read_usage_lines(&host);
         assert_eq!(lines.len(), 2, "{lines:?}");
@@ -1501,7 +1597,7 @@ mod tests {
         // Never below nothing; and a credit after a snapshot line is not
         // taken off the snapshot's growth.
         record_credit(&host, 300, 50).unwrap();
-        assert_eq!(read_usage_pending(&host).1, 0);
+        assert_eq!(read_usage_pending(&host).unwrap().1, 0);
         assert_eq!(read_usage_lines(&host)[1].new_bytes, 9);
         let text = std::fs::read_to_string(dir.path().join("h").join(USAGE_LOG)).unwrap();
         assert!(text.lines().any(|l| l == "101 0 - credit 6"), "{text}");
@@ -1704,7 +1800,7 @@ mod tests {
         let mut bytes = log.into_bytes();
         bytes.extend_from_slice(b"3001 \xff -\n");
         std::fs::write(dir.path().join("h").join(USAGE_LOG), &bytes).unwrap();
-        let (usage, pending) = read_usage_pending(&host);
+        let (usage, pending) = read_usage_pending(&host).unwrap();
         assert_eq!((usage.len(), pending), (3, 140 * MIB));
         let why = own_only(&room(6 * MIB), capacity).expect("a spike");
         assert!(why.contains("(the growth guard)"), "{why}");
@@ -1740,7 +1836,7 @@ mod tests {
         log.push_str(&format!("2000 {} -\n", 40 * MIB));
         let usage = dir.path().join("h").join(USAGE_LOG);
         std::fs::write(&usage, &log).unwrap();
-        let open = |snaps: &[Snapshot]| open_spikes(&store, snaps, capacity).unwrap();
+        let open = |snaps: &[Snapshot]| open_spikes(&store, snaps, capacity, None).unwrap();
         let got = open(&snapshots);
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!(got[0].snapshot, "current-since-2026-11-03T03:00+0000");
@@ -1884,7 +1980,7 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("h").join(&name)).unwrap();
         record_written(&host, t, 5, None).unwrap();
         name_lost_snapshot(&host).unwrap();
-        let (usage, pending) = read_usage_pending(&host);
+        let (usage, pending) = read_usage_pending(&host).unwrap();
         assert_eq!(usage.len(), 1);
         assert_eq!(
             (usage[0].snapshot.as_str(), usage[0].new_bytes, pending),
@@ -1928,7 +2024,7 @@ mod tests {
                 line(400, 13, None, None),
             ]
         );
-        let (usage, pending) = read_usage_pending(&host);
+        let (usage, pending) = read_usage_pending(&host).unwrap();
         let per: Vec<(&str, u64)> = usage
             .iter()
             .map(|u| (u.snapshot.as_str(), u.new_bytes))
@@ -1944,7 +2040,7 @@ mod tests {
         // A backup whose own line could not be written (a full disc):
         // its bytes go on its snapshot's line.
         record_snapshot(&host, 600, "s6", None, 19).unwrap();
-        let (usage, pending) = read_usage_pending(&host);
+        let (usage, pending) = read_usage_pending(&host).unwrap();
         let last = usage.last().unwrap();
         assert_eq!(
             (last.snapshot.as_str(), last.new_bytes, pending),
