@@ -1062,3 +1062,59 @@ fn a_hard_link_is_never_made_to_another_restored_file_renamed_over_its_first_nam
     );
     assert_eq!(fs::read(r.join("d/z")).unwrap(), b"after the link");
 }
+
+/// A restore into an earlier restore's tree does not write into a mount
+/// point found there that another user owns (or a FUSE one): its owner
+/// (or daemon) would receive what is restored, root's files too. One the
+/// restoring user owns (a disc mounted to restore onto) is entered.
+#[test]
+fn a_restore_does_not_write_into_another_users_mount_in_its_tree() {
+    if !require_root("mounting a tmpfs") {
+        return;
+    }
+    let d = scratch();
+    let src = d.path().join("src");
+    write(&src.join("sub/secret"), b"root's own");
+    write(&src.join("top"), b"top");
+    let store = d.path().join("store");
+    store_without_interval(&store);
+    backup(&store, &src, "h", &[]);
+    let into = d.path().join("into");
+    let restored = restore(&store, "h", &into, &src);
+    assert_eq!(
+        fs::read(restored.join("sub/secret")).unwrap(),
+        b"root's own"
+    );
+    let mut mounts = Mounts::default();
+    mounts.mount(&["-t", "tmpfs", "tmpfs"], &restored.join("sub"));
+    std::os::unix::fs::chown(restored.join("sub"), Some(1234), Some(1234)).unwrap();
+    let again = || {
+        run_status(
+            Command::new(bin("byteback-restore"))
+                .current_dir(&into)
+                .arg("--destination")
+                .arg(&store)
+                .args(["--hostname", "h", "--restore", "/"]),
+        )
+    };
+    let o = again();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("sub is a mount point (another filesystem, owned by uid 1234): refusing"),
+        "{err}"
+    );
+    assert!(
+        fs::symlink_metadata(restored.join("sub/secret")).is_err(),
+        "written into the other user's mount: {err}"
+    );
+    // Root's own mount there: restored into.
+    std::os::unix::fs::chown(restored.join("sub"), Some(0), Some(0)).unwrap();
+    let o = again();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert_eq!(
+        fs::read(restored.join("sub/secret")).unwrap(),
+        b"root's own"
+    );
+}

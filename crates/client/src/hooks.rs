@@ -573,10 +573,6 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Copies the hook's output line by line to the sink (if any), each line
-/// prefixed and escaped (its text may quote what others chose, such as a
-/// database's name in a dump's error, and goes to root's terminal, the
-/// journal and mail); keeps the last lines, escaped too, in `tail`.
 /// A line of a hook's output escaped, but for its tabs (a dump's tables,
 /// `mysqldump`'s errors), which are no threat to a terminal or a log.
 fn escaped(line: &[u8]) -> String {
@@ -587,6 +583,10 @@ fn escaped(line: &[u8]) -> String {
     pieces.join("\t")
 }
 
+/// Copies the hook's output line by line to the sink (if any), each line
+/// prefixed and escaped (its text may quote what others chose, such as a
+/// database's name in a dump's error, and goes to root's terminal, the
+/// journal and mail); keeps the last lines, escaped too, in `tail`.
 fn pump(mut from: File, prefix: &str, sink: Option<&Sink>, tail: &Mutex<VecDeque<String>>) {
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = [0u8; 8192];

@@ -931,13 +931,10 @@ fn mount_on_the_way(
                 let shown = byteback_protocol::escape_bytes(p);
                 let excluded = |a: &[u8], s: &[u8]| left_out_anywhere(excludes, filter, a, s);
                 match mounts.crossing_unless(child, here, here.0 == there.0, &shown, &excluded) {
-                    Crossing::Enter | Crossing::Elsewhere(_) => {}
+                    // The walk keeps what an unknown mount holds as the
+                    // last backup has it (with a warning of its own).
+                    Crossing::Enter | Crossing::Elsewhere(_) | Crossing::Unknown(_) => {}
                     Crossing::Skip(why) => return Some(why),
-                    Crossing::Unknown(id) => {
-                        return Some(format!(
-                            "{shown}: mount {id} is not in /proc/self/mountinfo"
-                        ))
-                    }
                 }
             }
         }
@@ -2067,6 +2064,13 @@ pub fn walk(
             .split(|b| *b == b'/')
             .any(|c| c.len() > byteback_protocol::limits::MAX_NAME);
         if long {
+            // Said here, not again as a nested source the walk missed.
+            if let Ok(i) = w
+                .nested
+                .binary_search_by(|(p, _)| p.as_slice().cmp(src.as_os_str().as_bytes()))
+            {
+                w.nested[i].1 = true;
+            }
             w.sink.warning(WalkWarning {
                 path: src.clone(),
                 message: format!(

@@ -757,6 +757,15 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         });
     }
     let before = measure()?;
+    // A filesystem that says nothing of its size (a FUSE one without
+    // statfs): 0 % free by these figures, for which every prune would
+    // delete all it may. Not known is an error, and nothing is deleted.
+    if before.size == 0 {
+        return Err(Error::Store(format!(
+            "{}: the filesystem reports a size of 0, so its free space is not known; not pruning",
+            store.root.display()
+        )));
+    }
     let mut out = PruneOutcome {
         deleted: vec![],
         before,
@@ -823,8 +832,17 @@ pub fn prune(store: &Store, opts: &PruneOptions, log: &mut dyn Write) -> Result<
         // uploading as fast as deletions free space would otherwise have
         // every other host's history deleted in this one run. Not when
         // forced: the admin accepted what there was.
-        if !out.deleted.is_empty() && !opts.force && !opts.dry_run {
-            if let Some(why) = check_growth(store, opts, log, &snapshots, before.size)? {
+        // Not either where only one host's snapshots may go: the guard
+        // keeps the others'.
+        let forced = opts.force && opts.accept.is_empty();
+        if !out.deleted.is_empty() && !forced && !opts.dry_run && opts.only_host.is_none() {
+            // What was deleted stays reported whatever stops the run.
+            let why = match check_growth(store, opts, log, &snapshots, before.size) {
+                Ok(None) => None,
+                Ok(Some(why)) => Some(why),
+                Err(e) => Some(format!("the growth guard cannot judge: {e}")),
+            };
+            if let Some(why) = why {
                 say(log, format_args!("byteback-prune: stopping: {why}"))?;
                 out.refused = Some(why);
                 break;
@@ -1027,7 +1045,18 @@ fn check_growth(
     snapshots: &[Snapshot],
     capacity: u64,
 ) -> Result<Option<String>> {
-    let mut spikes = open_spikes(store, snapshots, capacity, opts.only_host.as_deref())?;
+    let mut spikes = match open_spikes(store, snapshots, capacity, opts.only_host.as_deref()) {
+        Ok(spikes) => spikes,
+        Err(e) => {
+            // For `status`, which reads the logs leniently.
+            record_refusal(
+                store,
+                opts,
+                &format!("not pruning: the growth guard cannot judge: {e}"),
+            );
+            return Err(e);
+        }
+    };
     // Making room for a backup of its own host (which the guard judged
     // already, see `own_only`): that backup is part of its host's growth
     // not snapshotted yet, which must not lock it out of its own history.
@@ -1189,13 +1218,6 @@ pub fn make_room_for_metadata(
     if round <= 1 {
         return wait_for_cleaner(store.fd()).map(|()| 0);
     }
-    if let Some(why) = not_a_full_disc(store, cfg) {
-        print_lines(
-            Level::WARN,
-            format!("byteback-server: no snapshot deleted: {why}\n").as_bytes(),
-        );
-        return Ok(0);
-    }
     delete_one(store, cfg, now, refusal, grown)
 }
 
@@ -1215,8 +1237,9 @@ fn not_a_full_disc(store: &Store, cfg: &crate::config::StoreConfig) -> Option<St
     };
     let blocks = percent(st.f_bavail, st.f_blocks);
     let inodes = percent(st.f_favail, st.f_files);
-    let min = f64::from(cfg.minpercent);
-    (st.f_blocks > 0 && blocks >= min && inodes >= min).then(|| {
+    // At least 1 %: with `minpercent = 0` a full disc is still one.
+    let min = f64::from(cfg.minpercent).max(1.0);
+    (st.f_blocks > 0 && blocks > min && inodes > min).then(|| {
         format!(
             "the store is not short of space ({blocks:.1} % of its blocks and {inodes:.1} % of \
              its inodes free): the filesystem refused it for another reason (a directory's \
@@ -1237,7 +1260,7 @@ pub fn delete_one(
     refusal: Option<String>,
     grown: Option<(&HostStore, u64)>,
 ) -> Result<usize> {
-    if let Some(why) = refusal {
+    if let Some(why) = refusal.or_else(|| not_a_full_disc(store, cfg)) {
         print_lines(
             Level::WARN,
             format!("byteback-server: no snapshot deleted: {why}\n").as_bytes(),

@@ -133,14 +133,6 @@ pub fn measure(fd: impl AsFd) -> io::Result<Space> {
     let st = rustix::fs::fstatvfs(fd)?;
     let size = st.f_blocks.saturating_mul(st.f_frsize);
     let free = st.f_bavail.saturating_mul(st.f_frsize);
-    // A filesystem that says nothing of its size (a FUSE one without
-    // statfs): 0 % free by these figures, for which every prune would
-    // delete all it may. Not known is an error, and nothing is deleted.
-    if size == 0 {
-        return Err(io::Error::other(
-            "the filesystem reports a size of 0 (statvfs), so its free space is not known",
-        ));
-    }
     Ok(Space {
         size,
         free,

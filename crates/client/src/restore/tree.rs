@@ -699,6 +699,49 @@ impl RestoreTree {
         Ok(Leave::Restore { uid, gid, mode, id })
     }
 
+    /// Refuses directory `fd` (at `path`, in `parent`) where it is the root
+    /// of another mount than its parent's and a FUSE one, or one whose root
+    /// another user owns: its daemon or owner would receive what is
+    /// restored there (root's files too), or could hang the restore. A
+    /// filesystem the restoring user mounted there (a disc to restore
+    /// onto) is entered.
+    fn refuse_foreign_mount(
+        &self,
+        parent: BorrowedFd<'_>,
+        fd: &OwnedFd,
+        path: &[u8],
+    ) -> Result<()> {
+        use rustix::fs::StatxFlags;
+        let mnt = |at: BorrowedFd<'_>| {
+            rustix::fs::statx(at, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID)
+                .ok()
+                .filter(|st| st.stx_mask & StatxFlags::MNT_ID.bits() != 0)
+                .map(|st| st.stx_mnt_id)
+        };
+        let (here, above) = (mnt(fd.as_fd()), mnt(parent));
+        if here.is_none() || here == above {
+            return Ok(());
+        }
+        /// `FUSE_SUPER_MAGIC`.
+        const FUSE: u64 = 0x6573_5546;
+        let st = rustix::fs::fstat(fd).on("fstat", self.shown(path))?;
+        let fuse = rustix::fs::fstatfs(fd).is_ok_and(|f| f.f_type as u64 & 0xFFFF_FFFF == FUSE);
+        if fuse || st.st_uid != self.euid {
+            bail!(
+                "{} is a mount point ({}, owned by uid {}): refusing to restore into it (unmount \
+                 it, or restore elsewhere with --target)",
+                self.shown(path),
+                if fuse {
+                    "a FUSE filesystem"
+                } else {
+                    "another filesystem"
+                },
+                st.st_uid
+            );
+        }
+        Ok(())
+    }
+
     /// `<into>/<snapshot>/path` (`./<snapshot>/path` by default), escaped, for messages.
     fn shown(&self, path: &[u8]) -> String {
         format!(
@@ -773,6 +816,7 @@ impl RestoreTree {
             }
             match open_dir_beneath(parent, name) {
                 Ok(fd) => {
+                    self.refuse_foreign_mount(parent, &fd, path)?;
                     let leave = self.lock_down(&fd, path)?;
                     return Ok((fd, leave));
                 }

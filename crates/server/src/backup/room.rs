@@ -148,8 +148,12 @@ impl Room {
     fn next_round(&mut self, e: Error, what: &str, round: &mut u8, grown: u64) -> Result<()> {
         *round += 1;
         if *round > ROOM_ROUNDS {
+            let hint = match crate::btrfs::is_btrfs(self.store.fd()) {
+                true => "btrfs may have no room left for metadata (see `btrfs filesystem usage`; `btrfs balance start -dusage=50` on the store's filesystem gives it some)",
+                false => "the filesystem may be out of inodes or refuse it for another reason (see `df -i`)",
+            };
             return Err(Error::Store(format!(
-                "no space left on device {what}, even after committing the filesystem and deleting up to {} snapshots one by one; btrfs may have no room left for metadata (see `btrfs filesystem usage`; `btrfs balance start -dusage=50` on the store's filesystem gives it some): {e}",
+                "no space left on device {what}, even after committing the filesystem and deleting up to {} snapshots one by one; {hint}: {e}",
                 ROOM_ROUNDS - 1
             )));
         }
