@@ -244,6 +244,12 @@ enum Tail {
     Credit(u64),
 }
 
+/// A usage log past this many bytes is compacted before the next line is
+/// appended (see [`compact_usage`]): about 60,000 lines.
+const USAGE_COMPACT_AT: u64 = 4 << 20;
+/// The snapshots a compacted usage log keeps a line for, the newest.
+const USAGE_KEEP: usize = 1000;
+
 fn append_usage(
     host: &HostStore,
     now: i64,
@@ -253,6 +259,16 @@ fn append_usage(
     tail: Tail,
 ) -> Result<()> {
     let path = || host.path.join(USAGE_LOG).display().to_string();
+    let big = fsops::lstat_at(host.fd(), USAGE_LOG.as_bytes())
+        .ok()
+        .flatten()
+        .is_some_and(|st| st.st_size as u64 > USAGE_COMPACT_AT);
+    if big {
+        // Appended to as it is if it cannot be: nothing is lost then.
+        if let Err(e) = compact_usage(host) {
+            tracing::warn!("cannot compact {}: {e}", path());
+        }
+    }
     let fd = rustix::fs::openat(
         host.fd(),
         USAGE_LOG,
@@ -291,6 +307,86 @@ fn append_usage(
     if let Err(e) = synced {
         tracing::error!("cannot sync {}: {e}", path());
     }
+    Ok(())
+}
+
+/// Rewrites the host's usage log (a new file renamed over it) as its
+/// readers take it: a line for each of the last [`USAGE_KEEP`] snapshots
+/// (the bytes written since the snapshot before, its time, name and space
+/// figures), then one line of the bytes written since the last snapshot
+/// (`-`, `running` when its last line was), if any lines came after it.
+/// The growth guard's figures stay what they were; the sessions between
+/// two snapshots become one line. So a client that makes a great many
+/// sessions (each writes a line) can neither push its snapshots out of
+/// the 64 MiB every reader takes (its host would pass for a new one,
+/// judged by no guard) nor grow the log without end. Called by the log's
+/// one writer, under the host's lock.
+fn compact_usage(host: &HostStore) -> Result<()> {
+    let path = || host.path.join(USAGE_LOG).display().to_string();
+    let Some(text) = read_small_checked(host.fd(), USAGE_LOG).op("read", path)? else {
+        return Ok(());
+    };
+    let mut snapshots: Vec<String> = vec![];
+    // Bytes since the last snapshot line, the time and kind of the last
+    // line that counted for them.
+    let mut pending: u64 = 0;
+    let mut after: Option<(i64, bool)> = None;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(t), Some(b), Some(&s)) = (f.first(), f.get(1), f.get(2)) else {
+            continue;
+        };
+        let (Ok(t), Ok(b)) = (t.parse::<i64>(), b.parse::<u64>()) else {
+            continue;
+        };
+        // As `read_usage_pending` reads it.
+        if let Some(c) = credit_of(s, f.get(3).copied(), f.get(4).copied()) {
+            pending = pending.saturating_sub(c);
+            after = Some((t, after.is_some_and(|a| a.1)));
+            continue;
+        }
+        pending = pending.saturating_add(b);
+        if s == "-" {
+            after = Some((t, f.get(3) == Some(&"running")));
+            continue;
+        }
+        let space = match (f.get(3), f.get(4)) {
+            (Some(free), Some(size))
+                if free.parse::<u64>().is_ok() && size.parse::<u64>().is_ok() =>
+            {
+                format!(" {free} {size}")
+            }
+            _ => String::new(),
+        };
+        snapshots.push(format!("{t} {pending} {s}{space}\n"));
+        pending = 0;
+        after = None;
+    }
+    let first = snapshots.len().saturating_sub(USAGE_KEEP);
+    let mut out = snapshots[first..].concat();
+    if let Some((t, running)) = after {
+        let tail = if running { " running" } else { "" };
+        out.push_str(&format!("{t} {pending} -{tail}\n"));
+    }
+    let tmp = format!("{USAGE_LOG}.compact");
+    let written = (|| -> std::io::Result<()> {
+        let fd = rustix::fs::openat(
+            host.fd(),
+            tmp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::from_raw_mode(0o600),
+        )?;
+        let mut f = std::fs::File::from(fd);
+        f.write_all(out.as_bytes())?;
+        f.sync_data()?;
+        rustix::fs::renameat(host.fd(), tmp.as_str(), host.fd(), USAGE_LOG)?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = rustix::fs::unlinkat(host.fd(), tmp.as_str(), rustix::fs::AtFlags::empty());
+        return Err(e).op("compact", path);
+    }
+    fsops::fsync(host.fd()).op("sync the directory of", path)?;
     Ok(())
 }
 
@@ -1585,6 +1681,68 @@ mod tests {
         // Older readers' view: the fourth field is no space figure.
         let text = std::fs::read_to_string(dir.path().join("h").join(USAGE_LOG)).unwrap();
         assert!(text.lines().any(|l| l == "100 3 - running"), "{text}");
+    }
+
+    /// A usage log past [`USAGE_COMPACT_AT`] is compacted before the next
+    /// line: the growth guard's figures for the snapshots it keeps, and
+    /// the growth since the last one, are those of the whole log; a flood
+    /// of sessions without a snapshot (each writes a line) keeps it small
+    /// and never pushes the snapshots out of what readers take.
+    #[test]
+    fn a_long_usage_log_is_compacted_to_the_same_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let host = store.host("h", true).unwrap();
+        let sp = Space {
+            size: 1000,
+            free: 400,
+            data_percent: 40.0,
+            metadata_percent: None,
+            source: "statvfs",
+        };
+        for i in 0..(USAGE_KEEP as i64 + 20) {
+            let t = i * 1000;
+            record_written(&host, t, 10 + i as u64, None).unwrap();
+            record_running(&host, t + 1, 5).unwrap();
+            record_credit(&host, t + 2, 2).unwrap();
+            record_written(&host, t + 3, 1, None).unwrap();
+            record_snapshot(&host, t + 3, &format!("s{i}"), Some(&sp), 0).unwrap();
+        }
+        record_running(&host, 9_000_000, 7).unwrap();
+        let (before, pending_before) = read_usage_pending(&host).unwrap();
+        let lines_before = read_usage_lines(&host);
+        compact_usage(&host).unwrap();
+        let (after, pending_after) = read_usage_pending(&host).unwrap();
+        assert_eq!(after.len(), USAGE_KEEP);
+        assert_eq!(after[..], before[before.len() - USAGE_KEEP..]);
+        assert_eq!(pending_after, pending_before);
+        let lines = read_usage_lines(&host);
+        let last = lines.last().unwrap();
+        assert!(last.running && last.new_bytes == 7, "{last:?}");
+        let snap = &lines[lines.len() - 2];
+        assert_eq!(snap.space, Some((400, 1000)));
+        // The sessions of that snapshot are its line now.
+        let newest = before.last().unwrap();
+        assert_eq!(
+            (snap.snapshot.as_deref(), snap.new_bytes),
+            (Some(newest.snapshot.as_str()), newest.new_bytes)
+        );
+        assert!(lines.len() < lines_before.len());
+        // Sessions without a snapshot, a great many (their lines written
+        // here at once): compacted at the next line written.
+        let log = dir.path().join("h").join(USAGE_LOG);
+        let flood: String = (0..400_000)
+            .map(|i| format!("{} 3 -\n", 10_000_000 + i))
+            .collect();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(flood.as_bytes()).unwrap();
+        drop(f);
+        assert!(std::fs::metadata(&log).unwrap().len() > USAGE_COMPACT_AT);
+        record_written(&host, 20_000_000, 4, None).unwrap();
+        assert!(std::fs::metadata(&log).unwrap().len() < 100_000);
+        let (usage, pending) = read_usage_pending(&host).unwrap();
+        assert_eq!(usage.len(), USAGE_KEEP);
+        assert_eq!(pending, 7 + 400_000 * 3 + 4);
     }
 
     /// Bytes a running backup noted and then threw away (a transfer that
