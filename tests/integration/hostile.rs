@@ -1483,9 +1483,11 @@ fn old_entries_held_for_transfers_are_bounded() {
 
 /// A file placed with the size and mtime the old manifest gives it, but
 /// other content (a client whose file ended with the old mtime), gets a
-/// nanosecond off on disc: a run cut off after placing it must not leave a
+/// second earlier on disc: a run cut off after placing it must not leave a
 /// file the next run would keep by its size and mtime, recording the old
-/// hash for the new bytes (before, only checksum mode did this).
+/// hash for the new bytes (before, only checksum mode did this). The same
+/// content placed again (sent after `verify` marked the stored copy)
+/// too: its data could be lost with the power before the commit.
 #[test]
 fn new_content_under_the_old_size_and_mtime_is_not_taken_for_the_old() {
     use std::os::unix::fs::MetadataExt;
@@ -1509,10 +1511,29 @@ fn new_content_under_the_old_size_and_mtime_is_not_taken_for_the_old() {
     let f = env.current().join("f");
     assert_eq!(fs::read(&f).unwrap(), new, "{}", o.describe());
     let meta = fs::metadata(&f).unwrap();
-    assert_ne!(
+    assert_eq!(
         (meta.mtime(), meta.mtime_nsec()),
-        (m, 0),
+        (m - 1, 0),
         "new content on disc under the old size and mtime"
+    );
+    // The old content again, under the old size and mtime.
+    let s = Script::backup()
+        .msg(&ClientMsg::Entries(vec![file_e(
+            b"f",
+            old.len(),
+            fresh_mtime(),
+        )]))
+        .msg(&file_data(0, old))
+        .msg(&file_end(0, old, m));
+    let o = env.serve("f with its old content again, cut off", &s.bytes);
+    assert!(o.backup_done().is_none(), "{}", o.describe());
+    assert_eq!(fs::read(&f).unwrap(), old, "{}", o.describe());
+    let meta = fs::metadata(&f).unwrap();
+    assert_eq!(
+        (meta.mtime(), meta.mtime_nsec()),
+        (m - 1, 0),
+        "{}",
+        o.describe()
     );
 }
 

@@ -997,3 +997,33 @@ fn verify_keeps_its_place_when_snapshots_are_pruned_and_runs_alone() {
     let st = fs::read_to_string(&state).unwrap();
     assert!(!st.contains("last-full"), "{st}");
 }
+
+/// A damaged file of `current` whose own mtime is the epoch (reproducible
+/// builds stamp files so) is marked with an mtime of its own, not 0, so
+/// the next backup rebuilds it: marked with 0, it kept the damaged copy by
+/// its size and mtime, and verify found it again at every pass.
+#[test]
+fn damage_to_a_file_stamped_at_the_epoch_is_repaired() {
+    let Some(site) = backed_up_site(31, 2, 10_000) else {
+        return;
+    };
+    let (store, src) = (&site.store, &site.src);
+    set_mtime(&src.join("f0"), 0, 0);
+    backup(store, src);
+    let current = stored(store, "current", src, "f0");
+    assert_eq!(fs::metadata(&current).unwrap().mtime(), 0);
+    flip_byte(&current, 100);
+    let out = output_text(&verify(store, &[]));
+    assert!(
+        out.contains("1 in current marked for the next backup"),
+        "{out}"
+    );
+    assert_ne!(fs::metadata(&current).unwrap().mtime(), 0, "{out}");
+    backup(store, src);
+    assert_eq!(
+        fs::read(&current).unwrap(),
+        fs::read(src.join("f0")).unwrap()
+    );
+    let v = verify(store, &[]);
+    assert_eq!(v.status.code(), Some(0), "{}", output_text(&v));
+}

@@ -551,13 +551,21 @@ fn check_file(
     )
 }
 
-/// Sets a damaged file of `current` to mtime 0 so the next backup rebuilds
-/// it; synced, so a power cut cannot lose the mark while the manifest
-/// still vouches for the damaged copy (which the next backup, finding
-/// `current` unclean, would keep by its size and mtime).
+/// Sets a damaged file of `current` to an mtime of its own (0, else 2 or
+/// 4 s after the epoch) so the next backup rebuilds it; synced, so a power
+/// cut cannot lose the mark while the manifest still vouches for the
+/// damaged copy (which the next backup, finding `current` unclean, would
+/// keep by its size and mtime). Not the manifest's mtime, which is the
+/// file's on disc or a second after it (see `on_disc_mtime`): a file
+/// stamped 0 (reproducible builds) would be kept damaged, for good.
 fn mark_for_resend(current: impl AsFd, path: &[u8]) -> Result<()> {
     let f = fsops::open_file(&current, &disk_path(path)).op("open", || shown(path))?;
-    fsops::set_mtime(&f, 0, 0).op("set the mtime of", || shown(path))?;
+    let now = rustix::fs::fstat(&f).op("stat", || shown(path))?.st_mtime;
+    let mark = [0, 2, 4]
+        .into_iter()
+        .find(|m| *m != now && *m != now.saturating_add(1))
+        .unwrap_or(0);
+    fsops::set_mtime(&f, mark, 0).op("set the mtime of", || shown(path))?;
     fsops::fsync(&f).op("sync", || shown(path))?;
     Ok(())
 }

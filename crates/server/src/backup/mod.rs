@@ -99,11 +99,28 @@ const BOOT_NEW: &[u8] = b"boot.new";
 /// two directory items, about 400 bytes, rounded up.
 pub(crate) const INODE_COST: u64 = 512;
 
-/// This kernel's boot id (a new one at every boot), if it can be read.
-fn boot_id() -> Option<String> {
+/// This kernel's boot id (a new one at every boot), if it can be read,
+/// with the id of the mount `current` is on: a store that lost what it had
+/// not written yet without a reboot (a transaction aborted and the
+/// filesystem mounted again, a USB disc pulled and plugged in) is on
+/// another mount. The unique id of Linux 6.8 and later (`mount.N`); else
+/// the older one, which a new mount may take again (`mnt.N`).
+fn boot_id(current: impl std::os::fd::AsFd) -> Option<String> {
+    use rustix::fs::{AtFlags, StatxFlags};
     let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
     let id = id.trim();
-    (!id.is_empty()).then(|| id.to_string())
+    if id.is_empty() {
+        return None;
+    }
+    /// `STATX_MNT_ID_UNIQUE`.
+    const UNIQUE: u32 = 0x4000;
+    let asked = StatxFlags::MNT_ID | StatxFlags::from_bits_retain(UNIQUE);
+    let mount = match rustix::fs::statx(current, "", AtFlags::EMPTY_PATH, asked) {
+        Ok(st) if st.stx_mask & UNIQUE != 0 => format!(" mount.{}", st.stx_mnt_id),
+        Ok(st) if st.stx_mask & StatxFlags::MNT_ID.bits() != 0 => format!(" mnt.{}", st.stx_mnt_id),
+        _ => String::new(),
+    };
+    Some(format!("{id}{mount}"))
 }
 /// Marker in `.byteback`: `current` is byteback 1.x's, being taken over
 /// (made, synced, before anything changes; ignored once a manifest is
@@ -620,7 +637,7 @@ impl BackupReceiver {
         let marker = exists(CLEAN)?;
         let takeover = !has_manifest && exists(TAKEOVER)?;
         let clean = marker && has_manifest;
-        let boot = boot_id();
+        let boot = boot_id(&current);
         let recorded = crate::pruner::read_small(&meta, "boot");
         // No record: a fresh `current` (nothing to suspect), or one an
         // older server left unfinished (suspected if it has a manifest).

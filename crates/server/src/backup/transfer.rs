@@ -317,16 +317,16 @@ impl BackupReceiver {
     /// again.
     fn place(&mut self, id: u32) -> Result<TransferResult> {
         let t = self.transfer(id)?;
-        let Some((size, mtime, hash)) = t.verified.as_ref().map(|v| (v.size, v.mtime, v.hash))
-        else {
+        let Some((size, mtime)) = t.verified.as_ref().map(|v| (v.size, v.mtime)) else {
             return Err(Error::Refused(format!("transfer {id} is not verified")));
         };
-        // Other content under the size and mtime the old manifest gives it
-        // (checksum mode, or a client whose file ended with the old mtime).
+        // A new file under the size and mtime the old manifest gives it
+        // (checksum mode found other content, a client whose file ended
+        // with the old mtime, or the same content sent again after
+        // `verify` marked the stored copy): after a crash that lost its
+        // data, it would pass for the copy the manifest vouches for.
         let collides = t.old.as_ref().is_some_and(|o| {
-            o.entry.kind == Kind::File { size }
-                && (o.entry.mtime_sec, o.entry.mtime_nsec) == mtime
-                && o.hash != hash
+            o.entry.kind == Kind::File { size } && (o.entry.mtime_sec, o.entry.mtime_nsec) == mtime
         });
         let (path, partial, in_place) = (t.entry.path.clone(), t.partial.clone(), t.in_place);
         self.with_room(
@@ -584,18 +584,20 @@ fn in_parent<T>(
     Ok(done)
 }
 
-/// The mtime a placed file gets on disc: the client's, except for content
-/// other than the old manifest's under its size and mtime (`collides`:
-/// checksum mode found it changed, or a client gave the old mtime), which
-/// gets it a nanosecond off. Otherwise a run interrupted after placing it
-/// leaves a file the next run (with `current` not clean) would take for
-/// the old content by its size and mtime, recording the old hash; the
-/// manifest keeps the client's mtime, which is what a restore sets.
+/// The mtime a placed file gets on disc: the client's, except for a file
+/// placed under the old manifest's size and mtime (`collides`), which
+/// gets it a second earlier. Otherwise a run interrupted after placing it
+/// (its data lost with the power) leaves a file the next run (with
+/// `current` not clean) would take for the copy the old manifest vouches
+/// for by its size and mtime, recording the old hash. A whole second,
+/// not a nanosecond: a store may keep whole seconds only (ext4 with
+/// 128-byte inodes), which would round a nanosecond off back to the old
+/// mtime. The manifest keeps the client's mtime, which is what a restore
+/// sets.
 fn on_disc_mtime(collides: bool, (sec, nsec): (i64, u32)) -> (i64, u32) {
-    match (collides, nsec) {
-        (false, _) => (sec, nsec),
-        (true, 0) => (sec, 1),
-        (true, n) => (sec, n - 1),
+    match collides {
+        false => (sec, nsec),
+        true => (sec.saturating_sub(1), nsec),
     }
 }
 
