@@ -53,6 +53,32 @@ impl SessionClock {
     }
 }
 
+/// The deadline of the backup session this process serves (one a
+/// process), for work that reads no connection for long: hashing a
+/// stored file a client named as a twin (up to 16 TiB, from a message of
+/// a hundred bytes).
+static BACKUP_DEADLINE: OnceLock<(Instant, Duration)> = OnceLock::new();
+
+/// Sets [`BACKUP_DEADLINE`] to `limit` from now (a second call keeps the
+/// first).
+pub fn start_backup_deadline(limit: Duration) {
+    let _ = BACKUP_DEADLINE.set((Instant::now() + limit, limit));
+}
+
+/// An error once the backup session's deadline has passed.
+pub fn within_backup_deadline() -> io::Result<()> {
+    match BACKUP_DEADLINE.get() {
+        Some((end, limit)) if Instant::now() >= *end => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the session has run for {} s (max_session in byteback.toml); giving up (a backup keeps what was received for the next run)",
+                limit.as_secs()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// A descriptor whose reads and writes wait at most `timeout`.
 pub struct Timed {
     fd: std::fs::File,

@@ -122,6 +122,7 @@ pub fn copy_into(
     let mut off = 0u64;
     let mut holes = 0u64;
     while off < size {
+        crate::timed::within_backup_deadline()?;
         let want = IO_CHUNK.min((size - off) as usize);
         let n = src.read_at(&mut buf[..want], off)?;
         if n == 0 {
@@ -156,6 +157,7 @@ fn hash_of(f: &File, size: u64) -> io::Result<[u8; 32]> {
     let mut buf = vec![0u8; IO_CHUNK];
     let mut off = 0u64;
     while off < size {
+        crate::timed::within_backup_deadline()?;
         let n = f.read_at(&mut buf, off)?;
         if n == 0 {
             return Ok([0; 32]);

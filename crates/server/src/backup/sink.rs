@@ -14,7 +14,7 @@ use byteback_delta::{apply_ops, DeltaError, FileHasher, PatchSink};
 use byteback_protocol::codec::ChunkDecompressor;
 use byteback_protocol::Compressed;
 
-use super::digest::{BasisDigest, Digest, Kept, Lease};
+use super::digest::{BasisDigest, Digest, Kept, KeptBudget, Lease};
 use crate::error::{shown, Error, Result};
 use crate::fsops;
 use byteback_protocol::os::write_sparse_at;
@@ -177,6 +177,9 @@ pub(super) struct FileWriter {
     keep: bool,
     /// The memory its kept digests hold (see `digest::KeptBudget`).
     _lease: Option<Lease>,
+    /// ... and those of the stored copy it is rebuilt from, held as long
+    /// (see [`Self::use_basis_digest`]).
+    basis_lease: Option<Lease>,
     /// Content hash of what `out` holds, when it was filled from a stored
     /// twin and hashed from `out` (instead of through `digest`).
     verified: Option<[u8; 32]>,
@@ -226,6 +229,7 @@ impl FileWriter {
             len,
             keep,
             _lease: lease,
+            basis_lease: None,
             verified: None,
             nospace: false,
             quota: false,
@@ -251,10 +255,22 @@ impl FileWriter {
 
     /// Takes in the kept digests of the stored copy that is the whole
     /// basis, before any data: copies from it to the same offset are then
-    /// neither read nor hashed. False when they cannot be used.
-    pub fn use_basis_digest(&mut self, d: BasisDigest) -> bool {
+    /// neither read nor hashed. False when they cannot be used. `lease`:
+    /// the memory they hold (the stored copy's size, not the new file's:
+    /// a small file rebuilt from a huge stored copy holds the copy's).
+    pub fn use_basis_digest(&mut self, d: BasisDigest, budget: &KeptBudget) -> bool {
         let whole = matches!(&self.basis, Some(b) if b.parts.len() == 1 && b.len() == d.len);
-        whole && self.written == 0 && self.digest.use_basis(d)
+        if !whole || self.written != 0 {
+            return false;
+        }
+        let Some(lease) = budget.lease(d.len) else {
+            return false;
+        };
+        let used = self.digest.use_basis(d);
+        if used {
+            self.basis_lease = Some(lease);
+        }
+        used
     }
 
     /// Bytes read back from the new file to hash it (see `digest`).
@@ -685,6 +701,49 @@ mod tests {
         let f = tempfile::tempfile().expect("tempfile");
         f.write_all_at(bytes, 0).expect("write");
         f
+    }
+
+    /// The stored copy's kept values a rebuild takes in are leased by the
+    /// copy's size: small files rebuilt from a huge stored copy each hold
+    /// its values, so only as many as the budget of kept digests allows
+    /// take them in (a client announcing thousands held gigabytes).
+    #[test]
+    fn a_basis_digest_is_leased_by_the_stored_copys_size() {
+        let budget = KeptBudget::default();
+        let huge: u64 = 1 << 30;
+        let mut writers = vec![];
+        let mut used = 0;
+        for _ in 0..200 {
+            let stored = tempfile::tempfile().expect("tempfile");
+            stored.set_len(huge).expect("set_len");
+            let basis = Basis {
+                parts: vec![BasisPart {
+                    file: stored,
+                    start: 0,
+                    len: huge,
+                }],
+            };
+            let small = 4u64 << 20;
+            let lease = budget.lease(small);
+            let mut w = FileWriter::new(None, Some(basis), small, lease);
+            let d = BasisDigest {
+                len: huge,
+                cvs: vec![[0u8; 32]; super::super::digest::units_of(huge) as usize],
+                entries: vec![],
+            };
+            used += usize::from(w.use_basis_digest(d, &budget));
+            writers.push(w);
+        }
+        let cost = super::super::digest::kept_cost(huge);
+        assert!(used > 0, "no basis digest used at all");
+        assert!(
+            (used as u64) * cost <= 32 << 20,
+            "{used} stored copies' values of {cost} bytes each held"
+        );
+        drop(writers);
+        let stored = tempfile::tempfile().expect("tempfile");
+        stored.set_len(huge).expect("set_len");
+        assert!(budget.lease(huge).is_some(), "not given back");
     }
 
     #[test]

@@ -68,9 +68,12 @@ impl BackupReceiver {
                 let digest = same_mtime
                     .then(|| self.sigs.load_digest(&hash, len, &sig))
                     .flatten();
+                // Held as long as the transfer, from the budget of kept
+                // digests: by the stored copy's size (a client could
+                // otherwise hold a huge copy's values for each small file).
                 if let Some(d) = digest {
                     let t = self.transfers.get_mut(&id).ok_or_else(|| unknown(id))?;
-                    if t.writer.use_basis_digest(d) {
+                    if t.writer.use_basis_digest(d, &self.kept) {
                         self.sigs.digests_used += 1;
                     }
                 }

@@ -41,9 +41,9 @@ pub(super) fn backup<R: Read, W: Write>(
 ) -> Result<()> {
     let config = StoreConfig::load(&cfg.store)?;
     if config.max_session > 0 {
-        cfg.clock.start(std::time::Duration::from_secs(
-            config.max_session.unsigned_abs(),
-        ));
+        let limit = std::time::Duration::from_secs(config.max_session.unsigned_abs());
+        cfg.clock.start(limit);
+        crate::timed::start_backup_deadline(limit);
     }
     let host = store.host(&cfg.host, true)?;
     let lock = host.lock()?;
