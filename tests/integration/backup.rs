@@ -2750,8 +2750,14 @@ fn a_checksum_backup_cut_short_before_its_commit_leaves_no_wrong_hash() {
         (on_disc.mtime(), on_disc.mtime_nsec()),
         (md.mtime() - 1, md.mtime_nsec())
     );
-    // A default backup then records the new content's hash.
+    // A default backup then records the new content's hash, and the
+    // file, committed, gets its own mtime on disc again.
     local_backup(&store, &src, "cc");
+    let on_disc = fs::metadata(&placed).unwrap();
+    assert_eq!(
+        (on_disc.mtime(), on_disc.mtime_nsec()),
+        (md.mtime(), md.mtime_nsec())
+    );
     let snap = snapshots(&store, "cc").pop().unwrap();
     let r = restore_all(&store, "cc", Some(&snap), &d.path().join("r"));
     assert_same_tree(&src, &restored_path(&r, &src));

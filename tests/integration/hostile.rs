@@ -1535,6 +1535,37 @@ fn new_content_under_the_old_size_and_mtime_is_not_taken_for_the_old() {
         "{}",
         o.describe()
     );
+    // The client's file now has other content at that very second (files
+    // stamped in whole seconds): the copy on disc is not kept by its size
+    // and mtime, the content is received.
+    let other = b"3rd data".as_slice();
+    let s = backup_script(&[(file_e(b"f", other.len(), m - 1), Some(other))]);
+    let o = env.serve("f with other content at the offset second", &s.bytes);
+    o.assert_backup_ok(1);
+    assert_eq!(fs::read(&f).unwrap(), other, "{}", o.describe());
+    env.accept();
+    // Committed, a file placed a second early (ending with the old
+    // manifest's size and mtime) gets its own mtime back.
+    let s = Script::backup()
+        .msg(&ClientMsg::Entries(vec![file_e(
+            b"f",
+            old.len(),
+            fresh_mtime(),
+        )]))
+        .msg(&file_data(0, old))
+        .msg(&file_end(0, old, m - 1))
+        .msg(&ClientMsg::BackupEnd);
+    let o = env.serve("f ending with the old size and mtime, committed", &s.bytes);
+    o.assert_backup_ok(1);
+    assert_eq!(fs::read(&f).unwrap(), old, "{}", o.describe());
+    let meta = fs::metadata(&f).unwrap();
+    assert_eq!(
+        (meta.mtime(), meta.mtime_nsec()),
+        (m - 1, 0),
+        "{}",
+        o.describe()
+    );
+    env.accept();
 }
 
 /// A path as long as the protocol allows (4,096 bytes) is longer than the

@@ -310,9 +310,10 @@ fn append_usage(
     Ok(())
 }
 
-/// Rewrites the host's usage log (a new file renamed over it) as its
-/// readers take it: a line for each of the last [`USAGE_KEEP`] snapshots
-/// (the bytes written since the snapshot before, its time, name and space
+/// Rewrites the host's usage log (a new file renamed over it, with the
+/// old one's owner and mode) as its readers take it: a line for each
+/// snapshot that still exists and each of the last [`USAGE_KEEP`] (the
+/// bytes written since the snapshot before, its time, name and space
 /// figures), then one line of the bytes written since the last snapshot
 /// (`-`, `running` when its last line was), if any lines came after it.
 /// The growth guard's figures stay what they were; the sessions between
@@ -323,10 +324,26 @@ fn append_usage(
 /// one writer, under the host's lock.
 fn compact_usage(host: &HostStore) -> Result<()> {
     let path = || host.path.join(USAGE_LOG).display().to_string();
+    let Some(old) = fsops::lstat_at(host.fd(), USAGE_LOG.as_bytes()).op("look at", path)? else {
+        return Ok(());
+    };
+    let euid = rustix::process::geteuid().as_raw();
+    if old.st_uid != euid && euid != 0 {
+        // Not ours to replace (its owner's next backup compacts it).
+        return Ok(());
+    }
     let Some(text) = read_small_checked(host.fd(), USAGE_LOG).op("read", path)? else {
         return Ok(());
     };
-    let mut snapshots: Vec<String> = vec![];
+    let existing: HashSet<String> = host
+        .snapshots()
+        .map(|v| v.into_iter().map(|(n, _)| n).collect())
+        .unwrap_or_default();
+    // Each snapshot's line, and whether that snapshot is still there.
+    let mut snapshots: Vec<(String, bool)> = vec![];
+    // The space figures of the last line before a snapshot's that had
+    // some (a backup's line; the snapshot's may have none).
+    let mut last_space = String::new();
     // Bytes since the last snapshot line, the time and kind of the last
     // line that counted for them.
     let mut pending: u64 = 0;
@@ -346,10 +363,6 @@ fn compact_usage(host: &HostStore) -> Result<()> {
             continue;
         }
         pending = pending.saturating_add(b);
-        if s == "-" {
-            after = Some((t, f.get(3) == Some(&"running")));
-            continue;
-        }
         let space = match (f.get(3), f.get(4)) {
             (Some(free), Some(size))
                 if free.parse::<u64>().is_ok() && size.parse::<u64>().is_ok() =>
@@ -358,24 +371,52 @@ fn compact_usage(host: &HostStore) -> Result<()> {
             }
             _ => String::new(),
         };
-        snapshots.push(format!("{t} {pending} {s}{space}\n"));
+        if s == "-" {
+            after = Some((t, f.get(3) == Some(&"running")));
+            if !space.is_empty() {
+                last_space = space;
+            }
+            continue;
+        }
+        let space = if space.is_empty() {
+            std::mem::take(&mut last_space)
+        } else {
+            space
+        };
+        snapshots.push((format!("{t} {pending} {s}{space}\n"), existing.contains(s)));
         pending = 0;
         after = None;
+        last_space.clear();
     }
-    let first = snapshots.len().saturating_sub(USAGE_KEEP);
-    let mut out = snapshots[first..].concat();
+    let newest = snapshots.len().saturating_sub(USAGE_KEEP);
+    let mut out: String = snapshots
+        .iter()
+        .enumerate()
+        .filter(|(i, (_, there))| *i >= newest || *there)
+        .map(|(_, (line, _))| line.as_str())
+        .collect();
     if let Some((t, running)) = after {
         let tail = if running { " running" } else { "" };
         out.push_str(&format!("{t} {pending} -{tail}\n"));
     }
     let tmp = format!("{USAGE_LOG}.compact");
     let written = (|| -> std::io::Result<()> {
+        // One a run of another user left is no reason to fail each time.
+        fsops::remove_any(host.fd(), tmp.as_bytes())?;
         let fd = rustix::fs::openat(
             host.fd(),
             tmp.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC | OFlags::NOFOLLOW,
             Mode::from_raw_mode(0o600),
         )?;
+        if old.st_uid != euid {
+            rustix::fs::fchown(
+                &fd,
+                Some(rustix::fs::Uid::from_raw(old.st_uid)),
+                Some(rustix::fs::Gid::from_raw(old.st_gid)),
+            )?;
+        }
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(old.st_mode & 0o7777))?;
         let mut f = std::fs::File::from(fd);
         f.write_all(out.as_bytes())?;
         f.sync_data()?;
@@ -1700,21 +1741,30 @@ mod tests {
             metadata_percent: None,
             source: "statvfs",
         };
+        // The oldest is a snapshot that is still there: its line stays.
+        let kept = "2026-01-01T00:00+0000";
+        std::fs::create_dir(dir.path().join("h").join(kept)).unwrap();
         for i in 0..(USAGE_KEEP as i64 + 20) {
             let t = i * 1000;
-            record_written(&host, t, 10 + i as u64, None).unwrap();
+            record_written(&host, t, 10 + i as u64, Some(&sp)).unwrap();
             record_running(&host, t + 1, 5).unwrap();
             record_credit(&host, t + 2, 2).unwrap();
             record_written(&host, t + 3, 1, None).unwrap();
-            record_snapshot(&host, t + 3, &format!("s{i}"), Some(&sp), 0).unwrap();
+            let name = if i == 0 {
+                kept.to_string()
+            } else {
+                format!("s{i}")
+            };
+            record_snapshot(&host, t + 3, &name, None, 0).unwrap();
         }
         record_running(&host, 9_000_000, 7).unwrap();
         let (before, pending_before) = read_usage_pending(&host).unwrap();
         let lines_before = read_usage_lines(&host);
         compact_usage(&host).unwrap();
         let (after, pending_after) = read_usage_pending(&host).unwrap();
-        assert_eq!(after.len(), USAGE_KEEP);
-        assert_eq!(after[..], before[before.len() - USAGE_KEEP..]);
+        assert_eq!(after.len(), USAGE_KEEP + 1);
+        assert_eq!(after[0], before[0]);
+        assert_eq!(after[1..], before[before.len() - USAGE_KEEP..]);
         assert_eq!(pending_after, pending_before);
         let lines = read_usage_lines(&host);
         let last = lines.last().unwrap();
@@ -1741,7 +1791,7 @@ mod tests {
         record_written(&host, 20_000_000, 4, None).unwrap();
         assert!(std::fs::metadata(&log).unwrap().len() < 100_000);
         let (usage, pending) = read_usage_pending(&host).unwrap();
-        assert_eq!(usage.len(), USAGE_KEEP);
+        assert_eq!(usage.len(), USAGE_KEEP + 1);
         assert_eq!(pending, 7 + 400_000 * 3 + 4);
     }
 

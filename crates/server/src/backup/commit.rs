@@ -285,6 +285,22 @@ impl BackupReceiver {
         Ok(())
     }
 
+    /// Gives the files placed a second before their mtime (see
+    /// `on_disc_mtime`) their mtime, now that the commit made their data
+    /// durable and the manifest names it: otherwise every run after an
+    /// interrupted one would receive them again. Best effort (not synced:
+    /// one left so costs a resend, never a wrong file).
+    fn unoffset(&mut self) {
+        for (path, (sec, nsec)) in std::mem::take(&mut self.work.offset) {
+            let set = fsops::open_file(&self.current, &crate::store::disk_path(&path))
+                .and_then(|f| fsops::set_mtime(&f, sec, nsec));
+            if let Err(e) = set {
+                tracing::debug!("cannot give {} its mtime: {e}", crate::error::shown(&path));
+            }
+        }
+        self.work.offset_bytes = 0;
+    }
+
     /// Syncs what the backup wrote and renames the new manifest into
     /// place: the commit point.
     fn put_in_place(&mut self, new_file: std::fs::File, new_path: &std::path::Path) -> Result<()> {
@@ -307,6 +323,7 @@ impl BackupReceiver {
         )?;
         self.new_pending = false;
         fsops::fsync(&self.meta).op("sync", || self.meta_path.display())?;
+        self.unoffset();
         fsops::remove_any(&self.meta, NO_SPACE).op("remove", || self.meta_file(NO_SPACE))?;
         fsops::remove_any(&self.meta, TAKEOVER).op("remove", || self.meta_file(TAKEOVER))?;
         // Not synced: if it is lost, the next run just does not trust

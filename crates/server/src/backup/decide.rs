@@ -105,7 +105,16 @@ pub(super) fn with_disc(old: Option<&ManifestEntry>, e: &Entry, disc: Option<&On
         Kind::File { size } => {
             let regular = disc.filter(|d| d.kind == FileType::RegularFile);
             if let Some(d) = regular {
-                if d.size == *size && d.mtime == (e.mtime_sec, e.mtime_nsec) {
+                // Placed a second before the old manifest's mtime (see
+                // `on_disc_mtime`): content the manifest does not vouch
+                // for, or not committed yet; never kept by its size and
+                // mtime, even should the client's file now have that
+                // second (files stamped in whole seconds).
+                let offset = old.is_some_and(|o| {
+                    o.entry.kind == e.kind
+                        && d.mtime == (o.entry.mtime_sec.saturating_sub(1), o.entry.mtime_nsec)
+                });
+                if !offset && d.size == *size && d.mtime == (e.mtime_sec, e.mtime_nsec) {
                     let hash = old
                         .filter(|o| o.entry.kind == e.kind && same_mtime(&o.entry, e))
                         .map(|o| o.hash);
@@ -209,6 +218,9 @@ mod tests {
             (Some(old(F10, 5)), entry(F10, 5), Some(disc(REG, 10, 5, false)), Action::KeepFile { hash: Some([9; 32]) }),
             (Some(old(F10, 4)), entry(F10, 5), Some(disc(REG, 10, 5, false)), Action::KeepFile { hash: None }),
             (None, entry(F10, 5), Some(disc(REG, 10, 5, false)), Action::KeepFile { hash: None }),
+            // a copy a second before the old manifest's mtime: received, even
+            // when the client's file has that second now
+            (Some(old(F10, 6)), entry(F10, 5), Some(disc(REG, 10, 5, false)), recv(false, true)),
             // otherwise received: in place when nothing is there
             (None, entry(F10, 5), None, recv(true, false)),
             (Some(old(F10, 5)), entry(F10, 6), Some(disc(REG, 10, 5, false)), recv(false, true)),

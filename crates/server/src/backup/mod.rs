@@ -349,7 +349,16 @@ struct CommitWork {
     /// The commit is under way: `.byteback/partial` and the no-space
     /// marker are gone for good.
     committing: bool,
+    /// Files placed a second before their mtime (see `on_disc_mtime`),
+    /// with it: given it once the commit has made them durable (at most
+    /// [`MAX_OFFSET_BYTES`] of paths; the rest stay so, which costs a
+    /// resend after an interrupted run, never a wrong file).
+    offset: Vec<(Vec<u8>, (i64, u32))>,
+    offset_bytes: usize,
 }
+
+/// Most bytes of paths [`CommitWork::offset`] holds.
+const MAX_OFFSET_BYTES: usize = 16 << 20;
 
 /// State of one backup being received.
 pub struct BackupReceiver {
@@ -685,6 +694,8 @@ impl BackupReceiver {
                 touched: !clean,
                 needs_sweep: !clean,
                 committing: false,
+                offset: vec![],
+                offset_bytes: 0,
             },
             slots: Slots::default(),
             transfers: HashMap::new(),

@@ -345,6 +345,10 @@ impl BackupReceiver {
                     .op("put in place", || shown(&path))
             },
         )?;
+        if collides && self.work.offset_bytes + path.len() <= super::MAX_OFFSET_BYTES {
+            self.work.offset_bytes += path.len();
+            self.work.offset.push((path.clone(), mtime));
+        }
         let mut t = self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
         self.held_fds = self.held_fds.saturating_sub(t.fds);
         self.old_held = self.old_held.saturating_sub(t.old_cost);
