@@ -78,17 +78,21 @@ fn backup_with_record(store: &Path, src: &Path, cache: &Path) -> Output {
     )
 }
 
+/// The command restoring everything of host `h` from `store` into `into`.
+fn restore_all_cmd(store: &Path, into: &Path) -> Command {
+    let mut c = Command::new(bin("byteback-restore"));
+    c.current_dir(into)
+        .arg("--destination")
+        .arg(store)
+        .args(["--hostname", "h", "--restore", "/"]);
+    c
+}
+
 /// `byteback-restore` of everything of host `h`'s newest snapshot into
 /// `into` (a filesystem's root: its `lost+found` is passed over), whatever
 /// its exit code; its output and the restored `src`.
 fn restore_status(store: &Path, into: &Path, src: &Path) -> (Output, PathBuf) {
-    let o = run_status(
-        Command::new(bin("byteback-restore"))
-            .current_dir(into)
-            .arg("--destination")
-            .arg(store)
-            .args(["--hostname", "h", "--restore", "/"]),
-    );
+    let o = run_status(&mut restore_all_cmd(store, into));
     let snap = fs::read_dir(into)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -525,15 +529,7 @@ fn a_restore_replacing_a_directory_never_empties_a_mount_below_it() {
     mounts.mount(&["-t", "tmpfs", "tmpfs"], &x.join("sub/mnt"));
     let sentinel = x.join("sub/mnt/sentinel");
     fs::write(&sentinel, b"another filesystem's").unwrap();
-    let restore = || {
-        run_status(
-            Command::new(bin("byteback-restore"))
-                .current_dir(&into)
-                .arg("--destination")
-                .arg(&store)
-                .args(["--hostname", "h", "--restore", "/"]),
-        )
-    };
+    let restore = || run_status(&mut restore_all_cmd(&store, &into));
     let o = restore();
     let out = output_text(&o);
     assert_ne!(o.status.code(), Some(0), "{out}");
@@ -747,14 +743,8 @@ fn a_hard_link_is_never_made_to_a_file_put_in_its_first_names_place() {
     let mut mounts = Mounts::default();
     let into = d.path().join("into");
     mounts.ext4(d.path(), &into);
-    let o = run_status(
-        Command::new(bin("byteback-restore"))
-            .env("BYTEBACK_TEST_RECREATE_FIRST_NAME", "1")
-            .current_dir(&into)
-            .arg("--destination")
-            .arg(&store)
-            .args(["--hostname", "h", "--restore", "/"]),
-    );
+    let o =
+        run_status(restore_all_cmd(&store, &into).env("BYTEBACK_TEST_RECREATE_FIRST_NAME", "1"));
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     // The fault gave the new file the old one's inode number: the case a
     // check of device and inode numbers alone would link to.
@@ -1034,17 +1024,10 @@ fn a_hard_link_is_never_made_to_another_restored_file_renamed_over_its_first_nam
     let into = d.path().join("into");
     fs::create_dir_all(&into).unwrap();
     let rel = src.strip_prefix("/").unwrap();
-    let o = run_status(
-        Command::new(bin("byteback-restore"))
-            .env(
-                "BYTEBACK_TEST_RECREATE_FIRST_NAME",
-                format!("rename:{}/b/g1", rel.display()),
-            )
-            .current_dir(&into)
-            .arg("--destination")
-            .arg(&store)
-            .args(["--hostname", "h", "--restore", "/"]),
-    );
+    let o = run_status(restore_all_cmd(&store, &into).env(
+        "BYTEBACK_TEST_RECREATE_FIRST_NAME",
+        format!("rename:{}/b/g1", rel.display()),
+    ));
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(err.contains("renamed over the first name: Ok"), "{err}");
     assert_eq!(o.status.code(), Some(24), "{err}");
@@ -1088,15 +1071,7 @@ fn a_restore_does_not_write_into_another_users_mount_in_its_tree() {
     let mut mounts = Mounts::default();
     mounts.mount(&["-t", "tmpfs", "tmpfs"], &restored.join("sub"));
     std::os::unix::fs::chown(restored.join("sub"), Some(1234), Some(1234)).unwrap();
-    let again = || {
-        run_status(
-            Command::new(bin("byteback-restore"))
-                .current_dir(&into)
-                .arg("--destination")
-                .arg(&store)
-                .args(["--hostname", "h", "--restore", "/"]),
-        )
-    };
+    let again = || run_status(&mut restore_all_cmd(&store, &into));
     let o = again();
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(1), "{err}");

@@ -1497,15 +1497,19 @@ fn new_content_under_the_old_size_and_mtime_is_not_taken_for_the_old() {
     let s = backup_script(&[(file_e(b"f", old.len(), m), Some(old))]);
     env.serve("f", &s.bytes).assert_backup_ok(1);
     env.accept();
-    // Announced changed, ended with the old mtime, then cut off.
-    let s = Script::backup()
-        .msg(&ClientMsg::Entries(vec![file_e(
-            b"f",
-            new.len(),
-            fresh_mtime(),
-        )]))
-        .msg(&file_data(0, new))
-        .msg(&file_end(0, new, m));
+    // Announced changed, ended with mtime `end` (then cut off, unless the
+    // backup ends).
+    let ending = |content: &[u8], end: i64| {
+        Script::backup()
+            .msg(&ClientMsg::Entries(vec![file_e(
+                b"f",
+                content.len(),
+                fresh_mtime(),
+            )]))
+            .msg(&file_data(0, content))
+            .msg(&file_end(0, content, end))
+    };
+    let s = ending(new, m);
     let o = env.serve("f with new content and the old mtime, cut off", &s.bytes);
     assert!(o.backup_done().is_none(), "{}", o.describe());
     let f = env.current().join("f");
@@ -1517,14 +1521,7 @@ fn new_content_under_the_old_size_and_mtime_is_not_taken_for_the_old() {
         "new content on disc under the old size and mtime"
     );
     // The old content again, under the old size and mtime.
-    let s = Script::backup()
-        .msg(&ClientMsg::Entries(vec![file_e(
-            b"f",
-            old.len(),
-            fresh_mtime(),
-        )]))
-        .msg(&file_data(0, old))
-        .msg(&file_end(0, old, m));
+    let s = ending(old, m);
     let o = env.serve("f with its old content again, cut off", &s.bytes);
     assert!(o.backup_done().is_none(), "{}", o.describe());
     assert_eq!(fs::read(&f).unwrap(), old, "{}", o.describe());
@@ -1546,15 +1543,7 @@ fn new_content_under_the_old_size_and_mtime_is_not_taken_for_the_old() {
     env.accept();
     // Committed, a file placed a second early (ending with the old
     // manifest's size and mtime) gets its own mtime back.
-    let s = Script::backup()
-        .msg(&ClientMsg::Entries(vec![file_e(
-            b"f",
-            old.len(),
-            fresh_mtime(),
-        )]))
-        .msg(&file_data(0, old))
-        .msg(&file_end(0, old, m - 1))
-        .msg(&ClientMsg::BackupEnd);
+    let s = ending(old, m - 1).msg(&ClientMsg::BackupEnd);
     let o = env.serve("f ending with the old size and mtime, committed", &s.bytes);
     o.assert_backup_ok(1);
     assert_eq!(fs::read(&f).unwrap(), old, "{}", o.describe());

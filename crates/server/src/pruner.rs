@@ -329,16 +329,17 @@ fn compact_usage(host: &HostStore) -> Result<()> {
     };
     let euid = rustix::process::geteuid().as_raw();
     if old.st_uid != euid && euid != 0 {
-        // Not ours to replace (its owner's next backup compacts it).
-        return Ok(());
+        return Err(Error::Store(format!(
+            "{}: owned by uid {}, not this server's (uid {euid}); not compacted (give it \
+             to the store's account)",
+            path(),
+            old.st_uid
+        )));
     }
     let Some(text) = read_small_checked(host.fd(), USAGE_LOG).op("read", path)? else {
         return Ok(());
     };
-    let existing: HashSet<String> = host
-        .snapshots()
-        .map(|v| v.into_iter().map(|(n, _)| n).collect())
-        .unwrap_or_default();
+    let existing: HashSet<String> = host.snapshots()?.into_iter().map(|(n, _)| n).collect();
     // Each snapshot's line, and whether that snapshot is still there.
     let mut snapshots: Vec<(String, bool)> = vec![];
     // The space figures of the last line before a snapshot's that had
@@ -373,9 +374,8 @@ fn compact_usage(host: &HostStore) -> Result<()> {
         };
         if s == "-" {
             after = Some((t, f.get(3) == Some(&"running")));
-            if !space.is_empty() {
-                last_space = space;
-            }
+            // Only a backup's own figures go onto its snapshot's line.
+            last_space = space;
             continue;
         }
         let space = if space.is_empty() {
@@ -415,6 +415,9 @@ fn compact_usage(host: &HostStore) -> Result<()> {
                 Some(rustix::fs::Uid::from_raw(old.st_uid)),
                 Some(rustix::fs::Gid::from_raw(old.st_gid)),
             )?;
+        } else if old.st_gid != rustix::process::getegid().as_raw() {
+            // Its owner may give it any group of theirs (a monitoring one).
+            let _ = rustix::fs::fchown(&fd, None, Some(rustix::fs::Gid::from_raw(old.st_gid)));
         }
         rustix::fs::fchmod(&fd, Mode::from_raw_mode(old.st_mode & 0o7777))?;
         let mut f = std::fs::File::from(fd);
@@ -1746,10 +1749,10 @@ mod tests {
         std::fs::create_dir(dir.path().join("h").join(kept)).unwrap();
         for i in 0..(USAGE_KEEP as i64 + 20) {
             let t = i * 1000;
-            record_written(&host, t, 10 + i as u64, Some(&sp)).unwrap();
+            record_written(&host, t, 10 + i as u64, None).unwrap();
             record_running(&host, t + 1, 5).unwrap();
             record_credit(&host, t + 2, 2).unwrap();
-            record_written(&host, t + 3, 1, None).unwrap();
+            record_written(&host, t + 3, 1, Some(&sp)).unwrap();
             let name = if i == 0 {
                 kept.to_string()
             } else {
@@ -1771,6 +1774,7 @@ mod tests {
         assert!(last.running && last.new_bytes == 7, "{last:?}");
         let snap = &lines[lines.len() - 2];
         assert_eq!(snap.space, Some((400, 1000)));
+        assert_eq!(snap.space, lines_before[lines_before.len() - 2].space);
         // The sessions of that snapshot are its line now.
         let newest = before.last().unwrap();
         assert_eq!(

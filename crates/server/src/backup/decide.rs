@@ -109,10 +109,13 @@ pub(super) fn with_disc(old: Option<&ManifestEntry>, e: &Entry, disc: Option<&On
                 // `on_disc_mtime`): content the manifest does not vouch
                 // for, or not committed yet; never kept by its size and
                 // mtime, even should the client's file now have that
-                // second (files stamped in whole seconds).
+                // second (files stamped in whole seconds). Any time in
+                // that second up to the manifest's nanoseconds: a store
+                // keeping coarser times cut them.
                 let offset = old.is_some_and(|o| {
                     o.entry.kind == e.kind
-                        && d.mtime == (o.entry.mtime_sec.saturating_sub(1), o.entry.mtime_nsec)
+                        && d.mtime.0 == o.entry.mtime_sec.saturating_sub(1)
+                        && d.mtime.1 <= o.entry.mtime_nsec
                 });
                 if !offset && d.size == *size && d.mtime == (e.mtime_sec, e.mtime_nsec) {
                     let hash = old
@@ -221,6 +224,8 @@ mod tests {
             // a copy a second before the old manifest's mtime: received, even
             // when the client's file has that second now
             (Some(old(F10, 6)), entry(F10, 5), Some(disc(REG, 10, 5, false)), recv(false, true)),
+            // ... its nanoseconds cut by a store keeping whole seconds
+            (Some(old(F10, 6)), Entry { mtime_nsec: 0, ..entry(F10, 5) }, Some(OnDisc { mtime: (5, 0), ..disc(REG, 10, 5, false) }), recv(false, true)),
             // otherwise received: in place when nothing is there
             (None, entry(F10, 5), None, recv(true, false)),
             (Some(old(F10, 5)), entry(F10, 6), Some(disc(REG, 10, 5, false)), recv(false, true)),

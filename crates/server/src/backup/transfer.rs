@@ -345,8 +345,10 @@ impl BackupReceiver {
                     .op("put in place", || shown(&path))
             },
         )?;
-        if collides && self.work.offset_bytes + path.len() <= super::MAX_OFFSET_BYTES {
-            self.work.offset_bytes += path.len();
+        // Each entry's own cost too, not its path's alone.
+        let cost = path.len() + 64;
+        if collides && self.work.offset_bytes + cost <= super::MAX_OFFSET_BYTES {
+            self.work.offset_bytes += cost;
             self.work.offset.push((path.clone(), mtime));
         }
         let mut t = self.transfers.remove(&id).ok_or_else(|| unknown(id))?;
