@@ -1524,14 +1524,12 @@ fn new_content_under_the_old_size_and_mtime_is_not_taken_for_the_old() {
     let s = ending(old, m);
     let o = env.serve("f with its old content again, cut off", &s.bytes);
     assert!(o.backup_done().is_none(), "{}", o.describe());
-    assert_eq!(fs::read(&f).unwrap(), old, "{}", o.describe());
-    let meta = fs::metadata(&f).unwrap();
-    assert_eq!(
-        (meta.mtime(), meta.mtime_nsec()),
-        (m - 1, 0),
-        "{}",
-        o.describe()
-    );
+    let stored_as = |content: &[u8], mtime: i64, why: String| {
+        assert_eq!(fs::read(&f).unwrap(), content, "{why}");
+        let meta = fs::metadata(&f).unwrap();
+        assert_eq!((meta.mtime(), meta.mtime_nsec()), (mtime, 0), "{why}");
+    };
+    stored_as(old, m - 1, o.describe());
     // The client's file now has other content at that very second (files
     // stamped in whole seconds): the copy on disc is not kept by its size
     // and mtime, the content is received.
@@ -1546,14 +1544,7 @@ fn new_content_under_the_old_size_and_mtime_is_not_taken_for_the_old() {
     let s = ending(old, m - 1).msg(&ClientMsg::BackupEnd);
     let o = env.serve("f ending with the old size and mtime, committed", &s.bytes);
     o.assert_backup_ok(1);
-    assert_eq!(fs::read(&f).unwrap(), old, "{}", o.describe());
-    let meta = fs::metadata(&f).unwrap();
-    assert_eq!(
-        (meta.mtime(), meta.mtime_nsec()),
-        (m - 1, 0),
-        "{}",
-        o.describe()
-    );
+    stored_as(old, m - 1, o.describe());
     env.accept();
 }
 
