@@ -1376,6 +1376,77 @@ impl Drop for SshConfigBlock {
 /// (`HostName`, `Port`), as byteback 1.x, which ran `ssh`, followed it,
 /// reaches the same server; a `ProxyJump` there is an error naming it,
 /// at once, not retries.
+/// An SSH configuration `ssh -G` refuses, or does not answer for in time,
+/// stops the backup with ssh's words (not retried when refused): never a
+/// connection to the name as written, which the configuration may have
+/// meant for another machine (and `--accept-new-host-key` would learn its
+/// key). A stand-in for ssh (`BYTEBACK_TEST_OPENSSH`) fails per command,
+/// leaving the machine's configuration to the tests running beside.
+#[test]
+fn an_ssh_configuration_that_cannot_be_read_stops_the_backup() {
+    if !require_root("an sshd") {
+        return;
+    }
+    let w = World::new(300);
+    let client = w.enrolled("badcfg");
+    let src = w.one_file_src(b"never sent");
+    let fake = client.join("fake-ssh");
+    fs::write(
+        &fake,
+        "#!/bin/sh\nprintf 'line 3: Bad configuration option: \\033[31mnosuchoption\\n' >&2\nexit 255\n",
+    )
+    .unwrap();
+    fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let start = std::time::Instant::now();
+    let out = run_status(
+        w.client(&client, "byteback-backup")
+            .env("BYTEBACK_TEST_OPENSSH", &fake)
+            .arg("--source")
+            .arg(&src)
+            .args(["--retry-number", "3", "--retry-delay", "60"]),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("-G 127.0.0.1 refuses the SSH configuration (exited with status 255)")
+            && err.contains("Bad configuration option: \\x1b[31mnosuchoption"),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(30),
+        "retried: {err}"
+    );
+    assert!(w.snapshots("client-badcfg").is_empty());
+
+    // One that hangs is stopped at the bound, said.
+    fs::write(&fake, "#!/bin/sh\nsleep 60\n").unwrap();
+    let start = std::time::Instant::now();
+    let out = run_status(
+        w.client(&client, "byteback-backup")
+            .env("BYTEBACK_TEST_OPENSSH", &fake)
+            .env("BYTEBACK_TEST_SSH_G_WAIT_SECS", "1")
+            .arg("--source")
+            .arg(&src)
+            .args(["--retry-number", "0"]),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("took over 1 s to give the SSH configuration"),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(20),
+        "{err}"
+    );
+    assert!(w.snapshots("client-badcfg").is_empty());
+
+    // The real one: the backup goes through.
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(w.snapshots("client-badcfg").len(), 1);
+}
+
 #[test]
 fn a_destination_is_resolved_through_the_openssh_configuration() {
     if !require_root("an sshd and /etc/ssh/ssh_config.d") {

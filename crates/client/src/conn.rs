@@ -553,7 +553,7 @@ pub fn with_exit(e: Error, how: Option<String>) -> Error {
 }
 
 /// "exited with status 1", "was killed by signal 9 (SIGKILL)".
-fn describe_exit(st: std::process::ExitStatus) -> String {
+pub(crate) fn describe_exit(st: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (st.code(), st.signal()) {
         (Some(n), _) => format!("exited with status {n}"),

@@ -60,6 +60,17 @@ pub struct SshTarget {
 /// OpenSSH's client, asked for its configuration (never through `$PATH`:
 /// under `sudo -E` that would be the invoking user's choice).
 const OPENSSH: &str = "/usr/bin/ssh";
+
+/// [`OPENSSH`]; in a debug build, for the tests, `$BYTEBACK_TEST_OPENSSH`
+/// if set (a stand-in that fails or hangs, without touching the
+/// machine's SSH configuration).
+fn openssh() -> std::path::PathBuf {
+    #[cfg(debug_assertions)]
+    if let Some(p) = std::env::var_os("BYTEBACK_TEST_OPENSSH") {
+        return p.into();
+    }
+    OPENSSH.into()
+}
 /// Longest wait for `ssh -G` (a `Match exec` or a slow DNS lookup).
 const SSH_G_WAIT: Duration = Duration::from_secs(10);
 
@@ -103,13 +114,36 @@ impl SshTarget {
     /// a port or an address in the configuration reach the same server
     /// as before). Unchanged where no `ssh` program is installed. A
     /// `ProxyJump` or `ProxyCommand` is an error naming it: byteback
-    /// connects directly. The login name stays the destination's (1.x
-    /// passed `-l`).
+    /// connects directly. So is a configuration `ssh -G` refuses (its
+    /// message quoted), and one it does not answer for in time: never a
+    /// connection to the name as written, which may be another machine.
+    /// The login name stays the destination's (1.x passed `-l`).
     pub fn with_ssh_config(mut self) -> Result<Self> {
-        if self.host.starts_with('-') || !Path::new(OPENSSH).exists() {
+        let openssh = openssh();
+        if self.host.starts_with('-') {
             return Ok(self);
         }
-        let mut cmd = std::process::Command::new(OPENSSH);
+        if !openssh.exists() {
+            // Without the program, nothing reads a configuration written
+            // for it: said, not followed unseen.
+            let home = std::env::var_os("HOME").map(|h| Path::new(&h).join(".ssh/config"));
+            let written = [Some(Path::new("/etc/ssh/ssh_config").to_path_buf()), home]
+                .into_iter()
+                .flatten()
+                .filter(|p| p.exists())
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>();
+            if !written.is_empty() {
+                tracing::warn!(
+                    "{} is not installed: the SSH configuration in {} is not followed for {}",
+                    openssh.display(),
+                    written.join(" and "),
+                    self.host
+                );
+            }
+            return Ok(self);
+        }
+        let mut cmd = std::process::Command::new(&openssh);
         // The login name and port as 1.x's ssh had them (-l, -p), so
         // `Match user` blocks see what they saw.
         cmd.args(["-G", "-l", &self.user]);
@@ -121,10 +155,9 @@ impl SshTarget {
         cmd.arg(&self.host)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null());
-        let Some(out) = run_bounded(cmd, SSH_G_WAIT, &self.host) else {
-            return Ok(self);
-        };
+            .stderr(std::process::Stdio::piped());
+        let wait = crate::test_knob("BYTEBACK_TEST_SSH_G_WAIT_SECS", SSH_G_WAIT);
+        let out = run_bounded(cmd, wait, &self.host)?;
         let written = known_hosts::lookup_name(&self.host, self.port);
         let text = String::from_utf8_lossy(&out);
         let given = self.to_string();
@@ -190,22 +223,20 @@ impl SshTarget {
     }
 }
 
-/// The standard output of `cmd` if it ends well within `wait`; else it is
-/// killed, and `None` (said at debug level).
-fn run_bounded(mut cmd: std::process::Command, wait: Duration, host: &str) -> Option<Vec<u8>> {
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!("{OPENSSH} -G {host}: {e}; no OpenSSH configuration used");
-            return None;
-        }
-    };
-    let mut stdout = child.stdout.take()?;
-    let reader = std::thread::spawn(move || {
-        let mut v = vec![];
-        let _ = std::io::Read::read_to_end(&mut stdout, &mut v);
-        v
-    });
+/// The standard output of `cmd` (`ssh -G host`) if it ends well within
+/// `wait`; else it is killed, and an error says why, quoting the start of
+/// its standard error.
+fn run_bounded(mut cmd: std::process::Command, wait: Duration, host: &str) -> Result<Vec<u8>> {
+    let shown = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd.spawn().map_err(|e| {
+        Error::Permanent(format!(
+            "cannot run {shown} -G {host} for the SSH configuration: {e}"
+        ))
+    })?;
+    // Both read to their end on threads of their own (neither may fill
+    // its pipe and stall the other); what is kept of each is bounded.
+    let stdout = drain(child.stdout.take(), MAX_SSH_G_OUTPUT);
+    let stderr = drain(child.stderr.take(), 2048);
     let deadline = std::time::Instant::now() + wait;
     let status = loop {
         match child.try_wait() {
@@ -222,18 +253,48 @@ fn run_bounded(mut cmd: std::process::Command, wait: Duration, host: &str) -> Op
         }
         let _ = child.kill();
         let _ = child.wait();
-        tracing::warn!(
-            "{OPENSSH} -G {host} took over {} s: the SSH configuration is not used for it",
+        return Err(Error::msg(format!(
+            "{shown} -G {host} took over {} s to give the SSH configuration for it (a slow \
+             `Match exec` or name lookup?); not connecting without it",
             wait.as_secs()
-        );
-        return None;
+        )));
     };
-    let out = reader.join().unwrap_or_default();
+    let out = stdout.join().unwrap_or_default();
+    let err = stderr.join().unwrap_or_default();
     if !status.success() {
-        tracing::debug!("{OPENSSH} -G {host}: {status}; its configuration not used");
-        return None;
+        let said = String::from_utf8_lossy(&err);
+        let said = said.trim();
+        return Err(Error::Permanent(format!(
+            "{shown} -G {host} refuses the SSH configuration ({}){}; byteback follows it as \
+             1.x's ssh did, and does not connect without it: fix the configuration",
+            crate::conn::describe_exit(status),
+            if said.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", byteback_protocol::escape_text(said))
+            }
+        )));
     }
-    Some(out)
+    Ok(out)
+}
+
+/// How much of `ssh -G`'s output is read (it prints about 4 KiB).
+const MAX_SSH_G_OUTPUT: u64 = 1 << 20;
+
+/// Reads `pipe` to its end on a thread, keeping its first `limit` bytes.
+fn drain<R: std::io::Read + Send + 'static>(
+    pipe: Option<R>,
+    limit: u64,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = vec![];
+        if let Some(p) = pipe {
+            let mut p = std::io::Read::take(p, limit);
+            let _ = std::io::Read::read_to_end(&mut p, &mut v);
+            let _ = std::io::copy(&mut p.into_inner(), &mut std::io::sink());
+        }
+        v
+    })
 }
 
 impl std::fmt::Display for SshTarget {
