@@ -1376,6 +1376,87 @@ impl Drop for SshConfigBlock {
 /// (`HostName`, `Port`), as byteback 1.x, which ran `ssh`, followed it,
 /// reaches the same server; a `ProxyJump` there is an error naming it,
 /// at once, not retries.
+/// `byteback-server enrol` run as root (`sudo byteback-server enrol ...`,
+/// as an error message's advice may be read) edits the keys as the
+/// store's account: sshd reads them as that account, and a file root
+/// rewrote (mode 0600) would lock out every client and the admin. What
+/// would still be written as root for another account is refused, and so
+/// is a symlink in the file's place.
+#[test]
+fn enrol_run_as_root_edits_the_keys_as_the_store_account() {
+    use std::os::unix::fs::MetadataExt;
+    if !require_root("an account and its store") {
+        return;
+    }
+    let w = World::new(300);
+    let account = fs::metadata(&w.store).unwrap().uid();
+    assert_ne!(account, 0);
+    let key = w.work.path().join("rootkey");
+    util::sshd::keygen(&key);
+    let public = fs::read_to_string(key.with_extension("pub")).unwrap();
+    let public: Vec<&str> = public.split_whitespace().take(2).collect();
+    let public = public.join(" ");
+    let ak = w.sshd.authorized_keys();
+    let enrol = |store: &Path, ak: &Path, host: &str| {
+        run_status(
+            Command::new(bin("byteback-server"))
+                .args([
+                    "enrol",
+                    "--from",
+                    "127.0.0.1",
+                    "--host",
+                    host,
+                    "--key",
+                    &public,
+                ])
+                .arg("--store")
+                .arg(store)
+                .arg("--authorized-keys")
+                .arg(ak),
+        )
+    };
+    let out = enrol(&w.store, &ak, "byroot");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m = fs::metadata(&ak).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o777), (account, 0o600));
+    assert!(fs::read_to_string(&ak).unwrap().contains("--host byroot"));
+    assert_eq!(fs::metadata(w.store.join("byroot")).unwrap().uid(), account);
+    assert!(w.sshd.authorized_keys().exists());
+
+    // A symlink in the file's place stays, untouched.
+    let real = w.sshd.home.join(".ssh/real_keys");
+    fs::rename(&ak, &real).unwrap();
+    std::os::unix::fs::symlink(&real, &ak).unwrap();
+    let out = enrol(&w.store, &ak, "byroot2");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not a regular file"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(fs::symlink_metadata(&ak).unwrap().file_type().is_symlink());
+    assert!(!fs::read_to_string(&real).unwrap().contains("byroot2"));
+    fs::remove_file(&ak).unwrap();
+    fs::rename(&real, &ak).unwrap();
+
+    // Root's store, another account's keys: refused, nothing written.
+    let other = w.work.path().join("other");
+    let theirs = other.join("home");
+    fs::create_dir_all(other.join("store")).unwrap();
+    fs::create_dir_all(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let theirs_ak = theirs.join(".ssh/authorized_keys");
+    let out = enrol(&other.join("store"), &theirs_ak, "mixed");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is root's, but") && stderr(&out).contains("is uid 65534's"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!theirs.join(".ssh").exists());
+    assert!(!other.join("store/mixed").exists());
+}
+
 /// An SSH configuration `ssh -G` refuses, or does not answer for in time,
 /// stops the backup with ssh's words (not retried when refused): never a
 /// connection to the name as written, which the configuration may have

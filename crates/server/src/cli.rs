@@ -295,6 +295,7 @@ fn run_enrol(
     let authorized_keys = authorized_keys
         .or_else(enrol::default_authorized_keys)
         .ok_or_else(no_keys)?;
+    enrol::as_keys_owner(&store, &authorized_keys)?;
     let server_exe = this_program()?;
     let cfg = enrol::EnrolConfig {
         store,
@@ -342,6 +343,7 @@ fn run_migrate(
         .ok_or_else(no_keys)?;
     let store_arg = store.clone();
     let store = store.or_else(default_store).ok_or_else(no_store)?;
+    enrol::as_keys_owner(&store, &authorized_keys)?;
     let cfg = crate::migrate::MigrateConfig {
         server_exe: this_program()?,
         store_arg,

@@ -229,7 +229,7 @@ fn check_host_keys(cfg: &EnrolConfig, existing: &str) -> Result<()> {
     match other {
         None => Ok(()),
         Some(b) => Err(Error::Usage(format!(
-            "host {} already has a key (…{}): a second machine of that name would back up into the same tree, each backup deleting the other's files. Give this machine its own --hostname; if it is the same machine with a new key, retire the old one: on the client, byteback-setup-client --rotate-key (which still holds the old key); on the server, byteback-server enrol --retire-key OLDKEY, or --add-key to keep both",
+            "host {} already has a key (…{}): a second machine of that name would back up into the same tree, each backup deleting the other's files. Give this machine its own --hostname; if it is the same machine with a new key, retire the old one: on the client, byteback-setup-client --rotate-key (which still holds the old key); on the server, as the store's account, byteback-server enrol --retire-key OLDKEY, or --add-key to keep both",
             cfg.host,
             &b[b.len().saturating_sub(16)..]
         ))),
@@ -294,6 +294,45 @@ pub fn key_line(cfg: &EnrolConfig) -> Result<String> {
     ))
 }
 
+/// Run as root, becomes the store's account before `authorized_keys` is
+/// edited (as prune, status and verify do): sshd reads the file as that
+/// account, which must own it. Refuses what would still be written as
+/// root for another account (a store root owns, keys another account's),
+/// and warns when the store's account is root itself: every client's key
+/// would then run the server as root, where the set-up makes an account
+/// of its own.
+pub fn as_keys_owner(store: &std::path::Path, authorized_keys: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    crate::admin::become_store_owner(store)?;
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    // The file, or else the nearest directory of its path there is.
+    let owner = authorized_keys
+        .ancestors()
+        .find_map(|p| std::fs::symlink_metadata(p).ok().map(|m| (p, m.uid())));
+    if let Some((p, uid)) = owner.filter(|&(_, uid)| uid != 0) {
+        return Err(Error::Usage(format!(
+            "the store {} is root's, but {} is uid {uid}'s: the keys must be edited as the \
+             store's account, which owns both (chown the store to it, or give the \
+             --authorized-keys of root)",
+            store.display(),
+            p.display()
+        )));
+    }
+    tracing::warn!(
+        "the store {} and {} are root's: clients' keys will run byteback-server as root; the \
+         set-up makes an account of its own for the store (byteback), which keeps a client \
+         that breaks into the server away from root",
+        store.display(),
+        authorized_keys.display()
+    );
+    Ok(())
+}
+
 /// Enrols one client; idempotent.
 pub fn enrol(cfg: &EnrolConfig) -> Result<Enrolled> {
     enrol_and_retire(cfg).map(|(e, _)| e)
@@ -337,6 +376,17 @@ pub fn enrol_and_retire(cfg: &EnrolConfig) -> Result<(Enrolled, usize)> {
         .op("lock", || ssh_dir.display().to_string())?;
     let keys = || cfg.authorized_keys.display().to_string();
 
+    // Replaced by a regular file below: a symlink (or anything else) in
+    // its place is the admin's to sort out, not to be overwritten.
+    match std::fs::symlink_metadata(&cfg.authorized_keys) {
+        Ok(m) if !m.file_type().is_file() => {
+            return Err(Error::Usage(format!(
+                "{} is not a regular file (a symlink?): not rewritten",
+                keys()
+            )))
+        }
+        _ => {}
+    }
     let mut existing = String::new();
     match std::fs::File::open(&cfg.authorized_keys) {
         Ok(mut f) => {
