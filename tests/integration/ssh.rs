@@ -608,6 +608,33 @@ fn log_since(sshd: &Sshd, mark: usize) -> String {
     sshd.log()[mark..].to_string()
 }
 
+/// A client that recorded the server's ECDSA key (OpenSSH before 8.5
+/// preferred ECDSA, so a 1.x client's known_hosts may hold only that) backs
+/// up to a server offering Ed25519 beside it: the recorded type is asked
+/// for first, as OpenSSH does, not refused as a changed key.
+#[test]
+fn a_recorded_host_key_of_the_second_type_the_server_offers_is_used() {
+    if !require_root("an sshd and a server account") {
+        return;
+    }
+    let mut w = World::new(200);
+    let client = w.enrolled("ec");
+    let src = w.one_file_src(b"data");
+    let ec_pub = w.sshd.restart_with_second_host_key("ecdsa", None);
+    let ec = fs::read_to_string(ec_pub).unwrap();
+    let ec: Vec<&str> = ec.split_whitespace().take(2).collect();
+    assert_eq!(ec[0], "ecdsa-sha2-nistp256");
+    let kh = client.join("known_hosts");
+    fs::write(
+        &kh,
+        format!("[127.0.0.1]:{} {} {}\n", w.sshd.port, ec[0], ec[1]),
+    )
+    .unwrap();
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(w.snapshots("client-ec").len(), 1);
+}
+
 /// A known server that now offers a key of another algorithm than the one
 /// recorded (ssh-ed25519 recorded, ecdsa-sha2-nistp256 shown) has a changed
 /// key, not an unknown one: backups, restores and set-up refuse it; set-up

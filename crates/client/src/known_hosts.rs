@@ -300,6 +300,23 @@ pub fn check<P: AsRef<Path>>(files: &[(P, Vec<Entry>)], name: &str, key: &[u8]) 
     }
 }
 
+/// The key types recorded for the server known as any of `names` (not
+/// `@revoked` or `@cert-authority` lines), in file order, each once: what
+/// the key exchange should ask for first, as OpenSSH does, so that a
+/// server with several host keys shows the one recorded.
+pub fn recorded_types<P: AsRef<Path>>(files: &[(P, Vec<Entry>)], names: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = vec![];
+    for (_, es) in files {
+        for e in es {
+            let named = names.iter().any(|n| hosts_match(&e.hosts, n));
+            if named && e.marker.is_none() && e.key.is_some() && !out.contains(&e.key_type) {
+                out.push(e.key_type.clone());
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -617,6 +617,46 @@ pub fn open(
 }
 
 /// Connects and logs in, returning the session handle (for setup's key-exchange-only uses too).
+/// `offered` (russh's host key algorithms, in its order) with those of
+/// the `recorded` key types first, in their order; an RSA key as OpenSSH
+/// asks for it (`rsa-sha2-512`, then `-256`). Types russh does not offer
+/// are passed over.
+fn host_key_order(
+    recorded: &[String],
+    offered: &[russh::keys::Algorithm],
+) -> Vec<russh::keys::Algorithm> {
+    use russh::keys::Algorithm;
+    let mut first: Vec<Algorithm> = vec![];
+    for t in recorded {
+        let Ok(a) = t.parse::<Algorithm>() else {
+            continue;
+        };
+        let asked = match a {
+            Algorithm::Rsa { .. } => vec![
+                Algorithm::Rsa {
+                    hash: Some(HashAlg::Sha512),
+                },
+                Algorithm::Rsa {
+                    hash: Some(HashAlg::Sha256),
+                },
+            ],
+            a => vec![a],
+        };
+        for a in asked {
+            if offered.contains(&a) && !first.contains(&a) {
+                first.push(a);
+            }
+        }
+    }
+    let rest: Vec<Algorithm> = offered
+        .iter()
+        .filter(|a| !first.contains(a))
+        .cloned()
+        .collect();
+    first.extend(rest);
+    first
+}
+
 async fn connect(
     target: &SshTarget,
     key: Option<Arc<PrivateKey>>,
@@ -638,6 +678,15 @@ async fn connect(
         russh::cipher::AES_256_CTR,
         russh::cipher::AES_128_CTR,
     ]);
+    // The host key types recorded for the server first, as OpenSSH orders
+    // them: a server with an Ed25519 key beside the ECDSA one a client
+    // recorded (OpenSSH before 8.5 preferred ECDSA) shows the recorded
+    // one, not a "changed" key. A file that cannot be read is the host
+    // key check's to report.
+    if let Ok(files) = known_hosts::load(&opts.known_hosts) {
+        let recorded = known_hosts::recorded_types(&files, &target.known_names());
+        config.preferred.key = Cow::Owned(host_key_order(&recorded, &config.preferred.key));
+    }
     let handler = HostKeyCheck {
         names: target.known_names(),
         known_hosts: opts.known_hosts.clone(),
@@ -1237,6 +1286,38 @@ fn learn(shown: &str, key: &PublicKey, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The recorded host key types are asked for first (RSA as OpenSSH
+    /// asks for it); the rest keep russh's order; unknown types change
+    /// nothing.
+    #[test]
+    fn recorded_host_key_types_are_asked_for_first() {
+        use russh::keys::{Algorithm, EcdsaCurve};
+        let offered = russh::Preferred::DEFAULT.key;
+        let ec = Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP256,
+        };
+        let order = host_key_order(&["ecdsa-sha2-nistp256".into()], &offered);
+        assert_eq!(order[0], ec);
+        assert_eq!(order[1], Algorithm::Ed25519);
+        assert_eq!(order.len(), offered.len());
+        let order = host_key_order(&["ssh-rsa".into(), "ssh-ed25519".into()], &offered);
+        assert_eq!(
+            &order[..3],
+            &[
+                Algorithm::Rsa {
+                    hash: Some(HashAlg::Sha512)
+                },
+                Algorithm::Rsa {
+                    hash: Some(HashAlg::Sha256)
+                },
+                Algorithm::Ed25519
+            ]
+        );
+        assert_eq!(order.len(), offered.len());
+        let order = host_key_order(&["sk-ssh-ed25519@openssh.com".into(), "x".into()], &offered);
+        assert_eq!(order, offered.to_vec());
+    }
 
     /// As OpenSSH: a key of this user that others may read or change is
     /// refused; a key another user owns is not judged by its mode (a
