@@ -245,19 +245,36 @@ pub enum Verdict {
 
 /// Reads known_hosts files; a missing file counts as empty, any other read
 /// error is an error (an unreadable file must not make a host look unknown).
+/// A file that root or this user does not own, or that others may write,
+/// is passed over with a warning, judged by the file opened and read (the
+/// callers' look by name before, which warns once, could be raced: under
+/// `sudo -E`, a user could make their `~/.ssh/known_hosts` appear after it).
 pub fn load(paths: &[PathBuf]) -> io::Result<Vec<(PathBuf, Vec<Entry>)>> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
     let mut out = vec![];
+    let me = rustix::process::geteuid().as_raw();
     for path in paths {
-        match std::fs::read(path) {
-            Ok(bytes) => out.push((path.clone(), parse(&String::from_utf8_lossy(&bytes)))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("cannot read {}: {e}", path.display()),
-                ))
-            }
+        let failed =
+            |e: io::Error| io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()));
+        let mut f = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(failed(e)),
+        };
+        let m = f.metadata().map_err(failed)?;
+        if (m.uid() != 0 && m.uid() != me) || m.mode() & 0o022 != 0 {
+            tracing::warn!(
+                "{} is not root's or this user's alone (owner {}, mode {:o}): not read",
+                path.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            );
+            continue;
         }
+        let mut bytes = vec![];
+        f.read_to_end(&mut bytes).map_err(failed)?;
+        out.push((path.clone(), parse(&String::from_utf8_lossy(&bytes))));
     }
     Ok(out)
 }
@@ -336,6 +353,30 @@ mod tests {
 
     fn blob(b64: &str) -> Vec<u8> {
         Base64::decode_vec(b64).unwrap()
+    }
+
+    /// A file others may write, or (as root) another user owns, is not
+    /// read, judged by the file opened: what the look by name before saw
+    /// does not count.
+    #[test]
+    fn a_file_others_may_write_or_own_is_not_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("known_hosts");
+        std::fs::write(&f, format!("example.com ssh-ed25519 {ED}\n")).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let files = [f.clone(), d.path().join("missing")];
+        assert_eq!(load(&files).unwrap().len(), 1);
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o664)).unwrap();
+        assert!(load(&files).unwrap().is_empty());
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&f, Some(65534), None).unwrap();
+            assert!(load(&files).unwrap().is_empty());
+        } else {
+            assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+            eprintln!("NOT CHECKED: a file another user owns (needs root)");
+        }
     }
 
     fn verdict(text: &str, name: &str, key: &str) -> Verdict {
