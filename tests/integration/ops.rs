@@ -491,6 +491,11 @@ fn systemd_units_pass_systemd_analyze_verify() {
         assert!(backup.iter().any(|l| l == want), "backup service: {want}");
     }
     assert!(backup.iter().any(|l| l.starts_with("Nice=")));
+    // A run without a destination fails the unit, seen; never a skip.
+    assert!(
+        !backup.iter().any(|l| l.starts_with("Condition")),
+        "backup service: {backup:?}"
+    );
     for want in [
         "Type=oneshot",
         "User=byteback",
