@@ -2674,7 +2674,7 @@ fn checksum_mode_finds_content_changed_under_the_same_size_and_mtime() {
         let shown = src.join(p);
         assert!(
             e.contains(&format!(
-                "{}: its content changed, though its size and mtime did not",
+                "{}: its content differs from the server's copy, though its size and mtime do not",
                 shown.display()
             )),
             "{e}"
@@ -2708,7 +2708,10 @@ fn checksum_mode_finds_content_changed_under_the_same_size_and_mtime() {
     let out = run(&mut checksum_backup(&store, &src, "ck"));
     let e = stderr(&out);
     assert_eq!(summary_number(&e, " files sent"), Some(0), "{e}");
-    assert!(!e.contains("its content changed"), "{e}");
+    assert!(
+        !e.contains("its content differs from the server's copy"),
+        "{e}"
+    );
     assert_eq!(ids(), before, "stored files were rewritten");
 }
 
@@ -2737,7 +2740,10 @@ fn a_checksum_backup_cut_short_before_its_commit_leaves_no_wrong_hash() {
         run_status(checksum_backup(&store, &src, "cc").env("BYTEBACK_TEST_NO_SPACE_MANIFEST", "1"));
     let e = stderr(&out);
     assert_ne!(out.status.code(), Some(0), "{e}");
-    assert!(e.contains("its content changed"), "{e}");
+    assert!(
+        e.contains("its content differs from the server's copy"),
+        "{e}"
+    );
     // The changed file is in `current` already, a second earlier (a
     // nanosecond would be rounded away where a store keeps seconds).
     let placed = store

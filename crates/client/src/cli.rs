@@ -1318,9 +1318,12 @@ fn transfer(
                 // One summary line (nothing with --quiet); what the server
                 // said is printed escaped.
                 let s = &r.stats;
+                // Escaped once, for the summary line and the JSON report
+                // (whose encoder would pass C1 controls and bidi overrides).
+                let message = byteback_protocol::escape_text(r.message.trim());
                 let head = match &r.snapshot {
                     Some(n) => format!("snapshot {} taken", byteback_protocol::escape_text(n)),
-                    None => byteback_protocol::escape_text(r.message.trim()),
+                    None => message.clone(),
                 };
                 let mut line = format!(
                     "{head}; {} entries, {} files sent ({} bytes new, {} reused, {} on the wire), {} deleted",
@@ -1381,8 +1384,7 @@ fn transfer(
                 let partial = r.partial.saturating_add(s.left_out);
                 report.partial = partial;
                 report.warnings.extend(r.warnings.iter().cloned());
-                report.server_message =
-                    Some(r.message.trim().to_string()).filter(|m| !m.is_empty());
+                report.server_message = Some(message).filter(|m| !m.is_empty());
                 // A snapshot refused for the minimum interval is no
                 // trouble (a newer one than it allows is there, and
                 // `current` holds this backup): with -q nothing is said, as

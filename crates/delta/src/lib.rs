@@ -56,8 +56,8 @@ pub use delta::{
 };
 pub use hash::{hash_bytes, FileHasher};
 pub use signature::{
-    block_entries, md4_batch, shorten_signature, signature, wire_strong_len, Signature,
-    SignatureBuilder, SignatureBytes, ENTRY_LEN,
+    block_entries, md4_batch, shorten_signature, signature, signature_shape, wire_strong_len,
+    Signature, SignatureBuilder, SignatureBytes, ENTRY_LEN, MIN_WIRE_STRONG_LEN,
 };
 
 /// Smallest block size a signature may use.

@@ -145,6 +145,24 @@ pub fn wire_strong_len(len: u64) -> u32 {
     (bits + 20).div_ceil(8).clamp(6, STRONG_HASH_LEN)
 }
 
+/// The shortest strong hash [`wire_strong_len`] gives: a signature with
+/// shorter ones is none this crate's servers make (with none at all, any
+/// rolling checksum hit would count as a match).
+pub const MIN_WIRE_STRONG_LEN: u32 = 6;
+
+/// What the header of serialized signature `raw` says, before it is
+/// parsed (and indexed, which costs memory by the block): its strong hash
+/// length and how many blocks its length makes with it. `None` if the
+/// header is cut short or its strong hash is over 16 bytes.
+pub fn signature_shape(raw: &[u8]) -> Option<(u32, u64)> {
+    let strong = u32::from_be_bytes(raw.get(8..12)?.try_into().ok()?);
+    if strong > MD4_LEN {
+        return None;
+    }
+    let entry = (ROLLING_LEN + strong as usize) as u64;
+    Some((strong, (raw.len() - HEADER_LEN) as u64 / entry))
+}
+
 /// `sig` (a serialized signature) with each block's strong hash cut to
 /// `strong` bytes, if it has more: a valid signature of the same blocks.
 /// Anything that does not parse as a signature is returned as it is.

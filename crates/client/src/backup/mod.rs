@@ -177,6 +177,7 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
         BUFFER_BUDGET,
         opts.verbose,
         policy,
+        opts.checksum,
     ));
     // A stop by a signal (see `stop`) tears the transfer down as an error
     // does: every thread ends, the connection is closed.
@@ -653,6 +654,33 @@ mod tests {
         assert!(e.contains("which is not a regular file"), "{e}");
     }
 
+    /// A need asking for a file's hash as no honest server does (against
+    /// its copy outside checksum mode; for a moved or copied file smaller
+    /// than such files are looked for) ends the backup: else each file
+    /// would be read twice, and said to have changed on the server's word.
+    #[test]
+    fn a_need_for_a_hash_no_honest_server_asks_ends_the_backup() {
+        for (basis, said) in [
+            (true, "which only a --checksum backup does"),
+            (false, "(100000 bytes), under the 1048576 bytes"),
+        ] {
+            let (r, _) = backup_against(move |s| {
+                let index = entries(s);
+                send(
+                    s,
+                    &ServerMsg::Needs(vec![Need {
+                        index,
+                        id: 0,
+                        basis,
+                        twin: true,
+                    }]),
+                );
+            });
+            let e = format!("{:#}", r.unwrap_err());
+            assert!(e.contains(said), "{e}");
+        }
+    }
+
     /// A server asking for the same file again and again is refused after
     /// 16 resends instead of keeping the backup going for ever.
     #[test]
@@ -673,6 +701,31 @@ mod tests {
         });
         let e = format!("{:#}", r.unwrap_err());
         assert!(e.contains("again 16 times; giving up"), "{e}");
+    }
+
+    /// A signature header with strong hashes of `strong` bytes and
+    /// `blocks` blocks (of zeros).
+    fn sig(strong: u32, blocks: usize) -> Vec<u8> {
+        let mut v = vec![];
+        v.extend_from_slice(&0x7273_0136u32.to_be_bytes());
+        v.extend_from_slice(&512u32.to_be_bytes());
+        v.extend_from_slice(&strong.to_be_bytes());
+        v.resize(12 + blocks * (4 + strong as usize), 0);
+        v
+    }
+
+    /// A signature without strong hashes (any rolling checksum hit would
+    /// be a match) is refused (the backup fails, as for any bad one); one
+    /// with more blocks than its file needs is not indexed (the file is
+    /// sent whole).
+    #[test]
+    fn a_signature_of_too_short_hashes_or_too_many_blocks_is_refused() {
+        let limit = send::sig_limit(100_000);
+        assert_eq!(limit, 1 << 20);
+        assert_eq!(send::sig_shape_ok(&sig(6, 29_000), limit), Ok(true));
+        assert_eq!(send::sig_shape_ok(&sig(6, 100_000), limit), Ok(false));
+        assert_eq!(send::sig_shape_ok(&sig(16, 29_127), limit), Ok(true));
+        assert!(send::sig_shape_ok(&sig(5, 10), limit).is_err());
     }
 
     #[test]

@@ -107,7 +107,7 @@ pub(super) fn reader_loop(
                 let (found, entry) = reader.transfer(id, "send-data")?;
                 if reader.verifying.remove(&id) {
                     shared.warn(format!(
-                        "{}: its content changed, though its size and mtime did not; sending it",
+                        "{}: its content differs from the server's copy, though its size and mtime do not; sending it",
                         shown(&found.abs)
                     ));
                     reader.send(id, found, entry, true);
@@ -222,6 +222,25 @@ impl Reader<'_> {
                 bail!(
                     "the server asked for the data of {}, which is not a regular file",
                     shown(&found.abs)
+                );
+            }
+            // What an honest server asks: a file's hash offered only for
+            // one of at least TWIN_MIN bytes (a moved or copied file), or
+            // against its own copy in checksum mode. Else the client would
+            // read each file twice, and say its content changed on the
+            // server's word.
+            if need.twin && need.basis && !self.shared.checksum {
+                bail!(
+                    "the server asked to compare {} by its hash, which only a --checksum backup does",
+                    shown(&found.abs)
+                );
+            }
+            if need.twin && !need.basis && entry.size() < byteback_protocol::limits::TWIN_MIN {
+                bail!(
+                    "the server asked for the hash of {} ({} bytes), under the {} bytes of a moved or copied file it looks for",
+                    shown(&found.abs),
+                    entry.size(),
+                    byteback_protocol::limits::TWIN_MIN
                 );
             }
             self.jobs.insert(need.id, (found.clone(), entry.clone()));
