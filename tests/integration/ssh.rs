@@ -608,6 +608,40 @@ fn log_since(sshd: &Sshd, mark: usize) -> String {
     sshd.log()[mark..].to_string()
 }
 
+/// Root backing up with a key another user owns (mode 0600) is told: that
+/// user may put a key of theirs in its place, and so choose where the
+/// machine's backups go. The backup itself goes through.
+#[test]
+fn root_is_warned_of_a_key_another_user_owns() {
+    if !require_root("an sshd, and root's view of a key's owner") {
+        return;
+    }
+    let w = World::new(200);
+    let client = w.enrolled("owned");
+    let src = w.one_file_src(b"data");
+    let key = client.join("key");
+    let out = w.backup(&client, &src);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("who may replace it"),
+        "{}",
+        stderr(&out)
+    );
+    std::os::unix::fs::chown(&key, Some(65534), None).unwrap();
+    fs::write(src.join("f"), b"again").unwrap();
+    let out = w.backup(&client, &src);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} belongs to uid 65534, who may replace it",
+            key.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(w.snapshots("client-owned").len(), 2);
+}
+
 /// A client that recorded the server's ECDSA key (OpenSSH before 8.5
 /// preferred ECDSA, so a 1.x client's known_hosts may hold only that) backs
 /// up to a server offering Ed25519 beside it: the recorded type is asked

@@ -504,7 +504,8 @@ const KEY_FILE_MAX: u64 = 1 << 20;
 /// this host. A key of another owner is not judged by its mode (a group's
 /// shared key, one on a filesystem without modes), as OpenSSH does, but
 /// for root (backups, restores of the whole machine): one that other users
-/// may read or change is refused whoever owns it.
+/// may read or change is refused whoever owns it, and one another user
+/// owns is used with a warning.
 fn read_key(path: &Path) -> std::result::Result<PrivateKey, russh::keys::Error> {
     use std::io::Read as _;
     use std::os::unix::fs::MetadataExt as _;
@@ -521,6 +522,19 @@ fn read_key(path: &Path) -> std::result::Result<PrivateKey, russh::keys::Error> 
                 path.display()
             ),
         )));
+    }
+    if me == 0 && meta.uid() != 0 {
+        // Its owner may use it anyway; but may also put another key in its
+        // place, one of a machine of theirs, and have this root's backup of
+        // the whole machine go where they can restore it.
+        tracing::warn!(
+            "{} belongs to uid {}, who may replace it (and so choose where this machine's \
+             backups go and who may restore them); a key root uses should be root's: \
+             `chown root: {}`",
+            path.display(),
+            meta.uid(),
+            path.display()
+        );
     }
     let mut text = String::new();
     file.take(KEY_FILE_MAX).read_to_string(&mut text)?;
@@ -1348,7 +1362,7 @@ mod tests {
         }
         if rustix::process::getuid().is_root() {
             // Root judges every key by its mode (whoever reads it restores
-            // the machine), but not by its owner.
+            // the machine), but not by its owner (a warning names it).
             let other = rustix::process::Uid::from_raw(54_321);
             rustix::fs::chown(&path, Some(other), None).unwrap();
             mode(0o600);
