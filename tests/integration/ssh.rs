@@ -1433,10 +1433,6 @@ impl Drop for SshConfigBlock {
     }
 }
 
-/// A destination whose host is an alias of the OpenSSH configuration
-/// (`HostName`, `Port`), as byteback 1.x, which ran `ssh`, followed it,
-/// reaches the same server; a `ProxyJump` there is an error naming it,
-/// at once, not retries.
 /// `byteback-server enrol` run as root (`sudo byteback-server enrol ...`,
 /// as an error message's advice may be read) edits the keys as the
 /// store's account: sshd reads them as that account, and a file root
@@ -1589,6 +1585,68 @@ fn an_ssh_configuration_that_cannot_be_read_stops_the_backup() {
     assert_eq!(w.snapshots("client-badcfg").len(), 1);
 }
 
+/// A server byteback does not know, but which a known_hosts file the SSH
+/// configuration names (`UserKnownHostsFile`, not read by byteback) or a
+/// `@cert-authority` line records, is refused naming both, so the admin
+/// knows where the key is and why it does not count.
+#[test]
+fn an_unknown_host_names_the_files_that_record_it_elsewhere() {
+    if !require_root("an sshd and /etc/ssh/ssh_config.d") {
+        return;
+    }
+    let w = World::new(200);
+    let client = w.enrolled("elsewhere");
+    let src = w.one_file_src(b"data");
+    let kh = client.join("known_hosts");
+    let line = fs::read_to_string(&kh).unwrap();
+    let theirs = w.work.path().join("their_known_hosts");
+    fs::write(&theirs, &line).unwrap();
+    let key = line
+        .split_whitespace()
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join(" ");
+    fs::write(
+        &kh,
+        format!("@cert-authority [127.0.0.1]:{} {key}\n", w.sshd.port),
+    )
+    .unwrap();
+    let alias = format!("byteback-test-kh-{}", std::process::id());
+    let _block = SshConfigBlock::write(
+        &alias,
+        &format!(
+            "    HostName 127.0.0.1\n    Port {}\n    UserKnownHostsFile {}\n",
+            w.sshd.port,
+            theirs.display()
+        ),
+    );
+    fs::write(
+        client.join("destination"),
+        format!("{}@{alias}:\n", w.sshd.user),
+    )
+    .unwrap();
+    let out = w.backup(&client, &src);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for said in [
+        "is not in".to_string(),
+        format!("Note: {}:1 names it as a @cert-authority", kh.display()),
+        format!(
+            "Note: the SSH configuration's known_hosts file {}:1 records it, but byteback does \
+             not read that file (copy the line into {})",
+            theirs.display(),
+            kh.display()
+        ),
+    ] {
+        assert!(err.contains(&said), "{said}: {err}");
+    }
+    assert!(w.snapshots("client-elsewhere").is_empty());
+}
+
+/// A destination whose host is an alias of the OpenSSH configuration
+/// (`HostName`, `Port`), as byteback 1.x, which ran `ssh`, followed it,
+/// reaches the same server; a `ProxyJump` there is an error naming it,
+/// at once, not retries.
 #[test]
 fn a_destination_is_resolved_through_the_openssh_configuration() {
     if !require_root("an sshd and /etc/ssh/ssh_config.d") {

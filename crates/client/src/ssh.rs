@@ -55,6 +55,11 @@ pub struct SshTarget {
     /// another of it: keys learnt under it before (by a byteback that did
     /// not read the configuration) are still found.
     pub written: Option<String>,
+    /// The known_hosts files the SSH configuration names (its
+    /// `UserKnownHostsFile` and `GlobalKnownHostsFile`): byteback reads its
+    /// own list, and names these when they record a server it does not
+    /// know (see [`unknown_host_notes`]).
+    pub config_known_hosts: Vec<PathBuf>,
 }
 
 /// OpenSSH's client, asked for its configuration (never through `$PATH`:
@@ -83,6 +88,7 @@ impl SshTarget {
             port,
             key_alias: None,
             written: None,
+            config_known_hosts: vec![],
         }
     }
 
@@ -175,6 +181,12 @@ impl SshTarget {
                     }
                 }
                 "hostkeyalias" if value != "none" => self.key_alias = Some(value.to_string()),
+                "userknownhostsfile" | "globalknownhostsfile" => self.config_known_hosts.extend(
+                    value
+                        .split_whitespace()
+                        .filter(|p| p.starts_with('/') && *p != "/dev/null")
+                        .map(PathBuf::from),
+                ),
                 // Settings 1.x's `ssh` followed and byteback does not:
                 // named, not silently dropped (a key enrolled `from=` one
                 // address, reached from another, fails as a refused login).
@@ -703,6 +715,12 @@ async fn connect(
     }
     let handler = HostKeyCheck {
         names: target.known_names(),
+        unread: target
+            .config_known_hosts
+            .iter()
+            .filter(|p| !opts.known_hosts.contains(p))
+            .cloned()
+            .collect(),
         known_hosts: opts.known_hosts.clone(),
         unknown: opts.unknown_host.clone(),
         probe: opts.probe.clone(),
@@ -1009,6 +1027,9 @@ struct HostKeyCheck {
     /// The names the server's key may be recorded under, in order.
     names: Vec<String>,
     known_hosts: Vec<PathBuf>,
+    /// Files the SSH configuration names that are not read (see
+    /// [`SshTarget::config_known_hosts`]).
+    unread: Vec<PathBuf>,
     unknown: UnknownHost,
     probe: Option<Arc<std::sync::Mutex<Option<PublicKey>>>>,
 }
@@ -1060,6 +1081,54 @@ fn first_verdict(
         }
     }
     (names.first().cloned().unwrap_or_default(), Verdict::Unknown)
+}
+
+/// Why a server byteback does not know may be known elsewhere: a
+/// `@cert-authority` line of the files read that names it (byteback checks
+/// plain host keys, not certificates), and files the SSH configuration
+/// names, not read by byteback, that record it (`unread`; one that cannot
+/// be read, or that root or this user does not own alone, is passed over).
+fn unknown_host_notes(
+    files: &[(PathBuf, Vec<known_hosts::Entry>)],
+    unread: &[PathBuf],
+    names: &[String],
+    ours: Option<&PathBuf>,
+) -> Vec<String> {
+    let mut notes = vec![];
+    let named =
+        |e: &known_hosts::Entry| names.iter().any(|n| known_hosts::hosts_match(&e.hosts, n));
+    for (path, entries) in files {
+        for e in entries
+            .iter()
+            .filter(|e| e.marker == Some(known_hosts::Marker::CertAuthority))
+        {
+            if named(e) {
+                notes.push(format!(
+                    "{}:{} names it as a @cert-authority, which byteback does not use (it checks \
+                     plain host keys, not certificates)",
+                    path.display(),
+                    e.line
+                ));
+            }
+        }
+    }
+    for path in unread {
+        let Ok(loaded) = known_hosts::load(std::slice::from_ref(path)) else {
+            continue;
+        };
+        for (path, entries) in &loaded {
+            if let Some(e) = entries.iter().find(|e| e.marker.is_none() && named(e)) {
+                notes.push(format!(
+                    "the SSH configuration's known_hosts file {}:{} records it, but byteback does \
+                     not read that file (copy the line into {})",
+                    path.display(),
+                    e.line,
+                    ours.map_or("byteback's".into(), |p| p.display().to_string())
+                ));
+            }
+        }
+    }
+    notes
 }
 
 /// `SHA256:...` fingerprint and algorithm of a key, as OpenSSH prints them.
@@ -1122,6 +1191,9 @@ impl HostKeyCheck {
             }
             Verdict::Unknown => match (&self.unknown, self.known_hosts.first()) {
                 (UnknownHost::Learn(trust), Some(path)) => {
+                    for n in unknown_host_notes(&files, &self.unread, &self.names, self.known_hosts.first()) {
+                        tracing::warn!("{name}: {n}");
+                    }
                     confirm(trust, &name, key)?;
                     learn(&name, key, path).with_context(|| {
                         format!("cannot record the host key in {}", path.display())
@@ -1134,13 +1206,17 @@ impl HostKeyCheck {
                     Ok(true)
                 }
                 _ => Err(Error::Permanent(format!(
-                    "the host key of {name} ({}) is not in {}; refusing to connect. Run byteback-setup-client to record it.",
+                    "the host key of {name} ({}) is not in {}; refusing to connect. Run byteback-setup-client to record it.{}",
                     describe_key(key),
                     self.known_hosts
                         .iter()
                         .map(|p| p.display().to_string())
                         .collect::<Vec<_>>()
-                        .join(" or ")
+                        .join(" or "),
+                    unknown_host_notes(&files, &self.unread, &self.names, self.known_hosts.first())
+                        .iter()
+                        .map(|n| format!(" Note: {n}."))
+                        .collect::<String>()
                 ))),
             },
         }
