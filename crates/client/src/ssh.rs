@@ -1517,6 +1517,7 @@ mod tests {
         HostKeyCheck {
             names: vec!["[127.0.0.1]:2222".into()],
             known_hosts: files.to_vec(),
+            unread: vec![],
             unknown,
             probe: None,
         }
