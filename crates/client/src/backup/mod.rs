@@ -177,7 +177,6 @@ pub fn run_backup(mut conn: Connection, opts: &BackupOptions) -> Result<BackupRe
         BUFFER_BUDGET,
         opts.verbose,
         policy,
-        opts.checksum,
     ));
     // A stop by a signal (see `stop`) tears the transfer down as an error
     // does: every thread ends, the connection is closed.
@@ -654,31 +653,46 @@ mod tests {
         assert!(e.contains("which is not a regular file"), "{e}");
     }
 
-    /// A need asking for a file's hash as no honest server does (against
-    /// its copy outside checksum mode; for a moved or copied file smaller
-    /// than such files are looked for) ends the backup: else each file
-    /// would be read twice, and said to have changed on the server's word.
+    /// A need asking for the hash of a moved or copied file smaller than
+    /// such files are looked for ends the backup (each file would be read
+    /// twice); with a basis (checksum mode, a taken-over 1.x `current`,
+    /// after a crash) any size is asked for, and the file is offered.
     #[test]
     fn a_need_for_a_hash_no_honest_server_asks_ends_the_backup() {
-        for (basis, said) in [
-            (true, "which only a --checksum backup does"),
-            (false, "(100000 bytes), under the 1048576 bytes"),
-        ] {
-            let (r, _) = backup_against(move |s| {
-                let index = entries(s);
-                send(
-                    s,
-                    &ServerMsg::Needs(vec![Need {
-                        index,
-                        id: 0,
-                        basis,
-                        twin: true,
-                    }]),
-                );
-            });
-            let e = format!("{:#}", r.unwrap_err());
-            assert!(e.contains(said), "{e}");
-        }
+        let (r, _) = backup_against(|s| {
+            let index = entries(s);
+            send(
+                s,
+                &ServerMsg::Needs(vec![Need {
+                    index,
+                    id: 0,
+                    basis: false,
+                    twin: true,
+                }]),
+            );
+        });
+        let e = format!("{:#}", r.unwrap_err());
+        assert!(e.contains("(100000 bytes), under the 1048576 bytes"), "{e}");
+        let (r, _) = backup_against(|s| {
+            let index = entries(s);
+            send(
+                s,
+                &ServerMsg::Needs(vec![Need {
+                    index,
+                    id: 0,
+                    basis: true,
+                    twin: true,
+                }]),
+            );
+            assert!(matches!(recv(s), Some(ClientMsg::FileClone { id: 0, .. })));
+            send(
+                s,
+                &ServerMsg::Error {
+                    message: "enough".into(),
+                },
+            );
+        });
+        assert_eq!(format!("{:#}", r.unwrap_err()), "server: enough");
     }
 
     /// A server asking for the same file again and again is refused after
@@ -715,17 +729,28 @@ mod tests {
     }
 
     /// A signature without strong hashes (any rolling checksum hit would
-    /// be a match) is refused (the backup fails, as for any bad one); one
-    /// with more blocks than its file needs is not indexed (the file is
-    /// sent whole).
+    /// be a match) is refused (the backup fails, as for any bad one);
+    /// ours, of 6 bytes or more, pass.
     #[test]
-    fn a_signature_of_too_short_hashes_or_too_many_blocks_is_refused() {
-        let limit = send::sig_limit(100_000);
-        assert_eq!(limit, 1 << 20);
-        assert_eq!(send::sig_shape_ok(&sig(6, 29_000), limit), Ok(true));
-        assert_eq!(send::sig_shape_ok(&sig(6, 100_000), limit), Ok(false));
-        assert_eq!(send::sig_shape_ok(&sig(16, 29_127), limit), Ok(true));
-        assert!(send::sig_shape_ok(&sig(5, 10), limit).is_err());
+    fn a_signature_of_too_short_hashes_is_refused() {
+        for strong in [0, 5] {
+            let e = send::sig_shape_ok(&sig(strong, 100)).unwrap_err();
+            assert!(
+                e.contains(&format!("strong hashes of {strong} bytes, fewer than 6")),
+                "{e}"
+            );
+        }
+        for strong in [6, 8, 16] {
+            assert_eq!(send::sig_shape_ok(&sig(strong, 100_000)), Ok(()));
+        }
+        // A server's: full MD4s cut for the wire, down to 6 bytes.
+        let full = byteback_delta::signature(&vec![3u8; 100_000]).0;
+        let honest = byteback_delta::shorten_signature(full, byteback_delta::wire_strong_len(1));
+        assert_eq!(
+            byteback_delta::signature_shape(&honest).map(|s| s.0),
+            Some(6)
+        );
+        assert_eq!(send::sig_shape_ok(&honest), Ok(()));
     }
 
     #[test]

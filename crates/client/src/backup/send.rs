@@ -225,16 +225,8 @@ fn signature(shared: &Shared, id: u32, abs: &Path, size: u64) -> Result<Option<S
         );
         return Ok(None);
     };
-    match sig_shape_ok(&bytes, limit) {
-        Err(why) => bail!("server sent a bad signature for {}: {why}", shown(abs)),
-        Ok(false) => {
-            tracing::debug!(
-                "{}: the server's signature has more blocks than a file of {size} bytes needs; sent whole",
-                shown(abs)
-            );
-            return Ok(None);
-        }
-        Ok(true) => {}
+    if let Err(why) = sig_shape_ok(&bytes) {
+        bail!("server sent a bad signature for {}: {why}", shown(abs));
     }
     match Signature::from_vec(bytes) {
         Ok(s) => Ok(Some(s)),
@@ -242,21 +234,20 @@ fn signature(shared: &Shared, id: u32, abs: &Path, size: u64) -> Result<Option<S
     }
 }
 
-/// Judges a signature of at most `limit` bytes (see [`sig_limit`]) by
-/// its header, before it is indexed: an error if its strong hashes are
-/// shorter than a server of ours makes them; `false` (too large: the file
-/// is sent whole) if it has more blocks than its limit would hold at 36
-/// bytes a block. Its index costs memory by the block: 4-byte entries
-/// would make a million-block index of a 4 MiB signature.
-pub(super) fn sig_shape_ok(raw: &[u8], limit: usize) -> std::result::Result<bool, String> {
+/// Judges a signature by its header, before it is indexed: an error if
+/// its strong hashes are shorter than a server of ours makes them (6
+/// bytes; with none, every rolling checksum hit would count as a match,
+/// and 4-byte entries would make a million-block index of a 4 MiB
+/// signature, where [`sig_limit`]'s bytes then hold at most a tenth of a
+/// block each).
+pub(super) fn sig_shape_ok(raw: &[u8]) -> std::result::Result<(), String> {
     match byteback_delta::signature_shape(raw) {
         Some((strong, _)) if strong < byteback_delta::MIN_WIRE_STRONG_LEN => Err(format!(
             "strong hashes of {strong} bytes, fewer than {}",
             byteback_delta::MIN_WIRE_STRONG_LEN
         )),
-        Some((_, blocks)) => Ok(blocks <= (limit / 36) as u64),
         // Not a signature: its parse says why.
-        None => Ok(true),
+        _ => Ok(()),
     }
 }
 
@@ -782,7 +773,6 @@ mod tests {
             32 << 20,
             false,
             Policy::Always,
-            false,
         )
     }
 
@@ -815,7 +805,6 @@ mod tests {
             64 << 20,
             false,
             policy,
-            false,
         )
     }
 

@@ -115,9 +115,6 @@ pub(super) struct Shared {
     /// Bytes of chunks before encoding: compressed, and stored as they are.
     pub(super) compressed_raw: AtomicU64,
     pub(super) stored_raw: AtomicU64,
-    /// `--checksum`: only then may the server ask to have a file's hash
-    /// offered against its own copy (a need with `twin` and `basis`).
-    pub(super) checksum: bool,
 }
 
 /// Whether the delta threads compress data chunks (`--compress`, resolved
@@ -136,7 +133,6 @@ impl Shared {
         buffer_budget: usize,
         verbose: bool,
         compress: Policy,
-        checksum: bool,
     ) -> Self {
         Shared {
             flow: Mutex::new(Flow::default()),
@@ -154,7 +150,6 @@ impl Shared {
             compress,
             compressed_raw: AtomicU64::new(0),
             stored_raw: AtomicU64::new(0),
-            checksum,
         }
     }
 

@@ -224,17 +224,11 @@ impl Reader<'_> {
                     shown(&found.abs)
                 );
             }
-            // What an honest server asks: a file's hash offered only for
-            // one of at least TWIN_MIN bytes (a moved or copied file), or
-            // against its own copy in checksum mode. Else the client would
-            // read each file twice, and say its content changed on the
-            // server's word.
-            if need.twin && need.basis && !self.shared.checksum {
-                bail!(
-                    "the server asked to compare {} by its hash, which only a --checksum backup does",
-                    shown(&found.abs)
-                );
-            }
+            // What an honest server asks: a moved or copied file's hash
+            // only for one of at least TWIN_MIN bytes (else each file would
+            // be read twice). With a basis (its own copy to compare: in
+            // checksum mode, or a copy nothing vouches for, in a taken-over
+            // 1.x `current` or after a crash) any size is asked.
             if need.twin && !need.basis && entry.size() < byteback_protocol::limits::TWIN_MIN {
                 bail!(
                     "the server asked for the hash of {} ({} bytes), under the {} bytes of a moved or copied file it looks for",
