@@ -1579,10 +1579,39 @@ fn an_ssh_configuration_that_cannot_be_read_stops_the_backup() {
     );
     assert!(w.snapshots("client-badcfg").is_empty());
 
-    // The real one: the backup goes through.
+    // One that fails for another reason (here, as for a uid without a
+    // passwd entry) leaves the configuration unused, said; the backup goes
+    // through.
+    fs::write(
+        &fake,
+        "#!/bin/sh\necho 'No user exists for uid 4242' >&2\nexit 255\n",
+    )
+    .unwrap();
+    let out = run_status(
+        w.client(&client, "byteback-backup")
+            .env("BYTEBACK_TEST_OPENSSH", &fake)
+            .arg("--source")
+            .arg(&src)
+            .args(["--retry-number", "0"]),
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("-G 127.0.0.1: exited with status 255: No user exists for uid 4242; the SSH configuration is not used for it"),
+        "{err}"
+    );
+    assert_eq!(w.snapshots("client-badcfg").len(), 1);
+
+    // The real one: the backup goes through, without a word of it.
+    fs::write(src.join("f"), b"sent at last").unwrap();
     let out = w.backup(&client, &src);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(w.snapshots("client-badcfg").len(), 1);
+    assert!(
+        !stderr(&out).contains("SSH configuration"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(w.snapshots("client-badcfg").len(), 2);
 }
 
 /// A server byteback does not know, but which a known_hosts file the SSH

@@ -163,7 +163,9 @@ impl SshTarget {
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         let wait = crate::test_knob("BYTEBACK_TEST_SSH_G_WAIT_SECS", SSH_G_WAIT);
-        let out = run_bounded(cmd, wait, &self.host)?;
+        let Some(out) = run_bounded(cmd, wait, &self.host)? else {
+            return Ok(self);
+        };
         let written = known_hosts::lookup_name(&self.host, self.port);
         let text = String::from_utf8_lossy(&out);
         let given = self.to_string();
@@ -236,15 +238,28 @@ impl SshTarget {
 }
 
 /// The standard output of `cmd` (`ssh -G host`) if it ends well within
-/// `wait`; else it is killed, and an error says why, quoting the start of
-/// its standard error.
-fn run_bounded(mut cmd: std::process::Command, wait: Duration, host: &str) -> Result<Vec<u8>> {
+/// `wait`. One that does not end in time is killed, an error (retried).
+/// One that refuses the configuration (its words name a line of it) is an
+/// error quoting them, not retried. One that cannot be run, or fails for
+/// another reason (no passwd entry for this uid, a name lookup that
+/// `CanonicalizeHostname` needs), is `None`: the configuration is not
+/// used, with a warning saying why.
+fn run_bounded(
+    mut cmd: std::process::Command,
+    wait: Duration,
+    host: &str,
+) -> Result<Option<Vec<u8>>> {
     let shown = cmd.get_program().to_string_lossy().into_owned();
-    let mut child = cmd.spawn().map_err(|e| {
-        Error::Permanent(format!(
-            "cannot run {shown} -G {host} for the SSH configuration: {e}"
-        ))
-    })?;
+    let not_used = |why: String| {
+        tracing::warn!("{shown} -G {host}: {why}; the SSH configuration is not used for it");
+    };
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            not_used(e.to_string());
+            return Ok(None);
+        }
+    };
     // Both read to their end on threads of their own (neither may fill
     // its pipe and stall the other); what is kept of each is bounded.
     let stdout = drain(child.stdout.take(), MAX_SSH_G_OUTPUT);
@@ -271,33 +286,52 @@ fn run_bounded(mut cmd: std::process::Command, wait: Duration, host: &str) -> Re
             wait.as_secs()
         )));
     };
-    let out = stdout.join().unwrap_or_default();
-    let err = stderr.join().unwrap_or_default();
+    // A `Match exec` command that left a process behind may hold a pipe
+    // open: what came by the deadline (and a moment) is what there is.
+    let until = deadline.max(std::time::Instant::now() + Duration::from_secs(1));
+    let left = || until.saturating_duration_since(std::time::Instant::now());
+    let out = stdout.recv_timeout(left()).unwrap_or_default();
+    let err = stderr.recv_timeout(left()).unwrap_or_default();
     if !status.success() {
         let said = String::from_utf8_lossy(&err);
-        let said = said.trim();
+        let said = byteback_protocol::escape_text(said.trim());
+        let exit = crate::conn::describe_exit(status);
+        if !refuses_configuration(&said) {
+            not_used(format!("{exit}: {said}"));
+            return Ok(None);
+        }
         return Err(Error::Permanent(format!(
-            "{shown} -G {host} refuses the SSH configuration ({}){}; byteback follows it as \
-             1.x's ssh did, and does not connect without it: fix the configuration",
-            crate::conn::describe_exit(status),
-            if said.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", byteback_protocol::escape_text(said))
-            }
+            "{shown} -G {host} refuses the SSH configuration ({exit}): {said}; byteback follows \
+             it as 1.x's ssh did, and does not connect without it: fix the configuration"
         )));
     }
-    Ok(out)
+    Ok(Some(out))
+}
+
+/// Whether `ssh -G`'s words say its configuration is wrong: they name a
+/// line of a file (`/etc/ssh/ssh_config line 3: Bad configuration
+/// option: ...`), or its end (`terminating, 1 bad configuration options`).
+fn refuses_configuration(said: &str) -> bool {
+    let lower = said.to_ascii_lowercase();
+    lower.contains("bad configuration option")
+        || lower.contains("terminating,")
+        || lower.match_indices(" line ").any(|(i, m)| {
+            let rest = &lower[i + m.len()..];
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            digits > 0 && rest[digits..].starts_with(':')
+        })
 }
 
 /// How much of `ssh -G`'s output is read (it prints about 4 KiB).
 const MAX_SSH_G_OUTPUT: u64 = 1 << 20;
 
-/// Reads `pipe` to its end on a thread, keeping its first `limit` bytes.
+/// Reads `pipe` to its end on a thread, keeping its first `limit` bytes;
+/// they come through the channel then.
 fn drain<R: std::io::Read + Send + 'static>(
     pipe: Option<R>,
     limit: u64,
-) -> std::thread::JoinHandle<Vec<u8>> {
+) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     std::thread::spawn(move || {
         let mut v = vec![];
         if let Some(p) = pipe {
@@ -305,8 +339,9 @@ fn drain<R: std::io::Read + Send + 'static>(
             let _ = std::io::Read::read_to_end(&mut p, &mut v);
             let _ = std::io::copy(&mut p.into_inner(), &mut std::io::sink());
         }
-        v
-    })
+        let _ = tx.send(v);
+    });
+    rx
 }
 
 impl std::fmt::Display for SshTarget {
@@ -1376,6 +1411,25 @@ fn learn(shown: &str, key: &PublicKey, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ssh's words about its configuration are told from others.
+    #[test]
+    fn a_refused_configuration_is_told_by_ssh_s_words() {
+        for said in [
+            "/etc/ssh/ssh_config.d/x.conf line 3: Bad configuration option: nosuchoption",
+            "/root/.ssh/config line 12: keyword hostname extra arguments at end of line",
+            "/etc/ssh/ssh_config: terminating, 1 bad configuration options",
+        ] {
+            assert!(refuses_configuration(said), "{said}");
+        }
+        for said in [
+            "No user exists for uid 4242",
+            "ssh: Could not resolve hostname backup: Name or service not known",
+            "",
+        ] {
+            assert!(!refuses_configuration(said), "{said}");
+        }
+    }
 
     /// The recorded host key types are asked for first (RSA as OpenSSH
     /// asks for it); the rest keep russh's order; unknown types change
