@@ -1454,36 +1454,57 @@ fn enrol_run_as_root_edits_the_keys_as_the_store_account() {
     let public: Vec<&str> = public.split_whitespace().take(2).collect();
     let public = public.join(" ");
     let ak = w.sshd.authorized_keys();
-    let enrol = |store: &Path, ak: &Path, host: &str| {
-        run_status(
-            Command::new(bin("byteback-server"))
-                .args([
-                    "enrol",
-                    "--from",
-                    "127.0.0.1",
-                    "--host",
-                    host,
-                    "--key",
-                    &public,
-                ])
-                .arg("--store")
-                .arg(store)
-                .arg("--authorized-keys")
-                .arg(ak),
-        )
+    let enrol_given = |store: &Path, ak: Option<&Path>, host: &str| {
+        let mut c = Command::new(bin("byteback-server"));
+        c.args([
+            "enrol",
+            "--from",
+            "127.0.0.1",
+            "--host",
+            host,
+            "--key",
+            &public,
+        ])
+        .env("HOME", "/root")
+        .arg("--store")
+        .arg(store);
+        if let Some(ak) = ak {
+            c.arg("--authorized-keys").arg(ak);
+        }
+        run_status(&mut c)
     };
-    let out = enrol(&w.store, &ak, "byroot");
+    let enrol = |store: &Path, ak: &Path, host: &str| enrol_given(store, Some(ak), host);
+    // No --authorized-keys: the account's own, not root's $HOME's.
+    let out = enrol_given(&w.store, None, "byroot");
     assert!(out.status.success(), "{}", stderr(&out));
     let m = fs::metadata(&ak).unwrap();
     assert_eq!((m.uid(), m.mode() & 0o777), (account, 0o600));
     assert!(fs::read_to_string(&ak).unwrap().contains("--host byroot"));
     assert_eq!(fs::metadata(w.store.join("byroot")).unwrap().uid(), account);
-    assert!(w.sshd.authorized_keys().exists());
+
+    // What the account could not edit (here the enrolment lock, as an
+    // enrol run as root before this fix left it) is named, with the fix.
+    let lock = w.sshd.home.join(".ssh/.byteback-enrol.lock");
+    std::os::unix::fs::chown(&lock, Some(0), Some(0)).unwrap();
+    let out = enrol(&w.store, &ak, "byroot");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "{} belongs to uid 0, not to the store's account (uid {account})",
+            lock.display()
+        )) && stderr(&out).contains(&format!("`chown {account}: {}`", lock.display())),
+        "{}",
+        stderr(&out)
+    );
+    std::os::unix::fs::chown(&lock, Some(account), None).unwrap();
+    let out = enrol(&w.store, &ak, "byroot");
+    assert!(out.status.success(), "{}", stderr(&out));
 
     // A symlink in the file's place stays, untouched.
     let real = w.sshd.home.join(".ssh/real_keys");
     fs::rename(&ak, &real).unwrap();
     std::os::unix::fs::symlink(&real, &ak).unwrap();
+    std::os::unix::fs::lchown(&ak, Some(account), None).unwrap();
     let out = enrol(&w.store, &ak, "byroot2");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(

@@ -194,26 +194,37 @@ pub fn become_store_owner(root: &std::path::Path) -> Result<()> {
 /// The home directory of account `name`, if it exists and has an absolute
 /// one.
 fn home_of(name: &std::ffi::CStr) -> Option<PathBuf> {
+    // SAFETY: getpwnam_r writes only into the entry and buffer given (of
+    // the length given) and sets `out` to the entry or null.
+    home_from(|pw, buf, out| unsafe {
+        libc::getpwnam_r(name.as_ptr(), pw, buf.as_mut_ptr().cast(), buf.len(), out)
+    })
+}
+
+/// The home directory of the account of `uid`, if it exists and has an
+/// absolute one.
+pub fn home_of_uid(uid: u32) -> Option<PathBuf> {
+    // SAFETY: as in `home_of`, with getpwuid_r.
+    home_from(|pw, buf, out| unsafe {
+        libc::getpwuid_r(uid, pw, buf.as_mut_ptr().cast(), buf.len(), out)
+    })
+}
+
+/// The home directory of the passwd entry `lookup` fills in (a getpw*_r
+/// call given the entry, its buffer and where to say it found one).
+fn home_from(
+    lookup: impl FnOnce(&mut libc::passwd, &mut [u8], &mut *mut libc::passwd) -> libc::c_int,
+) -> Option<PathBuf> {
     use std::os::unix::ffi::OsStrExt;
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
     let mut buf = vec![0u8; 16 << 10];
     let mut out: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: getpwnam_r writes only into `pw` and `buf` (of the length
-    // given) and sets `out` to `&pw` or null; `pw_dir` points into `buf`,
-    // which outlives its use below.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            name.as_ptr(),
-            &mut pw,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut out,
-        )
-    };
+    let rc = lookup(&mut pw, &mut buf, &mut out);
     if rc != 0 || out.is_null() || pw.pw_dir.is_null() {
         return None;
     }
-    // SAFETY: a NUL-terminated string inside `buf` (see above).
+    // SAFETY: `pw_dir` is a NUL-terminated string inside `buf`, which
+    // outlives its use here.
     let dir = unsafe { std::ffi::CStr::from_ptr(pw.pw_dir) };
     let dir = PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes()));
     dir.is_absolute().then_some(dir)

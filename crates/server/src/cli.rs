@@ -259,10 +259,6 @@ fn no_store() -> Error {
     Error::Usage("no --store given and no home directory".into())
 }
 
-fn no_keys() -> Error {
-    Error::Usage("no --authorized-keys given and no home directory".into())
-}
-
 /// This program's path (for the forced command of a key).
 fn this_program() -> Result<PathBuf> {
     std::env::current_exe().op("find the path of", || "this program")
@@ -292,10 +288,7 @@ fn run_enrol(
     };
     let store_explicit = store.is_some();
     let store = store.or_else(default_store).ok_or_else(no_store)?;
-    let authorized_keys = authorized_keys
-        .or_else(enrol::default_authorized_keys)
-        .ok_or_else(no_keys)?;
-    enrol::as_keys_owner(&store, &authorized_keys)?;
+    let authorized_keys = enrol::as_keys_owner(&store, authorized_keys)?;
     let server_exe = this_program()?;
     let cfg = enrol::EnrolConfig {
         store,
@@ -338,12 +331,9 @@ fn run_migrate(
     store: Option<PathBuf>,
     dry_run: bool,
 ) -> Result<u8> {
-    let authorized_keys = authorized_keys
-        .or_else(enrol::default_authorized_keys)
-        .ok_or_else(no_keys)?;
     let store_arg = store.clone();
     let store = store.or_else(default_store).ok_or_else(no_store)?;
-    enrol::as_keys_owner(&store, &authorized_keys)?;
+    let authorized_keys = enrol::as_keys_owner(&store, authorized_keys)?;
     let cfg = crate::migrate::MigrateConfig {
         server_exe: this_program()?,
         store_arg,

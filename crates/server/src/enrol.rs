@@ -14,7 +14,7 @@
 use std::io::Read;
 use std::net::IpAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 use crate::serve::Access;
@@ -296,29 +296,73 @@ pub fn key_line(cfg: &EnrolConfig) -> Result<String> {
 
 /// Run as root, becomes the store's account before `authorized_keys` is
 /// edited (as prune, status and verify do): sshd reads the file as that
-/// account, which must own it. Refuses what would still be written as
-/// root for another account (a store root owns, keys another account's),
-/// and warns when the store's account is root itself: every client's key
-/// would then run the server as root, where the set-up makes an account
-/// of its own.
-pub fn as_keys_owner(store: &std::path::Path, authorized_keys: &std::path::Path) -> Result<()> {
+/// account, which must own it. `keys` is the file given, if one was; the
+/// one to edit is returned (by default the account's own, in the home
+/// directory its passwd entry names, not root's `$HOME`). Refuses what
+/// the account could not then edit (the file, its directory or the
+/// enrolment lock another account owns: left by an enrol run as root
+/// before?), naming the fix; refuses what would still be written as root
+/// for another account (a store root owns, keys another account's); and
+/// warns when the store's account is root itself: every client's key
+/// would then run the server as root, where the set-up makes an account of
+/// its own. Not run as root, changes nothing.
+pub fn as_keys_owner(store: &Path, keys: Option<PathBuf>) -> Result<PathBuf> {
     use std::os::unix::fs::MetadataExt;
+    let default = || {
+        let me = rustix::process::geteuid().as_raw();
+        default_authorized_keys()
+            .or_else(|| crate::admin::home_of_uid(me).map(|h| h.join(".ssh/authorized_keys")))
+            .ok_or_else(|| Error::Usage("no --authorized-keys given and no home directory".into()))
+    };
     if !rustix::process::geteuid().is_root() {
-        return Ok(());
+        return keys.map_or_else(default, Ok);
     }
-    crate::admin::become_store_owner(store)?;
-    if !rustix::process::geteuid().is_root() {
-        return Ok(());
+    let owner = std::fs::metadata(store)
+        .map_err(|e| Error::io("cannot look at", store.display(), e))?
+        .uid();
+    if owner != 0 {
+        let keys = match keys {
+            Some(k) => k,
+            None => crate::admin::home_of_uid(owner)
+                .map(|h| h.join(".ssh").join("authorized_keys"))
+                .ok_or_else(|| {
+                    Error::Usage(format!(
+                        "the store's owner (uid {owner}) has no home directory: give \
+                         --authorized-keys"
+                    ))
+                })?,
+        };
+        let dir = keys.parent().unwrap_or(Path::new("/"));
+        for p in [
+            keys.clone(),
+            dir.to_path_buf(),
+            dir.join(".byteback-enrol.lock"),
+        ] {
+            if let Ok(m) = std::fs::symlink_metadata(&p) {
+                if m.uid() != owner {
+                    return Err(Error::Usage(format!(
+                        "{} belongs to uid {}, not to the store's account (uid {owner}), which \
+                         edits the keys (left by an enrol run as root?): `chown {owner}: {}`",
+                        p.display(),
+                        m.uid(),
+                        p.display()
+                    )));
+                }
+            }
+        }
+        crate::admin::become_store_owner(store)?;
+        return Ok(keys);
     }
+    let keys = keys.map_or_else(default, Ok)?;
     // The file, or else the nearest directory of its path there is.
-    let owner = authorized_keys
+    let found = keys
         .ancestors()
         .find_map(|p| std::fs::symlink_metadata(p).ok().map(|m| (p, m.uid())));
-    if let Some((p, uid)) = owner.filter(|&(_, uid)| uid != 0) {
+    if let Some((p, uid)) = found.filter(|&(_, uid)| uid != 0) {
         return Err(Error::Usage(format!(
             "the store {} is root's, but {} is uid {uid}'s: the keys must be edited as the \
-             store's account, which owns both (chown the store to it, or give the \
-             --authorized-keys of root)",
+             store's account, which owns both (give the account's store with --store, chown \
+             the store to it, or give the --authorized-keys of root)",
             store.display(),
             p.display()
         )));
@@ -328,9 +372,9 @@ pub fn as_keys_owner(store: &std::path::Path, authorized_keys: &std::path::Path)
          set-up makes an account of its own for the store (byteback), which keeps a client \
          that breaks into the server away from root",
         store.display(),
-        authorized_keys.display()
+        keys.display()
     );
-    Ok(())
+    Ok(keys)
 }
 
 /// Enrols one client; idempotent.
