@@ -81,8 +81,9 @@ else
     fi
 fi
 # The failing tests' panics again, last, where a short excerpt of the
-# run's output (a CI summary) still shows them: at most 60 lines of each.
-awk '/^failures:$/ { on = 1; n = 0 } on && n < 60 { print; n += 1 } /^test result:/ { on = 0 }' "$log" >&2
+# run's output (a CI summary) still shows them: at most 60 lines of each
+# failing test, then the list of their names.
+awk '/^failures:$/ || /^---- .* ----$/ { on = 1; n = 0 } on && n < 60 { print; n += 1 } /^test result:/ { on = 0 }' "$log" >&2
 # One closing line for the whole run (cargo prints one per test binary).
 awk -v smoke="$smoke" '/^test result:/ { p += $4; f += $6 }
     END { if (smoke == "pass") p += 1; if (smoke == "fail") f += 1; printf "total: %d passed, %d failed\n", p, f }' "$log"

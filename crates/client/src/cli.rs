@@ -418,6 +418,18 @@ fn sources_left_out(
         .collect()
 }
 
+/// What the server said at the end of a backup, for the JSON report: its
+/// lines each escaped as stderr's are (the JSON encoder would pass C1
+/// controls and bidi overrides), one to a line; `None` if it said nothing.
+fn json_server_message(message: &str) -> Option<String> {
+    let lines: Vec<String> = message
+        .trim()
+        .lines()
+        .map(byteback_protocol::escape_text)
+        .collect();
+    Some(lines.join("\n")).filter(|m| !m.is_empty())
+}
+
 /// Database directories the default excludes leave out (their live files
 /// are no database one can start again) when no pre-backup hook seems to
 /// dump that database instead: each with the names a hook for it carries.
@@ -1318,8 +1330,8 @@ fn transfer(
                 // One summary line (nothing with --quiet); what the server
                 // said is printed escaped.
                 let s = &r.stats;
-                // Escaped once, for the summary line and the JSON report
-                // (whose encoder would pass C1 controls and bidi overrides).
+                // Escaped, for the summary line and the JSON report (whose
+                // encoder would pass C1 controls and bidi overrides).
                 let message = byteback_protocol::escape_text(r.message.trim());
                 let head = match &r.snapshot {
                     Some(n) => format!("snapshot {} taken", byteback_protocol::escape_text(n)),
@@ -1384,7 +1396,7 @@ fn transfer(
                 let partial = r.partial.saturating_add(s.left_out);
                 report.partial = partial;
                 report.warnings.extend(r.warnings.iter().cloned());
-                report.server_message = Some(message).filter(|m| !m.is_empty());
+                report.server_message = json_server_message(&r.message);
                 // A snapshot refused for the minimum interval is no
                 // trouble (a newer one than it allows is there, and
                 // `current` holds this backup): with -q nothing is said, as
@@ -2190,6 +2202,15 @@ mod tests {
         let w = left_out(&lib, &all, &none);
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(w[0].contains("(it is beneath no source)"), "{w:?}");
+    }
+
+    #[test]
+    fn the_servers_message_goes_into_json_escaped_line_by_line() {
+        assert_eq!(json_server_message(" \n "), None);
+        assert_eq!(
+            json_server_message("no snapshot\nleft out: a\u{9b}2J\u{202e}b\n").as_deref(),
+            Some("no snapshot\nleft out: a\\x9b2J\\u{202e}b")
+        );
     }
 
     fn target(dest: &str, host: &str) -> Target {

@@ -264,12 +264,22 @@ pub fn load(paths: &[PathBuf]) -> io::Result<Vec<(PathBuf, Vec<Entry>)>> {
         };
         let m = f.metadata().map_err(failed)?;
         if (m.uid() != 0 && m.uid() != me) || m.mode() & 0o022 != 0 {
-            tracing::warn!(
-                "{} is not root's or this user's alone (owner {}, mode {:o}): not read",
-                path.display(),
-                m.uid(),
-                m.mode() & 0o7777
-            );
+            // Said once a run (a connection loads the files more than once).
+            static SAID: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+            let mut said = SAID
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !said.contains(path) {
+                said.push(path.clone());
+                tracing::warn!(
+                    "{} is not root's or this user's alone (owner {}, mode {:o}): not read \
+                     (`chmod go-w {}`, owned by root or this user)",
+                    path.display(),
+                    m.uid(),
+                    m.mode() & 0o7777,
+                    path.display()
+                );
+            }
             continue;
         }
         let mut bytes = vec![];

@@ -700,6 +700,9 @@ fn host_key_order(
                 Algorithm::Rsa {
                     hash: Some(HashAlg::Sha256),
                 },
+                // SHA-1 `ssh-rsa` last, for servers before OpenSSH 7.2, if
+                // offered at all.
+                Algorithm::Rsa { hash: None },
             ],
             a => vec![a],
         };
@@ -1447,7 +1450,7 @@ mod tests {
         assert_eq!(order.len(), offered.len());
         let order = host_key_order(&["ssh-rsa".into(), "ssh-ed25519".into()], &offered);
         assert_eq!(
-            &order[..3],
+            &order[..4],
             &[
                 Algorithm::Rsa {
                     hash: Some(HashAlg::Sha512)
@@ -1455,6 +1458,7 @@ mod tests {
                 Algorithm::Rsa {
                     hash: Some(HashAlg::Sha256)
                 },
+                Algorithm::Rsa { hash: None },
                 Algorithm::Ed25519
             ]
         );
