@@ -1527,12 +1527,48 @@ fn enrol_run_as_root_edits_the_keys_as_the_store_account() {
     let out = enrol(&other.join("store"), &theirs_ak, "mixed");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("is root's, but") && stderr(&out).contains("is uid 65534's"),
+        stderr(&out).contains("is root's, but")
+            && stderr(&out).contains("is uid 65534's")
+            && stderr(&out).contains("give the account's store with --store"),
         "{}",
         stderr(&out)
     );
     assert!(!theirs.join(".ssh").exists());
     assert!(!other.join("store/mixed").exists());
+
+    // The account's store, keys outside its home that are not its own
+    // (root's): refused, and no chown of them is advised.
+    let roots = w.work.path().join("roots/.ssh");
+    fs::create_dir_all(&roots).unwrap();
+    let out = enrol(&w.store, &roots.join("authorized_keys"), "byroot");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "give the account's own with --authorized-keys (default {})",
+            ak.display()
+        )) && !err.contains("chown"),
+        "{err}"
+    );
+    assert!(!roots.join("authorized_keys").exists());
+
+    // migrate-keys run as root edits the account's keys as the account.
+    let before = fs::read_to_string(&ak).unwrap();
+    let out = run_status(
+        Command::new(bin("byteback-server"))
+            .env("HOME", "/root")
+            .arg("migrate-keys")
+            .arg("--store")
+            .arg(&w.store),
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("no 1.x line to migrate in {}", ak.display())),
+        "{err}"
+    );
+    assert_eq!(fs::read_to_string(&ak).unwrap(), before);
+    assert_eq!(fs::metadata(&ak).unwrap().uid(), account);
 }
 
 /// An SSH configuration `ssh -G` refuses, or does not answer for in time,
@@ -1598,6 +1634,30 @@ fn an_ssh_configuration_that_cannot_be_read_stops_the_backup() {
         start.elapsed() < std::time::Duration::from_secs(20),
         "{err}"
     );
+    assert!(w.snapshots("client-badcfg").is_empty());
+
+    // ssh's words come even while a command its configuration ran holds
+    // its stderr open (a `Match exec` leaving a process behind).
+    fs::write(
+        &fake,
+        "#!/bin/sh\n(sleep 8 &)\necho 'line 7: Bad configuration option: held' >&2\nexit 255\n",
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    let out = run_status(
+        w.client(&client, "byteback-backup")
+            .env("BYTEBACK_TEST_OPENSSH", &fake)
+            .arg("--source")
+            .arg(&src)
+            .args(["--retry-number", "0"]),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("refuses the SSH configuration (exited with status 255): line 7: Bad configuration option: held"),
+        "{err}"
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(6), "{err}");
     assert!(w.snapshots("client-badcfg").is_empty());
 
     // One that fails for another reason (here, as for a uid without a

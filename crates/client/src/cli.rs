@@ -64,7 +64,8 @@ fn trusted_known_hosts(path: &Path, owner: u32, whose: &str) -> Option<PathBuf> 
     match std::fs::metadata(path) {
         Ok(m) if m.uid() != owner || m.mode() & 0o022 != 0 => {
             tracing::warn!(
-                "{} is not {whose} alone (owner {}, mode {:o}): not read",
+                "{} is not {whose} alone (owner {}, mode {:o}): not read (`chmod go-w`, \
+                 and owned by {whose} account)",
                 path.display(),
                 m.uid(),
                 m.mode() & 0o7777

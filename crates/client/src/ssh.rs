@@ -239,11 +239,12 @@ impl SshTarget {
 
 /// The standard output of `cmd` (`ssh -G host`) if it ends well within
 /// `wait`. One that does not end in time is killed, an error (retried).
-/// One that refuses the configuration (its words name a line of it) is an
-/// error quoting them, not retried. One that cannot be run, or fails for
-/// another reason (no passwd entry for this uid, a name lookup that
-/// `CanonicalizeHostname` needs), is `None`: the configuration is not
-/// used, with a warning saying why.
+/// One that fails is an error quoting its words, not retried (a
+/// configuration ssh refuses: a bad option, a config file others may
+/// write), but for the failures that say nothing of the configuration (no
+/// passwd entry for this uid, a name lookup `CanonicalizeHostname` needs):
+/// those, and a `cmd` that cannot be run, are `None`, the configuration
+/// not used, with a warning saying why.
 fn run_bounded(
     mut cmd: std::process::Command,
     wait: Duration,
@@ -260,10 +261,12 @@ fn run_bounded(
             return Ok(None);
         }
     };
-    // Both read to their end on threads of their own (neither may fill
-    // its pipe and stall the other); what is kept of each is bounded.
+    // Both read on threads of their own (neither may fill its pipe and
+    // stall the other), into buffers taken as they are when needed: a
+    // `Match exec` command that left a process behind may hold a pipe
+    // open past ssh's end. What is kept of each is bounded.
     let stdout = drain(child.stdout.take(), MAX_SSH_G_OUTPUT);
-    let stderr = drain(child.stderr.take(), 2048);
+    let stderr = drain(child.stderr.take(), 8192);
     let deadline = std::time::Instant::now() + wait;
     let status = loop {
         match child.try_wait() {
@@ -286,62 +289,102 @@ fn run_bounded(
             wait.as_secs()
         )));
     };
-    // A `Match exec` command that left a process behind may hold a pipe
-    // open: what came by the deadline (and a moment) is what there is.
-    let until = deadline.max(std::time::Instant::now() + Duration::from_secs(1));
-    let left = || until.saturating_duration_since(std::time::Instant::now());
-    let out = stdout.recv_timeout(left()).unwrap_or_default();
-    let err = stderr.recv_timeout(left()).unwrap_or_default();
+    // Its own words are in the pipes by its end: a moment for the readers.
+    let until = Instant::now() + Duration::from_secs(1);
+    let out = stdout.take(until);
+    let err = stderr.take(until);
     if !status.success() {
         let said = String::from_utf8_lossy(&err);
         let said = byteback_protocol::escape_text(said.trim());
         let exit = crate::conn::describe_exit(status);
-        if !refuses_configuration(&said) {
+        if says_nothing_of_the_configuration(&said) {
             not_used(format!("{exit}: {said}"));
             return Ok(None);
         }
         return Err(Error::Permanent(format!(
-            "{shown} -G {host} refuses the SSH configuration ({exit}): {said}; byteback follows \
-             it as 1.x's ssh did, and does not connect without it: fix the configuration"
+            "{shown} -G {host} refuses the SSH configuration ({exit}){}; byteback follows it \
+             as 1.x's ssh did, and does not connect without it: fix the configuration",
+            if said.is_empty() {
+                String::new()
+            } else {
+                format!(": {said}")
+            }
         )));
     }
     Ok(Some(out))
 }
 
-/// Whether `ssh -G`'s words say its configuration is wrong: they name a
-/// line of a file (`/etc/ssh/ssh_config line 3: Bad configuration
-/// option: ...`), or its end (`terminating, 1 bad configuration options`).
-fn refuses_configuration(said: &str) -> bool {
+/// Whether `ssh -G` failed for a reason its words say is none of its
+/// configuration's: this uid has no passwd entry (a container's, a
+/// `DynamicUser`), or a name lookup `CanonicalizeHostname` makes failed.
+/// Anything else, its silence too, counts as a configuration refused.
+fn says_nothing_of_the_configuration(said: &str) -> bool {
     let lower = said.to_ascii_lowercase();
-    lower.contains("bad configuration option")
-        || lower.contains("terminating,")
-        || lower.match_indices(" line ").any(|(i, m)| {
-            let rest = &lower[i + m.len()..];
-            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-            digits > 0 && rest[digits..].starts_with(':')
-        })
+    [
+        "no user exists for uid",
+        "could not resolve hostname",
+        "name or service not known",
+        "temporary failure in name resolution",
+    ]
+    .iter()
+    .any(|p| lower.contains(p))
+        && !lower.contains("bad configuration option")
+        && !lower.contains("terminating,")
+        && !lower.contains("bad owner or permissions")
 }
 
 /// How much of `ssh -G`'s output is read (it prints about 4 KiB).
 const MAX_SSH_G_OUTPUT: u64 = 1 << 20;
 
-/// Reads `pipe` to its end on a thread, keeping its first `limit` bytes;
-/// they come through the channel then.
-fn drain<R: std::io::Read + Send + 'static>(
-    pipe: Option<R>,
-    limit: u64,
-) -> std::sync::mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::spawn(move || {
-        let mut v = vec![];
-        if let Some(p) = pipe {
-            let mut p = std::io::Read::take(p, limit);
-            let _ = std::io::Read::read_to_end(&mut p, &mut v);
-            let _ = std::io::copy(&mut p.into_inner(), &mut std::io::sink());
+/// What a thread reads of a pipe, kept as it comes, and whether it ended.
+struct Drained(Arc<std::sync::Mutex<(Vec<u8>, bool)>>);
+
+impl Drained {
+    /// What came, once the pipe ended or `until` passed, whichever first.
+    fn take(&self, until: Instant) -> Vec<u8> {
+        loop {
+            {
+                let mut g = self
+                    .0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if g.1 || Instant::now() >= until {
+                    return std::mem::take(&mut g.0);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        let _ = tx.send(v);
+    }
+}
+
+/// Reads `pipe` to its end on a thread, keeping its first `limit` bytes
+/// as they come.
+fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>, limit: u64) -> Drained {
+    let got = Arc::new(std::sync::Mutex::new((Vec::new(), false)));
+    let kept = got.clone();
+    std::thread::spawn(move || {
+        if let Some(mut p) = pipe {
+            let mut buf = [0u8; 4096];
+            loop {
+                match std::io::Read::read(&mut p, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let mut g = kept
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let room = usize::try_from(limit)
+                            .unwrap_or(usize::MAX)
+                            .saturating_sub(g.0.len());
+                        g.0.extend_from_slice(&buf[..n.min(room)]);
+                    }
+                }
+            }
+        }
+        kept.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1 = true;
     });
-    rx
+    Drained(got)
 }
 
 impl std::fmt::Display for SshTarget {
@@ -700,9 +743,6 @@ fn host_key_order(
                 Algorithm::Rsa {
                     hash: Some(HashAlg::Sha256),
                 },
-                // SHA-1 `ssh-rsa` last, for servers before OpenSSH 7.2, if
-                // offered at all.
-                Algorithm::Rsa { hash: None },
             ],
             a => vec![a],
         };
@@ -711,6 +751,15 @@ fn host_key_order(
                 first.push(a);
             }
         }
+    }
+    // SHA-1 `ssh-rsa` after every recorded type, as OpenSSH orders it,
+    // for an RSA key of a server before OpenSSH 7.2.
+    let sha1 = Algorithm::Rsa { hash: None };
+    let rsa = recorded
+        .iter()
+        .any(|t| matches!(t.parse::<Algorithm>(), Ok(Algorithm::Rsa { .. })));
+    if rsa && offered.contains(&sha1) && !first.contains(&sha1) {
+        first.push(sha1);
     }
     let rest: Vec<Algorithm> = offered
         .iter()
@@ -1415,22 +1464,25 @@ fn learn(shown: &str, key: &PublicKey, path: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
-    /// ssh's words about its configuration are told from others.
+    /// ssh's words about its configuration are told from others: only
+    /// failures known to say nothing of it leave it unused.
     #[test]
     fn a_refused_configuration_is_told_by_ssh_s_words() {
         for said in [
             "/etc/ssh/ssh_config.d/x.conf line 3: Bad configuration option: nosuchoption",
             "/root/.ssh/config line 12: keyword hostname extra arguments at end of line",
             "/etc/ssh/ssh_config: terminating, 1 bad configuration options",
+            "Bad owner or permissions on /root/.ssh/config",
+            "",
         ] {
-            assert!(refuses_configuration(said), "{said}");
+            assert!(!says_nothing_of_the_configuration(said), "{said}");
         }
         for said in [
             "No user exists for uid 4242",
             "ssh: Could not resolve hostname backup: Name or service not known",
-            "",
+            "/root/.ssh/config line 5: Unsupported option \"rsaauthentication\"\nssh: Could not resolve hostname b: Temporary failure in name resolution",
         ] {
-            assert!(!refuses_configuration(said), "{said}");
+            assert!(says_nothing_of_the_configuration(said), "{said}");
         }
     }
 
@@ -1458,8 +1510,8 @@ mod tests {
                 Algorithm::Rsa {
                     hash: Some(HashAlg::Sha256)
                 },
+                Algorithm::Ed25519,
                 Algorithm::Rsa { hash: None },
-                Algorithm::Ed25519
             ]
         );
         assert_eq!(order.len(), offered.len());

@@ -255,10 +255,6 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn no_store() -> Error {
-    Error::Usage("no --store given and no home directory".into())
-}
-
 /// This program's path (for the forced command of a key).
 fn this_program() -> Result<PathBuf> {
     std::env::current_exe().op("find the path of", || "this program")
@@ -287,7 +283,10 @@ fn run_enrol(
         )?,
     };
     let store_explicit = store.is_some();
-    let store = store.or_else(default_store).ok_or_else(no_store)?;
+    // As prune, status and verify take it: run as root, the byteback
+    // account's home (never root's `$HOME`, the invoking admin's under
+    // `sudo -E`).
+    let store = crate::admin::store_root(store)?;
     let authorized_keys = enrol::as_keys_owner(&store, authorized_keys)?;
     let server_exe = this_program()?;
     let cfg = enrol::EnrolConfig {
@@ -332,7 +331,7 @@ fn run_migrate(
     dry_run: bool,
 ) -> Result<u8> {
     let store_arg = store.clone();
-    let store = store.or_else(default_store).ok_or_else(no_store)?;
+    let store = crate::admin::store_root(store)?;
     let authorized_keys = enrol::as_keys_owner(&store, authorized_keys)?;
     let cfg = crate::migrate::MigrateConfig {
         server_exe: this_program()?,

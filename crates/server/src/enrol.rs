@@ -321,9 +321,11 @@ pub fn as_keys_owner(store: &Path, keys: Option<PathBuf>) -> Result<PathBuf> {
         .map_err(|e| Error::io("cannot look at", store.display(), e))?
         .uid();
     if owner != 0 {
+        let home = crate::admin::home_of_uid(owner);
         let keys = match keys {
             Some(k) => k,
-            None => crate::admin::home_of_uid(owner)
+            None => home
+                .as_ref()
                 .map(|h| h.join(".ssh").join("authorized_keys"))
                 .ok_or_else(|| {
                     Error::Usage(format!(
@@ -333,24 +335,54 @@ pub fn as_keys_owner(store: &Path, keys: Option<PathBuf>) -> Result<PathBuf> {
                 })?,
         };
         let dir = keys.parent().unwrap_or(Path::new("/"));
-        for p in [
-            keys.clone(),
-            dir.to_path_buf(),
-            dir.join(".byteback-enrol.lock"),
-        ] {
-            if let Ok(m) = std::fs::symlink_metadata(&p) {
-                if m.uid() != owner {
-                    return Err(Error::Usage(format!(
-                        "{} belongs to uid {}, not to the store's account (uid {owner}), which \
-                         edits the keys (left by an enrol run as root?): `chown {owner}: {}`",
-                        p.display(),
-                        m.uid(),
-                        p.display()
-                    )));
-                }
+        // The directory as chown and sshd take it (through a symlink);
+        // the file and the lock as they are (a symlink is refused later).
+        let looks = [
+            (keys.clone(), std::fs::symlink_metadata(&keys)),
+            (dir.to_path_buf(), std::fs::metadata(dir)),
+            (
+                dir.join(".byteback-enrol.lock"),
+                std::fs::symlink_metadata(dir.join(".byteback-enrol.lock")),
+            ),
+        ];
+        for (p, m) in looks {
+            let Ok(m) = m else { continue };
+            if m.uid() == owner {
+                continue;
             }
+            // A chown is advice only within the account's own home: keys
+            // elsewhere (root's) must never be handed to it.
+            let theirs = home.as_ref().is_some_and(|h| p.starts_with(h));
+            return Err(Error::Usage(if theirs {
+                format!(
+                    "{} belongs to uid {}, not to the store's account (uid {owner}), which \
+                     edits the keys (left by an enrol run as root?): `chown {owner}: {}`",
+                    p.display(),
+                    m.uid(),
+                    p.display()
+                )
+            } else {
+                format!(
+                    "{} belongs to uid {}, not to the store's account (uid {owner}), which \
+                     edits the keys: give the account's own with --authorized-keys (default {})",
+                    p.display(),
+                    m.uid(),
+                    home.as_ref()
+                        .map_or("its home's .ssh/authorized_keys".into(), |h| h
+                            .join(".ssh/authorized_keys")
+                            .display()
+                            .to_string())
+                )
+            }));
         }
         crate::admin::become_store_owner(store)?;
+        // The store as it was when looked at, not one swapped since.
+        if rustix::process::geteuid().as_raw() != owner {
+            return Err(Error::Usage(format!(
+                "the owner of the store {} changed while enrol looked at it",
+                store.display()
+            )));
+        }
         return Ok(keys);
     }
     let keys = keys.map_or_else(default, Ok)?;

@@ -160,9 +160,11 @@ struct Reader<'a> {
     jobs: HashMap<u32, (Found, Entry)>,
     /// How often the server asked for each transfer again.
     retries: HashMap<u32, u32>,
-    /// Checksum mode: transfers whose content is offered to be compared
-    /// with a stored copy of the same size and mtime (a need with both
-    /// `twin` and `basis`); another content is sent against that copy.
+    /// Transfers whose content is offered to be compared with a stored
+    /// copy of the same size and mtime (a need with both `twin` and
+    /// `basis`: checksum mode, or a copy nothing vouches for, in a
+    /// taken-over 1.x `current` or after a crash); another content is sent
+    /// against that copy.
     verifying: HashSet<u32>,
 }
 
