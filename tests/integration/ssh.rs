@@ -1552,6 +1552,28 @@ fn enrol_run_as_root_edits_the_keys_as_the_store_account() {
     );
     assert!(!roots.join("authorized_keys").exists());
 
+    // A `.ssh` that is root's symlink (to root's directory): refused, and
+    // no chown advised (chown follows a symlink: it would hand over where
+    // the link leads).
+    let ssh_dir = w.sshd.home.join(".ssh");
+    let kept = w.sshd.home.join(".ssh-kept");
+    let rootssh = w.work.path().join("rootssh");
+    fs::create_dir_all(&rootssh).unwrap();
+    fs::rename(&ssh_dir, &kept).unwrap();
+    std::os::unix::fs::symlink(&rootssh, &ssh_dir).unwrap();
+    let out = enrol(&w.store, &ak, "byroot");
+    let err = stderr(&out);
+    fs::remove_file(&ssh_dir).unwrap();
+    fs::rename(&kept, &ssh_dir).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{} belongs to uid 0", ssh_dir.display()))
+            && err.contains("give the account's own with --authorized-keys")
+            && !err.contains("chown"),
+        "{err}"
+    );
+    assert_eq!(fs::read_dir(&rootssh).unwrap().count(), 0);
+
     // migrate-keys run as root edits the account's keys as the account.
     let before = fs::read_to_string(&ak).unwrap();
     let out = run_status(
@@ -1640,7 +1662,7 @@ fn an_ssh_configuration_that_cannot_be_read_stops_the_backup() {
     // its stderr open (a `Match exec` leaving a process behind).
     fs::write(
         &fake,
-        "#!/bin/sh\n(sleep 8 &)\necho 'line 7: Bad configuration option: held' >&2\nexit 255\n",
+        "#!/bin/sh\n(sleep 30 >/dev/null &)\necho 'line 7: Bad configuration option: held' >&2\nexit 255\n",
     )
     .unwrap();
     let start = std::time::Instant::now();

@@ -242,9 +242,11 @@ impl SshTarget {
 /// One that fails is an error quoting its words, not retried (a
 /// configuration ssh refuses: a bad option, a config file others may
 /// write), but for the failures that say nothing of the configuration (no
-/// passwd entry for this uid, a name lookup `CanonicalizeHostname` needs):
-/// those, and a `cmd` that cannot be run, are `None`, the configuration
-/// not used, with a warning saying why.
+/// passwd entry for this uid, a name lookup `CanonicalizeHostname` needs,
+/// an ssh without `-G`): those, and a `cmd` that cannot be run, are
+/// `None`, the configuration not used, with a warning saying why. One
+/// killed by a signal, or whose output does not end with it, is an error
+/// (retried).
 fn run_bounded(
     mut cmd: std::process::Command,
     wait: Duration,
@@ -289,10 +291,17 @@ fn run_bounded(
             wait.as_secs()
         )));
     };
-    // Its own words are in the pipes by its end: a moment for the readers.
-    let until = Instant::now() + Duration::from_secs(1);
-    let out = stdout.take(until);
-    let err = stderr.take(until);
+    // Its output is read to its end (nothing it ran holds stdout: OpenSSH
+    // points a `Match exec` command's at /dev/null), by the deadline; its
+    // words on stderr, which such a command may hold open, are what came
+    // within a moment of its end.
+    let (err, _) = stderr.take(Instant::now() + Duration::from_secs(1));
+    if std::os::unix::process::ExitStatusExt::signal(&status).is_some() {
+        return Err(Error::msg(format!(
+            "{shown} -G {host} {}; not connecting without the SSH configuration",
+            crate::conn::describe_exit(status)
+        )));
+    }
     if !status.success() {
         let said = String::from_utf8_lossy(&err);
         let said = byteback_protocol::escape_text(said.trim());
@@ -311,6 +320,14 @@ fn run_bounded(
             }
         )));
     }
+    let (out, ended) = stdout.take(deadline.max(Instant::now() + Duration::from_secs(1)));
+    if !ended {
+        return Err(Error::msg(format!(
+            "{shown} -G {host} ended, but its output did not within {} s; not connecting \
+             without the SSH configuration",
+            wait.as_secs()
+        )));
+    }
     Ok(Some(out))
 }
 
@@ -322,9 +339,12 @@ fn says_nothing_of_the_configuration(said: &str) -> bool {
     let lower = said.to_ascii_lowercase();
     [
         "no user exists for uid",
-        "could not resolve hostname",
+        "could not resolve host",
         "name or service not known",
         "temporary failure in name resolution",
+        // An ssh before OpenSSH 6.8, without -G.
+        "unknown option -- g",
+        "illegal option -- g",
     ]
     .iter()
     .any(|p| lower.contains(p))
@@ -340,8 +360,9 @@ const MAX_SSH_G_OUTPUT: u64 = 1 << 20;
 struct Drained(Arc<std::sync::Mutex<(Vec<u8>, bool)>>);
 
 impl Drained {
-    /// What came, once the pipe ended or `until` passed, whichever first.
-    fn take(&self, until: Instant) -> Vec<u8> {
+    /// What came, once the pipe ended or `until` passed, whichever first,
+    /// and whether it ended.
+    fn take(&self, until: Instant) -> (Vec<u8>, bool) {
         loop {
             {
                 let mut g = self
@@ -349,7 +370,7 @@ impl Drained {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if g.1 || Instant::now() >= until {
-                    return std::mem::take(&mut g.0);
+                    return (std::mem::take(&mut g.0), g.1);
                 }
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -1480,6 +1501,8 @@ mod tests {
         for said in [
             "No user exists for uid 4242",
             "ssh: Could not resolve hostname backup: Name or service not known",
+            "Could not resolve host \"backup\"",
+            "ssh: unknown option -- G",
             "/root/.ssh/config line 5: Unsupported option \"rsaauthentication\"\nssh: Could not resolve hostname b: Temporary failure in name resolution",
         ] {
             assert!(says_nothing_of_the_configuration(said), "{said}");

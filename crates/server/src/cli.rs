@@ -51,10 +51,11 @@ enum Command {
         /// Address the key may log in from (default: the client of this SSH login).
         #[arg(long)]
         from: Option<String>,
-        /// Store root (default: the home directory of the server user).
+        /// Store root (default: the home directory of the server user; run as root,
+        /// the byteback account's home, or over SSH the login's).
         #[arg(long)]
         store: Option<PathBuf>,
-        /// authorized_keys file (default: ~/.ssh/authorized_keys).
+        /// authorized_keys file (default: ~/.ssh/authorized_keys of the store's account).
         #[arg(long)]
         authorized_keys: Option<PathBuf>,
         /// A key this host used before, "TYPE BASE64": its lines for this host
@@ -75,10 +76,11 @@ enum Command {
     /// environment="BYTEBACK_HOST=NAME") into byteback forced commands, keeping
     /// from= restrictions; a copy of the original is kept as FILE.byteback-1x.
     MigrateKeys {
-        /// authorized_keys file (default: ~/.ssh/authorized_keys).
+        /// authorized_keys file (default: ~/.ssh/authorized_keys of the store's account).
         #[arg(long)]
         authorized_keys: Option<PathBuf>,
-        /// Store root (default: the home directory of the server user, as 1.x's /byteback).
+        /// Store root (default: the home directory of the server user, as 1.x's /byteback;
+        /// run as root, the byteback account's home).
         #[arg(long)]
         store: Option<PathBuf>,
         /// Show what would change; write nothing.
@@ -285,8 +287,15 @@ fn run_enrol(
     let store_explicit = store.is_some();
     // As prune, status and verify take it: run as root, the byteback
     // account's home (never root's `$HOME`, the invoking admin's under
-    // `sudo -E`).
-    let store = crate::admin::store_root(store)?;
+    // `sudo -E`); but a set-up that logged in as root (`root@server:`)
+    // enrols for the store its `serve` will use, the login's home.
+    let over_ssh_as_root =
+        rustix::process::geteuid().is_root() && std::env::var_os("SSH_CONNECTION").is_some();
+    let store = match store {
+        None if over_ssh_as_root => default_store()
+            .ok_or_else(|| Error::Usage("no --store given and no home directory".into()))?,
+        store => crate::admin::store_root(store)?,
+    };
     let authorized_keys = enrol::as_keys_owner(&store, authorized_keys)?;
     let server_exe = this_program()?;
     let cfg = enrol::EnrolConfig {

@@ -335,24 +335,32 @@ pub fn as_keys_owner(store: &Path, keys: Option<PathBuf>) -> Result<PathBuf> {
                 })?,
         };
         let dir = keys.parent().unwrap_or(Path::new("/"));
-        // The directory as chown and sshd take it (through a symlink);
-        // the file and the lock as they are (a symlink is refused later).
-        let looks = [
-            (keys.clone(), std::fs::symlink_metadata(&keys)),
-            (dir.to_path_buf(), std::fs::metadata(dir)),
-            (
-                dir.join(".byteback-enrol.lock"),
-                std::fs::symlink_metadata(dir.join(".byteback-enrol.lock")),
-            ),
-        ];
-        for (p, m) in looks {
-            let Ok(m) = m else { continue };
+        // Each as it is, a symlink not followed: the account's own symlink
+        // passes (what it leads to is then written as the account, which
+        // can do no more than it could anyway).
+        for p in [
+            keys.clone(),
+            dir.to_path_buf(),
+            dir.join(".byteback-enrol.lock"),
+        ] {
+            let Ok(m) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
             if m.uid() == owner {
                 continue;
             }
-            // A chown is advice only within the account's own home: keys
-            // elsewhere (root's) must never be handed to it.
-            let theirs = home.as_ref().is_some_and(|h| p.starts_with(h));
+            // A chown is advice only for a file or directory (never a
+            // symlink, which chown follows) within the account's own home,
+            // as it resolves: keys elsewhere (root's) must never be handed
+            // to it.
+            let within = |p: &Path| {
+                let real = |q: &Path| std::fs::canonicalize(q).ok();
+                match (real(p), home.as_deref().and_then(real)) {
+                    (Some(p), Some(h)) => p.starts_with(h),
+                    _ => false,
+                }
+            };
+            let theirs = !m.file_type().is_symlink() && within(&p);
             return Err(Error::Usage(if theirs {
                 format!(
                     "{} belongs to uid {}, not to the store's account (uid {owner}), which \
