@@ -587,13 +587,18 @@ mod tests {
 
     /// Asks for entry `index` of the batch as transfer 0.
     fn need(s: &mut UnixStream, index: u32, basis: bool) {
+        need_hash(s, index, basis, false);
+    }
+
+    /// [`need`], asking for the file's hash first when `twin`.
+    fn need_hash(s: &mut UnixStream, index: u32, basis: bool, twin: bool) {
         send(
             s,
             &ServerMsg::Needs(vec![Need {
                 index,
                 id: 0,
                 basis,
-                twin: false,
+                twin,
             }]),
         );
     }
@@ -661,29 +666,13 @@ mod tests {
     fn a_need_for_a_hash_no_honest_server_asks_ends_the_backup() {
         let (r, _) = backup_against(|s| {
             let index = entries(s);
-            send(
-                s,
-                &ServerMsg::Needs(vec![Need {
-                    index,
-                    id: 0,
-                    basis: false,
-                    twin: true,
-                }]),
-            );
+            need_hash(s, index, false, true);
         });
         let e = format!("{:#}", r.unwrap_err());
         assert!(e.contains("(100000 bytes), under the 1048576 bytes"), "{e}");
         let (r, _) = backup_against(|s| {
             let index = entries(s);
-            send(
-                s,
-                &ServerMsg::Needs(vec![Need {
-                    index,
-                    id: 0,
-                    basis: true,
-                    twin: true,
-                }]),
-            );
+            need_hash(s, index, true, true);
             assert!(matches!(recv(s), Some(ClientMsg::FileClone { id: 0, .. })));
             send(
                 s,
