@@ -36,6 +36,15 @@ impl World {
         }
     }
 
+    /// A world of `fs_mib` MiB with one client `client-NAME` set up and a
+    /// source holding one file `f` with `data`: the start of most tests.
+    fn with_one_client(fs_mib: u64, name: &str, data: &[u8]) -> (World, PathBuf, PathBuf) {
+        let w = World::new(fs_mib);
+        let client = w.enrolled(name);
+        let src = w.one_file_src(data);
+        (w, client, src)
+    }
+
     /// A client's config dir (stands in for /etc/byteback).
     /// A client whose settings are in `client-NAME/`, set up (successfully)
     /// as host `client-NAME`.
@@ -569,9 +578,7 @@ fn changed_host_key_is_refused() {
     if !require_root("an sshd and a server account") {
         return;
     }
-    let mut w = World::new(200);
-    let client = w.enrolled("a");
-    let src = w.one_file_src(b"data");
+    let (mut w, client, src) = World::with_one_client(200, "a", b"data");
     assert!(w.backup(&client, &src).status.success());
     let known = fs::read_to_string(client.join("known_hosts")).unwrap();
 
@@ -616,9 +623,7 @@ fn root_is_warned_of_a_key_another_user_owns() {
     if !require_root("an sshd, and root's view of a key's owner") {
         return;
     }
-    let w = World::new(200);
-    let client = w.enrolled("owned");
-    let src = w.one_file_src(b"data");
+    let (w, client, src) = World::with_one_client(200, "owned", b"data");
     let key = client.join("key");
     let out = w.backup(&client, &src);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -651,9 +656,7 @@ fn a_recorded_host_key_of_the_second_type_the_server_offers_is_used() {
     if !require_root("an sshd and a server account") {
         return;
     }
-    let mut w = World::new(200);
-    let client = w.enrolled("ec");
-    let src = w.one_file_src(b"data");
+    let (mut w, client, src) = World::with_one_client(200, "ec", b"data");
     let ec_pub = w.sshd.restart_with_second_host_key("ecdsa", None);
     let ec = fs::read_to_string(ec_pub).unwrap();
     let ec: Vec<&str> = ec.split_whitespace().take(2).collect();
@@ -678,9 +681,7 @@ fn host_key_of_another_algorithm_is_a_changed_key() {
     if !require_root("an sshd and a server account") {
         return;
     }
-    let mut w = World::new(200);
-    let client = w.enrolled("a");
-    let src = w.one_file_src(b"data");
+    let (mut w, client, src) = World::with_one_client(200, "a", b"data");
     let out = w.backup(&client, &src);
     assert!(out.status.success(), "backup: {}", stderr(&out));
     assert_eq!(w.snapshots("client-a").len(), 1);
@@ -825,9 +826,7 @@ fn revoked_host_key_is_refused() {
     if !require_root("an sshd and a server account") {
         return;
     }
-    let w = World::new(200);
-    let client = w.enrolled("a");
-    let src = w.one_file_src(b"data");
+    let (w, client, src) = World::with_one_client(200, "a", b"data");
     let kh = client.join("known_hosts");
     let known = fs::read_to_string(&kh).unwrap();
     // HOME is the client dir: this is the user's ~/.ssh/known_hosts.
@@ -1386,9 +1385,7 @@ fn over_ssh_a_restore_reads_a_current_newer_than_every_snapshot() {
     if !require_root("an sshd and a server account") {
         return;
     }
-    let w = World::new(300);
-    let client = w.enrolled("c");
-    let src = w.one_file_src(b"first");
+    let (w, client, src) = World::with_one_client(300, "c", b"first");
     let out = w.backup(&client, &src);
     assert!(out.status.success(), "{}", stderr(&out));
     fs::write(
@@ -1604,9 +1601,7 @@ fn an_ssh_configuration_that_cannot_be_read_stops_the_backup() {
     if !require_root("an sshd") {
         return;
     }
-    let w = World::new(300);
-    let client = w.enrolled("badcfg");
-    let src = w.one_file_src(b"never sent");
+    let (w, client, src) = World::with_one_client(300, "badcfg", b"never sent");
     let fake = client.join("fake-ssh");
     fs::write(
         &fake,
@@ -1726,9 +1721,7 @@ fn an_unknown_host_names_the_files_that_record_it_elsewhere() {
     if !require_root("an sshd and /etc/ssh/ssh_config.d") {
         return;
     }
-    let w = World::new(200);
-    let client = w.enrolled("elsewhere");
-    let src = w.one_file_src(b"data");
+    let (w, client, src) = World::with_one_client(200, "elsewhere", b"data");
     let kh = client.join("known_hosts");
     let line = fs::read_to_string(&kh).unwrap();
     let theirs = w.work.path().join("their_known_hosts");
@@ -1789,9 +1782,7 @@ fn a_destination_is_resolved_through_the_openssh_configuration() {
             .is_ok_and(|c| c.contains("Include /etc/ssh/ssh_config.d/")),
         "this test needs Debian's /etc/ssh/ssh_config (openssh-client)"
     );
-    let w = World::new(300);
-    let client = w.enrolled("alias");
-    let src = w.one_file_src(b"through an alias");
+    let (w, client, src) = World::with_one_client(300, "alias", b"through an alias");
     let alias = format!("byteback-test-alias-{}", std::process::id());
     let block = SshConfigBlock::write(
         &alias,
